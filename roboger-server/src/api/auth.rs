@@ -1,0 +1,120 @@
+//! Who may use the management API: the master key (header `X-Auth-Key` or
+//! body field `k`, compared in constant time) and the `master.allow`
+//! networks, checked against the client's real IP.
+
+use std::net::{IpAddr, SocketAddr};
+
+use http::{HeaderMap, HeaderName};
+use ipnet::IpNet;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use super::error::ApiError;
+
+/// The checks made before any management request runs.
+#[derive(Debug)]
+pub struct MasterAuth {
+    key_digest: [u8; 32],
+    allow: Vec<IpNet>,
+    ip_header: Option<HeaderName>,
+}
+
+impl MasterAuth {
+    /// From the configured key, allowed networks and real-IP header.
+    pub fn new(key: &str, allow: Vec<IpNet>, ip_header: Option<&str>) -> Self {
+        MasterAuth {
+            key_digest: Sha256::digest(key.as_bytes()).into(),
+            allow,
+            ip_header: ip_header.and_then(|h| HeaderName::from_bytes(h.as_bytes()).ok()),
+        }
+    }
+
+    /// The client's IP: the configured header's first address when present
+    /// and valid, else the socket peer.
+    pub fn client_ip(&self, peer: Option<SocketAddr>, headers: &HeaderMap) -> Option<IpAddr> {
+        if let Some(h) = &self.ip_header {
+            let from_header = headers
+                .get(h)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.split(',').next())
+                .and_then(|v| v.trim().parse::<IpAddr>().ok());
+            if from_header.is_some() {
+                return from_header;
+            }
+        }
+        peer.map(|p| p.ip())
+    }
+
+    /// Passes when the client is in an allowed network (if any are set)
+    /// and `key` is the master key: no key is 401, anything else 403.
+    pub fn check(&self, ip: Option<IpAddr>, key: Option<&str>) -> Result<(), ApiError> {
+        if !self.allow.is_empty() {
+            let ok = ip.is_some_and(|ip| {
+                let ip = canonical(ip);
+                self.allow.iter().any(|n| n.contains(&ip))
+            });
+            if !ok {
+                tracing::warn!(?ip, "management access from an address not in master.allow");
+                return Err(ApiError::Forbidden(
+                    "forbidden: client address is not allowed",
+                ));
+            }
+        }
+        let Some(key) = key else {
+            return Err(ApiError::Unauthorized);
+        };
+        let given: [u8; 32] = Sha256::digest(key.as_bytes()).into();
+        if bool::from(given.ct_eq(&self.key_digest)) {
+            Ok(())
+        } else {
+            tracing::warn!(?ip, "management access with a wrong key");
+            Err(ApiError::Forbidden("forbidden: invalid key"))
+        }
+    }
+}
+
+/// IPv4 clients on a dual-stack socket appear as `::ffff:a.b.c.d`.
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+        v4 => v4,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_and_networks() {
+        let a = MasterAuth::new(
+            "secret",
+            vec!["10.0.0.0/8".parse().unwrap()],
+            Some("X-Real-IP"),
+        );
+        let inside = Some("10.1.2.3".parse().unwrap());
+        assert!(a.check(inside, Some("secret")).is_ok());
+        assert!(matches!(a.check(inside, None), Err(ApiError::Unauthorized)));
+        assert!(matches!(
+            a.check(inside, Some("nope")),
+            Err(ApiError::Forbidden(_))
+        ));
+        assert!(matches!(
+            a.check(Some("192.168.0.1".parse().unwrap()), Some("secret")),
+            Err(ApiError::Forbidden(_))
+        ));
+        assert!(
+            a.check(Some("::ffff:10.0.0.1".parse().unwrap()), Some("secret"))
+                .is_ok()
+        );
+
+        let mut h = HeaderMap::new();
+        h.insert("x-real-ip", "10.9.9.9, 1.1.1.1".parse().unwrap());
+        let peer = Some("127.0.0.1:5".parse().unwrap());
+        assert_eq!(a.client_ip(peer, &h), Some("10.9.9.9".parse().unwrap()));
+        assert_eq!(
+            a.client_ip(peer, &HeaderMap::new()),
+            Some("127.0.0.1".parse().unwrap())
+        );
+    }
+}

@@ -1,0 +1,81 @@
+//! The one place where failures become HTTP statuses.
+//!
+//! Handlers return [`ApiError`]; module errors convert into it with `From`.
+//! Bodies are short plain text saying what was wrong.
+
+use http::StatusCode;
+
+use crate::plugins::PluginError;
+use crate::store::StoreError;
+
+/// A failed API request, with the status it is answered with.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// 400: the request is malformed or a value is unacceptable.
+    #[error("{0}")]
+    BadRequest(String),
+    /// 401: no master key given.
+    #[error("authentication required: send the master key in the X-Auth-Key header")]
+    Unauthorized,
+    /// 403: wrong key or client address not allowed.
+    #[error("{0}")]
+    Forbidden(&'static str),
+    /// 404
+    #[error("{0}")]
+    NotFound(String),
+    /// 405: a protected field, an unknown command or a wrong method.
+    #[error("{0}")]
+    MethodNotAllowed(String),
+    /// 409
+    #[error("{0}")]
+    Conflict(String),
+    /// 413
+    #[error("request body is larger than {0} bytes")]
+    PayloadTooLarge(usize),
+    /// 503: the database failed or timed out.
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+impl ApiError {
+    /// The status this error is answered with.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+}
+
+/// Shorthand for a 400 with a message.
+pub fn bad(msg: impl Into<String>) -> ApiError {
+    ApiError::BadRequest(msg.into())
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::NotFound(what) => ApiError::NotFound(format!("{what} not found")),
+            StoreError::Conflict(msg) => ApiError::Conflict(msg),
+            StoreError::Db(e) => {
+                tracing::error!(error = %e, "database error");
+                ApiError::Unavailable("database error; see the server log".into())
+            }
+        }
+    }
+}
+
+impl From<PluginError> for ApiError {
+    fn from(e: PluginError) -> Self {
+        match e {
+            PluginError::NotConfigured(_) => ApiError::NotFound(e.to_string()),
+            PluginError::Rejected(msg) => ApiError::BadRequest(format!("invalid config: {msg}")),
+        }
+    }
+}

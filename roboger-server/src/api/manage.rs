@@ -1,0 +1,434 @@
+//! The management API, `/manage/v2`: addresses, endpoints, subscriptions,
+//! plugins and core commands, wire-compatible with the original (and with
+//! robogerctl), minus its flaws.
+//!
+//! One router matches the method and path segments; each handler checks
+//! its body with [`Body`] and calls the [`Store`](crate::store::Store).
+//! Invariant: every request is authenticated before its handler runs.
+
+use std::net::SocketAddr;
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, StatusCode};
+use serde_json::{Value, json};
+
+use super::body::Body;
+use super::error::{ApiError, bad};
+use super::reply::{self, Response};
+use crate::App;
+use crate::store::entity::{ADDR_LEN, PLUGIN_NAME_MAX, addr, endpoint};
+use crate::store::{AddrPatch, AddrRef, EndpointPatch, SubscriptionPatch, SubscriptionRow};
+
+/// Where the management API lives.
+pub const PREFIX: &str = "/manage/v2";
+
+/// The build identifier reported by `GET /manage/v2/core`.
+pub const BUILD: &str = match option_env!("ROBOGER_BUILD") {
+    Some(b) => b,
+    None => "dev",
+};
+
+/// One management request, as the HTTP layer hands it over.
+pub struct Request<'a> {
+    pub method: &'a Method,
+    /// The path below [`PREFIX`].
+    pub path: &'a str,
+    pub headers: &'a HeaderMap,
+    pub peer: Option<SocketAddr>,
+    pub body: Bytes,
+}
+
+/// Authenticates and runs a management request; every failure is answered
+/// by its [`ApiError`] status.
+pub async fn handle(app: &App, req: Request<'_>) -> Response {
+    let run = async {
+        let body = Body::parse(&req.body);
+        let header_key = req.headers.get("x-auth-key").and_then(|v| v.to_str().ok());
+        let key = header_key.or_else(|| body.as_ref().ok().and_then(Body::key));
+        let ip = app.auth.client_ip(req.peer, req.headers);
+        app.auth.check(ip, key)?;
+        let body = body?;
+        let segs: Vec<&str> = req.path.split('/').filter(|s| !s.is_empty()).collect();
+        route(app, req.method, &segs, req.headers, &body).await
+    };
+    match tokio::time::timeout(app.config.timeout * 2, run).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => reply::error(&e),
+        Err(_) => reply::error(&ApiError::Unavailable(
+            "timed out; the database or a plugin did not answer".into(),
+        )),
+    }
+}
+
+async fn route(
+    app: &App,
+    m: &Method,
+    segs: &[&str],
+    headers: &HeaderMap,
+    body: &Body,
+) -> Result<Response, ApiError> {
+    let accept = |resource: &str| wants_body(headers, resource);
+    match (m.as_str(), segs) {
+        ("GET", ["core"]) => {
+            body.only(&[], &[])?;
+            Ok(reply::json(
+                StatusCode::OK,
+                &json!({"ok": true, "version": env!("CARGO_PKG_VERSION"), "build": BUILD, "master": true}),
+            ))
+        }
+        ("POST", ["core"]) => core_cmd(app, body).await,
+        ("GET", ["plugin"]) => Ok(reply::json(StatusCode::OK, &app.plugins.list())),
+
+        ("GET", ["addr"]) => {
+            let list = app.store.addr_list().await?;
+            let out: Vec<Value> = list.iter().map(|a| addr_json(app, a)).collect();
+            Ok(reply::json(StatusCode::OK, &out))
+        }
+        ("POST", ["addr"]) => {
+            body.only(&[], &[])?;
+            let a = app.store.addr_create().await?;
+            let loc = format!("{PREFIX}/addr/{}", a.a);
+            Ok(reply::created(
+                &loc,
+                accept("addr").then(|| addr_json(app, &a)),
+            ))
+        }
+        ("GET", ["addr", a]) => {
+            let a = app.store.addr_get(&AddrRef::parse(a)).await?;
+            Ok(reply::json(StatusCode::OK, &addr_json(app, &a)))
+        }
+        ("PATCH", ["addr", a]) => {
+            body.only(&["active", "lim_c", "lim_s"], &["id", "a"])?;
+            let patch = AddrPatch {
+                active: body.active("active")?,
+                lim_c: body.count("lim_c")?,
+                lim_s: body.count("lim_s")?,
+            };
+            let a = app.store.addr_update(&AddrRef::parse(a), patch).await?;
+            Ok(reply::modified(accept("addr").then(|| addr_json(app, &a))))
+        }
+        ("POST", ["addr", a]) => addr_cmd(app, a, body).await,
+        ("DELETE", ["addr", a]) => {
+            app.store.addr_delete(&AddrRef::parse(a)).await?;
+            Ok(reply::empty(StatusCode::NO_CONTENT))
+        }
+
+        ("GET", ["addr", a, "endpoint"]) => {
+            let a = app.store.addr_get(&AddrRef::parse(a)).await?;
+            let list = app.store.endpoint_list(a.id).await?;
+            let out: Vec<Value> = list.iter().map(endpoint_json).collect();
+            Ok(reply::json(StatusCode::OK, &out))
+        }
+        ("POST", ["addr", a_seg, "endpoint"]) => {
+            body.only(
+                &["plugin_name", "config", "description", "active"],
+                &["id", "addr_id"],
+            )?;
+            let plugin = body.required_str("plugin_name")?;
+            if plugin.len() > PLUGIN_NAME_MAX {
+                return Err(bad(format!(
+                    "field \"plugin_name\" is longer than {PLUGIN_NAME_MAX} characters"
+                )));
+            }
+            let config = body.object("config")?.unwrap_or_else(|| json!({}));
+            let description = body.nullable_text("description")?.flatten();
+            let active = body.active("active")?;
+            let a = app.store.addr_get(&AddrRef::parse(a_seg)).await?;
+            app.plugins.validate_config(plugin, &config).await?;
+            let mut ep = app
+                .store
+                .endpoint_create(a.id, plugin, config, description)
+                .await?;
+            if let Some(active) = active.filter(|v| *v != ep.active) {
+                let patch = EndpointPatch {
+                    active: Some(active),
+                    ..Default::default()
+                };
+                ep = app.store.endpoint_update(a.id, ep.id, patch).await?;
+            }
+            let loc = format!("{PREFIX}/addr/{a_seg}/endpoint/{}", ep.id);
+            Ok(reply::created(
+                &loc,
+                accept("endpoint").then(|| endpoint_json(&ep)),
+            ))
+        }
+        ("GET", ["addr", a, "endpoint", ep]) => {
+            let (a, ep) = (addr_id(app, a).await?, int_id("endpoint", ep)?);
+            Ok(reply::json(
+                StatusCode::OK,
+                &endpoint_json(&app.store.endpoint_get(a, ep).await?),
+            ))
+        }
+        ("PATCH", ["addr", a, "endpoint", ep]) => {
+            body.only(
+                &["config", "active", "description"],
+                &["id", "addr_id", "plugin_name"],
+            )?;
+            let (a, ep) = (addr_id(app, a).await?, int_id("endpoint", ep)?);
+            let patch = EndpointPatch {
+                config: body.object("config")?,
+                active: body.active("active")?,
+                description: body.nullable_text("description")?,
+            };
+            if let Some(config) = &patch.config {
+                let current = app.store.endpoint_get(a, ep).await?;
+                app.plugins
+                    .validate_config(&current.plugin_name, config)
+                    .await?;
+            }
+            let ep = app.store.endpoint_update(a, ep, patch).await?;
+            Ok(reply::modified(
+                accept("endpoint").then(|| endpoint_json(&ep)),
+            ))
+        }
+        ("POST", ["addr", a, "endpoint", ep]) => {
+            body.only(&["cmd", "target", "replace"], &[])?;
+            let (a, ep) = (addr_id(app, a).await?, int_id("endpoint", ep)?);
+            app.store.endpoint_get(a, ep).await?;
+            match body.required_str("cmd")? {
+                "copysub" => {
+                    let target = body.id("target")?;
+                    app.store
+                        .copy_subscriptions(a, ep, target, body.flag("replace")?)
+                        .await?;
+                    Ok(reply::empty(StatusCode::NO_CONTENT))
+                }
+                other => Err(ApiError::MethodNotAllowed(format!(
+                    "unknown endpoint command \"{other}\"; known: copysub"
+                ))),
+            }
+        }
+        ("DELETE", ["addr", a, "endpoint", ep]) => {
+            let (a, ep) = (addr_id(app, a).await?, int_id("endpoint", ep)?);
+            app.store.endpoint_delete(a, ep).await?;
+            Ok(reply::empty(StatusCode::NO_CONTENT))
+        }
+
+        ("GET", ["addr", a, "endpoint", ep, "subscription"]) => {
+            let (a, ep) = (addr_id(app, a).await?, int_id("endpoint", ep)?);
+            let list = app.store.subscription_list(a, ep).await?;
+            let out: Vec<Value> = list.iter().map(subscription_json).collect();
+            Ok(reply::json(StatusCode::OK, &out))
+        }
+        ("POST", ["addr", a_seg, "endpoint", ep_seg, "subscription"]) => {
+            body.only(SUBSCRIPTION_FIELDS, SUBSCRIPTION_PROTECTED)?;
+            let patch = subscription_patch(body)?;
+            let (a, ep) = (addr_id(app, a_seg).await?, int_id("endpoint", ep_seg)?);
+            let row = app.store.subscription_create(a, ep, patch).await?;
+            let loc = format!(
+                "{PREFIX}/addr/{a_seg}/endpoint/{ep_seg}/subscription/{}",
+                row.sub.id
+            );
+            Ok(reply::created(
+                &loc,
+                accept("subscription").then(|| subscription_json(&row)),
+            ))
+        }
+        ("GET", ["addr", a, "endpoint", ep, "subscription", s]) => {
+            let (a, ep, s) = (
+                addr_id(app, a).await?,
+                int_id("endpoint", ep)?,
+                int_id("subscription", s)?,
+            );
+            Ok(reply::json(
+                StatusCode::OK,
+                &subscription_json(&app.store.subscription_get(a, ep, s).await?),
+            ))
+        }
+        ("PATCH", ["addr", a, "endpoint", ep, "subscription", s]) => {
+            body.only(SUBSCRIPTION_FIELDS, SUBSCRIPTION_PROTECTED)?;
+            let patch = subscription_patch(body)?;
+            let (a, ep, s) = (
+                addr_id(app, a).await?,
+                int_id("endpoint", ep)?,
+                int_id("subscription", s)?,
+            );
+            let row = app.store.subscription_update(a, ep, s, patch).await?;
+            Ok(reply::modified(
+                accept("subscription").then(|| subscription_json(&row)),
+            ))
+        }
+        ("POST", ["addr", a, "endpoint", ep, "subscription", s]) => {
+            let (a, ep, s) = (
+                addr_id(app, a).await?,
+                int_id("endpoint", ep)?,
+                int_id("subscription", s)?,
+            );
+            app.store.subscription_get(a, ep, s).await?;
+            Err(ApiError::MethodNotAllowed(
+                "subscriptions have no commands".into(),
+            ))
+        }
+        ("DELETE", ["addr", a, "endpoint", ep, "subscription", s]) => {
+            let (a, ep, s) = (
+                addr_id(app, a).await?,
+                int_id("endpoint", ep)?,
+                int_id("subscription", s)?,
+            );
+            app.store.subscription_delete(a, ep, s).await?;
+            Ok(reply::empty(StatusCode::NO_CONTENT))
+        }
+
+        (method, segs) if is_known_path(segs) => Err(ApiError::MethodNotAllowed(format!(
+            "method {method} is not allowed on {PREFIX}/{}",
+            segs.join("/")
+        ))),
+        (_, segs) => Err(ApiError::NotFound(format!(
+            "no such resource: {PREFIX}/{}",
+            segs.join("/")
+        ))),
+    }
+}
+
+const SUBSCRIPTION_FIELDS: &[&str] = &[
+    "location",
+    "tag",
+    "sender",
+    "level",
+    "level_match",
+    "active",
+];
+const SUBSCRIPTION_PROTECTED: &[&str] = &["id", "endpoint_id", "addr_id"];
+
+fn subscription_patch(body: &Body) -> Result<SubscriptionPatch, ApiError> {
+    Ok(SubscriptionPatch {
+        active: body.active("active")?,
+        location: body.nullable_text("location")?,
+        tag: body.nullable_text("tag")?,
+        sender: body.nullable_text("sender")?,
+        level: body.level("level")?,
+        level_match: body.level_match("level_match")?,
+    })
+}
+
+async fn core_cmd(app: &App, body: &Body) -> Result<Response, ApiError> {
+    body.only(&["cmd"], &[])?;
+    match body.required_str("cmd")? {
+        "cleanup" => {
+            let n = app.store.bucket_cleanup().await?;
+            tracing::info!(expired_objects = n, "core cleanup");
+            app.plugins.cleanup().await;
+        }
+        "delete-everything" => {
+            app.store.delete_everything().await?;
+            tracing::warn!("core delete-everything: every address was deleted");
+        }
+        "reset-addr-limits" => {
+            app.store.reset_addr_limits().await?;
+            tracing::info!("address limits reset");
+        }
+        other => {
+            return Err(ApiError::MethodNotAllowed(format!(
+                "unknown core command \"{other}\"; known: cleanup, delete-everything, reset-addr-limits"
+            )));
+        }
+    }
+    Ok(reply::empty(StatusCode::NO_CONTENT))
+}
+
+async fn addr_cmd(app: &App, a: &str, body: &Body) -> Result<Response, ApiError> {
+    body.only(&["cmd", "to"], &[])?;
+    let r = AddrRef::parse(a);
+    match body.required_str("cmd")? {
+        "change" => {
+            let to = match body.raw("to") {
+                None | Some(Value::Null) => None,
+                Some(Value::String(s)) => {
+                    if s.chars().count() != ADDR_LEN {
+                        return Err(bad(format!("addr size should be {ADDR_LEN} symbols")));
+                    }
+                    if !s
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+                    {
+                        return Err(bad(
+                            "an address may hold only letters, digits, '-', '_' and '.'",
+                        ));
+                    }
+                    Some(s.clone())
+                }
+                Some(v) => {
+                    return Err(bad(format!(
+                        "field \"to\" must be a string or null, not {v}"
+                    )));
+                }
+            };
+            let changed = app.store.addr_change(&r, to).await?;
+            Ok(reply::moved(&format!("{PREFIX}/addr/{}", changed.a)))
+        }
+        other => Err(ApiError::MethodNotAllowed(format!(
+            "unknown addr command \"{other}\"; known: change"
+        ))),
+    }
+}
+
+async fn addr_id(app: &App, a: &str) -> Result<i64, ApiError> {
+    Ok(app.store.addr_get(&AddrRef::parse(a)).await?.id)
+}
+
+fn int_id(what: &str, s: &str) -> Result<i64, ApiError> {
+    s.parse::<i64>()
+        .map_err(|_| bad(format!("{what} id must be an integer, not \"{s}\"")))
+}
+
+fn is_known_path(segs: &[&str]) -> bool {
+    matches!(
+        segs,
+        ["core"]
+            | ["plugin"]
+            | ["addr"]
+            | ["addr", _]
+            | ["addr", _, "endpoint"]
+            | ["addr", _, "endpoint", _]
+            | ["addr", _, "endpoint", _, "subscription"]
+            | ["addr", _, "endpoint", _, "subscription", _]
+    )
+}
+
+/// The original's `Accept` rule: `*/*`, `application/*` or the resource's
+/// own media type ask for the resource in the answer.
+fn wants_body(headers: &HeaderMap, resource: &str) -> bool {
+    let own = format!("application/roboger.{resource}+json");
+    headers
+        .get_all(http::header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|v| v.split(';').next().unwrap_or("").trim())
+        .any(|t| t == "*/*" || t == "application/*" || t == own)
+}
+
+fn addr_json(app: &App, a: &addr::Model) -> Value {
+    let mut v = json!({"id": a.id, "a": a.a, "active": a.active});
+    if app.config.limits.is_some() {
+        v["lim_c"] = json!(a.lim_c);
+        v["lim_s"] = json!(a.lim_s);
+    }
+    v
+}
+
+fn endpoint_json(e: &endpoint::Model) -> Value {
+    json!({
+        "id": e.id,
+        "addr_id": e.addr_id,
+        "plugin_name": e.plugin_name,
+        "config": e.config,
+        "active": e.active,
+        "description": e.description,
+    })
+}
+
+fn subscription_json(r: &SubscriptionRow) -> Value {
+    let s = &r.sub;
+    json!({
+        "id": s.id,
+        "addr_id": r.addr_id,
+        "endpoint_id": s.endpoint_id,
+        "active": s.active,
+        "location": s.location,
+        "tag": s.tag,
+        "sender": s.sender,
+        "level": s.level,
+        "level_match": s.level_match,
+    })
+}

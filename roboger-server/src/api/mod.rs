@@ -1,0 +1,167 @@
+//! The HTTP API: public routes (`/ping`, the API documentation) and the
+//! management API under `/manage/v2` ([`manage`]).
+//!
+//! warp matches the top-level routes; request bodies are read here with a
+//! size cap, and the client's socket address arrives as a request extension
+//! set by the accept loop in [`crate::server`].
+
+pub mod auth;
+pub mod body;
+pub mod error;
+pub mod manage;
+pub mod reply;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use futures_util::{Stream, StreamExt};
+use http::{HeaderMap, Method, StatusCode};
+use warp::Filter;
+
+use crate::App;
+use error::ApiError;
+use reply::Response;
+
+/// The largest management request body accepted.
+pub const MANAGE_BODY_LIMIT: usize = 1024 * 1024;
+
+/// The socket address of the client, inserted into each request's
+/// extensions by the accept loop.
+#[derive(Clone, Copy, Debug)]
+pub struct PeerAddr(pub SocketAddr);
+
+const OPENAPI: &str = include_str!("../../../schema/openapi.yaml");
+
+/// Every route of the server, as one warp filter.
+pub fn routes(
+    app: Arc<App>,
+) -> impl Filter<Extract = (Response,), Error = std::convert::Infallible> + Clone {
+    let with_app = warp::any().map(move || app.clone());
+
+    let ping = warp::path!("ping")
+        .and(warp::get())
+        .and(with_app.clone())
+        .then(|app: Arc<App>| async move { ping(&app).await });
+
+    let manage = warp::path("manage")
+        .and(warp::path("v2"))
+        .and(warp::path::tail())
+        .and(warp::method())
+        .and(warp::header::headers_cloned())
+        .and(warp::ext::optional::<PeerAddr>())
+        .and(warp::body::stream())
+        .and(with_app.clone())
+        .then(
+            |tail: warp::path::Tail,
+             method: Method,
+             headers: HeaderMap,
+             peer: Option<PeerAddr>,
+             body,
+             app: Arc<App>| async move {
+                let body = match read_body(body, MANAGE_BODY_LIMIT).await {
+                    Ok(b) => b,
+                    Err(e) => return reply::error(&e),
+                };
+                let req = manage::Request {
+                    method: &method,
+                    path: tail.as_str(),
+                    headers: &headers,
+                    peer: peer.map(|p| p.0),
+                    body,
+                };
+                manage::handle(&app, req).await
+            },
+        );
+
+    let docs = warp::get()
+        .and(warp::path::full())
+        .and(with_app.clone())
+        .and_then(|path: warp::path::FullPath, app: Arc<App>| async move {
+            match docs(&app, path.as_str()) {
+                Some(r) => Ok(r),
+                None => Err(warp::reject::not_found()),
+            }
+        });
+
+    ping.or(manage)
+        .unify()
+        .or(docs)
+        .unify()
+        .recover(|_rejection: warp::Rejection| async move {
+            Ok::<_, std::convert::Infallible>(reply::text(StatusCode::NOT_FOUND, "not found"))
+        })
+        .unify()
+}
+
+/// 204 when the database answers within the timeout, 503 otherwise.
+async fn ping(app: &App) -> Response {
+    match tokio::time::timeout(app.config.timeout, app.store.ping()).await {
+        Ok(Ok(())) => reply::empty(StatusCode::NO_CONTENT),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "ping: database error");
+            reply::text(StatusCode::SERVICE_UNAVAILABLE, "database error")
+        }
+        Err(_) => {
+            tracing::warn!("ping: the database did not answer in time");
+            reply::text(StatusCode::SERVICE_UNAVAILABLE, "database timeout")
+        }
+    }
+}
+
+/// The API documentation: a small page at the `api-doc` path and the
+/// OpenAPI document next to it.
+fn docs(app: &App, path: &str) -> Option<Response> {
+    let base = app.config.api_doc.as_deref()?;
+    let base = base.trim_end_matches('/');
+    let rest = path.strip_prefix(base)?;
+    match rest {
+        "" | "/" => {
+            let page = format!(
+                "<!doctype html><html><head><meta charset=\"utf-8\"><title>Roboger API</title></head>\
+                 <body><h1>Roboger {}</h1><p>The REST API is described by \
+                 <a href=\"{base}/openapi.yaml\">openapi.yaml</a> (OpenAPI 3).</p></body></html>",
+                env!("CARGO_PKG_VERSION")
+            );
+            let mut r = reply::text(StatusCode::OK, page);
+            r.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("text/html; charset=utf-8"),
+            );
+            Some(r)
+        }
+        "/openapi.yaml" => {
+            let mut r = reply::text(StatusCode::OK, OPENAPI);
+            r.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("application/yaml"),
+            );
+            Some(r)
+        }
+        _ => None,
+    }
+}
+
+/// Reads a request body, refusing (413) anything over `limit` bytes.
+pub async fn read_body<S, B>(body: S, limit: usize) -> Result<Bytes, ApiError>
+where
+    S: Stream<Item = Result<B, warp::Error>>,
+    B: bytes::Buf,
+{
+    let mut body = std::pin::pin!(body);
+    let mut out = BytesMut::new();
+    while let Some(chunk) = body.next().await {
+        let mut chunk = chunk
+            .map_err(|e| ApiError::BadRequest(format!("cannot read the request body: {e}")))?;
+        if out.len() + chunk.remaining() > limit {
+            return Err(ApiError::PayloadTooLarge(limit));
+        }
+        while chunk.has_remaining() {
+            let c = chunk.chunk();
+            out.extend_from_slice(c);
+            let n = c.len();
+            chunk.advance(n);
+        }
+    }
+    Ok(out.freeze())
+}

@@ -1,0 +1,68 @@
+//! Building HTTP answers: JSON, plain-text errors, empty statuses and the
+//! `Location`-bearing answers of create and rename.
+
+use http::{HeaderValue, StatusCode, header};
+use serde::Serialize;
+use warp::Reply;
+
+use super::error::ApiError;
+
+/// The response type every handler returns.
+pub type Response = warp::reply::Response;
+
+/// A JSON body with `status`.
+pub fn json<T: Serialize>(status: StatusCode, value: &T) -> Response {
+    warp::reply::with_status(warp::reply::json(value), status).into_response()
+}
+
+/// An empty body with `status`.
+pub fn empty(status: StatusCode) -> Response {
+    let mut r = Response::new(Default::default());
+    *r.status_mut() = status;
+    r
+}
+
+/// A short plain-text body with `status`.
+pub fn text(status: StatusCode, msg: impl Into<String>) -> Response {
+    let mut r = Response::new(msg.into().into());
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+/// The answer for a failed request.
+pub fn error(e: &ApiError) -> Response {
+    text(e.status(), e.to_string())
+}
+
+fn with_location(mut r: Response, location: &str) -> Response {
+    if let Ok(v) = HeaderValue::from_str(location) {
+        r.headers_mut().insert(header::LOCATION, v);
+    }
+    r
+}
+
+/// 201 with `Location`, and the resource when the client asked for it.
+pub fn created(location: &str, body: Option<serde_json::Value>) -> Response {
+    let r = match body {
+        Some(b) => json(StatusCode::CREATED, &b),
+        None => empty(StatusCode::CREATED),
+    };
+    with_location(r, location)
+}
+
+/// 200 with the resource when the client asked for it, else 204.
+pub fn modified(body: Option<serde_json::Value>) -> Response {
+    match body {
+        Some(b) => json(StatusCode::OK, &b),
+        None => empty(StatusCode::NO_CONTENT),
+    }
+}
+
+/// 301 with an empty body and `Location` (an address was renamed).
+pub fn moved(location: &str) -> Response {
+    with_location(empty(StatusCode::MOVED_PERMANENTLY), location)
+}

@@ -1,0 +1,850 @@
+//! Server configuration: the original's `roboger.yml`, read unchanged, plus
+//! the embedded default used when there is no file at all.
+//!
+//! Loading is strict: a key nobody knows, a wrong type, a bad URL or a bad
+//! network is refused with a message naming the key. Keys the original had
+//! and we have no use for are accepted and logged. The result is a
+//! [`Config`] with every default filled in and every value checked, so the
+//! rest of the server never re-validates it.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::Deserialize;
+
+/// The default listen address (the original's port, loopback only).
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7719";
+const DEFAULT_PORT: u16 = 7719;
+const DEFAULT_TIMEOUT: f64 = 5.0;
+const DEFAULT_BUCKET_EXPIRES: u64 = 86_400;
+const DEFAULT_DB_POOL: u32 = 10;
+const MASTER_KEY_FILE: &str = "master.key";
+const SQLITE_FILE: &str = "roboger.db";
+
+/// What went wrong while loading the configuration; each message names the
+/// key (as a dotted path) or the file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The YAML is malformed, has an unknown key or a wrong type.
+    #[error("config file {path}: {key}: {message}")]
+    Parse {
+        path: PathBuf,
+        key: String,
+        message: String,
+    },
+    /// A value has the right type but is not acceptable.
+    #[error("{key}: {message}")]
+    Invalid { key: String, message: String },
+    /// The data directory or master key file could not be prepared.
+    #[error("data directory {path}: {source}")]
+    DataDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.to_string(),
+        message: message.into(),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The file as written (original keys, kebab-case).
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileRoot {
+    roboger: FileRoboger,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct FileRoboger {
+    db: Option<String>,
+    url: Option<String>,
+    listen: Option<String>,
+    log_tracebacks: Option<bool>,
+    ip_header: Option<String>,
+    api_doc: Option<ApiDoc>,
+    limits: Option<FileLimits>,
+    bucket: Option<FileBucket>,
+    secure_mode: Option<bool>,
+    db_pool_size: Option<u32>,
+    thread_pool_size: Option<u32>,
+    timeout: Option<f64>,
+    master: Option<FileMaster>,
+    plugins: Option<Vec<FilePlugin>>,
+    gunicorn: Option<BTreeMap<String, serde_yaml_ng::Value>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum ApiDoc {
+    Enabled(bool),
+    Path(String),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileLimits {
+    period: Option<Period>,
+    reserve: Option<u32>,
+    redis: Option<FileRedis>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Period {
+    Seconds(u64),
+    Named(String),
+}
+
+/// Accepted for compatibility only: counters live in the database.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+struct FileRedis {
+    host: Option<String>,
+    db: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct FileBucket {
+    default_expires: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileMaster {
+    key: Option<String>,
+    allow: Option<Vec<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FilePlugin {
+    name: String,
+    #[serde(default)]
+    config: Option<serde_json::Map<String, serde_json::Value>>,
+    command: Option<PathBuf>,
+}
+
+// ---------------------------------------------------------------------------
+// The checked result.
+
+/// The complete, validated server configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where the configuration came from (`None`: the embedded default).
+    pub source: Option<PathBuf>,
+    /// Directory for the default SQLite database and generated master key.
+    pub data_dir: PathBuf,
+    /// Database connection, already translated to our driver's URL form.
+    pub db: DbUrl,
+    /// Connection pool size (`db-pool-size`).
+    pub db_pool_size: u32,
+    /// Public base URL of this server (`url`), if configured.
+    pub public_url: Option<url::Url>,
+    /// `host:port` to listen on.
+    pub listen: String,
+    /// Header that carries the client's real IP (`ip-header`), if any.
+    pub ip_header: Option<String>,
+    /// Path the API documentation is served under; `None` when disabled.
+    pub api_doc: Option<String>,
+    /// Address limits, when configured.
+    pub limits: Option<Limits>,
+    /// Default lifetime of bucket objects.
+    pub bucket_default_expires: Duration,
+    /// Timeout for every external wait (plugin calls, database, HTTP).
+    pub timeout: Duration,
+    /// The master key of the management API.
+    pub master_key: String,
+    /// Networks allowed to use the management API (empty: any).
+    pub master_allow: Vec<IpNet>,
+    /// Configured plugins, in file order.
+    pub plugins: Vec<PluginConfig>,
+    /// Human-readable notes to log once at start (ignored keys and the like).
+    pub notices: Vec<String>,
+    /// Set when the master key was generated by this load (print it once).
+    pub generated_key: Option<PathBuf>,
+}
+
+/// A database URL in the form the driver takes, and which backend it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DbUrl {
+    /// The URL handed to sea-orm.
+    pub url: String,
+    /// Which backend.
+    pub backend: DbBackend,
+}
+
+/// The supported database backends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DbBackend {
+    Sqlite,
+    Postgres,
+    MySql,
+}
+
+/// Address limits (`limits`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// Length of one counting window.
+    pub period: Duration,
+    /// How the period is named in 429 messages (`hour`, `day`, `600 seconds`).
+    pub period_name: String,
+    /// Percent of each limit reserved for WARNING and above.
+    pub reserve: u32,
+}
+
+/// One configured plugin.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PluginConfig {
+    /// The plugin's name (what endpoints refer to).
+    pub name: String,
+    /// Its global configuration, handed to `validate_plugin_config` and `load`.
+    pub config: serde_json::Map<String, serde_json::Value>,
+    /// An explicit executable; otherwise `roboger-plugin-NAME` is looked up.
+    pub command: Option<PathBuf>,
+}
+
+/// The names of the plugins shipped with the server; the embedded default
+/// configures each one whose executable sits next to the server binary.
+pub const BUILTIN_PLUGINS: [&str; 6] = ["chain", "email", "shell", "slack", "telegram", "webhook"];
+
+/// Environment variables that override the file, as in the original.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    /// `ROBOGER_DB`
+    pub db: Option<String>,
+    /// `ROBOGER_MASTERKEY`
+    pub master_key: Option<String>,
+    /// `ROBOGER_DATA_DIR` (ours): where the embedded default keeps its files.
+    pub data_dir: Option<PathBuf>,
+}
+
+impl Overrides {
+    /// Reads the overrides from the process environment.
+    pub fn from_env() -> Self {
+        let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        Overrides {
+            db: var("ROBOGER_DB"),
+            master_key: var("ROBOGER_MASTERKEY"),
+            data_dir: var("ROBOGER_DATA_DIR").map(PathBuf::from),
+        }
+    }
+}
+
+impl Config {
+    /// Loads `path` (or the embedded default when `None`), applies the
+    /// environment overrides and checks every value. Creates the data
+    /// directory and master key file only when they are needed.
+    pub fn load(path: Option<&Path>, env: &Overrides) -> Result<Config, ConfigError> {
+        let file = match path {
+            Some(p) => parse_file(p)?,
+            None => FileRoboger::default(),
+        };
+        Config::build(path, file, env)
+    }
+
+    fn build(path: Option<&Path>, f: FileRoboger, env: &Overrides) -> Result<Config, ConfigError> {
+        let mut notices = Vec::new();
+        for (key, set) in [
+            ("thread-pool-size", f.thread_pool_size.is_some()),
+            ("secure-mode", f.secure_mode.is_some()),
+            ("log-tracebacks", f.log_tracebacks.is_some()),
+        ] {
+            if set {
+                notices.push(format!(
+                    "roboger.{key} is accepted for compatibility and has no effect"
+                ));
+            }
+        }
+        let data_dir = env.data_dir.clone().unwrap_or_else(default_data_dir);
+
+        let db_raw = match env.db.clone().or(f.db) {
+            Some(v) => Some(value_or_file("roboger.db", v)?),
+            None => None,
+        };
+        let db = match db_raw {
+            Some(raw) => translate_db_url(&raw)?,
+            None => DbUrl {
+                url: format!("sqlite://{}?mode=rwc", data_dir.join(SQLITE_FILE).display()),
+                backend: DbBackend::Sqlite,
+            },
+        };
+        let db_pool_size = f.db_pool_size.unwrap_or(DEFAULT_DB_POOL);
+        if db_pool_size == 0 {
+            return Err(invalid("roboger.db-pool-size", "must be at least 1"));
+        }
+
+        let public_url = match f.url {
+            Some(u) => Some(
+                url::Url::parse(&u)
+                    .map_err(|e| invalid("roboger.url", format!("not a valid URL ({e}): {u}")))?,
+            ),
+            None => None,
+        };
+
+        let gunicorn_listen = match &f.gunicorn {
+            Some(g) => {
+                for k in g.keys().filter(|k| k.as_str() != "listen") {
+                    notices.push(format!(
+                        "roboger.gunicorn.{k} is accepted for compatibility and has no effect"
+                    ));
+                }
+                match g.get("listen") {
+                    None => None,
+                    Some(serde_yaml_ng::Value::String(s)) => Some(s.clone()),
+                    Some(_) => return Err(invalid("roboger.gunicorn.listen", "must be a string")),
+                }
+            }
+            None => None,
+        };
+        let listen = match (f.listen, gunicorn_listen) {
+            (Some(l), _) => normalize_listen("roboger.listen", &l)?,
+            (None, Some(l)) => normalize_listen("roboger.gunicorn.listen", &l)?,
+            (None, None) => DEFAULT_LISTEN.to_string(),
+        };
+
+        let ip_header = match f.ip_header {
+            Some(h) if h.trim().is_empty() => None,
+            Some(h) => {
+                http::HeaderName::from_bytes(h.as_bytes())
+                    .map_err(|_| invalid("roboger.ip-header", format!("not a header name: {h}")))?;
+                Some(h)
+            }
+            None => None,
+        };
+
+        let api_doc = match f.api_doc {
+            None | Some(ApiDoc::Enabled(true)) => Some("/".to_string()),
+            Some(ApiDoc::Enabled(false)) => None,
+            Some(ApiDoc::Path(p)) if p.starts_with('/') => Some(p),
+            Some(ApiDoc::Path(p)) => {
+                return Err(invalid(
+                    "roboger.api-doc",
+                    format!("must be a path starting with /, or false: {p}"),
+                ));
+            }
+        };
+
+        let limits = match f.limits {
+            None => None,
+            Some(l) => {
+                if l.redis.is_some() {
+                    notices.push(
+                        "roboger.limits.redis is accepted for compatibility; \
+                         counters are kept in the database"
+                            .to_string(),
+                    );
+                }
+                let (period, period_name) = match l.period {
+                    None => (Duration::from_secs(86_400), "day".to_string()),
+                    Some(Period::Seconds(0)) => {
+                        return Err(invalid(
+                            "roboger.limits.period",
+                            "must be more than 0 seconds",
+                        ));
+                    }
+                    Some(Period::Seconds(s)) => (Duration::from_secs(s), format!("{s} seconds")),
+                    Some(Period::Named(n)) => match n.as_str() {
+                        "hour" => (Duration::from_secs(3600), n),
+                        "day" => (Duration::from_secs(86_400), n),
+                        other => match other.parse::<u64>() {
+                            Ok(s) if s > 0 => (Duration::from_secs(s), format!("{s} seconds")),
+                            _ => {
+                                return Err(invalid(
+                                    "roboger.limits.period",
+                                    format!(
+                                        "must be hour, day or a number of seconds, not {other:?}"
+                                    ),
+                                ));
+                            }
+                        },
+                    },
+                };
+                let reserve = l.reserve.unwrap_or(0);
+                if reserve > 100 {
+                    return Err(invalid(
+                        "roboger.limits.reserve",
+                        "is a percentage, 0 to 100",
+                    ));
+                }
+                Some(Limits {
+                    period,
+                    period_name,
+                    reserve,
+                })
+            }
+        };
+
+        let bucket_default_expires = f
+            .bucket
+            .and_then(|b| b.default_expires)
+            .unwrap_or(DEFAULT_BUCKET_EXPIRES);
+
+        let timeout = f.timeout.unwrap_or(DEFAULT_TIMEOUT);
+        if !(0.1..=3600.0).contains(&timeout) {
+            return Err(invalid(
+                "roboger.timeout",
+                "must be between 0.1 and 3600 seconds",
+            ));
+        }
+
+        let (file_key, allow) = match f.master {
+            Some(m) => (m.key, m.allow.unwrap_or_default()),
+            None => (None, Vec::new()),
+        };
+        let master_allow = allow
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                parse_net(s).ok_or_else(|| {
+                    invalid(
+                        &format!("roboger.master.allow[{i}]"),
+                        format!("not a network or address: {s}"),
+                    )
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut generated_key = None;
+        let master_key = match env.master_key.clone().or(file_key) {
+            Some(k) => value_or_file("roboger.master.key", k)?,
+            None => {
+                let (key, generated) = load_or_generate_key(&data_dir)?;
+                if generated {
+                    generated_key = Some(data_dir.join(MASTER_KEY_FILE));
+                }
+                key
+            }
+        };
+        if master_key.is_empty() {
+            return Err(invalid("roboger.master.key", "must not be empty"));
+        }
+
+        let plugins = match f.plugins {
+            Some(list) => {
+                let mut seen = std::collections::HashSet::new();
+                let mut out = Vec::with_capacity(list.len());
+                for (i, p) in list.into_iter().enumerate() {
+                    if !valid_plugin_name(&p.name) {
+                        return Err(invalid(
+                            &format!("roboger.plugins[{i}].name"),
+                            format!(
+                                "plugin names are 1-40 characters a-z, 0-9, _ or -: {:?}",
+                                p.name
+                            ),
+                        ));
+                    }
+                    if !seen.insert(p.name.clone()) {
+                        return Err(invalid(
+                            &format!("roboger.plugins[{i}].name"),
+                            format!("plugin {} is configured twice", p.name),
+                        ));
+                    }
+                    out.push(PluginConfig {
+                        name: p.name,
+                        config: p.config.unwrap_or_default(),
+                        command: p.command,
+                    });
+                }
+                out
+            }
+            None if path.is_none() => builtin_plugins_next_to_binary(),
+            None => Vec::new(),
+        };
+
+        Ok(Config {
+            source: path.map(Path::to_path_buf),
+            data_dir,
+            db,
+            db_pool_size,
+            public_url,
+            listen,
+            ip_header,
+            api_doc,
+            limits,
+            bucket_default_expires: Duration::from_secs(bucket_default_expires),
+            timeout: Duration::from_secs_f64(timeout),
+            master_key,
+            master_allow,
+            plugins,
+            notices,
+            generated_key,
+        })
+    }
+}
+
+fn parse_file(path: &Path) -> Result<FileRoboger, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let de = serde_yaml_ng::Deserializer::from_str(&text);
+    let root: FileRoot = serde_path_to_error::deserialize(de).map_err(|e| {
+        let key = e.path().to_string();
+        ConfigError::Parse {
+            path: path.to_path_buf(),
+            key: if key == "." {
+                "(top level)".into()
+            } else {
+                key
+            },
+            message: e.into_inner().to_string(),
+        }
+    })?;
+    Ok(root.roboger)
+}
+
+/// The original reads a value from a file when it starts with `/` or `./`.
+fn value_or_file(key: &str, v: String) -> Result<String, ConfigError> {
+    if v.starts_with('/') || v.starts_with("./") {
+        let text = std::fs::read_to_string(&v)
+            .map_err(|e| invalid(key, format!("cannot read the value from file {v}: {e}")))?;
+        Ok(text.trim_end_matches(['\n', '\r']).to_string())
+    } else {
+        Ok(v)
+    }
+}
+
+/// Translates the original's SQLAlchemy-style URLs to the driver's form.
+pub fn translate_db_url(raw: &str) -> Result<DbUrl, ConfigError> {
+    const KEY: &str = "roboger.db";
+    let (scheme, rest) = raw
+        .split_once("://")
+        .ok_or_else(|| invalid(KEY, format!("not a database URL: {raw}")))?;
+    let base = scheme.split('+').next().unwrap_or(scheme);
+    match base {
+        "sqlite" => {
+            // SQLAlchemy: sqlite:///relative.db, sqlite:////absolute.db;
+            // sqlite:// (nothing) is an in-memory database.
+            let path = rest.strip_prefix('/').unwrap_or(rest);
+            let (path, _query) = path.split_once('?').unwrap_or((path, ""));
+            if path.is_empty() || path == ":memory:" {
+                return Ok(DbUrl {
+                    url: "sqlite::memory:".into(),
+                    backend: DbBackend::Sqlite,
+                });
+            }
+            Ok(DbUrl {
+                url: format!("sqlite://{path}?mode=rwc"),
+                backend: DbBackend::Sqlite,
+            })
+        }
+        "postgres" | "postgresql" | "mysql" | "mariadb" => {
+            let (scheme, backend) = if base.starts_with("postgres") {
+                ("postgres", DbBackend::Postgres)
+            } else {
+                ("mysql", DbBackend::MySql)
+            };
+            let url = format!("{scheme}://{rest}");
+            let parsed = url::Url::parse(&url)
+                .map_err(|e| invalid(KEY, format!("not a valid URL ({e}): {raw}")))?;
+            if parsed.host_str().is_none_or(str::is_empty)
+                && !parsed.query().unwrap_or("").contains("host=")
+            {
+                return Err(invalid(KEY, format!("the URL names no host: {raw}")));
+            }
+            Ok(DbUrl { url, backend })
+        }
+        other => Err(invalid(
+            KEY,
+            format!("unsupported database {other:?}; use sqlite, postgresql or mysql URLs"),
+        )),
+    }
+}
+
+fn normalize_listen(key: &str, v: &str) -> Result<String, ConfigError> {
+    let v = v.trim();
+    if v.starts_with("unix:") {
+        return Err(invalid(
+            key,
+            "unix sockets are not supported; give host:port",
+        ));
+    }
+    if let Ok(sa) = v.parse::<std::net::SocketAddr>() {
+        return Ok(sa.to_string());
+    }
+    if let Ok(ip) = v.parse::<IpAddr>() {
+        return Ok(std::net::SocketAddr::new(ip, DEFAULT_PORT).to_string());
+    }
+    let (host, port) = match v.rsplit_once(':') {
+        Some((h, p)) => (
+            h,
+            p.parse::<u16>()
+                .map_err(|_| invalid(key, format!("bad port in {v:?}")))?,
+        ),
+        None => (v, DEFAULT_PORT),
+    };
+    let host = if host.is_empty() { "0.0.0.0" } else { host };
+    if !host
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '[' | ']' | ':'))
+    {
+        return Err(invalid(key, format!("not a host:port address: {v:?}")));
+    }
+    Ok(format!("{host}:{port}"))
+}
+
+fn parse_net(s: &str) -> Option<IpNet> {
+    let s = s.trim();
+    s.parse::<IpNet>()
+        .ok()
+        .or_else(|| s.parse::<IpAddr>().ok().map(IpNet::from))
+}
+
+/// Plugin names end up in paths (`/plugin/{name}`) and executable names.
+pub fn valid_plugin_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 40
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
+}
+
+fn default_data_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("STATE_DIRECTORY") {
+        // systemd's StateDirectory= may list several, separated by ':'.
+        let first = d
+            .to_string_lossy()
+            .split(':')
+            .next()
+            .unwrap_or("")
+            .to_string();
+        if !first.is_empty() {
+            return PathBuf::from(first);
+        }
+    }
+    if let Some(x) = std::env::var_os("XDG_DATA_HOME").filter(|v| !v.is_empty()) {
+        return PathBuf::from(x).join("roboger");
+    }
+    if let Some(h) = std::env::var_os("HOME").filter(|v| !v.is_empty()) {
+        return PathBuf::from(h).join(".local/share/roboger");
+    }
+    PathBuf::from("roboger-data")
+}
+
+/// Reads the stored master key, or generates a strong one and stores it
+/// with mode 0600. Returns the key and whether it was generated now.
+fn load_or_generate_key(dir: &Path) -> Result<(String, bool), ConfigError> {
+    let path = dir.join(MASTER_KEY_FILE);
+    let dd = |source| ConfigError::DataDir {
+        path: dir.to_path_buf(),
+        source,
+    };
+    match std::fs::read_to_string(&path) {
+        Ok(k) if !k.trim().is_empty() => return Ok((k.trim().to_string(), false)),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(dd(e)),
+    }
+    std::fs::create_dir_all(dir).map_err(dd)?;
+    let key = crate::random::alphanumeric(48);
+    write_private(&path, &key).map_err(dd)?;
+    Ok((key, true))
+}
+
+#[cfg(unix)]
+fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(text.as_bytes())?;
+    f.write_all(b"\n")?;
+    f.sync_all()
+}
+
+#[cfg(not(unix))]
+fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
+    std::fs::write(path, format!("{text}\n"))
+}
+
+fn builtin_plugins_next_to_binary() -> Vec<PluginConfig> {
+    let Some(dir) = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(Path::to_path_buf))
+    else {
+        return Vec::new();
+    };
+    BUILTIN_PLUGINS
+        .iter()
+        .filter(|n| dir.join(format!("roboger-plugin-{n}")).is_file())
+        .map(|n| PluginConfig {
+            name: (*n).to_string(),
+            config: Default::default(),
+            command: None,
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load_str(yaml: &str) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("roboger.yml");
+        std::fs::write(&p, yaml).unwrap();
+        let env = Overrides {
+            data_dir: Some(dir.path().join("data")),
+            ..Default::default()
+        };
+        Config::load(Some(&p), &env)
+    }
+
+    #[test]
+    fn the_originals_example_config_loads() {
+        let c = load_str(
+            "roboger:\n  db: sqlite:////tmp/x/roboger.db\n  url: http://localhost:7719\n  \
+             log-tracebacks: true\n  ip-header: X-Real-IP\n  secure-mode: false\n  \
+             thread-pool-size: 20\n  db-pool-size: 2\n  timeout: 2\n  api-doc: false\n  \
+             limits:\n    period: day\n    reserve: 10\n    redis:\n      host: localhost\n  \
+             bucket:\n    default-expires: 60\n  \
+             master:\n    key: secret\n    allow: ['127.0.0.0/8', '10.0.0.1']\n  \
+             gunicorn:\n    listen: 0.0.0.0:7800\n    workers: 2\n  \
+             plugins:\n    - name: webhook\n    - name: email\n      config:\n        smtp: {host: localhost}\n",
+        )
+        .unwrap();
+        assert_eq!(c.db.url, "sqlite:///tmp/x/roboger.db?mode=rwc");
+        assert_eq!(c.listen, "0.0.0.0:7800");
+        assert_eq!(c.master_key, "secret");
+        assert_eq!(c.master_allow.len(), 2);
+        assert_eq!(c.timeout, Duration::from_secs(2));
+        assert_eq!(c.api_doc, None);
+        assert_eq!(c.limits.as_ref().unwrap().reserve, 10);
+        assert_eq!(c.bucket_default_expires, Duration::from_secs(60));
+        assert_eq!(c.plugins.len(), 2);
+        assert!(c.notices.iter().any(|n| n.contains("gunicorn.workers")));
+    }
+
+    #[test]
+    fn unknown_keys_and_wrong_types_name_the_key() {
+        let e = load_str("roboger:\n  master:\n    key: x\n  colour: red\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("colour"), "{e}");
+        let e = load_str("roboger:\n  master:\n    key: x\n  timeout: soon\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("roboger.timeout"), "{e}");
+        let e = load_str("roboger:\n  master:\n    key: x\n  url: 'not a url'\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("roboger.url"), "{e}");
+        let e = load_str("roboger:\n  master:\n    key: x\n    allow: [nonsense]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("roboger.master.allow[0]"), "{e}");
+        let e = load_str("roboger:\n  master:\n    key: x\n  db: oracle://x\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("roboger.db"), "{e}");
+        let e = load_str(
+            "roboger:\n  master:\n    key: x\n  plugins:\n    - name: webhook\n      confg: {}\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("confg") && e.contains("plugins[0]"), "{e}");
+    }
+
+    #[test]
+    fn sqlalchemy_urls_translate() {
+        let t = |s| translate_db_url(s).unwrap().url;
+        assert_eq!(
+            t("sqlite:////var/lib/r.db"),
+            "sqlite:///var/lib/r.db?mode=rwc"
+        );
+        assert_eq!(t("sqlite:///r.db"), "sqlite://r.db?mode=rwc");
+        assert_eq!(t("postgresql://u:p@h/db"), "postgres://u:p@h/db");
+        assert_eq!(
+            t("postgresql+psycopg2://u:p@h:5433/db"),
+            "postgres://u:p@h:5433/db"
+        );
+        assert_eq!(t("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(t("mysql+pymysql://u:p@h/db"), "mysql://u:p@h/db");
+        assert!(translate_db_url("postgresql:///db").is_err());
+        assert!(translate_db_url("nonsense").is_err());
+    }
+
+    #[test]
+    fn embedded_default_generates_the_key_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let env = Overrides {
+            data_dir: Some(dir.path().join("d")),
+            ..Default::default()
+        };
+        let a = Config::load(None, &env).unwrap();
+        assert!(a.generated_key.is_some());
+        assert!(a.master_key.len() >= 40);
+        assert!(a.db.url.starts_with("sqlite://"));
+        let b = Config::load(None, &env).unwrap();
+        assert!(b.generated_key.is_none());
+        assert_eq!(a.master_key, b.master_key);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(dir.path().join("d/master.key"))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+    }
+
+    #[test]
+    fn env_overrides_and_file_values() {
+        let dir = tempfile::tempdir().unwrap();
+        let keyfile = dir.path().join("key");
+        std::fs::write(&keyfile, "from-file\n").unwrap();
+        let p = dir.path().join("r.yml");
+        std::fs::write(
+            &p,
+            format!(
+                "roboger:\n  db: sqlite:////nope.db\n  master:\n    key: {}\n",
+                keyfile.display()
+            ),
+        )
+        .unwrap();
+        let env = Overrides {
+            db: Some("postgresql://u@localhost/x".into()),
+            ..Default::default()
+        };
+        let c = Config::load(Some(&p), &env).unwrap();
+        assert_eq!(c.master_key, "from-file");
+        assert_eq!(c.db.backend, DbBackend::Postgres);
+        let env = Overrides {
+            master_key: Some("envkey".into()),
+            ..Default::default()
+        };
+        assert_eq!(Config::load(Some(&p), &env).unwrap().master_key, "envkey");
+    }
+
+    #[test]
+    fn listen_forms() {
+        assert_eq!(normalize_listen("k", "0.0.0.0").unwrap(), "0.0.0.0:7719");
+        assert_eq!(
+            normalize_listen("k", "localhost:80").unwrap(),
+            "localhost:80"
+        );
+        assert_eq!(normalize_listen("k", ":9000").unwrap(), "0.0.0.0:9000");
+        assert!(normalize_listen("k", "unix:/tmp/s").is_err());
+        assert!(normalize_listen("k", "h:x").is_err());
+    }
+}

@@ -1,0 +1,174 @@
+//! The `roboger-server` binary: command line, logging, start and shutdown.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use roboger_server::config::{Config, Overrides};
+use roboger_server::store::Store;
+use roboger_server::{App, server};
+
+/// Roboger: a messenger for robots.
+#[derive(Parser, Debug)]
+#[command(name = "roboger-server", version, about)]
+struct Cli {
+    /// Configuration file (the original's roboger.yml works unchanged).
+    /// Without one, the embedded default is used: SQLite in the data
+    /// directory and a generated master key.
+    #[arg(long, short = 'c', env = "ROBOGER_CONFIG", global = true)]
+    config: Option<PathBuf>,
+    /// Log format; the level comes from RUST_LOG (default: info).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the server (the default).
+    Serve,
+    /// Apply database migrations and exit.
+    Migrate,
+    /// Load and check the configuration, print a summary and exit.
+    CheckConfig,
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+    }
+}
+
+fn load_config(cli: &Cli) -> anyhow::Result<Config> {
+    let config = Config::load(cli.config.as_deref(), &Overrides::from_env())?;
+    match &config.source {
+        Some(p) => tracing::info!(path = %p.display(), "configuration loaded"),
+        None => {
+            tracing::info!(data_dir = %config.data_dir.display(), "no configuration file: using the embedded default")
+        }
+    }
+    for n in &config.notices {
+        tracing::info!("{n}");
+    }
+    if let Some(path) = &config.generated_key {
+        // Printed once, on the start that generated it.
+        println!(
+            "Generated a new master key (stored in {}):\n\n    {}\n",
+            path.display(),
+            config.master_key
+        );
+    }
+    Ok(config)
+}
+
+async fn open_store(config: &Config) -> anyhow::Result<Store> {
+    let store = Store::connect(&config.db, config.db_pool_size, config.timeout)
+        .await
+        .context("cannot connect to the database")?;
+    store
+        .migrate()
+        .await
+        .context("cannot apply database migrations")?;
+    Ok(store)
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %e, "cannot listen for SIGINT");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    tracing::info!("shutting down");
+}
+
+async fn serve(cli: &Cli) -> anyhow::Result<()> {
+    let config = load_config(cli)?;
+    let store = open_store(&config).await?;
+    let listener = tokio::net::TcpListener::bind(&config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let local = listener.local_addr().context("listener has no address")?;
+    let app = Arc::new(App::new(config, store));
+    tracing::info!(
+        plugins = app.plugins.list().len(),
+        "roboger-server {} listening on {local}",
+        env!("CARGO_PKG_VERSION")
+    );
+    server::run(listener, app, shutdown_signal()).await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let result = match cli.command.as_ref().unwrap_or(&Command::Serve) {
+        Command::Serve => serve(&cli).await,
+        Command::Migrate => {
+            async {
+                let config = load_config(&cli)?;
+                open_store(&config).await?;
+                tracing::info!("migrations applied");
+                Ok(())
+            }
+            .await
+        }
+        Command::CheckConfig => load_config(&cli).map(|c| {
+            println!("configuration OK");
+            println!("  listen: {}", c.listen);
+            println!("  database: {:?}", c.db.backend);
+            println!(
+                "  plugins: {}",
+                c.plugins
+                    .iter()
+                    .map(|p| p.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("roboger-server: {e:#}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}

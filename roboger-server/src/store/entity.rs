@@ -1,0 +1,175 @@
+//! sea-orm entities: one module per table. Column sizes here match the
+//! migration and are what the API checks input against.
+
+/// Maximum length of `location`, `tag`, `sender` and `description`.
+pub const TEXT_COLUMN_MAX: usize = 255;
+/// Length of an address (`addr.a`).
+pub const ADDR_LEN: usize = 64;
+/// Maximum length of a plugin name.
+pub const PLUGIN_NAME_MAX: usize = 40;
+
+/// Addresses that senders push to.
+pub mod addr {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "addr")]
+    pub struct Model {
+        #[sea_orm(primary_key)]
+        pub id: i64,
+        #[sea_orm(unique)]
+        pub a: String,
+        pub active: i16,
+        pub lim_c: i64,
+        pub lim_s: i64,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {
+        #[sea_orm(has_many = "super::endpoint::Entity")]
+        Endpoint,
+    }
+
+    impl Related<super::endpoint::Entity> for Entity {
+        fn to() -> RelationDef {
+            Relation::Endpoint.def()
+        }
+    }
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+/// Endpoints: a plugin and its per-endpoint config, owned by an address.
+pub mod endpoint {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, DeriveEntityModel)]
+    #[sea_orm(table_name = "endpoint")]
+    pub struct Model {
+        #[sea_orm(primary_key)]
+        pub id: i64,
+        pub addr_id: i64,
+        pub plugin_name: String,
+        pub config: Json,
+        pub active: i16,
+        pub description: Option<String>,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {
+        #[sea_orm(
+            belongs_to = "super::addr::Entity",
+            from = "Column::AddrId",
+            to = "super::addr::Column::Id",
+            on_delete = "Cascade"
+        )]
+        Addr,
+        #[sea_orm(has_many = "super::subscription::Entity")]
+        Subscription,
+    }
+
+    impl Related<super::addr::Entity> for Entity {
+        fn to() -> RelationDef {
+            Relation::Addr.def()
+        }
+    }
+
+    impl Related<super::subscription::Entity> for Entity {
+        fn to() -> RelationDef {
+            Relation::Subscription.def()
+        }
+    }
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+/// Subscriptions: which events of the address an endpoint receives.
+pub mod subscription {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "subscription")]
+    pub struct Model {
+        #[sea_orm(primary_key)]
+        pub id: i64,
+        pub endpoint_id: i64,
+        pub active: i16,
+        pub location: Option<String>,
+        pub tag: Option<String>,
+        pub sender: Option<String>,
+        pub level: i16,
+        pub level_match: String,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {
+        #[sea_orm(
+            belongs_to = "super::endpoint::Entity",
+            from = "Column::EndpointId",
+            to = "super::endpoint::Column::Id",
+            on_delete = "Cascade"
+        )]
+        Endpoint,
+    }
+
+    impl Related<super::endpoint::Entity> for Entity {
+        fn to() -> RelationDef {
+            Relation::Endpoint.def()
+        }
+    }
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+/// Bucket objects: immutable blobs plugins store, optionally public.
+pub mod bucket {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, DeriveEntityModel)]
+    #[sea_orm(table_name = "bucket")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub id: String,
+        pub creator: String,
+        pub addr_id: Option<i64>,
+        pub mimetype: String,
+        pub fname: Option<String>,
+        pub size: i64,
+        pub public: bool,
+        pub metadata: Option<Json>,
+        pub d: ChronoDateTimeUtc,
+        pub da: Option<ChronoDateTimeUtc>,
+        /// Lifetime in seconds from `d`, as the original stores it.
+        pub expires: i64,
+        /// `d + expires`, kept so expiry is one indexed comparison on every backend.
+        pub expires_at: ChronoDateTimeUtc,
+        pub content: Vec<u8>,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+/// Per-address limit counters for the current window, shared by every
+/// server on the same database.
+pub mod addr_limit {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "addr_limit")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub addr_id: i64,
+        /// Start of the current window, seconds since the Unix epoch.
+        pub window_start: i64,
+        pub count: i64,
+        pub size: i64,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}

@@ -1,0 +1,232 @@
+//! Schema migrations (sea-orm-migration), applied at start and by
+//! `roboger-server migrate`. Tables are created `IF NOT EXISTS` so a
+//! database that already has the original's tables is adopted as it is.
+
+use sea_orm_migration::prelude::*;
+use sea_orm_migration::schema::*;
+
+/// Every migration, oldest first.
+pub struct Migrator;
+
+impl MigratorTrait for Migrator {
+    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+        vec![Box::new(Base)]
+    }
+}
+
+#[derive(DeriveIden)]
+enum Addr {
+    Table,
+    Id,
+    A,
+    Active,
+    LimC,
+    LimS,
+}
+
+#[derive(DeriveIden)]
+enum Endpoint {
+    Table,
+    Id,
+    AddrId,
+    PluginName,
+    Config,
+    Active,
+    Description,
+}
+
+#[derive(DeriveIden)]
+enum Subscription {
+    Table,
+    Id,
+    EndpointId,
+    Active,
+    Location,
+    Tag,
+    Sender,
+    Level,
+    LevelMatch,
+}
+
+#[derive(DeriveIden)]
+enum Bucket {
+    Table,
+    Id,
+    Creator,
+    AddrId,
+    Mimetype,
+    Fname,
+    Size,
+    Public,
+    Metadata,
+    D,
+    Da,
+    Expires,
+    ExpiresAt,
+    Content,
+}
+
+#[derive(DeriveIden)]
+enum AddrLimit {
+    Table,
+    AddrId,
+    WindowStart,
+    Count,
+    Size,
+}
+
+/// addr, endpoint, subscription, bucket and the limit counters.
+struct Base;
+
+impl MigrationName for Base {
+    fn name(&self) -> &str {
+        "m20261124_000001_base"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for Base {
+    async fn up(&self, m: &SchemaManager) -> Result<(), DbErr> {
+        m.create_table(
+            Table::create()
+                .table(Addr::Table)
+                .if_not_exists()
+                .col(big_pk_auto(Addr::Id))
+                .col(char_len_uniq(Addr::A, 64))
+                .col(small_integer(Addr::Active).default(1))
+                .col(big_integer(Addr::LimC).default(100))
+                .col(big_integer(Addr::LimS).default(10_000_000))
+                .to_owned(),
+        )
+        .await?;
+        m.create_table(
+            Table::create()
+                .table(Endpoint::Table)
+                .if_not_exists()
+                .col(big_pk_auto(Endpoint::Id))
+                .col(big_integer(Endpoint::AddrId))
+                .col(string_len(Endpoint::PluginName, 40))
+                .col(json(Endpoint::Config))
+                .col(small_integer(Endpoint::Active).default(1))
+                .col(string_len_null(Endpoint::Description, 255))
+                .foreign_key(
+                    ForeignKey::create()
+                        .name("fk_endpoint_addr")
+                        .from(Endpoint::Table, Endpoint::AddrId)
+                        .to(Addr::Table, Addr::Id)
+                        .on_delete(ForeignKeyAction::Cascade),
+                )
+                .to_owned(),
+        )
+        .await?;
+        m.create_index(
+            Index::create()
+                .if_not_exists()
+                .name("endpoint_addr_id")
+                .table(Endpoint::Table)
+                .col(Endpoint::AddrId)
+                .to_owned(),
+        )
+        .await?;
+        m.create_table(
+            Table::create()
+                .table(Subscription::Table)
+                .if_not_exists()
+                .col(big_pk_auto(Subscription::Id))
+                .col(big_integer(Subscription::EndpointId))
+                .col(small_integer(Subscription::Active).default(1))
+                .col(string_len_null(Subscription::Location, 255))
+                .col(string_len_null(Subscription::Tag, 255))
+                .col(string_len_null(Subscription::Sender, 255))
+                .col(small_integer(Subscription::Level).default(20))
+                .col(string_len(Subscription::LevelMatch, 2).default("ge"))
+                .foreign_key(
+                    ForeignKey::create()
+                        .name("fk_subscription_endpoint")
+                        .from(Subscription::Table, Subscription::EndpointId)
+                        .to(Endpoint::Table, Endpoint::Id)
+                        .on_delete(ForeignKeyAction::Cascade),
+                )
+                .to_owned(),
+        )
+        .await?;
+        m.create_index(
+            Index::create()
+                .if_not_exists()
+                .name("subscription_endpoint_id")
+                .table(Subscription::Table)
+                .col(Subscription::EndpointId)
+                .to_owned(),
+        )
+        .await?;
+        m.create_table(
+            Table::create()
+                .table(Bucket::Table)
+                .if_not_exists()
+                .col(char_len(Bucket::Id, 64).primary_key())
+                .col(string_len(Bucket::Creator, 64))
+                .col(big_integer_null(Bucket::AddrId))
+                .col(string_len(Bucket::Mimetype, 256))
+                .col(string_len_null(Bucket::Fname, 256))
+                .col(big_integer(Bucket::Size))
+                .col(boolean(Bucket::Public).default(false))
+                .col(json_null(Bucket::Metadata))
+                .col(timestamp_with_time_zone(Bucket::D))
+                .col(timestamp_with_time_zone_null(Bucket::Da))
+                .col(big_integer(Bucket::Expires))
+                .col(timestamp_with_time_zone(Bucket::ExpiresAt))
+                .col(blob(Bucket::Content))
+                .foreign_key(
+                    ForeignKey::create()
+                        .name("fk_bucket_addr")
+                        .from(Bucket::Table, Bucket::AddrId)
+                        .to(Addr::Table, Addr::Id)
+                        .on_delete(ForeignKeyAction::Cascade),
+                )
+                .to_owned(),
+        )
+        .await?;
+        m.create_index(
+            Index::create()
+                .if_not_exists()
+                .name("bucket_expires_at")
+                .table(Bucket::Table)
+                .col(Bucket::ExpiresAt)
+                .to_owned(),
+        )
+        .await?;
+        m.create_table(
+            Table::create()
+                .table(AddrLimit::Table)
+                .if_not_exists()
+                .col(big_integer(AddrLimit::AddrId).primary_key())
+                .col(big_integer(AddrLimit::WindowStart))
+                .col(big_integer(AddrLimit::Count).default(0))
+                .col(big_integer(AddrLimit::Size).default(0))
+                .foreign_key(
+                    ForeignKey::create()
+                        .name("fk_addr_limit_addr")
+                        .from(AddrLimit::Table, AddrLimit::AddrId)
+                        .to(Addr::Table, Addr::Id)
+                        .on_delete(ForeignKeyAction::Cascade),
+                )
+                .to_owned(),
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn down(&self, m: &SchemaManager) -> Result<(), DbErr> {
+        for t in [
+            AddrLimit::Table.into_iden(),
+            Bucket::Table.into_iden(),
+            Subscription::Table.into_iden(),
+            Endpoint::Table.into_iden(),
+            Addr::Table.into_iden(),
+        ] {
+            m.drop_table(Table::drop().table(t).if_exists().to_owned())
+                .await?;
+        }
+        Ok(())
+    }
+}
