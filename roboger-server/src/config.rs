@@ -567,7 +567,9 @@ pub fn translate_db_url(raw: &str) -> Result<DbUrl, ConfigError> {
     }
 }
 
-fn normalize_listen(key: &str, v: &str) -> Result<String, ConfigError> {
+/// Checks a listen address (`host:port`, `host`, `:port` or an IP) and
+/// returns it as `host:port`; `key` names where it came from in errors.
+pub fn normalize_listen(key: &str, v: &str) -> Result<String, ConfigError> {
     let v = v.trim();
     if v.starts_with("unix:") {
         return Err(invalid(

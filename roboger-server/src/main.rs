@@ -18,6 +18,9 @@ struct Cli {
     /// directory and a generated master key.
     #[arg(long, short = 'c', env = "ROBOGER_CONFIG", global = true)]
     config: Option<PathBuf>,
+    /// Listen address (`host:port`), overriding the configuration.
+    #[arg(long, global = true)]
+    listen: Option<String>,
     /// Log format; the level comes from RUST_LOG (default: info).
     #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
     log_format: LogFormat,
@@ -56,7 +59,10 @@ fn init_logging(format: LogFormat) {
 }
 
 fn load_config(cli: &Cli) -> anyhow::Result<Config> {
-    let config = Config::load(cli.config.as_deref(), &Overrides::from_env())?;
+    let mut config = Config::load(cli.config.as_deref(), &Overrides::from_env())?;
+    if let Some(l) = &cli.listen {
+        config.listen = roboger_server::config::normalize_listen("--listen", l)?;
+    }
     match &config.source {
         Some(p) => tracing::info!(path = %p.display(), "configuration loaded"),
         None => {

@@ -1,1 +1,379 @@
-//! placeholder
+//! Test harness for the end-to-end suite: starts the real `roboger-server`
+//! binary on a free loopback port with its own database and config in a
+//! temp dir, and talks HTTP to it.
+//!
+//! The database is SQLite unless `ROBOGER_TEST_PG` holds a PostgreSQL
+//! server URL (e.g. `postgresql://postgres@127.0.0.1:55432`); then every
+//! server gets a fresh database on it, created with `psql`. `tests/run`
+//! runs the suite both ways.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub use reqwest::{Method, StatusCode};
+pub use serde_json::{Value, json};
+
+/// The master key every test server is configured with.
+pub const KEY: &str = "test-master-key";
+
+/// Where the workspace's binaries are (`target/debug` or `target/release`).
+pub fn bin_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("ROBOGER_BIN_DIR") {
+        return PathBuf::from(d);
+    }
+    // Test executables live in target/<profile>/deps.
+    let exe = std::env::current_exe().expect("current_exe");
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("test binary is in target/<profile>/deps")
+        .to_path_buf()
+}
+
+/// Path of the server binary; panics with advice when it is not built.
+pub fn server_bin() -> PathBuf {
+    let p = bin_dir().join("roboger-server");
+    assert!(
+        p.is_file(),
+        "{} is missing: build the workspace first (cargo build --workspace --locked), or run tests/run",
+        p.display()
+    );
+    p
+}
+
+static DB_SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// A database URL for a new server, in `dir` (SQLite) or on the PostgreSQL
+/// server named by `ROBOGER_TEST_PG`.
+pub fn fresh_database(dir: &Path) -> String {
+    match std::env::var("ROBOGER_TEST_PG") {
+        Ok(pg) if !pg.is_empty() => {
+            let name = format!(
+                "roboger_t{}_{}_{}",
+                std::process::id(),
+                DB_SEQ.fetch_add(1, Ordering::SeqCst),
+                Instant::now().elapsed().subsec_nanos()
+            );
+            let pg = pg.trim_end_matches('/');
+            let out = Command::new("psql")
+                .arg(format!("{pg}/postgres"))
+                .args([
+                    "-v",
+                    "ON_ERROR_STOP=1",
+                    "-qc",
+                    &format!("CREATE DATABASE {name}"),
+                ])
+                .output()
+                .expect("psql (ROBOGER_TEST_PG is set, so psql must be installed)");
+            assert!(
+                out.status.success(),
+                "createdb failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            format!("{pg}/{name}")
+        }
+        _ => format!("sqlite:///{}", dir.join("roboger.db").display()),
+    }
+}
+
+/// Whether the suite runs against PostgreSQL.
+pub fn on_postgres() -> bool {
+    std::env::var("ROBOGER_TEST_PG").is_ok_and(|v| !v.is_empty())
+}
+
+/// How to start a server: extra YAML under `roboger:` and extra environment.
+#[derive(Default, Clone)]
+pub struct ServerOptions {
+    /// Lines of YAML appended under `roboger:` (indented by the harness).
+    pub yaml: String,
+    /// Lines of YAML appended under `roboger.master:` (after the key).
+    pub master_yaml: String,
+    /// Plugins to configure, by name (no executable is needed to list them).
+    pub plugins: Vec<String>,
+    /// Environment variables for the server process.
+    pub env: Vec<(String, String)>,
+}
+
+/// A running `roboger-server` process; killed when dropped.
+pub struct Server {
+    child: Child,
+    /// `http://127.0.0.1:PORT`
+    pub base: String,
+    /// The config file it was started with.
+    pub config_path: PathBuf,
+    /// Everything the server wrote to stderr so far.
+    pub log: Arc<Mutex<String>>,
+    /// Its temp dir (database, config, data dir).
+    pub dir: tempfile::TempDir,
+    /// An HTTP client that does not follow redirects.
+    pub http: reqwest::Client,
+}
+
+impl Server {
+    /// Starts a server with the default test configuration.
+    pub async fn start() -> Server {
+        Server::start_with(ServerOptions::default()).await
+    }
+
+    /// Starts a server with extra configuration.
+    pub async fn start_with(opts: ServerOptions) -> Server {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = fresh_database(dir.path());
+        let mut yaml = format!(
+            "roboger:\n  db: {db}\n  listen: 127.0.0.1:0\n  timeout: 2\n  master:\n    key: {KEY}\n"
+        );
+        for line in opts.master_yaml.lines() {
+            yaml.push_str("    ");
+            yaml.push_str(line);
+            yaml.push('\n');
+        }
+        if !opts.plugins.is_empty() {
+            yaml.push_str("  plugins:\n");
+            for p in &opts.plugins {
+                yaml.push_str(&format!("    - name: {p}\n"));
+            }
+        }
+        for line in opts.yaml.lines() {
+            yaml.push_str("  ");
+            yaml.push_str(line);
+            yaml.push('\n');
+        }
+        let config_path = dir.path().join("roboger.yml");
+        std::fs::write(&config_path, yaml).expect("write config");
+        let mut cmd = Command::new(server_bin());
+        cmd.arg("--config")
+            .arg(&config_path)
+            .env("ROBOGER_DATA_DIR", dir.path().join("data"))
+            .env_remove("ROBOGER_DB")
+            .env_remove("ROBOGER_MASTERKEY")
+            .env_remove("ROBOGER_CONFIG");
+        for (k, v) in &opts.env {
+            cmd.env(k, v);
+        }
+        let (child, addr, log) = spawn_and_wait_listening(cmd);
+        Server {
+            child,
+            base: format!("http://{addr}"),
+            config_path,
+            log,
+            dir,
+            http: client(),
+        }
+    }
+
+    /// The full URL of `path`.
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    /// A management API request (`path` below `/manage/v2`) with the key.
+    pub async fn manage(&self, method: Method, path: &str, body: Option<Value>) -> Resp {
+        self.request(
+            method,
+            &format!("/manage/v2{path}"),
+            Some(KEY),
+            &[("Accept", "*/*")],
+            body,
+        )
+        .await
+    }
+
+    /// Any request, with an optional key, extra headers and JSON body.
+    pub async fn request(
+        &self,
+        method: Method,
+        path: &str,
+        key: Option<&str>,
+        headers: &[(&str, &str)],
+        body: Option<Value>,
+    ) -> Resp {
+        let mut rb = self.http.request(method, self.url(path));
+        if let Some(k) = key {
+            rb = rb.header("X-Auth-Key", k);
+        }
+        for (k, v) in headers {
+            rb = rb.header(*k, *v);
+        }
+        if let Some(b) = body {
+            rb = rb.json(&b);
+        }
+        Resp::from(rb.send().await.expect("HTTP request to the test server")).await
+    }
+
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits until the log contains `needle` (or panics after `timeout`).
+    pub async fn wait_log(&self, needle: &str, timeout: Duration) {
+        let end = Instant::now() + timeout;
+        while Instant::now() < end {
+            if self.log.lock().map(|l| l.contains(needle)).unwrap_or(false) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!(
+            "log never showed {needle:?}:\n{}",
+            self.log.lock().map(|l| l.clone()).unwrap_or_default()
+        );
+    }
+
+    /// Sends SIGTERM and waits for the process to exit; returns its status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        let end = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                return s;
+            }
+            assert!(Instant::now() < end, "server did not exit after SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `cmd` with stderr captured and waits for the "listening on"
+/// line; returns the child, its address and the live log.
+pub fn spawn_and_wait_listening(mut cmd: Command) -> (Child, String, Arc<Mutex<String>>) {
+    cmd.stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .stdin(Stdio::null());
+    let mut child = cmd.spawn().expect("spawn roboger-server");
+    let log = Arc::new(Mutex::new(String::new()));
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    for stream in [
+        child
+            .stderr
+            .take()
+            .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+        child
+            .stdout
+            .take()
+            .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        let log = log.clone();
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                if let Some(i) = line.find("listening on ") {
+                    let addr = line[i + "listening on ".len()..]
+                        .split_whitespace()
+                        .next()
+                        .unwrap_or("")
+                        .to_string();
+                    let _ = tx.send(addr);
+                }
+                if let Ok(mut l) = log.lock() {
+                    l.push_str(&line);
+                    l.push('\n');
+                }
+            }
+        });
+    }
+    drop(tx);
+    match rx.recv_timeout(Duration::from_secs(30)) {
+        Ok(addr) => (child, addr, log),
+        Err(_) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            std::thread::sleep(Duration::from_millis(100));
+            panic!(
+                "server did not start:\n{}",
+                log.lock().map(|l| l.clone()).unwrap_or_default()
+            );
+        }
+    }
+}
+
+/// Runs the server binary to completion (for `check-config`, `migrate`,
+/// start-up failures); returns exit code, stdout and stderr.
+pub fn run_server_cmd(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    let mut cmd = Command::new(server_bin());
+    cmd.args(args)
+        .env_remove("ROBOGER_DB")
+        .env_remove("ROBOGER_MASTERKEY")
+        .env_remove("ROBOGER_CONFIG")
+        .stdin(Stdio::null());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("run roboger-server");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// An HTTP client for tests: no redirects, a short timeout.
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(Duration::from_secs(20))
+        .build()
+        .expect("reqwest client")
+}
+
+/// A response, read whole.
+#[derive(Debug)]
+pub struct Resp {
+    pub status: StatusCode,
+    pub headers: reqwest::header::HeaderMap,
+    pub text: String,
+}
+
+impl Resp {
+    async fn from(r: reqwest::Response) -> Resp {
+        let status = r.status();
+        let headers = r.headers().clone();
+        let text = r.text().await.unwrap_or_default();
+        Resp {
+            status,
+            headers,
+            text,
+        }
+    }
+
+    /// The body as JSON (panics with the body when it is not).
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.text)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.text))
+    }
+
+    /// A header's value as text.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+/// Asserts a response's status, printing its body when it differs.
+#[macro_export]
+macro_rules! assert_status {
+    ($resp:expr, $status:expr) => {{
+        let r = &$resp;
+        assert_eq!(
+            r.status.as_u16(),
+            $status,
+            "unexpected status; body: {:?}",
+            r.text
+        );
+    }};
+}

@@ -1,0 +1,1109 @@
+//! The management API end to end: the real server binary, every route and
+//! every error status, over HTTP. Runs on SQLite, and on PostgreSQL when
+//! `ROBOGER_TEST_PG` is set (tests/run does both).
+
+use roboger_tests::{KEY, Method, Server, ServerOptions, assert_status, json};
+
+const GET: Method = Method::GET;
+const POST: Method = Method::POST;
+const PATCH: Method = Method::PATCH;
+const DELETE: Method = Method::DELETE;
+
+fn with_plugins() -> ServerOptions {
+    ServerOptions {
+        plugins: vec!["webhook".into(), "chain".into(), "email".into()],
+        ..Default::default()
+    }
+}
+
+/// Creates an address and returns (id, a).
+async fn new_addr(s: &Server) -> (i64, String) {
+    let r = s.manage(POST, "/addr", None).await;
+    assert_status!(r, 201);
+    let j = r.json();
+    (
+        j["id"].as_i64().unwrap(),
+        j["a"].as_str().unwrap().to_string(),
+    )
+}
+
+async fn new_endpoint(s: &Server, addr: i64) -> i64 {
+    let r = s
+        .manage(
+            POST,
+            &format!("/addr/{addr}/endpoint"),
+            Some(json!({"plugin_name": "webhook", "config": {"url": "http://127.0.0.1:1/"}})),
+        )
+        .await;
+    assert_status!(r, 201);
+    r.json()["id"].as_i64().unwrap()
+}
+
+#[tokio::test]
+async fn ping_and_core_info() {
+    let s = Server::start().await;
+    assert_status!(s.request(GET, "/ping", None, &[], None).await, 204);
+    let r = s.manage(GET, "/core", None).await;
+    assert_status!(r, 200);
+    let j = r.json();
+    assert_eq!(j["ok"], true);
+    assert_eq!(j["master"], true);
+    assert_eq!(j["version"], env!("CARGO_PKG_VERSION"));
+    assert!(j.get("build").is_some());
+    // Unknown routes are 404 with a text body.
+    let r = s.request(GET, "/nowhere", None, &[], None).await;
+    assert_status!(r, 404);
+    assert!(!r.text.is_empty());
+    let r = s.manage(GET, "/nothing/here", None).await;
+    assert_status!(r, 404);
+}
+
+#[tokio::test]
+async fn authentication() {
+    let s = Server::start().await;
+    let r = s.request(GET, "/manage/v2/core", None, &[], None).await;
+    assert_status!(r, 401);
+    assert!(r.text.contains("X-Auth-Key"), "{}", r.text);
+    assert_status!(
+        s.request(GET, "/manage/v2/addr", Some("wrong"), &[], None)
+            .await,
+        403
+    );
+    assert_status!(
+        s.request(GET, "/manage/v2/addr", Some(""), &[], None).await,
+        403
+    );
+    // The key may come as the body field k instead of the header.
+    let r = s
+        .request(
+            POST,
+            "/manage/v2/addr",
+            None,
+            &[("Accept", "*/*")],
+            Some(json!({"k": KEY})),
+        )
+        .await;
+    assert_status!(r, 201);
+    let r = s
+        .request(
+            POST,
+            "/manage/v2/addr",
+            None,
+            &[],
+            Some(json!({"k": "nope"})),
+        )
+        .await;
+    assert_status!(r, 403);
+}
+
+#[tokio::test]
+async fn core_commands() {
+    let s = Server::start().await;
+    new_addr(&s).await;
+    for cmd in ["cleanup", "reset-addr-limits"] {
+        assert_status!(
+            s.manage(POST, "/core", Some(json!({"cmd": cmd}))).await,
+            204
+        );
+    }
+    assert_status!(
+        s.manage(POST, "/core", Some(json!({"cmd": "reboot"})))
+            .await,
+        405
+    );
+    assert_status!(s.manage(POST, "/core", Some(json!({}))).await, 400);
+    assert_status!(
+        s.manage(POST, "/core", Some(json!({"cmd": "cleanup", "x": 1})))
+            .await,
+        400
+    );
+    assert_status!(
+        s.manage(POST, "/core", Some(json!({"cmd": "delete-everything"})))
+            .await,
+        204
+    );
+    assert_eq!(s.manage(GET, "/addr", None).await.json(), json!([]));
+    // A wrong method on a known path is 405.
+    assert_status!(s.manage(DELETE, "/core", None).await, 405);
+}
+
+#[tokio::test]
+async fn plugin_list_is_sorted_with_the_original_fields() {
+    let s = Server::start_with(with_plugins()).await;
+    let r = s.manage(GET, "/plugin", None).await;
+    assert_status!(r, 200);
+    let list = r.json();
+    let names: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["plugin_name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["chain", "email", "webhook"]);
+    for p in list.as_array().unwrap() {
+        for f in ["version", "description", "url"] {
+            assert!(p.get(f).is_some(), "{p} lacks {f}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn addr_lifecycle() {
+    let s = Server::start().await;
+    let r = s.manage(POST, "/addr", None).await;
+    assert_status!(r, 201);
+    let a = r.json();
+    let (id, addr) = (
+        a["id"].as_i64().unwrap(),
+        a["a"].as_str().unwrap().to_string(),
+    );
+    assert_eq!(addr.len(), 64);
+    assert!(addr.chars().all(|c| c.is_ascii_alphanumeric()));
+    assert_eq!(a["active"], 1);
+    assert!(a.get("lim_c").is_none(), "no limits configured: {a}");
+    assert_eq!(
+        r.header("location").unwrap(),
+        format!("/manage/v2/addr/{addr}")
+    );
+
+    // Without a matching Accept the created resource is not sent.
+    let r = s
+        .request(
+            POST,
+            "/manage/v2/addr",
+            Some(KEY),
+            &[("Accept", "text/html")],
+            None,
+        )
+        .await;
+    assert_status!(r, 201);
+    assert!(r.text.is_empty());
+    assert!(r.header("location").is_some());
+    let r = s
+        .request(
+            POST,
+            "/manage/v2/addr",
+            Some(KEY),
+            &[("Accept", "application/roboger.addr+json")],
+            None,
+        )
+        .await;
+    assert_eq!(r.json()["active"], 1);
+    let r = s
+        .request(
+            POST,
+            "/manage/v2/addr",
+            Some(KEY),
+            &[("Accept", "application/*")],
+            None,
+        )
+        .await;
+    assert_eq!(r.json()["active"], 1);
+
+    // Get by id and by address; list by id.
+    assert_eq!(s.manage(GET, &format!("/addr/{id}"), None).await.json(), a);
+    assert_eq!(
+        s.manage(GET, &format!("/addr/{addr}"), None).await.json(),
+        a
+    );
+    let list = s.manage(GET, "/addr", None).await.json();
+    assert_eq!(list.as_array().unwrap().len(), 4);
+    assert_eq!(list[0], a);
+
+    // PATCH: disable, 204 without Accept, null means unchanged.
+    let r = s
+        .manage(PATCH, &format!("/addr/{id}"), Some(json!({"active": 0})))
+        .await;
+    assert_status!(r, 200);
+    assert_eq!(r.json()["active"], 0);
+    let r = s
+        .request(
+            PATCH,
+            &format!("/manage/v2/addr/{id}"),
+            Some(KEY),
+            &[("Accept", "text/plain")],
+            Some(json!({"active": 1})),
+        )
+        .await;
+    assert_status!(r, 204);
+    let r = s
+        .manage(
+            PATCH,
+            &format!("/addr/{id}"),
+            Some(json!({"active": null, "lim_c": 7})),
+        )
+        .await;
+    assert_status!(r, 200);
+    assert_eq!(r.json()["active"], 1);
+    assert_status!(
+        s.manage(PATCH, &format!("/addr/{id}"), Some(json!({"lim_s": 5})))
+            .await,
+        200
+    );
+    // Bad input: unknown field, protected field, wrong types.
+    let r = s
+        .manage(PATCH, &format!("/addr/{id}"), Some(json!({"colour": 1})))
+        .await;
+    assert_status!(r, 400);
+    assert!(r.text.contains("colour"), "{}", r.text);
+    let r = s
+        .manage(PATCH, &format!("/addr/{id}"), Some(json!({"a": "x"})))
+        .await;
+    assert_status!(r, 405);
+    assert!(r.text.contains("protected"));
+    assert_status!(
+        s.manage(PATCH, &format!("/addr/{id}"), Some(json!({"id": 9})))
+            .await,
+        405
+    );
+    assert_status!(
+        s.manage(
+            PATCH,
+            &format!("/addr/{id}"),
+            Some(json!({"active": "yes"}))
+        )
+        .await,
+        400
+    );
+    assert_status!(
+        s.manage(PATCH, &format!("/addr/{id}"), Some(json!({"lim_c": -3})))
+            .await,
+        400
+    );
+    assert_status!(
+        s.manage(PATCH, &format!("/addr/{id}"), Some(json!({"lim_c": 1.5})))
+            .await,
+        400
+    );
+    let r = s
+        .request(
+            PATCH,
+            &format!("/manage/v2/addr/{id}"),
+            Some(KEY),
+            &[("Content-Type", "application/json")],
+            None,
+        )
+        .await;
+    assert!(r.status.is_success());
+    let r = s
+        .http
+        .patch(s.url(&format!("/manage/v2/addr/{id}")))
+        .header("X-Auth-Key", KEY)
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    let r = s
+        .manage(PATCH, &format!("/addr/{id}"), Some(json!([1, 2])))
+        .await;
+    assert_status!(r, 400);
+
+    // Missing addresses.
+    assert_status!(s.manage(GET, "/addr/999999", None).await, 404);
+    assert_status!(
+        s.manage(GET, &format!("/addr/{}", "z".repeat(64)), None)
+            .await,
+        404
+    );
+    assert_status!(
+        s.manage(PATCH, "/addr/999999", Some(json!({"active": 1})))
+            .await,
+        404
+    );
+    assert_status!(s.manage(DELETE, "/addr/999999", None).await, 404);
+
+    // Delete.
+    assert_status!(s.manage(DELETE, &format!("/addr/{addr}"), None).await, 204);
+    assert_status!(s.manage(GET, &format!("/addr/{id}"), None).await, 404);
+}
+
+#[tokio::test]
+async fn addr_change() {
+    let s = Server::start().await;
+    let (id, old) = new_addr(&s).await;
+    let (_, other) = new_addr(&s).await;
+    let r = s
+        .manage(
+            POST,
+            &format!("/addr/{id}"),
+            Some(json!({"cmd": "change", "to": null})),
+        )
+        .await;
+    assert_status!(r, 301);
+    assert!(r.text.is_empty());
+    let loc = r.header("location").unwrap().to_string();
+    let new = loc.strip_prefix("/manage/v2/addr/").unwrap().to_string();
+    assert_eq!(new.len(), 64);
+    assert_ne!(new, old);
+    let r = s.request(GET, &loc, Some(KEY), &[], None).await;
+    assert_eq!(r.json()["a"], new);
+    assert_eq!(r.json()["id"], id);
+    assert_status!(s.manage(GET, &format!("/addr/{old}"), None).await, 404);
+
+    let mine = "m".repeat(64);
+    let r = s
+        .manage(
+            POST,
+            &format!("/addr/{new}"),
+            Some(json!({"cmd": "change", "to": mine})),
+        )
+        .await;
+    assert_status!(r, 301);
+    assert_eq!(
+        r.header("location").unwrap(),
+        format!("/manage/v2/addr/{mine}")
+    );
+    // Taken, wrong length, unsafe characters, unknown command, missing.
+    assert_status!(
+        s.manage(
+            POST,
+            &format!("/addr/{id}"),
+            Some(json!({"cmd": "change", "to": other}))
+        )
+        .await,
+        409
+    );
+    let r = s
+        .manage(
+            POST,
+            &format!("/addr/{id}"),
+            Some(json!({"cmd": "change", "to": "short"})),
+        )
+        .await;
+    assert_status!(r, 400);
+    assert!(r.text.contains("64"));
+    let slashy = format!("{}/", "a".repeat(63));
+    assert_status!(
+        s.manage(
+            POST,
+            &format!("/addr/{id}"),
+            Some(json!({"cmd": "change", "to": slashy}))
+        )
+        .await,
+        400
+    );
+    assert_status!(
+        s.manage(
+            POST,
+            &format!("/addr/{id}"),
+            Some(json!({"cmd": "explode"}))
+        )
+        .await,
+        405
+    );
+    assert_status!(
+        s.manage(POST, &format!("/addr/{id}"), Some(json!({"to": null})))
+            .await,
+        400
+    );
+    assert_status!(
+        s.manage(POST, "/addr/424242", Some(json!({"cmd": "change"})))
+            .await,
+        404
+    );
+}
+
+#[tokio::test]
+async fn endpoints() {
+    let s = Server::start_with(with_plugins()).await;
+    let (id, a) = new_addr(&s).await;
+    let (other_id, _) = new_addr(&s).await;
+
+    let r = s
+        .manage(POST, &format!("/addr/{a}/endpoint"), Some(json!({"plugin_name": "webhook", "config": {"url": "http://x/"}, "description": "hook"})))
+        .await;
+    assert_status!(r, 201);
+    let ep = r.json();
+    let ep_id = ep["id"].as_i64().unwrap();
+    assert_eq!(
+        r.header("location").unwrap(),
+        format!("/manage/v2/addr/{a}/endpoint/{ep_id}")
+    );
+    assert_eq!(
+        ep,
+        json!({"id": ep_id, "addr_id": id, "plugin_name": "webhook", "config": {"url": "http://x/"}, "active": 1, "description": "hook"})
+    );
+    // robogerctl creates with a null description and an empty config.
+    let r = s
+        .manage(
+            POST,
+            &format!("/addr/{id}/endpoint"),
+            Some(json!({"plugin_name": "email", "config": {}, "description": null})),
+        )
+        .await;
+    assert_status!(r, 201);
+    assert_eq!(r.json()["description"], json!(null));
+    let r = s
+        .manage(
+            POST,
+            &format!("/addr/{id}/endpoint"),
+            Some(json!({"plugin_name": "chain"})),
+        )
+        .await;
+    assert_eq!(r.json()["config"], json!({}));
+
+    // Creation errors.
+    let r = s
+        .manage(
+            POST,
+            &format!("/addr/{id}/endpoint"),
+            Some(json!({"plugin_name": "carrier-pigeon"})),
+        )
+        .await;
+    assert_status!(r, 404);
+    assert!(r.text.contains("carrier-pigeon"));
+    assert_status!(
+        s.manage(
+            POST,
+            "/addr/777777/endpoint",
+            Some(json!({"plugin_name": "webhook"}))
+        )
+        .await,
+        404
+    );
+    assert_status!(
+        s.manage(POST, &format!("/addr/{id}/endpoint"), Some(json!({})))
+            .await,
+        400
+    );
+    assert_status!(
+        s.manage(
+            POST,
+            &format!("/addr/{id}/endpoint"),
+            Some(json!({"plugin_name": "webhook", "config": "x"}))
+        )
+        .await,
+        400
+    );
+    assert_status!(
+        s.manage(
+            POST,
+            &format!("/addr/{id}/endpoint"),
+            Some(json!({"plugin_name": "webhook", "colour": 1}))
+        )
+        .await,
+        400
+    );
+    let long = "d".repeat(256);
+    let r = s
+        .manage(
+            POST,
+            &format!("/addr/{id}/endpoint"),
+            Some(json!({"plugin_name": "webhook", "description": long})),
+        )
+        .await;
+    assert_status!(r, 400);
+    assert!(r.text.contains("255"));
+
+    // List and get; wrong parent is 404, non-integer id 400.
+    let list = s
+        .manage(GET, &format!("/addr/{id}/endpoint"), None)
+        .await
+        .json();
+    assert_eq!(list.as_array().unwrap().len(), 3);
+    assert_eq!(list[0], ep);
+    assert_eq!(
+        s.manage(GET, &format!("/addr/{id}/endpoint/{ep_id}"), None)
+            .await
+            .json(),
+        ep
+    );
+    assert_status!(
+        s.manage(GET, &format!("/addr/{other_id}/endpoint/{ep_id}"), None)
+            .await,
+        404
+    );
+    assert_status!(
+        s.manage(GET, &format!("/addr/{id}/endpoint/999999"), None)
+            .await,
+        404
+    );
+    let r = s
+        .manage(GET, &format!("/addr/{id}/endpoint/abc"), None)
+        .await;
+    assert_status!(r, 400);
+    assert!(r.text.contains("integer"));
+    assert_status!(s.manage(GET, "/addr/555555/endpoint", None).await, 404);
+
+    // PATCH.
+    let r = s
+        .manage(
+            PATCH,
+            &format!("/addr/{id}/endpoint/{ep_id}"),
+            Some(json!({"config": {"url": "http://y/"}, "active": 0, "description": null})),
+        )
+        .await;
+    assert_status!(r, 200);
+    let j = r.json();
+    assert_eq!(
+        (
+            j["config"]["url"].as_str(),
+            j["active"].as_i64(),
+            j["description"].is_null()
+        ),
+        (Some("http://y/"), Some(0), true)
+    );
+    // null config and active mean unchanged (robogerctl apply sends them).
+    let r = s
+        .manage(
+            PATCH,
+            &format!("/addr/{id}/endpoint/{ep_id}"),
+            Some(json!({"config": null, "active": null, "description": "again"})),
+        )
+        .await;
+    let j = r.json();
+    assert_eq!(
+        (
+            j["config"]["url"].as_str(),
+            j["active"].as_i64(),
+            j["description"].as_str()
+        ),
+        (Some("http://y/"), Some(0), Some("again"))
+    );
+    for f in ["id", "addr_id", "plugin_name"] {
+        let r = s
+            .manage(
+                PATCH,
+                &format!("/addr/{id}/endpoint/{ep_id}"),
+                Some(json!({f: 1})),
+            )
+            .await;
+        assert_status!(r, 405);
+        assert!(r.text.contains(f));
+    }
+    assert_status!(
+        s.manage(
+            PATCH,
+            &format!("/addr/{id}/endpoint/{ep_id}"),
+            Some(json!({"skipdups": 1}))
+        )
+        .await,
+        400
+    );
+    assert_status!(
+        s.manage(
+            PATCH,
+            &format!("/addr/{id}/endpoint/{ep_id}"),
+            Some(json!({"config": [1]}))
+        )
+        .await,
+        400
+    );
+    assert_status!(
+        s.manage(
+            PATCH,
+            &format!("/addr/{other_id}/endpoint/{ep_id}"),
+            Some(json!({"active": 1}))
+        )
+        .await,
+        404
+    );
+    let r = s
+        .request(
+            PATCH,
+            &format!("/manage/v2/addr/{id}/endpoint/{ep_id}"),
+            Some(KEY),
+            &[("Accept", "text/plain")],
+            Some(json!({"active": 1})),
+        )
+        .await;
+    assert_status!(r, 204);
+
+    // Unknown endpoint command.
+    assert_status!(
+        s.manage(
+            POST,
+            &format!("/addr/{id}/endpoint/{ep_id}"),
+            Some(json!({"cmd": "fly"}))
+        )
+        .await,
+        405
+    );
+
+    // DELETE.
+    assert_status!(
+        s.manage(DELETE, &format!("/addr/{other_id}/endpoint/{ep_id}"), None)
+            .await,
+        404
+    );
+    assert_status!(
+        s.manage(DELETE, &format!("/addr/{id}/endpoint/{ep_id}"), None)
+            .await,
+        204
+    );
+    assert_status!(
+        s.manage(GET, &format!("/addr/{id}/endpoint/{ep_id}"), None)
+            .await,
+        404
+    );
+}
+
+#[tokio::test]
+async fn subscriptions() {
+    let s = Server::start_with(with_plugins()).await;
+    let (id, a) = new_addr(&s).await;
+    let ep = new_endpoint(&s, id).await;
+    let ep2 = new_endpoint(&s, id).await;
+    let base = format!("/addr/{id}/endpoint/{ep}/subscription");
+
+    // Defaults: any location/tag/sender, level 20, ge.
+    let r = s.manage(POST, &base, Some(json!({}))).await;
+    assert_status!(r, 201);
+    let sub = r.json();
+    let sid = sub["id"].as_i64().unwrap();
+    assert_eq!(
+        sub,
+        json!({"id": sid, "addr_id": id, "endpoint_id": ep, "active": 1, "location": null, "tag": null, "sender": null, "level": 20, "level_match": "ge"})
+    );
+    assert_eq!(
+        r.header("location").unwrap(),
+        format!("/manage/v2{base}/{sid}")
+    );
+    // robogerctl creates with every field null.
+    let r = s
+        .manage(POST, &format!("/addr/{a}/endpoint/{ep}/subscription"), Some(json!({"location": null, "tag": null, "sender": null, "level": null, "level_match": null})))
+        .await;
+    assert_status!(r, 201);
+    assert_eq!(
+        (r.json()["level"].as_i64(), r.json()["level_match"].as_str()),
+        (Some(20), Some("ge"))
+    );
+    // Levels go through convert_level; gt/lt are aliases.
+    let r = s.manage(POST, &base, Some(json!({"level": "warning", "level_match": "gt", "location": "lab", "tag": "t", "sender": "bot"}))).await;
+    let j = r.json();
+    assert_eq!(
+        (
+            j["level"].as_i64(),
+            j["level_match"].as_str(),
+            j["location"].as_str()
+        ),
+        (Some(30), Some("g"), Some("lab"))
+    );
+    let r = s
+        .manage(POST, &base, Some(json!({"level": 50, "level_match": "lt"})))
+        .await;
+    assert_eq!(
+        (r.json()["level"].as_i64(), r.json()["level_match"].as_str()),
+        (Some(50), Some("l"))
+    );
+    let r = s.manage(POST, &base, Some(json!({"level": "Crit"}))).await;
+    assert_eq!(r.json()["level"], 50);
+
+    // Bad input.
+    let r = s
+        .manage(POST, &base, Some(json!({"level_match": "eq"})))
+        .await;
+    assert_status!(r, 400);
+    assert!(r.text.contains("level_match"));
+    assert_status!(
+        s.manage(POST, &base, Some(json!({"level": [1]}))).await,
+        400
+    );
+    assert_status!(
+        s.manage(POST, &base, Some(json!({"tag": "x".repeat(256)})))
+            .await,
+        400
+    );
+    assert_status!(s.manage(POST, &base, Some(json!({"tag": 5}))).await, 400);
+    assert_status!(
+        s.manage(POST, &base, Some(json!({"keywords": "x"}))).await,
+        400
+    );
+    assert_status!(
+        s.manage(
+            POST,
+            &format!("/addr/{id}/endpoint/999999/subscription"),
+            Some(json!({}))
+        )
+        .await,
+        404
+    );
+
+    // List, get, wrong parents.
+    let list = s.manage(GET, &base, None).await.json();
+    assert_eq!(list.as_array().unwrap().len(), 5);
+    assert_eq!(list[0], sub);
+    assert_eq!(
+        s.manage(GET, &format!("{base}/{sid}"), None).await.json(),
+        sub
+    );
+    assert_status!(
+        s.manage(
+            GET,
+            &format!("/addr/{id}/endpoint/{ep2}/subscription/{sid}"),
+            None
+        )
+        .await,
+        404
+    );
+    let (other, _) = new_addr(&s).await;
+    assert_status!(
+        s.manage(
+            GET,
+            &format!("/addr/{other}/endpoint/{ep}/subscription/{sid}"),
+            None
+        )
+        .await,
+        404
+    );
+    assert_status!(s.manage(GET, &format!("{base}/x1"), None).await, 400);
+
+    // PATCH: null is unchanged for level/level_match/active; "" clears filters.
+    let r = s
+        .manage(
+            PATCH,
+            &format!("{base}/{sid}"),
+            Some(json!({"location": "lab", "level": "e", "level_match": "le"})),
+        )
+        .await;
+    let j = r.json();
+    assert_eq!(
+        (
+            j["location"].as_str(),
+            j["level"].as_i64(),
+            j["level_match"].as_str()
+        ),
+        (Some("lab"), Some(40), Some("le"))
+    );
+    let r = s
+        .manage(PATCH, &format!("{base}/{sid}"), Some(json!({"location": "", "tag": null, "sender": null, "level": null, "level_match": null, "active": null})))
+        .await;
+    let j = r.json();
+    assert_eq!(
+        (
+            j["location"].is_null(),
+            j["level"].as_i64(),
+            j["level_match"].as_str(),
+            j["active"].as_i64()
+        ),
+        (true, Some(40), Some("le"), Some(1))
+    );
+    assert_status!(
+        s.manage(PATCH, &format!("{base}/{sid}"), Some(json!({"active": 0})))
+            .await,
+        200
+    );
+    for f in ["id", "endpoint_id", "addr_id"] {
+        assert_status!(
+            s.manage(PATCH, &format!("{base}/{sid}"), Some(json!({f: 1})))
+                .await,
+            405
+        );
+    }
+    assert_status!(
+        s.manage(
+            PATCH,
+            &format!("{base}/{sid}"),
+            Some(json!({"level_match": "x"}))
+        )
+        .await,
+        400
+    );
+    assert_status!(
+        s.manage(
+            PATCH,
+            &format!("/addr/{id}/endpoint/{ep2}/subscription/{sid}"),
+            Some(json!({"active": 1}))
+        )
+        .await,
+        404
+    );
+
+    // Subscriptions have no commands.
+    assert_status!(
+        s.manage(POST, &format!("{base}/{sid}"), Some(json!({"cmd": "x"})))
+            .await,
+        405
+    );
+    assert_status!(
+        s.manage(POST, &format!("{base}/999999"), Some(json!({"cmd": "x"})))
+            .await,
+        404
+    );
+
+    // DELETE.
+    assert_status!(
+        s.manage(
+            DELETE,
+            &format!("/addr/{id}/endpoint/{ep2}/subscription/{sid}"),
+            None
+        )
+        .await,
+        404
+    );
+    assert_status!(s.manage(DELETE, &format!("{base}/{sid}"), None).await, 204);
+    assert_status!(s.manage(GET, &format!("{base}/{sid}"), None).await, 404);
+}
+
+#[tokio::test]
+async fn copysub_and_cascades() {
+    let s = Server::start_with(with_plugins()).await;
+    let (id, _) = new_addr(&s).await;
+    let (other, _) = new_addr(&s).await;
+    let src = new_endpoint(&s, id).await;
+    let dst = new_endpoint(&s, id).await;
+    let foreign = new_endpoint(&s, other).await;
+    for (lvl, m) in [(10, "e"), (40, "ge")] {
+        s.manage(
+            POST,
+            &format!("/addr/{id}/endpoint/{src}/subscription"),
+            Some(json!({"level": lvl, "level_match": m, "tag": "t"})),
+        )
+        .await;
+    }
+    s.manage(
+        PATCH,
+        &format!("/addr/{id}/endpoint/{src}/subscription/1"),
+        Some(json!({"active": 0})),
+    )
+    .await;
+    s.manage(
+        POST,
+        &format!("/addr/{id}/endpoint/{dst}/subscription"),
+        Some(json!({"sender": "old"})),
+    )
+    .await;
+
+    let r = s
+        .manage(
+            POST,
+            &format!("/addr/{id}/endpoint/{src}"),
+            Some(json!({"cmd": "copysub", "target": dst})),
+        )
+        .await;
+    assert_status!(r, 204);
+    let subs = s
+        .manage(
+            GET,
+            &format!("/addr/{id}/endpoint/{dst}/subscription"),
+            None,
+        )
+        .await
+        .json();
+    let got: Vec<(i64, String, i64)> = subs
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| {
+            (
+                x["level"].as_i64().unwrap(),
+                x["level_match"].as_str().unwrap().to_string(),
+                x["active"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (20, "ge".into(), 1),
+            (10, "e".into(), 1),
+            (40, "ge".into(), 1)
+        ]
+    );
+
+    let r = s
+        .manage(
+            POST,
+            &format!("/addr/{id}/endpoint/{src}"),
+            Some(json!({"cmd": "copysub", "target": dst.to_string(), "replace": true})),
+        )
+        .await;
+    assert_status!(r, 204);
+    let subs = s
+        .manage(
+            GET,
+            &format!("/addr/{id}/endpoint/{dst}/subscription"),
+            None,
+        )
+        .await
+        .json();
+    assert_eq!(subs.as_array().unwrap().len(), 2);
+    assert!(
+        subs.as_array()
+            .unwrap()
+            .iter()
+            .all(|x| x["sender"].is_null())
+    );
+
+    // The target must belong to the same address.
+    assert_status!(
+        s.manage(
+            POST,
+            &format!("/addr/{id}/endpoint/{src}"),
+            Some(json!({"cmd": "copysub", "target": foreign}))
+        )
+        .await,
+        404
+    );
+    assert_status!(
+        s.manage(
+            POST,
+            &format!("/addr/{id}/endpoint/{src}"),
+            Some(json!({"cmd": "copysub", "target": "x"}))
+        )
+        .await,
+        400
+    );
+    assert_status!(
+        s.manage(
+            POST,
+            &format!("/addr/{id}/endpoint/{src}"),
+            Some(json!({"cmd": "copysub"}))
+        )
+        .await,
+        400
+    );
+    assert_status!(
+        s.manage(
+            POST,
+            &format!("/addr/{other}/endpoint/{src}"),
+            Some(json!({"cmd": "copysub", "target": dst}))
+        )
+        .await,
+        404
+    );
+
+    // Deleting an endpoint deletes its subscriptions; deleting an address
+    // deletes its endpoints (ids are not reused, so a lookup by the old
+    // ids through a new address proves nothing was left behind).
+    assert_status!(
+        s.manage(DELETE, &format!("/addr/{id}/endpoint/{dst}"), None)
+            .await,
+        204
+    );
+    assert_status!(
+        s.manage(
+            GET,
+            &format!("/addr/{id}/endpoint/{dst}/subscription"),
+            None
+        )
+        .await,
+        404
+    );
+    assert_status!(s.manage(DELETE, &format!("/addr/{id}"), None).await, 204);
+    assert_status!(
+        s.manage(GET, &format!("/addr/{id}/endpoint/{src}"), None)
+            .await,
+        404
+    );
+    assert_eq!(
+        s.manage(GET, &format!("/addr/{other}/endpoint"), None)
+            .await
+            .json()
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+}
+
+#[tokio::test]
+async fn limits_fields_appear_when_limits_are_configured() {
+    let s = Server::start_with(ServerOptions {
+        yaml: "limits:\n  period: hour\n  reserve: 10\n".into(),
+        ..Default::default()
+    })
+    .await;
+    let (id, _) = new_addr(&s).await;
+    let a = s.manage(GET, &format!("/addr/{id}"), None).await.json();
+    assert_eq!(
+        (a["lim_c"].as_i64(), a["lim_s"].as_i64()),
+        (Some(100), Some(10_000_000))
+    );
+    let a = s
+        .manage(PATCH, &format!("/addr/{id}"), Some(json!({"lim_c": 3})))
+        .await
+        .json();
+    assert_eq!(
+        (a["lim_c"].as_i64(), a["lim_s"].as_i64()),
+        (Some(3), Some(10_000_000))
+    );
+    let list = s.manage(GET, "/addr", None).await.json();
+    assert_eq!(list[0]["lim_c"], 3);
+}
+
+#[tokio::test]
+async fn master_allow_and_ip_header() {
+    let s = start_with_allow("['10.0.0.0/8', '192.168.1.7']").await;
+    // The socket peer is 127.0.0.1: not allowed, even with the right key.
+    let r = s
+        .request(GET, "/manage/v2/core", Some(KEY), &[], None)
+        .await;
+    assert_status!(r, 403);
+    // With ip-header the client's real IP decides.
+    assert_status!(
+        s.request(
+            GET,
+            "/manage/v2/core",
+            Some(KEY),
+            &[("X-Real-IP", "10.20.30.40")],
+            None
+        )
+        .await,
+        200
+    );
+    assert_status!(
+        s.request(
+            GET,
+            "/manage/v2/core",
+            Some(KEY),
+            &[("X-Real-IP", "192.168.1.7")],
+            None
+        )
+        .await,
+        200
+    );
+    assert_status!(
+        s.request(
+            GET,
+            "/manage/v2/core",
+            Some(KEY),
+            &[("X-Real-IP", "192.168.1.8")],
+            None
+        )
+        .await,
+        403
+    );
+    assert_status!(
+        s.request(
+            GET,
+            "/manage/v2/core",
+            Some("bad"),
+            &[("X-Real-IP", "10.0.0.1")],
+            None
+        )
+        .await,
+        403
+    );
+    // Push and ping stay public.
+    assert_status!(s.request(GET, "/ping", None, &[], None).await, 204);
+
+    let s = start_with_allow("['127.0.0.0/8']").await;
+    assert_status!(
+        s.request(GET, "/manage/v2/core", Some(KEY), &[], None)
+            .await,
+        200
+    );
+    assert_status!(
+        s.request(GET, "/manage/v2/core", None, &[], None).await,
+        401
+    );
+}
+
+async fn start_with_allow(allow: &str) -> Server {
+    Server::start_with(ServerOptions {
+        yaml: "ip-header: X-Real-IP\n".into(),
+        master_yaml: format!("allow: {allow}\n"),
+        ..Default::default()
+    })
+    .await
+}
+
+#[tokio::test]
+async fn oversized_bodies_are_413() {
+    let s = Server::start().await;
+    let big = "x".repeat(2 * 1024 * 1024);
+    let r = s.manage(POST, "/core", Some(json!({"cmd": big}))).await;
+    assert_status!(r, 413);
+}
