@@ -274,11 +274,12 @@ pub fn spawn_and_wait_listening(mut cmd: Command) -> (Child, String, Arc<Mutex<S
         std::thread::spawn(move || {
             for line in BufReader::new(stream).lines().map_while(Result::ok) {
                 if let Some(i) = line.find("listening on ") {
-                    let addr = line[i + "listening on ".len()..]
-                        .split_whitespace()
-                        .next()
-                        .unwrap_or("")
-                        .to_string();
+                    let addr: String = line[i + "listening on ".len()..]
+                        .chars()
+                        .take_while(|c| {
+                            c.is_ascii_alphanumeric() || matches!(c, '.' | ':' | '[' | ']')
+                        })
+                        .collect();
                     let _ = tx.send(addr);
                 }
                 if let Ok(mut l) = log.lock() {

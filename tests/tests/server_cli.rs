@@ -1,0 +1,290 @@
+//! The server binary as an operator meets it: the embedded default, the
+//! original's config files, strict config errors, the subcommands, logs
+//! and shutdown.
+
+use std::process::Command;
+
+use roboger_tests::{
+    Method, assert_status, client, run_server_cmd, server_bin, spawn_and_wait_listening,
+};
+
+fn write(dir: &std::path::Path, name: &str, text: &str) -> std::path::PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+async fn core_status(base: &str, key: &str) -> u16 {
+    client()
+        .get(format!("{base}/manage/v2/core"))
+        .header("X-Auth-Key", key)
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+#[tokio::test]
+async fn embedded_default_generates_prints_and_reuses_the_master_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let start = || {
+        let mut cmd = Command::new(server_bin());
+        cmd.args(["--listen", "127.0.0.1:0"])
+            .env("ROBOGER_DATA_DIR", &data)
+            .env_remove("ROBOGER_CONFIG")
+            .env_remove("ROBOGER_DB")
+            .env_remove("ROBOGER_MASTERKEY");
+        spawn_and_wait_listening(cmd)
+    };
+    let (mut child, addr, log) = start();
+    let key = std::fs::read_to_string(data.join("master.key"))
+        .unwrap()
+        .trim()
+        .to_string();
+    assert!(key.len() >= 32, "weak key {key:?}");
+    {
+        let log = log.lock().unwrap();
+        assert!(log.contains(&key), "the key is printed once: {log}");
+        assert!(
+            log.contains(&data.join("master.key").display().to_string()),
+            "with its path: {log}"
+        );
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(data.join("master.key"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    assert!(
+        data.join("roboger.db").is_file(),
+        "SQLite database in the data dir"
+    );
+    let base = format!("http://{addr}");
+    assert_eq!(core_status(&base, &key).await, 200);
+    let r = client()
+        .post(format!("{base}/manage/v2/addr"))
+        .header("X-Auth-Key", &key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 201);
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    // The next start reuses the key and the data, and does not print it.
+    let (mut child, addr, log) = start();
+    let base = format!("http://{addr}");
+    assert!(!log.lock().unwrap().contains(&key));
+    assert_eq!(core_status(&base, &key).await, 200);
+    let list: serde_json::Value = client()
+        .get(format!("{base}/manage/v2/addr"))
+        .header("X-Auth-Key", &key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list.as_array().unwrap().len(), 1);
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+#[tokio::test]
+async fn an_original_config_file_starts_unchanged() {
+    let dir = tempfile::tempdir().unwrap();
+    let keyfile = write(dir.path(), "key", "from-a-file\n");
+    let cfg = format!(
+        "roboger:
+  db: sqlite:///{db}
+  url: http://localhost:7719
+  log-tracebacks: true
+  secure-mode: false
+  thread-pool-size: 20
+  db-pool-size: 2
+  timeout: 5
+  api-doc: /
+  bucket:
+    default-expires: 86400
+  master:
+    key: {key}
+    allow: ['127.0.0.1']
+  plugins:
+    - name: webhook
+    - name: email
+      config:
+        smtp:
+          host: localhost
+  gunicorn:
+    listen: 127.0.0.1:0
+    start-failure-delay: 1
+    extra-options: -w 1 --threads 8
+",
+        db = dir.path().join("r.db").display(),
+        key = keyfile.display()
+    );
+    let path = write(dir.path(), "roboger.yml", &cfg);
+    let mut cmd = Command::new(server_bin());
+    cmd.env("ROBOGER_CONFIG", &path)
+        .env_remove("ROBOGER_DB")
+        .env_remove("ROBOGER_MASTERKEY");
+    let (mut child, addr, log) = spawn_and_wait_listening(cmd);
+    let base = format!("http://{addr}");
+    assert_eq!(core_status(&base, "from-a-file").await, 200);
+    let log_text = log.lock().unwrap().clone();
+    for ignored in [
+        "thread-pool-size",
+        "secure-mode",
+        "gunicorn.start-failure-delay",
+    ] {
+        assert!(
+            log_text.contains(ignored),
+            "a log line names {ignored}: {log_text}"
+        );
+    }
+    // The API documentation is served at api-doc.
+    let r = client()
+        .get(format!("{base}/openapi.yaml"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    assert!(r.text().await.unwrap().contains("/manage/v2/addr"));
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    // ROBOGER_MASTERKEY and ROBOGER_DB override the file.
+    let mut cmd = Command::new(server_bin());
+    cmd.env("ROBOGER_CONFIG", &path)
+        .env("ROBOGER_MASTERKEY", "from-env")
+        .env(
+            "ROBOGER_DB",
+            format!("sqlite:///{}", dir.path().join("other.db").display()),
+        );
+    let (mut child, addr, _log) = spawn_and_wait_listening(cmd);
+    let base = format!("http://{addr}");
+    assert_eq!(core_status(&base, "from-env").await, 200);
+    assert_eq!(core_status(&base, "from-a-file").await, 403);
+    assert!(dir.path().join("other.db").is_file());
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+#[test]
+fn bad_configs_are_refused_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        ("roboger:\n  master:\n    key: k\n  colour: red\n", "colour"),
+        (
+            "roboger:\n  master:\n    key: k\n  timeout: soon\n",
+            "roboger.timeout",
+        ),
+        (
+            "roboger:\n  master:\n    key: k\n  url: 'not a url'\n",
+            "roboger.url",
+        ),
+        (
+            "roboger:\n  master:\n    key: k\n  db: 'oracle://db'\n",
+            "roboger.db",
+        ),
+        (
+            "roboger:\n  master:\n    key: k\n    allow: ['300.1.1.1']\n",
+            "roboger.master.allow[0]",
+        ),
+        (
+            "roboger:\n  master:\n    key: k\n  limits:\n    period: fortnight\n",
+            "roboger.limits.period",
+        ),
+        (
+            "roboger:\n  master:\n    key: k\n  plugins:\n    - name: webhook\n      confg: {}\n",
+            "confg",
+        ),
+        (
+            "roboger:\n  master:\n    key: k\n  listen: 'nowhere:port'\n",
+            "roboger.listen",
+        ),
+        ("robogerr:\n  db: x\n", "robogerr"),
+    ];
+    for (i, (yaml, key)) in cases.iter().enumerate() {
+        let p = write(dir.path(), &format!("bad{i}.yml"), yaml);
+        let (code, _out, err) = run_server_cmd(
+            &["--config", p.to_str().unwrap(), "check-config"],
+            &[("ROBOGER_DATA_DIR", dir.path().to_str().unwrap())],
+        );
+        assert_eq!(code, 2, "{yaml}: {err}");
+        assert!(
+            err.contains(key),
+            "error for {yaml:?} should name {key}: {err}"
+        );
+        // serve refuses it the same way, without starting.
+        let (code, _, err) = run_server_cmd(
+            &["--config", p.to_str().unwrap()],
+            &[("ROBOGER_DATA_DIR", dir.path().to_str().unwrap())],
+        );
+        assert_eq!(code, 2, "{err}");
+    }
+    let (code, _, err) = run_server_cmd(
+        &["--config", "/nonexistent/roboger.yml", "check-config"],
+        &[],
+    );
+    assert_eq!(code, 2);
+    assert!(err.contains("/nonexistent/roboger.yml"), "{err}");
+}
+
+#[test]
+fn subcommands_and_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("m.db");
+    let p = write(
+        dir.path(),
+        "r.yml",
+        &format!(
+            "roboger:\n  db: sqlite:///{}\n  master:\n    key: k\n  plugins:\n    - name: webhook\n",
+            db.display()
+        ),
+    );
+    let (code, out, err) = run_server_cmd(&["--config", p.to_str().unwrap(), "check-config"], &[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("configuration OK") && out.contains("webhook"),
+        "{out}"
+    );
+    assert!(!db.exists(), "check-config touches no database");
+    let (code, _, err) = run_server_cmd(&["--config", p.to_str().unwrap(), "migrate"], &[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(db.is_file());
+    assert!(err.contains("migrations applied"), "{err}");
+    let (code, out, _) = run_server_cmd(&["--version"], &[]);
+    assert_eq!(code, 0);
+    assert!(out.contains(env!("CARGO_PKG_VERSION")));
+    let (code, _, err) = run_server_cmd(&["frobnicate"], &[]);
+    assert_ne!(code, 0);
+    assert!(err.contains("frobnicate"));
+}
+
+#[tokio::test]
+async fn json_logs_and_graceful_sigterm() {
+    let mut s = roboger_tests::Server::start_with(roboger_tests::ServerOptions::default()).await;
+    assert_status!(s.request(Method::GET, "/ping", None, &[], None).await, 204);
+    let status = s.terminate();
+    assert!(status.success(), "exit after SIGTERM: {status:?}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = Command::new(server_bin());
+    cmd.args(["--log-format", "json", "--listen", "127.0.0.1:0"])
+        .env("ROBOGER_DATA_DIR", dir.path())
+        .env_remove("ROBOGER_CONFIG");
+    let (mut child, _addr, log) = spawn_and_wait_listening(cmd);
+    let text = log.lock().unwrap().clone();
+    let json_lines = text
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("each log line is JSON"))
+        .count();
+    assert!(json_lines >= 2, "{text}");
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
