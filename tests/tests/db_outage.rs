@@ -1,0 +1,79 @@
+//! What users see while the database does not answer: `/ping` and the
+//! management API say 503 (within the configured timeout), and both
+//! recover by themselves when the database is back.
+//!
+//! It freezes the whole PostgreSQL server (SIGSTOP), so it must not run
+//! beside other tests: it is ignored by default and `tests/run` runs it
+//! alone, passing the server's data directory in `ROBOGER_TEST_PGDATA`.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use roboger_tests::{Method, Server, assert_status};
+
+/// The postmaster and every backend of the test PostgreSQL server.
+fn pg_pids(data: &str) -> Vec<String> {
+    let pidfile =
+        std::fs::read_to_string(format!("{data}/postmaster.pid")).expect("postmaster.pid");
+    let main = pidfile.lines().next().expect("pid line").trim().to_string();
+    let out = Command::new("pgrep")
+        .args(["-P", &main])
+        .output()
+        .expect("pgrep");
+    let mut pids = vec![main];
+    pids.extend(
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_string),
+    );
+    pids
+}
+
+fn signal(pids: &[String], sig: &str) {
+    let ok = Command::new("kill")
+        .arg(sig)
+        .args(pids)
+        .status()
+        .expect("kill")
+        .success();
+    assert!(ok, "kill {sig} {pids:?}");
+}
+
+#[tokio::test]
+#[ignore = "freezes the shared PostgreSQL server; tests/run runs it alone"]
+async fn ping_and_api_answer_503_while_the_database_is_frozen() {
+    let data =
+        std::env::var("ROBOGER_TEST_PGDATA").expect("ROBOGER_TEST_PGDATA (run through tests/run)");
+    assert!(roboger_tests::on_postgres(), "ROBOGER_TEST_PG must be set");
+    let s = Server::start().await;
+    assert_status!(s.request(Method::GET, "/ping", None, &[], None).await, 204);
+    assert_status!(s.manage(Method::POST, "/addr", None).await, 201);
+
+    let pids = pg_pids(&data);
+    signal(&pids, "-STOP");
+    let t = Instant::now();
+    let ping = s.request(Method::GET, "/ping", None, &[], None).await;
+    let api = s.manage(Method::GET, "/addr", None).await;
+    signal(&pids, "-CONT");
+    assert_status!(ping, 503);
+    assert_status!(api, 503);
+    assert!(!api.text.is_empty());
+    // timeout is 2 s in the test config: ping 2 s, the API call at most 4 s.
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "answers came after {:?}",
+        t.elapsed()
+    );
+
+    // Back to normal without a restart.
+    let end = Instant::now() + Duration::from_secs(20);
+    loop {
+        let r = s.request(Method::GET, "/ping", None, &[], None).await;
+        if r.status.as_u16() == 204 {
+            break;
+        }
+        assert!(Instant::now() < end, "ping did not recover: {}", r.status);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_status!(s.manage(Method::GET, "/addr", None).await, 200);
+}
