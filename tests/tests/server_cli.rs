@@ -290,3 +290,55 @@ async fn json_logs_and_graceful_sigterm() {
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+#[test]
+fn systemd_unit_verifies() {
+    let unit = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../systemd/roboger-server.service"
+    ))
+    .unwrap();
+    for needed in [
+        "DynamicUser=yes",
+        "StateDirectory=roboger",
+        "Restart=on-failure",
+        "ProtectSystem=strict",
+        "NoNewPrivileges=yes",
+    ] {
+        assert!(unit.contains(needed), "unit lacks {needed}");
+    }
+    let available = Command::new("systemd-analyze")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !available {
+        assert!(
+            std::env::var_os("ROBOGER_TEST_REQUIRE_ALL").is_none(),
+            "systemd-analyze is missing; tests/run installs it"
+        );
+        eprintln!("SKIPPED: systemd-analyze is not installed");
+        return;
+    }
+    // Verify the unit as shipped, pointed at the binary we built.
+    let dir = tempfile::tempdir().unwrap();
+    let unit = unit.replace(
+        "/usr/local/bin/roboger-server",
+        server_bin().to_str().unwrap(),
+    );
+    let path = write(dir.path(), "roboger-server.service", &unit);
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&path)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "systemd-analyze verify failed: {err}");
+    let complaints: Vec<&str> = err
+        .lines()
+        .filter(|l| l.contains("roboger-server.service"))
+        .collect();
+    assert!(
+        complaints.is_empty(),
+        "systemd-analyze complains: {complaints:?}"
+    );
+}
