@@ -5,8 +5,41 @@
 //! to with JSON-RPC 2.0 over stdin/stdout. This crate owns the definitions
 //! both sides use, so the protocol is written down exactly once:
 //!
-//! * [`protocol`]: wire types (event levels today; messages and the
-//!   handshake as the protocol grows).
+//! * [`protocol`]: wire types, the handshake manifest, and each
+//!   direction's methods as `#[rpc(server, client)]` traits;
+//! * [`rpc`]: the [`rpc::Peer`] that runs JSON-RPC both ways over one
+//!   pair of streams;
+//! * [`plugin`]: the [`Plugin`] trait and [`run`], all a plugin needs.
+//!
+//! # A complete plugin
+//!
+//! ```no_run
+//! use roboger_plugin_sdk::{Event, Host, Info, Plugin, PluginError, run};
+//!
+//! struct Echo;
+//!
+//! #[roboger_plugin_sdk::async_trait]
+//! impl Plugin for Echo {
+//!     fn info(&self) -> Info {
+//!         Info { name: "echo", version: "1.0.0", description: "logs every event", ..Default::default() }
+//!     }
+//!
+//!     async fn send(&self, event: Event, _host: &Host) -> Result<(), PluginError> {
+//!         tracing::info!("{}: {}", event.formatted_subject, event.msg);
+//!         Ok(())
+//!     }
+//! }
+//!
+//! fn main() -> std::process::ExitCode {
+//!     run(Echo)
+//! }
+//! ```
 #![forbid(unsafe_code)]
 
+pub mod plugin;
 pub mod protocol;
+pub mod rpc;
+
+pub use async_trait::async_trait;
+pub use plugin::{Event, Host, HttpRequest, Info, Plugin, PluginError, run, serve};
+pub use protocol::{HttpResponse, Level};

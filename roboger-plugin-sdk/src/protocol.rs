@@ -1,9 +1,265 @@
-//! Wire types shared by the server and plugins.
+//! Wire types shared by the server and plugins: the protocol version, the
+//! handshake manifest, and each direction's methods as jsonrpsee
+//! `#[rpc(server, client)]` traits with named (kwargs-style) params.
+//!
+//! Framing: one JSON-RPC 2.0 message per line (UTF-8) on the plugin's
+//! stdin (server -> plugin) and stdout (plugin -> server); the plugin's
+//! stderr is its log. Requests flow both ways at once, each direction with
+//! its own ids. Receivers ignore params they do not know, so either side
+//! can add params later without breaking the other.
 //!
 //! Invariant: this module is the only place that defines how a value is
 //! spelled on the wire; the server and plugins both import it from here.
 
+// Each kwarg of a method is a Rust parameter; `send` has as many as the
+// original's kwargs.
+#![allow(clippy::too_many_arguments)]
+
+use std::collections::BTreeMap;
+
+use jsonrpsee::core::RpcResult;
+use jsonrpsee::proc_macros::rpc;
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// The protocol version this crate speaks (semver: a different major
+/// version is incompatible).
+pub const PROTOCOL_VERSION: &str = "1.0";
+
+/// Whether a peer speaking `theirs` can talk to us.
+pub fn compatible(theirs: &str) -> bool {
+    let major = |v: &str| v.split('.').next().map(str::to_string);
+    major(theirs).is_some() && major(theirs) == major(PROTOCOL_VERSION)
+}
+
+/// Optional plugin methods; a plugin lists in its manifest those it has.
+pub const OPTIONAL_METHODS: [&str; 5] = [
+    "validate_plugin_config",
+    "load",
+    "validate_config",
+    "cleanup",
+    "http",
+];
+
+/// A plugin's answer to `hello`: who it is and what it implements.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// The protocol version the plugin speaks.
+    pub protocol_version: String,
+    /// The plugin's own name (informational; the server's config names it).
+    pub name: String,
+    /// The plugin's version.
+    #[serde(default)]
+    pub version: Option<String>,
+    /// One line saying what it does.
+    #[serde(default)]
+    pub description: Option<String>,
+    /// Where to read more.
+    #[serde(default)]
+    pub url: Option<String>,
+    /// Which of [`OPTIONAL_METHODS`] it implements (`send` is required).
+    #[serde(default)]
+    pub methods: Vec<String>,
+    /// Whether it serves HTTP routes under `/plugin/{name}/`.
+    #[serde(default)]
+    pub http: bool,
+}
+
+/// A plugin's answer to an `http` call.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct HttpResponse {
+    /// HTTP status (default 200).
+    #[serde(default = "default_status")]
+    pub status: u16,
+    /// Response headers.
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// The body, base64-encoded.
+    #[serde(default)]
+    pub body: String,
+}
+
+fn default_status() -> u16 {
+    200
+}
+
+/// A bucket object as `bucket_get` returns it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BucketObject {
+    pub id: String,
+    pub creator: String,
+    pub addr_id: Option<i64>,
+    pub mimetype: String,
+    pub fname: Option<String>,
+    pub size: i64,
+    pub public: bool,
+    pub metadata: Value,
+    /// Creation time, RFC 3339.
+    pub d: String,
+    /// Last access time, RFC 3339.
+    pub da: Option<String>,
+    /// Lifetime in seconds from creation.
+    pub expires: i64,
+    /// The content, base64-encoded.
+    pub content: String,
+}
+
+/// Methods the server calls on a plugin (sent on the plugin's stdin).
+#[rpc(server, client)]
+pub trait PluginApi {
+    /// The handshake, always first: the server's versions in, the
+    /// plugin's [`Manifest`] out.
+    #[method(name = "hello", param_kind = map)]
+    async fn hello(&self, server_version: String, protocol_version: String) -> RpcResult<Manifest>;
+
+    /// Checks the plugin's global configuration (before `load`).
+    #[method(name = "validate_plugin_config", param_kind = map)]
+    async fn validate_plugin_config(&self, plugin_config: Value) -> RpcResult<()>;
+
+    /// Initialises the plugin with its global configuration.
+    #[method(name = "load", param_kind = map)]
+    async fn load(&self, plugin_config: Value) -> RpcResult<()>;
+
+    /// Checks an endpoint's configuration; an error is the user's 400.
+    #[method(name = "validate_config", param_kind = map)]
+    async fn validate_config(&self, config: Value) -> RpcResult<()>;
+
+    /// Delivers one event to one endpoint. Media travels once, base64
+    /// (`media_encoded`); SDKs hand plugins the decoded bytes too.
+    #[method(name = "send", param_kind = map)]
+    async fn send(
+        &self,
+        config: Value,
+        event_id: String,
+        addr: String,
+        addr_id: i64,
+        msg: String,
+        subject: String,
+        formatted_subject: String,
+        level: u8,
+        level_name: String,
+        location: Option<String>,
+        tag: Option<String>,
+        sender: Option<String>,
+        media_encoded: Option<String>,
+        media_fname: Option<String>,
+    ) -> RpcResult<()>;
+
+    /// Removes the plugin's expired files and records.
+    #[method(name = "cleanup", param_kind = map)]
+    async fn cleanup(&self) -> RpcResult<()>;
+
+    /// Serves a request to `/plugin/{name}/{path}`; `body` is base64.
+    #[method(name = "http", param_kind = map)]
+    async fn http(
+        &self,
+        method: String,
+        path: String,
+        query: String,
+        headers: BTreeMap<String, String>,
+        body: String,
+        client_ip: Option<String>,
+    ) -> RpcResult<HttpResponse>;
+
+    /// Health check; answers as soon as the plugin's loop is alive.
+    #[method(name = "ping", param_kind = map)]
+    async fn ping(&self) -> RpcResult<()>;
+}
+
+/// The notification the server sends before closing a plugin's stdin.
+pub const SHUTDOWN_NOTIFICATION: &str = "shutdown";
+
+/// Methods a plugin calls on the server (sent on the plugin's stdout).
+#[rpc(server, client)]
+pub trait HostApi {
+    /// Writes `message` to the server's log at `level` (a level name or
+    /// number, converted like `convert_level`), tagged with the plugin.
+    #[method(name = "log", param_kind = map)]
+    async fn log(&self, level: Value, message: String) -> RpcResult<()>;
+
+    /// The server's default timeout, in seconds.
+    #[method(name = "get_timeout", param_kind = map)]
+    async fn get_timeout(&self) -> RpcResult<f64>;
+
+    /// The original's `convert_level`.
+    #[method(name = "convert_level", param_kind = map)]
+    async fn convert_level(&self, level: Value) -> RpcResult<u8>;
+
+    /// Whether address limits are configured.
+    #[method(name = "is_use_limits", param_kind = map)]
+    async fn is_use_limits(&self) -> RpcResult<bool>;
+
+    /// Whether `db_execute` must use `lastrowid` (the database has no RETURNING).
+    #[method(name = "is_use_lastrowid", param_kind = map)]
+    async fn is_use_lastrowid(&self) -> RpcResult<bool>;
+
+    /// Stores an immutable object; returns its id. `content` is base64;
+    /// the creator is always `plugin.NAME`.
+    #[method(name = "bucket_put", param_kind = map)]
+    async fn bucket_put(
+        &self,
+        content: String,
+        addr_id: Option<i64>,
+        mimetype: Option<String>,
+        fname: Option<String>,
+        public: Option<bool>,
+        metadata: Option<Value>,
+        expires: Option<i64>,
+    ) -> RpcResult<String>;
+
+    /// An unexpired object (filtered by `public` when given).
+    #[method(name = "bucket_get", param_kind = map)]
+    async fn bucket_get(&self, object_id: String, public: Option<bool>) -> RpcResult<BucketObject>;
+
+    /// Sets an object's access time.
+    #[method(name = "bucket_touch", param_kind = map)]
+    async fn bucket_touch(&self, object_id: String) -> RpcResult<()>;
+
+    /// Deletes an object.
+    #[method(name = "bucket_delete", param_kind = map)]
+    async fn bucket_delete(&self, object_id: String) -> RpcResult<()>;
+
+    /// Calls `method` of another plugin with named `params`.
+    #[method(name = "call_plugin", param_kind = map)]
+    async fn call_plugin(
+        &self,
+        plugin_name: String,
+        method: String,
+        params: Option<Value>,
+    ) -> RpcResult<Value>;
+
+    /// Runs a query with named `:params` (plugins with `db: true` only);
+    /// returns rows as objects.
+    #[method(name = "db_query", param_kind = map)]
+    async fn db_query(
+        &self,
+        sql: String,
+        params: Option<serde_json::Map<String, Value>>,
+    ) -> RpcResult<Vec<Value>>;
+
+    /// Runs a statement with named `:params` (plugins with `db: true`
+    /// only); returns the number of rows affected.
+    #[method(name = "db_execute", param_kind = map)]
+    async fn db_execute(
+        &self,
+        sql: String,
+        params: Option<serde_json::Map<String, Value>>,
+    ) -> RpcResult<u64>;
+}
+
+/// JSON-RPC error codes of this protocol (beyond JSON-RPC's own).
+pub mod codes {
+    /// The plugin refused the input (config invalid and the like).
+    pub const REJECTED: i32 = -32001;
+    /// The plugin failed while doing the work (a delivery error).
+    pub const FAILED: i32 = -32002;
+    /// The caller may not do this (e.g. database access not granted).
+    pub const FORBIDDEN: i32 = -32003;
+    /// The thing asked for does not exist (bucket object, plugin).
+    pub const NOT_FOUND: i32 = -32004;
+    /// Too many calls in flight; try again.
+    pub const BUSY: i32 = -32005;
+}
 
 /// An event level, as numbered by the original Roboger (Python logging
 /// levels): DEBUG 10, INFO 20, WARNING 30, ERROR 40, CRITICAL 50.

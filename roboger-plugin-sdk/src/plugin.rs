@@ -1,0 +1,445 @@
+//! Writing a plugin: implement [`Plugin`] and call [`run`] from `main`.
+//!
+//! [`run`] speaks the protocol on stdin/stdout, hands `send` a typed
+//! [`Event`] and every method a [`Host`] for callbacks into the server,
+//! sends `tracing` logs to stderr (which the server copies into its log,
+//! tagged with the plugin's name), and exits when stdin closes or the
+//! server says `shutdown`, so a plugin never outlives its server.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use base64::Engine;
+use jsonrpsee::core::RpcResult;
+use jsonrpsee::core::client::Client;
+use jsonrpsee::types::ErrorObjectOwned;
+use serde_json::Value;
+
+use crate::protocol::{
+    self, BucketObject, HostApiClient, HttpResponse, Manifest, PluginApiServer, codes,
+};
+use crate::rpc::{NotificationHandler, Peer, PeerOptions};
+
+/// What a plugin method reports when it fails.
+#[derive(Debug, thiserror::Error)]
+pub enum PluginError {
+    /// The input (a config) is not acceptable; the user sees the message.
+    #[error("{0}")]
+    Rejected(String),
+    /// The work failed (the server retries deliveries).
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl PluginError {
+    /// Shorthand for [`PluginError::Rejected`].
+    pub fn rejected(msg: impl Into<String>) -> Self {
+        PluginError::Rejected(msg.into())
+    }
+    /// Shorthand for [`PluginError::Failed`].
+    pub fn failed(msg: impl std::fmt::Display) -> Self {
+        PluginError::Failed(msg.to_string())
+    }
+}
+
+impl From<PluginError> for ErrorObjectOwned {
+    fn from(e: PluginError) -> Self {
+        match e {
+            PluginError::Rejected(m) => ErrorObjectOwned::owned(codes::REJECTED, m, None::<()>),
+            PluginError::Failed(m) => ErrorObjectOwned::owned(codes::FAILED, m, None::<()>),
+        }
+    }
+}
+
+/// One event for one endpoint, as `send` receives it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Event {
+    /// The endpoint's configuration.
+    pub config: Value,
+    /// Unique per event (a UUID); the same on a retried delivery.
+    pub event_id: String,
+    pub addr: String,
+    pub addr_id: i64,
+    pub msg: String,
+    pub subject: String,
+    /// `"{LEVEL} {sender}{@location}{: subject}"`
+    pub formatted_subject: String,
+    pub level: u8,
+    pub level_name: String,
+    pub location: Option<String>,
+    pub tag: Option<String>,
+    pub sender: Option<String>,
+    /// The media's bytes.
+    pub media: Option<Vec<u8>>,
+    /// The media as the base64 text it arrived as.
+    pub media_encoded: Option<String>,
+    pub media_fname: Option<String>,
+}
+
+/// A request to one of the plugin's HTTP routes.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HttpRequest {
+    pub method: String,
+    /// The path below `/plugin/{name}`.
+    pub path: String,
+    pub query: String,
+    pub headers: BTreeMap<String, String>,
+    pub body: Vec<u8>,
+    /// The client's real IP (per the server's `ip-header`).
+    pub client_ip: Option<String>,
+}
+
+/// Who a plugin is, for the handshake.
+#[derive(Clone, Debug, Default)]
+pub struct Info {
+    pub name: &'static str,
+    pub version: &'static str,
+    pub description: &'static str,
+    pub url: Option<&'static str>,
+    /// Whether the plugin serves HTTP routes.
+    pub http: bool,
+}
+
+/// A Roboger plugin. Only [`Plugin::info`] and [`Plugin::send`] are
+/// required; the others default to accepting everything and doing
+/// nothing, as an absent method does in the original.
+#[async_trait::async_trait]
+pub trait Plugin: Send + Sync + 'static {
+    /// Name, version and description shown by `GET /manage/v2/plugin`.
+    fn info(&self) -> Info;
+
+    /// Delivers one event.
+    async fn send(&self, event: Event, host: &Host) -> Result<(), PluginError>;
+
+    /// Checks the global config (default: refuse any, like plugins
+    /// without options in the original).
+    async fn validate_plugin_config(
+        &self,
+        plugin_config: &Value,
+        _host: &Host,
+    ) -> Result<(), PluginError> {
+        match plugin_config {
+            Value::Null => Ok(()),
+            Value::Object(m) if m.is_empty() => Ok(()),
+            _ => Err(PluginError::rejected(
+                "this plugin has no configuration options",
+            )),
+        }
+    }
+
+    /// Takes the global config.
+    async fn load(&self, _plugin_config: &Value, _host: &Host) -> Result<(), PluginError> {
+        Ok(())
+    }
+
+    /// Checks an endpoint's config.
+    async fn validate_config(&self, _config: &Value, _host: &Host) -> Result<(), PluginError> {
+        Ok(())
+    }
+
+    /// Removes expired state.
+    async fn cleanup(&self, _host: &Host) -> Result<(), PluginError> {
+        Ok(())
+    }
+
+    /// Serves `/plugin/{name}/...` (only called when `info().http`).
+    async fn http(&self, _req: HttpRequest, _host: &Host) -> Result<HttpResponse, PluginError> {
+        Ok(HttpResponse {
+            status: 404,
+            ..Default::default()
+        })
+    }
+}
+
+/// Callbacks into the server, usable from any plugin method.
+#[derive(Clone)]
+pub struct Host {
+    client: Arc<Client>,
+}
+
+fn failed(e: impl std::fmt::Display) -> PluginError {
+    PluginError::Failed(e.to_string())
+}
+
+impl Host {
+    /// The raw client, for calls this type has no method for.
+    pub fn client(&self) -> &Arc<Client> {
+        &self.client
+    }
+
+    /// Logs through the server's log.
+    pub async fn log(&self, level: &str, message: &str) -> Result<(), PluginError> {
+        self.client
+            .log(Value::from(level), message.to_string())
+            .await
+            .map_err(failed)
+    }
+
+    /// The server's default timeout in seconds.
+    pub async fn get_timeout(&self) -> Result<f64, PluginError> {
+        self.client.get_timeout().await.map_err(failed)
+    }
+
+    /// Stores a bucket object; returns its id.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn bucket_put(
+        &self,
+        content: &[u8],
+        addr_id: Option<i64>,
+        mimetype: Option<&str>,
+        fname: Option<&str>,
+        public: bool,
+        metadata: Option<Value>,
+        expires: Option<i64>,
+    ) -> Result<String, PluginError> {
+        let b64 = base64::engine::general_purpose::STANDARD.encode(content);
+        self.client
+            .bucket_put(
+                b64,
+                addr_id,
+                mimetype.map(str::to_string),
+                fname.map(str::to_string),
+                Some(public),
+                metadata,
+                expires,
+            )
+            .await
+            .map_err(failed)
+    }
+
+    /// Reads a bucket object.
+    pub async fn bucket_get(&self, object_id: &str) -> Result<BucketObject, PluginError> {
+        self.client
+            .bucket_get(object_id.to_string(), None)
+            .await
+            .map_err(failed)
+    }
+
+    /// Calls another plugin's method.
+    pub async fn call_plugin(
+        &self,
+        plugin: &str,
+        method: &str,
+        params: Value,
+    ) -> Result<Value, PluginError> {
+        self.client
+            .call_plugin(plugin.to_string(), method.to_string(), Some(params))
+            .await
+            .map_err(failed)
+    }
+}
+
+struct Adapter<P> {
+    plugin: Arc<P>,
+    host: Host,
+}
+
+fn rpc<T>(r: Result<T, PluginError>) -> RpcResult<T> {
+    r.map_err(Into::into)
+}
+
+#[async_trait::async_trait]
+#[allow(clippy::too_many_arguments)]
+impl<P: Plugin> PluginApiServer for Adapter<P> {
+    async fn hello(
+        &self,
+        _server_version: String,
+        protocol_version: String,
+    ) -> RpcResult<Manifest> {
+        if !protocol::compatible(&protocol_version) {
+            return Err(ErrorObjectOwned::owned(
+                codes::REJECTED,
+                format!(
+                    "protocol {protocol_version} is not compatible with {}",
+                    protocol::PROTOCOL_VERSION
+                ),
+                None::<()>,
+            ));
+        }
+        let info = self.plugin.info();
+        let mut methods: Vec<String> = [
+            "validate_plugin_config",
+            "load",
+            "validate_config",
+            "cleanup",
+        ]
+        .into_iter()
+        .map(str::to_string)
+        .collect();
+        if info.http {
+            methods.push("http".into());
+        }
+        Ok(Manifest {
+            protocol_version: protocol::PROTOCOL_VERSION.to_string(),
+            name: info.name.to_string(),
+            version: Some(info.version.to_string()),
+            description: Some(info.description.to_string()),
+            url: info.url.map(str::to_string),
+            methods,
+            http: info.http,
+        })
+    }
+
+    async fn validate_plugin_config(&self, plugin_config: Value) -> RpcResult<()> {
+        rpc(self
+            .plugin
+            .validate_plugin_config(&plugin_config, &self.host)
+            .await)
+    }
+
+    async fn load(&self, plugin_config: Value) -> RpcResult<()> {
+        rpc(self.plugin.load(&plugin_config, &self.host).await)
+    }
+
+    async fn validate_config(&self, config: Value) -> RpcResult<()> {
+        rpc(self.plugin.validate_config(&config, &self.host).await)
+    }
+
+    async fn send(
+        &self,
+        config: Value,
+        event_id: String,
+        addr: String,
+        addr_id: i64,
+        msg: String,
+        subject: String,
+        formatted_subject: String,
+        level: u8,
+        level_name: String,
+        location: Option<String>,
+        tag: Option<String>,
+        sender: Option<String>,
+        media_encoded: Option<String>,
+        media_fname: Option<String>,
+    ) -> RpcResult<()> {
+        let media = match &media_encoded {
+            Some(b) => Some(
+                base64::engine::general_purpose::STANDARD
+                    .decode(b)
+                    .map_err(|e| {
+                        ErrorObjectOwned::owned(
+                            codes::REJECTED,
+                            format!("media is not base64: {e}"),
+                            None::<()>,
+                        )
+                    })?,
+            ),
+            None => None,
+        };
+        let event = Event {
+            config,
+            event_id,
+            addr,
+            addr_id,
+            msg,
+            subject,
+            formatted_subject,
+            level,
+            level_name,
+            location,
+            tag,
+            sender,
+            media,
+            media_encoded,
+            media_fname,
+        };
+        rpc(self.plugin.send(event, &self.host).await)
+    }
+
+    async fn cleanup(&self) -> RpcResult<()> {
+        rpc(self.plugin.cleanup(&self.host).await)
+    }
+
+    async fn http(
+        &self,
+        method: String,
+        path: String,
+        query: String,
+        headers: BTreeMap<String, String>,
+        body: String,
+        client_ip: Option<String>,
+    ) -> RpcResult<HttpResponse> {
+        let body = base64::engine::general_purpose::STANDARD
+            .decode(body)
+            .map_err(|e| {
+                ErrorObjectOwned::owned(
+                    codes::REJECTED,
+                    format!("body is not base64: {e}"),
+                    None::<()>,
+                )
+            })?;
+        let req = HttpRequest {
+            method,
+            path,
+            query,
+            headers,
+            body,
+            client_ip,
+        };
+        rpc(self.plugin.http(req, &self.host).await)
+    }
+
+    async fn ping(&self) -> RpcResult<()> {
+        Ok(())
+    }
+}
+
+/// Runs `plugin` on stdin/stdout until the server closes stdin or says
+/// `shutdown`. Call it from `main`; it sets up logging to stderr.
+pub fn run<P: Plugin>(plugin: P) -> std::process::ExitCode {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .without_time()
+        .with_target(false)
+        .try_init();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    rt.block_on(serve(plugin, tokio::io::stdin(), tokio::io::stdout()));
+    // Pending blocking reads of stdin must not keep the process alive.
+    rt.shutdown_background();
+    std::process::ExitCode::SUCCESS
+}
+
+/// Serves `plugin` on any pair of streams until they close or `shutdown`
+/// arrives (what [`run`] does on stdin/stdout).
+pub async fn serve<P, R, W>(plugin: P, read: R, write: W)
+where
+    P: Plugin,
+    R: tokio::io::AsyncRead + Unpin + Send + 'static,
+    W: tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let plugin = Arc::new(plugin);
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let on_notification: NotificationHandler = Arc::new(move |method, _params| {
+        if method == protocol::SHUTDOWN_NOTIFICATION {
+            let _ = stop_tx.send(true);
+        }
+    });
+    let peer = Peer::start(
+        read,
+        write,
+        PeerOptions::default(),
+        |client| {
+            let host = Host { client };
+            Adapter { plugin, host }.into_rpc().into()
+        },
+        on_notification,
+    );
+    tokio::select! {
+        reason = peer.closed() => tracing::debug!("server connection closed: {reason}"),
+        _ = stop_rx.wait_for(|s| *s) => tracing::debug!("shutdown requested"),
+    }
+}

@@ -1,0 +1,410 @@
+//! The [`Peer`]: JSON-RPC 2.0 both ways over one pair of byte streams
+//! (a child's stdin/stdout), one JSON message per line.
+//!
+//! jsonrpsee's client drops requests that arrive from the other side, so
+//! the peer demultiplexes the read half itself: requests are spawned onto
+//! our [`Methods`] (never awaited in the read loop, so nested callbacks
+//! cannot deadlock), notifications go to a callback, and only responses
+//! reach the client. One writer task owns the write half behind a bounded
+//! channel. When the read half ends, or carries invalid JSON or an
+//! over-long line, the peer closes: pending calls fail at once.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use jsonrpsee::core::client::{
+    Client, ClientBuilder, ReceivedMessage, TransportReceiverT, TransportSenderT,
+};
+use jsonrpsee::{Methods, RpcModule};
+use serde_json::Value;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{Semaphore, mpsc, watch};
+use tokio_util::codec::{FramedRead, LinesCodec, LinesCodecError};
+
+/// Limits and timeouts of a peer.
+#[derive(Clone, Debug)]
+pub struct PeerOptions {
+    /// Longest accepted line (one message), in bytes.
+    pub max_line: usize,
+    /// Timeout of each outgoing call.
+    pub call_timeout: Duration,
+    /// Most outgoing calls in flight at once.
+    pub max_outgoing: usize,
+    /// Most incoming requests served at once; beyond it the peer answers
+    /// "busy" at once instead of queueing without bound.
+    pub max_incoming: usize,
+}
+
+impl Default for PeerOptions {
+    fn default() -> Self {
+        PeerOptions {
+            max_line: 64 * 1024 * 1024,
+            call_timeout: Duration::from_secs(5),
+            max_outgoing: 256,
+            max_incoming: 256,
+        }
+    }
+}
+
+/// Why a peer closed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Closed {
+    /// Still open.
+    Open,
+    /// The other side closed its stream.
+    Eof,
+    /// A line was not valid JSON-RPC.
+    Garbage(String),
+    /// A line was longer than the limit.
+    LineTooLong,
+    /// Reading failed.
+    Io(String),
+    /// We closed it.
+    Local,
+}
+
+impl std::fmt::Display for Closed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Closed::Open => f.write_str("open"),
+            Closed::Eof => f.write_str("the stream was closed"),
+            Closed::Garbage(s) => write!(f, "invalid message: {s}"),
+            Closed::LineTooLong => f.write_str("a message was longer than the line limit"),
+            Closed::Io(e) => write!(f, "read error: {e}"),
+            Closed::Local => f.write_str("closed locally"),
+        }
+    }
+}
+
+/// Handles incoming notifications: `(method, params)`.
+pub type NotificationHandler = Arc<dyn Fn(&str, Value) + Send + Sync>;
+
+/// One end of a JSON-RPC connection.
+pub struct Peer {
+    client: Arc<Client>,
+    closed: watch::Receiver<Closed>,
+    writer: mpsc::Sender<String>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Peer {
+    /// Starts a peer on `read`/`write`. `methods` builds what this side
+    /// serves; it gets the client so handlers can call back.
+    pub fn start<R, W, F>(
+        read: R,
+        write: W,
+        opts: PeerOptions,
+        methods: F,
+        on_notification: NotificationHandler,
+    ) -> Peer
+    where
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin + Send + 'static,
+        F: FnOnce(Arc<Client>) -> Methods,
+    {
+        let (write_tx, write_rx) = mpsc::channel::<String>(1024);
+        let (resp_tx, resp_rx) = mpsc::channel::<String>(1024);
+        let client = Arc::new(
+            ClientBuilder::default()
+                .request_timeout(opts.call_timeout)
+                .max_concurrent_requests(opts.max_outgoing)
+                .build_with_tokio(LineSender(write_tx.clone()), LineReceiver(resp_rx)),
+        );
+        let methods = methods(client.clone());
+        let (closed_tx, closed_rx) = watch::channel(Closed::Open);
+        let writer = tokio::spawn(write_loop(write, write_rx));
+        let reader = tokio::spawn(read_loop(
+            read,
+            opts,
+            methods,
+            write_tx.clone(),
+            resp_tx,
+            on_notification,
+            closed_tx,
+        ));
+        Peer {
+            client,
+            closed: closed_rx,
+            writer: write_tx,
+            tasks: vec![writer, reader],
+        }
+    }
+
+    /// The client for calls to the other side.
+    pub fn client(&self) -> &Arc<Client> {
+        &self.client
+    }
+
+    /// Sends a notification (no answer expected).
+    pub async fn notify(&self, method: &str, params: Value) -> bool {
+        let msg = serde_json::json!({"jsonrpc": "2.0", "method": method, "params": params});
+        self.writer.send(msg.to_string()).await.is_ok()
+    }
+
+    /// Resolves when the peer has closed, with the reason.
+    pub async fn closed(&self) -> Closed {
+        let mut rx = self.closed.clone();
+        loop {
+            let now = rx.borrow().clone();
+            if now != Closed::Open {
+                return now;
+            }
+            if rx.changed().await.is_err() {
+                return Closed::Local;
+            }
+        }
+    }
+
+    /// Whether the peer is still open.
+    pub fn is_open(&self) -> bool {
+        *self.closed.borrow() == Closed::Open
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// Builds a `Methods` set from a module; a shorthand for `start`'s closure.
+pub fn methods_of<C: Send + Sync + 'static>(m: RpcModule<C>) -> Methods {
+    m.into()
+}
+
+async fn write_loop<W: AsyncWrite + Unpin>(mut write: W, mut rx: mpsc::Receiver<String>) {
+    while let Some(mut line) = rx.recv().await {
+        line.push('\n');
+        if write.write_all(line.as_bytes()).await.is_err() {
+            break;
+        }
+        // Batch what is already queued before flushing.
+        while let Ok(mut more) = rx.try_recv() {
+            more.push('\n');
+            if write.write_all(more.as_bytes()).await.is_err() {
+                return;
+            }
+        }
+        if write.flush().await.is_err() {
+            break;
+        }
+    }
+    let _ = write.shutdown().await;
+}
+
+#[derive(serde::Deserialize)]
+struct Probe<'a> {
+    #[serde(borrow, default)]
+    method: Option<std::borrow::Cow<'a, str>>,
+    #[serde(default)]
+    id: Option<Value>,
+    #[serde(default)]
+    params: Option<Value>,
+    #[serde(default)]
+    result: Option<serde::de::IgnoredAny>,
+    #[serde(default)]
+    error: Option<serde::de::IgnoredAny>,
+}
+
+async fn read_loop<R: AsyncRead + Unpin>(
+    read: R,
+    opts: PeerOptions,
+    methods: Methods,
+    writer: mpsc::Sender<String>,
+    responses: mpsc::Sender<String>,
+    on_notification: NotificationHandler,
+    closed: watch::Sender<Closed>,
+) {
+    let mut lines = FramedRead::new(read, LinesCodec::new_with_max_length(opts.max_line));
+    let incoming = Arc::new(Semaphore::new(opts.max_incoming));
+    let reason = loop {
+        let line = match lines.next().await {
+            None => break Closed::Eof,
+            Some(Ok(l)) => l,
+            Some(Err(LinesCodecError::MaxLineLengthExceeded)) => break Closed::LineTooLong,
+            Some(Err(LinesCodecError::Io(e))) => break Closed::Io(e.to_string()),
+        };
+        if line.trim().is_empty() {
+            continue;
+        }
+        let probe: Probe = match serde_json::from_str(&line) {
+            Ok(p) => p,
+            Err(e) => break Closed::Garbage(format!("{e}: {}", preview(&line))),
+        };
+        match (probe.method, probe.id) {
+            (Some(_), Some(id)) => {
+                let Ok(permit) = incoming.clone().try_acquire_owned() else {
+                    let busy = serde_json::json!({"jsonrpc": "2.0", "id": id,
+                        "error": {"code": crate::protocol::codes::BUSY, "message": "too many calls in flight"}});
+                    let _ = writer.send(busy.to_string()).await;
+                    continue;
+                };
+                let methods = methods.clone();
+                let writer = writer.clone();
+                tokio::spawn(async move {
+                    let answer = match methods.raw_json_request(&line, 1).await {
+                        Ok((resp, _)) => resp.get().to_string(),
+                        Err(e) => serde_json::json!({"jsonrpc": "2.0", "id": id,
+                            "error": {"code": -32600, "message": format!("invalid request: {e}")}})
+                        .to_string(),
+                    };
+                    let _ = writer.send(answer).await;
+                    drop(permit);
+                });
+            }
+            (Some(method), None) => on_notification(&method, probe.params.unwrap_or(Value::Null)),
+            (None, _) if probe.result.is_some() || probe.error.is_some() => {
+                if responses.send(line).await.is_err() {
+                    break Closed::Local;
+                }
+            }
+            (None, _) => {
+                break Closed::Garbage(format!("neither request nor response: {}", preview(&line)));
+            }
+        }
+    };
+    let _ = closed.send(reason);
+}
+
+fn preview(s: &str) -> String {
+    let mut p: String = s.chars().take(120).collect();
+    if p.len() < s.len() {
+        p.push('…');
+    }
+    p
+}
+
+/// Error of the in-process transport: the peer has closed.
+#[derive(Debug, thiserror::Error)]
+#[error("the connection is closed")]
+pub struct TransportClosed;
+
+struct LineSender(mpsc::Sender<String>);
+
+impl TransportSenderT for LineSender {
+    type Error = TransportClosed;
+    async fn send(&mut self, msg: String) -> Result<(), Self::Error> {
+        self.0.send(msg).await.map_err(|_| TransportClosed)
+    }
+}
+
+struct LineReceiver(mpsc::Receiver<String>);
+
+impl TransportReceiverT for LineReceiver {
+    type Error = TransportClosed;
+    async fn receive(&mut self) -> Result<ReceivedMessage, Self::Error> {
+        self.0
+            .recv()
+            .await
+            .map(ReceivedMessage::Text)
+            .ok_or(TransportClosed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use jsonrpsee::core::client::ClientT;
+    use jsonrpsee::core::params::ObjectParams;
+
+    fn pair() -> (Peer, Peer) {
+        let (a, b) = tokio::io::duplex(1 << 20);
+        let (ar, aw) = tokio::io::split(a);
+        let (br, bw) = tokio::io::split(b);
+        let noop: NotificationHandler = Arc::new(|_, _| {});
+        // Side A serves "add" and "nested" (which calls B's "double").
+        let a = Peer::start(
+            ar,
+            aw,
+            PeerOptions::default(),
+            |client| {
+                let mut m = RpcModule::new(client);
+                m.register_method("add", |p, _, _| {
+                    let v: serde_json::Map<String, Value> = p.parse()?;
+                    Ok::<_, jsonrpsee::types::ErrorObjectOwned>(
+                        v["x"].as_i64().unwrap_or(0) + v["y"].as_i64().unwrap_or(0),
+                    )
+                })
+                .unwrap();
+                m.register_async_method("nested", |p, client, _| async move {
+                    let v: serde_json::Map<String, Value> = p.parse()?;
+                    let mut params = ObjectParams::new();
+                    params.insert("x", v["x"].clone()).unwrap();
+                    let r: i64 = client.request("double", params).await.map_err(|e| {
+                        jsonrpsee::types::ErrorObjectOwned::owned(-1, e.to_string(), None::<()>)
+                    })?;
+                    Ok::<_, jsonrpsee::types::ErrorObjectOwned>(r)
+                })
+                .unwrap();
+                m.into()
+            },
+            noop.clone(),
+        );
+        let b = Peer::start(
+            br,
+            bw,
+            PeerOptions::default(),
+            |_| {
+                let mut m = RpcModule::new(());
+                m.register_method("double", |p, _, _| {
+                    let v: serde_json::Map<String, Value> = p.parse()?;
+                    Ok::<_, jsonrpsee::types::ErrorObjectOwned>(v["x"].as_i64().unwrap_or(0) * 2)
+                })
+                .unwrap();
+                m.into()
+            },
+            noop,
+        );
+        (a, b)
+    }
+
+    #[tokio::test]
+    async fn calls_both_ways_with_nested_callbacks() {
+        let (a, b) = pair();
+        let mut futs = Vec::new();
+        for i in 0..200i64 {
+            let c = b.client().clone();
+            futs.push(tokio::spawn(async move {
+                let mut p = ObjectParams::new();
+                p.insert("x", i).unwrap();
+                let r: i64 = c.request("nested", p).await.unwrap();
+                assert_eq!(r, i * 2);
+            }));
+        }
+        for f in futs {
+            f.await.unwrap();
+        }
+        let mut p = ObjectParams::new();
+        p.insert("x", 2).unwrap();
+        p.insert("y", 3).unwrap();
+        p.insert("extra", "ignored").unwrap();
+        let r: i64 = b.client().request("add", p).await.unwrap();
+        assert_eq!(r, 5);
+        drop(a);
+    }
+
+    #[tokio::test]
+    async fn garbage_closes_and_fails_pending_calls() {
+        let (a, b) = tokio::io::duplex(1 << 16);
+        let (ar, aw) = tokio::io::split(a);
+        let (_br, mut bw) = tokio::io::split(b);
+        let noop: NotificationHandler = Arc::new(|_, _| {});
+        let peer = Peer::start(
+            ar,
+            aw,
+            PeerOptions::default(),
+            |_| RpcModule::new(()).into(),
+            noop,
+        );
+        let c = peer.client().clone();
+        let pending =
+            tokio::spawn(async move { c.request::<Value, _>("x", ObjectParams::new()).await });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        bw.write_all(b"this is not json\n").await.unwrap();
+        assert!(matches!(peer.closed().await, Closed::Garbage(_)));
+        assert!(pending.await.unwrap().is_err());
+    }
+}
