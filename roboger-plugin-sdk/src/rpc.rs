@@ -203,10 +203,6 @@ struct Probe<'a> {
     id: Option<Value>,
     #[serde(default)]
     params: Option<Value>,
-    #[serde(default)]
-    result: Option<serde::de::IgnoredAny>,
-    #[serde(default)]
-    error: Option<serde::de::IgnoredAny>,
 }
 
 async fn read_loop<R: AsyncRead + Unpin>(
@@ -256,12 +252,13 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 });
             }
             (Some(method), None) => on_notification(&method, probe.params.unwrap_or(Value::Null)),
-            (None, _) if probe.result.is_some() || probe.error.is_some() => {
+            // A response (`result` may be null, so the id is what tells).
+            (None, Some(_)) => {
                 if responses.send(line).await.is_err() {
                     break Closed::Local;
                 }
             }
-            (None, _) => {
+            (None, None) => {
                 break Closed::Garbage(format!("neither request nor response: {}", preview(&line)));
             }
         }

@@ -5,12 +5,16 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod bucket;
 pub mod config;
+pub mod host;
 pub mod level;
-pub mod plugins;
 pub mod random;
 pub mod server;
 pub mod store;
+pub mod supervisor;
+
+use std::sync::Arc;
 
 use config::Config;
 
@@ -21,21 +25,30 @@ pub struct App {
     pub config: Config,
     /// The database.
     pub store: store::Store,
-    /// The configured plugins.
-    pub plugins: plugins::Plugins,
+    /// The plugins, each a supervised child process.
+    pub plugins: Arc<supervisor::Supervisor>,
     /// Master key and network checks of the management API.
     pub auth: api::auth::MasterAuth,
 }
 
 impl App {
-    /// Assembles the application state from a loaded config and a store.
-    pub fn new(config: Config, store: store::Store) -> App {
+    /// Assembles the application state and starts the plugins (returns
+    /// once each has had its first start attempt, or `timeout` passed).
+    pub async fn start(config: Config, store: store::Store) -> App {
         let auth = api::auth::MasterAuth::new(
             &config.master_key,
             config.master_allow.clone(),
             config.ip_header.as_deref(),
         );
-        let plugins = plugins::Plugins::new(config.plugins.clone());
+        let host = host::HostContext::new(
+            store.clone(),
+            config.timeout,
+            config.limits.is_some(),
+            config.bucket_default_expires,
+        );
+        let opts = supervisor::Options::new(config.timeout, config.plugin_max_line);
+        let plugins = supervisor::Supervisor::start(config.plugins.clone(), opts, host);
+        plugins.wait_started(config.timeout * 2).await;
         App {
             config,
             store,

@@ -129,13 +129,14 @@ async fn serve(cli: &Cli) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let local = listener.local_addr().context("listener has no address")?;
-    let app = Arc::new(App::new(config, store));
+    let app = Arc::new(App::start(config, store).await);
     tracing::info!(
         plugins = app.plugins.list().len(),
         "roboger-server {} listening on {local}",
         env!("CARGO_PKG_VERSION")
     );
-    server::run(listener, app, shutdown_signal()).await;
+    server::run(listener, app.clone(), shutdown_signal()).await;
+    app.plugins.shutdown().await;
     tracing::info!("stopped");
     Ok(())
 }

@@ -44,6 +44,17 @@ pub fn server_bin() -> PathBuf {
     p
 }
 
+/// Path of the misbehaving test plugin (`tests/src/bin/roboger-test-plugin.rs`).
+pub fn test_plugin_bin() -> PathBuf {
+    let p = bin_dir().join("roboger-test-plugin");
+    assert!(
+        p.is_file(),
+        "{} is missing: build the workspace first",
+        p.display()
+    );
+    p
+}
+
 static DB_SEQ: AtomicU32 = AtomicU32::new(0);
 
 /// A database URL for a new server, in `dir` (SQLite) or on the PostgreSQL
@@ -91,8 +102,12 @@ pub struct ServerOptions {
     pub yaml: String,
     /// Lines of YAML appended under `roboger.master:` (after the key).
     pub master_yaml: String,
-    /// Plugins to configure, by name (no executable is needed to list them).
+    /// Plugins to configure, by name; each runs the test plugin
+    /// (`roboger-test-plugin`, which accepts any endpoint config).
     pub plugins: Vec<String>,
+    /// Raw YAML of more plugin entries (`- name: …` lines), appended
+    /// under `plugins:`.
+    pub plugins_yaml: String,
     /// Environment variables for the server process.
     pub env: Vec<(String, String)>,
 }
@@ -130,10 +145,18 @@ impl Server {
             yaml.push_str(line);
             yaml.push('\n');
         }
-        if !opts.plugins.is_empty() {
+        if !opts.plugins.is_empty() || !opts.plugins_yaml.is_empty() {
             yaml.push_str("  plugins:\n");
             for p in &opts.plugins {
-                yaml.push_str(&format!("    - name: {p}\n"));
+                yaml.push_str(&format!(
+                    "    - name: {p}\n      command: {}\n",
+                    test_plugin_bin().display()
+                ));
+            }
+            for line in opts.plugins_yaml.lines() {
+                yaml.push_str("    ");
+                yaml.push_str(line);
+                yaml.push('\n');
             }
         }
         for line in opts.yaml.lines() {

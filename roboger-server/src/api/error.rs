@@ -5,8 +5,8 @@
 
 use http::StatusCode;
 
-use crate::plugins::PluginError;
 use crate::store::StoreError;
+use crate::supervisor::CallError;
 
 /// A failed API request, with the status it is answered with.
 #[derive(Debug, thiserror::Error)]
@@ -71,11 +71,14 @@ impl From<StoreError> for ApiError {
     }
 }
 
-impl From<PluginError> for ApiError {
-    fn from(e: PluginError) -> Self {
+impl From<CallError> for ApiError {
+    fn from(e: CallError) -> Self {
         match e {
-            PluginError::NotConfigured(_) => ApiError::NotFound(e.to_string()),
-            PluginError::Rejected(msg) => ApiError::BadRequest(format!("invalid config: {msg}")),
+            CallError::NotConfigured(_) => ApiError::NotFound(e.to_string()),
+            CallError::Rejected(msg) | CallError::Failed(msg) => {
+                ApiError::BadRequest(format!("invalid config: {msg}"))
+            }
+            CallError::Unavailable(..) => ApiError::Unavailable(e.to_string()),
         }
     }
 }

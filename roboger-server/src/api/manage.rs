@@ -78,6 +78,18 @@ async fn route(
         }
         ("POST", ["core"]) => core_cmd(app, body).await,
         ("GET", ["plugin"]) => Ok(reply::json(StatusCode::OK, &app.plugins.list())),
+        ("POST", ["plugin", name]) => {
+            body.only(&["cmd"], &[])?;
+            match body.required_str("cmd")? {
+                "restart" => {
+                    app.plugins.restart(name)?;
+                    Ok(reply::empty(StatusCode::NO_CONTENT))
+                }
+                other => Err(ApiError::MethodNotAllowed(format!(
+                    "unknown plugin command \"{other}\"; known: restart"
+                ))),
+            }
+        }
 
         ("GET", ["addr"]) => {
             let list = app.store.addr_list().await?;
@@ -134,6 +146,9 @@ async fn route(
             let description = body.nullable_text("description")?.flatten();
             let active = body.active("active")?;
             let a = app.store.addr_get(&AddrRef::parse(a_seg)).await?;
+            if !app.plugins.is_configured(plugin) {
+                return Err(ApiError::NotFound(format!("no such plugin: {plugin}")));
+            }
             app.plugins.validate_config(plugin, &config).await?;
             let mut ep = app
                 .store
@@ -376,6 +391,7 @@ fn is_known_path(segs: &[&str]) -> bool {
         segs,
         ["core"]
             | ["plugin"]
+            | ["plugin", _]
             | ["addr"]
             | ["addr", _]
             | ["addr", _, "endpoint"]

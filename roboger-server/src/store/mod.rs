@@ -8,6 +8,7 @@
 
 pub mod entity;
 pub mod migration;
+pub mod named;
 
 use std::time::Duration;
 
@@ -96,6 +97,19 @@ pub struct SubscriptionPatch {
     pub sender: Option<Option<String>>,
     pub level: Option<Level>,
     pub level_match: Option<LevelMatch>,
+}
+
+/// A bucket object to store.
+#[derive(Debug, Clone)]
+pub struct NewObject {
+    pub creator: String,
+    pub addr_id: Option<i64>,
+    pub mimetype: String,
+    pub fname: Option<String>,
+    pub public: bool,
+    pub metadata: Value,
+    pub expires: Duration,
+    pub content: Vec<u8>,
 }
 
 /// A subscription with the address id it belongs to (as the API shows it).
@@ -496,6 +510,124 @@ impl Store {
             .exec(&self.db)
             .await?;
         Ok(())
+    }
+
+    // ---- bucket ----------------------------------------------------------
+
+    /// Stores a new, immutable object and returns its id.
+    pub async fn bucket_put(&self, o: NewObject) -> Result<String> {
+        let now = chrono::Utc::now();
+        let id = crate::bucket::object_id(&o.content, &o.creator, o.addr_id, now);
+        let expires = o.expires.as_secs() as i64;
+        let am = bucket::ActiveModel {
+            id: Set(id.clone()),
+            creator: Set(o.creator),
+            addr_id: Set(o.addr_id),
+            mimetype: Set(o.mimetype),
+            fname: Set(o.fname),
+            size: Set(o.content.len() as i64),
+            public: Set(o.public),
+            metadata: Set(Some(o.metadata)),
+            d: Set(now),
+            da: Set(None),
+            expires: Set(expires),
+            expires_at: Set(now + chrono::Duration::seconds(expires)),
+            content: Set(o.content),
+        };
+        am.insert(&self.db).await.map_err(|e| {
+            if matches!(e.sql_err(), Some(SqlErr::ForeignKeyConstraintViolation(_))) {
+                StoreError::NotFound("addr of the bucket object".into())
+            } else {
+                e.into()
+            }
+        })?;
+        Ok(id)
+    }
+
+    /// An unexpired object; with `public`, only one whose flag matches.
+    pub async fn bucket_get(&self, id: &str, public: Option<bool>) -> Result<bucket::Model> {
+        let mut q = bucket::Entity::find_by_id(id.to_string())
+            .filter(bucket::Column::ExpiresAt.gt(chrono::Utc::now()));
+        if let Some(p) = public {
+            q = q.filter(bucket::Column::Public.eq(p));
+        }
+        q.one(&self.db)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("bucket object {id}")))
+    }
+
+    /// Sets an unexpired object's access time.
+    pub async fn bucket_touch(&self, id: &str) -> Result<()> {
+        let r = bucket::Entity::update_many()
+            .col_expr(
+                bucket::Column::Da,
+                sea_orm::sea_query::Expr::value(chrono::Utc::now()),
+            )
+            .filter(bucket::Column::Id.eq(id))
+            .filter(bucket::Column::ExpiresAt.gt(chrono::Utc::now()))
+            .exec(&self.db)
+            .await?;
+        if r.rows_affected == 0 {
+            return Err(StoreError::NotFound(format!("bucket object {id}")));
+        }
+        Ok(())
+    }
+
+    /// Deletes an object.
+    pub async fn bucket_delete(&self, id: &str) -> Result<()> {
+        let r = bucket::Entity::delete_by_id(id.to_string())
+            .exec(&self.db)
+            .await?;
+        if r.rows_affected == 0 {
+            return Err(StoreError::NotFound(format!("bucket object {id}")));
+        }
+        Ok(())
+    }
+
+    // ---- plugin database access --------------------------------------------
+
+    /// Runs a plugin's query with named `:params`; rows as JSON objects.
+    pub async fn plugin_query(
+        &self,
+        sql: &str,
+        params: &serde_json::Map<String, Value>,
+    ) -> Result<Vec<Value>> {
+        use sea_orm::FromQueryResult;
+        let stmt = self.named_statement(sql, params)?;
+        let rows = self.db.query_all_raw(stmt).await?;
+        rows.iter()
+            .map(|r| Value::from_query_result(r, "").map_err(StoreError::from))
+            .collect()
+    }
+
+    /// Runs a plugin's statement with named `:params`; rows affected.
+    pub async fn plugin_execute(
+        &self,
+        sql: &str,
+        params: &serde_json::Map<String, Value>,
+    ) -> Result<u64> {
+        let stmt = self.named_statement(sql, params)?;
+        Ok(self.db.execute_raw(stmt).await?.rows_affected())
+    }
+
+    fn named_statement(
+        &self,
+        sql: &str,
+        params: &serde_json::Map<String, Value>,
+    ) -> Result<sea_orm::Statement> {
+        let backend = self.db.get_database_backend();
+        let (sql, names) =
+            crate::store::named::positional(sql, backend == sea_orm::DbBackend::Postgres);
+        let mut values = Vec::with_capacity(names.len());
+        for n in names {
+            let v = params
+                .get(&n)
+                .ok_or_else(|| StoreError::NotFound(format!("parameter :{n}")))?;
+            values.push(named::to_value(v));
+        }
+        Ok(sea_orm::Statement::from_sql_and_values(
+            backend, sql, values,
+        ))
     }
 
     // ---- housekeeping ----------------------------------------------------

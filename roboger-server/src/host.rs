@@ -1,0 +1,284 @@
+//! What plugins may ask of the server: the `HostApi` callbacks (log,
+//! levels, timeouts, bucket, other plugins, database), served on each
+//! plugin's own pipe and answered in the name of that plugin.
+//!
+//! Invariant: a plugin acts only as itself: bucket objects it creates have
+//! creator `plugin.NAME`, and database access needs `db: true` in its own
+//! server config. A refused or failed callback is a JSON-RPC error to the
+//! plugin, never a crash of the server.
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use base64::Engine;
+use jsonrpsee::core::RpcResult;
+use jsonrpsee::types::ErrorObjectOwned;
+use roboger_plugin_sdk::protocol::{BucketObject, HostApiServer, codes};
+use serde_json::Value;
+
+use crate::config::DbBackend;
+use crate::level::Level;
+use crate::store::{NewObject, Store, StoreError};
+use crate::supervisor::{CallError, WeakSupervisor};
+
+/// What the callbacks need from the server, shared by all plugins.
+#[derive(Debug)]
+pub struct HostContext {
+    store: Store,
+    timeout: Duration,
+    use_limits: bool,
+    bucket_default_expires: Duration,
+    supervisor: OnceLock<WeakSupervisor>,
+}
+
+impl HostContext {
+    /// The context for a server with this store and settings.
+    pub fn new(
+        store: Store,
+        timeout: Duration,
+        use_limits: bool,
+        bucket_default_expires: Duration,
+    ) -> Arc<HostContext> {
+        Arc::new(HostContext {
+            store,
+            timeout,
+            use_limits,
+            bucket_default_expires,
+            supervisor: OnceLock::new(),
+        })
+    }
+
+    /// Lets `call_plugin` reach the other plugins.
+    pub fn set_supervisor(&self, s: WeakSupervisor) {
+        let _ = self.supervisor.set(s);
+    }
+}
+
+/// The callbacks of one plugin.
+pub struct HostHandler {
+    plugin: String,
+    db_granted: bool,
+    ctx: Arc<HostContext>,
+}
+
+impl HostHandler {
+    /// Callbacks answered in the name of `plugin`.
+    pub fn new(plugin: String, db_granted: bool, ctx: Arc<HostContext>) -> HostHandler {
+        HostHandler {
+            plugin,
+            db_granted,
+            ctx,
+        }
+    }
+}
+
+fn err(code: i32, msg: impl Into<String>) -> ErrorObjectOwned {
+    ErrorObjectOwned::owned(code, msg.into(), None::<()>)
+}
+
+fn store_err(e: StoreError) -> ErrorObjectOwned {
+    match e {
+        StoreError::NotFound(what) => err(codes::NOT_FOUND, format!("{what} not found")),
+        StoreError::Conflict(m) => err(codes::REJECTED, m),
+        StoreError::Db(e) => {
+            tracing::warn!(error = %e, "database error in a plugin callback");
+            err(codes::FAILED, format!("database error: {e}"))
+        }
+    }
+}
+
+fn time(t: chrono::DateTime<chrono::Utc>) -> String {
+    t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+}
+
+#[async_trait::async_trait]
+impl HostApiServer for HostHandler {
+    async fn log(&self, level: Value, message: String) -> RpcResult<()> {
+        let p = self.plugin.as_str();
+        match Level::convert(&level) {
+            Level::Debug => tracing::debug!(plugin = p, "{message}"),
+            Level::Info => tracing::info!(plugin = p, "{message}"),
+            Level::Warning => tracing::warn!(plugin = p, "{message}"),
+            Level::Error | Level::Critical => tracing::error!(plugin = p, "{message}"),
+        }
+        Ok(())
+    }
+
+    async fn get_timeout(&self) -> RpcResult<f64> {
+        Ok(self.ctx.timeout.as_secs_f64())
+    }
+
+    async fn convert_level(&self, level: Value) -> RpcResult<u8> {
+        Ok(Level::convert(&level).code())
+    }
+
+    async fn is_use_limits(&self) -> RpcResult<bool> {
+        Ok(self.ctx.use_limits)
+    }
+
+    async fn is_use_lastrowid(&self) -> RpcResult<bool> {
+        Ok(self.ctx.store.backend() == DbBackend::MySql)
+    }
+
+    async fn bucket_put(
+        &self,
+        content: String,
+        addr_id: Option<i64>,
+        mimetype: Option<String>,
+        fname: Option<String>,
+        public: Option<bool>,
+        metadata: Option<Value>,
+        expires: Option<i64>,
+    ) -> RpcResult<String> {
+        let content = base64::engine::general_purpose::STANDARD
+            .decode(content)
+            .map_err(|e| err(codes::REJECTED, format!("content is not base64: {e}")))?;
+        let metadata = match metadata {
+            None | Some(Value::Null) => Value::Object(Default::default()),
+            Some(m @ Value::Object(_)) => m,
+            Some(_) => return Err(err(codes::REJECTED, "metadata must be an object")),
+        };
+        let expires = match expires {
+            None => self.ctx.bucket_default_expires,
+            Some(s) if s > 0 => Duration::from_secs(s as u64),
+            Some(_) => {
+                return Err(err(
+                    codes::REJECTED,
+                    "expires must be a positive number of seconds",
+                ));
+            }
+        };
+        let mimetype = mimetype
+            .filter(|m| !m.is_empty())
+            .unwrap_or_else(|| crate::bucket::detect_mimetype(&content));
+        if mimetype.len() > 256 || fname.as_ref().is_some_and(|f| f.len() > 256) {
+            return Err(err(
+                codes::REJECTED,
+                "mimetype and fname are at most 256 characters",
+            ));
+        }
+        let obj = NewObject {
+            creator: format!("plugin.{}", self.plugin),
+            addr_id,
+            mimetype,
+            fname,
+            public: public.unwrap_or(false),
+            metadata,
+            expires,
+            content,
+        };
+        self.ctx.store.bucket_put(obj).await.map_err(store_err)
+    }
+
+    async fn bucket_get(&self, object_id: String, public: Option<bool>) -> RpcResult<BucketObject> {
+        let o = self
+            .ctx
+            .store
+            .bucket_get(&object_id, public)
+            .await
+            .map_err(store_err)?;
+        Ok(BucketObject {
+            id: o.id,
+            creator: o.creator,
+            addr_id: o.addr_id,
+            mimetype: o.mimetype,
+            fname: o.fname,
+            size: o.size,
+            public: o.public,
+            metadata: o.metadata.unwrap_or(Value::Object(Default::default())),
+            d: time(o.d),
+            da: o.da.map(time),
+            expires: o.expires,
+            content: base64::engine::general_purpose::STANDARD.encode(&o.content),
+        })
+    }
+
+    async fn bucket_touch(&self, object_id: String) -> RpcResult<()> {
+        self.ctx
+            .store
+            .bucket_touch(&object_id)
+            .await
+            .map_err(store_err)
+    }
+
+    async fn bucket_delete(&self, object_id: String) -> RpcResult<()> {
+        self.ctx
+            .store
+            .bucket_delete(&object_id)
+            .await
+            .map_err(store_err)
+    }
+
+    async fn call_plugin(
+        &self,
+        plugin_name: String,
+        method: String,
+        params: Option<Value>,
+    ) -> RpcResult<Value> {
+        let sup = self
+            .ctx
+            .supervisor
+            .get()
+            .and_then(|w| w.upgrade())
+            .ok_or_else(|| err(codes::FAILED, "the server is shutting down"))?;
+        let params = match params {
+            None | Some(Value::Null) => Default::default(),
+            Some(Value::Object(m)) => m,
+            Some(_) => {
+                return Err(err(
+                    codes::REJECTED,
+                    "params must be an object (named params)",
+                ));
+            }
+        };
+        sup.call(&plugin_name, &method, params)
+            .await
+            .map_err(|e| match e {
+                CallError::NotConfigured(_) => err(codes::NOT_FOUND, e.to_string()),
+                CallError::Rejected(m) => err(codes::REJECTED, m),
+                other => err(codes::FAILED, other.to_string()),
+            })
+    }
+
+    async fn db_query(
+        &self,
+        sql: String,
+        params: Option<serde_json::Map<String, Value>>,
+    ) -> RpcResult<Vec<Value>> {
+        self.check_db()?;
+        self.ctx
+            .store
+            .plugin_query(&sql, &params.unwrap_or_default())
+            .await
+            .map_err(store_err)
+    }
+
+    async fn db_execute(
+        &self,
+        sql: String,
+        params: Option<serde_json::Map<String, Value>>,
+    ) -> RpcResult<u64> {
+        self.check_db()?;
+        self.ctx
+            .store
+            .plugin_execute(&sql, &params.unwrap_or_default())
+            .await
+            .map_err(store_err)
+    }
+}
+
+impl HostHandler {
+    fn check_db(&self) -> RpcResult<()> {
+        if self.db_granted {
+            Ok(())
+        } else {
+            Err(err(
+                codes::FORBIDDEN,
+                format!(
+                    "database access is not granted to plugin {} (set db: true in its server config)",
+                    self.plugin
+                ),
+            ))
+        }
+    }
+}

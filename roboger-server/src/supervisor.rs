@@ -1,0 +1,844 @@
+//! The plugin supervisor: runs every configured plugin as a child process,
+//! speaks JSON-RPC to it over its stdin/stdout, and keeps it running.
+//!
+//! Each plugin has a slot and one task that owns its child: spawn,
+//! handshake (`hello`, with a protocol version check), then
+//! `validate_plugin_config` and `load`; then it waits for the child to
+//! exit, the pipe to close or carry garbage, a health ping to go
+//! unanswered, a restart request or shutdown. A crashed plugin is
+//! restarted with exponential backoff; too many crashes in a window mark
+//! it failed (retried slowly, or restarted by hand). An incompatible
+//! protocol or a refused plugin config is permanent until restarted by
+//! hand: no restart loop.
+//!
+//! Invariant: calls to a plugin go through [`Supervisor::call`], which
+//! bounds the calls in flight (per plugin) and never waits forever: a call
+//! in flight when the plugin dies fails at once with an error the caller
+//! can retry.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::time::Duration;
+
+use jsonrpsee::core::client::{ClientT, Error as ClientError};
+use jsonrpsee::core::params::ObjectParams;
+use roboger_plugin_sdk::protocol::{self, Manifest, PluginApiClient, codes};
+use roboger_plugin_sdk::rpc::{NotificationHandler, Peer, PeerOptions};
+use serde::Serialize;
+use serde_json::Value;
+use tokio::io::AsyncBufReadExt;
+use tokio::process::{Child, Command};
+use tokio::sync::{Semaphore, watch};
+use tokio::time::Instant;
+
+use crate::config::PluginConfig;
+use crate::host::{HostContext, HostHandler};
+
+/// Why a call to a plugin did not succeed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CallError {
+    /// No plugin of that name is configured.
+    #[error("no such plugin: {0}")]
+    NotConfigured(String),
+    /// The plugin refused the input; the message is the plugin's.
+    #[error("{0}")]
+    Rejected(String),
+    /// The plugin failed doing the work; retry later.
+    #[error("{0}")]
+    Failed(String),
+    /// The plugin is not running (or died during the call); retry later.
+    #[error("plugin {0} is not available: {1}")]
+    Unavailable(String, String),
+}
+
+/// Tunables of the supervisor (the defaults suit production).
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Timeout of every call (the config's `timeout`).
+    pub timeout: Duration,
+    /// Longest message a plugin may write.
+    pub max_line: usize,
+    /// How often a running plugin is pinged.
+    pub health_interval: Duration,
+    /// How long a plugin may take to exit after `shutdown` and EOF.
+    pub shutdown_grace: Duration,
+    /// Restart backoff.
+    pub backoff: BackoffPolicy,
+}
+
+impl Options {
+    /// Production defaults with the given call timeout and line limit.
+    pub fn new(timeout: Duration, max_line: usize) -> Options {
+        Options {
+            timeout,
+            max_line,
+            health_interval: Duration::from_secs(10),
+            shutdown_grace: Duration::from_secs(3),
+            backoff: BackoffPolicy::default(),
+        }
+    }
+}
+
+/// Restart delays and the crash budget.
+#[derive(Debug, Clone, Copy)]
+pub struct BackoffPolicy {
+    /// The first delay.
+    pub initial: Duration,
+    /// The longest delay.
+    pub max: Duration,
+    /// Running this long without trouble resets the delay.
+    pub healthy_after: Duration,
+    /// More crashes than this within `window` mark the plugin failed.
+    pub max_crashes: usize,
+    /// The crash-counting window.
+    pub window: Duration,
+    /// How often a failed plugin is retried.
+    pub failed_retry: Duration,
+}
+
+impl Default for BackoffPolicy {
+    fn default() -> Self {
+        BackoffPolicy {
+            initial: Duration::from_millis(100),
+            max: Duration::from_secs(30),
+            healthy_after: Duration::from_secs(60),
+            max_crashes: 5,
+            window: Duration::from_secs(60),
+            failed_retry: Duration::from_secs(300),
+        }
+    }
+}
+
+/// Restart bookkeeping: exponential delays and crashes in a window.
+#[derive(Debug)]
+pub struct Backoff {
+    policy: BackoffPolicy,
+    next: Duration,
+    crashes: VecDeque<Instant>,
+}
+
+/// What to do after a crash.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AfterCrash {
+    /// Restart after this delay.
+    Restart(Duration),
+    /// Too many crashes: mark failed and retry after this delay.
+    Failed(Duration),
+}
+
+impl Backoff {
+    /// Fresh bookkeeping.
+    pub fn new(policy: BackoffPolicy) -> Backoff {
+        Backoff {
+            policy,
+            next: policy.initial,
+            crashes: VecDeque::new(),
+        }
+    }
+
+    /// Records a crash of a run that started at `started` and says what
+    /// to do. A run that lasted `healthy_after` first resets the delay.
+    pub fn crashed(&mut self, started: Option<Instant>) -> AfterCrash {
+        let now = Instant::now();
+        if started.is_some_and(|s| now.duration_since(s) >= self.policy.healthy_after) {
+            self.next = self.policy.initial;
+        }
+        self.crashes.push_back(now);
+        while self
+            .crashes
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > self.policy.window)
+        {
+            self.crashes.pop_front();
+        }
+        if self.crashes.len() > self.policy.max_crashes {
+            self.crashes.clear();
+            self.next = self.policy.initial;
+            return AfterCrash::Failed(self.policy.failed_retry);
+        }
+        let delay = self.next;
+        self.next = (self.next * 2).min(self.policy.max);
+        AfterCrash::Restart(delay)
+    }
+
+    /// Forgets past crashes (a restart by hand).
+    pub fn reset(&mut self) {
+        self.next = self.policy.initial;
+        self.crashes.clear();
+    }
+}
+
+/// Where a plugin is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum State {
+    /// Being spawned or handshaking.
+    Starting,
+    /// Serving calls.
+    Running,
+    /// Crashed; waiting to restart.
+    Restarting,
+    /// Crashed too often; retried slowly or by hand.
+    Failed,
+    /// Refused (incompatible protocol, rejected config, executable
+    /// mismatch); restarted only by hand.
+    Refused,
+    /// Shut down with the server.
+    Stopped,
+}
+
+/// A plugin's status as `GET /manage/v2/plugin` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Status {
+    pub plugin_name: String,
+    pub version: Option<String>,
+    pub description: Option<String>,
+    pub url: Option<String>,
+    pub state: State,
+    pub pid: Option<u32>,
+    pub restarts: u64,
+    pub last_error: Option<String>,
+    /// Seconds since the current process started serving.
+    pub uptime: Option<u64>,
+}
+
+struct Conn {
+    peer: Peer,
+    manifest: Manifest,
+    pid: Option<u32>,
+    started: Instant,
+}
+
+struct Slot {
+    cfg: PluginConfig,
+    conn: RwLock<Option<Arc<Conn>>>,
+    status: Mutex<SlotStatus>,
+    inflight: Semaphore,
+    restart: tokio::sync::Notify,
+    first_start: watch::Sender<bool>,
+}
+
+struct SlotStatus {
+    state: State,
+    restarts: u64,
+    last_error: Option<String>,
+    manifest: Option<Manifest>,
+}
+
+/// Every configured plugin, supervised.
+pub struct Supervisor {
+    slots: BTreeMap<String, Arc<Slot>>,
+    opts: Options,
+    shutdown: watch::Sender<bool>,
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for Supervisor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Supervisor")
+            .field("plugins", &self.slots.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl Supervisor {
+    /// Starts supervising `plugins`; callbacks are served with `host`.
+    /// Returns at once; see [`Supervisor::wait_started`].
+    pub fn start(
+        plugins: Vec<PluginConfig>,
+        opts: Options,
+        host: Arc<HostContext>,
+    ) -> Arc<Supervisor> {
+        let (shutdown, _) = watch::channel(false);
+        let slots = plugins
+            .into_iter()
+            .map(|cfg| {
+                let slot = Slot {
+                    inflight: Semaphore::new(cfg.max_inflight),
+                    conn: RwLock::new(None),
+                    status: Mutex::new(SlotStatus {
+                        state: State::Starting,
+                        restarts: 0,
+                        last_error: None,
+                        manifest: None,
+                    }),
+                    restart: tokio::sync::Notify::new(),
+                    first_start: watch::channel(false).0,
+                    cfg,
+                };
+                (slot.cfg.name.clone(), Arc::new(slot))
+            })
+            .collect();
+        let sup = Arc::new(Supervisor {
+            slots,
+            opts,
+            shutdown,
+            tasks: Mutex::new(Vec::new()),
+        });
+        host.set_supervisor(Arc::downgrade(&sup));
+        let mut tasks = Vec::new();
+        for slot in sup.slots.values() {
+            tasks.push(tokio::spawn(supervise(
+                slot.clone(),
+                sup.opts.clone(),
+                host.clone(),
+                sup.shutdown.subscribe(),
+            )));
+        }
+        if let Ok(mut t) = sup.tasks.lock() {
+            *t = tasks;
+        }
+        sup
+    }
+
+    /// Waits (at most `limit`) until every plugin's first start attempt
+    /// has finished, so the first requests find them running.
+    pub async fn wait_started(&self, limit: Duration) {
+        let all = async {
+            for slot in self.slots.values() {
+                let mut rx = slot.first_start.subscribe();
+                let _ = rx.wait_for(|done| *done).await;
+            }
+        };
+        let _ = tokio::time::timeout(limit, all).await;
+    }
+
+    /// Whether a plugin of that name is configured.
+    pub fn is_configured(&self, name: &str) -> bool {
+        self.slots.contains_key(name)
+    }
+
+    /// The status of every plugin, by name.
+    pub fn list(&self) -> Vec<Status> {
+        self.slots.values().map(|s| status_of(s)).collect()
+    }
+
+    /// Restarts a plugin now (also one that failed or was refused).
+    pub fn restart(&self, name: &str) -> Result<(), CallError> {
+        let slot = self
+            .slots
+            .get(name)
+            .ok_or_else(|| CallError::NotConfigured(name.to_string()))?;
+        slot.restart.notify_one();
+        Ok(())
+    }
+
+    /// Calls `method` of plugin `name` with named `params`. A method the
+    /// plugin's manifest does not list is skipped (`Ok(Value::Null)`),
+    /// except `send`, `hello` and `ping`.
+    pub async fn call(
+        &self,
+        name: &str,
+        method: &str,
+        params: serde_json::Map<String, Value>,
+    ) -> Result<Value, CallError> {
+        let slot = self
+            .slots
+            .get(name)
+            .ok_or_else(|| CallError::NotConfigured(name.to_string()))?;
+        let unavailable = |why: String| CallError::Unavailable(name.to_string(), why);
+        let permit = tokio::time::timeout(self.opts.timeout, slot.inflight.acquire())
+            .await
+            .map_err(|_| unavailable("too many calls in flight".into()))?
+            .map_err(|_| unavailable("shutting down".into()))?;
+        let conn = slot
+            .conn
+            .read()
+            .ok()
+            .and_then(|c| c.clone())
+            .ok_or_else(|| unavailable(format!("it is {}", state_name(slot))))?;
+        if protocol::OPTIONAL_METHODS.contains(&method)
+            && !conn.manifest.methods.iter().any(|m| m == method)
+        {
+            return Ok(Value::Null);
+        }
+        let mut p = ObjectParams::new();
+        for (k, v) in params {
+            p.insert(&k, v)
+                .map_err(|e| CallError::Failed(e.to_string()))?;
+        }
+        let r = conn.peer.client().request::<Value, _>(method, p).await;
+        drop(permit);
+        r.map_err(|e| match e {
+            ClientError::Call(obj) if obj.code() == codes::REJECTED => {
+                CallError::Rejected(obj.message().to_string())
+            }
+            ClientError::Call(obj)
+                if obj.code() == jsonrpsee::types::error::METHOD_NOT_FOUND_CODE =>
+            {
+                CallError::Rejected(format!("plugin {name} has no method {method}"))
+            }
+            ClientError::Call(obj) => CallError::Failed(obj.message().to_string()),
+            ClientError::RequestTimeout => unavailable(format!("{method} timed out")),
+            other => unavailable(other.to_string()),
+        })
+    }
+
+    /// Asks plugin `name` to check an endpoint config.
+    pub async fn validate_config(&self, name: &str, config: &Value) -> Result<(), CallError> {
+        let mut p = serde_json::Map::new();
+        p.insert("config".into(), config.clone());
+        self.call(name, "validate_config", p).await.map(|_| ())
+    }
+
+    /// Runs every running plugin's `cleanup`, logging failures.
+    pub async fn cleanup(&self) {
+        for name in self.slots.keys() {
+            if let Err(e) = self.call(name, "cleanup", Default::default()).await {
+                tracing::warn!(plugin = %name, error = %e, "plugin cleanup failed");
+            }
+        }
+    }
+
+    /// Stops every plugin: `shutdown` notification, stdin closed, a grace
+    /// period, then SIGTERM, then SIGKILL. Returns when all have exited.
+    pub async fn shutdown(&self) {
+        let _ = self.shutdown.send(true);
+        let tasks = self
+            .tasks
+            .lock()
+            .map(|mut t| std::mem::take(&mut *t))
+            .unwrap_or_default();
+        for t in tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+fn state_name(slot: &Slot) -> String {
+    slot.status
+        .lock()
+        .map(|s| format!("{:?}", s.state).to_lowercase())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+fn status_of(slot: &Slot) -> Status {
+    let conn = slot.conn.read().ok().and_then(|c| c.clone());
+    let st = slot.status.lock();
+    let (state, restarts, last_error, manifest) = match &st {
+        Ok(s) => (
+            s.state,
+            s.restarts,
+            s.last_error.clone(),
+            s.manifest.clone(),
+        ),
+        Err(_) => (State::Failed, 0, Some("status unavailable".into()), None),
+    };
+    let manifest = manifest.unwrap_or_default();
+    Status {
+        plugin_name: slot.cfg.name.clone(),
+        version: manifest.version,
+        description: manifest.description,
+        url: manifest.url,
+        state,
+        pid: conn.as_ref().and_then(|c| c.pid),
+        restarts,
+        last_error,
+        uptime: conn.map(|c| c.started.elapsed().as_secs()),
+    }
+}
+
+fn set_state(slot: &Slot, state: State, error: Option<String>) {
+    if let Ok(mut s) = slot.status.lock() {
+        s.state = state;
+        if error.is_some() {
+            s.last_error = error;
+        }
+    }
+}
+
+/// Why starting a plugin did not give a running plugin.
+enum StartError {
+    /// Permanent until restarted by hand.
+    Refused(String),
+    /// A crash: restart with backoff.
+    Crashed(String),
+}
+
+/// Why a running plugin stopped running.
+enum Ended {
+    Crashed(String),
+    RestartRequested,
+    Shutdown,
+}
+
+async fn supervise(
+    slot: Arc<Slot>,
+    opts: Options,
+    host: Arc<HostContext>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let name = slot.cfg.name.clone();
+    let mut backoff = Backoff::new(opts.backoff);
+    loop {
+        if *shutdown.borrow() {
+            break;
+        }
+        set_state(&slot, State::Starting, None);
+        let started = start_once(&slot, &opts, &host).await;
+        slot.first_start.send_replace(true);
+        let delay = match started {
+            Ok((conn, child)) => {
+                let run_started = conn.started;
+                if let Ok(mut s) = slot.status.lock() {
+                    s.state = State::Running;
+                    s.manifest = Some(conn.manifest.clone());
+                }
+                if let Ok(mut c) = slot.conn.write() {
+                    *c = Some(conn.clone());
+                }
+                tracing::info!(plugin = %name, pid = ?conn.pid, "plugin running");
+                let ended = run_until_end(&slot, &opts, conn, child, &mut shutdown).await;
+                match ended {
+                    Ended::Shutdown => break,
+                    Ended::RestartRequested => {
+                        tracing::info!(plugin = %name, "plugin restart requested");
+                        backoff.reset();
+                        continue;
+                    }
+                    Ended::Crashed(why) => {
+                        tracing::warn!(plugin = %name, "plugin stopped: {why}");
+                        crash_delay(&slot, &mut backoff, Some(run_started), why)
+                    }
+                }
+            }
+            Err(StartError::Refused(why)) => {
+                tracing::error!(plugin = %name, "plugin refused and kept out: {why}");
+                set_state(&slot, State::Refused, Some(why));
+                tokio::select! {
+                    _ = slot.restart.notified() => { backoff.reset(); continue; }
+                    _ = shutdown.wait_for(|s| *s) => break,
+                }
+            }
+            Err(StartError::Crashed(why)) => {
+                tracing::warn!(plugin = %name, "plugin failed to start: {why}");
+                crash_delay(&slot, &mut backoff, None, why)
+            }
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = slot.restart.notified() => backoff.reset(),
+            _ = shutdown.wait_for(|s| *s) => break,
+        }
+    }
+    set_state(&slot, State::Stopped, None);
+}
+
+fn crash_delay(
+    slot: &Slot,
+    backoff: &mut Backoff,
+    started: Option<Instant>,
+    why: String,
+) -> Duration {
+    if let Ok(mut s) = slot.status.lock() {
+        s.restarts += 1;
+        s.last_error = Some(why);
+    }
+    match backoff.crashed(started) {
+        AfterCrash::Restart(d) => {
+            set_state(slot, State::Restarting, None);
+            d
+        }
+        AfterCrash::Failed(d) => {
+            tracing::error!(plugin = %slot.cfg.name, "plugin crashes too often; marked failed, retrying in {d:?}");
+            set_state(slot, State::Failed, None);
+            d
+        }
+    }
+}
+
+async fn run_until_end(
+    slot: &Slot,
+    opts: &Options,
+    conn: Arc<Conn>,
+    mut child: Child,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Ended {
+    let health = async {
+        loop {
+            tokio::time::sleep(opts.health_interval).await;
+            let ping = tokio::time::timeout(opts.timeout, conn.peer.client().ping()).await;
+            match ping {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return format!("health ping failed: {e}"),
+                Err(_) => return "health ping was not answered in time".to_string(),
+            }
+        }
+    };
+    let ended = tokio::select! {
+        status = child.wait() => Ended::Crashed(match status {
+            Ok(s) => format!("process exited ({s})"),
+            Err(e) => format!("cannot wait for the process: {e}"),
+        }),
+        reason = conn.peer.closed() => Ended::Crashed(format!("connection closed: {reason}")),
+        why = health => Ended::Crashed(why),
+        _ = slot.restart.notified() => Ended::RestartRequested,
+        _ = shutdown.wait_for(|s| *s) => Ended::Shutdown,
+    };
+    // Calls in flight fail now: drop the connection (closing the pipes).
+    if let Ok(mut c) = slot.conn.write() {
+        *c = None;
+    }
+    if matches!(ended, Ended::Shutdown) {
+        let _ = conn
+            .peer
+            .notify(protocol::SHUTDOWN_NOTIFICATION, Value::Null)
+            .await;
+    }
+    drop(conn);
+    stop_child(
+        &mut child,
+        opts.shutdown_grace,
+        matches!(ended, Ended::Shutdown),
+    )
+    .await;
+    ended
+}
+
+/// Ends a child: after a graceful request waits `grace` for it to exit,
+/// then SIGTERM to its process group, then SIGKILL.
+async fn stop_child(child: &mut Child, grace: Duration, graceful: bool) {
+    if let Ok(Some(_)) = child.try_wait() {
+        return;
+    }
+    let group = child
+        .id()
+        .and_then(|p| rustix::process::Pid::from_raw(p as i32));
+    if graceful {
+        if tokio::time::timeout(grace, child.wait()).await.is_ok() {
+            return;
+        }
+        if let Some(pid) = group {
+            let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::TERM);
+            if tokio::time::timeout(Duration::from_secs(2), child.wait())
+                .await
+                .is_ok()
+            {
+                return;
+            }
+        }
+    }
+    // A misbehaving plugin (or one that ignored SIGTERM) is killed with
+    // everything it started.
+    if let Some(pid) = group {
+        let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
+    }
+    let _ = child.start_kill();
+    let _ = child.wait().await;
+}
+
+/// The executable for a plugin: its `command`, else `roboger-plugin-NAME`
+/// next to the server binary, else on PATH.
+pub fn executable(cfg: &PluginConfig) -> PathBuf {
+    if let Some(c) = &cfg.command {
+        return c.clone();
+    }
+    let file = format!("roboger-plugin-{}", cfg.name);
+    if let Some(dir) = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(PathBuf::from))
+    {
+        let p = dir.join(&file);
+        if p.is_file() {
+            return p;
+        }
+    }
+    PathBuf::from(file)
+}
+
+/// Environment variables a plugin never inherits.
+const SECRET_ENV: [&str; 3] = ["ROBOGER_MASTERKEY", "ROBOGER_DB", "ROBOGER_CONFIG"];
+
+async fn start_once(
+    slot: &Arc<Slot>,
+    opts: &Options,
+    host: &Arc<HostContext>,
+) -> Result<(Arc<Conn>, Child), StartError> {
+    let cfg = &slot.cfg;
+    let exe = executable(cfg);
+    if let Some(want) = &cfg.sha256 {
+        let path = resolve_on_path(&exe).ok_or_else(|| {
+            StartError::Refused(format!("executable {} not found", exe.display()))
+        })?;
+        let got = file_sha256(&path)
+            .await
+            .map_err(|e| StartError::Refused(format!("cannot read {}: {e}", path.display())))?;
+        if &got != want {
+            return Err(StartError::Refused(format!(
+                "executable {} has SHA-256 {got}, but the config pins {want}",
+                path.display()
+            )));
+        }
+    }
+    let mut cmd = Command::new(&exe);
+    for k in SECRET_ENV {
+        cmd.env_remove(k);
+    }
+    cmd.envs(&cfg.env)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .process_group(0);
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| StartError::Crashed(format!("cannot start {}: {e}", exe.display())))?;
+    let pid = child.id();
+    let (Some(stdin), Some(stdout), Some(stderr)) =
+        (child.stdin.take(), child.stdout.take(), child.stderr.take())
+    else {
+        return Err(StartError::Crashed("child has no pipes".into()));
+    };
+    let name = cfg.name.clone();
+    tokio::spawn(async move {
+        let mut lines = tokio::io::BufReader::new(stderr).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            tracing::info!(plugin = %name, "{line}");
+        }
+    });
+    let name = cfg.name.clone();
+    let on_notification: NotificationHandler = Arc::new(move |method, params| {
+        tracing::debug!(plugin = %name, method, %params, "notification from plugin");
+    });
+    let handler = HostHandler::new(cfg.name.clone(), cfg.db, host.clone());
+    let peer = Peer::start(
+        stdout,
+        stdin,
+        PeerOptions {
+            max_line: opts.max_line,
+            call_timeout: opts.timeout,
+            max_outgoing: cfg.max_inflight + 2,
+            max_incoming: cfg.max_inflight.max(16),
+        },
+        move |_client| {
+            use roboger_plugin_sdk::protocol::HostApiServer;
+            handler.into_rpc().into()
+        },
+        on_notification,
+    );
+    let hello = async {
+        tokio::select! {
+            r = peer.client().hello(env!("CARGO_PKG_VERSION").to_string(), protocol::PROTOCOL_VERSION.to_string()) => r.map_err(|e| e.to_string()),
+            reason = peer.closed() => Err(format!("connection closed before the handshake: {reason}")),
+        }
+    };
+    let manifest = match tokio::time::timeout(opts.timeout, hello).await {
+        Err(_) => return Err(StartError::Crashed("no answer to the handshake".into())),
+        Ok(Err(e)) if e.contains("not compatible") => {
+            return Err(StartError::Refused(format!("incompatible protocol: {e}")));
+        }
+        Ok(Err(e)) => return Err(StartError::Crashed(format!("handshake failed: {e}"))),
+        Ok(Ok(m)) => m,
+    };
+    if !protocol::compatible(&manifest.protocol_version) {
+        return Err(StartError::Refused(format!(
+            "incompatible protocol: the plugin speaks {}, the server {}",
+            manifest.protocol_version,
+            protocol::PROTOCOL_VERSION
+        )));
+    }
+    let plugin_config = Value::Object(cfg.config.clone());
+    let has = |m: &str| manifest.methods.iter().any(|x| x == m);
+    for method in ["validate_plugin_config", "load"] {
+        if !has(method) {
+            continue;
+        }
+        let r = match method {
+            "load" => peer.client().load(plugin_config.clone()).await,
+            _ => {
+                peer.client()
+                    .validate_plugin_config(plugin_config.clone())
+                    .await
+            }
+        };
+        match r {
+            Ok(()) => {}
+            Err(ClientError::Call(obj)) => {
+                return Err(StartError::Refused(format!(
+                    "{method} refused the plugin config: {}",
+                    obj.message()
+                )));
+            }
+            Err(e) => return Err(StartError::Crashed(format!("{method} failed: {e}"))),
+        }
+    }
+    Ok((
+        Arc::new(Conn {
+            peer,
+            manifest,
+            pid,
+            started: Instant::now(),
+        }),
+        child,
+    ))
+}
+
+fn resolve_on_path(exe: &std::path::Path) -> Option<PathBuf> {
+    if exe.components().count() > 1 {
+        return exe.is_file().then(|| exe.to_path_buf());
+    }
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join(exe))
+            .find(|p| p.is_file())
+    })
+}
+
+async fn file_sha256(path: &std::path::Path) -> std::io::Result<String> {
+    use sha2::{Digest, Sha256};
+    let bytes = tokio::fs::read(path).await?;
+    Ok(Sha256::digest(&bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
+}
+
+/// A weak handle, for the host callbacks (`call_plugin`).
+pub type WeakSupervisor = Weak<Supervisor>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn backoff_doubles_caps_resets_and_fails() {
+        let policy = BackoffPolicy::default();
+        let mut b = Backoff::new(policy);
+        let mut delays = Vec::new();
+        for _ in 0..5 {
+            match b.crashed(Some(Instant::now())) {
+                AfterCrash::Restart(d) => {
+                    delays.push(d.as_millis());
+                    tokio::time::sleep(d).await;
+                }
+                AfterCrash::Failed(_) => panic!("too early"),
+            }
+        }
+        assert_eq!(delays, [100, 200, 400, 800, 1600]);
+        // The sixth crash within the minute marks it failed.
+        assert_eq!(b.crashed(None), AfterCrash::Failed(policy.failed_retry));
+
+        // Spread out crashes never fail, and the delay is capped.
+        let mut b = Backoff::new(policy);
+        let mut last = Duration::ZERO;
+        for _ in 0..20 {
+            if let AfterCrash::Restart(d) = b.crashed(None) {
+                last = d;
+            } else {
+                panic!("crashes were spread over time");
+            }
+            tokio::time::sleep(Duration::from_secs(20)).await;
+        }
+        assert_eq!(last, policy.max);
+
+        // A run that stayed healthy for a minute starts over at 100 ms.
+        let started = Instant::now();
+        tokio::time::sleep(Duration::from_secs(61)).await;
+        assert_eq!(
+            b.crashed(Some(started)),
+            AfterCrash::Restart(policy.initial)
+        );
+    }
+}

@@ -1,0 +1,220 @@
+//! A plugin that misbehaves on demand, to drive the supervisor's tests
+//! (the way nushell tests its plugin engine). Written with the SDK except
+//! where the misbehaviour is below it.
+//!
+//! `TEST_PLUGIN_MODE` (environment): `normal` (default),
+//! `exit-before-handshake`, `wrong-version`, `garbage`, `flood`,
+//! `refuse-config`. `TEST_PLUGIN_RECORD`: a file that gets one JSON line
+//! per call (method and every param received).
+//!
+//! An endpoint config steers `send`: `{"reject": "msg"}` is refused by
+//! `validate_config`; `{"crash": true}` exits mid-call; `{"hang": true}`
+//! never answers; `{"freeze": true}` stops the whole process (SIGSTOP);
+//! `{"fail": "msg"}` fails; `{"slow": ms}` answers after a while;
+//! `{"callbacks": true}` calls back into the server and records what it got.
+
+use std::io::{BufRead, Write};
+
+use roboger_plugin_sdk::protocol::HostApiClient;
+use roboger_plugin_sdk::{Event, Host, Info, Plugin, PluginError, run};
+use serde_json::{Value, json};
+
+fn record(v: Value) {
+    if let Ok(path) = std::env::var("TEST_PLUGIN_RECORD") {
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+        {
+            let _ = writeln!(f, "{v}");
+        }
+    }
+}
+
+struct Chaos {
+    refuse_config: bool,
+}
+
+#[roboger_plugin_sdk::async_trait]
+impl Plugin for Chaos {
+    fn info(&self) -> Info {
+        Info {
+            name: "test",
+            version: "9.9.9",
+            description: "misbehaves on demand",
+            url: Some("https://example.invalid/test-plugin"),
+            http: false,
+        }
+    }
+
+    async fn validate_plugin_config(
+        &self,
+        plugin_config: &Value,
+        _host: &Host,
+    ) -> Result<(), PluginError> {
+        record(json!({"method": "validate_plugin_config", "plugin_config": plugin_config}));
+        if self.refuse_config {
+            return Err(PluginError::rejected(
+                "this test plugin refuses every plugin config",
+            ));
+        }
+        Ok(())
+    }
+
+    async fn load(&self, plugin_config: &Value, _host: &Host) -> Result<(), PluginError> {
+        record(
+            json!({"method": "load", "plugin_config": plugin_config, "pid": std::process::id()}),
+        );
+        Ok(())
+    }
+
+    async fn validate_config(&self, config: &Value, _host: &Host) -> Result<(), PluginError> {
+        record(json!({"method": "validate_config", "config": config}));
+        match config.get("reject") {
+            Some(msg) => Err(PluginError::rejected(msg.as_str().unwrap_or("rejected"))),
+            None => Ok(()),
+        }
+    }
+
+    async fn cleanup(&self, _host: &Host) -> Result<(), PluginError> {
+        record(json!({"method": "cleanup"}));
+        Ok(())
+    }
+
+    async fn send(&self, e: Event, host: &Host) -> Result<(), PluginError> {
+        let c = &e.config;
+        if c.get("crash").is_some() {
+            std::process::exit(1);
+        }
+        if c.get("freeze").is_some() {
+            let _ = rustix::process::kill_process(
+                rustix::process::getpid(),
+                rustix::process::Signal::STOP,
+            );
+        }
+        if c.get("hang").is_some() {
+            std::future::pending::<()>().await;
+        }
+        if let Some(ms) = c.get("slow").and_then(Value::as_u64) {
+            tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+        }
+        let mut callbacks = Value::Null;
+        if c.get("callbacks").is_some() {
+            callbacks = run_callbacks(host, &e).await.map_err(PluginError::failed)?;
+        }
+        record(json!({
+            "method": "send",
+            "pid": std::process::id(),
+            "config": e.config, "event_id": e.event_id, "addr": e.addr, "addr_id": e.addr_id,
+            "msg": e.msg, "subject": e.subject, "formatted_subject": e.formatted_subject,
+            "level": e.level, "level_name": e.level_name, "location": e.location, "tag": e.tag,
+            "sender": e.sender, "media": e.media, "media_encoded": e.media_encoded,
+            "media_fname": e.media_fname, "callbacks": callbacks,
+        }));
+        if let Some(msg) = c.get("fail") {
+            return Err(PluginError::failed(msg.as_str().unwrap_or("failed")));
+        }
+        Ok(())
+    }
+}
+
+async fn run_callbacks(host: &Host, e: &Event) -> Result<Value, String> {
+    let c = host.client();
+    let s = |e: jsonrpsee_err::Error| e.to_string();
+    c.log(
+        json!("warning"),
+        format!("callback log from event {}", e.event_id),
+    )
+    .await
+    .map_err(s)?;
+    let timeout = c.get_timeout().await.map_err(s)?;
+    let level = c.convert_level(json!("crit")).await.map_err(s)?;
+    let limits = c.is_use_limits().await.map_err(s)?;
+    let id = host
+        .bucket_put(
+            b"hello bucket",
+            Some(e.addr_id),
+            None,
+            Some("hello.txt"),
+            true,
+            Some(json!({"k": "v"})),
+            Some(60),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    let obj = host.bucket_get(&id).await.map_err(|e| e.to_string())?;
+    c.bucket_touch(id.clone()).await.map_err(s)?;
+    let db = c.db_query("SELECT 1 AS one".into(), None).await.map_err(s);
+    let other = host
+        .call_plugin(
+            "other",
+            "validate_config",
+            json!({"config": {"from": "test"}}),
+        )
+        .await
+        .map_err(|e| e.to_string());
+    Ok(json!({
+        "timeout": timeout, "level": level, "limits": limits,
+        "bucket_id": id, "bucket_creator": obj.creator, "bucket_mimetype": obj.mimetype,
+        "bucket_fname": obj.fname, "bucket_content": obj.content,
+        "db": db.map_err(|e| e.to_string()).map(Value::from).unwrap_or_else(|e| json!({"error": e})),
+        "call_plugin": other.unwrap_or_else(|e| json!({"error": e})),
+    }))
+}
+
+mod jsonrpsee_err {
+    pub use jsonrpsee::core::client::Error;
+}
+
+/// Answers the handshake with an incompatible protocol version.
+fn wrong_version() {
+    let stdin = std::io::stdin();
+    let mut out = std::io::stdout();
+    for line in stdin.lock().lines().map_while(Result::ok) {
+        let Ok(v) = serde_json::from_str::<Value>(&line) else {
+            continue;
+        };
+        if v["method"] == "hello" {
+            let answer = json!({"jsonrpc": "2.0", "id": v["id"], "result": {
+                "protocol_version": "99.0", "name": "test", "methods": []}});
+            let _ = writeln!(out, "{answer}");
+            let _ = out.flush();
+        }
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    let mode = std::env::var("TEST_PLUGIN_MODE").unwrap_or_default();
+    record(
+        json!({"method": "start", "mode": mode, "pid": std::process::id(),
+        "env_masterkey": std::env::var("ROBOGER_MASTERKEY").ok(),
+        "env_extra": std::env::var("TEST_PLUGIN_EXTRA").ok()}),
+    );
+    match mode.as_str() {
+        "exit-before-handshake" => std::process::ExitCode::from(3),
+        "wrong-version" => {
+            wrong_version();
+            std::process::ExitCode::SUCCESS
+        }
+        "garbage" | "flood" => {
+            let mut out = std::io::stdout();
+            if mode == "garbage" {
+                let _ = writeln!(out, "this is not JSON");
+            } else {
+                let n: usize = std::env::var("TEST_PLUGIN_FLOOD")
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(2 << 20);
+                let _ = out.write_all(&vec![b'x'; n]);
+                let _ = writeln!(out);
+            }
+            let _ = out.flush();
+            // Wait for the server to close stdin.
+            for _ in std::io::stdin().lock().lines() {}
+            std::process::ExitCode::SUCCESS
+        }
+        _ => run(Chaos {
+            refuse_config: mode == "refuse-config",
+        }),
+    }
+}
