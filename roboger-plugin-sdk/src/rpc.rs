@@ -160,6 +160,12 @@ impl Peer {
     pub fn is_open(&self) -> bool {
         *self.closed.borrow() == Closed::Open
     }
+
+    /// Why the peer closed, if it has.
+    pub fn close_reason(&self) -> Option<Closed> {
+        let c = self.closed.borrow().clone();
+        (c != Closed::Open).then_some(c)
+    }
 }
 
 impl Drop for Peer {

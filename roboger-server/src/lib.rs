@@ -46,7 +46,8 @@ impl App {
             config.limits.is_some(),
             config.bucket_default_expires,
         );
-        let opts = supervisor::Options::new(config.timeout, config.plugin_max_line);
+        let mut opts = supervisor::Options::new(config.timeout, config.plugin_max_line);
+        opts.health_interval = config.plugin_health_interval;
         let plugins = supervisor::Supervisor::start(config.plugins.clone(), opts, host);
         plugins.wait_started(config.timeout * 2).await;
         App {

@@ -372,7 +372,10 @@ impl Supervisor {
             }
             ClientError::Call(obj) => CallError::Failed(obj.message().to_string()),
             ClientError::RequestTimeout => unavailable(format!("{method} timed out")),
-            other => unavailable(other.to_string()),
+            other => unavailable(match conn.peer.close_reason() {
+                Some(reason) => format!("connection closed during {method}: {reason}"),
+                None => other.to_string(),
+            }),
         })
     }
 
@@ -482,12 +485,12 @@ async fn supervise(
         let delay = match started {
             Ok((conn, child)) => {
                 let run_started = conn.started;
+                if let Ok(mut c) = slot.conn.write() {
+                    *c = Some(conn.clone());
+                }
                 if let Ok(mut s) = slot.status.lock() {
                     s.state = State::Running;
                     s.manifest = Some(conn.manifest.clone());
-                }
-                if let Ok(mut c) = slot.conn.write() {
-                    *c = Some(conn.clone());
                 }
                 tracing::info!(plugin = %name, pid = ?conn.pid, "plugin running");
                 let ended = run_until_end(&slot, &opts, conn, child, &mut shutdown).await;
@@ -578,6 +581,12 @@ async fn run_until_end(
         _ = shutdown.wait_for(|s| *s) => Ended::Shutdown,
     };
     // Calls in flight fail now: drop the connection (closing the pipes).
+    let next = match ended {
+        Ended::Shutdown => State::Stopped,
+        Ended::RestartRequested => State::Starting,
+        Ended::Crashed(_) => State::Restarting,
+    };
+    set_state(slot, next, None);
     if let Ok(mut c) = slot.conn.write() {
         *c = None;
     }
@@ -719,10 +728,17 @@ async fn start_once(
         on_notification,
     );
     let hello = async {
-        tokio::select! {
-            r = peer.client().hello(env!("CARGO_PKG_VERSION").to_string(), protocol::PROTOCOL_VERSION.to_string()) => r.map_err(|e| e.to_string()),
-            reason = peer.closed() => Err(format!("connection closed before the handshake: {reason}")),
-        }
+        let r = peer
+            .client()
+            .hello(
+                env!("CARGO_PKG_VERSION").to_string(),
+                protocol::PROTOCOL_VERSION.to_string(),
+            )
+            .await;
+        r.map_err(|e| match peer.close_reason() {
+            Some(reason) => format!("connection closed: {reason}"),
+            None => e.to_string(),
+        })
     };
     let manifest = match tokio::time::timeout(opts.timeout, hello).await {
         Err(_) => return Err(StartError::Crashed("no answer to the handshake".into())),
@@ -761,7 +777,13 @@ async fn start_once(
                     obj.message()
                 )));
             }
-            Err(e) => return Err(StartError::Crashed(format!("{method} failed: {e}"))),
+            Err(e) => {
+                let why = peer
+                    .close_reason()
+                    .map(|r| format!("connection closed: {r}"))
+                    .unwrap_or(e.to_string());
+                return Err(StartError::Crashed(format!("{method} failed: {why}")));
+            }
         }
     }
     Ok((

@@ -137,13 +137,15 @@ impl Server {
     pub async fn start_with(opts: ServerOptions) -> Server {
         let dir = tempfile::tempdir().expect("tempdir");
         let db = fresh_database(dir.path());
-        let mut yaml = format!(
-            "roboger:\n  db: {db}\n  listen: 127.0.0.1:0\n  timeout: 2\n  master:\n    key: {KEY}\n"
-        );
+        let mut yaml =
+            format!("roboger:\n  db: {db}\n  listen: 127.0.0.1:0\n  master:\n    key: {KEY}\n");
         for line in opts.master_yaml.lines() {
             yaml.push_str("    ");
             yaml.push_str(line);
             yaml.push('\n');
+        }
+        if !opts.yaml.lines().any(|l| l.starts_with("timeout:")) {
+            yaml.push_str("  timeout: 2\n");
         }
         if !opts.plugins.is_empty() || !opts.plugins_yaml.is_empty() {
             yaml.push_str("  plugins:\n");

@@ -70,6 +70,9 @@ impl Plugin for Chaos {
 
     async fn validate_config(&self, config: &Value, _host: &Host) -> Result<(), PluginError> {
         record(json!({"method": "validate_config", "config": config}));
+        if config.get("freeze").is_some() {
+            freeze();
+        }
         match config.get("reject") {
             Some(msg) => Err(PluginError::rejected(msg.as_str().unwrap_or("rejected"))),
             None => Ok(()),
@@ -164,6 +167,11 @@ async fn run_callbacks(host: &Host, e: &Event) -> Result<Value, String> {
 
 mod jsonrpsee_err {
     pub use jsonrpsee::core::client::Error;
+}
+
+/// Stops the whole process, as a hung plugin would look.
+fn freeze() {
+    let _ = rustix::process::kill_process(rustix::process::getpid(), rustix::process::Signal::STOP);
 }
 
 /// Answers the handshake with an incompatible protocol version.

@@ -1,0 +1,404 @@
+//! Plugins as separate processes, seen through the real server: the
+//! manifest and state in `GET /manage/v2/plugin`, endpoint configs checked
+//! by the plugin, restarts by hand, and survival of plugins that crash,
+//! hang, write garbage or speak the wrong protocol. Every plugin here is
+//! the misbehaving test plugin (`tests/src/bin/roboger-test-plugin.rs`).
+
+use std::time::{Duration, Instant};
+
+use roboger_tests::{Method, Server, ServerOptions, Value, assert_status, json, test_plugin_bin};
+
+fn entry(name: &str, mode: &str, extra_env: &str) -> String {
+    format!(
+        "- name: {name}\n  command: {}\n  config: {{answer: 42}}\n  env:\n    TEST_PLUGIN_MODE: '{mode}'\n{extra_env}",
+        test_plugin_bin().display()
+    )
+}
+
+async fn plugin(s: &Server, name: &str) -> Value {
+    let list = s.manage(Method::GET, "/plugin", None).await.json();
+    list.as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["plugin_name"] == name)
+        .cloned()
+        .unwrap_or_else(|| panic!("no plugin {name} in {list}"))
+}
+
+/// Polls a plugin's status until `pred` holds (or panics after 15 s).
+async fn wait_plugin(s: &Server, name: &str, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+    let end = Instant::now() + Duration::from_secs(15);
+    loop {
+        let p = plugin(s, name).await;
+        if pred(&p) {
+            return p;
+        }
+        assert!(
+            Instant::now() < end,
+            "plugin {name} never became {what}: {p}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn records(path: &std::path::Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn pid_alive(pid: u64) -> bool {
+    // A zombie (state Z) is dead for our purpose.
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z'),
+        Err(_) => false,
+    }
+}
+
+#[tokio::test]
+async fn manifest_state_environment_and_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let rec = dir.path().join("rec.jsonl");
+    let s = Server::start_with(ServerOptions {
+        plugins_yaml: entry(
+            "t",
+            "normal",
+            &format!(
+                "    TEST_PLUGIN_RECORD: {}\n    TEST_PLUGIN_EXTRA: extra\n",
+                rec.display()
+            ),
+        ),
+        env: vec![("ROBOGER_MASTERKEY".into(), roboger_tests::KEY.into())],
+        ..Default::default()
+    })
+    .await;
+    let p = plugin(&s, "t").await;
+    assert_eq!(p["state"], "running", "{p}");
+    assert_eq!(
+        (p["version"].as_str(), p["description"].as_str()),
+        (Some("9.9.9"), Some("misbehaves on demand"))
+    );
+    assert_eq!(p["url"], "https://example.invalid/test-plugin");
+    assert_eq!(p["restarts"], 0);
+    let pid = p["pid"].as_u64().unwrap();
+    assert!(pid_alive(pid));
+
+    let r = records(&rec);
+    let start = r.iter().find(|x| x["method"] == "start").unwrap();
+    assert_eq!(
+        start["env_masterkey"],
+        Value::Null,
+        "the master key must not reach plugins"
+    );
+    assert_eq!(start["env_extra"], "extra");
+    let validate = r
+        .iter()
+        .position(|x| x["method"] == "validate_plugin_config")
+        .unwrap();
+    let load = r.iter().position(|x| x["method"] == "load").unwrap();
+    assert!(validate < load, "validate_plugin_config runs before load");
+    assert_eq!(r[load]["plugin_config"], json!({"answer": 42}));
+
+    // Restart by hand: a new process, serving again.
+    assert_status!(
+        s.manage(Method::POST, "/plugin/t", Some(json!({"cmd": "restart"})))
+            .await,
+        204
+    );
+    let p = wait_plugin(&s, "t", "restarted", |p| {
+        p["state"] == "running" && p["pid"].as_u64() != Some(pid)
+    })
+    .await;
+    assert!(!pid_alive(pid), "the old process is gone");
+    assert!(pid_alive(p["pid"].as_u64().unwrap()));
+    assert_status!(
+        s.manage(
+            Method::POST,
+            "/plugin/nope",
+            Some(json!({"cmd": "restart"}))
+        )
+        .await,
+        404
+    );
+    assert_status!(
+        s.manage(Method::POST, "/plugin/t", Some(json!({"cmd": "explode"})))
+            .await,
+        405
+    );
+}
+
+#[tokio::test]
+async fn endpoint_configs_are_checked_by_the_plugin() {
+    let dir = tempfile::tempdir().unwrap();
+    let rec = dir.path().join("rec.jsonl");
+    let s = Server::start_with(ServerOptions {
+        plugins_yaml: entry(
+            "t",
+            "normal",
+            &format!("    TEST_PLUGIN_RECORD: {}\n", rec.display()),
+        ),
+        ..Default::default()
+    })
+    .await;
+    let a = s.manage(Method::POST, "/addr", None).await.json()["id"]
+        .as_i64()
+        .unwrap();
+    let r = s
+        .manage(
+            Method::POST,
+            &format!("/addr/{a}/endpoint"),
+            Some(json!({"plugin_name": "t", "config": {"reject": "url is required"}})),
+        )
+        .await;
+    assert_status!(r, 400);
+    assert!(r.text.contains("url is required"), "{}", r.text);
+    let r = s
+        .manage(
+            Method::POST,
+            &format!("/addr/{a}/endpoint"),
+            Some(json!({"plugin_name": "t", "config": {"url": "x"}})),
+        )
+        .await;
+    assert_status!(r, 201);
+    let ep = r.json()["id"].as_i64().unwrap();
+    let r = s
+        .manage(
+            Method::PATCH,
+            &format!("/addr/{a}/endpoint/{ep}"),
+            Some(json!({"config": {"reject": "no"}})),
+        )
+        .await;
+    assert_status!(r, 400);
+    assert_eq!(
+        s.manage(Method::GET, &format!("/addr/{a}/endpoint/{ep}"), None)
+            .await
+            .json()["config"],
+        json!({"url": "x"})
+    );
+    let seen: Vec<Value> = records(&rec)
+        .into_iter()
+        .filter(|x| x["method"] == "validate_config")
+        .map(|x| x["config"].clone())
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            json!({"reject": "url is required"}),
+            json!({"url": "x"}),
+            json!({"reject": "no"})
+        ]
+    );
+    // core cleanup reaches the plugin.
+    assert_status!(
+        s.manage(Method::POST, "/core", Some(json!({"cmd": "cleanup"})))
+            .await,
+        204
+    );
+    assert!(records(&rec).iter().any(|x| x["method"] == "cleanup"));
+}
+
+#[tokio::test]
+async fn misbehaving_plugins_are_survived() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut yaml = String::new();
+    for (name, mode) in [
+        ("wrongver", "wrong-version"),
+        ("early", "exit-before-handshake"),
+        ("garbage", "garbage"),
+        ("flood", "flood"),
+        ("refuser", "refuse-config"),
+        ("good", "normal"),
+    ] {
+        yaml.push_str(&entry(name, mode, "    TEST_PLUGIN_FLOOD: '200000'\n"));
+    }
+    let s = Server::start_with(ServerOptions {
+        yaml: "plugin-max-line: 65536\n".into(),
+        plugins_yaml: yaml,
+        ..Default::default()
+    })
+    .await;
+    let _ = dir;
+    assert_status!(s.request(Method::GET, "/ping", None, &[], None).await, 204);
+    assert_eq!(plugin(&s, "good").await["state"], "running");
+
+    // Wrong protocol and refused config: kept out, no restart loop.
+    let p = wait_plugin(&s, "wrongver", "refused", |p| p["state"] == "refused").await;
+    assert!(
+        p["last_error"].as_str().unwrap().contains("incompatible"),
+        "{p}"
+    );
+    let p = wait_plugin(&s, "refuser", "refused", |p| p["state"] == "refused").await;
+    assert!(
+        p["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("refuses every plugin config"),
+        "{p}"
+    );
+    // Early exit, garbage and an over-long line are restarted with backoff.
+    for (name, why) in [
+        ("early", "handshake"),
+        ("garbage", "invalid message"),
+        ("flood", "longer than the line limit"),
+    ] {
+        let p = wait_plugin(&s, name, "restarted", |p| {
+            p["restarts"].as_u64().unwrap_or(0) >= 2
+        })
+        .await;
+        assert!(
+            p["last_error"].as_str().unwrap_or("").contains(why),
+            "{name}: {p}"
+        );
+        assert!(
+            ["starting", "restarting", "failed"].contains(&p["state"].as_str().unwrap()),
+            "{p}"
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for name in ["wrongver", "refuser"] {
+        assert_eq!(
+            plugin(&s, name).await["restarts"],
+            0,
+            "{name} is not restarted in a loop"
+        );
+    }
+    // The good plugin and the server kept working throughout.
+    let a = s.manage(Method::POST, "/addr", None).await.json()["id"]
+        .as_i64()
+        .unwrap();
+    assert_status!(
+        s.manage(
+            Method::POST,
+            &format!("/addr/{a}/endpoint"),
+            Some(json!({"plugin_name": "good"}))
+        )
+        .await,
+        201
+    );
+    let r = s
+        .manage(
+            Method::POST,
+            &format!("/addr/{a}/endpoint"),
+            Some(json!({"plugin_name": "wrongver"})),
+        )
+        .await;
+    assert_status!(r, 503);
+    assert!(r.text.contains("wrongver"), "{}", r.text);
+}
+
+#[tokio::test]
+async fn killed_and_hanging_plugins_are_restarted() {
+    let s = Server::start_with(ServerOptions {
+        yaml: "timeout: 0.5\nplugin-health-interval: 0.3\n".into(),
+        plugins_yaml: entry("t", "normal", ""),
+        ..Default::default()
+    })
+    .await;
+    // SIGKILL: restarted, serving again.
+    let pid = plugin(&s, "t").await["pid"].as_u64().unwrap();
+    std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap();
+    let p = wait_plugin(&s, "t", "running again", |p| {
+        p["state"] == "running" && p["pid"].as_u64() != Some(pid)
+    })
+    .await;
+    assert!(p["restarts"].as_u64().unwrap() >= 1);
+    let a = s.manage(Method::POST, "/addr", None).await.json()["id"]
+        .as_i64()
+        .unwrap();
+    assert_status!(
+        s.manage(
+            Method::POST,
+            &format!("/addr/{a}/endpoint"),
+            Some(json!({"plugin_name": "t"}))
+        )
+        .await,
+        201
+    );
+
+    // A plugin that stops answering (the process is frozen) fails the call
+    // in flight, is killed after missed pings and restarted.
+    let frozen = p["pid"].as_u64().unwrap();
+    let t = Instant::now();
+    let r = s
+        .manage(
+            Method::POST,
+            &format!("/addr/{a}/endpoint"),
+            Some(json!({"plugin_name": "t", "config": {"freeze": true}})),
+        )
+        .await;
+    assert_status!(r, 503);
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "the call waited {:?}",
+        t.elapsed()
+    );
+    let p = wait_plugin(&s, "t", "replaced", |p| {
+        p["state"] == "running" && p["pid"].as_u64() != Some(frozen)
+    })
+    .await;
+    assert!(
+        p["last_error"].as_str().unwrap_or("").contains("ping"),
+        "{p}"
+    );
+    let end = Instant::now() + Duration::from_secs(5);
+    while pid_alive(frozen) {
+        assert!(Instant::now() < end, "the frozen plugin was not killed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_status!(
+        s.manage(
+            Method::POST,
+            &format!("/addr/{a}/endpoint"),
+            Some(json!({"plugin_name": "t"}))
+        )
+        .await,
+        201
+    );
+}
+
+#[tokio::test]
+async fn no_plugin_outlives_the_server() {
+    let opts = ServerOptions {
+        plugins_yaml: format!("{}{}", entry("a", "normal", ""), entry("b", "normal", "")),
+        ..Default::default()
+    };
+    // Graceful: SIGTERM stops the plugins before the server exits.
+    let mut s = Server::start_with(opts.clone()).await;
+    let pids = plugin_pids(&s, &["a", "b"]).await;
+    assert!(pids.iter().all(|p| pid_alive(*p)));
+    assert!(s.terminate().success());
+    for p in &pids {
+        assert!(!pid_alive(*p), "plugin {p} outlived a graceful shutdown");
+    }
+
+    // SIGKILL of the server: plugins see stdin close and exit by themselves.
+    let s = Server::start_with(opts).await;
+    let pids = plugin_pids(&s, &["a", "b"]).await;
+    std::process::Command::new("kill")
+        .args(["-9", &s.pid().to_string()])
+        .status()
+        .unwrap();
+    let end = Instant::now() + Duration::from_secs(10);
+    while pids.iter().any(|p| pid_alive(*p)) {
+        assert!(Instant::now() < end, "plugins outlived a killed server");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn plugin_pids(s: &Server, names: &[&str]) -> Vec<u64> {
+    let mut out = Vec::new();
+    for n in names {
+        out.push(plugin(s, n).await["pid"].as_u64().unwrap());
+    }
+    out
+}
