@@ -596,7 +596,19 @@ impl Store {
         let stmt = self.named_statement(sql, params)?;
         let rows = self.db.query_all_raw(stmt).await?;
         rows.iter()
-            .map(|r| Value::from_query_result(r, "").map_err(StoreError::from))
+            .map(|r| {
+                let mut v = Value::from_query_result(r, "")?;
+                // SQLite reports no type for computed columns; decode those
+                // by trying the storage classes in turn.
+                if let Value::Object(m) = &mut v {
+                    for name in r.column_names() {
+                        if !m.contains_key(&name) {
+                            m.insert(name.clone(), named::untyped_column(r, &name));
+                        }
+                    }
+                }
+                Ok(v)
+            })
             .collect()
     }
 

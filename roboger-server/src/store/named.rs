@@ -67,6 +67,21 @@ pub fn to_value(v: &Value) -> sea_orm::Value {
     }
 }
 
+/// A column whose type the driver does not report, as JSON: integer,
+/// real, text, or null (blobs become null).
+pub fn untyped_column(row: &sea_orm::QueryResult, name: &str) -> Value {
+    if let Ok(Some(i)) = row.try_get_by::<Option<i64>, _>(name) {
+        return Value::from(i);
+    }
+    if let Ok(Some(f)) = row.try_get_by::<Option<f64>, _>(name) {
+        return Value::from(f);
+    }
+    if let Ok(Some(s)) = row.try_get_by::<Option<String>, _>(name) {
+        return Value::from(s);
+    }
+    Value::Null
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -26,7 +26,8 @@ fn record(v: Value) {
             .append(true)
             .open(path)
         {
-            let _ = writeln!(f, "{v}");
+            // One write per line, so concurrent calls never interleave.
+            let _ = f.write_all(format!("{v}\n").as_bytes());
         }
     }
 }

@@ -1,0 +1,303 @@
+//! Calls to real plugin processes through the server's supervisor, driven
+//! in-process (the event pipeline that calls `send` for pushes builds on
+//! this): every kwarg arrives, callbacks work both ways while sends are in
+//! flight, and a plugin killed mid-call fails those calls promptly and
+//! serves again after its restart. Both the Rust test plugin and a
+//! stdlib-only Python plugin are driven the same way.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use roboger_server::config::{PluginConfig, translate_db_url};
+use roboger_server::host::HostContext;
+use roboger_server::store::Store;
+use roboger_server::supervisor::{CallError, Options, State, Supervisor};
+use roboger_tests::{Value, fresh_database, json, test_plugin_bin};
+use serde_json::Map;
+
+struct Rig {
+    sup: Arc<Supervisor>,
+    store: Store,
+    _dir: tempfile::TempDir,
+}
+
+async fn rig(dir: tempfile::TempDir, plugins: Vec<PluginConfig>) -> Rig {
+    let url = translate_db_url(&fresh_database(dir.path())).unwrap();
+    let store = Store::connect(&url, 4, Duration::from_secs(5))
+        .await
+        .unwrap();
+    store.migrate().await.unwrap();
+    let host = HostContext::new(
+        store.clone(),
+        Duration::from_secs(2),
+        false,
+        Duration::from_secs(86_400),
+    );
+    let mut opts = Options::new(Duration::from_secs(2), 1 << 20);
+    opts.health_interval = Duration::from_millis(500);
+    let sup = Supervisor::start(plugins, opts, host);
+    sup.wait_started(Duration::from_secs(10)).await;
+    Rig {
+        sup,
+        store,
+        _dir: dir,
+    }
+}
+
+fn test_plugin(name: &str, record: &Path) -> PluginConfig {
+    let mut p = PluginConfig::named(name);
+    p.command = Some(test_plugin_bin());
+    p.env
+        .insert("TEST_PLUGIN_RECORD".into(), record.display().to_string());
+    p
+}
+
+fn python_plugin(name: &str, record: &Path) -> PluginConfig {
+    let mut p = PluginConfig::named(name);
+    p.command = Some(PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/plugins/stdlib_plugin.py"
+    )));
+    p.env
+        .insert("TEST_PLUGIN_RECORD".into(), record.display().to_string());
+    p
+}
+
+fn records(path: &Path, method: &str) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|v| v["method"] == method)
+        .collect()
+}
+
+const MEDIA: &[u8] = &[0, 1, 2, 255, b'x'];
+
+fn send_params(event_id: &str, addr_id: i64, config: Value) -> Map<String, Value> {
+    let media = base64::engine::general_purpose::STANDARD.encode(MEDIA);
+    let v = json!({
+        "config": config, "event_id": event_id, "addr": "A".repeat(64), "addr_id": addr_id,
+        "msg": "disk \"full\"\nreally", "subject": "disk", "formatted_subject": "WARNING bot@lab: disk",
+        "level": 30, "level_name": "WARNING", "location": "lab", "tag": "storage", "sender": "bot@lab",
+        "media": media.clone(), "media_encoded": media, "media_fname": "x.bin",
+        "a_param_from_the_future": {"ignored": true},
+    });
+    v.as_object().unwrap().clone()
+}
+
+async fn every_kwarg_arrives(plugin: fn(&str, &Path) -> PluginConfig) {
+    let dir = tempfile::tempdir().unwrap();
+    let rec = dir.path().join("rec.jsonl");
+    let r = rig(dir, vec![plugin("p", &rec)]).await;
+    let addr = r.store.addr_create().await.unwrap();
+    r.sup
+        .call("p", "send", send_params("ev-1", addr.id, json!({"k": "v"})))
+        .await
+        .unwrap();
+    let got = records(&rec, "send");
+    assert_eq!(got.len(), 1);
+    let g = &got[0];
+    let expect = json!({
+        "config": {"k": "v"}, "event_id": "ev-1", "addr": "A".repeat(64), "addr_id": addr.id,
+        "msg": "disk \"full\"\nreally", "subject": "disk", "formatted_subject": "WARNING bot@lab: disk",
+        "level": 30, "level_name": "WARNING", "location": "lab", "tag": "storage", "sender": "bot@lab",
+        "media_fname": "x.bin",
+    });
+    for (k, v) in expect.as_object().unwrap() {
+        assert_eq!(&g[k], v, "kwarg {k}");
+    }
+    assert_eq!(g["media"], json!(MEDIA), "media arrives as bytes");
+    assert_eq!(
+        g["media_encoded"],
+        base64::engine::general_purpose::STANDARD.encode(MEDIA)
+    );
+    r.sup.shutdown().await;
+}
+
+#[tokio::test]
+async fn rust_plugin_receives_every_kwarg() {
+    every_kwarg_arrives(test_plugin).await;
+}
+
+#[tokio::test]
+async fn python_plugin_receives_every_kwarg() {
+    every_kwarg_arrives(python_plugin).await;
+}
+
+async fn callbacks_while_sends_are_in_flight(plugin: fn(&str, &Path) -> PluginConfig) {
+    let dir = tempfile::tempdir().unwrap();
+    let rec = dir.path().join("rec.jsonl");
+    let other_rec = dir.path().join("other.jsonl");
+    let mut granted = plugin("dbok", &dir.path().join("dbok.jsonl"));
+    granted.db = true;
+    let r = rig(
+        dir,
+        vec![plugin("p", &rec), test_plugin("other", &other_rec), granted],
+    )
+    .await;
+    let addr = r.store.addr_create().await.unwrap();
+    let mut calls = Vec::new();
+    for i in 0..40 {
+        let sup = r.sup.clone();
+        let params = send_params(
+            &format!("ev-{i}"),
+            addr.id,
+            json!({"callbacks": true, "slow": 20}),
+        );
+        calls.push(tokio::spawn(
+            async move { sup.call("p", "send", params).await },
+        ));
+    }
+    for c in calls {
+        c.await.unwrap().unwrap();
+    }
+    let got = records(&rec, "send");
+    assert_eq!(got.len(), 40);
+    for g in &got {
+        let cb = &g["callbacks"];
+        assert_eq!(cb["timeout"], 2.0, "{cb}");
+        assert_eq!(cb["level"], 50);
+        assert_eq!(cb["limits"], false);
+        assert_eq!(
+            cb["bucket_creator"], "plugin.p",
+            "the creator is the calling plugin"
+        );
+        assert_eq!(cb["bucket_mimetype"], "text/plain");
+        assert_eq!(cb["bucket_fname"], "hello.txt");
+        assert_eq!(
+            cb["bucket_content"],
+            base64::engine::general_purpose::STANDARD.encode(b"hello bucket")
+        );
+        assert_eq!(cb["bucket_id"].as_str().unwrap().len(), 64);
+        assert!(
+            cb["db"]["error"].as_str().unwrap().contains("not granted"),
+            "{cb}"
+        );
+        assert_eq!(cb["call_plugin"], Value::Null, "{cb}");
+    }
+    assert_eq!(
+        records(&other_rec, "validate_config").len(),
+        40,
+        "call_plugin reached the other plugin"
+    );
+    // A plugin granted database access can query.
+    r.sup
+        .call(
+            "dbok",
+            "send",
+            send_params("ev-db", addr.id, json!({"callbacks": true})),
+        )
+        .await
+        .unwrap();
+    let dbrec = records(&r._dir.path().join("dbok.jsonl"), "send");
+    assert_eq!(dbrec[0]["callbacks"]["db"], json!([{"one": 1}]));
+    r.sup.shutdown().await;
+}
+
+#[tokio::test]
+async fn rust_plugin_calls_back_while_sends_are_in_flight() {
+    callbacks_while_sends_are_in_flight(test_plugin).await;
+}
+
+#[tokio::test]
+async fn python_plugin_calls_back_while_sends_are_in_flight() {
+    callbacks_while_sends_are_in_flight(python_plugin).await;
+}
+
+async fn wait_running(sup: &Supervisor, name: &str, not_pid: Option<u32>) -> u32 {
+    let end = Instant::now() + Duration::from_secs(15);
+    loop {
+        let st = sup
+            .list()
+            .into_iter()
+            .find(|s| s.plugin_name == name)
+            .unwrap();
+        if st.state == State::Running && st.pid.is_some() && st.pid != not_pid {
+            return st.pid.unwrap();
+        }
+        assert!(Instant::now() < end, "{name} never ran again: {st:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn killed_mid_call(plugin: fn(&str, &Path) -> PluginConfig) {
+    let dir = tempfile::tempdir().unwrap();
+    let rec = dir.path().join("rec.jsonl");
+    let r = rig(dir, vec![plugin("p", &rec)]).await;
+    let pid = wait_running(&r.sup, "p", None).await;
+    let mut calls = Vec::new();
+    for i in 0..5 {
+        let sup = r.sup.clone();
+        let params = send_params(&format!("slow-{i}"), 1, json!({"slow": 1500}));
+        calls.push(tokio::spawn(
+            async move { sup.call("p", "send", params).await },
+        ));
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap();
+    let killed = Instant::now();
+    for c in calls {
+        let e = c.await.unwrap().unwrap_err();
+        assert!(matches!(e, CallError::Unavailable(..)), "{e:?}");
+    }
+    assert!(
+        killed.elapsed() < Duration::from_secs(1),
+        "calls failed after {:?}",
+        killed.elapsed()
+    );
+    let new = wait_running(&r.sup, "p", Some(pid)).await;
+    assert_ne!(new, pid);
+    r.sup
+        .call("p", "send", send_params("after", 1, json!({})))
+        .await
+        .unwrap();
+    assert_eq!(records(&rec, "send").last().unwrap()["event_id"], "after");
+    r.sup.shutdown().await;
+}
+
+#[tokio::test]
+async fn rust_plugin_killed_mid_call_serves_again() {
+    killed_mid_call(test_plugin).await;
+}
+
+#[tokio::test]
+async fn python_plugin_killed_mid_call_serves_again() {
+    killed_mid_call(python_plugin).await;
+}
+
+#[tokio::test]
+async fn a_hung_call_times_out_and_failures_carry_the_plugins_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let rec = dir.path().join("rec.jsonl");
+    let r = rig(dir, vec![test_plugin("p", &rec)]).await;
+    let t = Instant::now();
+    let e = r
+        .sup
+        .call("p", "send", send_params("hang", 1, json!({"hang": true})))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, CallError::Unavailable(..)), "{e:?}");
+    assert!(t.elapsed() < Duration::from_secs(4), "{:?}", t.elapsed());
+    let e = r
+        .sup
+        .call(
+            "p",
+            "send",
+            send_params("f", 1, json!({"fail": "SMTP said no"})),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, CallError::Failed(m) if m == "SMTP said no"),
+        "{e:?}"
+    );
+    let e = r.sup.call("nope", "send", Map::new()).await.unwrap_err();
+    assert!(matches!(e, CallError::NotConfigured(_)));
+    r.sup.shutdown().await;
+}
