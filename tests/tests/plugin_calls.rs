@@ -215,8 +215,11 @@ async fn wait_running(sup: &Supervisor, name: &str, not_pid: Option<u32>) -> u32
             .into_iter()
             .find(|s| s.plugin_name == name)
             .unwrap();
-        if st.state == State::Running && st.pid.is_some() && st.pid != not_pid {
-            return st.pid.unwrap();
+        if let Some(pid) = st
+            .pid
+            .filter(|p| st.state == State::Running && Some(*p) != not_pid)
+        {
+            return pid;
         }
         assert!(Instant::now() < end, "{name} never ran again: {st:?}");
         tokio::time::sleep(Duration::from_millis(20)).await;
