@@ -443,3 +443,50 @@ where
         _ = stop_rx.wait_for(|s| *s) => tracing::debug!("shutdown requested"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Nothing;
+
+    #[async_trait::async_trait]
+    impl Plugin for Nothing {
+        fn info(&self) -> Info {
+            Info::default()
+        }
+        async fn send(&self, _e: Event, _h: &Host) -> Result<(), PluginError> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn the_adapter_serves_exactly_the_protocol_methods() {
+        let (a, _b) = tokio::io::duplex(1024);
+        let (r, w) = tokio::io::split(a);
+        let noop: NotificationHandler = Arc::new(|_, _| {});
+        let mut names = Vec::new();
+        let _peer = Peer::start(
+            r,
+            w,
+            PeerOptions::default(),
+            |client| {
+                let m = Adapter {
+                    plugin: Arc::new(Nothing),
+                    host: Host { client },
+                }
+                .into_rpc();
+                names = m.method_names().map(str::to_string).collect();
+                m.into()
+            },
+            noop,
+        );
+        names.sort();
+        let mut want: Vec<String> = protocol::PLUGIN_METHODS
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        want.sort();
+        assert_eq!(names, want);
+    }
+}

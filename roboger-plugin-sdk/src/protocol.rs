@@ -32,6 +32,34 @@ pub fn compatible(theirs: &str) -> bool {
     major(theirs).is_some() && major(theirs) == major(PROTOCOL_VERSION)
 }
 
+/// Every method of [`PluginApi`] (server to plugin), as named on the wire.
+pub const PLUGIN_METHODS: [&str; 8] = [
+    "hello",
+    "validate_plugin_config",
+    "load",
+    "validate_config",
+    "send",
+    "cleanup",
+    "http",
+    "ping",
+];
+
+/// Every method of [`HostApi`] (plugin to server), as named on the wire.
+pub const HOST_METHODS: [&str; 12] = [
+    "log",
+    "get_timeout",
+    "convert_level",
+    "is_use_limits",
+    "is_use_lastrowid",
+    "bucket_put",
+    "bucket_get",
+    "bucket_touch",
+    "bucket_delete",
+    "call_plugin",
+    "db_query",
+    "db_execute",
+];
+
 /// Optional plugin methods; a plugin lists in its manifest those it has.
 pub const OPTIONAL_METHODS: [&str; 5] = [
     "validate_plugin_config",
@@ -385,6 +413,29 @@ mod tests {
         assert_eq!(Level::convert(&json!("")), Level::Info);
         assert_eq!(Level::convert(&json!(null)), Level::Info);
         assert_eq!(Level::convert(&json!([1])), Level::Info);
+    }
+
+    #[test]
+    fn the_published_schema_lists_every_method() {
+        let text = include_str!("../../schema/plugin-protocol.schema.json");
+        let schema: serde_json::Value = serde_json::from_str(text).unwrap();
+        let names = |def: &str| -> Vec<String> {
+            let mut v: Vec<String> = schema["$defs"][def]["properties"]
+                .as_object()
+                .unwrap()
+                .keys()
+                .cloned()
+                .collect();
+            v.sort();
+            v
+        };
+        let sorted = |a: &[&str]| -> Vec<String> {
+            let mut v: Vec<String> = a.iter().map(|s| s.to_string()).collect();
+            v.sort();
+            v
+        };
+        assert_eq!(names("PluginMethods"), sorted(&PLUGIN_METHODS));
+        assert_eq!(names("HostMethods"), sorted(&HOST_METHODS));
     }
 
     #[test]

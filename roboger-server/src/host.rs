@@ -282,3 +282,28 @@ impl HostHandler {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_host_serves_exactly_the_protocol_methods() {
+        let url = crate::config::translate_db_url("sqlite://").unwrap();
+        let store = Store::connect(&url, 1, Duration::from_secs(5))
+            .await
+            .unwrap();
+        let ctx = HostContext::new(
+            store,
+            Duration::from_secs(1),
+            false,
+            Duration::from_secs(60),
+        );
+        let m = HostHandler::new("t".into(), false, ctx).into_rpc();
+        let mut names: Vec<&str> = m.method_names().collect();
+        names.sort();
+        let mut want = roboger_plugin_sdk::protocol::HOST_METHODS.to_vec();
+        want.sort();
+        assert_eq!(names, want);
+    }
+}
