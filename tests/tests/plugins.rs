@@ -105,6 +105,19 @@ async fn manifest_state_environment_and_restart() {
     let load = r.iter().position(|x| x["method"] == "load").unwrap();
     assert!(validate < load, "validate_plugin_config runs before load");
     assert_eq!(r[load]["plugin_config"], json!({"answer": 42}));
+    // The plugin's tracing output reaches the server's log, tagged.
+    s.wait_log(
+        "test plugin loaded with {\"answer\":42}",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(
+        s.log
+            .lock()
+            .unwrap()
+            .lines()
+            .any(|l| l.contains("test plugin loaded") && l.contains("plugin=t"))
+    );
 
     // Restart by hand: a new process, serving again.
     assert_status!(
@@ -294,10 +307,39 @@ async fn misbehaving_plugins_are_survived() {
 }
 
 #[tokio::test]
+async fn a_pinned_executable_must_match_its_sha256() {
+    use sha2::Digest;
+    let digest: String = sha2::Sha256::digest(std::fs::read(test_plugin_bin()).unwrap())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let s = Server::start_with(ServerOptions {
+        plugins_yaml: format!(
+            "{}  sha256: {digest}\n{}  sha256: {}\n",
+            entry("pinned", "normal", ""),
+            entry("tampered", "normal", ""),
+            "0".repeat(64)
+        ),
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(plugin(&s, "pinned").await["state"], "running");
+    let p = wait_plugin(&s, "tampered", "refused", |p| p["state"] == "refused").await;
+    assert!(p["last_error"].as_str().unwrap().contains("SHA-256"), "{p}");
+    assert_eq!(p["pid"], Value::Null);
+}
+
+#[tokio::test]
 async fn killed_and_hanging_plugins_are_restarted() {
+    let dir = tempfile::tempdir().unwrap();
+    let rec = dir.path().join("rec.jsonl");
     let s = Server::start_with(ServerOptions {
         yaml: "timeout: 0.5\nplugin-health-interval: 0.3\n".into(),
-        plugins_yaml: entry("t", "normal", ""),
+        plugins_yaml: entry(
+            "t",
+            "normal",
+            &format!("    TEST_PLUGIN_RECORD: {}\n", rec.display()),
+        ),
         ..Default::default()
     })
     .await;
@@ -336,7 +378,14 @@ async fn killed_and_hanging_plugins_are_restarted() {
             Some(json!({"plugin_name": "t", "config": {"freeze": true}})),
         )
         .await;
-    assert_status!(r, 503);
+    assert_eq!(
+        r.status.as_u16(),
+        503,
+        "{}\n{}\n{}",
+        r.text,
+        s.log.lock().unwrap(),
+        std::fs::read_to_string(&rec).unwrap_or_default()
+    );
     assert!(
         t.elapsed() < Duration::from_secs(5),
         "the call waited {:?}",

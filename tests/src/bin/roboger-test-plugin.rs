@@ -66,6 +66,7 @@ impl Plugin for Chaos {
         record(
             json!({"method": "load", "plugin_config": plugin_config, "pid": std::process::id()}),
         );
+        tracing::info!("test plugin loaded with {plugin_config}");
         Ok(())
     }
 
@@ -170,9 +171,22 @@ mod jsonrpsee_err {
     pub use jsonrpsee::core::client::Error;
 }
 
-/// Stops the whole process, as a hung plugin would look.
+/// Stops the whole process, as a hung plugin would look. The stop is
+/// repeated, so a stray SIGCONT (job control of whatever runs the tests)
+/// cannot wake it for long, and the calling thread never returns.
 fn freeze() {
-    let _ = rustix::process::kill_process(rustix::process::getpid(), rustix::process::Signal::STOP);
+    std::thread::spawn(|| {
+        loop {
+            let _ = rustix::process::kill_process(
+                rustix::process::getpid(),
+                rustix::process::Signal::STOP,
+            );
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+    });
+    loop {
+        std::thread::sleep(std::time::Duration::from_secs(3600));
+    }
 }
 
 /// Answers the handshake with an incompatible protocol version.
