@@ -733,10 +733,23 @@ fn load_or_generate_key(dir: &Path) -> Result<(String, bool), ConfigError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(dd(e)),
     }
-    std::fs::create_dir_all(dir).map_err(dd)?;
+    create_private_dir(dir).map_err(dd)?;
     let key = crate::random::alphanumeric(48);
     write_private(&path, &key).map_err(dd)?;
     Ok((key, true))
+}
+
+/// Creates the data directory readable by its owner only (an existing
+/// one is left as it is).
+fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    let mut b = std::fs::DirBuilder::new();
+    b.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut b, 0o700);
+    b.create(dir)
 }
 
 #[cfg(unix)]
@@ -883,6 +896,11 @@ mod tests {
                 .permissions()
                 .mode();
             assert_eq!(mode & 0o777, 0o600);
+            let mode = std::fs::metadata(dir.path().join("d"))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o700);
         }
     }
 

@@ -704,7 +704,14 @@ async fn start_once(
     tokio::spawn(async move {
         let mut lines = tokio::io::BufReader::new(stderr).lines();
         while let Ok(Some(line)) = lines.next_line().await {
-            tracing::info!(plugin = %name, "{line}");
+            let (level, text) = split_level(&line);
+            match level {
+                tracing::Level::ERROR => tracing::error!(plugin = %name, "{text}"),
+                tracing::Level::WARN => tracing::warn!(plugin = %name, "{text}"),
+                tracing::Level::DEBUG => tracing::debug!(plugin = %name, "{text}"),
+                tracing::Level::TRACE => tracing::trace!(plugin = %name, "{text}"),
+                _ => tracing::info!(plugin = %name, "{text}"),
+            }
         }
     });
     let name = cfg.name.clone();
@@ -797,6 +804,24 @@ async fn start_once(
     ))
 }
 
+/// A plugin's stderr line, with the level it starts with (as the SDK and
+/// most loggers write it) taken off; other lines are INFO.
+fn split_level(line: &str) -> (tracing::Level, &str) {
+    let trimmed = line.trim_start();
+    let (word, rest) = trimmed
+        .split_once(char::is_whitespace)
+        .unwrap_or((trimmed, ""));
+    let level = match word.trim_end_matches(':').to_ascii_uppercase().as_str() {
+        "ERROR" | "CRITICAL" => tracing::Level::ERROR,
+        "WARN" | "WARNING" => tracing::Level::WARN,
+        "INFO" => tracing::Level::INFO,
+        "DEBUG" => tracing::Level::DEBUG,
+        "TRACE" => tracing::Level::TRACE,
+        _ => return (tracing::Level::INFO, line),
+    };
+    (level, rest.trim_start())
+}
+
 fn resolve_on_path(exe: &std::path::Path) -> Option<PathBuf> {
     if exe.components().count() > 1 {
         return exe.is_file().then(|| exe.to_path_buf());
@@ -823,6 +848,20 @@ pub type WeakSupervisor = Weak<Supervisor>;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stderr_levels() {
+        assert_eq!(
+            split_level(" INFO loaded"),
+            (tracing::Level::INFO, "loaded")
+        );
+        assert_eq!(split_level("WARNING: disk"), (tracing::Level::WARN, "disk"));
+        assert_eq!(split_level("ERROR x y"), (tracing::Level::ERROR, "x y"));
+        assert_eq!(
+            split_level("Traceback (most recent call last):"),
+            (tracing::Level::INFO, "Traceback (most recent call last):")
+        );
+    }
 
     #[tokio::test(start_paused = true)]
     async fn backoff_doubles_caps_resets_and_fails() {
