@@ -57,4 +57,31 @@ impl App {
             auth,
         }
     }
+
+    /// Core cleanup: deletes expired bucket objects and runs every
+    /// plugin's `cleanup` (the `cleanup` command and the periodic task).
+    pub async fn cleanup(&self) -> Result<(), store::StoreError> {
+        let n = self.store.bucket_cleanup().await?;
+        tracing::info!(expired_objects = n, "core cleanup");
+        self.plugins.cleanup().await;
+        Ok(())
+    }
+
+    /// Runs [`App::cleanup`] every `cleanup-interval` until dropped.
+    pub fn spawn_cleanup(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        let app = Arc::downgrade(self);
+        let every = self.config.cleanup_interval;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let Some(app) = app.upgrade() else { break };
+                if let Err(e) = app.cleanup().await {
+                    tracing::warn!(error = %e, "periodic cleanup failed");
+                }
+            }
+        })
+    }
 }

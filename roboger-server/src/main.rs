@@ -135,7 +135,9 @@ async fn serve(cli: &Cli) -> anyhow::Result<()> {
         "roboger-server {} listening on {local}",
         env!("CARGO_PKG_VERSION")
     );
+    let cleanup = app.spawn_cleanup();
     server::run(listener, app.clone(), shutdown_signal()).await;
+    cleanup.abort();
     app.plugins.shutdown().await;
     tracing::info!("stopped");
     Ok(())

@@ -319,11 +319,7 @@ fn subscription_patch(body: &Body) -> Result<SubscriptionPatch, ApiError> {
 async fn core_cmd(app: &App, body: &Body) -> Result<Response, ApiError> {
     body.only(&["cmd"], &[])?;
     match body.required_str("cmd")? {
-        "cleanup" => {
-            let n = app.store.bucket_cleanup().await?;
-            tracing::info!(expired_objects = n, "core cleanup");
-            app.plugins.cleanup().await;
-        }
+        "cleanup" => app.cleanup().await?,
         "delete-everything" => {
             app.store.delete_everything().await?;
             tracing::warn!("core delete-everything: every address was deleted");

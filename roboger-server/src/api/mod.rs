@@ -1,4 +1,5 @@
-//! The HTTP API: public routes (`/ping`, the API documentation) and the
+//! The HTTP API: public routes (`/ping`, `/file/{id}`, plugins' own
+//! `/plugin/{name}/...` ([`public`]), the API documentation) and the
 //! management API under `/manage/v2` ([`manage`]).
 //!
 //! warp matches the top-level routes; request bodies are read here with a
@@ -9,6 +10,7 @@ pub mod auth;
 pub mod body;
 pub mod error;
 pub mod manage;
+pub mod public;
 pub mod reply;
 
 use std::net::SocketAddr;
@@ -74,6 +76,53 @@ pub fn routes(
             },
         );
 
+    let file = warp::path!("file" / String)
+        .and(warp::get())
+        .and(with_app.clone())
+        .then(|id: String, app: Arc<App>| async move { public::file(&app, &id).await });
+
+    let plugin_route = warp::path("plugin")
+        .and(warp::path::param::<String>())
+        .and(warp::path::tail())
+        .and(warp::method())
+        .and(warp::query::raw().or(warp::any().map(String::new)).unify())
+        .and(warp::header::headers_cloned())
+        .and(warp::ext::optional::<PeerAddr>())
+        .and(warp::body::stream())
+        .and(with_app.clone())
+        .then(
+            |name: String,
+             tail: warp::path::Tail,
+             method: Method,
+             query: String,
+             headers: HeaderMap,
+             peer: Option<PeerAddr>,
+             body,
+             app: Arc<App>| async move {
+                let body = match read_body(body, public::PLUGIN_BODY_LIMIT).await {
+                    Ok(b) => b,
+                    Err(e) => return reply::error(&e),
+                };
+                let req = public::PluginRequest {
+                    name: &name,
+                    path: tail.as_str(),
+                    method: &method,
+                    query: &query,
+                    headers: &headers,
+                    peer: peer.map(|p| p.0),
+                    body,
+                };
+                let run = public::plugin_route(&app, req);
+                match tokio::time::timeout(app.config.timeout * 2, run).await {
+                    Ok(Ok(r)) => r,
+                    Ok(Err(e)) => reply::error(&e),
+                    Err(_) => reply::error(&ApiError::Unavailable(
+                        "the plugin did not answer in time".into(),
+                    )),
+                }
+            },
+        );
+
     let docs = warp::get()
         .and(warp::path::full())
         .and(with_app.clone())
@@ -85,6 +134,10 @@ pub fn routes(
         });
 
     ping.or(manage)
+        .unify()
+        .or(file)
+        .unify()
+        .or(plugin_route)
         .unify()
         .or(docs)
         .unify()

@@ -15,8 +15,9 @@
 
 use std::io::{BufRead, Write};
 
+use base64::Engine;
 use roboger_plugin_sdk::protocol::HostApiClient;
-use roboger_plugin_sdk::{Event, Host, Info, Plugin, PluginError, run};
+use roboger_plugin_sdk::{Event, Host, HttpRequest, HttpResponse, Info, Plugin, PluginError, run};
 use serde_json::{Value, json};
 
 fn record(v: Value) {
@@ -34,6 +35,7 @@ fn record(v: Value) {
 
 struct Chaos {
     refuse_config: bool,
+    http: bool,
 }
 
 #[roboger_plugin_sdk::async_trait]
@@ -44,7 +46,7 @@ impl Plugin for Chaos {
             version: "9.9.9",
             description: "misbehaves on demand",
             url: Some("https://example.invalid/test-plugin"),
-            http: false,
+            http: self.http,
         }
     }
 
@@ -70,15 +72,55 @@ impl Plugin for Chaos {
         Ok(())
     }
 
-    async fn validate_config(&self, config: &Value, _host: &Host) -> Result<(), PluginError> {
+    async fn validate_config(&self, config: &Value, host: &Host) -> Result<(), PluginError> {
         record(json!({"method": "validate_config", "config": config}));
         if config.get("freeze").is_some() {
             freeze();
+        }
+        if let Some(b) = config.get("bucket") {
+            let content = b["content"]
+                .as_str()
+                .unwrap_or_default()
+                .as_bytes()
+                .to_vec();
+            let id = host
+                .bucket_put(
+                    &content,
+                    b["addr_id"].as_i64(),
+                    b["mimetype"].as_str(),
+                    b["fname"].as_str(),
+                    b["public"].as_bool().unwrap_or(false),
+                    b.get("metadata").cloned(),
+                    b["expires"].as_i64(),
+                )
+                .await?;
+            record(json!({"method": "bucket_put", "id": id, "request": b}));
         }
         match config.get("reject") {
             Some(msg) => Err(PluginError::rejected(msg.as_str().unwrap_or("rejected"))),
             None => Ok(()),
         }
+    }
+
+    async fn http(&self, req: HttpRequest, _host: &Host) -> Result<HttpResponse, PluginError> {
+        let status = req
+            .query
+            .split('&')
+            .find_map(|kv| kv.strip_prefix("status="))
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(200);
+        let echo = json!({
+            "method": req.method, "path": req.path, "query": req.query, "headers": req.headers,
+            "body": String::from_utf8_lossy(&req.body), "client_ip": req.client_ip,
+        });
+        let mut headers = std::collections::BTreeMap::new();
+        headers.insert("content-type".to_string(), "application/json".to_string());
+        headers.insert("x-test".to_string(), "yes".to_string());
+        Ok(HttpResponse {
+            status,
+            headers,
+            body: base64::engine::general_purpose::STANDARD.encode(echo.to_string()),
+        })
     }
 
     async fn cleanup(&self, _host: &Host) -> Result<(), PluginError> {
@@ -238,6 +280,7 @@ fn main() -> std::process::ExitCode {
         }
         _ => run(Chaos {
             refuse_config: mode == "refuse-config",
+            http: std::env::var_os("TEST_PLUGIN_NO_HTTP").is_none(),
         }),
     }
 }

@@ -1,0 +1,166 @@
+//! Public routes other than `/ping`: public bucket objects at
+//! `/file/{id}`, and `/plugin/{name}/...`, the HTTP routes plugins own
+//! (answered by the plugin's `http` method).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+
+use base64::Engine;
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
+use roboger_plugin_sdk::protocol::HttpResponse;
+use serde_json::Value;
+
+use super::error::ApiError;
+use super::reply::{self, Response};
+use crate::App;
+use crate::store::StoreError;
+use crate::supervisor::CallError;
+
+/// The largest request body passed to a plugin's HTTP route.
+pub const PLUGIN_BODY_LIMIT: usize = 10 * 1024 * 1024;
+
+/// `GET /file/{id}`: a public, unexpired bucket object with the
+/// original's headers; anything else is 404.
+pub async fn file(app: &App, id: &str) -> Response {
+    let obj = match app.store.bucket_get(id, Some(true)).await {
+        Ok(o) => o,
+        Err(StoreError::NotFound(_)) => return reply::text(StatusCode::NOT_FOUND, "no such file"),
+        Err(e) => return reply::error(&e.into()),
+    };
+    if let Err(e) = app.store.bucket_touch(id).await {
+        tracing::warn!(object = id, error = %e, "cannot set the access time");
+    }
+    let left = (obj.expires_at - chrono::Utc::now()).num_seconds().max(0);
+    let mut r = Response::new(obj.content.into());
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_str(&obj.mimetype)
+            .unwrap_or(HeaderValue::from_static("application/octet-stream")),
+    );
+    if let Ok(v) = HeaderValue::from_str(&format!("public, max-age={left}")) {
+        h.insert(header::CACHE_CONTROL, v);
+    }
+    if let Some(v) = obj
+        .fname
+        .as_deref()
+        .and_then(|f| HeaderValue::from_str(f).ok())
+    {
+        h.insert(HeaderName::from_static("roboger-file-name"), v);
+    }
+    if let Some(Value::Object(meta)) = obj.metadata {
+        for (k, v) in meta {
+            let text = match v {
+                Value::String(s) => s,
+                other => other.to_string(),
+            };
+            match (
+                HeaderName::from_bytes(format!("x-roboger-{k}").as_bytes()),
+                HeaderValue::from_str(&text),
+            ) {
+                (Ok(name), Ok(value)) => {
+                    h.insert(name, value);
+                }
+                _ => {
+                    tracing::debug!(object = id, key = %k, "metadata item is not a valid header; not sent")
+                }
+            }
+        }
+    }
+    r
+}
+
+/// A request to `/plugin/{name}/{path}`, as the HTTP layer hands it over.
+pub struct PluginRequest<'a> {
+    pub name: &'a str,
+    pub path: &'a str,
+    pub method: &'a Method,
+    pub query: &'a str,
+    pub headers: &'a HeaderMap,
+    pub peer: Option<SocketAddr>,
+    pub body: Bytes,
+}
+
+/// Passes a request to the plugin's `http` method and its answer back.
+pub async fn plugin_route(app: &App, req: PluginRequest<'_>) -> Result<Response, ApiError> {
+    if !app.plugins.is_configured(req.name) {
+        return Err(ApiError::NotFound(format!("no such plugin: {}", req.name)));
+    }
+    let mut headers: BTreeMap<String, String> = BTreeMap::new();
+    for (k, v) in req.headers {
+        if let Ok(v) = v.to_str() {
+            headers
+                .entry(k.as_str().to_string())
+                .and_modify(|e| {
+                    e.push_str(", ");
+                    e.push_str(v);
+                })
+                .or_insert_with(|| v.to_string());
+        }
+    }
+    let client_ip = app
+        .auth
+        .client_ip(req.peer, req.headers)
+        .map(|ip| ip.to_string());
+    let mut params = serde_json::Map::new();
+    params.insert("method".into(), req.method.as_str().into());
+    params.insert("path".into(), format!("/{}", req.path).into());
+    params.insert("query".into(), req.query.into());
+    params.insert(
+        "headers".into(),
+        serde_json::to_value(headers).unwrap_or_default(),
+    );
+    params.insert(
+        "body".into(),
+        base64::engine::general_purpose::STANDARD
+            .encode(&req.body)
+            .into(),
+    );
+    params.insert("client_ip".into(), client_ip.into());
+    let answer = match app.plugins.call(req.name, "http", params).await {
+        Ok(Value::Null) => {
+            return Err(ApiError::NotFound(format!(
+                "plugin {} serves no HTTP routes",
+                req.name
+            )));
+        }
+        Ok(v) => v,
+        Err(CallError::Rejected(m) | CallError::Failed(m)) => {
+            return Ok(reply::text(
+                StatusCode::BAD_GATEWAY,
+                format!("plugin {}: {m}", req.name),
+            ));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let answer: HttpResponse = match serde_json::from_value(answer) {
+        Ok(a) => a,
+        Err(e) => {
+            return Ok(reply::text(
+                StatusCode::BAD_GATEWAY,
+                format!("plugin {} answered badly: {e}", req.name),
+            ));
+        }
+    };
+    let (Ok(status), Ok(body)) = (
+        StatusCode::from_u16(answer.status),
+        base64::engine::general_purpose::STANDARD.decode(&answer.body),
+    ) else {
+        return Ok(reply::text(
+            StatusCode::BAD_GATEWAY,
+            format!("plugin {} answered with a bad status or body", req.name),
+        ));
+    };
+    let mut r = Response::new(body.into());
+    *r.status_mut() = status;
+    for (k, v) in answer.headers {
+        if let (Ok(name), Ok(value)) = (
+            HeaderName::from_bytes(k.as_bytes()),
+            HeaderValue::from_str(&v),
+        ) {
+            r.headers_mut().append(name, value);
+        }
+    }
+    Ok(r)
+}

@@ -1,0 +1,219 @@
+//! Public routes backed by plugins: bucket objects a plugin stored, served
+//! at `/file/{id}` with the original's headers, and `/plugin/{name}/...`
+//! answered by the plugin's `http` method.
+
+use std::path::Path;
+use std::time::Duration;
+
+use roboger_tests::{Method, Server, ServerOptions, Value, assert_status, json, test_plugin_bin};
+
+fn entry(name: &str, rec: &Path, extra_env: &str) -> String {
+    format!(
+        "- name: {name}\n  command: {}\n  env:\n    TEST_PLUGIN_RECORD: {}\n{extra_env}",
+        test_plugin_bin().display(),
+        rec.display()
+    )
+}
+
+/// Has plugin `t` store an object (through its validate_config) and
+/// returns the object id.
+async fn put(s: &Server, rec: &Path, addr: i64, bucket: Value) -> String {
+    let mut bucket = bucket;
+    bucket["addr_id"] = json!(addr);
+    let r = s
+        .manage(
+            Method::POST,
+            &format!("/addr/{addr}/endpoint"),
+            Some(json!({"plugin_name": "t", "config": {"bucket": bucket}})),
+        )
+        .await;
+    assert_status!(r, 201);
+    let text = std::fs::read_to_string(rec).unwrap();
+    let last = text
+        .lines()
+        .rev()
+        .find(|l| l.contains("\"bucket_put\""))
+        .unwrap();
+    serde_json::from_str::<Value>(last).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+#[tokio::test]
+async fn public_bucket_objects_are_served_until_they_expire() {
+    let dir = tempfile::tempdir().unwrap();
+    let rec = dir.path().join("rec.jsonl");
+    let s = Server::start_with(ServerOptions {
+        plugins_yaml: entry("t", &rec, ""),
+        ..Default::default()
+    })
+    .await;
+    let addr = s.manage(Method::POST, "/addr", None).await.json()["id"]
+        .as_i64()
+        .unwrap();
+
+    let id = put(
+        &s,
+        &rec,
+        addr,
+        json!({"content": "hello file", "public": true, "fname": "hello.txt", "expires": 60, "metadata": {"k": "v", "n": 5}}),
+    )
+    .await;
+    assert_eq!(id.len(), 64);
+    let r = s
+        .request(Method::GET, &format!("/file/{id}"), None, &[], None)
+        .await;
+    assert_status!(r, 200);
+    assert_eq!(r.text, "hello file");
+    assert_eq!(r.header("content-type"), Some("text/plain"));
+    assert_eq!(r.header("roboger-file-name"), Some("hello.txt"));
+    assert_eq!(r.header("x-roboger-k"), Some("v"));
+    assert_eq!(r.header("x-roboger-n"), Some("5"));
+    let cc = r.header("cache-control").unwrap();
+    let max_age: i64 = cc
+        .strip_prefix("public, max-age=")
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((55..=60).contains(&max_age), "{cc}");
+
+    // An explicit mime type wins over detection.
+    let csv = put(
+        &s,
+        &rec,
+        addr,
+        json!({"content": "a,b", "public": true, "mimetype": "text/csv"}),
+    )
+    .await;
+    let r = s
+        .request(Method::GET, &format!("/file/{csv}"), None, &[], None)
+        .await;
+    assert_eq!(r.header("content-type"), Some("text/csv"));
+
+    // Private, unknown and expired objects are 404.
+    let private = put(
+        &s,
+        &rec,
+        addr,
+        json!({"content": "secret", "public": false}),
+    )
+    .await;
+    assert_status!(
+        s.request(Method::GET, &format!("/file/{private}"), None, &[], None)
+            .await,
+        404
+    );
+    assert_status!(
+        s.request(
+            Method::GET,
+            &format!("/file/{}", "0".repeat(64)),
+            None,
+            &[],
+            None
+        )
+        .await,
+        404
+    );
+    let short = put(
+        &s,
+        &rec,
+        addr,
+        json!({"content": "brief", "public": true, "expires": 1}),
+    )
+    .await;
+    assert_status!(
+        s.request(Method::GET, &format!("/file/{short}"), None, &[], None)
+            .await,
+        200
+    );
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    assert_status!(
+        s.request(Method::GET, &format!("/file/{short}"), None, &[], None)
+            .await,
+        404
+    );
+    assert_status!(
+        s.manage(Method::POST, "/core", Some(json!({"cmd": "cleanup"})))
+            .await,
+        204
+    );
+
+    // Deleting the address deletes its objects.
+    assert_status!(
+        s.manage(Method::DELETE, &format!("/addr/{addr}"), None)
+            .await,
+        204
+    );
+    assert_status!(
+        s.request(Method::GET, &format!("/file/{id}"), None, &[], None)
+            .await,
+        404
+    );
+}
+
+#[tokio::test]
+async fn plugin_routes_reach_the_plugins_http_method() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start_with(ServerOptions {
+        yaml: "ip-header: X-Real-IP\n".into(),
+        plugins_yaml: format!(
+            "{}{}",
+            entry("t", &dir.path().join("t.jsonl"), ""),
+            entry(
+                "quiet",
+                &dir.path().join("q.jsonl"),
+                "    TEST_PLUGIN_NO_HTTP: '1'\n"
+            )
+        ),
+        ..Default::default()
+    })
+    .await;
+    let r = s
+        .request(
+            Method::POST,
+            "/plugin/t/hook/abc?x=1&y=2",
+            None,
+            &[("X-Real-IP", "10.1.2.3"), ("X-Custom", "c")],
+            Some(json!({"hello": "plugin"})),
+        )
+        .await;
+    assert_status!(r, 200);
+    assert_eq!(r.header("x-test"), Some("yes"));
+    let echo = r.json();
+    assert_eq!(echo["method"], "POST");
+    assert_eq!(echo["path"], "/hook/abc");
+    assert_eq!(echo["query"], "x=1&y=2");
+    assert_eq!(echo["headers"]["x-custom"], "c");
+    assert_eq!(echo["client_ip"], "10.1.2.3");
+    assert_eq!(
+        serde_json::from_str::<Value>(echo["body"].as_str().unwrap()).unwrap(),
+        json!({"hello": "plugin"})
+    );
+
+    let r = s
+        .request(Method::GET, "/plugin/t/?status=418", None, &[], None)
+        .await;
+    assert_status!(r, 418);
+    assert_eq!(r.json()["client_ip"], "127.0.0.1");
+
+    assert_status!(
+        s.request(Method::GET, "/plugin/nope/x", None, &[], None)
+            .await,
+        404
+    );
+    let r = s
+        .request(Method::GET, "/plugin/quiet/x", None, &[], None)
+        .await;
+    assert_status!(r, 404);
+    assert!(r.text.contains("no HTTP routes"), "{}", r.text);
+    let big = "x".repeat(11 * 1024 * 1024);
+    let r = s
+        .http
+        .post(s.url("/plugin/t/upload"))
+        .body(big)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 413);
+}
