@@ -7,9 +7,12 @@
 pub mod api;
 pub mod bucket;
 pub mod config;
+pub mod event;
 pub mod host;
 pub mod level;
+pub mod pipeline;
 pub mod random;
+pub mod routing;
 pub mod server;
 pub mod store;
 pub mod supervisor;
@@ -29,12 +32,16 @@ pub struct App {
     pub plugins: Arc<supervisor::Supervisor>,
     /// Master key and network checks of the management API.
     pub auth: api::auth::MasterAuth,
+    /// Which endpoints each address's events go to.
+    pub routes: routing::Routes,
+    /// Accepted events on their way to the plugins.
+    pub pipeline: pipeline::Pipeline,
 }
 
 impl App {
     /// Assembles the application state and starts the plugins (returns
     /// once each has had its first start attempt, or `timeout` passed).
-    pub async fn start(config: Config, store: store::Store) -> App {
+    pub async fn start(config: Config, store: store::Store) -> Result<App, store::StoreError> {
         let auth = api::auth::MasterAuth::new(
             &config.master_key,
             config.master_allow.clone(),
@@ -50,12 +57,23 @@ impl App {
         opts.health_interval = config.plugin_health_interval;
         let plugins = supervisor::Supervisor::start(config.plugins.clone(), opts, host);
         plugins.wait_started(config.timeout * 2).await;
-        App {
+        let routes = routing::Routes::default();
+        routes.reload(&store).await?;
+        let pipeline = pipeline::Pipeline::start(
+            store.clone(),
+            plugins.clone(),
+            config.delivery.clone(),
+            config.timeout,
+        )
+        .await;
+        Ok(App {
             config,
             store,
             plugins,
             auth,
-        }
+            routes,
+            pipeline,
+        })
     }
 
     /// Core cleanup: deletes expired bucket objects and runs every

@@ -49,7 +49,20 @@ pub async fn handle(app: &App, req: Request<'_>) -> Response {
         app.auth.check(ip, key)?;
         let body = body?;
         let segs: Vec<&str> = req.path.split('/').filter(|s| !s.is_empty()).collect();
-        route(app, req.method, &segs, req.headers, &body).await
+        // The addr a change may affect, resolved before a rename or delete.
+        let before = match segs.first() {
+            Some(&"addr") if req.method != Method::GET => segs.get(1).map(|a| AddrRef::parse(a)),
+            _ => None,
+        };
+        let before_id = match &before {
+            Some(r) => app.store.addr_get(r).await.ok().map(|a| a.id),
+            None => None,
+        };
+        let answer = route(app, req.method, &segs, req.headers, &body).await?;
+        if answer.status().is_success() || answer.status().is_redirection() {
+            refresh_routes(app, req.method, &segs, before_id).await?;
+        }
+        Ok(answer)
     };
     match tokio::time::timeout(app.config.timeout * 2, run).await {
         Ok(Ok(r)) => r,
@@ -293,6 +306,24 @@ async fn route(
             segs.join("/")
         ))),
     }
+}
+
+/// Keeps the routing index in step with a successful change.
+async fn refresh_routes(
+    app: &App,
+    m: &Method,
+    segs: &[&str],
+    addr_id: Option<i64>,
+) -> Result<(), ApiError> {
+    if *m == Method::GET {
+        return Ok(());
+    }
+    match (segs, addr_id) {
+        (["addr", ..], Some(id)) => app.routes.refresh(&app.store, id).await?,
+        (["addr"], None) | (["core"], _) => app.routes.reload(&app.store).await?,
+        _ => {}
+    }
+    Ok(())
 }
 
 const SUBSCRIPTION_FIELDS: &[&str] = &[

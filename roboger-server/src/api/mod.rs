@@ -11,6 +11,7 @@ pub mod body;
 pub mod error;
 pub mod manage;
 pub mod public;
+pub mod push;
 pub mod reply;
 
 use std::net::SocketAddr;
@@ -76,6 +77,26 @@ pub fn routes(
             },
         );
 
+    let push = warp::path!("push")
+        .and(warp::post())
+        .and(warp::query::raw().or(warp::any().map(String::new)).unify())
+        .and(warp::header::optional::<String>("content-type"))
+        .and(warp::body::stream())
+        .and(with_app.clone())
+        .then(
+            |query: String, ctype: Option<String>, body, app: Arc<App>| async move {
+                let body = match read_body(body, push::body_limit(app.config.push_max_media)).await
+                {
+                    Ok(b) => b,
+                    Err(e) => return reply::error(&e),
+                };
+                match push::push(&app, &query, ctype.as_deref(), body).await {
+                    Ok(r) => r,
+                    Err(e) => reply::error(&e),
+                }
+            },
+        );
+
     let file = warp::path!("file" / String)
         .and(warp::get())
         .and(with_app.clone())
@@ -133,7 +154,9 @@ pub fn routes(
             }
         });
 
-    ping.or(manage)
+    ping.or(push)
+        .unify()
+        .or(manage)
         .unify()
         .or(file)
         .unify()

@@ -173,3 +173,65 @@ pub mod addr_limit {
 
     impl ActiveModelBehavior for ActiveModel {}
 }
+
+/// Accepted events, stored before the push is answered.
+pub mod event {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, DeriveEntityModel)]
+    #[sea_orm(table_name = "event")]
+    pub struct Model {
+        /// The event id (a UUID), sent to plugins as `event_id`.
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub id: String,
+        pub addr_id: i64,
+        /// The address as it was pushed to.
+        pub addr: String,
+        pub msg: String,
+        pub subject: String,
+        pub formatted_subject: String,
+        pub level: i16,
+        pub location: Option<String>,
+        pub tag: Option<String>,
+        pub sender: Option<String>,
+        /// Stored once per event, whatever the number of deliveries.
+        pub media: Option<Vec<u8>>,
+        pub media_fname: Option<String>,
+        pub created: ChronoDateTimeUtc,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+/// One event to one endpoint: pending, delivered or failed.
+pub mod delivery {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "delivery")]
+    pub struct Model {
+        #[sea_orm(primary_key)]
+        pub id: i64,
+        pub event_id: String,
+        pub endpoint_id: i64,
+        /// `pending`, `delivered` or `failed`.
+        pub state: String,
+        pub attempts: i32,
+        /// When a pending delivery is due.
+        pub next_at: ChronoDateTimeUtc,
+        /// Until when the server named by `leased_by` owns it.
+        pub lease_until: Option<ChronoDateTimeUtc>,
+        pub leased_by: Option<String>,
+        pub last_error: Option<String>,
+        pub created: ChronoDateTimeUtc,
+        pub updated: ChronoDateTimeUtc,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}

@@ -10,7 +10,7 @@ pub struct Migrator;
 
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(Base)]
+        vec![Box::new(Base), Box::new(Events)]
     }
 }
 
@@ -227,6 +227,156 @@ impl MigrationTrait for Base {
             m.drop_table(Table::drop().table(t).if_exists().to_owned())
                 .await?;
         }
+        Ok(())
+    }
+}
+
+#[derive(DeriveIden)]
+enum Event {
+    Table,
+    Id,
+    AddrId,
+    Addr,
+    Msg,
+    Subject,
+    FormattedSubject,
+    Level,
+    Location,
+    Tag,
+    Sender,
+    Media,
+    MediaFname,
+    Created,
+}
+
+#[derive(DeriveIden)]
+enum Delivery {
+    Table,
+    Id,
+    EventId,
+    EndpointId,
+    State,
+    Attempts,
+    NextAt,
+    LeaseUntil,
+    LeasedBy,
+    LastError,
+    Created,
+    Updated,
+}
+
+/// Accepted events and their deliveries (durable, at-least-once).
+struct Events;
+
+impl MigrationName for Events {
+    fn name(&self) -> &str {
+        "m20261124_000002_events"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for Events {
+    async fn up(&self, m: &SchemaManager) -> Result<(), DbErr> {
+        m.create_table(
+            Table::create()
+                .table(Event::Table)
+                .if_not_exists()
+                .col(char_len(Event::Id, 36).primary_key())
+                .col(big_integer(Event::AddrId))
+                .col(string_len(Event::Addr, 64))
+                .col(text(Event::Msg))
+                .col(text(Event::Subject))
+                .col(text(Event::FormattedSubject))
+                .col(small_integer(Event::Level))
+                .col(text_null(Event::Location))
+                .col(text_null(Event::Tag))
+                .col(text_null(Event::Sender))
+                .col(blob_null(Event::Media))
+                .col(text_null(Event::MediaFname))
+                .col(timestamp_with_time_zone(Event::Created))
+                .foreign_key(
+                    ForeignKey::create()
+                        .name("fk_event_addr")
+                        .from(Event::Table, Event::AddrId)
+                        .to(Addr::Table, Addr::Id)
+                        .on_delete(ForeignKeyAction::Cascade),
+                )
+                .to_owned(),
+        )
+        .await?;
+        m.create_index(
+            Index::create()
+                .if_not_exists()
+                .name("event_addr_created")
+                .table(Event::Table)
+                .col(Event::AddrId)
+                .col(Event::Created)
+                .to_owned(),
+        )
+        .await?;
+        m.create_table(
+            Table::create()
+                .table(Delivery::Table)
+                .if_not_exists()
+                .col(big_pk_auto(Delivery::Id))
+                .col(char_len(Delivery::EventId, 36))
+                .col(big_integer(Delivery::EndpointId))
+                .col(string_len(Delivery::State, 10))
+                .col(integer(Delivery::Attempts).default(0))
+                .col(timestamp_with_time_zone(Delivery::NextAt))
+                .col(timestamp_with_time_zone_null(Delivery::LeaseUntil))
+                .col(string_len_null(Delivery::LeasedBy, 128))
+                .col(text_null(Delivery::LastError))
+                .col(timestamp_with_time_zone(Delivery::Created))
+                .col(timestamp_with_time_zone(Delivery::Updated))
+                .foreign_key(
+                    ForeignKey::create()
+                        .name("fk_delivery_event")
+                        .from(Delivery::Table, Delivery::EventId)
+                        .to(Event::Table, Event::Id)
+                        .on_delete(ForeignKeyAction::Cascade),
+                )
+                .foreign_key(
+                    ForeignKey::create()
+                        .name("fk_delivery_endpoint")
+                        .from(Delivery::Table, Delivery::EndpointId)
+                        .to(Endpoint::Table, Endpoint::Id)
+                        .on_delete(ForeignKeyAction::Cascade),
+                )
+                .to_owned(),
+        )
+        .await?;
+        m.create_index(
+            Index::create()
+                .if_not_exists()
+                .name("delivery_once")
+                .unique()
+                .table(Delivery::Table)
+                .col(Delivery::EventId)
+                .col(Delivery::EndpointId)
+                .to_owned(),
+        )
+        .await?;
+        for (name, cols) in [
+            ("delivery_due", vec![Delivery::State, Delivery::NextAt]),
+            ("delivery_event", vec![Delivery::EventId]),
+            ("delivery_endpoint", vec![Delivery::EndpointId]),
+        ] {
+            let mut idx = Index::create();
+            idx.if_not_exists().name(name).table(Delivery::Table);
+            for c in cols {
+                idx.col(c);
+            }
+            m.create_index(idx.to_owned()).await?;
+        }
+        Ok(())
+    }
+
+    async fn down(&self, m: &SchemaManager) -> Result<(), DbErr> {
+        m.drop_table(Table::drop().table(Delivery::Table).if_exists().to_owned())
+            .await?;
+        m.drop_table(Table::drop().table(Event::Table).if_exists().to_owned())
+            .await?;
         Ok(())
     }
 }

@@ -12,6 +12,7 @@ pub mod named;
 
 use std::time::Duration;
 
+use sea_orm::sea_query::Expr;
 use sea_orm::{
     ActiveModelTrait, ActiveValue::Set, ColumnTrait, ConnectOptions, ConnectionTrait,
     DatabaseConnection, DbErr, EntityTrait, QueryFilter, QueryOrder, SqlErr, TransactionTrait,
@@ -21,7 +22,7 @@ use serde_json::Value;
 
 use crate::config::{DbBackend, DbUrl};
 use crate::level::{Level, LevelMatch};
-use entity::{addr, addr_limit, bucket, endpoint, subscription};
+use entity::{addr, addr_limit, bucket, delivery, endpoint, event, subscription};
 
 /// Errors of the storage layer; the API maps them to HTTP statuses.
 #[derive(Debug, thiserror::Error)]
@@ -97,6 +98,26 @@ pub struct SubscriptionPatch {
     pub sender: Option<Option<String>>,
     pub level: Option<Level>,
     pub level_match: Option<LevelMatch>,
+}
+
+/// State of a delivery still to be made.
+pub const STATE_PENDING: &str = "pending";
+/// State of a delivery the plugin accepted.
+pub const STATE_DELIVERED: &str = "delivered";
+/// State of a delivery given up after its retries.
+pub const STATE_FAILED: &str = "failed";
+
+/// The outcome of one delivery attempt.
+#[derive(Debug, Clone)]
+pub struct Attempt {
+    pub event_id: String,
+    pub endpoint_id: i64,
+    /// Attempts made so far, this one included.
+    pub attempts: i32,
+    pub state: &'static str,
+    pub error: Option<String>,
+    /// When a pending delivery is due again.
+    pub next_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 /// A bucket object to store.
@@ -338,6 +359,10 @@ impl Store {
     pub async fn endpoint_delete(&self, addr_id: i64, id: i64) -> Result<()> {
         let ep = self.endpoint_get(addr_id, id).await?;
         let txn = self.db.begin().await?;
+        delivery::Entity::delete_many()
+            .filter(delivery::Column::EndpointId.eq(ep.id))
+            .exec(&txn)
+            .await?;
         subscription::Entity::delete_many()
             .filter(subscription::Column::EndpointId.eq(ep.id))
             .exec(&txn)
@@ -642,6 +667,194 @@ impl Store {
         ))
     }
 
+    // ---- routing and deliveries ------------------------------------------
+
+    /// Addresses, endpoints and subscriptions (of one address, or all),
+    /// for the routing index.
+    pub async fn routing_snapshot(
+        &self,
+        addr_id: Option<i64>,
+    ) -> Result<(
+        Vec<addr::Model>,
+        Vec<endpoint::Model>,
+        Vec<subscription::Model>,
+    )> {
+        let mut addrs = addr::Entity::find();
+        let mut eps = endpoint::Entity::find();
+        if let Some(id) = addr_id {
+            addrs = addrs.filter(addr::Column::Id.eq(id));
+            eps = eps.filter(endpoint::Column::AddrId.eq(id));
+        }
+        let addrs = addrs.all(&self.db).await?;
+        let eps = eps.order_by_asc(endpoint::Column::Id).all(&self.db).await?;
+        let mut subs = subscription::Entity::find();
+        if addr_id.is_some() {
+            subs = subs.filter(
+                subscription::Column::EndpointId
+                    .is_in(eps.iter().map(|e| e.id).collect::<Vec<_>>()),
+            );
+        }
+        let subs = subs.all(&self.db).await?;
+        Ok((addrs, eps, subs))
+    }
+
+    /// Stores accepted events and their deliveries in one transaction
+    /// (group commit). The deliveries start leased by `node` until
+    /// `lease_until`, since this server dispatches them at once.
+    pub async fn accept_events(
+        &self,
+        batch: &[(event::Model, Vec<i64>)],
+        node: &str,
+        lease_until: chrono::DateTime<chrono::Utc>,
+    ) -> Result<()> {
+        let now = chrono::Utc::now();
+        let txn = self.db.begin().await?;
+        event::Entity::insert_many(
+            batch
+                .iter()
+                .map(|(e, _)| event::ActiveModel::from(e.clone())),
+        )
+        .exec(&txn)
+        .await?;
+        let deliveries: Vec<delivery::ActiveModel> = batch
+            .iter()
+            .flat_map(|(e, eps)| {
+                eps.iter().map(move |ep| delivery::ActiveModel {
+                    event_id: Set(e.id.clone()),
+                    endpoint_id: Set(*ep),
+                    state: Set(STATE_PENDING.into()),
+                    attempts: Set(0),
+                    next_at: Set(now),
+                    lease_until: Set(Some(lease_until)),
+                    leased_by: Set(Some(node.to_string())),
+                    last_error: Set(None),
+                    created: Set(now),
+                    updated: Set(now),
+                    ..Default::default()
+                })
+            })
+            .collect();
+        if !deliveries.is_empty() {
+            delivery::Entity::insert_many(deliveries).exec(&txn).await?;
+        }
+        txn.commit().await?;
+        Ok(())
+    }
+
+    /// Records the outcome of delivery attempts, in one transaction.
+    pub async fn record_attempts(&self, outcomes: &[Attempt]) -> Result<()> {
+        let now = chrono::Utc::now();
+        let txn = self.db.begin().await?;
+        for o in outcomes {
+            let mut q = delivery::Entity::update_many()
+                .col_expr(delivery::Column::Attempts, Expr::value(o.attempts))
+                .col_expr(delivery::Column::State, Expr::value(o.state))
+                .col_expr(delivery::Column::LastError, Expr::value(o.error.clone()))
+                .col_expr(delivery::Column::Updated, Expr::value(now))
+                .col_expr(
+                    delivery::Column::LeaseUntil,
+                    Expr::value(Option::<chrono::DateTime<chrono::Utc>>::None),
+                )
+                .col_expr(
+                    delivery::Column::LeasedBy,
+                    Expr::value(Option::<String>::None),
+                );
+            if let Some(next) = o.next_at {
+                q = q.col_expr(delivery::Column::NextAt, Expr::value(next));
+            }
+            q.filter(delivery::Column::EventId.eq(o.event_id.as_str()))
+                .filter(delivery::Column::EndpointId.eq(o.endpoint_id))
+                .exec(&txn)
+                .await?;
+        }
+        txn.commit().await?;
+        Ok(())
+    }
+
+    /// Frees the leases `node` holds (a restarted server takes its own
+    /// pending deliveries back at once instead of waiting them out).
+    pub async fn release_leases(&self, node: &str) -> Result<u64> {
+        let r = delivery::Entity::update_many()
+            .col_expr(
+                delivery::Column::LeaseUntil,
+                Expr::value(Option::<chrono::DateTime<chrono::Utc>>::None),
+            )
+            .col_expr(
+                delivery::Column::LeasedBy,
+                Expr::value(Option::<String>::None),
+            )
+            .filter(delivery::Column::LeasedBy.eq(node))
+            .filter(delivery::Column::State.eq(STATE_PENDING))
+            .exec(&self.db)
+            .await?;
+        Ok(r.rows_affected)
+    }
+
+    /// Claims up to `limit` due pending deliveries whose lease is free or
+    /// expired, leasing them to `node`; returns each with its event and
+    /// endpoint. Rows another server is claiming at the same moment are
+    /// skipped (`FOR UPDATE SKIP LOCKED` where the database has it).
+    pub async fn claim_due(
+        &self,
+        node: &str,
+        lease_until: chrono::DateTime<chrono::Utc>,
+        limit: u64,
+    ) -> Result<Vec<(delivery::Model, event::Model, endpoint::Model)>> {
+        use sea_orm::{QuerySelect, sea_query::LockBehavior, sea_query::LockType};
+        let now = chrono::Utc::now();
+        let txn = self.db.begin().await?;
+        let mut q = delivery::Entity::find()
+            .filter(delivery::Column::State.eq(STATE_PENDING))
+            .filter(delivery::Column::NextAt.lte(now))
+            .filter(
+                sea_orm::Condition::any()
+                    .add(delivery::Column::LeaseUntil.is_null())
+                    .add(delivery::Column::LeaseUntil.lt(now)),
+            )
+            .order_by_asc(delivery::Column::NextAt)
+            .limit(limit);
+        if self.backend != DbBackend::Sqlite {
+            q = q.lock_with_behavior(LockType::Update, LockBehavior::SkipLocked);
+        }
+        let due = q.all(&txn).await?;
+        if due.is_empty() {
+            txn.commit().await?;
+            return Ok(Vec::new());
+        }
+        let ids: Vec<i64> = due.iter().map(|d| d.id).collect();
+        delivery::Entity::update_many()
+            .col_expr(delivery::Column::LeaseUntil, Expr::value(lease_until))
+            .col_expr(delivery::Column::LeasedBy, Expr::value(node))
+            .filter(delivery::Column::Id.is_in(ids))
+            .exec(&txn)
+            .await?;
+        let event_ids: Vec<String> = due.iter().map(|d| d.event_id.clone()).collect();
+        let ep_ids: Vec<i64> = due.iter().map(|d| d.endpoint_id).collect();
+        let events: std::collections::HashMap<String, event::Model> = event::Entity::find()
+            .filter(event::Column::Id.is_in(event_ids))
+            .all(&txn)
+            .await?
+            .into_iter()
+            .map(|e| (e.id.clone(), e))
+            .collect();
+        let eps: std::collections::HashMap<i64, endpoint::Model> = endpoint::Entity::find()
+            .filter(endpoint::Column::Id.is_in(ep_ids))
+            .all(&txn)
+            .await?
+            .into_iter()
+            .map(|e| (e.id, e))
+            .collect();
+        txn.commit().await?;
+        Ok(due
+            .into_iter()
+            .filter_map(|d| {
+                let e = events.get(&d.event_id)?.clone();
+                let ep = eps.get(&d.endpoint_id)?.clone();
+                Some((d, e, ep))
+            })
+            .collect())
+    }
+
     // ---- housekeeping ----------------------------------------------------
 
     /// Deletes bucket objects past their expiry; returns how many.
@@ -675,11 +888,20 @@ async fn delete_addr_children<C: ConnectionTrait>(c: &C, addr_id: Option<i64>) -
         .map(|e| e.id)
         .collect::<Vec<_>>();
     if !ep_ids.is_empty() {
+        delivery::Entity::delete_many()
+            .filter(delivery::Column::EndpointId.is_in(ep_ids.clone()))
+            .exec(c)
+            .await?;
         subscription::Entity::delete_many()
             .filter(subscription::Column::EndpointId.is_in(ep_ids))
             .exec(c)
             .await?;
     }
+    let mut del_events = event::Entity::delete_many();
+    if let Some(id) = addr_id {
+        del_events = del_events.filter(event::Column::AddrId.eq(id));
+    }
+    del_events.exec(c).await?;
     let mut del_ep = endpoint::Entity::delete_many();
     let mut del_bucket = bucket::Entity::delete_many();
     let mut del_lim = addr_limit::Entity::delete_many();

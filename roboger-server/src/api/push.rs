@@ -1,0 +1,85 @@
+//! `POST /push`: a sender's event, from a JSON body, a form or the query
+//! string (as the original accepted them), answered 202 once it and its
+//! deliveries are committed.
+
+use bytes::Bytes;
+use http::StatusCode;
+use serde_json::{Map, Value};
+
+use super::error::ApiError;
+use super::reply::{self, Response};
+use crate::App;
+use crate::event::Event;
+use crate::routing::Matchable;
+
+/// The body limit of a push whose media may be `max_media` bytes
+/// (base64 is 4/3 of it, plus room for the other fields).
+pub fn body_limit(max_media: usize) -> usize {
+    max_media / 3 * 4 + 1024 * 1024
+}
+
+/// Handles one push.
+pub async fn push(
+    app: &App,
+    query: &str,
+    content_type: Option<&str>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let mut fields = Map::new();
+    for (k, v) in url::form_urlencoded::parse(query.as_bytes()) {
+        fields.insert(k.into_owned(), Value::String(v.into_owned()));
+    }
+    // A JSON object is taken as JSON whatever the Content-Type says
+    // (curl -d sends JSON labelled as a form).
+    let looks_json = body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
+    let is_form = content_type.is_some_and(|c| c.starts_with("application/x-www-form-urlencoded"));
+    if is_form && !looks_json {
+        for (k, v) in url::form_urlencoded::parse(&body) {
+            fields.insert(k.into_owned(), Value::String(v.into_owned()));
+        }
+    } else if !body.iter().all(u8::is_ascii_whitespace) {
+        match serde_json::from_slice::<Value>(&body) {
+            Ok(Value::Object(m)) => fields.extend(m),
+            Ok(Value::Null) => {}
+            Ok(_) => {
+                return Err(ApiError::BadRequest(
+                    "the request body must be a JSON object".into(),
+                ));
+            }
+            Err(e) => {
+                return Err(ApiError::BadRequest(format!(
+                    "the request body is not valid JSON: {e}"
+                )));
+            }
+        }
+    }
+    let event = Event::from_fields(&fields).map_err(|e| ApiError::BadRequest(e.0))?;
+    if event
+        .media
+        .as_ref()
+        .is_some_and(|m| m.len() > app.config.push_max_media)
+    {
+        return Err(ApiError::PayloadTooLarge(app.config.push_max_media));
+    }
+    let Some(routes) = app.routes.get(&event.addr) else {
+        return Err(ApiError::NotFound(format!("addr {} not found", event.addr)));
+    };
+    if !routes.active {
+        return Ok(reply::text(
+            StatusCode::NOT_ACCEPTABLE,
+            format!("addr {} is disabled", event.addr),
+        ));
+    }
+    let targets = routes.targets(&Matchable {
+        level: event.level.code(),
+        location: event.location.as_deref(),
+        tag: event.tag.as_deref(),
+        sender: event.sender.as_deref(),
+    });
+    tracing::debug!(event = %event.id, addr = routes.id, deliveries = targets.len(), "push accepted");
+    app.pipeline
+        .accept(&event, routes.id, targets)
+        .await
+        .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+    Ok(reply::empty(StatusCode::ACCEPTED))
+}

@@ -1,0 +1,232 @@
+//! An event as a sender pushes it: the original's `/push` fields (from a
+//! JSON body, a form or the query string), checked and completed (level,
+//! `formatted_subject`, media) into an [`Event`] with a fresh UUID.
+
+use base64::Engine;
+use serde_json::{Map, Value};
+
+use crate::level::Level;
+
+/// A push the server accepted for routing.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    /// A fresh UUID; plugins get it as `event_id`.
+    pub id: String,
+    /// The address pushed to.
+    pub addr: String,
+    pub msg: String,
+    pub subject: String,
+    pub formatted_subject: String,
+    pub level: Level,
+    pub location: Option<String>,
+    pub tag: Option<String>,
+    pub sender: Option<String>,
+    /// Decoded media; invalid base64 is dropped (and logged).
+    pub media: Option<Vec<u8>>,
+    /// The media's file name, without any directory part.
+    pub media_fname: Option<String>,
+}
+
+/// Why a push was refused before routing (always a 400).
+#[derive(Debug, thiserror::Error, PartialEq)]
+#[error("{0}")]
+pub struct BadPush(pub String);
+
+const FIELDS: [&str; 11] = [
+    "addr",
+    "sender",
+    "msg",
+    "subject",
+    "level",
+    "location",
+    "tag",
+    "keywords",
+    "expires",
+    "media",
+    "media_fname",
+];
+
+impl Event {
+    /// Builds an event from the pushed fields (already merged from the
+    /// query string and the body).
+    pub fn from_fields(fields: &Map<String, Value>) -> Result<Event, BadPush> {
+        if let Some(k) = fields.keys().find(|k| !FIELDS.contains(&k.as_str())) {
+            return Err(BadPush(format!(
+                "unknown field \"{k}\"; allowed: {}",
+                FIELDS.join(", ")
+            )));
+        }
+        let text = |k: &str| -> Result<Option<String>, BadPush> {
+            match fields.get(k) {
+                None | Some(Value::Null) => Ok(None),
+                Some(Value::String(s)) => Ok(Some(s.clone())),
+                Some(v @ (Value::Number(_) | Value::Bool(_))) => Ok(Some(v.to_string())),
+                Some(_) => Err(BadPush(format!("field \"{k}\" must be a string"))),
+            }
+        };
+        let addr = text("addr")?
+            .filter(|a| !a.is_empty())
+            .ok_or_else(|| BadPush("field \"addr\" is required".into()))?;
+        let level = match fields.get("level") {
+            None | Some(Value::Null) => Level::Info,
+            Some(v @ (Value::Number(_) | Value::String(_))) => Level::convert(v),
+            Some(_) => {
+                return Err(BadPush(
+                    "field \"level\" must be a level name or number".into(),
+                ));
+            }
+        };
+        let location = text("location")?.filter(|s| !s.is_empty());
+        let sender = text("sender")?.filter(|s| !s.is_empty());
+        // `keywords` is the obsolete name of `tag`, and wins as in the original.
+        let tag = match text("keywords")? {
+            Some(k) => Some(k),
+            None => text("tag")?,
+        }
+        .filter(|s| !s.is_empty());
+        let subject = text("subject")?.unwrap_or_default();
+        let msg = text("msg")?.unwrap_or_default();
+        let (media, media_fname) = match text("media")?.filter(|m| !m.is_empty()) {
+            None => (None, text("media_fname")?),
+            Some(b64) => match decode_base64(&b64) {
+                Some(bytes) => {
+                    let fname = text("media_fname")?.map(|f| match f.rsplit_once('/') {
+                        Some((_, base)) => base.to_string(),
+                        None => f,
+                    });
+                    (Some(bytes), fname)
+                }
+                None => {
+                    tracing::warn!(%addr, "invalid media (not base64) dropped from a push");
+                    (None, None)
+                }
+            },
+        };
+        let formatted_subject =
+            formatted_subject(level, sender.as_deref(), location.as_deref(), &subject);
+        Ok(Event {
+            id: uuid::Uuid::new_v4().to_string(),
+            addr,
+            msg,
+            subject,
+            formatted_subject,
+            level,
+            location,
+            tag,
+            sender,
+            media,
+            media_fname,
+        })
+    }
+
+    /// The media as base64, as it travels to plugins.
+    pub fn media_encoded(&self) -> Option<String> {
+        self.media
+            .as_ref()
+            .map(|m| base64::engine::general_purpose::STANDARD.encode(m))
+    }
+}
+
+fn decode_base64(s: &str) -> Option<Vec<u8>> {
+    let cleaned: String = s.chars().filter(|c| !c.is_ascii_whitespace()).collect();
+    base64::engine::general_purpose::STANDARD
+        .decode(&cleaned)
+        .ok()
+        .or_else(|| {
+            base64::engine::general_purpose::STANDARD_NO_PAD
+                .decode(cleaned.trim_end_matches('='))
+                .ok()
+        })
+}
+
+/// `"{LEVEL} {sender}{@location}{: subject}"`: the sender is cut at its
+/// first `@` when a location is given; empty parts are left out.
+pub fn formatted_subject(
+    level: Level,
+    sender: Option<&str>,
+    location: Option<&str>,
+    subject: &str,
+) -> String {
+    let mut who = String::new();
+    if let Some(s) = sender {
+        who.push_str(if location.is_some() {
+            s.split('@').next().unwrap_or(s)
+        } else {
+            s
+        });
+    }
+    if let Some(l) = location {
+        who.push('@');
+        who.push_str(l);
+    }
+    let mut out = level.name().to_string();
+    if !who.is_empty() {
+        out.push(' ');
+        out.push_str(&who);
+    }
+    if !subject.is_empty() {
+        if who.is_empty() {
+            out.push(' ');
+        }
+        out.push_str(": ");
+        out.push_str(subject);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn ev(v: Value) -> Result<Event, BadPush> {
+        Event::from_fields(v.as_object().unwrap())
+    }
+
+    #[test]
+    fn formatted_subjects() {
+        assert_eq!(
+            formatted_subject(Level::Warning, Some("bot1@host"), Some("lab"), "disk"),
+            "WARNING bot1@lab: disk"
+        );
+        assert_eq!(
+            formatted_subject(Level::Warning, Some("bot1@host"), None, "disk"),
+            "WARNING bot1@host: disk"
+        );
+        assert_eq!(formatted_subject(Level::Info, None, None, ""), "INFO");
+        assert_eq!(
+            formatted_subject(Level::Info, None, Some("lab"), ""),
+            "INFO @lab"
+        );
+        assert_eq!(
+            formatted_subject(Level::Error, None, None, "x"),
+            "ERROR : x"
+        );
+    }
+
+    #[test]
+    fn fields_defaults_and_errors() {
+        let e = ev(json!({"addr": "a", "keywords": "k", "tag": "t", "level": "crit", "media": "aGk=", "media_fname": "/tmp/x/y.txt"})).unwrap();
+        assert_eq!(
+            (e.tag.as_deref(), e.level, e.media.as_deref()),
+            (Some("k"), Level::Critical, Some(&b"hi"[..]))
+        );
+        assert_eq!(e.media_fname.as_deref(), Some("y.txt"));
+        assert_eq!(e.id.len(), 36);
+        let e = ev(json!({"addr": "a", "media": "!!not base64!!"})).unwrap();
+        assert_eq!(e.media, None);
+        assert_eq!(
+            (e.msg.as_str(), e.subject.as_str(), e.level),
+            ("", "", Level::Info)
+        );
+        assert!(ev(json!({"msg": "x"})).is_err());
+        assert!(
+            ev(json!({"addr": "a", "colour": 1}))
+                .unwrap_err()
+                .0
+                .contains("colour")
+        );
+        assert!(ev(json!({"addr": "a", "msg": {"x": 1}})).is_err());
+        assert_eq!(ev(json!({"addr": "a", "expires": 5})).unwrap().addr, "a");
+    }
+}

@@ -1,0 +1,371 @@
+//! From an accepted push to each plugin's `send`, with nothing accepted
+//! and then lost.
+//!
+//! - The **committer** takes accepted events from a bounded queue and
+//!   stores as many as are waiting in one transaction (group commit); each
+//!   push is answered only after its event and deliveries are committed.
+//! - The **dispatcher** calls the plugins (bounded concurrency) for the
+//!   deliveries just committed, and for due ones the **sweeper** claims
+//!   from the database: retries, and whatever a previous run of this
+//!   server left pending (its leases are released at start).
+//! - The **recorder** writes outcomes in batches: delivered, pending again
+//!   after a backoff, or failed after `max-attempts` or `max-age`.
+//!
+//! Invariant: a push is answered 202 only after the commit; a delivery
+//! leaves `pending` only when the plugin accepted it or its retries are
+//! spent. Deliveries are claimed with leases (`FOR UPDATE SKIP LOCKED`
+//! where available), so several servers on one database never run the
+//! same delivery at once.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{Map, Value};
+use tokio::sync::{Semaphore, mpsc, oneshot};
+
+use crate::config::DeliveryConfig;
+use crate::event::Event;
+use crate::routing::Target;
+use crate::store::entity::{endpoint, event};
+use crate::store::{Attempt, STATE_DELIVERED, STATE_FAILED, STATE_PENDING, Store, StoreError};
+use crate::supervisor::{CallError, Supervisor};
+
+/// Why an event could not be accepted (the push gets a 503).
+#[derive(Debug, thiserror::Error)]
+pub enum AcceptError {
+    /// The database refused or failed the commit.
+    #[error("cannot store the event: {0}")]
+    Store(#[from] StoreError),
+    /// The commit did not finish in time, or the server is stopping.
+    #[error("the event could not be stored in time")]
+    Unavailable,
+}
+
+struct Accept {
+    event: event::Model,
+    targets: Vec<Target>,
+    reply: oneshot::Sender<Result<(), String>>,
+}
+
+/// One delivery to make.
+struct Job {
+    event: Arc<event::Model>,
+    endpoint_id: i64,
+    plugin: String,
+    config: Arc<Value>,
+    /// Attempts made before this one.
+    attempts: i32,
+}
+
+/// The running pipeline; cheap to share.
+pub struct Pipeline {
+    accept_tx: mpsc::Sender<Accept>,
+    timeout: Duration,
+}
+
+impl std::fmt::Debug for Pipeline {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Pipeline")
+    }
+}
+
+const ACCEPT_QUEUE: usize = 4096;
+const COMMIT_BATCH: usize = 512;
+const DISPATCH_QUEUE: usize = 8192;
+const OUTCOME_BATCH: usize = 512;
+const SWEEP_BATCH: u64 = 256;
+
+impl Pipeline {
+    /// Starts the committer, dispatcher, sweeper and recorder tasks.
+    pub async fn start(
+        store: Store,
+        plugins: Arc<Supervisor>,
+        cfg: DeliveryConfig,
+        timeout: Duration,
+    ) -> Pipeline {
+        match store.release_leases(&cfg.node).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(
+                deliveries = n,
+                "resuming deliveries left pending by the previous run"
+            ),
+            Err(e) => tracing::warn!(error = %e, "cannot release this server's old leases"),
+        }
+        let cfg = Arc::new(cfg);
+        let (accept_tx, accept_rx) = mpsc::channel(ACCEPT_QUEUE);
+        let (job_tx, job_rx) = mpsc::channel(DISPATCH_QUEUE);
+        let (outcome_tx, outcome_rx) = mpsc::channel(DISPATCH_QUEUE);
+        tokio::spawn(commit_loop(
+            store.clone(),
+            cfg.clone(),
+            timeout,
+            accept_rx,
+            job_tx.clone(),
+        ));
+        tokio::spawn(dispatch_loop(plugins, cfg.clone(), job_rx, outcome_tx));
+        tokio::spawn(record_loop(store.clone(), outcome_rx));
+        tokio::spawn(sweep_loop(store, cfg, job_tx));
+        Pipeline { accept_tx, timeout }
+    }
+
+    /// Stores `event` with a delivery per target and returns once it is
+    /// committed; the deliveries then start at once.
+    pub async fn accept(
+        &self,
+        event: &Event,
+        addr_id: i64,
+        targets: Vec<Target>,
+    ) -> Result<(), AcceptError> {
+        let (reply, rx) = oneshot::channel();
+        let model = event::Model {
+            id: event.id.clone(),
+            addr_id,
+            addr: event.addr.clone(),
+            msg: event.msg.clone(),
+            subject: event.subject.clone(),
+            formatted_subject: event.formatted_subject.clone(),
+            level: i16::from(event.level.code()),
+            location: event.location.clone(),
+            tag: event.tag.clone(),
+            sender: event.sender.clone(),
+            media: event.media.clone(),
+            media_fname: event.media_fname.clone(),
+            created: chrono::Utc::now(),
+        };
+        let wait = async {
+            self.accept_tx
+                .send(Accept {
+                    event: model,
+                    targets,
+                    reply,
+                })
+                .await
+                .map_err(|_| AcceptError::Unavailable)?;
+            match rx.await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(AcceptError::Store(StoreError::Db(sea_orm::DbErr::Custom(
+                    e,
+                )))),
+                Err(_) => Err(AcceptError::Unavailable),
+            }
+        };
+        tokio::time::timeout(self.timeout, wait)
+            .await
+            .unwrap_or(Err(AcceptError::Unavailable))
+    }
+}
+
+fn lease_until(cfg: &DeliveryConfig) -> chrono::DateTime<chrono::Utc> {
+    chrono::Utc::now()
+        + chrono::Duration::from_std(cfg.lease).unwrap_or(chrono::Duration::seconds(60))
+}
+
+async fn commit_loop(
+    store: Store,
+    cfg: Arc<DeliveryConfig>,
+    timeout: Duration,
+    mut rx: mpsc::Receiver<Accept>,
+    jobs: mpsc::Sender<Job>,
+) {
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < COMMIT_BATCH {
+            match rx.try_recv() {
+                Ok(a) => batch.push(a),
+                Err(_) => break,
+            }
+        }
+        let rows: Vec<(event::Model, Vec<i64>)> = batch
+            .iter()
+            .map(|a| {
+                (
+                    a.event.clone(),
+                    a.targets.iter().map(|t| t.endpoint_id).collect(),
+                )
+            })
+            .collect();
+        let committed = tokio::time::timeout(
+            timeout,
+            store.accept_events(&rows, &cfg.node, lease_until(&cfg)),
+        )
+        .await;
+        let result = match committed {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("the commit timed out".to_string()),
+        };
+        if let Err(e) = &result {
+            tracing::error!(events = batch.len(), "events not accepted: {e}");
+        }
+        for a in batch {
+            let ok = result.is_ok();
+            let _ = a.reply.send(result.clone());
+            if !ok {
+                continue;
+            }
+            let event = Arc::new(a.event);
+            for t in a.targets {
+                let job = Job {
+                    event: event.clone(),
+                    endpoint_id: t.endpoint_id,
+                    plugin: t.plugin,
+                    config: t.config,
+                    attempts: 0,
+                };
+                if jobs.send(job).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+async fn dispatch_loop(
+    plugins: Arc<Supervisor>,
+    cfg: Arc<DeliveryConfig>,
+    mut rx: mpsc::Receiver<Job>,
+    outcomes: mpsc::Sender<Attempt>,
+) {
+    let slots = Arc::new(Semaphore::new(cfg.concurrency));
+    while let Some(job) = rx.recv().await {
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            break;
+        };
+        let plugins = plugins.clone();
+        let outcomes = outcomes.clone();
+        let cfg = cfg.clone();
+        tokio::spawn(async move {
+            let result = plugins.call(&job.plugin, "send", send_params(&job)).await;
+            let _ = outcomes.send(outcome(&cfg, &job, result)).await;
+            drop(permit);
+        });
+    }
+}
+
+fn send_params(job: &Job) -> Map<String, Value> {
+    let e = &job.event;
+    let level = crate::level::Level::from_code(i64::from(e.level)).unwrap_or_default();
+    let mut p = Map::new();
+    p.insert("config".into(), (*job.config).clone());
+    p.insert("event_id".into(), e.id.clone().into());
+    p.insert("addr".into(), e.addr.clone().into());
+    p.insert("addr_id".into(), e.addr_id.into());
+    p.insert("msg".into(), e.msg.clone().into());
+    p.insert("subject".into(), e.subject.clone().into());
+    p.insert(
+        "formatted_subject".into(),
+        e.formatted_subject.clone().into(),
+    );
+    p.insert("level".into(), level.code().into());
+    p.insert("level_name".into(), level.name().into());
+    p.insert("location".into(), e.location.clone().into());
+    p.insert("tag".into(), e.tag.clone().into());
+    p.insert("sender".into(), e.sender.clone().into());
+    let media = e.media.as_ref().map(|m| {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD.encode(m)
+    });
+    p.insert("media_encoded".into(), media.into());
+    p.insert("media_fname".into(), e.media_fname.clone().into());
+    p
+}
+
+fn outcome(cfg: &DeliveryConfig, job: &Job, result: Result<Value, CallError>) -> Attempt {
+    let attempts = job.attempts + 1;
+    let base = Attempt {
+        event_id: job.event.id.clone(),
+        endpoint_id: job.endpoint_id,
+        attempts,
+        state: STATE_DELIVERED,
+        error: None,
+        next_at: None,
+    };
+    let error = match result {
+        Ok(_) => return base,
+        Err(e) => e.to_string(),
+    };
+    let age = chrono::Utc::now() - job.event.created;
+    let too_old = age.to_std().is_ok_and(|a| a >= cfg.max_age);
+    if attempts >= cfg.max_attempts || too_old {
+        tracing::warn!(event = %job.event.id, endpoint = job.endpoint_id, attempts, "delivery failed for good: {error}");
+        return Attempt {
+            state: STATE_FAILED,
+            error: Some(error),
+            ..base
+        };
+    }
+    let exp = u32::try_from(attempts - 1).unwrap_or(u32::MAX).min(20);
+    let delay = cfg
+        .retry_base
+        .saturating_mul(2u32.saturating_pow(exp))
+        .min(cfg.retry_max);
+    tracing::info!(event = %job.event.id, endpoint = job.endpoint_id, attempts, ?delay, "delivery failed, will retry: {error}");
+    Attempt {
+        state: STATE_PENDING,
+        error: Some(error),
+        next_at: Some(chrono::Utc::now() + chrono::Duration::from_std(delay).unwrap_or_default()),
+        ..base
+    }
+}
+
+async fn record_loop(store: Store, mut rx: mpsc::Receiver<Attempt>) {
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < OUTCOME_BATCH {
+            match rx.try_recv() {
+                Ok(o) => batch.push(o),
+                Err(_) => break,
+            }
+        }
+        // A lost outcome only means a repeated delivery (at-least-once),
+        // but keep trying a while before giving the batch up.
+        for attempt in 0..5u32 {
+            match store.record_attempts(&batch).await {
+                Ok(()) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, outcomes = batch.len(), "cannot record delivery outcomes; retrying");
+                    tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt + 1))).await;
+                }
+            }
+        }
+    }
+}
+
+async fn sweep_loop(store: Store, cfg: Arc<DeliveryConfig>, jobs: mpsc::Sender<Job>) {
+    let mut tick = tokio::time::interval(cfg.sweep_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        loop {
+            let claimed = match store
+                .claim_due(&cfg.node, lease_until(&cfg), SWEEP_BATCH)
+                .await
+            {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot claim due deliveries");
+                    break;
+                }
+            };
+            let n = claimed.len() as u64;
+            for (d, e, ep) in claimed {
+                if jobs.send(job_of(d.attempts, e, ep)).await.is_err() {
+                    return;
+                }
+            }
+            if n < SWEEP_BATCH {
+                break;
+            }
+        }
+    }
+}
+
+fn job_of(attempts: i32, e: event::Model, ep: endpoint::Model) -> Job {
+    Job {
+        event: Arc::new(e),
+        endpoint_id: ep.id,
+        plugin: ep.plugin_name,
+        config: Arc::new(ep.config),
+        attempts,
+    }
+}
