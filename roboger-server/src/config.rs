@@ -91,6 +91,7 @@ struct FileRoboger {
     cleanup_interval: Option<u64>,
     node: Option<String>,
     push_max_media: Option<usize>,
+    event_retention: Option<u64>,
     delivery: Option<FileDelivery>,
 }
 
@@ -204,6 +205,8 @@ pub struct Config {
     pub cleanup_interval: Duration,
     /// The largest media a push may carry (decoded bytes).
     pub push_max_media: usize,
+    /// How long events are kept (cleanup removes older ones with nothing pending).
+    pub event_retention: Duration,
     /// How deliveries are made and retried.
     pub delivery: DeliveryConfig,
     /// Human-readable notes to log once at start (ignored keys and the like).
@@ -646,6 +649,7 @@ impl Config {
             source: path.map(Path::to_path_buf),
             cleanup_interval: Duration::from_secs(cleanup_interval),
             push_max_media,
+            event_retention: Duration::from_secs(f.event_retention.unwrap_or(7 * 86_400)),
             delivery,
             plugin_max_line,
             plugin_health_interval: Duration::from_secs_f64(plugin_health_interval),

@@ -76,11 +76,15 @@ impl App {
         })
     }
 
-    /// Core cleanup: deletes expired bucket objects and runs every
+    /// Core cleanup: deletes expired bucket objects and events past their
+    /// retention (with nothing pending), and runs every
     /// plugin's `cleanup` (the `cleanup` command and the periodic task).
     pub async fn cleanup(&self) -> Result<(), store::StoreError> {
         let n = self.store.bucket_cleanup().await?;
-        tracing::info!(expired_objects = n, "core cleanup");
+        let before = chrono::Utc::now()
+            - chrono::Duration::from_std(self.config.event_retention).unwrap_or_default();
+        let events = self.store.events_cleanup(before).await?;
+        tracing::info!(expired_objects = n, old_events = events, "core cleanup");
         self.plugins.cleanup().await;
         Ok(())
     }

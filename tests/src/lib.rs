@@ -115,6 +115,7 @@ pub struct ServerOptions {
 /// A running `roboger-server` process; killed when dropped.
 pub struct Server {
     child: Child,
+    env: Vec<(String, String)>,
     /// `http://127.0.0.1:PORT`
     pub base: String,
     /// The config file it was started with.
@@ -168,19 +169,11 @@ impl Server {
         }
         let config_path = dir.path().join("roboger.yml");
         std::fs::write(&config_path, yaml).expect("write config");
-        let mut cmd = Command::new(server_bin());
-        cmd.arg("--config")
-            .arg(&config_path)
-            .env("ROBOGER_DATA_DIR", dir.path().join("data"))
-            .env_remove("ROBOGER_DB")
-            .env_remove("ROBOGER_MASTERKEY")
-            .env_remove("ROBOGER_CONFIG");
-        for (k, v) in &opts.env {
-            cmd.env(k, v);
-        }
-        let (child, addr, log) = spawn_and_wait_listening(cmd);
+        let (child, addr, log) =
+            spawn_and_wait_listening(server_command(&config_path, dir.path(), &opts.env));
         Server {
             child,
+            env: opts.env,
             base: format!("http://{addr}"),
             config_path,
             log,
@@ -233,6 +226,21 @@ impl Server {
         self.child.id()
     }
 
+    /// Kills the server with SIGKILL (no chance to clean up) and starts
+    /// it again on the same config and database; it gets a new port.
+    pub fn kill_and_restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let (child, addr, log) = spawn_and_wait_listening(server_command(
+            &self.config_path,
+            self.dir.path(),
+            &self.env,
+        ));
+        self.child = child;
+        self.base = format!("http://{addr}");
+        self.log = log;
+    }
+
     /// Waits until the log contains `needle` (or panics after `timeout`).
     pub async fn wait_log(&self, needle: &str, timeout: Duration) {
         let end = Instant::now() + timeout;
@@ -270,6 +278,20 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+fn server_command(config: &Path, dir: &Path, env: &[(String, String)]) -> Command {
+    let mut cmd = Command::new(server_bin());
+    cmd.arg("--config")
+        .arg(config)
+        .env("ROBOGER_DATA_DIR", dir.join("data"))
+        .env_remove("ROBOGER_DB")
+        .env_remove("ROBOGER_MASTERKEY")
+        .env_remove("ROBOGER_CONFIG");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd
 }
 
 /// Starts `cmd` with stderr captured and waits for the "listening on"

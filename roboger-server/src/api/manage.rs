@@ -16,7 +16,7 @@ use super::body::Body;
 use super::error::{ApiError, bad};
 use super::reply::{self, Response};
 use crate::App;
-use crate::store::entity::{ADDR_LEN, PLUGIN_NAME_MAX, addr, endpoint};
+use crate::store::entity::{ADDR_LEN, PLUGIN_NAME_MAX, addr, endpoint, event};
 use crate::store::{AddrPatch, AddrRef, EndpointPatch, SubscriptionPatch, SubscriptionRow};
 
 /// Where the management API lives.
@@ -33,6 +33,8 @@ pub struct Request<'a> {
     pub method: &'a Method,
     /// The path below [`PREFIX`].
     pub path: &'a str,
+    /// The raw query string (`limit` of the events list).
+    pub query: &'a str,
     pub headers: &'a HeaderMap,
     pub peer: Option<SocketAddr>,
     pub body: Bytes,
@@ -58,7 +60,7 @@ pub async fn handle(app: &App, req: Request<'_>) -> Response {
             Some(r) => app.store.addr_get(r).await.ok().map(|a| a.id),
             None => None,
         };
-        let answer = route(app, req.method, &segs, req.headers, &body).await?;
+        let answer = route(app, req.method, &segs, req.query, req.headers, &body).await?;
         if answer.status().is_success() || answer.status().is_redirection() {
             refresh_routes(app, req.method, &segs, before_id).await?;
         }
@@ -77,6 +79,7 @@ async fn route(
     app: &App,
     m: &Method,
     segs: &[&str],
+    query: &str,
     headers: &HeaderMap,
     body: &Body,
 ) -> Result<Response, ApiError> {
@@ -297,6 +300,51 @@ async fn route(
             Ok(reply::empty(StatusCode::NO_CONTENT))
         }
 
+        ("GET", ["addr", a, "event"]) => {
+            let a = addr_id(app, a).await?;
+            let limit =
+                match url::form_urlencoded::parse(query.as_bytes()).find(|(k, _)| k == "limit") {
+                    Some((_, v)) => v
+                        .parse::<u64>()
+                        .map_err(|_| bad(format!("limit must be a whole number, not \"{v}\"")))?
+                        .clamp(1, 1000),
+                    None => 100,
+                };
+            let list = app.store.event_list(a, limit).await?;
+            let out: Vec<Value> = list.iter().map(event_json).collect();
+            Ok(reply::json(StatusCode::OK, &out))
+        }
+        ("GET", ["addr", a, "event", id]) => {
+            let a = addr_id(app, a).await?;
+            let (e, deliveries) = app.store.event_get(a, id).await?;
+            let mut v = event_json(&e);
+            v["deliveries"] = deliveries
+                .iter()
+                .map(|d| {
+                    json!({
+                        "endpoint_id": d.endpoint_id, "state": d.state, "attempts": d.attempts,
+                        "last_error": d.last_error, "next_at": d.next_at.to_rfc3339(),
+                        "created": d.created.to_rfc3339(), "updated": d.updated.to_rfc3339(),
+                    })
+                })
+                .collect();
+            Ok(reply::json(StatusCode::OK, &v))
+        }
+        ("POST", ["addr", a, "event", id]) => {
+            body.only(&["cmd"], &[])?;
+            let a = addr_id(app, a).await?;
+            match body.required_str("cmd")? {
+                "retry" => {
+                    let n = app.store.event_retry(a, id).await?;
+                    tracing::info!(event = %id, deliveries = n, "failed deliveries queued again by hand");
+                    Ok(reply::empty(StatusCode::NO_CONTENT))
+                }
+                other => Err(ApiError::MethodNotAllowed(format!(
+                    "unknown event command \"{other}\"; known: retry"
+                ))),
+            }
+        }
+
         (method, segs) if is_known_path(segs) => Err(ApiError::MethodNotAllowed(format!(
             "method {method} is not allowed on {PREFIX}/{}",
             segs.join("/")
@@ -425,6 +473,8 @@ fn is_known_path(segs: &[&str]) -> bool {
             | ["addr", _, "endpoint", _]
             | ["addr", _, "endpoint", _, "subscription"]
             | ["addr", _, "endpoint", _, "subscription", _]
+            | ["addr", _, "event"]
+            | ["addr", _, "event", _]
     )
 }
 
@@ -458,6 +508,16 @@ fn endpoint_json(e: &endpoint::Model) -> Value {
         "config": e.config,
         "active": e.active,
         "description": e.description,
+    })
+}
+
+fn event_json(e: &event::Model) -> Value {
+    let level = crate::level::Level::from_code(i64::from(e.level)).unwrap_or_default();
+    json!({
+        "id": e.id, "addr_id": e.addr_id, "addr": e.addr, "msg": e.msg, "subject": e.subject,
+        "formatted_subject": e.formatted_subject, "level": e.level, "level_name": level.name(),
+        "location": e.location, "tag": e.tag, "sender": e.sender, "media_fname": e.media_fname,
+        "media_size": e.media.as_ref().map(Vec::len), "created": e.created.to_rfc3339(),
     })
 }
 

@@ -50,6 +50,7 @@ pub fn routes(
     let manage = warp::path("manage")
         .and(warp::path("v2"))
         .and(warp::path::tail())
+        .and(warp::query::raw().or(warp::any().map(String::new)).unify())
         .and(warp::method())
         .and(warp::header::headers_cloned())
         .and(warp::ext::optional::<PeerAddr>())
@@ -57,6 +58,7 @@ pub fn routes(
         .and(with_app.clone())
         .then(
             |tail: warp::path::Tail,
+             query: String,
              method: Method,
              headers: HeaderMap,
              peer: Option<PeerAddr>,
@@ -69,6 +71,7 @@ pub fn routes(
                 let req = manage::Request {
                     method: &method,
                     path: tail.as_str(),
+                    query: &query,
                     headers: &headers,
                     peer: peer.map(|p| p.0),
                     body,

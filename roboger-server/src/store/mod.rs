@@ -855,6 +855,96 @@ impl Store {
             .collect())
     }
 
+    // ---- events API --------------------------------------------------------
+
+    /// The newest `limit` events of an address, newest first.
+    pub async fn event_list(&self, addr_id: i64, limit: u64) -> Result<Vec<event::Model>> {
+        use sea_orm::QuerySelect;
+        Ok(event::Entity::find()
+            .filter(event::Column::AddrId.eq(addr_id))
+            .order_by_desc(event::Column::Created)
+            .limit(limit)
+            .all(&self.db)
+            .await?)
+    }
+
+    /// One event of an address, with its deliveries.
+    pub async fn event_get(
+        &self,
+        addr_id: i64,
+        id: &str,
+    ) -> Result<(event::Model, Vec<delivery::Model>)> {
+        let e = event::Entity::find_by_id(id.to_string())
+            .filter(event::Column::AddrId.eq(addr_id))
+            .one(&self.db)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("event {id}")))?;
+        let d = delivery::Entity::find()
+            .filter(delivery::Column::EventId.eq(id))
+            .order_by_asc(delivery::Column::EndpointId)
+            .all(&self.db)
+            .await?;
+        Ok((e, d))
+    }
+
+    /// Makes an event's failed deliveries pending again, due now.
+    pub async fn event_retry(&self, addr_id: i64, id: &str) -> Result<u64> {
+        self.event_get(addr_id, id).await?;
+        let r = delivery::Entity::update_many()
+            .col_expr(delivery::Column::State, Expr::value(STATE_PENDING))
+            .col_expr(delivery::Column::NextAt, Expr::value(chrono::Utc::now()))
+            .col_expr(
+                delivery::Column::LeaseUntil,
+                Expr::value(Option::<chrono::DateTime<chrono::Utc>>::None),
+            )
+            .col_expr(
+                delivery::Column::LeasedBy,
+                Expr::value(Option::<String>::None),
+            )
+            .col_expr(delivery::Column::Updated, Expr::value(chrono::Utc::now()))
+            .filter(delivery::Column::EventId.eq(id))
+            .filter(delivery::Column::State.eq(STATE_FAILED))
+            .exec(&self.db)
+            .await?;
+        Ok(r.rows_affected)
+    }
+
+    /// Deletes events created before `before` that have nothing pending.
+    pub async fn events_cleanup(&self, before: chrono::DateTime<chrono::Utc>) -> Result<u64> {
+        use sea_orm::QuerySelect;
+        let pending: Vec<String> = delivery::Entity::find()
+            .select_only()
+            .column(delivery::Column::EventId)
+            .filter(delivery::Column::State.eq(STATE_PENDING))
+            .into_tuple()
+            .all(&self.db)
+            .await?;
+        let old: Vec<String> = event::Entity::find()
+            .select_only()
+            .column(event::Column::Id)
+            .filter(event::Column::Created.lt(before))
+            .into_tuple()
+            .all(&self.db)
+            .await?;
+        let pending: std::collections::HashSet<String> = pending.into_iter().collect();
+        let doomed: Vec<String> = old.into_iter().filter(|id| !pending.contains(id)).collect();
+        let mut n = 0;
+        for chunk in doomed.chunks(500) {
+            let txn = self.db.begin().await?;
+            delivery::Entity::delete_many()
+                .filter(delivery::Column::EventId.is_in(chunk.to_vec()))
+                .exec(&txn)
+                .await?;
+            n += event::Entity::delete_many()
+                .filter(event::Column::Id.is_in(chunk.to_vec()))
+                .exec(&txn)
+                .await?
+                .rows_affected;
+            txn.commit().await?;
+        }
+        Ok(n)
+    }
+
     // ---- housekeeping ----------------------------------------------------
 
     /// Deletes bucket objects past their expiry; returns how many.

@@ -10,7 +10,8 @@
 //! An endpoint config steers `send`: `{"reject": "msg"}` is refused by
 //! `validate_config`; `{"crash": true}` exits mid-call; `{"hang": true}`
 //! never answers; `{"freeze": true}` stops the whole process (SIGSTOP);
-//! `{"fail": "msg"}` fails; `{"slow": ms}` answers after a while;
+//! `{"fail": "msg"}` fails; `{"fail_times": n}` fails the first n
+//! attempts of each event; `{"slow": ms}` answers after a while;
 //! `{"callbacks": true}` calls back into the server and records what it got.
 
 use std::io::{BufRead, Write};
@@ -36,6 +37,8 @@ fn record(v: Value) {
 struct Chaos {
     refuse_config: bool,
     http: bool,
+    /// Failures so far per event, for `{"fail_times": n}`.
+    failures: std::sync::Mutex<std::collections::HashMap<String, u64>>,
 }
 
 #[roboger_plugin_sdk::async_trait]
@@ -158,6 +161,19 @@ impl Plugin for Chaos {
             "sender": e.sender, "media": e.media, "media_encoded": e.media_encoded,
             "media_fname": e.media_fname, "callbacks": callbacks,
         }));
+        if let Some(n) = c.get("fail_times").and_then(Value::as_u64) {
+            let mut f = self
+                .failures
+                .lock()
+                .map_err(|_| PluginError::failed("lock"))?;
+            let seen = f.entry(e.event_id.clone()).or_insert(0);
+            if *seen < n {
+                *seen += 1;
+                return Err(PluginError::failed(format!(
+                    "planned failure {seen} of {n}"
+                )));
+            }
+        }
         if let Some(msg) = c.get("fail") {
             return Err(PluginError::failed(msg.as_str().unwrap_or("failed")));
         }
@@ -281,6 +297,7 @@ fn main() -> std::process::ExitCode {
         _ => run(Chaos {
             refuse_config: mode == "refuse-config",
             http: std::env::var_os("TEST_PLUGIN_NO_HTTP").is_none(),
+            failures: Default::default(),
         }),
     }
 }

@@ -1,0 +1,557 @@
+//! `POST /push` end to end: routing rules, status codes, media, retries,
+//! and nothing accepted and then lost, whether the plugin or the server
+//! is killed. The plugin is the test plugin, which records every `send`.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use roboger_tests::{
+    Method, Resp, Server, ServerOptions, Value, assert_status, json, test_plugin_bin,
+};
+
+struct Rig {
+    s: Server,
+    rec: PathBuf,
+    addr_id: i64,
+    a: String,
+}
+
+async fn rig(yaml: &str) -> Rig {
+    let dir = tempfile::tempdir().unwrap().keep();
+    let rec = dir.join("rec.jsonl");
+    let s = Server::start_with(ServerOptions {
+        yaml: format!("delivery:\n  retry-base: 0.05\n  retry-max: 0.5\n{yaml}"),
+        plugins_yaml: format!(
+            "- name: t\n  command: {}\n  env:\n    TEST_PLUGIN_RECORD: {}\n",
+            test_plugin_bin().display(),
+            rec.display()
+        ),
+        ..Default::default()
+    })
+    .await;
+    let addr = s.manage(Method::POST, "/addr", None).await.json();
+    Rig {
+        addr_id: addr["id"].as_i64().unwrap(),
+        a: addr["a"].as_str().unwrap().to_string(),
+        s,
+        rec,
+    }
+}
+
+impl Rig {
+    /// An endpoint of plugin `t` with `config`, and one subscription per
+    /// entry of `subs`.
+    async fn endpoint(&self, config: Value, subs: &[Value]) -> i64 {
+        let r = self
+            .s
+            .manage(
+                Method::POST,
+                &format!("/addr/{}/endpoint", self.addr_id),
+                Some(json!({"plugin_name": "t", "config": config})),
+            )
+            .await;
+        assert_status!(r, 201);
+        let ep = r.json()["id"].as_i64().unwrap();
+        for sub in subs {
+            let r = self
+                .s
+                .manage(
+                    Method::POST,
+                    &format!("/addr/{}/endpoint/{ep}/subscription", self.addr_id),
+                    Some(sub.clone()),
+                )
+                .await;
+            assert_status!(r, 201);
+        }
+        ep
+    }
+
+    async fn push(&self, mut body: Value) -> Resp {
+        if body.get("addr").is_none() {
+            body["addr"] = json!(self.a);
+        }
+        self.s
+            .request(Method::POST, "/push", None, &[], Some(body))
+            .await
+    }
+
+    fn sends(&self) -> Vec<Value> {
+        records(&self.rec)
+    }
+
+    /// Waits until `n` sends are recorded (and a little more, to catch
+    /// extra ones), then returns them.
+    async fn wait_sends(&self, n: usize) -> Vec<Value> {
+        let end = Instant::now() + Duration::from_secs(20);
+        while self.sends().len() < n {
+            assert!(
+                Instant::now() < end,
+                "only {} of {n} sends arrived",
+                self.sends().len()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        self.sends()
+    }
+
+    async fn event(&self, id: &str) -> Value {
+        let r = self
+            .s
+            .manage(
+                Method::GET,
+                &format!("/addr/{}/event/{id}", self.addr_id),
+                None,
+            )
+            .await;
+        assert_status!(r, 200);
+        r.json()
+    }
+
+    /// Waits until every delivery of the event is in `state`.
+    async fn wait_state(&self, id: &str, state: &str) -> Value {
+        let end = Instant::now() + Duration::from_secs(20);
+        loop {
+            let e = self.event(id).await;
+            let ds = e["deliveries"].as_array().unwrap();
+            if !ds.is_empty() && ds.iter().all(|d| d["state"] == state) {
+                return e;
+            }
+            assert!(Instant::now() < end, "event never became {state}: {e}");
+            tokio::time::sleep(Duration::from_millis(30)).await;
+        }
+    }
+}
+
+fn records(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|v| v["method"] == "send")
+        .collect()
+}
+
+/// Which endpoints (by their config's `name`) got the event `msg`.
+fn got(sends: &[Value], msg: &str) -> BTreeSet<String> {
+    sends
+        .iter()
+        .filter(|s| s["msg"] == msg)
+        .map(|s| s["config"]["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
+fn set(names: &[&str]) -> BTreeSet<String> {
+    names.iter().map(|s| s.to_string()).collect()
+}
+
+#[tokio::test]
+async fn level_rules_wildcards_and_one_delivery_per_endpoint() {
+    let r = rig("").await;
+    for (name, level, m) in [
+        ("e", 30, "e"),
+        ("g", 30, "g"),
+        ("gt", 30, "gt"),
+        ("ge", 30, "ge"),
+        ("l", 30, "l"),
+        ("lt", 30, "lt"),
+        ("le", 30, "le"),
+    ] {
+        r.endpoint(
+            json!({"name": name}),
+            &[json!({"level": level, "level_match": m})],
+        )
+        .await;
+    }
+    r.endpoint(
+        json!({"name": "lab"}),
+        &[json!({"location": "lab", "level": 10})],
+    )
+    .await;
+    r.endpoint(
+        json!({"name": "tag"}),
+        &[json!({"tag": "disk", "level": 10})],
+    )
+    .await;
+    r.endpoint(
+        json!({"name": "bot"}),
+        &[json!({"sender": "bot", "level": 10})],
+    )
+    .await;
+    // Two matching subscriptions: still one delivery.
+    r.endpoint(
+        json!({"name": "twice"}),
+        &[
+            json!({"level": 10}),
+            json!({"level": 20, "location": "lab"}),
+        ],
+    )
+    .await;
+
+    for (msg, level) in [("at20", 20), ("at30", 30), ("at40", 40)] {
+        assert_status!(r.push(json!({"msg": msg, "level": level})).await, 202);
+    }
+    assert_status!(r.push(json!({"msg": "lab", "level": "debug", "location": "lab", "tag": "disk", "sender": "bot"})).await, 202);
+    let sends = r.wait_sends(4 + 4 + 4 + 7).await;
+    assert_eq!(got(&sends, "at20"), set(&["l", "lt", "le", "twice"]));
+    assert_eq!(got(&sends, "at30"), set(&["e", "ge", "le", "twice"]));
+    assert_eq!(got(&sends, "at40"), set(&["g", "gt", "ge", "twice"]));
+    assert_eq!(
+        got(&sends, "lab"),
+        set(&["l", "lt", "le", "lab", "tag", "bot", "twice"])
+    );
+    assert_eq!(
+        sends
+            .iter()
+            .filter(|s| s["config"]["name"] == "twice")
+            .count(),
+        4,
+        "one per event"
+    );
+    assert_eq!(sends.len(), 4 + 4 + 4 + 7);
+}
+
+#[tokio::test]
+async fn inactive_addr_endpoint_or_subscription() {
+    let r = rig("").await;
+    let on = r.endpoint(json!({"name": "on"}), &[json!({})]).await;
+    let off = r.endpoint(json!({"name": "off"}), &[json!({})]).await;
+    let subless = r.endpoint(json!({"name": "subless"}), &[json!({})]).await;
+    let id = r.addr_id;
+    assert_status!(
+        r.s.manage(
+            Method::PATCH,
+            &format!("/addr/{id}/endpoint/{off}"),
+            Some(json!({"active": 0}))
+        )
+        .await,
+        200
+    );
+    let sub =
+        r.s.manage(
+            Method::GET,
+            &format!("/addr/{id}/endpoint/{subless}/subscription"),
+            None,
+        )
+        .await
+        .json()[0]["id"]
+            .as_i64()
+            .unwrap();
+    r.s.manage(
+        Method::PATCH,
+        &format!("/addr/{id}/endpoint/{subless}/subscription/{sub}"),
+        Some(json!({"active": 0})),
+    )
+    .await;
+    assert_status!(r.push(json!({"msg": "m1"})).await, 202);
+    let sends = r.wait_sends(1).await;
+    assert_eq!(got(&sends, "m1"), set(&["on"]));
+    let _ = on;
+
+    r.s.manage(
+        Method::PATCH,
+        &format!("/addr/{id}"),
+        Some(json!({"active": 0})),
+    )
+    .await;
+    let resp = r.push(json!({"msg": "m2"})).await;
+    assert_status!(resp, 406);
+    assert!(resp.text.contains("disabled"));
+    // Renamed addresses route under their new name only.
+    r.s.manage(
+        Method::PATCH,
+        &format!("/addr/{id}"),
+        Some(json!({"active": 1})),
+    )
+    .await;
+    let loc =
+        r.s.manage(
+            Method::POST,
+            &format!("/addr/{id}"),
+            Some(json!({"cmd": "change"})),
+        )
+        .await;
+    let new_a = loc
+        .header("location")
+        .unwrap()
+        .rsplit('/')
+        .next()
+        .unwrap()
+        .to_string();
+    assert_status!(r.push(json!({"msg": "m3"})).await, 404);
+    assert_status!(r.push(json!({"msg": "m3", "addr": new_a})).await, 202);
+    r.wait_sends(2).await;
+}
+
+#[tokio::test]
+async fn status_codes_and_field_forms() {
+    let r = rig("push-max-media: 1000\n").await;
+    r.endpoint(json!({"name": "x"}), &[json!({"level": 10})])
+        .await;
+    let bad = r.push(json!({"msg": "x", "colour": "red"})).await;
+    assert_status!(bad, 400);
+    assert!(bad.text.contains("colour"));
+    assert_status!(
+        r.s.request(
+            Method::POST,
+            "/push",
+            None,
+            &[],
+            Some(json!({"msg": "no addr"}))
+        )
+        .await,
+        400
+    );
+    assert_status!(r.push(json!({"msg": ["not", "text"]})).await, 400);
+    let r404 = r.push(json!({"addr": "z".repeat(64)})).await;
+    assert_status!(r404, 404);
+    assert!(r404.text.contains("not found"));
+    let raw =
+        r.s.http
+            .post(r.s.url("/push"))
+            .header("content-type", "application/json")
+            .body("{not json")
+            .send()
+            .await
+            .unwrap();
+    assert_eq!(raw.status().as_u16(), 400);
+    let big = base64::engine::general_purpose::STANDARD.encode(vec![7u8; 2000]);
+    assert_status!(r.push(json!({"msg": "big", "media": big})).await, 413);
+    let huge = "x".repeat(3 * 1024 * 1024);
+    let raw =
+        r.s.http
+            .post(r.s.url("/push"))
+            .body(huge)
+            .send()
+            .await
+            .unwrap();
+    assert_eq!(raw.status().as_u16(), 413);
+
+    // Form bodies and query strings work as in the original; keywords is tag.
+    let form =
+        r.s.http
+            .post(r.s.url("/push"))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(format!("addr={}&msg=form&level=warning&keywords=kw", r.a))
+            .send()
+            .await
+            .unwrap();
+    assert_eq!(form.status().as_u16(), 202);
+    let q =
+        r.s.http
+            .post(r.s.url(&format!(
+                "/push?addr={}&msg=query&level=e&sender=s1%40h&location=lab",
+                r.a
+            )))
+            .send()
+            .await
+            .unwrap();
+    assert_eq!(q.status().as_u16(), 202);
+    let sends = r.wait_sends(2).await;
+    let form = sends.iter().find(|s| s["msg"] == "form").unwrap();
+    assert_eq!(
+        (form["level"].as_u64(), form["tag"].as_str()),
+        (Some(30), Some("kw"))
+    );
+    let q = sends.iter().find(|s| s["msg"] == "query").unwrap();
+    assert_eq!(q["level_name"], "ERROR");
+    assert_eq!(q["formatted_subject"], "ERROR s1@lab");
+    assert_eq!(q["event_id"].as_str().unwrap().len(), 36);
+    assert_eq!(q["addr"], r.a.as_str());
+    assert_eq!(q["addr_id"], r.addr_id);
+}
+
+#[tokio::test]
+async fn media_round_trip() {
+    let r = rig("").await;
+    r.endpoint(json!({"name": "m"}), &[json!({})]).await;
+    let bytes: Vec<u8> = (0..=255).collect();
+    let b64 = base64::engine::general_purpose::STANDARD.encode(&bytes);
+    assert_status!(
+        r.push(
+            json!({"msg": "pic", "subject": "s", "media": b64, "media_fname": "/tmp/dir/pic.bin"})
+        )
+        .await,
+        202
+    );
+    assert_status!(
+        r.push(json!({"msg": "broken", "media": "%%% not base64 %%%", "media_fname": "x"}))
+            .await,
+        202
+    );
+    let sends = r.wait_sends(2).await;
+    let pic = sends.iter().find(|s| s["msg"] == "pic").unwrap();
+    assert_eq!(pic["media"], json!(bytes));
+    assert_eq!(pic["media_encoded"], b64.as_str());
+    assert_eq!(pic["media_fname"], "pic.bin");
+    let broken = sends.iter().find(|s| s["msg"] == "broken").unwrap();
+    assert_eq!(
+        (broken["media"].clone(), broken["media_encoded"].clone()),
+        (Value::Null, Value::Null)
+    );
+    // The events API shows the event, its media size and delivery.
+    let list =
+        r.s.manage(
+            Method::GET,
+            &format!("/addr/{}/event?limit=1", r.addr_id),
+            None,
+        )
+        .await
+        .json();
+    assert_eq!(list.as_array().unwrap().len(), 1);
+    let e = r
+        .wait_state(pic["event_id"].as_str().unwrap(), "delivered")
+        .await;
+    assert_eq!(e["media_size"], 256);
+    assert_eq!(e["deliveries"][0]["attempts"], 1);
+}
+
+#[tokio::test]
+async fn failures_are_retried_then_delivered_or_given_up() {
+    let r = rig("").await;
+    let flaky = r
+        .endpoint(
+            json!({"name": "flaky", "fail_times": 2}),
+            &[json!({"tag": "flaky"})],
+        )
+        .await;
+    let _dead = r
+        .endpoint(
+            json!({"name": "dead", "fail": "SMTP said no"}),
+            &[json!({"tag": "dead"})],
+        )
+        .await;
+    assert_status!(r.push(json!({"msg": "f", "tag": "flaky"})).await, 202);
+    let first = r.wait_sends(1).await;
+    let id = first[0]["event_id"].as_str().unwrap().to_string();
+    let e = r.wait_state(&id, "delivered").await;
+    assert_eq!(e["deliveries"][0]["attempts"], 3, "{e}");
+    assert_eq!(e["deliveries"][0]["endpoint_id"], flaky);
+    assert_eq!(
+        r.sends()
+            .iter()
+            .filter(|s| s["event_id"] == id.as_str())
+            .count(),
+        3
+    );
+
+    assert_status!(r.push(json!({"msg": "d", "tag": "dead"})).await, 202);
+    let dead_id = loop {
+        if let Some(s) = r.sends().iter().find(|s| s["msg"] == "d") {
+            break s["event_id"].as_str().unwrap().to_string();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let e = r.wait_state(&dead_id, "failed").await;
+    let d = &e["deliveries"][0];
+    assert_eq!(d["attempts"], 10, "default max-attempts: {e}");
+    assert_eq!(d["last_error"], "SMTP said no");
+    // A failed delivery can be retried by hand.
+    assert_status!(
+        r.s.manage(
+            Method::POST,
+            &format!("/addr/{}/event/{dead_id}", r.addr_id),
+            Some(json!({"cmd": "retry"}))
+        )
+        .await,
+        204
+    );
+    let end = Instant::now() + Duration::from_secs(10);
+    while r
+        .sends()
+        .iter()
+        .filter(|s| s["event_id"] == dead_id.as_str())
+        .count()
+        < 11
+    {
+        assert!(
+            Instant::now() < end,
+            "the retried delivery was not attempted"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_status!(
+        r.s.manage(
+            Method::POST,
+            &format!("/addr/{}/event/{dead_id}", r.addr_id),
+            Some(json!({"cmd": "x"}))
+        )
+        .await,
+        405
+    );
+    assert_status!(
+        r.s.manage(
+            Method::GET,
+            &format!("/addr/{}/event/nope", r.addr_id),
+            None
+        )
+        .await,
+        404
+    );
+}
+
+#[tokio::test]
+async fn a_plugin_killed_with_deliveries_in_flight_delivers_them_all() {
+    let r = rig("").await;
+    r.endpoint(json!({"name": "slow", "slow": 300}), &[json!({})])
+        .await;
+    for i in 0..20 {
+        assert_status!(r.push(json!({"msg": format!("e{i}")})).await, 202);
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let pid = r.s.manage(Method::GET, "/plugin", None).await.json()[0]["pid"]
+        .as_u64()
+        .unwrap();
+    std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap();
+    let end = Instant::now() + Duration::from_secs(20);
+    loop {
+        let delivered: BTreeSet<String> = r
+            .sends()
+            .iter()
+            .map(|s| s["msg"].as_str().unwrap().to_string())
+            .collect();
+        if delivered.len() == 20 {
+            break;
+        }
+        assert!(
+            Instant::now() < end,
+            "only {} of 20 delivered after the plugin was killed",
+            delivered.len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_server_killed_after_accepting_delivers_everything_after_restart() {
+    let mut r = rig("").await;
+    r.endpoint(json!({"name": "slow", "slow": 100}), &[json!({})])
+        .await;
+    for i in 0..60 {
+        assert_status!(r.push(json!({"msg": format!("e{i}")})).await, 202);
+    }
+    // SIGKILL right after the 202s: most deliveries are still pending.
+    r.s.kill_and_restart();
+    let end = Instant::now() + Duration::from_secs(30);
+    loop {
+        let delivered: BTreeSet<String> = r
+            .sends()
+            .iter()
+            .map(|s| s["msg"].as_str().unwrap().to_string())
+            .collect();
+        if delivered.len() == 60 {
+            break;
+        }
+        assert!(
+            Instant::now() < end,
+            "only {} of 60 accepted events delivered after the restart",
+            delivered.len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
