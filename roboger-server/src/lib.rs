@@ -10,6 +10,7 @@ pub mod config;
 pub mod event;
 pub mod host;
 pub mod level;
+pub mod limits;
 pub mod pipeline;
 pub mod random;
 pub mod routing;

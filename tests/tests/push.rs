@@ -555,3 +555,141 @@ async fn a_server_killed_after_accepting_delivers_everything_after_restart() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+#[tokio::test]
+async fn limits_with_the_reserve_and_windows() {
+    let r = rig("limits:\n  period: 2\n  reserve: 20\n").await;
+    r.endpoint(json!({"name": "x"}), &[json!({"level": 10})])
+        .await;
+    let id = r.addr_id;
+    assert_status!(
+        r.s.manage(
+            Method::PATCH,
+            &format!("/addr/{id}"),
+            Some(json!({"lim_c": 5}))
+        )
+        .await,
+        200
+    );
+    // Wait for the start of a fresh 2-second window, so the test does not
+    // straddle two.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(
+        2000 - (now.as_millis() % 2000) as u64 + 50,
+    ))
+    .await;
+    // 20% of 5 is kept for WARNING and above: 4 INFO messages pass.
+    for i in 0..4 {
+        assert_status!(r.push(json!({"msg": format!("i{i}")})).await, 202);
+    }
+    let over = r.push(json!({"msg": "i4"})).await;
+    assert_status!(over, 429);
+    assert!(over.text.contains("reserved for WARNING"), "{}", over.text);
+    assert!(
+        over.text.contains("limited by 5 per 2 seconds"),
+        "{}",
+        over.text
+    );
+    assert_status!(r.push(json!({"msg": "w", "level": "warning"})).await, 202);
+    let over = r.push(json!({"msg": "w2", "level": "critical"})).await;
+    assert_status!(over, 429);
+    assert!(
+        over.text.contains("Limit has been reached"),
+        "{}",
+        over.text
+    );
+    // reset-addr-limits, then a real window: both let messages through again.
+    assert_status!(
+        r.s.manage(
+            Method::POST,
+            "/core",
+            Some(json!({"cmd": "reset-addr-limits"}))
+        )
+        .await,
+        204
+    );
+    assert_status!(r.push(json!({"msg": "after reset"})).await, 202);
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    for i in 0..4 {
+        assert_status!(r.push(json!({"msg": format!("n{i}")})).await, 202);
+    }
+    // The size limit counts request bytes.
+    assert_status!(
+        r.s.manage(
+            Method::PATCH,
+            &format!("/addr/{id}"),
+            Some(json!({"lim_c": 100, "lim_s": 2000}))
+        )
+        .await,
+        200
+    );
+    assert_status!(
+        r.s.manage(
+            Method::POST,
+            "/core",
+            Some(json!({"cmd": "reset-addr-limits"}))
+        )
+        .await,
+        204
+    );
+    let over = r
+        .push(json!({"msg": "x".repeat(2500), "level": "error"}))
+        .await;
+    assert_status!(over, 429);
+    assert!(over.text.contains("2000 bytes"), "{}", over.text);
+    assert_status!(r.push(json!({"msg": "small"})).await, 202);
+}
+
+#[tokio::test]
+async fn pyrpush_pushes_an_event_a_plugin_receives() {
+    let Some(python) = std::env::var_os("ROBOGER_TEST_PYTHON") else {
+        assert!(
+            std::env::var_os("ROBOGER_TEST_REQUIRE_ALL").is_none(),
+            "ROBOGER_TEST_PYTHON is not set; tests/run installs pyrpush"
+        );
+        eprintln!("SKIPPED: pyrpush is not installed; run tests/run");
+        return;
+    };
+    let r = rig("").await;
+    r.endpoint(json!({"name": "x"}), &[json!({"level": 10})])
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let ini = dir.path().join("push.ini");
+    std::fs::write(
+        &ini,
+        format!(
+            "[roboger]\npush = {}\naddr = {}\nsender = bot@host\nlocation = lab\n",
+            r.s.base, r.a
+        ),
+    )
+    .unwrap();
+    let media = dir.path().join("pic.bin");
+    std::fs::write(&media, [1u8, 2, 3, 250]).unwrap();
+    let script = format!(
+        "import pyrpush\nc = pyrpush.Client(ini_file={ini:?})\nassert c.push('hello from pyrpush', subject='subj', level='warning', tag='t1', media_file={media:?})\n",
+        ini = ini.display().to_string(),
+        media = media.display().to_string()
+    );
+    let out = std::process::Command::new(python)
+        .arg("-c")
+        .arg(script)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "pyrpush failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let sends = r.wait_sends(1).await;
+    let s = &sends[0];
+    assert_eq!(s["msg"], "hello from pyrpush");
+    assert_eq!(s["formatted_subject"], "WARNING bot@lab: subj");
+    assert_eq!(
+        (s["tag"].as_str(), s["level"].as_u64()),
+        (Some("t1"), Some(30))
+    );
+    assert_eq!(s["media"], json!([1, 2, 3, 250]));
+    assert_eq!(s["media_fname"], "pic.bin");
+}

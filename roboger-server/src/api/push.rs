@@ -25,6 +25,8 @@ pub async fn push(
     content_type: Option<&str>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
+    // What counts against `lim_s`: the request's size, as in the original.
+    let body_len = body.len() + query.len();
     let mut fields = Map::new();
     for (k, v) in url::form_urlencoded::parse(query.as_bytes()) {
         fields.insert(k.into_owned(), Value::String(v.into_owned()));
@@ -69,6 +71,24 @@ pub async fn push(
             StatusCode::NOT_ACCEPTABLE,
             format!("addr {} is disabled", event.addr),
         ));
+    }
+    if let Some(limits) = &app.config.limits {
+        match crate::limits::check(
+            &app.store,
+            limits,
+            &routes,
+            &event.addr,
+            event.level,
+            body_len,
+        )
+        .await
+        {
+            Ok(()) => {}
+            Err(crate::limits::LimitError::Over(msg)) => {
+                return Ok(reply::text(StatusCode::TOO_MANY_REQUESTS, msg));
+            }
+            Err(crate::limits::LimitError::Store(e)) => return Err(e.into()),
+        }
     }
     let targets = routes.targets(&Matchable {
         level: event.level.code(),
