@@ -1,6 +1,7 @@
-//! What users see while the database does not answer: `/ping` and the
-//! management API say 503 (within the configured timeout), and both
-//! recover by themselves when the database is back.
+//! What users see while the database does not answer: `/ping`, the
+//! management API and `/push` say 503 (within the configured timeout;
+//! a push is never accepted without its commit), and all recover by
+//! themselves when the database is back.
 //!
 //! It freezes the whole PostgreSQL server (SIGSTOP), so it must not run
 //! beside other tests: it is ignored by default and `tests/run` runs it
@@ -47,16 +48,41 @@ async fn ping_and_api_answer_503_while_the_database_is_frozen() {
     assert!(roboger_tests::on_postgres(), "ROBOGER_TEST_PG must be set");
     let s = Server::start().await;
     assert_status!(s.request(Method::GET, "/ping", None, &[], None).await, 204);
-    assert_status!(s.manage(Method::POST, "/addr", None).await, 201);
+    let a = s.manage(Method::POST, "/addr", None).await.json()["a"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_status!(
+        s.request(
+            Method::POST,
+            "/push",
+            None,
+            &[],
+            Some(serde_json::json!({"addr": a}))
+        )
+        .await,
+        202
+    );
 
     let pids = pg_pids(&data);
     signal(&pids, "-STOP");
     let t = Instant::now();
     let ping = s.request(Method::GET, "/ping", None, &[], None).await;
     let api = s.manage(Method::GET, "/addr", None).await;
+    // A push the database cannot commit is refused, never accepted.
+    let push = s
+        .request(
+            Method::POST,
+            "/push",
+            None,
+            &[],
+            Some(serde_json::json!({"addr": a, "msg": "lost?"})),
+        )
+        .await;
     signal(&pids, "-CONT");
     assert_status!(ping, 503);
     assert_status!(api, 503);
+    assert_status!(push, 503);
     assert!(!api.text.is_empty());
     // timeout is 2 s in the test config: ping 2 s, the API call at most 4 s.
     assert!(
@@ -76,4 +102,15 @@ async fn ping_and_api_answer_503_while_the_database_is_frozen() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert_status!(s.manage(Method::GET, "/addr", None).await, 200);
+    assert_status!(
+        s.request(
+            Method::POST,
+            "/push",
+            None,
+            &[],
+            Some(serde_json::json!({"addr": a}))
+        )
+        .await,
+        202
+    );
 }
