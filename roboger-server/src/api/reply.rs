@@ -33,9 +33,16 @@ pub fn text(status: StatusCode, msg: impl Into<String>) -> Response {
     r
 }
 
-/// The answer for a failed request.
+/// The answer for a failed request. A body refused for its size was not
+/// read to its end, so the connection is closed after the answer rather
+/// than reused by the client mid-body.
 pub fn error(e: &ApiError) -> Response {
-    text(e.status(), e.to_string())
+    let mut r = text(e.status(), e.to_string());
+    if matches!(e, ApiError::PayloadTooLarge(_)) {
+        r.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    r
 }
 
 fn with_location(mut r: Response, location: &str) -> Response {

@@ -751,14 +751,8 @@ impl Store {
                 .col_expr(delivery::Column::State, Expr::value(o.state))
                 .col_expr(delivery::Column::LastError, Expr::value(o.error.clone()))
                 .col_expr(delivery::Column::Updated, Expr::value(now))
-                .col_expr(
-                    delivery::Column::LeaseUntil,
-                    Expr::value(Option::<chrono::DateTime<chrono::Utc>>::None),
-                )
-                .col_expr(
-                    delivery::Column::LeasedBy,
-                    Expr::value(Option::<String>::None),
-                );
+                .col_expr(delivery::Column::LeaseUntil, no_lease().0)
+                .col_expr(delivery::Column::LeasedBy, no_lease().1);
             if let Some(next) = o.next_at {
                 q = q.col_expr(delivery::Column::NextAt, Expr::value(next));
             }
@@ -775,14 +769,8 @@ impl Store {
     /// pending deliveries back at once instead of waiting them out).
     pub async fn release_leases(&self, node: &str) -> Result<u64> {
         let r = delivery::Entity::update_many()
-            .col_expr(
-                delivery::Column::LeaseUntil,
-                Expr::value(Option::<chrono::DateTime<chrono::Utc>>::None),
-            )
-            .col_expr(
-                delivery::Column::LeasedBy,
-                Expr::value(Option::<String>::None),
-            )
+            .col_expr(delivery::Column::LeaseUntil, no_lease().0)
+            .col_expr(delivery::Column::LeasedBy, no_lease().1)
             .filter(delivery::Column::LeasedBy.eq(node))
             .filter(delivery::Column::State.eq(STATE_PENDING))
             .exec(&self.db)
@@ -893,14 +881,8 @@ impl Store {
         let r = delivery::Entity::update_many()
             .col_expr(delivery::Column::State, Expr::value(STATE_PENDING))
             .col_expr(delivery::Column::NextAt, Expr::value(chrono::Utc::now()))
-            .col_expr(
-                delivery::Column::LeaseUntil,
-                Expr::value(Option::<chrono::DateTime<chrono::Utc>>::None),
-            )
-            .col_expr(
-                delivery::Column::LeasedBy,
-                Expr::value(Option::<String>::None),
-            )
+            .col_expr(delivery::Column::LeaseUntil, no_lease().0)
+            .col_expr(delivery::Column::LeasedBy, no_lease().1)
             .col_expr(delivery::Column::Updated, Expr::value(chrono::Utc::now()))
             .filter(delivery::Column::EventId.eq(id))
             .filter(delivery::Column::State.eq(STATE_FAILED))
@@ -1078,6 +1060,14 @@ async fn delete_addr_children<C: ConnectionTrait>(c: &C, addr_id: Option<i64>) -
     del_bucket.exec(c).await?;
     del_lim.exec(c).await?;
     Ok(())
+}
+
+/// The values of a delivery's lease columns when nobody holds it.
+fn no_lease() -> (Expr, Expr) {
+    (
+        Expr::value(Option::<chrono::DateTime<chrono::Utc>>::None),
+        Expr::value(Option::<String>::None),
+    )
 }
 
 fn is_unique_violation(e: &DbErr) -> bool {
