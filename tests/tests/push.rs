@@ -693,3 +693,41 @@ async fn pyrpush_pushes_an_event_a_plugin_receives() {
     assert_eq!(s["media"], json!([1, 2, 3, 250]));
     assert_eq!(s["media_fname"], "pic.bin");
 }
+
+#[tokio::test]
+async fn old_events_are_cleaned_up_and_cleanup_runs_periodically() {
+    let r = rig("event-retention: 1\ncleanup-interval: 1\n").await;
+    r.endpoint(json!({"name": "x"}), &[json!({})]).await;
+    assert_status!(r.push(json!({"msg": "old"})).await, 202);
+    let id = r.wait_sends(1).await[0]["event_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    r.wait_state(&id, "delivered").await;
+    // Within a few periodic cleanups the delivered event is past its
+    // retention and gone, and the plugin's cleanup has run.
+    let end = Instant::now() + Duration::from_secs(10);
+    loop {
+        let gone =
+            r.s.manage(
+                Method::GET,
+                &format!("/addr/{}/event/{id}", r.addr_id),
+                None,
+            )
+            .await
+            .status
+            .as_u16()
+                == 404;
+        let cleaned = std::fs::read_to_string(&r.rec)
+            .unwrap_or_default()
+            .contains("\"cleanup\"");
+        if gone && cleaned {
+            break;
+        }
+        assert!(
+            Instant::now() < end,
+            "event gone: {gone}, plugin cleanup ran: {cleaned}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -155,6 +155,7 @@ impl Plugin for Chaos {
         record(json!({
             "method": "send",
             "pid": std::process::id(),
+            "received_at": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or_default(),
             "config": e.config, "event_id": e.event_id, "addr": e.addr, "addr_id": e.addr_id,
             "msg": e.msg, "subject": e.subject, "formatted_subject": e.formatted_subject,
             "level": e.level, "level_name": e.level_name, "location": e.location, "tag": e.tag,
