@@ -731,3 +731,38 @@ async fn old_events_are_cleaned_up_and_cleanup_runs_periodically() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+#[tokio::test]
+async fn a_concurrent_burst_to_many_endpoints_is_committed_and_delivered() {
+    let r = std::sync::Arc::new(rig("").await);
+    for i in 0..30 {
+        r.endpoint(json!({"name": format!("ep{i}")}), &[json!({})])
+            .await;
+    }
+    // 200 pushes at once: group commits of many events, each with 30
+    // deliveries, beyond any one statement's parameter limit.
+    let mut pushes = Vec::new();
+    for i in 0..200 {
+        let r = r.clone();
+        pushes.push(tokio::spawn(async move {
+            r.push(json!({"msg": format!("b{i}")}))
+                .await
+                .status
+                .as_u16()
+        }));
+    }
+    for p in pushes {
+        assert_eq!(p.await.unwrap(), 202);
+    }
+    let sends = r.wait_sends(6000).await;
+    let pairs: BTreeSet<(String, String)> = sends
+        .iter()
+        .map(|s| {
+            (
+                s["msg"].as_str().unwrap().to_string(),
+                s["config"]["name"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(pairs.len(), 6000, "every event reached every endpoint");
+}

@@ -100,6 +100,9 @@ pub struct SubscriptionPatch {
     pub level_match: Option<LevelMatch>,
 }
 
+/// Bound parameters per insert statement at most (rows × columns).
+const INSERT_CHUNK: usize = 16_000;
+
 /// State of a delivery still to be made.
 pub const STATE_PENDING: &str = "pending";
 /// State of a delivery the plugin accepted.
@@ -709,13 +712,17 @@ impl Store {
     ) -> Result<()> {
         let now = chrono::Utc::now();
         let txn = self.db.begin().await?;
-        event::Entity::insert_many(
-            batch
-                .iter()
-                .map(|(e, _)| event::ActiveModel::from(e.clone())),
-        )
-        .exec(&txn)
-        .await?;
+        // Chunks keep each statement under every backend's limit on bound
+        // parameters (SQLite's is 32766).
+        for chunk in batch.chunks(INSERT_CHUNK / 16) {
+            event::Entity::insert_many(
+                chunk
+                    .iter()
+                    .map(|(e, _)| event::ActiveModel::from(e.clone())),
+            )
+            .exec(&txn)
+            .await?;
+        }
         let deliveries: Vec<delivery::ActiveModel> = batch
             .iter()
             .flat_map(|(e, eps)| {
@@ -734,8 +741,10 @@ impl Store {
                 })
             })
             .collect();
-        if !deliveries.is_empty() {
-            delivery::Entity::insert_many(deliveries).exec(&txn).await?;
+        for chunk in deliveries.chunks(INSERT_CHUNK / 16) {
+            delivery::Entity::insert_many(chunk.to_vec())
+                .exec(&txn)
+                .await?;
         }
         txn.commit().await?;
         Ok(())
