@@ -39,6 +39,8 @@
 pub mod plugin;
 pub mod protocol;
 pub mod rpc;
+#[cfg(feature = "schema")]
+pub mod schema;
 
 pub use async_trait::async_trait;
 pub use plugin::{Event, Host, HttpRequest, Info, Plugin, PluginError, run, serve};

@@ -373,6 +373,8 @@ pub fn run_server_cmd(args: &[&str], env: &[(&str, &str)]) -> (i32, String, Stri
 
 /// An HTTP client for tests: no redirects, a short timeout.
 pub fn client() -> reqwest::Client {
+    // reqwest is built without a TLS provider of its own (see Cargo.toml).
+    let _ = rustls::crypto::ring::default_provider().install_default();
     reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .timeout(Duration::from_secs(20))
@@ -424,4 +426,104 @@ macro_rules! assert_status {
             r.text
         );
     }};
+}
+
+/// A request an [`HttpSink`] received.
+#[derive(Debug, Clone)]
+pub struct SinkRequest {
+    pub method: String,
+    pub path: String,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: bytes::Bytes,
+}
+
+/// A small HTTP server on 127.0.0.1 that records every request and
+/// answers with the next of `statuses` (200 once they run out), standing
+/// in for webhook targets, Slack and the like.
+pub struct HttpSink {
+    /// `http://127.0.0.1:PORT`
+    pub base: String,
+    requests: Arc<Mutex<Vec<SinkRequest>>>,
+    _task: tokio::task::JoinHandle<()>,
+}
+
+impl HttpSink {
+    /// Starts a sink answering `statuses` in turn, then 200.
+    pub async fn start(statuses: Vec<u16>) -> HttpSink {
+        use warp::Filter;
+        let requests: Arc<Mutex<Vec<SinkRequest>>> = Arc::default();
+        let statuses = Arc::new(Mutex::new(std::collections::VecDeque::from(statuses)));
+        let rec = requests.clone();
+        let route = warp::method()
+            .and(warp::path::full())
+            .and(warp::header::headers_cloned())
+            .and(warp::body::bytes())
+            .map(
+                move |m: http::Method,
+                      p: warp::path::FullPath,
+                      h: http::HeaderMap,
+                      b: bytes::Bytes| {
+                    if let Ok(mut r) = rec.lock() {
+                        r.push(SinkRequest {
+                            method: m.to_string(),
+                            path: p.as_str().to_string(),
+                            headers: h,
+                            body: b,
+                        });
+                    }
+                    let code = statuses
+                        .lock()
+                        .ok()
+                        .and_then(|mut s| s.pop_front())
+                        .unwrap_or(200);
+                    warp::reply::with_status(
+                        String::from("ok"),
+                        http::StatusCode::from_u16(code).unwrap_or(http::StatusCode::OK),
+                    )
+                },
+            );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind sink");
+        let addr = listener.local_addr().expect("sink addr");
+        let task = tokio::spawn(async move { warp::serve(route).incoming(listener).run().await });
+        HttpSink {
+            base: format!("http://{addr}"),
+            requests,
+            _task: task,
+        }
+    }
+
+    /// What has arrived so far.
+    pub fn requests(&self) -> Vec<SinkRequest> {
+        self.requests.lock().map(|r| r.clone()).unwrap_or_default()
+    }
+
+    /// Waits until `n` requests arrived (or panics after 20 s).
+    pub async fn wait(&self, n: usize) -> Vec<SinkRequest> {
+        let end = Instant::now() + Duration::from_secs(20);
+        loop {
+            let r = self.requests();
+            if r.len() >= n {
+                return r;
+            }
+            assert!(
+                Instant::now() < end,
+                "the sink got {} of {n} requests",
+                r.len()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// Path of a built-in plugin's executable.
+pub fn plugin_bin(name: &str) -> PathBuf {
+    let p = bin_dir().join(format!("roboger-plugin-{name}"));
+    assert!(
+        p.is_file(),
+        "{} is missing: build the workspace first",
+        p.display()
+    );
+    p
 }

@@ -71,6 +71,27 @@ async fn embedded_default_generates_prints_and_reuses_the_master_key() {
         .await
         .unwrap();
     assert_eq!(r.status().as_u16(), 201);
+    // The built-in plugins next to the binary are configured and running.
+    let plugins: serde_json::Value = client()
+        .get(format!("{base}/manage/v2/plugin"))
+        .header("X-Auth-Key", &key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let webhook = plugins
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["plugin_name"] == "webhook")
+        .expect("webhook is built in");
+    assert_eq!(webhook["state"], "running", "{webhook}");
+    assert!(
+        webhook["version"].is_string() && webhook["description"].is_string(),
+        "{webhook}"
+    );
     child.kill().unwrap();
     child.wait().unwrap();
 

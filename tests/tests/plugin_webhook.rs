@@ -1,0 +1,170 @@
+//! The webhook plugin through the real server, against a local HTTP sink
+//! that checks the exact body.
+
+use std::time::{Duration, Instant};
+
+use roboger_tests::{
+    HttpSink, Method, Server, ServerOptions, Value, assert_status, json, plugin_bin,
+};
+
+async fn server() -> (Server, i64, String) {
+    let s = Server::start_with(ServerOptions {
+        yaml: "delivery:\n  retry-base: 0.05\n".into(),
+        plugins_yaml: format!(
+            "- name: webhook\n  command: {}\n",
+            plugin_bin("webhook").display()
+        ),
+        ..Default::default()
+    })
+    .await;
+    let a = s.manage(Method::POST, "/addr", None).await.json();
+    let (id, addr) = (
+        a["id"].as_i64().unwrap(),
+        a["a"].as_str().unwrap().to_string(),
+    );
+    (s, id, addr)
+}
+
+async fn endpoint(s: &Server, addr: i64, config: Value) -> i64 {
+    let r = s
+        .manage(
+            Method::POST,
+            &format!("/addr/{addr}/endpoint"),
+            Some(json!({"plugin_name": "webhook", "config": config})),
+        )
+        .await;
+    assert_status!(r, 201);
+    let ep = r.json()["id"].as_i64().unwrap();
+    let r = s
+        .manage(
+            Method::POST,
+            &format!("/addr/{addr}/endpoint/{ep}/subscription"),
+            Some(json!({"level": 10})),
+        )
+        .await;
+    assert_status!(r, 201);
+    ep
+}
+
+#[tokio::test]
+async fn sends_the_template_with_every_value_json_encoded() {
+    let sink = HttpSink::start(vec![]).await;
+    let (s, id, a) = server().await;
+    let p = s.manage(Method::GET, "/plugin", None).await.json();
+    assert_eq!(
+        (p[0]["plugin_name"].as_str(), p[0]["state"].as_str()),
+        (Some("webhook"), Some("running"))
+    );
+    assert!(p[0]["version"].is_string() && p[0]["description"].is_string());
+    let template = r#"{"id": $event_id, "msg": $msg, "subject": $formatted_subject, "level": $level,
+        "name": $level_name, "loc": $location, "tag": $tag, "sender": $sender, "media": $media, "addr": $addr}"#;
+    endpoint(&s, id, json!({"url": format!("{}/hook?x=1", sink.base), "template": template, "headers": {"X-Token": "secret"}})).await;
+    let msg = "disk \"full\"\nbreak out: \"}, \"evil\": 1";
+    let r = s
+        .request(
+            Method::POST,
+            "/push",
+            None,
+            &[],
+            Some(json!({"addr": a, "msg": msg, "level": "error", "sender": "bot", "subject": "s"})),
+        )
+        .await;
+    assert_status!(r, 202);
+    let got = sink.wait(1).await;
+    let req = &got[0];
+    assert_eq!((req.method.as_str(), req.path.as_str()), ("POST", "/hook"));
+    assert_eq!(req.headers["content-type"], "application/json");
+    assert_eq!(req.headers["x-token"], "secret");
+    let body: Value = serde_json::from_slice(&req.body).expect("the body is valid JSON");
+    assert_eq!(body["msg"], msg);
+    assert!(body.get("evil").is_none());
+    assert_eq!(body["subject"], "ERROR bot: s");
+    assert_eq!(
+        (body["level"].as_u64(), body["name"].as_str()),
+        (Some(40), Some("ERROR"))
+    );
+    assert_eq!(
+        (
+            body["loc"].clone(),
+            body["tag"].clone(),
+            body["media"].clone()
+        ),
+        (Value::Null, Value::Null, Value::Null)
+    );
+    assert_eq!(body["addr"], a.as_str());
+    assert_eq!(body["id"].as_str().unwrap().len(), 36);
+}
+
+#[tokio::test]
+async fn configs_are_checked_and_failures_are_retried() {
+    let sink = HttpSink::start(vec![500, 503]).await;
+    let (s, id, a) = server().await;
+    let bad = |config: Value| {
+        let s = &s;
+        async move {
+            s.manage(
+                Method::POST,
+                &format!("/addr/{id}/endpoint"),
+                Some(json!({"plugin_name": "webhook", "config": config})),
+            )
+            .await
+        }
+    };
+    let r = bad(json!({"urll": "http://x/"})).await;
+    assert_status!(r, 400);
+    assert!(r.text.contains("urll"), "{}", r.text);
+    let r = bad(json!({"url": 5})).await;
+    assert_status!(r, 400);
+    assert!(r.text.contains("url"), "{}", r.text);
+    assert_status!(bad(json!({"url": "ftp://x/"})).await, 400);
+    let r = bad(json!({"url": "http://x/", "template": "{\"a\": $msg"})).await;
+    assert_status!(r, 400);
+    assert!(r.text.contains("template"), "{}", r.text);
+    assert_status!(
+        bad(json!({"url": "http://x/", "method": "TRACE"})).await,
+        400
+    );
+
+    // No template: the body is null, as in the original; non-2xx retried.
+    endpoint(
+        &s,
+        id,
+        json!({"url": format!("{}/plain", sink.base), "method": "PUT"}),
+    )
+    .await;
+    assert_status!(
+        s.request(
+            Method::POST,
+            "/push",
+            None,
+            &[],
+            Some(json!({"addr": a, "msg": "m"}))
+        )
+        .await,
+        202
+    );
+    let got = sink.wait(3).await;
+    assert!(
+        got.iter()
+            .all(|r| r.method == "PUT" && &r.body[..] == b"null"),
+        "{got:?}"
+    );
+    let events = s
+        .manage(Method::GET, &format!("/addr/{id}/event"), None)
+        .await
+        .json();
+    let ev = events[0]["id"].as_str().unwrap().to_string();
+    let end = Instant::now() + Duration::from_secs(10);
+    loop {
+        let e = s
+            .manage(Method::GET, &format!("/addr/{id}/event/{ev}"), None)
+            .await
+            .json();
+        if e["deliveries"][0]["state"] == "delivered" {
+            assert_eq!(e["deliveries"][0]["attempts"], 3);
+            break;
+        }
+        assert!(Instant::now() < end, "{e}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
