@@ -1,0 +1,149 @@
+//! The shell plugin: runs the endpoint's `command` (with `sh -c`) for each
+//! event. The event's fields reach the command only as environment
+//! variables (`ROBOGER_MSG`, …), never spliced into the command text, so
+//! a message full of shell metacharacters stays data. The command has the
+//! server's timeout; its output goes to the log; a non-zero exit is a
+//! failed delivery (retried).
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use roboger_plugin_sdk::schema::ConfigSchema;
+use roboger_plugin_sdk::{Event, Host, Info, Plugin, PluginError, run};
+use serde_json::Value;
+use tokio::io::AsyncReadExt;
+
+const SCHEMA: &str = include_str!("../../../schema/plugins/shell.schema.json");
+
+struct Shell {
+    schema: ConfigSchema,
+}
+
+/// The environment a command gets for `e` (the media goes in a file).
+fn environment(e: &Event) -> Vec<(&'static str, String)> {
+    let opt = |v: &Option<String>| v.clone().unwrap_or_default();
+    vec![
+        ("ROBOGER_EVENT_ID", e.event_id.clone()),
+        ("ROBOGER_ADDR", e.addr.clone()),
+        ("ROBOGER_ADDR_ID", e.addr_id.to_string()),
+        ("ROBOGER_MSG", e.msg.clone()),
+        ("ROBOGER_SUBJECT", e.subject.clone()),
+        ("ROBOGER_FORMATTED_SUBJECT", e.formatted_subject.clone()),
+        ("ROBOGER_LEVEL", e.level.to_string()),
+        ("ROBOGER_LEVEL_NAME", e.level_name.clone()),
+        ("ROBOGER_LOCATION", opt(&e.location)),
+        ("ROBOGER_TAG", opt(&e.tag)),
+        ("ROBOGER_SENDER", opt(&e.sender)),
+        ("ROBOGER_MEDIA_FNAME", opt(&e.media_fname)),
+    ]
+}
+
+#[roboger_plugin_sdk::async_trait]
+impl Plugin for Shell {
+    fn info(&self) -> Info {
+        Info {
+            name: "shell",
+            version: env!("CARGO_PKG_VERSION"),
+            description: "runs a command for each event",
+            url: None,
+            http: false,
+        }
+    }
+
+    async fn validate_config(&self, config: &Value, _host: &Host) -> Result<(), PluginError> {
+        self.schema.check(config)
+    }
+
+    async fn send(&self, e: Event, host: &Host) -> Result<(), PluginError> {
+        let command = e
+            .config
+            .get("command")
+            .and_then(Value::as_str)
+            .ok_or_else(|| PluginError::failed("the endpoint has no command"))?;
+        let media = match &e.media {
+            Some(bytes) => {
+                let f = tempfile::NamedTempFile::new().map_err(PluginError::failed)?;
+                tokio::fs::write(f.path(), bytes)
+                    .await
+                    .map_err(PluginError::failed)?;
+                Some(f)
+            }
+            None => None,
+        };
+        let mut cmd = tokio::process::Command::new("sh");
+        cmd.arg("-c")
+            .arg(command)
+            .envs(environment(&e))
+            .env(
+                "ROBOGER_MEDIA_FILE",
+                media
+                    .as_ref()
+                    .map(|f| f.path().display().to_string())
+                    .unwrap_or_default(),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let mut child = cmd
+            .spawn()
+            .map_err(|err| PluginError::failed(format!("cannot run sh: {err}")))?;
+        let (mut out, mut err) = (child.stdout.take(), child.stderr.take());
+        // A little under the server's own call timeout, so the command is
+        // killed here (and its output logged) before the call gives up.
+        let timeout = host.get_timeout().await.unwrap_or(5.0) * 0.9;
+        let run = async {
+            let (mut o, mut x) = (Vec::new(), Vec::new());
+            let read_out = async {
+                if let Some(s) = out.as_mut() {
+                    let _ = s.read_to_end(&mut o).await;
+                }
+            };
+            let read_err = async {
+                if let Some(s) = err.as_mut() {
+                    let _ = s.read_to_end(&mut x).await;
+                }
+            };
+            tokio::join!(read_out, read_err);
+            let status = child.wait().await;
+            (status, o, x)
+        };
+        let (status, stdout, stderr) = tokio::time::timeout(Duration::from_secs_f64(timeout), run)
+            .await
+            .map_err(|_| {
+                PluginError::failed(format!(
+                    "the command did not finish within {timeout} s; killed"
+                ))
+            })?;
+        for line in String::from_utf8_lossy(&stdout)
+            .lines()
+            .chain(String::from_utf8_lossy(&stderr).lines())
+        {
+            tracing::info!(event = %e.event_id, "command: {line}");
+        }
+        let status = status.map_err(PluginError::failed)?;
+        drop(media);
+        if status.success() {
+            Ok(())
+        } else {
+            let tail: String = String::from_utf8_lossy(&stderr)
+                .chars()
+                .rev()
+                .take(300)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect();
+            Err(PluginError::failed(format!(
+                "the command failed ({status}): {}",
+                tail.trim()
+            )))
+        }
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    run(Shell {
+        schema: ConfigSchema::parse(SCHEMA),
+    })
+}
