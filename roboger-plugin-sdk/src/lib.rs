@@ -36,6 +36,8 @@
 //! ```
 #![forbid(unsafe_code)]
 
+#[cfg(feature = "http")]
+pub mod http;
 pub mod plugin;
 pub mod protocol;
 pub mod rpc;

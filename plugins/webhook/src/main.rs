@@ -3,9 +3,6 @@
 //! newline in a message can never break or inject into the JSON).
 //! A non-2xx answer is a failure, so the server retries the delivery.
 
-use std::sync::OnceLock;
-use std::time::Duration;
-
 use roboger_plugin_sdk::schema::ConfigSchema;
 use roboger_plugin_sdk::{Event, Host, Info, Plugin, PluginError, run};
 use serde_json::Value;
@@ -29,7 +26,6 @@ const FIELDS: [&str; 12] = [
 
 struct Webhook {
     schema: ConfigSchema,
-    client: OnceLock<reqwest::Client>,
 }
 
 /// Replaces each `$field` of `template` with `value(field)`; other `$`
@@ -75,19 +71,6 @@ fn field(e: &Event, name: &str) -> Value {
     }
 }
 
-impl Webhook {
-    fn client(&self) -> Result<&reqwest::Client, PluginError> {
-        if let Some(c) = self.client.get() {
-            return Ok(c);
-        }
-        let c = reqwest::Client::builder()
-            .user_agent(concat!("Roboger-webhook/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(PluginError::failed)?;
-        Ok(self.client.get_or_init(|| c))
-    }
-}
-
 #[roboger_plugin_sdk::async_trait]
 impl Plugin for Webhook {
     fn info(&self) -> Info {
@@ -103,11 +86,7 @@ impl Plugin for Webhook {
     async fn validate_config(&self, config: &Value, _host: &Host) -> Result<(), PluginError> {
         self.schema.check(config)?;
         if let Some(u) = config.get("url").and_then(Value::as_str) {
-            let parsed =
-                url::Url::parse(u).map_err(|e| PluginError::rejected(format!("url: {e}")))?;
-            if !matches!(parsed.scheme(), "http" | "https") {
-                return Err(PluginError::rejected("url: must be http or https"));
-            }
+            roboger_plugin_sdk::http::check_url("url", u)?;
         }
         if let Some(t) = config.get("template").and_then(Value::as_str) {
             let sample = render(t, |name| {
@@ -139,43 +118,22 @@ impl Plugin for Webhook {
             .get("method")
             .and_then(Value::as_str)
             .unwrap_or("POST");
-        let method = reqwest::Method::from_bytes(method.as_bytes()).map_err(PluginError::failed)?;
-        let timeout = host.get_timeout().await.unwrap_or(5.0);
-        let mut req = self
-            .client()?
-            .request(method, url)
-            .timeout(Duration::from_secs_f64(timeout))
-            .header("content-type", "application/json")
-            .body(body);
-        if let Some(Value::Object(h)) = e.config.get("headers") {
-            for (k, v) in h {
-                if let Some(v) = v.as_str() {
-                    req = req.header(k.as_str(), v);
-                }
-            }
-        }
-        let resp = req
-            .send()
-            .await
-            .map_err(|err| PluginError::failed(format!("{url}: {err}")))?;
-        if resp.status().is_success() {
-            tracing::debug!(event = %e.event_id, %url, status = %resp.status(), "delivered");
-            Ok(())
-        } else {
-            Err(PluginError::failed(format!(
-                "{url} answered {}",
-                resp.status()
-            )))
-        }
+        let headers: Vec<(&str, &str)> = match e.config.get("headers") {
+            Some(Value::Object(h)) => h
+                .iter()
+                .filter_map(|(k, v)| Some((k.as_str(), v.as_str()?)))
+                .collect(),
+            _ => Vec::new(),
+        };
+        roboger_plugin_sdk::http::send_json(host, method, url, &headers, body).await?;
+        tracing::debug!(event = %e.event_id, %url, "delivered");
+        Ok(())
     }
 }
 
 fn main() -> std::process::ExitCode {
-    // TLS through rustls with the ring provider (no C toolchain beyond cc).
-    let _ = rustls::crypto::ring::default_provider().install_default();
     run(Webhook {
         schema: ConfigSchema::parse(SCHEMA),
-        client: OnceLock::new(),
     })
 }
 
