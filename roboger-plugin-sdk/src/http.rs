@@ -5,11 +5,15 @@
 use std::sync::OnceLock;
 use std::time::Duration;
 
+pub use reqwest;
+
 use crate::{Host, PluginError};
 
 static CLIENT: OnceLock<reqwest::Client> = OnceLock::new();
 
-fn client() -> Result<&'static reqwest::Client, PluginError> {
+/// The shared client (for requests `send_json` does not cover, such as
+/// multipart uploads).
+pub fn client() -> Result<&'static reqwest::Client, PluginError> {
     if let Some(c) = CLIENT.get() {
         return Ok(c);
     }

@@ -52,7 +52,7 @@ impl From<PluginError> for ErrorObjectOwned {
 }
 
 /// One event for one endpoint, as `send` receives it.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Event {
     /// The endpoint's configuration.
     pub config: Value,
@@ -178,6 +178,11 @@ impl Host {
     /// The server's default timeout in seconds.
     pub async fn get_timeout(&self) -> Result<f64, PluginError> {
         self.client.get_timeout().await.map_err(failed)
+    }
+
+    /// The server's public base URL, if configured (no trailing `/`).
+    pub async fn get_url(&self) -> Result<Option<String>, PluginError> {
+        self.client.get_url().await.map_err(failed)
     }
 
     /// Stores a bucket object; returns its id.

@@ -45,9 +45,10 @@ pub const PLUGIN_METHODS: [&str; 8] = [
 ];
 
 /// Every method of [`HostApi`] (plugin to server), as named on the wire.
-pub const HOST_METHODS: [&str; 12] = [
+pub const HOST_METHODS: [&str; 13] = [
     "log",
     "get_timeout",
+    "get_url",
     "convert_level",
     "is_use_limits",
     "is_use_lastrowid",
@@ -93,8 +94,8 @@ pub struct Manifest {
     pub http: bool,
 }
 
-/// A plugin's answer to an `http` call.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+/// A plugin's answer to an `http` call (by default an empty 200).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct HttpResponse {
     /// HTTP status (default 200).
     #[serde(default = "default_status")]
@@ -109,6 +110,16 @@ pub struct HttpResponse {
 
 fn default_status() -> u16 {
     200
+}
+
+impl Default for HttpResponse {
+    fn default() -> Self {
+        HttpResponse {
+            status: default_status(),
+            headers: BTreeMap::new(),
+            body: String::new(),
+        }
+    }
 }
 
 /// A bucket object as `bucket_get` returns it.
@@ -208,6 +219,11 @@ pub trait HostApi {
     /// The server's default timeout, in seconds.
     #[method(name = "get_timeout", param_kind = map)]
     async fn get_timeout(&self) -> RpcResult<f64>;
+
+    /// The server's public base URL (`url` in its config), if set; a
+    /// plugin that registers webhooks elsewhere (Telegram) needs it.
+    #[method(name = "get_url", param_kind = map)]
+    async fn get_url(&self) -> RpcResult<Option<String>>;
 
     /// The original's `convert_level`.
     #[method(name = "convert_level", param_kind = map)]

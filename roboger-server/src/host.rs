@@ -28,6 +28,7 @@ pub struct HostContext {
     timeout: Duration,
     use_limits: bool,
     bucket_default_expires: Duration,
+    public_url: Option<String>,
     supervisor: OnceLock<WeakSupervisor>,
 }
 
@@ -38,12 +39,14 @@ impl HostContext {
         timeout: Duration,
         use_limits: bool,
         bucket_default_expires: Duration,
+        public_url: Option<String>,
     ) -> Arc<HostContext> {
         Arc::new(HostContext {
             store,
             timeout,
             use_limits,
             bucket_default_expires,
+            public_url,
             supervisor: OnceLock::new(),
         })
     }
@@ -106,6 +109,10 @@ impl HostApiServer for HostHandler {
 
     async fn get_timeout(&self) -> RpcResult<f64> {
         Ok(self.ctx.timeout.as_secs_f64())
+    }
+
+    async fn get_url(&self) -> RpcResult<Option<String>> {
+        Ok(self.ctx.public_url.clone())
     }
 
     async fn convert_level(&self, level: Value) -> RpcResult<u8> {
@@ -298,6 +305,7 @@ mod tests {
             Duration::from_secs(1),
             false,
             Duration::from_secs(60),
+            None,
         );
         let m = HostHandler::new("t".into(), false, ctx).into_rpc();
         let mut names: Vec<&str> = m.method_names().collect();

@@ -53,6 +53,10 @@ impl App {
             config.timeout,
             config.limits.is_some(),
             config.bucket_default_expires,
+            config
+                .public_url
+                .as_ref()
+                .map(|u| u.as_str().trim_end_matches('/').to_string()),
         );
         let mut opts = supervisor::Options::new(config.timeout, config.plugin_max_line);
         opts.health_interval = config.plugin_health_interval;

@@ -77,6 +77,7 @@ def run_callbacks(kw):
         other = {"error": str(e)}
     return {
         "timeout": call("get_timeout"), "level": call("convert_level", level="crit"),
+        "url": call("get_url"),
         "limits": call("is_use_limits"), "bucket_id": bucket_id,
         "bucket_creator": obj["creator"], "bucket_mimetype": obj["mimetype"],
         "bucket_fname": obj["fname"], "bucket_content": obj["content"],

@@ -221,6 +221,79 @@ impl Server {
         Resp::from(rb.send().await.expect("HTTP request to the test server")).await
     }
 
+    /// Creates an address; returns its id and its 64-character string.
+    pub async fn new_addr(&self) -> (i64, String) {
+        let r = self.manage(Method::POST, "/addr", None).await;
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+        let a = r.json();
+        match (a["id"].as_i64(), a["a"].as_str()) {
+            (Some(id), Some(s)) => (id, s.to_string()),
+            _ => panic!("not an addr: {a}"),
+        }
+    }
+
+    /// Tries to create an endpoint of `plugin` with `config` on addr `id`.
+    pub async fn try_endpoint(&self, id: i64, plugin: &str, config: Value) -> Resp {
+        self.manage(
+            Method::POST,
+            &format!("/addr/{id}/endpoint"),
+            Some(json!({"plugin_name": plugin, "config": config})),
+        )
+        .await
+    }
+
+    /// Creates an endpoint of `plugin` with `config` on addr `id`,
+    /// subscribed to every event (level DEBUG and up); returns its id.
+    pub async fn endpoint(&self, id: i64, plugin: &str, config: Value) -> i64 {
+        let r = self.try_endpoint(id, plugin, config).await;
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+        let ep = r.json()["id"].as_i64().expect("endpoint id");
+        let r = self
+            .manage(
+                Method::POST,
+                &format!("/addr/{id}/endpoint/{ep}/subscription"),
+                Some(json!({"level": 10})),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+        ep
+    }
+
+    /// Pushes `event` (a JSON object, `addr` included) to `/push`.
+    pub async fn push(&self, event: Value) -> Resp {
+        self.request(Method::POST, "/push", None, &[], Some(event))
+            .await
+    }
+
+    /// Waits until every delivery of addr `id`'s newest event has left the
+    /// pending state (or panics after 20 s); returns that event.
+    pub async fn wait_settled(&self, id: i64) -> Value {
+        let end = Instant::now() + Duration::from_secs(20);
+        loop {
+            let events = self
+                .manage(Method::GET, &format!("/addr/{id}/event"), None)
+                .await
+                .json();
+            if let Some(ev) = events[0]["id"].as_str() {
+                let e = self
+                    .manage(Method::GET, &format!("/addr/{id}/event/{ev}"), None)
+                    .await
+                    .json();
+                let settled = e["deliveries"].as_array().is_some_and(|d| {
+                    !d.is_empty()
+                        && d.iter()
+                            .all(|d| d["state"] == "delivered" || d["state"] == "failed")
+                });
+                if settled {
+                    return e;
+                }
+                assert!(Instant::now() < end, "deliveries did not settle: {e}");
+            }
+            assert!(Instant::now() < end, "no event on addr {id}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// The server's process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
@@ -450,7 +523,20 @@ pub struct HttpSink {
 impl HttpSink {
     /// Starts a sink answering `statuses` in turn, then 200.
     pub async fn start(statuses: Vec<u16>) -> HttpSink {
+        HttpSink::answering(statuses, "ok").await
+    }
+
+    /// Starts a sink answering `statuses` in turn (then 200), each time
+    /// with `body` (JSON ones are sent as such).
+    pub async fn answering(statuses: Vec<u16>, body: &'static str) -> HttpSink {
         use warp::Filter;
+        let content_type =
+            http::HeaderValue::from_static(if serde_json::from_str::<Value>(body).is_ok() {
+                "application/json"
+            } else {
+                "text/plain"
+            });
+        let body = body.to_string();
         let requests: Arc<Mutex<Vec<SinkRequest>>> = Arc::default();
         let statuses = Arc::new(Mutex::new(std::collections::VecDeque::from(statuses)));
         let rec = requests.clone();
@@ -476,9 +562,13 @@ impl HttpSink {
                         .ok()
                         .and_then(|mut s| s.pop_front())
                         .unwrap_or(200);
-                    warp::reply::with_status(
-                        String::from("ok"),
-                        http::StatusCode::from_u16(code).unwrap_or(http::StatusCode::OK),
+                    warp::reply::with_header(
+                        warp::reply::with_status(
+                            body.clone(),
+                            http::StatusCode::from_u16(code).unwrap_or(http::StatusCode::OK),
+                        ),
+                        http::header::CONTENT_TYPE,
+                        content_type.clone(),
                     )
                 },
             );
@@ -526,4 +616,91 @@ pub fn plugin_bin(name: &str) -> PathBuf {
         p.display()
     );
     p
+}
+
+/// The test virtualenv's Python (`ROBOGER_TEST_PYTHON`, set by
+/// `tests/run`), which has pyrpush and aiosmtpd. `None` (the test is
+/// skipped, saying so) when unset, unless the whole suite is required.
+pub fn venv_python(what: &str) -> Option<PathBuf> {
+    match std::env::var_os("ROBOGER_TEST_PYTHON") {
+        Some(p) => Some(PathBuf::from(p)),
+        None if std::env::var_os("ROBOGER_TEST_REQUIRE_ALL").is_some() => {
+            panic!("ROBOGER_TEST_PYTHON is not set; tests/run installs {what}")
+        }
+        None => {
+            eprintln!("SKIPPED: {what} is not installed; run tests/run for the whole suite");
+            None
+        }
+    }
+}
+
+/// A real SMTP server on loopback (aiosmtpd, `tests/plugins/smtp_sink.py`)
+/// that keeps every message it receives as JSON: envelope, headers, text
+/// body and attachments.
+pub struct SmtpSink {
+    /// The port it listens on, at 127.0.0.1.
+    pub port: u16,
+    child: Child,
+    dir: tempfile::TempDir,
+}
+
+impl SmtpSink {
+    /// Starts the server; with `login`, it requires SMTP AUTH with it.
+    pub fn start(python: &Path, login: Option<(&str, &str)>) -> SmtpSink {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("plugins/smtp_sink.py");
+        let mut cmd = Command::new(python);
+        cmd.arg(script).arg(dir.path());
+        if let Some((l, p)) = login {
+            cmd.args(["--login", l, "--password", p]);
+        }
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawn the SMTP sink");
+        let mut line = String::new();
+        if let Some(out) = child.stdout.take() {
+            let _ = BufReader::new(out).read_line(&mut line);
+        }
+        let port = line
+            .strip_prefix("listening ")
+            .and_then(|p| p.trim().parse().ok())
+            .unwrap_or_else(|| panic!("the SMTP sink did not start: {line:?}"));
+        SmtpSink { port, child, dir }
+    }
+
+    /// Waits until `n` messages arrived (or panics after 20 s).
+    pub async fn wait(&self, n: usize) -> Vec<Value> {
+        let end = Instant::now() + Duration::from_secs(20);
+        loop {
+            let mut names: Vec<PathBuf> = std::fs::read_dir(self.dir.path())
+                .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
+                .unwrap_or_default();
+            names.retain(|p| p.extension().is_some_and(|e| e == "json"));
+            if names.len() >= n {
+                names.sort();
+                return names
+                    .iter()
+                    .map(|p| {
+                        let text = std::fs::read_to_string(p).expect("read a message");
+                        serde_json::from_str(&text).expect("a message record")
+                    })
+                    .collect();
+            }
+            assert!(
+                Instant::now() < end,
+                "the SMTP sink got {} of {n} messages",
+                names.len()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for SmtpSink {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

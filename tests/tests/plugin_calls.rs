@@ -34,6 +34,7 @@ async fn rig(dir: tempfile::TempDir, plugins: Vec<PluginConfig>) -> Rig {
         Duration::from_secs(2),
         false,
         Duration::from_secs(86_400),
+        Some("https://roboger.example.com".into()),
     );
     let mut opts = Options::new(Duration::from_secs(2), 1 << 20);
     opts.health_interval = Duration::from_millis(500);
@@ -161,6 +162,7 @@ async fn callbacks_while_sends_are_in_flight(plugin: fn(&str, &Path) -> PluginCo
         assert_eq!(cb["timeout"], 2.0, "{cb}");
         assert_eq!(cb["level"], 50);
         assert_eq!(cb["limits"], false);
+        assert_eq!(cb["url"], "https://roboger.example.com");
         assert_eq!(
             cb["bucket_creator"], "plugin.p",
             "the creator is the calling plugin"

@@ -644,12 +644,7 @@ async fn limits_with_the_reserve_and_windows() {
 
 #[tokio::test]
 async fn pyrpush_pushes_an_event_a_plugin_receives() {
-    let Some(python) = std::env::var_os("ROBOGER_TEST_PYTHON") else {
-        assert!(
-            std::env::var_os("ROBOGER_TEST_REQUIRE_ALL").is_none(),
-            "ROBOGER_TEST_PYTHON is not set; tests/run installs pyrpush"
-        );
-        eprintln!("SKIPPED: pyrpush is not installed; run tests/run");
+    let Some(python) = roboger_tests::venv_python("pyrpush") else {
         return;
     };
     let r = rig("").await;

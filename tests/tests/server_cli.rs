@@ -81,17 +81,24 @@ async fn embedded_default_generates_prints_and_reuses_the_master_key() {
         .json()
         .await
         .unwrap();
-    let webhook = plugins
+    let names: Vec<&str> = plugins
         .as_array()
         .unwrap()
         .iter()
-        .find(|p| p["plugin_name"] == "webhook")
-        .expect("webhook is built in");
-    assert_eq!(webhook["state"], "running", "{webhook}");
-    assert!(
-        webhook["version"].is_string() && webhook["description"].is_string(),
-        "{webhook}"
+        .filter_map(|p| p["plugin_name"].as_str())
+        .collect();
+    assert_eq!(
+        names,
+        ["chain", "email", "shell", "slack", "telegram", "webhook"],
+        "every built-in plugin, sorted: {plugins}"
     );
+    for p in plugins.as_array().unwrap() {
+        assert_eq!(p["state"], "running", "{p}");
+        assert!(
+            p["version"].is_string() && p["description"].as_str().is_some_and(|d| !d.is_empty()),
+            "{p}"
+        );
+    }
     child.kill().unwrap();
     child.wait().unwrap();
 

@@ -194,6 +194,7 @@ async fn run_callbacks(host: &Host, e: &Event) -> Result<Value, String> {
     let timeout = c.get_timeout().await.map_err(s)?;
     let level = c.convert_level(json!("crit")).await.map_err(s)?;
     let limits = c.is_use_limits().await.map_err(s)?;
+    let url = c.get_url().await.map_err(s)?;
     let id = host
         .bucket_put(
             b"hello bucket",
@@ -218,7 +219,7 @@ async fn run_callbacks(host: &Host, e: &Event) -> Result<Value, String> {
         .await
         .map_err(|e| e.to_string());
     Ok(json!({
-        "timeout": timeout, "level": level, "limits": limits,
+        "timeout": timeout, "level": level, "limits": limits, "url": url,
         "bucket_id": id, "bucket_creator": obj.creator, "bucket_mimetype": obj.mimetype,
         "bucket_fname": obj.fname, "bucket_content": obj.content,
         "db": db.map_err(|e| e.to_string()).map(Value::from).unwrap_or_else(|e| json!({"error": e})),

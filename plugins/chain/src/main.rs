@@ -1,0 +1,69 @@
+//! The chain plugin: forwards each event to another Roboger server's
+//! `/push`, to the endpoint's `addr`; the other server's non-202 answer
+//! is a failed delivery, retried (a 4xx there will not heal by itself,
+//! but retries stop at the pipeline's max-attempts).
+
+use roboger_plugin_sdk::schema::ConfigSchema;
+use roboger_plugin_sdk::{Event, Host, Info, Plugin, PluginError, run};
+use serde_json::{Value, json};
+
+const SCHEMA: &str = include_str!("../../../schema/plugins/chain.schema.json");
+
+struct Chain {
+    schema: ConfigSchema,
+}
+
+/// The push for the other server: the event's own fields, its addr.
+fn push(e: &Event, addr: &str) -> Value {
+    json!({
+        "addr": addr,
+        "msg": e.msg,
+        "subject": e.subject,
+        "level": e.level,
+        "location": e.location,
+        "tag": e.tag,
+        "sender": e.sender,
+        "media": e.media_encoded,
+        "media_fname": e.media_fname,
+    })
+}
+
+#[roboger_plugin_sdk::async_trait]
+impl Plugin for Chain {
+    fn info(&self) -> Info {
+        Info {
+            name: "chain",
+            version: env!("CARGO_PKG_VERSION"),
+            description: "chain-send event to another Roboger server",
+            url: None,
+            http: false,
+        }
+    }
+
+    async fn validate_config(&self, config: &Value, _host: &Host) -> Result<(), PluginError> {
+        self.schema.check(config)?;
+        if let Some(u) = config.get("url").and_then(Value::as_str) {
+            roboger_plugin_sdk::http::check_url("url", u)?;
+        }
+        Ok(())
+    }
+
+    async fn send(&self, e: Event, host: &Host) -> Result<(), PluginError> {
+        let field = |k: &str| {
+            e.config
+                .get(k)
+                .and_then(Value::as_str)
+                .ok_or_else(|| PluginError::failed(format!("the endpoint has no {k}")))
+        };
+        let (url, addr) = (field("url")?, field("addr")?);
+        let url = format!("{}/push", url.trim_end_matches('/'));
+        roboger_plugin_sdk::http::send_json(host, "POST", &url, &[], push(&e, addr).to_string())
+            .await
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    run(Chain {
+        schema: ConfigSchema::parse(SCHEMA),
+    })
+}

@@ -1,0 +1,258 @@
+//! The email plugin: mails each event through an SMTP server (pooled,
+//! plain, STARTTLS or TLS, with or without login), as the original did:
+//! From = the sender (`roboger` when absent) plus `@location` when it has
+//! no `@`; Subject = the formatted subject; the message as the text body;
+//! the media as an attachment, its name and type guessed when absent.
+
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use lettre::message::header::ContentType;
+use lettre::message::{Attachment, Mailbox, Mailboxes, MultiPart, SinglePart};
+use lettre::transport::smtp::authentication::Credentials;
+use lettre::transport::smtp::client::{Tls, TlsParameters};
+use lettre::{Address, AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
+use roboger_plugin_sdk::schema::ConfigSchema;
+use roboger_plugin_sdk::{Event, Host, Info, Plugin, PluginError, run};
+use serde_json::Value;
+
+const SCHEMA: &str = include_str!("../../../schema/plugins/email.schema.json");
+const PLUGIN_SCHEMA: &str = include_str!("../../../schema/plugins/email.plugin.schema.json");
+
+/// The SMTP transport and mail domain from the plugin config.
+struct Setup {
+    transport: AsyncSmtpTransport<Tokio1Executor>,
+    default_location: String,
+}
+
+struct Email {
+    schema: ConfigSchema,
+    plugin_schema: ConfigSchema,
+    setup: RwLock<Option<Arc<Setup>>>,
+}
+
+fn rejected(e: impl std::fmt::Display) -> PluginError {
+    PluginError::rejected(e.to_string())
+}
+
+/// Builds the transport for a plugin config already checked by the schema.
+fn setup(config: &Value, timeout: f64) -> Result<Setup, PluginError> {
+    let smtp = config.get("smtp").cloned().unwrap_or(Value::Null);
+    let text = |k: &str| smtp.get(k).and_then(Value::as_str);
+    let flag = |k: &str| smtp.get(k).and_then(Value::as_bool).unwrap_or(false);
+    let host = text("host").unwrap_or("localhost");
+    let (ssl, tls) = (flag("ssl"), flag("tls"));
+    let default_port = if ssl {
+        465
+    } else if tls {
+        587
+    } else {
+        25
+    };
+    let port = smtp
+        .get("port")
+        .and_then(Value::as_u64)
+        .and_then(|p| u16::try_from(p).ok())
+        .unwrap_or(default_port);
+    // TLS through rustls with the ring provider (no cmake needed).
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut b = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(host)
+        .port(port)
+        .timeout(Some(Duration::from_secs_f64(timeout)));
+    if ssl || tls {
+        let params = TlsParameters::new(host.to_string()).map_err(rejected)?;
+        b = b.tls(if ssl {
+            Tls::Wrapper(params)
+        } else {
+            Tls::Required(params)
+        });
+    }
+    if let Some(login) = text("login") {
+        b = b.credentials(Credentials::new(
+            login.to_string(),
+            text("password").unwrap_or("").to_string(),
+        ));
+    }
+    Ok(Setup {
+        transport: b.build(),
+        default_location: config
+            .get("default-location")
+            .and_then(Value::as_str)
+            .unwrap_or("localhost")
+            .to_string(),
+    })
+}
+
+/// The From mailbox: `sender@location` when that is an address, else the
+/// sender as the display name of `roboger@{default location}`.
+fn from(sender: Option<&str>, location: Option<&str>, default_location: &str) -> Mailbox {
+    let sender = sender.filter(|s| !s.is_empty()).unwrap_or("roboger");
+    let domain = location
+        .filter(|l| !l.is_empty())
+        .unwrap_or(default_location);
+    let full = if sender.contains('@') {
+        sender.to_string()
+    } else {
+        format!("{sender}@{domain}")
+    };
+    if let Ok(a) = full.parse::<Address>() {
+        return Mailbox::new(None, a);
+    }
+    let fallback = format!("roboger@{default_location}")
+        .parse::<Address>()
+        .or_else(|_| "roboger@localhost".parse::<Address>());
+    match fallback {
+        Ok(a) => Mailbox::new(Some(sender.to_string()), a),
+        Err(_) => unreachable!("roboger@localhost is a valid address"),
+    }
+}
+
+/// The attachment's file name and content type.
+fn attachment_kind(media: &[u8], fname: Option<&str>) -> (String, ContentType) {
+    let kind = infer::get(media);
+    let mime = kind
+        .map(|k| k.mime_type())
+        .unwrap_or("application/octet-stream");
+    let name = match fname.filter(|f| !f.is_empty()) {
+        Some(f) => f.to_string(),
+        None => format!(
+            "attachment.{}",
+            kind.map(|k| k.extension()).unwrap_or("bin")
+        ),
+    };
+    let ct = ContentType::parse(mime).unwrap_or(
+        ContentType::parse("application/octet-stream").unwrap_or(ContentType::TEXT_PLAIN),
+    );
+    (name, ct)
+}
+
+fn message(e: &Event, to: Mailboxes, default_location: &str) -> Result<Message, PluginError> {
+    let mut b = Message::builder()
+        .from(from(
+            e.sender.as_deref(),
+            e.location.as_deref(),
+            default_location,
+        ))
+        .subject(e.formatted_subject.clone());
+    for m in to {
+        b = b.to(m);
+    }
+    let text = SinglePart::plain(e.msg.clone());
+    let m = match &e.media {
+        Some(media) => {
+            let (name, ct) = attachment_kind(media, e.media_fname.as_deref());
+            b.multipart(
+                MultiPart::mixed()
+                    .singlepart(text)
+                    .singlepart(Attachment::new(name).body(media.clone(), ct)),
+            )
+        }
+        None => b.singlepart(text),
+    };
+    m.map_err(PluginError::failed)
+}
+
+#[roboger_plugin_sdk::async_trait]
+impl Plugin for Email {
+    fn info(&self) -> Info {
+        Info {
+            name: "email",
+            version: env!("CARGO_PKG_VERSION"),
+            description: "email sender plugin",
+            url: None,
+            http: false,
+        }
+    }
+
+    async fn validate_plugin_config(
+        &self,
+        config: &Value,
+        _host: &Host,
+    ) -> Result<(), PluginError> {
+        self.plugin_schema.check(config)?;
+        setup(config, 5.0).map(drop)
+    }
+
+    async fn load(&self, config: &Value, host: &Host) -> Result<(), PluginError> {
+        let timeout = host.get_timeout().await.unwrap_or(5.0);
+        let s = Arc::new(setup(config, timeout)?);
+        if let Ok(mut slot) = self.setup.write() {
+            *slot = Some(s);
+        }
+        Ok(())
+    }
+
+    async fn validate_config(&self, config: &Value, _host: &Host) -> Result<(), PluginError> {
+        self.schema.check(config)?;
+        if let Some(r) = config.get("rcpt").and_then(Value::as_str) {
+            r.parse::<Mailboxes>()
+                .map_err(|e| PluginError::rejected(format!("rcpt: {e}")))?;
+        }
+        Ok(())
+    }
+
+    async fn send(&self, e: Event, host: &Host) -> Result<(), PluginError> {
+        let Some(rcpt) = e.config.get("rcpt").and_then(Value::as_str) else {
+            return Err(PluginError::failed("the endpoint has no rcpt"));
+        };
+        let to = rcpt
+            .parse::<Mailboxes>()
+            .map_err(|e| PluginError::failed(format!("rcpt: {e}")))?;
+        let loaded = self.setup.read().ok().and_then(|s| s.clone());
+        let s = match loaded {
+            Some(s) => s,
+            None => {
+                self.load(&Value::Null, host).await?;
+                self.setup
+                    .read()
+                    .ok()
+                    .and_then(|s| s.clone())
+                    .ok_or_else(|| PluginError::failed("no SMTP setup"))?
+            }
+        };
+        let m = message(&e, to, &s.default_location)?;
+        s.transport
+            .send(m)
+            .await
+            .map_err(|err| PluginError::failed(format!("smtp: {err}")))?;
+        tracing::debug!(event = %e.event_id, %rcpt, "mailed");
+        Ok(())
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    run(Email {
+        schema: ConfigSchema::parse(SCHEMA),
+        plugin_schema: ConfigSchema::parse(PLUGIN_SCHEMA),
+        setup: RwLock::new(None),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn from_is_sender_at_location_or_a_display_name() {
+        assert_eq!(from(None, None, "lab").to_string(), "roboger@lab");
+        assert_eq!(
+            from(Some("bot"), Some("site"), "lab").to_string(),
+            "bot@site"
+        );
+        assert_eq!(
+            from(Some("a@b.c"), Some("site"), "lab").to_string(),
+            "a@b.c"
+        );
+        assert_eq!(
+            from(Some("disk bot"), None, "lab").to_string(),
+            "disk bot <roboger@lab>"
+        );
+    }
+
+    #[test]
+    fn attachment_names_are_guessed_from_content() {
+        let png = b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR";
+        assert_eq!(attachment_kind(png, None).0, "attachment.png");
+        assert_eq!(attachment_kind(b"xx", Some("a.txt")).0, "a.txt");
+    }
+}

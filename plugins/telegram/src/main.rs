@@ -1,0 +1,389 @@
+//! The telegram plugin: a bot that sends events to chats. On load it
+//! registers its webhook at `{server url}/plugin/telegram/{random key}`;
+//! a chat that sends it `/start` gets its chat id back encrypted and
+//! authenticated with a key derived from the bot token, and an endpoint's
+//! `chat_id` must be such a code, so nobody can address a chat that did
+//! not talk to this bot. Events go out as HTML with the level's emoji,
+//! silently for DEBUG, with the media in a second message.
+
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use chacha20poly1305::aead::{Aead, KeyInit};
+use chacha20poly1305::{ChaCha20Poly1305, Nonce};
+use roboger_plugin_sdk::http::{client, reqwest};
+use roboger_plugin_sdk::schema::ConfigSchema;
+use roboger_plugin_sdk::{Event, Host, HttpRequest, HttpResponse, Info, Plugin, PluginError, run};
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+
+const SCHEMA: &str = include_str!("../../../schema/plugins/telegram.schema.json");
+const PLUGIN_SCHEMA: &str = include_str!("../../../schema/plugins/telegram.plugin.schema.json");
+const DEFAULT_API: &str = "https://api.telegram.org";
+
+/// A loaded bot: where its API is, its cipher and its webhook key.
+struct Bot {
+    /// `{api-url}/bot{token}`
+    api: String,
+    cipher: ChaCha20Poly1305,
+    key: [u8; 32],
+    /// The random last path segment of the webhook URL.
+    secret: String,
+}
+
+struct Telegram {
+    schema: ConfigSchema,
+    plugin_schema: ConfigSchema,
+    bot: RwLock<Option<Arc<Bot>>>,
+}
+
+impl Bot {
+    fn new(token: &str, api_url: &str) -> Result<Bot, PluginError> {
+        let key: [u8; 32] = Sha256::new()
+            .chain_update(b"roboger telegram chat id\0")
+            .chain_update(token.as_bytes())
+            .finalize()
+            .into();
+        let cipher = ChaCha20Poly1305::new_from_slice(&key).map_err(PluginError::failed)?;
+        let random: [u8; 24] = rand::random();
+        Ok(Bot {
+            api: format!("{}/bot{token}", api_url.trim_end_matches('/')),
+            cipher,
+            key,
+            secret: URL_SAFE_NO_PAD.encode(random),
+        })
+    }
+
+    /// The code a chat gets for its id. The nonce is derived from the key
+    /// and the id (a synthetic IV), so a chat always gets the same code.
+    fn encrypt(&self, chat: i64) -> Result<String, PluginError> {
+        let plain = chat.to_string();
+        let iv = Sha256::new()
+            .chain_update(self.key)
+            .chain_update(plain.as_bytes())
+            .finalize();
+        let nonce = Nonce::try_from(&iv[..12]).map_err(PluginError::failed)?;
+        let mut out = nonce.to_vec();
+        out.extend(
+            self.cipher
+                .encrypt(&nonce, plain.as_bytes())
+                .map_err(PluginError::failed)?,
+        );
+        Ok(URL_SAFE_NO_PAD.encode(out))
+    }
+
+    /// The chat id in a code, if this bot issued it.
+    fn decrypt(&self, code: &str) -> Option<i64> {
+        let raw = URL_SAFE_NO_PAD.decode(code.trim()).ok()?;
+        if raw.len() < 12 + 16 {
+            return None;
+        }
+        let nonce = Nonce::try_from(&raw[..12]).ok()?;
+        let plain = self.cipher.decrypt(&nonce, &raw[12..]).ok()?;
+        String::from_utf8(plain).ok()?.parse().ok()
+    }
+
+    /// Calls a Bot API method with a JSON body; Telegram's `ok: false`
+    /// is an error with its description.
+    async fn call(
+        &self,
+        method: &str,
+        body: Value,
+        timeout: Duration,
+    ) -> Result<Value, PluginError> {
+        let req = client()?.post(format!("{}/{method}", self.api)).json(&body);
+        answer(method, req.timeout(timeout)).await
+    }
+}
+
+async fn answer(method: &str, req: reqwest::RequestBuilder) -> Result<Value, PluginError> {
+    let resp = req
+        .send()
+        .await
+        .map_err(|e| PluginError::failed(format!("{method}: {}", e.without_url())))?;
+    let status = resp.status();
+    let v: Value = resp.json().await.unwrap_or(Value::Null);
+    if status.is_success() && v["ok"] == true {
+        Ok(v["result"].clone())
+    } else {
+        let why = v["description"].as_str().unwrap_or("no description");
+        Err(PluginError::failed(format!("{method}: {status}: {why}")))
+    }
+}
+
+/// The emoji in front of each level's messages.
+fn emoji(level: u8) -> &'static str {
+    match level {
+        10 => "\u{1f41b}",        // bug
+        20 => "\u{2139}\u{fe0f}", // information
+        30 => "\u{26a0}\u{fe0f}", // warning
+        40 => "\u{274c}",         // cross mark
+        _ => "\u{1f198}",         // SOS
+    }
+}
+
+fn html(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+/// The text message of an event (Telegram's HTML subset).
+fn text(e: &Event) -> String {
+    let mut t = format!("{} <b>{}</b>", emoji(e.level), html(&e.formatted_subject));
+    if !e.msg.is_empty() {
+        t.push('\n');
+        t.push_str(&html(&e.msg));
+    }
+    t
+}
+
+/// The Bot API method and form field that send this media.
+fn media_method(media: &[u8]) -> (&'static str, &'static str, &'static str) {
+    match infer::get(media).map(|k| k.mime_type()) {
+        Some(m @ ("image/jpeg" | "image/png" | "image/webp")) => ("sendPhoto", "photo", m),
+        Some("image/gif") => ("sendAnimation", "animation", "image/gif"),
+        Some(m @ "video/mp4") => ("sendVideo", "video", m),
+        Some(m) => ("sendDocument", "document", m),
+        None => ("sendDocument", "document", "application/octet-stream"),
+    }
+}
+
+impl Telegram {
+    fn bot(&self) -> Result<Arc<Bot>, PluginError> {
+        self.bot
+            .read()
+            .ok()
+            .and_then(|b| b.clone())
+            .ok_or_else(|| PluginError::rejected("the telegram plugin has no token configured"))
+    }
+}
+
+fn ok() -> HttpResponse {
+    HttpResponse::default()
+}
+
+#[roboger_plugin_sdk::async_trait]
+impl Plugin for Telegram {
+    fn info(&self) -> Info {
+        Info {
+            name: "telegram",
+            version: env!("CARGO_PKG_VERSION"),
+            description: "Telegram bot plugin",
+            url: None,
+            http: true,
+        }
+    }
+
+    async fn validate_plugin_config(
+        &self,
+        config: &Value,
+        _host: &Host,
+    ) -> Result<(), PluginError> {
+        self.plugin_schema.check(config)?;
+        if let Some(u) = config.get("api-url").and_then(Value::as_str) {
+            roboger_plugin_sdk::http::check_url("api-url", u)?;
+        }
+        Ok(())
+    }
+
+    async fn load(&self, config: &Value, host: &Host) -> Result<(), PluginError> {
+        let Some(token) = config.get("token").and_then(Value::as_str) else {
+            host.log(
+                "warning",
+                "no token configured: the telegram plugin will refuse endpoints",
+            )
+            .await?;
+            return Ok(());
+        };
+        let api = config
+            .get("api-url")
+            .and_then(Value::as_str)
+            .unwrap_or(DEFAULT_API);
+        let bot = Arc::new(Bot::new(token, api)?);
+        if let Ok(mut slot) = self.bot.write() {
+            *slot = Some(bot.clone());
+        }
+        let timeout = Duration::from_secs_f64(host.get_timeout().await.unwrap_or(5.0));
+        let Some(url) = host.get_url().await? else {
+            host.log(
+                "warning",
+                "the server has no url: the bot's webhook (/start) is not registered",
+            )
+            .await?;
+            return Ok(());
+        };
+        // Registered in the background, retried: a slow or failing Bot API
+        // must not keep the plugin from loading and sending.
+        let host = host.clone();
+        tokio::spawn(async move {
+            let hook = format!("{url}/plugin/telegram/{}", bot.secret);
+            let mut pause = Duration::from_secs(1);
+            loop {
+                match bot.call("setWebhook", json!({"url": hook}), timeout).await {
+                    Ok(_) => break,
+                    Err(e) => {
+                        let _ = host
+                            .log(
+                                "error",
+                                &format!("cannot register the webhook (retrying): {e}"),
+                            )
+                            .await;
+                    }
+                }
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(300));
+            }
+        });
+        Ok(())
+    }
+
+    async fn validate_config(&self, config: &Value, _host: &Host) -> Result<(), PluginError> {
+        self.schema.check(config)?;
+        let bot = self.bot()?;
+        if let Some(code) = config.get("chat_id").and_then(Value::as_str) {
+            if bot.decrypt(code).is_none() {
+                return Err(PluginError::rejected(
+                    "chat_id: not a code this bot issued; send /start to the bot to get one",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    async fn send(&self, e: Event, host: &Host) -> Result<(), PluginError> {
+        let bot = self
+            .bot()
+            .map_err(|err| PluginError::failed(err.to_string()))?;
+        let code = e
+            .config
+            .get("chat_id")
+            .and_then(Value::as_str)
+            .ok_or_else(|| PluginError::failed("the endpoint has no chat_id"))?;
+        let chat = bot
+            .decrypt(code)
+            .ok_or_else(|| PluginError::failed("chat_id: not a code this bot issued"))?;
+        let timeout = Duration::from_secs_f64(host.get_timeout().await.unwrap_or(5.0));
+        let silent = e.level <= 10;
+        bot.call(
+            "sendMessage",
+            json!({"chat_id": chat, "text": text(&e), "parse_mode": "HTML", "disable_notification": silent}),
+            timeout,
+        )
+        .await?;
+        if let Some(media) = e.media {
+            let (method, field, mime) = media_method(&media);
+            let fname = e.media_fname.clone().unwrap_or_else(|| field.to_string());
+            let part = reqwest::multipart::Part::bytes(media)
+                .file_name(fname)
+                .mime_str(mime)
+                .map_err(PluginError::failed)?;
+            let form = reqwest::multipart::Form::new()
+                .text("chat_id", chat.to_string())
+                .text("disable_notification", silent.to_string())
+                .part(field, part);
+            let req = client()?
+                .post(format!("{}/{method}", bot.api))
+                .multipart(form)
+                .timeout(timeout);
+            answer(method, req).await?;
+        }
+        Ok(())
+    }
+
+    async fn http(&self, req: HttpRequest, host: &Host) -> Result<HttpResponse, PluginError> {
+        let Ok(bot) = self.bot() else {
+            return Ok(HttpResponse {
+                status: 404,
+                ..ok()
+            });
+        };
+        let given = req.path.trim_start_matches('/');
+        let same = given.len() == bot.secret.len()
+            && given
+                .bytes()
+                .zip(bot.secret.bytes())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0;
+        if !same || req.method != "POST" {
+            return Ok(HttpResponse {
+                status: 404,
+                ..ok()
+            });
+        }
+        // Always 200 for a well-addressed update, so Telegram does not
+        // resend one we cannot use.
+        let Ok(update) = serde_json::from_slice::<Value>(&req.body) else {
+            return Ok(ok());
+        };
+        let m = &update["message"];
+        let chat = m["chat"]["id"].as_i64();
+        let is_start = m["text"].as_str().is_some_and(|t| {
+            t.split_whitespace()
+                .next()
+                .is_some_and(|w| w == "/start" || w.starts_with("/start@"))
+        });
+        if let (Some(chat), true) = (chat, is_start) {
+            let timeout = Duration::from_secs_f64(host.get_timeout().await.unwrap_or(5.0));
+            let reply = format!(
+                "Your chat id for Roboger endpoints:\n<code>{}</code>",
+                bot.encrypt(chat)?
+            );
+            if let Err(e) = bot
+                .call(
+                    "sendMessage",
+                    json!({"chat_id": chat, "text": reply, "parse_mode": "HTML"}),
+                    timeout,
+                )
+                .await
+            {
+                host.log("error", &format!("cannot answer /start: {e}"))
+                    .await?;
+            }
+        }
+        Ok(ok())
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    run(Telegram {
+        schema: ConfigSchema::parse(SCHEMA),
+        plugin_schema: ConfigSchema::parse(PLUGIN_SCHEMA),
+        bot: RwLock::new(None),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_round_trip_and_are_bound_to_the_token() {
+        let a = Bot::new("1:aaa", DEFAULT_API).unwrap();
+        let b = Bot::new("2:bbb", DEFAULT_API).unwrap();
+        let code = a.encrypt(-100123).unwrap();
+        assert_eq!(code, a.encrypt(-100123).unwrap());
+        assert_eq!(a.decrypt(&code), Some(-100123));
+        assert_eq!(b.decrypt(&code), None);
+        assert_eq!(a.decrypt("-100123"), None);
+        let mut tampered = URL_SAFE_NO_PAD.decode(&code).unwrap();
+        tampered[13] ^= 1;
+        assert_eq!(a.decrypt(&URL_SAFE_NO_PAD.encode(tampered)), None);
+    }
+
+    #[test]
+    fn text_is_escaped_html_with_the_level_emoji() {
+        let e = Event {
+            formatted_subject: "WARNING a<b>".into(),
+            msg: "x & y".into(),
+            level: 30,
+            ..Default::default()
+        };
+        assert_eq!(
+            text(&e),
+            "\u{26a0}\u{fe0f} <b>WARNING a&lt;b&gt;</b>\nx &amp; y"
+        );
+    }
+}

@@ -1,0 +1,131 @@
+//! The email plugin through the real server, against a real SMTP server
+//! on loopback (aiosmtpd, installed by `tests/run`): headers, body and
+//! attachment as delivered, with and without SMTP AUTH.
+
+use base64::Engine;
+use roboger_tests::{
+    Server, ServerOptions, SmtpSink, assert_status, json, plugin_bin, venv_python,
+};
+
+const PNG: &[u8] =
+    b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR\0\0\0\x01\0\0\0\x01\x08\x06\0\0\0\x1f\x15\xc4\x89";
+
+async fn server(smtp: &str) -> Server {
+    Server::start_with(ServerOptions {
+        yaml: "delivery:\n  retry-base: 0.05\n  max-attempts: 2\n".into(),
+        plugins_yaml: format!(
+            "- name: email\n  command: {}\n  config:\n    default-location: example.org\n    smtp: {smtp}\n",
+            plugin_bin("email").display()
+        ),
+        ..Default::default()
+    })
+    .await
+}
+
+#[tokio::test]
+async fn mails_headers_body_and_attachment_as_the_original() {
+    let Some(python) = venv_python("aiosmtpd") else {
+        return;
+    };
+    let smtp = SmtpSink::start(&python, None);
+    let s = server(&format!("{{host: 127.0.0.1, port: {}}}", smtp.port)).await;
+    let (id, a) = s.new_addr().await;
+
+    let r = s
+        .try_endpoint(id, "email", json!({"rcp": "ops@example.com"}))
+        .await;
+    assert_status!(r, 400);
+    assert!(r.text.contains("rcp"), "{}", r.text);
+    let r = s.try_endpoint(id, "email", json!({"rcpt": 1})).await;
+    assert_status!(r, 400);
+    assert!(r.text.contains("rcpt"), "{}", r.text);
+    let r = s
+        .try_endpoint(id, "email", json!({"rcpt": "not an address"}))
+        .await;
+    assert_status!(r, 400);
+    s.endpoint(id, "email", json!({"rcpt": "ops@example.com"}))
+        .await;
+
+    let media = base64::engine::general_purpose::STANDARD.encode(PNG);
+    let r = s
+        .push(
+            json!({"addr": a, "sender": "bot", "location": "lab", "level": "warning",
+            "subject": "disk", "msg": "sda1 is 99% full\nsecond line", "media": media}),
+        )
+        .await;
+    assert_status!(r, 202);
+    let m = &smtp.wait(1).await[0];
+    assert_eq!(m["mail_from"], "bot@lab");
+    assert_eq!(m["rcpt_tos"], json!(["ops@example.com"]));
+    assert_eq!(m["headers"]["From"], "bot@lab");
+    assert_eq!(m["headers"]["To"], "ops@example.com");
+    assert_eq!(m["headers"]["Subject"], "WARNING bot@lab: disk");
+    assert_eq!(
+        m["text"].as_str().map(|t| t.replace("\r\n", "\n")),
+        Some("sda1 is 99% full\nsecond line".to_string())
+    );
+    let att = &m["attachments"][0];
+    assert_eq!(att["filename"], "attachment.png");
+    assert_eq!(att["content_type"], "image/png");
+    assert_eq!(att["data"], media.as_str());
+
+    // No sender: roboger at the default location; a named file is kept.
+    let r = s
+        .push(json!({"addr": a, "msg": "hi", "media": media, "media_fname": "dir/shot.png"}))
+        .await;
+    assert_status!(r, 202);
+    let m = &smtp.wait(2).await[1];
+    assert_eq!(m["headers"]["From"], "roboger@example.org");
+    assert_eq!(m["headers"]["Subject"], "INFO");
+    assert_eq!(m["attachments"][0]["filename"], "shot.png");
+    assert_eq!(m["authenticated"], false);
+}
+
+#[tokio::test]
+async fn logs_in_and_a_wrong_password_is_a_failed_delivery() {
+    let Some(python) = venv_python("aiosmtpd") else {
+        return;
+    };
+    let smtp = SmtpSink::start(&python, Some(("robot", "s3cret")));
+    let good = server(&format!(
+        "{{host: 127.0.0.1, port: {}, login: robot, password: s3cret}}",
+        smtp.port
+    ))
+    .await;
+    let (id, a) = good.new_addr().await;
+    good.endpoint(id, "email", json!({"rcpt": "ops@example.com"}))
+        .await;
+    assert_status!(
+        good.push(json!({"addr": a, "sender": "a b", "msg": "m"}))
+            .await,
+        202
+    );
+    let m = &smtp.wait(1).await[0];
+    assert_eq!(m["authenticated"], true);
+    assert_eq!(m["headers"]["From"], "a b <roboger@example.org>");
+    assert_eq!(
+        good.wait_settled(id).await["deliveries"][0]["state"],
+        "delivered"
+    );
+
+    let bad = server(&format!(
+        "{{host: 127.0.0.1, port: {}, login: robot, password: wrong}}",
+        smtp.port
+    ))
+    .await;
+    let (id, a) = bad.new_addr().await;
+    bad.endpoint(id, "email", json!({"rcpt": "ops@example.com"}))
+        .await;
+    assert_status!(bad.push(json!({"addr": a, "msg": "m"})).await, 202);
+    let e = bad.wait_settled(id).await;
+    let d = &e["deliveries"][0];
+    assert_eq!(
+        (d["state"].as_str(), d["attempts"].as_i64()),
+        (Some("failed"), Some(2)),
+        "{e}"
+    );
+    assert!(
+        d["last_error"].as_str().is_some_and(|t| t.contains("smtp")),
+        "{e}"
+    );
+}

@@ -1,0 +1,83 @@
+//! The slack plugin through the real server, against a local HTTP server
+//! standing in for Slack's incoming webhook.
+
+use roboger_tests::{HttpSink, Server, ServerOptions, Value, assert_status, json, plugin_bin};
+
+async fn server() -> Server {
+    Server::start_with(ServerOptions {
+        plugins_yaml: format!(
+            "- name: slack\n  command: {}\n",
+            plugin_bin("slack").display()
+        ),
+        ..Default::default()
+    })
+    .await
+}
+
+#[tokio::test]
+async fn plain_and_rich_messages_with_the_sender_as_username() {
+    let sink = HttpSink::start(vec![]).await;
+    let s = server().await;
+    let (id, a) = s.new_addr().await;
+    let r = s
+        .try_endpoint(id, "slack", json!({"url": "http://x/", "rihc": true}))
+        .await;
+    assert_status!(r, 400);
+    assert!(r.text.contains("rihc"), "{}", r.text);
+    let r = s
+        .try_endpoint(id, "slack", json!({"url": "http://x/", "rich": "yes"}))
+        .await;
+    assert_status!(r, 400);
+    assert!(r.text.contains("rich"), "{}", r.text);
+
+    s.endpoint(id, "slack", json!({"url": format!("{}/plain", sink.base)}))
+        .await;
+    s.endpoint(
+        id,
+        "slack",
+        json!({"url": format!("{}/rich", sink.base), "rich": true}),
+    )
+    .await;
+    let r = s
+        .push(json!({"addr": a, "sender": "bot", "level": "critical", "subject": "db", "msg": "down \"hard\"\n<now>"}))
+        .await;
+    assert_status!(r, 202);
+    let got = sink.wait(2).await;
+    let body = |path: &str| -> Value {
+        let req = got.iter().find(|r| r.path == path).expect("a request");
+        assert_eq!(req.headers["content-type"], "application/json");
+        serde_json::from_slice(&req.body).expect("JSON")
+    };
+    assert_eq!(
+        body("/plain"),
+        json!({"text": "CRITICAL bot: db\ndown \"hard\"\n<now>", "username": "bot"})
+    );
+    assert_eq!(
+        body("/rich"),
+        json!({"text": "", "username": "bot", "attachments": [{
+            "fallback": "CRITICAL bot: db", "color": "#FF2222",
+            "fields": [{"title": "CRITICAL bot: db", "value": "down \"hard\"\n<now>", "short": false}]}]})
+    );
+
+    // Colours follow the level; no sender, no username.
+    let colours = [
+        ("debug", "#555555"),
+        ("info", "good"),
+        ("warning", "warning"),
+        ("error", "danger"),
+    ];
+    for (i, (level, colour)) in colours.into_iter().enumerate() {
+        assert_status!(s.push(json!({"addr": a, "level": level})).await, 202);
+        let got = sink.wait(4 + 2 * i).await;
+        let rich: Value = serde_json::from_slice(
+            &got.iter()
+                .rev()
+                .find(|r| r.path == "/rich")
+                .expect("rich")
+                .body,
+        )
+        .expect("JSON");
+        assert_eq!(rich["attachments"][0]["color"], colour);
+        assert!(rich.get("username").is_none(), "{rich}");
+    }
+}

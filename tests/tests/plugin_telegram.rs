@@ -1,0 +1,182 @@
+//! The telegram plugin through the real server, against a local fake Bot
+//! API that records each request: webhook registration, `/start` answered
+//! with an encrypted chat id, HTML messages with the level emoji, media
+//! after the text, DEBUG silent, forged chat ids refused.
+
+use base64::Engine;
+use roboger_tests::{
+    HttpSink, Method, Server, ServerOptions, SinkRequest, Value, assert_status, json, plugin_bin,
+};
+
+const TOKEN: &str = "123456:test-token";
+const PNG: &[u8] =
+    b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR\0\0\0\x01\0\0\0\x01\x08\x06\0\0\0\x1f\x15\xc4\x89";
+
+fn json_of(r: &SinkRequest) -> Value {
+    assert_eq!(r.headers["content-type"], "application/json");
+    serde_json::from_slice(&r.body).expect("a JSON body")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn start_then_html_messages_media_and_silent_debug() {
+    // Five good answers, then two refusals.
+    let statuses = vec![200, 200, 200, 200, 200, 400, 400];
+    let api = HttpSink::answering(statuses, r#"{"ok": true, "result": {}}"#).await;
+    let s = Server::start_with(ServerOptions {
+        yaml:
+            "url: https://roboger.example.com/\ndelivery:\n  retry-base: 0.05\n  max-attempts: 2\n"
+                .into(),
+        plugins_yaml: format!(
+            "- name: telegram\n  command: {}\n  config:\n    token: '{TOKEN}'\n    api-url: {}\n",
+            plugin_bin("telegram").display(),
+            api.base
+        ),
+        ..Default::default()
+    })
+    .await;
+
+    // On load: the webhook, under the server's url, with a random key.
+    let hook = json_of(&api.wait(1).await[0]);
+    assert_eq!(api.requests()[0].path, format!("/bot{TOKEN}/setWebhook"));
+    let hook = hook["url"].as_str().expect("a webhook url").to_string();
+    let path = hook
+        .strip_prefix("https://roboger.example.com")
+        .expect("under the server's url")
+        .to_string();
+    assert!(
+        path.starts_with("/plugin/telegram/") && path.len() > "/plugin/telegram/".len() + 16,
+        "{path}"
+    );
+
+    // A wrong key is a 404; /start gets the chat its code.
+    let update = json!({"update_id": 1, "message": {"message_id": 5, "chat": {"id": -100777, "type": "group"}, "text": "/start"}});
+    let r = s
+        .request(
+            Method::POST,
+            "/plugin/telegram/wrong",
+            None,
+            &[],
+            Some(update.clone()),
+        )
+        .await;
+    assert_status!(r, 404);
+    let r = s
+        .request(Method::POST, &path, None, &[], Some(update))
+        .await;
+    assert_status!(r, 200);
+    let reply = json_of(&api.wait(2).await[1]);
+    assert_eq!(api.requests()[1].path, format!("/bot{TOKEN}/sendMessage"));
+    assert_eq!(reply["chat_id"], -100777);
+    let text = reply["text"].as_str().unwrap_or_default();
+    let code = text
+        .split("<code>")
+        .nth(1)
+        .and_then(|t| t.split("</code>").next())
+        .expect("the code in the reply")
+        .to_string();
+    assert!(
+        !code.contains("100777"),
+        "the chat id is not in clear: {code}"
+    );
+
+    // Only codes this bot issued make endpoints.
+    let (id, a) = s.new_addr().await;
+    for forged in [
+        json!({"chat_id": "-100777"}),
+        json!({"chat_id": format!("{code}x")}),
+    ] {
+        let r = s.try_endpoint(id, "telegram", forged).await;
+        assert_status!(r, 400);
+        assert!(r.text.contains("chat_id"), "{}", r.text);
+    }
+    let r = s
+        .try_endpoint(id, "telegram", json!({"chatid": code}))
+        .await;
+    assert_status!(r, 400);
+    assert!(r.text.contains("chatid"), "{}", r.text);
+    s.endpoint(id, "telegram", json!({"chat_id": code})).await;
+
+    let media = base64::engine::general_purpose::STANDARD.encode(PNG);
+    let r = s
+        .push(json!({"addr": a, "level": "warning", "sender": "bot", "subject": "a<b>", "msg": "x & y", "media": media}))
+        .await;
+    assert_status!(r, 202);
+    let got = api.wait(4).await;
+    let m = json_of(&got[2]);
+    assert_eq!(got[2].path, format!("/bot{TOKEN}/sendMessage"));
+    assert_eq!(
+        m,
+        json!({"chat_id": -100777, "parse_mode": "HTML", "disable_notification": false,
+            "text": "\u{26a0}\u{fe0f} <b>WARNING bot: a&lt;b&gt;</b>\nx &amp; y"})
+    );
+    let photo = &got[3];
+    assert_eq!(photo.path, format!("/bot{TOKEN}/sendPhoto"));
+    let ct = photo.headers["content-type"].to_str().unwrap_or_default();
+    assert!(ct.starts_with("multipart/form-data"), "{ct}");
+    let body = &photo.body[..];
+    assert!(
+        body.windows(PNG.len()).any(|w| w == PNG),
+        "the photo is uploaded"
+    );
+    let form = String::from_utf8_lossy(body);
+    assert!(
+        form.contains("name=\"chat_id\"\r\n\r\n-100777\r\n"),
+        "{form}"
+    );
+    assert!(form.contains("name=\"photo\""), "{form}");
+
+    assert_status!(
+        s.push(json!({"addr": a, "level": "debug", "msg": "quiet"}))
+            .await,
+        202
+    );
+    let got = api.wait(5).await;
+    let m = json_of(&got[4]);
+    assert_eq!(
+        (m["disable_notification"].as_bool(), m["text"].as_str()),
+        (Some(true), Some("\u{1f41b} <b>DEBUG</b>\nquiet"))
+    );
+
+    // The Bot API refusing is a failed delivery, retried, saying why.
+    assert_status!(s.push(json!({"addr": a, "msg": "refused"})).await, 202);
+    let e = s.wait_settled(id).await;
+    let d = &e["deliveries"][0];
+    assert_eq!(
+        (d["state"].as_str(), d["attempts"].as_i64()),
+        (Some("failed"), Some(2)),
+        "{e}"
+    );
+    let why = d["last_error"].as_str().unwrap_or_default();
+    assert!(why.contains("sendMessage") && why.contains("400"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn without_the_server_url_no_webhook_is_registered() {
+    let api = HttpSink::answering(vec![], r#"{"ok": true, "result": {}}"#).await;
+    let s = Server::start_with(ServerOptions {
+        plugins_yaml: format!(
+            "- name: telegram\n  command: {}\n  config:\n    token: '{TOKEN}'\n    api-url: {}\n",
+            plugin_bin("telegram").display(),
+            api.base
+        ),
+        ..Default::default()
+    })
+    .await;
+    s.wait_log(
+        "webhook (/start) is not registered",
+        std::time::Duration::from_secs(10),
+    )
+    .await;
+    assert!(api.requests().is_empty());
+    let update = json!({"message": {"chat": {"id": 42}, "text": "/start"}});
+    let r = s
+        .request(Method::POST, "/plugin/telegram/x", None, &[], Some(update))
+        .await;
+    assert_status!(r, 404);
+    // A chat id this bot did not issue is refused.
+    let (id, _) = s.new_addr().await;
+    let r = s
+        .try_endpoint(id, "telegram", json!({"chat_id": "x"}))
+        .await;
+    assert_status!(r, 400);
+}
