@@ -157,6 +157,7 @@ struct FilePlugin {
     #[serde(default)]
     config: Option<serde_json::Map<String, serde_json::Value>>,
     command: Option<PathBuf>,
+    python: Option<String>,
     env: Option<BTreeMap<String, String>>,
     sha256: Option<String>,
     db: Option<bool>,
@@ -252,6 +253,10 @@ pub struct PluginConfig {
     pub config: serde_json::Map<String, serde_json::Value>,
     /// An explicit executable; otherwise `roboger-plugin-NAME` is looked up.
     pub command: Option<PathBuf>,
+    /// A seed-style Python module (`robogercontrib.foo`) to host with the
+    /// bridge, `roboger-plugin-python` (or `command`), which gets it as
+    /// its argument.
+    pub python: Option<String>,
     /// Extra environment for the plugin process.
     pub env: BTreeMap<String, String>,
     /// The executable's expected SHA-256 (lower-case hex), if pinned.
@@ -296,6 +301,7 @@ impl PluginConfig {
             name: name.to_string(),
             config: Default::default(),
             command: None,
+            python: None,
             env: BTreeMap::new(),
             sha256: None,
             db: false,
@@ -551,6 +557,20 @@ impl Config {
                         }
                         None => None,
                     };
+                    if let Some(m) = &p.python {
+                        let dotted = m.split('.').all(|part| {
+                            part.chars()
+                                .next()
+                                .is_some_and(|c| c.is_alphabetic() || c == '_')
+                                && part.chars().all(|c| c.is_alphanumeric() || c == '_')
+                        });
+                        if !dotted {
+                            return Err(invalid(
+                                &format!("roboger.plugins[{i}].python"),
+                                "must be a Python module name, like robogercontrib.foo",
+                            ));
+                        }
+                    }
                     let max_inflight = p.max_inflight.unwrap_or(DEFAULT_MAX_INFLIGHT);
                     if max_inflight == 0 {
                         return Err(invalid(
@@ -561,6 +581,7 @@ impl Config {
                     out.push(PluginConfig {
                         config: p.config.unwrap_or_default(),
                         command: p.command,
+                        python: p.python,
                         env: p.env.unwrap_or_default(),
                         sha256,
                         db: p.db.unwrap_or(false),
@@ -912,6 +933,18 @@ mod tests {
             ..Default::default()
         };
         Config::load(Some(&p), &env)
+    }
+
+    #[test]
+    fn python_plugins_name_a_module() {
+        let c = load_str("roboger:\n  master:\n    key: x\n  plugins:\n    - name: foo\n      python: robogercontrib.foo\n")
+            .unwrap();
+        assert_eq!(c.plugins[0].python.as_deref(), Some("robogercontrib.foo"));
+        assert!(crate::supervisor::executable(&c.plugins[0]).ends_with("roboger-plugin-python"));
+        let e = load_str("roboger:\n  master:\n    key: x\n  plugins:\n    - name: foo\n      python: 'x; rm -rf /'\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("plugins[0].python"), "{e}");
     }
 
     #[test]

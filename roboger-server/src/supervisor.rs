@@ -639,12 +639,16 @@ async fn stop_child(child: &mut Child, grace: Duration, graceful: bool) {
 }
 
 /// The executable for a plugin: its `command`, else `roboger-plugin-NAME`
-/// next to the server binary, else on PATH.
+/// (`roboger-plugin-python` for a Python module) next to the server
+/// binary, else on PATH.
 pub fn executable(cfg: &PluginConfig) -> PathBuf {
     if let Some(c) = &cfg.command {
         return c.clone();
     }
-    let file = format!("roboger-plugin-{}", cfg.name);
+    let file = match cfg.python {
+        Some(_) => "roboger-plugin-python".to_string(),
+        None => format!("roboger-plugin-{}", cfg.name),
+    };
     if let Some(dir) = std::env::current_exe()
         .ok()
         .and_then(|p| p.parent().map(PathBuf::from))
@@ -682,6 +686,7 @@ async fn start_once(
         }
     }
     let mut cmd = Command::new(&exe);
+    cmd.args(&cfg.python);
     for k in SECRET_ENV {
         cmd.env_remove(k);
     }

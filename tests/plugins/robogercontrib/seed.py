@@ -1,0 +1,67 @@
+"""A plugin written exactly as the original Roboger's plugin guide says
+(plugin-development.rst), for the original's `robogercontrib` package.
+The tests run it, unmodified, through roboger-plugin-python.
+
+Endpoint config: {"out": PATH} (required; unknown keys refused): each
+event is written there as one JSON line, with what the roboger.core
+functions answered. Plugin config: {"greeting": str}.
+"""
+
+__version__ = "0.3.0"
+__description__ = "seed-style test plugin"
+
+import json
+
+from roboger.core import logger, log_traceback
+from roboger.core import (bucket_put, bucket_get, bucket_touch, get_timeout, convert_level,
+                          get_app, get_real_ip, is_use_limits, spawn)
+
+_d = {}
+
+app = get_app()
+
+
+@app.route("/plugin/seed/hello/<who>", methods=["GET", "POST"])
+def hello(who):
+    return {"hello": who, "greeting": _d.get("greeting"), "ip": get_real_ip()}
+
+
+def validate_plugin_config(plugin_config, **kwargs):
+    if set(plugin_config) - {"greeting"}:
+        raise ValueError("only greeting is accepted")
+
+
+def load(plugin_config, **kwargs):
+    _d["greeting"] = plugin_config.get("greeting")
+    logger.info(f"{__name__} loaded, greeting {_d['greeting']}")
+
+
+def validate_config(config, **kwargs):
+    unknown = set(config) - {"out"}
+    if unknown:
+        raise ValueError(f"unknown key(s): {', '.join(sorted(unknown))}")
+    if not isinstance(config.get("out"), str):
+        raise ValueError("out: a file path is required")
+
+
+def send(config, event_id, msg, formatted_subject, level, media, media_fname, **kwargs):
+    logger.debug(f"{__name__} will do something")
+    try:
+        1 / 0
+    except Exception as e:
+        logger.debug(f"{__name__} oops, error: {e}")
+        log_traceback()
+    object_id = bucket_put(media or msg.encode(), creator=f"plugin.{__name__}",
+                           addr_id=kwargs.get("addr_id"), mimetype="text/plain",
+                           fname=media_fname or "msg.txt", public=True)
+    bucket_touch(object_id)
+    stored = bucket_get(object_id)
+    record = {
+        "event_id": event_id, "msg": msg, "subject": formatted_subject, "level": level,
+        "sender": kwargs.get("sender"), "object_id": object_id,
+        "stored": stored["content"].decode(errors="replace"), "creator": stored["creator"],
+        "timeout": get_timeout(), "warn": convert_level("warn"), "limits": is_use_limits(),
+        "spawned": spawn(lambda x: x * 2, 21).result(),
+    }
+    with open(config["out"], "a") as f:
+        f.write(json.dumps(record) + "\n")

@@ -1,0 +1,147 @@
+//! A seed-style Python plugin (`tests/plugins/robogercontrib/seed.py`,
+//! written as the original's plugin guide says) running unmodified through
+//! the `roboger-plugin-python` bridge and the real server.
+
+use std::time::{Duration, Instant};
+
+use roboger_tests::{Method, Server, ServerOptions, Value, assert_status, json, plugin_bin};
+
+async fn server(extra: &str) -> Server {
+    let contrib = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("plugins");
+    Server::start_with(ServerOptions {
+        plugins_yaml: format!(
+            "- name: seed\n  python: robogercontrib.seed\n  command: {}\n  env: {{PYTHONPATH: {}}}\n{extra}",
+            plugin_bin("python").display(),
+            contrib.display()
+        ),
+        // The seed's examples log at DEBUG.
+        env: vec![("RUST_LOG".into(), "info,roboger_server::supervisor=debug".into())],
+        ..Default::default()
+    })
+    .await
+}
+
+fn read_records(path: &std::path::Path, n: usize) -> Vec<Value> {
+    let end = Instant::now() + Duration::from_secs(20);
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let lines: Vec<Value> = text
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect();
+        if lines.len() >= n {
+            return lines;
+        }
+        assert!(
+            Instant::now() < end,
+            "{} of {n} events recorded",
+            lines.len()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_seed_module_runs_unmodified() {
+    let s = server("  config: {greeting: hi}\n").await;
+    let plugins = s.manage(Method::GET, "/plugin", None).await.json();
+    assert_eq!(
+        (
+            &plugins[0]["plugin_name"],
+            &plugins[0]["version"],
+            &plugins[0]["description"],
+            &plugins[0]["state"]
+        ),
+        (
+            &json!("seed"),
+            &json!("0.3.0"),
+            &json!("seed-style test plugin"),
+            &json!("running")
+        ),
+        "{plugins}"
+    );
+    s.wait_log(
+        "robogercontrib.seed loaded, greeting hi",
+        Duration::from_secs(10),
+    )
+    .await;
+
+    // validate_config raising is a 400 with its message.
+    let (id, a) = s.new_addr().await;
+    let r = s
+        .try_endpoint(id, "seed", json!({"out": "/tmp/x", "oot": 1}))
+        .await;
+    assert_status!(r, 400);
+    assert!(r.text.contains("unknown key(s): oot"), "{}", r.text);
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("events.jsonl");
+    s.endpoint(id, "seed", json!({"out": out.display().to_string()}))
+        .await;
+
+    let r = s
+        .push(json!({"addr": a, "msg": "hello $(id) \"x\"", "level": "error", "sender": "bot"}))
+        .await;
+    assert_status!(r, 202);
+    let rec = &read_records(&out, 1)[0];
+    assert_eq!(rec["msg"], "hello $(id) \"x\"");
+    assert_eq!(
+        (rec["level"].as_i64(), rec["subject"].as_str()),
+        (Some(40), Some("ERROR bot"))
+    );
+    assert_eq!(
+        (rec["timeout"].as_f64(), rec["warn"].as_i64()),
+        (Some(2.0), Some(30)),
+        "the harness sets timeout: 2"
+    );
+    assert_eq!(
+        (rec["limits"].as_bool(), rec["spawned"].as_i64()),
+        (Some(false), Some(42))
+    );
+    assert_eq!(rec["stored"], "hello $(id) \"x\"");
+    assert_eq!(rec["creator"], "plugin.seed");
+    // bucket_put(public=True) is readable at /file/{id}.
+    let object = rec["object_id"].as_str().expect("an object id");
+    let r = s
+        .request(Method::GET, &format!("/file/{object}"), None, &[], None)
+        .await;
+    assert_status!(r, 200);
+    assert_eq!(r.text, "hello $(id) \"x\"");
+    assert_eq!(r.header("roboger-file-name"), Some("msg.txt"));
+    // The logger and log_traceback reach the server's log.
+    s.wait_log("ZeroDivisionError", Duration::from_secs(10))
+        .await;
+    s.wait_log(
+        "robogercontrib.seed oops, error: division by zero",
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(
+        s.wait_settled(id).await["deliveries"][0]["state"],
+        "delivered"
+    );
+
+    // get_app() routes answer under /plugin/seed/.
+    let r = s
+        .request(Method::GET, "/plugin/seed/hello/world", None, &[], None)
+        .await;
+    assert_status!(r, 200);
+    let body = r.json();
+    assert_eq!(
+        (&body["hello"], &body["greeting"], &body["ip"]),
+        (&json!("world"), &json!("hi"), &json!("127.0.0.1"))
+    );
+    let r = s
+        .request(Method::GET, "/plugin/seed/nope", None, &[], None)
+        .await;
+    assert_status!(r, 404);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refused_plugin_config_keeps_the_module_out() {
+    let s = server("  config: {colour: red}\n").await;
+    s.wait_log("only greeting is accepted", Duration::from_secs(10))
+        .await;
+    let (id, _) = s.new_addr().await;
+    let r = s.try_endpoint(id, "seed", json!({"out": "/tmp/x"})).await;
+    assert!(!r.status.is_success(), "{}", r.text);
+}
