@@ -59,6 +59,14 @@ pub async fn send_json(
     }
 }
 
+/// Checks `config[key]`, when present, like [`check_url`].
+pub fn check_config_url(config: &serde_json::Value, key: &str) -> Result<(), PluginError> {
+    match config.get(key).and_then(serde_json::Value::as_str) {
+        Some(u) => check_url(key, u),
+        None => Ok(()),
+    }
+}
+
 /// Checks that `url` is an http or https URL (for `validate_config`).
 pub fn check_url(key: &str, url: &str) -> Result<(), PluginError> {
     let parsed =

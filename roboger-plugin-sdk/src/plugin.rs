@@ -76,6 +76,18 @@ pub struct Event {
     pub media_fname: Option<String>,
 }
 
+impl Event {
+    /// A string the endpoint's config must have for this delivery (the
+    /// schema may allow an empty config, as robogerctl creates endpoints
+    /// before it applies their config).
+    pub fn config_str(&self, key: &str) -> Result<&str, PluginError> {
+        self.config
+            .get(key)
+            .and_then(Value::as_str)
+            .ok_or_else(|| PluginError::failed(format!("the endpoint has no {key}")))
+    }
+}
+
 /// A request to one of the plugin's HTTP routes.
 #[derive(Clone, Debug, PartialEq)]
 pub struct HttpRequest {

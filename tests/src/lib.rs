@@ -294,6 +294,18 @@ impl Server {
         }
     }
 
+    /// Waits for addr `id`'s newest event to settle; returns its first
+    /// delivery's state, attempts and last error.
+    pub async fn settled_delivery(&self, id: i64) -> (String, i64, String) {
+        let e = self.wait_settled(id).await;
+        let d = &e["deliveries"][0];
+        (
+            d["state"].as_str().unwrap_or_default().to_string(),
+            d["attempts"].as_i64().unwrap_or_default(),
+            d["last_error"].as_str().unwrap_or_default().to_string(),
+        )
+    }
+
     /// The server's process id.
     pub fn pid(&self) -> u32 {
         self.child.id()

@@ -17,15 +17,10 @@ fn json_of(r: &SinkRequest) -> Value {
     serde_json::from_slice(&r.body).expect("a JSON body")
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn start_then_html_messages_media_and_silent_debug() {
-    // Five good answers, then two refusals.
-    let statuses = vec![200, 200, 200, 200, 200, 400, 400];
-    let api = HttpSink::answering(statuses, r#"{"ok": true, "result": {}}"#).await;
-    let s = Server::start_with(ServerOptions {
-        yaml:
-            "url: https://roboger.example.com/\ndelivery:\n  retry-base: 0.05\n  max-attempts: 2\n"
-                .into(),
+/// A server with the bot, its Bot API at `api`.
+async fn server(yaml: &str, api: &HttpSink) -> Server {
+    Server::start_with(ServerOptions {
+        yaml: yaml.into(),
         plugins_yaml: format!(
             "- name: telegram\n  command: {}\n  config:\n    token: '{TOKEN}'\n    api-url: {}\n",
             plugin_bin("telegram").display(),
@@ -33,7 +28,17 @@ async fn start_then_html_messages_media_and_silent_debug() {
         ),
         ..Default::default()
     })
-    .await;
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn start_then_html_messages_media_and_silent_debug() {
+    // Five good answers, then two refusals.
+    let statuses = vec![200, 200, 200, 200, 200, 400, 400];
+    let api = HttpSink::answering(statuses, r#"{"ok": true, "result": {}}"#).await;
+    let yaml =
+        "url: https://roboger.example.com/\ndelivery:\n  retry-base: 0.05\n  max-attempts: 2\n";
+    let s = server(yaml, &api).await;
 
     // On load: the webhook, under the server's url, with a random key.
     let hook = json_of(&api.wait(1).await[0]);
@@ -139,29 +144,15 @@ async fn start_then_html_messages_media_and_silent_debug() {
 
     // The Bot API refusing is a failed delivery, retried, saying why.
     assert_status!(s.push(json!({"addr": a, "msg": "refused"})).await, 202);
-    let e = s.wait_settled(id).await;
-    let d = &e["deliveries"][0];
-    assert_eq!(
-        (d["state"].as_str(), d["attempts"].as_i64()),
-        (Some("failed"), Some(2)),
-        "{e}"
-    );
-    let why = d["last_error"].as_str().unwrap_or_default();
-    assert!(why.contains("sendMessage") && why.contains("400"), "{e}");
+    let (state, attempts, why) = s.settled_delivery(id).await;
+    assert_eq!((state.as_str(), attempts), ("failed", 2), "{why}");
+    assert!(why.contains("sendMessage") && why.contains("400"), "{why}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn without_the_server_url_no_webhook_is_registered() {
     let api = HttpSink::answering(vec![], r#"{"ok": true, "result": {}}"#).await;
-    let s = Server::start_with(ServerOptions {
-        plugins_yaml: format!(
-            "- name: telegram\n  command: {}\n  config:\n    token: '{TOKEN}'\n    api-url: {}\n",
-            plugin_bin("telegram").display(),
-            api.base
-        ),
-        ..Default::default()
-    })
-    .await;
+    let s = server("", &api).await;
     s.wait_log(
         "webhook (/start) is not registered",
         std::time::Duration::from_secs(10),

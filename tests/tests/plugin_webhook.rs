@@ -1,8 +1,6 @@
 //! The webhook plugin through the real server, against a local HTTP sink
 //! that checks the exact body.
 
-use std::time::{Duration, Instant};
-
 use roboger_tests::{
     HttpSink, Method, Server, ServerOptions, Value, assert_status, json, plugin_bin,
 };
@@ -17,33 +15,8 @@ async fn server() -> (Server, i64, String) {
         ..Default::default()
     })
     .await;
-    let a = s.manage(Method::POST, "/addr", None).await.json();
-    let (id, addr) = (
-        a["id"].as_i64().unwrap(),
-        a["a"].as_str().unwrap().to_string(),
-    );
+    let (id, addr) = s.new_addr().await;
     (s, id, addr)
-}
-
-async fn endpoint(s: &Server, addr: i64, config: Value) -> i64 {
-    let r = s
-        .manage(
-            Method::POST,
-            &format!("/addr/{addr}/endpoint"),
-            Some(json!({"plugin_name": "webhook", "config": config})),
-        )
-        .await;
-    assert_status!(r, 201);
-    let ep = r.json()["id"].as_i64().unwrap();
-    let r = s
-        .manage(
-            Method::POST,
-            &format!("/addr/{addr}/endpoint/{ep}/subscription"),
-            Some(json!({"level": 10})),
-        )
-        .await;
-    assert_status!(r, 201);
-    ep
 }
 
 #[tokio::test]
@@ -58,7 +31,7 @@ async fn sends_the_template_with_every_value_json_encoded() {
     assert!(p[0]["version"].is_string() && p[0]["description"].is_string());
     let template = r#"{"id": $event_id, "msg": $msg, "subject": $formatted_subject, "level": $level,
         "name": $level_name, "loc": $location, "tag": $tag, "sender": $sender, "media": $media, "addr": $addr}"#;
-    endpoint(&s, id, json!({"url": format!("{}/hook?x=1", sink.base), "template": template, "headers": {"X-Token": "secret"}})).await;
+    s.endpoint(id, "webhook", json!({"url": format!("{}/hook?x=1", sink.base), "template": template, "headers": {"X-Token": "secret"}})).await;
     let msg = "disk \"full\"\nbreak out: \"}, \"evil\": 1";
     let r = s
         .request(
@@ -99,17 +72,7 @@ async fn sends_the_template_with_every_value_json_encoded() {
 async fn configs_are_checked_and_failures_are_retried() {
     let sink = HttpSink::start(vec![500, 503]).await;
     let (s, id, a) = server().await;
-    let bad = |config: Value| {
-        let s = &s;
-        async move {
-            s.manage(
-                Method::POST,
-                &format!("/addr/{id}/endpoint"),
-                Some(json!({"plugin_name": "webhook", "config": config})),
-            )
-            .await
-        }
-    };
+    let bad = |config: Value| s.try_endpoint(id, "webhook", config);
     let r = bad(json!({"urll": "http://x/"})).await;
     assert_status!(r, 400);
     assert!(r.text.contains("urll"), "{}", r.text);
@@ -126,9 +89,9 @@ async fn configs_are_checked_and_failures_are_retried() {
     );
 
     // No template: the body is null, as in the original; non-2xx retried.
-    endpoint(
-        &s,
+    s.endpoint(
         id,
+        "webhook",
         json!({"url": format!("{}/plain", sink.base), "method": "PUT"}),
     )
     .await;
@@ -149,22 +112,6 @@ async fn configs_are_checked_and_failures_are_retried() {
             .all(|r| r.method == "PUT" && &r.body[..] == b"null"),
         "{got:?}"
     );
-    let events = s
-        .manage(Method::GET, &format!("/addr/{id}/event"), None)
-        .await
-        .json();
-    let ev = events[0]["id"].as_str().unwrap().to_string();
-    let end = Instant::now() + Duration::from_secs(10);
-    loop {
-        let e = s
-            .manage(Method::GET, &format!("/addr/{id}/event/{ev}"), None)
-            .await
-            .json();
-        if e["deliveries"][0]["state"] == "delivered" {
-            assert_eq!(e["deliveries"][0]["attempts"], 3);
-            break;
-        }
-        assert!(Instant::now() < end, "{e}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let (state, attempts, _) = s.settled_delivery(id).await;
+    assert_eq!((state.as_str(), attempts), ("delivered", 3));
 }

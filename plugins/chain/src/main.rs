@@ -42,20 +42,12 @@ impl Plugin for Chain {
 
     async fn validate_config(&self, config: &Value, _host: &Host) -> Result<(), PluginError> {
         self.schema.check(config)?;
-        if let Some(u) = config.get("url").and_then(Value::as_str) {
-            roboger_plugin_sdk::http::check_url("url", u)?;
-        }
+        roboger_plugin_sdk::http::check_config_url(config, "url")?;
         Ok(())
     }
 
     async fn send(&self, e: Event, host: &Host) -> Result<(), PluginError> {
-        let field = |k: &str| {
-            e.config
-                .get(k)
-                .and_then(Value::as_str)
-                .ok_or_else(|| PluginError::failed(format!("the endpoint has no {k}")))
-        };
-        let (url, addr) = (field("url")?, field("addr")?);
+        let (url, addr) = (e.config_str("url")?, e.config_str("addr")?);
         let url = format!("{}/push", url.trim_end_matches('/'));
         roboger_plugin_sdk::http::send_json(host, "POST", &url, &[], push(&e, addr).to_string())
             .await

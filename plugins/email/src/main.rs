@@ -192,9 +192,7 @@ impl Plugin for Email {
     }
 
     async fn send(&self, e: Event, host: &Host) -> Result<(), PluginError> {
-        let Some(rcpt) = e.config.get("rcpt").and_then(Value::as_str) else {
-            return Err(PluginError::failed("the endpoint has no rcpt"));
-        };
+        let rcpt = e.config_str("rcpt")?;
         let to = rcpt
             .parse::<Mailboxes>()
             .map_err(|e| PluginError::failed(format!("rcpt: {e}")))?;

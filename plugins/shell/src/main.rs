@@ -55,11 +55,7 @@ impl Plugin for Shell {
     }
 
     async fn send(&self, e: Event, host: &Host) -> Result<(), PluginError> {
-        let command = e
-            .config
-            .get("command")
-            .and_then(Value::as_str)
-            .ok_or_else(|| PluginError::failed("the endpoint has no command"))?;
+        let command = e.config_str("command")?;
         let media = match &e.media {
             Some(bytes) => {
                 let f = tempfile::NamedTempFile::new().map_err(PluginError::failed)?;

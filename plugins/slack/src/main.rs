@@ -59,18 +59,12 @@ impl Plugin for Slack {
 
     async fn validate_config(&self, config: &Value, _host: &Host) -> Result<(), PluginError> {
         self.schema.check(config)?;
-        if let Some(u) = config.get("url").and_then(Value::as_str) {
-            roboger_plugin_sdk::http::check_url("url", u)?;
-        }
+        roboger_plugin_sdk::http::check_config_url(config, "url")?;
         Ok(())
     }
 
     async fn send(&self, e: Event, host: &Host) -> Result<(), PluginError> {
-        let url = e
-            .config
-            .get("url")
-            .and_then(Value::as_str)
-            .ok_or_else(|| PluginError::failed("the endpoint has no url"))?;
+        let url = e.config_str("url")?;
         let rich = e
             .config
             .get("rich")

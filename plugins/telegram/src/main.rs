@@ -183,10 +183,7 @@ impl Plugin for Telegram {
         _host: &Host,
     ) -> Result<(), PluginError> {
         self.plugin_schema.check(config)?;
-        if let Some(u) = config.get("api-url").and_then(Value::as_str) {
-            roboger_plugin_sdk::http::check_url("api-url", u)?;
-        }
-        Ok(())
+        roboger_plugin_sdk::http::check_config_url(config, "api-url")
     }
 
     async fn load(&self, config: &Value, host: &Host) -> Result<(), PluginError> {
@@ -257,11 +254,7 @@ impl Plugin for Telegram {
         let bot = self
             .bot()
             .map_err(|err| PluginError::failed(err.to_string()))?;
-        let code = e
-            .config
-            .get("chat_id")
-            .and_then(Value::as_str)
-            .ok_or_else(|| PluginError::failed("the endpoint has no chat_id"))?;
+        let code = e.config_str("chat_id")?;
         let chat = bot
             .decrypt(code)
             .ok_or_else(|| PluginError::failed("chat_id: not a code this bot issued"))?;

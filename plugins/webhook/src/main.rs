@@ -85,9 +85,7 @@ impl Plugin for Webhook {
 
     async fn validate_config(&self, config: &Value, _host: &Host) -> Result<(), PluginError> {
         self.schema.check(config)?;
-        if let Some(u) = config.get("url").and_then(Value::as_str) {
-            roboger_plugin_sdk::http::check_url("url", u)?;
-        }
+        roboger_plugin_sdk::http::check_config_url(config, "url")?;
         if let Some(t) = config.get("template").and_then(Value::as_str) {
             let sample = render(t, |name| {
                 if name == "level" {
@@ -104,11 +102,7 @@ impl Plugin for Webhook {
     }
 
     async fn send(&self, e: Event, host: &Host) -> Result<(), PluginError> {
-        let url = e
-            .config
-            .get("url")
-            .and_then(Value::as_str)
-            .ok_or_else(|| PluginError::failed("the endpoint has no url"))?;
+        let url = e.config_str("url")?;
         let body = match e.config.get("template").and_then(Value::as_str) {
             Some(t) => render(t, |name| field(&e, name)),
             None => "null".to_string(),
