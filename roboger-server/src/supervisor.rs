@@ -140,18 +140,24 @@ impl Backoff {
 
     /// Records a crash of a run that started at `started` and says what
     /// to do. A run that lasted `healthy_after` first resets the delay.
+    /// The first crash in a window restarts at once (a plugin killed once
+    /// is back within milliseconds); repeated ones back off.
     pub fn crashed(&mut self, started: Option<Instant>) -> AfterCrash {
         let now = Instant::now();
         if started.is_some_and(|s| now.duration_since(s) >= self.policy.healthy_after) {
             self.next = self.policy.initial;
+            self.crashes.clear();
         }
-        self.crashes.push_back(now);
         while self
             .crashes
             .front()
             .is_some_and(|t| now.duration_since(*t) > self.policy.window)
         {
             self.crashes.pop_front();
+        }
+        self.crashes.push_back(now);
+        if self.crashes.len() == 1 {
+            return AfterCrash::Restart(Duration::ZERO);
         }
         if self.crashes.len() > self.policy.max_crashes {
             self.crashes.clear();
@@ -882,7 +888,7 @@ mod tests {
                 AfterCrash::Failed(_) => panic!("too early"),
             }
         }
-        assert_eq!(delays, [100, 200, 400, 800, 1600]);
+        assert_eq!(delays, [0, 100, 200, 400, 800]);
         // The sixth crash within the minute marks it failed.
         assert_eq!(b.crashed(None), AfterCrash::Failed(policy.failed_retry));
 
@@ -899,12 +905,14 @@ mod tests {
         }
         assert_eq!(last, policy.max);
 
-        // A run that stayed healthy for a minute starts over at 100 ms.
+        // A run that stayed healthy for a minute starts over: at once,
+        // then at 100 ms.
         let started = Instant::now();
         tokio::time::sleep(Duration::from_secs(61)).await;
         assert_eq!(
             b.crashed(Some(started)),
-            AfterCrash::Restart(policy.initial)
+            AfterCrash::Restart(Duration::ZERO)
         );
+        assert_eq!(b.crashed(None), AfterCrash::Restart(policy.initial));
     }
 }
