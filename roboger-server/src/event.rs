@@ -105,7 +105,7 @@ impl Event {
         let formatted_subject =
             formatted_subject(level, sender.as_deref(), location.as_deref(), &subject);
         Ok(Event {
-            id: uuid::Uuid::new_v4().to_string(),
+            id: uuid::Uuid::now_v7().to_string(),
             addr,
             msg,
             subject,

@@ -184,11 +184,13 @@ async fn commit_loop(
                 )
             })
             .collect();
+        let began = std::time::Instant::now();
         let committed = tokio::time::timeout(
             timeout,
             store.accept_events(&rows, &cfg.node, lease_until(&cfg)),
         )
         .await;
+        tracing::debug!(events = rows.len(), took = ?began.elapsed(), "group commit");
         let result = match committed {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(e.to_string()),
@@ -320,7 +322,10 @@ async fn record_loop(store: Store, mut rx: mpsc::Receiver<Attempt>) {
         // A lost outcome only means a repeated delivery (at-least-once),
         // but keep trying a while before giving the batch up.
         for attempt in 0..5u32 {
-            match store.record_attempts(&batch).await {
+            let began = std::time::Instant::now();
+            let recorded = store.record_attempts(&batch).await;
+            tracing::debug!(outcomes = batch.len(), took = ?began.elapsed(), "outcomes recorded");
+            match recorded {
                 Ok(()) => break,
                 Err(e) => {
                     tracing::warn!(error = %e, outcomes = batch.len(), "cannot record delivery outcomes; retrying");

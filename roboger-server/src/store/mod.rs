@@ -148,6 +148,9 @@ pub struct SubscriptionRow {
 pub struct Store {
     db: DatabaseConnection,
     backend: DbBackend,
+    /// Serialises this process's write transactions on SQLite (see
+    /// [`Store::begin_write`]).
+    writer: std::sync::Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Store {
@@ -167,20 +170,44 @@ impl Store {
             .connect_timeout(timeout)
             .acquire_timeout(timeout)
             .sqlx_logging(false);
+        if url.backend == DbBackend::Sqlite {
+            // On every pooled connection: WAL lets readers proceed during
+            // writes; FULL makes each commit durable before the 202.
+            opts.map_sqlx_sqlite_opts(|o| {
+                use sea_orm::sqlx::sqlite::{SqliteJournalMode, SqliteSynchronous};
+                o.journal_mode(SqliteJournalMode::Wal)
+                    .synchronous(SqliteSynchronous::Full)
+                    .foreign_keys(true)
+            });
+        }
         if url.url == "sqlite::memory:" {
             // Each in-memory connection would be a separate database.
             opts.max_connections(1);
         }
         let db = sea_orm::Database::connect(opts).await?;
-        if url.backend == DbBackend::Sqlite {
-            // WAL lets readers proceed during writes; it is persistent.
-            db.execute_unprepared("PRAGMA journal_mode=WAL").await?;
-            db.execute_unprepared("PRAGMA foreign_keys=ON").await?;
-        }
         Ok(Store {
             db,
             backend: url.backend,
+            writer: Default::default(),
         })
+    }
+
+    /// Begins a write transaction. SQLite has one writer at a time, and a
+    /// second one waits in SQLite's busy handler, which sleeps in steps of
+    /// milliseconds (or fails at once when a read lock must be upgraded);
+    /// queueing the writers here instead keeps group commits back to back.
+    /// The guard is held until the transaction ends.
+    async fn begin_write(
+        &self,
+    ) -> Result<(
+        Option<tokio::sync::OwnedMutexGuard<()>>,
+        sea_orm::DatabaseTransaction,
+    )> {
+        let guard = match self.backend {
+            DbBackend::Sqlite => Some(self.writer.clone().lock_owned().await),
+            _ => None,
+        };
+        Ok((guard, self.db.begin().await?))
     }
 
     /// Applies every pending migration.
@@ -279,7 +306,7 @@ impl Store {
     /// and counters.
     pub async fn addr_delete(&self, r: &AddrRef) -> Result<()> {
         let a = self.addr_get(r).await?;
-        let txn = self.db.begin().await?;
+        let (_writer, txn) = self.begin_write().await?;
         delete_addr_children(&txn, Some(a.id)).await?;
         addr::Entity::delete_by_id(a.id).exec(&txn).await?;
         txn.commit().await?;
@@ -288,7 +315,7 @@ impl Store {
 
     /// Deletes every address and everything that hangs off them.
     pub async fn delete_everything(&self) -> Result<()> {
-        let txn = self.db.begin().await?;
+        let (_writer, txn) = self.begin_write().await?;
         delete_addr_children(&txn, None).await?;
         addr::Entity::delete_many().exec(&txn).await?;
         txn.commit().await?;
@@ -361,7 +388,7 @@ impl Store {
     /// Deletes an endpoint that belongs to `addr_id`, with its subscriptions.
     pub async fn endpoint_delete(&self, addr_id: i64, id: i64) -> Result<()> {
         let ep = self.endpoint_get(addr_id, id).await?;
-        let txn = self.db.begin().await?;
+        let (_writer, txn) = self.begin_write().await?;
         delivery::Entity::delete_many()
             .filter(delivery::Column::EndpointId.eq(ep.id))
             .exec(&txn)
@@ -393,7 +420,7 @@ impl Store {
             e => e,
         })?;
         let subs = self.subscription_list_raw(src.id).await?;
-        let txn = self.db.begin().await?;
+        let (_writer, txn) = self.begin_write().await?;
         if replace {
             subscription::Entity::delete_many()
                 .filter(subscription::Column::EndpointId.eq(dst.id))
@@ -711,7 +738,7 @@ impl Store {
         lease_until: chrono::DateTime<chrono::Utc>,
     ) -> Result<()> {
         let now = chrono::Utc::now();
-        let txn = self.db.begin().await?;
+        let (_writer, txn) = self.begin_write().await?;
         // Chunks keep each statement under every backend's limit on bound
         // parameters (SQLite's is 32766).
         for chunk in batch.chunks(INSERT_CHUNK / 16) {
@@ -720,7 +747,7 @@ impl Store {
                     .iter()
                     .map(|(e, _)| event::ActiveModel::from(e.clone())),
             )
-            .exec(&txn)
+            .exec_without_returning(&txn)
             .await?;
         }
         let deliveries: Vec<delivery::ActiveModel> = batch
@@ -743,7 +770,7 @@ impl Store {
             .collect();
         for chunk in deliveries.chunks(INSERT_CHUNK / 16) {
             delivery::Entity::insert_many(chunk.to_vec())
-                .exec(&txn)
+                .exec_without_returning(&txn)
                 .await?;
         }
         txn.commit().await?;
@@ -751,10 +778,42 @@ impl Store {
     }
 
     /// Records the outcome of delivery attempts, in one transaction.
+    /// Successes (the bulk) share their values, so they are written one
+    /// statement per endpoint and attempt count; the rest row by row.
     pub async fn record_attempts(&self, outcomes: &[Attempt]) -> Result<()> {
         let now = chrono::Utc::now();
-        let txn = self.db.begin().await?;
+        let mut delivered: std::collections::BTreeMap<(i64, i32), Vec<&str>> = Default::default();
+        let mut others = Vec::new();
         for o in outcomes {
+            if o.state == STATE_DELIVERED && o.error.is_none() && o.next_at.is_none() {
+                delivered
+                    .entry((o.endpoint_id, o.attempts))
+                    .or_default()
+                    .push(o.event_id.as_str());
+            } else {
+                others.push(o);
+            }
+        }
+        let (_writer, txn) = self.begin_write().await?;
+        for ((endpoint_id, attempts), events) in delivered {
+            for chunk in events.chunks(INSERT_CHUNK) {
+                delivery::Entity::update_many()
+                    .col_expr(delivery::Column::Attempts, Expr::value(attempts))
+                    .col_expr(delivery::Column::State, Expr::value(STATE_DELIVERED))
+                    .col_expr(
+                        delivery::Column::LastError,
+                        Expr::value(Option::<String>::None),
+                    )
+                    .col_expr(delivery::Column::Updated, Expr::value(now))
+                    .col_expr(delivery::Column::LeaseUntil, no_lease().0)
+                    .col_expr(delivery::Column::LeasedBy, no_lease().1)
+                    .filter(delivery::Column::EndpointId.eq(endpoint_id))
+                    .filter(delivery::Column::EventId.is_in(chunk.iter().copied()))
+                    .exec(&txn)
+                    .await?;
+            }
+        }
+        for o in others {
             let mut q = delivery::Entity::update_many()
                 .col_expr(delivery::Column::Attempts, Expr::value(o.attempts))
                 .col_expr(delivery::Column::State, Expr::value(o.state))
@@ -799,7 +858,7 @@ impl Store {
     ) -> Result<Vec<(delivery::Model, event::Model, endpoint::Model)>> {
         use sea_orm::{QuerySelect, sea_query::LockBehavior, sea_query::LockType};
         let now = chrono::Utc::now();
-        let txn = self.db.begin().await?;
+        let (_writer, txn) = self.begin_write().await?;
         let mut q = delivery::Entity::find()
             .filter(delivery::Column::State.eq(STATE_PENDING))
             .filter(delivery::Column::NextAt.lte(now))
@@ -921,7 +980,7 @@ impl Store {
         let doomed: Vec<String> = old.into_iter().filter(|id| !pending.contains(id)).collect();
         let mut n = 0;
         for chunk in doomed.chunks(500) {
-            let txn = self.db.begin().await?;
+            let (_writer, txn) = self.begin_write().await?;
             delivery::Entity::delete_many()
                 .filter(delivery::Column::EventId.is_in(chunk.to_vec()))
                 .exec(&txn)
