@@ -25,12 +25,15 @@ pub fn bin_dir() -> PathBuf {
     if let Some(d) = std::env::var_os("ROBOGER_BIN_DIR") {
         return PathBuf::from(d);
     }
-    // Test executables live in target/<profile>/deps.
+    // Test executables live in target/<profile>/deps, the benchmark in
+    // target/<profile>.
     let exe = std::env::current_exe().expect("current_exe");
-    exe.parent()
-        .and_then(Path::parent)
-        .expect("test binary is in target/<profile>/deps")
-        .to_path_buf()
+    let dir = exe.parent().expect("an executable has a directory");
+    if dir.ends_with("deps") {
+        dir.parent().unwrap_or(dir).to_path_buf()
+    } else {
+        dir.to_path_buf()
+    }
 }
 
 /// Path of the server binary; panics with advice when it is not built.

@@ -1,0 +1,664 @@
+//! `roboger-bench`: end-to-end throughput, latency, restart time and
+//! memory of a Roboger server, measured the way a user meets it.
+//!
+//! It starts the release `roboger-server` (SQLite, the webhook plugin) with
+//! an address, a webhook endpoint and a subscription pointing at an HTTP
+//! sink the benchmark runs itself, then drives `/push` from its own load
+//! generator. Every message carries its sequence number and send time, so
+//! the sink measures push-to-delivery latency and finds lost events.
+//! With `--target URL` the same load runs against another server (e.g.
+//! the original Python Roboger) and both rows are printed with their
+//! ratio. Run it with:
+//!
+//! ```sh
+//! cargo build --release --locked --workspace && target/release/roboger-bench
+//! ```
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use roboger_tests::{Method, Server, ServerOptions, json, plugin_bin};
+use warp::Filter;
+
+#[derive(Parser, Debug, Clone)]
+#[command(about = "End-to-end benchmark of a Roboger server: throughput, latency, restart, memory")]
+struct Args {
+    /// Concurrent push connections.
+    #[arg(long, default_value_t = 64)]
+    connections: usize,
+    /// Seconds of measured load (after one second of warm-up).
+    #[arg(long, default_value_t = 10.0)]
+    duration: f64,
+    /// Pushes per second offered in total; 0 runs closed-loop (each
+    /// connection pushes again as soon as it is answered).
+    #[arg(long, default_value_t = 0)]
+    rate: u64,
+    /// Bytes of message text per push.
+    #[arg(long, default_value_t = 100)]
+    payload: usize,
+    /// Bytes of media per push (0: none).
+    #[arg(long, default_value_t = 0)]
+    media: usize,
+    /// Also run the load against another server at this base URL.
+    #[arg(long)]
+    target: Option<String>,
+    /// Master key of `--target`: the benchmark creates its address,
+    /// webhook endpoint (to the sink) and subscription there.
+    #[arg(long)]
+    target_key: Option<String>,
+    /// An address on `--target` already wired to the sink (instead of
+    /// `--target-key`); give `--sink-port` so its webhook can reach it.
+    #[arg(long)]
+    addr: Option<String>,
+    /// Pid of the `--target` server process(es), comma-separated, for RSS.
+    #[arg(long)]
+    target_pids: Option<String>,
+    /// Port of the sink (default: any free port).
+    #[arg(long, default_value_t = 0)]
+    sink_port: u16,
+    /// Skip our own server (only with `--target`).
+    #[arg(long)]
+    only_target: bool,
+    /// Skip the plugin SIGKILL measurement.
+    #[arg(long)]
+    no_kill: bool,
+    /// Seconds to wait for every accepted event to be delivered.
+    #[arg(long, default_value_t = 120.0)]
+    drain: f64,
+}
+
+/// What the sink saw: per message, its sequence number and when it came.
+#[derive(Default)]
+struct SinkLog {
+    arrivals: Vec<(u64, Duration)>,
+    latencies: Vec<Duration>,
+}
+
+/// The webhook's destination: counts and times every delivery.
+struct Sink {
+    url: String,
+    log: Arc<Mutex<SinkLog>>,
+}
+
+impl Sink {
+    async fn start(port: u16, clock: Instant) -> Sink {
+        let log: Arc<Mutex<SinkLog>> = Arc::default();
+        let l = log.clone();
+        let route = warp::post()
+            .and(warp::body::bytes())
+            .map(move |body: bytes::Bytes| {
+                let now = clock.elapsed();
+                if let Some((seq, sent)) = parse_stamp(&body) {
+                    if let Ok(mut g) = l.lock() {
+                        g.arrivals.push((seq, now));
+                        g.latencies.push(now.saturating_sub(sent));
+                    }
+                }
+                warp::reply()
+            });
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+            .await
+            .expect("bind the sink");
+        let addr = listener.local_addr().expect("sink address");
+        tokio::spawn(async move { warp::serve(route).incoming(listener).run().await });
+        Sink {
+            url: format!("http://{addr}/hook"),
+            log,
+        }
+    }
+
+    fn count(&self) -> usize {
+        self.log.lock().map(|g| g.arrivals.len()).unwrap_or(0)
+    }
+
+    /// Forgets everything seen so far (between phases).
+    fn take(&self) -> SinkLog {
+        self.log
+            .lock()
+            .map(|mut g| std::mem::take(&mut *g))
+            .unwrap_or_default()
+    }
+}
+
+/// Messages are `"SEQ NANOS padding"`; the webhook sends `{"m": MSG}`.
+fn parse_stamp(body: &[u8]) -> Option<(u64, Duration)> {
+    let text = std::str::from_utf8(body).ok()?;
+    let start = text.find(|c: char| c.is_ascii_digit())?;
+    let mut parts = text[start..].split(|c: char| !c.is_ascii_digit());
+    let seq = parts.next()?.parse().ok()?;
+    let nanos: u64 = parts.next()?.parse().ok()?;
+    Some((seq, Duration::from_nanos(nanos)))
+}
+
+/// Where pushes go.
+struct Target {
+    base: String,
+    addr: String,
+}
+
+/// The load generator's results.
+#[derive(Default)]
+struct Load {
+    /// Sequence numbers answered 202.
+    accepted: Vec<u64>,
+    latencies: Vec<Duration>,
+    refused: u64,
+    errors: u64,
+    elapsed: Duration,
+}
+
+/// Runs `args.connections` pushers against `t` for `seconds`; sequence
+/// numbers come from `seq`.
+async fn load(
+    t: &Target,
+    args: &Args,
+    seconds: f64,
+    rate: u64,
+    clock: Instant,
+    seq: &Arc<AtomicU64>,
+) -> Load {
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(args.connections)
+        .http1_only()
+        .build()
+        .expect("HTTP client");
+    let padding = "x".repeat(args.payload.saturating_sub(24));
+    let media = (args.media > 0).then(|| {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD.encode(vec![0x5au8; args.media])
+    });
+    let stop = Arc::new(AtomicBool::new(false));
+    let start = Instant::now();
+    let end = start + Duration::from_secs_f64(seconds);
+    let url = format!("{}/push", t.base.trim_end_matches('/'));
+    let mut tasks = Vec::new();
+    for c in 0..args.connections {
+        let (client, url, addr, padding, media, seq, stop) = (
+            client.clone(),
+            url.clone(),
+            t.addr.clone(),
+            padding.clone(),
+            media.clone(),
+            seq.clone(),
+            stop.clone(),
+        );
+        // Open loop: each connection has its share of the rate, and
+        // latency counts from when the push was due (no coordinated omission).
+        let interval =
+            (rate > 0).then(|| Duration::from_secs_f64(args.connections as f64 / rate as f64));
+        let conns = args.connections as f64;
+        tasks.push(tokio::spawn(async move {
+            let mut out = Load::default();
+            // The connections' first pushes are spread over one interval.
+            let mut due = start + interval.map(|i| i.mul_f64(c as f64 / conns)).unwrap_or_default();
+            loop {
+                let began = match interval {
+                    Some(i) => {
+                        tokio::time::sleep_until(due.into()).await;
+                        due += i;
+                        due - i
+                    }
+                    None => Instant::now(),
+                };
+                if Instant::now() >= end || stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let n = seq.fetch_add(1, Ordering::Relaxed);
+                let msg = format!("{n} {} {padding}", clock.elapsed().as_nanos());
+                let mut body = json!({"addr": addr, "msg": msg, "subject": "bench", "level": "warning", "sender": "bench"});
+                if let Some(m) = &media {
+                    body["media"] = m.clone().into();
+                }
+                match client.post(&url).json(&body).timeout(Duration::from_secs(30)).send().await {
+                    Ok(r) if r.status().as_u16() == 202 => {
+                        out.latencies.push(began.elapsed());
+                        out.accepted.push(n);
+                    }
+                    Ok(_) => out.refused += 1,
+                    Err(_) => out.errors += 1,
+                }
+            }
+            out
+        }));
+    }
+    let mut total = Load::default();
+    for t in tasks {
+        if let Ok(r) = t.await {
+            total.accepted.extend(r.accepted);
+            total.latencies.extend(r.latencies);
+            total.refused += r.refused;
+            total.errors += r.errors;
+        }
+    }
+    total.elapsed = start.elapsed().min(Duration::from_secs_f64(seconds));
+    total
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2}", d.as_secs_f64() * 1000.0)
+}
+
+/// `VmRSS` and `VmHWM` of a process, in MiB.
+fn rss(pid: u32) -> Option<(f64, f64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |name: &str| -> Option<f64> {
+        let line = status.lines().find(|l| l.starts_with(name))?;
+        let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kb / 1024.0)
+    };
+    Some((field("VmRSS:")?, field("VmHWM:")?))
+}
+
+/// The child processes of `pid` (the server's plugins).
+fn children(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    if let Ok(dir) = std::fs::read_dir("/proc") {
+        for e in dir.flatten() {
+            let Some(child) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+                continue;
+            };
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{child}/stat")) else {
+                continue;
+            };
+            // pid (comm) state ppid ...: comm may hold spaces, so split after ')'.
+            let ppid = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+                .and_then(|p| p.parse::<u32>().ok());
+            if ppid == Some(pid) {
+                out.push(child);
+            }
+        }
+    }
+    out
+}
+
+/// One server's figures.
+#[derive(Default)]
+struct Row {
+    name: String,
+    accepted_per_s: f64,
+    delivered_per_s: f64,
+    push_p50: Duration,
+    push_p99: Duration,
+    push_p999: Duration,
+    deliver_p50: Duration,
+    deliver_p99: Duration,
+    lost: usize,
+    refused: u64,
+    errors: u64,
+    rss_idle: Option<f64>,
+    rss_peak: Option<f64>,
+    plugin_idle: Option<f64>,
+    plugin_peak: Option<f64>,
+    restart: Option<Duration>,
+    restart_lost: Option<usize>,
+}
+
+/// Waits until the sink has every accepted sequence number (or `limit`
+/// passes); returns the log and how many are missing.
+async fn drain(sink: &Sink, accepted: &[u64], limit: Duration) -> (SinkLog, usize) {
+    let end = Instant::now() + limit;
+    while sink.count() < accepted.len() && Instant::now() < end {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Duplicates (redelivered after a crash) do not count; check the set.
+    let mut log = sink.take();
+    let seen: HashSet<u64> = log.arrivals.iter().map(|(s, _)| *s).collect();
+    let missing = accepted.iter().filter(|s| !seen.contains(s)).count();
+    if missing > 0 && Instant::now() < end {
+        tokio::time::sleep(
+            end.saturating_duration_since(Instant::now())
+                .min(Duration::from_secs(2)),
+        )
+        .await;
+        let more = sink.take();
+        log.arrivals.extend(more.arrivals);
+        log.latencies.extend(more.latencies);
+    }
+    let seen: HashSet<u64> = log.arrivals.iter().map(|(s, _)| *s).collect();
+    let missing = accepted.iter().filter(|s| !seen.contains(s)).count();
+    (log, missing)
+}
+
+/// Warm-up, then the measured load; fills the throughput and latency
+/// figures of `row`.
+async fn measure(
+    row: &mut Row,
+    t: &Target,
+    sink: &Sink,
+    args: &Args,
+    clock: Instant,
+    seq: &Arc<AtomicU64>,
+) {
+    let warm = load(t, args, 1.0, args.rate, clock, seq).await;
+    let _ = drain(sink, &warm.accepted, Duration::from_secs_f64(args.drain)).await;
+    let started = clock.elapsed();
+    let mut l = load(t, args, args.duration, args.rate, clock, seq).await;
+    let (log, missing) = drain(sink, &l.accepted, Duration::from_secs_f64(args.drain)).await;
+    let last = log
+        .arrivals
+        .iter()
+        .map(|(_, at)| *at)
+        .max()
+        .unwrap_or(started)
+        .saturating_sub(started)
+        .max(l.elapsed);
+    l.latencies.sort();
+    let mut dl = log.latencies;
+    dl.sort();
+    row.accepted_per_s = l.accepted.len() as f64 / l.elapsed.as_secs_f64();
+    row.delivered_per_s = (l.accepted.len() - missing) as f64 / last.as_secs_f64();
+    row.push_p50 = percentile(&l.latencies, 0.5);
+    row.push_p99 = percentile(&l.latencies, 0.99);
+    row.push_p999 = percentile(&l.latencies, 0.999);
+    row.deliver_p50 = percentile(&dl, 0.5);
+    row.deliver_p99 = percentile(&dl, 0.99);
+    row.lost = missing;
+    row.refused = l.refused;
+    row.errors = l.errors;
+}
+
+/// SIGKILLs the plugin under a steady 1,000 pushes/s and times how long
+/// until the sink gets a delivery from its successor; then checks that
+/// every accepted event arrived.
+async fn restart_time(
+    server_pid: u32,
+    t: &Target,
+    sink: &Sink,
+    args: &Args,
+    clock: Instant,
+    seq: &Arc<AtomicU64>,
+) -> Option<(Duration, usize)> {
+    let plugin = *children(server_pid).first()?;
+    let _ = sink.take();
+    let steady = Args {
+        connections: 4,
+        ..args.clone()
+    };
+    let load_task = {
+        let (t, steady, seq) = (
+            Target {
+                base: t.base.clone(),
+                addr: t.addr.clone(),
+            },
+            steady.clone(),
+            seq.clone(),
+        );
+        tokio::spawn(async move { load(&t, &steady, 3.0, 1000, clock, &seq).await })
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let killed_at = clock.elapsed();
+    let _ = rustix::process::kill_process(
+        rustix::process::Pid::from_raw(i32::try_from(plugin).ok()?)?,
+        rustix::process::Signal::KILL,
+    );
+    // The first delivery after the kill made by a new plugin process.
+    let mut back = None;
+    let end = Instant::now() + Duration::from_secs(10);
+    while back.is_none() && Instant::now() < end {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        let new_pid = children(server_pid).into_iter().find(|p| *p != plugin);
+        if new_pid.is_some() {
+            if let Ok(g) = sink.log.lock() {
+                back = g
+                    .arrivals
+                    .iter()
+                    .map(|(_, at)| *at)
+                    .filter(|at| *at > killed_at + Duration::from_millis(1))
+                    .min();
+            }
+        }
+    }
+    let l = load_task.await.ok()?;
+    let (_, missing) = drain(sink, &l.accepted, Duration::from_secs_f64(args.drain)).await;
+    Some((back?.saturating_sub(killed_at), missing))
+}
+
+async fn own_server(args: &Args, sink: &Sink, clock: Instant, seq: &Arc<AtomicU64>) -> Row {
+    let s = Server::start_with(ServerOptions {
+        yaml: "timeout: 5\n".into(),
+        plugins_yaml: format!(
+            "- name: webhook\n  command: {}\n",
+            plugin_bin("webhook").display()
+        ),
+        env: vec![("RUST_LOG".into(), "warn,roboger_server=info".into())],
+        ..Default::default()
+    })
+    .await;
+    let (id, addr) = s.new_addr().await;
+    let template = r#"{"m": $msg}"#;
+    s.endpoint(
+        id,
+        "webhook",
+        json!({"url": sink.url, "template": template}),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut row = Row {
+        name: "roboger (Rust)".into(),
+        ..Default::default()
+    };
+    let pid = s.pid();
+    let plugin = children(pid).first().copied();
+    row.rss_idle = rss(pid).map(|r| r.0);
+    row.plugin_idle = plugin.and_then(rss).map(|r| r.0);
+    let t = Target {
+        base: s.base.clone(),
+        addr,
+    };
+    measure(&mut row, &t, sink, args, clock, seq).await;
+    row.rss_peak = rss(pid).map(|r| r.1);
+    row.plugin_peak = plugin.and_then(rss).map(|r| r.1);
+    if !args.no_kill {
+        if let Some((d, lost)) = restart_time(pid, &t, sink, args, clock, seq).await {
+            row.restart = Some(d);
+            row.restart_lost = Some(lost);
+        }
+    }
+    row
+}
+
+async fn other_server(
+    args: &Args,
+    base: &str,
+    sink: &Sink,
+    clock: Instant,
+    seq: &Arc<AtomicU64>,
+) -> Row {
+    let addr = match (&args.addr, &args.target_key) {
+        (Some(a), _) => a.clone(),
+        (None, Some(key)) => wire_target(base, key, &sink.url).await,
+        (None, None) => {
+            eprintln!("--target needs --target-key (to create an address) or --addr");
+            std::process::exit(2);
+        }
+    };
+    let pids: Vec<u32> = args
+        .target_pids
+        .as_deref()
+        .unwrap_or("")
+        .split(',')
+        .filter_map(|p| p.trim().parse().ok())
+        .collect();
+    let total = |i: usize| -> Option<f64> {
+        let all: Vec<f64> = pids
+            .iter()
+            .flat_map(|p| std::iter::once(*p).chain(children(*p)))
+            .filter_map(|p| rss(p).map(|r| if i == 0 { r.0 } else { r.1 }))
+            .collect();
+        (!all.is_empty()).then(|| all.iter().sum())
+    };
+    let mut row = Row {
+        name: format!("target {base}"),
+        rss_idle: total(0),
+        ..Default::default()
+    };
+    let t = Target {
+        base: base.to_string(),
+        addr,
+    };
+    measure(&mut row, &t, sink, args, clock, seq).await;
+    row.rss_peak = total(1);
+    row
+}
+
+/// Creates an address, a webhook endpoint to the sink and a subscription
+/// on another server through its management API (the original's too).
+async fn wire_target(base: &str, key: &str, sink: &str) -> String {
+    let c = reqwest::Client::new();
+    let api = |m: Method, path: &str| {
+        c.request(m, format!("{}/manage/v2{path}", base.trim_end_matches('/')))
+            .header("X-Auth-Key", key)
+            .header("Accept", "*/*")
+    };
+    let a: serde_json::Value = async {
+        api(Method::POST, "/addr")
+            .send()
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()
+    }
+    .await
+    .unwrap_or_else(|| panic!("cannot create an address on {base}"));
+    let (id, addr) = (
+        a["id"].as_i64().unwrap_or_default(),
+        a["a"].as_str().unwrap_or_default().to_string(),
+    );
+    let ep: serde_json::Value = async {
+        api(Method::POST, &format!("/addr/{id}/endpoint"))
+            .json(&json!({"plugin_name": "webhook", "config": {"url": sink, "template": r#"{"m": $msg}"#}}))
+            .send()
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()
+    }
+    .await
+    .unwrap_or_else(|| panic!("cannot create a webhook endpoint on {base}"));
+    let ep = ep["id"].as_i64().unwrap_or_default();
+    let r = api(
+        Method::POST,
+        &format!("/addr/{id}/endpoint/{ep}/subscription"),
+    )
+    .json(&json!({"level": 10}))
+    .send()
+    .await;
+    assert!(
+        r.is_ok_and(|r| r.status().is_success()),
+        "cannot subscribe on {base}"
+    );
+    addr
+}
+
+fn mib(v: Option<f64>) -> String {
+    v.map(|v| format!("{v:.1}")).unwrap_or_else(|| "-".into())
+}
+
+fn print(rows: &[Row], args: &Args) {
+    println!(
+        "\nload: {} connections, {}, {} s, {} B message, {} B media",
+        args.connections,
+        if args.rate > 0 {
+            format!("{} pushes/s offered", args.rate)
+        } else {
+            "closed loop".into()
+        },
+        args.duration,
+        args.payload,
+        args.media
+    );
+    println!(
+        "{:<34} {:>10} {:>10} {:>8} {:>8} {:>8} {:>9} {:>9} {:>6} {:>9} {:>9} {:>9} {:>9} {:>10}",
+        "server",
+        "accepted/s",
+        "deliver/s",
+        "push50",
+        "push99",
+        "push999",
+        "e2e50",
+        "e2e99",
+        "lost",
+        "rss-idle",
+        "rss-peak",
+        "plug-idle",
+        "plug-peak",
+        "restart"
+    );
+    for r in rows {
+        println!(
+            "{:<34} {:>10.0} {:>10.0} {:>8} {:>8} {:>8} {:>9} {:>9} {:>6} {:>9} {:>9} {:>9} {:>9} {:>10}",
+            r.name,
+            r.accepted_per_s,
+            r.delivered_per_s,
+            ms(r.push_p50),
+            ms(r.push_p99),
+            ms(r.push_p999),
+            ms(r.deliver_p50),
+            ms(r.deliver_p99),
+            r.lost,
+            mib(r.rss_idle),
+            mib(r.rss_peak),
+            mib(r.plugin_idle),
+            mib(r.plugin_peak),
+            r.restart
+                .map(|d| format!("{} ms", ms(d)))
+                .unwrap_or_else(|| "-".into()),
+        );
+        if r.refused + r.errors > 0 {
+            println!("  ({} pushes refused, {} failed)", r.refused, r.errors);
+        }
+        if let Some(lost) = r.restart_lost {
+            println!(
+                "  plugin SIGKILL: back in {}, {lost} accepted events lost",
+                r.restart
+                    .map(|d| format!("{} ms", ms(d)))
+                    .unwrap_or_default()
+            );
+        }
+    }
+    if let [ours, theirs] = rows {
+        if theirs.delivered_per_s > 0.0 {
+            println!(
+                "ratio (ours / target): accepted {:.1}x, delivered {:.1}x",
+                ours.accepted_per_s / theirs.accepted_per_s.max(f64::MIN_POSITIVE),
+                ours.delivered_per_s / theirs.delivered_per_s
+            );
+        }
+    }
+    println!(
+        "latencies in ms; push = until the 202, e2e = push to the sink; RSS in MiB (peak = VmHWM)"
+    );
+}
+
+#[tokio::main]
+async fn main() {
+    let args = Args::parse();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let clock = Instant::now();
+    let sink = Sink::start(args.sink_port, clock).await;
+    let seq = Arc::new(AtomicU64::new(1));
+    let mut rows = Vec::new();
+    if !args.only_target {
+        rows.push(own_server(&args, &sink, clock, &seq).await);
+    }
+    if let Some(base) = &args.target {
+        let _ = sink.take();
+        rows.push(other_server(&args, base, &sink, clock, &seq).await);
+    }
+    print(&rows, &args);
+}
