@@ -113,6 +113,9 @@ impl Peer {
         );
         let methods = methods(client.clone());
         let (closed_tx, closed_rx) = watch::channel(Closed::Open);
+        // Buffered: the messages queued while one is written go out in one
+        // write(2) at the flush, not one each.
+        let write = tokio::io::BufWriter::with_capacity(64 * 1024, write);
         let writer = tokio::spawn(write_loop(write, write_rx));
         let reader = tokio::spawn(read_loop(
             read,

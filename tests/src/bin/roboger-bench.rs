@@ -523,33 +523,28 @@ async fn wire_target(base: &str, key: &str, sink: &str) -> String {
             .header("X-Auth-Key", key)
             .header("Accept", "*/*")
     };
-    let a: serde_json::Value = async {
-        api(Method::POST, "/addr")
-            .send()
-            .await
-            .ok()?
-            .json()
-            .await
-            .ok()
-    }
-    .await
-    .unwrap_or_else(|| panic!("cannot create an address on {base}"));
+    // A created resource, as JSON (the Accept header asks for it).
+    let create = |path: String, body: serde_json::Value, what: &str| {
+        let req = api(Method::POST, &path).json(&body);
+        let what = format!("cannot create {what} on {base}");
+        async move {
+            let r: Option<serde_json::Value> =
+                async { req.send().await.ok()?.json().await.ok() }.await;
+            r.unwrap_or_else(|| panic!("{what}"))
+        }
+    };
+    let a = create("/addr".into(), json!({}), "an address").await;
     let (id, addr) = (
         a["id"].as_i64().unwrap_or_default(),
         a["a"].as_str().unwrap_or_default().to_string(),
     );
-    let ep: serde_json::Value = async {
-        api(Method::POST, &format!("/addr/{id}/endpoint"))
-            .json(&json!({"plugin_name": "webhook", "config": {"url": sink, "template": r#"{"m": $msg}"#}}))
-            .send()
-            .await
-            .ok()?
-            .json()
-            .await
-            .ok()
-    }
-    .await
-    .unwrap_or_else(|| panic!("cannot create a webhook endpoint on {base}"));
+    let config = json!({"url": sink, "template": r#"{"m": $msg}"#});
+    let ep = create(
+        format!("/addr/{id}/endpoint"),
+        json!({"plugin_name": "webhook", "config": config}),
+        "a webhook endpoint",
+    )
+    .await;
     let ep = ep["id"].as_i64().unwrap_or_default();
     let r = api(
         Method::POST,
