@@ -1,15 +1,17 @@
 //! From an accepted push to each plugin's `send`, with nothing accepted
 //! and then lost.
 //!
-//! - The **committer** takes accepted events from a bounded queue and
-//!   stores as many as are waiting in one transaction (group commit); each
-//!   push is answered only after its event and deliveries are committed.
+//! - The **writer** takes accepted events and delivery outcomes from two
+//!   bounded queues and stores as many as are waiting in one transaction
+//!   (group commit); each push is answered only after its event and
+//!   deliveries are committed.
 //! - The **dispatcher** calls the plugins (bounded concurrency) for the
 //!   deliveries just committed, and for due ones the **sweeper** claims
 //!   from the database: retries, and whatever a previous run of this
 //!   server left pending (its leases are released at start).
-//! - The **recorder** writes outcomes in batches: delivered, pending again
-//!   after a backoff, or failed after `max-attempts` or `max-age`.
+//!   Outcomes are delivered, pending again after a backoff, or failed
+//!   after `max-attempts` or `max-age`; a batch that cannot be written is
+//!   tried again a few times (a lost outcome only repeats a delivery).
 //!
 //! Invariant: a push is answered 202 only after the commit; a delivery
 //! leaves `pending` only when the plugin accepted it or its retries are
@@ -76,7 +78,7 @@ const OUTCOME_BATCH: usize = 512;
 const SWEEP_BATCH: u64 = 256;
 
 impl Pipeline {
-    /// Starts the committer, dispatcher, sweeper and recorder tasks.
+    /// Starts the writer, dispatcher and sweeper tasks.
     pub async fn start(
         store: Store,
         plugins: Arc<Supervisor>,
@@ -95,15 +97,14 @@ impl Pipeline {
         let (accept_tx, accept_rx) = mpsc::channel(ACCEPT_QUEUE);
         let (job_tx, job_rx) = mpsc::channel(DISPATCH_QUEUE);
         let (outcome_tx, outcome_rx) = mpsc::channel(DISPATCH_QUEUE);
-        tokio::spawn(commit_loop(
+        tokio::spawn(write_loop(
             store.clone(),
             cfg.clone(),
             timeout,
-            accept_rx,
+            (accept_rx, outcome_rx),
             job_tx.clone(),
         ));
         tokio::spawn(dispatch_loop(plugins, cfg.clone(), job_rx, outcome_tx));
-        tokio::spawn(record_loop(store.clone(), outcome_rx));
         tokio::spawn(sweep_loop(store, cfg, job_tx));
         Pipeline { accept_tx, timeout }
     }
@@ -160,18 +161,39 @@ fn lease_until(cfg: &DeliveryConfig) -> chrono::DateTime<chrono::Utc> {
         + chrono::Duration::from_std(cfg.lease).unwrap_or(chrono::Duration::seconds(60))
 }
 
-async fn commit_loop(
+async fn write_loop(
     store: Store,
     cfg: Arc<DeliveryConfig>,
     timeout: Duration,
-    mut rx: mpsc::Receiver<Accept>,
+    (mut accepts, mut outcomes): (mpsc::Receiver<Accept>, mpsc::Receiver<Attempt>),
     jobs: mpsc::Sender<Job>,
 ) {
-    while let Some(first) = rx.recv().await {
-        let mut batch = vec![first];
+    // Outcomes not yet written, and how many writes of them failed.
+    let mut recorded: Vec<Attempt> = Vec::new();
+    let mut failures = 0u32;
+    loop {
+        let mut batch = Vec::new();
+        if recorded.is_empty() {
+            tokio::select! {
+                a = accepts.recv() => match a {
+                    Some(a) => batch.push(a),
+                    None => return,
+                },
+                o = outcomes.recv() => match o {
+                    Some(o) => recorded.push(o),
+                    None => return,
+                },
+            }
+        }
         while batch.len() < COMMIT_BATCH {
-            match rx.try_recv() {
+            match accepts.try_recv() {
                 Ok(a) => batch.push(a),
+                Err(_) => break,
+            }
+        }
+        while recorded.len() < OUTCOME_BATCH {
+            match outcomes.try_recv() {
+                Ok(o) => recorded.push(o),
                 Err(_) => break,
             }
         }
@@ -185,19 +207,38 @@ async fn commit_loop(
             })
             .collect();
         let began = std::time::Instant::now();
-        let committed = tokio::time::timeout(
+        let written = tokio::time::timeout(
             timeout,
-            store.accept_events(&rows, &cfg.node, lease_until(&cfg)),
+            store.write_batch(&rows, &recorded, &cfg.node, lease_until(&cfg)),
         )
         .await;
-        tracing::debug!(events = rows.len(), took = ?began.elapsed(), "group commit");
-        let result = match committed {
+        tracing::debug!(events = rows.len(), outcomes = recorded.len(), took = ?began.elapsed(), "group commit");
+        let result = match written {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(e.to_string()),
             Err(_) => Err("the commit timed out".to_string()),
         };
-        if let Err(e) = &result {
-            tracing::error!(events = batch.len(), "events not accepted: {e}");
+        match &result {
+            Ok(()) => {
+                recorded.clear();
+                failures = 0;
+            }
+            Err(e) => {
+                tracing::error!(
+                    events = batch.len(),
+                    outcomes = recorded.len(),
+                    "cannot write to the database: {e}"
+                );
+                failures += 1;
+                if failures >= 5 {
+                    tracing::warn!(
+                        outcomes = recorded.len(),
+                        "delivery outcomes dropped; those deliveries will be repeated"
+                    );
+                    recorded.clear();
+                    failures = 0;
+                }
+            }
         }
         for a in batch {
             let ok = result.is_ok();
@@ -218,6 +259,10 @@ async fn commit_loop(
                     return;
                 }
             }
+        }
+        if result.is_err() {
+            // Not a hot loop while the database is down.
+            tokio::time::sleep(Duration::from_millis(50 * u64::from(failures.max(1)))).await;
         }
     }
 }
@@ -307,32 +352,6 @@ fn outcome(cfg: &DeliveryConfig, job: &Job, result: Result<Value, CallError>) ->
         error: Some(error),
         next_at: Some(chrono::Utc::now() + chrono::Duration::from_std(delay).unwrap_or_default()),
         ..base
-    }
-}
-
-async fn record_loop(store: Store, mut rx: mpsc::Receiver<Attempt>) {
-    while let Some(first) = rx.recv().await {
-        let mut batch = vec![first];
-        while batch.len() < OUTCOME_BATCH {
-            match rx.try_recv() {
-                Ok(o) => batch.push(o),
-                Err(_) => break,
-            }
-        }
-        // A lost outcome only means a repeated delivery (at-least-once),
-        // but keep trying a while before giving the batch up.
-        for attempt in 0..5u32 {
-            let began = std::time::Instant::now();
-            let recorded = store.record_attempts(&batch).await;
-            tracing::debug!(outcomes = batch.len(), took = ?began.elapsed(), "outcomes recorded");
-            match recorded {
-                Ok(()) => break,
-                Err(e) => {
-                    tracing::warn!(error = %e, outcomes = batch.len(), "cannot record delivery outcomes; retrying");
-                    tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt + 1))).await;
-                }
-            }
-        }
     }
 }
 

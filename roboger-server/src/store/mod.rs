@@ -728,106 +728,24 @@ impl Store {
         Ok((addrs, eps, subs))
     }
 
-    /// Stores accepted events and their deliveries in one transaction
-    /// (group commit). The deliveries start leased by `node` until
-    /// `lease_until`, since this server dispatches them at once.
-    pub async fn accept_events(
+    /// One write transaction of the pipeline (group commit): accepted
+    /// events with a delivery per endpoint, leased by `node` until
+    /// `lease_until` since this server dispatches them at once, and the
+    /// outcomes of delivery attempts. One transaction for both halves the
+    /// commits (and fsyncs) the pipeline makes.
+    pub async fn write_batch(
         &self,
         batch: &[(event::Model, Vec<i64>)],
+        outcomes: &[Attempt],
         node: &str,
         lease_until: chrono::DateTime<chrono::Utc>,
     ) -> Result<()> {
-        let now = chrono::Utc::now();
         let (_writer, txn) = self.begin_write().await?;
-        // Chunks keep each statement under every backend's limit on bound
-        // parameters (SQLite's is 32766).
-        for chunk in batch.chunks(INSERT_CHUNK / 16) {
-            event::Entity::insert_many(
-                chunk
-                    .iter()
-                    .map(|(e, _)| event::ActiveModel::from(e.clone())),
-            )
-            .exec_without_returning(&txn)
-            .await?;
+        if !batch.is_empty() {
+            insert_events(&txn, batch, node, lease_until).await?;
         }
-        let deliveries: Vec<delivery::ActiveModel> = batch
-            .iter()
-            .flat_map(|(e, eps)| {
-                eps.iter().map(move |ep| delivery::ActiveModel {
-                    event_id: Set(e.id.clone()),
-                    endpoint_id: Set(*ep),
-                    state: Set(STATE_PENDING.into()),
-                    attempts: Set(0),
-                    next_at: Set(now),
-                    lease_until: Set(Some(lease_until)),
-                    leased_by: Set(Some(node.to_string())),
-                    last_error: Set(None),
-                    created: Set(now),
-                    updated: Set(now),
-                    ..Default::default()
-                })
-            })
-            .collect();
-        for chunk in deliveries.chunks(INSERT_CHUNK / 16) {
-            delivery::Entity::insert_many(chunk.to_vec())
-                .exec_without_returning(&txn)
-                .await?;
-        }
-        txn.commit().await?;
-        Ok(())
-    }
-
-    /// Records the outcome of delivery attempts, in one transaction.
-    /// Successes (the bulk) share their values, so they are written one
-    /// statement per endpoint and attempt count; the rest row by row.
-    pub async fn record_attempts(&self, outcomes: &[Attempt]) -> Result<()> {
-        let now = chrono::Utc::now();
-        let mut delivered: std::collections::BTreeMap<(i64, i32), Vec<&str>> = Default::default();
-        let mut others = Vec::new();
-        for o in outcomes {
-            if o.state == STATE_DELIVERED && o.error.is_none() && o.next_at.is_none() {
-                delivered
-                    .entry((o.endpoint_id, o.attempts))
-                    .or_default()
-                    .push(o.event_id.as_str());
-            } else {
-                others.push(o);
-            }
-        }
-        let (_writer, txn) = self.begin_write().await?;
-        for ((endpoint_id, attempts), events) in delivered {
-            for chunk in events.chunks(INSERT_CHUNK) {
-                delivery::Entity::update_many()
-                    .col_expr(delivery::Column::Attempts, Expr::value(attempts))
-                    .col_expr(delivery::Column::State, Expr::value(STATE_DELIVERED))
-                    .col_expr(
-                        delivery::Column::LastError,
-                        Expr::value(Option::<String>::None),
-                    )
-                    .col_expr(delivery::Column::Updated, Expr::value(now))
-                    .col_expr(delivery::Column::LeaseUntil, no_lease().0)
-                    .col_expr(delivery::Column::LeasedBy, no_lease().1)
-                    .filter(delivery::Column::EndpointId.eq(endpoint_id))
-                    .filter(delivery::Column::EventId.is_in(chunk.iter().copied()))
-                    .exec(&txn)
-                    .await?;
-            }
-        }
-        for o in others {
-            let mut q = delivery::Entity::update_many()
-                .col_expr(delivery::Column::Attempts, Expr::value(o.attempts))
-                .col_expr(delivery::Column::State, Expr::value(o.state))
-                .col_expr(delivery::Column::LastError, Expr::value(o.error.clone()))
-                .col_expr(delivery::Column::Updated, Expr::value(now))
-                .col_expr(delivery::Column::LeaseUntil, no_lease().0)
-                .col_expr(delivery::Column::LeasedBy, no_lease().1);
-            if let Some(next) = o.next_at {
-                q = q.col_expr(delivery::Column::NextAt, Expr::value(next));
-            }
-            q.filter(delivery::Column::EventId.eq(o.event_id.as_str()))
-                .filter(delivery::Column::EndpointId.eq(o.endpoint_id))
-                .exec(&txn)
-                .await?;
+        if !outcomes.is_empty() {
+            record_attempts(&txn, outcomes).await?;
         }
         txn.commit().await?;
         Ok(())
@@ -1152,6 +1070,105 @@ fn sqlite_parent_dir(url: &str) -> Option<std::path::PathBuf> {
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .map(std::path::Path::to_path_buf)
+}
+
+/// Inserts accepted events and their deliveries (see [`Store::write_batch`]).
+async fn insert_events(
+    txn: &sea_orm::DatabaseTransaction,
+    batch: &[(event::Model, Vec<i64>)],
+    node: &str,
+    lease_until: chrono::DateTime<chrono::Utc>,
+) -> Result<()> {
+    let now = chrono::Utc::now();
+    // Chunks keep each statement under every backend's limit on bound
+    // parameters (SQLite's is 32766).
+    for chunk in batch.chunks(INSERT_CHUNK / 16) {
+        event::Entity::insert_many(
+            chunk
+                .iter()
+                .map(|(e, _)| event::ActiveModel::from(e.clone())),
+        )
+        .exec_without_returning(txn)
+        .await?;
+    }
+    let deliveries: Vec<delivery::ActiveModel> = batch
+        .iter()
+        .flat_map(|(e, eps)| {
+            eps.iter().map(move |ep| delivery::ActiveModel {
+                event_id: Set(e.id.clone()),
+                endpoint_id: Set(*ep),
+                state: Set(STATE_PENDING.into()),
+                attempts: Set(0),
+                next_at: Set(now),
+                lease_until: Set(Some(lease_until)),
+                leased_by: Set(Some(node.to_string())),
+                last_error: Set(None),
+                created: Set(now),
+                updated: Set(now),
+                ..Default::default()
+            })
+        })
+        .collect();
+    for chunk in deliveries.chunks(INSERT_CHUNK / 16) {
+        delivery::Entity::insert_many(chunk.to_vec())
+            .exec_without_returning(txn)
+            .await?;
+    }
+    Ok(())
+}
+
+/// Records the outcome of delivery attempts. Successes (the bulk) share
+/// their values, so they are written one statement per endpoint and
+/// attempt count; the rest row by row.
+async fn record_attempts(txn: &sea_orm::DatabaseTransaction, outcomes: &[Attempt]) -> Result<()> {
+    let now = chrono::Utc::now();
+    let mut delivered: std::collections::BTreeMap<(i64, i32), Vec<&str>> = Default::default();
+    let mut others = Vec::new();
+    for o in outcomes {
+        if o.state == STATE_DELIVERED && o.error.is_none() && o.next_at.is_none() {
+            delivered
+                .entry((o.endpoint_id, o.attempts))
+                .or_default()
+                .push(o.event_id.as_str());
+        } else {
+            others.push(o);
+        }
+    }
+    for ((endpoint_id, attempts), events) in delivered {
+        for chunk in events.chunks(INSERT_CHUNK) {
+            delivery::Entity::update_many()
+                .col_expr(delivery::Column::Attempts, Expr::value(attempts))
+                .col_expr(delivery::Column::State, Expr::value(STATE_DELIVERED))
+                .col_expr(
+                    delivery::Column::LastError,
+                    Expr::value(Option::<String>::None),
+                )
+                .col_expr(delivery::Column::Updated, Expr::value(now))
+                .col_expr(delivery::Column::LeaseUntil, no_lease().0)
+                .col_expr(delivery::Column::LeasedBy, no_lease().1)
+                .filter(delivery::Column::EndpointId.eq(endpoint_id))
+                .filter(delivery::Column::EventId.is_in(chunk.iter().copied()))
+                .exec(txn)
+                .await?;
+        }
+    }
+    for o in others {
+        let mut q = delivery::Entity::update_many()
+            .col_expr(delivery::Column::Attempts, Expr::value(o.attempts))
+            .col_expr(delivery::Column::State, Expr::value(o.state))
+            .col_expr(delivery::Column::LastError, Expr::value(o.error.clone()))
+            .col_expr(delivery::Column::Updated, Expr::value(now))
+            .col_expr(delivery::Column::LeaseUntil, no_lease().0)
+            .col_expr(delivery::Column::LeasedBy, no_lease().1);
+        if let Some(next) = o.next_at {
+            q = q.col_expr(delivery::Column::NextAt, Expr::value(next));
+        }
+        q.filter(delivery::Column::EventId.eq(o.event_id.as_str()))
+            .filter(delivery::Column::EndpointId.eq(o.endpoint_id))
+            .exec(txn)
+            .await?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
