@@ -167,6 +167,9 @@ pub trait Plugin: Send + Sync + 'static {
 #[derive(Clone)]
 pub struct Host {
     client: Arc<Client>,
+    /// The server's timeout, asked once: it is fixed for the server's run,
+    /// and HTTP plugins need it on every send.
+    timeout: Arc<tokio::sync::OnceCell<f64>>,
 }
 
 fn failed(e: impl std::fmt::Display) -> PluginError {
@@ -174,6 +177,13 @@ fn failed(e: impl std::fmt::Display) -> PluginError {
 }
 
 impl Host {
+    fn new(client: Arc<Client>) -> Host {
+        Host {
+            client,
+            timeout: Arc::default(),
+        }
+    }
+
     /// The raw client, for calls this type has no method for.
     pub fn client(&self) -> &Arc<Client> {
         &self.client
@@ -187,9 +197,12 @@ impl Host {
             .map_err(failed)
     }
 
-    /// The server's default timeout in seconds.
+    /// The server's default timeout in seconds (asked once, then cached).
     pub async fn get_timeout(&self) -> Result<f64, PluginError> {
-        self.client.get_timeout().await.map_err(failed)
+        self.timeout
+            .get_or_try_init(|| async { self.client.get_timeout().await.map_err(failed) })
+            .await
+            .copied()
     }
 
     /// The server's public base URL, if configured (no trailing `/`).
@@ -450,7 +463,7 @@ where
         write,
         PeerOptions::default(),
         |client| {
-            let host = Host { client };
+            let host = Host::new(client);
             Adapter { plugin, host }.into_rpc().into()
         },
         on_notification,
@@ -490,7 +503,7 @@ mod tests {
             |client| {
                 let m = Adapter {
                     plugin: Arc::new(Nothing),
-                    host: Host { client },
+                    host: Host::new(client),
                 }
                 .into_rpc();
                 names = m.method_names().map(str::to_string).collect();

@@ -113,24 +113,24 @@ impl Pipeline {
     /// committed; the deliveries then start at once.
     pub async fn accept(
         &self,
-        event: &Event,
+        event: Event,
         addr_id: i64,
         targets: Vec<Target>,
     ) -> Result<(), AcceptError> {
         let (reply, rx) = oneshot::channel();
         let model = event::Model {
-            id: event.id.clone(),
+            id: event.id,
             addr_id,
-            addr: event.addr.clone(),
-            msg: event.msg.clone(),
-            subject: event.subject.clone(),
-            formatted_subject: event.formatted_subject.clone(),
+            addr: event.addr,
+            msg: event.msg,
+            subject: event.subject,
+            formatted_subject: event.formatted_subject,
             level: i16::from(event.level.code()),
-            location: event.location.clone(),
-            tag: event.tag.clone(),
-            sender: event.sender.clone(),
-            media: event.media.clone(),
-            media_fname: event.media_fname.clone(),
+            location: event.location,
+            tag: event.tag,
+            sender: event.sender,
+            media: event.media,
+            media_fname: event.media_fname,
             created: chrono::Utc::now(),
         };
         let wait = async {
@@ -197,14 +197,9 @@ async fn write_loop(
                 Err(_) => break,
             }
         }
-        let rows: Vec<(event::Model, Vec<i64>)> = batch
+        let rows: Vec<(&event::Model, Vec<i64>)> = batch
             .iter()
-            .map(|a| {
-                (
-                    a.event.clone(),
-                    a.targets.iter().map(|t| t.endpoint_id).collect(),
-                )
-            })
+            .map(|a| (&a.event, a.targets.iter().map(|t| t.endpoint_id).collect()))
             .collect();
         let began = std::time::Instant::now();
         let written = tokio::time::timeout(
@@ -213,6 +208,7 @@ async fn write_loop(
         )
         .await;
         tracing::debug!(events = rows.len(), outcomes = recorded.len(), took = ?began.elapsed(), "group commit");
+        drop(rows);
         let result = match written {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(e.to_string()),

@@ -10,7 +10,7 @@ async fn server(extra: &str) -> Server {
     let contrib = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("plugins");
     Server::start_with(ServerOptions {
         plugins_yaml: format!(
-            "- name: seed\n  python: robogercontrib.seed\n  command: {}\n  env: {{PYTHONPATH: {}}}\n{extra}",
+            "- name: seed\n  python: robogercontrib.seed\n  command: {}\n  db: true\n  env: {{PYTHONPATH: {}}}\n{extra}",
             plugin_bin("python").display(),
             contrib.display()
         ),
@@ -99,6 +99,16 @@ async fn a_seed_module_runs_unmodified() {
     );
     assert_eq!(rec["stored"], "hello $(id) \"x\"");
     assert_eq!(rec["creator"], "plugin.seed");
+    // get_db() runs SQL through the server; get_plugin() calls a plugin's
+    // method through it (here this one's validate_config, which refuses).
+    assert_eq!(rec["db"], 7);
+    assert!(
+        rec["other_plugin"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("oops"),
+        "{rec}"
+    );
     // bucket_put(public=True) is readable at /file/{id}.
     let object = rec["object_id"].as_str().expect("an object id");
     let r = s
@@ -143,5 +153,8 @@ async fn a_refused_plugin_config_keeps_the_module_out() {
         .await;
     let (id, _) = s.new_addr().await;
     let r = s.try_endpoint(id, "seed", json!({"out": "/tmp/x"})).await;
-    assert!(!r.status.is_success(), "{}", r.text);
+    assert_status!(r, 503);
+    assert!(r.text.contains("refused"), "{}", r.text);
+    let plugins = s.manage(Method::GET, "/plugin", None).await.json();
+    assert_eq!(plugins[0]["state"], "refused", "{plugins}");
 }

@@ -23,6 +23,8 @@ const PLUGIN_SCHEMA: &str = include_str!("../../../schema/plugins/email.plugin.s
 struct Setup {
     transport: AsyncSmtpTransport<Tokio1Executor>,
     default_location: String,
+    /// `roboger@{default_location}`: From when the sender makes no address.
+    fallback: Address,
 }
 
 struct Email {
@@ -73,19 +75,27 @@ fn setup(config: &Value, timeout: f64) -> Result<Setup, PluginError> {
             text("password").unwrap_or("").to_string(),
         ));
     }
+    let default_location = config
+        .get("default-location")
+        .and_then(Value::as_str)
+        .unwrap_or("localhost");
+    let fallback = Address::new("roboger", default_location)
+        .map_err(|e| PluginError::rejected(format!("default-location: {e}")))?;
     Ok(Setup {
         transport: b.build(),
-        default_location: config
-            .get("default-location")
-            .and_then(Value::as_str)
-            .unwrap_or("localhost")
-            .to_string(),
+        default_location: default_location.to_string(),
+        fallback,
     })
 }
 
 /// The From mailbox: `sender@location` when that is an address, else the
-/// sender as the display name of `roboger@{default location}`.
-fn from(sender: Option<&str>, location: Option<&str>, default_location: &str) -> Mailbox {
+/// sender as the display name of `fallback` (`roboger@default-location`).
+fn from(
+    sender: Option<&str>,
+    location: Option<&str>,
+    default_location: &str,
+    fallback: &Address,
+) -> Mailbox {
     let sender = sender.filter(|s| !s.is_empty()).unwrap_or("roboger");
     let domain = location
         .filter(|l| !l.is_empty())
@@ -95,20 +105,17 @@ fn from(sender: Option<&str>, location: Option<&str>, default_location: &str) ->
     } else {
         format!("{sender}@{domain}")
     };
-    if let Ok(a) = full.parse::<Address>() {
-        return Mailbox::new(None, a);
-    }
-    let fallback = format!("roboger@{default_location}")
-        .parse::<Address>()
-        .or_else(|_| "roboger@localhost".parse::<Address>());
-    match fallback {
-        Ok(a) => Mailbox::new(Some(sender.to_string()), a),
-        Err(_) => unreachable!("roboger@localhost is a valid address"),
+    match full.parse::<Address>() {
+        Ok(a) => Mailbox::new(None, a),
+        Err(_) => Mailbox::new(Some(sender.to_string()), fallback.clone()),
     }
 }
 
 /// The attachment's file name and content type.
-fn attachment_kind(media: &[u8], fname: Option<&str>) -> (String, ContentType) {
+fn attachment_kind(
+    media: &[u8],
+    fname: Option<&str>,
+) -> Result<(String, ContentType), PluginError> {
     let kind = infer::get(media);
     let mime = kind
         .map(|k| k.mime_type())
@@ -120,18 +127,17 @@ fn attachment_kind(media: &[u8], fname: Option<&str>) -> (String, ContentType) {
             kind.map(|k| k.extension()).unwrap_or("bin")
         ),
     };
-    let ct = ContentType::parse(mime).unwrap_or(
-        ContentType::parse("application/octet-stream").unwrap_or(ContentType::TEXT_PLAIN),
-    );
-    (name, ct)
+    let ct = ContentType::parse(mime).map_err(PluginError::failed)?;
+    Ok((name, ct))
 }
 
-fn message(e: &Event, to: Mailboxes, default_location: &str) -> Result<Message, PluginError> {
+fn message(e: &Event, to: Mailboxes, s: &Setup) -> Result<Message, PluginError> {
     let mut b = Message::builder()
         .from(from(
             e.sender.as_deref(),
             e.location.as_deref(),
-            default_location,
+            &s.default_location,
+            &s.fallback,
         ))
         .subject(e.formatted_subject.clone());
     for m in to {
@@ -140,7 +146,7 @@ fn message(e: &Event, to: Mailboxes, default_location: &str) -> Result<Message, 
     let text = SinglePart::plain(e.msg.clone());
     let m = match &e.media {
         Some(media) => {
-            let (name, ct) = attachment_kind(media, e.media_fname.as_deref());
+            let (name, ct) = attachment_kind(media, e.media_fname.as_deref())?;
             b.multipart(
                 MultiPart::mixed()
                     .singlepart(text)
@@ -191,24 +197,20 @@ impl Plugin for Email {
         Ok(())
     }
 
-    async fn send(&self, e: Event, host: &Host) -> Result<(), PluginError> {
+    async fn send(&self, e: Event, _host: &Host) -> Result<(), PluginError> {
         let rcpt = e.config_str("rcpt")?;
         let to = rcpt
             .parse::<Mailboxes>()
             .map_err(|e| PluginError::failed(format!("rcpt: {e}")))?;
-        let loaded = self.setup.read().ok().and_then(|s| s.clone());
-        let s = match loaded {
-            Some(s) => s,
-            None => {
-                self.load(&Value::Null, host).await?;
-                self.setup
-                    .read()
-                    .ok()
-                    .and_then(|s| s.clone())
-                    .ok_or_else(|| PluginError::failed("no SMTP setup"))?
-            }
-        };
-        let m = message(&e, to, &s.default_location)?;
+        // The server always calls `load` (with `{}` when unconfigured)
+        // before any `send`.
+        let s = self
+            .setup
+            .read()
+            .ok()
+            .and_then(|s| s.clone())
+            .ok_or_else(|| PluginError::failed("the plugin is not loaded"))?;
+        let m = message(&e, to, &s)?;
         s.transport
             .send(m)
             .await
@@ -232,25 +234,19 @@ mod tests {
 
     #[test]
     fn from_is_sender_at_location_or_a_display_name() {
-        assert_eq!(from(None, None, "lab").to_string(), "roboger@lab");
-        assert_eq!(
-            from(Some("bot"), Some("site"), "lab").to_string(),
-            "bot@site"
-        );
-        assert_eq!(
-            from(Some("a@b.c"), Some("site"), "lab").to_string(),
-            "a@b.c"
-        );
-        assert_eq!(
-            from(Some("disk bot"), None, "lab").to_string(),
-            "disk bot <roboger@lab>"
-        );
+        let lab = Address::new("roboger", "lab").unwrap();
+        let from = |s, l| from(s, l, "lab", &lab).to_string();
+        assert_eq!(from(None, None), "roboger@lab");
+        assert_eq!(from(Some("bot"), Some("site")), "bot@site");
+        assert_eq!(from(Some("a@b.c"), Some("site")), "a@b.c");
+        assert_eq!(from(Some("disk bot"), None), "disk bot <roboger@lab>");
+        assert_eq!(from(Some("bot"), Some("my lab")), "bot <roboger@lab>");
     }
 
     #[test]
     fn attachment_names_are_guessed_from_content() {
         let png = b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR";
-        assert_eq!(attachment_kind(png, None).0, "attachment.png");
-        assert_eq!(attachment_kind(b"xx", Some("a.txt")).0, "a.txt");
+        assert_eq!(attachment_kind(png, None).unwrap().0, "attachment.png");
+        assert_eq!(attachment_kind(b"xx", Some("a.txt")).unwrap().0, "a.txt");
     }
 }

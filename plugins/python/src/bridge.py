@@ -52,8 +52,10 @@ class RpcError(Exception):
         self.code = code
 
 
-def _call(method, **params):
-    """Calls the server and waits for its answer."""
+def _call(rpc_method, /, **params):
+    """Calls the server and waits for its answer (`rpc_method` is
+    positional-only, so a param may be called `method`)."""
+    method = rpc_method
     rid = next(_ids)
     done = threading.Event()
     with _pending_lock:
@@ -386,7 +388,7 @@ def _serve(module, msg):
         elif method == "send":
             enc = params.get("media_encoded")
             params["media"] = base64.b64decode(enc) if enc else None
-            result = module.send(**params)
+            module.send(**params)
             result = None
         elif method == "http":
             req = _Request(params.get("method", "GET"), params.get("path", "/"), params.get("query", ""),

@@ -18,6 +18,7 @@ use roboger_plugin_sdk::schema::ConfigSchema;
 use roboger_plugin_sdk::{Event, Host, HttpRequest, HttpResponse, Info, Plugin, PluginError, run};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
 
 const SCHEMA: &str = include_str!("../../../schema/plugins/telegram.schema.json");
 const PLUGIN_SCHEMA: &str = include_str!("../../../schema/plugins/telegram.plugin.schema.json");
@@ -294,12 +295,7 @@ impl Plugin for Telegram {
             });
         };
         let given = req.path.trim_start_matches('/');
-        let same = given.len() == bot.secret.len()
-            && given
-                .bytes()
-                .zip(bot.secret.bytes())
-                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-                == 0;
+        let same: bool = given.as_bytes().ct_eq(bot.secret.as_bytes()).into();
         if !same || req.method != "POST" {
             return Ok(HttpResponse {
                 status: 404,

@@ -98,7 +98,7 @@ pub async fn push(
     });
     tracing::debug!(event = %event.id, addr = routes.id, deliveries = targets.len(), "push accepted");
     app.pipeline
-        .accept(&event, routes.id, targets)
+        .accept(event, routes.id, targets)
         .await
         .map_err(|e| ApiError::Unavailable(e.to_string()))?;
     Ok(reply::empty(StatusCode::ACCEPTED))

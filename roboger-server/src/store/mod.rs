@@ -735,7 +735,7 @@ impl Store {
     /// commits (and fsyncs) the pipeline makes.
     pub async fn write_batch(
         &self,
-        batch: &[(event::Model, Vec<i64>)],
+        batch: &[(&event::Model, Vec<i64>)],
         outcomes: &[Attempt],
         node: &str,
         lease_until: chrono::DateTime<chrono::Utc>,
@@ -1075,7 +1075,7 @@ fn sqlite_parent_dir(url: &str) -> Option<std::path::PathBuf> {
 /// Inserts accepted events and their deliveries (see [`Store::write_batch`]).
 async fn insert_events(
     txn: &sea_orm::DatabaseTransaction,
-    batch: &[(event::Model, Vec<i64>)],
+    batch: &[(&event::Model, Vec<i64>)],
     node: &str,
     lease_until: chrono::DateTime<chrono::Utc>,
 ) -> Result<()> {
@@ -1086,7 +1086,7 @@ async fn insert_events(
         event::Entity::insert_many(
             chunk
                 .iter()
-                .map(|(e, _)| event::ActiveModel::from(e.clone())),
+                .map(|(e, _)| event::ActiveModel::from((*e).clone())),
         )
         .exec_without_returning(txn)
         .await?;

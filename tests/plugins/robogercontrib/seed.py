@@ -14,7 +14,7 @@ import json
 
 from roboger.core import logger, log_traceback
 from roboger.core import (bucket_put, bucket_get, bucket_touch, get_timeout, convert_level,
-                          get_app, get_real_ip, is_use_limits, spawn)
+                          get_app, get_db, get_plugin, get_real_ip, is_use_limits, spawn)
 
 _d = {}
 
@@ -44,6 +44,14 @@ def validate_config(config, **kwargs):
         raise ValueError("out: a file path is required")
 
 
+def refusal(fn):
+    try:
+        fn()
+        return "accepted"
+    except Exception as e:
+        return str(e)
+
+
 def send(config, event_id, msg, formatted_subject, level, media, media_fname, **kwargs):
     logger.debug(f"{__name__} will do something")
     try:
@@ -62,6 +70,8 @@ def send(config, event_id, msg, formatted_subject, level, media, media_fname, **
         "stored": stored["content"].decode(errors="replace"), "creator": stored["creator"],
         "timeout": get_timeout(), "warn": convert_level("warn"), "limits": is_use_limits(),
         "spawned": spawn(lambda x: x * 2, 21).result(),
+        "db": get_db().execute("SELECT :v AS v", {"v": 7}).fetchone().v,
+        "other_plugin": refusal(lambda: get_plugin("seed").validate_config(config={"oops": 1})),
     }
     with open(config["out"], "a") as f:
         f.write(json.dumps(record) + "\n")

@@ -15,7 +15,7 @@
 //! ```
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -134,6 +134,7 @@ fn parse_stamp(body: &[u8]) -> Option<(u64, Duration)> {
 }
 
 /// Where pushes go.
+#[derive(Clone)]
 struct Target {
     base: String,
     addr: String,
@@ -170,20 +171,18 @@ async fn load(
         use base64::Engine;
         base64::engine::general_purpose::STANDARD.encode(vec![0x5au8; args.media])
     });
-    let stop = Arc::new(AtomicBool::new(false));
     let start = Instant::now();
     let end = start + Duration::from_secs_f64(seconds);
     let url = format!("{}/push", t.base.trim_end_matches('/'));
     let mut tasks = Vec::new();
     for c in 0..args.connections {
-        let (client, url, addr, padding, media, seq, stop) = (
+        let (client, url, addr, padding, media, seq) = (
             client.clone(),
             url.clone(),
             t.addr.clone(),
             padding.clone(),
             media.clone(),
             seq.clone(),
-            stop.clone(),
         );
         // Open loop: each connection has its share of the rate, and
         // latency counts from when the push was due (no coordinated omission).
@@ -203,7 +202,7 @@ async fn load(
                     }
                     None => Instant::now(),
                 };
-                if Instant::now() >= end || stop.load(Ordering::Relaxed) {
+                if Instant::now() >= end {
                     break;
                 }
                 let n = seq.fetch_add(1, Ordering::Relaxed);
@@ -388,14 +387,7 @@ async fn restart_time(
         ..args.clone()
     };
     let load_task = {
-        let (t, steady, seq) = (
-            Target {
-                base: t.base.clone(),
-                addr: t.addr.clone(),
-            },
-            steady.clone(),
-            seq.clone(),
-        );
+        let (t, seq) = (t.clone(), seq.clone());
         tokio::spawn(async move { load(&t, &steady, 3.0, 1000, clock, &seq).await })
     };
     tokio::time::sleep(Duration::from_secs(1)).await;
