@@ -426,8 +426,7 @@ pub fn run<P: Plugin>(plugin: P) -> std::process::ExitCode {
         .without_time()
         .with_target(false)
         .try_init();
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {
@@ -437,10 +436,33 @@ pub fn run<P: Plugin>(plugin: P) -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    rt.block_on(serve(plugin, tokio::io::stdin(), tokio::io::stdout()));
+    rt.block_on(async {
+        match stdio_pipes() {
+            Ok((read, write)) => serve(plugin, read, write).await,
+            // Not pipes (a terminal, a file): tokio's blocking stdio.
+            Err(_) => serve(plugin, tokio::io::stdin(), tokio::io::stdout()).await,
+        }
+    });
     // Pending blocking reads of stdin must not keep the process alive.
     rt.shutdown_background();
     std::process::ExitCode::SUCCESS
+}
+
+/// Stdin and stdout as non-blocking pipes on the runtime's reactor.
+/// tokio's `stdin()`/`stdout()` hand every read and write to a blocking
+/// thread, a thread switch per message; the server always gives its
+/// plugins pipes, which epoll serves directly.
+fn stdio_pipes() -> std::io::Result<(
+    tokio::net::unix::pipe::Receiver,
+    tokio::net::unix::pipe::Sender,
+)> {
+    use std::os::fd::AsFd;
+    let read = std::io::stdin().as_fd().try_clone_to_owned()?;
+    let write = std::io::stdout().as_fd().try_clone_to_owned()?;
+    Ok((
+        tokio::net::unix::pipe::Receiver::from_owned_fd(read)?,
+        tokio::net::unix::pipe::Sender::from_owned_fd(write)?,
+    ))
 }
 
 /// Serves `plugin` on any pair of streams until they close or `shutdown`

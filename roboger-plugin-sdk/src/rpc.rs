@@ -210,8 +210,10 @@ struct Probe<'a> {
     method: Option<std::borrow::Cow<'a, str>>,
     #[serde(default)]
     id: Option<Value>,
-    #[serde(default)]
-    params: Option<Value>,
+    /// Parsed into a value only for notifications; a request's params are
+    /// parsed once, by the method that serves it.
+    #[serde(borrow, default)]
+    params: Option<&'a serde_json::value::RawValue>,
 }
 
 async fn read_loop<R: AsyncRead + Unpin>(
@@ -260,7 +262,13 @@ async fn read_loop<R: AsyncRead + Unpin>(
                     drop(permit);
                 });
             }
-            (Some(method), None) => on_notification(&method, probe.params.unwrap_or(Value::Null)),
+            (Some(method), None) => {
+                let params = probe
+                    .params
+                    .and_then(|p| serde_json::from_str(p.get()).ok())
+                    .unwrap_or(Value::Null);
+                on_notification(&method, params)
+            }
             // A response (`result` may be null, so the id is what tells).
             (None, Some(_)) => {
                 if responses.send(line).await.is_err() {
