@@ -3,15 +3,15 @@
 //! is a failed delivery, retried (a 4xx there will not heal by itself,
 //! but retries stop at the pipeline's max-attempts).
 
-use roboger_plugin_sdk::schema::ConfigSchema;
+use roboger_plugin_sdk::schema;
 use roboger_plugin_sdk::{Event, Host, Info, Plugin, PluginError, run};
 use serde_json::{Value, json};
 
-const SCHEMA: &str = include_str!("../../../schema/plugins/chain.schema.json");
+/// The endpoint config\'s schema, compiled when the plugin is built.
+#[jsonschema::validator(path = "../../schema/plugins/chain.schema.json")]
+struct ConfigSchema;
 
-struct Chain {
-    schema: ConfigSchema,
-}
+struct Chain;
 
 /// The push for the other server: the event's own fields, its addr.
 fn push(e: &Event, addr: &str) -> Value {
@@ -41,7 +41,7 @@ impl Plugin for Chain {
     }
 
     async fn validate_config(&self, config: &Value, _host: &Host) -> Result<(), PluginError> {
-        self.schema.check(config)?;
+        schema::check(ConfigSchema::iter_errors(config))?;
         roboger_plugin_sdk::http::check_config_url(config, "url")?;
         Ok(())
     }
@@ -55,7 +55,5 @@ impl Plugin for Chain {
 }
 
 fn main() -> std::process::ExitCode {
-    run(Chain {
-        schema: ConfigSchema::parse(SCHEMA),
-    })
+    run(Chain)
 }

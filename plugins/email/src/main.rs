@@ -12,12 +12,16 @@ use lettre::message::{Attachment, Mailbox, Mailboxes, MultiPart, SinglePart};
 use lettre::transport::smtp::authentication::Credentials;
 use lettre::transport::smtp::client::{Tls, TlsParameters};
 use lettre::{Address, AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
-use roboger_plugin_sdk::schema::ConfigSchema;
+use roboger_plugin_sdk::schema;
 use roboger_plugin_sdk::{Event, Host, Info, Plugin, PluginError, run};
 use serde_json::Value;
 
-const SCHEMA: &str = include_str!("../../../schema/plugins/email.schema.json");
-const PLUGIN_SCHEMA: &str = include_str!("../../../schema/plugins/email.plugin.schema.json");
+/// The endpoint config\'s schema, compiled when the plugin is built.
+#[jsonschema::validator(path = "../../schema/plugins/email.schema.json")]
+struct ConfigSchema;
+/// The plugin config\'s schema, compiled when the plugin is built.
+#[jsonschema::validator(path = "../../schema/plugins/email.plugin.schema.json")]
+struct PluginConfigSchema;
 
 /// The SMTP transport and mail domain from the plugin config.
 struct Setup {
@@ -28,8 +32,6 @@ struct Setup {
 }
 
 struct Email {
-    schema: ConfigSchema,
-    plugin_schema: ConfigSchema,
     setup: RwLock<Option<Arc<Setup>>>,
 }
 
@@ -175,7 +177,7 @@ impl Plugin for Email {
         config: &Value,
         _host: &Host,
     ) -> Result<(), PluginError> {
-        self.plugin_schema.check(config)?;
+        schema::check(PluginConfigSchema::iter_errors(config))?;
         setup(config, 5.0).map(drop)
     }
 
@@ -189,7 +191,7 @@ impl Plugin for Email {
     }
 
     async fn validate_config(&self, config: &Value, _host: &Host) -> Result<(), PluginError> {
-        self.schema.check(config)?;
+        schema::check(ConfigSchema::iter_errors(config))?;
         if let Some(r) = config.get("rcpt").and_then(Value::as_str) {
             r.parse::<Mailboxes>()
                 .map_err(|e| PluginError::rejected(format!("rcpt: {e}")))?;
@@ -222,8 +224,6 @@ impl Plugin for Email {
 
 fn main() -> std::process::ExitCode {
     run(Email {
-        schema: ConfigSchema::parse(SCHEMA),
-        plugin_schema: ConfigSchema::parse(PLUGIN_SCHEMA),
         setup: RwLock::new(None),
     })
 }

@@ -8,16 +8,16 @@
 use std::process::Stdio;
 use std::time::Duration;
 
-use roboger_plugin_sdk::schema::ConfigSchema;
+use roboger_plugin_sdk::schema;
 use roboger_plugin_sdk::{Event, Host, Info, Plugin, PluginError, run};
 use serde_json::Value;
 use tokio::io::AsyncReadExt;
 
-const SCHEMA: &str = include_str!("../../../schema/plugins/shell.schema.json");
+/// The endpoint config\'s schema, compiled when the plugin is built.
+#[jsonschema::validator(path = "../../schema/plugins/shell.schema.json")]
+struct ConfigSchema;
 
-struct Shell {
-    schema: ConfigSchema,
-}
+struct Shell;
 
 /// The environment a command gets for `e` (the media goes in a file).
 fn environment(e: &Event) -> Vec<(&'static str, String)> {
@@ -51,7 +51,7 @@ impl Plugin for Shell {
     }
 
     async fn validate_config(&self, config: &Value, _host: &Host) -> Result<(), PluginError> {
-        self.schema.check(config)
+        schema::check(ConfigSchema::iter_errors(config))
     }
 
     async fn send(&self, e: Event, host: &Host) -> Result<(), PluginError> {
@@ -139,7 +139,5 @@ impl Plugin for Shell {
 }
 
 fn main() -> std::process::ExitCode {
-    run(Shell {
-        schema: ConfigSchema::parse(SCHEMA),
-    })
+    run(Shell)
 }

@@ -2,15 +2,15 @@
 //! plain text (formatted subject, newline, message) or, with `rich`, as an
 //! attachment coloured by level; the sender, when given, is the username.
 
-use roboger_plugin_sdk::schema::ConfigSchema;
+use roboger_plugin_sdk::schema;
 use roboger_plugin_sdk::{Event, Host, Info, Plugin, PluginError, run};
 use serde_json::{Value, json};
 
-const SCHEMA: &str = include_str!("../../../schema/plugins/slack.schema.json");
+/// The endpoint config\'s schema, compiled when the plugin is built.
+#[jsonschema::validator(path = "../../schema/plugins/slack.schema.json")]
+struct ConfigSchema;
 
-struct Slack {
-    schema: ConfigSchema,
-}
+struct Slack;
 
 /// The attachment colour of a level, as in the original.
 fn colour(level: u8) -> &'static str {
@@ -58,7 +58,7 @@ impl Plugin for Slack {
     }
 
     async fn validate_config(&self, config: &Value, _host: &Host) -> Result<(), PluginError> {
-        self.schema.check(config)?;
+        schema::check(ConfigSchema::iter_errors(config))?;
         roboger_plugin_sdk::http::check_config_url(config, "url")?;
         Ok(())
     }
@@ -76,7 +76,5 @@ impl Plugin for Slack {
 }
 
 fn main() -> std::process::ExitCode {
-    run(Slack {
-        schema: ConfigSchema::parse(SCHEMA),
-    })
+    run(Slack)
 }

@@ -14,14 +14,18 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use chacha20poly1305::aead::{Aead, KeyInit};
 use chacha20poly1305::{ChaCha20Poly1305, Nonce};
 use roboger_plugin_sdk::http::{client, reqwest};
-use roboger_plugin_sdk::schema::ConfigSchema;
+use roboger_plugin_sdk::schema;
 use roboger_plugin_sdk::{Event, Host, HttpRequest, HttpResponse, Info, Plugin, PluginError, run};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-const SCHEMA: &str = include_str!("../../../schema/plugins/telegram.schema.json");
-const PLUGIN_SCHEMA: &str = include_str!("../../../schema/plugins/telegram.plugin.schema.json");
+/// The endpoint config\'s schema, compiled when the plugin is built.
+#[jsonschema::validator(path = "../../schema/plugins/telegram.schema.json")]
+struct ConfigSchema;
+/// The plugin config\'s schema, compiled when the plugin is built.
+#[jsonschema::validator(path = "../../schema/plugins/telegram.plugin.schema.json")]
+struct PluginConfigSchema;
 const DEFAULT_API: &str = "https://api.telegram.org";
 
 /// A loaded bot: where its API is, its cipher and its webhook key.
@@ -35,8 +39,6 @@ struct Bot {
 }
 
 struct Telegram {
-    schema: ConfigSchema,
-    plugin_schema: ConfigSchema,
     bot: RwLock<Option<Arc<Bot>>>,
 }
 
@@ -183,7 +185,7 @@ impl Plugin for Telegram {
         config: &Value,
         _host: &Host,
     ) -> Result<(), PluginError> {
-        self.plugin_schema.check(config)?;
+        schema::check(PluginConfigSchema::iter_errors(config))?;
         roboger_plugin_sdk::http::check_config_url(config, "api-url")
     }
 
@@ -239,7 +241,7 @@ impl Plugin for Telegram {
     }
 
     async fn validate_config(&self, config: &Value, _host: &Host) -> Result<(), PluginError> {
-        self.schema.check(config)?;
+        schema::check(ConfigSchema::iter_errors(config))?;
         let bot = self.bot()?;
         if let Some(code) = config.get("chat_id").and_then(Value::as_str) {
             if bot.decrypt(code).is_none() {
@@ -338,8 +340,6 @@ impl Plugin for Telegram {
 
 fn main() -> std::process::ExitCode {
     run(Telegram {
-        schema: ConfigSchema::parse(SCHEMA),
-        plugin_schema: ConfigSchema::parse(PLUGIN_SCHEMA),
         bot: RwLock::new(None),
     })
 }

@@ -3,11 +3,13 @@
 //! newline in a message can never break or inject into the JSON).
 //! A non-2xx answer is a failure, so the server retries the delivery.
 
-use roboger_plugin_sdk::schema::ConfigSchema;
+use roboger_plugin_sdk::schema;
 use roboger_plugin_sdk::{Event, Host, Info, Plugin, PluginError, run};
 use serde_json::Value;
 
-const SCHEMA: &str = include_str!("../../../schema/plugins/webhook.schema.json");
+/// The endpoint config\'s schema, compiled when the plugin is built.
+#[jsonschema::validator(path = "../../schema/plugins/webhook.schema.json")]
+struct ConfigSchema;
 
 const FIELDS: [&str; 12] = [
     "event_id",
@@ -24,9 +26,7 @@ const FIELDS: [&str; 12] = [
     "media",
 ];
 
-struct Webhook {
-    schema: ConfigSchema,
-}
+struct Webhook;
 
 /// Replaces each `$field` of `template` with `value(field)`; other `$`
 /// text is kept as it is.
@@ -84,7 +84,7 @@ impl Plugin for Webhook {
     }
 
     async fn validate_config(&self, config: &Value, _host: &Host) -> Result<(), PluginError> {
-        self.schema.check(config)?;
+        schema::check(ConfigSchema::iter_errors(config))?;
         roboger_plugin_sdk::http::check_config_url(config, "url")?;
         if let Some(t) = config.get("template").and_then(Value::as_str) {
             let sample = render(t, |name| {
@@ -126,9 +126,7 @@ impl Plugin for Webhook {
 }
 
 fn main() -> std::process::ExitCode {
-    run(Webhook {
-        schema: ConfigSchema::parse(SCHEMA),
-    })
+    run(Webhook)
 }
 
 #[cfg(test)]
