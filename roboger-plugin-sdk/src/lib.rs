@@ -34,8 +34,10 @@
 //!     run(Echo)
 //! }
 //! ```
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
+#[cfg(feature = "mimalloc")]
+pub mod allocator;
 #[cfg(feature = "http")]
 pub mod http;
 pub mod plugin;
