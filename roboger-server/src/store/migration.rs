@@ -10,7 +10,11 @@ pub struct Migrator;
 
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(Base), Box::new(Events)]
+        vec![
+            Box::new(Base),
+            Box::new(Events),
+            Box::new(DropDeliveryEvent),
+        ]
     }
 }
 
@@ -378,5 +382,44 @@ impl MigrationTrait for Events {
         m.drop_table(Table::drop().table(Event::Table).if_exists().to_owned())
             .await?;
         Ok(())
+    }
+}
+
+/// Drops `delivery_event`: the unique `delivery_once` (event_id,
+/// endpoint_id) already serves every lookup by event, and each index is
+/// one more b-tree written per delivery on the push path.
+struct DropDeliveryEvent;
+
+impl MigrationName for DropDeliveryEvent {
+    fn name(&self) -> &str {
+        "m20261128_000003_drop_delivery_event"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for DropDeliveryEvent {
+    async fn up(&self, m: &SchemaManager) -> Result<(), DbErr> {
+        if m.has_index("delivery", "delivery_event").await? {
+            m.drop_index(
+                Index::drop()
+                    .name("delivery_event")
+                    .table(Delivery::Table)
+                    .to_owned(),
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    async fn down(&self, m: &SchemaManager) -> Result<(), DbErr> {
+        m.create_index(
+            Index::create()
+                .if_not_exists()
+                .name("delivery_event")
+                .table(Delivery::Table)
+                .col(Delivery::EventId)
+                .to_owned(),
+        )
+        .await
     }
 }
