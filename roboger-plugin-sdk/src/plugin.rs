@@ -426,7 +426,12 @@ pub fn run<P: Plugin>(plugin: P) -> std::process::ExitCode {
         .without_time()
         .with_target(false)
         .try_init();
-    let rt = match tokio::runtime::Builder::new_current_thread()
+    // One worker thread: a plugin is I/O-bound, and one worker spends as
+    // little CPU per message as a current-thread runtime did in the
+    // benchmark, while its latency stayed low (a current-thread runtime
+    // tripled the push-to-delivery p99 at 2,000 events/s; BENCHMARKS.md).
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
         .enable_all()
         .build()
     {
