@@ -719,3 +719,15 @@ impl Drop for SmtpSink {
         let _ = self.child.wait();
     }
 }
+
+/// The JSON lines of a record file a plugin process is appending to. A
+/// last line still being written (no newline yet) is left for the next
+/// read, so polling never sees half a record.
+pub fn json_lines(path: &Path) -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let complete = text.rfind('\n').map_or("", |end| &text[..end]);
+    complete
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON record"))
+        .collect()
+}

@@ -67,10 +67,8 @@ fn python_plugin(name: &str, record: &Path) -> PluginConfig {
 }
 
 fn records(path: &Path, method: &str) -> Vec<Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+    roboger_tests::json_lines(path)
+        .into_iter()
         .filter(|v| v["method"] == method)
         .collect()
 }

@@ -42,11 +42,7 @@ async fn wait_plugin(s: &Server, name: &str, what: &str, pred: impl Fn(&Value) -
 }
 
 fn records(path: &std::path::Path) -> Vec<Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
+    roboger_tests::json_lines(path)
 }
 
 fn pid_alive(pid: u64) -> bool {

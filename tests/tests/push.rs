@@ -126,10 +126,8 @@ impl Rig {
 }
 
 fn records(path: &Path) -> Vec<Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+    roboger_tests::json_lines(path)
+        .into_iter()
         .filter(|v| v["method"] == "send")
         .collect()
 }
