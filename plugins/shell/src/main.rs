@@ -13,7 +13,7 @@ use roboger_plugin_sdk::{Event, Host, Info, Plugin, PluginError, run};
 use serde_json::Value;
 use tokio::io::AsyncReadExt;
 
-/// The endpoint config\'s schema, compiled when the plugin is built.
+/// The endpoint config's schema, compiled when the plugin is built.
 #[jsonschema::validator(path = "../../schema/plugins/shell.schema.json")]
 struct ConfigSchema;
 

@@ -20,10 +20,10 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-/// The endpoint config\'s schema, compiled when the plugin is built.
+/// The endpoint config's schema, compiled when the plugin is built.
 #[jsonschema::validator(path = "../../schema/plugins/telegram.schema.json")]
 struct ConfigSchema;
-/// The plugin config\'s schema, compiled when the plugin is built.
+/// The plugin config's schema, compiled when the plugin is built.
 #[jsonschema::validator(path = "../../schema/plugins/telegram.plugin.schema.json")]
 struct PluginConfigSchema;
 const DEFAULT_API: &str = "https://api.telegram.org";

@@ -7,7 +7,7 @@ use roboger_plugin_sdk::schema;
 use roboger_plugin_sdk::{Event, Host, Info, Plugin, PluginError, run};
 use serde_json::Value;
 
-/// The endpoint config\'s schema, compiled when the plugin is built.
+/// The endpoint config's schema, compiled when the plugin is built.
 #[jsonschema::validator(path = "../../schema/plugins/webhook.schema.json")]
 struct ConfigSchema;
 

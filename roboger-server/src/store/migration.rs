@@ -363,7 +363,6 @@ impl MigrationTrait for Events {
         .await?;
         for (name, cols) in [
             ("delivery_due", vec![Delivery::State, Delivery::NextAt]),
-            ("delivery_event", vec![Delivery::EventId]),
             ("delivery_endpoint", vec![Delivery::EndpointId]),
         ] {
             let mut idx = Index::create();
@@ -385,9 +384,11 @@ impl MigrationTrait for Events {
     }
 }
 
-/// Drops `delivery_event`: the unique `delivery_once` (event_id,
-/// endpoint_id) already serves every lookup by event, and each index is
-/// one more b-tree written per delivery on the push path.
+/// Drops `delivery_event` where an earlier version of `Events` created it:
+/// the unique `delivery_once` (event_id, endpoint_id) already serves every
+/// lookup by event, and each index is one more b-tree written per delivery
+/// on the push path. (`Events` no longer creates it, so a new database
+/// never builds it only to drop it.)
 struct DropDeliveryEvent;
 
 impl MigrationName for DropDeliveryEvent {
@@ -421,5 +422,30 @@ impl MigrationTrait for DropDeliveryEvent {
                 .to_owned(),
         )
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A database from before migration 3 has `delivery_event`; after it,
+    /// only `delivery_once` indexes the event id. A new database never has it.
+    #[tokio::test]
+    async fn migration_3_drops_delivery_event_where_it_exists() {
+        // One connection: each in-memory connection is its own database.
+        let mut opts = sea_orm::ConnectOptions::new("sqlite::memory:");
+        opts.max_connections(1).min_connections(1);
+        let db = sea_orm::Database::connect(opts)
+            .await
+            .expect("in-memory SQLite");
+        let m = SchemaManager::new(&db);
+        Migrator::up(&db, Some(2)).await.expect("migrations 1-2");
+        assert!(!m.has_index("delivery", "delivery_event").await.unwrap());
+        DropDeliveryEvent.down(&m).await.expect("the old index");
+        assert!(m.has_index("delivery", "delivery_event").await.unwrap());
+        Migrator::up(&db, None).await.expect("migration 3");
+        assert!(!m.has_index("delivery", "delivery_event").await.unwrap());
+        assert!(m.has_index("delivery", "delivery_once").await.unwrap());
     }
 }
