@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use roboger_tests::{Method, Server, ServerOptions, json, plugin_bin};
+use roboger_tests::{KEY, Method, Server, ServerOptions, json, plugin_bin};
 use warp::Filter;
 
 #[derive(Parser, Debug, Clone)]
@@ -429,14 +429,8 @@ async fn own_server(args: &Args, sink: &Sink, clock: Instant, seq: &Arc<AtomicU6
         ..Default::default()
     })
     .await;
-    let (id, addr) = s.new_addr().await;
-    let template = r#"{"m": $msg}"#;
-    s.endpoint(
-        id,
-        "webhook",
-        json!({"url": sink.url, "template": template}),
-    )
-    .await;
+    // Wired the same way as another server, through the management API.
+    let addr = wire_target(&s.base, KEY, &sink.url).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let mut row = Row {
         name: "roboger (Rust)".into(),
