@@ -626,8 +626,10 @@ fn print(rows: &[Row], args: &Args) {
     );
 }
 
+/// Exits 1 when any server lost an accepted event (under load or across
+/// the plugin kill): the figures mean nothing if events were lost.
 #[tokio::main]
-async fn main() {
+async fn main() -> std::process::ExitCode {
     let args = Args::parse();
     let _ = rustls::crypto::ring::default_provider().install_default();
     let clock = Instant::now();
@@ -642,4 +644,12 @@ async fn main() {
         rows.push(other_server(&args, base, &sink, clock, &seq).await);
     }
     print(&rows, &args);
+    if rows
+        .iter()
+        .any(|r| r.lost > 0 || r.restart_lost.is_some_and(|n| n > 0))
+    {
+        eprintln!("accepted events were lost");
+        return std::process::ExitCode::FAILURE;
+    }
+    std::process::ExitCode::SUCCESS
 }
