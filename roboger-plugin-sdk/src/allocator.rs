@@ -20,7 +20,8 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 static LAZY_COMMIT: extern "C" fn() = {
     extern "C" fn set() {
         /// `mi_option_arena_eager_commit` in mimalloc v3's `mi_option_e`
-        /// (libmimalloc-sys has no constant for it).
+        /// (libmimalloc-sys has no constant for it; the crate is pinned in
+        /// the workspace manifest so an update that renumbers is seen).
         const ARENA_EAGER_COMMIT: libmimalloc_sys::mi_option_t = 4;
         // SAFETY: stores an integer in mimalloc's option table; no other
         // thread exists yet.
