@@ -11,14 +11,13 @@ use std::sync::Arc;
 
 use base64::Engine;
 use jsonrpsee::core::RpcResult;
-use jsonrpsee::core::client::Client;
 use jsonrpsee::types::ErrorObjectOwned;
 use serde_json::Value;
 
 use crate::protocol::{
     self, BucketObject, HostApiClient, HttpResponse, Manifest, PluginApiServer, codes,
 };
-use crate::rpc::{NotificationHandler, Peer, PeerOptions};
+use crate::rpc::{Client, NotificationHandler, Peer, PeerOptions};
 
 /// What a plugin method reports when it fails.
 #[derive(Debug, thiserror::Error)]

@@ -1,25 +1,30 @@
 //! The [`Peer`]: JSON-RPC 2.0 both ways over one pair of byte streams
 //! (a child's stdin/stdout), one JSON message per line.
 //!
-//! jsonrpsee's client drops requests that arrive from the other side, so
-//! the peer demultiplexes the read half itself: requests are spawned onto
+//! The read loop demultiplexes the read half: requests are spawned onto
 //! our [`Methods`] (never awaited in the read loop, so nested callbacks
-//! cannot deadlock), notifications go to a callback, and only responses
-//! reach the client. One writer task owns the write half behind a bounded
-//! channel. When the read half ends, or carries invalid JSON or an
-//! over-long line, the peer closes: pending calls fail at once.
+//! cannot deadlock), notifications go to a callback, and responses are
+//! matched to the calls of our [`Client`]. One writer task owns the write
+//! half behind a bounded channel. When the read half ends, or carries
+//! invalid JSON or an over-long line, the peer closes: pending calls fail
+//! at once.
 
+use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use jsonrpsee::core::client::{
-    Client, ClientBuilder, ReceivedMessage, TransportReceiverT, TransportSenderT,
-};
+use jsonrpsee::core::client::{BatchResponse, ClientT, Error};
+use jsonrpsee::core::params::BatchRequestBuilder;
+use jsonrpsee::core::traits::ToRpcParams;
+use jsonrpsee::types::{ErrorObjectOwned, Id, Notification, Request};
 use jsonrpsee::{Methods, RpcModule};
+use serde::de::DeserializeOwned;
 use serde_json::Value;
+use serde_json::value::RawValue;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 use tokio_util::codec::{FramedRead, LinesCodec, LinesCodecError};
 
 /// Limits and timeouts of a peer.
@@ -104,13 +109,13 @@ impl Peer {
         F: FnOnce(Arc<Client>) -> Methods,
     {
         let (write_tx, write_rx) = mpsc::channel::<String>(1024);
-        let (resp_tx, resp_rx) = mpsc::channel::<String>(1024);
-        let client = Arc::new(
-            ClientBuilder::default()
-                .request_timeout(opts.call_timeout)
-                .max_concurrent_requests(opts.max_outgoing)
-                .build_with_tokio(LineSender(write_tx.clone()), LineReceiver(resp_rx)),
-        );
+        let client = Arc::new(Client {
+            writer: write_tx.clone(),
+            pending: std::sync::Mutex::new(Some(HashMap::new())),
+            next_id: AtomicU64::new(1),
+            slots: Semaphore::new(opts.max_outgoing),
+            timeout: opts.call_timeout,
+        });
         let methods = methods(client.clone());
         let (closed_tx, closed_rx) = watch::channel(Closed::Open);
         // Buffered: the messages queued while one is written go out in one
@@ -122,7 +127,7 @@ impl Peer {
             opts,
             methods,
             write_tx.clone(),
-            resp_tx,
+            client.clone(),
             on_notification,
             closed_tx,
         ));
@@ -176,6 +181,134 @@ impl Drop for Peer {
         for t in &self.tasks {
             t.abort();
         }
+        self.client.close();
+    }
+}
+
+/// The calling half of a peer: numbers each call, matches the answers to
+/// the callers, and fails pending calls at once when the peer closes.
+///
+/// It implements jsonrpsee's [`ClientT`], so the generated `*Client`
+/// traits of [`crate::protocol`] call through it. jsonrpsee's own async
+/// client routes each call through a background task and arms a
+/// `futures-timer` per call, a timer thread woken thousands of times a
+/// second under load; this one writes the line itself and times calls out
+/// on tokio's timer.
+pub struct Client {
+    writer: mpsc::Sender<String>,
+    /// Calls awaiting an answer, by id; `None` once the peer has closed.
+    pending: std::sync::Mutex<Option<HashMap<u64, oneshot::Sender<Answer>>>>,
+    next_id: AtomicU64,
+    /// Bounds the calls in flight (`PeerOptions::max_outgoing`).
+    slots: Semaphore,
+    timeout: Duration,
+}
+
+/// A response: its `result`, or its `error`.
+type Answer = Result<Box<RawValue>, ErrorObjectOwned>;
+
+fn closed_error() -> Error {
+    Error::Transport(Box::new(TransportClosed))
+}
+
+impl Client {
+    /// Calls `method` and waits, within the call timeout, for its answer.
+    async fn call(
+        &self,
+        method: &str,
+        params: Option<Box<RawValue>>,
+    ) -> Result<Box<RawValue>, Error> {
+        let call = async {
+            let _slot = self.slots.acquire().await.map_err(|_| closed_error())?;
+            let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+            let (tx, rx) = oneshot::channel();
+            match self.pending.lock().as_deref_mut() {
+                Ok(Some(pending)) => pending.insert(id, tx),
+                _ => return Err(closed_error()),
+            };
+            // Removes the entry if the call is dropped or times out first.
+            let _forget = Forget { client: self, id };
+            let line = serde_json::to_string(&Request::borrowed(
+                method,
+                params.as_deref(),
+                Id::Number(id),
+            ))?;
+            self.writer.send(line).await.map_err(|_| closed_error())?;
+            match rx.await {
+                Ok(answer) => answer.map_err(Error::Call),
+                Err(_) => Err(closed_error()),
+            }
+        };
+        tokio::time::timeout(self.timeout, call)
+            .await
+            .unwrap_or(Err(Error::RequestTimeout))
+    }
+
+    /// Hands a response to the call it answers; unknown ids (a call that
+    /// already timed out) are dropped.
+    fn answer(&self, id: &Value, answer: Answer) {
+        let Some(id) = id.as_u64() else { return };
+        let caller = match self.pending.lock().as_deref_mut() {
+            Ok(Some(pending)) => pending.remove(&id),
+            _ => None,
+        };
+        if let Some(caller) = caller {
+            let _ = caller.send(answer);
+        }
+    }
+
+    /// Fails every pending call and refuses new ones.
+    fn close(&self) {
+        if let Ok(mut pending) = self.pending.lock() {
+            pending.take();
+        }
+    }
+}
+
+struct Forget<'a> {
+    client: &'a Client,
+    id: u64,
+}
+
+impl Drop for Forget<'_> {
+    fn drop(&mut self) {
+        if let Ok(Some(pending)) = self.client.pending.lock().as_deref_mut() {
+            pending.remove(&self.id);
+        }
+    }
+}
+
+impl ClientT for Client {
+    async fn notification<Params>(&self, method: &str, params: Params) -> Result<(), Error>
+    where
+        Params: ToRpcParams + Send,
+    {
+        let params = match params.to_rpc_params()? {
+            Some(p) => p,
+            None => RawValue::from_string("{}".into())?,
+        };
+        let line = serde_json::to_string(&Notification::new(method.into(), params))?;
+        self.writer.send(line).await.map_err(|_| closed_error())
+    }
+
+    async fn request<R, Params>(&self, method: &str, params: Params) -> Result<R, Error>
+    where
+        R: DeserializeOwned,
+        Params: ToRpcParams + Send,
+    {
+        let result = self.call(method, params.to_rpc_params()?).await?;
+        Ok(serde_json::from_str(result.get())?)
+    }
+
+    /// Not part of the Roboger protocol.
+    async fn batch_request<'a, R>(
+        &self,
+        _batch: BatchRequestBuilder<'a>,
+    ) -> Result<BatchResponse<'a, R>, Error>
+    where
+        R: DeserializeOwned + std::fmt::Debug + 'a,
+    {
+        Err(Error::Custom("batch requests are not supported".into()))
     }
 }
 
@@ -213,7 +346,13 @@ struct Probe<'a> {
     /// Parsed into a value only for notifications; a request's params are
     /// parsed once, by the method that serves it.
     #[serde(borrow, default)]
-    params: Option<&'a serde_json::value::RawValue>,
+    params: Option<&'a RawValue>,
+    /// A response's result (`null` reads as absent).
+    #[serde(borrow, default)]
+    result: Option<&'a RawValue>,
+    /// A response's error.
+    #[serde(default)]
+    error: Option<ErrorObjectOwned>,
 }
 
 async fn read_loop<R: AsyncRead + Unpin>(
@@ -221,7 +360,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
     opts: PeerOptions,
     methods: Methods,
     writer: mpsc::Sender<String>,
-    responses: mpsc::Sender<String>,
+    client: Arc<Client>,
     on_notification: NotificationHandler,
     closed: watch::Sender<Closed>,
 ) {
@@ -270,10 +409,13 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 on_notification(&method, params)
             }
             // A response (`result` may be null, so the id is what tells).
-            (None, Some(_)) => {
-                if responses.send(line).await.is_err() {
-                    break Closed::Local;
-                }
+            (None, Some(id)) => {
+                let answer = match (probe.error, probe.result) {
+                    (Some(e), _) => Err(e),
+                    (None, Some(r)) => Ok(r.to_owned()),
+                    (None, None) => Ok(RawValue::NULL.to_owned()),
+                };
+                client.answer(&id, answer);
             }
             (None, None) => {
                 break Closed::Garbage(format!("neither request nor response: {}", preview(&line)));
@@ -281,6 +423,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
         }
     };
     let _ = closed.send(reason);
+    client.close();
 }
 
 fn preview(s: &str) -> String {
@@ -291,32 +434,10 @@ fn preview(s: &str) -> String {
     p
 }
 
-/// Error of the in-process transport: the peer has closed.
+/// Why a call failed without an answer: the peer has closed.
 #[derive(Debug, thiserror::Error)]
 #[error("the connection is closed")]
 pub struct TransportClosed;
-
-struct LineSender(mpsc::Sender<String>);
-
-impl TransportSenderT for LineSender {
-    type Error = TransportClosed;
-    async fn send(&mut self, msg: String) -> Result<(), Self::Error> {
-        self.0.send(msg).await.map_err(|_| TransportClosed)
-    }
-}
-
-struct LineReceiver(mpsc::Receiver<String>);
-
-impl TransportReceiverT for LineReceiver {
-    type Error = TransportClosed;
-    async fn receive(&mut self) -> Result<ReceivedMessage, Self::Error> {
-        self.0
-            .recv()
-            .await
-            .map(ReceivedMessage::Text)
-            .ok_or(TransportClosed)
-    }
-}
 
 #[cfg(test)]
 mod tests {
@@ -420,5 +541,105 @@ mod tests {
         bw.write_all(b"this is not json\n").await.unwrap();
         assert!(matches!(peer.closed().await, Closed::Garbage(_)));
         assert!(pending.await.unwrap().is_err());
+    }
+
+    /// A peer whose other side is driven by hand: returns the peer, the
+    /// request lines it writes, and the write half to answer on.
+    fn by_hand(
+        timeout: Duration,
+    ) -> (
+        Peer,
+        tokio::io::Lines<tokio::io::BufReader<tokio::io::ReadHalf<tokio::io::DuplexStream>>>,
+        tokio::io::WriteHalf<tokio::io::DuplexStream>,
+    ) {
+        use tokio::io::AsyncBufReadExt;
+        let (a, b) = tokio::io::duplex(1 << 16);
+        let (ar, aw) = tokio::io::split(a);
+        let (br, bw) = tokio::io::split(b);
+        let noop: NotificationHandler = Arc::new(|_, _| {});
+        let opts = PeerOptions {
+            call_timeout: timeout,
+            ..PeerOptions::default()
+        };
+        let peer = Peer::start(ar, aw, opts, |_| RpcModule::new(()).into(), noop);
+        (peer, tokio::io::BufReader::new(br).lines(), bw)
+    }
+
+    async fn request_id(
+        lines: &mut tokio::io::Lines<
+            tokio::io::BufReader<tokio::io::ReadHalf<tokio::io::DuplexStream>>,
+        >,
+    ) -> Value {
+        let line = lines.next_line().await.unwrap().unwrap();
+        let v: Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["jsonrpc"], "2.0");
+        v["id"].clone()
+    }
+
+    #[tokio::test]
+    async fn errors_and_null_results_reach_the_caller() {
+        let (peer, mut lines, mut answers) = by_hand(Duration::from_secs(5));
+        let c = peer.client().clone();
+        let call = tokio::spawn(async move {
+            let failed = c.request::<Value, _>("a", ObjectParams::new()).await;
+            let null = c.request::<Value, _>("b", ObjectParams::new()).await;
+            (failed, null)
+        });
+        let id = request_id(&mut lines).await;
+        let reply = serde_json::json!({"jsonrpc": "2.0", "id": id,
+            "error": {"code": -32001, "message": "refused"}});
+        answers
+            .write_all(format!("{reply}\n").as_bytes())
+            .await
+            .unwrap();
+        let id = request_id(&mut lines).await;
+        let reply = serde_json::json!({"jsonrpc": "2.0", "id": id, "result": null});
+        answers
+            .write_all(format!("{reply}\n").as_bytes())
+            .await
+            .unwrap();
+        let (failed, null) = call.await.unwrap();
+        match failed {
+            Err(Error::Call(e)) => {
+                assert_eq!(e.code(), -32001);
+                assert_eq!(e.message(), "refused");
+            }
+            other => panic!("expected a call error, got {other:?}"),
+        }
+        assert_eq!(null.unwrap(), Value::Null);
+    }
+
+    #[tokio::test]
+    async fn a_late_answer_after_a_timeout_is_dropped() {
+        let (peer, mut lines, mut answers) = by_hand(Duration::from_millis(50));
+        let c = peer.client().clone();
+        let late = c.request::<Value, _>("slow", ObjectParams::new()).await;
+        assert!(matches!(late, Err(Error::RequestTimeout)), "{late:?}");
+        let id = request_id(&mut lines).await;
+        let reply = serde_json::json!({"jsonrpc": "2.0", "id": id, "result": 1});
+        answers
+            .write_all(format!("{reply}\n").as_bytes())
+            .await
+            .unwrap();
+        // The peer stays open, and the next call gets its own answer.
+        let next =
+            tokio::spawn(async move { c.request::<i64, _>("fast", ObjectParams::new()).await });
+        let id = request_id(&mut lines).await;
+        let reply = serde_json::json!({"jsonrpc": "2.0", "id": id, "result": 2});
+        answers
+            .write_all(format!("{reply}\n").as_bytes())
+            .await
+            .unwrap();
+        assert_eq!(next.await.unwrap().unwrap(), 2);
+        assert!(peer.is_open());
+        assert!(
+            peer.client()
+                .pending
+                .lock()
+                .unwrap()
+                .as_ref()
+                .unwrap()
+                .is_empty()
+        );
     }
 }

@@ -23,7 +23,6 @@ use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Duration;
 
 use jsonrpsee::core::client::{ClientT, Error as ClientError};
-use jsonrpsee::core::params::ObjectParams;
 use roboger_plugin_sdk::protocol::{self, Manifest, PluginApiClient, codes};
 use roboger_plugin_sdk::rpc::{NotificationHandler, Peer, PeerOptions};
 use serde::Serialize;
@@ -360,12 +359,7 @@ impl Supervisor {
         {
             return Ok(Value::Null);
         }
-        let mut p = ObjectParams::new();
-        for (k, v) in params {
-            p.insert(&k, v)
-                .map_err(|e| CallError::Failed(e.to_string()))?;
-        }
-        let r = conn.peer.client().request::<Value, _>(method, p).await;
+        let r = conn.peer.client().request::<Value, _>(method, params).await;
         drop(permit);
         r.map_err(|e| match e {
             ClientError::Call(obj) if obj.code() == codes::REJECTED => {
