@@ -20,6 +20,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
 use roboger_tests::{KEY, Method, Server, ServerOptions, json, plugin_bin};
 use warp::Filter;
 
@@ -151,6 +154,63 @@ struct Load {
     elapsed: Duration,
 }
 
+/// One keep-alive HTTP/1.1 connection of the load generator, on hyper's
+/// connection API: no pool, redirects or middleware per request, so the
+/// generator takes as little as it can of the CPU it shares with the
+/// servers it measures. Reconnects after an error.
+struct Pusher {
+    authority: String,
+    path: String,
+    conn: Option<http1::SendRequest<Full<bytes::Bytes>>>,
+}
+
+impl Pusher {
+    fn new(url: &str) -> Pusher {
+        let rest = url.split_once("://").map_or(url, |(_, r)| r);
+        let (authority, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, "/"),
+        };
+        Pusher {
+            authority: authority.to_string(),
+            path: path.to_string(),
+            conn: None,
+        }
+    }
+
+    /// POSTs `body` as JSON; the answer's status, or `None` on a
+    /// connection error.
+    async fn post(&mut self, body: Vec<u8>) -> Option<u16> {
+        let status = self.try_post(body).await;
+        if status.is_none() {
+            self.conn = None;
+        }
+        status
+    }
+
+    async fn try_post(&mut self, body: Vec<u8>) -> Option<u16> {
+        if self.conn.is_none() {
+            let stream = tokio::net::TcpStream::connect(&self.authority).await.ok()?;
+            stream.set_nodelay(true).ok()?;
+            let (conn, driver) = http1::handshake(TokioIo::new(stream)).await.ok()?;
+            tokio::spawn(driver);
+            self.conn = Some(conn);
+        }
+        let conn = self.conn.as_mut()?;
+        conn.ready().await.ok()?;
+        let req = http::Request::post(&self.path)
+            .header(http::header::HOST, &self.authority)
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .body(Full::new(bytes::Bytes::from(body)))
+            .ok()?;
+        let resp = conn.send_request(req).await.ok()?;
+        let status = resp.status().as_u16();
+        // Read the whole answer so the connection can carry the next push.
+        resp.into_body().collect().await.ok()?;
+        Some(status)
+    }
+}
+
 /// Runs `args.connections` pushers against `t` for `seconds`; sequence
 /// numbers come from `seq`.
 async fn load(
@@ -161,11 +221,6 @@ async fn load(
     clock: Instant,
     seq: &Arc<AtomicU64>,
 ) -> Load {
-    let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(args.connections)
-        .http1_only()
-        .build()
-        .expect("HTTP client");
     let padding = "x".repeat(args.payload.saturating_sub(24));
     let media = (args.media > 0).then(|| {
         use base64::Engine;
@@ -176,16 +231,16 @@ async fn load(
     let url = format!("{}/push", t.base.trim_end_matches('/'));
     let mut tasks = Vec::new();
     for c in 0..args.connections {
-        let (client, url, addr, padding, media, seq) = (
-            client.clone(),
-            url.clone(),
+        let (mut pusher, addr, padding, media, seq) = (
+            Pusher::new(&url),
             t.addr.clone(),
             padding.clone(),
             media.clone(),
             seq.clone(),
         );
-        // Open loop: each connection has its share of the rate, and
-        // latency counts from when the push was due (no coordinated omission).
+        // Open loop: each connection has its share of the rate, and both
+        // latencies count from when the push was due (no coordinated
+        // omission).
         let interval =
             (rate > 0).then(|| Duration::from_secs_f64(args.connections as f64 / rate as f64));
         let conns = args.connections as f64;
@@ -206,18 +261,23 @@ async fn load(
                     break;
                 }
                 let n = seq.fetch_add(1, Ordering::Relaxed);
-                let msg = format!("{n} {} {padding}", clock.elapsed().as_nanos());
+                let msg = format!("{n} {} {padding}", began.duration_since(clock).as_nanos());
                 let mut body = json!({"addr": addr, "msg": msg, "subject": "bench", "level": "warning", "sender": "bench"});
                 if let Some(m) = &media {
                     body["media"] = m.clone().into();
                 }
-                match client.post(&url).json(&body).timeout(Duration::from_secs(30)).send().await {
-                    Ok(r) if r.status().as_u16() == 202 => {
+                let body = serde_json::to_vec(&body).unwrap_or_default();
+                match tokio::time::timeout(Duration::from_secs(30), pusher.post(body)).await {
+                    Ok(Some(202)) => {
                         out.latencies.push(began.elapsed());
                         out.accepted.push(n);
                     }
-                    Ok(_) => out.refused += 1,
-                    Err(_) => out.errors += 1,
+                    Ok(Some(_)) => out.refused += 1,
+                    Ok(None) => out.errors += 1,
+                    Err(_) => {
+                        out.errors += 1;
+                        pusher.conn = None;
+                    }
                 }
             }
             out
