@@ -147,6 +147,11 @@ pub struct SubscriptionRow {
 #[derive(Clone, Debug)]
 pub struct Store {
     db: DatabaseConnection,
+    /// Where [`Store::begin_write`] opens its transactions: on a SQLite
+    /// file, a pool of one connection of its own, so every write
+    /// transaction runs on the same warm connection and its sqlx worker
+    /// thread (SQLite has one writer at a time anyway); elsewhere `db`.
+    writes: DatabaseConnection,
     backend: DbBackend,
     /// Serialises this process's write transactions on SQLite (see
     /// [`Store::begin_write`]).
@@ -180,13 +185,21 @@ impl Store {
                     .foreign_keys(true)
             });
         }
-        if url.url == "sqlite::memory:" {
+        let memory = url.url == "sqlite::memory:";
+        if memory {
             // Each in-memory connection would be a separate database.
             opts.max_connections(1);
         }
-        let db = sea_orm::Database::connect(opts).await?;
+        let db = sea_orm::Database::connect(opts.clone()).await?;
+        let writes = if url.backend == DbBackend::Sqlite && !memory {
+            opts.max_connections(1);
+            sea_orm::Database::connect(opts).await?
+        } else {
+            db.clone()
+        };
         Ok(Store {
             db,
+            writes,
             backend: url.backend,
             writer: Default::default(),
         })
@@ -207,7 +220,7 @@ impl Store {
             DbBackend::Sqlite => Some(self.writer.clone().lock_owned().await),
             _ => None,
         };
-        Ok((guard, self.db.begin().await?))
+        Ok((guard, self.writes.begin().await?))
     }
 
     /// Applies every pending migration.
