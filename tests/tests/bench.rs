@@ -27,6 +27,9 @@ fn a_short_benchmark_run_delivers_every_accepted_event() {
     let accepted: f64 = cols[0].parse().expect("accepted/s");
     assert!(accepted > 0.0, "nothing was accepted: {row}");
     assert_eq!(cols[7], "0", "events lost: {row}");
+    // The last column is the hypervisor's steal during the load, in %.
+    let steal: f64 = cols.last().and_then(|c| c.parse().ok()).expect("steal%");
+    assert!((0.0..=100.0).contains(&steal), "steal% out of range: {row}");
     assert!(
         stdout.contains("0 accepted events lost"),
         "the plugin kill lost events or was not measured:\n{stdout}"

@@ -363,6 +363,24 @@ struct Row {
     plugin_peak: Option<f64>,
     restart: Option<Duration>,
     restart_lost: Option<usize>,
+    /// Share of the machine's CPU time the hypervisor took during the
+    /// measured load (`steal` in /proc/stat), in percent.
+    steal: Option<f64>,
+}
+
+/// The machine's total and stolen CPU time so far (/proc/stat's `cpu`
+/// line, in ticks).
+fn cpu_ticks() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = stat.lines().next()?.strip_prefix("cpu ")?;
+    let fields: Vec<u64> = line
+        .split_whitespace()
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal (guest time is
+    // already counted in user).
+    let total = fields.iter().take(8).sum();
+    Some((total, *fields.get(7)?))
 }
 
 /// Waits until the sink has every accepted sequence number (or `limit`
@@ -404,7 +422,13 @@ async fn measure(
     let warm = load(t, args, 1.0, args.rate, clock, seq).await;
     let _ = drain(sink, &warm.accepted, Duration::from_secs_f64(args.drain)).await;
     let started = clock.elapsed();
+    let before = cpu_ticks();
     let mut l = load(t, args, args.duration, args.rate, clock, seq).await;
+    if let (Some((t0, s0)), Some((t1, s1))) = (before, cpu_ticks()) {
+        if t1 > t0 {
+            row.steal = Some(100.0 * (s1 - s0) as f64 / (t1 - t0) as f64);
+        }
+    }
     let (log, missing) = drain(sink, &l.accepted, Duration::from_secs_f64(args.drain)).await;
     let last = log
         .arrivals
@@ -624,7 +648,7 @@ fn print(rows: &[Row], args: &Args) {
         args.media
     );
     println!(
-        "{:<34} {:>10} {:>10} {:>8} {:>8} {:>8} {:>9} {:>9} {:>6} {:>9} {:>9} {:>9} {:>9} {:>10}",
+        "{:<34} {:>10} {:>10} {:>8} {:>8} {:>8} {:>9} {:>9} {:>6} {:>9} {:>9} {:>9} {:>9} {:>10} {:>6}",
         "server",
         "accepted/s",
         "deliver/s",
@@ -638,11 +662,12 @@ fn print(rows: &[Row], args: &Args) {
         "rss-peak",
         "plug-idle",
         "plug-peak",
-        "restart"
+        "restart",
+        "steal%"
     );
     for r in rows {
         println!(
-            "{:<34} {:>10.0} {:>10.0} {:>8} {:>8} {:>8} {:>9} {:>9} {:>6} {:>9} {:>9} {:>9} {:>9} {:>10}",
+            "{:<34} {:>10.0} {:>10.0} {:>8} {:>8} {:>8} {:>9} {:>9} {:>6} {:>9} {:>9} {:>9} {:>9} {:>10} {:>6}",
             r.name,
             r.accepted_per_s,
             r.delivered_per_s,
@@ -658,6 +683,9 @@ fn print(rows: &[Row], args: &Args) {
             mib(r.plugin_peak),
             r.restart
                 .map(|d| format!("{} ms", ms(d)))
+                .unwrap_or_else(|| "-".into()),
+            r.steal
+                .map(|p| format!("{p:.0}"))
                 .unwrap_or_else(|| "-".into()),
         );
         if r.refused + r.errors > 0 {
@@ -682,7 +710,7 @@ fn print(rows: &[Row], args: &Args) {
         }
     }
     println!(
-        "latencies in ms; push = until the 202, e2e = push to the sink; RSS in MiB (peak = VmHWM)"
+        "latencies in ms; push = until the 202, e2e = push to the sink; RSS in MiB (peak = VmHWM);\nsteal% = CPU time the hypervisor took from this machine during the load (noisy runs)"
     );
 }
 
