@@ -350,9 +350,22 @@ struct Probe<'a> {
     /// A response's result (`null` reads as absent).
     #[serde(borrow, default)]
     result: Option<&'a RawValue>,
-    /// A response's error.
-    #[serde(default)]
-    error: Option<ErrorObjectOwned>,
+    /// A response's error, read leniently (see [`error_of`]).
+    #[serde(borrow, default)]
+    error: Option<&'a RawValue>,
+}
+
+/// A response's `error` member as an error object; one without a code or
+/// message still fails its call (as an internal error quoting it), rather
+/// than closing the whole connection.
+fn error_of(raw: &RawValue) -> ErrorObjectOwned {
+    serde_json::from_str(raw.get()).unwrap_or_else(|_| {
+        ErrorObjectOwned::owned(
+            jsonrpsee::types::error::INTERNAL_ERROR_CODE,
+            format!("malformed error: {}", preview(raw.get())),
+            None::<()>,
+        )
+    })
 }
 
 async fn read_loop<R: AsyncRead + Unpin>(
@@ -411,7 +424,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
             // A response (`result` may be null, so the id is what tells).
             (None, Some(id)) => {
                 let answer = match (probe.error, probe.result) {
-                    (Some(e), _) => Err(e),
+                    (Some(e), _) => Err(error_of(e)),
                     (None, Some(r)) => Ok(r.to_owned()),
                     (None, None) => Ok(RawValue::NULL.to_owned()),
                 };
@@ -607,6 +620,26 @@ mod tests {
             other => panic!("expected a call error, got {other:?}"),
         }
         assert_eq!(null.unwrap(), Value::Null);
+    }
+
+    #[tokio::test]
+    async fn a_malformed_error_fails_the_call_not_the_peer() {
+        let (peer, mut lines, mut answers) = by_hand(Duration::from_secs(5));
+        let c = peer.client().clone();
+        let call =
+            tokio::spawn(async move { c.request::<Value, _>("a", ObjectParams::new()).await });
+        let id = request_id(&mut lines).await;
+        let reply =
+            serde_json::json!({"jsonrpc": "2.0", "id": id, "error": {"message": "no code"}});
+        answers
+            .write_all(format!("{reply}\n").as_bytes())
+            .await
+            .unwrap();
+        match call.await.unwrap() {
+            Err(Error::Call(e)) => assert!(e.message().contains("no code"), "{e:?}"),
+            other => panic!("expected a call error, got {other:?}"),
+        }
+        assert!(peer.is_open());
     }
 
     #[tokio::test]
