@@ -147,15 +147,11 @@ pub struct SubscriptionRow {
 #[derive(Clone, Debug)]
 pub struct Store {
     db: DatabaseConnection,
-    /// Where [`Store::begin_write`] opens its transactions: on a SQLite
-    /// file, a pool of one connection of its own, so every write
-    /// transaction runs on the same warm connection and its sqlx worker
-    /// thread (SQLite has one writer at a time anyway); elsewhere `db`.
+    /// Where [`Store::begin_write`] opens its transactions: on SQLite, a
+    /// pool of one connection (its own on a file), which queues them;
+    /// elsewhere `db`.
     writes: DatabaseConnection,
     backend: DbBackend,
-    /// Serialises this process's write transactions on SQLite (see
-    /// [`Store::begin_write`]).
-    writer: std::sync::Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Store {
@@ -201,26 +197,17 @@ impl Store {
             db,
             writes,
             backend: url.backend,
-            writer: Default::default(),
         })
     }
 
     /// Begins a write transaction. SQLite has one writer at a time, and a
     /// second one waits in SQLite's busy handler, which sleeps in steps of
-    /// milliseconds (or fails at once when a read lock must be upgraded);
-    /// queueing the writers here instead keeps group commits back to back.
-    /// The guard is held until the transaction ends.
-    async fn begin_write(
-        &self,
-    ) -> Result<(
-        Option<tokio::sync::OwnedMutexGuard<()>>,
-        sea_orm::DatabaseTransaction,
-    )> {
-        let guard = match self.backend {
-            DbBackend::Sqlite => Some(self.writer.clone().lock_owned().await),
-            _ => None,
-        };
-        Ok((guard, self.writes.begin().await?))
+    /// milliseconds (or fails at once when a read lock must be upgraded).
+    /// On SQLite `writes` has a single connection, so its pool queues the
+    /// writers instead (fairly, within the acquire timeout), keeping group
+    /// commits back to back on one warm connection and sqlx thread.
+    async fn begin_write(&self) -> Result<sea_orm::DatabaseTransaction> {
+        Ok(self.writes.begin().await?)
     }
 
     /// Applies every pending migration.
@@ -319,7 +306,7 @@ impl Store {
     /// and counters.
     pub async fn addr_delete(&self, r: &AddrRef) -> Result<()> {
         let a = self.addr_get(r).await?;
-        let (_writer, txn) = self.begin_write().await?;
+        let txn = self.begin_write().await?;
         delete_addr_children(&txn, Some(a.id)).await?;
         addr::Entity::delete_by_id(a.id).exec(&txn).await?;
         txn.commit().await?;
@@ -328,7 +315,7 @@ impl Store {
 
     /// Deletes every address and everything that hangs off them.
     pub async fn delete_everything(&self) -> Result<()> {
-        let (_writer, txn) = self.begin_write().await?;
+        let txn = self.begin_write().await?;
         delete_addr_children(&txn, None).await?;
         addr::Entity::delete_many().exec(&txn).await?;
         txn.commit().await?;
@@ -401,7 +388,7 @@ impl Store {
     /// Deletes an endpoint that belongs to `addr_id`, with its subscriptions.
     pub async fn endpoint_delete(&self, addr_id: i64, id: i64) -> Result<()> {
         let ep = self.endpoint_get(addr_id, id).await?;
-        let (_writer, txn) = self.begin_write().await?;
+        let txn = self.begin_write().await?;
         delivery::Entity::delete_many()
             .filter(delivery::Column::EndpointId.eq(ep.id))
             .exec(&txn)
@@ -433,7 +420,7 @@ impl Store {
             e => e,
         })?;
         let subs = self.subscription_list_raw(src.id).await?;
-        let (_writer, txn) = self.begin_write().await?;
+        let txn = self.begin_write().await?;
         if replace {
             subscription::Entity::delete_many()
                 .filter(subscription::Column::EndpointId.eq(dst.id))
@@ -753,7 +740,7 @@ impl Store {
         node: &str,
         lease_until: chrono::DateTime<chrono::Utc>,
     ) -> Result<()> {
-        let (_writer, txn) = self.begin_write().await?;
+        let txn = self.begin_write().await?;
         if !batch.is_empty() {
             insert_events(&txn, batch, node, lease_until).await?;
         }
@@ -789,7 +776,7 @@ impl Store {
     ) -> Result<Vec<(delivery::Model, event::Model, endpoint::Model)>> {
         use sea_orm::{QuerySelect, sea_query::LockBehavior, sea_query::LockType};
         let now = chrono::Utc::now();
-        let (_writer, txn) = self.begin_write().await?;
+        let txn = self.begin_write().await?;
         let mut q = delivery::Entity::find()
             .filter(delivery::Column::State.eq(STATE_PENDING))
             .filter(delivery::Column::NextAt.lte(now))
@@ -911,7 +898,7 @@ impl Store {
         let doomed: Vec<String> = old.into_iter().filter(|id| !pending.contains(id)).collect();
         let mut n = 0;
         for chunk in doomed.chunks(500) {
-            let (_writer, txn) = self.begin_write().await?;
+            let txn = self.begin_write().await?;
             delivery::Entity::delete_many()
                 .filter(delivery::Column::EventId.is_in(chunk.to_vec()))
                 .exec(&txn)
