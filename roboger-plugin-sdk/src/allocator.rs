@@ -3,9 +3,10 @@
 //!
 //! The protocol allocates and frees many small buffers per message, often
 //! on different threads; glibc's malloc spent about 15% of the server's
-//! CPU there under load. mimalloc also returns freed pages to the system,
-//! which keeps a plugin's idle RSS near what it uses. A plugin that wants
-//! another allocator builds the SDK with `default-features = false`.
+//! CPU there under load, and a plugin on glibc's malloc used 2 to 12%
+//! more CPU per event (three A/B runs) with no lower peak RSS. A plugin
+//! that wants another allocator builds the SDK with
+//! `default-features = false`.
 #![allow(unsafe_code)]
 
 /// The allocator itself.

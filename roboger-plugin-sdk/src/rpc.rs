@@ -556,61 +556,63 @@ mod tests {
         assert!(pending.await.unwrap().is_err());
     }
 
-    /// A peer whose other side is driven by hand: returns the peer, the
-    /// request lines it writes, and the write half to answer on.
-    fn by_hand(
-        timeout: Duration,
-    ) -> (
-        Peer,
-        tokio::io::Lines<tokio::io::BufReader<tokio::io::ReadHalf<tokio::io::DuplexStream>>>,
-        tokio::io::WriteHalf<tokio::io::DuplexStream>,
-    ) {
-        use tokio::io::AsyncBufReadExt;
-        let (a, b) = tokio::io::duplex(1 << 16);
-        let (ar, aw) = tokio::io::split(a);
-        let (br, bw) = tokio::io::split(b);
-        let noop: NotificationHandler = Arc::new(|_, _| {});
-        let opts = PeerOptions {
-            call_timeout: timeout,
-            ..PeerOptions::default()
-        };
-        let peer = Peer::start(ar, aw, opts, |_| RpcModule::new(()).into(), noop);
-        (peer, tokio::io::BufReader::new(br).lines(), bw)
+    type Lines =
+        tokio::io::Lines<tokio::io::BufReader<tokio::io::ReadHalf<tokio::io::DuplexStream>>>;
+
+    /// The other side of a peer, driven by hand: reads the requests the
+    /// peer writes and answers them.
+    struct Hand {
+        lines: Lines,
+        answers: tokio::io::WriteHalf<tokio::io::DuplexStream>,
     }
 
-    async fn request_id(
-        lines: &mut tokio::io::Lines<
-            tokio::io::BufReader<tokio::io::ReadHalf<tokio::io::DuplexStream>>,
-        >,
-    ) -> Value {
-        let line = lines.next_line().await.unwrap().unwrap();
-        let v: Value = serde_json::from_str(&line).unwrap();
-        assert_eq!(v["jsonrpc"], "2.0");
-        v["id"].clone()
+    impl Hand {
+        /// Starts a peer with `timeout` on its calls, and its other side.
+        fn start(timeout: Duration) -> (Peer, Hand) {
+            use tokio::io::AsyncBufReadExt;
+            let (a, b) = tokio::io::duplex(1 << 16);
+            let (ar, aw) = tokio::io::split(a);
+            let (br, bw) = tokio::io::split(b);
+            let noop: NotificationHandler = Arc::new(|_, _| {});
+            let opts = PeerOptions {
+                call_timeout: timeout,
+                ..PeerOptions::default()
+            };
+            let peer = Peer::start(ar, aw, opts, |_| RpcModule::new(()).into(), noop);
+            let hand = Hand {
+                lines: tokio::io::BufReader::new(br).lines(),
+                answers: bw,
+            };
+            (peer, hand)
+        }
+
+        /// Reads the next request and answers it with `member`
+        /// (`{"result": ...}` or `{"error": ...}`).
+        async fn answer_next(&mut self, member: Value) {
+            let line = self.lines.next_line().await.unwrap().unwrap();
+            let request: Value = serde_json::from_str(&line).unwrap();
+            assert_eq!(request["jsonrpc"], "2.0");
+            let mut reply = serde_json::json!({"jsonrpc": "2.0", "id": request["id"]});
+            if let (Some(r), Value::Object(m)) = (reply.as_object_mut(), member) {
+                r.extend(m);
+            }
+            let line = format!("{reply}\n");
+            self.answers.write_all(line.as_bytes()).await.unwrap();
+        }
     }
 
     #[tokio::test]
     async fn errors_and_null_results_reach_the_caller() {
-        let (peer, mut lines, mut answers) = by_hand(Duration::from_secs(5));
+        let (peer, mut hand) = Hand::start(Duration::from_secs(5));
         let c = peer.client().clone();
         let call = tokio::spawn(async move {
             let failed = c.request::<Value, _>("a", ObjectParams::new()).await;
             let null = c.request::<Value, _>("b", ObjectParams::new()).await;
             (failed, null)
         });
-        let id = request_id(&mut lines).await;
-        let reply = serde_json::json!({"jsonrpc": "2.0", "id": id,
-            "error": {"code": -32001, "message": "refused"}});
-        answers
-            .write_all(format!("{reply}\n").as_bytes())
-            .await
-            .unwrap();
-        let id = request_id(&mut lines).await;
-        let reply = serde_json::json!({"jsonrpc": "2.0", "id": id, "result": null});
-        answers
-            .write_all(format!("{reply}\n").as_bytes())
-            .await
-            .unwrap();
+        let refused = serde_json::json!({"error": {"code": -32001, "message": "refused"}});
+        hand.answer_next(refused).await;
+        hand.answer_next(serde_json::json!({"result": null})).await;
         let (failed, null) = call.await.unwrap();
         match failed {
             Err(Error::Call(e)) => {
@@ -624,17 +626,12 @@ mod tests {
 
     #[tokio::test]
     async fn a_malformed_error_fails_the_call_not_the_peer() {
-        let (peer, mut lines, mut answers) = by_hand(Duration::from_secs(5));
+        let (peer, mut hand) = Hand::start(Duration::from_secs(5));
         let c = peer.client().clone();
         let call =
             tokio::spawn(async move { c.request::<Value, _>("a", ObjectParams::new()).await });
-        let id = request_id(&mut lines).await;
-        let reply =
-            serde_json::json!({"jsonrpc": "2.0", "id": id, "error": {"message": "no code"}});
-        answers
-            .write_all(format!("{reply}\n").as_bytes())
-            .await
-            .unwrap();
+        let no_code = serde_json::json!({"error": {"message": "no code"}});
+        hand.answer_next(no_code).await;
         match call.await.unwrap() {
             Err(Error::Call(e)) => assert!(e.message().contains("no code"), "{e:?}"),
             other => panic!("expected a call error, got {other:?}"),
@@ -644,35 +641,33 @@ mod tests {
 
     #[tokio::test]
     async fn a_late_answer_after_a_timeout_is_dropped() {
-        let (peer, mut lines, mut answers) = by_hand(Duration::from_millis(50));
+        let (peer, mut hand) = Hand::start(Duration::from_millis(50));
         let c = peer.client().clone();
         let late = c.request::<Value, _>("slow", ObjectParams::new()).await;
         assert!(matches!(late, Err(Error::RequestTimeout)), "{late:?}");
-        let id = request_id(&mut lines).await;
-        let reply = serde_json::json!({"jsonrpc": "2.0", "id": id, "result": 1});
-        answers
-            .write_all(format!("{reply}\n").as_bytes())
-            .await
-            .unwrap();
+        hand.answer_next(serde_json::json!({"result": 1})).await;
         // The peer stays open, and the next call gets its own answer.
         let next =
             tokio::spawn(async move { c.request::<i64, _>("fast", ObjectParams::new()).await });
-        let id = request_id(&mut lines).await;
-        let reply = serde_json::json!({"jsonrpc": "2.0", "id": id, "result": 2});
-        answers
-            .write_all(format!("{reply}\n").as_bytes())
-            .await
-            .unwrap();
+        hand.answer_next(serde_json::json!({"result": 2})).await;
         assert_eq!(next.await.unwrap().unwrap(), 2);
         assert!(peer.is_open());
-        assert!(
-            peer.client()
-                .pending
-                .lock()
-                .unwrap()
-                .as_ref()
-                .unwrap()
-                .is_empty()
-        );
+        let pending = peer.client().pending.lock().unwrap();
+        assert!(pending.as_ref().is_some_and(HashMap::is_empty));
+    }
+
+    #[tokio::test]
+    async fn dropping_the_peer_fails_pending_calls_at_once() {
+        let (peer, _hand) = Hand::start(Duration::from_secs(30));
+        let c = peer.client().clone();
+        let call =
+            tokio::spawn(async move { c.request::<Value, _>("a", ObjectParams::new()).await });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        drop(peer);
+        let failed = tokio::time::timeout(Duration::from_secs(5), call)
+            .await
+            .expect("the call fails at once, not at its timeout")
+            .unwrap();
+        assert!(matches!(failed, Err(Error::Transport(_))), "{failed:?}");
     }
 }
