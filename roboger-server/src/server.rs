@@ -11,8 +11,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -33,9 +33,12 @@ pub async fn run(listener: TcpListener, app: Arc<App>, shutdown: impl Future<Out
     let svc = warp::service(api::routes(app));
     let graceful = GracefulShutdown::new();
     let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // HTTP/1.1 only: every client (robogerctl, pyrpush, curl, other
+    // Robogers) speaks it, and leaving out HTTP/2 keeps the h2 stack out
+    // of the build, where feature unification would also put it into
+    // every plugin binary.
+    let mut builder = http1::Builder::new();
     builder
-        .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT);
     let builder = Arc::new(builder);
@@ -67,9 +70,7 @@ pub async fn run(listener: TcpListener, app: Arc<App>, shutdown: impl Future<Out
             let mut svc = svc.clone();
             async move { svc.call(req).await }
         });
-        let conn = builder
-            .serve_connection(TokioIo::new(stream), hyper_svc)
-            .into_owned();
+        let conn = builder.serve_connection(TokioIo::new(stream), hyper_svc);
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
             if let Err(e) = conn.await {

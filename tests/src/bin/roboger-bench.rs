@@ -23,7 +23,7 @@ use clap::Parser;
 use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
-use roboger_tests::{KEY, Method, Server, ServerOptions, json, plugin_bin};
+use roboger_tests::{KEY, Method, Server, ServerOptions, json, plugin_bin, serve_http};
 use warp::Filter;
 
 #[derive(Parser, Debug, Clone)]
@@ -106,7 +106,7 @@ impl Sink {
             .await
             .expect("bind the sink");
         let addr = listener.local_addr().expect("sink address");
-        tokio::spawn(async move { warp::serve(route).incoming(listener).run().await });
+        serve_http(listener, warp::service(route));
         Sink {
             url: format!("http://{addr}/hook"),
             log,
