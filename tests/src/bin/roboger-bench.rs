@@ -71,6 +71,11 @@ struct Args {
     /// Seconds to wait for every accepted event to be delivered.
     #[arg(long, default_value_t = 120.0)]
     drain: f64,
+    /// The webhook plugin's `max-inflight` on our server (default: the
+    /// server's): deliveries in flight, each holding one HTTP connection,
+    /// which trades the plugin's peak memory against throughput.
+    #[arg(long)]
+    max_inflight: Option<usize>,
 }
 
 /// What the sink saw: per message, its sequence number and when it came.
@@ -505,8 +510,11 @@ async fn own_server(args: &Args, sink: &Sink, clock: Instant, seq: &Arc<AtomicU6
     let s = Server::start_with(ServerOptions {
         yaml: "timeout: 5\n".into(),
         plugins_yaml: format!(
-            "- name: webhook\n  command: {}\n",
-            plugin_bin("webhook").display()
+            "- name: webhook\n  command: {}\n{}",
+            plugin_bin("webhook").display(),
+            args.max_inflight
+                .map(|n| format!("  max-inflight: {n}\n"))
+                .unwrap_or_default()
         ),
         env: vec![("RUST_LOG".into(), "warn,roboger_server=info".into())],
         ..Default::default()
