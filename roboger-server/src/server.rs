@@ -2,10 +2,13 @@
 //! resolves, then lets open requests finish (bounded by a grace period).
 //!
 //! Written as `run(listener, app, shutdown)` so tests can start a server
-//! on `127.0.0.1:0`. The peer address of each connection is handed to the
-//! routes as a [`PeerAddr`] request extension (for `master.allow` and
-//! `ip-header`). A semaphore bounds open connections.
+//! on `127.0.0.1:0`; [`serve`] is the same loop for any service (the
+//! end-to-end tests' fake HTTP servers and the benchmark's sink use it).
+//! The peer address of each connection is handed to the routes as a
+//! [`PeerAddr`] request extension (for `master.allow` and `ip-header`). A
+//! semaphore bounds open connections.
 
+use std::convert::Infallible;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,7 +33,22 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Serves `app` on `listener` until `shutdown` completes.
 pub async fn run(listener: TcpListener, app: Arc<App>, shutdown: impl Future<Output = ()>) {
-    let svc = warp::service(api::routes(app));
+    serve(listener, warp::service(api::routes(app)), shutdown).await
+}
+
+/// Serves `svc` (e.g. `warp::service(filter)`) over HTTP/1.1 on
+/// `listener` until `shutdown` completes, then lets open requests finish.
+pub async fn serve<S, B>(listener: TcpListener, svc: S, shutdown: impl Future<Output = ()>)
+where
+    S: Service<http::Request<Incoming>, Response = http::Response<B>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let graceful = GracefulShutdown::new();
     let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     // HTTP/1.1 only: every client (robogerctl, pyrpush, curl, other

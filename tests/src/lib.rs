@@ -36,49 +36,6 @@ pub fn bin_dir() -> PathBuf {
     }
 }
 
-/// Serves `svc` (e.g. `warp::service(filter)`) over HTTP/1.1 on
-/// `listener` until the returned task is aborted or dropped with the
-/// runtime: the fake servers tests and the benchmark talk to. The same
-/// hyper connections as the server's accept loop, without warp's `server`
-/// feature (which would bring HTTP/2 into every binary of the workspace).
-pub fn serve_http<S, B>(listener: tokio::net::TcpListener, svc: S) -> tokio::task::JoinHandle<()>
-where
-    S: tower_service::Service<
-            http::Request<hyper::body::Incoming>,
-            Response = http::Response<B>,
-            Error = std::convert::Infallible,
-        > + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-    B: hyper::body::Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    tokio::spawn(async move {
-        loop {
-            let stream = match listener.accept().await {
-                Ok((stream, _)) => stream,
-                Err(_) => {
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                    continue;
-                }
-            };
-            let _ = stream.set_nodelay(true);
-            let svc = svc.clone();
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |req| {
-                    let mut svc = svc.clone();
-                    async move { svc.call(req).await }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
-                    .await;
-            });
-        }
-    })
-}
-
 /// Path of the server binary; panics with advice when it is not built.
 pub fn server_bin() -> PathBuf {
     let p = bin_dir().join("roboger-server");
@@ -634,7 +591,11 @@ impl HttpSink {
             .await
             .expect("bind sink");
         let addr = listener.local_addr().expect("sink addr");
-        let task = serve_http(listener, warp::service(route));
+        let task = tokio::spawn(roboger_server::server::serve(
+            listener,
+            warp::service(route),
+            std::future::pending(),
+        ));
         HttpSink {
             base: format!("http://{addr}"),
             requests,

@@ -23,7 +23,7 @@ use clap::Parser;
 use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
-use roboger_tests::{KEY, Method, Server, ServerOptions, json, plugin_bin, serve_http};
+use roboger_tests::{KEY, Method, Server, ServerOptions, json, plugin_bin};
 use warp::Filter;
 
 #[derive(Parser, Debug, Clone)]
@@ -111,7 +111,11 @@ impl Sink {
             .await
             .expect("bind the sink");
         let addr = listener.local_addr().expect("sink address");
-        serve_http(listener, warp::service(route));
+        tokio::spawn(roboger_server::server::serve(
+            listener,
+            warp::service(route),
+            std::future::pending(),
+        ));
         Sink {
             url: format!("http://{addr}/hook"),
             log,
