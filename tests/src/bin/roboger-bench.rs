@@ -174,17 +174,17 @@ struct Pusher {
 }
 
 impl Pusher {
-    fn new(url: &str) -> Pusher {
-        let rest = url.split_once("://").map_or(url, |(_, r)| r);
-        let (authority, path) = match rest.find('/') {
-            Some(i) => (&rest[..i], &rest[i..]),
-            None => (rest, "/"),
-        };
-        Pusher {
-            authority: authority.to_string(),
-            path: path.to_string(),
-            conn: None,
+    /// For `url`, an `http://host:port/path` URL; `None` for anything else.
+    fn new(url: &str) -> Option<Pusher> {
+        let uri: http::Uri = url.parse().ok()?;
+        if uri.scheme() != Some(&http::uri::Scheme::HTTP) {
+            return None;
         }
+        Some(Pusher {
+            authority: uri.authority()?.to_string(),
+            path: uri.path().to_string(),
+            conn: None,
+        })
     }
 
     /// POSTs `body` as JSON; the answer's status, or `None` on a
@@ -223,6 +223,11 @@ impl Pusher {
     }
 }
 
+/// Where a server at `base` takes pushes.
+fn push_url(base: &str) -> String {
+    format!("{}/push", base.trim_end_matches('/'))
+}
+
 /// Runs `args.connections` pushers against `t` for `seconds`; sequence
 /// numbers come from `seq`.
 async fn load(
@@ -240,11 +245,11 @@ async fn load(
     });
     let start = Instant::now();
     let end = start + Duration::from_secs_f64(seconds);
-    let url = format!("{}/push", t.base.trim_end_matches('/'));
+    let url = push_url(&t.base);
     let mut tasks = Vec::new();
     for c in 0..args.connections {
         let (mut pusher, addr, padding, media, seq) = (
-            Pusher::new(&url),
+            Pusher::new(&url).expect("push URLs are checked in main"),
             t.addr.clone(),
             padding.clone(),
             media.clone(),
@@ -730,6 +735,12 @@ fn print(rows: &[Row], args: &Args) {
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let args = Args::parse();
+    if let Some(t) = &args.target {
+        if Pusher::new(&push_url(t)).is_none() {
+            eprintln!("--target must be a plain http://host:port URL, not {t}");
+            return std::process::ExitCode::from(2);
+        }
+    }
     let _ = rustls::crypto::ring::default_provider().install_default();
     let clock = Instant::now();
     let sink = Sink::start(args.sink_port, clock).await;
