@@ -7,7 +7,7 @@
 //! server config. A refused or failed callback is a JSON-RPC error to the
 //! plugin, never a crash of the server.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
 use base64::Engine;
@@ -19,7 +19,20 @@ use serde_json::Value;
 use crate::config::DbBackend;
 use crate::level::Level;
 use crate::store::{NewObject, Store, StoreError};
-use crate::supervisor::{CallError, WeakSupervisor};
+
+/// How a plugin's `call_plugin` reaches the other plugins. The supervisor
+/// implements it (and maps its own call errors to the wire's), so this
+/// module does not depend on the supervisor that serves it.
+#[async_trait::async_trait]
+pub trait PluginCalls: Send + Sync + std::fmt::Debug {
+    /// Calls `method` of plugin `name` with named `params`.
+    async fn call_plugin(
+        &self,
+        name: &str,
+        method: &str,
+        params: serde_json::Map<String, Value>,
+    ) -> RpcResult<Value>;
+}
 
 /// What the callbacks need from the server, shared by all plugins.
 #[derive(Debug)]
@@ -29,7 +42,7 @@ pub struct HostContext {
     use_limits: bool,
     bucket_default_expires: Duration,
     public_url: Option<String>,
-    supervisor: OnceLock<WeakSupervisor>,
+    plugins: OnceLock<Weak<dyn PluginCalls>>,
 }
 
 impl HostContext {
@@ -47,13 +60,13 @@ impl HostContext {
             use_limits,
             bucket_default_expires,
             public_url,
-            supervisor: OnceLock::new(),
+            plugins: OnceLock::new(),
         })
     }
 
     /// Lets `call_plugin` reach the other plugins.
-    pub fn set_supervisor(&self, s: WeakSupervisor) {
-        let _ = self.supervisor.set(s);
+    pub fn set_plugins(&self, p: Weak<dyn PluginCalls>) {
+        let _ = self.plugins.set(p);
     }
 }
 
@@ -222,9 +235,9 @@ impl HostApiServer for HostHandler {
         method: String,
         params: Option<Value>,
     ) -> RpcResult<Value> {
-        let sup = self
+        let plugins = self
             .ctx
-            .supervisor
+            .plugins
             .get()
             .and_then(|w| w.upgrade())
             .ok_or_else(|| err(codes::FAILED, "the server is shutting down"))?;
@@ -238,13 +251,7 @@ impl HostApiServer for HostHandler {
                 ));
             }
         };
-        sup.call(&plugin_name, &method, params)
-            .await
-            .map_err(|e| match e {
-                CallError::NotConfigured(_) => err(codes::NOT_FOUND, e.to_string()),
-                CallError::Rejected(m) => err(codes::REJECTED, m),
-                other => err(codes::FAILED, other.to_string()),
-            })
+        plugins.call_plugin(&plugin_name, &method, params).await
     }
 
     async fn db_query(

@@ -19,7 +19,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::path::PathBuf;
 use std::process::Stdio;
-use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use jsonrpsee::core::client::{ClientT, Error as ClientError};
@@ -33,7 +33,7 @@ use tokio::sync::{Semaphore, watch};
 use tokio::time::Instant;
 
 use crate::config::PluginConfig;
-use crate::host::{HostContext, HostHandler};
+use crate::host::{HostContext, HostHandler, PluginCalls};
 
 /// Why a call to a plugin did not succeed.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -282,7 +282,8 @@ impl Supervisor {
             shutdown,
             tasks: Mutex::new(Vec::new()),
         });
-        host.set_supervisor(Arc::downgrade(&sup));
+        let weak: std::sync::Weak<dyn PluginCalls> = Arc::downgrade(&sup) as _;
+        host.set_plugins(weak);
         let mut tasks = Vec::new();
         for slot in sup.slots.values() {
             tasks.push(tokio::spawn(supervise(
@@ -847,8 +848,23 @@ async fn file_sha256(path: &std::path::Path) -> std::io::Result<String> {
         .collect())
 }
 
-/// A weak handle, for the host callbacks (`call_plugin`).
-pub type WeakSupervisor = Weak<Supervisor>;
+#[async_trait::async_trait]
+impl PluginCalls for Supervisor {
+    async fn call_plugin(
+        &self,
+        name: &str,
+        method: &str,
+        params: serde_json::Map<String, Value>,
+    ) -> jsonrpsee::core::RpcResult<Value> {
+        let err =
+            |code, msg: String| jsonrpsee::types::ErrorObjectOwned::owned(code, msg, None::<()>);
+        self.call(name, method, params).await.map_err(|e| match e {
+            CallError::NotConfigured(_) => err(codes::NOT_FOUND, e.to_string()),
+            CallError::Rejected(m) => err(codes::REJECTED, m),
+            other => err(codes::FAILED, other.to_string()),
+        })
+    }
+}
 
 #[cfg(test)]
 mod tests {

@@ -1,0 +1,107 @@
+//! Bucket objects: immutable blobs that plugins store, optionally public
+//! (served at `/file/{id}`), each with an expiry.
+
+use std::time::Duration;
+
+use sea_orm::{ActiveModelTrait, ActiveValue::Set, ColumnTrait, EntityTrait, QueryFilter, SqlErr};
+use serde_json::Value;
+
+use super::entity::bucket;
+use super::{Result, Store, StoreError};
+
+/// A bucket object to store.
+#[derive(Debug, Clone)]
+pub struct NewObject {
+    pub creator: String,
+    pub addr_id: Option<i64>,
+    pub mimetype: String,
+    pub fname: Option<String>,
+    pub public: bool,
+    pub metadata: Value,
+    pub expires: Duration,
+    pub content: Vec<u8>,
+}
+
+impl Store {
+    // ---- bucket ----------------------------------------------------------
+
+    /// Stores a new, immutable object and returns its id.
+    pub async fn bucket_put(&self, o: NewObject) -> Result<String> {
+        let now = chrono::Utc::now();
+        let id = crate::bucket::object_id(&o.content, &o.creator, o.addr_id, now);
+        let expires = o.expires.as_secs() as i64;
+        let am = bucket::ActiveModel {
+            id: Set(id.clone()),
+            creator: Set(o.creator),
+            addr_id: Set(o.addr_id),
+            mimetype: Set(o.mimetype),
+            fname: Set(o.fname),
+            size: Set(o.content.len() as i64),
+            public: Set(o.public),
+            metadata: Set(Some(o.metadata)),
+            d: Set(now),
+            da: Set(None),
+            expires: Set(expires),
+            expires_at: Set(now + chrono::Duration::seconds(expires)),
+            content: Set(o.content),
+        };
+        am.insert(&self.db).await.map_err(|e| {
+            if matches!(e.sql_err(), Some(SqlErr::ForeignKeyConstraintViolation(_))) {
+                StoreError::NotFound("addr of the bucket object".into())
+            } else {
+                e.into()
+            }
+        })?;
+        Ok(id)
+    }
+
+    /// An unexpired object; with `public`, only one whose flag matches.
+    pub async fn bucket_get(&self, id: &str, public: Option<bool>) -> Result<bucket::Model> {
+        let mut q = bucket::Entity::find_by_id(id.to_string())
+            .filter(bucket::Column::ExpiresAt.gt(chrono::Utc::now()));
+        if let Some(p) = public {
+            q = q.filter(bucket::Column::Public.eq(p));
+        }
+        q.one(&self.db)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("bucket object {id}")))
+    }
+
+    /// Sets an unexpired object's access time.
+    pub async fn bucket_touch(&self, id: &str) -> Result<()> {
+        let r = bucket::Entity::update_many()
+            .col_expr(
+                bucket::Column::Da,
+                sea_orm::sea_query::Expr::value(chrono::Utc::now()),
+            )
+            .filter(bucket::Column::Id.eq(id))
+            .filter(bucket::Column::ExpiresAt.gt(chrono::Utc::now()))
+            .exec(&self.db)
+            .await?;
+        if r.rows_affected == 0 {
+            return Err(StoreError::NotFound(format!("bucket object {id}")));
+        }
+        Ok(())
+    }
+
+    /// Deletes an object.
+    pub async fn bucket_delete(&self, id: &str) -> Result<()> {
+        let r = bucket::Entity::delete_by_id(id.to_string())
+            .exec(&self.db)
+            .await?;
+        if r.rows_affected == 0 {
+            return Err(StoreError::NotFound(format!("bucket object {id}")));
+        }
+        Ok(())
+    }
+
+    /// Deletes bucket objects past their expiry; returns how many.
+    pub async fn bucket_cleanup(&self) -> Result<u64> {
+        let now = chrono::Utc::now();
+        let r = bucket::Entity::delete_many()
+            .filter(bucket::Column::ExpiresAt.lte(now))
+            .exec(&self.db)
+            .await?;
+        Ok(r.rows_affected)
+    }
+}

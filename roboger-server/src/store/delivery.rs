@@ -1,0 +1,327 @@
+//! Accepted events and their deliveries: the pipeline's group commit,
+//! leases and claims of due deliveries, outcomes of attempts, and the
+//! events API (history, retry, retention).
+
+use sea_orm::sea_query::Expr;
+use sea_orm::{ActiveValue::Set, ColumnTrait, EntityTrait, QueryFilter, QueryOrder};
+
+use super::entity::{delivery, endpoint, event};
+use super::{Result, Store, StoreError};
+use crate::config::DbBackend;
+
+/// Bound parameters per insert statement at most (rows × columns).
+const INSERT_CHUNK: usize = 16_000;
+
+/// State of a delivery still to be made.
+pub const STATE_PENDING: &str = "pending";
+/// State of a delivery the plugin accepted.
+pub const STATE_DELIVERED: &str = "delivered";
+/// State of a delivery given up after its retries.
+pub const STATE_FAILED: &str = "failed";
+
+/// The outcome of one delivery attempt.
+#[derive(Debug, Clone)]
+pub struct Attempt {
+    pub event_id: String,
+    pub endpoint_id: i64,
+    /// Attempts made so far, this one included.
+    pub attempts: i32,
+    pub state: &'static str,
+    pub error: Option<String>,
+    /// When a pending delivery is due again.
+    pub next_at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+impl Store {
+    /// One write transaction of the pipeline (group commit): accepted
+    /// events with a delivery per endpoint, leased by `node` until
+    /// `lease_until` since this server dispatches them at once, and the
+    /// outcomes of delivery attempts. One transaction for both halves the
+    /// commits (and fsyncs) the pipeline makes.
+    pub async fn write_batch(
+        &self,
+        batch: &[(&event::Model, Vec<i64>)],
+        outcomes: &[Attempt],
+        node: &str,
+        lease_until: chrono::DateTime<chrono::Utc>,
+    ) -> Result<()> {
+        let txn = self.begin_write().await?;
+        if !batch.is_empty() {
+            insert_events(&txn, batch, node, lease_until).await?;
+        }
+        if !outcomes.is_empty() {
+            record_attempts(&txn, outcomes).await?;
+        }
+        txn.commit().await?;
+        Ok(())
+    }
+
+    /// Frees the leases `node` holds (a restarted server takes its own
+    /// pending deliveries back at once instead of waiting them out).
+    pub async fn release_leases(&self, node: &str) -> Result<u64> {
+        let r = delivery::Entity::update_many()
+            .col_expr(delivery::Column::LeaseUntil, no_lease().0)
+            .col_expr(delivery::Column::LeasedBy, no_lease().1)
+            .filter(delivery::Column::LeasedBy.eq(node))
+            .filter(delivery::Column::State.eq(STATE_PENDING))
+            .exec(&self.db)
+            .await?;
+        Ok(r.rows_affected)
+    }
+
+    /// Claims up to `limit` due pending deliveries whose lease is free or
+    /// expired, leasing them to `node`; returns each with its event and
+    /// endpoint. Rows another server is claiming at the same moment are
+    /// skipped (`FOR UPDATE SKIP LOCKED` where the database has it).
+    pub async fn claim_due(
+        &self,
+        node: &str,
+        lease_until: chrono::DateTime<chrono::Utc>,
+        limit: u64,
+    ) -> Result<Vec<(delivery::Model, event::Model, endpoint::Model)>> {
+        use sea_orm::{QuerySelect, sea_query::LockBehavior, sea_query::LockType};
+        let now = chrono::Utc::now();
+        let txn = self.begin_write().await?;
+        let mut q = delivery::Entity::find()
+            .filter(delivery::Column::State.eq(STATE_PENDING))
+            .filter(delivery::Column::NextAt.lte(now))
+            .filter(
+                sea_orm::Condition::any()
+                    .add(delivery::Column::LeaseUntil.is_null())
+                    .add(delivery::Column::LeaseUntil.lt(now)),
+            )
+            .order_by_asc(delivery::Column::NextAt)
+            .limit(limit);
+        if self.backend != DbBackend::Sqlite {
+            q = q.lock_with_behavior(LockType::Update, LockBehavior::SkipLocked);
+        }
+        let due = q.all(&txn).await?;
+        if due.is_empty() {
+            txn.commit().await?;
+            return Ok(Vec::new());
+        }
+        let ids: Vec<i64> = due.iter().map(|d| d.id).collect();
+        delivery::Entity::update_many()
+            .col_expr(delivery::Column::LeaseUntil, Expr::value(lease_until))
+            .col_expr(delivery::Column::LeasedBy, Expr::value(node))
+            .filter(delivery::Column::Id.is_in(ids))
+            .exec(&txn)
+            .await?;
+        let event_ids: Vec<String> = due.iter().map(|d| d.event_id.clone()).collect();
+        let ep_ids: Vec<i64> = due.iter().map(|d| d.endpoint_id).collect();
+        let events: std::collections::HashMap<String, event::Model> = event::Entity::find()
+            .filter(event::Column::Id.is_in(event_ids))
+            .all(&txn)
+            .await?
+            .into_iter()
+            .map(|e| (e.id.clone(), e))
+            .collect();
+        let eps: std::collections::HashMap<i64, endpoint::Model> = endpoint::Entity::find()
+            .filter(endpoint::Column::Id.is_in(ep_ids))
+            .all(&txn)
+            .await?
+            .into_iter()
+            .map(|e| (e.id, e))
+            .collect();
+        txn.commit().await?;
+        Ok(due
+            .into_iter()
+            .filter_map(|d| {
+                let e = events.get(&d.event_id)?.clone();
+                let ep = eps.get(&d.endpoint_id)?.clone();
+                Some((d, e, ep))
+            })
+            .collect())
+    }
+
+    // ---- events API --------------------------------------------------------
+
+    /// The newest `limit` events of an address, newest first.
+    pub async fn event_list(&self, addr_id: i64, limit: u64) -> Result<Vec<event::Model>> {
+        use sea_orm::QuerySelect;
+        Ok(event::Entity::find()
+            .filter(event::Column::AddrId.eq(addr_id))
+            .order_by_desc(event::Column::Created)
+            .limit(limit)
+            .all(&self.db)
+            .await?)
+    }
+
+    /// One event of an address, with its deliveries.
+    pub async fn event_get(
+        &self,
+        addr_id: i64,
+        id: &str,
+    ) -> Result<(event::Model, Vec<delivery::Model>)> {
+        let e = event::Entity::find_by_id(id.to_string())
+            .filter(event::Column::AddrId.eq(addr_id))
+            .one(&self.db)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("event {id}")))?;
+        let d = delivery::Entity::find()
+            .filter(delivery::Column::EventId.eq(id))
+            .order_by_asc(delivery::Column::EndpointId)
+            .all(&self.db)
+            .await?;
+        Ok((e, d))
+    }
+
+    /// Makes an event's failed deliveries pending again, due now.
+    pub async fn event_retry(&self, addr_id: i64, id: &str) -> Result<u64> {
+        self.event_get(addr_id, id).await?;
+        let r = delivery::Entity::update_many()
+            .col_expr(delivery::Column::State, Expr::value(STATE_PENDING))
+            .col_expr(delivery::Column::NextAt, Expr::value(chrono::Utc::now()))
+            .col_expr(delivery::Column::LeaseUntil, no_lease().0)
+            .col_expr(delivery::Column::LeasedBy, no_lease().1)
+            .col_expr(delivery::Column::Updated, Expr::value(chrono::Utc::now()))
+            .filter(delivery::Column::EventId.eq(id))
+            .filter(delivery::Column::State.eq(STATE_FAILED))
+            .exec(&self.db)
+            .await?;
+        Ok(r.rows_affected)
+    }
+
+    /// Deletes events created before `before` that have nothing pending.
+    pub async fn events_cleanup(&self, before: chrono::DateTime<chrono::Utc>) -> Result<u64> {
+        use sea_orm::QuerySelect;
+        let pending: Vec<String> = delivery::Entity::find()
+            .select_only()
+            .column(delivery::Column::EventId)
+            .filter(delivery::Column::State.eq(STATE_PENDING))
+            .into_tuple()
+            .all(&self.db)
+            .await?;
+        let old: Vec<String> = event::Entity::find()
+            .select_only()
+            .column(event::Column::Id)
+            .filter(event::Column::Created.lt(before))
+            .into_tuple()
+            .all(&self.db)
+            .await?;
+        let pending: std::collections::HashSet<String> = pending.into_iter().collect();
+        let doomed: Vec<String> = old.into_iter().filter(|id| !pending.contains(id)).collect();
+        let mut n = 0;
+        for chunk in doomed.chunks(500) {
+            let txn = self.begin_write().await?;
+            delivery::Entity::delete_many()
+                .filter(delivery::Column::EventId.is_in(chunk.to_vec()))
+                .exec(&txn)
+                .await?;
+            n += event::Entity::delete_many()
+                .filter(event::Column::Id.is_in(chunk.to_vec()))
+                .exec(&txn)
+                .await?
+                .rows_affected;
+            txn.commit().await?;
+        }
+        Ok(n)
+    }
+}
+
+/// The values of a delivery's lease columns when nobody holds it.
+fn no_lease() -> (Expr, Expr) {
+    (
+        Expr::value(Option::<chrono::DateTime<chrono::Utc>>::None),
+        Expr::value(Option::<String>::None),
+    )
+}
+
+/// Inserts accepted events and their deliveries (see [`Store::write_batch`]).
+async fn insert_events(
+    txn: &sea_orm::DatabaseTransaction,
+    batch: &[(&event::Model, Vec<i64>)],
+    node: &str,
+    lease_until: chrono::DateTime<chrono::Utc>,
+) -> Result<()> {
+    let now = chrono::Utc::now();
+    // Chunks keep each statement under every backend's limit on bound
+    // parameters (SQLite's is 32766).
+    for chunk in batch.chunks(INSERT_CHUNK / 16) {
+        event::Entity::insert_many(
+            chunk
+                .iter()
+                .map(|(e, _)| event::ActiveModel::from((*e).clone())),
+        )
+        .exec_without_returning(txn)
+        .await?;
+    }
+    let deliveries: Vec<delivery::ActiveModel> = batch
+        .iter()
+        .flat_map(|(e, eps)| {
+            eps.iter().map(move |ep| delivery::ActiveModel {
+                event_id: Set(e.id.clone()),
+                endpoint_id: Set(*ep),
+                state: Set(STATE_PENDING.into()),
+                attempts: Set(0),
+                next_at: Set(now),
+                lease_until: Set(Some(lease_until)),
+                leased_by: Set(Some(node.to_string())),
+                last_error: Set(None),
+                created: Set(now),
+                updated: Set(now),
+                ..Default::default()
+            })
+        })
+        .collect();
+    for chunk in deliveries.chunks(INSERT_CHUNK / 16) {
+        delivery::Entity::insert_many(chunk.to_vec())
+            .exec_without_returning(txn)
+            .await?;
+    }
+    Ok(())
+}
+
+/// Records the outcome of delivery attempts. Successes (the bulk) share
+/// their values, so they are written one statement per endpoint and
+/// attempt count; the rest row by row.
+async fn record_attempts(txn: &sea_orm::DatabaseTransaction, outcomes: &[Attempt]) -> Result<()> {
+    let now = chrono::Utc::now();
+    let mut delivered: std::collections::BTreeMap<(i64, i32), Vec<&str>> = Default::default();
+    let mut others = Vec::new();
+    for o in outcomes {
+        if o.state == STATE_DELIVERED && o.error.is_none() && o.next_at.is_none() {
+            delivered
+                .entry((o.endpoint_id, o.attempts))
+                .or_default()
+                .push(o.event_id.as_str());
+        } else {
+            others.push(o);
+        }
+    }
+    for ((endpoint_id, attempts), events) in delivered {
+        for chunk in events.chunks(INSERT_CHUNK) {
+            delivery::Entity::update_many()
+                .col_expr(delivery::Column::Attempts, Expr::value(attempts))
+                .col_expr(delivery::Column::State, Expr::value(STATE_DELIVERED))
+                .col_expr(
+                    delivery::Column::LastError,
+                    Expr::value(Option::<String>::None),
+                )
+                .col_expr(delivery::Column::Updated, Expr::value(now))
+                .col_expr(delivery::Column::LeaseUntil, no_lease().0)
+                .col_expr(delivery::Column::LeasedBy, no_lease().1)
+                .filter(delivery::Column::EndpointId.eq(endpoint_id))
+                .filter(delivery::Column::EventId.is_in(chunk.iter().copied()))
+                .exec(txn)
+                .await?;
+        }
+    }
+    for o in others {
+        let mut q = delivery::Entity::update_many()
+            .col_expr(delivery::Column::Attempts, Expr::value(o.attempts))
+            .col_expr(delivery::Column::State, Expr::value(o.state))
+            .col_expr(delivery::Column::LastError, Expr::value(o.error.clone()))
+            .col_expr(delivery::Column::Updated, Expr::value(now))
+            .col_expr(delivery::Column::LeaseUntil, no_lease().0)
+            .col_expr(delivery::Column::LeasedBy, no_lease().1);
+        if let Some(next) = o.next_at {
+            q = q.col_expr(delivery::Column::NextAt, Expr::value(next));
+        }
+        q.filter(delivery::Column::EventId.eq(o.event_id.as_str()))
+            .filter(delivery::Column::EndpointId.eq(o.endpoint_id))
+            .exec(txn)
+            .await?;
+    }
+    Ok(())
+}

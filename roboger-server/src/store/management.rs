@@ -1,0 +1,467 @@
+//! The objects users manage: addresses, endpoints and subscriptions, with
+//! the parent checks (an object reached through the wrong parent is "not
+//! found") and the cascade on delete done here, once; and the snapshot the
+//! routing index is built from.
+
+use sea_orm::{
+    ActiveModelTrait, ActiveValue::Set, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter,
+    QueryOrder,
+};
+use serde_json::Value;
+
+use super::entity::{self, addr, addr_limit, bucket, delivery, endpoint, event, subscription};
+use super::{AddrRef, Result, Store, StoreError, is_unique_violation};
+use crate::level::{Level, LevelMatch};
+
+/// Changes to an address; `None` leaves a field as it is.
+#[derive(Debug, Default, Clone)]
+pub struct AddrPatch {
+    pub active: Option<i16>,
+    pub lim_c: Option<i64>,
+    pub lim_s: Option<i64>,
+}
+
+/// Changes to an endpoint; `None` leaves a field as it is.
+#[derive(Debug, Default, Clone)]
+pub struct EndpointPatch {
+    pub config: Option<Value>,
+    pub active: Option<i16>,
+    /// `Some(None)` clears the description.
+    pub description: Option<Option<String>>,
+}
+
+/// Changes to a subscription; `None` leaves a field as it is, and for the
+/// filters `Some(None)` means "any".
+#[derive(Debug, Default, Clone)]
+pub struct SubscriptionPatch {
+    pub active: Option<i16>,
+    pub location: Option<Option<String>>,
+    pub tag: Option<Option<String>>,
+    pub sender: Option<Option<String>>,
+    pub level: Option<Level>,
+    pub level_match: Option<LevelMatch>,
+}
+
+/// A subscription with the address id it belongs to (as the API shows it).
+#[derive(Debug, Clone)]
+pub struct SubscriptionRow {
+    pub addr_id: i64,
+    pub sub: subscription::Model,
+}
+
+impl Store {
+    // ---- addresses -------------------------------------------------------
+
+    /// Every address, by id.
+    pub async fn addr_list(&self) -> Result<Vec<addr::Model>> {
+        Ok(addr::Entity::find()
+            .order_by_asc(addr::Column::Id)
+            .all(&self.db)
+            .await?)
+    }
+
+    /// One address.
+    pub async fn addr_get(&self, r: &AddrRef) -> Result<addr::Model> {
+        let q = match r {
+            AddrRef::Id(id) => addr::Entity::find_by_id(*id),
+            AddrRef::A(a) => addr::Entity::find().filter(addr::Column::A.eq(a.as_str())),
+        };
+        q.one(&self.db)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("addr {r}")))
+    }
+
+    /// Creates an address with a fresh random 64-char string.
+    pub async fn addr_create(&self) -> Result<addr::Model> {
+        for _ in 0..3 {
+            let am = addr::ActiveModel {
+                a: Set(crate::random::alphanumeric(entity::ADDR_LEN)),
+                active: Set(1),
+                lim_c: Set(100),
+                lim_s: Set(10_000_000),
+                ..Default::default()
+            };
+            match am.insert(&self.db).await {
+                Ok(m) => return Ok(m),
+                Err(e) if is_unique_violation(&e) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(StoreError::Conflict(
+            "could not generate a unique address".into(),
+        ))
+    }
+
+    /// Applies `patch` and returns the address as it now is.
+    pub async fn addr_update(&self, r: &AddrRef, patch: AddrPatch) -> Result<addr::Model> {
+        let current = self.addr_get(r).await?;
+        if patch.active.is_none() && patch.lim_c.is_none() && patch.lim_s.is_none() {
+            return Ok(current);
+        }
+        let mut am: addr::ActiveModel = current.into();
+        if let Some(v) = patch.active {
+            am.active = Set(v);
+        }
+        if let Some(v) = patch.lim_c {
+            am.lim_c = Set(v);
+        }
+        if let Some(v) = patch.lim_s {
+            am.lim_s = Set(v);
+        }
+        Ok(am.update(&self.db).await?)
+    }
+
+    /// Renames an address (to `to`, or a fresh random one) and returns it.
+    pub async fn addr_change(&self, r: &AddrRef, to: Option<String>) -> Result<addr::Model> {
+        let current = self.addr_get(r).await?;
+        let mut am: addr::ActiveModel = current.into();
+        am.a = Set(to.unwrap_or_else(|| crate::random::alphanumeric(entity::ADDR_LEN)));
+        am.update(&self.db).await.map_err(|e| {
+            if is_unique_violation(&e) {
+                StoreError::Conflict("resource already exists: that address is taken".into())
+            } else {
+                e.into()
+            }
+        })
+    }
+
+    /// Deletes an address with its endpoints, subscriptions, bucket objects
+    /// and counters.
+    pub async fn addr_delete(&self, r: &AddrRef) -> Result<()> {
+        let a = self.addr_get(r).await?;
+        let txn = self.begin_write().await?;
+        delete_addr_children(&txn, Some(a.id)).await?;
+        addr::Entity::delete_by_id(a.id).exec(&txn).await?;
+        txn.commit().await?;
+        Ok(())
+    }
+
+    /// Deletes every address and everything that hangs off them.
+    pub async fn delete_everything(&self) -> Result<()> {
+        let txn = self.begin_write().await?;
+        delete_addr_children(&txn, None).await?;
+        addr::Entity::delete_many().exec(&txn).await?;
+        txn.commit().await?;
+        Ok(())
+    }
+
+    // ---- endpoints -------------------------------------------------------
+
+    /// The endpoints of an address, by id.
+    pub async fn endpoint_list(&self, addr_id: i64) -> Result<Vec<endpoint::Model>> {
+        Ok(endpoint::Entity::find()
+            .filter(endpoint::Column::AddrId.eq(addr_id))
+            .order_by_asc(endpoint::Column::Id)
+            .all(&self.db)
+            .await?)
+    }
+
+    /// One endpoint, only if it belongs to `addr_id`.
+    pub async fn endpoint_get(&self, addr_id: i64, id: i64) -> Result<endpoint::Model> {
+        endpoint::Entity::find_by_id(id)
+            .filter(endpoint::Column::AddrId.eq(addr_id))
+            .one(&self.db)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("endpoint {addr_id}/{id}")))
+    }
+
+    /// Creates an endpoint (the caller has validated the config).
+    pub async fn endpoint_create(
+        &self,
+        addr_id: i64,
+        plugin_name: &str,
+        config: Value,
+        description: Option<String>,
+    ) -> Result<endpoint::Model> {
+        let am = endpoint::ActiveModel {
+            addr_id: Set(addr_id),
+            plugin_name: Set(plugin_name.to_string()),
+            config: Set(config),
+            active: Set(1),
+            description: Set(description),
+            ..Default::default()
+        };
+        Ok(am.insert(&self.db).await?)
+    }
+
+    /// Applies `patch` to an endpoint that belongs to `addr_id`.
+    pub async fn endpoint_update(
+        &self,
+        addr_id: i64,
+        id: i64,
+        patch: EndpointPatch,
+    ) -> Result<endpoint::Model> {
+        let current = self.endpoint_get(addr_id, id).await?;
+        if patch.config.is_none() && patch.active.is_none() && patch.description.is_none() {
+            return Ok(current);
+        }
+        let mut am: endpoint::ActiveModel = current.into();
+        if let Some(v) = patch.config {
+            am.config = Set(v);
+        }
+        if let Some(v) = patch.active {
+            am.active = Set(v);
+        }
+        if let Some(v) = patch.description {
+            am.description = Set(v);
+        }
+        Ok(am.update(&self.db).await?)
+    }
+
+    /// Deletes an endpoint that belongs to `addr_id`, with its subscriptions.
+    pub async fn endpoint_delete(&self, addr_id: i64, id: i64) -> Result<()> {
+        let ep = self.endpoint_get(addr_id, id).await?;
+        let txn = self.begin_write().await?;
+        delivery::Entity::delete_many()
+            .filter(delivery::Column::EndpointId.eq(ep.id))
+            .exec(&txn)
+            .await?;
+        subscription::Entity::delete_many()
+            .filter(subscription::Column::EndpointId.eq(ep.id))
+            .exec(&txn)
+            .await?;
+        endpoint::Entity::delete_by_id(ep.id).exec(&txn).await?;
+        txn.commit().await?;
+        Ok(())
+    }
+
+    /// Copies the subscriptions of `from` to `to` (both checked to belong to
+    /// `addr_id`), first deleting `to`'s own when `replace` is set. The
+    /// copies are active, as in the original.
+    pub async fn copy_subscriptions(
+        &self,
+        addr_id: i64,
+        from: i64,
+        to: i64,
+        replace: bool,
+    ) -> Result<()> {
+        let src = self.endpoint_get(addr_id, from).await?;
+        let dst = self.endpoint_get(addr_id, to).await.map_err(|e| match e {
+            StoreError::NotFound(_) => {
+                StoreError::NotFound(format!("target endpoint {addr_id}/{to}"))
+            }
+            e => e,
+        })?;
+        let subs = self.subscription_list_raw(src.id).await?;
+        let txn = self.begin_write().await?;
+        if replace {
+            subscription::Entity::delete_many()
+                .filter(subscription::Column::EndpointId.eq(dst.id))
+                .exec(&txn)
+                .await?;
+        }
+        for s in subs {
+            subscription::ActiveModel {
+                endpoint_id: Set(dst.id),
+                active: Set(1),
+                location: Set(s.location),
+                tag: Set(s.tag),
+                sender: Set(s.sender),
+                level: Set(s.level),
+                level_match: Set(s.level_match),
+                ..Default::default()
+            }
+            .insert(&txn)
+            .await?;
+        }
+        txn.commit().await?;
+        Ok(())
+    }
+
+    // ---- subscriptions ---------------------------------------------------
+
+    async fn subscription_list_raw(&self, endpoint_id: i64) -> Result<Vec<subscription::Model>> {
+        Ok(subscription::Entity::find()
+            .filter(subscription::Column::EndpointId.eq(endpoint_id))
+            .order_by_asc(subscription::Column::Id)
+            .all(&self.db)
+            .await?)
+    }
+
+    /// The subscriptions of an endpoint that belongs to `addr_id`.
+    pub async fn subscription_list(
+        &self,
+        addr_id: i64,
+        endpoint_id: i64,
+    ) -> Result<Vec<SubscriptionRow>> {
+        let ep = self.endpoint_get(addr_id, endpoint_id).await?;
+        Ok(self
+            .subscription_list_raw(ep.id)
+            .await?
+            .into_iter()
+            .map(|sub| SubscriptionRow { addr_id, sub })
+            .collect())
+    }
+
+    /// One subscription, only through its own endpoint and address.
+    pub async fn subscription_get(
+        &self,
+        addr_id: i64,
+        endpoint_id: i64,
+        id: i64,
+    ) -> Result<SubscriptionRow> {
+        let not_found =
+            || StoreError::NotFound(format!("subscription {addr_id}/{endpoint_id}/{id}"));
+        self.endpoint_get(addr_id, endpoint_id)
+            .await
+            .map_err(|e| match e {
+                StoreError::NotFound(_) => not_found(),
+                e => e,
+            })?;
+        let sub = subscription::Entity::find_by_id(id)
+            .filter(subscription::Column::EndpointId.eq(endpoint_id))
+            .one(&self.db)
+            .await?
+            .ok_or_else(not_found)?;
+        Ok(SubscriptionRow { addr_id, sub })
+    }
+
+    /// Creates a subscription for an endpoint that belongs to `addr_id`.
+    pub async fn subscription_create(
+        &self,
+        addr_id: i64,
+        endpoint_id: i64,
+        s: SubscriptionPatch,
+    ) -> Result<SubscriptionRow> {
+        let ep = self.endpoint_get(addr_id, endpoint_id).await?;
+        let am = subscription::ActiveModel {
+            endpoint_id: Set(ep.id),
+            active: Set(s.active.unwrap_or(1)),
+            location: Set(s.location.flatten()),
+            tag: Set(s.tag.flatten()),
+            sender: Set(s.sender.flatten()),
+            level: Set(i16::from(s.level.unwrap_or_default().code())),
+            level_match: Set(s.level_match.unwrap_or_default().as_str().to_string()),
+            ..Default::default()
+        };
+        let sub = am.insert(&self.db).await?;
+        Ok(SubscriptionRow { addr_id, sub })
+    }
+
+    /// Applies `patch` to a subscription reached through its own parents.
+    pub async fn subscription_update(
+        &self,
+        addr_id: i64,
+        endpoint_id: i64,
+        id: i64,
+        p: SubscriptionPatch,
+    ) -> Result<SubscriptionRow> {
+        let current = self.subscription_get(addr_id, endpoint_id, id).await?.sub;
+        let mut am: subscription::ActiveModel = current.clone().into();
+        let mut changed = false;
+        if let Some(v) = p.active {
+            am.active = Set(v);
+            changed = true;
+        }
+        if let Some(v) = p.location {
+            am.location = Set(v);
+            changed = true;
+        }
+        if let Some(v) = p.tag {
+            am.tag = Set(v);
+            changed = true;
+        }
+        if let Some(v) = p.sender {
+            am.sender = Set(v);
+            changed = true;
+        }
+        if let Some(v) = p.level {
+            am.level = Set(i16::from(v.code()));
+            changed = true;
+        }
+        if let Some(v) = p.level_match {
+            am.level_match = Set(v.as_str().to_string());
+            changed = true;
+        }
+        let sub = if changed {
+            am.update(&self.db).await?
+        } else {
+            current
+        };
+        Ok(SubscriptionRow { addr_id, sub })
+    }
+
+    /// Deletes a subscription reached through its own parents.
+    pub async fn subscription_delete(&self, addr_id: i64, endpoint_id: i64, id: i64) -> Result<()> {
+        let row = self.subscription_get(addr_id, endpoint_id, id).await?;
+        subscription::Entity::delete_by_id(row.sub.id)
+            .exec(&self.db)
+            .await?;
+        Ok(())
+    }
+
+    // ---- routing and deliveries ------------------------------------------
+
+    /// Addresses, endpoints and subscriptions (of one address, or all),
+    /// for the routing index.
+    pub async fn routing_snapshot(
+        &self,
+        addr_id: Option<i64>,
+    ) -> Result<(
+        Vec<addr::Model>,
+        Vec<endpoint::Model>,
+        Vec<subscription::Model>,
+    )> {
+        let mut addrs = addr::Entity::find();
+        let mut eps = endpoint::Entity::find();
+        if let Some(id) = addr_id {
+            addrs = addrs.filter(addr::Column::Id.eq(id));
+            eps = eps.filter(endpoint::Column::AddrId.eq(id));
+        }
+        let addrs = addrs.all(&self.db).await?;
+        let eps = eps.order_by_asc(endpoint::Column::Id).all(&self.db).await?;
+        let mut subs = subscription::Entity::find();
+        if addr_id.is_some() {
+            subs = subs.filter(
+                subscription::Column::EndpointId
+                    .is_in(eps.iter().map(|e| e.id).collect::<Vec<_>>()),
+            );
+        }
+        let subs = subs.all(&self.db).await?;
+        Ok((addrs, eps, subs))
+    }
+}
+
+/// Deletes what hangs off one address (or all of them) explicitly, so the
+/// cascade holds even on a database whose foreign keys are off.
+async fn delete_addr_children<C: ConnectionTrait>(c: &C, addr_id: Option<i64>) -> Result<()> {
+    let mut endpoints = endpoint::Entity::find();
+    if let Some(id) = addr_id {
+        endpoints = endpoints.filter(endpoint::Column::AddrId.eq(id));
+    }
+    let ep_ids = endpoints
+        .all(c)
+        .await?
+        .into_iter()
+        .map(|e| e.id)
+        .collect::<Vec<_>>();
+    if !ep_ids.is_empty() {
+        delivery::Entity::delete_many()
+            .filter(delivery::Column::EndpointId.is_in(ep_ids.clone()))
+            .exec(c)
+            .await?;
+        subscription::Entity::delete_many()
+            .filter(subscription::Column::EndpointId.is_in(ep_ids))
+            .exec(c)
+            .await?;
+    }
+    let mut del_events = event::Entity::delete_many();
+    if let Some(id) = addr_id {
+        del_events = del_events.filter(event::Column::AddrId.eq(id));
+    }
+    del_events.exec(c).await?;
+    let mut del_ep = endpoint::Entity::delete_many();
+    let mut del_bucket = bucket::Entity::delete_many();
+    let mut del_lim = addr_limit::Entity::delete_many();
+    if let Some(id) = addr_id {
+        del_ep = del_ep.filter(endpoint::Column::AddrId.eq(id));
+        del_bucket = del_bucket.filter(bucket::Column::AddrId.eq(id));
+        del_lim = del_lim.filter(addr_limit::Column::AddrId.eq(id));
+    } else {
+        del_bucket = del_bucket.filter(bucket::Column::AddrId.is_not_null());
+    }
+    del_ep.exec(c).await?;
+    del_bucket.exec(c).await?;
+    del_lim.exec(c).await?;
+    Ok(())
+}
