@@ -90,6 +90,7 @@ struct FileRoboger {
     plugin_health_interval: Option<f64>,
     cleanup_interval: Option<u64>,
     node: Option<String>,
+    node_timeout: Option<f64>,
     push_max_media: Option<usize>,
     event_retention: Option<u64>,
     delivery: Option<FileDelivery>,
@@ -287,6 +288,11 @@ pub struct DeliveryConfig {
     pub lease: Duration,
     /// How often due deliveries are looked for.
     pub sweep_interval: Duration,
+    /// How often this node writes its heartbeat.
+    pub heartbeat: Duration,
+    /// A node whose heartbeat is older than this is dead, and the others
+    /// free its leases (`node-timeout`).
+    pub node_timeout: Duration,
 }
 
 /// Default of a plugin's `max-inflight`. Each delivery in flight holds an
@@ -627,8 +633,16 @@ impl Config {
             }
         };
         let node = f.node.unwrap_or_else(default_node);
+        // The instance id (name, '#', 12 characters) must fit its column.
         if node.is_empty() || node.len() > 128 {
             return Err(invalid("roboger.node", "must be 1 to 128 characters"));
+        }
+        let node_timeout = positive("roboger.node-timeout", f.node_timeout, 3.0)?;
+        if node_timeout < Duration::from_millis(500) {
+            return Err(invalid(
+                "roboger.node-timeout",
+                "must be at least 0.5 seconds",
+            ));
         }
         let delivery = DeliveryConfig {
             node,
@@ -659,6 +673,8 @@ impl Config {
             },
             lease: Duration::from_secs_f64((timeout * 12.0).max(60.0)),
             sweep_interval: Duration::from_millis(250),
+            heartbeat: (node_timeout / 3).min(Duration::from_secs(1)),
+            node_timeout,
         };
         let push_max_media = f.push_max_media.unwrap_or(10 * 1024 * 1024);
         let cleanup_interval = f.cleanup_interval.unwrap_or(3600);

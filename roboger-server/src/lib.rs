@@ -6,6 +6,7 @@
 
 pub mod api;
 pub mod bucket;
+pub mod cluster;
 pub mod config;
 pub mod event;
 pub mod host;
@@ -34,9 +35,13 @@ pub struct App {
     /// Master key and network checks of the management API.
     pub auth: api::auth::MasterAuth,
     /// Which endpoints each address's events go to.
-    pub routes: routing::Routes,
+    pub routes: Arc<routing::Routes>,
     /// Accepted events on their way to the plugins.
     pub pipeline: pipeline::Pipeline,
+    /// This process as a node of the servers sharing the database.
+    pub node: Arc<cluster::Node>,
+    /// The heartbeat task, stopped by [`App::stop`].
+    heartbeat: tokio::task::JoinHandle<()>,
 }
 
 impl App {
@@ -62,13 +67,19 @@ impl App {
         opts.health_interval = config.plugin_health_interval;
         let plugins = supervisor::Supervisor::start(config.plugins.clone(), opts, host);
         plugins.wait_started(config.timeout * 2).await;
-        let routes = routing::Routes::default();
-        routes.reload(&store).await?;
+        let routes = Arc::new(routing::Routes::default());
+        routes.load(&store).await?;
+        tokio::spawn(routing::follow(Arc::downgrade(&routes), store.clone()));
+        let node = Arc::new(cluster::Node::new(&config.delivery.node));
+        cluster::join(&store, &node).await;
+        let delivery = Arc::new(config.delivery.clone());
+        let heartbeat = tokio::spawn(cluster::run(store.clone(), node.clone(), delivery.clone()));
         let pipeline = pipeline::Pipeline::start(
             store.clone(),
             plugins.clone(),
-            config.delivery.clone(),
+            delivery,
             config.timeout,
+            node.clone(),
         )
         .await;
         Ok(App {
@@ -78,6 +89,8 @@ impl App {
             auth,
             routes,
             pipeline,
+            node,
+            heartbeat,
         })
     }
 
@@ -94,7 +107,15 @@ impl App {
         Ok(())
     }
 
-    /// Runs [`App::cleanup`] every `cleanup-interval` until dropped.
+    /// Stops this node cleanly: no more heartbeats, and the deliveries it
+    /// still holds are left to the other nodes (or to its next start).
+    pub async fn stop(&self) {
+        self.heartbeat.abort();
+        cluster::leave(&self.store, &self.node).await;
+    }
+
+    /// Runs [`App::cleanup`] every `cleanup-interval` on one node of the
+    /// cluster at a time (whichever takes the job's lease), until dropped.
     pub fn spawn_cleanup(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
         let app = Arc::downgrade(self);
         let every = self.config.cleanup_interval;
@@ -105,6 +126,9 @@ impl App {
             loop {
                 tick.tick().await;
                 let Some(app) = app.upgrade() else { break };
+                if !cluster::once(&app.store, &app.node, "cleanup", every).await {
+                    continue;
+                }
                 if let Err(e) = app.cleanup().await {
                     tracing::warn!(error = %e, "periodic cleanup failed");
                 }

@@ -87,8 +87,9 @@ async fn open_store(config: &Config) -> anyhow::Result<Store> {
     let store = Store::connect(&config.db, config.db_pool_size, config.timeout)
         .await
         .context("cannot connect to the database")?;
+    // Other nodes may be migrating the same database: wait for them.
     store
-        .migrate()
+        .migrate(config.timeout.max(std::time::Duration::from_secs(10)) * 12)
         .await
         .context("cannot apply database migrations")?;
     Ok(store)
@@ -143,6 +144,7 @@ async fn serve(cli: &Cli) -> anyhow::Result<()> {
     server::run(listener, app.clone(), shutdown_signal()).await;
     cleanup.abort();
     app.plugins.shutdown().await;
+    app.stop().await;
     tracing::info!("stopped");
     Ok(())
 }

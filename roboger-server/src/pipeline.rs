@@ -15,9 +15,10 @@
 //!
 //! Invariant: a push is answered 202 only after the commit; a delivery
 //! leaves `pending` only when the plugin accepted it or its retries are
-//! spent. Deliveries are claimed with leases (`FOR UPDATE SKIP LOCKED`
-//! where available), so several servers on one database never run the
-//! same delivery at once.
+//! spent. Deliveries are claimed with leases in this process's instance
+//! name (`FOR UPDATE SKIP LOCKED` where available), so several servers on
+//! one database never run the same delivery at once, and an outcome is
+//! written only while its lease is still this instance's (fencing).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,6 +26,7 @@ use std::time::Duration;
 use serde_json::{Map, Value};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
+use crate::cluster::Node;
 use crate::config::DeliveryConfig;
 use crate::event::Event;
 use crate::routing::Target;
@@ -41,12 +43,23 @@ pub enum AcceptError {
     /// The commit did not finish in time, or the server is stopping.
     #[error("the event could not be stored in time")]
     Unavailable,
+    /// The address was deleted (through another node) before the commit.
+    #[error("the address was deleted")]
+    AddrGone,
+}
+
+/// What the writer tells a push about its event.
+#[derive(Debug, Clone)]
+enum Stored {
+    Yes,
+    AddrGone,
+    Failed(String),
 }
 
 struct Accept {
     event: event::Model,
     targets: Vec<Target>,
-    reply: oneshot::Sender<Result<(), String>>,
+    reply: oneshot::Sender<Stored>,
 }
 
 /// One delivery to make.
@@ -82,30 +95,30 @@ impl Pipeline {
     pub async fn start(
         store: Store,
         plugins: Arc<Supervisor>,
-        cfg: DeliveryConfig,
+        cfg: Arc<DeliveryConfig>,
         timeout: Duration,
+        node: Arc<Node>,
     ) -> Pipeline {
         match store.release_leases(&cfg.node).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(
                 deliveries = n,
-                "resuming deliveries left pending by the previous run"
+                "resuming deliveries a server of an earlier version left pending"
             ),
-            Err(e) => tracing::warn!(error = %e, "cannot release this server's old leases"),
+            Err(e) => tracing::warn!(error = %e, "cannot release an earlier version's leases"),
         }
-        let cfg = Arc::new(cfg);
         let (accept_tx, accept_rx) = mpsc::channel(ACCEPT_QUEUE);
         let (job_tx, job_rx) = mpsc::channel(DISPATCH_QUEUE);
         let (outcome_tx, outcome_rx) = mpsc::channel(DISPATCH_QUEUE);
         tokio::spawn(write_loop(
             store.clone(),
-            cfg.clone(),
+            (cfg.clone(), node.clone()),
             timeout,
             (accept_rx, outcome_rx),
             job_tx.clone(),
         ));
         tokio::spawn(dispatch_loop(plugins, cfg.clone(), job_rx, outcome_tx));
-        tokio::spawn(sweep_loop(store, cfg, job_tx));
+        tokio::spawn(sweep_loop(store, cfg, node, job_tx));
         Pipeline { accept_tx, timeout }
     }
 
@@ -143,10 +156,11 @@ impl Pipeline {
                 .await
                 .map_err(|_| AcceptError::Unavailable)?;
             match rx.await {
-                Ok(Ok(())) => Ok(()),
-                Ok(Err(e)) => Err(AcceptError::Store(StoreError::Db(sea_orm::DbErr::Custom(
-                    e,
-                )))),
+                Ok(Stored::Yes) => Ok(()),
+                Ok(Stored::AddrGone) => Err(AcceptError::AddrGone),
+                Ok(Stored::Failed(e)) => Err(AcceptError::Store(StoreError::Db(
+                    sea_orm::DbErr::Custom(e),
+                ))),
                 Err(_) => Err(AcceptError::Unavailable),
             }
         };
@@ -163,7 +177,7 @@ fn lease_until(cfg: &DeliveryConfig) -> chrono::DateTime<chrono::Utc> {
 
 async fn write_loop(
     store: Store,
-    cfg: Arc<DeliveryConfig>,
+    (cfg, node): (Arc<DeliveryConfig>, Arc<Node>),
     timeout: Duration,
     (mut accepts, mut outcomes): (mpsc::Receiver<Accept>, mpsc::Receiver<Attempt>),
     jobs: mpsc::Sender<Job>,
@@ -204,18 +218,26 @@ async fn write_loop(
         let began = std::time::Instant::now();
         let written = tokio::time::timeout(
             timeout,
-            store.write_batch(&rows, &recorded, &cfg.node, lease_until(&cfg)),
+            store.write_batch(&rows, &recorded, &node.instance, lease_until(&cfg)),
         )
         .await;
         tracing::debug!(events = rows.len(), outcomes = recorded.len(), took = ?began.elapsed(), "group commit");
         drop(rows);
         let result = match written {
-            Ok(Ok(())) => Ok(()),
+            Ok(Ok(w)) => {
+                if w.dropped_outcomes > 0 {
+                    tracing::warn!(
+                        outcomes = w.dropped_outcomes,
+                        "late outcomes dropped: another node took those deliveries over"
+                    );
+                }
+                Ok(w)
+            }
             Ok(Err(e)) => Err(e.to_string()),
             Err(_) => Err("the commit timed out".to_string()),
         };
         match &result {
-            Ok(()) => {
+            Ok(_) => {
                 recorded.clear();
                 failures = 0;
             }
@@ -237,13 +259,23 @@ async fn write_loop(
             }
         }
         for a in batch {
-            let ok = result.is_ok();
-            let _ = a.reply.send(result.clone());
-            if !ok {
-                continue;
-            }
+            let left_out = match &result {
+                Err(e) => {
+                    let _ = a.reply.send(Stored::Failed(e.clone()));
+                    continue;
+                }
+                Ok(w) if w.gone_addrs.contains(&a.event.addr_id) => {
+                    let _ = a.reply.send(Stored::AddrGone);
+                    continue;
+                }
+                Ok(w) => &w.gone_endpoints,
+            };
+            let _ = a.reply.send(Stored::Yes);
             let event = Arc::new(a.event);
             for t in a.targets {
+                if left_out.contains(&t.endpoint_id) {
+                    continue;
+                }
                 let job = Job {
                     event: event.clone(),
                     endpoint_id: t.endpoint_id,
@@ -351,14 +383,19 @@ fn outcome(cfg: &DeliveryConfig, job: &Job, result: Result<Value, CallError>) ->
     }
 }
 
-async fn sweep_loop(store: Store, cfg: Arc<DeliveryConfig>, jobs: mpsc::Sender<Job>) {
+async fn sweep_loop(
+    store: Store,
+    cfg: Arc<DeliveryConfig>,
+    node: Arc<Node>,
+    jobs: mpsc::Sender<Job>,
+) {
     let mut tick = tokio::time::interval(cfg.sweep_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
         loop {
             let claimed = match store
-                .claim_due(&cfg.node, lease_until(&cfg), SWEEP_BATCH)
+                .claim_due(&node.instance, lease_until(&cfg), SWEEP_BATCH)
                 .await
             {
                 Ok(c) => c,

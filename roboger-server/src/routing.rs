@@ -2,19 +2,29 @@
 //! with its active endpoints and their active subscriptions, so a push
 //! needs no query to find its routes.
 //!
-//! Invariant: the management API refreshes an address's entry after every
-//! change to it, its endpoints or its subscriptions; `Routes::reload`
-//! rebuilds everything (at start and after `delete-everything`).
+//! Every management change is recorded in the database's routing change
+//! log with a version, in the change's own transaction (`store::cluster`).
+//! Each node applies the log in order ([`Routes::catch_up`]): re-reading
+//! only the addresses that changed, and rebuilding everything only for a
+//! change to all addresses or when it finds a gap (changes pruned while it
+//! was cut off). The node that made a change catches up before answering;
+//! the others are told by PostgreSQL's `NOTIFY` and also poll the version
+//! ([`follow`]), so a missed notification costs a poll interval at most.
+//!
+//! Invariant: a node that has applied version N obeys every change up to
+//! N; the version only grows, and changes commit in version order.
 //! An endpoint receives an event once, however many subscriptions match.
 
-use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, RwLock, Weak};
+use std::time::Duration;
 
 use serde_json::Value;
 
+use crate::config::DbBackend;
 use crate::level::LevelMatch;
 use crate::store::entity::{addr, endpoint, subscription};
-use crate::store::{AddrRef, Store, StoreError};
+use crate::store::{Store, StoreError};
 
 /// One subscription's filter.
 #[derive(Debug, Clone)]
@@ -84,7 +94,16 @@ impl AddrRoutes {
 pub struct Routes {
     by_a: RwLock<HashMap<String, Arc<AddrRoutes>>>,
     a_of: RwLock<HashMap<i64, String>>,
+    /// The version of the newest change applied; held while applying, so
+    /// changes are applied one catch-up at a time, in order.
+    seen: tokio::sync::Mutex<i64>,
 }
+
+/// Changes read per query while catching up.
+const CHANGES_PER_READ: u64 = 1000;
+/// Past this many changed addresses in one catch-up, a full rebuild is
+/// cheaper than re-reading each.
+const REBUILD_AFTER: usize = 5000;
 
 impl Routes {
     /// The routes of an address string, if it exists.
@@ -92,8 +111,71 @@ impl Routes {
         self.by_a.read().ok().and_then(|m| m.get(a).cloned())
     }
 
+    /// Builds the whole index from the database (at start).
+    pub async fn load(&self, store: &Store) -> Result<(), StoreError> {
+        let mut seen = self.seen.lock().await;
+        // The version first: a change committed during the rebuild is
+        // applied again by the next catch-up, which is harmless.
+        let version = store.routing_version().await?;
+        self.reload(store).await?;
+        *seen = version;
+        Ok(())
+    }
+
+    /// Applies every routing change newer than the last one applied;
+    /// returns how many addresses were re-read (`usize::MAX`: all).
+    pub async fn catch_up(&self, store: &Store) -> Result<usize, StoreError> {
+        let mut seen = self.seen.lock().await;
+        let mut changed = BTreeSet::new();
+        let mut all = false;
+        let mut newest = *seen;
+        loop {
+            let batch = store
+                .routing_changes_since(newest, CHANGES_PER_READ)
+                .await?;
+            let Some(first) = batch.first() else { break };
+            if first.version != newest + 1 {
+                // Pruned before this node read them: rebuild.
+                all = true;
+            }
+            for c in &batch {
+                match c.addr_id {
+                    Some(id) if !all => {
+                        changed.insert(id);
+                    }
+                    _ => all = true,
+                }
+                newest = c.version;
+            }
+            if all || changed.len() > REBUILD_AFTER {
+                all = true;
+                newest = store.routing_version().await?.max(newest);
+                break;
+            }
+            if (batch.len() as u64) < CHANGES_PER_READ {
+                break;
+            }
+        }
+        let n = if all {
+            self.reload(store).await?;
+            usize::MAX
+        } else {
+            for id in &changed {
+                self.refresh(store, *id).await?;
+            }
+            changed.len()
+        };
+        *seen = newest;
+        Ok(n)
+    }
+
+    /// The version of the newest change this node has applied.
+    pub async fn version(&self) -> i64 {
+        *self.seen.lock().await
+    }
+
     /// Rebuilds the whole index from the database.
-    pub async fn reload(&self, store: &Store) -> Result<(), StoreError> {
+    async fn reload(&self, store: &Store) -> Result<(), StoreError> {
         let (addrs, endpoints, subs) = store.routing_snapshot(None).await?;
         let built = build(addrs, endpoints, subs);
         let a_of = built.iter().map(|(a, r)| (r.id, a.clone())).collect();
@@ -106,7 +188,7 @@ impl Routes {
 
     /// Re-reads one address (after any change to it or below it); an
     /// address that no longer exists is dropped.
-    pub async fn refresh(&self, store: &Store, addr_id: i64) -> Result<(), StoreError> {
+    async fn refresh(&self, store: &Store, addr_id: i64) -> Result<(), StoreError> {
         let (addrs, endpoints, subs) = store.routing_snapshot(Some(addr_id)).await?;
         let built = build(addrs, endpoints, subs);
         if let (Ok(mut by_a), Ok(mut ids)) = (self.by_a.write(), self.a_of.write()) {
@@ -121,16 +203,73 @@ impl Routes {
         Ok(())
     }
 
-    /// Re-reads the address a path names (by id or string).
-    pub async fn refresh_ref(&self, store: &Store, r: &AddrRef) -> Result<(), StoreError> {
-        let id = match r {
-            AddrRef::Id(id) => Some(*id),
-            AddrRef::A(a) => self.get(a).map(|x| x.id),
-        };
-        match id {
-            Some(id) => self.refresh(store, id).await,
-            None => self.reload(store).await,
+    /// How many addresses the index holds.
+    pub fn len(&self) -> usize {
+        self.by_a.read().map(|m| m.len()).unwrap_or(0)
+    }
+
+    /// Whether the index holds no address.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// How often a node polls the change log's version: the way it learns of
+/// changes on MySQL and SQLite, and on PostgreSQL the safety net for a
+/// notification lost while the listening connection was down.
+const POLL: Duration = Duration::from_millis(50);
+const POLL_WITH_NOTIFY: Duration = Duration::from_secs(1);
+
+/// Keeps `routes` in step with changes made through other nodes until
+/// `routes` is dropped: on PostgreSQL it listens for their `NOTIFY` on a
+/// connection of its own, and everywhere it polls the version.
+pub async fn follow(routes: Weak<Routes>, store: Store) {
+    let told = Arc::new(tokio::sync::Notify::new());
+    let mut every = POLL;
+    let mut listening = None;
+    if store.backend() == DbBackend::Postgres {
+        match store.listen(crate::store::ROUTING_CHANNEL).await {
+            Ok(mut l) => {
+                every = POLL_WITH_NOTIFY;
+                let told = told.clone();
+                // recv() is not cancel-safe, so it runs alone in its task.
+                listening = Some(tokio::spawn(async move {
+                    loop {
+                        match l.try_recv().await {
+                            Ok(Some(_)) => {}
+                            // Reconnected: what was announced meanwhile is
+                            // in the log, which the next catch-up reads.
+                            Ok(None) => tracing::info!("routing change listener reconnected"),
+                            Err(e) => {
+                                tracing::warn!(error = %e, "routing change listener failed");
+                                tokio::time::sleep(POLL_WITH_NOTIFY).await;
+                            }
+                        }
+                        told.notify_one();
+                    }
+                }));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for routing changes; polling instead")
+            }
         }
+    }
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = told.notified() => {}
+            _ = tick.tick() => {}
+        }
+        let Some(r) = routes.upgrade() else { break };
+        match r.catch_up(&store).await {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(addresses = n, "routing changes applied"),
+            Err(e) => tracing::warn!(error = %e, "cannot read routing changes"),
+        }
+    }
+    if let Some(task) = listening {
+        task.abort();
     }
 }
 

@@ -113,6 +113,43 @@ pub struct ServerOptions {
     pub plugins_yaml: String,
     /// Environment variables for the server process.
     pub env: Vec<(String, String)>,
+    /// A database to share with other servers (see [`shared_database`]);
+    /// by default each server gets a fresh one.
+    pub db: Option<String>,
+}
+
+/// A database for several servers at once (a cluster): a fresh one on
+/// PostgreSQL, else a SQLite file in the returned directory.
+pub fn shared_database() -> (tempfile::TempDir, String) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = fresh_database(dir.path());
+    (dir, url)
+}
+
+/// A server whose process is started but not yet listening.
+pub struct Starting {
+    child: Child,
+    addr: std::sync::mpsc::Receiver<String>,
+    log: Arc<Mutex<String>>,
+    env: Vec<(String, String)>,
+    config_path: PathBuf,
+    dir: tempfile::TempDir,
+}
+
+impl Starting {
+    /// Waits until it listens (or panics with its log after 30 s).
+    pub fn wait(self) -> Server {
+        let (child, addr, log) = wait_listening(self.child, self.addr, self.log);
+        Server {
+            child,
+            env: self.env,
+            base: format!("http://{addr}"),
+            config_path: self.config_path,
+            log,
+            dir: self.dir,
+            http: client(),
+        }
+    }
 }
 
 /// A running `roboger-server` process; killed when dropped.
@@ -139,8 +176,22 @@ impl Server {
 
     /// Starts a server with extra configuration.
     pub async fn start_with(opts: ServerOptions) -> Server {
+        Server::spawn(opts).wait()
+    }
+
+    /// Starts several servers at the same moment, then waits for each.
+    pub fn start_many(opts: Vec<ServerOptions>) -> Vec<Server> {
+        let starting: Vec<Starting> = opts.into_iter().map(Server::spawn).collect();
+        starting.into_iter().map(Starting::wait).collect()
+    }
+
+    /// Starts a server's process without waiting for it to listen.
+    pub fn spawn(opts: ServerOptions) -> Starting {
         let dir = tempfile::tempdir().expect("tempdir");
-        let db = fresh_database(dir.path());
+        let db = match &opts.db {
+            Some(db) => db.clone(),
+            None => fresh_database(dir.path()),
+        };
         let mut yaml =
             format!("roboger:\n  db: {db}\n  listen: 127.0.0.1:0\n  master:\n    key: {KEY}\n");
         for line in opts.master_yaml.lines() {
@@ -172,16 +223,14 @@ impl Server {
         }
         let config_path = dir.path().join("roboger.yml");
         std::fs::write(&config_path, yaml).expect("write config");
-        let (child, addr, log) =
-            spawn_and_wait_listening(server_command(&config_path, dir.path(), &opts.env));
-        Server {
+        let (child, addr, log) = spawn_logged(server_command(&config_path, dir.path(), &opts.env));
+        Starting {
             child,
-            env: opts.env,
-            base: format!("http://{addr}"),
-            config_path,
+            addr,
             log,
+            env: opts.env,
+            config_path,
             dir,
-            http: client(),
         }
     }
 
@@ -314,11 +363,26 @@ impl Server {
         self.child.id()
     }
 
+    /// Sends `signal` (a name `kill` knows: `STOP`, `CONT`, `KILL`, ...).
+    pub fn signal(&self, signal: &str) {
+        let ok = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "kill -{signal} {} failed", self.child.id());
+    }
+
+    /// Kills the server with SIGKILL and waits for it to be gone.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// Kills the server with SIGKILL (no chance to clean up) and starts
     /// it again on the same config and database; it gets a new port.
     pub fn kill_and_restart(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.kill();
         let (child, addr, log) = spawn_and_wait_listening(server_command(
             &self.config_path,
             self.dir.path(),
@@ -384,7 +448,16 @@ fn server_command(config: &Path, dir: &Path, env: &[(String, String)]) -> Comman
 
 /// Starts `cmd` with stderr captured and waits for the "listening on"
 /// line; returns the child, its address and the live log.
-pub fn spawn_and_wait_listening(mut cmd: Command) -> (Child, String, Arc<Mutex<String>>) {
+pub fn spawn_and_wait_listening(cmd: Command) -> (Child, String, Arc<Mutex<String>>) {
+    let (child, addr, log) = spawn_logged(cmd);
+    wait_listening(child, addr, log)
+}
+
+/// Starts `cmd` with its output captured into a live log; the receiver
+/// gets the address of its "listening on" line.
+fn spawn_logged(
+    mut cmd: Command,
+) -> (Child, std::sync::mpsc::Receiver<String>, Arc<Mutex<String>>) {
     cmd.stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .stdin(Stdio::null());
@@ -425,6 +498,14 @@ pub fn spawn_and_wait_listening(mut cmd: Command) -> (Child, String, Arc<Mutex<S
         });
     }
     drop(tx);
+    (child, rx, log)
+}
+
+fn wait_listening(
+    mut child: Child,
+    rx: std::sync::mpsc::Receiver<String>,
+    log: Arc<Mutex<String>>,
+) -> (Child, String, Arc<Mutex<String>>) {
     match rx.recv_timeout(Duration::from_secs(30)) {
         Ok(addr) => (child, addr, log),
         Err(_) => {

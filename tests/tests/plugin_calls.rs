@@ -28,7 +28,7 @@ async fn rig(dir: tempfile::TempDir, plugins: Vec<PluginConfig>) -> Rig {
     let store = Store::connect(&url, 4, Duration::from_secs(5))
         .await
         .unwrap();
-    store.migrate().await.unwrap();
+    store.migrate(Duration::from_secs(5)).await.unwrap();
     let host = HostContext::new(
         store.clone(),
         Duration::from_secs(2),

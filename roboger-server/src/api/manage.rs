@@ -51,18 +51,13 @@ pub async fn handle(app: &App, req: Request<'_>) -> Response {
         app.auth.check(ip, key)?;
         let body = body?;
         let segs: Vec<&str> = req.path.split('/').filter(|s| !s.is_empty()).collect();
-        // The addr a change may affect, resolved before a rename or delete.
-        let before = match segs.first() {
-            Some(&"addr") if req.method != Method::GET => segs.get(1).map(|a| AddrRef::parse(a)),
-            _ => None,
-        };
-        let before_id = match &before {
-            Some(r) => app.store.addr_get(r).await.ok().map(|a| a.id),
-            None => None,
-        };
         let answer = route(app, req.method, &segs, req.query, req.headers, &body).await?;
-        if answer.status().is_success() || answer.status().is_redirection() {
-            refresh_routes(app, req.method, &segs, before_id).await?;
+        if *req.method != Method::GET
+            && (answer.status().is_success() || answer.status().is_redirection())
+        {
+            // This node obeys its own change before answering; the others
+            // learn of it from the change log (see `routing`).
+            app.routes.catch_up(&app.store).await?;
         }
         Ok(answer)
     };
@@ -107,6 +102,31 @@ async fn route(
             }
         }
 
+        ("GET", ["node"]) => {
+            body.only(&[], &[])?;
+            let timeout = app.config.delivery.node_timeout;
+            let now = chrono::Utc::now();
+            let out: Vec<Value> = app
+                .store
+                .node_list()
+                .await?
+                .into_iter()
+                .map(|r| {
+                    let n = r.node;
+                    let silent = (now - n.heartbeat).to_std().unwrap_or_default();
+                    json!({
+                        "instance": n.instance, "name": n.name, "version": n.version,
+                        "started": n.started.to_rfc3339(),
+                        "heartbeat": n.heartbeat.to_rfc3339(),
+                        "alive": n.rescued.is_none() && silent < timeout,
+                        "rescued": n.rescued.map(|t| t.to_rfc3339()),
+                        "leased": r.leased,
+                        "self": n.instance == app.node.instance,
+                    })
+                })
+                .collect();
+            Ok(reply::json(StatusCode::OK, &out))
+        }
         ("GET", ["addr"]) => {
             let list = app.store.addr_list().await?;
             let out: Vec<Value> = list.iter().map(|a| addr_json(app, a)).collect();
@@ -325,6 +345,7 @@ async fn route(
                         "endpoint_id": d.endpoint_id, "state": d.state, "attempts": d.attempts,
                         "last_error": d.last_error, "next_at": d.next_at.to_rfc3339(),
                         "created": d.created.to_rfc3339(), "updated": d.updated.to_rfc3339(),
+                        "leased_by": d.leased_by,
                     })
                 })
                 .collect();
@@ -354,24 +375,6 @@ async fn route(
             segs.join("/")
         ))),
     }
-}
-
-/// Keeps the routing index in step with a successful change.
-async fn refresh_routes(
-    app: &App,
-    m: &Method,
-    segs: &[&str],
-    addr_id: Option<i64>,
-) -> Result<(), ApiError> {
-    if *m == Method::GET {
-        return Ok(());
-    }
-    match (segs, addr_id) {
-        (["addr", ..], Some(id)) => app.routes.refresh(&app.store, id).await?,
-        (["addr"], None) | (["core"], _) => app.routes.reload(&app.store).await?,
-        _ => {}
-    }
-    Ok(())
 }
 
 const SUBSCRIPTION_FIELDS: &[&str] = &[
@@ -465,6 +468,7 @@ fn is_known_path(segs: &[&str]) -> bool {
     matches!(
         segs,
         ["core"]
+            | ["node"]
             | ["plugin"]
             | ["plugin", _]
             | ["addr"]

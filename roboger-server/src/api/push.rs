@@ -10,6 +10,7 @@ use super::error::ApiError;
 use super::reply::{self, Response};
 use crate::App;
 use crate::event::Event;
+use crate::pipeline::AcceptError;
 use crate::routing::Matchable;
 
 /// The body limit of a push whose media may be `max_media` bytes
@@ -97,9 +98,13 @@ pub async fn push(
         sender: event.sender.as_deref(),
     });
     tracing::debug!(event = %event.id, addr = routes.id, deliveries = targets.len(), "push accepted");
+    let addr = event.addr.clone();
     app.pipeline
         .accept(event, routes.id, targets)
         .await
-        .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+        .map_err(|e| match e {
+            AcceptError::AddrGone => ApiError::NotFound(format!("addr {addr} not found")),
+            e => ApiError::Unavailable(e.to_string()),
+        })?;
     Ok(reply::empty(StatusCode::ACCEPTED))
 }

@@ -5,7 +5,12 @@
 use sea_orm::sea_query::Expr;
 use sea_orm::{ActiveValue::Set, ColumnTrait, EntityTrait, QueryFilter, QueryOrder};
 
-use super::entity::{delivery, endpoint, event};
+use std::collections::{BTreeSet, HashSet};
+
+use sea_orm::QuerySelect;
+use sea_orm::sea_query::LockType;
+
+use super::entity::{addr, delivery, endpoint, event};
 use super::{Result, Store, StoreError};
 use crate::config::DbBackend;
 
@@ -32,32 +37,59 @@ pub struct Attempt {
     pub next_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
+/// What a group commit left out, besides what it committed.
+#[derive(Debug, Default)]
+pub struct Written {
+    /// Addresses deleted before the commit: their events were not stored.
+    pub gone_addrs: HashSet<i64>,
+    /// Endpoints deleted before the commit: no delivery to them was made.
+    pub gone_endpoints: HashSet<i64>,
+    /// Outcomes dropped because another node had taken their delivery over.
+    pub dropped_outcomes: u64,
+}
+
 impl Store {
     /// One write transaction of the pipeline (group commit): accepted
     /// events with a delivery per endpoint, leased by `node` until
     /// `lease_until` since this server dispatches them at once, and the
     /// outcomes of delivery attempts. One transaction for both halves the
     /// commits (and fsyncs) the pipeline makes.
+    ///
+    /// Routes are cached by each node, so an event may name an address or
+    /// endpoints that another node deleted a moment ago: such an event is
+    /// not stored, and such a delivery not made ([`Written`] says which),
+    /// instead of failing the whole commit on a foreign key.
+    ///
+    /// Fencing: an outcome is written only to a delivery that is still
+    /// pending and leased by `node`.
     pub async fn write_batch(
         &self,
         batch: &[(&event::Model, Vec<i64>)],
         outcomes: &[Attempt],
         node: &str,
         lease_until: chrono::DateTime<chrono::Utc>,
-    ) -> Result<()> {
+    ) -> Result<Written> {
         let txn = self.begin_write().await?;
+        let mut written = Written::default();
         if !batch.is_empty() {
-            insert_events(&txn, batch, node, lease_until).await?;
+            let lock = match self.backend {
+                DbBackend::Sqlite => None,
+                DbBackend::Postgres => Some(LockType::KeyShare),
+                DbBackend::MySql => Some(LockType::Share),
+            };
+            (written.gone_addrs, written.gone_endpoints) = gone(&txn, batch, lock).await?;
+            insert_events(&txn, batch, &written, node, lease_until).await?;
         }
         if !outcomes.is_empty() {
-            record_attempts(&txn, outcomes).await?;
+            written.dropped_outcomes = record_attempts(&txn, outcomes, node).await?;
         }
         txn.commit().await?;
-        Ok(())
+        Ok(written)
     }
 
-    /// Frees the leases `node` holds (a restarted server takes its own
-    /// pending deliveries back at once instead of waiting them out).
+    /// Frees the leases held under the name `node` (as servers before
+    /// instance ids named them), so an upgraded server takes back at once
+    /// what its previous version left pending.
     pub async fn release_leases(&self, node: &str) -> Result<u64> {
         let r = delivery::Entity::update_many()
             .col_expr(delivery::Column::LeaseUntil, no_lease().0)
@@ -227,17 +259,63 @@ fn no_lease() -> (Expr, Expr) {
     )
 }
 
-/// Inserts accepted events and their deliveries (see [`Store::write_batch`]).
+/// The addresses and endpoints named by `batch` that no longer exist. The
+/// others are locked against deletion (`lock`) until the commit, so the
+/// inserts that follow cannot break a foreign key.
+async fn gone(
+    txn: &sea_orm::DatabaseTransaction,
+    batch: &[(&event::Model, Vec<i64>)],
+    lock: Option<LockType>,
+) -> Result<(HashSet<i64>, HashSet<i64>)> {
+    let addrs: BTreeSet<i64> = batch.iter().map(|(e, _)| e.addr_id).collect();
+    let eps: BTreeSet<i64> = batch
+        .iter()
+        .flat_map(|(_, eps)| eps.iter().copied())
+        .collect();
+    let mut q = addr::Entity::find()
+        .select_only()
+        .column(addr::Column::Id)
+        .filter(addr::Column::Id.is_in(addrs.iter().copied()));
+    if let Some(l) = lock {
+        q = q.lock(l);
+    }
+    let live: HashSet<i64> = q.into_tuple::<i64>().all(txn).await?.into_iter().collect();
+    let gone_addrs = addrs
+        .difference(&live.iter().copied().collect())
+        .copied()
+        .collect();
+    let mut gone_eps = HashSet::new();
+    if !eps.is_empty() {
+        let mut q = endpoint::Entity::find()
+            .select_only()
+            .column(endpoint::Column::Id)
+            .filter(endpoint::Column::Id.is_in(eps.iter().copied()));
+        if let Some(l) = lock {
+            q = q.lock(l);
+        }
+        let live: HashSet<i64> = q.into_tuple::<i64>().all(txn).await?.into_iter().collect();
+        gone_eps = eps.into_iter().filter(|e| !live.contains(e)).collect();
+    }
+    Ok((gone_addrs, gone_eps))
+}
+
+/// Inserts accepted events and their deliveries (see [`Store::write_batch`]),
+/// except what `left_out` names.
 async fn insert_events(
     txn: &sea_orm::DatabaseTransaction,
     batch: &[(&event::Model, Vec<i64>)],
+    left_out: &Written,
     node: &str,
     lease_until: chrono::DateTime<chrono::Utc>,
 ) -> Result<()> {
     let now = chrono::Utc::now();
+    let stored: Vec<&(&event::Model, Vec<i64>)> = batch
+        .iter()
+        .filter(|(e, _)| !left_out.gone_addrs.contains(&e.addr_id))
+        .collect();
     // Chunks keep each statement under every backend's limit on bound
     // parameters (SQLite's is 32766).
-    for chunk in batch.chunks(INSERT_CHUNK / 16) {
+    for chunk in stored.chunks(INSERT_CHUNK / 16) {
         event::Entity::insert_many(
             chunk
                 .iter()
@@ -246,22 +324,24 @@ async fn insert_events(
         .exec_without_returning(txn)
         .await?;
     }
-    let deliveries: Vec<delivery::ActiveModel> = batch
+    let deliveries: Vec<delivery::ActiveModel> = stored
         .iter()
         .flat_map(|(e, eps)| {
-            eps.iter().map(move |ep| delivery::ActiveModel {
-                event_id: Set(e.id.clone()),
-                endpoint_id: Set(*ep),
-                state: Set(STATE_PENDING.into()),
-                attempts: Set(0),
-                next_at: Set(now),
-                lease_until: Set(Some(lease_until)),
-                leased_by: Set(Some(node.to_string())),
-                last_error: Set(None),
-                created: Set(now),
-                updated: Set(now),
-                ..Default::default()
-            })
+            eps.iter()
+                .filter(|ep| !left_out.gone_endpoints.contains(ep))
+                .map(move |ep| delivery::ActiveModel {
+                    event_id: Set(e.id.clone()),
+                    endpoint_id: Set(*ep),
+                    state: Set(STATE_PENDING.into()),
+                    attempts: Set(0),
+                    next_at: Set(now),
+                    lease_until: Set(Some(lease_until)),
+                    leased_by: Set(Some(node.to_string())),
+                    last_error: Set(None),
+                    created: Set(now),
+                    updated: Set(now),
+                    ..Default::default()
+                })
         })
         .collect();
     for chunk in deliveries.chunks(INSERT_CHUNK / 16) {
@@ -272,10 +352,16 @@ async fn insert_events(
     Ok(())
 }
 
-/// Records the outcome of delivery attempts. Successes (the bulk) share
-/// their values, so they are written one statement per endpoint and
-/// attempt count; the rest row by row.
-async fn record_attempts(txn: &sea_orm::DatabaseTransaction, outcomes: &[Attempt]) -> Result<()> {
+/// Records the outcome of delivery attempts made under `node`'s lease.
+/// Successes (the bulk) share their values, so they are written one
+/// statement per endpoint and attempt count; the rest row by row. Returns
+/// how many outcomes found their delivery no longer leased by `node`.
+async fn record_attempts(
+    txn: &sea_orm::DatabaseTransaction,
+    outcomes: &[Attempt],
+    node: &str,
+) -> Result<u64> {
+    let mut written = 0;
     let now = chrono::Utc::now();
     let mut delivered: std::collections::BTreeMap<(i64, i32), Vec<&str>> = Default::default();
     let mut others = Vec::new();
@@ -291,7 +377,7 @@ async fn record_attempts(txn: &sea_orm::DatabaseTransaction, outcomes: &[Attempt
     }
     for ((endpoint_id, attempts), events) in delivered {
         for chunk in events.chunks(INSERT_CHUNK) {
-            delivery::Entity::update_many()
+            written += delivery::Entity::update_many()
                 .col_expr(delivery::Column::Attempts, Expr::value(attempts))
                 .col_expr(delivery::Column::State, Expr::value(STATE_DELIVERED))
                 .col_expr(
@@ -303,8 +389,11 @@ async fn record_attempts(txn: &sea_orm::DatabaseTransaction, outcomes: &[Attempt
                 .col_expr(delivery::Column::LeasedBy, no_lease().1)
                 .filter(delivery::Column::EndpointId.eq(endpoint_id))
                 .filter(delivery::Column::EventId.is_in(chunk.iter().copied()))
+                .filter(delivery::Column::LeasedBy.eq(node))
+                .filter(delivery::Column::State.eq(STATE_PENDING))
                 .exec(txn)
-                .await?;
+                .await?
+                .rows_affected;
         }
     }
     for o in others {
@@ -318,10 +407,14 @@ async fn record_attempts(txn: &sea_orm::DatabaseTransaction, outcomes: &[Attempt
         if let Some(next) = o.next_at {
             q = q.col_expr(delivery::Column::NextAt, Expr::value(next));
         }
-        q.filter(delivery::Column::EventId.eq(o.event_id.as_str()))
+        written += q
+            .filter(delivery::Column::EventId.eq(o.event_id.as_str()))
             .filter(delivery::Column::EndpointId.eq(o.endpoint_id))
+            .filter(delivery::Column::LeasedBy.eq(node))
+            .filter(delivery::Column::State.eq(STATE_PENDING))
             .exec(txn)
-            .await?;
+            .await?
+            .rows_affected;
     }
-    Ok(())
+    Ok((outcomes.len() as u64).saturating_sub(written))
 }

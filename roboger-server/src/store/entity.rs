@@ -235,3 +235,85 @@ pub mod delivery {
 
     impl ActiveModelBehavior for ActiveModel {}
 }
+
+/// Every running server (node) of the cluster, by instance: a process
+/// start, named by its configured `node` plus a part unique to the start.
+pub mod node {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "node")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub instance: String,
+        pub name: String,
+        pub version: String,
+        pub started: ChronoDateTimeUtc,
+        /// Written every heartbeat interval while the node runs.
+        pub heartbeat: ChronoDateTimeUtc,
+        /// When another node freed this dead node's leases.
+        pub rescued: Option<ChronoDateTimeUtc>,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+/// The one-row counter that orders routing changes: a change increments it
+/// under the row's lock, so changes commit in version order.
+pub mod routing_version {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "routing_version")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub id: i32,
+        pub version: i64,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+/// One routing change: the address whose routes changed (`None`: all).
+pub mod routing_change {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "routing_change")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub version: i64,
+        pub addr_id: Option<i64>,
+        pub created: ChronoDateTimeUtc,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+/// Who runs a periodic job (e.g. `cleanup`) until when.
+pub mod job_lease {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "job_lease")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub name: String,
+        pub holder: Option<String>,
+        pub until: ChronoDateTimeUtc,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}

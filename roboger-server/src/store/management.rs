@@ -4,8 +4,8 @@
 //! routing index is built from.
 
 use sea_orm::{
-    ActiveModelTrait, ActiveValue::Set, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter,
-    QueryOrder,
+    ActiveModelTrait, ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseTransaction,
+    EntityTrait, QueryFilter, QueryOrder,
 };
 use serde_json::Value;
 
@@ -81,8 +81,13 @@ impl Store {
                 lim_s: Set(10_000_000),
                 ..Default::default()
             };
-            match am.insert(&self.db).await {
-                Ok(m) => return Ok(m),
+            let txn = self.begin_write().await?;
+            match am.insert(&txn).await {
+                Ok(m) => {
+                    self.announce(&txn, Some(m.id)).await?;
+                    txn.commit().await?;
+                    return Ok(m);
+                }
                 Err(e) if is_unique_violation(&e) => continue,
                 Err(e) => return Err(e.into()),
             }
@@ -108,7 +113,11 @@ impl Store {
         if let Some(v) = patch.lim_s {
             am.lim_s = Set(v);
         }
-        Ok(am.update(&self.db).await?)
+        let txn = self.begin_write().await?;
+        let a = am.update(&txn).await?;
+        self.announce(&txn, Some(a.id)).await?;
+        txn.commit().await?;
+        Ok(a)
     }
 
     /// Renames an address (to `to`, or a fresh random one) and returns it.
@@ -116,13 +125,17 @@ impl Store {
         let current = self.addr_get(r).await?;
         let mut am: addr::ActiveModel = current.into();
         am.a = Set(to.unwrap_or_else(|| crate::random::alphanumeric(entity::ADDR_LEN)));
-        am.update(&self.db).await.map_err(|e| {
+        let txn = self.begin_write().await?;
+        let a = am.update(&txn).await.map_err(|e| {
             if is_unique_violation(&e) {
                 StoreError::Conflict("resource already exists: that address is taken".into())
             } else {
-                e.into()
+                StoreError::from(e)
             }
-        })
+        })?;
+        self.announce(&txn, Some(a.id)).await?;
+        txn.commit().await?;
+        Ok(a)
     }
 
     /// Deletes an address with its endpoints, subscriptions, bucket objects
@@ -132,6 +145,7 @@ impl Store {
         let txn = self.begin_write().await?;
         delete_addr_children(&txn, Some(a.id)).await?;
         addr::Entity::delete_by_id(a.id).exec(&txn).await?;
+        self.announce(&txn, Some(a.id)).await?;
         txn.commit().await?;
         Ok(())
     }
@@ -141,6 +155,7 @@ impl Store {
         let txn = self.begin_write().await?;
         delete_addr_children(&txn, None).await?;
         addr::Entity::delete_many().exec(&txn).await?;
+        self.announce(&txn, None).await?;
         txn.commit().await?;
         Ok(())
     }
@@ -181,7 +196,11 @@ impl Store {
             description: Set(description),
             ..Default::default()
         };
-        Ok(am.insert(&self.db).await?)
+        let txn = self.begin_write().await?;
+        let ep = am.insert(&txn).await?;
+        self.announce(&txn, Some(addr_id)).await?;
+        txn.commit().await?;
+        Ok(ep)
     }
 
     /// Applies `patch` to an endpoint that belongs to `addr_id`.
@@ -205,7 +224,11 @@ impl Store {
         if let Some(v) = patch.description {
             am.description = Set(v);
         }
-        Ok(am.update(&self.db).await?)
+        let txn = self.begin_write().await?;
+        let ep = am.update(&txn).await?;
+        self.announce(&txn, Some(addr_id)).await?;
+        txn.commit().await?;
+        Ok(ep)
     }
 
     /// Deletes an endpoint that belongs to `addr_id`, with its subscriptions.
@@ -221,6 +244,7 @@ impl Store {
             .exec(&txn)
             .await?;
         endpoint::Entity::delete_by_id(ep.id).exec(&txn).await?;
+        self.announce(&txn, Some(addr_id)).await?;
         txn.commit().await?;
         Ok(())
     }
@@ -264,6 +288,7 @@ impl Store {
             .insert(&txn)
             .await?;
         }
+        self.announce(&txn, Some(addr_id)).await?;
         txn.commit().await?;
         Ok(())
     }
@@ -334,7 +359,10 @@ impl Store {
             level_match: Set(s.level_match.unwrap_or_default().as_str().to_string()),
             ..Default::default()
         };
-        let sub = am.insert(&self.db).await?;
+        let txn = self.begin_write().await?;
+        let sub = am.insert(&txn).await?;
+        self.announce(&txn, Some(addr_id)).await?;
+        txn.commit().await?;
         Ok(SubscriptionRow { addr_id, sub })
     }
 
@@ -374,7 +402,11 @@ impl Store {
             changed = true;
         }
         let sub = if changed {
-            am.update(&self.db).await?
+            let txn = self.begin_write().await?;
+            let sub = am.update(&txn).await?;
+            self.announce(&txn, Some(addr_id)).await?;
+            txn.commit().await?;
+            sub
         } else {
             current
         };
@@ -384,13 +416,21 @@ impl Store {
     /// Deletes a subscription reached through its own parents.
     pub async fn subscription_delete(&self, addr_id: i64, endpoint_id: i64, id: i64) -> Result<()> {
         let row = self.subscription_get(addr_id, endpoint_id, id).await?;
+        let txn = self.begin_write().await?;
         subscription::Entity::delete_by_id(row.sub.id)
-            .exec(&self.db)
+            .exec(&txn)
             .await?;
+        self.announce(&txn, Some(addr_id)).await?;
+        txn.commit().await?;
         Ok(())
     }
 
-    // ---- routing and deliveries ------------------------------------------
+    // ---- routing ---------------------------------------------------------
+
+    /// Records in `txn` that the routes of `addr_id` (`None`: all) change.
+    async fn announce(&self, txn: &DatabaseTransaction, addr_id: Option<i64>) -> Result<i64> {
+        super::cluster::announce_change(txn, self.backend, addr_id).await
+    }
 
     /// Addresses, endpoints and subscriptions (of one address, or all),
     /// for the routing index.

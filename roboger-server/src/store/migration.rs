@@ -14,6 +14,7 @@ impl MigratorTrait for Migrator {
             Box::new(Base),
             Box::new(Events),
             Box::new(DropDeliveryEvent),
+            Box::new(Cluster),
         ]
     }
 }
@@ -422,6 +423,126 @@ impl MigrationTrait for DropDeliveryEvent {
                 .to_owned(),
         )
         .await
+    }
+}
+
+#[derive(DeriveIden)]
+enum Node {
+    Table,
+    Instance,
+    Name,
+    Version,
+    Started,
+    Heartbeat,
+    Rescued,
+}
+
+#[derive(DeriveIden)]
+enum RoutingVersion {
+    Table,
+    Id,
+    Version,
+}
+
+#[derive(DeriveIden)]
+enum RoutingChange {
+    Table,
+    Version,
+    AddrId,
+    Created,
+}
+
+#[derive(DeriveIden)]
+enum JobLease {
+    Table,
+    Name,
+    Holder,
+    Until,
+}
+
+/// Several servers on one database: their heartbeats (`node`), the log of
+/// routing changes they follow (`routing_version`, one row whose counter
+/// serializes changes, and `routing_change`), and leases on periodic jobs.
+struct Cluster;
+
+impl MigrationName for Cluster {
+    fn name(&self) -> &str {
+        "m20261129_000004_cluster"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for Cluster {
+    async fn up(&self, m: &SchemaManager) -> Result<(), DbErr> {
+        m.create_table(
+            Table::create()
+                .table(Node::Table)
+                .if_not_exists()
+                .col(string_len(Node::Instance, 160).primary_key())
+                .col(string_len(Node::Name, 128))
+                .col(string_len(Node::Version, 40))
+                .col(timestamp_with_time_zone(Node::Started))
+                .col(timestamp_with_time_zone(Node::Heartbeat))
+                .col(timestamp_with_time_zone_null(Node::Rescued))
+                .to_owned(),
+        )
+        .await?;
+        m.create_table(
+            Table::create()
+                .table(RoutingVersion::Table)
+                .if_not_exists()
+                .col(integer(RoutingVersion::Id).primary_key())
+                .col(big_integer(RoutingVersion::Version))
+                .to_owned(),
+        )
+        .await?;
+        m.exec_stmt(
+            Query::insert()
+                .into_table(RoutingVersion::Table)
+                .columns([RoutingVersion::Id, RoutingVersion::Version])
+                .values_panic([1.into(), 0.into()])
+                .on_conflict(
+                    OnConflict::column(RoutingVersion::Id)
+                        .do_nothing()
+                        .to_owned(),
+                )
+                .to_owned(),
+        )
+        .await?;
+        m.create_table(
+            Table::create()
+                .table(RoutingChange::Table)
+                .if_not_exists()
+                .col(big_integer(RoutingChange::Version).primary_key())
+                .col(big_integer_null(RoutingChange::AddrId))
+                .col(timestamp_with_time_zone(RoutingChange::Created))
+                .to_owned(),
+        )
+        .await?;
+        m.create_table(
+            Table::create()
+                .table(JobLease::Table)
+                .if_not_exists()
+                .col(string_len(JobLease::Name, 40).primary_key())
+                .col(string_len_null(JobLease::Holder, 160))
+                .col(timestamp_with_time_zone(JobLease::Until))
+                .to_owned(),
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn down(&self, m: &SchemaManager) -> Result<(), DbErr> {
+        for t in [
+            Node::Table.into_iden(),
+            RoutingVersion::Table.into_iden(),
+            RoutingChange::Table.into_iden(),
+            JobLease::Table.into_iden(),
+        ] {
+            m.drop_table(Table::drop().table(t).if_exists().to_owned())
+                .await?;
+        }
+        Ok(())
     }
 }
 

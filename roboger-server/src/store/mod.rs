@@ -7,6 +7,7 @@
 //! builder with bound values).
 
 mod bucket;
+mod cluster;
 mod delivery;
 pub mod entity;
 mod limits;
@@ -16,7 +17,8 @@ pub mod named;
 mod plugin_sql;
 
 pub use bucket::NewObject;
-pub use delivery::{Attempt, STATE_DELIVERED, STATE_FAILED, STATE_PENDING};
+pub use cluster::{NodeRow, ROUTING_CHANNEL};
+pub use delivery::{Attempt, STATE_DELIVERED, STATE_FAILED, STATE_PENDING, Written};
 pub use management::{AddrPatch, EndpointPatch, SubscriptionPatch, SubscriptionRow};
 
 use std::time::Duration;
@@ -57,10 +59,12 @@ impl AddrRef {
     /// Digits alone (shorter than an address) name an id; anything else is
     /// an address string.
     pub fn parse(s: &str) -> AddrRef {
-        if !s.is_empty() && s.len() < entity::ADDR_LEN && s.bytes().all(|b| b.is_ascii_digit()) {
-            if let Ok(id) = s.parse() {
-                return AddrRef::Id(id);
-            }
+        if !s.is_empty()
+            && s.len() < entity::ADDR_LEN
+            && s.bytes().all(|b| b.is_ascii_digit())
+            && let Ok(id) = s.parse()
+        {
+            return AddrRef::Id(id);
         }
         AddrRef::A(s.to_string())
     }
@@ -84,18 +88,20 @@ pub struct Store {
     /// elsewhere `db`.
     writes: DatabaseConnection,
     backend: DbBackend,
+    /// The database file, on SQLite.
+    sqlite_file: Option<std::path::PathBuf>,
 }
 
 impl Store {
     /// Connects (creating a SQLite file when needed), with `timeout` on
     /// connecting and on taking a connection from the pool.
     pub async fn connect(url: &DbUrl, pool: u32, timeout: Duration) -> Result<Store> {
-        if url.backend == DbBackend::Sqlite {
-            if let Some(dir) = sqlite_parent_dir(&url.url) {
-                std::fs::create_dir_all(&dir).map_err(|e| {
-                    DbErr::Custom(format!("cannot create directory {}: {e}", dir.display()))
-                })?;
-            }
+        if url.backend == DbBackend::Sqlite
+            && let Some(dir) = sqlite_parent_dir(&url.url)
+        {
+            std::fs::create_dir_all(&dir).map_err(|e| {
+                DbErr::Custom(format!("cannot create directory {}: {e}", dir.display()))
+            })?;
         }
         let mut opts = ConnectOptions::new(url.url.clone());
         opts.max_connections(pool)
@@ -129,6 +135,7 @@ impl Store {
             db,
             writes,
             backend: url.backend,
+            sqlite_file: sqlite_file(&url.url),
         })
     }
 
@@ -138,12 +145,27 @@ impl Store {
     /// On SQLite `writes` has a single connection, so its pool queues the
     /// writers instead (fairly, within the acquire timeout), keeping group
     /// commits back to back on one warm connection and sqlx thread.
+    ///
+    /// On SQLite they are `BEGIN IMMEDIATE`: the write lock is taken up
+    /// front. A deferred transaction that reads first cannot become a
+    /// writer once another process (another node on the same file) has
+    /// written since its read began; it fails at once instead of waiting.
     async fn begin_write(&self) -> Result<sea_orm::DatabaseTransaction> {
+        if self.backend == DbBackend::Sqlite {
+            return Ok(self
+                .writes
+                .begin_with_options(sea_orm::TransactionOptions {
+                    sqlite_transaction_mode: Some(sea_orm::SqliteTransactionMode::Immediate),
+                    ..Default::default()
+                })
+                .await?);
+        }
         Ok(self.writes.begin().await?)
     }
 
-    /// Applies every pending migration.
-    pub async fn migrate(&self) -> Result<()> {
+    /// Applies every pending migration (see [`Store::migrate`] for the
+    /// lock that serializes this between servers).
+    async fn migrate_now(&self) -> Result<()> {
         migration::Migrator::up(&self.db, None).await?;
         Ok(())
     }
@@ -164,13 +186,18 @@ fn is_unique_violation(e: &DbErr) -> bool {
     matches!(e.sql_err(), Some(SqlErr::UniqueConstraintViolation(_)))
 }
 
-fn sqlite_parent_dir(url: &str) -> Option<std::path::PathBuf> {
+/// The file of a SQLite URL (none for an in-memory database).
+fn sqlite_file(url: &str) -> Option<std::path::PathBuf> {
     let rest = url.strip_prefix("sqlite://")?;
     let path = rest.split('?').next()?;
     if path.is_empty() || path.starts_with(':') {
         return None;
     }
-    std::path::Path::new(path)
+    Some(std::path::PathBuf::from(path))
+}
+
+fn sqlite_parent_dir(url: &str) -> Option<std::path::PathBuf> {
+    sqlite_file(url)?
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .map(std::path::Path::to_path_buf)

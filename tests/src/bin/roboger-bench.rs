@@ -99,11 +99,11 @@ impl Sink {
             .and(warp::body::bytes())
             .map(move |body: bytes::Bytes| {
                 let now = clock.elapsed();
-                if let Some((seq, sent)) = parse_stamp(&body) {
-                    if let Ok(mut g) = l.lock() {
-                        g.arrivals.push((seq, now));
-                        g.latencies.push(now.saturating_sub(sent));
-                    }
+                if let Some((seq, sent)) = parse_stamp(&body)
+                    && let Ok(mut g) = l.lock()
+                {
+                    g.arrivals.push((seq, now));
+                    g.latencies.push(now.saturating_sub(sent));
                 }
                 warp::reply()
             });
@@ -437,10 +437,10 @@ async fn measure(
     let started = clock.elapsed();
     let before = cpu_ticks();
     let mut l = load(t, args, args.duration, args.rate, clock, seq).await;
-    if let (Some((t0, s0)), Some((t1, s1))) = (before, cpu_ticks()) {
-        if t1 > t0 {
-            row.steal = Some(100.0 * (s1 - s0) as f64 / (t1 - t0) as f64);
-        }
+    if let (Some((t0, s0)), Some((t1, s1))) = (before, cpu_ticks())
+        && t1 > t0
+    {
+        row.steal = Some(100.0 * (s1 - s0) as f64 / (t1 - t0) as f64);
     }
     let (log, missing) = drain(sink, &l.accepted, Duration::from_secs_f64(args.drain)).await;
     let last = log
@@ -499,15 +499,15 @@ async fn restart_time(
     while back.is_none() && Instant::now() < end {
         tokio::time::sleep(Duration::from_millis(1)).await;
         let new_pid = children(server_pid).into_iter().find(|p| *p != plugin);
-        if new_pid.is_some() {
-            if let Ok(g) = sink.log.lock() {
-                back = g
-                    .arrivals
-                    .iter()
-                    .map(|(_, at)| *at)
-                    .filter(|at| *at > killed_at + Duration::from_millis(1))
-                    .min();
-            }
+        if new_pid.is_some()
+            && let Ok(g) = sink.log.lock()
+        {
+            back = g
+                .arrivals
+                .iter()
+                .map(|(_, at)| *at)
+                .filter(|at| *at > killed_at + Duration::from_millis(1))
+                .min();
         }
     }
     let l = load_task.await.ok()?;
@@ -547,11 +547,11 @@ async fn own_server(args: &Args, sink: &Sink, clock: Instant, seq: &Arc<AtomicU6
     measure(&mut row, &t, sink, args, clock, seq).await;
     row.rss_peak = rss(pid).map(|r| r.1);
     row.plugin_peak = plugin.and_then(rss).map(|r| r.1);
-    if !args.no_kill {
-        if let Some((d, lost)) = restart_time(pid, &t, sink, args, clock, seq).await {
-            row.restart = Some(d);
-            row.restart_lost = Some(lost);
-        }
+    if !args.no_kill
+        && let Some((d, lost)) = restart_time(pid, &t, sink, args, clock, seq).await
+    {
+        row.restart = Some(d);
+        row.restart_lost = Some(lost);
     }
     row
 }
@@ -716,14 +716,14 @@ fn print(rows: &[Row], args: &Args) {
             );
         }
     }
-    if let [ours, theirs] = rows {
-        if theirs.delivered_per_s > 0.0 {
-            println!(
-                "ratio (ours / target): accepted {:.1}x, delivered {:.1}x",
-                ours.accepted_per_s / theirs.accepted_per_s.max(f64::MIN_POSITIVE),
-                ours.delivered_per_s / theirs.delivered_per_s
-            );
-        }
+    if let [ours, theirs] = rows
+        && theirs.delivered_per_s > 0.0
+    {
+        println!(
+            "ratio (ours / target): accepted {:.1}x, delivered {:.1}x",
+            ours.accepted_per_s / theirs.accepted_per_s.max(f64::MIN_POSITIVE),
+            ours.delivered_per_s / theirs.delivered_per_s
+        );
     }
     println!(
         "latencies in ms; push = until the 202, e2e = push to the sink; RSS in MiB (peak = VmHWM);\nsteal% = CPU time the hypervisor took from this machine during the load (noisy runs)"
@@ -735,11 +735,11 @@ fn print(rows: &[Row], args: &Args) {
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let args = Args::parse();
-    if let Some(t) = &args.target {
-        if Pusher::new(&push_url(t)).is_none() {
-            eprintln!("--target must be a plain http://host:port URL, not {t}");
-            return std::process::ExitCode::from(2);
-        }
+    if let Some(t) = &args.target
+        && Pusher::new(&push_url(t)).is_none()
+    {
+        eprintln!("--target must be a plain http://host:port URL, not {t}");
+        return std::process::ExitCode::from(2);
     }
     let _ = rustls::crypto::ring::default_provider().install_default();
     let clock = Instant::now();

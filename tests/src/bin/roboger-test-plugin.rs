@@ -12,6 +12,9 @@
 //! never answers; `{"freeze": true}` stops the whole process (SIGSTOP);
 //! `{"fail": "msg"}` fails; `{"fail_times": n}` fails the first n
 //! attempts of each event; `{"slow": ms}` answers after a while;
+//! `{"gate": "/path"}` waits until that file exists (a target that is down
+//! until the test brings it back); `TEST_PLUGIN_SEND_FAIL` (environment)
+//! makes every `send` of this process fail with its text, after the rest;
 //! `{"callbacks": true}` calls back into the server and records what it got.
 
 use std::io::{BufRead, Write};
@@ -22,15 +25,14 @@ use roboger_plugin_sdk::{Event, Host, HttpRequest, HttpResponse, Info, Plugin, P
 use serde_json::{Value, json};
 
 fn record(v: Value) {
-    if let Ok(path) = std::env::var("TEST_PLUGIN_RECORD") {
-        if let Ok(mut f) = std::fs::OpenOptions::new()
+    if let Ok(path) = std::env::var("TEST_PLUGIN_RECORD")
+        && let Ok(mut f) = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(path)
-        {
-            // One write per line, so concurrent calls never interleave.
-            let _ = f.write_all(format!("{v}\n").as_bytes());
-        }
+    {
+        // One write per line, so concurrent calls never interleave.
+        let _ = f.write_all(format!("{v}\n").as_bytes());
     }
 }
 
@@ -133,6 +135,12 @@ impl Plugin for Chaos {
 
     async fn send(&self, e: Event, host: &Host) -> Result<(), PluginError> {
         let c = &e.config;
+        if c.get("gate").is_some() || c.get("slow").is_some() {
+            // So a test knows this call is in flight.
+            record(
+                json!({"method": "send_started", "pid": std::process::id(), "event_id": e.event_id}),
+            );
+        }
         if c.get("crash").is_some() {
             std::process::exit(1);
         }
@@ -147,6 +155,11 @@ impl Plugin for Chaos {
         }
         if let Some(ms) = c.get("slow").and_then(Value::as_u64) {
             tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+        }
+        if let Some(gate) = c.get("gate").and_then(Value::as_str) {
+            while !std::path::Path::new(gate).exists() {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
         }
         let mut callbacks = Value::Null;
         if c.get("callbacks").is_some() {
@@ -177,6 +190,9 @@ impl Plugin for Chaos {
         }
         if let Some(msg) = c.get("fail") {
             return Err(PluginError::failed(msg.as_str().unwrap_or("failed")));
+        }
+        if let Ok(msg) = std::env::var("TEST_PLUGIN_SEND_FAIL") {
+            return Err(PluginError::failed(msg));
         }
         Ok(())
     }

@@ -1,0 +1,189 @@
+//! This server as one node of several sharing a database (see
+//! `store::cluster` for the tables).
+//!
+//! Each process start is an *instance*: its configured `node` name plus a
+//! random part, so two nodes given one name (or one node restarted) never
+//! hold each other's leases. The instance writes a heartbeat every
+//! `node-timeout / 3` (at most every second). Every node looks for
+//! instances whose heartbeat is older than `node-timeout`: those are dead,
+//! and the first node to see it frees their leases, so the deliveries they
+//! held are claimed by the survivors at once instead of when the leases
+//! run out. Leases of calls that outlast half a lease are renewed.
+//! Periodic jobs that must run once for the whole cluster (cleanup,
+//! maintenance) run on whichever node takes their lease.
+//!
+//! Invariant: a node only ever frees the leases of an instance whose
+//! heartbeat has stopped (or its own, when it stops cleanly); outcomes are
+//! written only under the writer's own lease (`store::delivery`), so a node
+//! that comes back after being presumed dead cannot overwrite anything.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::config::DeliveryConfig;
+use crate::store::Store;
+use crate::store::entity::node;
+
+/// How long a dead node stays in the list after it was rescued.
+const KEEP_DEAD: Duration = Duration::from_secs(3600);
+/// How long routing changes are kept: a node cut off for longer rebuilds
+/// its whole index when it comes back.
+const KEEP_CHANGES: Duration = Duration::from_secs(3600);
+/// How often one node of the cluster prunes the tables above.
+const MAINTENANCE_EVERY: Duration = Duration::from_secs(60);
+
+/// This process as a node of the cluster.
+#[derive(Debug, Clone)]
+pub struct Node {
+    /// The configured name (`node`, default the host name).
+    pub name: String,
+    /// Unique to this process start: `name#random`; what leases name.
+    pub instance: String,
+    pub started: chrono::DateTime<chrono::Utc>,
+}
+
+impl Node {
+    /// A new instance of the node called `name`.
+    pub fn new(name: &str) -> Node {
+        Node {
+            name: name.to_string(),
+            instance: format!("{name}#{}", crate::random::alphanumeric(12)),
+            started: chrono::Utc::now(),
+        }
+    }
+
+    fn row(&self) -> node::Model {
+        node::Model {
+            instance: self.instance.clone(),
+            name: self.name.clone(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            started: self.started,
+            heartbeat: chrono::Utc::now(),
+            rescued: None,
+        }
+    }
+}
+
+fn ago(d: Duration) -> chrono::DateTime<chrono::Utc> {
+    chrono::Utc::now() - chrono::Duration::from_std(d).unwrap_or_default()
+}
+
+fn after(d: Duration) -> chrono::DateTime<chrono::Utc> {
+    chrono::Utc::now() + chrono::Duration::from_std(d).unwrap_or_default()
+}
+
+/// Registers the node (first heartbeat) so it is listed from the start.
+pub async fn join(store: &Store, node: &Node) {
+    if let Err(e) = store.node_heartbeat(&node.row()).await {
+        tracing::warn!(error = %e, "cannot register this node");
+    }
+}
+
+/// Writes heartbeats, rescues dead nodes, renews long leases and runs the
+/// cluster's maintenance until the task is aborted.
+pub async fn run(store: Store, node: Arc<Node>, cfg: Arc<DeliveryConfig>) {
+    let mut tick = tokio::time::interval(cfg.heartbeat);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let renew_every = cfg.lease / 4;
+    let mut renewed = tokio::time::Instant::now();
+    let mut maintained = tokio::time::Instant::now();
+    let mut presumed_dead = false;
+    loop {
+        tick.tick().await;
+        let beat = tokio::time::timeout(cfg.heartbeat.max(cfg.node_timeout / 2), async {
+            store.node_heartbeat(&node.row()).await
+        })
+        .await;
+        match beat {
+            Ok(Ok(true)) => presumed_dead = false,
+            Ok(Ok(false)) => {
+                if !presumed_dead {
+                    tracing::warn!(
+                        instance = %node.instance,
+                        "this node missed its heartbeats for longer than node-timeout: \
+                         the others freed its leases; its late outcomes are dropped"
+                    );
+                }
+                presumed_dead = true;
+            }
+            Ok(Err(e)) => tracing::warn!(error = %e, "cannot write this node's heartbeat"),
+            Err(_) => tracing::warn!("this node's heartbeat timed out"),
+        }
+        rescue_dead(&store, &node, cfg.node_timeout).await;
+        if renewed.elapsed() >= renew_every {
+            renewed = tokio::time::Instant::now();
+            match store
+                .renew_leases(&node.instance, after(cfg.lease / 2), after(cfg.lease))
+                .await
+            {
+                Ok(0) => {}
+                Ok(n) => tracing::debug!(deliveries = n, "leases of long calls renewed"),
+                Err(e) => tracing::warn!(error = %e, "cannot renew leases"),
+            }
+        }
+        if maintained.elapsed() >= MAINTENANCE_EVERY {
+            maintained = tokio::time::Instant::now();
+            maintenance(&store, &node).await;
+        }
+    }
+}
+
+async fn rescue_dead(store: &Store, node: &Node, timeout: Duration) {
+    let dead = match store.nodes_dead(&node.instance, ago(timeout)).await {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot look for dead nodes");
+            return;
+        }
+    };
+    for instance in dead {
+        match store.node_rescue(&instance, ago(timeout)).await {
+            Ok(Some(n)) => tracing::warn!(
+                dead = %instance,
+                deliveries = n,
+                "node missed its heartbeats for {timeout:?}: its deliveries are freed for the others"
+            ),
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, dead = %instance, "cannot free a dead node's leases")
+            }
+        }
+    }
+}
+
+async fn maintenance(store: &Store, node: &Node) {
+    if !once(store, node, "maintenance", MAINTENANCE_EVERY).await {
+        return;
+    }
+    if let Err(e) = store.nodes_forget(ago(KEEP_DEAD)).await {
+        tracing::warn!(error = %e, "cannot forget dead nodes");
+    }
+    if let Err(e) = store.routing_changes_prune(ago(KEEP_CHANGES)).await {
+        tracing::warn!(error = %e, "cannot prune routing changes");
+    }
+}
+
+/// Whether this node is the one to run job `name` now, for the period
+/// `every`: true for one node of the cluster per period. The lease ends a
+/// little before the period, so the holder's next tick finds it free.
+pub async fn once(store: &Store, node: &Node, name: &str, every: Duration) -> bool {
+    match store
+        .job_take(name, &node.instance, after(every.mul_f64(0.9)))
+        .await
+    {
+        Ok(mine) => mine,
+        Err(e) => {
+            tracing::warn!(error = %e, job = name, "cannot take a job's lease; skipping it");
+            false
+        }
+    }
+}
+
+/// A node stopping cleanly: its pending deliveries go to the others now.
+pub async fn leave(store: &Store, node: &Node) {
+    match store.node_leave(&node.instance).await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(deliveries = n, "pending deliveries left to the other nodes"),
+        Err(e) => tracing::warn!(error = %e, "cannot leave the cluster cleanly"),
+    }
+}

@@ -1,0 +1,501 @@
+//! Several real `roboger-server` processes on one database, acting as one
+//! service: start-up together, routing changes reaching every node, a
+//! killed node's deliveries made by the survivors, a paused node's late
+//! outcomes fenced off, node names shared by live instances, and exact
+//! limits across nodes. Runs on SQLite (one file shared by the processes)
+//! and, with `ROBOGER_TEST_PG`, on PostgreSQL.
+
+use std::future::Future;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use roboger_tests::{
+    Method, Server, ServerOptions, Value, assert_status, json, json_lines, shared_database,
+    test_plugin_bin,
+};
+
+/// A node of the test cluster on database `db`, with the test plugin
+/// configured as `test` and recording its calls to `record`.
+fn node(db: &str, record: &Path) -> ServerOptions {
+    ServerOptions {
+        db: Some(db.to_string()),
+        plugins: vec!["test".into()],
+        env: vec![("TEST_PLUGIN_RECORD".into(), record.display().to_string())],
+        ..Default::default()
+    }
+}
+
+/// Polls `check` every few milliseconds until it holds; returns how long
+/// that took, or panics after `limit`.
+async fn until<F, Fut>(what: &str, limit: Duration, mut check: F) -> Duration
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let start = Instant::now();
+    loop {
+        if check().await {
+            return start.elapsed();
+        }
+        assert!(start.elapsed() < limit, "{what}: not within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// The status of a push to `addr` through `node`.
+async fn push_status(node: &Server, addr: &str, msg: &str) -> u16 {
+    node.push(json!({"addr": addr, "msg": msg}))
+        .await
+        .status
+        .as_u16()
+}
+
+/// How many deliveries a push through `node` gets (the event is found by
+/// its unique message through the management API).
+async fn deliveries_of_a_push(node: &Server, id: i64, addr: &str, msg: &str) -> usize {
+    assert_status!(node.push(json!({"addr": addr, "msg": msg})).await, 202);
+    let events = node
+        .manage(Method::GET, &format!("/addr/{id}/event?limit=20"), None)
+        .await
+        .json();
+    let ev = events
+        .as_array()
+        .and_then(|l| l.iter().find(|e| e["msg"] == msg))
+        .and_then(|e| e["id"].as_str())
+        .unwrap_or_else(|| panic!("the event {msg:?} is not listed: {events}"))
+        .to_string();
+    let e = node
+        .manage(Method::GET, &format!("/addr/{id}/event/{ev}"), None)
+        .await
+        .json();
+    e["deliveries"].as_array().map_or(0, Vec::len)
+}
+
+/// This node's instance id, as the node list says.
+async fn instance_of(node: &Server) -> String {
+    let list = node.manage(Method::GET, "/node", None).await.json();
+    list.as_array()
+        .and_then(|l| l.iter().find(|n| n["self"] == true))
+        .and_then(|n| n["instance"].as_str())
+        .unwrap_or_else(|| panic!("no node is self: {list}"))
+        .to_string()
+}
+
+/// The records of `send` calls, and of calls started, in a record file.
+fn sends(record: &Path, method: &str) -> Vec<Value> {
+    json_lines(record)
+        .into_iter()
+        .filter(|r| r["method"] == method)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn three_nodes_started_at_once_on_an_empty_database_all_come_up() {
+    let (dir, db) = shared_database();
+    let record = dir.path().join("record");
+    let nodes = Server::start_many(vec![node(&db, &record); 3]);
+    let mut instances = std::collections::BTreeSet::new();
+    for n in &nodes {
+        let r = n.manage(Method::GET, "/node", None).await;
+        assert_status!(r, 200);
+        let list = r.json();
+        let list = list.as_array().expect("a list of nodes");
+        assert_eq!(list.len(), 3, "three nodes listed: {list:?}");
+        assert!(list.iter().all(|n| n["alive"] == true), "{list:?}");
+        assert_eq!(
+            list.iter().filter(|n| n["self"] == true).count(),
+            1,
+            "{list:?}"
+        );
+        for n in list {
+            instances.insert(n["instance"].as_str().unwrap_or_default().to_string());
+            assert_eq!(n["version"], env!("CARGO_PKG_VERSION"));
+        }
+    }
+    assert_eq!(instances.len(), 3, "each start is its own instance");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn changes_through_one_node_are_obeyed_by_the_others_within_a_second() {
+    let (dir, db) = shared_database();
+    let record = dir.path().join("record");
+    let nodes = Server::start_many(vec![node(&db, &record); 3]);
+    let (a, others) = (&nodes[0], &nodes[1..]);
+    let limit = Duration::from_secs(1);
+    let mut probe = 0;
+    let mut took = Vec::new();
+
+    let (id, addr) = a.new_addr().await;
+    for n in others {
+        took.push((
+            "create addr",
+            until("create addr", limit, || async {
+                push_status(n, &addr, "probe").await == 202
+            })
+            .await,
+        ));
+    }
+    for (step, active, status) in [("disable addr", 0, 406), ("enable addr", 1, 202)] {
+        let r = a
+            .manage(
+                Method::PATCH,
+                &format!("/addr/{id}"),
+                Some(json!({"active": active})),
+            )
+            .await;
+        assert_status!(r, 200);
+        for n in others {
+            took.push((
+                step,
+                until(step, limit, || async {
+                    push_status(n, &addr, "probe").await == status
+                })
+                .await,
+            ));
+        }
+    }
+
+    // Endpoint and subscription changes: a push through another node gets
+    // the delivery, or not.
+    let ep = a.endpoint(id, "test", json!({})).await;
+    let sub_list = a
+        .manage(
+            Method::GET,
+            &format!("/addr/{id}/endpoint/{ep}/subscription"),
+            None,
+        )
+        .await
+        .json();
+    let sub = sub_list[0]["id"].as_i64().expect("a subscription");
+    let steps: Vec<(&str, Method, String, Option<Value>, usize)> = vec![
+        (
+            "create endpoint and subscription",
+            Method::GET,
+            String::new(),
+            None,
+            1,
+        ),
+        (
+            "disable subscription",
+            Method::PATCH,
+            format!("/addr/{id}/endpoint/{ep}/subscription/{sub}"),
+            Some(json!({"active": 0})),
+            0,
+        ),
+        (
+            "enable subscription",
+            Method::PATCH,
+            format!("/addr/{id}/endpoint/{ep}/subscription/{sub}"),
+            Some(json!({"active": 1})),
+            1,
+        ),
+        (
+            "disable endpoint",
+            Method::PATCH,
+            format!("/addr/{id}/endpoint/{ep}"),
+            Some(json!({"active": 0})),
+            0,
+        ),
+        (
+            "enable endpoint",
+            Method::PATCH,
+            format!("/addr/{id}/endpoint/{ep}"),
+            Some(json!({"active": 1})),
+            1,
+        ),
+        (
+            "delete subscription",
+            Method::DELETE,
+            format!("/addr/{id}/endpoint/{ep}/subscription/{sub}"),
+            None,
+            0,
+        ),
+        (
+            "create subscription",
+            Method::POST,
+            format!("/addr/{id}/endpoint/{ep}/subscription"),
+            Some(json!({"level": 10})),
+            1,
+        ),
+        (
+            "delete endpoint",
+            Method::DELETE,
+            format!("/addr/{id}/endpoint/{ep}"),
+            None,
+            0,
+        ),
+    ];
+    let a_str = addr.as_str();
+    for (step, method, path, body, want) in steps {
+        if method != Method::GET {
+            let r = a.manage(method, &path, body).await;
+            assert!(r.status.is_success(), "{step}: {} {}", r.status, r.text);
+        }
+        for n in others {
+            took.push((
+                step,
+                until(step, limit, || {
+                    probe += 1;
+                    let msg = format!("probe {probe}");
+                    async move { deliveries_of_a_push(n, id, a_str, &msg).await == want }
+                })
+                .await,
+            ));
+        }
+    }
+
+    let r = a.manage(Method::DELETE, &format!("/addr/{id}"), None).await;
+    assert_status!(r, 204);
+    for n in others {
+        took.push((
+            "delete addr",
+            until("delete addr", limit, || async {
+                push_status(n, &addr, "probe").await == 404
+            })
+            .await,
+        ));
+    }
+    let worst = took.iter().map(|(_, t)| *t).max().unwrap_or_default();
+    println!("propagation, per change and node (polled every 5 ms): {took:?}; worst {worst:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_killed_node_s_deliveries_are_made_by_the_survivors() {
+    let (dir, db) = shared_database();
+    let record = dir.path().join("record");
+    let gate = dir.path().join("target-is-up");
+    let mut nodes = Server::start_many(vec![node(&db, &record); 2]);
+    let (id, addr) = nodes[0].new_addr().await;
+    nodes[0]
+        .endpoint(id, "test", json!({"gate": gate.display().to_string()}))
+        .await;
+    let events = 20;
+    for i in 0..events {
+        assert_status!(
+            nodes[0]
+                .push(json!({"addr": addr, "msg": format!("event {i}")}))
+                .await,
+            202
+        );
+    }
+    // Every call of the first node hangs on the target.
+    until(
+        "the first node's calls in flight",
+        Duration::from_secs(10),
+        || async { sends(&record, "send_started").len() >= events },
+    )
+    .await;
+    let a = instance_of(&nodes[0]).await;
+    let leased = nodes[1].manage(Method::GET, "/node", None).await.json();
+    let held = leased
+        .as_array()
+        .and_then(|l| l.iter().find(|n| n["instance"] == a.as_str()))
+        .map(|n| n["leased"].clone());
+    assert_eq!(held, Some(json!(events)), "{leased}");
+
+    nodes[0].kill();
+    let killed = Instant::now();
+    std::fs::write(&gate, "up").expect("bring the target up");
+    let survivor = &nodes[1];
+    let took = until(
+        "every event delivered by the survivor",
+        Duration::from_secs(10),
+        || async {
+            let delivered: std::collections::BTreeSet<String> = sends(&record, "send")
+                .iter()
+                .filter_map(|s| s["event_id"].as_str().map(str::to_string))
+                .collect();
+            delivered.len() >= events
+        },
+    )
+    .await;
+    println!(
+        "SIGKILL to every event delivered by the survivor: {:?}",
+        killed.elapsed()
+    );
+    assert!(took < Duration::from_secs(10));
+    let list = survivor
+        .manage(Method::GET, &format!("/addr/{id}/event"), None)
+        .await
+        .json();
+    let list = list.as_array().expect("events");
+    assert_eq!(list.len(), events);
+    for e in list {
+        let ev = e["id"].as_str().unwrap_or_default();
+        // The last outcomes may still be in the survivor's group commit.
+        until(
+            "the delivery is recorded",
+            Duration::from_secs(5),
+            || async {
+                let e = survivor
+                    .manage(Method::GET, &format!("/addr/{id}/event/{ev}"), None)
+                    .await
+                    .json();
+                e["deliveries"][0]["state"] == "delivered"
+            },
+        )
+        .await;
+    }
+    let nodes_now = survivor.manage(Method::GET, "/node", None).await.json();
+    let dead = nodes_now
+        .as_array()
+        .and_then(|l| l.iter().find(|n| n["instance"] == a.as_str()))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(dead["alive"], false, "{nodes_now}");
+    assert!(dead["rescued"].is_string(), "{nodes_now}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_paused_node_s_late_outcomes_are_dropped() {
+    let (dir, db) = shared_database();
+    let record = dir.path().join("record");
+    // The paused node's plugin fails every send: if its outcome were
+    // written after the other node delivered, the delivery would go back
+    // to pending with this error.
+    let mut paused = node(&db, &record);
+    paused.plugins.clear();
+    paused.plugins_yaml = format!(
+        "- name: test\n  command: {}\n  env: {{TEST_PLUGIN_SEND_FAIL: late failure from the paused node}}\n",
+        test_plugin_bin().display()
+    );
+    let nodes = Server::start_many(vec![paused, node(&db, &record)]);
+    let (a, b) = (&nodes[0], &nodes[1]);
+    let (id, addr) = a.new_addr().await;
+    a.endpoint(id, "test", json!({"slow": 1000})).await;
+    assert_status!(a.push(json!({"addr": addr, "msg": "once"})).await, 202);
+    until(
+        "the paused node's call in flight",
+        Duration::from_secs(10),
+        || async { !sends(&record, "send_started").is_empty() },
+    )
+    .await;
+    a.signal("STOP");
+    let ev = b
+        .manage(Method::GET, &format!("/addr/{id}/event"), None)
+        .await
+        .json()[0]["id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let delivery = || async {
+        b.manage(Method::GET, &format!("/addr/{id}/event/{ev}"), None)
+            .await
+            .json()["deliveries"][0]
+            .clone()
+    };
+    let took = until(
+        "the other node takes over",
+        Duration::from_secs(15),
+        || async { delivery().await["state"] == "delivered" },
+    )
+    .await;
+    println!("SIGSTOP to delivered by the other node: {took:?}");
+    a.signal("CONT");
+    a.wait_log("late outcomes dropped", Duration::from_secs(15))
+        .await;
+    a.wait_log(
+        "missed its heartbeats for longer than node-timeout",
+        Duration::from_secs(10),
+    )
+    .await;
+    let d = delivery().await;
+    assert_eq!(d["state"], "delivered", "{d}");
+    assert_eq!(d["attempts"], 1, "{d}");
+    assert!(d["last_error"].is_null(), "{d}");
+    assert!(d["leased_by"].is_null(), "{d}");
+    // The paused node is alive again and listed so.
+    until(
+        "the paused node is alive again",
+        Duration::from_secs(5),
+        || async {
+            let list = b.manage(Method::GET, "/node", None).await.json();
+            list.as_array()
+                .is_some_and(|l| l.len() == 2 && l.iter().all(|n| n["alive"] == true))
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_restarted_under_a_live_node_s_name_leaves_its_leases_alone() {
+    let (dir, db) = shared_database();
+    let record = dir.path().join("record");
+    let gate = dir.path().join("target-is-up");
+    let mut twin = node(&db, &record);
+    twin.yaml = "node: twin\n".into();
+    let mut nodes = Server::start_many(vec![twin.clone(), twin]);
+    let (id, addr) = nodes[0].new_addr().await;
+    nodes[0]
+        .endpoint(id, "test", json!({"gate": gate.display().to_string()}))
+        .await;
+    assert_status!(
+        nodes[0].push(json!({"addr": addr, "msg": "once"})).await,
+        202
+    );
+    until("the call in flight", Duration::from_secs(10), || async {
+        !sends(&record, "send_started").is_empty()
+    })
+    .await;
+    let a = instance_of(&nodes[0]).await;
+    nodes[1].kill_and_restart();
+    let b = instance_of(&nodes[1]).await;
+    assert_ne!(a, b);
+    assert!(a.starts_with("twin#") && b.starts_with("twin#"), "{a} {b}");
+    let ev = nodes[1]
+        .manage(Method::GET, &format!("/addr/{id}/event"), None)
+        .await
+        .json()[0]["id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let e = nodes[1]
+        .manage(Method::GET, &format!("/addr/{id}/event/{ev}"), None)
+        .await
+        .json();
+    assert_eq!(e["deliveries"][0]["leased_by"], a.as_str(), "{e}");
+    assert_eq!(e["deliveries"][0]["state"], "pending", "{e}");
+
+    std::fs::write(&gate, "up").expect("bring the target up");
+    let (state, attempts, _) = nodes[0].settled_delivery(id).await;
+    assert_eq!((state.as_str(), attempts), ("delivered", 1));
+    assert_eq!(sends(&record, "send").len(), 1, "delivered once");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn limits_through_three_nodes_accept_exactly_lim_c() {
+    let (dir, db) = shared_database();
+    let record = dir.path().join("record");
+    let mut opts = node(&db, &record);
+    opts.yaml = "limits:\n  period: day\n".into();
+    let nodes = Server::start_many(vec![opts; 3]);
+    let (id, addr) = nodes[0].new_addr().await;
+    let r = nodes[0]
+        .manage(
+            Method::PATCH,
+            &format!("/addr/{id}"),
+            Some(json!({"lim_c": 10})),
+        )
+        .await;
+    assert_status!(r, 200);
+    // Changes apply in order: a node that knows a later address knows the
+    // limit set before it.
+    let (_, later) = nodes[0].new_addr().await;
+    for n in &nodes[1..] {
+        until(
+            "the limit reaches every node",
+            Duration::from_secs(5),
+            || async { push_status(n, &later, "probe").await == 202 },
+        )
+        .await;
+    }
+    let pushes = (0..30).map(|i| {
+        let n = &nodes[i % 3];
+        let addr = addr.clone();
+        async move { push_status(n, &addr, &format!("burst {i}")).await }
+    });
+    let statuses = futures_util::future::join_all(pushes).await;
+    let accepted = statuses.iter().filter(|s| **s == 202).count();
+    let limited = statuses.iter().filter(|s| **s == 429).count();
+    assert_eq!((accepted, limited), (10, 20), "{statuses:?}");
+}
