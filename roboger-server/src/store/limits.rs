@@ -22,55 +22,62 @@ impl Store {
         max_s: i64,
     ) -> Result<bool> {
         use sea_orm::sea_query::OnConflict;
-        // The usual case: this window's row exists and has room.
-        let r = addr_limit::Entity::update_many()
-            .col_expr(
-                addr_limit::Column::Count,
-                Expr::col(addr_limit::Column::Count).add(1),
-            )
-            .col_expr(
-                addr_limit::Column::Size,
-                Expr::col(addr_limit::Column::Size).add(size),
-            )
-            .filter(addr_limit::Column::AddrId.eq(addr_id))
-            .filter(addr_limit::Column::WindowStart.eq(window_start))
-            .filter(addr_limit::Column::Count.lt(max_c))
-            .filter(Expr::col(addr_limit::Column::Size).add(size).lte(max_s))
-            .exec(&self.db)
-            .await?;
-        if r.rows_affected == 1 {
-            return Ok(true);
-        }
         if max_c < 1 || size > max_s {
             return Ok(false);
         }
-        // A new window: start it with this message.
-        let r = addr_limit::Entity::update_many()
-            .col_expr(addr_limit::Column::WindowStart, Expr::value(window_start))
-            .col_expr(addr_limit::Column::Count, Expr::value(1))
-            .col_expr(addr_limit::Column::Size, Expr::value(size))
-            .filter(addr_limit::Column::AddrId.eq(addr_id))
-            .filter(addr_limit::Column::WindowStart.lt(window_start))
-            .exec(&self.db)
+        // A second round only when another server started the window (or
+        // inserted the row) between our statements: then it exists.
+        for _ in 0..2 {
+            // The usual case: this window's row exists and has room.
+            let r = addr_limit::Entity::update_many()
+                .col_expr(
+                    addr_limit::Column::Count,
+                    Expr::col(addr_limit::Column::Count).add(1),
+                )
+                .col_expr(
+                    addr_limit::Column::Size,
+                    Expr::col(addr_limit::Column::Size).add(size),
+                )
+                .filter(addr_limit::Column::AddrId.eq(addr_id))
+                .filter(addr_limit::Column::WindowStart.eq(window_start))
+                .filter(addr_limit::Column::Count.lt(max_c))
+                .filter(Expr::col(addr_limit::Column::Size).add(size).lte(max_s))
+                .exec(&self.db)
+                .await?;
+            if r.rows_affected == 1 {
+                return Ok(true);
+            }
+            // A new window: start it with this message.
+            let r = addr_limit::Entity::update_many()
+                .col_expr(addr_limit::Column::WindowStart, Expr::value(window_start))
+                .col_expr(addr_limit::Column::Count, Expr::value(1))
+                .col_expr(addr_limit::Column::Size, Expr::value(size))
+                .filter(addr_limit::Column::AddrId.eq(addr_id))
+                .filter(addr_limit::Column::WindowStart.lt(window_start))
+                .exec(&self.db)
+                .await?;
+            if r.rows_affected == 1 {
+                return Ok(true);
+            }
+            // The address's first message (or counters were reset).
+            let inserted = addr_limit::Entity::insert(addr_limit::ActiveModel {
+                addr_id: Set(addr_id),
+                window_start: Set(window_start),
+                count: Set(1),
+                size: Set(size),
+            })
+            .on_conflict(
+                OnConflict::column(addr_limit::Column::AddrId)
+                    .do_nothing()
+                    .to_owned(),
+            )
+            .exec_without_returning(&self.db)
             .await?;
-        if r.rows_affected == 1 {
-            return Ok(true);
+            if inserted == 1 {
+                return Ok(true);
+            }
         }
-        // The address's first message (or counters were reset).
-        let inserted = addr_limit::Entity::insert(addr_limit::ActiveModel {
-            addr_id: Set(addr_id),
-            window_start: Set(window_start),
-            count: Set(1),
-            size: Set(size),
-        })
-        .on_conflict(
-            OnConflict::column(addr_limit::Column::AddrId)
-                .do_nothing()
-                .to_owned(),
-        )
-        .exec_without_returning(&self.db)
-        .await?;
-        Ok(inserted == 1)
+        Ok(false)
     }
 
     /// The counters of an address's current window (for 429 messages).
