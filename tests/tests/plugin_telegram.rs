@@ -40,7 +40,7 @@ async fn start_then_html_messages_media_and_silent_debug() {
         "url: https://roboger.example.com/\ndelivery:\n  retry-base: 0.05\n  max-attempts: 2\n";
     let s = server(yaml, &api).await;
 
-    // On load: the webhook, under the server's url, with a random key.
+    // On load: the webhook, under the server's url, with a key derived from the token.
     let hook = json_of(&api.wait(1).await[0]);
     assert_eq!(api.requests()[0].path, format!("/bot{TOKEN}/setWebhook"));
     let hook = hook["url"].as_str().expect("a webhook url").to_string();
@@ -170,4 +170,45 @@ async fn without_the_server_url_no_webhook_is_registered() {
         .try_endpoint(id, "telegram", json!({"chat_id": "x"}))
         .await;
     assert_status!(r, 400);
+}
+
+/// Two servers on one database with the same bot (a cluster behind one
+/// public url) register the same webhook, and each serves it: the Bot API
+/// may call whichever node the load balancer picks.
+#[tokio::test(flavor = "multi_thread")]
+async fn every_node_of_a_cluster_registers_and_serves_one_webhook() {
+    let api = HttpSink::answering(vec![], r#"{"ok": true, "result": {}}"#).await;
+    let (_dir, db) = roboger_tests::shared_database();
+    let node = || ServerOptions {
+        yaml: "url: https://roboger.example.com/\n".into(),
+        db: Some(db.clone()),
+        plugins_yaml: format!(
+            "- name: telegram\n  command: {}\n  config:\n    token: '{TOKEN}'\n    api-url: {}\n",
+            plugin_bin("telegram").display(),
+            api.base
+        ),
+        ..Default::default()
+    };
+    let nodes = Server::start_many(vec![node(), node()]);
+    let hooks: Vec<String> = api
+        .wait(2)
+        .await
+        .iter()
+        .map(|r| json_of(r)["url"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(hooks[0], hooks[1], "one webhook for the cluster");
+    let path = hooks[0]
+        .strip_prefix("https://roboger.example.com")
+        .expect("under the server's url")
+        .to_string();
+    for (i, n) in nodes.iter().enumerate() {
+        let chat = -100 - i as i64;
+        let update = json!({"update_id": i, "message": {"message_id": 5, "chat": {"id": chat, "type": "group"}, "text": "/start"}});
+        let r = n
+            .request(Method::POST, &path, None, &[], Some(update))
+            .await;
+        assert_status!(r, 200);
+        let replies = api.wait(3 + i).await;
+        assert_eq!(json_of(&replies[2 + i])["chat_id"], chat);
+    }
 }

@@ -1,5 +1,7 @@
 //! The telegram plugin: a bot that sends events to chats. On load it
-//! registers its webhook at `{server url}/plugin/telegram/{random key}`;
+//! registers its webhook at `{server url}/plugin/telegram/{key}`, the key
+//! derived from the bot token, so every server of a cluster (and every
+//! restart) serves and registers the same URL;
 //! a chat that sends it `/start` gets its chat id back encrypted and
 //! authenticated with a key derived from the bot token, and an endpoint's
 //! `chat_id` must be such a code, so nobody can address a chat that did
@@ -34,7 +36,8 @@ struct Bot {
     api: String,
     cipher: ChaCha20Poly1305,
     key: [u8; 32],
-    /// The random last path segment of the webhook URL.
+    /// The last path segment of the webhook URL: secret to whoever does
+    /// not know the token, and the same on every server.
     secret: String,
 }
 
@@ -50,12 +53,16 @@ impl Bot {
             .finalize()
             .into();
         let cipher = ChaCha20Poly1305::new_from_slice(&key).map_err(PluginError::failed)?;
-        let random: [u8; 24] = rand::random();
+        let path: [u8; 32] = Sha256::new()
+            .chain_update(b"roboger telegram webhook\0")
+            .chain_update(token.as_bytes())
+            .finalize()
+            .into();
         Ok(Bot {
             api: format!("{}/bot{token}", api_url.trim_end_matches('/')),
             cipher,
             key,
-            secret: URL_SAFE_NO_PAD.encode(random),
+            secret: URL_SAFE_NO_PAD.encode(&path[..24]),
         })
     }
 
@@ -243,12 +250,12 @@ impl Plugin for Telegram {
     async fn validate_config(&self, config: &Value, _host: &Host) -> Result<(), PluginError> {
         schema::check(ConfigSchema::iter_errors(config))?;
         let bot = self.bot()?;
-        if let Some(code) = config.get("chat_id").and_then(Value::as_str) {
-            if bot.decrypt(code).is_none() {
-                return Err(PluginError::rejected(
-                    "chat_id: not a code this bot issued; send /start to the bot to get one",
-                ));
-            }
+        if let Some(code) = config.get("chat_id").and_then(Value::as_str)
+            && bot.decrypt(code).is_none()
+        {
+            return Err(PluginError::rejected(
+                "chat_id: not a code this bot issued; send /start to the bot to get one",
+            ));
         }
         Ok(())
     }
