@@ -128,10 +128,9 @@ enum Period {
     Named(String),
 }
 
-/// Accepted for compatibility only: counters live in the database.
+/// Where the limit counters live, as the original configured it.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-#[allow(dead_code)]
 struct FileRedis {
     host: Option<String>,
     db: Option<u32>,
@@ -243,6 +242,9 @@ pub struct Limits {
     pub period_name: String,
     /// Percent of each limit reserved for WARNING and above.
     pub reserve: u32,
+    /// The Redis server holding the counters (`limits.redis`), as a URL;
+    /// `None`: they are kept in the database.
+    pub redis: Option<String>,
 }
 
 /// One configured plugin.
@@ -443,13 +445,7 @@ impl Config {
         let limits = match f.limits {
             None => None,
             Some(l) => {
-                if l.redis.is_some() {
-                    notices.push(
-                        "roboger.limits.redis is accepted for compatibility; \
-                         counters are kept in the database"
-                            .to_string(),
-                    );
-                }
+                let redis = l.redis.map(redis_url).transpose()?;
                 let (period, period_name) = match l.period {
                     None => (Duration::from_secs(86_400), "day".to_string()),
                     Some(Period::Seconds(0)) => {
@@ -486,6 +482,7 @@ impl Config {
                     period,
                     period_name,
                     reserve,
+                    redis,
                 })
             }
         };
@@ -841,6 +838,33 @@ pub fn valid_plugin_name(name: &str) -> bool {
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
 }
 
+/// `limits.redis` (`host`, or `host:port`, and `db`) as a Redis URL.
+fn redis_url(r: FileRedis) -> Result<String, ConfigError> {
+    let host = r.host.unwrap_or_else(|| "localhost".to_string());
+    let (name, port) = match host.rsplit_once(':') {
+        Some((h, p)) if !h.contains(':') || h.starts_with('[') => (
+            h.to_string(),
+            p.parse::<u16>()
+                .map_err(|_| invalid("roboger.limits.redis.host", format!("not a port: {p}")))?,
+        ),
+        _ => (host.clone(), 6379),
+    };
+    let ok = !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | ':' | '[' | ']'));
+    if !ok {
+        return Err(invalid(
+            "roboger.limits.redis.host",
+            format!("not a host name or address: {host}"),
+        ));
+    }
+    let url = format!("redis://{name}:{port}/{}", r.db.unwrap_or(0));
+    redis::Client::open(url.as_str())
+        .map_err(|e| invalid("roboger.limits.redis", e.to_string()))?;
+    Ok(url)
+}
+
 /// The host name, for delivery leases.
 fn default_node() -> String {
     std::fs::read_to_string("/etc/hostname")
@@ -964,6 +988,38 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("plugins[0].python"), "{e}");
+    }
+
+    #[test]
+    fn limits_redis_becomes_a_url_or_an_error_naming_the_key() {
+        let redis = |r: &str| {
+            load_str(&format!(
+                "roboger:\n  master:\n    key: x\n  limits:\n    redis: {r}\n"
+            ))
+            .map(|c| c.limits.and_then(|l| l.redis))
+            .map_err(|e| e.to_string())
+        };
+        assert_eq!(
+            redis("{host: localhost}").unwrap().as_deref(),
+            Some("redis://localhost:6379/0")
+        );
+        assert_eq!(
+            redis("{host: '10.0.0.5:7000', db: 2}").unwrap().as_deref(),
+            Some("redis://10.0.0.5:7000/2")
+        );
+        assert_eq!(
+            redis("{}").unwrap().as_deref(),
+            Some("redis://localhost:6379/0")
+        );
+        let e = redis("{host: 'x:port'}").unwrap_err();
+        assert!(
+            e.contains("roboger.limits.redis.host") && e.contains("not a port"),
+            "{e}"
+        );
+        let e = redis("{host: 'a b'}").unwrap_err();
+        assert!(e.contains("roboger.limits.redis.host"), "{e}");
+        let e = redis("{hots: localhost}").unwrap_err();
+        assert!(e.contains("hots"), "{e}");
     }
 
     #[test]

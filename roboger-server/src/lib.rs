@@ -34,6 +34,8 @@ pub struct App {
     pub plugins: Arc<supervisor::Supervisor>,
     /// Master key and network checks of the management API.
     pub auth: api::auth::MasterAuth,
+    /// Where address limits are counted (the database or Redis).
+    pub counters: limits::Counters,
     /// Which endpoints each address's events go to.
     pub routes: Arc<routing::Routes>,
     /// Accepted events on their way to the plugins.
@@ -67,6 +69,11 @@ impl App {
         opts.health_interval = config.plugin_health_interval;
         let plugins = supervisor::Supervisor::start(config.plugins.clone(), opts, host);
         plugins.wait_started(config.timeout * 2).await;
+        let counters = limits::Counters::new(
+            config.limits.as_ref().and_then(|l| l.redis.as_deref()),
+            config.timeout,
+        )
+        .map_err(|e| store::StoreError::Db(sea_orm::DbErr::Custom(e)))?;
         let routes = Arc::new(routing::Routes::default());
         routes.load(&store).await?;
         tokio::spawn(routing::follow(Arc::downgrade(&routes), store.clone()));
@@ -87,6 +94,7 @@ impl App {
             store,
             plugins,
             auth,
+            counters,
             routes,
             pipeline,
             node,

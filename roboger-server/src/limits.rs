@@ -1,7 +1,19 @@
 //! Address limits: at most `lim_c` messages and `lim_s` bytes per period
 //! (`limits.period`), with `limits.reserve` percent of each kept for
-//! WARNING and above. Counters live in the database, in windows aligned
-//! to the period, so every server on it shares them.
+//! WARNING and above, counted in windows aligned to the period.
+//!
+//! The counters live in the database (one atomic statement per push), or,
+//! with `limits.redis`, in Redis (one Lua script per push, which checks
+//! and counts at once); either way every server on them shares them, so
+//! several nodes together accept exactly `lim_c`. When Redis cannot be
+//! reached a push is counted in the database instead, with a warning,
+//! never refused for it; counts made during an outage are not carried
+//! over to Redis, so such a window may let up to twice the limit through.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use crate::config::Limits;
 use crate::level::Level;
@@ -19,10 +31,240 @@ pub enum LimitError {
     Store(#[from] StoreError),
 }
 
+/// Checks and counts one message: increments count and size only when
+/// both stay within the limits; returns {counted, count, size} as they
+/// are after it. The key expires with its window.
+const COUNT_SCRIPT: &str = r"
+local c = tonumber(redis.call('HGET', KEYS[1], 'c') or '0')
+local s = tonumber(redis.call('HGET', KEYS[1], 's') or '0')
+local size, max_c, max_s = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+if c < max_c and s + size <= max_s then
+  c = redis.call('HINCRBY', KEYS[1], 'c', 1)
+  s = redis.call('HINCRBY', KEYS[1], 's', size)
+  redis.call('EXPIRE', KEYS[1], ARGV[4])
+  return {1, c, s}
+end
+return {0, c, s}
+";
+
+/// Prefix of every key this server writes to Redis.
+const KEY_PREFIX: &str = "roboger:lim:";
+/// How often a server tries to reach Redis again while it is down, and
+/// how often it says so.
+const RETRY: Duration = Duration::from_secs(1);
+const WARN_EVERY: Duration = Duration::from_secs(30);
+
+/// Where the counters are kept.
+pub struct Counters {
+    redis: Option<RedisCounters>,
+}
+
+impl std::fmt::Debug for Counters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.redis.is_some() {
+            "Counters(redis)"
+        } else {
+            "Counters(database)"
+        })
+    }
+}
+
+struct RedisCounters {
+    client: redis::Client,
+    script: redis::Script,
+    timeout: Duration,
+    state: tokio::sync::Mutex<Link>,
+    warned: Mutex<Option<Instant>>,
+}
+
+#[derive(Default)]
+struct Link {
+    conn: Option<redis::aio::ConnectionManager>,
+    /// When connecting last failed.
+    failed: Option<Instant>,
+}
+
+/// The outcome of counting one message.
+struct Counted {
+    counted: bool,
+    /// The window's message count and bytes, after this message if counted.
+    count: i64,
+    size: i64,
+}
+
+impl Counters {
+    /// Counters in Redis at `redis_url` when it is set (no connection is
+    /// made before the first push), else in the database.
+    pub fn new(redis_url: Option<&str>, timeout: Duration) -> Result<Counters, String> {
+        let redis = match redis_url {
+            None => None,
+            Some(url) => Some(RedisCounters {
+                client: redis::Client::open(url).map_err(|e| e.to_string())?,
+                script: redis::Script::new(COUNT_SCRIPT),
+                timeout: timeout.min(Duration::from_secs(1)),
+                state: tokio::sync::Mutex::default(),
+                warned: Mutex::new(None),
+            }),
+        };
+        Ok(Counters { redis })
+    }
+
+    /// Forgets every address's counters (`reset-addr-limits`).
+    pub async fn reset(&self, store: &Store) -> Result<(), StoreError> {
+        store.reset_addr_limits().await?;
+        if let Some(r) = &self.redis {
+            if let Err(e) = r.reset().await {
+                tracing::warn!(error = %e, "cannot reset the limit counters in Redis");
+            }
+        }
+        Ok(())
+    }
+
+    async fn count(
+        &self,
+        store: &Store,
+        addr_id: i64,
+        window: (i64, Duration),
+        size: i64,
+        (max_c, max_s): (i64, i64),
+    ) -> Result<Counted, StoreError> {
+        if let Some(r) = &self.redis {
+            match r.count(addr_id, window, size, (max_c, max_s)).await {
+                Ok(c) => return Ok(c),
+                Err(e) => r.warn(&e),
+            }
+        }
+        let counted = store
+            .count_message(addr_id, window.0, size, max_c, max_s)
+            .await?;
+        let (count, size) = match store.limit_counters(addr_id).await? {
+            Some(c) if !counted && c.window_start == window.0 => (c.count, c.size),
+            _ => (0, 0),
+        };
+        Ok(Counted {
+            counted,
+            count,
+            size,
+        })
+    }
+}
+
+impl RedisCounters {
+    /// The connection, (re)connecting at most once per [`RETRY`].
+    async fn conn(&self) -> Result<redis::aio::ConnectionManager, String> {
+        let mut link = self.state.lock().await;
+        if let Some(c) = &link.conn {
+            return Ok(c.clone());
+        }
+        if link.failed.is_some_and(|t| t.elapsed() < RETRY) {
+            return Err("Redis was unreachable a moment ago".into());
+        }
+        let cfg = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(self.timeout))
+            .set_response_timeout(Some(self.timeout))
+            .set_number_of_retries(1);
+        let made = tokio::time::timeout(
+            self.timeout * 2,
+            redis::aio::ConnectionManager::new_with_config(self.client.clone(), cfg),
+        )
+        .await;
+        match made {
+            Ok(Ok(c)) => {
+                tracing::info!("connected to Redis for the limit counters");
+                link.conn = Some(c.clone());
+                link.failed = None;
+                Ok(c)
+            }
+            Ok(Err(e)) => {
+                link.failed = Some(Instant::now());
+                Err(e.to_string())
+            }
+            Err(_) => {
+                link.failed = Some(Instant::now());
+                Err("connecting timed out".into())
+            }
+        }
+    }
+
+    async fn count(
+        &self,
+        addr_id: i64,
+        (window, period): (i64, Duration),
+        size: i64,
+        (max_c, max_s): (i64, i64),
+    ) -> Result<Counted, String> {
+        let mut conn = self.conn().await?;
+        let key = format!("{KEY_PREFIX}{addr_id}:{window}");
+        // Kept a period past its window, for the 429 texts at its end.
+        let ttl = period.as_secs().max(1) * 2;
+        let mut call = self.script.key(key);
+        call.arg(size).arg(max_c).arg(max_s).arg(ttl);
+        let run = call.invoke_async::<(i64, i64, i64)>(&mut conn);
+        match tokio::time::timeout(self.timeout, run).await {
+            Ok(Ok((counted, count, size))) => Ok(Counted {
+                counted: counted == 1,
+                count,
+                size,
+            }),
+            Ok(Err(e)) => Err(self.lost(e.to_string()).await),
+            Err(_) => Err(self.lost("Redis did not answer in time".into()).await),
+        }
+    }
+
+    /// Drops the connection after a failed call, so that for [`RETRY`]
+    /// pushes go straight to the database instead of each waiting for a
+    /// link that is down.
+    async fn lost(&self, e: String) -> String {
+        let mut link = self.state.lock().await;
+        link.conn = None;
+        link.failed = Some(Instant::now());
+        e
+    }
+
+    async fn reset(&self) -> Result<(), String> {
+        let mut conn = self.conn().await?;
+        let mut cursor = 0u64;
+        loop {
+            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(format!("{KEY_PREFIX}*"))
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| e.to_string())?;
+            if !keys.is_empty() {
+                redis::cmd("DEL")
+                    .arg(keys)
+                    .query_async::<()>(&mut conn)
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+            if next == 0 {
+                return Ok(());
+            }
+            cursor = next;
+        }
+    }
+
+    fn warn(&self, e: &str) {
+        let Ok(mut warned) = self.warned.lock() else {
+            return;
+        };
+        if warned.is_none_or(|t| t.elapsed() >= WARN_EVERY) {
+            *warned = Some(Instant::now());
+            tracing::warn!(
+                "cannot count address limits in Redis ({e}); counting in the database until it is back"
+            );
+        }
+    }
+}
+
 /// Counts a push of `size` bytes at `level` to the address `a`, or says
 /// why it is over the limit, in the original's words.
 pub async fn check(
-    store: &Store,
+    (store, counters): (&Store, &Counters),
     limits: &Limits,
     routes: &AddrRoutes,
     a: &str,
@@ -42,16 +284,19 @@ pub async fn check(
     };
     let size = i64::try_from(size).unwrap_or(i64::MAX);
     let (max_c, max_s) = (reserved(routes.lim_c), reserved(routes.lim_s));
-    if store
-        .count_message(routes.id, window, size, max_c, max_s)
-        .await?
-    {
+    let c = counters
+        .count(
+            store,
+            routes.id,
+            (window, limits.period),
+            size,
+            (max_c, max_s),
+        )
+        .await?;
+    if c.counted {
         return Ok(());
     }
-    let (count, used) = match store.limit_counters(routes.id).await? {
-        Some(c) if c.window_start == window => (c.count, c.size),
-        _ => (0, 0),
-    };
+    let (count, used) = (c.count, c.size);
     let period_name = &limits.period_name;
     let reserve_note = format!(
         ", {}% are reserved for WARNING and higher levels",

@@ -816,3 +816,96 @@ pub fn json_lines(path: &Path) -> Vec<serde_json::Value> {
         .map(|l| serde_json::from_str(l).expect("a JSON record"))
         .collect()
 }
+
+/// A real `redis-server` on a free loopback port, with no persistence;
+/// killed when dropped. The binary is `ROBOGER_TEST_REDIS_SERVER` (set by
+/// `tests/run`, which installs it), else `redis-server` on the PATH.
+pub struct RedisServer {
+    /// The port it listens on, at 127.0.0.1.
+    pub port: u16,
+    child: Option<Child>,
+    _dir: tempfile::TempDir,
+}
+
+impl RedisServer {
+    /// Starts it and waits until it answers `PING`; `None` (the test is
+    /// skipped, saying so) when there is no redis-server, unless the whole
+    /// suite is required.
+    pub fn start() -> Option<RedisServer> {
+        let bin = std::env::var_os("ROBOGER_TEST_REDIS_SERVER")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("redis-server"));
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let spawned = Command::new(&bin)
+            .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--save", "", "--appendonly", "no", "--dir"])
+            .arg(dir.path())
+            .stdout(Stdio::null())
+            .stdin(Stdio::null())
+            .spawn();
+        let child = match spawned {
+            Ok(c) => c,
+            Err(e) if std::env::var_os("ROBOGER_TEST_REQUIRE_ALL").is_none() => {
+                eprintln!(
+                    "SKIPPED: cannot run {} ({e}); tests/run installs it",
+                    bin.display()
+                );
+                return None;
+            }
+            Err(e) => panic!("cannot run {}: {e}", bin.display()),
+        };
+        let r = RedisServer {
+            port,
+            child: Some(child),
+            _dir: dir,
+        };
+        let end = Instant::now() + Duration::from_secs(10);
+        while r.command(&["PING"]).as_deref() != Some("+PONG") {
+            assert!(Instant::now() < end, "redis-server did not answer PING");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Some(r)
+    }
+
+    /// Sends one command (RESP) and returns the first line of the answer.
+    pub fn command(&self, args: &[&str]) -> Option<String> {
+        use std::io::Write;
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.port)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+        let mut req = format!("*{}\r\n", args.len());
+        for a in args {
+            req.push_str(&format!("${}\r\n{a}\r\n", a.len()));
+        }
+        s.write_all(req.as_bytes()).ok()?;
+        let mut reader = BufReader::new(s);
+        let mut line = String::new();
+        reader.read_line(&mut line).ok()?;
+        if let Some(len) = line.strip_prefix('$') {
+            // A bulk string: its value is on the next line.
+            if len.trim() == "-1" {
+                return None;
+            }
+            line.clear();
+            reader.read_line(&mut line).ok()?;
+        }
+        Some(line.trim_end().to_string())
+    }
+
+    /// Stops it for good (the test goes on without it).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

@@ -499,3 +499,102 @@ async fn limits_through_three_nodes_accept_exactly_lim_c() {
     let limited = statuses.iter().filter(|s| **s == 429).count();
     assert_eq!((accepted, limited), (10, 20), "{statuses:?}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn limits_in_redis_through_three_nodes_and_without_it() {
+    let Some(mut redis) = roboger_tests::RedisServer::start() else {
+        return;
+    };
+    let (dir, db) = shared_database();
+    let record = dir.path().join("record");
+    let mut opts = node(&db, &record);
+    opts.yaml = format!(
+        "limits:\n  period: day\n  redis:\n    host: '127.0.0.1:{}'\n",
+        redis.port
+    );
+    let nodes = Server::start_many(vec![opts; 3]);
+    let limited = |lim_c: i64| {
+        let n = &nodes[0];
+        async move {
+            let (id, addr) = n.new_addr().await;
+            let r = n
+                .manage(
+                    Method::PATCH,
+                    &format!("/addr/{id}"),
+                    Some(json!({"lim_c": lim_c})),
+                )
+                .await;
+            assert_status!(r, 200);
+            let (_, later) = n.new_addr().await;
+            (id, addr, later)
+        }
+    };
+    let burst = |addr: String, n: usize| {
+        let nodes = &nodes;
+        async move {
+            let pushes = (0..n).map(|i| {
+                let node = &nodes[i % 3];
+                let addr = addr.clone();
+                async move { push_status(node, &addr, &format!("burst {i}")).await }
+            });
+            futures_util::future::join_all(pushes).await
+        }
+    };
+    let (id, addr, later) = limited(10).await;
+    for n in &nodes[1..] {
+        until(
+            "the limit reaches every node",
+            Duration::from_secs(5),
+            || async { push_status(n, &later, "probe").await == 202 },
+        )
+        .await;
+    }
+    let statuses = burst(addr, 30).await;
+    let count = |s: &[u16], code| s.iter().filter(|x| **x == code).count();
+    assert_eq!(
+        (count(&statuses, 202), count(&statuses, 429)),
+        (10, 20),
+        "{statuses:?}"
+    );
+    // The counters are in Redis, one key per address and window.
+    let day = today_window_start();
+    let key = format!("roboger:lim:{id}:{day}");
+    assert_eq!(
+        redis.command(&["HGET", &key, "c"]).as_deref(),
+        Some("10"),
+        "{key}"
+    );
+
+    // Redis goes away: pushes are counted in the database, still exactly.
+    redis.stop();
+    let (_, addr2, later2) = limited(5).await;
+    for n in &nodes[1..] {
+        until(
+            "the limit reaches every node",
+            Duration::from_secs(5),
+            || async { push_status(n, &later2, "probe").await == 202 },
+        )
+        .await;
+    }
+    let statuses = burst(addr2, 15).await;
+    assert_eq!(
+        (count(&statuses, 202), count(&statuses, 429)),
+        (5, 10),
+        "{statuses:?}"
+    );
+    nodes[0]
+        .wait_log(
+            "counting in the database until it is back",
+            Duration::from_secs(5),
+        )
+        .await;
+}
+
+/// The start of today's window (`period: day`), in seconds since the epoch.
+fn today_window_start() -> u64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default();
+    now - now % 86_400
+}

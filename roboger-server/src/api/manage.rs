@@ -407,7 +407,7 @@ async fn core_cmd(app: &App, body: &Body) -> Result<Response, ApiError> {
             tracing::warn!("core delete-everything: every address was deleted");
         }
         "reset-addr-limits" => {
-            app.store.reset_addr_limits().await?;
+            app.counters.reset(&app.store).await?;
             tracing::info!("address limits reset");
         }
         other => {

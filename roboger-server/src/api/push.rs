@@ -75,7 +75,7 @@ pub async fn push(
     }
     if let Some(limits) = &app.config.limits {
         match crate::limits::check(
-            &app.store,
+            (&app.store, &app.counters),
             limits,
             &routes,
             &event.addr,
