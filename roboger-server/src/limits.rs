@@ -112,10 +112,10 @@ impl Counters {
     /// Forgets every address's counters (`reset-addr-limits`).
     pub async fn reset(&self, store: &Store) -> Result<(), StoreError> {
         store.reset_addr_limits().await?;
-        if let Some(r) = &self.redis {
-            if let Err(e) = r.reset().await {
-                tracing::warn!(error = %e, "cannot reset the limit counters in Redis");
-            }
+        if let Some(r) = &self.redis
+            && let Err(e) = r.reset().await
+        {
+            tracing::warn!(error = %e, "cannot reset the limit counters in Redis");
         }
         Ok(())
     }
