@@ -60,37 +60,76 @@ pub fn test_plugin_bin() -> PathBuf {
 
 static DB_SEQ: AtomicU32 = AtomicU32::new(0);
 
-/// A database URL for a new server, in `dir` (SQLite) or on the PostgreSQL
-/// server named by `ROBOGER_TEST_PG`.
+/// A database URL for a new server, in `dir` (SQLite), on the PostgreSQL
+/// server named by `ROBOGER_TEST_PG`, or on the MySQL/MariaDB server named
+/// by `ROBOGER_TEST_MYSQL` (e.g. `mysql://root@127.0.0.1:3307`).
 pub fn fresh_database(dir: &Path) -> String {
+    if let Ok(my) = std::env::var("ROBOGER_TEST_MYSQL")
+        && !my.is_empty()
+    {
+        let name = format!(
+            "roboger_t{}_{}_{}",
+            std::process::id(),
+            DB_SEQ.fetch_add(1, Ordering::SeqCst),
+            Instant::now().elapsed().subsec_nanos()
+        );
+        let my = my.trim_end_matches('/');
+        let url = url::Url::parse(my).expect("ROBOGER_TEST_MYSQL is a URL");
+        let out = Command::new("mariadb")
+            .args(["-h", url.host_str().unwrap_or("127.0.0.1")])
+            .args(["-P", &url.port().unwrap_or(3306).to_string()])
+            .args(["-u", url.username()])
+            .args([
+                "-e",
+                &format!("CREATE DATABASE {name} CHARACTER SET utf8mb4"),
+            ])
+            .output()
+            .expect("mariadb (ROBOGER_TEST_MYSQL is set, so the client must be installed)");
+        assert!(
+            out.status.success(),
+            "CREATE DATABASE failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        return format!("{my}/{name}");
+    }
     match std::env::var("ROBOGER_TEST_PG") {
-        Ok(pg) if !pg.is_empty() => {
-            let name = format!(
-                "roboger_t{}_{}_{}",
-                std::process::id(),
-                DB_SEQ.fetch_add(1, Ordering::SeqCst),
-                Instant::now().elapsed().subsec_nanos()
-            );
-            let pg = pg.trim_end_matches('/');
-            let out = Command::new("psql")
-                .arg(format!("{pg}/postgres"))
-                .args([
-                    "-v",
-                    "ON_ERROR_STOP=1",
-                    "-qc",
-                    &format!("CREATE DATABASE {name}"),
-                ])
-                .output()
-                .expect("psql (ROBOGER_TEST_PG is set, so psql must be installed)");
-            assert!(
-                out.status.success(),
-                "createdb failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            format!("{pg}/{name}")
-        }
+        Ok(pg) if !pg.is_empty() => create_pg_database(&pg),
         _ => format!("sqlite:///{}", dir.join("roboger.db").display()),
     }
+}
+
+/// Creates a fresh database on the PostgreSQL server at `pg` (a URL
+/// without a database, e.g. `postgresql://postgres@127.0.0.1:5432`) with
+/// `psql`; returns its URL.
+pub fn create_pg_database(pg: &str) -> String {
+    let name = format!(
+        "roboger_t{}_{}_{}",
+        std::process::id(),
+        DB_SEQ.fetch_add(1, Ordering::SeqCst),
+        Instant::now().elapsed().subsec_nanos()
+    );
+    let pg = pg.trim_end_matches('/');
+    let out = Command::new("psql")
+        .arg(format!("{pg}/postgres"))
+        .args([
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-qc",
+            &format!("CREATE DATABASE {name}"),
+        ])
+        .output()
+        .expect("psql (a PostgreSQL server is named, so psql must be installed)");
+    assert!(
+        out.status.success(),
+        "createdb failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    format!("{pg}/{name}")
+}
+
+/// Whether the suite runs against MySQL/MariaDB.
+pub fn on_mysql() -> bool {
+    std::env::var("ROBOGER_TEST_MYSQL").is_ok_and(|v| !v.is_empty())
 }
 
 /// Whether the suite runs against PostgreSQL.

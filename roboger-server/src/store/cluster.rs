@@ -8,14 +8,14 @@
 
 use std::time::Duration;
 
-use sea_orm::sea_query::{Expr, ExprTrait, OnConflict};
+use sea_orm::sea_query::{Expr, ExprTrait};
 use sea_orm::{
     ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseTransaction, DbErr, EntityTrait,
     QueryFilter, QueryOrder, QuerySelect,
 };
 
 use super::entity::{delivery, job_lease, node, routing_change, routing_version};
-use super::{Result, STATE_PENDING, Store};
+use super::{Result, STATE_PENDING, Store, inserted};
 use crate::config::DbBackend;
 
 /// The advisory lock (PostgreSQL) or named lock (MySQL) held while
@@ -176,14 +176,10 @@ impl Store {
         let mut row = me.clone();
         row.heartbeat = now;
         row.rescued = None;
-        node::Entity::insert(node::ActiveModel::from(row))
-            .on_conflict(
-                OnConflict::column(node::Column::Instance)
-                    .do_nothing()
-                    .to_owned(),
-            )
+        let first = node::Entity::insert(node::ActiveModel::from(row))
             .exec_without_returning(&self.db)
-            .await?;
+            .await;
+        inserted(first)?;
         Ok(true)
     }
 
@@ -322,19 +318,14 @@ impl Store {
         if r.rows_affected == 1 {
             return Ok(true);
         }
-        let inserted = job_lease::Entity::insert(job_lease::ActiveModel {
+        let first = job_lease::Entity::insert(job_lease::ActiveModel {
             name: Set(name.to_string()),
             holder: Set(Some(holder.to_string())),
             until: Set(until),
         })
-        .on_conflict(
-            OnConflict::column(job_lease::Column::Name)
-                .do_nothing()
-                .to_owned(),
-        )
         .exec_without_returning(&self.db)
-        .await?;
-        Ok(inserted == 1)
+        .await;
+        inserted(first)
     }
 
     // ---- routing changes ---------------------------------------------------

@@ -5,7 +5,7 @@ use sea_orm::sea_query::{Expr, ExprTrait};
 use sea_orm::{ActiveValue::Set, ColumnTrait, EntityTrait, QueryFilter};
 
 use super::entity::addr_limit;
-use super::{Result, Store};
+use super::{Result, Store, inserted};
 
 impl Store {
     /// Counts one message of `size` bytes against an address's limits in
@@ -21,7 +21,6 @@ impl Store {
         max_c: i64,
         max_s: i64,
     ) -> Result<bool> {
-        use sea_orm::sea_query::OnConflict;
         if max_c < 1 || size > max_s {
             return Ok(false);
         }
@@ -60,20 +59,15 @@ impl Store {
                 return Ok(true);
             }
             // The address's first message (or counters were reset).
-            let inserted = addr_limit::Entity::insert(addr_limit::ActiveModel {
+            let first = addr_limit::Entity::insert(addr_limit::ActiveModel {
                 addr_id: Set(addr_id),
                 window_start: Set(window_start),
                 count: Set(1),
                 size: Set(size),
             })
-            .on_conflict(
-                OnConflict::column(addr_limit::Column::AddrId)
-                    .do_nothing()
-                    .to_owned(),
-            )
             .exec_without_returning(&self.db)
-            .await?;
-            if inserted == 1 {
+            .await;
+            if inserted(first)? {
                 return Ok(true);
             }
         }

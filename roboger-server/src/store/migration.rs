@@ -496,19 +496,29 @@ impl MigrationTrait for Cluster {
                 .to_owned(),
         )
         .await?;
-        m.exec_stmt(
-            Query::insert()
-                .into_table(RoutingVersion::Table)
-                .columns([RoutingVersion::Id, RoutingVersion::Version])
-                .values_panic([1.into(), 0.into()])
-                .on_conflict(
-                    OnConflict::column(RoutingVersion::Id)
-                        .do_nothing()
-                        .to_owned(),
-                )
-                .to_owned(),
-        )
-        .await?;
+        // Migrations run under a lock, so a look first is enough (MySQL has
+        // no portable "insert unless present" that reports what it did).
+        let present = m
+            .get_connection()
+            .query_one(
+                &Query::select()
+                    .column(RoutingVersion::Id)
+                    .from(RoutingVersion::Table)
+                    .and_where(Expr::col(RoutingVersion::Id).eq(1))
+                    .to_owned(),
+            )
+            .await?
+            .is_some();
+        if !present {
+            m.exec_stmt(
+                Query::insert()
+                    .into_table(RoutingVersion::Table)
+                    .columns([RoutingVersion::Id, RoutingVersion::Version])
+                    .values_panic([1.into(), 0.into()])
+                    .to_owned(),
+            )
+            .await?;
+        }
         m.create_table(
             Table::create()
                 .table(RoutingChange::Table)

@@ -182,6 +182,18 @@ impl Store {
     }
 }
 
+/// Whether an insert made its row (`false`: the row was already there,
+/// made by another server a moment before). The portable form of "insert
+/// unless present": MySQL's `ON DUPLICATE KEY` counts a found row as
+/// affected, so the violation itself is the answer.
+fn inserted(r: std::result::Result<u64, DbErr>) -> Result<bool> {
+    match r {
+        Ok(n) => Ok(n == 1),
+        Err(e) if is_unique_violation(&e) => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
 fn is_unique_violation(e: &DbErr) -> bool {
     matches!(e.sql_err(), Some(SqlErr::UniqueConstraintViolation(_)))
 }
