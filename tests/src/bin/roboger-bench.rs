@@ -8,7 +8,11 @@
 //! the sink measures push-to-delivery latency and finds lost events.
 //! With `--target URL` the same load runs against another server (e.g.
 //! the original Python Roboger) and both rows are printed with their
-//! ratio. Run it with:
+//! ratio. With `--nodes N` it runs N of our servers on one database
+//! (`--pg` for PostgreSQL) instead: throughput through one node and
+//! through all, how fast a management change reaches another node, how
+//! long a killed node's deliveries take to be made by the others, and
+//! (`--manage N`) what creating the Nth address costs. Run it with:
 //!
 //! ```sh
 //! cargo build --release --locked --workspace && target/release/roboger-bench
@@ -76,6 +80,18 @@ struct Args {
     /// which trades the plugin's peak memory against throughput.
     #[arg(long)]
     max_inflight: Option<usize>,
+    /// Run the cluster benchmark: this many of our servers on one database.
+    #[arg(long, default_value_t = 1)]
+    nodes: usize,
+    /// With `--nodes`: a PostgreSQL server URL without a database (e.g.
+    /// `postgresql://postgres@127.0.0.1:5432`); a fresh database is made
+    /// on it. Default: one SQLite file shared by the nodes.
+    #[arg(long)]
+    pg: Option<String>,
+    /// With `--nodes`: addresses to create one by one through the
+    /// management API, timing the first and the last thousand.
+    #[arg(long, default_value_t = 0)]
+    manage: usize,
 }
 
 /// What the sink saw: per message, its sequence number and when it came.
@@ -148,7 +164,8 @@ fn parse_stamp(body: &[u8]) -> Option<(u64, Duration)> {
 /// Where pushes go.
 #[derive(Clone)]
 struct Target {
-    base: String,
+    /// The servers taking pushes: connection `c` pushes to `bases[c % n]`.
+    bases: Vec<String>,
     addr: String,
 }
 
@@ -245,9 +262,9 @@ async fn load(
     });
     let start = Instant::now();
     let end = start + Duration::from_secs_f64(seconds);
-    let url = push_url(&t.base);
     let mut tasks = Vec::new();
     for c in 0..args.connections {
+        let url = push_url(&t.bases[c % t.bases.len()]);
         let (mut pusher, addr, padding, media, seq) = (
             Pusher::new(&url).expect("push URLs are checked in main"),
             t.addr.clone(),
@@ -541,7 +558,7 @@ async fn own_server(args: &Args, sink: &Sink, clock: Instant, seq: &Arc<AtomicU6
     row.rss_idle = rss(pid).map(|r| r.0);
     row.plugin_idle = plugin.and_then(rss).map(|r| r.0);
     let t = Target {
-        base: s.base.clone(),
+        bases: vec![s.base.clone()],
         addr,
     };
     measure(&mut row, &t, sink, args, clock, seq).await;
@@ -592,7 +609,7 @@ async fn other_server(
         ..Default::default()
     };
     let t = Target {
-        base: base.to_string(),
+        bases: vec![base.to_string()],
         addr,
     };
     measure(&mut row, &t, sink, args, clock, seq).await;
@@ -644,6 +661,221 @@ async fn wire_target(base: &str, key: &str, sink: &str) -> String {
         "cannot subscribe on {base}"
     );
     addr
+}
+
+/// What the cluster benchmark measures besides the throughput rows.
+#[derive(Default)]
+struct ClusterFigures {
+    /// A change through node 1 until node 2 obeys it, per change.
+    propagation: Vec<Duration>,
+    /// SIGKILL of a node under load until the last event it accepted is
+    /// delivered, and how many it accepted that were lost.
+    failover: Option<(Duration, usize)>,
+    /// Creating addresses one by one: mean and p99 of the first and of
+    /// the last thousand.
+    manage: Option<[(Duration, Duration); 2]>,
+}
+
+/// `--nodes N`: N of our servers on one database behind the same sink.
+async fn cluster(
+    args: &Args,
+    sink: &Sink,
+    clock: Instant,
+    seq: &Arc<AtomicU64>,
+) -> (Vec<Row>, ClusterFigures) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = match &args.pg {
+        Some(pg) => roboger_tests::create_pg_database(pg),
+        None => format!("sqlite:///{}", dir.path().join("roboger.db").display()),
+    };
+    let opts = ServerOptions {
+        yaml: "timeout: 5\n".into(),
+        db: Some(db),
+        plugins_yaml: format!(
+            "- name: webhook\n  command: {}\n{}",
+            plugin_bin("webhook").display(),
+            args.max_inflight
+                .map(|n| format!("  max-inflight: {n}\n"))
+                .unwrap_or_default()
+        ),
+        env: vec![("RUST_LOG".into(), "warn,roboger_server=info".into())],
+        ..Default::default()
+    };
+    let mut nodes = Server::start_many(vec![opts; args.nodes]);
+    let bases: Vec<String> = nodes.iter().map(|n| n.base.clone()).collect();
+    let addr = wire_target(&bases[0], KEY, &sink.url).await;
+    let mut rows = Vec::new();
+    for (name, bases) in [
+        ("1 node".to_string(), vec![bases[0].clone()]),
+        (format!("{} nodes", bases.len()), bases.clone()),
+    ] {
+        let mut row = Row {
+            name: format!("roboger (Rust), {name}"),
+            ..Default::default()
+        };
+        let t = Target {
+            bases,
+            addr: addr.clone(),
+        };
+        measure(&mut row, &t, sink, args, clock, seq).await;
+        rows.push(row);
+    }
+    let mut figures = ClusterFigures {
+        propagation: propagation(&bases[0], &bases[1], 200).await,
+        ..Default::default()
+    };
+    // Failover: node 1 under a steady 1,000 pushes/s is killed after 1 s.
+    let _ = sink.take();
+    let steady = Args {
+        connections: 4,
+        ..args.clone()
+    };
+    let t = Target {
+        bases: vec![bases[0].clone()],
+        addr: addr.clone(),
+    };
+    let load_task = {
+        let (t, seq) = (t.clone(), seq.clone());
+        tokio::spawn(async move { load(&t, &steady, 2.0, 1000, clock, &seq).await })
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let killed_at = clock.elapsed();
+    nodes[0].kill();
+    if let Ok(l) = load_task.await {
+        let (log, missing) = drain(sink, &l.accepted, Duration::from_secs_f64(args.drain)).await;
+        let accepted: HashSet<u64> = l.accepted.iter().copied().collect();
+        let last = log
+            .arrivals
+            .iter()
+            .filter(|(s, _)| accepted.contains(s))
+            .map(|(_, at)| *at)
+            .max()
+            .unwrap_or(killed_at);
+        figures.failover = Some((last.saturating_sub(killed_at), missing));
+    }
+    if args.manage > 0 {
+        figures.manage = Some(manage_cost(&bases[1], args.manage).await);
+    }
+    (rows, figures)
+}
+
+/// Toggles an address's `active` through `a` `n` times; after each change
+/// pushes to `b` until it answers accordingly (202 or 406). Each time
+/// includes one push's round trip.
+async fn propagation(a: &str, b: &str, n: usize) -> Vec<Duration> {
+    let c = reqwest::Client::new();
+    let api = format!("{}/manage/v2", a.trim_end_matches('/'));
+    let created: serde_json::Value = async {
+        c.post(format!("{api}/addr"))
+            .header("X-Auth-Key", KEY)
+            .header("Accept", "*/*")
+            .send()
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()
+    }
+    .await
+    .unwrap_or_default();
+    let (id, addr) = (created["id"].clone(), created["a"].clone());
+    let mut pusher = Pusher::new(&push_url(b)).expect("our own URL");
+    let body = serde_json::to_vec(&json!({"addr": addr, "msg": "probe"})).unwrap_or_default();
+    // Until the new address is known there.
+    let end = Instant::now() + Duration::from_secs(10);
+    while pusher.post(body.clone()).await != Some(202) && Instant::now() < end {}
+    let mut times = Vec::with_capacity(n);
+    for i in 0..n {
+        let active = i % 2;
+        let want = if active == 1 { 202 } else { 406 };
+        let began = Instant::now();
+        let r = c
+            .patch(format!("{api}/addr/{id}"))
+            .header("X-Auth-Key", KEY)
+            .json(&json!({"active": active}))
+            .send()
+            .await;
+        if !r.is_ok_and(|r| r.status().is_success()) {
+            continue;
+        }
+        let changed = Instant::now();
+        while pusher.post(body.clone()).await != Some(want) {
+            if changed.elapsed() > Duration::from_secs(10) {
+                break;
+            }
+        }
+        let _ = began;
+        times.push(changed.elapsed());
+    }
+    times.sort();
+    times
+}
+
+/// Creates `n` addresses one by one through `base`; mean and p99 of the
+/// first and of the last thousand (or tenth, when fewer).
+async fn manage_cost(base: &str, n: usize) -> [(Duration, Duration); 2] {
+    let c = reqwest::Client::new();
+    let url = format!("{}/manage/v2/addr", base.trim_end_matches('/'));
+    let mut took = Vec::with_capacity(n);
+    for _ in 0..n {
+        let began = Instant::now();
+        let ok = c
+            .post(&url)
+            .header("X-Auth-Key", KEY)
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success());
+        if ok {
+            took.push(began.elapsed());
+        }
+    }
+    let block = (took.len() / 10).clamp(1, 1000);
+    let stats = |s: &[Duration]| {
+        let mut s = s.to_vec();
+        s.sort();
+        let mean = s.iter().sum::<Duration>() / u32::try_from(s.len().max(1)).unwrap_or(1);
+        (mean, percentile(&s, 0.99))
+    };
+    let first = stats(&took[..block.min(took.len())]);
+    let last = stats(&took[took.len().saturating_sub(block)..]);
+    [first, last]
+}
+
+fn print_cluster(f: &ClusterFigures, args: &Args) {
+    println!(
+        "\ncluster: {} nodes on {}",
+        args.nodes,
+        if args.pg.is_some() {
+            "PostgreSQL"
+        } else {
+            "one SQLite file"
+        }
+    );
+    if !f.propagation.is_empty() {
+        println!(
+            "propagation (change through node 1 until node 2 obeys, incl. one push): p50 {} ms, p99 {} ms, max {} ms over {} changes",
+            ms(percentile(&f.propagation, 0.5)),
+            ms(percentile(&f.propagation, 0.99)),
+            ms(f.propagation.last().copied().unwrap_or_default()),
+            f.propagation.len()
+        );
+    }
+    if let Some((d, lost)) = f.failover {
+        println!(
+            "failover: node 1 SIGKILLed under 1,000 pushes/s; its last accepted event delivered {} ms later; {lost} accepted events lost",
+            ms(d)
+        );
+    }
+    if let Some([(m0, p0), (m1, p1)]) = f.manage {
+        println!(
+            "management: creating addresses 1 by 1 up to {}: first block mean {} ms (p99 {}), last block mean {} ms (p99 {})",
+            args.manage,
+            ms(m0),
+            ms(p0),
+            ms(m1),
+            ms(p1)
+        );
+    }
 }
 
 fn mib(v: Option<f64>) -> String {
@@ -746,6 +978,18 @@ async fn main() -> std::process::ExitCode {
     let sink = Sink::start(args.sink_port, clock).await;
     let seq = Arc::new(AtomicU64::new(1));
     let mut rows = Vec::new();
+    if args.nodes > 1 {
+        let (rows, figures) = cluster(&args, &sink, clock, &seq).await;
+        print(&rows, &args);
+        print_cluster(&figures, &args);
+        let lost =
+            rows.iter().any(|r| r.lost > 0) || figures.failover.is_some_and(|(_, lost)| lost > 0);
+        if lost {
+            eprintln!("accepted events were lost");
+            return std::process::ExitCode::FAILURE;
+        }
+        return std::process::ExitCode::SUCCESS;
+    }
     if !args.only_target {
         rows.push(own_server(&args, &sink, clock, &seq).await);
     }
