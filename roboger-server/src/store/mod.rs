@@ -124,10 +124,10 @@ impl Store {
             // Each in-memory connection would be a separate database.
             opts.max_connections(1);
         }
-        let db = sea_orm::Database::connect(opts.clone()).await?;
+        let db = connect_waiting(opts.clone(), timeout).await?;
         let writes = if url.backend == DbBackend::Sqlite && !memory {
             opts.max_connections(1);
-            sea_orm::Database::connect(opts).await?
+            connect_waiting(opts, timeout).await?
         } else {
             db.clone()
         };
@@ -196,6 +196,36 @@ fn inserted(r: std::result::Result<u64, DbErr>) -> Result<bool> {
 
 fn is_unique_violation(e: &DbErr) -> bool {
     matches!(e.sql_err(), Some(SqlErr::UniqueConstraintViolation(_)))
+}
+
+/// Connects, waiting up to `timeout` while SQLite is busy: a new file is
+/// switched to WAL under an exclusive lock, and a second server opening
+/// it at that moment gets `SQLITE_BUSY` at once, without the busy handler.
+async fn connect_waiting(opts: ConnectOptions, timeout: Duration) -> Result<DatabaseConnection> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        match sea_orm::Database::connect(opts.clone()).await {
+            Ok(db) => return Ok(db),
+            Err(e) if sqlite_busy(&e) && tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Whether SQLite answered `SQLITE_BUSY` (5) or `SQLITE_LOCKED` (6).
+fn sqlite_busy(e: &DbErr) -> bool {
+    use sea_orm::RuntimeErr;
+    let (DbErr::Conn(RuntimeErr::SqlxError(e))
+    | DbErr::Exec(RuntimeErr::SqlxError(e))
+    | DbErr::Query(RuntimeErr::SqlxError(e))) = e
+    else {
+        return false;
+    };
+    e.as_database_error()
+        .and_then(|d| d.code())
+        .is_some_and(|c| c == "5" || c == "6")
 }
 
 /// The file of a SQLite URL (none for an in-memory database).
