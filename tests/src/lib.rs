@@ -67,12 +67,7 @@ pub fn fresh_database(dir: &Path) -> String {
     if let Ok(my) = std::env::var("ROBOGER_TEST_MYSQL")
         && !my.is_empty()
     {
-        let name = format!(
-            "roboger_t{}_{}_{}",
-            std::process::id(),
-            DB_SEQ.fetch_add(1, Ordering::SeqCst),
-            Instant::now().elapsed().subsec_nanos()
-        );
+        let name = fresh_database_name();
         let my = my.trim_end_matches('/');
         let url = url::Url::parse(my).expect("ROBOGER_TEST_MYSQL is a URL");
         let out = Command::new("mariadb")
@@ -102,12 +97,7 @@ pub fn fresh_database(dir: &Path) -> String {
 /// without a database, e.g. `postgresql://postgres@127.0.0.1:5432`) with
 /// `psql`; returns its URL.
 pub fn create_pg_database(pg: &str) -> String {
-    let name = format!(
-        "roboger_t{}_{}_{}",
-        std::process::id(),
-        DB_SEQ.fetch_add(1, Ordering::SeqCst),
-        Instant::now().elapsed().subsec_nanos()
-    );
+    let name = fresh_database_name();
     let pg = pg.trim_end_matches('/');
     let out = Command::new("psql")
         .arg(format!("{pg}/postgres"))
@@ -125,6 +115,20 @@ pub fn create_pg_database(pg: &str) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     format!("{pg}/{name}")
+}
+
+/// A database name no other server has, in this run or an earlier one on
+/// the same database server.
+fn fresh_database_name() -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or_default();
+    format!(
+        "roboger_t{now}_{}_{}",
+        std::process::id(),
+        DB_SEQ.fetch_add(1, Ordering::SeqCst)
+    )
 }
 
 /// Whether the suite runs against MySQL/MariaDB.

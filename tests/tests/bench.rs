@@ -2,7 +2,8 @@
 //! against our server (webhook plugin, sink, plugin SIGKILL) finishes
 //! with every accepted event delivered, and `--target` runs the same load
 //! against another server it wires through `/manage/v2` and prints both
-//! rows and their ratio. It checks no timing; the figures are for
+//! rows and their ratio, and `--nodes 2` measures a cluster. It checks no
+//! timing; the figures are for
 //! BENCHMARKS.md, made with a release build.
 
 use std::process::Command;
@@ -78,4 +79,40 @@ async fn target_runs_the_same_load_against_another_server_and_prints_the_ratio()
         stdout.contains("ratio (ours / target): accepted "),
         "no ratio line:\n{stdout}"
     );
+}
+
+/// `--nodes 2` runs two of our servers on one database (PostgreSQL when
+/// the suite has one, else a shared SQLite file) and prints both rows and
+/// the cluster figures, with nothing lost across the node kill.
+#[test]
+fn nodes_runs_a_cluster_and_prints_its_figures() {
+    let bench = bin_dir().join("roboger-bench");
+    assert!(bench.exists(), "build it first: cargo build --workspace");
+    let mut cmd = Command::new(&bench);
+    cmd.args(["--nodes", "2", "--duration", "1", "--connections", "4"])
+        .args(["--drain", "60", "--manage", "20"]);
+    if let Ok(pg) = std::env::var("ROBOGER_TEST_PG")
+        && !pg.is_empty()
+    {
+        cmd.args(["--pg", &pg]);
+    }
+    let out = cmd.output().expect("run roboger-bench");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    for name in ["roboger (Rust), 1 node", "roboger (Rust), 2 nodes"] {
+        let cols = row_of(&stdout, name);
+        let delivered: f64 = cols[1].parse().expect("delivered/s");
+        assert!(delivered > 0.0, "{name} delivered nothing: {cols:?}");
+        assert_eq!(cols[7], "0", "{name} lost events: {cols:?}");
+    }
+    for figure in [
+        "propagation (change through node 1 until node 2 obeys",
+        "over 200 changes",
+        "delivered by the others",
+        "; 0 lost",
+        "creating addresses 1 by 1 up to 20",
+    ] {
+        assert!(stdout.contains(figure), "no {figure:?} in:\n{stdout}");
+    }
 }
