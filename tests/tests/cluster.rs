@@ -598,3 +598,37 @@ fn today_window_start() -> u64 {
         .unwrap_or_default();
     now - now % 86_400
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_file_stored_through_one_node_is_served_by_another() {
+    let (dir, db) = shared_database();
+    let record = dir.path().join("record");
+    let nodes = Server::start_many(vec![node(&db, &record); 2]);
+    let (id, addr) = nodes[0].new_addr().await;
+    nodes[0]
+        .endpoint(id, "test", json!({"callbacks": true}))
+        .await;
+    assert_status!(
+        nodes[0]
+            .push(json!({"addr": addr, "msg": "with a file"}))
+            .await,
+        202
+    );
+    until(
+        "the plugin stored its file",
+        Duration::from_secs(10),
+        || async { !sends(&record, "send").is_empty() },
+    )
+    .await;
+    let sent = sends(&record, "send");
+    let file = sent[0]["callbacks"]["bucket_id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no bucket id: {}", sent[0]))
+        .to_string();
+    let r = nodes[1]
+        .request(Method::GET, &format!("/file/{file}"), None, &[], None)
+        .await;
+    assert_status!(r, 200);
+    assert_eq!(r.text, "hello bucket");
+    assert_eq!(r.header("roboger-file-name"), Some("hello.txt"));
+}
