@@ -423,7 +423,9 @@ async fn a_node_restarted_under_a_live_node_s_name_leaves_its_leases_alone() {
     let record = dir.path().join("record");
     let gate = dir.path().join("target-is-up");
     let mut twin = node(&db, &record);
-    twin.yaml = "node: twin\n".into();
+    // Not a failover test: a heartbeat delayed on a loaded machine must
+    // not make the other node take over (and deliver twice).
+    twin.yaml = "node: twin\nnode-timeout: 30\n".into();
     let mut nodes = Server::start_many(vec![twin.clone(), twin]);
     let (id, addr) = nodes[0].new_addr().await;
     nodes[0]
