@@ -634,3 +634,71 @@ async fn a_file_stored_through_one_node_is_served_by_another() {
     assert_eq!(r.text, "hello bucket");
     assert_eq!(r.header("roboger-file-name"), Some("hello.txt"));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_endpoint_s_delivery_stats_are_the_same_on_every_node() {
+    let (dir, db) = shared_database();
+    let record = dir.path().join("record");
+    let mut opts = node(&db, &record);
+    opts.yaml = "delivery:\n  max-attempts: 1\n".into();
+    let nodes = Server::start_many(vec![opts; 2]);
+    let (id, addr) = nodes[0].new_addr().await;
+    let ep = nodes[0]
+        .endpoint(id, "test", json!({"fail": "the target says no"}))
+        .await;
+    let path = format!("/addr/{id}/endpoint/{ep}");
+    let stats = async |n: &Server| n.manage(Method::GET, &path, None).await.json();
+    for i in 0..2 {
+        assert_status!(
+            nodes[0]
+                .push(json!({"addr": addr, "msg": format!("fails {i}")}))
+                .await,
+            202
+        );
+    }
+    until("two failed deliveries", Duration::from_secs(10), || async {
+        stats(&nodes[1]).await["failed"] == 2
+    })
+    .await;
+    let r = nodes[0]
+        .manage(
+            Method::PATCH,
+            &format!("/addr/{id}/endpoint/{ep}"),
+            Some(json!({"config": {}})),
+        )
+        .await;
+    assert_status!(r, 200);
+    // Node 1 applied its own change before answering.
+    for i in 0..3 {
+        assert_status!(
+            nodes[0]
+                .push(json!({"addr": addr, "msg": format!("works {i}")}))
+                .await,
+            202
+        );
+    }
+    until(
+        "every delivery settled",
+        Duration::from_secs(10),
+        || async {
+            let s = stats(&nodes[0]).await;
+            s["pending"] == 0 && s["delivered"] == 3
+        },
+    )
+    .await;
+    for n in &nodes {
+        let s = stats(n).await;
+        assert_eq!(
+            (
+                s["delivered"].clone(),
+                s["failed"].clone(),
+                s["pending"].clone()
+            ),
+            (json!(3), json!(2), json!(0)),
+            "{s}"
+        );
+        assert_eq!(s["last_error"], "the target says no", "{s}");
+        assert!(s["last_error_at"].is_string(), "{s}");
+        assert_eq!(s["plugin_name"], "test", "{s}");
+    }
+}

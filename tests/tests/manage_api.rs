@@ -2,7 +2,7 @@
 //! every error status, over HTTP. Runs on SQLite, and on PostgreSQL when
 //! `ROBOGER_TEST_PG` is set (tests/run does both).
 
-use roboger_tests::{KEY, Method, Server, ServerOptions, assert_status, json};
+use roboger_tests::{KEY, Method, Server, ServerOptions, Value, assert_status, json};
 
 const GET: Method = Method::GET;
 const POST: Method = Method::POST;
@@ -503,11 +503,22 @@ async fn endpoints() {
         .json();
     assert_eq!(list.as_array().unwrap().len(), 3);
     assert_eq!(list[0], ep);
+    // One endpoint also says how its deliveries stand (none yet).
+    let mut with_stats = ep.clone();
+    for (k, v) in [
+        ("delivered", json!(0)),
+        ("failed", json!(0)),
+        ("pending", json!(0)),
+        ("last_error", Value::Null),
+        ("last_error_at", Value::Null),
+    ] {
+        with_stats[k] = v;
+    }
     assert_eq!(
         s.manage(GET, &format!("/addr/{id}/endpoint/{ep_id}"), None)
             .await
             .json(),
-        ep
+        with_stats
     );
     assert_status!(
         s.manage(GET, &format!("/addr/{other_id}/endpoint/{ep_id}"), None)

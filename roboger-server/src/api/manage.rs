@@ -205,10 +205,15 @@ async fn route(
         }
         ("GET", ["addr", a, "endpoint", ep]) => {
             let (a, ep) = (addr_id(app, a).await?, int_id("endpoint", ep)?);
-            Ok(reply::json(
-                StatusCode::OK,
-                &endpoint_json(&app.store.endpoint_get(a, ep).await?),
-            ))
+            let mut v = endpoint_json(&app.store.endpoint_get(a, ep).await?);
+            // Its deliveries, from the database: the same on every node.
+            let s = app.store.endpoint_delivery_stats(ep).await?;
+            v["delivered"] = s.delivered.into();
+            v["failed"] = s.failed.into();
+            v["pending"] = s.pending.into();
+            v["last_error"] = s.last_error.into();
+            v["last_error_at"] = s.last_error_at.map(|t| t.to_rfc3339()).into();
+            Ok(reply::json(StatusCode::OK, &v))
         }
         ("PATCH", ["addr", a, "endpoint", ep]) => {
             body.only(

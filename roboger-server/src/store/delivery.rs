@@ -37,6 +37,17 @@ pub struct Attempt {
     pub next_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
+/// An endpoint's deliveries of the events still kept, by state, and the
+/// newest error any of them got.
+#[derive(Debug, Default)]
+pub struct EndpointStats {
+    pub delivered: i64,
+    pub failed: i64,
+    pub pending: i64,
+    pub last_error: Option<String>,
+    pub last_error_at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
 /// What a group commit left out, besides what it committed.
 #[derive(Debug, Default)]
 pub struct Written {
@@ -196,6 +207,45 @@ impl Store {
             .all(&self.db)
             .await?;
         Ok((e, d))
+    }
+
+    /// How an endpoint's deliveries stand (see [`EndpointStats`]); two
+    /// queries on the endpoint's index.
+    pub async fn endpoint_delivery_stats(&self, endpoint_id: i64) -> Result<EndpointStats> {
+        let counts: Vec<(String, i64)> = delivery::Entity::find()
+            .select_only()
+            .column(delivery::Column::State)
+            .column_as(delivery::Column::Id.count(), "n")
+            .filter(delivery::Column::EndpointId.eq(endpoint_id))
+            .group_by(delivery::Column::State)
+            .into_tuple()
+            .all(&self.db)
+            .await?;
+        let mut s = EndpointStats::default();
+        for (state, n) in counts {
+            match state.as_str() {
+                STATE_DELIVERED => s.delivered = n,
+                STATE_FAILED => s.failed = n,
+                STATE_PENDING => s.pending = n,
+                _ => {}
+            }
+        }
+        let last: Option<(Option<String>, chrono::DateTime<chrono::Utc>)> =
+            delivery::Entity::find()
+                .select_only()
+                .column(delivery::Column::LastError)
+                .column(delivery::Column::Updated)
+                .filter(delivery::Column::EndpointId.eq(endpoint_id))
+                .filter(delivery::Column::LastError.is_not_null())
+                .order_by_desc(delivery::Column::Updated)
+                .into_tuple()
+                .one(&self.db)
+                .await?;
+        if let Some((error, at)) = last {
+            s.last_error = error;
+            s.last_error_at = Some(at);
+        }
+        Ok(s)
     }
 
     /// Makes an event's failed deliveries pending again, due now.

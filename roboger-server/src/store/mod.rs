@@ -18,7 +18,7 @@ mod plugin_sql;
 
 pub use bucket::NewObject;
 pub use cluster::{NodeRow, ROUTING_CHANNEL};
-pub use delivery::{Attempt, STATE_DELIVERED, STATE_FAILED, STATE_PENDING, Written};
+pub use delivery::{Attempt, EndpointStats, STATE_DELIVERED, STATE_FAILED, STATE_PENDING, Written};
 pub use management::{AddrPatch, EndpointPatch, SubscriptionPatch, SubscriptionRow};
 
 use std::time::Duration;
