@@ -102,8 +102,9 @@ pub struct Routes {
 /// Changes read per query while catching up.
 const CHANGES_PER_READ: u64 = 1000;
 /// Past this many changed addresses in one catch-up, a full rebuild is
-/// cheaper than re-reading each.
-const REBUILD_AFTER: usize = 5000;
+/// cheaper than re-reading them (and their ids stay well under every
+/// backend's limit on bound parameters).
+const REBUILD_AFTER: usize = 2000;
 
 impl Routes {
     /// The routes of an address string, if it exists.
@@ -159,11 +160,12 @@ impl Routes {
         let n = if all {
             self.reload(store).await?;
             usize::MAX
+        } else if changed.is_empty() {
+            0
         } else {
-            for id in &changed {
-                self.refresh(store, *id).await?;
-            }
-            changed.len()
+            let ids: Vec<i64> = changed.into_iter().collect();
+            self.refresh(store, &ids).await?;
+            ids.len()
         };
         *seen = newest;
         Ok(n)
@@ -186,14 +188,16 @@ impl Routes {
         Ok(())
     }
 
-    /// Re-reads one address (after any change to it or below it); an
-    /// address that no longer exists is dropped.
-    async fn refresh(&self, store: &Store, addr_id: i64) -> Result<(), StoreError> {
-        let (addrs, endpoints, subs) = store.routing_snapshot(Some(addr_id)).await?;
+    /// Re-reads some addresses (after any change to them or below them),
+    /// in one snapshot; an address that no longer exists is dropped.
+    async fn refresh(&self, store: &Store, addr_ids: &[i64]) -> Result<(), StoreError> {
+        let (addrs, endpoints, subs) = store.routing_snapshot(Some(addr_ids)).await?;
         let built = build(addrs, endpoints, subs);
         if let (Ok(mut by_a), Ok(mut ids)) = (self.by_a.write(), self.a_of.write()) {
-            if let Some(old) = ids.remove(&addr_id) {
-                by_a.remove(&old);
+            for id in addr_ids {
+                if let Some(old) = ids.remove(id) {
+                    by_a.remove(&old);
+                }
             }
             for (a, r) in built {
                 ids.insert(r.id, a.clone());

@@ -702,3 +702,31 @@ async fn an_endpoint_s_delivery_stats_are_the_same_on_every_node() {
         assert_eq!(s["plugin_name"], "test", "{s}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_burst_of_changes_through_one_node_reaches_another_whole() {
+    let (dir, db) = shared_database();
+    let record = dir.path().join("record");
+    let nodes = Server::start_many(vec![node(&db, &record); 2]);
+    let created = futures_util::future::join_all((0..40).map(|_| nodes[0].new_addr())).await;
+    // Disable every other one: the other node must see both kinds of change.
+    for (id, _) in created.iter().step_by(2) {
+        let r = nodes[0]
+            .manage(
+                Method::PATCH,
+                &format!("/addr/{id}"),
+                Some(json!({"active": 0})),
+            )
+            .await;
+        assert_status!(r, 200);
+    }
+    for (i, (_, addr)) in created.iter().enumerate() {
+        let want = if i % 2 == 0 { 406 } else { 202 };
+        until(
+            "every address and its state on the other node",
+            Duration::from_secs(5),
+            || async { push_status(&nodes[1], addr, "probe").await == want },
+        )
+        .await;
+    }
+}

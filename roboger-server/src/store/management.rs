@@ -432,11 +432,11 @@ impl Store {
         super::cluster::announce_change(txn, self.backend, addr_id).await
     }
 
-    /// Addresses, endpoints and subscriptions (of one address, or all),
-    /// for the routing index.
+    /// Addresses, endpoints and subscriptions (of the addresses `ids`, or
+    /// of all), for the routing index: three queries either way.
     pub async fn routing_snapshot(
         &self,
-        addr_id: Option<i64>,
+        ids: Option<&[i64]>,
     ) -> Result<(
         Vec<addr::Model>,
         Vec<endpoint::Model>,
@@ -444,14 +444,14 @@ impl Store {
     )> {
         let mut addrs = addr::Entity::find();
         let mut eps = endpoint::Entity::find();
-        if let Some(id) = addr_id {
-            addrs = addrs.filter(addr::Column::Id.eq(id));
-            eps = eps.filter(endpoint::Column::AddrId.eq(id));
+        if let Some(ids) = ids {
+            addrs = addrs.filter(addr::Column::Id.is_in(ids.iter().copied()));
+            eps = eps.filter(endpoint::Column::AddrId.is_in(ids.iter().copied()));
         }
         let addrs = addrs.all(&self.db).await?;
         let eps = eps.order_by_asc(endpoint::Column::Id).all(&self.db).await?;
         let mut subs = subscription::Entity::find();
-        if addr_id.is_some() {
+        if ids.is_some() {
             subs = subs.filter(
                 subscription::Column::EndpointId
                     .is_in(eps.iter().map(|e| e.id).collect::<Vec<_>>()),
