@@ -185,6 +185,9 @@ impl Store {
         Ok(event::Entity::find()
             .filter(event::Column::AddrId.eq(addr_id))
             .order_by_desc(event::Column::Created)
+            // MySQL's TIMESTAMP keeps whole seconds; ids are UUIDv7, whose
+            // text sorts by time to the millisecond.
+            .order_by_desc(event::Column::Id)
             .limit(limit)
             .all(&self.db)
             .await?)
