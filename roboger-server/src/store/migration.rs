@@ -460,6 +460,28 @@ enum JobLease {
     Until,
 }
 
+/// A timestamp column to the microsecond: heartbeats are compared to the
+/// second, and MySQL's plain `TIMESTAMP` keeps whole seconds only.
+fn instant<T: IntoIden>(m: &SchemaManager, col: T, nullable: bool) -> ColumnDef {
+    match (
+        m.get_database_backend() == sea_orm::DbBackend::MySql,
+        nullable,
+    ) {
+        (true, n) => {
+            let mut c = ColumnDef::new(col);
+            c.custom(Alias::new("TIMESTAMP(6)"));
+            if n {
+                c.null()
+            } else {
+                c.not_null()
+            };
+            c
+        }
+        (false, false) => timestamp_with_time_zone(col),
+        (false, true) => timestamp_with_time_zone_null(col),
+    }
+}
+
 /// Several servers on one database: their heartbeats (`node`), the log of
 /// routing changes they follow (`routing_version`, one row whose counter
 /// serializes changes, and `routing_change`), and leases on periodic jobs.
@@ -481,9 +503,9 @@ impl MigrationTrait for Cluster {
                 .col(string_len(Node::Instance, 160).primary_key())
                 .col(string_len(Node::Name, 128))
                 .col(string_len(Node::Version, 40))
-                .col(timestamp_with_time_zone(Node::Started))
-                .col(timestamp_with_time_zone(Node::Heartbeat))
-                .col(timestamp_with_time_zone_null(Node::Rescued))
+                .col(instant(m, Node::Started, false))
+                .col(instant(m, Node::Heartbeat, false))
+                .col(instant(m, Node::Rescued, true))
                 .to_owned(),
         )
         .await?;
@@ -535,7 +557,7 @@ impl MigrationTrait for Cluster {
                 .if_not_exists()
                 .col(string_len(JobLease::Name, 40).primary_key())
                 .col(string_len_null(JobLease::Holder, 160))
-                .col(timestamp_with_time_zone(JobLease::Until))
+                .col(instant(m, JobLease::Until, false))
                 .to_owned(),
         )
         .await?;
