@@ -43,16 +43,18 @@ pub enum AcceptError {
     /// The commit did not finish in time, or the server is stopping.
     #[error("the event could not be stored in time")]
     Unavailable,
-    /// The address was deleted (through another node) before the commit.
-    #[error("the address was deleted")]
-    AddrGone,
+    /// The address (given back) was deleted through another node before
+    /// the commit.
+    #[error("addr {0} was deleted")]
+    AddrGone(String),
 }
 
 /// What the writer tells a push about its event.
 #[derive(Debug, Clone)]
 enum Stored {
     Yes,
-    AddrGone,
+    /// The event's address, which was deleted.
+    AddrGone(String),
     Failed(String),
 }
 
@@ -157,7 +159,7 @@ impl Pipeline {
                 .map_err(|_| AcceptError::Unavailable)?;
             match rx.await {
                 Ok(Stored::Yes) => Ok(()),
-                Ok(Stored::AddrGone) => Err(AcceptError::AddrGone),
+                Ok(Stored::AddrGone(a)) => Err(AcceptError::AddrGone(a)),
                 Ok(Stored::Failed(e)) => Err(AcceptError::Store(StoreError::Db(
                     sea_orm::DbErr::Custom(e),
                 ))),
@@ -265,7 +267,7 @@ async fn write_loop(
                     continue;
                 }
                 Ok(w) if w.gone_addrs.contains(&a.event.addr_id) => {
-                    let _ = a.reply.send(Stored::AddrGone);
+                    let _ = a.reply.send(Stored::AddrGone(a.event.addr));
                     continue;
                 }
                 Ok(w) => &w.gone_endpoints,

@@ -171,11 +171,6 @@ impl Routes {
         Ok(n)
     }
 
-    /// The version of the newest change this node has applied.
-    pub async fn version(&self) -> i64 {
-        *self.seen.lock().await
-    }
-
     /// Rebuilds the whole index from the database.
     async fn reload(&self, store: &Store) -> Result<(), StoreError> {
         let (addrs, endpoints, subs) = store.routing_snapshot(None).await?;
@@ -205,16 +200,6 @@ impl Routes {
             }
         }
         Ok(())
-    }
-
-    /// How many addresses the index holds.
-    pub fn len(&self) -> usize {
-        self.by_a.read().map(|m| m.len()).unwrap_or(0)
-    }
-
-    /// Whether the index holds no address.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 

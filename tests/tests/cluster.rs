@@ -551,6 +551,7 @@ async fn limits_in_redis_through_three_nodes_and_without_it() {
         )
         .await;
     }
+    let addr_again = addr.clone();
     let statuses = burst(addr, 30).await;
     let count = |s: &[u16], code| s.iter().filter(|x| **x == code).count();
     assert_eq!(
@@ -565,6 +566,24 @@ async fn limits_in_redis_through_three_nodes_and_without_it() {
         redis.command(&["HGET", &key, "c"]).as_deref(),
         Some("10"),
         "{key}"
+    );
+    // reset-addr-limits clears them in Redis too.
+    let r = nodes[1]
+        .manage(
+            Method::POST,
+            "/core",
+            Some(json!({"cmd": "reset-addr-limits"})),
+        )
+        .await;
+    assert_status!(r, 204);
+    assert_eq!(
+        redis.command(&["HGET", &key, "c"]),
+        None,
+        "{key} after the reset"
+    );
+    assert_eq!(
+        push_status(&nodes[2], &addr_again, "after the reset").await,
+        202
     );
 
     // Redis goes away: pushes are counted in the database, still exactly.

@@ -98,12 +98,11 @@ pub async fn push(
         sender: event.sender.as_deref(),
     });
     tracing::debug!(event = %event.id, addr = routes.id, deliveries = targets.len(), "push accepted");
-    let addr = event.addr.clone();
     app.pipeline
         .accept(event, routes.id, targets)
         .await
         .map_err(|e| match e {
-            AcceptError::AddrGone => ApiError::NotFound(format!("addr {addr} not found")),
+            AcceptError::AddrGone(addr) => ApiError::NotFound(format!("addr {addr} not found")),
             e => ApiError::Unavailable(e.to_string()),
         })?;
     Ok(reply::empty(StatusCode::ACCEPTED))

@@ -802,7 +802,6 @@ async fn propagation(a: &str, b: &str, n: usize) -> Vec<Duration> {
     for i in 0..n {
         let active = i % 2;
         let want = if active == 1 { 202 } else { 406 };
-        let began = Instant::now();
         let r = c
             .patch(format!("{api}/addr/{id}"))
             .header("X-Auth-Key", KEY)
@@ -818,7 +817,6 @@ async fn propagation(a: &str, b: &str, n: usize) -> Vec<Duration> {
                 break;
             }
         }
-        let _ = began;
         times.push(changed.elapsed());
     }
     times.sort();
