@@ -94,6 +94,14 @@ struct FileRoboger {
     push_max_media: Option<usize>,
     event_retention: Option<u64>,
     delivery: Option<FileDelivery>,
+    metrics: Option<FileMetrics>,
+}
+
+/// `metrics`: who may read `/metrics` without a key.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileMetrics {
+    allow: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -196,6 +204,9 @@ pub struct Config {
     pub master_key: String,
     /// Networks allowed to use the management API (empty: any).
     pub master_allow: Vec<IpNet>,
+    /// Networks that may read `/metrics` without the master key
+    /// (`metrics.allow`; empty: none).
+    pub metrics_allow: Vec<IpNet>,
     /// Configured plugins, in file order.
     pub plugins: Vec<PluginConfig>,
     /// The longest message (line) a plugin may write.
@@ -504,18 +515,11 @@ impl Config {
             Some(m) => (m.key, m.allow.unwrap_or_default()),
             None => (None, Vec::new()),
         };
-        let master_allow = allow
-            .iter()
-            .enumerate()
-            .map(|(i, s)| {
-                parse_net(s).ok_or_else(|| {
-                    invalid(
-                        &format!("roboger.master.allow[{i}]"),
-                        format!("not a network or address: {s}"),
-                    )
-                })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let master_allow = parse_nets("roboger.master.allow", &allow)?;
+        let metrics_allow = parse_nets(
+            "roboger.metrics.allow",
+            &f.metrics.and_then(|m| m.allow).unwrap_or_default(),
+        )?;
         let mut generated_key = None;
         let master_key = match env.master_key.clone().or(file_key) {
             Some(k) => value_or_file("roboger.master.key", k)?,
@@ -702,6 +706,7 @@ impl Config {
             timeout: Duration::from_secs_f64(timeout),
             master_key,
             master_allow,
+            metrics_allow,
             plugins,
             notices,
             generated_key,
@@ -899,6 +904,21 @@ fn default_data_dir() -> PathBuf {
 
 /// Reads the stored master key, or generates a strong one and stores it
 /// with mode 0600. Returns the key and whether it was generated now.
+/// A list of networks (`10.0.0.0/8`) or addresses, each checked.
+fn parse_nets(key: &str, list: &[String]) -> Result<Vec<IpNet>, ConfigError> {
+    list.iter()
+        .enumerate()
+        .map(|(i, s)| {
+            parse_net(s).ok_or_else(|| {
+                invalid(
+                    &format!("{key}[{i}]"),
+                    format!("not a network or address: {s}"),
+                )
+            })
+        })
+        .collect()
+}
+
 fn load_or_generate_key(dir: &Path) -> Result<(String, bool), ConfigError> {
     let path = dir.join(MASTER_KEY_FILE);
     let dd = |source| ConfigError::DataDir {

@@ -12,6 +12,7 @@ pub mod event;
 pub mod host;
 pub mod level;
 pub mod limits;
+pub mod metrics;
 pub mod pipeline;
 pub mod random;
 pub mod routing;
@@ -42,6 +43,8 @@ pub struct App {
     pub pipeline: pipeline::Pipeline,
     /// This process as a node of the servers sharing the database.
     pub node: Arc<cluster::Node>,
+    /// What `/metrics` shows.
+    pub metrics: Arc<metrics::Metrics>,
     /// The heartbeat task, stopped by [`App::stop`].
     heartbeat: tokio::task::JoinHandle<()>,
 }
@@ -79,6 +82,10 @@ impl App {
         tokio::spawn(routing::follow(Arc::downgrade(&routes), store.clone()));
         let node = Arc::new(cluster::Node::new(&config.delivery.node));
         cluster::join(&store, &node).await;
+        let metrics = Arc::new(
+            metrics::Metrics::new()
+                .map_err(|e| store::StoreError::Db(sea_orm::DbErr::Custom(e.to_string())))?,
+        );
         let delivery = Arc::new(config.delivery.clone());
         let heartbeat = tokio::spawn(cluster::run(store.clone(), node.clone(), delivery.clone()));
         let pipeline = pipeline::Pipeline::start(
@@ -87,6 +94,7 @@ impl App {
             delivery,
             config.timeout,
             node.clone(),
+            metrics.clone(),
         )
         .await;
         Ok(App {
@@ -98,6 +106,7 @@ impl App {
             routes,
             pipeline,
             node,
+            metrics,
             heartbeat,
         })
     }

@@ -29,6 +29,7 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 use crate::cluster::Node;
 use crate::config::DeliveryConfig;
 use crate::event::Event;
+use crate::metrics::{Metrics, Outcome};
 use crate::routing::Target;
 use crate::store::entity::{endpoint, event};
 use crate::store::{Attempt, STATE_DELIVERED, STATE_FAILED, STATE_PENDING, Store, StoreError};
@@ -100,6 +101,7 @@ impl Pipeline {
         cfg: Arc<DeliveryConfig>,
         timeout: Duration,
         node: Arc<Node>,
+        metrics: Arc<Metrics>,
     ) -> Pipeline {
         match store.release_leases(&cfg.node).await {
             Ok(0) => {}
@@ -117,9 +119,14 @@ impl Pipeline {
             (cfg.clone(), node.clone()),
             timeout,
             (accept_rx, outcome_rx),
-            job_tx.clone(),
+            (job_tx.clone(), metrics.clone()),
         ));
-        tokio::spawn(dispatch_loop(plugins, cfg.clone(), job_rx, outcome_tx));
+        tokio::spawn(dispatch_loop(
+            plugins,
+            (cfg.clone(), metrics),
+            job_rx,
+            outcome_tx,
+        ));
         tokio::spawn(sweep_loop(store, cfg, node, job_tx));
         Pipeline { accept_tx, timeout }
     }
@@ -182,7 +189,7 @@ async fn write_loop(
     (cfg, node): (Arc<DeliveryConfig>, Arc<Node>),
     timeout: Duration,
     (mut accepts, mut outcomes): (mpsc::Receiver<Accept>, mpsc::Receiver<Attempt>),
-    jobs: mpsc::Sender<Job>,
+    (jobs, metrics): (mpsc::Sender<Job>, Arc<Metrics>),
 ) {
     // Outcomes not yet written, and how many writes of them failed.
     let mut recorded: Vec<Attempt> = Vec::new();
@@ -223,7 +230,14 @@ async fn write_loop(
             store.write_batch(&rows, &recorded, &node.instance, lease_until(&cfg)),
         )
         .await;
-        tracing::debug!(events = rows.len(), outcomes = recorded.len(), took = ?began.elapsed(), "group commit");
+        let took = began.elapsed();
+        metrics.commit(rows.len(), took);
+        tracing::debug!(
+            events = rows.len(),
+            outcomes = recorded.len(),
+            ?took,
+            "group commit"
+        );
         drop(rows);
         let result = match written {
             Ok(Ok(w)) => {
@@ -299,7 +313,7 @@ async fn write_loop(
 
 async fn dispatch_loop(
     plugins: Arc<Supervisor>,
-    cfg: Arc<DeliveryConfig>,
+    (cfg, metrics): (Arc<DeliveryConfig>, Arc<Metrics>),
     mut rx: mpsc::Receiver<Job>,
     outcomes: mpsc::Sender<Attempt>,
 ) {
@@ -311,9 +325,19 @@ async fn dispatch_loop(
         let plugins = plugins.clone();
         let outcomes = outcomes.clone();
         let cfg = cfg.clone();
+        let metrics = metrics.clone();
         tokio::spawn(async move {
+            let began = std::time::Instant::now();
             let result = plugins.call(&job.plugin, "send", send_params(&job)).await;
-            let _ = outcomes.send(outcome(&cfg, &job, result)).await;
+            let took = began.elapsed();
+            let attempt = outcome(&cfg, &job, result);
+            let counted = match attempt.state {
+                STATE_DELIVERED => Outcome::Delivered,
+                STATE_FAILED => Outcome::Failed,
+                _ => Outcome::Retry,
+            };
+            metrics.attempt(&job.plugin, counted, took);
+            let _ = outcomes.send(attempt).await;
             drop(permit);
         });
     }

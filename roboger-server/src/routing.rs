@@ -112,6 +112,16 @@ impl Routes {
         self.by_a.read().ok().and_then(|m| m.get(a).cloned())
     }
 
+    /// How many addresses the index holds.
+    pub fn len(&self) -> usize {
+        self.by_a.read().map(|m| m.len()).unwrap_or(0)
+    }
+
+    /// Whether the index holds no address.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// Builds the whole index from the database (at start).
     pub async fn load(&self, store: &Store) -> Result<(), StoreError> {
         let mut seen = self.seen.lock().await;

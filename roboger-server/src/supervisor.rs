@@ -207,6 +207,9 @@ pub struct Status {
     pub last_error: Option<String>,
     /// Seconds since the current process started serving.
     pub uptime: Option<u64>,
+    /// Calls in flight (for the metrics; not part of the API).
+    #[serde(skip)]
+    pub inflight: usize,
 }
 
 struct Conn {
@@ -441,6 +444,10 @@ fn status_of(slot: &Slot) -> Status {
         restarts,
         last_error,
         uptime: conn.map(|c| c.started.elapsed().as_secs()),
+        inflight: slot
+            .cfg
+            .max_inflight
+            .saturating_sub(slot.inflight.available_permits()),
     }
 }
 

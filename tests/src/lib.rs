@@ -952,3 +952,126 @@ impl Drop for RedisServer {
         self.stop();
     }
 }
+
+/// Where a Debian package's program is: `env` (set by `tests/run`), else
+/// `name` on the PATH; `None` (the caller skips, saying so) when neither
+/// runs, unless the whole suite is required.
+pub fn installed_program(env: &str, name: &str) -> Option<PathBuf> {
+    let bin = std::env::var_os(env)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(name));
+    let runs = Command::new(&bin)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok();
+    if runs {
+        return Some(bin);
+    }
+    assert!(
+        std::env::var_os("ROBOGER_TEST_REQUIRE_ALL").is_none(),
+        "cannot run {}; tests/run installs it",
+        bin.display()
+    );
+    eprintln!(
+        "SKIPPED: cannot run {}; tests/run installs it",
+        bin.display()
+    );
+    None
+}
+
+/// A real Prometheus server (Debian's `prometheus`, or
+/// `ROBOGER_TEST_PROMETHEUS`) on a free loopback port, scraping one
+/// target's `/metrics` every second with a bearer token; killed when
+/// dropped.
+pub struct PrometheusServer {
+    /// `http://127.0.0.1:PORT`
+    pub base: String,
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl PrometheusServer {
+    /// Starts it scraping `target` (`host:port`) and waits until it is
+    /// ready; `None` when there is no Prometheus (see [`installed_program`]).
+    pub async fn start(target: &str, bearer: &str) -> Option<PrometheusServer> {
+        let bin = installed_program("ROBOGER_TEST_PROMETHEUS", "prometheus")?;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let config = dir.path().join("prometheus.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
+                 scrape_configs:\n  - job_name: roboger\n    scrape_interval: 1s\n    \
+                 scrape_timeout: 1s\n    authorization:\n      type: Bearer\n      \
+                 credentials: {bearer}\n    static_configs:\n      - targets: ['{target}']\n"
+            ),
+        )
+        .expect("write prometheus.yml");
+        let child = Command::new(&bin)
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start prometheus");
+        let p = PrometheusServer {
+            base: format!("http://127.0.0.1:{port}"),
+            child,
+            _dir: dir,
+        };
+        let http = client();
+        let end = Instant::now() + Duration::from_secs(30);
+        loop {
+            let ready = http.get(format!("{}/-/ready", p.base)).send().await;
+            if ready.is_ok_and(|r| r.status().is_success()) {
+                return Some(p);
+            }
+            assert!(Instant::now() < end, "prometheus did not become ready");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The value of an instant query that returns one sample, if it does.
+    pub async fn query(&self, q: &str) -> Option<f64> {
+        let url =
+            url::Url::parse_with_params(&format!("{}/api/v1/query", self.base), [("query", q)])
+                .ok()?;
+        let r = client().get(url).send().await.ok()?;
+        let v: Value = r.json().await.ok()?;
+        let result = v["data"]["result"].as_array()?;
+        if result.len() != 1 {
+            return None;
+        }
+        result[0]["value"][1].as_str()?.parse().ok()
+    }
+}
+
+impl Drop for PrometheusServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A `/metrics` text as (series with labels → value), e.g.
+/// `roboger_push_total{status="202"}` → 5.
+pub fn parse_metrics(text: &str) -> std::collections::BTreeMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            Some((series.to_string(), value.parse().ok()?))
+        })
+        .collect()
+}

@@ -10,6 +10,7 @@ pub mod auth;
 pub mod body;
 pub mod error;
 pub mod manage;
+pub mod metrics;
 pub mod public;
 pub mod push;
 pub mod reply;
@@ -88,15 +89,28 @@ pub fn routes(
         .and(with_app.clone())
         .then(
             |query: String, ctype: Option<String>, body, app: Arc<App>| async move {
-                let body = match read_body(body, push::body_limit(app.config.push_max_media)).await
-                {
-                    Ok(b) => b,
-                    Err(e) => return reply::error(&e),
-                };
-                match push::push(&app, &query, ctype.as_deref(), body).await {
-                    Ok(r) => r,
-                    Err(e) => reply::error(&e),
-                }
+                let began = std::time::Instant::now();
+                let answer =
+                    match read_body(body, push::body_limit(app.config.push_max_media)).await {
+                        Ok(b) => match push::push(&app, &query, ctype.as_deref(), b).await {
+                            Ok(r) => r,
+                            Err(e) => reply::error(&e),
+                        },
+                        Err(e) => reply::error(&e),
+                    };
+                app.metrics.push(answer.status().as_u16(), began.elapsed());
+                answer
+            },
+        );
+
+    let metrics = warp::path!("metrics")
+        .and(warp::get())
+        .and(warp::header::headers_cloned())
+        .and(warp::ext::optional::<PeerAddr>())
+        .and(with_app.clone())
+        .then(
+            |headers: HeaderMap, peer: Option<PeerAddr>, app: Arc<App>| async move {
+                metrics::scrape(&app, &headers, peer.map(|p| p.0)).await
             },
         );
 
@@ -158,6 +172,8 @@ pub fn routes(
         });
 
     ping.or(push)
+        .unify()
+        .or(metrics)
         .unify()
         .or(manage)
         .unify()

@@ -283,6 +283,28 @@ impl Store {
         Ok(s)
     }
 
+    /// Pending deliveries per plugin, over the whole cluster: a range of
+    /// the `delivery_due` index (as long as what is pending, not the
+    /// table) joined to the endpoints.
+    pub async fn pending_by_plugin(&self) -> Result<Vec<(String, i64)>> {
+        Ok(delivery::Entity::find()
+            .select_only()
+            .column(endpoint::Column::PluginName)
+            .column_as(delivery::Column::Id.count(), "n")
+            .join(
+                sea_orm::JoinType::InnerJoin,
+                delivery::Entity::belongs_to(endpoint::Entity)
+                    .from(delivery::Column::EndpointId)
+                    .to(endpoint::Column::Id)
+                    .into(),
+            )
+            .filter(delivery::Column::State.eq(STATE_PENDING))
+            .group_by(endpoint::Column::PluginName)
+            .into_tuple()
+            .all(&self.db)
+            .await?)
+    }
+
     /// Makes an event's failed deliveries pending again, due now.
     pub async fn event_retry(&self, addr_id: i64, id: &str) -> Result<u64> {
         self.event_get(addr_id, id).await?;

@@ -175,6 +175,35 @@ impl Store {
         self.backend
     }
 
+    /// Connections of the pool(s) in use and idle (on SQLite, the
+    /// readers' pool and the single writer's together).
+    pub fn pool_connections(&self) -> (u64, u64) {
+        let one = |c: &DatabaseConnection| {
+            let (size, idle) = match self.backend {
+                DbBackend::Sqlite => {
+                    let p = c.get_sqlite_connection_pool();
+                    (p.size(), p.num_idle())
+                }
+                DbBackend::Postgres => {
+                    let p = c.get_postgres_connection_pool();
+                    (p.size(), p.num_idle())
+                }
+                DbBackend::MySql => {
+                    let p = c.get_mysql_connection_pool();
+                    (p.size(), p.num_idle())
+                }
+            };
+            let idle = idle as u64;
+            (u64::from(size).saturating_sub(idle), idle)
+        };
+        let (used, idle) = one(&self.db);
+        if self.backend == DbBackend::Sqlite && self.sqlite_file.is_some() {
+            let (u, i) = one(&self.writes);
+            return (used + u, idle + i);
+        }
+        (used, idle)
+    }
+
     /// A round trip to the database.
     pub async fn ping(&self) -> Result<()> {
         self.db.execute_unprepared("SELECT 1").await?;

@@ -1,0 +1,95 @@
+//! `GET /metrics`: the Prometheus scrape. Readable with the master key
+//! (`Authorization: Bearer`, as a scrape config sends it, or
+//! `X-Auth-Key`), and without one from the `metrics.allow` networks.
+
+use std::net::SocketAddr;
+
+use http::{HeaderMap, HeaderValue, StatusCode, header};
+
+use super::error::ApiError;
+use super::reply::{self, Response};
+use crate::App;
+use crate::metrics::{PluginSample, Scrape};
+use crate::supervisor::State;
+
+/// Answers one scrape.
+pub async fn scrape(app: &App, headers: &HeaderMap, peer: Option<SocketAddr>) -> Response {
+    if let Err(e) = allowed(app, headers, peer) {
+        return reply::error(&e);
+    }
+    let plugins = app.plugins.list();
+    let mut samples = Vec::with_capacity(plugins.len());
+    for p in plugins {
+        samples.push(PluginSample {
+            up: p.state == State::Running,
+            restarts: p.restarts,
+            inflight: p.inflight,
+            resident_bytes: match p.pid {
+                Some(pid) => resident_bytes(pid).await,
+                None => None,
+            },
+            name: p.plugin_name,
+        });
+    }
+    let timeout = app.config.timeout;
+    let pending = app
+        .metrics
+        .pending(async {
+            match tokio::time::timeout(timeout, app.store.pending_by_plugin()).await {
+                Ok(r) => r.map_err(|e| e.to_string()),
+                Err(_) => Err("the database did not answer in time".to_string()),
+            }
+        })
+        .await;
+    let scrape = Scrape {
+        plugins: samples,
+        routing_addresses: app.routes.len(),
+        pool: app.store.pool_connections(),
+        pending,
+    };
+    match app.metrics.render(&scrape) {
+        Ok(body) => {
+            let mut r = reply::text(StatusCode::OK, body);
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            r
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "metrics: cannot encode");
+            reply::error(&ApiError::Unavailable("cannot encode the metrics".into()))
+        }
+    }
+}
+
+/// From a `metrics.allow` network, or with the master key (and from
+/// `master.allow`, as for the management API).
+fn allowed(app: &App, headers: &HeaderMap, peer: Option<SocketAddr>) -> Result<(), ApiError> {
+    let ip = app.auth.client_ip(peer, headers);
+    if let Some(ip) = ip
+        && app
+            .config
+            .metrics_allow
+            .iter()
+            .any(|n| n.contains(&crate::api::auth::canonical(ip)))
+    {
+        return Ok(());
+    }
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    let key = bearer.or_else(|| headers.get("x-auth-key").and_then(|v| v.to_str().ok()));
+    app.auth.check(ip, key)
+}
+
+/// A process's resident memory, from `/proc/PID/statm`.
+async fn resident_bytes(pid: u32) -> Option<u64> {
+    let statm = tokio::fs::read_to_string(format!("/proc/{pid}/statm"))
+        .await
+        .ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * rustix::param::page_size() as u64)
+}

@@ -1,0 +1,302 @@
+//! Prometheus metrics, served at `GET /metrics` (see [`crate::api`]).
+//!
+//! Two kinds of series. The hot paths (a push's answer, a group commit, a
+//! delivery attempt) update counters and histograms here, which are
+//! atomics. Everything else is read at scrape time from what already
+//! holds it ([`Scrape`]): the plugin supervisor, the routing index, the
+//! database pool, and the pending deliveries, counted in the database so
+//! the figure is the cluster's, at most once every [`PENDING_REFRESH`].
+//!
+//! Invariant: labels are bounded (HTTP status, plugin name, outcome,
+//! pool state); no address or endpoint id ever becomes a label.
+
+use std::time::{Duration, Instant};
+
+use prometheus::core::Collector;
+use prometheus::proto::MetricFamily;
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
+};
+
+/// How long the pending count read from the database is reused.
+pub const PENDING_REFRESH: Duration = Duration::from_secs(5);
+
+/// The statuses a push answers with, counted from the start (at 0) so
+/// rate() and alert rules work before the first of each.
+const PUSH_STATUSES: [u16; 7] = [202, 400, 404, 406, 413, 429, 503];
+
+/// How a delivery attempt ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Delivered,
+    Retry,
+    Failed,
+}
+
+impl Outcome {
+    fn label(self) -> &'static str {
+        match self {
+            Outcome::Delivered => "delivered",
+            Outcome::Retry => "retry",
+            Outcome::Failed => "failed",
+        }
+    }
+}
+
+/// The server's metrics; one per process, shared.
+pub struct Metrics {
+    registry: Registry,
+    push_total: IntCounterVec,
+    push_known: [(u16, IntCounter); PUSH_STATUSES.len()],
+    push_seconds: Histogram,
+    commit_seconds: Histogram,
+    commit_batch_size: Histogram,
+    deliveries_total: IntCounterVec,
+    attempt_seconds: HistogramVec,
+    /// The last pending count and when it was read.
+    pending: tokio::sync::Mutex<Option<(Instant, PerPlugin)>>,
+}
+
+/// A count per plugin name.
+pub type PerPlugin = Vec<(String, i64)>;
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+/// Latency buckets, in seconds: a push is answered in about a
+/// millisecond; a plugin call may take up to the timeout.
+const SECONDS: [f64; 14] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+const BATCH: [f64; 10] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0];
+
+impl Metrics {
+    /// Registers every series (and the `process_*` ones on Linux).
+    pub fn new() -> Result<Metrics, prometheus::Error> {
+        let registry = Registry::new();
+        let push_total = IntCounterVec::new(
+            Opts::new("roboger_push_total", "Pushes answered, by HTTP status."),
+            &["status"],
+        )?;
+        let push_known =
+            PUSH_STATUSES.map(|s| (s, push_total.with_label_values(&[&s.to_string()])));
+        let histogram = |name: &str, help: &str, buckets: &[f64]| {
+            Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets.to_vec()))
+        };
+        let push_seconds = histogram(
+            "roboger_push_seconds",
+            "Time from a push's request to its answer.",
+            &SECONDS,
+        )?;
+        let commit_seconds = histogram(
+            "roboger_commit_seconds",
+            "Duration of a group commit (events, deliveries and outcomes in one transaction).",
+            &SECONDS,
+        )?;
+        let commit_batch_size = histogram(
+            "roboger_commit_batch_size",
+            "Events stored by one group commit.",
+            &BATCH,
+        )?;
+        let deliveries_total = IntCounterVec::new(
+            Opts::new(
+                "roboger_deliveries_total",
+                "Delivery attempts, by plugin and outcome (delivered, retry, failed).",
+            ),
+            &["plugin", "outcome"],
+        )?;
+        let attempt_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "roboger_delivery_attempt_seconds",
+                "Duration of one delivery attempt (the plugin's send).",
+            )
+            .buckets(SECONDS.to_vec()),
+            &["plugin"],
+        )?;
+        registry.register(Box::new(push_total.clone()))?;
+        registry.register(Box::new(push_seconds.clone()))?;
+        registry.register(Box::new(commit_seconds.clone()))?;
+        registry.register(Box::new(commit_batch_size.clone()))?;
+        registry.register(Box::new(deliveries_total.clone()))?;
+        registry.register(Box::new(attempt_seconds.clone()))?;
+        #[cfg(target_os = "linux")]
+        registry.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))?;
+        Ok(Metrics {
+            registry,
+            push_total,
+            push_known,
+            push_seconds,
+            commit_seconds,
+            commit_batch_size,
+            deliveries_total,
+            attempt_seconds,
+            pending: tokio::sync::Mutex::new(None),
+        })
+    }
+
+    /// A push answered with `status`, `took` after its request arrived.
+    pub fn push(&self, status: u16, took: Duration) {
+        match self.push_known.iter().find(|(s, _)| *s == status) {
+            Some((_, c)) => c.inc(),
+            None => self
+                .push_total
+                .with_label_values(&[&status.to_string()])
+                .inc(),
+        }
+        self.push_seconds.observe(took.as_secs_f64());
+    }
+
+    /// A group commit of `events` events that took `took`.
+    pub fn commit(&self, events: usize, took: Duration) {
+        self.commit_seconds.observe(took.as_secs_f64());
+        self.commit_batch_size.observe(events as f64);
+    }
+
+    /// A delivery attempt through `plugin`.
+    pub fn attempt(&self, plugin: &str, outcome: Outcome, took: Duration) {
+        self.deliveries_total
+            .with_label_values(&[plugin, outcome.label()])
+            .inc();
+        self.attempt_seconds
+            .with_label_values(&[plugin])
+            .observe(took.as_secs_f64());
+    }
+
+    /// The pending deliveries per plugin: the last count if it is fresh,
+    /// else `read`'s (kept for [`PENDING_REFRESH`]); the last count when
+    /// `read` fails.
+    pub async fn pending<F, E>(&self, read: F) -> PerPlugin
+    where
+        F: Future<Output = Result<PerPlugin, E>>,
+        E: std::fmt::Display,
+    {
+        let mut cached = self.pending.lock().await;
+        if let Some((at, v)) = cached.as_ref()
+            && at.elapsed() < PENDING_REFRESH
+        {
+            return v.clone();
+        }
+        match read.await {
+            Ok(v) => {
+                *cached = Some((Instant::now(), v.clone()));
+                v
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "metrics: cannot count pending deliveries");
+                cached.as_ref().map(|(_, v)| v.clone()).unwrap_or_default()
+            }
+        }
+    }
+
+    /// Every series in the Prometheus text format, the scrape-time ones
+    /// from `scrape`.
+    pub fn render(&self, scrape: &Scrape) -> Result<String, prometheus::Error> {
+        let mut families = self.registry.gather();
+        families.extend(scrape.families()?);
+        // A vector with no children (no plugins) is left out, as the
+        // registry's own are: the encoder refuses an empty family.
+        families.retain(|f| !f.get_metric().is_empty());
+        families.sort_by(|a, b| a.name().cmp(b.name()));
+        prometheus::TextEncoder::new().encode_to_string(&families)
+    }
+}
+
+/// One plugin as a scrape sees it.
+#[derive(Debug, Clone)]
+pub struct PluginSample {
+    pub name: String,
+    pub up: bool,
+    pub restarts: u64,
+    pub inflight: usize,
+    /// Resident memory of its process, if it runs.
+    pub resident_bytes: Option<u64>,
+}
+
+/// The values read at scrape time.
+#[derive(Debug, Clone, Default)]
+pub struct Scrape {
+    pub plugins: Vec<PluginSample>,
+    pub routing_addresses: usize,
+    /// Database connections in use and idle.
+    pub pool: (u64, u64),
+    /// Pending deliveries per plugin.
+    pub pending: PerPlugin,
+}
+
+impl Scrape {
+    fn families(&self) -> Result<Vec<MetricFamily>, prometheus::Error> {
+        let plugin_gauge =
+            |name: &str, help: &str| IntGaugeVec::new(Opts::new(name, help), &["plugin"]);
+        let up = plugin_gauge(
+            "roboger_plugin_up",
+            "1 while the plugin's process runs and serves calls.",
+        )?;
+        let restarts = IntCounterVec::new(
+            Opts::new(
+                "roboger_plugin_restarts_total",
+                "Times the plugin crashed and was restarted.",
+            ),
+            &["plugin"],
+        )?;
+        let inflight = plugin_gauge("roboger_plugin_inflight", "Calls in flight to the plugin.")?;
+        let resident = plugin_gauge(
+            "roboger_plugin_resident_bytes",
+            "Resident memory of the plugin's process.",
+        )?;
+        let pending = plugin_gauge(
+            "roboger_deliveries_pending",
+            "Deliveries not yet delivered or failed, in the whole cluster.",
+        )?;
+        for p in &self.plugins {
+            let l = [p.name.as_str()];
+            up.with_label_values(&l).set(i64::from(p.up));
+            restarts.with_label_values(&l).inc_by(p.restarts);
+            inflight
+                .with_label_values(&l)
+                .set(i64::try_from(p.inflight).unwrap_or(i64::MAX));
+            if let Some(b) = p.resident_bytes {
+                resident
+                    .with_label_values(&l)
+                    .set(i64::try_from(b).unwrap_or(i64::MAX));
+            }
+            // Zero for a plugin with nothing pending, rather than absent.
+            pending.with_label_values(&l).set(0);
+        }
+        for (plugin, n) in &self.pending {
+            pending.with_label_values(&[plugin]).set(*n);
+        }
+        let routing = IntGaugeVec::new(
+            Opts::new(
+                "roboger_routing_addresses",
+                "Addresses in this node's routing index.",
+            ),
+            &[],
+        )?;
+        routing
+            .with_label_values(&[] as &[&str])
+            .set(i64::try_from(self.routing_addresses).unwrap_or(i64::MAX));
+        let pool = IntGaugeVec::new(
+            Opts::new(
+                "roboger_db_pool_connections",
+                "Database connections of this node's pool, by state (in_use, idle).",
+            ),
+            &["state"],
+        )?;
+        let (used, idle) = self.pool;
+        pool.with_label_values(&["in_use"])
+            .set(i64::try_from(used).unwrap_or(i64::MAX));
+        pool.with_label_values(&["idle"])
+            .set(i64::try_from(idle).unwrap_or(i64::MAX));
+        let mut out = Vec::new();
+        for c in [&up, &inflight, &resident, &pending, &routing, &pool] {
+            out.extend(c.collect());
+        }
+        out.extend(restarts.collect());
+        Ok(out)
+    }
+}

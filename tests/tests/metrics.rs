@@ -1,0 +1,224 @@
+//! `GET /metrics`: exact counts after known pushes and deliveries, read
+//! from the server and through a real Prometheus server scraping it with
+//! the master key as bearer token; who may read it; `promtool` accepts it.
+
+use std::time::{Duration, Instant};
+
+use roboger_tests::{
+    KEY, Method, PrometheusServer, Server, ServerOptions, assert_status, installed_program, json,
+    parse_metrics,
+};
+
+async fn scrape(s: &Server) -> std::collections::BTreeMap<String, f64> {
+    let r = s
+        .request(
+            Method::GET,
+            "/metrics",
+            None,
+            &[("Authorization", &format!("Bearer {KEY}"))],
+            None,
+        )
+        .await;
+    assert_status!(r, 200);
+    assert!(
+        r.header("content-type")
+            .is_some_and(|c| c.starts_with("text/plain; version=0.0.4")),
+        "{:?}",
+        r.header("content-type")
+    );
+    parse_metrics(&r.text)
+}
+
+/// Scrapes until `series` has `value` (or panics after 20 s).
+async fn wait_for(s: &Server, series: &str, value: f64) -> std::collections::BTreeMap<String, f64> {
+    let end = Instant::now() + Duration::from_secs(20);
+    loop {
+        let m = scrape(s).await;
+        if m.get(series) == Some(&value) {
+            return m;
+        }
+        assert!(
+            Instant::now() < end,
+            "{series} never became {value}: {m:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn counts_pushes_and_deliveries_exactly_and_prometheus_reads_them() {
+    let s = Server::start_with(ServerOptions {
+        plugins: vec!["t".into()],
+        ..Default::default()
+    })
+    .await;
+    let fresh = scrape(&s).await;
+    for status in [202, 400, 404, 406, 413, 429, 503] {
+        assert_eq!(
+            fresh.get(&format!("roboger_push_total{{status=\"{status}\"}}")),
+            Some(&0.0),
+            "every push status is there from the start: {fresh:#?}"
+        );
+    }
+    assert_eq!(fresh.get("roboger_plugin_up{plugin=\"t\"}"), Some(&1.0));
+    assert!(fresh.contains_key("process_resident_memory_bytes"));
+    assert!(fresh["roboger_plugin_resident_bytes{plugin=\"t\"}"] > 0.0);
+
+    let (id, a) = s.new_addr().await;
+    s.endpoint(id, "t", json!({})).await;
+    for i in 0..5 {
+        assert_status!(
+            s.push(json!({"addr": a, "msg": format!("m{i}")})).await,
+            202
+        );
+    }
+    for _ in 0..2 {
+        assert_status!(s.push(json!({"addr": "nobody", "msg": "m"})).await, 404);
+    }
+    assert_status!(s.push(json!({"msg": "no address"})).await, 400);
+
+    let m = wait_for(
+        &s,
+        "roboger_deliveries_total{outcome=\"delivered\",plugin=\"t\"}",
+        5.0,
+    )
+    .await;
+    let at = |k: &str| m.get(k).copied().unwrap_or(f64::NAN);
+    assert_eq!(at("roboger_push_total{status=\"202\"}"), 5.0);
+    assert_eq!(at("roboger_push_total{status=\"404\"}"), 2.0);
+    assert_eq!(at("roboger_push_total{status=\"400\"}"), 1.0);
+    assert_eq!(at("roboger_push_seconds_count"), 8.0);
+    assert_eq!(
+        at("roboger_commit_batch_size_sum"),
+        5.0,
+        "five events stored"
+    );
+    assert_eq!(
+        at("roboger_delivery_attempt_seconds_count{plugin=\"t\"}"),
+        5.0
+    );
+    assert_eq!(at("roboger_routing_addresses"), 1.0);
+    assert!(!m.contains_key("roboger_deliveries_total{outcome=\"failed\",plugin=\"t\"}"));
+    assert!(!m.keys().any(|k| k.contains(&a)), "no address in a label");
+    // Counted in the database, refreshed every few seconds.
+    wait_for(&s, "roboger_deliveries_pending{plugin=\"t\"}", 0.0).await;
+
+    let target = s.base.trim_start_matches("http://");
+    let Some(prom) = PrometheusServer::start(target, KEY).await else {
+        return;
+    };
+    let end = Instant::now() + Duration::from_secs(30);
+    let queries = [
+        ("roboger_push_total{status=\"202\"}", 5.0),
+        ("roboger_push_total{status=\"404\"}", 2.0),
+        (
+            "roboger_deliveries_total{plugin=\"t\",outcome=\"delivered\"}",
+            5.0,
+        ),
+        ("up{job=\"roboger\"}", 1.0),
+    ];
+    loop {
+        let mut got = Vec::new();
+        for (q, _) in queries {
+            got.push(prom.query(q).await);
+        }
+        if queries
+            .iter()
+            .zip(&got)
+            .all(|((_, want), g)| *g == Some(*want))
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < end,
+            "Prometheus answered {got:?} for {queries:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test]
+async fn only_the_master_key_or_metrics_allow_may_read_it() {
+    let s = Server::start().await;
+    let get = |headers: Vec<(&'static str, String)>| {
+        let s = &s;
+        async move {
+            let h: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            s.request(Method::GET, "/metrics", None, &h, None).await
+        }
+    };
+    assert_status!(get(vec![]).await, 401);
+    assert_status!(
+        get(vec![("Authorization", "Bearer wrong".into())]).await,
+        403
+    );
+    assert_status!(get(vec![("X-Auth-Key", "wrong".into())]).await, 403);
+    assert_status!(
+        get(vec![("Authorization", format!("Bearer {KEY}"))]).await,
+        200
+    );
+    let r = get(vec![("X-Auth-Key", KEY.into())]).await;
+    assert_status!(r, 200);
+    assert!(r.text.contains("# TYPE roboger_push_seconds histogram"));
+
+    // Served to metrics.allow without a key; elsewhere a key is needed.
+    let open = Server::start_with(ServerOptions {
+        yaml: "metrics:\n  allow: ['127.0.0.0/8']\n".into(),
+        ..Default::default()
+    })
+    .await;
+    assert_status!(
+        open.request(Method::GET, "/metrics", None, &[], None).await,
+        200
+    );
+    let other = Server::start_with(ServerOptions {
+        yaml: "metrics:\n  allow: ['10.0.0.0/8']\n".into(),
+        ..Default::default()
+    })
+    .await;
+    assert_status!(
+        other
+            .request(Method::GET, "/metrics", None, &[], None)
+            .await,
+        401
+    );
+}
+
+#[tokio::test]
+async fn promtool_accepts_the_exposition() {
+    let s = Server::start_with(ServerOptions {
+        plugins: vec!["t".into()],
+        ..Default::default()
+    })
+    .await;
+    let (id, a) = s.new_addr().await;
+    s.endpoint(id, "t", json!({})).await;
+    assert_status!(s.push(json!({"addr": a, "msg": "m"})).await, 202);
+    s.wait_settled(id).await;
+    let text = s
+        .request(Method::GET, "/metrics", Some(KEY), &[], None)
+        .await
+        .text;
+    let Some(promtool) = installed_program("ROBOGER_TEST_PROMTOOL", "promtool") else {
+        return;
+    };
+    let mut child = std::process::Command::new(promtool)
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run promtool");
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().expect("stdin");
+        stdin.write_all(text.as_bytes()).expect("write to promtool");
+    }
+    let out = child.wait_with_output().expect("promtool output");
+    assert!(
+        out.status.success() && out.stdout.is_empty() && out.stderr.is_empty(),
+        "promtool check metrics: {}{}\n{text}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
