@@ -19,6 +19,7 @@ pub mod routing;
 pub mod server;
 pub mod store;
 pub mod supervisor;
+pub mod systemd;
 
 use std::sync::Arc;
 

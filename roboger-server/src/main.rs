@@ -7,7 +7,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use roboger_server::config::{Config, Overrides};
 use roboger_server::store::Store;
-use roboger_server::{App, server};
+use roboger_server::{App, server, systemd};
 
 /// Roboger: a messenger for robots.
 #[derive(Parser, Debug)]
@@ -141,7 +141,16 @@ async fn serve(cli: &Cli) -> anyhow::Result<()> {
         env!("CARGO_PKG_VERSION")
     );
     let cleanup = app.spawn_cleanup();
-    server::run(listener, app.clone(), shutdown_signal()).await;
+    // Bound, migrated, plugins started: connections wait in the backlog
+    // for the accept loop, which starts below.
+    systemd::ready();
+    let notifier = systemd::spawn(app.clone(), local);
+    let shutdown = async {
+        shutdown_signal().await;
+        systemd::stopping();
+    };
+    server::run(listener, app.clone(), shutdown).await;
+    notifier.abort();
     cleanup.abort();
     app.plugins.shutdown().await;
     app.stop().await;

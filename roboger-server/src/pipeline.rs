@@ -20,8 +20,9 @@
 //! one database never run the same delivery at once, and an outcome is
 //! written only while its lease is still this instance's (fencing).
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use serde_json::{Map, Value};
 use tokio::sync::{Semaphore, mpsc, oneshot};
@@ -75,10 +76,55 @@ struct Job {
     attempts: i32,
 }
 
+/// Whether a loop of the pipeline is making progress: the time since
+/// work began waiting on it without being done (0: nothing waits). Read
+/// by the systemd watchdog ([`Pipeline::stalled`]).
+#[derive(Debug, Default)]
+struct Progress {
+    /// Milliseconds after `epoch` plus one; 0 when idle.
+    waiting_since: AtomicU64,
+    epoch: OnceLock<Instant>,
+}
+
+impl Progress {
+    fn now(&self) -> u64 {
+        let epoch = self.epoch.get_or_init(Instant::now);
+        u64::try_from(epoch.elapsed().as_millis()).unwrap_or(u64::MAX - 1) + 1
+    }
+
+    /// Work is waiting (kept if it already was).
+    fn waiting(&self) {
+        let now = self.now();
+        let _ = self
+            .waiting_since
+            .compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed);
+    }
+
+    /// Everything that waited is done.
+    fn done(&self) {
+        self.waiting_since.store(0, Ordering::Relaxed);
+    }
+
+    /// Whether work has been waiting for longer than `limit`.
+    fn stalled(&self, limit: Duration) -> bool {
+        let since = self.waiting_since.load(Ordering::Relaxed);
+        since != 0 && Duration::from_millis(self.now().saturating_sub(since)) > limit
+    }
+}
+
+/// The progress of the writer and the dispatcher.
+#[derive(Debug, Default)]
+struct Liveness {
+    writer: Progress,
+    dispatcher: Progress,
+}
+
 /// The running pipeline; cheap to share.
 pub struct Pipeline {
     accept_tx: mpsc::Sender<Accept>,
     timeout: Duration,
+    liveness: Arc<Liveness>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for Pipeline {
@@ -114,21 +160,44 @@ impl Pipeline {
         let (accept_tx, accept_rx) = mpsc::channel(ACCEPT_QUEUE);
         let (job_tx, job_rx) = mpsc::channel(DISPATCH_QUEUE);
         let (outcome_tx, outcome_rx) = mpsc::channel(DISPATCH_QUEUE);
-        tokio::spawn(write_loop(
-            store.clone(),
-            (cfg.clone(), node.clone()),
-            timeout,
-            (accept_rx, outcome_rx),
-            (job_tx.clone(), metrics.clone()),
-        ));
-        tokio::spawn(dispatch_loop(
-            plugins,
-            (cfg.clone(), metrics),
-            job_rx,
-            outcome_tx,
-        ));
+        let liveness = Arc::new(Liveness::default());
+        let tasks = vec![
+            tokio::spawn(write_loop(
+                store.clone(),
+                (cfg.clone(), node.clone()),
+                timeout,
+                (accept_rx, outcome_rx),
+                (job_tx.clone(), metrics.clone(), liveness.clone()),
+            )),
+            tokio::spawn(dispatch_loop(
+                plugins,
+                (cfg.clone(), metrics, liveness.clone()),
+                job_rx,
+                outcome_tx,
+            )),
+        ];
         tokio::spawn(sweep_loop(store, cfg, node, job_tx));
-        Pipeline { accept_tx, timeout }
+        Pipeline {
+            accept_tx,
+            timeout,
+            liveness,
+            tasks,
+        }
+    }
+
+    /// Which part of the pipeline, if any, has had work waiting for
+    /// longer than `limit` (or has ended): `writer` when commits do not
+    /// succeed (a frozen database), `dispatcher` when no delivery slot
+    /// frees up.
+    pub fn stalled(&self, limit: Duration) -> Option<&'static str> {
+        let ended = |i: usize| self.tasks.get(i).is_none_or(|t| t.is_finished());
+        if ended(0) || self.liveness.writer.stalled(limit) {
+            return Some("writer");
+        }
+        if ended(1) || self.liveness.dispatcher.stalled(limit) {
+            return Some("dispatcher");
+        }
+        None
     }
 
     /// Stores `event` with a delivery per target and returns once it is
@@ -189,7 +258,7 @@ async fn write_loop(
     (cfg, node): (Arc<DeliveryConfig>, Arc<Node>),
     timeout: Duration,
     (mut accepts, mut outcomes): (mpsc::Receiver<Accept>, mpsc::Receiver<Attempt>),
-    (jobs, metrics): (mpsc::Sender<Job>, Arc<Metrics>),
+    (jobs, metrics, liveness): (mpsc::Sender<Job>, Arc<Metrics>, Arc<Liveness>),
 ) {
     // Outcomes not yet written, and how many writes of them failed.
     let mut recorded: Vec<Attempt> = Vec::new();
@@ -208,6 +277,7 @@ async fn write_loop(
                 },
             }
         }
+        liveness.writer.waiting();
         while batch.len() < COMMIT_BATCH {
             match accepts.try_recv() {
                 Ok(a) => batch.push(a),
@@ -256,6 +326,7 @@ async fn write_loop(
             Ok(_) => {
                 recorded.clear();
                 failures = 0;
+                liveness.writer.done();
             }
             Err(e) => {
                 tracing::error!(
@@ -304,6 +375,10 @@ async fn write_loop(
                 }
             }
         }
+        if result.is_err() && recorded.is_empty() && accepts.is_empty() {
+            // Failed, but nothing waits any more: idle, not stalled.
+            liveness.writer.done();
+        }
         if result.is_err() {
             // Not a hot loop while the database is down.
             tokio::time::sleep(Duration::from_millis(50 * u64::from(failures.max(1)))).await;
@@ -313,15 +388,17 @@ async fn write_loop(
 
 async fn dispatch_loop(
     plugins: Arc<Supervisor>,
-    (cfg, metrics): (Arc<DeliveryConfig>, Arc<Metrics>),
+    (cfg, metrics, liveness): (Arc<DeliveryConfig>, Arc<Metrics>, Arc<Liveness>),
     mut rx: mpsc::Receiver<Job>,
     outcomes: mpsc::Sender<Attempt>,
 ) {
     let slots = Arc::new(Semaphore::new(cfg.concurrency));
     while let Some(job) = rx.recv().await {
+        liveness.dispatcher.waiting();
         let Ok(permit) = slots.clone().acquire_owned().await else {
             break;
         };
+        liveness.dispatcher.done();
         let plugins = plugins.clone();
         let outcomes = outcomes.clone();
         let cfg = cfg.clone();

@@ -669,8 +669,16 @@ pub fn executable(cfg: &PluginConfig) -> PathBuf {
     PathBuf::from(file)
 }
 
-/// Environment variables a plugin never inherits.
-const SECRET_ENV: [&str; 3] = ["ROBOGER_MASTERKEY", "ROBOGER_DB", "ROBOGER_CONFIG"];
+/// Taken out of a plugin's environment: secrets, and systemd's notify
+/// variables (the server alone speaks for the unit).
+const SECRET_ENV: [&str; 6] = [
+    "ROBOGER_MASTERKEY",
+    "ROBOGER_DB",
+    "ROBOGER_CONFIG",
+    "NOTIFY_SOCKET",
+    "WATCHDOG_USEC",
+    "WATCHDOG_PID",
+];
 
 async fn start_once(
     slot: &Arc<Slot>,

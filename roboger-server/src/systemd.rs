@@ -1,0 +1,155 @@
+//! The systemd notify protocol (`Type=notify`): `READY=1` once the server
+//! can answer, `STATUS=` with what it is doing, `WATCHDOG=1` while it
+//! makes progress, `RELOADING=1` around a reload and `STOPPING=1` at
+//! shutdown. Without `NOTIFY_SOCKET` (not under systemd) every call here
+//! does nothing.
+//!
+//! The watchdog does not ping blindly from a timer: before each ping it
+//! checks that the pipeline's writer and dispatcher have no work waiting
+//! for longer than the ping interval ([`crate::pipeline::Pipeline::stalled`])
+//! and that the accept loop answers an HTTP request on the server's own
+//! listener. A wedged server stops pinging, and systemd restarts it after
+//! `WatchdogSec`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sd_notify::NotifyState;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::App;
+use crate::supervisor::State;
+
+fn send(states: &[NotifyState<'_>]) {
+    if let Err(e) = sd_notify::notify(false, states) {
+        tracing::warn!(error = %e, "cannot notify systemd");
+    }
+}
+
+/// The server answers requests: migrations applied, plugins started,
+/// listener bound.
+pub fn ready() {
+    send(&[NotifyState::Ready]);
+}
+
+/// A reload begins (`RELOADING=1` with the monotonic time systemd asks for).
+pub fn reloading() {
+    match NotifyState::monotonic_usec_now() {
+        Ok(now) => send(&[NotifyState::Reloading, now]),
+        Err(_) => send(&[NotifyState::Reloading]),
+    }
+}
+
+/// Shutdown has begun.
+pub fn stopping() {
+    send(&[NotifyState::Stopping]);
+}
+
+/// The watchdog interval systemd asked for (`WATCHDOG_USEC`), if any.
+/// As libsystemd's `sd_watchdog_enabled` reads it: `WATCHDOG_PID`, when
+/// set, must be this process (the crate's own reader requires it).
+pub fn watchdog_interval() -> Option<Duration> {
+    let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
+    if let Ok(pid) = std::env::var("WATCHDOG_PID")
+        && pid.parse::<u32>().ok() != Some(std::process::id())
+    {
+        return None;
+    }
+    (usec > 0).then(|| Duration::from_micros(usec))
+}
+
+/// Reports `STATUS=` every `every` (or at half of the watchdog interval,
+/// pinging `WATCHDOG=1` when nothing is stalled) until dropped/aborted.
+/// `local` is the listener's address, which the accept-loop check calls.
+pub fn spawn(app: Arc<App>, local: SocketAddr) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let watchdog = watchdog_interval();
+        let every = watchdog.map(|w| w / 2).unwrap_or(Duration::from_secs(10));
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut was_stalled = false;
+        loop {
+            tick.tick().await;
+            let status = status(&app).await;
+            if watchdog.is_none() {
+                send(&[NotifyState::Status(&status)]);
+                continue;
+            }
+            let stalled = match app.pipeline.stalled(every) {
+                Some(part) => Some(format!("the {part} has made no progress for {every:?}")),
+                None => accept_loop_answers(local, every)
+                    .await
+                    .err()
+                    .map(|e| format!("the accept loop does not answer: {e}")),
+            };
+            match &stalled {
+                None => {
+                    if was_stalled {
+                        tracing::info!("watchdog: making progress again");
+                    }
+                    send(&[NotifyState::Watchdog, NotifyState::Status(&status)]);
+                }
+                Some(why) => {
+                    // systemd restarts the server if this lasts WatchdogSec.
+                    tracing::error!("watchdog ping withheld: {why}");
+                    send(&[NotifyState::Status(&format!("stalled: {why}"))]);
+                }
+            }
+            was_stalled = stalled.is_some();
+        }
+    })
+}
+
+/// `STATUS=`: plugins running and deliveries pending.
+async fn status(app: &App) -> String {
+    let plugins = app.plugins.list();
+    let running = plugins.iter().filter(|p| p.state == State::Running).count();
+    let timeout = app.config.timeout;
+    let pending: i64 = app
+        .metrics
+        .pending(async {
+            match tokio::time::timeout(timeout, app.store.pending_by_plugin()).await {
+                Ok(r) => r.map_err(|e| e.to_string()),
+                Err(_) => Err("the database did not answer in time".to_string()),
+            }
+        })
+        .await
+        .iter()
+        .map(|(_, n)| n)
+        .sum();
+    format!(
+        "{running} of {} plugins running, {pending} deliveries pending",
+        plugins.len()
+    )
+}
+
+/// One HTTP request to the server's own listener (a route that needs
+/// neither the database nor a plugin), answered within `limit`.
+async fn accept_loop_answers(local: SocketAddr, limit: Duration) -> Result<(), String> {
+    let mut target = local;
+    if target.ip().is_unspecified() {
+        target.set_ip(match target {
+            SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    let probe = async {
+        let mut s = tokio::net::TcpStream::connect(target)
+            .await
+            .map_err(|e| e.to_string())?;
+        s.write_all(b"GET /watchdog HTTP/1.1\r\nHost: watchdog\r\nConnection: close\r\n\r\n")
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut head = [0u8; 12];
+        s.read_exact(&mut head).await.map_err(|e| e.to_string())?;
+        if head.starts_with(b"HTTP/1.1 ") {
+            Ok(())
+        } else {
+            Err("not an HTTP answer".to_string())
+        }
+    };
+    tokio::time::timeout(limit, probe)
+        .await
+        .unwrap_or_else(|_| Err(format!("no answer within {limit:?}")))
+}
