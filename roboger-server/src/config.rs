@@ -360,6 +360,54 @@ impl Overrides {
 }
 
 impl Config {
+    /// The keys (other than `plugins`) whose values differ in `other`:
+    /// what a reload cannot apply without a restart.
+    pub fn differences(&self, other: &Config) -> Vec<&'static str> {
+        let checks: [(&'static str, bool); 19] = [
+            ("db", self.db != other.db),
+            ("db-pool-size", self.db_pool_size != other.db_pool_size),
+            ("url", self.public_url != other.public_url),
+            ("listen", self.listen != other.listen),
+            ("ip-header", self.ip_header != other.ip_header),
+            ("api-doc", self.api_doc != other.api_doc),
+            ("limits", self.limits != other.limits),
+            (
+                "bucket.default-expires",
+                self.bucket_default_expires != other.bucket_default_expires,
+            ),
+            ("timeout", self.timeout != other.timeout),
+            ("master.key", self.master_key != other.master_key),
+            ("master.allow", self.master_allow != other.master_allow),
+            ("metrics.allow", self.metrics_allow != other.metrics_allow),
+            (
+                "plugin-max-line",
+                self.plugin_max_line != other.plugin_max_line,
+            ),
+            (
+                "plugin-health-interval",
+                self.plugin_health_interval != other.plugin_health_interval,
+            ),
+            (
+                "cleanup-interval",
+                self.cleanup_interval != other.cleanup_interval,
+            ),
+            (
+                "push-max-media",
+                self.push_max_media != other.push_max_media,
+            ),
+            (
+                "event-retention",
+                self.event_retention != other.event_retention,
+            ),
+            ("delivery", self.delivery != other.delivery),
+            ("data directory", self.data_dir != other.data_dir),
+        ];
+        checks
+            .into_iter()
+            .filter_map(|(k, differs)| differs.then_some(k))
+            .collect()
+    }
+
     /// Loads `path` (or the embedded default when `None`), applies the
     /// environment overrides and checks every value. Creates the data
     /// directory and master key file only when they are needed.

@@ -25,6 +25,15 @@ use std::sync::Arc;
 
 use config::Config;
 
+/// What a reload changed.
+#[derive(Debug)]
+pub struct Reloaded {
+    /// The plugins started, stopped and restarted.
+    pub plugins: supervisor::Reconfigured,
+    /// Settings that changed but apply only after a restart.
+    pub needs_restart: Vec<&'static str>,
+}
+
 /// Everything a request handler needs, shared by all connections.
 #[derive(Debug)]
 pub struct App {
@@ -123,6 +132,21 @@ impl App {
         tracing::info!(expired_objects = n, old_events = events, "core cleanup");
         self.plugins.cleanup().await;
         Ok(())
+    }
+
+    /// Applies a reloaded configuration (SIGHUP): the plugin list takes
+    /// effect at once ([`supervisor::Supervisor::reconfigure`]); any other
+    /// changed setting is named in the answer and takes effect at the next
+    /// restart.
+    pub async fn reload(&self, new: Config) -> Reloaded {
+        let plugins = self
+            .plugins
+            .reconfigure(new.plugins.clone(), self.config.timeout * 2)
+            .await;
+        Reloaded {
+            plugins,
+            needs_restart: self.config.differences(&new),
+        }
     }
 
     /// Stops this node cleanly: no more heartbeats, and the deliveries it

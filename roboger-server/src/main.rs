@@ -10,7 +10,7 @@ use roboger_server::store::Store;
 use roboger_server::{App, server, systemd};
 
 /// Roboger: a messenger for robots.
-#[derive(Parser, Debug)]
+#[derive(Parser, Debug, Clone)]
 #[command(name = "roboger-server", version, about)]
 struct Cli {
     /// Configuration file (the original's roboger.yml works unchanged).
@@ -34,7 +34,7 @@ enum LogFormat {
     Json,
 }
 
-#[derive(Subcommand, Debug)]
+#[derive(Subcommand, Debug, Clone)]
 enum Command {
     /// Run the server (the default).
     Serve,
@@ -123,6 +123,43 @@ async fn shutdown_signal() {
     tracing::info!("shutting down");
 }
 
+/// Re-reads the configuration on each SIGHUP and applies it
+/// ([`App::reload`]); one that does not load is refused with a log line,
+/// and the running one stays.
+async fn reload_on_sighup(cli: Cli, app: Arc<App>) {
+    let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen for SIGHUP; reload is unavailable");
+            return;
+        }
+    };
+    while hup.recv().await.is_some() {
+        systemd::reloading();
+        tracing::info!("SIGHUP: reloading the configuration");
+        match load_config(&cli) {
+            Err(e) => tracing::error!("configuration refused, the running one is kept: {e:#}"),
+            Ok(config) => {
+                let r = app.reload(config).await;
+                tracing::info!(
+                    added = ?r.plugins.added,
+                    removed = ?r.plugins.removed,
+                    restarted = ?r.plugins.changed,
+                    unchanged = ?r.plugins.unchanged,
+                    "configuration reloaded"
+                );
+                if !r.needs_restart.is_empty() {
+                    tracing::warn!(
+                        settings = ?r.needs_restart,
+                        "these changed settings take effect at the next restart"
+                    );
+                }
+            }
+        }
+        systemd::ready();
+    }
+}
+
 async fn serve(cli: &Cli) -> anyhow::Result<()> {
     let config = load_config(cli)?;
     let store = open_store(&config).await?;
@@ -145,12 +182,14 @@ async fn serve(cli: &Cli) -> anyhow::Result<()> {
     // for the accept loop, which starts below.
     systemd::ready();
     let notifier = systemd::spawn(app.clone(), local);
+    let reloader = tokio::spawn(reload_on_sighup(cli.clone(), app.clone()));
     let shutdown = async {
         shutdown_signal().await;
         systemd::stopping();
     };
     server::run(listener, app.clone(), shutdown).await;
     notifier.abort();
+    reloader.abort();
     cleanup.abort();
     app.plugins.shutdown().await;
     app.stop().await;

@@ -226,6 +226,10 @@ struct Slot {
     inflight: Semaphore,
     restart: tokio::sync::Notify,
     first_start: watch::Sender<bool>,
+    /// Set to stop this plugin for good (shutdown, or removed by a reload).
+    stop: watch::Sender<bool>,
+    /// Its supervising task, awaited when it is stopped.
+    task: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 struct SlotStatus {
@@ -237,18 +241,30 @@ struct SlotStatus {
 
 /// Every configured plugin, supervised.
 pub struct Supervisor {
-    slots: BTreeMap<String, Arc<Slot>>,
+    /// By name; replaced as a whole by [`Supervisor::reconfigure`].
+    slots: RwLock<BTreeMap<String, Arc<Slot>>>,
     opts: Options,
-    shutdown: watch::Sender<bool>,
-    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    host: Arc<HostContext>,
+    /// Serializes reconfigurations and shutdown.
+    changing: tokio::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for Supervisor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Supervisor")
-            .field("plugins", &self.slots.keys().collect::<Vec<_>>())
+            .field("plugins", &self.slots().keys().collect::<Vec<_>>())
             .finish()
     }
+}
+
+/// What a reconfiguration did, by plugin name.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Reconfigured {
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+    /// Restarted with a changed `config`, `command` or other setting.
+    pub changed: Vec<String>,
+    pub unchanged: Vec<String>,
 }
 
 impl Supervisor {
@@ -259,76 +275,143 @@ impl Supervisor {
         opts: Options,
         host: Arc<HostContext>,
     ) -> Arc<Supervisor> {
-        let (shutdown, _) = watch::channel(false);
-        let slots = plugins
-            .into_iter()
-            .map(|cfg| {
-                let slot = Slot {
-                    inflight: Semaphore::new(cfg.max_inflight),
-                    conn: RwLock::new(None),
-                    status: Mutex::new(SlotStatus {
-                        state: State::Starting,
-                        restarts: 0,
-                        last_error: None,
-                        manifest: None,
-                    }),
-                    restart: tokio::sync::Notify::new(),
-                    first_start: watch::channel(false).0,
-                    cfg,
-                };
-                (slot.cfg.name.clone(), Arc::new(slot))
-            })
-            .collect();
         let sup = Arc::new(Supervisor {
-            slots,
+            slots: RwLock::new(BTreeMap::new()),
             opts,
-            shutdown,
-            tasks: Mutex::new(Vec::new()),
+            host,
+            changing: tokio::sync::Mutex::new(()),
         });
         let weak: std::sync::Weak<dyn PluginCalls> = Arc::downgrade(&sup) as _;
-        host.set_plugins(weak);
-        let mut tasks = Vec::new();
-        for slot in sup.slots.values() {
-            tasks.push(tokio::spawn(supervise(
-                slot.clone(),
-                sup.opts.clone(),
-                host.clone(),
-                sup.shutdown.subscribe(),
-            )));
-        }
-        if let Ok(mut t) = sup.tasks.lock() {
-            *t = tasks;
-        }
+        sup.host.set_plugins(weak);
+        let slots = plugins
+            .into_iter()
+            .map(|cfg| (cfg.name.clone(), sup.launch(cfg)))
+            .collect();
+        sup.set_slots(slots);
         sup
+    }
+
+    /// A slot for `cfg` with its supervising task started.
+    fn launch(&self, cfg: PluginConfig) -> Arc<Slot> {
+        let slot = Arc::new(Slot {
+            inflight: Semaphore::new(cfg.max_inflight),
+            conn: RwLock::new(None),
+            status: Mutex::new(SlotStatus {
+                state: State::Starting,
+                restarts: 0,
+                last_error: None,
+                manifest: None,
+            }),
+            restart: tokio::sync::Notify::new(),
+            first_start: watch::channel(false).0,
+            stop: watch::channel(false).0,
+            task: Mutex::new(None),
+            cfg,
+        });
+        let task = tokio::spawn(supervise(
+            slot.clone(),
+            self.opts.clone(),
+            self.host.clone(),
+            slot.stop.subscribe(),
+        ));
+        if let Ok(mut t) = slot.task.lock() {
+            *t = Some(task);
+        }
+        slot
+    }
+
+    /// Stops a slot's plugin (gracefully, as at shutdown) and waits for
+    /// its task to end.
+    async fn retire(slot: &Slot) {
+        let _ = slot.stop.send(true);
+        let task = slot.task.lock().ok().and_then(|mut t| t.take());
+        if let Some(t) = task {
+            let _ = t.await;
+        }
+    }
+
+    /// A snapshot of the slots (cheap: the map of `Arc`s is cloned).
+    fn slots(&self) -> BTreeMap<String, Arc<Slot>> {
+        self.slots.read().map(|m| m.clone()).unwrap_or_default()
+    }
+
+    fn slot(&self, name: &str) -> Option<Arc<Slot>> {
+        self.slots.read().ok().and_then(|m| m.get(name).cloned())
+    }
+
+    fn set_slots(&self, slots: BTreeMap<String, Arc<Slot>>) {
+        if let Ok(mut m) = self.slots.write() {
+            *m = slots;
+        }
     }
 
     /// Waits (at most `limit`) until every plugin's first start attempt
     /// has finished, so the first requests find them running.
     pub async fn wait_started(&self, limit: Duration) {
-        let all = async {
-            for slot in self.slots.values() {
-                let mut rx = slot.first_start.subscribe();
-                let _ = rx.wait_for(|done| *done).await;
+        let slots: Vec<Arc<Slot>> = self.slots().into_values().collect();
+        let _ = tokio::time::timeout(limit, first_starts(&slots)).await;
+    }
+
+    /// Applies a new plugin list (a reload): plugins no longer listed are
+    /// stopped, new ones started, and those whose configuration changed
+    /// are started anew and take over once their first start is done
+    /// (bounded by `limit`), then the old process is stopped; the others
+    /// keep running untouched. Calls during the change find either the
+    /// old or the new process; one that fails is retried like any failed
+    /// delivery.
+    pub async fn reconfigure(&self, plugins: Vec<PluginConfig>, limit: Duration) -> Reconfigured {
+        let _changing = self.changing.lock().await;
+        let old = self.slots();
+        let mut done = Reconfigured::default();
+        let mut next = BTreeMap::new();
+        let mut fresh = Vec::new();
+        for cfg in plugins {
+            let name = cfg.name.clone();
+            match old.get(&name) {
+                Some(slot) if slot.cfg == cfg => {
+                    done.unchanged.push(name.clone());
+                    next.insert(name, slot.clone());
+                }
+                existing => {
+                    if existing.is_some() {
+                        done.changed.push(name.clone());
+                    } else {
+                        done.added.push(name.clone());
+                    }
+                    let slot = self.launch(cfg);
+                    fresh.push(slot.clone());
+                    next.insert(name, slot);
+                }
             }
-        };
-        let _ = tokio::time::timeout(limit, all).await;
+        }
+        let _ = tokio::time::timeout(limit, first_starts(&fresh)).await;
+        self.set_slots(next.clone());
+        for (name, slot) in &old {
+            let kept = next.get(name).is_some_and(|n| Arc::ptr_eq(n, slot));
+            if !kept {
+                if !next.contains_key(name) {
+                    done.removed.push(name.clone());
+                }
+                Supervisor::retire(slot).await;
+            }
+        }
+        done
     }
 
     /// Whether a plugin of that name is configured.
     pub fn is_configured(&self, name: &str) -> bool {
-        self.slots.contains_key(name)
+        self.slot(name).is_some()
     }
 
     /// The status of every plugin, by name.
     pub fn list(&self) -> Vec<Status> {
-        self.slots.values().map(|s| status_of(s)).collect()
+        self.slots().values().map(|s| status_of(s)).collect()
     }
 
     /// Restarts a plugin now (also one that failed or was refused).
     pub fn restart(&self, name: &str) -> Result<(), CallError> {
         let slot = self
-            .slots
-            .get(name)
+            .slot(name)
             .ok_or_else(|| CallError::NotConfigured(name.to_string()))?;
         slot.restart.notify_one();
         Ok(())
@@ -344,8 +427,7 @@ impl Supervisor {
         params: serde_json::Map<String, Value>,
     ) -> Result<Value, CallError> {
         let slot = self
-            .slots
-            .get(name)
+            .slot(name)
             .ok_or_else(|| CallError::NotConfigured(name.to_string()))?;
         let unavailable = |why: String| CallError::Unavailable(name.to_string(), why);
         let permit = tokio::time::timeout(self.opts.timeout, slot.inflight.acquire())
@@ -357,7 +439,7 @@ impl Supervisor {
             .read()
             .ok()
             .and_then(|c| c.clone())
-            .ok_or_else(|| unavailable(format!("it is {}", state_name(slot))))?;
+            .ok_or_else(|| unavailable(format!("it is {}", state_name(&slot))))?;
         if protocol::OPTIONAL_METHODS.contains(&method)
             && !conn.manifest.methods.iter().any(|m| m == method)
         {
@@ -392,7 +474,7 @@ impl Supervisor {
 
     /// Runs every running plugin's `cleanup`, logging failures.
     pub async fn cleanup(&self) {
-        for name in self.slots.keys() {
+        for name in self.slots().keys() {
             if let Err(e) = self.call(name, "cleanup", Default::default()).await {
                 tracing::warn!(plugin = %name, error = %e, "plugin cleanup failed");
             }
@@ -402,15 +484,22 @@ impl Supervisor {
     /// Stops every plugin: `shutdown` notification, stdin closed, a grace
     /// period, then SIGTERM, then SIGKILL. Returns when all have exited.
     pub async fn shutdown(&self) {
-        let _ = self.shutdown.send(true);
-        let tasks = self
-            .tasks
-            .lock()
-            .map(|mut t| std::mem::take(&mut *t))
-            .unwrap_or_default();
-        for t in tasks {
-            let _ = t.await;
+        let _changing = self.changing.lock().await;
+        let slots = self.slots();
+        for slot in slots.values() {
+            let _ = slot.stop.send(true);
         }
+        for slot in slots.values() {
+            Supervisor::retire(slot).await;
+        }
+    }
+}
+
+/// Waits until each slot's first start attempt has finished.
+async fn first_starts(slots: &[Arc<Slot>]) {
+    for slot in slots {
+        let mut rx = slot.first_start.subscribe();
+        let _ = rx.wait_for(|done| *done).await;
     }
 }
 

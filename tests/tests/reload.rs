@@ -1,0 +1,182 @@
+//! SIGHUP re-reads the configuration under a steady push load: a plugin
+//! is added, one has its config changed and one is removed, while every
+//! push is answered 202 and every accepted event reaches the plugins that
+//! stayed; the untouched plugin keeps its process. A configuration that
+//! does not load is refused and the running one kept.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use roboger_tests::{
+    Method, Server, ServerOptions, Value, assert_status, json, json_lines, test_plugin_bin,
+};
+
+fn plugin(name: &str, config: &str, dir: &std::path::Path) -> String {
+    format!(
+        "- name: {name}\n  command: {}\n  config: {config}\n  env: {{TEST_PLUGIN_RECORD: {}}}\n",
+        test_plugin_bin().display(),
+        dir.join(format!("{name}.jsonl")).display()
+    )
+}
+
+async fn plugins(s: &Server) -> Vec<Value> {
+    let r = s.manage(Method::GET, "/plugin", None).await;
+    assert_status!(r, 200);
+    r.json().as_array().cloned().unwrap_or_default()
+}
+
+fn pid_of(list: &[Value], name: &str) -> Option<i64> {
+    list.iter()
+        .find(|p| p["plugin_name"] == name)
+        .and_then(|p| p["pid"].as_i64())
+}
+
+/// The distinct messages a plugin's record file shows it was sent.
+fn sent(dir: &std::path::Path, name: &str) -> BTreeSet<String> {
+    json_lines(&dir.join(format!("{name}.jsonl")))
+        .into_iter()
+        .filter(|r| r["method"] == "send")
+        .filter_map(|r| r["msg"].as_str().map(String::from))
+        .collect()
+}
+
+#[tokio::test]
+async fn sighup_adds_changes_and_removes_plugins_under_load_losing_nothing() {
+    let rec = tempfile::tempdir().expect("tempdir");
+    let before = format!(
+        "{}{}{}",
+        plugin("keep", "{}", rec.path()),
+        plugin("change", "{v: 1}", rec.path()),
+        plugin("gone", "{}", rec.path())
+    );
+    let s = Server::start_with(ServerOptions {
+        yaml: "delivery:\n  retry-base: 0.05\n  retry-max: 0.2\n".into(),
+        plugins_yaml: before.clone(),
+        ..Default::default()
+    })
+    .await;
+    let (id, a) = s.new_addr().await;
+    for p in ["keep", "change", "gone"] {
+        s.endpoint(id, p, json!({})).await;
+    }
+    let listed = plugins(&s).await;
+    let keep_pid = pid_of(&listed, "keep").expect("keep runs");
+    let change_pid = pid_of(&listed, "change").expect("change runs");
+
+    // A steady push load, one after another, for the whole reload.
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = {
+        let (base, a, stop) = (s.base.clone(), a.clone(), stop.clone());
+        tokio::spawn(async move {
+            let http = roboger_tests::client();
+            let mut answers = Vec::new();
+            let mut n = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let msg = format!("m{n}");
+                n += 1;
+                let status = http
+                    .post(format!("{base}/push"))
+                    .json(&json!({"addr": a, "msg": msg}))
+                    .send()
+                    .await
+                    .map(|r| r.status().as_u16())
+                    .unwrap_or(0);
+                answers.push((msg, status));
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            answers
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let config = std::fs::read_to_string(&s.config_path).expect("config");
+    let after = format!(
+        "{}{}{}",
+        plugin("keep", "{}", rec.path()),
+        plugin("change", "{v: 2}", rec.path()),
+        plugin("added", "{}", rec.path())
+    );
+    let indented =
+        |block: &str| -> String { block.lines().map(|l| format!("    {l}\n")).collect() };
+    assert!(config.contains(&indented(&before)), "{config}");
+    std::fs::write(
+        &s.config_path,
+        config.replace(&indented(&before), &indented(&after)),
+    )
+    .expect("rewrite config");
+    s.signal("HUP");
+    s.wait_log("configuration reloaded", Duration::from_secs(20))
+        .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    let answers = load.await.expect("push load");
+    assert!(answers.len() > 20, "only {} pushes", answers.len());
+    let refused: Vec<_> = answers.iter().filter(|(_, st)| *st != 202).collect();
+    assert!(refused.is_empty(), "pushes not accepted: {refused:?}");
+
+    let listed = plugins(&s).await;
+    let names: Vec<&str> = listed
+        .iter()
+        .filter_map(|p| p["plugin_name"].as_str())
+        .collect();
+    assert_eq!(names, ["added", "change", "keep"]);
+    assert_eq!(
+        pid_of(&listed, "keep"),
+        Some(keep_pid),
+        "keep was untouched"
+    );
+    assert_ne!(
+        pid_of(&listed, "change"),
+        Some(change_pid),
+        "change restarted"
+    );
+    assert!(listed.iter().all(|p| p["state"] == "running"), "{listed:?}");
+    let loads: Vec<Value> = json_lines(&rec.path().join("change.jsonl"))
+        .into_iter()
+        .filter(|r| r["method"] == "load")
+        .map(|r| r["plugin_config"].clone())
+        .collect();
+    assert_eq!(loads.last(), Some(&json!({"v": 2})), "{loads:?}");
+
+    // Every accepted event reaches both plugins that stayed.
+    let want: BTreeSet<String> = answers.iter().map(|(m, _)| m.clone()).collect();
+    let end = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (k, c) = (sent(rec.path(), "keep"), sent(rec.path(), "change"));
+        if k.is_superset(&want) && c.is_superset(&want) {
+            break;
+        }
+        assert!(
+            Instant::now() < end,
+            "not delivered: keep misses {:?}, change misses {:?}",
+            want.difference(&k).collect::<Vec<_>>(),
+            want.difference(&c).collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // The added plugin takes endpoints and deliveries at once.
+    s.endpoint(id, "added", json!({})).await;
+    assert_status!(s.push(json!({"addr": a, "msg": "to added"})).await, 202);
+    let end = Instant::now() + Duration::from_secs(20);
+    while !sent(rec.path(), "added").contains("to added") {
+        assert!(Instant::now() < end, "the added plugin got nothing");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // A configuration that does not load is refused; nothing changes.
+    let good = std::fs::read_to_string(&s.config_path).expect("config");
+    std::fs::write(&s.config_path, format!("{good}  no-such-key: 1\n")).expect("write");
+    s.signal("HUP");
+    s.wait_log(
+        "configuration refused, the running one is kept",
+        Duration::from_secs(20),
+    )
+    .await;
+    let still = plugins(&s).await;
+    assert_eq!(pid_of(&still, "keep"), Some(keep_pid));
+    assert_eq!(still.len(), 3);
+    assert_status!(s.push(json!({"addr": a, "msg": "still"})).await, 202);
+}
