@@ -21,8 +21,10 @@ struct Cli {
     /// Listen address (`host:port`), overriding the configuration.
     #[arg(long, global = true)]
     listen: Option<String>,
-    /// Log format; the level comes from RUST_LOG (default: info).
-    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    /// Log format; the level comes from RUST_LOG (default: info). JSON
+    /// puts each line's fields (event_id, endpoint_id, plugin, ...) at the
+    /// top level of its object.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, env = "ROBOGER_LOG_FORMAT", global = true)]
     log_format: LogFormat,
     #[command(subcommand)]
     command: Option<Command>,
@@ -51,7 +53,7 @@ fn init_logging(format: LogFormat) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
     match format {
-        LogFormat::Json => builder.json().init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
         LogFormat::Text => builder
             .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .init(),

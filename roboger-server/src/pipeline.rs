@@ -459,13 +459,16 @@ fn outcome(cfg: &DeliveryConfig, job: &Job, result: Result<Value, CallError>) ->
         next_at: None,
     };
     let error = match result {
-        Ok(_) => return base,
+        Ok(_) => {
+            tracing::debug!(event_id = %job.event.id, endpoint_id = job.endpoint_id, plugin = %job.plugin, attempts, "delivered");
+            return base;
+        }
         Err(e) => e.to_string(),
     };
     let age = chrono::Utc::now() - job.event.created;
     let too_old = age.to_std().is_ok_and(|a| a >= cfg.max_age);
     if attempts >= cfg.max_attempts || too_old {
-        tracing::warn!(event = %job.event.id, endpoint = job.endpoint_id, attempts, "delivery failed for good: {error}");
+        tracing::warn!(event_id = %job.event.id, endpoint_id = job.endpoint_id, plugin = %job.plugin, attempts, "delivery failed for good: {error}");
         return Attempt {
             state: STATE_FAILED,
             error: Some(error),
@@ -477,7 +480,7 @@ fn outcome(cfg: &DeliveryConfig, job: &Job, result: Result<Value, CallError>) ->
         .retry_base
         .saturating_mul(2u32.saturating_pow(exp))
         .min(cfg.retry_max);
-    tracing::info!(event = %job.event.id, endpoint = job.endpoint_id, attempts, ?delay, "delivery failed, will retry: {error}");
+    tracing::info!(event_id = %job.event.id, endpoint_id = job.endpoint_id, plugin = %job.plugin, attempts, ?delay, "delivery failed, will retry: {error}");
     Attempt {
         state: STATE_PENDING,
         error: Some(error),

@@ -389,3 +389,53 @@ fn systemd_unit_verifies() {
         "exposure worse than 1.7 OK: {overall}"
     );
 }
+
+/// Every JSON log line that mentions an event carries it as `event_id`,
+/// and those about a delivery also `endpoint_id` and `plugin`, so one
+/// event can be followed from its push to its delivery.
+#[tokio::test]
+async fn json_log_lines_follow_one_event_by_its_fields() {
+    let s = roboger_tests::Server::start_with(roboger_tests::ServerOptions {
+        plugins: vec!["t".into()],
+        yaml: "delivery:\n  retry-base: 0.05\n".into(),
+        env: vec![
+            ("ROBOGER_LOG_FORMAT".into(), "json".into()),
+            ("RUST_LOG".into(), "roboger_server=debug".into()),
+        ],
+        ..Default::default()
+    })
+    .await;
+    let (id, a) = s.new_addr().await;
+    let ep = s
+        .endpoint(id, "t", serde_json::json!({"fail_times": 1}))
+        .await;
+    assert_status!(
+        s.push(serde_json::json!({"addr": a, "msg": "follow me"}))
+            .await,
+        202
+    );
+    let e = s.wait_settled(id).await;
+    let event = e["id"].as_str().expect("event id").to_string();
+    assert_eq!(e["deliveries"][0]["state"], "delivered", "{e}");
+    s.wait_log("\"delivered\"", std::time::Duration::from_secs(5))
+        .await;
+    let text = s.log.lock().unwrap().clone();
+    let about: Vec<serde_json::Value> = text
+        .lines()
+        .filter(|l| l.contains(&event))
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    for line in &about {
+        assert_eq!(line["event_id"], event.as_str(), "{line}");
+    }
+    let messages: Vec<&str> = about.iter().filter_map(|l| l["message"].as_str()).collect();
+    assert!(messages.contains(&"push accepted"), "{messages:?}");
+    for wanted in ["delivery failed, will retry", "delivered"] {
+        let line = about
+            .iter()
+            .find(|l| l["message"].as_str().is_some_and(|m| m.starts_with(wanted)))
+            .unwrap_or_else(|| panic!("no {wanted:?} line in {messages:?}"));
+        assert_eq!(line["endpoint_id"], ep, "{line}");
+        assert_eq!(line["plugin"], "t", "{line}");
+    }
+}

@@ -97,7 +97,7 @@ pub async fn push(
         tag: event.tag.as_deref(),
         sender: event.sender.as_deref(),
     });
-    tracing::debug!(event = %event.id, addr = routes.id, deliveries = targets.len(), "push accepted");
+    tracing::debug!(event_id = %event.id, addr_id = routes.id, deliveries = targets.len(), "push accepted");
     app.pipeline
         .accept(event, routes.id, targets)
         .await
