@@ -1017,16 +1017,33 @@ fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
     std::fs::write(path, format!("{text}\n"))
 }
 
-fn builtin_plugins_next_to_binary() -> Vec<PluginConfig> {
+/// Where the built-in plugins' executables are looked for: next to the
+/// server binary (a build tree), then in `../lib/roboger` from it (the
+/// package: `/usr/bin` and `/usr/lib/roboger`, or any other prefix).
+pub fn plugin_dirs() -> Vec<PathBuf> {
     let Some(dir) = std::env::current_exe()
         .ok()
         .and_then(|p| p.parent().map(Path::to_path_buf))
     else {
         return Vec::new();
     };
+    let lib = dir.join("../lib/roboger");
+    vec![dir, lib]
+}
+
+/// The installed executable `file` (`roboger-plugin-NAME`), if one of
+/// [`plugin_dirs`] has it.
+pub fn installed_plugin(file: &str) -> Option<PathBuf> {
+    plugin_dirs()
+        .into_iter()
+        .map(|d| d.join(file))
+        .find(|p| p.is_file())
+}
+
+fn builtin_plugins_next_to_binary() -> Vec<PluginConfig> {
     BUILTIN_PLUGINS
         .iter()
-        .filter(|n| dir.join(format!("roboger-plugin-{n}")).is_file())
+        .filter(|n| installed_plugin(&format!("roboger-plugin-{n}")).is_some())
         .map(|n| PluginConfig::named(n))
         .collect()
 }

@@ -737,7 +737,7 @@ async fn stop_child(child: &mut Child, grace: Duration, graceful: bool) {
 
 /// The executable for a plugin: its `command`, else `roboger-plugin-NAME`
 /// (`roboger-plugin-python` for a Python module) next to the server
-/// binary, else on PATH.
+/// binary or in `../lib/roboger` from it, else on PATH.
 pub fn executable(cfg: &PluginConfig) -> PathBuf {
     if let Some(c) = &cfg.command {
         return c.clone();
@@ -746,16 +746,7 @@ pub fn executable(cfg: &PluginConfig) -> PathBuf {
         Some(_) => "roboger-plugin-python".to_string(),
         None => format!("roboger-plugin-{}", cfg.name),
     };
-    if let Some(dir) = std::env::current_exe()
-        .ok()
-        .and_then(|p| p.parent().map(PathBuf::from))
-    {
-        let p = dir.join(&file);
-        if p.is_file() {
-            return p;
-        }
-    }
-    PathBuf::from(file)
+    crate::config::installed_plugin(&file).unwrap_or_else(|| PathBuf::from(file))
 }
 
 /// Taken out of a plugin's environment: secrets, and systemd's notify
