@@ -149,6 +149,21 @@ impl App {
         }
     }
 
+    /// Pending deliveries per plugin in the whole cluster, counted in the
+    /// database at most every [`metrics::PENDING_REFRESH`] (the metrics
+    /// and systemd's `STATUS=` share the count).
+    pub async fn pending_deliveries(&self) -> metrics::PerPlugin {
+        let timeout = self.config.timeout;
+        self.metrics
+            .pending(async {
+                match tokio::time::timeout(timeout, self.store.pending_by_plugin()).await {
+                    Ok(r) => r.map_err(|e| e.to_string()),
+                    Err(_) => Err("the database did not answer in time".to_string()),
+                }
+            })
+            .await
+    }
+
     /// Stops this node cleanly: no more heartbeats, and the deliveries it
     /// still holds are left to the other nodes (or to its next start).
     pub async fn stop(&self) {

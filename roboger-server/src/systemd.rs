@@ -105,19 +105,7 @@ pub fn spawn(app: Arc<App>, local: SocketAddr) -> tokio::task::JoinHandle<()> {
 async fn status(app: &App) -> String {
     let plugins = app.plugins.list();
     let running = plugins.iter().filter(|p| p.state == State::Running).count();
-    let timeout = app.config.timeout;
-    let pending: i64 = app
-        .metrics
-        .pending(async {
-            match tokio::time::timeout(timeout, app.store.pending_by_plugin()).await {
-                Ok(r) => r.map_err(|e| e.to_string()),
-                Err(_) => Err("the database did not answer in time".to_string()),
-            }
-        })
-        .await
-        .iter()
-        .map(|(_, n)| n)
-        .sum();
+    let pending: i64 = app.pending_deliveries().await.iter().map(|(_, n)| n).sum();
     format!(
         "{running} of {} plugins running, {pending} deliveries pending",
         plugins.len()

@@ -31,16 +31,7 @@ pub async fn scrape(app: &App, headers: &HeaderMap, peer: Option<SocketAddr>) ->
             name: p.plugin_name,
         });
     }
-    let timeout = app.config.timeout;
-    let pending = app
-        .metrics
-        .pending(async {
-            match tokio::time::timeout(timeout, app.store.pending_by_plugin()).await {
-                Ok(r) => r.map_err(|e| e.to_string()),
-                Err(_) => Err("the database did not answer in time".to_string()),
-            }
-        })
-        .await;
+    let pending = app.pending_deliveries().await;
     let scrape = Scrape {
         plugins: samples,
         routing_addresses: app.routes.len(),
