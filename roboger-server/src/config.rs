@@ -92,6 +92,7 @@ struct FileRoboger {
     node: Option<String>,
     node_timeout: Option<f64>,
     push_max_media: Option<usize>,
+    body_budget: Option<usize>,
     event_retention: Option<u64>,
     delivery: Option<FileDelivery>,
     metrics: Option<FileMetrics>,
@@ -170,6 +171,7 @@ struct FilePlugin {
     sha256: Option<String>,
     db: Option<bool>,
     max_inflight: Option<usize>,
+    max_inflight_bytes: Option<usize>,
 }
 
 // ---------------------------------------------------------------------------
@@ -217,6 +219,9 @@ pub struct Config {
     pub cleanup_interval: Duration,
     /// The largest media a push may carry (decoded bytes).
     pub push_max_media: usize,
+    /// Bytes of request bodies read and handled at once, over all
+    /// requests (`body-budget`).
+    pub body_budget: usize,
     /// How long events are kept (cleanup removes older ones with nothing pending).
     pub event_retention: Duration,
     /// How deliveries are made and retried.
@@ -279,6 +284,9 @@ pub struct PluginConfig {
     pub db: bool,
     /// Most calls in flight to this plugin at once.
     pub max_inflight: usize,
+    /// Most bytes of media (as sent, base64) in calls in flight to this
+    /// plugin at once (`max-inflight-bytes`).
+    pub max_inflight_bytes: usize,
 }
 
 /// Delivery and retry settings (`delivery`, `node`).
@@ -313,6 +321,17 @@ pub struct DeliveryConfig {
 /// plugin under 10 MiB at peak load with the same throughput as 64 in the
 /// benchmark (BENCHMARKS.md). Slow endpoints need more: set it per plugin.
 pub const DEFAULT_MAX_INFLIGHT: usize = 48;
+/// Default of a plugin's `max-inflight-bytes`: media in calls in flight.
+/// Each byte is held about three times over in the server while its call
+/// is made (raw, base64, the request line) and as often in the plugin, so
+/// 8 MiB keeps both within a few tens of MiB with a large backlog of media
+/// events (BENCHMARKS.md).
+pub const DEFAULT_MAX_INFLIGHT_BYTES: usize = 8 * 1024 * 1024;
+/// Default of `body-budget`: request bodies being read and handled at
+/// once. A push with media is held about three times over while it is
+/// decoded and stored, so 64 MiB keeps a burst of large pushes within a
+/// few hundred MiB (BENCHMARKS.md).
+pub const DEFAULT_BODY_BUDGET: usize = 64 * 1024 * 1024;
 /// Default of `plugin-max-line`: the longest message a plugin may write.
 pub const DEFAULT_PLUGIN_MAX_LINE: usize = 64 * 1024 * 1024;
 
@@ -328,6 +347,7 @@ impl PluginConfig {
             sha256: None,
             db: false,
             max_inflight: DEFAULT_MAX_INFLIGHT,
+            max_inflight_bytes: DEFAULT_MAX_INFLIGHT_BYTES,
         }
     }
 }
@@ -363,7 +383,7 @@ impl Config {
     /// The keys (other than `plugins`) whose values differ in `other`:
     /// what a reload cannot apply without a restart.
     pub fn differences(&self, other: &Config) -> Vec<&'static str> {
-        let checks: [(&'static str, bool); 19] = [
+        let checks: [(&'static str, bool); 20] = [
             ("db", self.db != other.db),
             ("db-pool-size", self.db_pool_size != other.db_pool_size),
             ("url", self.public_url != other.public_url),
@@ -395,6 +415,7 @@ impl Config {
                 "push-max-media",
                 self.push_max_media != other.push_max_media,
             ),
+            ("body-budget", self.body_budget != other.body_budget),
             (
                 "event-retention",
                 self.event_retention != other.event_retention,
@@ -644,6 +665,10 @@ impl Config {
                         sha256,
                         db: p.db.unwrap_or(false),
                         max_inflight,
+                        max_inflight_bytes: p
+                            .max_inflight_bytes
+                            .unwrap_or(DEFAULT_MAX_INFLIGHT_BYTES)
+                            .max(1024),
                         ..PluginConfig::named(&p.name)
                     });
                 }
@@ -738,6 +763,10 @@ impl Config {
             source: path.map(Path::to_path_buf),
             cleanup_interval: Duration::from_secs(cleanup_interval),
             push_max_media,
+            body_budget: f
+                .body_budget
+                .unwrap_or(DEFAULT_BODY_BUDGET)
+                .max(1024 * 1024),
             event_retention: Duration::from_secs(f.event_retention.unwrap_or(7 * 86_400)),
             delivery,
             plugin_max_line,

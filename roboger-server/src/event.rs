@@ -86,9 +86,15 @@ impl Event {
         .filter(|s| !s.is_empty());
         let subject = text("subject")?.unwrap_or_default();
         let msg = text("msg")?.unwrap_or_default();
-        let (media, media_fname) = match text("media")?.filter(|m| !m.is_empty()) {
+        // Decoded from the field itself: a large media is not copied first.
+        let b64 = match fields.get("media") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(s)) => Some(s.as_str()).filter(|m| !m.is_empty()),
+            Some(_) => return Err(BadPush("field \"media\" must be a string".into())),
+        };
+        let (media, media_fname) = match b64 {
             None => (None, text("media_fname")?),
-            Some(b64) => match decode_base64(&b64) {
+            Some(b64) => match decode_base64(b64) {
                 Some(bytes) => {
                     let fname = text("media_fname")?.map(|f| match f.rsplit_once('/') {
                         Some((_, base)) => base.to_string(),

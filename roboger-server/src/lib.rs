@@ -55,6 +55,8 @@ pub struct App {
     pub node: Arc<cluster::Node>,
     /// What `/metrics` shows.
     pub metrics: Arc<metrics::Metrics>,
+    /// Room for request bodies being read and handled (`body-budget`).
+    pub bodies: api::budget::BodyBudget,
     /// The heartbeat task, stopped by [`App::stop`].
     heartbeat: tokio::task::JoinHandle<()>,
 }
@@ -96,6 +98,7 @@ impl App {
             metrics::Metrics::new()
                 .map_err(|e| store::StoreError::Db(sea_orm::DbErr::Custom(e.to_string())))?,
         );
+        let bodies = api::budget::BodyBudget::new(config.body_budget, config.timeout / 2);
         let delivery = Arc::new(config.delivery.clone());
         let heartbeat = tokio::spawn(cluster::run(store.clone(), node.clone(), delivery.clone()));
         let pipeline = pipeline::Pipeline::start(
@@ -117,6 +120,7 @@ impl App {
             pipeline,
             node,
             metrics,
+            bodies,
             heartbeat,
         })
     }

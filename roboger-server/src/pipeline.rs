@@ -33,7 +33,9 @@ use crate::event::Event;
 use crate::metrics::{Metrics, Outcome};
 use crate::routing::Target;
 use crate::store::entity::{endpoint, event};
-use crate::store::{Attempt, STATE_DELIVERED, STATE_FAILED, STATE_PENDING, Store, StoreError};
+use crate::store::{
+    Attempt, EventHead, STATE_DELIVERED, STATE_FAILED, STATE_PENDING, Store, StoreError,
+};
 use crate::supervisor::{CallError, Supervisor};
 
 /// Why an event could not be accepted (the push gets a 503).
@@ -66,9 +68,10 @@ struct Accept {
     reply: oneshot::Sender<Stored>,
 }
 
-/// One delivery to make.
+/// One delivery to make. The event's media is not held here: the call
+/// reads it when it is made, within the plugin's byte budget.
 struct Job {
-    event: Arc<event::Model>,
+    event: Arc<EventHead>,
     endpoint_id: i64,
     plugin: String,
     config: Arc<Value>,
@@ -170,7 +173,7 @@ impl Pipeline {
                 (job_tx.clone(), metrics.clone(), liveness.clone()),
             )),
             tokio::spawn(dispatch_loop(
-                plugins,
+                (store.clone(), plugins, timeout),
                 (cfg.clone(), metrics, liveness.clone()),
                 job_rx,
                 outcome_tx,
@@ -358,7 +361,7 @@ async fn write_loop(
                 Ok(w) => &w.gone_endpoints,
             };
             let _ = a.reply.send(Stored::Yes);
-            let event = Arc::new(a.event);
+            let event = Arc::new(EventHead::of(a.event));
             for t in a.targets {
                 if left_out.contains(&t.endpoint_id) {
                     continue;
@@ -387,7 +390,7 @@ async fn write_loop(
 }
 
 async fn dispatch_loop(
-    plugins: Arc<Supervisor>,
+    (store, plugins, timeout): (Store, Arc<Supervisor>, Duration),
     (cfg, metrics, liveness): (Arc<DeliveryConfig>, Arc<Metrics>, Arc<Liveness>),
     mut rx: mpsc::Receiver<Job>,
     outcomes: mpsc::Sender<Attempt>,
@@ -403,9 +406,10 @@ async fn dispatch_loop(
         let outcomes = outcomes.clone();
         let cfg = cfg.clone();
         let metrics = metrics.clone();
+        let store = store.clone();
         tokio::spawn(async move {
             let began = std::time::Instant::now();
-            let result = plugins.call(&job.plugin, "send", send_params(&job)).await;
+            let result = attempt(&store, &plugins, &job, timeout).await;
             let took = began.elapsed();
             let attempt = outcome(&cfg, &job, result);
             let counted = match attempt.state {
@@ -420,7 +424,39 @@ async fn dispatch_loop(
     }
 }
 
-fn send_params(job: &Job) -> Map<String, Value> {
+/// One delivery attempt. An event with media first waits for room in the
+/// plugin's byte budget (`max-inflight-bytes`), then reads the media from
+/// the database; it is held only while this call is made.
+async fn attempt(
+    store: &Store,
+    plugins: &Supervisor,
+    job: &Job,
+    timeout: Duration,
+) -> Result<Value, CallError> {
+    let size = job
+        .event
+        .media_size
+        .and_then(|s| usize::try_from(s).ok())
+        .unwrap_or(0);
+    if size == 0 {
+        return plugins
+            .call(&job.plugin, "send", send_params(job, None))
+            .await;
+    }
+    // The call carries the media base64-encoded: 4/3 of its size.
+    let _room = plugins.reserve_bytes(&job.plugin, size / 3 * 4 + 4).await;
+    let unavailable = |why: String| CallError::Unavailable(job.plugin.clone(), why);
+    let media = match tokio::time::timeout(timeout, store.event_media(&job.event.id)).await {
+        Ok(Ok(m)) => m,
+        Ok(Err(e)) => return Err(unavailable(format!("cannot read the event's media: {e}"))),
+        Err(_) => return Err(unavailable("reading the event's media timed out".into())),
+    };
+    let params = send_params(job, media.as_deref());
+    drop(media);
+    plugins.call(&job.plugin, "send", params).await
+}
+
+fn send_params(job: &Job, media: Option<&[u8]>) -> Map<String, Value> {
     let e = &job.event;
     let level = crate::level::Level::from_code(i64::from(e.level)).unwrap_or_default();
     let mut p = Map::new();
@@ -439,7 +475,7 @@ fn send_params(job: &Job) -> Map<String, Value> {
     p.insert("location".into(), e.location.clone().into());
     p.insert("tag".into(), e.tag.clone().into());
     p.insert("sender".into(), e.sender.clone().into());
-    let media = e.media.as_ref().map(|m| {
+    let media = media.map(|m| {
         use base64::Engine;
         base64::engine::general_purpose::STANDARD.encode(m)
     });
@@ -523,9 +559,9 @@ async fn sweep_loop(
     }
 }
 
-fn job_of(attempts: i32, e: event::Model, ep: endpoint::Model) -> Job {
+fn job_of(attempts: i32, e: Arc<EventHead>, ep: endpoint::Model) -> Job {
     Job {
-        event: Arc::new(e),
+        event: e,
         endpoint_id: ep.id,
         plugin: ep.plugin_name,
         config: Arc::new(ep.config),

@@ -224,6 +224,8 @@ struct Slot {
     conn: RwLock<Option<Arc<Conn>>>,
     status: Mutex<SlotStatus>,
     inflight: Semaphore,
+    /// `max-inflight-bytes`, in KiB: room for the media of calls in flight.
+    inflight_bytes: Arc<Semaphore>,
     restart: tokio::sync::Notify,
     first_start: watch::Sender<bool>,
     /// Set to stop this plugin for good (shutdown, or removed by a reload).
@@ -295,6 +297,7 @@ impl Supervisor {
     fn launch(&self, cfg: PluginConfig) -> Arc<Slot> {
         let slot = Arc::new(Slot {
             inflight: Semaphore::new(cfg.max_inflight),
+            inflight_bytes: Arc::new(Semaphore::new(kib(cfg.max_inflight_bytes))),
             conn: RwLock::new(None),
             status: Mutex::new(SlotStatus {
                 state: State::Starting,
@@ -398,6 +401,25 @@ impl Supervisor {
         done
     }
 
+    /// Waits for room for `bytes` in plugin `name`'s byte budget
+    /// (`max-inflight-bytes`) and holds it until the permit is dropped. A
+    /// call larger than the whole budget takes all of it. `None` when no
+    /// such plugin is configured (its call will say so).
+    pub async fn reserve_bytes(
+        &self,
+        name: &str,
+        bytes: usize,
+    ) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        let slot = self.slot(name)?;
+        let budget = kib(slot.cfg.max_inflight_bytes);
+        let want = kib(bytes).min(budget);
+        slot.inflight_bytes
+            .clone()
+            .acquire_many_owned(u32::try_from(want).unwrap_or(u32::MAX))
+            .await
+            .ok()
+    }
+
     /// Whether a plugin of that name is configured.
     pub fn is_configured(&self, name: &str) -> bool {
         self.slot(name).is_some()
@@ -493,6 +515,11 @@ impl Supervisor {
             Supervisor::retire(slot).await;
         }
     }
+}
+
+/// Bytes as semaphore permits of 1 KiB (at least one).
+fn kib(bytes: usize) -> usize {
+    bytes.div_ceil(1024).clamp(1, Semaphore::MAX_PERMITS)
 }
 
 /// Waits until each slot's first start attempt has finished.

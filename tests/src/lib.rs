@@ -651,11 +651,14 @@ pub struct SinkRequest {
 
 /// A small HTTP server on 127.0.0.1 that records every request and
 /// answers with the next of `statuses` (200 once they run out), standing
-/// in for webhook targets, Slack and the like.
+/// in for webhook targets, Slack and the like. While held
+/// ([`HttpSink::hold`]) it reads requests but answers none (a target that
+/// hangs); a request is recorded when it is answered.
 pub struct HttpSink {
     /// `http://127.0.0.1:PORT`
     pub base: String,
     requests: Arc<Mutex<Vec<SinkRequest>>>,
+    held: Arc<tokio::sync::watch::Sender<bool>>,
     _task: tokio::task::JoinHandle<()>,
 }
 
@@ -679,36 +682,48 @@ impl HttpSink {
         let requests: Arc<Mutex<Vec<SinkRequest>>> = Arc::default();
         let statuses = Arc::new(Mutex::new(std::collections::VecDeque::from(statuses)));
         let rec = requests.clone();
+        let held = Arc::new(tokio::sync::watch::channel(false).0);
+        let hold = held.clone();
         let route = warp::method()
             .and(warp::path::full())
             .and(warp::header::headers_cloned())
             .and(warp::body::bytes())
-            .map(
+            .then(
                 move |m: http::Method,
                       p: warp::path::FullPath,
                       h: http::HeaderMap,
                       b: bytes::Bytes| {
-                    if let Ok(mut r) = rec.lock() {
-                        r.push(SinkRequest {
-                            method: m.to_string(),
-                            path: p.as_str().to_string(),
-                            headers: h,
-                            body: b,
-                        });
-                    }
-                    let code = statuses
-                        .lock()
-                        .ok()
-                        .and_then(|mut s| s.pop_front())
-                        .unwrap_or(200);
-                    warp::reply::with_header(
-                        warp::reply::with_status(
-                            body.clone(),
-                            http::StatusCode::from_u16(code).unwrap_or(http::StatusCode::OK),
-                        ),
-                        http::header::CONTENT_TYPE,
+                    let (rec, statuses, body, content_type) = (
+                        rec.clone(),
+                        statuses.clone(),
+                        body.clone(),
                         content_type.clone(),
-                    )
+                    );
+                    let mut hold = hold.subscribe();
+                    async move {
+                        let _ = hold.wait_for(|h| !*h).await;
+                        if let Ok(mut r) = rec.lock() {
+                            r.push(SinkRequest {
+                                method: m.to_string(),
+                                path: p.as_str().to_string(),
+                                headers: h,
+                                body: b,
+                            });
+                        }
+                        let code = statuses
+                            .lock()
+                            .ok()
+                            .and_then(|mut s| s.pop_front())
+                            .unwrap_or(200);
+                        warp::reply::with_header(
+                            warp::reply::with_status(
+                                body.clone(),
+                                http::StatusCode::from_u16(code).unwrap_or(http::StatusCode::OK),
+                            ),
+                            http::header::CONTENT_TYPE,
+                            content_type.clone(),
+                        )
+                    }
                 },
             );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -723,8 +738,19 @@ impl HttpSink {
         HttpSink {
             base: format!("http://{addr}"),
             requests,
+            held,
             _task: task,
         }
+    }
+
+    /// From now on, requests are read but not answered.
+    pub fn hold(&self) {
+        self.held.send_replace(true);
+    }
+
+    /// Answers the held requests and every one after.
+    pub fn release(&self) {
+        self.held.send_replace(false);
     }
 
     /// What has arrived so far.

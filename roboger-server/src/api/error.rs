@@ -35,6 +35,9 @@ pub enum ApiError {
     /// 503: the database failed or timed out.
     #[error("{0}")]
     Unavailable(String),
+    /// 503: no room in the body budget now (answered with `Retry-After`).
+    #[error("{0}")]
+    Busy(String),
 }
 
 impl ApiError {
@@ -48,7 +51,7 @@ impl ApiError {
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unavailable(_) | ApiError::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 }

@@ -16,8 +16,10 @@ use super::body::Body;
 use super::error::{ApiError, bad};
 use super::reply::{self, Response};
 use crate::App;
-use crate::store::entity::{ADDR_LEN, PLUGIN_NAME_MAX, addr, endpoint, event};
-use crate::store::{AddrPatch, AddrRef, EndpointPatch, SubscriptionPatch, SubscriptionRow};
+use crate::store::entity::{ADDR_LEN, PLUGIN_NAME_MAX, addr, endpoint};
+use crate::store::{
+    AddrPatch, AddrRef, EndpointPatch, EventHead, SubscriptionPatch, SubscriptionRow,
+};
 
 /// Where the management API lives.
 pub const PREFIX: &str = "/manage/v2";
@@ -520,13 +522,13 @@ fn endpoint_json(e: &endpoint::Model) -> Value {
     })
 }
 
-fn event_json(e: &event::Model) -> Value {
+fn event_json(e: &EventHead) -> Value {
     let level = crate::level::Level::from_code(i64::from(e.level)).unwrap_or_default();
     json!({
         "id": e.id, "addr_id": e.addr_id, "addr": e.addr, "msg": e.msg, "subject": e.subject,
         "formatted_subject": e.formatted_subject, "level": e.level, "level_name": level.name(),
         "location": e.location, "tag": e.tag, "sender": e.sender, "media_fname": e.media_fname,
-        "media_size": e.media.as_ref().map(Vec::len), "created": e.created.to_rfc3339(),
+        "media_size": e.media_size, "created": e.created.to_rfc3339(),
     })
 }
 

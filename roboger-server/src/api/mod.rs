@@ -8,6 +8,7 @@
 
 pub mod auth;
 pub mod body;
+pub mod budget;
 pub mod error;
 pub mod manage;
 pub mod metrics;
@@ -65,10 +66,12 @@ pub fn routes(
              peer: Option<PeerAddr>,
              body,
              app: Arc<App>| async move {
-                let body = match read_body(body, MANAGE_BODY_LIMIT).await {
-                    Ok(b) => b,
-                    Err(e) => return reply::error(&e),
-                };
+                let length = content_length(&headers);
+                let (body, _room) =
+                    match read_body_within(&app, body, length, MANAGE_BODY_LIMIT).await {
+                        Ok(b) => b,
+                        Err(e) => return reply::error(&e),
+                    };
                 let req = manage::Request {
                     method: &method,
                     path: tail.as_str(),
@@ -85,19 +88,20 @@ pub fn routes(
         .and(warp::post())
         .and(warp::query::raw().or(warp::any().map(String::new)).unify())
         .and(warp::header::optional::<String>("content-type"))
+        .and(warp::header::optional::<u64>("content-length"))
         .and(warp::body::stream())
         .and(with_app.clone())
         .then(
-            |query: String, ctype: Option<String>, body, app: Arc<App>| async move {
+            |query: String, ctype: Option<String>, length: Option<u64>, body, app: Arc<App>| async move {
                 let began = std::time::Instant::now();
-                let answer =
-                    match read_body(body, push::body_limit(app.config.push_max_media)).await {
-                        Ok(b) => match push::push(&app, &query, ctype.as_deref(), b).await {
-                            Ok(r) => r,
-                            Err(e) => reply::error(&e),
-                        },
+                let limit = push::body_limit(app.config.push_max_media);
+                let answer = match read_body_within(&app, body, length, limit).await {
+                    Ok((b, _room)) => match push::push(&app, &query, ctype.as_deref(), b).await {
+                        Ok(r) => r,
                         Err(e) => reply::error(&e),
-                    };
+                    },
+                    Err(e) => reply::error(&e),
+                };
                 app.metrics.push(answer.status().as_u16(), began.elapsed());
                 answer
             },
@@ -137,10 +141,12 @@ pub fn routes(
              peer: Option<PeerAddr>,
              body,
              app: Arc<App>| async move {
-                let body = match read_body(body, public::PLUGIN_BODY_LIMIT).await {
-                    Ok(b) => b,
-                    Err(e) => return reply::error(&e),
-                };
+                let length = content_length(&headers);
+                let (body, _room) =
+                    match read_body_within(&app, body, length, public::PLUGIN_BODY_LIMIT).await {
+                        Ok(b) => b,
+                        Err(e) => return reply::error(&e),
+                    };
                 let req = public::PluginRequest {
                     name: &name,
                     path: tail.as_str(),
@@ -234,6 +240,37 @@ fn docs(app: &App, path: &str) -> Option<Response> {
             Some(r)
         }
         _ => None,
+    }
+}
+
+/// The `Content-Length` of a request, if it has a valid one.
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+}
+
+/// Reads a request body within the server's body budget
+/// ([`budget::BodyBudget`]): the room is returned with it, to be held
+/// until the request is answered. Without room the body is drained and
+/// the error is a 503 with `Retry-After`.
+pub async fn read_body_within<S, B>(
+    app: &App,
+    body: S,
+    length: Option<u64>,
+    limit: usize,
+) -> Result<(Bytes, budget::Room), ApiError>
+where
+    S: Stream<Item = Result<B, warp::Error>>,
+    B: bytes::Buf,
+{
+    match app.bodies.room(length, limit).await {
+        Ok(room) => Ok((read_body(body, limit).await?, room)),
+        Err(e) => {
+            budget::drain(body, limit).await;
+            Err(e)
+        }
     }
 }
 

@@ -56,7 +56,11 @@ pub async fn push(
             }
         }
     }
+    // A push with media is at its largest here: the body is no longer
+    // needed, and the fields only until the event is made.
+    drop(body);
     let event = Event::from_fields(&fields).map_err(|e| ApiError::BadRequest(e.0))?;
+    drop(fields);
     if event
         .media
         .as_ref()

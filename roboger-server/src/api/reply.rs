@@ -35,9 +35,14 @@ pub fn text(status: StatusCode, msg: impl Into<String>) -> Response {
 
 /// The answer for a failed request. A body refused for its size was not
 /// read to its end, so the connection is closed after the answer rather
-/// than reused by the client mid-body.
+/// than reused by the client mid-body. A 503 asks the client to come back
+/// (`Retry-After: 1`): it is an overload or an outage, not a refusal.
 pub fn error(e: &ApiError) -> Response {
     let mut r = text(e.status(), e.to_string());
+    if e.status() == http::StatusCode::SERVICE_UNAVAILABLE {
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
     if matches!(e, ApiError::PayloadTooLarge(_)) {
         r.headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));

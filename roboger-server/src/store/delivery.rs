@@ -16,6 +16,9 @@ use crate::config::DbBackend;
 
 /// Bound parameters per insert statement at most (rows × columns).
 const INSERT_CHUNK: usize = 16_000;
+/// Media bytes per event insert statement, past which the next event
+/// goes into another statement.
+const MEDIA_PER_STATEMENT: usize = 4 * 1024 * 1024;
 
 /// State of a delivery still to be made.
 pub const STATE_PENDING: &str = "pending";
@@ -46,6 +49,65 @@ pub struct EndpointStats {
     pub pending: i64,
     pub last_error: Option<String>,
     pub last_error_at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+/// An event without its media: every other column, and the media's size.
+/// Queued deliveries and the events API hold these; only a delivery's
+/// call reads the media ([`Store::event_media`]), so a backlog of events
+/// with media costs their small fields, not their media.
+#[derive(Debug, Clone, PartialEq, sea_orm::FromQueryResult)]
+pub struct EventHead {
+    pub id: String,
+    pub addr_id: i64,
+    pub addr: String,
+    pub msg: String,
+    pub subject: String,
+    pub formatted_subject: String,
+    pub level: i16,
+    pub location: Option<String>,
+    pub tag: Option<String>,
+    pub sender: Option<String>,
+    pub media_fname: Option<String>,
+    pub created: chrono::DateTime<chrono::Utc>,
+    /// Bytes of media, if the event has any.
+    pub media_size: Option<i64>,
+}
+
+impl EventHead {
+    /// The head of an event just accepted (its media is dropped here).
+    pub fn of(e: event::Model) -> EventHead {
+        EventHead {
+            media_size: e
+                .media
+                .as_ref()
+                .map(|m| i64::try_from(m.len()).unwrap_or(i64::MAX)),
+            id: e.id,
+            addr_id: e.addr_id,
+            addr: e.addr,
+            msg: e.msg,
+            subject: e.subject,
+            formatted_subject: e.formatted_subject,
+            level: e.level,
+            location: e.location,
+            tag: e.tag,
+            sender: e.sender,
+            media_fname: e.media_fname,
+            created: e.created,
+        }
+    }
+}
+
+/// Events as [`EventHead`]s: every column but the media, and its length.
+fn event_heads() -> sea_orm::Select<event::Entity> {
+    use sea_orm::Iterable;
+    use sea_orm::sea_query::Func;
+    event::Entity::find()
+        .select_only()
+        .columns(event::Column::iter().filter(|c| !matches!(c, event::Column::Media)))
+        .column_as(
+            Expr::expr(Func::cust("LENGTH").arg(Expr::col((event::Entity, event::Column::Media)))),
+            "media_size",
+        )
 }
 
 /// What a group commit left out, besides what it committed.
@@ -153,7 +215,7 @@ impl Store {
         node: &str,
         lease_until: chrono::DateTime<chrono::Utc>,
         limit: u64,
-    ) -> Result<Vec<(delivery::Model, event::Model, endpoint::Model)>> {
+    ) -> Result<Vec<(delivery::Model, std::sync::Arc<EventHead>, endpoint::Model)>> {
         use sea_orm::{QuerySelect, sea_query::LockBehavior, sea_query::LockType};
         let now = chrono::Utc::now();
         let txn = self.begin_write().await?;
@@ -184,12 +246,13 @@ impl Store {
             .await?;
         let event_ids: Vec<String> = due.iter().map(|d| d.event_id.clone()).collect();
         let ep_ids: Vec<i64> = due.iter().map(|d| d.endpoint_id).collect();
-        let events: std::collections::HashMap<String, event::Model> = event::Entity::find()
+        let events: std::collections::HashMap<String, std::sync::Arc<EventHead>> = event_heads()
             .filter(event::Column::Id.is_in(event_ids))
+            .into_model::<EventHead>()
             .all(&txn)
             .await?
             .into_iter()
-            .map(|e| (e.id.clone(), e))
+            .map(|e| (e.id.clone(), std::sync::Arc::new(e)))
             .collect();
         let eps: std::collections::HashMap<i64, endpoint::Model> = endpoint::Entity::find()
             .filter(endpoint::Column::Id.is_in(ep_ids))
@@ -212,17 +275,28 @@ impl Store {
     // ---- events API --------------------------------------------------------
 
     /// The newest `limit` events of an address, newest first.
-    pub async fn event_list(&self, addr_id: i64, limit: u64) -> Result<Vec<event::Model>> {
-        use sea_orm::QuerySelect;
-        Ok(event::Entity::find()
+    pub async fn event_list(&self, addr_id: i64, limit: u64) -> Result<Vec<EventHead>> {
+        Ok(event_heads()
             .filter(event::Column::AddrId.eq(addr_id))
             .order_by_desc(event::Column::Created)
             // MySQL's TIMESTAMP keeps whole seconds; ids are UUIDv7, whose
             // text sorts by time to the millisecond.
             .order_by_desc(event::Column::Id)
             .limit(limit)
+            .into_model::<EventHead>()
             .all(&self.db)
             .await?)
+    }
+
+    /// An event's media, read for one delivery call.
+    pub async fn event_media(&self, id: &str) -> Result<Option<Vec<u8>>> {
+        let media: Option<Option<Vec<u8>>> = event::Entity::find_by_id(id.to_string())
+            .select_only()
+            .column(event::Column::Media)
+            .into_tuple()
+            .one(&self.db)
+            .await?;
+        Ok(media.flatten())
     }
 
     /// One event of an address, with its deliveries.
@@ -230,9 +304,11 @@ impl Store {
         &self,
         addr_id: i64,
         id: &str,
-    ) -> Result<(event::Model, Vec<delivery::Model>)> {
-        let e = event::Entity::find_by_id(id.to_string())
+    ) -> Result<(EventHead, Vec<delivery::Model>)> {
+        let e = event_heads()
+            .filter(event::Column::Id.eq(id))
             .filter(event::Column::AddrId.eq(addr_id))
+            .into_model::<EventHead>()
             .one(&self.db)
             .await?
             .ok_or_else(|| StoreError::NotFound(format!("event {id}")))?;
@@ -421,8 +497,19 @@ async fn insert_events(
         .filter(|(e, _)| !left_out.gone_addrs.contains(&e.addr_id))
         .collect();
     // Chunks keep each statement under every backend's limit on bound
-    // parameters (SQLite's is 32766).
-    for chunk in stored.chunks(INSERT_CHUNK / 16) {
+    // parameters (SQLite's is 32766) and, with media, under MySQL's
+    // `max_allowed_packet` (16 MiB by default): a statement takes events
+    // until their media pass MEDIA_PER_STATEMENT.
+    let mut rest = &stored[..];
+    while !rest.is_empty() {
+        let mut n = 0;
+        let mut bytes = 0;
+        while n < rest.len() && n < INSERT_CHUNK / 16 && (n == 0 || bytes < MEDIA_PER_STATEMENT) {
+            bytes += rest[n].0.media.as_ref().map_or(0, Vec::len);
+            n += 1;
+        }
+        let (chunk, next) = rest.split_at(n);
+        rest = next;
         event::Entity::insert_many(
             chunk
                 .iter()

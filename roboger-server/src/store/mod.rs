@@ -18,7 +18,9 @@ mod plugin_sql;
 
 pub use bucket::NewObject;
 pub use cluster::{NodeRow, ROUTING_CHANNEL};
-pub use delivery::{Attempt, EndpointStats, STATE_DELIVERED, STATE_FAILED, STATE_PENDING, Written};
+pub use delivery::{
+    Attempt, EndpointStats, EventHead, STATE_DELIVERED, STATE_FAILED, STATE_PENDING, Written,
+};
 pub use management::{AddrPatch, EndpointPatch, SubscriptionPatch, SubscriptionRow};
 
 use std::time::Duration;

@@ -92,6 +92,18 @@ struct Args {
     /// management API, timing the first and the last thousand.
     #[arg(long, default_value_t = 0)]
     manage: usize,
+    /// The sink hangs (reads every request, answers none) during the
+    /// measured load and for `--hang` seconds after it, so the accepted
+    /// events pile up as a backlog; then it answers again and the drain
+    /// measures their delivery. The peaks are the backlog's.
+    #[arg(long)]
+    hang: Option<f64>,
+    /// Stop the measured load after this many pushes (0: none).
+    #[arg(long, default_value_t = 0)]
+    pushes: u64,
+    /// Set from `--pushes` for one load: the sequence number to stop at.
+    #[arg(skip)]
+    limit: Option<u64>,
 }
 
 /// What the sink saw: per message, its sequence number and when it came.
@@ -279,6 +291,7 @@ async fn load(
     let mut tasks = Vec::new();
     for c in 0..args.connections {
         let url = push_url(&t.bases[c % t.bases.len()]);
+        let limit = args.limit;
         let (mut pusher, addr, padding, media, seq) = (
             Pusher::new(&url).expect("push URLs are checked in main"),
             t.addr.clone(),
@@ -309,6 +322,9 @@ async fn load(
                     break;
                 }
                 let n = seq.fetch_add(1, Ordering::Relaxed);
+                if limit.is_some_and(|l| n >= l) {
+                    break;
+                }
                 let msg = format!("{n} {} {padding}", began.duration_since(clock).as_nanos());
                 let mut body = json!({"addr": addr, "msg": msg, "subject": "bench", "level": "warning", "sender": "bench"});
                 if let Some(m) = &media {
@@ -467,11 +483,30 @@ async fn measure(
     let _ = drain(sink, &warm.accepted, Duration::from_secs_f64(args.drain)).await;
     let started = clock.elapsed();
     let before = cpu_ticks();
-    let mut l = load(t, args, args.duration, args.rate, clock, seq).await;
+    if args.hang.is_some() {
+        sink.hold.store(true, Ordering::Relaxed);
+    }
+    let limit = (args.pushes > 0).then(|| seq.load(Ordering::Relaxed) + args.pushes);
+    let mut l = load(
+        t,
+        &Args {
+            limit,
+            ..args.clone()
+        },
+        args.duration,
+        args.rate,
+        clock,
+        seq,
+    )
+    .await;
     if let (Some((t0, s0)), Some((t1, s1))) = (before, cpu_ticks())
         && t1 > t0
     {
         row.steal = Some(100.0 * (s1 - s0) as f64 / (t1 - t0) as f64);
+    }
+    if let Some(hang) = args.hang {
+        tokio::time::sleep(Duration::from_secs_f64(hang)).await;
+        sink.hold.store(false, Ordering::Relaxed);
     }
     let (log, missing) = drain(sink, &l.accepted, Duration::from_secs_f64(args.drain)).await;
     let last = log

@@ -1,0 +1,248 @@
+//! Bounded memory with media: a backlog of events with media behind a
+//! target that hangs keeps the server's and the plugin's memory bounded
+//! (queued deliveries hold no media; calls in flight are bounded in bytes
+//! per plugin), and every event arrives intact once the target answers.
+//! A burst of large pushes beyond the body budget is answered 202 or 503
+//! with `Retry-After`, never with a broken connection, and every 202 is
+//! delivered.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use roboger_tests::{
+    HttpSink, Method, Server, ServerOptions, Value, assert_status, json, plugin_bin,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const MIB: usize = 1024 * 1024;
+
+fn rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|kb| kb.parse::<f64>().ok())
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(0.0)
+}
+
+/// Media unique to event `i`.
+fn media(i: usize, len: usize) -> Vec<u8> {
+    let mut m: Vec<u8> = (0..len).map(|j| ((j * 31 + i * 7) % 251) as u8).collect();
+    m[..8].copy_from_slice(&(i as u64).to_le_bytes());
+    m
+}
+
+fn b64(m: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(m)
+}
+
+async fn webhook_server(yaml: &str) -> Server {
+    Server::start_with(ServerOptions {
+        yaml: yaml.into(),
+        plugins_yaml: format!(
+            "- name: webhook\n  command: {}\n",
+            plugin_bin("webhook").display()
+        ),
+        ..Default::default()
+    })
+    .await
+}
+
+/// What the sink got: message → media bytes, from the webhook's bodies.
+fn received(sink: &HttpSink) -> BTreeMap<String, Vec<u8>> {
+    sink.requests()
+        .iter()
+        .filter_map(|r| serde_json::from_slice::<Value>(&r.body).ok())
+        .filter_map(|v| {
+            let msg = v["msg"].as_str()?.to_string();
+            let media = base64::engine::general_purpose::STANDARD
+                .decode(v["media"].as_str().unwrap_or_default())
+                .ok()?;
+            Some((msg, media))
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_media_backlog_behind_a_hanging_target_stays_small_and_all_arrives() {
+    const EVENTS: usize = 200;
+    let sink = HttpSink::start(vec![]).await;
+    sink.hold();
+    let s = webhook_server("delivery:\n  retry-base: 0.05\n  retry-max: 1\n  max-attempts: 1000\n")
+        .await;
+    let (id, a) = s.new_addr().await;
+    let template = r#"{"msg": $msg, "media": $media}"#;
+    s.endpoint(
+        id,
+        "webhook",
+        json!({"url": format!("{}/hook", sink.base), "template": template}),
+    )
+    .await;
+    let plugins = s.manage(Method::GET, "/plugin", None).await.json();
+    let plugin_pid = plugins[0]["pid"].as_u64().expect("webhook runs") as u32;
+
+    let (mut server_peak, mut plugin_peak) = (0f64, 0f64);
+    for i in 0..EVENTS {
+        let r = s
+            .push(json!({"addr": a, "msg": format!("m{i}"), "media": b64(&media(i, MIB))}))
+            .await;
+        assert_status!(r, 202);
+        if i % 25 == 0 {
+            server_peak = server_peak.max(rss_mib(s.pid()));
+            plugin_peak = plugin_peak.max(rss_mib(plugin_pid));
+        }
+    }
+    // Deliveries keep being tried against the hanging target for a while.
+    let end = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < end {
+        server_peak = server_peak.max(rss_mib(s.pid()));
+        plugin_peak = plugin_peak.max(rss_mib(plugin_pid));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(received(&sink).is_empty(), "the target was holding");
+    // Twice the release-build targets (150 and 96 MiB): 200 MiB of media
+    // are waiting, which before held most of it in both processes.
+    assert!(
+        server_peak <= 300.0,
+        "server RSS {server_peak:.0} MiB with {EVENTS} MiB of media waiting"
+    );
+    assert!(
+        plugin_peak <= 192.0,
+        "plugin RSS {plugin_peak:.0} MiB with {EVENTS} MiB of media waiting"
+    );
+
+    sink.release();
+    let end = Instant::now() + Duration::from_secs(120);
+    loop {
+        let got = received(&sink);
+        if got.len() == EVENTS {
+            for (msg, m) in &got {
+                let i: usize = msg[1..].parse().expect("m<i>");
+                assert!(*m == media(i, MIB), "media of {msg} differs");
+            }
+            break;
+        }
+        assert!(
+            Instant::now() < end,
+            "{} of {EVENTS} events delivered",
+            got.len()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// A push sent by hand: its body's first `start` bytes now, the rest when
+/// `finish` is called; then its status.
+struct SlowPush {
+    stream: tokio::net::TcpStream,
+    rest: Vec<u8>,
+}
+
+impl SlowPush {
+    async fn begin(base: &str, body: &[u8], start: usize) -> SlowPush {
+        let addr = base.trim_start_matches("http://");
+        let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let head = format!(
+            "POST /push HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        );
+        stream.write_all(head.as_bytes()).await.expect("write head");
+        stream.write_all(&body[..start]).await.expect("write start");
+        SlowPush {
+            stream,
+            rest: body[start..].to_vec(),
+        }
+    }
+
+    async fn finish(mut self) -> String {
+        self.stream.write_all(&self.rest).await.expect("write rest");
+        let mut answer = vec![0u8; 512];
+        let n = self.stream.read(&mut answer).await.expect("read answer");
+        String::from_utf8_lossy(&answer[..n]).into_owned()
+    }
+}
+
+#[tokio::test]
+async fn large_pushes_beyond_the_body_budget_get_202_or_503_with_retry_after() {
+    let sink = HttpSink::start(vec![]).await;
+    // Room for one 8 MiB push (10.7 MiB as JSON) at a time.
+    let s = webhook_server("body-budget: 16777216\ntimeout: 2\n").await;
+    let (id, a) = s.new_addr().await;
+    let template = r#"{"msg": $msg, "media": $media}"#;
+    s.endpoint(
+        id,
+        "webhook",
+        json!({"url": format!("{}/hook", sink.base), "template": template}),
+    )
+    .await;
+    let body = |msg: &str, i: usize| {
+        serde_json::to_vec(&json!({"addr": a, "msg": msg, "media": b64(&media(i, 8 * MIB))}))
+            .expect("JSON")
+    };
+
+    // A push whose body is still arriving holds its room; another large
+    // one finds none, is read to its end, and gets 503 with Retry-After
+    // on a connection that stays usable.
+    let slow = SlowPush::begin(&s.base, &body("slow", 0), 1024).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let http = roboger_tests::client();
+    let r = http
+        .post(s.url("/push"))
+        .header("Content-Type", "application/json")
+        .body(body("refused", 1))
+        .send()
+        .await
+        .expect("the refused push is answered, not reset");
+    assert_eq!(r.status().as_u16(), 503);
+    assert_eq!(
+        r.headers().get("retry-after").and_then(|v| v.to_str().ok()),
+        Some("1")
+    );
+    assert_status!(s.request(Method::GET, "/ping", None, &[], None).await, 204);
+    let answer = slow.finish().await;
+    assert!(answer.starts_with("HTTP/1.1 202"), "{answer}");
+
+    // A burst: each is accepted or told to come back; none is reset.
+    let mut tasks = Vec::new();
+    for i in 0..12 {
+        let (http, url, b) = (http.clone(), s.url("/push"), body(&format!("b{i}"), i + 2));
+        tasks.push(tokio::spawn(async move {
+            let r = http
+                .post(url)
+                .header("Content-Type", "application/json")
+                .body(b)
+                .send()
+                .await
+                .expect("answered, not reset");
+            let retry = r.headers().get("retry-after").is_some();
+            (format!("b{i}"), r.status().as_u16(), retry)
+        }));
+    }
+    let mut accepted = vec!["slow".to_string()];
+    for t in tasks {
+        let (msg, status, retry) = t.await.expect("push task");
+        match status {
+            202 => accepted.push(msg),
+            503 => assert!(retry, "503 without Retry-After"),
+            other => panic!("push {msg} answered {other}"),
+        }
+    }
+    assert!(accepted.len() > 1, "no push of the burst was accepted");
+    let end = Instant::now() + Duration::from_secs(60);
+    loop {
+        let got = received(&sink);
+        if accepted.iter().all(|m| got.contains_key(m)) {
+            assert!(!got.contains_key("refused"));
+            break;
+        }
+        assert!(
+            Instant::now() < end,
+            "accepted {accepted:?}, delivered {:?}",
+            got.keys().collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
