@@ -441,11 +441,16 @@ pub fn run<P: Plugin>(plugin: P) -> std::process::ExitCode {
         }
     };
     rt.block_on(async {
+        // Calls with large media come in bursts: give the memory back.
+        #[cfg(feature = "mimalloc")]
+        let release = crate::allocator::spawn_periodic_release();
         match stdio_pipes() {
             Ok((read, write)) => serve(plugin, read, write).await,
             // Not pipes (a terminal, a file): tokio's blocking stdio.
             Err(_) => serve(plugin, tokio::io::stdin(), tokio::io::stdout()).await,
         }
+        #[cfg(feature = "mimalloc")]
+        release.abort();
     });
     // Pending blocking reads of stdin must not keep the process alive.
     rt.shutdown_background();

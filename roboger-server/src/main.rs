@@ -180,6 +180,8 @@ async fn serve(cli: &Cli) -> anyhow::Result<()> {
         env!("CARGO_PKG_VERSION")
     );
     let cleanup = app.spawn_cleanup();
+    // After a burst of large pushes, back to the usual size.
+    let release = roboger_plugin_sdk::allocator::spawn_periodic_release();
     // Bound, migrated, plugins started: connections wait in the backlog
     // for the accept loop, which starts below.
     systemd::ready();
@@ -191,6 +193,7 @@ async fn serve(cli: &Cli) -> anyhow::Result<()> {
     };
     server::run(listener, app.clone(), shutdown).await;
     notifier.abort();
+    release.abort();
     reloader.abort();
     cleanup.abort();
     app.plugins.shutdown().await;
