@@ -28,47 +28,52 @@ const FIELDS: [&str; 12] = [
 
 struct Webhook;
 
-/// Replaces each `$field` of `template` with `value(field)`; other `$`
-/// text is kept as it is.
-fn render(template: &str, value: impl Fn(&str) -> Value) -> String {
-    let mut out = String::with_capacity(template.len());
+/// Replaces each `$field` of `template` with its JSON, which `value`
+/// writes into the body being built; other `$` text is kept as it is.
+/// Values are written in place: a large media is copied once, into the
+/// body, rather than cloned and encoded apart first.
+fn render(template: &str, value: impl Fn(&str, &mut Vec<u8>)) -> String {
+    let mut out: Vec<u8> = Vec::with_capacity(template.len());
     let mut rest = template;
     while let Some(i) = rest.find('$') {
-        out.push_str(&rest[..i]);
+        out.extend_from_slice(&rest.as_bytes()[..i]);
         let after = &rest[i + 1..];
         let len = after
             .find(|c: char| !(c.is_ascii_lowercase() || c == '_'))
             .unwrap_or(after.len());
         let name = &after[..len];
         if FIELDS.contains(&name) {
-            out.push_str(&value(name).to_string());
+            value(name, &mut out);
         } else {
-            out.push('$');
-            out.push_str(name);
+            out.push(b'$');
+            out.extend_from_slice(name.as_bytes());
         }
         rest = &after[len..];
     }
-    out.push_str(rest);
-    out
+    out.extend_from_slice(rest.as_bytes());
+    // Only whole UTF-8 strings and JSON went in.
+    String::from_utf8(out).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
 }
 
-fn field(e: &Event, name: &str) -> Value {
-    let opt = |v: &Option<String>| v.clone().map(Value::from).unwrap_or(Value::Null);
-    match name {
-        "event_id" => e.event_id.clone().into(),
-        "addr" => e.addr.clone().into(),
-        "addr_id" => e.addr_id.into(),
-        "msg" => e.msg.clone().into(),
-        "subject" => e.subject.clone().into(),
-        "formatted_subject" => e.formatted_subject.clone().into(),
-        "level" => e.level.into(),
-        "level_name" => e.level_name.clone().into(),
-        "location" => opt(&e.location),
-        "tag" => opt(&e.tag),
-        "sender" => opt(&e.sender),
-        "media" => opt(&e.media_encoded),
-        _ => Value::Null,
-    }
+/// Writes event field `name` as JSON.
+fn field(e: &Event, name: &str, out: &mut Vec<u8>) {
+    let written = match name {
+        "event_id" => serde_json::to_writer(&mut *out, &e.event_id),
+        "addr" => serde_json::to_writer(&mut *out, &e.addr),
+        "addr_id" => serde_json::to_writer(&mut *out, &e.addr_id),
+        "msg" => serde_json::to_writer(&mut *out, &e.msg),
+        "subject" => serde_json::to_writer(&mut *out, &e.subject),
+        "formatted_subject" => serde_json::to_writer(&mut *out, &e.formatted_subject),
+        "level" => serde_json::to_writer(&mut *out, &e.level),
+        "level_name" => serde_json::to_writer(&mut *out, &e.level_name),
+        "location" => serde_json::to_writer(&mut *out, &e.location),
+        "tag" => serde_json::to_writer(&mut *out, &e.tag),
+        "sender" => serde_json::to_writer(&mut *out, &e.sender),
+        "media" => serde_json::to_writer(&mut *out, &e.media_encoded),
+        _ => serde_json::to_writer(&mut *out, &Value::Null),
+    };
+    // Writing into a Vec cannot fail.
+    debug_assert!(written.is_ok());
 }
 
 #[roboger_plugin_sdk::async_trait]
@@ -87,12 +92,8 @@ impl Plugin for Webhook {
         schema::check(ConfigSchema::iter_errors(config))?;
         roboger_plugin_sdk::http::check_config_url(config, "url")?;
         if let Some(t) = config.get("template").and_then(Value::as_str) {
-            let sample = render(t, |name| {
-                if name == "level" {
-                    Value::from(20)
-                } else {
-                    Value::from("")
-                }
+            let sample = render(t, |name, out| {
+                out.extend_from_slice(if name == "level" { b"20" } else { b"\"\"" });
             });
             serde_json::from_str::<Value>(&sample).map_err(|e| {
                 PluginError::rejected(format!("template: not JSON once filled in: {e}"))
@@ -104,7 +105,7 @@ impl Plugin for Webhook {
     async fn send(&self, e: Event, host: &Host) -> Result<(), PluginError> {
         let url = e.config_str("url")?;
         let body = match e.config.get("template").and_then(Value::as_str) {
-            Some(t) => render(t, |name| field(&e, name)),
+            Some(t) => render(t, |name, out| field(&e, name, out)),
             None => "null".to_string(),
         };
         let method = e
@@ -136,10 +137,13 @@ mod tests {
     #[test]
     fn values_are_json_encoded_and_placeholders_at_the_end_work() {
         let t = r#"{"m": $msg, "l": $level, "s": $sender, "x": "$price"}$level"#;
-        let out = render(t, |n| match n {
-            "msg" => Value::from("say \"hi\"\nand\\bye"),
-            "level" => Value::from(40),
-            _ => Value::Null,
+        let out = render(t, |n, out| {
+            let v = match n {
+                "msg" => Value::from("say \"hi\"\nand\\bye"),
+                "level" => Value::from(40),
+                _ => Value::Null,
+            };
+            serde_json::to_writer(out, &v).expect("JSON");
         });
         assert_eq!(
             out,

@@ -97,17 +97,23 @@ impl EventHead {
     }
 }
 
-/// Events as [`EventHead`]s: every column but the media, and its length.
-fn event_heads() -> sea_orm::Select<event::Entity> {
+/// Events as [`EventHead`]s: every column but the media, and its length
+/// as a 64-bit integer on every backend (PostgreSQL's `length(bytea)` is
+/// a 32-bit one).
+fn event_heads(backend: DbBackend) -> sea_orm::Select<event::Entity> {
     use sea_orm::Iterable;
-    use sea_orm::sea_query::Func;
+    use sea_orm::sea_query::{Alias, ExprTrait, Func};
+    let length =
+        Expr::expr(Func::cust("LENGTH").arg(Expr::col((event::Entity, event::Column::Media))));
+    let size = match backend {
+        DbBackend::Sqlite => length,
+        DbBackend::Postgres => length.cast_as(Alias::new("BIGINT")),
+        DbBackend::MySql => length.cast_as(Alias::new("SIGNED")),
+    };
     event::Entity::find()
         .select_only()
         .columns(event::Column::iter().filter(|c| !matches!(c, event::Column::Media)))
-        .column_as(
-            Expr::expr(Func::cust("LENGTH").arg(Expr::col((event::Entity, event::Column::Media)))),
-            "media_size",
-        )
+        .column_as(size, "media_size")
 }
 
 /// What a group commit left out, besides what it committed.
@@ -246,14 +252,15 @@ impl Store {
             .await?;
         let event_ids: Vec<String> = due.iter().map(|d| d.event_id.clone()).collect();
         let ep_ids: Vec<i64> = due.iter().map(|d| d.endpoint_id).collect();
-        let events: std::collections::HashMap<String, std::sync::Arc<EventHead>> = event_heads()
-            .filter(event::Column::Id.is_in(event_ids))
-            .into_model::<EventHead>()
-            .all(&txn)
-            .await?
-            .into_iter()
-            .map(|e| (e.id.clone(), std::sync::Arc::new(e)))
-            .collect();
+        let events: std::collections::HashMap<String, std::sync::Arc<EventHead>> =
+            event_heads(self.backend)
+                .filter(event::Column::Id.is_in(event_ids))
+                .into_model::<EventHead>()
+                .all(&txn)
+                .await?
+                .into_iter()
+                .map(|e| (e.id.clone(), std::sync::Arc::new(e)))
+                .collect();
         let eps: std::collections::HashMap<i64, endpoint::Model> = endpoint::Entity::find()
             .filter(endpoint::Column::Id.is_in(ep_ids))
             .all(&txn)
@@ -276,7 +283,7 @@ impl Store {
 
     /// The newest `limit` events of an address, newest first.
     pub async fn event_list(&self, addr_id: i64, limit: u64) -> Result<Vec<EventHead>> {
-        Ok(event_heads()
+        Ok(event_heads(self.backend)
             .filter(event::Column::AddrId.eq(addr_id))
             .order_by_desc(event::Column::Created)
             // MySQL's TIMESTAMP keeps whole seconds; ids are UUIDv7, whose
@@ -305,7 +312,7 @@ impl Store {
         addr_id: i64,
         id: &str,
     ) -> Result<(EventHead, Vec<delivery::Model>)> {
-        let e = event_heads()
+        let e = event_heads(self.backend)
             .filter(event::Column::Id.eq(id))
             .filter(event::Column::AddrId.eq(addr_id))
             .into_model::<EventHead>()
