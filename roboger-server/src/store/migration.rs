@@ -15,6 +15,7 @@ impl MigratorTrait for Migrator {
             Box::new(Events),
             Box::new(DropDeliveryEvent),
             Box::new(Cluster),
+            Box::new(LongBlobs),
         ]
     }
 }
@@ -420,6 +421,55 @@ impl MigrationTrait for DropDeliveryEvent {
                 .name("delivery_event")
                 .table(Delivery::Table)
                 .col(Delivery::EventId)
+                .to_owned(),
+        )
+        .await
+    }
+}
+
+/// MySQL's `BLOB` holds at most 64 KiB, and an event's media or a bucket
+/// object may be up to `push-max-media` (10 MiB by default): on MySQL both
+/// columns become `LONGBLOB` (4 GiB). The other backends' types have no
+/// such limit, so they are left as they are.
+struct LongBlobs;
+
+impl MigrationName for LongBlobs {
+    fn name(&self) -> &str {
+        "m20261130_000005_long_blobs"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for LongBlobs {
+    async fn up(&self, m: &SchemaManager) -> Result<(), DbErr> {
+        self.retype(m, "LONGBLOB").await
+    }
+
+    async fn down(&self, m: &SchemaManager) -> Result<(), DbErr> {
+        self.retype(m, "BLOB").await
+    }
+}
+
+impl LongBlobs {
+    async fn retype(&self, m: &SchemaManager<'_>, ty: &str) -> Result<(), DbErr> {
+        if m.get_database_backend() != sea_orm::DbBackend::MySql {
+            return Ok(());
+        }
+        m.alter_table(
+            Table::alter()
+                .table(Event::Table)
+                .modify_column(ColumnDef::new(Event::Media).custom(Alias::new(ty)).null())
+                .to_owned(),
+        )
+        .await?;
+        m.alter_table(
+            Table::alter()
+                .table(Bucket::Table)
+                .modify_column(
+                    ColumnDef::new(Bucket::Content)
+                        .custom(Alias::new(ty))
+                        .not_null(),
+                )
                 .to_owned(),
         )
         .await
