@@ -15,7 +15,7 @@ impl MigratorTrait for Migrator {
             Box::new(Events),
             Box::new(DropDeliveryEvent),
             Box::new(Cluster),
-            Box::new(LongBlobs),
+            Box::new(MysqlTypes),
         ]
     }
 }
@@ -427,38 +427,42 @@ impl MigrationTrait for DropDeliveryEvent {
     }
 }
 
-/// MySQL's `BLOB` holds at most 64 KiB, and an event's media or a bucket
-/// object may be up to `push-max-media` (10 MiB by default): on MySQL both
-/// columns become `LONGBLOB` (4 GiB). The other backends' types have no
-/// such limit, so they are left as they are.
-struct LongBlobs;
+/// Two MySQL column types that were too small, changed on MySQL only
+/// (the other backends have neither limit):
+/// - `BLOB` holds at most 64 KiB, and an event's media or a bucket object
+///   may be up to `push-max-media` (10 MiB by default): both become
+///   `LONGBLOB` (4 GiB).
+/// - `TIMESTAMP` keeps whole seconds (MariaDB truncates), so an object
+///   put to expire in 1 s could expire at once: a bucket object's
+///   `expires_at` becomes `TIMESTAMP(6)`.
+struct MysqlTypes;
 
-impl MigrationName for LongBlobs {
+impl MigrationName for MysqlTypes {
     fn name(&self) -> &str {
-        "m20261130_000005_long_blobs"
+        "m20261130_000005_mysql_types"
     }
 }
 
 #[async_trait::async_trait]
-impl MigrationTrait for LongBlobs {
+impl MigrationTrait for MysqlTypes {
     async fn up(&self, m: &SchemaManager) -> Result<(), DbErr> {
-        self.retype(m, "LONGBLOB").await
+        MysqlTypes::retype(m, "LONGBLOB", "TIMESTAMP(6)").await
     }
 
     async fn down(&self, m: &SchemaManager) -> Result<(), DbErr> {
-        self.retype(m, "BLOB").await
+        MysqlTypes::retype(m, "BLOB", "TIMESTAMP").await
     }
 }
 
-impl LongBlobs {
-    async fn retype(&self, m: &SchemaManager<'_>, ty: &str) -> Result<(), DbErr> {
+impl MysqlTypes {
+    async fn retype(m: &SchemaManager<'_>, blob: &str, time: &str) -> Result<(), DbErr> {
         if m.get_database_backend() != sea_orm::DbBackend::MySql {
             return Ok(());
         }
         m.alter_table(
             Table::alter()
                 .table(Event::Table)
-                .modify_column(ColumnDef::new(Event::Media).custom(Alias::new(ty)).null())
+                .modify_column(ColumnDef::new(Event::Media).custom(Alias::new(blob)).null())
                 .to_owned(),
         )
         .await?;
@@ -467,7 +471,12 @@ impl LongBlobs {
                 .table(Bucket::Table)
                 .modify_column(
                     ColumnDef::new(Bucket::Content)
-                        .custom(Alias::new(ty))
+                        .custom(Alias::new(blob))
+                        .not_null(),
+                )
+                .modify_column(
+                    ColumnDef::new(Bucket::ExpiresAt)
+                        .custom(Alias::new(time))
                         .not_null(),
                 )
                 .to_owned(),
