@@ -39,6 +39,20 @@ fn b64(m: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(m)
 }
 
+/// An address of `s` whose webhook endpoint sends each event's message and
+/// media to `sink`; returns the address.
+async fn wire(s: &Server, sink: &HttpSink) -> String {
+    let (id, a) = s.new_addr().await;
+    let template = r#"{"msg": $msg, "media": $media}"#;
+    s.endpoint(
+        id,
+        "webhook",
+        json!({"url": format!("{}/hook", sink.base), "template": template}),
+    )
+    .await;
+    a
+}
+
 async fn webhook_server(yaml: &str) -> Server {
     Server::start_with(ServerOptions {
         yaml: yaml.into(),
@@ -84,14 +98,7 @@ async fn a_media_backlog_behind_a_hanging_target_stays_small_and_all_arrives() {
     sink.hold();
     let s = webhook_server("delivery:\n  retry-base: 0.05\n  retry-max: 1\n  max-attempts: 1000\n")
         .await;
-    let (id, a) = s.new_addr().await;
-    let template = r#"{"msg": $msg, "media": $media}"#;
-    s.endpoint(
-        id,
-        "webhook",
-        json!({"url": format!("{}/hook", sink.base), "template": template}),
-    )
-    .await;
+    let a = wire(&s, &sink).await;
     let plugins = s.manage(Method::GET, "/plugin", None).await.json();
     let plugin_pid = plugins[0]["pid"].as_u64().expect("webhook runs") as u32;
 
@@ -182,14 +189,7 @@ async fn large_pushes_beyond_the_body_budget_get_202_or_503_with_retry_after() {
     let sink = HttpSink::start(vec![]).await;
     // Room for one 8 MiB push (10.7 MiB as JSON) at a time.
     let s = webhook_server("body-budget: 16777216\ntimeout: 2\n").await;
-    let (id, a) = s.new_addr().await;
-    let template = r#"{"msg": $msg, "media": $media}"#;
-    s.endpoint(
-        id,
-        "webhook",
-        json!({"url": format!("{}/hook", sink.base), "template": template}),
-    )
-    .await;
+    let a = wire(&s, &sink).await;
     let body = |msg: &str, i: usize| {
         serde_json::to_vec(&json!({"addr": a, "msg": msg, "media": b64(&media(i, 8 * MIB))}))
             .expect("JSON")
