@@ -15,7 +15,8 @@ use std::time::{Duration, Instant};
 use prometheus::core::Collector;
 use prometheus::proto::MetricFamily;
 use prometheus::{
-    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
 };
 
 /// How long the pending count read from the database is reused.
@@ -270,16 +271,11 @@ impl Scrape {
         for (plugin, n) in &self.pending {
             pending.with_label_values(&[plugin]).set(*n);
         }
-        let routing = IntGaugeVec::new(
-            Opts::new(
-                "roboger_routing_addresses",
-                "Addresses in this node's routing index.",
-            ),
-            &[],
+        let routing = IntGauge::new(
+            "roboger_routing_addresses",
+            "Addresses in this node's routing index.",
         )?;
-        routing
-            .with_label_values(&[] as &[&str])
-            .set(i64::try_from(self.routing_addresses).unwrap_or(i64::MAX));
+        routing.set(i64::try_from(self.routing_addresses).unwrap_or(i64::MAX));
         let pool = IntGaugeVec::new(
             Opts::new(
                 "roboger_db_pool_connections",
@@ -293,10 +289,11 @@ impl Scrape {
         pool.with_label_values(&["idle"])
             .set(i64::try_from(idle).unwrap_or(i64::MAX));
         let mut out = Vec::new();
-        for c in [&up, &inflight, &resident, &pending, &routing, &pool] {
+        for c in [&up, &inflight, &resident, &pending, &pool] {
             out.extend(c.collect());
         }
         out.extend(restarts.collect());
+        out.extend(routing.collect());
         Ok(out)
     }
 }

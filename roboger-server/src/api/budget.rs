@@ -47,6 +47,11 @@ impl BodyBudget {
         let want = u32::try_from(bytes.div_ceil(1024))
             .unwrap_or(u32::MAX)
             .clamp(1, self.capacity);
+        // The usual case, with room, arms no timer: every push and
+        // management request passes here.
+        if let Ok(room) = self.permits.clone().try_acquire_many_owned(want) {
+            return Ok(room);
+        }
         match tokio::time::timeout(self.wait, self.permits.clone().acquire_many_owned(want)).await {
             Ok(Ok(room)) => Ok(room),
             _ => Err(ApiError::Busy(
