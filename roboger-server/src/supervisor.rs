@@ -52,6 +52,9 @@ pub enum CallError {
     Unavailable(String, String),
 }
 
+/// How long a call waits for a plugin that is starting or restarting.
+pub const START_WAIT: Duration = Duration::from_secs(1);
+
 /// Tunables of the supervisor (the defaults suit production).
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -227,6 +230,8 @@ struct Slot {
     /// `max-inflight-bytes`, in KiB: room for the media of calls in flight.
     inflight_bytes: Arc<Semaphore>,
     restart: tokio::sync::Notify,
+    /// Woken whenever a new process of the plugin starts serving.
+    connected: tokio::sync::Notify,
     first_start: watch::Sender<bool>,
     /// Set to stop this plugin for good (shutdown, or removed by a reload).
     stop: watch::Sender<bool>,
@@ -306,6 +311,7 @@ impl Supervisor {
                 manifest: None,
             }),
             restart: tokio::sync::Notify::new(),
+            connected: tokio::sync::Notify::new(),
             first_start: watch::channel(false).0,
             stop: watch::channel(false).0,
             task: Mutex::new(None),
@@ -456,12 +462,9 @@ impl Supervisor {
             .await
             .map_err(|_| unavailable("too many calls in flight".into()))?
             .map_err(|_| unavailable("shutting down".into()))?;
-        let conn = slot
-            .conn
-            .read()
-            .ok()
-            .and_then(|c| c.clone())
-            .ok_or_else(|| unavailable(format!("it is {}", state_name(&slot))))?;
+        let conn = Supervisor::connection(&slot)
+            .await
+            .map_err(|state| unavailable(format!("it is {state}")))?;
         if protocol::OPTIONAL_METHODS.contains(&method)
             && !conn.manifest.methods.iter().any(|m| m == method)
         {
@@ -485,6 +488,28 @@ impl Supervisor {
                 None => other.to_string(),
             }),
         })
+    }
+
+    /// The plugin's running process; one that is starting or restarting
+    /// (a restart takes milliseconds) is waited for, up to
+    /// [`START_WAIT`]. Otherwise the error is the plugin's state.
+    async fn connection(slot: &Slot) -> Result<Arc<Conn>, String> {
+        let deadline = Instant::now() + START_WAIT;
+        loop {
+            let connected = slot.connected.notified();
+            let mut connected = std::pin::pin!(connected);
+            connected.as_mut().enable();
+            if let Some(conn) = slot.conn.read().ok().and_then(|c| c.clone()) {
+                return Ok(conn);
+            }
+            let starting = slot
+                .status
+                .lock()
+                .is_ok_and(|s| matches!(s.state, State::Starting | State::Restarting));
+            if !starting || tokio::time::timeout_at(deadline, connected).await.is_err() {
+                return Err(state_name(slot));
+            }
+        }
     }
 
     /// Asks plugin `name` to check an endpoint config.
@@ -616,6 +641,7 @@ async fn supervise(
                     s.state = State::Running;
                     s.manifest = Some(conn.manifest.clone());
                 }
+                slot.connected.notify_waiters();
                 tracing::info!(plugin = %name, pid = ?conn.pid, "plugin running");
                 let ended = run_until_end(&slot, &opts, conn, child, &mut shutdown).await;
                 match ended {

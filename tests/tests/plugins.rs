@@ -447,3 +447,24 @@ async fn plugin_pids(s: &Server, names: &[&str]) -> Vec<u64> {
     }
     out
 }
+
+#[tokio::test]
+async fn a_call_waits_for_a_plugin_that_is_starting() {
+    let s = Server::start_with(ServerOptions {
+        plugins_yaml: entry("t", "normal", "    TEST_PLUGIN_START_DELAY_MS: '600'\n"),
+        ..Default::default()
+    })
+    .await;
+    let (id, _) = s.new_addr().await;
+    assert_status!(
+        s.manage(Method::POST, "/plugin/t", Some(json!({"cmd": "restart"})))
+            .await,
+        204
+    );
+    wait_plugin(&s, "t", "starting", |p| p["state"] == "starting").await;
+    // The restart takes 600 ms; a call made meanwhile (the plugin checks
+    // the endpoint's config) waits for it instead of failing with 503.
+    let r = s.try_endpoint(id, "t", json!({})).await;
+    assert_status!(r, 201);
+    assert_eq!(plugin(&s, "t").await["state"], "running");
+}

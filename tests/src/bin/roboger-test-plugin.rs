@@ -5,7 +5,8 @@
 //! `TEST_PLUGIN_MODE` (environment): `normal` (default),
 //! `exit-before-handshake`, `wrong-version`, `garbage`, `flood`,
 //! `refuse-config`. `TEST_PLUGIN_RECORD`: a file that gets one JSON line
-//! per call (method and every param received).
+//! per call (method and every param received). `TEST_PLUGIN_START_DELAY_MS`:
+//! wait that long before the handshake.
 //!
 //! An endpoint config steers `send`: `{"reject": "msg"}` is refused by
 //! `validate_config`; `{"crash": true}` exits mid-call; `{"hang": true}`
@@ -283,6 +284,13 @@ fn wrong_version() {
 }
 
 fn main() -> std::process::ExitCode {
+    // A plugin that takes its time to start (before the handshake).
+    if let Some(ms) = std::env::var("TEST_PLUGIN_START_DELAY_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        std::thread::sleep(std::time::Duration::from_millis(ms));
+    }
     let mode = std::env::var("TEST_PLUGIN_MODE").unwrap_or_default();
     record(
         json!({"method": "start", "mode": mode, "pid": std::process::id(),
