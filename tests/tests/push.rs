@@ -759,3 +759,53 @@ async fn a_concurrent_burst_to_many_endpoints_is_committed_and_delivered() {
         .collect();
     assert_eq!(pairs.len(), 6000, "every event reached every endpoint");
 }
+
+#[tokio::test]
+async fn long_texts_are_stored_and_delivered_on_every_database() {
+    let r = rig("").await;
+    r.endpoint(json!({"name": "all"}), &[json!({})]).await;
+    // Over MySQL's 64 KiB TEXT: each became LONGTEXT there (migration 6).
+    let msg = "m".repeat(300_000);
+    let subject = "s".repeat(70_000);
+    let location = "l".repeat(70_000);
+    assert_status!(
+        r.push(json!({"msg": msg, "subject": subject, "location": location}))
+            .await,
+        202
+    );
+    let sends = r.wait_sends(1).await;
+    assert_eq!(sends[0]["msg"].as_str().map(str::len), Some(300_000));
+    assert_eq!(sends[0]["subject"].as_str().map(str::len), Some(70_000));
+    assert_eq!(sends[0]["location"].as_str().map(str::len), Some(70_000));
+}
+
+#[tokio::test]
+async fn text_the_database_cannot_store_is_refused_naming_the_field() {
+    let r = rig("").await;
+    // U+0000: PostgreSQL stores it in neither text nor JSON.
+    let p = r.push(json!({"msg": "a\u{0}b"})).await;
+    assert_eq!(
+        (p.status.as_u16(), p.text.as_str()),
+        (
+            400,
+            "field \"msg\" holds a NUL character (U+0000), which cannot be stored"
+        )
+    );
+    let e =
+        r.s.manage(
+            Method::POST,
+            &format!("/addr/{}/endpoint", r.addr_id),
+            Some(json!({"plugin_name": "t", "config": {"x": ["\u{0}"]}})),
+        )
+        .await;
+    assert_status!(e, 400);
+    assert!(
+        e.text.starts_with("field \"config\" holds a NUL"),
+        "{}",
+        e.text
+    );
+    // Nothing was stored or sent; the next push goes through.
+    r.endpoint(json!({"name": "all"}), &[json!({})]).await;
+    assert_status!(r.push(json!({"msg": "fine"})).await, 202);
+    assert_eq!(r.wait_sends(1).await[0]["msg"], "fine");
+}

@@ -16,6 +16,7 @@ impl MigratorTrait for Migrator {
             Box::new(DropDeliveryEvent),
             Box::new(Cluster),
             Box::new(MysqlTypes),
+            Box::new(MysqlLongText),
         ]
     }
 }
@@ -478,6 +479,72 @@ impl MysqlTypes {
                     ColumnDef::new(Bucket::ExpiresAt)
                         .custom(Alias::new(time))
                         .not_null(),
+                )
+                .to_owned(),
+        )
+        .await
+    }
+}
+
+/// MySQL's `TEXT` holds at most 64 KiB, and a push may carry a message
+/// (or subject, location, ...) up to its body limit: the event's text
+/// columns, and a delivery's `last_error`, become `LONGTEXT` on MySQL only
+/// (the other backends' text has no such limit). Before this a long
+/// message was refused by the database, failing its whole group commit.
+struct MysqlLongText;
+
+impl MigrationName for MysqlLongText {
+    fn name(&self) -> &str {
+        "m20261130_000006_mysql_long_text"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for MysqlLongText {
+    async fn up(&self, m: &SchemaManager) -> Result<(), DbErr> {
+        MysqlLongText::retype(m, "LONGTEXT").await
+    }
+
+    async fn down(&self, m: &SchemaManager) -> Result<(), DbErr> {
+        MysqlLongText::retype(m, "TEXT").await
+    }
+}
+
+impl MysqlLongText {
+    async fn retype(m: &SchemaManager<'_>, text: &str) -> Result<(), DbErr> {
+        if m.get_database_backend() != sea_orm::DbBackend::MySql {
+            return Ok(());
+        }
+        let column = |c: Event, null: bool| {
+            let mut def = ColumnDef::new(c);
+            def.custom(Alias::new(text));
+            if null {
+                def.null()
+            } else {
+                def.not_null()
+            };
+            def
+        };
+        m.alter_table(
+            Table::alter()
+                .table(Event::Table)
+                .modify_column(column(Event::Msg, false))
+                .modify_column(column(Event::Subject, false))
+                .modify_column(column(Event::FormattedSubject, false))
+                .modify_column(column(Event::Location, true))
+                .modify_column(column(Event::Tag, true))
+                .modify_column(column(Event::Sender, true))
+                .modify_column(column(Event::MediaFname, true))
+                .to_owned(),
+        )
+        .await?;
+        m.alter_table(
+            Table::alter()
+                .table(Delivery::Table)
+                .modify_column(
+                    ColumnDef::new(Delivery::LastError)
+                        .custom(Alias::new(text))
+                        .null(),
                 )
                 .to_owned(),
         )
