@@ -7,18 +7,35 @@
 //! The peer address of each connection is handed to the routes as a
 //! [`PeerAddr`] request extension (for `master.allow` and `ip-header`). A
 //! semaphore bounds open connections.
+//!
+//! HTTP manners live here, for every route at once: a request body the
+//! route did not read (a 404, an early 401, a route that takes no body) is
+//! read and dropped before the answer, up to [`DISCARD_LIMIT`], so the
+//! connection can carry the client's next request; past that the answer
+//! says `Connection: close`, and the socket lingers on close ([`Lingering`])
+//! so the unread bytes do not turn the close into a reset.
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::io;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use hyper::body::Incoming;
+use bytes::Bytes;
+use http::{HeaderValue, header};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
+use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
+use tokio::sync::oneshot;
+use tokio::time::Sleep;
 use tower_service::Service;
 
 use crate::App;
@@ -30,6 +47,15 @@ pub const MAX_CONNECTIONS: usize = 4096;
 /// How long open requests may take to finish after shutdown begins.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// The most bytes of an unread request body read and dropped to keep the
+/// connection open; a longer body closes it.
+pub const DISCARD_LIMIT: u64 = 1024 * 1024;
+/// How long reading and dropping an unread body may take.
+const DISCARD_TIME: Duration = Duration::from_secs(5);
+/// How long a closing socket keeps reading what the client still sends.
+const LINGER_TIME: Duration = Duration::from_secs(2);
+/// The most bytes a closing socket reads and drops.
+const LINGER_LIMIT: usize = 4 * 1024 * 1024;
 
 /// Serves `app` on `listener` until `shutdown` completes.
 pub async fn run(listener: TcpListener, app: Arc<App>, shutdown: impl Future<Output = ()>) {
@@ -40,7 +66,7 @@ pub async fn run(listener: TcpListener, app: Arc<App>, shutdown: impl Future<Out
 /// `listener` until `shutdown` completes, then lets open requests finish.
 pub async fn serve<S, B>(listener: TcpListener, svc: S, shutdown: impl Future<Output = ()>)
 where
-    S: Service<http::Request<Incoming>, Response = http::Response<B>, Error = Infallible>
+    S: Service<http::Request<Returning>, Response = http::Response<B>, Error = Infallible>
         + Clone
         + Send
         + 'static,
@@ -83,10 +109,30 @@ where
         };
         let _ = stream.set_nodelay(true);
         let svc = svc.clone();
-        let hyper_svc = hyper::service::service_fn(move |mut req: http::Request<Incoming>| {
-            req.extensions_mut().insert(PeerAddr(peer));
+        let unread = Arc::new(AtomicBool::new(false));
+        let stream = Lingering::new(stream, unread.clone());
+        let hyper_svc = hyper::service::service_fn(move |req: http::Request<Incoming>| {
             let mut svc = svc.clone();
-            async move { svc.call(req).await }
+            let unread = unread.clone();
+            async move {
+                let (back, mut left) = oneshot::channel();
+                let mut req = req.map(|b| Returning::new(b, back));
+                req.extensions_mut().insert(PeerAddr(peer));
+                let mut answer = svc.call(req).await?;
+                // The route is done with the request: whatever it left of
+                // the body came back through `left`.
+                if let Ok(rest) = left.try_recv() {
+                    let closing = answer.headers().get(header::CONNECTION)
+                        == Some(&HeaderValue::from_static("close"));
+                    if closing || !discard(rest).await {
+                        answer
+                            .headers_mut()
+                            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                        unread.store(true, Ordering::Relaxed);
+                    }
+                }
+                Ok::<_, Infallible>(answer)
+            }
         });
         let conn = builder.serve_connection(TokioIo::new(stream), hyper_svc);
         let conn = graceful.watch(conn);
@@ -102,6 +148,173 @@ where
         _ = graceful.shutdown() => {}
         _ = tokio::time::sleep(SHUTDOWN_GRACE) => {
             tracing::warn!("shutdown grace period over; closing open connections");
+        }
+    }
+}
+
+/// Reads and drops what a route left of a request body, up to
+/// [`DISCARD_LIMIT`] and [`DISCARD_TIME`]; true when it reached the end.
+async fn discard(mut body: Incoming) -> bool {
+    if body.size_hint().lower() > DISCARD_LIMIT {
+        return false;
+    }
+    let read = async {
+        let mut seen = 0u64;
+        loop {
+            match std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await {
+                None => return true,
+                Some(Err(_)) => return false,
+                Some(Ok(frame)) => {
+                    if let Some(data) = frame.data_ref() {
+                        seen += data.len() as u64;
+                        if seen > DISCARD_LIMIT {
+                            return false;
+                        }
+                    }
+                }
+            }
+        }
+    };
+    tokio::time::timeout(DISCARD_TIME, read)
+        .await
+        .unwrap_or(false)
+}
+
+/// A request body that, when the route drops it before its end, hands
+/// the rest back to the connection (see [`serve`]) to be read and dropped
+/// there.
+pub struct Returning {
+    /// `None` only once handed back, in `drop`.
+    body: Option<Incoming>,
+    back: Option<oneshot::Sender<Incoming>>,
+}
+
+impl Returning {
+    fn new(body: Incoming, back: oneshot::Sender<Incoming>) -> Self {
+        Returning {
+            body: Some(body),
+            back: Some(back),
+        }
+    }
+}
+
+impl Body for Returning {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.body.as_mut() {
+            Some(body) => Pin::new(body).poll_frame(cx),
+            None => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.as_ref().is_none_or(Body::is_end_stream)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), Body::size_hint)
+    }
+}
+
+impl Drop for Returning {
+    fn drop(&mut self) {
+        if let (Some(back), Some(body)) = (self.back.take(), self.body.take())
+            && !body.is_end_stream()
+        {
+            let _ = back.send(body);
+        }
+    }
+}
+
+/// A connection's socket. When hyper closes a connection whose last
+/// request body was not read to its end, the socket first sends its FIN
+/// and then reads and drops what the client still sends (for up to
+/// [`LINGER_TIME`], [`LINGER_LIMIT`] bytes): closing with unread bytes
+/// would make the kernel answer with a reset, which can destroy the
+/// answer on its way to the client (nginx calls this a lingering close).
+struct Lingering {
+    stream: TcpStream,
+    /// Set by the connection's service when it left body bytes unread.
+    unread: Arc<AtomicBool>,
+    linger: Option<(Pin<Box<Sleep>>, usize)>,
+}
+
+impl Lingering {
+    fn new(stream: TcpStream, unread: Arc<AtomicBool>) -> Self {
+        Lingering {
+            stream,
+            unread,
+            linger: None,
+        }
+    }
+}
+
+impl AsyncRead for Lingering {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Lingering {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        if this.linger.is_none() {
+            ready!(Pin::new(&mut this.stream).poll_shutdown(cx))?;
+            if !this.unread.load(Ordering::Relaxed) {
+                return Poll::Ready(Ok(()));
+            }
+            this.linger = Some((Box::pin(tokio::time::sleep(LINGER_TIME)), 0));
+        }
+        let Some((deadline, seen)) = this.linger.as_mut() else {
+            return Poll::Ready(Ok(()));
+        };
+        let mut scratch = [0u8; 8192];
+        loop {
+            if deadline.as_mut().poll(cx).is_ready() || *seen > LINGER_LIMIT {
+                return Poll::Ready(Ok(()));
+            }
+            let mut buf = ReadBuf::new(&mut scratch);
+            match Pin::new(&mut this.stream).poll_read(cx, &mut buf) {
+                Poll::Ready(Ok(())) if buf.filled().is_empty() => return Poll::Ready(Ok(())),
+                Poll::Ready(Ok(())) => *seen += buf.filled().len(),
+                Poll::Ready(Err(_)) => return Poll::Ready(Ok(())),
+                Poll::Pending => return Poll::Pending,
+            }
         }
     }
 }

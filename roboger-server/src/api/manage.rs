@@ -18,7 +18,7 @@ use super::reply::{self, Response};
 use crate::App;
 use crate::store::entity::{ADDR_LEN, PLUGIN_NAME_MAX, addr, endpoint};
 use crate::store::{
-    AddrPatch, AddrRef, EndpointPatch, EventHead, SubscriptionPatch, SubscriptionRow,
+    AddrPatch, AddrRef, EndpointPatch, EventHead, StoreError, SubscriptionPatch, SubscriptionRow,
 };
 
 /// Where the management API lives.
@@ -45,6 +45,16 @@ pub struct Request<'a> {
 /// Authenticates and runs a management request; every failure is answered
 /// by its [`ApiError`] status.
 pub async fn handle(app: &App, req: Request<'_>) -> Response {
+    let segs: Vec<&str> = req.path.split('/').filter(|s| !s.is_empty()).collect();
+    let Some(allow) = allowed_methods(&segs) else {
+        return reply::error(&ApiError::NotFound(format!(
+            "no such resource: {PREFIX}/{}",
+            segs.join("/")
+        )));
+    };
+    if !allow.split(", ").any(|m| m == req.method.as_str()) {
+        return reply::not_allowed(req.method, &format!("{PREFIX}/{}", segs.join("/")), allow);
+    }
     let run = async {
         let body = Body::parse(&req.body);
         let header_key = req.headers.get("x-auth-key").and_then(|v| v.to_str().ok());
@@ -52,7 +62,6 @@ pub async fn handle(app: &App, req: Request<'_>) -> Response {
         let ip = app.auth.client_ip(req.peer, req.headers);
         app.auth.check(ip, key)?;
         let body = body?;
-        let segs: Vec<&str> = req.path.split('/').filter(|s| !s.is_empty()).collect();
         let answer = route(app, req.method, &segs, req.query, req.headers, &body).await?;
         if *req.method != Method::GET
             && (answer.status().is_success() || answer.status().is_redirection())
@@ -63,13 +72,21 @@ pub async fn handle(app: &App, req: Request<'_>) -> Response {
         }
         Ok(answer)
     };
-    match tokio::time::timeout(app.config.timeout * 2, run).await {
+    let mut answer = match tokio::time::timeout(app.config.timeout * 2, run).await {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => reply::error(&e),
         Err(_) => reply::error(&ApiError::Unavailable(
             "timed out; the database or a plugin did not answer".into(),
         )),
+    };
+    if answer.status() == StatusCode::METHOD_NOT_ALLOWED {
+        // An unknown command or a protected field: the original's 405,
+        // which HTTP wants with the methods the resource has.
+        answer
+            .headers_mut()
+            .insert(http::header::ALLOW, http::HeaderValue::from_static(allow));
     }
+    answer
 }
 
 async fn route(
@@ -175,9 +192,11 @@ async fn route(
                 &["id", "addr_id"],
             )?;
             let plugin = body.required_str("plugin_name")?;
-            if plugin.len() > PLUGIN_NAME_MAX {
+            if !crate::config::valid_plugin_name(plugin) {
+                // Not a name at all (a well-formed unknown name is the
+                // original's 404 below).
                 return Err(bad(format!(
-                    "field \"plugin_name\" is longer than {PLUGIN_NAME_MAX} characters"
+                    "field \"plugin_name\" must be 1 to {PLUGIN_NAME_MAX} of a-z, 0-9, '_' and '-'"
                 )));
             }
             let config = body.object("config")?.unwrap_or_else(|| json!({}));
@@ -206,7 +225,8 @@ async fn route(
             ))
         }
         ("GET", ["addr", a, "endpoint", ep]) => {
-            let (a, ep) = (addr_id(app, a).await?, int_id("endpoint", ep)?);
+            let ep = int_id("endpoint", ep)?;
+            let a = addr_for(app, a, &format!("endpoint {ep}")).await?;
             let mut v = endpoint_json(&app.store.endpoint_get(a, ep).await?);
             // Its deliveries, from the database: the same on every node.
             let s = app.store.endpoint_delivery_stats(ep).await?;
@@ -222,7 +242,8 @@ async fn route(
                 &["config", "active", "description"],
                 &["id", "addr_id", "plugin_name"],
             )?;
-            let (a, ep) = (addr_id(app, a).await?, int_id("endpoint", ep)?);
+            let ep = int_id("endpoint", ep)?;
+            let a = addr_for(app, a, &format!("endpoint {ep}")).await?;
             let patch = EndpointPatch {
                 config: body.object("config")?,
                 active: body.active("active")?,
@@ -241,7 +262,8 @@ async fn route(
         }
         ("POST", ["addr", a, "endpoint", ep]) => {
             body.only(&["cmd", "target", "replace"], &[])?;
-            let (a, ep) = (addr_id(app, a).await?, int_id("endpoint", ep)?);
+            let ep = int_id("endpoint", ep)?;
+            let a = addr_for(app, a, &format!("endpoint {ep}")).await?;
             app.store.endpoint_get(a, ep).await?;
             match body.required_str("cmd")? {
                 "copysub" => {
@@ -257,13 +279,15 @@ async fn route(
             }
         }
         ("DELETE", ["addr", a, "endpoint", ep]) => {
-            let (a, ep) = (addr_id(app, a).await?, int_id("endpoint", ep)?);
+            let ep = int_id("endpoint", ep)?;
+            let a = addr_for(app, a, &format!("endpoint {ep}")).await?;
             app.store.endpoint_delete(a, ep).await?;
             Ok(reply::empty(StatusCode::NO_CONTENT))
         }
 
         ("GET", ["addr", a, "endpoint", ep, "subscription"]) => {
-            let (a, ep) = (addr_id(app, a).await?, int_id("endpoint", ep)?);
+            let ep = int_id("endpoint", ep)?;
+            let a = addr_for(app, a, &format!("endpoint {ep}")).await?;
             let list = app.store.subscription_list(a, ep).await?;
             let out: Vec<Value> = list.iter().map(subscription_json).collect();
             Ok(reply::json(StatusCode::OK, &out))
@@ -271,7 +295,8 @@ async fn route(
         ("POST", ["addr", a_seg, "endpoint", ep_seg, "subscription"]) => {
             body.only(SUBSCRIPTION_FIELDS, SUBSCRIPTION_PROTECTED)?;
             let patch = subscription_patch(body)?;
-            let (a, ep) = (addr_id(app, a_seg).await?, int_id("endpoint", ep_seg)?);
+            let ep = int_id("endpoint", ep_seg)?;
+            let a = addr_for(app, a_seg, &format!("endpoint {ep}")).await?;
             let row = app.store.subscription_create(a, ep, patch).await?;
             let loc = format!(
                 "{PREFIX}/addr/{a_seg}/endpoint/{ep_seg}/subscription/{}",
@@ -283,11 +308,8 @@ async fn route(
             ))
         }
         ("GET", ["addr", a, "endpoint", ep, "subscription", s]) => {
-            let (a, ep, s) = (
-                addr_id(app, a).await?,
-                int_id("endpoint", ep)?,
-                int_id("subscription", s)?,
-            );
+            let (ep, s) = (int_id("endpoint", ep)?, int_id("subscription", s)?);
+            let a = addr_for(app, a, &format!("subscription {s}")).await?;
             Ok(reply::json(
                 StatusCode::OK,
                 &subscription_json(&app.store.subscription_get(a, ep, s).await?),
@@ -296,33 +318,24 @@ async fn route(
         ("PATCH", ["addr", a, "endpoint", ep, "subscription", s]) => {
             body.only(SUBSCRIPTION_FIELDS, SUBSCRIPTION_PROTECTED)?;
             let patch = subscription_patch(body)?;
-            let (a, ep, s) = (
-                addr_id(app, a).await?,
-                int_id("endpoint", ep)?,
-                int_id("subscription", s)?,
-            );
+            let (ep, s) = (int_id("endpoint", ep)?, int_id("subscription", s)?);
+            let a = addr_for(app, a, &format!("subscription {s}")).await?;
             let row = app.store.subscription_update(a, ep, s, patch).await?;
             Ok(reply::modified(
                 accept("subscription").then(|| subscription_json(&row)),
             ))
         }
         ("POST", ["addr", a, "endpoint", ep, "subscription", s]) => {
-            let (a, ep, s) = (
-                addr_id(app, a).await?,
-                int_id("endpoint", ep)?,
-                int_id("subscription", s)?,
-            );
+            let (ep, s) = (int_id("endpoint", ep)?, int_id("subscription", s)?);
+            let a = addr_for(app, a, &format!("subscription {s}")).await?;
             app.store.subscription_get(a, ep, s).await?;
             Err(ApiError::MethodNotAllowed(
                 "subscriptions have no commands".into(),
             ))
         }
         ("DELETE", ["addr", a, "endpoint", ep, "subscription", s]) => {
-            let (a, ep, s) = (
-                addr_id(app, a).await?,
-                int_id("endpoint", ep)?,
-                int_id("subscription", s)?,
-            );
+            let (ep, s) = (int_id("endpoint", ep)?, int_id("subscription", s)?);
+            let a = addr_for(app, a, &format!("subscription {s}")).await?;
             app.store.subscription_delete(a, ep, s).await?;
             Ok(reply::empty(StatusCode::NO_CONTENT))
         }
@@ -333,8 +346,13 @@ async fn route(
                 match url::form_urlencoded::parse(query.as_bytes()).find(|(k, _)| k == "limit") {
                     Some((_, v)) => v
                         .parse::<u64>()
-                        .map_err(|_| bad(format!("limit must be a whole number, not \"{v}\"")))?
-                        .clamp(1, 1000),
+                        .ok()
+                        .filter(|n| (1..=1000).contains(n))
+                        .ok_or_else(|| {
+                            bad(format!(
+                                "limit must be a whole number from 1 to 1000, not \"{v}\""
+                            ))
+                        })?,
                     None => 100,
                 };
             let list = app.store.event_list(a, limit).await?;
@@ -342,7 +360,7 @@ async fn route(
             Ok(reply::json(StatusCode::OK, &out))
         }
         ("GET", ["addr", a, "event", id]) => {
-            let a = addr_id(app, a).await?;
+            let a = addr_for(app, a, &format!("event {id}")).await?;
             let (e, deliveries) = app.store.event_get(a, id).await?;
             let mut v = event_json(&e);
             v["deliveries"] = deliveries
@@ -360,7 +378,7 @@ async fn route(
         }
         ("POST", ["addr", a, "event", id]) => {
             body.only(&["cmd"], &[])?;
-            let a = addr_id(app, a).await?;
+            let a = addr_for(app, a, &format!("event {id}")).await?;
             match body.required_str("cmd")? {
                 "retry" => {
                     let n = app.store.event_retry(a, id).await?;
@@ -373,12 +391,9 @@ async fn route(
             }
         }
 
-        (method, segs) if is_known_path(segs) => Err(ApiError::MethodNotAllowed(format!(
+        // `handle` has answered every other method and path.
+        (method, segs) => Err(ApiError::MethodNotAllowed(format!(
             "method {method} is not allowed on {PREFIX}/{}",
-            segs.join("/")
-        ))),
-        (_, segs) => Err(ApiError::NotFound(format!(
-            "no such resource: {PREFIX}/{}",
             segs.join("/")
         ))),
     }
@@ -466,27 +481,38 @@ async fn addr_id(app: &App, a: &str) -> Result<i64, ApiError> {
     Ok(app.store.addr_get(&AddrRef::parse(a)).await?.id)
 }
 
+/// The id of address `a` on the way to the object `asked` (e.g.
+/// "endpoint 2") below it. When the address is gone, the 404 names the
+/// object asked for, as the original's did (its client matches that text).
+async fn addr_for(app: &App, a: &str, asked: &str) -> Result<i64, ApiError> {
+    match app.store.addr_get(&AddrRef::parse(a)).await {
+        Ok(a) => Ok(a.id),
+        Err(StoreError::NotFound(_)) => Err(ApiError::NotFound(format!("{asked} not found"))),
+        Err(e) => Err(e.into()),
+    }
+}
+
 fn int_id(what: &str, s: &str) -> Result<i64, ApiError> {
     s.parse::<i64>()
         .map_err(|_| bad(format!("{what} id must be an integer, not \"{s}\"")))
 }
 
-fn is_known_path(segs: &[&str]) -> bool {
-    matches!(
-        segs,
+/// The methods a management resource answers (its `Allow`), or `None`
+/// when there is no such resource.
+fn allowed_methods(segs: &[&str]) -> Option<&'static str> {
+    Some(match segs {
         ["core"]
-            | ["node"]
-            | ["plugin"]
-            | ["plugin", _]
-            | ["addr"]
-            | ["addr", _]
-            | ["addr", _, "endpoint"]
-            | ["addr", _, "endpoint", _]
-            | ["addr", _, "endpoint", _, "subscription"]
-            | ["addr", _, "endpoint", _, "subscription", _]
-            | ["addr", _, "event"]
-            | ["addr", _, "event", _]
-    )
+        | ["addr"]
+        | ["addr", _, "endpoint"]
+        | ["addr", _, "endpoint", _, "subscription"] => "GET, POST",
+        ["node"] | ["plugin"] | ["addr", _, "event"] => "GET",
+        ["plugin", _] => "POST",
+        ["addr", _]
+        | ["addr", _, "endpoint", _]
+        | ["addr", _, "endpoint", _, "subscription", _] => "GET, PATCH, POST, DELETE",
+        ["addr", _, "event", _] => "GET, POST",
+        _ => return None,
+    })
 }
 
 /// The original's `Accept` rule: `*/*`, `application/*` or the resource's

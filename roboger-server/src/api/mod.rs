@@ -177,6 +177,15 @@ pub fn routes(
             }
         });
 
+    let unrouted = warp::path::full()
+        .and(warp::method())
+        .and(with_app.clone())
+        .map(
+            |path: warp::path::FullPath, method: Method, app: Arc<App>| {
+                unrouted(&app, path.as_str(), &method)
+            },
+        );
+
     ping.or(push)
         .unify()
         .or(metrics)
@@ -189,10 +198,43 @@ pub fn routes(
         .unify()
         .or(docs)
         .unify()
-        .recover(|_rejection: warp::Rejection| async move {
-            Ok::<_, std::convert::Infallible>(reply::text(StatusCode::NOT_FOUND, "not found"))
-        })
+        .or(unrouted)
         .unify()
+}
+
+/// What no route took: 405 with `Allow` for a path the server has (with
+/// another method), else 404. (`/manage/v2/…` and `/plugin/…` take every
+/// method and answer for themselves.)
+fn unrouted(app: &App, path: &str, method: &Method) -> Response {
+    let segs: Vec<&str> = path.split('/').skip(1).collect();
+    let allow = match segs.as_slice() {
+        ["ping"] | ["metrics"] => Some("GET"),
+        ["push"] => Some("POST"),
+        ["file", id] if !id.is_empty() => Some("GET"),
+        _ if docs_page(app, path).is_some() => Some("GET"),
+        _ => None,
+    };
+    match allow {
+        Some(allow) => reply::not_allowed(method, path, allow),
+        None => reply::text(StatusCode::NOT_FOUND, "not found"),
+    }
+}
+
+/// The documentation pages: the page at the `api-doc` path and the
+/// OpenAPI document next to it.
+#[derive(Clone, Copy)]
+enum DocsPage {
+    Index,
+    OpenApi,
+}
+
+fn docs_page(app: &App, path: &str) -> Option<DocsPage> {
+    let base = app.config.api_doc.as_deref()?.trim_end_matches('/');
+    match path.strip_prefix(base)? {
+        "" | "/" => Some(DocsPage::Index),
+        "/openapi.yaml" => Some(DocsPage::OpenApi),
+        _ => None,
+    }
 }
 
 /// 204 when the database answers within the timeout, 503 otherwise.
@@ -213,11 +255,9 @@ async fn ping(app: &App) -> Response {
 /// The API documentation: a small page at the `api-doc` path and the
 /// OpenAPI document next to it.
 fn docs(app: &App, path: &str) -> Option<Response> {
-    let base = app.config.api_doc.as_deref()?;
-    let base = base.trim_end_matches('/');
-    let rest = path.strip_prefix(base)?;
-    match rest {
-        "" | "/" => {
+    let base = app.config.api_doc.as_deref()?.trim_end_matches('/');
+    Some(match docs_page(app, path)? {
+        DocsPage::Index => {
             let page = format!(
                 "<!doctype html><html><head><meta charset=\"utf-8\"><title>Roboger API</title></head>\
                  <body><h1>Roboger {}</h1><p>The REST API is described by \
@@ -229,18 +269,41 @@ fn docs(app: &App, path: &str) -> Option<Response> {
                 http::header::CONTENT_TYPE,
                 http::HeaderValue::from_static("text/html; charset=utf-8"),
             );
-            Some(r)
+            r
         }
-        "/openapi.yaml" => {
-            let mut r = reply::text(StatusCode::OK, OPENAPI);
+        DocsPage::OpenApi => {
+            let mut r = reply::text(StatusCode::OK, openapi(app));
             r.headers_mut().insert(
                 http::header::CONTENT_TYPE,
                 http::HeaderValue::from_static("application/yaml"),
             );
-            Some(r)
+            r
         }
-        _ => None,
+    })
+}
+
+/// The OpenAPI document as this server answers it: `PluginName` lists
+/// the plugins it has configured (so a generated request names one).
+fn openapi(app: &App) -> String {
+    let names: Vec<serde_yaml_ng::Value> = app
+        .plugins
+        .list()
+        .into_iter()
+        .map(|p| p.plugin_name.into())
+        .collect();
+    let Ok(mut doc) = serde_yaml_ng::from_str::<serde_yaml_ng::Value>(OPENAPI) else {
+        return OPENAPI.to_string();
+    };
+    if let Some(schema) = doc
+        .get_mut("components")
+        .and_then(|c| c.get_mut("schemas"))
+        .and_then(|s| s.get_mut("PluginName"))
+        .and_then(|p| p.as_mapping_mut())
+        && !names.is_empty()
+    {
+        schema.insert("enum".into(), names.into());
     }
+    serde_yaml_ng::to_string(&doc).unwrap_or_else(|_| OPENAPI.to_string())
 }
 
 /// The `Content-Length` of a request, if it has a valid one.

@@ -78,3 +78,14 @@ pub fn modified(body: Option<serde_json::Value>) -> Response {
 pub fn moved(location: &str) -> Response {
     with_location(empty(StatusCode::MOVED_PERMANENTLY), location)
 }
+
+/// 405 for a method `path` does not answer, with `Allow` listing those
+/// it does.
+pub fn not_allowed(method: &http::Method, path: &str, allow: &'static str) -> Response {
+    let mut r = error(&ApiError::MethodNotAllowed(format!(
+        "method {method} is not allowed on {path}; allowed: {allow}"
+    )));
+    r.headers_mut()
+        .insert(header::ALLOW, HeaderValue::from_static(allow));
+    r
+}

@@ -177,7 +177,7 @@ impl Store {
             .filter(endpoint::Column::AddrId.eq(addr_id))
             .one(&self.db)
             .await?
-            .ok_or_else(|| StoreError::NotFound(format!("endpoint {addr_id}/{id}")))
+            .ok_or_else(|| StoreError::NotFound(format!("endpoint {id}")))
     }
 
     /// Creates an endpoint (the caller has validated the config).
@@ -261,9 +261,7 @@ impl Store {
     ) -> Result<()> {
         let src = self.endpoint_get(addr_id, from).await?;
         let dst = self.endpoint_get(addr_id, to).await.map_err(|e| match e {
-            StoreError::NotFound(_) => {
-                StoreError::NotFound(format!("target endpoint {addr_id}/{to}"))
-            }
+            StoreError::NotFound(_) => StoreError::NotFound(format!("target endpoint {to}")),
             e => e,
         })?;
         let subs = self.subscription_list_raw(src.id).await?;
@@ -325,8 +323,7 @@ impl Store {
         endpoint_id: i64,
         id: i64,
     ) -> Result<SubscriptionRow> {
-        let not_found =
-            || StoreError::NotFound(format!("subscription {addr_id}/{endpoint_id}/{id}"));
+        let not_found = || StoreError::NotFound(format!("subscription {id}"));
         self.endpoint_get(addr_id, endpoint_id)
             .await
             .map_err(|e| match e {
