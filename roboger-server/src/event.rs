@@ -52,13 +52,16 @@ impl Event {
     pub fn from_fields(fields: &Map<String, Value>) -> Result<Event, BadPush> {
         if let Some(k) = fields.keys().find(|k| !FIELDS.contains(&k.as_str())) {
             return Err(BadPush(format!(
-                "unknown field \"{k}\"; allowed: {}",
+                "unknown field {k:?}; allowed: {}",
                 FIELDS.join(", ")
             )));
         }
         let text = |k: &str| -> Result<Option<String>, BadPush> {
             match fields.get(k) {
                 None | Some(Value::Null) => Ok(None),
+                Some(Value::String(s)) if s.contains('\0') => Err(BadPush(format!(
+                    "field \"{k}\" holds a NUL character (U+0000), which cannot be stored"
+                ))),
                 Some(Value::String(s)) => Ok(Some(s.clone())),
                 Some(v @ (Value::Number(_) | Value::Bool(_))) => Ok(Some(v.to_string())),
                 Some(_) => Err(BadPush(format!("field \"{k}\" must be a string"))),
@@ -234,5 +237,58 @@ mod tests {
         );
         assert!(ev(json!({"addr": "a", "msg": {"x": 1}})).is_err());
         assert_eq!(ev(json!({"addr": "a", "expires": 5})).unwrap().addr, "a");
+    }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// Any JSON value a sender might put in a field.
+        fn value() -> impl Strategy<Value = Value> {
+            let leaf = prop_oneof![
+                Just(Value::Null),
+                any::<bool>().prop_map(Value::Bool),
+                any::<i64>().prop_map(Value::from),
+                any::<f64>().prop_map(Value::from),
+                ".*".prop_map(Value::String),
+            ];
+            leaf.prop_recursive(2, 8, 4, |inner| {
+                prop_oneof![
+                    prop::collection::vec(inner.clone(), 0..3).prop_map(Value::Array),
+                    prop::collection::btree_map(".{0,4}", inner, 0..3)
+                        .prop_map(|m| Value::Object(m.into_iter().collect())),
+                ]
+            })
+        }
+
+        /// Field names: the known ones, mostly, and some others.
+        fn name() -> impl Strategy<Value = String> {
+            prop_oneof![
+                4 => prop::sample::select(FIELDS.to_vec()).prop_map(String::from),
+                1 => ".{0,8}",
+            ]
+        }
+
+        proptest! {
+            /// Any push becomes an event with an address and a known
+            /// level, or a 400 whose text names a field.
+            #[test]
+            fn any_push_is_an_event_or_names_a_field(
+                fields in prop::collection::btree_map(name(), value(), 0..8)
+            ) {
+                let fields: Map<String, Value> = fields.into_iter().collect();
+                match Event::from_fields(&fields) {
+                    Ok(e) => {
+                        prop_assert!(!e.addr.is_empty());
+                        prop_assert!(Level::from_code(i64::from(e.level.code())).is_some());
+                        prop_assert!(!e.msg.contains('\0') && !e.subject.contains('\0'));
+                    }
+                    Err(BadPush(why)) => {
+                        let mut names = FIELDS.iter().copied().chain(fields.keys().map(String::as_str));
+                        prop_assert!(names.any(|f| why.contains(&format!("{f:?}"))), "{}", why);
+                    }
+                }
+            }
+        }
     }
 }

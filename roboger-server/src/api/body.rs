@@ -23,7 +23,16 @@ impl Body {
             return Ok(Body::default());
         }
         match serde_json::from_slice::<Value>(bytes) {
-            Ok(Value::Object(m)) => Ok(Body(m)),
+            Ok(Value::Object(m)) => {
+                // No database here stores U+0000 in text (PostgreSQL refuses
+                // it in text and JSON): refused up front, naming the field.
+                if let Some((k, _)) = m.iter().find(|(k, v)| k.contains('\0') || holds_nul(v)) {
+                    return Err(bad(format!(
+                        "field {k:?} holds a NUL character (U+0000), which cannot be stored"
+                    )));
+                }
+                Ok(Body(m))
+            }
             Ok(Value::Null) => Ok(Body::default()),
             Ok(_) => Err(bad("the request body must be a JSON object")),
             Err(e) => Err(bad(format!("the request body is not valid JSON: {e}"))),
@@ -37,8 +46,14 @@ impl Body {
 
     /// Refuses protected fields (405) and any field not in `allowed` (400).
     pub fn only(&self, allowed: &[&str], protected: &[&str]) -> Result<(), ApiError> {
-        for k in self.0.keys() {
-            if k == "k" || allowed.contains(&k.as_str()) {
+        for (k, v) in &self.0 {
+            if k == "k" {
+                if !v.is_string() {
+                    return Err(bad("field \"k\" (the master key) must be a string"));
+                }
+                continue;
+            }
+            if allowed.contains(&k.as_str()) {
                 continue;
             }
             if protected.contains(&k.as_str()) {
@@ -47,7 +62,7 @@ impl Body {
                 )));
             }
             return Err(bad(format!(
-                "unknown field \"{k}\"; allowed: {}",
+                "unknown field {k:?}; allowed: {}",
                 allowed.join(", ")
             )));
         }
@@ -82,7 +97,7 @@ impl Body {
         }
     }
 
-    /// A non-negative integer (also accepted as a numeric string).
+    /// A non-negative integer (also as text of up to 18 digits).
     pub fn count(&self, key: &str) -> Result<Option<i64>, ApiError> {
         let err = |v: &Value| {
             bad(format!(
@@ -96,13 +111,7 @@ impl Body {
                 .filter(|n| *n >= 0)
                 .map(Some)
                 .ok_or_else(|| err(v)),
-            Some(v @ Value::String(s)) => s
-                .trim()
-                .parse::<i64>()
-                .ok()
-                .filter(|n| *n >= 0)
-                .map(Some)
-                .ok_or_else(|| err(v)),
+            Some(v @ Value::String(s)) => digits(s).map(Some).ok_or_else(|| err(v)),
             Some(v) => Err(err(v)),
         }
     }
@@ -177,11 +186,11 @@ impl Body {
         }
     }
 
-    /// An integer id (also as a numeric string).
+    /// An integer id (also as text of up to 18 digits).
     pub fn id(&self, key: &str) -> Result<i64, ApiError> {
         match self.get(key) {
             Some(Value::Number(n)) if n.as_i64().is_some() => Ok(n.as_i64().unwrap_or_default()),
-            Some(Value::String(s)) => s.parse().map_err(|_| {
+            Some(Value::String(s)) => digits(s).ok_or_else(|| {
                 bad(format!(
                     "field \"{key}\" must be an integer id, not \"{s}\""
                 ))
@@ -199,9 +208,29 @@ impl Body {
     }
 }
 
+/// A whole number written as text: 1 to 18 ASCII digits (so it always
+/// fits an `i64`), nothing else; what `openapi.yaml` calls `Digits`.
+fn digits(s: &str) -> Option<i64> {
+    if s.is_empty() || s.len() > 18 || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    s.parse().ok()
+}
+
+/// Whether a string anywhere in `v` (keys included) holds U+0000.
+fn holds_nul(v: &Value) -> bool {
+    match v {
+        Value::String(s) => s.contains('\0'),
+        Value::Array(a) => a.iter().any(holds_nul),
+        Value::Object(m) => m.iter().any(|(k, v)| k.contains('\0') || holds_nul(v)),
+        _ => false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     fn b(s: &str) -> Body {
         Body::parse(s.as_bytes()).unwrap()
@@ -213,6 +242,7 @@ mod tests {
         assert!(Body::parse(b"null").is_ok());
         assert!(Body::parse(b"[1]").is_err());
         assert!(Body::parse(b"{").is_err());
+        assert!(Body::parse(br#"{"config": {"t": ["a\u0000"]}}"#).is_err());
     }
 
     #[test]
@@ -237,6 +267,12 @@ mod tests {
         ));
         assert!(b(r#"{"active": 2}"#).active("active").is_err());
         assert!(b(r#"{"lim_c": -1}"#).count("lim_c").is_err());
+        assert_eq!(b(r#"{"lim_c": "42"}"#).count("lim_c").unwrap(), Some(42));
+        for refused in ["-1", " 4", "+4", "1234567890123456789", ""] {
+            let body = b(&json!({"lim_c": refused, "target": refused}).to_string());
+            assert!(body.count("lim_c").is_err(), "{refused}");
+            assert!(body.id("target").is_err(), "{refused}");
+        }
         assert!(
             b(r#"{"level_match": "eq"}"#)
                 .level_match("level_match")
@@ -244,5 +280,76 @@ mod tests {
         );
         let long = format!(r#"{{"tag": "{}"}}"#, "x".repeat(256));
         assert!(b(&long).nullable_text("tag").is_err());
+    }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        const KEYS: [&str; 8] = [
+            "active",
+            "lim_c",
+            "location",
+            "level",
+            "level_match",
+            "target",
+            "replace",
+            "k",
+        ];
+
+        fn value() -> impl Strategy<Value = Value> {
+            prop_oneof![
+                Just(Value::Null),
+                any::<bool>().prop_map(Value::Bool),
+                any::<i64>().prop_map(Value::from),
+                any::<f64>().prop_map(Value::from),
+                ".{0,300}".prop_map(Value::String),
+                "[0-9]{0,20}".prop_map(Value::String),
+                Just(json!({"a": [1, "\u{0}"]})),
+            ]
+        }
+
+        proptest! {
+            /// Every check of every field either passes or refuses with a
+            /// 400 (405 for a protected field) whose text names the field.
+            #[test]
+            fn every_refusal_names_its_field(
+                fields in prop::collection::btree_map(
+                    prop_oneof![4 => prop::sample::select(KEYS.to_vec()).prop_map(String::from), 1 => ".{0,6}"],
+                    value(),
+                    0..6,
+                )
+            ) {
+                let text = serde_json::to_vec(&fields).unwrap();
+                let body = match Body::parse(&text) {
+                    Ok(b) => b,
+                    Err(ApiError::BadRequest(why)) => {
+                        prop_assert!(fields.keys().any(|k| why.contains(&format!("{k:?}"))), "{}", why);
+                        return Ok(());
+                    }
+                    Err(e) => panic!("{e:?}"),
+                };
+                let refusals = [
+                    ("", body.only(&KEYS[..7], &["id"]).err()),
+                    ("active", body.active("active").err()),
+                    ("lim_c", body.count("lim_c").err()),
+                    ("location", body.nullable_text("location").err()),
+                    ("level", body.level("level").err()),
+                    ("level_match", body.level_match("level_match").err()),
+                    ("target", body.id("target").err()),
+                    ("replace", body.flag("replace").err()),
+                ];
+                for (key, e) in refusals {
+                    let Some(e) = e else { continue };
+                    let why = e.to_string();
+                    prop_assert!(matches!(e, ApiError::BadRequest(_) | ApiError::MethodNotAllowed(_)));
+                    if key.is_empty() {
+                        prop_assert!(fields.keys().any(|k| why.contains(&format!("{k:?}"))), "{}", why);
+                    } else {
+                        prop_assert!(why.contains(&format!("{key:?}")), "{}", why);
+                    }
+                }
+            }
+        }
     }
 }
