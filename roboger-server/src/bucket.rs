@@ -33,6 +33,12 @@ pub fn object_id(
     digest.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// Whether `s` can be an object id: 64 lowercase hex digits, what
+/// [`object_id`] makes (and what the original made).
+pub fn is_object_id(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
 /// The content type of `content`, detected from its bytes: a known
 /// binary format, else `text/plain` for UTF-8 text, else octet-stream.
 pub fn detect_mimetype(content: &[u8]) -> String {

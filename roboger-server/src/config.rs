@@ -440,6 +440,12 @@ impl Config {
         Config::build(path, file, env)
     }
 
+    /// Like [`Config::load`], from the text of a file that would be at
+    /// `path` (the fuzz tests' entry).
+    pub fn from_text(text: &str, path: &Path, env: &Overrides) -> Result<Config, ConfigError> {
+        Config::build(Some(path), parse_text(text, path)?, env)
+    }
+
     fn build(path: Option<&Path>, f: FileRoboger, env: &Overrides) -> Result<Config, ConfigError> {
         let mut notices = Vec::new();
         for (key, set) in [
@@ -796,7 +802,11 @@ fn parse_file(path: &Path) -> Result<FileRoboger, ConfigError> {
         path: path.to_path_buf(),
         source,
     })?;
-    let de = serde_yaml_ng::Deserializer::from_str(&text);
+    parse_text(&text, path)
+}
+
+fn parse_text(text: &str, path: &Path) -> Result<FileRoboger, ConfigError> {
+    let de = serde_yaml_ng::Deserializer::from_str(text);
     let root: FileRoot = serde_path_to_error::deserialize(de).map_err(|e| {
         let key = e.path().to_string();
         ConfigError::Parse {
@@ -812,11 +822,29 @@ fn parse_file(path: &Path) -> Result<FileRoboger, ConfigError> {
     Ok(root.roboger)
 }
 
+/// The longest value read from a file: a key or a URL.
+const VALUE_FILE_MAX: u64 = 64 * 1024;
+
 /// The original reads a value from a file when it starts with `/` or `./`.
 fn value_or_file(key: &str, v: String) -> Result<String, ConfigError> {
+    use std::io::Read;
     if v.starts_with('/') || v.starts_with("./") {
-        let text = std::fs::read_to_string(&v)
-            .map_err(|e| invalid(key, format!("cannot read the value from file {v}: {e}")))?;
+        let cannot = |e: String| invalid(key, format!("cannot read the value from file {v}: {e}"));
+        // A regular file: a FIFO or a device (/dev/stdin) could block
+        // the start for ever.
+        if !std::fs::metadata(&v)
+            .map_err(|e| cannot(e.to_string()))?
+            .is_file()
+        {
+            return Err(cannot("it is not a regular file".into()));
+        }
+        let mut text = String::new();
+        std::fs::File::open(&v)
+            .and_then(|f| f.take(VALUE_FILE_MAX + 1).read_to_string(&mut text))
+            .map_err(|e| cannot(e.to_string()))?;
+        if text.len() as u64 > VALUE_FILE_MAX {
+            return Err(cannot(format!("it is longer than {VALUE_FILE_MAX} bytes")));
+        }
         Ok(text.trim_end_matches(['\n', '\r']).to_string())
     } else {
         Ok(v)

@@ -6,6 +6,11 @@
 //! server URL (e.g. `postgresql://postgres@127.0.0.1:55432`); then every
 //! server gets a fresh database on it, created with `psql`. `tests/run`
 //! runs the suite both ways.
+//!
+//! [`fuzz`] holds the bodies of the fuzz targets, shared by `cargo fuzz`
+//! (`tests/fuzz`) and the corpus replay in the suite.
+
+pub mod fuzz;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};

@@ -134,23 +134,33 @@ pub async fn plugin_route(app: &App, req: PluginRequest<'_>) -> Result<Response,
         }
         Err(e) => return Err(e.into()),
     };
+    Ok(route_answer(req.name, answer))
+}
+
+/// The HTTP answer a plugin's `http` method described (status, headers,
+/// base64 body); a description that is not one is 502. Headers that are
+/// not valid HTTP are left out.
+pub fn route_answer(name: &str, answer: Value) -> Response {
     let answer: HttpResponse = match serde_json::from_value(answer) {
         Ok(a) => a,
         Err(e) => {
-            return Ok(reply::text(
+            return reply::text(
                 StatusCode::BAD_GATEWAY,
-                format!("plugin {} answered badly: {e}", req.name),
-            ));
+                format!("plugin {name} answered badly: {e}"),
+            );
         }
     };
-    let (Ok(status), Ok(body)) = (
-        StatusCode::from_u16(answer.status),
+    let (Some(status), Ok(body)) = (
+        // A final status: 1xx would break the exchange.
+        StatusCode::from_u16(answer.status)
+            .ok()
+            .filter(|s| (200..600).contains(&s.as_u16())),
         base64::engine::general_purpose::STANDARD.decode(&answer.body),
     ) else {
-        return Ok(reply::text(
+        return reply::text(
             StatusCode::BAD_GATEWAY,
-            format!("plugin {} answered with a bad status or body", req.name),
-        ));
+            format!("plugin {name} answered with a bad status or body"),
+        );
     };
     let mut r = Response::new(body.into());
     *r.status_mut() = status;
@@ -158,9 +168,23 @@ pub async fn plugin_route(app: &App, req: PluginRequest<'_>) -> Result<Response,
         if let (Ok(name), Ok(value)) = (
             HeaderName::from_bytes(k.as_bytes()),
             HeaderValue::from_str(&v),
-        ) {
+        ) && !FRAMING_HEADERS.contains(&name)
+        {
             r.headers_mut().append(name, value);
         }
     }
-    Ok(r)
+    r
 }
+
+/// Headers that describe the connection or the body's framing: the
+/// server sets them itself, and a plugin's (a wrong Content-Length)
+/// would corrupt the connection.
+const FRAMING_HEADERS: [HeaderName; 7] = [
+    header::CONTENT_LENGTH,
+    header::TRANSFER_ENCODING,
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    header::UPGRADE,
+    header::TE,
+    header::TRAILER,
+];

@@ -19,15 +19,14 @@ pub fn body_limit(max_media: usize) -> usize {
     max_media / 3 * 4 + 1024 * 1024
 }
 
-/// Handles one push.
-pub async fn push(
-    app: &App,
+/// A push's fields: the query string's, then the body's (a JSON object,
+/// or a form when labelled so and not JSON) over them. A body that is
+/// neither is a 400 saying so.
+pub fn fields(
     query: &str,
     content_type: Option<&str>,
-    body: Bytes,
-) -> Result<Response, ApiError> {
-    // What counts against `lim_s`: the request's size, as in the original.
-    let body_len = body.len() + query.len();
+    body: &[u8],
+) -> Result<Map<String, Value>, ApiError> {
     let mut fields = Map::new();
     for (k, v) in url::form_urlencoded::parse(query.as_bytes()) {
         fields.insert(k.into_owned(), Value::String(v.into_owned()));
@@ -37,11 +36,11 @@ pub async fn push(
     let looks_json = body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
     let is_form = content_type.is_some_and(|c| c.starts_with("application/x-www-form-urlencoded"));
     if is_form && !looks_json {
-        for (k, v) in url::form_urlencoded::parse(&body) {
+        for (k, v) in url::form_urlencoded::parse(body) {
             fields.insert(k.into_owned(), Value::String(v.into_owned()));
         }
     } else if !body.iter().all(u8::is_ascii_whitespace) {
-        match serde_json::from_slice::<Value>(&body) {
+        match serde_json::from_slice::<Value>(body) {
             Ok(Value::Object(m)) => fields.extend(m),
             Ok(Value::Null) => {}
             Ok(_) => {
@@ -56,6 +55,19 @@ pub async fn push(
             }
         }
     }
+    Ok(fields)
+}
+
+/// Handles one push.
+pub async fn push(
+    app: &App,
+    query: &str,
+    content_type: Option<&str>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    // What counts against `lim_s`: the request's size, as in the original.
+    let body_len = body.len() + query.len();
+    let fields = fields(query, content_type, &body)?;
     // A push with media is at its largest here: the body is no longer
     // needed, and the fields only until the event is made.
     drop(body);

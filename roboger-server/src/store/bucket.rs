@@ -57,6 +57,10 @@ impl Store {
 
     /// An unexpired object; with `public`, only one whose flag matches.
     pub async fn bucket_get(&self, id: &str, public: Option<bool>) -> Result<bucket::Model> {
+        if !crate::bucket::is_object_id(id) {
+            // Not an id at all: no query, and the text does not echo it.
+            return Err(StoreError::NotFound("bucket object (no such id)".into()));
+        }
         let mut q = bucket::Entity::find_by_id(id.to_string())
             .filter(bucket::Column::ExpiresAt.gt(chrono::Utc::now()));
         if let Some(p) = public {

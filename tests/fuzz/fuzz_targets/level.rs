@@ -1,0 +1,4 @@
+#![no_main]
+//! See `roboger_tests::fuzz::level`.
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| roboger_tests::fuzz::level(data));
