@@ -119,6 +119,11 @@ pub async fn push(
         .await
         .map_err(|e| match e {
             AcceptError::AddrGone(addr) => ApiError::NotFound(format!("addr {addr} not found")),
+            // The writer has logged the database's words; they are not the
+            // sender's business.
+            AcceptError::Store(_) => ApiError::Unavailable(
+                "cannot store the event: database error; see the server log".into(),
+            ),
             e => ApiError::Unavailable(e.to_string()),
         })?;
     Ok(reply::empty(StatusCode::ACCEPTED))
