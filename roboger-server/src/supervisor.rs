@@ -494,6 +494,10 @@ impl Supervisor {
     /// (a restart takes milliseconds) is waited for, up to
     /// [`START_WAIT`]. Otherwise the error is the plugin's state.
     async fn connection(slot: &Slot) -> Result<Arc<Conn>, String> {
+        // The common case, a running plugin, registers no waiter.
+        if let Some(conn) = slot.conn.read().ok().and_then(|c| c.clone()) {
+            return Ok(conn);
+        }
         let deadline = Instant::now() + START_WAIT;
         loop {
             let connected = slot.connected.notified();
