@@ -355,7 +355,7 @@ async fn schemathesis_finds_nothing_wrong_with_the_served_document() {
                     "--max-examples",
                     &examples,
                 ])
-                .args(["--generation-database", "none", "--workers", "2"])
+                .args(["--generation-database", "none", "--workers", "1"])
                 .args(["-H", &format!("X-Auth-Key: {KEY}")])
                 .arg("--report-dir")
                 .arg(report)
