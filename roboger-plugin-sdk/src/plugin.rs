@@ -109,6 +109,10 @@ pub struct Info {
     pub url: Option<&'static str>,
     /// Whether the plugin serves HTTP routes.
     pub http: bool,
+    /// The JSON Schema of its endpoint config, as JSON text (e.g. the
+    /// `include_str!` of the file its validator is compiled from), sent
+    /// in the manifest for the server's console.
+    pub config_schema: Option<&'static str>,
 }
 
 /// A Roboger plugin. Only [`Plugin::info`] and [`Plugin::send`] are
@@ -306,6 +310,9 @@ impl<P: Plugin> PluginApiServer for Adapter<P> {
             url: info.url.map(str::to_string),
             methods,
             http: info.http,
+            config_schema: info
+                .config_schema
+                .and_then(|s| serde_json::from_str(s).ok()),
         })
     }
 

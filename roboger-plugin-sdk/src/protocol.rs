@@ -92,6 +92,10 @@ pub struct Manifest {
     /// Whether it serves HTTP routes under `/plugin/{name}/`.
     #[serde(default)]
     pub http: bool,
+    /// The JSON Schema of its endpoint config, if it has one: the server's
+    /// console builds the endpoint form from it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_schema: Option<serde_json::Value>,
 }
 
 /// A plugin's answer to an `http` call (by default an empty 200).

@@ -215,6 +215,16 @@ pub struct Status {
     pub inflight: usize,
 }
 
+impl Status {
+    /// Its state as the API writes it (`running`, `failed`, ...).
+    pub fn state_name(&self) -> String {
+        match serde_json::to_value(self.state) {
+            Ok(serde_json::Value::String(s)) => s,
+            _ => format!("{:?}", self.state).to_lowercase(),
+        }
+    }
+}
+
 struct Conn {
     peer: Peer,
     manifest: Manifest,
@@ -434,6 +444,15 @@ impl Supervisor {
     /// The status of every plugin, by name.
     pub fn list(&self) -> Vec<Status> {
         self.slots().values().map(|s| status_of(s)).collect()
+    }
+
+    /// The JSON Schema of a plugin's endpoint config, as its running
+    /// process announced it in the handshake (`None` when the plugin is
+    /// unknown, not started yet, or has no schema).
+    pub fn config_schema(&self, name: &str) -> Option<serde_json::Value> {
+        let slot = self.slot(name)?;
+        let status = slot.status.lock().ok()?;
+        status.manifest.as_ref()?.config_schema.clone()
     }
 
     /// Restarts a plugin now (also one that failed or was refused).

@@ -37,6 +37,7 @@ impl Plugin for Chain {
             description: "chain-send event to another Roboger server",
             url: None,
             http: false,
+            config_schema: Some(include_str!("../../../schema/plugins/chain.schema.json")),
         }
     }
 

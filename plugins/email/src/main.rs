@@ -169,6 +169,7 @@ impl Plugin for Email {
             description: "email sender plugin",
             url: None,
             http: false,
+            config_schema: Some(include_str!("../../../schema/plugins/email.schema.json")),
         }
     }
 

@@ -47,6 +47,7 @@ impl Plugin for Shell {
             description: "runs a command for each event",
             url: None,
             http: false,
+            config_schema: Some(include_str!("../../../schema/plugins/shell.schema.json")),
         }
     }
 

@@ -54,6 +54,7 @@ impl Plugin for Slack {
             description: "sends event to Slack webhook",
             url: None,
             http: false,
+            config_schema: Some(include_str!("../../../schema/plugins/slack.schema.json")),
         }
     }
 

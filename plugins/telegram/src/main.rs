@@ -156,6 +156,7 @@ impl Plugin for Telegram {
             description: "Telegram bot plugin",
             url: None,
             http: true,
+            config_schema: Some(include_str!("../../../schema/plugins/telegram.schema.json")),
         }
     }
 

@@ -85,6 +85,7 @@ impl Plugin for Webhook {
             description: "sends event via custom webhook",
             url: None,
             http: false,
+            config_schema: Some(include_str!("../../../schema/plugins/webhook.schema.json")),
         }
     }
 

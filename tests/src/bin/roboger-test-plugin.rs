@@ -53,6 +53,7 @@ impl Plugin for Chaos {
             description: "misbehaves on demand",
             url: Some("https://example.invalid/test-plugin"),
             http: self.http,
+            config_schema: None,
         }
     }
 
