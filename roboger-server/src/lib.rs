@@ -57,6 +57,8 @@ pub struct App {
     pub metrics: Arc<metrics::Metrics>,
     /// Room for request bodies being read and handled (`body-budget`).
     pub bodies: api::budget::BodyBudget,
+    /// The web console's open event streams.
+    pub console: api::console::Live,
     /// The heartbeat task, stopped by [`App::stop`].
     heartbeat: tokio::task::JoinHandle<()>,
 }
@@ -121,6 +123,7 @@ impl App {
             node,
             metrics,
             bodies,
+            console: api::console::Live::default(),
             heartbeat,
         })
     }
@@ -133,7 +136,17 @@ impl App {
         let before = chrono::Utc::now()
             - chrono::Duration::from_std(self.config.event_retention).unwrap_or_default();
         let events = self.store.events_cleanup(before).await?;
-        tracing::info!(expired_objects = n, old_events = events, "core cleanup");
+        let now = chrono::Utc::now();
+        let sessions = self
+            .store
+            .sessions_cleanup(now, now - chrono::Duration::days(1))
+            .await?;
+        tracing::info!(
+            expired_objects = n,
+            old_events = events,
+            expired_sessions = sessions,
+            "core cleanup"
+        );
         self.plugins.cleanup().await;
         Ok(())
     }

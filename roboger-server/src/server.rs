@@ -59,7 +59,13 @@ const LINGER_LIMIT: usize = 4 * 1024 * 1024;
 
 /// Serves `app` on `listener` until `shutdown` completes.
 pub async fn run(listener: TcpListener, app: Arc<App>, shutdown: impl Future<Output = ()>) {
-    serve(listener, warp::service(api::routes(app)), shutdown).await
+    let routes = api::routes(app.clone());
+    let shutdown = async move {
+        shutdown.await;
+        // Open event streams end now rather than hold the shutdown.
+        app.console.close();
+    };
+    serve(listener, warp::service(routes), shutdown).await
 }
 
 /// Serves `svc` (e.g. `warp::service(filter)`) over HTTP/1.1 on

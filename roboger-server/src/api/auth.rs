@@ -48,6 +48,22 @@ impl MasterAuth {
     /// Passes when the client is in an allowed network (if any are set)
     /// and `key` is the master key: no key is 401, anything else 403.
     pub fn check(&self, ip: Option<IpAddr>, key: Option<&str>) -> Result<(), ApiError> {
+        self.allowed(ip)?;
+        let Some(key) = key else {
+            return Err(ApiError::Unauthorized);
+        };
+        let given: [u8; 32] = Sha256::digest(key.as_bytes()).into();
+        if bool::from(given.ct_eq(&self.key_digest)) {
+            Ok(())
+        } else {
+            tracing::warn!(?ip, "management access with a wrong key");
+            Err(ApiError::Forbidden("forbidden: invalid key"))
+        }
+    }
+
+    /// Passes when the client is in an allowed network, or when no
+    /// networks are set (403 otherwise).
+    pub fn allowed(&self, ip: Option<IpAddr>) -> Result<(), ApiError> {
         if !self.allow.is_empty() {
             let ok = ip.is_some_and(|ip| {
                 let ip = canonical(ip);
@@ -60,16 +76,7 @@ impl MasterAuth {
                 ));
             }
         }
-        let Some(key) = key else {
-            return Err(ApiError::Unauthorized);
-        };
-        let given: [u8; 32] = Sha256::digest(key.as_bytes()).into();
-        if bool::from(given.ct_eq(&self.key_digest)) {
-            Ok(())
-        } else {
-            tracing::warn!(?ip, "management access with a wrong key");
-            Err(ApiError::Forbidden("forbidden: invalid key"))
-        }
+        Ok(())
     }
 }
 

@@ -23,7 +23,16 @@ impl Body {
             return Ok(Body::default());
         }
         match serde_json::from_slice::<Value>(bytes) {
-            Ok(Value::Object(m)) => {
+            Ok(v) => Body::from_value(v),
+            Err(e) => Err(bad(format!("the request body is not valid JSON: {e}"))),
+        }
+    }
+
+    /// A body from a JSON value (the console's forms arrive this way):
+    /// `null` is `{}`, anything but an object is 400.
+    pub fn from_value(v: Value) -> Result<Body, ApiError> {
+        match v {
+            Value::Object(m) => {
                 // No database here stores U+0000 in text (PostgreSQL refuses
                 // it in text and JSON): refused up front, naming the field.
                 if let Some((k, _)) = m.iter().find(|(k, v)| k.contains('\0') || holds_nul(v)) {
@@ -33,9 +42,8 @@ impl Body {
                 }
                 Ok(Body(m))
             }
-            Ok(Value::Null) => Ok(Body::default()),
-            Ok(_) => Err(bad("the request body must be a JSON object")),
-            Err(e) => Err(bad(format!("the request body is not valid JSON: {e}"))),
+            Value::Null => Ok(Body::default()),
+            _ => Err(bad("the request body must be a JSON object")),
         }
     }
 

@@ -6,12 +6,10 @@
 //! its body with [`Body`] and calls the [`Store`](crate::store::Store).
 //! Invariant: every request is authenticated before its handler runs.
 
-use std::net::SocketAddr;
-
-use bytes::Bytes;
 use http::{HeaderMap, Method, StatusCode};
 use serde_json::{Value, json};
 
+use super::Request;
 use super::body::Body;
 use super::error::{ApiError, bad};
 use super::reply::{self, Response};
@@ -30,18 +28,6 @@ pub const BUILD: &str = match option_env!("ROBOGER_BUILD") {
     None => "dev",
 };
 
-/// One management request, as the HTTP layer hands it over.
-pub struct Request<'a> {
-    pub method: &'a Method,
-    /// The path below [`PREFIX`].
-    pub path: &'a str,
-    /// The raw query string (`limit` of the events list).
-    pub query: &'a str,
-    pub headers: &'a HeaderMap,
-    pub peer: Option<SocketAddr>,
-    pub body: Bytes,
-}
-
 /// Authenticates and runs a management request; every failure is answered
 /// by its [`ApiError`] status.
 pub async fn handle(app: &App, req: Request<'_>) -> Response {
@@ -55,29 +41,17 @@ pub async fn handle(app: &App, req: Request<'_>) -> Response {
     if !allow.split(", ").any(|m| m == req.method.as_str()) {
         return reply::not_allowed(req.method, &format!("{PREFIX}/{}", segs.join("/")), allow);
     }
-    let run = async {
-        let body = Body::parse(&req.body);
-        let header_key = req.headers.get("x-auth-key").and_then(|v| v.to_str().ok());
-        let key = header_key.or_else(|| body.as_ref().ok().and_then(Body::key));
-        let ip = app.auth.client_ip(req.peer, req.headers);
-        app.auth.check(ip, key)?;
-        let body = body?;
-        let answer = route(app, req.method, &segs, req.query, req.headers, &body).await?;
-        if *req.method != Method::GET
-            && (answer.status().is_success() || answer.status().is_redirection())
-        {
-            // This node obeys its own change before answering; the others
-            // learn of it from the change log (see `routing`).
-            app.routes.catch_up(&app.store).await?;
-        }
-        Ok(answer)
+    let body = Body::parse(&req.body);
+    let header_key = req.headers.get("x-auth-key").and_then(|v| v.to_str().ok());
+    let key = header_key.or_else(|| body.as_ref().ok().and_then(Body::key));
+    let ip = app.auth.client_ip(req.peer, req.headers);
+    let run = match (app.auth.check(ip, key), body) {
+        (Err(e), _) | (Ok(()), Err(e)) => Err(e),
+        (Ok(()), Ok(body)) => execute(app, req.method, &segs, req.query, req.headers, &body).await,
     };
-    let mut answer = match tokio::time::timeout(app.config.timeout * 2, run).await {
-        Ok(Ok(r)) => r,
-        Ok(Err(e)) => reply::error(&e),
-        Err(_) => reply::error(&ApiError::Unavailable(
-            "timed out; the database or a plugin did not answer".into(),
-        )),
+    let mut answer = match run {
+        Ok(r) => r,
+        Err(e) => reply::error(&e),
     };
     if answer.status() == StatusCode::METHOD_NOT_ALLOWED {
         // An unknown command or a protected field: the original's 405,
@@ -87,6 +61,36 @@ pub async fn handle(app: &App, req: Request<'_>) -> Response {
             .insert(http::header::ALLOW, http::HeaderValue::from_static(allow));
     }
     answer
+}
+
+/// Runs an authenticated management request (the API's, or one the
+/// console makes for a form), within the request timeout. A change is
+/// applied to this node's routes before the answer.
+pub async fn execute(
+    app: &App,
+    method: &Method,
+    segs: &[&str],
+    query: &str,
+    headers: &HeaderMap,
+    body: &Body,
+) -> Result<Response, ApiError> {
+    let run = async {
+        let answer = route(app, method, segs, query, headers, body).await?;
+        if *method != Method::GET
+            && (answer.status().is_success() || answer.status().is_redirection())
+        {
+            // This node obeys its own change before answering; the others
+            // learn of it from the change log (see `routing`).
+            app.routes.catch_up(&app.store).await?;
+        }
+        Ok(answer)
+    };
+    match tokio::time::timeout(app.config.timeout * 2, run).await {
+        Ok(r) => r,
+        Err(_) => Err(ApiError::Unavailable(
+            "timed out; the database or a plugin did not answer".into(),
+        )),
+    }
 }
 
 async fn route(

@@ -9,6 +9,7 @@
 pub mod auth;
 pub mod body;
 pub mod budget;
+pub mod console;
 pub mod error;
 pub mod manage;
 pub mod metrics;
@@ -49,9 +50,11 @@ pub fn routes(
         .and(with_app.clone())
         .then(|app: Arc<App>| async move { ping(&app).await });
 
-    let manage = warp::path("manage")
-        .and(warp::path("v2"))
-        .and(warp::path::tail())
+    // The management API and the console route their own paths.
+    let self_routed = warp::path::full()
+        .and_then(|p: warp::path::FullPath| async move {
+            SelfRouted::of(p.as_str()).ok_or_else(warp::reject::not_found)
+        })
         .and(warp::query::raw().or(warp::any().map(String::new)).unify())
         .and(warp::method())
         .and(warp::header::headers_cloned())
@@ -59,7 +62,7 @@ pub fn routes(
         .and(warp::body::stream())
         .and(with_app.clone())
         .then(
-            |tail: warp::path::Tail,
+            |which: SelfRouted,
              query: String,
              method: Method,
              headers: HeaderMap,
@@ -67,20 +70,26 @@ pub fn routes(
              body,
              app: Arc<App>| async move {
                 let length = content_length(&headers);
-                let (body, _room) =
-                    match read_body_within(&app, body, length, MANAGE_BODY_LIMIT).await {
-                        Ok(b) => b,
-                        Err(e) => return reply::error(&e),
-                    };
-                let req = manage::Request {
+                let limit = match &which {
+                    SelfRouted::Manage(_) => MANAGE_BODY_LIMIT,
+                    SelfRouted::Console(path) => console::body_limit(&app, path),
+                };
+                let (body, _room) = match read_body_within(&app, body, length, limit).await {
+                    Ok(b) => b,
+                    Err(e) => return reply::error(&e),
+                };
+                let req = Request {
                     method: &method,
-                    path: tail.as_str(),
+                    path: which.path(),
                     query: &query,
                     headers: &headers,
                     peer: peer.map(|p| p.0),
                     body,
                 };
-                manage::handle(&app, req).await
+                match which {
+                    SelfRouted::Manage(_) => manage::handle(&app, req).await,
+                    SelfRouted::Console(_) => console::handle(&app, req).await,
+                }
             },
         );
 
@@ -190,7 +199,7 @@ pub fn routes(
         .unify()
         .or(metrics)
         .unify()
-        .or(manage)
+        .or(self_routed)
         .unify()
         .or(file)
         .unify()
@@ -200,6 +209,43 @@ pub fn routes(
         .unify()
         .or(unrouted)
         .unify()
+}
+
+/// One request for a part of the server that routes its own paths (the
+/// management API, the console), with its body read.
+pub struct Request<'a> {
+    pub method: &'a Method,
+    /// The path below the part's prefix.
+    pub path: &'a str,
+    /// The raw query string.
+    pub query: &'a str,
+    pub headers: &'a HeaderMap,
+    pub peer: Option<SocketAddr>,
+    pub body: Bytes,
+}
+
+/// Which part routes a path, with the path below its prefix.
+enum SelfRouted {
+    Manage(String),
+    Console(String),
+}
+
+impl SelfRouted {
+    fn of(path: &str) -> Option<SelfRouted> {
+        let below = |prefix: &str| {
+            let rest = path.strip_prefix(prefix)?;
+            (rest.is_empty() || rest.starts_with('/')).then(|| rest.to_string())
+        };
+        below(manage::PREFIX)
+            .map(SelfRouted::Manage)
+            .or_else(|| below(console::PREFIX).map(SelfRouted::Console))
+    }
+
+    fn path(&self) -> &str {
+        match self {
+            SelfRouted::Manage(p) | SelfRouted::Console(p) => p,
+        }
+    }
 }
 
 /// What no route took: 405 with `Allow` for a path the server has (with

@@ -71,6 +71,16 @@ pub async fn push(
     // A push with media is at its largest here: the body is no longer
     // needed, and the fields only until the event is made.
     drop(body);
+    push_fields(app, fields, body_len).await
+}
+
+/// Takes one event made of `fields` (a push's, or the console's test
+/// event); `size` is what counts against the address's `lim_s`.
+pub async fn push_fields(
+    app: &App,
+    fields: Map<String, Value>,
+    body_len: usize,
+) -> Result<Response, ApiError> {
     let event = Event::from_fields(&fields).map_err(|e| ApiError::BadRequest(e.0))?;
     drop(fields);
     if event

@@ -100,7 +100,7 @@ impl EventHead {
 /// Events as [`EventHead`]s: every column but the media, and its length
 /// as a 64-bit integer on every backend (PostgreSQL's `length(bytea)` is
 /// a 32-bit one).
-fn event_heads(backend: DbBackend) -> sea_orm::Select<event::Entity> {
+pub(super) fn event_heads(backend: DbBackend) -> sea_orm::Select<event::Entity> {
     use sea_orm::Iterable;
     use sea_orm::sea_query::{Alias, ExprTrait, Func};
     let length =

@@ -317,3 +317,43 @@ pub mod job_lease {
 
     impl ActiveModelBehavior for ActiveModel {}
 }
+
+/// A web console session: the SHA-256 of its cookie, its forms' CSRF
+/// token, and when it ends.
+pub mod console_session {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "console_session")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub id: String,
+        pub csrf: String,
+        pub created: ChronoDateTimeUtc,
+        pub expires: ChronoDateTimeUtc,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+/// Failed console sign-ins from one client address, since the last success.
+pub mod console_signin {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "console_signin")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub ip: String,
+        pub failures: i32,
+        pub last_failure: ChronoDateTimeUtc,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}

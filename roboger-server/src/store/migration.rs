@@ -17,6 +17,7 @@ impl MigratorTrait for Migrator {
             Box::new(Cluster),
             Box::new(MysqlTypes),
             Box::new(MysqlLongText),
+            Box::new(Console),
         ]
     }
 }
@@ -549,6 +550,72 @@ impl MysqlLongText {
                 .to_owned(),
         )
         .await
+    }
+}
+
+/// The web console's sessions (by the digest of their cookie, with the
+/// CSRF token of their forms) and failed sign-ins by client address, in
+/// the database so every node honours them.
+struct Console;
+
+impl MigrationName for Console {
+    fn name(&self) -> &str {
+        "m20261130_000007_console"
+    }
+}
+
+#[derive(DeriveIden)]
+enum ConsoleSession {
+    Table,
+    Id,
+    Csrf,
+    Created,
+    Expires,
+}
+
+#[derive(DeriveIden)]
+enum ConsoleSignin {
+    Table,
+    Ip,
+    Failures,
+    LastFailure,
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for Console {
+    async fn up(&self, m: &SchemaManager) -> Result<(), DbErr> {
+        m.create_table(
+            Table::create()
+                .table(ConsoleSession::Table)
+                .if_not_exists()
+                .col(string_len(ConsoleSession::Id, 64).primary_key())
+                .col(string_len(ConsoleSession::Csrf, 64))
+                .col(instant(m, ConsoleSession::Created, false))
+                .col(instant(m, ConsoleSession::Expires, false))
+                .to_owned(),
+        )
+        .await?;
+        m.create_table(
+            Table::create()
+                .table(ConsoleSignin::Table)
+                .if_not_exists()
+                .col(string_len(ConsoleSignin::Ip, 64).primary_key())
+                .col(integer(ConsoleSignin::Failures))
+                .col(instant(m, ConsoleSignin::LastFailure, false))
+                .to_owned(),
+        )
+        .await
+    }
+
+    async fn down(&self, m: &SchemaManager) -> Result<(), DbErr> {
+        for t in [
+            ConsoleSession::Table.into_iden(),
+            ConsoleSignin::Table.into_iden(),
+        ] {
+            m.drop_table(Table::drop().table(t).if_exists().to_owned())
+                .await?;
+        }
+        Ok(())
     }
 }
 

@@ -8,6 +8,7 @@
 
 mod bucket;
 mod cluster;
+mod console;
 mod delivery;
 pub mod entity;
 mod limits;
@@ -18,6 +19,7 @@ mod plugin_sql;
 
 pub use bucket::NewObject;
 pub use cluster::{NodeRow, ROUTING_CHANNEL};
+pub use console::AddrPage;
 pub use delivery::{
     Attempt, EndpointStats, EventHead, STATE_DELIVERED, STATE_FAILED, STATE_PENDING, Written,
 };

@@ -1,0 +1,205 @@
+//! What the web console keeps in the database: its sessions, failed
+//! sign-ins by client address, and the paged and searched reads its pages
+//! make (the management API lists whole collections instead).
+//!
+//! Invariant: a session is found only by the digest of its cookie and
+//! only before it expires; the cookie itself is never stored.
+
+use sea_orm::sea_query::{Expr, ExprTrait, LikeExpr};
+use sea_orm::{
+    ActiveValue::Set, ColumnTrait, Condition, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder,
+    QuerySelect,
+};
+
+use super::delivery::event_heads;
+use super::entity::{addr, console_session, console_signin, delivery, event};
+use super::{EventHead, Result, Store, StoreError, inserted};
+
+type Time = chrono::DateTime<chrono::Utc>;
+
+/// One page of addresses.
+#[derive(Debug)]
+pub struct AddrPage {
+    pub rows: Vec<addr::Model>,
+    /// Whether there are more after the last row.
+    pub more: bool,
+}
+
+impl Store {
+    // ---- sessions ------------------------------------------------------------
+
+    /// Stores a new session.
+    pub async fn session_create(&self, s: console_session::Model) -> Result<()> {
+        console_session::Entity::insert(console_session::ActiveModel::from(s))
+            .exec_without_returning(&self.db)
+            .await?;
+        Ok(())
+    }
+
+    /// The session whose cookie has digest `id`, unless it has expired.
+    pub async fn session_get(&self, id: &str, now: Time) -> Result<Option<console_session::Model>> {
+        Ok(console_session::Entity::find_by_id(id.to_string())
+            .filter(console_session::Column::Expires.gt(now))
+            .one(&self.db)
+            .await?)
+    }
+
+    /// Ends a session (signing out).
+    pub async fn session_delete(&self, id: &str) -> Result<()> {
+        console_session::Entity::delete_by_id(id.to_string())
+            .exec(&self.db)
+            .await?;
+        Ok(())
+    }
+
+    /// Forgets expired sessions and sign-in failures older than `before`
+    /// (part of the core cleanup).
+    pub async fn sessions_cleanup(&self, now: Time, before: Time) -> Result<u64> {
+        let s = console_session::Entity::delete_many()
+            .filter(console_session::Column::Expires.lte(now))
+            .exec(&self.db)
+            .await?;
+        console_signin::Entity::delete_many()
+            .filter(console_signin::Column::LastFailure.lt(before))
+            .exec(&self.db)
+            .await?;
+        Ok(s.rows_affected)
+    }
+
+    // ---- sign-in failures ------------------------------------------------------
+
+    /// Failed sign-ins from `ip` since its last success.
+    pub async fn signin_failures(&self, ip: &str) -> Result<Option<console_signin::Model>> {
+        Ok(console_signin::Entity::find_by_id(ip.to_string())
+            .one(&self.db)
+            .await?)
+    }
+
+    /// Counts one more failed sign-in from `ip`.
+    pub async fn signin_failed(&self, ip: &str, now: Time) -> Result<()> {
+        let bump = || {
+            console_signin::Entity::update_many()
+                .col_expr(
+                    console_signin::Column::Failures,
+                    Expr::col(console_signin::Column::Failures).add(1),
+                )
+                .col_expr(console_signin::Column::LastFailure, Expr::value(now))
+                .filter(console_signin::Column::Ip.eq(ip))
+        };
+        if bump().exec(&self.db).await?.rows_affected > 0 {
+            return Ok(());
+        }
+        let first = console_signin::Entity::insert(console_signin::ActiveModel {
+            ip: Set(ip.to_string()),
+            failures: Set(1),
+            last_failure: Set(now),
+        })
+        .exec_without_returning(&self.db)
+        .await;
+        if !inserted(first)? {
+            // Another request inserted it first.
+            bump().exec(&self.db).await?;
+        }
+        Ok(())
+    }
+
+    /// Forgets `ip`'s failures (it signed in).
+    pub async fn signin_clear(&self, ip: &str) -> Result<()> {
+        console_signin::Entity::delete_by_id(ip.to_string())
+            .exec(&self.db)
+            .await?;
+        Ok(())
+    }
+
+    // ---- pages -----------------------------------------------------------------
+
+    /// Up to `limit` addresses by id after `after`, those whose string
+    /// holds `search` (or whose id it is) when given. Reads by the primary
+    /// key, so a page costs the same with any number of addresses.
+    pub async fn addr_page(
+        &self,
+        search: Option<&str>,
+        after: Option<i64>,
+        limit: u64,
+    ) -> Result<AddrPage> {
+        let mut q = addr::Entity::find().order_by_asc(addr::Column::Id);
+        if let Some(after) = after {
+            q = q.filter(addr::Column::Id.gt(after));
+        }
+        if let Some(s) = search.filter(|s| !s.is_empty()) {
+            let escaped: String = s
+                .chars()
+                .flat_map(|c| match c {
+                    '!' | '%' | '_' => vec!['!', c],
+                    c => vec![c],
+                })
+                .collect();
+            let mut any = Condition::any().add(
+                Expr::col((addr::Entity, addr::Column::A))
+                    .like(LikeExpr::new(format!("%{escaped}%")).escape('!')),
+            );
+            if let Ok(id) = s.parse::<i64>() {
+                any = any.add(addr::Column::Id.eq(id));
+            }
+            q = q.filter(any);
+        }
+        let mut rows = q.limit(limit + 1).all(&self.db).await?;
+        let more = rows.len() as u64 > limit;
+        rows.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
+        Ok(AddrPage { rows, more })
+    }
+
+    /// How many addresses there are.
+    pub async fn addr_count(&self) -> Result<u64> {
+        Ok(addr::Entity::find().count(&self.db).await?)
+    }
+
+    /// Up to `limit` events of an address, newest first, older than event
+    /// `before` when given.
+    pub async fn event_page(
+        &self,
+        addr_id: i64,
+        before: Option<&str>,
+        limit: u64,
+    ) -> Result<Vec<EventHead>> {
+        let mut q = event_heads(self.backend).filter(event::Column::AddrId.eq(addr_id));
+        if let Some(before) = before {
+            let created: Option<Time> = event::Entity::find_by_id(before.to_string())
+                .select_only()
+                .column(event::Column::Created)
+                .filter(event::Column::AddrId.eq(addr_id))
+                .into_tuple()
+                .one(&self.db)
+                .await?;
+            let created = created.ok_or_else(|| StoreError::NotFound(format!("event {before}")))?;
+            q = q.filter(
+                Condition::any()
+                    .add(event::Column::Created.lt(created))
+                    .add(
+                        Condition::all()
+                            .add(event::Column::Created.eq(created))
+                            .add(event::Column::Id.lt(before)),
+                    ),
+            );
+        }
+        Ok(q.order_by_desc(event::Column::Created)
+            .order_by_desc(event::Column::Id)
+            .limit(limit)
+            .into_model::<EventHead>()
+            .all(&self.db)
+            .await?)
+    }
+
+    /// The deliveries of these events, by event and endpoint.
+    pub async fn deliveries_of(&self, events: &[String]) -> Result<Vec<delivery::Model>> {
+        if events.is_empty() {
+            return Ok(Vec::new());
+        }
+        Ok(delivery::Entity::find()
+            .filter(delivery::Column::EventId.is_in(events.iter().cloned()))
+            .order_by_asc(delivery::Column::EventId)
+            .order_by_asc(delivery::Column::EndpointId)
+            .all(&self.db)
+            .await?)
+    }
+}

@@ -1,0 +1,396 @@
+//! The web console at `/ui/`: a real Chromium walks through it as an
+//! operator would (`tests/console/console.mjs`, with playwright-core), and
+//! plain HTTP checks what a browser cannot show: the session cookie's
+//! flags, CSRF refusals, redirects to sign-in, slowed-down sign-ins and
+//! `master.allow`.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use base64::Engine as _;
+use roboger_tests::{
+    HttpSink, KEY, Method, Server, ServerOptions, assert_status, installed_program, plugin_bin,
+};
+
+/// Where `tests/run` installed playwright-core (`ROBOGER_TEST_PLAYWRIGHT`),
+/// or `None` (skipped, saying so) unless the whole suite is required.
+fn playwright() -> Option<PathBuf> {
+    let dir = std::env::var_os("ROBOGER_TEST_PLAYWRIGHT").map(PathBuf::from);
+    if let Some(d) = dir.filter(|d| d.join("node_modules/playwright-core").is_dir()) {
+        return Some(d);
+    }
+    assert!(
+        std::env::var_os("ROBOGER_TEST_REQUIRE_ALL").is_none(),
+        "ROBOGER_TEST_PLAYWRIGHT does not hold playwright-core; tests/run installs it"
+    );
+    eprintln!("SKIPPED: no playwright-core (ROBOGER_TEST_PLAYWRIGHT); tests/run installs it");
+    None
+}
+
+fn webhook_server(yaml: &str) -> ServerOptions {
+    ServerOptions {
+        yaml: yaml.to_string(),
+        plugins_yaml: format!(
+            "- name: webhook\n  command: {}\n",
+            plugin_bin("webhook").display()
+        ),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn an_operator_walks_through_the_console_in_a_browser() {
+    let Some(chromium) = installed_program("ROBOGER_TEST_CHROMIUM", "/usr/bin/chromium") else {
+        return;
+    };
+    let Some(pw) = playwright() else { return };
+    // The first event is delivered; the second fails once (one attempt
+    // only) and is delivered when retried from the console.
+    let sink = HttpSink::start(vec![200, 500]).await;
+    let server = Server::start_with(webhook_server("delivery:\n  max-attempts: 1\n")).await;
+    let shots = roboger_tests::bin_dir().join("../console-screenshots");
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("console/console.mjs");
+    let run = {
+        let mut cmd = Command::new("node");
+        cmd.arg(&script)
+            .env("ROBOGER_URL", &server.base)
+            .env("ROBOGER_KEY", KEY)
+            .env("SINK_URL", &sink.base)
+            .env("SCREENSHOTS", &shots)
+            .env("PLAYWRIGHT_DIR", &pw)
+            .env("CHROMIUM", &chromium);
+        tokio::task::spawn_blocking(move || cmd.output())
+    };
+    let out = run.await.expect("join").expect("run node");
+    let log = server.log.lock().map(|l| l.clone()).unwrap_or_default();
+    assert!(
+        out.status.success(),
+        "the browser walk-through failed:\n{}\n{}\nserver log:\n{log}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for name in [
+        "signin",
+        "addresses",
+        "address",
+        "endpoint-error",
+        "events",
+        "plugins",
+    ] {
+        assert!(
+            shots.join(format!("{name}.png")).is_file(),
+            "screenshot {name}"
+        );
+    }
+
+    // What the webhook's target got: the first event with its file, the
+    // second twice (failed, then retried).
+    let got = sink.wait(3).await;
+    let bodies: Vec<serde_json::Value> = got
+        .iter()
+        .map(|r| serde_json::from_slice(&r.body).expect("JSON from the template"))
+        .collect();
+    assert_eq!(bodies[0]["subject"], "first test");
+    assert_eq!(
+        bodies[0]["media"],
+        base64::engine::general_purpose::STANDARD.encode("hello from the console")
+    );
+    assert_eq!(bodies[1]["subject"], "second test");
+    assert_eq!(bodies[2]["subject"], "second test");
+    assert!(got.iter().all(|r| r.path == "/hook" && r.method == "POST"));
+}
+
+/// A client that keeps no cookies and follows no redirects.
+struct Browser<'a> {
+    server: &'a Server,
+    cookie: Option<String>,
+}
+
+impl Browser<'_> {
+    async fn get(&self, path: &str) -> reqwest::Response {
+        let mut r = self.server.http.get(self.server.url(path));
+        if let Some(c) = &self.cookie {
+            r = r.header("Cookie", c);
+        }
+        r.send().await.expect("GET")
+    }
+
+    async fn post(&self, path: &str, form: &[(&str, &str)]) -> reqwest::Response {
+        let mut r = self
+            .server
+            .http
+            .post(self.server.url(path))
+            .header("Content-Type", "application/x-www-form-urlencoded")
+            .body(encode(form));
+        if let Some(c) = &self.cookie {
+            r = r.header("Cookie", c);
+        }
+        r.send().await.expect("POST")
+    }
+
+    /// Signs in; returns the `Set-Cookie` header.
+    async fn sign_in(&mut self) -> String {
+        let r = self
+            .post("/ui/signin", &[("key", KEY), ("next", "/ui/addr")])
+            .await;
+        assert_eq!(r.status(), 303);
+        assert_eq!(header(&r, "location"), "/ui/addr");
+        let set = header(&r, "set-cookie");
+        self.cookie = Some(set.split(';').next().unwrap_or("").to_string());
+        set
+    }
+
+    /// The CSRF token in a page's forms.
+    async fn csrf(&self, path: &str) -> String {
+        let page = self.get(path).await.text().await.expect("page");
+        let at = page
+            .find("name=\"csrf\" value=\"")
+            .expect("a form with a token")
+            + 19;
+        page[at..].split('"').next().unwrap_or("").to_string()
+    }
+}
+
+/// A form, URL-encoded as a browser sends it.
+fn encode(form: &[(&str, &str)]) -> String {
+    form.iter()
+        .map(|(k, v)| format!("{}={}", pct(k), pct(v)))
+        .collect::<Vec<_>>()
+        .join("&")
+}
+
+fn pct(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            b => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+fn header(r: &reqwest::Response, name: &str) -> String {
+    r.headers()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string()
+}
+
+#[tokio::test]
+async fn sessions_cookies_and_csrf() {
+    let server = Server::start().await;
+    let mut b = Browser {
+        server: &server,
+        cookie: None,
+    };
+
+    // Without a session, pages lead to sign-in (and back), and a form is refused.
+    let r = b.get("/ui/addr?q=x").await;
+    assert_eq!(r.status(), 303);
+    assert_eq!(
+        header(&r, "location"),
+        "/ui/signin?next=%2Fui%2Faddr%3Fq%3Dx"
+    );
+    let r = b.post("/ui/addr", &[]).await;
+    assert_eq!(r.status(), 303);
+    assert!(header(&r, "location").starts_with("/ui/signin"));
+    let r = b.get("/ui/signin").await;
+    assert_eq!(r.status(), 200);
+    assert!(header(&r, "content-security-policy").contains("script-src 'self'"));
+    let page = r.text().await.unwrap_or_default();
+    assert!(page.contains("<label for=\"key\">Master key</label>"));
+
+    // A wrong key: no cookie.
+    let r = b.post("/ui/signin", &[("key", "wrong")]).await;
+    assert_eq!(r.status(), 403);
+    assert!(r.headers().get("set-cookie").is_none());
+
+    // The cookie: HttpOnly, SameSite=Strict, for /ui, expiring; not Secure on http.
+    let set = b.sign_in().await;
+    for flag in ["HttpOnly", "SameSite=Strict", "Path=/ui", "Max-Age=43200"] {
+        assert!(set.contains(flag), "{flag} in {set}");
+    }
+    assert!(!set.contains("Secure"), "{set}");
+    assert!(!set.contains(KEY), "the key is not in the cookie");
+    // A signed-in visit to sign-in goes on.
+    assert_eq!(b.get("/ui/signin?next=/ui/plugins").await.status(), 303);
+
+    // A state-changing form without (or with a wrong) CSRF token is refused
+    // and changes nothing.
+    for form in [vec![], vec![("csrf", "forged")]] {
+        let r = b.post("/ui/addr", &form).await;
+        assert_eq!(r.status(), 403);
+        assert!(r.text().await.unwrap_or_default().contains("CSRF"));
+    }
+    let list = server.manage(Method::GET, "/addr", None).await;
+    assert_eq!(list.json().as_array().map(Vec::len), Some(0), "{list:?}");
+    // With it, the address is made.
+    let token = b.csrf("/ui/addr").await;
+    let r = b.post("/ui/addr", &[("csrf", &token)]).await;
+    assert_eq!(r.status(), 303);
+    assert!(header(&r, "location").starts_with("/ui/addr/1"));
+    let list = server.manage(Method::GET, "/addr", None).await;
+    assert_eq!(list.json().as_array().map(Vec::len), Some(1));
+
+    // Deleting asks first; the confirmed form deletes.
+    let r = b
+        .post("/ui/addr/1", &[("csrf", &token), ("action", "delete")])
+        .await;
+    assert_eq!(r.status(), 200);
+    assert!(
+        r.text()
+            .await
+            .unwrap_or_default()
+            .contains("Delete address 1?")
+    );
+    assert_status!(server.manage(Method::GET, "/addr/1", None).await, 200);
+    let r = b
+        .post(
+            "/ui/addr/1",
+            &[("csrf", &token), ("action", "delete"), ("confirm", "yes")],
+        )
+        .await;
+    assert_eq!(r.status(), 303);
+    assert_status!(server.manage(Method::GET, "/addr/1", None).await, 404);
+
+    // A missing object is a 404 page, not an error.
+    let r = b.get("/ui/addr/99").await;
+    assert_eq!(r.status(), 404);
+    assert!(
+        r.text()
+            .await
+            .unwrap_or_default()
+            .contains("addr 99 not found")
+    );
+    // Another method is 405 with Allow.
+    let r = server
+        .http
+        .delete(server.url("/ui/addr"))
+        .send()
+        .await
+        .expect("DELETE");
+    assert_eq!(r.status(), 405);
+    assert_eq!(header(&r, "allow"), "GET, POST");
+
+    // Signing out ends the session on the server: the old cookie is useless.
+    let old = b.cookie.clone();
+    let r = b.post("/ui/signout", &[("csrf", &token)]).await;
+    assert_eq!(r.status(), 303);
+    assert!(header(&r, "set-cookie").contains("Max-Age=0"));
+    b.cookie = old;
+    assert_eq!(b.get("/ui/addr").await.status(), 303);
+}
+
+#[tokio::test]
+async fn the_cookie_is_secure_behind_https() {
+    let server = Server::start_with(ServerOptions {
+        yaml: "url: https://roboger.example.com\n".into(),
+        ..Default::default()
+    })
+    .await;
+    let mut b = Browser {
+        server: &server,
+        cookie: None,
+    };
+    assert!(b.sign_in().await.contains("; Secure"));
+}
+
+#[tokio::test]
+async fn repeated_failed_sign_ins_are_slowed_down() {
+    let server = Server::start().await;
+    let b = Browser {
+        server: &server,
+        cookie: None,
+    };
+    for _ in 0..3 {
+        assert_eq!(
+            b.post("/ui/signin", &[("key", "wrong")]).await.status(),
+            403
+        );
+    }
+    // The next attempt must wait, even with the right key.
+    let r = b.post("/ui/signin", &[("key", KEY)]).await;
+    assert_eq!(r.status(), 429);
+    assert!(
+        header(&r, "retry-after")
+            .parse::<u64>()
+            .is_ok_and(|s| s >= 1)
+    );
+    assert!(
+        r.text()
+            .await
+            .unwrap_or_default()
+            .contains("Too many failed sign-ins")
+    );
+    // After the wait (a second), the right key signs in; waiting attempts
+    // do not count as failures.
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let r = b.post("/ui/signin", &[("key", KEY)]).await;
+        if r.status() == 303 {
+            break;
+        }
+        assert_eq!(r.status(), 429);
+        assert!(
+            std::time::Instant::now() < end,
+            "still refused after the wait"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn master_allow_applies_to_the_console() {
+    let server = Server::start_with(ServerOptions {
+        master_yaml: "allow: [10.0.0.0/8]\n".into(),
+        ..Default::default()
+    })
+    .await;
+    let r = server
+        .http
+        .get(server.url("/ui/signin"))
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(r.status(), 403);
+    let r = server
+        .http
+        .post(server.url("/ui/signin"))
+        .header("Content-Type", "application/x-www-form-urlencoded")
+        .body(encode(&[("key", KEY)]))
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(r.status(), 403);
+    assert!(r.headers().get("set-cookie").is_none());
+}
+
+#[tokio::test]
+async fn an_open_event_history_does_not_hold_up_a_stop() {
+    let mut server = Server::start().await;
+    server.new_addr().await;
+    let stream = {
+        let mut b = Browser {
+            server: &server,
+            cookie: None,
+        };
+        b.sign_in().await;
+        b.get("/ui/addr/1/events/stream").await
+    };
+    assert_eq!(stream.status(), 200);
+    assert_eq!(header(&stream, "content-type"), "text/event-stream");
+    // The stream stays open; a stop ends it instead of waiting out the
+    // shutdown grace period (10 s) for it.
+    let began = std::time::Instant::now();
+    let status = server.terminate();
+    assert!(status.success(), "{status:?}");
+    assert!(
+        began.elapsed() < std::time::Duration::from_secs(8),
+        "the stop waited {:?} for the open stream",
+        began.elapsed()
+    );
+    let rest = stream.text().await.unwrap_or_default();
+    assert!(rest.contains("event:end"), "{rest:?}");
+}
