@@ -101,6 +101,10 @@ struct Args {
     /// Stop the measured load after this many pushes (0: none).
     #[arg(long, default_value_t = 0)]
     pushes: u64,
+    /// Measure the web console instead: with this many addresses, how
+    /// long each kind of page takes to answer.
+    #[arg(long, default_value_t = 0)]
+    console: usize,
     /// Set from `--pushes` for one load: the sequence number to stop at.
     #[arg(skip)]
     limit: Option<u64>,
@@ -888,6 +892,104 @@ async fn manage_cost(base: &str, n: usize) -> [(Duration, Duration); 2] {
     [first, last]
 }
 
+/// The web console with `args.console` addresses (the first wired to the
+/// sink, with 50 events): each kind of page fetched 50 times in a row
+/// after 3 unmeasured fetches, on loopback, so the time is the server's.
+async fn console_pages(args: &Args, sink: &Sink) -> std::process::ExitCode {
+    let s = Server::start_with(our_server(args)).await;
+    let addr = wire_target(&s.base, KEY, &sink.url).await;
+    let c = roboger_tests::client();
+    for i in 0..50 {
+        let _ = c
+            .post(s.url("/push"))
+            .json(&json!({"addr": addr, "subject": format!("event {i}"), "msg": "x"}))
+            .send()
+            .await;
+    }
+    // The other addresses, 16 requests at a time.
+    let made = Arc::new(AtomicU64::new(1));
+    let goal = args.console as u64;
+    let workers: Vec<_> = (0..16)
+        .map(|_| {
+            let (c, url, made) = (c.clone(), s.url("/manage/v2/addr"), made.clone());
+            tokio::spawn(async move {
+                while made.fetch_add(1, Ordering::Relaxed) < goal {
+                    let _ = c.post(&url).header("X-Auth-Key", KEY).send().await;
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        let _ = w.await;
+    }
+    let signed = c
+        .post(s.url("/ui/signin"))
+        .header("Content-Type", "application/x-www-form-urlencoded")
+        .body(format!("key={KEY}"))
+        .send()
+        .await;
+    let Some(cookie) = signed.ok().and_then(|r| {
+        let v = r.headers().get("set-cookie")?.to_str().ok()?;
+        Some(v.split(';').next()?.to_string())
+    }) else {
+        eprintln!("cannot sign in to the console");
+        return std::process::ExitCode::FAILURE;
+    };
+    let n = args.console;
+    let pages = [
+        (
+            "address list, first page (with the count)",
+            "/ui/addr".to_string(),
+        ),
+        (
+            "address list, last page",
+            format!("/ui/addr?after={}", n.saturating_sub(50)),
+        ),
+        (
+            "search with no match (reads every address)",
+            "/ui/addr?q=~".into(),
+        ),
+        ("search by id", format!("/ui/addr?q={}", n / 2)),
+        ("an address (endpoint, subscription)", "/ui/addr/1".into()),
+        (
+            "event history (20 of 50 events)",
+            "/ui/addr/1/events".into(),
+        ),
+        ("plugins and nodes", "/ui/plugins".into()),
+    ];
+    println!("\nweb console with {n} addresses: server time per page (50 fetches)");
+    println!(
+        "{:<46} {:>9} {:>9} {:>9}",
+        "page", "p50 ms", "p99 ms", "max ms"
+    );
+    for (name, path) in pages {
+        let mut times = Vec::with_capacity(50);
+        for i in 0..53 {
+            let began = Instant::now();
+            let r = c.get(s.url(&path)).header("Cookie", &cookie).send().await;
+            let ok = match r {
+                Ok(r) if r.status() == 200 => r.bytes().await.is_ok(),
+                _ => false,
+            };
+            if !ok {
+                eprintln!("{path} did not answer 200");
+                return std::process::ExitCode::FAILURE;
+            }
+            if i >= 3 {
+                times.push(began.elapsed());
+            }
+        }
+        times.sort();
+        println!(
+            "{name:<46} {:>9} {:>9} {:>9}",
+            ms(percentile(&times, 0.5)),
+            ms(percentile(&times, 0.99)),
+            ms(times.last().copied().unwrap_or_default())
+        );
+    }
+    std::process::ExitCode::SUCCESS
+}
+
 fn print_cluster(f: &ClusterFigures, args: &Args) {
     println!(
         "\ncluster: {} nodes on {}",
@@ -1026,6 +1128,9 @@ async fn main() -> std::process::ExitCode {
     let sink = Sink::start(args.sink_port, clock).await;
     let seq = Arc::new(AtomicU64::new(1));
     let mut rows = Vec::new();
+    if args.console > 0 {
+        return console_pages(&args, &sink).await;
+    }
     if args.nodes > 1 {
         let (rows, figures) = cluster(&args, &sink, clock, &seq).await;
         print(&rows, &args);
