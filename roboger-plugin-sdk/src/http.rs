@@ -7,7 +7,7 @@ use std::time::Duration;
 
 pub use reqwest;
 
-use crate::{Host, PluginError};
+use crate::{Host, PluginError, egress};
 
 static CLIENT: OnceLock<reqwest::Client> = OnceLock::new();
 
@@ -19,8 +19,26 @@ pub fn client() -> Result<&'static reqwest::Client, PluginError> {
     }
     // TLS through rustls with the ring provider (no cmake needed).
     let _ = rustls::crypto::ring::default_provider().install_default();
+    // Every connection is checked against the egress policy: names as
+    // they resolve, and every connection's peer address (literal
+    // addresses, redirect hops). No proxy from the environment: it would
+    // be the only address checked.
     let c = reqwest::Client::builder()
         .user_agent(concat!("Roboger/", env!("CARGO_PKG_VERSION")))
+        .no_proxy()
+        .dns_resolver(std::sync::Arc::new(egress::Resolver))
+        .connector_layer(egress::GuardLayer)
+        .redirect(reqwest::redirect::Policy::custom(|hop| {
+            // A literal address is checked before connecting, so the
+            // error names the rule even when nothing listens there.
+            if hop.previous().len() >= MAX_REDIRECTS {
+                return hop.error(format!("more than {MAX_REDIRECTS} redirects"));
+            }
+            match egress::literal(hop.url()).map(|ip| egress::current().check(ip)) {
+                Some(Err(refused)) => hop.error(refused),
+                _ => hop.follow(),
+            }
+        }))
         .build()
         .map_err(PluginError::failed)?;
     Ok(CLIENT.get_or_init(|| c))
@@ -36,6 +54,7 @@ pub async fn send_json(
     body: String,
 ) -> Result<(), PluginError> {
     let method = reqwest::Method::from_bytes(method.as_bytes()).map_err(PluginError::failed)?;
+    checked(url)?;
     let timeout = host.get_timeout().await.unwrap_or(5.0);
     let mut req = client()?
         .request(method, url)
@@ -45,10 +64,7 @@ pub async fn send_json(
     for (k, v) in headers {
         req = req.header(*k, *v);
     }
-    let resp = req
-        .send()
-        .await
-        .map_err(|e| PluginError::failed(format!("{url}: {e}")))?;
+    let resp = req.send().await.map_err(|e| request_error(url, &e))?;
     if resp.status().is_success() {
         Ok(())
     } else {
@@ -56,6 +72,31 @@ pub async fn send_json(
             "{url} answered {}",
             resp.status()
         )))
+    }
+}
+
+/// Redirects followed at most (reqwest's default).
+const MAX_REDIRECTS: usize = 10;
+
+/// Refuses `url` when it names an address the egress policy refuses (a
+/// host name is checked as it resolves, at connect time).
+pub fn checked(url: &str) -> Result<(), PluginError> {
+    let Ok(parsed) = reqwest::Url::parse(url) else {
+        return Ok(());
+    };
+    match egress::literal(&parsed).map(|ip| egress::current().check(ip)) {
+        Some(Err(r)) => Err(PluginError::rejected(format!("{url}: {r}"))),
+        _ => Ok(()),
+    }
+}
+
+/// A failed request as a delivery error: refused by the egress policy
+/// is [`PluginError::Rejected`] (the server does not retry it), with the
+/// rule; anything else is [`PluginError::Failed`].
+pub fn request_error(url: &str, e: &reqwest::Error) -> PluginError {
+    match egress::refused_in(e) {
+        Some(r) => PluginError::rejected(format!("{url}: {r}")),
+        None => PluginError::failed(format!("{url}: {e}")),
     }
 }
 
@@ -72,10 +113,55 @@ pub fn check_url(key: &str, url: &str) -> Result<(), PluginError> {
     let parsed =
         reqwest::Url::parse(url).map_err(|e| PluginError::rejected(format!("{key}: {e}")))?;
     if matches!(parsed.scheme(), "http" | "https") {
-        Ok(())
+        // A literal address the policy refuses can never be delivered to.
+        match egress::literal(&parsed).map(|ip| egress::current().check(ip)) {
+            Some(Err(r)) => Err(PluginError::rejected(format!("{key}: {r}"))),
+            _ => Ok(()),
+        }
     } else {
         Err(PluginError::rejected(format!(
             "{key}: must be an http or https URL"
         )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::Egress;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A server on 127.0.0.1 answering every request with a redirect to `to`.
+    async fn redirecting(to: String) -> String {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", l.local_addr().unwrap());
+        tokio::spawn(async move {
+            while let Ok((mut c, _)) = l.accept().await {
+                let mut buf = [0u8; 4096];
+                let _ = c.read(&mut buf).await;
+                let answer = format!(
+                    "HTTP/1.1 307 Temporary Redirect\r\nlocation: {to}\r\ncontent-length: 0\r\n\r\n"
+                );
+                let _ = c.write_all(answer.as_bytes()).await;
+            }
+        });
+        base
+    }
+
+    #[tokio::test]
+    async fn every_redirect_hop_is_checked() {
+        egress::set(&Egress {
+            deny: vec!["127.0.0.0/8".into()],
+            allow: vec!["127.0.0.1/32".into()],
+        });
+        let base = redirecting("http://127.0.0.2:9/denied".into()).await;
+        let e = client().unwrap().get(&base).send().await.unwrap_err();
+        let r = request_error(&base, &e);
+        assert!(matches!(r, PluginError::Rejected(_)), "{r:?}");
+        assert!(
+            r.to_string()
+                .contains("egress refused: 127.0.0.2 is in 127.0.0.0/8"),
+            "{r}"
+        );
     }
 }

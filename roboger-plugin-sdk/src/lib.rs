@@ -39,6 +39,8 @@
 #[cfg(feature = "mimalloc")]
 pub mod allocator;
 #[cfg(feature = "http")]
+pub mod egress;
+#[cfg(feature = "http")]
 pub mod http;
 pub mod plugin;
 pub mod protocol;

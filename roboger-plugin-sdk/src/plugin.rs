@@ -113,6 +113,9 @@ pub struct Info {
     /// `include_str!` of the file its validator is compiled from), sent
     /// in the manifest for the server's console.
     pub config_schema: Option<&'static str>,
+    /// The JSON Schema of its plugin config, likewise (its `writeOnly`
+    /// fields are secrets the server keeps out of its logs).
+    pub plugin_config_schema: Option<&'static str>,
 }
 
 /// A Roboger plugin. Only [`Plugin::info`] and [`Plugin::send`] are
@@ -278,7 +281,12 @@ impl<P: Plugin> PluginApiServer for Adapter<P> {
         &self,
         _server_version: String,
         protocol_version: String,
+        egress: Option<protocol::Egress>,
     ) -> RpcResult<Manifest> {
+        #[cfg(feature = "http")]
+        crate::egress::set(&egress.unwrap_or_default());
+        #[cfg(not(feature = "http"))]
+        let _ = egress;
         if !protocol::compatible(&protocol_version) {
             return Err(ErrorObjectOwned::owned(
                 codes::REJECTED,
@@ -312,6 +320,9 @@ impl<P: Plugin> PluginApiServer for Adapter<P> {
             http: info.http,
             config_schema: info
                 .config_schema
+                .and_then(|s| serde_json::from_str(s).ok()),
+            plugin_config_schema: info
+                .plugin_config_schema
                 .and_then(|s| serde_json::from_str(s).ok()),
         })
     }

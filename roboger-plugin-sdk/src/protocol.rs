@@ -70,6 +70,18 @@ pub const OPTIONAL_METHODS: [&str; 5] = [
     "http",
 ];
 
+/// Which addresses a plugin may connect to, as CIDRs (or single
+/// addresses), sent in `hello`. Besides these, link-local, metadata,
+/// unspecified and multicast addresses are refused unless allowed; an
+/// allowed network wins over a denied one.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Egress {
+    #[serde(default)]
+    pub deny: Vec<String>,
+    #[serde(default)]
+    pub allow: Vec<String>,
+}
+
 /// A plugin's answer to `hello`: who it is and what it implements.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Manifest {
@@ -96,6 +108,11 @@ pub struct Manifest {
     /// console builds the endpoint form from it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub config_schema: Option<serde_json::Value>,
+    /// The JSON Schema of its plugin config, if it has one. In both
+    /// schemas a `writeOnly` field is a secret: the server keeps its value
+    /// out of logs and error texts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plugin_config_schema: Option<serde_json::Value>,
 }
 
 /// A plugin's answer to an `http` call (by default an empty 200).
@@ -152,8 +169,14 @@ pub struct BucketObject {
 pub trait PluginApi {
     /// The handshake, always first: the server's versions in, the
     /// plugin's [`Manifest`] out.
+    /// `egress` is the plugin's egress policy (absent from older servers).
     #[method(name = "hello", param_kind = map)]
-    async fn hello(&self, server_version: String, protocol_version: String) -> RpcResult<Manifest>;
+    async fn hello(
+        &self,
+        server_version: String,
+        protocol_version: String,
+        egress: Option<Egress>,
+    ) -> RpcResult<Manifest>;
 
     /// Checks the plugin's global configuration (before `load`).
     #[method(name = "validate_plugin_config", param_kind = map)]

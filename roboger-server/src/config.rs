@@ -96,6 +96,29 @@ struct FileRoboger {
     event_retention: Option<u64>,
     delivery: Option<FileDelivery>,
     metrics: Option<FileMetrics>,
+    egress: Option<FileEgress>,
+    sandbox: Option<FileSandbox>,
+}
+
+/// `egress` (server-wide, or a plugin's own): CIDRs plugins' HTTP clients
+/// may not, or may, connect to.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileEgress {
+    deny: Option<Vec<String>>,
+    allow: Option<Vec<String>>,
+}
+
+/// `sandbox` (defaults for every plugin) or a plugin's own: its
+/// process's limits and writable paths.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct FileSandbox {
+    address_space: Option<u64>,
+    open_files: Option<u64>,
+    cpu_seconds: Option<u64>,
+    writable: Option<Vec<PathBuf>>,
+    landlock: Option<bool>,
 }
 
 /// `metrics`: who may read `/metrics` without a key.
@@ -172,6 +195,8 @@ struct FilePlugin {
     db: Option<bool>,
     max_inflight: Option<usize>,
     max_inflight_bytes: Option<usize>,
+    egress: Option<FileEgress>,
+    sandbox: Option<FileSandbox>,
 }
 
 // ---------------------------------------------------------------------------
@@ -287,6 +312,50 @@ pub struct PluginConfig {
     /// Most bytes of media (as sent, base64) in calls in flight to this
     /// plugin at once (`max-inflight-bytes`).
     pub max_inflight_bytes: usize,
+    /// What its HTTP client may connect to (its own `egress`, else the
+    /// server's), sent to it in `hello`.
+    pub egress: Egress,
+    /// The limits and filesystem rules its process runs under.
+    pub sandbox: Sandbox,
+}
+
+pub use roboger_plugin_sdk::protocol::Egress;
+
+/// How a plugin's process is confined (set before its executable runs).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sandbox {
+    /// `RLIMIT_AS`, bytes (`address-space`, in MiB in the file).
+    pub address_space: u64,
+    /// `RLIMIT_NOFILE` (`open-files`).
+    pub open_files: u64,
+    /// `RLIMIT_CPU`, seconds of CPU time in all (`cpu-seconds`); none by default.
+    pub cpu_seconds: Option<u64>,
+    /// Its own directory (`DATA_DIR/plugins/NAME`): its working directory
+    /// and `TMPDIR`, always writable.
+    pub data_dir: PathBuf,
+    /// More paths it may write (`writable`).
+    pub writable: Vec<PathBuf>,
+    /// Whether the filesystem is read-only to it but for those (Landlock).
+    pub landlock: bool,
+}
+
+/// The default address space of a plugin process: generous, as
+/// allocators reserve far more than they use (mimalloc reserves 1 GiB).
+pub const DEFAULT_ADDRESS_SPACE_MIB: u64 = 4096;
+/// The default open files of a plugin process.
+pub const DEFAULT_OPEN_FILES: u64 = 1024;
+
+impl Default for Sandbox {
+    fn default() -> Self {
+        Sandbox {
+            address_space: DEFAULT_ADDRESS_SPACE_MIB * 1024 * 1024,
+            open_files: DEFAULT_OPEN_FILES,
+            cpu_seconds: None,
+            data_dir: PathBuf::new(),
+            writable: Vec::new(),
+            landlock: true,
+        }
+    }
 }
 
 /// Delivery and retry settings (`delivery`, `node`).
@@ -348,6 +417,8 @@ impl PluginConfig {
             db: false,
             max_inflight: DEFAULT_MAX_INFLIGHT,
             max_inflight_bytes: DEFAULT_MAX_INFLIGHT_BYTES,
+            egress: Egress::default(),
+            sandbox: Sandbox::default(),
         }
     }
 }
@@ -610,7 +681,14 @@ impl Config {
             return Err(invalid("roboger.master.key", "must not be empty"));
         }
 
-        let plugins = match f.plugins {
+        let server_egress = egress("roboger.egress", f.egress.unwrap_or_default())?;
+        let server_sandbox = sandbox(
+            "roboger.sandbox",
+            &Sandbox::default(),
+            f.sandbox.unwrap_or_default(),
+        )?;
+        let listed = f.plugins.is_some();
+        let mut plugins = match f.plugins {
             Some(list) => {
                 let mut seen = std::collections::HashSet::new();
                 let mut out = Vec::with_capacity(list.len());
@@ -663,7 +741,19 @@ impl Config {
                             "must be at least 1",
                         ));
                     }
+                    let key = |k: &str| format!("roboger.plugins[{i}].{k}");
+                    let egress = match p.egress {
+                        Some(e) => egress(&key("egress"), e)?,
+                        None => server_egress.clone(),
+                    };
+                    let sandbox = sandbox(
+                        &key("sandbox"),
+                        &server_sandbox,
+                        p.sandbox.unwrap_or_default(),
+                    )?;
                     out.push(PluginConfig {
+                        egress,
+                        sandbox,
                         config: p.config.unwrap_or_default(),
                         command: p.command,
                         python: p.python,
@@ -683,6 +773,13 @@ impl Config {
             None if path.is_none() => builtin_plugins_next_to_binary(),
             None => Vec::new(),
         };
+        for p in &mut plugins {
+            if !listed {
+                p.egress = server_egress.clone();
+                p.sandbox = server_sandbox.clone();
+            }
+            p.sandbox.data_dir = data_dir.join("plugins").join(&p.name);
+        }
 
         let plugin_max_line = f.plugin_max_line.unwrap_or(DEFAULT_PLUGIN_MAX_LINE);
         if plugin_max_line < 1024 {
@@ -1095,6 +1192,62 @@ pub fn installed_plugin(file: &str) -> Option<PathBuf> {
         .into_iter()
         .map(|d| d.join(file))
         .find(|p| p.is_file())
+}
+
+/// An `egress` setting with each entry checked as a CIDR or an address.
+fn egress(key: &str, e: FileEgress) -> Result<Egress, ConfigError> {
+    let list = |k: &str, v: Option<Vec<String>>| -> Result<Vec<String>, ConfigError> {
+        let v = v.unwrap_or_default();
+        let nets = parse_nets(&format!("{key}.{k}"), &v)?;
+        Ok(nets.iter().map(ToString::to_string).collect())
+    };
+    Ok(Egress {
+        deny: list("deny", e.deny)?,
+        allow: list("allow", e.allow)?,
+    })
+}
+
+/// A `sandbox` setting over `d` (the defaults, or the server-wide
+/// setting for a plugin's own): each key given replaces the default's,
+/// but `writable` adds to it.
+fn sandbox(key: &str, d: &Sandbox, s: FileSandbox) -> Result<Sandbox, ConfigError> {
+    let address_space = match s.address_space {
+        None => d.address_space,
+        Some(mib) if (16..=1 << 30).contains(&mib) => mib * 1024 * 1024,
+        Some(_) => {
+            return Err(invalid(
+                &format!("{key}.address-space"),
+                "must be a number of MiB from 16",
+            ));
+        }
+    };
+    let open_files = match s.open_files {
+        None => d.open_files,
+        Some(n) if n >= 16 => n,
+        Some(_) => return Err(invalid(&format!("{key}.open-files"), "must be at least 16")),
+    };
+    if s.cpu_seconds == Some(0) {
+        return Err(invalid(
+            &format!("{key}.cpu-seconds"),
+            "must be at least 1 (leave it out for no limit)",
+        ));
+    }
+    let mut writable = d.writable.clone();
+    writable.extend(s.writable.unwrap_or_default());
+    if let Some(p) = writable.iter().find(|p| !p.is_absolute()) {
+        return Err(invalid(
+            &format!("{key}.writable"),
+            format!("paths must be absolute: {}", p.display()),
+        ));
+    }
+    Ok(Sandbox {
+        address_space,
+        open_files,
+        cpu_seconds: s.cpu_seconds.or(d.cpu_seconds),
+        writable,
+        landlock: s.landlock.unwrap_or(d.landlock),
+        data_dir: d.data_dir.clone(),
+    })
 }
 
 fn builtin_plugins_next_to_binary() -> Vec<PluginConfig> {

@@ -16,6 +16,8 @@ pub mod metrics;
 pub mod pipeline;
 pub mod random;
 pub mod routing;
+pub mod sandbox;
+pub mod secrets;
 pub mod server;
 pub mod store;
 pub mod supervisor;
@@ -84,6 +86,8 @@ impl App {
         );
         let mut opts = supervisor::Options::new(config.timeout, config.plugin_max_line);
         opts.health_interval = config.plugin_health_interval;
+        // This executable confines each plugin before running it.
+        opts.launcher = std::env::current_exe().ok();
         let plugins = supervisor::Supervisor::start(config.plugins.clone(), opts, host);
         plugins.wait_started(config.timeout * 2).await;
         let counters = limits::Counters::new(

@@ -44,6 +44,39 @@ enum Command {
     Migrate,
     /// Load and check the configuration, print a summary and exit.
     CheckConfig,
+    /// (Used by the server itself.) Confine this process as a plugin's
+    /// `sandbox` says, then run the plugin in its place.
+    #[command(hide = true)]
+    SandboxExec {
+        #[command(flatten)]
+        spec: roboger_server::sandbox::Spec,
+        /// The plugin's executable and arguments.
+        #[arg(last = true, required = true)]
+        command: Vec<std::ffi::OsString>,
+    },
+}
+
+/// Confines this process and execs the plugin; returns only on failure.
+/// Runs before any runtime or thread exists. Its lines go to the plugin's
+/// log (stderr).
+fn sandbox_exec(
+    spec: &roboger_server::sandbox::Spec,
+    command: &[std::ffi::OsString],
+) -> std::process::ExitCode {
+    use std::os::unix::process::CommandExt;
+    match roboger_server::sandbox::enter(spec) {
+        Ok(said) => eprintln!("INFO {said}"),
+        Err(e) => {
+            eprintln!("ERROR sandbox: {e}; the plugin was not started");
+            return std::process::ExitCode::from(126);
+        }
+    }
+    let Some((exe, args)) = command.split_first() else {
+        return std::process::ExitCode::from(2);
+    };
+    let e = std::process::Command::new(exe).args(args).exec();
+    eprintln!("ERROR cannot run {}: {e}", exe.to_string_lossy());
+    std::process::ExitCode::from(127)
 }
 
 fn init_logging(format: LogFormat) {
@@ -51,7 +84,7 @@ fn init_logging(format: LogFormat) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(roboger_server::secrets::Redacting);
     match format {
         LogFormat::Json => builder.json().flatten_event(true).init(),
         LogFormat::Text => builder
@@ -202,9 +235,24 @@ async fn serve(cli: &Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    if let Some(Command::SandboxExec { spec, command }) = &cli.command {
+        return sandbox_exec(spec, command);
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build();
+    match runtime {
+        Ok(rt) => rt.block_on(run(cli)),
+        Err(e) => {
+            eprintln!("roboger-server: cannot start the async runtime: {e}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}
+
+async fn run(cli: Cli) -> std::process::ExitCode {
     init_logging(cli.log_format);
     let result = match cli.command.as_ref().unwrap_or(&Command::Serve) {
         Command::Serve => serve(&cli).await,
@@ -230,6 +278,7 @@ async fn main() -> std::process::ExitCode {
                     .join(", ")
             );
         }),
+        Command::SandboxExec { .. } => Ok(()),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

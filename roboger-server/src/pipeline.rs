@@ -438,6 +438,7 @@ async fn attempt(
         .media_size
         .and_then(|s| usize::try_from(s).ok())
         .unwrap_or(0);
+    plugins.register_secrets(&job.plugin, &job.config);
     if size == 0 {
         return plugins
             .call(&job.plugin, "send", send_params(job, None))
@@ -494,16 +495,20 @@ fn outcome(cfg: &DeliveryConfig, job: &Job, result: Result<Value, CallError>) ->
         error: None,
         next_at: None,
     };
-    let error = match result {
+    let (error, refused) = match result {
         Ok(_) => {
             tracing::debug!(event_id = %job.event.id, endpoint_id = job.endpoint_id, plugin = %job.plugin, attempts, "delivered");
             return base;
         }
-        Err(e) => e.to_string(),
+        // The plugin refused the delivery itself (e.g. the egress policy
+        // refuses its target): trying again cannot help.
+        Err(e @ CallError::Rejected(_)) => (e.to_string(), true),
+        Err(e) => (e.to_string(), false),
     };
+    let error = crate::secrets::scrub(&error).into_owned();
     let age = chrono::Utc::now() - job.event.created;
     let too_old = age.to_std().is_ok_and(|a| a >= cfg.max_age);
-    if attempts >= cfg.max_attempts || too_old {
+    if attempts >= cfg.max_attempts || too_old || refused {
         tracing::warn!(event_id = %job.event.id, endpoint_id = job.endpoint_id, plugin = %job.plugin, attempts, "delivery failed for good: {error}");
         return Attempt {
             state: STATE_FAILED,

@@ -68,6 +68,9 @@ pub struct Options {
     pub shutdown_grace: Duration,
     /// Restart backoff.
     pub backoff: BackoffPolicy,
+    /// The `roboger-server` executable that confines each plugin before
+    /// running it ([`crate::sandbox`]); `None` runs plugins unconfined.
+    pub launcher: Option<PathBuf>,
 }
 
 impl Options {
@@ -79,6 +82,7 @@ impl Options {
             health_interval: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(3),
             backoff: BackoffPolicy::default(),
+            launcher: None,
         }
     }
 }
@@ -254,6 +258,8 @@ struct SlotStatus {
     restarts: u64,
     last_error: Option<String>,
     manifest: Option<Manifest>,
+    /// Whether its endpoint config schema marks any field secret.
+    endpoint_secrets: bool,
 }
 
 /// Every configured plugin, supervised.
@@ -319,6 +325,7 @@ impl Supervisor {
                 restarts: 0,
                 last_error: None,
                 manifest: None,
+                endpoint_secrets: false,
             }),
             restart: tokio::sync::Notify::new(),
             connected: tokio::sync::Notify::new(),
@@ -453,6 +460,21 @@ impl Supervisor {
         let slot = self.slot(name)?;
         let status = slot.status.lock().ok()?;
         status.manifest.as_ref()?.config_schema.clone()
+    }
+
+    /// Remembers the secrets of an endpoint `config` of plugin `name` (the
+    /// fields its config schema marks `writeOnly`), so logs and reports
+    /// leave them out.
+    pub fn register_secrets(&self, name: &str, config: &Value) {
+        let has = self
+            .slot(name)
+            .is_some_and(|s| s.status.lock().is_ok_and(|st| st.endpoint_secrets));
+        if !has {
+            return;
+        }
+        if let Some(schema) = self.config_schema(name) {
+            crate::secrets::register(crate::secrets::of(&schema, config));
+        }
     }
 
     /// Restarts a plugin now (also one that failed or was refused).
@@ -618,8 +640,8 @@ fn status_of(slot: &Slot) -> Status {
 fn set_state(slot: &Slot, state: State, error: Option<String>) {
     if let Ok(mut s) = slot.status.lock() {
         s.state = state;
-        if error.is_some() {
-            s.last_error = error;
+        if let Some(e) = error {
+            s.last_error = Some(crate::secrets::scrub(&e).into_owned());
         }
     }
 }
@@ -663,6 +685,11 @@ async fn supervise(
                 if let Ok(mut s) = slot.status.lock() {
                     s.state = State::Running;
                     s.manifest = Some(conn.manifest.clone());
+                    s.endpoint_secrets = conn
+                        .manifest
+                        .config_schema
+                        .as_ref()
+                        .is_some_and(crate::secrets::has_secrets);
                 }
                 slot.connected.notify_waiters();
                 tracing::info!(plugin = %name, pid = ?conn.pid, "plugin running");
@@ -743,15 +770,24 @@ async fn run_until_end(
             }
         }
     };
+    let sandbox = &slot.cfg.sandbox;
     let ended = tokio::select! {
         status = child.wait() => Ended::Crashed(match status {
-            Ok(s) => format!("process exited ({s})"),
+            Ok(s) => exit_reason(s, sandbox),
             Err(e) => format!("cannot wait for the process: {e}"),
         }),
-        reason = conn.peer.closed() => Ended::Crashed(format!("connection closed: {reason}")),
+        reason = conn.peer.closed() => {
+            // A process that died closes its pipes first: say how it died.
+            let status = tokio::time::timeout(EXIT_WAIT, child.wait()).await;
+            Ended::Crashed(match status {
+                Ok(Ok(s)) => format!("connection closed: {reason}; {}", exit_reason(s, sandbox)),
+                _ => format!("connection closed: {reason}"),
+            })
+        }
         why = health => Ended::Crashed(why),
         _ = slot.restart.notified() => Ended::RestartRequested,
-        _ = shutdown.wait_for(|s| *s) => Ended::Shutdown,
+        // (No `watch::Ref` in the select's output: a branch awaits.)
+        _ = async { shutdown.wait_for(|s| *s).await.is_ok() } => Ended::Shutdown,
     };
     // Calls in flight fail now: drop the connection (closing the pipes).
     let next = match ended {
@@ -857,8 +893,29 @@ async fn start_once(
             )));
         }
     }
-    let mut cmd = Command::new(&exe);
-    cmd.args(&cfg.python);
+    let args: Vec<String> = cfg.python.iter().cloned().collect();
+    let mut cmd = match &opts.launcher {
+        Some(launcher) => {
+            let mut c = Command::new(launcher);
+            c.args(crate::sandbox::command_line(&cfg.sandbox, &exe, &args));
+            c
+        }
+        None => {
+            let mut c = Command::new(&exe);
+            c.args(&args);
+            c
+        }
+    };
+    // Its own directory: where it runs and keeps temporary files (the only
+    // place Landlock lets it write, with its `writable` paths).
+    let dir = &cfg.sandbox.data_dir;
+    if !dir.as_os_str().is_empty() {
+        create_plugin_dir(dir)
+            .map_err(|e| StartError::Crashed(format!("cannot create {}: {e}", dir.display())))?;
+        cmd.current_dir(dir)
+            .env("TMPDIR", dir)
+            .env("ROBOGER_PLUGIN_DIR", dir);
+    }
     for k in SECRET_ENV {
         cmd.env_remove(k);
     }
@@ -917,6 +974,7 @@ async fn start_once(
             .hello(
                 env!("CARGO_PKG_VERSION").to_string(),
                 protocol::PROTOCOL_VERSION.to_string(),
+                Some(cfg.egress.clone()),
             )
             .await;
         r.map_err(|e| match peer.close_reason() {
@@ -940,6 +998,10 @@ async fn start_once(
         )));
     }
     let plugin_config = Value::Object(cfg.config.clone());
+    // Its secrets are known before its config travels (and is logged).
+    if let Some(schema) = &manifest.plugin_config_schema {
+        crate::secrets::register(crate::secrets::of(schema, &plugin_config));
+    }
     let has = |m: &str| manifest.methods.iter().any(|x| x == m);
     for method in ["validate_plugin_config", "load"] {
         if !has(method) {
@@ -979,6 +1041,38 @@ async fn start_once(
         }),
         child,
     ))
+}
+
+/// How long a plugin whose pipes closed is given to exit, so its exit
+/// status can be told.
+const EXIT_WAIT: Duration = Duration::from_millis(200);
+
+/// How a plugin process ended, in words, naming the sandbox limit a
+/// signal points to.
+fn exit_reason(status: std::process::ExitStatus, sandbox: &crate::config::Sandbox) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    let mib = sandbox.address_space / (1024 * 1024);
+    match status.signal() {
+        Some(6) => format!(
+            "killed by SIGABRT, as after a failed allocation (its address space limit is {mib} MiB)"
+        ),
+        Some(24) => format!(
+            "killed by SIGXCPU: it used up its CPU time limit ({} s)",
+            sandbox.cpu_seconds.unwrap_or_default()
+        ),
+        Some(9) => "killed by SIGKILL".to_string(),
+        Some(sig) => format!("killed by signal {sig}"),
+        None => format!("process exited ({status})"),
+    }
+}
+
+/// Creates a plugin's directory (private to the server's user).
+fn create_plugin_dir(dir: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
 }
 
 /// A plugin's stderr line, with the level it starts with (as the SDK and

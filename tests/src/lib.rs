@@ -166,6 +166,21 @@ pub struct ServerOptions {
     pub db: Option<String>,
 }
 
+impl ServerOptions {
+    /// A server running the built-in plugin `name` (its executable from
+    /// this build), with `yaml` under `roboger:`.
+    pub fn builtin(name: &str, yaml: &str) -> ServerOptions {
+        ServerOptions {
+            yaml: yaml.to_string(),
+            plugins_yaml: format!(
+                "- name: {name}\n  command: {}\n",
+                plugin_bin(name).display()
+            ),
+            ..Default::default()
+        }
+    }
+}
+
 /// A database for several servers at once (a cluster): a fresh one on
 /// PostgreSQL, else a SQLite file in the returned directory.
 pub fn shared_database() -> (tempfile::TempDir, String) {
@@ -249,6 +264,14 @@ impl Server {
         }
         if !opts.yaml.lines().any(|l| l.starts_with("timeout:")) {
             yaml.push_str("  timeout: 2\n");
+        }
+        // Plugins may write where tests keep their files (records, outputs);
+        // the sandbox tests set their own.
+        if !opts.yaml.lines().any(|l| l.starts_with("sandbox:")) {
+            yaml.push_str(&format!(
+                "  sandbox:\n    writable: [{}]\n",
+                std::env::temp_dir().display()
+            ));
         }
         if !opts.plugins.is_empty() || !opts.plugins_yaml.is_empty() {
             yaml.push_str("  plugins:\n");

@@ -9,7 +9,7 @@ use std::process::Command;
 
 use base64::Engine as _;
 use roboger_tests::{
-    HttpSink, KEY, Method, Server, ServerOptions, assert_status, installed_program, plugin_bin,
+    HttpSink, KEY, Method, Server, ServerOptions, assert_status, installed_program,
 };
 
 /// Where `tests/run` installed playwright-core (`ROBOGER_TEST_PLAYWRIGHT`),
@@ -27,17 +27,6 @@ fn playwright() -> Option<PathBuf> {
     None
 }
 
-fn webhook_server(yaml: &str) -> ServerOptions {
-    ServerOptions {
-        yaml: yaml.to_string(),
-        plugins_yaml: format!(
-            "- name: webhook\n  command: {}\n",
-            plugin_bin("webhook").display()
-        ),
-        ..Default::default()
-    }
-}
-
 #[tokio::test]
 async fn an_operator_walks_through_the_console_in_a_browser() {
     let Some(chromium) = installed_program("ROBOGER_TEST_CHROMIUM", "/usr/bin/chromium") else {
@@ -47,7 +36,11 @@ async fn an_operator_walks_through_the_console_in_a_browser() {
     // The first event is delivered; the second fails once (one attempt
     // only) and is delivered when retried from the console.
     let sink = HttpSink::start(vec![200, 500]).await;
-    let server = Server::start_with(webhook_server("delivery:\n  max-attempts: 1\n")).await;
+    let server = Server::start_with(ServerOptions::builtin(
+        "webhook",
+        "delivery:\n  max-attempts: 1\n",
+    ))
+    .await;
     let shots = roboger_tests::bin_dir().join("../console-screenshots");
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("console/console.mjs");
     let run = {

@@ -38,6 +38,7 @@ impl Plugin for Chain {
             url: None,
             http: false,
             config_schema: Some(include_str!("../../../schema/plugins/chain.schema.json")),
+            plugin_config_schema: None,
         }
     }
 

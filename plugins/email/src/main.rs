@@ -170,6 +170,9 @@ impl Plugin for Email {
             url: None,
             http: false,
             config_schema: Some(include_str!("../../../schema/plugins/email.schema.json")),
+            plugin_config_schema: Some(include_str!(
+                "../../../schema/plugins/email.plugin.schema.json"
+            )),
         }
     }
 

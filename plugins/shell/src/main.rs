@@ -48,6 +48,7 @@ impl Plugin for Shell {
             url: None,
             http: false,
             config_schema: Some(include_str!("../../../schema/plugins/shell.schema.json")),
+            plugin_config_schema: None,
         }
     }
 

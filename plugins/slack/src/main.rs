@@ -55,6 +55,7 @@ impl Plugin for Slack {
             url: None,
             http: false,
             config_schema: Some(include_str!("../../../schema/plugins/slack.schema.json")),
+            plugin_config_schema: None,
         }
     }
 

@@ -81,10 +81,11 @@ impl Bot {
 }
 
 async fn answer(method: &str, req: reqwest::RequestBuilder) -> Result<Value, PluginError> {
-    let resp = req
-        .send()
-        .await
-        .map_err(|e| PluginError::failed(format!("{method}: {}", e.without_url())))?;
+    let resp = req.send().await.map_err(|e| {
+        // The URL holds the bot token: it is left out of the error.
+        let e = e.without_url();
+        roboger_plugin_sdk::http::request_error(method, &e)
+    })?;
     let status = resp.status();
     let v: Value = resp.json().await.unwrap_or(Value::Null);
     if status.is_success() && v["ok"] == true {
@@ -157,6 +158,9 @@ impl Plugin for Telegram {
             url: None,
             http: true,
             config_schema: Some(include_str!("../../../schema/plugins/telegram.schema.json")),
+            plugin_config_schema: Some(include_str!(
+                "../../../schema/plugins/telegram.plugin.schema.json"
+            )),
         }
     }
 

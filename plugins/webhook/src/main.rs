@@ -86,6 +86,7 @@ impl Plugin for Webhook {
             url: None,
             http: false,
             config_schema: Some(include_str!("../../../schema/plugins/webhook.schema.json")),
+            plugin_config_schema: None,
         }
     }
 

@@ -79,7 +79,7 @@ impl From<CallError> for ApiError {
         match e {
             CallError::NotConfigured(_) => ApiError::NotFound(e.to_string()),
             CallError::Rejected(msg) | CallError::Failed(msg) => {
-                ApiError::BadRequest(format!("invalid config: {msg}"))
+                ApiError::BadRequest(format!("invalid config: {}", crate::secrets::scrub(&msg)))
             }
             CallError::Unavailable(..) => ApiError::Unavailable(e.to_string()),
         }

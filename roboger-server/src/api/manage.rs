@@ -210,6 +210,7 @@ async fn route(
             if !app.plugins.is_configured(plugin) {
                 return Err(ApiError::NotFound(format!("no such plugin: {plugin}")));
             }
+            app.plugins.register_secrets(plugin, &config);
             app.plugins.validate_config(plugin, &config).await?;
             let mut ep = app
                 .store
@@ -255,6 +256,7 @@ async fn route(
             };
             if let Some(config) = &patch.config {
                 let current = app.store.endpoint_get(a, ep).await?;
+                app.plugins.register_secrets(&current.plugin_name, config);
                 app.plugins
                     .validate_config(&current.plugin_name, config)
                     .await?;

@@ -17,6 +17,10 @@
 //! until the test brings it back); `TEST_PLUGIN_SEND_FAIL` (environment)
 //! makes every `send` of this process fail with its text, after the rest;
 //! `{"callbacks": true}` calls back into the server and records what it got.
+//! Against its sandbox: `{"write": "/path"}` writes a file there (the
+//! error is the delivery's); `{"open_files": n}` opens `/dev/null` n times
+//! at once; `{"allocate_mib": n}` touches n MiB, once per plugin
+//! directory (a marker there makes its successor deliver instead).
 
 use std::io::{BufRead, Write};
 
@@ -54,6 +58,7 @@ impl Plugin for Chaos {
             url: Some("https://example.invalid/test-plugin"),
             http: self.http,
             config_schema: None,
+            plugin_config_schema: None,
         }
     }
 
@@ -145,6 +150,31 @@ impl Plugin for Chaos {
         }
         if c.get("crash").is_some() {
             std::process::exit(1);
+        }
+        if let Some(path) = c.get("write").and_then(Value::as_str) {
+            std::fs::write(path, b"written by the test plugin")
+                .map_err(|e| PluginError::failed(format!("write {path}: {e}")))?;
+        }
+        if let Some(n) = c.get("open_files").and_then(Value::as_u64) {
+            let mut open = Vec::new();
+            for i in 0..n {
+                let f = std::fs::File::open("/dev/null")
+                    .map_err(|e| PluginError::failed(format!("open file {}: {e}", i + 1)))?;
+                open.push(f);
+            }
+        }
+        if let Some(mib) = c.get("allocate_mib").and_then(Value::as_u64) {
+            let dir = std::env::var("ROBOGER_PLUGIN_DIR").unwrap_or_else(|_| ".".into());
+            let marker = std::path::Path::new(&dir).join("allocated");
+            if !marker.exists() {
+                let _ = std::fs::write(&marker, b"");
+                let size = usize::try_from(mib).unwrap_or(usize::MAX) * 1024 * 1024;
+                let mut big = vec![0u8; size];
+                for b in big.iter_mut().step_by(4096) {
+                    *b = 1;
+                }
+                std::hint::black_box(&big);
+            }
         }
         if c.get("freeze").is_some() {
             let _ = rustix::process::kill_process(

@@ -1,0 +1,254 @@
+//! Plugins under least privilege: the egress policy of the SDK's HTTP
+//! client (a refused target is a failed delivery naming the rule, never
+//! retried; a refused literal address is a 400 at once), the limits and
+//! Landlock rules a plugin process runs under, and secrets kept out of
+//! logs.
+
+use roboger_tests::{HttpSink, Server, ServerOptions, assert_status, json, plugin_bin};
+
+fn port(base: &str) -> &str {
+    base.rsplit(':').next().unwrap_or("")
+}
+
+#[tokio::test]
+async fn loopback_denied_refuses_names_and_literals_and_is_not_retried() {
+    let sink = HttpSink::start(vec![]).await;
+    let s = Server::start_with(ServerOptions::builtin(
+        "webhook",
+        "egress:\n  deny: [127.0.0.0/8, '::1']\n",
+    ))
+    .await;
+    let (id, a) = s.new_addr().await;
+
+    // A literal address the policy refuses: 400 at once, naming the rule.
+    let r = s
+        .try_endpoint(id, "webhook", json!({"url": format!("{}/x", sink.base)}))
+        .await;
+    assert_status!(r, 400);
+    assert!(
+        r.text
+            .contains("egress refused: 127.0.0.1 is in 127.0.0.0/8"),
+        "{}",
+        r.text
+    );
+
+    // A name that resolves to a refused address: the delivery fails with
+    // the rule, once (max-attempts is 10 by default), and nothing arrives.
+    let url = format!("http://localhost:{}/x", port(&sink.base));
+    s.endpoint(id, "webhook", json!({ "url": url })).await;
+    assert_status!(s.push(json!({"addr": a, "msg": "hi"})).await, 202);
+    let (state, attempts, error) = s.settled_delivery(id).await;
+    assert_eq!(state, "failed");
+    assert_eq!(attempts, 1, "a refused target is not retried");
+    assert!(error.contains("egress refused:"), "{error}");
+    assert!(error.contains("denied by the egress policy"), "{error}");
+    assert!(sink.requests().is_empty());
+}
+
+#[tokio::test]
+async fn an_allowed_address_is_delivered_and_a_redirect_to_a_denied_one_is_refused() {
+    let sink = HttpSink::start(vec![]).await;
+    // A target that sends every request on to 127.0.0.2, which is denied.
+    let redirect = {
+        use warp::Filter;
+        let to = format!("http://127.0.0.2:{}/elsewhere", port(&sink.base));
+        let route = warp::any().map(move || {
+            warp::http::Response::builder()
+                .status(307)
+                .header("location", to.clone())
+                .body(String::new())
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let base = format!("http://{}", listener.local_addr().expect("addr"));
+        tokio::spawn(roboger_server::server::serve(
+            listener,
+            warp::service(route),
+            std::future::pending(),
+        ));
+        base
+    };
+    let s = Server::start_with(ServerOptions::builtin(
+        "webhook",
+        "egress:\n  deny: [127.0.0.0/8]\n  allow: [127.0.0.1/32]\n",
+    ))
+    .await;
+
+    let (id, a) = s.new_addr().await;
+    s.endpoint(id, "webhook", json!({"url": format!("{}/ok", sink.base)}))
+        .await;
+    assert_status!(s.push(json!({"addr": a, "msg": "allowed"})).await, 202);
+    let (state, _, error) = s.settled_delivery(id).await;
+    assert_eq!(state, "delivered", "{error}");
+    assert_eq!(sink.wait(1).await[0].path, "/ok");
+
+    let (id, a) = s.new_addr().await;
+    s.endpoint(id, "webhook", json!({"url": format!("{redirect}/go")}))
+        .await;
+    assert_status!(s.push(json!({"addr": a, "msg": "redirected"})).await, 202);
+    let (state, attempts, error) = s.settled_delivery(id).await;
+    assert_eq!(state, "failed");
+    assert_eq!(attempts, 1);
+    assert!(
+        error.contains("egress refused: 127.0.0.2 is in 127.0.0.0/8"),
+        "{error}"
+    );
+    assert_eq!(sink.requests().len(), 1, "the redirect was not followed");
+}
+
+#[tokio::test]
+async fn metadata_addresses_are_refused_by_default() {
+    let s = Server::start_with(ServerOptions::builtin("webhook", "")).await;
+    let (id, _) = s.new_addr().await;
+    for url in [
+        "http://169.254.169.254/latest/meta-data/",
+        "http://[fd00:ec2::254]/",
+    ] {
+        let r = s.try_endpoint(id, "webhook", json!({ "url": url })).await;
+        assert_status!(r, 400);
+        assert!(r.text.contains("denied by default"), "{url}: {}", r.text);
+    }
+    // A plugin's own egress replaces the server's.
+    let s = Server::start_with(ServerOptions {
+        yaml: "egress:\n  deny: [10.0.0.0/8]\n".into(),
+        plugins_yaml: format!(
+            "- name: webhook\n  command: {}\n  egress:\n    allow: [169.254.169.254]\n",
+            plugin_bin("webhook").display()
+        ),
+        ..Default::default()
+    })
+    .await;
+    let (id, _) = s.new_addr().await;
+    let ok = s
+        .try_endpoint(id, "webhook", json!({"url": "http://169.254.169.254/"}))
+        .await;
+    assert_status!(ok, 201);
+    let ten = s
+        .try_endpoint(id, "webhook", json!({"url": "http://10.1.2.3/"}))
+        .await;
+    assert_status!(ten, 201);
+}
+
+/// A server with the test plugin under `sandbox` (server-wide settings,
+/// so the harness's writable temp directory is not added) and one attempt
+/// per delivery.
+fn confined(sandbox: &str) -> ServerOptions {
+    ServerOptions {
+        yaml: format!("sandbox:\n{sandbox}delivery:\n  max-attempts: 1\n"),
+        plugins: vec!["test".into()],
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn a_plugin_writes_only_below_its_own_directory() {
+    let s = Server::start_with(confined("  landlock: true\n")).await;
+    s.wait_log("Landlock enforced", std::time::Duration::from_secs(5))
+        .await;
+    let elsewhere = tempfile::tempdir().expect("tempdir");
+    let outside = elsewhere.path().join("outside.txt");
+    let (id, a) = s.new_addr().await;
+    s.endpoint(id, "test", json!({"write": outside.display().to_string()}))
+        .await;
+    assert_status!(s.push(json!({"addr": a, "msg": "out"})).await, 202);
+    let (state, _, error) = s.settled_delivery(id).await;
+    assert_eq!(state, "failed");
+    assert!(error.contains("Permission denied"), "{error}");
+    assert!(!outside.exists());
+
+    let inside = s.dir.path().join("data/plugins/test/inside.txt");
+    let (id, a) = s.new_addr().await;
+    s.endpoint(id, "test", json!({"write": inside.display().to_string()}))
+        .await;
+    assert_status!(s.push(json!({"addr": a, "msg": "in"})).await, 202);
+    let (state, _, error) = s.settled_delivery(id).await;
+    assert_eq!(state, "delivered", "{error}");
+    assert!(inside.exists());
+}
+
+#[tokio::test]
+async fn a_plugin_opens_no_more_files_than_its_limit() {
+    let s = Server::start_with(confined("  open-files: 64\n")).await;
+    let (id, a) = s.new_addr().await;
+    s.endpoint(id, "test", json!({"open_files": 200})).await;
+    assert_status!(s.push(json!({"addr": a, "msg": "many"})).await, 202);
+    let (state, _, error) = s.settled_delivery(id).await;
+    assert_eq!(state, "failed");
+    assert!(error.contains("Too many open files"), "{error}");
+
+    let (id, a) = s.new_addr().await;
+    s.endpoint(id, "test", json!({"open_files": 10})).await;
+    assert_status!(s.push(json!({"addr": a, "msg": "few"})).await, 202);
+    let (state, _, error) = s.settled_delivery(id).await;
+    assert_eq!(state, "delivered", "{error}");
+}
+
+#[tokio::test]
+async fn a_plugin_over_its_memory_limit_is_killed_and_its_successor_delivers() {
+    let s = Server::start_with(ServerOptions {
+        yaml: "sandbox:\n  address-space: 256\n".into(),
+        plugins: vec!["test".into()],
+        ..Default::default()
+    })
+    .await;
+    let (id, a) = s.new_addr().await;
+    s.endpoint(id, "test", json!({"allocate_mib": 512})).await;
+    assert_status!(s.push(json!({"addr": a, "msg": "big"})).await, 202);
+    let (state, attempts, _) = s.settled_delivery(id).await;
+    assert_eq!(state, "delivered");
+    assert!(attempts >= 2, "made by the successor: {attempts} attempts");
+    let plugins = s
+        .manage(roboger_tests::Method::GET, "/plugin", None)
+        .await
+        .json();
+    let p = &plugins[0];
+    assert!(p["restarts"].as_u64().is_some_and(|n| n >= 1), "{p}");
+    let error = p["last_error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("SIGABRT") && error.contains("address space limit is 256 MiB"),
+        "{p}"
+    );
+}
+
+#[tokio::test]
+async fn the_smtp_password_appears_in_no_log_line_even_when_delivery_fails() {
+    let Some(python) = roboger_tests::venv_python("aiosmtpd") else {
+        return;
+    };
+    let smtp = roboger_tests::SmtpSink::start(&python, Some(("robot", "right-password")));
+    let secret = "Sup3r-S3cret-Passw0rd";
+    let s = Server::start_with(ServerOptions {
+        yaml: "delivery:\n  max-attempts: 2\n  retry-base: 0.05\n".into(),
+        plugins_yaml: format!(
+            "- name: email\n  command: {}\n  config:\n    smtp: {{host: 127.0.0.1, port: {}, login: robot, password: {secret}}}\n",
+            plugin_bin("email").display(),
+            smtp.port
+        ),
+        // Everything the server and the plugin can say, wire messages included.
+        env: vec![("RUST_LOG".into(), "trace".into())],
+        ..Default::default()
+    })
+    .await;
+    let (id, a) = s.new_addr().await;
+    s.endpoint(id, "email", json!({"rcpt": "ops@example.com"}))
+        .await;
+    assert_status!(s.push(json!({"addr": a, "msg": "m"})).await, 202);
+    let (state, _, error) = s.settled_delivery(id).await;
+    assert_eq!(state, "failed", "the wrong password is refused");
+    assert!(!error.contains(secret), "{error}");
+    // A plugin config refused for a secret's value does not quote it either.
+    let plugins = s
+        .manage(roboger_tests::Method::GET, "/plugin", None)
+        .await
+        .text;
+    assert!(!plugins.contains(secret));
+    let log = s.log.lock().map(|l| l.clone()).unwrap_or_default();
+    assert!(log.contains("email"), "the log is the server's");
+    let leaks: Vec<&str> = log.lines().filter(|l| l.contains(secret)).collect();
+    assert!(
+        leaks.is_empty(),
+        "the password is in the log:\n{}",
+        leaks.join("\n")
+    );
+}
