@@ -83,9 +83,10 @@ struct Args {
     /// Run the cluster benchmark: this many of our servers on one database.
     #[arg(long, default_value_t = 1)]
     nodes: usize,
-    /// With `--nodes`: a PostgreSQL server URL without a database (e.g.
-    /// `postgresql://postgres@127.0.0.1:5432`); a fresh database is made
-    /// on it. Default: one SQLite file shared by the nodes.
+    /// A PostgreSQL server URL without a database (e.g.
+    /// `postgresql://postgres@127.0.0.1:5432`): our server (or, with
+    /// `--nodes`, the nodes) runs on a fresh database made on it instead of
+    /// SQLite.
     #[arg(long)]
     pg: Option<String>,
     /// With `--nodes`: addresses to create one by one through the
@@ -585,6 +586,15 @@ async fn restart_time(
     Some((back?.saturating_sub(killed_at), missing))
 }
 
+/// Our one server: on a fresh PostgreSQL database with `--pg`, else SQLite.
+fn single_server(args: &Args) -> ServerOptions {
+    let mut opts = our_server(args);
+    if let Some(pg) = &args.pg {
+        opts.db = Some(roboger_tests::create_pg_database(pg));
+    }
+    opts
+}
+
 /// How our server runs in the benchmark: the release binary with the
 /// webhook plugin (its `max-inflight` from `--max-inflight`), quiet logs.
 fn our_server(args: &Args) -> ServerOptions {
@@ -603,12 +613,16 @@ fn our_server(args: &Args) -> ServerOptions {
 }
 
 async fn own_server(args: &Args, sink: &Sink, clock: Instant, seq: &Arc<AtomicU64>) -> Row {
-    let s = Server::start_with(our_server(args)).await;
+    let s = Server::start_with(single_server(args)).await;
     // Wired the same way as another server, through the management API.
     let addr = wire_target(&s.base, KEY, &sink.url).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let mut row = Row {
-        name: "roboger (Rust)".into(),
+        name: if args.pg.is_some() {
+            "roboger (Rust), PostgreSQL".into()
+        } else {
+            "roboger (Rust)".into()
+        },
         ..Default::default()
     };
     let pid = s.pid();
@@ -896,7 +910,7 @@ async fn manage_cost(base: &str, n: usize) -> [(Duration, Duration); 2] {
 /// sink, with 50 events): each kind of page fetched 50 times in a row
 /// after 3 unmeasured fetches, on loopback, so the time is the server's.
 async fn console_pages(args: &Args, sink: &Sink) -> std::process::ExitCode {
-    let s = Server::start_with(our_server(args)).await;
+    let s = Server::start_with(single_server(args)).await;
     let addr = wire_target(&s.base, KEY, &sink.url).await;
     let c = roboger_tests::client();
     for i in 0..50 {
