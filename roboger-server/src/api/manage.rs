@@ -135,13 +135,13 @@ async fn route(
                 .await?
                 .into_iter()
                 .map(|r| {
+                    let alive = r.alive(now, timeout);
                     let n = r.node;
-                    let silent = (now - n.heartbeat).to_std().unwrap_or_default();
                     json!({
                         "instance": n.instance, "name": n.name, "version": n.version,
                         "started": n.started.to_rfc3339(),
                         "heartbeat": n.heartbeat.to_rfc3339(),
-                        "alive": n.rescued.is_none() && silent < timeout,
+                        "alive": alive,
                         "rescued": n.rescued.map(|t| t.to_rfc3339()),
                         "leased": r.leased,
                         "self": n.instance == app.node.instance,

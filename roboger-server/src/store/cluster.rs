@@ -142,6 +142,15 @@ pub struct NodeRow {
     pub leased: i64,
 }
 
+impl NodeRow {
+    /// Whether the node is alive at `now`: not rescued, and its last
+    /// heartbeat younger than `timeout` (the `node-timeout`).
+    pub fn alive(&self, now: chrono::DateTime<chrono::Utc>, timeout: Duration) -> bool {
+        let silent = (now - self.node.heartbeat).to_std().unwrap_or_default();
+        self.node.rescued.is_none() && silent < timeout
+    }
+}
+
 impl Store {
     // ---- nodes -------------------------------------------------------------
 

@@ -1164,10 +1164,10 @@ async fn plugins(ctx: &Ctx<'_>) -> Result<Response, ApiError> {
         .await?
         .into_iter()
         .map(|r| {
+            let alive = r.alive(now, timeout);
             let n = r.node;
-            let silent = (now - n.heartbeat).to_std().unwrap_or_default();
             page::NodeRow {
-                alive: n.rescued.is_none() && silent < timeout,
+                alive,
                 rescued: n.rescued.map(secs),
                 started: secs(n.started),
                 heartbeat: secs(n.heartbeat),
