@@ -500,6 +500,17 @@ impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if std::thread::panicking() {
+            // The server's own words are what explains a failed test; the
+            // harness shows this only for a test that failed.
+            let log = self.log.lock().map(|l| l.clone()).unwrap_or_default();
+            let lines: Vec<&str> = log.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(80)..];
+            eprintln!("--- the server's log, last {} lines ---", tail.len());
+            for l in tail {
+                eprintln!("{l}");
+            }
+        }
     }
 }
 

@@ -6,6 +6,7 @@ use sea_orm::sea_query::Expr;
 use sea_orm::{ActiveValue::Set, ColumnTrait, EntityTrait, QueryFilter, QueryOrder};
 
 use std::collections::{BTreeSet, HashSet};
+use std::time::Duration;
 
 use sea_orm::QuerySelect;
 use sea_orm::sea_query::LockType;
@@ -16,6 +17,12 @@ use crate::config::DbBackend;
 
 /// Bound parameters per insert statement at most (rows × columns).
 const INSERT_CHUNK: usize = 16_000;
+
+/// How many times a group commit is run when the database rolls it back
+/// for a lock race (a deadlock, a serialization failure) before its
+/// pushes are answered 503.
+const TRANSIENT_TRIES: u64 = 4;
+
 /// Media bytes per event insert statement, past which the next event
 /// goes into another statement.
 const MEDIA_PER_STATEMENT: usize = 4 * 1024 * 1024;
@@ -151,20 +158,32 @@ impl Store {
         node: &str,
         lease_until: chrono::DateTime<chrono::Utc>,
     ) -> Result<Written> {
-        match self
-            .write_once(batch, outcomes, node, lease_until, false)
-            .await
-        {
-            Err(StoreError::Db(e))
-                if matches!(
-                    e.sql_err(),
-                    Some(sea_orm::SqlErr::ForeignKeyConstraintViolation(_))
-                ) =>
+        let mut check = false;
+        let mut tries = 0u64;
+        loop {
+            tries += 1;
+            match self
+                .write_once(batch, outcomes, node, lease_until, check)
+                .await
             {
-                self.write_once(batch, outcomes, node, lease_until, true)
-                    .await
+                Err(StoreError::Db(e))
+                    if !check
+                        && matches!(
+                            e.sql_err(),
+                            Some(sea_orm::SqlErr::ForeignKeyConstraintViolation(_))
+                        ) =>
+                {
+                    check = true;
+                }
+                // A deadlock with a claim or another node's commit: the
+                // database rolled this one back, and it goes again at once
+                // rather than answering its pushes 503.
+                Err(StoreError::Db(e)) if super::transient(&e) && tries < TRANSIENT_TRIES => {
+                    tracing::info!(error = %e, tries, "group commit lost a lock race; running it again");
+                    tokio::time::sleep(Duration::from_millis(5 * tries)).await;
+                }
+                r => return r,
             }
-            r => r,
         }
     }
 
