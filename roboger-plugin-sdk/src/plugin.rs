@@ -270,6 +270,44 @@ struct Adapter<P> {
     host: Host,
 }
 
+impl<P: Plugin> Adapter<P> {
+    /// One event to the plugin's `send`, its media decoded.
+    async fn deliver(&self, p: protocol::SendParams) -> RpcResult<()> {
+        let media = match &p.media_encoded {
+            Some(b) => Some(
+                base64::engine::general_purpose::STANDARD
+                    .decode(b)
+                    .map_err(|e| {
+                        ErrorObjectOwned::owned(
+                            codes::REJECTED,
+                            format!("media is not base64: {e}"),
+                            None::<()>,
+                        )
+                    })?,
+            ),
+            None => None,
+        };
+        let event = Event {
+            config: p.config,
+            event_id: p.event_id,
+            addr: p.addr,
+            addr_id: p.addr_id,
+            msg: p.msg,
+            subject: p.subject,
+            formatted_subject: p.formatted_subject,
+            level: p.level,
+            level_name: p.level_name,
+            location: p.location,
+            tag: p.tag,
+            sender: p.sender,
+            media,
+            media_encoded: p.media_encoded,
+            media_fname: p.media_fname,
+        };
+        rpc(self.plugin.send(event, &self.host).await)
+    }
+}
+
 fn rpc<T>(r: Result<T, PluginError>) -> RpcResult<T> {
     r.map_err(Into::into)
 }
@@ -302,6 +340,7 @@ impl<P: Plugin> PluginApiServer for Adapter<P> {
             "validate_plugin_config",
             "load",
             "validate_config",
+            "send_batch",
             "cleanup",
         ]
         .into_iter()
@@ -359,21 +398,7 @@ impl<P: Plugin> PluginApiServer for Adapter<P> {
         media_encoded: Option<String>,
         media_fname: Option<String>,
     ) -> RpcResult<()> {
-        let media = match &media_encoded {
-            Some(b) => Some(
-                base64::engine::general_purpose::STANDARD
-                    .decode(b)
-                    .map_err(|e| {
-                        ErrorObjectOwned::owned(
-                            codes::REJECTED,
-                            format!("media is not base64: {e}"),
-                            None::<()>,
-                        )
-                    })?,
-            ),
-            None => None,
-        };
-        let event = Event {
+        self.deliver(protocol::SendParams {
             config,
             event_id,
             addr,
@@ -386,11 +411,29 @@ impl<P: Plugin> PluginApiServer for Adapter<P> {
             location,
             tag,
             sender,
-            media,
             media_encoded,
             media_fname,
-        };
-        rpc(self.plugin.send(event, &self.host).await)
+        })
+        .await
+    }
+
+    async fn send_batch(
+        &self,
+        events: Vec<protocol::SendParams>,
+    ) -> RpcResult<Vec<protocol::SendOutcome>> {
+        // Concurrently, as the same events sent one by one would be.
+        let sends = events.into_iter().map(|p| async move {
+            match self.deliver(p).await {
+                Ok(()) => protocol::SendOutcome::default(),
+                Err(e) => protocol::SendOutcome {
+                    error: Some(protocol::OutcomeError {
+                        code: e.code(),
+                        message: e.message().to_string(),
+                    }),
+                },
+            }
+        });
+        Ok(futures_util::future::join_all(sends).await)
     }
 
     async fn cleanup(&self) -> RpcResult<()> {

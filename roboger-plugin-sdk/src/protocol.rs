@@ -33,12 +33,13 @@ pub fn compatible(theirs: &str) -> bool {
 }
 
 /// Every method of [`PluginApi`] (server to plugin), as named on the wire.
-pub const PLUGIN_METHODS: [&str; 8] = [
+pub const PLUGIN_METHODS: [&str; 9] = [
     "hello",
     "validate_plugin_config",
     "load",
     "validate_config",
     "send",
+    "send_batch",
     "cleanup",
     "http",
     "ping",
@@ -62,13 +63,54 @@ pub const HOST_METHODS: [&str; 13] = [
 ];
 
 /// Optional plugin methods; a plugin lists in its manifest those it has.
-pub const OPTIONAL_METHODS: [&str; 5] = [
+pub const OPTIONAL_METHODS: [&str; 6] = [
     "validate_plugin_config",
     "load",
     "validate_config",
+    "send_batch",
     "cleanup",
     "http",
 ];
+
+/// One event for one endpoint: `send`'s params, and each member of
+/// `send_batch`'s `events`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SendParams {
+    pub config: Value,
+    pub event_id: String,
+    pub addr: String,
+    pub addr_id: i64,
+    pub msg: String,
+    pub subject: String,
+    pub formatted_subject: String,
+    pub level: u8,
+    pub level_name: String,
+    #[serde(default)]
+    pub location: Option<String>,
+    #[serde(default)]
+    pub tag: Option<String>,
+    #[serde(default)]
+    pub sender: Option<String>,
+    #[serde(default)]
+    pub media_encoded: Option<String>,
+    #[serde(default)]
+    pub media_fname: Option<String>,
+}
+
+/// What `send_batch` answers for one of its events, in the events' order:
+/// `{}` when it was delivered, else the error `send` would have answered.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct SendOutcome {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<OutcomeError>,
+}
+
+/// A failed event of a `send_batch`: a JSON-RPC error object.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct OutcomeError {
+    pub code: i32,
+    pub message: String,
+}
 
 /// Which addresses a plugin may connect to, as CIDRs (or single
 /// addresses), sent in `hello`. Besides these, link-local, metadata,
@@ -210,6 +252,14 @@ pub trait PluginApi {
         media_encoded: Option<String>,
         media_fname: Option<String>,
     ) -> RpcResult<()>;
+
+    /// Delivers several events (each to its own endpoint) in one call;
+    /// optional, offered in the manifest, and the server sends a batch
+    /// only to a plugin that offers it. Each event's outcome is its own:
+    /// the answer has one [`SendOutcome`] per event, in order. Events with
+    /// media are always sent one by one, with `send`.
+    #[method(name = "send_batch", param_kind = map)]
+    async fn send_batch(&self, events: Vec<SendParams>) -> RpcResult<Vec<SendOutcome>>;
 
     /// Removes the plugin's expired files and records.
     #[method(name = "cleanup", param_kind = map)]

@@ -54,6 +54,7 @@ pub struct Metrics {
     commit_batch_size: Histogram,
     deliveries_total: IntCounterVec,
     attempt_seconds: HistogramVec,
+    call_events: HistogramVec,
     /// The last pending count and when it was read.
     pending: tokio::sync::Mutex<Option<(Instant, PerPlugin)>>,
 }
@@ -117,12 +118,21 @@ impl Metrics {
             .buckets(SECONDS.to_vec()),
             &["plugin"],
         )?;
+        let call_events = HistogramVec::new(
+            HistogramOpts::new(
+                "roboger_plugin_call_events",
+                "Events carried by one delivery call to a plugin: 1 for send, more for send_batch.",
+            )
+            .buckets(BATCH.to_vec()),
+            &["plugin"],
+        )?;
         registry.register(Box::new(push_total.clone()))?;
         registry.register(Box::new(push_seconds.clone()))?;
         registry.register(Box::new(commit_seconds.clone()))?;
         registry.register(Box::new(commit_batch_size.clone()))?;
         registry.register(Box::new(deliveries_total.clone()))?;
         registry.register(Box::new(attempt_seconds.clone()))?;
+        registry.register(Box::new(call_events.clone()))?;
         #[cfg(target_os = "linux")]
         registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
@@ -136,6 +146,7 @@ impl Metrics {
             commit_batch_size,
             deliveries_total,
             attempt_seconds,
+            call_events,
             pending: tokio::sync::Mutex::new(None),
         })
     }
@@ -166,6 +177,13 @@ impl Metrics {
         self.attempt_seconds
             .with_label_values(&[plugin])
             .observe(took.as_secs_f64());
+    }
+
+    /// A delivery call to `plugin` carrying `events` events.
+    pub fn call(&self, plugin: &str, events: usize) {
+        self.call_events
+            .with_label_values(&[plugin])
+            .observe(events as f64);
     }
 
     /// The pending deliveries per plugin: the last count if it is fresh,

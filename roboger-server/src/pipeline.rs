@@ -8,7 +8,10 @@
 //! - The **dispatcher** calls the plugins (bounded concurrency) for the
 //!   deliveries just committed, and for due ones the **sweeper** claims
 //!   from the database: retries, and whatever a previous run of this
-//!   server left pending (its leases are released at start).
+//!   server left pending (its leases are released at start). The
+//!   deliveries waiting for one plugin at the same moment go in one
+//!   `send_batch` call when the plugin offers it (each keeps its own
+//!   outcome); otherwise, and for media, one `send` each.
 //!   Outcomes are delivered, pending again after a backoff, or failed
 //!   after `max-attempts` or `max-age`; a batch that cannot be written is
 //!   tried again a few times (a lost outcome only repeats a delivery).
@@ -141,6 +144,9 @@ const COMMIT_BATCH: usize = 512;
 const DISPATCH_QUEUE: usize = 8192;
 const OUTCOME_BATCH: usize = 512;
 const SWEEP_BATCH: u64 = 256;
+/// Most deliveries the dispatcher takes from its queue at once, to group
+/// those for one plugin into a `send_batch` call.
+const BATCH_MAX: usize = 32;
 
 impl Pipeline {
     /// Starts the writer, dispatcher and sweeper tasks.
@@ -389,6 +395,51 @@ async fn write_loop(
     }
 }
 
+/// What every delivery task of the dispatcher shares.
+struct Dispatch {
+    store: Store,
+    plugins: Arc<Supervisor>,
+    timeout: Duration,
+    cfg: Arc<DeliveryConfig>,
+    metrics: Arc<Metrics>,
+    outcomes: mpsc::Sender<Attempt>,
+}
+
+impl Dispatch {
+    /// Makes `jobs` (one, or a batch for one plugin) and hands over each
+    /// outcome.
+    async fn run(&self, jobs: Vec<Job>) {
+        let began = std::time::Instant::now();
+        let results = match jobs.as_slice() {
+            [job] => vec![attempt(&self.store, &self.plugins, job, self.timeout).await],
+            [first, ..] => {
+                for j in &jobs {
+                    self.plugins.register_secrets(&j.plugin, &j.config);
+                }
+                let events = jobs.iter().map(|j| send_params(j, None)).collect();
+                self.plugins.send_batch(&first.plugin, events).await
+            }
+            [] => Vec::new(),
+        };
+        let took = began.elapsed();
+        if let Some(first) = jobs.first() {
+            self.metrics.call(&first.plugin, jobs.len());
+        }
+        for (job, result) in jobs.iter().zip(results) {
+            let attempt = outcome(&self.cfg, job, result);
+            let counted = match attempt.state {
+                STATE_DELIVERED => Outcome::Delivered,
+                STATE_FAILED => Outcome::Failed,
+                _ => Outcome::Retry,
+            };
+            self.metrics.attempt(&job.plugin, counted, took);
+            if self.outcomes.send(attempt).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
 async fn dispatch_loop(
     (store, plugins, timeout): (Store, Arc<Supervisor>, Duration),
     (cfg, metrics, liveness): (Arc<DeliveryConfig>, Arc<Metrics>, Arc<Liveness>),
@@ -396,32 +447,65 @@ async fn dispatch_loop(
     outcomes: mpsc::Sender<Attempt>,
 ) {
     let slots = Arc::new(Semaphore::new(cfg.concurrency));
+    let most = BATCH_MAX.min(cfg.concurrency).max(1);
+    let d = Arc::new(Dispatch {
+        store,
+        plugins,
+        timeout,
+        cfg,
+        metrics,
+        outcomes,
+    });
+    let mut ready = Vec::with_capacity(most);
     while let Some(job) = rx.recv().await {
-        liveness.dispatcher.waiting();
-        let Ok(permit) = slots.clone().acquire_owned().await else {
-            break;
-        };
-        liveness.dispatcher.done();
-        let plugins = plugins.clone();
-        let outcomes = outcomes.clone();
-        let cfg = cfg.clone();
-        let metrics = metrics.clone();
-        let store = store.clone();
-        tokio::spawn(async move {
-            let began = std::time::Instant::now();
-            let result = attempt(&store, &plugins, &job, timeout).await;
-            let took = began.elapsed();
-            let attempt = outcome(&cfg, &job, result);
-            let counted = match attempt.state {
-                STATE_DELIVERED => Outcome::Delivered,
-                STATE_FAILED => Outcome::Failed,
-                _ => Outcome::Retry,
+        ready.push(job);
+        while ready.len() < most {
+            match rx.try_recv() {
+                Ok(j) => ready.push(j),
+                Err(_) => break,
+            }
+        }
+        for group in batches(&mut ready, |p| d.plugins.batch_limit(p)) {
+            liveness.dispatcher.waiting();
+            let n = u32::try_from(group.len()).unwrap_or(u32::MAX);
+            let Ok(permit) = slots.clone().acquire_many_owned(n).await else {
+                return;
             };
-            metrics.attempt(&job.plugin, counted, took);
-            let _ = outcomes.send(attempt).await;
-            drop(permit);
-        });
+            liveness.dispatcher.done();
+            let d = d.clone();
+            tokio::spawn(async move {
+                d.run(group).await;
+                drop(permit);
+            });
+        }
     }
+}
+
+/// Groups the deliveries waiting at once into calls: the ones for a
+/// plugin that offers `send_batch` (`limit` > 1 for it) into batches of
+/// at most `limit`, without media; each other one on its own.
+fn batches(ready: &mut Vec<Job>, limit: impl Fn(&str) -> usize) -> Vec<Vec<Job>> {
+    let mut calls: Vec<Vec<Job>> = Vec::new();
+    let mut open: Vec<(usize, usize)> = Vec::new(); // (call index, limit)
+    for job in ready.drain(..) {
+        let has_media = job.event.media_size.is_some_and(|s| s > 0);
+        if !has_media {
+            let joined = open
+                .iter()
+                .find(|(i, l)| calls[*i][0].plugin == job.plugin && calls[*i].len() < *l);
+            if let Some(&(i, _)) = joined {
+                calls[i].push(job);
+                continue;
+            }
+            let l = limit(&job.plugin);
+            if l > 1 {
+                open.retain(|(i, _)| calls[*i][0].plugin != job.plugin);
+                open.push((calls.len(), l));
+            }
+        }
+        calls.push(vec![job]);
+    }
+    calls
 }
 
 /// One delivery attempt. An event with media first waits for room in the
@@ -571,5 +655,64 @@ fn job_of(attempts: i32, e: Arc<EventHead>, ep: endpoint::Model) -> Job {
         plugin: ep.plugin_name,
         config: Arc::new(ep.config),
         attempts,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(name: &str, plugin: &str, media: bool) -> Job {
+        Job {
+            event: Arc::new(EventHead {
+                id: name.into(),
+                addr_id: 1,
+                addr: "a".into(),
+                msg: String::new(),
+                subject: String::new(),
+                formatted_subject: String::new(),
+                level: 20,
+                location: None,
+                tag: None,
+                sender: None,
+                media_fname: None,
+                created: chrono::Utc::now(),
+                media_size: media.then_some(10),
+            }),
+            endpoint_id: 1,
+            plugin: plugin.into(),
+            config: Arc::new(Value::Null),
+            attempts: 0,
+        }
+    }
+
+    #[test]
+    fn deliveries_waiting_together_go_in_batches_per_plugin() {
+        let mut ready = vec![
+            job("a1", "a", false),
+            job("a2", "a", false),
+            job("b1", "b", false),
+            job("a3", "a", true),
+            job("a4", "a", false),
+            job("a5", "a", false),
+            job("b2", "b", false),
+        ];
+        // `a` offers send_batch and takes 3 at a time; `b` does not.
+        let calls = batches(&mut ready, |p| if p == "a" { 3 } else { 0 });
+        let names: Vec<Vec<&str>> = calls
+            .iter()
+            .map(|c| c.iter().map(|j| j.event.id.as_str()).collect())
+            .collect();
+        assert_eq!(
+            names,
+            [
+                vec!["a1", "a2", "a4"],
+                vec!["b1"],
+                vec!["a3"],
+                vec!["a5"],
+                vec!["b2"]
+            ]
+        );
+        assert!(ready.is_empty());
     }
 }

@@ -513,22 +513,126 @@ impl Supervisor {
         }
         let r = conn.peer.client().request::<Value, _>(method, params).await;
         drop(permit);
-        r.map_err(|e| match e {
-            ClientError::Call(obj) if obj.code() == codes::REJECTED => {
-                CallError::Rejected(obj.message().to_string())
-            }
-            ClientError::Call(obj)
-                if obj.code() == jsonrpsee::types::error::METHOD_NOT_FOUND_CODE =>
+        r.map_err(|e| call_error(name, method, &conn, e))
+    }
+
+    /// The most events [`Supervisor::send_batch`] takes for plugin `name`
+    /// at once: 0 when it is not running or does not offer `send_batch`,
+    /// else its `max-inflight` (a batch holds one call in flight per
+    /// event).
+    pub fn batch_limit(&self, name: &str) -> usize {
+        let Some(slot) = self.slot(name) else {
+            return 0;
+        };
+        let offers = slot
+            .conn
+            .read()
+            .ok()
+            .and_then(|c| c.clone())
+            .is_some_and(|c| c.manifest.methods.iter().any(|m| m == "send_batch"));
+        if offers { slot.cfg.max_inflight } else { 0 }
+    }
+
+    /// Delivers several events through plugin `name` in `send_batch`
+    /// calls (see [`Supervisor::batch_limit`]); each event's result is its
+    /// own, as [`Supervisor::call`] of `send` would give it.
+    ///
+    /// A batch holds one call in flight per event, taken as a single call
+    /// takes its own: it waits for one, then takes as many more as are
+    /// free at that moment, never waiting for many at once (a waiter for
+    /// many would hold up every single call behind it, a plugin's own
+    /// nested `call_plugin` included). Events beyond the room go in the
+    /// next call. A plugin that stopped offering the method (a restart
+    /// into another version) gets them one by one.
+    pub async fn send_batch(
+        &self,
+        name: &str,
+        events: Vec<serde_json::Map<String, Value>>,
+    ) -> Vec<Result<Value, CallError>> {
+        let mut results = Vec::with_capacity(events.len());
+        let mut rest = events.into_iter().peekable();
+        while rest.peek().is_some() {
+            let Some(slot) = self.slot(name) else {
+                let e = CallError::NotConfigured(name.to_string());
+                results.extend(rest.map(|_| Err(e.clone())));
+                break;
+            };
+            let unavailable = |why: String| CallError::Unavailable(name.to_string(), why);
+            let first = match tokio::time::timeout(self.opts.timeout, slot.inflight.acquire()).await
             {
-                CallError::Rejected(format!("plugin {name} has no method {method}"))
+                Ok(Ok(p)) => p,
+                Ok(Err(_)) => {
+                    let e = unavailable("shutting down".into());
+                    results.extend(rest.map(|_| Err(e.clone())));
+                    break;
+                }
+                Err(_) => {
+                    let e = unavailable("too many calls in flight".into());
+                    results.extend(rest.map(|_| Err(e.clone())));
+                    break;
+                }
+            };
+            let mut held = vec![first];
+            while held.len() < rest.len() {
+                match slot.inflight.try_acquire() {
+                    Ok(p) => held.push(p),
+                    Err(_) => break,
+                }
             }
-            ClientError::Call(obj) => CallError::Failed(obj.message().to_string()),
-            ClientError::RequestTimeout => unavailable(format!("{method} timed out")),
-            other => unavailable(match conn.peer.close_reason() {
-                Some(reason) => format!("connection closed during {method}: {reason}"),
-                None => other.to_string(),
-            }),
-        })
+            let chunk: Vec<_> = rest.by_ref().take(held.len()).collect();
+            let conn = match Supervisor::connection(&slot).await {
+                Ok(c) => c,
+                Err(state) => {
+                    let e = unavailable(format!("it is {state}"));
+                    results.extend(chunk.iter().map(|_| Err(e.clone())));
+                    continue;
+                }
+            };
+            if !conn.manifest.methods.iter().any(|m| m == "send_batch") {
+                drop(held);
+                for e in chunk {
+                    results.push(self.call(name, "send", e).await);
+                }
+                continue;
+            }
+            results.extend(Supervisor::batch_once(name, &conn, chunk).await);
+        }
+        results
+    }
+
+    /// One `send_batch` call of `events` on `conn`.
+    async fn batch_once(
+        name: &str,
+        conn: &Conn,
+        events: Vec<serde_json::Map<String, Value>>,
+    ) -> Vec<Result<Value, CallError>> {
+        let n = events.len();
+        let all = |e: CallError| (0..n).map(|_| Err(e.clone())).collect();
+        let mut params = serde_json::Map::new();
+        params.insert(
+            "events".into(),
+            Value::Array(events.into_iter().map(Value::Object).collect()),
+        );
+        match conn
+            .peer
+            .client()
+            .request::<Vec<protocol::SendOutcome>, _>("send_batch", params)
+            .await
+        {
+            Ok(outcomes) if outcomes.len() == n => outcomes
+                .into_iter()
+                .map(|o| match o.error {
+                    None => Ok(Value::Null),
+                    Some(e) if e.code == codes::REJECTED => Err(CallError::Rejected(e.message)),
+                    Some(e) => Err(CallError::Failed(e.message)),
+                })
+                .collect(),
+            Ok(outcomes) => all(CallError::Failed(format!(
+                "send_batch answered {} outcomes for {n} events",
+                outcomes.len()
+            ))),
+            Err(e) => all(call_error(name, "send_batch", conn, e)),
+        }
     }
 
     /// The plugin's running process; one that is starting or restarting
@@ -593,6 +697,25 @@ fn kib(bytes: usize) -> usize {
 }
 
 /// Waits until each slot's first start attempt has finished.
+/// A failed call to plugin `name` as a [`CallError`].
+fn call_error(name: &str, method: &str, conn: &Conn, e: ClientError) -> CallError {
+    let unavailable = |why: String| CallError::Unavailable(name.to_string(), why);
+    match e {
+        ClientError::Call(obj) if obj.code() == codes::REJECTED => {
+            CallError::Rejected(obj.message().to_string())
+        }
+        ClientError::Call(obj) if obj.code() == jsonrpsee::types::error::METHOD_NOT_FOUND_CODE => {
+            CallError::Rejected(format!("plugin {name} has no method {method}"))
+        }
+        ClientError::Call(obj) => CallError::Failed(obj.message().to_string()),
+        ClientError::RequestTimeout => unavailable(format!("{method} timed out")),
+        other => unavailable(match conn.peer.close_reason() {
+            Some(reason) => format!("connection closed during {method}: {reason}"),
+            None => other.to_string(),
+        }),
+    }
+}
+
 async fn first_starts(slots: &[Arc<Slot>]) {
     for slot in slots {
         let mut rx = slot.first_start.subscribe();

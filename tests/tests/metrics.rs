@@ -97,6 +97,11 @@ async fn counts_pushes_and_deliveries_exactly_and_prometheus_reads_them() {
         at("roboger_delivery_attempt_seconds_count{plugin=\"t\"}"),
         5.0
     );
+    assert_eq!(
+        at("roboger_plugin_call_events_sum{plugin=\"t\"}"),
+        5.0,
+        "every event carried by one call or another"
+    );
     assert_eq!(at("roboger_routing_addresses"), 1.0);
     assert!(!m.contains_key("roboger_deliveries_total{outcome=\"failed\",plugin=\"t\"}"));
     assert!(!m.keys().any(|k| k.contains(&a)), "no address in a label");

@@ -304,3 +304,49 @@ async fn a_hung_call_times_out_and_failures_carry_the_plugins_message() {
     assert!(matches!(e, CallError::NotConfigured(_)));
     r.sup.shutdown().await;
 }
+
+/// A batch of three where the middle one fails: each event gets its own
+/// outcome, in order, and every one reached the plugin's `send`. `batched`
+/// says whether the plugin offers `send_batch` (the Rust SDK does; the
+/// stdlib plugin knows only `send`, and gets the events one by one).
+async fn a_batch_has_an_outcome_per_event(plugin: fn(&str, &Path) -> PluginConfig, batched: bool) {
+    let dir = tempfile::tempdir().unwrap();
+    let rec = dir.path().join("rec.jsonl");
+    let r = rig(dir, vec![plugin("p", &rec)]).await;
+    let addr = r.store.addr_create().await.unwrap();
+    assert_eq!(r.sup.batch_limit("p") > 1, batched, "batch limit");
+    let events = vec![
+        send_params("ev-a", addr.id, json!({})),
+        send_params("ev-b", addr.id, json!({"fail": "not this one"})),
+        send_params("ev-c", addr.id, json!({})),
+    ];
+    let results = r.sup.send_batch("p", events).await;
+    assert_eq!(results.len(), 3, "{results:?}");
+    assert!(results[0].is_ok(), "{results:?}");
+    assert!(
+        matches!(&results[1], Err(CallError::Failed(m)) if m.contains("not this one")),
+        "{results:?}"
+    );
+    assert!(results[2].is_ok(), "{results:?}");
+    let mut sent: Vec<String> = records(&rec, "send")
+        .iter()
+        .filter_map(|v| v["event_id"].as_str().map(String::from))
+        .collect();
+    sent.sort();
+    assert_eq!(sent, ["ev-a", "ev-b", "ev-c"]);
+    // Media travels in a batch too (the server sends it with `send`, but
+    // the protocol allows it), decoded for the plugin.
+    let got = records(&rec, "send");
+    assert!(got.iter().all(|g| g["media"] == json!(MEDIA)), "{got:?}");
+    r.sup.shutdown().await;
+}
+
+#[tokio::test]
+async fn rust_plugin_answers_a_batch_event_by_event() {
+    a_batch_has_an_outcome_per_event(test_plugin, true).await;
+}
+
+#[tokio::test]
+async fn a_plugin_without_send_batch_gets_the_events_one_by_one() {
+    a_batch_has_an_outcome_per_event(python_plugin, false).await;
+}

@@ -158,3 +158,79 @@ async fn a_refused_plugin_config_keeps_the_module_out() {
     let plugins = s.manage(Method::GET, "/plugin", None).await.json();
     assert_eq!(plugins[0]["state"], "refused", "{plugins}");
 }
+
+/// Deliveries waiting at once reach a seed module through the bridge's
+/// `send_batch`, each with its own outcome: a burst to an address with
+/// two endpoints, one whose file cannot be written, delivers every event
+/// to the other, and the metrics show calls that carried several events.
+/// (A small burst: each of the seed's sends calls the plugin itself back
+/// through the server, which needs room under its `max-inflight`.)
+#[tokio::test(flavor = "multi_thread")]
+async fn a_burst_goes_in_batches_each_event_with_its_own_outcome() {
+    let s = server("").await;
+    let (id, a) = s.new_addr().await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("events.jsonl");
+    s.endpoint(id, "seed", json!({"out": out.display().to_string()}))
+        .await;
+    s.endpoint(id, "seed", json!({"out": "/nonexistent-dir/events.jsonl"}))
+        .await;
+    let pushes = (0..12).map(|i| {
+        let s = &s;
+        let a = a.clone();
+        async move {
+            s.push(json!({"addr": a, "msg": format!("burst {i}")}))
+                .await
+        }
+    });
+    for r in futures_util::future::join_all(pushes).await {
+        assert_status!(r, 202);
+    }
+    let end = Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = std::fs::read_to_string(&out).unwrap_or_default();
+        let msgs: std::collections::BTreeSet<String> = text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter_map(|r| r["msg"].as_str().map(String::from))
+            .collect();
+        if msgs.len() == 12 {
+            break;
+        }
+        assert!(Instant::now() < end, "delivered only {msgs:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Every good delivery counted, and every bad one tried at least once.
+    let end = Instant::now() + Duration::from_secs(30);
+    let m = loop {
+        let r = s
+            .request(
+                Method::GET,
+                "/metrics",
+                None,
+                &[("Authorization", &format!("Bearer {}", roboger_tests::KEY))],
+                None,
+            )
+            .await;
+        assert_status!(r, 200);
+        let m = roboger_tests::parse_metrics(&r.text);
+        let at = |k: &str| m.get(k).copied().unwrap_or(0.0);
+        if at("roboger_deliveries_total{outcome=\"delivered\",plugin=\"seed\"}") >= 12.0
+            && at("roboger_deliveries_total{outcome=\"retry\",plugin=\"seed\"}") >= 12.0
+        {
+            break m;
+        }
+        assert!(Instant::now() < end, "outcomes never counted: {m:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let at = |k: &str| m.get(k).copied().unwrap_or(0.0);
+    let delivered = at("roboger_deliveries_total{outcome=\"delivered\",plugin=\"seed\"}");
+    assert_eq!(delivered, 12.0, "each good delivery made once");
+    let calls = at("roboger_plugin_call_events_count{plugin=\"seed\"}");
+    let events = at("roboger_plugin_call_events_sum{plugin=\"seed\"}");
+    assert!(
+        calls < events,
+        "{calls} calls for {events} events: no batch"
+    );
+}

@@ -369,6 +369,35 @@ def _install_core():
 OPTIONAL = ("validate_plugin_config", "load", "validate_config", "cleanup")
 
 
+def _send_one(module, params):
+    enc = params.get("media_encoded")
+    params["media"] = base64.b64decode(enc) if enc else None
+    module.send(**params)
+
+
+def _send_batch(module, events):
+    """`send_batch`: the module's send for each event at once (a thread
+    each, as separate `send` calls would have); one outcome per event."""
+    outcomes = [None] * len(events)
+
+    def one(i, params):
+        try:
+            _send_one(module, dict(params))
+            outcomes[i] = {}
+        except RpcError as e:
+            outcomes[i] = {"error": {"code": e.code, "message": str(e)}}
+        except Exception as e:
+            logger.debug(traceback.format_exc().rstrip())
+            outcomes[i] = {"error": {"code": FAILED, "message": str(e) or type(e).__name__}}
+
+    threads = [threading.Thread(target=one, args=(i, p), daemon=True) for i, p in enumerate(events)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return outcomes
+
+
 def _serve(module, msg):
     rid, method = msg.get("id"), msg["method"]
     params = msg.get("params") or {}
@@ -380,16 +409,16 @@ def _serve(module, msg):
                 "version": str(getattr(module, "__version__", "")) or None,
                 "description": getattr(module, "__description__", None) or (module.__doc__ or "").strip().split("\n")[0] or None,
                 "url": getattr(module, "__url__", None),
-                "methods": [m for m in OPTIONAL if callable(getattr(module, m, None))] + ["http"],
+                "methods": [m for m in OPTIONAL if callable(getattr(module, m, None))] + ["send_batch", "http"],
                 "http": True,
             }
         elif method == "ping":
             result = None
         elif method == "send":
-            enc = params.get("media_encoded")
-            params["media"] = base64.b64decode(enc) if enc else None
-            module.send(**params)
+            _send_one(module, params)
             result = None
+        elif method == "send_batch":
+            result = _send_batch(module, params.get("events") or [])
         elif method == "http":
             req = _Request(params.get("method", "GET"), params.get("path", "/"), params.get("query", ""),
                            params.get("headers") or {}, base64.b64decode(params.get("body") or ""),
