@@ -54,10 +54,14 @@ pub async fn send_json(
     body: String,
 ) -> Result<(), PluginError> {
     let method = reqwest::Method::from_bytes(method.as_bytes()).map_err(PluginError::failed)?;
-    checked(url)?;
+    // Parsed once, for the policy and the request.
+    let parsed = checked(url)?;
     let timeout = host.get_timeout().await.unwrap_or(5.0);
-    let mut req = client()?
-        .request(method, url)
+    let req = match parsed {
+        Some(u) => client()?.request(method, u),
+        None => client()?.request(method, url),
+    };
+    let mut req = req
         .timeout(Duration::from_secs_f64(timeout))
         .header("content-type", "application/json")
         .body(body);
@@ -79,14 +83,15 @@ pub async fn send_json(
 const MAX_REDIRECTS: usize = 10;
 
 /// Refuses `url` when it names an address the egress policy refuses (a
-/// host name is checked as it resolves, at connect time).
-pub fn checked(url: &str) -> Result<(), PluginError> {
+/// host name is checked as it resolves, at connect time); else the URL,
+/// parsed (`None` when it does not parse: the request will say why).
+pub fn checked(url: &str) -> Result<Option<reqwest::Url>, PluginError> {
     let Ok(parsed) = reqwest::Url::parse(url) else {
-        return Ok(());
+        return Ok(None);
     };
     match egress::literal(&parsed).map(|ip| egress::current().check(ip)) {
         Some(Err(r)) => Err(PluginError::rejected(format!("{url}: {r}"))),
-        _ => Ok(()),
+        _ => Ok(Some(parsed)),
     }
 }
 
