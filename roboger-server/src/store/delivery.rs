@@ -3,7 +3,10 @@
 //! events API (history, retry, retention).
 
 use sea_orm::sea_query::Expr;
-use sea_orm::{ActiveValue::Set, ColumnTrait, EntityTrait, QueryFilter, QueryOrder};
+use sea_orm::{
+    ActiveValue::Set, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder,
+    QueryTrait, Statement,
+};
 
 use std::collections::{BTreeSet, HashSet};
 use std::time::Duration;
@@ -162,10 +165,14 @@ impl Store {
         let mut tries = 0u64;
         loop {
             tries += 1;
-            match self
-                .write_once(batch, outcomes, node, lease_until, check)
-                .await
-            {
+            let once = if self.backend == DbBackend::Sqlite && !check {
+                self.write_sqlite_at_once(batch, outcomes, node, lease_until)
+                    .await
+            } else {
+                self.write_once(batch, outcomes, node, lease_until, check)
+                    .await
+            };
+            match once {
                 Err(StoreError::Db(e))
                     if !check
                         && matches!(
@@ -207,14 +214,93 @@ impl Store {
             };
             (written.gone_addrs, written.gone_endpoints) = gone(&txn, batch, lock).await?;
         }
-        if !batch.is_empty() {
-            insert_events(&txn, batch, &written, node, lease_until).await?;
-        }
-        if !outcomes.is_empty() {
-            written.dropped_outcomes = record_attempts(&txn, outcomes, node).await?;
-        }
+        let (inserts, _) = insert_statements(
+            self.db.get_database_backend(),
+            batch,
+            &written,
+            node,
+            lease_until,
+        );
+        run_each(&txn, inserts).await?;
+        let recorded = run_each(
+            &txn,
+            attempt_statements(self.db.get_database_backend(), outcomes, node),
+        )
+        .await?;
+        written.dropped_outcomes = (outcomes.len() as u64).saturating_sub(recorded);
         txn.commit().await?;
         Ok(written)
+    }
+
+    /// [`Store::write_batch`]'s usual try on SQLite: the whole transaction
+    /// (`BEGIN IMMEDIATE`, the inserts, the outcomes, `COMMIT`) as one
+    /// multi-statement query, so one hop to sqlx's SQLite thread instead
+    /// of one per statement (each hop waits for both threads to be
+    /// scheduled, and they were most of a group commit's time). The rows
+    /// it changed, less the rows inserted, are the outcomes written. When
+    /// a statement fails the transaction is rolled back here.
+    async fn write_sqlite_at_once(
+        &self,
+        batch: &[(&event::Model, Vec<i64>)],
+        outcomes: &[Attempt],
+        node: &str,
+        lease_until: chrono::DateTime<chrono::Utc>,
+    ) -> Result<Written> {
+        let written = Written::default();
+        let (inserts, inserted) = insert_statements(
+            self.db.get_database_backend(),
+            batch,
+            &written,
+            node,
+            lease_until,
+        );
+        let updates = attempt_statements(self.db.get_database_backend(), outcomes, node);
+        // SQLite's count of changed rows, read before and after: an
+        // execute's own count would repeat the last statement's for BEGIN
+        // and COMMIT.
+        let mut sql = String::from("BEGIN IMMEDIATE;\nSELECT total_changes() AS n;\n");
+        let mut values = Vec::new();
+        for st in inserts.into_iter().chain(updates) {
+            sql.push_str(&st.sql);
+            sql.push_str(";\n");
+            if let Some(v) = st.values {
+                values.extend(v.0);
+            }
+        }
+        sql.push_str("SELECT total_changes() AS n;\nCOMMIT");
+        let all = Statement::from_sql_and_values(sea_orm::DbBackend::Sqlite, sql, values);
+        let mut answer = self.writes.query_all_raw(all.clone()).await;
+        if let Err(e) = &answer
+            && e.to_string().contains("within a transaction")
+        {
+            // A call abandoned mid-way (its caller timed out) left its
+            // transaction open on the connection: end it and go again.
+            let _ = self.writes.execute_unprepared("ROLLBACK").await;
+            answer = self.writes.query_all_raw(all).await;
+        }
+        match answer {
+            Ok(rows) => {
+                let counts: Vec<i64> = rows
+                    .iter()
+                    .filter_map(|r| r.try_get::<i64>("", "n").ok())
+                    .collect();
+                let changed = match counts.as_slice() {
+                    [before, after] => u64::try_from(after - before).unwrap_or(0),
+                    _ => 0,
+                };
+                Ok(Written {
+                    dropped_outcomes: (outcomes.len() as u64)
+                        .saturating_sub(changed.saturating_sub(inserted)),
+                    ..written
+                })
+            }
+            Err(e) => {
+                // Ends what the failed statement left open (and is
+                // refused, harmlessly, when the failure was BEGIN's).
+                let _ = self.writes.execute_unprepared("ROLLBACK").await;
+                Err(e.into())
+            }
+        }
     }
 
     /// Frees the leases held under the name `node` (as servers before
@@ -508,20 +594,23 @@ async fn gone(
     Ok((gone_addrs, gone_eps))
 }
 
-/// Inserts accepted events and their deliveries (see [`Store::write_batch`]),
-/// except what `left_out` names.
-async fn insert_events(
-    txn: &sea_orm::DatabaseTransaction,
+/// The statements that insert accepted events and their deliveries (see
+/// [`Store::write_batch`]), except what `left_out` names; and how many
+/// rows they insert.
+fn insert_statements(
+    backend: sea_orm::DbBackend,
     batch: &[(&event::Model, Vec<i64>)],
     left_out: &Written,
     node: &str,
     lease_until: chrono::DateTime<chrono::Utc>,
-) -> Result<()> {
+) -> (Vec<Statement>, u64) {
     let now = chrono::Utc::now();
     let stored: Vec<&(&event::Model, Vec<i64>)> = batch
         .iter()
         .filter(|(e, _)| !left_out.gone_addrs.contains(&e.addr_id))
         .collect();
+    let mut statements = Vec::new();
+    let mut rows = 0;
     // Chunks keep each statement under every backend's limit on bound
     // parameters (SQLite's is 32766) and, with media, under MySQL's
     // `max_allowed_packet` (16 MiB by default): a statement takes events
@@ -536,13 +625,15 @@ async fn insert_events(
         }
         let (chunk, next) = rest.split_at(n);
         rest = next;
-        event::Entity::insert_many(
-            chunk
-                .iter()
-                .map(|(e, _)| event::ActiveModel::from((*e).clone())),
-        )
-        .exec_without_returning(txn)
-        .await?;
+        rows += chunk.len() as u64;
+        statements.push(
+            event::Entity::insert_many(
+                chunk
+                    .iter()
+                    .map(|(e, _)| event::ActiveModel::from((*e).clone())),
+            )
+            .build(backend),
+        );
     }
     let deliveries: Vec<delivery::ActiveModel> = stored
         .iter()
@@ -565,23 +656,22 @@ async fn insert_events(
         })
         .collect();
     for chunk in deliveries.chunks(INSERT_CHUNK / 16) {
-        delivery::Entity::insert_many(chunk.to_vec())
-            .exec_without_returning(txn)
-            .await?;
+        rows += chunk.len() as u64;
+        statements.push(delivery::Entity::insert_many(chunk.to_vec()).build(backend));
     }
-    Ok(())
+    (statements, rows)
 }
 
-/// Records the outcome of delivery attempts made under `node`'s lease.
-/// Successes (the bulk) share their values, so they are written one
-/// statement per endpoint and attempt count; the rest row by row. Returns
-/// how many outcomes found their delivery no longer leased by `node`.
-async fn record_attempts(
-    txn: &sea_orm::DatabaseTransaction,
+/// The statements that record the outcome of delivery attempts made
+/// under `node`'s lease. Successes (the bulk) share their values, so they
+/// are written one statement per endpoint and attempt count; the rest row
+/// by row. Each changes only a delivery still pending and leased by
+/// `node` (fencing): the rows they change are the outcomes written.
+fn attempt_statements(
+    backend: sea_orm::DbBackend,
     outcomes: &[Attempt],
     node: &str,
-) -> Result<u64> {
-    let mut written = 0;
+) -> Vec<Statement> {
     let now = chrono::Utc::now();
     let mut delivered: std::collections::BTreeMap<(i64, i32), Vec<&str>> = Default::default();
     let mut others = Vec::new();
@@ -595,25 +685,26 @@ async fn record_attempts(
             others.push(o);
         }
     }
+    let mut statements = Vec::new();
     for ((endpoint_id, attempts), events) in delivered {
         for chunk in events.chunks(INSERT_CHUNK) {
-            written += delivery::Entity::update_many()
-                .col_expr(delivery::Column::Attempts, Expr::value(attempts))
-                .col_expr(delivery::Column::State, Expr::value(STATE_DELIVERED))
-                .col_expr(
-                    delivery::Column::LastError,
-                    Expr::value(Option::<String>::None),
-                )
-                .col_expr(delivery::Column::Updated, Expr::value(now))
-                .col_expr(delivery::Column::LeaseUntil, no_lease().0)
-                .col_expr(delivery::Column::LeasedBy, no_lease().1)
-                .filter(delivery::Column::EndpointId.eq(endpoint_id))
-                .filter(delivery::Column::EventId.is_in(chunk.iter().copied()))
-                .filter(delivery::Column::LeasedBy.eq(node))
-                .filter(delivery::Column::State.eq(STATE_PENDING))
-                .exec(txn)
-                .await?
-                .rows_affected;
+            statements.push(
+                delivery::Entity::update_many()
+                    .col_expr(delivery::Column::Attempts, Expr::value(attempts))
+                    .col_expr(delivery::Column::State, Expr::value(STATE_DELIVERED))
+                    .col_expr(
+                        delivery::Column::LastError,
+                        Expr::value(Option::<String>::None),
+                    )
+                    .col_expr(delivery::Column::Updated, Expr::value(now))
+                    .col_expr(delivery::Column::LeaseUntil, no_lease().0)
+                    .col_expr(delivery::Column::LeasedBy, no_lease().1)
+                    .filter(delivery::Column::EndpointId.eq(endpoint_id))
+                    .filter(delivery::Column::EventId.is_in(chunk.iter().copied()))
+                    .filter(delivery::Column::LeasedBy.eq(node))
+                    .filter(delivery::Column::State.eq(STATE_PENDING))
+                    .build(backend),
+            );
         }
     }
     for o in others {
@@ -627,14 +718,22 @@ async fn record_attempts(
         if let Some(next) = o.next_at {
             q = q.col_expr(delivery::Column::NextAt, Expr::value(next));
         }
-        written += q
-            .filter(delivery::Column::EventId.eq(o.event_id.as_str()))
-            .filter(delivery::Column::EndpointId.eq(o.endpoint_id))
-            .filter(delivery::Column::LeasedBy.eq(node))
-            .filter(delivery::Column::State.eq(STATE_PENDING))
-            .exec(txn)
-            .await?
-            .rows_affected;
+        statements.push(
+            q.filter(delivery::Column::EventId.eq(o.event_id.as_str()))
+                .filter(delivery::Column::EndpointId.eq(o.endpoint_id))
+                .filter(delivery::Column::LeasedBy.eq(node))
+                .filter(delivery::Column::State.eq(STATE_PENDING))
+                .build(backend),
+        );
     }
-    Ok((outcomes.len() as u64).saturating_sub(written))
+    statements
+}
+
+/// Runs `statements` in `txn`, one round trip each; the rows they changed.
+async fn run_each(txn: &sea_orm::DatabaseTransaction, statements: Vec<Statement>) -> Result<u64> {
+    let mut changed = 0;
+    for st in statements {
+        changed += txn.execute_raw(st).await?.rows_affected();
+    }
+    Ok(changed)
 }
