@@ -121,7 +121,7 @@ impl Metrics {
         let call_events = HistogramVec::new(
             HistogramOpts::new(
                 "roboger_plugin_call_events",
-                "Events carried by one delivery call to a plugin: 1 for send, more for send_batch.",
+                "Deliveries handed to a plugin together: 1 for send; more for send_batch (split into several calls when the plugin's max-inflight has less room).",
             )
             .buckets(BATCH.to_vec()),
             &["plugin"],
@@ -179,7 +179,7 @@ impl Metrics {
             .observe(took.as_secs_f64());
     }
 
-    /// A delivery call to `plugin` carrying `events` events.
+    /// `events` deliveries handed to `plugin` together.
     pub fn call(&self, plugin: &str, events: usize) {
         self.call_events
             .with_label_values(&[plugin])

@@ -696,7 +696,6 @@ fn kib(bytes: usize) -> usize {
     bytes.div_ceil(1024).clamp(1, Semaphore::MAX_PERMITS)
 }
 
-/// Waits until each slot's first start attempt has finished.
 /// A failed call to plugin `name` as a [`CallError`].
 fn call_error(name: &str, method: &str, conn: &Conn, e: ClientError) -> CallError {
     let unavailable = |why: String| CallError::Unavailable(name.to_string(), why);
@@ -716,6 +715,7 @@ fn call_error(name: &str, method: &str, conn: &Conn, e: ClientError) -> CallErro
     }
 }
 
+/// Waits until each slot's first start attempt has finished.
 async fn first_starts(slots: &[Arc<Slot>]) {
     for slot in slots {
         let mut rx = slot.first_start.subscribe();

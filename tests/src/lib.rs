@@ -75,10 +75,7 @@ pub fn fresh_database(dir: &Path) -> String {
         let name = fresh_database_name();
         let my = my.trim_end_matches('/');
         let url = url::Url::parse(my).expect("ROBOGER_TEST_MYSQL is a URL");
-        let out = Command::new("mariadb")
-            .args(["-h", url.host_str().unwrap_or("127.0.0.1")])
-            .args(["-P", &url.port().unwrap_or(3306).to_string()])
-            .args(["-u", url.username()])
+        let out = mariadb_client(&url)
             .args([
                 "-e",
                 &format!("CREATE DATABASE {name} CHARACTER SET utf8mb4"),
@@ -96,6 +93,16 @@ pub fn fresh_database(dir: &Path) -> String {
         Ok(pg) if !pg.is_empty() => create_pg_database(&pg),
         _ => format!("sqlite:///{}", dir.join("roboger.db").display()),
     }
+}
+
+/// The `mariadb` command-line client, connected to the server of `url`
+/// as its user.
+pub fn mariadb_client(url: &url::Url) -> Command {
+    let mut c = Command::new("mariadb");
+    c.args(["-h", url.host_str().unwrap_or("127.0.0.1")])
+        .args(["-P", &url.port().unwrap_or(3306).to_string()])
+        .args(["-u", url.username()]);
+    c
 }
 
 /// Creates a fresh database on the PostgreSQL server at `pg` (a URL

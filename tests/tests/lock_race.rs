@@ -46,11 +46,8 @@ impl Db {
                 c
             }
             Db::My { url, name } => {
-                let mut c = Command::new("mariadb");
-                c.args(["-h", url.host_str().unwrap_or("127.0.0.1")])
-                    .args(["-P", &url.port().unwrap_or(3306).to_string()])
-                    .args(["-u", url.username()])
-                    .args(["-N", "-B", name]);
+                let mut c = roboger_tests::mariadb_client(url);
+                c.args(["-N", "-B", name]);
                 c
             }
         }

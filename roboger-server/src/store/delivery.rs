@@ -214,22 +214,33 @@ impl Store {
             };
             (written.gone_addrs, written.gone_endpoints) = gone(&txn, batch, lock).await?;
         }
-        let (inserts, _) = insert_statements(
-            self.db.get_database_backend(),
-            batch,
-            &written,
-            node,
-            lease_until,
-        );
+        let (inserts, _, updates) =
+            self.commit_statements(batch, &written, outcomes, node, lease_until);
         run_each(&txn, inserts).await?;
-        let recorded = run_each(
-            &txn,
-            attempt_statements(self.db.get_database_backend(), outcomes, node),
-        )
-        .await?;
+        let recorded = run_each(&txn, updates).await?;
         written.dropped_outcomes = (outcomes.len() as u64).saturating_sub(recorded);
         txn.commit().await?;
         Ok(written)
+    }
+
+    /// A group commit's statements: the inserts (with the rows they
+    /// insert) and the outcome updates, for [`insert_statements`] and
+    /// [`attempt_statements`].
+    fn commit_statements(
+        &self,
+        batch: &[(&event::Model, Vec<i64>)],
+        left_out: &Written,
+        outcomes: &[Attempt],
+        node: &str,
+        lease_until: chrono::DateTime<chrono::Utc>,
+    ) -> (Vec<Statement>, u64, Vec<Statement>) {
+        let backend = self.db.get_database_backend();
+        let (inserts, inserted) = insert_statements(backend, batch, left_out, node, lease_until);
+        (
+            inserts,
+            inserted,
+            attempt_statements(backend, outcomes, node),
+        )
     }
 
     /// [`Store::write_batch`]'s usual try on SQLite: the whole transaction
@@ -247,14 +258,8 @@ impl Store {
         lease_until: chrono::DateTime<chrono::Utc>,
     ) -> Result<Written> {
         let written = Written::default();
-        let (inserts, inserted) = insert_statements(
-            self.db.get_database_backend(),
-            batch,
-            &written,
-            node,
-            lease_until,
-        );
-        let updates = attempt_statements(self.db.get_database_backend(), outcomes, node);
+        let (inserts, inserted, updates) =
+            self.commit_statements(batch, &written, outcomes, node, lease_until);
         // SQLite's count of changed rows, read before and after: an
         // execute's own count would repeat the last statement's for BEGIN
         // and COMMIT.
