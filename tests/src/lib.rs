@@ -105,6 +105,82 @@ pub fn mariadb_client(url: &url::Url) -> Command {
     c
 }
 
+/// A test's own session on its server's database, to run SQL behind the
+/// server's back: the database's command-line client (`psql`, `mariadb`)
+/// or, for SQLite, Python's `sqlite3` module (with foreign keys on).
+pub enum DbClient {
+    Sqlite(PathBuf),
+    Pg(String),
+    My { url: url::Url, name: String },
+}
+
+impl DbClient {
+    /// The client of a database URL [`fresh_database`] made.
+    pub fn of(db_url: &str) -> DbClient {
+        if db_url.starts_with("postgres") {
+            DbClient::Pg(db_url.to_string())
+        } else if db_url.starts_with("mysql") {
+            let url = url::Url::parse(db_url).expect("a URL");
+            let name = url.path().trim_start_matches('/').to_string();
+            DbClient::My { url, name }
+        } else {
+            let path = db_url.trim_start_matches("sqlite://");
+            DbClient::Sqlite(PathBuf::from(path.split('?').next().unwrap_or(path)))
+        }
+    }
+
+    /// The command that runs SQL given after it (`-c` for psql, `-e` for
+    /// mariadb, an argument for SQLite), or reads it from its stdin
+    /// (psql and mariadb).
+    pub fn command(&self) -> Command {
+        match self {
+            DbClient::Pg(url) => {
+                let mut c = Command::new("psql");
+                c.arg(url).args(["-v", "ON_ERROR_STOP=1", "-qtA"]);
+                c
+            }
+            DbClient::My { url, name } => {
+                let mut c = mariadb_client(url);
+                c.args(["-N", "-B", name]);
+                c
+            }
+            DbClient::Sqlite(path) => {
+                let python = std::env::var_os("ROBOGER_TEST_PYTHON").unwrap_or("python3".into());
+                let mut c = Command::new(python);
+                c.args([
+                    "-c",
+                    "import sqlite3, sys\n\
+                     c = sqlite3.connect(sys.argv[1], timeout=10, isolation_level=None)\n\
+                     c.execute('PRAGMA foreign_keys = ON')\n\
+                     for st in sys.argv[2].split(';'):\n\
+                     \x20   for row in c.execute(st):\n\
+                     \x20       print('\\t'.join(str(v) for v in row))\n",
+                ])
+                .arg(path);
+                c
+            }
+        }
+    }
+
+    /// Runs `sql` (statements separated by `;`) in a session of its own;
+    /// its output, trimmed. Panics, with the client's error, on failure.
+    pub fn query(&self, sql: &str) -> String {
+        let mut c = self.command();
+        match self {
+            DbClient::Pg(_) => c.args(["-c", sql]),
+            DbClient::My { .. } => c.args(["-e", sql]),
+            DbClient::Sqlite(_) => c.arg(sql),
+        };
+        let out = c.output().expect("the database client runs");
+        assert!(
+            out.status.success(),
+            "{sql}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+}
+
 /// Creates a fresh database on the PostgreSQL server at `pg` (a URL
 /// without a database, e.g. `postgresql://postgres@127.0.0.1:5432`) with
 /// `psql`; returns its URL.

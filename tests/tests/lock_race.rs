@@ -12,96 +12,41 @@
 //! time and no deadlocks, so there the test says it has nothing to do.
 
 use std::io::Write;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use roboger_tests::{Server, ServerOptions, assert_status, fresh_database, json};
+use roboger_tests::{DbClient, Server, ServerOptions, assert_status, fresh_database, json};
 
-/// The test database and its command-line client.
-enum Db {
-    Pg(String),
-    My { url: url::Url, name: String },
+/// A session fed statement by statement through its stdin.
+fn session(db: &DbClient) -> Child {
+    db.command()
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the database client starts")
 }
 
-impl Db {
-    /// A fresh database on the server the suite runs against, if any.
-    fn fresh(dir: &std::path::Path) -> Option<(Db, String)> {
-        let url = fresh_database(dir);
-        if url.starts_with("postgres") {
-            Some((Db::Pg(url.clone()), url))
-        } else if url.starts_with("mysql") {
-            let u = url::Url::parse(&url).expect("a URL");
-            let name = u.path().trim_start_matches('/').to_string();
-            Some((Db::My { url: u, name }, url))
-        } else {
-            None
-        }
-    }
-
-    fn client(&self) -> Command {
-        match self {
-            Db::Pg(url) => {
-                let mut c = Command::new("psql");
-                c.arg(url).args(["-v", "ON_ERROR_STOP=1", "-qtA"]);
-                c
-            }
-            Db::My { url, name } => {
-                let mut c = roboger_tests::mariadb_client(url);
-                c.args(["-N", "-B", name]);
-                c
-            }
-        }
-    }
-
-    /// Runs `sql` in its own session; its output, trimmed.
-    fn query(&self, sql: &str) -> String {
-        let out = self
-            .client()
-            .args(match self {
-                Db::Pg(_) => ["-c", sql],
-                Db::My { .. } => ["-e", sql],
-            })
-            .output()
-            .expect("the database client runs");
-        assert!(
-            out.status.success(),
-            "{sql}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
-    }
-
-    /// A session fed statement by statement through its stdin.
-    fn session(&self) -> Child {
-        self.client()
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("the database client starts")
-    }
-
-    /// How many sessions of this database wait for a lock now.
-    fn waiting(&self) -> u32 {
-        let sql = match self {
-            Db::Pg(_) => "SELECT count(*) FROM pg_stat_activity \
-                 WHERE wait_event_type = 'Lock' AND datname = current_database()"
-                .to_string(),
+/// How many sessions of this database wait for a lock now.
+fn waiting(db: &DbClient) -> u32 {
+    let sql = match db {
+        DbClient::My { name, .. } => format!(
             // The commit's insert shows in the process list while it waits.
-            Db::My { name, .. } => format!(
-                "SELECT count(*) FROM information_schema.PROCESSLIST \
-                 WHERE DB = '{name}' AND COMMAND = 'Execute' AND INFO LIKE 'INSERT INTO `delivery`%'"
-            ),
-        };
-        self.query(&sql).parse().unwrap_or(0)
-    }
+            "SELECT count(*) FROM information_schema.PROCESSLIST \
+             WHERE DB = '{name}' AND COMMAND = 'Execute' AND INFO LIKE 'INSERT INTO `delivery`%'"
+        ),
+        _ => "SELECT count(*) FROM pg_stat_activity \
+             WHERE wait_event_type = 'Lock' AND datname = current_database()"
+            .to_string(),
+    };
+    db.query(&sql).parse().unwrap_or(0)
+}
 
-    async fn wait_until_waiting(&self, n: u32, what: &str) {
-        let end = Instant::now() + Duration::from_secs(10);
-        while self.waiting() < n {
-            assert!(Instant::now() < end, "{what} never waited for a lock");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+async fn wait_until_waiting(db: &DbClient, n: u32, what: &str) {
+    let end = Instant::now() + Duration::from_secs(10);
+    while waiting(db) < n {
+        assert!(Instant::now() < end, "{what} never waited for a lock");
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
@@ -114,11 +59,13 @@ fn feed(session: &mut Child, sql: &str) {
 #[tokio::test]
 async fn a_group_commit_that_loses_a_deadlock_runs_again() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let Some((db, url)) = Db::fresh(dir.path()) else {
+    let url = fresh_database(dir.path());
+    let db = DbClient::of(&url);
+    if let DbClient::Sqlite(_) = db {
         eprintln!("SQLite has a single writer and no deadlocks: nothing to test");
         return;
-    };
-    if let Db::Pg(_) = &db {
+    }
+    if let DbClient::Pg(_) = &db {
         // The server's sessions give up on a deadlock before the outside
         // transaction's does (10 s, set below), so the commit is the victim.
         let name = url.rsplit('/').next().unwrap_or_default();
@@ -135,22 +82,23 @@ async fn a_group_commit_that_loses_a_deadlock_runs_again() {
     let (addr_id, a) = s.new_addr().await;
     let ep = s.endpoint(addr_id, "t", json!({})).await;
 
-    let mut outside = db.session();
+    let mut outside = session(&db);
     match &db {
-        Db::Pg(_) => feed(
-            &mut outside,
-            &format!(
-                "SET deadlock_timeout = '10s';\nBEGIN;\n\
-                 SELECT id FROM endpoint WHERE id = {ep} FOR UPDATE;\n"
-            ),
-        ),
-        Db::My { name, .. } => feed(
+        DbClient::My { name, .. } => feed(
             &mut outside,
             &format!(
                 "CREATE TABLE ballast (n INT);\nBEGIN;\n\
                  INSERT INTO ballast SELECT seq FROM seq_1_to_1000;\n\
                  SELECT id FROM endpoint WHERE id = {ep} FOR UPDATE;\n\
                  SELECT GET_LOCK('{name}', 0);\n"
+            ),
+        ),
+        // PostgreSQL (SQLite returned above).
+        _ => feed(
+            &mut outside,
+            &format!(
+                "SET deadlock_timeout = '10s';\nBEGIN;\n\
+                 SELECT id FROM endpoint WHERE id = {ep} FOR UPDATE;\n"
             ),
         ),
     }
@@ -160,11 +108,13 @@ async fn a_group_commit_that_loses_a_deadlock_runs_again() {
     let end = Instant::now() + Duration::from_secs(10);
     loop {
         let locked = match &db {
-            Db::Pg(_) => db.query(
+            DbClient::My { name, .. } => {
+                db.query(&format!("SELECT IS_USED_LOCK('{name}') IS NOT NULL"))
+            }
+            _ => db.query(
                 "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation \
                  WHERE c.relname = 'endpoint' AND l.mode = 'RowShareLock' AND l.granted",
             ),
-            Db::My { name, .. } => db.query(&format!("SELECT IS_USED_LOCK('{name}') IS NOT NULL")),
         };
         if locked.parse::<u32>().unwrap_or(0) >= 1 {
             break;
@@ -191,7 +141,7 @@ async fn a_group_commit_that_loses_a_deadlock_runs_again() {
                 .map(|r| r.status().as_u16())
         })
     };
-    db.wait_until_waiting(1, "the group commit").await;
+    wait_until_waiting(&db, 1, "the group commit").await;
     feed(
         &mut outside,
         &format!("SELECT id FROM addr WHERE id = {addr_id} FOR UPDATE;\nCOMMIT;\n"),
