@@ -37,7 +37,8 @@ use crate::metrics::{Metrics, Outcome};
 use crate::routing::Target;
 use crate::store::entity::{endpoint, event};
 use crate::store::{
-    Attempt, EventHead, STATE_DELIVERED, STATE_FAILED, STATE_PENDING, Store, StoreError,
+    Attempt, EventHead, GroupCommit, STATE_DELIVERED, STATE_FAILED, STATE_PENDING, Store,
+    StoreError,
 };
 use crate::supervisor::{CallError, Supervisor};
 
@@ -306,7 +307,12 @@ async fn write_loop(
         let began = std::time::Instant::now();
         let written = tokio::time::timeout(
             timeout,
-            store.write_batch(&rows, &recorded, &node.instance, lease_until(&cfg)),
+            store.write_batch(&GroupCommit {
+                batch: &rows,
+                outcomes: &recorded,
+                node: &node.instance,
+                lease_until: lease_until(&cfg),
+            }),
         )
         .await;
         let took = began.elapsed();

@@ -126,6 +126,18 @@ pub(super) fn event_heads(backend: DbBackend) -> sea_orm::Select<event::Entity> 
         .column_as(size, "media_size")
 }
 
+/// What one group commit writes: accepted events, each with the
+/// endpoints it goes to, and the outcomes of delivery attempts. The new
+/// deliveries are leased to `node` until `lease_until`, since this server
+/// dispatches them at once, and outcomes are written only to deliveries
+/// `node` still holds.
+pub struct GroupCommit<'a> {
+    pub batch: &'a [(&'a event::Model, Vec<i64>)],
+    pub outcomes: &'a [Attempt],
+    pub node: &'a str,
+    pub lease_until: chrono::DateTime<chrono::Utc>,
+}
+
 /// What a group commit left out, besides what it committed.
 #[derive(Debug, Default)]
 pub struct Written {
@@ -138,10 +150,9 @@ pub struct Written {
 }
 
 impl Store {
-    /// One write transaction of the pipeline (group commit): accepted
-    /// events with a delivery per endpoint, leased by `node` until
-    /// `lease_until` since this server dispatches them at once, and the
-    /// outcomes of delivery attempts. One transaction for both halves the
+    /// One write transaction of the pipeline ([`GroupCommit`]): accepted
+    /// events with a delivery per endpoint, and the outcomes of delivery
+    /// attempts. One transaction for both halves the
     /// commits (and fsyncs) the pipeline makes.
     ///
     /// Routes are cached by each node, so an event may name an address or
@@ -154,30 +165,15 @@ impl Store {
     ///
     /// Fencing: an outcome is written only to a delivery that is still
     /// pending and leased by `node`.
-    pub async fn write_batch(
-        &self,
-        batch: &[(&event::Model, Vec<i64>)],
-        outcomes: &[Attempt],
-        node: &str,
-        lease_until: chrono::DateTime<chrono::Utc>,
-    ) -> Result<Written> {
+    pub async fn write_batch(&self, c: &GroupCommit<'_>) -> Result<Written> {
         let mut check = false;
         let mut tries = 0u64;
         loop {
             tries += 1;
             let once = match self.backend {
-                DbBackend::Sqlite if !check => {
-                    self.write_sqlite_at_once(batch, outcomes, node, lease_until)
-                        .await
-                }
-                DbBackend::Postgres if !check => {
-                    self.write_pg_at_once(batch, outcomes, node, lease_until)
-                        .await
-                }
-                _ => {
-                    self.write_once(batch, outcomes, node, lease_until, check)
-                        .await
-                }
+                DbBackend::Sqlite if !check => self.write_sqlite_at_once(c).await,
+                DbBackend::Postgres if !check => self.write_pg_at_once(c).await,
+                _ => self.write_once(c, check).await,
             };
             match once {
                 Err(StoreError::Db(e))
@@ -203,29 +199,21 @@ impl Store {
 
     /// One try of [`Store::write_batch`]; with `check`, what was deleted
     /// is looked for first and left out.
-    async fn write_once(
-        &self,
-        batch: &[(&event::Model, Vec<i64>)],
-        outcomes: &[Attempt],
-        node: &str,
-        lease_until: chrono::DateTime<chrono::Utc>,
-        check: bool,
-    ) -> Result<Written> {
+    async fn write_once(&self, c: &GroupCommit<'_>, check: bool) -> Result<Written> {
         let txn = self.begin_write().await?;
         let mut written = Written::default();
-        if check && !batch.is_empty() {
+        if check && !c.batch.is_empty() {
             let lock = match self.backend {
                 DbBackend::Sqlite => None,
                 DbBackend::Postgres => Some(LockType::KeyShare),
                 DbBackend::MySql => Some(LockType::Share),
             };
-            (written.gone_addrs, written.gone_endpoints) = gone(&txn, batch, lock).await?;
+            (written.gone_addrs, written.gone_endpoints) = gone(&txn, c.batch, lock).await?;
         }
-        let (inserts, _, updates) =
-            self.commit_statements(batch, &written, outcomes, node, lease_until);
+        let (inserts, _, updates) = self.commit_statements(c, &written);
         run_each(&txn, inserts).await?;
         let recorded = run_each(&txn, updates).await?;
-        written.dropped_outcomes = (outcomes.len() as u64).saturating_sub(recorded);
+        written.dropped_outcomes = (c.outcomes.len() as u64).saturating_sub(recorded);
         txn.commit().await?;
         Ok(written)
     }
@@ -235,18 +223,15 @@ impl Store {
     /// [`attempt_statements`].
     fn commit_statements(
         &self,
-        batch: &[(&event::Model, Vec<i64>)],
+        c: &GroupCommit<'_>,
         left_out: &Written,
-        outcomes: &[Attempt],
-        node: &str,
-        lease_until: chrono::DateTime<chrono::Utc>,
     ) -> (Vec<Statement>, u64, Vec<Statement>) {
         let backend = self.db.get_database_backend();
-        let (inserts, inserted) = insert_statements(backend, batch, left_out, node, lease_until);
+        let (inserts, inserted) = insert_statements(backend, c, left_out);
         (
             inserts,
             inserted,
-            attempt_statements(backend, outcomes, node),
+            attempt_statements(backend, c.outcomes, c.node),
         )
     }
 
@@ -257,16 +242,9 @@ impl Store {
     /// scheduled, and they were most of a group commit's time). The rows
     /// it changed, less the rows inserted, are the outcomes written. When
     /// a statement fails the transaction is rolled back here.
-    async fn write_sqlite_at_once(
-        &self,
-        batch: &[(&event::Model, Vec<i64>)],
-        outcomes: &[Attempt],
-        node: &str,
-        lease_until: chrono::DateTime<chrono::Utc>,
-    ) -> Result<Written> {
+    async fn write_sqlite_at_once(&self, c: &GroupCommit<'_>) -> Result<Written> {
         let written = Written::default();
-        let (inserts, inserted, updates) =
-            self.commit_statements(batch, &written, outcomes, node, lease_until);
+        let (inserts, inserted, updates) = self.commit_statements(c, &written);
         // SQLite's count of changed rows, read before and after: an
         // execute's own count would repeat the last statement's for BEGIN
         // and COMMIT.
@@ -301,7 +279,7 @@ impl Store {
                     _ => 0,
                 };
                 Ok(Written {
-                    dropped_outcomes: (outcomes.len() as u64)
+                    dropped_outcomes: (c.outcomes.len() as u64)
                         .saturating_sub(changed.saturating_sub(inserted)),
                     ..written
                 })
@@ -321,17 +299,11 @@ impl Store {
     /// table and per outcome group, and a `COMMIT`, each waiting for the
     /// server. Its text never changes, so it is prepared once per
     /// connection whatever the batch: the rows go in as arrays.
-    async fn write_pg_at_once(
-        &self,
-        batch: &[(&event::Model, Vec<i64>)],
-        outcomes: &[Attempt],
-        node: &str,
-        lease_until: chrono::DateTime<chrono::Utc>,
-    ) -> Result<Written> {
+    async fn write_pg_at_once(&self, c: &GroupCommit<'_>) -> Result<Written> {
         let now = chrono::Utc::now();
         let mut ev = PgEventColumns::default();
         let (mut d_event, mut d_endpoint) = (Vec::new(), Vec::new());
-        for (e, eps) in batch {
+        for (e, eps) in c.batch {
             ev.push(e);
             for ep in eps {
                 d_event.push(e.id.as_str());
@@ -339,7 +311,7 @@ impl Store {
             }
         }
         let mut o = PgOutcomeColumns::default();
-        for a in outcomes {
+        for a in c.outcomes {
             o.push(a);
         }
         let recorded: i64 = sea_orm::sqlx::query_scalar(PG_GROUP_COMMIT)
@@ -359,8 +331,8 @@ impl Store {
             .bind(d_event)
             .bind(d_endpoint)
             .bind(now)
-            .bind(lease_until)
-            .bind(node)
+            .bind(c.lease_until)
+            .bind(c.node)
             .bind(o.event_id)
             .bind(o.endpoint_id)
             .bind(o.attempts)
@@ -373,7 +345,7 @@ impl Store {
                 sea_orm::DbErr::Exec(sea_orm::RuntimeErr::SqlxError(std::sync::Arc::new(e)))
             })?;
         Ok(Written {
-            dropped_outcomes: (outcomes.len() as u64)
+            dropped_outcomes: (c.outcomes.len() as u64)
                 .saturating_sub(u64::try_from(recorded).unwrap_or(0)),
             ..Written::default()
         })
@@ -675,13 +647,13 @@ async fn gone(
 /// rows they insert.
 fn insert_statements(
     backend: sea_orm::DbBackend,
-    batch: &[(&event::Model, Vec<i64>)],
+    c: &GroupCommit<'_>,
     left_out: &Written,
-    node: &str,
-    lease_until: chrono::DateTime<chrono::Utc>,
 ) -> (Vec<Statement>, u64) {
     let now = chrono::Utc::now();
-    let stored: Vec<&(&event::Model, Vec<i64>)> = batch
+    let (node, lease_until) = (c.node, c.lease_until);
+    let stored: Vec<&(&event::Model, Vec<i64>)> = c
+        .batch
         .iter()
         .filter(|(e, _)| !left_out.gone_addrs.contains(&e.addr_id))
         .collect();

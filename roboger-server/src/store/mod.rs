@@ -21,7 +21,8 @@ pub use bucket::NewObject;
 pub use cluster::{NodeRow, ROUTING_CHANNEL};
 pub use console::AddrPage;
 pub use delivery::{
-    Attempt, EndpointStats, EventHead, STATE_DELIVERED, STATE_FAILED, STATE_PENDING, Written,
+    Attempt, EndpointStats, EventHead, GroupCommit, STATE_DELIVERED, STATE_FAILED, STATE_PENDING,
+    Written,
 };
 pub use management::{AddrPatch, EndpointPatch, SubscriptionPatch, SubscriptionRow};
 
