@@ -339,6 +339,9 @@ impl Store {
             .bind(o.state)
             .bind(o.error)
             .bind(o.next_at)
+            .bind(STATE_PENDING)
+            // Only reached on PostgreSQL (`write_batch` matches the
+            // backend), where this accessor cannot panic.
             .fetch_one(self.writes.get_postgres_connection_pool())
             .await
             .map_err(|e| {
@@ -781,7 +784,8 @@ fn attempt_statements(
 /// [`Store::write_pg_at_once`]): the events of `$1`..`$13`, a delivery
 /// per (`$14`, `$15`) pair, leased to `$18` until `$17`, and the outcomes
 /// of `$19`..`$24`, written only where the delivery is still pending and
-/// leased by `$18` (fencing); it answers how many outcomes were written.
+/// leased by `$18` (fencing); `$25` is [`STATE_PENDING`]. It answers how
+/// many outcomes were written.
 /// All parts see one snapshot, so the outcomes cannot touch the
 /// deliveries inserted here; they never need to, since a delivery is
 /// attempted only after its commit. PostgreSQL runs the parts in the
@@ -795,7 +799,7 @@ const PG_GROUP_COMMIT: &str = "\
 WITH dl AS (
   INSERT INTO delivery (event_id, endpoint_id, state, attempts, next_at,
                         lease_until, leased_by, last_error, created, updated)
-  SELECT e, ep, 'pending', 0, $16, $17, $18, NULL, $16, $16
+  SELECT e, ep, $25, 0, $16, $17, $18, NULL, $16, $16
   FROM unnest($14::char(36)[], $15::int8[]) AS t(e, ep)
 ), ev AS (
   INSERT INTO event (id, addr_id, addr, msg, subject, formatted_subject, level,
@@ -812,7 +816,7 @@ WITH dl AS (
               $23::text[], $24::timestamptz[])
        AS o(event_id, endpoint_id, attempts, state, error, next_at)
   WHERE d.event_id = o.event_id AND d.endpoint_id = o.endpoint_id
-    AND d.leased_by = $18 AND d.state = 'pending'
+    AND d.leased_by = $18 AND d.state = $25
   RETURNING 1
 )
 SELECT count(*) FROM up";
