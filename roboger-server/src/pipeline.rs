@@ -276,6 +276,9 @@ async fn write_loop(
     loop {
         let mut batch = Vec::new();
         if recorded.is_empty() {
+            if accepts.is_empty() && outcomes.is_empty() {
+                store.writer_waits();
+            }
             tokio::select! {
                 a = accepts.recv() => match a {
                     Some(a) => batch.push(a),
@@ -385,6 +388,12 @@ async fn write_loop(
                     config: t.config,
                     attempts: 0,
                 };
+                let job = match jobs.try_send(job) {
+                    Ok(()) => continue,
+                    Err(mpsc::error::TrySendError::Closed(_)) => return,
+                    Err(mpsc::error::TrySendError::Full(job)) => job,
+                };
+                store.writer_waits();
                 if jobs.send(job).await.is_err() {
                     return;
                 }

@@ -3,10 +3,12 @@
 //! events API (history, retry, retention).
 
 use sea_orm::sea_query::Expr;
+use sea_orm::sqlx;
 use sea_orm::{
     ActiveValue::Set, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder,
     QueryTrait, Statement,
 };
+use sea_query_sqlx::SqlxValues;
 
 use std::collections::{BTreeSet, HashSet};
 use std::time::Duration;
@@ -15,7 +17,8 @@ use sea_orm::QuerySelect;
 use sea_orm::sea_query::LockType;
 
 use super::entity::{addr, delivery, endpoint, event};
-use super::{Result, Store, StoreError};
+use super::kept::KeptConnection;
+use super::{CommitConnection, Result, Store, StoreError, sqlx_err};
 use crate::config::DbBackend;
 
 /// Bound parameters per insert statement at most (rows × columns).
@@ -170,10 +173,17 @@ impl Store {
         let mut tries = 0u64;
         loop {
             tries += 1;
-            let once = match self.backend {
-                DbBackend::Sqlite if !check => self.write_sqlite_at_once(c).await,
-                DbBackend::Postgres if !check => self.write_pg_at_once(c).await,
-                _ => self.write_once(c, check).await,
+            let once = match &self.commits {
+                CommitConnection::Sqlite(kept) if !check => {
+                    self.write_sqlite_at_once(kept, c).await
+                }
+                CommitConnection::Postgres(kept) if !check => self.write_pg_at_once(kept, c).await,
+                _ => {
+                    // Its transaction comes from the pool, where the kept
+                    // connection must be for it to find one on SQLite.
+                    self.writer_waits();
+                    self.write_once(c, check).await
+                }
             };
             match once {
                 Err(StoreError::Db(e))
@@ -194,6 +204,19 @@ impl Store {
                 }
                 r => return r,
             }
+        }
+    }
+
+    /// The pipeline's writer is about to wait (for work, or for room to
+    /// hand over deliveries): the connection its commits keep goes back to
+    /// the pool meanwhile, so that no other writer waits on a writer that
+    /// is not writing. Anything waiting on the pipeline may itself need a
+    /// write, such as a plugin's database call during a delivery.
+    pub fn writer_waits(&self) {
+        match &self.commits {
+            CommitConnection::Sqlite(kept) => kept.release(),
+            CommitConnection::Postgres(kept) => kept.release(),
+            CommitConnection::Pooled => {}
         }
     }
 
@@ -237,18 +260,22 @@ impl Store {
 
     /// [`Store::write_batch`]'s usual try on SQLite: the whole transaction
     /// (`BEGIN IMMEDIATE`, the inserts, the outcomes, `COMMIT`) as one
-    /// multi-statement query, so one hop to sqlx's SQLite thread instead
-    /// of one per statement (each hop waits for both threads to be
-    /// scheduled, and they were most of a group commit's time). The rows
-    /// it changed, less the rows inserted, are the outcomes written. When
-    /// a statement fails the transaction is rolled back here.
-    async fn write_sqlite_at_once(&self, c: &GroupCommit<'_>) -> Result<Written> {
-        let written = Written::default();
-        let (inserts, inserted, updates) = self.commit_statements(c, &written);
-        // SQLite's count of changed rows, read before and after: an
-        // execute's own count would repeat the last statement's for BEGIN
-        // and COMMIT.
-        let mut sql = String::from("BEGIN IMMEDIATE;\nSELECT total_changes() AS n;\n");
+    /// multi-statement query on the kept connection, so one hop to sqlx's
+    /// SQLite thread instead of one per statement and two more for the
+    /// pool (each hop waits for both threads to be scheduled, and they
+    /// were most of a group commit's time). The rows it changed, less the
+    /// rows inserted, are the outcomes written. When a statement fails the
+    /// transaction is rolled back here.
+    async fn write_sqlite_at_once(
+        &self,
+        kept: &KeptConnection<sqlx::Sqlite>,
+        c: &GroupCommit<'_>,
+    ) -> Result<Written> {
+        let (inserts, inserted, updates) = self.commit_statements(c, &Written::default());
+        // SQLite's count of changed rows, read before and after:
+        // an execute's own count would repeat the last statement's
+        // for BEGIN and COMMIT.
+        let mut sql = String::from("BEGIN IMMEDIATE;\nSELECT total_changes();\n");
         let mut values = Vec::new();
         for st in inserts.into_iter().chain(updates) {
             sql.push_str(&st.sql);
@@ -257,23 +284,16 @@ impl Store {
                 values.extend(v.0);
             }
         }
-        sql.push_str("SELECT total_changes() AS n;\nCOMMIT");
-        let all = Statement::from_sql_and_values(sea_orm::DbBackend::Sqlite, sql, values);
-        let mut answer = self.writes.query_all_raw(all.clone()).await;
-        if let Err(e) = &answer
-            && e.to_string().contains("within a transaction")
-        {
-            // A call abandoned mid-way (its caller timed out) left its
-            // transaction open on the connection: end it and go again.
-            let _ = self.writes.execute_unprepared("ROLLBACK").await;
-            answer = self.writes.query_all_raw(all).await;
-        }
-        match answer {
-            Ok(rows) => {
-                let counts: Vec<i64> = rows
-                    .iter()
-                    .filter_map(|r| r.try_get::<i64>("", "n").ok())
-                    .collect();
+        sql.push_str("SELECT total_changes();\nCOMMIT");
+        let args = sqlx::IntoArguments::<sqlx::Sqlite>::into_arguments(SqlxValues(
+            sea_orm::sea_query::Values(values),
+        ));
+        let query = sqlx::query_scalar_with::<_, i64, _>(sqlx::AssertSqlSafe(sql), args);
+        let mut kept = kept.take().await.map_err(sqlx_err)?;
+        let counts = query.fetch_all(&mut *kept.conn()).await;
+        match counts {
+            Ok(counts) => {
+                kept.done();
                 let changed = match counts.as_slice() {
                     [before, after] => u64::try_from(after - before).unwrap_or(0),
                     _ => 0,
@@ -281,14 +301,22 @@ impl Store {
                 Ok(Written {
                     dropped_outcomes: (c.outcomes.len() as u64)
                         .saturating_sub(changed.saturating_sub(inserted)),
-                    ..written
+                    ..Written::default()
                 })
             }
             Err(e) => {
-                // Ends what the failed statement left open (and is
-                // refused, harmlessly, when the failure was BEGIN's).
-                let _ = self.writes.execute_unprepared("ROLLBACK").await;
-                Err(e.into())
+                // Ends what the failed statement left open. When that
+                // fails too (BEGIN itself failed, or worse), the guard is
+                // dropped unsettled, which closes the connection rather
+                // than give it back with a transaction that may be open.
+                if sqlx::query("ROLLBACK")
+                    .execute(&mut *kept.conn())
+                    .await
+                    .is_ok()
+                {
+                    kept.failed();
+                }
+                Err(sqlx_err(e).into())
             }
         }
     }
@@ -299,7 +327,11 @@ impl Store {
     /// table and per outcome group, and a `COMMIT`, each waiting for the
     /// server. Its text never changes, so it is prepared once per
     /// connection whatever the batch: the rows go in as arrays.
-    async fn write_pg_at_once(&self, c: &GroupCommit<'_>) -> Result<Written> {
+    async fn write_pg_at_once(
+        &self,
+        kept: &KeptConnection<sqlx::Postgres>,
+        c: &GroupCommit<'_>,
+    ) -> Result<Written> {
         let now = chrono::Utc::now();
         let mut ev = PgEventColumns::default();
         let (mut d_event, mut d_endpoint) = (Vec::new(), Vec::new());
@@ -314,7 +346,7 @@ impl Store {
         for a in c.outcomes {
             o.push(a);
         }
-        let recorded: i64 = sea_orm::sqlx::query_scalar(PG_GROUP_COMMIT)
+        let query = sqlx::query_scalar::<_, i64>(PG_GROUP_COMMIT)
             .bind(ev.id)
             .bind(ev.addr_id)
             .bind(ev.addr)
@@ -339,14 +371,20 @@ impl Store {
             .bind(o.state)
             .bind(o.error)
             .bind(o.next_at)
-            .bind(STATE_PENDING)
-            // Only reached on PostgreSQL (`write_batch` matches the
-            // backend), where this accessor cannot panic.
-            .fetch_one(self.writes.get_postgres_connection_pool())
-            .await
-            .map_err(|e| {
-                sea_orm::DbErr::Exec(sea_orm::RuntimeErr::SqlxError(std::sync::Arc::new(e)))
-            })?;
+            .bind(STATE_PENDING);
+        let mut kept = kept.take().await.map_err(sqlx_err)?;
+        // One statement, so an implicit transaction: a failure leaves
+        // nothing open.
+        let recorded = match query.fetch_one(&mut *kept.conn()).await {
+            Ok(n) => {
+                kept.done();
+                n
+            }
+            Err(e) => {
+                kept.failed();
+                return Err(sqlx_err(e).into());
+            }
+        };
         Ok(Written {
             dropped_outcomes: (c.outcomes.len() as u64)
                 .saturating_sub(u64::try_from(recorded).unwrap_or(0)),

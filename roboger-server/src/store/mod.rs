@@ -11,6 +11,7 @@ mod cluster;
 mod console;
 mod delivery;
 pub mod entity;
+mod kept;
 mod limits;
 mod management;
 pub mod migration;
@@ -26,6 +27,7 @@ pub use delivery::{
 };
 pub use management::{AddrPatch, EndpointPatch, SubscriptionPatch, SubscriptionRow};
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use sea_orm::{
@@ -95,7 +97,23 @@ pub struct Store {
     backend: DbBackend,
     /// The database file, on SQLite.
     sqlite_file: Option<std::path::PathBuf>,
+    /// Where the pipeline's group commits run.
+    commits: CommitConnection,
 }
+
+/// Where the pipeline's group commits run: on the backends whose commit is
+/// one sqlx call, a connection kept from one commit to the next
+/// ([`kept`]); on MySQL, transactions taken from the pool.
+#[derive(Clone, Debug)]
+enum CommitConnection {
+    Sqlite(Arc<kept::KeptConnection<sea_orm::sqlx::Sqlite>>),
+    Postgres(Arc<kept::KeptConnection<sea_orm::sqlx::Postgres>>),
+    Pooled,
+}
+
+/// How long the pipeline's writer keeps its connection at most, before
+/// giving other writers a turn at it.
+const KEEP_COMMIT_CONNECTION: Duration = Duration::from_millis(20);
 
 impl Store {
     /// Connects (creating a SQLite file when needed), with `timeout` on
@@ -136,11 +154,29 @@ impl Store {
         } else {
             db.clone()
         };
+        // An in-memory database has one connection, for reads too: it is
+        // not kept between commits. The accessors match the backend that
+        // sea-orm connected, so they cannot panic.
+        let keep_for = if memory {
+            Duration::ZERO
+        } else {
+            KEEP_COMMIT_CONNECTION
+        };
+        let commits = match writes.get_database_backend() {
+            sea_orm::DbBackend::Sqlite => CommitConnection::Sqlite(Arc::new(
+                kept::KeptConnection::new(writes.get_sqlite_connection_pool().clone(), keep_for),
+            )),
+            sea_orm::DbBackend::Postgres => CommitConnection::Postgres(Arc::new(
+                kept::KeptConnection::new(writes.get_postgres_connection_pool().clone(), keep_for),
+            )),
+            _ => CommitConnection::Pooled,
+        };
         Ok(Store {
             db,
             writes,
             backend: url.backend,
             sqlite_file: sqlite_file(&url.url),
+            commits,
         })
     }
 
@@ -292,6 +328,18 @@ fn transient(e: &DbErr) -> bool {
             "40P01" | "40001" | "55P03" | "1213" | "1205" | "5" | "6"
         )
     })
+}
+
+/// An error of a statement run through sqlx directly (the group commit,
+/// [`kept`]) as sea-orm reports its own, so that [`transient`] and
+/// sea-orm's `sql_err` read both alike.
+fn sqlx_err(e: sea_orm::sqlx::Error) -> DbErr {
+    use sea_orm::{ConnAcquireErr, RuntimeErr, sqlx::Error};
+    match e {
+        Error::PoolTimedOut => DbErr::ConnectionAcquire(ConnAcquireErr::Timeout),
+        Error::PoolClosed => DbErr::ConnectionAcquire(ConnAcquireErr::ConnectionClosed),
+        e => DbErr::Exec(RuntimeErr::SqlxError(Arc::new(e))),
+    }
 }
 
 /// The file of a SQLite URL (none for an in-memory database).
