@@ -263,32 +263,53 @@ impl Store {
     /// multi-statement query on the kept connection, so one hop to sqlx's
     /// SQLite thread instead of one per statement and two more for the
     /// pool (each hop waits for both threads to be scheduled, and they
-    /// were most of a group commit's time). The rows it changed, less the
-    /// rows inserted, are the outcomes written. When a statement fails the
-    /// transaction is rolled back here.
+    /// were most of a group commit's time). Without media its text never
+    /// changes ([`SQLITE_GROUP_COMMIT`]), so it is prepared once: the rows
+    /// go in as JSON. With media it is built for the batch. The rows it
+    /// changed, less the rows inserted, are the outcomes written. When a
+    /// statement fails the transaction is rolled back here.
     async fn write_sqlite_at_once(
         &self,
         kept: &KeptConnection<sqlx::Sqlite>,
         c: &GroupCommit<'_>,
     ) -> Result<Written> {
-        let (inserts, inserted, updates) = self.commit_statements(c, &Written::default());
-        // SQLite's count of changed rows, read before and after:
-        // an execute's own count would repeat the last statement's
-        // for BEGIN and COMMIT.
-        let mut sql = String::from("BEGIN IMMEDIATE;\nSELECT total_changes();\n");
-        let mut values = Vec::new();
-        for st in inserts.into_iter().chain(updates) {
-            sql.push_str(&st.sql);
-            sql.push_str(";\n");
-            if let Some(v) = st.values {
-                values.extend(v.0);
+        let (query, inserted) = match sqlite_commit_json(c) {
+            Some((events, outcomes)) => {
+                let deliveries: usize = c.batch.iter().map(|(_, eps)| eps.len()).sum();
+                let query = sqlx::query_scalar::<_, i64>(SQLITE_GROUP_COMMIT)
+                    .bind(events)
+                    .bind(outcomes)
+                    .bind(STATE_PENDING)
+                    .bind(chrono::Utc::now())
+                    .bind(c.lease_until)
+                    .bind(c.node);
+                (query, (c.batch.len() + deliveries) as u64)
             }
-        }
-        sql.push_str("SELECT total_changes();\nCOMMIT");
-        let args = sqlx::IntoArguments::<sqlx::Sqlite>::into_arguments(SqlxValues(
-            sea_orm::sea_query::Values(values),
-        ));
-        let query = sqlx::query_scalar_with::<_, i64, _>(sqlx::AssertSqlSafe(sql), args);
+            None => {
+                let (inserts, inserted, updates) = self.commit_statements(c, &Written::default());
+                // SQLite's count of changed rows, read before and after:
+                // an execute's own count would repeat the last statement's
+                // for BEGIN and COMMIT.
+                let mut sql = String::from("BEGIN IMMEDIATE;\nSELECT total_changes();\n");
+                let mut values = Vec::new();
+                for st in inserts.into_iter().chain(updates) {
+                    sql.push_str(&st.sql);
+                    sql.push_str(";\n");
+                    if let Some(v) = st.values {
+                        values.extend(v.0);
+                    }
+                }
+                sql.push_str("SELECT total_changes();\nCOMMIT");
+                let args = sqlx::IntoArguments::<sqlx::Sqlite>::into_arguments(SqlxValues(
+                    sea_orm::sea_query::Values(values),
+                ));
+                // Made for this batch: not kept in the statement cache,
+                // where it would push out SQLITE_GROUP_COMMIT.
+                let query =
+                    sqlx::query_scalar_with(sqlx::AssertSqlSafe(sql), args).persistent(false);
+                (query, inserted)
+            }
+        };
         let mut kept = kept.take().await.map_err(sqlx_err)?;
         let counts = query.fetch_all(&mut *kept.conn()).await;
         match counts {
@@ -859,6 +880,119 @@ WITH dl AS (
 )
 SELECT count(*) FROM up";
 
+/// SQLite's group commit as constant text (see
+/// [`Store::write_sqlite_at_once`]): the events of the JSON array `?1`,
+/// each `[id, addr_id, addr, msg, subject, formatted_subject, level,
+/// location, tag, sender, media_fname, created, [endpoint ids]]` and
+/// without media; a delivery per endpoint id, `?3` ([`STATE_PENDING`]),
+/// leased to `?6` until `?5`; and the outcomes of the JSON array `?2`,
+/// each `[event_id, endpoint_id, attempts, state, error, next_at]`,
+/// written only where the delivery is still pending and leased by `?6`
+/// (fencing). `?4` is the time of the commit. It answers SQLite's count
+/// of changed rows before and after.
+///
+/// The outcomes name their deliveries through `delivery_once`: left to
+/// itself, the planner would walk every pending delivery through
+/// `delivery_due` (`state = ?3`) instead.
+const SQLITE_GROUP_COMMIT: &str = "\
+BEGIN IMMEDIATE;
+SELECT total_changes();
+INSERT INTO event (id, addr_id, addr, msg, subject, formatted_subject, level,
+                   location, tag, sender, media, media_fname, created)
+  SELECT e.value->>0, e.value->>1, e.value->>2, e.value->>3, e.value->>4,
+         e.value->>5, e.value->>6, e.value->>7, e.value->>8, e.value->>9,
+         NULL, e.value->>10, e.value->>11
+  FROM json_each(?1) AS e;
+INSERT INTO delivery (event_id, endpoint_id, state, attempts, next_at,
+                      lease_until, leased_by, last_error, created, updated)
+  SELECT e.value->>0, d.value, ?3, 0, ?4, ?5, ?6, NULL, ?4, ?4
+  FROM json_each(?1) AS e, json_each(e.value->12) AS d;
+UPDATE delivery INDEXED BY delivery_once
+  SET attempts = o.value->>2, state = o.value->>3, last_error = o.value->>4,
+      next_at = coalesce(o.value->>5, delivery.next_at), updated = ?4,
+      lease_until = NULL, leased_by = NULL
+  FROM json_each(?2) AS o
+  WHERE delivery.event_id = o.value->>0 AND delivery.endpoint_id = o.value->>1
+    AND delivery.leased_by = ?6 AND delivery.state = ?3;
+SELECT total_changes();
+COMMIT";
+
+/// An event of [`SQLITE_GROUP_COMMIT`]'s `?1`.
+#[derive(serde::Serialize)]
+struct SqliteEventRow<'a>(
+    &'a str,
+    i64,
+    &'a str,
+    &'a str,
+    &'a str,
+    &'a str,
+    i16,
+    Option<&'a str>,
+    Option<&'a str>,
+    Option<&'a str>,
+    Option<&'a str>,
+    String,
+    &'a [i64],
+);
+
+/// An outcome of [`SQLITE_GROUP_COMMIT`]'s `?2`.
+#[derive(serde::Serialize)]
+struct SqliteOutcomeRow<'a>(&'a str, i64, i32, &'a str, Option<&'a str>, Option<String>);
+
+/// A time as sqlx writes a `DateTime<Utc>` to SQLite, where times are
+/// text compared as text: what [`SQLITE_GROUP_COMMIT`] writes must read
+/// and sort as what every other query writes.
+fn sqlite_time(t: &chrono::DateTime<chrono::Utc>) -> String {
+    t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, false)
+}
+
+/// [`SQLITE_GROUP_COMMIT`]'s two JSON arrays for `c`; `None` when an
+/// event has media, which JSON would carry only re-encoded.
+fn sqlite_commit_json(c: &GroupCommit<'_>) -> Option<(String, String)> {
+    if c.batch.iter().any(|(e, _)| e.media.is_some()) {
+        return None;
+    }
+    let events: Vec<SqliteEventRow<'_>> = c
+        .batch
+        .iter()
+        .map(|(e, eps)| {
+            SqliteEventRow(
+                &e.id,
+                e.addr_id,
+                &e.addr,
+                &e.msg,
+                &e.subject,
+                &e.formatted_subject,
+                e.level,
+                e.location.as_deref(),
+                e.tag.as_deref(),
+                e.sender.as_deref(),
+                e.media_fname.as_deref(),
+                sqlite_time(&e.created),
+                eps,
+            )
+        })
+        .collect();
+    let outcomes: Vec<SqliteOutcomeRow<'_>> = c
+        .outcomes
+        .iter()
+        .map(|a| {
+            SqliteOutcomeRow(
+                &a.event_id,
+                a.endpoint_id,
+                a.attempts,
+                a.state,
+                a.error.as_deref(),
+                a.next_at.as_ref().map(sqlite_time),
+            )
+        })
+        .collect();
+    Some((
+        serde_json::to_string(&events).ok()?,
+        serde_json::to_string(&outcomes).ok()?,
+    ))
+}
+
 /// The events of a PostgreSQL group commit, column by column (the
 /// arrays [`PG_GROUP_COMMIT`] takes).
 #[derive(Default)]
@@ -925,4 +1059,36 @@ async fn run_each(txn: &sea_orm::DatabaseTransaction, statements: Vec<Statement>
         changed += txn.execute_raw(st).await?.rows_affected();
     }
     Ok(changed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    /// The times SQLITE_GROUP_COMMIT writes from JSON are the very text
+    /// sqlx writes for a bound time, which the other queries compare
+    /// them with as text.
+    #[tokio::test]
+    async fn sqlite_times_in_json_are_written_as_sqlx_binds_them() {
+        let pool = sqlx::sqlite::SqlitePool::connect("sqlite::memory:")
+            .await
+            .expect("an in-memory database");
+        let base = chrono::Utc
+            .with_ymd_and_hms(2026, 11, 30, 17, 6, 45)
+            .single()
+            .expect("a time");
+        for nanos in [0, 286_000_000, 286_110_000, 286_110_259] {
+            let t = base + chrono::Duration::nanoseconds(nanos);
+            let json = serde_json::to_string(&[sqlite_time(&t)]).expect("JSON");
+            let (bound, from_json): (String, String) =
+                sqlx::query_as("SELECT ?1, json_extract(?2, '$[0]')")
+                    .bind(t)
+                    .bind(json)
+                    .fetch_one(&pool)
+                    .await
+                    .expect("the two texts");
+            assert_eq!(from_json, bound);
+        }
+    }
 }
