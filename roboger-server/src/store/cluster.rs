@@ -15,7 +15,7 @@ use sea_orm::{
 };
 
 use super::entity::{delivery, job_lease, node, routing_change, routing_version};
-use super::{Result, STATE_PENDING, Store, inserted};
+use super::{Result, Store, inserted};
 use crate::config::DbBackend;
 
 /// The advisory lock (PostgreSQL) or named lock (MySQL) held while
@@ -268,7 +268,7 @@ impl Store {
             .select_only()
             .column(delivery::Column::LeasedBy)
             .column_as(delivery::Column::Id.count(), "n")
-            .filter(delivery::Column::State.eq(STATE_PENDING))
+            .filter(super::delivery::pending())
             .filter(delivery::Column::LeasedBy.is_not_null())
             .group_by(delivery::Column::LeasedBy)
             .into_tuple()
@@ -299,7 +299,7 @@ impl Store {
         Ok(delivery::Entity::update_many()
             .col_expr(delivery::Column::LeaseUntil, Expr::value(until))
             .filter(delivery::Column::LeasedBy.eq(instance))
-            .filter(delivery::Column::State.eq(STATE_PENDING))
+            .filter(super::delivery::pending())
             .filter(delivery::Column::LeaseUntil.lt(expiring))
             .exec(&self.db)
             .await?
@@ -445,7 +445,7 @@ async fn release_leases_of(txn: &DatabaseTransaction, instance: &str) -> Result<
             Expr::value(Option::<String>::None),
         )
         .filter(delivery::Column::LeasedBy.eq(instance))
-        .filter(delivery::Column::State.eq(STATE_PENDING))
+        .filter(super::delivery::pending())
         .exec(txn)
         .await?
         .rows_affected)

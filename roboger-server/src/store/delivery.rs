@@ -421,7 +421,7 @@ impl Store {
             .col_expr(delivery::Column::LeaseUntil, no_lease().0)
             .col_expr(delivery::Column::LeasedBy, no_lease().1)
             .filter(delivery::Column::LeasedBy.eq(node))
-            .filter(delivery::Column::State.eq(STATE_PENDING))
+            .filter(pending())
             .exec(&self.db)
             .await?;
         Ok(r.rows_affected)
@@ -441,7 +441,7 @@ impl Store {
         let now = chrono::Utc::now();
         let txn = self.begin_write().await?;
         let mut q = delivery::Entity::find()
-            .filter(delivery::Column::State.eq(STATE_PENDING))
+            .filter(pending())
             .filter(delivery::Column::NextAt.lte(now))
             .filter(
                 sea_orm::Condition::any()
@@ -581,9 +581,9 @@ impl Store {
         Ok(s)
     }
 
-    /// Pending deliveries per plugin, over the whole cluster: a range of
-    /// the `delivery_due` index (as long as what is pending, not the
-    /// table) joined to the endpoints.
+    /// Pending deliveries per plugin, over the whole cluster: the
+    /// `delivery_pending` index (as long as what is pending, not the
+    /// table; on MySQL a range of `delivery_due`) joined to the endpoints.
     pub async fn pending_by_plugin(&self) -> Result<Vec<(String, i64)>> {
         Ok(delivery::Entity::find()
             .select_only()
@@ -596,7 +596,7 @@ impl Store {
                     .to(endpoint::Column::Id)
                     .into(),
             )
-            .filter(delivery::Column::State.eq(STATE_PENDING))
+            .filter(pending())
             .group_by(endpoint::Column::PluginName)
             .into_tuple()
             .all(&self.db)
@@ -625,7 +625,7 @@ impl Store {
         let pending: Vec<String> = delivery::Entity::find()
             .select_only()
             .column(delivery::Column::EventId)
-            .filter(delivery::Column::State.eq(STATE_PENDING))
+            .filter(pending())
             .into_tuple()
             .all(&self.db)
             .await?;
@@ -657,6 +657,17 @@ impl Store {
 }
 
 /// The values of a delivery's lease columns when nobody holds it.
+/// `delivery.state = 'pending'`, the state written into the SQL rather
+/// than bound: it is the condition of the partial index
+/// `delivery_pending`, which a plan made for any bound value (PostgreSQL's
+/// generic plans) could not use.
+pub(super) fn pending() -> Expr {
+    sea_orm::sea_query::ExprTrait::eq(
+        Expr::col((delivery::Entity, delivery::Column::State)),
+        Expr::Constant(STATE_PENDING.into()),
+    )
+}
+
 fn no_lease() -> (Expr, Expr) {
     (
         Expr::value(Option::<chrono::DateTime<chrono::Utc>>::None),
@@ -892,8 +903,8 @@ SELECT count(*) FROM up";
 /// of changed rows before and after.
 ///
 /// The outcomes name their deliveries through `delivery_once`: left to
-/// itself, the planner would walk every pending delivery through
-/// `delivery_due` (`state = ?3`) instead.
+/// itself, the planner would walk every pending delivery (`state = ?3`)
+/// through `delivery_pending` instead.
 const SQLITE_GROUP_COMMIT: &str = "\
 BEGIN IMMEDIATE;
 SELECT total_changes();
@@ -1089,6 +1100,25 @@ mod tests {
                     .await
                     .expect("the two texts");
             assert_eq!(from_json, bound);
+        }
+    }
+
+    /// The pending condition is in the text, where a plan for any bound
+    /// values can match it to `delivery_pending`'s.
+    #[test]
+    fn pending_is_written_into_the_sql() {
+        for backend in [sea_orm::DbBackend::Postgres, sea_orm::DbBackend::Sqlite] {
+            let st = delivery::Entity::find().filter(pending()).build(backend);
+            assert!(
+                st.sql.ends_with(r#"WHERE "delivery"."state" = 'pending'"#),
+                "{}",
+                st.sql
+            );
+            assert!(
+                st.values.as_ref().is_none_or(|v| v.0.is_empty()),
+                "{:?}",
+                st.values
+            );
         }
     }
 }

@@ -18,6 +18,7 @@ impl MigratorTrait for Migrator {
             Box::new(MysqlTypes),
             Box::new(MysqlLongText),
             Box::new(Console),
+            Box::new(PendingDue),
         ]
     }
 }
@@ -771,6 +772,77 @@ impl MigrationTrait for Cluster {
     }
 }
 
+/// Pending deliveries are indexed by `next_at` alone, in
+/// `delivery_pending`, instead of every delivery by state and `next_at`
+/// in `delivery_due` (on SQLite and PostgreSQL; MySQL has no partial
+/// indexes). Every query that read `delivery_due` asks for pending
+/// deliveries only, and most deliveries are pending for a moment: with
+/// the state in the key, each delivery written as delivered moved its
+/// entry from the pending range to the delivered one, an index insert and
+/// delete in every group commit, and the index kept an entry per delivery
+/// ever made. Now the outcome only deletes it.
+///
+/// The new index has a new name, created before the old one is dropped:
+/// on SQLite each statement may run on another pooled connection, whose
+/// copy of the schema may not have seen the previous statement yet, and a
+/// name dropped and created again there is refused as still existing.
+struct PendingDue;
+
+impl MigrationName for PendingDue {
+    fn name(&self) -> &str {
+        "m20261130_000008_delivery_pending"
+    }
+}
+
+impl PendingDue {
+    /// Creates `index` and drops `old`.
+    async fn replace(
+        m: &SchemaManager<'_>,
+        index: IndexCreateStatement,
+        old: &str,
+    ) -> Result<(), DbErr> {
+        if m.get_database_backend() == sea_orm::DbBackend::MySql {
+            return Ok(());
+        }
+        m.create_index(index).await?;
+        m.drop_index(Index::drop().name(old).table(Delivery::Table).to_owned())
+            .await
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for PendingDue {
+    async fn up(&self, m: &SchemaManager) -> Result<(), DbErr> {
+        PendingDue::replace(
+            m,
+            Index::create()
+                .if_not_exists()
+                .name("delivery_pending")
+                .table(Delivery::Table)
+                .col(Delivery::NextAt)
+                .and_where(Expr::col(Delivery::State).eq(crate::store::STATE_PENDING))
+                .to_owned(),
+            "delivery_due",
+        )
+        .await
+    }
+
+    async fn down(&self, m: &SchemaManager) -> Result<(), DbErr> {
+        PendingDue::replace(
+            m,
+            Index::create()
+                .if_not_exists()
+                .name("delivery_due")
+                .table(Delivery::Table)
+                .col(Delivery::State)
+                .col(Delivery::NextAt)
+                .to_owned(),
+            "delivery_pending",
+        )
+        .await
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -793,5 +865,49 @@ mod tests {
         Migrator::up(&db, None).await.expect("migration 3");
         assert!(!m.has_index("delivery", "delivery_event").await.unwrap());
         assert!(m.has_index("delivery", "delivery_once").await.unwrap());
+    }
+
+    /// After migration 8, `delivery_pending` holds pending deliveries
+    /// only, `delivery_due` is gone, and the claim's query finds due
+    /// deliveries through the new index.
+    #[tokio::test]
+    async fn migration_8_indexes_pending_deliveries_only() {
+        let mut opts = sea_orm::ConnectOptions::new("sqlite::memory:");
+        opts.max_connections(1).min_connections(1);
+        let db = sea_orm::Database::connect(opts)
+            .await
+            .expect("in-memory SQLite");
+        Migrator::up(&db, None).await.expect("all migrations");
+        let sql = |q: &str| sea_orm::Statement::from_string(sea_orm::DbBackend::Sqlite, q);
+        let index = db
+            .query_one_raw(sql(
+                "SELECT sql AS s FROM sqlite_master WHERE name = 'delivery_pending'",
+            ))
+            .await
+            .expect("the index")
+            .expect("a row")
+            .try_get::<String>("", "s")
+            .expect("its SQL");
+        assert!(
+            index.ends_with(r#"("next_at") WHERE "state" = 'pending'"#),
+            "{index}"
+        );
+        let plan = db
+            .query_all_raw(sql(
+                "EXPLAIN QUERY PLAN SELECT id FROM delivery WHERE state = 'pending' \
+                 AND next_at <= '2030' ORDER BY next_at LIMIT 10",
+            ))
+            .await
+            .expect("the plan");
+        let detail: Vec<String> = plan
+            .iter()
+            .filter_map(|r| r.try_get::<String>("", "detail").ok())
+            .collect();
+        assert!(
+            detail.iter().any(|d| d.contains("INDEX delivery_pending")),
+            "{detail:?}"
+        );
+        let m = SchemaManager::new(&db);
+        assert!(!m.has_index("delivery", "delivery_due").await.unwrap());
     }
 }
