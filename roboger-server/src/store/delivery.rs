@@ -864,7 +864,12 @@ fn attempt_statements(
 /// as the other commits and the deletions lock them, so a commit and a
 /// deletion wait on each other no more than before. The ids are cast to
 /// the column's `char(36)`, so the outcome join uses the (event_id,
-/// endpoint_id) index.
+/// endpoint_id) index. The outcomes' `state = 'pending'` is written, not
+/// bound: it is the condition of the partial index `delivery_pending`,
+/// which a generic plan can then use. The plan is made when the
+/// connection first runs the statement, on a new database before there
+/// are statistics, and is kept while the connection lives; without that
+/// index it was a scan of the whole table.
 const PG_GROUP_COMMIT: &str = "\
 WITH dl AS (
   INSERT INTO delivery (event_id, endpoint_id, state, attempts, next_at,
@@ -886,7 +891,7 @@ WITH dl AS (
               $23::text[], $24::timestamptz[])
        AS o(event_id, endpoint_id, attempts, state, error, next_at)
   WHERE d.event_id = o.event_id AND d.endpoint_id = o.endpoint_id
-    AND d.leased_by = $18 AND d.state = $25
+    AND d.leased_by = $18 AND d.state = 'pending'
   RETURNING 1
 )
 SELECT count(*) FROM up";
@@ -1120,5 +1125,11 @@ mod tests {
                 st.values
             );
         }
+    }
+
+    /// The state PG_GROUP_COMMIT spells out is STATE_PENDING.
+    #[test]
+    fn pg_group_commit_spells_the_pending_state() {
+        assert!(PG_GROUP_COMMIT.contains(&format!("d.state = '{STATE_PENDING}'")));
     }
 }
