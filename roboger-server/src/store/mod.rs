@@ -11,6 +11,7 @@ mod cluster;
 mod console;
 mod delivery;
 pub mod entity;
+mod group_commit;
 mod kept;
 mod limits;
 mod management;
@@ -21,10 +22,8 @@ mod plugin_sql;
 pub use bucket::NewObject;
 pub use cluster::{NodeRow, ROUTING_CHANNEL};
 pub use console::AddrPage;
-pub use delivery::{
-    Attempt, EndpointStats, EventHead, GroupCommit, STATE_DELIVERED, STATE_FAILED, STATE_PENDING,
-    Written,
-};
+pub use delivery::{EndpointStats, EventHead, STATE_DELIVERED, STATE_FAILED, STATE_PENDING};
+pub use group_commit::{Attempt, GroupCommit, Written};
 pub use management::{AddrPatch, EndpointPatch, SubscriptionPatch, SubscriptionRow};
 
 use std::sync::Arc;
