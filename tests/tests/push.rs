@@ -809,3 +809,35 @@ async fn text_the_database_cannot_store_is_refused_naming_the_field() {
     assert_status!(r.push(json!({"msg": "fine"})).await, 202);
     assert_eq!(r.wait_sends(1).await[0]["msg"], "fine");
 }
+
+/// The pipeline's writer keeps its database connection only while it has
+/// something to write. Once a push is delivered and the writer is idle, a
+/// management change (a write transaction, which on SQLite waits for the
+/// one write connection) goes through, instead of failing when the
+/// server's 2 s timeout runs out waiting for that connection.
+#[tokio::test]
+async fn management_changes_go_through_once_pushes_are_delivered() {
+    let s = Server::start_with(ServerOptions {
+        plugins: vec!["t".into()],
+        ..Default::default()
+    })
+    .await;
+    let (id, a) = s.new_addr().await;
+    s.endpoint(id, "t", json!({})).await;
+    for round in 0..5 {
+        assert_status!(
+            s.push(json!({"addr": a, "msg": format!("m{round}")})).await,
+            202
+        );
+        let e = s.wait_settled(id).await;
+        assert_eq!(e["deliveries"][0]["state"], "delivered", "{e}");
+        let r = s
+            .manage(
+                Method::PATCH,
+                &format!("/addr/{id}"),
+                Some(json!({"active": 1})),
+            )
+            .await;
+        assert_status!(r, 200);
+    }
+}
