@@ -60,6 +60,14 @@ pub struct GroupCommit<'a> {
     pub lease_until: chrono::DateTime<chrono::Utc>,
 }
 
+impl GroupCommit<'_> {
+    /// The outcomes not written when `recorded` were: those whose
+    /// delivery another node had taken over (fencing).
+    fn dropped(&self, recorded: u64) -> u64 {
+        (self.outcomes.len() as u64).saturating_sub(recorded)
+    }
+}
+
 /// What a group commit left out, besides what it committed.
 #[derive(Debug, Default)]
 pub struct Written {
@@ -155,7 +163,7 @@ impl Store {
         let (inserts, _, updates) = self.commit_statements(c, &written);
         run_each(&txn, inserts).await?;
         let recorded = run_each(&txn, updates).await?;
-        written.dropped_outcomes = (c.outcomes.len() as u64).saturating_sub(recorded);
+        written.dropped_outcomes = c.dropped(recorded);
         txn.commit().await?;
         Ok(written)
     }
@@ -239,8 +247,7 @@ impl Store {
                     _ => 0,
                 };
                 Ok(Written {
-                    dropped_outcomes: (c.outcomes.len() as u64)
-                        .saturating_sub(changed.saturating_sub(inserted)),
+                    dropped_outcomes: c.dropped(changed.saturating_sub(inserted)),
                     ..Written::default()
                 })
             }
@@ -326,8 +333,7 @@ impl Store {
             }
         };
         Ok(Written {
-            dropped_outcomes: (c.outcomes.len() as u64)
-                .saturating_sub(u64::try_from(recorded).unwrap_or(0)),
+            dropped_outcomes: c.dropped(u64::try_from(recorded).unwrap_or(0)),
             ..Written::default()
         })
     }
@@ -620,10 +626,28 @@ fn sqlite_time(t: &chrono::DateTime<chrono::Utc>) -> String {
     t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, false)
 }
 
+/// Text bytes of a batch's events at most for [`SQLITE_GROUP_COMMIT`]:
+/// its JSON is one value, which SQLite takes up to 1 GB, and escaping
+/// may make text six times longer. Past this (a batch of pushes near the
+/// body limit), each value is bound on its own.
+const TEXT_PER_JSON: usize = 16 * 1024 * 1024;
+
 /// [`SQLITE_GROUP_COMMIT`]'s two JSON arrays for `c`; `None` when an
-/// event has media, which JSON would carry only re-encoded.
+/// event has media, which JSON would carry only re-encoded, or the
+/// events' text passes [`TEXT_PER_JSON`].
 fn sqlite_commit_json(c: &GroupCommit<'_>) -> Option<(String, String)> {
-    if c.batch.iter().any(|(e, _)| e.media.is_some()) {
+    let mut text = 0;
+    for (e, _) in c.batch {
+        if e.media.is_some() {
+            return None;
+        }
+        text += e.msg.len() + e.subject.len() + e.formatted_subject.len();
+        text += [&e.location, &e.tag, &e.sender, &e.media_fname]
+            .iter()
+            .map(|f| f.as_ref().map_or(0, String::len))
+            .sum::<usize>();
+    }
+    if text > TEXT_PER_JSON {
         return None;
     }
     let events: Vec<SqliteEventRow<'_>> = c
@@ -770,5 +794,45 @@ mod tests {
     #[test]
     fn pg_group_commit_spells_the_pending_state() {
         assert!(PG_GROUP_COMMIT.contains(&format!("d.state = '{STATE_PENDING}'")));
+    }
+
+    /// A batch goes in as JSON unless it has media or too much text.
+    #[test]
+    fn sqlite_json_only_for_batches_without_media_and_within_the_text_bound() {
+        let event = |msg: String, media: Option<Vec<u8>>| event::Model {
+            id: "01a22d6c-59a6-7331-9433-e46506e80878".into(),
+            addr_id: 1,
+            addr: "a".into(),
+            msg,
+            subject: "s".into(),
+            formatted_subject: "s".into(),
+            level: 20,
+            location: None,
+            tag: None,
+            sender: None,
+            media,
+            media_fname: None,
+            created: chrono::Utc::now(),
+        };
+        let json = |events: &[event::Model]| {
+            let batch: Vec<(&event::Model, Vec<i64>)> =
+                events.iter().map(|e| (e, vec![1])).collect();
+            sqlite_commit_json(&GroupCommit {
+                batch: &batch,
+                outcomes: &[],
+                node: "n",
+                lease_until: chrono::Utc::now(),
+            })
+        };
+        let small = event("m".into(), None);
+        let (events, outcomes) = json(std::slice::from_ref(&small)).expect("JSON");
+        let rows: serde_json::Value = serde_json::from_str(&events).expect("an array");
+        assert_eq!(rows[0][3], "m");
+        assert_eq!(rows[0][12], serde_json::json!([1]));
+        assert_eq!(outcomes, "[]");
+        assert!(json(&[small.clone(), event("m".into(), Some(vec![1]))]).is_none());
+        let half = "x".repeat(TEXT_PER_JSON / 2);
+        assert!(json(&[event(half.clone(), None)]).is_some());
+        assert!(json(&[event(half.clone(), None), event(half, None), small]).is_none());
     }
 }
