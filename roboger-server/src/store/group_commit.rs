@@ -571,6 +571,10 @@ SELECT count(*) FROM up";
 /// (fencing). `?4` is the time of the commit. It answers SQLite's count
 /// of changed rows before and after.
 ///
+/// The arrays are walked with `jsonb_each`, whose rows are SQLite's
+/// binary JSON: `json_each` gives each row as text, which every `->>`
+/// then parsed again (a tenth of the writer's time, by `perf`).
+///
 /// The outcomes name their deliveries through `delivery_once`: left to
 /// itself, the planner would walk every pending delivery (`state = ?3`)
 /// through `delivery_pending` instead.
@@ -582,16 +586,16 @@ INSERT INTO event (id, addr_id, addr, msg, subject, formatted_subject, level,
   SELECT e.value->>0, e.value->>1, e.value->>2, e.value->>3, e.value->>4,
          e.value->>5, e.value->>6, e.value->>7, e.value->>8, e.value->>9,
          NULL, e.value->>10, e.value->>11
-  FROM json_each(?1) AS e;
+  FROM jsonb_each(?1) AS e;
 INSERT INTO delivery (event_id, endpoint_id, state, attempts, next_at,
                       lease_until, leased_by, last_error, created, updated)
   SELECT e.value->>0, d.value, ?3, 0, ?4, ?5, ?6, NULL, ?4, ?4
-  FROM json_each(?1) AS e, json_each(e.value->12) AS d;
+  FROM jsonb_each(?1) AS e, jsonb_each(jsonb_extract(e.value, '$[12]')) AS d;
 UPDATE delivery INDEXED BY delivery_once
   SET attempts = o.value->>2, state = o.value->>3, last_error = o.value->>4,
       next_at = coalesce(o.value->>5, delivery.next_at), updated = ?4,
       lease_until = NULL, leased_by = NULL
-  FROM json_each(?2) AS o
+  FROM jsonb_each(?2) AS o
   WHERE delivery.event_id = o.value->>0 AND delivery.endpoint_id = o.value->>1
     AND delivery.leased_by = ?6 AND delivery.state = ?3;
 SELECT total_changes();
