@@ -841,3 +841,75 @@ async fn management_changes_go_through_once_pushes_are_delivered() {
         assert_status!(r, 200);
     }
 }
+
+/// The writer also gives its connection back before it waits for room in
+/// the dispatch queue: while deliveries back up behind a slow target, a
+/// management change (a write transaction, which on SQLite waits for the
+/// one write connection) goes through instead of failing when the
+/// server's 2 s timeout runs out, and nothing accepted is lost.
+#[tokio::test]
+async fn management_changes_go_through_while_the_dispatch_queue_is_full() {
+    let r = rig("  concurrency: 4\n").await;
+    let gate = r.rec.with_file_name("gate");
+    // 64 endpoints whose deliveries wait for the gate: each call holds a
+    // place of the four in flight until the gate opens or the call times
+    // out, so the queue drains by four every two seconds meanwhile.
+    for _ in 0..64 {
+        let waits = json!({"gate": gate.display().to_string()});
+        r.s.endpoint(r.addr_id, "t", waits).await;
+    }
+    // With four deliveries in flight at the gate and four more taken by
+    // the dispatcher, 129 events overflow the dispatch queue's 8,192
+    // (`DISPATCH_QUEUE`): after the last 202 the writer waits for room.
+    for i in 0..129 {
+        let pushed = r.s.push(json!({"addr": r.a, "msg": format!("m{i}")})).await;
+        assert_status!(pushed, 202);
+    }
+    let changed =
+        r.s.manage(
+            Method::PATCH,
+            &format!("/addr/{}", r.addr_id),
+            Some(json!({"active": 1})),
+        )
+        .await;
+    assert_status!(changed, 200);
+    std::fs::write(&gate, b"").unwrap();
+    let events =
+        r.s.manage(
+            Method::GET,
+            &format!("/addr/{}/event?limit=1000", r.addr_id),
+            None,
+        )
+        .await
+        .json();
+    let ids: Vec<String> = events
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ids.len(), 129);
+    let end = Instant::now() + Duration::from_secs(90);
+    for id in ids {
+        loop {
+            let e =
+                r.s.manage(
+                    Method::GET,
+                    &format!("/addr/{}/event/{id}", r.addr_id),
+                    None,
+                )
+                .await
+                .json();
+            let deliveries = e["deliveries"].as_array().unwrap();
+            assert_eq!(deliveries.len(), 64, "{e}");
+            if deliveries.iter().all(|d| d["state"] != "pending") {
+                for d in deliveries {
+                    assert_eq!(d["state"], "delivered", "{d}");
+                }
+                break;
+            }
+            assert!(Instant::now() < end, "deliveries did not settle: {e}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}

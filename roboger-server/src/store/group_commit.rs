@@ -136,9 +136,9 @@ impl Store {
 
     /// The pipeline's writer is about to wait (for work, or for room to
     /// hand over deliveries): the connection its commits keep goes back to
-    /// the pool meanwhile, so that no other writer waits on a writer that
-    /// is not writing. Anything waiting on the pipeline may itself need a
-    /// write, such as a plugin's database call during a delivery.
+    /// the pool meanwhile, so that no other writer (a management change,
+    /// a claim) waits on a writer that is not writing. Room can take
+    /// seconds to come while deliveries back up behind a slow target.
     pub fn writer_waits(&self) {
         match &self.commits {
             CommitConnection::Sqlite(kept) => kept.release(),
