@@ -303,6 +303,14 @@ async fn write_loop(
                 Err(_) => break,
             }
         }
+        // A push that stopped waiting has been answered 503 ("not stored
+        // in time"): storing its event now would deliver what its sender
+        // was told was refused, and will likely send again.
+        batch.retain(|a| !a.reply.is_closed());
+        if batch.is_empty() && recorded.is_empty() {
+            liveness.writer.done();
+            continue;
+        }
         let rows: Vec<(&event::Model, Vec<i64>)> = batch
             .iter()
             .map(|a| (&a.event, a.targets.iter().map(|t| t.endpoint_id).collect()))

@@ -481,21 +481,30 @@ impl Server {
                 .await
                 .json();
             if let Some(ev) = events[0]["id"].as_str() {
-                let e = self
-                    .manage(Method::GET, &format!("/addr/{id}/event/{ev}"), None)
-                    .await
-                    .json();
-                let settled = e["deliveries"].as_array().is_some_and(|d| {
-                    !d.is_empty()
-                        && d.iter()
-                            .all(|d| d["state"] == "delivered" || d["state"] == "failed")
-                });
-                if settled {
-                    return e;
-                }
-                assert!(Instant::now() < end, "deliveries did not settle: {e}");
+                return self.wait_event_settled(id, ev, end).await;
             }
             assert!(Instant::now() < end, "no event on addr {id}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits until every delivery of event `ev` of addr `id` has left the
+    /// pending state (or panics at `end`); returns that event.
+    pub async fn wait_event_settled(&self, id: i64, ev: &str, end: Instant) -> Value {
+        loop {
+            let e = self
+                .manage(Method::GET, &format!("/addr/{id}/event/{ev}"), None)
+                .await
+                .json();
+            let settled = e["deliveries"].as_array().is_some_and(|d| {
+                !d.is_empty()
+                    && d.iter()
+                        .all(|d| d["state"] == "delivered" || d["state"] == "failed")
+            });
+            if settled {
+                return e;
+            }
+            assert!(Instant::now() < end, "deliveries did not settle: {e}");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
