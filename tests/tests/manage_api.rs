@@ -1118,3 +1118,102 @@ async fn oversized_bodies_are_413() {
     let r = s.manage(POST, "/core", Some(json!({"cmd": big}))).await;
     assert_status!(r, 413);
 }
+
+/// Whatever deletes events or an endpoint deletes their deliveries: on
+/// PostgreSQL and MySQL no foreign key ties a delivery to its event
+/// (migration 9 dropped it, for the group commit's sake), so nothing
+/// else would. The key from a delivery to its endpoint stays everywhere.
+#[tokio::test]
+async fn deleting_events_or_endpoints_leaves_no_delivery_behind() {
+    use roboger_tests::{DbClient, fresh_database, on_mysql, on_postgres};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = fresh_database(dir.path());
+    let db = DbClient::of(&url);
+    let s = Server::start_with(ServerOptions {
+        plugins: vec!["t".into()],
+        db: Some(url),
+        yaml: "event-retention: 1\n".into(),
+        ..Default::default()
+    })
+    .await;
+    let keys = if on_postgres() {
+        "SELECT string_agg(conname, ',' ORDER BY conname) FROM pg_constraint \
+         WHERE conrelid = 'delivery'::regclass AND contype = 'f'"
+    } else if on_mysql() {
+        "SELECT GROUP_CONCAT(constraint_name ORDER BY constraint_name) \
+         FROM information_schema.table_constraints WHERE table_schema = DATABASE() \
+         AND table_name = 'delivery' AND constraint_type = 'FOREIGN KEY'"
+    } else {
+        "SELECT group_concat(\"table\") FROM \
+         (SELECT \"table\" FROM pragma_foreign_key_list('delivery') ORDER BY 1)"
+    };
+    let expected = if on_postgres() || on_mysql() {
+        "fk_delivery_endpoint"
+    } else {
+        "endpoint,event"
+    };
+    assert_eq!(db.query(keys), expected);
+    let count = |sql: &str| -> i64 { db.query(sql).parse().expect("a count") };
+    let orphans = "SELECT count(*) FROM delivery d \
+                   WHERE NOT EXISTS (SELECT 1 FROM event e WHERE e.id = d.event_id)";
+
+    // Two endpoints on one address, one on another; an event each.
+    let (kept_id, kept) = s.new_addr().await;
+    let gone_ep = s.endpoint(kept_id, "t", json!({})).await;
+    let kept_ep = s.endpoint(kept_id, "t", json!({})).await;
+    let (gone_id, gone) = s.new_addr().await;
+    s.endpoint(gone_id, "t", json!({})).await;
+    for (id, a) in [(kept_id, &kept), (gone_id, &gone)] {
+        assert_status!(s.push(json!({"addr": a, "msg": "m"})).await, 202);
+        s.wait_settled(id).await;
+    }
+    assert_eq!(count("SELECT count(*) FROM delivery"), 3);
+
+    // An endpoint deleted: its deliveries go, the other endpoint's stay.
+    let r = s
+        .manage(DELETE, &format!("/addr/{kept_id}/endpoint/{gone_ep}"), None)
+        .await;
+    assert_status!(r, 204);
+    assert_eq!(
+        count(&format!(
+            "SELECT count(*) FROM delivery WHERE endpoint_id = {gone_ep}"
+        )),
+        0
+    );
+    assert_eq!(
+        count(&format!(
+            "SELECT count(*) FROM delivery WHERE endpoint_id = {kept_ep}"
+        )),
+        1
+    );
+
+    // An address deleted: its events go, and their deliveries.
+    assert_status!(
+        s.manage(DELETE, &format!("/addr/{gone_id}"), None).await,
+        204
+    );
+    assert_eq!(
+        count(&format!(
+            "SELECT count(*) FROM event WHERE addr_id = {gone_id}"
+        )),
+        0
+    );
+    assert_eq!(count(orphans), 0);
+    assert_eq!(count("SELECT count(*) FROM delivery"), 1);
+
+    // Events past their retention (1 s), cleaned up: their deliveries go.
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while count("SELECT count(*) FROM event") > 0 {
+        assert!(
+            std::time::Instant::now() < end,
+            "the event was never cleaned up"
+        );
+        assert_status!(
+            s.manage(POST, "/core", Some(json!({"cmd": "cleanup"})))
+                .await,
+            204
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    assert_eq!(count("SELECT count(*) FROM delivery"), 0);
+}

@@ -19,6 +19,7 @@ impl MigratorTrait for Migrator {
             Box::new(MysqlLongText),
             Box::new(Console),
             Box::new(PendingDue),
+            Box::new(DropDeliveryEventKey),
         ]
     }
 }
@@ -340,7 +341,7 @@ impl MigrationTrait for Events {
                 .col(timestamp_with_time_zone(Delivery::Updated))
                 .foreign_key(
                     ForeignKey::create()
-                        .name("fk_delivery_event")
+                        .name(FK_DELIVERY_EVENT)
                         .from(Delivery::Table, Delivery::EventId)
                         .to(Event::Table, Event::Id)
                         .on_delete(ForeignKeyAction::Cascade),
@@ -838,6 +839,100 @@ impl MigrationTrait for PendingDue {
                 .col(Delivery::NextAt)
                 .to_owned(),
             "delivery_pending",
+        )
+        .await
+    }
+}
+
+/// Drops the foreign key from `delivery.event_id` to `event` on
+/// PostgreSQL and MySQL. Every delivery is inserted in the statement that
+/// inserts its event, and every deletion of events deletes their
+/// deliveries first (`delete_addr_children`, `events_cleanup`), so the key
+/// never refused anything; but it was checked for each delivery of each
+/// group commit, a query and a row lock per row, run one by one on the
+/// one connection that commits. By itself it was about a tenth of
+/// PostgreSQL's time in a commit (BENCHMARKS.md). The keys from `event`
+/// to `addr` and from `delivery` to `endpoint` stay: they are how a
+/// commit finds an address or endpoint another node just deleted, and
+/// they cascade that deletion.
+///
+/// SQLite keeps its copy: dropping a key there means rebuilding the
+/// table, and its check is an index lookup in the same process.
+struct DropDeliveryEventKey;
+
+const FK_DELIVERY_EVENT: &str = "fk_delivery_event";
+
+impl MigrationName for DropDeliveryEventKey {
+    fn name(&self) -> &str {
+        "m20261201_000009_drop_fk_delivery_event"
+    }
+}
+
+impl DropDeliveryEventKey {
+    /// Whether `delivery` has the foreign key `name`.
+    async fn has_key(m: &SchemaManager<'_>, name: &str) -> Result<bool, DbErr> {
+        let schema = match m.get_database_backend() {
+            sea_orm::DbBackend::MySql => "DATABASE()",
+            _ => "current_schema()",
+        };
+        let q = Query::select()
+            .expr(Expr::val(1))
+            .from((
+                Alias::new("information_schema"),
+                Alias::new("table_constraints"),
+            ))
+            .and_where(Expr::col(Alias::new("table_schema")).eq(Expr::cust(schema)))
+            .and_where(Expr::col(Alias::new("table_name")).eq("delivery"))
+            .and_where(Expr::col(Alias::new("constraint_name")).eq(name))
+            .and_where(Expr::col(Alias::new("constraint_type")).eq("FOREIGN KEY"))
+            .to_owned();
+        Ok(m.get_connection().query_one(&q).await?.is_some())
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for DropDeliveryEventKey {
+    async fn up(&self, m: &SchemaManager) -> Result<(), DbErr> {
+        if m.get_database_backend() == sea_orm::DbBackend::Sqlite {
+            return Ok(());
+        }
+        if Self::has_key(m, FK_DELIVERY_EVENT).await? {
+            m.drop_foreign_key(
+                ForeignKey::drop()
+                    .name(FK_DELIVERY_EVENT)
+                    .table(Delivery::Table)
+                    .to_owned(),
+            )
+            .await?;
+        }
+        // MySQL made an index of that name for the key when `delivery` was
+        // created, unless it dropped it for `delivery_once`, which serves
+        // every lookup by event.
+        if m.has_index("delivery", FK_DELIVERY_EVENT).await? {
+            m.drop_index(
+                Index::drop()
+                    .name(FK_DELIVERY_EVENT)
+                    .table(Delivery::Table)
+                    .to_owned(),
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    async fn down(&self, m: &SchemaManager) -> Result<(), DbErr> {
+        if m.get_database_backend() == sea_orm::DbBackend::Sqlite
+            || Self::has_key(m, FK_DELIVERY_EVENT).await?
+        {
+            return Ok(());
+        }
+        m.create_foreign_key(
+            ForeignKey::create()
+                .name(FK_DELIVERY_EVENT)
+                .from(Delivery::Table, Delivery::EventId)
+                .to(Event::Table, Event::Id)
+                .on_delete(ForeignKeyAction::Cascade)
+                .to_owned(),
         )
         .await
     }
