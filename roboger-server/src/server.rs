@@ -124,6 +124,7 @@ where
                 let (back, mut left) = oneshot::channel();
                 let mut req = req.map(|b| Returning::new(b, back));
                 req.extensions_mut().insert(PeerAddr(peer));
+                api::head_as_get(&mut req);
                 let mut answer = svc.call(req).await?;
                 // The route is done with the request: whatever it left of
                 // the body came back through `left`.

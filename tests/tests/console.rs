@@ -265,7 +265,7 @@ async fn sessions_cookies_and_csrf() {
         .await
         .expect("DELETE");
     assert_eq!(r.status(), 405);
-    assert_eq!(header(&r, "allow"), "GET, POST");
+    assert_eq!(header(&r, "allow"), "GET, HEAD, POST");
 
     // Signing out ends the session on the server: the old cookie is useless.
     let old = b.cookie.clone();

@@ -1,6 +1,6 @@
 //! The API contract and HTTP manners: `schemathesis` finds nothing wrong
 //! with the served OpenAPI document; a wrong method is 405 with `Allow`
-//! on every route; a body the server did not need never breaks the
+//! on every route, and `HEAD` is `GET` without the body; a body the server did not need never breaks the
 //! client's next request on that connection; a 404 names the object that
 //! was asked for, as the original's did.
 
@@ -34,6 +34,12 @@ impl RawAnswer {
 /// Reads one answer (with a `Content-Length` body, as the server sends
 /// its own answers) from `conn`, keeping bytes after it in `buf`.
 async fn read_answer(conn: &mut TcpStream, buf: &mut Vec<u8>) -> RawAnswer {
+    read_answer_to(conn, buf, "GET").await
+}
+
+/// [`read_answer`] for a request of `method`: the answer to `HEAD` has no
+/// body, whatever its `Content-Length` says.
+async fn read_answer_to(conn: &mut TcpStream, buf: &mut Vec<u8>, method: &str) -> RawAnswer {
     let mut chunk = [0u8; 8192];
     let head_end = loop {
         if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
@@ -59,7 +65,7 @@ async fn read_answer(conn: &mut TcpStream, buf: &mut Vec<u8>) -> RawAnswer {
         .collect();
     let length: usize = headers
         .iter()
-        .find(|(k, _)| k == "content-length")
+        .find(|(k, _)| k == "content-length" && method != "HEAD")
         .and_then(|(_, v)| v.parse().ok())
         .unwrap_or(0);
     buf.drain(..head_end + 4);
@@ -162,26 +168,32 @@ async fn a_body_too_long_to_drop_closes_the_connection_cleanly() {
 
 /// Every path of the server with the methods it answers.
 const ROUTES: &[(&str, &str)] = &[
-    ("/ping", "GET"),
+    ("/ping", "GET, HEAD"),
     ("/push", "POST"),
-    ("/metrics", "GET"),
-    ("/file/abc", "GET"),
-    ("/openapi.yaml", "GET"),
-    ("/manage/v2/core", "GET, POST"),
-    ("/manage/v2/node", "GET"),
-    ("/manage/v2/plugin", "GET"),
+    ("/metrics", "GET, HEAD"),
+    ("/file/abc", "GET, HEAD"),
+    ("/openapi.yaml", "GET, HEAD"),
+    ("/manage/v2/core", "GET, HEAD, POST"),
+    ("/manage/v2/node", "GET, HEAD"),
+    ("/manage/v2/plugin", "GET, HEAD"),
     ("/manage/v2/plugin/t", "POST"),
-    ("/manage/v2/addr", "GET, POST"),
-    ("/manage/v2/addr/1", "GET, PATCH, POST, DELETE"),
-    ("/manage/v2/addr/1/endpoint", "GET, POST"),
-    ("/manage/v2/addr/1/endpoint/1", "GET, PATCH, POST, DELETE"),
-    ("/manage/v2/addr/1/endpoint/1/subscription", "GET, POST"),
+    ("/manage/v2/addr", "GET, HEAD, POST"),
+    ("/manage/v2/addr/1", "GET, HEAD, PATCH, POST, DELETE"),
+    ("/manage/v2/addr/1/endpoint", "GET, HEAD, POST"),
+    (
+        "/manage/v2/addr/1/endpoint/1",
+        "GET, HEAD, PATCH, POST, DELETE",
+    ),
+    (
+        "/manage/v2/addr/1/endpoint/1/subscription",
+        "GET, HEAD, POST",
+    ),
     (
         "/manage/v2/addr/1/endpoint/1/subscription/1",
-        "GET, PATCH, POST, DELETE",
+        "GET, HEAD, PATCH, POST, DELETE",
     ),
-    ("/manage/v2/addr/1/event", "GET"),
-    ("/manage/v2/addr/1/event/x", "GET, POST"),
+    ("/manage/v2/addr/1/event", "GET, HEAD"),
+    ("/manage/v2/addr/1/event/x", "GET, HEAD, POST"),
 ];
 
 #[tokio::test]
@@ -191,7 +203,9 @@ async fn a_wrong_method_is_405_with_allow_on_every_route() {
         ..Default::default()
     })
     .await;
-    let methods = ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE"];
+    let methods = [
+        "GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE",
+    ];
     for (path, allow) in ROUTES {
         for m in methods {
             if allow.split(", ").any(|a| a == m) {
@@ -222,16 +236,16 @@ async fn a_wrong_method_is_405_with_allow_on_every_route() {
         )
         .await;
     assert_status!(r, 405);
-    assert_eq!(r.header("allow"), Some("GET, PATCH, POST, DELETE"));
+    assert_eq!(r.header("allow"), Some("GET, HEAD, PATCH, POST, DELETE"));
     let r = s
         .manage(Method::POST, "/core", Some(json!({"cmd": "nothing"})))
         .await;
     assert_status!(r, 405);
-    assert_eq!(r.header("allow"), Some("GET, POST"));
+    assert_eq!(r.header("allow"), Some("GET, HEAD, POST"));
 }
 
-#[tokio::test]
-async fn a_404_names_the_object_asked_for_when_its_parent_is_gone() {
+/// A server with the test plugin `t`, an address and an endpoint of it.
+async fn server_with_endpoint() -> (Server, i64, i64) {
     let s = Server::start_with(ServerOptions {
         plugins: vec!["t".into()],
         ..Default::default()
@@ -239,6 +253,73 @@ async fn a_404_names_the_object_asked_for_when_its_parent_is_gone() {
     .await;
     let (id, _) = s.new_addr().await;
     let ep = s.endpoint(id, "t", json!({})).await;
+    (s, id, ep)
+}
+
+/// `HEAD` is answered wherever `GET` is, as `GET` without the body: the
+/// same status and headers, `Content-Length` included, and not one byte
+/// of body, so the connection serves the next request. (Monitoring probes
+/// and `curl -I` send it.)
+#[tokio::test]
+async fn head_is_answered_as_get_without_the_body_on_every_route() {
+    let (s, id, ep) = server_with_endpoint().await;
+    assert_eq!((id, ep), (1, 1), "ROUTES name address 1 and endpoint 1");
+    let host = s.base.trim_start_matches("http://").to_string();
+    let mut conn = TcpStream::connect(&host).await.unwrap();
+    let mut buf = Vec::new();
+    let key = format!("X-Auth-Key: {KEY}\r\nAccept: */*\r\n");
+    for (path, _) in ROUTES.iter().filter(|(_, allow)| allow.starts_with("GET")) {
+        conn.write_all(request_head("GET", path, &host, 0, &key).as_bytes())
+            .await
+            .unwrap();
+        let get = read_answer(&mut conn, &mut buf).await;
+        conn.write_all(request_head("HEAD", path, &host, 0, &key).as_bytes())
+            .await
+            .unwrap();
+        let head = read_answer_to(&mut conn, &mut buf, "HEAD").await;
+        assert_eq!(head.status, get.status, "HEAD {path}: {head:?}");
+        assert_eq!(
+            head.header("content-type"),
+            get.header("content-type"),
+            "HEAD {path}"
+        );
+        assert!(head.body.is_empty(), "HEAD {path}");
+        // The answers that cannot change between the two requests.
+        if [
+            "/openapi.yaml",
+            "/manage/v2/addr/1",
+            "/manage/v2/addr/1/endpoint/1",
+        ]
+        .contains(path)
+        {
+            assert_eq!(get.status, 200, "GET {path}");
+            let length = get.body.len().to_string();
+            assert_eq!(
+                head.header("content-length"),
+                Some(length.as_str()),
+                "HEAD {path}"
+            );
+        }
+    }
+    // Had any HEAD answer carried body bytes, they would be read here as
+    // the next answer's head.
+    conn.write_all(request_head("GET", "/ping", &host, 0, "").as_bytes())
+        .await
+        .unwrap();
+    let a = read_answer(&mut conn, &mut buf).await;
+    assert_eq!(a.status, 204, "{a:?}");
+    // A route that has no GET has no HEAD either.
+    conn.write_all(request_head("HEAD", "/push", &host, 0, "").as_bytes())
+        .await
+        .unwrap();
+    let a = read_answer_to(&mut conn, &mut buf, "HEAD").await;
+    assert_eq!(a.status, 405);
+    assert_eq!(a.header("allow"), Some("POST"));
+}
+
+#[tokio::test]
+async fn a_404_names_the_object_asked_for_when_its_parent_is_gone() {
+    let (s, id, ep) = server_with_endpoint().await;
     let r = s
         .manage(
             Method::POST,

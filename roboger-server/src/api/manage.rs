@@ -510,13 +510,13 @@ fn allowed_methods(segs: &[&str]) -> Option<&'static str> {
         ["core"]
         | ["addr"]
         | ["addr", _, "endpoint"]
-        | ["addr", _, "endpoint", _, "subscription"] => "GET, POST",
-        ["node"] | ["plugin"] | ["addr", _, "event"] => "GET",
+        | ["addr", _, "endpoint", _, "subscription"] => "GET, HEAD, POST",
+        ["node"] | ["plugin"] | ["addr", _, "event"] => "GET, HEAD",
         ["plugin", _] => "POST",
         ["addr", _]
         | ["addr", _, "endpoint", _]
-        | ["addr", _, "endpoint", _, "subscription", _] => "GET, PATCH, POST, DELETE",
-        ["addr", _, "event", _] => "GET, POST",
+        | ["addr", _, "endpoint", _, "subscription", _] => "GET, HEAD, PATCH, POST, DELETE",
+        ["addr", _, "event", _] => "GET, HEAD, POST",
         _ => return None,
     })
 }

@@ -248,16 +248,27 @@ impl SelfRouted {
     }
 }
 
+/// Makes a `HEAD` request a `GET`, except under `/plugin/`, whose routes
+/// take every method and answer for themselves. HTTP wants `HEAD` wherever
+/// `GET` is (monitoring probes send it): the route answers as for `GET`,
+/// and hyper, which knows the request was `HEAD`, sends the status and
+/// headers without the body. Every `Allow` lists `HEAD` next to `GET`.
+pub fn head_as_get<B>(req: &mut http::Request<B>) {
+    if req.method() == Method::HEAD && !req.uri().path().starts_with("/plugin/") {
+        *req.method_mut() = Method::GET;
+    }
+}
+
 /// What no route took: 405 with `Allow` for a path the server has (with
 /// another method), else 404. (`/manage/v2/…` and `/plugin/…` take every
 /// method and answer for themselves.)
 fn unrouted(app: &App, path: &str, method: &Method) -> Response {
     let segs: Vec<&str> = path.split('/').skip(1).collect();
     let allow = match segs.as_slice() {
-        ["ping"] | ["metrics"] => Some("GET"),
+        ["ping"] | ["metrics"] => Some("GET, HEAD"),
         ["push"] => Some("POST"),
-        ["file", id] if !id.is_empty() => Some("GET"),
-        _ if docs_page(app, path).is_some() => Some("GET"),
+        ["file", id] if !id.is_empty() => Some("GET, HEAD"),
+        _ if docs_page(app, path).is_some() => Some("GET, HEAD"),
         _ => None,
     };
     match allow {

@@ -122,9 +122,9 @@ pub async fn handle(app: &Arc<App>, req: Request<'_>) -> Response {
 /// The methods a console path answers, or `None` when there is no such page.
 fn allowed_methods(segs: &[&str]) -> Option<&'static str> {
     Some(match segs {
-        [] | ["static", _] | ["plugins"] | ["addr", _, "endpoint", "new"] => "GET",
-        ["addr", _, "events"] | ["addr", _, "events", "stream"] => "GET",
-        ["signin"] | ["addr"] | ["addr", _] | ["addr", _, "endpoint", _] => "GET, POST",
+        [] | ["static", _] | ["plugins"] | ["addr", _, "endpoint", "new"] => "GET, HEAD",
+        ["addr", _, "events"] | ["addr", _, "events", "stream"] => "GET, HEAD",
+        ["signin"] | ["addr"] | ["addr", _] | ["addr", _, "endpoint", _] => "GET, HEAD, POST",
         ["signout"] | ["plugins", _] | ["addr", _, "push"] | ["addr", _, "endpoint"] => "POST",
         ["addr", _, "event", _] => "POST",
         ["addr", _, "endpoint", _, "subscription"] => "POST",
