@@ -86,18 +86,38 @@ pub struct Spec {
 /// Confines the calling process (before it execs the plugin); returns a
 /// line saying what was enforced, for the plugin's log.
 pub fn enter(spec: &Spec) -> Result<String, SandboxError> {
-    let limit = |what, resource, value: u64| {
+    let limit = |what, resource, value: u64, maximum: u64| {
         let v = Rlimit {
             current: Some(value),
-            maximum: Some(value),
+            maximum: Some(maximum),
         };
         setrlimit(resource, v).map_err(|e| SandboxError::Limit(what, e.into()))
     };
-    limit("the address space limit", Resource::As, spec.address_space)?;
-    limit("the open files limit", Resource::Nofile, spec.open_files)?;
-    limit("the core dump limit", Resource::Core, 0)?;
+    limit(
+        "the address space limit",
+        Resource::As,
+        spec.address_space,
+        spec.address_space,
+    )?;
+    limit(
+        "the open files limit",
+        Resource::Nofile,
+        spec.open_files,
+        spec.open_files,
+    )?;
+    limit("the core dump limit", Resource::Core, 0, 0)?;
     if let Some(cpu) = spec.cpu_seconds {
-        limit("the CPU time limit", Resource::Cpu, cpu)?;
+        // The kernel sends SIGXCPU at the soft limit but SIGKILL at the
+        // hard one, and checks the hard one first: equal, the plugin would
+        // die of a SIGKILL that says nothing about why. A second more of
+        // hard limit lets SIGXCPU end it and name the cause; a plugin that
+        // catches SIGXCPU gets that second and then the SIGKILL.
+        limit(
+            "the CPU time limit",
+            Resource::Cpu,
+            cpu,
+            cpu.saturating_add(1),
+        )?;
     }
     rustix::thread::set_no_new_privs(true).map_err(|e| SandboxError::NoNewPrivs(e.into()))?;
     let mut said = format!(

@@ -184,19 +184,22 @@ async fn a_plugin_opens_no_more_files_than_its_limit() {
     assert_eq!(state, "delivered", "{error}");
 }
 
-#[tokio::test]
-async fn a_plugin_over_its_memory_limit_is_killed_and_its_successor_delivers() {
+/// Runs the test plugin with `yaml` under `roboger:` and one endpoint of
+/// `config`, whose first attempt kills the plugin; checks the delivery
+/// was made by its successor, and returns what the supervisor says killed
+/// the first one.
+async fn killed_and_delivered_by_the_successor(yaml: &str, config: serde_json::Value) -> String {
     let s = Server::start_with(ServerOptions {
-        yaml: "sandbox:\n  address-space: 256\n".into(),
+        yaml: yaml.into(),
         plugins: vec!["test".into()],
         ..Default::default()
     })
     .await;
     let (id, a) = s.new_addr().await;
-    s.endpoint(id, "test", json!({"allocate_mib": 512})).await;
-    assert_status!(s.push(json!({"addr": a, "msg": "big"})).await, 202);
-    let (state, attempts, _) = s.settled_delivery(id).await;
-    assert_eq!(state, "delivered");
+    s.endpoint(id, "test", config).await;
+    assert_status!(s.push(json!({"addr": a, "msg": "too much"})).await, 202);
+    let (state, attempts, error) = s.settled_delivery(id).await;
+    assert_eq!(state, "delivered", "{error}");
     assert!(attempts >= 2, "made by the successor: {attempts} attempts");
     let plugins = s
         .manage(roboger_tests::Method::GET, "/plugin", None)
@@ -204,10 +207,37 @@ async fn a_plugin_over_its_memory_limit_is_killed_and_its_successor_delivers() {
         .json();
     let p = &plugins[0];
     assert!(p["restarts"].as_u64().is_some_and(|n| n >= 1), "{p}");
-    let error = p["last_error"].as_str().unwrap_or_default();
+    p["last_error"].as_str().unwrap_or_default().to_string()
+}
+
+#[tokio::test]
+async fn a_plugin_over_its_memory_limit_is_killed_and_its_successor_delivers() {
+    let error = killed_and_delivered_by_the_successor(
+        "sandbox:\n  address-space: 256\n",
+        json!({"allocate_mib": 512}),
+    )
+    .await;
     assert!(
         error.contains("SIGABRT") && error.contains("address space limit is 256 MiB"),
-        "{p}"
+        "{error}"
+    );
+}
+
+/// `cpu-seconds` is the plugin's `RLIMIT_CPU`: one that spins is ended by
+/// SIGXCPU once it has used that much CPU time, the supervisor says so,
+/// and its successor makes the delivery. (The call's timeout is well past
+/// the limit, so only the limit can stop it; the spin ends by itself
+/// after 5 s and fails the delivery if nothing did.)
+#[tokio::test]
+async fn a_plugin_over_its_cpu_time_limit_is_killed_and_its_successor_delivers() {
+    let error = killed_and_delivered_by_the_successor(
+        "timeout: 10\nsandbox:\n  cpu-seconds: 1\n",
+        json!({"spin_s": 5}),
+    )
+    .await;
+    assert!(
+        error.contains("SIGXCPU") && error.contains("CPU time limit (1 s)"),
+        "{error}"
     );
 }
 

@@ -20,7 +20,9 @@
 //! Against its sandbox: `{"write": "/path"}` writes a file there (the
 //! error is the delivery's); `{"open_files": n}` opens `/dev/null` n times
 //! at once; `{"allocate_mib": n}` touches n MiB, once per plugin
-//! directory (a marker there makes its successor deliver instead).
+//! directory (a marker there makes its successor deliver instead);
+//! `{"spin_s": n}` keeps a core busy for up to n s of wall time, once per
+//! plugin directory likewise, and fails the call if nothing stopped it.
 
 use std::io::{BufRead, Write};
 
@@ -174,6 +176,21 @@ impl Plugin for Chaos {
                     *b = 1;
                 }
                 std::hint::black_box(&big);
+            }
+        }
+        if let Some(secs) = c.get("spin_s").and_then(Value::as_u64) {
+            let dir = std::env::var("ROBOGER_PLUGIN_DIR").unwrap_or_else(|_| ".".into());
+            let marker = std::path::Path::new(&dir).join("spun");
+            if !marker.exists() {
+                let _ = std::fs::write(&marker, b"");
+                let end = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+                let mut n = 0u64;
+                while std::time::Instant::now() < end {
+                    n = std::hint::black_box(n.wrapping_add(1));
+                }
+                return Err(PluginError::failed(format!(
+                    "spun {secs} s and nothing stopped it"
+                )));
             }
         }
         if c.get("freeze").is_some() {
