@@ -65,7 +65,7 @@ pub async fn run(listener: TcpListener, app: Arc<App>, shutdown: impl Future<Out
         // Open event streams end now rather than hold the shutdown.
         app.console.close();
     };
-    serve(listener, warp::service(routes), shutdown).await
+    serve(listener, api::HeadAsGet(warp::service(routes)), shutdown).await
 }
 
 /// Serves `svc` (e.g. `warp::service(filter)`) over HTTP/1.1 on
@@ -124,7 +124,6 @@ where
                 let (back, mut left) = oneshot::channel();
                 let mut req = req.map(|b| Returning::new(b, back));
                 req.extensions_mut().insert(PeerAddr(peer));
-                api::head_as_get(&mut req);
                 let mut answer = svc.call(req).await?;
                 // The route is done with the request: whatever it left of
                 // the body came back through `left`.

@@ -253,9 +253,34 @@ impl SelfRouted {
 /// `GET` is (monitoring probes send it): the route answers as for `GET`,
 /// and hyper, which knows the request was `HEAD`, sends the status and
 /// headers without the body. Every `Allow` lists `HEAD` next to `GET`.
-pub fn head_as_get<B>(req: &mut http::Request<B>) {
+fn head_as_get<B>(req: &mut http::Request<B>) {
     if req.method() == Method::HEAD && !req.uri().path().starts_with("/plugin/") {
         *req.method_mut() = Method::GET;
+    }
+}
+
+/// The service `S` (the routes) behind [`head_as_get`].
+#[derive(Clone)]
+pub struct HeadAsGet<S>(pub S);
+
+impl<S, B> tower_service::Service<http::Request<B>> for HeadAsGet<S>
+where
+    S: tower_service::Service<http::Request<B>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
+        head_as_get(&mut req);
+        self.0.call(req)
     }
 }
 
