@@ -225,14 +225,14 @@ async fn a_plugin_over_its_memory_limit_is_killed_and_its_successor_delivers() {
 
 /// `cpu-seconds` is the plugin's `RLIMIT_CPU`: one that spins is ended by
 /// SIGXCPU once it has used that much CPU time, the supervisor says so,
-/// and its successor makes the delivery. (The call's timeout is well past
-/// the limit, so only the limit can stop it; the spin ends by itself
-/// after 5 s and fails the delivery if nothing did.)
+/// and its successor makes the delivery. (The spin would last 15 s of
+/// wall time, room for its 1 s of CPU on a busy machine, and the call's
+/// timeout is past that, so only the limit can stop it in time.)
 #[tokio::test]
 async fn a_plugin_over_its_cpu_time_limit_is_killed_and_its_successor_delivers() {
     let error = killed_and_delivered_by_the_successor(
-        "timeout: 10\nsandbox:\n  cpu-seconds: 1\n",
-        json!({"spin_s": 5}),
+        "timeout: 20\nsandbox:\n  cpu-seconds: 1\n",
+        json!({"spin_s": 15}),
     )
     .await;
     assert!(
