@@ -279,6 +279,7 @@ pub struct Starting {
     log: Arc<Mutex<String>>,
     env: Vec<(String, String)>,
     config_path: PathBuf,
+    db: String,
     dir: tempfile::TempDir,
 }
 
@@ -291,6 +292,7 @@ impl Starting {
             env: self.env,
             base: format!("http://{addr}"),
             config_path: self.config_path,
+            db: self.db,
             log,
             dir: self.dir,
             http: client(),
@@ -306,6 +308,8 @@ pub struct Server {
     pub base: String,
     /// The config file it was started with.
     pub config_path: PathBuf,
+    /// The URL of its database.
+    pub db: String,
     /// Everything the server wrote to stderr so far.
     pub log: Arc<Mutex<String>>,
     /// Its temp dir (database, config, data dir).
@@ -384,8 +388,14 @@ impl Server {
             log,
             env: opts.env,
             config_path,
+            db,
             dir,
         }
+    }
+
+    /// A client of its database, to look at it or change it behind its back.
+    pub fn db_client(&self) -> DbClient {
+        DbClient::of(&self.db)
     }
 
     /// The full URL of `path`.

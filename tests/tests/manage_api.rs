@@ -1125,17 +1125,14 @@ async fn oversized_bodies_are_413() {
 /// else would. The key from a delivery to its endpoint stays everywhere.
 #[tokio::test]
 async fn deleting_events_or_endpoints_leaves_no_delivery_behind() {
-    use roboger_tests::{DbClient, fresh_database, on_mysql, on_postgres};
-    let dir = tempfile::tempdir().expect("tempdir");
-    let url = fresh_database(dir.path());
-    let db = DbClient::of(&url);
+    use roboger_tests::{on_mysql, on_postgres};
     let s = Server::start_with(ServerOptions {
         plugins: vec!["t".into()],
-        db: Some(url),
         yaml: "event-retention: 1\n".into(),
         ..Default::default()
     })
     .await;
+    let db = s.db_client();
     let keys = if on_postgres() {
         "SELECT string_agg(conname, ',' ORDER BY conname) FROM pg_constraint \
          WHERE conrelid = 'delivery'::regclass AND contype = 'f'"

@@ -14,19 +14,16 @@
 //! one-statement commit and MySQL's statement per table each have to
 //! recognise the refused key.
 
-use roboger_tests::{DbClient, Method, Server, ServerOptions, assert_status, fresh_database, json};
+use roboger_tests::{Method, Server, ServerOptions, assert_status, json};
 
 #[tokio::test]
 async fn a_push_routed_to_what_was_just_deleted_is_answered_as_it_now_is() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let url = fresh_database(dir.path());
-    let db = DbClient::of(&url);
     let s = Server::start_with(ServerOptions {
         plugins: vec!["t".into()],
-        db: Some(url),
         ..Default::default()
     })
     .await;
+    let db = s.db_client();
     let (kept_id, kept) = s.new_addr().await;
     s.endpoint(kept_id, "t", json!({})).await;
     let (no_ep_id, no_ep) = s.new_addr().await;

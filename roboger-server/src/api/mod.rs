@@ -248,18 +248,12 @@ impl SelfRouted {
     }
 }
 
-/// Makes a `HEAD` request a `GET`, except under `/plugin/`, whose routes
-/// take every method and answer for themselves. HTTP wants `HEAD` wherever
-/// `GET` is (monitoring probes send it): the route answers as for `GET`,
-/// and hyper, which knows the request was `HEAD`, sends the status and
-/// headers without the body. Every `Allow` lists `HEAD` next to `GET`.
-fn head_as_get<B>(req: &mut http::Request<B>) {
-    if req.method() == Method::HEAD && !req.uri().path().starts_with("/plugin/") {
-        *req.method_mut() = Method::GET;
-    }
-}
-
-/// The service `S` (the routes) behind [`head_as_get`].
+/// The routes' service `S`, answering `HEAD` as `GET` except under
+/// `/plugin/`, whose routes take every method and answer for themselves.
+/// HTTP wants `HEAD` wherever `GET` is (monitoring probes send it): the
+/// route answers as for `GET`, and hyper, which knows the request was
+/// `HEAD`, sends the status and headers without the body. Every `Allow`
+/// lists `HEAD` next to `GET`.
 #[derive(Clone)]
 pub struct HeadAsGet<S>(pub S);
 
@@ -279,7 +273,9 @@ where
     }
 
     fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
-        head_as_get(&mut req);
+        if req.method() == Method::HEAD && !req.uri().path().starts_with("/plugin/") {
+            *req.method_mut() = Method::GET;
+        }
         self.0.call(req)
     }
 }

@@ -301,7 +301,9 @@ impl Store {
         Ok(r.rows_affected)
     }
 
-    /// Deletes events created before `before` that have nothing pending.
+    /// Deletes events created before `before` that have nothing pending,
+    /// with their deliveries (first: on PostgreSQL and MySQL no key ties a
+    /// delivery to its event, migration 9).
     pub async fn events_cleanup(&self, before: chrono::DateTime<chrono::Utc>) -> Result<u64> {
         use sea_orm::QuerySelect;
         let pending: Vec<String> = delivery::Entity::find()

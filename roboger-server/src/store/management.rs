@@ -460,7 +460,9 @@ impl Store {
 }
 
 /// Deletes what hangs off one address (or all of them) explicitly, so the
-/// cascade holds even on a database whose foreign keys are off.
+/// cascade holds even on a database whose foreign keys are off. The
+/// deliveries go before the events: on PostgreSQL and MySQL no key ties a
+/// delivery to its event (migration 9), so nothing else would delete them.
 async fn delete_addr_children<C: ConnectionTrait>(c: &C, addr_id: Option<i64>) -> Result<()> {
     let mut endpoints = endpoint::Entity::find();
     if let Some(id) = addr_id {
