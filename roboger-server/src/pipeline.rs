@@ -23,7 +23,7 @@
 //! one database never run the same delivery at once, and an outcome is
 //! written only while its lease is still this instance's (fencing).
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -70,6 +70,45 @@ struct Accept {
     event: event::Model,
     targets: Vec<Target>,
     reply: oneshot::Sender<Stored>,
+    claim: Arc<Claim>,
+}
+
+/// Who decides a push's fate when its wait runs out as the writer takes
+/// its event: the first of the two to move the claim. The writer takes
+/// an event into a commit only while its push still waits, and a push
+/// whose event was taken waits for that commit instead of answering 503,
+/// since its event may yet be stored.
+#[derive(Debug, Default)]
+struct Claim(AtomicU8);
+
+impl Claim {
+    const WAITING: u8 = 0;
+    const TAKEN: u8 = 1;
+    const ABANDONED: u8 = 2;
+
+    /// The writer takes the event, unless its push gave up first.
+    fn take(&self) -> bool {
+        self.0
+            .compare_exchange(
+                Self::WAITING,
+                Self::TAKEN,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            )
+            .is_ok()
+    }
+
+    /// The push gives up, unless the writer took its event first.
+    fn abandon(&self) -> bool {
+        self.0
+            .compare_exchange(
+                Self::WAITING,
+                Self::ABANDONED,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            )
+            .is_ok()
+    }
 }
 
 /// One delivery to make. The event's media is not held here: the call
@@ -218,7 +257,8 @@ impl Pipeline {
         addr_id: i64,
         targets: Vec<Target>,
     ) -> Result<(), AcceptError> {
-        let (reply, rx) = oneshot::channel();
+        let (reply, mut rx) = oneshot::channel();
+        let claim = Arc::new(Claim::default());
         let model = event::Model {
             id: event.id,
             addr_id,
@@ -234,27 +274,34 @@ impl Pipeline {
             media_fname: event.media_fname,
             created: chrono::Utc::now(),
         };
-        let wait = async {
-            self.accept_tx
-                .send(Accept {
-                    event: model,
-                    targets,
-                    reply,
-                })
+        let queued = self.accept_tx.send(Accept {
+            event: model,
+            targets,
+            reply,
+            claim: claim.clone(),
+        });
+        let waited = tokio::time::timeout(self.timeout, async {
+            queued.await.map_err(|_| AcceptError::Unavailable)?;
+            Ok::<_, AcceptError>((&mut rx).await)
+        })
+        .await;
+        let stored = match waited {
+            Ok(stored) => stored?,
+            Err(_) if claim.abandon() => return Err(AcceptError::Unavailable),
+            // Its commit has begun: that commit answers, within its own
+            // timeout, whether the event was stored.
+            Err(_) => tokio::time::timeout(self.timeout, rx)
                 .await
-                .map_err(|_| AcceptError::Unavailable)?;
-            match rx.await {
-                Ok(Stored::Yes) => Ok(()),
-                Ok(Stored::AddrGone(a)) => Err(AcceptError::AddrGone(a)),
-                Ok(Stored::Failed(e)) => Err(AcceptError::Store(StoreError::Db(
-                    sea_orm::DbErr::Custom(e),
-                ))),
-                Err(_) => Err(AcceptError::Unavailable),
-            }
+                .map_err(|_| AcceptError::Unavailable)?,
         };
-        tokio::time::timeout(self.timeout, wait)
-            .await
-            .unwrap_or(Err(AcceptError::Unavailable))
+        match stored {
+            Ok(Stored::Yes) => Ok(()),
+            Ok(Stored::AddrGone(a)) => Err(AcceptError::AddrGone(a)),
+            Ok(Stored::Failed(e)) => Err(AcceptError::Store(StoreError::Db(
+                sea_orm::DbErr::Custom(e),
+            ))),
+            Err(_) => Err(AcceptError::Unavailable),
+        }
     }
 }
 
@@ -305,8 +352,9 @@ async fn write_loop(
         }
         // A push that stopped waiting has been answered 503 ("not stored
         // in time"): storing its event now would deliver what its sender
-        // was told was refused, and will likely send again.
-        batch.retain(|a| !a.reply.is_closed());
+        // was told was refused, and will likely send again. The others
+        // now wait for this commit, however long it takes ([`Claim`]).
+        batch.retain(|a| a.claim.take());
         if batch.is_empty() && recorded.is_empty() {
             liveness.writer.done();
             continue;
@@ -371,22 +419,29 @@ async fn write_loop(
                 }
             }
         }
+        // Every push of the batch is answered before any of its
+        // deliveries is handed over, which waits while the dispatch queue
+        // is full: a push that outwaited its timeout waits for this answer.
+        let mut stored = Vec::with_capacity(batch.len());
         for a in batch {
-            let left_out = match &result {
+            match &result {
                 Err(e) => {
                     let _ = a.reply.send(Stored::Failed(e.clone()));
-                    continue;
                 }
                 Ok(w) if w.gone_addrs.contains(&a.event.addr_id) => {
                     let _ = a.reply.send(Stored::AddrGone(a.event.addr));
-                    continue;
                 }
-                Ok(w) => &w.gone_endpoints,
-            };
-            let _ = a.reply.send(Stored::Yes);
-            let event = Arc::new(EventHead::of(a.event));
-            for t in a.targets {
-                if left_out.contains(&t.endpoint_id) {
+                Ok(_) => {
+                    let _ = a.reply.send(Stored::Yes);
+                    stored.push((a.event, a.targets));
+                }
+            }
+        }
+        let gone_endpoints = result.as_ref().map(|w| &w.gone_endpoints).ok();
+        for (event, targets) in stored {
+            let event = Arc::new(EventHead::of(event));
+            for t in targets {
+                if gone_endpoints.is_some_and(|gone| gone.contains(&t.endpoint_id)) {
                     continue;
                 }
                 let job = Job {

@@ -1,3 +1,5 @@
+//! Group commits that meet locks held by others.
+//!
 //! A push whose group commit loses a deadlock is still answered 202 and
 //! delivered: the database rolls the commit back, and the server runs it
 //! again instead of answering 503.
@@ -10,12 +12,18 @@
 //! commit's session has the shorter `deadlock_timeout`; on MariaDB the
 //! outside transaction has written more rows). SQLite has one writer at a
 //! time and no deadlocks, so there the test says it has nothing to do.
+//!
+//! A push whose wait runs out while its commit runs is answered when the
+//! commit ends, not 503 at once: a 503 there could be followed by the
+//! event stored and delivered, and a sender that sends again on 503 would
+//! get it twice. The commit is held by outside sessions queued on the
+//! endpoint's row lock, on PostgreSQL.
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use roboger_tests::{DbClient, Server, ServerOptions, assert_status, fresh_database, json};
+use roboger_tests::{DbClient, Method, Server, ServerOptions, assert_status, fresh_database, json};
 
 /// A session fed statement by statement through its stdin.
 fn session(db: &DbClient) -> Child {
@@ -54,6 +62,36 @@ fn feed(session: &mut Child, sql: &str) {
     let stdin = session.stdin.as_mut().expect("piped stdin");
     stdin.write_all(sql.as_bytes()).expect("feed the session");
     stdin.flush().expect("flush the session");
+}
+
+/// Waits until `n` outside sessions hold (or wait for) the endpoint's row:
+/// on PostgreSQL their lock on the table shows, on MariaDB the named lock
+/// the session takes after it. Kills `outside` and panics after 10 s.
+async fn wait_row_locked(db: &DbClient, outside: &mut Child, n: u32) {
+    let end = Instant::now() + Duration::from_secs(10);
+    loop {
+        let locked = match db {
+            DbClient::My { name, .. } => {
+                db.query(&format!("SELECT IS_USED_LOCK('{name}') IS NOT NULL"))
+            }
+            _ => db.query(
+                "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation \
+                 WHERE c.relname = 'endpoint' AND l.mode = 'RowShareLock' AND l.granted",
+            ),
+        };
+        if locked.parse::<u32>().unwrap_or(0) >= n {
+            return;
+        }
+        if Instant::now() > end {
+            let _ = outside.kill();
+            let mut err = String::new();
+            if let Some(mut stderr) = outside.stderr.take() {
+                let _ = stderr.read_to_string(&mut err);
+            }
+            panic!("the outside transaction never began: {err}");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 #[tokio::test]
@@ -102,33 +140,7 @@ async fn a_group_commit_that_loses_a_deadlock_runs_again() {
             ),
         ),
     }
-    // The endpoint row is locked once the session's statements ran: on
-    // PostgreSQL its row lock shows, on MariaDB the named lock it takes
-    // after it.
-    let end = Instant::now() + Duration::from_secs(10);
-    loop {
-        let locked = match &db {
-            DbClient::My { name, .. } => {
-                db.query(&format!("SELECT IS_USED_LOCK('{name}') IS NOT NULL"))
-            }
-            _ => db.query(
-                "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation \
-                 WHERE c.relname = 'endpoint' AND l.mode = 'RowShareLock' AND l.granted",
-            ),
-        };
-        if locked.parse::<u32>().unwrap_or(0) >= 1 {
-            break;
-        }
-        if Instant::now() > end {
-            let _ = outside.kill();
-            let out = outside.wait_with_output().expect("the outside session");
-            panic!(
-                "the outside transaction never began: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_row_locked(&db, &mut outside, 1).await;
 
     let push = {
         let (base, a) = (s.base.clone(), a.clone());
@@ -164,4 +176,98 @@ async fn a_group_commit_that_loses_a_deadlock_runs_again() {
     assert_eq!(e["msg"], "through a deadlock", "{e}");
     assert_eq!(e["deliveries"][0]["state"], "delivered", "{e}");
     assert_status!(s.push(json!({"addr": a, "msg": "after"})).await, 202);
+}
+
+/// A push to addr `a` on its own task; its status.
+fn spawn_push(s: &Server, a: &str, msg: &str) -> tokio::task::JoinHandle<u16> {
+    let (base, body) = (s.base.clone(), json!({"addr": a, "msg": msg}));
+    tokio::spawn(async move {
+        roboger_tests::client()
+            .post(format!("{base}/push"))
+            .json(&body)
+            .send()
+            .await
+            .map(|r| r.status().as_u16())
+            .expect("an answer to the push")
+    })
+}
+
+#[tokio::test]
+async fn a_push_whose_commit_runs_past_its_timeout_is_answered_by_the_commit() {
+    // The server's timeout, for a push's wait and for a commit.
+    const TIMEOUT: Duration = Duration::from_secs(4);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = fresh_database(dir.path());
+    let db = DbClient::of(&url);
+    if !matches!(db, DbClient::Pg(_)) {
+        eprintln!("the commit is held through PostgreSQL's row lock queue: nothing to test here");
+        return;
+    }
+    let s = Server::start_with(ServerOptions {
+        yaml: format!("timeout: {}\n", TIMEOUT.as_secs()),
+        plugins: vec!["t".into()],
+        db: Some(url),
+        ..Default::default()
+    })
+    .await;
+    let (addr_id, a) = s.new_addr().await;
+    let ep = s.endpoint(addr_id, "t", json!({})).await;
+    let hold = format!("BEGIN;\nSELECT id FROM endpoint WHERE id = {ep} FOR UPDATE;\n");
+
+    // The first hold: the first push's commit waits for the endpoint row.
+    let mut first = session(&db);
+    feed(&mut first, &hold);
+    wait_row_locked(&db, &mut first, 1).await;
+    let push_a = spawn_push(&s, &a, "first");
+    wait_until_waiting(&db, 1, "the first commit").await;
+    // The second push waits in the writer's queue meanwhile.
+    let sent = Instant::now();
+    let push_b = spawn_push(&s, &a, "second");
+    // The second hold queues for the row behind the first commit, so it
+    // holds the row from the moment that commit ends, before the second
+    // push's commit asks for it.
+    let mut second = session(&db);
+    feed(&mut second, &hold);
+    wait_until_waiting(&db, 2, "the second hold").await;
+
+    // The second push's commit begins half its timeout after the push...
+    tokio::time::sleep_until((sent + TIMEOUT / 2).into()).await;
+    feed(&mut first, "COMMIT;\n");
+    assert_eq!(push_a.await.expect("the first push"), 202, "the first push");
+    wait_until_waiting(&db, 1, "the second commit").await;
+    // ...and ends after the push's timeout has run out, but before the
+    // commit's own has.
+    tokio::time::sleep_until((sent + TIMEOUT * 5 / 4).into()).await;
+    feed(&mut second, "COMMIT;\n");
+    for mut hold in [first, second] {
+        drop(hold.stdin.take());
+        let out = hold.wait_with_output().expect("the outside session ends");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let status = push_b.await.expect("the second push");
+
+    // Both events were stored: the second push must not have been told
+    // otherwise.
+    let end = Instant::now() + Duration::from_secs(20);
+    let events = s
+        .manage(Method::GET, &format!("/addr/{addr_id}/event"), None)
+        .await
+        .json();
+    let mut msgs = Vec::new();
+    for e in events.as_array().expect("a list of events") {
+        let id = e["id"].as_str().expect("an event id");
+        let e = s.wait_event_settled(addr_id, id, end).await;
+        assert_eq!(e["deliveries"][0]["state"], "delivered", "{e}");
+        msgs.push(e["msg"].as_str().unwrap_or_default().to_string());
+    }
+    msgs.sort();
+    assert_eq!(msgs, ["first", "second"], "the events stored");
+    assert_eq!(
+        status, 202,
+        "the second push was refused, yet its event was stored and delivered"
+    );
 }
