@@ -351,10 +351,11 @@ async fn write_loop(
             }
         }
         // A push that stopped waiting has been answered 503 ("not stored
-        // in time"): storing its event now would deliver what its sender
-        // was told was refused, and will likely send again. The others
-        // now wait for this commit, however long it takes ([`Claim`]).
-        batch.retain(|a| a.claim.take());
+        // in time"), or its client went away: storing its event now would
+        // deliver what its sender was told was refused, and will likely
+        // send again. The others now wait for this commit, however long it
+        // takes ([`Claim`]).
+        batch.retain(|a| !a.reply.is_closed() && a.claim.take());
         if batch.is_empty() && recorded.is_empty() {
             liveness.writer.done();
             continue;
