@@ -250,7 +250,9 @@ impl Pipeline {
     }
 
     /// Stores `event` with a delivery per target and returns once it is
-    /// committed; the deliveries then start at once.
+    /// committed; the deliveries then start at once. Unavailable when the
+    /// writer has not taken the event within the timeout (it is then
+    /// never stored); once taken, the answer is its commit's.
     pub async fn accept(
         &self,
         event: Event,
