@@ -131,14 +131,7 @@ async fn a_group_commit_that_loses_a_deadlock_runs_again() {
             "ALTER DATABASE {name} SET deadlock_timeout = '300ms'"
         ));
     }
-    let s = Server::start_with(ServerOptions {
-        plugins: vec!["t".into()],
-        db: Some(url),
-        ..Default::default()
-    })
-    .await;
-    let (addr_id, a) = s.new_addr().await;
-    let ep = s.endpoint(addr_id, "t", json!({})).await;
+    let (s, addr_id, a, ep) = server_with_endpoint(url, String::new()).await;
 
     let mut outside = session(&db);
     match &db {
@@ -162,17 +155,7 @@ async fn a_group_commit_that_loses_a_deadlock_runs_again() {
     }
     wait_row_locked(&db, &mut outside, 1).await;
 
-    let push = {
-        let (base, a) = (s.base.clone(), a.clone());
-        tokio::spawn(async move {
-            roboger_tests::client()
-                .post(format!("{base}/push"))
-                .json(&json!({"addr": a, "msg": "through a deadlock"}))
-                .send()
-                .await
-                .map(|r| r.status().as_u16())
-        })
-    };
+    let push = spawn_push(&s, &a, "through a deadlock");
     wait_until_waiting(&db, 1, "the group commit").await;
     feed(
         &mut outside,
@@ -188,7 +171,7 @@ async fn a_group_commit_that_loses_a_deadlock_runs_again() {
         String::from_utf8_lossy(&out.stderr)
     );
 
-    let status = push.await.expect("the push task").expect("an answer");
+    let status = push.await.expect("the push task");
     assert_eq!(status, 202, "the push that lost the deadlock");
     s.wait_log("group commit lost a lock race", Duration::from_secs(5))
         .await;
@@ -196,6 +179,22 @@ async fn a_group_commit_that_loses_a_deadlock_runs_again() {
     assert_eq!(e["msg"], "through a deadlock", "{e}");
     assert_eq!(e["deliveries"][0]["state"], "delivered", "{e}");
     assert_status!(s.push(json!({"addr": a, "msg": "after"})).await, 202);
+}
+
+/// A server on database `url` (with `yaml` under `roboger:`), an address
+/// and its endpoint of the test plugin: the server, the address's id and
+/// string, the endpoint's id.
+async fn server_with_endpoint(url: String, yaml: String) -> (Server, i64, String, i64) {
+    let s = Server::start_with(ServerOptions {
+        yaml,
+        plugins: vec!["t".into()],
+        db: Some(url),
+        ..Default::default()
+    })
+    .await;
+    let (addr_id, a) = s.new_addr().await;
+    let ep = s.endpoint(addr_id, "t", json!({})).await;
+    (s, addr_id, a, ep)
 }
 
 /// A push to addr `a` on its own task; its status.
@@ -223,15 +222,8 @@ async fn a_push_whose_commit_runs_past_its_timeout_is_answered_by_the_commit() {
         eprintln!("the commit is held through a row lock queue, which SQLite has not");
         return;
     }
-    let s = Server::start_with(ServerOptions {
-        yaml: format!("timeout: {}\n", TIMEOUT.as_secs()),
-        plugins: vec!["t".into()],
-        db: Some(url),
-        ..Default::default()
-    })
-    .await;
-    let (addr_id, a) = s.new_addr().await;
-    let ep = s.endpoint(addr_id, "t", json!({})).await;
+    let (s, addr_id, a, ep) =
+        server_with_endpoint(url, format!("timeout: {}\n", TIMEOUT.as_secs())).await;
     let hold = format!("BEGIN;\nSELECT id FROM endpoint WHERE id = {ep} FOR UPDATE;\n");
 
     // The first hold: the first push's commit waits for the endpoint row.
