@@ -434,19 +434,17 @@ async fn write_loop(
                 Ok(w) if w.gone_addrs.contains(&a.event.addr_id) => {
                     let _ = a.reply.send(Stored::AddrGone(a.event.addr));
                 }
-                Ok(_) => {
+                Ok(w) => {
                     let _ = a.reply.send(Stored::Yes);
-                    stored.push((a.event, a.targets));
+                    let mut targets = a.targets;
+                    targets.retain(|t| !w.gone_endpoints.contains(&t.endpoint_id));
+                    stored.push((a.event, targets));
                 }
             }
         }
-        let gone_endpoints = result.as_ref().map(|w| &w.gone_endpoints).ok();
         for (event, targets) in stored {
             let event = Arc::new(EventHead::of(event));
             for t in targets {
-                if gone_endpoints.is_some_and(|gone| gone.contains(&t.endpoint_id)) {
-                    continue;
-                }
                 let job = Job {
                     event: event.clone(),
                     endpoint_id: t.endpoint_id,

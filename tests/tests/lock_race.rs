@@ -70,9 +70,10 @@ fn outside_waits(db: &DbClient) -> bool {
     }
 }
 
-async fn wait_until_waiting(db: &DbClient, n: u32, what: &str) {
+/// Waits until `waits` says so (or panics after 10 s, naming `what`).
+async fn wait_until(what: &str, waits: impl Fn() -> bool) {
     let end = Instant::now() + Duration::from_secs(10);
-    while waiting(db) < n {
+    while !waits() {
         assert!(Instant::now() < end, "{what} never waited for a lock");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -84,10 +85,10 @@ fn feed(session: &mut Child, sql: &str) {
     stdin.flush().expect("flush the session");
 }
 
-/// Waits until `n` outside sessions hold (or wait for) the endpoint's row:
-/// on PostgreSQL their lock on the table shows, on MariaDB the named lock
-/// the session takes after it. Kills `outside` and panics after 10 s.
-async fn wait_row_locked(db: &DbClient, outside: &mut Child, n: u32) {
+/// Waits until the outside session holds the endpoint's row: on
+/// PostgreSQL its lock on the table shows, on MariaDB the named lock the
+/// session takes after it. Kills `outside` and panics after 10 s.
+async fn wait_row_locked(db: &DbClient, outside: &mut Child) {
     let end = Instant::now() + Duration::from_secs(10);
     loop {
         let locked = match db {
@@ -99,7 +100,7 @@ async fn wait_row_locked(db: &DbClient, outside: &mut Child, n: u32) {
                  WHERE c.relname = 'endpoint' AND l.mode = 'RowShareLock' AND l.granted",
             ),
         };
-        if locked.parse::<u32>().unwrap_or(0) >= n {
+        if locked.parse::<u32>().unwrap_or(0) >= 1 {
             return;
         }
         if Instant::now() > end {
@@ -153,10 +154,10 @@ async fn a_group_commit_that_loses_a_deadlock_runs_again() {
             ),
         ),
     }
-    wait_row_locked(&db, &mut outside, 1).await;
+    wait_row_locked(&db, &mut outside).await;
 
     let push = spawn_push(&s, &a, "through a deadlock");
-    wait_until_waiting(&db, 1, "the group commit").await;
+    wait_until("the group commit", || waiting(&db) >= 1).await;
     feed(
         &mut outside,
         &format!("SELECT id FROM addr WHERE id = {addr_id} FOR UPDATE;\nCOMMIT;\n"),
@@ -236,9 +237,9 @@ async fn a_push_whose_commit_runs_past_its_timeout_is_answered_by_the_commit() {
         ),
         _ => feed(&mut first, &hold),
     }
-    wait_row_locked(&db, &mut first, 1).await;
+    wait_row_locked(&db, &mut first).await;
     let push_a = spawn_push(&s, &a, "first");
-    wait_until_waiting(&db, 1, "the first commit").await;
+    wait_until("the first commit", || waiting(&db) >= 1).await;
     // The second push waits in the writer's queue meanwhile.
     let sent = Instant::now();
     let push_b = spawn_push(&s, &a, "second");
@@ -247,20 +248,13 @@ async fn a_push_whose_commit_runs_past_its_timeout_is_answered_by_the_commit() {
     // push's commit asks for it.
     let mut second = session(&db);
     feed(&mut second, &hold);
-    let end = Instant::now() + Duration::from_secs(10);
-    while !outside_waits(&db) {
-        assert!(
-            Instant::now() < end,
-            "the second hold never waited for the row"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_until("the second hold", || outside_waits(&db)).await;
 
     // The second push's commit begins half its timeout after the push...
     tokio::time::sleep_until((sent + TIMEOUT / 2).into()).await;
     feed(&mut first, "COMMIT;\n");
     assert_eq!(push_a.await.expect("the first push"), 202, "the first push");
-    wait_until_waiting(&db, 1, "the second commit").await;
+    wait_until("the second commit", || waiting(&db) >= 1).await;
     // ...and ends after the push's timeout has run out, but before the
     // commit's own has.
     tokio::time::sleep_until((sent + TIMEOUT * 5 / 4).into()).await;
