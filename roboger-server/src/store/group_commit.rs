@@ -104,7 +104,7 @@ impl Store {
                 CommitConnection::Sqlite(kept) if !check => {
                     self.write_sqlite_at_once(kept, c).await
                 }
-                CommitConnection::Postgres(kept) if !check => self.write_pg_at_once(kept, c).await,
+                CommitConnection::Postgres(kept) if !check => write_pg_at_once(kept, c).await,
                 _ => {
                     // Its transaction comes from the pool, where the kept
                     // connection must be for it to find one on SQLite.
@@ -267,76 +267,75 @@ impl Store {
             }
         }
     }
+}
 
-    /// [`Store::write_batch`]'s usual try on PostgreSQL: the whole group
-    /// commit as one statement ([`PG_GROUP_COMMIT`]), so one round trip
-    /// and one implicit transaction instead of a `BEGIN`, a statement per
-    /// table and per outcome group, and a `COMMIT`, each waiting for the
-    /// server. Its text never changes, so it is prepared once per
-    /// connection whatever the batch: the rows go in as arrays.
-    async fn write_pg_at_once(
-        &self,
-        kept: &KeptConnection<sqlx::Postgres>,
-        c: &GroupCommit<'_>,
-    ) -> Result<Written> {
-        let now = chrono::Utc::now();
-        let mut ev = PgEventColumns::default();
-        let (mut d_event, mut d_endpoint) = (Vec::new(), Vec::new());
-        for (e, eps) in c.batch {
-            ev.push(e);
-            for ep in eps {
-                d_event.push(e.id.as_str());
-                d_endpoint.push(*ep);
-            }
+/// [`Store::write_batch`]'s usual try on PostgreSQL: the whole group
+/// commit as one statement ([`PG_GROUP_COMMIT`]), so one round trip
+/// and one implicit transaction instead of a `BEGIN`, a statement per
+/// table and per outcome group, and a `COMMIT`, each waiting for the
+/// server. Its text never changes, so it is prepared once per
+/// connection whatever the batch: the rows go in as arrays.
+async fn write_pg_at_once(
+    kept: &KeptConnection<sqlx::Postgres>,
+    c: &GroupCommit<'_>,
+) -> Result<Written> {
+    let now = chrono::Utc::now();
+    let mut ev = PgEventColumns::default();
+    let (mut d_event, mut d_endpoint) = (Vec::new(), Vec::new());
+    for (e, eps) in c.batch {
+        ev.push(e);
+        for ep in eps {
+            d_event.push(e.id.as_str());
+            d_endpoint.push(*ep);
         }
-        let mut o = PgOutcomeColumns::default();
-        for a in c.outcomes {
-            o.push(a);
-        }
-        let query = sqlx::query_scalar::<_, i64>(PG_GROUP_COMMIT)
-            .bind(ev.id)
-            .bind(ev.addr_id)
-            .bind(ev.addr)
-            .bind(ev.msg)
-            .bind(ev.subject)
-            .bind(ev.formatted_subject)
-            .bind(ev.level)
-            .bind(ev.location)
-            .bind(ev.tag)
-            .bind(ev.sender)
-            .bind(ev.media)
-            .bind(ev.media_fname)
-            .bind(ev.created)
-            .bind(d_event)
-            .bind(d_endpoint)
-            .bind(now)
-            .bind(c.lease_until)
-            .bind(c.node)
-            .bind(o.event_id)
-            .bind(o.endpoint_id)
-            .bind(o.attempts)
-            .bind(o.state)
-            .bind(o.error)
-            .bind(o.next_at)
-            .bind(STATE_PENDING);
-        let mut kept = kept.take().await.map_err(sqlx_err)?;
-        // One statement, so an implicit transaction: a failure leaves
-        // nothing open.
-        let recorded = match query.fetch_one(&mut *kept.conn()).await {
-            Ok(n) => {
-                kept.done();
-                n
-            }
-            Err(e) => {
-                kept.failed();
-                return Err(sqlx_err(e).into());
-            }
-        };
-        Ok(Written {
-            dropped_outcomes: c.dropped(u64::try_from(recorded).unwrap_or(0)),
-            ..Written::default()
-        })
     }
+    let mut o = PgOutcomeColumns::default();
+    for a in c.outcomes {
+        o.push(a);
+    }
+    let query = sqlx::query_scalar::<_, i64>(PG_GROUP_COMMIT)
+        .bind(ev.id)
+        .bind(ev.addr_id)
+        .bind(ev.addr)
+        .bind(ev.msg)
+        .bind(ev.subject)
+        .bind(ev.formatted_subject)
+        .bind(ev.level)
+        .bind(ev.location)
+        .bind(ev.tag)
+        .bind(ev.sender)
+        .bind(ev.media)
+        .bind(ev.media_fname)
+        .bind(ev.created)
+        .bind(d_event)
+        .bind(d_endpoint)
+        .bind(now)
+        .bind(c.lease_until)
+        .bind(c.node)
+        .bind(o.event_id)
+        .bind(o.endpoint_id)
+        .bind(o.attempts)
+        .bind(o.state)
+        .bind(o.error)
+        .bind(o.next_at)
+        .bind(STATE_PENDING);
+    let mut kept = kept.take().await.map_err(sqlx_err)?;
+    // One statement, so an implicit transaction: a failure leaves
+    // nothing open.
+    let recorded = match query.fetch_one(&mut *kept.conn()).await {
+        Ok(n) => {
+            kept.done();
+            n
+        }
+        Err(e) => {
+            kept.failed();
+            return Err(sqlx_err(e).into());
+        }
+    };
+    Ok(Written {
+        dropped_outcomes: c.dropped(u64::try_from(recorded).unwrap_or(0)),
+        ..Written::default()
+    })
 }
 
 /// The addresses and endpoints named by `batch` that no longer exist. The
@@ -515,7 +514,7 @@ fn attempt_statements(
 }
 
 /// PostgreSQL's group commit in one statement (see
-/// [`Store::write_pg_at_once`]): the events of `$1`..`$13`, a delivery
+/// [`write_pg_at_once`]): the events of `$1`..`$13`, a delivery
 /// per (`$14`, `$15`) pair, leased to `$18` until `$17`, and the outcomes
 /// of `$19`..`$24`, written only where the delivery is still pending and
 /// leased by `$18` (fencing); `$25` is [`STATE_PENDING`]. It answers how
