@@ -1,8 +1,9 @@
 //! SIGHUP re-reads the configuration under a steady push load: a plugin
 //! is added, one has its config changed and one is removed, while every
 //! push is answered 202 and every accepted event reaches the plugins that
-//! stayed; the untouched plugin keeps its process. A configuration that
-//! does not load is refused and the running one kept.
+//! stayed; the untouched plugin keeps its process, and the served OpenAPI
+//! document names the new set of plugins. A configuration that does not
+//! load is refused and the running one kept.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -25,6 +26,24 @@ async fn plugins(s: &Server) -> Vec<Value> {
     let r = s.manage(Method::GET, "/plugin", None).await;
     assert_status!(r, 200);
     r.json().as_array().cloned().unwrap_or_default()
+}
+
+/// The plugin names the served OpenAPI document allows (`PluginName`).
+async fn documented_plugins(s: &Server) -> Vec<String> {
+    let r = roboger_tests::client()
+        .get(format!("{}/doc/openapi.yaml", s.base))
+        .send()
+        .await
+        .expect("GET openapi.yaml");
+    assert_eq!(r.status().as_u16(), 200);
+    let doc: serde_yaml_ng::Value =
+        serde_yaml_ng::from_str(&r.text().await.expect("body")).expect("the document is YAML");
+    doc["components"]["schemas"]["PluginName"]["enum"]
+        .as_sequence()
+        .expect("PluginName has an enum")
+        .iter()
+        .filter_map(|n| n.as_str().map(String::from))
+        .collect()
 }
 
 fn pid_of(list: &[Value], name: &str) -> Option<i64> {
@@ -52,7 +71,7 @@ async fn sighup_adds_changes_and_removes_plugins_under_load_losing_nothing() {
         plugin("gone", "{}", rec.path())
     );
     let s = Server::start_with(ServerOptions {
-        yaml: "delivery:\n  retry-base: 0.05\n  retry-max: 0.2\n".into(),
+        yaml: "api-doc: /doc\ndelivery:\n  retry-base: 0.05\n  retry-max: 0.2\n".into(),
         plugins_yaml: before.clone(),
         ..Default::default()
     })
@@ -63,6 +82,9 @@ async fn sighup_adds_changes_and_removes_plugins_under_load_losing_nothing() {
     }
     let listed = plugins(&s).await;
     let keep_pid = pid_of(&listed, "keep").expect("keep runs");
+    // Asked twice: the second answer is the document rendered once.
+    assert_eq!(documented_plugins(&s).await, ["change", "gone", "keep"]);
+    assert_eq!(documented_plugins(&s).await, ["change", "gone", "keep"]);
     let change_pid = pid_of(&listed, "change").expect("change runs");
 
     // A steady push load, one after another, for the whole reload: it
@@ -139,6 +161,7 @@ async fn sighup_adds_changes_and_removes_plugins_under_load_losing_nothing() {
         .filter_map(|p| p["plugin_name"].as_str())
         .collect();
     assert_eq!(names, ["added", "change", "keep"]);
+    assert_eq!(documented_plugins(&s).await, ["added", "change", "keep"]);
     assert_eq!(
         pid_of(&listed, "keep"),
         Some(keep_pid),

@@ -18,7 +18,7 @@ pub mod push;
 pub mod reply;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use bytes::{Bytes, BytesMut};
 use futures_util::{Stream, StreamExt};
@@ -350,7 +350,7 @@ fn docs(app: &App, path: &str) -> Option<Response> {
             r
         }
         DocsPage::OpenApi => {
-            let mut r = reply::text(StatusCode::OK, openapi(app));
+            let mut r = Response::new(openapi(app).into());
             r.headers_mut().insert(
                 http::header::CONTENT_TYPE,
                 http::HeaderValue::from_static("application/yaml"),
@@ -362,13 +362,35 @@ fn docs(app: &App, path: &str) -> Option<Response> {
 
 /// The OpenAPI document as this server answers it: `PluginName` lists
 /// the plugins it has configured (so a generated request names one).
-fn openapi(app: &App) -> String {
-    let names: Vec<serde_yaml_ng::Value> = app
+/// Rendered once per set of plugins, not per request: parsing and
+/// writing the 40 KB document again for every `GET` of a public path
+/// would make it the cheapest way to keep the server busy.
+fn openapi(app: &App) -> Bytes {
+    /// The last document rendered, with the plugin names it was rendered
+    /// for: a reload that changes the plugins renders it again.
+    static RENDERED: Mutex<Option<(Vec<String>, Bytes)>> = Mutex::new(None);
+    let names: Vec<String> = app
         .plugins
         .list()
         .into_iter()
-        .map(|p| p.plugin_name.into())
+        .map(|p| p.plugin_name)
         .collect();
+    if let Ok(last) = RENDERED.lock()
+        && let Some((for_names, doc)) = last.as_ref()
+        && *for_names == names
+    {
+        return doc.clone();
+    }
+    let doc = Bytes::from(render_openapi(&names));
+    if let Ok(mut last) = RENDERED.lock() {
+        *last = Some((names, doc.clone()));
+    }
+    doc
+}
+
+/// [`OPENAPI`] with `names` as the `PluginName` enum (left as it is when
+/// there are none).
+fn render_openapi(names: &[String]) -> String {
     let Ok(mut doc) = serde_yaml_ng::from_str::<serde_yaml_ng::Value>(OPENAPI) else {
         return OPENAPI.to_string();
     };
@@ -379,6 +401,7 @@ fn openapi(app: &App) -> String {
         .and_then(|p| p.as_mapping_mut())
         && !names.is_empty()
     {
+        let names: Vec<serde_yaml_ng::Value> = names.iter().map(|n| n.as_str().into()).collect();
         schema.insert("enum".into(), names.into());
     }
     serde_yaml_ng::to_string(&doc).unwrap_or_else(|_| OPENAPI.to_string())
