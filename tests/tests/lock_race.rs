@@ -17,7 +17,10 @@
 //! commit ends, not 503 at once: a 503 there could be followed by the
 //! event stored and delivered, and a sender that sends again on 503 would
 //! get it twice. The commit is held by outside sessions queued on the
-//! endpoint's row lock, on PostgreSQL and MariaDB.
+//! endpoint's row lock, on PostgreSQL and MariaDB. A commit held for
+//! longer than the server's timeout is answered 503, and its event is
+//! then not stored when the lock is let go: PostgreSQL cancels it (the
+//! commit's connection has a statement timeout), MariaDB rolls it back.
 
 use std::io::{Read, Write};
 use std::process::{Child, Stdio};
@@ -290,4 +293,59 @@ async fn a_push_whose_commit_runs_past_its_timeout_is_answered_by_the_commit() {
         status, 202,
         "the second push was refused, yet its event was stored and delivered"
     );
+}
+
+#[tokio::test]
+async fn a_commit_that_outlives_the_timeout_is_not_stored_after_its_503() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = fresh_database(dir.path());
+    let db = DbClient::of(&url);
+    if let DbClient::Sqlite(_) = db {
+        eprintln!("the commit is held through a row lock, which SQLite has not");
+        return;
+    }
+    let (s, addr_id, a, ep) = server_with_endpoint(url, "timeout: 2\n".into()).await;
+
+    // The endpoint's row is held for longer than the server's timeout, so
+    // the push's commit waits for it past the writer's own wait.
+    let mut hold = session(&db);
+    let lock = format!("BEGIN;\nSELECT id FROM endpoint WHERE id = {ep} FOR UPDATE;\n");
+    match &db {
+        DbClient::My { name, .. } => {
+            feed(&mut hold, &format!("{lock}SELECT GET_LOCK('{name}', 0);\n"))
+        }
+        _ => feed(&mut hold, &lock),
+    }
+    wait_row_locked(&db, &mut hold).await;
+    let push = spawn_push(&s, &a, "refused");
+    wait_until("the held commit", || waiting(&db) >= 1).await;
+    assert_eq!(push.await.expect("the push"), 503, "the held push");
+
+    // The row is let go only after the 503: a commit still running in the
+    // database would now take it and store the event.
+    feed(&mut hold, "COMMIT;\n");
+    drop(hold.stdin.take());
+    let out = hold.wait_with_output().expect("the outside session ends");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_status!(s.push(json!({"addr": a, "msg": "later"})).await, 202);
+    let events = s
+        .manage(Method::GET, &format!("/addr/{addr_id}/event"), None)
+        .await
+        .json();
+    let events = events.as_array().expect("a list of events");
+    let msgs: Vec<&str> = events.iter().filter_map(|e| e["msg"].as_str()).collect();
+    assert_eq!(
+        msgs,
+        ["later"],
+        "the push answered 503 had its event stored after all"
+    );
+    let id = events[0]["id"].as_str().expect("an event id");
+    let e = s
+        .wait_event_settled(addr_id, id, Instant::now() + Duration::from_secs(20))
+        .await;
+    assert_eq!(e["deliveries"][0]["state"], "delivered", "{e}");
 }

@@ -62,6 +62,13 @@ impl<DB: Database> KeptConnection<DB> {
         }
     }
 
+    /// The connections of the pool it keeps from, in use (the kept one
+    /// among them) and idle.
+    pub(super) fn pool_connections(&self) -> (u64, u64) {
+        let idle = self.pool.num_idle() as u64;
+        (u64::from(self.pool.size()).saturating_sub(idle), idle)
+    }
+
     /// The kept connection, taken from the pool first when none is kept
     /// (within the pool's acquire timeout). Say how its use ended with
     /// [`KeptGuard::done`] or [`KeptGuard::failed`]; a guard dropped

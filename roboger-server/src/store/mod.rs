@@ -149,7 +149,7 @@ impl Store {
         let db = connect_waiting(opts.clone(), timeout).await?;
         let writes = if url.backend == DbBackend::Sqlite && !memory {
             opts.max_connections(1);
-            connect_waiting(opts, timeout).await?
+            connect_waiting(opts.clone(), timeout).await?
         } else {
             db.clone()
         };
@@ -165,9 +165,29 @@ impl Store {
             sea_orm::DbBackend::Sqlite => CommitConnection::Sqlite(Arc::new(
                 kept::KeptConnection::new(writes.get_sqlite_connection_pool().clone(), keep_for),
             )),
-            sea_orm::DbBackend::Postgres => CommitConnection::Postgres(Arc::new(
-                kept::KeptConnection::new(writes.get_postgres_connection_pool().clone(), keep_for),
-            )),
+            sea_orm::DbBackend::Postgres => {
+                // The commit is one implicit transaction, which PostgreSQL
+                // would finish (and commit) after the writer stopped
+                // waiting for it and answered its pushes 503: it notices
+                // a closed connection only when it next talks to it. So
+                // the commit's own connection has a statement timeout
+                // shorter than the writer's wait, and such a commit is
+                // cancelled by PostgreSQL itself. Its own pool: the
+                // others' statements (migrations among them) may take
+                // longer.
+                let cancel_after = timeout * 9 / 10;
+                opts.max_connections(1).map_sqlx_postgres_opts(move |o| {
+                    o.options([(
+                        "statement_timeout",
+                        format!("{}ms", cancel_after.as_millis().max(1)),
+                    )])
+                });
+                let commit_pool = connect_waiting(opts, timeout).await?;
+                CommitConnection::Postgres(Arc::new(kept::KeptConnection::new(
+                    commit_pool.get_postgres_connection_pool().clone(),
+                    keep_for,
+                )))
+            }
             _ => CommitConnection::Pooled,
         };
         Ok(Store {
@@ -224,7 +244,8 @@ impl Store {
     }
 
     /// Connections of the pool(s) in use and idle (on SQLite, the
-    /// readers' pool and the single writer's together).
+    /// readers' pool and the single writer's together; on PostgreSQL, the
+    /// pool and the group commits' own).
     pub fn pool_connections(&self) -> (u64, u64) {
         let one = |c: &DatabaseConnection| {
             let (size, idle) = match self.backend {
@@ -247,6 +268,10 @@ impl Store {
         let (used, idle) = one(&self.db);
         if self.backend == DbBackend::Sqlite && self.sqlite_file.is_some() {
             let (u, i) = one(&self.writes);
+            return (used + u, idle + i);
+        }
+        if let CommitConnection::Postgres(kept) = &self.commits {
+            let (u, i) = kept.pool_connections();
             return (used + u, idle + i);
         }
         (used, idle)
