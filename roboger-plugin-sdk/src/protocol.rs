@@ -97,6 +97,28 @@ pub struct SendParams {
     pub media_fname: Option<String>,
 }
 
+/// [`SendParams`] as the server writes them: borrowed from the event and
+/// endpoint it already holds, so a delivery clones none of their strings
+/// on its way to the pipe. The two must spell the same object (a test
+/// reads one as the other).
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct SendArgs<'a> {
+    pub config: &'a Value,
+    pub event_id: &'a str,
+    pub addr: &'a str,
+    pub addr_id: i64,
+    pub msg: &'a str,
+    pub subject: &'a str,
+    pub formatted_subject: &'a str,
+    pub level: u8,
+    pub level_name: &'a str,
+    pub location: Option<&'a str>,
+    pub tag: Option<&'a str>,
+    pub sender: Option<&'a str>,
+    pub media_encoded: Option<&'a str>,
+    pub media_fname: Option<&'a str>,
+}
+
 /// What `send_batch` answers for one of its events, in the events' order:
 /// `{}` when it was delivered, else the error `send` would have answered.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -506,6 +528,48 @@ mod tests {
         assert_eq!(Level::convert(&json!("")), Level::Info);
         assert_eq!(Level::convert(&json!(null)), Level::Info);
         assert_eq!(Level::convert(&json!([1])), Level::Info);
+    }
+
+    #[test]
+    fn send_args_are_read_as_send_params() {
+        let config = json!({"url": "http://x/"});
+        let args = SendArgs {
+            config: &config,
+            event_id: "e1",
+            addr: "A",
+            addr_id: 7,
+            msg: "disk \"full\"",
+            subject: "disk",
+            formatted_subject: "WARNING: disk",
+            level: 30,
+            level_name: "WARNING",
+            location: Some("lab"),
+            tag: None,
+            sender: Some("bot"),
+            media_encoded: Some("aGk="),
+            media_fname: None,
+        };
+        let read: SendParams =
+            serde_json::from_str(&serde_json::to_string(&args).unwrap()).unwrap();
+        assert_eq!(
+            read,
+            SendParams {
+                config,
+                event_id: "e1".into(),
+                addr: "A".into(),
+                addr_id: 7,
+                msg: "disk \"full\"".into(),
+                subject: "disk".into(),
+                formatted_subject: "WARNING: disk".into(),
+                level: 30,
+                level_name: "WARNING".into(),
+                location: Some("lab".into()),
+                tag: None,
+                sender: Some("bot".into()),
+                media_encoded: Some("aGk=".into()),
+                media_fname: None,
+            }
+        );
     }
 
     #[test]

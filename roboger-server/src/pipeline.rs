@@ -27,7 +27,8 @@ use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use serde_json::{Map, Value};
+use roboger_plugin_sdk::protocol::SendArgs;
+use serde_json::Value;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use crate::cluster::Node;
@@ -40,7 +41,7 @@ use crate::store::{
     Attempt, EventHead, GroupCommit, STATE_DELIVERED, STATE_FAILED, STATE_PENDING, Store,
     StoreError,
 };
-use crate::supervisor::{CallError, Supervisor};
+use crate::supervisor::{CallError, RawParams, Supervisor};
 
 /// Why an event could not be accepted (the push gets a 503).
 #[derive(Debug, thiserror::Error)]
@@ -495,8 +496,19 @@ impl Dispatch {
                 for j in &jobs {
                     self.plugins.register_secrets(&j.plugin, &j.config);
                 }
-                let events = jobs.iter().map(|j| send_params(j, None)).collect();
-                self.plugins.send_batch(&first.plugin, events).await
+                let mut events = Vec::with_capacity(jobs.len());
+                let mut unencoded = Vec::new();
+                for (i, j) in jobs.iter().enumerate() {
+                    match send_params(j, None) {
+                        Ok(p) => events.push(p.0),
+                        Err(e) => unencoded.push((i, e)),
+                    }
+                }
+                let mut results = self.plugins.send_batch(&first.plugin, events).await;
+                for (i, e) in unencoded {
+                    results.insert(i, Err(e));
+                }
+                results
             }
             [] => Vec::new(),
         };
@@ -604,7 +616,7 @@ async fn attempt(
     plugins.register_secrets(&job.plugin, &job.config);
     if size == 0 {
         return plugins
-            .call(&job.plugin, "send", send_params(job, None))
+            .call(&job.plugin, "send", send_params(job, None)?)
             .await;
     }
     // The call carries the media base64-encoded: 4/3 of its size.
@@ -615,37 +627,42 @@ async fn attempt(
         Ok(Err(e)) => return Err(unavailable(format!("cannot read the event's media: {e}"))),
         Err(_) => return Err(unavailable("reading the event's media timed out".into())),
     };
-    let params = send_params(job, media.as_deref());
-    drop(media);
-    plugins.call(&job.plugin, "send", params).await
-}
-
-fn send_params(job: &Job, media: Option<&[u8]>) -> Map<String, Value> {
-    let e = &job.event;
-    let level = crate::level::Level::from_code(i64::from(e.level)).unwrap_or_default();
-    let mut p = Map::new();
-    p.insert("config".into(), (*job.config).clone());
-    p.insert("event_id".into(), e.id.clone().into());
-    p.insert("addr".into(), e.addr.clone().into());
-    p.insert("addr_id".into(), e.addr_id.into());
-    p.insert("msg".into(), e.msg.clone().into());
-    p.insert("subject".into(), e.subject.clone().into());
-    p.insert(
-        "formatted_subject".into(),
-        e.formatted_subject.clone().into(),
-    );
-    p.insert("level".into(), level.code().into());
-    p.insert("level_name".into(), level.name().into());
-    p.insert("location".into(), e.location.clone().into());
-    p.insert("tag".into(), e.tag.clone().into());
-    p.insert("sender".into(), e.sender.clone().into());
+    // At most two copies at a time: the bytes go once encoded, the
+    // encoding once written into the params.
     let media = media.map(|m| {
         use base64::Engine;
         base64::engine::general_purpose::STANDARD.encode(m)
     });
-    p.insert("media_encoded".into(), media.into());
-    p.insert("media_fname".into(), e.media_fname.clone().into());
-    p
+    let params = send_params(job, media.as_deref())?;
+    drop(media);
+    plugins.call(&job.plugin, "send", params).await
+}
+
+/// `send`'s params for `job` ([`SendArgs`], borrowed from the job),
+/// written once as the JSON that goes down the pipe; `media` is the
+/// event's media, base64-encoded.
+fn send_params(job: &Job, media: Option<&str>) -> Result<RawParams, CallError> {
+    let e = &job.event;
+    let level = crate::level::Level::from_code(i64::from(e.level)).unwrap_or_default();
+    let args = SendArgs {
+        config: &job.config,
+        event_id: &e.id,
+        addr: &e.addr,
+        addr_id: e.addr_id,
+        msg: &e.msg,
+        subject: &e.subject,
+        formatted_subject: &e.formatted_subject,
+        level: level.code(),
+        level_name: level.name(),
+        location: e.location.as_deref(),
+        tag: e.tag.as_deref(),
+        sender: e.sender.as_deref(),
+        media_encoded: media,
+        media_fname: e.media_fname.as_deref(),
+    };
+    serde_json::value::to_raw_value(&args)
+        .map(RawParams)
+        .map_err(|err| CallError::Failed(format!("cannot encode the event: {err}")))
 }
 
 fn outcome(cfg: &DeliveryConfig, job: &Job, result: Result<Value, CallError>) -> Attempt {

@@ -23,10 +23,12 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use jsonrpsee::core::client::{ClientT, Error as ClientError};
+use jsonrpsee::core::traits::ToRpcParams;
 use roboger_plugin_sdk::protocol::{self, Manifest, PluginApiClient, codes};
 use roboger_plugin_sdk::rpc::{NotificationHandler, Peer, PeerOptions};
 use serde::Serialize;
 use serde_json::Value;
+use serde_json::value::RawValue;
 use tokio::io::AsyncBufReadExt;
 use tokio::process::{Child, Command};
 use tokio::sync::{Semaphore, watch};
@@ -34,6 +36,17 @@ use tokio::time::Instant;
 
 use crate::config::PluginConfig;
 use crate::host::{HostContext, HostHandler, PluginCalls};
+
+/// Named params already written as one JSON object (a delivery's event,
+/// serialized once by the pipeline), handed to the plugin as they are.
+#[derive(Debug)]
+pub struct RawParams(pub Box<RawValue>);
+
+impl ToRpcParams for RawParams {
+    fn to_rpc_params(self) -> Result<Option<Box<RawValue>>, serde_json::Error> {
+        Ok(Some(self.0))
+    }
+}
 
 /// Why a call to a plugin did not succeed.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -493,7 +506,7 @@ impl Supervisor {
         &self,
         name: &str,
         method: &str,
-        params: serde_json::Map<String, Value>,
+        params: impl ToRpcParams + Send,
     ) -> Result<Value, CallError> {
         let slot = self
             .slot(name)
@@ -547,7 +560,7 @@ impl Supervisor {
     pub async fn send_batch(
         &self,
         name: &str,
-        events: Vec<serde_json::Map<String, Value>>,
+        events: Vec<Box<RawValue>>,
     ) -> Vec<Result<Value, CallError>> {
         let mut results = Vec::with_capacity(events.len());
         let mut rest = events.into_iter().peekable();
@@ -591,7 +604,7 @@ impl Supervisor {
             if !conn.manifest.methods.iter().any(|m| m == "send_batch") {
                 drop(held);
                 for e in chunk {
-                    results.push(self.call(name, "send", e).await);
+                    results.push(self.call(name, "send", RawParams(e)).await);
                 }
                 continue;
             }
@@ -604,15 +617,19 @@ impl Supervisor {
     async fn batch_once(
         name: &str,
         conn: &Conn,
-        events: Vec<serde_json::Map<String, Value>>,
+        events: Vec<Box<RawValue>>,
     ) -> Vec<Result<Value, CallError>> {
+        #[derive(Serialize)]
+        struct Batch<'a> {
+            events: &'a [Box<RawValue>],
+        }
         let n = events.len();
         let all = |e: CallError| (0..n).map(|_| Err(e.clone())).collect();
-        let mut params = serde_json::Map::new();
-        params.insert(
-            "events".into(),
-            Value::Array(events.into_iter().map(Value::Object).collect()),
-        );
+        let params = match serde_json::value::to_raw_value(&Batch { events: &events }) {
+            Ok(p) => RawParams(p),
+            Err(e) => return all(CallError::Failed(format!("cannot encode the batch: {e}"))),
+        };
+        drop(events);
         match conn
             .peer
             .client()
@@ -671,7 +688,7 @@ impl Supervisor {
     /// Runs every running plugin's `cleanup`, logging failures.
     pub async fn cleanup(&self) {
         for name in self.slots().keys() {
-            if let Err(e) = self.call(name, "cleanup", Default::default()).await {
+            if let Err(e) = self.call(name, "cleanup", serde_json::Map::new()).await {
                 tracing::warn!(plugin = %name, error = %e, "plugin cleanup failed");
             }
         }

@@ -315,11 +315,14 @@ async fn a_batch_has_an_outcome_per_event(plugin: fn(&str, &Path) -> PluginConfi
     let r = rig(dir, vec![plugin("p", &rec)]).await;
     let addr = r.store.addr_create().await.unwrap();
     assert_eq!(r.sup.batch_limit("p") > 1, batched, "batch limit");
-    let events = vec![
+    let events = [
         send_params("ev-a", addr.id, json!({})),
         send_params("ev-b", addr.id, json!({"fail": "not this one"})),
         send_params("ev-c", addr.id, json!({})),
-    ];
+    ]
+    .iter()
+    .map(|p| serde_json::value::to_raw_value(p).expect("JSON"))
+    .collect();
     let results = r.sup.send_batch("p", events).await;
     assert_eq!(results.len(), 3, "{results:?}");
     assert!(results[0].is_ok(), "{results:?}");
