@@ -48,61 +48,52 @@ const FIELDS: [&str; 11] = [
 
 impl Event {
     /// Builds an event from the pushed fields (already merged from the
-    /// query string and the body).
-    pub fn from_fields(fields: &Map<String, Value>) -> Result<Event, BadPush> {
+    /// query string and the body), moving their strings into it.
+    pub fn from_fields(mut fields: Map<String, Value>) -> Result<Event, BadPush> {
         if let Some(k) = fields.keys().find(|k| !FIELDS.contains(&k.as_str())) {
             return Err(BadPush(format!(
                 "unknown field {k:?}; allowed: {}",
                 FIELDS.join(", ")
             )));
         }
-        let text = |k: &str| -> Result<Option<String>, BadPush> {
-            match fields.get(k) {
-                None | Some(Value::Null) => Ok(None),
-                Some(Value::String(s)) if s.contains('\0') => Err(BadPush(format!(
-                    "field \"{k}\" holds a NUL character (U+0000), which cannot be stored"
-                ))),
-                Some(Value::String(s)) => Ok(Some(s.clone())),
-                Some(v @ (Value::Number(_) | Value::Bool(_))) => Ok(Some(v.to_string())),
-                Some(_) => Err(BadPush(format!("field \"{k}\" must be a string"))),
-            }
-        };
-        let addr = text("addr")?
+        let addr = take_text(&mut fields, "addr")?
             .filter(|a| !a.is_empty())
             .ok_or_else(|| BadPush("field \"addr\" is required".into()))?;
-        let level = match fields.get("level") {
+        let level = match fields.remove("level") {
             None | Some(Value::Null) => Level::Info,
-            Some(v @ (Value::Number(_) | Value::String(_))) => Level::convert(v),
+            Some(v @ (Value::Number(_) | Value::String(_))) => Level::convert(&v),
             Some(_) => {
                 return Err(BadPush(
                     "field \"level\" must be a level name or number".into(),
                 ));
             }
         };
-        let location = text("location")?.filter(|s| !s.is_empty());
-        let sender = text("sender")?.filter(|s| !s.is_empty());
+        let location = take_text(&mut fields, "location")?.filter(|s| !s.is_empty());
+        let sender = take_text(&mut fields, "sender")?.filter(|s| !s.is_empty());
         // `keywords` is the obsolete name of `tag`, and wins as in the original.
-        let tag = match text("keywords")? {
+        let tag = match take_text(&mut fields, "keywords")? {
             Some(k) => Some(k),
-            None => text("tag")?,
+            None => take_text(&mut fields, "tag")?,
         }
         .filter(|s| !s.is_empty());
-        let subject = text("subject")?.unwrap_or_default();
-        let msg = text("msg")?.unwrap_or_default();
+        let subject = take_text(&mut fields, "subject")?.unwrap_or_default();
+        let msg = take_text(&mut fields, "msg")?.unwrap_or_default();
         // Decoded from the field itself: a large media is not copied first.
-        let b64 = match fields.get("media") {
+        let media_field = fields.remove("media");
+        let b64 = match &media_field {
             None | Some(Value::Null) => None,
             Some(Value::String(s)) => Some(s.as_str()).filter(|m| !m.is_empty()),
             Some(_) => return Err(BadPush("field \"media\" must be a string".into())),
         };
         let (media, media_fname) = match b64 {
-            None => (None, text("media_fname")?),
+            None => (None, take_text(&mut fields, "media_fname")?),
             Some(b64) => match decode_base64(b64) {
                 Some(bytes) => {
-                    let fname = text("media_fname")?.map(|f| match f.rsplit_once('/') {
-                        Some((_, base)) => base.to_string(),
-                        None => f,
-                    });
+                    let fname =
+                        take_text(&mut fields, "media_fname")?.map(|f| match f.rsplit_once('/') {
+                            Some((_, base)) => base.to_string(),
+                            None => f,
+                        });
                     (Some(bytes), fname)
                 }
                 None => {
@@ -111,6 +102,7 @@ impl Event {
                 }
             },
         };
+        drop(media_field);
         let formatted_subject =
             formatted_subject(level, sender.as_deref(), location.as_deref(), &subject);
         Ok(Event {
@@ -133,6 +125,20 @@ impl Event {
         self.media
             .as_ref()
             .map(|m| base64::engine::general_purpose::STANDARD.encode(m))
+    }
+}
+
+/// Field `k` of a push as text, taken out of `fields`: a number or a
+/// boolean as its JSON spelling, null as absent.
+fn take_text(fields: &mut Map<String, Value>, k: &str) -> Result<Option<String>, BadPush> {
+    match fields.remove(k) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) if s.contains('\0') => Err(BadPush(format!(
+            "field \"{k}\" holds a NUL character (U+0000), which cannot be stored"
+        ))),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(v @ (Value::Number(_) | Value::Bool(_))) => Ok(Some(v.to_string())),
+        Some(_) => Err(BadPush(format!("field \"{k}\" must be a string"))),
     }
 }
 
@@ -189,7 +195,7 @@ mod tests {
     use serde_json::json;
 
     fn ev(v: Value) -> Result<Event, BadPush> {
-        Event::from_fields(v.as_object().unwrap())
+        Event::from_fields(v.as_object().unwrap().clone())
     }
 
     #[test]
@@ -277,7 +283,7 @@ mod tests {
                 fields in prop::collection::btree_map(name(), value(), 0..8)
             ) {
                 let fields: Map<String, Value> = fields.into_iter().collect();
-                match Event::from_fields(&fields) {
+                match Event::from_fields(fields.clone()) {
                     Ok(e) => {
                         prop_assert!(!e.addr.is_empty());
                         prop_assert!(Level::from_code(i64::from(e.level.code())).is_some());

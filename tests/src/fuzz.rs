@@ -69,7 +69,7 @@ pub fn push(data: &[u8]) {
     let why = match roboger_server::api::push::fields(&query, ctype, body) {
         Err(ApiError::BadRequest(why)) => why,
         Err(e) => panic!("a push's fields failed with other than 400: {e:?}"),
-        Ok(fields) => match Event::from_fields(&fields) {
+        Ok(fields) => match Event::from_fields(fields) {
             Ok(e) => {
                 assert!(!e.addr.is_empty());
                 assert!(Level::from_code(i64::from(e.level.code())).is_some());

@@ -81,8 +81,7 @@ pub async fn push_fields(
     fields: Map<String, Value>,
     body_len: usize,
 ) -> Result<Response, ApiError> {
-    let event = Event::from_fields(&fields).map_err(|e| ApiError::BadRequest(e.0))?;
-    drop(fields);
+    let event = Event::from_fields(fields).map_err(|e| ApiError::BadRequest(e.0))?;
     if event
         .media
         .as_ref()
