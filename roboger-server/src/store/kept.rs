@@ -1,9 +1,10 @@
 //! The connection the group commit keeps from one commit to the next.
 //!
 //! Taking a connection from sqlx's pool and giving it back are not free:
-//! sqlx pings a connection on the way out of the pool and always on the way
-//! back, and on SQLite each ping is a round trip to the connection's own
-//! thread, in the middle of the chain of commits that every push waits on.
+//! sqlx pings a connection on the way back to the pool (and, but on
+//! SQLite, on the way out), and on SQLite each ping is a round trip to
+//! the connection's own thread, in the middle of the chain of commits
+//! that every push waits on.
 //! The pipeline writes its commits back to back, so it keeps one
 //! connection while it has work, for at most `keep_for` at a time. Then
 //! the connection goes back to the pool, whose queue is fair, so a

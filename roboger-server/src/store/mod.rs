@@ -140,6 +140,10 @@ impl Store {
                     .synchronous(SqliteSynchronous::Full)
                     .foreign_keys(true)
             });
+            // A SQLite connection is a file opened in this process: the
+            // ping sqlx makes before lending one out (a round trip to its
+            // thread) can find nothing wrong with it.
+            opts.test_before_acquire(false);
         }
         let memory = url.url == "sqlite::memory:";
         if memory {
