@@ -118,6 +118,42 @@ async fn wait_row_locked(db: &DbClient, outside: &mut Child) {
     }
 }
 
+/// The statements that begin a transaction holding endpoint `ep`'s row.
+fn endpoint_lock(ep: i64) -> String {
+    format!("BEGIN;\nSELECT id FROM endpoint WHERE id = {ep} FOR UPDATE;\n")
+}
+
+/// An outside session holding endpoint `ep`'s row, once it holds it. On
+/// MariaDB it takes a named lock too, which shows that it does.
+async fn hold_endpoint(db: &DbClient, ep: i64) -> Child {
+    let mut hold = session(db);
+    match db {
+        DbClient::My { name, .. } => feed(
+            &mut hold,
+            &format!("{}SELECT GET_LOCK('{name}', 0);\n", endpoint_lock(ep)),
+        ),
+        _ => feed(&mut hold, &endpoint_lock(ep)),
+    }
+    wait_row_locked(db, &mut hold).await;
+    hold
+}
+
+/// Commits an outside session's transaction and waits for the session
+/// to end, which it must without an error (`what` says what an error
+/// would mean).
+fn commit_and_end(mut outside: Child, what: &str) {
+    feed(&mut outside, "COMMIT;\n");
+    drop(outside.stdin.take());
+    let out = outside
+        .wait_with_output()
+        .expect("the outside session ends");
+    assert!(
+        out.status.success(),
+        "{what}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[tokio::test]
 async fn a_group_commit_that_loses_a_deadlock_runs_again() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -163,16 +199,11 @@ async fn a_group_commit_that_loses_a_deadlock_runs_again() {
     wait_until("the group commit", || waiting(&db) >= 1).await;
     feed(
         &mut outside,
-        &format!("SELECT id FROM addr WHERE id = {addr_id} FOR UPDATE;\nCOMMIT;\n"),
+        &format!("SELECT id FROM addr WHERE id = {addr_id} FOR UPDATE;\n"),
     );
-    drop(outside.stdin.take());
-    let out = outside
-        .wait_with_output()
-        .expect("the outside session ends");
-    assert!(
-        out.status.success(),
-        "the outside transaction was the victim, not the commit: {}",
-        String::from_utf8_lossy(&out.stderr)
+    commit_and_end(
+        outside,
+        "the outside transaction was the victim, not the commit",
     );
 
     let status = push.await.expect("the push task");
@@ -228,19 +259,9 @@ async fn a_push_whose_commit_runs_past_its_timeout_is_answered_by_the_commit() {
     }
     let (s, addr_id, a, ep) =
         server_with_endpoint(url, format!("timeout: {}\n", TIMEOUT.as_secs())).await;
-    let hold = format!("BEGIN;\nSELECT id FROM endpoint WHERE id = {ep} FOR UPDATE;\n");
 
     // The first hold: the first push's commit waits for the endpoint row.
-    // On MariaDB it takes a named lock too, which shows that it holds.
-    let mut first = session(&db);
-    match &db {
-        DbClient::My { name, .. } => feed(
-            &mut first,
-            &format!("{hold}SELECT GET_LOCK('{name}', 0);\n"),
-        ),
-        _ => feed(&mut first, &hold),
-    }
-    wait_row_locked(&db, &mut first).await;
+    let first = hold_endpoint(&db, ep).await;
     let push_a = spawn_push(&s, &a, "first");
     wait_until("the first commit", || waiting(&db) >= 1).await;
     // The second push waits in the writer's queue meanwhile.
@@ -250,27 +271,18 @@ async fn a_push_whose_commit_runs_past_its_timeout_is_answered_by_the_commit() {
     // holds the row from the moment that commit ends, before the second
     // push's commit asks for it.
     let mut second = session(&db);
-    feed(&mut second, &hold);
+    feed(&mut second, &endpoint_lock(ep));
     wait_until("the second hold", || outside_waits(&db)).await;
 
     // The second push's commit begins half its timeout after the push...
     tokio::time::sleep_until((sent + TIMEOUT / 2).into()).await;
-    feed(&mut first, "COMMIT;\n");
+    commit_and_end(first, "the first hold");
     assert_eq!(push_a.await.expect("the first push"), 202, "the first push");
     wait_until("the second commit", || waiting(&db) >= 1).await;
     // ...and ends after the push's timeout has run out, but before the
     // commit's own has.
     tokio::time::sleep_until((sent + TIMEOUT * 5 / 4).into()).await;
-    feed(&mut second, "COMMIT;\n");
-    for mut hold in [first, second] {
-        drop(hold.stdin.take());
-        let out = hold.wait_with_output().expect("the outside session ends");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    commit_and_end(second, "the second hold");
     let status = push_b.await.expect("the second push");
 
     // Both events were stored: the second push must not have been told
@@ -308,29 +320,14 @@ async fn a_commit_that_outlives_the_timeout_is_not_stored_after_its_503() {
 
     // The endpoint's row is held for longer than the server's timeout, so
     // the push's commit waits for it past the writer's own wait.
-    let mut hold = session(&db);
-    let lock = format!("BEGIN;\nSELECT id FROM endpoint WHERE id = {ep} FOR UPDATE;\n");
-    match &db {
-        DbClient::My { name, .. } => {
-            feed(&mut hold, &format!("{lock}SELECT GET_LOCK('{name}', 0);\n"))
-        }
-        _ => feed(&mut hold, &lock),
-    }
-    wait_row_locked(&db, &mut hold).await;
+    let hold = hold_endpoint(&db, ep).await;
     let push = spawn_push(&s, &a, "refused");
     wait_until("the held commit", || waiting(&db) >= 1).await;
     assert_eq!(push.await.expect("the push"), 503, "the held push");
 
     // The row is let go only after the 503: a commit still running in the
     // database would now take it and store the event.
-    feed(&mut hold, "COMMIT;\n");
-    drop(hold.stdin.take());
-    let out = hold.wait_with_output().expect("the outside session ends");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    commit_and_end(hold, "the hold");
     assert_status!(s.push(json!({"addr": a, "msg": "later"})).await, 202);
     let events = s
         .manage(Method::GET, &format!("/addr/{addr_id}/event"), None)
