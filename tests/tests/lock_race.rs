@@ -118,6 +118,21 @@ async fn wait_row_locked(db: &DbClient, outside: &mut Child) {
     }
 }
 
+/// A fresh database for a test of row locks, its URL and a client of it;
+/// `None` on SQLite, which has no row locks, after saying on stderr why
+/// there is nothing to test (`why`). The directory holds a SQLite file
+/// and must outlive the test.
+fn lockable_database(why: &str) -> Option<(tempfile::TempDir, String, DbClient)> {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = fresh_database(dir.path());
+    let db = DbClient::of(&url);
+    if let DbClient::Sqlite(_) = db {
+        eprintln!("{why}");
+        return None;
+    }
+    Some((dir, url, db))
+}
+
 /// The statements that begin a transaction holding endpoint `ep`'s row.
 fn endpoint_lock(ep: i64) -> String {
     format!("BEGIN;\nSELECT id FROM endpoint WHERE id = {ep} FOR UPDATE;\n")
@@ -156,13 +171,11 @@ fn commit_and_end(mut outside: Child, what: &str) {
 
 #[tokio::test]
 async fn a_group_commit_that_loses_a_deadlock_runs_again() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let url = fresh_database(dir.path());
-    let db = DbClient::of(&url);
-    if let DbClient::Sqlite(_) = db {
-        eprintln!("SQLite has a single writer and no deadlocks: nothing to test");
+    let Some((_dir, url, db)) =
+        lockable_database("SQLite has a single writer and no deadlocks: nothing to test")
+    else {
         return;
-    }
+    };
     if let DbClient::Pg(_) = &db {
         // The server's sessions give up on a deadlock before the outside
         // transaction's does (10 s, set below), so the commit is the victim.
@@ -250,13 +263,11 @@ fn spawn_push(s: &Server, a: &str, msg: &str) -> tokio::task::JoinHandle<u16> {
 async fn a_push_whose_commit_runs_past_its_timeout_is_answered_by_the_commit() {
     // The server's timeout, for a push's wait and for a commit.
     const TIMEOUT: Duration = Duration::from_secs(4);
-    let dir = tempfile::tempdir().expect("tempdir");
-    let url = fresh_database(dir.path());
-    let db = DbClient::of(&url);
-    if let DbClient::Sqlite(_) = db {
-        eprintln!("the commit is held through a row lock queue, which SQLite has not");
+    let Some((_dir, url, db)) =
+        lockable_database("the commit is held through a row lock queue, which SQLite has not")
+    else {
         return;
-    }
+    };
     let (s, addr_id, a, ep) =
         server_with_endpoint(url, format!("timeout: {}\n", TIMEOUT.as_secs())).await;
 
@@ -309,13 +320,11 @@ async fn a_push_whose_commit_runs_past_its_timeout_is_answered_by_the_commit() {
 
 #[tokio::test]
 async fn a_commit_that_outlives_the_timeout_is_not_stored_after_its_503() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let url = fresh_database(dir.path());
-    let db = DbClient::of(&url);
-    if let DbClient::Sqlite(_) = db {
-        eprintln!("the commit is held through a row lock, which SQLite has not");
+    let Some((_dir, url, db)) =
+        lockable_database("the commit is held through a row lock, which SQLite has not")
+    else {
         return;
-    }
+    };
     let (s, addr_id, a, ep) = server_with_endpoint(url, "timeout: 2\n".into()).await;
 
     // The endpoint's row is held for longer than the server's timeout, so
