@@ -4,10 +4,16 @@
 
 use std::time::{Duration, Instant};
 
-use roboger_tests::{Method, Server, ServerOptions, Value, assert_status, json, plugin_bin};
+use roboger_tests::{
+    HttpSink, Method, Server, ServerOptions, Value, assert_status, json, plugin_bin,
+};
+
+fn contrib() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("plugins")
+}
 
 async fn server(extra: &str) -> Server {
-    let contrib = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("plugins");
+    let contrib = contrib();
     Server::start_with(ServerOptions {
         plugins_yaml: format!(
             "- name: seed\n  python: robogercontrib.seed\n  command: {}\n  db: true\n  env: {{PYTHONPATH: {}}}\n{extra}",
@@ -232,5 +238,70 @@ async fn a_burst_goes_in_batches_each_event_with_its_own_outcome() {
     assert!(
         calls < events,
         "{calls} calls for {events} events: no batch"
+    );
+}
+
+/// The egress policy the server sends in `hello` holds for a module's
+/// own connections (`fetch.py` POSTs with `urllib`), as it does for the
+/// Rust plugins' HTTP client: a host name that resolves only to refused
+/// addresses and a metadata address refused by default each fail the
+/// delivery once, naming the rule, with nothing sent; a plugin's own
+/// policy that allows the address delivers.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_egress_policy_holds_for_a_modules_own_connections() {
+    let sink = HttpSink::start(vec![]).await;
+    let entry = |name: &str, egress: &str| {
+        format!(
+            "- name: {name}\n  python: robogercontrib.fetch\n  command: {}\n  env: {{PYTHONPATH: {}}}\n{egress}",
+            plugin_bin("python").display(),
+            contrib().display()
+        )
+    };
+    let s = Server::start_with(ServerOptions {
+        yaml: "egress:\n  deny: [127.0.0.0/8, '::1']\n".into(),
+        plugins_yaml: entry("fetch", "")
+            + &entry("fetch_open", "  egress:\n    allow: [127.0.0.1]\n"),
+        ..Default::default()
+    })
+    .await;
+    let port = sink.base.rsplit(':').next().unwrap_or_default();
+    let local = format!("http://localhost:{port}/x");
+
+    let (id, a) = s.new_addr().await;
+    s.endpoint(id, "fetch", json!({ "url": local })).await;
+    assert_status!(s.push(json!({"addr": a, "msg": "denied"})).await, 202);
+    let (state, attempts, error) = s.settled_delivery(id).await;
+    assert_eq!((state.as_str(), attempts), ("failed", 1), "{error}");
+    assert_eq!(
+        error,
+        "egress refused: 127.0.0.1 is in 127.0.0.0/8 (denied by the egress policy)"
+    );
+
+    let (id, a) = s.new_addr().await;
+    s.endpoint(
+        id,
+        "fetch_open",
+        json!({"url": "http://169.254.169.254/latest"}),
+    )
+    .await;
+    assert_status!(s.push(json!({"addr": a, "msg": "metadata"})).await, 202);
+    let (state, attempts, error) = s.settled_delivery(id).await;
+    assert_eq!((state.as_str(), attempts), ("failed", 1), "{error}");
+    assert_eq!(
+        error,
+        "egress refused: 169.254.169.254 is in 169.254.0.0/16 \
+         (link-local and cloud metadata, denied by default)"
+    );
+    assert!(sink.requests().is_empty(), "nothing was sent");
+
+    let (id, a) = s.new_addr().await;
+    s.endpoint(id, "fetch_open", json!({ "url": local })).await;
+    assert_status!(s.push(json!({"addr": a, "msg": "allowed"})).await, 202);
+    let (state, _, error) = s.settled_delivery(id).await;
+    assert_eq!(state, "delivered", "{error}");
+    let got = sink.wait(1).await;
+    assert_eq!(
+        (got[0].path.as_str(), &got[0].body[..]),
+        ("/x", &b"allowed"[..])
     );
 }

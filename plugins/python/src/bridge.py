@@ -11,12 +11,15 @@ Run by `roboger-plugin-python MODULE`; standard library only.
 """
 import base64
 import concurrent.futures
+import errno
 import importlib
+import ipaddress
 import itertools
 import json
 import logging
 import os
 import re
+import socket
 import sys
 import threading
 import traceback
@@ -71,6 +74,107 @@ def _call(rpc_method, /, **params):
         err = answer["error"]
         raise RpcError(err.get("code"), err.get("message"))
     return answer.get("result")
+
+
+# --- the egress policy ------------------------------------------------------
+# The policy the server sends in `hello`, as the Rust SDK's HTTP client
+# enforces it: checked at connect time on every TCP or UDP connection made
+# through Python's socket module (so `requests`, `urllib`, `smtplib`...),
+# a host name's addresses as they resolve. Only permitted addresses are
+# connected to, so DNS rebinding cannot get around it. Native extensions
+# that open sockets of their own are not covered.
+
+DEFAULT_DENY = (
+    ("169.254.0.0/16", "link-local and cloud metadata"),
+    ("fe80::/10", "link-local"),
+    ("fd00:ec2::254/128", "cloud metadata"),
+    ("0.0.0.0/8", "unspecified"),
+    ("::/128", "unspecified"),
+    ("224.0.0.0/4", "multicast"),
+    ("ff00::/8", "multicast"),
+)
+
+
+class EgressRefused(ConnectionRefusedError):
+    """A connection the egress policy refused; its text names the rule.
+    An OSError, so a client tries a host name's next address."""
+
+
+def _nets(entries):
+    for n in entries or ():
+        try:
+            yield ipaddress.ip_network(n, strict=False)
+        except ValueError:
+            pass  # the server checks them; skipped, as the SDK does
+
+
+class _Policy:
+    def __init__(self, egress):
+        self.deny = [(ipaddress.ip_network(n), f"{why}, denied by default") for n, why in DEFAULT_DENY]
+        self.deny += [(n, "denied by the egress policy") for n in _nets(egress.get("deny"))]
+        self.allow = list(_nets(egress.get("allow")))
+
+    def refusal(self, ip):
+        """Why `ip` may not be connected to, or None."""
+        if ip.version == 6 and ip.ipv4_mapped:
+            ip = ip.ipv4_mapped
+        if any(ip in n for n in self.allow if n.version == ip.version):
+            return None
+        for n, why in self.deny:
+            if n.version == ip.version and ip in n:
+                return f"egress refused: {ip} is in {n} ({why})"
+        return None
+
+
+_policy = _Policy({})
+_real_connect, _real_connect_ex = socket.socket.connect, socket.socket.connect_ex
+
+
+def _permitted(sock, address):
+    """`address` with its host replaced by the first of its addresses the
+    policy permits; raises EgressRefused, naming the rule, when none is."""
+    if sock.family not in (socket.AF_INET, socket.AF_INET6) or not isinstance(address, tuple):
+        return address
+    host, port, *rest = address
+    try:
+        candidates = [(host, ipaddress.ip_address(host))]
+    except ValueError:
+        candidates = [(sa[0], ipaddress.ip_address(sa[0]))
+                      for *_, sa in socket.getaddrinfo(host, port, sock.family, sock.type)]
+    why = None
+    for literal, ip in candidates:
+        why = _policy.refusal(ip)
+        if why is None:
+            return (literal, port, *rest)
+    raise EgressRefused(errno.ECONNREFUSED, why)
+
+
+def _guarded_connect(sock, address):
+    return _real_connect(sock, _permitted(sock, address))
+
+
+def _guarded_connect_ex(sock, address):
+    return _real_connect_ex(sock, _permitted(sock, address))
+
+
+def _install_egress_guard():
+    socket.socket.connect = _guarded_connect
+    socket.socket.connect_ex = _guarded_connect_ex
+
+
+def _refusal(exc):
+    """The egress refusal behind a failed send, if any, found along the
+    exception's chain (clients wrap it: `urllib`'s URLError has it as its
+    reason, `requests` and `urllib3` as a cause)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, EgressRefused):
+            return str(exc.strerror)
+        exc = exc.__cause__ or exc.__context__ or getattr(exc, "reason", None)
+        if not isinstance(exc, BaseException):
+            exc = None
+    return None
 
 
 # --- roboger.core ---------------------------------------------------------
@@ -370,9 +474,19 @@ OPTIONAL = ("validate_plugin_config", "load", "validate_config", "cleanup")
 
 
 def _send_one(module, params):
+    """The module's send; a send that failed on an egress refusal is
+    refused (`REJECTED`: not retried), naming the rule."""
     enc = params.get("media_encoded")
     params["media"] = base64.b64decode(enc) if enc else None
-    module.send(**params)
+    try:
+        module.send(**params)
+    except RpcError:
+        raise
+    except Exception as e:
+        why = _refusal(e)
+        if why is None:
+            raise
+        raise RpcError(REJECTED, why) from e
 
 
 def _send_batch(module, events):
@@ -403,6 +517,8 @@ def _serve(module, msg):
     params = msg.get("params") or {}
     try:
         if method == "hello":
+            global _policy
+            _policy = _Policy(params.get("egress") or {})
             name = module.__name__.rsplit(".", 1)[-1]
             result = {
                 "protocol_version": PROTOCOL_VERSION, "name": name,
@@ -449,6 +565,7 @@ def main():
         sys.stderr.write("ERROR usage: roboger-plugin-python MODULE (e.g. robogercontrib.foo)\n")
         sys.exit(2)
     _install_core()
+    _install_egress_guard()
     try:
         module = importlib.import_module(sys.argv[1])
     except Exception:
