@@ -271,8 +271,9 @@ struct SlotStatus {
     restarts: u64,
     last_error: Option<String>,
     manifest: Option<Manifest>,
-    /// Whether its endpoint config schema marks any field secret.
-    endpoint_secrets: bool,
+    /// Its endpoint config schema, when that marks any field secret:
+    /// shared, as each delivery's config is checked against it.
+    secret_schema: Option<Arc<Value>>,
 }
 
 /// Every configured plugin, supervised.
@@ -338,7 +339,7 @@ impl Supervisor {
                 restarts: 0,
                 last_error: None,
                 manifest: None,
-                endpoint_secrets: false,
+                secret_schema: None,
             }),
             restart: tokio::sync::Notify::new(),
             connected: tokio::sync::Notify::new(),
@@ -479,13 +480,10 @@ impl Supervisor {
     /// fields its config schema marks `writeOnly`), so logs and reports
     /// leave them out.
     pub fn register_secrets(&self, name: &str, config: &Value) {
-        let has = self
+        let schema = self
             .slot(name)
-            .is_some_and(|s| s.status.lock().is_ok_and(|st| st.endpoint_secrets));
-        if !has {
-            return;
-        }
-        if let Some(schema) = self.config_schema(name) {
+            .and_then(|s| s.status.lock().ok()?.secret_schema.clone());
+        if let Some(schema) = schema {
             crate::secrets::register(crate::secrets::of(&schema, config));
         }
     }
@@ -825,11 +823,12 @@ async fn supervise(
                 if let Ok(mut s) = slot.status.lock() {
                     s.state = State::Running;
                     s.manifest = Some(conn.manifest.clone());
-                    s.endpoint_secrets = conn
+                    s.secret_schema = conn
                         .manifest
                         .config_schema
-                        .as_ref()
-                        .is_some_and(crate::secrets::has_secrets);
+                        .clone()
+                        .filter(crate::secrets::has_secrets)
+                        .map(Arc::new);
                 }
                 slot.connected.notify_waiters();
                 tracing::info!(plugin = %name, pid = ?conn.pid, "plugin running");
