@@ -554,7 +554,7 @@ impl Supervisor {
     /// many would hold up every single call behind it, a plugin's own
     /// nested `call_plugin` included). Events beyond the room go in the
     /// next call. A plugin that stopped offering the method (a restart
-    /// into another version) gets them one by one.
+    /// into another version) gets them as concurrent `send` calls.
     pub async fn send_batch(
         &self,
         name: &str,
@@ -600,10 +600,15 @@ impl Supervisor {
                 }
             };
             if !conn.manifest.methods.iter().any(|m| m == "send_batch") {
+                // A plugin that knows only `send` (or whose successor no
+                // longer offers `send_batch`): the chunk's sends at once,
+                // as the batch would have been, each taking back its
+                // permit.
                 drop(held);
-                for e in chunk {
-                    results.push(self.call(name, "send", RawParams(e)).await);
-                }
+                let sends = chunk
+                    .into_iter()
+                    .map(|e| self.call(name, "send", RawParams(e)));
+                results.extend(futures_util::future::join_all(sends).await);
                 continue;
             }
             results.extend(Supervisor::batch_once(name, &conn, chunk).await);

@@ -6,7 +6,8 @@ on stdin/stdout, requests both ways at once. It behaves like the Rust test
 plugin (tests/src/bin/roboger-test-plugin.rs) so both pass the same tests:
 TEST_PLUGIN_RECORD names a file that gets one JSON line per call, and an
 endpoint config steers `send` ({"callbacks": true}, {"slow": ms},
-{"fail": "msg"}, {"hang": true}, {"crash": true}).
+{"gate": "/path"}, {"fail": "msg"}, {"hang": true}, {"crash": true});
+a slow or gated send records `send_started` as it begins.
 """
 import base64
 import itertools
@@ -86,12 +87,17 @@ def run_callbacks(kw):
 
 
 def send(config, **kw):
+    if config.get("gate") or config.get("slow"):
+        # So a test knows this call is in flight.
+        record({"method": "send_started", "pid": os.getpid(), "event_id": kw.get("event_id")})
     if config.get("crash"):
         os._exit(1)
     if config.get("hang"):
         time.sleep(3600)
     if config.get("slow"):
         time.sleep(config["slow"] / 1000)
+    while config.get("gate") and not os.path.exists(config["gate"]):
+        time.sleep(0.02)
     media = base64.b64decode(kw["media_encoded"]) if kw.get("media_encoded") else None
     callbacks = run_callbacks(kw) if config.get("callbacks") else None
     entry = {"method": "send", "pid": os.getpid(), "config": config, "media": list(media) if media is not None else None,

@@ -308,7 +308,7 @@ async fn a_hung_call_times_out_and_failures_carry_the_plugins_message() {
 /// A batch of three where the middle one fails: each event gets its own
 /// outcome, in order, and every one reached the plugin's `send`. `batched`
 /// says whether the plugin offers `send_batch` (the Rust SDK does; the
-/// stdlib plugin knows only `send`, and gets the events one by one).
+/// stdlib plugin knows only `send`, and gets a `send` per event).
 async fn a_batch_has_an_outcome_per_event(plugin: fn(&str, &Path) -> PluginConfig, batched: bool) {
     let dir = tempfile::tempdir().unwrap();
     let rec = dir.path().join("rec.jsonl");
@@ -350,6 +350,50 @@ async fn rust_plugin_answers_a_batch_event_by_event() {
 }
 
 #[tokio::test]
-async fn a_plugin_without_send_batch_gets_the_events_one_by_one() {
+async fn a_plugin_without_send_batch_gets_a_send_per_event() {
     a_batch_has_an_outcome_per_event(python_plugin, false).await;
+}
+
+/// A batch's events are in the plugin at once, with `send_batch` or
+/// without it (then as concurrent `send` calls): three gated sends all
+/// start before the gate opens, and each is delivered. One at a time,
+/// the first would wait at the gate until its call timed out.
+async fn a_batch_is_sent_at_once(plugin: fn(&str, &Path) -> PluginConfig) {
+    let dir = tempfile::tempdir().unwrap();
+    let rec = dir.path().join("rec.jsonl");
+    let gate = dir.path().join("gate");
+    let r = rig(dir, vec![plugin("p", &rec)]).await;
+    let addr = r.store.addr_create().await.unwrap();
+    let config = json!({ "gate": gate });
+    let events = ["ev-a", "ev-b", "ev-c"]
+        .iter()
+        .map(|id| serde_json::value::to_raw_value(&send_params(id, addr.id, config.clone())))
+        .collect::<Result<Vec<_>, _>>()
+        .expect("JSON");
+    let sup = r.sup.clone();
+    let batch = tokio::spawn(async move { sup.send_batch("p", events).await });
+    let end = Instant::now() + Duration::from_secs(20);
+    while records(&rec, "send_started").len() < 3 {
+        assert!(
+            Instant::now() < end,
+            "started: {:?}",
+            records(&rec, "send_started")
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    std::fs::write(&gate, b"").unwrap();
+    let results = batch.await.expect("the batch task");
+    assert!(results.iter().all(Result::is_ok), "{results:?}");
+    assert_eq!(records(&rec, "send").len(), 3);
+    r.sup.shutdown().await;
+}
+
+#[tokio::test]
+async fn rust_plugin_gets_a_batch_at_once() {
+    a_batch_is_sent_at_once(test_plugin).await;
+}
+
+#[tokio::test]
+async fn a_plugin_without_send_batch_gets_a_batch_at_once() {
+    a_batch_is_sent_at_once(python_plugin).await;
 }
