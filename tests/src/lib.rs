@@ -244,6 +244,10 @@ pub struct ServerOptions {
     pub plugins_yaml: String,
     /// Environment variables for the server process.
     pub env: Vec<(String, String)>,
+    /// A command the server runs under: the program and its arguments,
+    /// followed by the server's command line (e.g. a wrapper that
+    /// changes what the kernel lets it do).
+    pub wrapper: Vec<String>,
     /// A database to share with other servers (see [`shared_database`]);
     /// by default each server gets a fresh one.
     pub db: Option<String>,
@@ -278,6 +282,7 @@ pub struct Starting {
     addr: std::sync::mpsc::Receiver<String>,
     log: Arc<Mutex<String>>,
     env: Vec<(String, String)>,
+    wrapper: Vec<String>,
     config_path: PathBuf,
     db: String,
     dir: tempfile::TempDir,
@@ -290,6 +295,7 @@ impl Starting {
         Server {
             child,
             env: self.env,
+            wrapper: self.wrapper,
             base: format!("http://{addr}"),
             config_path: self.config_path,
             db: self.db,
@@ -304,6 +310,7 @@ impl Starting {
 pub struct Server {
     child: Child,
     env: Vec<(String, String)>,
+    wrapper: Vec<String>,
     /// `http://127.0.0.1:PORT`
     pub base: String,
     /// The config file it was started with.
@@ -381,12 +388,18 @@ impl Server {
         }
         let config_path = dir.path().join("roboger.yml");
         std::fs::write(&config_path, yaml).expect("write config");
-        let (child, addr, log) = spawn_logged(server_command(&config_path, dir.path(), &opts.env));
+        let (child, addr, log) = spawn_logged(server_command(
+            &config_path,
+            dir.path(),
+            &opts.env,
+            &opts.wrapper,
+        ));
         Starting {
             child,
             addr,
             log,
             env: opts.env,
+            wrapper: opts.wrapper,
             config_path,
             db,
             dir,
@@ -560,6 +573,7 @@ impl Server {
             &self.config_path,
             self.dir.path(),
             &self.env,
+            &self.wrapper,
         ));
         self.child = child;
         self.base = format!("http://{addr}");
@@ -616,8 +630,20 @@ impl Drop for Server {
     }
 }
 
-fn server_command(config: &Path, dir: &Path, env: &[(String, String)]) -> Command {
-    let mut cmd = Command::new(server_bin());
+fn server_command(
+    config: &Path,
+    dir: &Path,
+    env: &[(String, String)],
+    wrapper: &[String],
+) -> Command {
+    let mut cmd = match wrapper.split_first() {
+        Some((program, args)) => {
+            let mut c = Command::new(program);
+            c.args(args).arg(server_bin());
+            c
+        }
+        None => Command::new(server_bin()),
+    };
     cmd.arg("--config")
         .arg(config)
         .env("ROBOGER_DATA_DIR", dir.join("data"))

@@ -1,8 +1,8 @@
 //! Plugins under least privilege: the egress policy of the SDK's HTTP
 //! client (a refused target is a failed delivery naming the rule, never
 //! retried; a refused literal address is a 400 at once), the limits and
-//! Landlock rules a plugin process runs under, and secrets kept out of
-//! logs.
+//! Landlock rules a plugin process runs under (and what happens on a
+//! kernel without Landlock), and secrets kept out of logs.
 
 use roboger_tests::{HttpSink, Server, ServerOptions, assert_status, json, plugin_bin};
 
@@ -165,6 +165,36 @@ async fn a_plugin_writes_only_below_its_own_directory() {
     let (state, _, error) = s.settled_delivery(id).await;
     assert_eq!(state, "delivered", "{error}");
     assert!(inside.exists());
+}
+
+/// On a kernel without Landlock (before Linux 5.13) plugins still run,
+/// under the other limits, and each plugin's log says that nothing
+/// confines its filesystem: here the server runs under
+/// `tests/plugins/no_landlock.py`, whose seccomp filter fails Landlock's
+/// first call as such a kernel does. A write outside the plugin's
+/// directory, refused where Landlock is enforced, is delivered.
+#[tokio::test]
+async fn without_landlock_plugins_run_and_their_log_says_so() {
+    let wrapper = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("plugins/no_landlock.py");
+    let s = Server::start_with(ServerOptions {
+        wrapper: vec!["python3".into(), wrapper.display().to_string()],
+        ..confined("  landlock: true\n")
+    })
+    .await;
+    s.wait_log(
+        "no_new_privs; Landlock NOT enforced: this kernel does not support it",
+        std::time::Duration::from_secs(5),
+    )
+    .await;
+    let elsewhere = tempfile::tempdir().expect("tempdir");
+    let outside = elsewhere.path().join("outside.txt");
+    let (id, a) = s.new_addr().await;
+    s.endpoint(id, "test", json!({"write": outside.display().to_string()}))
+        .await;
+    assert_status!(s.push(json!({"addr": a, "msg": "out"})).await, 202);
+    let (state, _, error) = s.settled_delivery(id).await;
+    assert_eq!(state, "delivered", "{error}");
+    assert!(outside.exists());
 }
 
 #[tokio::test]
