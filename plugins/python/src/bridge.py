@@ -157,6 +157,12 @@ def _guarded_connect_ex(sock, address):
     return _real_connect_ex(sock, _permitted(sock, address))
 
 
+def _set_egress(egress):
+    """Puts the policy `hello` carried in force."""
+    global _policy
+    _policy = _Policy(egress)
+
+
 def _install_egress_guard():
     socket.socket.connect = _guarded_connect
     socket.socket.connect_ex = _guarded_connect_ex
@@ -517,8 +523,7 @@ def _serve(module, msg):
     params = msg.get("params") or {}
     try:
         if method == "hello":
-            global _policy
-            _policy = _Policy(params.get("egress") or {})
+            _set_egress(params.get("egress") or {})
             name = module.__name__.rsplit(".", 1)[-1]
             result = {
                 "protocol_version": PROTOCOL_VERSION, "name": name,
