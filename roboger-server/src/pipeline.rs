@@ -4,7 +4,9 @@
 //! - The **writer** takes accepted events and delivery outcomes from two
 //!   bounded queues and stores as many as are waiting in one transaction
 //!   (group commit); each push is answered only after its event and
-//!   deliveries are committed.
+//!   deliveries are committed, while the next commit runs (so the
+//!   database does not wait for the answers) or at once when nothing
+//!   follows it.
 //! - The **dispatcher** calls the plugins (bounded concurrency) for the
 //!   deliveries just committed, and for due ones the **sweeper** claims
 //!   from the database: retries, and whatever a previous run of this
@@ -39,7 +41,7 @@ use crate::routing::Target;
 use crate::store::entity::{endpoint, event};
 use crate::store::{
     Attempt, EventHead, GroupCommit, STATE_DELIVERED, STATE_FAILED, STATE_PENDING, Store,
-    StoreError,
+    StoreError, Written,
 };
 use crate::supervisor::{CallError, RawParams, Supervisor};
 
@@ -323,20 +325,29 @@ async fn write_loop(
     // Outcomes not yet written, and how many writes of them failed.
     let mut recorded: Vec<Attempt> = Vec::new();
     let mut failures = 0u32;
+    // The last commit's pushes, answered while the next commit runs, or
+    // as soon as there is nothing to write next.
+    let mut committed: Option<Committed> = None;
     loop {
         let mut batch = Vec::new();
         if recorded.is_empty() {
             if accepts.is_empty() && outcomes.is_empty() {
+                if let Some(c) = committed.take() {
+                    if settle(c, &jobs, &store).await.is_err() {
+                        return;
+                    }
+                    continue;
+                }
                 store.writer_waits();
             }
             tokio::select! {
                 a = accepts.recv() => match a {
                     Some(a) => batch.push(a),
-                    None => return,
+                    None => break,
                 },
                 o = outcomes.recv() => match o {
                     Some(o) => recorded.push(o),
-                    None => return,
+                    None => break,
                 },
             }
         }
@@ -360,6 +371,11 @@ async fn write_loop(
         // takes ([`Claim`]).
         batch.retain(|a| !a.reply.is_closed() && a.claim.take());
         if batch.is_empty() && recorded.is_empty() {
+            if let Some(c) = committed.take()
+                && settle(c, &jobs, &store).await.is_err()
+            {
+                return;
+            }
             liveness.writer.done();
             continue;
         }
@@ -367,18 +383,37 @@ async fn write_loop(
             .iter()
             .map(|a| (&a.event, a.targets.iter().map(|t| t.endpoint_id).collect()))
             .collect();
-        let began = std::time::Instant::now();
-        let written = tokio::time::timeout(
-            timeout,
-            store.write_batch(&GroupCommit {
-                batch: &rows,
-                outcomes: &recorded,
-                node: &node.instance,
-                lease_until: lease_until(&cfg),
-            }),
-        )
-        .await;
-        let took = began.elapsed();
+        let commit = async {
+            let began = Instant::now();
+            let written = tokio::time::timeout(
+                timeout,
+                store.write_batch(&GroupCommit {
+                    batch: &rows,
+                    outcomes: &recorded,
+                    node: &node.instance,
+                    lease_until: lease_until(&cfg),
+                }),
+            )
+            .await;
+            (written, began.elapsed())
+        };
+        // The commit is polled first: it runs until its statement is with
+        // the database, and the last commit's pushes are answered while
+        // the database works on it, instead of in the gap between the
+        // two commits that every push waits through.
+        let ((written, took), waiting) = match committed.take() {
+            Some(c) => tokio::join!(biased; commit, async { answer(c, &jobs) }),
+            None => (commit.await, Ok(Vec::new())),
+        };
+        match waiting {
+            Ok(rest) if rest.is_empty() => {}
+            Ok(rest) => {
+                if wait_for_room(rest, &jobs, &store).await.is_err() {
+                    return;
+                }
+            }
+            Err(Closed) => return,
+        }
         metrics.commit(rows.len(), took);
         tracing::debug!(
             events = rows.len(),
@@ -423,56 +458,107 @@ async fn write_loop(
                 }
             }
         }
-        // Every push of the batch is answered before any of its
-        // deliveries is handed over, which waits while the dispatch queue
-        // is full: a push that outwaited its timeout waits for this answer.
-        let mut stored = Vec::with_capacity(batch.len());
-        for a in batch {
-            match &result {
-                Err(e) => {
-                    let _ = a.reply.send(Stored::Failed(e.clone()));
-                }
-                Ok(w) if w.gone_addrs.contains(&a.event.addr_id) => {
-                    let _ = a.reply.send(Stored::AddrGone(a.event.addr));
-                }
-                Ok(w) => {
-                    let _ = a.reply.send(Stored::Yes);
-                    let mut targets = a.targets;
-                    targets.retain(|t| !w.gone_endpoints.contains(&t.endpoint_id));
-                    stored.push((a.event, targets));
-                }
+        let done = Committed { batch, result };
+        if done.result.is_ok() {
+            committed = Some(done);
+        } else {
+            // Answered at once: the next commit waits for the back-off.
+            if settle(done, &jobs, &store).await.is_err() {
+                return;
             }
-        }
-        for (event, targets) in stored {
-            let event = Arc::new(EventHead::of(event));
-            for t in targets {
-                let job = Job {
-                    event: event.clone(),
-                    endpoint_id: t.endpoint_id,
-                    plugin: t.plugin,
-                    config: t.config,
-                    attempts: 0,
-                };
-                let job = match jobs.try_send(job) {
-                    Ok(()) => continue,
-                    Err(mpsc::error::TrySendError::Closed(_)) => return,
-                    Err(mpsc::error::TrySendError::Full(job)) => job,
-                };
-                store.writer_waits();
-                if jobs.send(job).await.is_err() {
-                    return;
-                }
+            if recorded.is_empty() && accepts.is_empty() {
+                // Failed, but nothing waits any more: idle, not stalled.
+                liveness.writer.done();
             }
-        }
-        if result.is_err() && recorded.is_empty() && accepts.is_empty() {
-            // Failed, but nothing waits any more: idle, not stalled.
-            liveness.writer.done();
-        }
-        if result.is_err() {
             // Not a hot loop while the database is down.
             tokio::time::sleep(Duration::from_millis(50 * u64::from(failures.max(1)))).await;
         }
     }
+    // Closing: the last commit's pushes still wait for their answer.
+    if let Some(c) = committed.take() {
+        let _ = settle(c, &jobs, &store).await;
+    }
+}
+
+/// A commit's pushes, and how it went.
+struct Committed {
+    batch: Vec<Accept>,
+    result: Result<Written, String>,
+}
+
+/// The dispatcher is gone (the server is stopping).
+struct Closed;
+
+/// Answers a commit's pushes and hands its deliveries to the dispatcher,
+/// waiting for room when its queue is full.
+async fn settle(c: Committed, jobs: &mpsc::Sender<Job>, store: &Store) -> Result<(), Closed> {
+    let rest = answer(c, jobs)?;
+    wait_for_room(rest, jobs, store).await
+}
+
+/// Answers every push of a commit, then offers the deliveries of the
+/// events it stored to the dispatcher, without waiting: those that found
+/// its queue full are given back, in order. Every push is answered
+/// before any of its deliveries is handed over.
+fn answer(c: Committed, jobs: &mpsc::Sender<Job>) -> Result<Vec<Job>, Closed> {
+    let mut stored = Vec::with_capacity(c.batch.len());
+    for a in c.batch {
+        match &c.result {
+            Err(e) => {
+                let _ = a.reply.send(Stored::Failed(e.clone()));
+            }
+            Ok(w) if w.gone_addrs.contains(&a.event.addr_id) => {
+                let _ = a.reply.send(Stored::AddrGone(a.event.addr));
+            }
+            Ok(w) => {
+                let _ = a.reply.send(Stored::Yes);
+                let mut targets = a.targets;
+                targets.retain(|t| !w.gone_endpoints.contains(&t.endpoint_id));
+                stored.push((a.event, targets));
+            }
+        }
+    }
+    let mut rest = Vec::new();
+    for (event, targets) in stored {
+        let event = Arc::new(EventHead::of(event));
+        for t in targets {
+            let job = Job {
+                event: event.clone(),
+                endpoint_id: t.endpoint_id,
+                plugin: t.plugin,
+                config: t.config,
+                attempts: 0,
+            };
+            if !rest.is_empty() {
+                rest.push(job);
+                continue;
+            }
+            match jobs.try_send(job) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Closed(_)) => return Err(Closed),
+                Err(mpsc::error::TrySendError::Full(job)) => rest.push(job),
+            }
+        }
+    }
+    Ok(rest)
+}
+
+/// Hands `rest` to the dispatcher, waiting for room in its queue, which
+/// can take seconds while deliveries back up behind a slow target: the
+/// kept connection goes back to the pool first.
+async fn wait_for_room(
+    rest: Vec<Job>,
+    jobs: &mpsc::Sender<Job>,
+    store: &Store,
+) -> Result<(), Closed> {
+    if rest.is_empty() {
+        return Ok(());
+    }
+    store.writer_waits();
+    for job in rest {
+        jobs.send(job).await.map_err(|_| Closed)?;
+    }
+    Ok(())
 }
 
 /// What every delivery task of the dispatcher shares.
