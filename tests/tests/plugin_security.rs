@@ -148,23 +148,26 @@ async fn a_plugin_writes_only_below_its_own_directory() {
         .await;
     let elsewhere = tempfile::tempdir().expect("tempdir");
     let outside = elsewhere.path().join("outside.txt");
-    let (id, a) = s.new_addr().await;
-    s.endpoint(id, "test", json!({"write": outside.display().to_string()}))
-        .await;
-    assert_status!(s.push(json!({"addr": a, "msg": "out"})).await, 202);
-    let (state, _, error) = s.settled_delivery(id).await;
+    let (state, error) = plugin_writes(&s, &outside).await;
     assert_eq!(state, "failed");
     assert!(error.contains("Permission denied"), "{error}");
     assert!(!outside.exists());
 
     let inside = s.dir.path().join("data/plugins/test/inside.txt");
-    let (id, a) = s.new_addr().await;
-    s.endpoint(id, "test", json!({"write": inside.display().to_string()}))
-        .await;
-    assert_status!(s.push(json!({"addr": a, "msg": "in"})).await, 202);
-    let (state, _, error) = s.settled_delivery(id).await;
+    let (state, error) = plugin_writes(&s, &inside).await;
     assert_eq!(state, "delivered", "{error}");
     assert!(inside.exists());
+}
+
+/// Pushes to a new address whose test endpoint writes `path`: the
+/// delivery's state and error once settled.
+async fn plugin_writes(s: &Server, path: &std::path::Path) -> (String, String) {
+    let (id, a) = s.new_addr().await;
+    s.endpoint(id, "test", json!({"write": path.display().to_string()}))
+        .await;
+    assert_status!(s.push(json!({"addr": a, "msg": "write"})).await, 202);
+    let (state, _, error) = s.settled_delivery(id).await;
+    (state, error)
 }
 
 /// On a kernel without Landlock (before Linux 5.13) plugins still run,
@@ -188,11 +191,7 @@ async fn without_landlock_plugins_run_and_their_log_says_so() {
     .await;
     let elsewhere = tempfile::tempdir().expect("tempdir");
     let outside = elsewhere.path().join("outside.txt");
-    let (id, a) = s.new_addr().await;
-    s.endpoint(id, "test", json!({"write": outside.display().to_string()}))
-        .await;
-    assert_status!(s.push(json!({"addr": a, "msg": "out"})).await, 202);
-    let (state, _, error) = s.settled_delivery(id).await;
+    let (state, error) = plugin_writes(&s, &outside).await;
     assert_eq!(state, "delivered", "{error}");
     assert!(outside.exists());
 }

@@ -28,3 +28,24 @@ fn main() -> ExitCode {
     eprintln!("ERROR cannot run {python}: {err}");
     ExitCode::from(1)
 }
+
+#[cfg(test)]
+mod tests {
+    /// The bridge refuses by default exactly what the SDK's HTTP client
+    /// refuses, and gives the same reasons: it keeps its own copy of the
+    /// list (it is Python, standard library only).
+    #[test]
+    fn the_bridge_denies_by_default_what_the_sdk_denies() {
+        let sdk = roboger_plugin_sdk::egress::DEFAULT_DENY;
+        for (net, why) in sdk {
+            let entry = format!("(\"{net}\", \"{why}\")");
+            assert!(super::BRIDGE.contains(&entry), "bridge.py lacks {entry}");
+        }
+        let list = super::BRIDGE
+            .split_once("DEFAULT_DENY = (")
+            .and_then(|(_, rest)| rest.split_once("\n)"))
+            .map(|(list, _)| list)
+            .expect("bridge.py has DEFAULT_DENY");
+        assert_eq!(list.matches("(\"").count(), sdk.len(), "{list}");
+    }
+}
