@@ -405,15 +405,10 @@ async fn write_loop(
             Some(c) => tokio::join!(biased; commit, async { answer(c, &jobs) }),
             None => (commit.await, Ok(Vec::new())),
         };
-        match waiting {
-            Ok(rest) if rest.is_empty() => {}
-            Ok(rest) => {
-                if wait_for_room(rest, &jobs, &store).await.is_err() {
-                    return;
-                }
-            }
-            Err(Closed) => return,
-        }
+        let handed = match waiting {
+            Ok(rest) => wait_for_room(rest, &jobs, &store).await,
+            Err(closed) => Err(closed),
+        };
         metrics.commit(rows.len(), took);
         tracing::debug!(
             events = rows.len(),
@@ -459,6 +454,14 @@ async fn write_loop(
             }
         }
         let done = Committed { batch, result };
+        if handed.is_err() {
+            // The dispatcher is gone: this commit's pushes are answered
+            // all the same (a 503 for a stored event would be a lie);
+            // its deliveries stay pending, for the sweeper or the next
+            // start.
+            let _ = answer(done, &jobs);
+            return;
+        }
         if done.result.is_ok() {
             committed = Some(done);
         } else {
