@@ -663,27 +663,35 @@ async fn dispatch_loop(
 
 /// Groups the deliveries waiting at once into calls: the ones for a
 /// plugin that offers `send_batch` (`limit` > 1 for it) into batches of
-/// at most `limit`, without media; each other one on its own.
-fn batches(ready: &mut Vec<Job>, limit: impl Fn(&str) -> usize) -> Vec<Vec<Job>> {
+/// at most `limit`, without media; each other one on its own. `limit` is
+/// asked once per plugin, however many of its deliveries wait.
+fn batches(ready: &mut Vec<Job>, mut limit: impl FnMut(&str) -> usize) -> Vec<Vec<Job>> {
     let mut calls: Vec<Vec<Job>> = Vec::new();
-    let mut open: Vec<(usize, usize)> = Vec::new(); // (call index, limit)
+    // Per plugin seen: its limit and the call still open to it, if any.
+    let mut plugins: Vec<(String, usize, Option<usize>)> = Vec::new();
     for job in ready.drain(..) {
-        let has_media = job.event.media_size.is_some_and(|s| s > 0);
-        if !has_media {
-            let joined = open
-                .iter()
-                .find(|(i, l)| calls[*i][0].plugin == job.plugin && calls[*i].len() < *l);
-            if let Some(&(i, _)) = joined {
-                calls[i].push(job);
-                continue;
+        if job.event.media_size.is_some_and(|s| s > 0) {
+            calls.push(vec![job]);
+            continue;
+        }
+        let k = match plugins.iter().position(|(p, _, _)| *p == job.plugin) {
+            Some(k) => k,
+            None => {
+                let l = limit(&job.plugin);
+                plugins.push((job.plugin.clone(), l, None));
+                plugins.len() - 1
             }
-            let l = limit(&job.plugin);
-            if l > 1 {
-                open.retain(|(i, _)| calls[*i][0].plugin != job.plugin);
-                open.push((calls.len(), l));
+        };
+        let (_, l, open) = &mut plugins[k];
+        match *open {
+            Some(i) if calls[i].len() < *l => calls[i].push(job),
+            _ => {
+                if *l > 1 {
+                    *open = Some(calls.len());
+                }
+                calls.push(vec![job]);
             }
         }
-        calls.push(vec![job]);
     }
     calls
 }
@@ -883,7 +891,13 @@ mod tests {
             job("b2", "b", false),
         ];
         // `a` offers send_batch and takes 3 at a time; `b` does not.
-        let calls = batches(&mut ready, |p| if p == "a" { 3 } else { 0 });
+        let mut asked = Vec::new();
+        let calls = batches(&mut ready, |p| {
+            asked.push(p.to_string());
+            if p == "a" { 3 } else { 0 }
+        });
+        // Each plugin's limit is looked up once, not per delivery.
+        assert_eq!(asked, ["a", "b"]);
         let names: Vec<Vec<&str>> = calls
             .iter()
             .map(|c| c.iter().map(|j| j.event.id.as_str()).collect())
