@@ -100,6 +100,16 @@ try {
   await page.goto(`${base}/ui/addr?q=${addrId}`);
   await page.getByRole("link", { name: /^[A-Za-z0-9]{64}$/ }).first().waitFor();
   await checkPage("addresses");
+  // Searched for whole, the address is found (through its index), and
+  // alone; a longer search finds nothing.
+  const addrText = (await page.getByRole("link", { name: /^[A-Za-z0-9]{64}$/ }).first().textContent()).trim();
+  await page.goto(`${base}/ui/addr?q=${addrText}`);
+  await page.getByRole("link", { name: addrText }).waitFor();
+  assert.equal(await page.getByRole("link", { name: /^[A-Za-z0-9]{64}$/ }).count(), 1);
+  await page.goto(`${base}/ui/addr?q=${addrText}x`);
+  await page.getByRole("heading", { name: /^Addresses/ }).waitFor();
+  assert.equal(await page.getByRole("link", { name: /^[A-Za-z0-9]{64}$/ }).count(), 0);
+  await page.goto(`${base}/ui/addr?q=${addrId}`);
   await page.getByRole("link", { name: /^[A-Za-z0-9]{64}$/ }).first().click();
 
   // A webhook endpoint through the schema form: a bad URL first.

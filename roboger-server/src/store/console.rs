@@ -8,11 +8,11 @@
 use sea_orm::sea_query::{Expr, ExprTrait, LikeExpr};
 use sea_orm::{
     ActiveValue::Set, ColumnTrait, Condition, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder,
-    QuerySelect,
+    QuerySelect, Select,
 };
 
 use super::delivery::event_heads;
-use super::entity::{addr, console_session, console_signin, delivery, event};
+use super::entity::{ADDR_LEN, addr, console_session, console_signin, delivery, event};
 use super::{EventHead, Result, Store, StoreError, inserted};
 
 type Time = chrono::DateTime<chrono::Utc>;
@@ -115,34 +115,20 @@ impl Store {
 
     /// Up to `limit` addresses by id after `after`, those whose string
     /// holds `search` (or whose id it is) when given. Reads by the primary
-    /// key, so a page costs the same with any number of addresses.
+    /// key, so a page costs the same with any number of addresses; a
+    /// search as long as an address is found through its unique index.
     pub async fn addr_page(
         &self,
         search: Option<&str>,
         after: Option<i64>,
         limit: u64,
     ) -> Result<AddrPage> {
-        let mut q = addr::Entity::find().order_by_asc(addr::Column::Id);
-        if let Some(after) = after {
-            q = q.filter(addr::Column::Id.gt(after));
-        }
-        if let Some(s) = search.filter(|s| !s.is_empty()) {
-            let escaped: String = s
-                .chars()
-                .flat_map(|c| match c {
-                    '!' | '%' | '_' => vec!['!', c],
-                    c => vec![c],
-                })
-                .collect();
-            let mut any = Condition::any().add(
-                Expr::col((addr::Entity, addr::Column::A))
-                    .like(LikeExpr::new(format!("%{escaped}%")).escape('!')),
-            );
-            if let Ok(id) = s.parse::<i64>() {
-                any = any.add(addr::Column::Id.eq(id));
-            }
-            q = q.filter(any);
-        }
+        let Some(q) = addr_page_select(search, after) else {
+            return Ok(AddrPage {
+                rows: Vec::new(),
+                more: false,
+            });
+        };
         let mut rows = q.limit(limit + 1).all(&self.db).await?;
         let more = rows.len() as u64 > limit;
         rows.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
@@ -201,5 +187,84 @@ impl Store {
             .order_by_asc(delivery::Column::EndpointId)
             .all(&self.db)
             .await?)
+    }
+}
+
+/// [`Store::addr_page`]'s query, without its limit; `None` when nothing
+/// can match. Every address is [`ADDR_LEN`] characters long, so a search
+/// of that length holds only the address equal to it, and a longer one
+/// none: those need no scan of the table.
+fn addr_page_select(search: Option<&str>, after: Option<i64>) -> Option<Select<addr::Entity>> {
+    let mut q = addr::Entity::find().order_by_asc(addr::Column::Id);
+    if let Some(after) = after {
+        q = q.filter(addr::Column::Id.gt(after));
+    }
+    let Some(s) = search.filter(|s| !s.is_empty()) else {
+        return Some(q);
+    };
+    let len = s.chars().count();
+    if len > ADDR_LEN {
+        return None;
+    }
+    if len == ADDR_LEN {
+        return Some(q.filter(addr::Column::A.eq(s)));
+    }
+    let escaped: String = s
+        .chars()
+        .flat_map(|c| match c {
+            '!' | '%' | '_' => vec!['!', c],
+            c => vec![c],
+        })
+        .collect();
+    let mut any = Condition::any().add(
+        Expr::col((addr::Entity, addr::Column::A))
+            .like(LikeExpr::new(format!("%{escaped}%")).escape('!')),
+    );
+    if let Ok(id) = s.parse::<i64>() {
+        any = any.add(addr::Column::Id.eq(id));
+    }
+    Some(q.filter(any))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sea_orm::{ConnectionTrait, QueryTrait};
+    use sea_orm_migration::MigratorTrait;
+
+    /// SQLite's plan for `q`, one line per step.
+    async fn plan(db: &sea_orm::DatabaseConnection, q: Select<addr::Entity>) -> Vec<String> {
+        let mut st = q.build(sea_orm::DbBackend::Sqlite);
+        st.sql = format!("EXPLAIN QUERY PLAN {}", st.sql);
+        db.query_all_raw(st)
+            .await
+            .expect("the plan")
+            .iter()
+            .filter_map(|r| r.try_get::<String>("", "detail").ok())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_whole_address_is_looked_up_not_searched_for() {
+        let mut opts = sea_orm::ConnectOptions::new("sqlite::memory:");
+        opts.max_connections(1).min_connections(1);
+        let db = sea_orm::Database::connect(opts)
+            .await
+            .expect("in-memory SQLite");
+        super::super::migration::Migrator::up(&db, None)
+            .await
+            .expect("all migrations");
+        let whole = "a".repeat(ADDR_LEN);
+        let looked_up = plan(&db, addr_page_select(Some(&whole), None).expect("a query")).await;
+        assert!(
+            looked_up
+                .iter()
+                .any(|d| d.contains("USING INDEX") && d.contains("(a=?)")),
+            "{looked_up:?}"
+        );
+        // A part of an address is still searched for, by substring.
+        let part = plan(&db, addr_page_select(Some("aaa"), None).expect("a query")).await;
+        assert!(!part.iter().any(|d| d.contains("(a=?)")), "{part:?}");
+        assert!(addr_page_select(Some(&format!("{whole}a")), None).is_none());
     }
 }
