@@ -228,6 +228,7 @@ fn addr_page_select(search: Option<&str>, after: Option<i64>) -> Option<Select<a
 
 #[cfg(test)]
 mod tests {
+    use super::super::migration;
     use super::*;
     use sea_orm::{ConnectionTrait, QueryTrait};
     use sea_orm_migration::MigratorTrait;
@@ -246,12 +247,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_whole_address_is_looked_up_not_searched_for() {
-        let mut opts = sea_orm::ConnectOptions::new("sqlite::memory:");
-        opts.max_connections(1).min_connections(1);
-        let db = sea_orm::Database::connect(opts)
-            .await
-            .expect("in-memory SQLite");
-        super::super::migration::Migrator::up(&db, None)
+        let db = migration::memory_database().await;
+        migration::Migrator::up(&db, None)
             .await
             .expect("all migrations");
         let whole = "a".repeat(ADDR_LEN);

@@ -938,6 +938,18 @@ impl MigrationTrait for DropDeliveryEventKey {
     }
 }
 
+/// An in-memory SQLite database with no migration run yet, for tests of
+/// the schema and of the queries made on it.
+#[cfg(test)]
+pub(super) async fn memory_database() -> sea_orm::DatabaseConnection {
+    // One connection: each in-memory connection is its own database.
+    let mut opts = sea_orm::ConnectOptions::new("sqlite::memory:");
+    opts.max_connections(1).min_connections(1);
+    sea_orm::Database::connect(opts)
+        .await
+        .expect("in-memory SQLite")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -946,12 +958,7 @@ mod tests {
     /// only `delivery_once` indexes the event id. A new database never has it.
     #[tokio::test]
     async fn migration_3_drops_delivery_event_where_it_exists() {
-        // One connection: each in-memory connection is its own database.
-        let mut opts = sea_orm::ConnectOptions::new("sqlite::memory:");
-        opts.max_connections(1).min_connections(1);
-        let db = sea_orm::Database::connect(opts)
-            .await
-            .expect("in-memory SQLite");
+        let db = memory_database().await;
         let m = SchemaManager::new(&db);
         Migrator::up(&db, Some(2)).await.expect("migrations 1-2");
         assert!(!m.has_index("delivery", "delivery_event").await.unwrap());
@@ -967,11 +974,7 @@ mod tests {
     /// deliveries through the new index.
     #[tokio::test]
     async fn migration_8_indexes_pending_deliveries_only() {
-        let mut opts = sea_orm::ConnectOptions::new("sqlite::memory:");
-        opts.max_connections(1).min_connections(1);
-        let db = sea_orm::Database::connect(opts)
-            .await
-            .expect("in-memory SQLite");
+        let db = memory_database().await;
         Migrator::up(&db, None).await.expect("all migrations");
         let sql = |q: &str| sea_orm::Statement::from_string(sea_orm::DbBackend::Sqlite, q);
         let index = db
