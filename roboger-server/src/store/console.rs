@@ -114,9 +114,11 @@ impl Store {
     // ---- pages -----------------------------------------------------------------
 
     /// Up to `limit` addresses by id after `after`, those whose string
-    /// holds `search` (or whose id it is) when given. Reads by the primary
-    /// key, so a page costs the same with any number of addresses; a
-    /// search as long as an address is found through its unique index.
+    /// holds `search` (or whose id it is) when given. Without a search it
+    /// reads by the primary key, so a page costs the same with any number
+    /// of addresses; a search for part of an address reads on by id until
+    /// it has a page (or the end), and one as long as an address is found
+    /// through its unique index.
     pub async fn addr_page(
         &self,
         search: Option<&str>,
