@@ -173,7 +173,10 @@ async fn reload_on_sighup(cli: Cli, app: Arc<App>) {
         systemd::reloading();
         tracing::info!("SIGHUP: reloading the configuration");
         match load_config(&cli) {
-            Err(e) => tracing::error!("configuration refused, the running one is kept: {e:#}"),
+            Err(e) => tracing::error!(
+                "configuration refused, the running one is kept: {}",
+                said(&e)
+            ),
             Ok(config) => {
                 let r = app.reload(config).await;
                 tracing::info!(
@@ -283,9 +286,28 @@ async fn run(cli: Cli) -> std::process::ExitCode {
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{e:#}");
-            eprintln!("roboger-server: {e:#}");
+            let e = said(&e);
+            tracing::error!("{e}");
+            eprintln!("roboger-server: {e}");
             std::process::ExitCode::from(2)
         }
     }
+}
+
+/// `e` and its causes, each said once: a cause whose text ends the
+/// message so far is left out (the store's and sea-orm's errors repeat
+/// their causes' text, which `{:#}` would print three times).
+fn said(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.ends_with(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
 }

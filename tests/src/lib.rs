@@ -289,6 +289,11 @@ pub struct Starting {
 }
 
 impl Starting {
+    /// Waits until its log contains `needle` (or panics after `timeout`).
+    pub async fn wait_log(&self, needle: &str, timeout: Duration) {
+        wait_for_log(&self.log, needle, timeout).await;
+    }
+
     /// Waits until it listens (or panics with its log after 30 s).
     pub fn wait(self) -> Server {
         let (child, addr, log) = wait_listening(self.child, self.addr, self.log);
@@ -582,17 +587,7 @@ impl Server {
 
     /// Waits until the log contains `needle` (or panics after `timeout`).
     pub async fn wait_log(&self, needle: &str, timeout: Duration) {
-        let end = Instant::now() + timeout;
-        while Instant::now() < end {
-            if self.log.lock().map(|l| l.contains(needle)).unwrap_or(false) {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        panic!(
-            "log never showed {needle:?}:\n{}",
-            self.log.lock().map(|l| l.clone()).unwrap_or_default()
-        );
+        wait_for_log(&self.log, needle, timeout).await;
     }
 
     /// Sends SIGTERM and waits for the process to exit; returns its status.
@@ -654,6 +649,21 @@ fn server_command(
         cmd.env(k, v);
     }
     cmd
+}
+
+/// Waits until `log` contains `needle` (or panics after `timeout`).
+async fn wait_for_log(log: &Mutex<String>, needle: &str, timeout: Duration) {
+    let end = Instant::now() + timeout;
+    while Instant::now() < end {
+        if log.lock().map(|l| l.contains(needle)).unwrap_or(false) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!(
+        "log never showed {needle:?}:\n{}",
+        log.lock().map(|l| l.clone()).unwrap_or_default()
+    );
 }
 
 /// Starts `cmd` with stderr captured and waits for the "listening on"

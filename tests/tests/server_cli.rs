@@ -439,3 +439,132 @@ async fn json_log_lines_follow_one_event_by_its_fields() {
         assert_eq!(line["plugin"], "t", "{line}");
     }
 }
+
+/// What keeps the database from answering for a while: on SQLite another
+/// process holding the file's exclusive lock (as a disk stalled in the
+/// `fsync` of a new file's switch to WAL does), elsewhere a port where
+/// nothing listens yet, given to the real server by a relay started later.
+enum NotYet {
+    Locked(std::process::Child),
+    Refused { port: u16, to: String },
+}
+
+impl NotYet {
+    /// Takes `db`'s database away; returns the URL the server is to use.
+    fn take(db: &str) -> (NotYet, String) {
+        if let Some(path) = db.strip_prefix("sqlite://") {
+            let mut holder = Command::new("python3")
+                .args([
+                    "-c",
+                    "import sqlite3, sys\n\
+                     c = sqlite3.connect(sys.argv[1], isolation_level=None)\n\
+                     c.execute('BEGIN EXCLUSIVE')\n\
+                     print('locked', flush=True)\n\
+                     sys.stdin.readline()\n\
+                     c.execute('COMMIT')",
+                    path,
+                ])
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .expect("python3");
+            let mut line = String::new();
+            std::io::BufRead::read_line(
+                &mut std::io::BufReader::new(holder.stdout.as_mut().expect("stdout")),
+                &mut line,
+            )
+            .expect("read");
+            assert_eq!(line.trim(), "locked");
+            return (NotYet::Locked(holder), db.to_string());
+        }
+        let mut url = url::Url::parse(db).expect("a database URL");
+        let to = format!(
+            "{}:{}",
+            url.host_str().expect("a host"),
+            url.port().expect("a port")
+        );
+        // A port just freed: nothing listens on it until `give`.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        url.set_port(Some(port)).expect("a port");
+        (NotYet::Refused { port, to }, url.to_string())
+    }
+
+    /// Lets the server reach its database.
+    async fn give(self) {
+        match self {
+            NotYet::Locked(mut holder) => {
+                use std::io::Write;
+                let stdin = holder.stdin.as_mut().expect("stdin");
+                stdin.write_all(b"go\n").expect("release the lock");
+                assert!(holder.wait().expect("python3").success());
+            }
+            NotYet::Refused { port, to } => {
+                let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+                    .await
+                    .expect("the freed port");
+                tokio::spawn(async move {
+                    while let Ok((mut from, _)) = listener.accept().await {
+                        let to = to.clone();
+                        tokio::spawn(async move {
+                            if let Ok(mut db) = tokio::net::TcpStream::connect(&to).await {
+                                let _ = tokio::io::copy_bidirectional(&mut from, &mut db).await;
+                            }
+                        });
+                    }
+                });
+            }
+        }
+    }
+}
+
+/// A server started before its database can answer (started at the same
+/// moment, or a disk stalled on a flush) waits for it, saying so, rather
+/// than exiting after one `timeout` (2 s here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_waits_for_a_database_that_cannot_answer_yet() {
+    let dir = tempfile::tempdir().unwrap();
+    let (not_yet, url) = NotYet::take(&roboger_tests::fresh_database(dir.path()));
+    let starting = roboger_tests::Server::spawn(roboger_tests::ServerOptions {
+        db: Some(url),
+        ..Default::default()
+    });
+    // Said after a first attempt of 2 s: where the server used to exit.
+    starting
+        .wait_log(
+            "the database does not answer yet; trying again",
+            std::time::Duration::from_secs(10),
+        )
+        .await;
+    not_yet.give().await;
+    // `wait` blocks this thread; the relay runs on the runtime's workers.
+    let s = starting.wait();
+    assert_status!(s.request(Method::GET, "/ping", None, &[], None).await, 204);
+    let (_, a) = s.new_addr().await;
+    assert_status!(
+        s.push(serde_json::json!({"addr": a, "msg": "hi"})).await,
+        202
+    );
+}
+
+/// A database that can never be opened stops the start, its error said
+/// once (not once per layer that wraps it).
+#[test]
+fn a_database_that_cannot_be_opened_is_said_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = write(
+        dir.path(),
+        "r.yml",
+        "roboger:\n  db: sqlite:////dev/null/roboger.db\n  master:\n    key: k\n",
+    );
+    let (code, _, err) = run_server_cmd(&["--config", p.to_str().unwrap(), "migrate"], &[]);
+    assert_eq!(code, 2, "{err}");
+    let last = err.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("roboger-server: cannot connect to the database: "),
+        "{err}"
+    );
+    assert_eq!(last.matches("/dev/null").count(), 1, "{last}");
+}

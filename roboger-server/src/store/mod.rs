@@ -116,8 +116,11 @@ const KEEP_COMMIT_CONNECTION: Duration = Duration::from_millis(20);
 
 impl Store {
     /// Connects (creating a SQLite file when needed), with `timeout` on
-    /// connecting and on taking a connection from the pool.
+    /// each attempt and on taking a connection from the pool. A database
+    /// that cannot answer yet is tried again for [`CONNECT_PATIENCE`] or
+    /// three `timeout`s, whichever is longer.
     pub async fn connect(url: &DbUrl, pool: u32, timeout: Duration) -> Result<Store> {
+        let deadline = tokio::time::Instant::now() + CONNECT_PATIENCE.max(timeout * 3);
         if url.backend == DbBackend::Sqlite
             && let Some(dir) = sqlite_parent_dir(&url.url)
         {
@@ -150,10 +153,10 @@ impl Store {
             // Each in-memory connection would be a separate database.
             opts.max_connections(1);
         }
-        let db = connect_waiting(opts.clone(), timeout).await?;
+        let db = connect_waiting(opts.clone(), timeout, deadline).await?;
         let writes = if url.backend == DbBackend::Sqlite && !memory {
             opts.max_connections(1);
-            connect_waiting(opts.clone(), timeout).await?
+            connect_waiting(opts.clone(), timeout, deadline).await?
         } else {
             db.clone()
         };
@@ -186,7 +189,7 @@ impl Store {
                         format!("{}ms", cancel_after.as_millis().max(1)),
                     )])
                 });
-                let commit_pool = connect_waiting(opts, timeout).await?;
+                let commit_pool = connect_waiting(opts, timeout, deadline).await?;
                 CommitConnection::Postgres(Arc::new(kept::KeptConnection::new(
                     commit_pool.get_postgres_connection_pool().clone(),
                     keep_for,
@@ -304,19 +307,76 @@ fn is_unique_violation(e: &DbErr) -> bool {
     matches!(e.sql_err(), Some(SqlErr::UniqueConstraintViolation(_)))
 }
 
-/// Connects, waiting up to `timeout` while SQLite is busy: a new file is
-/// switched to WAL under an exclusive lock, and a second server opening
-/// it at that moment gets `SQLITE_BUSY` at once, without the busy handler.
-async fn connect_waiting(opts: ConnectOptions, timeout: Duration) -> Result<DatabaseConnection> {
-    let deadline = tokio::time::Instant::now() + timeout;
+/// How long a start keeps trying to reach its database at least (at
+/// most three `timeout`s more): a database started at the same moment
+/// (systemd, containers) or a disk stalled on a flush must not make the
+/// server exit.
+const CONNECT_PATIENCE: Duration = Duration::from_secs(30);
+
+/// Connects, each attempt bounded by the pool's `timeout`, trying again
+/// until `deadline` while the database cannot answer yet (see
+/// [`not_ready`]). SQLite's `SQLITE_BUSY` is tried again quietly: a new
+/// file is switched to WAL under an exclusive lock, and a second server
+/// opening it at that moment gets it at once, without the busy handler.
+/// Anything else (a refused login, an unknown database, a file that
+/// cannot be opened) fails at once.
+async fn connect_waiting(
+    opts: ConnectOptions,
+    timeout: Duration,
+    deadline: tokio::time::Instant,
+) -> Result<DatabaseConnection> {
+    let started = tokio::time::Instant::now();
+    let mut pause = Duration::from_millis(100);
     loop {
-        match sea_orm::Database::connect(opts.clone()).await {
+        let e = match sea_orm::Database::connect(opts.clone()).await {
             Ok(db) => return Ok(db),
-            Err(e) if sqlite_busy(&e) && tokio::time::Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            Err(e) => return Err(e.into()),
+            Err(e) => e,
+        };
+        let now = tokio::time::Instant::now();
+        if sqlite_busy(&e) && now < deadline {
+            tracing::debug!("the SQLite file is busy; connecting again");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            continue;
         }
+        let Some(why) = not_ready(&e, timeout) else {
+            return Err(e.into());
+        };
+        if now + pause >= deadline {
+            return Err(DbErr::Custom(format!(
+                "{why}; gave up after trying for {}s",
+                (now - started).as_secs()
+            ))
+            .into());
+        }
+        tracing::warn!(error = %why, "the database does not answer yet; trying again");
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_secs(2));
+    }
+}
+
+/// Why connecting failed, when the database may answer a moment later:
+/// no connection within `timeout`, a network error (refused, reset,
+/// unreachable, not resolved yet), PostgreSQL starting up (57P03) or out
+/// of connections (53300), MySQL out of connections (1040).
+fn not_ready(e: &DbErr, timeout: Duration) -> Option<String> {
+    use sea_orm::{RuntimeErr, sqlx::Error};
+    let timed_out = || {
+        format!(
+            "no connection within {}s (`timeout`)",
+            timeout.as_secs_f64()
+        )
+    };
+    match e {
+        DbErr::ConnectionAcquire(_) => Some(timed_out()),
+        DbErr::Conn(RuntimeErr::SqlxError(sqlx)) => match sqlx.as_ref() {
+            Error::PoolTimedOut => Some(timed_out()),
+            Error::Io(io) => Some(io.to_string()),
+            Error::Database(_) => db_code(e)
+                .filter(|c| matches!(c.as_str(), "57P03" | "53300" | "1040"))
+                .map(|_| sqlx.to_string()),
+            _ => None,
+        },
+        _ => None,
     }
 }
 
