@@ -442,11 +442,15 @@ async fn json_log_lines_follow_one_event_by_its_fields() {
 
 /// What keeps the database from answering for a while: on SQLite another
 /// process holding the file's exclusive lock (as a disk stalled in the
-/// `fsync` of a new file's switch to WAL does), elsewhere a port where
-/// nothing listens yet, given to the real server by a relay started later.
+/// `fsync` of a new file's switch to WAL does), elsewhere a port whose
+/// connections the kernel takes but nobody answers, until a relay to the
+/// real server starts accepting them.
 enum NotYet {
     Locked(std::process::Child),
-    Refused { port: u16, to: String },
+    Silent {
+        port: std::net::TcpListener,
+        to: String,
+    },
 }
 
 impl NotYet {
@@ -483,13 +487,11 @@ impl NotYet {
             url.host_str().expect("a host"),
             url.port().expect("a port")
         );
-        // A port just freed: nothing listens on it until `give`.
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
-        url.set_port(Some(port)).expect("a port");
-        (NotYet::Refused { port, to }, url.to_string())
+        // Kept bound (so no other test can take it), not accepted from.
+        let port = std::net::TcpListener::bind("127.0.0.1:0").expect("a port");
+        let number = port.local_addr().expect("its address").port();
+        url.set_port(Some(number)).expect("a port");
+        (NotYet::Silent { port, to }, url.to_string())
     }
 
     /// Lets the server reach its database.
@@ -501,10 +503,9 @@ impl NotYet {
                 stdin.write_all(b"go\n").expect("release the lock");
                 assert!(holder.wait().expect("python3").success());
             }
-            NotYet::Refused { port, to } => {
-                let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
-                    .await
-                    .expect("the freed port");
+            NotYet::Silent { port, to } => {
+                port.set_nonblocking(true).expect("nonblocking");
+                let listener = tokio::net::TcpListener::from_std(port).expect("the port");
                 tokio::spawn(async move {
                     while let Ok((mut from, _)) = listener.accept().await {
                         let to = to.clone();
