@@ -276,6 +276,45 @@ pub fn shared_database() -> (tempfile::TempDir, String) {
     (dir, url)
 }
 
+/// Another process (Python's `sqlite3`) holding SQLite's exclusive lock
+/// on the database file `db` until dropped: no other connection can read
+/// or write it meanwhile.
+pub struct SqliteLock(Child);
+
+impl SqliteLock {
+    /// Returns once the lock is held.
+    pub fn take(db: &Path) -> SqliteLock {
+        let python = std::env::var_os("ROBOGER_TEST_PYTHON").unwrap_or("python3".into());
+        let mut child = Command::new(python)
+            .args([
+                "-c",
+                "import sqlite3, sys\n\
+                 c = sqlite3.connect(sys.argv[1], isolation_level=None, timeout=30)\n\
+                 c.execute('BEGIN EXCLUSIVE')\n\
+                 print('locked', flush=True)\n\
+                 sys.stdin.read()\n",
+            ])
+            .arg(db)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("run python3");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("stdout"))
+            .read_line(&mut line)
+            .expect("read from python3");
+        assert_eq!(line.trim(), "locked");
+        SqliteLock(child)
+    }
+}
+
+impl Drop for SqliteLock {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// A server whose process is started but not yet listening.
 pub struct Starting {
     child: Child,

@@ -446,7 +446,7 @@ async fn json_log_lines_follow_one_event_by_its_fields() {
 /// connections the kernel takes but nobody answers, until a relay to the
 /// real server starts accepting them.
 enum NotYet {
-    Locked(std::process::Child),
+    Locked(roboger_tests::SqliteLock),
     Silent {
         port: std::net::TcpListener,
         to: String,
@@ -457,29 +457,8 @@ impl NotYet {
     /// Takes `db`'s database away; returns the URL the server is to use.
     fn take(db: &str) -> (NotYet, String) {
         if let Some(path) = db.strip_prefix("sqlite://") {
-            let mut holder = Command::new("python3")
-                .args([
-                    "-c",
-                    "import sqlite3, sys\n\
-                     c = sqlite3.connect(sys.argv[1], isolation_level=None)\n\
-                     c.execute('BEGIN EXCLUSIVE')\n\
-                     print('locked', flush=True)\n\
-                     sys.stdin.readline()\n\
-                     c.execute('COMMIT')",
-                    path,
-                ])
-                .stdin(std::process::Stdio::piped())
-                .stdout(std::process::Stdio::piped())
-                .spawn()
-                .expect("python3");
-            let mut line = String::new();
-            std::io::BufRead::read_line(
-                &mut std::io::BufReader::new(holder.stdout.as_mut().expect("stdout")),
-                &mut line,
-            )
-            .expect("read");
-            assert_eq!(line.trim(), "locked");
-            return (NotYet::Locked(holder), db.to_string());
+            let lock = roboger_tests::SqliteLock::take(std::path::Path::new(path));
+            return (NotYet::Locked(lock), db.to_string());
         }
         let mut url = url::Url::parse(db).expect("a database URL");
         let to = format!(
@@ -497,12 +476,7 @@ impl NotYet {
     /// Lets the server reach its database.
     async fn give(self) {
         match self {
-            NotYet::Locked(mut holder) => {
-                use std::io::Write;
-                let stdin = holder.stdin.as_mut().expect("stdin");
-                stdin.write_all(b"go\n").expect("release the lock");
-                assert!(holder.wait().expect("python3").success());
-            }
+            NotYet::Locked(lock) => drop(lock),
             NotYet::Silent { port, to } => {
                 port.set_nonblocking(true).expect("nonblocking");
                 let listener = tokio::net::TcpListener::from_std(port).expect("the port");

@@ -5,13 +5,11 @@
 //! held locked by another process) and comes back after; SIGTERM gives
 //! `STOPPING=1`.
 
-use std::io::Write;
 use std::os::unix::net::UnixDatagram;
-use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use roboger_tests::{Method, Server, ServerOptions, assert_status, json};
+use roboger_tests::{Method, Server, ServerOptions, SqliteLock, assert_status, json};
 
 /// Every datagram received, with when it came.
 #[derive(Clone, Default)]
@@ -73,47 +71,6 @@ impl Heard {
     }
 }
 
-/// Another process holding SQLite's write lock on `db` until dropped.
-struct Locked(std::process::Child);
-
-impl Locked {
-    fn take(db: &std::path::Path) -> Locked {
-        let python = std::env::var("ROBOGER_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
-        let mut child = Command::new(python)
-            .args([
-                "-c",
-                "import sqlite3, sys\n\
-                 c = sqlite3.connect(sys.argv[1], isolation_level=None, timeout=30)\n\
-                 c.execute('BEGIN EXCLUSIVE')\n\
-                 print('locked', flush=True)\n\
-                 sys.stdin.read()\n",
-            ])
-            .arg(db)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("run python3");
-        let mut line = String::new();
-        std::io::BufRead::read_line(
-            &mut std::io::BufReader::new(child.stdout.take().expect("stdout")),
-            &mut line,
-        )
-        .expect("read from python3");
-        assert_eq!(line.trim(), "locked");
-        Locked(child)
-    }
-}
-
-impl Drop for Locked {
-    fn drop(&mut self) {
-        if let Some(mut stdin) = self.0.stdin.take() {
-            let _ = stdin.write_all(b"");
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[tokio::test]
 async fn ready_when_answering_watchdog_only_while_progressing_stopping_on_sigterm() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -161,7 +118,7 @@ async fn ready_when_answering_watchdog_only_while_progressing_stopping_on_sigter
 
     // The database locked by another process: commits cannot succeed
     // while pushes keep coming, and the pings stop.
-    let lock = Locked::take(&db);
+    let lock = SqliteLock::take(&db);
     let frozen = Instant::now();
     let pusher = {
         let base = s.base.clone();
