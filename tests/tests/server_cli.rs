@@ -543,3 +543,74 @@ fn a_database_that_cannot_be_opened_is_said_once() {
     );
     assert_eq!(last.matches("/dev/null").count(), 1, "{last}");
 }
+
+/// A database that refuses the server (no such database on PostgreSQL
+/// and MariaDB, a file that is not a database on SQLite) stops the start
+/// at once: only a database that cannot answer yet is waited for.
+#[test]
+fn a_database_that_refuses_the_server_stops_the_start_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let fresh = roboger_tests::fresh_database(dir.path());
+    let (url, cause) = if fresh.starts_with("sqlite:") {
+        std::fs::write(dir.path().join("roboger.db"), [b'x'; 4096]).unwrap();
+        (fresh, "file is not a database")
+    } else {
+        let mut url = url::Url::parse(&fresh).expect("the test database's URL");
+        url.set_path("/roboger_no_such_database");
+        (url.to_string(), "roboger_no_such_database")
+    };
+    let p = write(
+        dir.path(),
+        "r.yml",
+        &format!("roboger:\n  db: {url}\n  timeout: 2\n  master:\n    key: k\n"),
+    );
+    let began = std::time::Instant::now();
+    let (code, _, err) = run_server_cmd(&["--config", p.to_str().unwrap(), "migrate"], &[]);
+    assert_eq!(code, 2, "{err}");
+    assert!(!err.contains("does not answer yet"), "tried again: {err}");
+    let last = err.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("roboger-server: cannot connect to the database: ")
+            && last.contains(cause),
+        "{err}"
+    );
+    // Trying again would go on for 30 s.
+    assert!(
+        began.elapsed() < std::time::Duration::from_secs(20),
+        "took {:?}",
+        began.elapsed()
+    );
+}
+
+/// A database that never answers is not waited for forever: the start
+/// gives up after 30 s (three `timeout`s would be less here), saying how
+/// long it tried. The deadline is the same code on every backend (which
+/// errors are tried again, what differs, is for the tests above), so the
+/// 30 s are waited once, in the SQLite suite.
+#[test]
+fn a_start_gives_up_on_a_database_that_never_answers() {
+    if roboger_tests::on_postgres() || roboger_tests::on_mysql() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (not_yet, url) = NotYet::take(&roboger_tests::fresh_database(dir.path()));
+    let p = write(
+        dir.path(),
+        "r.yml",
+        &format!("roboger:\n  db: {url}\n  timeout: 2\n  master:\n    key: k\n"),
+    );
+    let (code, _, err) = run_server_cmd(&["--config", p.to_str().unwrap(), "migrate"], &[]);
+    drop(not_yet);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("the database does not answer yet; trying again"),
+        "{err}"
+    );
+    let last = err.lines().last().unwrap_or_default();
+    let tried: u64 = last
+        .split_once("gave up after trying for ")
+        .and_then(|(_, s)| s.strip_suffix('s'))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no give-up in {last:?}"));
+    assert!((25..=32).contains(&tried), "{last}");
+}
