@@ -524,17 +524,24 @@ async fn a_server_waits_for_a_database_that_cannot_answer_yet() {
     );
 }
 
+/// `roboger-server migrate` on the database `db` (`timeout` 2 s): its exit
+/// code and standard error.
+fn migrate(dir: &std::path::Path, db: &str) -> (i32, String) {
+    let p = write(
+        dir,
+        "r.yml",
+        &format!("roboger:\n  db: {db}\n  timeout: 2\n  master:\n    key: k\n"),
+    );
+    let (code, _, err) = run_server_cmd(&["--config", p.to_str().unwrap(), "migrate"], &[]);
+    (code, err)
+}
+
 /// A database that can never be opened stops the start, its error said
 /// once (not once per layer that wraps it).
 #[test]
 fn a_database_that_cannot_be_opened_is_said_once() {
     let dir = tempfile::tempdir().unwrap();
-    let p = write(
-        dir.path(),
-        "r.yml",
-        "roboger:\n  db: sqlite:////dev/null/roboger.db\n  master:\n    key: k\n",
-    );
-    let (code, _, err) = run_server_cmd(&["--config", p.to_str().unwrap(), "migrate"], &[]);
+    let (code, err) = migrate(dir.path(), "sqlite:////dev/null/roboger.db");
     assert_eq!(code, 2, "{err}");
     let last = err.lines().last().unwrap_or_default();
     assert!(
@@ -559,13 +566,8 @@ fn a_database_that_refuses_the_server_stops_the_start_at_once() {
         url.set_path("/roboger_no_such_database");
         (url.to_string(), "roboger_no_such_database")
     };
-    let p = write(
-        dir.path(),
-        "r.yml",
-        &format!("roboger:\n  db: {url}\n  timeout: 2\n  master:\n    key: k\n"),
-    );
     let began = std::time::Instant::now();
-    let (code, _, err) = run_server_cmd(&["--config", p.to_str().unwrap(), "migrate"], &[]);
+    let (code, err) = migrate(dir.path(), &url);
     assert_eq!(code, 2, "{err}");
     assert!(!err.contains("does not answer yet"), "tried again: {err}");
     let last = err.lines().last().unwrap_or_default();
@@ -594,12 +596,7 @@ fn a_start_gives_up_on_a_database_that_never_answers() {
     }
     let dir = tempfile::tempdir().unwrap();
     let (not_yet, url) = NotYet::take(&roboger_tests::fresh_database(dir.path()));
-    let p = write(
-        dir.path(),
-        "r.yml",
-        &format!("roboger:\n  db: {url}\n  timeout: 2\n  master:\n    key: k\n"),
-    );
-    let (code, _, err) = run_server_cmd(&["--config", p.to_str().unwrap(), "migrate"], &[]);
+    let (code, err) = migrate(dir.path(), &url);
     drop(not_yet);
     assert_eq!(code, 2, "{err}");
     assert!(
