@@ -315,11 +315,14 @@ const CONNECT_PATIENCE: Duration = Duration::from_secs(30);
 
 /// Connects, each attempt bounded by the pool's `timeout`, trying again
 /// until `deadline` while the database cannot answer yet (see
-/// [`not_ready`]). SQLite's `SQLITE_BUSY` is tried again quietly: a new
-/// file is switched to WAL under an exclusive lock, and a second server
-/// opening it at that moment gets it at once, without the busy handler.
-/// Anything else (a refused login, an unknown database, a file that
-/// cannot be opened) fails at once.
+/// [`not_ready`]), with a warning each time. A busy SQLite file is tried
+/// again quietly and soon during the first `timeout`: a new file is
+/// switched to WAL under an exclusive lock, and a second server opening
+/// it at that moment gets `SQLITE_BUSY` at once, without the busy
+/// handler; a file still busy after that is held by another process,
+/// and is waited for like any database that cannot answer yet. Anything
+/// else (a refused login, an unknown database, a file that cannot be
+/// opened) fails at once.
 async fn connect_waiting(
     opts: ConnectOptions,
     timeout: Duration,
@@ -333,24 +336,35 @@ async fn connect_waiting(
             Err(e) => e,
         };
         let now = tokio::time::Instant::now();
-        if sqlite_busy(&e) && now < deadline {
-            tracing::debug!("the SQLite file is busy; connecting again");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            continue;
-        }
-        let Some(why) = not_ready(&e, timeout) else {
+        let busy = sqlite_busy(&e);
+        let why = if busy {
+            Some("the SQLite file is locked by another process".to_string())
+        } else {
+            not_ready(&e, timeout)
+        };
+        let Some(why) = why else {
             return Err(e.into());
         };
-        if now + pause >= deadline {
+        let quiet = busy && now - started < timeout;
+        let wait = if quiet {
+            Duration::from_millis(20)
+        } else {
+            pause
+        };
+        if now + wait >= deadline {
             return Err(DbErr::Custom(format!(
                 "{why}; gave up after trying for {}s",
                 (now - started).as_secs()
             ))
             .into());
         }
-        tracing::warn!(error = %why, "the database does not answer yet; trying again");
-        tokio::time::sleep(pause).await;
-        pause = (pause * 2).min(Duration::from_secs(2));
+        if quiet {
+            tracing::debug!("the SQLite file is busy; connecting again");
+        } else {
+            tracing::warn!(error = %why, "the database does not answer yet; trying again");
+            pause = (pause * 2).min(Duration::from_secs(2));
+        }
+        tokio::time::sleep(wait).await;
     }
 }
 
