@@ -318,14 +318,22 @@ async fn repeated_failed_sign_ins_are_slowed_down() {
             .contains("Too many failed sign-ins")
     );
     // After the wait (a second), the right key signs in; waiting attempts
-    // do not count as failures.
-    let end = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    // do not count as failures (if they did, each one would double the
+    // wait, and the loop would never get in). A 503 is the page that says
+    // the database did not answer in time, "try again": a loaded CI
+    // machine stalled SQLite's writes for seconds once, so it is tried
+    // again like a 429.
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(30);
     loop {
         let r = b.post("/ui/signin", &[("key", KEY)]).await;
         if r.status() == 303 {
             break;
         }
-        assert_eq!(r.status(), 429);
+        assert!(
+            [429, 503].contains(&r.status().as_u16()),
+            "a sign-in after the wait: {}",
+            r.status()
+        );
         assert!(
             std::time::Instant::now() < end,
             "still refused after the wait"
