@@ -96,9 +96,9 @@ fn store_err(e: StoreError) -> ErrorObjectOwned {
     match e {
         StoreError::NotFound(what) => err(codes::NOT_FOUND, format!("{what} not found")),
         StoreError::Conflict(m) => err(codes::REJECTED, m),
-        StoreError::Db(e) => {
+        e @ (StoreError::Db(_) | StoreError::Connect(_)) => {
             tracing::warn!(error = %e, "database error in a plugin callback");
-            err(codes::FAILED, format!("database error: {e}"))
+            err(codes::FAILED, e.to_string())
         }
     }
 }

@@ -27,6 +27,20 @@ use std::sync::Arc;
 
 use config::Config;
 
+/// Why [`App::start`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The database did not give the routing index (or the cluster's rows).
+    #[error("cannot load the routing index: {0}")]
+    Store(#[from] store::StoreError),
+    /// The Redis URL of `limits` is not one.
+    #[error("limits: {0}")]
+    Limits(String),
+    /// The metrics registry refused a metric.
+    #[error("cannot set up the metrics: {0}")]
+    Metrics(String),
+}
+
 /// What a reload changed.
 #[derive(Debug)]
 pub struct Reloaded {
@@ -68,7 +82,7 @@ pub struct App {
 impl App {
     /// Assembles the application state and starts the plugins (returns
     /// once each has had its first start attempt, or `timeout` passed).
-    pub async fn start(config: Config, store: store::Store) -> Result<App, store::StoreError> {
+    pub async fn start(config: Config, store: store::Store) -> Result<App, StartError> {
         let auth = api::auth::MasterAuth::new(
             &config.master_key,
             config.master_allow.clone(),
@@ -94,16 +108,14 @@ impl App {
             config.limits.as_ref().and_then(|l| l.redis.as_deref()),
             config.timeout,
         )
-        .map_err(|e| store::StoreError::Db(sea_orm::DbErr::Custom(e)))?;
+        .map_err(StartError::Limits)?;
         let routes = Arc::new(routing::Routes::default());
         routes.load(&store).await?;
         tokio::spawn(routing::follow(Arc::downgrade(&routes), store.clone()));
         let node = Arc::new(cluster::Node::new(&config.delivery.node));
         cluster::join(&store, &node).await;
-        let metrics = Arc::new(
-            metrics::Metrics::new()
-                .map_err(|e| store::StoreError::Db(sea_orm::DbErr::Custom(e.to_string())))?,
-        );
+        let metrics =
+            Arc::new(metrics::Metrics::new().map_err(|e| StartError::Metrics(e.to_string()))?);
         let bodies = api::budget::BodyBudget::new(config.body_budget, config.timeout / 2);
         let delivery = Arc::new(config.delivery.clone());
         let heartbeat = tokio::spawn(cluster::run(store.clone(), node.clone(), delivery.clone()));

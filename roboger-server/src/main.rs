@@ -205,11 +205,7 @@ async fn serve(cli: &Cli) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let local = listener.local_addr().context("listener has no address")?;
-    let app = Arc::new(
-        App::start(config, store)
-            .await
-            .context("cannot load the routing index")?,
-    );
+    let app = Arc::new(App::start(config, store).await.context("cannot start")?);
     tracing::info!(
         plugins = app.plugins.list().len(),
         "roboger-server {} listening on {local}",

@@ -596,7 +596,7 @@ fn a_start_gives_up_on_a_database_that_never_answers() {
 
 /// The same with a `timeout` longer than SQLite's busy handler (5 s): each
 /// attempt then ends on `SQLITE_BUSY` rather than on the timeout, and is
-/// warned about and given up on all the same.
+/// warned about and given up on all the same (naming the lock as why).
 #[test]
 fn a_start_gives_up_on_a_sqlite_file_that_stays_busy() {
     gives_up_on_a_locked_file(10);
@@ -616,6 +616,18 @@ fn gives_up_on_a_locked_file(timeout: u64) {
         "{err}"
     );
     let last = err.lines().last().unwrap_or_default();
+    // Why, in the server's own words, right after what failed.
+    let why = if timeout < 5 {
+        format!("no connection within {timeout}s (`timeout`)")
+    } else {
+        "the SQLite file is locked by another process".to_string()
+    };
+    assert!(
+        last.starts_with(&format!(
+            "roboger-server: cannot connect to the database: {why}; gave up"
+        )),
+        "{last}"
+    );
     let tried: u64 = last
         .split_once("gave up after trying for ")
         .and_then(|(_, s)| s.strip_suffix('s'))

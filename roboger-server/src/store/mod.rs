@@ -48,6 +48,10 @@ pub enum StoreError {
     /// The database failed or refused the operation.
     #[error("database error: {0}")]
     Db(#[from] DbErr),
+    /// The database cannot be reached or opened: why, in the store's words
+    /// (its own directory cannot be made, or it did not answer in time).
+    #[error("{0}")]
+    Connect(String),
 }
 
 type Result<T> = std::result::Result<T, StoreError>;
@@ -125,7 +129,7 @@ impl Store {
             && let Some(dir) = sqlite_parent_dir(&url.url)
         {
             std::fs::create_dir_all(&dir).map_err(|e| {
-                DbErr::Custom(format!("cannot create directory {}: {e}", dir.display()))
+                StoreError::Connect(format!("cannot create directory {}: {e}", dir.display()))
             })?;
         }
         let mut opts = ConnectOptions::new(url.url.clone());
@@ -352,11 +356,10 @@ async fn connect_waiting(
             pause
         };
         if now + wait >= deadline {
-            return Err(DbErr::Custom(format!(
+            return Err(StoreError::Connect(format!(
                 "{why}; gave up after trying for {}s",
                 (now - started).as_secs()
-            ))
-            .into());
+            )));
         }
         if quiet {
             tracing::debug!("the SQLite file is busy; connecting again");
