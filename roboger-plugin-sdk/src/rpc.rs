@@ -212,11 +212,22 @@ fn closed_error() -> Error {
 }
 
 impl Client {
-    /// Calls `method` and waits, within the call timeout, for its answer.
+    /// This client with another call timeout, for the calls that may take
+    /// longer than the others (a plugin's start: its runtime, its imports,
+    /// its `load`).
+    pub fn within(&self, timeout: Duration) -> Within<'_> {
+        Within {
+            client: self,
+            timeout,
+        }
+    }
+
+    /// Calls `method` and waits, within `timeout`, for its answer.
     async fn call(
         &self,
         method: &str,
         params: Option<Box<RawValue>>,
+        timeout: Duration,
     ) -> Result<Box<RawValue>, Error> {
         let call = async {
             let _slot = self.slots.acquire().await.map_err(|_| closed_error())?;
@@ -239,7 +250,7 @@ impl Client {
                 Err(_) => Err(closed_error()),
             }
         };
-        tokio::time::timeout(self.timeout, call)
+        tokio::time::timeout(timeout, call)
             .await
             .unwrap_or(Err(Error::RequestTimeout))
     }
@@ -278,7 +289,41 @@ impl Drop for Forget<'_> {
     }
 }
 
+/// A [`Client`] whose calls have their own timeout ([`Client::within`]).
+pub struct Within<'a> {
+    client: &'a Client,
+    timeout: Duration,
+}
+
 impl ClientT for Client {
+    async fn notification<Params>(&self, method: &str, params: Params) -> Result<(), Error>
+    where
+        Params: ToRpcParams + Send,
+    {
+        self.within(self.timeout).notification(method, params).await
+    }
+
+    async fn request<R, Params>(&self, method: &str, params: Params) -> Result<R, Error>
+    where
+        R: DeserializeOwned,
+        Params: ToRpcParams + Send,
+    {
+        self.within(self.timeout).request(method, params).await
+    }
+
+    /// Not part of the Roboger protocol.
+    async fn batch_request<'a, R>(
+        &self,
+        batch: BatchRequestBuilder<'a>,
+    ) -> Result<BatchResponse<'a, R>, Error>
+    where
+        R: DeserializeOwned + std::fmt::Debug + 'a,
+    {
+        self.within(self.timeout).batch_request(batch).await
+    }
+}
+
+impl ClientT for Within<'_> {
     async fn notification<Params>(&self, method: &str, params: Params) -> Result<(), Error>
     where
         Params: ToRpcParams + Send,
@@ -288,7 +333,11 @@ impl ClientT for Client {
             None => RawValue::from_string("{}".into())?,
         };
         let line = serde_json::to_string(&Notification::new(method.into(), params))?;
-        self.writer.send(line).await.map_err(|_| closed_error())
+        self.client
+            .writer
+            .send(line)
+            .await
+            .map_err(|_| closed_error())
     }
 
     async fn request<R, Params>(&self, method: &str, params: Params) -> Result<R, Error>
@@ -296,7 +345,10 @@ impl ClientT for Client {
         R: DeserializeOwned,
         Params: ToRpcParams + Send,
     {
-        let result = self.call(method, params.to_rpc_params()?).await?;
+        let result = self
+            .client
+            .call(method, params.to_rpc_params()?, self.timeout)
+            .await?;
         Ok(serde_json::from_str(result.get())?)
     }
 

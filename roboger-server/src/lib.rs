@@ -81,7 +81,8 @@ pub struct App {
 
 impl App {
     /// Assembles the application state and starts the plugins (returns
-    /// once each has had its first start attempt, or `timeout` passed).
+    /// once each has had its first start attempt, or a start's timeout
+    /// passed).
     pub async fn start(config: Config, store: store::Store) -> Result<App, StartError> {
         let auth = api::auth::MasterAuth::new(
             &config.master_key,
@@ -103,7 +104,7 @@ impl App {
         // This executable confines each plugin before running it.
         opts.launcher = std::env::current_exe().ok();
         let plugins = supervisor::Supervisor::start(config.plugins.clone(), opts, host);
-        plugins.wait_started(config.timeout * 2).await;
+        plugins.wait_started(plugins.start_timeout()).await;
         let counters = limits::Counters::new(
             config.limits.as_ref().and_then(|l| l.redis.as_deref()),
             config.timeout,
@@ -174,7 +175,7 @@ impl App {
     pub async fn reload(&self, new: Config) -> Reloaded {
         let plugins = self
             .plugins
-            .reconfigure(new.plugins.clone(), self.config.timeout * 2)
+            .reconfigure(new.plugins.clone(), self.plugins.start_timeout())
             .await;
         Reloaded {
             plugins,

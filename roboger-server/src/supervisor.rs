@@ -68,11 +68,21 @@ pub enum CallError {
 /// How long a call waits for a plugin that is starting or restarting.
 pub const START_WAIT: Duration = Duration::from_secs(1);
 
+/// The least time a plugin's start (its handshake, config check and
+/// `load`) is given, however short the call `timeout`: a runtime coming
+/// up, a Python plugin's imports, or any start on a loaded machine can
+/// outlast a call, and a start cut short is restarted only to be cut
+/// short again.
+pub const START_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Tunables of the supervisor (the defaults suit production).
 #[derive(Debug, Clone)]
 pub struct Options {
     /// Timeout of every call (the config's `timeout`).
     pub timeout: Duration,
+    /// Timeout of a plugin's start, its handshake, config check and
+    /// `load` (the longer of `timeout` and [`START_TIMEOUT`]).
+    pub start_timeout: Duration,
     /// Longest message a plugin may write.
     pub max_line: usize,
     /// How often a running plugin is pinged.
@@ -91,6 +101,7 @@ impl Options {
     pub fn new(timeout: Duration, max_line: usize) -> Options {
         Options {
             timeout,
+            start_timeout: timeout.max(START_TIMEOUT),
             max_line,
             health_interval: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(3),
@@ -383,6 +394,11 @@ impl Supervisor {
         if let Ok(mut m) = self.slots.write() {
             *m = slots;
         }
+    }
+
+    /// How long a plugin's start may take ([`Options::start_timeout`]).
+    pub fn start_timeout(&self) -> Duration {
+        self.opts.start_timeout
     }
 
     /// Waits (at most `limit`) until every plugin's first start attempt
@@ -1112,9 +1128,10 @@ async fn start_once(
         },
         on_notification,
     );
+    // The start's calls have the start's timeout.
+    let starting = peer.client().within(opts.start_timeout);
     let hello = async {
-        let r = peer
-            .client()
+        let r = starting
             .hello(
                 env!("CARGO_PKG_VERSION").to_string(),
                 protocol::PROTOCOL_VERSION.to_string(),
@@ -1126,7 +1143,7 @@ async fn start_once(
             None => e.to_string(),
         })
     };
-    let manifest = match tokio::time::timeout(opts.timeout, hello).await {
+    let manifest = match tokio::time::timeout(opts.start_timeout, hello).await {
         Err(_) => return Err(StartError::Crashed("no answer to the handshake".into())),
         Ok(Err(e)) if e.contains("not compatible") => {
             return Err(StartError::Refused(format!("incompatible protocol: {e}")));
@@ -1152,12 +1169,8 @@ async fn start_once(
             continue;
         }
         let r = match method {
-            "load" => peer.client().load(plugin_config.clone()).await,
-            _ => {
-                peer.client()
-                    .validate_plugin_config(plugin_config.clone())
-                    .await
-            }
+            "load" => starting.load(plugin_config.clone()).await,
+            _ => starting.validate_plugin_config(plugin_config.clone()).await,
         };
         match r {
             Ok(()) => {}

@@ -468,3 +468,22 @@ async fn a_call_waits_for_a_plugin_that_is_starting() {
     assert_status!(r, 201);
     assert_eq!(plugin(&s, "t").await["state"], "running");
 }
+
+/// A plugin whose start outlasts the call `timeout` (2 s here) still
+/// starts, at its first attempt: a start has a timeout of its own (10 s at
+/// least), and the server waits as long for its plugins' first start
+/// before it listens. Cut at `timeout`, each attempt would be restarted
+/// only to be cut short again.
+#[tokio::test]
+async fn a_plugin_slower_to_start_than_a_call_starts() {
+    let s = Server::start_with(ServerOptions {
+        plugins_yaml: entry("t", "normal", "    TEST_PLUGIN_START_DELAY_MS: '3000'\n"),
+        ..Default::default()
+    })
+    .await;
+    let p = plugin(&s, "t").await;
+    assert_eq!(p["state"], "running", "{p}");
+    assert_eq!(p["restarts"], 0, "{p}");
+    let (id, _) = s.new_addr().await;
+    assert_status!(s.try_endpoint(id, "t", json!({})).await, 201);
+}
