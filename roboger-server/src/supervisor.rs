@@ -1128,28 +1128,28 @@ async fn start_once(
         },
         on_notification,
     );
-    // The start's calls have the start's timeout.
+    // The start's calls have the start's timeout, which bounds each.
     let starting = peer.client().within(opts.start_timeout);
-    let hello = async {
-        let r = starting
-            .hello(
-                env!("CARGO_PKG_VERSION").to_string(),
-                protocol::PROTOCOL_VERSION.to_string(),
-                Some(cfg.egress.clone()),
-            )
-            .await;
-        r.map_err(|e| match peer.close_reason() {
-            Some(reason) => format!("connection closed: {reason}"),
-            None => e.to_string(),
-        })
-    };
-    let manifest = match tokio::time::timeout(opts.start_timeout, hello).await {
-        Err(_) => return Err(StartError::Crashed("no answer to the handshake".into())),
-        Ok(Err(e)) if e.contains("not compatible") => {
+    let hello = starting
+        .hello(
+            env!("CARGO_PKG_VERSION").to_string(),
+            protocol::PROTOCOL_VERSION.to_string(),
+            Some(cfg.egress.clone()),
+        )
+        .await
+        .map_err(|e| match (peer.close_reason(), e) {
+            (Some(reason), _) => format!("connection closed: {reason}"),
+            (None, ClientError::RequestTimeout) => {
+                format!("no answer within {}s", opts.start_timeout.as_secs_f64())
+            }
+            (None, e) => e.to_string(),
+        });
+    let manifest = match hello {
+        Err(e) if e.contains("not compatible") => {
             return Err(StartError::Refused(format!("incompatible protocol: {e}")));
         }
-        Ok(Err(e)) => return Err(StartError::Crashed(format!("handshake failed: {e}"))),
-        Ok(Ok(m)) => m,
+        Err(e) => return Err(StartError::Crashed(format!("handshake failed: {e}"))),
+        Ok(m) => m,
     };
     if !protocol::compatible(&manifest.protocol_version) {
         return Err(StartError::Refused(format!(

@@ -487,3 +487,30 @@ async fn a_plugin_slower_to_start_than_a_call_starts() {
     let (id, _) = s.new_addr().await;
     assert_status!(s.try_endpoint(id, "t", json!({})).await, 201);
 }
+
+/// A plugin that never answers its handshake is not waited for forever:
+/// its start is cut at the start's timeout (10 s) and it is restarted,
+/// saying why; the server, which waits as long for its plugins' first
+/// start, listens all the same.
+#[tokio::test]
+async fn a_plugin_silent_at_its_handshake_is_restarted() {
+    let began = Instant::now();
+    let s = Server::start_with(ServerOptions {
+        plugins_yaml: entry("t", "normal", "    TEST_PLUGIN_START_DELAY_MS: '600000'\n"),
+        ..Default::default()
+    })
+    .await;
+    let p = wait_plugin(&s, "t", "restarted", |p| {
+        p["restarts"].as_u64().unwrap_or(0) >= 1
+    })
+    .await;
+    assert!(
+        p["last_error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("handshake failed: no answer within 10s"),
+        "{p}"
+    );
+    assert!(began.elapsed() >= Duration::from_secs(10), "{p}");
+    assert_status!(s.request(Method::GET, "/ping", None, &[], None).await, 204);
+}
