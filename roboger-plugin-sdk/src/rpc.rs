@@ -89,7 +89,6 @@ pub type NotificationHandler = Arc<dyn Fn(&str, Value) + Send + Sync>;
 pub struct Peer {
     client: Arc<Client>,
     closed: watch::Receiver<Closed>,
-    writer: mpsc::Sender<String>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -134,7 +133,6 @@ impl Peer {
         Peer {
             client,
             closed: closed_rx,
-            writer: write_tx,
             tasks: vec![writer, reader],
         }
     }
@@ -144,10 +142,16 @@ impl Peer {
         &self.client
     }
 
-    /// Sends a notification (no answer expected).
+    /// Sends a notification (no answer expected). False if it could not
+    /// be queued within the call timeout (the other side reads nothing)
+    /// or the peer has closed.
     pub async fn notify(&self, method: &str, params: Value) -> bool {
         let msg = serde_json::json!({"jsonrpc": "2.0", "method": method, "params": params});
-        self.writer.send(msg.to_string()).await.is_ok()
+        let client = &self.client;
+        client
+            .send_line(msg.to_string(), client.timeout)
+            .await
+            .is_ok()
     }
 
     /// Resolves when the peer has closed, with the reason.
@@ -255,6 +259,16 @@ impl Client {
             .unwrap_or(Err(Error::RequestTimeout))
     }
 
+    /// Queues one line for the writer, waiting at most `timeout` for room:
+    /// a notification has no answer to time out, but the wait for room in
+    /// the queue is bounded all the same (a plugin that stopped reading).
+    async fn send_line(&self, line: String, timeout: Duration) -> Result<(), Error> {
+        match tokio::time::timeout(timeout, self.writer.send(line)).await {
+            Ok(sent) => sent.map_err(|_| closed_error()),
+            Err(_) => Err(Error::RequestTimeout),
+        }
+    }
+
     /// Hands a response to the call it answers; unknown ids (a call that
     /// already timed out) are dropped.
     fn answer(&self, id: &Value, answer: Answer) {
@@ -333,11 +347,7 @@ impl ClientT for Within<'_> {
             None => RawValue::from_string("{}".into())?,
         };
         let line = serde_json::to_string(&Notification::new(method.into(), params))?;
-        self.client
-            .writer
-            .send(line)
-            .await
-            .map_err(|_| closed_error())
+        self.client.send_line(line, self.timeout).await
     }
 
     async fn request<R, Params>(&self, method: &str, params: Params) -> Result<R, Error>
@@ -706,6 +716,32 @@ mod tests {
         assert!(peer.is_open());
         let pending = peer.client().pending.lock().unwrap();
         assert!(pending.as_ref().is_some_and(HashMap::is_empty));
+    }
+
+    /// A side that reads nothing fills the pipe, then the writer's queue;
+    /// a notification then gives up at the call timeout instead of
+    /// waiting for room for ever (a server's shutdown waits on it).
+    #[tokio::test(start_paused = true)]
+    async fn a_notification_to_a_side_that_reads_nothing_gives_up() {
+        let (peer, _hand) = Hand::start(Duration::from_secs(2));
+        let big = Value::String("x".repeat(16 * 1024));
+        let filled = tokio::time::timeout(Duration::from_secs(600), async {
+            let mut sent = 0usize;
+            while peer.notify("fill", big.clone()).await {
+                sent += 1;
+            }
+            sent
+        })
+        .await
+        .expect("notify gave up within its timeout, not never");
+        // The pipe (64 KiB), the writer's buffer and its queue of 1024 lines.
+        assert!(filled >= 1024, "gave up after {filled} notifications");
+        let started = tokio::time::Instant::now();
+        let c = peer.client().clone();
+        let r = c.notification("more", ObjectParams::new()).await;
+        assert!(matches!(r, Err(Error::RequestTimeout)), "{r:?}");
+        assert_eq!(started.elapsed(), Duration::from_secs(2));
+        assert!(peer.is_open());
     }
 
     #[tokio::test]
