@@ -3,7 +3,8 @@
 //! push is answered 202 and every accepted event reaches the plugins that
 //! stayed; the untouched plugin keeps its process, and the served OpenAPI
 //! document names the new set of plugins. A configuration that does not
-//! load is refused and the running one kept.
+//! load is refused and the running one kept. A plugin slow to start is
+//! waited for.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -59,6 +60,20 @@ fn sent(dir: &std::path::Path, name: &str) -> BTreeSet<String> {
         .filter(|r| r["method"] == "send")
         .filter_map(|r| r["msg"].as_str().map(String::from))
         .collect()
+}
+
+/// Rewrites the server's config file with the plugin list `after` in
+/// place of `before` (as the test harness indents it).
+fn replace_plugins(s: &Server, before: &str, after: &str) {
+    let config = std::fs::read_to_string(&s.config_path).expect("config");
+    let indented =
+        |block: &str| -> String { block.lines().map(|l| format!("    {l}\n")).collect() };
+    assert!(config.contains(&indented(before)), "{config}");
+    std::fs::write(
+        &s.config_path,
+        config.replace(&indented(before), &indented(after)),
+    )
+    .expect("rewrite config");
 }
 
 #[tokio::test]
@@ -132,21 +147,13 @@ async fn sighup_adds_changes_and_removes_plugins_under_load_losing_nothing() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
-    let config = std::fs::read_to_string(&s.config_path).expect("config");
     let after = format!(
         "{}{}{}",
         plugin("keep", "{}", rec.path()),
         plugin("change", "{v: 2}", rec.path()),
         plugin("added", "{}", rec.path())
     );
-    let indented =
-        |block: &str| -> String { block.lines().map(|l| format!("    {l}\n")).collect() };
-    assert!(config.contains(&indented(&before)), "{config}");
-    std::fs::write(
-        &s.config_path,
-        config.replace(&indented(&before), &indented(&after)),
-    )
-    .expect("rewrite config");
+    replace_plugins(&s, &before, &after);
     s.signal("HUP");
     s.wait_log("configuration reloaded", Duration::from_secs(20))
         .await;
@@ -219,4 +226,37 @@ async fn sighup_adds_changes_and_removes_plugins_under_load_losing_nothing() {
     assert_eq!(pid_of(&still, "keep"), Some(keep_pid));
     assert_eq!(still.len(), 3);
     assert_status!(s.push(json!({"addr": a, "msg": "still"})).await, 202);
+}
+
+/// A plugin added by a reload that takes longer to start than a call may
+/// (5 s, under `timeout: 2`; a reload used to wait 4 s) is running when
+/// the reload is done: the reload waits for it as long as a start may
+/// take (10 s at least), so the first endpoint for it is taken at once,
+/// not refused because the plugin "is starting".
+#[tokio::test]
+async fn a_reload_waits_for_a_slow_plugin_it_adds() {
+    let rec = tempfile::tempdir().expect("tempdir");
+    let before = plugin("keep", "{}", rec.path());
+    let s = Server::start_with(ServerOptions {
+        plugins_yaml: before.clone(),
+        ..Default::default()
+    })
+    .await;
+    let slow = format!(
+        "- name: slow\n  command: {}\n  config: {{}}\n  env: {{TEST_PLUGIN_START_DELAY_MS: '5000'}}\n",
+        test_plugin_bin().display()
+    );
+    replace_plugins(&s, &before, &format!("{before}{slow}"));
+    s.signal("HUP");
+    s.wait_log("configuration reloaded", Duration::from_secs(30))
+        .await;
+    let listed = plugins(&s).await;
+    let slow = listed
+        .iter()
+        .find(|p| p["plugin_name"] == "slow")
+        .unwrap_or_else(|| panic!("no plugin slow in {listed:?}"));
+    assert_eq!(slow["state"], "running", "{slow}");
+    assert_eq!(slow["restarts"], 0, "{slow}");
+    let (id, _) = s.new_addr().await;
+    assert_status!(s.try_endpoint(id, "slow", json!({})).await, 201);
 }
