@@ -146,12 +146,8 @@ impl Peer {
     /// be queued within the call timeout (the other side reads nothing)
     /// or the peer has closed.
     pub async fn notify(&self, method: &str, params: Value) -> bool {
-        let msg = serde_json::json!({"jsonrpc": "2.0", "method": method, "params": params});
         let client = &self.client;
-        client
-            .send_line(msg.to_string(), client.timeout)
-            .await
-            .is_ok()
+        client.notify(method, params, client.timeout).await.is_ok()
     }
 
     /// Resolves when the peer has closed, with the reason.
@@ -259,10 +255,17 @@ impl Client {
             .unwrap_or(Err(Error::RequestTimeout))
     }
 
-    /// Queues one line for the writer, waiting at most `timeout` for room:
-    /// a notification has no answer to time out, but the wait for room in
-    /// the queue is bounded all the same (a plugin that stopped reading).
-    async fn send_line(&self, line: String, timeout: Duration) -> Result<(), Error> {
+    /// Sends a notification, waiting at most `timeout` for room in the
+    /// writer's queue: a notification has no answer to time out, but the
+    /// wait for room is bounded all the same (a plugin that stopped
+    /// reading).
+    async fn notify<P: serde::Serialize>(
+        &self,
+        method: &str,
+        params: P,
+        timeout: Duration,
+    ) -> Result<(), Error> {
+        let line = serde_json::to_string(&Notification::new(method.into(), params))?;
         match tokio::time::timeout(timeout, self.writer.send(line)).await {
             Ok(sent) => sent.map_err(|_| closed_error()),
             Err(_) => Err(Error::RequestTimeout),
@@ -346,8 +349,7 @@ impl ClientT for Within<'_> {
             Some(p) => p,
             None => RawValue::from_string("{}".into())?,
         };
-        let line = serde_json::to_string(&Notification::new(method.into(), params))?;
-        self.client.send_line(line, self.timeout).await
+        self.client.notify(method, params, self.timeout).await
     }
 
     async fn request<R, Params>(&self, method: &str, params: Params) -> Result<R, Error>

@@ -104,7 +104,7 @@ impl App {
         // This executable confines each plugin before running it.
         opts.launcher = std::env::current_exe().ok();
         let plugins = supervisor::Supervisor::start(config.plugins.clone(), opts, host);
-        plugins.wait_started(plugins.start_timeout()).await;
+        plugins.wait_started().await;
         let counters = limits::Counters::new(
             config.limits.as_ref().and_then(|l| l.redis.as_deref()),
             config.timeout,
@@ -173,10 +173,7 @@ impl App {
     /// changed setting is named in the answer and takes effect at the next
     /// restart.
     pub async fn reload(&self, new: Config) -> Reloaded {
-        let plugins = self
-            .plugins
-            .reconfigure(new.plugins.clone(), self.plugins.start_timeout())
-            .await;
+        let plugins = self.plugins.reconfigure(new.plugins.clone()).await;
         Reloaded {
             plugins,
             needs_restart: self.config.differences(&new),

@@ -80,9 +80,6 @@ pub const START_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct Options {
     /// Timeout of every call (the config's `timeout`).
     pub timeout: Duration,
-    /// Timeout of a plugin's start, its handshake, config check and
-    /// `load` (the longer of `timeout` and [`START_TIMEOUT`]).
-    pub start_timeout: Duration,
     /// Longest message a plugin may write.
     pub max_line: usize,
     /// How often a running plugin is pinged.
@@ -101,13 +98,18 @@ impl Options {
     pub fn new(timeout: Duration, max_line: usize) -> Options {
         Options {
             timeout,
-            start_timeout: timeout.max(START_TIMEOUT),
             max_line,
             health_interval: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(3),
             backoff: BackoffPolicy::default(),
             launcher: None,
         }
+    }
+
+    /// Timeout of a plugin's start, each of its handshake, config check
+    /// and `load`: the longer of `timeout` and [`START_TIMEOUT`].
+    pub fn start_timeout(&self) -> Duration {
+        self.timeout.max(START_TIMEOUT)
     }
 }
 
@@ -396,26 +398,23 @@ impl Supervisor {
         }
     }
 
-    /// How long a plugin's start may take ([`Options::start_timeout`]).
-    pub fn start_timeout(&self) -> Duration {
-        self.opts.start_timeout
-    }
-
-    /// Waits (at most `limit`) until every plugin's first start attempt
-    /// has finished, so the first requests find them running.
-    pub async fn wait_started(&self, limit: Duration) {
+    /// Waits (at most a start's timeout, [`Options::start_timeout`])
+    /// until every plugin's first start attempt has finished, so the first
+    /// requests find them running.
+    pub async fn wait_started(&self) {
         let slots: Vec<Arc<Slot>> = self.slots().into_values().collect();
+        let limit = self.opts.start_timeout();
         let _ = tokio::time::timeout(limit, first_starts(&slots)).await;
     }
 
     /// Applies a new plugin list (a reload): plugins no longer listed are
     /// stopped, new ones started, and those whose configuration changed
     /// are started anew and take over once their first start is done
-    /// (bounded by `limit`), then the old process is stopped; the others
+    /// (bounded by a start's timeout), then the old process is stopped; the others
     /// keep running untouched. Calls during the change find either the
     /// old or the new process; one that fails is retried like any failed
     /// delivery.
-    pub async fn reconfigure(&self, plugins: Vec<PluginConfig>, limit: Duration) -> Reconfigured {
+    pub async fn reconfigure(&self, plugins: Vec<PluginConfig>) -> Reconfigured {
         let _changing = self.changing.lock().await;
         let old = self.slots();
         let mut done = Reconfigured::default();
@@ -440,6 +439,7 @@ impl Supervisor {
                 }
             }
         }
+        let limit = self.opts.start_timeout();
         let _ = tokio::time::timeout(limit, first_starts(&fresh)).await;
         self.set_slots(next.clone());
         for (name, slot) in &old {
@@ -1129,7 +1129,7 @@ async fn start_once(
         on_notification,
     );
     // The start's calls have the start's timeout, which bounds each.
-    let starting = peer.client().within(opts.start_timeout);
+    let starting = peer.client().within(opts.start_timeout());
     let hello = starting
         .hello(
             env!("CARGO_PKG_VERSION").to_string(),
@@ -1140,7 +1140,7 @@ async fn start_once(
         .map_err(|e| match (peer.close_reason(), e) {
             (Some(reason), _) => format!("connection closed: {reason}"),
             (None, ClientError::RequestTimeout) => {
-                format!("no answer within {}s", opts.start_timeout.as_secs_f64())
+                format!("no answer within {}s", opts.start_timeout().as_secs_f64())
             }
             (None, e) => e.to_string(),
         });

@@ -39,7 +39,7 @@ async fn rig(dir: tempfile::TempDir, plugins: Vec<PluginConfig>) -> Rig {
     let mut opts = Options::new(Duration::from_secs(2), 1 << 20);
     opts.health_interval = Duration::from_millis(500);
     let sup = Supervisor::start(plugins, opts, host);
-    sup.wait_started(Duration::from_secs(10)).await;
+    sup.wait_started().await;
     Rig {
         sup,
         store,
