@@ -914,4 +914,90 @@ mod tests {
         );
         assert!(ready.is_empty());
     }
+
+    fn accept(id: &str, endpoints: &[i64]) -> (Accept, oneshot::Receiver<Stored>) {
+        let (reply, rx) = oneshot::channel();
+        let event = event::Model {
+            id: id.into(),
+            addr_id: 1,
+            addr: "a".into(),
+            msg: String::new(),
+            subject: String::new(),
+            formatted_subject: String::new(),
+            level: 20,
+            location: None,
+            tag: None,
+            sender: None,
+            media: None,
+            media_fname: None,
+            created: chrono::Utc::now(),
+        };
+        let targets = endpoints
+            .iter()
+            .map(|&endpoint_id| Target {
+                endpoint_id,
+                plugin: "webhook".into(),
+                config: Arc::new(Value::Null),
+            })
+            .collect();
+        let a = Accept {
+            event,
+            targets,
+            reply,
+            claim: Arc::new(Claim::default()),
+        };
+        (a, rx)
+    }
+
+    #[test]
+    fn a_commit_is_answered_even_when_the_dispatcher_is_gone() {
+        let (jobs, gone) = mpsc::channel(4);
+        drop(gone);
+        let (a, a_rx) = accept("a", &[1, 2]);
+        let (b, b_rx) = accept("b", &[1]);
+        let done = Committed {
+            batch: vec![a, b],
+            result: Ok(Written::default()),
+        };
+        assert!(answer(done, &jobs).is_err(), "no dispatcher to hand to");
+        // Both events are stored: a 503 would be a lie. Their
+        // deliveries stay pending in the database.
+        for mut rx in [a_rx, b_rx] {
+            assert!(matches!(rx.try_recv(), Ok(Stored::Yes)));
+        }
+    }
+
+    #[test]
+    fn a_commit_answers_every_push_and_gives_back_what_finds_the_queue_full() {
+        let (jobs, mut queued) = mpsc::channel(1);
+        let (a, mut a_rx) = accept("a", &[1, 2, 3]);
+        let (mut b, mut b_rx) = accept("b", &[1]);
+        b.event.addr_id = 7;
+        let (c, mut c_rx) = accept("c", &[4]);
+        let done = Committed {
+            batch: vec![a, b, c],
+            result: Ok(Written {
+                gone_addrs: [7].into(),
+                gone_endpoints: [2].into(),
+                dropped_outcomes: 0,
+            }),
+        };
+        let Ok(rest) = answer(done, &jobs) else {
+            panic!("the dispatcher is there");
+        };
+        assert!(matches!(a_rx.try_recv(), Ok(Stored::Yes)));
+        assert!(matches!(b_rx.try_recv(), Ok(Stored::AddrGone(addr)) if addr == "a"));
+        assert!(matches!(c_rx.try_recv(), Ok(Stored::Yes)));
+        // The queue took the first delivery; the rest come back in order,
+        // without the deleted endpoint's nor the deleted address's.
+        let first = queued
+            .try_recv()
+            .map(|j| (j.event.id.clone(), j.endpoint_id));
+        assert_eq!(first.ok(), Some(("a".to_string(), 1)));
+        let rest: Vec<(String, i64)> = rest
+            .iter()
+            .map(|j| (j.event.id.clone(), j.endpoint_id))
+            .collect();
+        assert_eq!(rest, [("a".to_string(), 3), ("c".to_string(), 4)]);
+    }
 }
