@@ -101,8 +101,25 @@ pub fn checked(url: &str) -> Result<Option<reqwest::Url>, PluginError> {
 pub fn request_error(url: &str, e: &reqwest::Error) -> PluginError {
     match egress::refused_in(e) {
         Some(r) => PluginError::rejected(format!("{url}: {r}")),
-        None => PluginError::failed(format!("{url}: {e}")),
+        None => PluginError::failed(format!("{url}: {}", with_causes(e))),
     }
+}
+
+/// An error's text followed by its causes', which say what went wrong
+/// (reqwest's own says only "error sending request"): each cause whose
+/// text the message does not already hold, after a colon.
+fn with_causes(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let said = c.to_string();
+        if !text.contains(&said) {
+            text.push_str(": ");
+            text.push_str(&said);
+        }
+        cause = c.source();
+    }
+    text
 }
 
 /// Checks `config[key]`, when present, like [`check_url`].
@@ -168,5 +185,20 @@ mod tests {
                 .contains("egress refused: 127.0.0.2 is in 127.0.0.0/8"),
             "{r}"
         );
+    }
+
+    #[tokio::test]
+    async fn a_failed_request_says_what_failed() {
+        // A port nothing listens on: bound, then let go.
+        let closed = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap()
+        };
+        let url = format!("http://{closed}/x");
+        let e = client().unwrap().get(&url).send().await.unwrap_err();
+        let r = request_error(&url, &e).to_string();
+        assert!(r.contains("Connection refused"), "{r}");
+        // Each cause once.
+        assert_eq!(r.matches("Connection refused").count(), 1, "{r}");
     }
 }
