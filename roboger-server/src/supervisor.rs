@@ -897,7 +897,7 @@ fn crash_delay(
 ) -> Duration {
     if let Ok(mut s) = slot.status.lock() {
         s.restarts += 1;
-        s.last_error = Some(why);
+        s.last_error = Some(crate::secrets::scrub(&why).into_owned());
     }
     match backoff.crashed(started) {
         AfterCrash::Restart(d) => {
@@ -1095,10 +1095,18 @@ async fn start_once(
         return Err(StartError::Crashed("child has no pipes".into()));
     };
     let name = cfg.name.clone();
-    tokio::spawn(async move {
+    // The last ERROR line it wrote: why it ended, when it ends at start.
+    let said_error: Arc<Mutex<Option<String>>> = Arc::default();
+    let said = said_error.clone();
+    let stderr_read = tokio::spawn(async move {
         let mut lines = tokio::io::BufReader::new(stderr).lines();
         while let Ok(Some(line)) = lines.next_line().await {
             let (level, text) = split_level(&line);
+            if level == tracing::Level::ERROR
+                && let Ok(mut said) = said.lock()
+            {
+                *said = Some(text.to_string());
+            }
             match level {
                 tracing::Level::ERROR => tracing::error!(plugin = %name, "{text}"),
                 tracing::Level::WARN => tracing::warn!(plugin = %name, "{text}"),
@@ -1147,6 +1155,23 @@ async fn start_once(
     let manifest = match hello {
         Err(e) if e.contains("not compatible") => {
             return Err(StartError::Refused(format!("incompatible protocol: {e}")));
+        }
+        Err(e) if peer.close_reason().is_some() => {
+            let (status, line) = ended_at_start(&mut child, stderr_read, &said_error).await;
+            return Err(match (status.and_then(|s| s.code()), line) {
+                // sandbox-exec could not confine it as configured, which
+                // trying again does not change.
+                (Some(126), Some(line)) if line.starts_with("sandbox: ") => {
+                    StartError::Refused(line)
+                }
+                (_, line) => {
+                    let exited = status
+                        .map(|s| format!("; {}", exit_reason(s, &cfg.sandbox)))
+                        .unwrap_or_default();
+                    let line = line.map(|l| format!(": {l}")).unwrap_or_default();
+                    StartError::Crashed(format!("handshake failed: {e}{exited}{line}"))
+                }
+            });
         }
         Err(e) => return Err(StartError::Crashed(format!("handshake failed: {e}"))),
         Ok(m) => m,
@@ -1203,6 +1228,23 @@ async fn start_once(
 /// How long a plugin whose pipes closed is given to exit, so its exit
 /// status can be told.
 const EXIT_WAIT: Duration = Duration::from_millis(200);
+
+/// A plugin that closed its pipes before its handshake: how it exited
+/// and the last ERROR line it wrote, once it has exited and its stderr
+/// has been read to the end (each waited for at most [`EXIT_WAIT`]).
+async fn ended_at_start(
+    child: &mut Child,
+    stderr_read: tokio::task::JoinHandle<()>,
+    said_error: &Mutex<Option<String>>,
+) -> (Option<std::process::ExitStatus>, Option<String>) {
+    let status = tokio::time::timeout(EXIT_WAIT, child.wait())
+        .await
+        .ok()
+        .and_then(Result::ok);
+    let _ = tokio::time::timeout(EXIT_WAIT, stderr_read).await;
+    let line = said_error.lock().ok().and_then(|s| s.clone());
+    (status, line)
+}
 
 /// How a plugin process ended, in words, naming the sandbox limit a
 /// signal points to.

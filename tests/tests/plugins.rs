@@ -252,8 +252,13 @@ async fn misbehaving_plugins_are_survived() {
         "{p}"
     );
     // Early exit, garbage and an over-long line are restarted with backoff.
+    // An early exit says how it exited and the last error it wrote.
     for (name, why) in [
-        ("early", "handshake"),
+        (
+            "early",
+            "handshake failed: connection closed: the stream was closed; \
+             process exited (exit status: 3): told to exit before the handshake",
+        ),
         ("garbage", "invalid message"),
         ("flood", "longer than the line limit"),
     ] {

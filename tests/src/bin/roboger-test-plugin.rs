@@ -346,7 +346,10 @@ fn main() -> std::process::ExitCode {
         "env_extra": std::env::var("TEST_PLUGIN_EXTRA").ok()}),
     );
     match mode.as_str() {
-        "exit-before-handshake" => std::process::ExitCode::from(3),
+        "exit-before-handshake" => {
+            eprintln!("ERROR told to exit before the handshake");
+            std::process::ExitCode::from(3)
+        }
         "wrong-version" => {
             wrong_version();
             std::process::ExitCode::SUCCESS
