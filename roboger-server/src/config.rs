@@ -119,6 +119,7 @@ struct FileSandbox {
     cpu_seconds: Option<u64>,
     writable: Option<Vec<PathBuf>>,
     landlock: Option<bool>,
+    connect_ports: Option<Vec<u16>>,
 }
 
 /// `metrics`: who may read `/metrics` without a key.
@@ -337,6 +338,9 @@ pub struct Sandbox {
     pub writable: Vec<PathBuf>,
     /// Whether the filesystem is read-only to it but for those (Landlock).
     pub landlock: bool,
+    /// The only TCP ports it may connect to (`connect-ports`, Landlock);
+    /// none: any. Empty: no TCP connection at all.
+    pub connect_ports: Option<Vec<u16>>,
 }
 
 /// The default address space of a plugin process: generous, as
@@ -354,6 +358,7 @@ impl Default for Sandbox {
             data_dir: PathBuf::new(),
             writable: Vec::new(),
             landlock: true,
+            connect_ports: None,
         }
     }
 }
@@ -1240,12 +1245,19 @@ fn sandbox(key: &str, d: &Sandbox, s: FileSandbox) -> Result<Sandbox, ConfigErro
             format!("paths must be absolute: {}", p.display()),
         ));
     }
+    if s.connect_ports.as_ref().is_some_and(|p| p.contains(&0)) {
+        return Err(invalid(
+            &format!("{key}.connect-ports"),
+            "ports are 1 to 65535 (an empty list allows no TCP connection)",
+        ));
+    }
     Ok(Sandbox {
         address_space,
         open_files,
         cpu_seconds: s.cpu_seconds.or(d.cpu_seconds),
         writable,
         landlock: s.landlock.unwrap_or(d.landlock),
+        connect_ports: s.connect_ports.or_else(|| d.connect_ports.clone()),
         data_dir: d.data_dir.clone(),
     })
 }
@@ -1283,6 +1295,34 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("plugins[0].python"), "{e}");
+    }
+
+    #[test]
+    fn connect_ports_are_replaced_by_a_plugins_own_and_checked() {
+        let ports = |sandbox: &str, own: &str| {
+            load_str(&format!(
+                "roboger:\n  master:\n    key: x\n  sandbox: {sandbox}\n  plugins:\n    \
+                 - {{name: a, command: /bin/true{own}}}\n    - {{name: b, command: /bin/true}}\n"
+            ))
+            .map(|c| {
+                let p: Vec<_> = c
+                    .plugins
+                    .iter()
+                    .map(|p| p.sandbox.connect_ports.clone())
+                    .collect();
+                p
+            })
+            .map_err(|e| e.to_string())
+        };
+        assert_eq!(ports("{}", "").unwrap(), [None, None]);
+        assert_eq!(
+            ports("{connect-ports: [443]}", ", sandbox: {connect-ports: []}").unwrap(),
+            [Some(vec![]), Some(vec![443])]
+        );
+        let e = ports("{connect-ports: [0]}", "").unwrap_err();
+        assert!(e.contains("roboger.sandbox.connect-ports"), "{e}");
+        let e = ports("{}", ", sandbox: {connect-ports: [70000]}").unwrap_err();
+        assert!(e.contains("connect-ports"), "{e}");
     }
 
     #[test]

@@ -10,6 +10,10 @@
 //! writable only below the plugin's data directory, `/dev/null` and the
 //! paths its `sandbox.writable` names. Landlock is best effort: the
 //! kernel's ABI is used, and the plugin's log says what was enforced.
+//! `sandbox.connect-ports` is the exception: a plugin limited to some
+//! TCP ports (Landlock's network rules, Linux 6.7) is not run on a kernel
+//! that cannot hold it to them, since its operator asked for that limit
+//! by name and the egress policy binds only plugins that enforce it.
 //!
 //! Invariant: every plugin process starts confined by its `sandbox`
 //! settings; a plugin never runs a step of its own before that.
@@ -18,8 +22,8 @@ use std::ffi::OsString;
 use std::path::PathBuf;
 
 use landlock::{
-    ABI, Access, AccessFs, Ruleset, RulesetAttr, RulesetCreatedAttr, RulesetStatus,
-    path_beneath_rules,
+    ABI, Access, AccessFs, AccessNet, CompatLevel, Compatible, NetPort, Ruleset, RulesetAttr,
+    RulesetCreatedAttr, RulesetError, RulesetStatus, path_beneath_rules,
 };
 use rustix::process::{Resource, Rlimit, setrlimit};
 
@@ -35,6 +39,8 @@ pub enum SandboxError {
     Limit(&'static str, std::io::Error),
     #[error("cannot set no_new_privs: {0}")]
     NoNewPrivs(std::io::Error),
+    #[error("cannot limit its TCP connections to connect-ports: {0}")]
+    ConnectPorts(String),
 }
 
 /// The arguments of [`SUBCOMMAND`] that confine a plugin by `s` and then
@@ -49,6 +55,12 @@ pub fn command_line(s: &Sandbox, exe: &std::path::Path, args: &[String]) -> Vec<
     ];
     if let Some(cpu) = s.cpu_seconds {
         out.extend(["--cpu-seconds".into(), cpu.to_string().into()]);
+    }
+    if let Some(ports) = &s.connect_ports {
+        out.push("--connect-only".into());
+        for p in ports {
+            out.extend(["--connect-port".into(), p.to_string().into()]);
+        }
     }
     if s.landlock {
         out.push("--landlock".into());
@@ -81,6 +93,12 @@ pub struct Spec {
     /// Paths left writable.
     #[arg(long)]
     pub writable: Vec<PathBuf>,
+    /// Allow TCP connections only to `connect_port` (Landlock).
+    #[arg(long)]
+    pub connect_only: bool,
+    /// The TCP ports it may connect to, with `connect_only`.
+    #[arg(long)]
+    pub connect_port: Vec<u16>,
 }
 
 /// Confines the calling process (before it execs the plugin); returns a
@@ -129,6 +147,9 @@ pub fn enter(spec: &Spec) -> Result<String, SandboxError> {
             None => String::new(),
         }
     );
+    if spec.connect_only {
+        said.push_str(&connect_only(&spec.connect_port)?);
+    }
     if !spec.landlock {
         said.push_str("; Landlock off by its settings");
         return Ok(said);
@@ -172,6 +193,37 @@ pub fn enter(spec: &Spec) -> Result<String, SandboxError> {
     Ok(said)
 }
 
+/// Holds the process to TCP connections to `ports` (none: no TCP
+/// connection at all), or fails: unlike the filesystem rules, this limit
+/// is never left out quietly.
+fn connect_only(ports: &[u16]) -> Result<String, SandboxError> {
+    let failed = |e: &dyn std::fmt::Display| SandboxError::ConnectPorts(e.to_string());
+    let status = Ruleset::default()
+        .set_compatibility(CompatLevel::HardRequirement)
+        .handle_access(AccessNet::ConnectTcp)
+        .and_then(|r| r.create())
+        .and_then(|r| {
+            r.add_rules(
+                ports
+                    .iter()
+                    .map(|&p| Ok::<_, RulesetError>(NetPort::new(p, AccessNet::ConnectTcp))),
+            )
+        })
+        .and_then(|r| r.restrict_self())
+        .map_err(|e| failed(&e))?;
+    if status.ruleset != RulesetStatus::FullyEnforced {
+        return Err(failed(
+            &"this kernel does not enforce Landlock's network rules",
+        ));
+    }
+    let shown: Vec<String> = ports.iter().map(u16::to_string).collect();
+    Ok(if shown.is_empty() {
+        "; no TCP connections".to_string()
+    } else {
+        format!("; TCP connections to port {} only", shown.join(", "))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -182,6 +234,7 @@ mod tests {
             cpu_seconds: Some(5),
             data_dir: "/var/lib/roboger/plugins/x".into(),
             writable: vec!["/srv/out".into()],
+            connect_ports: Some(vec![443, 587]),
             ..Sandbox::default()
         };
         let line: Vec<String> = command_line(&s, "/usr/lib/roboger/p".as_ref(), &["m".into()])
@@ -190,7 +243,9 @@ mod tests {
             .collect();
         let text = line.join(" ");
         assert!(text.starts_with("sandbox-exec --address-space 4294967296 --open-files 1024"));
-        assert!(text.contains("--cpu-seconds 5 --landlock"));
+        assert!(text.contains(
+            "--cpu-seconds 5 --connect-only --connect-port 443 --connect-port 587 --landlock"
+        ));
         assert!(text.contains("--writable /var/lib/roboger/plugins/x --writable /srv/out"));
         assert!(text.ends_with("-- /usr/lib/roboger/p m"));
     }

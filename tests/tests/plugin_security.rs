@@ -196,6 +196,100 @@ async fn without_landlock_plugins_run_and_their_log_says_so() {
     assert!(outside.exists());
 }
 
+/// `connect-ports` holds a plugin of any language to those TCP ports, by
+/// Landlock's network rules in the kernel: the webhook plugin reaches
+/// the allowed port and not another, and a shell command (Python, which
+/// no egress policy of ours binds) under an empty list connects nowhere.
+#[tokio::test]
+async fn a_plugin_connects_over_tcp_only_to_its_connect_ports() {
+    let allowed = HttpSink::start(vec![]).await;
+    let other = HttpSink::start(vec![]).await;
+    let open = port(&allowed.base);
+    let s = Server::start_with(ServerOptions {
+        yaml: "delivery:\n  max-attempts: 1\n".into(),
+        plugins_yaml: format!(
+            "- name: webhook\n  command: {}\n  sandbox:\n    connect-ports: [{open}]\n\
+             - name: shell\n  command: {}\n  sandbox:\n    connect-ports: []\n",
+            plugin_bin("webhook").display(),
+            plugin_bin("shell").display(),
+        ),
+        ..Default::default()
+    })
+    .await;
+    let within = std::time::Duration::from_secs(10);
+    s.wait_log(&format!("; TCP connections to port {open} only"), within)
+        .await;
+    s.wait_log("; no TCP connections", within).await;
+
+    let (id, a) = s.new_addr().await;
+    s.endpoint(id, "webhook", json!({"url": format!("{}/x", other.base)}))
+        .await;
+    assert_status!(s.push(json!({"addr": a, "msg": "elsewhere"})).await, 202);
+    let (state, _, error) = s.settled_delivery(id).await;
+    assert_eq!(state, "failed");
+    assert!(error.contains("Permission denied"), "{error}");
+    assert!(other.requests().is_empty());
+
+    let (id, a) = s.new_addr().await;
+    s.endpoint(id, "webhook", json!({"url": format!("{}/x", allowed.base)}))
+        .await;
+    assert_status!(s.push(json!({"addr": a, "msg": "allowed"})).await, 202);
+    let (state, _, error) = s.settled_delivery(id).await;
+    assert_eq!(state, "delivered", "{error}");
+
+    let (id, a) = s.new_addr().await;
+    let command =
+        format!("python3 -c \"import socket; socket.create_connection(('127.0.0.1', {open}), 5)\"");
+    s.endpoint(id, "shell", json!({ "command": command })).await;
+    assert_status!(s.push(json!({"addr": a, "msg": "from python"})).await, 202);
+    let (state, _, error) = s.settled_delivery(id).await;
+    assert_eq!(state, "failed");
+    assert!(error.contains("PermissionError"), "{error}");
+    assert_eq!(allowed.requests().len(), 1, "only the webhook's delivery");
+}
+
+/// A plugin whose `connect-ports` the kernel cannot enforce (no Landlock
+/// network rules before Linux 6.7) is not run, unlike one whose
+/// filesystem rules it cannot: the operator asked for that limit by
+/// name. It is kept out, saying why.
+#[tokio::test]
+async fn a_plugin_is_not_run_where_its_connect_ports_cannot_be_enforced() {
+    let wrapper = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("plugins/no_landlock.py");
+    let s = Server::start_with(ServerOptions {
+        wrapper: vec!["python3".into(), wrapper.display().to_string()],
+        ..confined("  connect-ports: [443]\n")
+    })
+    .await;
+    s.wait_log(
+        "cannot limit its TCP connections to connect-ports",
+        std::time::Duration::from_secs(10),
+    )
+    .await;
+    let plugins = s
+        .manage(roboger_tests::Method::GET, "/plugin", None)
+        .await
+        .json();
+    let p = &plugins[0];
+    // Kept out, not restarted: another start would fail the same way.
+    assert_eq!(p["state"], "refused", "{p}");
+    assert_eq!(p["restarts"], 0, "{p}");
+    let error = p["last_error"].as_str().unwrap_or_default();
+    assert!(
+        error.starts_with("sandbox: cannot limit its TCP connections to connect-ports: "),
+        "{error}"
+    );
+
+    // Its endpoints cannot be checked, and say so.
+    let (id, _) = s.new_addr().await;
+    let r = s.try_endpoint(id, "test", json!({})).await;
+    assert!(
+        r.text
+            .contains("plugin test is not available: it is refused"),
+        "{}",
+        r.text
+    );
+}
+
 #[tokio::test]
 async fn a_plugin_opens_no_more_files_than_its_limit() {
     let s = Server::start_with(confined("  open-files: 64\n")).await;
