@@ -1098,24 +1098,21 @@ async fn start_once(
     // The last ERROR line it wrote: why it ended, when it ends at start.
     let said_error: Arc<Mutex<Option<String>>> = Arc::default();
     let said = said_error.clone();
-    let stderr_read = tokio::spawn(async move {
-        let mut lines = tokio::io::BufReader::new(stderr).lines();
-        while let Ok(Some(line)) = lines.next_line().await {
-            let (level, text) = split_level(&line);
-            if level == tracing::Level::ERROR
-                && let Ok(mut said) = said.lock()
-            {
-                *said = Some(text.to_string());
-            }
-            match level {
-                tracing::Level::ERROR => tracing::error!(plugin = %name, "{text}"),
-                tracing::Level::WARN => tracing::warn!(plugin = %name, "{text}"),
-                tracing::Level::DEBUG => tracing::debug!(plugin = %name, "{text}"),
-                tracing::Level::TRACE => tracing::trace!(plugin = %name, "{text}"),
-                _ => tracing::info!(plugin = %name, "{text}"),
-            }
+    let stderr_read = tokio::spawn(read_stderr(stderr, move |line| {
+        let (level, text) = split_level(line);
+        if level == tracing::Level::ERROR
+            && let Ok(mut said) = said.lock()
+        {
+            *said = Some(text.to_string());
         }
-    });
+        match level {
+            tracing::Level::ERROR => tracing::error!(plugin = %name, "{text}"),
+            tracing::Level::WARN => tracing::warn!(plugin = %name, "{text}"),
+            tracing::Level::DEBUG => tracing::debug!(plugin = %name, "{text}"),
+            tracing::Level::TRACE => tracing::trace!(plugin = %name, "{text}"),
+            _ => tracing::info!(plugin = %name, "{text}"),
+        }
+    }));
     let name = cfg.name.clone();
     let on_notification: NotificationHandler = Arc::new(move |method, params| {
         tracing::debug!(plugin = %name, method, %params, "notification from plugin");
@@ -1228,6 +1225,47 @@ async fn start_once(
 /// How long a plugin whose pipes closed is given to exit, so its exit
 /// status can be told.
 const EXIT_WAIT: Duration = Duration::from_millis(200);
+
+/// The longest line of a plugin's stderr kept whole.
+const STDERR_LINE_MAX: usize = 16 * 1024;
+
+/// Reads a plugin's stderr to its end, handing `each` line: bytes that
+/// are not UTF-8 replaced, a line longer than [`STDERR_LINE_MAX`] cut
+/// (saying how much was dropped). The pipe is drained whatever the plugin
+/// writes, so it never blocks on its stderr, in bounded memory.
+async fn read_stderr(stderr: impl tokio::io::AsyncRead + Unpin, mut each: impl FnMut(&str)) {
+    let mut r = tokio::io::BufReader::new(stderr);
+    let mut line = Vec::new();
+    let mut dropped = 0usize;
+    let mut say = |line: &mut Vec<u8>, dropped: &mut usize| {
+        let mut text = String::from_utf8_lossy(line).into_owned();
+        if *dropped > 0 {
+            text.push_str(&format!(" [{dropped} more bytes of this line dropped]"));
+        }
+        each(&text);
+        line.clear();
+        *dropped = 0;
+    };
+    loop {
+        let buf = match r.fill_buf().await {
+            Ok([]) | Err(_) => break,
+            Ok(b) => b,
+        };
+        let end = buf.iter().position(|&b| b == b'\n');
+        let part = &buf[..end.unwrap_or(buf.len())];
+        let room = STDERR_LINE_MAX.saturating_sub(line.len());
+        line.extend_from_slice(&part[..part.len().min(room)]);
+        dropped += part.len().saturating_sub(room);
+        let used = end.map_or(buf.len(), |i| i + 1);
+        r.consume(used);
+        if end.is_some() {
+            say(&mut line, &mut dropped);
+        }
+    }
+    if !line.is_empty() || dropped > 0 {
+        say(&mut line, &mut dropped);
+    }
+}
 
 /// A plugin that closed its pipes before its handshake: how it exited
 /// and the last ERROR line it wrote, once it has exited and its stderr

@@ -474,6 +474,51 @@ async fn a_call_waits_for_a_plugin_that_is_starting() {
     assert_eq!(plugin(&s, "t").await["state"], "running");
 }
 
+/// A plugin's stderr is read to its end whatever it writes: a line that
+/// is not UTF-8 is logged with a replacement character, and one of
+/// 64 MiB is cut, in bounded memory, so the error line after it still
+/// says why the plugin ended. (Read whole, the line alone would take
+/// the server past 64 MiB; unread, the plugin would block on its stderr
+/// and be cut at the start's timeout instead.)
+#[tokio::test]
+async fn a_plugin_flooding_its_stderr_is_read_in_bounded_memory() {
+    let flood = 64 << 20;
+    let s = Server::start_with(ServerOptions {
+        plugins_yaml: entry(
+            "t",
+            "stderr-flood",
+            &format!("    TEST_PLUGIN_FLOOD: '{flood}'\n"),
+        ),
+        ..Default::default()
+    })
+    .await;
+    let p = wait_plugin(&s, "t", "restarted", |p| {
+        p["restarts"].as_u64().unwrap_or(0) >= 1
+    })
+    .await;
+    let error = p["last_error"].as_str().unwrap_or("");
+    assert!(
+        error.ends_with("process exited (exit status: 3): after the flood"),
+        "{p}"
+    );
+    let within = Duration::from_secs(5);
+    s.wait_log("caf\u{fffd} is not UTF-8", within).await;
+    s.wait_log(
+        &format!("[{} more bytes of this line dropped]", flood - 16 * 1024),
+        within,
+    )
+    .await;
+    let status = std::fs::read_to_string(format!("/proc/{}/status", s.pid())).unwrap_or_default();
+    let peak_mib = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|kb| kb.parse::<u64>().ok())
+        .map(|kb| kb / 1024)
+        .unwrap_or(u64::MAX);
+    assert!(peak_mib < 48, "the server's peak RSS is {peak_mib} MiB");
+}
+
 /// A plugin whose start outlasts the call `timeout` (2 s here) still
 /// starts, at its first attempt: a start has a timeout of its own (10 s at
 /// least), and the server waits as long for its plugins' first start

@@ -4,7 +4,8 @@
 //!
 //! `TEST_PLUGIN_MODE` (environment): `normal` (default),
 //! `exit-before-handshake`, `wrong-version`, `garbage`, `flood`,
-//! `refuse-config`. `TEST_PLUGIN_RECORD`: a file that gets one JSON line
+//! `refuse-config`, `stderr-flood` (a line of `TEST_PLUGIN_FLOOD` bytes
+//! on stderr, after one that is not UTF-8). `TEST_PLUGIN_RECORD`: a file that gets one JSON line
 //! per call (method and every param received). `TEST_PLUGIN_START_DELAY_MS`:
 //! wait that long before the handshake.
 //!
@@ -348,6 +349,25 @@ fn main() -> std::process::ExitCode {
     match mode.as_str() {
         "exit-before-handshake" => {
             eprintln!("ERROR told to exit before the handshake");
+            std::process::ExitCode::from(3)
+        }
+        "stderr-flood" => {
+            // Bytes that are not UTF-8, then TEST_PLUGIN_FLOOD bytes in one
+            // line, then an error line, before any handshake.
+            let mut err = std::io::stderr().lock();
+            let _ = err.write_all(b"WARN caf\xe9 is not UTF-8\n");
+            let n: usize = std::env::var("TEST_PLUGIN_FLOOD")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(1 << 20);
+            let chunk = vec![b'x'; 1 << 20];
+            let mut left = n;
+            while left > 0 {
+                let k = left.min(chunk.len());
+                let _ = err.write_all(&chunk[..k]);
+                left -= k;
+            }
+            let _ = err.write_all(b"\nERROR after the flood\n");
             std::process::ExitCode::from(3)
         }
         "wrong-version" => {
