@@ -855,23 +855,30 @@ fn job_of(attempts: i32, e: Arc<EventHead>, ep: endpoint::Model) -> Job {
 mod tests {
     use super::*;
 
+    /// An event `id` to address 1 (`a`), with no media.
+    fn model(id: &str) -> event::Model {
+        event::Model {
+            id: id.into(),
+            addr_id: 1,
+            addr: "a".into(),
+            msg: String::new(),
+            subject: String::new(),
+            formatted_subject: String::new(),
+            level: 20,
+            location: None,
+            tag: None,
+            sender: None,
+            media: None,
+            media_fname: None,
+            created: chrono::Utc::now(),
+        }
+    }
+
     fn job(name: &str, plugin: &str, media: bool) -> Job {
+        let mut event = model(name);
+        event.media = media.then(|| vec![0; 10]);
         Job {
-            event: Arc::new(EventHead {
-                id: name.into(),
-                addr_id: 1,
-                addr: "a".into(),
-                msg: String::new(),
-                subject: String::new(),
-                formatted_subject: String::new(),
-                level: 20,
-                location: None,
-                tag: None,
-                sender: None,
-                media_fname: None,
-                created: chrono::Utc::now(),
-                media_size: media.then_some(10),
-            }),
+            event: Arc::new(EventHead::of(event)),
             endpoint_id: 1,
             plugin: plugin.into(),
             config: Arc::new(Value::Null),
@@ -917,21 +924,7 @@ mod tests {
 
     fn accept(id: &str, endpoints: &[i64]) -> (Accept, oneshot::Receiver<Stored>) {
         let (reply, rx) = oneshot::channel();
-        let event = event::Model {
-            id: id.into(),
-            addr_id: 1,
-            addr: "a".into(),
-            msg: String::new(),
-            subject: String::new(),
-            formatted_subject: String::new(),
-            level: 20,
-            location: None,
-            tag: None,
-            sender: None,
-            media: None,
-            media_fname: None,
-            created: chrono::Utc::now(),
-        };
+        let event = model(id);
         let targets = endpoints
             .iter()
             .map(|&endpoint_id| Target {

@@ -170,20 +170,25 @@ async fn plugin_writes(s: &Server, path: &std::path::Path) -> (String, String) {
     (state, error)
 }
 
+/// [`confined`], with the server under `tests/plugins/no_landlock.py`,
+/// whose seccomp filter fails Landlock's first call as a kernel without
+/// Landlock does.
+fn without_landlock(sandbox: &str) -> ServerOptions {
+    let wrapper = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("plugins/no_landlock.py");
+    ServerOptions {
+        wrapper: vec!["python3".into(), wrapper.display().to_string()],
+        ..confined(sandbox)
+    }
+}
+
 /// On a kernel without Landlock (before Linux 5.13) plugins still run,
 /// under the other limits, and each plugin's log says that nothing
-/// confines its filesystem: here the server runs under
-/// `tests/plugins/no_landlock.py`, whose seccomp filter fails Landlock's
-/// first call as such a kernel does. A write outside the plugin's
-/// directory, refused where Landlock is enforced, is delivered.
+/// confines its filesystem (the server runs [`without_landlock`]). A
+/// write outside the plugin's directory, refused where Landlock is
+/// enforced, is delivered.
 #[tokio::test]
 async fn without_landlock_plugins_run_and_their_log_says_so() {
-    let wrapper = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("plugins/no_landlock.py");
-    let s = Server::start_with(ServerOptions {
-        wrapper: vec!["python3".into(), wrapper.display().to_string()],
-        ..confined("  landlock: true\n")
-    })
-    .await;
+    let s = Server::start_with(without_landlock("  landlock: true\n")).await;
     s.wait_log(
         "no_new_privs; Landlock NOT enforced: this kernel does not support it",
         std::time::Duration::from_secs(5),
@@ -254,12 +259,7 @@ async fn a_plugin_connects_over_tcp_only_to_its_connect_ports() {
 /// name. It is kept out, saying why.
 #[tokio::test]
 async fn a_plugin_is_not_run_where_its_connect_ports_cannot_be_enforced() {
-    let wrapper = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("plugins/no_landlock.py");
-    let s = Server::start_with(ServerOptions {
-        wrapper: vec!["python3".into(), wrapper.display().to_string()],
-        ..confined("  connect-ports: [443]\n")
-    })
-    .await;
+    let s = Server::start_with(without_landlock("  connect-ports: [443]\n")).await;
     s.wait_log(
         "cannot limit its TCP connections to connect-ports",
         std::time::Duration::from_secs(10),
