@@ -1305,12 +1305,10 @@ mod tests {
                  - {{name: a, command: /bin/true{own}}}\n    - {{name: b, command: /bin/true}}\n"
             ))
             .map(|c| {
-                let p: Vec<_> = c
-                    .plugins
+                c.plugins
                     .iter()
                     .map(|p| p.sandbox.connect_ports.clone())
-                    .collect();
-                p
+                    .collect::<Vec<_>>()
             })
             .map_err(|e| e.to_string())
         };

@@ -5,9 +5,9 @@
 //! `TEST_PLUGIN_MODE` (environment): `normal` (default),
 //! `exit-before-handshake`, `wrong-version`, `garbage`, `flood`,
 //! `refuse-config`, `stderr-flood` (a line of `TEST_PLUGIN_FLOOD` bytes
-//! on stderr, after one that is not UTF-8). `TEST_PLUGIN_RECORD`: a file that gets one JSON line
-//! per call (method and every param received). `TEST_PLUGIN_START_DELAY_MS`:
-//! wait that long before the handshake.
+//! on stderr, after one that is not UTF-8). `TEST_PLUGIN_RECORD`: a file
+//! that gets one JSON line per call (method and every param received).
+//! `TEST_PLUGIN_START_DELAY_MS`: wait that long before the handshake.
 //!
 //! An endpoint config steers `send`: `{"reject": "msg"}` is refused by
 //! `validate_config`; `{"crash": true}` exits mid-call; `{"hang": true}`
@@ -332,6 +332,14 @@ fn wrong_version() {
     }
 }
 
+/// `TEST_PLUGIN_FLOOD`, the bytes a flood writes, or `default`.
+fn flood_bytes(default: usize) -> usize {
+    std::env::var("TEST_PLUGIN_FLOOD")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 fn main() -> std::process::ExitCode {
     // A plugin that takes its time to start (before the handshake).
     if let Some(ms) = std::env::var("TEST_PLUGIN_START_DELAY_MS")
@@ -356,12 +364,8 @@ fn main() -> std::process::ExitCode {
             // line, then an error line, before any handshake.
             let mut err = std::io::stderr().lock();
             let _ = err.write_all(b"WARN caf\xe9 is not UTF-8\n");
-            let n: usize = std::env::var("TEST_PLUGIN_FLOOD")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(1 << 20);
             let chunk = vec![b'x'; 1 << 20];
-            let mut left = n;
+            let mut left = flood_bytes(1 << 20);
             while left > 0 {
                 let k = left.min(chunk.len());
                 let _ = err.write_all(&chunk[..k]);
@@ -379,11 +383,7 @@ fn main() -> std::process::ExitCode {
             if mode == "garbage" {
                 let _ = writeln!(out, "this is not JSON");
             } else {
-                let n: usize = std::env::var("TEST_PLUGIN_FLOOD")
-                    .ok()
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or(2 << 20);
-                let _ = out.write_all(&vec![b'x'; n]);
+                let _ = out.write_all(&vec![b'x'; flood_bytes(2 << 20)]);
                 let _ = writeln!(out);
             }
             let _ = out.flush();
