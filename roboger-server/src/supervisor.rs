@@ -1154,21 +1154,8 @@ async fn start_once(
             return Err(StartError::Refused(format!("incompatible protocol: {e}")));
         }
         Err(e) if peer.close_reason().is_some() => {
-            let (status, line) = ended_at_start(&mut child, stderr_read, &said_error).await;
-            return Err(match (status.and_then(|s| s.code()), line) {
-                // sandbox-exec could not confine it as configured, which
-                // trying again does not change.
-                (Some(126), Some(line)) if line.starts_with("sandbox: ") => {
-                    StartError::Refused(line)
-                }
-                (_, line) => {
-                    let exited = status
-                        .map(|s| format!("; {}", exit_reason(s, &cfg.sandbox)))
-                        .unwrap_or_default();
-                    let line = line.map(|l| format!(": {l}")).unwrap_or_default();
-                    StartError::Crashed(format!("handshake failed: {e}{exited}{line}"))
-                }
-            });
+            let what = format!("handshake failed: {e}");
+            return Err(ended_at_start(what, &mut child, stderr_read, &said_error, cfg).await);
         }
         Err(e) => return Err(StartError::Crashed(format!("handshake failed: {e}"))),
         Ok(m) => m,
@@ -1202,13 +1189,14 @@ async fn start_once(
                     obj.message()
                 )));
             }
-            Err(e) => {
-                let why = peer
-                    .close_reason()
-                    .map(|r| format!("connection closed: {r}"))
-                    .unwrap_or(e.to_string());
-                return Err(StartError::Crashed(format!("{method} failed: {why}")));
-            }
+            Err(e) => match peer.close_reason() {
+                Some(r) => {
+                    let what = format!("{method} failed: connection closed: {r}");
+                    let said = &said_error;
+                    return Err(ended_at_start(what, &mut child, stderr_read, said, cfg).await);
+                }
+                None => return Err(StartError::Crashed(format!("{method} failed: {e}"))),
+            },
         }
     }
     Ok((
@@ -1267,21 +1255,35 @@ async fn read_stderr(stderr: impl tokio::io::AsyncRead + Unpin, mut each: impl F
     }
 }
 
-/// A plugin that closed its pipes before its handshake: how it exited
-/// and the last ERROR line it wrote, once it has exited and its stderr
-/// has been read to the end (each waited for at most [`EXIT_WAIT`]).
+/// A plugin whose pipes closed during its start (`what` failed): `what`
+/// with how it exited and the last ERROR line it wrote, once it has
+/// exited and its stderr has been read to the end (each waited for at
+/// most [`EXIT_WAIT`]). Only at start is that line surely its own
+/// account of why it ended. One that `sandbox-exec` could not confine is
+/// refused: another start would fail the same way.
 async fn ended_at_start(
+    what: String,
     child: &mut Child,
     stderr_read: tokio::task::JoinHandle<()>,
     said_error: &Mutex<Option<String>>,
-) -> (Option<std::process::ExitStatus>, Option<String>) {
+    cfg: &PluginConfig,
+) -> StartError {
     let status = tokio::time::timeout(EXIT_WAIT, child.wait())
         .await
         .ok()
         .and_then(Result::ok);
     let _ = tokio::time::timeout(EXIT_WAIT, stderr_read).await;
     let line = said_error.lock().ok().and_then(|s| s.clone());
-    (status, line)
+    match (status.and_then(|s| s.code()), line) {
+        (Some(126), Some(line)) if line.starts_with("sandbox: ") => StartError::Refused(line),
+        (_, line) => {
+            let exited = status
+                .map(|s| format!("; {}", exit_reason(s, &cfg.sandbox)))
+                .unwrap_or_default();
+            let line = line.map(|l| format!(": {l}")).unwrap_or_default();
+            StartError::Crashed(format!("{what}{exited}{line}"))
+        }
+    }
 }
 
 /// How a plugin process ended, in words, naming the sandbox limit a

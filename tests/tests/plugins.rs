@@ -220,6 +220,7 @@ async fn misbehaving_plugins_are_survived() {
     for (name, mode) in [
         ("wrongver", "wrong-version"),
         ("early", "exit-before-handshake"),
+        ("inload", "exit-in-load"),
         ("garbage", "garbage"),
         ("flood", "flood"),
         ("refuser", "refuse-config"),
@@ -251,13 +252,19 @@ async fn misbehaving_plugins_are_survived() {
             .contains("refuses every plugin config"),
         "{p}"
     );
-    // Early exit, garbage and an over-long line are restarted with backoff.
-    // An early exit says how it exited and the last error it wrote.
+    // Early exits, garbage and an over-long line are restarted with
+    // backoff. An early exit says how it exited and the last error it
+    // wrote, whichever step of the start it ended in.
     for (name, why) in [
         (
             "early",
             "handshake failed: connection closed: the stream was closed; \
              process exited (exit status: 3): told to exit before the handshake",
+        ),
+        (
+            "inload",
+            "load failed: connection closed: the stream was closed; \
+             process exited (exit status: 4): told to exit in load",
         ),
         ("garbage", "invalid message"),
         ("flood", "longer than the line limit"),

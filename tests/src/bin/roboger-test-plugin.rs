@@ -4,7 +4,7 @@
 //!
 //! `TEST_PLUGIN_MODE` (environment): `normal` (default),
 //! `exit-before-handshake`, `wrong-version`, `garbage`, `flood`,
-//! `refuse-config`, `stderr-flood` (a line of `TEST_PLUGIN_FLOOD` bytes
+//! `refuse-config`, `exit-in-load`, `stderr-flood` (a line of `TEST_PLUGIN_FLOOD` bytes
 //! on stderr, after one that is not UTF-8). `TEST_PLUGIN_RECORD`: a file
 //! that gets one JSON line per call (method and every param received).
 //! `TEST_PLUGIN_START_DELAY_MS`: wait that long before the handshake.
@@ -46,6 +46,7 @@ fn record(v: Value) {
 
 struct Chaos {
     refuse_config: bool,
+    exit_in_load: bool,
     http: bool,
     /// Failures so far per event, for `{"fail_times": n}`.
     failures: std::sync::Mutex<std::collections::HashMap<String, u64>>,
@@ -83,6 +84,10 @@ impl Plugin for Chaos {
         record(
             json!({"method": "load", "plugin_config": plugin_config, "pid": std::process::id()}),
         );
+        if self.exit_in_load {
+            eprintln!("ERROR told to exit in load");
+            std::process::exit(4);
+        }
         tracing::info!("test plugin loaded with {plugin_config}");
         Ok(())
     }
@@ -393,6 +398,7 @@ fn main() -> std::process::ExitCode {
         }
         _ => run(Chaos {
             refuse_config: mode == "refuse-config",
+            exit_in_load: mode == "exit-in-load",
             http: std::env::var_os("TEST_PLUGIN_NO_HTTP").is_none(),
             failures: Default::default(),
         }),
