@@ -343,6 +343,35 @@ async fn repeated_failed_sign_ins_are_slowed_down() {
 }
 
 #[tokio::test]
+async fn sign_ins_sent_at_once_are_counted_one_by_one() {
+    // A guesser that sends many attempts at once from one address gets
+    // no more tries than one sending them in turn: the three free
+    // failures, then the wait. Each attempt is counted before its key is
+    // checked, so none can slip in between another's check and its count.
+    let server = Server::start().await;
+    let b = Browser {
+        server: &server,
+        cookie: None,
+    };
+    let attempts = (0..24).map(|i| {
+        let key = format!("wrong-{i}");
+        let b = &b;
+        async move { b.post("/ui/signin", &[("key", &key)]).await.status() }
+    });
+    let statuses = futures_util::future::join_all(attempts).await;
+    let refused = statuses.iter().filter(|s| s.as_u16() == 403).count();
+    let waiting = statuses.iter().filter(|s| s.as_u16() == 429).count();
+    assert_eq!(
+        refused, 3,
+        "keys checked out of 24 sent at once: {statuses:?}"
+    );
+    assert_eq!(refused + waiting, 24, "{statuses:?}");
+    // The right key must wait too, then gets in.
+    let r = b.post("/ui/signin", &[("key", KEY)]).await;
+    assert_eq!(r.status(), 429);
+}
+
+#[tokio::test]
 async fn master_allow_applies_to_the_console() {
     let server = Server::start_with(ServerOptions {
         master_yaml: "allow: [10.0.0.0/8]\n".into(),

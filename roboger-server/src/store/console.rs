@@ -75,32 +75,33 @@ impl Store {
             .await?)
     }
 
-    /// Counts one more failed sign-in from `ip`.
-    pub async fn signin_failed(&self, ip: &str, now: Time) -> Result<()> {
-        let bump = || {
-            console_signin::Entity::update_many()
-                .col_expr(
-                    console_signin::Column::Failures,
-                    Expr::col(console_signin::Column::Failures).add(1),
-                )
-                .col_expr(console_signin::Column::LastFailure, Expr::value(now))
-                .filter(console_signin::Column::Ip.eq(ip))
+    /// Counts one more sign-in attempt from `ip` at `now`, before its key
+    /// is checked (a success forgets it again), if `ip` still has the
+    /// `seen` failures its caller read: `false` when another attempt from
+    /// `ip` was counted in between, so that its caller reads again and
+    /// every attempt is weighed against all those counted before it.
+    pub async fn signin_claim(&self, ip: &str, seen: Option<i32>, now: Time) -> Result<bool> {
+        let Some(seen) = seen else {
+            let first = console_signin::Entity::insert(console_signin::ActiveModel {
+                ip: Set(ip.to_string()),
+                failures: Set(1),
+                last_failure: Set(now),
+            })
+            .exec_without_returning(&self.db)
+            .await;
+            return inserted(first);
         };
-        if bump().exec(&self.db).await?.rows_affected > 0 {
-            return Ok(());
-        }
-        let first = console_signin::Entity::insert(console_signin::ActiveModel {
-            ip: Set(ip.to_string()),
-            failures: Set(1),
-            last_failure: Set(now),
-        })
-        .exec_without_returning(&self.db)
-        .await;
-        if !inserted(first)? {
-            // Another request inserted it first.
-            bump().exec(&self.db).await?;
-        }
-        Ok(())
+        let r = console_signin::Entity::update_many()
+            .col_expr(
+                console_signin::Column::Failures,
+                Expr::value(seen.saturating_add(1)),
+            )
+            .col_expr(console_signin::Column::LastFailure, Expr::value(now))
+            .filter(console_signin::Column::Ip.eq(ip))
+            .filter(console_signin::Column::Failures.eq(seen))
+            .exec(&self.db)
+            .await?;
+        Ok(r.rows_affected == 1)
     }
 
     /// Forgets `ip`'s failures (it signed in).

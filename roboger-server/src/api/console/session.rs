@@ -137,18 +137,44 @@ pub enum SignIn {
     Wait(Duration),
 }
 
+/// How many times a sign-in reads its address's failures again after
+/// other attempts from that address were counted first, before it is
+/// answered as one that must wait.
+const CLAIM_TRIES: usize = 8;
+
 /// Checks the key given by the sign-in form from `ip` (the network check
 /// of `master.allow` has passed), counting failures per address.
+///
+/// Each attempt is counted as a failure before its key is checked, and
+/// only if no other attempt from the address was counted since this one
+/// read the count; a success then forgets them all. So attempts sent at
+/// once are weighed one by one, and a wait starts when the attempt that
+/// set it was counted, not when it began reading.
 pub async fn sign_in(app: &App, ip: Option<IpAddr>, key: &str) -> Result<SignIn, ApiError> {
     let who = ip.map_or_else(|| "unknown".to_string(), |ip| ip.to_string());
-    let now = chrono::Utc::now();
-    if let Some(f) = app.store.signin_failures(&who).await? {
-        let wait = chrono::Duration::from_std(wait_after(f.failures)).unwrap_or_default();
-        let left = f.last_failure + wait - now;
-        if left > chrono::Duration::zero() {
-            let left = left.to_std().unwrap_or_default();
-            return Ok(SignIn::Wait(left.max(Duration::from_secs(1))));
+    let mut claimed = false;
+    for _ in 0..CLAIM_TRIES {
+        let seen = app.store.signin_failures(&who).await?;
+        let now = chrono::Utc::now();
+        if let Some(f) = &seen {
+            let wait = chrono::Duration::from_std(wait_after(f.failures)).unwrap_or_default();
+            let left = f.last_failure + wait - now;
+            if left > chrono::Duration::zero() {
+                let left = left.to_std().unwrap_or_default();
+                return Ok(SignIn::Wait(left.max(Duration::from_secs(1))));
+            }
         }
+        if app
+            .store
+            .signin_claim(&who, seen.map(|f| f.failures), now)
+            .await?
+        {
+            claimed = true;
+            break;
+        }
+    }
+    if !claimed {
+        return Ok(SignIn::Wait(Duration::from_secs(1)));
     }
     match app.auth.check(ip, Some(key)) {
         Ok(()) => {
@@ -157,7 +183,6 @@ pub async fn sign_in(app: &App, ip: Option<IpAddr>, key: &str) -> Result<SignIn,
             Ok(SignIn::Started(start(app).await?))
         }
         Err(ApiError::Forbidden(_) | ApiError::Unauthorized) => {
-            app.store.signin_failed(&who, now).await?;
             tracing::warn!(client = %who, "console: failed sign-in");
             Ok(SignIn::Refused)
         }
