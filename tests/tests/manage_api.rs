@@ -1214,3 +1214,79 @@ async fn deleting_events_or_endpoints_leaves_no_delivery_behind() {
     }
     assert_eq!(count("SELECT count(*) FROM delivery"), 0);
 }
+
+#[tokio::test]
+async fn changes_that_race_a_delete_find_nothing_there() {
+    // Each change reads what it changes, then writes it; an address
+    // deleted in between must make it a 404 (gone), like a change sent
+    // just after the delete, never a database error.
+    let s = Server::start_with(with_plugins()).await;
+    for _ in 0..25 {
+        let (id, a) = new_addr(&s).await;
+        let ep = new_endpoint(&s, id).await;
+        let r = s
+            .manage(
+                POST,
+                &format!("/addr/{id}/endpoint/{ep}/subscription"),
+                Some(json!({"level": "info"})),
+            )
+            .await;
+        assert_status!(r, 201);
+        let sub = r.json()["id"].as_i64().unwrap();
+        let webhook = json!({"plugin_name": "webhook", "config": {"url": "http://127.0.0.1:1/"}});
+        let changes = [
+            (
+                "PATCH addr",
+                PATCH,
+                format!("/addr/{id}"),
+                json!({"active": false}),
+            ),
+            (
+                "change addr",
+                POST,
+                format!("/addr/{id}"),
+                json!({"cmd": "change"}),
+            ),
+            (
+                "PATCH endpoint",
+                PATCH,
+                format!("/addr/{id}/endpoint/{ep}"),
+                json!({"description": "d"}),
+            ),
+            (
+                "POST endpoint",
+                POST,
+                format!("/addr/{a}/endpoint"),
+                webhook,
+            ),
+            (
+                "PATCH subscription",
+                PATCH,
+                format!("/addr/{id}/endpoint/{ep}/subscription/{sub}"),
+                json!({"level": "error"}),
+            ),
+            (
+                "POST subscription",
+                POST,
+                format!("/addr/{id}/endpoint/{ep}/subscription"),
+                json!({"level": "warning"}),
+            ),
+        ];
+        let sent = changes.iter().map(|(name, m, path, body)| {
+            let s = &s;
+            async move { (*name, s.manage(m.clone(), path, Some(body.clone())).await) }
+        });
+        let addr = format!("/addr/{id}");
+        let delete = s.manage(DELETE, &addr, None);
+        let (answers, deleted) = tokio::join!(futures_util::future::join_all(sent), delete);
+        assert_status!(deleted, 204);
+        for (name, r) in answers {
+            let code = r.status.as_u16();
+            assert!(
+                [200, 201, 204, 301, 404].contains(&code),
+                "{name} racing the address's delete: {code} {}",
+                r.text
+            );
+        }
+    }
+}

@@ -3,11 +3,11 @@
 
 use std::time::Duration;
 
-use sea_orm::{ActiveModelTrait, ActiveValue::Set, ColumnTrait, EntityTrait, QueryFilter, SqlErr};
+use sea_orm::{ActiveModelTrait, ActiveValue::Set, ColumnTrait, EntityTrait, QueryFilter};
 use serde_json::Value;
 
 use super::entity::bucket;
-use super::{Result, Store, StoreError};
+use super::{Result, Store, StoreError, gone_since_read};
 
 /// A bucket object to store.
 #[derive(Debug, Clone)]
@@ -45,13 +45,9 @@ impl Store {
             expires_at: Set(now + chrono::Duration::seconds(expires)),
             content: Set(o.content),
         };
-        am.insert(&self.db).await.map_err(|e| {
-            if matches!(e.sql_err(), Some(SqlErr::ForeignKeyConstraintViolation(_))) {
-                StoreError::NotFound("addr of the bucket object".into())
-            } else {
-                e.into()
-            }
-        })?;
+        am.insert(&self.db)
+            .await
+            .map_err(|e| gone_since_read(e, || "addr of the bucket object".into()))?;
         Ok(id)
     }
 

@@ -10,7 +10,7 @@ use sea_orm::{
 use serde_json::Value;
 
 use super::entity::{self, addr, addr_limit, bucket, delivery, endpoint, event, subscription};
-use super::{AddrRef, Result, Store, StoreError, is_unique_violation};
+use super::{AddrRef, Result, Store, StoreError, gone_since_read, is_unique_violation};
 use crate::level::{Level, LevelMatch};
 
 /// Changes to an address; `None` leaves a field as it is.
@@ -114,7 +114,10 @@ impl Store {
             am.lim_s = Set(v);
         }
         let txn = self.begin_write().await?;
-        let a = am.update(&txn).await?;
+        let a = am
+            .update(&txn)
+            .await
+            .map_err(|e| gone_since_read(e, || format!("addr {r}")))?;
         self.announce(&txn, Some(a.id)).await?;
         txn.commit().await?;
         Ok(a)
@@ -130,7 +133,7 @@ impl Store {
             if is_unique_violation(&e) {
                 StoreError::Conflict("resource already exists: that address is taken".into())
             } else {
-                StoreError::from(e)
+                gone_since_read(e, || format!("addr {r}"))
             }
         })?;
         self.announce(&txn, Some(a.id)).await?;
@@ -197,7 +200,10 @@ impl Store {
             ..Default::default()
         };
         let txn = self.begin_write().await?;
-        let ep = am.insert(&txn).await?;
+        let ep = am
+            .insert(&txn)
+            .await
+            .map_err(|e| gone_since_read(e, || format!("addr {addr_id}")))?;
         self.announce(&txn, Some(addr_id)).await?;
         txn.commit().await?;
         Ok(ep)
@@ -225,7 +231,10 @@ impl Store {
             am.description = Set(v);
         }
         let txn = self.begin_write().await?;
-        let ep = am.update(&txn).await?;
+        let ep = am
+            .update(&txn)
+            .await
+            .map_err(|e| gone_since_read(e, || format!("endpoint {id}")))?;
         self.announce(&txn, Some(addr_id)).await?;
         txn.commit().await?;
         Ok(ep)
@@ -284,7 +293,8 @@ impl Store {
                 ..Default::default()
             }
             .insert(&txn)
-            .await?;
+            .await
+            .map_err(|e| gone_since_read(e, || format!("target endpoint {to}")))?;
         }
         self.announce(&txn, Some(addr_id)).await?;
         txn.commit().await?;
@@ -357,7 +367,10 @@ impl Store {
             ..Default::default()
         };
         let txn = self.begin_write().await?;
-        let sub = am.insert(&txn).await?;
+        let sub = am
+            .insert(&txn)
+            .await
+            .map_err(|e| gone_since_read(e, || format!("endpoint {endpoint_id}")))?;
         self.announce(&txn, Some(addr_id)).await?;
         txn.commit().await?;
         Ok(SubscriptionRow { addr_id, sub })
@@ -400,7 +413,10 @@ impl Store {
         }
         let sub = if changed {
             let txn = self.begin_write().await?;
-            let sub = am.update(&txn).await?;
+            let sub = am
+                .update(&txn)
+                .await
+                .map_err(|e| gone_since_read(e, || format!("subscription {id}")))?;
             self.announce(&txn, Some(addr_id)).await?;
             txn.commit().await?;
             sub

@@ -311,6 +311,20 @@ fn is_unique_violation(e: &DbErr) -> bool {
     matches!(e.sql_err(), Some(SqlErr::UniqueConstraintViolation(_)))
 }
 
+/// The error of a write whose row, or the row it hangs off, was deleted
+/// (by another request or node) after the caller read it: `what` is not
+/// found, as if the delete had come first. An update finds no row, and
+/// an insert breaks its foreign key; any other error is the database's.
+fn gone_since_read(e: DbErr, what: impl FnOnce() -> String) -> StoreError {
+    if matches!(e, DbErr::RecordNotUpdated)
+        || matches!(e.sql_err(), Some(SqlErr::ForeignKeyConstraintViolation(_)))
+    {
+        StoreError::NotFound(what())
+    } else {
+        e.into()
+    }
+}
+
 /// How long a start keeps trying to reach its database at least (at
 /// most three `timeout`s more): a database started at the same moment
 /// (systemd, containers) or a disk stalled on a flush must not make the
