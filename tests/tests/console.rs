@@ -247,6 +247,28 @@ async fn sessions_cookies_and_csrf() {
         .await;
     assert_eq!(r.status(), 303);
     assert_status!(server.manage(Method::GET, "/addr/1", None).await, 404);
+    // Both changes are in the log of changes, as made in the console.
+    server
+        .wait_log(
+            "path=/manage/v2/addr/1 status=204",
+            std::time::Duration::from_secs(10),
+        )
+        .await;
+    let log = server.log.lock().map(|l| l.clone()).unwrap_or_default();
+    let changes: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("management change"))
+        .collect();
+    assert_eq!(changes.len(), 2, "{changes:#?}");
+    for (line, what) in changes.iter().zip([
+        "method=POST path=/manage/v2/addr status=201",
+        "method=DELETE path=/manage/v2/addr/1 status=204",
+    ]) {
+        assert!(
+            line.contains(&format!("client=127.0.0.1 via=console {what}")),
+            "{line}"
+        );
+    }
 
     // A missing object is a 404 page, not an error.
     let r = b.get("/ui/addr/99").await;

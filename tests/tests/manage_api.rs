@@ -1290,3 +1290,45 @@ async fn changes_that_race_a_delete_find_nothing_there() {
         }
     }
 }
+
+#[tokio::test]
+async fn changes_are_logged_with_who_made_them() {
+    let s = Server::start().await;
+    let changes = |s: &Server| -> Vec<String> {
+        s.log
+            .lock()
+            .map(|l| l.clone())
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("management change"))
+            .map(str::to_string)
+            .collect()
+    };
+    let (id, a) = new_addr(&s).await;
+    assert_status!(s.manage(GET, &format!("/addr/{id}"), None).await, 200);
+    assert_status!(s.manage(DELETE, "/addr/999999", None).await, 404);
+    assert_status!(
+        s.manage(PATCH, &format!("/addr/{a}"), Some(json!({"lim_c": 7})))
+            .await,
+        200
+    );
+    // An address string is all it takes to push, so the log keeps only
+    // its start.
+    let short = format!("path=/manage/v2/addr/{}… status=200", &a[..4]);
+    s.wait_log(&short, std::time::Duration::from_secs(10)).await;
+    let logged = changes(&s);
+    // The address made and the one patched; not the read, nor the
+    // delete of nothing.
+    assert_eq!(logged.len(), 2, "{logged:#?}");
+    assert!(
+        logged[0].contains("client=127.0.0.1 via=api method=POST path=/manage/v2/addr status=201"),
+        "{}",
+        logged[0]
+    );
+    assert!(
+        logged[1].contains("method=PATCH") && logged[1].contains(&short),
+        "{}",
+        logged[1]
+    );
+    assert!(!logged[1].contains(&a), "{}", logged[1]);
+}

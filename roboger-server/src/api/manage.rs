@@ -4,6 +4,9 @@
 //!
 //! One router matches the method and path segments; each handler checks
 //! its body with [`Body`] and calls the [`Store`](crate::store::Store).
+//! Every change made, through the API or the console, is logged with who
+//! made it (the `management change` lines): what an operator reads to
+//! learn who changed what, and when.
 //! Invariant: every request is authenticated before its handler runs.
 
 use http::{HeaderMap, Method, StatusCode};
@@ -28,6 +31,15 @@ pub const BUILD: &str = match option_env!("ROBOGER_BUILD") {
     None => "dev",
 };
 
+/// Who sent a management request, for the log of changes.
+#[derive(Debug, Clone, Copy)]
+pub struct Caller {
+    /// The client's address (see `master.ip-header`).
+    pub ip: Option<std::net::IpAddr>,
+    /// Where the request came in: `api` or `console`.
+    pub via: &'static str,
+}
+
 /// Authenticates and runs a management request; every failure is answered
 /// by its [`ApiError`] status.
 pub async fn handle(app: &App, req: Request<'_>) -> Response {
@@ -47,7 +59,19 @@ pub async fn handle(app: &App, req: Request<'_>) -> Response {
     let ip = app.auth.client_ip(req.peer, req.headers);
     let run = match (app.auth.check(ip, key), body) {
         (Err(e), _) | (Ok(()), Err(e)) => Err(e),
-        (Ok(()), Ok(body)) => execute(app, req.method, &segs, req.query, req.headers, &body).await,
+        (Ok(()), Ok(body)) => {
+            let caller = Caller { ip, via: "api" };
+            execute(
+                app,
+                caller,
+                req.method,
+                &segs,
+                req.query,
+                req.headers,
+                &body,
+            )
+            .await
+        }
     };
     let mut answer = match run {
         Ok(r) => r,
@@ -65,9 +89,10 @@ pub async fn handle(app: &App, req: Request<'_>) -> Response {
 
 /// Runs an authenticated management request (the API's, or one the
 /// console makes for a form), within the request timeout. A change is
-/// applied to this node's routes before the answer.
+/// applied to this node's routes before the answer, and logged.
 pub async fn execute(
     app: &App,
+    caller: Caller,
     method: &Method,
     segs: &[&str],
     query: &str,
@@ -79,6 +104,14 @@ pub async fn execute(
         if *method != Method::GET
             && (answer.status().is_success() || answer.status().is_redirection())
         {
+            tracing::info!(
+                client = %caller.ip.map_or_else(|| "unknown".to_string(), |ip| ip.to_string()),
+                via = %caller.via,
+                method = %method,
+                path = %logged_path(segs),
+                status = answer.status().as_u16(),
+                "management change"
+            );
             // This node obeys its own change before answering; the others
             // learn of it from the change log (see `routing`).
             app.routes.catch_up(&app.store).await?;
@@ -91,6 +124,23 @@ pub async fn execute(
             "timed out; the database or a plugin did not answer".into(),
         )),
     }
+}
+
+/// A request's path for the log, an address string in it shortened to
+/// its first four characters: an address is all it takes to push to it,
+/// and logs travel further than the API.
+fn logged_path(segs: &[&str]) -> String {
+    let mut path = String::from(PREFIX);
+    for (i, seg) in segs.iter().enumerate() {
+        path.push('/');
+        if i == 1 && segs[0] == "addr" && matches!(AddrRef::parse(seg), AddrRef::A(_)) {
+            path.extend(seg.chars().take(4));
+            path.push('…');
+        } else {
+            path.push_str(seg);
+        }
+    }
+    path
 }
 
 async fn route(

@@ -222,6 +222,7 @@ async fn route(app: &Arc<App>, req: &Request<'_>, segs: &[&str]) -> Response {
     }
     let ctx = Ctx {
         app,
+        ip,
         session: &session,
         query: req.query,
         form: &form,
@@ -267,6 +268,8 @@ async fn dispatch(ctx: &Ctx<'_>, is_post: bool, segs: &[&str]) -> Result<Respons
 /// What a handler needs of its request.
 struct Ctx<'a> {
     app: &'a Arc<App>,
+    /// The client's address, for the log of changes.
+    ip: Option<std::net::IpAddr>,
     session: &'a Session,
     query: &'a str,
     form: &'a Form,
@@ -283,7 +286,20 @@ impl Ctx<'_> {
     async fn manage(&self, method: Method, path: &str, body: Value) -> Result<Response, ApiError> {
         let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
         let body = Body::from_value(body)?;
-        manage::execute(self.app, &method, &segs, "", &HeaderMap::new(), &body).await
+        let caller = manage::Caller {
+            ip: self.ip,
+            via: "console",
+        };
+        manage::execute(
+            self.app,
+            caller,
+            &method,
+            &segs,
+            "",
+            &HeaderMap::new(),
+            &body,
+        )
+        .await
     }
 
     /// Whether the form confirmed its action (else the page asking to).
