@@ -444,10 +444,12 @@ async fn write_loop(
                 );
                 failures += 1;
                 if failures >= 5 {
-                    tracing::warn!(
-                        outcomes = recorded.len(),
-                        "delivery outcomes dropped; those deliveries will be repeated"
-                    );
+                    if !recorded.is_empty() {
+                        tracing::warn!(
+                            outcomes = recorded.len(),
+                            "delivery outcomes dropped; those deliveries will be repeated"
+                        );
+                    }
                     recorded.clear();
                     failures = 0;
                 }

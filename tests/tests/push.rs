@@ -19,6 +19,11 @@ struct Rig {
 }
 
 async fn rig(yaml: &str) -> Rig {
+    rig_with(yaml, ServerOptions::default()).await
+}
+
+/// [`rig`] on a server started with `opts` besides.
+async fn rig_with(yaml: &str, opts: ServerOptions) -> Rig {
     let dir = tempfile::tempdir().unwrap().keep();
     let rec = dir.join("rec.jsonl");
     let s = Server::start_with(ServerOptions {
@@ -28,7 +33,7 @@ async fn rig(yaml: &str) -> Rig {
             test_plugin_bin().display(),
             rec.display()
         ),
-        ..Default::default()
+        ..opts
     })
     .await;
     let addr = s.manage(Method::POST, "/addr", None).await.json();
@@ -552,6 +557,141 @@ async fn a_server_killed_after_accepting_delivers_everything_after_restart() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// The server's SQLite database on a file system of its own, 2 MiB of
+/// tmpfs mounted in a mount namespace of the server's (`unshare`, as a
+/// user namespace's root where the tests are not run as root); `None`,
+/// saying why, where that cannot be made.
+fn on_a_small_file_system() -> Option<(ServerOptions, PathBuf)> {
+    let dir = tempfile::tempdir().unwrap().keep().join("small");
+    std::fs::create_dir(&dir).unwrap();
+    let unshare = |script: &str| -> Vec<String> {
+        ["unshare", "--mount", "--map-root-user", "sh", "-c", script]
+            .iter()
+            .map(|s| s.to_string())
+            .chain([dir.display().to_string()])
+            .collect()
+    };
+    let mount = "mount -t tmpfs -o size=2m tmpfs \"$0\"";
+    let probe = unshare(mount);
+    let ok = std::process::Command::new(&probe[0])
+        .args(&probe[1..])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        assert!(
+            std::env::var_os("ROBOGER_TEST_REQUIRE_ALL").is_none(),
+            "cannot mount a tmpfs in a mount namespace (unshare --mount --map-root-user)"
+        );
+        eprintln!("SKIPPED: cannot mount a tmpfs in a mount namespace here");
+        return None;
+    }
+    let opts = ServerOptions {
+        db: Some(format!("sqlite:///{}/roboger.db", dir.display())),
+        wrapper: unshare(&format!("{mount} && exec \"$@\"")),
+        ..Default::default()
+    };
+    Some((opts, dir))
+}
+
+/// A full disk refuses pushes (503, nothing stored) and loses none it
+/// accepted: every 202 is delivered once there is room again, and the
+/// server goes on accepting without a restart.
+#[tokio::test]
+async fn a_full_disk_refuses_pushes_and_loses_none_it_accepted() {
+    if roboger_tests::on_postgres() || roboger_tests::on_mysql() {
+        return; // the server's own file system matters on SQLite only
+    }
+    let Some((opts, dir)) = on_a_small_file_system() else {
+        return;
+    };
+    let r = rig_with("", opts).await;
+    r.endpoint(json!({"name": "n"}), &[json!({})]).await;
+    // The test sees the server's tmpfs through its root in /proc. It
+    // fills all of it, then frees 512 KiB: room for some pushes.
+    let inside = PathBuf::from(format!("/proc/{}/root", r.s.pid())).join(
+        dir.strip_prefix("/")
+            .expect("an absolute temporary directory"),
+    );
+    let filler = inside.join("filler");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&filler).expect("the filler, inside");
+        let chunk = vec![0u8; 16 * 1024];
+        while f.write_all(&chunk).is_ok() {}
+        let len = f.metadata().expect("metadata").len();
+        f.set_len(len.saturating_sub(512 * 1024)).expect("truncate");
+    }
+    let body = "x".repeat(1000);
+    let (mut accepted, mut refused) = (Vec::new(), Vec::new());
+    let mut refused_in_a_row = 0;
+    for i in 0..3000 {
+        let msg = format!("{i} {body}");
+        let resp = r.push(json!({"msg": msg})).await;
+        match resp.status.as_u16() {
+            202 => {
+                accepted.push(msg);
+                refused_in_a_row = 0;
+            }
+            503 => {
+                assert!(
+                    resp.text.contains("cannot store the event"),
+                    "{}",
+                    resp.text
+                );
+                refused.push(msg);
+                refused_in_a_row += 1;
+                if refused_in_a_row == 5 {
+                    break;
+                }
+            }
+            other => panic!("push {i} on a full disk: {other} {}", resp.text),
+        }
+    }
+    assert!(
+        !accepted.is_empty() && refused_in_a_row == 5,
+        "{} accepted, {} refused: the disk never filled",
+        accepted.len(),
+        refused.len()
+    );
+    // Room again: the same server accepts, without a restart.
+    std::fs::remove_file(&filler).expect("remove the filler");
+    let end = Instant::now() + Duration::from_secs(20);
+    loop {
+        let resp = r.push(json!({"msg": "after"})).await;
+        if resp.status == 202 {
+            accepted.push("after".into());
+            break;
+        }
+        assert_status!(resp, 503);
+        assert!(Instant::now() < end, "still refused with room again");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Every accepted event is delivered; no refused one ever is.
+    let end = Instant::now() + Duration::from_secs(30);
+    loop {
+        let delivered: BTreeSet<String> = r
+            .sends()
+            .iter()
+            .filter_map(|s| s["msg"].as_str().map(str::to_string))
+            .collect();
+        let missing = accepted.iter().filter(|m| !delivered.contains(*m)).count();
+        for m in &refused {
+            assert!(!delivered.contains(m), "a refused push was delivered");
+        }
+        if missing == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < end,
+            "{missing} of {} accepted events never delivered",
+            accepted.len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let log = r.s.log.lock().map(|l| l.clone()).unwrap_or_default();
+    assert!(log.contains("database or disk is full"), "{log}");
 }
 
 #[tokio::test]
