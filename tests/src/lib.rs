@@ -450,6 +450,20 @@ impl Server {
         }
     }
 
+    /// Its log so far (stdout and stderr).
+    pub fn log_text(&self) -> String {
+        self.log.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+
+    /// The lines of its log so far that contain `needle`.
+    pub fn log_lines(&self, needle: &str) -> Vec<String> {
+        self.log_text()
+            .lines()
+            .filter(|l| l.contains(needle))
+            .map(str::to_string)
+            .collect()
+    }
+
     /// A client of its database, to look at it or change it behind its back.
     pub fn db_client(&self) -> DbClient {
         DbClient::of(&self.db)

@@ -55,7 +55,7 @@ async fn an_operator_walks_through_the_console_in_a_browser() {
         tokio::task::spawn_blocking(move || cmd.output())
     };
     let out = run.await.expect("join").expect("run node");
-    let log = server.log.lock().map(|l| l.clone()).unwrap_or_default();
+    let log = server.log_text();
     assert!(
         out.status.success(),
         "the browser walk-through failed:\n{}\n{}\nserver log:\n{log}",
@@ -254,11 +254,7 @@ async fn sessions_cookies_and_csrf() {
             std::time::Duration::from_secs(10),
         )
         .await;
-    let log = server.log.lock().map(|l| l.clone()).unwrap_or_default();
-    let changes: Vec<&str> = log
-        .lines()
-        .filter(|l| l.contains("management change"))
-        .collect();
+    let changes = server.log_lines("management change");
     assert_eq!(changes.len(), 2, "{changes:#?}");
     for (line, what) in changes.iter().zip([
         "method=POST path=/manage/v2/addr status=201",

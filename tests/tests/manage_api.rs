@@ -1294,16 +1294,6 @@ async fn changes_that_race_a_delete_find_nothing_there() {
 #[tokio::test]
 async fn changes_are_logged_with_who_made_them() {
     let s = Server::start().await;
-    let changes = |s: &Server| -> Vec<String> {
-        s.log
-            .lock()
-            .map(|l| l.clone())
-            .unwrap_or_default()
-            .lines()
-            .filter(|l| l.contains("management change"))
-            .map(str::to_string)
-            .collect()
-    };
     let (id, a) = new_addr(&s).await;
     assert_status!(s.manage(GET, &format!("/addr/{id}"), None).await, 200);
     assert_status!(s.manage(DELETE, "/addr/999999", None).await, 404);
@@ -1316,7 +1306,7 @@ async fn changes_are_logged_with_who_made_them() {
     // its start.
     let short = format!("path=/manage/v2/addr/{}… status=200", &a[..4]);
     s.wait_log(&short, std::time::Duration::from_secs(10)).await;
-    let logged = changes(&s);
+    let logged = s.log_lines("management change");
     // The address made and the one patched; not the read, nor the
     // delete of nothing.
     assert_eq!(logged.len(), 2, "{logged:#?}");

@@ -690,7 +690,7 @@ async fn a_full_disk_refuses_pushes_and_loses_none_it_accepted() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let log = r.s.log.lock().map(|l| l.clone()).unwrap_or_default();
+    let log = r.s.log_text();
     assert!(log.contains("database or disk is full"), "{log}");
 }
 

@@ -419,10 +419,9 @@ async fn json_log_lines_follow_one_event_by_its_fields() {
     assert_eq!(e["deliveries"][0]["state"], "delivered", "{e}");
     s.wait_log("\"delivered\"", std::time::Duration::from_secs(5))
         .await;
-    let text = s.log.lock().unwrap().clone();
-    let about: Vec<serde_json::Value> = text
-        .lines()
-        .filter(|l| l.contains(&event))
+    let about: Vec<serde_json::Value> = s
+        .log_lines(&event)
+        .iter()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
         .collect();
     for line in &about {
