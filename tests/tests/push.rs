@@ -86,6 +86,33 @@ impl Rig {
         records(&self.rec)
     }
 
+    /// The messages of the events delivered so far.
+    fn delivered(&self) -> BTreeSet<String> {
+        self.sends()
+            .iter()
+            .filter_map(|s| s["msg"].as_str().map(str::to_string))
+            .collect()
+    }
+
+    /// Waits until every event of `msgs` is delivered (panics after
+    /// `timeout`, saying `after` what they were not).
+    async fn wait_delivered(&self, msgs: &[String], timeout: Duration, after: &str) {
+        let end = Instant::now() + timeout;
+        loop {
+            let delivered = self.delivered();
+            let missing = msgs.iter().filter(|m| !delivered.contains(*m)).count();
+            if missing == 0 {
+                return;
+            }
+            assert!(
+                Instant::now() < end,
+                "{missing} of {} accepted events not delivered {after}",
+                msgs.len()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Waits until `n` sends are recorded (and a little more, to catch
     /// extra ones), then returns them.
     async fn wait_sends(&self, n: usize) -> Vec<Value> {
@@ -500,8 +527,9 @@ async fn a_plugin_killed_with_deliveries_in_flight_delivers_them_all() {
     let r = rig("").await;
     r.endpoint(json!({"name": "slow", "slow": 300}), &[json!({})])
         .await;
-    for i in 0..20 {
-        assert_status!(r.push(json!({"msg": format!("e{i}")})).await, 202);
+    let msgs: Vec<String> = (0..20).map(|i| format!("e{i}")).collect();
+    for m in &msgs {
+        assert_status!(r.push(json!({"msg": m})).await, 202);
     }
     tokio::time::sleep(Duration::from_millis(100)).await;
     let pid = r.s.manage(Method::GET, "/plugin", None).await.json()[0]["pid"]
@@ -511,23 +539,12 @@ async fn a_plugin_killed_with_deliveries_in_flight_delivers_them_all() {
         .args(["-9", &pid.to_string()])
         .status()
         .unwrap();
-    let end = Instant::now() + Duration::from_secs(20);
-    loop {
-        let delivered: BTreeSet<String> = r
-            .sends()
-            .iter()
-            .map(|s| s["msg"].as_str().unwrap().to_string())
-            .collect();
-        if delivered.len() == 20 {
-            break;
-        }
-        assert!(
-            Instant::now() < end,
-            "only {} of 20 delivered after the plugin was killed",
-            delivered.len()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    r.wait_delivered(
+        &msgs,
+        Duration::from_secs(20),
+        "after the plugin was killed",
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -535,28 +552,14 @@ async fn a_server_killed_after_accepting_delivers_everything_after_restart() {
     let mut r = rig("").await;
     r.endpoint(json!({"name": "slow", "slow": 100}), &[json!({})])
         .await;
-    for i in 0..60 {
-        assert_status!(r.push(json!({"msg": format!("e{i}")})).await, 202);
+    let msgs: Vec<String> = (0..60).map(|i| format!("e{i}")).collect();
+    for m in &msgs {
+        assert_status!(r.push(json!({"msg": m})).await, 202);
     }
     // SIGKILL right after the 202s: most deliveries are still pending.
     r.s.kill_and_restart();
-    let end = Instant::now() + Duration::from_secs(30);
-    loop {
-        let delivered: BTreeSet<String> = r
-            .sends()
-            .iter()
-            .map(|s| s["msg"].as_str().unwrap().to_string())
-            .collect();
-        if delivered.len() == 60 {
-            break;
-        }
-        assert!(
-            Instant::now() < end,
-            "only {} of 60 accepted events delivered after the restart",
-            delivered.len()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    r.wait_delivered(&msgs, Duration::from_secs(30), "after the restart")
+        .await;
 }
 
 /// The server's SQLite database on a file system of its own, 2 MiB of
@@ -669,27 +672,13 @@ async fn a_full_disk_refuses_pushes_and_loses_none_it_accepted() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // Every accepted event is delivered; no refused one ever is.
-    let end = Instant::now() + Duration::from_secs(30);
-    loop {
-        let delivered: BTreeSet<String> = r
-            .sends()
-            .iter()
-            .filter_map(|s| s["msg"].as_str().map(str::to_string))
-            .collect();
-        let missing = accepted.iter().filter(|m| !delivered.contains(*m)).count();
-        for m in &refused {
-            assert!(!delivered.contains(m), "a refused push was delivered");
-        }
-        if missing == 0 {
-            break;
-        }
-        assert!(
-            Instant::now() < end,
-            "{missing} of {} accepted events never delivered",
-            accepted.len()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    r.wait_delivered(&accepted, Duration::from_secs(30), "with room again")
+        .await;
+    let delivered = r.delivered();
+    assert!(
+        refused.iter().all(|m| !delivered.contains(m)),
+        "a refused push was delivered"
+    );
     let log = r.s.log_text();
     assert!(log.contains("database or disk is full"), "{log}");
 }
