@@ -10,7 +10,9 @@
 //! held are claimed by the survivors at once instead of when the leases
 //! run out. Leases of calls that outlast half a lease are renewed.
 //! Periodic jobs that must run once for the whole cluster (cleanup,
-//! maintenance) run on whichever node takes their lease.
+//! maintenance) run on whichever node takes their lease. A node whose
+//! database a newer build has migrated stops (see [`run`]): it must not
+//! write to a schema it does not know.
 //!
 //! Invariant: a node only ever frees the leases of an instance whose
 //! heartbeat has stopped (or its own, when it stops cleanly); outcomes are
@@ -19,6 +21,8 @@
 
 use std::sync::Arc;
 use std::time::Duration;
+
+use tokio::sync::watch;
 
 use crate::config::DeliveryConfig;
 use crate::store::Store;
@@ -80,8 +84,16 @@ pub async fn join(store: &Store, node: &Node) {
 }
 
 /// Writes heartbeats, rescues dead nodes, renews long leases and runs the
-/// cluster's maintenance until the task is aborted.
-pub async fn run(store: Store, node: Arc<Node>, cfg: Arc<DeliveryConfig>) {
+/// cluster's maintenance until the task is aborted. Sends to `superseded`
+/// the migrations the database records that this build does not have,
+/// once there are some: a newer build migrated it while this node ran,
+/// and the node is to stop.
+pub async fn run(
+    store: Store,
+    node: Arc<Node>,
+    cfg: Arc<DeliveryConfig>,
+    superseded: watch::Sender<Option<Vec<String>>>,
+) {
     let mut tick = tokio::time::interval(cfg.heartbeat);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let renew_every = cfg.lease / 4;
@@ -108,6 +120,21 @@ pub async fn run(store: Store, node: Arc<Node>, cfg: Arc<DeliveryConfig>) {
             }
             Ok(Err(e)) => tracing::warn!(error = %e, "cannot write this node's heartbeat"),
             Err(_) => tracing::warn!("this node's heartbeat timed out"),
+        }
+        if superseded.borrow().is_none() {
+            match store.schema_newer().await {
+                Ok(unknown) if unknown.is_empty() => {}
+                Ok(unknown) => {
+                    tracing::error!(
+                        migrations = ?unknown,
+                        "the database was migrated by a newer roboger-server while this node \
+                         ran: stopping, and leaving this node's deliveries to the newer build's \
+                         nodes"
+                    );
+                    superseded.send_replace(Some(unknown));
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot read the database's migrations"),
+            }
         }
         rescue_dead(&store, &node, cfg.node_timeout).await;
         if renewed.elapsed() >= renew_every {

@@ -77,6 +77,9 @@ pub struct App {
     pub console: api::console::Live,
     /// The heartbeat task, stopped by [`App::stop`].
     heartbeat: tokio::task::JoinHandle<()>,
+    /// The migrations a newer build applied while this node ran, once
+    /// the heartbeat has seen them ([`cluster::run`]); the node is to stop.
+    superseded: tokio::sync::watch::Receiver<Option<Vec<String>>>,
 }
 
 impl App {
@@ -119,7 +122,13 @@ impl App {
             Arc::new(metrics::Metrics::new().map_err(|e| StartError::Metrics(e.to_string()))?);
         let bodies = api::budget::BodyBudget::new(config.body_budget, config.timeout / 2);
         let delivery = Arc::new(config.delivery.clone());
-        let heartbeat = tokio::spawn(cluster::run(store.clone(), node.clone(), delivery.clone()));
+        let (newer, superseded) = tokio::sync::watch::channel(None);
+        let heartbeat = tokio::spawn(cluster::run(
+            store.clone(),
+            node.clone(),
+            delivery.clone(),
+            newer,
+        ));
         let pipeline = pipeline::Pipeline::start(
             store.clone(),
             plugins.clone(),
@@ -142,6 +151,7 @@ impl App {
             bodies,
             console: api::console::Live::default(),
             heartbeat,
+            superseded,
         })
     }
 
@@ -193,6 +203,23 @@ impl App {
                 }
             })
             .await
+    }
+
+    /// Resolves, with the migrations it applied, once a newer build has
+    /// migrated the database while this node ran: the node is to stop.
+    pub async fn superseded(&self) -> Vec<String> {
+        let mut newer = self.superseded.clone();
+        match newer.wait_for(Option::is_some).await {
+            Ok(unknown) => unknown.clone().unwrap_or_default(),
+            // The heartbeat has stopped: so has the node.
+            Err(_) => std::future::pending().await,
+        }
+    }
+
+    /// The migrations a newer build applied while this node ran, if the
+    /// heartbeat has seen any ([`App::superseded`]).
+    pub fn superseded_by(&self) -> Option<Vec<String>> {
+        self.superseded.borrow().clone()
     }
 
     /// Stops this node cleanly: no more heartbeats, and the deliveries it

@@ -6,8 +6,12 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use roboger_server::config::{Config, Overrides};
-use roboger_server::store::Store;
+use roboger_server::store::{Store, StoreError};
 use roboger_server::{App, server, systemd};
+
+/// The exit code when a newer build has migrated the database, at start
+/// or while serving; any other failure exits with 2.
+const EXIT_NEWER_SCHEMA: u8 = 3;
 
 /// Roboger: a messenger for robots.
 #[derive(Parser, Debug, Clone)]
@@ -220,7 +224,12 @@ async fn serve(cli: &Cli) -> anyhow::Result<()> {
     let notifier = systemd::spawn(app.clone(), local);
     let reloader = tokio::spawn(reload_on_sighup(cli.clone(), app.clone()));
     let shutdown = async {
-        shutdown_signal().await;
+        tokio::select! {
+            _ = shutdown_signal() => {}
+            // A newer build migrated the database: the same clean stop,
+            // so this node's deliveries go to the newer build's nodes.
+            _ = app.superseded() => {}
+        }
         systemd::stopping();
     };
     server::run(listener, app.clone(), shutdown).await;
@@ -231,7 +240,10 @@ async fn serve(cli: &Cli) -> anyhow::Result<()> {
     app.plugins.shutdown().await;
     app.stop().await;
     tracing::info!("stopped");
-    Ok(())
+    match app.superseded_by() {
+        Some(unknown) => Err(StoreError::NewerSchema(unknown).into()),
+        None => Ok(()),
+    }
 }
 
 fn main() -> std::process::ExitCode {
@@ -282,10 +294,15 @@ async fn run(cli: Cli) -> std::process::ExitCode {
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
+            let newer = e
+                .chain()
+                .any(|c| matches!(c.downcast_ref(), Some(StoreError::NewerSchema(_))));
             let e = said(&e);
             tracing::error!("{e}");
             eprintln!("roboger-server: {e}");
-            std::process::ExitCode::from(2)
+            // Its own code, so systemd does not restart this build on a
+            // database it must not touch (`RestartPreventExitStatus=3`).
+            std::process::ExitCode::from(if newer { EXIT_NEWER_SCHEMA } else { 2 })
         }
     }
 }

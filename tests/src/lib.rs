@@ -649,12 +649,21 @@ impl Server {
             .arg("-TERM")
             .arg(self.child.id().to_string())
             .status();
-        let end = Instant::now() + Duration::from_secs(15);
+        self.wait_exit(Duration::from_secs(15))
+    }
+
+    /// Waits for the process to exit on its own (or panics after
+    /// `timeout`); returns its status.
+    pub fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let end = Instant::now() + timeout;
         loop {
             if let Ok(Some(s)) = self.child.try_wait() {
                 return s;
             }
-            assert!(Instant::now() < end, "server did not exit after SIGTERM");
+            assert!(
+                Instant::now() < end,
+                "server did not exit within {timeout:?}"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }

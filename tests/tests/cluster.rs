@@ -1,8 +1,9 @@
 //! Several real `roboger-server` processes on one database, acting as one
 //! service: start-up together, routing changes reaching every node, a
 //! killed node's deliveries made by the survivors, a paused node's late
-//! outcomes fenced off, node names shared by live instances, and exact
-//! limits across nodes. Runs on SQLite (one file shared by the processes)
+//! outcomes fenced off, node names shared by live instances, a node that
+//! stops when a newer build migrates the database, and exact limits
+//! across nodes. Runs on SQLite (one file shared by the processes)
 //! and, with `ROBOGER_TEST_PG`, on PostgreSQL.
 
 use std::future::Future;
@@ -10,8 +11,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use roboger_tests::{
-    Method, Server, ServerOptions, Value, assert_status, json, json_lines, shared_database,
-    test_plugin_bin,
+    Method, Server, ServerOptions, Value, assert_status, json, json_lines, run_server_cmd,
+    shared_database, test_plugin_bin,
 };
 
 /// A node of the test cluster on database `db`, with the test plugin
@@ -461,6 +462,78 @@ async fn a_node_restarted_under_a_live_node_s_name_leaves_its_leases_alone() {
     std::fs::write(&gate, "up").expect("bring the target up");
     let (state, attempts, _) = nodes[0].settled_delivery(id).await;
     assert_eq!((state.as_str(), attempts), ("delivered", 1));
+    assert_eq!(sends(&record, "send").len(), 1, "delivered once");
+}
+
+/// A migration no build of this checkout has, as a newer build records it.
+const FUTURE_MIGRATION: &str = "m29991231_000001_from_a_newer_build";
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_stops_when_a_newer_build_migrates_its_database() {
+    let (dir, db) = shared_database();
+    let record = dir.path().join("record");
+    let gate = dir.path().join("target-is-up");
+    let mut old = Server::start_with(node(&db, &record)).await;
+    let (id, addr) = old.new_addr().await;
+    old.endpoint(id, "test", json!({"gate": gate.display().to_string()}))
+        .await;
+    assert_status!(
+        old.push(json!({"addr": addr, "msg": "accepted before the upgrade"}))
+            .await,
+        202
+    );
+    until("the call in flight", Duration::from_secs(10), || async {
+        !sends(&record, "send_started").is_empty()
+    })
+    .await;
+
+    // A newer build starts on the database and migrates it.
+    let sql = old.db_client();
+    sql.query(&format!(
+        "INSERT INTO seaql_migrations (version, applied_at) VALUES ('{FUTURE_MIGRATION}', 0)"
+    ));
+    let status = old.wait_exit(Duration::from_secs(30));
+    assert_eq!(status.code(), Some(3), "{}", old.log_text());
+    let said = old.log_text();
+    assert!(
+        said.contains("the database was migrated by a newer roboger-server while this node ran"),
+        "{said}"
+    );
+    assert!(said.contains(FUTURE_MIGRATION), "{said}");
+    assert_eq!(
+        old.log_lines("pending deliveries left to the other nodes")
+            .len(),
+        1,
+        "{said}"
+    );
+
+    // This build no longer starts on it, nor migrates it, and says why.
+    let config = old.config_path.display().to_string();
+    for command in ["serve", "migrate"] {
+        let (code, _, err) = run_server_cmd(&["--config", &config, command], &[]);
+        assert_eq!(code, 3, "{command}: {err}");
+        assert!(
+            err.contains("the database was migrated by a newer roboger-server")
+                && err.contains(FUTURE_MIGRATION),
+            "{command}: {err}"
+        );
+    }
+    assert!(
+        sql.query("SELECT version FROM seaql_migrations")
+            .contains(FUTURE_MIGRATION),
+        "the newer build's record is left as it is"
+    );
+
+    // The event accepted before is not lost: a node that may write to the
+    // database (this build again, once the record is gone, standing in
+    // for the newer build) delivers it.
+    sql.query(&format!(
+        "DELETE FROM seaql_migrations WHERE version = '{FUTURE_MIGRATION}'"
+    ));
+    std::fs::write(&gate, "up").expect("bring the target up");
+    let newer = Server::start_with(node(&db, &record)).await;
+    let (state, _, _) = newer.settled_delivery(id).await;
+    assert_eq!(state, "delivered", "{}", newer.log_text());
     assert_eq!(sends(&record, "send").len(), 1, "delivered once");
 }
 

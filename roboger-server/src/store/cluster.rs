@@ -28,11 +28,21 @@ fn sqlx_err(what: &str, e: impl std::fmt::Display) -> DbErr {
 }
 
 impl Store {
+    /// The migrations the database records that this build does not have:
+    /// not empty once a newer build has migrated it. Cheap enough for
+    /// every heartbeat.
+    pub async fn schema_newer(&self) -> Result<Vec<String>> {
+        Ok(super::migration::applied_beyond_this_build(&self.db).await?)
+    }
+
     /// Applies every pending migration while holding a database-wide lock,
     /// so any number of servers may start at once on an empty database:
     /// the first migrates, the others wait (up to `wait`) and then find
     /// nothing to do. On SQLite the lock is an OS file lock next to the
-    /// database file, released by the kernel when its holder dies.
+    /// database file, released by the kernel when its holder dies. A
+    /// database a newer build has migrated is refused
+    /// ([`StoreError::NewerSchema`](super::StoreError::NewerSchema)) and
+    /// left as it is.
     pub async fn migrate(&self, wait: Duration) -> Result<()> {
         let deadline = tokio::time::Instant::now() + wait;
         let waiting = |what: &str| {

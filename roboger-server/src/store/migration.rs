@@ -8,6 +8,36 @@ use sea_orm_migration::schema::*;
 /// Every migration, oldest first.
 pub struct Migrator;
 
+/// The migrations `db` records as applied that this build does not have,
+/// in the order applied: a newer build migrated it. Creates the record
+/// table on an empty database (as applying migrations would).
+pub async fn unknown_to_this_build<C: ConnectionTrait>(db: &C) -> Result<Vec<String>, DbErr> {
+    let known: Vec<String> = Migrator::migrations()
+        .iter()
+        .map(|m| m.name().to_string())
+        .collect();
+    Ok(Migrator::get_migration_models(db)
+        .await?
+        .into_iter()
+        .map(|m| m.version)
+        .filter(|v| !known.contains(v))
+        .collect())
+}
+
+/// [`unknown_to_this_build`] for asking often (at every heartbeat): it
+/// counts the applied migrations first and names them only when there are
+/// more than this build has.
+pub async fn applied_beyond_this_build<C: ConnectionTrait>(db: &C) -> Result<Vec<String>, DbErr> {
+    use sea_orm::{EntityTrait, PaginatorTrait};
+    let applied = sea_orm_migration::seaql_migrations::Entity::find()
+        .count(db)
+        .await?;
+    if applied <= Migrator::migrations().len() as u64 {
+        return Ok(Vec::new());
+    }
+    unknown_to_this_build(db).await
+}
+
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
         vec![

@@ -52,6 +52,16 @@ pub enum StoreError {
     /// (its own directory cannot be made, or it did not answer in time).
     #[error("{0}")]
     Connect(String),
+    /// A newer build migrated the database: the migrations it records
+    /// that this build does not have. This build must not write to it.
+    #[error(
+        "the database was migrated by a newer roboger-server: it records migration {}, \
+         which this build ({}) does not have; run that build or a newer one, or restore \
+         a backup taken before the upgrade",
+        .0.join(", "),
+        env!("CARGO_PKG_VERSION")
+    )]
+    NewerSchema(Vec<String>),
 }
 
 type Result<T> = std::result::Result<T, StoreError>;
@@ -245,6 +255,10 @@ impl Store {
     /// Applies every pending migration (see [`Store::migrate`] for the
     /// lock that serializes this between servers).
     async fn migrate_now(&self) -> Result<()> {
+        let unknown = migration::unknown_to_this_build(&self.db).await?;
+        if !unknown.is_empty() {
+            return Err(StoreError::NewerSchema(unknown));
+        }
         migration::Migrator::up(&self.db, None).await?;
         Ok(())
     }
