@@ -25,6 +25,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use crate::config::DeliveryConfig;
+use crate::metrics::Metrics;
 use crate::store::Store;
 use crate::store::entity::node;
 
@@ -35,6 +36,8 @@ const KEEP_DEAD: Duration = Duration::from_secs(3600);
 const KEEP_CHANGES: Duration = Duration::from_secs(3600);
 /// How often one node of the cluster prunes the tables above.
 const MAINTENANCE_EVERY: Duration = Duration::from_secs(60);
+/// How often each node measures its clock against the database server's.
+const CLOCK_EVERY: Duration = Duration::from_secs(10);
 
 /// This process as a node of the cluster.
 #[derive(Debug, Clone)]
@@ -92,6 +95,7 @@ pub async fn run(
     store: Store,
     node: Arc<Node>,
     cfg: Arc<DeliveryConfig>,
+    metrics: Arc<Metrics>,
     superseded: watch::Sender<Option<Vec<String>>>,
 ) {
     let mut tick = tokio::time::interval(cfg.heartbeat);
@@ -99,6 +103,8 @@ pub async fn run(
     let renew_every = cfg.lease / 4;
     let mut renewed = tokio::time::Instant::now();
     let mut maintained = tokio::time::Instant::now();
+    let mut clocked: Option<tokio::time::Instant> = None;
+    let mut clock_off = false;
     let mut presumed_dead = false;
     loop {
         tick.tick().await;
@@ -136,6 +142,10 @@ pub async fn run(
                 Err(e) => tracing::warn!(error = %e, "cannot read the database's migrations"),
             }
         }
+        if clocked.is_none_or(|t| t.elapsed() >= CLOCK_EVERY) {
+            clocked = Some(tokio::time::Instant::now());
+            check_clock(&store, &metrics, cfg.node_timeout, &mut clock_off).await;
+        }
         rescue_dead(&store, &node, cfg.node_timeout).await;
         if renewed.elapsed() >= renew_every {
             renewed = tokio::time::Instant::now();
@@ -153,6 +163,42 @@ pub async fn run(
             maintenance(&store, &node).await;
         }
     }
+}
+
+/// Measures this node's clock against the database server's, for
+/// `roboger_clock_offset_seconds`, and warns once when the two differ by
+/// more than a quarter of `node-timeout` (and says when they agree again):
+/// nodes judge each other by the times they write, so a node whose clock
+/// is off looks dead to the others, or takes them for dead.
+async fn check_clock(store: &Store, metrics: &Metrics, node_timeout: Duration, off: &mut bool) {
+    let offset = match store.clock_offset().await {
+        Ok(Some(o)) => o,
+        Ok(None) => return,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the database server's clock");
+            return;
+        }
+    };
+    let seconds = offset.num_milliseconds() as f64 / 1000.0;
+    metrics.clock_offset(seconds);
+    let over = seconds.abs() > node_timeout.as_secs_f64() / 4.0;
+    if over && !*off {
+        let way = if seconds < 0.0 { "ahead of" } else { "behind" };
+        tracing::warn!(
+            offset_seconds = seconds,
+            "this node's clock is {:.3} s {way} the database server's: nodes judge each \
+             other by the times they write (heartbeats, leases), so keep every clock in step \
+             (NTP); off by node-timeout ({node_timeout:?}), a node looks dead to the others \
+             or takes them for dead",
+            seconds.abs()
+        );
+    } else if !over && *off {
+        tracing::info!(
+            offset_seconds = seconds,
+            "this node's clock is in step with the database server's again"
+        );
+    }
+    *off = over;
 }
 
 async fn rescue_dead(store: &Store, node: &Node, timeout: Duration) {

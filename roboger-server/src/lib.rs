@@ -127,6 +127,7 @@ impl App {
             store.clone(),
             node.clone(),
             delivery.clone(),
+            metrics.clone(),
             newer,
         ));
         let pipeline = pipeline::Pipeline::start(

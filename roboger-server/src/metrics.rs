@@ -57,6 +57,9 @@ pub struct Metrics {
     call_events: HistogramVec,
     /// The last pending count and when it was read.
     pending: tokio::sync::Mutex<Option<(Instant, PerPlugin)>>,
+    /// The database server's clock minus this node's, in seconds, as last
+    /// measured (never on SQLite).
+    clock_offset: std::sync::Mutex<Option<f64>>,
 }
 
 /// A count per plugin name.
@@ -148,7 +151,16 @@ impl Metrics {
             attempt_seconds,
             call_events,
             pending: tokio::sync::Mutex::new(None),
+            clock_offset: std::sync::Mutex::new(None),
         })
+    }
+
+    /// The database server's clock was `seconds` ahead of this node's
+    /// (behind when negative).
+    pub fn clock_offset(&self, seconds: f64) {
+        if let Ok(mut o) = self.clock_offset.lock() {
+            *o = Some(seconds);
+        }
     }
 
     /// A push answered with `status`, `took` after its request arrived.
@@ -217,6 +229,14 @@ impl Metrics {
     pub fn render(&self, scrape: &Scrape) -> Result<String, prometheus::Error> {
         let mut families = self.registry.gather();
         families.extend(scrape.families()?);
+        if let Some(seconds) = self.clock_offset.lock().ok().and_then(|o| *o) {
+            let offset = prometheus::Gauge::new(
+                "roboger_clock_offset_seconds",
+                "How far the database server's clock is ahead of this node's (behind when negative), measured every 10 s; absent on SQLite.",
+            )?;
+            offset.set(seconds);
+            families.extend(offset.collect());
+        }
         // A vector with no children (no plugins) is left out, as the
         // registry's own are: the encoder refuses an empty family.
         families.retain(|f| !f.get_metric().is_empty());

@@ -35,6 +35,37 @@ impl Store {
         Ok(super::migration::applied_beyond_this_build(&self.db).await?)
     }
 
+    /// How far the database server's clock is ahead of this process's
+    /// (behind when negative), measured against the middle of the round
+    /// trip; `None` on SQLite, whose clock is this machine's. Leases and
+    /// heartbeats written by one node are read by the others, so nodes
+    /// whose offsets differ by a good part of `node-timeout` misjudge
+    /// each other.
+    pub async fn clock_offset(&self) -> Result<Option<chrono::Duration>> {
+        let sql = match self.backend {
+            DbBackend::Sqlite => return Ok(None),
+            DbBackend::Postgres => "SELECT EXTRACT(EPOCH FROM clock_timestamp())::float8 AS t",
+            // DECIMAL times a float literal is a DOUBLE.
+            DbBackend::MySql => "SELECT UNIX_TIMESTAMP(NOW(6)) * 1.0e0 AS t",
+        };
+        let before = chrono::Utc::now();
+        let row = self
+            .db
+            .query_one_raw(sea_orm::Statement::from_string(
+                self.db.get_database_backend(),
+                sql,
+            ))
+            .await?;
+        let after = chrono::Utc::now();
+        let Some(row) = row else { return Ok(None) };
+        let theirs: f64 = row.try_get("", "t")?;
+        let ours = before + (after - before) / 2;
+        let ours = ours.timestamp() as f64 + f64::from(ours.timestamp_subsec_nanos()) * 1e-9;
+        Ok(chrono::Duration::try_milliseconds(
+            ((theirs - ours) * 1000.0).round() as i64,
+        ))
+    }
+
     /// Applies every pending migration while holding a database-wide lock,
     /// so any number of servers may start at once on an empty database:
     /// the first migrates, the others wait (up to `wait`) and then find
