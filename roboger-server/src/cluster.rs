@@ -106,12 +106,12 @@ pub async fn run(
     let mut clocked: Option<tokio::time::Instant> = None;
     let mut clock_off = false;
     let mut presumed_dead = false;
+    // How long each of the database reads and writes below may take.
+    let within = cfg.heartbeat.max(cfg.node_timeout / 2);
     loop {
         tick.tick().await;
-        let beat = tokio::time::timeout(cfg.heartbeat.max(cfg.node_timeout / 2), async {
-            store.node_heartbeat(&node.row()).await
-        })
-        .await;
+        let beat =
+            tokio::time::timeout(within, async { store.node_heartbeat(&node.row()).await }).await;
         match beat {
             Ok(Ok(true)) => presumed_dead = false,
             Ok(Ok(false)) => {
@@ -128,9 +128,9 @@ pub async fn run(
             Err(_) => tracing::warn!("this node's heartbeat timed out"),
         }
         if superseded.borrow().is_none() {
-            match store.schema_newer().await {
-                Ok(unknown) if unknown.is_empty() => {}
-                Ok(unknown) => {
+            match tokio::time::timeout(within, store.schema_newer()).await {
+                Ok(Ok(unknown)) if unknown.is_empty() => {}
+                Ok(Ok(unknown)) => {
                     tracing::error!(
                         migrations = ?unknown,
                         "the database was migrated by a newer roboger-server while this node \
@@ -139,12 +139,16 @@ pub async fn run(
                     );
                     superseded.send_replace(Some(unknown));
                 }
-                Err(e) => tracing::warn!(error = %e, "cannot read the database's migrations"),
+                Ok(Err(e)) => tracing::warn!(error = %e, "cannot read the database's migrations"),
+                Err(_) => tracing::warn!("reading the database's migrations timed out"),
             }
         }
         if clocked.is_none_or(|t| t.elapsed() >= CLOCK_EVERY) {
             clocked = Some(tokio::time::Instant::now());
-            check_clock(&store, &metrics, cfg.node_timeout, &mut clock_off).await;
+            let check = check_clock(&store, &metrics, cfg.node_timeout, &mut clock_off);
+            if tokio::time::timeout(within, check).await.is_err() {
+                tracing::warn!("reading the database server's clock timed out");
+            }
         }
         rescue_dead(&store, &node, cfg.node_timeout).await;
         if renewed.elapsed() >= renew_every {
@@ -173,6 +177,7 @@ pub async fn run(
 async fn check_clock(store: &Store, metrics: &Metrics, node_timeout: Duration, off: &mut bool) {
     let offset = match store.clock_offset().await {
         Ok(Some(o)) => o,
+        // SQLite, or a round trip too slow to tell.
         Ok(None) => return,
         Err(e) => {
             tracing::warn!(error = %e, "cannot read the database server's clock");

@@ -27,6 +27,9 @@ fn sqlx_err(what: &str, e: impl std::fmt::Display) -> DbErr {
     DbErr::Custom(format!("{what}: {e}"))
 }
 
+/// The longest round trip [`Store::clock_offset`] trusts.
+pub const CLOCK_READ_MAX: Duration = Duration::from_millis(200);
+
 impl Store {
     /// The migrations the database records that this build does not have:
     /// not empty once a newer build has migrated it. Cheap enough for
@@ -37,10 +40,11 @@ impl Store {
 
     /// How far the database server's clock is ahead of this process's
     /// (behind when negative), measured against the middle of the round
-    /// trip; `None` on SQLite, whose clock is this machine's. Leases and
-    /// heartbeats written by one node are read by the others, so nodes
-    /// whose offsets differ by a good part of `node-timeout` misjudge
-    /// each other.
+    /// trip; `None` on SQLite, whose clock is this machine's, and when the
+    /// round trip took longer than [`CLOCK_READ_MAX`], which would leave
+    /// the figure that uncertain. Leases and heartbeats written by one
+    /// node are read by the others, so nodes whose offsets differ by a
+    /// good part of `node-timeout` misjudge each other.
     pub async fn clock_offset(&self) -> Result<Option<chrono::Duration>> {
         let sql = match self.backend {
             DbBackend::Sqlite => return Ok(None),
@@ -58,6 +62,9 @@ impl Store {
             .await?;
         let after = chrono::Utc::now();
         let Some(row) = row else { return Ok(None) };
+        if (after - before).to_std().unwrap_or(Duration::MAX) > CLOCK_READ_MAX {
+            return Ok(None);
+        }
         let theirs: f64 = row.try_get("", "t")?;
         let ours = before + (after - before) / 2;
         let ours = ours.timestamp() as f64 + f64::from(ours.timestamp_subsec_nanos()) * 1e-9;
