@@ -333,6 +333,13 @@ impl Starting {
         wait_for_log(&self.log, needle, timeout).await;
     }
 
+    /// Kills it (a server that is not to listen) and waits for it to be
+    /// gone.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// Waits until it listens (or panics with its log after 30 s).
     pub fn wait(self) -> Server {
         let (child, addr, log) = wait_listening(self.child, self.addr, self.log);

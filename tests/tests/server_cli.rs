@@ -523,6 +523,37 @@ async fn a_server_waits_for_a_database_that_cannot_answer_yet() {
     );
 }
 
+/// A database server that refuses connections (a wrong port, a server
+/// not started yet) is waited for like one that cannot answer yet, and the
+/// warning says it refused: sqlx's pool only says no connection came
+/// within the timeout. Nothing listens on the port, so this runs the same
+/// in every suite.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refused_connection_is_named_while_the_server_waits() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    for url in [
+        format!("postgresql://postgres@127.0.0.1:{closed}/roboger"),
+        format!("mysql://root@127.0.0.1:{closed}/roboger"),
+    ] {
+        let starting = roboger_tests::Server::spawn(roboger_tests::ServerOptions {
+            db: Some(url),
+            ..Default::default()
+        });
+        starting
+            .wait_log(
+                "the database does not answer yet; trying again \
+                 error=no connection within 2s (`timeout`): \
+                 error communicating with database: Connection refused",
+                std::time::Duration::from_secs(15),
+            )
+            .await;
+        starting.kill();
+    }
+}
+
 /// `roboger-server migrate` on the database `db` with `timeout` (seconds):
 /// its exit code and standard error.
 fn migrate(dir: &std::path::Path, db: &str, timeout: u64) -> (i32, String) {

@@ -372,7 +372,15 @@ async fn connect_waiting(
         let why = if busy {
             Some("the SQLite file is locked by another process".to_string())
         } else {
-            not_ready(&e, timeout)
+            match not_ready(&e, timeout) {
+                Some(why) if matches!(e, DbErr::ConnectionAcquire(_)) || pool_timed_out(&e) => {
+                    Some(match why_no_connection(opts.get_url(), timeout).await {
+                        Some(cause) => format!("{why}: {cause}"),
+                        None => why,
+                    })
+                }
+                why => why,
+            }
         };
         let Some(why) = why else {
             return Err(e.into());
@@ -423,6 +431,35 @@ fn not_ready(e: &DbErr, timeout: Duration) -> Option<String> {
         },
         _ => None,
     }
+}
+
+/// Whether sqlx's pool gave up waiting for a connection, which hides why
+/// each attempt failed.
+fn pool_timed_out(e: &DbErr) -> bool {
+    use sea_orm::{RuntimeErr, sqlx::Error};
+    matches!(e, DbErr::Conn(RuntimeErr::SqlxError(s)) if matches!(s.as_ref(), Error::PoolTimedOut))
+}
+
+/// Why a connection to the PostgreSQL or MySQL server at `url` cannot be
+/// made, found by one attempt of its own outside the pool (bounded by
+/// `timeout`, at most 2 s): e.g. the connection refused on a wrong port,
+/// where the pool only says it timed out. `None` when that attempt
+/// succeeds, takes too long, or the database is SQLite.
+async fn why_no_connection(url: &str, timeout: Duration) -> Option<String> {
+    use sea_orm::sqlx::Connection;
+    let attempt = async {
+        if url.starts_with("postgres") {
+            sea_orm::sqlx::PgConnection::connect(url).await.err()
+        } else if url.starts_with("mysql") {
+            sea_orm::sqlx::MySqlConnection::connect(url).await.err()
+        } else {
+            None
+        }
+    };
+    let e = tokio::time::timeout(timeout.min(Duration::from_secs(2)), attempt)
+        .await
+        .ok()??;
+    Some(crate::secrets::scrub(&e.to_string()).into_owned())
 }
 
 /// The code the database gave an error with: SQLite's result code,
