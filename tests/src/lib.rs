@@ -471,6 +471,30 @@ impl Server {
             .collect()
     }
 
+    /// Its `/metrics`, read with the master key as bearer token, parsed
+    /// ([`parse_metrics`]); panics unless it is a 200 in Prometheus's text
+    /// format.
+    pub async fn metrics(&self) -> std::collections::BTreeMap<String, f64> {
+        let bearer = format!("Bearer {KEY}");
+        let r = self
+            .request(
+                Method::GET,
+                "/metrics",
+                None,
+                &[("Authorization", &bearer)],
+                None,
+            )
+            .await;
+        assert_eq!(r.status.as_u16(), 200, "/metrics: {}", r.text);
+        assert!(
+            r.header("content-type")
+                .is_some_and(|c| c.starts_with("text/plain; version=0.0.4")),
+            "{:?}",
+            r.header("content-type")
+        );
+        parse_metrics(&r.text)
+    }
+
     /// A client of its database, to look at it or change it behind its back.
     pub fn db_client(&self) -> DbClient {
         DbClient::of(&self.db)

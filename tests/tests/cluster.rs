@@ -11,8 +11,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use roboger_tests::{
-    KEY, Method, Server, ServerOptions, Value, assert_status, json, json_lines, on_mysql,
-    on_postgres, parse_metrics, run_server_cmd, shared_database, test_plugin_bin,
+    Method, Server, ServerOptions, Value, assert_status, json, json_lines, on_mysql, on_postgres,
+    run_server_cmd, shared_database, test_plugin_bin,
 };
 
 /// A node of the test cluster on database `db`, with the test plugin
@@ -559,17 +559,8 @@ fn clock_set(offset: &str) -> Vec<(String, String)> {
 
 /// `roboger_clock_offset_seconds` as `node` serves it, if it does.
 async fn clock_offset(node: &Server) -> Option<f64> {
-    let r = node
-        .request(
-            Method::GET,
-            "/metrics",
-            None,
-            &[("Authorization", &format!("Bearer {KEY}"))],
-            None,
-        )
-        .await;
-    assert_status!(r, 200);
-    parse_metrics(&r.text)
+    node.metrics()
+        .await
         .get("roboger_clock_offset_seconds")
         .copied()
 }

@@ -6,34 +6,13 @@ use std::time::{Duration, Instant};
 
 use roboger_tests::{
     KEY, Method, PrometheusServer, Server, ServerOptions, assert_status, installed_program, json,
-    parse_metrics,
 };
-
-async fn scrape(s: &Server) -> std::collections::BTreeMap<String, f64> {
-    let r = s
-        .request(
-            Method::GET,
-            "/metrics",
-            None,
-            &[("Authorization", &format!("Bearer {KEY}"))],
-            None,
-        )
-        .await;
-    assert_status!(r, 200);
-    assert!(
-        r.header("content-type")
-            .is_some_and(|c| c.starts_with("text/plain; version=0.0.4")),
-        "{:?}",
-        r.header("content-type")
-    );
-    parse_metrics(&r.text)
-}
 
 /// Scrapes until `series` has `value` (or panics after 20 s).
 async fn wait_for(s: &Server, series: &str, value: f64) -> std::collections::BTreeMap<String, f64> {
     let end = Instant::now() + Duration::from_secs(20);
     loop {
-        let m = scrape(s).await;
+        let m = s.metrics().await;
         if m.get(series) == Some(&value) {
             return m;
         }
@@ -52,7 +31,7 @@ async fn counts_pushes_and_deliveries_exactly_and_prometheus_reads_them() {
         ..Default::default()
     })
     .await;
-    let fresh = scrape(&s).await;
+    let fresh = s.metrics().await;
     for status in [202, 400, 404, 406, 413, 429, 503] {
         assert_eq!(
             fresh.get(&format!("roboger_push_total{{status=\"{status}\"}}")),

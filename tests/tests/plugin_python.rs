@@ -210,17 +210,7 @@ async fn a_burst_goes_in_batches_each_event_with_its_own_outcome() {
     // Every good delivery counted, and every bad one tried at least once.
     let end = Instant::now() + Duration::from_secs(30);
     let m = loop {
-        let r = s
-            .request(
-                Method::GET,
-                "/metrics",
-                None,
-                &[("Authorization", &format!("Bearer {}", roboger_tests::KEY))],
-                None,
-            )
-            .await;
-        assert_status!(r, 200);
-        let m = roboger_tests::parse_metrics(&r.text);
+        let m = s.metrics().await;
         let at = |k: &str| m.get(k).copied().unwrap_or(0.0);
         if at("roboger_deliveries_total{outcome=\"delivered\",plugin=\"seed\"}") >= 12.0
             && at("roboger_deliveries_total{outcome=\"retry\",plugin=\"seed\"}") >= 12.0
