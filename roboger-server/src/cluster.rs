@@ -112,6 +112,7 @@ pub async fn run(
         tick.tick().await;
         let beat =
             tokio::time::timeout(within, async { store.node_heartbeat(&node.row()).await }).await;
+        let reached = matches!(beat, Ok(Ok(_)));
         match beat {
             Ok(Ok(true)) => presumed_dead = false,
             Ok(Ok(false)) => {
@@ -127,7 +128,9 @@ pub async fn run(
             Ok(Err(e)) => tracing::warn!(error = %e, "cannot write this node's heartbeat"),
             Err(_) => tracing::warn!("this node's heartbeat timed out"),
         }
-        if superseded.borrow().is_none() {
+        // While the database cannot take a heartbeat, these would only
+        // wait out their timeouts and say so again.
+        if reached && superseded.borrow().is_none() {
             match tokio::time::timeout(within, store.schema_newer()).await {
                 Ok(Ok(unknown)) if unknown.is_empty() => {}
                 Ok(Ok(unknown)) => {
@@ -143,7 +146,7 @@ pub async fn run(
                 Err(_) => tracing::warn!("reading the database's migrations timed out"),
             }
         }
-        if clocked.is_none_or(|t| t.elapsed() >= CLOCK_EVERY) {
+        if reached && clocked.is_none_or(|t| t.elapsed() >= CLOCK_EVERY) {
             clocked = Some(tokio::time::Instant::now());
             let check = check_clock(&store, &metrics, cfg.node_timeout, &mut clock_off);
             if tokio::time::timeout(within, check).await.is_err() {
