@@ -540,10 +540,11 @@ async fn a_node_stops_when_a_newer_build_migrates_its_database() {
     assert_eq!(sends(&record, "send").len(), 1, "delivered once");
 }
 
-/// The environment that sets a server's wall clock `offset` (e.g. `+30s`)
-/// through libfaketime, which `tests/run` installs (Debian's
-/// `libfaketime`); its monotonic clock, which timers use, stays true.
-fn clock_set(offset: &str) -> Vec<(String, String)> {
+/// The environment that sets a server's wall clock off by the offset
+/// written in `file` (e.g. `+30s`, read again every second) through
+/// libfaketime, which `tests/run` installs (Debian's `libfaketime`); its
+/// monotonic clock, which timers use, stays true.
+fn clock_set(file: &Path) -> Vec<(String, String)> {
     let lib = std::fs::read_dir("/usr/lib")
         .into_iter()
         .flatten()
@@ -553,7 +554,8 @@ fn clock_set(offset: &str) -> Vec<(String, String)> {
         .expect("libfaketime is installed (tests/run installs it)");
     vec![
         ("LD_PRELOAD".into(), lib.display().to_string()),
-        ("FAKETIME".into(), offset.into()),
+        ("FAKETIME_TIMESTAMP_FILE".into(), file.display().to_string()),
+        ("FAKETIME_CACHE_DURATION".into(), "1".into()),
         ("FAKETIME_DONT_FAKE_MONOTONIC".into(), "1".into()),
     ]
 }
@@ -568,13 +570,15 @@ async fn clock_offset(node: &Server) -> Option<f64> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_node_whose_clock_is_off_says_so() {
-    let (_dir, db) = shared_database();
+    let (dir, db) = shared_database();
+    let clock_file = dir.path().join("clock-offset");
+    std::fs::write(&clock_file, "+30s").expect("the clock's offset");
     let on = |env| ServerOptions {
         db: Some(db.clone()),
         env,
         ..Default::default()
     };
-    let mut nodes = Server::start_many(vec![on(Vec::new()), on(clock_set("+30s"))]);
+    let mut nodes = Server::start_many(vec![on(Vec::new()), on(clock_set(&clock_file))]);
     let ahead = nodes.pop().expect("two nodes");
     let in_step = nodes.pop().expect("two nodes");
     if !on_postgres() && !on_mysql() {
@@ -601,8 +605,8 @@ async fn a_node_whose_clock_is_off_says_so() {
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("no offset in {:?}", said[0]));
     assert!((29.0..31.0).contains(&seconds), "{}", said[0]);
-    let offset = clock_offset(&ahead).await.expect("the offset is served");
-    assert!((-31.0..-29.0).contains(&offset), "{offset}");
+    let served = clock_offset(&ahead).await.expect("the offset is served");
+    assert!((-31.0..-29.0).contains(&served), "{served}");
 
     until("the offset served", Duration::from_secs(30), || async {
         clock_offset(&in_step).await.is_some()
@@ -614,6 +618,23 @@ async fn a_node_whose_clock_is_off_says_so() {
         in_step.log_lines("the database server's").is_empty(),
         "{}",
         in_step.log_text()
+    );
+
+    // NTP puts the clock right: said once, at the next reading (10 s).
+    std::fs::write(&clock_file, "+0s").expect("the clock put right");
+    ahead
+        .wait_log(
+            "this node's clock is in step with the database server's again",
+            Duration::from_secs(30),
+        )
+        .await;
+    let served = clock_offset(&ahead).await.unwrap_or(f64::NAN);
+    assert!(served.abs() < 0.5, "{served}");
+    assert_eq!(
+        ahead.log_lines("ahead of the database server's").len(),
+        1,
+        "{}",
+        ahead.log_text()
     );
 }
 
