@@ -28,7 +28,7 @@ fn sqlx_err(what: &str, e: impl std::fmt::Display) -> DbErr {
 }
 
 /// The longest round trip [`Store::clock_offset`] trusts.
-pub const CLOCK_READ_MAX: Duration = Duration::from_millis(200);
+const CLOCK_READ_MAX: Duration = Duration::from_millis(200);
 
 impl Store {
     /// The migrations the database records that this build does not have:
@@ -41,7 +41,7 @@ impl Store {
     /// How far the database server's clock is ahead of this process's
     /// (behind when negative), measured against the middle of the round
     /// trip; `None` on SQLite, whose clock is this machine's, and when the
-    /// round trip took longer than [`CLOCK_READ_MAX`], which would leave
+    /// round trip took longer than `CLOCK_READ_MAX` (0.2 s), which would leave
     /// the figure that uncertain. Leases and heartbeats written by one
     /// node are read by the others, so nodes whose offsets differ by a
     /// good part of `node-timeout` misjudge each other.

@@ -373,7 +373,7 @@ async fn connect_waiting(
             Some("the SQLite file is locked by another process".to_string())
         } else {
             match not_ready(&e, timeout) {
-                Some(why) if matches!(e, DbErr::ConnectionAcquire(_)) || pool_timed_out(&e) => {
+                Some(why) if pool_timed_out(&e) => {
                     Some(match why_no_connection(opts.get_url(), timeout).await {
                         Some(cause) => format!("{why}: {cause}"),
                         None => why,
@@ -413,16 +413,14 @@ async fn connect_waiting(
 /// of connections (53300), MySQL out of connections (1040).
 fn not_ready(e: &DbErr, timeout: Duration) -> Option<String> {
     use sea_orm::{RuntimeErr, sqlx::Error};
-    let timed_out = || {
-        format!(
+    if pool_timed_out(e) {
+        return Some(format!(
             "no connection within {}s (`timeout`)",
             timeout.as_secs_f64()
-        )
-    };
+        ));
+    }
     match e {
-        DbErr::ConnectionAcquire(_) => Some(timed_out()),
         DbErr::Conn(RuntimeErr::SqlxError(sqlx)) => match sqlx.as_ref() {
-            Error::PoolTimedOut => Some(timed_out()),
             Error::Io(io) => Some(io.to_string()),
             Error::Database(_) => db_code(e)
                 .filter(|c| matches!(c.as_str(), "57P03" | "53300" | "1040"))
@@ -433,11 +431,15 @@ fn not_ready(e: &DbErr, timeout: Duration) -> Option<String> {
     }
 }
 
-/// Whether sqlx's pool gave up waiting for a connection, which hides why
-/// each attempt failed.
+/// Whether the pool gave up waiting for a connection (sea-orm's or sqlx's
+/// word for it), which hides why each attempt failed.
 fn pool_timed_out(e: &DbErr) -> bool {
     use sea_orm::{RuntimeErr, sqlx::Error};
-    matches!(e, DbErr::Conn(RuntimeErr::SqlxError(s)) if matches!(s.as_ref(), Error::PoolTimedOut))
+    match e {
+        DbErr::ConnectionAcquire(_) => true,
+        DbErr::Conn(RuntimeErr::SqlxError(s)) => matches!(s.as_ref(), Error::PoolTimedOut),
+        _ => false,
+    }
 }
 
 /// Why a connection to the PostgreSQL or MySQL server at `url` cannot be
