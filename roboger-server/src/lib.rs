@@ -6,6 +6,7 @@
 
 pub mod api;
 pub mod bucket;
+pub mod cleanup;
 pub mod cluster;
 pub mod config;
 pub mod event;
@@ -75,6 +76,9 @@ pub struct App {
     pub bodies: api::budget::BodyBudget,
     /// The web console's open event streams.
     pub console: api::console::Live,
+    /// Core cleanups on this node (the `cleanup` command and the periodic
+    /// task).
+    pub cleanup: cleanup::Cleanup,
     /// The heartbeat task, stopped by [`App::stop`].
     heartbeat: tokio::task::JoinHandle<()>,
     /// The migrations a newer build applied while this node ran, once
@@ -139,6 +143,7 @@ impl App {
             metrics.clone(),
         )
         .await;
+        let cleanup = cleanup::Cleanup::new(store.clone(), plugins.clone(), config.event_retention);
         Ok(App {
             config,
             store,
@@ -151,32 +156,10 @@ impl App {
             metrics,
             bodies,
             console: api::console::Live::default(),
+            cleanup,
             heartbeat,
             superseded,
         })
-    }
-
-    /// Core cleanup: deletes expired bucket objects and events past their
-    /// retention (with nothing pending), and runs every
-    /// plugin's `cleanup` (the `cleanup` command and the periodic task).
-    pub async fn cleanup(&self) -> Result<(), store::StoreError> {
-        let n = self.store.bucket_cleanup().await?;
-        let before = chrono::Utc::now()
-            - chrono::Duration::from_std(self.config.event_retention).unwrap_or_default();
-        let events = self.store.events_cleanup(before).await?;
-        let now = chrono::Utc::now();
-        let sessions = self
-            .store
-            .sessions_cleanup(now, now - chrono::Duration::days(1))
-            .await?;
-        tracing::info!(
-            expired_objects = n,
-            old_events = events,
-            expired_sessions = sessions,
-            "core cleanup"
-        );
-        self.plugins.cleanup().await;
-        Ok(())
     }
 
     /// Applies a reloaded configuration (SIGHUP): the plugin list takes
@@ -228,27 +211,5 @@ impl App {
     pub async fn stop(&self) {
         self.heartbeat.abort();
         cluster::leave(&self.store, &self.node).await;
-    }
-
-    /// Runs [`App::cleanup`] every `cleanup-interval` on one node of the
-    /// cluster at a time (whichever takes the job's lease), until dropped.
-    pub fn spawn_cleanup(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
-        let app = Arc::downgrade(self);
-        let every = self.config.cleanup_interval;
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            tick.tick().await;
-            loop {
-                tick.tick().await;
-                let Some(app) = app.upgrade() else { break };
-                if !cluster::once(&app.store, &app.node, "cleanup", every).await {
-                    continue;
-                }
-                if let Err(e) = app.cleanup().await {
-                    tracing::warn!(error = %e, "periodic cleanup failed");
-                }
-            }
-        })
     }
 }

@@ -215,7 +215,9 @@ async fn serve(cli: &Cli) -> anyhow::Result<()> {
         "roboger-server {} listening on {local}",
         env!("CARGO_PKG_VERSION")
     );
-    let cleanup = app.spawn_cleanup();
+    let cleanup = app
+        .cleanup
+        .spawn_periodic(app.node.clone(), app.config.cleanup_interval);
     // After a burst of large pushes, back to the usual size.
     let release = roboger_plugin_sdk::allocator::spawn_periodic_release();
     // Bound, migrated, plugins started: connections wait in the backlog
@@ -237,6 +239,7 @@ async fn serve(cli: &Cli) -> anyhow::Result<()> {
     release.abort();
     reloader.abort();
     cleanup.abort();
+    app.cleanup.stop();
     app.plugins.shutdown().await;
     app.stop().await;
     tracing::info!("stopped");

@@ -1215,6 +1215,122 @@ async fn deleting_events_or_endpoints_leaves_no_delivery_behind() {
     assert_eq!(count("SELECT count(*) FROM delivery"), 0);
 }
 
+/// A cleanup with a great many events past their retention deletes them a
+/// chunk at a time: the server's memory does not grow with their number
+/// (it held every old event's id, and those of every pending delivery, at
+/// once), and the events still pending, spread among them, are kept.
+#[tokio::test]
+async fn a_cleanup_of_many_events_keeps_the_server_small_and_spares_pending_ones() {
+    use roboger_tests::{on_mysql, on_postgres};
+    const N: u64 = 150_000;
+    // One event in this many keeps a pending delivery.
+    const EVERY: u64 = 777;
+    let s = Server::start_with(ServerOptions {
+        plugins: vec!["t".into()],
+        yaml: "event-retention: 1\n".into(),
+        ..Default::default()
+    })
+    .await;
+    let db = s.db_client();
+    let count = |sql: &str| -> u64 { db.query(sql).parse().expect("a count") };
+    let (id, a) = s.new_addr().await;
+    s.endpoint(id, "t", json!({})).await;
+    assert_status!(s.push(json!({"addr": a, "msg": "m"})).await, 202);
+    s.wait_settled(id).await;
+
+    // N copies of that event and of its delivery, written straight to the
+    // database, with ids that sort before it. A pending one is due ten
+    // years from now, so that nothing delivers it meanwhile.
+    let (num, later) = if on_postgres() {
+        ("lpad(i::text, 12, '0')", "next_at + interval '10 years'")
+    } else if on_mysql() {
+        ("LPAD(i, 12, '0')", "next_at + INTERVAL 10 YEAR")
+    } else {
+        (
+            "substr('00000000000' || i, -12)",
+            "'2036' || substr(next_at, 5)",
+        )
+    };
+    let series =
+        format!("WITH RECURSIVE s(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM s WHERE i < {N})");
+    // MariaDB stops a recursion at 1000 steps unless told otherwise.
+    let deeper = if on_mysql() {
+        format!("SET SESSION max_recursive_iterations = {N}; ")
+    } else {
+        String::new()
+    };
+    let copy_id = if on_mysql() {
+        format!("CONCAT('00000000-0000-7000-8000-', {num})")
+    } else {
+        format!("'00000000-0000-7000-8000-' || {num}")
+    };
+    db.query(&format!(
+        "{deeper}INSERT INTO event (id, addr_id, addr, msg, subject, formatted_subject, level, \
+         location, tag, sender, media, media_fname, created) {series} \
+         SELECT {copy_id}, addr_id, addr, msg, subject, formatted_subject, level, location, \
+         tag, sender, media, media_fname, created FROM s, event"
+    ));
+    db.query(&format!(
+        "{deeper}INSERT INTO delivery (event_id, endpoint_id, state, attempts, next_at, created, \
+         updated) {series} \
+         SELECT {copy_id}, endpoint_id, \
+         CASE WHEN i % {EVERY} = 0 THEN 'pending' ELSE state END, attempts, \
+         CASE WHEN i % {EVERY} = 0 THEN {later} ELSE next_at END, created, updated \
+         FROM s, delivery"
+    ));
+    let pending = N / EVERY;
+    assert_eq!(count("SELECT count(*) FROM event"), N + 1);
+    assert_eq!(
+        count("SELECT count(*) FROM delivery WHERE state = 'pending'"),
+        pending
+    );
+
+    let peak_before = peak_rss_mib(s.pid());
+    // Done within `timeout`, 204; else 202, and it goes on. Two commands
+    // at once make one cleanup: the second waits for the first's.
+    let cleanup = || s.manage(POST, "/core", Some(json!({"cmd": "cleanup"})));
+    let (first, second) = tokio::join!(cleanup(), cleanup());
+    for r in [first, second] {
+        match r.status.as_u16() {
+            204 => {}
+            202 => assert!(r.text.contains("the cleanup goes on"), "{}", r.text),
+            _ => panic!("cleanup: {} {}", r.status, r.text),
+        }
+    }
+    s.wait_log(
+        &format!("old_events={}", N + 1 - pending),
+        std::time::Duration::from_secs(120),
+    )
+    .await;
+    assert_eq!(s.log_lines("core cleanup").len(), 1, "{}", s.log_text());
+    let growth = peak_rss_mib(s.pid()) - peak_before;
+    assert!(
+        growth < 10,
+        "the server's peak RSS grew by {growth} MiB in the cleanup"
+    );
+    assert_eq!(count("SELECT count(*) FROM event"), pending);
+    assert_eq!(
+        count(
+            "SELECT count(*) FROM delivery d WHERE state = 'pending' \
+             AND EXISTS (SELECT 1 FROM event e WHERE e.id = d.event_id)"
+        ),
+        pending
+    );
+    assert_eq!(count("SELECT count(*) FROM delivery"), pending);
+}
+
+/// The peak resident set of process `pid`, in MiB.
+fn peak_rss_mib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|kb| kb.parse::<u64>().ok())
+        .map(|kb| kb / 1024)
+        .expect("the server's VmHWM")
+}
+
 #[tokio::test]
 async fn changes_that_race_a_delete_find_nothing_there() {
     // Each change reads what it changes, then writes it; an address

@@ -17,6 +17,7 @@ use super::body::Body;
 use super::error::{ApiError, bad};
 use super::reply::{self, Response};
 use crate::App;
+use crate::cleanup::{Cleanup, Outcome};
 use crate::store::entity::{ADDR_LEN, PLUGIN_NAME_MAX, addr, endpoint};
 use crate::store::{
     AddrPatch, AddrRef, EndpointPatch, EventHead, StoreError, SubscriptionPatch, SubscriptionRow,
@@ -479,7 +480,23 @@ fn subscription_patch(body: &Body) -> Result<SubscriptionPatch, ApiError> {
 async fn core_cmd(app: &App, body: &Body) -> Result<Response, ApiError> {
     body.only(&["cmd"], &[])?;
     match body.required_str("cmd")? {
-        "cleanup" => app.cleanup().await?,
+        "cleanup" => {
+            let started = app.cleanup.start();
+            match Cleanup::wait(started, app.config.timeout).await {
+                Some(Outcome::Done) => {}
+                Some(Outcome::Failed) => {
+                    return Err(ApiError::Unavailable(
+                        "the cleanup failed; see the server log".into(),
+                    ));
+                }
+                None => {
+                    return Ok(reply::text(
+                        StatusCode::ACCEPTED,
+                        "the cleanup goes on; the server logs \"core cleanup\" when it ends",
+                    ));
+                }
+            }
+        }
         "delete-everything" => {
             app.store.delete_everything().await?;
             tracing::warn!("core delete-everything: every address was deleted");

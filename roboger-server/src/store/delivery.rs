@@ -303,41 +303,76 @@ impl Store {
 
     /// Deletes events created before `before` that have nothing pending,
     /// with their deliveries (first: on PostgreSQL and MySQL no key ties a
-    /// delivery to its event, migration 9).
+    /// delivery to its event, migration 9). It reads and deletes
+    /// [`CLEANUP_CHUNK`] events at a time, in the order of their ids, so
+    /// its memory and each of its write transactions stay small however
+    /// many events are due. The reads run outside the transactions: on
+    /// SQLite they do not hold the write lock while they scan.
     pub async fn events_cleanup(&self, before: chrono::DateTime<chrono::Utc>) -> Result<u64> {
-        use sea_orm::QuerySelect;
-        let pending: Vec<String> = delivery::Entity::find()
-            .select_only()
-            .column(delivery::Column::EventId)
-            .filter(pending())
-            .into_tuple()
-            .all(&self.db)
-            .await?;
-        let old: Vec<String> = event::Entity::find()
-            .select_only()
-            .column(event::Column::Id)
-            .filter(event::Column::Created.lt(before))
-            .into_tuple()
-            .all(&self.db)
-            .await?;
-        let pending: std::collections::HashSet<String> = pending.into_iter().collect();
-        let doomed: Vec<String> = old.into_iter().filter(|id| !pending.contains(id)).collect();
+        let mut after: Option<String> = None;
         let mut n = 0;
-        for chunk in doomed.chunks(500) {
+        loop {
+            let mut q = event::Entity::find()
+                .select_only()
+                .column(event::Column::Id)
+                .filter(event::Column::Created.lt(before))
+                .filter(nothing_pending())
+                .order_by_asc(event::Column::Id)
+                .limit(CLEANUP_CHUNK);
+            if let Some(after) = after {
+                q = q.filter(event::Column::Id.gt(after));
+            }
+            let chunk: Vec<String> = q.into_tuple().all(&self.db).await?;
+            let Some(last) = chunk.last().cloned() else {
+                return Ok(n);
+            };
+            let full = chunk.len() as u64 == CLEANUP_CHUNK;
             let txn = self.begin_write().await?;
+            // A retry may have made a delivery pending since the read.
+            let doomed: Vec<String> = event::Entity::find()
+                .select_only()
+                .column(event::Column::Id)
+                .filter(event::Column::Id.is_in(chunk))
+                .filter(nothing_pending())
+                .into_tuple()
+                .all(&txn)
+                .await?;
             delivery::Entity::delete_many()
-                .filter(delivery::Column::EventId.is_in(chunk.to_vec()))
+                .filter(delivery::Column::EventId.is_in(doomed.clone()))
                 .exec(&txn)
                 .await?;
             n += event::Entity::delete_many()
-                .filter(event::Column::Id.is_in(chunk.to_vec()))
+                .filter(event::Column::Id.is_in(doomed))
                 .exec(&txn)
                 .await?
                 .rows_affected;
             txn.commit().await?;
+            if !full {
+                return Ok(n);
+            }
+            after = Some(last);
         }
-        Ok(n)
     }
+}
+
+/// Events [`Store::events_cleanup`] reads and deletes at a time: what it
+/// holds in memory, and the size of each of its write transactions.
+const CLEANUP_CHUNK: u64 = 500;
+
+/// `event` has no pending delivery.
+fn nothing_pending() -> Expr {
+    use sea_orm::sea_query::{ExprTrait, Query};
+    Expr::not_exists(
+        Query::select()
+            .expr(Expr::val(1))
+            .from(delivery::Entity)
+            .and_where(
+                Expr::col((delivery::Entity, delivery::Column::EventId))
+                    .equals((event::Entity, event::Column::Id)),
+            )
+            .and_where(pending())
+            .to_owned(),
+    )
 }
 
 /// The values of a delivery's lease columns when nobody holds it.
