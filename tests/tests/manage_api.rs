@@ -1221,7 +1221,6 @@ async fn deleting_events_or_endpoints_leaves_no_delivery_behind() {
 /// once), and the events still pending, spread among them, are kept.
 #[tokio::test]
 async fn a_cleanup_of_many_events_keeps_the_server_small_and_spares_pending_ones() {
-    use roboger_tests::{on_mysql, on_postgres};
     const N: u64 = 150_000;
     // One event in this many keeps a pending delivery.
     const EVERY: u64 = 777;
@@ -1238,46 +1237,7 @@ async fn a_cleanup_of_many_events_keeps_the_server_small_and_spares_pending_ones
     assert_status!(s.push(json!({"addr": a, "msg": "m"})).await, 202);
     s.wait_settled(id).await;
 
-    // N copies of that event and of its delivery, written straight to the
-    // database, with ids that sort before it. A pending one is due ten
-    // years from now, so that nothing delivers it meanwhile.
-    let (num, later) = if on_postgres() {
-        ("lpad(i::text, 12, '0')", "next_at + interval '10 years'")
-    } else if on_mysql() {
-        ("LPAD(i, 12, '0')", "next_at + INTERVAL 10 YEAR")
-    } else {
-        (
-            "substr('00000000000' || i, -12)",
-            "'2036' || substr(next_at, 5)",
-        )
-    };
-    let series =
-        format!("WITH RECURSIVE s(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM s WHERE i < {N})");
-    // MariaDB stops a recursion at 1000 steps unless told otherwise.
-    let deeper = if on_mysql() {
-        format!("SET SESSION max_recursive_iterations = {N}; ")
-    } else {
-        String::new()
-    };
-    let copy_id = if on_mysql() {
-        format!("CONCAT('00000000-0000-7000-8000-', {num})")
-    } else {
-        format!("'00000000-0000-7000-8000-' || {num}")
-    };
-    db.query(&format!(
-        "{deeper}INSERT INTO event (id, addr_id, addr, msg, subject, formatted_subject, level, \
-         location, tag, sender, media, media_fname, created) {series} \
-         SELECT {copy_id}, addr_id, addr, msg, subject, formatted_subject, level, location, \
-         tag, sender, media, media_fname, created FROM s, event"
-    ));
-    db.query(&format!(
-        "{deeper}INSERT INTO delivery (event_id, endpoint_id, state, attempts, next_at, created, \
-         updated) {series} \
-         SELECT {copy_id}, endpoint_id, \
-         CASE WHEN i % {EVERY} = 0 THEN 'pending' ELSE state END, attempts, \
-         CASE WHEN i % {EVERY} = 0 THEN {later} ELSE next_at END, created, updated \
-         FROM s, delivery"
-    ));
+    copy_history(&db, N, EVERY);
     let pending = N / EVERY;
     assert_eq!(count("SELECT count(*) FROM event"), N + 1);
     assert_eq!(
@@ -1317,6 +1277,128 @@ async fn a_cleanup_of_many_events_keeps_the_server_small_and_spares_pending_ones
         pending
     );
     assert_eq!(count("SELECT count(*) FROM delivery"), pending);
+}
+
+/// Deleting an address with a long history deletes its events a chunk at
+/// a time, so that pushes to the other addresses go on meanwhile. In one
+/// transaction, on SQLite, the deletion held the write lock (every push's
+/// commit) until it ended, and pushes timed out with 503 (checked; on
+/// PostgreSQL and MySQL they did not wait). The answer is 204, or 202 when
+/// the deletion outlasts `timeout` and goes on.
+#[tokio::test]
+async fn deleting_an_address_with_a_long_history_keeps_pushes_going() {
+    const N: u64 = 150_000;
+    let s = std::sync::Arc::new(
+        Server::start_with(ServerOptions {
+            plugins: vec!["t".into()],
+            yaml: "timeout: 1\n".into(),
+            ..Default::default()
+        })
+        .await,
+    );
+    let db = s.db_client();
+    let count = |sql: &str| -> u64 { db.query(sql).parse().expect("a count") };
+    let (old_id, old) = s.new_addr().await;
+    let old_ep = s.endpoint(old_id, "t", json!({})).await;
+    assert_status!(s.push(json!({"addr": old, "msg": "m"})).await, 202);
+    s.wait_settled(old_id).await;
+    copy_history(&db, N, N);
+    assert_eq!(count("SELECT count(*) FROM event"), N + 1);
+    let (id, a) = s.new_addr().await;
+    s.endpoint(id, "t", json!({})).await;
+
+    // Pushes to the other address, one after another, until the old one
+    // is gone.
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let pusher = {
+        let s = s.clone();
+        tokio::spawn(async move {
+            let mut statuses = Vec::new();
+            while !*stopped.borrow() {
+                let r = s.push(json!({"addr": a, "msg": "meanwhile"})).await;
+                statuses.push((r.status.as_u16(), r.text));
+            }
+            statuses
+        })
+    };
+    let r = s.manage(DELETE, &format!("/addr/{old_id}"), None).await;
+    match r.status.as_u16() {
+        204 => {}
+        202 => assert!(r.text.contains("the deletion goes on"), "{}", r.text),
+        _ => panic!("delete: {} {}", r.status, r.text),
+    }
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while s.manage(GET, &format!("/addr/{old_id}"), None).await.status != 404 {
+        assert!(
+            std::time::Instant::now() < end,
+            "the address is still there"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    stop.send_replace(true);
+    let statuses = pusher.await.expect("the pusher");
+    let refused: Vec<_> = statuses.iter().filter(|(st, _)| *st != 202).collect();
+    assert!(refused.is_empty(), "pushes refused meanwhile: {refused:?}");
+    assert_eq!(
+        count(&format!(
+            "SELECT count(*) FROM event WHERE addr_id = {old_id}"
+        )),
+        0
+    );
+    assert_eq!(
+        count(&format!(
+            "SELECT count(*) FROM delivery WHERE endpoint_id = {old_ep}"
+        )),
+        0
+    );
+    assert_eq!(
+        count(&format!("SELECT count(*) FROM event WHERE addr_id = {id}")),
+        statuses.len() as u64
+    );
+}
+
+/// Writes `n` copies of the database's one event and its delivery straight
+/// to it, with ids that sort before it; one copy in `pending_every` is
+/// pending, due ten years from now, so that nothing delivers it meanwhile.
+fn copy_history(db: &roboger_tests::DbClient, n: u64, pending_every: u64) {
+    use roboger_tests::{on_mysql, on_postgres};
+    let (num, later) = if on_postgres() {
+        ("lpad(i::text, 12, '0')", "next_at + interval '10 years'")
+    } else if on_mysql() {
+        ("LPAD(i, 12, '0')", "next_at + INTERVAL 10 YEAR")
+    } else {
+        (
+            "substr('00000000000' || i, -12)",
+            "'2036' || substr(next_at, 5)",
+        )
+    };
+    let series =
+        format!("WITH RECURSIVE s(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM s WHERE i < {n})");
+    // MariaDB stops a recursion at 1000 steps unless told otherwise.
+    let deeper = if on_mysql() {
+        format!("SET SESSION max_recursive_iterations = {n}; ")
+    } else {
+        String::new()
+    };
+    let copy_id = if on_mysql() {
+        format!("CONCAT('00000000-0000-7000-8000-', {num})")
+    } else {
+        format!("'00000000-0000-7000-8000-' || {num}")
+    };
+    db.query(&format!(
+        "{deeper}INSERT INTO event (id, addr_id, addr, msg, subject, formatted_subject, level, \
+         location, tag, sender, media, media_fname, created) {series} \
+         SELECT {copy_id}, addr_id, addr, msg, subject, formatted_subject, level, location, \
+         tag, sender, media, media_fname, created FROM s, event"
+    ));
+    db.query(&format!(
+        "{deeper}INSERT INTO delivery (event_id, endpoint_id, state, attempts, next_at, created, \
+         updated) {series} \
+         SELECT {copy_id}, endpoint_id, \
+         CASE WHEN i % {pending_every} = 0 THEN 'pending' ELSE state END, attempts, \
+         CASE WHEN i % {pending_every} = 0 THEN {later} ELSE next_at END, created, updated \
+         FROM s, delivery"
+    ));
 }
 
 /// The peak resident set of process `pid`, in MiB.

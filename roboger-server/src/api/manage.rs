@@ -231,8 +231,8 @@ async fn route(
         }
         ("POST", ["addr", a]) => addr_cmd(app, a, body).await,
         ("DELETE", ["addr", a]) => {
-            app.store.addr_delete(&AddrRef::parse(a)).await?;
-            Ok(reply::empty(StatusCode::NO_CONTENT))
+            let (store, a) = (app.store.clone(), AddrRef::parse(a));
+            outlasting(app, async move { store.addr_delete(&a).await }).await
         }
 
         ("GET", ["addr", a, "endpoint"]) => {
@@ -338,8 +338,8 @@ async fn route(
         ("DELETE", ["addr", a, "endpoint", ep]) => {
             let ep = int_id("endpoint", ep)?;
             let a = addr_for(app, a, &format!("endpoint {ep}")).await?;
-            app.store.endpoint_delete(a, ep).await?;
-            Ok(reply::empty(StatusCode::NO_CONTENT))
+            let store = app.store.clone();
+            outlasting(app, async move { store.endpoint_delete(a, ep).await }).await
         }
 
         ("GET", ["addr", a, "endpoint", ep, "subscription"]) => {
@@ -498,8 +498,13 @@ async fn core_cmd(app: &App, body: &Body) -> Result<Response, ApiError> {
             }
         }
         "delete-everything" => {
-            app.store.delete_everything().await?;
-            tracing::warn!("core delete-everything: every address was deleted");
+            let store = app.store.clone();
+            return outlasting(app, async move {
+                store.delete_everything().await?;
+                tracing::warn!("core delete-everything: every address was deleted");
+                Ok(())
+            })
+            .await;
         }
         "reset-addr-limits" => {
             app.counters.reset(&app.store).await?;
@@ -512,6 +517,44 @@ async fn core_cmd(app: &App, body: &Body) -> Result<Response, ApiError> {
         }
     }
     Ok(reply::empty(StatusCode::NO_CONTENT))
+}
+
+/// Runs a deletion in a task of its own, so that the request's timeout
+/// does not cut it short: a long history is deleted a chunk at a time
+/// (`Store::history_delete`), which may take longer than `timeout`. Its
+/// answer (204, or its error) when it ends within `timeout`, else 202 and
+/// it goes on, its failure then logged.
+async fn outlasting(
+    app: &App,
+    work: impl Future<Output = Result<(), StoreError>> + Send + 'static,
+) -> Result<Response, ApiError> {
+    let mut task = tokio::spawn(work);
+    match tokio::time::timeout(app.config.timeout, &mut task).await {
+        Ok(Ok(r)) => {
+            r?;
+            Ok(reply::empty(StatusCode::NO_CONTENT))
+        }
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "a deletion stopped");
+            Err(ApiError::Unavailable(
+                "the deletion stopped; see the server log".into(),
+            ))
+        }
+        Err(_) => {
+            tokio::spawn(async move {
+                match task.await {
+                    Ok(Ok(())) => tracing::info!("a deletion answered 202 has ended"),
+                    Ok(Err(e)) => tracing::warn!(error = %e, "a deletion answered 202 failed"),
+                    Err(e) => tracing::error!(error = %e, "a deletion answered 202 stopped"),
+                }
+            });
+            Ok(reply::text(
+                StatusCode::ACCEPTED,
+                "the deletion goes on (a long history is deleted a chunk at a time); \
+                 what it deletes is gone when the server logs that it has ended",
+            ))
+        }
+    }
 }
 
 async fn addr_cmd(app: &App, a: &str, body: &Body) -> Result<Response, ApiError> {

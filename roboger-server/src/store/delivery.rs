@@ -304,7 +304,7 @@ impl Store {
     /// Deletes events created before `before` that have nothing pending,
     /// with their deliveries (first: on PostgreSQL and MySQL no key ties a
     /// delivery to its event, migration 9). It reads and deletes
-    /// [`CLEANUP_CHUNK`] events at a time, in the order of their ids, so
+    /// [`DELETE_CHUNK`] events at a time, in the order of their ids, so
     /// its memory and each of its write transactions stay small however
     /// many events are due. The reads run outside the transactions: on
     /// SQLite they do not hold the write lock while they scan.
@@ -318,7 +318,7 @@ impl Store {
                 .filter(event::Column::Created.lt(before))
                 .filter(nothing_pending())
                 .order_by_asc(event::Column::Id)
-                .limit(CLEANUP_CHUNK);
+                .limit(DELETE_CHUNK);
             if let Some(after) = after {
                 q = q.filter(event::Column::Id.gt(after));
             }
@@ -326,7 +326,7 @@ impl Store {
             let Some(last) = chunk.last().cloned() else {
                 return Ok(n);
             };
-            let full = chunk.len() as u64 == CLEANUP_CHUNK;
+            let full = chunk.len() as u64 == DELETE_CHUNK;
             let txn = self.begin_write().await?;
             // A retry may have made a delivery pending since the read.
             let doomed: Vec<String> = event::Entity::find()
@@ -337,15 +337,7 @@ impl Store {
                 .into_tuple()
                 .all(&txn)
                 .await?;
-            delivery::Entity::delete_many()
-                .filter(delivery::Column::EventId.is_in(doomed.clone()))
-                .exec(&txn)
-                .await?;
-            n += event::Entity::delete_many()
-                .filter(event::Column::Id.is_in(doomed))
-                .exec(&txn)
-                .await?
-                .rows_affected;
+            n += delete_events(&txn, doomed).await?;
             txn.commit().await?;
             if !full {
                 return Ok(n);
@@ -353,11 +345,80 @@ impl Store {
             after = Some(last);
         }
     }
+
+    /// Deletes the events of address `addr_id` (of every address: `None`)
+    /// with their deliveries, [`DELETE_CHUNK`] at a time, each chunk in a
+    /// short transaction of its own: an address's whole history never
+    /// holds the write lock (on SQLite, every push's commit) at once.
+    /// Events pushed meanwhile are left to the caller's final transaction.
+    pub(super) async fn history_delete(&self, addr_id: Option<i64>) -> Result<()> {
+        loop {
+            let mut q = event::Entity::find()
+                .select_only()
+                .column(event::Column::Id)
+                .limit(DELETE_CHUNK);
+            if let Some(id) = addr_id {
+                q = q.filter(event::Column::AddrId.eq(id));
+            }
+            let chunk: Vec<String> = q.into_tuple().all(&self.db).await?;
+            let full = chunk.len() as u64 == DELETE_CHUNK;
+            if !chunk.is_empty() {
+                let txn = self.begin_write().await?;
+                delete_events(&txn, chunk).await?;
+                txn.commit().await?;
+            }
+            if !full {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Deletes the deliveries of endpoint `endpoint_id`, [`DELETE_CHUNK`]
+    /// at a time, as [`Store::history_delete`] does events.
+    pub(super) async fn endpoint_history_delete(&self, endpoint_id: i64) -> Result<()> {
+        loop {
+            let chunk: Vec<i64> = delivery::Entity::find()
+                .select_only()
+                .column(delivery::Column::Id)
+                .filter(delivery::Column::EndpointId.eq(endpoint_id))
+                .limit(DELETE_CHUNK)
+                .into_tuple()
+                .all(&self.db)
+                .await?;
+            let full = chunk.len() as u64 == DELETE_CHUNK;
+            if !chunk.is_empty() {
+                let txn = self.begin_write().await?;
+                delivery::Entity::delete_many()
+                    .filter(delivery::Column::Id.is_in(chunk))
+                    .exec(&txn)
+                    .await?;
+                txn.commit().await?;
+            }
+            if !full {
+                return Ok(());
+            }
+        }
+    }
 }
 
-/// Events [`Store::events_cleanup`] reads and deletes at a time: what it
-/// holds in memory, and the size of each of its write transactions.
-const CLEANUP_CHUNK: u64 = 500;
+/// Rows a bulk deletion (retention, an address's or an endpoint's
+/// history) reads and deletes at a time: what it holds in memory, and the
+/// size of each of its write transactions.
+const DELETE_CHUNK: u64 = 500;
+
+/// Deletes events `ids` and their deliveries (first: on PostgreSQL and
+/// MySQL no key ties a delivery to its event); returns how many events.
+async fn delete_events<C: sea_orm::ConnectionTrait>(c: &C, ids: Vec<String>) -> Result<u64> {
+    delivery::Entity::delete_many()
+        .filter(delivery::Column::EventId.is_in(ids.clone()))
+        .exec(c)
+        .await?;
+    Ok(event::Entity::delete_many()
+        .filter(event::Column::Id.is_in(ids))
+        .exec(c)
+        .await?
+        .rows_affected)
+}
 
 /// `event` has no pending delivery.
 fn nothing_pending() -> Expr {

@@ -142,9 +142,11 @@ impl Store {
     }
 
     /// Deletes an address with its endpoints, subscriptions, bucket objects
-    /// and counters.
+    /// and counters. Its events and their deliveries go first, a chunk at
+    /// a time ([`Store::history_delete`]); the rest in one transaction.
     pub async fn addr_delete(&self, r: &AddrRef) -> Result<()> {
         let a = self.addr_get(r).await?;
+        self.history_delete(Some(a.id)).await?;
         let txn = self.begin_write().await?;
         delete_addr_children(&txn, Some(a.id)).await?;
         addr::Entity::delete_by_id(a.id).exec(&txn).await?;
@@ -153,8 +155,10 @@ impl Store {
         Ok(())
     }
 
-    /// Deletes every address and everything that hangs off them.
+    /// Deletes every address and everything that hangs off them, the
+    /// events a chunk at a time first, as [`Store::addr_delete`] does.
     pub async fn delete_everything(&self) -> Result<()> {
+        self.history_delete(None).await?;
         let txn = self.begin_write().await?;
         delete_addr_children(&txn, None).await?;
         addr::Entity::delete_many().exec(&txn).await?;
@@ -240,9 +244,11 @@ impl Store {
         Ok(ep)
     }
 
-    /// Deletes an endpoint that belongs to `addr_id`, with its subscriptions.
+    /// Deletes an endpoint that belongs to `addr_id`, with its subscriptions
+    /// and deliveries (those a chunk at a time first).
     pub async fn endpoint_delete(&self, addr_id: i64, id: i64) -> Result<()> {
         let ep = self.endpoint_get(addr_id, id).await?;
+        self.endpoint_history_delete(ep.id).await?;
         let txn = self.begin_write().await?;
         delivery::Entity::delete_many()
             .filter(delivery::Column::EndpointId.eq(ep.id))

@@ -373,6 +373,9 @@ fn notice(query: &str) -> Option<String> {
         "created" => "Created.",
         "saved" => "Saved.",
         "deleted" => "Deleted.",
+        "deleting" => {
+            "Being deleted: its history is long and goes a chunk at a time; it is gone when that ends."
+        }
         "enabled" => "Enabled.",
         "disabled" => "Disabled.",
         "changed" => "The address string was changed.",
@@ -385,6 +388,15 @@ fn notice(query: &str) -> Option<String> {
         _ => return None,
     };
     Some(text.into())
+}
+
+/// The notice of a deletion's answer: done (204), or going on (202).
+fn deleted(r: &Response) -> &'static str {
+    if r.status() == StatusCode::ACCEPTED {
+        "deleting"
+    } else {
+        "deleted"
+    }
 }
 
 fn redirect(to: &str) -> Response {
@@ -610,8 +622,8 @@ async fn addr_action(ctx: &Ctx<'_>, id: i64) -> Result<Response, ApiError> {
                     &here,
                 ));
             }
-            ctx.manage(Method::DELETE, &path, Value::Null).await?;
-            Ok(redirect("/ui/addr?done=deleted"))
+            let r = ctx.manage(Method::DELETE, &path, Value::Null).await?;
+            Ok(redirect(&format!("/ui/addr?done={}", deleted(&r))))
         }
         other => Err(unknown_action(other)),
     }
@@ -844,8 +856,8 @@ async fn endpoint_action(ctx: &Ctx<'_>, a: i64, ep: i64) -> Result<Response, Api
                     &page,
                 ));
             }
-            ctx.manage(Method::DELETE, &path, Value::Null).await?;
-            Ok(redirect(&format!("{page}?done=deleted")))
+            let r = ctx.manage(Method::DELETE, &path, Value::Null).await?;
+            Ok(redirect(&format!("{page}?done={}", deleted(&r))))
         }
         "copysub" => {
             ctx.manage(
