@@ -350,24 +350,35 @@ impl Store {
     /// with their deliveries, [`DELETE_CHUNK`] at a time, each chunk in a
     /// short transaction of its own: an address's whole history never
     /// holds the write lock (on SQLite, every push's commit) at once.
-    /// Events pushed meanwhile are left to the caller's final transaction.
+    /// It takes as many chunks as the events counted at its start fill:
+    /// events pushed meanwhile cannot keep it going, and what is left is
+    /// the caller's final transaction's.
     pub(super) async fn history_delete(&self, addr_id: Option<i64>) -> Result<()> {
+        use sea_orm::PaginatorTrait;
+        let events = || {
+            let q = event::Entity::find();
+            match addr_id {
+                Some(id) => q.filter(event::Column::AddrId.eq(id)),
+                None => q,
+            }
+        };
+        let mut turns = events().count(&self.db).await? / DELETE_CHUNK + 1;
         loop {
-            let mut q = event::Entity::find()
+            let chunk: Vec<String> = events()
                 .select_only()
                 .column(event::Column::Id)
-                .limit(DELETE_CHUNK);
-            if let Some(id) = addr_id {
-                q = q.filter(event::Column::AddrId.eq(id));
-            }
-            let chunk: Vec<String> = q.into_tuple().all(&self.db).await?;
+                .limit(DELETE_CHUNK)
+                .into_tuple()
+                .all(&self.db)
+                .await?;
             let full = chunk.len() as u64 == DELETE_CHUNK;
             if !chunk.is_empty() {
                 let txn = self.begin_write().await?;
                 delete_events(&txn, chunk).await?;
                 txn.commit().await?;
             }
-            if !full {
+            turns -= 1;
+            if !full || turns == 0 {
                 return Ok(());
             }
         }
@@ -376,11 +387,14 @@ impl Store {
     /// Deletes the deliveries of endpoint `endpoint_id`, [`DELETE_CHUNK`]
     /// at a time, as [`Store::history_delete`] does events.
     pub(super) async fn endpoint_history_delete(&self, endpoint_id: i64) -> Result<()> {
+        use sea_orm::PaginatorTrait;
+        let deliveries =
+            || delivery::Entity::find().filter(delivery::Column::EndpointId.eq(endpoint_id));
+        let mut turns = deliveries().count(&self.db).await? / DELETE_CHUNK + 1;
         loop {
-            let chunk: Vec<i64> = delivery::Entity::find()
+            let chunk: Vec<i64> = deliveries()
                 .select_only()
                 .column(delivery::Column::Id)
-                .filter(delivery::Column::EndpointId.eq(endpoint_id))
                 .limit(DELETE_CHUNK)
                 .into_tuple()
                 .all(&self.db)
@@ -394,7 +408,8 @@ impl Store {
                     .await?;
                 txn.commit().await?;
             }
-            if !full {
+            turns -= 1;
+            if !full || turns == 0 {
                 return Ok(());
             }
         }
