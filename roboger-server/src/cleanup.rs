@@ -28,7 +28,7 @@ pub enum Outcome {
 }
 
 /// This node's cleanups: the one running, if any, and the periodic task.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct Cleanup {
     inner: Arc<Inner>,
 }
@@ -109,9 +109,7 @@ impl Cleanup {
     /// Runs a cleanup every `every` on whichever node of the cluster takes
     /// that interval's turn (`cluster::once`).
     pub fn spawn_periodic(&self, node: Arc<Node>, every: Duration) -> JoinHandle<()> {
-        let cleanup = Cleanup {
-            inner: self.inner.clone(),
-        };
+        let cleanup = self.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -8,6 +8,7 @@
 //! on stderr, after one that is not UTF-8). `TEST_PLUGIN_RECORD`: a file
 //! that gets one JSON line per call (method and every param received).
 //! `TEST_PLUGIN_START_DELAY_MS`: wait that long before the handshake.
+//! `TEST_PLUGIN_CLEANUP_DELAY_MS`: take that long over each `cleanup`.
 //!
 //! An endpoint config steers `send`: `{"reject": "msg"}` is refused by
 //! `validate_config`; `{"crash": true}` exits mid-call; `{"hang": true}`
@@ -145,6 +146,12 @@ impl Plugin for Chaos {
 
     async fn cleanup(&self, _host: &Host) -> Result<(), PluginError> {
         record(json!({"method": "cleanup"}));
+        if let Some(ms) = std::env::var("TEST_PLUGIN_CLEANUP_DELAY_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+        {
+            tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+        }
         Ok(())
     }
 
