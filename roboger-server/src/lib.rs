@@ -124,7 +124,12 @@ impl App {
         cluster::join(&store, &node).await;
         let metrics =
             Arc::new(metrics::Metrics::new().map_err(|e| StartError::Metrics(e.to_string()))?);
-        let bodies = api::budget::BodyBudget::new(config.body_budget, config.timeout / 2);
+        // A body gets twice the request timeout before it must keep pace.
+        let bodies = api::budget::BodyBudget::new(
+            config.body_budget,
+            config.timeout / 2,
+            config.timeout * 2,
+        );
         let delivery = Arc::new(config.delivery.clone());
         let (newer, superseded) = tokio::sync::watch::channel(None);
         let heartbeat = tokio::spawn(cluster::run(

@@ -24,7 +24,7 @@ pub const PENDING_REFRESH: Duration = Duration::from_secs(5);
 
 /// The statuses a push answers with, counted from the start (at 0) so
 /// rate() and alert rules work before the first of each.
-const PUSH_STATUSES: [u16; 7] = [202, 400, 404, 406, 413, 429, 503];
+const PUSH_STATUSES: [u16; 8] = [202, 400, 404, 406, 408, 413, 429, 503];
 
 /// How a delivery attempt ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -4,7 +4,8 @@
 //! per plugin), and every event arrives intact once the target answers.
 //! A burst of large pushes beyond the body budget is answered 202 or 503
 //! with `Retry-After`, never with a broken connection, and every 202 is
-//! delivered.
+//! delivered. Bodies that stall hold no more room than they sent, and are
+//! cut off.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -154,7 +155,7 @@ async fn a_media_backlog_behind_a_hanging_target_stays_small_and_all_arrives() {
 }
 
 /// A push sent by hand: its body's first `start` bytes now, the rest when
-/// `finish` is called; then its status.
+/// `finish` is called; then its answer.
 struct SlowPush {
     stream: tokio::net::TcpStream,
     rest: Vec<u8>,
@@ -182,6 +183,86 @@ impl SlowPush {
         let n = self.stream.read(&mut answer).await.expect("read answer");
         String::from_utf8_lossy(&answer[..n]).into_owned()
     }
+
+    /// Everything the server sends until it closes the connection,
+    /// without sending the rest of the body.
+    async fn answer_unfinished(mut self) -> String {
+        let mut answer = Vec::new();
+        self.stream
+            .read_to_end(&mut answer)
+            .await
+            .expect("read answer");
+        String::from_utf8_lossy(&answer).into_owned()
+    }
+}
+
+#[tokio::test]
+async fn bodies_that_stall_neither_hold_the_budget_nor_their_connection() {
+    let sink = HttpSink::start(vec![]).await;
+    // Room for one 8 MiB push (10.7 MiB as JSON) at a time; a body gets
+    // 2 × timeout (4 s) before it must arrive at 8 KiB/s.
+    let s = webhook_server("body-budget: 16777216\ntimeout: 2\n").await;
+    let a = wire(&s, &sink).await;
+    let large =
+        serde_json::to_vec(&json!({"addr": a, "msg": "large", "media": b64(&media(1, 8 * MIB))}))
+            .expect("JSON");
+
+    // Four clients announce pushes as large and send one byte of each.
+    let mut stalled = Vec::new();
+    for _ in 0..4 {
+        stalled.push(SlowPush::begin(&s.base, &large, 1).await);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let began = Instant::now();
+
+    // They hold almost no room: a push as large is taken at once, and
+    // so is a small one.
+    let http = roboger_tests::client();
+    let r = http
+        .post(s.url("/push"))
+        .header("Content-Type", "application/json")
+        .body(large.clone())
+        .send()
+        .await
+        .expect("the large push is answered");
+    assert_eq!(r.status().as_u16(), 202, "{:?}", r.text().await);
+    assert_status!(
+        s.request(
+            Method::POST,
+            "/push",
+            None,
+            &[],
+            Some(json!({"addr": a, "msg": "small"}))
+        )
+        .await,
+        202
+    );
+
+    // Each stalled body is answered 408 once its grace is over, and its
+    // connection is closed.
+    for push in stalled {
+        let answer = push.answer_unfinished().await;
+        assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+        assert!(answer.contains("connection: close"), "{answer}");
+        assert!(answer.contains("did not arrive in time"), "{answer}");
+    }
+    let waited = began.elapsed();
+    assert!(
+        waited >= Duration::from_secs(3) && waited < Duration::from_secs(30),
+        "the stalled bodies were cut off after {waited:?}"
+    );
+
+    let end = Instant::now() + Duration::from_secs(60);
+    let (mut got, mut seen) = (BTreeMap::new(), 0);
+    while !(got.contains_key("large") && got.contains_key("small")) {
+        assert!(
+            Instant::now() < end,
+            "delivered {:?}",
+            got.keys().collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        received_into(&sink, &mut got, &mut seen);
+    }
 }
 
 #[tokio::test]
@@ -195,10 +276,12 @@ async fn large_pushes_beyond_the_body_budget_get_202_or_503_with_retry_after() {
             .expect("JSON")
     };
 
-    // A push whose body is still arriving holds its room; another large
-    // one finds none, is read to its end, and gets 503 with Retry-After
+    // A push whose body is still arriving holds room for what it has sent
+    // (all but its last KiB here); another large one finds none for the
+    // rest of its own, is read to its end, and gets 503 with Retry-After
     // on a connection that stays usable.
-    let slow = SlowPush::begin(&s.base, &body("slow", 0), 1024).await;
+    let slow_body = body("slow", 0);
+    let slow = SlowPush::begin(&s.base, &slow_body, slow_body.len() - 1024).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     let http = roboger_tests::client();
     let r = http

@@ -32,7 +32,7 @@ async fn counts_pushes_and_deliveries_exactly_and_prometheus_reads_them() {
     })
     .await;
     let fresh = s.metrics().await;
-    for status in [202, 400, 404, 406, 413, 429, 503] {
+    for status in [202, 400, 404, 406, 408, 413, 429, 503] {
         assert_eq!(
             fresh.get(&format!("roboger_push_total{{status=\"{status}\"}}")),
             Some(&0.0),

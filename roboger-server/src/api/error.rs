@@ -29,6 +29,9 @@ pub enum ApiError {
     /// 409
     #[error("{0}")]
     Conflict(String),
+    /// 408: the request body stopped arriving, or came too slowly.
+    #[error("{0}")]
+    TooSlow(String),
     /// 413
     #[error("request body is larger than {0} bytes")]
     PayloadTooLarge(usize),
@@ -50,6 +53,7 @@ impl ApiError {
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::TooSlow(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Unavailable(_) | ApiError::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
         }

@@ -20,8 +20,7 @@ pub mod reply;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
-use bytes::{Bytes, BytesMut};
-use futures_util::{Stream, StreamExt};
+use bytes::Bytes;
 use http::{HeaderMap, Method, StatusCode};
 use warp::Filter;
 
@@ -74,7 +73,7 @@ pub fn routes(
                     SelfRouted::Manage(_) => MANAGE_BODY_LIMIT,
                     SelfRouted::Console(path) => console::body_limit(&app, path),
                 };
-                let (body, _room) = match read_body_within(&app, body, length, limit).await {
+                let (body, _room) = match app.bodies.read(body, length, limit).await {
                     Ok(b) => b,
                     Err(e) => return reply::error(&e),
                 };
@@ -104,7 +103,7 @@ pub fn routes(
             |query: String, ctype: Option<String>, length: Option<u64>, body, app: Arc<App>| async move {
                 let began = std::time::Instant::now();
                 let limit = push::body_limit(app.config.push_max_media);
-                let answer = match read_body_within(&app, body, length, limit).await {
+                let answer = match app.bodies.read(body, length, limit).await {
                     Ok((b, _room)) => match push::push(&app, &query, ctype.as_deref(), b).await {
                         Ok(r) => r,
                         Err(e) => reply::error(&e),
@@ -151,11 +150,14 @@ pub fn routes(
              body,
              app: Arc<App>| async move {
                 let length = content_length(&headers);
-                let (body, _room) =
-                    match read_body_within(&app, body, length, public::PLUGIN_BODY_LIMIT).await {
-                        Ok(b) => b,
-                        Err(e) => return reply::error(&e),
-                    };
+                let (body, _room) = match app
+                    .bodies
+                    .read(body, length, public::PLUGIN_BODY_LIMIT)
+                    .await
+                {
+                    Ok(b) => b,
+                    Err(e) => return reply::error(&e),
+                };
                 let req = public::PluginRequest {
                     name: &name,
                     path: tail.as_str(),
@@ -413,51 +415,4 @@ fn content_length(headers: &HeaderMap) -> Option<u64> {
         .get(http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse().ok())
-}
-
-/// Reads a request body within the server's body budget
-/// ([`budget::BodyBudget`]): the room is returned with it, to be held
-/// until the request is answered. Without room the body is drained and
-/// the error is a 503 with `Retry-After`.
-pub async fn read_body_within<S, B>(
-    app: &App,
-    body: S,
-    length: Option<u64>,
-    limit: usize,
-) -> Result<(Bytes, budget::Room), ApiError>
-where
-    S: Stream<Item = Result<B, warp::Error>>,
-    B: bytes::Buf,
-{
-    match app.bodies.room(length, limit).await {
-        Ok(room) => Ok((read_body(body, limit).await?, room)),
-        Err(e) => {
-            budget::drain(body, limit).await;
-            Err(e)
-        }
-    }
-}
-
-/// Reads a request body, refusing (413) anything over `limit` bytes.
-pub async fn read_body<S, B>(body: S, limit: usize) -> Result<Bytes, ApiError>
-where
-    S: Stream<Item = Result<B, warp::Error>>,
-    B: bytes::Buf,
-{
-    let mut body = std::pin::pin!(body);
-    let mut out = BytesMut::new();
-    while let Some(chunk) = body.next().await {
-        let mut chunk = chunk
-            .map_err(|e| ApiError::BadRequest(format!("cannot read the request body: {e}")))?;
-        if out.len() + chunk.remaining() > limit {
-            return Err(ApiError::PayloadTooLarge(limit));
-        }
-        while chunk.has_remaining() {
-            let c = chunk.chunk();
-            out.extend_from_slice(c);
-            let n = c.len();
-            chunk.advance(n);
-        }
-    }
-    Ok(out.freeze())
 }

@@ -43,7 +43,9 @@ pub fn error(e: &ApiError) -> Response {
         r.headers_mut()
             .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
     }
-    if matches!(e, ApiError::PayloadTooLarge(_)) {
+    // The rest of such a body is not worth reading: the connection ends
+    // with the answer.
+    if matches!(e, ApiError::PayloadTooLarge(_) | ApiError::TooSlow(_)) {
         r.headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
