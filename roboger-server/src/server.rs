@@ -13,7 +13,9 @@
 //! read and dropped before the answer, up to [`DISCARD_LIMIT`], so the
 //! connection can carry the client's next request; past that the answer
 //! says `Connection: close`, and the socket lingers on close ([`Lingering`])
-//! so the unread bytes do not turn the close into a reset.
+//! so the unread bytes do not turn the close into a reset. A client that
+//! takes no bytes of an answer for [`SEND_STALL`] is disconnected, so an
+//! answer nobody reads holds neither its memory nor a connection for long.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -52,6 +54,9 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DISCARD_LIMIT: u64 = 1024 * 1024;
 /// How long reading and dropping an unread body may take.
 const DISCARD_TIME: Duration = Duration::from_secs(5);
+/// How long a client may take no bytes of an answer before it is
+/// disconnected.
+pub const SEND_STALL: Duration = Duration::from_secs(30);
 /// How long a closing socket keeps reading what the client still sends.
 const LINGER_TIME: Duration = Duration::from_secs(2);
 /// The most bytes a closing socket reads and drops.
@@ -245,11 +250,15 @@ impl Drop for Returning {
 /// [`LINGER_TIME`], [`LINGER_LIMIT`] bytes): closing with unread bytes
 /// would make the kernel answer with a reset, which can destroy the
 /// answer on its way to the client (nginx calls this a lingering close).
+/// It also ends a connection whose client has taken no bytes for
+/// [`SEND_STALL`] while an answer waits to be sent.
 struct Lingering {
     stream: TcpStream,
     /// Set by the connection's service when it left body bytes unread.
     unread: Arc<AtomicBool>,
     linger: Option<(Pin<Box<Sleep>>, usize)>,
+    /// Armed while a write waits for the client to take bytes.
+    stalled: Option<Pin<Box<Sleep>>>,
 }
 
 impl Lingering {
@@ -258,7 +267,32 @@ impl Lingering {
             stream,
             unread,
             linger: None,
+            stalled: None,
         }
+    }
+
+    /// `write`'s outcome, or an error once writes have waited
+    /// [`SEND_STALL`] without the client taking a byte.
+    fn within_stall<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        write: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        if write.is_ready() {
+            self.stalled = None;
+            return write;
+        }
+        let stalled = self
+            .stalled
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(SEND_STALL)));
+        if stalled.as_mut().poll(cx).is_ready() {
+            self.stalled = None;
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the client took no bytes of the answer",
+            )));
+        }
+        Poll::Pending
     }
 }
 
@@ -278,7 +312,8 @@ impl AsyncWrite for Lingering {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write(cx, buf)
+        let write = Pin::new(&mut self.stream).poll_write(cx, buf);
+        self.within_stall(cx, write)
     }
 
     fn poll_write_vectored(
@@ -286,7 +321,8 @@ impl AsyncWrite for Lingering {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+        let write = Pin::new(&mut self.stream).poll_write_vectored(cx, bufs);
+        self.within_stall(cx, write)
     }
 
     fn is_write_vectored(&self) -> bool {

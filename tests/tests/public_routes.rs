@@ -3,9 +3,10 @@
 //! answered by the plugin's `http` method.
 
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use roboger_tests::{Method, Server, ServerOptions, Value, assert_status, json, test_plugin_bin};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn entry(name: &str, rec: &Path, extra_env: &str) -> String {
     format!(
@@ -149,6 +150,79 @@ async fn public_bucket_objects_are_served_until_they_expire() {
         s.request(Method::GET, &format!("/file/{id}"), None, &[], None)
             .await,
         404
+    );
+}
+
+#[tokio::test]
+async fn files_nobody_reads_hold_neither_memory_nor_a_connection_for_long() {
+    let dir = tempfile::tempdir().unwrap();
+    let rec = dir.path().join("rec.jsonl");
+    // 14 MiB of the 16 MiB budget is for large bodies and files: room
+    // for one 10 MiB file at a time.
+    let s = Server::start_with(ServerOptions {
+        yaml: "body-budget: 16777216\ntimeout: 2\n".into(),
+        plugins_yaml: entry("t", &rec, ""),
+        ..Default::default()
+    })
+    .await;
+    let addr = s.manage(Method::POST, "/addr", None).await.json()["id"]
+        .as_i64()
+        .unwrap();
+    const SIZE: usize = 10 * 1024 * 1024;
+    let id = put(
+        &s,
+        &rec,
+        addr,
+        json!({"content": "0123456789abcdef", "repeat": SIZE / 16, "public": true, "expires": 600}),
+    )
+    .await;
+    let path = format!("/file/{id}");
+
+    // A client asks for it and reads nothing (a small receive window, so
+    // the kernel's buffers cannot take it all).
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let host = s.base.trim_start_matches("http://");
+    let mut idle = sock.connect(host.parse().unwrap()).await.unwrap();
+    idle.write_all(format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let began = Instant::now();
+
+    // Meanwhile the file has no room: another client is told to come back.
+    let r = s.request(Method::GET, &path, None, &[], None).await;
+    assert_eq!(
+        r.status.as_u16(),
+        503,
+        "a second copy of the file was sent while the first waited"
+    );
+    assert_eq!(r.header("retry-after"), Some("1"));
+
+    // The idle client is disconnected once it has taken nothing for
+    // 30 s; then the file is served whole again.
+    let end = Instant::now() + Duration::from_secs(90);
+    let served = loop {
+        let r = s.request(Method::GET, &path, None, &[], None).await;
+        if r.status.as_u16() == 200 {
+            break r;
+        }
+        assert_status!(r, 503);
+        assert!(Instant::now() < end, "the file was never served again");
+    };
+    assert_eq!(served.text.len(), SIZE);
+    assert!(served.text.starts_with("0123456789abcdef0123"));
+    assert!(
+        began.elapsed() > Duration::from_secs(20),
+        "served again after {:?}",
+        began.elapsed()
+    );
+    let mut got = Vec::new();
+    let _ = idle.read_to_end(&mut got).await;
+    assert!(
+        got.len() < SIZE,
+        "the idle client got all {} bytes",
+        got.len()
     );
 }
 

@@ -191,6 +191,18 @@ impl BodyBudget {
         Ok((out.freeze(), room))
     }
 
+    /// Room for `bytes` held by something other than a request body
+    /// (a file being sent): in the pool of the body's size, within the
+    /// budget's wait.
+    pub async fn room_for(&self, bytes: usize) -> Result<Room, ApiError> {
+        let pool = if bytes <= FIRST_BYTES {
+            &self.first
+        } else {
+            &self.whole
+        };
+        self.take(pool, kib(bytes)).await.map(|(room, _)| room)
+    }
+
     /// `want` KiB of room in `pool` (all of it at most), within the
     /// budget's wait, and how long it was waited for.
     /// [`ApiError::Busy`] when there is none in time.

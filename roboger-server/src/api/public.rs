@@ -10,7 +10,9 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
 use roboger_plugin_sdk::protocol::HttpResponse;
 use serde_json::Value;
+use warp::Reply;
 
+use super::budget::Room;
 use super::error::ApiError;
 use super::reply::{self, Response};
 use crate::App;
@@ -23,6 +25,21 @@ pub const PLUGIN_BODY_LIMIT: usize = 10 * 1024 * 1024;
 /// `GET /file/{id}`: a public, unexpired bucket object with the
 /// original's headers; anything else is 404.
 pub async fn file(app: &App, id: &str) -> Response {
+    // Room in the body budget for the object before it is read, held
+    // until the last of it is sent: files being sent are bounded like
+    // bodies being read.
+    let room = match app.store.bucket_public_size(id).await {
+        Ok(size) => match app
+            .bodies
+            .room_for(usize::try_from(size).unwrap_or(0))
+            .await
+        {
+            Ok(room) => room,
+            Err(e) => return reply::error(&e),
+        },
+        Err(StoreError::NotFound(_)) => return reply::text(StatusCode::NOT_FOUND, "no such file"),
+        Err(e) => return reply::error(&e.into()),
+    };
     let obj = match app.store.bucket_get(id, Some(true)).await {
         Ok(o) => o,
         Err(StoreError::NotFound(_)) => return reply::text(StatusCode::NOT_FOUND, "no such file"),
@@ -32,8 +49,14 @@ pub async fn file(app: &App, id: &str) -> Response {
         tracing::warn!(object = id, error = %e, "cannot set the access time");
     }
     let left = (obj.expires_at - chrono::Utc::now()).num_seconds().max(0);
-    let mut r = Response::new(obj.content.into());
+    let length = obj.content.len();
+    let mut r = warp::reply::stream(Sending {
+        rest: Bytes::from(obj.content),
+        room: Some(room),
+    })
+    .into_response();
     let h = r.headers_mut();
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
     h.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_str(&obj.mimetype)
@@ -69,6 +92,33 @@ pub async fn file(app: &App, id: &str) -> Response {
         }
     }
     r
+}
+
+/// A file's content as it is sent, a slice at a time, with its room in
+/// the body budget: the room goes when the last slice has been taken, or
+/// when the connection ends first.
+struct Sending {
+    rest: Bytes,
+    room: Option<Room>,
+}
+
+/// How much of a file is handed to the connection at a time.
+const SEND_SLICE: usize = 64 * 1024;
+
+impl futures_util::Stream for Sending {
+    type Item = Result<Bytes, std::convert::Infallible>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        if self.rest.is_empty() {
+            self.room = None;
+            return std::task::Poll::Ready(None);
+        }
+        let n = self.rest.len().min(SEND_SLICE);
+        std::task::Poll::Ready(Some(Ok(self.rest.split_to(n))))
+    }
 }
 
 /// A request to `/plugin/{name}/{path}`, as the HTTP layer hands it over.

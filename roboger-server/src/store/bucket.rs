@@ -3,7 +3,9 @@
 
 use std::time::Duration;
 
-use sea_orm::{ActiveModelTrait, ActiveValue::Set, ColumnTrait, EntityTrait, QueryFilter};
+use sea_orm::{
+    ActiveModelTrait, ActiveValue::Set, ColumnTrait, EntityTrait, QueryFilter, QuerySelect,
+};
 use serde_json::Value;
 
 use super::entity::bucket;
@@ -49,6 +51,22 @@ impl Store {
             .await
             .map_err(|e| gone_since_read(e, || "addr of the bucket object".into()))?;
         Ok(id)
+    }
+
+    /// The size of an unexpired public object, without reading it.
+    pub async fn bucket_public_size(&self, id: &str) -> Result<i64> {
+        if !crate::bucket::is_object_id(id) {
+            return Err(StoreError::NotFound("bucket object (no such id)".into()));
+        }
+        bucket::Entity::find_by_id(id.to_string())
+            .select_only()
+            .column(bucket::Column::Size)
+            .filter(bucket::Column::ExpiresAt.gt(chrono::Utc::now()))
+            .filter(bucket::Column::Public.eq(true))
+            .into_tuple::<i64>()
+            .one(&self.db)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("bucket object {id}")))
     }
 
     /// An unexpired object; with `public`, only one whose flag matches.

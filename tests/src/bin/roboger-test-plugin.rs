@@ -25,6 +25,8 @@
 //! directory (a marker there makes its successor deliver instead);
 //! `{"spin_s": n}` keeps a core busy for up to n s of wall time, once per
 //! plugin directory likewise, and fails the call if nothing stopped it.
+//! `{"bucket": {...}}` in a config has `validate_config` store a bucket
+//! object (its `content` repeated `repeat` times).
 
 use std::io::{BufRead, Write};
 
@@ -99,11 +101,12 @@ impl Plugin for Chaos {
             freeze();
         }
         if let Some(b) = config.get("bucket") {
+            // `repeat` makes a large object from a short `content`.
             let content = b["content"]
                 .as_str()
                 .unwrap_or_default()
                 .as_bytes()
-                .to_vec();
+                .repeat(b["repeat"].as_u64().map_or(1, |n| n as usize));
             let id = host
                 .bucket_put(
                     &content,
