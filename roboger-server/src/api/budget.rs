@@ -26,7 +26,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
-use futures_util::{Stream, StreamExt};
+use futures_util::{FutureExt, Stream, StreamExt};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
@@ -134,7 +134,7 @@ impl BodyBudget {
         let mut whole = false;
         let mut out = BytesMut::new();
         loop {
-            let chunk = match tokio::time::timeout_at(pace.due(out.len()), body.next()).await {
+            let chunk = match next_within(body.as_mut(), &pace, out.len()).await {
                 Err(_) => return Err(self.too_slow()),
                 Ok(None) => break,
                 Ok(Some(c)) => c.map_err(|e| {
@@ -232,6 +232,22 @@ impl BodyBudget {
     }
 }
 
+/// A body's next chunk, if it arrives by its due time (`received` bytes
+/// in). A chunk already there, the usual case for a push, arms no timer.
+async fn next_within<S, B>(
+    mut body: std::pin::Pin<&mut S>,
+    pace: &Pace,
+    received: usize,
+) -> Result<Option<Result<B, warp::Error>>, tokio::time::error::Elapsed>
+where
+    S: Stream<Item = Result<B, warp::Error>>,
+{
+    if let Some(ready) = body.next().now_or_never() {
+        return Ok(ready);
+    }
+    tokio::time::timeout_at(pace.due(received), body.next()).await
+}
+
 /// Bytes in whole KiB, rounded up.
 fn kib(bytes: usize) -> u32 {
     u32::try_from(bytes.div_ceil(1024)).unwrap_or(u32::MAX)
@@ -247,7 +263,7 @@ where
     B: Buf,
 {
     let mut seen = seen;
-    while let Ok(Some(Ok(chunk))) = tokio::time::timeout_at(pace.due(seen), body.next()).await {
+    while let Ok(Some(Ok(chunk))) = next_within(body.as_mut(), pace, seen).await {
         seen = seen.saturating_add(chunk.remaining());
         if seen > limit {
             break;
