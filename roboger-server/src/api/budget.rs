@@ -9,7 +9,8 @@
 //! at once in the other pool, and gives its first room back. So a client
 //! has to send bytes before the server sets room aside for more, large
 //! bodies are served whole in turn rather than all a little, and large
-//! bodies cannot crowd out small ones. A body keeps its room until its
+//! bodies cannot crowd out small ones (one waiting for its whole room
+//! holds at most [`FIRST_BYTES`] of the first pool meanwhile). A body keeps its room until its
 //! request is answered, which for a push covers the decoding and the
 //! commit. When there is no room within a short wait, the rest of the
 //! body is read and thrown away (so the client's connection stays usable)
@@ -344,6 +345,27 @@ mod tests {
         let (got, room) = reader.await.unwrap().unwrap();
         assert_eq!(got.len(), 300 * 1024);
         assert_eq!(room.num_permits(), 300);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_servers_own_wait_for_room_is_not_held_against_the_client() {
+        let b = budget();
+        let held = b.whole.permits.clone().try_acquire_many_owned(896).unwrap();
+        let (tx, body) = channel_body();
+        let reader = {
+            let b = b.clone();
+            tokio::spawn(async move { b.read(body, Some(200 * 1024), 1 << 20).await })
+        };
+        // 65 KiB at once: past its first bytes, it waits 0.9 s for room.
+        send(&tx, 65).await;
+        tokio::time::sleep(Duration::from_millis(900)).await;
+        drop(held);
+        // Due at 10 s + 65/8 s = 18.1 s, plus the 0.9 s it waited.
+        tokio::time::sleep(Duration::from_millis(17_600)).await;
+        send(&tx, 135).await;
+        drop(tx);
+        let (got, _room) = reader.await.unwrap().unwrap();
+        assert_eq!(got.len(), 200 * 1024);
     }
 
     #[tokio::test(start_paused = true)]
