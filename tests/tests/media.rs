@@ -226,17 +226,7 @@ async fn bodies_that_stall_neither_hold_the_budget_nor_their_connection() {
         .await
         .expect("the large push is answered");
     assert_eq!(r.status().as_u16(), 202, "{:?}", r.text().await);
-    assert_status!(
-        s.request(
-            Method::POST,
-            "/push",
-            None,
-            &[],
-            Some(json!({"addr": a, "msg": "small"}))
-        )
-        .await,
-        202
-    );
+    assert_status!(s.push(json!({"addr": a, "msg": "small"})).await, 202);
 
     // Each stalled body is answered 408 once its grace is over, and its
     // connection is closed.

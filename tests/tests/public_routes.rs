@@ -165,9 +165,7 @@ async fn files_nobody_reads_hold_neither_memory_nor_a_connection_for_long() {
         ..Default::default()
     })
     .await;
-    let addr = s.manage(Method::POST, "/addr", None).await.json()["id"]
-        .as_i64()
-        .unwrap();
+    let (addr, _) = s.new_addr().await;
     const SIZE: usize = 10 * 1024 * 1024;
     let id = put(
         &s,
