@@ -54,7 +54,8 @@ struct Pool {
 
 impl Pool {
     fn new(kib: u32) -> Pool {
-        let capacity = kib.clamp(1, Semaphore::MAX_PERMITS as u32);
+        // u32 permits are far below the semaphore's own limit.
+        let capacity = kib.max(1);
         Pool {
             permits: Arc::new(Semaphore::new(capacity as usize)),
             capacity,
@@ -149,6 +150,7 @@ impl BodyBudget {
             if !whole {
                 let more = if size <= FIRST_BYTES {
                     let held = u32::try_from(room.num_permits()).unwrap_or(u32::MAX);
+                    // All of a small pool at most: more would never come.
                     let want = kib(size).min(self.first.capacity);
                     if want > held {
                         self.take(&self.first, want - held).await.map(Some)

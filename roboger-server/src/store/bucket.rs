@@ -55,14 +55,9 @@ impl Store {
 
     /// The size of an unexpired public object, without reading it.
     pub async fn bucket_public_size(&self, id: &str) -> Result<i64> {
-        if !crate::bucket::is_object_id(id) {
-            return Err(StoreError::NotFound("bucket object (no such id)".into()));
-        }
-        bucket::Entity::find_by_id(id.to_string())
+        live(id, Some(true))?
             .select_only()
             .column(bucket::Column::Size)
-            .filter(bucket::Column::ExpiresAt.gt(chrono::Utc::now()))
-            .filter(bucket::Column::Public.eq(true))
             .into_tuple::<i64>()
             .one(&self.db)
             .await?
@@ -71,16 +66,8 @@ impl Store {
 
     /// An unexpired object; with `public`, only one whose flag matches.
     pub async fn bucket_get(&self, id: &str, public: Option<bool>) -> Result<bucket::Model> {
-        if !crate::bucket::is_object_id(id) {
-            // Not an id at all: no query, and the text does not echo it.
-            return Err(StoreError::NotFound("bucket object (no such id)".into()));
-        }
-        let mut q = bucket::Entity::find_by_id(id.to_string())
-            .filter(bucket::Column::ExpiresAt.gt(chrono::Utc::now()));
-        if let Some(p) = public {
-            q = q.filter(bucket::Column::Public.eq(p));
-        }
-        q.one(&self.db)
+        live(id, public)?
+            .one(&self.db)
             .await?
             .ok_or_else(|| StoreError::NotFound(format!("bucket object {id}")))
     }
@@ -122,4 +109,19 @@ impl Store {
             .await?;
         Ok(r.rows_affected)
     }
+}
+
+/// The query for object `id` while unexpired; with `public`, only if its
+/// flag matches. Not an id at all is `NotFound` with no query, and the
+/// text does not echo it.
+fn live(id: &str, public: Option<bool>) -> Result<sea_orm::Select<bucket::Entity>> {
+    if !crate::bucket::is_object_id(id) {
+        return Err(StoreError::NotFound("bucket object (no such id)".into()));
+    }
+    let q = bucket::Entity::find_by_id(id.to_string())
+        .filter(bucket::Column::ExpiresAt.gt(chrono::Utc::now()));
+    Ok(match public {
+        Some(p) => q.filter(bucket::Column::Public.eq(p)),
+        None => q,
+    })
 }
