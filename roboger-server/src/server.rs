@@ -57,10 +57,12 @@ const DISCARD_TIME: Duration = Duration::from_secs(5);
 /// How long a client may take no bytes of an answer before it is
 /// disconnected.
 pub const SEND_STALL: Duration = Duration::from_secs(30);
-/// How long a closing socket keeps reading what the client still sends.
-const LINGER_TIME: Duration = Duration::from_secs(2);
-/// The most bytes a closing socket reads and drops.
-const LINGER_LIMIT: usize = 4 * 1024 * 1024;
+/// How long a closing socket keeps reading what the client still sends,
+/// at most (nginx's `lingering_time`).
+const LINGER_TIME: Duration = Duration::from_secs(30);
+/// How long a closing socket waits for the client's next bytes before it
+/// closes (nginx's `lingering_timeout`).
+const LINGER_IDLE: Duration = Duration::from_secs(5);
 
 /// Serves `app` on `listener` until `shutdown` completes.
 pub async fn run(listener: TcpListener, app: Arc<App>, shutdown: impl Future<Output = ()>) {
@@ -246,17 +248,22 @@ impl Drop for Returning {
 
 /// A connection's socket. When hyper closes a connection whose last
 /// request body was not read to its end, the socket first sends its FIN
-/// and then reads and drops what the client still sends (for up to
-/// [`LINGER_TIME`], [`LINGER_LIMIT`] bytes): closing with unread bytes
-/// would make the kernel answer with a reset, which can destroy the
-/// answer on its way to the client (nginx calls this a lingering close).
+/// and then reads and drops what the client still sends, until the client
+/// closes, sends nothing for [`LINGER_IDLE`], or [`LINGER_TIME`] is over:
+/// closing with unread bytes would make the kernel answer with a reset,
+/// which destroys the answer on its way to a client that sends its whole
+/// body before it reads (nginx calls this a lingering close). No byte
+/// limit: the bytes are dropped as read, and a 413 must reach a client
+/// that sends a body of any size at any speed the deadline allows.
 /// It also ends a connection whose client has taken no bytes for
 /// [`SEND_STALL`] while an answer waits to be sent.
 struct Lingering {
     stream: TcpStream,
     /// Set by the connection's service when it left body bytes unread.
     unread: Arc<AtomicBool>,
-    linger: Option<(Pin<Box<Sleep>>, usize)>,
+    /// While lingering: when it must end, and a timer for the sooner of
+    /// that and the client's idle deadline.
+    linger: Option<(tokio::time::Instant, Pin<Box<Sleep>>)>,
     /// Armed while a write waits for the client to take bytes.
     stalled: Option<Pin<Box<Sleep>>>,
 }
@@ -340,20 +347,24 @@ impl AsyncWrite for Lingering {
             if !this.unread.load(Ordering::Relaxed) {
                 return Poll::Ready(Ok(()));
             }
-            this.linger = Some((Box::pin(tokio::time::sleep(LINGER_TIME)), 0));
+            let end = tokio::time::Instant::now() + LINGER_TIME;
+            this.linger = Some((end, Box::pin(tokio::time::sleep(LINGER_IDLE))));
         }
-        let Some((deadline, seen)) = this.linger.as_mut() else {
+        let Some((end, timer)) = this.linger.as_mut() else {
             return Poll::Ready(Ok(()));
         };
         let mut scratch = [0u8; 8192];
         loop {
-            if deadline.as_mut().poll(cx).is_ready() || *seen > LINGER_LIMIT {
+            if timer.as_mut().poll(cx).is_ready() {
                 return Poll::Ready(Ok(()));
             }
             let mut buf = ReadBuf::new(&mut scratch);
             match Pin::new(&mut this.stream).poll_read(cx, &mut buf) {
                 Poll::Ready(Ok(())) if buf.filled().is_empty() => return Poll::Ready(Ok(())),
-                Poll::Ready(Ok(())) => *seen += buf.filled().len(),
+                Poll::Ready(Ok(())) => {
+                    let idle = tokio::time::Instant::now() + LINGER_IDLE;
+                    timer.as_mut().reset(idle.min(*end));
+                }
                 Poll::Ready(Err(_)) => return Poll::Ready(Ok(())),
                 Poll::Pending => return Poll::Pending,
             }

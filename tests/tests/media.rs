@@ -5,7 +5,8 @@
 //! A burst of large pushes beyond the body budget is answered 202 or 503
 //! with `Retry-After`, never with a broken connection, and every 202 is
 //! delivered. Bodies that stall hold no more room than they sent, and are
-//! cut off.
+//! cut off. A body over the limit is answered 413 even to a client that
+//! sends all of it before it reads.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -252,6 +253,21 @@ async fn bodies_that_stall_neither_hold_the_budget_nor_their_connection() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
         received_into(&sink, &mut got, &mut seen);
+    }
+}
+
+#[tokio::test]
+async fn a_push_over_the_limit_is_answered_413_even_to_a_client_that_sends_it_whole() {
+    // Python's http.client and hyper's client send a whole body before
+    // they read; the server answers 413 from the Content-Length alone,
+    // so it must read and drop what follows before it closes, or the
+    // kernel's reset destroys the answer.
+    let s = webhook_server("").await;
+    let body = vec![b' '; 40 * MIB];
+    for _ in 0..2 {
+        let answer = SlowPush::begin(&s.base, &body, 0).await.finish().await;
+        assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+        assert!(answer.contains("connection: close"), "{answer}");
     }
 }
 
