@@ -307,14 +307,19 @@ impl Store {
     /// [`DELETE_CHUNK`] events at a time, in the order of their ids, so
     /// its memory and each of its write transactions stay small however
     /// many events are due. The reads run outside the transactions: on
-    /// SQLite they do not hold the write lock while they scan.
+    /// SQLite they do not hold the write lock while they scan. They walk
+    /// the ids only as far as [`CLEANUP_SLACK`] past `before`: an id is a
+    /// UUIDv7, made when its event was, whose text sorts by that time, so
+    /// the events kept are not read at all.
     pub async fn events_cleanup(&self, before: chrono::DateTime<chrono::Utc>) -> Result<u64> {
+        let last_id = first_id_made_at(before + CLEANUP_SLACK);
         let mut after: Option<String> = None;
         let mut n = 0;
         loop {
             let mut q = event::Entity::find()
                 .select_only()
                 .column(event::Column::Id)
+                .filter(event::Column::Id.lt(last_id.as_str()))
                 .filter(event::Column::Created.lt(before))
                 .filter(nothing_pending())
                 .order_by_asc(event::Column::Id)
@@ -451,6 +456,23 @@ fn nothing_pending() -> Expr {
     )
 }
 
+/// How far past a cleanup's cutoff its walk of event ids goes. An event's
+/// id and its `created` are both read from the clock of the node that
+/// took it, a moment apart; an event whose id is later than the cutoff by
+/// more than this (a node whose clock jumped between the two readings)
+/// waits for a later cleanup, none is missed for good.
+const CLEANUP_SLACK: chrono::TimeDelta = chrono::TimeDelta::minutes(1);
+
+/// The least id an event made at `at` or later can have: the UUIDv7 of
+/// that millisecond with all its other bits zero (`crate::event` makes
+/// ids with `Uuid::now_v7`).
+fn first_id_made_at(at: chrono::DateTime<chrono::Utc>) -> String {
+    let ms = u64::try_from(at.timestamp_millis()).unwrap_or(0);
+    uuid::Builder::from_unix_timestamp_millis(ms, &[0; 10])
+        .into_uuid()
+        .to_string()
+}
+
 /// The values of a delivery's lease columns when nobody holds it.
 /// `delivery.state = 'pending'`, the state written into the SQL rather
 /// than bound: it is the condition of the partial index
@@ -474,6 +496,32 @@ pub(super) fn no_lease() -> (Expr, Expr) {
 mod tests {
     use super::*;
     use sea_orm::QueryTrait;
+
+    /// An event's id sorts at or after the bound of the millisecond it was
+    /// made in and before the next one's, whatever its random bits, so
+    /// the cleanup's walk up to a bound misses no older event.
+    #[test]
+    fn event_ids_sort_by_the_millisecond_they_were_made_in() {
+        let id = uuid::Uuid::now_v7().to_string();
+        let ms = chrono::TimeDelta::milliseconds(1);
+        let (secs, nanos) = uuid::Uuid::parse_str(&id)
+            .expect("an id")
+            .get_timestamp()
+            .expect("a v7 id has a time")
+            .to_unix();
+        let at = chrono::DateTime::from_timestamp(secs as i64, nanos).expect("a time");
+        assert!(first_id_made_at(at) <= id, "{id} {}", first_id_made_at(at));
+        assert!(id < first_id_made_at(at + ms), "{id}");
+        assert!(first_id_made_at(at - ms) < first_id_made_at(at));
+        // The greatest id of the millisecond before.
+        let max = uuid::Builder::from_unix_timestamp_millis(
+            u64::try_from((at - ms).timestamp_millis()).expect("after 1970"),
+            &[0xff; 10],
+        )
+        .into_uuid()
+        .to_string();
+        assert!(max < first_id_made_at(at), "{max}");
+    }
 
     /// The pending condition is in the text, where a plan for any bound
     /// values can match it to `delivery_pending`'s.
