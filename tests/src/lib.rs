@@ -179,6 +179,50 @@ impl DbClient {
         );
         String::from_utf8_lossy(&out.stdout).trim().to_string()
     }
+
+    /// Writes `n` copies of the database's one event and its delivery straight
+    /// to it, with ids that sort before it; one copy in `pending_every` is
+    /// pending, due ten years from now, so that nothing delivers it meanwhile.
+    pub fn copy_history(&self, n: u64, pending_every: u64) {
+        let (num, later) = if on_postgres() {
+            ("lpad(i::text, 12, '0')", "next_at + interval '10 years'")
+        } else if on_mysql() {
+            ("LPAD(i, 12, '0')", "next_at + INTERVAL 10 YEAR")
+        } else {
+            (
+                "substr('00000000000' || i, -12)",
+                "'2036' || substr(next_at, 5)",
+            )
+        };
+        let series = format!(
+            "WITH RECURSIVE s(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM s WHERE i < {n})"
+        );
+        // MariaDB stops a recursion at 1000 steps unless told otherwise.
+        let deeper = if on_mysql() {
+            format!("SET SESSION max_recursive_iterations = {n}; ")
+        } else {
+            String::new()
+        };
+        let copy_id = if on_mysql() {
+            format!("CONCAT('00000000-0000-7000-8000-', {num})")
+        } else {
+            format!("'00000000-0000-7000-8000-' || {num}")
+        };
+        self.query(&format!(
+            "{deeper}INSERT INTO event (id, addr_id, addr, msg, subject, formatted_subject, level, \
+             location, tag, sender, media, media_fname, created) {series} \
+             SELECT {copy_id}, addr_id, addr, msg, subject, formatted_subject, level, location, \
+             tag, sender, media, media_fname, created FROM s, event"
+        ));
+        self.query(&format!(
+            "{deeper}INSERT INTO delivery (event_id, endpoint_id, state, attempts, next_at, created, \
+             updated) {series} \
+             SELECT {copy_id}, endpoint_id, \
+             CASE WHEN i % {pending_every} = 0 THEN 'pending' ELSE state END, attempts, \
+             CASE WHEN i % {pending_every} = 0 THEN {later} ELSE next_at END, created, updated \
+             FROM s, delivery"
+        ));
+    }
 }
 
 /// Creates a fresh database on the PostgreSQL server at `pg` (a URL

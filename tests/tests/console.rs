@@ -1,8 +1,8 @@
 //! The web console at `/ui/`: a real Chromium walks through it as an
 //! operator would (`tests/console/console.mjs`, with playwright-core), and
 //! plain HTTP checks what a browser cannot show: the session cookie's
-//! flags, CSRF refusals, redirects to sign-in, slowed-down sign-ins and
-//! `master.allow`.
+//! flags, CSRF refusals, redirects to sign-in, slowed-down sign-ins,
+//! `master.allow`, and what it says of a deletion that goes on.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -246,6 +246,7 @@ async fn sessions_cookies_and_csrf() {
         )
         .await;
     assert_eq!(r.status(), 303);
+    assert_eq!(header(&r, "location"), "/ui/addr?done=deleted");
     assert_status!(server.manage(Method::GET, "/addr/1", None).await, 404);
     // Both changes are in the log of changes, as made in the console.
     server
@@ -413,6 +414,66 @@ async fn master_allow_applies_to_the_console() {
         .expect("POST");
     assert_eq!(r.status(), 403);
     assert!(r.headers().get("set-cookie").is_none());
+}
+
+/// Deleting an address whose history outlasts `timeout` is answered at
+/// once, and the console says the deletion goes on rather than that it
+/// is done; the address is gone when it ends.
+#[tokio::test]
+async fn deleting_an_address_with_a_long_history_says_it_goes_on() {
+    let server = Server::start_with(ServerOptions {
+        plugins: vec!["t".into()],
+        yaml: "timeout: 1\n".into(),
+        ..Default::default()
+    })
+    .await;
+    let (id, a) = server.new_addr().await;
+    server.endpoint(id, "t", serde_json::json!({})).await;
+    assert_status!(
+        server
+            .push(serde_json::json!({"addr": a, "msg": "m"}))
+            .await,
+        202
+    );
+    server.wait_settled(id).await;
+    // 300,000 events take a deletion, 500 at a time, well past 1 s.
+    server.db_client().copy_history(300_000, 300_000);
+
+    let mut b = Browser {
+        server: &server,
+        cookie: None,
+    };
+    b.sign_in().await;
+    let page = format!("/ui/addr/{id}");
+    let token = b.csrf(&page).await;
+    let r = b
+        .post(
+            &page,
+            &[("csrf", &token), ("action", "delete"), ("confirm", "yes")],
+        )
+        .await;
+    assert_eq!(r.status(), 303);
+    let to = header(&r, "location");
+    assert_eq!(to, "/ui/addr?done=deleting");
+    let text = b.get(&to).await.text().await.unwrap_or_default();
+    assert!(
+        text.contains("Being deleted: its history is long and goes a chunk at a time"),
+        "{text}"
+    );
+
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(180);
+    while server
+        .manage(Method::GET, &format!("/addr/{id}"), None)
+        .await
+        .status
+        != 404
+    {
+        assert!(
+            std::time::Instant::now() < end,
+            "the address was never deleted"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
 }
 
 #[tokio::test]

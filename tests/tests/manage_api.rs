@@ -1245,7 +1245,7 @@ async fn a_cleanup_of_many_events_keeps_the_server_small_and_spares_pending_ones
     assert_status!(s.push(json!({"addr": a, "msg": "m"})).await, 202);
     s.wait_settled(id).await;
 
-    copy_history(&db, N, EVERY);
+    db.copy_history(N, EVERY);
     let pending = N / EVERY;
     assert_eq!(count("SELECT count(*) FROM event"), N + 1);
     assert_eq!(
@@ -1307,7 +1307,7 @@ async fn deleting_an_address_with_a_long_history_keeps_pushes_going() {
     let old_ep = s.endpoint(old_id, "t", json!({})).await;
     assert_status!(s.push(json!({"addr": old, "msg": "m"})).await, 202);
     s.wait_settled(old_id).await;
-    copy_history(&db, N, N);
+    db.copy_history(N, N);
     assert_eq!(count("SELECT count(*) FROM event"), N + 1);
     let (id, a) = s.new_addr().await;
     s.endpoint(id, "t", json!({})).await;
@@ -1362,50 +1362,6 @@ async fn deleting_an_address_with_a_long_history_keeps_pushes_going() {
         count(&format!("SELECT count(*) FROM event WHERE addr_id = {id}")),
         statuses.len() as u64
     );
-}
-
-/// Writes `n` copies of the database's one event and its delivery straight
-/// to it, with ids that sort before it; one copy in `pending_every` is
-/// pending, due ten years from now, so that nothing delivers it meanwhile.
-fn copy_history(db: &roboger_tests::DbClient, n: u64, pending_every: u64) {
-    use roboger_tests::{on_mysql, on_postgres};
-    let (num, later) = if on_postgres() {
-        ("lpad(i::text, 12, '0')", "next_at + interval '10 years'")
-    } else if on_mysql() {
-        ("LPAD(i, 12, '0')", "next_at + INTERVAL 10 YEAR")
-    } else {
-        (
-            "substr('00000000000' || i, -12)",
-            "'2036' || substr(next_at, 5)",
-        )
-    };
-    let series =
-        format!("WITH RECURSIVE s(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM s WHERE i < {n})");
-    // MariaDB stops a recursion at 1000 steps unless told otherwise.
-    let deeper = if on_mysql() {
-        format!("SET SESSION max_recursive_iterations = {n}; ")
-    } else {
-        String::new()
-    };
-    let copy_id = if on_mysql() {
-        format!("CONCAT('00000000-0000-7000-8000-', {num})")
-    } else {
-        format!("'00000000-0000-7000-8000-' || {num}")
-    };
-    db.query(&format!(
-        "{deeper}INSERT INTO event (id, addr_id, addr, msg, subject, formatted_subject, level, \
-         location, tag, sender, media, media_fname, created) {series} \
-         SELECT {copy_id}, addr_id, addr, msg, subject, formatted_subject, level, location, \
-         tag, sender, media, media_fname, created FROM s, event"
-    ));
-    db.query(&format!(
-        "{deeper}INSERT INTO delivery (event_id, endpoint_id, state, attempts, next_at, created, \
-         updated) {series} \
-         SELECT {copy_id}, endpoint_id, \
-         CASE WHEN i % {pending_every} = 0 THEN 'pending' ELSE state END, attempts, \
-         CASE WHEN i % {pending_every} = 0 THEN {later} ELSE next_at END, created, updated \
-         FROM s, delivery"
-    ));
 }
 
 /// The peak resident set of process `pid`, in MiB.
