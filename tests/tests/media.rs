@@ -6,7 +6,7 @@
 //! with `Retry-After`, never with a broken connection, and every 202 is
 //! delivered. Bodies that stall hold no more room than they sent, and are
 //! cut off. A body over the limit is answered 413 even to a client that
-//! sends all of it before it reads.
+//! sends all of it before it reads, and one that then goes quiet is let go.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -269,6 +269,28 @@ async fn a_push_over_the_limit_is_answered_413_even_to_a_client_that_sends_it_wh
         assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
         assert!(answer.contains("connection: close"), "{answer}");
     }
+
+    // A client that stops sending after the answer is let go once it has
+    // been quiet for 5 s: what it sends later meets a closed socket.
+    let mut push = SlowPush::begin(&s.base, &body, MIB).await;
+    let mut answer = Vec::new();
+    push.stream
+        .read_to_end(&mut answer)
+        .await
+        .expect("the answer, then the server's end of sending");
+    assert!(answer.starts_with(b"HTTP/1.1 413"));
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let mut refused = false;
+    for chunk in push.rest.chunks(MIB) {
+        if push.stream.write_all(chunk).await.is_err() {
+            refused = true;
+            break;
+        }
+    }
+    assert!(
+        refused,
+        "the server still read the body 8 s after it went quiet"
+    );
 }
 
 #[tokio::test]
