@@ -10,9 +10,9 @@
 //! has to send bytes before the server sets room aside for more, large
 //! bodies are served whole in turn rather than all a little, and large
 //! bodies cannot crowd out small ones (one waiting for its whole room
-//! holds at most [`FIRST_BYTES`] of the first pool meanwhile). A body keeps its room until its
-//! request is answered, which for a push covers the decoding and the
-//! commit. When there is no room within a short wait, the rest of the
+//! holds at most [`FIRST_BYTES`] of the first pool meanwhile). A body
+//! keeps its room until its request is answered, which for a push covers
+//! the decoding and the commit. When there is no room within a short wait, the rest of the
 //! body is read and thrown away (so the client's connection stays usable)
 //! and the answer is 503 with `Retry-After`. A body that stops arriving,
 //! or arrives slower than [`MIN_RATE`] once its grace is over, is
@@ -195,8 +195,8 @@ impl BodyBudget {
     }
 
     /// Room for `bytes` held by something other than a request body
-    /// (a file being sent): in the pool of the body's size, within the
-    /// budget's wait.
+    /// (a file being sent): in the pool a body of that size would use,
+    /// within the budget's wait.
     pub async fn room_for(&self, bytes: usize) -> Result<Room, ApiError> {
         let pool = if bytes <= FIRST_BYTES {
             &self.first
