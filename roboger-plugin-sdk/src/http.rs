@@ -1,6 +1,7 @@
 //! Delivering over HTTP (the `http` feature): one shared client, a JSON
 //! request with the server's timeout, and any non-2xx answer reported as
-//! a failed delivery, which the server retries.
+//! a failed delivery, which the server retries (unless the plugin says
+//! the status is final).
 
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -53,6 +54,19 @@ pub async fn send_json(
     headers: &[(&str, &str)],
     body: String,
 ) -> Result<(), PluginError> {
+    send_json_with_final(host, method, url, headers, body, &[]).await
+}
+
+/// [`send_json`], where an answer with one of the `final` statuses is
+/// [`PluginError::Rejected`]: the server will not try the delivery again.
+pub async fn send_json_with_final(
+    host: &Host,
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: String,
+    r#final: &[reqwest::StatusCode],
+) -> Result<(), PluginError> {
     let method = reqwest::Method::from_bytes(method.as_bytes()).map_err(PluginError::failed)?;
     // Parsed once, for the policy and the request.
     let parsed = checked(url)?;
@@ -72,10 +86,42 @@ pub async fn send_json(
     if resp.status().is_success() {
         Ok(())
     } else {
-        Err(PluginError::failed(format!(
-            "{url} answered {}",
-            resp.status()
-        )))
+        let for_good = r#final.contains(&resp.status());
+        Err(answer_error(url, resp, for_good).await)
+    }
+}
+
+/// Bytes of a refusing answer's body that its error quotes at most.
+const QUOTED: usize = 200;
+
+/// A non-2xx answer as a delivery error: its status and the start of its
+/// body, which often says why (another Roboger's answers do);
+/// [`PluginError::Rejected`] when `for_good`, else [`PluginError::Failed`].
+pub async fn answer_error(url: &str, mut resp: reqwest::Response, for_good: bool) -> PluginError {
+    let status = resp.status();
+    let mut body = Vec::new();
+    // Within the request's timeout, as the rest of the answer.
+    while body.len() < QUOTED {
+        match resp.chunk().await {
+            Ok(Some(c)) => body.extend_from_slice(&c),
+            Ok(None) | Err(_) => break,
+        }
+    }
+    let text = String::from_utf8_lossy(&body[..body.len().min(QUOTED)]);
+    let text: String = text
+        .trim()
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    let msg = if text.is_empty() {
+        format!("{url} answered {status}")
+    } else {
+        format!("{url} answered {status}: {text}")
+    };
+    if for_good {
+        PluginError::rejected(msg)
+    } else {
+        PluginError::failed(msg)
     }
 }
 
