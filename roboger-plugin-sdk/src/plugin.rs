@@ -73,6 +73,10 @@ pub struct Event {
     /// The media as the base64 text it arrived as.
     pub media_encoded: Option<String>,
     pub media_fname: Option<String>,
+    /// How many Roboger servers forwarded the event before this one took
+    /// it: 0 when it was pushed here directly. The chain plugin sends
+    /// one more in [`crate::protocol::HOPS_HEADER`].
+    pub hops: u16,
 }
 
 impl Event {
@@ -303,6 +307,7 @@ impl<P: Plugin> Adapter<P> {
             media,
             media_encoded: p.media_encoded,
             media_fname: p.media_fname,
+            hops: p.hops.unwrap_or(0),
         };
         rpc(self.plugin.send(event, &self.host).await)
     }
@@ -397,6 +402,7 @@ impl<P: Plugin> PluginApiServer for Adapter<P> {
         sender: Option<String>,
         media_encoded: Option<String>,
         media_fname: Option<String>,
+        hops: Option<u16>,
     ) -> RpcResult<()> {
         self.deliver(protocol::SendParams {
             config,
@@ -413,6 +419,7 @@ impl<P: Plugin> PluginApiServer for Adapter<P> {
             sender,
             media_encoded,
             media_fname,
+            hops,
         })
         .await
     }

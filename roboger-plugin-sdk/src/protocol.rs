@@ -32,6 +32,12 @@ pub fn compatible(theirs: &str) -> bool {
     major(theirs).is_some() && major(theirs) == major(PROTOCOL_VERSION)
 }
 
+/// The `/push` header saying how many Roboger servers forwarded the
+/// event before (the chain plugin sends the event's [`SendParams::hops`]
+/// plus one). A server refuses a push that has passed through too many,
+/// which ends a loop of chain endpoints forwarding to each other.
+pub const HOPS_HEADER: &str = "x-roboger-hops";
+
 /// Every method of [`PluginApi`] (server to plugin), as named on the wire.
 pub const PLUGIN_METHODS: [&str; 9] = [
     "hello",
@@ -95,6 +101,10 @@ pub struct SendParams {
     pub media_encoded: Option<String>,
     #[serde(default)]
     pub media_fname: Option<String>,
+    /// How many Roboger servers forwarded the event before this one
+    /// took it (the chain plugin's [`HOPS_HEADER`]); absent for 0.
+    #[serde(default)]
+    pub hops: Option<u16>,
 }
 
 /// [`SendParams`] as the server writes them: borrowed from the event and
@@ -117,6 +127,9 @@ pub struct SendArgs<'a> {
     pub sender: Option<&'a str>,
     pub media_encoded: Option<&'a str>,
     pub media_fname: Option<&'a str>,
+    /// Left out when 0, as it is for every event pushed directly.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hops: Option<u16>,
 }
 
 /// What `send_batch` answers for one of its events, in the events' order:
@@ -273,6 +286,7 @@ pub trait PluginApi {
         sender: Option<String>,
         media_encoded: Option<String>,
         media_fname: Option<String>,
+        hops: Option<u16>,
     ) -> RpcResult<()>;
 
     /// Delivers several events (each to its own endpoint) in one call;
@@ -548,6 +562,7 @@ mod tests {
             sender: Some("bot"),
             media_encoded: Some("aGk="),
             media_fname: None,
+            hops: Some(2),
         };
         let read: SendParams =
             serde_json::from_str(&serde_json::to_string(&args).unwrap()).unwrap();
@@ -568,6 +583,7 @@ mod tests {
                 sender: Some("bot".into()),
                 media_encoded: Some("aGk=".into()),
                 media_fname: None,
+                hops: Some(2),
             }
         );
     }

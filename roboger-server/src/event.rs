@@ -25,7 +25,17 @@ pub struct Event {
     pub media: Option<Vec<u8>>,
     /// The media's file name, without any directory part.
     pub media_fname: Option<String>,
+    /// How many Roboger servers forwarded it before this one took it
+    /// (the push's `X-Roboger-Hops`; 0 when pushed directly).
+    pub hops: u16,
 }
+
+/// The most times an event may have been forwarded from one Roboger
+/// server to another (by the chain plugin) when it arrives: a push that
+/// says it has been forwarded this often is refused (409), which ends a
+/// loop of chain endpoints at its ninth server, or its ninth time round
+/// one server. Real chains are a hop or two long.
+pub const MAX_HOPS: u16 = 8;
 
 /// Why a push was refused before routing (always a 400).
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -117,6 +127,7 @@ impl Event {
             sender,
             media,
             media_fname,
+            hops: 0,
         })
     }
 

@@ -278,6 +278,7 @@ impl Pipeline {
             media: event.media,
             media_fname: event.media_fname,
             created: chrono::Utc::now(),
+            hops: i16::try_from(event.hops).unwrap_or(i16::MAX),
         };
         let queued = self.accept_tx.send(Accept {
             event: model,
@@ -758,6 +759,7 @@ fn send_params(job: &Job, media: Option<&str>) -> Result<RawParams, CallError> {
         sender: e.sender.as_deref(),
         media_encoded: media,
         media_fname: e.media_fname.as_deref(),
+        hops: u16::try_from(e.hops).ok().filter(|h| *h > 0),
     };
     serde_json::value::to_raw_value(&args)
         .map(RawParams)
@@ -780,7 +782,8 @@ fn outcome(cfg: &DeliveryConfig, job: &Job, result: Result<Value, CallError>) ->
             return base;
         }
         // The plugin refused the delivery itself (e.g. the egress policy
-        // refuses its target): trying again cannot help.
+        // refuses its target, or the target found a loop of forwards):
+        // trying again cannot help.
         Err(e @ CallError::Rejected(_)) => (e.to_string(), true),
         Err(e) => (e.to_string(), false),
     };
@@ -873,6 +876,7 @@ mod tests {
             media: None,
             media_fname: None,
             created: chrono::Utc::now(),
+            hops: 0,
         }
     }
 

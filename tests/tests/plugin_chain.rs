@@ -58,6 +58,8 @@ async fn forwards_every_field_to_the_other_server() {
         near.wait_settled(id).await["deliveries"][0]["state"],
         "delivered"
     );
+    // The far server knows the event came through one other.
+    assert_eq!(events(&far, far_id).await[0]["hops"], 1);
 
     // The far address disabled: its 406 is a failed delivery, saying so.
     let r = far
@@ -72,4 +74,108 @@ async fn forwards_every_field_to_the_other_server() {
     let (state, _, why) = near.settled_delivery(id).await;
     assert_eq!(state, "failed", "{why}");
     assert!(why.contains("406"), "{why}");
+}
+
+/// Two servers whose chain endpoints forward to each other (each to
+/// mirror the other, say) pass an event back and forth until it has
+/// been forwarded 8 times: the ninth push is refused with 409, and that
+/// delivery fails at once, saying why. Nothing goes round for ever.
+#[tokio::test]
+async fn chain_endpoints_forwarding_to_each_other_stop_after_eight_hops() {
+    let (a, b) = tokio::join!(
+        Server::start_with(with("chain")),
+        Server::start_with(with("chain"))
+    );
+    let ((a_id, a_addr), (b_id, b_addr)) = tokio::join!(a.new_addr(), b.new_addr());
+    a.endpoint(a_id, "chain", json!({"url": b.base, "addr": b_addr}))
+        .await;
+    b.endpoint(b_id, "chain", json!({"url": a.base, "addr": a_addr}))
+        .await;
+    assert_status!(a.push(json!({"addr": a_addr, "msg": "round"})).await, 202);
+
+    // The event B took after seven forwards: A refuses the eighth.
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let last = loop {
+        let events = events(&b, b_id).await;
+        if let Some(e) = events.iter().find(|e| e["hops"] == 7) {
+            let id = e["id"].as_str().expect("event id").to_string();
+            break b.wait_event_settled(b_id, &id, end).await;
+        }
+        assert!(
+            std::time::Instant::now() < end,
+            "no event of 7 hops on B: {events:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    // Failed at once: a loop does not heal by trying again.
+    let d = &last["deliveries"][0];
+    assert_eq!(
+        (&d["state"], &d["attempts"]),
+        (&json!("failed"), &json!(1)),
+        "{last}"
+    );
+    let why = d["last_error"].as_str().unwrap_or_default();
+    assert!(
+        why.contains("409 Conflict") && why.contains("in a loop?"),
+        "{why}"
+    );
+
+    // Every hop stored once, each with its count, and delivered but the last.
+    for (s, id, want) in [(&a, a_id, [6, 4, 2, 0]), (&b, b_id, [7, 5, 3, 1])] {
+        let events = events(s, id).await;
+        let hops: Vec<i64> = events.iter().filter_map(|e| e["hops"].as_i64()).collect();
+        assert_eq!(hops, want, "{events:?}");
+        assert!(events.iter().all(|e| e["msg"] == "round"), "{events:?}");
+        for e in events.iter().filter(|e| e["hops"] != 7) {
+            let ev = e["id"].as_str().unwrap_or_default();
+            let detail = s.wait_event_settled(id, ev, end).await;
+            assert_eq!(detail["deliveries"][0]["state"], "delivered", "{detail}");
+        }
+    }
+}
+
+/// Addr `id`'s events, newest first.
+async fn events(s: &Server, id: i64) -> Vec<Value> {
+    let r = s
+        .manage(Method::GET, &format!("/addr/{id}/event"), None)
+        .await;
+    assert_status!(r, 200);
+    r.json().as_array().cloned().unwrap_or_default()
+}
+
+/// Pushes `msg` to `addr` saying it was forwarded `hops` times.
+async fn push_forwarded(s: &Server, addr: &str, hops: &str) -> roboger_tests::Resp {
+    s.request(
+        Method::POST,
+        "/push",
+        None,
+        &[("X-Roboger-Hops", hops)],
+        Some(json!({"addr": addr, "msg": hops})),
+    )
+    .await
+}
+
+/// What a push's `X-Roboger-Hops` may say, and what is stored of it.
+#[tokio::test]
+async fn a_push_says_how_often_it_was_forwarded() {
+    let s = Server::start_with(with("webhook")).await;
+    let (id, addr) = s.new_addr().await;
+    for bad in ["", "x", "-1", "2.0"] {
+        let r = push_forwarded(&s, &addr, bad).await;
+        assert_status!(r, 400);
+        assert!(r.text.contains("x-roboger-hops"), "{bad:?}: {}", r.text);
+    }
+    for looped in ["8", "65536", "99999999999999999999999"] {
+        let r = push_forwarded(&s, &addr, looped).await;
+        assert_status!(r, 409);
+        assert!(r.text.contains("loop"), "{looped}: {}", r.text);
+    }
+    assert_status!(push_forwarded(&s, &addr, "7").await, 202);
+    assert_status!(s.push(json!({"addr": addr, "msg": "direct"})).await, 202);
+    let got: Vec<(Value, Value)> = events(&s, id)
+        .await
+        .iter()
+        .map(|e| (e["msg"].clone(), e["hops"].clone()))
+        .collect();
+    assert_eq!(got, [(json!("direct"), json!(0)), (json!("7"), json!(7))]);
 }

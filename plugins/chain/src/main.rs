@@ -1,8 +1,14 @@
 //! The chain plugin: forwards each event to another Roboger server's
 //! `/push`, to the endpoint's `addr`; the other server's non-202 answer
 //! is a failed delivery, retried (a 4xx there will not heal by itself,
-//! but retries stop at the pipeline's max-attempts).
+//! but retries stop at the pipeline's max-attempts). Each push says how
+//! many servers have forwarded the event, one more than the event's own
+//! `hops`, so a loop of chain endpoints ends at the server that finds it
+//! has gone round too often: its 409 (which `/push` answers for nothing
+//! else) fails the delivery for good, as trying again would be refused
+//! again.
 
+use roboger_plugin_sdk::protocol::HOPS_HEADER;
 use roboger_plugin_sdk::schema;
 use roboger_plugin_sdk::{Event, Host, Info, Plugin, PluginError, run};
 use serde_json::{Value, json};
@@ -51,7 +57,11 @@ impl Plugin for Chain {
     async fn send(&self, e: Event, host: &Host) -> Result<(), PluginError> {
         let (url, addr) = (e.config_str("url")?, e.config_str("addr")?);
         let url = format!("{}/push", url.trim_end_matches('/'));
-        roboger_plugin_sdk::http::send_json(host, "POST", &url, &[], push(&e, addr).to_string())
+        let hops = (u32::from(e.hops) + 1).to_string();
+        let headers = [(HOPS_HEADER, hops.as_str())];
+        let looped = [roboger_plugin_sdk::http::reqwest::StatusCode::CONFLICT];
+        let body = push(&e, addr).to_string();
+        roboger_plugin_sdk::http::send_json_with_final(host, "POST", &url, &headers, body, &looped)
             .await
     }
 }

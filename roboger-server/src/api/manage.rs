@@ -670,7 +670,7 @@ fn event_json(e: &EventHead) -> Value {
         "id": e.id, "addr_id": e.addr_id, "addr": e.addr, "msg": e.msg, "subject": e.subject,
         "formatted_subject": e.formatted_subject, "level": e.level, "level_name": level.name(),
         "location": e.location, "tag": e.tag, "sender": e.sender, "media_fname": e.media_fname,
-        "media_size": e.media_size, "created": e.created.to_rfc3339(),
+        "media_size": e.media_size, "created": e.created.to_rfc3339(), "hops": e.hops,
     })
 }
 

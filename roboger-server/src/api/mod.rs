@@ -22,6 +22,7 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use http::{HeaderMap, Method, StatusCode};
+use roboger_plugin_sdk::protocol::HOPS_HEADER;
 use warp::Filter;
 
 use crate::App;
@@ -97,17 +98,25 @@ pub fn routes(
         .and(warp::query::raw().or(warp::any().map(String::new)).unify())
         .and(warp::header::optional::<String>("content-type"))
         .and(warp::header::optional::<u64>("content-length"))
+        .and(warp::header::optional::<String>(HOPS_HEADER))
         .and(warp::body::stream())
         .and(with_app.clone())
         .then(
-            |query: String, ctype: Option<String>, length: Option<u64>, body, app: Arc<App>| async move {
+            |query: String,
+             ctype: Option<String>,
+             length: Option<u64>,
+             hops: Option<String>,
+             body,
+             app: Arc<App>| async move {
                 let began = std::time::Instant::now();
                 let limit = push::body_limit(app.config.push_max_media);
                 let answer = match app.bodies.read(body, length, limit).await {
-                    Ok((b, _room)) => match push::push(&app, &query, ctype.as_deref(), b).await {
-                        Ok(r) => r,
-                        Err(e) => reply::error(&e),
-                    },
+                    Ok((b, _room)) => {
+                        match push::push(&app, &query, ctype.as_deref(), hops.as_deref(), b).await {
+                            Ok(r) => r,
+                            Err(e) => reply::error(&e),
+                        }
+                    }
                     Err(e) => reply::error(&e),
                 };
                 app.metrics.push(answer.status().as_u16(), began.elapsed());

@@ -1,15 +1,21 @@
 //! `POST /push`: a sender's event, from a JSON body, a form or the query
 //! string (as the original accepted them), answered 202 once it and its
-//! deliveries are committed.
+//! deliveries are committed. A push another Roboger forwarded says how
+//! often the event was forwarded already (`X-Roboger-Hops`); past
+//! [`MAX_HOPS`] it is refused (409, which only this refusal answers
+//! here), so chain endpoints that forward to each other do not pass an
+//! event round for ever.
 
 use bytes::Bytes;
 use http::StatusCode;
 use serde_json::{Map, Value};
 
+use roboger_plugin_sdk::protocol::HOPS_HEADER;
+
 use super::error::ApiError;
 use super::reply::{self, Response};
 use crate::App;
-use crate::event::Event;
+use crate::event::{Event, MAX_HOPS};
 use crate::pipeline::AcceptError;
 use crate::routing::Matchable;
 
@@ -58,30 +64,55 @@ pub fn fields(
     Ok(fields)
 }
 
-/// Handles one push.
+/// The hops a push's [`HOPS_HEADER`] says (none: pushed directly).
+pub fn hops(header: Option<&str>) -> Result<u16, ApiError> {
+    let Some(h) = header else { return Ok(0) };
+    let digits = h.trim();
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(ApiError::BadRequest(format!(
+            "{HOPS_HEADER} must be the number of times the event was forwarded, not {h:?}"
+        )));
+    }
+    // Any number past the limit is refused as the limit is.
+    Ok(digits.parse().unwrap_or(u16::MAX))
+}
+
+/// Handles one push; `hops` is its [`HOPS_HEADER`].
 pub async fn push(
     app: &App,
     query: &str,
     content_type: Option<&str>,
+    hops: Option<&str>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
+    let hops = self::hops(hops)?;
     // What counts against `lim_s`: the request's size, as in the original.
     let body_len = body.len() + query.len();
     let fields = fields(query, content_type, &body)?;
     // A push with media is at its largest here: the body is no longer
     // needed, and the fields only until the event is made.
     drop(body);
-    push_fields(app, fields, body_len).await
+    push_fields(app, fields, hops, body_len).await
 }
 
 /// Takes one event made of `fields` (a push's, or the console's test
-/// event); `size` is what counts against the address's `lim_s`.
+/// event), forwarded `hops` times before; `size` is what counts against
+/// the address's `lim_s`.
 pub async fn push_fields(
     app: &App,
     fields: Map<String, Value>,
+    hops: u16,
     body_len: usize,
 ) -> Result<Response, ApiError> {
-    let event = Event::from_fields(fields).map_err(|e| ApiError::BadRequest(e.0))?;
+    let mut event = Event::from_fields(fields).map_err(|e| ApiError::BadRequest(e.0))?;
+    if hops >= MAX_HOPS {
+        tracing::warn!(addr = %event.addr, hops, "push refused: forwarded too often, a loop of chain endpoints?");
+        return Err(ApiError::Conflict(format!(
+            "the event has been forwarded by {hops} Roboger servers already, and at most \
+             {MAX_HOPS} may: do chain endpoints forward it in a loop?"
+        )));
+    }
+    event.hops = hops;
     if event
         .media
         .as_ref()

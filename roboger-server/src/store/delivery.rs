@@ -47,6 +47,7 @@ pub struct EventHead {
     pub sender: Option<String>,
     pub media_fname: Option<String>,
     pub created: chrono::DateTime<chrono::Utc>,
+    pub hops: i16,
     /// Bytes of media, if the event has any.
     pub media_size: Option<i64>,
 }
@@ -71,6 +72,7 @@ impl EventHead {
             sender: e.sender,
             media_fname: e.media_fname,
             created: e.created,
+            hops: e.hops,
         }
     }
 }

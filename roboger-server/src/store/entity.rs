@@ -198,6 +198,8 @@ pub mod event {
         pub media: Option<Vec<u8>>,
         pub media_fname: Option<String>,
         pub created: ChronoDateTimeUtc,
+        /// How many Roboger servers forwarded it before this one took it.
+        pub hops: i16,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

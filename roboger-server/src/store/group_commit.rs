@@ -307,6 +307,7 @@ async fn write_pg_at_once(
         .bind(ev.media)
         .bind(ev.media_fname)
         .bind(ev.created)
+        .bind(ev.hops)
         .bind(d_event)
         .bind(d_endpoint)
         .bind(now)
@@ -514,10 +515,10 @@ fn attempt_statements(
 }
 
 /// PostgreSQL's group commit in one statement (see
-/// [`write_pg_at_once`]): the events of `$1`..`$13`, a delivery
-/// per (`$14`, `$15`) pair, leased to `$18` until `$17`, and the outcomes
-/// of `$19`..`$24`, written only where the delivery is still pending and
-/// leased by `$18` (fencing); `$25` is [`STATE_PENDING`]. It answers how
+/// [`write_pg_at_once`]): the events of `$1`..`$14`, a delivery
+/// per (`$15`, `$16`) pair, leased to `$19` until `$18`, and the outcomes
+/// of `$20`..`$25`, written only where the delivery is still pending and
+/// leased by `$19` (fencing); `$26` is [`STATE_PENDING`]. It answers how
 /// many outcomes were written.
 /// All parts see one snapshot, so the outcomes cannot touch the
 /// deliveries inserted here; they never need to, since a delivery is
@@ -537,24 +538,25 @@ const PG_GROUP_COMMIT: &str = "\
 WITH dl AS (
   INSERT INTO delivery (event_id, endpoint_id, state, attempts, next_at,
                         lease_until, leased_by, last_error, created, updated)
-  SELECT e, ep, $25, 0, $16, $17, $18, NULL, $16, $16
-  FROM unnest($14::char(36)[], $15::int8[]) AS t(e, ep)
+  SELECT e, ep, $26, 0, $17, $18, $19, NULL, $17, $17
+  FROM unnest($15::char(36)[], $16::int8[]) AS t(e, ep)
 ), ev AS (
   INSERT INTO event (id, addr_id, addr, msg, subject, formatted_subject, level,
-                     location, tag, sender, media, media_fname, created)
+                     location, tag, sender, media, media_fname, created, hops)
   SELECT * FROM unnest($1::char(36)[], $2::int8[], $3::text[], $4::text[],
                        $5::text[], $6::text[], $7::int2[], $8::text[], $9::text[],
-                       $10::text[], $11::bytea[], $12::text[], $13::timestamptz[])
+                       $10::text[], $11::bytea[], $12::text[], $13::timestamptz[],
+                       $14::int2[])
 ), up AS (
   UPDATE delivery AS d
   SET attempts = o.attempts, state = o.state, last_error = o.error,
-      next_at = COALESCE(o.next_at, d.next_at), updated = $16,
+      next_at = COALESCE(o.next_at, d.next_at), updated = $17,
       lease_until = NULL, leased_by = NULL
-  FROM unnest($19::char(36)[], $20::int8[], $21::int4[], $22::text[],
-              $23::text[], $24::timestamptz[])
+  FROM unnest($20::char(36)[], $21::int8[], $22::int4[], $23::text[],
+              $24::text[], $25::timestamptz[])
        AS o(event_id, endpoint_id, attempts, state, error, next_at)
   WHERE d.event_id = o.event_id AND d.endpoint_id = o.endpoint_id
-    AND d.leased_by = $18 AND d.state = 'pending'
+    AND d.leased_by = $19 AND d.state = 'pending'
   RETURNING 1
 )
 SELECT count(*) FROM up";
@@ -562,7 +564,7 @@ SELECT count(*) FROM up";
 /// SQLite's group commit as constant text (see
 /// [`Store::write_sqlite_at_once`]): the events of the JSON array `?1`,
 /// each `[id, addr_id, addr, msg, subject, formatted_subject, level,
-/// location, tag, sender, media_fname, created, [endpoint ids]]` and
+/// location, tag, sender, media_fname, created, [endpoint ids], hops]` and
 /// without media; a delivery per endpoint id, `?3` ([`STATE_PENDING`]),
 /// leased to `?6` until `?5`; and the outcomes of the JSON array `?2`,
 /// each `[event_id, endpoint_id, attempts, state, error, next_at]`,
@@ -581,10 +583,10 @@ const SQLITE_GROUP_COMMIT: &str = "\
 BEGIN IMMEDIATE;
 SELECT total_changes();
 INSERT INTO event (id, addr_id, addr, msg, subject, formatted_subject, level,
-                   location, tag, sender, media, media_fname, created)
+                   location, tag, sender, media, media_fname, created, hops)
   SELECT e.value->>0, e.value->>1, e.value->>2, e.value->>3, e.value->>4,
          e.value->>5, e.value->>6, e.value->>7, e.value->>8, e.value->>9,
-         NULL, e.value->>10, e.value->>11
+         NULL, e.value->>10, e.value->>11, e.value->>13
   FROM jsonb_each(?1) AS e;
 INSERT INTO delivery (event_id, endpoint_id, state, attempts, next_at,
                       lease_until, leased_by, last_error, created, updated)
@@ -616,6 +618,7 @@ struct SqliteEventRow<'a>(
     Option<&'a str>,
     String,
     &'a [i64],
+    i16,
 );
 
 /// An outcome of [`SQLITE_GROUP_COMMIT`]'s `?2`.
@@ -671,6 +674,7 @@ fn sqlite_commit_json(c: &GroupCommit<'_>) -> Option<(String, String)> {
                 e.media_fname.as_deref(),
                 sqlite_time(&e.created),
                 eps,
+                e.hops,
             )
         })
         .collect();
@@ -711,6 +715,7 @@ struct PgEventColumns<'a> {
     media: Vec<Option<&'a [u8]>>,
     media_fname: Vec<Option<&'a str>>,
     created: Vec<chrono::DateTime<chrono::Utc>>,
+    hops: Vec<i16>,
 }
 
 impl<'a> PgEventColumns<'a> {
@@ -728,6 +733,7 @@ impl<'a> PgEventColumns<'a> {
         self.media.push(e.media.as_deref());
         self.media_fname.push(e.media_fname.as_deref());
         self.created.push(e.created);
+        self.hops.push(e.hops);
     }
 }
 
@@ -815,6 +821,7 @@ mod tests {
             sender: None,
             media,
             media_fname: None,
+            hops: 0,
             created: chrono::Utc::now(),
         };
         let json = |events: &[event::Model]| {

@@ -50,6 +50,7 @@ impl MigratorTrait for Migrator {
             Box::new(Console),
             Box::new(PendingDue),
             Box::new(DropDeliveryEventKey),
+            Box::new(EventHops),
         ]
     }
 }
@@ -287,6 +288,7 @@ enum Event {
     Media,
     MediaFname,
     Created,
+    Hops,
 }
 
 #[derive(DeriveIden)]
@@ -962,6 +964,42 @@ impl MigrationTrait for DropDeliveryEventKey {
                 .from(Delivery::Table, Delivery::EventId)
                 .to(Event::Table, Event::Id)
                 .on_delete(ForeignKeyAction::Cascade)
+                .to_owned(),
+        )
+        .await
+    }
+}
+
+/// `event.hops`: how many Roboger servers forwarded an event before this
+/// one took it, so a delivery of it through the chain plugin can say so
+/// to the next (and a loop of chain endpoints ends). Events stored before
+/// it read as pushed directly (0). Adding a column with a constant
+/// default rewrites no rows on any of the three backends.
+struct EventHops;
+
+impl MigrationName for EventHops {
+    fn name(&self) -> &str {
+        "m20261202_000010_event_hops"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for EventHops {
+    async fn up(&self, m: &SchemaManager) -> Result<(), DbErr> {
+        m.alter_table(
+            Table::alter()
+                .table(Event::Table)
+                .add_column(small_integer(Event::Hops).default(0))
+                .to_owned(),
+        )
+        .await
+    }
+
+    async fn down(&self, m: &SchemaManager) -> Result<(), DbErr> {
+        m.alter_table(
+            Table::alter()
+                .table(Event::Table)
+                .drop_column(Event::Hops)
                 .to_owned(),
         )
         .await

@@ -1165,7 +1165,7 @@ async fn test_event(ctx: &Ctx<'_>, a: i64) -> Result<Response, ApiError> {
             fields.insert("media_fname".into(), name.clone().into());
         }
     }
-    let r = push::push_fields(ctx.app, fields, size).await?;
+    let r = push::push_fields(ctx.app, fields, 0, size).await?;
     match r.status() {
         StatusCode::ACCEPTED => Ok(redirect(&format!("/ui/addr/{a}/events?done=sent"))),
         StatusCode::NOT_ACCEPTABLE => Err(ApiError::Conflict(
