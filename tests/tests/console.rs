@@ -503,3 +503,41 @@ async fn an_open_event_history_does_not_hold_up_a_stop() {
     let rest = stream.text().await.unwrap_or_default();
     assert!(rest.contains("event:end"), "{rest:?}");
 }
+
+/// An event another Roboger forwarded says by how many in its history;
+/// one pushed here directly says nothing of it.
+#[tokio::test]
+async fn a_forwarded_event_says_so_in_the_history() {
+    let server = Server::start().await;
+    let (id, a) = server.new_addr().await;
+    for (msg, hops) in [("forwarded", Some("3")), ("direct", None)] {
+        let headers: Vec<(&str, &str)> = hops.map(|h| ("X-Roboger-Hops", h)).into_iter().collect();
+        let r = server
+            .request(
+                Method::POST,
+                "/push",
+                None,
+                &headers,
+                Some(serde_json::json!({"addr": a, "msg": msg})),
+            )
+            .await;
+        assert_status!(r, 202);
+    }
+    let mut b = Browser {
+        server: &server,
+        cookie: None,
+    };
+    b.sign_in().await;
+    let r = b.get(&format!("/ui/addr/{id}/events")).await;
+    assert_eq!(r.status(), 200);
+    let page = r.text().await.unwrap_or_default();
+    let (direct, forwarded) = page
+        .split_once("<pre class=\"msg\">forwarded</pre>")
+        .expect("the forwarded event is on the page");
+    assert!(direct.contains("<pre class=\"msg\">direct</pre>"), "{page}");
+    assert!(!direct.contains("<dt>Forwarded</dt>"), "{direct}");
+    assert!(
+        forwarded.contains("<dt>Forwarded</dt><dd>by 3 other Roboger servers</dd>"),
+        "{forwarded}"
+    );
+}
