@@ -168,3 +168,25 @@ pub async fn push_fields(
         })?;
     Ok(reply::empty(StatusCode::ACCEPTED))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hops_are_a_whole_number_and_past_u16_read_as_its_largest() {
+        assert_eq!(hops(None).ok(), Some(0));
+        for (h, n) in [("0", 0), (" 7 ", 7), ("8", 8), ("65535", 65535)] {
+            assert_eq!(hops(Some(h)).ok(), Some(n), "{h:?}");
+        }
+        for h in ["65536", "99999999999999999999999"] {
+            assert_eq!(hops(Some(h)).ok(), Some(u16::MAX), "{h:?}");
+        }
+        for h in ["", " ", "x", "-1", "+1", "1.0", "1 2", "٣"] {
+            assert!(
+                matches!(hops(Some(h)), Err(ApiError::BadRequest(m)) if m.contains(HOPS_HEADER)),
+                "{h:?}"
+            );
+        }
+    }
+}
