@@ -347,6 +347,21 @@ async fn status_codes_and_field_forms() {
             .await
             .unwrap();
     assert_eq!(raw.status().as_u16(), 400);
+    // A header that is not ASCII text is a 400 naming it (not a 405).
+    for name in ["content-type", "x-roboger-hops"] {
+        let value = reqwest::header::HeaderValue::from_bytes(b"\xffjson").expect("obs-text");
+        let raw =
+            r.s.http
+                .post(r.s.url("/push"))
+                .header(name, value)
+                .body(json!({"addr": r.a, "msg": "odd header"}).to_string())
+                .send()
+                .await
+                .unwrap();
+        assert_eq!(raw.status().as_u16(), 400, "{name}");
+        let text = raw.text().await.unwrap_or_default().to_lowercase();
+        assert!(text.contains(name), "{name}: {text}");
+    }
     let big = base64::engine::general_purpose::STANDARD.encode(vec![7u8; 2000]);
     assert_status!(r.push(json!({"msg": "big", "media": big})).await, 413);
     let huge = "x".repeat(3 * 1024 * 1024);

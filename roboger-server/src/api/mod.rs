@@ -21,7 +21,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use http::{HeaderMap, Method, StatusCode};
+use http::{HeaderMap, HeaderValue, Method, StatusCode};
 use roboger_plugin_sdk::protocol::HOPS_HEADER;
 use warp::Filter;
 
@@ -38,6 +38,19 @@ pub const MANAGE_BODY_LIMIT: usize = 1024 * 1024;
 pub struct PeerAddr(pub SocketAddr);
 
 const OPENAPI: &str = include_str!("../../../schema/openapi.yaml");
+
+/// A header's value as it came, if the request has it. Unlike
+/// `warp::header::optional`, a value that is not visible ASCII is no
+/// rejection (which the routes would answer as a wrong method): the
+/// handler refuses it with a 400 naming the header.
+fn raw_header(
+    name: &'static str,
+) -> impl Filter<Extract = (Option<HeaderValue>,), Error = std::convert::Infallible> + Clone {
+    warp::header::value(name)
+        .map(Some)
+        .or(warp::any().map(|| None))
+        .unify()
+}
 
 /// Every route of the server, as one warp filter.
 pub fn routes(
@@ -96,23 +109,23 @@ pub fn routes(
     let push = warp::path!("push")
         .and(warp::post())
         .and(warp::query::raw().or(warp::any().map(String::new)).unify())
-        .and(warp::header::optional::<String>("content-type"))
+        .and(raw_header("content-type"))
         .and(warp::header::optional::<u64>("content-length"))
-        .and(warp::header::optional::<String>(HOPS_HEADER))
+        .and(raw_header(HOPS_HEADER))
         .and(warp::body::stream())
         .and(with_app.clone())
         .then(
             |query: String,
-             ctype: Option<String>,
+             ctype: Option<HeaderValue>,
              length: Option<u64>,
-             hops: Option<String>,
+             hops: Option<HeaderValue>,
              body,
              app: Arc<App>| async move {
                 let began = std::time::Instant::now();
                 let limit = push::body_limit(app.config.push_max_media);
                 let answer = match app.bodies.read(body, length, limit).await {
                     Ok((b, _room)) => {
-                        match push::push(&app, &query, ctype.as_deref(), hops.as_deref(), b).await {
+                        match push::push(&app, &query, ctype.as_ref(), hops.as_ref(), b).await {
                             Ok(r) => r,
                             Err(e) => reply::error(&e),
                         }

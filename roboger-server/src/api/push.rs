@@ -7,7 +7,7 @@
 //! event round for ever.
 
 use bytes::Bytes;
-use http::StatusCode;
+use http::{HeaderValue, StatusCode};
 use serde_json::{Map, Value};
 
 use roboger_plugin_sdk::protocol::HOPS_HEADER;
@@ -65,27 +65,36 @@ pub fn fields(
 }
 
 /// The hops a push's [`HOPS_HEADER`] says (none: pushed directly).
-pub fn hops(header: Option<&str>) -> Result<u16, ApiError> {
+pub fn hops(header: Option<&[u8]>) -> Result<u16, ApiError> {
     let Some(h) = header else { return Ok(0) };
-    let digits = h.trim();
-    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+    let digits = h.trim_ascii();
+    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
         return Err(ApiError::BadRequest(format!(
-            "{HOPS_HEADER} must be the number of times the event was forwarded, not {h:?}"
+            "{HOPS_HEADER} must be the number of times the event was forwarded, not {:?}",
+            String::from_utf8_lossy(h)
         )));
     }
     // Any number past the limit is refused as the limit is.
-    Ok(digits.parse().unwrap_or(u16::MAX))
+    Ok(std::str::from_utf8(digits)
+        .ok()
+        .and_then(|d| d.parse().ok())
+        .unwrap_or(u16::MAX))
 }
 
-/// Handles one push; `hops` is its [`HOPS_HEADER`].
+/// Handles one push; `content_type` and `hops` are its headers of those
+/// names as they came.
 pub async fn push(
     app: &App,
     query: &str,
-    content_type: Option<&str>,
-    hops: Option<&str>,
+    content_type: Option<&HeaderValue>,
+    hops: Option<&HeaderValue>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let hops = self::hops(hops)?;
+    let hops = self::hops(hops.map(HeaderValue::as_bytes))?;
+    let content_type = content_type
+        .map(HeaderValue::to_str)
+        .transpose()
+        .map_err(|_| ApiError::BadRequest("the Content-Type header is not ASCII text".into()))?;
     // What counts against `lim_s`: the request's size, as in the original.
     let body_len = body.len() + query.len();
     let fields = fields(query, content_type, &body)?;
@@ -177,12 +186,23 @@ mod tests {
     fn hops_are_a_whole_number_and_past_u16_read_as_its_largest() {
         assert_eq!(hops(None).ok(), Some(0));
         for (h, n) in [("0", 0), (" 7 ", 7), ("8", 8), ("65535", 65535)] {
-            assert_eq!(hops(Some(h)).ok(), Some(n), "{h:?}");
+            assert_eq!(hops(Some(h.as_bytes())).ok(), Some(n), "{h:?}");
         }
         for h in ["65536", "99999999999999999999999"] {
-            assert_eq!(hops(Some(h)).ok(), Some(u16::MAX), "{h:?}");
+            assert_eq!(hops(Some(h.as_bytes())).ok(), Some(u16::MAX), "{h:?}");
         }
-        for h in ["", " ", "x", "-1", "+1", "1.0", "1 2", "٣"] {
+        let bad: [&[u8]; 9] = [
+            b"",
+            b" ",
+            b"x",
+            b"-1",
+            b"+1",
+            b"1.0",
+            b"1 2",
+            "٣".as_bytes(),
+            b"\xff",
+        ];
+        for h in bad {
             assert!(
                 matches!(hops(Some(h)), Err(ApiError::BadRequest(m)) if m.contains(HOPS_HEADER)),
                 "{h:?}"
