@@ -97,7 +97,7 @@ const QUOTED: usize = 200;
 /// A non-2xx answer as a delivery error: its status and the start of its
 /// body, which often says why (another Roboger's answers do);
 /// [`PluginError::Rejected`] when `for_good`, else [`PluginError::Failed`].
-pub async fn answer_error(url: &str, mut resp: reqwest::Response, for_good: bool) -> PluginError {
+async fn answer_error(url: &str, mut resp: reqwest::Response, for_good: bool) -> PluginError {
     let status = resp.status();
     let mut body = Vec::new();
     // Within the request's timeout, as the rest of the answer.

@@ -1076,4 +1076,29 @@ mod tests {
         let m = SchemaManager::new(&db);
         assert!(!m.has_index("delivery", "delivery_due").await.unwrap());
     }
+
+    /// An event stored before migration 10 reads as pushed directly.
+    #[tokio::test]
+    async fn migration_10_gives_events_already_stored_no_hops() {
+        use sea_orm::EntityTrait;
+        let db = memory_database().await;
+        Migrator::up(&db, Some(9)).await.expect("migrations 1-9");
+        // The event alone: its address does not matter here.
+        db.execute_unprepared("PRAGMA foreign_keys = OFF")
+            .await
+            .expect("no key checks");
+        db.execute_unprepared(
+            "INSERT INTO event (id, addr_id, addr, msg, subject, formatted_subject, level, \
+             created) VALUES ('e', 1, 'a', 'm', '', 'INFO', 20, '2026-12-01T00:00:00Z')",
+        )
+        .await
+        .expect("an event of migration 9's shape");
+        Migrator::up(&db, None).await.expect("migration 10");
+        let e = super::super::entity::event::Entity::find_by_id("e")
+            .one(&db)
+            .await
+            .expect("a read")
+            .expect("the event");
+        assert_eq!((e.msg.as_str(), e.hops), ("m", 0));
+    }
 }
