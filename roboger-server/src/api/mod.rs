@@ -21,7 +21,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, Method, StatusCode};
+use http::{HeaderMap, Method, StatusCode};
 use roboger_plugin_sdk::protocol::HOPS_HEADER;
 use warp::Filter;
 
@@ -39,16 +39,19 @@ pub struct PeerAddr(pub SocketAddr);
 
 const OPENAPI: &str = include_str!("../../../schema/openapi.yaml");
 
-/// A header's value as it came, if the request has it. Unlike
-/// `warp::header::optional`, a value that is not visible ASCII is no
-/// rejection (which the routes would answer as a wrong method): the
-/// handler refuses it with a 400 naming the header.
-fn raw_header(
+/// A header as text (`None` when the request has none), or
+/// [`push::NotText`] when its value is not visible ASCII. Unlike
+/// `warp::header::optional` alone, such a value is no rejection (which
+/// the routes would answer as a wrong method): the handler refuses it
+/// with a 400 naming the header. A request with the header as text, or
+/// without it, passes as through `optional` alone.
+fn text_header(
     name: &'static str,
-) -> impl Filter<Extract = (Option<HeaderValue>,), Error = std::convert::Infallible> + Clone {
-    warp::header::value(name)
-        .map(Some)
-        .or(warp::any().map(|| None))
+) -> impl Filter<Extract = (Result<Option<String>, push::NotText>,), Error = std::convert::Infallible>
++ Clone {
+    warp::header::optional::<String>(name)
+        .map(Ok)
+        .or(warp::any().map(|| Err(push::NotText)))
         .unify()
 }
 
@@ -109,27 +112,25 @@ pub fn routes(
     let push = warp::path!("push")
         .and(warp::post())
         .and(warp::query::raw().or(warp::any().map(String::new)).unify())
-        .and(raw_header("content-type"))
+        .and(text_header("content-type"))
         .and(warp::header::optional::<u64>("content-length"))
-        .and(raw_header(HOPS_HEADER))
+        .and(text_header(HOPS_HEADER))
         .and(warp::body::stream())
         .and(with_app.clone())
         .then(
             |query: String,
-             ctype: Option<HeaderValue>,
+             ctype: Result<Option<String>, push::NotText>,
              length: Option<u64>,
-             hops: Option<HeaderValue>,
+             hops: Result<Option<String>, push::NotText>,
              body,
              app: Arc<App>| async move {
                 let began = std::time::Instant::now();
                 let limit = push::body_limit(app.config.push_max_media);
                 let answer = match app.bodies.read(body, length, limit).await {
-                    Ok((b, _room)) => {
-                        match push::push(&app, &query, ctype.as_ref(), hops.as_ref(), b).await {
-                            Ok(r) => r,
-                            Err(e) => reply::error(&e),
-                        }
-                    }
+                    Ok((b, _room)) => match push::push(&app, &query, ctype, hops, b).await {
+                        Ok(r) => r,
+                        Err(e) => reply::error(&e),
+                    },
                     Err(e) => reply::error(&e),
                 };
                 app.metrics.push(answer.status().as_u16(), began.elapsed());

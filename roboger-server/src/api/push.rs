@@ -7,7 +7,7 @@
 //! event round for ever.
 
 use bytes::Bytes;
-use http::{HeaderValue, StatusCode};
+use http::StatusCode;
 use serde_json::{Map, Value};
 
 use roboger_plugin_sdk::protocol::HOPS_HEADER;
@@ -64,40 +64,44 @@ pub fn fields(
     Ok(fields)
 }
 
+/// A header whose value is not visible ASCII text.
+#[derive(Debug, Clone, Copy)]
+pub struct NotText;
+
 /// The hops a push's [`HOPS_HEADER`] says (none: pushed directly).
-pub fn hops(header: Option<&[u8]>) -> Result<u16, ApiError> {
-    let Some(h) = header else { return Ok(0) };
-    let digits = h.trim_ascii();
-    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
-        return Err(ApiError::BadRequest(format!(
-            "{HOPS_HEADER} must be the number of times the event was forwarded, not {:?}",
-            String::from_utf8_lossy(h)
-        )));
+pub fn hops(header: Result<Option<String>, NotText>) -> Result<u16, ApiError> {
+    let refuse = |what: &str| {
+        ApiError::BadRequest(format!(
+            "{HOPS_HEADER} must be the number of times the event was forwarded, not {what}"
+        ))
+    };
+    let Some(h) = header.map_err(|NotText| refuse("bytes that are not text"))? else {
+        return Ok(0);
+    };
+    let digits = h.trim();
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(refuse(&format!("{h:?}")));
     }
     // Any number past the limit is refused as the limit is.
-    Ok(std::str::from_utf8(digits)
-        .ok()
-        .and_then(|d| d.parse().ok())
-        .unwrap_or(u16::MAX))
+    Ok(digits.parse().unwrap_or(u16::MAX))
 }
 
 /// Handles one push; `content_type` and `hops` are its headers of those
-/// names as they came.
+/// names.
 pub async fn push(
     app: &App,
     query: &str,
-    content_type: Option<&HeaderValue>,
-    hops: Option<&HeaderValue>,
+    content_type: Result<Option<String>, NotText>,
+    hops: Result<Option<String>, NotText>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let hops = self::hops(hops.map(HeaderValue::as_bytes))?;
-    let content_type = content_type
-        .map(HeaderValue::to_str)
-        .transpose()
-        .map_err(|_| ApiError::BadRequest("the Content-Type header is not ASCII text".into()))?;
+    let hops = self::hops(hops)?;
+    let content_type = content_type.map_err(|NotText| {
+        ApiError::BadRequest("the Content-Type header is not ASCII text".into())
+    })?;
     // What counts against `lim_s`: the request's size, as in the original.
     let body_len = body.len() + query.len();
-    let fields = fields(query, content_type, &body)?;
+    let fields = fields(query, content_type.as_deref(), &body)?;
     // A push with media is at its largest here: the body is no longer
     // needed, and the fields only until the event is made.
     drop(body);
@@ -184,28 +188,20 @@ mod tests {
 
     #[test]
     fn hops_are_a_whole_number_and_past_u16_read_as_its_largest() {
-        assert_eq!(hops(None).ok(), Some(0));
+        let text = |h: &str| Ok(Some(h.to_string()));
+        assert_eq!(hops(Ok(None)).ok(), Some(0));
         for (h, n) in [("0", 0), (" 7 ", 7), ("8", 8), ("65535", 65535)] {
-            assert_eq!(hops(Some(h.as_bytes())).ok(), Some(n), "{h:?}");
+            assert_eq!(hops(text(h)).ok(), Some(n), "{h:?}");
         }
         for h in ["65536", "99999999999999999999999"] {
-            assert_eq!(hops(Some(h.as_bytes())).ok(), Some(u16::MAX), "{h:?}");
+            assert_eq!(hops(text(h)).ok(), Some(u16::MAX), "{h:?}");
         }
-        let bad: [&[u8]; 9] = [
-            b"",
-            b" ",
-            b"x",
-            b"-1",
-            b"+1",
-            b"1.0",
-            b"1 2",
-            "٣".as_bytes(),
-            b"\xff",
-        ];
-        for h in bad {
+        let bad = ["", " ", "x", "-1", "+1", "1.0", "1 2", "٣"].map(text);
+        for h in bad.into_iter().chain([Err(NotText)]) {
+            let said = format!("{h:?}");
             assert!(
-                matches!(hops(Some(h)), Err(ApiError::BadRequest(m)) if m.contains(HOPS_HEADER)),
-                "{h:?}"
+                matches!(hops(h), Err(ApiError::BadRequest(m)) if m.contains(HOPS_HEADER)),
+                "{said}"
             );
         }
     }
