@@ -216,6 +216,28 @@ mod tests {
         base
     }
 
+    /// A refusal quotes the start of the answer, on one line, and is
+    /// final only when the plugin says its status is.
+    #[tokio::test]
+    async fn a_refusal_quotes_the_start_of_the_answer() {
+        let answer = |body: String| {
+            let r = http::Response::builder().status(409).body(body).unwrap();
+            reqwest::Response::from(r)
+        };
+        let body = format!("  looped\r\nagain\t{}", "x".repeat(500));
+        let e = answer_error("http://u/push", answer(body), true).await;
+        let PluginError::Rejected(m) = e else {
+            panic!("not final: {e:?}")
+        };
+        let quoted = format!("looped  again {}", "x".repeat(200 - 16));
+        assert_eq!(m, format!("http://u/push answered 409 Conflict: {quoted}"));
+        let e = answer_error("http://u/push", answer(String::new()), false).await;
+        assert!(
+            matches!(&e, PluginError::Failed(m) if m == "http://u/push answered 409 Conflict"),
+            "{e:?}"
+        );
+    }
+
     #[tokio::test]
     async fn every_redirect_hop_is_checked() {
         egress::set(&Egress {

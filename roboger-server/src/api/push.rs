@@ -68,19 +68,23 @@ pub fn fields(
 #[derive(Debug, Clone, Copy)]
 pub struct NotText;
 
+impl NotText {
+    /// The 400 for header `name` holding such a value.
+    fn refused(name: &str) -> ApiError {
+        ApiError::BadRequest(format!("the {name} header is not ASCII text"))
+    }
+}
+
 /// The hops a push's [`HOPS_HEADER`] says (none: pushed directly).
 pub fn hops(header: Result<Option<String>, NotText>) -> Result<u16, ApiError> {
-    let refuse = |what: &str| {
-        ApiError::BadRequest(format!(
-            "{HOPS_HEADER} must be the number of times the event was forwarded, not {what}"
-        ))
-    };
-    let Some(h) = header.map_err(|NotText| refuse("bytes that are not text"))? else {
+    let Some(h) = header.map_err(|NotText| NotText::refused(HOPS_HEADER))? else {
         return Ok(0);
     };
     let digits = h.trim();
     if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(refuse(&format!("{h:?}")));
+        return Err(ApiError::BadRequest(format!(
+            "{HOPS_HEADER} must be the number of times the event was forwarded, not {h:?}"
+        )));
     }
     // Any number past the limit is refused as the limit is.
     Ok(digits.parse().unwrap_or(u16::MAX))
@@ -96,9 +100,7 @@ pub async fn push(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let hops = self::hops(hops)?;
-    let content_type = content_type.map_err(|NotText| {
-        ApiError::BadRequest("the Content-Type header is not ASCII text".into())
-    })?;
+    let content_type = content_type.map_err(|NotText| NotText::refused("Content-Type"))?;
     // What counts against `lim_s`: the request's size, as in the original.
     let body_len = body.len() + query.len();
     let fields = fields(query, content_type.as_deref(), &body)?;
