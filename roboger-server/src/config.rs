@@ -216,8 +216,8 @@ pub struct Config {
     pub db_pool_size: u32,
     /// Public base URL of this server (`url`), if configured.
     pub public_url: Option<url::Url>,
-    /// `host:port` to listen on.
-    pub listen: String,
+    /// Where to listen: `host:port`, or a Unix socket.
+    pub listen: Listen,
     /// Header that carries the client's real IP (`ip-header`), if any.
     pub ip_header: Option<String>,
     /// Path the API documentation is served under; `None` when disabled.
@@ -579,7 +579,7 @@ impl Config {
         let listen = match (f.listen, gunicorn_listen) {
             (Some(l), _) => normalize_listen("roboger.listen", &l)?,
             (None, Some(l)) => normalize_listen("roboger.gunicorn.listen", &l)?,
-            (None, None) => DEFAULT_LISTEN.to_string(),
+            (None, None) => Listen::Tcp(DEFAULT_LISTEN.to_string()),
         };
 
         let ip_header = match f.ip_header {
@@ -1000,16 +1000,45 @@ pub fn translate_db_url(raw: &str) -> Result<DbUrl, ConfigError> {
     }
 }
 
-/// Checks a listen address (`host:port`, `host`, `:port` or an IP) and
-/// returns it as `host:port`; `key` names where it came from in errors.
-pub fn normalize_listen(key: &str, v: &str) -> Result<String, ConfigError> {
-    let v = v.trim();
-    if v.starts_with("unix:") {
-        return Err(invalid(
-            key,
-            "unix sockets are not supported; give host:port",
-        ));
+/// Where the server listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Listen {
+    /// A TCP `host:port`.
+    Tcp(String),
+    /// A Unix socket at this absolute path (`unix:PATH`, as gunicorn's
+    /// `--bind` takes it), for a proxy on the same host.
+    Unix(PathBuf),
+}
+
+impl std::fmt::Display for Listen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Listen::Tcp(a) => f.write_str(a),
+            Listen::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
     }
+}
+
+/// Checks a listen address (`host:port`, `host`, `:port`, an IP, or
+/// `unix:PATH`) and returns it as `host:port` or an absolute socket path;
+/// `key` names where it came from in errors.
+pub fn normalize_listen(key: &str, v: &str) -> Result<Listen, ConfigError> {
+    let v = v.trim();
+    if let Some(rest) = v.strip_prefix("unix:") {
+        // gunicorn takes `unix:PATH` and `unix://PATH` alike; a relative
+        // path is relative to the directory the server starts in.
+        let path = rest.strip_prefix("//").unwrap_or(rest);
+        if path.is_empty() {
+            return Err(invalid(key, "unix: names no socket path"));
+        }
+        let path = std::path::absolute(path)
+            .map_err(|e| invalid(key, format!("cannot resolve {path:?}: {e}")))?;
+        return Ok(Listen::Unix(path));
+    }
+    normalize_tcp_listen(key, v).map(Listen::Tcp)
+}
+
+fn normalize_tcp_listen(key: &str, v: &str) -> Result<String, ConfigError> {
     if let Ok(sa) = v.parse::<std::net::SocketAddr>() {
         return Ok(sa.to_string());
     }
@@ -1369,7 +1398,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.db.url, "sqlite:///tmp/x/roboger.db?mode=rwc");
-        assert_eq!(c.listen, "0.0.0.0:7800");
+        assert_eq!(c.listen, Listen::Tcp("0.0.0.0:7800".into()));
         assert_eq!(c.master_key, "secret");
         assert_eq!(c.master_allow.len(), 2);
         assert_eq!(c.timeout, Duration::from_secs(2));
@@ -1489,13 +1518,33 @@ mod tests {
 
     #[test]
     fn listen_forms() {
-        assert_eq!(normalize_listen("k", "0.0.0.0").unwrap(), "0.0.0.0:7719");
+        let tcp = |v: &str| normalize_listen("k", v).map(|l| l.to_string());
+        assert_eq!(tcp("0.0.0.0").unwrap(), "0.0.0.0:7719");
+        assert_eq!(tcp("localhost:80").unwrap(), "localhost:80");
+        assert_eq!(tcp(":9000").unwrap(), "0.0.0.0:9000");
+        assert!(tcp("h:x").is_err());
+        // gunicorn's forms of a Unix socket.
+        for v in [
+            "unix:/run/r/r.sock",
+            "unix:///run/r/r.sock",
+            " unix:/run/r/r.sock ",
+        ] {
+            assert_eq!(
+                normalize_listen("k", v).unwrap(),
+                Listen::Unix("/run/r/r.sock".into()),
+                "{v}"
+            );
+        }
+        let here = std::env::current_dir().unwrap();
         assert_eq!(
-            normalize_listen("k", "localhost:80").unwrap(),
-            "localhost:80"
+            normalize_listen("k", "unix:r.sock").unwrap(),
+            Listen::Unix(here.join("r.sock"))
         );
-        assert_eq!(normalize_listen("k", ":9000").unwrap(), "0.0.0.0:9000");
-        assert!(normalize_listen("k", "unix:/tmp/s").is_err());
-        assert!(normalize_listen("k", "h:x").is_err());
+        assert_eq!(
+            normalize_listen("k", "unix://r.sock").unwrap(),
+            Listen::Unix(here.join("r.sock"))
+        );
+        let e = normalize_listen("k", "unix:").unwrap_err().to_string();
+        assert!(e.contains("names no socket path"), "{e}");
     }
 }

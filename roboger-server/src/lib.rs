@@ -13,6 +13,7 @@ pub mod event;
 pub mod host;
 pub mod level;
 pub mod limits;
+pub mod listener;
 pub mod metrics;
 pub mod pipeline;
 pub mod random;

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use roboger_server::config::{Config, Overrides};
+use roboger_server::listener::Listener;
 use roboger_server::store::{Store, StoreError};
 use roboger_server::{App, server, systemd};
 
@@ -22,7 +23,8 @@ struct Cli {
     /// directory and a generated master key.
     #[arg(long, short = 'c', env = "ROBOGER_CONFIG", global = true)]
     config: Option<PathBuf>,
-    /// Listen address (`host:port`), overriding the configuration.
+    /// Listen address (`host:port`, or `unix:PATH` for a Unix socket),
+    /// overriding the configuration.
     #[arg(long, global = true)]
     listen: Option<String>,
     /// Log format; the level comes from RUST_LOG (default: info). JSON
@@ -205,10 +207,10 @@ async fn reload_on_sighup(cli: Cli, app: Arc<App>) {
 async fn serve(cli: &Cli) -> anyhow::Result<()> {
     let config = load_config(cli)?;
     let store = open_store(&config).await?;
-    let listener = tokio::net::TcpListener::bind(&config.listen)
+    let listener = Listener::bind(&config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
-    let local = listener.local_addr().context("listener has no address")?;
+    let local = listener.local().context("listener has no address")?;
     let app = Arc::new(App::start(config, store).await.context("cannot start")?);
     tracing::info!(
         plugins = app.plugins.list().len(),

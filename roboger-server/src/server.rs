@@ -4,6 +4,8 @@
 //! Written as `run(listener, app, shutdown)` so tests can start a server
 //! on `127.0.0.1:0`; [`serve`] is the same loop for any service (the
 //! end-to-end tests' fake HTTP servers and the benchmark's sink use it).
+//! The listener is a TCP port or a Unix socket ([`crate::listener`]); a
+//! connection is served alike over either.
 //! The peer address of each connection is handed to the routes as a
 //! [`PeerAddr`] request extension (for `master.allow` and `ip-header`). A
 //! semaphore bounds open connections.
@@ -33,8 +35,6 @@ use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpListener;
-use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 use tokio::sync::oneshot;
 use tokio::time::Sleep;
@@ -42,6 +42,7 @@ use tower_service::Service;
 
 use crate::App;
 use crate::api::{self, PeerAddr};
+use crate::listener::{Accepted, Listener};
 
 /// The most connections served at once; further clients wait in the
 /// listen backlog.
@@ -65,7 +66,7 @@ const LINGER_TIME: Duration = Duration::from_secs(30);
 const LINGER_IDLE: Duration = Duration::from_secs(5);
 
 /// Serves `app` on `listener` until `shutdown` completes.
-pub async fn run(listener: TcpListener, app: Arc<App>, shutdown: impl Future<Output = ()>) {
+pub async fn run(listener: Listener, app: Arc<App>, shutdown: impl Future<Output = ()>) {
     let routes = api::routes(app.clone());
     let shutdown = async move {
         shutdown.await;
@@ -77,7 +78,7 @@ pub async fn run(listener: TcpListener, app: Arc<App>, shutdown: impl Future<Out
 
 /// Serves `svc` (e.g. `warp::service(filter)`) over HTTP/1.1 on
 /// `listener` until `shutdown` completes, then lets open requests finish.
-pub async fn serve<S, B>(listener: TcpListener, svc: S, shutdown: impl Future<Output = ()>)
+pub async fn serve<S, B>(listener: impl Into<Listener>, svc: S, shutdown: impl Future<Output = ()>)
 where
     S: Service<http::Request<Returning>, Response = http::Response<B>, Error = Infallible>
         + Clone
@@ -99,6 +100,7 @@ where
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT);
     let builder = Arc::new(builder);
+    let listener = listener.into();
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
         let permit = tokio::select! {
@@ -120,8 +122,59 @@ where
             },
             _ = &mut shutdown => break,
         };
-        let _ = stream.set_nodelay(true);
-        let svc = svc.clone();
+        let conn = Connection {
+            peer,
+            svc: svc.clone(),
+            builder: &builder,
+            graceful: &graceful,
+            permit,
+        };
+        match stream {
+            Accepted::Tcp(s) => conn.spawn(s),
+            Accepted::Unix(s) => conn.spawn(s),
+        }
+    }
+    drop(listener);
+    tokio::select! {
+        _ = graceful.shutdown() => {}
+        _ = tokio::time::sleep(SHUTDOWN_GRACE) => {
+            tracing::warn!("shutdown grace period over; closing open connections");
+        }
+    }
+}
+
+/// An accepted connection, before it is served.
+struct Connection<'a, S> {
+    peer: std::net::SocketAddr,
+    svc: S,
+    builder: &'a Arc<http1::Builder>,
+    graceful: &'a GracefulShutdown,
+    permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl<S, B> Connection<'_, S>
+where
+    S: Service<http::Request<Returning>, Response = http::Response<B>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    /// Serves the connection over `stream` in a task of its own.
+    fn spawn<T>(self, stream: T)
+    where
+        T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let Connection {
+            peer,
+            svc,
+            builder,
+            graceful,
+            permit,
+        } = self;
         let unread = Arc::new(AtomicBool::new(false));
         let stream = Lingering::new(stream, unread.clone());
         let hyper_svc = hyper::service::service_fn(move |req: http::Request<Incoming>| {
@@ -155,13 +208,6 @@ where
             }
             drop(permit);
         });
-    }
-    drop(listener);
-    tokio::select! {
-        _ = graceful.shutdown() => {}
-        _ = tokio::time::sleep(SHUTDOWN_GRACE) => {
-            tracing::warn!("shutdown grace period over; closing open connections");
-        }
     }
 }
 
@@ -257,8 +303,8 @@ impl Drop for Returning {
 /// that sends a body of any size at any speed the deadline allows.
 /// It also ends a connection whose client has taken no bytes for
 /// [`SEND_STALL`] while an answer waits to be sent.
-struct Lingering {
-    stream: TcpStream,
+struct Lingering<T> {
+    stream: T,
     /// Set by the connection's service when it left body bytes unread.
     unread: Arc<AtomicBool>,
     /// While lingering: when it must end, and a timer for the sooner of
@@ -268,8 +314,8 @@ struct Lingering {
     stalled: Option<Pin<Box<Sleep>>>,
 }
 
-impl Lingering {
-    fn new(stream: TcpStream, unread: Arc<AtomicBool>) -> Self {
+impl<T> Lingering<T> {
+    fn new(stream: T, unread: Arc<AtomicBool>) -> Self {
         Lingering {
             stream,
             unread,
@@ -280,11 +326,11 @@ impl Lingering {
 
     /// `write`'s outcome, or an error once writes have waited
     /// [`SEND_STALL`] without the client taking a byte.
-    fn within_stall<T>(
+    fn within_stall<R>(
         &mut self,
         cx: &mut Context<'_>,
-        write: Poll<io::Result<T>>,
-    ) -> Poll<io::Result<T>> {
+        write: Poll<io::Result<R>>,
+    ) -> Poll<io::Result<R>> {
         if write.is_ready() {
             self.stalled = None;
             return write;
@@ -303,7 +349,7 @@ impl Lingering {
     }
 }
 
-impl AsyncRead for Lingering {
+impl<T: AsyncRead + Unpin> AsyncRead for Lingering<T> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -313,7 +359,7 @@ impl AsyncRead for Lingering {
     }
 }
 
-impl AsyncWrite for Lingering {
+impl<T: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Lingering<T> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,

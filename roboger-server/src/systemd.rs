@@ -16,9 +16,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sd_notify::NotifyState;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::App;
+use crate::config::Listen;
 use crate::supervisor::State;
 
 fn send(states: &[NotifyState<'_>]) {
@@ -62,7 +63,7 @@ pub fn watchdog_interval() -> Option<Duration> {
 /// Reports `STATUS=` every `every` (or at half of the watchdog interval,
 /// pinging `WATCHDOG=1` when nothing is stalled) until dropped/aborted.
 /// `local` is the listener's address, which the accept-loop check calls.
-pub fn spawn(app: Arc<App>, local: SocketAddr) -> tokio::task::JoinHandle<()> {
+pub fn spawn(app: Arc<App>, local: Listen) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let watchdog = watchdog_interval();
         let every = watchdog.map(|w| w / 2).unwrap_or(Duration::from_secs(10));
@@ -78,7 +79,7 @@ pub fn spawn(app: Arc<App>, local: SocketAddr) -> tokio::task::JoinHandle<()> {
             }
             let stalled = match app.pipeline.stalled(every) {
                 Some(part) => Some(format!("the {part} has made no progress for {every:?}")),
-                None => accept_loop_answers(local, every)
+                None => accept_loop_answers(&local, every)
                     .await
                     .err()
                     .map(|e| format!("the accept loop does not answer: {e}")),
@@ -114,30 +115,41 @@ async fn status(app: &App) -> String {
 
 /// One HTTP request to the server's own listener (a route that needs
 /// neither the database nor a plugin), answered within `limit`.
-async fn accept_loop_answers(local: SocketAddr, limit: Duration) -> Result<(), String> {
-    let mut target = local;
-    if target.ip().is_unspecified() {
-        target.set_ip(match target {
-            SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
-            SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
-        });
-    }
+async fn accept_loop_answers(local: &Listen, limit: Duration) -> Result<(), String> {
     let probe = async {
-        let mut s = tokio::net::TcpStream::connect(target)
-            .await
-            .map_err(|e| e.to_string())?;
-        s.write_all(b"GET /watchdog HTTP/1.1\r\nHost: watchdog\r\nConnection: close\r\n\r\n")
-            .await
-            .map_err(|e| e.to_string())?;
-        let mut head = [0u8; 12];
-        s.read_exact(&mut head).await.map_err(|e| e.to_string())?;
-        if head.starts_with(b"HTTP/1.1 ") {
-            Ok(())
-        } else {
-            Err("not an HTTP answer".to_string())
+        match local {
+            Listen::Tcp(addr) => {
+                let mut target: SocketAddr = addr.parse().map_err(|e| format!("{addr}: {e}"))?;
+                if target.ip().is_unspecified() {
+                    target.set_ip(match target {
+                        SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+                        SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+                    });
+                }
+                let s = tokio::net::TcpStream::connect(target).await;
+                http_answer(s.map_err(|e| e.to_string())?).await
+            }
+            Listen::Unix(path) => {
+                let s = tokio::net::UnixStream::connect(path).await;
+                http_answer(s.map_err(|e| e.to_string())?).await
+            }
         }
     };
     tokio::time::timeout(limit, probe)
         .await
         .unwrap_or_else(|_| Err(format!("no answer within {limit:?}")))
+}
+
+/// Sends the watchdog's request over `s` and reads the start of the answer.
+async fn http_answer(mut s: impl AsyncRead + AsyncWrite + Unpin) -> Result<(), String> {
+    s.write_all(b"GET /watchdog HTTP/1.1\r\nHost: watchdog\r\nConnection: close\r\n\r\n")
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head).await.map_err(|e| e.to_string())?;
+    if head.starts_with(b"HTTP/1.1 ") {
+        Ok(())
+    } else {
+        Err("not an HTTP answer".to_string())
+    }
 }

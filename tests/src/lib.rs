@@ -295,6 +295,10 @@ pub struct ServerOptions {
     /// A database to share with other servers (see [`shared_database`]);
     /// by default each server gets a fresh one.
     pub db: Option<String>,
+    /// Lines of YAML under `roboger:` in place of `listen: 127.0.0.1:0`
+    /// (e.g. a `gunicorn:` section naming a Unix socket, which the
+    /// server's [`Server::http`] then reaches).
+    pub listen_yaml: Option<String>,
 }
 
 impl ServerOptions {
@@ -387,16 +391,17 @@ impl Starting {
     /// Waits until it listens (or panics with its log after 30 s).
     pub fn wait(self) -> Server {
         let (child, addr, log) = wait_listening(self.child, self.addr, self.log);
+        let (base, http) = reach(&addr);
         Server {
             child,
             env: self.env,
             wrapper: self.wrapper,
-            base: format!("http://{addr}"),
+            base,
             config_path: self.config_path,
             db: self.db,
             log,
             dir: self.dir,
-            http: client(),
+            http,
         }
     }
 }
@@ -406,7 +411,7 @@ pub struct Server {
     child: Child,
     env: Vec<(String, String)>,
     wrapper: Vec<String>,
-    /// `http://127.0.0.1:PORT`
+    /// `http://127.0.0.1:PORT` (`http://localhost` over a Unix socket)
     pub base: String,
     /// The config file it was started with.
     pub config_path: PathBuf,
@@ -444,10 +449,15 @@ impl Server {
             Some(db) => db.clone(),
             None => fresh_database(dir.path()),
         };
-        let mut yaml =
-            format!("roboger:\n  db: {db}\n  listen: 127.0.0.1:0\n  master:\n    key: {KEY}\n");
+        let mut yaml = format!("roboger:\n  db: {db}\n  master:\n    key: {KEY}\n");
         for line in opts.master_yaml.lines() {
             yaml.push_str("    ");
+            yaml.push_str(line);
+            yaml.push('\n');
+        }
+        let listen = opts.listen_yaml.as_deref().unwrap_or("listen: 127.0.0.1:0");
+        for line in listen.lines() {
+            yaml.push_str("  ");
             yaml.push_str(line);
             yaml.push('\n');
         }
@@ -699,7 +709,8 @@ impl Server {
     }
 
     /// Kills the server with SIGKILL (no chance to clean up) and starts
-    /// it again on the same config and database; it gets a new port.
+    /// it again on the same config and database; it gets a new port (or
+    /// the same Unix socket).
     pub fn kill_and_restart(&mut self) {
         self.kill();
         let (child, addr, log) = spawn_and_wait_listening(server_command(
@@ -709,7 +720,7 @@ impl Server {
             &self.wrapper,
         ));
         self.child = child;
-        self.base = format!("http://{addr}");
+        (self.base, self.http) = reach(&addr);
         self.log = log;
     }
 
@@ -842,7 +853,8 @@ fn spawn_logged(
                     let addr: String = line[i + "listening on ".len()..]
                         .chars()
                         .take_while(|c| {
-                            c.is_ascii_alphanumeric() || matches!(c, '.' | ':' | '[' | ']')
+                            c.is_ascii_alphanumeric()
+                                || matches!(c, '.' | ':' | '[' | ']' | '/' | '-' | '_')
                         })
                         .collect();
                     let _ = tx.send(addr);
@@ -899,13 +911,31 @@ pub fn run_server_cmd(args: &[&str], env: &[(&str, &str)]) -> (i32, String, Stri
 
 /// An HTTP client for tests: no redirects, a short timeout.
 pub fn client() -> reqwest::Client {
+    client_of(None)
+}
+
+/// The base URL and a client of a server that says it listens on `addr`
+/// (`host:port`, or `unix:PATH`: then every request goes to that socket,
+/// whatever the URL).
+fn reach(addr: &str) -> (String, reqwest::Client) {
+    match addr.strip_prefix("unix:") {
+        Some(path) => ("http://localhost".to_string(), client_of(Some(path))),
+        None => (format!("http://{addr}"), client()),
+    }
+}
+
+/// [`client`], sending every request to the Unix socket at `unix` if
+/// given.
+fn client_of(unix: Option<&str>) -> reqwest::Client {
     // reqwest is built without a TLS provider of its own (see Cargo.toml).
     let _ = rustls::crypto::ring::default_provider().install_default();
-    reqwest::Client::builder()
+    let mut b = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
-        .timeout(Duration::from_secs(20))
-        .build()
-        .expect("reqwest client")
+        .timeout(Duration::from_secs(20));
+    if let Some(path) = unix {
+        b = b.unix_socket(path);
+    }
+    b.build().expect("reqwest client")
 }
 
 /// A response, read whole.
@@ -969,7 +999,7 @@ pub struct SinkRequest {
 /// ([`HttpSink::hold`]) it reads requests but answers none (a target that
 /// hangs); a request is recorded when it is answered.
 pub struct HttpSink {
-    /// `http://127.0.0.1:PORT`
+    /// `http://127.0.0.1:PORT` (`http://localhost` over a Unix socket)
     pub base: String,
     requests: Arc<Mutex<Vec<SinkRequest>>>,
     held: Arc<tokio::sync::watch::Sender<bool>>,
@@ -1326,7 +1356,7 @@ pub fn installed_program(env: &str, name: &str) -> Option<PathBuf> {
 /// target's `/metrics` every second with a bearer token; killed when
 /// dropped.
 pub struct PrometheusServer {
-    /// `http://127.0.0.1:PORT`
+    /// `http://127.0.0.1:PORT` (`http://localhost` over a Unix socket)
     pub base: String,
     child: Child,
     _dir: tempfile::TempDir,

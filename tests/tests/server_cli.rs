@@ -3,9 +3,11 @@
 //! and shutdown.
 
 use std::process::Command;
+use std::time::Duration;
 
 use roboger_tests::{
-    Method, assert_status, client, run_server_cmd, server_bin, spawn_and_wait_listening,
+    KEY, Method, Server, ServerOptions, assert_status, client, json, run_server_cmd, server_bin,
+    spawn_and_wait_listening,
 };
 
 fn write(dir: &std::path::Path, name: &str, text: &str) -> std::path::PathBuf {
@@ -199,6 +201,88 @@ async fn an_original_config_file_starts_unchanged() {
     assert!(dir.path().join("other.db").is_file());
     child.kill().unwrap();
     child.wait().unwrap();
+}
+
+/// A `roboger.yml` of the original whose gunicorn listens on a Unix
+/// socket (for a proxy on the same host) serves there: the management
+/// API, pushes and their deliveries. A client of the socket is local for
+/// `master.allow`, and `ip-header` names the real one. A socket that a
+/// running server listens on is not taken over, one left by a server
+/// that died is, a clean stop removes it, and a file that is not a
+/// socket is refused.
+#[tokio::test]
+async fn an_original_config_listening_on_a_unix_socket_serves_there() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("roboger.sock");
+    let mut s = Server::start_with(ServerOptions {
+        listen_yaml: Some(format!(
+            "gunicorn:\n  listen: unix:{}\n  workers: 2",
+            sock.display()
+        )),
+        master_yaml: "allow: ['127.0.0.1']".into(),
+        yaml: "ip-header: X-Real-IP".into(),
+        plugins: vec!["t".into()],
+        ..Default::default()
+    })
+    .await;
+    let said = format!("listening on unix:{}", sock.display());
+    assert!(s.log_text().contains(&said), "{}", s.log_text());
+    let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o666, "connectable as a loopback port is");
+
+    let (id, a) = s.new_addr().await;
+    s.endpoint(id, "t", json!({})).await;
+    assert_status!(
+        s.push(json!({"addr": a, "msg": "over the socket"})).await,
+        202
+    );
+    let (state, attempts, _) = s.settled_delivery(id).await;
+    assert_eq!((state.as_str(), attempts), ("delivered", 1));
+    let as_client = |ip: &'static str| {
+        let s = &s;
+        async move {
+            s.request(
+                Method::GET,
+                "/manage/v2/addr",
+                Some(KEY),
+                &[("X-Real-IP", ip), ("Accept", "*/*")],
+                None,
+            )
+            .await
+        }
+    };
+    assert_status!(as_client("192.0.2.7").await, 403);
+    assert_status!(as_client("127.0.0.1").await, 200);
+
+    // A second server on the same socket stops; the first keeps serving.
+    let config = s.config_path.display().to_string();
+    let (code, _, err) = run_server_cmd(&["--config", &config], &[]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("another process listens on this socket"),
+        "{err}"
+    );
+    assert_status!(s.manage(Method::GET, "/addr", None).await, 200);
+
+    // SIGKILL leaves the socket file; the next start replaces it.
+    s.kill_and_restart();
+    s.wait_log(
+        "replacing a socket file nobody listened on",
+        Duration::from_secs(5),
+    )
+    .await;
+    let addrs = s.manage(Method::GET, "/addr", None).await.json();
+    assert_eq!(addrs[0]["a"], a.as_str(), "{addrs}");
+
+    // A clean stop removes it; anything else at the path is refused.
+    assert!(s.terminate().success(), "{}", s.log_text());
+    assert!(!sock.exists(), "the socket file stays after a stop");
+    std::fs::write(&sock, "not a socket").unwrap();
+    let (code, _, err) = run_server_cmd(&["--config", &config], &[]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("exists and is not a socket"), "{err}");
+    assert_eq!(std::fs::read_to_string(&sock).unwrap(), "not a socket");
 }
 
 #[test]

@@ -171,3 +171,43 @@ async fn ready_when_answering_watchdog_only_while_progressing_stopping_on_sigter
     assert!(s.terminate().success());
     heard.wait("STOPPING=1", term, Duration::from_secs(5)).await;
 }
+
+/// A server listening on a Unix socket makes the watchdog's request
+/// there: the pings come, and none is withheld.
+#[tokio::test]
+async fn the_watchdog_reaches_a_server_on_a_unix_socket() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sock = dir.path().join("notify");
+    let heard = Heard::listen(&sock);
+    let began = Instant::now();
+    let starting = Server::spawn(ServerOptions {
+        listen_yaml: Some(format!(
+            "listen: unix:{}",
+            dir.path().join("roboger.sock").display()
+        )),
+        env: vec![
+            ("NOTIFY_SOCKET".into(), sock.display().to_string()),
+            ("WATCHDOG_USEC".into(), "1000000".into()),
+        ],
+        ..Default::default()
+    });
+    let ready = heard.wait("READY=1", began, Duration::from_secs(30)).await;
+    let s = starting.wait();
+    assert_status!(s.request(Method::GET, "/ping", None, &[], None).await, 204);
+    // Pings every half interval (0.5 s) once ready.
+    let end = Instant::now() + Duration::from_secs(10);
+    while heard.count("WATCHDOG=1", ready, Instant::now()) < 4 {
+        assert!(
+            Instant::now() < end,
+            "too few pings: {:?}\n{}",
+            heard.all(),
+            s.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        s.log_lines("watchdog ping withheld").is_empty(),
+        "{}",
+        s.log_text()
+    );
+}
