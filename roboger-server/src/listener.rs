@@ -10,9 +10,15 @@
 //! the listener is dropped. A client of the Unix socket is on this host,
 //! so the routes see it as `127.0.0.1` ([`UNIX_PEER`]); behind a proxy,
 //! `ip-header` names the real client as it does over TCP.
+//!
+//! Under systemd socket activation the listener is the socket systemd
+//! passed ([`Listener::from_systemd`]), of either kind; systemd made it and
+//! keeps it (connections wait in its backlog while the server restarts),
+//! so the server never removes its file.
 
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
@@ -30,10 +36,12 @@ pub enum Listener {
     Unix(UnixSocket),
 }
 
-/// A listening Unix socket whose file is removed when it is dropped.
+/// A listening Unix socket.
 pub struct UnixSocket {
     listener: UnixListener,
     path: PathBuf,
+    /// The server made the socket file, and removes it when dropped.
+    made: bool,
 }
 
 /// One accepted connection.
@@ -49,6 +57,37 @@ impl Listener {
             Listen::Tcp(addr) => TcpListener::bind(addr).await.map(Listener::Tcp),
             Listen::Unix(path) => bind_unix(path).await.map(Listener::Unix),
         }
+    }
+
+    /// The listening socket systemd passed to the server (socket
+    /// activation, `LISTEN_FDS`), a TCP or a Unix one.
+    pub fn from_systemd(fd: OwnedFd) -> io::Result<Listener> {
+        let socket = socket2::Socket::from(fd);
+        if socket.r#type()? != socket2::Type::STREAM || !socket.is_listener()? {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "not a listening stream socket (the .socket unit needs Accept=no, \
+                 the default, and ListenStream=)",
+            ));
+        }
+        socket.set_nonblocking(true)?;
+        let local = socket.local_addr()?;
+        let fd = OwnedFd::from(socket);
+        if local.as_socket().is_some() {
+            return TcpListener::from_std(std::net::TcpListener::from(fd)).map(Listener::Tcp);
+        }
+        let Some(path) = local.as_pathname().map(Path::to_path_buf) else {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "neither a TCP socket nor a Unix socket with a path (abstract sockets are not served)",
+            ));
+        };
+        let listener = UnixListener::from_std(std::os::unix::net::UnixListener::from(fd))?;
+        Ok(Listener::Unix(UnixSocket {
+            listener,
+            path,
+            made: false,
+        }))
     }
 
     /// Where it listens, as a client would reach it (a TCP port chosen
@@ -85,6 +124,9 @@ impl From<TcpListener> for Listener {
 
 impl Drop for UnixSocket {
     fn drop(&mut self) {
+        if !self.made {
+            return;
+        }
         if let Err(e) = std::fs::remove_file(&self.path) {
             tracing::warn!(path = %self.path.display(), error = %e, "cannot remove the socket file");
         }
@@ -120,7 +162,66 @@ async fn bind_unix(path: &Path) -> io::Result<UnixSocket> {
     let socket = UnixSocket {
         listener,
         path: path.to_path_buf(),
+        made: true,
     };
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))?;
     Ok(socket)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_socket_from_systemd_is_served_as_what_it_is() {
+        let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = tcp.local_addr().unwrap();
+        let l = Listener::from_systemd(OwnedFd::from(tcp)).unwrap();
+        assert_eq!(l.local().unwrap(), Listen::Tcp(addr.to_string()));
+        let client = tokio::spawn(TcpStream::connect(addr));
+        let (_, peer) = l.accept().await.unwrap();
+        assert!(client.await.unwrap().is_ok());
+        assert!(peer.ip().is_loopback());
+
+        // systemd made the file and keeps it: dropping does not remove it.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.sock");
+        let unix = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let l = Listener::from_systemd(OwnedFd::from(unix)).unwrap();
+        assert_eq!(l.local().unwrap(), Listen::Unix(path.clone()));
+        let client = tokio::spawn(UnixStream::connect(path.clone()));
+        let (_, peer) = l.accept().await.unwrap();
+        assert!(client.await.unwrap().is_ok());
+        assert_eq!(peer, UNIX_PEER);
+        drop(l);
+        assert!(path.exists());
+    }
+
+    #[tokio::test]
+    async fn a_socket_from_systemd_that_cannot_be_served_is_refused() {
+        use socket2::{Domain, Socket, Type};
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let unlistened = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        use std::os::linux::net::SocketAddrExt;
+        let abstract_name = std::os::unix::net::SocketAddr::from_abstract_name(format!(
+            "roboger-test-{}",
+            std::process::id()
+        ))
+        .unwrap();
+        let abstract_listener =
+            std::os::unix::net::UnixListener::bind_addr(&abstract_name).unwrap();
+        for (fd, why) in [
+            (OwnedFd::from(udp), "not a listening stream socket"),
+            (OwnedFd::from(unlistened), "not a listening stream socket"),
+            (
+                OwnedFd::from(abstract_listener),
+                "abstract sockets are not served",
+            ),
+        ] {
+            match Listener::from_systemd(fd) {
+                Ok(_) => panic!("served: {why}"),
+                Err(e) => assert!(e.to_string().contains(why), "{e}"),
+            }
+        }
+    }
 }

@@ -1,5 +1,8 @@
 //! The `roboger-server` binary: command line, logging, start and shutdown.
 
+#![deny(unsafe_code)]
+
+use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -204,12 +207,22 @@ async fn reload_on_sighup(cli: Cli, app: Arc<App>) {
     }
 }
 
-async fn serve(cli: &Cli) -> anyhow::Result<()> {
+async fn serve(cli: &Cli, activated: Option<OwnedFd>) -> anyhow::Result<()> {
     let config = load_config(cli)?;
     let store = open_store(&config).await?;
-    let listener = Listener::bind(&config.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let listener = match activated {
+        Some(fd) => {
+            let l = Listener::from_systemd(fd).context("cannot serve the socket systemd passed")?;
+            tracing::info!(
+                "serving the socket systemd passed; listen ({}) is not used",
+                config.listen
+            );
+            l
+        }
+        None => Listener::bind(&config.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", config.listen))?,
+    };
     let local = listener.local().context("listener has no address")?;
     let app = Arc::new(App::start(config, store).await.context("cannot start")?);
     tracing::info!(
@@ -256,11 +269,14 @@ fn main() -> std::process::ExitCode {
     if let Some(Command::SandboxExec { spec, command }) = &cli.command {
         return sandbox_exec(spec, command);
     }
+    // Before any thread starts: taking the sockets unsets LISTEN_FDS and
+    // LISTEN_PID, so that plugins do not see them.
+    let activated = systemd_socket();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build();
     match runtime {
-        Ok(rt) => rt.block_on(run(cli)),
+        Ok(rt) => rt.block_on(run(cli, activated)),
         Err(e) => {
             eprintln!("roboger-server: cannot start the async runtime: {e}");
             std::process::ExitCode::from(2)
@@ -268,10 +284,32 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-async fn run(cli: Cli) -> std::process::ExitCode {
+/// The listening socket systemd passed (socket activation), if any.
+#[allow(unsafe_code)]
+fn systemd_socket() -> anyhow::Result<Option<OwnedFd>> {
+    use std::os::fd::FromRawFd;
+    let fds: Vec<_> = sd_notify::listen_fds()
+        .context("cannot read the sockets systemd passed")?
+        .collect();
+    match fds.as_slice() {
+        [] => Ok(None),
+        // SAFETY: systemd passed this descriptor to this very process
+        // (LISTEN_PID) for it to own, and it is taken once, here.
+        [fd] => Ok(Some(unsafe { OwnedFd::from_raw_fd(*fd) })),
+        more => anyhow::bail!(
+            "systemd passed {} sockets; the server listens on one",
+            more.len()
+        ),
+    }
+}
+
+async fn run(cli: Cli, activated: anyhow::Result<Option<OwnedFd>>) -> std::process::ExitCode {
     init_logging(cli.log_format);
     let result = match cli.command.as_ref().unwrap_or(&Command::Serve) {
-        Command::Serve => serve(&cli).await,
+        Command::Serve => match activated {
+            Ok(activated) => serve(&cli, activated).await,
+            Err(e) => Err(e),
+        },
         Command::Migrate => {
             async {
                 let config = load_config(&cli)?;

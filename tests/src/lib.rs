@@ -917,7 +917,7 @@ pub fn client() -> reqwest::Client {
 /// The base URL and a client of a server that says it listens on `addr`
 /// (`host:port`, or `unix:PATH`: then every request goes to that socket,
 /// whatever the URL).
-fn reach(addr: &str) -> (String, reqwest::Client) {
+pub fn reach(addr: &str) -> (String, reqwest::Client) {
     match addr.strip_prefix("unix:") {
         Some(path) => ("http://localhost".to_string(), client_of(Some(path))),
         None => (format!("http://{addr}"), client()),

@@ -285,6 +285,74 @@ async fn an_original_config_listening_on_a_unix_socket_serves_there() {
     assert_eq!(std::fs::read_to_string(&sock).unwrap(), "not a socket");
 }
 
+/// Under systemd socket activation (here `systemd-socket-activate`, which
+/// holds the socket and starts the server at the first connection, as a
+/// `.socket` unit can) the server serves the socket it is passed instead
+/// of `listen`. The first request, made before the server ran, waited in
+/// the socket's backlog and is answered. The socket, systemd's, stays
+/// after the server stops, for its next start.
+#[tokio::test]
+async fn a_socket_passed_by_systemd_is_served_from_the_first_request() {
+    let available = Command::new("systemd-socket-activate")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !available {
+        assert!(
+            std::env::var_os("ROBOGER_TEST_REQUIRE_ALL").is_none(),
+            "systemd-socket-activate is missing; tests/run installs it"
+        );
+        eprintln!("SKIPPED: systemd-socket-activate is not installed");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("roboger.sock");
+    let cfg = format!(
+        "roboger:\n  db: sqlite:///{}\n  listen: 127.0.0.1:0\n  master:\n    key: {KEY}\n",
+        dir.path().join("r.db").display()
+    );
+    let path = write(dir.path(), "roboger.yml", &cfg);
+    let mut cmd = Command::new("systemd-socket-activate");
+    cmd.arg("-l")
+        .arg(&sock)
+        .arg(server_bin())
+        .arg("--config")
+        .arg(&path)
+        .env_remove("ROBOGER_DB")
+        .env_remove("ROBOGER_MASTERKEY")
+        .env_remove("ROBOGER_CONFIG");
+    let started = tokio::task::spawn_blocking(move || spawn_and_wait_listening(cmd));
+    let end = std::time::Instant::now() + Duration::from_secs(10);
+    while !sock.exists() {
+        assert!(std::time::Instant::now() < end, "no socket at {sock:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (base, http) = roboger_tests::reach(&format!("unix:{}", sock.display()));
+    let first = http.get(format!("{base}/ping")).send().await.unwrap();
+    assert_eq!(first.status().as_u16(), 204);
+    let (mut child, addr, log) = started.await.unwrap();
+    assert_eq!(addr, format!("unix:{}", sock.display()));
+    let text = log.lock().unwrap().clone();
+    assert!(
+        text.contains("serving the socket systemd passed; listen (127.0.0.1:0) is not used"),
+        "{text}"
+    );
+    let r = http
+        .post(format!("{base}/manage/v2/addr"))
+        .header("X-Auth-Key", KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 201);
+
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status();
+    assert!(child.wait().unwrap().success(), "{}", log.lock().unwrap());
+    assert!(sock.exists(), "systemd's socket was removed");
+}
+
 #[test]
 fn bad_configs_are_refused_naming_the_key() {
     let dir = tempfile::tempdir().unwrap();
