@@ -133,22 +133,32 @@ impl Drop for UnixSocket {
     }
 }
 
+fn in_use() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::AddrInUse,
+        "another process listens on this socket",
+    )
+}
+
+/// How long the check of an existing socket file waits for a connection.
+const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
 async fn bind_unix(path: &Path) -> io::Result<UnixSocket> {
     match std::fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_socket() => match UnixStream::connect(path).await {
-            Ok(_) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::AddrInUse,
-                    "another process listens on this socket",
-                ));
+        Ok(m) if m.file_type().is_socket() => {
+            match tokio::time::timeout(PROBE_TIMEOUT, UnixStream::connect(path)).await {
+                Ok(Ok(_)) => return Err(in_use()),
+                // A process whose backlog is full holds it too.
+                Err(_) => return Err(in_use()),
+                Ok(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => return Err(in_use()),
+                // Nobody listens: a socket file left by a server that died.
+                Ok(Err(e)) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                    std::fs::remove_file(path)?;
+                    tracing::info!(path = %path.display(), "replacing a socket file nobody listened on");
+                }
+                Ok(Err(e)) => return Err(e),
             }
-            // Nobody listens: a socket file left by a server that died.
-            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
-                std::fs::remove_file(path)?;
-                tracing::info!(path = %path.display(), "replacing a socket file nobody listened on");
-            }
-            Err(e) => return Err(e),
-        },
+        }
         Ok(_) => {
             return Err(io::Error::new(
                 io::ErrorKind::AlreadyExists,
