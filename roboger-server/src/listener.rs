@@ -23,6 +23,7 @@ use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use tokio_util::either::Either;
 
 use crate::config::Listen;
 
@@ -44,11 +45,9 @@ pub struct UnixSocket {
     made: bool,
 }
 
-/// One accepted connection.
-pub enum Accepted {
-    Tcp(TcpStream),
-    Unix(UnixStream),
-}
+/// One accepted connection, read and written alike over either kind
+/// (tokio-util's `Either` passes each call on to the stream it holds).
+pub type Accepted = Either<TcpStream, UnixStream>;
 
 impl Listener {
     /// Binds `listen`.
@@ -106,11 +105,11 @@ impl Listener {
                 let (s, peer) = l.accept().await?;
                 // A 202 is one small write: send it at once.
                 let _ = s.set_nodelay(true);
-                Ok((Accepted::Tcp(s), peer))
+                Ok((Either::Left(s), peer))
             }
             Listener::Unix(u) => {
                 let (s, _) = u.listener.accept().await?;
-                Ok((Accepted::Unix(s), UNIX_PEER))
+                Ok((Either::Right(s), UNIX_PEER))
             }
         }
     }

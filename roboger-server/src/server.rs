@@ -122,59 +122,7 @@ where
             },
             _ = &mut shutdown => break,
         };
-        let conn = Connection {
-            peer,
-            svc: svc.clone(),
-            builder: &builder,
-            graceful: &graceful,
-            permit,
-        };
-        match stream {
-            Accepted::Tcp(s) => conn.spawn(s),
-            Accepted::Unix(s) => conn.spawn(s),
-        }
-    }
-    drop(listener);
-    tokio::select! {
-        _ = graceful.shutdown() => {}
-        _ = tokio::time::sleep(SHUTDOWN_GRACE) => {
-            tracing::warn!("shutdown grace period over; closing open connections");
-        }
-    }
-}
-
-/// An accepted connection, before it is served.
-struct Connection<'a, S> {
-    peer: std::net::SocketAddr,
-    svc: S,
-    builder: &'a Arc<http1::Builder>,
-    graceful: &'a GracefulShutdown,
-    permit: tokio::sync::OwnedSemaphorePermit,
-}
-
-impl<S, B> Connection<'_, S>
-where
-    S: Service<http::Request<Returning>, Response = http::Response<B>, Error = Infallible>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-    B: hyper::body::Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    /// Serves the connection over `stream` in a task of its own.
-    fn spawn<T>(self, stream: T)
-    where
-        T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    {
-        let Connection {
-            peer,
-            svc,
-            builder,
-            graceful,
-            permit,
-        } = self;
+        let svc = svc.clone();
         let unread = Arc::new(AtomicBool::new(false));
         let stream = Lingering::new(stream, unread.clone());
         let hyper_svc = hyper::service::service_fn(move |req: http::Request<Incoming>| {
@@ -208,6 +156,13 @@ where
             }
             drop(permit);
         });
+    }
+    drop(listener);
+    tokio::select! {
+        _ = graceful.shutdown() => {}
+        _ = tokio::time::sleep(SHUTDOWN_GRACE) => {
+            tracing::warn!("shutdown grace period over; closing open connections");
+        }
     }
 }
 
@@ -303,8 +258,8 @@ impl Drop for Returning {
 /// that sends a body of any size at any speed the deadline allows.
 /// It also ends a connection whose client has taken no bytes for
 /// [`SEND_STALL`] while an answer waits to be sent.
-struct Lingering<T> {
-    stream: T,
+struct Lingering {
+    stream: Accepted,
     /// Set by the connection's service when it left body bytes unread.
     unread: Arc<AtomicBool>,
     /// While lingering: when it must end, and a timer for the sooner of
@@ -314,8 +269,8 @@ struct Lingering<T> {
     stalled: Option<Pin<Box<Sleep>>>,
 }
 
-impl<T> Lingering<T> {
-    fn new(stream: T, unread: Arc<AtomicBool>) -> Self {
+impl Lingering {
+    fn new(stream: Accepted, unread: Arc<AtomicBool>) -> Self {
         Lingering {
             stream,
             unread,
@@ -326,11 +281,11 @@ impl<T> Lingering<T> {
 
     /// `write`'s outcome, or an error once writes have waited
     /// [`SEND_STALL`] without the client taking a byte.
-    fn within_stall<R>(
+    fn within_stall<T>(
         &mut self,
         cx: &mut Context<'_>,
-        write: Poll<io::Result<R>>,
-    ) -> Poll<io::Result<R>> {
+        write: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
         if write.is_ready() {
             self.stalled = None;
             return write;
@@ -349,7 +304,7 @@ impl<T> Lingering<T> {
     }
 }
 
-impl<T: AsyncRead + Unpin> AsyncRead for Lingering<T> {
+impl AsyncRead for Lingering {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -359,7 +314,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for Lingering<T> {
     }
 }
 
-impl<T: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Lingering<T> {
+impl AsyncWrite for Lingering {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,

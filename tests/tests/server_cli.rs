@@ -10,6 +10,23 @@ use roboger_tests::{
     spawn_and_wait_listening,
 };
 
+/// Whether `tool` (one of systemd's, which tests/run installs) runs; a
+/// test without it is skipped, unless every test must run.
+fn installed(tool: &str) -> bool {
+    let available = Command::new(tool)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !available {
+        assert!(
+            std::env::var_os("ROBOGER_TEST_REQUIRE_ALL").is_none(),
+            "{tool} is missing; tests/run installs it"
+        );
+        eprintln!("SKIPPED: {tool} is not installed");
+    }
+    available
+}
+
 fn write(dir: &std::path::Path, name: &str, text: &str) -> std::path::PathBuf {
     let p = dir.join(name);
     std::fs::write(&p, text).unwrap();
@@ -293,16 +310,7 @@ async fn an_original_config_listening_on_a_unix_socket_serves_there() {
 /// after the server stops, for its next start.
 #[tokio::test]
 async fn a_socket_passed_by_systemd_is_served_from_the_first_request() {
-    let available = Command::new("systemd-socket-activate")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !available {
-        assert!(
-            std::env::var_os("ROBOGER_TEST_REQUIRE_ALL").is_none(),
-            "systemd-socket-activate is missing; tests/run installs it"
-        );
-        eprintln!("SKIPPED: systemd-socket-activate is not installed");
+    if !installed("systemd-socket-activate") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -490,16 +498,7 @@ fn systemd_unit_verifies() {
     ] {
         assert!(unit.contains(needed), "unit lacks {needed}");
     }
-    let available = Command::new("systemd-analyze")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !available {
-        assert!(
-            std::env::var_os("ROBOGER_TEST_REQUIRE_ALL").is_none(),
-            "systemd-analyze is missing; tests/run installs it"
-        );
-        eprintln!("SKIPPED: systemd-analyze is not installed");
+    if !installed("systemd-analyze") {
         return;
     }
     // Verify the unit as shipped, pointed at the binary we built.
