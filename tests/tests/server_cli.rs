@@ -306,7 +306,8 @@ async fn an_original_config_listening_on_a_unix_socket_serves_there() {
 /// holds the socket and starts the server at the first connection, as a
 /// `.socket` unit can) the server serves the socket it is passed instead
 /// of `listen`. The first request, made before the server ran, waited in
-/// the socket's backlog and is answered. The socket, systemd's, stays
+/// the socket's backlog and is answered. The plugins it starts inherit
+/// neither the socket nor `LISTEN_FDS`. The socket, systemd's, stays
 /// after the server stops, for its next start.
 #[tokio::test]
 async fn a_socket_passed_by_systemd_is_served_from_the_first_request() {
@@ -315,9 +316,15 @@ async fn a_socket_passed_by_systemd_is_served_from_the_first_request() {
     }
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("roboger.sock");
+    let rec = dir.path().join("rec.jsonl");
     let cfg = format!(
-        "roboger:\n  db: sqlite:///{}\n  listen: 127.0.0.1:0\n  master:\n    key: {KEY}\n",
-        dir.path().join("r.db").display()
+        "roboger:\n  db: sqlite:///{}\n  listen: 127.0.0.1:0\n  master:\n    key: {KEY}\n  \
+         sandbox:\n    writable: [{}]\n  \
+         plugins:\n    - name: t\n      command: {}\n      env:\n        TEST_PLUGIN_RECORD: {}\n",
+        dir.path().join("r.db").display(),
+        dir.path().display(),
+        roboger_tests::test_plugin_bin().display(),
+        rec.display()
     );
     let path = write(dir.path(), "roboger.yml", &cfg);
     let mut cmd = Command::new("systemd-socket-activate");
@@ -326,6 +333,7 @@ async fn a_socket_passed_by_systemd_is_served_from_the_first_request() {
         .arg(server_bin())
         .arg("--config")
         .arg(&path)
+        .env("XDG_DATA_HOME", dir.path())
         .env_remove("ROBOGER_DB")
         .env_remove("ROBOGER_MASTERKEY")
         .env_remove("ROBOGER_CONFIG");
@@ -352,6 +360,27 @@ async fn a_socket_passed_by_systemd_is_served_from_the_first_request() {
         .await
         .unwrap();
     assert_eq!(r.status().as_u16(), 201);
+
+    // A plugin the server starts gets neither the socket nor the
+    // variables that would make it think systemd passed it one.
+    let end = std::time::Instant::now() + Duration::from_secs(10);
+    let start = loop {
+        if let Some(start) = roboger_tests::json_lines(&rec)
+            .into_iter()
+            .find(|r| r["method"] == "start")
+        {
+            break start;
+        }
+        assert!(
+            std::time::Instant::now() < end,
+            "plugin t never started: {}",
+            log.lock().unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(start["env_listen_fds"].is_null(), "{start}");
+    assert!(start["env_listen_pid"].is_null(), "{start}");
+    assert_eq!(start["inherited_sockets"], json!([]), "{start}");
 
     let _ = Command::new("kill")
         .arg("-TERM")

@@ -6,7 +6,9 @@
 //! `exit-before-handshake`, `wrong-version`, `garbage`, `flood`,
 //! `refuse-config`, `exit-in-load`, `stderr-flood` (a line of `TEST_PLUGIN_FLOOD` bytes
 //! on stderr, after one that is not UTF-8). `TEST_PLUGIN_RECORD`: a file
-//! that gets one JSON line per call (method and every param received).
+//! that gets one JSON line per call (method and every param received),
+//! and one at start (the environment it was given, and any socket it
+//! inherited).
 //! `TEST_PLUGIN_START_DELAY_MS`: wait that long before the handshake.
 //! `TEST_PLUGIN_CLEANUP_DELAY_MS`: take that long over each `cleanup`.
 //!
@@ -355,6 +357,22 @@ fn flood_bytes(default: usize) -> usize {
         .unwrap_or(default)
 }
 
+/// The descriptors above stderr that are sockets: a plugin is given its
+/// three pipes and nothing of the server's (e.g. the socket systemd passed).
+fn inherited_sockets() -> Vec<String> {
+    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
+        return vec!["/proc/self/fd unreadable".into()];
+    };
+    dir.flatten()
+        .filter_map(|e| {
+            let fd: u32 = e.file_name().to_str()?.parse().ok()?;
+            let target = std::fs::read_link(e.path()).ok()?;
+            let target = target.to_string_lossy();
+            (fd > 2 && target.starts_with("socket:")).then(|| format!("{fd} -> {target}"))
+        })
+        .collect()
+}
+
 fn main() -> std::process::ExitCode {
     // A plugin that takes its time to start (before the handshake).
     if let Some(ms) = std::env::var("TEST_PLUGIN_START_DELAY_MS")
@@ -367,7 +385,10 @@ fn main() -> std::process::ExitCode {
     record(
         json!({"method": "start", "mode": mode, "pid": std::process::id(),
         "env_masterkey": std::env::var("ROBOGER_MASTERKEY").ok(),
-        "env_extra": std::env::var("TEST_PLUGIN_EXTRA").ok()}),
+        "env_extra": std::env::var("TEST_PLUGIN_EXTRA").ok(),
+        "env_listen_fds": std::env::var("LISTEN_FDS").ok(),
+        "env_listen_pid": std::env::var("LISTEN_PID").ok(),
+        "inherited_sockets": inherited_sockets()}),
     );
     match mode.as_str() {
         "exit-before-handshake" => {
