@@ -999,7 +999,7 @@ pub struct SinkRequest {
 /// ([`HttpSink::hold`]) it reads requests but answers none (a target that
 /// hangs); a request is recorded when it is answered.
 pub struct HttpSink {
-    /// `http://127.0.0.1:PORT` (`http://localhost` over a Unix socket)
+    /// `http://127.0.0.1:PORT`
     pub base: String,
     requests: Arc<Mutex<Vec<SinkRequest>>>,
     held: Arc<tokio::sync::watch::Sender<bool>>,
@@ -1356,7 +1356,7 @@ pub fn installed_program(env: &str, name: &str) -> Option<PathBuf> {
 /// target's `/metrics` every second with a bearer token; killed when
 /// dropped.
 pub struct PrometheusServer {
-    /// `http://127.0.0.1:PORT` (`http://localhost` over a Unix socket)
+    /// `http://127.0.0.1:PORT`
     pub base: String,
     child: Child,
     _dir: tempfile::TempDir,

@@ -390,6 +390,65 @@ async fn a_socket_passed_by_systemd_is_served_from_the_first_request() {
     assert!(sock.exists(), "systemd's socket was removed");
 }
 
+/// A `.socket` unit that passes two sockets is a mistake the server
+/// names at its start, and it exits rather than serve one of them.
+#[test]
+fn two_sockets_passed_by_systemd_stop_the_start() {
+    if !installed("systemd-socket-activate") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a.sock"), dir.path().join("b.sock"));
+    let cfg = format!(
+        "roboger:\n  db: sqlite:///{}\n  master:\n    key: {KEY}\n",
+        dir.path().join("r.db").display()
+    );
+    let path = write(dir.path(), "roboger.yml", &cfg);
+    let mut child = Command::new("systemd-socket-activate")
+        .arg("-l")
+        .arg(&a)
+        .arg("-l")
+        .arg(&b)
+        .arg(server_bin())
+        .arg("--config")
+        .arg(&path)
+        .env("XDG_DATA_HOME", dir.path())
+        .env_remove("ROBOGER_DB")
+        .env_remove("ROBOGER_MASTERKEY")
+        .env_remove("ROBOGER_CONFIG")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // systemd-socket-activate starts the server at the first connection.
+    let end = std::time::Instant::now() + Duration::from_secs(10);
+    let _client = loop {
+        if let Ok(c) = std::os::unix::net::UnixStream::connect(&a) {
+            break c;
+        }
+        assert!(std::time::Instant::now() < end, "no socket at {a:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let end = std::time::Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > end {
+            let _ = child.kill();
+            panic!("the server serves although systemd passed two sockets");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(!status.success(), "{err}");
+    assert!(
+        err.contains("systemd passed 2 sockets; the server listens on one"),
+        "{err}"
+    );
+}
+
 #[test]
 fn bad_configs_are_refused_naming_the_key() {
     let dir = tempfile::tempdir().unwrap();
