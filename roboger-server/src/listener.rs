@@ -11,16 +11,19 @@
 //! so the routes see it as `127.0.0.1` ([`UNIX_PEER`]); behind a proxy,
 //! `ip-header` names the real client as it does over TCP.
 //!
-//! Under systemd socket activation the listener is the socket systemd
-//! passed ([`Listener::from_systemd`]), of either kind; systemd made it and
-//! keeps it (connections wait in its backlog while the server restarts),
-//! so the server never removes its file.
+//! Under systemd socket activation the listeners are the sockets systemd
+//! passed ([`Listener::from_systemd`]), each of either kind (a `.socket`
+//! unit may name a TCP port and a Unix socket for a local proxy); systemd
+//! made them and keeps them (connections wait in their backlogs while the
+//! server restarts), so the server never removes their files. The accept
+//! loop takes connections from all of them ([`Listeners`]).
 
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::task::{Context, Poll};
 
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio_util::either::Either;
@@ -48,6 +51,24 @@ pub struct UnixSocket {
 /// One accepted connection, read and written alike over either kind
 /// (tokio-util's `Either` passes each call on to the stream it holds).
 pub type Accepted = Either<TcpStream, UnixStream>;
+
+/// Where a bound listener is reached: the TCP address it was given (a
+/// port chosen by the system resolved) or its socket file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Local {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+impl std::fmt::Display for Local {
+    /// As `listen` names it: `host:port` or `unix:PATH`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Local::Tcp(a) => write!(f, "{a}"),
+            Local::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
 
 impl Listener {
     /// Binds `listen`.
@@ -89,35 +110,79 @@ impl Listener {
         }))
     }
 
-    /// Where it listens, as a client would reach it (a TCP port chosen
-    /// by the system is resolved).
-    pub fn local(&self) -> io::Result<Listen> {
+    /// Where it listens (a TCP port chosen by the system is resolved).
+    pub fn local(&self) -> io::Result<Local> {
         match self {
-            Listener::Tcp(l) => l.local_addr().map(|a| Listen::Tcp(a.to_string())),
-            Listener::Unix(u) => Ok(Listen::Unix(u.path.clone())),
+            Listener::Tcp(l) => l.local_addr().map(Local::Tcp),
+            Listener::Unix(u) => Ok(Local::Unix(u.path.clone())),
         }
     }
 
-    /// The next connection, with the peer address the routes see.
-    pub async fn accept(&self) -> io::Result<(Accepted, SocketAddr)> {
+    /// The next connection, with the peer address the routes see, if one
+    /// waits; else `cx` is woken when one does.
+    fn poll_accept(&self, cx: &mut Context<'_>) -> Poll<io::Result<(Accepted, SocketAddr)>> {
         match self {
-            Listener::Tcp(l) => {
-                let (s, peer) = l.accept().await?;
+            Listener::Tcp(l) => l.poll_accept(cx).map_ok(|(s, peer)| {
                 // A 202 is one small write: send it at once.
                 let _ = s.set_nodelay(true);
-                Ok((Either::Left(s), peer))
-            }
-            Listener::Unix(u) => {
-                let (s, _) = u.listener.accept().await?;
-                Ok((Either::Right(s), UNIX_PEER))
-            }
+                (Either::Left(s), peer)
+            }),
+            Listener::Unix(u) => u
+                .listener
+                .poll_accept(cx)
+                .map_ok(|(s, _)| (Either::Right(s), UNIX_PEER)),
         }
     }
 }
 
-impl From<TcpListener> for Listener {
+/// The listeners one accept loop serves: the one `listen` names, or every
+/// socket systemd passed.
+pub struct Listeners {
+    each: Vec<Listener>,
+    /// Where the next accept starts looking, so that a busy listener
+    /// does not keep the others' connections waiting.
+    next: usize,
+}
+
+impl Listeners {
+    /// Where each listens, in the order given.
+    pub fn local(&self) -> io::Result<Vec<Local>> {
+        self.each.iter().map(Listener::local).collect()
+    }
+
+    /// The next connection on any of them, with the peer address the
+    /// routes see.
+    pub async fn accept(&mut self) -> io::Result<(Accepted, SocketAddr)> {
+        std::future::poll_fn(|cx| {
+            let n = self.each.len();
+            for i in 0..n {
+                let at = (self.next + i) % n;
+                if let Poll::Ready(r) = self.each[at].poll_accept(cx) {
+                    self.next = (at + 1) % n;
+                    return Poll::Ready(r);
+                }
+            }
+            Poll::Pending
+        })
+        .await
+    }
+}
+
+impl From<Vec<Listener>> for Listeners {
+    fn from(each: Vec<Listener>) -> Self {
+        Listeners { each, next: 0 }
+    }
+}
+
+impl From<Listener> for Listeners {
+    fn from(l: Listener) -> Self {
+        vec![l].into()
+    }
+}
+
+impl From<TcpListener> for Listeners {
     fn from(l: TcpListener) -> Self {
-        Listener::Tcp(l)
+        Listener::Tcp(l).into()
     }
 }
 
@@ -182,26 +247,46 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn a_socket_from_systemd_is_served_as_what_it_is() {
+    async fn sockets_from_systemd_are_served_as_what_they_are() {
         let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = tcp.local_addr().unwrap();
-        let l = Listener::from_systemd(OwnedFd::from(tcp)).unwrap();
-        assert_eq!(l.local().unwrap(), Listen::Tcp(addr.to_string()));
-        let client = tokio::spawn(TcpStream::connect(addr));
-        let (_, peer) = l.accept().await.unwrap();
-        assert!(client.await.unwrap().is_ok());
-        assert!(peer.ip().is_loopback());
-
-        // systemd made the file and keeps it: dropping does not remove it.
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("r.sock");
         let unix = std::os::unix::net::UnixListener::bind(&path).unwrap();
-        let l = Listener::from_systemd(OwnedFd::from(unix)).unwrap();
-        assert_eq!(l.local().unwrap(), Listen::Unix(path.clone()));
+        let mut l = Listeners::from(vec![
+            Listener::from_systemd(OwnedFd::from(tcp)).unwrap(),
+            Listener::from_systemd(OwnedFd::from(unix)).unwrap(),
+        ]);
+        assert_eq!(
+            l.local().unwrap(),
+            [Local::Tcp(addr), Local::Unix(path.clone())]
+        );
+
+        // A client of either is accepted, the Unix one seen as 127.0.0.1.
         let client = tokio::spawn(UnixStream::connect(path.clone()));
-        let (_, peer) = l.accept().await.unwrap();
+        let (s, peer) = l.accept().await.unwrap();
         assert!(client.await.unwrap().is_ok());
+        assert!(matches!(s, Either::Right(_)));
         assert_eq!(peer, UNIX_PEER);
+        let client = tokio::spawn(TcpStream::connect(addr));
+        let (s, peer) = l.accept().await.unwrap();
+        let client = client.await.unwrap().unwrap();
+        assert!(matches!(s, Either::Left(_)));
+        assert_eq!(peer, client.local_addr().unwrap());
+
+        // Both waiting: the one not served last goes first, then the other.
+        let t = TcpStream::connect(addr).await.unwrap();
+        let u = UnixStream::connect(path.clone()).await.unwrap();
+        let (first, _) = l.accept().await.unwrap();
+        let (second, _) = l.accept().await.unwrap();
+        assert!(
+            matches!(first, Either::Right(_)),
+            "the TCP one went first twice"
+        );
+        assert!(matches!(second, Either::Left(_)));
+        drop((t, u));
+
+        // systemd made the file and keeps it: dropping does not remove it.
         drop(l);
         assert!(path.exists());
     }

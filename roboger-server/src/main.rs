@@ -9,7 +9,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use roboger_server::config::{Config, Overrides};
-use roboger_server::listener::Listener;
+use roboger_server::listener::{Listener, Listeners};
 use roboger_server::store::{Store, StoreError};
 use roboger_server::{App, server, systemd};
 
@@ -207,27 +207,45 @@ async fn reload_on_sighup(cli: Cli, app: Arc<App>) {
     }
 }
 
-async fn serve(cli: &Cli, activated: Option<OwnedFd>) -> anyhow::Result<()> {
+async fn serve(cli: &Cli, activated: Vec<OwnedFd>) -> anyhow::Result<()> {
     let config = load_config(cli)?;
     let store = open_store(&config).await?;
-    let listener = match activated {
-        Some(fd) => {
-            let l = Listener::from_systemd(fd).context("cannot serve the socket systemd passed")?;
-            tracing::info!(
-                "serving the socket systemd passed; listen ({}) is not used",
-                config.listen
-            );
-            l
-        }
-        None => Listener::bind(&config.listen)
+    let listeners = if activated.is_empty() {
+        Listener::bind(&config.listen)
             .await
-            .with_context(|| format!("cannot listen on {}", config.listen))?,
+            .with_context(|| format!("cannot listen on {}", config.listen))?
+            .into()
+    } else {
+        let n = activated.len();
+        let mut each = Vec::with_capacity(n);
+        for (i, fd) in activated.into_iter().enumerate() {
+            let l = Listener::from_systemd(fd).with_context(|| match n {
+                1 => "cannot serve the socket systemd passed".to_string(),
+                _ => format!("cannot serve socket {} of the {n} systemd passed", i + 1),
+            })?;
+            each.push(l);
+        }
+        tracing::info!(
+            "serving the {} systemd passed; listen ({}) is not used",
+            if n == 1 {
+                "socket".to_string()
+            } else {
+                format!("{n} sockets")
+            },
+            config.listen
+        );
+        Listeners::from(each)
     };
-    let local = listener.local().context("listener has no address")?;
+    let local = listeners.local().context("listener has no address")?;
+    let shown = local
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ");
     let app = Arc::new(App::start(config, store).await.context("cannot start")?);
     tracing::info!(
         plugins = app.plugins.list().len(),
-        "roboger-server {} listening on {local}",
+        "roboger-server {} listening on {shown}",
         env!("CARGO_PKG_VERSION")
     );
     let cleanup = app
@@ -249,7 +267,7 @@ async fn serve(cli: &Cli, activated: Option<OwnedFd>) -> anyhow::Result<()> {
         }
         systemd::stopping();
     };
-    server::run(listener, app.clone(), shutdown).await;
+    server::run(listeners, app.clone(), shutdown).await;
     notifier.abort();
     release.abort();
     reloader.abort();
@@ -271,7 +289,7 @@ fn main() -> std::process::ExitCode {
     }
     // Before any thread starts: taking the sockets unsets LISTEN_FDS and
     // LISTEN_PID, so that plugins do not see them.
-    let activated = systemd_socket();
+    let activated = systemd_sockets();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build();
@@ -284,26 +302,17 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-/// The listening socket systemd passed (socket activation), if any.
+/// The listening sockets systemd passed (socket activation), if any.
 #[allow(unsafe_code)]
-fn systemd_socket() -> anyhow::Result<Option<OwnedFd>> {
+fn systemd_sockets() -> anyhow::Result<Vec<OwnedFd>> {
     use std::os::fd::FromRawFd;
-    let fds: Vec<_> = sd_notify::listen_fds()
-        .context("cannot read the sockets systemd passed")?
-        .collect();
-    match fds.as_slice() {
-        [] => Ok(None),
-        // SAFETY: systemd passed this descriptor to this very process
-        // (LISTEN_PID) for it to own, and it is taken once, here.
-        [fd] => Ok(Some(unsafe { OwnedFd::from_raw_fd(*fd) })),
-        more => anyhow::bail!(
-            "systemd passed {} sockets; the server listens on one",
-            more.len()
-        ),
-    }
+    let fds = sd_notify::listen_fds().context("cannot read the sockets systemd passed")?;
+    // SAFETY: systemd passed these descriptors to this very process
+    // (LISTEN_PID) for it to own, and each is taken once, here.
+    Ok(fds.map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }).collect())
 }
 
-async fn run(cli: Cli, activated: anyhow::Result<Option<OwnedFd>>) -> std::process::ExitCode {
+async fn run(cli: Cli, activated: anyhow::Result<Vec<OwnedFd>>) -> std::process::ExitCode {
     init_logging(cli.log_format);
     let result = match cli.command.as_ref().unwrap_or(&Command::Serve) {
         Command::Serve => match activated {

@@ -1,11 +1,12 @@
-//! The accept loop: serves the API on a listener until `shutdown`
+//! The accept loop: serves the API on its listeners until `shutdown`
 //! resolves, then lets open requests finish (bounded by a grace period).
 //!
-//! Written as `run(listener, app, shutdown)` so tests can start a server
+//! Written as `run(listeners, app, shutdown)` so tests can start a server
 //! on `127.0.0.1:0`; [`serve`] is the same loop for any service (the
 //! end-to-end tests' fake HTTP servers and the benchmark's sink use it).
-//! The listener is a TCP port or a Unix socket ([`crate::listener`]); a
-//! connection is served alike over either.
+//! A listener is a TCP port or a Unix socket ([`crate::listener`]), and
+//! one loop takes connections from all of them (several when systemd
+//! passes several); a connection is served alike over either kind.
 //! The peer address of each connection is handed to the routes as a
 //! [`PeerAddr`] request extension (for `master.allow` and `ip-header`). A
 //! semaphore bounds open connections.
@@ -42,7 +43,7 @@ use tower_service::Service;
 
 use crate::App;
 use crate::api::{self, PeerAddr};
-use crate::listener::{Accepted, Listener};
+use crate::listener::{Accepted, Listeners};
 
 /// The most connections served at once; further clients wait in the
 /// listen backlog.
@@ -65,21 +66,24 @@ const LINGER_TIME: Duration = Duration::from_secs(30);
 /// closes (nginx's `lingering_timeout`).
 const LINGER_IDLE: Duration = Duration::from_secs(5);
 
-/// Serves `app` on `listener` until `shutdown` completes.
-pub async fn run(listener: Listener, app: Arc<App>, shutdown: impl Future<Output = ()>) {
+/// Serves `app` on `listeners` until `shutdown` completes.
+pub async fn run(listeners: Listeners, app: Arc<App>, shutdown: impl Future<Output = ()>) {
     let routes = api::routes(app.clone());
     let shutdown = async move {
         shutdown.await;
         // Open event streams end now rather than hold the shutdown.
         app.console.close();
     };
-    serve(listener, api::HeadAsGet(warp::service(routes)), shutdown).await
+    serve(listeners, api::HeadAsGet(warp::service(routes)), shutdown).await
 }
 
 /// Serves `svc` (e.g. `warp::service(filter)`) over HTTP/1.1 on
-/// `listener` until `shutdown` completes, then lets open requests finish.
-pub async fn serve<S, B>(listener: impl Into<Listener>, svc: S, shutdown: impl Future<Output = ()>)
-where
+/// `listeners` until `shutdown` completes, then lets open requests finish.
+pub async fn serve<S, B>(
+    listeners: impl Into<Listeners>,
+    svc: S,
+    shutdown: impl Future<Output = ()>,
+) where
     S: Service<http::Request<Returning>, Response = http::Response<B>, Error = Infallible>
         + Clone
         + Send
@@ -100,7 +104,7 @@ where
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT);
     let builder = Arc::new(builder);
-    let listener = listener.into();
+    let mut listeners = listeners.into();
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
         let permit = tokio::select! {
@@ -111,7 +115,7 @@ where
             _ = &mut shutdown => break,
         };
         let (stream, peer) = tokio::select! {
-            r = listener.accept() => match r {
+            r = listeners.accept() => match r {
                 Ok(c) => c,
                 Err(e) => {
                     // Out of file descriptors and the like: back off briefly.
@@ -157,7 +161,7 @@ where
             drop(permit);
         });
     }
-    drop(listener);
+    drop(listeners);
     tokio::select! {
         _ = graceful.shutdown() => {}
         _ = tokio::time::sleep(SHUTDOWN_GRACE) => {

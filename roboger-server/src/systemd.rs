@@ -7,9 +7,9 @@
 //! The watchdog does not ping blindly from a timer: before each ping it
 //! checks that the pipeline's writer and dispatcher have no work waiting
 //! for longer than the ping interval ([`crate::pipeline::Pipeline::stalled`])
-//! and that the accept loop answers an HTTP request on the server's own
-//! listener. A wedged server stops pinging, and systemd restarts it after
-//! `WatchdogSec`.
+//! and that the accept loop answers an HTTP request on each of the
+//! server's own listeners. A wedged server stops pinging, and systemd
+//! restarts it after `WatchdogSec`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -19,7 +19,7 @@ use sd_notify::NotifyState;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::App;
-use crate::config::Listen;
+use crate::listener::Local;
 use crate::supervisor::State;
 
 fn send(states: &[NotifyState<'_>]) {
@@ -62,8 +62,8 @@ pub fn watchdog_interval() -> Option<Duration> {
 
 /// Reports `STATUS=` every `every` (or at half of the watchdog interval,
 /// pinging `WATCHDOG=1` when nothing is stalled) until dropped/aborted.
-/// `local` is the listener's address, which the accept-loop check calls.
-pub fn spawn(app: Arc<App>, local: Listen) -> tokio::task::JoinHandle<()> {
+/// `local` are the listeners' addresses, which the accept-loop check calls.
+pub fn spawn(app: Arc<App>, local: Vec<Local>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let watchdog = watchdog_interval();
         let every = watchdog.map(|w| w / 2).unwrap_or(Duration::from_secs(10));
@@ -113,31 +113,39 @@ async fn status(app: &App) -> String {
     )
 }
 
-/// One HTTP request to the server's own listener (a route that needs
-/// neither the database nor a plugin), answered within `limit`.
-async fn accept_loop_answers(local: &Listen, limit: Duration) -> Result<(), String> {
-    let probe = async {
-        match local {
-            Listen::Tcp(addr) => {
-                let mut target: SocketAddr = addr.parse().map_err(|e| format!("{addr}: {e}"))?;
-                if target.ip().is_unspecified() {
-                    target.set_ip(match target {
-                        SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
-                        SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
-                    });
-                }
-                let s = tokio::net::TcpStream::connect(target).await;
-                http_answer(s.map_err(|e| e.to_string())?).await
-            }
-            Listen::Unix(path) => {
-                let s = tokio::net::UnixStream::connect(path).await;
-                http_answer(s.map_err(|e| e.to_string())?).await
-            }
+/// One HTTP request to each of the server's own listeners (a route that
+/// needs neither the database nor a plugin), all answered within `limit`.
+async fn accept_loop_answers(local: &[Local], limit: Duration) -> Result<(), String> {
+    let deadline = tokio::time::Instant::now() + limit;
+    for l in local {
+        match tokio::time::timeout_at(deadline, answers(l)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(format!("on {l}: {e}")),
+            Err(_) => return Err(format!("on {l}: no answer within {limit:?}")),
         }
-    };
-    tokio::time::timeout(limit, probe)
-        .await
-        .unwrap_or_else(|_| Err(format!("no answer within {limit:?}")))
+    }
+    Ok(())
+}
+
+/// One HTTP request to the listener at `l`, answered.
+async fn answers(l: &Local) -> Result<(), String> {
+    match l {
+        Local::Tcp(addr) => {
+            let mut target = *addr;
+            if target.ip().is_unspecified() {
+                target.set_ip(match target {
+                    SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+                    SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+                });
+            }
+            let s = tokio::net::TcpStream::connect(target).await;
+            http_answer(s.map_err(|e| e.to_string())?).await
+        }
+        Local::Unix(path) => {
+            let s = tokio::net::UnixStream::connect(path).await;
+            http_answer(s.map_err(|e| e.to_string())?).await
+        }
+    }
 }
 
 /// Sends the watchdog's request over `s` and reads the start of the answer.
@@ -151,5 +159,47 @@ async fn http_answer(mut s: impl AsyncRead + AsyncWrite + Unpin) -> Result<(), S
         Ok(())
     } else {
         Err("not an HTTP answer".to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Answers every connection on `l` with the start of an HTTP answer.
+    fn answering(l: tokio::net::TcpListener) {
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                let _ = s.write_all(b"HTTP/1.1 204 No Content\r\n\r\n").await;
+            }
+        });
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_probe_names_the_listener_that_does_not_answer() {
+        let a = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let b = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let local = [
+            Local::Tcp(a.local_addr().unwrap()),
+            Local::Tcp(b.local_addr().unwrap()),
+        ];
+        answering(a);
+        // `b` is bound and never accepts: its connections wait in the
+        // backlog, as they would behind a wedged accept loop.
+        let limit = Duration::from_secs(5);
+        assert_eq!(
+            accept_loop_answers(&local, limit).await,
+            Err(format!("on {}: no answer within 5s", local[1]))
+        );
+        answering(b);
+        assert_eq!(accept_loop_answers(&local, limit).await, Ok(()));
+
+        // A socket file nobody listens on is named with its error.
+        let dir = tempfile::tempdir().unwrap();
+        let gone = Local::Unix(dir.path().join("gone.sock"));
+        let e = accept_loop_answers(&[local[0].clone(), gone.clone()], limit)
+            .await
+            .unwrap_err();
+        assert!(e.starts_with(&format!("on {gone}: ")), "{e}");
     }
 }

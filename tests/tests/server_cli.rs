@@ -390,10 +390,95 @@ async fn a_socket_passed_by_systemd_is_served_from_the_first_request() {
     assert!(sock.exists(), "systemd's socket was removed");
 }
 
-/// A `.socket` unit that passes two sockets is a mistake the server
-/// names at its start, and it exits rather than serve one of them.
+/// A `.socket` unit may pass several sockets, say a TCP port for remote
+/// clients and a Unix socket for a local proxy: the server serves every
+/// one of them, and the watchdog's probe reaches each.
+#[tokio::test]
+async fn every_socket_systemd_passes_is_served() {
+    if !installed("systemd-socket-activate") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("a.sock");
+    // systemd-socket-activate takes no port 0: a port free a moment ago.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let tcp = format!("127.0.0.1:{port}");
+    let cfg = format!(
+        "roboger:\n  db: sqlite:///{}\n  master:\n    key: {KEY}\n",
+        dir.path().join("r.db").display()
+    );
+    let path = write(dir.path(), "roboger.yml", &cfg);
+    let mut cmd = Command::new("systemd-socket-activate");
+    cmd.arg("-l")
+        .arg(&sock)
+        .arg("-l")
+        .arg(&tcp)
+        .arg(server_bin())
+        .arg("--config")
+        .arg(&path)
+        .env("XDG_DATA_HOME", dir.path())
+        .env_remove("ROBOGER_DB")
+        .env_remove("ROBOGER_MASTERKEY")
+        .env_remove("ROBOGER_CONFIG");
+    let started = tokio::task::spawn_blocking(move || spawn_and_wait_listening(cmd));
+    let end = std::time::Instant::now() + Duration::from_secs(10);
+    while !sock.exists() {
+        assert!(std::time::Instant::now() < end, "no socket at {sock:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (unix_base, unix) = roboger_tests::reach(&format!("unix:{}", sock.display()));
+    let (tcp_base, http) = roboger_tests::reach(&tcp);
+    // The first request starts the server, which answers it.
+    let first = unix.get(format!("{unix_base}/ping")).send().await.unwrap();
+    assert_eq!(first.status().as_u16(), 204);
+    let (mut child, _, log) = started.await.unwrap();
+    let text = log.lock().unwrap().clone();
+    assert!(
+        text.contains("serving the 2 sockets systemd passed; listen (127.0.0.1:7719) is not used"),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("listening on unix:{}, {tcp}", sock.display())),
+        "{text}"
+    );
+
+    // An address made over TCP takes a push over the Unix socket.
+    let r = http
+        .post(format!("{tcp_base}/manage/v2/addr"))
+        .header("X-Auth-Key", KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 201);
+    let a = r.json::<serde_json::Value>().await.unwrap()["a"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let r = unix
+        .post(format!("{unix_base}/push"))
+        .json(&json!({"addr": a, "msg": "over the other socket"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 202);
+
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status();
+    assert!(child.wait().unwrap().success(), "{}", log.lock().unwrap());
+    assert!(sock.exists(), "systemd's socket was removed");
+}
+
+/// A passed socket the server cannot serve (here datagram sockets, as a
+/// `.socket` unit's `ListenDatagram=` makes) stops the start with a
+/// message naming which of the sockets it is, rather than serve the rest.
 #[test]
-fn two_sockets_passed_by_systemd_stop_the_start() {
+fn a_passed_socket_that_cannot_be_served_stops_the_start() {
     if !installed("systemd-socket-activate") {
         return;
     }
@@ -405,6 +490,7 @@ fn two_sockets_passed_by_systemd_stop_the_start() {
     );
     let path = write(dir.path(), "roboger.yml", &cfg);
     let mut child = Command::new("systemd-socket-activate")
+        .arg("--datagram")
         .arg("-l")
         .arg(&a)
         .arg("-l")
@@ -420,15 +506,13 @@ fn two_sockets_passed_by_systemd_stop_the_start() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    // systemd-socket-activate starts the server at the first connection.
+    // systemd-socket-activate starts the server at the first datagram.
+    let client = std::os::unix::net::UnixDatagram::unbound().unwrap();
     let end = std::time::Instant::now() + Duration::from_secs(10);
-    let _client = loop {
-        if let Ok(c) = std::os::unix::net::UnixStream::connect(&a) {
-            break c;
-        }
+    while client.send_to(b"push", &a).is_err() {
         assert!(std::time::Instant::now() < end, "no socket at {a:?}");
         std::thread::sleep(Duration::from_millis(20));
-    };
+    }
     let end = std::time::Instant::now() + Duration::from_secs(20);
     let status = loop {
         if let Some(status) = child.try_wait().unwrap() {
@@ -436,7 +520,7 @@ fn two_sockets_passed_by_systemd_stop_the_start() {
         }
         if std::time::Instant::now() > end {
             let _ = child.kill();
-            panic!("the server serves although systemd passed two sockets");
+            panic!("the server runs although it cannot serve the sockets systemd passed");
         }
         std::thread::sleep(Duration::from_millis(20));
     };
@@ -444,7 +528,9 @@ fn two_sockets_passed_by_systemd_stop_the_start() {
     std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
     assert!(!status.success(), "{err}");
     assert!(
-        err.contains("systemd passed 2 sockets; the server listens on one"),
+        err.contains(
+            "cannot serve socket 1 of the 2 systemd passed: not a listening stream socket"
+        ),
         "{err}"
     );
 }
