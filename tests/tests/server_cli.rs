@@ -302,6 +302,31 @@ async fn an_original_config_listening_on_a_unix_socket_serves_there() {
     assert_eq!(std::fs::read_to_string(&sock).unwrap(), "not a socket");
 }
 
+/// `systemd-socket-activate` holding a listening socket at each of
+/// `sockets` (`-l`, after `flags`) and starting the server with `config`
+/// at the first connection, as a `.socket` unit would; the server's data
+/// under `dir`.
+fn socket_activated(
+    flags: &[&str],
+    sockets: &[&std::ffi::OsStr],
+    config: &std::path::Path,
+    dir: &std::path::Path,
+) -> Command {
+    let mut cmd = Command::new("systemd-socket-activate");
+    cmd.args(flags);
+    for s in sockets {
+        cmd.arg("-l").arg(s);
+    }
+    cmd.arg(server_bin())
+        .arg("--config")
+        .arg(config)
+        .env("XDG_DATA_HOME", dir)
+        .env_remove("ROBOGER_DB")
+        .env_remove("ROBOGER_MASTERKEY")
+        .env_remove("ROBOGER_CONFIG");
+    cmd
+}
+
 /// Under systemd socket activation (here `systemd-socket-activate`, which
 /// holds the socket and starts the server at the first connection, as a
 /// `.socket` unit can) the server serves the socket it is passed instead
@@ -327,16 +352,7 @@ async fn a_socket_passed_by_systemd_is_served_from_the_first_request() {
         rec.display()
     );
     let path = write(dir.path(), "roboger.yml", &cfg);
-    let mut cmd = Command::new("systemd-socket-activate");
-    cmd.arg("-l")
-        .arg(&sock)
-        .arg(server_bin())
-        .arg("--config")
-        .arg(&path)
-        .env("XDG_DATA_HOME", dir.path())
-        .env_remove("ROBOGER_DB")
-        .env_remove("ROBOGER_MASTERKEY")
-        .env_remove("ROBOGER_CONFIG");
+    let cmd = socket_activated(&[], &[sock.as_os_str()], &path, dir.path());
     let started = tokio::task::spawn_blocking(move || spawn_and_wait_listening(cmd));
     let end = std::time::Instant::now() + Duration::from_secs(10);
     while !sock.exists() {
@@ -412,18 +428,7 @@ async fn every_socket_systemd_passes_is_served() {
         dir.path().join("r.db").display()
     );
     let path = write(dir.path(), "roboger.yml", &cfg);
-    let mut cmd = Command::new("systemd-socket-activate");
-    cmd.arg("-l")
-        .arg(&sock)
-        .arg("-l")
-        .arg(&tcp)
-        .arg(server_bin())
-        .arg("--config")
-        .arg(&path)
-        .env("XDG_DATA_HOME", dir.path())
-        .env_remove("ROBOGER_DB")
-        .env_remove("ROBOGER_MASTERKEY")
-        .env_remove("ROBOGER_CONFIG");
+    let cmd = socket_activated(&[], &[sock.as_os_str(), tcp.as_ref()], &path, dir.path());
     let started = tokio::task::spawn_blocking(move || spawn_and_wait_listening(cmd));
     let end = std::time::Instant::now() + Duration::from_secs(10);
     while !sock.exists() {
@@ -489,19 +494,8 @@ fn a_passed_socket_that_cannot_be_served_stops_the_start() {
         dir.path().join("r.db").display()
     );
     let path = write(dir.path(), "roboger.yml", &cfg);
-    let mut child = Command::new("systemd-socket-activate")
-        .arg("--datagram")
-        .arg("-l")
-        .arg(&a)
-        .arg("-l")
-        .arg(&b)
-        .arg(server_bin())
-        .arg("--config")
-        .arg(&path)
-        .env("XDG_DATA_HOME", dir.path())
-        .env_remove("ROBOGER_DB")
-        .env_remove("ROBOGER_MASTERKEY")
-        .env_remove("ROBOGER_CONFIG")
+    let sockets = [a.as_os_str(), b.as_os_str()];
+    let mut child = socket_activated(&["--datagram"], &sockets, &path, dir.path())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
