@@ -305,7 +305,8 @@ async fn an_original_config_listening_on_a_unix_socket_serves_there() {
 /// `systemd-socket-activate` holding a listening socket at each of
 /// `sockets` (`-l`, after `flags`) and starting the server with `config`
 /// at the first connection, as a `.socket` unit would; the server's data
-/// under `dir`.
+/// under `dir`. Like systemd, it gives the server an environment of its
+/// own (`TERM`, `PATH`, `HOME` and what `-E` sets), not the test's.
 fn socket_activated(
     flags: &[&str],
     sockets: &[&std::ffi::OsStr],
@@ -317,14 +318,30 @@ fn socket_activated(
     for s in sockets {
         cmd.arg("-l").arg(s);
     }
-    cmd.arg(server_bin())
+    cmd.arg("-E")
+        .arg(format!("XDG_DATA_HOME={}", dir.display()))
+        .arg(server_bin())
         .arg("--config")
-        .arg(config)
-        .env("XDG_DATA_HOME", dir)
-        .env_remove("ROBOGER_DB")
-        .env_remove("ROBOGER_MASTERKEY")
-        .env_remove("ROBOGER_CONFIG");
+        .arg(config);
     cmd
+}
+
+/// Waits (at most 10 s) for the socket `systemd-socket-activate` makes.
+async fn appears(sock: &std::path::Path) {
+    let end = std::time::Instant::now() + Duration::from_secs(10);
+    while !sock.exists() {
+        assert!(std::time::Instant::now() < end, "no socket at {sock:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// SIGTERM to the server `child`, which must exit 0.
+fn stops_cleanly(mut child: std::process::Child, log: &std::sync::Mutex<String>) {
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status();
+    assert!(child.wait().unwrap().success(), "{}", log.lock().unwrap());
 }
 
 /// Under systemd socket activation (here `systemd-socket-activate`, which
@@ -354,15 +371,11 @@ async fn a_socket_passed_by_systemd_is_served_from_the_first_request() {
     let path = write(dir.path(), "roboger.yml", &cfg);
     let cmd = socket_activated(&[], &[sock.as_os_str()], &path, dir.path());
     let started = tokio::task::spawn_blocking(move || spawn_and_wait_listening(cmd));
-    let end = std::time::Instant::now() + Duration::from_secs(10);
-    while !sock.exists() {
-        assert!(std::time::Instant::now() < end, "no socket at {sock:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    appears(&sock).await;
     let (base, http) = roboger_tests::reach(&format!("unix:{}", sock.display()));
     let first = http.get(format!("{base}/ping")).send().await.unwrap();
     assert_eq!(first.status().as_u16(), 204);
-    let (mut child, addr, log) = started.await.unwrap();
+    let (child, addr, log) = started.await.unwrap();
     assert_eq!(addr, format!("unix:{}", sock.display()));
     let text = log.lock().unwrap().clone();
     assert!(
@@ -398,11 +411,7 @@ async fn a_socket_passed_by_systemd_is_served_from_the_first_request() {
     assert!(start["env_listen_pid"].is_null(), "{start}");
     assert_eq!(start["inherited_sockets"], json!([]), "{start}");
 
-    let _ = Command::new("kill")
-        .arg("-TERM")
-        .arg(child.id().to_string())
-        .status();
-    assert!(child.wait().unwrap().success(), "{}", log.lock().unwrap());
+    stops_cleanly(child, &log);
     assert!(sock.exists(), "systemd's socket was removed");
 }
 
@@ -428,19 +437,23 @@ async fn every_socket_systemd_passes_is_served() {
         dir.path().join("r.db").display()
     );
     let path = write(dir.path(), "roboger.yml", &cfg);
-    let cmd = socket_activated(&[], &[sock.as_os_str(), tcp.as_ref()], &path, dir.path());
+    // systemd's end of the notify protocol, with a watchdog of 1 s.
+    let notify = dir.path().join("notify");
+    let heard = std::os::unix::net::UnixDatagram::bind(&notify).unwrap();
+    heard
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let notify_socket = format!("NOTIFY_SOCKET={}", notify.display());
+    let flags = ["-E", &notify_socket, "-E", "WATCHDOG_USEC=1000000"];
+    let cmd = socket_activated(&flags, &[sock.as_os_str(), tcp.as_ref()], &path, dir.path());
     let started = tokio::task::spawn_blocking(move || spawn_and_wait_listening(cmd));
-    let end = std::time::Instant::now() + Duration::from_secs(10);
-    while !sock.exists() {
-        assert!(std::time::Instant::now() < end, "no socket at {sock:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    appears(&sock).await;
     let (unix_base, unix) = roboger_tests::reach(&format!("unix:{}", sock.display()));
     let (tcp_base, http) = roboger_tests::reach(&tcp);
     // The first request starts the server, which answers it.
     let first = unix.get(format!("{unix_base}/ping")).send().await.unwrap();
     assert_eq!(first.status().as_u16(), 204);
-    let (mut child, _, log) = started.await.unwrap();
+    let (child, _, log) = started.await.unwrap();
     let text = log.lock().unwrap().clone();
     assert!(
         text.contains("serving the 2 sockets systemd passed; listen (127.0.0.1:7719) is not used"),
@@ -471,11 +484,26 @@ async fn every_socket_systemd_passes_is_served() {
         .unwrap();
     assert_eq!(r.status().as_u16(), 202);
 
-    let _ = Command::new("kill")
-        .arg("-TERM")
-        .arg(child.id().to_string())
-        .status();
-    assert!(child.wait().unwrap().success(), "{}", log.lock().unwrap());
+    // The watchdog's probe reaches both sockets: the pings come (every
+    // 0.5 s), and none is withheld.
+    let mut pings = 0;
+    let mut buf = [0u8; 4096];
+    let end = std::time::Instant::now() + Duration::from_secs(10);
+    while pings < 4 {
+        assert!(
+            std::time::Instant::now() < end,
+            "{pings} pings: {}",
+            log.lock().unwrap()
+        );
+        if let Ok(n) = heard.recv(&mut buf) {
+            let said = String::from_utf8_lossy(&buf[..n]);
+            pings += usize::from(said.lines().any(|l| l == "WATCHDOG=1"));
+        }
+    }
+    let text = log.lock().unwrap().clone();
+    assert!(!text.contains("watchdog ping withheld"), "{text}");
+
+    stops_cleanly(child, &log);
     assert!(sock.exists(), "systemd's socket was removed");
 }
 
