@@ -100,7 +100,7 @@ pub struct HttpRequest {
     pub query: String,
     pub headers: BTreeMap<String, String>,
     pub body: Vec<u8>,
-    /// The client's real IP (per the server's `ip-header`).
+    /// The client's real IP (per the server's `ip-header` and `ip-header-from`).
     pub client_ip: Option<String>,
 }
 

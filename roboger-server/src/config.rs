@@ -76,6 +76,7 @@ struct FileRoboger {
     listen: Option<String>,
     log_tracebacks: Option<bool>,
     ip_header: Option<String>,
+    ip_header_from: Option<Vec<String>>,
     api_doc: Option<ApiDoc>,
     limits: Option<FileLimits>,
     bucket: Option<FileBucket>,
@@ -220,6 +221,9 @@ pub struct Config {
     pub listen: Listen,
     /// Header that carries the client's real IP (`ip-header`), if any.
     pub ip_header: Option<String>,
+    /// The peers (proxies) whose `ip-header` is believed
+    /// (`ip-header-from`; empty: every peer, as the original did).
+    pub ip_header_from: Vec<IpNet>,
     /// Path the API documentation is served under; `None` when disabled.
     pub api_doc: Option<String>,
     /// Address limits, when configured.
@@ -459,12 +463,16 @@ impl Config {
     /// The keys (other than `plugins`) whose values differ in `other`:
     /// what a reload cannot apply without a restart.
     pub fn differences(&self, other: &Config) -> Vec<&'static str> {
-        let checks: [(&'static str, bool); 20] = [
+        let checks: [(&'static str, bool); 21] = [
             ("db", self.db != other.db),
             ("db-pool-size", self.db_pool_size != other.db_pool_size),
             ("url", self.public_url != other.public_url),
             ("listen", self.listen != other.listen),
             ("ip-header", self.ip_header != other.ip_header),
+            (
+                "ip-header-from",
+                self.ip_header_from != other.ip_header_from,
+            ),
             ("api-doc", self.api_doc != other.api_doc),
             ("limits", self.limits != other.limits),
             (
@@ -591,6 +599,16 @@ impl Config {
             }
             None => None,
         };
+        let ip_header_from = parse_nets(
+            "roboger.ip-header-from",
+            &f.ip_header_from.unwrap_or_default(),
+        )?;
+        if ip_header.is_none() && !ip_header_from.is_empty() {
+            return Err(invalid(
+                "roboger.ip-header-from",
+                "names the proxies whose ip-header is believed, but ip-header is not set",
+            ));
+        }
 
         let api_doc = match f.api_doc {
             None | Some(ApiDoc::Enabled(true)) => Some("/".to_string()),
@@ -885,6 +903,7 @@ impl Config {
             public_url,
             listen,
             ip_header,
+            ip_header_from,
             api_doc,
             limits,
             bucket_default_expires: Duration::from_secs(bucket_default_expires),
@@ -1427,6 +1446,25 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("roboger.master.allow[0]"), "{e}");
+        let e = load_str("roboger:\n  master:\n    key: x\n  ip-header-from: [127.0.0.1]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("roboger.ip-header-from") && e.contains("ip-header is not set"),
+            "{e}"
+        );
+        let e = load_str(
+            "roboger:\n  master:\n    key: x\n  ip-header: X-Real-IP\n  ip-header-from: [proxy]\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("roboger.ip-header-from[0]"), "{e}");
+        let c = load_str(
+            "roboger:\n  master:\n    key: x\n  ip-header: X-Real-IP\n  \
+             ip-header-from: [127.0.0.1, '10.0.0.0/8']\n",
+        )
+        .unwrap();
+        assert_eq!(c.ip_header_from.len(), 2);
         let e = load_str("roboger:\n  master:\n    key: x\n  db: oracle://x\n")
             .unwrap_err()
             .to_string();

@@ -96,6 +96,7 @@ impl App {
             &config.master_key,
             config.master_allow.clone(),
             config.ip_header.as_deref(),
+            config.ip_header_from.clone(),
         );
         let host = host::HostContext::new(
             store.clone(),

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use roboger_server::config::{Config, Overrides};
-use roboger_server::listener::{Listener, Listeners};
+use roboger_server::listener::{Listener, Listeners, Local};
 use roboger_server::store::{Store, StoreError};
 use roboger_server::{App, server, systemd};
 
@@ -242,6 +242,18 @@ async fn serve(cli: &Cli, activated: Vec<OwnedFd>) -> anyhow::Result<()> {
         .map(ToString::to_string)
         .collect::<Vec<_>>()
         .join(", ");
+    if let Some(h) = &config.ip_header
+        && config.ip_header_from.is_empty()
+        && local
+            .iter()
+            .any(|l| matches!(l, Local::Tcp(a) if !a.ip().is_loopback()))
+    {
+        tracing::warn!(
+            "{h} is believed from every client, and clients off this host can reach the \
+             server: set ip-header-from to the proxy's address so that they cannot choose \
+             the address master.allow checks"
+        );
+    }
     let app = Arc::new(App::start(config, store).await.context("cannot start")?);
     tracing::info!(
         plugins = app.plugins.list().len(),

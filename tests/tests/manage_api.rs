@@ -2,6 +2,8 @@
 //! every error status, over HTTP. Runs on SQLite, and on PostgreSQL when
 //! `ROBOGER_TEST_PG` is set (tests/run does both).
 
+use std::time::Duration;
+
 use roboger_tests::{KEY, Method, Server, ServerOptions, Value, assert_status, json};
 
 const GET: Method = Method::GET;
@@ -1103,12 +1105,68 @@ async fn master_allow_and_ip_header() {
 }
 
 async fn start_with_allow(allow: &str) -> Server {
+    start_behind("", allow, None).await
+}
+
+/// A server with `ip-header: X-Real-IP` plus `yaml`, `master.allow` set
+/// to `allow`, listening as `listen` says (else on 127.0.0.1).
+async fn start_behind(yaml: &str, allow: &str, listen: Option<&str>) -> Server {
     Server::start_with(ServerOptions {
-        yaml: "ip-header: X-Real-IP\n".into(),
+        yaml: format!("ip-header: X-Real-IP\n{yaml}"),
         master_yaml: format!("allow: {allow}\n"),
+        listen_yaml: listen.map(str::to_string),
         ..Default::default()
     })
     .await
+}
+
+/// With `ip-header-from`, the header is believed only from the proxies
+/// it names: a client that reaches the server itself cannot choose the
+/// address `master.allow` checks. A server any host can reach that
+/// believes the header from anyone says so at its start.
+#[tokio::test]
+async fn ip_header_is_believed_only_from_its_proxies() {
+    let real = [("X-Real-IP", "10.20.30.40")];
+    // The test's client (127.0.0.1) is not the proxy: its own address
+    // is checked, and it is not allowed.
+    let s = start_behind("ip-header-from: ['10.0.0.1']\n", "['10.0.0.0/8']", None).await;
+    let r = s
+        .request(GET, "/manage/v2/core", Some(KEY), &real, None)
+        .await;
+    assert_status!(r, 403);
+    assert!(s.log_lines("believed from every client").is_empty());
+
+    // As the proxy, it is believed.
+    let s = start_behind("ip-header-from: ['127.0.0.1']\n", "['10.0.0.0/8']", None).await;
+    let r = s
+        .request(GET, "/manage/v2/core", Some(KEY), &real, None)
+        .await;
+    assert_status!(r, 200);
+    let r = s
+        .request(GET, "/manage/v2/core", Some(KEY), &[], None)
+        .await;
+    assert_status!(r, 403);
+
+    // Believed from anyone (the original's way) on every interface.
+    let s = start_behind("", "['10.0.0.0/8']", Some("listen: 0.0.0.0:0")).await;
+    s.wait_log("believed from every client", Duration::from_secs(5))
+        .await;
+    let s = start_behind(
+        "ip-header-from: ['127.0.0.1']\n",
+        "['10.0.0.0/8']",
+        Some("listen: 0.0.0.0:0"),
+    )
+    .await;
+    assert_status!(
+        s.request(GET, "/manage/v2/core", Some(KEY), &real, None)
+            .await,
+        200
+    );
+    assert!(
+        s.log_lines("believed from every client").is_empty(),
+        "{}",
+        s.log_text()
+    );
 }
 
 #[tokio::test]

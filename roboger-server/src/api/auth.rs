@@ -1,6 +1,8 @@
 //! Who may use the management API: the master key (header `X-Auth-Key` or
 //! body field `k`, compared in constant time) and the `master.allow`
-//! networks, checked against the client's real IP.
+//! networks, checked against the client's real IP: the socket peer's, or
+//! what `ip-header` says when the peer is a proxy `ip-header-from` names
+//! (any peer when it names none, as in the original).
 
 use std::net::{IpAddr, SocketAddr};
 
@@ -17,22 +19,29 @@ pub struct MasterAuth {
     key_digest: [u8; 32],
     allow: Vec<IpNet>,
     ip_header: Option<HeaderName>,
+    /// The peers whose `ip_header` is believed (empty: every peer).
+    proxies: Vec<IpNet>,
 }
 
 impl MasterAuth {
-    /// From the configured key, allowed networks and real-IP header.
-    pub fn new(key: &str, allow: Vec<IpNet>, ip_header: Option<&str>) -> Self {
+    /// From the configured key, allowed networks, real-IP header and the
+    /// proxies it is believed from.
+    pub fn new(key: &str, allow: Vec<IpNet>, ip_header: Option<&str>, proxies: Vec<IpNet>) -> Self {
         MasterAuth {
             key_digest: Sha256::digest(key.as_bytes()).into(),
             allow,
             ip_header: ip_header.and_then(|h| HeaderName::from_bytes(h.as_bytes()).ok()),
+            proxies,
         }
     }
 
     /// The client's IP: the configured header's first address when present
-    /// and valid, else the socket peer.
+    /// and valid and the socket peer is a proxy it is believed from, else
+    /// the socket peer.
     pub fn client_ip(&self, peer: Option<SocketAddr>, headers: &HeaderMap) -> Option<IpAddr> {
-        if let Some(h) = &self.ip_header {
+        let believed =
+            self.proxies.is_empty() || peer.is_some_and(|p| within(&self.proxies, p.ip()));
+        if let Some(h) = self.ip_header.as_ref().filter(|_| believed) {
             let from_header = headers
                 .get(h)
                 .and_then(|v| v.to_str().ok())
@@ -64,20 +73,20 @@ impl MasterAuth {
     /// Passes when the client is in an allowed network, or when no
     /// networks are set (403 otherwise).
     pub fn allowed(&self, ip: Option<IpAddr>) -> Result<(), ApiError> {
-        if !self.allow.is_empty() {
-            let ok = ip.is_some_and(|ip| {
-                let ip = canonical(ip);
-                self.allow.iter().any(|n| n.contains(&ip))
-            });
-            if !ok {
-                tracing::warn!(?ip, "management access from an address not in master.allow");
-                return Err(ApiError::Forbidden(
-                    "forbidden: client address is not allowed",
-                ));
-            }
+        if !self.allow.is_empty() && !ip.is_some_and(|ip| within(&self.allow, ip)) {
+            tracing::warn!(?ip, "management access from an address not in master.allow");
+            return Err(ApiError::Forbidden(
+                "forbidden: client address is not allowed",
+            ));
         }
         Ok(())
     }
+}
+
+/// Whether `ip` is in one of `nets`.
+fn within(nets: &[IpNet], ip: IpAddr) -> bool {
+    let ip = canonical(ip);
+    nets.iter().any(|n| n.contains(&ip))
 }
 
 /// IPv4 clients on a dual-stack socket appear as `::ffff:a.b.c.d`.
@@ -98,6 +107,7 @@ mod tests {
             "secret",
             vec!["10.0.0.0/8".parse().unwrap()],
             Some("X-Real-IP"),
+            Vec::new(),
         );
         let inside = Some("10.1.2.3".parse().unwrap());
         assert!(a.check(inside, Some("secret")).is_ok());
@@ -123,5 +133,19 @@ mod tests {
             a.client_ip(peer, &HeaderMap::new()),
             Some("127.0.0.1".parse().unwrap())
         );
+
+        // Believed only from the proxies named, a dual-stack one too.
+        let a = MasterAuth::new(
+            "secret",
+            Vec::new(),
+            Some("X-Real-IP"),
+            vec!["127.0.0.1/32".parse().unwrap()],
+        );
+        assert_eq!(a.client_ip(peer, &h), Some("10.9.9.9".parse().unwrap()));
+        let mapped = Some("[::ffff:127.0.0.1]:5".parse().unwrap());
+        assert_eq!(a.client_ip(mapped, &h), Some("10.9.9.9".parse().unwrap()));
+        let other = Some("192.0.2.1:5".parse().unwrap());
+        assert_eq!(a.client_ip(other, &h), Some("192.0.2.1".parse().unwrap()));
+        assert_eq!(a.client_ip(None, &h), None);
     }
 }

@@ -35,7 +35,7 @@ pub const BUILD: &str = match option_env!("ROBOGER_BUILD") {
 /// Who sent a management request, for the log of changes.
 #[derive(Debug, Clone, Copy)]
 pub struct Caller {
-    /// The client's address (see `master.ip-header`).
+    /// The client's address (see `ip-header` and `ip-header-from`).
     pub ip: Option<std::net::IpAddr>,
     /// Where the request came in: `api` or `console`.
     pub via: &'static str,
