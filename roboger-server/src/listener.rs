@@ -168,6 +168,28 @@ impl Listeners {
     }
 }
 
+impl Listeners {
+    /// Every listening socket systemd passed (socket activation), in its
+    /// order; an error names the socket that cannot be served.
+    pub fn from_systemd(fds: Vec<OwnedFd>) -> io::Result<Listeners> {
+        let n = fds.len();
+        let each = fds
+            .into_iter()
+            .enumerate()
+            .map(|(i, fd)| {
+                Listener::from_systemd(fd).map_err(|e| {
+                    let which = match n {
+                        1 => "the socket systemd passed".to_string(),
+                        _ => format!("socket {} of the {n} systemd passed", i + 1),
+                    };
+                    io::Error::new(e.kind(), format!("cannot serve {which}: {e}"))
+                })
+            })
+            .collect::<io::Result<_>>()?;
+        Ok(Listeners { each, next: 0 })
+    }
+}
+
 impl From<Vec<Listener>> for Listeners {
     fn from(each: Vec<Listener>) -> Self {
         Listeners { each, next: 0 }
@@ -316,6 +338,18 @@ mod tests {
                 Ok(_) => panic!("served: {why}"),
                 Err(e) => assert!(e.to_string().contains(why), "{e}"),
             }
+        }
+
+        // Among several, the error names which one.
+        let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        match Listeners::from_systemd(vec![OwnedFd::from(tcp), OwnedFd::from(udp)]) {
+            Ok(_) => panic!("served a datagram socket"),
+            Err(e) => assert_eq!(
+                e.to_string(),
+                "cannot serve socket 2 of the 2 systemd passed: not a listening stream \
+                 socket (the .socket unit needs Accept=no, the default, and ListenStream=)"
+            ),
         }
     }
 }

@@ -217,24 +217,16 @@ async fn serve(cli: &Cli, activated: Vec<OwnedFd>) -> anyhow::Result<()> {
             .into()
     } else {
         let n = activated.len();
-        let mut each = Vec::with_capacity(n);
-        for (i, fd) in activated.into_iter().enumerate() {
-            let l = Listener::from_systemd(fd).with_context(|| match n {
-                1 => "cannot serve the socket systemd passed".to_string(),
-                _ => format!("cannot serve socket {} of the {n} systemd passed", i + 1),
-            })?;
-            each.push(l);
-        }
+        let l = Listeners::from_systemd(activated)?;
         tracing::info!(
             "serving the {} systemd passed; listen ({}) is not used",
-            if n == 1 {
-                "socket".to_string()
-            } else {
-                format!("{n} sockets")
+            match n {
+                1 => "socket".to_string(),
+                n => format!("{n} sockets"),
             },
             config.listen
         );
-        Listeners::from(each)
+        l
     };
     let local = listeners.local().context("listener has no address")?;
     let shown = local

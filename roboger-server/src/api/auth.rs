@@ -83,14 +83,15 @@ impl MasterAuth {
     }
 }
 
-/// Whether `ip` is in one of `nets`.
-fn within(nets: &[IpNet], ip: IpAddr) -> bool {
+/// Whether `ip` is in one of `nets` (an IPv4 client of a dual-stack
+/// socket as its IPv4 address).
+pub fn within(nets: &[IpNet], ip: IpAddr) -> bool {
     let ip = canonical(ip);
     nets.iter().any(|n| n.contains(&ip))
 }
 
 /// IPv4 clients on a dual-stack socket appear as `::ffff:a.b.c.d`.
-pub fn canonical(ip: IpAddr) -> IpAddr {
+fn canonical(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
         v4 => v4,

@@ -58,13 +58,7 @@ pub async fn scrape(app: &App, headers: &HeaderMap, peer: Option<SocketAddr>) ->
 /// `master.allow`, as for the management API).
 fn allowed(app: &App, headers: &HeaderMap, peer: Option<SocketAddr>) -> Result<(), ApiError> {
     let ip = app.auth.client_ip(peer, headers);
-    if let Some(ip) = ip
-        && app
-            .config
-            .metrics_allow
-            .iter()
-            .any(|n| n.contains(&crate::api::auth::canonical(ip)))
-    {
+    if ip.is_some_and(|ip| crate::api::auth::within(&app.config.metrics_allow, ip)) {
         return Ok(());
     }
     let bearer = headers
