@@ -41,6 +41,23 @@ async fn put(s: &Server, rec: &Path, addr: i64, bucket: Value) -> String {
         .to_string()
 }
 
+/// A client that asks for `path` and reads nothing of the answer (a
+/// small receive window, so the kernel's buffers cannot take it all),
+/// once the answer has begun: its room in the body budget is taken.
+async fn reads_nothing_of(s: &Server, path: &str) -> tokio::net::TcpStream {
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let host = s.base.trim_start_matches("http://");
+    let mut idle = sock.connect(host.parse().unwrap()).await.unwrap();
+    idle.write_all(format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    // Peeking at the first byte takes none of them.
+    let mut first = [0u8; 1];
+    idle.peek(&mut first).await.unwrap();
+    idle
+}
+
 #[tokio::test]
 async fn public_bucket_objects_are_served_until_they_expire() {
     let dir = tempfile::tempdir().unwrap();
@@ -178,19 +195,7 @@ async fn files_nobody_reads_hold_neither_memory_nor_a_connection_for_long() {
     .await;
     let path = format!("/file/{id}");
 
-    // A client asks for it and reads nothing (a small receive window, so
-    // the kernel's buffers cannot take it all).
-    let sock = tokio::net::TcpSocket::new_v4().unwrap();
-    sock.set_recv_buffer_size(4096).unwrap();
-    let host = s.base.trim_start_matches("http://");
-    let mut idle = sock.connect(host.parse().unwrap()).await.unwrap();
-    idle.write_all(format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    // Its answer has begun (so the file's room is taken) once its first
-    // bytes are there; peeking takes none of them.
-    let mut first = [0u8; 1];
-    idle.peek(&mut first).await.unwrap();
+    let mut idle = reads_nothing_of(&s, &path).await;
     let began = Instant::now();
 
     // Meanwhile the file has no room: another client is told to come back.
@@ -293,4 +298,63 @@ async fn plugin_routes_reach_the_plugins_http_method() {
         .await
         .unwrap();
     assert_eq!(r.status().as_u16(), 413);
+}
+
+#[tokio::test]
+async fn plugin_answers_nobody_reads_hold_room_in_the_body_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    // As for files above: room for one 10 MiB answer at a time.
+    let s = Server::start_with(ServerOptions {
+        yaml: "body-budget: 16777216\ntimeout: 5\n".into(),
+        plugins_yaml: entry("t", &dir.path().join("t.jsonl"), ""),
+        ..Default::default()
+    })
+    .await;
+    const SIZE: usize = 10 * 1024 * 1024;
+    let path = format!("/plugin/t/big?size={SIZE}");
+    let idle = reads_nothing_of(&s, &path).await;
+
+    // While it is held, a second such answer is not made: the client is
+    // told to come back.
+    let r = s.request(Method::GET, &path, None, &[], None).await;
+    assert_eq!(
+        r.status.as_u16(),
+        503,
+        "a second answer was sent while the first waited"
+    );
+    assert_eq!(r.header("retry-after"), Some("1"));
+    // Small answers take the other pool and are still served.
+    assert_status!(
+        s.request(Method::GET, "/plugin/t/small", None, &[], None)
+            .await,
+        200
+    );
+
+    // Once the idle client goes, its room is given back.
+    drop(idle);
+    let end = Instant::now() + Duration::from_secs(20);
+    let served = loop {
+        let r = s.request(Method::GET, &path, None, &[], None).await;
+        if r.status.as_u16() == 200 {
+            break r;
+        }
+        assert_status!(r, 503);
+        assert!(Instant::now() < end, "the answer was never made again");
+    };
+    assert_eq!(served.text.len(), SIZE);
+    assert_eq!(served.header("content-length"), Some("10485760"));
+    assert_eq!(served.header("x-test"), Some("yes"));
+
+    // An answer that has no body says so (no Content-Length on a 204),
+    // and the connection carries the next request.
+    let r = s
+        .request(Method::GET, "/plugin/t/x?status=204", None, &[], None)
+        .await;
+    assert_status!(r, 204);
+    assert_eq!(r.text, "");
+    assert_eq!(r.header("content-length"), None);
+    assert_status!(
+        s.request(Method::GET, "/plugin/t/x", None, &[], None).await,
+        200
+    );
 }

@@ -173,7 +173,7 @@ pub fn routes(
              body,
              app: Arc<App>| async move {
                 let length = content_length(&headers);
-                let (body, _room) = match app
+                let (body, room) = match app
                     .bodies
                     .read(body, length, public::PLUGIN_BODY_LIMIT)
                     .await
@@ -189,6 +189,7 @@ pub fn routes(
                     headers: &headers,
                     peer: peer.map(|p| p.0),
                     body,
+                    room,
                 };
                 let run = public::plugin_route(&app, req);
                 match tokio::time::timeout(app.config.timeout * 2, run).await {

@@ -1,6 +1,10 @@
 //! Public routes other than `/ping`: public bucket objects at
 //! `/file/{id}`, and `/plugin/{name}/...`, the HTTP routes plugins own
 //! (answered by the plugin's `http` method).
+//!
+//! Invariant: what these routes send (a file, a plugin's answer) holds
+//! room in the body budget for its size until the last of it is taken
+//! or the connection ends, like a request body being read.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -94,9 +98,9 @@ pub async fn file(app: &App, id: &str) -> Response {
     r
 }
 
-/// A file's content as it is sent, a slice at a time, with its room in
-/// the body budget: the room goes when the last slice has been taken, or
-/// when the connection ends first.
+/// A file's or a plugin's answer as it is sent, a slice at a time, with
+/// its room in the body budget: the room goes when the last slice has
+/// been taken, or when the connection ends first.
 struct Sending {
     rest: Bytes,
     room: Option<Room>,
@@ -130,6 +134,9 @@ pub struct PluginRequest<'a> {
     pub headers: &'a HeaderMap,
     pub peer: Option<SocketAddr>,
     pub body: Bytes,
+    /// The body's room in the budget, given back once the plugin has
+    /// answered.
+    pub room: Room,
 }
 
 /// Passes a request to the plugin's `http` method and its answer back.
@@ -168,7 +175,11 @@ pub async fn plugin_route(app: &App, req: PluginRequest<'_>) -> Result<Response,
             .into(),
     );
     params.insert("client_ip".into(), client_ip.into());
-    let answer = match app.plugins.call(req.name, "http", params).await {
+    let called = app.plugins.call(req.name, "http", params).await;
+    // The request is done with before room is taken for the answer, so
+    // the two are never held at once.
+    drop(req.room);
+    let answer = match called {
         Ok(Value::Null) => {
             return Err(ApiError::NotFound(format!(
                 "plugin {} serves no HTTP routes",
@@ -184,20 +195,62 @@ pub async fn plugin_route(app: &App, req: PluginRequest<'_>) -> Result<Response,
         }
         Err(e) => return Err(e.into()),
     };
-    Ok(route_answer(req.name, answer))
+    let answer = match route_answer(req.name, answer) {
+        Ok(a) => a,
+        Err(bad) => return Ok(reply::text(StatusCode::BAD_GATEWAY, bad.to_string())),
+    };
+    let room = app.bodies.room_for(answer.body.len()).await?;
+    Ok(answer.response(room))
+}
+
+/// A plugin's answer to a request on its route, checked.
+#[derive(Debug)]
+pub struct RouteAnswer {
+    pub status: StatusCode,
+    /// The plugin's headers that are valid HTTP, less the framing ones.
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl RouteAnswer {
+    /// The answer as sent, holding `room` until its body has been taken.
+    fn response(self, room: Room) -> Response {
+        let length = self.body.len();
+        let mut r = warp::reply::stream(Sending {
+            rest: self.body,
+            room: Some(room),
+        })
+        .into_response();
+        *r.status_mut() = self.status;
+        *r.headers_mut() = self.headers;
+        if has_body(self.status) {
+            r.headers_mut()
+                .insert(header::CONTENT_LENGTH, HeaderValue::from(length));
+        }
+        r
+    }
+}
+
+/// A plugin's `http` method answered with something that is not an HTTP
+/// answer (sent on as 502).
+#[derive(Debug, thiserror::Error)]
+#[error("plugin {plugin} answered {what}")]
+pub struct BadAnswer {
+    plugin: String,
+    what: String,
 }
 
 /// The HTTP answer a plugin's `http` method described (status, headers,
-/// base64 body); a description that is not one is 502. Headers that are
-/// not valid HTTP are left out.
-pub fn route_answer(name: &str, answer: Value) -> Response {
+/// base64 body). Headers that are not valid HTTP are left out.
+pub fn route_answer(name: &str, answer: Value) -> Result<RouteAnswer, BadAnswer> {
+    let bad = |what: String| BadAnswer {
+        plugin: name.to_string(),
+        what,
+    };
     let answer: HttpResponse = match serde_json::from_value(answer) {
         Ok(a) => a,
         Err(e) => {
-            return reply::text(
-                StatusCode::BAD_GATEWAY,
-                format!("plugin {name} answered badly: {e}"),
-            );
+            return Err(bad(format!("badly: {e}")));
         }
     };
     let (Some(status), Ok(body)) = (
@@ -207,23 +260,34 @@ pub fn route_answer(name: &str, answer: Value) -> Response {
             .filter(|s| (200..600).contains(&s.as_u16())),
         base64::engine::general_purpose::STANDARD.decode(&answer.body),
     ) else {
-        return reply::text(
-            StatusCode::BAD_GATEWAY,
-            format!("plugin {name} answered with a bad status or body"),
-        );
+        return Err(bad("with a bad status or body".into()));
     };
-    let mut r = Response::new(body.into());
-    *r.status_mut() = status;
+    let mut headers = HeaderMap::new();
     for (k, v) in answer.headers {
         if let (Ok(name), Ok(value)) = (
             HeaderName::from_bytes(k.as_bytes()),
             HeaderValue::from_str(&v),
         ) && !FRAMING_HEADERS.contains(&name)
         {
-            r.headers_mut().append(name, value);
+            headers.append(name, value);
         }
     }
-    r
+    let body = if has_body(status) {
+        body.into()
+    } else {
+        Bytes::new()
+    };
+    Ok(RouteAnswer {
+        status,
+        headers,
+        body,
+    })
+}
+
+/// Whether an answer with `status` has a body, and so a length: 204 and
+/// 304 have neither.
+fn has_body(status: StatusCode) -> bool {
+    !matches!(status, StatusCode::NO_CONTENT | StatusCode::NOT_MODIFIED)
 }
 
 /// Headers that describe the connection or the body's framing: the

@@ -129,23 +129,32 @@ impl Plugin for Chaos {
     }
 
     async fn http(&self, req: HttpRequest, _host: &Host) -> Result<HttpResponse, PluginError> {
-        let status = req
-            .query
-            .split('&')
-            .find_map(|kv| kv.strip_prefix("status="))
-            .and_then(|s| s.parse().ok())
+        let asked = |key: &str| {
+            req.query
+                .split('&')
+                .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+                .and_then(|s| s.parse::<usize>().ok())
+        };
+        let status = asked("status")
+            .and_then(|s| u16::try_from(s).ok())
             .unwrap_or(200);
-        let echo = json!({
-            "method": req.method, "path": req.path, "query": req.query, "headers": req.headers,
-            "body": String::from_utf8_lossy(&req.body), "client_ip": req.client_ip,
-        });
+        // `size=N` answers N bytes of "x" instead of the echo.
+        let body = match asked("size") {
+            Some(n) => "x".repeat(n),
+            None => json!({
+                "method": req.method, "path": req.path, "query": req.query,
+                "headers": req.headers, "body": String::from_utf8_lossy(&req.body),
+                "client_ip": req.client_ip,
+            })
+            .to_string(),
+        };
         let mut headers = std::collections::BTreeMap::new();
         headers.insert("content-type".to_string(), "application/json".to_string());
         headers.insert("x-test".to_string(), "yes".to_string());
         Ok(HttpResponse {
             status,
             headers,
-            body: base64::engine::general_purpose::STANDARD.encode(echo.to_string()),
+            body: base64::engine::general_purpose::STANDARD.encode(body),
         })
     }
 
