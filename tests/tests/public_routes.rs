@@ -357,4 +357,16 @@ async fn plugin_answers_nobody_reads_hold_room_in_the_body_budget() {
         s.request(Method::GET, "/plugin/t/x", None, &[], None).await,
         200
     );
+    // HEAD: the length the answer would have, and none of its body.
+    let r = s
+        .request(Method::HEAD, "/plugin/t/x?size=100", None, &[], None)
+        .await;
+    assert_status!(r, 200);
+    assert_eq!(r.header("content-length"), Some("100"));
+    assert_eq!(r.text, "");
+    let r = s
+        .request(Method::GET, "/plugin/t/x?size=100", None, &[], None)
+        .await;
+    assert_status!(r, 200);
+    assert_eq!(r.text, "x".repeat(100));
 }
