@@ -4,8 +4,9 @@
 //! delivery attempt) update counters and histograms here, which are
 //! atomics. Everything else is read at scrape time from what already
 //! holds it ([`Scrape`]): the plugin supervisor, the routing index, the
-//! database pool, and the pending deliveries, counted in the database so
-//! the figure is the cluster's, at most once every [`PENDING_REFRESH`].
+//! database pool, the body budget's pools, the management refusals, and
+//! the pending deliveries, counted in the database so the figure is the
+//! cluster's, at most once every [`PENDING_REFRESH`].
 //!
 //! Invariant: labels are bounded (HTTP status, plugin name, outcome,
 //! pool state); no address or endpoint id ever becomes a label.
@@ -265,6 +266,23 @@ pub struct Scrape {
     pub pool: (u64, u64),
     /// Pending deliveries per plugin.
     pub pending: PerPlugin,
+    /// The body budget's pools.
+    pub body_budget: Vec<BudgetPool>,
+    /// Management requests refused: a wrong key, and an address not in
+    /// `master.allow`.
+    pub auth_refused: (u64, u64),
+}
+
+/// One pool of the body budget as a scrape sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BudgetPool {
+    /// `small` or `large`.
+    pub pool: &'static str,
+    /// Room held now.
+    pub used_bytes: u64,
+    pub size_bytes: u64,
+    /// Requests answered 503 for want of room here, since start.
+    pub refused: u64,
 }
 
 impl Scrape {
@@ -326,11 +344,62 @@ impl Scrape {
             .set(i64::try_from(used).unwrap_or(i64::MAX));
         pool.with_label_values(&["idle"])
             .set(i64::try_from(idle).unwrap_or(i64::MAX));
+        let pool_gauge =
+            |name: &str, help: &str| IntGaugeVec::new(Opts::new(name, help), &["pool"]);
+        let budget_used = pool_gauge(
+            "roboger_body_budget_used_bytes",
+            "Room of body-budget held now by request bodies and by files and plugin answers being sent, by pool (small: every body's first 64 KiB; large: larger ones, whole).",
+        )?;
+        let budget_size = pool_gauge(
+            "roboger_body_budget_size_bytes",
+            "Size of each pool of body-budget.",
+        )?;
+        let budget_refused = IntCounterVec::new(
+            Opts::new(
+                "roboger_body_budget_refused_total",
+                "Requests answered 503 for want of room in body-budget, by pool.",
+            ),
+            &["pool"],
+        )?;
+        for p in &self.body_budget {
+            let l = [p.pool];
+            budget_used
+                .with_label_values(&l)
+                .set(i64::try_from(p.used_bytes).unwrap_or(i64::MAX));
+            budget_size
+                .with_label_values(&l)
+                .set(i64::try_from(p.size_bytes).unwrap_or(i64::MAX));
+            budget_refused.with_label_values(&l).inc_by(p.refused);
+        }
+        let auth_refused = IntCounterVec::new(
+            Opts::new(
+                "roboger_management_refused_total",
+                "Management, console and metrics requests refused with 403: a wrong master key (wrong_key), or a client address not in master.allow (not_allowed).",
+            ),
+            &["reason"],
+        )?;
+        let (wrong_key, not_allowed) = self.auth_refused;
+        auth_refused
+            .with_label_values(&["wrong_key"])
+            .inc_by(wrong_key);
+        auth_refused
+            .with_label_values(&["not_allowed"])
+            .inc_by(not_allowed);
         let mut out = Vec::new();
-        for c in [&up, &inflight, &resident, &pending, &pool] {
+        for c in [
+            &up,
+            &inflight,
+            &resident,
+            &pending,
+            &pool,
+            &budget_used,
+            &budget_size,
+        ] {
             out.extend(c.collect());
         }
         out.extend(restarts.collect());
+        out.extend(budget_refused.collect());
+        out.extend(auth_refused.collect());
         out.extend(routing.collect());
         Ok(out)
     }

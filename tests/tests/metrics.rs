@@ -144,6 +144,17 @@ async fn only_the_master_key_or_metrics_allow_may_read_it() {
     let r = get(vec![("X-Auth-Key", KEY.into())]).await;
     assert_status!(r, 200);
     assert!(r.text.contains("# TYPE roboger_push_seconds histogram"));
+    // The two wrong keys are counted, for an alert on guessing.
+    let m = s.metrics().await;
+    assert_eq!(
+        m.get("roboger_management_refused_total{reason=\"wrong_key\"}"),
+        Some(&2.0),
+        "{m:#?}"
+    );
+    assert_eq!(
+        m.get("roboger_management_refused_total{reason=\"not_allowed\"}"),
+        Some(&0.0)
+    );
 
     // Served to metrics.allow without a key; elsewhere a key is needed.
     let open = Server::start_with(ServerOptions {
@@ -154,6 +165,27 @@ async fn only_the_master_key_or_metrics_allow_may_read_it() {
     assert_status!(
         open.request(Method::GET, "/metrics", None, &[], None).await,
         200
+    );
+    // A management request from outside master.allow is counted too.
+    let fenced = Server::start_with(ServerOptions {
+        yaml: "metrics:\n  allow: ['127.0.0.0/8']\n".into(),
+        master_yaml: "allow: ['10.0.0.0/8']\n".into(),
+        ..Default::default()
+    })
+    .await;
+    assert_status!(
+        fenced
+            .request(Method::GET, "/manage/v2/core", Some(KEY), &[], None)
+            .await,
+        403
+    );
+    let text = fenced
+        .request(Method::GET, "/metrics", None, &[], None)
+        .await
+        .text;
+    assert!(
+        text.contains("roboger_management_refused_total{reason=\"not_allowed\"} 1\n"),
+        "{text}"
     );
     let other = Server::start_with(ServerOptions {
         yaml: "metrics:\n  allow: ['10.0.0.0/8']\n".into(),

@@ -323,6 +323,17 @@ async fn plugin_answers_nobody_reads_hold_room_in_the_body_budget() {
         "a second answer was sent while the first waited"
     );
     assert_eq!(r.header("retry-after"), Some("1"));
+    // /metrics shows the room held and the refusal.
+    let m = s.metrics().await;
+    assert!(
+        m["roboger_body_budget_used_bytes{pool=\"large\"}"] >= SIZE as f64,
+        "{m:#?}"
+    );
+    assert_eq!(
+        m["roboger_body_budget_size_bytes{pool=\"large\"}"],
+        14.0 * 1024.0 * 1024.0
+    );
+    assert_eq!(m["roboger_body_budget_refused_total{pool=\"large\"}"], 1.0);
     // Small answers take the other pool and are still served.
     assert_status!(
         s.request(Method::GET, "/plugin/t/small", None, &[], None)
@@ -344,6 +355,11 @@ async fn plugin_answers_nobody_reads_hold_room_in_the_body_budget() {
     assert_eq!(served.text.len(), SIZE);
     assert_eq!(served.header("content-length"), Some("10485760"));
     assert_eq!(served.header("x-test"), Some("yes"));
+    // Sent whole, it holds no room any more.
+    assert_eq!(
+        s.metrics().await["roboger_body_budget_used_bytes{pool=\"large\"}"],
+        0.0
+    );
 
     // An answer that has no body says so (no Content-Length on a 204),
     // and the connection carries the next request.

@@ -2,9 +2,11 @@
 //! body field `k`, compared in constant time) and the `master.allow`
 //! networks, checked against the client's real IP: the socket peer's, or
 //! what `ip-header` says when the peer is a proxy `ip-header-from` names
-//! (any peer when it names none, as in the original).
+//! (any peer when it names none, as in the original). Refusals are
+//! counted by reason for `/metrics`.
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use http::{HeaderMap, HeaderName};
 use ipnet::IpNet;
@@ -21,6 +23,17 @@ pub struct MasterAuth {
     ip_header: Option<HeaderName>,
     /// The peers whose `ip_header` is believed (empty: every peer).
     proxies: Vec<IpNet>,
+    wrong_key: AtomicU64,
+    not_allowed: AtomicU64,
+}
+
+/// How many requests [`MasterAuth`] has refused, by reason, since start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Refused {
+    /// A key was given and it was not the master key (403).
+    pub wrong_key: u64,
+    /// The client's address is not in `master.allow` (403).
+    pub not_allowed: u64,
 }
 
 impl MasterAuth {
@@ -32,6 +45,16 @@ impl MasterAuth {
             allow,
             ip_header: ip_header.and_then(|h| HeaderName::from_bytes(h.as_bytes()).ok()),
             proxies,
+            wrong_key: AtomicU64::new(0),
+            not_allowed: AtomicU64::new(0),
+        }
+    }
+
+    /// The refusals so far.
+    pub fn refused(&self) -> Refused {
+        Refused {
+            wrong_key: self.wrong_key.load(Ordering::Relaxed),
+            not_allowed: self.not_allowed.load(Ordering::Relaxed),
         }
     }
 
@@ -66,6 +89,7 @@ impl MasterAuth {
             Ok(())
         } else {
             tracing::warn!(?ip, "management access with a wrong key");
+            self.wrong_key.fetch_add(1, Ordering::Relaxed);
             Err(ApiError::Forbidden("forbidden: invalid key"))
         }
     }
@@ -75,6 +99,7 @@ impl MasterAuth {
     pub fn allowed(&self, ip: Option<IpAddr>) -> Result<(), ApiError> {
         if !self.allow.is_empty() && !ip.is_some_and(|ip| within(&self.allow, ip)) {
             tracing::warn!(?ip, "management access from an address not in master.allow");
+            self.not_allowed.fetch_add(1, Ordering::Relaxed);
             return Err(ApiError::Forbidden(
                 "forbidden: client address is not allowed",
             ));
@@ -124,6 +149,13 @@ mod tests {
         assert!(
             a.check(Some("::ffff:10.0.0.1".parse().unwrap()), Some("secret"))
                 .is_ok()
+        );
+        assert_eq!(
+            a.refused(),
+            Refused {
+                wrong_key: 1,
+                not_allowed: 1
+            }
         );
 
         let mut h = HeaderMap::new();

@@ -16,7 +16,8 @@
 //! body is read and thrown away (so the client's connection stays usable)
 //! and the answer is 503 with `Retry-After`. A body that stops arriving,
 //! or arrives slower than [`MIN_RATE`] once its grace is over, is
-//! answered 408 and its connection closed.
+//! answered 408 and its connection closed. Each pool's room in use, its
+//! size and its refusals are read for `/metrics` ([`BodyBudget::usage`]).
 //!
 //! Invariant: a body holds room for more than it has sent only once it
 //! has sent [`FIRST_BYTES`], and only from the pool small bodies do not
@@ -24,6 +25,7 @@
 
 use std::pin::pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -32,6 +34,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 use super::error::ApiError;
+use crate::metrics::BudgetPool;
 
 /// Room for one body, released when dropped.
 pub type Room = OwnedSemaphorePermit;
@@ -50,6 +53,8 @@ pub const FIRST_BYTES: usize = 64 * 1024;
 struct Pool {
     permits: Arc<Semaphore>,
     capacity: u32,
+    /// Requests answered 503 for want of room here.
+    refused: AtomicU64,
 }
 
 impl Pool {
@@ -59,6 +64,18 @@ impl Pool {
         Pool {
             permits: Arc::new(Semaphore::new(capacity as usize)),
             capacity,
+            refused: AtomicU64::new(0),
+        }
+    }
+
+    fn usage(&self, name: &'static str) -> BudgetPool {
+        let free = u64::try_from(self.permits.available_permits()).unwrap_or(u64::MAX);
+        let capacity = u64::from(self.capacity);
+        BudgetPool {
+            pool: name,
+            used_bytes: capacity.saturating_sub(free) * 1024,
+            size_bytes: capacity * 1024,
+            refused: self.refused.load(Ordering::Relaxed),
         }
     }
 }
@@ -194,6 +211,13 @@ impl BodyBudget {
         Ok((out.freeze(), room))
     }
 
+    /// Each pool's room in use, size and refusals: `small` (every body's
+    /// first bytes, and small files and answers) and `large` (larger
+    /// bodies, files and answers, each whole).
+    pub fn usage(&self) -> [BudgetPool; 2] {
+        [self.first.usage("small"), self.whole.usage("large")]
+    }
+
     /// Room for `bytes` held by something other than a request body
     /// (a file being sent): in the pool a body of that size would use,
     /// within the budget's wait.
@@ -219,9 +243,12 @@ impl BodyBudget {
         let asked = Instant::now();
         match tokio::time::timeout(self.wait, pool.permits.clone().acquire_many_owned(want)).await {
             Ok(Ok(room)) => Ok((room, asked.elapsed())),
-            _ => Err(ApiError::Busy(
-                "the server is handling too many large requests; try again".into(),
-            )),
+            _ => {
+                pool.refused.fetch_add(1, Ordering::Relaxed);
+                Err(ApiError::Busy(
+                    "the server is handling too many large requests; try again".into(),
+                ))
+            }
         }
     }
 
@@ -435,6 +462,26 @@ mod tests {
         // Every chunk was taken off the connection, and no room is kept.
         sender.await.unwrap();
         assert_eq!(free(&b), (128, 96));
+        // /metrics sees the large pool's room in use and the refusal.
+        let [small, large] = b.usage();
+        assert_eq!(
+            (
+                small.pool,
+                small.used_bytes,
+                small.size_bytes,
+                small.refused
+            ),
+            ("small", 0, 128 * 1024, 0)
+        );
+        assert_eq!(
+            (
+                large.pool,
+                large.used_bytes,
+                large.size_bytes,
+                large.refused
+            ),
+            ("large", 800 * 1024, 896 * 1024, 1)
+        );
         drop(held);
     }
 

@@ -37,6 +37,11 @@ pub async fn scrape(app: &App, headers: &HeaderMap, peer: Option<SocketAddr>) ->
         routing_addresses: app.routes.len(),
         pool: app.store.pool_connections(),
         pending,
+        body_budget: app.bodies.usage().to_vec(),
+        auth_refused: {
+            let r = app.auth.refused();
+            (r.wrong_key, r.not_allowed)
+        },
     };
     match app.metrics.render(&scrape) {
         Ok(body) => {

@@ -121,7 +121,12 @@ impl futures_util::Stream for Sending {
             return std::task::Poll::Ready(None);
         }
         let n = self.rest.len().min(SEND_SLICE);
-        std::task::Poll::Ready(Some(Ok(self.rest.split_to(n))))
+        let slice = self.rest.split_to(n);
+        if self.rest.is_empty() {
+            // The last slice: the memory now is the connection's to send.
+            self.room = None;
+        }
+        std::task::Poll::Ready(Some(Ok(slice)))
     }
 }
 
