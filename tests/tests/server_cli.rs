@@ -425,13 +425,11 @@ async fn every_socket_systemd_passes_is_served() {
     }
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("a.sock");
-    // systemd-socket-activate takes no port 0: a port free a moment ago.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let tcp = format!("127.0.0.1:{port}");
+    // systemd-socket-activate takes no port 0. A loopback address of this
+    // process's own (all of 127/8 is the loopback) is one no other test
+    // binds, so its port cannot be taken meanwhile.
+    let pid = std::process::id();
+    let tcp = format!("127.{}.{}.2:7719", (pid >> 8) & 0xff, pid & 0xff);
     let cfg = format!(
         "roboger:\n  db: sqlite:///{}\n  master:\n    key: {KEY}\n",
         dir.path().join("r.db").display()
