@@ -9,7 +9,8 @@
 //! cluster's, at most once every [`PENDING_REFRESH`].
 //!
 //! Invariant: labels are bounded (HTTP status, plugin name, outcome,
-//! pool state); no address or endpoint id ever becomes a label.
+//! pool state, budget pool, refusal reason); no address or endpoint id
+//! ever becomes a label.
 
 use std::time::{Duration, Instant};
 
