@@ -58,6 +58,20 @@ async fn reads_nothing_of(s: &Server, path: &str) -> tokio::net::TcpStream {
     idle
 }
 
+/// Asks for `path` until it is served (200), each other answer being
+/// 503 for want of room, within `limit`.
+async fn served_again(s: &Server, path: &str, limit: Duration) -> roboger_tests::Resp {
+    let end = Instant::now() + limit;
+    loop {
+        let r = s.request(Method::GET, path, None, &[], None).await;
+        if r.status.as_u16() == 200 {
+            return r;
+        }
+        assert_status!(r, 503);
+        assert!(Instant::now() < end, "{path} was never served again");
+    }
+}
+
 #[tokio::test]
 async fn public_bucket_objects_are_served_until_they_expire() {
     let dir = tempfile::tempdir().unwrap();
@@ -209,15 +223,7 @@ async fn files_nobody_reads_hold_neither_memory_nor_a_connection_for_long() {
 
     // The idle client is disconnected once it has taken nothing for
     // 30 s; then the file is served whole again.
-    let end = Instant::now() + Duration::from_secs(90);
-    let served = loop {
-        let r = s.request(Method::GET, &path, None, &[], None).await;
-        if r.status.as_u16() == 200 {
-            break r;
-        }
-        assert_status!(r, 503);
-        assert!(Instant::now() < end, "the file was never served again");
-    };
+    let served = served_again(&s, &path, Duration::from_secs(90)).await;
     assert_eq!(served.text.len(), SIZE);
     assert!(served.text.starts_with("0123456789abcdef0123"));
     assert!(
@@ -343,15 +349,7 @@ async fn plugin_answers_nobody_reads_hold_room_in_the_body_budget() {
 
     // Once the idle client goes, its room is given back.
     drop(idle);
-    let end = Instant::now() + Duration::from_secs(20);
-    let served = loop {
-        let r = s.request(Method::GET, &path, None, &[], None).await;
-        if r.status.as_u16() == 200 {
-            break r;
-        }
-        assert_status!(r, 503);
-        assert!(Instant::now() < end, "the answer was never made again");
-    };
+    let served = served_again(&s, &path, Duration::from_secs(20)).await;
     assert_eq!(served.text.len(), SIZE);
     assert_eq!(served.header("content-length"), Some("10485760"));
     assert_eq!(served.header("x-test"), Some("yes"));
