@@ -100,7 +100,9 @@ pub async fn file(app: &App, id: &str) -> Response {
 
 /// A file's or a plugin's answer as it is sent, a slice at a time, with
 /// its room in the body budget: the room goes when the last slice has
-/// been taken, or when the connection ends first.
+/// been taken, or when the connection ends first. Slices are copies, so
+/// what the connection still queues never keeps the whole buffer alive:
+/// the buffer goes with the room.
 struct Sending {
     rest: Bytes,
     room: Option<Room>,
@@ -121,10 +123,12 @@ impl futures_util::Stream for Sending {
             return std::task::Poll::Ready(None);
         }
         let n = self.rest.len().min(SEND_SLICE);
-        let slice = self.rest.split_to(n);
-        if self.rest.is_empty() {
-            // The last slice: the memory now is the connection's to send.
+        let slice = Bytes::copy_from_slice(&self.rest[..n]);
+        if n == self.rest.len() {
+            self.rest = Bytes::new();
             self.room = None;
+        } else {
+            self.rest = self.rest.slice(n..);
         }
         std::task::Poll::Ready(Some(Ok(slice)))
     }
@@ -307,3 +311,38 @@ const FRAMING_HEADERS: [HeaderName; 7] = [
     header::TE,
     header::TRAILER,
 ];
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use futures_util::StreamExt;
+    use tokio::sync::Semaphore;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn an_answer_gives_its_buffer_and_room_back_with_its_last_slice() {
+        let budget = Arc::new(Semaphore::new(300));
+        let room = budget.clone().try_acquire_many_owned(300).unwrap();
+        let buffer = Bytes::from(vec![7u8; 3 * SEND_SLICE + 10]);
+        let mut sending = Sending {
+            rest: buffer.clone(),
+            room: Some(room),
+        };
+        // The slices the connection may still queue, all kept.
+        let mut queued = Vec::new();
+        for _ in 0..3 {
+            queued.push(sending.next().await.unwrap().unwrap());
+            assert_eq!(budget.available_permits(), 0);
+        }
+        queued.push(sending.next().await.unwrap().unwrap());
+        assert_eq!(budget.available_permits(), 300, "the room is back");
+        assert!(
+            buffer.is_unique(),
+            "the queued slices or the stream still hold the buffer"
+        );
+        assert_eq!(queued.iter().map(Bytes::len).sum::<usize>(), buffer.len());
+        assert!(sending.next().await.is_none());
+    }
+}
