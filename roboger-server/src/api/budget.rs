@@ -211,6 +211,19 @@ impl BodyBudget {
         Ok((out.freeze(), room))
     }
 
+    /// Room for an answer of `bytes` to a request whose body holds
+    /// `held`: that same room when it is large enough, so an answer no
+    /// larger than its request is never refused (a plugin route may have
+    /// acted on the request already); else new room, taken after `held`
+    /// is given back so the two are never held together.
+    pub async fn room_for_answer(&self, held: Room, bytes: usize) -> Result<Room, ApiError> {
+        if usize::try_from(kib(bytes)).unwrap_or(usize::MAX) <= held.num_permits() {
+            return Ok(held);
+        }
+        drop(held);
+        self.room_for(bytes).await
+    }
+
     /// Each pool's room in use, size and refusals: `small` (every body's
     /// first bytes, and small files and answers) and `large` (larger
     /// bodies, files and answers, each whole).
@@ -483,6 +496,29 @@ mod tests {
             ("large", 800 * 1024, 896 * 1024, 1)
         );
         drop(held);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_answer_no_larger_than_its_request_keeps_the_requests_room() {
+        let b = budget();
+        // The request's body holds 4 KiB; everything else is taken.
+        let (tx, body) = channel_body();
+        let sender = tokio::spawn(async move { send(&tx, 4).await });
+        let (_, held) = b.read(body, None, 1 << 20).await.unwrap();
+        sender.await.unwrap();
+        let others = (
+            b.first.permits.clone().try_acquire_many_owned(124).unwrap(),
+            b.whole.permits.clone().try_acquire_many_owned(896).unwrap(),
+        );
+        assert_eq!(free(&b), (0, 0));
+        let room = b.room_for_answer(held, 4 * 1024).await.unwrap();
+        assert_eq!(room.num_permits(), 4);
+        // A larger answer gives the request's room back and, finding no
+        // room of its own, is refused.
+        let e = b.room_for_answer(room, 100 * 1024).await.unwrap_err();
+        assert!(matches!(e, ApiError::Busy(_)), "{e:?}");
+        assert_eq!(free(&b), (4, 0));
+        drop(others);
     }
 
     #[tokio::test]

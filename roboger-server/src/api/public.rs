@@ -143,8 +143,8 @@ pub struct PluginRequest<'a> {
     pub headers: &'a HeaderMap,
     pub peer: Option<SocketAddr>,
     pub body: Bytes,
-    /// The body's room in the budget, given back once the plugin has
-    /// answered.
+    /// The body's room in the budget, kept for the answer when that is
+    /// no larger.
     pub room: Room,
 }
 
@@ -184,11 +184,7 @@ pub async fn plugin_route(app: &App, req: PluginRequest<'_>) -> Result<Response,
             .into(),
     );
     params.insert("client_ip".into(), client_ip.into());
-    let called = app.plugins.call(req.name, "http", params).await;
-    // The request is done with before room is taken for the answer, so
-    // the two are never held at once.
-    drop(req.room);
-    let answer = match called {
+    let answer = match app.plugins.call(req.name, "http", params).await {
         Ok(Value::Null) => {
             return Err(ApiError::NotFound(format!(
                 "plugin {} serves no HTTP routes",
@@ -208,7 +204,10 @@ pub async fn plugin_route(app: &App, req: PluginRequest<'_>) -> Result<Response,
         Ok(a) => a,
         Err(bad) => return Ok(reply::text(StatusCode::BAD_GATEWAY, bad.to_string())),
     };
-    let room = app.bodies.room_for(answer.body.len()).await?;
+    let room = app
+        .bodies
+        .room_for_answer(req.room, answer.body.len())
+        .await?;
     Ok(answer.response(room))
 }
 
