@@ -166,9 +166,7 @@ impl Listeners {
         })
         .await
     }
-}
 
-impl Listeners {
     /// Every listening socket systemd passed (socket activation), in its
     /// order; an error names the socket that cannot be served.
     pub fn from_systemd(fds: Vec<OwnedFd>) -> io::Result<Listeners> {

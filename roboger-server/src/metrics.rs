@@ -269,9 +269,18 @@ pub struct Scrape {
     pub pending: PerPlugin,
     /// The body budget's pools.
     pub body_budget: Vec<BudgetPool>,
-    /// Management requests refused: a wrong key, and an address not in
-    /// `master.allow`.
-    pub auth_refused: (u64, u64),
+    /// Management requests refused, by reason.
+    pub management_refused: ManagementRefused,
+}
+
+/// How many management requests have been refused, by reason, since
+/// start (counted by `api::auth`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ManagementRefused {
+    /// A key was given and it was not the master key (403).
+    pub wrong_key: u64,
+    /// The client's address is not in `master.allow` (403).
+    pub not_allowed: u64,
 }
 
 /// One pool of the body budget as a scrape sees it.
@@ -379,13 +388,13 @@ impl Scrape {
             ),
             &["reason"],
         )?;
-        let (wrong_key, not_allowed) = self.auth_refused;
+        let r = self.management_refused;
         auth_refused
             .with_label_values(&["wrong_key"])
-            .inc_by(wrong_key);
+            .inc_by(r.wrong_key);
         auth_refused
             .with_label_values(&["not_allowed"])
-            .inc_by(not_allowed);
+            .inc_by(r.not_allowed);
         let mut out = Vec::new();
         for c in [
             &up,

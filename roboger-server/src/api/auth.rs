@@ -14,6 +14,7 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use super::error::ApiError;
+use crate::metrics::ManagementRefused;
 
 /// The checks made before any management request runs.
 #[derive(Debug)]
@@ -25,15 +26,6 @@ pub struct MasterAuth {
     proxies: Vec<IpNet>,
     wrong_key: AtomicU64,
     not_allowed: AtomicU64,
-}
-
-/// How many requests [`MasterAuth`] has refused, by reason, since start.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Refused {
-    /// A key was given and it was not the master key (403).
-    pub wrong_key: u64,
-    /// The client's address is not in `master.allow` (403).
-    pub not_allowed: u64,
 }
 
 impl MasterAuth {
@@ -51,8 +43,8 @@ impl MasterAuth {
     }
 
     /// The refusals so far.
-    pub fn refused(&self) -> Refused {
-        Refused {
+    pub fn refused(&self) -> ManagementRefused {
+        ManagementRefused {
             wrong_key: self.wrong_key.load(Ordering::Relaxed),
             not_allowed: self.not_allowed.load(Ordering::Relaxed),
         }
@@ -152,7 +144,7 @@ mod tests {
         );
         assert_eq!(
             a.refused(),
-            Refused {
+            ManagementRefused {
                 wrong_key: 1,
                 not_allowed: 1
             }

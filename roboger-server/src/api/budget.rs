@@ -476,24 +476,18 @@ mod tests {
         sender.await.unwrap();
         assert_eq!(free(&b), (128, 96));
         // /metrics sees the large pool's room in use and the refusal.
-        let [small, large] = b.usage();
+        let pool = |pool, used_bytes, size_bytes, refused| BudgetPool {
+            pool,
+            used_bytes,
+            size_bytes,
+            refused,
+        };
         assert_eq!(
-            (
-                small.pool,
-                small.used_bytes,
-                small.size_bytes,
-                small.refused
-            ),
-            ("small", 0, 128 * 1024, 0)
-        );
-        assert_eq!(
-            (
-                large.pool,
-                large.used_bytes,
-                large.size_bytes,
-                large.refused
-            ),
-            ("large", 800 * 1024, 896 * 1024, 1)
+            b.usage(),
+            [
+                pool("small", 0, 128 * 1024, 0),
+                pool("large", 800 * 1024, 896 * 1024, 1)
+            ]
         );
         drop(held);
     }

@@ -38,10 +38,7 @@ pub async fn scrape(app: &App, headers: &HeaderMap, peer: Option<SocketAddr>) ->
         pool: app.store.pool_connections(),
         pending,
         body_budget: app.bodies.usage().to_vec(),
-        auth_refused: {
-            let r = app.auth.refused();
-            (r.wrong_key, r.not_allowed)
-        },
+        management_refused: app.auth.refused(),
     };
     match app.metrics.render(&scrape) {
         Ok(body) => {
