@@ -177,10 +177,11 @@ struct FileBucket {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
 struct FileMaster {
     key: Option<String>,
     allow: Option<Vec<String>>,
+    slow_down: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -236,6 +237,9 @@ pub struct Config {
     pub master_key: String,
     /// Networks allowed to use the management API (empty: any).
     pub master_allow: Vec<IpNet>,
+    /// Whether wrong master keys from one address make its further
+    /// attempts wait (`master.slow-down`, default on).
+    pub master_slow_down: bool,
     /// Networks that may read `/metrics` without the master key
     /// (`metrics.allow`; empty: none).
     pub metrics_allow: Vec<IpNet>,
@@ -463,7 +467,7 @@ impl Config {
     /// The keys (other than `plugins`) whose values differ in `other`:
     /// what a reload cannot apply without a restart.
     pub fn differences(&self, other: &Config) -> Vec<&'static str> {
-        let checks: [(&'static str, bool); 21] = [
+        let checks: [(&'static str, bool); 22] = [
             ("db", self.db != other.db),
             ("db-pool-size", self.db_pool_size != other.db_pool_size),
             ("url", self.public_url != other.public_url),
@@ -482,6 +486,10 @@ impl Config {
             ("timeout", self.timeout != other.timeout),
             ("master.key", self.master_key != other.master_key),
             ("master.allow", self.master_allow != other.master_allow),
+            (
+                "master.slow-down",
+                self.master_slow_down != other.master_slow_down,
+            ),
             ("metrics.allow", self.metrics_allow != other.metrics_allow),
             (
                 "plugin-max-line",
@@ -680,9 +688,13 @@ impl Config {
             ));
         }
 
-        let (file_key, allow) = match f.master {
-            Some(m) => (m.key, m.allow.unwrap_or_default()),
-            None => (None, Vec::new()),
+        let (file_key, allow, master_slow_down) = match f.master {
+            Some(m) => (
+                m.key,
+                m.allow.unwrap_or_default(),
+                m.slow_down.unwrap_or(true),
+            ),
+            None => (None, Vec::new(), true),
         };
         let master_allow = parse_nets("roboger.master.allow", &allow)?;
         let metrics_allow = parse_nets(
@@ -910,6 +922,7 @@ impl Config {
             timeout: Duration::from_secs_f64(timeout),
             master_key,
             master_allow,
+            master_slow_down,
             metrics_allow,
             plugins,
             notices,

@@ -281,6 +281,8 @@ pub struct ManagementRefused {
     pub wrong_key: u64,
     /// The client's address is not in `master.allow` (403).
     pub not_allowed: u64,
+    /// The client's address gave too many wrong keys and must wait (429).
+    pub waiting: u64,
 }
 
 /// One pool of the body budget as a scrape sees it.
@@ -384,7 +386,7 @@ impl Scrape {
         let auth_refused = IntCounterVec::new(
             Opts::new(
                 "roboger_management_refused_total",
-                "Management, console and metrics requests refused with 403: a wrong master key (wrong_key), or a client address not in master.allow (not_allowed).",
+                "Management, console and metrics requests refused: a wrong master key (wrong_key, 403), a client address not in master.allow (not_allowed, 403), or an address that gave too many wrong keys and must wait (waiting, 429).",
             ),
             &["reason"],
         )?;
@@ -395,6 +397,9 @@ impl Scrape {
         auth_refused
             .with_label_values(&["not_allowed"])
             .inc_by(r.not_allowed);
+        auth_refused
+            .with_label_values(&["waiting"])
+            .inc_by(r.waiting);
         let mut out = Vec::new();
         for c in [
             &up,

@@ -3,9 +3,9 @@
 //! killed node's deliveries made by the survivors, a paused node's late
 //! outcomes fenced off, node names shared by live instances, a node that
 //! stops when a newer build migrates the database, a node whose clock is
-//! off, and exact limits across nodes. Runs on SQLite (one file shared by
-//! the processes) and, with `ROBOGER_TEST_PG` or `ROBOGER_TEST_MYSQL`, on
-//! PostgreSQL or MariaDB.
+//! off, exact limits across nodes, and wrong master keys counted across
+//! nodes. Runs on SQLite (one file shared by the processes) and, with
+//! `ROBOGER_TEST_PG` or `ROBOGER_TEST_MYSQL`, on PostgreSQL or MariaDB.
 
 use std::future::Future;
 use std::path::Path;
@@ -792,6 +792,22 @@ fn today_window_start() -> u64 {
         .map(|d| d.as_secs())
         .unwrap_or_default();
     now - now % 86_400
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn wrong_keys_given_to_one_node_make_their_address_wait_at_another() {
+    let (dir, db) = shared_database();
+    let record = dir.path().join("record");
+    let nodes = Server::start_many(vec![node(&db, &record); 2]);
+    for _ in 0..3 {
+        let r = nodes[0]
+            .request(Method::GET, "/manage/v2/addr", Some("guess"), &[], None)
+            .await;
+        assert_status!(r, 403);
+    }
+    let r = nodes[1].manage(Method::GET, "/addr", None).await;
+    assert_status!(r, 429);
+    assert!(r.header("retry-after").is_some(), "{:?}", r.headers);
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -334,7 +334,7 @@ async fn repeated_failed_sign_ins_are_slowed_down() {
         r.text()
             .await
             .unwrap_or_default()
-            .contains("Too many failed sign-ins")
+            .contains("Too many wrong keys from your address")
     );
     // After the wait (a second), the right key signs in; waiting attempts
     // do not count as failures (if they did, each one would double the

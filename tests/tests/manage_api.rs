@@ -98,6 +98,109 @@ async fn authentication() {
     assert_status!(r, 403);
 }
 
+/// The master key from `addr`'s door: a management request, with `key`.
+async fn addr_list(s: &Server, key: &str) -> roboger_tests::Resp {
+    s.request(GET, "/manage/v2/addr", Some(key), &[], None)
+        .await
+}
+
+#[tokio::test]
+async fn wrong_keys_make_their_address_wait_on_the_api_metrics_and_console() {
+    let s = Server::start().await;
+    for _ in 0..3 {
+        assert_status!(addr_list(&s, "guess").await, 403);
+    }
+    // Now the right key waits too, so a right guess is not told apart.
+    let r = addr_list(&s, KEY).await;
+    assert_status!(r, 429);
+    assert!(r.text.contains("too many wrong master keys"), "{}", r.text);
+    let wait: u64 = r
+        .header("retry-after")
+        .and_then(|v| v.parse().ok())
+        .expect("a Retry-After in seconds");
+    assert!((1..=60).contains(&wait), "Retry-After: {wait}");
+    // The same count holds at every door to the key.
+    let bearer = format!("Bearer {KEY}");
+    let r = s
+        .request(GET, "/metrics", None, &[("Authorization", &bearer)], None)
+        .await;
+    assert_status!(r, 429);
+    let r = s
+        .http
+        .post(s.url("/ui/signin"))
+        .header("Content-Type", "application/x-www-form-urlencoded")
+        .body(format!("key={KEY}"))
+        .send()
+        .await
+        .expect("POST /ui/signin");
+    assert_eq!(r.status(), 429);
+    let page = r.text().await.unwrap_or_default();
+    assert!(
+        page.contains("Too many wrong keys from your address"),
+        "{page}"
+    );
+    // After the wait the right key gets in, and the count starts again:
+    // two more wrong keys are only refused.
+    let end = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = addr_list(&s, KEY).await;
+        if r.status == 200 {
+            break;
+        }
+        assert_status!(r, 429);
+        assert!(std::time::Instant::now() < end, "still waiting: {}", r.text);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for _ in 0..2 {
+        assert_status!(addr_list(&s, "guess").await, 403);
+    }
+    assert_status!(addr_list(&s, KEY).await, 200);
+    let m = s.metrics().await;
+    assert_eq!(
+        m.get("roboger_management_refused_total{reason=\"wrong_key\"}"),
+        Some(&5.0)
+    );
+    let waited = m
+        .get("roboger_management_refused_total{reason=\"waiting\"}")
+        .copied()
+        .unwrap_or_default();
+    assert!(waited >= 3.0, "429s counted: {waited}");
+}
+
+#[tokio::test]
+async fn wrong_keys_sent_at_once_after_one_are_weighed_one_by_one() {
+    // Once an address has a wrong key counted, a guesser sending many at
+    // once gets no more tries than one sending them in turn: two more
+    // refused (three in all), then each must wait.
+    let s = Server::start().await;
+    assert_status!(addr_list(&s, "guess").await, 403);
+    let attempts = (0..24).map(|i| {
+        let s = &s;
+        async move { addr_list(s, &format!("guess-{i}")).await.status.as_u16() }
+    });
+    let statuses = futures_util::future::join_all(attempts).await;
+    let refused = statuses.iter().filter(|s| **s == 403).count();
+    let waiting = statuses.iter().filter(|s| **s == 429).count();
+    assert_eq!(
+        refused, 2,
+        "keys checked out of 24 sent at once: {statuses:?}"
+    );
+    assert_eq!(refused + waiting, 24, "{statuses:?}");
+}
+
+#[tokio::test]
+async fn with_slow_down_off_every_key_is_checked() {
+    let s = Server::start_with(ServerOptions {
+        master_yaml: "slow-down: false\n".into(),
+        ..Default::default()
+    })
+    .await;
+    for _ in 0..5 {
+        assert_status!(addr_list(&s, "guess").await, 403);
+    }
+    assert_status!(addr_list(&s, KEY).await, 200);
+}
+
 #[tokio::test]
 async fn core_commands() {
     let s = Server::start().await;

@@ -26,6 +26,7 @@ pub struct MasterAuth {
     proxies: Vec<IpNet>,
     wrong_key: AtomicU64,
     not_allowed: AtomicU64,
+    waiting: AtomicU64,
 }
 
 impl MasterAuth {
@@ -39,6 +40,7 @@ impl MasterAuth {
             proxies,
             wrong_key: AtomicU64::new(0),
             not_allowed: AtomicU64::new(0),
+            waiting: AtomicU64::new(0),
         }
     }
 
@@ -47,7 +49,14 @@ impl MasterAuth {
         ManagementRefused {
             wrong_key: self.wrong_key.load(Ordering::Relaxed),
             not_allowed: self.not_allowed.load(Ordering::Relaxed),
+            waiting: self.waiting.load(Ordering::Relaxed),
         }
+    }
+
+    /// Counts a request refused because its address gave too many wrong
+    /// keys (`api::guesses` decides that).
+    pub fn count_waiting(&self) {
+        self.waiting.fetch_add(1, Ordering::Relaxed);
     }
 
     /// The client's IP: the configured header's first address when present
@@ -146,9 +155,12 @@ mod tests {
             a.refused(),
             ManagementRefused {
                 wrong_key: 1,
-                not_allowed: 1
+                not_allowed: 1,
+                waiting: 0
             }
         );
+        a.count_waiting();
+        assert_eq!(a.refused().waiting, 1);
 
         let mut h = HeaderMap::new();
         h.insert("x-real-ip", "10.9.9.9, 1.1.1.1".parse().unwrap());

@@ -3,6 +3,8 @@
 //! Handlers return [`ApiError`]; module errors convert into it with `From`.
 //! Bodies are short plain text saying what was wrong.
 
+use std::time::Duration;
+
 use http::StatusCode;
 
 use crate::store::StoreError;
@@ -35,6 +37,10 @@ pub enum ApiError {
     /// 413
     #[error("request body is larger than {0} bytes")]
     PayloadTooLarge(usize),
+    /// 429: this address gave too many wrong master keys, and must wait
+    /// this long (whole seconds, at least one; sent as `Retry-After`).
+    #[error("too many wrong master keys from your address; try again in {} s", retry_secs(.0))]
+    TooManyWrongKeys(Duration),
     /// 503: the database failed or timed out.
     #[error("{0}")]
     Unavailable(String),
@@ -55,9 +61,18 @@ impl ApiError {
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::TooSlow(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::TooManyWrongKeys(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable(_) | ApiError::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
+}
+
+/// A wait as the whole seconds a client is told to wait: rounded up, at
+/// least one.
+pub fn retry_secs(wait: &Duration) -> u64 {
+    wait.as_secs()
+        .saturating_add(u64::from(wait.subsec_nanos() > 0))
+        .max(1)
 }
 
 /// Shorthand for a 400 with a message.

@@ -15,6 +15,7 @@ use serde_json::{Value, json};
 use super::Request;
 use super::body::Body;
 use super::error::{ApiError, bad};
+use super::guessing::{self, Counting};
 use super::reply::{self, Response};
 use crate::App;
 use crate::cleanup::{Cleanup, Outcome};
@@ -58,7 +59,11 @@ pub async fn handle(app: &App, req: Request<'_>) -> Response {
     let header_key = req.headers.get("x-auth-key").and_then(|v| v.to_str().ok());
     let key = header_key.or_else(|| body.as_ref().ok().and_then(Body::key));
     let ip = app.auth.client_ip(req.peer, req.headers);
-    let run = match (app.auth.check(ip, key), body) {
+    let checked = match key {
+        Some(key) => guessing::check_key(app, ip, key, Counting::WhenWrong).await,
+        None => app.auth.check(ip, None),
+    };
+    let run = match (checked, body) {
         (Err(e), _) | (Ok(()), Err(e)) => Err(e),
         (Ok(()), Ok(body)) => {
             let caller = Caller { ip, via: "api" };

@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use http::{HeaderMap, HeaderValue, StatusCode, header};
 
 use super::error::ApiError;
+use super::guessing::{self, Counting};
 use super::reply::{self, Response};
 use crate::App;
 use crate::metrics::{PluginSample, Scrape};
@@ -14,7 +15,7 @@ use crate::supervisor::State;
 
 /// Answers one scrape.
 pub async fn scrape(app: &App, headers: &HeaderMap, peer: Option<SocketAddr>) -> Response {
-    if let Err(e) = allowed(app, headers, peer) {
+    if let Err(e) = allowed(app, headers, peer).await {
         return reply::error(&e);
     }
     let plugins = app.plugins.list();
@@ -57,8 +58,10 @@ pub async fn scrape(app: &App, headers: &HeaderMap, peer: Option<SocketAddr>) ->
 }
 
 /// From a `metrics.allow` network, or with the master key (and from
-/// `master.allow`, as for the management API).
-fn allowed(app: &App, headers: &HeaderMap, peer: Option<SocketAddr>) -> Result<(), ApiError> {
+/// `master.allow`, as for the management API, wrong keys slowed down as
+/// there). Scrapes go on while the database cannot count wrong keys: the
+/// key is then checked alone.
+async fn allowed(app: &App, headers: &HeaderMap, peer: Option<SocketAddr>) -> Result<(), ApiError> {
     let ip = app.auth.client_ip(peer, headers);
     if ip.is_some_and(|ip| crate::api::auth::within(&app.config.metrics_allow, ip)) {
         return Ok(());
@@ -69,7 +72,18 @@ fn allowed(app: &App, headers: &HeaderMap, peer: Option<SocketAddr>) -> Result<(
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
     let key = bearer.or_else(|| headers.get("x-auth-key").and_then(|v| v.to_str().ok()));
-    app.auth.check(ip, key)
+    let Some(key) = key else {
+        return app.auth.check(ip, None);
+    };
+    match guessing::check_key(app, ip, key, Counting::WhenWrong).await {
+        Err(ApiError::Unavailable(why)) => {
+            tracing::warn!(
+                "metrics: wrong keys cannot be counted now ({why}); checking the key alone"
+            );
+            app.auth.check(ip, Some(key))
+        }
+        checked => checked,
+    }
 }
 
 /// A process's resident memory, from `/proc/PID/statm`.

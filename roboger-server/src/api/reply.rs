@@ -5,7 +5,7 @@ use http::{HeaderValue, StatusCode, header};
 use serde::Serialize;
 use warp::Reply;
 
-use super::error::ApiError;
+use super::error::{ApiError, retry_secs};
 
 /// The response type every handler returns.
 pub type Response = warp::reply::Response;
@@ -36,12 +36,17 @@ pub fn text(status: StatusCode, msg: impl Into<String>) -> Response {
 /// The answer for a failed request. A body refused for its size was not
 /// read to its end, so the connection is closed after the answer rather
 /// than reused by the client mid-body. A 503 asks the client to come back
-/// (`Retry-After: 1`): it is an overload or an outage, not a refusal.
+/// (`Retry-After: 1`): it is an overload or an outage, not a refusal. A
+/// 429 for wrong keys says how long the address must wait.
 pub fn error(e: &ApiError) -> Response {
     let mut r = text(e.status(), e.to_string());
     if e.status() == http::StatusCode::SERVICE_UNAVAILABLE {
         r.headers_mut()
             .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
+    if let ApiError::TooManyWrongKeys(wait) = e {
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(retry_secs(wait)));
     }
     // The rest of such a body is not worth reading: the connection ends
     // with the answer.

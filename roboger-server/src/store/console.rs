@@ -1,19 +1,19 @@
-//! What the web console keeps in the database: its sessions, failed
-//! sign-ins by client address, and the paged and searched reads its pages
-//! make (the management API lists whole collections instead).
+//! What the web console keeps in the database: its sessions, and the
+//! paged and searched reads its pages make (the management API lists
+//! whole collections instead).
 //!
 //! Invariant: a session is found only by the digest of its cookie and
 //! only before it expires; the cookie itself is never stored.
 
 use sea_orm::sea_query::{Expr, ExprTrait, LikeExpr};
 use sea_orm::{
-    ActiveValue::Set, ColumnTrait, Condition, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder,
-    QuerySelect, Select,
+    ColumnTrait, Condition, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder, QuerySelect,
+    Select,
 };
 
 use super::delivery::event_heads;
 use super::entity::{ADDR_LEN, addr, console_session, console_signin, delivery, event};
-use super::{EventHead, Result, Store, StoreError, inserted};
+use super::{EventHead, Result, Store, StoreError};
 
 type Time = chrono::DateTime<chrono::Utc>;
 
@@ -52,8 +52,8 @@ impl Store {
         Ok(())
     }
 
-    /// Forgets expired sessions and sign-in failures older than `before`
-    /// (part of the core cleanup).
+    /// Forgets expired sessions and wrong master keys last given before
+    /// `before` (part of the core cleanup).
     pub async fn sessions_cleanup(&self, now: Time, before: Time) -> Result<u64> {
         let s = console_session::Entity::delete_many()
             .filter(console_session::Column::Expires.lte(now))
@@ -64,52 +64,6 @@ impl Store {
             .exec(&self.db)
             .await?;
         Ok(s.rows_affected)
-    }
-
-    // ---- sign-in failures ------------------------------------------------------
-
-    /// Failed sign-ins from `ip` since its last success.
-    pub async fn signin_failures(&self, ip: &str) -> Result<Option<console_signin::Model>> {
-        Ok(console_signin::Entity::find_by_id(ip.to_string())
-            .one(&self.db)
-            .await?)
-    }
-
-    /// Counts one more sign-in attempt from `ip` at `now`, before its key
-    /// is checked (a success forgets it again), if `ip` still has the
-    /// `seen` failures its caller read: `false` when another attempt from
-    /// `ip` was counted in between, so that its caller reads again and
-    /// every attempt is weighed against all those counted before it.
-    pub async fn signin_claim(&self, ip: &str, seen: Option<i32>, now: Time) -> Result<bool> {
-        let Some(seen) = seen else {
-            let first = console_signin::Entity::insert(console_signin::ActiveModel {
-                ip: Set(ip.to_string()),
-                failures: Set(1),
-                last_failure: Set(now),
-            })
-            .exec_without_returning(&self.db)
-            .await;
-            return inserted(first);
-        };
-        let r = console_signin::Entity::update_many()
-            .col_expr(
-                console_signin::Column::Failures,
-                Expr::value(seen.saturating_add(1)),
-            )
-            .col_expr(console_signin::Column::LastFailure, Expr::value(now))
-            .filter(console_signin::Column::Ip.eq(ip))
-            .filter(console_signin::Column::Failures.eq(seen))
-            .exec(&self.db)
-            .await?;
-        Ok(r.rows_affected == 1)
-    }
-
-    /// Forgets `ip`'s failures (it signed in).
-    pub async fn signin_clear(&self, ip: &str) -> Result<()> {
-        console_signin::Entity::delete_by_id(ip.to_string())
-            .exec(&self.db)
-            .await?;
-        Ok(())
     }
 
     // ---- pages -----------------------------------------------------------------

@@ -341,7 +341,9 @@ pub mod console_session {
     impl ActiveModelBehavior for ActiveModel {}
 }
 
-/// Failed console sign-ins from one client address, since the last success.
+/// Wrong master keys from one client address since its last right one
+/// (`store::wrong_keys`; the table is named for the console's sign-in,
+/// which counted them first).
 pub mod console_signin {
     use sea_orm::entity::prelude::*;
 

@@ -18,6 +18,7 @@ mod management;
 pub mod migration;
 pub mod named;
 mod plugin_sql;
+mod wrong_keys;
 
 pub use bucket::NewObject;
 pub use cluster::{NodeRow, ROUTING_CHANNEL};

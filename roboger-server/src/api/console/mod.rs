@@ -466,7 +466,7 @@ async fn sign_in(app: &App, ip: Option<std::net::IpAddr>, form: &Form) -> Respon
             let secs = d.as_secs().max(1);
             let mut r = again(
                 StatusCode::TOO_MANY_REQUESTS,
-                format!("Too many failed sign-ins from your address; try again in {secs} s."),
+                format!("Too many wrong keys from your address; try again in {secs} s."),
             );
             if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
                 r.headers_mut().insert(header::RETRY_AFTER, v);

@@ -1,5 +1,6 @@
 //! Who is signed in to the console: the session cookie, the CSRF token of
-//! its forms, and the slowing down of repeated failed sign-ins.
+//! its forms, and signing in (slowed down after wrong keys by
+//! `api::guessing`).
 //!
 //! A session is a random token in an `HttpOnly`, `SameSite=Strict` cookie
 //! (`Secure` when the public URL is https); the database keeps only its
@@ -19,18 +20,13 @@ use subtle::ConstantTimeEq;
 
 use crate::App;
 use crate::api::error::ApiError;
+use crate::api::guessing::{self, Counting};
 use crate::store::entity::console_session;
 
 /// The session cookie's name.
 pub const COOKIE: &str = "roboger_console";
 /// How long a session lasts from sign-in.
 pub const LIFETIME: Duration = Duration::from_secs(12 * 3600);
-/// Failed sign-ins from one address allowed before each further attempt
-/// must wait.
-pub const FREE_FAILURES: i32 = 3;
-/// The longest wait between sign-in attempts from one address.
-pub const MAX_WAIT: Duration = Duration::from_secs(60);
-
 /// A signed-in console session.
 #[derive(Debug, Clone)]
 pub struct Session {
@@ -114,18 +110,6 @@ fn set_cookie(app: &App, value: &str, max_age: u64) -> String {
     )
 }
 
-/// How long a client that failed `failures` times in a row waits before
-/// its next attempt.
-pub fn wait_after(failures: i32) -> Duration {
-    if failures < FREE_FAILURES {
-        return Duration::ZERO;
-    }
-    let exp = u32::try_from(failures - FREE_FAILURES)
-        .unwrap_or(u32::MAX)
-        .min(16);
-    Duration::from_secs(1u64 << exp).min(MAX_WAIT)
-}
-
 /// The outcome of a sign-in attempt.
 #[derive(Debug)]
 pub enum SignIn {
@@ -133,55 +117,22 @@ pub enum SignIn {
     Started(String),
     /// The key was wrong (or missing).
     Refused,
-    /// Too many failures from this address: try again after this long.
+    /// Too many wrong keys from this address: try again after this long.
     Wait(Duration),
 }
 
-/// How many times a sign-in reads its address's failures again after
-/// other attempts from that address were counted first, before it is
-/// answered as one that must wait.
-const CLAIM_TRIES: usize = 8;
-
 /// Checks the key given by the sign-in form from `ip` (the network check
-/// of `master.allow` has passed), counting failures per address.
-///
-/// Each attempt is counted as a failure before its key is checked, and
-/// only if no other attempt from the address was counted since this one
-/// read the count; a success then forgets them all. So attempts sent at
-/// once are weighed one by one, and a wait starts when the attempt that
-/// set it was counted, not when it began reading.
+/// of `master.allow` has passed). Every attempt is counted among its
+/// address's wrong keys before its key is checked (`api::guessing`), so
+/// attempts sent at once gain no extra tries.
 pub async fn sign_in(app: &App, ip: Option<IpAddr>, key: &str) -> Result<SignIn, ApiError> {
     let who = ip.map_or_else(|| "unknown".to_string(), |ip| ip.to_string());
-    let mut claimed = false;
-    for _ in 0..CLAIM_TRIES {
-        let seen = app.store.signin_failures(&who).await?;
-        let now = chrono::Utc::now();
-        if let Some(f) = &seen {
-            let wait = chrono::Duration::from_std(wait_after(f.failures)).unwrap_or_default();
-            let left = f.last_failure + wait - now;
-            if left > chrono::Duration::zero() {
-                let left = left.to_std().unwrap_or_default();
-                return Ok(SignIn::Wait(left.max(Duration::from_secs(1))));
-            }
-        }
-        if app
-            .store
-            .signin_claim(&who, seen.map(|f| f.failures), now)
-            .await?
-        {
-            claimed = true;
-            break;
-        }
-    }
-    if !claimed {
-        return Ok(SignIn::Wait(Duration::from_secs(1)));
-    }
-    match app.auth.check(ip, Some(key)) {
+    match guessing::check_key(app, ip, key, Counting::Always).await {
         Ok(()) => {
-            app.store.signin_clear(&who).await?;
             tracing::info!(client = %who, "console: signed in");
             Ok(SignIn::Started(start(app).await?))
         }
+        Err(ApiError::TooManyWrongKeys(wait)) => Ok(SignIn::Wait(wait)),
         Err(ApiError::Forbidden(_) | ApiError::Unauthorized) => {
             tracing::warn!(client = %who, "console: failed sign-in");
             Ok(SignIn::Refused)
@@ -193,15 +144,6 @@ pub async fn sign_in(app: &App, ip: Option<IpAddr>, key: &str) -> Result<SignIn,
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn waits_grow_and_stop_growing() {
-        assert_eq!(wait_after(0), Duration::ZERO);
-        assert_eq!(wait_after(FREE_FAILURES - 1), Duration::ZERO);
-        assert_eq!(wait_after(FREE_FAILURES), Duration::from_secs(1));
-        assert_eq!(wait_after(FREE_FAILURES + 2), Duration::from_secs(4));
-        assert_eq!(wait_after(1000), MAX_WAIT);
-    }
 
     #[test]
     fn finds_its_cookie_among_others() {
