@@ -220,6 +220,7 @@ async fn files_nobody_reads_hold_neither_memory_nor_a_connection_for_long() {
         "a second copy of the file was sent while the first waited"
     );
     assert_eq!(r.header("retry-after"), Some("1"));
+    assert!(r.text.contains("body-budget"), "{}", r.text);
 
     // The idle client is disconnected once it has taken nothing for
     // 30 s; then the file is served whole again.

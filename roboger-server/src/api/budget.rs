@@ -259,7 +259,9 @@ impl BodyBudget {
             _ => {
                 pool.refused.fetch_add(1, Ordering::Relaxed);
                 Err(ApiError::Busy(
-                    "the server is handling too many large requests; try again".into(),
+                    "the server holds as many request bodies and answers being sent as its \
+                     body-budget allows; try again"
+                        .into(),
                 ))
             }
         }
