@@ -189,6 +189,36 @@ async fn wrong_keys_sent_at_once_after_one_are_weighed_one_by_one() {
 }
 
 #[tokio::test]
+async fn an_ipv6_guesser_gains_nothing_from_fresh_addresses_in_its_64() {
+    // Behind a proxy that names the client (ip-header), as in production.
+    let s = Server::start_with(ServerOptions {
+        yaml: "ip-header: X-Real-IP\n".into(),
+        ..Default::default()
+    })
+    .await;
+    let from = |ip: &'static str, key: &'static str| {
+        let s = &s;
+        async move {
+            s.request(
+                GET,
+                "/manage/v2/addr",
+                Some(key),
+                &[("X-Real-IP", ip)],
+                None,
+            )
+            .await
+        }
+    };
+    for ip in ["2001:db8:0:1::1", "2001:db8:0:1::2", "2001:db8:0:1:ffff::3"] {
+        assert_status!(from(ip, "guess").await, 403);
+    }
+    assert_status!(from("2001:db8:0:1::4", KEY).await, 429);
+    // Another /64, and an IPv4 client, are not held back by it.
+    assert_status!(from("2001:db8:0:2::1", KEY).await, 200);
+    assert_status!(from("192.0.2.1", KEY).await, 200);
+}
+
+#[tokio::test]
 async fn with_slow_down_off_every_key_is_checked() {
     let s = Server::start_with(ServerOptions {
         master_yaml: "slow-down: false\n".into(),

@@ -4,7 +4,8 @@
 //! `/metrics` and the console's sign-in alike (`master.slow-down`, on by
 //! default).
 //!
-//! After [`FREE_FAILURES`] wrong keys in a row, an address must wait 1 s
+//! After [`FREE_FAILURES`] wrong keys in a row, an address (an IPv6
+//! client's whole /64) must wait 1 s
 //! before its next attempt, doubling with each further wrong key up to
 //! [`MAX_WAIT`]; an attempt made sooner is answered 429 with
 //! `Retry-After`, whatever key it carries, so a right guess is not told
@@ -74,7 +75,7 @@ pub async fn check_key(
     if !app.config.master_slow_down {
         return app.auth.check(ip, Some(key));
     }
-    let who = ip.map_or_else(|| "unknown".to_string(), |ip| ip.to_string());
+    let who = counted_as(ip);
     let seen = app.store.wrong_keys(&who).await?;
     if seen.is_none() && counting == Counting::WhenWrong {
         let checked = app.auth.check(ip, Some(key));
@@ -89,6 +90,21 @@ pub async fn check_key(
         app.store.wrong_keys_forget(&who).await?;
     }
     checked
+}
+
+/// Whose count an attempt from `ip` joins: an IPv4 address (also as
+/// an IPv4-mapped IPv6 one) is its own, an IPv6 address counts for its
+/// whole /64, which one host is usually given, so a guesser cannot
+/// take a fresh address for each try.
+fn counted_as(ip: Option<IpAddr>) -> String {
+    match ip.map(|ip| ip.to_canonical()) {
+        Some(IpAddr::V4(v4)) => v4.to_string(),
+        Some(IpAddr::V6(v6)) => {
+            let net = u128::from(v6) & !((1u128 << 64) - 1);
+            format!("{}/64", std::net::Ipv6Addr::from(net))
+        }
+        None => "unknown".to_string(),
+    }
 }
 
 /// Counts one more attempt from `who` (`seen` is what its caller read),
@@ -127,6 +143,18 @@ fn waiting(app: &App, left: Duration) -> ApiError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_ipv6_client_counts_for_its_64() {
+        let as_ = |ip: &str| counted_as(Some(ip.parse().unwrap()));
+        assert_eq!(as_("192.0.2.7"), "192.0.2.7");
+        assert_eq!(as_("::ffff:192.0.2.7"), "192.0.2.7");
+        assert_eq!(as_("2001:db8:1:2:aaaa::1"), "2001:db8:1:2::/64");
+        assert_eq!(as_("2001:db8:1:2:ffff::9"), "2001:db8:1:2::/64");
+        assert_eq!(as_("2001:db8:1:3::1"), "2001:db8:1:3::/64");
+        assert_eq!(as_("::1"), "::/64");
+        assert_eq!(counted_as(None), "unknown");
+    }
 
     #[test]
     fn waits_grow_and_stop_growing() {
