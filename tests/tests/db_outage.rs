@@ -1,7 +1,7 @@
 //! What users see while the database does not answer: `/ping`, the
 //! management API and `/push` say 503 (within the configured timeout;
-//! a push is never accepted without its commit), and all recover by
-//! themselves when the database is back.
+//! a push is never accepted without its commit), `/metrics` still
+//! answers, and all recover by themselves when the database is back.
 //!
 //! It freezes the whole PostgreSQL server (SIGSTOP), so it must not run
 //! beside other tests: it is ignored by default and `tests/run` runs it
@@ -79,16 +79,35 @@ async fn ping_and_api_answer_503_while_the_database_is_frozen() {
             Some(serde_json::json!({"addr": a, "msg": "lost?"})),
         )
         .await;
+    let answered = t.elapsed();
+    // /metrics goes on with the master key: the wrong-key count it cannot
+    // read is given up after a second, and the scrape ends well within
+    // Prometheus's default scrape_timeout (10 s).
+    let scraped = Instant::now();
+    let metrics = s
+        .request(
+            Method::GET,
+            "/metrics",
+            None,
+            &[("Authorization", &format!("Bearer {}", roboger_tests::KEY))],
+            None,
+        )
+        .await;
+    let scrape_took = scraped.elapsed();
     signal(&pids, "-CONT");
+    assert_status!(metrics, 200);
+    assert!(
+        scrape_took < Duration::from_secs(8),
+        "the scrape took {scrape_took:?}"
+    );
     assert_status!(ping, 503);
     assert_status!(api, 503);
     assert_status!(push, 503);
     assert!(!api.text.is_empty());
     // timeout is 2 s in the test config: ping 2 s, the API call at most 4 s.
     assert!(
-        t.elapsed() < Duration::from_secs(10),
-        "answers came after {:?}",
-        t.elapsed()
+        answered < Duration::from_secs(10),
+        "answers came after {answered:?}"
     );
 
     // Back to normal without a restart.

@@ -54,7 +54,7 @@ impl MasterAuth {
     }
 
     /// Counts a request refused because its address gave too many wrong
-    /// keys (`api::guesses` decides that).
+    /// keys (`api::guessing` decides that).
     pub fn count_waiting(&self) {
         self.waiting.fetch_add(1, Ordering::Relaxed);
     }

@@ -64,17 +64,34 @@ pub fn wait_after(failures: i32) -> Duration {
 /// Checks `key` from `ip` as [`crate::api::auth::MasterAuth::check`]
 /// does (`master.allow`, then the key), weighing it against the wrong
 /// keys that address gave before: [`ApiError::TooManyWrongKeys`] while it
-/// must wait.
+/// must wait. The database has `within` for its part, else the answer is
+/// [`ApiError::Unavailable`].
 pub async fn check_key(
     app: &App,
     ip: Option<IpAddr>,
     key: &str,
     counting: Counting,
+    within: Duration,
 ) -> Result<(), ApiError> {
     app.auth.allowed(ip)?;
     if !app.config.master_slow_down {
         return app.auth.check(ip, Some(key));
     }
+    tokio::time::timeout(within, weighed(app, ip, key, counting))
+        .await
+        .unwrap_or_else(|_| {
+            Err(ApiError::Unavailable(
+                "the database did not answer in time to count wrong keys; try again".into(),
+            ))
+        })
+}
+
+async fn weighed(
+    app: &App,
+    ip: Option<IpAddr>,
+    key: &str,
+    counting: Counting,
+) -> Result<(), ApiError> {
     let who = counted_as(ip);
     let seen = app.store.wrong_keys(&who).await?;
     if seen.is_none() && counting == Counting::WhenWrong {

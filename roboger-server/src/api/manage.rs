@@ -60,7 +60,9 @@ pub async fn handle(app: &App, req: Request<'_>) -> Response {
     let key = header_key.or_else(|| body.as_ref().ok().and_then(Body::key));
     let ip = app.auth.client_ip(req.peer, req.headers);
     let checked = match key {
-        Some(key) => guessing::check_key(app, ip, key, Counting::WhenWrong).await,
+        Some(key) => {
+            guessing::check_key(app, ip, key, Counting::WhenWrong, app.config.timeout).await
+        }
         None => app.auth.check(ip, None),
     };
     let run = match (checked, body) {

@@ -3,6 +3,7 @@
 //! `X-Auth-Key`), and without one from the `metrics.allow` networks.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use http::{HeaderMap, HeaderValue, StatusCode, header};
 
@@ -57,6 +58,12 @@ pub async fn scrape(app: &App, headers: &HeaderMap, peer: Option<SocketAddr>) ->
     }
 }
 
+/// How long a scrape waits for the database to count wrong keys before
+/// it checks the key alone: short, so that a scrape during an outage
+/// still ends within Prometheus's default `scrape_timeout` (10 s) after
+/// the pending deliveries' own wait (`timeout`).
+const COUNT_WAIT: Duration = Duration::from_secs(1);
+
 /// From a `metrics.allow` network, or with the master key (and from
 /// `master.allow`, as for the management API, wrong keys slowed down as
 /// there). Scrapes go on while the database cannot count wrong keys: the
@@ -75,7 +82,7 @@ async fn allowed(app: &App, headers: &HeaderMap, peer: Option<SocketAddr>) -> Re
     let Some(key) = key else {
         return app.auth.check(ip, None);
     };
-    match guessing::check_key(app, ip, key, Counting::WhenWrong).await {
+    match guessing::check_key(app, ip, key, Counting::WhenWrong, COUNT_WAIT).await {
         Err(ApiError::Unavailable(why)) => {
             tracing::warn!(
                 "metrics: wrong keys cannot be counted now ({why}); checking the key alone"

@@ -463,7 +463,7 @@ async fn sign_in(app: &App, ip: Option<std::net::IpAddr>, form: &Form) -> Respon
             again(StatusCode::FORBIDDEN, "That is not the master key.".into())
         }
         Ok(session::SignIn::Wait(d)) => {
-            let secs = d.as_secs().max(1);
+            let secs = crate::api::error::retry_secs(&d);
             let mut r = again(
                 StatusCode::TOO_MANY_REQUESTS,
                 format!("Too many wrong keys from your address; try again in {secs} s."),

@@ -127,7 +127,7 @@ pub enum SignIn {
 /// attempts sent at once gain no extra tries.
 pub async fn sign_in(app: &App, ip: Option<IpAddr>, key: &str) -> Result<SignIn, ApiError> {
     let who = ip.map_or_else(|| "unknown".to_string(), |ip| ip.to_string());
-    match guessing::check_key(app, ip, key, Counting::Always).await {
+    match guessing::check_key(app, ip, key, Counting::Always, app.config.timeout).await {
         Ok(()) => {
             tracing::info!(client = %who, "console: signed in");
             Ok(SignIn::Started(start(app).await?))
