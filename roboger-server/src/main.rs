@@ -243,7 +243,7 @@ async fn serve(cli: &Cli, activated: Vec<OwnedFd>) -> anyhow::Result<()> {
         tracing::warn!(
             "{h} is believed from every client, and clients off this host can reach the \
              server: set ip-header-from to the proxy's address so that they cannot choose \
-             the address master.allow checks"
+             the address master.allow checks and wrong keys are counted against"
         );
     }
     let app = Arc::new(App::start(config, store).await.context("cannot start")?);
