@@ -147,10 +147,7 @@ impl Inner {
             chrono::Utc::now() - chrono::Duration::from_std(self.retention).unwrap_or_default();
         let events = self.store.events_cleanup(before).await?;
         let now = chrono::Utc::now();
-        let sessions = self
-            .store
-            .sessions_cleanup(now, now - chrono::Duration::days(1))
-            .await?;
+        let sessions = self.store.sessions_cleanup(now).await?;
         tracing::info!(
             expired_objects = n,
             old_events = events,

@@ -13,6 +13,7 @@ use sea_orm::{
 
 use super::delivery::event_heads;
 use super::entity::{ADDR_LEN, addr, console_session, console_signin, delivery, event};
+use super::wrong_keys::WRONG_KEYS_KEPT;
 use super::{EventHead, Result, Store, StoreError};
 
 type Time = chrono::DateTime<chrono::Utc>;
@@ -52,9 +53,10 @@ impl Store {
         Ok(())
     }
 
-    /// Forgets expired sessions and wrong master keys last given before
-    /// `before` (part of the core cleanup).
-    pub async fn sessions_cleanup(&self, now: Time, before: Time) -> Result<u64> {
+    /// Forgets expired sessions, and wrong master keys whose last one is
+    /// older than [`WRONG_KEYS_KEPT`] (part of the core cleanup).
+    pub async fn sessions_cleanup(&self, now: Time) -> Result<u64> {
+        let before = now - chrono::Duration::from_std(WRONG_KEYS_KEPT).unwrap_or_default();
         let s = console_session::Entity::delete_many()
             .filter(console_session::Column::Expires.lte(now))
             .exec(&self.db)

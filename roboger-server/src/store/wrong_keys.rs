@@ -2,7 +2,8 @@
 //! to slow down guessing: one row per address, its failures in a row and
 //! when the last was counted (the `console_signin` table, named for the
 //! console's sign-in, which counted them first). Rows whose last failure
-//! is old go with the core cleanup (`Store::sessions_cleanup`).
+//! is older than [`WRONG_KEYS_KEPT`] go with the core cleanup
+//! (`Store::sessions_cleanup`).
 //!
 //! Invariant: a failure is counted only against the count its caller
 //! read (compare and set), so attempts counted at once are each weighed
@@ -15,6 +16,9 @@ use super::entity::console_signin;
 use super::{Result, Store, inserted};
 
 type Time = chrono::DateTime<chrono::Utc>;
+
+/// How long an address's wrong keys are remembered after its last one.
+pub const WRONG_KEYS_KEPT: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 
 impl Store {
     /// Wrong keys from `ip` since its last right one.
@@ -59,5 +63,53 @@ impl Store {
             .exec(&self.db)
             .await?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_count_is_made_only_on_what_was_read_and_goes_a_day_on() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let url = crate::config::translate_db_url(&format!(
+            "sqlite://{}",
+            dir.path().join("w.db").display()
+        ))
+        .expect("a database URL");
+        let store = Store::connect(&url, 2, Duration::from_secs(5))
+            .await
+            .expect("the database");
+        store
+            .migrate(Duration::from_secs(5))
+            .await
+            .expect("migrated");
+        let now = chrono::Utc::now();
+        let old = now - chrono::Duration::days(2);
+        let ip = "192.0.2.1";
+        assert!(store.wrong_key_counted(ip, None, old).await.unwrap());
+        // Counted by someone else since it read: not counted, read again.
+        assert!(!store.wrong_key_counted(ip, None, old).await.unwrap());
+        assert!(!store.wrong_key_counted(ip, Some(5), old).await.unwrap());
+        assert!(store.wrong_key_counted(ip, Some(1), old).await.unwrap());
+        assert_eq!(
+            store.wrong_keys(ip).await.unwrap().map(|r| r.failures),
+            Some(2)
+        );
+        assert!(
+            store
+                .wrong_key_counted("192.0.2.2", None, now)
+                .await
+                .unwrap()
+        );
+        // The core cleanup forgets the count a day old only.
+        store.sessions_cleanup(now).await.unwrap();
+        assert!(store.wrong_keys(ip).await.unwrap().is_none());
+        assert!(store.wrong_keys("192.0.2.2").await.unwrap().is_some());
+        store.wrong_keys_forget("192.0.2.2").await.unwrap();
+        assert!(store.wrong_keys("192.0.2.2").await.unwrap().is_none());
     }
 }
