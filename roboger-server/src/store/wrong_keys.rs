@@ -75,11 +75,17 @@ mod tests {
     #[tokio::test]
     async fn a_count_is_made_only_on_what_was_read_and_goes_a_day_on() {
         let dir = tempfile::tempdir().expect("a temporary directory");
+        // SQLAlchemy's form: sqlite:/// and then the absolute path.
         let url = crate::config::translate_db_url(&format!(
-            "sqlite://{}",
+            "sqlite:///{}",
             dir.path().join("w.db").display()
         ))
         .expect("a database URL");
+        assert!(
+            url.url.contains(&*dir.path().to_string_lossy()),
+            "{}",
+            url.url
+        );
         let store = Store::connect(&url, 2, Duration::from_secs(5))
             .await
             .expect("the database");
