@@ -9,6 +9,7 @@
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use futures_util::FutureExt;
 use roboger_plugin_sdk::protocol::{self, HttpResponse, Manifest};
 use roboger_plugin_sdk::rpc::{NotificationHandler, Peer, PeerOptions};
 use roboger_server::api::body::Body;
@@ -58,15 +59,21 @@ pub fn push(data: &[u8]) {
     let Some((kind, rest)) = data.split_first() else {
         return;
     };
-    let ctype = match kind % 4 {
+    let ctype = match kind % 5 {
         0 => None,
         1 => Some("application/json"),
         2 => Some("application/x-www-form-urlencoded"),
+        3 => Some("multipart/form-data; boundary=X"),
         _ => Some("text/plain"),
     };
     let (query, body) = split(rest);
     let query = String::from_utf8_lossy(query);
-    let why = match roboger_server::api::push::fields(&query, ctype, body) {
+    let body = bytes::Bytes::copy_from_slice(body);
+    // A body held whole is parsed without waiting for anything.
+    let parsed = roboger_server::api::push::fields(&query, ctype, body)
+        .now_or_never()
+        .expect("parsing a push's fields never waits");
+    let why = match parsed {
         Err(ApiError::BadRequest(why)) => why,
         Err(e) => panic!("a push's fields failed with other than 400: {e:?}"),
         Ok(fields) => match Event::from_fields(fields) {

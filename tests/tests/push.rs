@@ -453,6 +453,122 @@ async fn media_round_trip() {
     assert_eq!(e["deliveries"][0]["attempts"], 1);
 }
 
+/// A multipart form push, as `curl -F` sends it: the original took its
+/// text fields, and its file in `media` is the event's media, raw.
+#[tokio::test]
+async fn multipart_form_pushes() {
+    let r = rig("push-max-media: 1000\n").await;
+    r.endpoint(json!({"name": "mp"}), &[json!({"level": 10})])
+        .await;
+    let post = |form: reqwest::multipart::Form| {
+        let req = r.s.http.post(r.s.url("/push")).multipart(form);
+        async move {
+            let resp = req.send().await.unwrap();
+            let status = resp.status().as_u16();
+            (status, resp.text().await.unwrap_or_default())
+        }
+    };
+    let text = |pairs: &[(&str, &str)]| {
+        pairs
+            .iter()
+            .fold(reqwest::multipart::Form::new(), |f, (k, v)| {
+                f.text(k.to_string(), v.to_string())
+            })
+    };
+    let file = |bytes: Vec<u8>, name: &str| {
+        reqwest::multipart::Part::bytes(bytes).file_name(name.to_string())
+    };
+
+    // Text fields only, as a script written for the original sends them.
+    let (status, said) = post(text(&[
+        ("addr", &r.a),
+        ("msg", "from a form"),
+        ("level", "warning"),
+        ("keywords", "kw"),
+    ]))
+    .await;
+    assert_eq!(status, 202, "{said}");
+    // A file in `media` is the media itself, named by its file name...
+    let bytes: Vec<u8> = (0..=255).collect();
+    let (status, said) = post(
+        text(&[("addr", &r.a), ("msg", "a file")]).part("media", file(bytes.clone(), "/d/pic.bin")),
+    )
+    .await;
+    assert_eq!(status, 202, "{said}");
+    // ... unless `media_fname` names it.
+    let (status, said) = post(
+        text(&[
+            ("addr", &r.a),
+            ("msg", "renamed"),
+            ("media_fname", "shot.png"),
+        ])
+        .part("media", file(vec![1, 2, 3], "upload.bin")),
+    )
+    .await;
+    assert_eq!(status, 202, "{said}");
+
+    let sends = r.wait_sends(3).await;
+    let form = sends.iter().find(|s| s["msg"] == "from a form").unwrap();
+    assert_eq!(
+        (form["level"].as_u64(), form["tag"].as_str(), &form["media"]),
+        (Some(30), Some("kw"), &Value::Null)
+    );
+    let pic = sends.iter().find(|s| s["msg"] == "a file").unwrap();
+    assert_eq!(pic["media"], json!(bytes));
+    assert_eq!(pic["media_fname"], "pic.bin");
+    let renamed = sends.iter().find(|s| s["msg"] == "renamed").unwrap();
+    assert_eq!(
+        (&renamed["media"], &renamed["media_fname"]),
+        (&json!([1, 2, 3]), &json!("shot.png"))
+    );
+
+    // What is wrong is said, as for JSON.
+    let (status, said) = post(text(&[("addr", &r.a), ("bogus", "1")])).await;
+    assert_eq!(
+        (status, said.contains("unknown field \"bogus\"")),
+        (400, true),
+        "{said}"
+    );
+    let (status, said) = post(text(&[("msg", "no address")])).await;
+    assert_eq!((status, said.contains("\"addr\"")), (400, true), "{said}");
+    let (status, said) =
+        post(text(&[("addr", &r.a), ("media", "aGk=")]).part("media", file(vec![1], "x"))).await;
+    assert_eq!(
+        (status, said.contains("both as a file")),
+        (400, true),
+        "{said}"
+    );
+    let (status, said) = post(
+        text(&[("addr", &r.a)])
+            .part("media", file(vec![1], "a"))
+            .part("media", file(vec![2], "b")),
+    )
+    .await;
+    assert_eq!(
+        (status, said.contains("more than one file")),
+        (400, true),
+        "{said}"
+    );
+    let (status, _) = post(text(&[("addr", &r.a)]).part("media", file(vec![7; 2000], "big"))).await;
+    assert_eq!(status, 413);
+    let broken =
+        r.s.http
+            .post(r.s.url("/push"))
+            .header("content-type", "multipart/form-data; boundary=XX")
+            .body(format!(
+                "--XX\r\nContent-Disposition: form-data; name=\"addr\"\r\n\r\n{}",
+                r.a
+            ))
+            .send()
+            .await
+            .unwrap();
+    assert_eq!(broken.status().as_u16(), 400);
+    let said = broken.text().await.unwrap_or_default();
+    assert!(said.contains("broken multipart form"), "{said}");
+    // None of the refused pushes reached the plugin.
+    assert_eq!(r.wait_sends(3).await.len(), 3);
+}
+
 #[tokio::test]
 async fn failures_are_retried_then_delivered_or_given_up() {
     let r = rig("").await;

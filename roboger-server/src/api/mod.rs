@@ -11,6 +11,7 @@ pub mod body;
 pub mod budget;
 pub mod console;
 pub mod error;
+pub mod form;
 pub mod guessing;
 pub mod manage;
 pub mod metrics;

@@ -1,11 +1,12 @@
-//! `POST /push`: a sender's event, from a JSON body, a form or the query
-//! string (as the original accepted them), answered 202 once it and its
+//! `POST /push`: a sender's event, from a JSON body, a form (URL-encoded
+//! or multipart) or the query string (as the original accepted them), answered 202 once it and its
 //! deliveries are committed. A push another Roboger forwarded says how
 //! often the event was forwarded already (`X-Roboger-Hops`); past
 //! [`MAX_HOPS`] it is refused (409, which only this refusal answers
 //! here), so chain endpoints that forward to each other do not pass an
 //! event round for ever.
 
+use base64::Engine;
 use bytes::Bytes;
 use http::StatusCode;
 use serde_json::{Map, Value};
@@ -13,6 +14,7 @@ use serde_json::{Map, Value};
 use roboger_plugin_sdk::protocol::HOPS_HEADER;
 
 use super::error::ApiError;
+use super::form::{Form, Upload};
 use super::reply::{self, Response};
 use crate::App;
 use crate::event::{Event, MAX_HOPS};
@@ -26,12 +28,14 @@ pub fn body_limit(max_media: usize) -> usize {
 }
 
 /// A push's fields: the query string's, then the body's (a JSON object,
-/// or a form when labelled so and not JSON) over them. A body that is
-/// neither is a 400 saying so.
-pub fn fields(
+/// or a form of either kind when labelled so and not JSON) over them. A
+/// body that is neither is a 400 saying so. A multipart form's file in
+/// its `media` part is the event's media (raw there, base64 here as in a
+/// JSON push), named by its file name unless `media_fname` is sent.
+pub async fn fields(
     query: &str,
     content_type: Option<&str>,
-    body: &[u8],
+    body: Bytes,
 ) -> Result<Map<String, Value>, ApiError> {
     let mut fields = Map::new();
     for (k, v) in url::form_urlencoded::parse(query.as_bytes()) {
@@ -40,13 +44,23 @@ pub fn fields(
     // A JSON object is taken as JSON whatever the Content-Type says
     // (curl -d sends JSON labelled as a form).
     let looks_json = body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
-    let is_form = content_type.is_some_and(|c| c.starts_with("application/x-www-form-urlencoded"));
-    if is_form && !looks_json {
-        for (k, v) in url::form_urlencoded::parse(body) {
-            fields.insert(k.into_owned(), Value::String(v.into_owned()));
+    if content_type.is_some_and(Form::is_form) && !looks_json {
+        // The form's reader takes the body, so it is not held beside its
+        // copy (multer's) while the fields are made.
+        let form = Form::parse(content_type, body, "media").await?;
+        if form.file.is_some() && form.get("media").is_some() {
+            return Err(ApiError::BadRequest(
+                "field \"media\" was sent both as a file and as base64 text; send one".into(),
+            ));
+        }
+        for (k, v) in form.fields {
+            fields.insert(k, Value::String(v));
+        }
+        if let Some(file) = form.file {
+            insert_media(&mut fields, file);
         }
     } else if !body.iter().all(u8::is_ascii_whitespace) {
-        match serde_json::from_slice::<Value>(body) {
+        match serde_json::from_slice::<Value>(&body) {
             Ok(Value::Object(m)) => fields.extend(m),
             Ok(Value::Null) => {}
             Ok(_) => {
@@ -62,6 +76,20 @@ pub fn fields(
         }
     }
     Ok(fields)
+}
+
+/// Makes an uploaded `file` the fields' media: base64 as a JSON push
+/// sends it, named by the file's name unless `media_fname` is there.
+/// Returns its size.
+pub fn insert_media(fields: &mut Map<String, Value>, file: Upload) -> usize {
+    let size = file.data.len();
+    let encoded = base64::engine::general_purpose::STANDARD.encode(&file.data);
+    drop(file.data);
+    fields.insert("media".into(), Value::String(encoded));
+    if let (Some(name), false) = (file.name, fields.contains_key("media_fname")) {
+        fields.insert("media_fname".into(), Value::String(name));
+    }
+    size
 }
 
 /// A header whose value is not visible ASCII text.
@@ -103,10 +131,9 @@ pub async fn push(
     let content_type = content_type.map_err(|NotText| NotText::refused("Content-Type"))?;
     // What counts against `lim_s`: the request's size, as in the original.
     let body_len = body.len() + query.len();
-    let fields = fields(query, content_type.as_deref(), &body)?;
-    // A push with media is at its largest here: the body is no longer
-    // needed, and the fields only until the event is made.
-    drop(body);
+    // A push with media is at its largest while its fields are made:
+    // the body is gone once they are, and the fields once the event is.
+    let fields = fields(query, content_type.as_deref(), body).await?;
     push_fields(app, fields, hops, body_len).await
 }
 

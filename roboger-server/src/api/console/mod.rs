@@ -12,7 +12,6 @@
 //! sign-in needs a session ([`session`]); every POST but sign-in carries
 //! the session's CSRF token.
 
-mod form;
 mod page;
 mod schema_form;
 mod session;
@@ -21,7 +20,6 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use base64::Engine as _;
 use futures_util::stream;
 use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use serde_json::{Map, Value, json};
@@ -29,13 +27,13 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
 use super::Request;
 use super::error::ApiError;
+use super::form::Form;
 use super::manage;
 use super::push;
 use super::reply::{self, Response};
 use crate::App;
 use crate::api::body::Body;
 use crate::store::{AddrRef, EventHead};
-use form::Form;
 use page::{Chrome, html};
 use session::Session;
 
@@ -168,7 +166,7 @@ async fn route(app: &Arc<App>, req: &Request<'_>, segs: &[&str]) -> Response {
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok());
     let form = if is_post {
-        match Form::parse(content_type, req.body.clone()).await {
+        match Form::parse(content_type, req.body.clone(), "file").await {
             Ok(f) => f,
             Err(e) => return failed(Chrome::signed_out(), &e, "/ui/"),
         }
@@ -1152,19 +1150,10 @@ async fn test_event(ctx: &Ctx<'_>, a: i64) -> Result<Response, ApiError> {
     fields.insert("subject".into(), f.text("subject").into());
     fields.insert("msg".into(), f.get("msg").unwrap_or("").into());
     fields.insert("sender".into(), "console".into());
-    let mut size = 0;
-    if let Some(file) = &f.file {
-        size = file.data.len();
-        fields.insert(
-            "media".into(),
-            base64::engine::general_purpose::STANDARD
-                .encode(&file.data)
-                .into(),
-        );
-        if let Some(name) = &file.name {
-            fields.insert("media_fname".into(), name.clone().into());
-        }
-    }
+    let size = match ctx.form.file.clone() {
+        Some(file) => push::insert_media(&mut fields, file),
+        None => 0,
+    };
     let r = push::push_fields(ctx.app, fields, 0, size).await?;
     match r.status() {
         StatusCode::ACCEPTED => Ok(redirect(&format!("/ui/addr/{a}/events?done=sent"))),
