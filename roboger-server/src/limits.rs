@@ -23,9 +23,15 @@ use crate::store::{Store, StoreError};
 /// Why a push is over its address's limit (the text of the 429).
 #[derive(Debug, thiserror::Error)]
 pub enum LimitError {
-    /// Over the limit; the message says which and why.
-    #[error("{0}")]
-    Over(String),
+    /// Over the limit; `text` says which and why, in the original's
+    /// words. `retry` is how long until the window ends, when a push like
+    /// this one could then be taken (`None` when it never could: it is
+    /// larger than the size limit, or its level is allowed nothing).
+    #[error("{text}")]
+    Over {
+        text: String,
+        retry: Option<Duration>,
+    },
     /// The counters could not be read or written.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -296,6 +302,8 @@ pub async fn check(
     if c.counted {
         return Ok(());
     }
+    let retry = (max_c > 0 && size <= max_s)
+        .then(|| Duration::from_secs(u64::try_from(window + period - now).unwrap_or(1).max(1)));
     let (count, used) = (c.count, c.size);
     let period_name = &limits.period_name;
     let reserve_note = format!(
@@ -323,5 +331,5 @@ pub async fn check(
             routes.lim_s
         )
     };
-    Err(LimitError::Over(msg))
+    Err(LimitError::Over { text: msg, retry })
 }

@@ -845,6 +845,12 @@ async fn limits_with_the_reserve_and_windows() {
     let over = r.push(json!({"msg": "i4"})).await;
     assert_status!(over, 429);
     assert!(over.text.contains("reserved for WARNING"), "{}", over.text);
+    // It says when the window ends: within its 2 seconds, at least one.
+    let retry = |over: &Resp| {
+        over.header("retry-after")
+            .map(|v| v.parse::<u64>().unwrap())
+    };
+    assert!(matches!(retry(&over), Some(1..=2)), "{:?}", over.headers);
     assert!(
         over.text.contains("limited by 5 per 2 seconds"),
         "{}",
@@ -897,6 +903,8 @@ async fn limits_with_the_reserve_and_windows() {
         .await;
     assert_status!(over, 429);
     assert!(over.text.contains("2000 bytes"), "{}", over.text);
+    // No window would take a push larger than the limit: no Retry-After.
+    assert_eq!(retry(&over), None);
     assert_status!(r.push(json!({"msg": "small"})).await, 202);
 }
 

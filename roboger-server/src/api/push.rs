@@ -183,8 +183,17 @@ pub async fn push_fields(
         .await
         {
             Ok(()) => {}
-            Err(crate::limits::LimitError::Over(msg)) => {
-                return Ok(reply::text(StatusCode::TOO_MANY_REQUESTS, msg));
+            Err(crate::limits::LimitError::Over { text, retry }) => {
+                // Answered here, not as an `ApiError`: the console's test
+                // event reads the status to say the address is over.
+                let mut r = reply::text(StatusCode::TOO_MANY_REQUESTS, text);
+                if let Some(wait) = retry {
+                    r.headers_mut().insert(
+                        http::header::RETRY_AFTER,
+                        http::HeaderValue::from(super::error::retry_secs(&wait)),
+                    );
+                }
+                return Ok(r);
             }
             Err(crate::limits::LimitError::Store(e)) => return Err(e.into()),
         }
