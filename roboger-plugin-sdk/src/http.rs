@@ -96,9 +96,19 @@ const QUOTED: usize = 200;
 
 /// A non-2xx answer as a delivery error: its status and the start of its
 /// body, which often says why (another Roboger's answers do);
-/// [`PluginError::Rejected`] when `for_good`, else [`PluginError::Failed`].
+/// [`PluginError::Rejected`] when `for_good`, else [`PluginError::Failed`],
+/// or [`PluginError::Later`] when a 429 or 503 says with `Retry-After`
+/// how long to wait.
 async fn answer_error(url: &str, mut resp: reqwest::Response, for_good: bool) -> PluginError {
     let status = resp.status();
+    let wait = match status {
+        reqwest::StatusCode::TOO_MANY_REQUESTS | reqwest::StatusCode::SERVICE_UNAVAILABLE => resp
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| retry_after(v, std::time::SystemTime::now())),
+        _ => None,
+    };
     let mut body = Vec::new();
     // Within the request's timeout, as the rest of the answer.
     while body.len() < QUOTED {
@@ -118,11 +128,22 @@ async fn answer_error(url: &str, mut resp: reqwest::Response, for_good: bool) ->
     } else {
         format!("{url} answered {status}: {text}")
     };
-    if for_good {
-        PluginError::rejected(msg)
-    } else {
-        PluginError::failed(msg)
+    match wait {
+        _ if for_good => PluginError::rejected(msg),
+        Some(wait) => PluginError::Later(msg, wait),
+        None => PluginError::failed(msg),
     }
+}
+
+/// A `Retry-After` value as a wait from `now`: whole seconds, or an
+/// HTTP-date (one already past is no wait). `None` when it is neither.
+pub fn retry_after(value: &str, now: std::time::SystemTime) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
 }
 
 /// Redirects followed at most (reqwest's default).
@@ -236,6 +257,47 @@ mod tests {
             matches!(&e, PluginError::Failed(m) if m == "http://u/push answered 409 Conflict"),
             "{e:?}"
         );
+    }
+
+    /// A 429 or 503 with `Retry-After` asks for that wait; other
+    /// statuses, unreadable values and final refusals do not.
+    #[tokio::test]
+    async fn retry_after_on_429_and_503_is_a_wait() {
+        let answer = |status: u16, retry: Option<&str>| {
+            let mut r = http::Response::builder().status(status);
+            if let Some(v) = retry {
+                r = r.header("retry-after", v);
+            }
+            reqwest::Response::from(r.body(String::new()).unwrap())
+        };
+        let e = answer_error("http://u", answer(429, Some("30")), false).await;
+        assert!(
+            matches!(&e, PluginError::Later(m, w) if m == "http://u answered 429 Too Many Requests" && *w == Duration::from_secs(30)),
+            "{e:?}"
+        );
+        let e = answer_error("http://u", answer(503, Some(" 2 ")), false).await;
+        assert!(
+            matches!(e, PluginError::Later(_, w) if w == Duration::from_secs(2)),
+            "{e:?}"
+        );
+        for (status, retry, r#final) in [
+            (500, Some("30"), false),
+            (429, Some("soon"), false),
+            (429, None, false),
+            (429, Some("30"), true),
+        ] {
+            let e = answer_error("http://u", answer(status, retry), r#final).await;
+            assert!(
+                !matches!(e, PluginError::Later(..)),
+                "{status} {retry:?}: {e:?}"
+            );
+        }
+        let now = std::time::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let date = httpdate::fmt_http_date(now + Duration::from_secs(90));
+        assert_eq!(retry_after(&date, now), Some(Duration::from_secs(90)));
+        let past = httpdate::fmt_http_date(now - Duration::from_secs(90));
+        assert_eq!(retry_after(&past, now), Some(Duration::ZERO));
+        assert_eq!(retry_after("-1", now), None);
     }
 
     #[tokio::test]

@@ -28,6 +28,11 @@ pub enum PluginError {
     /// The work failed (the server retries deliveries).
     #[error("{0}")]
     Failed(String),
+    /// The work failed, and the target asked for at least this long
+    /// before the next try (an HTTP `Retry-After`): the server's next try
+    /// of the delivery is no sooner, within its `delivery.retry-max`.
+    #[error("{0}")]
+    Later(String, std::time::Duration),
 }
 
 impl PluginError {
@@ -46,6 +51,9 @@ impl From<PluginError> for ErrorObjectOwned {
         match e {
             PluginError::Rejected(m) => ErrorObjectOwned::owned(codes::REJECTED, m, None::<()>),
             PluginError::Failed(m) => ErrorObjectOwned::owned(codes::FAILED, m, None::<()>),
+            PluginError::Later(m, wait) => {
+                ErrorObjectOwned::owned(codes::FAILED, m, Some(protocol::retry_after_data(wait)))
+            }
         }
     }
 }
@@ -436,6 +444,7 @@ impl<P: Plugin> PluginApiServer for Adapter<P> {
                     error: Some(protocol::OutcomeError {
                         code: e.code(),
                         message: e.message().to_string(),
+                        data: e.data().and_then(|d| serde_json::from_str(d.get()).ok()),
                     }),
                 },
             }

@@ -145,6 +145,33 @@ pub struct SendOutcome {
 pub struct OutcomeError {
     pub code: i32,
     pub message: String,
+    /// As a JSON-RPC error's `data`: see [`retry_after`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<Value>,
+}
+
+/// The key of a [`codes::FAILED`] error's `data` object that says how
+/// long the target asked the sender to wait before trying again (seconds,
+/// a number), as an HTTP target's `Retry-After` does: `{"retry_after": 30}`.
+/// The server's next try of that delivery is no sooner (within its
+/// `delivery.retry-max`).
+pub const RETRY_AFTER: &str = "retry_after";
+
+/// The longest wait [`retry_after`] reads; a longer one is this.
+pub const RETRY_AFTER_MAX: std::time::Duration = std::time::Duration::from_secs(86_400);
+
+/// The wait a failed call's error `data` asks for ([`RETRY_AFTER`]),
+/// when it is a positive number; anything else in `data` is no wait,
+/// since plugins in any language may put their own things there.
+pub fn retry_after(data: Option<&Value>) -> Option<std::time::Duration> {
+    let secs = data?.get(RETRY_AFTER)?.as_f64()?;
+    (secs.is_finite() && secs > 0.0)
+        .then(|| std::time::Duration::from_secs_f64(secs.min(RETRY_AFTER_MAX.as_secs_f64())))
+}
+
+/// The error `data` asking for a wait of `wait` ([`RETRY_AFTER`]).
+pub fn retry_after_data(wait: std::time::Duration) -> Value {
+    serde_json::json!({ RETRY_AFTER: wait.as_secs_f64() })
 }
 
 /// Which addresses a plugin may connect to, as CIDRs (or single

@@ -776,6 +776,7 @@ fn outcome(cfg: &DeliveryConfig, job: &Job, result: Result<Value, CallError>) ->
         error: None,
         next_at: None,
     };
+    let mut asked = None;
     let (error, refused) = match result {
         Ok(_) => {
             tracing::debug!(event_id = %job.event.id, endpoint_id = job.endpoint_id, plugin = %job.plugin, attempts, "delivered");
@@ -785,6 +786,10 @@ fn outcome(cfg: &DeliveryConfig, job: &Job, result: Result<Value, CallError>) ->
         // refuses its target, or the target found a loop of forwards):
         // trying again cannot help.
         Err(e @ CallError::Rejected(_)) => (e.to_string(), true),
+        Err(CallError::Later(m, wait)) => {
+            asked = Some(wait);
+            (m, false)
+        }
         Err(e) => (e.to_string(), false),
     };
     let error = crate::secrets::scrub(&error).into_owned();
@@ -799,9 +804,12 @@ fn outcome(cfg: &DeliveryConfig, job: &Job, result: Result<Value, CallError>) ->
         };
     }
     let exp = u32::try_from(attempts - 1).unwrap_or(u32::MAX).min(20);
+    // The target's own wait, when it asked for one, and never past the
+    // operator's bound on waits.
     let delay = cfg
         .retry_base
         .saturating_mul(2u32.saturating_pow(exp))
+        .max(asked.unwrap_or_default())
         .min(cfg.retry_max);
     tracing::info!(event_id = %job.event.id, endpoint_id = job.endpoint_id, plugin = %job.plugin, attempts, ?delay, "delivery failed, will retry: {error}");
     Attempt {

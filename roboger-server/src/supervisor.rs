@@ -60,6 +60,11 @@ pub enum CallError {
     /// The plugin failed doing the work; retry later.
     #[error("{0}")]
     Failed(String),
+    /// The plugin failed doing the work, and its target asked for at
+    /// least this long before the next try (`retry_after` in the error's
+    /// data, from an HTTP `Retry-After`).
+    #[error("{0}")]
+    Later(String, Duration),
     /// The plugin is not running (or died during the call); retry later.
     #[error("plugin {0} is not available: {1}")]
     Unavailable(String, String),
@@ -660,7 +665,7 @@ impl Supervisor {
                 .map(|o| match o.error {
                     None => Ok(Value::Null),
                     Some(e) if e.code == codes::REJECTED => Err(CallError::Rejected(e.message)),
-                    Some(e) => Err(CallError::Failed(e.message)),
+                    Some(e) => Err(failed(e.message, e.data.as_ref())),
                 })
                 .collect(),
             Ok(outcomes) => all(CallError::Failed(format!(
@@ -742,12 +747,24 @@ fn call_error(name: &str, method: &str, conn: &Conn, e: ClientError) -> CallErro
         ClientError::Call(obj) if obj.code() == jsonrpsee::types::error::METHOD_NOT_FOUND_CODE => {
             CallError::Rejected(format!("plugin {name} has no method {method}"))
         }
-        ClientError::Call(obj) => CallError::Failed(obj.message().to_string()),
+        ClientError::Call(obj) => {
+            let data = obj.data().and_then(|d| serde_json::from_str(d.get()).ok());
+            failed(obj.message().to_string(), data.as_ref())
+        }
         ClientError::RequestTimeout => unavailable(format!("{method} timed out")),
         other => unavailable(match conn.peer.close_reason() {
             Some(reason) => format!("connection closed during {method}: {reason}"),
             None => other.to_string(),
         }),
+    }
+}
+
+/// A plugin's failure `message`, with the wait its error `data` asks for
+/// when it asks for one.
+fn failed(message: String, data: Option<&Value>) -> CallError {
+    match protocol::retry_after(data) {
+        Some(wait) => CallError::Later(message, wait),
+        None => CallError::Failed(message),
     }
 }
 
@@ -1365,6 +1382,11 @@ impl PluginCalls for Supervisor {
         self.call(name, method, params).await.map_err(|e| match e {
             CallError::NotConfigured(_) => err(codes::NOT_FOUND, e.to_string()),
             CallError::Rejected(m) => err(codes::REJECTED, m),
+            CallError::Later(m, wait) => jsonrpsee::types::ErrorObjectOwned::owned(
+                codes::FAILED,
+                m,
+                Some(protocol::retry_after_data(wait)),
+            ),
             other => err(codes::FAILED, other.to_string()),
         })
     }

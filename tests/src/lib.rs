@@ -675,6 +675,45 @@ impl Server {
         }
     }
 
+    /// Waits until every delivery of addr `id`'s newest event has failed
+    /// its first attempt and waits for its next; returns, in the order of
+    /// `endpoints`, the seconds from that attempt to the next (its
+    /// `updated` to its `next_at`) and its last error. Panics after 20 s.
+    pub async fn first_retry_waits(&self, id: i64, endpoints: &[i64]) -> Vec<(f64, String)> {
+        let end = Instant::now() + Duration::from_secs(20);
+        loop {
+            let events = self
+                .manage(Method::GET, &format!("/addr/{id}/event?limit=1"), None)
+                .await
+                .json();
+            let e = match events[0]["id"].as_str() {
+                Some(ev) => self
+                    .manage(Method::GET, &format!("/addr/{id}/event/{ev}"), None)
+                    .await
+                    .json(),
+                None => Value::Null,
+            };
+            let deliveries = e["deliveries"].as_array().cloned().unwrap_or_default();
+            let waits: Vec<(f64, String)> = endpoints
+                .iter()
+                .filter_map(|ep| {
+                    let d = deliveries.iter().find(|d| d["endpoint_id"] == *ep)?;
+                    if d["attempts"] != 1 || d["state"] != "pending" {
+                        return None;
+                    }
+                    let at = |k: &str| chrono::DateTime::parse_from_rfc3339(d[k].as_str()?).ok();
+                    let wait = (at("next_at")? - at("updated")?).as_seconds_f64();
+                    Some((wait, d["last_error"].as_str()?.to_string()))
+                })
+                .collect();
+            if waits.len() == endpoints.len() {
+                return waits;
+            }
+            assert!(Instant::now() < end, "first attempts not all made: {e}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Waits for addr `id`'s newest event to settle; returns its first
     /// delivery's state, attempts and last error.
     pub async fn settled_delivery(&self, id: i64) -> (String, i64, String) {
@@ -1015,7 +1054,20 @@ impl HttpSink {
     /// Starts a sink answering `statuses` in turn (then 200), each time
     /// with `body` (JSON ones are sent as such).
     pub async fn answering(statuses: Vec<u16>, body: &'static str) -> HttpSink {
-        use warp::Filter;
+        HttpSink::answering_with(statuses, body, None).await
+    }
+
+    /// [`HttpSink::start`], whose answers all carry `Retry-After: value`.
+    pub async fn retry_after(statuses: Vec<u16>, value: &'static str) -> HttpSink {
+        HttpSink::answering_with(statuses, "ok", Some(value)).await
+    }
+
+    async fn answering_with(
+        statuses: Vec<u16>,
+        body: &'static str,
+        retry_after: Option<&'static str>,
+    ) -> HttpSink {
+        use warp::{Filter, Reply};
         let content_type =
             http::HeaderValue::from_static(if serde_json::from_str::<Value>(body).is_ok() {
                 "application/json"
@@ -1059,7 +1111,7 @@ impl HttpSink {
                             .ok()
                             .and_then(|mut s| s.pop_front())
                             .unwrap_or(200);
-                        warp::reply::with_header(
+                        let mut r = warp::reply::with_header(
                             warp::reply::with_status(
                                 body.clone(),
                                 http::StatusCode::from_u16(code).unwrap_or(http::StatusCode::OK),
@@ -1067,6 +1119,14 @@ impl HttpSink {
                             http::header::CONTENT_TYPE,
                             content_type.clone(),
                         )
+                        .into_response();
+                        if let Some(v) = retry_after {
+                            r.headers_mut().insert(
+                                http::header::RETRY_AFTER,
+                                http::HeaderValue::from_static(v),
+                            );
+                        }
+                        r
                     }
                 },
             );

@@ -295,3 +295,33 @@ async fn the_egress_policy_holds_for_a_modules_own_connections() {
         ("/x", &b"allowed"[..])
     );
 }
+
+/// A module's send that fails on a 429 or 503 with `Retry-After` (here
+/// `urllib`'s HTTPError, as `fetch.py` lets it rise) is not tried again
+/// before then: the bridge passes the wait on to the server.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_retry_after_reaches_the_server_from_a_module() {
+    let sink = HttpSink::retry_after(vec![429], "30").await;
+    let s = Server::start_with(ServerOptions {
+        yaml: "delivery:\n  retry-base: 2\n".into(),
+        plugins_yaml: format!(
+            "- name: fetch\n  python: robogercontrib.fetch\n  command: {}\n  env: {{PYTHONPATH: {}}}\n  egress:\n    allow: [127.0.0.1]\n",
+            plugin_bin("python").display(),
+            contrib().display()
+        ),
+        ..Default::default()
+    })
+    .await;
+    let (id, a) = s.new_addr().await;
+    let ep = s
+        .endpoint(id, "fetch", json!({"url": format!("{}/x", sink.base)}))
+        .await;
+    assert_status!(s.push(json!({"addr": a, "msg": "later"})).await, 202);
+    let waits = s.first_retry_waits(id, &[ep]).await;
+    let (wait, error) = &waits[0];
+    assert!(
+        (29.0..=31.0).contains(wait),
+        "Retry-After: 30 gave {wait} s"
+    );
+    assert!(error.contains("429"), "{error}");
+}

@@ -212,3 +212,50 @@ async fn every_node_of_a_cluster_registers_and_serves_one_webhook() {
         assert_eq!(json_of(&replies[2 + i])["chat_id"], chat);
     }
 }
+
+/// Telegram's flood control (429 with `parameters.retry_after`) is waited
+/// for: the delivery's next try is no sooner than the Bot API asked.
+#[tokio::test(flavor = "multi_thread")]
+async fn flood_control_is_waited_for() {
+    let flood = r#"{"ok": false, "error_code": 429, "description": "Too Many Requests: retry after 30", "parameters": {"retry_after": 30}}"#;
+    let api = HttpSink::answering(vec![429; 64], flood).await;
+    let s = server(
+        "url: https://roboger.example.com/\ndelivery:\n  retry-base: 2\n",
+        &api,
+    )
+    .await;
+    // The code for a chat, from the bot's answer to /start (which the Bot
+    // API refused, but the sink saw).
+    let hook = json_of(&api.wait(1).await[0]);
+    let path = hook["url"].as_str().expect("a webhook url")["https://roboger.example.com".len()..]
+        .to_string();
+    let update = json!({"update_id": 1, "message": {"message_id": 5, "chat": {"id": 42, "type": "private"}, "text": "/start"}});
+    s.request(Method::POST, &path, None, &[], Some(update))
+        .await;
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let code = loop {
+        let reply = api
+            .requests()
+            .iter()
+            .find(|r| r.path.ends_with("/sendMessage"))
+            .map(json_of);
+        if let Some(reply) = reply {
+            let text = reply["text"].as_str().unwrap_or_default().to_string();
+            break text
+                .split("<code>")
+                .nth(1)
+                .and_then(|t| t.split("</code>").next())
+                .expect("the code in the reply")
+                .to_string();
+        }
+        assert!(std::time::Instant::now() < end, "no reply to /start");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    let (id, a) = s.new_addr().await;
+    let ep = s.endpoint(id, "telegram", json!({"chat_id": code})).await;
+    assert_status!(s.push(json!({"addr": a, "msg": "flood"})).await, 202);
+    let waits = s.first_retry_waits(id, &[ep]).await;
+    let (wait, error) = &waits[0];
+    assert!((29.0..=31.0).contains(wait), "retry_after 30 gave {wait} s");
+    assert!(error.contains("retry after 30"), "{error}");
+}

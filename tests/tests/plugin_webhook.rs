@@ -115,3 +115,54 @@ async fn configs_are_checked_and_failures_are_retried() {
     let (state, attempts, _) = s.settled_delivery(id).await;
     assert_eq!((state.as_str(), attempts), ("delivered", 3));
 }
+
+/// A target that answers 429 or 503 with `Retry-After` is not tried again
+/// before then (within `delivery.retry-max`); one without it is retried
+/// on the server's own backoff.
+#[tokio::test]
+async fn a_targets_retry_after_is_waited_for() {
+    // A backoff long enough that each first attempt stays in view.
+    let s = Server::start_with(ServerOptions {
+        yaml: "delivery:\n  retry-base: 2\n".into(),
+        plugins_yaml: format!(
+            "- name: webhook\n  command: {}\n",
+            plugin_bin("webhook").display()
+        ),
+        ..Default::default()
+    })
+    .await;
+    let (id, a) = s.new_addr().await;
+    let waits = HttpSink::retry_after(vec![429], "30").await;
+    let too_long = HttpSink::retry_after(vec![503], "3600").await;
+    let silent = HttpSink::start(vec![429]).await;
+    let mut endpoints = Vec::new();
+    for sink in [&waits, &too_long, &silent] {
+        let config = json!({"url": format!("{}/hook", sink.base)});
+        endpoints.push(s.endpoint(id, "webhook", config).await);
+    }
+    let push = json!({"addr": a, "msg": "later"});
+    assert_status!(
+        s.request(Method::POST, "/push", None, &[], Some(push))
+            .await,
+        202
+    );
+    let waits_s = s.first_retry_waits(id, &endpoints).await;
+    let (wait, error) = &waits_s[0];
+    assert!(
+        (29.0..=31.0).contains(wait),
+        "Retry-After: 30 gave {wait} s"
+    );
+    assert!(error.contains("429"), "{error}");
+    // An hour asked for is held to retry-max (600 s by default).
+    let (wait, _) = &waits_s[1];
+    assert!(
+        (599.0..=601.0).contains(wait),
+        "Retry-After: 3600 gave {wait} s"
+    );
+    // Without Retry-After the backoff is the server's: retry-base, 2 s.
+    let (wait, _) = &waits_s[2];
+    assert!((1.5..=2.5).contains(wait), "no Retry-After gave {wait} s");
+    // And that one is retried and delivered meanwhile; the others wait.
+    assert_eq!(silent.wait(2).await.len(), 2);
+    assert_eq!((waits.requests().len(), too_long.requests().len()), (1, 1));
+}

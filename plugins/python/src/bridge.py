@@ -11,6 +11,7 @@ Run by `roboger-plugin-python MODULE`; standard library only.
 """
 import base64
 import concurrent.futures
+import email.utils
 import errno
 import importlib
 import ipaddress
@@ -22,6 +23,7 @@ import re
 import socket
 import sys
 import threading
+import time
 import traceback
 import types
 import urllib.parse
@@ -495,6 +497,49 @@ def _send_one(module, params):
         raise RpcError(REJECTED, why) from e
 
 
+def _retry_after(exc):
+    """The wait a failed send's target asked for, in seconds, or None:
+    a `retry_after` number on the exception, else a 429 or 503 answer's
+    `Retry-After` (seconds or an HTTP-date) on the exception or along its
+    chain, as `requests`' HTTPError (`.response`) and `urllib`'s
+    (`.code`, `.headers`) carry it."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        wait = getattr(exc, "retry_after", None)
+        if isinstance(wait, (int, float)) and not isinstance(wait, bool) and wait > 0:
+            return float(wait)
+        # A `requests` answer of 429 is falsy: compared with None.
+        resp = getattr(exc, "response", None)
+        if resp is None:
+            resp = exc
+        status = getattr(resp, "status_code", None) or getattr(resp, "code", None)
+        headers = getattr(resp, "headers", None)
+        if status in (429, 503) and headers is not None:
+            value = (headers.get("Retry-After") or "").strip()
+            if value.isdigit():
+                return float(value)
+            try:
+                at = email.utils.parsedate_to_datetime(value).timestamp()
+                return max(at - time.time(), 0.0)
+            except (TypeError, ValueError, IndexError):
+                pass
+        exc = exc.__cause__ or exc.__context__
+        if not isinstance(exc, BaseException):
+            exc = None
+    return None
+
+
+def _failure(e):
+    """A failed send as a JSON-RPC error object: FAILED, with the wait
+    its target asked for as `data.retry_after`."""
+    error = {"code": FAILED, "message": str(e) or type(e).__name__}
+    wait = _retry_after(e)
+    if wait is not None:
+        error["data"] = {"retry_after": wait}
+    return error
+
+
 def _send_batch(module, events):
     """`send_batch`: the module's send for each event at once (a thread
     each, as separate `send` calls would have); one outcome per event."""
@@ -508,7 +553,7 @@ def _send_batch(module, events):
             outcomes[i] = {"error": {"code": e.code, "message": str(e)}}
         except Exception as e:
             logger.debug(traceback.format_exc().rstrip())
-            outcomes[i] = {"error": {"code": FAILED, "message": str(e) or type(e).__name__}}
+            outcomes[i] = {"error": _failure(e)}
 
     threads = [threading.Thread(target=one, args=(i, p), daemon=True) for i, p in enumerate(events)]
     for t in threads:
@@ -559,10 +604,12 @@ def _serve(module, msg):
         _write({"jsonrpc": "2.0", "id": rid, "error": {"code": e.code, "message": str(e)}})
     except Exception as e:
         # Checks that raise are the user's 400; anything else failed.
-        code = REJECTED if method in ("validate_config", "validate_plugin_config") else FAILED
-        if code == FAILED:
+        if method in ("validate_config", "validate_plugin_config"):
+            error = {"code": REJECTED, "message": str(e) or type(e).__name__}
+        else:
             logger.debug(traceback.format_exc().rstrip())
-        _write({"jsonrpc": "2.0", "id": rid, "error": {"code": code, "message": str(e) or type(e).__name__}})
+            error = _failure(e)
+        _write({"jsonrpc": "2.0", "id": rid, "error": error})
 
 
 def main():

@@ -92,7 +92,13 @@ async fn answer(method: &str, req: reqwest::RequestBuilder) -> Result<Value, Plu
         Ok(v["result"].clone())
     } else {
         let why = v["description"].as_str().unwrap_or("no description");
-        Err(PluginError::failed(format!("{method}: {status}: {why}")))
+        let msg = format!("{method}: {status}: {why}");
+        // Flood control: the Bot API says how long to wait
+        // (`parameters.retry_after`, seconds), and the server waits so long.
+        match v["parameters"]["retry_after"].as_u64().filter(|s| *s > 0) {
+            Some(secs) => Err(PluginError::Later(msg, Duration::from_secs(secs))),
+            None => Err(PluginError::failed(msg)),
+        }
     }
 }
 

@@ -97,7 +97,7 @@ impl From<CallError> for ApiError {
     fn from(e: CallError) -> Self {
         match e {
             CallError::NotConfigured(_) => ApiError::NotFound(e.to_string()),
-            CallError::Rejected(msg) | CallError::Failed(msg) => {
+            CallError::Rejected(msg) | CallError::Failed(msg) | CallError::Later(msg, _) => {
                 ApiError::BadRequest(format!("invalid config: {}", crate::secrets::scrub(&msg)))
             }
             CallError::Unavailable(..) => ApiError::Unavailable(e.to_string()),

@@ -192,7 +192,7 @@ pub async fn plugin_route(app: &App, req: PluginRequest<'_>) -> Result<Response,
             )));
         }
         Ok(v) => v,
-        Err(CallError::Rejected(m) | CallError::Failed(m)) => {
+        Err(CallError::Rejected(m) | CallError::Failed(m) | CallError::Later(m, _)) => {
             return Ok(reply::text(
                 StatusCode::BAD_GATEWAY,
                 format!("plugin {}: {m}", req.name),
