@@ -179,3 +179,58 @@ async fn a_push_says_how_often_it_was_forwarded() {
         .collect();
     assert_eq!(got, [(json!("direct"), json!(0)), (json!("7"), json!(7))]);
 }
+
+/// The far server's address is over its limit: its 429 says with
+/// `Retry-After` when the window ends, and the near server's chain
+/// delivery waits until then, not its own backoff.
+#[tokio::test]
+async fn a_far_address_over_its_limit_is_tried_again_when_its_window_ends() {
+    let far = Server::start_with(ServerOptions {
+        yaml: "limits:\n  period: 20\n".into(),
+        ..with("webhook")
+    })
+    .await;
+    let (far_id, far_addr) = far.new_addr().await;
+    assert_status!(
+        far.manage(
+            Method::PATCH,
+            &format!("/addr/{far_id}"),
+            Some(json!({"lim_c": 1}))
+        )
+        .await,
+        200
+    );
+    let near = Server::start_with(with("chain")).await;
+    let (id, a) = near.new_addr().await;
+    let ep = near
+        .endpoint(id, "chain", json!({"url": far.base, "addr": far_addr}))
+        .await;
+    let now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64()
+    };
+    // Both pushes early in one 20-second window of the far server's.
+    if now() % 20.0 > 12.0 {
+        tokio::time::sleep(std::time::Duration::from_secs_f64(20.0 - now() % 20.0)).await;
+    }
+    assert_status!(near.push(json!({"addr": a, "msg": "first"})).await, 202);
+    assert_eq!(
+        near.wait_settled(id).await["deliveries"][0]["state"],
+        "delivered"
+    );
+    let before = now();
+    assert_status!(near.push(json!({"addr": a, "msg": "second"})).await, 202);
+    let waits = near.first_retry_waits(id, &[ep]).await;
+    let (wait, error) = &waits[0];
+    assert!(error.contains("429"), "{error}");
+    // Until the end of the window, in whole seconds rounded up from
+    // when the far server answered, which was between `before` and now.
+    let end = before - before % 20.0 + 20.0;
+    let (least, most) = (end - now(), end - before + 1.0);
+    assert!(
+        (least - 0.1..=most + 0.1).contains(wait),
+        "waited {wait} s for a window ending in {least} to {most} s"
+    );
+}
