@@ -2,7 +2,8 @@
 
 Listens on 127.0.0.1 at a free port, prints "listening PORT" once ready,
 and writes each message it receives to DIR as a JSON file: the envelope,
-the headers, the text body and the attachments (base64). With --login and
+the headers, the text body and the attachments (base64). The mailbox
+`unknown@...` is refused for good (550), `busy@...` for now (452). With --login and
 --password it requires SMTP AUTH with them (over plain text: loopback).
 
     python smtp_sink.py DIR [--login L --password P]
@@ -28,6 +29,17 @@ class Handler:
         self.out = out
         self.n = 0
         self.lock = threading.Lock()
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        # A mailbox named "unknown" does not exist; one named "busy" is
+        # over its quota for now.
+        local = address.split("@")[0]
+        if local == "unknown":
+            return "550 5.1.1 no such mailbox"
+        if local == "busy":
+            return "452 4.2.2 mailbox over quota, try later"
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
 
     async def handle_DATA(self, server, session, envelope):
         m = email.message_from_bytes(envelope.content, policy=email.policy.default)

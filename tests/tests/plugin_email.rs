@@ -121,3 +121,35 @@ async fn logs_in_and_a_wrong_password_is_a_failed_delivery() {
     assert_eq!((state.as_str(), attempts), ("failed", 2), "{why}");
     assert!(why.contains("smtp"), "{why}");
 }
+
+/// A mailbox the SMTP server refuses for good (550) fails the delivery at
+/// once, the server's reply in its error; one refused for now (452), or a
+/// login refused (535, above), is tried again.
+#[tokio::test]
+async fn a_mailbox_refused_for_good_is_not_mailed_again() {
+    let Some(python) = venv_python("aiosmtpd") else {
+        return;
+    };
+    let smtp = SmtpSink::start(&python, None);
+    let s = server(&format!("{{host: 127.0.0.1, port: {}}}", smtp.port)).await;
+    for (rcpt, state, attempts, reply) in [
+        ("unknown@example.com", "failed", 1, "no such mailbox"),
+        ("busy@example.com", "failed", 2, "over quota"),
+    ] {
+        let (id, a) = s.new_addr().await;
+        s.endpoint(id, "email", json!({ "rcpt": rcpt })).await;
+        assert_status!(s.push(json!({"addr": a, "msg": "m"})).await, 202);
+        let (got, tries, why) = s.settled_delivery(id).await;
+        assert_eq!((got.as_str(), tries), (state, attempts), "{rcpt}: {why}");
+        assert!(why.contains(reply), "{rcpt}: {why}");
+    }
+    // And a mailbox that exists is mailed.
+    let (id, a) = s.new_addr().await;
+    s.endpoint(id, "email", json!({"rcpt": "ops@example.com"}))
+        .await;
+    assert_status!(s.push(json!({"addr": a, "msg": "m"})).await, 202);
+    assert_eq!(
+        smtp.wait(1).await[0]["rcpt_tos"],
+        json!(["ops@example.com"])
+    );
+}

@@ -217,12 +217,32 @@ impl Plugin for Email {
             .and_then(|s| s.clone())
             .ok_or_else(|| PluginError::failed("the plugin is not loaded"))?;
         let m = message(&e, to, &s)?;
-        s.transport
-            .send(m)
-            .await
-            .map_err(|err| PluginError::failed(format!("smtp: {err}")))?;
+        s.transport.send(m).await.map_err(|err| smtp_error(&err))?;
         tracing::debug!(event = %e.event_id, %rcpt, "mailed");
         Ok(())
+    }
+}
+
+/// SMTP's replies about the sender's own login (530 authentication
+/// required, 534 mechanism too weak, 535 credentials invalid, 538
+/// encryption required): permanent replies, but the operator's to fix in
+/// the plugin config, so the delivery is tried again meanwhile.
+const LOGIN_REPLIES: [&str; 4] = ["530", "534", "535", "538"];
+
+/// A failed SMTP send as a delivery error. A permanent reply (5xx) about
+/// the message itself, such as 550 for an unknown mailbox or 554 for a
+/// message refused, is final: sending it again would be refused again,
+/// and repeated sends refused as spam harm the sender's name.
+/// Everything else (4xx, connection and TLS errors, login replies) is
+/// tried again.
+fn smtp_error(err: &lettre::transport::smtp::Error) -> PluginError {
+    let msg = format!("smtp: {err}");
+    let code = err.status().map(|c| c.to_string());
+    let login = code.as_deref().is_some_and(|c| LOGIN_REPLIES.contains(&c));
+    if err.is_permanent() && !login {
+        PluginError::rejected(msg)
+    } else {
+        PluginError::failed(msg)
     }
 }
 
