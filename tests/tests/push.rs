@@ -363,7 +363,15 @@ async fn status_codes_and_field_forms() {
         assert!(text.contains(name), "{name}: {text}");
     }
     let big = base64::engine::general_purpose::STANDARD.encode(vec![7u8; 2000]);
-    assert_status!(r.push(json!({"msg": "big", "media": big})).await, 413);
+    let over = r.push(json!({"msg": "big", "media": big})).await;
+    assert_status!(over, 413);
+    // The media is what is too large, not the body, which was read whole:
+    // the connection stays open.
+    assert_eq!(
+        over.text,
+        "media is larger than 1000 bytes (push-max-media)"
+    );
+    assert_eq!(over.header("connection"), None);
     let huge = "x".repeat(3 * 1024 * 1024);
     let raw =
         r.s.http

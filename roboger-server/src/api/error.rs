@@ -34,9 +34,12 @@ pub enum ApiError {
     /// 408: the request body stopped arriving, or came too slowly.
     #[error("{0}")]
     TooSlow(String),
-    /// 413
+    /// 413: the body was not read to its end.
     #[error("request body is larger than {0} bytes")]
     PayloadTooLarge(usize),
+    /// 413: a push's media, read whole, is over `push-max-media`.
+    #[error("media is larger than {0} bytes (push-max-media)")]
+    MediaTooLarge(usize),
     /// 429: this address gave too many wrong master keys, and must wait
     /// this long (whole seconds, at least one; sent as `Retry-After`).
     #[error("too many wrong master keys from your address; try again in {} s", retry_secs(.0))]
@@ -60,7 +63,9 @@ impl ApiError {
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::TooSlow(_) => StatusCode::REQUEST_TIMEOUT,
-            ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::PayloadTooLarge(_) | ApiError::MediaTooLarge(_) => {
+                StatusCode::PAYLOAD_TOO_LARGE
+            }
             ApiError::TooManyWrongKeys(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable(_) | ApiError::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
         }

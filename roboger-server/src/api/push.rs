@@ -160,7 +160,7 @@ pub async fn push_fields(
         .as_ref()
         .is_some_and(|m| m.len() > app.config.push_max_media)
     {
-        return Err(ApiError::PayloadTooLarge(app.config.push_max_media));
+        return Err(ApiError::MediaTooLarge(app.config.push_max_media));
     }
     let Some(routes) = app.routes.get(&event.addr) else {
         return Err(ApiError::NotFound(format!("addr {} not found", event.addr)));
