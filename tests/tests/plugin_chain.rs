@@ -234,3 +234,40 @@ async fn a_far_address_over_its_limit_is_tried_again_when_its_window_ends() {
         "waited {wait} s for a window ending in {least} to {most} s"
     );
 }
+
+/// An event the far server will never take (its media is larger than
+/// the far `push-max-media`: 413) fails at once, the far answer in its
+/// error; an address not there (404) is tried again, as it may appear.
+#[tokio::test]
+async fn an_event_the_far_server_will_never_take_fails_at_once() {
+    let far = Server::start_with(ServerOptions {
+        yaml: "push-max-media: 16\n".into(),
+        ..with("webhook")
+    })
+    .await;
+    let (_, far_addr) = far.new_addr().await;
+    let near = Server::start_with(with("chain")).await;
+    let media = base64::engine::general_purpose::STANDARD.encode([7u8; 64]);
+    for (addr, media, state, attempts, said) in [
+        (
+            far_addr.as_str(),
+            media.as_str(),
+            "failed",
+            1,
+            "413 Payload Too Large: media is larger than 16 bytes (push-max-media)",
+        ),
+        ("nowhere", "", "failed", 2, "404"),
+    ] {
+        let (id, a) = near.new_addr().await;
+        near.endpoint(id, "chain", json!({"url": far.base, "addr": addr}))
+            .await;
+        assert_status!(
+            near.push(json!({"addr": a, "msg": "m", "media": media}))
+                .await,
+            202
+        );
+        let (got, tries, why) = near.settled_delivery(id).await;
+        assert_eq!((got.as_str(), tries), (state, attempts), "{addr}: {why}");
+        assert!(why.contains(said), "{addr}: {why}");
+    }
+}

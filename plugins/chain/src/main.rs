@@ -59,12 +59,26 @@ impl Plugin for Chain {
         let url = format!("{}/push", url.trim_end_matches('/'));
         let hops = (u32::from(e.hops) + 1).to_string();
         let headers = [(HOPS_HEADER, hops.as_str())];
-        let looped = [roboger_plugin_sdk::http::reqwest::StatusCode::CONFLICT];
         let body = push(&e, addr).to_string();
-        roboger_plugin_sdk::http::send_json_with_final(host, "POST", &url, &headers, body, &looped)
+        roboger_plugin_sdk::http::send_json_with_final(host, "POST", &url, &headers, body, &FINAL)
             .await
     }
 }
+
+/// The other server's answers that say this event will never be taken
+/// there, so the delivery fails at once: 400, a field it cannot take (its
+/// database cannot store the text, say); 409, forwarded round a loop of
+/// chain endpoints; 413, larger than its `push-max-media`. Any other
+/// answer (404 or 406 for an address not there or disabled, 429 over its
+/// limit, 503) may change, and is tried again.
+const FINAL: [roboger_plugin_sdk::http::reqwest::StatusCode; 3] = {
+    use roboger_plugin_sdk::http::reqwest::StatusCode;
+    [
+        StatusCode::BAD_REQUEST,
+        StatusCode::CONFLICT,
+        StatusCode::PAYLOAD_TOO_LARGE,
+    ]
+};
 
 fn main() -> std::process::ExitCode {
     run(Chain)
