@@ -541,3 +541,56 @@ async fn a_forwarded_event_says_so_in_the_history() {
         "{forwarded}"
     );
 }
+
+/// A delivery that failed and will be tried again says when in the
+/// history: here a target that asked for a minute with `Retry-After`.
+#[tokio::test]
+async fn a_delivery_waiting_to_be_tried_again_says_when() {
+    let sink = HttpSink::retry_after(vec![429], "60").await;
+    let server = Server::start_with(ServerOptions::builtin("webhook", "")).await;
+    let (id, a) = server.new_addr().await;
+    let ep = server
+        .endpoint(id, "webhook", serde_json::json!({"url": sink.base}))
+        .await;
+    assert_status!(
+        server
+            .push(serde_json::json!({"addr": a, "msg": "later"}))
+            .await,
+        202
+    );
+    let (wait, _) = server.first_retry_waits(id, &[ep]).await.remove(0);
+    assert!(wait > 55.0, "{wait}");
+    let e = server
+        .manage(Method::GET, &format!("/addr/{id}/event?limit=1"), None)
+        .await
+        .json();
+    let ev = e[0]["id"].as_str().unwrap_or_default().to_string();
+    let next_at = server
+        .manage(Method::GET, &format!("/addr/{id}/event/{ev}"), None)
+        .await
+        .json()["deliveries"][0]["next_at"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let next = chrono::DateTime::parse_from_rfc3339(&next_at)
+        .unwrap()
+        .to_utc()
+        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let mut b = Browser {
+        server: &server,
+        cookie: None,
+    };
+    b.sign_in().await;
+    let page = b
+        .get(&format!("/ui/addr/{id}/events"))
+        .await
+        .text()
+        .await
+        .unwrap_or_default();
+    assert!(
+        page.contains(&format!(
+            "<td class=\"state\">pending<br><span class=\"hint\">next try <time datetime=\"{next}\">"
+        )),
+        "{page}"
+    );
+}

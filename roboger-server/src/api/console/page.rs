@@ -154,6 +154,8 @@ pub struct DeliveryRow {
     pub attempts: i32,
     pub last_error: String,
     pub updated: String,
+    /// When a delivery that has failed and will be tried again is due.
+    pub next_try: Option<String>,
 }
 
 #[derive(Template)]
