@@ -6,8 +6,14 @@ use roboger_tests::{
 };
 
 async fn server() -> (Server, i64, String) {
+    server_retrying("0.05").await
+}
+
+/// A server with the webhook plugin whose backoff starts at `base`
+/// seconds, and an address on it.
+async fn server_retrying(base: &str) -> (Server, i64, String) {
     let s = Server::start_with(ServerOptions {
-        yaml: "delivery:\n  retry-base: 0.05\n".into(),
+        yaml: format!("delivery:\n  retry-base: {base}\n"),
         plugins_yaml: format!(
             "- name: webhook\n  command: {}\n",
             plugin_bin("webhook").display()
@@ -122,16 +128,7 @@ async fn configs_are_checked_and_failures_are_retried() {
 #[tokio::test]
 async fn a_targets_retry_after_is_waited_for() {
     // A backoff long enough that each first attempt stays in view.
-    let s = Server::start_with(ServerOptions {
-        yaml: "delivery:\n  retry-base: 2\n".into(),
-        plugins_yaml: format!(
-            "- name: webhook\n  command: {}\n",
-            plugin_bin("webhook").display()
-        ),
-        ..Default::default()
-    })
-    .await;
-    let (id, a) = s.new_addr().await;
+    let (s, id, a) = server_retrying("2").await;
     let waits = HttpSink::retry_after(vec![429], "30").await;
     let too_long = HttpSink::retry_after(vec![503], "3600").await;
     let silent = HttpSink::start(vec![429]).await;
