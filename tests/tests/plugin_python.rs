@@ -297,8 +297,9 @@ async fn the_egress_policy_holds_for_a_modules_own_connections() {
 }
 
 /// A module's send that fails on a 429 or 503 with `Retry-After` (here
-/// `urllib`'s HTTPError, as `fetch.py` lets it rise) is not tried again
-/// before then: the bridge passes the wait on to the server.
+/// `urllib`'s HTTPError, as `fetch.py` lets it rise), or raises its own
+/// exception with a `retry_after`, is not tried again before then: the
+/// bridge passes the wait on to the server.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_retry_after_reaches_the_server_from_a_module() {
     let sink = HttpSink::retry_after(vec![429], "30").await;
@@ -313,15 +314,21 @@ async fn a_retry_after_reaches_the_server_from_a_module() {
     })
     .await;
     let (id, a) = s.new_addr().await;
-    let ep = s
-        .endpoint(id, "fetch", json!({"url": format!("{}/x", sink.base)}))
+    let url = format!("{}/x", sink.base);
+    let answered = s.endpoint(id, "fetch", json!({ "url": url })).await;
+    // A module's own exception with `retry_after` (seconds).
+    let raised = s
+        .endpoint(id, "fetch", json!({"url": url, "later": 45}))
         .await;
     assert_status!(s.push(json!({"addr": a, "msg": "later"})).await, 202);
-    let waits = s.first_retry_waits(id, &[ep]).await;
+    let waits = s.first_retry_waits(id, &[answered, raised]).await;
     let (wait, error) = &waits[0];
     assert!(
         (29.0..=31.0).contains(wait),
         "Retry-After: 30 gave {wait} s"
     );
     assert!(error.contains("429"), "{error}");
+    let (wait, error) = &waits[1];
+    assert!((44.0..=46.0).contains(wait), "retry_after 45 gave {wait} s");
+    assert_eq!(error, "asked to wait 45 s");
 }

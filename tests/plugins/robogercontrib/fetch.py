@@ -1,7 +1,9 @@
 """A seed-style plugin that POSTs each event's message to its endpoint's
 `url`, as the original's HTTP plugins did (with `urllib` here, to need
 the standard library only). The tests run it through roboger-plugin-python
-to see the egress policy hold for a Python module's own connections.
+to see the egress policy hold for a Python module's own connections, and
+a wait asked for reach the server (an HTTP 429's `Retry-After`, or, with
+`later: SECONDS` in the endpoint config, an exception's `retry_after`).
 """
 
 __version__ = "0.1.0"
@@ -14,7 +16,17 @@ def validate_config(config, **kwargs):
         raise ValueError("url: a URL is required")
 
 
+class Later(Exception):
+    """A failure that asks for a wait, as a module may raise its own."""
+
+    def __init__(self, seconds):
+        super().__init__(f"asked to wait {seconds} s")
+        self.retry_after = seconds
+
+
 def send(config, msg, **kwargs):
+    if "later" in config:
+        raise Later(config["later"])
     req = urllib.request.Request(config["url"], data=msg.encode(), method="POST")
     with urllib.request.urlopen(req, timeout=5) as r:
         r.read()
