@@ -106,7 +106,7 @@ async fn answer_error(url: &str, mut resp: reqwest::Response, for_good: bool) ->
             .headers()
             .get(reqwest::header::RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| retry_after(v, std::time::SystemTime::now())),
+            .and_then(|v| parse_retry_after(v, std::time::SystemTime::now())),
         _ => None,
     };
     let mut body = Vec::new();
@@ -137,7 +137,7 @@ async fn answer_error(url: &str, mut resp: reqwest::Response, for_good: bool) ->
 
 /// A `Retry-After` value as a wait from `now`: whole seconds, or an
 /// HTTP-date (one already past is no wait). `None` when it is neither.
-pub fn retry_after(value: &str, now: std::time::SystemTime) -> Option<Duration> {
+pub fn parse_retry_after(value: &str, now: std::time::SystemTime) -> Option<Duration> {
     let value = value.trim();
     if let Ok(secs) = value.parse::<u64>() {
         return Some(Duration::from_secs(secs));
@@ -294,10 +294,10 @@ mod tests {
         }
         let now = std::time::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
         let date = httpdate::fmt_http_date(now + Duration::from_secs(90));
-        assert_eq!(retry_after(&date, now), Some(Duration::from_secs(90)));
+        assert_eq!(parse_retry_after(&date, now), Some(Duration::from_secs(90)));
         let past = httpdate::fmt_http_date(now - Duration::from_secs(90));
-        assert_eq!(retry_after(&past, now), Some(Duration::ZERO));
-        assert_eq!(retry_after("-1", now), None);
+        assert_eq!(parse_retry_after(&past, now), Some(Duration::ZERO));
+        assert_eq!(parse_retry_after("-1", now), None);
     }
 
     #[tokio::test]

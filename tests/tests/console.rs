@@ -594,3 +594,57 @@ async fn a_delivery_waiting_to_be_tried_again_says_when() {
         "{page}"
     );
 }
+
+/// The console's test event to an address that is disabled, or over its
+/// limit, is refused with a page saying which (409), and nothing is sent.
+#[tokio::test]
+async fn a_test_event_the_address_refuses_says_why() {
+    let server = Server::start_with(ServerOptions {
+        yaml: "limits:\n  period: day\n".into(),
+        ..Default::default()
+    })
+    .await;
+    let (id, _) = server.new_addr().await;
+    let mut b = Browser {
+        server: &server,
+        cookie: None,
+    };
+    b.sign_in().await;
+    let send = |csrf: String| {
+        let b = &b;
+        async move {
+            let r = b
+                .post(
+                    &format!("/ui/addr/{id}/push"),
+                    &[("csrf", &csrf), ("level", "info"), ("msg", "test")],
+                )
+                .await;
+            let status = r.status().as_u16();
+            (status, r.text().await.unwrap_or_default())
+        }
+    };
+    for (change, said) in [
+        (
+            serde_json::json!({"active": 0}),
+            "the address is disabled: enable it to send events to it",
+        ),
+        (
+            serde_json::json!({"active": 1, "lim_c": 0}),
+            "the address is over its limits for now",
+        ),
+    ] {
+        let r = server
+            .manage(Method::PATCH, &format!("/addr/{id}"), Some(change))
+            .await;
+        assert_status!(r, 200);
+        let csrf = b.csrf(&format!("/ui/addr/{id}/events")).await;
+        let (status, page) = send(csrf).await;
+        assert_eq!(status, 409, "{page}");
+        assert!(page.contains(said), "{page}");
+    }
+    let events = server
+        .manage(Method::GET, &format!("/addr/{id}/event"), None)
+        .await
+        .json();
+    assert_eq!(events, serde_json::json!([]));
+}

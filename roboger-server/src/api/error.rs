@@ -31,6 +31,17 @@ pub enum ApiError {
     /// 409
     #[error("{0}")]
     Conflict(String),
+    /// 406: the push's address is disabled (the original's status).
+    #[error("{0}")]
+    Disabled(String),
+    /// 429: the push's address is over its limit; the text is the
+    /// original's, and `retry` (sent as `Retry-After`) how long until its
+    /// window ends, when a window could take the push at all.
+    #[error("{text}")]
+    OverLimit {
+        text: String,
+        retry: Option<Duration>,
+    },
     /// 408: the request body stopped arriving, or came too slowly.
     #[error("{0}")]
     TooSlow(String),
@@ -66,7 +77,10 @@ impl ApiError {
             ApiError::PayloadTooLarge(_) | ApiError::MediaTooLarge(_) => {
                 StatusCode::PAYLOAD_TOO_LARGE
             }
-            ApiError::TooManyWrongKeys(_) => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::Disabled(_) => StatusCode::NOT_ACCEPTABLE,
+            ApiError::TooManyWrongKeys(_) | ApiError::OverLimit { .. } => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             ApiError::Unavailable(_) | ApiError::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }

@@ -1,6 +1,6 @@
 //! `POST /push`: a sender's event, from a JSON body, a form (URL-encoded
-//! or multipart) or the query string (as the original accepted them), answered 202 once it and its
-//! deliveries are committed. A push another Roboger forwarded says how
+//! or multipart) or the query string (as the original accepted them),
+//! answered 202 once it and its deliveries are committed. A push another Roboger forwarded says how
 //! often the event was forwarded already (`X-Roboger-Hops`); past
 //! [`MAX_HOPS`] it is refused (409, which only this refusal answers
 //! here), so chain endpoints that forward to each other do not pass an
@@ -134,18 +134,20 @@ pub async fn push(
     // A push with media is at its largest while its fields are made:
     // the body is gone once they are, and the fields once the event is.
     let fields = fields(query, content_type.as_deref(), body).await?;
-    push_fields(app, fields, hops, body_len).await
+    push_fields(app, fields, hops, body_len).await?;
+    Ok(reply::empty(StatusCode::ACCEPTED))
 }
 
 /// Takes one event made of `fields` (a push's, or the console's test
 /// event), forwarded `hops` times before; `size` is what counts against
-/// the address's `lim_s`.
+/// the address's `lim_s`. `Ok` once it and its deliveries are committed;
+/// every refusal is an [`ApiError`].
 pub async fn push_fields(
     app: &App,
     fields: Map<String, Value>,
     hops: u16,
     body_len: usize,
-) -> Result<Response, ApiError> {
+) -> Result<(), ApiError> {
     let mut event = Event::from_fields(fields).map_err(|e| ApiError::BadRequest(e.0))?;
     if hops >= MAX_HOPS {
         tracing::warn!(addr = %event.addr, hops, "push refused: forwarded too often, a loop of chain endpoints?");
@@ -166,10 +168,10 @@ pub async fn push_fields(
         return Err(ApiError::NotFound(format!("addr {} not found", event.addr)));
     };
     if !routes.active {
-        return Ok(reply::text(
-            StatusCode::NOT_ACCEPTABLE,
-            format!("addr {} is disabled", event.addr),
-        ));
+        return Err(ApiError::Disabled(format!(
+            "addr {} is disabled",
+            event.addr
+        )));
     }
     if let Some(limits) = &app.config.limits {
         match crate::limits::check(
@@ -184,16 +186,7 @@ pub async fn push_fields(
         {
             Ok(()) => {}
             Err(crate::limits::LimitError::Over { text, retry }) => {
-                // Answered here, not as an `ApiError`: the console's test
-                // event reads the status to say the address is over.
-                let mut r = reply::text(StatusCode::TOO_MANY_REQUESTS, text);
-                if let Some(wait) = retry {
-                    r.headers_mut().insert(
-                        http::header::RETRY_AFTER,
-                        http::HeaderValue::from(super::error::retry_secs(&wait)),
-                    );
-                }
-                return Ok(r);
+                return Err(ApiError::OverLimit { text, retry });
             }
             Err(crate::limits::LimitError::Store(e)) => return Err(e.into()),
         }
@@ -216,8 +209,7 @@ pub async fn push_fields(
                 "cannot store the event: database error; see the server log".into(),
             ),
             e => ApiError::Unavailable(e.to_string()),
-        })?;
-    Ok(reply::empty(StatusCode::ACCEPTED))
+        })
 }
 
 #[cfg(test)]

@@ -37,14 +37,19 @@ pub fn text(status: StatusCode, msg: impl Into<String>) -> Response {
 /// read to its end, so the connection is closed after the answer rather
 /// than reused by the client mid-body. A 503 asks the client to come back
 /// (`Retry-After: 1`): it is an overload or an outage, not a refusal. A
-/// 429 for wrong keys says how long the address must wait.
+/// 429 for wrong keys says how long the address must wait, and one for an
+/// address over its limit when its window ends.
 pub fn error(e: &ApiError) -> Response {
     let mut r = text(e.status(), e.to_string());
     if e.status() == http::StatusCode::SERVICE_UNAVAILABLE {
         r.headers_mut()
             .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
     }
-    if let ApiError::TooManyWrongKeys(wait) = e {
+    if let ApiError::TooManyWrongKeys(wait)
+    | ApiError::OverLimit {
+        retry: Some(wait), ..
+    } = e
+    {
         r.headers_mut()
             .insert(header::RETRY_AFTER, HeaderValue::from(retry_secs(wait)));
     }

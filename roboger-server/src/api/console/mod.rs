@@ -1156,16 +1156,15 @@ async fn test_event(ctx: &Ctx<'_>, a: i64) -> Result<Response, ApiError> {
         Some(file) => push::insert_media(&mut fields, file),
         None => 0,
     };
-    let r = push::push_fields(ctx.app, fields, 0, size).await?;
-    match r.status() {
-        StatusCode::ACCEPTED => Ok(redirect(&format!("/ui/addr/{a}/events?done=sent"))),
-        StatusCode::NOT_ACCEPTABLE => Err(ApiError::Conflict(
+    match push::push_fields(ctx.app, fields, 0, size).await {
+        Ok(()) => Ok(redirect(&format!("/ui/addr/{a}/events?done=sent"))),
+        Err(ApiError::Disabled(_)) => Err(ApiError::Conflict(
             "the address is disabled: enable it to send events to it".into(),
         )),
-        StatusCode::TOO_MANY_REQUESTS => Err(ApiError::Conflict(
+        Err(ApiError::OverLimit { .. }) => Err(ApiError::Conflict(
             "the address is over its limits for now".into(),
         )),
-        s => Err(ApiError::Unavailable(format!("the push was answered {s}"))),
+        Err(e) => Err(e),
     }
 }
 
