@@ -55,6 +55,7 @@ pub struct Metrics {
     commit_seconds: Histogram,
     commit_batch_size: Histogram,
     deliveries_total: IntCounterVec,
+    held_total: IntCounterVec,
     attempt_seconds: HistogramVec,
     call_events: HistogramVec,
     /// The last pending count and when it was read.
@@ -115,6 +116,13 @@ impl Metrics {
             ),
             &["plugin", "outcome"],
         )?;
+        let held_total = IntCounterVec::new(
+            Opts::new(
+                "roboger_deliveries_held_total",
+                "Deliveries put off without a call, by plugin, because their endpoint's target asked for a wait.",
+            ),
+            &["plugin"],
+        )?;
         let attempt_seconds = HistogramVec::new(
             HistogramOpts::new(
                 "roboger_delivery_attempt_seconds",
@@ -136,6 +144,7 @@ impl Metrics {
         registry.register(Box::new(commit_seconds.clone()))?;
         registry.register(Box::new(commit_batch_size.clone()))?;
         registry.register(Box::new(deliveries_total.clone()))?;
+        registry.register(Box::new(held_total.clone()))?;
         registry.register(Box::new(attempt_seconds.clone()))?;
         registry.register(Box::new(call_events.clone()))?;
         #[cfg(target_os = "linux")]
@@ -150,6 +159,7 @@ impl Metrics {
             commit_seconds,
             commit_batch_size,
             deliveries_total,
+            held_total,
             attempt_seconds,
             call_events,
             pending: tokio::sync::Mutex::new(None),
@@ -191,6 +201,11 @@ impl Metrics {
         self.attempt_seconds
             .with_label_values(&[plugin])
             .observe(took.as_secs_f64());
+    }
+
+    /// A delivery through `plugin` put off because its endpoint is on hold.
+    pub fn held(&self, plugin: &str) {
+        self.held_total.with_label_values(&[plugin]).inc();
     }
 
     /// `events` deliveries handed to `plugin` together.

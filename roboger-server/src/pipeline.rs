@@ -17,6 +17,8 @@
 //!   Outcomes are delivered, pending again after a backoff, or failed
 //!   after `max-attempts` or `max-age`; a batch that cannot be written is
 //!   tried again a few times (a lost outcome only repeats a delivery).
+//!   A target that asks for a wait puts its endpoint on hold ([`hold`]):
+//!   the endpoint's other deliveries are put off until then, not tried.
 //!
 //! Invariant: a push is answered 202 only after the commit; a delivery
 //! leaves `pending` only when the plugin accepted it or its retries are
@@ -44,6 +46,10 @@ use crate::store::{
     StoreError, Written,
 };
 use crate::supervisor::{CallError, RawParams, Supervisor};
+
+mod hold;
+
+use hold::Holds;
 
 /// Why an event could not be accepted (the push gets a 503).
 #[derive(Debug, thiserror::Error)]
@@ -222,7 +228,7 @@ impl Pipeline {
                 (job_tx.clone(), metrics.clone(), liveness.clone()),
             )),
             tokio::spawn(dispatch_loop(
-                (store.clone(), plugins, timeout),
+                (store.clone(), plugins, timeout, node.clone()),
                 (cfg.clone(), metrics, liveness.clone()),
                 job_rx,
                 outcome_tx,
@@ -575,6 +581,9 @@ struct Dispatch {
     cfg: Arc<DeliveryConfig>,
     metrics: Arc<Metrics>,
     outcomes: mpsc::Sender<Attempt>,
+    holds: Holds,
+    /// This process's instance, whose leases a put-off releases.
+    node: Arc<Node>,
 }
 
 impl Dispatch {
@@ -609,6 +618,12 @@ impl Dispatch {
             self.metrics.call(&first.plugin, jobs.len());
         }
         for (job, result) in jobs.iter().zip(results) {
+            if let Err(CallError::Later(_, wait)) = &result {
+                let wait = (*wait).min(self.cfg.retry_max);
+                let until =
+                    chrono::Utc::now() + chrono::Duration::from_std(wait).unwrap_or_default();
+                self.holds.hold(job.endpoint_id, until);
+            }
             let attempt = outcome(&self.cfg, job, result);
             let counted = match attempt.state {
                 STATE_DELIVERED => Outcome::Delivered,
@@ -623,8 +638,94 @@ impl Dispatch {
     }
 }
 
+impl Dispatch {
+    /// Takes out of `ready` the deliveries whose endpoint is on hold,
+    /// grouped by endpoint, each group with when its hold ends.
+    fn take_held(&self, ready: &mut Vec<Job>) -> Vec<(chrono::DateTime<chrono::Utc>, Vec<Job>)> {
+        let now = chrono::Utc::now();
+        let mut held: Vec<(chrono::DateTime<chrono::Utc>, Vec<Job>)> = Vec::new();
+        let mut kept = Vec::with_capacity(ready.len());
+        for job in ready.drain(..) {
+            let Some(until) = self.holds.until(job.endpoint_id, now) else {
+                kept.push(job);
+                continue;
+            };
+            match held
+                .iter_mut()
+                .find(|(_, g)| g[0].endpoint_id == job.endpoint_id)
+            {
+                Some((_, g)) => g.push(job),
+                None => held.push((until, vec![job])),
+            }
+        }
+        *ready = kept;
+        held
+    }
+
+    /// Puts off `jobs` (deliveries to one endpoint on hold) until
+    /// `until`, their attempts unchanged, written straight to the
+    /// database rather than through the writer's queue: the writer may
+    /// itself be waiting for room in the dispatcher's, and a put-off takes
+    /// no time to make, so it must not wait on the writer. When that
+    /// write fails, the writer writes them as outcomes instead.
+    async fn put_off(&self, until: chrono::DateTime<chrono::Utc>, jobs: Vec<Job>) {
+        let Some(first) = jobs.first() else {
+            return;
+        };
+        let endpoint_id = first.endpoint_id;
+        let why = format!(
+            "not tried: the target asked for a wait until {}",
+            until.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+        );
+        for j in &jobs {
+            self.metrics.held(&j.plugin);
+        }
+        let ids = jobs.iter().map(|j| j.event.id.clone()).collect();
+        let wrote = tokio::time::timeout(
+            self.timeout,
+            self.store
+                .put_off(&self.node.instance, endpoint_id, ids, until, &why),
+        )
+        .await;
+        let error = match wrote {
+            Ok(Ok(_)) => {
+                tracing::debug!(endpoint_id, deliveries = jobs.len(), %until, "put off: the endpoint is on hold");
+                return;
+            }
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => "timed out".to_string(),
+        };
+        tracing::warn!(
+            endpoint_id,
+            deliveries = jobs.len(),
+            "cannot put off deliveries to an endpoint on hold ({error}); writing them as outcomes"
+        );
+        for job in jobs {
+            let attempt = Attempt {
+                event_id: job.event.id.clone(),
+                endpoint_id,
+                attempts: job.attempts,
+                state: STATE_PENDING,
+                error: Some(why.clone()),
+                next_at: Some(until),
+            };
+            if self.outcomes.send(attempt).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// A group of deliveries the dispatcher takes on at once.
+enum Work {
+    /// Handed to their plugin in one call.
+    Call(Vec<Job>),
+    /// Put off until their endpoint's hold ends.
+    PutOff(chrono::DateTime<chrono::Utc>, Vec<Job>),
+}
+
 async fn dispatch_loop(
-    (store, plugins, timeout): (Store, Arc<Supervisor>, Duration),
+    (store, plugins, timeout, node): (Store, Arc<Supervisor>, Duration, Arc<Node>),
     (cfg, metrics, liveness): (Arc<DeliveryConfig>, Arc<Metrics>, Arc<Liveness>),
     mut rx: mpsc::Receiver<Job>,
     outcomes: mpsc::Sender<Attempt>,
@@ -638,6 +739,8 @@ async fn dispatch_loop(
         cfg,
         metrics,
         outcomes,
+        holds: Holds::default(),
+        node,
     });
     let mut ready = Vec::with_capacity(most);
     while let Some(job) = rx.recv().await {
@@ -648,8 +751,17 @@ async fn dispatch_loop(
                 Err(_) => break,
             }
         }
-        for group in batches(&mut ready, |p| d.plugins.batch_limit(p)) {
+        let held = if d.holds.any(chrono::Utc::now()) {
+            d.take_held(&mut ready)
+        } else {
+            Vec::new()
+        };
+        let calls = batches(&mut ready, |p| d.plugins.batch_limit(p));
+        let work = (held.into_iter().map(|(until, g)| Work::PutOff(until, g)))
+            .chain(calls.into_iter().map(Work::Call));
+        for w in work {
             liveness.dispatcher.waiting();
+            let (Work::Call(group) | Work::PutOff(_, group)) = &w;
             let n = u32::try_from(group.len()).unwrap_or(u32::MAX);
             let Ok(permit) = slots.clone().acquire_many_owned(n).await else {
                 return;
@@ -657,7 +769,10 @@ async fn dispatch_loop(
             liveness.dispatcher.done();
             let d = d.clone();
             tokio::spawn(async move {
-                d.run(group).await;
+                match w {
+                    Work::Call(group) => d.run(group).await,
+                    Work::PutOff(until, group) => d.put_off(until, group).await,
+                }
                 drop(permit);
             });
         }

@@ -25,6 +25,20 @@ async fn server_retrying(base: &str) -> (Server, i64, String) {
     (s, id, addr)
 }
 
+/// Addr `id`'s newest event, with its deliveries.
+async fn newest_event(s: &Server, id: i64) -> Value {
+    let events = s
+        .manage(Method::GET, &format!("/addr/{id}/event?limit=1"), None)
+        .await
+        .json();
+    let Some(ev) = events[0]["id"].as_str() else {
+        panic!("no event: {events}");
+    };
+    s.manage(Method::GET, &format!("/addr/{id}/event/{ev}"), None)
+        .await
+        .json()
+}
+
 #[tokio::test]
 async fn sends_the_template_with_every_value_json_encoded() {
     let sink = HttpSink::start(vec![]).await;
@@ -162,4 +176,121 @@ async fn a_targets_retry_after_is_waited_for() {
     // And that one is retried and delivered meanwhile; the others wait.
     assert_eq!(silent.wait(2).await.len(), 2);
     assert_eq!((waits.requests().len(), too_long.requests().len()), (1, 1));
+}
+
+/// Once a target has asked for a wait, the endpoint's other deliveries
+/// are not sent to it meanwhile: each is put off until the wait's end,
+/// its attempts unspent, and says why. Other endpoints go on.
+#[tokio::test]
+async fn an_endpoint_whose_target_asked_for_a_wait_is_held() {
+    let (s, id, a) = server().await;
+    let waits = HttpSink::retry_after(vec![429], "30").await;
+    let open = HttpSink::start(vec![]).await;
+    let mut endpoints = Vec::new();
+    for sink in [&waits, &open] {
+        let config = json!({"url": format!("{}/hook", sink.base)});
+        endpoints.push(s.endpoint(id, "webhook", config).await);
+    }
+    let push = |msg: &str| json!({"addr": a, "msg": msg});
+    assert_status!(
+        s.request(Method::POST, "/push", None, &[], Some(push("first")))
+            .await,
+        202
+    );
+    s.first_retry_waits(id, &endpoints[..1]).await;
+    let first = newest_event(&s, id).await;
+    let due = |e: &Value| {
+        let d = e["deliveries"]
+            .as_array()
+            .and_then(|ds| ds.iter().find(|d| d["endpoint_id"] == endpoints[0]))
+            .cloned()
+            .unwrap_or_default();
+        let at = d["next_at"]
+            .as_str()
+            .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok());
+        (d, at)
+    };
+    let (_, first_due) = due(&first);
+    assert_status!(
+        s.request(Method::POST, "/push", None, &[], Some(push("second")))
+            .await,
+        202
+    );
+    // The open endpoint has both; the held one was asked once, for the
+    // first event only.
+    let got = open.wait(2).await;
+    assert_eq!(got.len(), 2);
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let second = loop {
+        let e = newest_event(&s, id).await;
+        let (d, _) = due(&e);
+        if e["msg"] == "second"
+            && d["last_error"]
+                .as_str()
+                .is_some_and(|e| e.starts_with("not tried"))
+        {
+            break e;
+        }
+        assert!(std::time::Instant::now() < end, "not put off: {e}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    let (d, second_due) = due(&second);
+    assert_eq!(
+        (d["state"].as_str(), d["attempts"].as_i64()),
+        (Some("pending"), Some(0)),
+        "{d}"
+    );
+    assert!(
+        d["last_error"]
+            .as_str()
+            .is_some_and(|e| e.starts_with("not tried: the target asked for a wait until ")),
+        "{d}"
+    );
+    let (Some(first_due), Some(second_due)) = (first_due, second_due) else {
+        panic!("no next_at: {first} {second}");
+    };
+    assert!(
+        (second_due - first_due).num_milliseconds().abs() <= 1000,
+        "put off until {second_due}, the hold ends at {first_due}"
+    );
+    // Its lease is given back: whichever node is free takes it when due.
+    assert!(d["leased_by"].is_null(), "{d}");
+    // A burst meanwhile is put off as a whole, none of it sent.
+    let burst = (0..40).map(|i| {
+        s.request(
+            Method::POST,
+            "/push",
+            None,
+            &[],
+            Some(push(&format!("burst {i}"))),
+        )
+    });
+    for r in futures_util::future::join_all(burst).await {
+        assert_status!(r, 202);
+    }
+    assert_eq!(open.wait(42).await.len(), 42);
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let m = s.metrics().await;
+        let held = m.get(r#"roboger_deliveries_held_total{plugin="webhook"}"#);
+        if held == Some(&41.0) {
+            break;
+        }
+        assert!(std::time::Instant::now() < end, "held {held:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let ep = s
+        .manage(
+            Method::GET,
+            &format!("/addr/{id}/endpoint/{}", endpoints[0]),
+            None,
+        )
+        .await
+        .json();
+    assert_eq!(
+        (ep["pending"].as_i64(), ep["failed"].as_i64()),
+        (Some(42), Some(0)),
+        "{ep}"
+    );
+    assert_eq!(waits.requests().len(), 1);
 }

@@ -287,6 +287,30 @@ impl Store {
             .await?)
     }
 
+    /// Puts off `node`'s leased pending deliveries of the events
+    /// `event_ids` to `endpoint_id`: due again at `until`, `why` as their
+    /// last error, their attempts unchanged, their leases released; how
+    /// many. Fenced as an outcome is: only while `node` still holds them.
+    pub async fn put_off(
+        &self,
+        node: &str,
+        endpoint_id: i64,
+        event_ids: Vec<String>,
+        until: chrono::DateTime<chrono::Utc>,
+        why: &str,
+    ) -> Result<u64> {
+        let r = delivery::Entity::update_many()
+            .col_expr(delivery::Column::NextAt, Expr::value(until))
+            .col_expr(delivery::Column::LastError, Expr::value(why))
+            .col_expr(delivery::Column::Updated, Expr::value(chrono::Utc::now()))
+            .col_expr(delivery::Column::LeaseUntil, no_lease().0)
+            .col_expr(delivery::Column::LeasedBy, no_lease().1)
+            .filter(leased_to(node, endpoint_id, event_ids))
+            .exec(&self.db)
+            .await?;
+        Ok(r.rows_affected)
+    }
+
     /// Makes an event's failed deliveries pending again, due now.
     pub async fn event_retry(&self, addr_id: i64, id: &str) -> Result<u64> {
         self.event_get(addr_id, id).await?;
@@ -492,6 +516,20 @@ pub(super) fn no_lease() -> (Expr, Expr) {
         Expr::value(Option::<chrono::DateTime<chrono::Utc>>::None),
         Expr::value(Option::<String>::None),
     )
+}
+
+/// The pending deliveries of the events `event_ids` to `endpoint_id`
+/// that `node` still holds (the fencing an outcome has too).
+fn leased_to<V: Into<sea_orm::Value>>(
+    node: &str,
+    endpoint_id: i64,
+    event_ids: impl IntoIterator<Item = V>,
+) -> sea_orm::Condition {
+    sea_orm::Condition::all()
+        .add(delivery::Column::EndpointId.eq(endpoint_id))
+        .add(delivery::Column::EventId.is_in(event_ids))
+        .add(delivery::Column::LeasedBy.eq(node))
+        .add(pending())
 }
 
 #[cfg(test)]

@@ -965,8 +965,9 @@ async fn event_rows(
                 attempts: d.attempts,
                 last_error: d.last_error.clone().unwrap_or_default(),
                 updated: d.updated.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-                next_try: (d.state == crate::store::STATE_PENDING && d.attempts > 0)
-                    .then(|| d.next_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),
+                next_try: (d.state == crate::store::STATE_PENDING
+                    && (d.attempts > 0 || d.last_error.is_some()))
+                .then(|| d.next_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),
             });
     }
     let mut out = Vec::with_capacity(events.len());

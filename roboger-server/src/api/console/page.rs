@@ -154,7 +154,8 @@ pub struct DeliveryRow {
     pub attempts: i32,
     pub last_error: String,
     pub updated: String,
-    /// When a delivery that has failed and will be tried again is due.
+    /// When a delivery that has failed, or was put off because its
+    /// endpoint is on hold, will be tried again.
     pub next_try: Option<String>,
 }
 
