@@ -16,7 +16,10 @@
 //!   outcome); otherwise, and for media, one `send` each.
 //!   Outcomes are delivered, pending again after a backoff, or failed
 //!   after `max-attempts` or `max-age`; a batch that cannot be written is
-//!   tried again a few times (a lost outcome only repeats a delivery).
+//!   tried again a few times (a lost outcome only repeats a delivery:
+//!   the writer frees the leases of the deliveries whose outcomes it gave
+//!   up on once the database answers again, since this node's lease
+//!   renewal would otherwise keep them for good).
 //!   A target that asks for a wait puts its endpoint on hold ([`hold`]):
 //!   the endpoint's other deliveries are put off until then, not tried.
 //!
@@ -193,6 +196,11 @@ const COMMIT_BATCH: usize = 512;
 const DISPATCH_QUEUE: usize = 8192;
 const OUTCOME_BATCH: usize = 512;
 const SWEEP_BATCH: u64 = 256;
+/// Most deliveries whose outcomes were dropped the writer remembers, to
+/// free their leases when the database is back.
+const LOST_MAX: usize = 65_536;
+/// How often the writer tries to free those leases.
+const LOST_RETRY: Duration = Duration::from_secs(1);
 /// Most deliveries the dispatcher takes from its queue at once, to group
 /// those for one plugin into a `send_batch` call.
 const BATCH_MAX: usize = 32;
@@ -332,10 +340,19 @@ async fn write_loop(
     // Outcomes not yet written, and how many writes of them failed.
     let mut recorded: Vec<Attempt> = Vec::new();
     let mut failures = 0u32;
+    // The deliveries whose outcomes were given up on: their leases are
+    // given back once a commit succeeds again, so that they are made
+    // again (the lease renewal would otherwise keep them this node's).
+    let mut lost: Vec<(String, i64)> = Vec::new();
+    let mut freed_at = Instant::now();
     // The last commit's pushes, answered while the next commit runs, or
     // as soon as there is nothing to write next.
     let mut committed: Option<Committed> = None;
     loop {
+        if !lost.is_empty() && freed_at.elapsed() >= LOST_RETRY {
+            freed_at = Instant::now();
+            free_lost(&store, &node.instance, timeout, &mut lost).await;
+        }
         let mut batch = Vec::new();
         if recorded.is_empty() {
             if accepts.is_empty() && outcomes.is_empty() {
@@ -356,6 +373,8 @@ async fn write_loop(
                     Some(o) => recorded.push(o),
                     None => break,
                 },
+                // Idle, with leases to free: back to the top to free them.
+                _ = tokio::time::sleep(LOST_RETRY), if !lost.is_empty() => continue,
             }
         }
         liveness.writer.waiting();
@@ -457,7 +476,20 @@ async fn write_loop(
                             "delivery outcomes dropped; those deliveries will be repeated"
                         );
                     }
-                    recorded.clear();
+                    let room = LOST_MAX.saturating_sub(lost.len());
+                    if recorded.len() > room {
+                        tracing::warn!(
+                            deliveries = recorded.len() - room,
+                            "too many dropped outcomes to remember: those deliveries stay \
+                             leased to this server until it restarts"
+                        );
+                    }
+                    lost.extend(
+                        recorded
+                            .drain(..)
+                            .take(room)
+                            .map(|o| (o.event_id, o.endpoint_id)),
+                    );
                     failures = 0;
                 }
             }
@@ -492,13 +524,39 @@ async fn write_loop(
     }
 }
 
+/// Frees the leases of the deliveries in `lost` (whose outcomes the
+/// writer dropped) so that they are made again; keeps them for the next
+/// try when the database does not answer yet.
+async fn free_lost(
+    store: &Store,
+    instance: &str,
+    timeout: Duration,
+    lost: &mut Vec<(String, i64)>,
+) {
+    match tokio::time::timeout(timeout, store.release_leases_of(instance, lost)).await {
+        Ok(Ok(n)) => {
+            tracing::info!(
+                deliveries = n,
+                "the deliveries whose outcomes were dropped are free to be made again"
+            );
+            lost.clear();
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "cannot free the leases of deliveries whose outcomes were dropped")
+        }
+        Err(_) => {
+            tracing::warn!("freeing the leases of deliveries whose outcomes were dropped timed out")
+        }
+    }
+}
+
 /// A commit's pushes, and how it went.
 struct Committed {
     batch: Vec<Accept>,
     result: Result<Written, String>,
 }
 
-/// The dispatcher is gone (the server is stopping).
+/// The other end of a pipeline queue is gone (the server is stopping).
 struct Closed;
 
 /// Answers a commit's pushes and hands its deliveries to the dispatcher,

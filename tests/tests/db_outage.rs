@@ -3,14 +3,25 @@
 //! a push is never accepted without its commit), `/metrics` still
 //! answers, and all recover by themselves when the database is back.
 //!
-//! It freezes the whole PostgreSQL server (SIGSTOP), so it must not run
-//! beside other tests: it is ignored by default and `tests/run` runs it
-//! alone, passing the server's data directory in `ROBOGER_TEST_PGDATA`.
+//! And a delivery whose outcome could not be written before the writer
+//! gave it up is made again once the database is back.
+//!
+//! They freeze the whole PostgreSQL server (SIGSTOP), so they must not run
+//! beside other tests nor each other: they are ignored by default and
+//! `tests/run` runs them alone, one at a time, passing the server's data
+//! directory in `ROBOGER_TEST_PGDATA`.
 
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use roboger_tests::{Method, Server, assert_status};
+use roboger_tests::{Method, Server, ServerOptions, assert_status};
+
+/// The test PostgreSQL server's data directory (these tests need it, and
+/// the server named by `ROBOGER_TEST_PG`).
+fn pg_data() -> String {
+    assert!(roboger_tests::on_postgres(), "ROBOGER_TEST_PG must be set");
+    std::env::var("ROBOGER_TEST_PGDATA").expect("ROBOGER_TEST_PGDATA (run through tests/run)")
+}
 
 /// The postmaster and every backend of the test PostgreSQL server.
 fn pg_pids(data: &str) -> Vec<String> {
@@ -43,9 +54,7 @@ fn signal(pids: &[String], sig: &str) {
 #[tokio::test]
 #[ignore = "freezes the shared PostgreSQL server; tests/run runs it alone"]
 async fn ping_and_api_answer_503_while_the_database_is_frozen() {
-    let data =
-        std::env::var("ROBOGER_TEST_PGDATA").expect("ROBOGER_TEST_PGDATA (run through tests/run)");
-    assert!(roboger_tests::on_postgres(), "ROBOGER_TEST_PG must be set");
+    let data = pg_data();
     let s = Server::start().await;
     assert_status!(s.request(Method::GET, "/ping", None, &[], None).await, 204);
     let a = s.manage(Method::POST, "/addr", None).await.json()["a"]
@@ -131,5 +140,49 @@ async fn ping_and_api_answer_503_while_the_database_is_frozen() {
         )
         .await,
         202
+    );
+}
+
+/// The writer gives up an outcome it could not write in five commits (the
+/// database frozen meanwhile); that delivery stays pending, leased to this
+/// server, and its lease renewal would keep it so for good. Once the
+/// database answers again the lease is freed, so it is made again
+/// (delivery is at least once) rather than never.
+#[tokio::test]
+#[ignore = "freezes the shared PostgreSQL server; tests/run runs it alone"]
+async fn a_delivery_whose_outcome_was_dropped_is_made_again() {
+    let data = pg_data();
+    let s = Server::start_with(ServerOptions {
+        plugins: vec!["t".into()],
+        ..Default::default()
+    })
+    .await;
+    let (id, a) = s.new_addr().await;
+    // The call is still running when the database freezes, and answers
+    // while it is frozen.
+    s.endpoint(id, "t", serde_json::json!({"slow": 1000})).await;
+    assert_status!(
+        s.push(serde_json::json!({"addr": a, "msg": "in flight"}))
+            .await,
+        202
+    );
+    let pids = pg_pids(&data);
+    signal(&pids, "-STOP");
+    let end = Instant::now() + Duration::from_secs(60);
+    while s.log_lines("delivery outcomes dropped").is_empty() {
+        if Instant::now() >= end {
+            signal(&pids, "-CONT");
+            panic!("the outcome was never given up: {}", s.log_text());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    signal(&pids, "-CONT");
+    let e = s.wait_settled(id).await;
+    let d = &e["deliveries"][0];
+    assert_eq!(d["state"], "delivered", "{e}");
+    assert!(
+        !s.log_lines("free to be made again").is_empty(),
+        "{}",
+        s.log_text()
     );
 }

@@ -111,6 +111,28 @@ impl Store {
         Ok(r.rows_affected)
     }
 
+    /// Frees `node`'s leases of the pending deliveries `keys` (event id,
+    /// endpoint id), a chunk of one endpoint's at a time; how many.
+    pub async fn release_leases_of(&self, node: &str, keys: &[(String, i64)]) -> Result<u64> {
+        let mut by_endpoint: std::collections::BTreeMap<i64, Vec<&str>> = Default::default();
+        for (event_id, endpoint_id) in keys {
+            by_endpoint.entry(*endpoint_id).or_default().push(event_id);
+        }
+        let mut n = 0;
+        for (endpoint_id, events) in by_endpoint {
+            for chunk in events.chunks(DELETE_CHUNK as usize) {
+                n += delivery::Entity::update_many()
+                    .col_expr(delivery::Column::LeaseUntil, no_lease().0)
+                    .col_expr(delivery::Column::LeasedBy, no_lease().1)
+                    .filter(leased_to(node, endpoint_id, chunk.iter().copied()))
+                    .exec(&self.db)
+                    .await?
+                    .rows_affected;
+            }
+        }
+        Ok(n)
+    }
+
     /// Claims up to `limit` due pending deliveries whose lease is free or
     /// expired, leasing them to `node`; returns each with its event and
     /// endpoint. Rows another server is claiming at the same moment are
