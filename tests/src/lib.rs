@@ -1192,8 +1192,9 @@ pub fn plugin_bin(name: &str) -> PathBuf {
 }
 
 /// The test virtualenv's Python (`ROBOGER_TEST_PYTHON`, set by
-/// `tests/run`), which has pyrpush and aiosmtpd. `None` (the test is
-/// skipped, saying so) when unset, unless the whole suite is required.
+/// `tests/run`), which has pyrpush, aiosmtpd and requests (robogerctl
+/// brings it). `None` (the test is skipped, saying so) when unset,
+/// unless the whole suite is required.
 pub fn venv_python(what: &str) -> Option<PathBuf> {
     match std::env::var_os("ROBOGER_TEST_PYTHON") {
         Some(p) => Some(PathBuf::from(p)),

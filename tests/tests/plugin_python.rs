@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use roboger_tests::{
-    HttpSink, Method, Server, ServerOptions, Value, assert_status, json, plugin_bin,
+    HttpSink, Method, Server, ServerOptions, Value, assert_status, json, plugin_bin, venv_python,
 };
 
 fn contrib() -> std::path::PathBuf {
@@ -296,6 +296,22 @@ async fn the_egress_policy_holds_for_a_modules_own_connections() {
     );
 }
 
+/// A server whose backoff starts at 2 s, with `fetch.py` as plugin
+/// `fetch`, allowed to connect to loopback; `env` adds entries to its
+/// environment's YAML map (`, KEY: VALUE`).
+async fn fetch_server(env: &str) -> Server {
+    Server::start_with(ServerOptions {
+        yaml: "delivery:\n  retry-base: 2\n".into(),
+        plugins_yaml: format!(
+            "- name: fetch\n  python: robogercontrib.fetch\n  command: {}\n  env: {{PYTHONPATH: {}{env}}}\n  egress:\n    allow: [127.0.0.1]\n",
+            plugin_bin("python").display(),
+            contrib().display()
+        ),
+        ..Default::default()
+    })
+    .await
+}
+
 /// A module's send that fails on a 429 or 503 with `Retry-After` (here
 /// `urllib`'s HTTPError, as `fetch.py` lets it rise), or raises its own
 /// exception with a `retry_after`, is not tried again before then: the
@@ -303,16 +319,7 @@ async fn the_egress_policy_holds_for_a_modules_own_connections() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_retry_after_reaches_the_server_from_a_module() {
     let sink = HttpSink::retry_after(vec![429], "30").await;
-    let s = Server::start_with(ServerOptions {
-        yaml: "delivery:\n  retry-base: 2\n".into(),
-        plugins_yaml: format!(
-            "- name: fetch\n  python: robogercontrib.fetch\n  command: {}\n  env: {{PYTHONPATH: {}}}\n  egress:\n    allow: [127.0.0.1]\n",
-            plugin_bin("python").display(),
-            contrib().display()
-        ),
-        ..Default::default()
-    })
-    .await;
+    let s = fetch_server("").await;
     let (id, a) = s.new_addr().await;
     let url = format!("{}/x", sink.base);
     let answered = s.endpoint(id, "fetch", json!({ "url": url })).await;
@@ -331,4 +338,30 @@ async fn a_retry_after_reaches_the_server_from_a_module() {
     let (wait, error) = &waits[1];
     assert!((44.0..=46.0).contains(wait), "retry_after 45 gave {wait} s");
     assert_eq!(error, "asked to wait 45 s");
+}
+
+/// The same through `requests` (in the test virtualenv, with
+/// robogerctl): its `raise_for_status()` HTTPError, whose `response` is
+/// a 429 with `Retry-After`, is read by the bridge as the wait.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_requests_http_error_with_retry_after_reaches_the_server() {
+    let Some(python) = venv_python("requests (with robogerctl)") else {
+        return;
+    };
+    let sink = HttpSink::retry_after(vec![429], "40").await;
+    let s = fetch_server(&format!(", ROBOGER_PYTHON: {}", python.display())).await;
+    let (id, a) = s.new_addr().await;
+    let url = format!("{}/x", sink.base);
+    let ep = s
+        .endpoint(id, "fetch", json!({"url": url, "client": "requests"}))
+        .await;
+    assert_status!(s.push(json!({"addr": a, "msg": "later"})).await, 202);
+    let waits = s.first_retry_waits(id, &[ep]).await;
+    let (wait, error) = &waits[0];
+    assert!(
+        (39.0..=41.0).contains(wait),
+        "Retry-After: 40 gave {wait} s"
+    );
+    assert!(error.contains("429"), "{error}");
+    assert_eq!(sink.requests().len(), 1);
 }

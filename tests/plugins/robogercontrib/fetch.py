@@ -4,6 +4,8 @@ the standard library only). The tests run it through roboger-plugin-python
 to see the egress policy hold for a Python module's own connections, and
 a wait asked for reach the server (an HTTP 429's `Retry-After`, or, with
 `later: SECONDS` in the endpoint config, an exception's `retry_after`).
+With `client: requests` it POSTs with `requests` instead, whose
+`raise_for_status()` HTTPError carries the answer the bridge reads.
 """
 
 __version__ = "0.1.0"
@@ -27,6 +29,11 @@ class Later(Exception):
 def send(config, msg, **kwargs):
     if "later" in config:
         raise Later(config["later"])
+    if config.get("client") == "requests":
+        import requests
+
+        requests.post(config["url"], data=msg.encode(), timeout=5).raise_for_status()
+        return
     req = urllib.request.Request(config["url"], data=msg.encode(), method="POST")
     with urllib.request.urlopen(req, timeout=5) as r:
         r.read()
