@@ -244,6 +244,16 @@ impl Metrics {
     /// Every series in the Prometheus text format, the scrape-time ones
     /// from `scrape`.
     pub fn render(&self, scrape: &Scrape) -> Result<String, prometheus::Error> {
+        // Each plugin's delivery counters are there from its first scrape,
+        // at 0, so that increase() and alert rules see its first failure
+        // (a series that appears at 1 has not increased).
+        for p in &scrape.plugins {
+            for o in [Outcome::Delivered, Outcome::Retry, Outcome::Failed] {
+                self.deliveries_total
+                    .with_label_values(&[p.name.as_str(), o.label()]);
+            }
+            self.held_total.with_label_values(&[p.name.as_str()]);
+        }
         let mut families = self.registry.gather();
         families.extend(scrape.families()?);
         if let Some(seconds) = self.clock_offset.lock().ok().and_then(|o| *o) {

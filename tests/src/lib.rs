@@ -1427,8 +1427,26 @@ impl PrometheusServer {
     /// Starts it scraping `target` (`host:port`) and waits until it is
     /// ready; `None` when there is no Prometheus (see [`installed_program`]).
     pub async fn start(target: &str, bearer: &str) -> Option<PrometheusServer> {
+        PrometheusServer::with_rules(target, bearer, None).await
+    }
+
+    /// [`PrometheusServer::start`], evaluating the alert rules `rules`
+    /// (a rules file's text) every second.
+    pub async fn with_rules(
+        target: &str,
+        bearer: &str,
+        rules: Option<&str>,
+    ) -> Option<PrometheusServer> {
         let bin = installed_program("ROBOGER_TEST_PROMETHEUS", "prometheus")?;
         let dir = tempfile::tempdir().expect("tempdir");
+        let rule_files = match rules {
+            Some(text) => {
+                let path = dir.path().join("rules.yml");
+                std::fs::write(&path, text).expect("write the rules");
+                format!("rule_files: ['{}']\n", path.display())
+            }
+            None => String::new(),
+        };
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("a free port")
@@ -1438,7 +1456,7 @@ impl PrometheusServer {
             &config,
             format!(
                 "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
-                 scrape_configs:\n  - job_name: roboger\n    scrape_interval: 1s\n    \
+                 {rule_files}scrape_configs:\n  - job_name: roboger\n    scrape_interval: 1s\n    \
                  scrape_timeout: 1s\n    authorization:\n      type: Bearer\n      \
                  credentials: {bearer}\n    static_configs:\n      - targets: ['{target}']\n"
             ),
@@ -1473,18 +1491,57 @@ impl PrometheusServer {
         }
     }
 
+    /// The JSON `path` of its HTTP API answers (`Null` when it does not).
+    async fn api(&self, path: &str, params: &[(&str, &str)]) -> Value {
+        let Ok(url) = url::Url::parse_with_params(&format!("{}{path}", self.base), params) else {
+            return Value::Null;
+        };
+        match client().get(url).send().await {
+            Ok(r) => r.json().await.unwrap_or_default(),
+            Err(_) => Value::Null,
+        }
+    }
+
     /// The value of an instant query that returns one sample, if it does.
     pub async fn query(&self, q: &str) -> Option<f64> {
-        let url =
-            url::Url::parse_with_params(&format!("{}/api/v1/query", self.base), [("query", q)])
-                .ok()?;
-        let r = client().get(url).send().await.ok()?;
-        let v: Value = r.json().await.ok()?;
+        let v = self.api("/api/v1/query", &[("query", q)]).await;
         let result = v["data"]["result"].as_array()?;
         if result.len() != 1 {
             return None;
         }
         result[0]["value"][1].as_str()?.parse().ok()
+    }
+
+    /// `/api/v1/alerts`: each alert's name, its labels but `alertname`,
+    /// and its state (`pending` or `firing`).
+    pub async fn alerts(&self) -> Vec<(String, Value, String)> {
+        let v = self.api("/api/v1/alerts", &[]).await;
+        let mut out = Vec::new();
+        for alert in v["data"]["alerts"].as_array().into_iter().flatten() {
+            let mut labels = alert["labels"].clone();
+            let name = labels
+                .as_object_mut()
+                .and_then(|l| l.remove("alertname"))
+                .and_then(|n| n.as_str().map(str::to_string))
+                .unwrap_or_default();
+            let state = alert["state"].as_str().unwrap_or_default().to_string();
+            out.push((name, labels, state));
+        }
+        out
+    }
+
+    /// `/api/v1/rules`: each rule's name and health (`ok` once it has
+    /// been evaluated without error), with its last error.
+    pub async fn rules(&self) -> Vec<(String, String, String)> {
+        let v = self.api("/api/v1/rules", &[]).await;
+        let mut out = Vec::new();
+        for g in v["data"]["groups"].as_array().into_iter().flatten() {
+            for rule in g["rules"].as_array().into_iter().flatten() {
+                let text = |k: &str| rule[k].as_str().unwrap_or_default().to_string();
+                out.push((text("name"), text("health"), text("lastError")));
+            }
+        }
+        out
     }
 }
 

@@ -82,7 +82,12 @@ async fn counts_pushes_and_deliveries_exactly_and_prometheus_reads_them() {
         "every event carried by one call or another"
     );
     assert_eq!(at("roboger_routing_addresses"), 1.0);
-    assert!(!m.contains_key("roboger_deliveries_total{outcome=\"failed\",plugin=\"t\"}"));
+    // There from the start, at 0, as the push statuses are.
+    assert_eq!(
+        at("roboger_deliveries_total{outcome=\"failed\",plugin=\"t\"}"),
+        0.0
+    );
+    assert_eq!(at("roboger_deliveries_held_total{plugin=\"t\"}"), 0.0);
     assert!(!m.keys().any(|k| k.contains(&a)), "no address in a label");
     // Counted in the database, refreshed every few seconds.
     wait_for(&s, "roboger_deliveries_pending{plugin=\"t\"}", 0.0).await;
@@ -237,4 +242,125 @@ async fn promtool_accepts_the_exposition() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// The alert rules README.md offers ("Alerts"), as an operator copies them.
+fn readme_rules() -> String {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md");
+    let readme = std::fs::read_to_string(path).expect("read README.md");
+    let (_, alerts) = readme
+        .split_once("\n### Alerts\n")
+        .expect("README.md has an Alerts section");
+    let (_, block) = alerts.split_once("```yaml\n").expect("with a YAML block");
+    let (rules, _) = block.split_once("```").expect("closed");
+    rules.to_string()
+}
+
+/// `promtool` accepts the README's alert rules, and each fires on the
+/// series `tests/prometheus/alerts_test.yml` gives it and not on the
+/// others.
+#[test]
+fn promtool_checks_and_tests_the_readmes_alert_rules() {
+    let Some(promtool) = installed_program("ROBOGER_TEST_PROMTOOL", "promtool") else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("roboger.rules.yml"), readme_rules()).expect("write rules");
+    let tests = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("prometheus/alerts_test.yml");
+    std::fs::copy(tests, dir.path().join("alerts_test.yml")).expect("copy the rules' tests");
+    for args in [
+        ["check", "rules", "roboger.rules.yml"],
+        ["test", "rules", "alerts_test.yml"],
+    ] {
+        let out = std::process::Command::new(&promtool)
+            .args(args)
+            .current_dir(dir.path())
+            .output()
+            .expect("run promtool");
+        assert!(
+            out.status.success(),
+            "promtool {}: {}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+/// Loaded into a real Prometheus scraping a real server, the README's
+/// rules evaluate without error, every series they name is one the
+/// server serves, and deliveries that fail for good raise
+/// RobogerDeliveriesFailed for their plugin (whose counter was there at 0
+/// before the first failure, so increase() sees it).
+#[tokio::test]
+async fn the_readmes_alert_rules_fire_on_a_real_servers_failures() {
+    let s = Server::start_with(ServerOptions {
+        plugins: vec!["t".into()],
+        yaml: "delivery:\n  max-attempts: 1\n".into(),
+        ..Default::default()
+    })
+    .await;
+    let (id, a) = s.new_addr().await;
+    s.endpoint(id, "t", json!({"fail": "down"})).await;
+    s.endpoint(id, "t", json!({"later": 30})).await;
+    let rules = readme_rules();
+    let target = s.base.trim_start_matches("http://");
+    let Some(prom) = PrometheusServer::with_rules(target, KEY, Some(&rules)).await else {
+        return;
+    };
+    let failed = "roboger_deliveries_total{outcome=\"failed\",plugin=\"t\"}";
+    let end = Instant::now() + Duration::from_secs(30);
+    while prom.query(failed).await != Some(0.0) {
+        assert!(Instant::now() < end, "Prometheus never read {failed} at 0");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_status!(s.push(json!({"addr": a, "msg": "one"})).await, 202);
+    wait_for(&s, failed, 2.0).await;
+    // The endpoint that asked for a wait is held: the second event is put
+    // off for it, not sent.
+    assert_status!(s.push(json!({"addr": a, "msg": "two"})).await, 202);
+    wait_for(&s, "roboger_deliveries_held_total{plugin=\"t\"}", 1.0).await;
+    let m = wait_for(&s, failed, 3.0).await;
+
+    let mut named: Vec<&str> = rules
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|w| w.starts_with("roboger_"))
+        .collect();
+    named.sort_unstable();
+    named.dedup();
+    assert!(named.len() >= 8, "{named:?}");
+    for name in named {
+        // Measured against a database server's clock; cluster.rs reads it.
+        if name == "roboger_clock_offset_seconds" {
+            continue;
+        }
+        assert!(
+            m.keys()
+                .any(|k| k == name || k.starts_with(&format!("{name}{{"))),
+            "the rules name {name}, which the server does not serve: {m:#?}"
+        );
+    }
+
+    let written = rules.matches("- alert: ").count();
+    let end = Instant::now() + Duration::from_secs(30);
+    loop {
+        let alerts = prom.alerts().await;
+        let rules = prom.rules().await;
+        let has = |alert: &str, want: &str| {
+            alerts.iter().any(|(name, labels, state)| {
+                name == alert && *labels == json!({"plugin": "t"}) && state == want
+            })
+        };
+        // The wait asked for shows too, pending for its 30 min.
+        let seen = has("RobogerDeliveriesFailed", "firing")
+            && has("RobogerTargetsAskingToWait", "pending");
+        let evaluated = rules.len() == written && rules.iter().all(|(_, health, _)| health == "ok");
+        if seen && evaluated {
+            // Nothing else is wrong with this server.
+            assert_eq!(alerts.len(), 2, "{alerts:?}");
+            break;
+        }
+        assert!(Instant::now() < end, "alerts {alerts:?}, rules {rules:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }

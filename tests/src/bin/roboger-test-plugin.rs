@@ -15,8 +15,9 @@
 //! An endpoint config steers `send`: `{"reject": "msg"}` is refused by
 //! `validate_config`; `{"crash": true}` exits mid-call; `{"hang": true}`
 //! never answers; `{"freeze": true}` stops the whole process (SIGSTOP);
-//! `{"fail": "msg"}` fails; `{"fail_times": n}` fails the first n
-//! attempts of each event; `{"slow": ms}` answers after a while;
+//! `{"fail": "msg"}` fails; `{"later": s}` fails asking for a wait of s
+//! seconds (as a rate-limited target does); `{"fail_times": n}` fails the
+//! first n attempts of each event; `{"slow": ms}` answers after a while;
 //! `{"gate": "/path"}` waits until that file exists (a target that is down
 //! until the test brings it back); `TEST_PLUGIN_SEND_FAIL` (environment)
 //! makes every `send` of this process fail with its text, after the rest;
@@ -266,6 +267,10 @@ impl Plugin for Chaos {
         }
         if let Some(msg) = c.get("fail") {
             return Err(PluginError::failed(msg.as_str().unwrap_or("failed")));
+        }
+        if let Some(s) = c.get("later").and_then(Value::as_f64) {
+            let wait = std::time::Duration::try_from_secs_f64(s).unwrap_or_default();
+            return Err(PluginError::Later(format!("asked to wait {s} s"), wait));
         }
         if let Ok(msg) = std::env::var("TEST_PLUGIN_SEND_FAIL") {
             return Err(PluginError::failed(msg));
