@@ -631,6 +631,32 @@ impl Server {
         ep
     }
 
+    /// Waits until endpoint `ep` of addr `id` has nothing pending and
+    /// `delivered` and `failed` deliveries, as its GET counts them (or
+    /// panics after 30 s).
+    pub async fn endpoint_settles(&self, id: i64, ep: i64, delivered: u64, failed: u64) {
+        let end = Instant::now() + Duration::from_secs(30);
+        loop {
+            let v = self
+                .manage(Method::GET, &format!("/addr/{id}/endpoint/{ep}"), None)
+                .await
+                .json();
+            let got = (
+                v["delivered"].as_u64(),
+                v["failed"].as_u64(),
+                v["pending"].as_u64(),
+            );
+            if got == (Some(delivered), Some(failed), Some(0)) {
+                return;
+            }
+            assert!(
+                Instant::now() < end,
+                "endpoint {ep}: {v}, not {delivered} delivered and {failed} failed"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Pushes `event` (a JSON object, `addr` included) to `/push`.
     pub async fn push(&self, event: Value) -> Resp {
         self.request(Method::POST, "/push", None, &[], Some(event))

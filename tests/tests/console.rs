@@ -648,3 +648,63 @@ async fn a_test_event_the_address_refuses_says_why() {
         .json();
     assert_eq!(events, serde_json::json!([]));
 }
+
+/// An endpoint's page says how its deliveries stand, with its newest
+/// error, and retries its failed ones with one button once its target is
+/// back; the button is gone when nothing has failed.
+#[tokio::test]
+async fn an_endpoints_page_retries_its_failed_deliveries() {
+    let server = Server::start_with(ServerOptions {
+        plugins: vec!["t".into()],
+        yaml: "delivery:\n  max-attempts: 1\n".into(),
+        ..Default::default()
+    })
+    .await;
+    let (id, a) = server.new_addr().await;
+    // Fails each event's first attempt, which max-attempts makes its last.
+    let ep = server
+        .endpoint(id, "t", serde_json::json!({"fail_times": 1}))
+        .await;
+    for msg in ["one", "two"] {
+        assert_status!(
+            server
+                .push(serde_json::json!({"addr": a, "msg": msg}))
+                .await,
+            202
+        );
+    }
+    server.endpoint_settles(id, ep, 0, 2).await;
+    let mut b = Browser {
+        server: &server,
+        cookie: None,
+    };
+    b.sign_in().await;
+    let path = format!("/ui/addr/{id}/endpoint/{ep}");
+    let page = b.get(&path).await.text().await.unwrap_or_default();
+    assert!(
+        page.contains("Of the events kept: 0 delivered, 0 pending, 2 failed.")
+            && page.contains("planned failure 1 of 1")
+            && page.contains("Retry the 2 failed deliveries"),
+        "{page}"
+    );
+    let csrf = b.csrf(&path).await;
+    let r = b.post(&path, &[("csrf", &csrf), ("action", "retry")]).await;
+    assert_eq!(r.status(), 303);
+    assert_eq!(
+        header(&r, "location"),
+        format!("{path}?done=retried#deliveries")
+    );
+    server.endpoint_settles(id, ep, 2, 0).await;
+    let page = b
+        .get(&format!("{path}?done=retried"))
+        .await
+        .text()
+        .await
+        .unwrap_or_default();
+    assert!(
+        page.contains("Failed deliveries queued again.")
+            && page.contains("Of the events kept: 2 delivered, 0 pending, 0 failed.")
+            && !page.contains("Retry the"),
+        "{page}"
+    );
+}

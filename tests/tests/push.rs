@@ -577,6 +577,63 @@ async fn multipart_form_pushes() {
     assert_eq!(r.wait_sends(3).await.len(), 3);
 }
 
+/// After an outage, an endpoint's failed deliveries are tried again with
+/// one command, however many (more than one chunk of the update here);
+/// another endpoint's stay failed.
+#[tokio::test]
+async fn an_endpoints_failed_deliveries_are_retried_with_one_command() {
+    let r = rig("  max-attempts: 1\n").await;
+    let back = r
+        .endpoint(json!({"name": "back", "fail_times": 1}), &[json!({})])
+        .await;
+    let down = r
+        .endpoint(json!({"name": "down", "fail": "still down"}), &[json!({})])
+        .await;
+    const EVENTS: usize = 510;
+    let pushes = (0..EVENTS).map(|i| r.push(json!({"msg": format!("m{i}")})));
+    use futures_util::StreamExt;
+    let answers: Vec<_> = futures_util::stream::iter(pushes)
+        .buffer_unordered(32)
+        .collect()
+        .await;
+    for p in answers {
+        assert_status!(p, 202);
+    }
+    let n = EVENTS as u64;
+    r.s.endpoint_settles(r.addr_id, back, 0, n).await;
+    r.s.endpoint_settles(r.addr_id, down, 0, n).await;
+    let retry = |ep: i64, body: Value| {
+        let path = format!("/addr/{}/endpoint/{ep}", r.addr_id);
+        let s = &r.s;
+        async move { s.manage(Method::POST, &path, Some(body)).await }
+    };
+    let done = retry(back, json!({"cmd": "retry"})).await;
+    assert_status!(done, 200);
+    assert_eq!(done.json(), json!({"retried": n}));
+    r.s.endpoint_settles(r.addr_id, back, n, 0).await;
+    r.s.endpoint_settles(r.addr_id, down, 0, n).await;
+    // Nothing left to retry; a field retry does not take; a command it
+    // does not know says which it does.
+    assert_eq!(
+        retry(back, json!({"cmd": "retry"})).await.json(),
+        json!({"retried": 0})
+    );
+    let extra = retry(back, json!({"cmd": "retry", "target": down})).await;
+    assert_status!(extra, 400);
+    assert!(
+        extra.text.contains("unknown field \"target\""),
+        "{}",
+        extra.text
+    );
+    let unknown = retry(back, json!({"cmd": "resend"})).await;
+    assert_status!(unknown, 405);
+    assert!(
+        unknown.text.contains("known: copysub, retry"),
+        "{}",
+        unknown.text
+    );
+}
+
 #[tokio::test]
 async fn failures_are_retried_then_delivered_or_given_up() {
     let r = rig("").await;

@@ -337,8 +337,18 @@ async fn route(
                         .await?;
                     Ok(reply::empty(StatusCode::NO_CONTENT))
                 }
+                "retry" => {
+                    body.only(&["cmd"], &[])?;
+                    let n = app.store.endpoint_retry(ep).await?;
+                    tracing::info!(
+                        endpoint = ep,
+                        deliveries = n,
+                        "failed deliveries queued again by hand"
+                    );
+                    Ok(reply::json(StatusCode::OK, &json!({"retried": n})))
+                }
                 other => Err(ApiError::MethodNotAllowed(format!(
-                    "unknown endpoint command \"{other}\"; known: copysub"
+                    "unknown endpoint command \"{other}\"; known: copysub, retry"
                 ))),
             }
         }

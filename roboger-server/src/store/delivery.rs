@@ -336,17 +336,31 @@ impl Store {
     /// Makes an event's failed deliveries pending again, due now.
     pub async fn event_retry(&self, addr_id: i64, id: &str) -> Result<u64> {
         self.event_get(addr_id, id).await?;
-        let r = delivery::Entity::update_many()
-            .col_expr(delivery::Column::State, Expr::value(STATE_PENDING))
-            .col_expr(delivery::Column::NextAt, Expr::value(chrono::Utc::now()))
-            .col_expr(delivery::Column::LeaseUntil, no_lease().0)
-            .col_expr(delivery::Column::LeasedBy, no_lease().1)
-            .col_expr(delivery::Column::Updated, Expr::value(chrono::Utc::now()))
+        let r = failed_made_due()
             .filter(delivery::Column::EventId.eq(id))
-            .filter(delivery::Column::State.eq(STATE_FAILED))
             .exec(&self.db)
             .await?;
         Ok(r.rows_affected)
+    }
+
+    /// Makes an endpoint's failed deliveries (of the events still kept)
+    /// pending again, due now; how many. They are found and changed
+    /// [`DELETE_CHUNK`] at a time ([`by_chunks`]), each chunk its own
+    /// short statement, so an endpoint with a long history of failures
+    /// neither holds the write lock long nor makes a large transaction.
+    pub async fn endpoint_retry(&self, endpoint_id: i64) -> Result<u64> {
+        let failed = delivery::Entity::find()
+            .filter(delivery::Column::EndpointId.eq(endpoint_id))
+            .filter(delivery::Column::State.eq(STATE_FAILED));
+        let retry = |chunk: Vec<String>| async move {
+            let r = failed_made_due()
+                .filter(delivery::Column::EndpointId.eq(endpoint_id))
+                .filter(delivery::Column::EventId.is_in(chunk))
+                .exec(&self.db)
+                .await?;
+            Ok(r.rows_affected)
+        };
+        by_chunks(&self.db, failed, delivery::Column::EventId, retry).await
     }
 
     /// Deletes events created before `before` that have nothing pending,
@@ -361,25 +375,11 @@ impl Store {
     /// the events kept are not read at all.
     pub async fn events_cleanup(&self, before: chrono::DateTime<chrono::Utc>) -> Result<u64> {
         let last_id = first_id_made_at(before + CLEANUP_SLACK);
-        let mut after: Option<String> = None;
-        let mut n = 0;
-        loop {
-            let mut q = event::Entity::find()
-                .select_only()
-                .column(event::Column::Id)
-                .filter(event::Column::Id.lt(last_id.as_str()))
-                .filter(event::Column::Created.lt(before))
-                .filter(nothing_pending())
-                .order_by_asc(event::Column::Id)
-                .limit(DELETE_CHUNK);
-            if let Some(after) = after {
-                q = q.filter(event::Column::Id.gt(after));
-            }
-            let chunk: Vec<String> = q.into_tuple().all(&self.db).await?;
-            let Some(last) = chunk.last().cloned() else {
-                return Ok(n);
-            };
-            let full = chunk.len() as u64 == DELETE_CHUNK;
+        let due = event::Entity::find()
+            .filter(event::Column::Id.lt(last_id.as_str()))
+            .filter(event::Column::Created.lt(before))
+            .filter(nothing_pending());
+        let delete = |chunk: Vec<String>| async move {
             let txn = self.begin_write().await?;
             // A retry may have made a delivery pending since the read.
             let doomed: Vec<String> = event::Entity::find()
@@ -390,13 +390,11 @@ impl Store {
                 .into_tuple()
                 .all(&txn)
                 .await?;
-            n += delete_events(&txn, doomed).await?;
+            let n = delete_events(&txn, doomed).await?;
             txn.commit().await?;
-            if !full {
-                return Ok(n);
-            }
-            after = Some(last);
-        }
+            Ok(n)
+        };
+        by_chunks(&self.db, due, event::Column::Id, delete).await
     }
 
     /// Deletes the events of address `addr_id` (of every address: `None`)
@@ -552,6 +550,58 @@ fn leased_to<V: Into<sea_orm::Value>>(
         .add(delivery::Column::EventId.is_in(event_ids))
         .add(delivery::Column::LeasedBy.eq(node))
         .add(pending())
+}
+
+/// An update of failed deliveries back to pending, due now and leased to
+/// no one; the caller narrows it to an event's or an endpoint's.
+fn failed_made_due() -> sea_orm::UpdateMany<delivery::Entity> {
+    let now = chrono::Utc::now();
+    delivery::Entity::update_many()
+        .col_expr(delivery::Column::State, Expr::value(STATE_PENDING))
+        .col_expr(delivery::Column::NextAt, Expr::value(now))
+        .col_expr(delivery::Column::LeaseUntil, no_lease().0)
+        .col_expr(delivery::Column::LeasedBy, no_lease().1)
+        .col_expr(delivery::Column::Updated, Expr::value(now))
+        .filter(delivery::Column::State.eq(STATE_FAILED))
+}
+
+/// Works through the ids (column `id`, text) of the rows `rows` selects,
+/// [`DELETE_CHUNK`] at a time in their order, each chunk read after the
+/// last: `act` does the work on a chunk and says how many rows it
+/// changed. The sum, once a chunk comes back short.
+async fn by_chunks<E, A>(
+    db: &sea_orm::DatabaseConnection,
+    rows: sea_orm::Select<E>,
+    id: E::Column,
+    act: impl Fn(Vec<String>) -> A,
+) -> Result<u64>
+where
+    E: EntityTrait,
+    A: Future<Output = Result<u64>>,
+{
+    let mut after: Option<String> = None;
+    let mut n = 0;
+    loop {
+        let mut q = rows
+            .clone()
+            .select_only()
+            .column(id)
+            .order_by_asc(id)
+            .limit(DELETE_CHUNK);
+        if let Some(after) = after.take() {
+            q = q.filter(id.gt(after));
+        }
+        let chunk: Vec<String> = q.into_tuple().all(db).await?;
+        let Some(last) = chunk.last().cloned() else {
+            return Ok(n);
+        };
+        let full = chunk.len() as u64 == DELETE_CHUNK;
+        n += act(chunk).await?;
+        if !full {
+            return Ok(n);
+        }
+        after = Some(last);
+    }
 }
 
 #[cfg(test)]

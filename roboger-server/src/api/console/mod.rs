@@ -674,18 +674,31 @@ async fn endpoint_form(
         .into_iter()
         .find(|p| p.plugin_name == plugin)
         .and_then(|p| p.description);
-    let copy_targets = match ep {
-        Some(ep) => ctx
-            .app
-            .store
-            .endpoint_list(a)
-            .await
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|e| e.id != ep)
-            .map(|e| (e.id, e.plugin_name))
-            .collect(),
-        None => Vec::new(),
+    // An existing endpoint's page also copies its subscriptions to the
+    // address's other endpoints, and says how its deliveries stand.
+    let (copy_targets, deliveries) = match ep {
+        None => (Vec::new(), None),
+        Some(ep) => {
+            let store = &ctx.app.store;
+            let others = store.endpoint_list(a).await.unwrap_or_default();
+            let stats = store.endpoint_delivery_stats(ep).await.ok();
+            (
+                others
+                    .into_iter()
+                    .filter(|e| e.id != ep)
+                    .map(|e| (e.id, e.plugin_name))
+                    .collect(),
+                stats.map(|s| page::EndpointDeliveries {
+                    delivered: s.delivered,
+                    pending: s.pending,
+                    failed: s.failed,
+                    last_error: s
+                        .last_error
+                        .zip(s.last_error_at)
+                        .map(|(e, at)| (e, at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))),
+                }),
+            )
+        }
     };
     let fields = schema_form::fields(schema.as_ref(), config);
     let error_field = error.as_deref().and_then(|e| {
@@ -721,6 +734,7 @@ async fn endpoint_form(
             error,
             error_field,
             copy_targets,
+            deliveries,
         },
     )
 }
@@ -866,6 +880,13 @@ async fn endpoint_action(ctx: &Ctx<'_>, a: i64, ep: i64) -> Result<Response, Api
             )
             .await?;
             Ok(redirect(&format!("{page}?done=copied")))
+        }
+        "retry" => {
+            ctx.manage(Method::POST, &path, json!({"cmd": "retry"}))
+                .await?;
+            Ok(redirect(&format!(
+                "/ui/addr/{a}/endpoint/{ep}?done=retried#deliveries"
+            )))
         }
         other => Err(unknown_action(other)),
     }

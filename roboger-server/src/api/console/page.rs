@@ -145,6 +145,18 @@ pub struct EndpointForm {
     pub error_field: Option<String>,
     /// Other endpoints of the address (id, plugin) to copy subscriptions to.
     pub copy_targets: Vec<(i64, String)>,
+    /// How an existing endpoint's deliveries stand.
+    pub deliveries: Option<EndpointDeliveries>,
+}
+
+/// An endpoint's deliveries of the events still kept, as its page shows
+/// them.
+pub struct EndpointDeliveries {
+    pub delivered: i64,
+    pub pending: i64,
+    pub failed: i64,
+    /// The newest error of a delivery still pending or failed, and when.
+    pub last_error: Option<(String, String)>,
 }
 
 /// A delivery as the history shows it.
