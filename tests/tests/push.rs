@@ -634,6 +634,46 @@ async fn an_endpoints_failed_deliveries_are_retried_with_one_command() {
     );
 }
 
+/// PostgreSQL: the group commit is planned for the table as it is at
+/// each commit. Planned once for a new database's few deliveries, it
+/// would join each outcome against every pending delivery of this node:
+/// once there are many (here 200,000 parked behind the server's back),
+/// a commit of a burst's outcomes would run past its statement timeout
+/// at every try, those deliveries left pending (and later made again)
+/// and any push in such a commit refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_commit_stays_quick_once_a_new_database_fills() {
+    if !roboger_tests::on_postgres() {
+        eprintln!("PostgreSQL's plan cache: nothing to test on this database");
+        return;
+    }
+    let r = rig("").await;
+    let ep = r.endpoint(json!({"slow": 300}), &[json!({})]).await;
+    let parked = r.endpoint(json!({}), &[]).await;
+    // Commits with an outcome each, while the tables are nearly empty:
+    // more than the five after which PostgreSQL may keep one plan.
+    for i in 1..=8 {
+        assert_status!(r.push(json!({"msg": format!("warm {i}")})).await, 202);
+        r.s.endpoint_settles(r.addr_id, ep, i, 0).await;
+    }
+    roboger_tests::DbClient::of(&r.s.db).query(&format!(
+        "INSERT INTO delivery (event_id, endpoint_id, state, attempts, next_at, \
+         lease_until, leased_by, created, updated) \
+         SELECT lpad(i::text, 36, 'x'), {parked}, 'pending', 0, now() + interval '1 day', \
+         now() + interval '1 day', (SELECT instance FROM node LIMIT 1), now(), now() \
+         FROM generate_series(1, 200000) AS i"
+    ));
+    // A burst whose outcomes come back together, for one commit.
+    const BURST: u64 = 128;
+    let pushes = (0..BURST).map(|i| r.push(json!({"msg": format!("burst {i}")})));
+    for p in futures_util::future::join_all(pushes).await {
+        assert_status!(p, 202);
+    }
+    r.s.endpoint_settles(r.addr_id, ep, 8 + BURST, 0).await;
+    let failed = r.s.log_lines("cannot write to the database");
+    assert!(failed.is_empty(), "{failed:?}");
+}
+
 #[tokio::test]
 async fn failures_are_retried_then_delivered_or_given_up() {
     let r = rig("").await;

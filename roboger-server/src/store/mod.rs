@@ -197,12 +197,23 @@ impl Store {
                 // cancelled by PostgreSQL itself. Its own pool: the
                 // others' statements (migrations among them) may take
                 // longer.
+                //
+                // Its statement is planned at each commit, not once for
+                // good: a plan made for the few deliveries of a new
+                // database (PostgreSQL's generic plan, cached after five
+                // runs on this connection, which is kept) joins each
+                // outcome against every pending delivery, seconds per
+                // commit once a burst has made thousands, until an
+                // ANALYZE replans it.
                 let cancel_after = timeout * 9 / 10;
                 opts.max_connections(1).map_sqlx_postgres_opts(move |o| {
-                    o.options([(
-                        "statement_timeout",
-                        format!("{}ms", cancel_after.as_millis().max(1)),
-                    )])
+                    o.options([
+                        (
+                            "statement_timeout",
+                            format!("{}ms", cancel_after.as_millis().max(1)),
+                        ),
+                        ("plan_cache_mode", "force_custom_plan".to_string()),
+                    ])
                 });
                 let commit_pool = connect_waiting(opts, timeout, deadline).await?;
                 CommitConnection::Postgres(Arc::new(kept::KeptConnection::new(
