@@ -22,6 +22,10 @@
 //!   renewal would otherwise keep them for good).
 //!   A target that asks for a wait puts its endpoint on hold ([`hold`]):
 //!   the endpoint's other deliveries are put off until then, not tried.
+//! - Writer and dispatcher wait on each other through their queues, so
+//!   the writer never only waits: while it waits for room in the
+//!   dispatcher's queue it takes in outcomes ([`Inbox`]), and while too
+//!   many of those wait to be written it takes no new push.
 //!
 //! Invariant: a push is answered 202 only after the commit; a delivery
 //! leaves `pending` only when the plugin accepted it or its retries are
@@ -201,6 +205,9 @@ const SWEEP_BATCH: u64 = 256;
 const LOST_MAX: usize = 65_536;
 /// How often the writer tries to free those leases.
 const LOST_RETRY: Duration = Duration::from_secs(1);
+/// Most outcomes taken in early (see [`Inbox`]) with which the writer
+/// still takes new pushes.
+const EARLY_MAX: usize = DISPATCH_QUEUE;
 /// Most deliveries the dispatcher takes from its queue at once, to group
 /// those for one plugin into a `send_batch` call.
 const BATCH_MAX: usize = 32;
@@ -334,7 +341,7 @@ async fn write_loop(
     store: Store,
     (cfg, node): (Arc<DeliveryConfig>, Arc<Node>),
     timeout: Duration,
-    (mut accepts, mut outcomes): (mpsc::Receiver<Accept>, mpsc::Receiver<Attempt>),
+    (mut accepts, outcomes): (mpsc::Receiver<Accept>, mpsc::Receiver<Attempt>),
     (jobs, metrics, liveness): (mpsc::Sender<Job>, Arc<Metrics>, Arc<Liveness>),
 ) {
     // Outcomes not yet written, and how many writes of them failed.
@@ -348,16 +355,23 @@ async fn write_loop(
     // The last commit's pushes, answered while the next commit runs, or
     // as soon as there is nothing to write next.
     let mut committed: Option<Committed> = None;
+    let mut inbox = Inbox {
+        outcomes,
+        early: Vec::new(),
+        open: true,
+    };
     loop {
         if !lost.is_empty() && freed_at.elapsed() >= LOST_RETRY {
             freed_at = Instant::now();
             free_lost(&store, &node.instance, timeout, &mut lost).await;
         }
         let mut batch = Vec::new();
+        let room = OUTCOME_BATCH.saturating_sub(recorded.len());
+        recorded.extend(inbox.early.drain(..room.min(inbox.early.len())));
         if recorded.is_empty() {
-            if accepts.is_empty() && outcomes.is_empty() {
+            if accepts.is_empty() && inbox.outcomes.is_empty() {
                 if let Some(c) = committed.take() {
-                    if settle(c, &jobs, &store).await.is_err() {
+                    if settle(c, &jobs, &store, &mut inbox).await.is_err() {
                         return;
                     }
                     continue;
@@ -369,7 +383,7 @@ async fn write_loop(
                     Some(a) => batch.push(a),
                     None => break,
                 },
-                o = outcomes.recv() => match o {
+                o = inbox.outcomes.recv() => match o {
                     Some(o) => recorded.push(o),
                     None => break,
                 },
@@ -378,14 +392,17 @@ async fn write_loop(
             }
         }
         liveness.writer.waiting();
-        while batch.len() < COMMIT_BATCH {
+        // While more than EARLY_MAX outcomes taken in early wait, commits
+        // write them and take no new pushes, whose deliveries would add
+        // more (see [`Inbox`]): the pushes wait in their queue meanwhile.
+        while batch.len() < COMMIT_BATCH && inbox.early.len() <= EARLY_MAX {
             match accepts.try_recv() {
                 Ok(a) => batch.push(a),
                 Err(_) => break,
             }
         }
         while recorded.len() < OUTCOME_BATCH {
-            match outcomes.try_recv() {
+            match inbox.outcomes.try_recv() {
                 Ok(o) => recorded.push(o),
                 Err(_) => break,
             }
@@ -398,7 +415,7 @@ async fn write_loop(
         batch.retain(|a| !a.reply.is_closed() && a.claim.take());
         if batch.is_empty() && recorded.is_empty() {
             if let Some(c) = committed.take()
-                && settle(c, &jobs, &store).await.is_err()
+                && settle(c, &jobs, &store, &mut inbox).await.is_err()
             {
                 return;
             }
@@ -432,7 +449,7 @@ async fn write_loop(
             None => (commit.await, Ok(Vec::new())),
         };
         let handed = match waiting {
-            Ok(rest) => wait_for_room(rest, &jobs, &store).await,
+            Ok(rest) => wait_for_room(rest, &jobs, &store, &mut inbox).await,
             Err(closed) => Err(closed),
         };
         metrics.commit(rows.len(), took);
@@ -507,7 +524,7 @@ async fn write_loop(
             committed = Some(done);
         } else {
             // Answered at once: the next commit waits for the back-off.
-            if settle(done, &jobs, &store).await.is_err() {
+            if settle(done, &jobs, &store, &mut inbox).await.is_err() {
                 return;
             }
             if recorded.is_empty() && accepts.is_empty() {
@@ -520,7 +537,7 @@ async fn write_loop(
     }
     // Closing: the last commit's pushes still wait for their answer.
     if let Some(c) = committed.take() {
-        let _ = settle(c, &jobs, &store).await;
+        let _ = settle(c, &jobs, &store, &mut inbox).await;
     }
 }
 
@@ -561,9 +578,14 @@ struct Closed;
 
 /// Answers a commit's pushes and hands its deliveries to the dispatcher,
 /// waiting for room when its queue is full.
-async fn settle(c: Committed, jobs: &mpsc::Sender<Job>, store: &Store) -> Result<(), Closed> {
+async fn settle(
+    c: Committed,
+    jobs: &mpsc::Sender<Job>,
+    store: &Store,
+    inbox: &mut Inbox,
+) -> Result<(), Closed> {
     let rest = answer(c, jobs)?;
-    wait_for_room(rest, jobs, store).await
+    wait_for_room(rest, jobs, store, inbox).await
 }
 
 /// Answers every push of a commit, then offers the deliveries of the
@@ -616,19 +638,52 @@ fn answer(c: Committed, jobs: &mpsc::Sender<Job>) -> Result<Vec<Job>, Closed> {
 /// Hands `rest` to the dispatcher, waiting for room in its queue, which
 /// can take seconds while deliveries back up behind a slow target: the
 /// kept connection goes back to the pool first.
+///
+/// Meanwhile it takes in the outcomes the dispatcher's tasks hand back
+/// (written by the commits that follow): room in the dispatcher's queue
+/// is made by tasks that end, and a task ends only once its outcome is
+/// queued, so a writer that only waited would wait for good once the
+/// outcome queue is full.
 async fn wait_for_room(
     rest: Vec<Job>,
     jobs: &mpsc::Sender<Job>,
     store: &Store,
+    inbox: &mut Inbox,
 ) -> Result<(), Closed> {
     if rest.is_empty() {
         return Ok(());
     }
     store.writer_waits();
     for job in rest {
-        jobs.send(job).await.map_err(|_| Closed)?;
+        let room = loop {
+            tokio::select! {
+                biased;
+                room = jobs.reserve() => break room.map_err(|_| Closed)?,
+                o = inbox.outcomes.recv(), if inbox.open => match o {
+                    Some(o) => inbox.early.push(o),
+                    None => inbox.open = false,
+                },
+            }
+        };
+        room.send(job);
     }
     Ok(())
+}
+
+/// The writer's end of the outcome queue, with the outcomes it took in
+/// while it waited to hand deliveries over and has not written yet.
+///
+/// Invariant: `early` grows only while the writer hands a commit's
+/// deliveries over, by the outcomes of deliveries queued or running
+/// meanwhile, and the writer takes no new push (whose deliveries would
+/// add more) while it holds more than [`EARLY_MAX`]: it stays within
+/// that, one commit's deliveries, and what the two queues and the
+/// running calls hold.
+struct Inbox {
+    outcomes: mpsc::Receiver<Attempt>,
+    early: Vec<Attempt>,
+    /// Until the dispatcher is gone.
+    open: bool,
 }
 
 /// What every delivery task of the dispatcher shares.
@@ -1145,6 +1200,65 @@ mod tests {
         for mut rx in [a_rx, b_rx] {
             assert!(matches!(rx.try_recv(), Ok(Stored::Yes)));
         }
+    }
+
+    /// Room in the dispatcher's queue is made by tasks that end, and a
+    /// task ends once its outcome is queued: handing over more deliveries
+    /// than the two queues hold, the writer takes the outcomes in
+    /// meanwhile rather than wait for good.
+    #[tokio::test]
+    async fn handing_over_takes_in_outcomes_rather_than_wait_for_good() {
+        let url = crate::config::translate_db_url("sqlite://").expect("a URL");
+        let store = Store::connect(&url, 1, Duration::from_secs(5))
+            .await
+            .expect("a database");
+        let (jobs, mut queued) = mpsc::channel::<Job>(1);
+        let (outcome_tx, outcomes) = mpsc::channel::<Attempt>(1);
+        // A dispatcher with room for one call at a time: it takes the next
+        // delivery only once the last one's outcome is queued.
+        let dispatcher = tokio::spawn(async move {
+            while let Some(job) = queued.recv().await {
+                let done = Attempt {
+                    event_id: job.event.id.clone(),
+                    endpoint_id: job.endpoint_id,
+                    attempts: 1,
+                    state: STATE_DELIVERED,
+                    error: None,
+                    next_at: None,
+                };
+                if outcome_tx.send(done).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let (a, _answer) = accept("a", &[1, 2, 3, 4, 5, 6, 7, 8]);
+        let done = Committed {
+            batch: vec![a],
+            result: Ok(Written::default()),
+        };
+        let Ok(rest) = answer(done, &jobs) else {
+            panic!("the dispatcher is there");
+        };
+        assert_eq!(rest.len(), 7, "one fitted in the queue");
+        let mut inbox = Inbox {
+            outcomes,
+            early: Vec::new(),
+            open: true,
+        };
+        let handed = tokio::time::timeout(
+            Duration::from_secs(10),
+            wait_for_room(rest, &jobs, &store, &mut inbox),
+        )
+        .await;
+        assert!(matches!(handed, Ok(Ok(()))), "still waiting for room");
+        drop(jobs);
+        while let Some(o) = inbox.outcomes.recv().await {
+            inbox.early.push(o);
+        }
+        let mut got: Vec<i64> = inbox.early.iter().map(|o| o.endpoint_id).collect();
+        got.sort_unstable();
+        assert_eq!(got, [1, 2, 3, 4, 5, 6, 7, 8]);
+        assert!(dispatcher.await.is_ok());
     }
 
     #[test]

@@ -634,6 +634,49 @@ async fn an_endpoints_failed_deliveries_are_retried_with_one_command() {
     );
 }
 
+/// A burst to an address with many endpoints: far more deliveries come
+/// back from the plugin than the writer writes per commit, and than the
+/// queues between writer and dispatcher hold (8,192 each), while the
+/// writer still hands new ones over. The writer does not wait on the
+/// dispatcher while the dispatcher waits on it: every event accepted is
+/// delivered to every endpoint, and the server goes on accepting. (A
+/// push may be answered 503, not stored, while the writer catches up:
+/// that is the backpressure a client is told to retry on.)
+#[tokio::test(flavor = "multi_thread")]
+async fn a_burst_to_many_endpoints_is_all_delivered() {
+    const ENDPOINTS: usize = 64;
+    const EVENTS: usize = 512;
+    let r = rig("").await;
+    let mut endpoints = Vec::new();
+    for _ in 0..ENDPOINTS {
+        endpoints.push(r.endpoint(json!({}), &[json!({})]).await);
+    }
+    let pushes = (0..EVENTS).map(|i| r.push(json!({"msg": format!("m{i}")})));
+    use futures_util::StreamExt;
+    let answers: Vec<_> = futures_util::stream::iter(pushes)
+        .buffer_unordered(256)
+        .collect()
+        .await;
+    let mut accepted = 0;
+    for p in answers {
+        if p.status == 503 {
+            assert!(p.text.contains("could not be stored in time"), "{}", p.text);
+            continue;
+        }
+        assert_status!(p, 202);
+        accepted += 1;
+    }
+    assert!(accepted > 0);
+    for &ep in &endpoints {
+        r.s.endpoint_settles(r.addr_id, ep, accepted, 0).await;
+    }
+    assert_status!(r.push(json!({"msg": "after"})).await, 202);
+    for &ep in &endpoints {
+        r.s.endpoint_settles(r.addr_id, ep, accepted + 1, 0).await;
+    }
+    assert_eq!(r.sends().len(), ENDPOINTS * (accepted as usize + 1));
+}
+
 /// PostgreSQL: the group commit is planned for the table as it is at
 /// each commit. Planned once for a new database's few deliveries, it
 /// would join each outcome against every pending delivery of this node:
