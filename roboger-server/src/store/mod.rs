@@ -198,13 +198,13 @@ impl Store {
                 // others' statements (migrations among them) may take
                 // longer.
                 //
-                // Its statement is planned at each commit, not once for
-                // good: a plan made for the few deliveries of a new
-                // database (PostgreSQL's generic plan, cached after five
-                // runs on this connection, which is kept) joins each
-                // outcome against every pending delivery, seconds per
-                // commit once a burst has made thousands, until an
-                // ANALYZE replans it.
+                // Its statement is planned once, when the connection
+                // first runs it, and the plan must be right however the
+                // delivery table grows after that: on this connection
+                // sequential scans, hash joins and merge joins are off
+                // (PostgreSQL takes them only where nothing else would
+                // do), which leaves the planner the statement's lookups
+                // by index and by `ctid` (see `PG_GROUP_COMMIT`).
                 let cancel_after = timeout * 9 / 10;
                 opts.max_connections(1).map_sqlx_postgres_opts(move |o| {
                     o.options([
@@ -212,7 +212,10 @@ impl Store {
                             "statement_timeout",
                             format!("{}ms", cancel_after.as_millis().max(1)),
                         ),
-                        ("plan_cache_mode", "force_custom_plan".to_string()),
+                        ("plan_cache_mode", "force_generic_plan".to_string()),
+                        ("enable_seqscan", "off".to_string()),
+                        ("enable_hashjoin", "off".to_string()),
+                        ("enable_mergejoin", "off".to_string()),
                     ])
                 });
                 let commit_pool = connect_waiting(opts, timeout, deadline).await?;
