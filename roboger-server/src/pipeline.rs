@@ -735,7 +735,7 @@ impl Dispatch {
                 let wait = (*wait).min(self.cfg.retry_max);
                 let until =
                     chrono::Utc::now() + chrono::Duration::from_std(wait).unwrap_or_default();
-                self.holds.hold(job.endpoint_id, until);
+                self.holds.hold(job.endpoint_id, &job.config, until);
             }
             let attempt = outcome(&self.cfg, job, result);
             let counted = match attempt.state {
@@ -759,7 +759,7 @@ impl Dispatch {
         let mut held: Vec<(chrono::DateTime<chrono::Utc>, Vec<Job>)> = Vec::new();
         let mut kept = Vec::with_capacity(ready.len());
         for job in ready.drain(..) {
-            let Some(until) = self.holds.until(job.endpoint_id, now) else {
+            let Some(until) = self.holds.until(job.endpoint_id, &job.config, now) else {
                 kept.push(job);
                 continue;
             };

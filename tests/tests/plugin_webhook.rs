@@ -178,6 +178,73 @@ async fn a_targets_retry_after_is_waited_for() {
     assert_eq!((waits.requests().len(), too_long.requests().len()), (1, 1));
 }
 
+/// An endpoint whose settings change is no longer held by what its old
+/// target answered: the delivery it refused and the ones put off after
+/// it are due at once, with their attempts as they were, and go to the
+/// new target, long before the ten minutes asked for end.
+#[tokio::test]
+async fn a_changed_endpoint_is_no_longer_held() {
+    let (s, id, a) = server().await;
+    let waits = HttpSink::retry_after(vec![429], "600").await;
+    let fixed = HttpSink::start(vec![]).await;
+    let ep = s
+        .endpoint(
+            id,
+            "webhook",
+            json!({"url": format!("{}/hook", waits.base)}),
+        )
+        .await;
+    let push = |msg: &str| json!({"addr": a, "msg": msg});
+    assert_status!(s.push(push("first")).await, 202);
+    let waited = s.first_retry_waits(id, &[ep]).await;
+    assert!(waited[0].0 > 590.0, "{waited:?}");
+    assert_status!(s.push(push("second")).await, 202);
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let m = s.metrics().await;
+        let held = m.get(r#"roboger_deliveries_held_total{plugin="webhook"}"#);
+        if held == Some(&1.0) {
+            break;
+        }
+        assert!(std::time::Instant::now() < end, "held {held:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let changed = json!({"config": {
+        "url": format!("{}/hook", fixed.base),
+        "template": r#"{"msg": $msg}"#,
+    }});
+    let r = s
+        .manage(
+            Method::PATCH,
+            &format!("/addr/{id}/endpoint/{ep}"),
+            Some(changed),
+        )
+        .await;
+    assert!(r.status.is_success(), "{}: {}", r.status, r.text);
+    let mut msgs: Vec<String> = fixed
+        .wait(2)
+        .await
+        .iter()
+        .filter_map(|r| serde_json::from_slice::<Value>(&r.body).ok())
+        .filter_map(|v| v["msg"].as_str().map(String::from))
+        .collect();
+    msgs.sort();
+    assert_eq!(msgs, ["first", "second"]);
+    s.endpoint_settles(id, ep, 2, 0).await;
+    // The refused one had spent one attempt, the put-off one none.
+    let events = s
+        .manage(Method::GET, &format!("/addr/{id}/event"), None)
+        .await
+        .json();
+    for e in events.as_array().into_iter().flatten() {
+        let path = format!("/addr/{id}/event/{}", e["id"].as_str().unwrap_or_default());
+        let e = s.manage(Method::GET, &path, None).await.json();
+        let want = if e["msg"] == "first" { 2 } else { 1 };
+        assert_eq!(e["deliveries"][0]["attempts"], want, "{e}");
+    }
+    assert_eq!(waits.requests().len(), 1);
+}
+
 /// Once a target has asked for a wait, the endpoint's other deliveries
 /// are not sent to it meanwhile: each is put off until the wait's end,
 /// its attempts unspent, and says why. Other endpoints go on.

@@ -363,6 +363,35 @@ impl Store {
         by_chunks(&self.db, failed, delivery::Column::EventId, retry).await
     }
 
+    /// Makes an endpoint's pending deliveries that wait for a later try (a
+    /// backoff after a failure, or the wait its target asked for) due now,
+    /// their attempts unchanged; how many. Called once its settings
+    /// changed: what they waited for was an answer to the old ones. A
+    /// chunk at a time, as [`Store::endpoint_retry`]; the ones a node holds
+    /// at that moment are left to their outcome.
+    pub async fn endpoint_waiting_made_due(&self, endpoint_id: i64) -> Result<u64> {
+        let now = chrono::Utc::now();
+        let waiting = || {
+            sea_orm::Condition::all()
+                .add(delivery::Column::EndpointId.eq(endpoint_id))
+                .add(pending())
+                .add(delivery::Column::LeasedBy.is_null())
+                .add(delivery::Column::NextAt.gt(now))
+        };
+        let rows = delivery::Entity::find().filter(waiting());
+        let due = |chunk: Vec<String>| async move {
+            let r = delivery::Entity::update_many()
+                .col_expr(delivery::Column::NextAt, Expr::value(now))
+                .col_expr(delivery::Column::Updated, Expr::value(now))
+                .filter(waiting())
+                .filter(delivery::Column::EventId.is_in(chunk))
+                .exec(&self.db)
+                .await?;
+            Ok(r.rows_affected)
+        };
+        by_chunks(&self.db, rows, delivery::Column::EventId, due).await
+    }
+
     /// Deletes events created before `before` that have nothing pending,
     /// with their deliveries (first: on PostgreSQL and MySQL no key ties a
     /// delivery to its event, migration 9). It reads and deletes
