@@ -549,6 +549,27 @@ impl Server {
         parse_metrics(&r.text)
     }
 
+    /// Scrapes `/metrics` until `series` has `value` (or panics after 20
+    /// s); the last scrape.
+    pub async fn metric_reaches(
+        &self,
+        series: &str,
+        value: f64,
+    ) -> std::collections::BTreeMap<String, f64> {
+        let end = Instant::now() + Duration::from_secs(20);
+        loop {
+            let m = self.metrics().await;
+            if m.get(series) == Some(&value) {
+                return m;
+            }
+            assert!(
+                Instant::now() < end,
+                "{series} never became {value}: {m:#?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// A client of its database, to look at it or change it behind its back.
     pub fn db_client(&self) -> DbClient {
         DbClient::of(&self.db)

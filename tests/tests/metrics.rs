@@ -8,22 +8,6 @@ use roboger_tests::{
     KEY, Method, PrometheusServer, Server, ServerOptions, assert_status, installed_program, json,
 };
 
-/// Scrapes until `series` has `value` (or panics after 20 s).
-async fn wait_for(s: &Server, series: &str, value: f64) -> std::collections::BTreeMap<String, f64> {
-    let end = Instant::now() + Duration::from_secs(20);
-    loop {
-        let m = s.metrics().await;
-        if m.get(series) == Some(&value) {
-            return m;
-        }
-        assert!(
-            Instant::now() < end,
-            "{series} never became {value}: {m:#?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 #[tokio::test]
 async fn counts_pushes_and_deliveries_exactly_and_prometheus_reads_them() {
     let s = Server::start_with(ServerOptions {
@@ -56,12 +40,12 @@ async fn counts_pushes_and_deliveries_exactly_and_prometheus_reads_them() {
     }
     assert_status!(s.push(json!({"msg": "no address"})).await, 400);
 
-    let m = wait_for(
-        &s,
-        "roboger_deliveries_total{outcome=\"delivered\",plugin=\"t\"}",
-        5.0,
-    )
-    .await;
+    let m = s
+        .metric_reaches(
+            "roboger_deliveries_total{outcome=\"delivered\",plugin=\"t\"}",
+            5.0,
+        )
+        .await;
     let at = |k: &str| m.get(k).copied().unwrap_or(f64::NAN);
     assert_eq!(at("roboger_push_total{status=\"202\"}"), 5.0);
     assert_eq!(at("roboger_push_total{status=\"404\"}"), 2.0);
@@ -90,7 +74,8 @@ async fn counts_pushes_and_deliveries_exactly_and_prometheus_reads_them() {
     assert_eq!(at("roboger_deliveries_held_total{plugin=\"t\"}"), 0.0);
     assert!(!m.keys().any(|k| k.contains(&a)), "no address in a label");
     // Counted in the database, refreshed every few seconds.
-    wait_for(&s, "roboger_deliveries_pending{plugin=\"t\"}", 0.0).await;
+    s.metric_reaches("roboger_deliveries_pending{plugin=\"t\"}", 0.0)
+        .await;
 
     let target = s.base.trim_start_matches("http://");
     let Some(prom) = PrometheusServer::start(target, KEY).await else {
@@ -315,12 +300,13 @@ async fn the_readmes_alert_rules_fire_on_a_real_servers_failures() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_status!(s.push(json!({"addr": a, "msg": "one"})).await, 202);
-    wait_for(&s, failed, 2.0).await;
+    s.metric_reaches(failed, 2.0).await;
     // The endpoint that asked for a wait is held: the second event is put
     // off for it, not sent.
     assert_status!(s.push(json!({"addr": a, "msg": "two"})).await, 202);
-    wait_for(&s, "roboger_deliveries_held_total{plugin=\"t\"}", 1.0).await;
-    let m = wait_for(&s, failed, 3.0).await;
+    s.metric_reaches("roboger_deliveries_held_total{plugin=\"t\"}", 1.0)
+        .await;
+    let m = s.metric_reaches(failed, 3.0).await;
 
     let mut named: Vec<&str> = rules
         .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))

@@ -199,16 +199,8 @@ async fn a_changed_endpoint_is_no_longer_held() {
     let waited = s.first_retry_waits(id, &[ep]).await;
     assert!(waited[0].0 > 590.0, "{waited:?}");
     assert_status!(s.push(push("second")).await, 202);
-    let end = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    loop {
-        let m = s.metrics().await;
-        let held = m.get(r#"roboger_deliveries_held_total{plugin="webhook"}"#);
-        if held == Some(&1.0) {
-            break;
-        }
-        assert!(std::time::Instant::now() < end, "held {held:?}");
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    s.metric_reaches(r#"roboger_deliveries_held_total{plugin="webhook"}"#, 1.0)
+        .await;
     let changed = json!({"config": {
         "url": format!("{}/hook", fixed.base),
         "template": r#"{"msg": $msg}"#,
@@ -336,16 +328,8 @@ async fn an_endpoint_whose_target_asked_for_a_wait_is_held() {
         assert_status!(r, 202);
     }
     assert_eq!(open.wait(42).await.len(), 42);
-    let end = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    loop {
-        let m = s.metrics().await;
-        let held = m.get(r#"roboger_deliveries_held_total{plugin="webhook"}"#);
-        if held == Some(&41.0) {
-            break;
-        }
-        assert!(std::time::Instant::now() < end, "held {held:?}");
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    s.metric_reaches(r#"roboger_deliveries_held_total{plugin="webhook"}"#, 41.0)
+        .await;
     let ep = s
         .manage(
             Method::GET,
