@@ -556,18 +556,14 @@ impl Server {
         series: &str,
         value: f64,
     ) -> std::collections::BTreeMap<String, f64> {
-        let end = Instant::now() + Duration::from_secs(20);
-        loop {
+        poll_until(Duration::from_secs(20), async || {
             let m = self.metrics().await;
             if m.get(series) == Some(&value) {
-                return m;
+                return Ok(m);
             }
-            assert!(
-                Instant::now() < end,
-                "{series} never became {value}: {m:#?}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+            Err(format!("{series} never became {value}: {m:#?}"))
+        })
+        .await
     }
 
     /// A client of its database, to look at it or change it behind its back.
@@ -656,8 +652,7 @@ impl Server {
     /// `delivered` and `failed` deliveries, as its GET counts them (or
     /// panics after 30 s).
     pub async fn endpoint_settles(&self, id: i64, ep: i64, delivered: u64, failed: u64) {
-        let end = Instant::now() + Duration::from_secs(30);
-        loop {
+        poll_until(Duration::from_secs(30), async || {
             let v = self
                 .manage(Method::GET, &format!("/addr/{id}/endpoint/{ep}"), None)
                 .await
@@ -668,14 +663,13 @@ impl Server {
                 v["pending"].as_u64(),
             );
             if got == (Some(delivered), Some(failed), Some(0)) {
-                return;
+                return Ok(());
             }
-            assert!(
-                Instant::now() < end,
+            Err(format!(
                 "endpoint {ep}: {v}, not {delivered} delivered and {failed} failed"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+            ))
+        })
+        .await
     }
 
     /// Pushes `event` (a JSON object, `addr` included) to `/push`.
@@ -1211,19 +1205,31 @@ impl HttpSink {
 
     /// Waits until `n` requests arrived (or panics after 20 s).
     pub async fn wait(&self, n: usize) -> Vec<SinkRequest> {
-        let end = Instant::now() + Duration::from_secs(20);
-        loop {
+        poll_until(Duration::from_secs(20), async || {
             let r = self.requests();
             if r.len() >= n {
-                return r;
+                return Ok(r);
             }
-            assert!(
-                Instant::now() < end,
-                "the sink got {} of {n} requests",
-                r.len()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            Err(format!("the sink got {} of {n} requests", r.len()))
+        })
+        .await
+    }
+}
+
+/// Runs `check` every 20 ms until it answers `Ok`, and gives that; once
+/// `within` has passed, panics with what the last `Err` says was seen
+/// instead.
+pub async fn poll_until<T>(
+    within: Duration,
+    mut check: impl AsyncFnMut() -> Result<T, String>,
+) -> T {
+    let end = Instant::now() + within;
+    loop {
+        match check().await {
+            Ok(v) => return v,
+            Err(seen) => assert!(Instant::now() < end, "{seen}"),
         }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -1293,29 +1299,24 @@ impl SmtpSink {
 
     /// Waits until `n` messages arrived (or panics after 20 s).
     pub async fn wait(&self, n: usize) -> Vec<Value> {
-        let end = Instant::now() + Duration::from_secs(20);
-        loop {
+        poll_until(Duration::from_secs(20), async || {
             let mut names: Vec<PathBuf> = std::fs::read_dir(self.dir.path())
                 .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
                 .unwrap_or_default();
             names.retain(|p| p.extension().is_some_and(|e| e == "json"));
-            if names.len() >= n {
-                names.sort();
-                return names
-                    .iter()
-                    .map(|p| {
-                        let text = std::fs::read_to_string(p).expect("read a message");
-                        serde_json::from_str(&text).expect("a message record")
-                    })
-                    .collect();
+            if names.len() < n {
+                return Err(format!("the SMTP sink got {} of {n} messages", names.len()));
             }
-            assert!(
-                Instant::now() < end,
-                "the SMTP sink got {} of {n} messages",
-                names.len()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+            names.sort();
+            Ok(names
+                .iter()
+                .map(|p| {
+                    let text = std::fs::read_to_string(p).expect("read a message");
+                    serde_json::from_str(&text).expect("a message record")
+                })
+                .collect())
+        })
+        .await
     }
 }
 
