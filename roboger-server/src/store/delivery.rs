@@ -548,7 +548,6 @@ fn first_id_made_at(at: chrono::DateTime<chrono::Utc>) -> String {
         .to_string()
 }
 
-/// The values of a delivery's lease columns when nobody holds it.
 /// `delivery.state = 'pending'`, the state written into the SQL rather
 /// than bound: it is the condition of the partial index
 /// `delivery_pending`, which a plan made for any bound value (PostgreSQL's
@@ -560,6 +559,7 @@ pub(super) fn pending() -> Expr {
     )
 }
 
+/// The values of a delivery's lease columns when nobody holds it.
 pub(super) fn no_lease() -> (Expr, Expr) {
     (
         Expr::value(Option::<chrono::DateTime<chrono::Utc>>::None),
