@@ -682,23 +682,24 @@ impl Server {
     /// pending state (or panics after 20 s); returns that event.
     pub async fn wait_settled(&self, id: i64) -> Value {
         let end = Instant::now() + Duration::from_secs(20);
-        loop {
+        let ev = poll_until(Duration::from_secs(20), async || {
             let events = self
                 .manage(Method::GET, &format!("/addr/{id}/event"), None)
                 .await
                 .json();
-            if let Some(ev) = events[0]["id"].as_str() {
-                return self.wait_event_settled(id, ev, end).await;
+            match events[0]["id"].as_str() {
+                Some(ev) => Ok(ev.to_string()),
+                None => Err(format!("no event on addr {id}")),
             }
-            assert!(Instant::now() < end, "no event on addr {id}");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        })
+        .await;
+        self.wait_event_settled(id, &ev, end).await
     }
 
     /// Waits until every delivery of event `ev` of addr `id` has left the
     /// pending state (or panics at `end`); returns that event.
     pub async fn wait_event_settled(&self, id: i64, ev: &str, end: Instant) -> Value {
-        loop {
+        poll_until(end.saturating_duration_since(Instant::now()), async || {
             let e = self
                 .manage(Method::GET, &format!("/addr/{id}/event/{ev}"), None)
                 .await
@@ -709,11 +710,11 @@ impl Server {
                         .all(|d| d["state"] == "delivered" || d["state"] == "failed")
             });
             if settled {
-                return e;
+                return Ok(e);
             }
-            assert!(Instant::now() < end, "deliveries did not settle: {e}");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+            Err(format!("deliveries did not settle: {e}"))
+        })
+        .await
     }
 
     /// Waits until every delivery of addr `id`'s newest event has failed
@@ -721,8 +722,7 @@ impl Server {
     /// `endpoints`, the seconds from that attempt to the next (its
     /// `updated` to its `next_at`) and its last error. Panics after 20 s.
     pub async fn first_retry_waits(&self, id: i64, endpoints: &[i64]) -> Vec<(f64, String)> {
-        let end = Instant::now() + Duration::from_secs(20);
-        loop {
+        poll_until(Duration::from_secs(20), async || {
             let events = self
                 .manage(Method::GET, &format!("/addr/{id}/event?limit=1"), None)
                 .await
@@ -748,11 +748,11 @@ impl Server {
                 })
                 .collect();
             if waits.len() == endpoints.len() {
-                return waits;
+                return Ok(waits);
             }
-            assert!(Instant::now() < end, "first attempts not all made: {e}");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+            Err(format!("first attempts not all made: {e}"))
+        })
+        .await
     }
 
     /// Waits for addr `id`'s newest event to settle; returns its first
