@@ -719,6 +719,19 @@ async fn the_commit_stays_quick_once_a_new_database_fills() {
          now() + interval '1 day', (SELECT instance FROM node LIMIT 1), now(), now() \
          FROM generate_series(1, 200000) AS i"
     ));
+    // PostgreSQL's own count of the table's updates, and of the rows read
+    // by walking the whole table rather than by an index.
+    let counts = || -> (u64, u64) {
+        let row = db.query(
+            "SELECT n_tup_upd || ' ' || seq_tup_read FROM pg_stat_user_tables \
+             WHERE relname = 'delivery'",
+        );
+        let mut n = row
+            .split_whitespace()
+            .map(|v| v.parse::<u64>().unwrap_or(0));
+        (n.next().unwrap_or(0), n.next().unwrap_or(0))
+    };
+    let (updated_before, walked_before) = counts();
     // A burst whose outcomes come back together, for one commit.
     const BURST: u64 = 512;
     let pushes = (0..BURST).map(|i| r.push(json!({"msg": format!("burst {i}")})));
@@ -729,6 +742,24 @@ async fn the_commit_stays_quick_once_a_new_database_fills() {
         .await;
     let failed = r.s.log_lines("cannot write to the database");
     assert!(failed.is_empty(), "{failed:?}");
+    // Each outcome found by index: once PostgreSQL has counted the burst's
+    // outcomes (a backend reports its counts when idle, within seconds),
+    // no commit has walked the table, which now holds 300,000 rows.
+    let walked = roboger_tests::poll_until(Duration::from_secs(30), async || {
+        let (updated, walked) = counts();
+        match updated >= updated_before + BURST {
+            true => Ok(walked - walked_before),
+            false => Err(format!(
+                "{} of {BURST} outcomes counted",
+                updated - updated_before
+            )),
+        }
+    })
+    .await;
+    assert!(
+        walked < HISTORY,
+        "the commits walked {walked} rows of the table"
+    );
 }
 
 #[tokio::test]
