@@ -14,7 +14,7 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use roboger_tests::{Method, Server, ServerOptions, assert_status};
+use roboger_tests::{Method, Server, ServerOptions, assert_status, poll_until};
 
 /// The test PostgreSQL server's data directory (these tests need it, and
 /// the server named by `ROBOGER_TEST_PG`).
@@ -120,15 +120,17 @@ async fn ping_and_api_answer_503_while_the_database_is_frozen() {
     );
 
     // Back to normal without a restart.
-    let end = Instant::now() + Duration::from_secs(20);
-    loop {
-        let r = s.request(Method::GET, "/ping", None, &[], None).await;
-        if r.status.as_u16() == 204 {
-            break;
+    poll_until(Duration::from_secs(20), async || {
+        match s
+            .request(Method::GET, "/ping", None, &[], None)
+            .await
+            .status
+        {
+            st if st.as_u16() == 204 => Ok(()),
+            st => Err(format!("ping did not recover: {st}")),
         }
-        assert!(Instant::now() < end, "ping did not recover: {}", r.status);
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    })
+    .await;
     assert_status!(s.manage(Method::GET, "/addr", None).await, 200);
     assert_status!(
         s.request(

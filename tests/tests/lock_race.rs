@@ -26,7 +26,9 @@ use std::io::{Read, Write};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use roboger_tests::{DbClient, Method, Server, ServerOptions, assert_status, fresh_database, json};
+use roboger_tests::{
+    DbClient, Method, Server, ServerOptions, assert_status, fresh_database, json, poll_until,
+};
 
 /// A session fed statement by statement through its stdin.
 fn session(db: &DbClient) -> Child {
@@ -75,11 +77,11 @@ fn outside_waits(db: &DbClient) -> bool {
 
 /// Waits until `waits` says so (or panics after 10 s, naming `what`).
 async fn wait_until(what: &str, waits: impl Fn() -> bool) {
-    let end = Instant::now() + Duration::from_secs(10);
-    while !waits() {
-        assert!(Instant::now() < end, "{what} never waited for a lock");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    poll_until(Duration::from_secs(10), async || match waits() {
+        true => Ok(()),
+        false => Err(format!("{what} never waited for a lock")),
+    })
+    .await
 }
 
 fn feed(session: &mut Child, sql: &str) {

@@ -2,10 +2,11 @@
 //! from the server and through a real Prometheus server scraping it with
 //! the master key as bearer token; who may read it; `promtool` accepts it.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use roboger_tests::{
     KEY, Method, PrometheusServer, Server, ServerOptions, assert_status, installed_program, json,
+    poll_until,
 };
 
 #[tokio::test]
@@ -81,7 +82,6 @@ async fn counts_pushes_and_deliveries_exactly_and_prometheus_reads_them() {
     let Some(prom) = PrometheusServer::start(target, KEY).await else {
         return;
     };
-    let end = Instant::now() + Duration::from_secs(30);
     let queries = [
         ("roboger_push_total{status=\"202\"}", 5.0),
         ("roboger_push_total{status=\"404\"}", 2.0),
@@ -91,24 +91,21 @@ async fn counts_pushes_and_deliveries_exactly_and_prometheus_reads_them() {
         ),
         ("up{job=\"roboger\"}", 1.0),
     ];
-    loop {
+    poll_until(Duration::from_secs(30), async || {
         let mut got = Vec::new();
         for (q, _) in queries {
             got.push(prom.query(q).await);
         }
-        if queries
+        match queries
             .iter()
             .zip(&got)
             .all(|((_, want), g)| *g == Some(*want))
         {
-            break;
+            true => Ok(()),
+            false => Err(format!("Prometheus answered {got:?} for {queries:?}")),
         }
-        assert!(
-            Instant::now() < end,
-            "Prometheus answered {got:?} for {queries:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -294,11 +291,13 @@ async fn the_readmes_alert_rules_fire_on_a_real_servers_failures() {
         return;
     };
     let failed = "roboger_deliveries_total{outcome=\"failed\",plugin=\"t\"}";
-    let end = Instant::now() + Duration::from_secs(30);
-    while prom.query(failed).await != Some(0.0) {
-        assert!(Instant::now() < end, "Prometheus never read {failed} at 0");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    poll_until(Duration::from_secs(30), async || {
+        match prom.query(failed).await {
+            Some(0.0) => Ok(()),
+            _ => Err(format!("Prometheus never read {failed} at 0")),
+        }
+    })
+    .await;
     assert_status!(s.push(json!({"addr": a, "msg": "one"})).await, 202);
     s.metric_reaches(failed, 2.0).await;
     // The endpoint that asked for a wait is held: the second event is put
@@ -328,8 +327,7 @@ async fn the_readmes_alert_rules_fire_on_a_real_servers_failures() {
     }
 
     let written = rules.matches("- alert: ").count();
-    let end = Instant::now() + Duration::from_secs(30);
-    loop {
+    let alerts = poll_until(Duration::from_secs(30), async || {
         let alerts = prom.alerts().await;
         let rules = prom.rules().await;
         let has = |alert: &str, want: &str| {
@@ -341,12 +339,12 @@ async fn the_readmes_alert_rules_fire_on_a_real_servers_failures() {
         let seen = has("RobogerDeliveriesFailed", "firing")
             && has("RobogerTargetsAskingToWait", "pending");
         let evaluated = rules.len() == written && rules.iter().all(|(_, health, _)| health == "ok");
-        if seen && evaluated {
-            // Nothing else is wrong with this server.
-            assert_eq!(alerts.len(), 2, "{alerts:?}");
-            break;
+        match seen && evaluated {
+            true => Ok(alerts),
+            false => Err(format!("alerts {alerts:?}, rules {rules:?}")),
         }
-        assert!(Instant::now() < end, "alerts {alerts:?}, rules {rules:?}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    })
+    .await;
+    // Nothing else is wrong with this server.
+    assert_eq!(alerts.len(), 2, "{alerts:?}");
 }

@@ -14,7 +14,7 @@ use roboger_server::config::{PluginConfig, translate_db_url};
 use roboger_server::host::HostContext;
 use roboger_server::store::Store;
 use roboger_server::supervisor::{CallError, Options, State, Supervisor};
-use roboger_tests::{Value, fresh_database, json, test_plugin_bin};
+use roboger_tests::{Value, fresh_database, json, poll_until, test_plugin_bin};
 use serde_json::Map;
 
 struct Rig {
@@ -208,22 +208,17 @@ async fn python_plugin_calls_back_while_sends_are_in_flight() {
 }
 
 async fn wait_running(sup: &Supervisor, name: &str, not_pid: Option<u32>) -> u32 {
-    let end = Instant::now() + Duration::from_secs(15);
-    loop {
+    poll_until(Duration::from_secs(15), async || {
         let st = sup
             .list()
             .into_iter()
             .find(|s| s.plugin_name == name)
             .unwrap();
-        if let Some(pid) = st
-            .pid
+        st.pid
             .filter(|p| st.state == State::Running && Some(*p) != not_pid)
-        {
-            return pid;
-        }
-        assert!(Instant::now() < end, "{name} never ran again: {st:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+            .ok_or_else(|| format!("{name} never ran again: {st:?}"))
+    })
+    .await
 }
 
 async fn killed_mid_call(plugin: fn(&str, &Path) -> PluginConfig) {
@@ -372,15 +367,13 @@ async fn a_batch_is_sent_at_once(plugin: fn(&str, &Path) -> PluginConfig) {
         .expect("JSON");
     let sup = r.sup.clone();
     let batch = tokio::spawn(async move { sup.send_batch("p", events).await });
-    let end = Instant::now() + Duration::from_secs(20);
-    while records(&rec, "send_started").len() < 3 {
-        assert!(
-            Instant::now() < end,
-            "started: {:?}",
-            records(&rec, "send_started")
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    poll_until(Duration::from_secs(20), async || {
+        match records(&rec, "send_started") {
+            started if started.len() >= 3 => Ok(()),
+            started => Err(format!("started: {started:?}")),
+        }
+    })
+    .await;
     std::fs::write(&gate, b"").unwrap();
     let results = batch.await.expect("the batch task");
     assert!(results.iter().all(Result::is_ok), "{results:?}");

@@ -5,7 +5,8 @@
 use std::time::{Duration, Instant};
 
 use roboger_tests::{
-    HttpSink, Method, Server, ServerOptions, Value, assert_status, json, plugin_bin, venv_python,
+    HttpSink, Method, Server, ServerOptions, Value, assert_status, json, plugin_bin, poll_until,
+    venv_python,
 };
 
 fn contrib() -> std::path::PathBuf {
@@ -192,34 +193,32 @@ async fn a_burst_goes_in_batches_each_event_with_its_own_outcome() {
     for r in futures_util::future::join_all(pushes).await {
         assert_status!(r, 202);
     }
-    let end = Instant::now() + Duration::from_secs(30);
-    loop {
+    poll_until(Duration::from_secs(30), async || {
         let text = std::fs::read_to_string(&out).unwrap_or_default();
         let msgs: std::collections::BTreeSet<String> = text
             .lines()
             .filter_map(|l| serde_json::from_str::<Value>(l).ok())
             .filter_map(|r| r["msg"].as_str().map(String::from))
             .collect();
-        if msgs.len() == 12 {
-            break;
+        match msgs.len() {
+            12 => Ok(()),
+            _ => Err(format!("delivered only {msgs:?}")),
         }
-        assert!(Instant::now() < end, "delivered only {msgs:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    })
+    .await;
 
     // Every good delivery counted, and every bad one tried at least once.
-    let end = Instant::now() + Duration::from_secs(30);
-    let m = loop {
+    let m = poll_until(Duration::from_secs(30), async || {
         let m = s.metrics().await;
         let at = |k: &str| m.get(k).copied().unwrap_or(0.0);
-        if at("roboger_deliveries_total{outcome=\"delivered\",plugin=\"seed\"}") >= 12.0
+        match at("roboger_deliveries_total{outcome=\"delivered\",plugin=\"seed\"}") >= 12.0
             && at("roboger_deliveries_total{outcome=\"retry\",plugin=\"seed\"}") >= 12.0
         {
-            break m;
+            true => Ok(m),
+            false => Err(format!("outcomes never counted: {m:?}")),
         }
-        assert!(Instant::now() < end, "outcomes never counted: {m:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    })
+    .await;
     let at = |k: &str| m.get(k).copied().unwrap_or(0.0);
     let delivered = at("roboger_deliveries_total{outcome=\"delivered\",plugin=\"seed\"}");
     assert_eq!(delivered, 12.0, "each good delivery made once");

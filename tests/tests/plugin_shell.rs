@@ -2,9 +2,9 @@
 //! command only through its environment, so shell metacharacters in a
 //! message stay data.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use roboger_tests::{Method, Server, ServerOptions, assert_status, json, plugin_bin};
+use roboger_tests::{Method, Server, ServerOptions, assert_status, json, plugin_bin, poll_until};
 
 #[tokio::test]
 async fn the_event_reaches_the_command_as_environment_only() {
@@ -69,16 +69,12 @@ async fn the_event_reaches_the_command_as_environment_only() {
         .request(Method::POST, "/push", None, &[], Some(json!({"addr": addr, "msg": msg, "level": "warning", "tag": "t$x", "media": media, "media_fname": "a/b.txt"})))
         .await;
     assert_status!(r, 202);
-    let end = Instant::now() + Duration::from_secs(10);
     let msg_file = dir.path().join("out.msg");
-    while !msg_file.exists() {
-        assert!(
-            Instant::now() < end,
-            "the command never ran:\n{}",
-            s.log.lock().unwrap()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    poll_until(Duration::from_secs(10), async || match msg_file.exists() {
+        true => Ok(()),
+        false => Err(format!("the command never ran:\n{}", s.log.lock().unwrap())),
+    })
+    .await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(std::fs::read_to_string(&msg_file).unwrap(), msg);
     assert_eq!(
@@ -140,8 +136,7 @@ async fn a_failing_or_hanging_command_is_a_failed_delivery() {
             202
         );
     }
-    let end = Instant::now() + Duration::from_secs(20);
-    loop {
+    let errors = poll_until(Duration::from_secs(20), async || {
         let events = s
             .manage(Method::GET, &format!("/addr/{id}/event"), None)
             .await
@@ -165,17 +160,17 @@ async fn a_failing_or_hanging_command_is_a_failed_delivery() {
                 );
             }
         }
-        if errors.len() == 2 {
-            assert!(errors.iter().any(|e| e.contains("broken")), "{errors:?}");
-            assert!(
-                errors
-                    .iter()
-                    .any(|e| e.contains("did not finish") || e.contains("timed out")),
-                "{errors:?}"
-            );
-            break;
+        match errors.len() {
+            2 => Ok(errors),
+            _ => Err(format!("{errors:?}")),
         }
-        assert!(Instant::now() < end, "{errors:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    })
+    .await;
+    assert!(errors.iter().any(|e| e.contains("broken")), "{errors:?}");
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.contains("did not finish") || e.contains("timed out")),
+        "{errors:?}"
+    );
 }

@@ -6,7 +6,9 @@
 
 use std::time::{Duration, Instant};
 
-use roboger_tests::{Method, Server, ServerOptions, Value, assert_status, json, test_plugin_bin};
+use roboger_tests::{
+    Method, Server, ServerOptions, Value, assert_status, json, poll_until, test_plugin_bin,
+};
 
 fn entry(name: &str, mode: &str, extra_env: &str) -> String {
     format!(
@@ -27,18 +29,14 @@ async fn plugin(s: &Server, name: &str) -> Value {
 
 /// Polls a plugin's status until `pred` holds (or panics after 15 s).
 async fn wait_plugin(s: &Server, name: &str, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
-    let end = Instant::now() + Duration::from_secs(15);
-    loop {
+    poll_until(Duration::from_secs(15), async || {
         let p = plugin(s, name).await;
-        if pred(&p) {
-            return p;
+        match pred(&p) {
+            true => Ok(p),
+            false => Err(format!("plugin {name} never became {what}: {p}")),
         }
-        assert!(
-            Instant::now() < end,
-            "plugin {name} never became {what}: {p}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    })
+    .await
 }
 
 fn records(path: &std::path::Path) -> Vec<Value> {
@@ -407,11 +405,11 @@ async fn killed_and_hanging_plugins_are_restarted() {
         p["last_error"].as_str().unwrap_or("").contains("ping"),
         "{p}"
     );
-    let end = Instant::now() + Duration::from_secs(5);
-    while pid_alive(frozen) {
-        assert!(Instant::now() < end, "the frozen plugin was not killed");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    poll_until(Duration::from_secs(5), async || match pid_alive(frozen) {
+        false => Ok(()),
+        true => Err("the frozen plugin was not killed".to_string()),
+    })
+    .await;
     assert_status!(
         s.manage(
             Method::POST,

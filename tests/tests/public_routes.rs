@@ -5,7 +5,9 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use roboger_tests::{Method, Server, ServerOptions, Value, assert_status, json, test_plugin_bin};
+use roboger_tests::{
+    Method, Server, ServerOptions, Value, assert_status, json, poll_until, test_plugin_bin,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn entry(name: &str, rec: &Path, extra_env: &str) -> String {
@@ -61,15 +63,15 @@ async fn reads_nothing_of(s: &Server, path: &str) -> tokio::net::TcpStream {
 /// Asks for `path` until it is served (200), each other answer being
 /// 503 for want of room, within `limit`.
 async fn served_again(s: &Server, path: &str, limit: Duration) -> roboger_tests::Resp {
-    let end = Instant::now() + limit;
-    loop {
+    poll_until(limit, async || {
         let r = s.request(Method::GET, path, None, &[], None).await;
         if r.status.as_u16() == 200 {
-            return r;
+            return Ok(r);
         }
         assert_status!(r, 503);
-        assert!(Instant::now() < end, "{path} was never served again");
-    }
+        Err(format!("{path} was never served again"))
+    })
+    .await
 }
 
 #[tokio::test]

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 use roboger_tests::{
-    Method, Resp, Server, ServerOptions, Value, assert_status, json, test_plugin_bin,
+    Method, Resp, Server, ServerOptions, Value, assert_status, json, poll_until, test_plugin_bin,
 };
 
 struct Rig {
@@ -97,34 +97,27 @@ impl Rig {
     /// Waits until every event of `msgs` is delivered (panics after
     /// `timeout`, saying `after` what they were not).
     async fn wait_delivered(&self, msgs: &[String], timeout: Duration, after: &str) {
-        let end = Instant::now() + timeout;
-        loop {
+        poll_until(timeout, async || {
             let delivered = self.delivered();
-            let missing = msgs.iter().filter(|m| !delivered.contains(*m)).count();
-            if missing == 0 {
-                return;
+            match msgs.iter().filter(|m| !delivered.contains(*m)).count() {
+                0 => Ok(()),
+                missing => Err(format!(
+                    "{missing} of {} accepted events not delivered {after}",
+                    msgs.len()
+                )),
             }
-            assert!(
-                Instant::now() < end,
-                "{missing} of {} accepted events not delivered {after}",
-                msgs.len()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        })
+        .await
     }
 
     /// Waits until `n` sends are recorded (and a little more, to catch
     /// extra ones), then returns them.
     async fn wait_sends(&self, n: usize) -> Vec<Value> {
-        let end = Instant::now() + Duration::from_secs(20);
-        while self.sends().len() < n {
-            assert!(
-                Instant::now() < end,
-                "only {} of {n} sends arrived",
-                self.sends().len()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        poll_until(Duration::from_secs(20), async || match self.sends().len() {
+            got if got >= n => Ok(()),
+            got => Err(format!("only {got} of {n} sends arrived")),
+        })
+        .await;
         tokio::time::sleep(Duration::from_millis(300)).await;
         self.sends()
     }
@@ -144,16 +137,15 @@ impl Rig {
 
     /// Waits until every delivery of the event is in `state`.
     async fn wait_state(&self, id: &str, state: &str) -> Value {
-        let end = Instant::now() + Duration::from_secs(20);
-        loop {
+        poll_until(Duration::from_secs(20), async || {
             let e = self.event(id).await;
             let ds = e["deliveries"].as_array().unwrap();
-            if !ds.is_empty() && ds.iter().all(|d| d["state"] == state) {
-                return e;
+            match !ds.is_empty() && ds.iter().all(|d| d["state"] == state) {
+                true => Ok(e),
+                false => Err(format!("event never became {state}: {e}")),
             }
-            assert!(Instant::now() < end, "event never became {state}: {e}");
-            tokio::time::sleep(Duration::from_millis(30)).await;
-        }
+        })
+        .await
     }
 }
 
@@ -745,7 +737,7 @@ async fn the_commit_stays_quick_once_a_new_database_fills() {
     // Each outcome found by index: once PostgreSQL has counted the burst's
     // outcomes (a backend reports its counts when idle, within seconds),
     // no commit has walked the table, which now holds 300,000 rows.
-    let walked = roboger_tests::poll_until(Duration::from_secs(30), async || {
+    let walked = poll_until(Duration::from_secs(30), async || {
         let (updated, walked) = counts();
         match updated >= updated_before + BURST {
             true => Ok(walked - walked_before),
@@ -792,12 +784,13 @@ async fn failures_are_retried_then_delivered_or_given_up() {
     );
 
     assert_status!(r.push(json!({"msg": "d", "tag": "dead"})).await, 202);
-    let dead_id = loop {
-        if let Some(s) = r.sends().iter().find(|s| s["msg"] == "d") {
-            break s["event_id"].as_str().unwrap().to_string();
+    let dead_id = poll_until(Duration::from_secs(20), async || {
+        match r.sends().iter().find(|s| s["msg"] == "d") {
+            Some(s) => Ok(s["event_id"].as_str().unwrap().to_string()),
+            None => Err("the event was never sent".to_string()),
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    })
+    .await;
     let e = r.wait_state(&dead_id, "failed").await;
     let d = &e["deliveries"][0];
     assert_eq!(d["attempts"], 10, "default max-attempts: {e}");
@@ -812,20 +805,18 @@ async fn failures_are_retried_then_delivered_or_given_up() {
         .await,
         204
     );
-    let end = Instant::now() + Duration::from_secs(10);
-    while r
-        .sends()
-        .iter()
-        .filter(|s| s["event_id"] == dead_id.as_str())
-        .count()
-        < 11
-    {
-        assert!(
-            Instant::now() < end,
-            "the retried delivery was not attempted"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    poll_until(Duration::from_secs(10), async || {
+        let sends = r.sends();
+        match sends
+            .iter()
+            .filter(|s| s["event_id"] == dead_id.as_str())
+            .count()
+        {
+            11.. => Ok(()),
+            _ => Err("the retried delivery was not attempted".to_string()),
+        }
+    })
+    .await;
     assert_status!(
         r.s.manage(
             Method::POST,
@@ -984,17 +975,16 @@ async fn a_full_disk_refuses_pushes_and_loses_none_it_accepted() {
     );
     // Room again: the same server accepts, without a restart.
     std::fs::remove_file(&filler).expect("remove the filler");
-    let end = Instant::now() + Duration::from_secs(20);
-    loop {
+    poll_until(Duration::from_secs(20), async || {
         let resp = r.push(json!({"msg": "after"})).await;
         if resp.status == 202 {
-            accepted.push("after".into());
-            break;
+            return Ok(());
         }
         assert_status!(resp, 503);
-        assert!(Instant::now() < end, "still refused with room again");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        Err("still refused with room again".to_string())
+    })
+    .await;
+    accepted.push("after".into());
     // Every accepted event is delivered; no refused one ever is.
     r.wait_delivered(&accepted, Duration::from_secs(30), "with room again")
         .await;
@@ -1160,8 +1150,7 @@ async fn old_events_are_cleaned_up_and_cleanup_runs_periodically() {
     r.wait_state(&id, "delivered").await;
     // Within a few periodic cleanups the delivered event is past its
     // retention and gone, and the plugin's cleanup has run.
-    let end = Instant::now() + Duration::from_secs(10);
-    loop {
+    poll_until(Duration::from_secs(10), async || {
         let gone =
             r.s.manage(
                 Method::GET,
@@ -1175,15 +1164,12 @@ async fn old_events_are_cleaned_up_and_cleanup_runs_periodically() {
         let cleaned = std::fs::read_to_string(&r.rec)
             .unwrap_or_default()
             .contains("\"cleanup\"");
-        if gone && cleaned {
-            break;
+        match gone && cleaned {
+            true => Ok(()),
+            false => Err(format!("event gone: {gone}, plugin cleanup ran: {cleaned}")),
         }
-        assert!(
-            Instant::now() < end,
-            "event gone: {gone}, plugin cleanup ran: {cleaned}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]

@@ -12,7 +12,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use roboger_tests::{
-    Method, Server, ServerOptions, Value, assert_status, json, json_lines, test_plugin_bin,
+    Method, Server, ServerOptions, Value, assert_status, json, json_lines, poll_until,
+    test_plugin_bin,
 };
 
 fn plugin(name: &str, config: &str, dir: &std::path::Path) -> String {
@@ -189,29 +190,29 @@ async fn sighup_adds_changes_and_removes_plugins_under_load_losing_nothing() {
 
     // Every accepted event reaches both plugins that stayed.
     let want: BTreeSet<String> = answers.iter().map(|(m, _)| m.clone()).collect();
-    let end = Instant::now() + Duration::from_secs(30);
-    loop {
+    poll_until(Duration::from_secs(30), async || {
         let (k, c) = (sent(rec.path(), "keep"), sent(rec.path(), "change"));
-        if k.is_superset(&want) && c.is_superset(&want) {
-            break;
+        match k.is_superset(&want) && c.is_superset(&want) {
+            true => Ok(()),
+            false => Err(format!(
+                "not delivered: keep misses {:?}, change misses {:?}",
+                want.difference(&k).collect::<Vec<_>>(),
+                want.difference(&c).collect::<Vec<_>>()
+            )),
         }
-        assert!(
-            Instant::now() < end,
-            "not delivered: keep misses {:?}, change misses {:?}",
-            want.difference(&k).collect::<Vec<_>>(),
-            want.difference(&c).collect::<Vec<_>>()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    })
+    .await;
 
     // The added plugin takes endpoints and deliveries at once.
     s.endpoint(id, "added", json!({})).await;
     assert_status!(s.push(json!({"addr": a, "msg": "to added"})).await, 202);
-    let end = Instant::now() + Duration::from_secs(20);
-    while !sent(rec.path(), "added").contains("to added") {
-        assert!(Instant::now() < end, "the added plugin got nothing");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    poll_until(Duration::from_secs(20), async || {
+        match sent(rec.path(), "added").contains("to added") {
+            true => Ok(()),
+            false => Err("the added plugin got nothing".to_string()),
+        }
+    })
+    .await;
 
     // A configuration that does not load is refused; nothing changes.
     let good = std::fs::read_to_string(&s.config_path).expect("config");

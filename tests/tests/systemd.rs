@@ -9,7 +9,7 @@ use std::os::unix::net::UnixDatagram;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use roboger_tests::{Method, Server, ServerOptions, SqliteLock, assert_status, json};
+use roboger_tests::{Method, Server, ServerOptions, SqliteLock, assert_status, json, poll_until};
 
 /// Every datagram received, with when it came.
 #[derive(Clone, Default)]
@@ -52,22 +52,17 @@ impl Heard {
 
     /// Waits (at most `limit`) for a message with `line`; when it came.
     async fn wait(&self, line: &str, after: Instant, limit: Duration) -> Instant {
-        let end = Instant::now() + limit;
-        loop {
-            let found = self
-                .all()
-                .into_iter()
-                .find(|(at, m)| *at >= after && m.lines().any(|l| l == line));
-            if let Some((at, _)) = found {
-                return at;
+        poll_until(limit, async || {
+            let all = self.all();
+            match all
+                .iter()
+                .find(|(at, m)| *at >= after && m.lines().any(|l| l == line))
+            {
+                Some((at, _)) => Ok(*at),
+                None => Err(format!("never heard {line}; heard {all:?}")),
             }
-            assert!(
-                Instant::now() < end,
-                "never heard {line}; heard {:?}",
-                self.all()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        })
+        .await
     }
 }
 
@@ -195,16 +190,17 @@ async fn the_watchdog_reaches_a_server_on_a_unix_socket() {
     let s = starting.wait();
     assert_status!(s.request(Method::GET, "/ping", None, &[], None).await, 204);
     // Pings every half interval (0.5 s) once ready.
-    let end = Instant::now() + Duration::from_secs(10);
-    while heard.count("WATCHDOG=1", ready, Instant::now()) < 4 {
-        assert!(
-            Instant::now() < end,
-            "too few pings: {:?}\n{}",
-            heard.all(),
-            s.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    poll_until(Duration::from_secs(10), async || {
+        match heard.count("WATCHDOG=1", ready, Instant::now()) {
+            4.. => Ok(()),
+            _ => Err(format!(
+                "too few pings: {:?}\n{}",
+                heard.all(),
+                s.log_text()
+            )),
+        }
+    })
+    .await;
     assert!(
         s.log_lines("watchdog ping withheld").is_empty(),
         "{}",
