@@ -392,15 +392,7 @@ async fn write_loop(
             }
         }
         liveness.writer.waiting();
-        // While more than EARLY_MAX outcomes taken in early wait, commits
-        // write them and take no new pushes, whose deliveries would add
-        // more (see [`Inbox`]): the pushes wait in their queue meanwhile.
-        while batch.len() < COMMIT_BATCH && inbox.early.len() <= EARLY_MAX {
-            match accepts.try_recv() {
-                Ok(a) => batch.push(a),
-                Err(_) => break,
-            }
-        }
+        take_pushes(&mut batch, &mut accepts, inbox.early.len());
         while recorded.len() < OUTCOME_BATCH {
             match inbox.outcomes.try_recv() {
                 Ok(o) => recorded.push(o),
@@ -538,6 +530,19 @@ async fn write_loop(
     // Closing: the last commit's pushes still wait for their answer.
     if let Some(c) = committed.take() {
         let _ = settle(c, &jobs, &store, &mut inbox).await;
+    }
+}
+
+/// Takes the pushes waiting in `accepts` into `batch`, up to a commit's
+/// worth. While more than [`EARLY_MAX`] outcomes taken in `early` wait,
+/// it takes none: commits write those outcomes first, and new pushes,
+/// whose deliveries would add more (see [`Inbox`]), wait in their queue.
+fn take_pushes(batch: &mut Vec<Accept>, accepts: &mut mpsc::Receiver<Accept>, early: usize) {
+    while batch.len() < COMMIT_BATCH && early <= EARLY_MAX {
+        match accepts.try_recv() {
+            Ok(a) => batch.push(a),
+            Err(_) => break,
+        }
     }
 }
 
@@ -1182,6 +1187,23 @@ mod tests {
             claim: Arc::new(Claim::default()),
         };
         (a, rx)
+    }
+
+    /// The writer's memory bound: with more than EARLY_MAX outcomes taken
+    /// in early, the next commit takes no push; at the bound it takes them.
+    #[test]
+    fn pushes_wait_while_too_many_early_outcomes_do() {
+        let (tx, mut accepts) = mpsc::channel(4);
+        for id in ["a", "b", "c"] {
+            assert!(tx.try_send(accept(id, &[1]).0).is_ok());
+        }
+        let mut batch = Vec::new();
+        take_pushes(&mut batch, &mut accepts, EARLY_MAX + 1);
+        assert!(batch.is_empty(), "a push was taken past the bound");
+        assert_eq!(accepts.len(), 3, "the pushes wait in their queue");
+        take_pushes(&mut batch, &mut accepts, EARLY_MAX);
+        let ids: Vec<&str> = batch.iter().map(|a| a.event.id.as_str()).collect();
+        assert_eq!(ids, ["a", "b", "c"]);
     }
 
     #[test]
