@@ -740,10 +740,10 @@ async fn the_commit_stays_quick_once_a_new_database_fills() {
     let walked = poll_until(Duration::from_secs(30), async || {
         let (updated, walked) = counts();
         match updated >= updated_before + BURST {
-            true => Ok(walked - walked_before),
+            true => Ok(walked.saturating_sub(walked_before)),
             false => Err(format!(
                 "{} of {BURST} outcomes counted",
-                updated - updated_before
+                updated.saturating_sub(updated_before)
             )),
         }
     })
