@@ -392,7 +392,7 @@ async fn write_loop(
             }
         }
         liveness.writer.waiting();
-        take_pushes(&mut batch, &mut accepts, inbox.early.len());
+        take_pushes(&mut batch, &mut accepts, &inbox);
         while recorded.len() < OUTCOME_BATCH {
             match inbox.outcomes.try_recv() {
                 Ok(o) => recorded.push(o),
@@ -534,11 +534,12 @@ async fn write_loop(
 }
 
 /// Takes the pushes waiting in `accepts` into `batch`, up to a commit's
-/// worth. While more than [`EARLY_MAX`] outcomes taken in `early` wait,
-/// it takes none: commits write those outcomes first, and new pushes,
-/// whose deliveries would add more (see [`Inbox`]), wait in their queue.
-fn take_pushes(batch: &mut Vec<Accept>, accepts: &mut mpsc::Receiver<Accept>, early: usize) {
-    while batch.len() < COMMIT_BATCH && early <= EARLY_MAX {
+/// worth. While more than [`EARLY_MAX`] outcomes taken in early wait in
+/// `inbox`, it takes none: commits write those outcomes first, and new
+/// pushes, whose deliveries would add more (see [`Inbox`]), wait in their
+/// queue.
+fn take_pushes(batch: &mut Vec<Accept>, accepts: &mut mpsc::Receiver<Accept>, inbox: &Inbox) {
+    while batch.len() < COMMIT_BATCH && inbox.early.len() <= EARLY_MAX {
         match accepts.try_recv() {
             Ok(a) => batch.push(a),
             Err(_) => break,
@@ -1197,11 +1198,25 @@ mod tests {
         for id in ["a", "b", "c"] {
             assert!(tx.try_send(accept(id, &[1]).0).is_ok());
         }
+        let outcome = |i: usize| Attempt {
+            event_id: format!("e{i}"),
+            endpoint_id: 1,
+            attempts: 1,
+            state: STATE_DELIVERED,
+            error: None,
+            next_at: None,
+        };
+        let mut inbox = Inbox {
+            outcomes: mpsc::channel(1).1,
+            early: (0..=EARLY_MAX).map(outcome).collect(),
+            open: true,
+        };
         let mut batch = Vec::new();
-        take_pushes(&mut batch, &mut accepts, EARLY_MAX + 1);
+        take_pushes(&mut batch, &mut accepts, &inbox);
         assert!(batch.is_empty(), "a push was taken past the bound");
         assert_eq!(accepts.len(), 3, "the pushes wait in their queue");
-        take_pushes(&mut batch, &mut accepts, EARLY_MAX);
+        inbox.early.pop();
+        take_pushes(&mut batch, &mut accepts, &inbox);
         let ids: Vec<&str> = batch.iter().map(|a| a.event.id.as_str()).collect();
         assert_eq!(ids, ["a", "b", "c"]);
     }
