@@ -1219,7 +1219,14 @@ impl HttpSink {
 /// Runs `check` every 20 ms until it answers `Ok`, and gives that; once
 /// `within` has passed, panics with what the last `Err` says was seen
 /// instead.
-pub async fn poll_until<T>(
+pub async fn poll_until<T>(within: Duration, check: impl AsyncFnMut() -> Result<T, String>) -> T {
+    poll_every(Duration::from_millis(20), within, check).await
+}
+
+/// [`poll_until`] for a check that costs much (a process started for
+/// each look): it runs every `pace`.
+pub async fn poll_every<T>(
+    pace: Duration,
     within: Duration,
     mut check: impl AsyncFnMut() -> Result<T, String>,
 ) -> T {
@@ -1229,7 +1236,7 @@ pub async fn poll_until<T>(
             Ok(v) => return v,
             Err(seen) => assert!(Instant::now() < end, "{seen}"),
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(pace).await;
     }
 }
 

@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 use roboger_tests::{
-    Method, Resp, Server, ServerOptions, Value, assert_status, json, poll_until, test_plugin_bin,
+    Method, Resp, Server, ServerOptions, Value, assert_status, json, poll_every, poll_until,
+    test_plugin_bin,
 };
 
 struct Rig {
@@ -737,16 +738,21 @@ async fn the_commit_stays_quick_once_a_new_database_fills() {
     // Each outcome found by index: once PostgreSQL has counted the burst's
     // outcomes (a backend reports its counts when idle, within seconds),
     // no commit has walked the table, which now holds 300,000 rows.
-    let walked = poll_until(Duration::from_secs(30), async || {
-        let (updated, walked) = counts();
-        match updated >= updated_before + BURST {
-            true => Ok(walked.saturating_sub(walked_before)),
-            false => Err(format!(
-                "{} of {BURST} outcomes counted",
-                updated.saturating_sub(updated_before)
-            )),
-        }
-    })
+    // Each look starts a psql.
+    let walked = poll_every(
+        Duration::from_millis(250),
+        Duration::from_secs(30),
+        async || {
+            let (updated, walked) = counts();
+            match updated >= updated_before + BURST {
+                true => Ok(walked.saturating_sub(walked_before)),
+                false => Err(format!(
+                    "{} of {BURST} outcomes counted",
+                    updated.saturating_sub(updated_before)
+                )),
+            }
+        },
+    )
     .await;
     assert!(
         walked < HISTORY,
