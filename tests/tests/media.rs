@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 use roboger_tests::{
-    HttpSink, Method, Server, ServerOptions, Value, assert_status, json, plugin_bin,
+    HttpSink, Method, Server, ServerOptions, Value, assert_status, json, plugin_bin, poll_until,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -87,6 +87,25 @@ fn received_into(sink: &HttpSink, got: &mut BTreeMap<String, Vec<u8>>, seen: &mu
     *seen = all.len();
 }
 
+/// Waits until what the sink took (message to media) satisfies `done`
+/// (or panics after `within`), and gives it. Each look decodes only the
+/// requests that came since the last one.
+async fn wait_received(
+    sink: &HttpSink,
+    within: Duration,
+    done: impl Fn(&BTreeMap<String, Vec<u8>>) -> bool,
+) -> BTreeMap<String, Vec<u8>> {
+    let (mut got, mut seen) = (BTreeMap::new(), 0);
+    poll_until(within, async || {
+        received_into(sink, &mut got, &mut seen);
+        match done(&got) {
+            true => Ok(std::mem::take(&mut got)),
+            false => Err(format!("delivered {:?}", got.keys().collect::<Vec<_>>())),
+        }
+    })
+    .await
+}
+
 fn received(sink: &HttpSink) -> BTreeMap<String, Vec<u8>> {
     let mut got = BTreeMap::new();
     received_into(sink, &mut got, &mut 0);
@@ -135,23 +154,10 @@ async fn a_media_backlog_behind_a_hanging_target_stays_small_and_all_arrives() {
     );
 
     sink.release();
-    let end = Instant::now() + Duration::from_secs(120);
-    let (mut got, mut seen) = (BTreeMap::new(), 0);
-    loop {
-        received_into(&sink, &mut got, &mut seen);
-        if got.len() == EVENTS {
-            for (msg, m) in &got {
-                let i: usize = msg[1..].parse().expect("m<i>");
-                assert!(*m == media(i, MIB), "media of {msg} differs");
-            }
-            break;
-        }
-        assert!(
-            Instant::now() < end,
-            "{} of {EVENTS} events delivered",
-            got.len()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
+    let got = wait_received(&sink, Duration::from_secs(120), |got| got.len() == EVENTS).await;
+    for (msg, m) in &got {
+        let i: usize = msg[1..].parse().expect("m<i>");
+        assert!(*m == media(i, MIB), "media of {msg} differs");
     }
 }
 
@@ -254,17 +260,10 @@ async fn bodies_that_stall_neither_hold_the_budget_nor_their_connection() {
         "the stalled bodies were cut off after {waited:?}"
     );
 
-    let end = Instant::now() + Duration::from_secs(60);
-    let (mut got, mut seen) = (BTreeMap::new(), 0);
-    while !(got.contains_key("large") && got.contains_key("small")) {
-        assert!(
-            Instant::now() < end,
-            "delivered {:?}",
-            got.keys().collect::<Vec<_>>()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        received_into(&sink, &mut got, &mut seen);
-    }
+    wait_received(&sink, Duration::from_secs(60), |got| {
+        got.contains_key("large") && got.contains_key("small")
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -354,19 +353,9 @@ async fn large_pushes_beyond_the_body_budget_get_202_or_503_with_retry_after() {
         }
     }
     assert!(accepted.len() > 1, "no push of the burst was accepted");
-    let end = Instant::now() + Duration::from_secs(60);
-    let (mut got, mut seen) = (BTreeMap::new(), 0);
-    loop {
-        received_into(&sink, &mut got, &mut seen);
-        if accepted.iter().all(|m| got.contains_key(m)) {
-            assert!(!got.contains_key("refused"));
-            break;
-        }
-        assert!(
-            Instant::now() < end,
-            "accepted {accepted:?}, delivered {:?}",
-            got.keys().collect::<Vec<_>>()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let got = wait_received(&sink, Duration::from_secs(60), |got| {
+        accepted.iter().all(|m| got.contains_key(m))
+    })
+    .await;
+    assert!(!got.contains_key("refused"), "accepted {accepted:?}");
 }
