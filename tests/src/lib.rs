@@ -152,9 +152,14 @@ impl DbClient {
                     "import sqlite3, sys\n\
                      c = sqlite3.connect(sys.argv[1], timeout=10, isolation_level=None)\n\
                      c.execute('PRAGMA foreign_keys = ON')\n\
-                     for st in sys.argv[2].split(';'):\n\
+                     st = ''\n\
+                     for part in sys.argv[2].split(';'):\n\
+                     \x20   st += part + ';'\n\
+                     \x20   if not sqlite3.complete_statement(st):\n\
+                     \x20       continue\n\
                      \x20   for row in c.execute(st):\n\
-                     \x20       print('\\t'.join(str(v) for v in row))\n",
+                     \x20       print('\\t'.join(str(v) for v in row))\n\
+                     \x20   st = ''\n",
                 ])
                 .arg(path);
                 c
@@ -178,6 +183,63 @@ impl DbClient {
             String::from_utf8_lossy(&out.stderr)
         );
         String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    /// Makes the database refuse, with an error, each update of a `table`
+    /// row whose new values match `when` (an SQL condition on `NEW.column`
+    /// that the three databases all read alike), until
+    /// [`DbClient::allow_updates`]: one kind of write fails while the
+    /// database stays up for every other.
+    pub fn refuse_updates(&self, table: &str, when: &str) {
+        let why = "'refused by the test'";
+        match self {
+            DbClient::Pg(_) => self.query(&format!(
+                "CREATE FUNCTION roboger_test_refuse() RETURNS trigger LANGUAGE plpgsql \
+                 AS $$ BEGIN RAISE EXCEPTION {why}; END $$; \
+                 CREATE TRIGGER roboger_test_refuse BEFORE UPDATE ON {table} FOR EACH ROW \
+                 WHEN ({when}) EXECUTE FUNCTION roboger_test_refuse()"
+            )),
+            // The client's `-e` cuts a statement at each `;`, the ones in
+            // a trigger's body too; on its standard input it reads
+            // `DELIMITER`.
+            DbClient::My { .. } => {
+                let mut c = self.command();
+                let mut child = c
+                    .stdin(Stdio::piped())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .expect("the database client runs");
+                let sql = format!(
+                    "DELIMITER //\nCREATE TRIGGER roboger_test_refuse BEFORE UPDATE ON {table} \
+                     FOR EACH ROW BEGIN IF {when} THEN SIGNAL SQLSTATE '45000' \
+                     SET MESSAGE_TEXT = {why}; END IF; END//\nDELIMITER ;\n"
+                );
+                if let Some(mut stdin) = child.stdin.take() {
+                    std::io::Write::write_all(&mut stdin, sql.as_bytes()).expect("write SQL");
+                }
+                let out = child.wait_with_output().expect("the database client runs");
+                assert!(
+                    out.status.success(),
+                    "{sql}: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                String::new()
+            }
+            DbClient::Sqlite(_) => self.query(&format!(
+                "CREATE TRIGGER roboger_test_refuse BEFORE UPDATE ON {table} WHEN {when} \
+                 BEGIN SELECT RAISE(ABORT, {why}); END"
+            )),
+        };
+    }
+
+    /// Undoes [`DbClient::refuse_updates`] on `table`.
+    pub fn allow_updates(&self, table: &str) {
+        match self {
+            DbClient::Pg(_) => self.query(&format!(
+                "DROP TRIGGER roboger_test_refuse ON {table}; DROP FUNCTION roboger_test_refuse()"
+            )),
+            _ => self.query("DROP TRIGGER roboger_test_refuse"),
+        };
     }
 
     /// Writes `n` copies of the database's one event and its delivery straight

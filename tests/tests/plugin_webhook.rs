@@ -237,6 +237,48 @@ async fn a_changed_endpoint_is_no_longer_held() {
     assert_eq!(waits.requests().len(), 1);
 }
 
+/// A delivery put off while its endpoint is on hold is not lost when the
+/// database refuses the put-off: the server writes it as the delivery's
+/// outcome instead, and it is made once the hold ends, its attempts
+/// unspent meanwhile.
+#[tokio::test]
+async fn a_put_off_the_database_refused_is_still_made() {
+    let (s, id, a) = server().await;
+    let waits = HttpSink::retry_after(vec![429], "5").await;
+    let config = json!({
+        "url": format!("{}/hook", waits.base),
+        "template": r#"{"msg": $msg}"#,
+    });
+    let ep = s.endpoint(id, "webhook", config).await;
+    let push = |msg: &str| json!({"addr": a, "msg": msg});
+    assert_status!(s.push(push("first")).await, 202);
+    s.first_retry_waits(id, &[ep]).await;
+    // The put-off (and the outcome written in its place) are the only
+    // writes that give a delivery this error.
+    let db = s.db_client();
+    db.refuse_updates("delivery", "NEW.last_error LIKE 'not tried%'");
+    assert_status!(s.push(push("second")).await, 202);
+    s.wait_log(
+        "cannot put off deliveries to an endpoint on hold",
+        std::time::Duration::from_secs(20),
+    )
+    .await;
+    db.allow_updates("delivery");
+    let mut msgs: Vec<String> = waits
+        .wait(3)
+        .await
+        .iter()
+        .filter_map(|r| serde_json::from_slice::<Value>(&r.body).ok())
+        .filter_map(|v| v["msg"].as_str().map(String::from))
+        .collect();
+    msgs.sort();
+    assert_eq!(msgs, ["first", "first", "second"]);
+    s.endpoint_settles(id, ep, 2, 0).await;
+    let second = newest_event(&s, id).await;
+    assert_eq!(second["msg"], "second", "{second}");
+    assert_eq!(second["deliveries"][0]["attempts"], 1, "{second}");
+}
+
 /// Once a target has asked for a wait, the endpoint's other deliveries
 /// are not sent to it meanwhile: each is put off until the wait's end,
 /// its attempts unspent, and says why. Other endpoints go on.
