@@ -244,7 +244,9 @@ async fn a_changed_endpoint_is_no_longer_held() {
 #[tokio::test]
 async fn a_put_off_the_database_refused_is_still_made() {
     let (s, id, a) = server().await;
-    let waits = HttpSink::retry_after(vec![429], "5").await;
+    // Long enough for the second push to meet the hold on a loaded
+    // machine; the sink's wait (20 s) outlasts it.
+    let waits = HttpSink::retry_after(vec![429], "10").await;
     let config = json!({
         "url": format!("{}/hook", waits.base),
         "template": r#"{"msg": $msg}"#,
