@@ -192,44 +192,45 @@ impl DbClient {
     /// database stays up for every other.
     pub fn refuse_updates(&self, table: &str, when: &str) {
         let why = "'refused by the test'";
-        match self {
-            DbClient::Pg(_) => self.query(&format!(
+        let sql = match self {
+            DbClient::Pg(_) => format!(
                 "CREATE FUNCTION roboger_test_refuse() RETURNS trigger LANGUAGE plpgsql \
                  AS $$ BEGIN RAISE EXCEPTION {why}; END $$; \
                  CREATE TRIGGER roboger_test_refuse BEFORE UPDATE ON {table} FOR EACH ROW \
                  WHEN ({when}) EXECUTE FUNCTION roboger_test_refuse()"
-            )),
-            // The client's `-e` cuts a statement at each `;`, the ones in
-            // a trigger's body too; on its standard input it reads
-            // `DELIMITER`.
-            DbClient::My { .. } => {
-                let mut c = self.command();
-                let mut child = c
-                    .stdin(Stdio::piped())
-                    .stderr(Stdio::piped())
-                    .spawn()
-                    .expect("the database client runs");
-                let sql = format!(
-                    "DELIMITER //\nCREATE TRIGGER roboger_test_refuse BEFORE UPDATE ON {table} \
-                     FOR EACH ROW BEGIN IF {when} THEN SIGNAL SQLSTATE '45000' \
-                     SET MESSAGE_TEXT = {why}; END IF; END//\nDELIMITER ;\n"
-                );
-                if let Some(mut stdin) = child.stdin.take() {
-                    std::io::Write::write_all(&mut stdin, sql.as_bytes()).expect("write SQL");
-                }
-                let out = child.wait_with_output().expect("the database client runs");
-                assert!(
-                    out.status.success(),
-                    "{sql}: {}",
-                    String::from_utf8_lossy(&out.stderr)
-                );
-                String::new()
-            }
-            DbClient::Sqlite(_) => self.query(&format!(
+            ),
+            DbClient::My { .. } => format!(
+                "DELIMITER //\nCREATE TRIGGER roboger_test_refuse BEFORE UPDATE ON {table} \
+                 FOR EACH ROW BEGIN IF {when} THEN SIGNAL SQLSTATE '45000' \
+                 SET MESSAGE_TEXT = {why}; END IF; END//\nDELIMITER ;\n"
+            ),
+            DbClient::Sqlite(_) => format!(
                 "CREATE TRIGGER roboger_test_refuse BEFORE UPDATE ON {table} WHEN {when} \
                  BEGIN SELECT RAISE(ABORT, {why}); END"
-            )),
+            ),
         };
+        if let DbClient::My { .. } = self {
+            // `-e` cuts a statement at each `;`, the ones in a trigger's
+            // body too; the client reads `DELIMITER` on its standard input.
+            let mut child = self
+                .command()
+                .stdin(Stdio::piped())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("the database client runs");
+            if let Some(mut stdin) = child.stdin.take() {
+                std::io::Write::write_all(&mut stdin, sql.as_bytes()).expect("write SQL");
+            }
+            let out = child.wait_with_output().expect("the database client runs");
+            assert!(
+                out.status.success(),
+                "{sql}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        } else {
+            self.query(&sql);
+        }
     }
 
     /// Undoes [`DbClient::refuse_updates`] on `table`.

@@ -39,6 +39,20 @@ async fn newest_event(s: &Server, id: i64) -> Value {
         .json()
 }
 
+/// Once `sink` has got `n` requests, the `msg` of each it has got (each
+/// body the template `{"msg": $msg}`), sorted.
+async fn sorted_msgs(sink: &HttpSink, n: usize) -> Vec<String> {
+    let mut msgs: Vec<String> = sink
+        .wait(n)
+        .await
+        .iter()
+        .filter_map(|r| serde_json::from_slice::<Value>(&r.body).ok())
+        .filter_map(|v| v["msg"].as_str().map(String::from))
+        .collect();
+    msgs.sort();
+    msgs
+}
+
 #[tokio::test]
 async fn sends_the_template_with_every_value_json_encoded() {
     let sink = HttpSink::start(vec![]).await;
@@ -213,15 +227,7 @@ async fn a_changed_endpoint_is_no_longer_held() {
         )
         .await;
     assert!(r.status.is_success(), "{}: {}", r.status, r.text);
-    let mut msgs: Vec<String> = fixed
-        .wait(2)
-        .await
-        .iter()
-        .filter_map(|r| serde_json::from_slice::<Value>(&r.body).ok())
-        .filter_map(|v| v["msg"].as_str().map(String::from))
-        .collect();
-    msgs.sort();
-    assert_eq!(msgs, ["first", "second"]);
+    assert_eq!(sorted_msgs(&fixed, 2).await, ["first", "second"]);
     s.endpoint_settles(id, ep, 2, 0).await;
     // The refused one had spent one attempt, the put-off one none.
     let events = s
@@ -266,15 +272,7 @@ async fn a_put_off_the_database_refused_is_still_made() {
     )
     .await;
     db.allow_updates("delivery");
-    let mut msgs: Vec<String> = waits
-        .wait(3)
-        .await
-        .iter()
-        .filter_map(|r| serde_json::from_slice::<Value>(&r.body).ok())
-        .filter_map(|v| v["msg"].as_str().map(String::from))
-        .collect();
-    msgs.sort();
-    assert_eq!(msgs, ["first", "first", "second"]);
+    assert_eq!(sorted_msgs(&waits, 3).await, ["first", "first", "second"]);
     s.endpoint_settles(id, ep, 2, 0).await;
     let second = newest_event(&s, id).await;
     assert_eq!(second["msg"], "second", "{second}");
