@@ -159,7 +159,9 @@ impl DbClient {
                      \x20       continue\n\
                      \x20   for row in c.execute(st):\n\
                      \x20       print('\\t'.join(str(v) for v in row))\n\
-                     \x20   st = ''\n",
+                     \x20   st = ''\n\
+                     if st.strip(' ;\\n'):\n\
+                     \x20   c.execute(st)\n",
                 ])
                 .arg(path);
                 c

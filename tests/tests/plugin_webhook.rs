@@ -277,6 +277,7 @@ async fn a_put_off_the_database_refused_is_still_made() {
     let second = newest_event(&s, id).await;
     assert_eq!(second["msg"], "second", "{second}");
     assert_eq!(second["deliveries"][0]["attempts"], 1, "{second}");
+    assert_eq!(waits.requests().len(), 3, "made more than once");
 }
 
 /// Once a target has asked for a wait, the endpoint's other deliveries
