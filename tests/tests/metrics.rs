@@ -6,8 +6,13 @@ use std::time::Duration;
 
 use roboger_tests::{
     KEY, Method, PrometheusServer, Server, ServerOptions, assert_status, installed_program, json,
-    poll_until,
+    poll_every,
 };
+
+/// How often the tests ask Prometheus again: it scrapes and evaluates
+/// its rules once a second, so a look every 20 ms (`poll_until`'s) would
+/// only load the cores the other suites share.
+const PROMETHEUS_PACE: Duration = Duration::from_millis(200);
 
 #[tokio::test]
 async fn counts_pushes_and_deliveries_exactly_and_prometheus_reads_them() {
@@ -91,7 +96,7 @@ async fn counts_pushes_and_deliveries_exactly_and_prometheus_reads_them() {
         ),
         ("up{job=\"roboger\"}", 1.0),
     ];
-    poll_until(Duration::from_secs(30), async || {
+    poll_every(PROMETHEUS_PACE, Duration::from_secs(30), async || {
         let mut got = Vec::new();
         for (q, _) in queries {
             got.push(prom.query(q).await);
@@ -291,12 +296,14 @@ async fn the_readmes_alert_rules_fire_on_a_real_servers_failures() {
         return;
     };
     let failed = "roboger_deliveries_total{outcome=\"failed\",plugin=\"t\"}";
-    poll_until(Duration::from_secs(30), async || {
-        match prom.query(failed).await {
+    poll_every(
+        PROMETHEUS_PACE,
+        Duration::from_secs(30),
+        async || match prom.query(failed).await {
             Some(0.0) => Ok(()),
             _ => Err(format!("Prometheus never read {failed} at 0")),
-        }
-    })
+        },
+    )
     .await;
     assert_status!(s.push(json!({"addr": a, "msg": "one"})).await, 202);
     s.metric_reaches(failed, 2.0).await;
@@ -327,7 +334,7 @@ async fn the_readmes_alert_rules_fire_on_a_real_servers_failures() {
     }
 
     let written = rules.matches("- alert: ").count();
-    let alerts = poll_until(Duration::from_secs(30), async || {
+    let alerts = poll_every(PROMETHEUS_PACE, Duration::from_secs(30), async || {
         let alerts = prom.alerts().await;
         let rules = prom.rules().await;
         let has = |alert: &str, want: &str| {
