@@ -245,8 +245,11 @@ async fn a_changed_endpoint_is_no_longer_held() {
 
 /// A delivery put off while its endpoint is on hold is not lost when the
 /// database refuses the put-off: the server writes it as the delivery's
-/// outcome instead, and it is made once the hold ends, its attempts
-/// unspent meanwhile.
+/// outcome instead, and it is made exactly once, its attempts unspent
+/// meanwhile. (When it is made is the hold's business, and the next test
+/// checks that: on one node, a delivery written as due at once is put off
+/// again by the same hold, so when the fallback wrote it due does not show
+/// here.)
 #[tokio::test]
 async fn a_put_off_the_database_refused_is_still_made() {
     let (s, id, a) = server().await;
