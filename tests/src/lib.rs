@@ -259,15 +259,7 @@ impl DbClient {
                 "'2036' || substr(next_at, 5)",
             )
         };
-        let series = format!(
-            "WITH RECURSIVE s(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM s WHERE i < {n})"
-        );
-        // MariaDB stops a recursion at 1000 steps unless told otherwise.
-        let deeper = if on_mysql() {
-            format!("SET SESSION max_recursive_iterations = {n}; ")
-        } else {
-            String::new()
-        };
+        let (deeper, series) = series(n);
         let copy_id = if on_mysql() {
             format!("CONCAT('00000000-0000-7000-8000-', {num})")
         } else {
@@ -288,6 +280,40 @@ impl DbClient {
              FROM s, delivery"
         ));
     }
+
+    /// Writes `n` copies of endpoint `ep` straight to the database, on its
+    /// address, active or not, each with copies of its subscriptions. They
+    /// are to be its address's newest endpoints.
+    pub fn copy_endpoint(&self, ep: i64, n: u64, active: bool) {
+        let (deeper, series) = series(n);
+        self.query(&format!(
+            "{deeper}INSERT INTO endpoint (addr_id, plugin_name, config, active, description) \
+             {series} SELECT addr_id, plugin_name, config, {}, description FROM s, endpoint \
+             WHERE id = {ep}",
+            i32::from(active)
+        ));
+        self.query(&format!(
+            "INSERT INTO subscription (endpoint_id, active, location, tag, sender, level, \
+             level_match) SELECT e.id, s.active, s.location, s.tag, s.sender, s.level, \
+             s.level_match FROM endpoint e, subscription s WHERE s.endpoint_id = {ep} \
+             AND e.id > {ep} AND e.addr_id = (SELECT addr_id FROM endpoint WHERE id = {ep})"
+        ));
+    }
+}
+
+/// A series `s(i)` of 1 to `n` to put before an `INSERT`'s `SELECT`, and
+/// what MariaDB needs said first (it stops a recursion at 1000 steps
+/// unless told otherwise).
+fn series(n: u64) -> (String, String) {
+    let deeper = if on_mysql() {
+        format!("SET SESSION max_recursive_iterations = {n}; ")
+    } else {
+        String::new()
+    };
+    (
+        deeper,
+        format!("WITH RECURSIVE s(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM s WHERE i < {n})"),
+    )
 }
 
 /// Creates a fresh database on the PostgreSQL server at `pg` (a URL

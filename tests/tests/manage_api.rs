@@ -1555,6 +1555,87 @@ async fn deleting_an_address_with_a_long_history_keeps_pushes_going() {
     );
 }
 
+/// An address with more endpoints than one statement takes bound
+/// parameters (SQLite takes 32,766, PostgreSQL and MySQL 65,535) is
+/// managed like any other. Re-reading its routes after a change named each
+/// of its endpoints in a parameter: the change was made, but answered 503,
+/// and from then on no change reached the node's routes, for any address
+/// (a new address was unknown to pushes). Deleting it failed the same way.
+#[tokio::test]
+async fn an_address_with_more_endpoints_than_a_statement_takes_parameters() {
+    use roboger_tests::{HttpSink, on_mysql, on_postgres};
+    let n = if on_postgres() || on_mysql() {
+        66_000
+    } else {
+        33_000
+    };
+    let sink = HttpSink::start(vec![]).await;
+    // Re-reading the address's routes after each change takes about a
+    // second in a debug build.
+    let s = Server::start_with(ServerOptions::builtin("webhook", "timeout: 10\n")).await;
+    let db = s.db_client();
+    let count = |sql: &str| -> u64 { db.query(sql).parse().expect("a count") };
+    let (id, a) = new_addr(&s).await;
+    let hook = json!({"url": format!("{}/hook", sink.base), "template": "$msg"});
+    let ep = s.endpoint(id, "webhook", hook.clone()).await;
+    db.copy_endpoint(ep, n, false);
+    assert_eq!(
+        count(&format!(
+            "SELECT count(*) FROM subscription s, endpoint e \
+             WHERE s.endpoint_id = e.id AND e.addr_id = {id}"
+        )),
+        n + 1
+    );
+
+    // Changes to the address are made, answered, and obeyed.
+    let second = s.endpoint(id, "webhook", hook).await;
+    let r = s
+        .manage(
+            PATCH,
+            &format!("/addr/{id}/endpoint/{ep}"),
+            Some(json!({"active": 0})),
+        )
+        .await;
+    assert_status!(r, 200);
+    assert_status!(
+        s.push(json!({"addr": a, "msg": "to the second"})).await,
+        202
+    );
+    let got = sink.wait(1).await;
+    assert_eq!(&got[0].body[..], b"\"to the second\"");
+    s.endpoint_settles(id, second, 1, 0).await;
+    assert_eq!(sink.requests().len(), 1, "the first endpoint is off");
+    // And so are changes to other addresses.
+    let (other_id, other) = new_addr(&s).await;
+    s.endpoint(
+        other_id,
+        "webhook",
+        json!({"url": format!("{}/other", sink.base)}),
+    )
+    .await;
+    assert_status!(s.push(json!({"addr": other, "msg": "m"})).await, 202);
+    sink.wait(2).await;
+
+    // Deleted with all of them.
+    let r = s.manage(DELETE, &format!("/addr/{id}"), None).await;
+    assert_status!(r, 204);
+    assert_status!(s.manage(GET, &format!("/addr/{id}"), None).await, 404);
+    assert_status!(s.push(json!({"addr": a, "msg": "m"})).await, 404);
+    assert_eq!(
+        count(&format!(
+            "SELECT count(*) FROM endpoint WHERE addr_id = {id}"
+        )),
+        0
+    );
+    assert_eq!(
+        count(
+            "SELECT count(*) FROM subscription s WHERE NOT EXISTS \
+             (SELECT 1 FROM endpoint e WHERE e.id = s.endpoint_id)"
+        ),
+        0
+    );
+}
+
 /// The peak resident set of process `pid`, in MiB.
 fn peak_rss_mib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))

@@ -364,18 +364,21 @@ async fn gone(
         .difference(&live.iter().copied().collect())
         .copied()
         .collect();
-    let mut gone_eps = HashSet::new();
-    if !eps.is_empty() {
+    let eps: Vec<i64> = eps.into_iter().collect();
+    let mut live = HashSet::new();
+    // A chunk at a time: a commit may name more endpoints than a statement
+    // takes parameters (one push to an address with that many).
+    for chunk in eps.chunks(super::ENDPOINTS_PER_STATEMENT) {
         let mut q = endpoint::Entity::find()
             .select_only()
             .column(endpoint::Column::Id)
-            .filter(endpoint::Column::Id.is_in(eps.iter().copied()));
+            .filter(endpoint::Column::Id.is_in(chunk.iter().copied()));
         if let Some(l) = lock {
             q = q.lock(l);
         }
-        let live: HashSet<i64> = q.into_tuple::<i64>().all(txn).await?.into_iter().collect();
-        gone_eps = eps.into_iter().filter(|e| !live.contains(e)).collect();
+        live.extend(q.into_tuple::<i64>().all(txn).await?);
     }
+    let gone_eps = eps.into_iter().filter(|e| !live.contains(e)).collect();
     Ok((gone_addrs, gone_eps))
 }
 

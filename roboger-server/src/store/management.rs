@@ -5,12 +5,15 @@
 
 use sea_orm::{
     ActiveModelTrait, ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseTransaction,
-    EntityTrait, QueryFilter, QueryOrder,
+    EntityTrait, QueryFilter, QueryOrder, QuerySelect, sea_query::Query,
 };
 use serde_json::Value;
 
 use super::entity::{self, addr, addr_limit, bucket, delivery, endpoint, event, subscription};
-use super::{AddrRef, Result, Store, StoreError, gone_since_read, is_unique_violation};
+use super::{
+    AddrRef, ENDPOINTS_PER_STATEMENT, Result, Store, StoreError, gone_since_read,
+    is_unique_violation,
+};
 use crate::level::{Level, LevelMatch};
 
 /// Changes to an address; `None` leaves a field as it is.
@@ -489,10 +492,19 @@ impl Store {
         let addrs = addrs.all(&self.db).await?;
         let eps = eps.order_by_asc(endpoint::Column::Id).all(&self.db).await?;
         let mut subs = subscription::Entity::find();
-        if ids.is_some() {
+        if let Some(ids) = ids {
+            // Their endpoints named by a subquery, not one parameter each:
+            // an address may have more endpoints than a statement takes
+            // parameters, and a statement whose text changed with their
+            // number would be prepared and cached anew for each number.
             subs = subs.filter(
-                subscription::Column::EndpointId
-                    .is_in(eps.iter().map(|e| e.id).collect::<Vec<_>>()),
+                subscription::Column::EndpointId.in_subquery(
+                    Query::select()
+                        .column(endpoint::Column::Id)
+                        .from(endpoint::Entity)
+                        .and_where(endpoint::Column::AddrId.is_in(ids.iter().copied()))
+                        .to_owned(),
+                ),
             );
         }
         let subs = subs.all(&self.db).await?;
@@ -509,19 +521,22 @@ async fn delete_addr_children<C: ConnectionTrait>(c: &C, addr_id: Option<i64>) -
     if let Some(id) = addr_id {
         endpoints = endpoints.filter(endpoint::Column::AddrId.eq(id));
     }
-    let ep_ids = endpoints
+    let ep_ids: Vec<i64> = endpoints
+        .select_only()
+        .column(endpoint::Column::Id)
+        .into_tuple()
         .all(c)
-        .await?
-        .into_iter()
-        .map(|e| e.id)
-        .collect::<Vec<_>>();
-    if !ep_ids.is_empty() {
+        .await?;
+    // A chunk at a time: there may be more endpoints than a statement
+    // takes parameters. (A subquery would make MariaDB scan every
+    // delivery: it does not turn a `DELETE`'s subquery into a join.)
+    for chunk in ep_ids.chunks(ENDPOINTS_PER_STATEMENT) {
         delivery::Entity::delete_many()
-            .filter(delivery::Column::EndpointId.is_in(ep_ids.clone()))
+            .filter(delivery::Column::EndpointId.is_in(chunk.iter().copied()))
             .exec(c)
             .await?;
         subscription::Entity::delete_many()
-            .filter(subscription::Column::EndpointId.is_in(ep_ids))
+            .filter(subscription::Column::EndpointId.is_in(chunk.iter().copied()))
             .exec(c)
             .await?;
     }

@@ -125,6 +125,11 @@ enum CommitConnection {
     Pooled,
 }
 
+/// Most endpoint ids one statement names, each a bound parameter: well
+/// under every backend's limit (SQLite's is 32,766; PostgreSQL's and
+/// MySQL's 65,535), since an address may have more endpoints than that.
+const ENDPOINTS_PER_STATEMENT: usize = 1000;
+
 /// How long the pipeline's writer keeps its connection at most, before
 /// giving other writers a turn at it.
 const KEEP_COMMIT_CONNECTION: Duration = Duration::from_millis(20);
