@@ -364,6 +364,16 @@ pub fn on_postgres() -> bool {
     std::env::var("ROBOGER_TEST_PG").is_ok_and(|v| !v.is_empty())
 }
 
+/// More endpoints than one statement of the suite's database takes bound
+/// parameters (SQLite takes 32,766; PostgreSQL and MySQL 65,535).
+pub fn more_than_a_statement_takes() -> u64 {
+    if on_postgres() || on_mysql() {
+        66_000
+    } else {
+        33_000
+    }
+}
+
 /// How to start a server: extra YAML under `roboger:` and extra environment.
 #[derive(Default, Clone)]
 pub struct ServerOptions {

@@ -1563,12 +1563,8 @@ async fn deleting_an_address_with_a_long_history_keeps_pushes_going() {
 /// (a new address was unknown to pushes). Deleting it failed the same way.
 #[tokio::test]
 async fn an_address_with_more_endpoints_than_a_statement_takes_parameters() {
-    use roboger_tests::{HttpSink, on_mysql, on_postgres};
-    let n = if on_postgres() || on_mysql() {
-        66_000
-    } else {
-        33_000
-    };
+    use roboger_tests::{HttpSink, more_than_a_statement_takes};
+    let n = more_than_a_statement_takes();
     let sink = HttpSink::start(vec![]).await;
     // Re-reading the address's routes after each change takes about a
     // second in a debug build.

@@ -14,7 +14,9 @@
 //! one-statement commit and MySQL's statement per table each have to
 //! recognise the refused key.
 
-use roboger_tests::{Method, Server, ServerOptions, assert_status, json, on_mysql, on_postgres};
+use roboger_tests::{
+    Method, Server, ServerOptions, assert_status, json, more_than_a_statement_takes,
+};
 
 #[tokio::test]
 async fn a_push_routed_to_what_was_just_deleted_is_answered_as_it_now_is() {
@@ -87,11 +89,7 @@ async fn a_push_routed_to_what_was_just_deleted_is_answered_as_it_now_is() {
 /// statement, which the database refused: the push was answered 503.
 #[tokio::test]
 async fn a_push_to_more_endpoints_than_a_statement_takes_meets_one_just_deleted() {
-    let n = if on_postgres() || on_mysql() {
-        66_000
-    } else {
-        33_000
-    };
+    let n = more_than_a_statement_takes();
     let s = Server::start_with(ServerOptions {
         plugins: vec!["t".into()],
         // Re-reading the address's routes takes about a second in a
@@ -123,7 +121,7 @@ async fn a_push_to_more_endpoints_than_a_statement_takes_meets_one_just_deleted(
         "SELECT count(*) FROM delivery d, event e WHERE d.event_id = e.id AND e.addr_id = {id} \
          AND d.endpoint_id <> {newest}"
     ));
-    assert_eq!(stored, (n).to_string(), "a delivery to each endpoint left");
+    assert_eq!(stored, n.to_string(), "a delivery to each endpoint left");
     let to_gone = db.query(&format!(
         "SELECT count(*) FROM delivery WHERE endpoint_id = {newest}"
     ));
