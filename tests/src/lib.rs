@@ -282,8 +282,9 @@ impl DbClient {
     }
 
     /// Writes `n` copies of endpoint `ep` straight to the database, on its
-    /// address, active or not, each with copies of its subscriptions. They
-    /// are to be its address's newest endpoints.
+    /// address, active or not, each with copies of its subscriptions. `ep`
+    /// is to be its address's newest endpoint: every endpoint of the
+    /// address with a higher id gets copies of its subscriptions.
     pub fn copy_endpoint(&self, ep: i64, n: u64, active: bool) {
         let (deeper, series) = series(n);
         self.query(&format!(
