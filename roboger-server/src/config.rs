@@ -943,6 +943,7 @@ fn parse_text(text: &str, path: &Path) -> Result<FileRoboger, ConfigError> {
     let de = serde_yaml_ng::Deserializer::from_str(text);
     let root: FileRoot = serde_path_to_error::deserialize(de).map_err(|e| {
         let key = e.path().to_string();
+        let message = in_the_files_words(&key, &e.into_inner().to_string());
         ConfigError::Parse {
             path: path.to_path_buf(),
             key: if key == "." {
@@ -950,10 +951,102 @@ fn parse_text(text: &str, path: &Path) -> Result<FileRoboger, ConfigError> {
             } else {
                 key
             },
-            message: e.into_inner().to_string(),
+            message,
         }
     })?;
     Ok(root.roboger)
+}
+
+/// Rust's names for what a key should hold, as whoever wrote the YAML
+/// would say them.
+const EXPECTED_WORDS: [(&str, &str); 12] = [
+    ("i8", "a whole number"),
+    ("i16", "a whole number"),
+    ("i32", "a whole number"),
+    ("i64", "a whole number"),
+    ("isize", "a whole number"),
+    ("u8", "a whole number, 0 or more"),
+    ("u16", "a whole number, 0 or more"),
+    ("u32", "a whole number, 0 or more"),
+    ("u64", "a whole number, 0 or more"),
+    ("usize", "a whole number, 0 or more"),
+    ("f32", "a number"),
+    ("f64", "a number"),
+];
+
+/// A YAML error's `message` in the file's terms: without the key, which
+/// the YAML parser repeats and [`ConfigError::Parse`] already says, and
+/// with "a mapping" or "a number" where serde names a Rust type
+/// (`struct FileMaster`, `i32`).
+fn in_the_files_words(key: &str, message: &str) -> String {
+    let message = message
+        .strip_prefix(key)
+        .and_then(|m| m.strip_prefix(": "))
+        .unwrap_or(message);
+    let Some((before, after)) = message.split_once("expected ") else {
+        return message.to_string();
+    };
+    let (what, rest) = after.split_at(
+        after
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ' '))
+            .unwrap_or(after.len()),
+    );
+    // `what` runs on into " at line 1 column 5"; the type is its start.
+    let plain = if let Some(name) = what.strip_prefix("struct ") {
+        let name_len = name.find(' ').unwrap_or(name.len());
+        Some(("a mapping", &what["struct ".len() + name_len..]))
+    } else {
+        EXPECTED_WORDS.iter().find_map(|(rust, words)| {
+            what.strip_prefix(rust)
+                .filter(|tail| tail.is_empty() || tail.starts_with(' '))
+                .map(|tail| (*words, tail))
+        })
+    };
+    match plain {
+        Some((words, tail)) => format!("{before}expected {words}{tail}{rest}"),
+        None => message.to_string(),
+    }
+}
+
+/// `raw`, a database URL from the file, fit to be said in an error: the
+/// password in its user info (`user:password@`) and a `password=` in its
+/// query are replaced by [`crate::secrets::MASK`], since an error goes
+/// to the log and the terminal.
+fn without_password(raw: &str) -> String {
+    let (path, query) = match raw.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (raw, None),
+    };
+    let mut out = match path.rsplit_once('@') {
+        // Everything before the last `@` is the user info, `/` or `@` in
+        // an unencoded password included.
+        Some((user_info, host)) => {
+            let start = user_info.find("://").map_or(0, |i| i + 3);
+            match user_info[start..].split_once(':') {
+                Some((user, _)) => format!(
+                    "{}{user}:{}@{host}",
+                    &user_info[..start],
+                    crate::secrets::MASK
+                ),
+                None => path.to_string(),
+            }
+        }
+        None => path.to_string(),
+    };
+    if let Some(query) = query {
+        let pairs: Vec<String> = query
+            .split('&')
+            .map(|pair| match pair.split_once('=') {
+                Some((k, _)) if k.eq_ignore_ascii_case("password") => {
+                    format!("{k}={}", crate::secrets::MASK)
+                }
+                _ => pair.to_string(),
+            })
+            .collect();
+        out.push('?');
+        out.push_str(&pairs.join("&"));
+    }
+    out
 }
 
 /// The longest value read from a file: a key or a URL.
@@ -988,9 +1081,12 @@ fn value_or_file(key: &str, v: String) -> Result<String, ConfigError> {
 /// Translates the original's SQLAlchemy-style URLs to the driver's form.
 pub fn translate_db_url(raw: &str) -> Result<DbUrl, ConfigError> {
     const KEY: &str = "roboger.db";
-    let (scheme, rest) = raw
-        .split_once("://")
-        .ok_or_else(|| invalid(KEY, format!("not a database URL: {raw}")))?;
+    let (scheme, rest) = raw.split_once("://").ok_or_else(|| {
+        invalid(
+            KEY,
+            format!("not a database URL: {}", without_password(raw)),
+        )
+    })?;
     let base = scheme.split('+').next().unwrap_or(scheme);
     match base {
         "sqlite" => {
@@ -1016,12 +1112,19 @@ pub fn translate_db_url(raw: &str) -> Result<DbUrl, ConfigError> {
                 ("mysql", DbBackend::MySql)
             };
             let url = format!("{scheme}://{rest}");
-            let parsed = url::Url::parse(&url)
-                .map_err(|e| invalid(KEY, format!("not a valid URL ({e}): {raw}")))?;
+            let parsed = url::Url::parse(&url).map_err(|e| {
+                invalid(
+                    KEY,
+                    format!("not a valid URL ({e}): {}", without_password(raw)),
+                )
+            })?;
             if parsed.host_str().is_none_or(str::is_empty)
                 && !parsed.query().unwrap_or("").contains("host=")
             {
-                return Err(invalid(KEY, format!("the URL names no host: {raw}")));
+                return Err(invalid(
+                    KEY,
+                    format!("the URL names no host: {}", without_password(raw)),
+                ));
             }
             Ok(DbUrl { url, backend })
         }
@@ -1344,6 +1447,79 @@ mod tests {
             ..Default::default()
         };
         Config::load(Some(&p), &env)
+    }
+
+    #[test]
+    fn a_wrong_type_is_said_once_in_the_files_words() {
+        let said = |yaml: &str| load_str(yaml).unwrap_err().to_string();
+        let e = said("roboger:\n  master: [k]\n");
+        assert!(
+            e.ends_with(
+                ": roboger.master: invalid type: sequence, expected a mapping at line 2 column 11"
+            ),
+            "{e}"
+        );
+        let e = said("roboger:\n  master:\n    key: k\n  delivery:\n    max-attempts: x\n");
+        assert!(
+            e.ends_with(
+                ": roboger.delivery.max-attempts: invalid type: string \"x\", expected a whole number at line 5 column 19"
+            ),
+            "{e}"
+        );
+        let e = said("roboger:\n  master:\n    key: k\n  timeout: soon\n");
+        assert!(
+            e.contains(" roboger.timeout: invalid type: string \"soon\", expected a number at "),
+            "{e}"
+        );
+        let e = said("roboger:\n  master:\n    key: k\n  push-max-media: 1x\n");
+        assert!(e.contains("expected a whole number, 0 or more at "), "{e}");
+        // What serde says in words already is left as it is.
+        let e = said("roboger:\n  master:\n    key: k\n  plugins: {webhook: {}}\n");
+        assert!(
+            e.ends_with(
+                ": roboger.plugins: invalid type: map, expected a sequence at line 4 column 12"
+            ),
+            "{e}"
+        );
+        let e = said("robogerr: 1\n");
+        assert!(
+            e.ends_with(": robogerr: unknown field `robogerr`, expected `roboger`"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_database_urls_password_is_never_said() {
+        for (url, said) in [
+            (
+                "postgresql://roboger:pa:ss@db.example:notaport/r",
+                "not a valid URL (invalid port number): postgresql://roboger:[secret]@db.example:notaport/r",
+            ),
+            (
+                "postgresql://db.example:x/r?user=u&Password=pw&sslmode=require",
+                "not a valid URL (invalid port number): postgresql://db.example:x/r?user=u&Password=[secret]&sslmode=require",
+            ),
+            (
+                "roboger:pw@db.example/r",
+                "not a database URL: roboger:[secret]@db.example/r",
+            ),
+            (
+                "mysql://u:pw@/r",
+                "not a valid URL (empty host): mysql://u:[secret]@/r",
+            ),
+        ] {
+            let e = translate_db_url(url).unwrap_err().to_string();
+            assert!(e.ends_with(said), "{url}: {e}");
+        }
+        // An unencoded `@` or `/` in the password is masked with it.
+        assert_eq!(
+            without_password("mysql://u:p@ss/w@rd@db/r"),
+            "mysql://u:[secret]@db/r"
+        );
+        assert_eq!(
+            without_password("postgresql://only-user@db/r"),
+            "postgresql://only-user@db/r"
+        );
     }
 
     #[test]

@@ -39,7 +39,7 @@ struct Cli {
     command: Option<Command>,
 }
 
-#[derive(Clone, Copy, Debug, ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum LogFormat {
     Text,
     Json,
@@ -354,8 +354,14 @@ async fn run(cli: Cli, activated: anyhow::Result<Vec<OwnedFd>>) -> std::process:
                 .chain()
                 .any(|c| matches!(c.downcast_ref(), Some(StoreError::NewerSchema(_))));
             let e = said(&e);
-            tracing::error!("{e}");
-            eprintln!("roboger-server: {e}");
+            // Said once: in JSON logs as a JSON line, so that the stream
+            // stays JSON; else as a command's error line, which is also
+            // what is seen when RUST_LOG turns the log off.
+            if cli.log_format == LogFormat::Json && tracing::enabled!(tracing::Level::ERROR) {
+                tracing::error!("{e}");
+            } else {
+                eprintln!("roboger-server: {}", roboger_server::secrets::scrub(&e));
+            }
             // Its own code, so systemd does not restart this build on a
             // database it must not touch (`RestartPreventExitStatus=3`).
             std::process::ExitCode::from(if newer { EXIT_NEWER_SCHEMA } else { 2 })

@@ -601,6 +601,13 @@ fn bad_configs_are_refused_naming_the_key() {
             err.contains(key),
             "error for {yaml:?} should name {key}: {err}"
         );
+        // Said once, on one line, and in the file's words, not Rust's.
+        assert_eq!(
+            err.lines().filter(|l| l.contains(key)).count(),
+            1,
+            "{yaml}: {err}"
+        );
+        assert!(!err.contains("f64") && !err.contains("struct"), "{err}");
         // serve refuses it the same way, without starting.
         let (code, _, err) = run_server_cmd(
             &["--config", p.to_str().unwrap()],
@@ -614,6 +621,44 @@ fn bad_configs_are_refused_naming_the_key() {
     );
     assert_eq!(code, 2);
     assert!(err.contains("/nonexistent/roboger.yml"), "{err}");
+}
+
+/// A database URL's password is never printed, not even in the error
+/// that refuses the URL, which goes to the terminal and the journal.
+/// With JSON logs that error is one JSON line, so the stream stays JSON.
+#[test]
+fn a_refused_database_url_is_said_without_its_password() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = write(
+        dir.path(),
+        "r.yml",
+        "roboger:\n  db: postgresql://roboger:Sup3r-Secret@db.example:port/r\n  master:\n    key: k\n",
+    );
+    let config = p.to_str().unwrap();
+    for args in [
+        vec!["--config", config],
+        vec!["--config", config, "check-config"],
+        vec!["--config", config, "--log-format", "json"],
+    ] {
+        let (code, _, err) = run_server_cmd(&args, &[]);
+        assert_eq!(code, 2, "{args:?}: {err}");
+        assert!(!err.contains("Sup3r"), "{args:?}: {err}");
+        let said: Vec<&str> = err
+            .lines()
+            .filter(|l| l.contains("roboger.db: not a valid URL"))
+            .collect();
+        assert_eq!(said.len(), 1, "{args:?}: {err}");
+        assert!(
+            said[0].contains("postgresql://roboger:[secret]@db.example:port/r"),
+            "{args:?}: {err}"
+        );
+        if args.contains(&"json") {
+            for l in err.lines() {
+                serde_json::from_str::<serde_json::Value>(l)
+                    .unwrap_or_else(|e| panic!("not a JSON line ({e}): {l}"));
+            }
+        }
+    }
 }
 
 #[test]
