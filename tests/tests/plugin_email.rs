@@ -43,6 +43,12 @@ async fn mails_headers_body_and_attachment_as_the_original() {
         .try_endpoint(id, "email", json!({"rcpt": "not an address"}))
         .await;
     assert_status!(r, 400);
+    assert!(
+        r.text
+            .contains(r#"rcpt: "not an address" is not an email address"#),
+        "{}",
+        r.text
+    );
     s.endpoint(id, "email", json!({"rcpt": "ops@example.com"}))
         .await;
 

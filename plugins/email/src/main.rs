@@ -197,8 +197,12 @@ impl Plugin for Email {
     async fn validate_config(&self, config: &Value, _host: &Host) -> Result<(), PluginError> {
         schema::check(ConfigSchema::iter_errors(config))?;
         if let Some(r) = config.get("rcpt").and_then(Value::as_str) {
-            r.parse::<Mailboxes>()
-                .map_err(|e| PluginError::rejected(format!("rcpt: {e}")))?;
+            r.parse::<Mailboxes>().map_err(|e| {
+                PluginError::rejected(format!(
+                    "rcpt: {r:?} is not an email address or a comma-separated list of them ({})",
+                    e.to_string().to_lowercase()
+                ))
+            })?;
         }
         Ok(())
     }
