@@ -1555,6 +1555,111 @@ async fn deleting_an_address_with_a_long_history_keeps_pushes_going() {
     );
 }
 
+/// Changing the settings of an endpoint with a long backlog of deliveries
+/// that wait for a later try makes them all due, and the change is
+/// answered (and logged) as any other. Making them due took longer than
+/// the request may, so the change was made but answered 503 and never
+/// logged; on SQLite each chunk of 500 also sorted every waiting delivery
+/// of the endpoint again, so the backlog took minutes, most of it never
+/// made due once the answer's deadline had cut the walk short.
+#[tokio::test]
+async fn a_config_change_makes_a_long_backlog_due_and_is_answered() {
+    const N: u64 = 150_000;
+    let s = Server::start_with(ServerOptions {
+        plugins: vec!["t".into()],
+        yaml: "timeout: 1\ndelivery:\n  max-attempts: 100\n".into(),
+        ..Default::default()
+    })
+    .await;
+    let db = s.db_client();
+    let count = |sql: &str| -> u64 { db.query(sql).parse().expect("a count") };
+    let (id, a) = s.new_addr().await;
+    let ep = s.endpoint(id, "t", json!({"fail": "down"})).await;
+    assert_status!(s.push(json!({"addr": a, "msg": "m"})).await, 202);
+    let waiting = format!(
+        "SELECT count(*) FROM delivery WHERE endpoint_id = {ep} AND state = 'pending' \
+         AND next_at > '2030-01-01'"
+    );
+    roboger_tests::poll_until(Duration::from_secs(20), async || {
+        match count("SELECT count(*) FROM delivery WHERE attempts > 0") {
+            0 => Err("not tried yet".to_string()),
+            _ => Ok(()),
+        }
+    })
+    .await;
+    // Copies of its delivery, each waiting ten years for its next try.
+    db.copy_history(N, 1);
+    assert_eq!(count(&waiting), N);
+    // Statistics as a backlog that grew over hours would have them.
+    if roboger_tests::on_postgres() {
+        db.query("ANALYZE delivery");
+    }
+
+    // A target that never answers from now on: what is made due stays
+    // pending, tried once a `timeout` at most.
+    let r = s
+        .manage(
+            Method::PATCH,
+            &format!("/addr/{id}/endpoint/{ep}"),
+            Some(json!({"config": {"hang": true}})),
+        )
+        .await;
+    assert!(r.status.is_success(), "{} {}", r.status, r.text);
+    let logged = s.log_lines("management change");
+    assert!(
+        logged
+            .iter()
+            .any(|l| l.contains("method=PATCH") && l.contains(&format!("/endpoint/{ep} "))),
+        "{logged:?}"
+    );
+    s.wait_log(
+        "its waiting deliveries are due now",
+        Duration::from_secs(120),
+    )
+    .await;
+    assert_eq!(count(&waiting), 0);
+
+    // Retrying as many failed deliveries is answered too: 200 with how
+    // many, or 202 while it goes on, and then all are pending. (Those in
+    // flight now are left as they are: their outcomes are still to come.)
+    db.query(&format!(
+        "UPDATE delivery SET state = 'failed' WHERE endpoint_id = {ep} AND leased_by IS NULL"
+    ));
+    let failed = count(&format!(
+        "SELECT count(*) FROM delivery WHERE endpoint_id = {ep} AND state = 'failed'"
+    ));
+    assert!(failed > N / 2, "{failed}");
+    let r = s
+        .manage(
+            Method::POST,
+            &format!("/addr/{id}/endpoint/{ep}"),
+            Some(json!({"cmd": "retry"})),
+        )
+        .await;
+    match r.status.as_u16() {
+        200 => assert_eq!(r.json()["retried"], failed),
+        202 => {
+            assert!(r.text.contains("the retry goes on"), "{}", r.text);
+            s.wait_log("a retry answered 202 has ended", Duration::from_secs(120))
+                .await;
+        }
+        _ => panic!("retry: {} {}", r.status, r.text),
+    }
+    let retried = s.log_lines("failed deliveries queued again by hand");
+    assert!(
+        retried
+            .iter()
+            .any(|l| l.contains(&format!("deliveries={failed}"))),
+        "{retried:?}"
+    );
+    assert_eq!(
+        count(&format!(
+            "SELECT count(*) FROM delivery WHERE endpoint_id = {ep} AND state = 'failed'"
+        )),
+        0
+    );
+}
+
 /// An address with more endpoints than one statement takes bound
 /// parameters (SQLite takes 32,766, PostgreSQL and MySQL 65,535) is
 /// managed like any other. Re-reading its routes after a change named each

@@ -312,14 +312,19 @@ async fn route(
                 active: body.active("active")?,
                 description: body.nullable_text("description")?,
             };
+            let mut reconfigured = false;
             if let Some(config) = &patch.config {
                 let current = app.store.endpoint_get(a, ep).await?;
                 app.plugins.register_secrets(&current.plugin_name, config);
                 app.plugins
                     .validate_config(&current.plugin_name, config)
                     .await?;
+                reconfigured = *config != current.config;
             }
             let ep = app.store.endpoint_update(a, ep, patch).await?;
+            if reconfigured {
+                waiting_made_due(app, ep.id).await;
+            }
             Ok(reply::modified(
                 accept("endpoint").then(|| endpoint_json(&ep)),
             ))
@@ -339,13 +344,24 @@ async fn route(
                 }
                 "retry" => {
                     body.only(&["cmd"], &[])?;
-                    let n = app.store.endpoint_retry(ep).await?;
-                    tracing::info!(
-                        endpoint = ep,
-                        deliveries = n,
-                        "failed deliveries queued again by hand"
-                    );
-                    Ok(reply::json(StatusCode::OK, &json!({"retried": n})))
+                    let store = app.store.clone();
+                    let retry = async move {
+                        let n = store.endpoint_retry(ep).await?;
+                        tracing::info!(
+                            endpoint = ep,
+                            deliveries = n,
+                            "failed deliveries queued again by hand"
+                        );
+                        Ok(n)
+                    };
+                    match ended_or_going_on(app, "a retry answered 202", retry).await? {
+                        Some(n) => Ok(reply::json(StatusCode::OK, &json!({"retried": n}))),
+                        None => Ok(reply::text(
+                            StatusCode::ACCEPTED,
+                            "the retry goes on (many failed deliveries are made pending a chunk \
+                             at a time); the server logs how many once it has ended",
+                        )),
+                    }
                 }
                 other => Err(ApiError::MethodNotAllowed(format!(
                     "unknown endpoint command \"{other}\"; known: copysub, retry"
@@ -545,31 +561,68 @@ async fn outlasting(
     app: &App,
     work: impl Future<Output = Result<(), StoreError>> + Send + 'static,
 ) -> Result<Response, ApiError> {
+    match ended_or_going_on(app, "a deletion answered 202", work).await? {
+        Some(()) => Ok(reply::empty(StatusCode::NO_CONTENT)),
+        None => Ok(reply::text(
+            StatusCode::ACCEPTED,
+            "the deletion goes on (a long history is deleted a chunk at a time); \
+             what it deletes is gone when the server logs that it has ended",
+        )),
+    }
+}
+
+/// Once an endpoint's settings changed, its deliveries that wait for a
+/// later try are due now: what they waited for was an answer to the old
+/// ones. The change stands whether or not this works, and a delivery not
+/// made due now is still tried when it was due; so the answer does not
+/// wait past `timeout` for a long backlog, which goes on meanwhile.
+async fn waiting_made_due(app: &App, id: i64) {
+    let store = app.store.clone();
+    let work = async move {
+        let n = store.endpoint_waiting_made_due(id).await?;
+        if n > 0 {
+            tracing::info!(
+                endpoint_id = id,
+                deliveries = n,
+                "the endpoint's settings changed; its waiting deliveries are due now"
+            );
+        }
+        Ok(())
+    };
+    let what = "making due the waiting deliveries of an endpoint whose settings changed";
+    if let Err(e) = ended_or_going_on(app, what, work).await {
+        tracing::warn!(endpoint_id = id, error = %e, "the endpoint's settings changed, but its waiting deliveries could not be made due now; each is tried when it was due");
+    }
+}
+
+/// Runs `work`, a chunked walk over an endpoint's or an address's
+/// deliveries that may take longer than the request may, in a task of its
+/// own, and waits for it at most `timeout`: its result when it ended by
+/// then, else `None` while it goes on, and the log says when it ends
+/// (`what` names it there: "… has ended" or "… failed").
+async fn ended_or_going_on<T: Send + 'static>(
+    app: &App,
+    what: &'static str,
+    work: impl Future<Output = Result<T, StoreError>> + Send + 'static,
+) -> Result<Option<T>, ApiError> {
     let mut task = tokio::spawn(work);
     match tokio::time::timeout(app.config.timeout, &mut task).await {
-        Ok(Ok(r)) => {
-            r?;
-            Ok(reply::empty(StatusCode::NO_CONTENT))
-        }
+        Ok(Ok(r)) => Ok(Some(r?)),
         Ok(Err(e)) => {
-            tracing::error!(error = %e, "a deletion stopped");
+            tracing::error!(error = %e, "{what} stopped");
             Err(ApiError::Unavailable(
-                "the deletion stopped; see the server log".into(),
+                "the work stopped; see the server log".into(),
             ))
         }
         Err(_) => {
             tokio::spawn(async move {
                 match task.await {
-                    Ok(Ok(())) => tracing::info!("a deletion answered 202 has ended"),
-                    Ok(Err(e)) => tracing::warn!(error = %e, "a deletion answered 202 failed"),
-                    Err(e) => tracing::error!(error = %e, "a deletion answered 202 stopped"),
+                    Ok(Ok(_)) => tracing::info!("{what} has ended"),
+                    Ok(Err(e)) => tracing::warn!(error = %e, "{what} failed"),
+                    Err(e) => tracing::error!(error = %e, "{what} stopped"),
                 }
             });
-            Ok(reply::text(
-                StatusCode::ACCEPTED,
-                "the deletion goes on (a long history is deleted a chunk at a time); \
-                 what it deletes is gone when the server logs that it has ended",
-            ))
+            Ok(None)
         }
     }
 }

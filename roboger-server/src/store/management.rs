@@ -227,7 +227,6 @@ impl Store {
         if patch.config.is_none() && patch.active.is_none() && patch.description.is_none() {
             return Ok(current);
         }
-        let reconfigured = patch.config.as_ref().is_some_and(|c| *c != current.config);
         let mut am: endpoint::ActiveModel = current.into();
         if let Some(v) = patch.config {
             am.config = Set(v);
@@ -245,24 +244,6 @@ impl Store {
             .map_err(|e| gone_since_read(e, || format!("endpoint {id}")))?;
         self.announce(&txn, Some(addr_id)).await?;
         txn.commit().await?;
-        // After the change, in chunks of their own: the change stands
-        // whether or not this works, and a delivery not made due now is
-        // still tried when it was due.
-        if reconfigured {
-            match self.endpoint_waiting_made_due(id).await {
-                Ok(0) => {}
-                Ok(n) => {
-                    tracing::info!(
-                        endpoint_id = id,
-                        deliveries = n,
-                        "the endpoint's settings changed; its waiting deliveries are due now"
-                    );
-                }
-                Err(e) => {
-                    tracing::warn!(endpoint_id = id, error = %e, "the endpoint's settings changed, but its waiting deliveries could not be made due now; each is tried when it was due");
-                }
-            }
-        }
         Ok(ep)
     }
 

@@ -51,6 +51,7 @@ impl MigratorTrait for Migrator {
             Box::new(PendingDue),
             Box::new(DropDeliveryEventKey),
             Box::new(EventHops),
+            Box::new(DeliveryEndpointId),
         ]
     }
 }
@@ -1000,6 +1001,75 @@ impl MigrationTrait for EventHops {
             Table::alter()
                 .table(Event::Table)
                 .drop_column(Event::Hops)
+                .to_owned(),
+        )
+        .await
+    }
+}
+
+/// On PostgreSQL, `delivery_endpoint` indexes `(endpoint_id, id)`
+/// instead of `endpoint_id` alone, as `delivery_endpoint_id`. An
+/// endpoint's walks over its deliveries (its retry, making its waiting
+/// deliveries due after a change of settings) read a chunk at a time after
+/// the last id. A plan through the old index read every delivery of the
+/// endpoint and sorted them for each chunk, and PostgreSQL chose it when
+/// its statistics predated the backlog: 61 s for 150,000 deliveries in
+/// the suite. Through the new one each chunk reads what it returns.
+///
+/// SQLite and MySQL (InnoDB) keep theirs: a secondary index there holds
+/// the row's id after its key already, in order.
+struct DeliveryEndpointId;
+
+impl MigrationName for DeliveryEndpointId {
+    fn name(&self) -> &str {
+        "m20261204_000011_delivery_endpoint_id"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for DeliveryEndpointId {
+    async fn up(&self, m: &SchemaManager) -> Result<(), DbErr> {
+        if m.get_database_backend() != sea_orm::DbBackend::Postgres {
+            return Ok(());
+        }
+        m.create_index(
+            Index::create()
+                .if_not_exists()
+                .name("delivery_endpoint_id")
+                .table(Delivery::Table)
+                .col(Delivery::EndpointId)
+                .col(Delivery::Id)
+                .to_owned(),
+        )
+        .await?;
+        m.drop_index(
+            Index::drop()
+                .if_exists()
+                .name("delivery_endpoint")
+                .table(Delivery::Table)
+                .to_owned(),
+        )
+        .await
+    }
+
+    async fn down(&self, m: &SchemaManager) -> Result<(), DbErr> {
+        if m.get_database_backend() != sea_orm::DbBackend::Postgres {
+            return Ok(());
+        }
+        m.create_index(
+            Index::create()
+                .if_not_exists()
+                .name("delivery_endpoint")
+                .table(Delivery::Table)
+                .col(Delivery::EndpointId)
+                .to_owned(),
+        )
+        .await?;
+        m.drop_index(
+            Index::drop()
+                .if_exists()
+                .name("delivery_endpoint_id")
+                .table(Delivery::Table)
                 .to_owned(),
         )
         .await
