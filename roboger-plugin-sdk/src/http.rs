@@ -8,6 +8,7 @@ use std::time::Duration;
 
 pub use reqwest;
 
+use crate::secret::url_without_password;
 use crate::{Host, PluginError, egress};
 
 static CLIENT: OnceLock<reqwest::Client> = OnceLock::new();
@@ -100,6 +101,7 @@ const QUOTED: usize = 200;
 /// or [`PluginError::Later`] when a 429 or 503 says with `Retry-After`
 /// how long to wait.
 async fn answer_error(url: &str, mut resp: reqwest::Response, for_good: bool) -> PluginError {
+    let url = url_without_password(url);
     let status = resp.status();
     let wait = match status {
         reqwest::StatusCode::TOO_MANY_REQUESTS | reqwest::StatusCode::SERVICE_UNAVAILABLE => resp
@@ -157,15 +159,20 @@ pub fn checked(url: &str) -> Result<Option<reqwest::Url>, PluginError> {
         return Ok(None);
     };
     match egress::literal(&parsed).map(|ip| egress::current().check(ip)) {
-        Some(Err(r)) => Err(PluginError::rejected(format!("{url}: {r}"))),
+        Some(Err(r)) => Err(PluginError::rejected(format!(
+            "{}: {r}",
+            url_without_password(url)
+        ))),
         _ => Ok(Some(parsed)),
     }
 }
 
-/// A failed request as a delivery error: refused by the egress policy
-/// is [`PluginError::Rejected`] (the server does not retry it), with the
-/// rule; anything else is [`PluginError::Failed`].
+/// A failed request as a delivery error, naming `url` without its
+/// password: refused by the egress policy is [`PluginError::Rejected`]
+/// (the server does not retry it), with the rule; anything else is
+/// [`PluginError::Failed`].
 pub fn request_error(url: &str, e: &reqwest::Error) -> PluginError {
+    let url = url_without_password(url);
     match egress::refused_in(e) {
         Some(r) => PluginError::rejected(format!("{url}: {r}")),
         None => PluginError::failed(format!("{url}: {}", with_causes(e))),

@@ -47,6 +47,7 @@ pub mod protocol;
 pub mod rpc;
 #[cfg(feature = "schema")]
 pub mod schema;
+pub mod secret;
 
 pub use async_trait::async_trait;
 pub use plugin::{Event, Host, HttpRequest, Info, Plugin, PluginError, run, serve};

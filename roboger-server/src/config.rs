@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ipnet::IpNet;
+use roboger_plugin_sdk::secret::url_without_password;
 use serde::Deserialize;
 
 /// The default listen address (the original's port, loopback only).
@@ -1008,47 +1009,6 @@ fn in_the_files_words(key: &str, message: &str) -> String {
     }
 }
 
-/// `raw`, a database URL from the file, fit to be said in an error: the
-/// password in its user info (`user:password@`) and a `password=` in its
-/// query are replaced by [`crate::secrets::MASK`], since an error goes
-/// to the log and the terminal.
-fn without_password(raw: &str) -> String {
-    let (path, query) = match raw.split_once('?') {
-        Some((p, q)) => (p, Some(q)),
-        None => (raw, None),
-    };
-    let mut out = match path.rsplit_once('@') {
-        // Everything before the last `@` is the user info, `/` or `@` in
-        // an unencoded password included.
-        Some((user_info, host)) => {
-            let start = user_info.find("://").map_or(0, |i| i + 3);
-            match user_info[start..].split_once(':') {
-                Some((user, _)) => format!(
-                    "{}{user}:{}@{host}",
-                    &user_info[..start],
-                    crate::secrets::MASK
-                ),
-                None => path.to_string(),
-            }
-        }
-        None => path.to_string(),
-    };
-    if let Some(query) = query {
-        let pairs: Vec<String> = query
-            .split('&')
-            .map(|pair| match pair.split_once('=') {
-                Some((k, _)) if k.eq_ignore_ascii_case("password") => {
-                    format!("{k}={}", crate::secrets::MASK)
-                }
-                _ => pair.to_string(),
-            })
-            .collect();
-        out.push('?');
-        out.push_str(&pairs.join("&"));
-    }
-    out
-}
-
 /// The longest value read from a file: a key or a URL.
 const VALUE_FILE_MAX: u64 = 64 * 1024;
 
@@ -1084,7 +1044,7 @@ pub fn translate_db_url(raw: &str) -> Result<DbUrl, ConfigError> {
     let (scheme, rest) = raw.split_once("://").ok_or_else(|| {
         invalid(
             KEY,
-            format!("not a database URL: {}", without_password(raw)),
+            format!("not a database URL: {}", url_without_password(raw)),
         )
     })?;
     let base = scheme.split('+').next().unwrap_or(scheme);
@@ -1115,7 +1075,7 @@ pub fn translate_db_url(raw: &str) -> Result<DbUrl, ConfigError> {
             let parsed = url::Url::parse(&url).map_err(|e| {
                 invalid(
                     KEY,
-                    format!("not a valid URL ({e}): {}", without_password(raw)),
+                    format!("not a valid URL ({e}): {}", url_without_password(raw)),
                 )
             })?;
             if parsed.host_str().is_none_or(str::is_empty)
@@ -1123,7 +1083,7 @@ pub fn translate_db_url(raw: &str) -> Result<DbUrl, ConfigError> {
             {
                 return Err(invalid(
                     KEY,
-                    format!("the URL names no host: {}", without_password(raw)),
+                    format!("the URL names no host: {}", url_without_password(raw)),
                 ));
             }
             Ok(DbUrl { url, backend })
@@ -1511,15 +1471,6 @@ mod tests {
             let e = translate_db_url(url).unwrap_err().to_string();
             assert!(e.ends_with(said), "{url}: {e}");
         }
-        // An unencoded `@` or `/` in the password is masked with it.
-        assert_eq!(
-            without_password("mysql://u:p@ss/w@rd@db/r"),
-            "mysql://u:[secret]@db/r"
-        );
-        assert_eq!(
-            without_password("postgresql://only-user@db/r"),
-            "postgresql://only-user@db/r"
-        );
     }
 
     #[test]

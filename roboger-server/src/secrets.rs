@@ -21,7 +21,7 @@ use aho_corasick::AhoCorasick;
 use serde_json::Value;
 
 /// What a secret is replaced with.
-pub const MASK: &str = "[secret]";
+pub const MASK: &str = roboger_plugin_sdk::secret::MASK;
 /// Shorter values are not treated as secrets (they would mask ordinary words).
 const MIN_LEN: usize = 4;
 /// The most secrets remembered; past it, new ones are not added (and a

@@ -81,3 +81,35 @@ async fn plain_and_rich_messages_with_the_sender_as_username() {
         assert!(rich.get("username").is_none(), "{rich}");
     }
 }
+
+/// A Slack webhook URL is a secret (anyone with it can post to the
+/// channel): the plugin's schema marks it so, and a refused delivery is
+/// logged with `[secret]` in its place. The management API still
+/// returns it whole to the master key.
+#[tokio::test]
+async fn the_webhook_url_is_never_said() {
+    let sink = HttpSink::start(vec![500]).await;
+    let s = server().await;
+    let (id, a) = s.new_addr().await;
+    let url = format!("{}/services/T0/B0/Xsecretpath", sink.base);
+    let ep = s.endpoint(id, "slack", json!({ "url": url })).await;
+    assert_status!(s.push(json!({"addr": a, "msg": "m"})).await, 202);
+    sink.wait(2).await;
+    roboger_tests::poll_until(std::time::Duration::from_secs(10), async || {
+        match s.log_text().contains("[secret] answered 500") {
+            true => Ok(()),
+            false => Err("no refusal in the log".to_string()),
+        }
+    })
+    .await;
+    assert!(!s.log_text().contains("Xsecretpath"), "{}", s.log_text());
+    let got = s
+        .manage(
+            roboger_tests::Method::GET,
+            &format!("/addr/{id}/endpoint/{ep}"),
+            None,
+        )
+        .await
+        .json();
+    assert_eq!(got["config"]["url"], url.as_str());
+}

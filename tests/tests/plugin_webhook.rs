@@ -391,3 +391,58 @@ async fn an_endpoint_whose_target_asked_for_a_wait_is_held() {
     );
     assert_eq!(waits.requests().len(), 1);
 }
+
+/// A password in a target's URL is sent (as basic authentication) but
+/// never said: the log and the delivery's error name the URL with
+/// `[secret]` in its place, whether the target refused the delivery or
+/// could not be reached.
+#[tokio::test]
+async fn a_password_in_the_targets_url_is_never_said() {
+    use base64::Engine;
+    let sink = HttpSink::start(vec![500]).await;
+    let (s, id, a) = server().await;
+    let with_password = |base: &str| base.replacen("http://", "http://bob:hunter22@", 1);
+    let as_said = |base: &str| base.replacen("http://", "http://bob:[secret]@", 1);
+    s.endpoint(
+        id,
+        "webhook",
+        json!({"url": format!("{}/hook", with_password(&sink.base))}),
+    )
+    .await;
+    // A port nothing listens on.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let down = s
+        .endpoint(
+            id,
+            "webhook",
+            json!({"url": with_password(&format!("http://127.0.0.1:{closed}/down"))}),
+        )
+        .await;
+    assert_status!(s.push(json!({"addr": a, "msg": "m"})).await, 202);
+    let got = sink.wait(2).await;
+    let basic = base64::engine::general_purpose::STANDARD.encode("bob:hunter22");
+    assert_eq!(
+        got[1].headers["authorization"].to_str().ok(),
+        Some(format!("Basic {basic}").as_str())
+    );
+    let refused = format!("{}/hook answered 500", as_said(&sink.base));
+    let unreachable = format!("{}/down: ", as_said(&format!("http://127.0.0.1:{closed}")));
+    roboger_tests::poll_until(std::time::Duration::from_secs(10), async || {
+        let log = s.log_text();
+        match (log.contains(&refused), log.contains(&unreachable)) {
+            (true, true) => Ok(()),
+            _ => Err(format!("no {refused:?} and {unreachable:?} in the log")),
+        }
+    })
+    .await;
+    let ep = s
+        .manage(Method::GET, &format!("/addr/{id}/endpoint/{down}"), None)
+        .await
+        .json();
+    let last_error = ep["last_error"].as_str().unwrap_or_default();
+    assert!(last_error.starts_with(&unreachable), "{ep}");
+    assert!(!s.log_text().contains("hunter22"), "{}", s.log_text());
+}

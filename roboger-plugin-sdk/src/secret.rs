@@ -1,0 +1,97 @@
+//! Secrets as the server and plugins both show them: the mask that
+//! stands for one, and a URL with its password masked, for the errors
+//! and log lines that name a URL (a database's, a webhook's).
+
+use std::borrow::Cow;
+
+/// What a secret is shown as.
+pub const MASK: &str = "[secret]";
+
+/// `url` fit to be said in an error or a log line: the password of its
+/// user info (`user:password@`) and the value of a `password` query
+/// parameter (libpq's) are [`MASK`]. It works on the text, so a URL
+/// that does not parse (which may be the error being said) is masked
+/// too; the user info runs to the last `@` before the query, so a
+/// password with an unencoded `/` or `@` in it is masked whole, at the
+/// cost of masking more of a URL with an `@` in its path.
+pub fn url_without_password(url: &str) -> Cow<'_, str> {
+    let (path, query) = match url.split_once(['?', '#']) {
+        Some((p, _)) => (p, Some(&url[p.len()..])),
+        None => (url, None),
+    };
+    let start = path.find("://").map_or(0, |i| i + 3);
+    let mut out = match path.rsplit_once('@') {
+        Some((user_info, host)) if user_info.len() > start => {
+            match user_info[start..].split_once(':') {
+                Some((user, _)) => {
+                    Cow::Owned(format!("{}{user}:{MASK}@{host}", &user_info[..start]))
+                }
+                None => Cow::Borrowed(path),
+            }
+        }
+        _ => Cow::Borrowed(path),
+    };
+    let Some(query) = query else {
+        return out;
+    };
+    let mut masked = false;
+    let pairs: Vec<Cow<'_, str>> = query[1..]
+        .split('&')
+        .map(|pair| match pair.split_once('=') {
+            Some((k, _)) if k.eq_ignore_ascii_case("password") => {
+                masked = true;
+                Cow::Owned(format!("{k}={MASK}"))
+            }
+            _ => Cow::Borrowed(pair),
+        })
+        .collect();
+    if !masked {
+        return match out {
+            Cow::Borrowed(_) => Cow::Borrowed(url),
+            Cow::Owned(mut o) => {
+                o.push_str(query);
+                Cow::Owned(o)
+            }
+        };
+    }
+    let o = out.to_mut();
+    o.push_str(&query[..1]);
+    o.push_str(&pairs.join("&"));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_urls_password_is_masked_and_nothing_else() {
+        for (url, shown) in [
+            (
+                "http://bob:hunter22@host:9/x",
+                "http://bob:[secret]@host:9/x",
+            ),
+            ("http://bob@host/x", "http://bob@host/x"),
+            ("http://host:8080/x?token=t", "http://host:8080/x?token=t"),
+            (
+                "postgresql://db:x/r?user=u&Password=pw&sslmode=require",
+                "postgresql://db:x/r?user=u&Password=[secret]&sslmode=require",
+            ),
+            (
+                "https://u:p@h/x?a=1#frag",
+                "https://u:[secret]@h/x?a=1#frag",
+            ),
+            // An unencoded `@` or `/` in the password is masked with it.
+            ("mysql://u:p@ss/w@rd@db/r", "mysql://u:[secret]@db/r"),
+            ("roboger:pw@db.example/r", "roboger:[secret]@db.example/r"),
+            ("not a url", "not a url"),
+            ("http://@host/x", "http://@host/x"),
+        ] {
+            assert_eq!(url_without_password(url), shown, "{url}");
+        }
+        assert!(matches!(
+            url_without_password("http://host/x?a=1"),
+            Cow::Borrowed(_)
+        ));
+    }
+}
