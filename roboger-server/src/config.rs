@@ -1411,41 +1411,37 @@ mod tests {
 
     #[test]
     fn a_wrong_type_is_said_once_in_the_files_words() {
-        let said = |yaml: &str| load_str(yaml).unwrap_err().to_string();
-        let e = said("roboger:\n  master: [k]\n");
-        assert!(
-            e.ends_with(
-                ": roboger.master: invalid type: sequence, expected a mapping at line 2 column 11"
+        const KEY: &str = "roboger:\n  master:\n    key: k\n";
+        for (yaml, said) in [
+            (
+                "roboger:\n  master: [k]\n".to_string(),
+                "roboger.master: invalid type: sequence, expected a mapping at line 2 column 11",
             ),
-            "{e}"
-        );
-        let e = said("roboger:\n  master:\n    key: k\n  delivery:\n    max-attempts: x\n");
-        assert!(
-            e.ends_with(
-                ": roboger.delivery.max-attempts: invalid type: string \"x\", expected a whole number at line 5 column 19"
+            (
+                format!("{KEY}  delivery:\n    max-attempts: x\n"),
+                "roboger.delivery.max-attempts: invalid type: string \"x\", expected a whole number at line 5 column 19",
             ),
-            "{e}"
-        );
-        let e = said("roboger:\n  master:\n    key: k\n  timeout: soon\n");
-        assert!(
-            e.contains(" roboger.timeout: invalid type: string \"soon\", expected a number at "),
-            "{e}"
-        );
-        let e = said("roboger:\n  master:\n    key: k\n  push-max-media: 1x\n");
-        assert!(e.contains("expected a whole number, 0 or more at "), "{e}");
-        // What serde says in words already is left as it is.
-        let e = said("roboger:\n  master:\n    key: k\n  plugins: {webhook: {}}\n");
-        assert!(
-            e.ends_with(
-                ": roboger.plugins: invalid type: map, expected a sequence at line 4 column 12"
+            (
+                format!("{KEY}  timeout: soon\n"),
+                "roboger.timeout: invalid type: string \"soon\", expected a number at line 4 column 12",
             ),
-            "{e}"
-        );
-        let e = said("robogerr: 1\n");
-        assert!(
-            e.ends_with(": robogerr: unknown field `robogerr`, expected `roboger`"),
-            "{e}"
-        );
+            (
+                format!("{KEY}  push-max-media: 1x\n"),
+                "roboger.push-max-media: invalid type: string \"1x\", expected a whole number, 0 or more at line 4 column 19",
+            ),
+            // What serde says in words already is left as it is.
+            (
+                format!("{KEY}  plugins: {{webhook: {{}}}}\n"),
+                "roboger.plugins: invalid type: map, expected a sequence at line 4 column 12",
+            ),
+            (
+                "robogerr: 1\n".to_string(),
+                "robogerr: unknown field `robogerr`, expected `roboger`",
+            ),
+        ] {
+            let e = load_str(&yaml).unwrap_err().to_string();
+            assert!(e.ends_with(&format!(".yml: {said}")), "{yaml}: {e}");
+        }
     }
 
     #[test]
