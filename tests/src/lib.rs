@@ -281,6 +281,23 @@ impl DbClient {
         ));
     }
 
+    /// Writes `n` addresses straight to the database, each its own
+    /// 64-character string (`x` and its number, padded with zeros).
+    pub fn copy_addr(&self, n: u64) {
+        let a = if on_postgres() {
+            "lpad('x' || i::text, 64, '0')".to_string()
+        } else if on_mysql() {
+            "LPAD(CONCAT('x', i), 64, '0')".to_string()
+        } else {
+            format!("substr('{}' || 'x' || i, -64)", "0".repeat(64))
+        };
+        let (deeper, series) = series(n);
+        self.query(&format!(
+            "{deeper}INSERT INTO addr (a, active, lim_c, lim_s) {series} SELECT {a}, 1, 100, \
+             10000000 FROM s"
+        ));
+    }
+
     /// Writes `n` copies of endpoint `ep` straight to the database, on its
     /// address, active or not, each with copies of its subscriptions. `ep`
     /// is to be its address's newest endpoint: every endpoint of the

@@ -1555,6 +1555,42 @@ async fn deleting_an_address_with_a_long_history_keeps_pushes_going() {
     );
 }
 
+/// The address list and an address's endpoint list are read and sent a
+/// page at a time, so that a long one does not take the server's memory
+/// at once (BENCHMARKS.md, "Many endpoints"): one of several pages still
+/// holds every item once, in the order of their ids, as one JSON array,
+/// whether its last page is full or not.
+#[tokio::test]
+async fn long_lists_are_whole_across_pages() {
+    let s = Server::start_with(ServerOptions {
+        plugins: vec!["t".into()],
+        ..Default::default()
+    })
+    .await;
+    let db = s.db_client();
+    let (id, _) = s.new_addr().await;
+    let ep = s.endpoint(id, "t", json!({})).await;
+    db.copy_endpoint(ep, 1_200, false);
+    db.copy_addr(999);
+    for (path, n) in [
+        ("/addr".to_string(), 1_000),
+        (format!("/addr/{id}/endpoint"), 1_201),
+    ] {
+        let r = s.manage(Method::GET, &path, None).await;
+        assert_status!(r, 200);
+        assert_eq!(r.header("content-type"), Some("application/json"));
+        let list: Vec<Value> = serde_json::from_str(&r.text).expect("one JSON array");
+        let ids: Vec<i64> = list.iter().filter_map(|v| v["id"].as_i64()).collect();
+        assert_eq!(ids.len(), n, "{path}");
+        assert!(ids.windows(2).all(|w| w[0] < w[1]), "{path}: {ids:?}");
+    }
+    let (empty, _) = s.new_addr().await;
+    let r = s
+        .manage(Method::GET, &format!("/addr/{empty}/endpoint"), None)
+        .await;
+    assert_eq!(r.text, "[]");
+}
+
 /// Changing the settings of an endpoint with a long backlog of deliveries
 /// that wait for a later try makes them all due, and the change is
 /// answered (and logged) as any other. Making them due took longer than

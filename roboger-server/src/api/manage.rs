@@ -209,9 +209,21 @@ async fn route(
             Ok(reply::json(StatusCode::OK, &out))
         }
         ("GET", ["addr"]) => {
-            let list = app.store.addr_list().await?;
-            let out: Vec<Value> = list.iter().map(|a| addr_json(app, a)).collect();
-            Ok(reply::json(StatusCode::OK, &out))
+            let store = app.store.clone();
+            let limits = app.config.limits.is_some();
+            reply::json_pages(app.config.timeout, move |after| {
+                let store = store.clone();
+                async move {
+                    let page = store.addr_page(None, Some(after), reply::LIST_PAGE).await?;
+                    Ok::<_, ApiError>(
+                        page.rows
+                            .iter()
+                            .map(|a| (a.id, addr_json(limits, a)))
+                            .collect(),
+                    )
+                }
+            })
+            .await
         }
         ("POST", ["addr"]) => {
             body.only(&[], &[])?;
@@ -219,12 +231,15 @@ async fn route(
             let loc = format!("{PREFIX}/addr/{}", a.a);
             Ok(reply::created(
                 &loc,
-                accept("addr").then(|| addr_json(app, &a)),
+                accept("addr").then(|| addr_json(app.config.limits.is_some(), &a)),
             ))
         }
         ("GET", ["addr", a]) => {
             let a = app.store.addr_get(&AddrRef::parse(a)).await?;
-            Ok(reply::json(StatusCode::OK, &addr_json(app, &a)))
+            Ok(reply::json(
+                StatusCode::OK,
+                &addr_json(app.config.limits.is_some(), &a),
+            ))
         }
         ("PATCH", ["addr", a]) => {
             body.only(&["active", "lim_c", "lim_s"], &["id", "a"])?;
@@ -234,7 +249,9 @@ async fn route(
                 lim_s: body.count("lim_s")?,
             };
             let a = app.store.addr_update(&AddrRef::parse(a), patch).await?;
-            Ok(reply::modified(accept("addr").then(|| addr_json(app, &a))))
+            Ok(reply::modified(
+                accept("addr").then(|| addr_json(app.config.limits.is_some(), &a)),
+            ))
         }
         ("POST", ["addr", a]) => addr_cmd(app, a, body).await,
         ("DELETE", ["addr", a]) => {
@@ -244,9 +261,15 @@ async fn route(
 
         ("GET", ["addr", a, "endpoint"]) => {
             let a = app.store.addr_get(&AddrRef::parse(a)).await?;
-            let list = app.store.endpoint_list(a.id).await?;
-            let out: Vec<Value> = list.iter().map(endpoint_json).collect();
-            Ok(reply::json(StatusCode::OK, &out))
+            let store = app.store.clone();
+            reply::json_pages(app.config.timeout, move |after| {
+                let store = store.clone();
+                async move {
+                    let page = store.endpoint_page(a.id, after, reply::LIST_PAGE).await?;
+                    Ok::<_, ApiError>(page.iter().map(|e| (e.id, endpoint_json(e))).collect())
+                }
+            })
+            .await
         }
         ("POST", ["addr", a_seg, "endpoint"]) => {
             body.only(
@@ -714,9 +737,10 @@ fn wants_body(headers: &HeaderMap, resource: &str) -> bool {
         .any(|t| t == "*/*" || t == "application/*" || t == own)
 }
 
-fn addr_json(app: &App, a: &addr::Model) -> Value {
+/// An address as the API shows it; its limits only when limits are on.
+fn addr_json(limits: bool, a: &addr::Model) -> Value {
     let mut v = json!({"id": a.id, "a": a.a, "active": a.active});
-    if app.config.limits.is_some() {
+    if limits {
         v["lim_c"] = json!(a.lim_c);
         v["lim_s"] = json!(a.lim_s);
     }

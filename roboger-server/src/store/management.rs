@@ -55,14 +55,6 @@ pub struct SubscriptionRow {
 impl Store {
     // ---- addresses -------------------------------------------------------
 
-    /// Every address, by id.
-    pub async fn addr_list(&self) -> Result<Vec<addr::Model>> {
-        Ok(addr::Entity::find()
-            .order_by_asc(addr::Column::Id)
-            .all(&self.db)
-            .await?)
-    }
-
     /// One address.
     pub async fn addr_get(&self, r: &AddrRef) -> Result<addr::Model> {
         let q = match r {
@@ -171,6 +163,22 @@ impl Store {
     }
 
     // ---- endpoints -------------------------------------------------------
+
+    /// Up to `limit` endpoints of `addr_id` with ids above `after`, by id.
+    pub async fn endpoint_page(
+        &self,
+        addr_id: i64,
+        after: i64,
+        limit: u64,
+    ) -> Result<Vec<endpoint::Model>> {
+        Ok(endpoint::Entity::find()
+            .filter(endpoint::Column::AddrId.eq(addr_id))
+            .filter(endpoint::Column::Id.gt(after))
+            .order_by_asc(endpoint::Column::Id)
+            .limit(limit)
+            .all(&self.db)
+            .await?)
+    }
 
     /// The endpoints of an address, by id.
     pub async fn endpoint_list(&self, addr_id: i64) -> Result<Vec<endpoint::Model>> {
