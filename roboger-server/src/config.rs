@@ -978,7 +978,7 @@ const EXPECTED_WORDS: [(&str, &str); 12] = [
 /// A YAML error's `message` in the file's terms: without the key, which
 /// the YAML parser repeats and [`ConfigError::Parse`] already says, and
 /// with "a mapping" or "a number" where serde names a Rust type
-/// (`struct FileMaster`, `i32`).
+/// (`expected struct FileMaster`, `expected i32`).
 fn in_the_files_words(key: &str, message: &str) -> String {
     let message = message
         .strip_prefix(key)
@@ -987,26 +987,17 @@ fn in_the_files_words(key: &str, message: &str) -> String {
     let Some((before, after)) = message.split_once("expected ") else {
         return message.to_string();
     };
-    let (what, rest) = after.split_at(
-        after
-            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ' '))
-            .unwrap_or(after.len()),
-    );
-    // `what` runs on into " at line 1 column 5"; the type is its start.
-    let plain = if let Some(name) = what.strip_prefix("struct ") {
-        let name_len = name.find(' ').unwrap_or(name.len());
-        Some(("a mapping", &what["struct ".len() + name_len..]))
-    } else {
-        EXPECTED_WORDS.iter().find_map(|(rust, words)| {
-            what.strip_prefix(rust)
-                .filter(|tail| tail.is_empty() || tail.starts_with(' '))
-                .map(|tail| (*words, tail))
-        })
+    let (word, rest) = after.split_once(' ').unwrap_or((after, ""));
+    let (words, rest) = match word {
+        // The struct's name follows.
+        "struct" => ("a mapping", rest.split_once(' ').map_or("", |(_, r)| r)),
+        _ => match EXPECTED_WORDS.iter().find(|(rust, _)| *rust == word) {
+            Some((_, words)) => (*words, rest),
+            None => return message.to_string(),
+        },
     };
-    match plain {
-        Some((words, tail)) => format!("{before}expected {words}{tail}{rest}"),
-        None => message.to_string(),
-    }
+    let space = if rest.is_empty() { "" } else { " " };
+    format!("{before}expected {words}{space}{rest}")
 }
 
 /// The longest value read from a file: a key or a URL.
