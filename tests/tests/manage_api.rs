@@ -1579,6 +1579,8 @@ async fn long_lists_are_whole_across_pages() {
         let r = s.manage(Method::GET, &path, None).await;
         assert_status!(r, 200);
         assert_eq!(r.header("content-type"), Some("application/json"));
+        // Sent as it is read: its length is not known when it starts.
+        assert_eq!(r.header("content-length"), None, "{path}");
         let list: Vec<Value> = serde_json::from_str(&r.text).expect("one JSON array");
         let ids: Vec<i64> = list.iter().filter_map(|v| v["id"].as_i64()).collect();
         assert_eq!(ids.len(), n, "{path}");
@@ -1589,6 +1591,8 @@ async fn long_lists_are_whole_across_pages() {
         .manage(Method::GET, &format!("/addr/{empty}/endpoint"), None)
         .await;
     assert_eq!(r.text, "[]");
+    // A list that fits one page is answered with its length.
+    assert_eq!(r.header("content-length"), Some("2"));
 }
 
 /// Changing the settings of an endpoint with a long backlog of deliveries
