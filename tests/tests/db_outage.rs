@@ -23,32 +23,49 @@ fn pg_data() -> String {
     std::env::var("ROBOGER_TEST_PGDATA").expect("ROBOGER_TEST_PGDATA (run through tests/run)")
 }
 
-/// The postmaster and every backend of the test PostgreSQL server.
-fn pg_pids(data: &str) -> Vec<String> {
+/// The test PostgreSQL server, frozen (SIGSTOP): its postmaster first,
+/// so that it starts no new process, then each process it had started.
+/// A backend or autovacuum worker that ends between the listing and its
+/// signal needs none (its `kill` failing had failed the test). Returns
+/// the processes for [`thaw`].
+fn freeze(data: &str) -> Vec<String> {
     let pidfile =
         std::fs::read_to_string(format!("{data}/postmaster.pid")).expect("postmaster.pid");
     let main = pidfile.lines().next().expect("pid line").trim().to_string();
+    assert!(signal(&main, "-STOP"), "kill -STOP {main} (the postmaster)");
     let out = Command::new("pgrep")
         .args(["-P", &main])
         .output()
         .expect("pgrep");
     let mut pids = vec![main];
-    pids.extend(
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .map(str::to_string),
-    );
+    for child in String::from_utf8_lossy(&out.stdout).lines() {
+        if signal(child, "-STOP") {
+            pids.push(child.to_string());
+        } else {
+            assert!(
+                !std::path::Path::new(&format!("/proc/{child}")).exists(),
+                "kill -STOP {child}"
+            );
+        }
+    }
     pids
 }
 
-fn signal(pids: &[String], sig: &str) {
-    let ok = Command::new("kill")
-        .arg(sig)
-        .args(pids)
+/// Lets the processes [`freeze`] stopped go on.
+fn thaw(pids: &[String]) {
+    for pid in pids {
+        signal(pid, "-CONT");
+    }
+}
+
+/// Whether `sig` reached process `pid`.
+fn signal(pid: &str, sig: &str) -> bool {
+    Command::new("kill")
+        .args([sig, pid])
+        .stderr(std::process::Stdio::null())
         .status()
         .expect("kill")
-        .success();
-    assert!(ok, "kill {sig} {pids:?}");
+        .success()
 }
 
 #[tokio::test]
@@ -73,8 +90,7 @@ async fn ping_and_api_answer_503_while_the_database_is_frozen() {
         202
     );
 
-    let pids = pg_pids(&data);
-    signal(&pids, "-STOP");
+    let pids = freeze(&data);
     let t = Instant::now();
     let ping = s.request(Method::GET, "/ping", None, &[], None).await;
     let api = s.manage(Method::GET, "/addr", None).await;
@@ -103,7 +119,7 @@ async fn ping_and_api_answer_503_while_the_database_is_frozen() {
         )
         .await;
     let scrape_took = scraped.elapsed();
-    signal(&pids, "-CONT");
+    thaw(&pids);
     assert_status!(metrics, 200);
     assert!(
         scrape_took < Duration::from_secs(8),
@@ -168,17 +184,16 @@ async fn a_delivery_whose_outcome_was_dropped_is_made_again() {
             .await,
         202
     );
-    let pids = pg_pids(&data);
-    signal(&pids, "-STOP");
+    let pids = freeze(&data);
     let end = Instant::now() + Duration::from_secs(60);
     while s.log_lines("delivery outcomes dropped").is_empty() {
         if Instant::now() >= end {
-            signal(&pids, "-CONT");
+            thaw(&pids);
             panic!("the outcome was never given up: {}", s.log_text());
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    signal(&pids, "-CONT");
+    thaw(&pids);
     let e = s.wait_settled(id).await;
     let d = &e["deliveries"][0];
     assert_eq!(d["state"], "delivered", "{e}");
