@@ -708,3 +708,140 @@ async fn an_endpoints_page_retries_its_failed_deliveries() {
         "{page}"
     );
 }
+
+#[tokio::test]
+async fn an_address_with_many_endpoints_is_shown_a_page_at_a_time() {
+    let server = Server::start_with(ServerOptions {
+        plugins: vec!["t".into()],
+        ..Default::default()
+    })
+    .await;
+    let (id, _) = server.new_addr().await;
+    // 105 endpoints: six pages, and more than the copy form lists by name.
+    let mut eps = Vec::new();
+    for _ in 0..105 {
+        eps.push(server.endpoint(id, "t", serde_json::json!({})).await);
+    }
+    // Each endpoint's subscription names it, so a subscription shown
+    // under the wrong endpoint is seen.
+    for ep in &eps {
+        let sub = server
+            .manage(
+                Method::GET,
+                &format!("/addr/{id}/endpoint/{ep}/subscription"),
+                None,
+            )
+            .await
+            .json()[0]["id"]
+            .as_i64()
+            .expect("a subscription");
+        let r = server
+            .manage(
+                Method::PATCH,
+                &format!("/addr/{id}/endpoint/{ep}/subscription/{sub}"),
+                Some(serde_json::json!({"tag": format!("tag-of-{ep}")})),
+            )
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text);
+    }
+    let mut b = Browser {
+        server: &server,
+        cookie: None,
+    };
+    b.sign_in().await;
+    let shown = |page: &str| -> Vec<i64> {
+        page.split("<article class=\"card\" id=\"endpoint-")
+            .skip(1)
+            .map(|block| {
+                let ep: i64 = block
+                    .split('"')
+                    .next()
+                    .and_then(|n| n.parse().ok())
+                    .expect("an endpoint's number");
+                let article = block.split("</article>").next().unwrap_or("");
+                assert!(
+                    article.contains(&format!("value=\"tag-of-{ep}\""))
+                        && article.matches("value=\"tag-of-").count() == 1,
+                    "endpoint {ep}'s block holds another's subscription: {article}"
+                );
+                ep
+            })
+            .collect()
+    };
+    // Page after page, following "Next endpoints", every endpoint once.
+    let mut path = format!("/ui/addr/{id}");
+    let mut seen = Vec::new();
+    let mut pages = 0;
+    loop {
+        let page = b.get(&path).await.text().await.unwrap_or_default();
+        assert!(page.contains("Endpoints <small>(105)</small>"), "{page}");
+        let on_page = shown(&page);
+        assert!(
+            on_page.len() <= 20,
+            "{} endpoints on one page",
+            on_page.len()
+        );
+        seen.extend(on_page);
+        pages += 1;
+        let Some(at) = page.find("\" rel=\"next\"") else {
+            break;
+        };
+        let href = page[..at].rsplit("href=\"").next().unwrap_or("");
+        path = href.replace("&amp;", "&");
+    }
+    assert_eq!(seen, eps);
+    assert_eq!(pages, 6);
+    // A change to an endpoint on a later page leads back to the page that
+    // shows it.
+    let ep = eps[87];
+    let csrf = b.csrf(&format!("/ui/addr/{id}")).await;
+    let r = b
+        .post(
+            &format!("/ui/addr/{id}/endpoint/{ep}"),
+            &[("csrf", &csrf), ("action", "disable")],
+        )
+        .await;
+    assert_eq!(r.status(), 303);
+    let to = header(&r, "location");
+    assert!(to.ends_with(&format!("#endpoint-{ep}")), "{to}");
+    let page = b.get(&to).await.text().await.unwrap_or_default();
+    assert!(
+        shown(&page).contains(&ep)
+            && page.contains("Disabled.")
+            && page.contains("First endpoints"),
+        "{page}"
+    );
+    // Past 100 others, the copy form asks for the endpoint's number, and
+    // copying by it works.
+    let page = b
+        .get(&format!("/ui/addr/{id}/endpoint/{}", eps[0]))
+        .await
+        .text()
+        .await
+        .unwrap_or_default();
+    assert!(
+        page.contains("id=\"target\" name=\"target\" type=\"number\"")
+            && !page.contains("<option value=\""),
+        "{page}"
+    );
+    let r = b
+        .post(
+            &format!("/ui/addr/{id}/endpoint/{}", eps[0]),
+            &[
+                ("csrf", &csrf),
+                ("action", "copysub"),
+                ("target", &eps[104].to_string()),
+            ],
+        )
+        .await;
+    assert_eq!(r.status(), 303);
+    let subs = server
+        .manage(
+            Method::GET,
+            &format!("/addr/{id}/endpoint/{}/subscription", eps[104]),
+            None,
+        )
+        .await
+        .json();
+    assert_eq!(subs.as_array().map(Vec::len), Some(2), "{subs}");
+}

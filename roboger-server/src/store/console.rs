@@ -1,6 +1,6 @@
 //! What the web console keeps in the database: its sessions, and the
-//! paged and searched reads its pages make (the management API lists
-//! whole collections instead).
+//! paged and searched reads its pages make (the management API sends
+//! whole collections instead, read a page at a time by `api::reply`).
 //!
 //! Invariant: a session is found only by the digest of its cookie and
 //! only before it expires; the cookie itself is never stored.
@@ -12,7 +12,9 @@ use sea_orm::{
 };
 
 use super::delivery::event_heads;
-use super::entity::{ADDR_LEN, addr, console_session, console_signin, delivery, event};
+use super::entity::{
+    ADDR_LEN, addr, console_session, console_signin, delivery, endpoint, event, subscription,
+};
 use super::wrong_keys::WRONG_KEYS_KEPT;
 use super::{EventHead, Result, Store, StoreError};
 
@@ -23,6 +25,14 @@ type Time = chrono::DateTime<chrono::Utc>;
 pub struct AddrPage {
     pub rows: Vec<addr::Model>,
     /// Whether there are more after the last row.
+    pub more: bool,
+}
+
+/// One page of an address's endpoints, each with its subscriptions.
+#[derive(Debug)]
+pub struct EndpointPage {
+    pub rows: Vec<(endpoint::Model, Vec<subscription::Model>)>,
+    /// Whether the address has more endpoints after the last row.
     pub more: bool,
 }
 
@@ -97,6 +107,87 @@ impl Store {
     /// How many addresses there are.
     pub async fn addr_count(&self) -> Result<u64> {
         Ok(addr::Entity::find().count(&self.db).await?)
+    }
+
+    /// Up to `limit` endpoints of `addr_id` by id after `after`, with
+    /// their subscriptions read in one query: a page costs the same
+    /// however many endpoints the address has.
+    pub async fn endpoint_block_page(
+        &self,
+        addr_id: i64,
+        after: i64,
+        limit: u64,
+    ) -> Result<EndpointPage> {
+        let mut eps = self.endpoint_page(addr_id, after, limit + 1).await?;
+        let more = eps.len() as u64 > limit;
+        eps.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
+        let mut subs = subscription::Entity::find()
+            .filter(subscription::Column::EndpointId.is_in(eps.iter().map(|e| e.id)))
+            .order_by_asc(subscription::Column::EndpointId)
+            .order_by_asc(subscription::Column::Id)
+            .all(&self.db)
+            .await?
+            .into_iter()
+            .peekable();
+        let rows = eps
+            .into_iter()
+            .map(|ep| {
+                let mine =
+                    std::iter::from_fn(|| subs.next_if(|s| s.endpoint_id == ep.id)).collect();
+                (ep, mine)
+            })
+            .collect();
+        Ok(EndpointPage { rows, more })
+    }
+
+    /// How many endpoints an address has.
+    pub async fn endpoint_count(&self, addr_id: i64) -> Result<u64> {
+        Ok(endpoint::Entity::find()
+            .filter(endpoint::Column::AddrId.eq(addr_id))
+            .count(&self.db)
+            .await?)
+    }
+
+    /// The `after` of the page of `limit` endpoints of `addr_id` that holds
+    /// endpoint `ep` (0 for the first page), so that a page shown after a
+    /// change to an endpoint shows it.
+    pub async fn endpoint_page_holding(&self, addr_id: i64, ep: i64, limit: u64) -> Result<i64> {
+        let of_addr = || endpoint::Entity::find().filter(endpoint::Column::AddrId.eq(addr_id));
+        let before = of_addr()
+            .filter(endpoint::Column::Id.lt(ep))
+            .count(&self.db)
+            .await?;
+        let limit = Ord::max(limit, 1);
+        let skip = before / limit * limit;
+        if skip == 0 {
+            return Ok(0);
+        }
+        let after: Option<i64> = of_addr()
+            .select_only()
+            .column(endpoint::Column::Id)
+            .order_by_asc(endpoint::Column::Id)
+            .offset(skip - 1)
+            .limit(1)
+            .into_tuple()
+            .one(&self.db)
+            .await?;
+        Ok(after.unwrap_or(0))
+    }
+
+    /// The plugin names of those of `ids` that are endpoints of `addr_id`.
+    pub async fn endpoint_names(&self, addr_id: i64, ids: &[i64]) -> Result<Vec<(i64, String)>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        Ok(endpoint::Entity::find()
+            .select_only()
+            .column(endpoint::Column::Id)
+            .column(endpoint::Column::PluginName)
+            .filter(endpoint::Column::AddrId.eq(addr_id))
+            .filter(endpoint::Column::Id.is_in(ids.iter().copied()))
+            .into_tuple()
+            .all(&self.db)
+            .await?)
     }
 
     /// Up to `limit` events of an address, newest first, older than event

@@ -180,15 +180,6 @@ impl Store {
             .await?)
     }
 
-    /// The endpoints of an address, by id.
-    pub async fn endpoint_list(&self, addr_id: i64) -> Result<Vec<endpoint::Model>> {
-        Ok(endpoint::Entity::find()
-            .filter(endpoint::Column::AddrId.eq(addr_id))
-            .order_by_asc(endpoint::Column::Id)
-            .all(&self.db)
-            .await?)
-    }
-
     /// One endpoint, only if it belongs to `addr_id`.
     pub async fn endpoint_get(&self, addr_id: i64, id: i64) -> Result<endpoint::Model> {
         endpoint::Entity::find_by_id(id)

@@ -2,8 +2,8 @@
 //! does (addresses, endpoints, subscriptions, plugins), plus an event
 //! history that follows new events (server-sent events) and a test event.
 //!
-//! Pages read the store directly (paged and searched, which the API's
-//! lists are not); every change a form asks for goes through the
+//! Pages read the store directly, a page at a time (addresses with a
+//! search, an address's endpoints, events); every change a form asks for goes through the
 //! management API's own handlers ([`manage::execute`]), so the console can
 //! do nothing the API would refuse, and the cluster hears of it the same
 //! way. Templates and assets are compiled into the binary ([`page`]).
@@ -41,6 +41,11 @@ use session::Session;
 pub const PREFIX: &str = "/ui";
 /// Addresses per page of the list.
 const ADDR_PAGE: u64 = 50;
+/// Endpoints per page of an address, each with its subscriptions.
+const ENDPOINT_PAGE: u64 = 20;
+/// Other endpoints an endpoint's page offers to copy its subscriptions
+/// to by name; past this many it asks for the endpoint's number.
+const COPY_TARGETS: u64 = 100;
 /// Events per page of the history (and followed by its stream).
 const EVENT_PAGE: u64 = 20;
 /// How often an open history looks for new events and changed deliveries.
@@ -397,6 +402,12 @@ fn deleted(r: &Response) -> &'static str {
     }
 }
 
+/// Where a change to endpoint `ep` of address `a` leads: the page of the
+/// address that holds it, scrolled to it, with the notice `done`.
+fn to_endpoint(a: i64, ep: impl std::fmt::Display, done: &str) -> Response {
+    redirect(&format!("/ui/addr/{a}?at={ep}&done={done}#endpoint-{ep}"))
+}
+
 fn redirect(to: &str) -> Response {
     let mut r = reply::empty(StatusCode::SEE_OTHER);
     if let Ok(v) = HeaderValue::from_str(to) {
@@ -537,24 +548,41 @@ fn location_tail(r: &Response) -> Option<String> {
 async fn addr_page(ctx: &Ctx<'_>, a: i64) -> Result<Response, ApiError> {
     let app = ctx.app;
     let a = app.store.addr_get(&AddrRef::Id(a)).await?;
-    let mut endpoints = Vec::new();
-    for ep in app.store.endpoint_list(a.id).await? {
-        let subs = app
-            .store
-            .subscription_list(a.id, ep.id)
-            .await?
-            .into_iter()
-            .map(|r| r.sub)
-            .collect();
-        endpoints.push(page::EndpointBlock { ep, subs });
-    }
+    let number = |key| query_value(ctx.query, key).and_then(|v| v.parse::<i64>().ok());
+    // `at` asks for the page that holds an endpoint just changed.
+    let after = match (number("after"), number("at")) {
+        (Some(after), _) => after,
+        (None, Some(ep)) => {
+            app.store
+                .endpoint_page_holding(a.id, ep, ENDPOINT_PAGE)
+                .await?
+        }
+        (None, None) => 0,
+    };
+    let page = app
+        .store
+        .endpoint_block_page(a.id, after, ENDPOINT_PAGE)
+        .await?;
+    let next = if page.more {
+        page.rows.last().map(|(ep, _)| ep.id)
+    } else {
+        None
+    };
+    let endpoints = page
+        .rows
+        .into_iter()
+        .map(|(ep, subs)| page::EndpointBlock { ep, subs })
+        .collect();
     Ok(html(
         StatusCode::OK,
         &page::AddrPage {
             chrome: ctx.chrome("addr"),
             limits: app.config.limits.is_some(),
+            endpoint_count: app.store.endpoint_count(a.id).await?,
             a,
             endpoints,
+            after: (after > 0).then_some(after),
+            next,
             plugins: app
                 .plugins
                 .list()
@@ -677,17 +705,28 @@ async fn endpoint_form(
     // An existing endpoint's page also copies its subscriptions to the
     // address's other endpoints, and says how its deliveries stand.
     let (copy_targets, deliveries) = match ep {
-        None => (Vec::new(), None),
+        None => (page::CopyTargets::default(), None),
         Some(ep) => {
             let store = &ctx.app.store;
-            let others = store.endpoint_list(a).await.unwrap_or_default();
+            let mut others: Vec<(i64, String)> = store
+                .endpoint_page(a, 0, COPY_TARGETS + 2)
+                .await
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|e| e.id != ep)
+                .map(|e| (e.id, e.plugin_name))
+                .collect();
+            // Too many to list: the page asks for the endpoint's number.
+            let by_number = others.len() as u64 > COPY_TARGETS;
+            if by_number {
+                others.clear();
+            }
             let stats = store.endpoint_delivery_stats(ep).await.ok();
             (
-                others
-                    .into_iter()
-                    .filter(|e| e.id != ep)
-                    .map(|e| (e.id, e.plugin_name))
-                    .collect(),
+                page::CopyTargets {
+                    named: others,
+                    by_number,
+                },
                 stats.map(|s| page::EndpointDeliveries {
                     delivered: s.delivered,
                     pending: s.pending,
@@ -763,12 +802,11 @@ async fn endpoint_create(ctx: &Ctx<'_>, a: i64) -> Result<Response, ApiError> {
         .manage(Method::POST, &format!("addr/{a}/endpoint"), body)
         .await
     {
-        Ok(r) => {
-            let ep = location_tail(&r).unwrap_or_default();
-            Ok(redirect(&format!(
-                "/ui/addr/{a}?done=created#endpoint-{ep}"
-            )))
-        }
+        Ok(r) => Ok(to_endpoint(
+            a,
+            location_tail(&r).unwrap_or_default(),
+            "created",
+        )),
         Err(e @ (ApiError::BadRequest(_) | ApiError::Unavailable(_))) => {
             let (msg, s) = (Some(e.to_string()), e.status());
             Ok(endpoint_form(ctx, a, None, plugin, &config, description, active, msg, s).await)
@@ -844,7 +882,7 @@ async fn endpoint_action(ctx: &Ctx<'_>, a: i64, ep: i64) -> Result<Response, Api
             let body = json!({"config": config, "description": f.optional("description"),
                 "active": i32::from(f.get("active").is_some())});
             match ctx.manage(Method::PATCH, &path, body).await {
-                Ok(_) => Ok(redirect(&format!("{page}?done=saved#endpoint-{ep}"))),
+                Ok(_) => Ok(to_endpoint(a, ep, "saved")),
                 Err(e @ (ApiError::BadRequest(_) | ApiError::Unavailable(_))) => {
                     endpoint_edit(ctx, a, ep, Some((config, e))).await
                 }
@@ -856,7 +894,7 @@ async fn endpoint_action(ctx: &Ctx<'_>, a: i64, ep: i64) -> Result<Response, Api
             ctx.manage(Method::PATCH, &path, json!({"active": i32::from(on)}))
                 .await?;
             let done = if on { "enabled" } else { "disabled" };
-            Ok(redirect(&format!("{page}?done={done}#endpoint-{ep}")))
+            Ok(to_endpoint(a, ep, done))
         }
         "delete" => {
             if !ctx.confirmed() {
@@ -879,7 +917,7 @@ async fn endpoint_action(ctx: &Ctx<'_>, a: i64, ep: i64) -> Result<Response, Api
                     "replace": f.get("replace").is_some()}),
             )
             .await?;
-            Ok(redirect(&format!("{page}?done=copied")))
+            Ok(to_endpoint(a, ep, "copied"))
         }
         "retry" => {
             ctx.manage(Method::POST, &path, json!({"cmd": "retry"}))
@@ -911,15 +949,13 @@ async fn subscription_create(ctx: &Ctx<'_>, a: i64, ep: i64) -> Result<Response,
         subscription_body(ctx.form),
     )
     .await?;
-    Ok(redirect(&format!(
-        "/ui/addr/{a}?done=subscribed#endpoint-{ep}"
-    )))
+    Ok(to_endpoint(a, ep, "subscribed"))
 }
 
 async fn subscription_action(ctx: &Ctx<'_>, a: i64, ep: i64, s: i64) -> Result<Response, ApiError> {
     let path = format!("addr/{a}/endpoint/{ep}/subscription/{s}");
     let page = format!("/ui/addr/{a}");
-    let done = |what: &str| Ok(redirect(&format!("{page}?done={what}#endpoint-{ep}")));
+    let done = |what: &str| Ok(to_endpoint(a, ep, what));
     match ctx.form.text("action") {
         "save" => {
             ctx.manage(Method::PATCH, &path, subscription_body(ctx.form))
@@ -961,12 +997,14 @@ async fn event_rows(
     let events = app.store.event_page(a, before, EVENT_PAGE).await?;
     let ids: Vec<String> = events.iter().map(|e| e.id.clone()).collect();
     let deliveries = app.store.deliveries_of(&ids).await?;
+    let mut ids: Vec<i64> = deliveries.iter().map(|d| d.endpoint_id).collect();
+    ids.sort_unstable();
+    ids.dedup();
     let names: HashMap<i64, String> = app
         .store
-        .endpoint_list(a)
+        .endpoint_names(a, &ids)
         .await?
         .into_iter()
-        .map(|e| (e.id, e.plugin_name))
         .collect();
     let mut by_event: HashMap<&str, Vec<page::DeliveryRow>> = HashMap::new();
     let mut failed: HashMap<&str, bool> = HashMap::new();

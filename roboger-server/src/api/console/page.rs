@@ -121,7 +121,13 @@ pub struct AddrPage {
     pub chrome: Chrome,
     pub a: addr::Model,
     pub limits: bool,
+    /// How many endpoints the address has, of which `endpoints` is a page.
+    pub endpoint_count: u64,
     pub endpoints: Vec<EndpointBlock>,
+    /// The page's `after`, when it is not the first page.
+    pub after: Option<i64>,
+    /// The next page's `after`, when there is one.
+    pub next: Option<i64>,
     pub plugins: Vec<String>,
     pub levels: &'static [(i16, &'static str)],
     pub matches: &'static [(&'static str, &'static str)],
@@ -143,10 +149,20 @@ pub struct EndpointForm {
     pub error: Option<String>,
     /// The property the error is about, when the form knows it.
     pub error_field: Option<String>,
-    /// Other endpoints of the address (id, plugin) to copy subscriptions to.
-    pub copy_targets: Vec<(i64, String)>,
+    /// Other endpoints of the address to copy subscriptions to.
+    pub copy_targets: CopyTargets,
     /// How an existing endpoint's deliveries stand.
     pub deliveries: Option<EndpointDeliveries>,
+}
+
+/// The other endpoints of an address, as an endpoint's page offers them
+/// to copy its subscriptions to.
+#[derive(Default)]
+pub struct CopyTargets {
+    /// By id and plugin, when there are few enough to list.
+    pub named: Vec<(i64, String)>,
+    /// Too many to list: the page asks for an endpoint's number.
+    pub by_number: bool,
 }
 
 /// An endpoint's deliveries of the events still kept, as its page shows
