@@ -1555,6 +1555,50 @@ async fn deleting_an_address_with_a_long_history_keeps_pushes_going() {
     );
 }
 
+/// A change whose client gives up before the answer is still made to its
+/// end and logged: hyper drops a request whose client disconnects, and a
+/// deletion that outlasted its client used to go on unlogged, neither its
+/// `management change` line nor its end ever said.
+#[tokio::test]
+async fn a_change_whose_client_leaves_is_made_and_logged() {
+    let s = Server::start_with(ServerOptions {
+        plugins: vec!["t".into()],
+        yaml: "timeout: 1\n".into(),
+        ..Default::default()
+    })
+    .await;
+    let (id, a) = s.new_addr().await;
+    s.endpoint(id, "t", json!({})).await;
+    assert_status!(s.push(json!({"addr": a, "msg": "m"})).await, 202);
+    s.wait_settled(id).await;
+    // 300,000 events take a deletion, 500 at a time, well past 1 s.
+    s.db_client().copy_history(300_000, 300_000);
+    let gave_up = s
+        .http
+        .delete(s.url(&format!("/manage/v2/addr/{id}")))
+        .header("X-Auth-Key", KEY)
+        .timeout(Duration::from_millis(300))
+        .send()
+        .await;
+    assert!(
+        gave_up.as_ref().is_err_and(reqwest::Error::is_timeout),
+        "{gave_up:?}"
+    );
+    s.wait_log(
+        "a deletion answered 202 has ended",
+        Duration::from_secs(120),
+    )
+    .await;
+    assert_status!(s.manage(GET, &format!("/addr/{id}"), None).await, 404);
+    let logged = s.log_lines("management change");
+    assert!(
+        logged.iter().any(|l| l.contains("method=DELETE")
+            && l.contains(&format!("path=/manage/v2/addr/{id} "))
+            && l.contains("status=202")),
+        "{logged:#?}"
+    );
+}
+
 /// The address list and an address's endpoint list are read and sent a
 /// page at a time, so that a long one does not take the server's memory
 /// at once (BENCHMARKS.md, "Many endpoints"): one of several pages still

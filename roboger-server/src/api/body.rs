@@ -13,7 +13,7 @@ use crate::level::{Level, LevelMatch};
 use crate::store::entity::TEXT_COLUMN_MAX;
 
 /// A parsed management request body.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct Body(Map<String, Value>);
 
 impl Body {

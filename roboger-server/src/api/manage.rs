@@ -8,6 +8,10 @@
 //! made it (the `management change` lines): what an operator reads to
 //! learn who changed what, and when.
 //! Invariant: every request is authenticated before its handler runs.
+//! Invariant: an authenticated request runs to its end, logged, whether
+//! or not its client waits for the answer.
+
+use std::sync::Arc;
 
 use http::{HeaderMap, Method, StatusCode};
 use serde_json::{Value, json};
@@ -44,7 +48,7 @@ pub struct Caller {
 
 /// Authenticates and runs a management request; every failure is answered
 /// by its [`ApiError`] status.
-pub async fn handle(app: &App, req: Request<'_>) -> Response {
+pub async fn handle(app: &Arc<App>, req: Request<'_>) -> Response {
     let segs: Vec<&str> = req.path.split('/').filter(|s| !s.is_empty()).collect();
     let Some(allow) = allowed_methods(&segs) else {
         return reply::error(&ApiError::NotFound(format!(
@@ -98,8 +102,13 @@ pub async fn handle(app: &App, req: Request<'_>) -> Response {
 /// Runs an authenticated management request (the API's, or one the
 /// console makes for a form), within the request timeout. A change is
 /// applied to this node's routes before the answer, and logged.
+///
+/// It runs in a task of its own: a client that disconnects before the
+/// answer (hyper then drops the request) must not cut a change short
+/// between its commit and its log line, nor a deletion or a walk over
+/// deliveries before it says it has ended.
 pub async fn execute(
-    app: &App,
+    app: &Arc<App>,
     caller: Caller,
     method: &Method,
     segs: &[&str],
@@ -107,16 +116,26 @@ pub async fn execute(
     headers: &HeaderMap,
     body: &Body,
 ) -> Result<Response, ApiError> {
-    let run = async {
-        let answer = route(app, method, segs, query, headers, body).await?;
-        if *method != Method::GET
+    let timeout = app.config.timeout * 2;
+    let (app, method, query, headers, body) = (
+        app.clone(),
+        method.clone(),
+        query.to_string(),
+        headers.clone(),
+        body.clone(),
+    );
+    let segs: Vec<String> = segs.iter().map(|s| (*s).to_string()).collect();
+    let run = async move {
+        let segs: Vec<&str> = segs.iter().map(String::as_str).collect();
+        let answer = route(&app, &method, &segs, &query, &headers, &body).await?;
+        if method != Method::GET
             && (answer.status().is_success() || answer.status().is_redirection())
         {
             tracing::info!(
                 client = %caller.ip.map_or_else(|| "unknown".to_string(), |ip| ip.to_string()),
                 via = %caller.via,
                 method = %method,
-                path = %logged_path(segs),
+                path = %logged_path(&segs),
                 status = answer.status().as_u16(),
                 "management change"
             );
@@ -126,11 +145,18 @@ pub async fn execute(
         }
         Ok(answer)
     };
-    match tokio::time::timeout(app.config.timeout * 2, run).await {
-        Ok(r) => r,
-        Err(_) => Err(ApiError::Unavailable(
+    let task = tokio::spawn(tokio::time::timeout(timeout, run));
+    match task.await {
+        Ok(Ok(r)) => r,
+        Ok(Err(_)) => Err(ApiError::Unavailable(
             "timed out; the database or a plugin did not answer".into(),
         )),
+        Err(e) => {
+            tracing::error!(error = %e, "a management request stopped");
+            Err(ApiError::Unavailable(
+                "the request stopped; see the server log".into(),
+            ))
+        }
     }
 }
 
