@@ -174,3 +174,141 @@ async fn a_failing_or_hanging_command_is_a_failed_delivery() {
         "{errors:?}"
     );
 }
+
+/// A command's output is read to its end within bounds, and a command's
+/// own exit ends its delivery. Before: a command printing 200 MB took the
+/// plugin (which serves every shell endpoint) to 200 MB and logged every
+/// line, `yes` crashed it at its 4 GiB address-space limit, a command that
+/// left a process in the background (holding its output open) failed
+/// after the timeout and was run again, and a command killed at its
+/// timeout left what it started running.
+#[tokio::test]
+async fn endless_output_and_background_processes_are_bounded() {
+    let s = Server::start_with(ServerOptions {
+        yaml: "timeout: 2\ndelivery:\n  max-attempts: 1\n".into(),
+        plugins_yaml: format!(
+            "- name: shell\n  command: {}\n",
+            plugin_bin("shell").display()
+        ),
+        ..Default::default()
+    })
+    .await;
+    s.wait_log("plugin running", Duration::from_secs(20)).await;
+    let plugins = s.manage(Method::GET, "/plugin", None).await.json();
+    let pid = plugins[0]["pid"].as_u64().expect("shell runs");
+    let a = s.manage(Method::POST, "/addr", None).await.json();
+    let (id, addr) = (
+        a["id"].as_i64().unwrap(),
+        a["a"].as_str().unwrap().to_string(),
+    );
+    // A marker no other test's process has in its command line.
+    let marker = format!("sleep 47.{pid}");
+    let commands = [
+        (
+            "loud",
+            "seq 1 100000; head -c 200000000 /dev/zero".to_string(),
+        ),
+        ("background", "(sleep 30; echo late) & echo started".into()),
+        ("group", format!("{marker} & sleep 40")),
+    ];
+    for (tag, command) in &commands {
+        let r = s
+            .manage(
+                Method::POST,
+                &format!("/addr/{id}/endpoint"),
+                Some(json!({"plugin_name": "shell", "config": {"command": command}})),
+            )
+            .await;
+        let ep = r.json()["id"].as_i64().unwrap();
+        s.manage(
+            Method::POST,
+            &format!("/addr/{id}/endpoint/{ep}/subscription"),
+            Some(json!({"tag": tag})),
+        )
+        .await;
+        assert_status!(
+            s.request(
+                Method::POST,
+                "/push",
+                None,
+                &[],
+                Some(json!({"addr": addr, "tag": tag}))
+            )
+            .await,
+            202
+        );
+    }
+    let outcomes = poll_until(Duration::from_secs(20), async || {
+        let events = s
+            .manage(Method::GET, &format!("/addr/{id}/event"), None)
+            .await
+            .json();
+        let mut outcomes = std::collections::BTreeMap::new();
+        for e in events.as_array().unwrap() {
+            let e = s
+                .manage(
+                    Method::GET,
+                    &format!("/addr/{id}/event/{}", e["id"].as_str().unwrap()),
+                    None,
+                )
+                .await
+                .json();
+            let d = &e["deliveries"][0];
+            if d["state"] != "pending" {
+                outcomes.insert(
+                    e["tag"].as_str().unwrap_or_default().to_string(),
+                    (d["state"].clone(), d["last_error"].clone()),
+                );
+            }
+        }
+        match outcomes.len() {
+            3 => Ok(outcomes),
+            _ => Err(format!("{outcomes:?}")),
+        }
+    })
+    .await;
+    assert_eq!(outcomes["loud"].0, "delivered", "{outcomes:?}");
+    assert_eq!(outcomes["background"].0, "delivered", "{outcomes:?}");
+    assert_eq!(outcomes["group"].0, "failed", "{outcomes:?}");
+    assert!(
+        outcomes["group"]
+            .1
+            .as_str()
+            .unwrap_or("")
+            .contains("did not finish"),
+        "{outcomes:?}"
+    );
+    // The start of the output is logged, then how much more there was.
+    s.wait_log("command: started", Duration::from_secs(5)).await;
+    assert_eq!(s.log_lines("command: 50 ").len(), 1, "{}", s.log_text());
+    assert!(s.log_lines("command: 51 ").is_empty());
+    assert!(
+        s.log_lines("more bytes of stdout not logged").len() == 1,
+        "{}",
+        s.log_text()
+    );
+    let peak_kib: u64 = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .expect("the plugin's peak memory");
+    assert!(peak_kib < 64 * 1024, "the plugin peaked at {peak_kib} KiB");
+    // What the command killed at its timeout had started is gone too.
+    poll_until(Duration::from_secs(5), async || {
+        let left: Vec<String> = std::fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|p| std::fs::read(p.path().join("cmdline")).ok())
+            .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+            .filter(|c| c.trim_end() == marker)
+            .collect();
+        if left.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("{left:?}"))
+        }
+    })
+    .await;
+}

@@ -2,16 +2,26 @@
 //! event. The event's fields reach the command only as environment
 //! variables (`ROBOGER_MSG`, …), never spliced into the command text, so
 //! a message full of shell metacharacters stays data. The command has the
-//! server's timeout; its output goes to the log; a non-zero exit is a
-//! failed delivery (retried).
+//! server's timeout, after which it is killed with everything it started
+//! (its process group); its output goes to the log, within bounds
+//! ([`output`]); a non-zero exit is a failed delivery (retried). What it
+//! leaves running in the background when it exits is not waited for.
+
+mod output;
 
 use std::process::Stdio;
 use std::time::Duration;
 
 use roboger_plugin_sdk::schema;
 use roboger_plugin_sdk::{Event, Host, Info, Plugin, PluginError, run};
+use rustix::process::{Pid, Signal};
 use serde_json::Value;
-use tokio::io::AsyncReadExt;
+
+use output::Output;
+
+/// How long a command's output is still read once it has exited: a
+/// process it started in the background may hold the output open.
+const AFTER_EXIT: Duration = Duration::from_millis(200);
 
 /// The endpoint config's schema, compiled when the plugin is built.
 #[jsonschema::validator(path = "../../schema/plugins/shell.schema.json")]
@@ -82,59 +92,67 @@ impl Plugin for Shell {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
+            // Its own process group, so that a command that outlasts its
+            // time is killed with everything it started.
+            .process_group(0)
             .kill_on_drop(true);
         let mut child = cmd
             .spawn()
             .map_err(|err| PluginError::failed(format!("cannot run sh: {err}")))?;
+        let group = child.id().and_then(|id| Pid::from_raw(id as i32));
         let (mut out, mut err) = (child.stdout.take(), child.stderr.take());
+        let (mut stdout, mut stderr) = (Output::default(), Output::default());
         // A little under the server's own call timeout, so the command is
         // killed here (and its output logged) before the call gives up.
         let timeout = host.get_timeout().await.unwrap_or(5.0) * 0.9;
         let run = async {
-            let (mut o, mut x) = (Vec::new(), Vec::new());
-            let read_out = async {
-                if let Some(s) = out.as_mut() {
-                    let _ = s.read_to_end(&mut o).await;
+            let mut read = std::pin::pin!(async {
+                tokio::join!(
+                    stdout.read_from(out.as_mut()),
+                    stderr.read_from(err.as_mut())
+                )
+            });
+            let mut read_all = false;
+            let status = loop {
+                tokio::select! {
+                    status = child.wait() => break status,
+                    _ = &mut read, if !read_all => read_all = true,
                 }
             };
-            let read_err = async {
-                if let Some(s) = err.as_mut() {
-                    let _ = s.read_to_end(&mut x).await;
-                }
-            };
-            tokio::join!(read_out, read_err);
-            let status = child.wait().await;
-            (status, o, x)
+            // What it left running in the background may hold its output
+            // open; it is not waited for.
+            if !read_all {
+                let _ = tokio::time::timeout(AFTER_EXIT, read).await;
+            }
+            status
         };
-        let (status, stdout, stderr) = tokio::time::timeout(Duration::from_secs_f64(timeout), run)
-            .await
+        let status = tokio::time::timeout(Duration::from_secs_f64(timeout), run).await;
+        if status.is_err()
+            && let Some(group) = group
+        {
+            let _ = rustix::process::kill_process_group(group, Signal::KILL);
+        }
+        for line in stdout
+            .log_lines("stdout")
+            .into_iter()
+            .chain(stderr.log_lines("stderr"))
+        {
+            tracing::info!(event = %e.event_id, "command: {line}");
+        }
+        let status = status
             .map_err(|_| {
                 PluginError::failed(format!(
                     "the command did not finish within {timeout} s; killed"
                 ))
-            })?;
-        for line in String::from_utf8_lossy(&stdout)
-            .lines()
-            .chain(String::from_utf8_lossy(&stderr).lines())
-        {
-            tracing::info!(event = %e.event_id, "command: {line}");
-        }
-        let status = status.map_err(PluginError::failed)?;
+            })?
+            .map_err(PluginError::failed)?;
         drop(media);
         if status.success() {
             Ok(())
         } else {
-            let tail: String = String::from_utf8_lossy(&stderr)
-                .chars()
-                .rev()
-                .take(300)
-                .collect::<Vec<_>>()
-                .into_iter()
-                .rev()
-                .collect();
             Err(PluginError::failed(format!(
                 "the command failed ({status}): {}",
-                tail.trim()
+                stderr.end()
             )))
         }
     }
