@@ -2,6 +2,7 @@
 //! command only through its environment, so shell metacharacters in a
 //! message stay data.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use roboger_tests::{Method, Server, ServerOptions, assert_status, json, plugin_bin, poll_until};
@@ -25,15 +26,7 @@ async fn the_event_reaches_the_command_as_environment_only() {
         .arg(&script)
         .status()
         .unwrap();
-    let s = Server::start_with(ServerOptions {
-        yaml: "delivery:\n  retry-base: 0.05\n  max-attempts: 2\n".into(),
-        plugins_yaml: format!(
-            "- name: shell\n  command: {}\n",
-            plugin_bin("shell").display()
-        ),
-        ..Default::default()
-    })
-    .await;
+    let s = shell_server("delivery:\n  retry-base: 0.05\n  max-attempts: 2\n").await;
     let a = s.manage(Method::POST, "/addr", None).await.json();
     let (id, addr) = (
         a["id"].as_i64().unwrap(),
@@ -89,10 +82,13 @@ async fn the_event_reaches_the_command_as_environment_only() {
     s.wait_log("command: done", Duration::from_secs(5)).await;
 }
 
-#[tokio::test]
-async fn a_failing_or_hanging_command_is_a_failed_delivery() {
+/// A server running the shell plugin, with `yaml` as its config, once
+/// the plugin runs (the endpoints made next are checked by it; CI once
+/// saw a debug build's start outlast `timeout: 1` twice in a row, and a
+/// start now has 10 s however short `timeout` is).
+async fn shell_server(yaml: &str) -> Server {
     let s = Server::start_with(ServerOptions {
-        yaml: "timeout: 1\ndelivery:\n  retry-base: 0.05\n  max-attempts: 2\n".into(),
+        yaml: yaml.into(),
         plugins_yaml: format!(
             "- name: shell\n  command: {}\n",
             plugin_bin("shell").display()
@@ -100,16 +96,19 @@ async fn a_failing_or_hanging_command_is_a_failed_delivery() {
         ..Default::default()
     })
     .await;
-    // The endpoints below are checked by the running plugin. (CI once saw
-    // a debug build's start outlast `timeout: 1` twice in a row; a start
-    // now has 10 s however short `timeout` is.)
     s.wait_log("plugin running", Duration::from_secs(20)).await;
+    s
+}
+
+/// Runs each command for one event: an endpoint per command, subscribed
+/// to its tag, and an event pushed with it. Returns the address's id.
+async fn run_tagged(s: &Server, commands: &[(&str, String)]) -> i64 {
     let a = s.manage(Method::POST, "/addr", None).await.json();
     let (id, addr) = (
         a["id"].as_i64().unwrap(),
         a["a"].as_str().unwrap().to_string(),
     );
-    for (tag, command) in [("fail", "echo broken >&2; exit 3"), ("hang", "sleep 30")] {
+    for (tag, command) in commands {
         let r = s
             .manage(
                 Method::POST,
@@ -136,12 +135,18 @@ async fn a_failing_or_hanging_command_is_a_failed_delivery() {
             202
         );
     }
-    let errors = poll_until(Duration::from_secs(20), async || {
+    id
+}
+
+/// Once every event of address `id` has its outcome: each event's tag
+/// with its delivery's state and last error.
+async fn outcomes(s: &Server, id: i64, n: usize) -> BTreeMap<String, (String, String)> {
+    poll_until(Duration::from_secs(20), async || {
         let events = s
             .manage(Method::GET, &format!("/addr/{id}/event"), None)
             .await
             .json();
-        let mut errors = Vec::new();
+        let mut outcomes = BTreeMap::new();
         for e in events.as_array().unwrap() {
             let e = s
                 .manage(
@@ -151,27 +156,35 @@ async fn a_failing_or_hanging_command_is_a_failed_delivery() {
                 )
                 .await
                 .json();
-            if e["deliveries"][0]["state"] == "failed" {
-                errors.push(
-                    e["deliveries"][0]["last_error"]
-                        .as_str()
-                        .unwrap()
-                        .to_string(),
-                );
+            let d = &e["deliveries"][0];
+            if d["state"] != "pending" {
+                let text = |v: &serde_json::Value| v.as_str().unwrap_or_default().to_string();
+                outcomes.insert(text(&e["tag"]), (text(&d["state"]), text(&d["last_error"])));
             }
         }
-        match errors.len() {
-            2 => Ok(errors),
-            _ => Err(format!("{errors:?}")),
+        match outcomes.len() == n {
+            true => Ok(outcomes),
+            false => Err(format!("{outcomes:?}")),
         }
     })
-    .await;
-    assert!(errors.iter().any(|e| e.contains("broken")), "{errors:?}");
+    .await
+}
+
+#[tokio::test]
+async fn a_failing_or_hanging_command_is_a_failed_delivery() {
+    let s = shell_server("timeout: 1\ndelivery:\n  retry-base: 0.05\n  max-attempts: 2\n").await;
+    let commands = [
+        ("fail", "echo broken >&2; exit 3".to_string()),
+        ("hang", "sleep 30".into()),
+    ];
+    let id = run_tagged(&s, &commands).await;
+    let o = outcomes(&s, id, 2).await;
+    assert_eq!(o["fail"].0, "failed", "{o:?}");
+    assert!(o["fail"].1.contains("broken"), "{o:?}");
+    assert_eq!(o["hang"].0, "failed", "{o:?}");
     assert!(
-        errors
-            .iter()
-            .any(|e| e.contains("did not finish") || e.contains("timed out")),
-        "{errors:?}"
+        o["hang"].1.contains("did not finish") || o["hang"].1.contains("timed out"),
+        "{o:?}"
     );
 }
 
@@ -184,23 +197,9 @@ async fn a_failing_or_hanging_command_is_a_failed_delivery() {
 /// timeout left what it started running.
 #[tokio::test]
 async fn endless_output_and_background_processes_are_bounded() {
-    let s = Server::start_with(ServerOptions {
-        yaml: "timeout: 2\ndelivery:\n  max-attempts: 1\n".into(),
-        plugins_yaml: format!(
-            "- name: shell\n  command: {}\n",
-            plugin_bin("shell").display()
-        ),
-        ..Default::default()
-    })
-    .await;
-    s.wait_log("plugin running", Duration::from_secs(20)).await;
+    let s = shell_server("timeout: 2\ndelivery:\n  max-attempts: 1\n").await;
     let plugins = s.manage(Method::GET, "/plugin", None).await.json();
     let pid = plugins[0]["pid"].as_u64().expect("shell runs");
-    let a = s.manage(Method::POST, "/addr", None).await.json();
-    let (id, addr) = (
-        a["id"].as_i64().unwrap(),
-        a["a"].as_str().unwrap().to_string(),
-    );
     // A marker no other test's process has in its command line.
     let marker = format!("sleep 47.{pid}");
     let commands = [
@@ -211,73 +210,12 @@ async fn endless_output_and_background_processes_are_bounded() {
         ("background", "(sleep 30; echo late) & echo started".into()),
         ("group", format!("{marker} & sleep 40")),
     ];
-    for (tag, command) in &commands {
-        let r = s
-            .manage(
-                Method::POST,
-                &format!("/addr/{id}/endpoint"),
-                Some(json!({"plugin_name": "shell", "config": {"command": command}})),
-            )
-            .await;
-        let ep = r.json()["id"].as_i64().unwrap();
-        s.manage(
-            Method::POST,
-            &format!("/addr/{id}/endpoint/{ep}/subscription"),
-            Some(json!({"tag": tag})),
-        )
-        .await;
-        assert_status!(
-            s.request(
-                Method::POST,
-                "/push",
-                None,
-                &[],
-                Some(json!({"addr": addr, "tag": tag}))
-            )
-            .await,
-            202
-        );
-    }
-    let outcomes = poll_until(Duration::from_secs(20), async || {
-        let events = s
-            .manage(Method::GET, &format!("/addr/{id}/event"), None)
-            .await
-            .json();
-        let mut outcomes = std::collections::BTreeMap::new();
-        for e in events.as_array().unwrap() {
-            let e = s
-                .manage(
-                    Method::GET,
-                    &format!("/addr/{id}/event/{}", e["id"].as_str().unwrap()),
-                    None,
-                )
-                .await
-                .json();
-            let d = &e["deliveries"][0];
-            if d["state"] != "pending" {
-                outcomes.insert(
-                    e["tag"].as_str().unwrap_or_default().to_string(),
-                    (d["state"].clone(), d["last_error"].clone()),
-                );
-            }
-        }
-        match outcomes.len() {
-            3 => Ok(outcomes),
-            _ => Err(format!("{outcomes:?}")),
-        }
-    })
-    .await;
-    assert_eq!(outcomes["loud"].0, "delivered", "{outcomes:?}");
-    assert_eq!(outcomes["background"].0, "delivered", "{outcomes:?}");
-    assert_eq!(outcomes["group"].0, "failed", "{outcomes:?}");
-    assert!(
-        outcomes["group"]
-            .1
-            .as_str()
-            .unwrap_or("")
-            .contains("did not finish"),
-        "{outcomes:?}"
-    );
+    let id = run_tagged(&s, &commands).await;
+    let o = outcomes(&s, id, 3).await;
+    assert_eq!(o["loud"].0, "delivered", "{o:?}");
+    assert_eq!(o["background"].0, "delivered", "{o:?}");
+    assert_eq!(o["group"].0, "failed", "{o:?}");
+    assert!(o["group"].1.contains("did not finish"), "{o:?}");
     // The start of the output is logged, then how much more there was.
     s.wait_log("command: started", Duration::from_secs(5)).await;
     assert_eq!(s.log_lines("command: 50 ").len(), 1, "{}", s.log_text());
