@@ -95,7 +95,7 @@ fn err(code: i32, msg: impl Into<String>) -> ErrorObjectOwned {
 fn store_err(e: StoreError) -> ErrorObjectOwned {
     match e {
         StoreError::NotFound(what) => err(codes::NOT_FOUND, format!("{what} not found")),
-        StoreError::Conflict(m) => err(codes::REJECTED, m),
+        StoreError::Conflict(m) | StoreError::TooLarge(m) => err(codes::REJECTED, m),
         e @ (StoreError::Db(_) | StoreError::Connect(_) | StoreError::NewerSchema(_)) => {
             tracing::warn!(error = %e, "database error in a plugin callback");
             err(codes::FAILED, e.to_string())
@@ -260,11 +260,12 @@ impl HostApiServer for HostHandler {
         params: Option<serde_json::Map<String, Value>>,
     ) -> RpcResult<Vec<Value>> {
         self.check_db()?;
-        self.ctx
-            .store
-            .plugin_query(&sql, &params.unwrap_or_default())
-            .await
-            .map_err(store_err)
+        self.within_timeout(
+            self.ctx
+                .store
+                .plugin_query(&sql, &params.unwrap_or_default()),
+        )
+        .await
     }
 
     async fn db_execute(
@@ -273,15 +274,34 @@ impl HostApiServer for HostHandler {
         params: Option<serde_json::Map<String, Value>>,
     ) -> RpcResult<u64> {
         self.check_db()?;
-        self.ctx
-            .store
-            .plugin_execute(&sql, &params.unwrap_or_default())
-            .await
-            .map_err(store_err)
+        self.within_timeout(
+            self.ctx
+                .store
+                .plugin_execute(&sql, &params.unwrap_or_default()),
+        )
+        .await
     }
 }
 
 impl HostHandler {
+    /// A plugin's database call, given the server's `timeout` as every
+    /// other wait is.
+    async fn within_timeout<T>(
+        &self,
+        work: impl Future<Output = Result<T, StoreError>>,
+    ) -> RpcResult<T> {
+        match tokio::time::timeout(self.ctx.timeout, work).await {
+            Ok(r) => r.map_err(store_err),
+            Err(_) => Err(err(
+                codes::FAILED,
+                format!(
+                    "the query did not finish within the server's timeout ({} s)",
+                    self.ctx.timeout.as_secs_f64()
+                ),
+            )),
+        }
+    }
+
     fn check_db(&self) -> RpcResult<()> {
         if self.db_granted {
             Ok(())

@@ -405,3 +405,67 @@ async fn the_smtp_password_appears_in_no_log_line_even_when_delivery_fails() {
         leaks.join("\n")
     );
 }
+
+/// A plugin's database query is answered within bounds. Before, the
+/// server read the whole answer into memory before sending it, so one
+/// query of a million rows took the server hundreds of MiB, and a plugin
+/// whose answer passed the length of line it reads lost its connection.
+/// It is refused past 16 MiB now, saying so, and the plugin carries on.
+#[tokio::test]
+async fn a_plugins_huge_query_is_refused_within_bounds() {
+    let s = Server::start_with(ServerOptions {
+        plugins_yaml: format!(
+            "- name: dbq\n  command: {}\n  db: true\n",
+            roboger_tests::test_plugin_bin().display()
+        ),
+        yaml: "delivery:\n  max-attempts: 1\n".into(),
+        ..Default::default()
+    })
+    .await;
+    let (id, a) = s.new_addr().await;
+    // 100,000 rows of about 1 KiB, made by the query itself (MariaDB
+    // stops a recursion at 1,000 steps). Rows this long keep what a debug
+    // build reads before it refuses (16,000 rows) within a second.
+    let pad = "x".repeat(1000);
+    let huge = format!(
+        "WITH RECURSIVE d(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM d WHERE i < 999) \
+         SELECT a.i * 1000 + b.i AS i, '{pad}' AS pad FROM d a, d b WHERE a.i < 100"
+    );
+    let big_ep = s.endpoint(id, "dbq", json!({"db_query": huge})).await;
+    assert_status!(s.push(json!({"addr": a, "msg": "huge"})).await, 202);
+    s.endpoint_settles(id, big_ep, 0, 1).await;
+    let ep = s
+        .manage(
+            roboger_tests::Method::GET,
+            &format!("/addr/{id}/endpoint/{big_ep}"),
+            None,
+        )
+        .await
+        .json();
+    let error = ep["last_error"].as_str().unwrap_or_default();
+    assert!(error.contains("more than 16 MiB"), "{ep}");
+    let status = std::fs::read_to_string(format!("/proc/{}/status", s.pid())).unwrap_or_default();
+    let peak_mib = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        .map(|kib| kib / 1024)
+        .expect("the server's peak memory");
+    assert!(peak_mib < 200, "the server peaked at {peak_mib} MiB");
+    // The plugin still serves, and a query within bounds is answered.
+    let plugins = s
+        .manage(roboger_tests::Method::GET, "/plugin", None)
+        .await
+        .json();
+    assert_eq!(plugins[0]["restarts"], 0, "{plugins}");
+    let r = s
+        .manage(
+            roboger_tests::Method::PATCH,
+            &format!("/addr/{id}/endpoint/{big_ep}"),
+            Some(json!({"config": {"db_query": "SELECT 1 AS one UNION ALL SELECT 2"}})),
+        )
+        .await;
+    assert_status!(r, 200);
+    assert_status!(s.push(json!({"addr": a, "msg": "small"})).await, 202);
+    s.endpoint_settles(id, big_ep, 1, 1).await;
+}

@@ -104,6 +104,7 @@ impl From<StoreError> for ApiError {
         match e {
             StoreError::NotFound(what) => ApiError::NotFound(format!("{what} not found")),
             StoreError::Conflict(msg) => ApiError::Conflict(msg),
+            StoreError::TooLarge(msg) => ApiError::BadRequest(msg),
             e @ (StoreError::Db(_) | StoreError::Connect(_) | StoreError::NewerSchema(_)) => {
                 tracing::error!(error = %e, "database error");
                 ApiError::Unavailable("database error; see the server log".into())

@@ -46,6 +46,9 @@ pub enum StoreError {
     /// A unique value is already taken.
     #[error("{0}")]
     Conflict(String),
+    /// An answer would pass a bound it must keep (a plugin's query).
+    #[error("{0}")]
+    TooLarge(String),
     /// The database failed or refused the operation.
     #[error("database error: {0}")]
     Db(#[from] DbErr),

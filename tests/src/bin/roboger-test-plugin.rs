@@ -21,7 +21,10 @@
 //! `{"gate": "/path"}` waits until that file exists (a target that is down
 //! until the test brings it back); `TEST_PLUGIN_SEND_FAIL` (environment)
 //! makes every `send` of this process fail with its text, after the rest;
-//! `{"callbacks": true}` calls back into the server and records what it got.
+//! `{"callbacks": true}` calls back into the server and records what it got;
+//! `{"db_query": "SQL"}` runs that query through the server (the plugin
+//! needs `db: true`), records how many rows came back and fails the
+//! delivery with the server's error if it refused.
 //! Against its sandbox: `{"write": "/path"}` writes a file there (the
 //! error is the delivery's); `{"open_files": n}` opens `/dev/null` n times
 //! at once; `{"allocate_mib": n}` touches n MiB, once per plugin
@@ -237,6 +240,14 @@ impl Plugin for Chaos {
             while !std::path::Path::new(gate).exists() {
                 tokio::time::sleep(std::time::Duration::from_millis(20)).await;
             }
+        }
+        if let Some(sql) = c.get("db_query").and_then(Value::as_str) {
+            let rows = host
+                .client()
+                .db_query(sql.to_string(), None)
+                .await
+                .map_err(|e| PluginError::failed(e.to_string()))?;
+            record(json!({"method": "db_query", "rows": rows.len()}));
         }
         let mut callbacks = Value::Null;
         if c.get("callbacks").is_some() {
