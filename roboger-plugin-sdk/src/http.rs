@@ -8,7 +8,7 @@ use std::time::Duration;
 
 pub use reqwest;
 
-use crate::secret::url_without_password;
+use crate::secret::url_without_secrets;
 use crate::{Host, PluginError, egress};
 
 static CLIENT: OnceLock<reqwest::Client> = OnceLock::new();
@@ -101,7 +101,7 @@ const QUOTED: usize = 200;
 /// or [`PluginError::Later`] when a 429 or 503 says with `Retry-After`
 /// how long to wait.
 async fn answer_error(url: &str, mut resp: reqwest::Response, for_good: bool) -> PluginError {
-    let url = url_without_password(url);
+    let url = url_without_secrets(url);
     let status = resp.status();
     let wait = match status {
         reqwest::StatusCode::TOO_MANY_REQUESTS | reqwest::StatusCode::SERVICE_UNAVAILABLE => resp
@@ -161,7 +161,7 @@ pub fn checked(url: &str) -> Result<Option<reqwest::Url>, PluginError> {
     match egress::literal(&parsed).map(|ip| egress::current().check(ip)) {
         Some(Err(r)) => Err(PluginError::rejected(format!(
             "{}: {r}",
-            url_without_password(url)
+            url_without_secrets(url)
         ))),
         _ => Ok(Some(parsed)),
     }
@@ -172,7 +172,7 @@ pub fn checked(url: &str) -> Result<Option<reqwest::Url>, PluginError> {
 /// (the server does not retry it), with the rule; anything else is
 /// [`PluginError::Failed`].
 pub fn request_error(url: &str, e: &reqwest::Error) -> PluginError {
-    let url = url_without_password(url);
+    let url = url_without_secrets(url);
     match egress::refused_in(e) {
         Some(r) => PluginError::rejected(format!("{url}: {r}")),
         None => PluginError::failed(format!("{url}: {}", with_causes(e))),

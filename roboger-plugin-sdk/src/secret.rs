@@ -1,18 +1,27 @@
 //! Secrets as the server and plugins both show them: the mask that
-//! stands for one, and a URL with its password masked, for the errors
-//! and log lines that name a URL (a database's, a webhook's).
+//! stands for one, and a URL with its password and credential-like query
+//! values masked, for the errors and log lines that name a URL (a
+//! database's, a webhook's).
 
 /// What a secret is shown as.
 pub const MASK: &str = "[secret]";
 
+/// Parts of a query parameter's name that make its value a credential:
+/// libpq's `password`, and the `token`, `key`, `secret`, `sig` and `auth`
+/// of the webhooks that take one in their URL (Google Chat's `key` and
+/// `token`, signed URLs' `sig`, `access_token`, `api_key`, …).
+const CREDENTIAL_NAMES: [&str; 6] = ["pass", "token", "key", "secret", "sig", "auth"];
+
 /// `url` fit to be said in an error or a log line: the password of its
-/// user info (`user:password@`) and the value of a `password` query
-/// parameter (libpq's) are [`MASK`]. It works on the text, so a URL
+/// user info (`user:password@`) and the value of each query parameter
+/// whose name holds one of [`CREDENTIAL_NAMES`] are [`MASK`]. A token
+/// in the path is not (the path is what tells one target's errors from
+/// another's). It works on the text, so a URL
 /// that does not parse (which may be the error being said) is masked
 /// too; the user info runs to the last `@` before the query, so a
 /// password with an unencoded `/` or `@` in it is masked whole, at the
 /// cost of masking more of a URL with an `@` in its path.
-pub fn url_without_password(url: &str) -> String {
+pub fn url_without_secrets(url: &str) -> String {
     let (path, query) = url.split_at(url.find(['?', '#']).unwrap_or(url.len()));
     let start = path.find("://").map_or(0, |i| i + 3);
     let mut out = match path.rsplit_once('@') {
@@ -29,7 +38,7 @@ pub fn url_without_password(url: &str) -> String {
             let pairs: Vec<String> = pairs
                 .split('&')
                 .map(|pair| match pair.split_once('=') {
-                    Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}={MASK}"),
+                    Some((k, v)) if !v.is_empty() && is_credential(k) => format!("{k}={MASK}"),
                     _ => pair.to_string(),
                 })
                 .collect();
@@ -41,19 +50,36 @@ pub fn url_without_password(url: &str) -> String {
     out
 }
 
+fn is_credential(name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    CREDENTIAL_NAMES.iter().any(|c| name.contains(c))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn a_urls_password_is_masked_and_nothing_else() {
+    fn a_urls_password_and_credentials_are_masked_and_nothing_else() {
         for (url, shown) in [
             (
                 "http://bob:hunter22@host:9/x",
                 "http://bob:[secret]@host:9/x",
             ),
             ("http://bob@host/x", "http://bob@host/x"),
-            ("http://host:8080/x?token=t", "http://host:8080/x?token=t"),
+            (
+                "http://host:8080/x?token=t&page=2",
+                "http://host:8080/x?token=[secret]&page=2",
+            ),
+            (
+                "https://chat.example/v1/spaces/S/messages?key=K&Token=T&thread=1",
+                "https://chat.example/v1/spaces/S/messages?key=[secret]&Token=[secret]&thread=1",
+            ),
+            (
+                "https://h/x?access_token=a&api_key=b&sig=c&authorization=d&x=",
+                "https://h/x?access_token=[secret]&api_key=[secret]&sig=[secret]&authorization=[secret]&x=",
+            ),
+            ("https://h/x?token=", "https://h/x?token="),
             (
                 "postgresql://db:x/r?user=u&Password=pw&sslmode=require",
                 "postgresql://db:x/r?user=u&Password=[secret]&sslmode=require",
@@ -68,7 +94,7 @@ mod tests {
             ("not a url", "not a url"),
             ("http://@host/x", "http://@host/x"),
         ] {
-            assert_eq!(url_without_password(url), shown, "{url}");
+            assert_eq!(url_without_secrets(url), shown, "{url}");
         }
     }
 }

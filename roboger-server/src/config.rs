@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ipnet::IpNet;
-use roboger_plugin_sdk::secret::url_without_password;
+use roboger_plugin_sdk::secret::url_without_secrets;
 use serde::Deserialize;
 
 /// The default listen address (the original's port, loopback only).
@@ -1035,7 +1035,7 @@ pub fn translate_db_url(raw: &str) -> Result<DbUrl, ConfigError> {
     let (scheme, rest) = raw.split_once("://").ok_or_else(|| {
         invalid(
             KEY,
-            format!("not a database URL: {}", url_without_password(raw)),
+            format!("not a database URL: {}", url_without_secrets(raw)),
         )
     })?;
     let base = scheme.split('+').next().unwrap_or(scheme);
@@ -1066,7 +1066,7 @@ pub fn translate_db_url(raw: &str) -> Result<DbUrl, ConfigError> {
             let parsed = url::Url::parse(&url).map_err(|e| {
                 invalid(
                     KEY,
-                    format!("not a valid URL ({e}): {}", url_without_password(raw)),
+                    format!("not a valid URL ({e}): {}", url_without_secrets(raw)),
                 )
             })?;
             if parsed.host_str().is_none_or(str::is_empty)
@@ -1074,7 +1074,7 @@ pub fn translate_db_url(raw: &str) -> Result<DbUrl, ConfigError> {
             {
                 return Err(invalid(
                     KEY,
-                    format!("the URL names no host: {}", url_without_password(raw)),
+                    format!("the URL names no host: {}", url_without_secrets(raw)),
                 ));
             }
             Ok(DbUrl { url, backend })

@@ -393,9 +393,9 @@ async fn an_endpoint_whose_target_asked_for_a_wait_is_held() {
 }
 
 /// A password in a target's URL is sent (as basic authentication) but
-/// never said: the log and the delivery's error name the URL with
-/// `[secret]` in its place, whether the target refused the delivery or
-/// could not be reached.
+/// never said, nor a token in its query: the log and the delivery's error
+/// name the URL with `[secret]` in their place, whether the target
+/// refused the delivery or could not be reached.
 #[tokio::test]
 async fn a_password_in_the_targets_url_is_never_said() {
     use base64::Engine;
@@ -406,7 +406,7 @@ async fn a_password_in_the_targets_url_is_never_said() {
     s.endpoint(
         id,
         "webhook",
-        json!({"url": format!("{}/hook", with_password(&sink.base))}),
+        json!({"url": format!("{}/hook?token=tok3n&v=1", with_password(&sink.base))}),
     )
     .await;
     // A port nothing listens on.
@@ -428,7 +428,10 @@ async fn a_password_in_the_targets_url_is_never_said() {
         got[1].headers["authorization"].to_str().ok(),
         Some(format!("Basic {basic}").as_str())
     );
-    let refused = format!("{}/hook answered 500", as_said(&sink.base));
+    let refused = format!(
+        "{}/hook?token=[secret]&v=1 answered 500",
+        as_said(&sink.base)
+    );
     let unreachable = format!("{}/down: ", as_said(&format!("http://127.0.0.1:{closed}")));
     roboger_tests::poll_until(std::time::Duration::from_secs(10), async || {
         let log = s.log_text();
@@ -444,5 +447,6 @@ async fn a_password_in_the_targets_url_is_never_said() {
         .json();
     let last_error = ep["last_error"].as_str().unwrap_or_default();
     assert!(last_error.starts_with(&unreachable), "{ep}");
-    assert!(!s.log_text().contains("hunter22"), "{}", s.log_text());
+    let log = s.log_text();
+    assert!(!log.contains("hunter22") && !log.contains("tok3n"), "{log}");
 }
