@@ -364,3 +364,49 @@ async fn a_requests_http_error_with_retry_after_reaches_the_server() {
     assert!(error.contains("429"), "{error}");
     assert_eq!(sink.requests().len(), 1);
 }
+
+/// A module's send that never returns keeps its Python thread (a thread
+/// cannot be stopped), and every retry added one: after about two minutes
+/// of a hung target the bridge could start no thread and served nothing,
+/// while it still looked up. Once 32 calls have run past twice the
+/// server's timeout it exits, says why, and is started afresh.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_module_whose_send_never_returns_is_started_afresh() {
+    let s = Server::start_with(ServerOptions {
+        yaml: "timeout: 1\ndelivery:\n  retry-base: 0.05\n  retry-max: 0.1\n  max-attempts: 1000\n"
+            .into(),
+        plugins_yaml: format!(
+            "- name: fetch\n  python: robogercontrib.fetch\n  command: {}\n  env: {{PYTHONPATH: {}}}\n",
+            plugin_bin("python").display(),
+            contrib().display()
+        ),
+        ..Default::default()
+    })
+    .await;
+    let (id, a) = s.new_addr().await;
+    s.endpoint(
+        id,
+        "fetch",
+        json!({"url": "http://127.0.0.1:9/", "hang": true}),
+    )
+    .await;
+    for i in 0..5 {
+        assert_status!(
+            s.push(json!({"addr": a, "msg": format!("m{i}")})).await,
+            202
+        );
+    }
+    s.wait_log(
+        "calls have run past twice the server's timeout and still run",
+        Duration::from_secs(60),
+    )
+    .await;
+    poll_until(Duration::from_secs(30), async || {
+        let p = s.manage(Method::GET, "/plugin", None).await.json();
+        match (p[0]["state"].as_str(), p[0]["restarts"].as_u64()) {
+            (Some("running"), Some(n)) if n >= 1 => Ok(()),
+            _ => Err(format!("{p}")),
+        }
+    })
+    .await;
+}

@@ -7,10 +7,18 @@ it, the bridge installs a `roboger.core` module whose functions are served
 by the server over this process's stdin/stdout (JSON-RPC 2.0, one message
 per line), so the module runs without changing a line.
 
+A Python thread cannot be stopped, so a call the server gave up on (a
+`send` that never returns, as one to a target that never answers without
+a timeout) keeps its thread. When STUCK_MAX calls have run past twice the
+server's timeout, the bridge exits so that the server starts it afresh
+(their deliveries are tried again), before the stuck threads take the
+process's address space and no call can start at all.
+
 Run by `roboger-plugin-python MODULE`; standard library only.
 """
 import base64
 import concurrent.futures
+import contextlib
 import email.utils
 import errno
 import importlib
@@ -40,6 +48,48 @@ _pending = {}
 _pending_lock = threading.Lock()
 _ids = itertools.count(1)
 _local = threading.local()
+# When each call still running started (time.monotonic()), by a token.
+_running = {}
+_running_lock = threading.Lock()
+STUCK_MAX = 32
+
+
+@contextlib.contextmanager
+def _running_call():
+    """Counts a call as running while it runs (see `_watch_stuck`)."""
+    token = object()
+    with _running_lock:
+        _running[token] = time.monotonic()
+    try:
+        yield
+    finally:
+        with _running_lock:
+            del _running[token]
+
+
+def _watch_stuck():
+    """Exits once STUCK_MAX calls have run past twice the server's timeout
+    (the server gave up on them long before), logging why."""
+    stuck_after = None
+    while True:
+        time.sleep(1)
+        now = time.monotonic()
+        with _running_lock:
+            ages = [now - t for t in _running.values()]
+        if stuck_after is None:
+            if not any(age > 5 for age in ages):
+                continue
+            try:
+                stuck_after = 2 * float(_call("get_timeout")) + 1
+            except Exception:
+                continue
+        stuck = sum(1 for age in ages if age > stuck_after)
+        if stuck >= STUCK_MAX:
+            sys.stderr.write(
+                f"ERROR {stuck} calls have run past twice the server's timeout and still run "
+                "(a send that never returns?): exiting, to be started afresh\n")
+            sys.stderr.flush()
+            os._exit(1)
 
 
 def _write(msg):
@@ -547,7 +597,8 @@ def _send_batch(module, events):
 
     def one(i, params):
         try:
-            _send_one(module, dict(params))
+            with _running_call():
+                _send_one(module, dict(params))
             outcomes[i] = {}
         except RpcError as e:
             outcomes[i] = {"error": {"code": e.code, "message": str(e)}}
@@ -564,6 +615,11 @@ def _send_batch(module, events):
 
 
 def _serve(module, msg):
+    with _running_call():
+        _serve_call(module, msg)
+
+
+def _serve_call(module, msg):
     rid, method = msg.get("id"), msg["method"]
     params = msg.get("params") or {}
     try:
@@ -626,6 +682,7 @@ def main():
     if not callable(getattr(module, "send", None)):
         sys.stderr.write(f"ERROR {sys.argv[1]} has no send function\n")
         sys.exit(1)
+    threading.Thread(target=_watch_stuck, daemon=True).start()
     for line in sys.stdin:
         if not line.strip():
             continue

@@ -6,10 +6,13 @@ a wait asked for reach the server (an HTTP 429's `Retry-After`, or, with
 `later: SECONDS` in the endpoint config, an exception's `retry_after`).
 With `client: requests` it POSTs with `requests` instead, whose
 `raise_for_status()` HTTPError carries the answer the bridge reads.
+With `hang: true` its send never returns, as one calling a target that
+never answers, without a timeout, would.
 """
 
 __version__ = "0.1.0"
 
+import time
 import urllib.request
 
 
@@ -27,6 +30,8 @@ class Later(Exception):
 
 
 def send(config, msg, **kwargs):
+    if config.get("hang"):
+        time.sleep(3600)
     if "later" in config:
         raise Later(config["later"])
     if config.get("client") == "requests":
