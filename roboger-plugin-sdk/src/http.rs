@@ -1,5 +1,6 @@
 //! Delivering over HTTP (the `http` feature): one shared client, a JSON
-//! request with the server's timeout, and any non-2xx answer reported as
+//! request within [`Host::call_budget`] (just under the server's
+//! timeout), and any non-2xx answer reported as
 //! a failed delivery, which the server retries (unless the plugin says
 //! the status is final).
 
@@ -71,13 +72,13 @@ pub async fn send_json_with_final(
     let method = reqwest::Method::from_bytes(method.as_bytes()).map_err(PluginError::failed)?;
     // Parsed once, for the policy and the request.
     let parsed = checked(url)?;
-    let timeout = host.get_timeout().await.unwrap_or(5.0);
+    let timeout = host.call_budget().await;
     let req = match parsed {
         Some(u) => client()?.request(method, u),
         None => client()?.request(method, url),
     };
     let mut req = req
-        .timeout(Duration::from_secs_f64(timeout))
+        .timeout(timeout)
         .header("content-type", "application/json")
         .body(body);
     for (k, v) in headers {

@@ -223,6 +223,16 @@ impl Host {
             .copied()
     }
 
+    /// How long a call may take here: nine tenths of the server's
+    /// timeout, so that its answer, a timeout's included, reaches the
+    /// server before the server gives up on it, and a batch's answer
+    /// arrives with the events that went well in it. HTTP requests, SMTP
+    /// sessions and commands are given this.
+    pub async fn call_budget(&self) -> std::time::Duration {
+        let secs = self.get_timeout().await.unwrap_or(5.0) * 0.9;
+        std::time::Duration::try_from_secs_f64(secs).unwrap_or(std::time::Duration::from_secs(5))
+    }
+
     /// The server's public base URL, if configured (no trailing `/`).
     pub async fn get_url(&self) -> Result<Option<String>, PluginError> {
         self.client.get_url().await.map_err(failed)
@@ -317,7 +327,23 @@ impl<P: Plugin> Adapter<P> {
             media_fname: p.media_fname,
             hops: p.hops.unwrap_or(0),
         };
-        rpc(self.plugin.send(event, &self.host).await)
+        // The server gives up on a call after its timeout, and on a whole
+        // batch at once: a send still running just before then (a target
+        // that never answers, with no timeout of its own) is dropped and
+        // answered as failed, so that it neither stays in memory for good
+        // nor takes the batch's other events down with it. What the
+        // plugin bounds itself ([`Host::call_budget`]) ends first, with
+        // its own words.
+        let timeout = self.host.get_timeout().await.unwrap_or(5.0);
+        let limit = std::time::Duration::try_from_secs_f64(timeout * 0.95)
+            .unwrap_or(std::time::Duration::MAX);
+        match tokio::time::timeout(limit, self.plugin.send(event, &self.host)).await {
+            Ok(r) => rpc(r),
+            Err(_) => rpc(Err(PluginError::failed(format!(
+                "the send did not finish within {:.2} s, just under the server's timeout, and was dropped",
+                limit.as_secs_f64()
+            )))),
+        }
     }
 }
 

@@ -280,7 +280,13 @@ async fn a_hung_call_times_out_and_failures_carry_the_plugins_message() {
         .call("p", "send", send_params("hang", 1, json!({"hang": true})))
         .await
         .unwrap_err();
-    assert!(matches!(e, CallError::Unavailable(..)), "{e:?}");
+    // The SDK drops the send just under the server's timeout (2 s here)
+    // and answers it as failed; the server's own timeout is the backstop
+    // for a plugin that answers nothing at all (tests/plugins.rs).
+    assert!(
+        matches!(&e, CallError::Failed(m) if m.contains("did not finish within 1.90 s")),
+        "{e:?}"
+    );
     assert!(t.elapsed() < Duration::from_secs(4), "{:?}", t.elapsed());
     let e = r
         .sup

@@ -369,7 +369,10 @@ async fn a_requests_http_error_with_retry_after_reaches_the_server() {
 /// cannot be stopped), and every retry added one: after about two minutes
 /// of a hung target the bridge could start no thread and served nothing,
 /// while it still looked up. Once 32 calls have run past twice the
-/// server's timeout it exits, says why, and is started afresh.
+/// server's timeout it exits, says why, and is started afresh. Meanwhile
+/// the deliveries batched with the hung ones are made: a batch answers
+/// just before the server's timeout with the sends that ended (before,
+/// the whole batch timed out with them).
 #[tokio::test(flavor = "multi_thread")]
 async fn a_module_whose_send_never_returns_is_started_afresh() {
     let s = Server::start_with(ServerOptions {

@@ -450,3 +450,44 @@ async fn a_password_in_the_targets_url_is_never_said() {
     let log = s.log_text();
     assert!(!log.contains("hunter22") && !log.contains("tok3n"), "{log}");
 }
+
+/// A target that takes the request and never answers fails its own
+/// delivery, within the webhook's budget just under the server's
+/// timeout, and no other: the server sends the deliveries due for one
+/// plugin in one batch, and the batch used to time out whole with it, so
+/// a healthy target's delivery failed too ("send_batch timed out").
+#[tokio::test]
+async fn a_target_that_never_answers_fails_only_its_own_delivery() {
+    let hung = HttpSink::start(vec![]).await;
+    hung.hold();
+    let fine = HttpSink::start(vec![]).await;
+    let s = Server::start_with(ServerOptions {
+        yaml: "timeout: 1\ndelivery:\n  max-attempts: 1\n".into(),
+        plugins_yaml: format!(
+            "- name: webhook\n  command: {}\n",
+            plugin_bin("webhook").display()
+        ),
+        ..Default::default()
+    })
+    .await;
+    let (id, a) = s.new_addr().await;
+    let hung_ep = s
+        .endpoint(id, "webhook", json!({"url": format!("{}/hung", hung.base)}))
+        .await;
+    let fine_ep = s
+        .endpoint(id, "webhook", json!({"url": format!("{}/fine", fine.base)}))
+        .await;
+    assert_status!(s.push(json!({"addr": a, "msg": "m"})).await, 202);
+    s.endpoint_settles(id, fine_ep, 1, 0).await;
+    s.endpoint_settles(id, hung_ep, 0, 1).await;
+    assert_eq!(fine.requests().len(), 1);
+    let ep = s
+        .manage(Method::GET, &format!("/addr/{id}/endpoint/{hung_ep}"), None)
+        .await
+        .json();
+    let error = ep["last_error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains(&format!("{}/hung", hung.base)) && error.contains("timed out"),
+        "{ep}"
+    );
+}

@@ -569,3 +569,41 @@ async fn a_plugin_silent_at_its_handshake_is_restarted() {
     assert!(began.elapsed() >= Duration::from_secs(10), "{p}");
     assert_status!(s.request(Method::GET, "/ping", None, &[], None).await, 204);
 }
+
+/// A send that never ends (`{"hang": true}`: a target with no timeout
+/// that never answers) fails alone, just before the server's timeout,
+/// and is dropped. Before, it was kept in the plugin's memory for good,
+/// and as the server sends the deliveries due for one plugin in one
+/// batch, it took the batch's other deliveries down with it: the other
+/// endpoint's failed too, "send_batch timed out".
+#[tokio::test]
+async fn a_send_that_never_ends_fails_alone() {
+    let s = Server::start_with(ServerOptions {
+        plugins: vec!["t".into()],
+        yaml: "timeout: 1\ndelivery:\n  max-attempts: 1\n".into(),
+        ..Default::default()
+    })
+    .await;
+    let (id, a) = s.new_addr().await;
+    let hung = s.endpoint(id, "t", json!({"hang": true})).await;
+    let fine = s.endpoint(id, "t", json!({})).await;
+    assert_status!(s.push(json!({"addr": a, "msg": "m"})).await, 202);
+    s.endpoint_settles(id, fine, 1, 0).await;
+    s.endpoint_settles(id, hung, 0, 1).await;
+    let ep = s
+        .manage(Method::GET, &format!("/addr/{id}/endpoint/{hung}"), None)
+        .await
+        .json();
+    assert!(
+        ep["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("did not finish within 0.95 s")),
+        "{ep}"
+    );
+    let p = plugin(&s, "t").await;
+    assert_eq!(
+        (p["state"].as_str(), p["restarts"].as_u64()),
+        (Some("running"), Some(0)),
+        "{p}"
+    );
+}

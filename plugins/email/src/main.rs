@@ -186,7 +186,7 @@ impl Plugin for Email {
     }
 
     async fn load(&self, config: &Value, host: &Host) -> Result<(), PluginError> {
-        let timeout = host.get_timeout().await.unwrap_or(5.0);
+        let timeout = host.call_budget().await.as_secs_f64();
         let s = Arc::new(setup(config, timeout)?);
         if let Ok(mut slot) = self.setup.write() {
             *slot = Some(s);

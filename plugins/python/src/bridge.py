@@ -67,6 +67,16 @@ def _running_call():
             del _running[token]
 
 
+_timeout = []
+
+
+def _server_timeout():
+    """The server's timeout in seconds, asked once."""
+    if not _timeout:
+        _timeout.append(float(_call("get_timeout")))
+    return _timeout[0]
+
+
 def _watch_stuck():
     """Exits once STUCK_MAX calls have run past twice the server's timeout
     (the server gave up on them long before), logging why."""
@@ -80,7 +90,7 @@ def _watch_stuck():
             if not any(age > 5 for age in ages):
                 continue
             try:
-                stuck_after = 2 * float(_call("get_timeout")) + 1
+                stuck_after = 2 * _server_timeout() + 1
             except Exception:
                 continue
         stuck = sum(1 for age in ages if age > stuck_after)
@@ -592,7 +602,8 @@ def _failure(e):
 
 def _send_batch(module, events):
     """`send_batch`: the module's send for each event at once (a thread
-    each, as separate `send` calls would have); one outcome per event."""
+    each, as separate `send` calls would have); one outcome per event,
+    answered just before the server's timeout at the latest."""
     outcomes = [None] * len(events)
 
     def one(i, params):
@@ -606,12 +617,22 @@ def _send_batch(module, events):
             logger.debug(traceback.format_exc().rstrip())
             outcomes[i] = {"error": _failure(e)}
 
+    try:
+        limit = 0.95 * _server_timeout()
+    except Exception:
+        limit = 4.75
+    deadline = time.monotonic() + limit
     threads = [threading.Thread(target=one, args=(i, p), daemon=True) for i, p in enumerate(events)]
     for t in threads:
         t.start()
+    # The server gives up on the whole batch at its timeout: a send still
+    # running just before then fails alone (its thread runs on; see
+    # _watch_stuck), and the others' outcomes reach the server.
     for t in threads:
-        t.join()
-    return outcomes
+        t.join(max(0.0, deadline - time.monotonic()))
+    late = {"error": {"code": FAILED, "message":
+                      f"the send did not finish within {limit:.2f} s, just under the server's timeout"}}
+    return [late if o is None else o for o in outcomes]
 
 
 def _serve(module, msg):

@@ -104,7 +104,7 @@ impl Plugin for Shell {
         let (mut stdout, mut stderr) = (Output::default(), Output::default());
         // A little under the server's own call timeout, so the command is
         // killed here (and its output logged) before the call gives up.
-        let timeout = host.get_timeout().await.unwrap_or(5.0) * 0.9;
+        let timeout = host.call_budget().await.as_secs_f64();
         let run = async {
             let mut read = std::pin::pin!(async {
                 tokio::join!(

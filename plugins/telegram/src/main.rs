@@ -196,7 +196,7 @@ impl Plugin for Telegram {
         if let Ok(mut slot) = self.bot.write() {
             *slot = Some(bot.clone());
         }
-        let timeout = Duration::from_secs_f64(host.get_timeout().await.unwrap_or(5.0));
+        let timeout = host.call_budget().await;
         let Some(url) = host.get_url().await? else {
             host.log(
                 "warning",
@@ -251,7 +251,7 @@ impl Plugin for Telegram {
         let chat = bot
             .decrypt(code)
             .ok_or_else(|| PluginError::failed("chat_id: not a code this bot issued"))?;
-        let timeout = Duration::from_secs_f64(host.get_timeout().await.unwrap_or(5.0));
+        let timeout = host.call_budget().await;
         let silent = e.level <= 10;
         bot.call(
             "sendMessage",
@@ -307,7 +307,7 @@ impl Plugin for Telegram {
                 .is_some_and(|w| w == "/start" || w.starts_with("/start@"))
         });
         if let (Some(chat), true) = (chat, is_start) {
-            let timeout = Duration::from_secs_f64(host.get_timeout().await.unwrap_or(5.0));
+            let timeout = host.call_budget().await;
             let reply = format!(
                 "Your chat id for Roboger endpoints:\n<code>{}</code>",
                 bot.encrypt(chat)?
