@@ -3,10 +3,10 @@
 //! history that follows new events (server-sent events) and a test event.
 //!
 //! Pages read the store directly, a page at a time (addresses with a
-//! search, an address's endpoints, events); every change a form asks for goes through the
-//! management API's own handlers ([`manage::execute`]), so the console can
-//! do nothing the API would refuse, and the cluster hears of it the same
-//! way. Templates and assets are compiled into the binary ([`page`]).
+//! search, an address's endpoints, events); every change a form asks for
+//! goes through the management API's own handlers ([`manage::execute`]),
+//! so the console can do nothing the API would refuse, and the cluster
+//! hears of it the same way. Templates and assets are compiled into the binary ([`page`]).
 //!
 //! Invariant: every console request passes `master.allow`; every page but
 //! sign-in needs a session ([`session`]); every POST but sign-in carries
