@@ -433,6 +433,16 @@ impl ServerOptions {
             ..Default::default()
         }
     }
+
+    /// A server running the misbehaving test plugin as plugin `t`, with
+    /// `yaml` under `roboger:`.
+    pub fn test_plugin(yaml: &str) -> ServerOptions {
+        ServerOptions {
+            plugins: vec!["t".into()],
+            yaml: yaml.to_string(),
+            ..Default::default()
+        }
+    }
 }
 
 /// A database for several servers at once (a cluster): a fresh one on

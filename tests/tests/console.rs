@@ -421,12 +421,7 @@ async fn master_allow_applies_to_the_console() {
 /// is done; the address is gone when it ends.
 #[tokio::test]
 async fn deleting_an_address_with_a_long_history_says_it_goes_on() {
-    let server = Server::start_with(ServerOptions {
-        plugins: vec!["t".into()],
-        yaml: "timeout: 1\n".into(),
-        ..Default::default()
-    })
-    .await;
+    let server = Server::start_with(ServerOptions::test_plugin("timeout: 1\n")).await;
     let (id, a) = server.new_addr().await;
     server.endpoint(id, "t", serde_json::json!({})).await;
     assert_status!(
@@ -654,12 +649,8 @@ async fn a_test_event_the_address_refuses_says_why() {
 /// back; the button is gone when nothing has failed.
 #[tokio::test]
 async fn an_endpoints_page_retries_its_failed_deliveries() {
-    let server = Server::start_with(ServerOptions {
-        plugins: vec!["t".into()],
-        yaml: "delivery:\n  max-attempts: 1\n".into(),
-        ..Default::default()
-    })
-    .await;
+    let server =
+        Server::start_with(ServerOptions::test_plugin("delivery:\n  max-attempts: 1\n")).await;
     let (id, a) = server.new_addr().await;
     // Fails each event's first attempt, which max-attempts makes its last.
     let ep = server
@@ -711,11 +702,7 @@ async fn an_endpoints_page_retries_its_failed_deliveries() {
 
 #[tokio::test]
 async fn an_address_with_many_endpoints_is_shown_a_page_at_a_time() {
-    let server = Server::start_with(ServerOptions {
-        plugins: vec!["t".into()],
-        ..Default::default()
-    })
-    .await;
+    let server = Server::start_with(ServerOptions::test_plugin("")).await;
     let (id, _) = server.new_addr().await;
     // 105 endpoints: six pages, and more than the copy form lists by name.
     let mut eps = Vec::new();

@@ -198,11 +198,7 @@ const ROUTES: &[(&str, &str)] = &[
 
 #[tokio::test]
 async fn a_wrong_method_is_405_with_allow_on_every_route() {
-    let s = Server::start_with(ServerOptions {
-        plugins: vec!["t".into()],
-        ..Default::default()
-    })
-    .await;
+    let s = Server::start_with(ServerOptions::test_plugin("")).await;
     let methods = [
         "GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE",
     ];
@@ -246,11 +242,7 @@ async fn a_wrong_method_is_405_with_allow_on_every_route() {
 
 /// A server with the test plugin `t`, an address and an endpoint of it.
 async fn server_with_endpoint() -> (Server, i64, i64) {
-    let s = Server::start_with(ServerOptions {
-        plugins: vec!["t".into()],
-        ..Default::default()
-    })
-    .await;
+    let s = Server::start_with(ServerOptions::test_plugin("")).await;
     let (id, _) = s.new_addr().await;
     let ep = s.endpoint(id, "t", json!({})).await;
     (s, id, ep)

@@ -170,11 +170,7 @@ async fn ping_and_api_answer_503_while_the_database_is_frozen() {
 #[ignore = "freezes the shared PostgreSQL server; tests/run runs it alone"]
 async fn a_delivery_whose_outcome_was_dropped_is_made_again() {
     let data = pg_data();
-    let s = Server::start_with(ServerOptions {
-        plugins: vec!["t".into()],
-        ..Default::default()
-    })
-    .await;
+    let s = Server::start_with(ServerOptions::test_plugin("")).await;
     let (id, a) = s.new_addr().await;
     // The call is still running when the database freezes, and answers
     // while it is frozen.

@@ -1317,12 +1317,7 @@ async fn oversized_bodies_are_413() {
 #[tokio::test]
 async fn deleting_events_or_endpoints_leaves_no_delivery_behind() {
     use roboger_tests::{on_mysql, on_postgres};
-    let s = Server::start_with(ServerOptions {
-        plugins: vec!["t".into()],
-        yaml: "event-retention: 1\n".into(),
-        ..Default::default()
-    })
-    .await;
+    let s = Server::start_with(ServerOptions::test_plugin("event-retention: 1\n")).await;
     let db = s.db_client();
     let keys = if on_postgres() {
         "SELECT string_agg(conname, ',' ORDER BY conname) FROM pg_constraint \
@@ -1484,14 +1479,8 @@ async fn a_cleanup_of_many_events_keeps_the_server_small_and_spares_pending_ones
 #[tokio::test]
 async fn deleting_an_address_with_a_long_history_keeps_pushes_going() {
     const N: u64 = 150_000;
-    let s = std::sync::Arc::new(
-        Server::start_with(ServerOptions {
-            plugins: vec!["t".into()],
-            yaml: "timeout: 1\n".into(),
-            ..Default::default()
-        })
-        .await,
-    );
+    let s =
+        std::sync::Arc::new(Server::start_with(ServerOptions::test_plugin("timeout: 1\n")).await);
     let db = s.db_client();
     let count = |sql: &str| -> u64 { db.query(sql).parse().expect("a count") };
     let (old_id, old) = s.new_addr().await;
@@ -1561,12 +1550,7 @@ async fn deleting_an_address_with_a_long_history_keeps_pushes_going() {
 /// `management change` line nor its end ever said.
 #[tokio::test]
 async fn a_change_whose_client_leaves_is_made_and_logged() {
-    let s = Server::start_with(ServerOptions {
-        plugins: vec!["t".into()],
-        yaml: "timeout: 1\n".into(),
-        ..Default::default()
-    })
-    .await;
+    let s = Server::start_with(ServerOptions::test_plugin("timeout: 1\n")).await;
     let (id, a) = s.new_addr().await;
     s.endpoint(id, "t", json!({})).await;
     assert_status!(s.push(json!({"addr": a, "msg": "m"})).await, 202);
@@ -1606,11 +1590,7 @@ async fn a_change_whose_client_leaves_is_made_and_logged() {
 /// whether its last page is full or not.
 #[tokio::test]
 async fn long_lists_are_whole_across_pages() {
-    let s = Server::start_with(ServerOptions {
-        plugins: vec!["t".into()],
-        ..Default::default()
-    })
-    .await;
+    let s = Server::start_with(ServerOptions::test_plugin("")).await;
     let db = s.db_client();
     let (id, _) = s.new_addr().await;
     let ep = s.endpoint(id, "t", json!({})).await;
@@ -1649,11 +1629,9 @@ async fn long_lists_are_whole_across_pages() {
 #[tokio::test]
 async fn a_config_change_makes_a_long_backlog_due_and_is_answered() {
     const N: u64 = 150_000;
-    let s = Server::start_with(ServerOptions {
-        plugins: vec!["t".into()],
-        yaml: "timeout: 1\ndelivery:\n  max-attempts: 100\n".into(),
-        ..Default::default()
-    })
+    let s = Server::start_with(ServerOptions::test_plugin(
+        "timeout: 1\ndelivery:\n  max-attempts: 100\n",
+    ))
     .await;
     let db = s.db_client();
     let count = |sql: &str| -> u64 { db.query(sql).parse().expect("a count") };

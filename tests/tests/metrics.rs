@@ -16,11 +16,7 @@ const PROMETHEUS_PACE: Duration = Duration::from_millis(200);
 
 #[tokio::test]
 async fn counts_pushes_and_deliveries_exactly_and_prometheus_reads_them() {
-    let s = Server::start_with(ServerOptions {
-        plugins: vec!["t".into()],
-        ..Default::default()
-    })
-    .await;
+    let s = Server::start_with(ServerOptions::test_plugin("")).await;
     let fresh = s.metrics().await;
     for status in [202, 400, 404, 406, 408, 413, 429, 503] {
         assert_eq!(
@@ -194,11 +190,7 @@ async fn only_the_master_key_or_metrics_allow_may_read_it() {
 
 #[tokio::test]
 async fn promtool_accepts_the_exposition() {
-    let s = Server::start_with(ServerOptions {
-        plugins: vec!["t".into()],
-        ..Default::default()
-    })
-    .await;
+    let s = Server::start_with(ServerOptions::test_plugin("")).await;
     let (id, a) = s.new_addr().await;
     s.endpoint(id, "t", json!({})).await;
     assert_status!(s.push(json!({"addr": a, "msg": "m"})).await, 202);
@@ -281,12 +273,7 @@ fn promtool_checks_and_tests_the_readmes_alert_rules() {
 /// before the first failure, so increase() sees it).
 #[tokio::test]
 async fn the_readmes_alert_rules_fire_on_a_real_servers_failures() {
-    let s = Server::start_with(ServerOptions {
-        plugins: vec!["t".into()],
-        yaml: "delivery:\n  max-attempts: 1\n".into(),
-        ..Default::default()
-    })
-    .await;
+    let s = Server::start_with(ServerOptions::test_plugin("delivery:\n  max-attempts: 1\n")).await;
     let (id, a) = s.new_addr().await;
     s.endpoint(id, "t", json!({"fail": "down"})).await;
     s.endpoint(id, "t", json!({"later": 30})).await;

@@ -578,11 +578,9 @@ async fn a_plugin_silent_at_its_handshake_is_restarted() {
 /// endpoint's failed too, "send_batch timed out".
 #[tokio::test]
 async fn a_send_that_never_ends_fails_alone() {
-    let s = Server::start_with(ServerOptions {
-        plugins: vec!["t".into()],
-        yaml: "timeout: 1\ndelivery:\n  max-attempts: 1\n".into(),
-        ..Default::default()
-    })
+    let s = Server::start_with(ServerOptions::test_plugin(
+        "timeout: 1\ndelivery:\n  max-attempts: 1\n",
+    ))
     .await;
     let (id, a) = s.new_addr().await;
     let hung = s.endpoint(id, "t", json!({"hang": true})).await;

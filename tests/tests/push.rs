@@ -1270,11 +1270,7 @@ async fn text_the_database_cannot_store_is_refused_naming_the_field() {
 /// server's 2 s timeout runs out waiting for that connection.
 #[tokio::test]
 async fn management_changes_go_through_once_pushes_are_delivered() {
-    let s = Server::start_with(ServerOptions {
-        plugins: vec!["t".into()],
-        ..Default::default()
-    })
-    .await;
+    let s = Server::start_with(ServerOptions::test_plugin("")).await;
     let (id, a) = s.new_addr().await;
     s.endpoint(id, "t", json!({})).await;
     for round in 0..5 {

@@ -20,11 +20,7 @@ use roboger_tests::{
 
 #[tokio::test]
 async fn a_push_routed_to_what_was_just_deleted_is_answered_as_it_now_is() {
-    let s = Server::start_with(ServerOptions {
-        plugins: vec!["t".into()],
-        ..Default::default()
-    })
-    .await;
+    let s = Server::start_with(ServerOptions::test_plugin("")).await;
     let db = s.db_client();
     let (kept_id, kept) = s.new_addr().await;
     s.endpoint(kept_id, "t", json!({})).await;
