@@ -99,7 +99,9 @@ impl Plugin for Shell {
         let mut child = cmd
             .spawn()
             .map_err(|err| PluginError::failed(format!("cannot run sh: {err}")))?;
-        let group = child.id().and_then(|id| Pid::from_raw(id as i32));
+        let group = child
+            .id()
+            .and_then(|id| Pid::from_raw(i32::try_from(id).ok()?));
         let (mut out, mut err) = (child.stdout.take(), child.stderr.take());
         let (mut stdout, mut stderr) = (Output::default(), Output::default());
         // A little under the server's own call timeout, so the command is
