@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use roboger_tests::{Method, Server, ServerOptions, assert_status, json, plugin_bin, poll_until};
+use roboger_tests::{Method, Server, ServerOptions, assert_status, json, poll_until};
 
 #[tokio::test]
 async fn the_event_reaches_the_command_as_environment_only() {
@@ -87,15 +87,7 @@ async fn the_event_reaches_the_command_as_environment_only() {
 /// saw a debug build's start outlast `timeout: 1` twice in a row, and a
 /// start now has 10 s however short `timeout` is).
 async fn shell_server(yaml: &str) -> Server {
-    let s = Server::start_with(ServerOptions {
-        yaml: yaml.into(),
-        plugins_yaml: format!(
-            "- name: shell\n  command: {}\n",
-            plugin_bin("shell").display()
-        ),
-        ..Default::default()
-    })
-    .await;
+    let s = Server::start_with(ServerOptions::builtin("shell", yaml)).await;
     s.wait_log("plugin running", Duration::from_secs(20)).await;
     s
 }
