@@ -319,8 +319,10 @@ pub trait PluginApi {
     /// Delivers several events (each to its own endpoint) in one call;
     /// optional, offered in the manifest, and the server sends a batch
     /// only to a plugin that offers it. Each event's outcome is its own:
-    /// the answer has one [`SendOutcome`] per event, in order. Events with
-    /// media are always sent one by one, with `send`.
+    /// the answer has one [`SendOutcome`] per event, in order, before the
+    /// server's timeout (which the whole call has), a send that has not
+    /// ended by then answered as failed. Events with media are always
+    /// sent one by one, with `send`.
     #[method(name = "send_batch", param_kind = map)]
     async fn send_batch(&self, events: Vec<SendParams>) -> RpcResult<Vec<SendOutcome>>;
 

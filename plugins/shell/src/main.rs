@@ -1,11 +1,12 @@
 //! The shell plugin: runs the endpoint's `command` (with `sh -c`) for each
 //! event. The event's fields reach the command only as environment
 //! variables (`ROBOGER_MSG`, …), never spliced into the command text, so
-//! a message full of shell metacharacters stays data. The command has the
-//! server's timeout, after which it is killed with everything it started
-//! (its process group); its output goes to the log, within bounds
-//! ([`output`]); a non-zero exit is a failed delivery (retried). What it
-//! leaves running in the background when it exits is not waited for.
+//! a message full of shell metacharacters stays data. The command has
+//! nine tenths of the server's timeout (`Host::call_budget`), after which
+//! it is killed with everything it started (its process group); its
+//! output goes to the log, within bounds ([`output`]); a non-zero exit is
+//! a failed delivery (retried). What it leaves running in the background
+//! when it exits is not waited for.
 
 mod output;
 
