@@ -3,7 +3,8 @@
 Listens on 127.0.0.1 at a free port, prints "listening PORT" once ready,
 and writes each message it receives to DIR as a JSON file: the envelope,
 the headers, the text body and the attachments (base64). The mailbox
-`unknown@...` is refused for good (550), `busy@...` for now (452). With --login and
+`unknown@...` is refused for good (550), `busy@...` for now (452), and
+`later@...` for now the first time it is named, then accepted. With --login and
 --password it requires SMTP AUTH with them (over plain text: loopback).
 
     python smtp_sink.py DIR [--login L --password P]
@@ -29,15 +30,20 @@ class Handler:
         self.out = out
         self.n = 0
         self.lock = threading.Lock()
+        self.named = set()
 
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
         # A mailbox named "unknown" does not exist; one named "busy" is
-        # over its quota for now.
+        # over its quota for now; one named "later" is not ready the first
+        # time.
         local = address.split("@")[0]
         if local == "unknown":
             return "550 5.1.1 no such mailbox"
         if local == "busy":
             return "452 4.2.2 mailbox over quota, try later"
+        if local == "later" and address not in self.named:
+            self.named.add(address)
+            return "451 4.3.0 not now, try later"
         envelope.rcpt_tos.append(address)
         return "250 OK"
 

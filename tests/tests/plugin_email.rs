@@ -4,7 +4,7 @@
 
 use base64::Engine;
 use roboger_tests::{
-    Server, ServerOptions, SmtpSink, assert_status, json, plugin_bin, venv_python,
+    Server, ServerOptions, SmtpSink, Value, assert_status, json, plugin_bin, venv_python,
 };
 
 const PNG: &[u8] =
@@ -130,9 +130,11 @@ async fn logs_in_and_a_wrong_password_is_a_failed_delivery() {
 
 /// A mailbox the SMTP server refuses for good (550) fails the delivery at
 /// once, the server's reply in its error; one refused for now (452), or a
-/// login refused (535, above), is tried again.
+/// login refused (535, above), is tried again. In a list, each recipient
+/// is mailed on its own: one refused does not keep the mail from the
+/// others, and a retry mails only those not yet mailed.
 #[tokio::test]
-async fn a_mailbox_refused_for_good_is_not_mailed_again() {
+async fn a_refused_mailbox_is_not_mailed_again_nor_keeps_the_mail_from_others() {
     let Some(python) = venv_python("aiosmtpd") else {
         return;
     };
@@ -157,5 +159,64 @@ async fn a_mailbox_refused_for_good_is_not_mailed_again() {
     assert_eq!(
         smtp.wait(1).await[0]["rcpt_tos"],
         json!(["ops@example.com"])
+    );
+
+    // Lists: the mailboxes that exist are mailed, once each, whatever
+    // the others came to; the delivery's error says who came to what.
+    for (rcpt, state, attempts, why_parts) in [
+        (
+            "unknown@example.com, a1@example.com",
+            "failed",
+            1,
+            &[
+                "a1@example.com: mailed",
+                "unknown@example.com: permanent error (550)",
+            ][..],
+        ),
+        (
+            "a2@example.com, busy@example.com",
+            "failed",
+            2,
+            &[
+                "a2@example.com: mailed",
+                "busy@example.com: transient error (452)",
+            ],
+        ),
+        (
+            "a3@example.com, later@example.com, a3@example.com",
+            "delivered",
+            2,
+            &[],
+        ),
+    ] {
+        let (id, a) = s.new_addr().await;
+        s.endpoint(id, "email", json!({ "rcpt": rcpt })).await;
+        assert_status!(s.push(json!({"addr": a, "msg": rcpt})).await, 202);
+        let (got, tries, why) = s.settled_delivery(id).await;
+        assert_eq!((got.as_str(), tries), (state, attempts), "{rcpt}: {why}");
+        for part in why_parts {
+            assert!(why.contains(part), "{rcpt}: {why}");
+        }
+    }
+    let mails = smtp.wait(5).await;
+    let to: Vec<&Value> = mails[1..].iter().map(|m| &m["rcpt_tos"]).collect();
+    assert_eq!(
+        to,
+        [
+            &json!(["a1@example.com"]),
+            &json!(["a2@example.com"]),
+            &json!(["a3@example.com"]),
+            &json!(["later@example.com"]),
+        ],
+        "{mails:#?}"
+    );
+    // Each one's headers name the whole list.
+    assert_eq!(
+        mails[4]["headers"]["To"],
+        "a3@example.com, later@example.com"
+    );
+    assert_eq!(
+        mails[4]["text"].as_str().map(str::trim_end),
+        Some("a3@example.com, later@example.com, a3@example.com")
     );
 }

@@ -4,14 +4,19 @@
 //! no `@`; Subject = the formatted subject; the message as the text body;
 //! the media as an attachment, its name and type guessed when absent.
 
+mod recipients;
+
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use futures_util::{StreamExt, stream};
+use lettre::address::Envelope;
 use lettre::message::header::ContentType;
 use lettre::message::{Attachment, Mailbox, Mailboxes, MultiPart, SinglePart};
 use lettre::transport::smtp::authentication::Credentials;
 use lettre::transport::smtp::client::{Tls, TlsParameters};
 use lettre::{Address, AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
+use recipients::{Outcome, Progress, Reply};
 use roboger_plugin_sdk::schema;
 use roboger_plugin_sdk::{Event, Host, Info, Plugin, PluginError, run};
 use serde_json::Value;
@@ -33,7 +38,12 @@ struct Setup {
 
 struct Email {
     setup: RwLock<Option<Arc<Setup>>>,
+    /// What the recipients of retried deliveries came to.
+    progress: Progress,
 }
+
+/// How many of an event's recipients are mailed at once.
+const AT_ONCE: usize = 4;
 
 fn rejected(e: impl std::fmt::Display) -> PluginError {
     PluginError::rejected(e.to_string())
@@ -209,9 +219,7 @@ impl Plugin for Email {
 
     async fn send(&self, e: Event, _host: &Host) -> Result<(), PluginError> {
         let rcpt = e.config_str("rcpt")?;
-        let to = rcpt
-            .parse::<Mailboxes>()
-            .map_err(|e| PluginError::failed(format!("rcpt: {e}")))?;
+        let to = recipients::parse(rcpt).map_err(PluginError::failed)?;
         // The server always calls `load` (with `{}` when unconfigured)
         // before any `send`.
         let s = self
@@ -220,39 +228,54 @@ impl Plugin for Email {
             .ok()
             .and_then(|s| s.clone())
             .ok_or_else(|| PluginError::failed("the plugin is not loaded"))?;
-        let m = message(&e, to, &s)?;
-        s.transport.send(m).await.map_err(|err| smtp_error(&err))?;
-        tracing::debug!(event = %e.event_id, %rcpt, "mailed");
-        Ok(())
-    }
-}
-
-/// SMTP's replies about the sender's own login (530 authentication
-/// required, 534 mechanism too weak, 535 credentials invalid, 538
-/// encryption required): permanent replies, but the operator's to fix in
-/// the plugin config, so the delivery is tried again meanwhile.
-const LOGIN_REPLIES: [&str; 4] = ["530", "534", "535", "538"];
-
-/// A failed SMTP send as a delivery error. A permanent reply (5xx) about
-/// the message itself, such as 550 for an unknown mailbox or 554 for a
-/// message refused, is final: sending it again would be refused again,
-/// and repeated sends refused as spam harm the sender's name.
-/// Everything else (4xx, connection and TLS errors, login replies) is
-/// tried again.
-fn smtp_error(err: &lettre::transport::smtp::Error) -> PluginError {
-    let msg = format!("smtp: {err}");
-    let code = err.status().map(|c| c.to_string());
-    let login = code.as_deref().is_some_and(|c| LOGIN_REPLIES.contains(&c));
-    if err.is_permanent() && !login {
-        PluginError::rejected(msg)
-    } else {
-        PluginError::failed(msg)
+        let m = message(&e, to.clone(), &s)?;
+        let from = m.envelope().from().cloned();
+        let mail = m.formatted();
+        let delivery = format!("{}\n{rcpt}", e.event_id);
+        let settled = self.progress.settled(&delivery);
+        // Each recipient not yet settled in a transaction of its own, a
+        // few at a time over the transport's pool, their replies in the
+        // list's order.
+        let replies: Vec<(Address, Reply)> = stream::iter(to.into_iter().map(|m| m.email))
+            .map(|to| {
+                let (settled, delivery, from, mail, s) = (&settled, &delivery, &from, &mail, &s);
+                async move {
+                    if let Some(r) = settled.get(&to) {
+                        return (to, r.clone());
+                    }
+                    let reply = match Envelope::new(from.clone(), vec![to.clone()]) {
+                        Ok(envelope) => match s.transport.send_raw(&envelope, mail).await {
+                            Ok(_) => Reply::Mailed,
+                            Err(err) => Reply::of(&err),
+                        },
+                        Err(err) => Reply::RefusedForGood(err.to_string()),
+                    };
+                    self.progress.remember(delivery, &to, &reply);
+                    (to, reply)
+                }
+            })
+            .buffered(AT_ONCE)
+            .collect()
+            .await;
+        match recipients::outcome(&replies) {
+            Outcome::Delivered => {
+                self.progress.forget(&delivery);
+                tracing::debug!(event = %e.event_id, %rcpt, "mailed");
+                Ok(())
+            }
+            Outcome::Refused(why) => {
+                self.progress.forget(&delivery);
+                Err(PluginError::rejected(why))
+            }
+            Outcome::Failed(why) => Err(PluginError::failed(why)),
+        }
     }
 }
 
 fn main() -> std::process::ExitCode {
     run(Email {
         setup: RwLock::new(None),
+        progress: Progress::default(),
     })
 }
 
