@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use base64::Engine;
+use futures_util::FutureExt;
 use jsonrpsee::core::RpcResult;
 use jsonrpsee::types::ErrorObjectOwned;
 use serde_json::Value;
@@ -337,8 +338,15 @@ impl<P: Plugin> Adapter<P> {
         let timeout = self.host.get_timeout().await.unwrap_or(5.0);
         let limit = std::time::Duration::try_from_secs_f64(timeout * 0.95)
             .unwrap_or(std::time::Duration::MAX);
-        match tokio::time::timeout(limit, self.plugin.send(event, &self.host)).await {
-            Ok(r) => rpc(r),
+        // A send that panics fails alone too, at once, with the panic's
+        // words (the rest of the batch is answered as if it had not).
+        let send = std::panic::AssertUnwindSafe(self.plugin.send(event, &self.host));
+        match tokio::time::timeout(limit, send.catch_unwind()).await {
+            Ok(Ok(r)) => rpc(r),
+            Ok(Err(panic)) => rpc(Err(PluginError::failed(format!(
+                "the plugin's send panicked: {}",
+                crate::rpc::panic_message(&*panic)
+            )))),
             Err(_) => rpc(Err(PluginError::failed(format!(
                 "the send did not finish within {:.2} s, just under the server's timeout, and was dropped",
                 limit.as_secs_f64()

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use jsonrpsee::core::client::{BatchResponse, ClientT, Error};
 use jsonrpsee::core::params::BatchRequestBuilder;
 use jsonrpsee::core::traits::ToRpcParams;
@@ -432,6 +432,15 @@ fn error_of(raw: &RawValue) -> ErrorObjectOwned {
     })
 }
 
+/// What a panic said: its message when it was a text, as `panic!` makes.
+pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
+    payload
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(no message)")
+}
+
 async fn read_loop<R: AsyncRead + Unpin>(
     read: R,
     opts: PeerOptions,
@@ -468,10 +477,17 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 let methods = methods.clone();
                 let writer = writer.clone();
                 tokio::spawn(async move {
-                    let answer = match methods.raw_json_request(&line, 1).await {
-                        Ok((resp, _)) => resp.get().to_string(),
-                        Err(e) => serde_json::json!({"jsonrpc": "2.0", "id": id,
+                    // A handler that panics is answered at once, so the
+                    // caller does not wait out its timeout for an answer
+                    // that will never come.
+                    let call = std::panic::AssertUnwindSafe(methods.raw_json_request(&line, 1));
+                    let answer = match call.catch_unwind().await {
+                        Ok(Ok((resp, _))) => resp.get().to_string(),
+                        Ok(Err(e)) => serde_json::json!({"jsonrpc": "2.0", "id": id,
                             "error": {"code": -32600, "message": format!("invalid request: {e}")}})
+                        .to_string(),
+                        Err(panic) => serde_json::json!({"jsonrpc": "2.0", "id": id,
+                            "error": {"code": -32603, "message": format!("the call panicked: {}", panic_message(&*panic))}})
                         .to_string(),
                     };
                     let _ = writer.send(answer).await;
@@ -527,7 +543,8 @@ mod tests {
         let (ar, aw) = tokio::io::split(a);
         let (br, bw) = tokio::io::split(b);
         let noop: NotificationHandler = Arc::new(|_, _| {});
-        // Side A serves "add" and "nested" (which calls B's "double").
+        // Side A serves "add", "nested" (which calls B's "double") and
+        // "panics".
         let a = Peer::start(
             ar,
             aw,
@@ -551,6 +568,13 @@ mod tests {
                     Ok::<_, jsonrpsee::types::ErrorObjectOwned>(r)
                 })
                 .unwrap();
+                m.register_async_method("panics", |_, _, _| async move {
+                    if std::hint::black_box(true) {
+                        panic!("a bug");
+                    }
+                    Ok::<_, jsonrpsee::types::ErrorObjectOwned>(0)
+                })
+                .unwrap();
                 m.into()
             },
             noop.clone(),
@@ -571,6 +595,25 @@ mod tests {
             noop,
         );
         (a, b)
+    }
+
+    #[tokio::test]
+    async fn a_handler_that_panics_is_answered_at_once() {
+        let (_a, b) = pair();
+        let err = b
+            .client()
+            .request::<i64, _>("panics", ObjectParams::new())
+            .await
+            .expect_err("a panic is an error");
+        assert!(
+            err.to_string().contains("the call panicked: a bug"),
+            "{err}"
+        );
+        let mut p = ObjectParams::new();
+        p.insert("x", 2).unwrap();
+        p.insert("y", 3).unwrap();
+        let r: i64 = b.client().request("add", p).await.unwrap();
+        assert_eq!(r, 5, "the peer goes on serving");
     }
 
     #[tokio::test]

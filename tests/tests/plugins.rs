@@ -605,3 +605,38 @@ async fn a_send_that_never_ends_fails_alone() {
         "{p}"
     );
 }
+
+/// A send that panics (a plugin's bug on one event) fails alone and at
+/// once, with the panic's words, and the plugin goes on serving. Before,
+/// the panic took down the task answering the whole batch: the server
+/// waited out its timeout, and the other endpoint's delivery, sent in the
+/// same batch, failed with it ("send_batch timed out").
+#[tokio::test]
+async fn a_send_that_panics_fails_alone() {
+    let s = Server::start_with(ServerOptions::test_plugin(
+        "timeout: 60\ndelivery:\n  max-attempts: 1\n",
+    ))
+    .await;
+    let (id, a) = s.new_addr().await;
+    let broken = s
+        .endpoint(id, "t", json!({"panic": "a bug on this event"}))
+        .await;
+    let fine = s.endpoint(id, "t", json!({})).await;
+    assert_status!(s.push(json!({"addr": a, "msg": "m"})).await, 202);
+    s.endpoint_settles(id, fine, 1, 0).await;
+    s.endpoint_settles(id, broken, 0, 1).await;
+    let ep = s
+        .manage(Method::GET, &format!("/addr/{id}/endpoint/{broken}"), None)
+        .await
+        .json();
+    assert_eq!(
+        ep["last_error"], "the plugin's send panicked: a bug on this event",
+        "{ep}"
+    );
+    let p = plugin(&s, "t").await;
+    assert_eq!(
+        (p["state"].as_str(), p["restarts"].as_u64()),
+        (Some("running"), Some(0)),
+        "{p}"
+    );
+}

@@ -15,7 +15,7 @@
 //! An endpoint config steers `send`: `{"reject": "msg"}` is refused by
 //! `validate_config`; `{"crash": true}` exits mid-call; `{"hang": true}`
 //! never answers; `{"freeze": true}` stops the whole process (SIGSTOP);
-//! `{"fail": "msg"}` fails; `{"later": s}` fails asking for a wait of s
+//! `{"panic": "msg"}` panics with msg; `{"fail": "msg"}` fails; `{"later": s}` fails asking for a wait of s
 //! seconds (as a rate-limited target does); `{"fail_times": n}` fails the
 //! first n attempts of each event; `{"slow": ms}` answers after a while;
 //! `{"gate": "/path"}` waits until that file exists (a target that is down
@@ -183,6 +183,9 @@ impl Plugin for Chaos {
         }
         if c.get("crash").is_some() {
             std::process::exit(1);
+        }
+        if let Some(msg) = c.get("panic").and_then(Value::as_str) {
+            panic!("{msg}");
         }
         if let Some(path) = c.get("write").and_then(Value::as_str) {
             std::fs::write(path, b"written by the test plugin")
