@@ -85,6 +85,21 @@ async fn mails_headers_body_and_attachment_as_the_original() {
     assert_eq!(m["headers"]["Subject"], "INFO");
     assert_eq!(m["attachments"][0]["filename"], "shot.png");
     assert_eq!(m["authenticated"], false);
+
+    // A sender with a line break (which made lettre panic) is a display
+    // name with a space for it, and no header of its own.
+    let r = s
+        .push(json!({"addr": a, "sender": "disk\r\nBcc: x@example.com", "msg": "m"}))
+        .await;
+    assert_status!(r, 202);
+    let m = &smtp.wait(3).await[2];
+    // (Python's parser folds the two spaces into one.)
+    assert_eq!(
+        m["headers"]["From"],
+        "\"disk Bcc: x@example.com\" <roboger@example.org>"
+    );
+    assert_eq!(m["rcpt_tos"], json!(["ops@example.com"]));
+    assert_eq!(m["headers"].get("Bcc"), None);
 }
 
 #[tokio::test]

@@ -119,7 +119,16 @@ fn from(
     };
     match full.parse::<Address>() {
         Ok(a) => Mailbox::new(None, a),
-        Err(_) => Mailbox::new(Some(sender.to_string()), fallback.clone()),
+        // A line break in a display name makes lettre panic as it writes
+        // the header (other control characters are refused or kept as
+        // they are): each becomes a space.
+        Err(_) => {
+            let name = sender
+                .chars()
+                .map(|c| if c.is_control() { ' ' } else { c })
+                .collect();
+            Mailbox::new(Some(name), fallback.clone())
+        }
     }
 }
 
@@ -292,6 +301,25 @@ mod tests {
         assert_eq!(from(Some("a@b.c"), Some("site")), "a@b.c");
         assert_eq!(from(Some("disk bot"), None), "disk bot <roboger@lab>");
         assert_eq!(from(Some("bot"), Some("my lab")), "bot <roboger@lab>");
+        assert_eq!(
+            from(Some("bot\r\nBcc: x@y\0"), None),
+            "\"bot  Bcc: x@y\" <roboger@lab>"
+        );
+    }
+
+    #[test]
+    fn a_sender_with_control_characters_makes_a_message() {
+        let lab = Address::new("roboger", "lab").unwrap();
+        for sender in ["bot\r\nBcc: x@y", "a\u{0}b", "a\u{7f}\tb", "x\ny@z"] {
+            let m = Message::builder()
+                .from(from(Some(sender), Some("site"), "lab", &lab))
+                .to(Mailbox::new(None, lab.clone()))
+                .subject("s")
+                .body(String::from("b"))
+                .map(|m| String::from_utf8_lossy(&m.formatted()).into_owned());
+            let text = m.unwrap_or_else(|e| panic!("{sender:?}: {e}"));
+            assert!(!text.contains("\nBcc"), "{sender:?}: {text}");
+        }
     }
 
     #[test]
