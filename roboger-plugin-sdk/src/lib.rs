@@ -9,7 +9,9 @@
 //!   direction's methods as `#[rpc(server, client)]` traits;
 //! * [`rpc`]: the [`rpc::Peer`] that runs JSON-RPC both ways over one
 //!   pair of streams;
-//! * [`plugin`]: the [`Plugin`] trait and [`run`], all a plugin needs.
+//! * [`plugin`]: the [`Plugin`] trait and [`run`], all a plugin needs;
+//! * [`progress`]: what a plugin remembers of a delivery part-way
+//!   through, so a retry does only what is left.
 //!
 //! # A complete plugin
 //!
@@ -43,6 +45,7 @@ pub mod egress;
 #[cfg(feature = "http")]
 pub mod http;
 pub mod plugin;
+pub mod progress;
 pub mod protocol;
 pub mod rpc;
 #[cfg(feature = "schema")]

@@ -213,6 +213,82 @@ async fn every_node_of_a_cluster_registers_and_serves_one_webhook() {
     }
 }
 
+/// The code the bot gives `chat` for `/start`, from its answer as the
+/// Bot API at `api` saw it.
+async fn chat_code(s: &Server, api: &HttpSink, chat: i64) -> String {
+    let hook = json_of(&api.wait(1).await[0]);
+    let path = hook["url"].as_str().expect("a webhook url")["https://roboger.example.com".len()..]
+        .to_string();
+    let update = json!({"update_id": 1, "message": {"message_id": 5, "chat": {"id": chat, "type": "private"}, "text": "/start"}});
+    s.request(Method::POST, &path, None, &[], Some(update))
+        .await;
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let reply = api
+            .requests()
+            .iter()
+            .find(|r| r.path.ends_with("/sendMessage"))
+            .map(json_of);
+        if let Some(reply) = reply {
+            let text = reply["text"].as_str().unwrap_or_default().to_string();
+            return text
+                .split("<code>")
+                .nth(1)
+                .and_then(|t| t.split("</code>").next())
+                .expect("the code in the reply")
+                .to_string();
+        }
+        assert!(std::time::Instant::now() < end, "no reply to /start");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// A media upload the Bot API fails is tried again without the text,
+/// which was sent: the chat sees the text once. A message past the Bot
+/// API's 4096 characters (which it refuses, "message is too long") is
+/// sent cut to them, saying so, rather than refused on every try.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_retry_sends_only_the_media_and_a_long_text_is_cut() {
+    // setWebhook and the answer to /start, the text, a failed upload.
+    let api = HttpSink::answering(vec![200, 200, 200, 502], r#"{"ok": true, "result": {}}"#).await;
+    let s = server(
+        "url: https://roboger.example.com/\ndelivery:\n  retry-base: 0.05\n  max-attempts: 3\n",
+        &api,
+    )
+    .await;
+    let code = chat_code(&s, &api, 42).await;
+    let (id, a) = s.new_addr().await;
+    s.endpoint(id, "telegram", json!({"chat_id": code})).await;
+    let media = base64::engine::general_purpose::STANDARD.encode(PNG);
+    assert_status!(
+        s.push(json!({"addr": a, "msg": "with a photo", "media": media}))
+            .await,
+        202
+    );
+    let (state, attempts, why) = s.settled_delivery(id).await;
+    assert_eq!((state.as_str(), attempts), ("delivered", 2), "{why}");
+    let calls: Vec<String> = api.requests()[2..]
+        .iter()
+        .map(|r| r.path.rsplit('/').next().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(calls, ["sendMessage", "sendPhoto", "sendPhoto"]);
+
+    let long = format!("{}{}", "x".repeat(4000), "&".repeat(1000));
+    assert_status!(s.push(json!({"addr": a, "msg": long})).await, 202);
+    let sent = json_of(&api.wait(6).await[5]);
+    let text = sent["text"].as_str().unwrap_or_default();
+    let shown = text
+        .replace("<b>", "")
+        .replace("</b>", "")
+        .replace("&amp;", "&");
+    assert_eq!(shown.encode_utf16().count(), 4096, "{text}");
+    assert!(
+        shown.ends_with("\n\u{2026} (cut to Telegram's 4096 characters)"),
+        "{text}"
+    );
+    assert!(shown.contains(&format!("{}&&", "x".repeat(4000))), "{text}");
+}
+
 /// Telegram's flood control (429 with `parameters.retry_after`) is waited
 /// for: the delivery's next try is no sooner than the Bot API asked.
 #[tokio::test(flavor = "multi_thread")]
@@ -226,31 +302,7 @@ async fn flood_control_is_waited_for() {
     .await;
     // The code for a chat, from the bot's answer to /start (which the Bot
     // API refused, but the sink saw).
-    let hook = json_of(&api.wait(1).await[0]);
-    let path = hook["url"].as_str().expect("a webhook url")["https://roboger.example.com".len()..]
-        .to_string();
-    let update = json!({"update_id": 1, "message": {"message_id": 5, "chat": {"id": 42, "type": "private"}, "text": "/start"}});
-    s.request(Method::POST, &path, None, &[], Some(update))
-        .await;
-    let end = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    let code = loop {
-        let reply = api
-            .requests()
-            .iter()
-            .find(|r| r.path.ends_with("/sendMessage"))
-            .map(json_of);
-        if let Some(reply) = reply {
-            let text = reply["text"].as_str().unwrap_or_default().to_string();
-            break text
-                .split("<code>")
-                .nth(1)
-                .and_then(|t| t.split("</code>").next())
-                .expect("the code in the reply")
-                .to_string();
-        }
-        assert!(std::time::Instant::now() < end, "no reply to /start");
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    };
+    let code = chat_code(&s, &api, 42).await;
     let (id, a) = s.new_addr().await;
     let ep = s.endpoint(id, "telegram", json!({"chat_id": code})).await;
     assert_status!(s.push(json!({"addr": a, "msg": "flood"})).await, 202);

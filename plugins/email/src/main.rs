@@ -16,7 +16,8 @@ use lettre::message::{Attachment, Mailbox, Mailboxes, MultiPart, SinglePart};
 use lettre::transport::smtp::authentication::Credentials;
 use lettre::transport::smtp::client::{Tls, TlsParameters};
 use lettre::{Address, AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
-use recipients::{Outcome, Progress, Reply};
+use recipients::{Outcome, Reply, Settled};
+use roboger_plugin_sdk::progress::Progress;
 use roboger_plugin_sdk::schema;
 use roboger_plugin_sdk::{Event, Host, Info, Plugin, PluginError, run};
 use serde_json::Value;
@@ -39,7 +40,7 @@ struct Setup {
 struct Email {
     setup: RwLock<Option<Arc<Setup>>>,
     /// What the recipients of retried deliveries came to.
-    progress: Progress,
+    progress: Progress<Settled>,
 }
 
 /// How many of an event's recipients are mailed at once.
@@ -241,7 +242,7 @@ impl Plugin for Email {
         let from = m.envelope().from().cloned();
         let mail = m.formatted();
         let delivery = format!("{}\n{rcpt}", e.event_id);
-        let settled = self.progress.settled(&delivery);
+        let settled = self.progress.get(&delivery);
         // Each recipient not yet settled in a transaction of its own, a
         // few at a time over the transport's pool, their replies in the
         // list's order.
@@ -259,7 +260,7 @@ impl Plugin for Email {
                         },
                         Err(err) => Reply::RefusedForGood(err.to_string()),
                     };
-                    self.progress.remember(delivery, &to, &reply);
+                    recipients::remember(&self.progress, delivery, &to, &reply);
                     (to, reply)
                 }
             })

@@ -4,21 +4,17 @@
 //! decides the delivery's outcome: delivered when every one was mailed,
 //! failed for good when the rest were refused for good, tried again when
 //! any was refused for now or not reached. A retry mails only the
-//! recipients not yet settled: what each came to is remembered in this
-//! process until the outcome is final, for at most [`REMEMBERED`]
-//! deliveries. A retry that runs on another node, or after the plugin was
-//! restarted, mails every recipient again: at least once, as every
-//! delivery.
+//! recipients not yet settled, as the SDK's [`Progress`] remembers them
+//! until the outcome is final.
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::Mutex;
+use std::collections::HashMap;
 
 use lettre::Address;
 use lettre::message::Mailboxes;
+use roboger_plugin_sdk::progress::Progress;
 
-/// How many deliveries part-way through are remembered; past it the
-/// oldest is forgotten (and its recipients mailed again if retried).
-pub const REMEMBERED: usize = 10_000;
+/// The settled replies of a delivery's recipients.
+pub type Settled = HashMap<Address, Reply>;
 
 /// SMTP's replies about the sender's own login (530 authentication
 /// required, 534 mechanism too weak, 535 credentials invalid, 538
@@ -124,71 +120,12 @@ pub fn outcome(replies: &[(Address, Reply)]) -> Outcome {
     }
 }
 
-/// What the recipients of deliveries still part-way through came to,
-/// by delivery (the event id and the endpoint's `rcpt`).
-#[derive(Default)]
-pub struct Progress {
-    inner: Mutex<Remembered>,
-}
-
-#[derive(Default)]
-struct Remembered {
-    next: u64,
-    /// Each delivery's age (its first reply's number) and settled replies.
-    by_delivery: HashMap<String, (u64, HashMap<Address, Reply>)>,
-    /// The deliveries by age, to forget the oldest first.
-    by_age: BTreeMap<u64, String>,
-}
-
-impl Progress {
-    /// The settled replies remembered for `delivery`.
-    pub fn settled(&self, delivery: &str) -> HashMap<Address, Reply> {
-        self.inner
-            .lock()
-            .ok()
-            .and_then(|m| m.by_delivery.get(delivery).map(|(_, r)| r.clone()))
-            .unwrap_or_default()
-    }
-
-    /// Remembers `reply` for `to` when it is settled; forgets the oldest
-    /// delivery past [`REMEMBERED`].
-    pub fn remember(&self, delivery: &str, to: &Address, reply: &Reply) {
-        if !reply.settled() {
-            return;
-        }
-        let Ok(mut m) = self.inner.lock() else {
-            return;
-        };
-        let m = &mut *m;
-        if !m.by_delivery.contains_key(delivery) {
-            m.next += 1;
-            m.by_age.insert(m.next, delivery.to_string());
-            m.by_delivery
-                .insert(delivery.to_string(), (m.next, HashMap::new()));
-            while m.by_delivery.len() > REMEMBERED {
-                let Some((_, oldest)) = m.by_age.pop_first() else {
-                    break;
-                };
-                m.by_delivery.remove(&oldest);
-            }
-        }
-        if let Some((_, replies)) = m.by_delivery.get_mut(delivery) {
-            replies.insert(to.clone(), reply.clone());
-        }
-    }
-
-    /// Forgets `delivery`, its outcome final.
-    pub fn forget(&self, delivery: &str) {
-        if let Ok(mut m) = self.inner.lock()
-            && let Some((age, _)) = m.by_delivery.remove(delivery)
-        {
-            m.by_age.remove(&age);
-        }
-    }
-
-    #[cfg(test)]
-    fn len(&self) -> usize {
-        self.inner.lock().map(|m| m.by_delivery.len()).unwrap_or(0)
+/// Remembers `reply` for `to` when it is the recipient's last word.
+pub fn remember(progress: &Progress<Settled>, delivery: &str, to: &Address, reply: &Reply) {
+    if reply.settled() {
+        progress.update(delivery, |s| {
+            s.insert(to.clone(), reply.clone());
+        });
     }
 }
 
@@ -241,18 +178,11 @@ mod tests {
     }
 
     #[test]
-    fn only_settled_replies_are_remembered_and_the_oldest_forgotten() {
+    fn only_settled_replies_are_remembered() {
         let p = Progress::default();
-        p.remember("e1", &a("o@x"), &Reply::Mailed);
-        p.remember("e1", &a("b@x"), &Reply::RefusedForNow("later".into()));
-        assert_eq!(p.settled("e1"), HashMap::from([(a("o@x"), Reply::Mailed)]));
-        for i in 0..REMEMBERED {
-            p.remember(&format!("d{i}"), &a("o@x"), &Reply::Mailed);
-        }
-        assert_eq!(p.len(), REMEMBERED);
-        assert!(p.settled("e1").is_empty(), "the oldest is forgotten");
-        p.forget("d5");
-        assert!(p.settled("d5").is_empty());
-        assert_eq!(p.len(), REMEMBERED - 1);
+        remember(&p, "e1", &a("o@x"), &Reply::Mailed);
+        remember(&p, "e1", &a("b@x"), &Reply::RefusedForNow("later".into()));
+        remember(&p, "e1", &a("c@x"), &Reply::NotReached("refused".into()));
+        assert_eq!(p.get("e1"), HashMap::from([(a("o@x"), Reply::Mailed)]));
     }
 }

@@ -14,6 +14,7 @@ use std::time::Duration;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use roboger_plugin_sdk::http::{client, reqwest};
+use roboger_plugin_sdk::progress::Progress;
 use roboger_plugin_sdk::schema;
 use roboger_plugin_sdk::{Event, Host, HttpRequest, HttpResponse, Info, Plugin, PluginError, run};
 use roboger_plugin_telegram::chat_code::ChatCodes;
@@ -41,6 +42,8 @@ struct Bot {
 
 struct Telegram {
     bot: RwLock<Option<Arc<Bot>>>,
+    /// The deliveries whose text was sent and whose media is still due.
+    text_sent: Progress<bool>,
 }
 
 impl Bot {
@@ -119,13 +122,51 @@ fn html(s: &str) -> String {
         .replace('>', "&gt;")
 }
 
-/// The text message of an event (Telegram's HTML subset).
-fn text(e: &Event) -> String {
-    let mut t = format!("{} <b>{}</b>", emoji(e.level), html(&e.formatted_subject));
-    if !e.msg.is_empty() {
-        t.push('\n');
-        t.push_str(&html(&e.msg));
+/// The most text a message may have, in UTF-16 code units once its HTML
+/// is parsed (the Bot API refuses more: "message is too long").
+const TEXT_MAX: usize = 4096;
+
+/// What ends a text cut to [`TEXT_MAX`].
+const CUT: &str = "\n\u{2026} (cut to Telegram's 4096 characters)";
+
+fn utf16_len(s: &str) -> usize {
+    s.chars().map(char::len_utf16).sum()
+}
+
+/// The longest start of `s` within `max` UTF-16 code units.
+fn within(s: &str, max: usize) -> &str {
+    let mut used = 0;
+    for (i, c) in s.char_indices() {
+        used += c.len_utf16();
+        if used > max {
+            return &s[..i];
+        }
     }
+    s
+}
+
+/// The text message of an event (Telegram's HTML subset), the message
+/// (then the subject) cut so the whole fits in [`TEXT_MAX`], with [`CUT`]
+/// saying so: a long message is delivered cut rather than refused on
+/// every try.
+fn text(e: &Event) -> String {
+    let head = format!("{} ", emoji(e.level));
+    let (mut subject, mut msg) = (e.formatted_subject.as_str(), e.msg.as_str());
+    let mut end = "";
+    let whole =
+        utf16_len(&head) + utf16_len(subject) + utf16_len(msg) + usize::from(!msg.is_empty());
+    if whole > TEXT_MAX {
+        end = CUT;
+        let room = TEXT_MAX - utf16_len(&head) - utf16_len(CUT);
+        subject = within(subject, room);
+        msg = within(msg, (room - utf16_len(subject)).saturating_sub(1));
+    }
+    let mut t = format!("{head}<b>{}</b>", html(subject));
+    if !msg.is_empty() {
+        t.push('\n');
+        t.push_str(&html(msg));
+    }
+    t.push_str(&html(end));
     t
 }
 
@@ -253,13 +294,18 @@ impl Plugin for Telegram {
             .ok_or_else(|| PluginError::failed("chat_id: not a code this bot issued"))?;
         let timeout = host.call_budget().await;
         let silent = e.level <= 10;
-        bot.call(
-            "sendMessage",
-            json!({"chat_id": chat, "text": text(&e), "parse_mode": "HTML", "disable_notification": silent}),
-            timeout,
-        )
-        .await?;
+        // The text is not sent again when a retry is only for the media.
+        let delivery = format!("{}\n{code}", e.event_id);
+        if !self.text_sent.get(&delivery) {
+            bot.call(
+                "sendMessage",
+                json!({"chat_id": chat, "text": text(&e), "parse_mode": "HTML", "disable_notification": silent}),
+                timeout,
+            )
+            .await?;
+        }
         if let Some(media) = e.media {
+            self.text_sent.update(&delivery, |sent| *sent = true);
             let (method, field, mime) = media_method(&media);
             let fname = e.media_fname.clone().unwrap_or_else(|| field.to_string());
             let part = reqwest::multipart::Part::bytes(media)
@@ -274,7 +320,12 @@ impl Plugin for Telegram {
                 .post(format!("{}/{method}", bot.api))
                 .multipart(form)
                 .timeout(timeout);
-            answer(method, req).await?;
+            let sent = answer(method, req).await;
+            // Remembered only while the media may be tried again.
+            if !matches!(sent, Err(PluginError::Failed(..) | PluginError::Later(..))) {
+                self.text_sent.forget(&delivery);
+            }
+            sent?;
         }
         Ok(())
     }
@@ -331,6 +382,7 @@ impl Plugin for Telegram {
 fn main() -> std::process::ExitCode {
     run(Telegram {
         bot: RwLock::new(None),
+        text_sent: Progress::default(),
     })
 }
 
@@ -350,5 +402,45 @@ mod tests {
             text(&e),
             "\u{26a0}\u{fe0f} <b>WARNING a&lt;b&gt;</b>\nx &amp; y"
         );
+    }
+
+    /// The text as Telegram counts it: its HTML parsed.
+    fn visible(t: &str) -> String {
+        t.replace("<b>", "")
+            .replace("</b>", "")
+            .replace("&lt;", "<")
+            .replace("&gt;", ">")
+            .replace("&amp;", "&")
+    }
+
+    #[test]
+    fn a_text_past_telegrams_limit_is_cut_to_it_and_says_so() {
+        let fits = Event {
+            formatted_subject: "s".into(),
+            msg: "&".repeat(TEXT_MAX - 5),
+            level: 20,
+            ..Default::default()
+        };
+        assert_eq!(utf16_len(&visible(&text(&fits))), TEXT_MAX);
+        assert!(!text(&fits).contains("cut to"));
+        for (subject, msg) in [
+            ("s".to_string(), "&".repeat(TEXT_MAX)),
+            ("s".to_string(), "\u{1f600}".repeat(TEXT_MAX)),
+            ("<".repeat(2 * TEXT_MAX), "m".to_string()),
+            ("<".repeat(2 * TEXT_MAX), String::new()),
+        ] {
+            let e = Event {
+                formatted_subject: subject.clone(),
+                msg: msg.clone(),
+                level: 20,
+                ..Default::default()
+            };
+            let t = text(&e);
+            let shown = visible(&t);
+            assert!(utf16_len(&shown) <= TEXT_MAX, "{}", utf16_len(&shown));
+            assert!(utf16_len(&shown) > TEXT_MAX - 2, "{}", utf16_len(&shown));
+            assert!(shown.ends_with(CUT), "{shown}");
+            assert!(t.starts_with("\u{2139}\u{fe0f} <b>"), "{t}");
+        }
     }
 }
