@@ -6,8 +6,10 @@ the headers, the text body and the attachments (base64). The mailbox
 `unknown@...` is refused for good (550), `busy@...` for now (452), and
 `later@...` for now the first time it is named, then accepted. With --login and
 --password it requires SMTP AUTH with them (over plain text: loopback).
+With --cert and --key (PEM files) it requires STARTTLS with that
+certificate, or with --implicit-tls speaks TLS from the first byte.
 
-    python smtp_sink.py DIR [--login L --password P]
+    python smtp_sink.py DIR [--login L --password P] [--cert C --key K [--implicit-tls]]
 """
 
 import argparse
@@ -19,6 +21,7 @@ import json
 import logging
 import os
 import socket
+import ssl
 import threading
 
 from aiosmtpd.controller import Controller
@@ -54,6 +57,9 @@ class Handler:
             "mail_from": envelope.mail_from,
             "rcpt_tos": envelope.rcpt_tos,
             "authenticated": bool(session.authenticated),
+            # After STARTTLS, or on a connection TLS from the first byte.
+            "tls": session.ssl is not None
+            or server.transport.get_extra_info("ssl_object") is not None,
             "headers": {k: str(v) for k, v in m.items()},
             "text": body.get_content() if body is not None else None,
             "attachments": [
@@ -84,6 +90,9 @@ def main():
     p.add_argument("dir")
     p.add_argument("--login")
     p.add_argument("--password")
+    p.add_argument("--cert")
+    p.add_argument("--key")
+    p.add_argument("--implicit-tls", action="store_true")
     a = p.parse_args()
 
     kwargs = {}
@@ -93,6 +102,13 @@ def main():
             return AuthResult(success=ok, handled=False)
 
         kwargs = dict(authenticator=auth, auth_required=True, auth_require_tls=False)
+    if a.cert:
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.load_cert_chain(a.cert, a.key)
+        if a.implicit_tls:
+            kwargs["ssl_context"] = ctx
+        else:
+            kwargs.update(tls_context=ctx, require_starttls=True)
     # aiosmtpd checks it is up by connecting, so it needs a real port.
     s = socket.socket()
     s.bind(("127.0.0.1", 0))

@@ -1397,6 +1397,68 @@ pub fn venv_python(what: &str) -> Option<PathBuf> {
     }
 }
 
+/// A certificate authority made for one test and a certificate it signed
+/// for the loopback names (`localhost`, `127.0.0.1`), as PEM files in a
+/// temporary directory: what an internal SMTP relay has.
+pub struct TestCa {
+    dir: tempfile::TempDir,
+}
+
+impl TestCa {
+    pub fn new() -> TestCa {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+        let dir = tempfile::tempdir().expect("temp dir");
+        let ca_key = KeyPair::generate().expect("a CA key");
+        let mut ca = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca.distinguished_name
+            .push(DnType::CommonName, "Roboger test CA");
+        let ca_cert = ca.self_signed(&ca_key).expect("the CA certificate");
+        let issuer = Issuer::new(ca, ca_key);
+        let key = KeyPair::generate().expect("a key");
+        let cert = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+            .expect("certificate params")
+            .signed_by(&key, &issuer)
+            .expect("the certificate");
+        for (name, pem) in [
+            ("ca.pem", ca_cert.pem()),
+            ("cert.pem", cert.pem()),
+            ("key.pem", key.serialize_pem()),
+        ] {
+            std::fs::write(dir.path().join(name), pem).expect("write a PEM file");
+        }
+        TestCa { dir }
+    }
+
+    /// The CA's certificate.
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.path().join("ca.pem")
+    }
+
+    /// The loopback certificate and its key.
+    pub fn cert_and_key(&self) -> (PathBuf, PathBuf) {
+        (
+            self.dir.path().join("cert.pem"),
+            self.dir.path().join("key.pem"),
+        )
+    }
+}
+
+impl Default for TestCa {
+    fn default() -> Self {
+        TestCa::new()
+    }
+}
+
+/// How an [`SmtpSink`] speaks TLS.
+#[derive(Clone, Copy, PartialEq)]
+pub enum SmtpTls {
+    /// It requires STARTTLS.
+    StartTls,
+    /// TLS from the first byte.
+    Implicit,
+}
+
 /// A real SMTP server on loopback (aiosmtpd, `tests/plugins/smtp_sink.py`)
 /// that keeps every message it receives as JSON: envelope, headers, text
 /// body and attachments.
@@ -1410,12 +1472,32 @@ pub struct SmtpSink {
 impl SmtpSink {
     /// Starts the server; with `login`, it requires SMTP AUTH with it.
     pub fn start(python: &Path, login: Option<(&str, &str)>) -> SmtpSink {
+        SmtpSink::start_with(python, login, None)
+    }
+
+    /// Starts the server speaking TLS with `ca`'s loopback certificate.
+    pub fn start_tls(python: &Path, ca: &TestCa, tls: SmtpTls) -> SmtpSink {
+        SmtpSink::start_with(python, None, Some((ca, tls)))
+    }
+
+    fn start_with(
+        python: &Path,
+        login: Option<(&str, &str)>,
+        tls: Option<(&TestCa, SmtpTls)>,
+    ) -> SmtpSink {
         let dir = tempfile::tempdir().expect("temp dir");
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("plugins/smtp_sink.py");
         let mut cmd = Command::new(python);
         cmd.arg(script).arg(dir.path());
         if let Some((l, p)) = login {
             cmd.args(["--login", l, "--password", p]);
+        }
+        if let Some((ca, tls)) = tls {
+            let (cert, key) = ca.cert_and_key();
+            cmd.arg("--cert").arg(cert).arg("--key").arg(key);
+            if tls == SmtpTls::Implicit {
+                cmd.arg("--implicit-tls");
+            }
         }
         let mut child = cmd
             .stdout(Stdio::piped())

@@ -4,7 +4,8 @@
 
 use base64::Engine;
 use roboger_tests::{
-    Server, ServerOptions, SmtpSink, Value, assert_status, json, plugin_bin, venv_python,
+    Server, ServerOptions, SmtpSink, SmtpTls, TestCa, Value, assert_status, json, plugin_bin,
+    venv_python,
 };
 
 const PNG: &[u8] =
@@ -85,6 +86,7 @@ async fn mails_headers_body_and_attachment_as_the_original() {
     assert_eq!(m["headers"]["Subject"], "INFO");
     assert_eq!(m["attachments"][0]["filename"], "shot.png");
     assert_eq!(m["authenticated"], false);
+    assert_eq!(m["tls"], false);
 
     // A sender with a line break (which made lettre panic) is a display
     // name with a space for it, and no header of its own.
@@ -234,4 +236,72 @@ async fn a_refused_mailbox_is_not_mailed_again_nor_keeps_the_mail_from_others() 
         mails[4]["text"].as_str().map(str::trim_end),
         Some("a3@example.com, later@example.com, a3@example.com")
     );
+}
+
+/// An SMTP server whose certificate an internal CA signed (STARTTLS or
+/// TLS from the first byte): not trusted by default, the delivery retried
+/// with an error that says what to do; trusted with `smtp.ca-file`; taken
+/// as it is with `verify-certificate: false`, as the original took every
+/// certificate.
+#[tokio::test]
+async fn an_smtp_server_with_a_private_ca_is_trusted_when_told() {
+    let Some(python) = venv_python("aiosmtpd") else {
+        return;
+    };
+    let ca = TestCa::new();
+    let starttls = SmtpSink::start_tls(&python, &ca, SmtpTls::StartTls);
+    let implicit = SmtpSink::start_tls(&python, &ca, SmtpTls::Implicit);
+    let options = |smtp: String| ServerOptions {
+        yaml: "delivery:\n  retry-base: 0.05\n  max-attempts: 2\n".into(),
+        plugins_yaml: format!(
+            "- name: email\n  command: {}\n  config:\n    default-location: example.org\n    smtp: {smtp}\n",
+            plugin_bin("email").display()
+        ),
+        ..Default::default()
+    };
+    let servers = Server::start_many(vec![
+        options(format!(
+            "{{host: 127.0.0.1, port: {}, tls: true}}",
+            starttls.port
+        )),
+        options(format!(
+            "{{host: 127.0.0.1, port: {}, tls: true, ca-file: '{}'}}",
+            starttls.port,
+            ca.ca_file().display()
+        )),
+        options(format!(
+            "{{host: 127.0.0.1, port: {}, ssl: true, ca-file: '{}'}}",
+            implicit.port,
+            ca.ca_file().display()
+        )),
+        options(format!(
+            "{{host: 127.0.0.1, port: {}, ssl: true, verify-certificate: false}}",
+            implicit.port
+        )),
+    ]);
+    let mut settled = Vec::new();
+    for s in &servers {
+        let (id, a) = s.new_addr().await;
+        s.endpoint(id, "email", json!({"rcpt": "ops@example.com"}))
+            .await;
+        assert_status!(s.push(json!({"addr": a, "msg": "over TLS"})).await, 202);
+        settled.push(s.settled_delivery(id).await);
+    }
+    let (state, attempts, why) = &settled[0];
+    assert_eq!((state.as_str(), *attempts), ("failed", 2), "{why}");
+    assert!(
+        why.contains("certificate") && why.contains("smtp.ca-file"),
+        "{why}"
+    );
+    for (state, attempts, why) in &settled[1..] {
+        assert_eq!((state.as_str(), *attempts), ("delivered", 1), "{why}");
+    }
+    for (sink, n) in [(&starttls, 1), (&implicit, 2)] {
+        let mails = sink.wait(n).await;
+        assert_eq!(mails.len(), n);
+        for m in mails {
+            assert_eq!(m["tls"], true, "{m}");
+            assert_eq!(m["text"].as_str().map(str::trim_end), Some("over TLS"));
+        }
+    }
 }

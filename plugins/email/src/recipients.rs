@@ -47,6 +47,11 @@ impl Reply {
             Reply::RefusedForGood(err.to_string())
         } else if err.is_transient() {
             Reply::RefusedForNow(err.to_string())
+        } else if err.to_string().contains("certificate") {
+            Reply::NotReached(format!(
+                "{err} (to trust the CA that signed the SMTP server's certificate, \
+                 name it with smtp.ca-file in the plugin config)"
+            ))
         } else {
             Reply::NotReached(err.to_string())
         }
