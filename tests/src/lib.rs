@@ -1232,21 +1232,29 @@ impl HttpSink {
         HttpSink::answering_with(statuses, "ok", Some(value)).await
     }
 
+    /// Starts a sink answering each of `replies` (status and body) in
+    /// turn, then 200 with `then`.
+    pub async fn replying(replies: Vec<(u16, &'static str)>, then: &'static str) -> HttpSink {
+        HttpSink::answering_each(replies, then, None).await
+    }
+
     async fn answering_with(
         statuses: Vec<u16>,
         body: &'static str,
         retry_after: Option<&'static str>,
     ) -> HttpSink {
+        let replies = statuses.into_iter().map(|s| (s, body)).collect();
+        HttpSink::answering_each(replies, body, retry_after).await
+    }
+
+    async fn answering_each(
+        replies: Vec<(u16, &'static str)>,
+        then: &'static str,
+        retry_after: Option<&'static str>,
+    ) -> HttpSink {
         use warp::{Filter, Reply};
-        let content_type =
-            http::HeaderValue::from_static(if serde_json::from_str::<Value>(body).is_ok() {
-                "application/json"
-            } else {
-                "text/plain"
-            });
-        let body = body.to_string();
         let requests: Arc<Mutex<Vec<SinkRequest>>> = Arc::default();
-        let statuses = Arc::new(Mutex::new(std::collections::VecDeque::from(statuses)));
+        let statuses = Arc::new(Mutex::new(std::collections::VecDeque::from(replies)));
         let rec = requests.clone();
         let held = Arc::new(tokio::sync::watch::channel(false).0);
         let hold = held.clone();
@@ -1259,12 +1267,7 @@ impl HttpSink {
                       p: warp::path::FullPath,
                       h: http::HeaderMap,
                       b: bytes::Bytes| {
-                    let (rec, statuses, body, content_type) = (
-                        rec.clone(),
-                        statuses.clone(),
-                        body.clone(),
-                        content_type.clone(),
-                    );
+                    let (rec, statuses) = (rec.clone(), statuses.clone());
                     let mut hold = hold.subscribe();
                     async move {
                         let _ = hold.wait_for(|h| !*h).await;
@@ -1276,18 +1279,23 @@ impl HttpSink {
                                 body: b,
                             });
                         }
-                        let code = statuses
+                        let (code, body) = statuses
                             .lock()
                             .ok()
                             .and_then(|mut s| s.pop_front())
-                            .unwrap_or(200);
+                            .unwrap_or((200, then));
+                        let content_type = if serde_json::from_str::<Value>(body).is_ok() {
+                            "application/json"
+                        } else {
+                            "text/plain"
+                        };
                         let mut r = warp::reply::with_header(
                             warp::reply::with_status(
-                                body.clone(),
+                                body,
                                 http::StatusCode::from_u16(code).unwrap_or(http::StatusCode::OK),
                             ),
                             http::header::CONTENT_TYPE,
-                            content_type.clone(),
+                            content_type,
                         )
                         .into_response();
                         if let Some(v) = retry_after {

@@ -289,6 +289,65 @@ async fn a_retry_sends_only_the_media_and_a_long_text_is_cut() {
     assert!(shown.contains(&format!("{}&&", "x".repeat(4000))), "{text}");
 }
 
+/// A group that Telegram upgraded to a supergroup (the Bot API answers
+/// 400 with `parameters.migrate_to_chat_id`) keeps getting its events:
+/// the message goes to the supergroup at once, the events after go there
+/// directly, media too, and a warning says how to give the endpoint the
+/// supergroup's own code. Before, every event to it failed.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_group_upgraded_to_a_supergroup_keeps_its_events() {
+    const OK: &str = r#"{"ok": true, "result": {}}"#;
+    const MOVED: &str = r#"{"ok": false, "error_code": 400, "description": "Bad Request: group chat was upgraded to a supergroup chat", "parameters": {"migrate_to_chat_id": -1001234567890}}"#;
+    // setWebhook and the answer to /start, then the group has moved.
+    let api = HttpSink::replying(vec![(200, OK), (200, OK), (400, MOVED)], OK).await;
+    let s = server("url: https://roboger.example.com/\n", &api).await;
+    let code = chat_code(&s, &api, -4242).await;
+    let (id, a) = s.new_addr().await;
+    s.endpoint(id, "telegram", json!({"chat_id": code})).await;
+    assert_status!(s.push(json!({"addr": a, "msg": "first"})).await, 202);
+    let (state, attempts, why) = s.settled_delivery(id).await;
+    assert_eq!((state.as_str(), attempts), ("delivered", 1), "{why}");
+    s.wait_log(
+        "the Telegram group -4242 became the supergroup -1001234567890",
+        std::time::Duration::from_secs(10),
+    )
+    .await;
+    let media = base64::engine::general_purpose::STANDARD.encode(PNG);
+    assert_status!(
+        s.push(json!({"addr": a, "msg": "second", "media": media}))
+            .await,
+        202
+    );
+    let got = api.wait(6).await;
+    let sent: Vec<(String, String)> = got[2..]
+        .iter()
+        .map(|r| {
+            let method = r.path.rsplit('/').next().unwrap_or_default().to_string();
+            let chat = if method == "sendMessage" {
+                json_of(r)["chat_id"].to_string()
+            } else {
+                let form = String::from_utf8_lossy(&r.body).into_owned();
+                form.split("name=\"chat_id\"\r\n\r\n")
+                    .nth(1)
+                    .and_then(|t| t.split("\r\n").next())
+                    .unwrap_or_default()
+                    .to_string()
+            };
+            (method, chat)
+        })
+        .collect();
+    let to = |m: &str, c: &str| (m.to_string(), c.to_string());
+    assert_eq!(
+        sent,
+        [
+            to("sendMessage", "-4242"),
+            to("sendMessage", "-1001234567890"),
+            to("sendMessage", "-1001234567890"),
+            to("sendPhoto", "-1001234567890"),
+        ]
+    );
+}
+
 /// Telegram's flood control (429 with `parameters.retry_after`) is waited
 /// for: the delivery's next try is no sooner than the Bot API asked.
 #[tokio::test(flavor = "multi_thread")]

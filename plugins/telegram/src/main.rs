@@ -6,13 +6,15 @@
 //! authenticated with a key derived from the bot token, and an endpoint's
 //! `chat_id` must be such a code, so nobody can address a chat that did
 //! not talk to this bot. Events go out as HTML with the level's emoji,
-//! silently for DEBUG, with the media in a second message.
+//! silently for DEBUG, with the media in a second message. A group that
+//! became a supergroup is followed there (`Telegram::in_chat`).
 
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use hashlink::LruCache;
 use roboger_plugin_sdk::http::{client, reqwest};
 use roboger_plugin_sdk::progress::Progress;
 use roboger_plugin_sdk::schema;
@@ -44,6 +46,8 @@ struct Telegram {
     bot: RwLock<Option<Arc<Bot>>>,
     /// The deliveries whose text was sent and whose media is still due.
     text_sent: Progress<bool>,
+    /// Groups that became supergroups: the old chat id to the new one.
+    moved: Mutex<LruCache<i64, i64>>,
 }
 
 impl Bot {
@@ -72,18 +76,34 @@ impl Bot {
 
     /// Calls a Bot API method with a JSON body; Telegram's `ok: false`
     /// is an error with its description.
-    async fn call(
-        &self,
-        method: &str,
-        body: Value,
-        timeout: Duration,
-    ) -> Result<Value, PluginError> {
+    async fn call(&self, method: &str, body: Value, timeout: Duration) -> Result<Value, Refusal> {
         let req = client()?.post(format!("{}/{method}", self.api)).json(&body);
         answer(method, req.timeout(timeout)).await
     }
 }
 
-async fn answer(method: &str, req: reqwest::RequestBuilder) -> Result<Value, PluginError> {
+/// Why the Bot API did not take a call.
+#[derive(Debug, thiserror::Error)]
+enum Refusal {
+    /// The group became a supergroup, whose chat id this is
+    /// (`parameters.migrate_to_chat_id`); the message is the Bot API's.
+    #[error("{1}")]
+    Moved(i64, String),
+    /// Anything else, as the delivery's error.
+    #[error(transparent)]
+    Error(#[from] PluginError),
+}
+
+impl From<Refusal> for PluginError {
+    fn from(r: Refusal) -> PluginError {
+        match r {
+            Refusal::Moved(_, msg) => PluginError::failed(msg),
+            Refusal::Error(e) => e,
+        }
+    }
+}
+
+async fn answer(method: &str, req: reqwest::RequestBuilder) -> Result<Value, Refusal> {
     let resp = req.send().await.map_err(|e| {
         // The URL holds the bot token: it is left out of the error.
         let e = e.without_url();
@@ -96,14 +116,20 @@ async fn answer(method: &str, req: reqwest::RequestBuilder) -> Result<Value, Plu
     } else {
         let why = v["description"].as_str().unwrap_or("no description");
         let msg = format!("{method}: {status}: {why}");
+        if let Some(to) = v["parameters"]["migrate_to_chat_id"].as_i64() {
+            return Err(Refusal::Moved(to, msg));
+        }
         // Flood control: the Bot API says how long to wait
         // (`parameters.retry_after`, seconds), and the server waits so long.
         match v["parameters"]["retry_after"].as_u64().filter(|s| *s > 0) {
-            Some(secs) => Err(PluginError::Later(msg, Duration::from_secs(secs))),
-            None => Err(PluginError::failed(msg)),
+            Some(secs) => Err(PluginError::Later(msg, Duration::from_secs(secs)).into()),
+            None => Err(PluginError::failed(msg).into()),
         }
     }
 }
+
+/// How many chats' moves to a supergroup are remembered.
+const MOVES: usize = 10_000;
 
 /// The emoji in front of each level's messages.
 fn emoji(level: u8) -> &'static str {
@@ -182,6 +208,47 @@ fn media_method(media: &[u8]) -> (&'static str, &'static str, &'static str) {
 }
 
 impl Telegram {
+    /// Where `chat`'s events go: the supergroup it became, if it did.
+    fn chat_now(&self, chat: i64) -> i64 {
+        self.moved
+            .lock()
+            .ok()
+            .and_then(|mut m| m.get(&chat).copied())
+            .unwrap_or(chat)
+    }
+
+    /// Makes the call `call` makes for `chat` (where its events go now);
+    /// when the Bot API answers that the group became a supergroup, makes
+    /// it again there and remembers the move for the events after. A
+    /// group's endpoints keep working when it is upgraded (as Telegram
+    /// does to a group given admins or many members), with a warning
+    /// that says how to give them the supergroup's own code.
+    async fn in_chat<F, A>(&self, chat: i64, host: &Host, call: F) -> Result<Value, PluginError>
+    where
+        F: Fn(i64) -> A,
+        A: Future<Output = Result<Value, Refusal>>,
+    {
+        let now = self.chat_now(chat);
+        match call(now).await {
+            Err(Refusal::Moved(to, _)) => {
+                if let Ok(mut m) = self.moved.lock() {
+                    m.insert(chat, to);
+                }
+                let _ = host
+                    .log(
+                        "warning",
+                        &format!(
+                            "the Telegram group {now} became the supergroup {to}: its events \
+                             go there now; send /start in it for a code to give its endpoints"
+                        ),
+                    )
+                    .await;
+                call(to).await.map_err(PluginError::from)
+            }
+            r => r.map_err(PluginError::from),
+        }
+    }
+
     fn bot(&self) -> Result<Arc<Bot>, PluginError> {
         self.bot
             .read()
@@ -297,30 +364,38 @@ impl Plugin for Telegram {
         // The text is not sent again when a retry is only for the media.
         let delivery = format!("{}\n{code}", e.event_id);
         if !self.text_sent.get(&delivery) {
-            bot.call(
-                "sendMessage",
-                json!({"chat_id": chat, "text": text(&e), "parse_mode": "HTML", "disable_notification": silent}),
-                timeout,
-            )
+            let text = text(&e);
+            self.in_chat(chat, host, |chat| {
+                bot.call(
+                    "sendMessage",
+                    json!({"chat_id": chat, "text": text, "parse_mode": "HTML", "disable_notification": silent}),
+                    timeout,
+                )
+            })
             .await?;
         }
-        if let Some(media) = e.media {
+        if let Some(media) = &e.media {
             self.text_sent.update(&delivery, |sent| *sent = true);
-            let (method, field, mime) = media_method(&media);
+            let (method, field, mime) = media_method(media);
             let fname = e.media_fname.clone().unwrap_or_else(|| field.to_string());
-            let part = reqwest::multipart::Part::bytes(media)
-                .file_name(fname)
-                .mime_str(mime)
-                .map_err(PluginError::failed)?;
-            let form = reqwest::multipart::Form::new()
-                .text("chat_id", chat.to_string())
-                .text("disable_notification", silent.to_string())
-                .part(field, part);
-            let req = client()?
-                .post(format!("{}/{method}", bot.api))
-                .multipart(form)
-                .timeout(timeout);
-            let sent = answer(method, req).await;
+            let upload = |chat: i64| {
+                let part = reqwest::multipart::Part::bytes(media.clone())
+                    .file_name(fname.clone())
+                    .mime_str(mime);
+                let bot = &bot;
+                async move {
+                    let form = reqwest::multipart::Form::new()
+                        .text("chat_id", chat.to_string())
+                        .text("disable_notification", silent.to_string())
+                        .part(field, part.map_err(PluginError::failed)?);
+                    let req = client()?
+                        .post(format!("{}/{method}", bot.api))
+                        .multipart(form)
+                        .timeout(timeout);
+                    answer(method, req).await
+                }
+            };
+            let sent = self.in_chat(chat, host, upload).await;
             // Remembered only while the media may be tried again.
             if !matches!(sent, Err(PluginError::Failed(..) | PluginError::Later(..))) {
                 self.text_sent.forget(&delivery);
@@ -383,6 +458,7 @@ fn main() -> std::process::ExitCode {
     run(Telegram {
         bot: RwLock::new(None),
         text_sent: Progress::default(),
+        moved: Mutex::new(LruCache::new(MOVES)),
     })
 }
 
