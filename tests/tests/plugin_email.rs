@@ -62,6 +62,12 @@ async fn mails_headers_body_and_attachment_as_the_original() {
         .await;
     assert_status!(r, 202);
     let m = &smtp.wait(1).await[0];
+    let event = s.wait_settled(id).await;
+    assert_eq!(
+        m["headers"]["Message-ID"],
+        format!("<{}@example.org>", event["id"].as_str().unwrap_or_default()),
+        "{event}"
+    );
     assert_eq!(m["mail_from"], "bot@lab");
     assert_eq!(m["rcpt_tos"], json!(["ops@example.com"]));
     assert_eq!(m["headers"]["From"], "bot@lab");
@@ -227,7 +233,12 @@ async fn a_refused_mailbox_is_not_mailed_again_nor_keeps_the_mail_from_others() 
         ],
         "{mails:#?}"
     );
-    // Each one's headers name the whole list.
+    // Each one's headers name the whole list, and it is one message:
+    // one Message-ID, whichever try mailed it.
+    assert_eq!(
+        mails[3]["headers"]["Message-ID"],
+        mails[4]["headers"]["Message-ID"]
+    );
     assert_eq!(
         mails[4]["headers"]["To"],
         "a3@example.com, later@example.com"

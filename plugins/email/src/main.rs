@@ -193,7 +193,11 @@ fn message(e: &Event, to: Mailboxes, s: &Setup) -> Result<Message, PluginError> 
             &s.default_location,
             &s.fallback,
         ))
-        .subject(e.formatted_subject.clone());
+        .subject(e.formatted_subject.clone())
+        // The same on every try and for every recipient: mail clients
+        // take a message sent again for the one they have, and relays
+        // that refuse mail without one (as Gmail does) take it.
+        .message_id(Some(format!("<{}@{}>", e.event_id, s.default_location)));
     for m in to {
         b = b.to(m);
     }
