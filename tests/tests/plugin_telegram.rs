@@ -112,6 +112,7 @@ async fn start_then_html_messages_media_and_silent_debug() {
     assert_eq!(
         m,
         json!({"chat_id": -100777, "parse_mode": "HTML", "disable_notification": false,
+            "link_preview_options": {"is_disabled": true},
             "text": "\u{26a0}\u{fe0f} <b>WARNING bot: a&lt;b&gt;</b>\nx &amp; y"})
     );
     let photo = &got[3];

@@ -365,10 +365,14 @@ impl Plugin for Telegram {
         let delivery = format!("{}\n{code}", e.event_id);
         if !self.text_sent.get(&delivery) {
             let text = text(&e);
+            // No link previews, as the original: Telegram's servers would
+            // fetch every URL an event names.
             self.in_chat(chat, host, |chat| {
                 bot.call(
                     "sendMessage",
-                    json!({"chat_id": chat, "text": text, "parse_mode": "HTML", "disable_notification": silent}),
+                    json!({"chat_id": chat, "text": text, "parse_mode": "HTML",
+                        "disable_notification": silent,
+                        "link_preview_options": {"is_disabled": true}}),
                     timeout,
                 )
             })
