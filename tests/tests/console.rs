@@ -832,3 +832,89 @@ async fn an_address_with_many_endpoints_is_shown_a_page_at_a_time() {
         .json();
     assert_eq!(subs.as_array().map(Vec::len), Some(2), "{subs}");
 }
+
+/// An endpoint with many subscriptions (one per site, say) shows them a
+/// page at a time on its address's page, each once, with the count; a
+/// change to one on a later page leads back to the page that shows it.
+/// Before, every subscription of every endpoint on the page was read and
+/// shown at once.
+#[tokio::test]
+async fn an_endpoint_with_many_subscriptions_is_shown_a_page_at_a_time() {
+    let server = Server::start_with(ServerOptions::test_plugin("")).await;
+    let (id, _) = server.new_addr().await;
+    let ep = server.endpoint(id, "t", serde_json::json!({})).await;
+    let other = server.endpoint(id, "t", serde_json::json!({})).await;
+    for i in 1..45 {
+        let r = server
+            .manage(
+                Method::POST,
+                &format!("/addr/{id}/endpoint/{ep}/subscription"),
+                Some(serde_json::json!({"location": format!("site-{i}")})),
+            )
+            .await;
+        assert_eq!(r.status, 201, "{}", r.text);
+    }
+    let subs: Vec<i64> = server
+        .manage(
+            Method::GET,
+            &format!("/addr/{id}/endpoint/{ep}/subscription"),
+            None,
+        )
+        .await
+        .json()
+        .as_array()
+        .map(|a| a.iter().filter_map(|s| s["id"].as_i64()).collect())
+        .unwrap_or_default();
+    assert_eq!(subs.len(), 45);
+    let mut b = Browser {
+        server: &server,
+        cookie: None,
+    };
+    b.sign_in().await;
+    // The subscriptions an endpoint's block shows.
+    let shown = |page: &str, of: i64| -> Vec<i64> {
+        let block = page
+            .split(&format!("<article class=\"card\" id=\"endpoint-{of}\""))
+            .nth(1)
+            .and_then(|b| b.split("</article>").next())
+            .unwrap_or_default();
+        block
+            .split("aria-label=\"Subscription ")
+            .skip(1)
+            .filter_map(|s| s.split('"').next()?.parse().ok())
+            .collect()
+    };
+    let mut path = format!("/ui/addr/{id}");
+    let mut seen = Vec::new();
+    for range in ["1 to 20 of 45", "21 to 40 of 45", "41 to 45 of 45"] {
+        let page = b.get(&path).await.text().await.unwrap_or_default();
+        assert!(page.contains(&format!("Subscriptions {range}")), "{page}");
+        assert!(page.contains("Subscriptions <small>(45)</small>"), "{page}");
+        assert_eq!(shown(&page, other).len(), 1, "the other endpoint's own");
+        seen.extend(shown(&page, ep));
+        let next = format!("\">Next subscriptions of endpoint {ep}</a>");
+        match page.find(&next) {
+            Some(at) => {
+                let href = page[..at].rsplit("href=\"").next().unwrap_or("");
+                path = href.replace("&amp;", "&");
+            }
+            None => assert_eq!(range, "41 to 45 of 45", "no next page: {page}"),
+        }
+    }
+    assert_eq!(seen, subs);
+    // A change to a subscription on the last page leads back to it.
+    let sub = subs[42];
+    let csrf = b.csrf(&format!("/ui/addr/{id}")).await;
+    let r = b
+        .post(
+            &format!("/ui/addr/{id}/endpoint/{ep}/subscription/{sub}"),
+            &[("csrf", &csrf), ("action", "disable")],
+        )
+        .await;
+    assert_eq!(r.status(), 303);
+    let to = header(&r, "location");
+    let page = b.get(&to).await.text().await.unwrap_or_default();
+    assert!(shown(&page, ep).contains(&sub), "{to}: {page}");
+    assert!(page.contains("Subscriptions 41 to 45 of 45"), "{page}");
+    assert!(page.contains(&format!("First subscriptions of endpoint {ep}")));
+}

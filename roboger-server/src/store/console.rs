@@ -28,12 +28,34 @@ pub struct AddrPage {
     pub more: bool,
 }
 
-/// One page of an address's endpoints, each with its subscriptions.
+/// One page of an address's endpoints, each with a page of its
+/// subscriptions.
 #[derive(Debug)]
 pub struct EndpointPage {
-    pub rows: Vec<(endpoint::Model, Vec<subscription::Model>)>,
+    pub rows: Vec<(endpoint::Model, SubscriptionPage)>,
     /// Whether the address has more endpoints after the last row.
     pub more: bool,
+}
+
+/// One page of an endpoint's subscriptions.
+#[derive(Debug)]
+pub struct SubscriptionPage {
+    pub subs: Vec<subscription::Model>,
+    /// How many subscriptions the endpoint has.
+    pub count: u64,
+    /// How many of them come before `subs`.
+    pub before: u64,
+    /// The first subscription of the next page, when there is one.
+    pub next: Option<i64>,
+}
+
+/// Which of its subscriptions each endpoint on a page shows: `limit` of
+/// them, the page holding `holding`'s subscription for its endpoint
+/// (endpoint, subscription) and the first page for the others.
+#[derive(Debug, Clone, Copy)]
+pub struct SubscriptionsShown {
+    pub limit: u64,
+    pub holding: Option<(i64, i64)>,
 }
 
 impl Store {
@@ -117,27 +139,82 @@ impl Store {
         addr_id: i64,
         after: i64,
         limit: u64,
+        subs: SubscriptionsShown,
     ) -> Result<EndpointPage> {
         let mut eps = self.endpoint_page(addr_id, after, limit + 1).await?;
         let more = eps.len() as u64 > limit;
         eps.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
-        let mut subs = subscription::Entity::find()
+        let counts: Vec<(i64, i64)> = subscription::Entity::find()
+            .select_only()
+            .column(subscription::Column::EndpointId)
+            .column_as(subscription::Column::Id.count(), "n")
             .filter(subscription::Column::EndpointId.is_in(eps.iter().map(|e| e.id)))
-            .order_by_asc(subscription::Column::EndpointId)
-            .order_by_asc(subscription::Column::Id)
+            .group_by(subscription::Column::EndpointId)
+            .into_tuple()
             .all(&self.db)
-            .await?
-            .into_iter()
-            .peekable();
-        let rows = eps
-            .into_iter()
-            .map(|ep| {
-                let mine =
-                    std::iter::from_fn(|| subs.next_if(|s| s.endpoint_id == ep.id)).collect();
-                (ep, mine)
-            })
-            .collect();
+            .await?;
+        let mut rows = Vec::with_capacity(eps.len());
+        for ep in eps {
+            let count = counts
+                .iter()
+                .find(|(id, _)| *id == ep.id)
+                .map_or(0, |(_, n)| u64::try_from(*n).unwrap_or(0));
+            let holding = subs.holding.filter(|(of, _)| *of == ep.id).map(|(_, s)| s);
+            let page = self
+                .subscription_page(ep.id, count, holding, subs.limit)
+                .await?;
+            rows.push((ep, page));
+        }
         Ok(EndpointPage { rows, more })
+    }
+
+    /// The page of `limit` subscriptions of endpoint `ep` (which has
+    /// `count`) that holds subscription `holding`, else the first.
+    async fn subscription_page(
+        &self,
+        ep: i64,
+        count: u64,
+        holding: Option<i64>,
+        limit: u64,
+    ) -> Result<SubscriptionPage> {
+        let of_ep = || subscription::Entity::find().filter(subscription::Column::EndpointId.eq(ep));
+        let limit = Ord::max(limit, 1);
+        let mut before = 0;
+        let mut after = 0;
+        if let Some(sub) = holding {
+            let ahead = of_ep()
+                .filter(subscription::Column::Id.lt(sub))
+                .count(&self.db)
+                .await?;
+            before = ahead / limit * limit;
+            if before > 0 {
+                let last: Option<i64> = of_ep()
+                    .select_only()
+                    .column(subscription::Column::Id)
+                    .order_by_asc(subscription::Column::Id)
+                    .offset(before - 1)
+                    .limit(1)
+                    .into_tuple()
+                    .one(&self.db)
+                    .await?;
+                after = last.unwrap_or(0);
+            }
+        }
+        let mut subs = of_ep()
+            .filter(subscription::Column::Id.gt(after))
+            .order_by_asc(subscription::Column::Id)
+            .limit(limit + 1)
+            .all(&self.db)
+            .await?;
+        let next = (subs.len() as u64 > limit)
+            .then(|| subs.pop().map(|s| s.id))
+            .flatten();
+        Ok(SubscriptionPage {
+            subs,
+            count,
+            before,
+            next,
+        })
     }
 
     /// How many endpoints an address has.

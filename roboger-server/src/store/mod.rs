@@ -22,7 +22,7 @@ mod wrong_keys;
 
 pub use bucket::NewObject;
 pub use cluster::{NodeRow, ROUTING_CHANNEL};
-pub use console::{AddrPage, EndpointPage};
+pub use console::{AddrPage, EndpointPage, SubscriptionPage, SubscriptionsShown};
 pub use delivery::{EndpointStats, EventHead, STATE_DELIVERED, STATE_FAILED, STATE_PENDING};
 pub use group_commit::{Attempt, GroupCommit, Written};
 pub use management::{AddrPatch, EndpointPatch, SubscriptionPatch, SubscriptionRow};

@@ -33,7 +33,7 @@ use super::push;
 use super::reply::{self, Response};
 use crate::App;
 use crate::api::body::Body;
-use crate::store::{AddrRef, EventHead};
+use crate::store::{AddrRef, EventHead, SubscriptionsShown};
 use page::{Chrome, html};
 use session::Session;
 
@@ -43,6 +43,10 @@ pub const PREFIX: &str = "/ui";
 const ADDR_PAGE: u64 = 50;
 /// Endpoints per page of an address, each with its subscriptions.
 const ENDPOINT_PAGE: u64 = 20;
+
+/// How many of its subscriptions an endpoint shows on its address's page
+/// at a time.
+const SUBSCRIPTION_PAGE: u64 = 20;
 /// Other endpoints an endpoint's page offers to copy its subscriptions
 /// to by name; past this many it asks for the endpoint's number.
 const COPY_TARGETS: u64 = 100;
@@ -408,6 +412,14 @@ fn to_endpoint(a: i64, ep: impl std::fmt::Display, done: &str) -> Response {
     redirect(&format!("/ui/addr/{a}?at={ep}&done={done}#endpoint-{ep}"))
 }
 
+/// Back to the address page, at the page of endpoint `ep`'s
+/// subscriptions that holds subscription `sub`.
+fn to_subscription(a: i64, ep: i64, sub: i64, done: &str) -> Response {
+    redirect(&format!(
+        "/ui/addr/{a}?at={ep}&sub={sub}&done={done}#endpoint-{ep}"
+    ))
+}
+
 fn redirect(to: &str) -> Response {
     let mut r = reply::empty(StatusCode::SEE_OTHER);
     if let Ok(v) = HeaderValue::from_str(to) {
@@ -559,9 +571,14 @@ async fn addr_page(ctx: &Ctx<'_>, a: i64) -> Result<Response, ApiError> {
         }
         (None, None) => 0,
     };
+    // `sub` asks for the page of `at`'s subscriptions that holds one.
+    let subs = SubscriptionsShown {
+        limit: SUBSCRIPTION_PAGE,
+        holding: number("at").zip(number("sub")),
+    };
     let page = app
         .store
-        .endpoint_block_page(a.id, after, ENDPOINT_PAGE)
+        .endpoint_block_page(a.id, after, ENDPOINT_PAGE, subs)
         .await?;
     let next = if page.more {
         page.rows.last().map(|(ep, _)| ep.id)
@@ -943,19 +960,23 @@ fn subscription_body(f: &Form) -> Value {
 }
 
 async fn subscription_create(ctx: &Ctx<'_>, a: i64, ep: i64) -> Result<Response, ApiError> {
-    ctx.manage(
-        Method::POST,
-        &format!("addr/{a}/endpoint/{ep}/subscription"),
-        subscription_body(ctx.form),
-    )
-    .await?;
-    Ok(to_endpoint(a, ep, "subscribed"))
+    let made = ctx
+        .manage(
+            Method::POST,
+            &format!("addr/{a}/endpoint/{ep}/subscription"),
+            subscription_body(ctx.form),
+        )
+        .await?;
+    Ok(match location_tail(&made).and_then(|s| s.parse().ok()) {
+        Some(s) => to_subscription(a, ep, s, "subscribed"),
+        None => to_endpoint(a, ep, "subscribed"),
+    })
 }
 
 async fn subscription_action(ctx: &Ctx<'_>, a: i64, ep: i64, s: i64) -> Result<Response, ApiError> {
     let path = format!("addr/{a}/endpoint/{ep}/subscription/{s}");
     let page = format!("/ui/addr/{a}");
-    let done = |what: &str| Ok(to_endpoint(a, ep, what));
+    let done = |what: &str| Ok(to_subscription(a, ep, s, what));
     match ctx.form.text("action") {
         "save" => {
             ctx.manage(Method::PATCH, &path, subscription_body(ctx.form))

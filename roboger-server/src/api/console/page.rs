@@ -10,8 +10,8 @@ use http::{HeaderValue, StatusCode, header};
 
 use super::schema_form::Field;
 use crate::api::reply::{self, Response};
-use crate::store::EventHead;
-use crate::store::entity::{addr, endpoint, subscription};
+use crate::store::entity::{addr, endpoint};
+use crate::store::{EventHead, SubscriptionPage};
 use crate::supervisor::Status;
 
 /// Changes when the assets change, so browsers fetch the new ones.
@@ -109,10 +109,10 @@ pub struct AddrList {
     pub next: Option<i64>,
 }
 
-/// An endpoint with its subscriptions, on its address's page.
+/// An endpoint with a page of its subscriptions, on its address's page.
 pub struct EndpointBlock {
     pub ep: endpoint::Model,
-    pub subs: Vec<subscription::Model>,
+    pub subs: SubscriptionPage,
 }
 
 #[derive(Template)]
