@@ -413,3 +413,46 @@ async fn a_module_whose_send_never_returns_is_started_afresh() {
     })
     .await;
 }
+
+/// A module whose send calls `sys.exit()` (which ends a Python thread
+/// unseen) fails that delivery at once, naming it, and the delivery
+/// batched with it is made. Before, an event with media (sent alone, with
+/// `send`) got no answer until the server's timeout, and one in a batch
+/// failed as "did not finish within 57.00 s", at once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_module_that_calls_sys_exit_fails_only_that_delivery() {
+    let sink = HttpSink::start(vec![]).await;
+    let s = Server::start_with(ServerOptions {
+        yaml: "timeout: 60\ndelivery:\n  max-attempts: 1\n".into(),
+        plugins_yaml: format!(
+            "- name: fetch\n  python: robogercontrib.fetch\n  command: {}\n  env: {{PYTHONPATH: {}}}\n  egress:\n    allow: [127.0.0.1]\n",
+            plugin_bin("python").display(),
+            contrib().display()
+        ),
+        ..Default::default()
+    })
+    .await;
+    let (id, a) = s.new_addr().await;
+    let url = format!("{}/hook", sink.base);
+    let exits = s
+        .endpoint(id, "fetch", json!({"url": url, "exit": true}))
+        .await;
+    let fine = s.endpoint(id, "fetch", json!({"url": url})).await;
+    for (n, event) in [
+        json!({"addr": a, "msg": "batched"}),
+        json!({"addr": a, "msg": "alone", "media": "aGVsbG8="}),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        assert_status!(s.push(event).await, 202);
+        s.endpoint_settles(id, fine, n as u64 + 1, 0).await;
+        s.endpoint_settles(id, exits, 0, n as u64 + 1).await;
+        let ep = s
+            .manage(Method::GET, &format!("/addr/{id}/endpoint/{exits}"), None)
+            .await
+            .json();
+        assert_eq!(ep["last_error"], "the module raised SystemExit(3)", "{ep}");
+    }
+    assert_eq!(sink.wait(2).await.len(), 2);
+}

@@ -592,8 +592,13 @@ def _retry_after(exc):
 
 def _failure(e):
     """A failed send as a JSON-RPC error object: FAILED, with the wait
-    its target asked for as `data.retry_after`."""
-    error = {"code": FAILED, "message": str(e) or type(e).__name__}
+    its target asked for as `data.retry_after`. `sys.exit()` and the
+    like (not an `Exception`) are named: their text alone is a code."""
+    if isinstance(e, Exception):
+        message = str(e) or type(e).__name__
+    else:
+        message = f"the module raised {type(e).__name__}({e})"
+    error = {"code": FAILED, "message": message}
     wait = _retry_after(e)
     if wait is not None:
         error["data"] = {"retry_after": wait}
@@ -613,7 +618,9 @@ def _send_batch(module, events):
             outcomes[i] = {}
         except RpcError as e:
             outcomes[i] = {"error": {"code": e.code, "message": str(e)}}
-        except Exception as e:
+        # Not only Exception: a SystemExit would end the thread unseen,
+        # and the batch would wait out its deadline for this outcome.
+        except BaseException as e:
             logger.debug(traceback.format_exc().rstrip())
             outcomes[i] = {"error": _failure(e)}
 
@@ -679,7 +686,9 @@ def _serve_call(module, msg):
         _write({"jsonrpc": "2.0", "id": rid, "result": result})
     except RpcError as e:
         _write({"jsonrpc": "2.0", "id": rid, "error": {"code": e.code, "message": str(e)}})
-    except Exception as e:
+    # Every call is answered, even one whose module raised SystemExit
+    # (which would end this thread unseen and leave the server waiting).
+    except BaseException as e:
         # Checks that raise are the user's 400; anything else failed.
         if method in ("validate_config", "validate_plugin_config"):
             error = {"code": REJECTED, "message": str(e) or type(e).__name__}

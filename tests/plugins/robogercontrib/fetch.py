@@ -7,11 +7,13 @@ a wait asked for reach the server (an HTTP 429's `Retry-After`, or, with
 With `client: requests` it POSTs with `requests` instead, whose
 `raise_for_status()` HTTPError carries the answer the bridge reads.
 With `hang: true` its send never returns, as one calling a target that
-never answers, without a timeout, would.
+never answers, without a timeout, would. With `exit: true` it calls
+`sys.exit(3)`, as a script turned module may.
 """
 
 __version__ = "0.1.0"
 
+import sys
 import time
 import urllib.request
 
@@ -32,6 +34,8 @@ class Later(Exception):
 def send(config, msg, **kwargs):
     if config.get("hang"):
         time.sleep(3600)
+    if config.get("exit"):
+        sys.exit(3)
     if "later" in config:
         raise Later(config["later"])
     if config.get("client") == "requests":
