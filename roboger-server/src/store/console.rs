@@ -179,27 +179,13 @@ impl Store {
     ) -> Result<SubscriptionPage> {
         let of_ep = || subscription::Entity::find().filter(subscription::Column::EndpointId.eq(ep));
         let limit = Ord::max(limit, 1);
-        let mut before = 0;
-        let mut after = 0;
-        if let Some(sub) = holding {
-            let ahead = of_ep()
-                .filter(subscription::Column::Id.lt(sub))
-                .count(&self.db)
-                .await?;
-            before = ahead / limit * limit;
-            if before > 0 {
-                let last: Option<i64> = of_ep()
-                    .select_only()
-                    .column(subscription::Column::Id)
-                    .order_by_asc(subscription::Column::Id)
-                    .offset(before - 1)
-                    .limit(1)
-                    .into_tuple()
-                    .one(&self.db)
-                    .await?;
-                after = last.unwrap_or(0);
+        let (before, after) = match holding {
+            Some(sub) => {
+                self.page_holding(of_ep, subscription::Column::Id, sub, limit)
+                    .await?
             }
-        }
+            None => (0, 0),
+        };
         let mut subs = of_ep()
             .filter(subscription::Column::Id.gt(after))
             .order_by_asc(subscription::Column::Id)
@@ -230,25 +216,43 @@ impl Store {
     /// change to an endpoint shows it.
     pub async fn endpoint_page_holding(&self, addr_id: i64, ep: i64, limit: u64) -> Result<i64> {
         let of_addr = || endpoint::Entity::find().filter(endpoint::Column::AddrId.eq(addr_id));
-        let before = of_addr()
-            .filter(endpoint::Column::Id.lt(ep))
-            .count(&self.db)
+        let (_, after) = self
+            .page_holding(of_addr, endpoint::Column::Id, ep, limit)
             .await?;
+        Ok(after)
+    }
+
+    /// Where the page of `limit` of `rows` (in the order of their `id`)
+    /// that holds the row `target` starts: how many rows come before it,
+    /// and the id of the last of them (0 for the first page).
+    async fn page_holding<E, C>(
+        &self,
+        rows: impl Fn() -> Select<E>,
+        id: C,
+        target: i64,
+        limit: u64,
+    ) -> Result<(u64, i64)>
+    where
+        E: EntityTrait,
+        E::Model: Sync,
+        C: ColumnTrait,
+    {
+        let ahead = rows().filter(id.lt(target)).count(&self.db).await?;
         let limit = Ord::max(limit, 1);
-        let skip = before / limit * limit;
-        if skip == 0 {
-            return Ok(0);
+        let before = ahead / limit * limit;
+        if before == 0 {
+            return Ok((0, 0));
         }
-        let after: Option<i64> = of_addr()
+        let last: Option<i64> = rows()
             .select_only()
-            .column(endpoint::Column::Id)
-            .order_by_asc(endpoint::Column::Id)
-            .offset(skip - 1)
+            .column(id)
+            .order_by_asc(id)
+            .offset(before - 1)
             .limit(1)
             .into_tuple()
             .one(&self.db)
             .await?;
-        Ok(after.unwrap_or(0))
+        Ok((before, last.unwrap_or(0)))
     }
 
     /// The plugin names of those of `ids` that are endpoints of `addr_id`.
