@@ -295,12 +295,15 @@ async fn the_egress_policy_holds_for_a_modules_own_connections() {
     );
 }
 
-/// A server whose backoff starts at 2 s, with `fetch.py` as plugin
-/// `fetch`, allowed to connect to loopback; `env` adds entries to its
-/// environment's YAML map (`, KEY: VALUE`).
-async fn fetch_server(env: &str) -> Server {
+/// A server config whose backoff starts at 2 s.
+const RETRY_IN_2S: &str = "delivery:\n  retry-base: 2\n";
+
+/// A server with `fetch.py` as plugin `fetch`, allowed to connect to
+/// loopback; `yaml` is the server's config, and `env` adds entries to
+/// the plugin's environment's YAML map (`, KEY: VALUE`).
+async fn fetch_server(yaml: &str, env: &str) -> Server {
     Server::start_with(ServerOptions {
-        yaml: "delivery:\n  retry-base: 2\n".into(),
+        yaml: yaml.into(),
         plugins_yaml: format!(
             "- name: fetch\n  python: robogercontrib.fetch\n  command: {}\n  env: {{PYTHONPATH: {}{env}}}\n  egress:\n    allow: [127.0.0.1]\n",
             plugin_bin("python").display(),
@@ -318,7 +321,7 @@ async fn fetch_server(env: &str) -> Server {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_retry_after_reaches_the_server_from_a_module() {
     let sink = HttpSink::retry_after(vec![429], "30").await;
-    let s = fetch_server("").await;
+    let s = fetch_server(RETRY_IN_2S, "").await;
     let (id, a) = s.new_addr().await;
     let url = format!("{}/x", sink.base);
     let answered = s.endpoint(id, "fetch", json!({ "url": url })).await;
@@ -348,7 +351,11 @@ async fn a_requests_http_error_with_retry_after_reaches_the_server() {
         return;
     };
     let sink = HttpSink::retry_after(vec![429], "40").await;
-    let s = fetch_server(&format!(", ROBOGER_PYTHON: {}", python.display())).await;
+    let s = fetch_server(
+        RETRY_IN_2S,
+        &format!(", ROBOGER_PYTHON: {}", python.display()),
+    )
+    .await;
     let (id, a) = s.new_addr().await;
     let url = format!("{}/x", sink.base);
     let ep = s
@@ -375,16 +382,10 @@ async fn a_requests_http_error_with_retry_after_reaches_the_server() {
 /// the whole batch timed out with them).
 #[tokio::test(flavor = "multi_thread")]
 async fn a_module_whose_send_never_returns_is_started_afresh() {
-    let s = Server::start_with(ServerOptions {
-        yaml: "timeout: 1\ndelivery:\n  retry-base: 0.05\n  retry-max: 0.1\n  max-attempts: 1000\n"
-            .into(),
-        plugins_yaml: format!(
-            "- name: fetch\n  python: robogercontrib.fetch\n  command: {}\n  env: {{PYTHONPATH: {}}}\n",
-            plugin_bin("python").display(),
-            contrib().display()
-        ),
-        ..Default::default()
-    })
+    let s = fetch_server(
+        "timeout: 1\ndelivery:\n  retry-base: 0.05\n  retry-max: 0.1\n  max-attempts: 1000\n",
+        "",
+    )
     .await;
     let (id, a) = s.new_addr().await;
     s.endpoint(
@@ -422,16 +423,7 @@ async fn a_module_whose_send_never_returns_is_started_afresh() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_module_that_calls_sys_exit_fails_only_that_delivery() {
     let sink = HttpSink::start(vec![]).await;
-    let s = Server::start_with(ServerOptions {
-        yaml: "timeout: 60\ndelivery:\n  max-attempts: 1\n".into(),
-        plugins_yaml: format!(
-            "- name: fetch\n  python: robogercontrib.fetch\n  command: {}\n  env: {{PYTHONPATH: {}}}\n  egress:\n    allow: [127.0.0.1]\n",
-            plugin_bin("python").display(),
-            contrib().display()
-        ),
-        ..Default::default()
-    })
-    .await;
+    let s = fetch_server("timeout: 60\ndelivery:\n  max-attempts: 1\n", "").await;
     let (id, a) = s.new_addr().await;
     let url = format!("{}/hook", sink.base);
     let exits = s
