@@ -664,7 +664,7 @@ impl Supervisor {
                 .into_iter()
                 .map(|o| match o.error {
                     None => Ok(Value::Null),
-                    Some(e) if e.code == codes::REJECTED => Err(CallError::Rejected(e.message)),
+                    Some(e) if e.code == codes::REJECTED => Err(rejected(e.message)),
                     Some(e) => Err(failed(e.message, e.data.as_ref())),
                 })
                 .collect(),
@@ -742,7 +742,7 @@ fn call_error(name: &str, method: &str, conn: &Conn, e: ClientError) -> CallErro
     let unavailable = |why: String| CallError::Unavailable(name.to_string(), why);
     match e {
         ClientError::Call(obj) if obj.code() == codes::REJECTED => {
-            CallError::Rejected(obj.message().to_string())
+            rejected(obj.message().to_string())
         }
         ClientError::Call(obj) if obj.code() == jsonrpsee::types::error::METHOD_NOT_FOUND_CODE => {
             CallError::Rejected(format!("plugin {name} has no method {method}"))
@@ -762,10 +762,38 @@ fn call_error(name: &str, method: &str, conn: &Conn, e: ClientError) -> CallErro
 /// A plugin's failure `message`, with the wait its error `data` asks for
 /// when it asks for one.
 fn failed(message: String, data: Option<&Value>) -> CallError {
+    let message = bounded(message);
     match protocol::retry_after(data) {
         Some(wait) => CallError::Later(message, wait),
         None => CallError::Failed(message),
     }
+}
+
+/// A plugin's refusal, its words [`bounded`].
+fn rejected(message: String) -> CallError {
+    CallError::Rejected(bounded(message))
+}
+
+/// The most of a plugin's error message the server keeps, in bytes.
+pub const ERROR_MAX: usize = 4096;
+
+/// A plugin's error message as the server keeps and shows it (a
+/// delivery's `last_error`, stored on every try; a 400's text): cut at
+/// [`ERROR_MAX`] bytes, saying how much was left out. A plugin that put
+/// a whole answer page or a list of thousands in its error made every
+/// try store and every event listing send all of it.
+fn bounded(mut message: String) -> String {
+    if message.len() <= ERROR_MAX {
+        return message;
+    }
+    let mut end = ERROR_MAX;
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    let more = message.len() - end;
+    message.truncate(end);
+    message.push_str(&format!("\u{2026} ({more} bytes more)"));
+    message
 }
 
 /// Waits until each slot's first start attempt has finished.

@@ -621,3 +621,29 @@ async fn a_send_that_panics_fails_alone() {
     let why = fails_alone(60, json!({"panic": "a bug on this event"})).await;
     assert_eq!(why, "the plugin's send panicked: a bug on this event");
 }
+
+/// A plugin's error message is kept to 4 KiB, saying how much was left
+/// out: before, a plugin that put a whole answer page in its error made
+/// every try store all of it (900 KB here) and every listing of the
+/// address's events send it; a refusal's 400 carried it whole too.
+#[tokio::test]
+async fn a_plugins_long_error_is_kept_to_4_kib() {
+    // A two-byte character across the 4 KiB mark is left out whole.
+    let long = format!("x{}{}", "é".repeat(3000), "y".repeat(100_000));
+    let why = fails_alone(5, json!({ "fail": long })).await;
+    let more = long.len() - 4095;
+    assert_eq!(
+        why,
+        format!("x{}\u{2026} ({more} bytes more)", "é".repeat(2047))
+    );
+    let s = Server::start_with(ServerOptions::test_plugin("")).await;
+    let (id, _) = s.new_addr().await;
+    let r = s.try_endpoint(id, "t", json!({ "reject": long })).await;
+    assert_status!(r, 400);
+    assert!(r.text.len() < 4200, "{} bytes", r.text.len());
+    assert!(
+        r.text.ends_with(&format!("({more} bytes more)")),
+        "{}",
+        &r.text[4000..]
+    );
+}
