@@ -95,25 +95,34 @@ pub enum Outcome {
     Failed(String),
 }
 
+/// How many addresses the outcome's text names for each reply.
+const NAMED: usize = 10;
+
 /// The outcome of `replies` (every recipient's, in the list's order),
-/// its text naming which recipients came to what, those alike together:
-/// `smtp: a@x, b@y: mailed; c@z: permanent error (550): ...`.
+/// its text naming which recipients came to what, those alike together,
+/// the mailed last, and at most [`NAMED`] addresses for each:
+/// `smtp: c@z: permanent error (550): ...; a@x, b@y and 3 more: mailed`.
 pub fn outcome(replies: &[(Address, Reply)]) -> Outcome {
     if replies.iter().all(|(_, r)| *r == Reply::Mailed) {
         return Outcome::Delivered;
     }
-    let mut groups: Vec<(&str, Vec<&Address>)> = Vec::new();
+    let mut groups: Vec<(&Reply, Vec<&Address>)> = Vec::new();
     for (a, r) in replies {
-        match groups.iter_mut().find(|(t, _)| *t == r.text()) {
+        match groups.iter_mut().find(|(g, _)| g.text() == r.text()) {
             Some((_, to)) => to.push(a),
-            None => groups.push((r.text(), vec![a])),
+            None => groups.push((r, vec![a])),
         }
     }
+    groups.sort_by_key(|(r, _)| **r == Reply::Mailed);
     let text = groups
         .iter()
-        .map(|(t, to)| {
-            let to: Vec<String> = to.iter().map(ToString::to_string).collect();
-            format!("{}: {t}", to.join(", "))
+        .map(|(r, to)| {
+            let named: Vec<String> = to.iter().take(NAMED).map(ToString::to_string).collect();
+            let more = match to.len().saturating_sub(NAMED) {
+                0 => String::new(),
+                n => format!(" and {n} more"),
+            };
+            format!("{}{more}: {}", named.join(", "), r.text())
         })
         .collect::<Vec<_>>()
         .join("; ");
@@ -158,8 +167,22 @@ mod tests {
                 (a("v@x"), good.clone()),
             ]),
             Outcome::Refused(
-                "smtp: o@x, p@x: mailed; u@x, v@x: permanent error (550): no such mailbox".into()
+                "smtp: u@x, v@x: permanent error (550): no such mailbox; o@x, p@x: mailed".into()
             )
+        );
+        let many: Vec<(Address, Reply)> = (0..25)
+            .map(|i| (a(&format!("m{i}@x")), Reply::Mailed))
+            .chain([(a("u@x"), good.clone())])
+            .collect();
+        assert_eq!(
+            outcome(&many),
+            Outcome::Refused(format!(
+                "smtp: u@x: permanent error (550): no such mailbox; {} and 15 more: mailed",
+                (0..10)
+                    .map(|i| format!("m{i}@x"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))
         );
         assert_eq!(
             outcome(&[(a("u@x"), good), (a("b@x"), now)]),
