@@ -214,6 +214,15 @@ async fn every_node_of_a_cluster_registers_and_serves_one_webhook() {
     }
 }
 
+/// A new address with a telegram endpoint for `chat`, its code got with
+/// `/start`: the address's id and string, and the endpoint's id.
+async fn chat_endpoint(s: &Server, api: &HttpSink, chat: i64) -> (i64, String, i64) {
+    let code = chat_code(s, api, chat).await;
+    let (id, a) = s.new_addr().await;
+    let ep = s.endpoint(id, "telegram", json!({"chat_id": code})).await;
+    (id, a, ep)
+}
+
 /// The code the bot gives `chat` for `/start`, from its answer as the
 /// Bot API at `api` saw it.
 async fn chat_code(s: &Server, api: &HttpSink, chat: i64) -> String {
@@ -257,9 +266,7 @@ async fn a_retry_sends_only_the_media_and_a_long_text_is_cut() {
         &api,
     )
     .await;
-    let code = chat_code(&s, &api, 42).await;
-    let (id, a) = s.new_addr().await;
-    s.endpoint(id, "telegram", json!({"chat_id": code})).await;
+    let (id, a, _) = chat_endpoint(&s, &api, 42).await;
     let media = base64::engine::general_purpose::STANDARD.encode(PNG);
     assert_status!(
         s.push(json!({"addr": a, "msg": "with a photo", "media": media}))
@@ -302,9 +309,7 @@ async fn a_group_upgraded_to_a_supergroup_keeps_its_events() {
     // setWebhook and the answer to /start, then the group has moved.
     let api = HttpSink::replying(vec![(200, OK), (200, OK), (400, MOVED)], OK).await;
     let s = server("url: https://roboger.example.com/\n", &api).await;
-    let code = chat_code(&s, &api, -4242).await;
-    let (id, a) = s.new_addr().await;
-    s.endpoint(id, "telegram", json!({"chat_id": code})).await;
+    let (id, a, _) = chat_endpoint(&s, &api, -4242).await;
     assert_status!(s.push(json!({"addr": a, "msg": "first"})).await, 202);
     let (state, attempts, why) = s.settled_delivery(id).await;
     assert_eq!((state.as_str(), attempts), ("delivered", 1), "{why}");
@@ -360,11 +365,9 @@ async fn flood_control_is_waited_for() {
         &api,
     )
     .await;
-    // The code for a chat, from the bot's answer to /start (which the Bot
-    // API refused, but the sink saw).
-    let code = chat_code(&s, &api, 42).await;
-    let (id, a) = s.new_addr().await;
-    let ep = s.endpoint(id, "telegram", json!({"chat_id": code})).await;
+    // The code for a chat comes from the bot's answer to /start (which
+    // the Bot API refused, but the sink saw).
+    let (id, a, ep) = chat_endpoint(&s, &api, 42).await;
     assert_status!(s.push(json!({"addr": a, "msg": "flood"})).await, 202);
     let waits = s.first_retry_waits(id, &[ep]).await;
     let (wait, error) = &waits[0];
