@@ -1,6 +1,10 @@
 //! The slack plugin: posts each event to a Slack incoming webhook, as
 //! plain text (formatted subject, newline, message) or, with `rich`, as an
 //! attachment coloured by level; the sender, when given, is the username.
+//! The event's text is escaped as Slack asks (`&`, `<`, `>`), so a
+//! message is shown as sent and cannot mention `<!channel>` or disguise
+//! a link; Slack's answers that say the webhook will never take the
+//! message (400, 403, 404, 410) fail the delivery at once.
 
 use roboger_plugin_sdk::schema;
 use roboger_plugin_sdk::{Event, Host, Info, Plugin, PluginError, run};
@@ -23,21 +27,39 @@ fn colour(level: u8) -> &'static str {
     }
 }
 
+/// `text` as Slack shows it as it is: its three control characters as
+/// the entities Slack decodes. Unescaped, `<!channel>` in a log line
+/// would notify the whole channel and `<https://x|y>` would show a link
+/// as other text.
+fn escaped(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 /// The Slack message for an event.
 fn payload(e: &Event, rich: bool) -> Value {
+    let (subject, msg) = (escaped(&e.formatted_subject), escaped(&e.msg));
     let mut body = if rich {
         json!({
             "text": "",
             "attachments": [{
-                "fallback": e.formatted_subject,
+                "fallback": subject,
                 "color": colour(e.level),
-                "fields": [{"title": e.formatted_subject, "value": e.msg, "short": false}],
+                "fields": [{"title": subject, "value": msg, "short": false}],
             }],
         })
-    } else if e.msg.is_empty() {
-        json!({"text": e.formatted_subject})
+    } else if msg.is_empty() {
+        json!({"text": subject})
     } else {
-        json!({"text": format!("{}\n{}", e.formatted_subject, e.msg)})
+        json!({"text": format!("{subject}\n{msg}")})
     };
     if let Some(sender) = e.sender.as_deref().filter(|s| !s.is_empty()) {
         body["username"] = sender.into();
@@ -72,10 +94,28 @@ impl Plugin for Slack {
             .get("rich")
             .and_then(Value::as_bool)
             .unwrap_or(false);
-        roboger_plugin_sdk::http::send_json(host, "POST", url, &[], payload(&e, rich).to_string())
-            .await
+        let body = payload(&e, rich).to_string();
+        roboger_plugin_sdk::http::send_json_with_final(host, "POST", url, &[], body, &FINAL).await
     }
 }
+
+/// Slack's answers that say this webhook will never take the message, so
+/// the delivery fails at once, with Slack's reason (quoted from its
+/// answer) in the error: 400 (`invalid_payload`, `no_text`), 403
+/// (`action_prohibited`, `invalid_token`), 404 (`no_service`: the
+/// webhook was removed; `channel_not_found`) and 410
+/// (`channel_is_archived`). Any other answer (429 with `Retry-After`,
+/// 5xx) is tried again. Once the webhook is mended, the endpoint's
+/// `retry` command tries its failed deliveries again.
+const FINAL: [roboger_plugin_sdk::http::reqwest::StatusCode; 4] = {
+    use roboger_plugin_sdk::http::reqwest::StatusCode;
+    [
+        StatusCode::BAD_REQUEST,
+        StatusCode::FORBIDDEN,
+        StatusCode::NOT_FOUND,
+        StatusCode::GONE,
+    ]
+};
 
 fn main() -> std::process::ExitCode {
     run(Slack)
