@@ -37,6 +37,13 @@ pub fn client() -> Result<&'static reqwest::Client, PluginError> {
             if hop.previous().len() >= MAX_REDIRECTS {
                 return hop.error(format!("more than {MAX_REDIRECTS} redirects"));
             }
+            // Followed, these would send the next request as a GET
+            // without the body: the event would be "delivered" to
+            // whatever page answers there, and lost. Their answer is
+            // the request's, a failed delivery that says where to.
+            if BODY_LOSING.contains(&hop.status()) {
+                return hop.stop();
+            }
             match egress::literal(hop.url()).map(|ip| egress::current().check(ip)) {
                 Some(Err(refused)) => hop.error(refused),
                 _ => hop.follow(),
@@ -126,11 +133,32 @@ async fn answer_error(url: &str, mut resp: reqwest::Response, for_good: bool) ->
         .chars()
         .map(|c| if c.is_control() { ' ' } else { c })
         .collect();
-    let msg = if text.is_empty() {
+    let mut msg = if text.is_empty() {
         format!("{url} answered {status}")
     } else {
         format!("{url} answered {status}: {text}")
     };
+    if BODY_LOSING.contains(&status) {
+        // Where it leads, whole when it parses against the request's URL.
+        let to = match resp.headers().get(reqwest::header::LOCATION) {
+            Some(to) => {
+                let to = String::from_utf8_lossy(to.as_bytes());
+                resp.url()
+                    .join(&to)
+                    .map_or_else(|_| to.into_owned(), String::from)
+            }
+            None => "nowhere".to_string(),
+        };
+        let to: String = url_without_secrets(&to)
+            .chars()
+            .take(QUOTED)
+            .map(|c| if c.is_control() { ' ' } else { c })
+            .collect();
+        msg.push_str(&format!(
+            " (a redirect to {to}, not followed: the request would arrive there as a GET \
+             without its body; set the URL to where it leads, or have it redirect with 307 or 308)"
+        ));
+    }
     match wait {
         _ if for_good => PluginError::rejected(msg),
         Some(wait) => PluginError::Later(msg, wait),
@@ -151,6 +179,15 @@ pub fn parse_retry_after(value: &str, now: std::time::SystemTime) -> Option<Dura
 
 /// Redirects followed at most (reqwest's default).
 const MAX_REDIRECTS: usize = 10;
+
+/// The redirects that turn the next request into a GET without a body
+/// (as browsers, `requests` and reqwest follow them); 307 and 308 keep
+/// the method and body and are followed.
+const BODY_LOSING: [reqwest::StatusCode; 3] = [
+    reqwest::StatusCode::MOVED_PERMANENTLY,
+    reqwest::StatusCode::FOUND,
+    reqwest::StatusCode::SEE_OTHER,
+];
 
 /// Refuses `url` when it names an address the egress policy refuses (a
 /// host name is checked as it resolves, at connect time); else the URL,

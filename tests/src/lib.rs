@@ -1233,7 +1233,8 @@ impl HttpSink {
     }
 
     /// Starts a sink answering each of `replies` (status and body) in
-    /// turn, then 200 with `then`.
+    /// turn, then 200 with `then`. A redirect's (3xx) "body" is where it
+    /// leads: its `Location`, with an empty body.
     pub async fn replying(replies: Vec<(u16, &'static str)>, then: &'static str) -> HttpSink {
         HttpSink::answering_each(replies, then, None).await
     }
@@ -1284,6 +1285,8 @@ impl HttpSink {
                             .ok()
                             .and_then(|mut s| s.pop_front())
                             .unwrap_or((200, then));
+                        let location = (300..400).contains(&code).then_some(body);
+                        let body = if location.is_some() { "" } else { body };
                         let content_type = if serde_json::from_str::<Value>(body).is_ok() {
                             "application/json"
                         } else {
@@ -1298,6 +1301,9 @@ impl HttpSink {
                             content_type,
                         )
                         .into_response();
+                        if let Some(to) = location.and_then(|to| to.parse().ok()) {
+                            r.headers_mut().insert(http::header::LOCATION, to);
+                        }
                         if let Some(v) = retry_after {
                             r.headers_mut().insert(
                                 http::header::RETRY_AFTER,

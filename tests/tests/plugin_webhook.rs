@@ -485,3 +485,69 @@ async fn a_target_that_never_answers_fails_only_its_own_delivery() {
         "{ep}"
     );
 }
+
+/// A target that redirects with 301, 302 or 303 would have the event
+/// arrive where it leads as a GET without its body (as browsers and
+/// `requests` follow them), "delivered" to whatever page answers there
+/// and lost: the delivery fails instead, saying where the redirect
+/// leads (its credentials masked). 307 and 308 keep the method and body
+/// and are followed.
+#[tokio::test]
+async fn a_redirect_that_would_drop_the_body_is_not_followed() {
+    let s = Server::start_with(ServerOptions::builtin(
+        "webhook",
+        "delivery:\n  retry-base: 0.05\n  max-attempts: 2\n",
+    ))
+    .await;
+    let to = "/new?token=s3cret";
+    for (code, followed) in [
+        (301, false),
+        (302, false),
+        (303, false),
+        (307, true),
+        (308, true),
+    ] {
+        let redirects = if followed { 1 } else { 2 };
+        let sink = HttpSink::replying(vec![(code, to); redirects], "ok").await;
+        let (id, a) = s.new_addr().await;
+        let url = format!("{}/old", sink.base);
+        let template = r#"{"msg": $msg}"#;
+        s.endpoint(id, "webhook", json!({"url": url, "template": template}))
+            .await;
+        assert_status!(s.push(json!({"addr": a, "msg": "m"})).await, 202);
+        let (state, attempts, why) = s.settled_delivery(id).await;
+        let got: Vec<(String, String, String)> = sink
+            .requests()
+            .into_iter()
+            .map(|r| {
+                let body = String::from_utf8_lossy(&r.body).into_owned();
+                (r.method, r.path, body)
+            })
+            .collect();
+        let sent = |path: &str| {
+            (
+                "POST".to_string(),
+                path.to_string(),
+                r#"{"msg": "m"}"#.to_string(),
+            )
+        };
+        if followed {
+            assert_eq!(
+                (state.as_str(), attempts),
+                ("delivered", 1),
+                "{code}: {why}"
+            );
+            assert_eq!(got, [sent("/old"), sent("/new")], "{code}");
+        } else {
+            assert_eq!((state.as_str(), attempts), ("failed", 2), "{code}: {why}");
+            assert_eq!(got, [sent("/old"), sent("/old")], "{code}");
+            let leads = format!(
+                "a redirect to {}/new?token=[secret], not followed",
+                sink.base
+            );
+            assert!(why.contains(&format!("/old answered {code} ")), "{why}");
+            assert!(why.contains(&leads) && why.contains("307 or 308"), "{why}");
+            assert!(!why.contains("s3cret"), "{why}");
+        }
+    }
+}
