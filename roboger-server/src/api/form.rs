@@ -2,11 +2,13 @@
 //! with at most one file, in the part its reader names. The console's
 //! pages read their forms here (the test event's file is `file`), and so
 //! does `POST /push`, which the original took as a form of either kind
-//! (its file is the event's `media`, raw rather than base64).
+//! (its file is the event's `media`, raw rather than base64). Text is
+//! read in the character set it declares ([`charset`]).
 
 use bytes::Bytes;
 use futures_util::stream;
 
+use crate::api::charset;
 use crate::api::error::{ApiError, bad};
 
 const URLENCODED: &str = "application/x-www-form-urlencoded";
@@ -57,9 +59,7 @@ impl Form {
             })
             .transpose()?
         else {
-            let fields = url::form_urlencoded::parse(&body)
-                .map(|(k, v)| (k.into_owned(), v.into_owned()))
-                .collect();
+            let fields = charset::form_pairs(&body, charset::declared(content_type)?)?;
             return Ok(Form { fields, file: None });
         };
         let mut parts = multer::Multipart::new(
@@ -72,6 +72,7 @@ impl Form {
         while let Some(field) = parts.next_field().await.map_err(broken)? {
             let name = field.name().unwrap_or("").to_string();
             let file_name = field.file_name().map(str::to_string);
+            let declared = charset::declared(field.content_type().map(|m| m.as_ref()))?;
             let data = field.bytes().await.map_err(broken)?;
             match file_name {
                 Some(f) if name == file_part => {
@@ -87,8 +88,8 @@ impl Form {
                     });
                 }
                 _ => {
-                    let text = String::from_utf8(data.to_vec())
-                        .map_err(|_| bad(format!("field {name:?} is not UTF-8 text")))?;
+                    let what = || format!("field {name:?}");
+                    let text = charset::text(&data, declared, what)?.into_owned();
                     form.fields.push((name, text));
                 }
             }
@@ -206,11 +207,18 @@ mod tests {
         let e = Form::parse(ct, two, "media").await.unwrap_err();
         assert!(e.to_string().contains("more than one file"), "{e}");
 
-        let binary = Bytes::from_static(
-            b"--XX\r\nContent-Disposition: form-data; name=\"msg\"\r\n\r\n\xff\r\n--XX--\r\n",
+        // A part's text in the charset it declares, else UTF-8 or
+        // Windows-1252 (api::charset).
+        let legacy = Bytes::from_static(
+            b"--XX\r\nContent-Disposition: form-data; name=\"msg\"\r\n\r\ncaf\xe9\r\n\
+              --XX\r\nContent-Disposition: form-data; name=\"subject\"\r\n\
+              Content-Type: text/plain; charset=iso-8859-5\r\n\r\n\xbf\xe0\xd8\xd2\xd5\xe2\r\n--XX--\r\n",
         );
-        let e = Form::parse(ct, binary, "media").await.unwrap_err();
-        assert!(e.to_string().contains("field \"msg\" is not UTF-8"), "{e}");
+        let f = Form::parse(ct, legacy, "media").await.unwrap();
+        assert_eq!(
+            (f.get("msg"), f.get("subject")),
+            (Some("café"), Some("Привет"))
+        );
 
         let e = Form::parse(Some("multipart/form-data"), multipart(&[]), "media")
             .await

@@ -9,6 +9,7 @@
 pub mod auth;
 pub mod body;
 pub mod budget;
+pub mod charset;
 pub mod console;
 pub mod error;
 pub mod form;

@@ -13,6 +13,7 @@ use serde_json::{Map, Value};
 
 use roboger_plugin_sdk::protocol::HOPS_HEADER;
 
+use super::charset;
 use super::error::ApiError;
 use super::form::{Form, Upload};
 use super::reply::{self, Response};
@@ -38,13 +39,12 @@ pub async fn fields(
     body: Bytes,
 ) -> Result<Map<String, Value>, ApiError> {
     let mut fields = Map::new();
-    for (k, v) in url::form_urlencoded::parse(query.as_bytes()) {
-        fields.insert(k.into_owned(), Value::String(v.into_owned()));
+    for (k, v) in charset::form_pairs(query.as_bytes(), None)? {
+        fields.insert(k, Value::String(v));
     }
     // A JSON object is taken as JSON whatever the Content-Type says
     // (curl -d sends JSON labelled as a form).
-    let looks_json = body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
-    if content_type.is_some_and(Form::is_form) && !looks_json {
+    if content_type.is_some_and(Form::is_form) && !charset::looks_json(&body) {
         // The form's reader takes the body, so it is not held beside its
         // copy (multer's) while the fields are made.
         let form = Form::parse(content_type, body, "media").await?;
@@ -60,6 +60,7 @@ pub async fn fields(
             insert_media(&mut fields, file);
         }
     } else if !body.iter().all(u8::is_ascii_whitespace) {
+        let body = charset::json(body, charset::declared(content_type)?)?;
         match serde_json::from_slice::<Value>(&body) {
             Ok(Value::Object(m)) => fields.extend(m),
             Ok(Value::Null) => {}
