@@ -341,7 +341,7 @@ async fn status_codes_and_field_forms() {
             .unwrap();
     assert_eq!(raw.status().as_u16(), 400);
     // A header that is not ASCII text is a 400 naming it (not a 405).
-    for name in ["content-type", "x-roboger-hops"] {
+    for name in ["content-type", "content-encoding", "x-roboger-hops"] {
         let value = reqwest::header::HeaderValue::from_bytes(b"\xffjson").expect("obs-text");
         let raw =
             r.s.http
@@ -354,6 +354,38 @@ async fn status_codes_and_field_forms() {
         assert_eq!(raw.status().as_u16(), 400, "{name}");
         let text = raw.text().await.unwrap_or_default().to_lowercase();
         assert!(text.contains(name), "{name}: {text}");
+    }
+    // A compressed body is said to be so (not "not valid JSON"); one
+    // that says it is not compressed is read.
+    let gzipped =
+        b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\x03\xab\xae\x05\x00\x43\xbf\xa6\xa3\x02\x00\x00\x00";
+    for (encoding, body, status, said) in [
+        (
+            "gzip",
+            gzipped.to_vec(),
+            415,
+            "the request body is gzip-encoded (Content-Encoding); send it uncompressed",
+        ),
+        (
+            "Identity",
+            json!({"addr": r.a, "msg": "identity"})
+                .to_string()
+                .into_bytes(),
+            202,
+            "",
+        ),
+    ] {
+        let raw =
+            r.s.http
+                .post(r.s.url("/push"))
+                .header("content-type", "application/json")
+                .header("content-encoding", encoding)
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+        assert_eq!(raw.status().as_u16(), status, "{encoding}");
+        assert_eq!(raw.text().await.unwrap_or_default(), said, "{encoding}");
     }
     let big = base64::engine::general_purpose::STANDARD.encode(vec![7u8; 2000]);
     let over = r.push(json!({"msg": "big", "media": big})).await;
@@ -395,7 +427,8 @@ async fn status_codes_and_field_forms() {
             .await
             .unwrap();
     assert_eq!(q.status().as_u16(), 202);
-    let sends = r.wait_sends(2).await;
+    let sends = r.wait_sends(3).await;
+    assert!(sends.iter().any(|s| s["msg"] == "identity"), "{sends:?}");
     let form = sends.iter().find(|s| s["msg"] == "form").unwrap();
     assert_eq!(
         (form["level"].as_u64(), form["tag"].as_str()),

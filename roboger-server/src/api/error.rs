@@ -48,6 +48,10 @@ pub enum ApiError {
     /// 413: the body was not read to its end.
     #[error("request body is larger than {0} bytes")]
     PayloadTooLarge(usize),
+    /// 415: a push's body is compressed (`Content-Encoding`), which
+    /// this server does not read.
+    #[error("the request body is {0}-encoded (Content-Encoding); send it uncompressed")]
+    UnsupportedEncoding(String),
     /// 413: a push's media, read whole, is over `push-max-media`.
     #[error("media is larger than {0} bytes (push-max-media)")]
     MediaTooLarge(usize),
@@ -78,6 +82,7 @@ impl ApiError {
                 StatusCode::PAYLOAD_TOO_LARGE
             }
             ApiError::Disabled(_) => StatusCode::NOT_ACCEPTABLE,
+            ApiError::UnsupportedEncoding(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::TooManyWrongKeys(_) | ApiError::OverLimit { .. } => {
                 StatusCode::TOO_MANY_REQUESTS
             }

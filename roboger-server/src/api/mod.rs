@@ -116,21 +116,28 @@ pub fn routes(
         .and(warp::post())
         .and(warp::query::raw().or(warp::any().map(String::new)).unify())
         .and(text_header("content-type"))
+        .and(text_header("content-encoding"))
         .and(warp::header::optional::<u64>("content-length"))
         .and(text_header(HOPS_HEADER))
         .and(warp::body::stream())
         .and(with_app.clone())
         .then(
             |query: String,
-             ctype: Result<Option<String>, push::NotText>,
+             content_type,
+             content_encoding,
              length: Option<u64>,
-             hops: Result<Option<String>, push::NotText>,
+             hops,
              body,
              app: Arc<App>| async move {
                 let began = std::time::Instant::now();
                 let limit = push::body_limit(app.config.push_max_media);
+                let headers = push::Headers {
+                    content_type,
+                    content_encoding,
+                    hops,
+                };
                 let answer = match app.bodies.read(body, length, limit).await {
-                    Ok((b, _room)) => match push::push(&app, &query, ctype, hops, b).await {
+                    Ok((b, _room)) => match push::push(&app, &query, headers, b).await {
                         Ok(r) => r,
                         Err(e) => reply::error(&e),
                     },

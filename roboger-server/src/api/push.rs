@@ -119,17 +119,33 @@ pub fn hops(header: Result<Option<String>, NotText>) -> Result<u16, ApiError> {
     Ok(digits.parse().unwrap_or(u16::MAX))
 }
 
-/// Handles one push; `content_type` and `hops` are its headers of those
-/// names.
+/// The headers a push is read by, as they came.
+pub struct Headers {
+    pub content_type: Result<Option<String>, NotText>,
+    pub content_encoding: Result<Option<String>, NotText>,
+    /// [`HOPS_HEADER`]
+    pub hops: Result<Option<String>, NotText>,
+}
+
+/// Handles one push, whose body was read whole.
 pub async fn push(
     app: &App,
     query: &str,
-    content_type: Result<Option<String>, NotText>,
-    hops: Result<Option<String>, NotText>,
+    headers: Headers,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let hops = self::hops(hops)?;
-    let content_type = content_type.map_err(|NotText| NotText::refused("Content-Type"))?;
+    let hops = self::hops(headers.hops)?;
+    let content_type = headers
+        .content_type
+        .map_err(|NotText| NotText::refused("Content-Type"))?;
+    // A compressed body would be read as text and refused for what it
+    // seems to say ("not valid JSON", no addr): say what it is instead.
+    match headers.content_encoding {
+        Ok(None) => {}
+        Ok(Some(e)) if e.trim().eq_ignore_ascii_case("identity") => {}
+        Ok(Some(e)) => return Err(ApiError::UnsupportedEncoding(e)),
+        Err(NotText) => return Err(NotText::refused("Content-Encoding")),
+    }
     // What counts against `lim_s`: the request's size, as in the original.
     let body_len = body.len() + query.len();
     // A push with media is at its largest while its fields are made:
