@@ -884,6 +884,14 @@ impl Server {
         .await
     }
 
+    /// Asks for endpoint `ep` of addr `id`'s failed deliveries to be
+    /// tried again (its `retry` command); the answer.
+    pub async fn retry_endpoint(&self, id: i64, ep: i64) -> Resp {
+        let path = format!("/addr/{id}/endpoint/{ep}");
+        self.manage(Method::POST, &path, Some(json!({"cmd": "retry"})))
+            .await
+    }
+
     /// Waits for addr `id`'s newest event to settle; returns its first
     /// delivery's state, attempts and last error.
     pub async fn settled_delivery(&self, id: i64) -> (String, i64, String) {

@@ -1695,13 +1695,7 @@ async fn a_config_change_makes_a_long_backlog_due_and_is_answered() {
         "SELECT count(*) FROM delivery WHERE endpoint_id = {ep} AND state = 'failed'"
     ));
     assert!(failed > N / 2, "{failed}");
-    let r = s
-        .manage(
-            Method::POST,
-            &format!("/addr/{id}/endpoint/{ep}"),
-            Some(json!({"cmd": "retry"})),
-        )
-        .await;
+    let r = s.retry_endpoint(id, ep).await;
     match r.status.as_u16() {
         200 => assert_eq!(r.json()["retried"], failed),
         202 => {

@@ -110,11 +110,7 @@ async fn the_webhook_url_is_never_said() {
     .await;
     assert!(!s.log_text().contains("Xsecretpath"), "{}", s.log_text());
     let got = s
-        .manage(
-            roboger_tests::Method::GET,
-            &format!("/addr/{id}/endpoint/{ep}"),
-            None,
-        )
+        .manage(Method::GET, &format!("/addr/{id}/endpoint/{ep}"), None)
         .await
         .json();
     assert_eq!(got["config"]["url"], url.as_str());
@@ -153,13 +149,7 @@ async fn what_slack_will_never_take_fails_at_once() {
             why.contains(&format!("answered {status}")) && why.contains(said),
             "{why}"
         );
-        let r = s
-            .manage(
-                Method::POST,
-                &format!("/addr/{id}/endpoint/{ep}"),
-                Some(json!({"cmd": "retry"})),
-            )
-            .await;
+        let r = s.retry_endpoint(id, ep).await;
         assert_status!(r, 200);
         assert_eq!(r.json()["retried"], 1);
         let (got, _, why) = s.settled_delivery(id).await;
