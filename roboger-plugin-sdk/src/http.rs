@@ -84,13 +84,23 @@ pub async fn send_json_with_final(
         Some(u) => client()?.request(method, u),
         None => client()?.request(method, url),
     };
-    let mut req = req
-        .timeout(timeout)
-        .header("content-type", "application/json")
-        .body(body);
+    // The caller's headers replace the JSON Content-Type, not add to it.
+    let mut map = reqwest::header::HeaderMap::with_capacity(headers.len() + 1);
+    map.insert(
+        reqwest::header::CONTENT_TYPE,
+        reqwest::header::HeaderValue::from_static("application/json"),
+    );
     for (k, v) in headers {
-        req = req.header(*k, *v);
+        let name = reqwest::header::HeaderName::from_bytes(k.as_bytes());
+        let value = reqwest::header::HeaderValue::from_str(v);
+        let (Ok(name), Ok(value)) = (name, value) else {
+            return Err(PluginError::rejected(format!(
+                "header {k:?}: not a valid HTTP header"
+            )));
+        };
+        map.insert(name, value);
     }
+    let req = req.timeout(timeout).headers(map).body(body);
     let resp = req.send().await.map_err(|e| request_error(url, &e))?;
     if resp.status().is_success() {
         Ok(())

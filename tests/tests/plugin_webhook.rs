@@ -551,3 +551,58 @@ async fn a_redirect_that_would_drop_the_body_is_not_followed() {
         }
     }
 }
+
+/// An endpoint's `headers` are checked when it is made: one that is not
+/// an HTTP header, or that the request sets itself from its body (a
+/// wrong `Content-Length` left the target waiting until the request
+/// timed out, on every try), is a 400 naming it. A `Content-Type` given
+/// replaces the JSON one rather than being sent beside it; `Host` is
+/// sent as given.
+#[tokio::test]
+async fn headers_are_checked_and_replace_the_content_type() {
+    let sink = HttpSink::start(vec![]).await;
+    let (s, id, a) = server().await;
+    let url = format!("{}/h", sink.base);
+    for (headers, said) in [
+        (
+            json!({"X-A": "a\r\nB: c"}),
+            "headers: \"X-A\" must be one line of text",
+        ),
+        (
+            json!({"Bad Name": "x"}),
+            "headers: \"Bad Name\" is not an HTTP header name",
+        ),
+        (
+            json!({"Content-Length": "5"}),
+            "headers: \"Content-Length\" is set by the request itself",
+        ),
+        (
+            json!({"Transfer-Encoding": "chunked"}),
+            "headers: \"Transfer-Encoding\" is set by the request itself",
+        ),
+    ] {
+        let r = s
+            .try_endpoint(id, "webhook", json!({"url": url, "headers": headers}))
+            .await;
+        assert_status!(r, 400);
+        assert!(r.text.contains(said), "{headers}: {}", r.text);
+    }
+    let headers = json!({"Content-Type": "text/plain", "Host": "example.test", "X-Token": "t"});
+    s.endpoint(id, "webhook", json!({"url": url, "headers": headers}))
+        .await;
+    assert_status!(s.push(json!({"addr": a, "msg": "m"})).await, 202);
+    let got = sink.wait(1).await;
+    let all = |name: &str| -> Vec<String> {
+        got[0]
+            .headers
+            .get_all(name)
+            .iter()
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+            .collect()
+    };
+    assert_eq!(all("content-type"), ["text/plain"]);
+    assert_eq!(all("host"), ["example.test"]);
+    assert_eq!(all("x-token"), ["t"]);
+    let (state, _, why) = s.settled_delivery(id).await;
+    assert_eq!(state, "delivered", "{why}");
+}

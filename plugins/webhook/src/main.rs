@@ -2,7 +2,10 @@
 //! endpoint's `template` with every value JSON-encoded (a quote or a
 //! newline in a message can never break or inject into the JSON).
 //! A non-2xx answer is a failure, so the server retries the delivery.
+//! The endpoint's `headers` are checked as HTTP headers when it is made,
+//! and may replace the JSON `Content-Type` but not the request's framing.
 
+use roboger_plugin_sdk::http::reqwest::header::{HeaderName, HeaderValue};
 use roboger_plugin_sdk::schema;
 use roboger_plugin_sdk::{Event, Host, Info, Plugin, PluginError, run};
 use serde_json::Value;
@@ -55,6 +58,49 @@ fn render(template: &str, value: impl Fn(&str, &mut Vec<u8>)) -> String {
     String::from_utf8(out).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
 }
 
+/// Headers the request sets itself from its body and connection: an
+/// endpoint's would break it (a `Content-Length` that is not the body's
+/// leaves the target waiting for the rest until the request times out).
+const FRAMING: [&str; 7] = [
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "upgrade",
+    "te",
+    "trailer",
+];
+
+/// The endpoint's `headers`: each an HTTP header name and a one-line
+/// value, none of [`FRAMING`], none twice (names compare without case);
+/// else why not, final (the same config would be refused again).
+fn headers(config: &Value) -> Result<Vec<(&str, &str)>, PluginError> {
+    let Some(Value::Object(given)) = config.get("headers") else {
+        return Ok(Vec::new());
+    };
+    let mut out: Vec<(&str, &str)> = Vec::with_capacity(given.len());
+    for (k, v) in given {
+        let refused = |why: &str| PluginError::rejected(format!("headers: {k:?} {why}"));
+        let name = HeaderName::from_bytes(k.as_bytes())
+            .map_err(|_| refused("is not an HTTP header name"))?;
+        if FRAMING.contains(&name.as_str()) {
+            return Err(refused(
+                "is set by the request itself, from its body and connection",
+            ));
+        }
+        let Some(v) = v.as_str() else {
+            return Err(refused("must be text"));
+        };
+        HeaderValue::from_str(v)
+            .map_err(|_| refused("must be one line of text, without control characters"))?;
+        if out.iter().any(|(seen, _)| seen.eq_ignore_ascii_case(k)) {
+            return Err(refused("is given twice"));
+        }
+        out.push((k, v));
+    }
+    Ok(out)
+}
+
 /// Writes event field `name` as JSON.
 fn field(e: &Event, name: &str, out: &mut Vec<u8>) {
     let written = match name {
@@ -101,6 +147,7 @@ impl Plugin for Webhook {
                 PluginError::rejected(format!("template: not JSON once filled in: {e}"))
             })?;
         }
+        headers(config)?;
         Ok(())
     }
 
@@ -115,13 +162,7 @@ impl Plugin for Webhook {
             .get("method")
             .and_then(Value::as_str)
             .unwrap_or("POST");
-        let headers: Vec<(&str, &str)> = match e.config.get("headers") {
-            Some(Value::Object(h)) => h
-                .iter()
-                .filter_map(|(k, v)| Some((k.as_str(), v.as_str()?)))
-                .collect(),
-            _ => Vec::new(),
-        };
+        let headers = headers(&e.config)?;
         roboger_plugin_sdk::http::send_json(host, method, url, &headers, body).await?;
         tracing::debug!(event = %e.event_id, %url, "delivered");
         Ok(())
@@ -135,6 +176,43 @@ fn main() -> std::process::ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn headers_are_http_headers_the_request_does_not_set_itself() {
+        let check = |h: Value| {
+            let config = serde_json::json!({ "headers": h });
+            headers(&config).map(|h| h.len()).map_err(|e| e.to_string())
+        };
+        let ok = check(
+            serde_json::json!({"Host": "example.test", "Content-Type": "text/plain", "X-N": "é"}),
+        );
+        assert_eq!(ok, Ok(3));
+        for (h, said) in [
+            (
+                serde_json::json!({"X-A": "a\r\nB: c"}),
+                "\"X-A\" must be one line of text",
+            ),
+            (
+                serde_json::json!({"Bad Name": "x"}),
+                "\"Bad Name\" is not an HTTP header name",
+            ),
+            (
+                serde_json::json!({"Content-Length": "5"}),
+                "\"Content-Length\" is set by the request itself",
+            ),
+            (
+                serde_json::json!({"transfer-encoding": "chunked"}),
+                "\"transfer-encoding\" is set by the request itself",
+            ),
+            (
+                serde_json::json!({"X-A": "1", "x-a": "2"}),
+                "\"x-a\" is given twice",
+            ),
+        ] {
+            let e = check(h.clone()).err().unwrap_or_default();
+            assert!(e.contains(&format!("headers: {said}")), "{h}: {e}");
+        }
+    }
 
     #[test]
     fn values_are_json_encoded_and_placeholders_at_the_end_work() {
