@@ -33,8 +33,8 @@ async fn server(yaml: &str, api: &HttpSink) -> Server {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn start_then_html_messages_media_and_silent_debug() {
-    // Five good answers, then two refusals.
-    let statuses = vec![200, 200, 200, 200, 200, 400, 400];
+    // Five good answers, then the Bot API failing twice.
+    let statuses = vec![200, 200, 200, 200, 200, 502, 502];
     let api = HttpSink::answering(statuses, r#"{"ok": true, "result": {}}"#).await;
     let yaml =
         "url: https://roboger.example.com/\ndelivery:\n  retry-base: 0.05\n  max-attempts: 2\n";
@@ -143,11 +143,12 @@ async fn start_then_html_messages_media_and_silent_debug() {
         (Some(true), Some("\u{1f41b} <b>DEBUG</b>\nquiet"))
     );
 
-    // The Bot API refusing is a failed delivery, retried, saying why.
+    // The Bot API failing is a failed delivery, retried, saying why
+    // (its refusals of a chat: a_chat_that_blocked_the_bot_fails_at_once).
     assert_status!(s.push(json!({"addr": a, "msg": "refused"})).await, 202);
     let (state, attempts, why) = s.settled_delivery(id).await;
     assert_eq!((state.as_str(), attempts), ("failed", 2), "{why}");
-    assert!(why.contains("sendMessage") && why.contains("400"), "{why}");
+    assert!(why.contains("sendMessage") && why.contains("502"), "{why}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -373,4 +374,52 @@ async fn flood_control_is_waited_for() {
     let (wait, error) = &waits[0];
     assert!((29.0..=31.0).contains(wait), "retry_after 30 gave {wait} s");
     assert!(error.contains("retry after 30"), "{error}");
+}
+
+/// A chat that will never take the message (the user blocked the bot:
+/// 403; the chat is gone: 400) fails the delivery at once, with the Bot
+/// API's words, instead of on every try until `max-attempts`; the Bot
+/// API's own trouble (502) is tried again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_chat_that_blocked_the_bot_fails_at_once() {
+    const OK: &str = r#"{"ok": true, "result": {}}"#;
+    const BLOCKED: &str = r#"{"ok": false, "error_code": 403, "description": "Forbidden: bot was blocked by the user"}"#;
+    const GONE: &str =
+        r#"{"ok": false, "error_code": 400, "description": "Bad Request: chat not found"}"#;
+    const DOWN: &str = r#"{"ok": false, "error_code": 502, "description": "Bad Gateway"}"#;
+    // setWebhook and the answer to /start, then one reply per try.
+    let replies = vec![
+        (200, OK),
+        (200, OK),
+        (403, BLOCKED),
+        (400, GONE),
+        (502, DOWN),
+    ];
+    let api = HttpSink::replying(replies, OK).await;
+    let s = server(
+        "url: https://roboger.example.com/\ndelivery:\n  retry-base: 0.05\n  max-attempts: 3\n",
+        &api,
+    )
+    .await;
+    let (id, a, _) = chat_endpoint(&s, &api, 42).await;
+    for (msg, state, attempts, said) in [
+        (
+            "one",
+            "failed",
+            1,
+            "403 Forbidden: Forbidden: bot was blocked by the user",
+        ),
+        (
+            "two",
+            "failed",
+            1,
+            "400 Bad Request: Bad Request: chat not found",
+        ),
+        ("three", "delivered", 2, ""),
+    ] {
+        assert_status!(s.push(json!({"addr": a, "msg": msg})).await, 202);
+        let (got, tries, why) = s.settled_delivery(id).await;
+        assert_eq!((got.as_str(), tries), (state, attempts), "{msg}: {why}");
+        assert!(why.contains(said), "{msg}: {why}");
+    }
 }

@@ -7,7 +7,9 @@
 //! `chat_id` must be such a code, so nobody can address a chat that did
 //! not talk to this bot. Events go out as HTML with the level's emoji,
 //! silently for DEBUG, with the media in a second message. A group that
-//! became a supergroup is followed there (`Telegram::in_chat`).
+//! became a supergroup is followed there (`Telegram::in_chat`). The Bot
+//! API's 400 and 403 (no such chat, the bot blocked or kicked) fail the
+//! delivery at once; its flood control is waited for.
 
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -123,6 +125,17 @@ async fn answer(method: &str, req: reqwest::RequestBuilder) -> Result<Value, Ref
         // (`parameters.retry_after`, seconds), and the server waits so long.
         match v["parameters"]["retry_after"].as_u64().filter(|s| *s > 0) {
             Some(secs) => Err(PluginError::Later(msg, Duration::from_secs(secs)).into()),
+            // Refusals of this chat or this message, which every retry
+            // would meet again: 400 (`chat not found`, a message or
+            // file it cannot take) and 403 (the bot was blocked by the
+            // user, kicked from the group, is not in the channel).
+            None if matches!(
+                status,
+                reqwest::StatusCode::BAD_REQUEST | reqwest::StatusCode::FORBIDDEN
+            ) =>
+            {
+                Err(PluginError::rejected(msg).into())
+            }
             None => Err(PluginError::failed(msg).into()),
         }
     }
