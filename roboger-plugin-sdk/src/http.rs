@@ -223,7 +223,16 @@ pub fn request_error(url: &str, e: &reqwest::Error) -> PluginError {
     let url = url_without_secrets(url);
     match egress::refused_in(e) {
         Some(r) => PluginError::rejected(format!("{url}: {r}")),
-        None => PluginError::failed(format!("{url}: {}", with_causes(e))),
+        None => {
+            // reqwest's own text names the URL it was sending to
+            // ("error sending request for url (…)"), query token and
+            // all: it is said as `url` is.
+            let mut text = with_causes(e);
+            if let Some(sent) = e.url().map(reqwest::Url::as_str) {
+                text = text.replace(sent, &url_without_secrets(sent));
+            }
+            PluginError::failed(format!("{url}: {text}"))
+        }
     }
 }
 

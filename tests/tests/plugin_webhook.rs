@@ -389,7 +389,8 @@ async fn an_endpoint_whose_target_asked_for_a_wait_is_held() {
 /// A password in a target's URL is sent (as basic authentication) but
 /// never said, nor a token in its query: the log and the delivery's error
 /// name the URL with `[secret]` in their place, whether the target
-/// refused the delivery or could not be reached.
+/// refused the delivery or could not be reached (where reqwest's own
+/// error, "error sending request for url (…)", named the token).
 #[tokio::test]
 async fn a_password_in_the_targets_url_is_never_said() {
     use base64::Engine;
@@ -412,7 +413,7 @@ async fn a_password_in_the_targets_url_is_never_said() {
         .endpoint(
             id,
             "webhook",
-            json!({"url": with_password(&format!("http://127.0.0.1:{closed}/down"))}),
+            json!({"url": with_password(&format!("http://127.0.0.1:{closed}/down?token=tok3n"))}),
         )
         .await;
     assert_status!(s.push(json!({"addr": a, "msg": "m"})).await, 202);
@@ -426,7 +427,10 @@ async fn a_password_in_the_targets_url_is_never_said() {
         "{}/hook?token=[secret]&v=1 answered 500",
         as_said(&sink.base)
     );
-    let unreachable = format!("{}/down: ", as_said(&format!("http://127.0.0.1:{closed}")));
+    let unreachable = format!(
+        "{}/down?token=[secret]: ",
+        as_said(&format!("http://127.0.0.1:{closed}"))
+    );
     roboger_tests::poll_until(std::time::Duration::from_secs(10), async || {
         let log = s.log_text();
         match (log.contains(&refused), log.contains(&unreachable)) {
