@@ -1,7 +1,7 @@
 //! Secrets as the server and plugins both show them: the mask that
-//! stands for one, and a URL with its password and credential-like query
-//! values masked, for the errors and log lines that name a URL (a
-//! database's, a webhook's).
+//! stands for one, and a URL with its password, credential-like query
+//! values and token-like path segments masked, for the errors and log
+//! lines that name a URL (a database's, a webhook's).
 
 /// What a secret is shown as.
 pub const MASK: &str = "[secret]";
@@ -14,9 +14,10 @@ const CREDENTIAL_NAMES: [&str; 6] = ["pass", "token", "key", "secret", "sig", "a
 
 /// `url` fit to be said in an error or a log line: the password of its
 /// user info (`user:password@`) and the value of each query parameter
-/// whose name holds one of [`CREDENTIAL_NAMES`] are [`MASK`]. A token
-/// in the path is not (the path is what tells one target's errors from
-/// another's). It works on the text, so a URL
+/// whose name holds one of [`CREDENTIAL_NAMES`] are [`MASK`], and so is
+/// each path segment that looks like a token ([`is_token`]: Discord's,
+/// Mattermost's, Slack's and Teams' webhook keys), the rest of the path
+/// kept to tell one target from another. It works on the text, so a URL
 /// that does not parse (which may be the error being said) is masked
 /// too; the user info runs to the last `@` before the query, so a
 /// password with an unencoded `/` or `@` in it is masked whole, at the
@@ -33,6 +34,16 @@ pub fn url_without_secrets(url: &str) -> String {
         }
         _ => path.to_string(),
     };
+    // The path: from the first `/` after the scheme and authority.
+    if let Some(at) = out[start..].find('/').map(|i| start + i)
+        && out[at..].split('/').any(is_token)
+    {
+        let segments: Vec<&str> = out[at..]
+            .split('/')
+            .map(|s| if is_token(s) { MASK } else { s })
+            .collect();
+        out = format!("{}{}", &out[..at], segments.join("/"));
+    }
     match query.strip_prefix('?') {
         Some(pairs) => {
             let pairs: Vec<String> = pairs
@@ -48,6 +59,18 @@ pub fn url_without_secrets(url: &str) -> String {
         None => out.push_str(query),
     }
     out
+}
+
+/// Whether a URL's path segment looks like a token: 16 or more letters,
+/// digits, `-` and `_`, with both letters and digits. Words and numeric
+/// ids (`/api/webhooks/1234567890/…`) are kept.
+fn is_token(segment: &str) -> bool {
+    segment.len() >= 16
+        && segment
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        && segment.bytes().any(|b| b.is_ascii_digit())
+        && segment.bytes().any(|b| b.is_ascii_alphabetic())
 }
 
 fn is_credential(name: &str) -> bool {
@@ -93,6 +116,27 @@ mod tests {
             ("roboger:pw@db.example/r", "roboger:[secret]@db.example/r"),
             ("not a url", "not a url"),
             ("http://@host/x", "http://@host/x"),
+            // Tokens in the path; words, numbers and the host are kept.
+            (
+                "https://discord.com/api/webhooks/1234567890123/AbC-dEf_GhI0123456789jKlMnOpQ?wait=true",
+                "https://discord.com/api/webhooks/1234567890123/[secret]?wait=true",
+            ),
+            (
+                "https://mm.example/hooks/xl4f3fejx7bwdbhcxufhqhmyqa",
+                "https://mm.example/hooks/[secret]",
+            ),
+            (
+                "https://hooks.slack.com/services/T0123ABCD/B0456EFGH/aBcDeFgHiJkLmNoPqRsTuV12",
+                "https://hooks.slack.com/services/T0123ABCD/B0456EFGH/[secret]",
+            ),
+            (
+                "https://a1b2c3d4e5f6g7h8i9.example.com/alerts/prod-eu-west-1/alertmanager-hook",
+                "https://a1b2c3d4e5f6g7h8i9.example.com/alerts/prod-eu-west-1/alertmanager-hook",
+            ),
+            (
+                "postgresql://u:pw@db/roboger2026",
+                "postgresql://u:[secret]@db/roboger2026",
+            ),
         ] {
             assert_eq!(url_without_secrets(url), shown, "{url}");
         }

@@ -387,7 +387,8 @@ async fn an_endpoint_whose_target_asked_for_a_wait_is_held() {
 }
 
 /// A password in a target's URL is sent (as basic authentication) but
-/// never said, nor a token in its query: the log and the delivery's error
+/// never said, nor a token in its query or its path (a Mattermost
+/// webhook's key, here): the log and the delivery's error
 /// name the URL with `[secret]` in their place, whether the target
 /// refused the delivery or could not be reached (where reqwest's own
 /// error, "error sending request for url (…)", named the token).
@@ -401,7 +402,7 @@ async fn a_password_in_the_targets_url_is_never_said() {
     s.endpoint(
         id,
         "webhook",
-        json!({"url": format!("{}/hook?token=tok3n&v=1", with_password(&sink.base))}),
+        json!({"url": format!("{}/hooks/xl4f3fejx7bwdbhcxufhqhmyqa?token=tok3n&v=1", with_password(&sink.base))}),
     )
     .await;
     // A port nothing listens on.
@@ -424,7 +425,7 @@ async fn a_password_in_the_targets_url_is_never_said() {
         Some(format!("Basic {basic}").as_str())
     );
     let refused = format!(
-        "{}/hook?token=[secret]&v=1 answered 500",
+        "{}/hooks/[secret]?token=[secret]&v=1 answered 500",
         as_said(&sink.base)
     );
     let unreachable = format!(
@@ -446,7 +447,9 @@ async fn a_password_in_the_targets_url_is_never_said() {
     let last_error = ep["last_error"].as_str().unwrap_or_default();
     assert!(last_error.starts_with(&unreachable), "{ep}");
     let log = s.log_text();
-    assert!(!log.contains("hunter22") && !log.contains("tok3n"), "{log}");
+    for secret in ["hunter22", "tok3n", "xl4f3fejx7bwdbhcxufhqhmyqa"] {
+        assert!(!log.contains(secret), "{secret}: {log}");
+    }
 }
 
 /// A target that takes the request and never answers fails its own
