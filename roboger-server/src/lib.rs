@@ -26,6 +26,7 @@ pub mod supervisor;
 pub mod systemd;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use config::Config;
 
@@ -87,6 +88,34 @@ pub struct App {
     superseded: tokio::sync::watch::Receiver<Option<Vec<String>>>,
 }
 
+/// Warns of the plugins that endpoints use but `configured` does not
+/// name (taken out of the config, or a name mistyped): their deliveries
+/// are put off, not tried, until a server that configures them takes
+/// them or they pass `delivery.max-age` (`pipeline::NOT_HERE_WAIT`).
+async fn warn_unconfigured(
+    store: &store::Store,
+    configured: &[config::PluginConfig],
+    timeout: Duration,
+) {
+    let in_use = match tokio::time::timeout(timeout, store.endpoints_by_plugin()).await {
+        Ok(Ok(in_use)) => in_use,
+        Ok(Err(e)) => return tracing::warn!(error = %e, "cannot count the endpoints by plugin"),
+        Err(_) => return tracing::warn!("cannot count the endpoints by plugin: no answer in time"),
+    };
+    let missing: Vec<String> = in_use
+        .into_iter()
+        .filter(|(name, _)| !configured.iter().any(|p| &p.name == name))
+        .map(|(name, n)| format!("{name} ({n} endpoints)"))
+        .collect();
+    if !missing.is_empty() {
+        tracing::warn!(
+            "endpoints use plugins this server does not configure: {}; their deliveries wait, \
+             not tried, for a server that configures them, until delivery.max-age",
+            missing.join(", ")
+        );
+    }
+}
+
 impl App {
     /// Assembles the application state and starts the plugins (returns
     /// once each has had its first start attempt, or a start's timeout
@@ -119,6 +148,7 @@ impl App {
             config.timeout,
         )
         .map_err(StartError::Limits)?;
+        warn_unconfigured(&store, &config.plugins, config.timeout).await;
         let routes = Arc::new(routing::Routes::default());
         routes.load(&store).await?;
         tokio::spawn(routing::follow(Arc::downgrade(&routes), store.clone()));
@@ -175,6 +205,7 @@ impl App {
     /// restart.
     pub async fn reload(&self, new: Config) -> Reloaded {
         let plugins = self.plugins.reconfigure(new.plugins.clone()).await;
+        warn_unconfigured(&self.store, &new.plugins, new.timeout).await;
         Reloaded {
             plugins,
             needs_restart: self.config.differences(&new),

@@ -22,6 +22,10 @@
 //!   renewal would otherwise keep them for good).
 //!   A target that asks for a wait puts its endpoint on hold ([`hold`]):
 //!   the endpoint's other deliveries are put off until then, not tried.
+//!   A delivery whose plugin this server does not configure (taken out
+//!   of its config, or configured on other nodes only) spends no
+//!   attempt: it is put off for [`NOT_HERE_WAIT`] until `max-age`, for
+//!   a reload or another node to deliver.
 //! - Writer and dispatcher wait on each other through their queues, so
 //!   the writer never only waits: while it waits for room in the
 //!   dispatcher's queue it takes in outcomes ([`Inbox`]), and while too
@@ -743,13 +747,18 @@ impl Dispatch {
                     chrono::Utc::now() + chrono::Duration::from_std(wait).unwrap_or_default();
                 self.holds.hold(job.endpoint_id, &job.config, until);
             }
+            let not_here = matches!(&result, Err(CallError::NotConfigured(_)));
             let attempt = outcome(&self.cfg, job, result);
             let counted = match attempt.state {
                 STATE_DELIVERED => Outcome::Delivered,
                 STATE_FAILED => Outcome::Failed,
                 _ => Outcome::Retry,
             };
-            self.metrics.attempt(&job.plugin, counted, took);
+            if not_here && attempt.state == STATE_PENDING {
+                self.metrics.held(&job.plugin);
+            } else {
+                self.metrics.attempt(&job.plugin, counted, took);
+            }
             if self.outcomes.send(attempt).await.is_err() {
                 return;
             }
@@ -1000,7 +1009,14 @@ fn send_params(job: &Job, media: Option<&str>) -> Result<RawParams, CallError> {
         .map_err(|err| CallError::Failed(format!("cannot encode the event: {err}")))
 }
 
+/// How long a delivery whose plugin this server does not configure is
+/// put off (at most `retry-max`) before it is looked at again.
+pub const NOT_HERE_WAIT: Duration = Duration::from_secs(60);
+
 fn outcome(cfg: &DeliveryConfig, job: &Job, result: Result<Value, CallError>) -> Attempt {
+    if let Err(e @ CallError::NotConfigured(_)) = &result {
+        return not_here(cfg, job, e);
+    }
     let attempts = job.attempts + 1;
     let base = Attempt {
         event_id: job.event.id.clone(),
@@ -1050,6 +1066,40 @@ fn outcome(cfg: &DeliveryConfig, job: &Job, result: Result<Value, CallError>) ->
         state: STATE_PENDING,
         error: Some(error),
         next_at: Some(chrono::Utc::now() + chrono::Duration::from_std(delay).unwrap_or_default()),
+        ..base
+    }
+}
+
+/// The outcome of a delivery whose plugin is not configured here (`e`):
+/// pending again after [`NOT_HERE_WAIT`], its attempts unspent, as
+/// nothing was tried; failed once the event is past `max-age`.
+fn not_here(cfg: &DeliveryConfig, job: &Job, e: &CallError) -> Attempt {
+    let age = chrono::Utc::now() - job.event.created;
+    let base = Attempt {
+        event_id: job.event.id.clone(),
+        endpoint_id: job.endpoint_id,
+        attempts: job.attempts,
+        state: STATE_PENDING,
+        error: None,
+        next_at: None,
+    };
+    if age.to_std().is_ok_and(|a| a >= cfg.max_age) {
+        tracing::warn!(event_id = %job.event.id, endpoint_id = job.endpoint_id, plugin = %job.plugin, "delivery failed for good: {e}, past delivery.max-age");
+        return Attempt {
+            state: STATE_FAILED,
+            error: Some(format!("{e}, past delivery.max-age")),
+            ..base
+        };
+    }
+    let wait = NOT_HERE_WAIT.min(cfg.retry_max);
+    tracing::debug!(event_id = %job.event.id, endpoint_id = job.endpoint_id, plugin = %job.plugin, ?wait, "put off: {e}");
+    Attempt {
+        error: Some(format!(
+            "not tried: {e} on this server; looked at again every {:?} until \
+             delivery.max-age, for a reload or another node that has it",
+            wait
+        )),
+        next_at: Some(chrono::Utc::now() + chrono::Duration::from_std(wait).unwrap_or_default()),
         ..base
     }
 }

@@ -261,3 +261,81 @@ async fn a_reload_waits_for_a_slow_plugin_it_adds() {
     let (id, _) = s.new_addr().await;
     assert_status!(s.try_endpoint(id, "slow", json!({})).await, 201);
 }
+
+/// A plugin taken out of the config leaves its endpoints' deliveries
+/// waiting, their attempts unspent, not failed after `max-attempts` of
+/// "no such plugin" (which lost every event pushed until the operator
+/// noticed): the reload and the start warn naming it, and once it is
+/// configured again (a reload) they are delivered.
+#[tokio::test]
+async fn deliveries_wait_for_a_plugin_taken_out_of_the_config() {
+    let rec = tempfile::tempdir().expect("tempdir");
+    let keep = plugin("keep", "{}", rec.path());
+    let back = plugin("back", "{}", rec.path());
+    let s = Server::start_with(ServerOptions {
+        yaml: "delivery:\n  retry-base: 0.05\n  retry-max: 0.2\n  max-attempts: 2\n".into(),
+        plugins_yaml: format!("{keep}{back}"),
+        ..Default::default()
+    })
+    .await;
+    let (id, a) = s.new_addr().await;
+    s.endpoint(id, "back", json!({})).await;
+    replace_plugins(&s, &format!("{keep}{back}"), &keep);
+    s.signal("HUP");
+    s.wait_log(
+        "endpoints use plugins this server does not configure: back (1 endpoints)",
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_status!(s.push(json!({"addr": a, "msg": "waits"})).await, 202);
+    let ev = s
+        .manage(Method::GET, &format!("/addr/{id}/event"), None)
+        .await
+        .json()[0]["id"]
+        .as_str()
+        .map(String::from)
+        .expect("an event");
+    // Looked at every 0.2 s (retry-max), many times past max-attempts.
+    let seen = poll_until(Duration::from_secs(20), async || {
+        let e = s
+            .manage(Method::GET, &format!("/addr/{id}/event/{ev}"), None)
+            .await
+            .json();
+        let d = e["deliveries"][0].clone();
+        let why = d["last_error"].as_str().unwrap_or_default().to_string();
+        match (d["state"].as_str(), d["attempts"].as_i64()) {
+            (Some("pending"), Some(0)) if why.starts_with("not tried: no such plugin: back") => {
+                Ok(why)
+            }
+            _ => Err(format!("{d}")),
+        }
+    })
+    .await;
+    assert!(seen.contains("for a reload or another node"), "{seen}");
+    // Looked at again and again (each time counted as held), and still
+    // no attempt spent.
+    s.metric_reaches(r#"roboger_deliveries_held_total{plugin="back"}"#, 4.0)
+        .await;
+    let d = s
+        .manage(Method::GET, &format!("/addr/{id}/event/{ev}"), None)
+        .await
+        .json()["deliveries"][0]
+        .clone();
+    assert_eq!(
+        (d["state"].as_str(), d["attempts"].as_i64()),
+        (Some("pending"), Some(0)),
+        "{d}"
+    );
+
+    replace_plugins(&s, &keep, &format!("{keep}{back}"));
+    s.signal("HUP");
+    poll_until(Duration::from_secs(20), async || {
+        match sent(rec.path(), "back").contains("waits") {
+            true => Ok(()),
+            false => Err("back was not sent the event".to_string()),
+        }
+    })
+    .await;
+    let (state, attempts, why) = s.settled_delivery(id).await;
+    assert_eq!((state.as_str(), attempts), ("delivered", 1), "{why}");
+}

@@ -189,6 +189,18 @@ impl Store {
             .ok_or_else(|| StoreError::NotFound(format!("endpoint {id}")))
     }
 
+    /// How many endpoints each plugin has (active or not), by name.
+    pub async fn endpoints_by_plugin(&self) -> Result<Vec<(String, i64)>> {
+        Ok(endpoint::Entity::find()
+            .select_only()
+            .column(endpoint::Column::PluginName)
+            .column_as(endpoint::Column::Id.count(), "n")
+            .group_by(endpoint::Column::PluginName)
+            .into_tuple()
+            .all(&self.db)
+            .await?)
+    }
+
     /// Creates an endpoint (the caller has validated the config).
     pub async fn endpoint_create(
         &self,
