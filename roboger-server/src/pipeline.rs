@@ -1014,10 +1014,13 @@ fn send_params(job: &Job, media: Option<&str>) -> Result<RawParams, CallError> {
 pub const NOT_HERE_WAIT: Duration = Duration::from_secs(60);
 
 fn outcome(cfg: &DeliveryConfig, job: &Job, result: Result<Value, CallError>) -> Attempt {
-    if let Err(e @ CallError::NotConfigured(_)) = &result {
-        return not_here(cfg, job, e);
-    }
-    let attempts = job.attempts + 1;
+    // No such plugin here: nothing was tried, so no attempt is spent.
+    let not_here = matches!(result, Err(CallError::NotConfigured(_)));
+    let attempts = if not_here {
+        job.attempts
+    } else {
+        job.attempts + 1
+    };
     let base = Attempt {
         event_id: job.event.id.clone(),
         endpoint_id: job.endpoint_id,
@@ -1045,6 +1048,22 @@ fn outcome(cfg: &DeliveryConfig, job: &Job, result: Result<Value, CallError>) ->
     let error = crate::secrets::scrub(&error).into_owned();
     let age = chrono::Utc::now() - job.event.created;
     let too_old = age.to_std().is_ok_and(|a| a >= cfg.max_age);
+    if not_here && !too_old {
+        // Put off for a reload (or a node) that configures the plugin.
+        let wait = NOT_HERE_WAIT.min(cfg.retry_max);
+        tracing::debug!(event_id = %job.event.id, endpoint_id = job.endpoint_id, plugin = %job.plugin, ?wait, "put off: {error}");
+        return Attempt {
+            state: STATE_PENDING,
+            error: Some(format!(
+                "not tried: {error} on this server; looked at again every {wait:?} until \
+                 delivery.max-age, for a reload or another node that has it"
+            )),
+            next_at: Some(
+                chrono::Utc::now() + chrono::Duration::from_std(wait).unwrap_or_default(),
+            ),
+            ..base
+        };
+    }
     if attempts >= cfg.max_attempts || too_old || refused {
         tracing::warn!(event_id = %job.event.id, endpoint_id = job.endpoint_id, plugin = %job.plugin, attempts, "delivery failed for good: {error}");
         return Attempt {
@@ -1066,40 +1085,6 @@ fn outcome(cfg: &DeliveryConfig, job: &Job, result: Result<Value, CallError>) ->
         state: STATE_PENDING,
         error: Some(error),
         next_at: Some(chrono::Utc::now() + chrono::Duration::from_std(delay).unwrap_or_default()),
-        ..base
-    }
-}
-
-/// The outcome of a delivery whose plugin is not configured here (`e`):
-/// pending again after [`NOT_HERE_WAIT`], its attempts unspent, as
-/// nothing was tried; failed once the event is past `max-age`.
-fn not_here(cfg: &DeliveryConfig, job: &Job, e: &CallError) -> Attempt {
-    let age = chrono::Utc::now() - job.event.created;
-    let base = Attempt {
-        event_id: job.event.id.clone(),
-        endpoint_id: job.endpoint_id,
-        attempts: job.attempts,
-        state: STATE_PENDING,
-        error: None,
-        next_at: None,
-    };
-    if age.to_std().is_ok_and(|a| a >= cfg.max_age) {
-        tracing::warn!(event_id = %job.event.id, endpoint_id = job.endpoint_id, plugin = %job.plugin, "delivery failed for good: {e}, past delivery.max-age");
-        return Attempt {
-            state: STATE_FAILED,
-            error: Some(format!("{e}, past delivery.max-age")),
-            ..base
-        };
-    }
-    let wait = NOT_HERE_WAIT.min(cfg.retry_max);
-    tracing::debug!(event_id = %job.event.id, endpoint_id = job.endpoint_id, plugin = %job.plugin, ?wait, "put off: {e}");
-    Attempt {
-        error: Some(format!(
-            "not tried: {e} on this server; looked at again every {:?} until \
-             delivery.max-age, for a reload or another node that has it",
-            wait
-        )),
-        next_at: Some(chrono::Utc::now() + chrono::Duration::from_std(wait).unwrap_or_default()),
         ..base
     }
 }

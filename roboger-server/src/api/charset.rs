@@ -99,10 +99,13 @@ pub fn form_pairs(
     declared: Option<&'static Encoding>,
 ) -> Result<Vec<(String, String)>, ApiError> {
     let field = |raw: &[u8], name: &str| -> Result<String, ApiError> {
-        let spaced: Vec<u8> = raw
-            .iter()
-            .map(|&b| if b == b'+' { b' ' } else { b })
-            .collect();
+        let spaced: Cow<[u8]> = match raw.contains(&b'+') {
+            true => raw
+                .iter()
+                .map(|&b| if b == b'+' { b' ' } else { b })
+                .collect(),
+            false => Cow::Borrowed(raw),
+        };
         let decoded: Cow<[u8]> = percent_encoding::percent_decode(&spaced).into();
         let what = || match name {
             "" => "a field's name".to_string(),
