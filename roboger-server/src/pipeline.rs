@@ -22,10 +22,10 @@
 //!   renewal would otherwise keep them for good).
 //!   A target that asks for a wait puts its endpoint on hold ([`hold`]):
 //!   the endpoint's other deliveries are put off until then, not tried.
-//!   A delivery whose plugin this server does not configure (taken out
-//!   of its config, or configured on other nodes only) spends no
-//!   attempt: it is put off for [`NOT_HERE_WAIT`] until `max-age`, for
-//!   a reload or another node to deliver.
+//!   A delivery whose plugin is not there to try it (not configured on
+//!   this server, or refused or failed until restarted) spends no
+//!   attempt: it is put off for [`NOT_RUNNING_WAIT`] until `max-age`,
+//!   for a reload, a restart or another node to deliver.
 //! - Writer and dispatcher wait on each other through their queues, so
 //!   the writer never only waits: while it waits for room in the
 //!   dispatcher's queue it takes in outcomes ([`Inbox`]), and while too
@@ -747,14 +747,14 @@ impl Dispatch {
                     chrono::Utc::now() + chrono::Duration::from_std(wait).unwrap_or_default();
                 self.holds.hold(job.endpoint_id, &job.config, until);
             }
-            let not_here = matches!(&result, Err(CallError::NotConfigured(_)));
+            let not_tried = not_tried(&result);
             let attempt = outcome(&self.cfg, job, result);
             let counted = match attempt.state {
                 STATE_DELIVERED => Outcome::Delivered,
                 STATE_FAILED => Outcome::Failed,
                 _ => Outcome::Retry,
             };
-            if not_here && attempt.state == STATE_PENDING {
+            if not_tried && attempt.state == STATE_PENDING {
                 self.metrics.held(&job.plugin);
             } else {
                 self.metrics.attempt(&job.plugin, counted, took);
@@ -1009,14 +1009,23 @@ fn send_params(job: &Job, media: Option<&str>) -> Result<RawParams, CallError> {
         .map_err(|err| CallError::Failed(format!("cannot encode the event: {err}")))
 }
 
-/// How long a delivery whose plugin this server does not configure is
-/// put off (at most `retry-max`) before it is looked at again.
-pub const NOT_HERE_WAIT: Duration = Duration::from_secs(60);
+/// How long a delivery whose plugin is not there to try it is put off
+/// (at most `retry-max`) before it is looked at again.
+pub const NOT_RUNNING_WAIT: Duration = Duration::from_secs(60);
+
+/// Whether `result` says the plugin was not there to try the delivery:
+/// not configured on this server, or not running until it is restarted.
+fn not_tried(result: &Result<Value, CallError>) -> bool {
+    matches!(
+        result,
+        Err(CallError::NotConfigured(_) | CallError::NotRunning(..))
+    )
+}
 
 fn outcome(cfg: &DeliveryConfig, job: &Job, result: Result<Value, CallError>) -> Attempt {
-    // No such plugin here: nothing was tried, so no attempt is spent.
-    let not_here = matches!(result, Err(CallError::NotConfigured(_)));
-    let attempts = if not_here {
+    // No plugin here to try it: nothing was tried, so no attempt is spent.
+    let not_tried = not_tried(&result);
+    let attempts = if not_tried {
         job.attempts
     } else {
         job.attempts + 1
@@ -1048,15 +1057,15 @@ fn outcome(cfg: &DeliveryConfig, job: &Job, result: Result<Value, CallError>) ->
     let error = crate::secrets::scrub(&error).into_owned();
     let age = chrono::Utc::now() - job.event.created;
     let too_old = age.to_std().is_ok_and(|a| a >= cfg.max_age);
-    if not_here && !too_old {
-        // Put off for a reload (or a node) that configures the plugin.
-        let wait = NOT_HERE_WAIT.min(cfg.retry_max);
+    if not_tried && !too_old {
+        // Put off for a reload, a restart or a node that runs the plugin.
+        let wait = NOT_RUNNING_WAIT.min(cfg.retry_max);
         tracing::debug!(event_id = %job.event.id, endpoint_id = job.endpoint_id, plugin = %job.plugin, ?wait, "put off: {error}");
         return Attempt {
             state: STATE_PENDING,
             error: Some(format!(
-                "not tried: {error} on this server; looked at again every {wait:?} until \
-                 delivery.max-age, for a reload or another node that has it"
+                "not tried: {error}; looked at again every {wait:?} until delivery.max-age, \
+                 for a reload, a restart or another node that runs the plugin"
             )),
             next_at: Some(
                 chrono::Utc::now() + chrono::Duration::from_std(wait).unwrap_or_default(),

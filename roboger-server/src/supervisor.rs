@@ -68,6 +68,11 @@ pub enum CallError {
     /// The plugin is not running (or died during the call); retry later.
     #[error("plugin {0} is not available: {1}")]
     Unavailable(String, String),
+    /// The plugin is not running and will not be until it is restarted,
+    /// by hand or by its slow retry (its state, `failed` or `refused`):
+    /// the call was not made.
+    #[error("plugin {0} is not available: it is {1}")]
+    NotRunning(String, String),
 }
 
 /// How long a call waits for a plugin that is starting or restarting.
@@ -535,9 +540,7 @@ impl Supervisor {
             .await
             .map_err(|_| unavailable("too many calls in flight".into()))?
             .map_err(|_| unavailable("shutting down".into()))?;
-        let conn = Supervisor::connection(&slot)
-            .await
-            .map_err(|state| unavailable(format!("it is {state}")))?;
+        let conn = Supervisor::connection(name, &slot).await?;
         if protocol::OPTIONAL_METHODS.contains(&method)
             && !conn.manifest.methods.iter().any(|m| m == method)
         {
@@ -612,10 +615,9 @@ impl Supervisor {
                 }
             }
             let chunk: Vec<_> = rest.by_ref().take(held.len()).collect();
-            let conn = match Supervisor::connection(&slot).await {
+            let conn = match Supervisor::connection(name, &slot).await {
                 Ok(c) => c,
-                Err(state) => {
-                    let e = unavailable(format!("it is {state}"));
+                Err(e) => {
                     results.extend(chunk.iter().map(|_| Err(e.clone())));
                     continue;
                 }
@@ -679,7 +681,19 @@ impl Supervisor {
     /// The plugin's running process; one that is starting or restarting
     /// (a restart takes milliseconds) is waited for, up to
     /// [`START_WAIT`]. Otherwise the error is the plugin's state.
-    async fn connection(slot: &Slot) -> Result<Arc<Conn>, String> {
+    /// The plugin's connection, once it runs (waiting [`START_WAIT`] for
+    /// one starting); else why not, as the call's error.
+    async fn connection(name: &str, slot: &Slot) -> Result<Arc<Conn>, CallError> {
+        Supervisor::running(slot).await.map_err(|state| {
+            let said = format!("{state:?}").to_lowercase();
+            match state {
+                State::Failed | State::Refused => CallError::NotRunning(name.to_string(), said),
+                _ => CallError::Unavailable(name.to_string(), format!("it is {said}")),
+            }
+        })
+    }
+
+    async fn running(slot: &Slot) -> Result<Arc<Conn>, State> {
         // The common case, a running plugin, registers no waiter.
         if let Some(conn) = slot.conn.read().ok().and_then(|c| c.clone()) {
             return Ok(conn);
@@ -692,12 +706,10 @@ impl Supervisor {
             if let Some(conn) = slot.conn.read().ok().and_then(|c| c.clone()) {
                 return Ok(conn);
             }
-            let starting = slot
-                .status
-                .lock()
-                .is_ok_and(|s| matches!(s.state, State::Starting | State::Restarting));
+            let state = slot.status.lock().map_or(State::Stopped, |s| s.state);
+            let starting = matches!(state, State::Starting | State::Restarting);
             if !starting || tokio::time::timeout_at(deadline, connected).await.is_err() {
-                return Err(state_name(slot));
+                return Err(slot.status.lock().map_or(state, |s| s.state));
             }
         }
     }
@@ -802,13 +814,6 @@ async fn first_starts(slots: &[Arc<Slot>]) {
         let mut rx = slot.first_start.subscribe();
         let _ = rx.wait_for(|done| *done).await;
     }
-}
-
-fn state_name(slot: &Slot) -> String {
-    slot.status
-        .lock()
-        .map(|s| format!("{:?}", s.state).to_lowercase())
-        .unwrap_or_else(|_| "unknown".into())
 }
 
 fn status_of(slot: &Slot) -> Status {

@@ -262,16 +262,30 @@ async fn a_reload_waits_for_a_slow_plugin_it_adds() {
     assert_status!(s.try_endpoint(id, "slow", json!({})).await, 201);
 }
 
-/// A plugin taken out of the config leaves its endpoints' deliveries
-/// waiting, their attempts unspent, not failed after `max-attempts` of
-/// "no such plugin" (which lost every event pushed until the operator
-/// noticed): the reload and the start warn naming it, and once it is
-/// configured again (a reload) they are delivered.
+/// Addr `id`'s newest event, with its deliveries, as it is now.
+async fn newest_event(s: &Server, id: i64) -> Value {
+    let events = s
+        .manage(Method::GET, &format!("/addr/{id}/event"), None)
+        .await
+        .json();
+    let ev = events[0]["id"].as_str().expect("an event").to_string();
+    s.manage(Method::GET, &format!("/addr/{id}/event/{ev}"), None)
+        .await
+        .json()
+}
+
+/// A plugin taken out of the config, or refused until it is restarted,
+/// leaves its endpoints' deliveries waiting, their attempts unspent, not
+/// failed after `max-attempts` of "no such plugin" or "it is refused"
+/// (which lost every event pushed until the operator noticed): the
+/// reload warns naming a plugin taken out, and once the plugin runs again
+/// (a reload) they are delivered.
 #[tokio::test]
-async fn deliveries_wait_for_a_plugin_taken_out_of_the_config() {
+async fn deliveries_wait_for_a_plugin_taken_out_or_refused() {
     let rec = tempfile::tempdir().expect("tempdir");
     let keep = plugin("keep", "{}", rec.path());
     let back = plugin("back", "{}", rec.path());
+    let refusing = back.replace("env: {", "env: {TEST_PLUGIN_MODE: refuse-config, ");
     let s = Server::start_with(ServerOptions {
         yaml: "delivery:\n  retry-base: 0.05\n  retry-max: 0.2\n  max-attempts: 2\n".into(),
         plugins_yaml: format!("{keep}{back}"),
@@ -280,62 +294,75 @@ async fn deliveries_wait_for_a_plugin_taken_out_of_the_config() {
     .await;
     let (id, a) = s.new_addr().await;
     s.endpoint(id, "back", json!({})).await;
-    replace_plugins(&s, &format!("{keep}{back}"), &keep);
-    s.signal("HUP");
-    s.wait_log(
-        "endpoints use plugins this server does not configure: back (1 endpoints)",
-        Duration::from_secs(30),
-    )
-    .await;
-    assert_status!(s.push(json!({"addr": a, "msg": "waits"})).await, 202);
-    let ev = s
-        .manage(Method::GET, &format!("/addr/{id}/event"), None)
-        .await
-        .json()[0]["id"]
-        .as_str()
-        .map(String::from)
-        .expect("an event");
-    // Looked at every 0.2 s (retry-max), many times past max-attempts.
-    let seen = poll_until(Duration::from_secs(20), async || {
-        let e = s
-            .manage(Method::GET, &format!("/addr/{id}/event/{ev}"), None)
-            .await
-            .json();
-        let d = e["deliveries"][0].clone();
-        let why = d["last_error"].as_str().unwrap_or_default().to_string();
-        match (d["state"].as_str(), d["attempts"].as_i64()) {
-            (Some("pending"), Some(0)) if why.starts_with("not tried: no such plugin: back") => {
-                Ok(why)
-            }
-            _ => Err(format!("{d}")),
+    let held = async || -> f64 {
+        let m = s.metrics().await;
+        m.get(r#"roboger_deliveries_held_total{plugin="back"}"#)
+            .copied()
+            .unwrap_or_default()
+    };
+    for (msg, without, said) in [
+        (
+            "taken out",
+            keep.clone(),
+            "not tried: no such plugin: back;",
+        ),
+        (
+            "refused",
+            format!("{keep}{refusing}"),
+            "not tried: plugin back is not available: it is refused;",
+        ),
+    ] {
+        replace_plugins(&s, &format!("{keep}{back}"), &without);
+        s.signal("HUP");
+        if msg == "taken out" {
+            s.wait_log(
+                "endpoints use plugins this server does not configure: back (1 endpoints)",
+                Duration::from_secs(30),
+            )
+            .await;
+        } else {
+            poll_until(Duration::from_secs(20), async || {
+                match plugins(&s)
+                    .await
+                    .iter()
+                    .find(|p| p["plugin_name"] == "back")
+                {
+                    Some(p) if p["state"] == "refused" => Ok(()),
+                    other => Err(format!("back is not refused: {other:?}")),
+                }
+            })
+            .await;
         }
-    })
-    .await;
-    assert!(seen.contains("for a reload or another node"), "{seen}");
-    // Looked at again and again (each time counted as held), and still
-    // no attempt spent.
-    s.metric_reaches(r#"roboger_deliveries_held_total{plugin="back"}"#, 4.0)
+        let before = held().await;
+        assert_status!(s.push(json!({"addr": a, "msg": msg})).await, 202);
+        // Looked at every 0.2 s (retry-max), each time counted as held,
+        // well past max-attempts, and never tried.
+        poll_until(Duration::from_secs(20), async || match held().await {
+            n if n >= before + 4.0 => Ok(()),
+            n => Err(format!("held {n}, from {before}")),
+        })
         .await;
-    let d = s
-        .manage(Method::GET, &format!("/addr/{id}/event/{ev}"), None)
-        .await
-        .json()["deliveries"][0]
-        .clone();
-    assert_eq!(
-        (d["state"].as_str(), d["attempts"].as_i64()),
-        (Some("pending"), Some(0)),
-        "{d}"
-    );
+        let e = newest_event(&s, id).await;
+        let d = &e["deliveries"][0];
+        let why = d["last_error"].as_str().unwrap_or_default();
+        assert_eq!(
+            (d["state"].as_str(), d["attempts"].as_i64()),
+            (Some("pending"), Some(0)),
+            "{msg}: {d}"
+        );
+        assert!(why.starts_with(said), "{msg}: {why}");
+        assert!(why.contains("for a reload, a restart"), "{msg}: {why}");
 
-    replace_plugins(&s, &keep, &format!("{keep}{back}"));
-    s.signal("HUP");
-    poll_until(Duration::from_secs(20), async || {
-        match sent(rec.path(), "back").contains("waits") {
-            true => Ok(()),
-            false => Err("back was not sent the event".to_string()),
-        }
-    })
-    .await;
-    let (state, attempts, why) = s.settled_delivery(id).await;
-    assert_eq!((state.as_str(), attempts), ("delivered", 1), "{why}");
+        replace_plugins(&s, &without, &format!("{keep}{back}"));
+        s.signal("HUP");
+        poll_until(Duration::from_secs(20), async || {
+            match sent(rec.path(), "back").contains(msg) {
+                true => Ok(()),
+                false => Err(format!("back was not sent {msg:?}")),
+            }
+        })
+        .await;
+        let (state, attempts, why) = s.settled_delivery(id).await;
+        assert_eq!((state.as_str(), attempts), ("delivered", 1), "{msg}: {why}");
+    }
 }

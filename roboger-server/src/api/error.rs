@@ -125,7 +125,9 @@ impl From<CallError> for ApiError {
             CallError::Rejected(msg) | CallError::Failed(msg) | CallError::Later(msg, _) => {
                 ApiError::BadRequest(format!("invalid config: {}", crate::secrets::scrub(&msg)))
             }
-            CallError::Unavailable(..) => ApiError::Unavailable(e.to_string()),
+            CallError::Unavailable(..) | CallError::NotRunning(..) => {
+                ApiError::Unavailable(e.to_string())
+            }
         }
     }
 }
