@@ -754,9 +754,9 @@ impl Dispatch {
                 STATE_FAILED => Outcome::Failed,
                 _ => Outcome::Retry,
             };
-            if not_tried && attempt.state == STATE_PENDING {
-                self.metrics.held(&job.plugin);
-            } else {
+            // A put-off of a plugin not running is no attempt; the
+            // plugin's own metrics say it is down (roboger_plugin_up).
+            if !(not_tried && attempt.state == STATE_PENDING) {
                 self.metrics.attempt(&job.plugin, counted, took);
             }
             if self.outcomes.send(attempt).await.is_err() {

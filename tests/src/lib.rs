@@ -884,6 +884,20 @@ impl Server {
         .await
     }
 
+    /// Addr `id`'s newest event, with its deliveries, as it is now.
+    pub async fn newest_event(&self, id: i64) -> Value {
+        let events = self
+            .manage(Method::GET, &format!("/addr/{id}/event?limit=1"), None)
+            .await
+            .json();
+        let Some(ev) = events[0]["id"].as_str() else {
+            panic!("no event: {events}");
+        };
+        self.manage(Method::GET, &format!("/addr/{id}/event/{ev}"), None)
+            .await
+            .json()
+    }
+
     /// Asks for endpoint `ep` of addr `id`'s failed deliveries to be
     /// tried again (its `retry` command); the answer.
     pub async fn retry_endpoint(&self, id: i64, ep: i64) -> Resp {

@@ -19,20 +19,6 @@ async fn server_retrying(base: &str) -> (Server, i64, String) {
     (s, id, addr)
 }
 
-/// Addr `id`'s newest event, with its deliveries.
-async fn newest_event(s: &Server, id: i64) -> Value {
-    let events = s
-        .manage(Method::GET, &format!("/addr/{id}/event?limit=1"), None)
-        .await
-        .json();
-    let Some(ev) = events[0]["id"].as_str() else {
-        panic!("no event: {events}");
-    };
-    s.manage(Method::GET, &format!("/addr/{id}/event/{ev}"), None)
-        .await
-        .json()
-}
-
 /// Once `sink` has got `n` requests, the `msg` of each it has got (each
 /// body the template `{"msg": $msg}`), sorted.
 async fn sorted_msgs(sink: &HttpSink, n: usize) -> Vec<String> {
@@ -271,7 +257,7 @@ async fn a_put_off_the_database_refused_is_still_made() {
     db.allow_updates("delivery");
     assert_eq!(sorted_msgs(&waits, 3).await, ["first", "first", "second"]);
     s.endpoint_settles(id, ep, 2, 0).await;
-    let second = newest_event(&s, id).await;
+    let second = s.newest_event(id).await;
     assert_eq!(second["msg"], "second", "{second}");
     assert_eq!(second["deliveries"][0]["attempts"], 1, "{second}");
     assert_eq!(waits.requests().len(), 3, "made more than once");
@@ -297,7 +283,7 @@ async fn an_endpoint_whose_target_asked_for_a_wait_is_held() {
         202
     );
     s.first_retry_waits(id, &endpoints[..1]).await;
-    let first = newest_event(&s, id).await;
+    let first = s.newest_event(id).await;
     let due = |e: &Value| {
         let d = e["deliveries"]
             .as_array()
@@ -321,7 +307,7 @@ async fn an_endpoint_whose_target_asked_for_a_wait_is_held() {
     assert_eq!(got.len(), 2);
     let end = std::time::Instant::now() + std::time::Duration::from_secs(20);
     let second = loop {
-        let e = newest_event(&s, id).await;
+        let e = s.newest_event(id).await;
         let (d, _) = due(&e);
         if e["msg"] == "second"
             && d["last_error"]
