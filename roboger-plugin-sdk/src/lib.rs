@@ -44,6 +44,7 @@ pub mod allocator;
 pub mod egress;
 #[cfg(feature = "http")]
 pub mod http;
+pub mod markup;
 pub mod plugin;
 pub mod progress;
 pub mod protocol;

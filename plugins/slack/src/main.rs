@@ -6,6 +6,7 @@
 //! a link; Slack's answers that say the webhook will never take the
 //! message (400, 403, 404, 410) fail the delivery at once.
 
+use roboger_plugin_sdk::markup::escape;
 use roboger_plugin_sdk::schema;
 use roboger_plugin_sdk::{Event, Host, Info, Plugin, PluginError, run};
 use serde_json::{Value, json};
@@ -27,26 +28,11 @@ fn colour(level: u8) -> &'static str {
     }
 }
 
-/// `text` as Slack shows it as it is: its three control characters as
-/// the entities Slack decodes. Unescaped, `<!channel>` in a log line
-/// would notify the whole channel and `<https://x|y>` would show a link
-/// as other text.
-fn escaped(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            c => out.push(c),
-        }
-    }
-    out
-}
-
 /// The Slack message for an event.
 fn payload(e: &Event, rich: bool) -> Value {
-    let (subject, msg) = (escaped(&e.formatted_subject), escaped(&e.msg));
+    // Shown as sent: unescaped, `<!channel>` in a log line would notify
+    // the whole channel and `<https://x|y>` would show a link as other text.
+    let (subject, msg) = (escape(&e.formatted_subject), escape(&e.msg));
     let mut body = if rich {
         json!({
             "text": "",

@@ -18,6 +18,7 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use hashlink::LruCache;
 use roboger_plugin_sdk::http::{client, reqwest};
+use roboger_plugin_sdk::markup::escape;
 use roboger_plugin_sdk::progress::Progress;
 use roboger_plugin_sdk::schema;
 use roboger_plugin_sdk::{Event, Host, HttpRequest, HttpResponse, Info, Plugin, PluginError, run};
@@ -155,12 +156,6 @@ fn emoji(level: u8) -> &'static str {
     }
 }
 
-fn html(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-}
-
 /// The most text a message may have, in UTF-16 code units once its HTML
 /// is parsed (the Bot API refuses more: "message is too long").
 const TEXT_MAX: usize = 4096;
@@ -200,12 +195,12 @@ fn text(e: &Event) -> String {
         subject = within(subject, room);
         msg = within(msg, (room - utf16_len(subject)).saturating_sub(1));
     }
-    let mut t = format!("{head}<b>{}</b>", html(subject));
+    let mut t = format!("{head}<b>{}</b>", escape(subject));
     if !msg.is_empty() {
         t.push('\n');
-        t.push_str(&html(msg));
+        t.push_str(&escape(msg));
     }
-    t.push_str(&html(end));
+    t.push_str(&escape(end));
     t
 }
 
