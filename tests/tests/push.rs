@@ -1298,6 +1298,12 @@ async fn text_in_a_legacy_charset_arrives_as_sent() {
         (
             "",
             json_ct,
+            "{\"msg\": \"utf-8 🚀 漢字\"}".as_bytes().to_vec(),
+            "utf-8 🚀 漢字",
+        ),
+        (
+            "",
+            json_ct,
             b"{\"msg\": \"json caf\xe9\"}".to_vec(),
             "json café",
         ),

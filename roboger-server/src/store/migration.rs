@@ -52,6 +52,7 @@ impl MigratorTrait for Migrator {
             Box::new(DropDeliveryEventKey),
             Box::new(EventHops),
             Box::new(DeliveryEndpointId),
+            Box::new(MysqlUtf8mb4),
         ]
     }
 }
@@ -1073,6 +1074,75 @@ impl MigrationTrait for DeliveryEndpointId {
                 .to_owned(),
         )
         .await
+    }
+}
+
+/// Every table of this server's on MySQL in `utf8mb4`, with binary
+/// comparison, and the database's default for tables made later (a
+/// plugin's own, with `db: true`). Tables were made in the server's
+/// default character set, which is `latin1` on MariaDB built as it
+/// ships and on MySQL before 8: a push or an endpoint holding text outside
+/// Latin-1 (Cyrillic, CJK, emoji) was refused by the database, a 503.
+/// `utf8mb4_bin` compares as SQLite and PostgreSQL do: exactly, so an
+/// address differing in case is another address.
+struct MysqlUtf8mb4;
+
+impl MigrationName for MysqlUtf8mb4 {
+    fn name(&self) -> &str {
+        "m20261204_000012_mysql_utf8mb4"
+    }
+}
+
+/// The tables the migrations make, and sea-orm's record of them.
+const TABLES: &[&str] = &[
+    "seaql_migrations",
+    "addr",
+    "endpoint",
+    "subscription",
+    "bucket",
+    "addr_limit",
+    "event",
+    "delivery",
+    "console_session",
+    "console_signin",
+    "node",
+    "routing_version",
+    "routing_change",
+    "job_lease",
+];
+
+#[async_trait::async_trait]
+impl MigrationTrait for MysqlUtf8mb4 {
+    async fn up(&self, m: &SchemaManager) -> Result<(), DbErr> {
+        if m.get_database_backend() != sea_orm::DbBackend::MySql {
+            return Ok(());
+        }
+        let db = m.get_connection();
+        db.execute_unprepared("ALTER DATABASE CHARACTER SET utf8mb4 COLLATE utf8mb4_bin")
+            .await?;
+        let tables = db
+            .query_all_raw(sea_orm::Statement::from_string(
+                sea_orm::DbBackend::MySql,
+                "SELECT table_name AS t FROM information_schema.tables \
+                 WHERE table_schema = DATABASE() AND table_type = 'BASE TABLE' \
+                 AND table_collation <> 'utf8mb4_bin'",
+            ))
+            .await?;
+        for row in tables {
+            let t: String = row.try_get("", "t")?;
+            if TABLES.contains(&t.as_str()) {
+                db.execute_unprepared(&format!(
+                    "ALTER TABLE `{t}` CONVERT TO CHARACTER SET utf8mb4 COLLATE utf8mb4_bin"
+                ))
+                .await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Text outside Latin-1 cannot go back: the tables stay `utf8mb4`.
+    async fn down(&self, _m: &SchemaManager) -> Result<(), DbErr> {
+        Ok(())
     }
 }
 
