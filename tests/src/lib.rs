@@ -1421,10 +1421,22 @@ pub fn plugin_bin(name: &str) -> PathBuf {
 /// brings it). `None` (the test is skipped, saying so) when unset,
 /// unless the whole suite is required.
 pub fn venv_python(what: &str) -> Option<PathBuf> {
-    match std::env::var_os("ROBOGER_TEST_PYTHON") {
+    installed_python("ROBOGER_TEST_PYTHON", what)
+}
+
+/// The Python of the virtualenv that `tests/run` installs Roboger 2.0.45
+/// itself into, with the drivers its SQLAlchemy needs for PostgreSQL and
+/// MySQL (`ROBOGER_TEST_ORIGINAL_PYTHON`); `None` as [`venv_python`].
+pub fn original_python() -> Option<PathBuf> {
+    installed_python("ROBOGER_TEST_ORIGINAL_PYTHON", "Roboger 2.0.45")
+}
+
+/// The Python named by environment variable `var`: see [`venv_python`].
+fn installed_python(var: &str, what: &str) -> Option<PathBuf> {
+    match std::env::var_os(var) {
         Some(p) => Some(PathBuf::from(p)),
         None if std::env::var_os("ROBOGER_TEST_REQUIRE_ALL").is_some() => {
-            panic!("ROBOGER_TEST_PYTHON is not set; tests/run installs {what}")
+            panic!("{var} is not set; tests/run installs {what}")
         }
         None => {
             eprintln!("SKIPPED: {what} is not installed; run tests/run for the whole suite");

@@ -1,6 +1,9 @@
 //! Schema migrations (sea-orm-migration), applied at start and by
-//! `roboger-server migrate`. Tables are created `IF NOT EXISTS` so a
-//! database that already has the original's tables is adopted as it is.
+//! `roboger-server migrate`. A database that Roboger 2.0.45 made is
+//! adopted: the first migration ([`original`]) converts its tables'
+//! types, and the tables are then created `IF NOT EXISTS` beside them.
+
+mod original;
 
 use sea_orm_migration::prelude::*;
 use sea_orm_migration::schema::*;
@@ -41,6 +44,7 @@ pub async fn applied_beyond_this_build<C: ConnectionTrait>(db: &C) -> Result<Vec
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
         vec![
+            Box::new(original::Original),
             Box::new(Base),
             Box::new(Events),
             Box::new(DropDeliveryEvent),
@@ -162,15 +166,7 @@ impl MigrationTrait for Base {
                 .to_owned(),
         )
         .await?;
-        m.create_index(
-            Index::create()
-                .if_not_exists()
-                .name("endpoint_addr_id")
-                .table(Endpoint::Table)
-                .col(Endpoint::AddrId)
-                .to_owned(),
-        )
-        .await?;
+        create_index_once(m, "endpoint", "endpoint_addr_id", Endpoint::AddrId).await?;
         m.create_table(
             Table::create()
                 .table(Subscription::Table)
@@ -193,13 +189,11 @@ impl MigrationTrait for Base {
                 .to_owned(),
         )
         .await?;
-        m.create_index(
-            Index::create()
-                .if_not_exists()
-                .name("subscription_endpoint_id")
-                .table(Subscription::Table)
-                .col(Subscription::EndpointId)
-                .to_owned(),
+        create_index_once(
+            m,
+            "subscription",
+            "subscription_endpoint_id",
+            Subscription::EndpointId,
         )
         .await?;
         m.create_table(
@@ -229,15 +223,7 @@ impl MigrationTrait for Base {
                 .to_owned(),
         )
         .await?;
-        m.create_index(
-            Index::create()
-                .if_not_exists()
-                .name("bucket_expires_at")
-                .table(Bucket::Table)
-                .col(Bucket::ExpiresAt)
-                .to_owned(),
-        )
-        .await?;
+        create_index_once(m, "bucket", "bucket_expires_at", Bucket::ExpiresAt).await?;
         m.create_table(
             Table::create()
                 .table(AddrLimit::Table)
@@ -307,6 +293,29 @@ enum Delivery {
     LastError,
     Created,
     Updated,
+}
+
+/// Creates index `name` on `table`'s `column` unless the table already
+/// has an index by that name. MySQL has no `CREATE INDEX IF NOT EXISTS`,
+/// and the original's tables come with `endpoint_addr_id` and
+/// `subscription_endpoint_id`.
+async fn create_index_once(
+    m: &SchemaManager<'_>,
+    table: &str,
+    name: &str,
+    column: impl IntoIden,
+) -> Result<(), DbErr> {
+    if m.has_index(table, name).await? {
+        return Ok(());
+    }
+    m.create_index(
+        Index::create()
+            .name(name)
+            .table(Alias::new(table))
+            .col(column)
+            .to_owned(),
+    )
+    .await
 }
 
 /// Accepted events and their deliveries (durable, at-least-once).
@@ -1168,7 +1177,7 @@ mod tests {
     async fn migration_3_drops_delivery_event_where_it_exists() {
         let db = memory_database().await;
         let m = SchemaManager::new(&db);
-        Migrator::up(&db, Some(2)).await.expect("migrations 1-2");
+        Migrator::up(&db, Some(3)).await.expect("migrations 0-2");
         assert!(!m.has_index("delivery", "delivery_event").await.unwrap());
         DropDeliveryEvent.down(&m).await.expect("the old index");
         assert!(m.has_index("delivery", "delivery_event").await.unwrap());
@@ -1222,7 +1231,7 @@ mod tests {
     async fn migration_10_gives_events_already_stored_no_hops() {
         use sea_orm::EntityTrait;
         let db = memory_database().await;
-        Migrator::up(&db, Some(9)).await.expect("migrations 1-9");
+        Migrator::up(&db, Some(10)).await.expect("migrations 0-9");
         // The event alone: its address does not matter here.
         db.execute_unprepared("PRAGMA foreign_keys = OFF")
             .await

@@ -1,0 +1,206 @@
+//! A database that Roboger 2.0.45 made, taken over by this server: the
+//! original itself (from PyPI, through its own core) fills a fresh
+//! database on the suite's backend, and a server started on it serves
+//! what it holds, as an operator replacing the original would find it.
+
+use std::process::Command;
+
+use roboger_tests::{
+    DbClient, HttpSink, Method, Server, ServerOptions, Value, assert_status, fresh_database, json,
+    original_python,
+};
+
+/// What `tests/original/fill.py` made, as it printed it.
+struct Made {
+    addr_id: i64,
+    addr: String,
+    endpoint: i64,
+    public: String,
+    expired: String,
+}
+
+/// Has the original fill database `db` (this server's URL for it), with
+/// its webhook endpoint sending to `hook`.
+fn fill(python: &std::path::Path, db: &str, hook: &str) -> Made {
+    // The original's SQLAlchemy names the MySQL driver the suite installs.
+    let sqlalchemy = db.replacen("mysql://", "mysql+pymysql://", 1);
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/original/fill.py");
+    let out = Command::new(python)
+        .args([script, &sqlalchemy, hook])
+        .output()
+        .expect("the original's Python runs");
+    assert!(
+        out.status.success(),
+        "fill.py: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).expect("fill.py prints JSON");
+    let text = |k: &str| v[k].as_str().expect(k).to_string();
+    Made {
+        addr_id: v["addr_id"].as_i64().expect("addr_id"),
+        addr: text("addr"),
+        endpoint: v["endpoint"].as_i64().expect("endpoint"),
+        public: text("public"),
+        expired: text("expired"),
+    }
+}
+
+#[tokio::test]
+async fn a_database_the_original_made_is_taken_over() {
+    let Some(python) = original_python() else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = fresh_database(dir.path());
+    let sink = HttpSink::start(vec![]).await;
+    let made = fill(&python, &db, &format!("{}/hook", sink.base));
+    let s = Server::start_with(ServerOptions {
+        db: Some(db.clone()),
+        ..ServerOptions::builtin("webhook", "")
+    })
+    .await;
+    let (id, ep) = (made.addr_id, made.endpoint);
+
+    // What the original made, as the management API shows it.
+    let addrs = s.manage(Method::GET, "/addr", None).await.json();
+    assert_eq!(addrs, json!([{"id": id, "a": made.addr, "active": 1}]));
+    let eps = s
+        .manage(Method::GET, &format!("/addr/{id}/endpoint"), None)
+        .await
+        .json();
+    assert_eq!(
+        eps,
+        json!([{"id": ep, "addr_id": id, "plugin_name": "webhook", "active": 1,
+            "description": "from 2.0.45",
+            "config": {"url": format!("{}/hook", sink.base), "template": "{\"m\": $msg, \"l\": $level}"}}])
+    );
+    let subs = s
+        .manage(
+            Method::GET,
+            &format!("/addr/{id}/endpoint/{ep}/subscription"),
+            None,
+        )
+        .await
+        .json();
+    let rules: Vec<(Value, Value, Value)> = subs
+        .as_array()
+        .expect("a list")
+        .iter()
+        .map(|r| {
+            (
+                r["sender"].clone(),
+                r["level"].clone(),
+                r["level_match"].clone(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        rules,
+        vec![
+            (json!("bot1"), json!(30), json!("ge")),
+            (Value::Null, json!(20), json!("l")),
+        ]
+    );
+
+    // A push to the address senders know is delivered, through either
+    // subscription: bot1's warning, and a debug event below INFO.
+    for mut event in [
+        json!({"sender": "bot1", "level": "warning", "msg": "Привет 🚀"}),
+        json!({"level": "debug", "msg": "below"}),
+    ] {
+        event["addr"] = json!(made.addr);
+        assert_status!(s.push(event).await, 202);
+    }
+    let mut got: Vec<Value> = sink
+        .wait(2)
+        .await
+        .iter()
+        .map(|r| serde_json::from_slice(&r.body).expect("the template's JSON"))
+        .collect();
+    got.sort_by_key(|v| v["l"].as_i64());
+    assert_eq!(
+        got,
+        vec![
+            json!({"m": "below", "l": 10}),
+            json!({"m": "Привет 🚀", "l": 30})
+        ]
+    );
+
+    // Its public bucket object is served as the original served it; the
+    // expired one is not, and the cleanup removes it.
+    let file = s
+        .request(
+            Method::GET,
+            &format!("/file/{}", made.public),
+            None,
+            &[],
+            None,
+        )
+        .await;
+    assert_status!(file, 200);
+    assert_eq!(file.text, "kept from 2.0.45");
+    assert_eq!(file.header("roboger-file-name"), Some("kept.txt"));
+    assert_eq!(file.header("x-roboger-origin"), Some("original"));
+    let max_age: u64 = file
+        .header("cache-control")
+        .and_then(|c| c.strip_prefix("public, max-age="))
+        .and_then(|n| n.parse().ok())
+        .expect("a max-age");
+    assert!((3000..=3600).contains(&max_age), "{max_age}");
+    let expired = s
+        .request(
+            Method::GET,
+            &format!("/file/{}", made.expired),
+            None,
+            &[],
+            None,
+        )
+        .await;
+    assert_status!(expired, 404);
+    let cleanup = s
+        .manage(Method::POST, "/core", Some(json!({"cmd": "cleanup"})))
+        .await;
+    assert_status!(cleanup, 204);
+    let client = DbClient::of(&db);
+    assert_eq!(client.query("SELECT id FROM bucket"), made.public);
+
+    // Written through this server: a rule the original's enum holds, text
+    // outside Latin-1, limits; then the address, with all it has.
+    let sub = s
+        .manage(
+            Method::POST,
+            &format!("/addr/{id}/endpoint/{ep}/subscription"),
+            Some(json!({"level": "error", "level_match": "lt", "tag": "ü🚀"})),
+        )
+        .await;
+    assert_status!(sub, 201);
+    assert_eq!(
+        (&sub.json()["level_match"], &sub.json()["tag"]),
+        (&json!("l"), &json!("ü🚀"))
+    );
+    let lim = s
+        .manage(
+            Method::PATCH,
+            &format!("/addr/{id}"),
+            Some(json!({"lim_c": 7, "lim_s": 9000})),
+        )
+        .await;
+    assert_status!(lim, 200);
+    for (column, value) in [("lim_c", "7"), ("lim_s", "9000")] {
+        let sql = format!("SELECT {column} FROM addr WHERE id = {id}");
+        assert_eq!(client.query(&sql), value, "{column}");
+    }
+    let gone = s.manage(Method::DELETE, &format!("/addr/{id}"), None).await;
+    assert_status!(gone, 204);
+    let file = s
+        .request(
+            Method::GET,
+            &format!("/file/{}", made.public),
+            None,
+            &[],
+            None,
+        )
+        .await;
+    assert_status!(file, 404);
+    assert_eq!(client.query("SELECT count(*) FROM bucket"), "0");
+}
