@@ -318,7 +318,12 @@ pub fn chat_code(data: &[u8]) {
     let codes = CODES.get_or_init(|| roboger_plugin_telegram::chat_code::ChatCodes::new("1:fuzz"));
     let text = String::from_utf8_lossy(data);
     if let Some(id) = codes.decrypt(&text) {
-        assert_eq!(codes.encrypt(id).ok().as_deref(), Some(text.trim()));
+        // This plugin's codes are made again alike (no padding); the
+        // original's (standard base64 of 64 or 80 bytes, so always
+        // padded) carry a random IV.
+        if !text.trim().ends_with('=') {
+            assert_eq!(codes.encrypt(id).ok().as_deref(), Some(text.trim()));
+        }
     }
     let mut raw = [0u8; 8];
     for (i, b) in data.iter().take(8).enumerate() {

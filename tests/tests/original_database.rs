@@ -1,20 +1,27 @@
 //! A database that Roboger 2.0.45 made, taken over by this server: the
 //! original itself (from PyPI, through its own core) fills a fresh
 //! database on the suite's backend, and a server started on it serves
-//! what it holds, as an operator replacing the original would find it.
+//! what it holds, as an operator replacing the original would find it:
+//! its addresses, endpoints (a Telegram chat's code made by the
+//! original's crypto among them), subscriptions and bucket objects.
 
 use std::process::Command;
 
 use roboger_tests::{
     DbClient, HttpSink, Method, Server, ServerOptions, Value, assert_status, fresh_database, json,
-    original_python,
+    original_python, plugin_bin,
 };
+
+/// The bot of the Telegram endpoint, and the chat its code names.
+const TOKEN: &str = "123456:original-token";
+const CHAT: i64 = -100123;
 
 /// What `tests/original/fill.py` made, as it printed it.
 struct Made {
     addr_id: i64,
     addr: String,
     endpoint: i64,
+    telegram: i64,
     public: String,
     expired: String,
 }
@@ -26,7 +33,7 @@ fn fill(python: &std::path::Path, db: &str, hook: &str) -> Made {
     let sqlalchemy = db.replacen("mysql://", "mysql+pymysql://", 1);
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/original/fill.py");
     let out = Command::new(python)
-        .args([script, &sqlalchemy, hook])
+        .args([script, &sqlalchemy, hook, TOKEN, &CHAT.to_string()])
         .output()
         .expect("the original's Python runs");
     assert!(
@@ -40,6 +47,7 @@ fn fill(python: &std::path::Path, db: &str, hook: &str) -> Made {
         addr_id: v["addr_id"].as_i64().expect("addr_id"),
         addr: text("addr"),
         endpoint: v["endpoint"].as_i64().expect("endpoint"),
+        telegram: v["telegram"].as_i64().expect("telegram"),
         public: text("public"),
         expired: text("expired"),
     }
@@ -53,10 +61,19 @@ async fn a_database_the_original_made_is_taken_over() {
     let dir = tempfile::tempdir().expect("tempdir");
     let db = fresh_database(dir.path());
     let sink = HttpSink::start(vec![]).await;
+    let bot_api = HttpSink::answering(vec![], r#"{"ok": true, "result": {}}"#).await;
     let made = fill(&python, &db, &format!("{}/hook", sink.base));
     let s = Server::start_with(ServerOptions {
         db: Some(db.clone()),
-        ..ServerOptions::builtin("webhook", "")
+        yaml: "url: https://roboger.example.com/\n".into(),
+        plugins_yaml: format!(
+            "- name: webhook\n  command: {}\n- name: telegram\n  command: {}\n  \
+             config:\n    token: '{TOKEN}'\n    api-url: {}\n",
+            plugin_bin("webhook").display(),
+            plugin_bin("telegram").display(),
+            bot_api.base
+        ),
+        ..Default::default()
     })
     .await;
     let (id, ep) = (made.addr_id, made.endpoint);
@@ -69,10 +86,18 @@ async fn a_database_the_original_made_is_taken_over() {
         .await
         .json();
     assert_eq!(
-        eps,
-        json!([{"id": ep, "addr_id": id, "plugin_name": "webhook", "active": 1,
+        eps[0],
+        json!({"id": ep, "addr_id": id, "plugin_name": "webhook", "active": 1,
             "description": "from 2.0.45",
-            "config": {"url": format!("{}/hook", sink.base), "template": "{\"m\": $msg, \"l\": $level}"}}])
+            "config": {"url": format!("{}/hook", sink.base), "template": "{\"m\": $msg, \"l\": $level}"}})
+    );
+    assert_eq!(
+        (
+            &eps[1]["id"],
+            &eps[1]["plugin_name"],
+            eps.as_array().map(Vec::len)
+        ),
+        (&json!(made.telegram), &json!("telegram"), Some(2))
     );
     let subs = s
         .manage(
@@ -124,6 +149,17 @@ async fn a_database_the_original_made_is_taken_over() {
             json!({"m": "below", "l": 10}),
             json!({"m": "Привет 🚀", "l": 30})
         ]
+    );
+    // bot1's warning reached the chat the original's code names.
+    let sent = &bot_api.wait(2).await[1];
+    assert_eq!(sent.path, format!("/bot{TOKEN}/sendMessage"));
+    let sent: Value = serde_json::from_slice(&sent.body).expect("JSON");
+    assert_eq!(sent["chat_id"], CHAT);
+    assert!(
+        sent["text"]
+            .as_str()
+            .is_some_and(|t| t.contains("Привет 🚀")),
+        "{sent}"
     );
 
     // Its public bucket object is served as the original served it; the
