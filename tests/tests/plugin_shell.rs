@@ -46,12 +46,19 @@ async fn the_event_reaches_the_command_as_environment_only() {
         .await;
     assert_status!(r, 201);
     let ep = r.json()["id"].as_i64().unwrap();
+    // A command as written for the original, which spliced its
+    // placeholders into the text: they are variables here.
+    let original = format!(
+        "printf '%s|%s|%s|%s' \"$formatted_subject\" \"$msg\" $tag $level > {out}.original",
+        out = out.display()
+    );
     s.manage(
         Method::POST,
         &format!("/addr/{id}/endpoint/{ep}/subscription"),
         Some(json!({"level": 10})),
     )
     .await;
+    s.endpoint(id, "shell", json!({"command": original})).await;
 
     let msg = format!(
         "$(touch {p}); `touch {p}`; \"q\" 'q' ; rm -rf / --no; echo $HOME\nline2 & | > < *",
@@ -77,6 +84,17 @@ async fn the_event_reaches_the_command_as_environment_only() {
     assert_eq!(
         std::fs::read_to_string(dir.path().join("out.media")).unwrap(),
         "hello"
+    );
+    let original = dir.path().join("out.original");
+    poll_until(Duration::from_secs(10), async || match original.exists() {
+        true => Ok(()),
+        false => Err("the original's command never ran".to_string()),
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        std::fs::read_to_string(&original).unwrap(),
+        format!("WARNING|{msg}|t$x|30")
     );
     assert!(!pwned.exists(), "the message was executed");
     s.wait_log("command: done", Duration::from_secs(5)).await;

@@ -1,7 +1,9 @@
 //! The shell plugin: runs the endpoint's `command` (with `sh -c`) for each
 //! event. The event's fields reach the command only as environment
 //! variables (`ROBOGER_MSG`, …), never spliced into the command text, so
-//! a message full of shell metacharacters stays data. The command has
+//! a message full of shell metacharacters stays data; a command written
+//! for the original, which spliced `$msg` into its text, finds `$msg` set
+//! (see [`environment`]). The command has
 //! nine tenths of the server's timeout (`Host::call_budget`), after which
 //! it is killed with everything it started (its process group); its
 //! output goes to the log, within bounds ([`output`]); a non-zero exit is
@@ -30,23 +32,34 @@ struct ConfigSchema;
 
 struct Shell;
 
-/// The environment a command gets for `e` (the media goes in a file).
-fn environment(e: &Event) -> Vec<(&'static str, String)> {
+/// The environment a command gets for `e` (the media goes in a file):
+/// each field as `ROBOGER_{NAME}`, and those the original's commands
+/// named also under its placeholder's name (`msg`, `level_name`, ...).
+/// The original spliced `$msg` into the command's text; here the shell
+/// expands the variable, so such a command gets the same value, as data.
+fn environment(e: &Event) -> Vec<(String, String)> {
     let opt = |v: &Option<String>| v.clone().unwrap_or_default();
-    vec![
-        ("ROBOGER_EVENT_ID", e.event_id.clone()),
-        ("ROBOGER_ADDR", e.addr.clone()),
-        ("ROBOGER_ADDR_ID", e.addr_id.to_string()),
-        ("ROBOGER_MSG", e.msg.clone()),
-        ("ROBOGER_SUBJECT", e.subject.clone()),
-        ("ROBOGER_FORMATTED_SUBJECT", e.formatted_subject.clone()),
-        ("ROBOGER_LEVEL", e.level.to_string()),
-        ("ROBOGER_LEVEL_NAME", e.level_name.clone()),
-        ("ROBOGER_LOCATION", opt(&e.location)),
-        ("ROBOGER_TAG", opt(&e.tag)),
-        ("ROBOGER_SENDER", opt(&e.sender)),
-        ("ROBOGER_MEDIA_FNAME", opt(&e.media_fname)),
-    ]
+    let fields = [
+        ("event_id", e.event_id.clone()),
+        ("addr", e.addr.clone()),
+        ("msg", e.msg.clone()),
+        ("subject", e.subject.clone()),
+        ("formatted_subject", e.formatted_subject.clone()),
+        ("level", e.level.to_string()),
+        ("level_name", e.level_name.clone()),
+        ("location", opt(&e.location)),
+        ("tag", opt(&e.tag)),
+        ("sender", opt(&e.sender)),
+    ];
+    let mut env = vec![
+        ("ROBOGER_ADDR_ID".to_string(), e.addr_id.to_string()),
+        ("ROBOGER_MEDIA_FNAME".to_string(), opt(&e.media_fname)),
+    ];
+    for (name, value) in fields {
+        env.push((format!("ROBOGER_{}", name.to_uppercase()), value.clone()));
+        env.push((name.to_string(), value));
+    }
+    env
 }
 
 #[roboger_plugin_sdk::async_trait]
