@@ -1056,34 +1056,73 @@ pub fn translate_db_url(raw: &str) -> Result<DbUrl, ConfigError> {
                 backend: DbBackend::Sqlite,
             })
         }
-        "postgres" | "postgresql" | "mysql" | "mariadb" => {
-            let (scheme, backend) = if base.starts_with("postgres") {
-                ("postgres", DbBackend::Postgres)
-            } else {
-                ("mysql", DbBackend::MySql)
-            };
-            let url = format!("{scheme}://{rest}");
+        "postgres" | "postgresql" => {
+            let pghost = std::env::var("PGHOST").ok().filter(|h| !h.is_empty());
+            let url = postgres_url(rest, pghost.as_deref()).map_err(|e| {
+                invalid(
+                    KEY,
+                    format!("not a valid URL ({e}): {}", url_without_secrets(raw)),
+                )
+            })?;
+            Ok(DbUrl {
+                url,
+                backend: DbBackend::Postgres,
+            })
+        }
+        "mysql" | "mariadb" => {
+            let url = format!("mysql://{rest}");
             let parsed = url::Url::parse(&url).map_err(|e| {
                 invalid(
                     KEY,
                     format!("not a valid URL ({e}): {}", url_without_secrets(raw)),
                 )
             })?;
-            if parsed.host_str().is_none_or(str::is_empty)
-                && !parsed.query().unwrap_or("").contains("host=")
-            {
+            if parsed.host_str().is_none_or(str::is_empty) {
                 return Err(invalid(
                     KEY,
                     format!("the URL names no host: {}", url_without_secrets(raw)),
                 ));
             }
-            Ok(DbUrl { url, backend })
+            Ok(DbUrl {
+                url,
+                backend: DbBackend::MySql,
+            })
         }
         other => Err(invalid(
             KEY,
             format!("unsupported database {other:?}; use sqlite, postgresql or mysql URLs"),
         )),
     }
+}
+
+/// libpq's default directory of PostgreSQL's Unix socket on Debian.
+const PG_SOCKET_DIR: &str = "/var/run/postgresql";
+
+/// A PostgreSQL URL (`rest` after the scheme) in the driver's form. libpq,
+/// and so the original, reads no host (`postgresql://user@/db`,
+/// `postgresql:///db`) as `$PGHOST` (`pghost`), else the Unix socket in
+/// [`PG_SOCKET_DIR`]: the URL for peer authentication as the service's
+/// own user. The driver neither parses the first nor defaults the second
+/// that way, so such a URL gets a `host` parameter (which the driver
+/// reads over the URL's host) unless it has one.
+fn postgres_url(rest: &str, pghost: Option<&str>) -> Result<String, url::ParseError> {
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(end);
+    let (userinfo, host) = match authority.rsplit_once('@') {
+        Some((user, host)) => (format!("{user}@"), host),
+        None => (String::new(), authority),
+    };
+    if !host.is_empty() && !host.starts_with(':') {
+        let url = format!("postgres://{rest}");
+        url::Url::parse(&url)?;
+        return Ok(url);
+    }
+    let mut url = url::Url::parse(&format!("postgres://{userinfo}localhost{host}{tail}"))?;
+    if !url.query_pairs().any(|(k, _)| k == "host") {
+        url.query_pairs_mut()
+            .append_pair("host", pghost.unwrap_or(PG_SOCKET_DIR));
+    }
+    Ok(url.to_string())
 }
 
 /// Where the server listens.
@@ -1619,7 +1658,21 @@ mod tests {
         );
         assert_eq!(t("postgres://u@h/db"), "postgres://u@h/db");
         assert_eq!(t("mysql+pymysql://u:p@h/db"), "mysql://u:p@h/db");
-        assert!(translate_db_url("postgresql:///db").is_err());
+        // No host: $PGHOST, else Debian's socket directory, as libpq.
+        let p = |s, pghost| postgres_url(s, pghost).unwrap();
+        assert_eq!(
+            p("roboger@/roboger", None),
+            "postgres://roboger@localhost/roboger?host=%2Fvar%2Frun%2Fpostgresql"
+        );
+        assert_eq!(
+            p("/db?sslmode=disable", Some("/run/pg")),
+            "postgres://localhost/db?sslmode=disable&host=%2Frun%2Fpg"
+        );
+        assert_eq!(
+            p("u:pw@:5433/db?host=/tmp", None),
+            "postgres://u:pw@localhost:5433/db?host=/tmp"
+        );
+        assert_eq!(p("u@db.example/r", Some("/x")), "postgres://u@db.example/r");
         assert!(translate_db_url("nonsense").is_err());
     }
 

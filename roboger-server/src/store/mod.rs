@@ -405,9 +405,12 @@ async fn connect_waiting(
                 why => why,
             }
         };
-        let Some(why) = why else {
+        let Some(mut why) = why else {
             return Err(e.into());
         };
+        if let Some(socket) = postgres_socket(opts.get_url()) {
+            why = format!("{why} (the Unix socket {socket})");
+        }
         let quiet = busy && now - started < timeout;
         let wait = if quiet {
             Duration::from_millis(20)
@@ -428,6 +431,26 @@ async fn connect_waiting(
         }
         tokio::time::sleep(wait).await;
     }
+}
+
+/// The Unix socket a PostgreSQL URL connects through (its `host`
+/// parameter names a directory), for saying where nothing answered.
+fn postgres_socket(url: &str) -> Option<String> {
+    let url = url::Url::parse(url).ok()?;
+    if url.scheme() != "postgres" {
+        return None;
+    }
+    let dir = url
+        .query_pairs()
+        .find(|(k, v)| k == "host" && v.starts_with('/'))?
+        .1;
+    let port = url
+        .query_pairs()
+        .find(|(k, _)| k == "port")
+        .map(|(_, v)| v.into_owned())
+        .or_else(|| url.port().map(|p| p.to_string()))
+        .unwrap_or_else(|| "5432".into());
+    Some(format!("{}/.s.PGSQL.{port}", dir.trim_end_matches('/')))
 }
 
 /// Why connecting failed, when the database may answer a moment later:
