@@ -164,15 +164,11 @@ async fn a_database_the_original_made_is_taken_over() {
 
     // Its public bucket object is served as the original served it; the
     // expired one is not, and the cleanup removes it.
-    let file = s
-        .request(
-            Method::GET,
-            &format!("/file/{}", made.public),
-            None,
-            &[],
-            None,
-        )
-        .await;
+    let file_of = async |id: &str| {
+        s.request(Method::GET, &format!("/file/{id}"), None, &[], None)
+            .await
+    };
+    let file = file_of(&made.public).await;
     assert_status!(file, 200);
     assert_eq!(file.text, "kept from 2.0.45");
     assert_eq!(file.header("roboger-file-name"), Some("kept.txt"));
@@ -183,15 +179,7 @@ async fn a_database_the_original_made_is_taken_over() {
         .and_then(|n| n.parse().ok())
         .expect("a max-age");
     assert!((3000..=3600).contains(&max_age), "{max_age}");
-    let expired = s
-        .request(
-            Method::GET,
-            &format!("/file/{}", made.expired),
-            None,
-            &[],
-            None,
-        )
-        .await;
+    let expired = file_of(&made.expired).await;
     assert_status!(expired, 404);
     let cleanup = s
         .manage(Method::POST, "/core", Some(json!({"cmd": "cleanup"})))
@@ -228,15 +216,7 @@ async fn a_database_the_original_made_is_taken_over() {
     }
     let gone = s.manage(Method::DELETE, &format!("/addr/{id}"), None).await;
     assert_status!(gone, 204);
-    let file = s
-        .request(
-            Method::GET,
-            &format!("/file/{}", made.public),
-            None,
-            &[],
-            None,
-        )
-        .await;
+    let file = file_of(&made.public).await;
     assert_status!(file, 404);
     assert_eq!(client.query("SELECT count(*) FROM bucket"), "0");
 }
