@@ -214,6 +214,12 @@ async fn a_database_the_original_made_is_taken_over() {
         let sql = format!("SELECT {column} FROM addr WHERE id = {id}");
         assert_eq!(client.query(&sql), value, "{column}");
     }
+    // The ids go on from the original's (its sequence, AUTO_INCREMENT or
+    // rowid), with an endpoint on the new address.
+    let (next, _) = s.new_addr().await;
+    assert_eq!(next, id + 1);
+    let next_ep = s.endpoint(next, "webhook", json!({"url": sink.base})).await;
+    assert_eq!(next_ep, made.telegram + 1);
     let gone = s.manage(Method::DELETE, &format!("/addr/{id}"), None).await;
     assert_status!(gone, 204);
     let file = file_of(&made.public).await;
