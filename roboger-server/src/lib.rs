@@ -105,7 +105,10 @@ async fn warn_unconfigured(
     let missing: Vec<String> = in_use
         .into_iter()
         .filter(|(name, _)| !configured.iter().any(|p| &p.name == name))
-        .map(|(name, n)| format!("{name} ({n} endpoints)"))
+        .map(|(name, n)| {
+            let endpoints = if n == 1 { "endpoint" } else { "endpoints" };
+            format!("{name} ({n} {endpoints})")
+        })
         .collect();
     if !missing.is_empty() {
         tracing::warn!(

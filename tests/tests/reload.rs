@@ -298,7 +298,7 @@ async fn deliveries_wait_for_a_plugin_taken_out_or_refused() {
         s.signal("HUP");
         if msg == "taken out" {
             s.wait_log(
-                "endpoints use plugins this server does not configure: back (1 endpoints)",
+                "endpoints use plugins this server does not configure: back (1 endpoint)",
                 Duration::from_secs(30),
             )
             .await;
