@@ -918,3 +918,53 @@ async fn an_endpoint_with_many_subscriptions_is_shown_a_page_at_a_time() {
     assert!(page.contains("Subscriptions 41 to 45 of 45"), "{page}");
     assert!(page.contains(&format!("First subscriptions of endpoint {ep}")));
 }
+
+/// An endpoint whose plugin this server does not run (a database taken
+/// over from the original, a plugin taken out of the config) says so on
+/// its address's page, and why its deliveries wait; one whose plugin
+/// runs says nothing.
+#[tokio::test]
+async fn an_endpoint_whose_plugin_is_not_here_says_so() {
+    let (_dir, db) = roboger_tests::shared_database();
+    let note = "configuration: its deliveries wait, not tried, until a server that runs it";
+    let mut pages = Vec::new();
+    for plugins in ["webhook", ""] {
+        let opts = match plugins {
+            "" => ServerOptions::default(),
+            name => ServerOptions::builtin(name, ""),
+        };
+        let mut server = Server::start_with(ServerOptions {
+            db: Some(db.clone()),
+            ..opts
+        })
+        .await;
+        let id = if plugins.is_empty() {
+            1
+        } else {
+            let (id, _) = server.new_addr().await;
+            server
+                .endpoint(
+                    id,
+                    "webhook",
+                    serde_json::json!({"url": "http://127.0.0.1:9/x"}),
+                )
+                .await;
+            id
+        };
+        let mut b = Browser {
+            server: &server,
+            cookie: None,
+        };
+        b.sign_in().await;
+        let r = b.get(&format!("/ui/addr/{id}")).await;
+        assert_eq!(r.status(), 200);
+        pages.push(r.text().await.unwrap_or_default());
+        server.terminate();
+    }
+    assert!(!pages[0].contains("Plugin webhook is"), "{}", pages[0]);
+    assert!(
+        pages[1].contains("Plugin webhook is not in this server") && pages[1].contains(note),
+        "{}",
+        pages[1]
+    );
+}

@@ -585,10 +585,15 @@ async fn addr_page(ctx: &Ctx<'_>, a: i64) -> Result<Response, ApiError> {
     } else {
         None
     };
+    let plugins = app.plugins.list();
     let endpoints = page
         .rows
         .into_iter()
-        .map(|(ep, subs)| page::EndpointBlock { ep, subs })
+        .map(|(ep, subs)| page::EndpointBlock {
+            plugin_note: plugin_note(&plugins, &ep.plugin_name),
+            ep,
+            subs,
+        })
         .collect();
     Ok(html(
         StatusCode::OK,
@@ -600,16 +605,31 @@ async fn addr_page(ctx: &Ctx<'_>, a: i64) -> Result<Response, ApiError> {
             endpoints,
             after: (after > 0).then_some(after),
             next,
-            plugins: app
-                .plugins
-                .list()
-                .into_iter()
-                .map(|p| p.plugin_name)
-                .collect(),
+            plugins: plugins.into_iter().map(|p| p.plugin_name).collect(),
             levels: &page::LEVELS,
             matches: &page::MATCHES,
         },
     ))
+}
+
+/// What an endpoint's block says when its plugin cannot deliver for it
+/// here: not in this server's config (an endpoint of a database taken
+/// over, or a plugin taken out), or kept from running. Its deliveries
+/// wait, not tried, either way (the pipeline's `not_tried`).
+fn plugin_note(plugins: &[crate::supervisor::Status], name: &str) -> Option<String> {
+    use crate::supervisor::State;
+    match plugins.iter().find(|p| p.plugin_name == name) {
+        None => Some(format!(
+            "Plugin {name} is not in this server's configuration: its deliveries wait, \
+             not tried, until a server that runs it takes them or they pass delivery.max-age."
+        )),
+        Some(p) if matches!(p.state, State::Failed | State::Refused) => Some(format!(
+            "Plugin {name} is {}: its deliveries wait, not tried, until it runs again \
+             (see Plugins and nodes).",
+            p.state_name()
+        )),
+        Some(_) => None,
+    }
 }
 
 async fn addr_action(ctx: &Ctx<'_>, id: i64) -> Result<Response, ApiError> {

@@ -113,6 +113,8 @@ pub struct AddrList {
 pub struct EndpointBlock {
     pub ep: endpoint::Model,
     pub subs: SubscriptionPage,
+    /// Why its plugin cannot deliver for it here, when it cannot.
+    pub plugin_note: Option<String>,
 }
 
 #[derive(Template)]
