@@ -65,9 +65,12 @@ fn conversion(backend: DbBackend) -> &'static [&'static str] {
              MODIFY level SMALLINT NOT NULL DEFAULT 20, \
              MODIFY level_match VARCHAR(2) NOT NULL DEFAULT 'ge'",
             "ALTER TABLE bucket ADD COLUMN expires_at TIMESTAMP(6) NULL",
-            // `d` is a DATETIME in the connection's time zone, UTC.
+            // `d` is a DATETIME in the connection's time zone, UTC. A
+            // TIMESTAMP ends in 2038: a lifetime past it ends there, as
+            // one put by this server would be refused.
             "UPDATE bucket SET expires = COALESCE(expires, 0), \
-             expires_at = d + INTERVAL COALESCE(expires, 0) SECOND",
+             expires_at = LEAST(d + INTERVAL COALESCE(expires, 0) SECOND, \
+             '2038-01-19 03:14:07')",
             "ALTER TABLE bucket MODIFY expires BIGINT NOT NULL, \
              MODIFY expires_at TIMESTAMP(6) NOT NULL, ADD INDEX bucket_expires_at (expires_at)",
         ],
@@ -76,14 +79,15 @@ fn conversion(backend: DbBackend) -> &'static [&'static str] {
         // `bucket_expires_at` that a build before this one made there is
         // on no column (SQLite took the name for a string) and is made
         // again. `expires_at` is written as this server writes it
-        // (RFC 3339 in UTC), so that it compares as text.
+        // (RFC 3339 in UTC), so that it compares as text; a `d` SQLite
+        // cannot read makes the object expired.
         _ => &[
             "DROP INDEX IF EXISTS bucket_expires_at",
             "ALTER TABLE bucket ADD COLUMN expires_at TEXT NOT NULL \
              DEFAULT '1970-01-01T00:00:00+00:00'",
             "UPDATE bucket SET expires = COALESCE(expires, 0), \
-             expires_at = strftime('%Y-%m-%dT%H:%M:%f+00:00', d, \
-             '+' || COALESCE(expires, 0) || ' seconds')",
+             expires_at = COALESCE(strftime('%Y-%m-%dT%H:%M:%f+00:00', d, \
+             '+' || COALESCE(expires, 0) || ' seconds'), '1970-01-01T00:00:00+00:00')",
             "CREATE INDEX IF NOT EXISTS bucket_expires_at ON bucket (expires_at)",
         ],
     }
