@@ -777,6 +777,20 @@ impl Server {
         ep
     }
 
+    /// The subscriptions of endpoint `ep` of addr `id`, as the API lists
+    /// them.
+    pub async fn subscriptions(&self, id: i64, ep: i64) -> Value {
+        let r = self
+            .manage(
+                Method::GET,
+                &format!("/addr/{id}/endpoint/{ep}/subscription"),
+                None,
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        r.json()
+    }
+
     /// Waits until endpoint `ep` of addr `id` has nothing pending and
     /// `delivered` and `failed` deliveries, as its GET counts them (or
     /// panics after 30 s).

@@ -160,14 +160,7 @@ async fn changes_through_one_node_are_obeyed_by_the_others_within_a_second() {
     // Endpoint and subscription changes: a push through another node gets
     // the delivery, or not.
     let ep = a.endpoint(id, "test", json!({})).await;
-    let sub_list = a
-        .manage(
-            Method::GET,
-            &format!("/addr/{id}/endpoint/{ep}/subscription"),
-            None,
-        )
-        .await
-        .json();
+    let sub_list = a.subscriptions(id, ep).await;
     let sub = sub_list[0]["id"].as_i64().expect("a subscription");
     let steps: Vec<(&str, Method, String, Option<Value>, usize)> = vec![
         (

@@ -712,14 +712,7 @@ async fn an_address_with_many_endpoints_is_shown_a_page_at_a_time() {
     // Each endpoint's subscription names it, so a subscription shown
     // under the wrong endpoint is seen.
     for ep in &eps {
-        let sub = server
-            .manage(
-                Method::GET,
-                &format!("/addr/{id}/endpoint/{ep}/subscription"),
-                None,
-            )
-            .await
-            .json()[0]["id"]
+        let sub = server.subscriptions(id, *ep).await[0]["id"]
             .as_i64()
             .expect("a subscription");
         let r = server
@@ -855,13 +848,8 @@ async fn an_endpoint_with_many_subscriptions_is_shown_a_page_at_a_time() {
         assert_eq!(r.status, 201, "{}", r.text);
     }
     let subs: Vec<i64> = server
-        .manage(
-            Method::GET,
-            &format!("/addr/{id}/endpoint/{ep}/subscription"),
-            None,
-        )
+        .subscriptions(id, ep)
         .await
-        .json()
         .as_array()
         .map(|a| a.iter().filter_map(|s| s["id"].as_i64()).collect())
         .unwrap_or_default();

@@ -99,14 +99,7 @@ async fn a_database_the_original_made_is_taken_over() {
         ),
         (&json!(made.telegram), &json!("telegram"), Some(2))
     );
-    let subs = s
-        .manage(
-            Method::GET,
-            &format!("/addr/{id}/endpoint/{ep}/subscription"),
-            None,
-        )
-        .await
-        .json();
+    let subs = s.subscriptions(id, ep).await;
     let rules: Vec<(Value, Value, Value)> = subs
         .as_array()
         .expect("a list")
