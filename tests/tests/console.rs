@@ -909,8 +909,8 @@ async fn an_endpoint_with_many_subscriptions_is_shown_a_page_at_a_time() {
 
 /// An endpoint whose plugin this server does not run (a database taken
 /// over from the original, a plugin taken out of the config) says so on
-/// its address's page, and why its deliveries wait; one whose plugin
-/// runs says nothing.
+/// its address's page, and why its deliveries wait (and the start warns
+/// of it); one whose plugin runs says nothing.
 #[tokio::test]
 async fn an_endpoint_whose_plugin_is_not_here_says_so() {
     let (_dir, db) = roboger_tests::shared_database();
@@ -927,6 +927,13 @@ async fn an_endpoint_whose_plugin_is_not_here_says_so() {
         })
         .await;
         let id = if plugins.is_empty() {
+            // The start says so too.
+            server
+                .wait_log(
+                    "endpoints use plugins this server does not configure: webhook (1 endpoint)",
+                    std::time::Duration::from_secs(10),
+                )
+                .await;
             1
         } else {
             let (id, _) = server.new_addr().await;
