@@ -121,6 +121,16 @@ impl Browser<'_> {
         r.send().await.expect("POST")
     }
 
+    /// A browser on `server`, signed in.
+    async fn signed_in(server: &Server) -> Browser<'_> {
+        let mut b = Browser {
+            server,
+            cookie: None,
+        };
+        b.sign_in().await;
+        b
+    }
+
     /// Signs in; returns the `Set-Cookie` header.
     async fn sign_in(&mut self) -> String {
         let r = self
@@ -434,11 +444,7 @@ async fn deleting_an_address_with_a_long_history_says_it_goes_on() {
     // 300,000 events take a deletion, 500 at a time, well past 1 s.
     server.db_client().copy_history(300_000, 300_000);
 
-    let mut b = Browser {
-        server: &server,
-        cookie: None,
-    };
-    b.sign_in().await;
+    let b = Browser::signed_in(&server).await;
     let page = format!("/ui/addr/{id}");
     let token = b.csrf(&page).await;
     let r = b
@@ -476,11 +482,7 @@ async fn an_open_event_history_does_not_hold_up_a_stop() {
     let mut server = Server::start().await;
     server.new_addr().await;
     let stream = {
-        let mut b = Browser {
-            server: &server,
-            cookie: None,
-        };
-        b.sign_in().await;
+        let b = Browser::signed_in(&server).await;
         b.get("/ui/addr/1/events/stream").await
     };
     assert_eq!(stream.status(), 200);
@@ -518,11 +520,7 @@ async fn a_forwarded_event_says_so_in_the_history() {
             .await;
         assert_status!(r, 202);
     }
-    let mut b = Browser {
-        server: &server,
-        cookie: None,
-    };
-    b.sign_in().await;
+    let b = Browser::signed_in(&server).await;
     let r = b.get(&format!("/ui/addr/{id}/events")).await;
     assert_eq!(r.status(), 200);
     let page = r.text().await.unwrap_or_default();
@@ -571,11 +569,7 @@ async fn a_delivery_waiting_to_be_tried_again_says_when() {
         .unwrap()
         .to_utc()
         .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
-    let mut b = Browser {
-        server: &server,
-        cookie: None,
-    };
-    b.sign_in().await;
+    let b = Browser::signed_in(&server).await;
     let page = b
         .get(&format!("/ui/addr/{id}/events"))
         .await
@@ -600,11 +594,7 @@ async fn a_test_event_the_address_refuses_says_why() {
     })
     .await;
     let (id, _) = server.new_addr().await;
-    let mut b = Browser {
-        server: &server,
-        cookie: None,
-    };
-    b.sign_in().await;
+    let b = Browser::signed_in(&server).await;
     let send = |csrf: String| {
         let b = &b;
         async move {
@@ -665,11 +655,7 @@ async fn an_endpoints_page_retries_its_failed_deliveries() {
         );
     }
     server.endpoint_settles(id, ep, 0, 2).await;
-    let mut b = Browser {
-        server: &server,
-        cookie: None,
-    };
-    b.sign_in().await;
+    let b = Browser::signed_in(&server).await;
     let path = format!("/ui/addr/{id}/endpoint/{ep}");
     let page = b.get(&path).await.text().await.unwrap_or_default();
     assert!(
@@ -724,11 +710,7 @@ async fn an_address_with_many_endpoints_is_shown_a_page_at_a_time() {
             .await;
         assert_eq!(r.status, 200, "{}", r.text);
     }
-    let mut b = Browser {
-        server: &server,
-        cookie: None,
-    };
-    b.sign_in().await;
+    let b = Browser::signed_in(&server).await;
     let shown = |page: &str| -> Vec<i64> {
         page.split("<article class=\"card\" id=\"endpoint-")
             .skip(1)
@@ -854,11 +836,7 @@ async fn an_endpoint_with_many_subscriptions_is_shown_a_page_at_a_time() {
         .map(|a| a.iter().filter_map(|s| s["id"].as_i64()).collect())
         .unwrap_or_default();
     assert_eq!(subs.len(), 45);
-    let mut b = Browser {
-        server: &server,
-        cookie: None,
-    };
-    b.sign_in().await;
+    let b = Browser::signed_in(&server).await;
     // The subscriptions an endpoint's block shows.
     let shown = |page: &str, of: i64| -> Vec<i64> {
         let block = page
@@ -946,11 +924,7 @@ async fn an_endpoint_whose_plugin_is_not_here_says_so() {
                 .await;
             id
         };
-        let mut b = Browser {
-            server: &server,
-            cookie: None,
-        };
-        b.sign_in().await;
+        let b = Browser::signed_in(&server).await;
         let r = b.get(&format!("/ui/addr/{id}")).await;
         assert_eq!(r.status(), 200);
         pages.push(r.text().await.unwrap_or_default());

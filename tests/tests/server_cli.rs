@@ -1064,6 +1064,7 @@ fn gives_up_on_a_locked_file(timeout: u64) {
 #[tokio::test]
 async fn a_postgresql_url_without_a_host_goes_through_the_unix_socket() {
     if !roboger_tests::on_postgres() {
+        eprintln!("SKIPPED: PostgreSQL only (the suite runs it on PostgreSQL too)");
         return;
     }
     let dir = tempfile::tempdir().expect("tempdir");

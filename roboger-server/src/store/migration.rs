@@ -1102,7 +1102,10 @@ impl MigrationName for MysqlUtf8mb4 {
     }
 }
 
-/// The tables the migrations make, and sea-orm's record of them.
+/// The tables the migrations before this one make, and sea-orm's record
+/// of them: those it converts. Tables made later take the database's new
+/// default; other tables in the database (a plugin's own) are left as
+/// they are.
 const TABLES: &[&str] = &[
     "seaql_migrations",
     "addr",
