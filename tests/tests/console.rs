@@ -886,44 +886,50 @@ async fn an_endpoint_with_many_subscriptions_is_shown_a_page_at_a_time() {
 }
 
 /// An endpoint whose plugin this server does not run (a database taken
-/// over from the original, a plugin taken out of the config) says so on
-/// its address's page, and why its deliveries wait (and the start warns
-/// of it); one whose plugin runs says nothing.
+/// over from the original, a plugin taken out of the config) or that is
+/// kept from running says so on its address's page, and why its
+/// deliveries wait (and the start warns of the first); one whose plugin
+/// runs says nothing.
 #[tokio::test]
 async fn an_endpoint_whose_plugin_is_not_here_says_so() {
     let (_dir, db) = roboger_tests::shared_database();
-    let note = "configuration: its deliveries wait, not tried, until a server that runs it";
+    // The same database under three configs: the webhook plugin, none,
+    // and one named webhook that refuses its plugin config.
+    let refusing = format!(
+        "- name: webhook\n  command: {}\n  env:\n    TEST_PLUGIN_MODE: refuse-config\n",
+        roboger_tests::test_plugin_bin().display()
+    );
+    let configs = [
+        ServerOptions::builtin("webhook", ""),
+        ServerOptions::default(),
+        ServerOptions {
+            plugins_yaml: refusing,
+            ..Default::default()
+        },
+    ];
     let mut pages = Vec::new();
-    for plugins in ["webhook", ""] {
-        let opts = match plugins {
-            "" => ServerOptions::default(),
-            name => ServerOptions::builtin(name, ""),
-        };
+    for (i, opts) in configs.into_iter().enumerate() {
         let mut server = Server::start_with(ServerOptions {
             db: Some(db.clone()),
             ..opts
         })
         .await;
-        let id = if plugins.is_empty() {
-            // The start says so too.
+        let id = if i == 0 {
+            let (id, _) = server.new_addr().await;
+            let url = serde_json::json!({"url": "http://127.0.0.1:9/x"});
+            server.endpoint(id, "webhook", url).await;
+            id
+        } else {
+            1
+        };
+        if i == 1 {
             server
                 .wait_log(
                     "endpoints use plugins this server does not configure: webhook (1 endpoint)",
                     std::time::Duration::from_secs(10),
                 )
                 .await;
-            1
-        } else {
-            let (id, _) = server.new_addr().await;
-            server
-                .endpoint(
-                    id,
-                    "webhook",
-                    serde_json::json!({"url": "http://127.0.0.1:9/x"}),
-                )
-                .await;
-            id
-        };
+        }
         let b = Browser::signed_in(&server).await;
         let r = b.get(&format!("/ui/addr/{id}")).await;
         assert_eq!(r.status(), 200);
@@ -931,9 +937,17 @@ async fn an_endpoint_whose_plugin_is_not_here_says_so() {
         server.terminate();
     }
     assert!(!pages[0].contains("Plugin webhook is"), "{}", pages[0]);
-    assert!(
-        pages[1].contains("Plugin webhook is not in this server") && pages[1].contains(note),
-        "{}",
-        pages[1]
-    );
+    for (page, said) in [
+        (
+            &pages[1],
+            "Plugin webhook is not in this server&#39;s configuration: its deliveries wait, \
+             not tried, until a server that runs it takes them",
+        ),
+        (
+            &pages[2],
+            "Plugin webhook is refused: its deliveries wait, not tried, until it runs again",
+        ),
+    ] {
+        assert!(page.contains(said), "{said}\n{page}");
+    }
 }
