@@ -1070,19 +1070,21 @@ pub fn translate_db_url(raw: &str) -> Result<DbUrl, ConfigError> {
             })
         }
         "mysql" | "mariadb" => {
-            let url = format!("mysql://{rest}");
-            let parsed = url::Url::parse(&url).map_err(|e| {
+            let url = mysql_url(rest).map_err(|e| {
                 invalid(
                     KEY,
                     format!("not a valid URL ({e}): {}", url_without_secrets(raw)),
                 )
             })?;
-            if parsed.host_str().is_none_or(str::is_empty) {
+            let Some(url) = url else {
                 return Err(invalid(
                     KEY,
-                    format!("the URL names no host: {}", url_without_secrets(raw)),
+                    format!(
+                        "the URL names no host (or `unix_socket`): {}",
+                        url_without_secrets(raw)
+                    ),
                 ));
-            }
+            };
             Ok(DbUrl {
                 url,
                 backend: DbBackend::MySql,
@@ -1102,10 +1104,50 @@ const PG_SOCKET_DIR: &str = "/var/run/postgresql";
 /// and so the original, reads no host (`postgresql://user@/db`,
 /// `postgresql:///db`) as `$PGHOST` (`pghost`), else the Unix socket in
 /// [`PG_SOCKET_DIR`]: the URL for peer authentication as the service's
-/// own user. The driver neither parses the first nor defaults the second
-/// that way, so such a URL gets a `host` parameter (which the driver
-/// reads over the URL's host) unless it has one.
+/// own user. The driver defaults neither that way, so such a URL gets a
+/// `host` parameter (which the driver reads over the URL's host) unless
+/// it has one.
 fn postgres_url(rest: &str, pghost: Option<&str>) -> Result<String, url::ParseError> {
+    let (mut url, had_host) = parse_server_url("postgres", rest)?;
+    if had_host {
+        return Ok(format!("postgres://{rest}"));
+    }
+    if !url.query_pairs().any(|(k, _)| k == "host") {
+        url.query_pairs_mut()
+            .append_pair("host", pghost.unwrap_or(PG_SOCKET_DIR));
+    }
+    Ok(url.to_string())
+}
+
+/// A MySQL URL (`rest` after the scheme) in the driver's form: the
+/// original's PyMySQL names a Unix socket `unix_socket`
+/// (`mysql+pymysql://user@/db?unix_socket=/run/mysqld/mysqld.sock`), the
+/// driver `socket`. `None` when it names neither a host nor a socket.
+fn mysql_url(rest: &str) -> Result<Option<String>, url::ParseError> {
+    let (mut url, had_host) = parse_server_url("mysql", rest)?;
+    let pairs: Vec<(String, String)> = url
+        .query_pairs()
+        .map(|(k, v)| match k.as_ref() {
+            "unix_socket" => ("socket".to_string(), v.into_owned()),
+            _ => (k.into_owned(), v.into_owned()),
+        })
+        .collect();
+    let socket = pairs.iter().any(|(k, _)| k == "socket");
+    if !had_host && !socket {
+        return Ok(None);
+    }
+    if !url.query().is_some_and(|q| q.contains("unix_socket=")) && had_host {
+        return Ok(Some(format!("mysql://{rest}")));
+    }
+    url.query_pairs_mut().clear().extend_pairs(pairs);
+    Ok(Some(url.to_string()))
+}
+
+/// A server database's URL (`rest` after `scheme://`) parsed, and whether
+/// it names a host. One that does not (`user@/db`, `/db`), which the
+/// `url` crate refuses with a user in it, gets `localhost` in its place:
+/// the caller points the driver at the socket.
+fn parse_server_url(scheme: &str, rest: &str) -> Result<(url::Url, bool), url::ParseError> {
     let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
     let (authority, tail) = rest.split_at(end);
     let (userinfo, host) = match authority.rsplit_once('@') {
@@ -1113,16 +1155,10 @@ fn postgres_url(rest: &str, pghost: Option<&str>) -> Result<String, url::ParseEr
         None => (String::new(), authority),
     };
     if !host.is_empty() && !host.starts_with(':') {
-        let url = format!("postgres://{rest}");
-        url::Url::parse(&url)?;
-        return Ok(url);
+        return Ok((url::Url::parse(&format!("{scheme}://{rest}"))?, true));
     }
-    let mut url = url::Url::parse(&format!("postgres://{userinfo}localhost{host}{tail}"))?;
-    if !url.query_pairs().any(|(k, _)| k == "host") {
-        url.query_pairs_mut()
-            .append_pair("host", pghost.unwrap_or(PG_SOCKET_DIR));
-    }
-    Ok(url.to_string())
+    let url = url::Url::parse(&format!("{scheme}://{userinfo}localhost{host}{tail}"))?;
+    Ok((url, false))
 }
 
 /// Where the server listens.
@@ -1491,7 +1527,7 @@ mod tests {
             ),
             (
                 "mysql://u:pw@/r",
-                "not a valid URL (empty host): mysql://u:[secret]@/r",
+                "the URL names no host (or `unix_socket`): mysql://u:[secret]@/r",
             ),
         ] {
             let e = translate_db_url(url).unwrap_err().to_string();
@@ -1673,6 +1709,14 @@ mod tests {
             "postgres://u:pw@localhost:5433/db?host=/tmp"
         );
         assert_eq!(p("u@db.example/r", Some("/x")), "postgres://u@db.example/r");
+        // MySQL: PyMySQL's `unix_socket` is the driver's `socket`.
+        let m = |s| mysql_url(s).unwrap();
+        assert_eq!(
+            m("u:pw@/r?unix_socket=/run/mysqld/mysqld.sock").as_deref(),
+            Some("mysql://u:pw@localhost/r?socket=%2Frun%2Fmysqld%2Fmysqld.sock")
+        );
+        assert_eq!(m("u@h:3307/r").as_deref(), Some("mysql://u@h:3307/r"));
+        assert_eq!(m("u@/r?charset=utf8mb4"), None);
         assert!(translate_db_url("nonsense").is_err());
     }
 

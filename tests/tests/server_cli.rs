@@ -1057,42 +1057,59 @@ fn gives_up_on_a_locked_file(timeout: u64) {
     assert!((25..=36).contains(&tried), "{last}");
 }
 
-/// `postgresql://user@/db`, libpq's URL for PostgreSQL's Unix socket (peer
-/// authentication as the service's own user), which the original's
-/// psycopg2 took: the server connects through the socket `$PGHOST` names,
-/// as libpq does. (On SQLite and MySQL there is no such URL.)
+/// A database URL with no host, naming the server's Unix socket as the
+/// original's drivers took it: `postgresql://user@/db` (libpq's, for peer
+/// authentication as the service's own user; the socket directory in
+/// `$PGHOST`) and `mysql+pymysql://user@/db?unix_socket=PATH`. The server
+/// connects through the socket. (SQLite has no server.)
 #[tokio::test]
-async fn a_postgresql_url_without_a_host_goes_through_the_unix_socket() {
-    if !roboger_tests::on_postgres() {
-        eprintln!("SKIPPED: PostgreSQL only (the suite runs it on PostgreSQL too)");
+async fn a_database_url_without_a_host_goes_through_the_unix_socket() {
+    if !roboger_tests::on_postgres() && !roboger_tests::on_mysql() {
+        eprintln!("SKIPPED: PostgreSQL and MySQL only (the suite runs on both too)");
         return;
     }
     let dir = tempfile::tempdir().expect("tempdir");
     let tcp = roboger_tests::fresh_database(dir.path());
     let sql = roboger_tests::DbClient::of(&tcp);
-    let sockets = sql.query("SHOW unix_socket_directories");
-    let socket_dir = sockets.split(',').next().unwrap_or_default().trim();
-    let port = sql.query("SHOW port");
     let parsed = url::Url::parse(&tcp).expect("a URL");
-    let name = parsed.path().trim_start_matches('/');
+    let (user, name) = (parsed.username(), parsed.path().trim_start_matches('/'));
+    // Each server's word for its sessions that came through the socket.
+    let (db, env, through_socket) = if roboger_tests::on_postgres() {
+        let sockets = sql.query("SHOW unix_socket_directories");
+        let socket_dir = sockets.split(',').next().unwrap_or_default().trim();
+        (
+            format!(
+                "postgresql://{user}@/{name}?port={}",
+                sql.query("SHOW port")
+            ),
+            vec![("PGHOST".to_string(), socket_dir.to_string())],
+            format!(
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE datname = '{name}' AND client_addr IS NULL"
+            ),
+        )
+    } else {
+        (
+            format!(
+                "mysql+pymysql://{user}@/{name}?unix_socket={}",
+                sql.query("SELECT @@socket")
+            ),
+            Vec::new(),
+            format!(
+                "SELECT count(*) FROM information_schema.processlist \
+                 WHERE db = '{name}' AND host = 'localhost'"
+            ),
+        )
+    };
     let s = Server::start_with(ServerOptions {
-        db: Some(format!(
-            "postgresql://{}@/{name}?port={port}",
-            parsed.username()
-        )),
-        env: vec![("PGHOST".into(), socket_dir.to_string())],
+        db: Some(db),
+        env,
         ..Default::default()
     })
     .await;
     let (id, _) = s.new_addr().await;
     assert_eq!(sql.query("SELECT id FROM addr"), id.to_string());
-    // The server's sessions came through the socket (no client address);
-    // this client's own is on TCP.
-    let through_socket = sql.query(&format!(
-        "SELECT count(*) FROM pg_stat_activity WHERE datname = '{name}' AND client_addr IS NULL"
-    ));
-    assert!(
-        through_socket.parse::<u32>().is_ok_and(|n| n > 0),
-        "{through_socket}"
-    );
+    // This client's own session is on TCP.
+    let n = sql.query(&through_socket);
+    assert!(n.parse::<u32>().is_ok_and(|n| n > 0), "{n}");
 }
