@@ -1229,6 +1229,65 @@ mod tests {
         assert!(!m.has_index("delivery", "delivery_due").await.unwrap());
     }
 
+    /// The original's SQLite tables (its DDL, trimmed to what the
+    /// conversion touches), first half-adopted by a build before the
+    /// conversion existed (`Base` alone, whose `bucket_expires_at` SQLite
+    /// made on a string), then migrated: the bucket gains `expires_at`,
+    /// written as this server writes times, and the index is on it.
+    #[tokio::test]
+    async fn the_originals_sqlite_tables_are_converted_even_half_adopted() {
+        let db = memory_database().await;
+        for sql in [
+            "CREATE TABLE addr (id INTEGER NOT NULL, a CHAR(64) NOT NULL, \
+             active NUMERIC(1, 0) DEFAULT '1' NOT NULL, lim_c NUMERIC(8, 0) DEFAULT '100' NOT NULL, \
+             lim_s NUMERIC(12, 0) DEFAULT '10000000' NOT NULL, PRIMARY KEY (id), UNIQUE (a))",
+            "CREATE TABLE bucket (id CHAR(64) NOT NULL, creator VARCHAR(64) NOT NULL, \
+             addr_id INTEGER, mimetype VARCHAR(256) NOT NULL, fname VARCHAR(256), \
+             size INTEGER NOT NULL, public BOOLEAN DEFAULT '0' NOT NULL, metadata JSON, \
+             d DATETIME NOT NULL, da DATETIME, expires INTEGER, content BLOB NOT NULL, \
+             PRIMARY KEY (id), FOREIGN KEY(addr_id) REFERENCES addr (id) ON DELETE CASCADE)",
+            "INSERT INTO bucket (id, creator, mimetype, size, d, expires, content) VALUES \
+             ('kept', 'c', 'text/plain', 1, '2026-12-01 00:00:00.250000', 3600, x'00'), \
+             ('null', 'c', 'text/plain', 1, '2026-12-01 00:00:00.000000', NULL, x'00')",
+        ] {
+            db.execute_unprepared(sql).await.expect(sql);
+        }
+        let m = SchemaManager::new(&db);
+        Base.up(&m).await.expect("a build before the conversion");
+        assert!(!m.has_column("bucket", "expires_at").await.unwrap());
+        Migrator::up(&db, None).await.expect("all migrations");
+        let sql = |q: &str| sea_orm::Statement::from_string(sea_orm::DbBackend::Sqlite, q);
+        let rows = db
+            .query_all_raw(sql(
+                "SELECT id || ' ' || expires || ' ' || expires_at AS r FROM bucket ORDER BY id",
+            ))
+            .await
+            .expect("the objects");
+        let rows: Vec<String> = rows
+            .iter()
+            .map(|r| r.try_get::<String>("", "r").expect("a row"))
+            .collect();
+        assert_eq!(
+            rows,
+            [
+                "kept 3600 2026-12-01T01:00:00.250+00:00",
+                "null 0 2026-12-01T00:00:00.000+00:00"
+            ]
+        );
+        let plan = db
+            .query_all_raw(sql(
+                "EXPLAIN QUERY PLAN SELECT id FROM bucket WHERE expires_at <= '2030'",
+            ))
+            .await
+            .expect("the plan");
+        assert!(
+            plan.iter()
+                .filter_map(|r| r.try_get::<String>("", "detail").ok())
+                .any(|d| d.contains("INDEX bucket_expires_at (expires_at<?)")),
+            "the index is not on the column"
+        );
+    }
+
     /// An event stored before migration 10 reads as pushed directly.
     #[tokio::test]
     async fn migration_10_gives_events_already_stored_no_hops() {
