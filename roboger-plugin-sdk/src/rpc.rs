@@ -474,25 +474,20 @@ async fn read_loop<R: AsyncRead + Unpin>(
                     let _ = writer.send(busy.to_string()).await;
                     continue;
                 };
-                let methods = methods.clone();
-                let writer = writer.clone();
-                tokio::spawn(async move {
-                    // A handler that panics is answered at once, so the
-                    // caller does not wait out its timeout for an answer
-                    // that will never come.
-                    let call = std::panic::AssertUnwindSafe(methods.raw_json_request(&line, 1));
-                    let answer = match call.catch_unwind().await {
-                        Ok(Ok((resp, _))) => resp.get().to_string(),
-                        Ok(Err(e)) => serde_json::json!({"jsonrpc": "2.0", "id": id,
-                            "error": {"code": -32600, "message": format!("invalid request: {e}")}})
-                        .to_string(),
-                        Err(panic) => serde_json::json!({"jsonrpc": "2.0", "id": id,
-                            "error": {"code": -32603, "message": format!("the call panicked: {}", panic_message(&*panic))}})
-                        .to_string(),
-                    };
-                    let _ = writer.send(answer).await;
-                    drop(permit);
-                });
+                serve(methods.clone(), line, id, Some(writer.clone()), permit);
+            }
+            // A notification of one of our methods is served like a
+            // request, its answer dropped, as JSON-RPC has it: a plugin
+            // that sends `log` without an id is heard.
+            (Some(method), None) if methods.method(&method).is_some() => {
+                let Ok(permit) = incoming.clone().try_acquire_owned() else {
+                    tracing::warn!(method = %method, "notification dropped: too many calls in flight");
+                    continue;
+                };
+                let Some(line) = with_id(&line, NOTIFICATION_ID) else {
+                    continue;
+                };
+                serve(methods.clone(), line, NOTIFICATION_ID.into(), None, permit);
             }
             (Some(method), None) => {
                 let params = probe
@@ -517,6 +512,47 @@ async fn read_loop<R: AsyncRead + Unpin>(
     };
     let _ = closed.send(reason);
     client.close();
+}
+
+/// The id a notification served as a request is given; its answer is
+/// dropped, so it never meets the other side's ids.
+const NOTIFICATION_ID: &str = "notification";
+
+/// `line`, a request without an id, with `id` added.
+fn with_id(line: &str, id: &str) -> Option<String> {
+    let mut msg: serde_json::Map<String, Value> = serde_json::from_str(line).ok()?;
+    msg.insert("id".into(), id.into());
+    serde_json::to_string(&msg).ok()
+}
+
+/// Serves the request on `line` on its own task, holding `permit` until
+/// it is answered; the answer goes to `writer`, or nowhere for a
+/// notification. A handler that panics is answered at once, so the
+/// caller does not wait out its timeout for an answer that will never
+/// come.
+fn serve(
+    methods: Methods,
+    line: String,
+    id: Value,
+    writer: Option<mpsc::Sender<String>>,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) {
+    tokio::spawn(async move {
+        let call = std::panic::AssertUnwindSafe(methods.raw_json_request(&line, 1));
+        let answer = match call.catch_unwind().await {
+            Ok(Ok((resp, _))) => resp.get().to_string(),
+            Ok(Err(e)) => serde_json::json!({"jsonrpc": "2.0", "id": id,
+                "error": {"code": -32600, "message": format!("invalid request: {e}")}})
+            .to_string(),
+            Err(panic) => serde_json::json!({"jsonrpc": "2.0", "id": id,
+                "error": {"code": -32603, "message": format!("the call panicked: {}", panic_message(&*panic))}})
+            .to_string(),
+        };
+        if let Some(writer) = writer {
+            let _ = writer.send(answer).await;
+        }
+        drop(permit);
+    });
 }
 
 fn preview(s: &str) -> String {
@@ -761,6 +797,68 @@ mod tests {
         assert!(peer.is_open());
         let pending = peer.client().pending.lock().unwrap();
         assert!(pending.as_ref().is_some_and(HashMap::is_empty));
+    }
+
+    /// A notification naming one of our methods is carried out and not
+    /// answered; one naming none goes to the notification handler.
+    #[tokio::test]
+    async fn a_notification_of_a_method_is_served_without_an_answer() {
+        use tokio::io::AsyncBufReadExt;
+        let (a, b) = tokio::io::duplex(1 << 16);
+        let (ar, aw) = tokio::io::split(a);
+        let (br, mut bw) = tokio::io::split(b);
+        let logged = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+        let heard = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+        let on_notification: NotificationHandler = {
+            let heard = heard.clone();
+            Arc::new(move |method, _| heard.lock().unwrap().push(method.to_string()))
+        };
+        let module_logged = logged.clone();
+        let _peer = Peer::start(
+            ar,
+            aw,
+            PeerOptions::default(),
+            move |_| {
+                let mut m = RpcModule::new(module_logged);
+                m.register_method("log", |p, logged, _| {
+                    let v: serde_json::Map<String, Value> = p.parse()?;
+                    let message = v["message"].as_str().unwrap_or_default().to_string();
+                    logged.lock().unwrap().push(message);
+                    Ok::<_, jsonrpsee::types::ErrorObjectOwned>(())
+                })
+                .unwrap();
+                m.into()
+            },
+            on_notification,
+        );
+        let lines = concat!(
+            r#"{"jsonrpc":"2.0","method":"log","params":{"level":"info","message":"one"}}"#,
+            "\n",
+            r#"{"jsonrpc":"2.0","method":"shutdown"}"#,
+            "\n",
+            r#"{"jsonrpc":"2.0","id":7,"method":"log","params":{"level":"info","message":"two"}}"#,
+            "\n",
+        );
+        bw.write_all(lines.as_bytes()).await.unwrap();
+        let mut answers = tokio::io::BufReader::new(br).lines();
+        let first = answers.next_line().await.unwrap().unwrap();
+        let first: Value = serde_json::from_str(&first).unwrap();
+        assert_eq!(first["id"], 7, "only the request is answered: {first}");
+        poll(|| logged.lock().unwrap().len() == 2).await;
+        let mut got = logged.lock().unwrap().clone();
+        got.sort();
+        assert_eq!(got, ["one", "two"]);
+        assert_eq!(*heard.lock().unwrap(), ["shutdown"]);
+    }
+
+    async fn poll(done: impl Fn() -> bool) {
+        for _ in 0..500 {
+            if done() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("never happened");
     }
 
     /// A side that reads nothing fills the pipe, then the writer's queue;
