@@ -219,6 +219,15 @@ pub struct Manifest {
     pub plugin_config_schema: Option<serde_json::Value>,
 }
 
+impl Manifest {
+    /// Whether the plugin has optional `method`: listed in `methods`, or
+    /// for `http` also said by the `http` flag (a plugin may say it either
+    /// way; the protocol's example shows the flag).
+    pub fn offers(&self, method: &str) -> bool {
+        self.methods.iter().any(|m| m == method) || (method == "http" && self.http)
+    }
+}
+
 /// A plugin's answer to an `http` call (by default an empty 200).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct HttpResponse {

@@ -112,10 +112,10 @@ impl HostApiServer for HostHandler {
     async fn log(&self, level: Value, message: String) -> RpcResult<()> {
         let p = self.plugin.as_str();
         match Level::convert(&level) {
-            Level::Debug => tracing::debug!(plugin = p, "{message}"),
-            Level::Info => tracing::info!(plugin = p, "{message}"),
-            Level::Warning => tracing::warn!(plugin = p, "{message}"),
-            Level::Error | Level::Critical => tracing::error!(plugin = p, "{message}"),
+            Level::Debug => tracing::debug!(plugin = %p, "{message}"),
+            Level::Info => tracing::info!(plugin = %p, "{message}"),
+            Level::Warning => tracing::warn!(plugin = %p, "{message}"),
+            Level::Error | Level::Critical => tracing::error!(plugin = %p, "{message}"),
         }
         Ok(())
     }

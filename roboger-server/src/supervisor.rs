@@ -541,9 +541,7 @@ impl Supervisor {
             .map_err(|_| unavailable("too many calls in flight".into()))?
             .map_err(|_| unavailable("shutting down".into()))?;
         let conn = Supervisor::connection(name, &slot).await?;
-        if protocol::OPTIONAL_METHODS.contains(&method)
-            && !conn.manifest.methods.iter().any(|m| m == method)
-        {
+        if protocol::OPTIONAL_METHODS.contains(&method) && !conn.manifest.offers(method) {
             return Ok(Value::Null);
         }
         let r = conn.peer.client().request::<Value, _>(method, params).await;
@@ -564,7 +562,7 @@ impl Supervisor {
             .read()
             .ok()
             .and_then(|c| c.clone())
-            .is_some_and(|c| c.manifest.methods.iter().any(|m| m == "send_batch"));
+            .is_some_and(|c| c.manifest.offers("send_batch"));
         if offers { slot.cfg.max_inflight } else { 0 }
     }
 
@@ -622,7 +620,7 @@ impl Supervisor {
                     continue;
                 }
             };
-            if !conn.manifest.methods.iter().any(|m| m == "send_batch") {
+            if !conn.manifest.offers("send_batch") {
                 // A plugin that knows only `send` (or whose successor no
                 // longer offers `send_batch`): the chunk's sends at once,
                 // as the batch would have been, each taking back its
@@ -902,7 +900,10 @@ async fn supervise(
                         .map(Arc::new);
                 }
                 slot.connected.notify_waiters();
-                tracing::info!(plugin = %name, pid = ?conn.pid, "plugin running");
+                match conn.pid {
+                    Some(pid) => tracing::info!(plugin = %name, pid, "plugin running"),
+                    None => tracing::info!(plugin = %name, "plugin running"),
+                }
                 let ended = run_until_end(&slot, &opts, conn, child, &mut shutdown).await;
                 match ended {
                     Ended::Shutdown => break,
@@ -1191,14 +1192,29 @@ async fn start_once(
             protocol::PROTOCOL_VERSION.to_string(),
             Some(cfg.egress.clone()),
         )
-        .await
-        .map_err(|e| match (peer.close_reason(), e) {
-            (Some(reason), _) => format!("connection closed: {reason}"),
-            (None, ClientError::RequestTimeout) => {
-                format!("no answer within {}s", opts.start_timeout().as_secs_f64())
-            }
-            (None, e) => e.to_string(),
-        });
+        .await;
+    // A manifest that does not parse will not parse after a restart
+    // either: refused, like one of another protocol version.
+    if let Err(ClientError::ParseError(e)) = &hello {
+        return Err(StartError::Refused(format!(
+            "its manifest (the answer to hello) is not valid: {}",
+            without_position(e)
+        )));
+    }
+    let hello = hello.map_err(|e| match (peer.close_reason(), e) {
+        (Some(reason), _) => format!("connection closed: {reason}"),
+        (None, ClientError::RequestTimeout) => {
+            format!("no answer within {}s", opts.start_timeout().as_secs_f64())
+        }
+        (None, ClientError::Call(obj)) => {
+            format!(
+                "the plugin answered error {}: {}",
+                obj.code(),
+                obj.message()
+            )
+        }
+        (None, e) => e.to_string(),
+    });
     let manifest = match hello {
         Err(e) if e.contains("not compatible") => {
             return Err(StartError::Refused(format!("incompatible protocol: {e}")));
@@ -1222,7 +1238,7 @@ async fn start_once(
     if let Some(schema) = &manifest.plugin_config_schema {
         crate::secrets::register(crate::secrets::of(schema, &plugin_config));
     }
-    let has = |m: &str| manifest.methods.iter().any(|x| x == m);
+    let has = |m: &str| manifest.offers(m);
     for method in ["validate_plugin_config", "load"] {
         if !has(method) {
             continue;
@@ -1258,6 +1274,16 @@ async fn start_once(
         }),
         child,
     ))
+}
+
+/// A JSON error's text without its `at line L column C`, which would
+/// point into the plugin's answer as re-serialized, not into its line.
+fn without_position(e: &serde_json::Error) -> String {
+    let text = e.to_string();
+    match text.rsplit_once(" at line ") {
+        Some((head, _)) if e.line() > 0 => head.to_string(),
+        _ => text,
+    }
 }
 
 /// How long a plugin whose pipes closed is given to exit, so its exit

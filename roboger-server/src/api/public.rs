@@ -202,7 +202,12 @@ pub async fn plugin_route(app: &App, req: PluginRequest<'_>) -> Result<Response,
     };
     let answer = match route_answer(req.name, answer) {
         Ok(a) => a,
-        Err(bad) => return Ok(reply::text(StatusCode::BAD_GATEWAY, bad.to_string())),
+        Err(bad) => {
+            // The plugin's author reads the server's log, not the client's
+            // answer.
+            tracing::warn!(plugin = %req.name, path = %req.path, "{bad}");
+            return Ok(reply::text(StatusCode::BAD_GATEWAY, bad.to_string()));
+        }
     };
     let room = app
         .bodies
@@ -261,14 +266,19 @@ pub fn route_answer(name: &str, answer: Value) -> Result<RouteAnswer, BadAnswer>
             return Err(bad(format!("badly: {e}")));
         }
     };
-    let (Some(status), Ok(body)) = (
-        // A final status: 1xx would break the exchange.
-        StatusCode::from_u16(answer.status)
-            .ok()
-            .filter(|s| (200..600).contains(&s.as_u16())),
-        base64::engine::general_purpose::STANDARD.decode(&answer.body),
-    ) else {
-        return Err(bad("with a bad status or body".into()));
+    // A final status: 1xx would break the exchange.
+    let Some(status) = StatusCode::from_u16(answer.status)
+        .ok()
+        .filter(|s| (200..600).contains(&s.as_u16()))
+    else {
+        return Err(bad(format!(
+            "with status {}, which is not a final HTTP status (200 to 599)",
+            answer.status
+        )));
+    };
+    let body = match base64::engine::general_purpose::STANDARD.decode(&answer.body) {
+        Ok(body) => body,
+        Err(e) => return Err(bad(format!("with a body that is not base64 ({e})"))),
     };
     let mut headers = HeaderMap::new();
     for (k, v) in answer.headers {

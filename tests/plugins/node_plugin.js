@@ -1,0 +1,119 @@
+#!/usr/bin/env node
+// A Roboger plugin in JavaScript, Node's standard library only, written
+// the way an author would from schema/plugin-protocol.md alone: `log`
+// sent as a notification (it has no answer worth waiting for), routes
+// announced with the manifest's `http` flag, callbacks for the server's
+// URL and its bucket. TEST_PLUGIN_RECORD names a file that gets one JSON
+// line per `send`; NODE_PLUGIN_MANIFEST=broken leaves `name` out of the
+// manifest, =error answers `hello` with an error.
+'use strict';
+const fs = require('fs');
+const readline = require('readline');
+
+let nextId = 1;
+const pending = new Map();
+let greeting = '';
+
+function write(msg) {
+  process.stdout.write(JSON.stringify(msg) + '\n');
+}
+
+function call(method, params) {
+  const id = nextId++;
+  write({ jsonrpc: '2.0', id, method, params });
+  return new Promise((resolve, reject) => pending.set(id, { resolve, reject }));
+}
+
+function notify(method, params) {
+  write({ jsonrpc: '2.0', method, params });
+}
+
+class RpcError extends Error {
+  constructor(code, message) {
+    super(message);
+    this.rpcCode = code;
+  }
+}
+
+const handlers = {
+  hello() {
+    const mode = process.env.NODE_PLUGIN_MANIFEST;
+    if (mode === 'error') throw new RpcError(-32002, 'not today');
+    const manifest = {
+      protocol_version: '1.0', name: 'node', version: '0.1.0',
+      description: 'a plugin in JavaScript',
+      methods: ['validate_plugin_config', 'load', 'validate_config'],
+      http: true,
+      config_schema: {
+        type: 'object', required: ['room'],
+        properties: { room: { type: 'string' }, token: { type: 'string', writeOnly: true } },
+      },
+    };
+    if (mode === 'broken') delete manifest.name;
+    return manifest;
+  },
+  validate_plugin_config({ plugin_config }) {
+    if (typeof plugin_config.greeting !== 'string') throw new RpcError(-32001, 'greeting is required');
+    return null;
+  },
+  load({ plugin_config }) {
+    greeting = plugin_config.greeting;
+    return null;
+  },
+  validate_config({ config }) {
+    if (!config.room) throw new RpcError(-32001, 'room is required');
+    return null;
+  },
+  async send(p) {
+    notify('log', { level: 'warning', message: `node sends ${p.event_id} to ${p.config.room}` });
+    const url = await call('get_url', {});
+    let object = null;
+    if (p.media_encoded) {
+      object = await call('bucket_put', { content: p.media_encoded, addr_id: p.addr_id, public: true });
+    }
+    const record = { method: 'send', event_id: p.event_id, msg: p.msg, level_name: p.level_name, url, object };
+    fs.appendFileSync(process.env.TEST_PLUGIN_RECORD, JSON.stringify(record) + '\n');
+    return null;
+  },
+  http({ method, path }) {
+    if (path === '/hello') {
+      const body = Buffer.from(`${greeting} from node, ${method}`).toString('base64');
+      return { status: 200, headers: { 'content-type': 'text/plain' }, body };
+    }
+    if (path === '/plain') return { status: 200, body: 'not base64!' };
+    return { status: 404, body: '' };
+  },
+  ping() {
+    return null;
+  },
+};
+
+async function serve(msg) {
+  const handler = handlers[msg.method];
+  if (!handler) {
+    write({ jsonrpc: '2.0', id: msg.id, error: { code: -32601, message: 'method not found' } });
+    return;
+  }
+  try {
+    write({ jsonrpc: '2.0', id: msg.id, result: await handler(msg.params || {}) });
+  } catch (e) {
+    write({ jsonrpc: '2.0', id: msg.id, error: { code: e.rpcCode || -32002, message: String(e.message) } });
+  }
+}
+
+const lines = readline.createInterface({ input: process.stdin });
+lines.on('line', (line) => {
+  const msg = JSON.parse(line);
+  if (msg.method === undefined) {
+    const waiting = pending.get(msg.id);
+    pending.delete(msg.id);
+    if (waiting && msg.error) waiting.reject(new RpcError(msg.error.code, msg.error.message));
+    else if (waiting) waiting.resolve(msg.result);
+  } else if (msg.id !== undefined) {
+    serve(msg);
+  } else if (msg.method === 'shutdown') {
+    process.exit(0);
+  }
+});
+// A plugin must exit when its stdin closes.
+lines.on('close', () => process.exit(0));

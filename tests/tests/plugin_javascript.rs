@@ -1,0 +1,148 @@
+//! A plugin in JavaScript (`tests/plugins/node_plugin.js`, Node's standard
+//! library only), written the way an author would from
+//! `schema/plugin-protocol.md` alone, through the real server: its
+//! config checks, `send` with callbacks, a `log` it sends as a
+//! notification, the routes its manifest's `http` flag announces, and a
+//! manifest it gets wrong.
+
+use std::time::Duration;
+
+use base64::Engine;
+use roboger_tests::{Method, Server, ServerOptions, Value, assert_status, json, poll_until};
+
+fn node_plugin() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("plugins/node_plugin.js")
+}
+
+async fn server(record: &std::path::Path, manifest: &str) -> Server {
+    Server::start_with(ServerOptions {
+        yaml: "url: https://roboger.example.com".into(),
+        plugins_yaml: format!(
+            "- name: node\n  command: {}\n  config: {{greeting: hi}}\n  env:\n    TEST_PLUGIN_RECORD: {}\n    NODE_PLUGIN_MANIFEST: '{manifest}'\n",
+            node_plugin().display(),
+            record.display()
+        ),
+        ..Default::default()
+    })
+    .await
+}
+
+async fn plugin_state(s: &Server) -> Value {
+    let list = s.manage(Method::GET, "/plugin", None).await.json();
+    list.as_array()
+        .and_then(|l| l.iter().find(|p| p["plugin_name"] == "node"))
+        .cloned()
+        .unwrap_or_else(|| panic!("no plugin node in {list}"))
+}
+
+#[tokio::test]
+async fn a_plugin_in_javascript_delivers_logs_and_serves_its_routes() {
+    let dir = tempfile::tempdir().unwrap();
+    let record = dir.path().join("record.jsonl");
+    let s = server(&record, "").await;
+    let p = plugin_state(&s).await;
+    assert_eq!(
+        (&p["state"], &p["description"]),
+        (&json!("running"), &json!("a plugin in JavaScript")),
+        "{p}"
+    );
+
+    let (id, addr) = s.new_addr().await;
+    let refused = s.try_endpoint(id, "node", json!({})).await;
+    assert_status!(refused, 400);
+    assert!(
+        refused.text.contains("room is required"),
+        "{}",
+        refused.text
+    );
+    let ep = s.endpoint(id, "node", json!({"room": "r1"})).await;
+
+    let media = b"GIF89a, a picture";
+    let b64 = base64::engine::general_purpose::STANDARD.encode(media);
+    let r = s
+        .push(json!({"addr": addr, "msg": "door open", "level": "warning", "media": b64}))
+        .await;
+    assert_status!(r, 202);
+    s.endpoint_settles(id, ep, 1, 0).await;
+    let sent = roboger_tests::json_lines(&record);
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    let sent = &sent[0];
+    assert_eq!(
+        (&sent["msg"], &sent["level_name"], &sent["url"]),
+        (
+            &json!("door open"),
+            &json!("WARNING"),
+            &json!("https://roboger.example.com")
+        )
+    );
+    // What it put in the bucket is served.
+    let object = sent["object"].as_str().expect("a bucket object id");
+    let file = s
+        .request(Method::GET, &format!("/file/{object}"), None, &[], None)
+        .await;
+    assert_status!(file, 200);
+    assert_eq!(file.text.as_bytes(), media);
+
+    // Its `log`, sent without an id, is in the server's log, at its level.
+    let event = sent["event_id"].as_str().unwrap_or_default();
+    let said = format!("node sends {event} to r1");
+    s.wait_log(&said, Duration::from_secs(10)).await;
+    let line = s.log_lines(&said).join("\n");
+    assert!(
+        line.contains("WARN") && line.contains("plugin=node"),
+        "{line}"
+    );
+
+    // Routes: its manifest says `"http": true` (and no "http" in methods).
+    let hello = s
+        .request(Method::GET, "/plugin/node/hello", None, &[], None)
+        .await;
+    assert_status!(hello, 200);
+    assert_eq!(hello.text, "hi from node, GET");
+    assert_eq!(hello.header("content-type"), Some("text/plain"));
+    // A body that is not base64 is a 502 that says so, in the log too.
+    let plain = s
+        .request(Method::GET, "/plugin/node/plain", None, &[], None)
+        .await;
+    assert_status!(plain, 502);
+    assert!(
+        plain.text.contains("a body that is not base64"),
+        "{}",
+        plain.text
+    );
+    s.wait_log("a body that is not base64", Duration::from_secs(5))
+        .await;
+}
+
+#[tokio::test]
+async fn a_plugin_whose_manifest_is_not_valid_is_refused_saying_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = server(&dir.path().join("record.jsonl"), "broken").await;
+    // Refused at once, not restarted: restarting cannot mend it.
+    let p = plugin_state(&s).await;
+    assert_eq!(p["state"], "refused", "{p}");
+    let why = p["last_error"].as_str().unwrap_or_default();
+    assert!(
+        why.contains("its manifest (the answer to hello) is not valid: missing field `name`"),
+        "{why}"
+    );
+    assert!(!why.contains("column"), "{why}");
+    assert_eq!(p["restarts"], 0, "{p}");
+
+    // An error answered to `hello` is told as the plugin's words.
+    let dir = tempfile::tempdir().unwrap();
+    let s = server(&dir.path().join("record.jsonl"), "error").await;
+    let p = poll_until(Duration::from_secs(10), async || {
+        let p = plugin_state(&s).await;
+        match p["last_error"].as_str() {
+            Some(_) => Ok(p),
+            None => Err(format!("no last_error yet: {p}")),
+        }
+    })
+    .await;
+    let why = p["last_error"].as_str().unwrap_or_default();
+    assert!(
+        why.contains("handshake failed: the plugin answered error -32002: not today"),
+        "{why}"
+    );
+}
