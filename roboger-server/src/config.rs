@@ -1200,6 +1200,16 @@ pub fn normalize_listen(key: &str, v: &str) -> Result<Listen, ConfigError> {
 }
 
 fn normalize_tcp_listen(key: &str, v: &str) -> Result<String, ConfigError> {
+    // `listen: 8080` (nginx's way) would be the host 0.0.0.8080, which
+    // no interface has.
+    if let Ok(port) = v.parse::<u16>() {
+        return Err(invalid(
+            key,
+            format!(
+                "{v} names only a port: write 127.0.0.1:{port} (this host only) or :{port} (every interface)"
+            ),
+        ));
+    }
     if let Ok(sa) = v.parse::<std::net::SocketAddr>() {
         return Ok(sa.to_string());
     }
@@ -1785,6 +1795,8 @@ mod tests {
         assert_eq!(tcp("localhost:80").unwrap(), "localhost:80");
         assert_eq!(tcp(":9000").unwrap(), "0.0.0.0:9000");
         assert!(tcp("h:x").is_err());
+        let e = tcp("8080").unwrap_err().to_string();
+        assert!(e.contains("write 127.0.0.1:8080"), "{e}");
         // gunicorn's forms of a Unix socket.
         for v in [
             "unix:/run/r/r.sock",

@@ -588,6 +588,11 @@ fn bad_configs_are_refused_naming_the_key() {
             "roboger:\n  master:\n    key: k\n  listen: 'nowhere:port'\n",
             "roboger.listen",
         ),
+        // nginx's way, which was taken as the host 0.0.0.8080.
+        (
+            "roboger:\n  master:\n    key: k\n  listen: 8080\n",
+            "roboger.listen: 8080 names only a port: write 127.0.0.1:8080",
+        ),
         ("robogerr:\n  db: x\n", "robogerr"),
     ];
     for (i, (yaml, key)) in cases.iter().enumerate() {
