@@ -141,6 +141,18 @@ struct FileDelivery {
     concurrency: Option<usize>,
 }
 
+/// A plugin's `command`: its executable, or a list of the program and
+/// its arguments (`[node, /opt/p/plugin.js]`).
+#[derive(Debug, Deserialize)]
+#[serde(
+    untagged,
+    expecting = "a path, or a list of the program and its arguments"
+)]
+enum FileCommand {
+    Path(PathBuf),
+    Line(Vec<String>),
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
 enum ApiDoc {
@@ -192,7 +204,7 @@ struct FilePlugin {
     name: String,
     #[serde(default)]
     config: Option<serde_json::Map<String, serde_json::Value>>,
-    command: Option<PathBuf>,
+    command: Option<FileCommand>,
     python: Option<String>,
     env: Option<BTreeMap<String, String>>,
     sha256: Option<String>,
@@ -307,6 +319,8 @@ pub struct PluginConfig {
     pub config: serde_json::Map<String, serde_json::Value>,
     /// An explicit executable; otherwise `roboger-plugin-NAME` is looked up.
     pub command: Option<PathBuf>,
+    /// Arguments for `command` (the rest of its list form).
+    pub args: Vec<String>,
     /// A seed-style Python module (`robogercontrib.foo`) to host with the
     /// bridge, `roboger-plugin-python` (or `command`), which gets it as
     /// its argument.
@@ -425,6 +439,7 @@ impl PluginConfig {
             name: name.to_string(),
             config: Default::default(),
             command: None,
+            args: Vec::new(),
             python: None,
             env: BTreeMap::new(),
             sha256: None,
@@ -787,11 +802,19 @@ impl Config {
                         &server_sandbox,
                         p.sandbox.unwrap_or_default(),
                     )?;
+                    let (command, args) = match p.command {
+                        Some(c) => {
+                            let (exe, args) = plugin_command(&key("command"), c)?;
+                            (Some(exe), args)
+                        }
+                        None => (None, Vec::new()),
+                    };
                     out.push(PluginConfig {
                         egress,
                         sandbox,
                         config: p.config.unwrap_or_default(),
-                        command: p.command,
+                        command,
+                        args,
                         python: p.python,
                         env: p.env.unwrap_or_default(),
                         sha256,
@@ -1232,6 +1255,44 @@ fn normalize_tcp_listen(key: &str, v: &str) -> Result<String, ConfigError> {
         return Err(invalid(key, format!("not a host:port address: {v:?}")));
     }
     Ok(format!("{host}:{port}"))
+}
+
+/// A plugin's `command` as its executable and arguments. A relative path
+/// with a directory in it is taken from the directory the server starts
+/// in (the plugin itself runs in its own); a bare name is looked up on
+/// `PATH` when it runs.
+fn plugin_command(key: &str, c: FileCommand) -> Result<(PathBuf, Vec<String>), ConfigError> {
+    let (program, args) = match c {
+        FileCommand::Path(p) => {
+            // `command: node /opt/p/plugin.js`, a shell's way.
+            let text = p.to_string_lossy();
+            if text.contains(char::is_whitespace) && !p.exists() {
+                let words: Vec<&str> = text.split_whitespace().collect();
+                return Err(invalid(
+                    key,
+                    format!(
+                        "no file {text:?}; to give the program arguments, write the command as a list: [{}]",
+                        words.join(", ")
+                    ),
+                ));
+            }
+            (p, Vec::new())
+        }
+        FileCommand::Line(mut words) => {
+            if words.is_empty() || words[0].is_empty() {
+                return Err(invalid(key, "names no program"));
+            }
+            let program = PathBuf::from(words.remove(0));
+            (program, words)
+        }
+    };
+    let program = if program.is_relative() && program.components().count() > 1 {
+        std::path::absolute(&program)
+            .map_err(|e| invalid(key, format!("cannot resolve {}: {e}", program.display())))?
+    } else {
+        program
+    };
+    Ok((program, args))
 }
 
 fn parse_net(s: &str) -> Option<IpNet> {

@@ -1104,7 +1104,7 @@ async fn start_once(
             )));
         }
     }
-    let args: Vec<String> = cfg.python.iter().cloned().collect();
+    let args: Vec<String> = cfg.args.iter().chain(&cfg.python).cloned().collect();
     let mut cmd = match &opts.launcher {
         Some(launcher) => {
             let mut c = Command::new(launcher);

@@ -1,6 +1,7 @@
 //! A plugin in JavaScript (`tests/plugins/node_plugin.js`, Node's standard
 //! library only), written the way an author would from
 //! `schema/plugin-protocol.md` alone, through the real server: its
+//! `command` as an interpreter and its script, or a relative path; its
 //! config checks, `send` with callbacks, a `log` it sends as a
 //! notification, the routes its manifest's `http` flag announces, and a
 //! manifest it gets wrong.
@@ -14,12 +15,12 @@ fn node_plugin() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("plugins/node_plugin.js")
 }
 
-async fn server(record: &std::path::Path, manifest: &str) -> Server {
+/// A server running the plugin with `command`, which names it.
+async fn server(command: &str, record: &std::path::Path, manifest: &str) -> Server {
     Server::start_with(ServerOptions {
         yaml: "url: https://roboger.example.com".into(),
         plugins_yaml: format!(
-            "- name: node\n  command: {}\n  config: {{greeting: hi}}\n  env:\n    TEST_PLUGIN_RECORD: {}\n    NODE_PLUGIN_MANIFEST: '{manifest}'\n",
-            node_plugin().display(),
+            "- name: node\n  command: {command}\n  config: {{greeting: hi}}\n  env:\n    TEST_PLUGIN_RECORD: {}\n    NODE_PLUGIN_MANIFEST: '{manifest}'\n",
             record.display()
         ),
         ..Default::default()
@@ -39,7 +40,9 @@ async fn plugin_state(s: &Server) -> Value {
 async fn a_plugin_in_javascript_delivers_logs_and_serves_its_routes() {
     let dir = tempfile::tempdir().unwrap();
     let record = dir.path().join("record.jsonl");
-    let s = server(&record, "").await;
+    // The interpreter and its script, as a list.
+    let command = format!("[node, {}]", node_plugin().display());
+    let s = server(&command, &record, "").await;
     let p = plugin_state(&s).await;
     assert_eq!(
         (&p["state"], &p["description"]),
@@ -117,7 +120,11 @@ async fn a_plugin_in_javascript_delivers_logs_and_serves_its_routes() {
 #[tokio::test]
 async fn a_plugin_whose_manifest_is_not_valid_is_refused_saying_why() {
     let dir = tempfile::tempdir().unwrap();
-    let s = server(&dir.path().join("record.jsonl"), "broken").await;
+    // A path relative to where the server starts (the plugin runs in its
+    // own directory): cargo runs the suite in tests/.
+    let relative = "plugins/node_plugin.js";
+    assert!(std::path::Path::new(relative).exists());
+    let s = server(relative, &dir.path().join("record.jsonl"), "broken").await;
     // Refused at once, not restarted: restarting cannot mend it.
     let p = plugin_state(&s).await;
     assert_eq!(p["state"], "refused", "{p}");
@@ -131,7 +138,7 @@ async fn a_plugin_whose_manifest_is_not_valid_is_refused_saying_why() {
 
     // An error answered to `hello` is told as the plugin's words.
     let dir = tempfile::tempdir().unwrap();
-    let s = server(&dir.path().join("record.jsonl"), "error").await;
+    let s = server(relative, &dir.path().join("record.jsonl"), "error").await;
     let p = poll_until(Duration::from_secs(10), async || {
         let p = plugin_state(&s).await;
         match p["last_error"].as_str() {

@@ -588,6 +588,11 @@ fn bad_configs_are_refused_naming_the_key() {
             "roboger:\n  master:\n    key: k\n  listen: 'nowhere:port'\n",
             "roboger.listen",
         ),
+        // A shell's way of giving a program arguments.
+        (
+            "roboger:\n  master:\n    key: k\n  plugins:\n    - name: p\n      command: node /nowhere/p.js\n",
+            "roboger.plugins[0].command: no file \"node /nowhere/p.js\"; to give the program arguments, write the command as a list: [node, /nowhere/p.js]",
+        ),
         // nginx's way, which was taken as the host 0.0.0.8080.
         (
             "roboger:\n  master:\n    key: k\n  listen: 8080\n",
