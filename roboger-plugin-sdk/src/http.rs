@@ -56,6 +56,7 @@ pub fn client() -> Result<&'static reqwest::Client, PluginError> {
 
 /// Sends `body` (already JSON text) to `url` with `method` and extra
 /// `headers`, within the server's timeout; a non-2xx answer is an error.
+/// A GET is sent without the body.
 pub async fn send_json(
     host: &Host,
     method: &str,
@@ -77,6 +78,9 @@ pub async fn send_json_with_final(
     r#final: &[reqwest::StatusCode],
 ) -> Result<(), PluginError> {
     let method = reqwest::Method::from_bytes(method.as_bytes()).map_err(PluginError::failed)?;
+    // A GET carries no body: content in one has no meaning (RFC 9110,
+    // 9.3.1), and some front ends refuse the request for it.
+    let bodiless = method == reqwest::Method::GET;
     // Parsed once, for the policy and the request.
     let parsed = checked(url)?;
     let timeout = host.call_budget().await;
@@ -86,10 +90,12 @@ pub async fn send_json_with_final(
     };
     // The caller's headers replace the JSON Content-Type, not add to it.
     let mut map = reqwest::header::HeaderMap::with_capacity(headers.len() + 1);
-    map.insert(
-        reqwest::header::CONTENT_TYPE,
-        reqwest::header::HeaderValue::from_static("application/json"),
-    );
+    if !bodiless {
+        map.insert(
+            reqwest::header::CONTENT_TYPE,
+            reqwest::header::HeaderValue::from_static("application/json"),
+        );
+    }
     for (k, v) in headers {
         let name = reqwest::header::HeaderName::from_bytes(k.as_bytes());
         let value = reqwest::header::HeaderValue::from_str(v);
@@ -100,7 +106,8 @@ pub async fn send_json_with_final(
         };
         map.insert(name, value);
     }
-    let req = req.timeout(timeout).headers(map).body(body);
+    let req = req.timeout(timeout).headers(map);
+    let req = if bodiless { req } else { req.body(body) };
     let resp = req.send().await.map_err(|e| request_error(url, &e))?;
     if resp.status().is_success() {
         Ok(())

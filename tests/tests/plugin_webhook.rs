@@ -128,6 +128,27 @@ async fn configs_are_checked_and_failures_are_retried() {
     );
     let (state, attempts, _) = s.settled_delivery(id).await;
     assert_eq!((state.as_str(), attempts), ("delivered", 3));
+
+    // A GET (a heartbeat URL, say) goes without a body, so it takes no
+    // template.
+    let r = bad(json!({"url": "http://x/", "method": "GET", "template": "{}"})).await;
+    assert_status!(r, 400);
+    assert!(r.text.contains("a GET sends no body"), "{}", r.text);
+    let ping = HttpSink::start(vec![]).await;
+    let (id, a) = s.new_addr().await;
+    s.endpoint(
+        id,
+        "webhook",
+        json!({"url": format!("{}/ping", ping.base), "method": "GET"}),
+    )
+    .await;
+    assert_status!(s.push(json!({"addr": a, "msg": "m"})).await, 202);
+    let got = ping.wait(1).await;
+    assert_eq!(got[0].method, "GET");
+    assert!(got[0].body.is_empty(), "{got:?}");
+    for h in ["content-type", "content-length", "transfer-encoding"] {
+        assert!(!got[0].headers.contains_key(h), "{h}: {got:?}");
+    }
 }
 
 /// A target that answers 429 or 503 with `Retry-After` is not tried again

@@ -140,6 +140,11 @@ impl Plugin for Webhook {
         schema::check(ConfigSchema::iter_errors(config))?;
         roboger_plugin_sdk::http::check_config_url(config, "url")?;
         if let Some(t) = config.get("template").and_then(Value::as_str) {
+            if config.get("method").and_then(Value::as_str) == Some("GET") {
+                return Err(PluginError::rejected(
+                    "template: a GET sends no body; use POST, PUT or PATCH to send one",
+                ));
+            }
             let sample = render(t, |name, out| {
                 out.extend_from_slice(if name == "level" { b"20" } else { b"\"\"" });
             });
