@@ -487,6 +487,70 @@ async fn media_round_trip() {
     assert_eq!(e["deliveries"][0]["attempts"], 1);
 }
 
+/// A field sent twice is taken where the original (flask-restx over
+/// werkzeug) took it: the first of a form's or a query string's, the
+/// query string's over a form's, a JSON body's over the query string's.
+#[tokio::test]
+async fn a_field_sent_twice_is_taken_as_the_original_took_it() {
+    let r = rig("").await;
+    r.endpoint(json!({"name": "twice"}), &[json!({"level": 10})])
+        .await;
+    let a = &r.a;
+    let form = "application/x-www-form-urlencoded";
+    let cases: [(String, Option<&str>, String, &str); 5] = [
+        (
+            String::new(),
+            Some(form),
+            format!("addr={a}&msg=first&msg=second&tag=1"),
+            "first",
+        ),
+        (
+            "?msg=query".into(),
+            Some(form),
+            format!("addr={a}&msg=form&tag=2"),
+            "query",
+        ),
+        (
+            format!("?addr={a}&msg=q1&msg=q2&tag=3"),
+            None,
+            String::new(),
+            "q1",
+        ),
+        (
+            "?msg=query".into(),
+            Some("application/json"),
+            format!(r#"{{"addr": "{a}", "msg": "json", "tag": "4"}}"#),
+            "json",
+        ),
+        (
+            "?msg=query&tag=5".into(),
+            Some("multipart/form-data; boundary=b"),
+            format!(
+                "--b\r\nContent-Disposition: form-data; name=\"addr\"\r\n\r\n{a}\r\n--b\r\nContent-Disposition: form-data; name=\"msg\"\r\n\r\nmulti\r\n--b--\r\n"
+            ),
+            "query",
+        ),
+    ];
+    for (query, content_type, body, _) in &cases {
+        let mut req = r.s.http.post(r.s.url(&format!("/push{query}")));
+        if let Some(t) = content_type {
+            req = req.header("content-type", *t);
+        }
+        let resp = req.body(body.clone()).send().await.unwrap();
+        assert_eq!(resp.status().as_u16(), 202, "{query} {body}");
+    }
+    let sends = r.wait_sends(cases.len()).await;
+    for (i, (query, _, body, msg)) in cases.iter().enumerate() {
+        let tag = (i + 1).to_string();
+        let sent = sends.iter().find(|s| s["tag"] == tag.as_str());
+        assert_eq!(
+            sent.map(|s| s["msg"].clone()),
+            Some(json!(msg)),
+            "{query} {body}: {sends:?}"
+        );
+    }
+}
+
 /// A multipart form push, as `curl -F` sends it: the original took its
 /// text fields, and its file in `media` is the event's media, raw.
 #[tokio::test]

@@ -28,19 +28,25 @@ pub fn body_limit(max_media: usize) -> usize {
     max_media / 3 * 4 + 1024 * 1024
 }
 
-/// A push's fields: the query string's, then the body's (a JSON object,
-/// or a form of either kind when labelled so and not JSON) over them. A
-/// body that is neither is a 400 saying so. A multipart form's file in
-/// its `media` part is the event's media (raw there, base64 here as in a
-/// JSON push), named by its file name unless `media_fname` is sent.
+/// A push's fields: the query string's and the body's (a JSON object,
+/// or a form of either kind when labelled so and not JSON). As in the
+/// original (flask-restx over werkzeug), a field sent twice is taken
+/// where it came first, the query string before a form, but a JSON
+/// body's over the query string's. A body that is neither is a 400
+/// saying so. A multipart form's file in its `media` part is the event's
+/// media (raw there, base64 here as in a JSON push), named by its file
+/// name unless `media_fname` is sent.
 pub async fn fields(
     query: &str,
     content_type: Option<&str>,
     body: Bytes,
 ) -> Result<Map<String, Value>, ApiError> {
     let mut fields = Map::new();
+    let first = |fields: &mut Map<String, Value>, k: String, v: String| {
+        fields.entry(k).or_insert(Value::String(v));
+    };
     for (k, v) in charset::form_pairs(query.as_bytes(), None)? {
-        fields.insert(k, Value::String(v));
+        first(&mut fields, k, v);
     }
     // A JSON object is taken as JSON whatever the Content-Type says
     // (curl -d sends JSON labelled as a form).
@@ -54,7 +60,7 @@ pub async fn fields(
             ));
         }
         for (k, v) in form.fields {
-            fields.insert(k, Value::String(v));
+            first(&mut fields, k, v);
         }
         if let Some(file) = form.file {
             insert_media(&mut fields, file);
