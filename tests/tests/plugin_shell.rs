@@ -47,9 +47,10 @@ async fn the_event_reaches_the_command_as_environment_only() {
     assert_status!(r, 201);
     let ep = r.json()["id"].as_i64().unwrap();
     // A command as written for the original, which spliced its
-    // placeholders into the text: they are variables here.
+    // placeholders into the text: they are variables here, single quotes
+    // or not.
     let original = format!(
-        "printf '%s|%s|%s|%s' \"$formatted_subject\" \"$msg\" $tag $level > {out}.original",
+        "printf '%s|%s|%s|%s|%s' \"$formatted_subject\" \"$msg\" $tag $level '[$level_name] $msg' > {out}.original",
         out = out.display()
     );
     s.manage(
@@ -94,7 +95,7 @@ async fn the_event_reaches_the_command_as_environment_only() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(
         std::fs::read_to_string(&original).unwrap(),
-        format!("WARNING|{msg}|t$x|30")
+        format!("WARNING|{msg}|t$x|30|[WARNING] {msg}")
     );
     assert!(!pwned.exists(), "the message was executed");
     s.wait_log("command: done", Duration::from_secs(5)).await;

@@ -3,7 +3,8 @@
 //! variables (`ROBOGER_MSG`, …), never spliced into the command text, so
 //! a message full of shell metacharacters stays data; a command written
 //! for the original, which spliced `$msg` into its text, finds `$msg` set
-//! (see [`environment`]). The command has
+//! (see [`environment`]), inside single quotes too ([`placeholder`]). The
+//! command has
 //! nine tenths of the server's timeout (`Host::call_budget`), after which
 //! it is killed with everything it started (its process group); its
 //! output goes to the log, within bounds ([`output`]); a non-zero exit is
@@ -11,6 +12,7 @@
 //! when it exits is not waited for.
 
 mod output;
+mod placeholder;
 
 use std::process::Stdio;
 use std::time::Duration;
@@ -94,7 +96,7 @@ impl Plugin for Shell {
         };
         let mut cmd = tokio::process::Command::new("sh");
         cmd.arg("-c")
-            .arg(command)
+            .arg(placeholder::expand_in_single_quotes(command).as_ref())
             .envs(environment(&e))
             .env(
                 "ROBOGER_MEDIA_FILE",
