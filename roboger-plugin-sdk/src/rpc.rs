@@ -452,6 +452,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
 ) {
     let mut lines = FramedRead::new(read, LinesCodec::new_with_max_length(opts.max_line));
     let incoming = Arc::new(Semaphore::new(opts.max_incoming));
+    let notes = serve_notifications(methods.clone());
     let reason = loop {
         let line = match lines.next().await {
             None => break Closed::Eof,
@@ -474,20 +475,18 @@ async fn read_loop<R: AsyncRead + Unpin>(
                     let _ = writer.send(busy.to_string()).await;
                     continue;
                 };
-                serve(methods.clone(), line, id, Some(writer.clone()), permit);
+                serve(methods.clone(), line, id, writer.clone(), permit);
             }
-            // A notification of one of our methods is served like a
-            // request, its answer dropped, as JSON-RPC has it: a plugin
-            // that sends `log` without an id is heard.
+            // A notification of one of our methods is carried out and not
+            // answered, as JSON-RPC has it (a plugin that sends `log`
+            // without an id is heard), in the order it came.
             (Some(method), None) if methods.method(&method).is_some() => {
-                let Ok(permit) = incoming.clone().try_acquire_owned() else {
-                    tracing::warn!(method = %method, "notification dropped: too many calls in flight");
-                    continue;
-                };
                 let Some(line) = with_id(&line, NOTIFICATION_ID) else {
                     continue;
                 };
-                serve(methods.clone(), line, NOTIFICATION_ID.into(), None, permit);
+                if notes.try_send(line).is_err() {
+                    tracing::warn!(method = %method, "notification dropped: {NOTIFICATIONS_QUEUED} are waiting");
+                }
             }
             (Some(method), None) => {
                 let params = probe
@@ -518,6 +517,29 @@ async fn read_loop<R: AsyncRead + Unpin>(
 /// dropped, so it never meets the other side's ids.
 const NOTIFICATION_ID: &str = "notification";
 
+/// The most notifications waiting to be carried out; past them, more are
+/// dropped (they cannot be answered busy).
+const NOTIFICATIONS_QUEUED: usize = 256;
+
+/// Starts the task that carries out the notifications of our methods one
+/// at a time, in order (a plugin's log lines stay in its order), until
+/// the returned sender is dropped with the read loop.
+fn serve_notifications(methods: Methods) -> mpsc::Sender<String> {
+    let (tx, mut rx) = mpsc::channel::<String>(NOTIFICATIONS_QUEUED);
+    tokio::spawn(async move {
+        while let Some(line) = rx.recv().await {
+            let call = std::panic::AssertUnwindSafe(methods.raw_json_request(&line, 1));
+            if let Err(panic) = call.catch_unwind().await {
+                tracing::warn!(
+                    "a notification's handler panicked: {}",
+                    panic_message(&*panic)
+                );
+            }
+        }
+    });
+    tx
+}
+
 /// `line`, a request without an id, with `id` added.
 fn with_id(line: &str, id: &str) -> Option<String> {
     let mut msg: serde_json::Map<String, Value> = serde_json::from_str(line).ok()?;
@@ -526,15 +548,14 @@ fn with_id(line: &str, id: &str) -> Option<String> {
 }
 
 /// Serves the request on `line` on its own task, holding `permit` until
-/// it is answered; the answer goes to `writer`, or nowhere for a
-/// notification. A handler that panics is answered at once, so the
+/// it is answered. A handler that panics is answered at once, so the
 /// caller does not wait out its timeout for an answer that will never
 /// come.
 fn serve(
     methods: Methods,
     line: String,
     id: Value,
-    writer: Option<mpsc::Sender<String>>,
+    writer: mpsc::Sender<String>,
     permit: tokio::sync::OwnedSemaphorePermit,
 ) {
     tokio::spawn(async move {
@@ -548,9 +569,7 @@ fn serve(
                 "error": {"code": -32603, "message": format!("the call panicked: {}", panic_message(&*panic))}})
             .to_string(),
         };
-        if let Some(writer) = writer {
-            let _ = writer.send(answer).await;
-        }
+        let _ = writer.send(answer).await;
         drop(permit);
     });
 }
@@ -799,9 +818,10 @@ mod tests {
         assert!(pending.as_ref().is_some_and(HashMap::is_empty));
     }
 
-    /// A notification naming one of our methods is carried out and not
-    /// answered; one naming none goes to the notification handler.
-    #[tokio::test]
+    /// A notification naming one of our methods is carried out, in the
+    /// order it came, and not answered; one naming none goes to the
+    /// notification handler.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn a_notification_of_a_method_is_served_without_an_answer() {
         use tokio::io::AsyncBufReadExt;
         let (a, b) = tokio::io::duplex(1 << 16);
@@ -831,23 +851,29 @@ mod tests {
             },
             on_notification,
         );
-        let lines = concat!(
-            r#"{"jsonrpc":"2.0","method":"log","params":{"level":"info","message":"one"}}"#,
-            "\n",
+        let mut lines = String::new();
+        let sent: Vec<String> = (0..100).map(|i| format!("note {i}")).collect();
+        for message in &sent {
+            let note = serde_json::json!({"jsonrpc": "2.0", "method": "log",
+                "params": {"level": "info", "message": message}});
+            lines.push_str(&format!("{note}\n"));
+        }
+        lines.push_str(concat!(
             r#"{"jsonrpc":"2.0","method":"shutdown"}"#,
             "\n",
-            r#"{"jsonrpc":"2.0","id":7,"method":"log","params":{"level":"info","message":"two"}}"#,
+            r#"{"jsonrpc":"2.0","id":7,"method":"log","params":{"level":"info","message":"asked"}}"#,
             "\n",
-        );
+        ));
         bw.write_all(lines.as_bytes()).await.unwrap();
         let mut answers = tokio::io::BufReader::new(br).lines();
         let first = answers.next_line().await.unwrap().unwrap();
         let first: Value = serde_json::from_str(&first).unwrap();
         assert_eq!(first["id"], 7, "only the request is answered: {first}");
-        poll(|| logged.lock().unwrap().len() == 2).await;
-        let mut got = logged.lock().unwrap().clone();
-        got.sort();
-        assert_eq!(got, ["one", "two"]);
+        poll(|| logged.lock().unwrap().len() == sent.len() + 1).await;
+        let got = logged.lock().unwrap().clone();
+        assert!(got.contains(&"asked".to_string()));
+        let notes: Vec<&String> = got.iter().filter(|m| *m != "asked").collect();
+        assert_eq!(notes, sent.iter().collect::<Vec<_>>(), "in the order sent");
         assert_eq!(*heard.lock().unwrap(), ["shutdown"]);
     }
 
