@@ -179,3 +179,18 @@ impl Plugin for Shell {
 fn main() -> std::process::ExitCode {
     run(Shell)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every placeholder the rewrite expands is set, so a single-quoted
+    /// `'$tag'` can never expand to an unset variable.
+    #[test]
+    fn every_placeholder_is_in_the_environment() {
+        let env = environment(&Event::default());
+        for name in placeholder::NAMES {
+            assert!(env.iter().any(|(k, _)| k == name), "{name} is not set");
+        }
+    }
+}
