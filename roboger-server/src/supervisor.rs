@@ -657,17 +657,12 @@ impl Supervisor {
         match conn
             .peer
             .client()
-            .request::<Vec<protocol::SendOutcome>, _>("send_batch", params)
+            .request::<Vec<Value>, _>("send_batch", params)
             .await
         {
-            Ok(outcomes) if outcomes.len() == n => outcomes
-                .into_iter()
-                .map(|o| match o.error {
-                    None => Ok(Value::Null),
-                    Some(e) if e.code == codes::REJECTED => Err(rejected(e.message)),
-                    Some(e) => Err(failed(e.message, e.data.as_ref())),
-                })
-                .collect(),
+            Ok(outcomes) if outcomes.len() == n => {
+                outcomes.into_iter().map(batch_outcome).collect()
+            }
             Ok(outcomes) => all(CallError::Failed(format!(
                 "send_batch answered {} outcomes for {n} events",
                 outcomes.len()
@@ -766,6 +761,38 @@ fn call_error(name: &str, method: &str, conn: &Conn, e: ClientError) -> CallErro
             Some(reason) => format!("connection closed during {method}: {reason}"),
             None => other.to_string(),
         }),
+    }
+}
+
+/// One member of a `send_batch` answer as that event's result. `{}` is
+/// delivered, and so are `null` and `true` (what a plugin in another
+/// language writes for "no error"); `{"error": {code, message[, data]}}`
+/// is the error `send` would have answered, and an error that is only a
+/// text is a failure with that text. Anything else fails the event
+/// quoting it, so the plugin's author sees what was wrong.
+fn batch_outcome(outcome: Value) -> Result<Value, CallError> {
+    let error = match outcome {
+        Value::Null | Value::Bool(true) => return Ok(Value::Null),
+        Value::Object(mut o) => match o.remove("error") {
+            None | Some(Value::Null) => return Ok(Value::Null),
+            Some(e) => e,
+        },
+        other => {
+            let text = bounded(other.to_string());
+            return Err(CallError::Failed(format!(
+                "send_batch answered {text} for this event, not {{}} or {{\"error\": ...}}"
+            )));
+        }
+    };
+    match serde_json::from_value::<protocol::OutcomeError>(error.clone()) {
+        Ok(e) if e.code == codes::REJECTED => Err(rejected(e.message)),
+        Ok(e) => Err(failed(e.message, e.data.as_ref())),
+        Err(_) => Err(failed(
+            error
+                .as_str()
+                .map_or_else(|| format!("malformed error: {error}"), str::to_string),
+            None,
+        )),
     }
 }
 

@@ -3,8 +3,9 @@
 // the way an author would from schema/plugin-protocol.md alone: `log`
 // sent as a notification (it has no answer worth waiting for), routes
 // announced with the manifest's `http` flag, callbacks for the server's
-// URL and its bucket. TEST_PLUGIN_RECORD names a file that gets one JSON
-// line per `send`; NODE_PLUGIN_MANIFEST=broken leaves `name` out of the
+// URL and its bucket, and `send_batch` answered with JavaScript's idea of
+// "no error". TEST_PLUGIN_RECORD names a file that gets one JSON line per
+// `send`; NODE_PLUGIN_MANIFEST=broken leaves `name` out of the
 // manifest, =error answers `hello` with an error.
 'use strict';
 const fs = require('fs');
@@ -42,7 +43,7 @@ const handlers = {
     const manifest = {
       protocol_version: '1.0', name: 'node', version: '0.1.0',
       description: 'a plugin in JavaScript',
-      methods: ['validate_plugin_config', 'load', 'validate_config'],
+      methods: ['validate_plugin_config', 'load', 'validate_config', 'send_batch'],
       http: true,
       config_schema: {
         type: 'object', required: ['room'],
@@ -74,6 +75,11 @@ const handlers = {
     const record = { method: 'send', event_id: p.event_id, msg: p.msg, level_name: p.level_name, url, object };
     fs.appendFileSync(process.env.TEST_PLUGIN_RECORD, JSON.stringify(record) + '\n');
     return null;
+  },
+  // Each event's outcome as its endpoint config says (`outcome`), as a
+  // hand-written plugin might answer it: null, true, {}, {error: "text"}.
+  send_batch({ events }) {
+    return events.map((e) => ('outcome' in e.config ? e.config.outcome : null));
   },
   http({ method, path }) {
     if (path === '/hello') {

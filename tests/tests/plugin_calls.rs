@@ -3,7 +3,8 @@
 //! this): every kwarg arrives, callbacks work both ways while sends are in
 //! flight, and a plugin killed mid-call fails those calls promptly and
 //! serves again after its restart. Both the Rust test plugin and a
-//! stdlib-only Python plugin are driven the same way.
+//! stdlib-only Python plugin are driven the same way; the JavaScript
+//! plugin answers a batch in its own language's words.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -353,6 +354,64 @@ async fn rust_plugin_answers_a_batch_event_by_event() {
 #[tokio::test]
 async fn a_plugin_without_send_batch_gets_a_send_per_event() {
     a_batch_has_an_outcome_per_event(python_plugin, false).await;
+}
+
+/// A plugin in another language answers `send_batch` as its language
+/// says "no error": `null` and `true` are delivered like `{}`, an error
+/// that is only a text fails with that text, and anything else fails
+/// quoting it. (Reading the answer as a list of `{}` once failed the
+/// whole batch, delivered events and all, at its first `null`.)
+#[tokio::test]
+async fn a_batch_answered_in_another_languages_words_is_read_event_by_event() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut node = PluginConfig::named("node");
+    node.command = Some(PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/plugins/node_plugin.js"
+    )));
+    node.config
+        .insert("greeting".into(), Value::String("hi".into()));
+    let r = rig(dir, vec![node]).await;
+    let addr = r.store.addr_create().await.unwrap();
+    let outcomes = [
+        json!(null),
+        json!(true),
+        json!({}),
+        json!({"error": null}),
+        json!({"error": "the target said no"}),
+        json!({"error": {"code": -32001, "message": "refused"}}),
+        json!("ok"),
+    ];
+    let events = outcomes
+        .iter()
+        .enumerate()
+        .map(|(i, o)| {
+            let p = send_params(
+                &format!("ev-{i}"),
+                addr.id,
+                json!({"room": "r", "outcome": o}),
+            );
+            serde_json::value::to_raw_value(&p).expect("JSON")
+        })
+        .collect();
+    let results = r.sup.send_batch("node", events).await;
+    assert_eq!(results.len(), outcomes.len(), "{results:?}");
+    for (i, result) in results.iter().enumerate().take(4) {
+        assert!(result.is_ok(), "outcome {i}: {results:?}");
+    }
+    assert!(
+        matches!(&results[4], Err(CallError::Failed(m)) if m == "the target said no"),
+        "{results:?}"
+    );
+    assert!(
+        matches!(&results[5], Err(CallError::Rejected(m)) if m == "refused"),
+        "{results:?}"
+    );
+    assert!(
+        matches!(&results[6], Err(CallError::Failed(m)) if m.contains("send_batch answered \"ok\" for this event")),
+        "{results:?}"
+    );
+    r.sup.shutdown().await;
 }
 
 /// A batch's events are in the plugin at once, with `send_batch` or
