@@ -708,10 +708,19 @@ impl Supervisor {
     }
 
     /// Asks plugin `name` to check an endpoint config.
+    /// The protocol's answers are `null` or error -32001; a plugin that
+    /// answers `false` or a text (as validators in other languages do)
+    /// refuses the config too, rather than having it taken.
     pub async fn validate_config(&self, name: &str, config: &Value) -> Result<(), CallError> {
         let mut p = serde_json::Map::new();
         p.insert("config".into(), config.clone());
-        self.call(name, "validate_config", p).await.map(|_| ())
+        match self.call(name, "validate_config", p).await? {
+            Value::Bool(false) => Err(rejected(format!(
+                "plugin {name} answered false: it does not take this config"
+            ))),
+            Value::String(why) => Err(rejected(why)),
+            _ => Ok(()),
+        }
     }
 
     /// Runs every running plugin's `cleanup`, logging failures.

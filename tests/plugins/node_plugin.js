@@ -61,9 +61,13 @@ const handlers = {
     greeting = plugin_config.greeting;
     return null;
   },
+  // Answers the way validators in other languages do, too: false, or
+  // the reason as a text.
   validate_config({ config }) {
     if (!config.room) throw new RpcError(-32001, 'room is required');
-    return null;
+    if (config.room === 'closed') return false;
+    if (config.room === 'full') return 'that room is full';
+    return true;
   },
   async send(p) {
     notify('log', { level: 'warning', message: `node sends ${p.event_id} to ${p.config.room}` });

@@ -2,7 +2,7 @@
 //! library only), written the way an author would from
 //! `schema/plugin-protocol.md` alone, through the real server: its
 //! `command` as an interpreter and its script, or a relative path; its
-//! config checks, `send` with callbacks, a `log` it sends as a
+//! config checks (answered as errors, `false` or a reason), `send` with callbacks, a `log` it sends as a
 //! notification, the routes its manifest's `http` flag announces, and a
 //! manifest it gets wrong.
 
@@ -58,6 +58,13 @@ async fn a_plugin_in_javascript_delivers_logs_and_serves_its_routes() {
         "{}",
         refused.text
     );
+    // A validator's false, or its reason as a text, refuses too.
+    let closed = s.try_endpoint(id, "node", json!({"room": "closed"})).await;
+    assert_status!(closed, 400);
+    assert!(closed.text.contains("answered false"), "{}", closed.text);
+    let full = s.try_endpoint(id, "node", json!({"room": "full"})).await;
+    assert_status!(full, 400);
+    assert!(full.text.contains("that room is full"), "{}", full.text);
     let ep = s.endpoint(id, "node", json!({"room": "r1"})).await;
 
     let media = b"GIF89a, a picture";
