@@ -134,6 +134,9 @@ pub struct SendArgs<'a> {
 
 /// What `send_batch` answers for one of its events, in the events' order:
 /// `{}` when it was delivered, else the error `send` would have answered.
+/// (The server reads each member on its own and also takes `null` and
+/// `true` as delivered, and an `error` that is only a text as a failure,
+/// as plugins in other languages write them.)
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct SendOutcome {
     #[serde(default, skip_serializing_if = "Option::is_none")]
