@@ -481,11 +481,20 @@ async fn read_loop<R: AsyncRead + Unpin>(
             // answered, as JSON-RPC has it (a plugin that sends `log`
             // without an id is heard), in the order it came.
             (Some(method), None) if methods.method(&method).is_some() => {
+                if line.len() > NOTIFICATION_MAX {
+                    tracing::warn!(method = %method, bytes = line.len(), "notification dropped: longer than {NOTIFICATION_MAX} bytes (send it as a request)");
+                    continue;
+                }
                 let Some(line) = with_id(&line, NOTIFICATION_ID) else {
                     continue;
                 };
-                if notes.try_send(line).is_err() {
-                    tracing::warn!(method = %method, "notification dropped: {NOTIFICATIONS_QUEUED} are waiting");
+                // A burst waits for room, reading no more meanwhile (the
+                // plugin's writes wait in its pipe), at most a call's
+                // timeout: a notification that calls back into this very
+                // peer cannot hold it longer.
+                let queued = tokio::time::timeout(opts.call_timeout, notes.send(line)).await;
+                if !matches!(queued, Ok(Ok(()))) {
+                    tracing::warn!(method = %method, "notification dropped: {NOTIFICATIONS_QUEUED} still waiting after {:?}", opts.call_timeout);
                 }
             }
             (Some(method), None) => {
@@ -517,9 +526,14 @@ async fn read_loop<R: AsyncRead + Unpin>(
 /// dropped, so it never meets the other side's ids.
 const NOTIFICATION_ID: &str = "notification";
 
-/// The most notifications waiting to be carried out; past them, more are
-/// dropped (they cannot be answered busy).
-const NOTIFICATIONS_QUEUED: usize = 256;
+/// The most notifications waiting to be carried out; past them, the read
+/// loop waits for room (they cannot be answered busy). With
+/// [`NOTIFICATION_MAX`] it bounds what they hold at 64 MiB.
+const NOTIFICATIONS_QUEUED: usize = 64;
+
+/// The longest notification carried out: a log line has room, and a
+/// larger call is made as a request, bounded by the calls in flight.
+const NOTIFICATION_MAX: usize = 1024 * 1024;
 
 /// Starts the task that carries out the notifications of our methods one
 /// at a time, in order (a plugin's log lines stay in its order), until
