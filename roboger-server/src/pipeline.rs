@@ -1089,6 +1089,13 @@ fn outcome(cfg: &DeliveryConfig, job: &Job, result: Result<Value, CallError>) ->
         .saturating_mul(2u32.saturating_pow(exp))
         .max(asked.unwrap_or_default())
         .min(cfg.retry_max);
+    // The server's own backoff is spread, so the deliveries that failed
+    // together (a target's outage, a plugin's crash) are not all tried
+    // again at the same moment; a wait the target asked for is kept.
+    let delay = match asked {
+        Some(_) => delay,
+        None => spread(delay),
+    };
     tracing::info!(event_id = %job.event.id, endpoint_id = job.endpoint_id, plugin = %job.plugin, attempts, ?delay, "delivery failed, will retry: {error}");
     Attempt {
         state: STATE_PENDING,
@@ -1096,6 +1103,13 @@ fn outcome(cfg: &DeliveryConfig, job: &Job, result: Result<Value, CallError>) ->
         next_at: Some(chrono::Utc::now() + chrono::Duration::from_std(delay).unwrap_or_default()),
         ..base
     }
+}
+
+/// `delay` shortened by up to a fifth at random (never lengthened, so
+/// `retry-max` still bounds it).
+fn spread(delay: Duration) -> Duration {
+    use rand::RngExt;
+    delay.mul_f64(rand::rng().random_range(0.8..=1.0))
 }
 
 async fn sweep_loop(
@@ -1176,6 +1190,41 @@ mod tests {
             config: Arc::new(Value::Null),
             attempts: 0,
         }
+    }
+
+    /// Deliveries that failed together are tried again spread over a
+    /// fifth of their backoff, never past it; a target's asked-for wait
+    /// is kept as it is.
+    #[test]
+    fn the_servers_own_backoff_is_spread() {
+        let cfg = DeliveryConfig {
+            node: "n".into(),
+            max_attempts: 10,
+            max_age: Duration::from_secs(86_400),
+            retry_base: Duration::from_secs(8),
+            retry_max: Duration::from_secs(600),
+            concurrency: 1,
+            lease: Duration::from_secs(60),
+            sweep_interval: Duration::from_secs(1),
+            heartbeat: Duration::from_secs(5),
+            node_timeout: Duration::from_secs(30),
+        };
+        let j = job("e", "p", false);
+        let wait = |result| {
+            let before = chrono::Utc::now();
+            let a = outcome(&cfg, &j, result);
+            let next = a.next_at.expect("retried");
+            (next - before).as_seconds_f64()
+        };
+        let waits: Vec<f64> = (0..50)
+            .map(|_| wait(Err(CallError::Failed("down".into()))))
+            .collect();
+        assert!(waits.iter().all(|w| (6.3..=8.1).contains(w)), "{waits:?}");
+        let lowest = waits.iter().cloned().fold(f64::MAX, f64::min);
+        let highest = waits.iter().cloned().fold(0.0, f64::max);
+        assert!(highest - lowest > 0.2, "not spread: {waits:?}");
+        let asked = wait(Err(CallError::Later("429".into(), Duration::from_secs(30))));
+        assert!((29.9..=30.1).contains(&asked), "{asked}");
     }
 
     #[test]
