@@ -26,7 +26,7 @@ use jsonrpsee::core::client::{ClientT, Error as ClientError};
 use jsonrpsee::core::traits::ToRpcParams;
 use roboger_plugin_sdk::protocol::{self, Manifest, PluginApiClient, codes};
 use roboger_plugin_sdk::rpc::{NotificationHandler, Peer, PeerOptions};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use serde_json::value::RawValue;
 use tokio::io::AsyncBufReadExt;
@@ -708,6 +708,7 @@ impl Supervisor {
     }
 
     /// Asks plugin `name` to check an endpoint config.
+    ///
     /// The protocol's answers are `null` or error -32001; a plugin that
     /// answers `false` or a text (as validators in other languages do)
     /// refuses the config too, rather than having it taken.
@@ -793,7 +794,7 @@ fn batch_outcome(outcome: Value) -> Result<Value, CallError> {
             )));
         }
     };
-    match serde_json::from_value::<protocol::OutcomeError>(error.clone()) {
+    match protocol::OutcomeError::deserialize(&error) {
         Ok(e) if e.code == codes::REJECTED => Err(rejected(e.message)),
         Ok(e) => Err(failed(e.message, e.data.as_ref())),
         Err(_) => Err(failed(
