@@ -26,14 +26,16 @@
 //!   this server, or refused or failed until restarted) spends no
 //!   attempt: it is put off for [`NOT_RUNNING_WAIT`] until `max-age`,
 //!   for a reload, a restart or another node to deliver.
+//!   The deliveries in flight when their plugin ended are sent alone
+//!   next time, to find the event that ends it ([`suspect`]).
 //! - Writer and dispatcher wait on each other through their queues, so
 //!   the writer never only waits: while it waits for room in the
 //!   dispatcher's queue it takes in outcomes ([`Inbox`]), and while too
 //!   many of those wait to be written it takes no new push.
 //!
 //! Invariant: a push is answered 202 only after the commit; a delivery
-//! leaves `pending` only when the plugin accepted it or its retries are
-//! spent. Deliveries are claimed with leases in this process's instance
+//! leaves `pending` only when the plugin accepted it or refused it for
+//! good, its send made alone ended the plugin, or its retries are spent. Deliveries are claimed with leases in this process's instance
 //! name (`FOR UPDATE SKIP LOCKED` where available), so several servers on
 //! one database never run the same delivery at once, and an outcome is
 //! written only while its lease is still this instance's (fencing).
@@ -51,7 +53,7 @@ use crate::config::DeliveryConfig;
 use crate::event::Event;
 use crate::metrics::{Metrics, Outcome};
 use crate::routing::Target;
-use crate::store::entity::{endpoint, event};
+use crate::store::entity::{delivery, endpoint, event};
 use crate::store::{
     Attempt, EventHead, GroupCommit, STATE_DELIVERED, STATE_FAILED, STATE_PENDING, Store,
     StoreError, Written,
@@ -59,6 +61,7 @@ use crate::store::{
 use crate::supervisor::{CallError, RawParams, Supervisor};
 
 mod hold;
+mod suspect;
 
 use hold::Holds;
 
@@ -140,6 +143,8 @@ struct Job {
     config: Arc<Value>,
     /// Attempts made before this one.
     attempts: i32,
+    /// In flight when its plugin ended before: sent alone ([`suspect`]).
+    suspect: bool,
 }
 
 /// Whether a loop of the pipeline is making progress: the time since
@@ -630,6 +635,7 @@ fn answer(c: Committed, jobs: &mpsc::Sender<Job>) -> Result<Vec<Job>, Closed> {
                 plugin: t.plugin,
                 config: t.config,
                 attempts: 0,
+                suspect: false,
             };
             if !rest.is_empty() {
                 rest.push(job);
@@ -768,7 +774,8 @@ impl Dispatch {
 
 impl Dispatch {
     /// Takes out of `ready` the deliveries whose endpoint is on hold,
-    /// grouped by endpoint, each group with when its hold ends.
+    /// grouped by endpoint (suspects apart), each group with when its
+    /// hold ends.
     fn take_held(&self, ready: &mut Vec<Job>) -> Vec<(chrono::DateTime<chrono::Utc>, Vec<Job>)> {
         let now = chrono::Utc::now();
         let mut held: Vec<(chrono::DateTime<chrono::Utc>, Vec<Job>)> = Vec::new();
@@ -780,7 +787,7 @@ impl Dispatch {
             };
             match held
                 .iter_mut()
-                .find(|(_, g)| g[0].endpoint_id == job.endpoint_id)
+                .find(|(_, g)| g[0].endpoint_id == job.endpoint_id && g[0].suspect == job.suspect)
             {
                 Some((_, g)) => g.push(job),
                 None => held.push((until, vec![job])),
@@ -790,21 +797,24 @@ impl Dispatch {
         held
     }
 
-    /// Puts off `jobs` (deliveries to one endpoint on hold) until
-    /// `until`, their attempts unchanged, written straight to the
-    /// database rather than through the writer's queue: the writer may
-    /// itself be waiting for room in the dispatcher's, and a put-off takes
-    /// no time to make, so it must not wait on the writer. When that
-    /// write fails, the writer writes them as outcomes instead.
+    /// Puts off `jobs` (deliveries to one endpoint on hold, all suspects
+    /// or none) until `until`, their attempts unchanged, written straight
+    /// to the database rather than through the writer's queue: the writer
+    /// may itself be waiting for room in the dispatcher's, and a put-off
+    /// takes no time to make, so it must not wait on the writer. When
+    /// that write fails, the writer writes them as outcomes instead.
     async fn put_off(&self, until: chrono::DateTime<chrono::Utc>, jobs: Vec<Job>) {
         let Some(first) = jobs.first() else {
             return;
         };
         let endpoint_id = first.endpoint_id;
-        let why = format!(
+        let mut why = format!(
             "not tried: the target asked for a wait until {}",
             until.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
         );
+        if first.suspect {
+            why = suspect::kept(why);
+        }
         for j in &jobs {
             self.metrics.held(&j.plugin);
         }
@@ -909,14 +919,14 @@ async fn dispatch_loop(
 
 /// Groups the deliveries waiting at once into calls: the ones for a
 /// plugin that offers `send_batch` (`limit` > 1 for it) into batches of
-/// at most `limit`, without media; each other one on its own. `limit` is
+/// at most `limit`, without media or suspects; each other one on its own. `limit` is
 /// asked once per plugin, however many of its deliveries wait.
 fn batches(ready: &mut Vec<Job>, mut limit: impl FnMut(&str) -> usize) -> Vec<Vec<Job>> {
     let mut calls: Vec<Vec<Job>> = Vec::new();
     // Per plugin seen: its limit and the call still open to it, if any.
     let mut plugins: Vec<(String, usize, Option<usize>)> = Vec::new();
     for job in ready.drain(..) {
-        if job.event.media_size.is_some_and(|s| s > 0) {
+        if job.suspect || job.event.media_size.is_some_and(|s| s > 0) {
             calls.push(vec![job]);
             continue;
         }
@@ -942,9 +952,10 @@ fn batches(ready: &mut Vec<Job>, mut limit: impl FnMut(&str) -> usize) -> Vec<Ve
     calls
 }
 
-/// One delivery attempt. An event with media first waits for room in the
-/// plugin's byte budget (`max-inflight-bytes`), then reads the media from
-/// the database; it is held only while this call is made.
+/// One delivery attempt, made alone for a suspect. An event with media
+/// first waits for room in the plugin's byte budget
+/// (`max-inflight-bytes`), then reads the media from the database; it is
+/// held only while this call is made.
 async fn attempt(
     store: &Store,
     plugins: &Supervisor,
@@ -957,10 +968,14 @@ async fn attempt(
         .and_then(|s| usize::try_from(s).ok())
         .unwrap_or(0);
     plugins.register_secrets(&job.plugin, &job.config);
+    let send = |params| async move {
+        match job.suspect {
+            true => plugins.send_alone(&job.plugin, params).await,
+            false => plugins.call(&job.plugin, "send", params).await,
+        }
+    };
     if size == 0 {
-        return plugins
-            .call(&job.plugin, "send", send_params(job, None)?)
-            .await;
+        return send(send_params(job, None)?).await;
     }
     // The call carries the media base64-encoded: 4/3 of its size.
     let _room = plugins.reserve_bytes(&job.plugin, size / 3 * 4 + 4).await;
@@ -978,7 +993,7 @@ async fn attempt(
     });
     let params = send_params(job, media.as_deref())?;
     drop(media);
-    plugins.call(&job.plugin, "send", params).await
+    send(params).await
 }
 
 /// `send`'s params for `job` ([`SendArgs`], borrowed from the job),
@@ -1052,7 +1067,7 @@ fn outcome(cfg: &DeliveryConfig, job: &Job, result: Result<Value, CallError>) ->
             asked = Some(wait);
             (m, false)
         }
-        Err(e) => (e.to_string(), false),
+        Err(e) => suspect::said(&e, e.to_string(), job.suspect),
     };
     let error = crate::secrets::scrub(&error).into_owned();
     let age = chrono::Utc::now() - job.event.created;
@@ -1135,7 +1150,7 @@ async fn sweep_loop(
             };
             let n = claimed.len() as u64;
             for (d, e, ep) in claimed {
-                if jobs.send(job_of(d.attempts, e, ep)).await.is_err() {
+                if jobs.send(job_of(&d, e, ep)).await.is_err() {
                     return;
                 }
             }
@@ -1146,13 +1161,14 @@ async fn sweep_loop(
     }
 }
 
-fn job_of(attempts: i32, e: Arc<EventHead>, ep: endpoint::Model) -> Job {
+fn job_of(d: &delivery::Model, e: Arc<EventHead>, ep: endpoint::Model) -> Job {
     Job {
         event: e,
         endpoint_id: ep.id,
         plugin: ep.plugin_name,
         config: Arc::new(ep.config),
-        attempts,
+        attempts: d.attempts,
+        suspect: suspect::is_suspect(d.last_error.as_deref()),
     }
 }
 
@@ -1189,6 +1205,7 @@ mod tests {
             plugin: plugin.into(),
             config: Arc::new(Value::Null),
             attempts: 0,
+            suspect: false,
         }
     }
 

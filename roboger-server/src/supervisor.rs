@@ -11,14 +11,16 @@
 //! protocol or a refused plugin config is permanent until restarted by
 //! hand: no restart loop.
 //!
-//! Invariant: calls to a plugin go through [`Supervisor::call`], which
-//! bounds the calls in flight (per plugin) and never waits forever: a call
-//! in flight when the plugin dies fails at once with an error the caller
-//! can retry.
+//! Invariant: calls to a plugin go through [`Supervisor::call`] (or its
+//! batch and alone forms), which bound the calls in flight (per plugin)
+//! and never wait forever: a call in flight when the plugin dies fails at
+//! once with an error the caller can retry, [`CallError::Ended`] when the
+//! process ended by itself rather than by the server's hand.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::path::PathBuf;
 use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -68,6 +70,17 @@ pub enum CallError {
     /// The plugin is not running (or died during the call); retry later.
     #[error("plugin {0} is not available: {1}")]
     Unavailable(String, String),
+    /// The plugin's process ended by itself (it exited, or broke its
+    /// pipe) while the call was in flight: how it ended. `cause`: the
+    /// call was a send made alone ([`Supervisor::send_alone`]) to a
+    /// plugin that had delivered other events since it started, so the
+    /// event is taken as what ends it.
+    #[error("plugin {plugin} ended during the call: {why}")]
+    Ended {
+        plugin: String,
+        why: String,
+        cause: bool,
+    },
     /// The plugin is not running and will not be until it is restarted,
     /// by hand or by its slow retry (its state, `failed` or `refused`):
     /// the call was not made.
@@ -270,13 +283,57 @@ struct Conn {
     manifest: Manifest,
     pid: Option<u32>,
     started: Instant,
+    /// How its process ended, once it has: set by the supervising task
+    /// before it stops the process itself, or as soon as it learns the
+    /// process ended by itself, so a call in flight can tell which.
+    ending: watch::Sender<Option<Ending>>,
+    /// Whether it has answered a send (or one event of a batch) without
+    /// an error since it started.
+    delivered: AtomicBool,
 }
+
+/// How a plugin's process ended, as the calls in flight are told.
+#[derive(Debug, Clone)]
+enum Ending {
+    /// The server stopped it: a restart, a reload, shutdown, missed
+    /// pings. The calls in flight had no part in it.
+    Stopped,
+    /// It ended by itself; how (its exit status, when known).
+    Exited(String),
+}
+
+impl Conn {
+    /// How its process ended, waiting up to [`ENDING_WAIT`] for the
+    /// supervising task to tell; `None` when it has not.
+    async fn ending(&self) -> Option<Ending> {
+        let mut told = self.ending.subscribe();
+        let ending = tokio::time::timeout(ENDING_WAIT, told.wait_for(Option::is_some)).await;
+        ending.ok()?.ok()?.clone()
+    }
+
+    /// `result` of a send (or batch) on this connection, remembered when
+    /// it delivered.
+    fn sent<T>(&self, result: &Result<T, CallError>) {
+        if result.is_ok() {
+            self.delivered.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
+/// How long a call whose plugin's pipe closed waits to learn how the
+/// process ended: longer than the supervising task waits for the exit
+/// status ([`EXIT_WAIT`]).
+const ENDING_WAIT: Duration = Duration::from_secs(1);
 
 struct Slot {
     cfg: PluginConfig,
     conn: RwLock<Option<Arc<Conn>>>,
     status: Mutex<SlotStatus>,
     inflight: Semaphore,
+    /// Taken by a send made alone ([`Supervisor::send_alone`]) while it
+    /// waits for every other call to end and is made: one at a time, so
+    /// the plugin's other calls go on between them.
+    alone: tokio::sync::Mutex<()>,
     /// `max-inflight-bytes`, in KiB: room for the media of calls in flight.
     inflight_bytes: Arc<Semaphore>,
     restart: tokio::sync::Notify,
@@ -355,6 +412,7 @@ impl Supervisor {
     fn launch(&self, cfg: PluginConfig) -> Arc<Slot> {
         let slot = Arc::new(Slot {
             inflight: Semaphore::new(cfg.max_inflight),
+            alone: tokio::sync::Mutex::new(()),
             inflight_bytes: Arc::new(Semaphore::new(kib(cfg.max_inflight_bytes))),
             conn: RwLock::new(None),
             status: Mutex::new(SlotStatus {
@@ -546,7 +604,57 @@ impl Supervisor {
         }
         let r = conn.peer.client().request::<Value, _>(method, params).await;
         drop(permit);
-        r.map_err(|e| call_error(name, method, &conn, e))
+        let r = match r {
+            Ok(v) => Ok(v),
+            Err(e) => Err(call_error(name, method, &conn, e).await),
+        };
+        if method == "send" {
+            conn.sent(&r);
+        }
+        r
+    }
+
+    /// Sends one event (`send`'s params) through plugin `name` with
+    /// nothing else in flight on it: the send waits for every call in
+    /// flight to end, and the calls that come meanwhile wait for it (at
+    /// most one such send at a time, the plugin's other calls going on
+    /// between them). Made for a delivery that was in flight when its
+    /// plugin ended: when the plugin ends again now, having delivered
+    /// other events since it started, the event is the cause
+    /// ([`CallError::Ended`] with `cause`).
+    ///
+    /// Each wait is bounded by the call `timeout`: the turn, the calls in
+    /// flight ending, and the send itself.
+    pub async fn send_alone(&self, name: &str, params: RawParams) -> Result<Value, CallError> {
+        let slot = self
+            .slot(name)
+            .ok_or_else(|| CallError::NotConfigured(name.to_string()))?;
+        let unavailable = |why: &str| CallError::Unavailable(name.to_string(), why.to_string());
+        let turn = tokio::time::timeout(self.opts.timeout, slot.alone.lock())
+            .await
+            .map_err(|_| unavailable("other events wait to be sent to it alone"))?;
+        let all = u32::try_from(slot.cfg.max_inflight).unwrap_or(u32::MAX);
+        let permits = tokio::time::timeout(self.opts.timeout, slot.inflight.acquire_many(all))
+            .await
+            .map_err(|_| unavailable("its calls in flight did not end in time to send alone"))?
+            .map_err(|_| unavailable("shutting down"))?;
+        let conn = Supervisor::open_connection(name, &slot).await?;
+        let r = conn.peer.client().request::<Value, _>("send", params).await;
+        drop(permits);
+        drop(turn);
+        let r = match r {
+            Ok(v) => Ok(v),
+            Err(e) => match call_error(name, "send", &conn, e).await {
+                CallError::Ended { plugin, why, .. } => Err(CallError::Ended {
+                    plugin,
+                    why,
+                    cause: conn.delivered.load(Ordering::Relaxed),
+                }),
+                e => Err(e),
+            },
+        };
+        conn.sent(&r);
+        r
     }
 
     /// The most events [`Supervisor::send_batch`] takes for plugin `name`
@@ -661,13 +769,17 @@ impl Supervisor {
             .await
         {
             Ok(outcomes) if outcomes.len() == n => {
-                outcomes.into_iter().map(batch_outcome).collect()
+                let outcomes: Vec<_> = outcomes.into_iter().map(batch_outcome).collect();
+                if let Some(delivered) = outcomes.iter().find(|o| o.is_ok()) {
+                    conn.sent(delivered);
+                }
+                outcomes
             }
             Ok(outcomes) => all(CallError::Failed(format!(
                 "send_batch answered {} outcomes for {n} events",
                 outcomes.len()
             ))),
-            Err(e) => all(call_error(name, "send_batch", conn, e)),
+            Err(e) => all(call_error(name, "send_batch", conn, e).await),
         }
     }
 
@@ -684,6 +796,30 @@ impl Supervisor {
                 _ => CallError::Unavailable(name.to_string(), format!("it is {said}")),
             }
         })
+    }
+
+    /// As [`Supervisor::connection`], but never one that has already
+    /// closed: the process that ended is still the slot's for a moment,
+    /// until its task sees it end, and a send on it fails at once. A
+    /// send made alone must not be taken as the cause of an end that came
+    /// before it; it waits (up to [`START_WAIT`]) for the next process.
+    async fn open_connection(name: &str, slot: &Slot) -> Result<Arc<Conn>, CallError> {
+        let deadline = Instant::now() + START_WAIT;
+        loop {
+            let connected = slot.connected.notified();
+            let mut connected = std::pin::pin!(connected);
+            connected.as_mut().enable();
+            let conn = Supervisor::connection(name, slot).await?;
+            if conn.peer.close_reason().is_none() {
+                return Ok(conn);
+            }
+            if tokio::time::timeout_at(deadline, connected).await.is_err() {
+                return Err(CallError::Unavailable(
+                    name.to_string(),
+                    "it is restarting".into(),
+                ));
+            }
+        }
     }
 
     async fn running(slot: &Slot) -> Result<Arc<Conn>, State> {
@@ -752,8 +888,10 @@ fn kib(bytes: usize) -> usize {
     bytes.div_ceil(1024).clamp(1, Semaphore::MAX_PERMITS)
 }
 
-/// A failed call to plugin `name` as a [`CallError`].
-fn call_error(name: &str, method: &str, conn: &Conn, e: ClientError) -> CallError {
+/// A failed call to plugin `name` as a [`CallError`]. A call cut short
+/// by the connection's end learns how the process ended: by itself is
+/// [`CallError::Ended`].
+async fn call_error(name: &str, method: &str, conn: &Conn, e: ClientError) -> CallError {
     let unavailable = |why: String| CallError::Unavailable(name.to_string(), why);
     match e {
         ClientError::Call(obj) if obj.code() == codes::REJECTED => {
@@ -767,10 +905,19 @@ fn call_error(name: &str, method: &str, conn: &Conn, e: ClientError) -> CallErro
             failed(obj.message().to_string(), data.as_ref())
         }
         ClientError::RequestTimeout => unavailable(format!("{method} timed out")),
-        other => unavailable(match conn.peer.close_reason() {
-            Some(reason) => format!("connection closed during {method}: {reason}"),
-            None => other.to_string(),
-        }),
+        other => match conn.peer.close_reason() {
+            Some(reason) => match conn.ending().await {
+                Some(Ending::Exited(why)) => CallError::Ended {
+                    plugin: name.to_string(),
+                    why,
+                    cause: false,
+                },
+                Some(Ending::Stopped) | None => {
+                    unavailable(format!("connection closed during {method}: {reason}"))
+                }
+            },
+            None => unavailable(other.to_string()),
+        },
     }
 }
 
@@ -1019,24 +1166,46 @@ async fn run_until_end(
         }
     };
     let sandbox = &slot.cfg.sandbox;
+    // The calls in flight are told how it ended (`ending`) before the
+    // server stops it, or as soon as it ended by itself.
     let ended = tokio::select! {
-        status = child.wait() => Ended::Crashed(match status {
-            Ok(s) => exit_reason(s, sandbox),
-            Err(e) => format!("cannot wait for the process: {e}"),
-        }),
+        status = child.wait() => {
+            let why = match status {
+                Ok(s) => exit_reason(s, sandbox),
+                Err(e) => format!("cannot wait for the process: {e}"),
+            };
+            conn.ending.send_replace(Some(Ending::Exited(why.clone())));
+            Ended::Crashed(why)
+        }
         reason = conn.peer.closed() => {
             // A process that died closes its pipes first: say how it died.
             let status = tokio::time::timeout(EXIT_WAIT, child.wait()).await;
-            Ended::Crashed(match status {
-                Ok(Ok(s)) => format!("connection closed: {reason}; {}", exit_reason(s, sandbox)),
-                _ => format!("connection closed: {reason}"),
-            })
+            let (told, why) = match status {
+                Ok(Ok(s)) => {
+                    let how = exit_reason(s, sandbox);
+                    (how.clone(), format!("connection closed: {reason}; {how}"))
+                }
+                _ => {
+                    let why = format!("connection closed: {reason}");
+                    (why.clone(), why)
+                }
+            };
+            conn.ending.send_replace(Some(Ending::Exited(told)));
+            Ended::Crashed(why)
         }
         why = health => Ended::Crashed(why),
         _ = slot.restart.notified() => Ended::RestartRequested,
         // (No `watch::Ref` in the select's output: a branch awaits.)
         _ = async { shutdown.wait_for(|s| *s).await.is_ok() } => Ended::Shutdown,
     };
+    // Ended another way, the process is stopped by the server (below).
+    conn.ending.send_if_modified(|e| {
+        let untold = e.is_none();
+        if untold {
+            *e = Some(Ending::Stopped);
+        }
+        untold
+    });
     // Calls in flight fail now: drop the connection (closing the pipes).
     let next = match ended {
         Ended::Shutdown => State::Stopped,
@@ -1308,6 +1477,8 @@ async fn start_once(
             manifest,
             pid,
             started: Instant::now(),
+            ending: watch::channel(None).0,
+            delivered: AtomicBool::new(false),
         }),
         child,
     ))

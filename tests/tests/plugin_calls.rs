@@ -242,8 +242,13 @@ async fn killed_mid_call(plugin: fn(&str, &Path) -> PluginConfig) {
         .unwrap();
     let killed = Instant::now();
     for c in calls {
+        // Ended by itself, as far as the server can tell (its hand did
+        // not stop it), and no call was made alone: none is the cause.
         let e = c.await.unwrap().unwrap_err();
-        assert!(matches!(e, CallError::Unavailable(..)), "{e:?}");
+        assert!(
+            matches!(&e, CallError::Ended { why, cause: false, .. } if why.contains("SIGKILL")),
+            "{e:?}"
+        );
     }
     assert!(
         killed.elapsed() < Duration::from_secs(1),
@@ -257,6 +262,94 @@ async fn killed_mid_call(plugin: fn(&str, &Path) -> PluginConfig) {
         .await
         .unwrap();
     assert_eq!(records(&rec, "send").last().unwrap()["event_id"], "after");
+    r.sup.shutdown().await;
+}
+
+/// `send_alone`: a send made with nothing else in flight on its plugin,
+/// for a delivery that was in flight when the plugin ended. It waits for
+/// the calls in flight; a plugin the server stops under it (a restart)
+/// does not make it the cause; a plugin that ends during it is blamed on
+/// it only once the plugin has delivered since it started.
+#[tokio::test]
+async fn a_send_made_alone_is_alone_and_blamed_only_when_it_can_be() {
+    let dir = tempfile::tempdir().unwrap();
+    let rec = dir.path().join("rec.jsonl");
+    let gate = dir.path().join("gate");
+    let r = rig(dir, vec![test_plugin("p", &rec)]).await;
+    let raw = |id: &str, config: Value| {
+        roboger_server::supervisor::RawParams(
+            serde_json::value::to_raw_value(&send_params(id, 1, config)).expect("JSON"),
+        )
+    };
+    let msg = send_params("x", 1, json!({}))["msg"].clone();
+    let poison = json!({ "crash_on": msg });
+
+    // Alone: it waits for the gated send in flight to end.
+    let sup = r.sup.clone();
+    let config = json!({ "gate": gate });
+    let gated = tokio::spawn(async move {
+        let params = send_params("gated", 1, config);
+        sup.call("p", "send", params).await
+    });
+    poll_until(Duration::from_secs(10), async || {
+        match records(&rec, "send_started").len() {
+            1 => Ok(()),
+            n => Err(format!("{n} sends started")),
+        }
+    })
+    .await;
+    let sup = r.sup.clone();
+    let alone = raw("alone", json!({}));
+    let mut alone = tokio::spawn(async move { sup.send_alone("p", alone).await });
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), &mut alone)
+            .await
+            .is_err(),
+        "the send made alone did not wait for the one in flight"
+    );
+    std::fs::write(&gate, b"").unwrap();
+    gated.await.unwrap().expect("the gated send");
+    alone.await.unwrap().expect("the send made alone");
+    let sent: Vec<Value> = records(&rec, "send")
+        .iter()
+        .map(|v| v["event_id"].clone())
+        .collect();
+    assert_eq!(sent, [json!("gated"), json!("alone")]);
+
+    // A restart by hand during a send is the server's doing: no cause.
+    let pid = wait_running(&r.sup, "p", None).await;
+    let sup = r.sup.clone();
+    let slow = raw("slow", json!({"slow": 5000}));
+    let slow = tokio::spawn(async move { sup.send_alone("p", slow).await });
+    poll_until(Duration::from_secs(10), async || {
+        match records(&rec, "send_started").len() {
+            2 => Ok(()),
+            n => Err(format!("{n} sends started")),
+        }
+    })
+    .await;
+    r.sup.restart("p").unwrap();
+    let e = slow.await.unwrap().unwrap_err();
+    assert!(matches!(e, CallError::Unavailable(..)), "{e:?}");
+
+    // Ending the plugin before it delivered anything: not the cause.
+    let pid = wait_running(&r.sup, "p", Some(pid)).await;
+    let e = r.sup.send_alone("p", raw("p1", poison.clone())).await;
+    assert!(
+        matches!(&e, Err(CallError::Ended { cause: false, .. })),
+        "{e:?}"
+    );
+    // Ending it after it delivered another: the cause, saying how.
+    wait_running(&r.sup, "p", Some(pid)).await;
+    r.sup
+        .call("p", "send", send_params("fine", 1, json!({})))
+        .await
+        .unwrap();
+    let e = r.sup.send_alone("p", raw("p2", poison)).await;
+    assert!(
+        matches!(&e, Err(CallError::Ended { cause: true, why, .. }) if why.contains("exit status: 3")),
+        "{e:?}"
+    );
     r.sup.shutdown().await;
 }
 

@@ -622,6 +622,94 @@ async fn a_send_that_panics_fails_alone() {
     assert_eq!(why, "the plugin's send panicked: a bug on this event");
 }
 
+/// An event that makes its plugin exit each time it is sent (a poison
+/// event) fails alone, saying why, and takes nothing else down. The
+/// deliveries in flight when the plugin ended are each sent alone next
+/// time; the one whose solo send ends the plugin again, once the plugin
+/// has delivered others, is failed for good. Before, each crash spent an
+/// attempt of everything in flight, the poison went out again with the
+/// rest, and within seconds the plugin had crashed often enough to be
+/// marked failed: every endpoint of it then waited minutes.
+#[tokio::test]
+async fn an_event_that_ends_its_plugin_fails_alone_and_the_rest_are_delivered() {
+    let s = Server::start_with(ServerOptions::test_plugin(
+        "timeout: 5\ndelivery:\n  retry-base: 0.2\n",
+    ))
+    .await;
+    let (id, a) = s.new_addr().await;
+    let poisoned = s
+        .endpoint(id, "t", json!({"crash_on": "poison", "slow": 50}))
+        .await;
+    let other = s.endpoint(id, "t", json!({"slow": 50})).await;
+    let pushes = (0..30).map(|i| {
+        let msg = match i {
+            15 => "poison".to_string(),
+            i => format!("fine {i}"),
+        };
+        s.push(json!({"addr": a, "msg": msg}))
+    });
+    for r in futures_util::future::join_all(pushes).await {
+        assert_status!(r, 202);
+    }
+    s.endpoint_settles(id, poisoned, 29, 1).await;
+    s.endpoint_settles(id, other, 30, 0).await;
+    let p = plugin(&s, "t").await;
+    assert_eq!(p["state"], "running", "{p}");
+    assert!(p["restarts"].as_u64().unwrap() <= 3, "{p}");
+
+    // The poison's delivery says what happened, and that it is not tried
+    // again; the plugin, mended or not, serves everything else.
+    let events = s
+        .manage(Method::GET, &format!("/addr/{id}/event?limit=30"), None)
+        .await
+        .json();
+    let poison = events
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["msg"] == "poison")
+        .unwrap_or_else(|| panic!("no poison event in {events}"));
+    let e = s
+        .manage(
+            Method::GET,
+            &format!("/addr/{id}/event/{}", poison["id"].as_str().unwrap()),
+            None,
+        )
+        .await
+        .json();
+    let d = e["deliveries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["endpoint_id"] == poisoned)
+        .unwrap_or_else(|| panic!("no delivery to {poisoned} in {e}"));
+    let why = d["last_error"].as_str().unwrap_or_default();
+    assert_eq!(d["state"], "failed", "{d}");
+    assert!(
+        why.starts_with("plugin t ended while this event was being sent to it alone")
+            && why.contains("exit status: 3")
+            && why.contains("not tried again"),
+        "{why}"
+    );
+    assert_status!(s.push(json!({"addr": a, "msg": "after"})).await, 202);
+    s.endpoint_settles(id, poisoned, 30, 1).await;
+
+    // Tried again by hand, it is sent alone at once, and fails alone.
+    let restarts = plugin(&s, "t").await["restarts"].as_u64().unwrap();
+    assert_status!(s.retry_endpoint(id, poisoned).await, 200);
+    for i in 0..5 {
+        assert_status!(
+            s.push(json!({"addr": a, "msg": format!("later {i}")}))
+                .await,
+            202
+        );
+    }
+    s.endpoint_settles(id, poisoned, 35, 1).await;
+    s.endpoint_settles(id, other, 36, 0).await;
+    let p = plugin(&s, "t").await;
+    assert_eq!(p["restarts"].as_u64().unwrap(), restarts + 1, "{p}");
+}
+
 /// A plugin's error message is kept to 4 KiB, saying how much was left
 /// out: before, a plugin that put a whole answer page in its error made
 /// every try store all of it (900 KB here) and every listing of the

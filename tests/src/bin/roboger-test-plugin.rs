@@ -13,7 +13,9 @@
 //! `TEST_PLUGIN_CLEANUP_DELAY_MS`: take that long over each `cleanup`.
 //!
 //! An endpoint config steers `send`: `{"reject": "msg"}` is refused by
-//! `validate_config`; `{"crash": true}` exits mid-call; `{"hang": true}`
+//! `validate_config`; `{"crash": true}` exits mid-call; `{"crash_on":
+//! "text"}` exits (status 3) when the event's message is that text (a
+//! poison event); `{"hang": true}`
 //! never answers; `{"freeze": true}` stops the whole process (SIGSTOP);
 //! `{"panic": "msg"}` panics with msg; `{"fail": "msg"}` fails; `{"later": s}` fails asking for a wait of s
 //! seconds (as a rate-limited target does); `{"fail_times": n}` fails the
@@ -175,6 +177,10 @@ impl Plugin for Chaos {
 
     async fn send(&self, e: Event, host: &Host) -> Result<(), PluginError> {
         let c = &e.config;
+        if c.get("crash_on").and_then(Value::as_str) == Some(e.msg.as_str()) {
+            eprintln!("ERROR crashing on {}", e.msg);
+            std::process::exit(3);
+        }
         if c.get("gate").is_some() || c.get("slow").is_some() {
             // So a test knows this call is in flight.
             record(
