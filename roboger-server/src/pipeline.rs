@@ -1073,7 +1073,9 @@ fn outcome(cfg: &DeliveryConfig, job: &Job, result: Result<Value, CallError>) ->
     let age = chrono::Utc::now() - job.event.created;
     let too_old = age.to_std().is_ok_and(|a| a >= cfg.max_age);
     if not_tried && !too_old {
-        // Put off for a reload, a restart or a node that runs the plugin.
+        // Put off for a reload, a restart or a node that runs the plugin;
+        // spread, so the deliveries put off together do not all come back
+        // at once.
         let wait = NOT_RUNNING_WAIT.min(cfg.retry_max);
         tracing::debug!(event_id = %job.event.id, endpoint_id = job.endpoint_id, plugin = %job.plugin, ?wait, "put off: {error}");
         return Attempt {
@@ -1083,7 +1085,7 @@ fn outcome(cfg: &DeliveryConfig, job: &Job, result: Result<Value, CallError>) ->
                  for a reload, a restart or another node that runs the plugin"
             )),
             next_at: Some(
-                chrono::Utc::now() + chrono::Duration::from_std(wait).unwrap_or_default(),
+                chrono::Utc::now() + chrono::Duration::from_std(spread(wait)).unwrap_or_default(),
             ),
             ..base
         };
@@ -1212,20 +1214,25 @@ mod tests {
     /// Deliveries that failed together are tried again spread over a
     /// fifth of their backoff, never past it; a target's asked-for wait
     /// is kept as it is.
-    #[test]
-    fn the_servers_own_backoff_is_spread() {
-        let cfg = DeliveryConfig {
+    /// The defaults but `retry_base`.
+    fn delivery_config(retry_base: Duration) -> DeliveryConfig {
+        DeliveryConfig {
             node: "n".into(),
             max_attempts: 10,
             max_age: Duration::from_secs(86_400),
-            retry_base: Duration::from_secs(8),
+            retry_base,
             retry_max: Duration::from_secs(600),
             concurrency: 1,
             lease: Duration::from_secs(60),
             sweep_interval: Duration::from_secs(1),
             heartbeat: Duration::from_secs(5),
             node_timeout: Duration::from_secs(30),
-        };
+        }
+    }
+
+    #[test]
+    fn the_servers_own_backoff_is_spread() {
+        let cfg = delivery_config(Duration::from_secs(8));
         let j = job("e", "p", false);
         let wait = |result| {
             let before = chrono::Utc::now();
@@ -1242,6 +1249,39 @@ mod tests {
         assert!(highest - lowest > 0.2, "not spread: {waits:?}");
         let asked = wait(Err(CallError::Later("429".into(), Duration::from_secs(30))));
         assert!((29.9..=30.1).contains(&asked), "{asked}");
+        // Put off while the plugin is not running: spread likewise.
+        let waits: Vec<f64> = (0..50)
+            .map(|_| wait(Err(CallError::NotRunning("p".into(), "failed".into()))))
+            .collect();
+        assert!(waits.iter().all(|w| (47.9..=60.1).contains(w)), "{waits:?}");
+        let lowest = waits.iter().cloned().fold(f64::MAX, f64::min);
+        let highest = waits.iter().cloned().fold(0.0, f64::max);
+        assert!(highest - lowest > 1.0, "not spread: {waits:?}");
+    }
+
+    /// A delivery in flight when its plugin ended is retried as a
+    /// suspect; a suspect whose send made alone ended it fails for good,
+    /// however many attempts it has left.
+    #[test]
+    fn the_cause_of_a_plugins_end_fails_for_good() {
+        let cfg = delivery_config(Duration::from_secs(1));
+        let ended = |cause| {
+            Err(CallError::Ended {
+                plugin: "p".into(),
+                why: "process exited (exit status: 3)".into(),
+                cause,
+            })
+        };
+        let mut j = job("e", "p", false);
+        let a = outcome(&cfg, &j, ended(false));
+        assert_eq!((a.state, a.attempts), (STATE_PENDING, 1));
+        let why = a.error.expect("an error");
+        assert!(suspect::is_suspect(Some(&why)), "{why}");
+        j.attempts = 1;
+        j.suspect = true;
+        let a = outcome(&cfg, &j, ended(true));
+        assert_eq!((a.state, a.attempts), (STATE_FAILED, 2));
+        assert!(a.error.expect("an error").contains("exit status: 3"));
     }
 
     #[test]
@@ -1254,7 +1294,10 @@ mod tests {
             job("a4", "a", false),
             job("a5", "a", false),
             job("b2", "b", false),
+            job("a6", "a", false),
         ];
+        // A suspect goes alone too.
+        ready[7].suspect = true;
         // `a` offers send_batch and takes 3 at a time; `b` does not.
         let mut asked = Vec::new();
         let calls = batches(&mut ready, |p| {
@@ -1274,7 +1317,8 @@ mod tests {
                 vec!["b1"],
                 vec!["a3"],
                 vec!["a5"],
-                vec!["b2"]
+                vec!["b2"],
+                vec!["a6"]
             ]
         );
         assert!(ready.is_empty());
