@@ -26,6 +26,7 @@ use serde_json::value::RawValue;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 use tokio_util::codec::{FramedRead, LinesCodec, LinesCodecError};
+use tracing::Instrument;
 
 /// Limits and timeouts of a peer.
 #[derive(Clone, Debug)]
@@ -121,15 +122,20 @@ impl Peer {
         // write(2) at the flush, not one each.
         let write = tokio::io::BufWriter::with_capacity(64 * 1024, write);
         let writer = tokio::spawn(write_loop(write, write_rx));
-        let reader = tokio::spawn(read_loop(
-            read,
-            opts,
-            methods,
-            write_tx.clone(),
-            client.clone(),
-            on_notification,
-            closed_tx,
-        ));
+        // The read loop's own warnings carry the caller's span (the server
+        // names the plugin in it).
+        let reader = tokio::spawn(
+            read_loop(
+                read,
+                opts,
+                methods,
+                write_tx.clone(),
+                client.clone(),
+                on_notification,
+                closed_tx,
+            )
+            .in_current_span(),
+        );
         Peer {
             client,
             closed: closed_rx,
@@ -274,8 +280,7 @@ impl Client {
 
     /// Hands a response to the call it answers; unknown ids (a call that
     /// already timed out) are dropped.
-    fn answer(&self, id: &Value, answer: Answer) {
-        let Some(id) = id.as_u64() else { return };
+    fn answer(&self, id: u64, answer: Answer) {
         let caller = match self.pending.lock().as_deref_mut() {
             Ok(Some(pending)) => pending.remove(&id),
             _ => None,
@@ -465,6 +470,14 @@ async fn read_loop<R: AsyncRead + Unpin>(
         }
         let probe: Probe = match serde_json::from_str(&line) {
             Ok(p) => p,
+            // The line ended inside a message: pretty-printed JSON.
+            Err(e) if e.is_eof() => {
+                break Closed::Garbage(format!(
+                    "{e}: {}; a message must be one whole JSON object on one line, \
+                     not spread over several",
+                    preview(&line)
+                ));
+            }
             Err(e) => break Closed::Garbage(format!("{e}: {}", preview(&line))),
         };
         match (probe.method, probe.id) {
@@ -511,7 +524,17 @@ async fn read_loop<R: AsyncRead + Unpin>(
                     (None, Some(r)) => Ok(r.to_owned()),
                     (None, None) => Ok(RawValue::NULL.to_owned()),
                 };
-                client.answer(&id, answer);
+                match id.as_u64() {
+                    Some(id) => client.answer(id, answer),
+                    // No call of ours has such an id: the other side did
+                    // not repeat it as it was sent (a number sent back
+                    // as a text, say). Its caller waits out its timeout,
+                    // so say why.
+                    None => tracing::warn!(
+                        "answer dropped: its id {id} is not one this side sent (those are \
+                         numbers); an answer must repeat its request's id as it was sent"
+                    ),
+                }
             }
             (None, None) => {
                 break Closed::Garbage(format!("neither request nor response: {}", preview(&line)));
@@ -540,7 +563,7 @@ const NOTIFICATION_MAX: usize = 1024 * 1024;
 /// the returned sender is dropped with the read loop.
 fn serve_notifications(methods: Methods) -> mpsc::Sender<String> {
     let (tx, mut rx) = mpsc::channel::<String>(NOTIFICATIONS_QUEUED);
-    tokio::spawn(async move {
+    let serving = async move {
         while let Some(line) = rx.recv().await {
             let call = std::panic::AssertUnwindSafe(methods.raw_json_request(&line, 1));
             if let Err(panic) = call.catch_unwind().await {
@@ -550,7 +573,8 @@ fn serve_notifications(methods: Methods) -> mpsc::Sender<String> {
                 );
             }
         }
-    });
+    };
+    tokio::spawn(serving.in_current_span());
     tx
 }
 

@@ -1375,21 +1375,25 @@ async fn start_once(
         tracing::debug!(plugin = %name, method, %params, "notification from plugin");
     });
     let handler = HostHandler::new(cfg.name.clone(), cfg.db, host.clone());
-    let peer = Peer::start(
-        stdout,
-        stdin,
-        PeerOptions {
-            max_line: opts.max_line,
-            call_timeout: opts.timeout,
-            max_outgoing: cfg.max_inflight + 2,
-            max_incoming: cfg.max_inflight.max(16),
-        },
-        move |_client| {
-            use roboger_plugin_sdk::protocol::HostApiServer;
-            handler.into_rpc().into()
-        },
-        on_notification,
-    );
+    // What the peer itself says of the plugin's messages names it.
+    let span = tracing::error_span!("peer", plugin = %cfg.name);
+    let peer = span.in_scope(|| {
+        Peer::start(
+            stdout,
+            stdin,
+            PeerOptions {
+                max_line: opts.max_line,
+                call_timeout: opts.timeout,
+                max_outgoing: cfg.max_inflight + 2,
+                max_incoming: cfg.max_inflight.max(16),
+            },
+            move |_client| {
+                use roboger_plugin_sdk::protocol::HostApiServer;
+                handler.into_rpc().into()
+            },
+            on_notification,
+        )
+    });
     // The start's calls have the start's timeout, which bounds each.
     let starting = peer.client().within(opts.start_timeout());
     let hello = starting

@@ -6,7 +6,10 @@
 // URL and its bucket, and `send_batch` answered with JavaScript's idea of
 // "no error". TEST_PLUGIN_RECORD names a file that gets one JSON line per
 // `send`; NODE_PLUGIN_MANIFEST=broken leaves `name` out of the
-// manifest, =error answers `hello` with an error.
+// manifest, =error answers `hello` with an error. NODE_PLUGIN_WIRE makes
+// the mistakes of a hand-written wire: =pretty writes every message
+// pretty-printed over several lines, =string-ids answers
+// `validate_config` with its request's id turned into a string.
 'use strict';
 const fs = require('fs');
 const readline = require('readline');
@@ -16,7 +19,8 @@ const pending = new Map();
 let greeting = '';
 
 function write(msg) {
-  process.stdout.write(JSON.stringify(msg) + '\n');
+  const wire = process.env.NODE_PLUGIN_WIRE;
+  process.stdout.write((wire === 'pretty' ? JSON.stringify(msg, null, 2) : JSON.stringify(msg)) + '\n');
 }
 
 function call(method, params) {
@@ -104,10 +108,12 @@ async function serve(msg) {
     write({ jsonrpc: '2.0', id: msg.id, error: { code: -32601, message: 'method not found' } });
     return;
   }
+  const id = process.env.NODE_PLUGIN_WIRE === 'string-ids' && msg.method === 'validate_config'
+    ? String(msg.id) : msg.id;
   try {
-    write({ jsonrpc: '2.0', id: msg.id, result: await handler(msg.params || {}) });
+    write({ jsonrpc: '2.0', id, result: await handler(msg.params || {}) });
   } catch (e) {
-    write({ jsonrpc: '2.0', id: msg.id, error: { code: e.rpcCode || -32002, message: String(e.message) } });
+    write({ jsonrpc: '2.0', id, error: { code: e.rpcCode || -32002, message: String(e.message) } });
   }
 }
 

@@ -17,10 +17,17 @@ fn node_plugin() -> std::path::PathBuf {
 
 /// A server running the plugin with `command`, which names it.
 async fn server(command: &str, record: &std::path::Path, manifest: &str) -> Server {
+    wired(command, record, manifest, "").await
+}
+
+/// As [`server`], the plugin making the wire mistake `wire` (if any),
+/// with a call `timeout` of 2 s then.
+async fn wired(command: &str, record: &std::path::Path, manifest: &str, wire: &str) -> Server {
+    let timeout = if wire.is_empty() { "" } else { "\ntimeout: 2" };
     Server::start_with(ServerOptions {
-        yaml: "url: https://roboger.example.com".into(),
+        yaml: format!("url: https://roboger.example.com{timeout}"),
         plugins_yaml: format!(
-            "- name: node\n  command: {command}\n  config: {{greeting: hi}}\n  env:\n    TEST_PLUGIN_RECORD: {}\n    NODE_PLUGIN_MANIFEST: '{manifest}'\n",
+            "- name: node\n  command: {command}\n  config: {{greeting: hi}}\n  env:\n    TEST_PLUGIN_RECORD: {}\n    NODE_PLUGIN_MANIFEST: '{manifest}'\n    NODE_PLUGIN_WIRE: '{wire}'\n",
             record.display()
         ),
         ..Default::default()
@@ -158,5 +165,43 @@ async fn a_plugin_whose_manifest_is_not_valid_is_refused_saying_why() {
     assert!(
         why.contains("handshake failed: the plugin answered error -32002: not today"),
         "{why}"
+    );
+}
+
+/// The wire mistakes of a hand-written plugin are told as what they are.
+/// A message pretty-printed over several lines: before, "EOF while
+/// parsing an object at line 1 column 1: {", and nothing about lines. An
+/// answer whose id came back as a string: before, dropped without a word,
+/// the caller waiting out its timeout for an answer the plugin had given.
+#[tokio::test]
+async fn a_plugins_wire_mistakes_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let record = dir.path().join("record.jsonl");
+    let command = node_plugin().display().to_string();
+    let s = wired(&command, &record, "", "pretty").await;
+    let p = poll_until(Duration::from_secs(10), async || {
+        let p = plugin_state(&s).await;
+        match p["last_error"].as_str() {
+            Some(_) => Ok(p),
+            None => Err(format!("no last_error yet: {p}")),
+        }
+    })
+    .await;
+    let why = p["last_error"].as_str().unwrap_or_default();
+    assert!(
+        why.contains("a message must be one whole JSON object on one line"),
+        "{why}"
+    );
+
+    let s = wired(&command, &record, "", "string-ids").await;
+    let (id, _) = s.new_addr().await;
+    let r = s.try_endpoint(id, "node", json!({"room": "r"})).await;
+    assert_status!(r, 503);
+    assert!(r.text.contains("validate_config timed out"), "{}", r.text);
+    let dropped = s.log_lines("answer dropped: its id \"");
+    assert!(
+        dropped.iter().any(|l| l.contains("plugin=node")
+            && l.contains("an answer must repeat its request's id as it was sent")),
+        "{dropped:?}"
     );
 }
