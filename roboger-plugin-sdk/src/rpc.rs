@@ -478,6 +478,14 @@ async fn read_loop<R: AsyncRead + Unpin>(
                     preview(&line)
                 ));
             }
+            // Text, not a message: a plugin's print meant for its log.
+            Err(e) if !line.trim_start().starts_with(['{', '[']) => {
+                break Closed::Garbage(format!(
+                    "{e}: {}; this stream carries only JSON-RPC messages (a plugin writes \
+                     its log to stderr)",
+                    preview(&line)
+                ));
+            }
             Err(e) => break Closed::Garbage(format!("{e}: {}", preview(&line))),
         };
         match (probe.method, probe.id) {
@@ -752,7 +760,12 @@ mod tests {
             tokio::spawn(async move { c.request::<Value, _>("x", ObjectParams::new()).await });
         tokio::time::sleep(Duration::from_millis(20)).await;
         bw.write_all(b"this is not json\n").await.unwrap();
-        assert!(matches!(peer.closed().await, Closed::Garbage(_)));
+        let closed = peer.closed().await;
+        assert!(
+            matches!(&closed, Closed::Garbage(why) if why.contains("this is not json")
+                && why.contains("a plugin writes its log to stderr")),
+            "{closed:?}"
+        );
         assert!(pending.await.unwrap().is_err());
     }
 

@@ -264,7 +264,11 @@ async fn misbehaving_plugins_are_survived() {
             "load failed: connection closed: the stream was closed; \
              process exited (exit status: 4): told to exit in load",
         ),
-        ("garbage", "invalid message"),
+        (
+            "garbage",
+            "this is not JSON; \
+             this stream carries only JSON-RPC messages (a plugin writes its log to stderr)",
+        ),
         ("flood", "longer than the line limit"),
     ] {
         let p = wait_plugin(&s, name, "restarted", |p| {
