@@ -164,10 +164,14 @@ pub const RETRY_AFTER: &str = "retry_after";
 pub const RETRY_AFTER_MAX: std::time::Duration = std::time::Duration::from_secs(86_400);
 
 /// The wait a failed call's error `data` asks for ([`RETRY_AFTER`]),
-/// when it is a positive number; anything else in `data` is no wait,
+/// when it is a positive number, or a text of one (an HTTP header's value
+/// passed on as it came, `"30"`); anything else in `data` is no wait,
 /// since plugins in any language may put their own things there.
 pub fn retry_after(data: Option<&Value>) -> Option<std::time::Duration> {
-    let secs = data?.get(RETRY_AFTER)?.as_f64()?;
+    let secs = match data?.get(RETRY_AFTER)? {
+        Value::String(s) => s.trim().parse::<f64>().ok()?,
+        v => v.as_f64()?,
+    };
     (secs.is_finite() && secs > 0.0)
         .then(|| std::time::Duration::from_secs_f64(secs.min(RETRY_AFTER_MAX.as_secs_f64())))
 }
@@ -568,6 +572,25 @@ impl std::fmt::Display for Level {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn a_wait_is_read_as_a_number_or_a_text_of_one() {
+        let wait =
+            |v: Value| retry_after(Some(&json!({ RETRY_AFTER: v }))).map(|d| d.as_secs_f64());
+        assert_eq!(wait(json!(30)), Some(30.0));
+        assert_eq!(wait(json!(" 2.5 ")), Some(2.5));
+        assert_eq!(wait(json!(1e9)), Some(86_400.0));
+        for none in [
+            json!("soon"),
+            json!("-1"),
+            json!("inf"),
+            json!(0),
+            json!(null),
+        ] {
+            assert_eq!(wait(none.clone()), None, "{none}");
+        }
+        assert_eq!(retry_after(Some(&json!("30"))), None);
+    }
 
     #[test]
     fn convert_level_matches_the_original() {

@@ -474,6 +474,8 @@ async fn a_batch_answered_in_another_languages_words_is_read_event_by_event() {
         json!({"error": "the target said no"}),
         json!({"error": {"code": -32001, "message": "refused"}}),
         json!("ok"),
+        // A wait as an HTTP header gives it: a text.
+        json!({"error": {"code": -32002, "message": "slow down", "data": {"retry_after": "30"}}}),
     ];
     let events = outcomes
         .iter()
@@ -502,6 +504,10 @@ async fn a_batch_answered_in_another_languages_words_is_read_event_by_event() {
     );
     assert!(
         matches!(&results[6], Err(CallError::Failed(m)) if m.contains("send_batch answered \"ok\" for this event")),
+        "{results:?}"
+    );
+    assert!(
+        matches!(&results[7], Err(CallError::Later(m, wait)) if m == "slow down" && wait.as_secs() == 30),
         "{results:?}"
     );
     r.sup.shutdown().await;
