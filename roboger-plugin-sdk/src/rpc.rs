@@ -571,19 +571,54 @@ const NOTIFICATION_MAX: usize = 1024 * 1024;
 /// the returned sender is dropped with the read loop.
 fn serve_notifications(methods: Methods) -> mpsc::Sender<String> {
     let (tx, mut rx) = mpsc::channel::<String>(NOTIFICATIONS_QUEUED);
+    // Only what this task says itself is said in the caller's span (the
+    // handlers name their plugin already).
+    let span = tracing::Span::current();
     let serving = async move {
         while let Some(line) = rx.recv().await {
             let call = std::panic::AssertUnwindSafe(methods.raw_json_request(&line, 1));
-            if let Err(panic) = call.catch_unwind().await {
-                tracing::warn!(
-                    "a notification's handler panicked: {}",
-                    panic_message(&*panic)
-                );
+            let failed = match call.catch_unwind().await {
+                Ok(Ok((answer, _))) => refusal(answer.get()),
+                Ok(Err(e)) => Some(format!("not a request: {e}")),
+                Err(panic) => Some(format!("its handler panicked: {}", panic_message(&*panic))),
+            };
+            // It has no answer to carry the error: the log does, with
+            // what was sent (a plugin's log line is not lost for a
+            // mistake in its params).
+            if let Some(why) = failed {
+                span.in_scope(|| {
+                    tracing::warn!(
+                        "notification not carried out ({why}): {}",
+                        shortened(&line, NOTIFICATION_SHOWN)
+                    )
+                });
             }
         }
     };
-    tokio::spawn(serving.in_current_span());
+    tokio::spawn(serving);
     tx
+}
+
+/// How much of a notification not carried out the log shows, in
+/// characters.
+const NOTIFICATION_SHOWN: usize = 4096;
+
+/// The error of a JSON-RPC `answer`, as "message: data", if it is one.
+fn refusal(answer: &str) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Answer {
+        error: Option<ErrorObjectOwned>,
+    }
+    let e = serde_json::from_str::<Answer>(answer).ok()?.error?;
+    Some(match e.data() {
+        // A position would point into the line as re-serialized.
+        Some(data) => {
+            let data = data.get().trim_matches('"');
+            let data = data.rsplit_once(" at line ").map_or(data, |(d, _)| d);
+            format!("{}: {data}", e.message())
+        }
+        None => e.message().to_string(),
+    })
 }
 
 /// `line`, a request without an id, with `id` added.
@@ -621,7 +656,12 @@ fn serve(
 }
 
 fn preview(s: &str) -> String {
-    let mut p: String = s.chars().take(120).collect();
+    shortened(s, 120)
+}
+
+/// The first `n` characters of `s`, marked when cut.
+fn shortened(s: &str, n: usize) -> String {
+    let mut p: String = s.chars().take(n).collect();
     if p.len() < s.len() {
         p.push('…');
     }

@@ -63,6 +63,8 @@ const handlers = {
   },
   load({ plugin_config }) {
     greeting = plugin_config.greeting;
+    // A log line sent with its level forgotten.
+    notify('log', { message: `loaded, greeting ${greeting}` });
     return null;
   },
   // Answers the way validators in other languages do, too: false, or

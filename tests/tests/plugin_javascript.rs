@@ -109,6 +109,17 @@ async fn a_plugin_in_javascript_delivers_logs_and_serves_its_routes() {
         line.contains("WARN") && line.contains("plugin=node"),
         "{line}"
     );
+    // One whose params are wrong (its level forgotten) cannot be answered
+    // with an error: the log says why it was not carried out, and what it
+    // said. Before, it was dropped without a word.
+    let line = s.log_lines("loaded, greeting hi").join("\n");
+    assert!(
+        line.contains("WARN")
+            && line.contains("plugin=node")
+            && line
+                .contains("notification not carried out (Invalid params: missing field `level`)"),
+        "{line}"
+    );
 
     // Routes: its manifest says `"http": true` (and no "http" in methods).
     let hello = s
