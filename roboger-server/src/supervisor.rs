@@ -1155,11 +1155,27 @@ async fn run_until_end(
     shutdown: &mut watch::Receiver<bool>,
 ) -> Ended {
     let health = async {
+        let mut told = false;
         loop {
             tokio::time::sleep(opts.health_interval).await;
             let ping = tokio::time::timeout(opts.timeout, conn.peer.client().ping()).await;
             match ping {
                 Ok(Ok(())) => {}
+                // Any answer shows it alive, an error too (a hand-written
+                // plugin without `ping` answers "method not found"): said
+                // once, not taken for a hang.
+                Ok(Err(ClientError::Call(e))) => {
+                    if !told {
+                        told = true;
+                        tracing::warn!(
+                            plugin = %slot.cfg.name,
+                            "the plugin answers ping with error {}: {}; taken as alive, as any \
+                             answer is, but ping should answer null",
+                            e.code(),
+                            e.message()
+                        );
+                    }
+                }
                 Ok(Err(e)) => return format!("health ping failed: {e}"),
                 Err(_) => return "health ping was not answered in time".to_string(),
             }

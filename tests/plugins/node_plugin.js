@@ -9,7 +9,8 @@
 // manifest, =error answers `hello` with an error. NODE_PLUGIN_WIRE makes
 // the mistakes of a hand-written wire: =pretty writes every message
 // pretty-printed over several lines, =string-ids answers
-// `validate_config` with its request's id turned into a string.
+// `validate_config` with its request's id turned into a string, =no-ping
+// has no `ping` (answered "method not found").
 'use strict';
 const fs = require('fs');
 const readline = require('readline');
@@ -105,7 +106,8 @@ const handlers = {
 };
 
 async function serve(msg) {
-  const handler = handlers[msg.method];
+  const noPing = process.env.NODE_PLUGIN_WIRE === 'no-ping' && msg.method === 'ping';
+  const handler = noPing ? undefined : handlers[msg.method];
   if (!handler) {
     write({ jsonrpc: '2.0', id: msg.id, error: { code: -32601, message: 'method not found' } });
     return;

@@ -21,9 +21,12 @@ async fn server(command: &str, record: &std::path::Path, manifest: &str) -> Serv
 }
 
 /// As [`server`], the plugin making the wire mistake `wire` (if any),
-/// with a call `timeout` of 2 s then.
+/// with a call `timeout` of 2 s then and a ping every 0.3 s.
 async fn wired(command: &str, record: &std::path::Path, manifest: &str, wire: &str) -> Server {
-    let timeout = if wire.is_empty() { "" } else { "\ntimeout: 2" };
+    let timeout = match wire {
+        "" => "",
+        _ => "\ntimeout: 2\nplugin-health-interval: 0.3",
+    };
     Server::start_with(ServerOptions {
         yaml: format!("url: https://roboger.example.com{timeout}"),
         plugins_yaml: format!(
@@ -214,5 +217,19 @@ async fn a_plugins_wire_mistakes_are_named() {
         dropped.iter().any(|l| l.contains("plugin=node")
             && l.contains("an answer must repeat its request's id as it was sent")),
         "{dropped:?}"
+    );
+
+    // No `ping`: "method not found" is an answer, so the plugin is alive.
+    // Before, each ping's error killed it ("health ping failed:
+    // ErrorObject { code: MethodNotFound, … }"), until it was marked
+    // failed.
+    let s = wired(&command, &record, "", "no-ping").await;
+    let said = "the plugin answers ping with error -32601: method not found; taken as alive";
+    s.wait_log(said, Duration::from_secs(10)).await;
+    let p = plugin_state(&s).await;
+    assert_eq!(
+        (&p["state"], &p["restarts"]),
+        (&json!("running"), &json!(0)),
+        "{p}"
     );
 }
