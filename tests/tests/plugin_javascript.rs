@@ -46,6 +46,18 @@ async fn plugin_state(s: &Server) -> Value {
         .unwrap_or_else(|| panic!("no plugin node in {list}"))
 }
 
+/// The plugin's `last_error`, once it has one (10 s at most).
+async fn last_error(s: &Server) -> String {
+    poll_until(Duration::from_secs(10), async || {
+        let p = plugin_state(s).await;
+        match p["last_error"].as_str() {
+            Some(why) => Ok(why.to_string()),
+            None => Err(format!("no last_error yet: {p}")),
+        }
+    })
+    .await
+}
+
 #[tokio::test]
 async fn a_plugin_in_javascript_delivers_logs_and_serves_its_routes() {
     let dir = tempfile::tempdir().unwrap();
@@ -167,15 +179,7 @@ async fn a_plugin_whose_manifest_is_not_valid_is_refused_saying_why() {
     // An error answered to `hello` is told as the plugin's words.
     let dir = tempfile::tempdir().unwrap();
     let s = server(relative, &dir.path().join("record.jsonl"), "error").await;
-    let p = poll_until(Duration::from_secs(10), async || {
-        let p = plugin_state(&s).await;
-        match p["last_error"].as_str() {
-            Some(_) => Ok(p),
-            None => Err(format!("no last_error yet: {p}")),
-        }
-    })
-    .await;
-    let why = p["last_error"].as_str().unwrap_or_default();
+    let why = last_error(&s).await;
     assert!(
         why.contains("handshake failed: the plugin answered error -32002: not today"),
         "{why}"
@@ -193,15 +197,7 @@ async fn a_plugins_wire_mistakes_are_named() {
     let record = dir.path().join("record.jsonl");
     let command = node_plugin().display().to_string();
     let s = wired(&command, &record, "", "pretty").await;
-    let p = poll_until(Duration::from_secs(10), async || {
-        let p = plugin_state(&s).await;
-        match p["last_error"].as_str() {
-            Some(_) => Ok(p),
-            None => Err(format!("no last_error yet: {p}")),
-        }
-    })
-    .await;
-    let why = p["last_error"].as_str().unwrap_or_default();
+    let why = last_error(&s).await;
     assert!(
         why.contains("a message must be one whole JSON object on one line"),
         "{why}"
