@@ -16,8 +16,8 @@
 //! A push whose wait runs out while its commit runs is answered when the
 //! commit ends, not 503 at once: a 503 there could be followed by the
 //! event stored and delivered, and a sender that sends again on 503 would
-//! get it twice. The commit is held by outside sessions queued on the
-//! endpoint's row lock, on PostgreSQL and MariaDB. A commit held for
+//! get it twice. The commit is held by outside sessions holding the
+//! endpoints' rows, on PostgreSQL and MariaDB. A commit held for
 //! longer than the server's timeout is answered 503, and its event is
 //! then not stored when the lock is let go: PostgreSQL cancels it (the
 //! commit's connection has a statement timeout), MariaDB rolls it back.
@@ -41,8 +41,7 @@ fn session(db: &DbClient) -> Child {
 }
 
 /// How many sessions of this database wait for a lock now (on MariaDB,
-/// how many group commits: an outside session waiting for a row shows
-/// in [`outside_waits`] instead).
+/// how many group commits).
 fn waiting(db: &DbClient) -> u32 {
     let sql = match db {
         DbClient::My { name, .. } => format!(
@@ -55,24 +54,6 @@ fn waiting(db: &DbClient) -> u32 {
             .to_string(),
     };
     db.query(&sql).parse().unwrap_or(0)
-}
-
-/// Whether an outside session of this database waits for a row lock:
-/// on MariaDB its transaction shows as waiting, where a group commit's
-/// insert waiting on a foreign key does not; on PostgreSQL it is one of
-/// [`waiting`] more than the commit.
-fn outside_waits(db: &DbClient) -> bool {
-    match db {
-        DbClient::My { name, .. } => {
-            let sql = format!(
-                "SELECT count(*) FROM information_schema.INNODB_TRX t \
-                 JOIN information_schema.PROCESSLIST p ON p.ID = t.trx_mysql_thread_id \
-                 WHERE t.trx_state = 'LOCK WAIT' AND p.DB = '{name}'"
-            );
-            db.query(&sql).parse::<u32>().unwrap_or(0) >= 1
-        }
-        _ => waiting(db) >= 2,
-    }
 }
 
 /// Waits until `waits` says so (or panics after 10 s, naming `what`).
@@ -90,22 +71,42 @@ fn feed(session: &mut Child, sql: &str) {
     stdin.flush().expect("flush the session");
 }
 
-/// Waits until the outside session holds the endpoint's row: on
-/// PostgreSQL its lock on the table shows, on MariaDB the named lock the
-/// session takes after it. Kills `outside` and panics after 10 s.
-async fn wait_row_locked(db: &DbClient, outside: &mut Child) {
+/// The named lock an outside session holding endpoint `ep`'s row takes
+/// after it on MariaDB, to show that it does.
+fn shown_lock(db: &DbClient, ep: i64) -> String {
+    match db {
+        DbClient::My { name, .. } => format!("{name}_{ep}"),
+        _ => String::new(),
+    }
+}
+
+/// Waits until the outside session holds endpoint `ep`'s row, the
+/// `holders`th session to hold an endpoint row: on PostgreSQL the
+/// sessions' locks on the table show, on MariaDB the named lock the
+/// session takes after it ([`shown_lock`]). Kills `outside` and panics
+/// after 10 s.
+async fn wait_row_locked(db: &DbClient, outside: &mut Child, ep: i64, holders: u32) {
     let end = Instant::now() + Duration::from_secs(10);
     loop {
         let locked = match db {
-            DbClient::My { name, .. } => {
-                db.query(&format!("SELECT IS_USED_LOCK('{name}') IS NOT NULL"))
+            DbClient::My { .. } => {
+                let lock = shown_lock(db, ep);
+                db.query(&format!("SELECT IS_USED_LOCK('{lock}') IS NOT NULL"))
+                    .parse::<u32>()
+                    .unwrap_or(0)
+                    >= 1
             }
-            _ => db.query(
-                "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation \
-                 WHERE c.relname = 'endpoint' AND l.mode = 'RowShareLock' AND l.granted",
-            ),
+            _ => {
+                db.query(
+                    "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation \
+                     WHERE c.relname = 'endpoint' AND l.mode = 'RowShareLock' AND l.granted",
+                )
+                .parse::<u32>()
+                .unwrap_or(0)
+                    >= holders
+            }
         };
-        if locked.parse::<u32>().unwrap_or(0) >= 1 {
+        if locked {
             return;
         }
         if Instant::now() > end {
@@ -140,18 +141,23 @@ fn endpoint_lock(ep: i64) -> String {
     format!("BEGIN;\nSELECT id FROM endpoint WHERE id = {ep} FOR UPDATE;\n")
 }
 
-/// An outside session holding endpoint `ep`'s row, once it holds it. On
-/// MariaDB it takes a named lock too, which shows that it does.
-async fn hold_endpoint(db: &DbClient, ep: i64) -> Child {
+/// An outside session holding endpoint `ep`'s row, the `holders`th
+/// session to hold an endpoint row, once it holds it. On MariaDB it takes
+/// a named lock too, which shows that it does.
+async fn hold_endpoint(db: &DbClient, ep: i64, holders: u32) -> Child {
     let mut hold = session(db);
     match db {
-        DbClient::My { name, .. } => feed(
+        DbClient::My { .. } => feed(
             &mut hold,
-            &format!("{}SELECT GET_LOCK('{name}', 0);\n", endpoint_lock(ep)),
+            &format!(
+                "{}SELECT GET_LOCK('{}', 0);\n",
+                endpoint_lock(ep),
+                shown_lock(db, ep)
+            ),
         ),
         _ => feed(&mut hold, &endpoint_lock(ep)),
     }
-    wait_row_locked(db, &mut hold).await;
+    wait_row_locked(db, &mut hold, ep, holders).await;
     hold
 }
 
@@ -190,13 +196,14 @@ async fn a_group_commit_that_loses_a_deadlock_runs_again() {
 
     let mut outside = session(&db);
     match &db {
-        DbClient::My { name, .. } => feed(
+        DbClient::My { .. } => feed(
             &mut outside,
             &format!(
                 "CREATE TABLE ballast (n INT);\nBEGIN;\n\
                  INSERT INTO ballast SELECT seq FROM seq_1_to_1000;\n\
                  SELECT id FROM endpoint WHERE id = {ep} FOR UPDATE;\n\
-                 SELECT GET_LOCK('{name}', 0);\n"
+                 SELECT GET_LOCK('{}', 0);\n",
+                shown_lock(&db, ep)
             ),
         ),
         // PostgreSQL (SQLite returned above).
@@ -208,7 +215,7 @@ async fn a_group_commit_that_loses_a_deadlock_runs_again() {
             ),
         ),
     }
-    wait_row_locked(&db, &mut outside).await;
+    wait_row_locked(&db, &mut outside, ep, 1).await;
 
     let push = spawn_push(&s, &a, "through a deadlock");
     wait_until("the group commit", || waiting(&db) >= 1).await;
@@ -261,37 +268,55 @@ fn spawn_push(s: &Server, a: &str, msg: &str) -> tokio::task::JoinHandle<u16> {
     })
 }
 
+/// A push that waits in the writer's queue for half its timeout, and
+/// whose commit then runs past that timeout (but within the commit's
+/// own), is answered by the commit: 202, its event stored and delivered.
+///
+/// The second push goes to another address, whose endpoint's row a
+/// second outside session holds from the start. (It went to the same
+/// endpoint before, its hold queued for the row behind the first commit:
+/// whether that hold or the second commit took the row once the first
+/// commit ended was a race the commit could win, and then it never
+/// waited.)
 #[tokio::test]
 async fn a_push_whose_commit_runs_past_its_timeout_is_answered_by_the_commit() {
     // The server's timeout, for a push's wait and for a commit.
     const TIMEOUT: Duration = Duration::from_secs(4);
     let Some((_dir, url, db)) =
-        lockable_database("the commit is held through a row lock queue, which SQLite has not")
+        lockable_database("the commit is held through a row lock, which SQLite has not")
     else {
         return;
     };
     let (s, addr_id, a, ep) =
         server_with_endpoint(url, format!("timeout: {}\n", TIMEOUT.as_secs())).await;
+    let (addr_b, b) = s.new_addr().await;
+    let ep_b = s.endpoint(addr_b, "t", json!({})).await;
 
-    // The first hold: the first push's commit waits for the endpoint row.
-    let first = hold_endpoint(&db, ep).await;
+    // The first hold: the first push's commit waits for its endpoint's
+    // row. The second hold has the second push's endpoint's row already.
+    let first = hold_endpoint(&db, ep, 1).await;
+    let second = hold_endpoint(&db, ep_b, 2).await;
     let push_a = spawn_push(&s, &a, "first");
     wait_until("the first commit", || waiting(&db) >= 1).await;
     // The second push waits in the writer's queue meanwhile.
     let sent = Instant::now();
-    let push_b = spawn_push(&s, &a, "second");
-    // The second hold queues for the row behind the first commit, so it
-    // holds the row from the moment that commit ends, before the second
-    // push's commit asks for it.
-    let mut second = session(&db);
-    feed(&mut second, &endpoint_lock(ep));
-    wait_until("the second hold", || outside_waits(&db)).await;
+    let push_b = spawn_push(&s, &b, "second");
 
     // The second push's commit begins half its timeout after the push...
     tokio::time::sleep_until((sent + TIMEOUT / 2).into()).await;
     commit_and_end(first, "the first hold");
     assert_eq!(push_a.await.expect("the first push"), 202, "the first push");
-    wait_until("the second commit", || waiting(&db) >= 1).await;
+    poll_until(Duration::from_secs(10), async || {
+        if waiting(&db) >= 1 {
+            return Ok(());
+        }
+        Err(match push_b.is_finished() {
+            true => "the second push was answered before its commit waited",
+            false => "the second commit never waited for a lock",
+        }
+        .to_string())
+    })
+    .await;
     // ...and ends after the push's timeout has run out, but before the
     // commit's own has.
     tokio::time::sleep_until((sent + TIMEOUT * 5 / 4).into()).await;
@@ -301,18 +326,19 @@ async fn a_push_whose_commit_runs_past_its_timeout_is_answered_by_the_commit() {
     // Both events were stored: the second push must not have been told
     // otherwise.
     let end = Instant::now() + Duration::from_secs(20);
-    let events = s
-        .manage(Method::GET, &format!("/addr/{addr_id}/event"), None)
-        .await
-        .json();
     let mut msgs = Vec::new();
-    for e in events.as_array().expect("a list of events") {
-        let id = e["id"].as_str().expect("an event id");
-        let e = s.wait_event_settled(addr_id, id, end).await;
-        assert_eq!(e["deliveries"][0]["state"], "delivered", "{e}");
-        msgs.push(e["msg"].as_str().unwrap_or_default().to_string());
+    for addr in [addr_id, addr_b] {
+        let events = s
+            .manage(Method::GET, &format!("/addr/{addr}/event"), None)
+            .await
+            .json();
+        for e in events.as_array().expect("a list of events") {
+            let id = e["id"].as_str().expect("an event id");
+            let e = s.wait_event_settled(addr, id, end).await;
+            assert_eq!(e["deliveries"][0]["state"], "delivered", "{e}");
+            msgs.push(e["msg"].as_str().unwrap_or_default().to_string());
+        }
     }
-    msgs.sort();
     assert_eq!(msgs, ["first", "second"], "the events stored");
     assert_eq!(
         status, 202,
@@ -331,7 +357,7 @@ async fn a_commit_that_outlives_the_timeout_is_not_stored_after_its_503() {
 
     // The endpoint's row is held for longer than the server's timeout, so
     // the push's commit waits for it past the writer's own wait.
-    let hold = hold_endpoint(&db, ep).await;
+    let hold = hold_endpoint(&db, ep, 1).await;
     let push = spawn_push(&s, &a, "refused");
     wait_until("the held commit", || waiting(&db) >= 1).await;
     assert_eq!(push.await.expect("the push"), 503, "the held push");
