@@ -35,9 +35,10 @@
 //!
 //! Invariant: a push is answered 202 only after the commit; a delivery
 //! leaves `pending` only when the plugin accepted it or refused it for
-//! good, its send made alone ended the plugin, or its retries are spent. Deliveries are claimed with leases in this process's instance
-//! name (`FOR UPDATE SKIP LOCKED` where available), so several servers on
-//! one database never run the same delivery at once, and an outcome is
+//! good, its send made alone ended the plugin, or its retries are spent.
+//! Deliveries are claimed with leases in this process's instance name
+//! (`FOR UPDATE SKIP LOCKED` where available), so several servers on one
+//! database never run the same delivery at once, and an outcome is
 //! written only while its lease is still this instance's (fencing).
 
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
@@ -919,8 +920,9 @@ async fn dispatch_loop(
 
 /// Groups the deliveries waiting at once into calls: the ones for a
 /// plugin that offers `send_batch` (`limit` > 1 for it) into batches of
-/// at most `limit`, without media or suspects; each other one on its own. `limit` is
-/// asked once per plugin, however many of its deliveries wait.
+/// at most `limit`, without media or suspects; each other one on its
+/// own. `limit` is asked once per plugin, however many of its deliveries
+/// wait.
 fn batches(ready: &mut Vec<Job>, mut limit: impl FnMut(&str) -> usize) -> Vec<Vec<Job>> {
     let mut calls: Vec<Vec<Job>> = Vec::new();
     // Per plugin seen: its limit and the call still open to it, if any.

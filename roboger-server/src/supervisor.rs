@@ -765,19 +765,23 @@ impl Supervisor {
         match conn
             .peer
             .client()
-            .request::<Vec<Value>, _>("send_batch", params)
+            .request::<Value, _>("send_batch", params)
             .await
         {
-            Ok(outcomes) if outcomes.len() == n => {
+            Ok(Value::Array(outcomes)) if outcomes.len() == n => {
                 let outcomes: Vec<_> = outcomes.into_iter().map(batch_outcome).collect();
                 if let Some(delivered) = outcomes.iter().find(|o| o.is_ok()) {
                     conn.sent(delivered);
                 }
                 outcomes
             }
-            Ok(outcomes) => all(CallError::Failed(format!(
+            Ok(Value::Array(outcomes)) => all(CallError::Failed(format!(
                 "send_batch answered {} outcomes for {n} events",
                 outcomes.len()
+            ))),
+            Ok(other) => all(CallError::Failed(format!(
+                "send_batch answered {}, not a list of one outcome per event",
+                bounded(other.to_string())
             ))),
             Err(e) => all(call_error(name, "send_batch", conn, e).await),
         }

@@ -89,7 +89,10 @@ const handlers = {
   },
   // Each event's outcome as its endpoint config says (`outcome`), as a
   // hand-written plugin might answer it: null, true, {}, {error: "text"}.
+  // An event whose config has `whole` has the whole batch answered that.
   send_batch({ events }) {
+    const whole = events.find((e) => 'whole' in e.config);
+    if (whole) return whole.config.whole;
     return events.map((e) => ('outcome' in e.config ? e.config.outcome : null));
   },
   http({ method, path }) {

@@ -510,6 +510,28 @@ async fn a_batch_answered_in_another_languages_words_is_read_event_by_event() {
         matches!(&results[7], Err(CallError::Later(m, wait)) if m == "slow down" && wait.as_secs() == 30),
         "{results:?}"
     );
+
+    // A whole answer that is not a list fails each event saying what it
+    // was. Before, each got jsonrpsee's "Parse error: invalid type: map,
+    // expected a sequence" as the plugin being unavailable.
+    let whole = json!({"outcomes": [null, null]});
+    let events = (0..2)
+        .map(|i| {
+            let p = send_params(
+                &format!("w-{i}"),
+                addr.id,
+                json!({"room": "r", "whole": whole}),
+            );
+            serde_json::value::to_raw_value(&p).expect("JSON")
+        })
+        .collect();
+    for result in r.sup.send_batch("node", events).await {
+        assert!(
+            matches!(&result, Err(CallError::Failed(m))
+                if m == r#"send_batch answered {"outcomes":[null,null]}, not a list of one outcome per event"#),
+            "{result:?}"
+        );
+    }
     r.sup.shutdown().await;
 }
 
