@@ -638,7 +638,7 @@ impl Supervisor {
             .await
             .map_err(|_| unavailable("its calls in flight did not end in time to send alone"))?
             .map_err(|_| unavailable("shutting down"))?;
-        let conn = Supervisor::open_connection(name, &slot).await?;
+        let conn = Supervisor::connection(name, &slot).await?;
         let r = conn.peer.client().request::<Value, _>("send", params).await;
         drop(permits);
         drop(turn);
@@ -787,14 +787,16 @@ impl Supervisor {
         }
     }
 
-    /// The plugin's running process; one that is starting or restarting
-    /// (a restart takes milliseconds) is waited for, up to
-    /// [`START_WAIT`]. Otherwise the error is the plugin's state.
     /// The plugin's connection, once it runs (waiting [`START_WAIT`] for
     /// one starting); else why not, as the call's error.
     async fn connection(name: &str, slot: &Slot) -> Result<Arc<Conn>, CallError> {
         Supervisor::running(slot).await.map_err(|state| {
-            let said = format!("{state:?}").to_lowercase();
+            let said = match state {
+                // Its process ended a moment ago, and the next has not
+                // come in time.
+                State::Running => "restarting".to_string(),
+                s => format!("{s:?}").to_lowercase(),
+            };
             match state {
                 State::Failed | State::Refused => CallError::NotRunning(name.to_string(), said),
                 _ => CallError::Unavailable(name.to_string(), format!("it is {said}")),
@@ -802,33 +804,17 @@ impl Supervisor {
         })
     }
 
-    /// As [`Supervisor::connection`], but never one that has already
-    /// closed: the process that ended is still the slot's for a moment,
-    /// until its task sees it end, and a send on it fails at once. A
-    /// send made alone must not be taken as the cause of an end that came
-    /// before it; it waits (up to [`START_WAIT`]) for the next process.
-    async fn open_connection(name: &str, slot: &Slot) -> Result<Arc<Conn>, CallError> {
-        let deadline = Instant::now() + START_WAIT;
-        loop {
-            let connected = slot.connected.notified();
-            let mut connected = std::pin::pin!(connected);
-            connected.as_mut().enable();
-            let conn = Supervisor::connection(name, slot).await?;
-            if conn.peer.close_reason().is_none() {
-                return Ok(conn);
-            }
-            if tokio::time::timeout_at(deadline, connected).await.is_err() {
-                return Err(CallError::Unavailable(
-                    name.to_string(),
-                    "it is restarting".into(),
-                ));
-            }
-        }
-    }
-
+    /// The plugin's running process, never one whose connection has
+    /// closed: a process that ended stays the slot's for a moment, until
+    /// its task sees it end, and a call on it would fail at once (a send
+    /// made alone would be blamed for an end that came before it). One
+    /// that is starting or restarting, or has just ended, is waited for,
+    /// up to [`START_WAIT`] (a restart takes milliseconds). Otherwise the
+    /// error is the plugin's state.
     async fn running(slot: &Slot) -> Result<Arc<Conn>, State> {
+        let current = || slot.conn.read().ok().and_then(|c| c.clone());
         // The common case, a running plugin, registers no waiter.
-        if let Some(conn) = slot.conn.read().ok().and_then(|c| c.clone()) {
+        if let Some(conn) = current().filter(|c| c.peer.is_open()) {
             return Ok(conn);
         }
         let deadline = Instant::now() + START_WAIT;
@@ -836,11 +822,13 @@ impl Supervisor {
             let connected = slot.connected.notified();
             let mut connected = std::pin::pin!(connected);
             connected.as_mut().enable();
-            if let Some(conn) = slot.conn.read().ok().and_then(|c| c.clone()) {
-                return Ok(conn);
+            let conn = current();
+            if let Some(conn) = conn.as_ref().filter(|c| c.peer.is_open()) {
+                return Ok(conn.clone());
             }
             let state = slot.status.lock().map_or(State::Stopped, |s| s.state);
-            let starting = matches!(state, State::Starting | State::Restarting);
+            let ended = conn.is_some();
+            let starting = ended || matches!(state, State::Starting | State::Restarting);
             if !starting || tokio::time::timeout_at(deadline, connected).await.is_err() {
                 return Err(slot.status.lock().map_or(state, |s| s.state));
             }
