@@ -14,9 +14,10 @@ use base64::Engine;
 use roboger_server::config::{PluginConfig, translate_db_url};
 use roboger_server::host::HostContext;
 use roboger_server::store::Store;
-use roboger_server::supervisor::{CallError, Options, State, Supervisor};
+use roboger_server::supervisor::{CallError, Options, RawParams, State, Supervisor};
 use roboger_tests::{Value, fresh_database, json, poll_until, test_plugin_bin};
 use serde_json::Map;
+use serde_json::value::RawValue;
 
 struct Rig {
     sup: Arc<Supervisor>,
@@ -86,6 +87,11 @@ fn send_params(event_id: &str, addr_id: i64, config: Value) -> Map<String, Value
         "a_param_from_the_future": {"ignored": true},
     });
     v.as_object().unwrap().clone()
+}
+
+/// [`send_params`] written once as JSON, as the pipeline hands them over.
+fn raw_params(event_id: &str, addr_id: i64, config: Value) -> Box<RawValue> {
+    serde_json::value::to_raw_value(&send_params(event_id, addr_id, config)).expect("JSON")
 }
 
 async fn every_kwarg_arrives(plugin: fn(&str, &Path) -> PluginConfig) {
@@ -276,11 +282,7 @@ async fn a_send_made_alone_is_alone_and_blamed_only_when_it_can_be() {
     let rec = dir.path().join("rec.jsonl");
     let gate = dir.path().join("gate");
     let r = rig(dir, vec![test_plugin("p", &rec)]).await;
-    let raw = |id: &str, config: Value| {
-        roboger_server::supervisor::RawParams(
-            serde_json::value::to_raw_value(&send_params(id, 1, config)).expect("JSON"),
-        )
-    };
+    let raw = |id: &str, config: Value| RawParams(raw_params(id, 1, config));
     let msg = send_params("x", 1, json!({}))["msg"].clone();
     let poison = json!({ "crash_on": msg });
 
@@ -410,14 +412,11 @@ async fn a_batch_has_an_outcome_per_event(plugin: fn(&str, &Path) -> PluginConfi
     let r = rig(dir, vec![plugin("p", &rec)]).await;
     let addr = r.store.addr_create().await.unwrap();
     assert_eq!(r.sup.batch_limit("p") > 1, batched, "batch limit");
-    let events = [
-        send_params("ev-a", addr.id, json!({})),
-        send_params("ev-b", addr.id, json!({"fail": "not this one"})),
-        send_params("ev-c", addr.id, json!({})),
-    ]
-    .iter()
-    .map(|p| serde_json::value::to_raw_value(p).expect("JSON"))
-    .collect();
+    let events = vec![
+        raw_params("ev-a", addr.id, json!({})),
+        raw_params("ev-b", addr.id, json!({"fail": "not this one"})),
+        raw_params("ev-c", addr.id, json!({})),
+    ];
     let results = r.sup.send_batch("p", events).await;
     assert_eq!(results.len(), 3, "{results:?}");
     assert!(results[0].is_ok(), "{results:?}");
@@ -481,12 +480,11 @@ async fn a_batch_answered_in_another_languages_words_is_read_event_by_event() {
         .iter()
         .enumerate()
         .map(|(i, o)| {
-            let p = send_params(
+            raw_params(
                 &format!("ev-{i}"),
                 addr.id,
                 json!({"room": "r", "outcome": o}),
-            );
-            serde_json::value::to_raw_value(&p).expect("JSON")
+            )
         })
         .collect();
     let results = r.sup.send_batch("node", events).await;
@@ -517,12 +515,11 @@ async fn a_batch_answered_in_another_languages_words_is_read_event_by_event() {
     let whole = json!({"outcomes": [null, null]});
     let events = (0..2)
         .map(|i| {
-            let p = send_params(
+            raw_params(
                 &format!("w-{i}"),
                 addr.id,
                 json!({"room": "r", "whole": whole}),
-            );
-            serde_json::value::to_raw_value(&p).expect("JSON")
+            )
         })
         .collect();
     for result in r.sup.send_batch("node", events).await {
@@ -548,9 +545,8 @@ async fn a_batch_is_sent_at_once(plugin: fn(&str, &Path) -> PluginConfig) {
     let config = json!({ "gate": gate });
     let events = ["ev-a", "ev-b", "ev-c"]
         .iter()
-        .map(|id| serde_json::value::to_raw_value(&send_params(id, addr.id, config.clone())))
-        .collect::<Result<Vec<_>, _>>()
-        .expect("JSON");
+        .map(|id| raw_params(id, addr.id, config.clone()))
+        .collect();
     let sup = r.sup.clone();
     let batch = tokio::spawn(async move { sup.send_batch("p", events).await });
     poll_until(Duration::from_secs(20), async || {
