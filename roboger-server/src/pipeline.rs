@@ -1069,7 +1069,7 @@ fn outcome(cfg: &DeliveryConfig, job: &Job, result: Result<Value, CallError>) ->
             asked = Some(wait);
             (m, false)
         }
-        Err(e) => suspect::said(&e, e.to_string(), job.suspect),
+        Err(e) => suspect::said(&e, job.suspect),
     };
     let error = crate::secrets::scrub(&error).into_owned();
     let age = chrono::Utc::now() - job.event.created;

@@ -33,10 +33,10 @@ pub(super) fn is_suspect(last_error: Option<&str>) -> bool {
     last_error.is_some_and(|e| e.contains(ALONE_NEXT))
 }
 
-/// The last error to write for a try whose `result` was `error` (its
-/// text `said`), of a delivery that was (`suspect`) or was not a suspect,
-/// and whether that error fails it for good.
-pub(super) fn said(error: &CallError, said: String, suspect: bool) -> (String, bool) {
+/// The last error to write for a try that failed with `error`, of a
+/// delivery that was (`suspect`) or was not a suspect, and whether that
+/// error fails it for good.
+pub(super) fn said(error: &CallError, suspect: bool) -> (String, bool) {
     match error {
         CallError::Ended {
             plugin,
@@ -62,9 +62,9 @@ pub(super) fn said(error: &CallError, said: String, suspect: bool) -> (String, b
         CallError::Unavailable(..) | CallError::NotRunning(..) | CallError::NotConfigured(_)
             if suspect =>
         {
-            (kept(said), false)
+            (kept(error.to_string()), false)
         }
-        _ => (said, false),
+        _ => (error.to_string(), false),
     }
 }
 
@@ -88,7 +88,7 @@ mod tests {
 
     #[test]
     fn a_suspect_stays_one_until_a_send_alone_is_answered() {
-        let text = |e: CallError, suspect| said(&e, e.to_string(), suspect);
+        let text = |e: CallError, suspect| said(&e, suspect);
         // In flight when the plugin ended: a suspect.
         let (first, fails) = text(ended(false), false);
         assert!(is_suspect(Some(&first)) && !fails, "{first}");
