@@ -610,15 +610,18 @@ fn refusal(answer: &str) -> Option<String> {
         error: Option<ErrorObjectOwned>,
     }
     let e = serde_json::from_str::<Answer>(answer).ok()?.error?;
-    Some(match e.data() {
-        // A position would point into the line as re-serialized.
-        Some(data) => {
-            let data = data.get().trim_matches('"');
-            let data = data.rsplit_once(" at line ").map_or(data, |(d, _)| d);
-            format!("{}: {data}", e.message())
-        }
-        None => e.message().to_string(),
-    })
+    let Some(data) = e.data() else {
+        return Some(e.message().to_string());
+    };
+    let data = match serde_json::from_str::<Value>(data.get()) {
+        Ok(Value::String(text)) => text,
+        _ => data.get().to_string(),
+    };
+    // A position would point into the line as re-serialized.
+    let data = data
+        .rsplit_once(" at line ")
+        .map_or(data.as_str(), |(d, _)| d);
+    Some(format!("{}: {data}", e.message()))
 }
 
 /// `line`, a request without an id, with `id` added.

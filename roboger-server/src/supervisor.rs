@@ -1379,8 +1379,21 @@ async fn start_once(
         }
     }));
     let name = cfg.name.clone();
+    // A notification of a method the server does not have (`logg` for
+    // `log`) is dropped: said at WARN the first time in a run, so its
+    // author hears of it without a flood, then at debug.
+    let told = AtomicBool::new(false);
     let on_notification: NotificationHandler = Arc::new(move |method, params| {
-        tracing::debug!(plugin = %name, method, %params, "notification from plugin");
+        if told.swap(true, Ordering::Relaxed) {
+            tracing::debug!(plugin = %name, method, %params, "notification of an unknown method dropped");
+        } else {
+            tracing::warn!(
+                plugin = %name,
+                %params,
+                "notification dropped: the server has no method {method} (the protocol's \
+                 notifications are `log`); later ones like it are logged at debug"
+            );
+        }
     });
     let handler = HostHandler::new(cfg.name.clone(), cfg.db, host.clone());
     // What the peer itself says of the plugin's messages names it.

@@ -64,8 +64,10 @@ const handlers = {
   },
   load({ plugin_config }) {
     greeting = plugin_config.greeting;
-    // A log line sent with its level forgotten.
+    // A log line sent with its level forgotten, and one to a misspelt
+    // method.
     notify('log', { message: `loaded, greeting ${greeting}` });
+    notify('logg', { level: 'info', message: 'a misspelt method' });
     return null;
   },
   // Answers the way validators in other languages do, too: false, or

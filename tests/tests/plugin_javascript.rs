@@ -135,6 +135,14 @@ async fn a_plugin_in_javascript_delivers_logs_and_serves_its_routes() {
                 .contains("notification not carried out (Invalid params: missing field `level`)"),
         "{line}"
     );
+    // One of a method the server does not have is said to be dropped.
+    let line = s.log_lines("a misspelt method").join("\n");
+    assert!(
+        line.contains("WARN")
+            && line.contains("plugin=node")
+            && line.contains("notification dropped: the server has no method logg"),
+        "{line}"
+    );
 
     // Routes: its manifest says `"http": true` (and no "http" in methods).
     let hello = s
