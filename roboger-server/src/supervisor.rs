@@ -1623,14 +1623,28 @@ fn create_plugin_dir(dir: &std::path::Path) -> std::io::Result<()> {
         .create(dir)
 }
 
-/// A plugin's stderr line, with the level it starts with (as the SDK and
-/// most loggers write it) taken off; other lines are INFO.
+/// A plugin's stderr line, with the level it starts with taken off, as
+/// the SDK and most loggers write it: `ERROR text`, `ERROR: text`,
+/// `[ERROR] text`, or Python's `logging` by default, `ERROR:name:text`
+/// (`name:text` is kept). Other lines are INFO.
 fn split_level(line: &str) -> (tracing::Level, &str) {
     let trimmed = line.trim_start();
-    let (word, rest) = trimmed
-        .split_once(char::is_whitespace)
-        .unwrap_or((trimmed, ""));
-    let level = match word.trim_end_matches(':').to_ascii_uppercase().as_str() {
+    let (word, rest) = match trimmed.strip_prefix('[').and_then(|t| t.split_once(']')) {
+        Some(bracketed) => bracketed,
+        None => {
+            let end = trimmed
+                .find(|c: char| !c.is_ascii_alphabetic())
+                .unwrap_or(trimmed.len());
+            let (word, rest) = trimmed.split_at(end);
+            match rest.chars().next() {
+                None => (word, rest),
+                Some(':') => (word, &rest[1..]),
+                Some(c) if c.is_whitespace() => (word, rest),
+                Some(_) => return (tracing::Level::INFO, line),
+            }
+        }
+    };
+    let level = match word.to_ascii_uppercase().as_str() {
         "ERROR" | "CRITICAL" => tracing::Level::ERROR,
         "WARN" | "WARNING" => tracing::Level::WARN,
         "INFO" => tracing::Level::INFO,
@@ -1700,6 +1714,21 @@ mod tests {
             split_level("Traceback (most recent call last):"),
             (tracing::Level::INFO, "Traceback (most recent call last):")
         );
+        // Python's logging by default, and bracketed levels.
+        assert_eq!(
+            split_level("ERROR:root:no route"),
+            (tracing::Level::ERROR, "root:no route")
+        );
+        assert_eq!(split_level("[warn] slow"), (tracing::Level::WARN, "slow"));
+        assert_eq!(split_level("DEBUG:"), (tracing::Level::DEBUG, ""));
+        for other in [
+            "ValueError: x",
+            "WARNINGS ahead",
+            "[2026-12-05] ERROR x",
+            "INFO2 x",
+        ] {
+            assert_eq!(split_level(other), (tracing::Level::INFO, other));
+        }
     }
 
     #[tokio::test(start_paused = true)]

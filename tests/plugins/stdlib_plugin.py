@@ -7,11 +7,14 @@ plugin (tests/src/bin/roboger-test-plugin.rs) so both pass the same tests:
 TEST_PLUGIN_RECORD names a file that gets one JSON line per call, and an
 endpoint config steers `send` ({"callbacks": true}, {"slow": ms},
 {"gate": "/path"}, {"fail": "msg"}, {"hang": true}, {"crash": true});
-a slow or gated send records `send_started` as it begins.
+a slow or gated send records `send_started` as it begins. It logs with
+the `logging` module's defaults, as a Python author would: on stderr,
+`LEVEL:name:message`.
 """
 import base64
 import itertools
 import json
+import logging
 import os
 import sys
 import threading
@@ -116,13 +119,18 @@ def validate_config(config, **kw):
         raise RpcError(-32001, str(config["reject"]))
 
 
+def load(plugin_config):
+    record({"method": "load", "plugin_config": plugin_config})
+    logging.getLogger("stdlib").warning("loaded with %s", json.dumps(plugin_config))
+
+
 METHODS = {
     "hello": lambda **kw: {"protocol_version": PROTOCOL_VERSION, "name": "stdlib-python", "version": "1.0.0",
                            "description": "a plugin in plain Python",
                            "methods": ["validate_plugin_config", "load", "validate_config", "cleanup"]},
     "validate_plugin_config": lambda plugin_config=None, **kw: record(
         {"method": "validate_plugin_config", "plugin_config": plugin_config}),
-    "load": lambda plugin_config=None, **kw: record({"method": "load", "plugin_config": plugin_config}),
+    "load": lambda plugin_config=None, **kw: load(plugin_config),
     "validate_config": validate_config,
     "send": send,
     "cleanup": lambda **kw: record({"method": "cleanup"}),
@@ -146,6 +154,7 @@ def serve(msg):
 
 
 def main():
+    logging.basicConfig()
     record({"method": "start", "pid": os.getpid()})
     for line in sys.stdin:
         if not line.strip():

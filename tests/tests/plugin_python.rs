@@ -28,6 +28,31 @@ async fn server(extra: &str) -> Server {
     .await
 }
 
+/// A plugin in plain Python that logs with the `logging` module's
+/// defaults (`WARNING:stdlib:loaded with …` on stderr) has its lines at
+/// their levels in the server's log. Before, the level was read only
+/// when a space or `: ` followed it, so every such line was INFO, errors
+/// included.
+#[tokio::test]
+async fn a_python_plugins_logging_lines_keep_their_levels() {
+    let plugin = contrib().join("stdlib_plugin.py");
+    let s = Server::start_with(ServerOptions {
+        plugins_yaml: format!(
+            "- name: py\n  command: {}\n  config: {{answer: 42}}\n",
+            plugin.display()
+        ),
+        ..Default::default()
+    })
+    .await;
+    let said = "stdlib:loaded with {\"answer\": 42}";
+    s.wait_log(said, Duration::from_secs(10)).await;
+    let line = s.log_lines(said).join("\n");
+    assert!(
+        line.contains("WARN") && line.contains("plugin=py") && !line.contains("WARNING:"),
+        "{line}"
+    );
+}
+
 fn read_records(path: &std::path::Path, n: usize) -> Vec<Value> {
     let end = Instant::now() + Duration::from_secs(20);
     loop {
