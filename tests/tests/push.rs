@@ -1017,8 +1017,9 @@ fn on_a_small_file_system() -> Option<(ServerOptions, PathBuf)> {
 }
 
 /// A full disk refuses pushes (503, nothing stored) and loses none it
-/// accepted: every 202 is delivered once there is room again, and the
-/// server goes on accepting without a restart.
+/// accepted: every 202 is delivered once there is room again, the
+/// server goes on accepting without a restart, and what the management
+/// API answered as done, then and after, is kept.
 #[tokio::test]
 async fn a_full_disk_refuses_pushes_and_loses_none_it_accepted() {
     if roboger_tests::on_postgres() || roboger_tests::on_mysql() {
@@ -1076,6 +1077,14 @@ async fn a_full_disk_refuses_pushes_and_loses_none_it_accepted() {
         accepted.len(),
         refused.len()
     );
+    // A management write on the full disk: refused, or kept.
+    let during = r.s.manage(Method::POST, "/addr", None).await;
+    assert!(
+        [201, 503].contains(&during.status.as_u16()),
+        "{} {}",
+        during.status,
+        during.text
+    );
     // Room again: the same server accepts, without a restart.
     std::fs::remove_file(&filler).expect("remove the filler");
     poll_until(Duration::from_secs(20), async || {
@@ -1088,9 +1097,34 @@ async fn a_full_disk_refuses_pushes_and_loses_none_it_accepted() {
     })
     .await;
     accepted.push("after".into());
+    // What the management API answers as done is kept, a conflict's
+    // rollback first: a transaction SQLite rolled back by itself on the
+    // full disk left no connection that commits nothing.
+    let other = r.s.manage(Method::POST, "/addr", None).await;
+    assert_status!(other, 201);
+    let conflict =
+        r.s.manage(
+            Method::POST,
+            &format!("/addr/{}", r.addr_id),
+            Some(json!({"cmd": "change", "to": other.json()["a"]})),
+        )
+        .await;
+    assert_status!(conflict, 409);
+    let made = r.s.manage(Method::POST, "/addr", None).await;
+    assert_status!(made, 201);
+    let mut kept = vec![other.json()["id"].clone(), made.json()["id"].clone()];
+    if during.status == 201 {
+        kept.push(during.json()["id"].clone());
+    }
     // Every accepted event is delivered; no refused one ever is.
     r.wait_delivered(&accepted, Duration::from_secs(30), "with room again")
         .await;
+    for id in &kept {
+        assert_status!(
+            r.s.manage(Method::GET, &format!("/addr/{id}"), None).await,
+            200
+        );
+    }
     let delivered = r.delivered();
     assert!(
         refused.iter().all(|m| !delivered.contains(m)),

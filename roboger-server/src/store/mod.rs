@@ -170,6 +170,10 @@ impl Store {
             // ping sqlx makes before lending one out (a round trip to its
             // thread) can find nothing wrong with it.
             opts.test_before_acquire(false);
+            opts.map_sqlx_sqlite_before_acquire(|conn, _| {
+                let lend = lendable(conn);
+                Box::pin(async move { Ok(lend) })
+            });
         }
         let memory = url.url == "sqlite::memory:";
         if memory {
@@ -433,6 +437,32 @@ async fn connect_waiting(
     }
 }
 
+/// Whether an idle SQLite connection may be lent out: not when sqlx still
+/// counts a transaction open on it after its use ended.
+///
+/// On some errors (a full disk, an I/O error) SQLite rolls the whole
+/// transaction back by itself. sqlx does not see it: its `COMMIT`, then
+/// the `ROLLBACK` of the dropped transaction, fail with "no transaction is
+/// active", and it goes on counting one. Every later transaction on that
+/// connection would then be a savepoint: one whose rollback (a conflict,
+/// answered 409) leaves a transaction open in SQLite, so that the writes
+/// after it, answered as done, are committed by nothing and lost with the
+/// next rollback. Such a connection is closed instead, and a new one
+/// opened. (sqlx has pinged the connection on its way back to the pool,
+/// after the dropped transaction's `ROLLBACK`, so the count read here is
+/// the one that `ROLLBACK` left.)
+fn lendable(conn: &sea_orm::sqlx::SqliteConnection) -> bool {
+    use sea_orm::sqlx::Connection;
+    let open = conn.is_in_transaction();
+    if open {
+        tracing::warn!(
+            "a database connection still counted a transaction open after an error \
+             (SQLite rolled it back by itself); it is closed and a new one opened"
+        );
+    }
+    !open
+}
+
 /// The Unix socket a PostgreSQL URL connects through (its `host`
 /// parameter names a directory), for saying where nothing answered.
 fn postgres_socket(url: &str) -> Option<String> {
@@ -587,5 +617,63 @@ mod tests {
         assert_eq!(AddrRef::parse("abc"), AddrRef::A("abc".into()));
         let digits = "1".repeat(64);
         assert_eq!(AddrRef::parse(&digits), AddrRef::A(digits.clone()));
+    }
+
+    /// SQLite rolls a whole transaction back by itself on some errors (a
+    /// full disk at `COMMIT`, an I/O error), and sqlx does not see it.
+    /// Here a trigger of the write connection's own does the same as a
+    /// full disk, at once and every time. Before such a connection was
+    /// closed, a conflict's rollback after it left a transaction open, and
+    /// the address created next was answered but never committed.
+    #[tokio::test]
+    async fn a_transaction_sqlite_rolled_back_by_itself_leaves_nothing_open() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let url = crate::config::translate_db_url(&format!(
+            "sqlite:///{}",
+            dir.path().join("full.db").display()
+        ))
+        .expect("a database URL");
+        let store = Store::connect(&url, 2, Duration::from_secs(5))
+            .await
+            .expect("the database");
+        store
+            .migrate(Duration::from_secs(5))
+            .await
+            .expect("migrated");
+        let taken = store.addr_create().await.expect("an address");
+        let renamed = store.addr_create().await.expect("another");
+        store
+            .writes
+            .execute_unprepared(
+                "CREATE TEMP TRIGGER full BEFORE INSERT ON main.addr \
+                 BEGIN SELECT RAISE(ROLLBACK, 'database or disk is full'); END",
+            )
+            .await
+            .expect("the trigger, on the single write connection");
+        let full = store.addr_create().await;
+        assert!(
+            full.as_ref()
+                .is_err_and(|e| e.to_string().contains("disk is full")),
+            "{full:?}"
+        );
+        // Room again: on that connection, if it is still lent out.
+        store
+            .writes
+            .execute_unprepared("DROP TRIGGER IF EXISTS temp.full")
+            .await
+            .expect("no trigger");
+        let conflict = store
+            .addr_change(&AddrRef::Id(renamed.id), Some(taken.a.clone()))
+            .await;
+        assert!(
+            matches!(conflict, Err(StoreError::Conflict(_))),
+            "{conflict:?}"
+        );
+        let made = store.addr_create().await.expect("an address with room");
+        let seen = store.addr_get(&AddrRef::Id(made.id)).await;
+        assert!(
+            seen.is_ok_and(|a| a.a == made.a),
+            "an address answered as created is not committed"
+        );
     }
 }
