@@ -467,7 +467,9 @@ async fn write_loop(
                 if w.dropped_outcomes > 0 {
                     tracing::warn!(
                         outcomes = w.dropped_outcomes,
-                        "late outcomes dropped: another node took those deliveries over"
+                        "late outcomes dropped: those deliveries were no longer leased to this \
+                         server (their lease was freed after a failed write, or taken over by \
+                         another node), and are made again"
                     );
                 }
                 Ok(w)

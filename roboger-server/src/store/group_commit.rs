@@ -62,7 +62,8 @@ pub struct GroupCommit<'a> {
 
 impl GroupCommit<'_> {
     /// The outcomes not written when `recorded` were: those whose
-    /// delivery another node had taken over (fencing).
+    /// delivery was no longer leased to this node (fencing): another node
+    /// had taken it over, or its lease was freed after a failed write.
     fn dropped(&self, recorded: u64) -> u64 {
         (self.outcomes.len() as u64).saturating_sub(recorded)
     }
@@ -75,7 +76,8 @@ pub struct Written {
     pub gone_addrs: HashSet<i64>,
     /// Endpoints deleted before the commit: no delivery to them was made.
     pub gone_endpoints: HashSet<i64>,
-    /// Outcomes dropped because another node had taken their delivery over.
+    /// Outcomes dropped because their delivery was no longer leased to
+    /// this node.
     pub dropped_outcomes: u64,
 }
 
