@@ -53,6 +53,60 @@ async fn a_python_plugins_logging_lines_keep_their_levels() {
     );
 }
 
+/// A module that wraps its INSERT in BEGIN and COMMIT, each a call of
+/// its own, is told that a transaction cannot span calls, and its
+/// INSERT is committed on its own. Before, its BEGIN left a transaction
+/// open on a pooled connection: on SQLite, holding the write lock, every
+/// push after it was a 503 until the server restarted.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_modules_begin_and_commit_are_refused_and_leave_nothing_open() {
+    let s = Server::start_with(ServerOptions {
+        plugins_yaml: format!(
+            "- name: counter\n  python: robogercontrib.counter\n  command: {}\n  db: true\n  env: {{PYTHONPATH: {}}}\n",
+            plugin_bin("python").display(),
+            contrib().display()
+        ),
+        ..Default::default()
+    })
+    .await;
+    let (id, a) = s.new_addr().await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("events.jsonl");
+    s.endpoint(id, "counter", json!({"out": out.display().to_string()}))
+        .await;
+    for i in 0..3 {
+        assert_status!(
+            s.push(json!({"addr": a, "msg": format!("e{i}")})).await,
+            202
+        );
+        let said = &read_records(&out, i + 1)[i];
+        for word in ["BEGIN", "COMMIT"] {
+            let refusal = said[word].as_str().unwrap_or_default();
+            assert!(
+                refusal.contains(&format!(
+                    "{word} is not taken: each db_query and db_execute call is a transaction of its own"
+                )),
+                "{said}"
+            );
+        }
+        assert_eq!(
+            (&said["INSERT"], &said["count"]),
+            (&json!("done"), &json!(i + 1)),
+            "{said}"
+        );
+    }
+    // Nothing was left open: pushes and management changes go on.
+    for i in 0..5 {
+        assert_status!(
+            s.push(json!({"addr": a, "msg": format!("after {i}")}))
+                .await,
+            202
+        );
+    }
+    assert_status!(s.manage(Method::POST, "/addr", None).await, 201);
+    assert_eq!(read_records(&out, 8).len(), 8);
+}
+
 fn read_records(path: &std::path::Path, n: usize) -> Vec<Value> {
     let end = Instant::now() + Duration::from_secs(20);
     loop {

@@ -1,12 +1,23 @@
 //! Plugins' own SQL (`db_query`/`db_execute`, for plugins with `db: true`),
 //! with `:name` parameters bound, never spliced.
+//!
+//! Each call runs in a transaction of the server's, committed before it
+//! is answered, on whichever pooled connection is free. A plugin's
+//! `BEGIN` would otherwise leave a transaction open on a pooled
+//! connection for the calls of others to run in: on SQLite, holding the
+//! write lock, it stopped every push and management change until the
+//! server restarted. A statement that begins or ends a transaction is
+//! refused, saying why; one hidden further in a multi-statement text
+//! fails inside the server's transaction, or ends it, which leaves the
+//! connection counted in a transaction and closed (`Store::connect`).
 
 use futures_util::TryStreamExt;
-use sea_orm::{ConnectionTrait, StreamTrait};
+use sea_orm::{ConnectionTrait, StreamTrait, TransactionTrait};
 use serde_json::Value;
 
 use super::named;
 use super::{Result, Store, StoreError};
+use crate::config::DbBackend;
 
 /// Most bytes of JSON a plugin's query is answered with.
 pub const PLUGIN_ANSWER_MAX: usize = 16 << 20;
@@ -39,7 +50,8 @@ impl Store {
     ) -> Result<Vec<Value>> {
         use sea_orm::FromQueryResult;
         let stmt = self.named_statement(sql, params)?;
-        let mut rows = self.db.stream_raw(stmt).await?;
+        let txn = self.db.begin().await?;
+        let mut rows = txn.stream_raw(stmt).await?;
         let mut out = Vec::new();
         let mut size = JsonSize(2);
         while let Some(r) = rows.try_next().await? {
@@ -65,6 +77,8 @@ impl Store {
             }
             out.push(v);
         }
+        drop(rows);
+        txn.commit().await?;
         Ok(out)
     }
 
@@ -75,14 +89,36 @@ impl Store {
         params: &serde_json::Map<String, Value>,
     ) -> Result<u64> {
         let stmt = self.named_statement(sql, params)?;
-        Ok(self.db.execute_raw(stmt).await?.rows_affected())
+        // On SQLite the write lock is taken up front, waiting for it
+        // as an autocommit statement would; a deferred transaction that
+        // read first could not take it once the writer had committed.
+        let txn = self
+            .db
+            .begin_with_options(sea_orm::TransactionOptions {
+                sqlite_transaction_mode: (self.backend == DbBackend::Sqlite)
+                    .then_some(sea_orm::SqliteTransactionMode::Immediate),
+                ..Default::default()
+            })
+            .await?;
+        let affected = txn.execute_raw(stmt).await?.rows_affected();
+        txn.commit().await?;
+        Ok(affected)
     }
 
+    /// A plugin's statement with its `:params` bound, refused when it
+    /// would begin or end a transaction (see the module's doc).
     fn named_statement(
         &self,
         sql: &str,
         params: &serde_json::Map<String, Value>,
     ) -> Result<sea_orm::Statement> {
+        if let Some(word) = transaction_control(sql) {
+            return Err(StoreError::Conflict(format!(
+                "{word} is not taken: each db_query and db_execute call is a \
+                 transaction of its own, committed when it is answered, so a \
+                 transaction cannot span calls"
+            )));
+        }
         let backend = self.db.get_database_backend();
         let (sql, names) =
             crate::store::named::positional(sql, backend == sea_orm::DbBackend::Postgres);
@@ -96,5 +132,126 @@ impl Store {
         Ok(sea_orm::Statement::from_sql_and_values(
             backend, sql, values,
         ))
+    }
+}
+
+/// The word a statement opens with when it begins or ends a transaction
+/// (`BEGIN`, `START TRANSACTION`, `COMMIT`, `END`, `ROLLBACK`, `ABORT`,
+/// `SAVEPOINT`, `RELEASE`), after any whitespace and comments.
+fn transaction_control(sql: &str) -> Option<String> {
+    let mut rest = sql;
+    loop {
+        rest = rest.trim_start();
+        if let Some(r) = rest.strip_prefix("--") {
+            rest = r.split_once('\n').map_or("", |(_, after)| after);
+        } else if let Some(r) = rest.strip_prefix("/*") {
+            rest = r.split_once("*/").map_or("", |(_, after)| after);
+        } else {
+            break;
+        }
+    }
+    let word: String = rest
+        .chars()
+        .take_while(|c| c.is_ascii_alphabetic())
+        .collect::<String>()
+        .to_ascii_uppercase();
+    matches!(
+        word.as_str(),
+        "BEGIN" | "START" | "COMMIT" | "END" | "ROLLBACK" | "ABORT" | "SAVEPOINT" | "RELEASE"
+    )
+    .then_some(word)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::transaction_control;
+    use crate::store::{AddrRef, Store};
+    use std::time::Duration;
+
+    /// On SQLite a text may hold several statements, so one that begins
+    /// or ends a transaction can come after the first. It leaves no
+    /// transaction open either way: the server's own transaction refuses
+    /// a `BEGIN`, and a connection whose transaction a `COMMIT` ended is
+    /// closed, not lent out again.
+    #[tokio::test]
+    async fn a_transaction_statement_further_in_the_text_leaves_nothing_open() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let url = crate::config::translate_db_url(&format!(
+            "sqlite:///{}",
+            dir.path().join("p.db").display()
+        ))
+        .expect("a database URL");
+        let store = Store::connect(&url, 2, Duration::from_secs(5))
+            .await
+            .expect("the database");
+        store
+            .migrate(Duration::from_secs(5))
+            .await
+            .expect("migrated");
+        let none = serde_json::Map::new();
+        store
+            .plugin_execute("CREATE TABLE t (x INTEGER)", &none)
+            .await
+            .expect("a table");
+        let begun = store
+            .plugin_execute("INSERT INTO t VALUES (1); BEGIN", &none)
+            .await;
+        assert!(begun.is_err(), "{begun:?}");
+        // Committed by the text itself; the server's commit then finds
+        // no transaction, and says so.
+        let ended = store
+            .plugin_execute("INSERT INTO t VALUES (2); COMMIT", &none)
+            .await;
+        assert!(ended.is_err(), "{ended:?}");
+        for _ in 0..4 {
+            let made = store.addr_create().await.expect("an address");
+            let seen = store.addr_get(&AddrRef::Id(made.id)).await;
+            assert!(
+                seen.is_ok(),
+                "an address answered as created is not committed"
+            );
+            store
+                .plugin_execute("INSERT INTO t VALUES (3)", &none)
+                .await
+                .expect("an insert");
+        }
+        let rows = store
+            .plugin_query("SELECT x FROM t ORDER BY x", &none)
+            .await
+            .expect("the rows");
+        let xs: Vec<i64> = rows.iter().filter_map(|r| r["x"].as_i64()).collect();
+        assert_eq!(
+            xs,
+            vec![2, 3, 3, 3, 3],
+            "the first text was rolled back whole"
+        );
+    }
+
+    #[test]
+    fn statements_that_begin_or_end_a_transaction() {
+        for sql in [
+            "BEGIN",
+            "begin immediate",
+            "  -- a counter\n  BEGIN TRANSACTION;",
+            "/* one */ commit",
+            "END",
+            "rollback to x",
+            "SAVEPOINT s",
+            "release s",
+            "START TRANSACTION",
+            "abort",
+        ] {
+            assert!(transaction_control(sql).is_some(), "{sql}");
+        }
+        for sql in [
+            "INSERT INTO t VALUES (1)",
+            "SELECT 'BEGIN'",
+            "UPDATE t SET started = 1",
+            "-- BEGIN\nSELECT 1",
+            "WITH x AS (SELECT 1) SELECT * FROM x",
+            "",
+        ] {
+            assert!(transaction_control(sql).is_none(), "{sql}");
+        }
     }
 }
