@@ -607,6 +607,30 @@ fn sqlite_parent_dir(url: &str) -> Option<std::path::PathBuf> {
         .map(std::path::Path::to_path_buf)
 }
 
+/// A migrated store on a new SQLite file `NAME.db` in `dir`, connected
+/// as the server connects (for tests).
+#[cfg(test)]
+pub(crate) async fn sqlite_for_tests(dir: &std::path::Path, name: &str) -> Store {
+    // SQLAlchemy's form: sqlite:/// and then the absolute path.
+    let file = dir.join(format!("{name}.db"));
+    let url = crate::config::translate_db_url(&format!("sqlite:///{}", file.display()))
+        .expect("a database URL");
+    let store = Store::connect(&url, 2, Duration::from_secs(5))
+        .await
+        .expect("the database");
+    assert!(
+        file.exists(),
+        "{} is not where {} is",
+        url.url,
+        file.display()
+    );
+    store
+        .migrate(Duration::from_secs(5))
+        .await
+        .expect("migrated");
+    store
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -628,18 +652,7 @@ mod tests {
     #[tokio::test]
     async fn a_transaction_sqlite_rolled_back_by_itself_leaves_nothing_open() {
         let dir = tempfile::tempdir().expect("a temporary directory");
-        let url = crate::config::translate_db_url(&format!(
-            "sqlite:///{}",
-            dir.path().join("full.db").display()
-        ))
-        .expect("a database URL");
-        let store = Store::connect(&url, 2, Duration::from_secs(5))
-            .await
-            .expect("the database");
-        store
-            .migrate(Duration::from_secs(5))
-            .await
-            .expect("migrated");
+        let store = sqlite_for_tests(dir.path(), "full").await;
         let taken = store.addr_create().await.expect("an address");
         let renamed = store.addr_create().await.expect("another");
         store

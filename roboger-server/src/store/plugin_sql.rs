@@ -165,8 +165,7 @@ fn transaction_control(sql: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::transaction_control;
-    use crate::store::{AddrRef, Store};
-    use std::time::Duration;
+    use crate::store::AddrRef;
 
     /// On SQLite a text may hold several statements, so one that begins
     /// or ends a transaction can come after the first. It leaves no
@@ -176,18 +175,7 @@ mod tests {
     #[tokio::test]
     async fn a_transaction_statement_further_in_the_text_leaves_nothing_open() {
         let dir = tempfile::tempdir().expect("a temporary directory");
-        let url = crate::config::translate_db_url(&format!(
-            "sqlite:///{}",
-            dir.path().join("p.db").display()
-        ))
-        .expect("a database URL");
-        let store = Store::connect(&url, 2, Duration::from_secs(5))
-            .await
-            .expect("the database");
-        store
-            .migrate(Duration::from_secs(5))
-            .await
-            .expect("migrated");
+        let store = crate::store::sqlite_for_tests(dir.path(), "p").await;
         let none = serde_json::Map::new();
         store
             .plugin_execute("CREATE TABLE t (x INTEGER)", &none)

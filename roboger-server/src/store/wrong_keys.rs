@@ -68,31 +68,11 @@ impl Store {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
-    use super::*;
 
     #[tokio::test]
     async fn a_count_is_made_only_on_what_was_read_and_goes_a_day_on() {
         let dir = tempfile::tempdir().expect("a temporary directory");
-        // SQLAlchemy's form: sqlite:/// and then the absolute path.
-        let url = crate::config::translate_db_url(&format!(
-            "sqlite:///{}",
-            dir.path().join("w.db").display()
-        ))
-        .expect("a database URL");
-        assert!(
-            url.url.contains(&*dir.path().to_string_lossy()),
-            "{}",
-            url.url
-        );
-        let store = Store::connect(&url, 2, Duration::from_secs(5))
-            .await
-            .expect("the database");
-        store
-            .migrate(Duration::from_secs(5))
-            .await
-            .expect("migrated");
+        let store = crate::store::sqlite_for_tests(dir.path(), "w").await;
         let now = chrono::Utc::now();
         let old = now - chrono::Duration::days(2);
         let ip = "192.0.2.1";
