@@ -68,7 +68,6 @@ impl Store {
 
 #[cfg(test)]
 mod tests {
-
     #[tokio::test]
     async fn a_count_is_made_only_on_what_was_read_and_goes_a_day_on() {
         let dir = tempfile::tempdir().expect("a temporary directory");
