@@ -116,7 +116,7 @@ impl Store {
             return Err(StoreError::Conflict(format!(
                 "{word} is not taken: each db_query and db_execute call is a \
                  transaction of its own, committed when it is answered, so a \
-                 transaction cannot span calls"
+                 transaction (or a table lock) cannot span calls"
             )));
         }
         let backend = self.db.get_database_backend();
@@ -137,7 +137,9 @@ impl Store {
 
 /// The word a statement opens with when it begins or ends a transaction
 /// (`BEGIN`, `START TRANSACTION`, `COMMIT`, `END`, `ROLLBACK`, `ABORT`,
-/// `SAVEPOINT`, `RELEASE`), after any whitespace and comments.
+/// `SAVEPOINT`, `RELEASE`) or takes table locks that outlive it (MySQL's
+/// `LOCK TABLES`, held by the pooled connection until `UNLOCK TABLES`),
+/// after any whitespace and comments.
 fn transaction_control(sql: &str) -> Option<String> {
     let mut rest = sql;
     loop {
@@ -157,7 +159,16 @@ fn transaction_control(sql: &str) -> Option<String> {
         .to_ascii_uppercase();
     matches!(
         word.as_str(),
-        "BEGIN" | "START" | "COMMIT" | "END" | "ROLLBACK" | "ABORT" | "SAVEPOINT" | "RELEASE"
+        "BEGIN"
+            | "START"
+            | "COMMIT"
+            | "END"
+            | "ROLLBACK"
+            | "ABORT"
+            | "SAVEPOINT"
+            | "RELEASE"
+            | "LOCK"
+            | "UNLOCK"
     )
     .then_some(word)
 }
@@ -228,6 +239,8 @@ mod tests {
             "release s",
             "START TRANSACTION",
             "abort",
+            "LOCK TABLES t WRITE",
+            "unlock tables",
         ] {
             assert!(transaction_control(sql).is_some(), "{sql}");
         }
