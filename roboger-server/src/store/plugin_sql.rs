@@ -9,7 +9,7 @@
 //! server restarted. A statement that begins or ends a transaction is
 //! refused, saying why; one hidden further in a multi-statement text
 //! fails inside the server's transaction, or ends it, which leaves the
-//! connection counted in a transaction and closed (`Store::connect`).
+//! connection counted in a transaction, and closed (`store::lendable`).
 
 use futures_util::TryStreamExt;
 use sea_orm::{ConnectionTrait, StreamTrait, TransactionTrait};
@@ -106,7 +106,8 @@ impl Store {
     }
 
     /// A plugin's statement with its `:params` bound, refused when it
-    /// would begin or end a transaction (see the module's doc).
+    /// would begin or end a transaction, or take a table lock (see the
+    /// module's doc).
     fn named_statement(
         &self,
         sql: &str,
