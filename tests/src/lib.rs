@@ -739,6 +739,29 @@ impl Server {
         Resp::from(rb.send().await.expect("HTTP request to the test server")).await
     }
 
+    /// The event of address `id` whose message is `msg`, found among its
+    /// newest `within` events, as one event's GET gives it (with each
+    /// delivery).
+    pub async fn event_by_msg(&self, id: i64, msg: &str, within: usize) -> Value {
+        let events = self
+            .manage(
+                Method::GET,
+                &format!("/addr/{id}/event?limit={within}"),
+                None,
+            )
+            .await
+            .json();
+        let ev = events
+            .as_array()
+            .and_then(|l| l.iter().find(|e| e["msg"] == msg))
+            .and_then(|e| e["id"].as_str())
+            .unwrap_or_else(|| panic!("the event {msg:?} is not listed: {events}"))
+            .to_string();
+        self.manage(Method::GET, &format!("/addr/{id}/event/{ev}"), None)
+            .await
+            .json()
+    }
+
     /// Creates an address; returns its id and its 64-character string.
     pub async fn new_addr(&self) -> (i64, String) {
         let r = self.manage(Method::POST, "/addr", None).await;

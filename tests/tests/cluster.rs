@@ -56,20 +56,7 @@ async fn push_status(node: &Server, addr: &str, msg: &str) -> u16 {
 /// its unique message through the management API).
 async fn deliveries_of_a_push(node: &Server, id: i64, addr: &str, msg: &str) -> usize {
     assert_status!(node.push(json!({"addr": addr, "msg": msg})).await, 202);
-    let events = node
-        .manage(Method::GET, &format!("/addr/{id}/event?limit=20"), None)
-        .await
-        .json();
-    let ev = events
-        .as_array()
-        .and_then(|l| l.iter().find(|e| e["msg"] == msg))
-        .and_then(|e| e["id"].as_str())
-        .unwrap_or_else(|| panic!("the event {msg:?} is not listed: {events}"))
-        .to_string();
-    let e = node
-        .manage(Method::GET, &format!("/addr/{id}/event/{ev}"), None)
-        .await
-        .json();
+    let e = node.event_by_msg(id, msg, 20).await;
     e["deliveries"].as_array().map_or(0, Vec::len)
 }
 

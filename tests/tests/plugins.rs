@@ -664,24 +664,7 @@ async fn an_event_that_ends_its_plugin_fails_alone_and_the_rest_are_delivered() 
 
     // The poison's delivery says what happened, and that it is not tried
     // again; the plugin, mended or not, serves everything else.
-    let events = s
-        .manage(Method::GET, &format!("/addr/{id}/event?limit=30"), None)
-        .await
-        .json();
-    let poison = events
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|e| e["msg"] == "poison")
-        .unwrap_or_else(|| panic!("no poison event in {events}"));
-    let e = s
-        .manage(
-            Method::GET,
-            &format!("/addr/{id}/event/{}", poison["id"].as_str().unwrap()),
-            None,
-        )
-        .await
-        .json();
+    let e = s.event_by_msg(id, "poison", 30).await;
     let d = e["deliveries"]
         .as_array()
         .unwrap()
