@@ -26,8 +26,8 @@ use tokio::sync::watch;
 
 use crate::config::DeliveryConfig;
 use crate::metrics::Metrics;
-use crate::store::Store;
 use crate::store::entity::node;
+use crate::store::{Store, StoreError};
 
 /// How long a dead node stays in the list after it was rescued.
 const KEEP_DEAD: Duration = Duration::from_secs(3600);
@@ -79,10 +79,18 @@ fn after(d: Duration) -> chrono::DateTime<chrono::Utc> {
     chrono::Utc::now() + chrono::Duration::from_std(d).unwrap_or_default()
 }
 
-/// Registers the node (first heartbeat) so it is listed from the start.
-pub async fn join(store: &Store, node: &Node) {
-    if let Err(e) = store.node_heartbeat(&node.row()).await {
-        tracing::warn!(error = %e, "cannot register this node");
+/// Registers the node (first heartbeat) so it is listed from the start,
+/// within `timeout`. It is the start's first write: a database that
+/// refuses it (a SQLite file this server's user may not write, a
+/// read-only replica) would refuse every push, so the start fails with
+/// its error.
+pub async fn join(store: &Store, node: &Node, timeout: Duration) -> Result<(), StoreError> {
+    match tokio::time::timeout(timeout, store.node_heartbeat(&node.row())).await {
+        Ok(written) => written.map(|_| ()),
+        Err(_) => Err(StoreError::Connect(format!(
+            "this node's row was not written within {}s (timeout)",
+            timeout.as_secs_f64()
+        ))),
     }
 }
 

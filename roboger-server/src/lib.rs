@@ -39,6 +39,12 @@ pub enum StartError {
     /// The Redis URL of `limits` is not one.
     #[error("limits: {0}")]
     Limits(String),
+    /// The database refused the start's first write (this node's row).
+    #[error(
+        "the database takes no writes from this server (a file or directory its user may not \
+         write, a read-only replica?): {0}"
+    )]
+    NoWrites(store::StoreError),
     /// The metrics registry refused a metric.
     #[error("cannot set up the metrics: {0}")]
     Metrics(String),
@@ -156,7 +162,9 @@ impl App {
         routes.load(&store).await?;
         tokio::spawn(routing::follow(Arc::downgrade(&routes), store.clone()));
         let node = Arc::new(cluster::Node::new(&config.delivery.node));
-        cluster::join(&store, &node).await;
+        cluster::join(&store, &node, config.timeout)
+            .await
+            .map_err(StartError::NoWrites)?;
         let metrics =
             Arc::new(metrics::Metrics::new().map_err(|e| StartError::Metrics(e.to_string()))?);
         // A body gets twice the request timeout before it must keep pace.

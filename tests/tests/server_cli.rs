@@ -1067,6 +1067,82 @@ fn gives_up_on_a_locked_file(timeout: u64) {
     assert!((25..=36).contains(&tried), "{last}");
 }
 
+/// A SQLite file the server may not write, in a directory it may (a
+/// backup restored by root into the service's directory, say), stops the
+/// start with exit code 2, saying so. Before, the server said it
+/// listened and answered every push 503. The file is made read-only by
+/// a read-only bind mount in a mount namespace of the server's own
+/// (`unshare`), which binds root too.
+#[test]
+fn a_database_file_the_server_may_not_write_stops_the_start() {
+    if roboger_tests::on_postgres() || roboger_tests::on_mysql() {
+        return; // the server's own file system matters on SQLite only
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("roboger.db");
+    let config = write(
+        dir.path(),
+        "roboger.yml",
+        &format!(
+            "roboger:\n  db: sqlite:///{}\n  listen: 127.0.0.1:0\n  master: {{key: {KEY}}}\n  plugins: []\n",
+            db.display()
+        ),
+    );
+    let config = config.display().to_string();
+    let (code, _, err) = run_server_cmd(&["--config", &config, "migrate"], &[]);
+    assert_eq!(code, 0, "{err}");
+    let read_only = "mount --bind \"$0\" \"$0\" && mount -o remount,bind,ro \"$0\"";
+    let unshare = |then: &str| {
+        let mut cmd = Command::new("unshare");
+        cmd.args(["--mount", "--map-root-user", "sh", "-c"])
+            .arg(format!("{read_only}{then}"))
+            .arg(&db)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        cmd
+    };
+    if !unshare("").status().is_ok_and(|s| s.success()) {
+        assert!(
+            std::env::var_os("ROBOGER_TEST_REQUIRE_ALL").is_none(),
+            "cannot bind-mount a file read-only in a mount namespace (unshare --mount --map-root-user)"
+        );
+        eprintln!("SKIPPED: cannot bind-mount a file read-only in a mount namespace here");
+        return;
+    }
+    let mut server = unshare(" && exec \"$@\"")
+        .arg(server_bin())
+        .args(["--config", &config])
+        .env_remove("ROBOGER_DB")
+        .spawn()
+        .expect("the server, in its namespace");
+    let end = std::time::Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = server.try_wait().expect("the server's status") {
+            break status;
+        }
+        if std::time::Instant::now() > end {
+            let _ = server.kill();
+            let out = server.wait_with_output().expect("its output");
+            panic!(
+                "the server started on a database it may not write: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let out = server.wait_with_output().expect("its output");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(status.code(), Some(2), "{err}");
+    let last = err.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with(
+            "roboger-server: cannot start: the database takes no writes from this server"
+        ) && last.contains("attempt to write a readonly database"),
+        "{last}"
+    );
+}
+
 /// A database URL with no host, naming the server's Unix socket as the
 /// original's drivers took it: `postgresql://user@/db` (libpq's, for peer
 /// authentication as the service's own user; the socket directory in

@@ -157,7 +157,11 @@ impl Store {
                     .truncate(false)
                     .write(true)
                     .open(&path)
-                    .map_err(|e| sqlx_err("cannot open the migration lock file", e))?;
+                    .map_err(|e| {
+                        let what =
+                            format!("cannot open the migration lock file {}", path.display());
+                        sqlx_err(&what, e)
+                    })?;
                 loop {
                     match lock.try_lock() {
                         Ok(()) => break,
