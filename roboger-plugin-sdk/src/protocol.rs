@@ -52,7 +52,7 @@ pub const PLUGIN_METHODS: [&str; 9] = [
 ];
 
 /// Every method of [`HostApi`] (plugin to server), as named on the wire.
-pub const HOST_METHODS: [&str; 13] = [
+pub const HOST_METHODS: [&str; 14] = [
     "log",
     "get_timeout",
     "get_url",
@@ -66,6 +66,7 @@ pub const HOST_METHODS: [&str; 13] = [
     "call_plugin",
     "db_query",
     "db_execute",
+    "db_insert",
 ];
 
 /// Optional plugin methods; a plugin lists in its manifest those it has.
@@ -447,6 +448,27 @@ pub trait HostApi {
         sql: String,
         params: Option<serde_json::Map<String, Value>>,
     ) -> RpcResult<u64>;
+
+    /// [`db_execute`](Self::db_execute), answering also the id of the row
+    /// the statement inserted: what SQLAlchemy's `lastrowid` gives, for
+    /// databases without `RETURNING` ([`is_use_lastrowid`](Self::is_use_lastrowid)).
+    #[method(name = "db_insert", param_kind = map)]
+    async fn db_insert(
+        &self,
+        sql: String,
+        params: Option<serde_json::Map<String, Value>>,
+    ) -> RpcResult<DbInserted>;
+}
+
+/// What `db_insert` answers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DbInserted {
+    /// The rows the statement changed, as `db_execute` answers.
+    pub rows_affected: u64,
+    /// The id of the row it inserted (MySQL's `LAST_INSERT_ID()`,
+    /// SQLite's rowid); `null` when it inserted none, and on PostgreSQL,
+    /// which has `RETURNING` (`db_query`) for that.
+    pub last_insert_id: Option<i64>,
 }
 
 /// JSON-RPC error codes of this protocol (beyond JSON-RPC's own).

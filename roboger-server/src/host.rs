@@ -13,7 +13,7 @@ use std::time::Duration;
 use base64::Engine;
 use jsonrpsee::core::RpcResult;
 use jsonrpsee::types::ErrorObjectOwned;
-use roboger_plugin_sdk::protocol::{BucketObject, HostApiServer, codes};
+use roboger_plugin_sdk::protocol::{BucketObject, DbInserted, HostApiServer, codes};
 use serde_json::Value;
 
 use crate::config::DbBackend;
@@ -280,6 +280,25 @@ impl HostApiServer for HostHandler {
                 .plugin_execute(&sql, &params.unwrap_or_default()),
         )
         .await
+    }
+
+    async fn db_insert(
+        &self,
+        sql: String,
+        params: Option<serde_json::Map<String, Value>>,
+    ) -> RpcResult<DbInserted> {
+        self.check_db()?;
+        let (rows_affected, last_insert_id) = self
+            .within_timeout(
+                self.ctx
+                    .store
+                    .plugin_insert(&sql, &params.unwrap_or_default()),
+            )
+            .await?;
+        Ok(DbInserted {
+            rows_affected,
+            last_insert_id,
+        })
     }
 }
 

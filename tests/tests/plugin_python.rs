@@ -188,6 +188,15 @@ async fn a_seed_module_runs_unmodified() {
     // get_db() runs SQL through the server; get_plugin() calls a plugin's
     // method through it (here this one's validate_config, which refuses).
     assert_eq!(rec["db"], 7);
+    // A row's id, the original's way: `lastrowid` where the database has
+    // no RETURNING (MySQL), else `INSERT … RETURNING`. Before db_insert,
+    // `lastrowid` was always None, and on MySQL the row was not found.
+    assert_eq!(rec["row_msg"], "hello $(id) \"x\"", "{rec}");
+    if roboger_tests::on_postgres() {
+        assert!(rec["lastrowid"].is_null(), "{rec}");
+    } else {
+        assert!(rec["lastrowid"].as_i64().is_some_and(|id| id > 0), "{rec}");
+    }
     assert!(
         rec["other_plugin"]
             .as_str()

@@ -389,13 +389,15 @@ class _Result:
 
 
 _QUERY = re.compile(r"^\s*(select|with|pragma|show|values)\b|\breturning\b", re.I)
+_INSERT = re.compile(r"^\s*(insert|replace)\b", re.I)
 
 
 class _Connection:
     """What `get_db()` returns instead of a SQLAlchemy connection:
     `execute(sql, params)` with `:named` parameters (SQLAlchemy `text()`
     style, as a dict or keyword arguments), through the server's
-    `db_query`/`db_execute` (the plugin needs `db: true`)."""
+    `db_query`/`db_execute` (the plugin needs `db: true`); an INSERT's
+    result has `lastrowid` (`db_insert`)."""
 
     def execute(self, sql, params=None, **kwargs):
         params = dict(params or {}, **kwargs)
@@ -403,6 +405,12 @@ class _Connection:
         if _QUERY.search(sql):
             rows = _call("db_query", sql=sql, params=params)
             return _Result(rows, len(rows))
+        if _INSERT.search(sql):
+            # lastrowid, for databases without RETURNING (is_use_lastrowid)
+            done = _call("db_insert", sql=sql, params=params)
+            result = _Result([], done["rows_affected"])
+            result.lastrowid = done.get("last_insert_id")
+            return result
         return _Result([], _call("db_execute", sql=sql, params=params))
 
     def close(self):

@@ -88,6 +88,18 @@ impl Store {
         sql: &str,
         params: &serde_json::Map<String, Value>,
     ) -> Result<u64> {
+        Ok(self.plugin_insert(sql, params).await?.0)
+    }
+
+    /// [`Store::plugin_execute`], with the id of the row the statement
+    /// inserted: MySQL's `LAST_INSERT_ID()` or SQLite's last rowid, read
+    /// on the connection and in the transaction that ran it; `None` when
+    /// it inserted nothing, and on PostgreSQL (which has `RETURNING`).
+    pub async fn plugin_insert(
+        &self,
+        sql: &str,
+        params: &serde_json::Map<String, Value>,
+    ) -> Result<(u64, Option<i64>)> {
         let stmt = self.named_statement(sql, params)?;
         // On SQLite the write lock is taken up front, waiting for it
         // as an autocommit statement would; a deferred transaction that
@@ -100,9 +112,16 @@ impl Store {
                 ..Default::default()
             })
             .await?;
-        let affected = txn.execute_raw(stmt).await?.rows_affected();
+        let done = txn.execute_raw(stmt).await?;
+        let affected = done.rows_affected();
+        // sea-orm has no last insert id of PostgreSQL's to give.
+        let id = match self.backend {
+            DbBackend::Postgres => None,
+            DbBackend::Sqlite | DbBackend::MySql => i64::try_from(done.last_insert_id()).ok(),
+        }
+        .filter(|&id| affected > 0 && id != 0);
         txn.commit().await?;
-        Ok(affected)
+        Ok((affected, id))
     }
 
     /// A plugin's statement with its `:params` bound, refused when it
