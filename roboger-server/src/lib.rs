@@ -33,7 +33,7 @@ use config::Config;
 /// Why [`App::start`] failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    /// The database did not give the routing index (or the cluster's rows).
+    /// The database did not give the routing index.
     #[error("cannot load the routing index: {0}")]
     Store(#[from] store::StoreError),
     /// The Redis URL of `limits` is not one.
