@@ -1117,6 +1117,12 @@ fn spawn_logged(
         let tx = tx.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                // In the log before the address is sent: a test that has
+                // the address reads its line there.
+                if let Ok(mut l) = log.lock() {
+                    l.push_str(&line);
+                    l.push('\n');
+                }
                 if let Some(i) = line.find("listening on ") {
                     let addr: String = line[i + "listening on ".len()..]
                         .chars()
@@ -1126,10 +1132,6 @@ fn spawn_logged(
                         })
                         .collect();
                     let _ = tx.send(addr);
-                }
-                if let Ok(mut l) = log.lock() {
-                    l.push_str(&line);
-                    l.push('\n');
                 }
             }
         });
