@@ -26,6 +26,7 @@ use tokio::sync::watch;
 
 use crate::config::DeliveryConfig;
 use crate::metrics::Metrics;
+use crate::outage::Outage;
 use crate::store::entity::node;
 use crate::store::{Store, StoreError};
 
@@ -116,11 +117,25 @@ pub async fn run(
     let mut presumed_dead = false;
     // How long each of the database reads and writes below may take.
     let within = cfg.heartbeat.max(cfg.node_timeout / 2);
+    let mut beating = Outage::new(
+        "cannot write this node's heartbeat",
+        "this node's heartbeats are written again",
+    );
+    let mut renewing = Outage::new("cannot renew leases", "leases are renewed again");
+    let mut rescuing = Outage::new(
+        "cannot look for dead nodes",
+        "dead nodes are looked for again",
+    );
     loop {
         tick.tick().await;
         let beat =
             tokio::time::timeout(within, async { store.node_heartbeat(&node.row()).await }).await;
         let reached = matches!(beat, Ok(Ok(_)));
+        match &beat {
+            Ok(Ok(_)) => beating.succeeded(),
+            Ok(Err(e)) => beating.failed(e),
+            Err(_) => beating.failed(format_args!("timed out after {within:?}")),
+        }
         match beat {
             Ok(Ok(true)) => presumed_dead = false,
             Ok(Ok(false)) => {
@@ -133,8 +148,7 @@ pub async fn run(
                 }
                 presumed_dead = true;
             }
-            Ok(Err(e)) => tracing::warn!(error = %e, "cannot write this node's heartbeat"),
-            Err(_) => tracing::warn!("this node's heartbeat timed out"),
+            Ok(Err(_)) | Err(_) => {}
         }
         // While the database cannot take a heartbeat, these would only
         // wait out their timeouts and say so again.
@@ -161,16 +175,20 @@ pub async fn run(
                 tracing::warn!("reading the database server's clock timed out");
             }
         }
-        rescue_dead(&store, &node, cfg.node_timeout).await;
+        rescue_dead(&store, &node, cfg.node_timeout, &mut rescuing).await;
         if renewed.elapsed() >= renew_every {
             renewed = tokio::time::Instant::now();
             match store
                 .renew_leases(&node.instance, after(cfg.lease / 2), after(cfg.lease))
                 .await
             {
-                Ok(0) => {}
-                Ok(n) => tracing::debug!(deliveries = n, "leases of long calls renewed"),
-                Err(e) => tracing::warn!(error = %e, "cannot renew leases"),
+                Ok(n) => {
+                    renewing.succeeded();
+                    if n > 0 {
+                        tracing::debug!(deliveries = n, "leases of long calls renewed");
+                    }
+                }
+                Err(e) => renewing.failed(e),
             }
         }
         if maintained.elapsed() >= MAINTENANCE_EVERY {
@@ -217,11 +235,14 @@ async fn check_clock(store: &Store, metrics: &Metrics, node_timeout: Duration, o
     *off = over;
 }
 
-async fn rescue_dead(store: &Store, node: &Node, timeout: Duration) {
+async fn rescue_dead(store: &Store, node: &Node, timeout: Duration, outage: &mut Outage) {
     let dead = match store.nodes_dead(&node.instance, ago(timeout)).await {
-        Ok(d) => d,
+        Ok(d) => {
+            outage.succeeded();
+            d
+        }
         Err(e) => {
-            tracing::warn!(error = %e, "cannot look for dead nodes");
+            outage.failed(e);
             return;
         }
     };

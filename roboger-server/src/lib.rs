@@ -15,6 +15,7 @@ pub mod level;
 pub mod limits;
 pub mod listener;
 pub mod metrics;
+pub mod outage;
 pub mod pipeline;
 pub mod random;
 pub mod routing;

@@ -21,6 +21,8 @@ use prometheus::{
     Registry,
 };
 
+use crate::outage::Outage;
+
 /// How long the pending count read from the database is reused.
 pub const PENDING_REFRESH: Duration = Duration::from_secs(5);
 
@@ -58,8 +60,9 @@ pub struct Metrics {
     held_total: IntCounterVec,
     attempt_seconds: HistogramVec,
     call_events: HistogramVec,
-    /// The last pending count and when it was read.
-    pending: tokio::sync::Mutex<Option<(Instant, PerPlugin)>>,
+    /// The last pending count and when it was read, and how reading it
+    /// fails.
+    pending: tokio::sync::Mutex<(Option<(Instant, PerPlugin)>, Outage)>,
     /// The database server's clock minus this node's, in seconds, as last
     /// measured (never on SQLite).
     clock_offset: std::sync::Mutex<Option<f64>>,
@@ -162,7 +165,13 @@ impl Metrics {
             held_total,
             attempt_seconds,
             call_events,
-            pending: tokio::sync::Mutex::new(None),
+            pending: tokio::sync::Mutex::new((
+                None,
+                Outage::new(
+                    "metrics: cannot count pending deliveries",
+                    "metrics: pending deliveries are counted again",
+                ),
+            )),
             clock_offset: std::sync::Mutex::new(None),
         })
     }
@@ -223,7 +232,8 @@ impl Metrics {
         F: Future<Output = Result<PerPlugin, E>>,
         E: std::fmt::Display,
     {
-        let mut cached = self.pending.lock().await;
+        let mut guard = self.pending.lock().await;
+        let (cached, outage) = &mut *guard;
         if let Some((at, v)) = cached.as_ref()
             && at.elapsed() < PENDING_REFRESH
         {
@@ -231,11 +241,12 @@ impl Metrics {
         }
         match read.await {
             Ok(v) => {
+                outage.succeeded();
                 *cached = Some((Instant::now(), v.clone()));
                 v
             }
             Err(e) => {
-                tracing::warn!(error = %e, "metrics: cannot count pending deliveries");
+                outage.failed(e);
                 cached.as_ref().map(|(_, v)| v.clone()).unwrap_or_default()
             }
         }

@@ -53,6 +53,7 @@ use crate::cluster::Node;
 use crate::config::DeliveryConfig;
 use crate::event::Event;
 use crate::metrics::{Metrics, Outcome};
+use crate::outage::Outage;
 use crate::routing::Target;
 use crate::store::entity::{delivery, endpoint, event};
 use crate::store::{
@@ -357,6 +358,10 @@ async fn write_loop(
     // Outcomes not yet written, and how many writes of them failed.
     let mut recorded: Vec<Attempt> = Vec::new();
     let mut failures = 0u32;
+    let mut outage = Outage::errors(
+        "cannot write to the database",
+        "the database takes writes again",
+    );
     // The deliveries whose outcomes were given up on: their leases are
     // given back once a commit succeeds again, so that they are made
     // again (the lease renewal would otherwise keep them this node's).
@@ -481,14 +486,15 @@ async fn write_loop(
             Ok(_) => {
                 recorded.clear();
                 failures = 0;
+                outage.succeeded();
                 liveness.writer.done();
             }
             Err(e) => {
-                tracing::error!(
-                    events = batch.len(),
-                    outcomes = recorded.len(),
-                    "cannot write to the database: {e}"
-                );
+                outage.failed(format_args!(
+                    "{e} (events refused: {}, outcomes waiting: {})",
+                    batch.len(),
+                    recorded.len()
+                ));
                 failures += 1;
                 if failures >= 5 {
                     if !recorded.is_empty() {
@@ -1141,6 +1147,10 @@ async fn sweep_loop(
 ) {
     let mut tick = tokio::time::interval(cfg.sweep_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut outage = Outage::new(
+        "cannot claim due deliveries",
+        "due deliveries are claimed again",
+    );
     loop {
         tick.tick().await;
         loop {
@@ -1148,9 +1158,12 @@ async fn sweep_loop(
                 .claim_due(&node.instance, lease_until(&cfg), SWEEP_BATCH)
                 .await
             {
-                Ok(c) => c,
+                Ok(c) => {
+                    outage.succeeded();
+                    c
+                }
                 Err(e) => {
-                    tracing::warn!(error = %e, "cannot claim due deliveries");
+                    outage.failed(e);
                     break;
                 }
             };

@@ -23,6 +23,7 @@ use serde_json::Value;
 
 use crate::config::DbBackend;
 use crate::level::LevelMatch;
+use crate::outage::Outage;
 use crate::store::entity::{addr, endpoint, subscription};
 use crate::store::{Store, StoreError};
 
@@ -233,14 +234,23 @@ pub async fn follow(routes: Weak<Routes>, store: Store) {
                 let told = told.clone();
                 // recv() is not cancel-safe, so it runs alone in its task.
                 listening = Some(tokio::spawn(async move {
+                    // A reconnection that works waits for the next
+                    // change, so that is when the outage is said to end.
+                    let mut outage = Outage::new(
+                        "routing change listener failed",
+                        "the routing change listener is told of changes again",
+                    );
                     loop {
                         match l.try_recv().await {
-                            Ok(Some(_)) => {}
-                            // Reconnected: what was announced meanwhile is
+                            Ok(Some(_)) => outage.succeeded(),
+                            // Its connection was lost, and the next call
+                            // reconnects: what was announced meanwhile is
                             // in the log, which the next catch-up reads.
-                            Ok(None) => tracing::info!("routing change listener reconnected"),
+                            Ok(None) => tracing::info!(
+                                "routing change listener lost its connection; reconnecting"
+                            ),
                             Err(e) => {
-                                tracing::warn!(error = %e, "routing change listener failed");
+                                outage.failed(e);
                                 tokio::time::sleep(POLL_WITH_NOTIFY).await;
                             }
                         }
@@ -255,6 +265,10 @@ pub async fn follow(routes: Weak<Routes>, store: Store) {
     }
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut outage = Outage::new(
+        "cannot read routing changes",
+        "routing changes are read again",
+    );
     loop {
         tokio::select! {
             _ = told.notified() => {}
@@ -262,9 +276,13 @@ pub async fn follow(routes: Weak<Routes>, store: Store) {
         }
         let Some(r) = routes.upgrade() else { break };
         match r.catch_up(&store).await {
-            Ok(0) => {}
-            Ok(n) => tracing::debug!(addresses = n, "routing changes applied"),
-            Err(e) => tracing::warn!(error = %e, "cannot read routing changes"),
+            Ok(n) => {
+                outage.succeeded();
+                if n > 0 {
+                    tracing::debug!(addresses = n, "routing changes applied");
+                }
+            }
+            Err(e) => outage.failed(e),
         }
     }
     if let Some(task) = listening {

@@ -4,7 +4,8 @@
 //! answers, and all recover by themselves when the database is back.
 //!
 //! And a delivery whose outcome could not be written before the writer
-//! gave it up is made again once the database is back.
+//! gave it up is made again once the database is back; and what the log
+//! says of it all: each failing task once, and once again when it works.
 //!
 //! They freeze the whole PostgreSQL server (SIGSTOP), so they must not run
 //! beside other tests nor each other: they are ignored by default and
@@ -198,4 +199,76 @@ async fn a_delivery_whose_outcome_was_dropped_is_made_again() {
         "{}",
         s.log_text()
     );
+}
+
+/// What the operator reads in the log of an outage: each task that fails
+/// says so once, with its error (a reminder comes a minute later, longer
+/// than this freeze), not once per failure; and each says when it works
+/// again.
+#[tokio::test]
+#[ignore = "freezes the shared PostgreSQL server; tests/run runs it alone"]
+async fn an_outage_is_logged_once_per_task_and_so_is_its_end() {
+    let data = pg_data();
+    let s = Server::start().await;
+    let (_, a) = s.new_addr().await;
+    let pids = freeze(&data);
+    // Each push refused is a commit that failed (timeout: 2 s).
+    let mut refused = Vec::new();
+    for i in 0..3 {
+        let r = s
+            .push(serde_json::json!({"addr": a, "msg": format!("refused {i}")}))
+            .await;
+        refused.push(r.status.as_u16());
+    }
+    thaw(&pids);
+    assert_eq!(refused, [503, 503, 503]);
+    poll_until(Duration::from_secs(20), async || {
+        match s.push(serde_json::json!({"addr": a, "msg": "back"})).await {
+            r if r.status.as_u16() == 202 => Ok(()),
+            r => Err(format!("push after the outage: {} {}", r.status, r.text)),
+        }
+    })
+    .await;
+    // A routing change, for a listener that failed to hear again.
+    s.new_addr().await;
+    s.wait_log(
+        "the database takes writes again after",
+        Duration::from_secs(20),
+    )
+    .await;
+    let failed = s.log_lines("cannot write to the database");
+    assert_eq!(failed.len(), 1, "{failed:#?}");
+    assert!(failed[0].contains("ERROR"), "{}", failed[0]);
+    assert!(failed[0].contains("error="), "{}", failed[0]);
+    // Whichever other tasks failed (a task whose query was sent as the
+    // database froze waits for it instead), each said so once and says
+    // it works again.
+    let said = |level: &str| -> Vec<String> {
+        s.log_text()
+            .lines()
+            .filter(|l| l.contains(level) && l.contains("roboger_server::outage:"))
+            .map(|l| {
+                let m = l.split("roboger_server::outage: ").nth(1).unwrap_or(l);
+                let m = m.split(" error=").next().unwrap_or(m);
+                m.split(", still:").next().unwrap_or(m).to_string()
+            })
+            .collect()
+    };
+    let failing = [said(" WARN "), said(" ERROR ")].concat();
+    let mut distinct = failing.clone();
+    distinct.sort();
+    distinct.dedup();
+    assert_eq!(
+        distinct.len(),
+        failing.len(),
+        "said more than once: {failing:#?}"
+    );
+    poll_until(Duration::from_secs(20), async || {
+        let again = said(" INFO ");
+        match again.len() == failing.len() {
+            true => Ok(()),
+            false => Err(format!("failing: {failing:#?}\nworking again: {again:#?}")),
+        }
+    })
+    .await;
 }
