@@ -1,16 +1,19 @@
 //! How a task that runs again and again (a heartbeat, a claim of due
-//! deliveries, a group commit) says that it keeps failing: its first
-//! failure at once, then at most one reminder a minute with how many
-//! failures there were since, and one line when it works again, with how
-//! long it did not.
+//! deliveries, a group commit, the accept loop) says that it keeps
+//! failing: a failure at once, then at most one line a minute with how
+//! many failures there were since, and one line when it works again, with
+//! how long it did not.
 //!
 //! While the database cannot be reached every such task fails several
 //! times a second; logged each time, an outage of an hour would be tens of
 //! thousands of lines, burying its first cause and filling the journal.
+//! A task that flaps (out of file descriptors, each closed connection lets
+//! one more in) is said to fail once a minute too, not at each flap.
 //! A task keeps one [`Outage`] and reports each of its runs to it.
 //!
-//! Invariant: the first failure after a success is always logged, with
-//! its error, and so is the first success after a failure.
+//! Invariant: a failure is logged, with its error, when no failure of
+//! the task was logged in the last minute; a success is logged when the
+//! log last said the task fails.
 
 use std::fmt::Display;
 use std::time::Duration;
@@ -20,7 +23,7 @@ use tokio::time::Instant;
 /// How often a failure that goes on is said again.
 pub const REMIND: Duration = Duration::from_secs(60);
 
-/// The failures of one task since its last success.
+/// What the log has said of one task's failures.
 #[derive(Debug)]
 pub struct Outage {
     /// What the task cannot do, as the log says it: "cannot claim due
@@ -31,15 +34,18 @@ pub struct Outage {
     again: &'static str,
     /// Whether its failures are errors rather than warnings.
     error: bool,
-    episode: Option<Episode>,
+    /// The failures since the log said the task fails, when it says so.
+    said: Option<Said>,
+    /// When a failure was last logged.
+    last_line: Option<Instant>,
+    /// The failures since then, not logged.
+    unsaid: u64,
 }
 
 #[derive(Debug)]
-struct Episode {
+struct Said {
     since: Instant,
     failures: u64,
-    said: Instant,
-    unsaid: u64,
 }
 
 impl Outage {
@@ -49,7 +55,9 @@ impl Outage {
             failing,
             again,
             error: false,
-            episode: None,
+            said: None,
+            last_line: None,
+            unsaid: 0,
         }
     }
 
@@ -61,49 +69,65 @@ impl Outage {
         }
     }
 
-    /// Reports a failed run: logged when it is the first since a success
-    /// or [`REMIND`] has passed since the last line, with the failures not
-    /// logged meanwhile.
+    /// Reports a failed run: logged unless a failure was logged less than
+    /// [`REMIND`] ago, with the failures not logged meanwhile.
     pub fn failed(&mut self, error: impl Display) {
         let now = Instant::now();
-        let Some(e) = self.episode.as_mut() else {
-            self.episode = Some(Episode {
-                since: now,
-                failures: 1,
-                said: now,
-                unsaid: 0,
-            });
-            self.say(format_args!("{}", self.failing), &error, None);
-            return;
-        };
-        e.failures += 1;
-        if now.duration_since(e.said) < REMIND {
-            e.unsaid += 1;
+        if let Some(s) = self.said.as_mut() {
+            s.failures += 1;
+        }
+        if self
+            .last_line
+            .is_some_and(|t| now.duration_since(t) < REMIND)
+        {
+            self.unsaid += 1;
             return;
         }
-        let (failures, lasted, unsaid) = (e.failures, now.duration_since(e.since), e.unsaid + 1);
-        e.said = now;
-        e.unsaid = 0;
-        self.say(
-            format_args!(
-                "{}, still: {failures} failures in {}, {unsaid} of them since the last line",
-                self.failing,
-                seconds(lasted)
+        let unsaid = std::mem::take(&mut self.unsaid);
+        self.last_line = Some(now);
+        match &self.said {
+            Some(s) => self.say(
+                format_args!(
+                    "{}, still: {} failures in {}, {} of them since the last line",
+                    self.failing,
+                    s.failures,
+                    seconds(now.duration_since(s.since)),
+                    unsaid + 1
+                ),
+                &error,
+                Some(s.failures),
             ),
-            &error,
-            Some(failures),
-        );
+            None if unsaid == 0 => self.say(format_args!("{}", self.failing), &error, None),
+            None => self.say(
+                format_args!(
+                    "{}, again: {unsaid} more failures since the last line, each followed \
+                     by a success",
+                    self.failing
+                ),
+                &error,
+                Some(unsaid + 1),
+            ),
+        }
+        if self.said.is_none() {
+            self.said = Some(Said {
+                since: now,
+                failures: 1,
+            });
+        }
     }
 
-    /// Reports a run that worked: logged when it ends failures.
+    /// Reports a run that worked: logged when the log last said the task
+    /// fails.
     pub fn succeeded(&mut self) {
-        if let Some(e) = self.episode.take() {
+        if let Some(s) = self.said.take() {
+            // The failures not logged are counted in this line.
+            self.unsaid = 0;
             tracing::info!(
-                failures = e.failures,
+                failures = s.failures,
                 "{} after {} failures in {}",
                 self.again,
-                e.failures,
-                seconds(e.since.elapsed())
+                s.failures,
+                seconds(s.since.elapsed())
             );
         }
     }
@@ -184,7 +208,51 @@ mod tests {
         o.failed("disk full");
         let said = lines.take();
         assert_eq!(said.len(), 1, "{said:#?}");
-        assert!(said[0].contains("error=disk full"), "{}", said[0]);
+        assert!(
+            said[0].starts_with("WARN cannot claim due deliveries error=disk full"),
+            "{}",
+            said[0]
+        );
+    }
+
+    /// A task that flaps: its first failure and first success are said,
+    /// the flaps after them only in the next line, a minute later.
+    #[tokio::test(start_paused = true)]
+    async fn a_flapping_task_is_said_once_a_minute() {
+        let lines = Lines::default();
+        let _guard = tracing::subscriber::set_default(lines.subscriber());
+        let mut o = Outage::new("accept failed", "connections are accepted again");
+        for _ in 0..100 {
+            o.failed("Too many open files");
+            tokio::time::advance(Duration::from_millis(50)).await;
+            o.succeeded();
+            tokio::time::advance(Duration::from_millis(50)).await;
+        }
+        let said = lines.take();
+        assert_eq!(said.len(), 2, "{said:#?}");
+        assert!(
+            said[0].starts_with("WARN accept failed error=Too many"),
+            "{}",
+            said[0]
+        );
+        assert!(
+            said[1].starts_with("INFO connections are accepted again after 1 failures in 0.1 s"),
+            "{}",
+            said[1]
+        );
+        tokio::time::advance(REMIND).await;
+        o.failed("Too many open files");
+        o.succeeded();
+        let said = lines.take();
+        assert_eq!(said.len(), 2, "{said:#?}");
+        assert!(
+            said[0].starts_with(
+                "WARN accept failed, again: 99 more failures since the last line, each followed by a success"
+            ),
+            "{}",
+            said[0]
+        );
+        assert!(said[1].contains("after 1 failures in 0.0 s"), "{}", said[1]);
     }
 
     #[tokio::test(start_paused = true)]

@@ -44,6 +44,7 @@ use tower_service::Service;
 use crate::App;
 use crate::api::{self, PeerAddr};
 use crate::listener::{Accepted, Listeners};
+use crate::outage::Outage;
 
 /// The most connections served at once; further clients wait in the
 /// listen backlog.
@@ -106,6 +107,7 @@ pub async fn serve<S, B>(
     let builder = Arc::new(builder);
     let mut listeners = listeners.into();
     let mut shutdown = std::pin::pin!(shutdown);
+    let mut outage = Outage::new("accept failed", "connections are accepted again");
     loop {
         let permit = tokio::select! {
             p = limit.clone().acquire_owned() => match p {
@@ -116,10 +118,13 @@ pub async fn serve<S, B>(
         };
         let (stream, peer) = tokio::select! {
             r = listeners.accept() => match r {
-                Ok(c) => c,
+                Ok(c) => {
+                    outage.succeeded();
+                    c
+                }
                 Err(e) => {
                     // Out of file descriptors and the like: back off briefly.
-                    tracing::warn!(error = %e, "accept failed");
+                    outage.failed(e);
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }

@@ -728,6 +728,46 @@ async fn json_logs_and_graceful_sigterm() {
     child.wait().unwrap();
 }
 
+/// A server out of file descriptors (more clients than its `LimitNOFILE`)
+/// says so once, not twenty times a second, and says when it accepts
+/// connections again; then it serves as before.
+#[tokio::test]
+async fn a_server_out_of_file_descriptors_says_so_once_and_recovers() {
+    let s = Server::start().await;
+    assert_status!(s.request(Method::GET, "/ping", None, &[], None).await, 204);
+    let pid = s.pid();
+    let open = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("its descriptors")
+        .count();
+    let limit = format!("--nofile={}", open + 4);
+    let st = Command::new("prlimit")
+        .args(["--pid", &pid.to_string(), &limit])
+        .status()
+        .expect("prlimit");
+    assert!(st.success(), "prlimit {limit}");
+    let addr = s
+        .url("")
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_string();
+    // The kernel completes these connections; the server cannot take the
+    // ones past its limit.
+    let mut held = Vec::new();
+    for _ in 0..32 {
+        held.push(std::net::TcpStream::connect(&addr).expect("connect"));
+    }
+    s.wait_log("accept failed", Duration::from_secs(20)).await;
+    // Long enough for ten tries of the accept loop (one each 50 ms).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    drop(held);
+    s.wait_log("connections are accepted again", Duration::from_secs(20))
+        .await;
+    let failed = s.log_lines("accept failed");
+    assert_eq!(failed.len(), 1, "{failed:#?}");
+    assert!(failed[0].contains("Too many open files"), "{}", failed[0]);
+    assert_status!(s.request(Method::GET, "/ping", None, &[], None).await, 204);
+}
+
 #[test]
 fn systemd_unit_verifies() {
     let unit = std::fs::read_to_string(concat!(
