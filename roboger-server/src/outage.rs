@@ -8,7 +8,9 @@
 //! times a second; logged each time, an outage of an hour would be tens of
 //! thousands of lines, burying its first cause and filling the journal.
 //! A task that flaps (out of file descriptors, each closed connection lets
-//! one more in) is said to fail once a minute too, not at each flap.
+//! one more in) is said to fail once a minute too, not at each flap: the
+//! price is that a failure less than a minute after the last one said
+//! (and its end) is said when that minute is over, with its count.
 //! A task keeps one [`Outage`] and reports each of its runs to it.
 //!
 //! Invariant: a failure is logged, with its error, when no failure of
@@ -40,6 +42,9 @@ pub struct Outage {
     last_line: Option<Instant>,
     /// The failures since then, not logged.
     unsaid: u64,
+    /// When the first of them came, of those since the log last said the
+    /// task works.
+    unsaid_since: Option<Instant>,
 }
 
 #[derive(Debug)]
@@ -58,6 +63,7 @@ impl Outage {
             said: None,
             last_line: None,
             unsaid: 0,
+            unsaid_since: None,
         }
     }
 
@@ -81,9 +87,13 @@ impl Outage {
             .is_some_and(|t| now.duration_since(t) < REMIND)
         {
             self.unsaid += 1;
+            if self.said.is_none() {
+                self.unsaid_since.get_or_insert(now);
+            }
             return;
         }
         let unsaid = std::mem::take(&mut self.unsaid);
+        let since = self.unsaid_since.take().unwrap_or(now);
         self.last_line = Some(now);
         match &self.said {
             Some(s) => self.say(
@@ -100,9 +110,10 @@ impl Outage {
             None if unsaid == 0 => self.say(format_args!("{}", self.failing), &error, None),
             None => self.say(
                 format_args!(
-                    "{}, again: {unsaid} more failures since the last line, each followed \
-                     by a success",
-                    self.failing
+                    "{}, again: {} failures in {} since the last line",
+                    self.failing,
+                    unsaid + 1,
+                    seconds(now.duration_since(since))
                 ),
                 &error,
                 Some(unsaid + 1),
@@ -110,8 +121,8 @@ impl Outage {
         }
         if self.said.is_none() {
             self.said = Some(Said {
-                since: now,
-                failures: 1,
+                since,
+                failures: unsaid + 1,
             });
         }
     }
@@ -122,6 +133,7 @@ impl Outage {
         if let Some(s) = self.said.take() {
             // The failures not logged are counted in this line.
             self.unsaid = 0;
+            self.unsaid_since = None;
             tracing::info!(
                 failures = s.failures,
                 "{} after {} failures in {}",
@@ -247,12 +259,16 @@ mod tests {
         assert_eq!(said.len(), 2, "{said:#?}");
         assert!(
             said[0].starts_with(
-                "WARN accept failed, again: 99 more failures since the last line, each followed by a success"
+                "WARN accept failed, again: 100 failures in 1 min 9 s since the last line"
             ),
             "{}",
             said[0]
         );
-        assert!(said[1].contains("after 1 failures in 0.0 s"), "{}", said[1]);
+        assert!(
+            said[1].contains("after 100 failures in 1 min 9 s"),
+            "{}",
+            said[1]
+        );
     }
 
     #[tokio::test(start_paused = true)]
