@@ -1,21 +1,22 @@
 //! How a task that runs again and again (a heartbeat, a claim of due
 //! deliveries, a group commit, the accept loop) says that it keeps
-//! failing: a failure at once, then at most one line a minute with how
-//! many failures there were since, and one line when it works again, with
-//! how long it did not.
+//! failing: its first failure at once, then at most one line a minute
+//! with how many failures there were since, and one line once it works
+//! again, with how long it did not.
 //!
 //! While the database cannot be reached every such task fails several
 //! times a second; logged each time, an outage of an hour would be tens of
 //! thousands of lines, burying its first cause and filling the journal.
-//! A task that flaps (out of file descriptors, each closed connection lets
-//! one more in) is said to fail once a minute too, not at each flap: the
-//! price is that a failure less than a minute after the last one said
-//! (and its end) is said when that minute is over, with its count.
+//! A task may also flap: out of file descriptors, each closed connection
+//! lets one more in; on a full disk, a commit that needs no new page
+//! goes through. So a task is said to work again only once it has worked
+//! for [`SETTLE`] without a failure (said at its first run after that);
+//! until then its failures are those of the outage already said.
 //! A task keeps one [`Outage`] and reports each of its runs to it.
 //!
-//! Invariant: a failure is logged, with its error, when no failure of
-//! the task was logged in the last minute; a success is logged when the
-//! log last said the task fails.
+//! Invariant: a failure is logged, with its error, unless the log's last
+//! line of the task says it fails; a task is said to work again only
+//! after it has run without failing for `SETTLE`.
 
 use std::fmt::Display;
 use std::time::Duration;
@@ -24,6 +25,10 @@ use tokio::time::Instant;
 
 /// How often a failure that goes on is said again.
 pub const REMIND: Duration = Duration::from_secs(60);
+
+/// How long a task that failed must work without a failure to be said to
+/// work again.
+pub const SETTLE: Duration = Duration::from_secs(3);
 
 /// What the log has said of one task's failures.
 #[derive(Debug)]
@@ -36,21 +41,20 @@ pub struct Outage {
     again: &'static str,
     /// Whether its failures are errors rather than warnings.
     error: bool,
-    /// The failures since the log said the task fails, when it says so.
+    /// The outage the log says goes on, if it says so.
     said: Option<Said>,
-    /// When a failure was last logged.
-    last_line: Option<Instant>,
-    /// The failures since then, not logged.
-    unsaid: u64,
-    /// When the first of them came, of those since the log last said the
-    /// task works.
-    unsaid_since: Option<Instant>,
 }
 
 #[derive(Debug)]
 struct Said {
+    /// Its first failure.
     since: Instant,
     failures: u64,
+    /// Its last line, and the failures since.
+    line: Instant,
+    unsaid: u64,
+    /// Since when the task has worked without a failure.
+    working: Option<Instant>,
 }
 
 impl Outage {
@@ -61,9 +65,6 @@ impl Outage {
             again,
             error: false,
             said: None,
-            last_line: None,
-            unsaid: 0,
-            unsaid_since: None,
         }
     }
 
@@ -75,73 +76,60 @@ impl Outage {
         }
     }
 
-    /// Reports a failed run: logged unless a failure was logged less than
-    /// [`REMIND`] ago, with the failures not logged meanwhile.
+    /// Reports a failed run: logged when it starts an outage, or
+    /// [`REMIND`] after the outage's last line, with the failures since.
     pub fn failed(&mut self, error: impl Display) {
         let now = Instant::now();
-        if let Some(s) = self.said.as_mut() {
-            s.failures += 1;
-        }
-        if self
-            .last_line
-            .is_some_and(|t| now.duration_since(t) < REMIND)
-        {
-            self.unsaid += 1;
-            if self.said.is_none() {
-                self.unsaid_since.get_or_insert(now);
-            }
+        let Some(s) = self.said.as_mut() else {
+            self.said = Some(Said {
+                since: now,
+                failures: 1,
+                line: now,
+                unsaid: 0,
+                working: None,
+            });
+            self.say(format_args!("{}", self.failing), &error, None);
+            return;
+        };
+        s.failures += 1;
+        s.working = None;
+        if now.duration_since(s.line) < REMIND {
+            s.unsaid += 1;
             return;
         }
-        let unsaid = std::mem::take(&mut self.unsaid);
-        let since = self.unsaid_since.take().unwrap_or(now);
-        self.last_line = Some(now);
-        match &self.said {
-            Some(s) => self.say(
-                format_args!(
-                    "{}, still: {} failures in {}, {} of them since the last line",
-                    self.failing,
-                    s.failures,
-                    seconds(now.duration_since(s.since)),
-                    unsaid + 1
-                ),
-                &error,
-                Some(s.failures),
+        let (failures, lasted, unsaid) = (s.failures, now.duration_since(s.since), s.unsaid + 1);
+        s.line = now;
+        s.unsaid = 0;
+        self.say(
+            format_args!(
+                "{}, still: {failures} failures in {}, {unsaid} of them since the last line",
+                self.failing,
+                seconds(lasted)
             ),
-            None if unsaid == 0 => self.say(format_args!("{}", self.failing), &error, None),
-            None => self.say(
-                format_args!(
-                    "{}, again: {} failures in {} since the last line",
-                    self.failing,
-                    unsaid + 1,
-                    seconds(now.duration_since(since))
-                ),
-                &error,
-                Some(unsaid + 1),
-            ),
-        }
-        if self.said.is_none() {
-            self.said = Some(Said {
-                since,
-                failures: unsaid + 1,
-            });
-        }
+            &error,
+            Some(failures),
+        );
     }
 
-    /// Reports a run that worked: logged when the log last said the task
-    /// fails.
+    /// Reports a run that worked: it ends the outage, and says so, once
+    /// the task has worked for [`SETTLE`] without a failure.
     pub fn succeeded(&mut self) {
-        if let Some(s) = self.said.take() {
-            // The failures not logged are counted in this line.
-            self.unsaid = 0;
-            self.unsaid_since = None;
-            tracing::info!(
-                failures = s.failures,
-                "{} after {} failures in {}",
-                self.again,
-                s.failures,
-                seconds(s.since.elapsed())
-            );
+        let Some(s) = self.said.as_mut() else {
+            return;
+        };
+        let now = Instant::now();
+        let working = *s.working.get_or_insert(now);
+        if now.duration_since(working) < SETTLE {
+            return;
         }
+        tracing::info!(
+            failures = s.failures,
+            "{} after {} failures in {}",
+            self.again,
+            s.failures,
+            seconds(working.duration_since(s.since))
+        );
+        self.said = None;
     }
 
     fn say(&self, message: std::fmt::Arguments<'_>, error: &impl Display, failures: Option<u64>) {
@@ -189,7 +177,11 @@ mod tests {
             o.failed("pool timed out");
             tokio::time::advance(Duration::from_millis(250)).await;
         }
-        o.succeeded();
+        // It works; said once it has for SETTLE, at the run after.
+        for _ in 0..13 {
+            o.succeeded();
+            tokio::time::advance(Duration::from_millis(250)).await;
+        }
         let said = lines.take();
         assert_eq!(said.len(), 4, "{said:#?}");
         assert!(
@@ -199,7 +191,8 @@ mod tests {
         );
         assert!(
             said[1].starts_with(
-                "WARN cannot claim due deliveries, still: 241 failures in 1 min 0 s, 240 of them since the last line"
+                "WARN cannot claim due deliveries, still: 241 failures in 1 min 0 s, 240 of them \
+                 since the last line"
             ),
             "{}",
             said[1]
@@ -227,14 +220,15 @@ mod tests {
         );
     }
 
-    /// A task that flaps: its first failure and first success are said,
-    /// the flaps after them only in the next line, a minute later.
+    /// A task that flaps is one outage: its first failure is said, the
+    /// flaps only in the minute's line, and its end once it has worked for
+    /// SETTLE.
     #[tokio::test(start_paused = true)]
-    async fn a_flapping_task_is_said_once_a_minute() {
+    async fn a_flapping_task_is_one_outage() {
         let lines = Lines::default();
         let _guard = tracing::subscriber::set_default(lines.subscriber());
         let mut o = Outage::new("accept failed", "connections are accepted again");
-        for _ in 0..100 {
+        for _ in 0..700 {
             o.failed("Too many open files");
             tokio::time::advance(Duration::from_millis(50)).await;
             o.succeeded();
@@ -248,26 +242,21 @@ mod tests {
             said[0]
         );
         assert!(
-            said[1].starts_with("INFO connections are accepted again after 1 failures in 0.1 s"),
+            said[1].starts_with("WARN accept failed, still: 601 failures in 1 min 0 s"),
             "{}",
             said[1]
         );
-        tokio::time::advance(REMIND).await;
-        o.failed("Too many open files");
+        o.succeeded();
+        tokio::time::advance(SETTLE).await;
+        assert!(lines.take().is_empty(), "said before a run after SETTLE");
         o.succeeded();
         let said = lines.take();
-        assert_eq!(said.len(), 2, "{said:#?}");
+        assert_eq!(said.len(), 1, "{said:#?}");
         assert!(
-            said[0].starts_with(
-                "WARN accept failed, again: 100 failures in 1 min 9 s since the last line"
-            ),
+            said[0]
+                .starts_with("INFO connections are accepted again after 700 failures in 1 min 9 s"),
             "{}",
             said[0]
-        );
-        assert!(
-            said[1].contains("after 100 failures in 1 min 9 s"),
-            "{}",
-            said[1]
         );
     }
 
