@@ -17,6 +17,7 @@ use tokio::time::Instant;
 
 use crate::config::Limits;
 use crate::level::Level;
+use crate::outage::Outage;
 use crate::routing::AddrRoutes;
 use crate::store::{Store, StoreError};
 
@@ -55,10 +56,8 @@ return {0, c, s}
 
 /// Prefix of every key this server writes to Redis.
 const KEY_PREFIX: &str = "roboger:lim:";
-/// How often a server tries to reach Redis again while it is down, and
-/// how often it says so.
+/// How often a server tries to reach Redis again while it is down.
 const RETRY: Duration = Duration::from_secs(1);
-const WARN_EVERY: Duration = Duration::from_secs(30);
 
 /// Where the counters are kept.
 pub struct Counters {
@@ -80,7 +79,8 @@ struct RedisCounters {
     script: redis::Script,
     timeout: Duration,
     state: tokio::sync::Mutex<Link>,
-    warned: Mutex<Option<Instant>>,
+    /// What the log says of pushes counted in the database instead.
+    outage: Mutex<Outage>,
 }
 
 #[derive(Default)]
@@ -109,7 +109,11 @@ impl Counters {
                 script: redis::Script::new(COUNT_SCRIPT),
                 timeout: timeout.min(Duration::from_secs(1)),
                 state: tokio::sync::Mutex::default(),
-                warned: Mutex::new(None),
+                outage: Mutex::new(Outage::new(
+                    "cannot count address limits in Redis; counting in the database until it is \
+                     back",
+                    "address limits are counted in Redis again",
+                )),
             }),
         };
         Ok(Counters { redis })
@@ -135,9 +139,15 @@ impl Counters {
         (max_c, max_s): (i64, i64),
     ) -> Result<Counted, StoreError> {
         if let Some(r) = &self.redis {
-            match r.count(addr_id, window, size, (max_c, max_s)).await {
-                Ok(c) => return Ok(c),
-                Err(e) => r.warn(&e),
+            let counted = r.count(addr_id, window, size, (max_c, max_s)).await;
+            if let Ok(mut outage) = r.outage.lock() {
+                match &counted {
+                    Ok(_) => outage.succeeded(),
+                    Err(e) => outage.failed(e),
+                }
+            }
+            if let Ok(c) = counted {
+                return Ok(c);
             }
         }
         let counted = store
@@ -251,18 +261,6 @@ impl RedisCounters {
                 return Ok(());
             }
             cursor = next;
-        }
-    }
-
-    fn warn(&self, e: &str) {
-        let Ok(mut warned) = self.warned.lock() else {
-            return;
-        };
-        if warned.is_none_or(|t| t.elapsed() >= WARN_EVERY) {
-            *warned = Some(Instant::now());
-            tracing::warn!(
-                "cannot count address limits in Redis ({e}); counting in the database until it is back"
-            );
         }
     }
 }

@@ -1651,6 +1651,7 @@ pub struct RedisServer {
     /// The port it listens on, at 127.0.0.1.
     pub port: u16,
     child: Option<Child>,
+    bin: PathBuf,
     _dir: tempfile::TempDir,
 }
 
@@ -1667,14 +1668,7 @@ impl RedisServer {
             .and_then(|l| l.local_addr())
             .expect("a free port")
             .port();
-        let spawned = Command::new(&bin)
-            .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
-            .args(["--save", "", "--appendonly", "no", "--dir"])
-            .arg(dir.path())
-            .stdout(Stdio::null())
-            .stdin(Stdio::null())
-            .spawn();
-        let child = match spawned {
+        let child = match RedisServer::spawn(&bin, port, dir.path()) {
             Ok(c) => c,
             Err(e) if std::env::var_os("ROBOGER_TEST_REQUIRE_ALL").is_none() => {
                 eprintln!(
@@ -1688,14 +1682,39 @@ impl RedisServer {
         let r = RedisServer {
             port,
             child: Some(child),
+            bin,
             _dir: dir,
         };
+        r.wait_ready();
+        Some(r)
+    }
+
+    fn spawn(bin: &Path, port: u16, dir: &Path) -> std::io::Result<Child> {
+        Command::new(bin)
+            .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--save", "", "--appendonly", "no", "--dir"])
+            .arg(dir)
+            .stdout(Stdio::null())
+            .stdin(Stdio::null())
+            .spawn()
+    }
+
+    fn wait_ready(&self) {
         let end = Instant::now() + Duration::from_secs(10);
-        while r.command(&["PING"]).as_deref() != Some("+PONG") {
+        while self.command(&["PING"]).as_deref() != Some("+PONG") {
             assert!(Instant::now() < end, "redis-server did not answer PING");
             std::thread::sleep(Duration::from_millis(10));
         }
-        Some(r)
+    }
+
+    /// Starts it again after [`RedisServer::stop`], on the same port,
+    /// empty, and waits until it answers `PING`.
+    pub fn restart(&mut self) {
+        self.stop();
+        let child = RedisServer::spawn(&self.bin, self.port, self._dir.path())
+            .expect("redis-server starts again");
+        self.child = Some(child);
+        self.wait_ready();
     }
 
     /// Sends one command (RESP) and returns the first line of the answer.

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use roboger_tests::{
     Method, Server, ServerOptions, Value, assert_status, json, json_lines, on_mysql, on_postgres,
-    run_server_cmd, shared_database, test_plugin_bin,
+    poll_every, run_server_cmd, shared_database, test_plugin_bin,
 };
 
 /// A node of the test cluster on database `db`, with the test plugin
@@ -742,7 +742,7 @@ async fn limits_in_redis_through_three_nodes_and_without_it() {
 
     // Redis goes away: pushes are counted in the database, still exactly.
     redis.stop();
-    let (_, addr2, later2) = limited(5).await;
+    let (addr2_id, addr2, later2) = limited(5).await;
     for n in &nodes[1..] {
         until(
             "the limit reaches every node",
@@ -751,7 +751,7 @@ async fn limits_in_redis_through_three_nodes_and_without_it() {
         )
         .await;
     }
-    let statuses = burst(addr2, 15).await;
+    let statuses = burst(addr2.clone(), 15).await;
     assert_eq!(
         (count(&statuses, 202), count(&statuses, 429)),
         (5, 10),
@@ -763,6 +763,35 @@ async fn limits_in_redis_through_three_nodes_and_without_it() {
             Duration::from_secs(5),
         )
         .await;
+
+    // Redis is back: the pushes are counted there again, and the log says
+    // so once they have been for a while, after one line of its absence.
+    redis.restart();
+    poll_every(
+        Duration::from_millis(250),
+        Duration::from_secs(20),
+        async || {
+            push_status(&nodes[0], &addr2, "probe").await;
+            match nodes[0]
+                .log_lines("address limits are counted in Redis again")
+                .is_empty()
+            {
+                true => Err(format!(
+                    "never said Redis counts again: {}",
+                    nodes[0].log_text()
+                )),
+                false => Ok(()),
+            }
+        },
+    )
+    .await;
+    let key = format!("roboger:lim:{}:{}", addr2_id, today_window_start());
+    assert!(
+        redis.command(&["HGET", &key, "c"]).is_some(),
+        "no count in Redis after its return"
+    );
+    let absent = nodes[0].log_lines("cannot count address limits in Redis");
+    assert_eq!(absent.len(), 1, "{absent:#?}");
 }
 
 /// The start of today's window (`period: day`), in seconds since the epoch.
