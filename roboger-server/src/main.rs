@@ -208,6 +208,7 @@ async fn reload_on_sighup(cli: Cli, app: Arc<App>) {
 }
 
 async fn serve(cli: &Cli, activated: Vec<OwnedFd>) -> anyhow::Result<()> {
+    server::raise_open_files_limit();
     let config = load_config(cli)?;
     let store = open_store(&config).await?;
     let listeners = if activated.is_empty() {

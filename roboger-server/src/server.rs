@@ -67,6 +67,54 @@ const LINGER_TIME: Duration = Duration::from_secs(30);
 /// closes (nginx's `lingering_timeout`).
 const LINGER_IDLE: Duration = Duration::from_secs(5);
 
+/// Descriptors kept for what is not a client's connection: the database
+/// pool, the plugins' pipes, listeners, files being served.
+const OTHER_FILES: u64 = 256;
+
+/// Raises this process's soft limit on open files to its hard limit, as
+/// Go programs do as they start: where nothing set it (a shell, a
+/// container) the soft limit is 1024, a quarter of the
+/// [`MAX_CONNECTIONS`] this server takes at once, and clients past it
+/// wait in the listen backlog. Plugins keep their own: each sandbox sets
+/// its `open-files`. Warns when even the hard limit is short of the
+/// connections and [`OTHER_FILES`].
+pub fn raise_open_files_limit() {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let was = getrlimit(Resource::Nofile);
+    // "Unlimited" is not a value the kernel takes for open files; Linux's
+    // default ceiling (fs.nr_open) is.
+    let hard = was.maximum.unwrap_or(1 << 20);
+    let soft = match was.current {
+        Some(soft) if soft < hard => {
+            let raised = Rlimit {
+                current: Some(hard),
+                maximum: was.maximum,
+            };
+            match setrlimit(Resource::Nofile, raised) {
+                Ok(()) => {
+                    tracing::debug!(from = soft, to = hard, "open files limit raised");
+                    hard
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot raise the open files limit from {soft}");
+                    soft
+                }
+            }
+        }
+        Some(soft) => soft,
+        None => hard,
+    };
+    let wanted = MAX_CONNECTIONS as u64 + OTHER_FILES;
+    if soft < wanted {
+        tracing::warn!(
+            open_files = soft,
+            "the open files limit ({soft}) is below the {MAX_CONNECTIONS} connections this \
+             server takes at once and the files it needs besides ({wanted} in all): clients past \
+             it wait unaccepted; raise it (LimitNOFILE= under systemd, ulimit -Hn)"
+        );
+    }
+}
+
 /// Serves `app` on `listeners` until `shutdown` completes.
 pub async fn run(listeners: Listeners, app: Arc<App>, shutdown: impl Future<Output = ()>) {
     let routes = api::routes(app.clone());

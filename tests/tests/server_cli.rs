@@ -780,6 +780,61 @@ async fn a_server_out_of_file_descriptors_says_so_once_and_recovers() {
     assert_status!(s.request(Method::GET, "/ping", None, &[], None).await, 204);
 }
 
+/// Started by hand, where the soft limit on open files is 1024 (below
+/// the 4096 connections it takes), the server raises it to the hard
+/// limit, and says when even that is short; its plugins keep their own.
+#[test]
+fn the_open_files_limit_is_raised_to_the_hard_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = Command::new("prlimit");
+    cmd.args(["--nofile=512:2048", "--"])
+        .arg(server_bin())
+        .args(["--listen", "127.0.0.1:0"])
+        .env("ROBOGER_DATA_DIR", dir.path())
+        .env_remove("ROBOGER_CONFIG");
+    let (mut child, _addr, log) = spawn_and_wait_listening(cmd);
+    let limits = |pid: u32| {
+        std::fs::read_to_string(format!("/proc/{pid}/limits"))
+            .unwrap_or_default()
+            .lines()
+            .find(|l| l.starts_with("Max open files"))
+            .map(|l| {
+                l.split_whitespace()
+                    .skip(3)
+                    .take(2)
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            })
+            .unwrap_or_default()
+    };
+    let server = limits(child.id());
+    // Its children, through each of its threads (the one that spawned a
+    // plugin is its parent).
+    let plugins: Vec<String> = std::fs::read_dir(format!("/proc/{}/task", child.id()))
+        .map(|tasks| tasks.flatten().collect::<Vec<_>>())
+        .unwrap_or_default()
+        .iter()
+        .flat_map(|t| {
+            std::fs::read_to_string(t.path().join("children"))
+                .unwrap_or_default()
+                .split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect::<Vec<u32>>()
+        })
+        .map(limits)
+        .collect();
+    let text = log.lock().unwrap().clone();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(server, "2048 2048", "{text}");
+    assert!(!plugins.is_empty(), "no plugin processes: {text}");
+    assert!(plugins.iter().all(|l| l == "1024 1024"), "{plugins:?}");
+    assert!(
+        text.contains("the open files limit (2048) is below the 4096 connections"),
+        "{text}"
+    );
+}
+
 #[test]
 fn systemd_unit_verifies() {
     let unit = std::fs::read_to_string(concat!(
