@@ -91,9 +91,13 @@ fn sandbox_exec(
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // A line that cannot be written (stderr a terminal hung up, a pipe
+    // whose reader is gone) is lost, not reported on that same stderr:
+    // that report's eprintln! panics, and the server went down with it.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(roboger_server::secrets::Redacting);
+        .with_writer(roboger_server::secrets::Redacting)
+        .log_internal_errors(false);
     match format {
         LogFormat::Json => builder.json().flatten_event(true).init(),
         LogFormat::Text => builder
@@ -117,8 +121,11 @@ fn load_config(cli: &Cli) -> anyhow::Result<Config> {
         tracing::info!("{n}");
     }
     if let Some(path) = &config.generated_key {
-        // Printed once, on the start that generated it.
-        println!(
+        // Printed once, on the start that generated it; it is in the file
+        // too, so an output nobody reads does not stop the start.
+        use std::io::Write;
+        let _ = writeln!(
+            std::io::stdout(),
             "Generated a new master key (stored in {}):\n\n    {}\n",
             path.display(),
             config.master_key

@@ -103,7 +103,9 @@ pub fn register(values: impl IntoIterator<Item = String>) {
         if reg.values.len() >= MAX_SECRETS {
             if !reg.full {
                 reg.full = true;
-                eprintln!(
+                // Not eprintln!, which panics when stderr is gone.
+                let _ = writeln!(
+                    std::io::stderr(),
                     "WARN roboger: more than {MAX_SECRETS} secrets; later ones are not masked in logs"
                 );
             }

@@ -835,6 +835,61 @@ fn the_open_files_limit_is_raised_to_the_hard_one() {
     );
 }
 
+/// A log nobody can read any more (the terminal it was started in hung
+/// up, the pipe it was written to lost its reader): the lines are lost,
+/// and the server goes on serving. It used to panic at the first line it
+/// could not write.
+#[tokio::test]
+async fn a_log_that_cannot_be_written_does_not_stop_the_server() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(server_bin())
+        .args(["--listen", "127.0.0.1:0"])
+        .env("ROBOGER_DATA_DIR", dir.path())
+        .env_remove("ROBOGER_CONFIG")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn roboger-server");
+    let stderr = child.stderr.take().expect("its stderr");
+    let mut log = String::new();
+    let base = std::io::BufReader::new(stderr)
+        .lines()
+        .map_while(Result::ok)
+        .inspect(|l| log.push_str(&format!("{l}\n")))
+        .find_map(|l| {
+            let at = l.find("listening on ")? + "listening on ".len();
+            let addr = l[at..].split_whitespace().next()?;
+            Some(format!("http://{addr}"))
+        });
+    // The reader is dropped here: the pipe has no reader from now on.
+    let Some(base) = base else {
+        let _ = child.kill();
+        panic!("the server did not say it listens: {log}");
+    };
+    let key = std::fs::read_to_string(dir.path().join("master.key")).expect("master.key");
+    let key = key.trim();
+    // Each management change writes a line; each is lost.
+    let mut created = Vec::new();
+    for _ in 0..3 {
+        let r = client()
+            .post(format!("{base}/manage/v2/addr"))
+            .header("X-Auth-Key", key)
+            .send()
+            .await;
+        created.push(r.map(|r| r.status().as_u16()).unwrap_or_default());
+    }
+    let core = core_status(&base, key).await;
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let status = child.wait().expect("wait");
+    assert_eq!(created, [201, 201, 201], "exit: {status:?}");
+    assert_eq!(core, 200);
+    assert!(status.success(), "exit after SIGTERM: {status:?}");
+}
+
 #[test]
 fn systemd_unit_verifies() {
     let unit = std::fs::read_to_string(concat!(
