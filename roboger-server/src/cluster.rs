@@ -131,14 +131,13 @@ pub async fn run(
         let beat =
             tokio::time::timeout(within, async { store.node_heartbeat(&node.row()).await }).await;
         let reached = matches!(beat, Ok(Ok(_)));
-        match &beat {
-            Ok(Ok(_)) => beating.succeeded(),
-            Ok(Err(e)) => beating.failed(e),
-            Err(_) => beating.failed(format_args!("timed out after {within:?}")),
-        }
         match beat {
-            Ok(Ok(true)) => presumed_dead = false,
+            Ok(Ok(true)) => {
+                beating.succeeded();
+                presumed_dead = false;
+            }
             Ok(Ok(false)) => {
+                beating.succeeded();
                 if !presumed_dead {
                     tracing::warn!(
                         instance = %node.instance,
@@ -148,7 +147,8 @@ pub async fn run(
                 }
                 presumed_dead = true;
             }
-            Ok(Err(_)) | Err(_) => {}
+            Ok(Err(e)) => beating.failed(e),
+            Err(_) => beating.failed(format_args!("timed out after {within:?}")),
         }
         // While the database cannot take a heartbeat, these would only
         // wait out their timeouts and say so again.

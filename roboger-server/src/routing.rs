@@ -235,7 +235,8 @@ pub async fn follow(routes: Weak<Routes>, store: Store) {
                 // recv() is not cancel-safe, so it runs alone in its task.
                 listening = Some(tokio::spawn(async move {
                     // A reconnection that works waits for the next
-                    // change, so that is when the outage is said to end.
+                    // change: the outage is said to end at a change heard
+                    // 3 s or more after the first one after it.
                     let mut outage = Outage::new(
                         "routing change listener failed",
                         "the routing change listener is told of changes again",

@@ -1652,7 +1652,8 @@ pub struct RedisServer {
     pub port: u16,
     child: Option<Child>,
     bin: PathBuf,
-    _dir: tempfile::TempDir,
+    /// Where it runs (empty: no persistence).
+    dir: tempfile::TempDir,
 }
 
 impl RedisServer {
@@ -1683,7 +1684,7 @@ impl RedisServer {
             port,
             child: Some(child),
             bin,
-            _dir: dir,
+            dir,
         };
         r.wait_ready();
         Some(r)
@@ -1711,7 +1712,7 @@ impl RedisServer {
     /// empty, and waits until it answers `PING`.
     pub fn restart(&mut self) {
         self.stop();
-        let child = RedisServer::spawn(&self.bin, self.port, self._dir.path())
+        let child = RedisServer::spawn(&self.bin, self.port, self.dir.path())
             .expect("redis-server starts again");
         self.child = Some(child);
         self.wait_ready();
