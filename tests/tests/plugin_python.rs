@@ -107,6 +107,53 @@ async fn a_modules_begin_and_commit_are_refused_and_leave_nothing_open() {
     assert_eq!(read_records(&out, 8).len(), 8);
 }
 
+/// A module that makes its session read-only before it reads, a careful
+/// author's habit, leaves the server's own statements alone: its SQL runs
+/// on connections of its own. Before, the setting stayed on a connection
+/// of the server's pool, and the server's writes that took it failed
+/// (management changes answered 503, "read-only transaction").
+#[tokio::test(flavor = "multi_thread")]
+async fn a_modules_session_settings_stay_on_its_own_connections() {
+    let s = Server::start_with(ServerOptions {
+        plugins_yaml: format!(
+            "- name: readonly\n  python: robogercontrib.readonly\n  command: {}\n  db: true\n  env: {{PYTHONPATH: {}}}\n",
+            plugin_bin("python").display(),
+            contrib().display()
+        ),
+        ..Default::default()
+    })
+    .await;
+    let (id, a) = s.new_addr().await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("events.jsonl");
+    s.endpoint(id, "readonly", json!({"out": out.display().to_string()}))
+        .await;
+    for i in 0..5 {
+        assert_status!(
+            s.push(json!({"addr": a, "msg": format!("e{i}")})).await,
+            202
+        );
+        let said = &read_records(&out, i + 1)[i];
+        assert!(said["took"].is_string(), "no statement taken: {said}");
+        assert!(said["addresses"].as_i64() >= Some(1), "{said}");
+    }
+    let mut answers = Vec::new();
+    for _ in 0..20 {
+        answers.push(s.manage(Method::POST, "/addr", None).await.status.as_u16());
+        answers.push(
+            s.push(json!({"addr": a, "msg": "after"}))
+                .await
+                .status
+                .as_u16(),
+        );
+    }
+    assert!(
+        answers.iter().all(|&st| st == 201 || st == 202),
+        "{answers:?}\n{}",
+        s.log_text()
+    );
+}
+
 fn read_records(path: &std::path::Path, n: usize) -> Vec<Value> {
     let end = Instant::now() + Duration::from_secs(20);
     loop {

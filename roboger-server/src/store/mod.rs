@@ -116,7 +116,15 @@ pub struct Store {
     sqlite_file: Option<std::path::PathBuf>,
     /// Where the pipeline's group commits run.
     commits: CommitConnection,
+    /// Where plugins' own SQL runs (`plugin_sql`): connections of its own,
+    /// opened when a plugin first needs one, so that what a plugin leaves
+    /// on its session (`SET`, a `PRAGMA`) never meets the server's own
+    /// statements.
+    plugins: DatabaseConnection,
 }
+
+/// Connections at most for plugins' own SQL, per server.
+pub const PLUGIN_CONNECTIONS: u32 = 2;
 
 /// Where the pipeline's group commits run: on the backends whose commit is
 /// one sqlx call, a connection kept from one commit to the next
@@ -181,6 +189,16 @@ impl Store {
             opts.max_connections(1);
         }
         let db = connect_waiting(opts.clone(), timeout, deadline).await?;
+        let plugins = if memory {
+            // Another connection would be another database.
+            db.clone()
+        } else {
+            let mut o = opts.clone();
+            o.max_connections(PLUGIN_CONNECTIONS)
+                .min_connections(0)
+                .connect_lazy(true);
+            sea_orm::Database::connect(o).await?
+        };
         let writes = if url.backend == DbBackend::Sqlite && !memory {
             opts.max_connections(1);
             connect_waiting(opts.clone(), timeout, deadline).await?
@@ -244,6 +262,7 @@ impl Store {
             backend: url.backend,
             sqlite_file: sqlite_file(&url.url),
             commits,
+            plugins,
         })
     }
 

@@ -1,12 +1,17 @@
 //! Plugins' own SQL (`db_query`/`db_execute`, for plugins with `db: true`),
 //! with `:name` parameters bound, never spliced.
 //!
-//! Each call runs in a transaction of the server's, committed before it
-//! is answered, on whichever pooled connection is free. A plugin's
-//! `BEGIN` would otherwise leave a transaction open on a pooled
-//! connection for the calls of others to run in: on SQLite, holding the
-//! write lock, it stopped every push and management change until the
-//! server restarted. A statement that begins or ends a transaction is
+//! Each call runs on a connection of the plugins' own pool (`Store`'s
+//! `plugins`): a session setting a plugin makes (PostgreSQL's `SET`,
+//! MySQL's `SET SESSION`, SQLite's `PRAGMA`) stays with the plugins'
+//! calls. On the server's pool, a plugin that made its session read-only
+//! made the server's writes fail on that connection.
+//!
+//! Each call also runs in a transaction of the server's, committed before
+//! it is answered. A plugin's `BEGIN` would otherwise leave a transaction
+//! open on a pooled connection for the calls of others to run in: on
+//! SQLite, holding the write lock, it stopped every push and management
+//! change until the server restarted. A statement that begins or ends a transaction is
 //! refused, saying why; one hidden further in a multi-statement text
 //! fails inside the server's transaction, or ends it, which leaves the
 //! connection counted in a transaction, and closed (`store::lendable`).
@@ -50,7 +55,7 @@ impl Store {
     ) -> Result<Vec<Value>> {
         use sea_orm::FromQueryResult;
         let stmt = self.named_statement(sql, params)?;
-        let txn = self.db.begin().await?;
+        let txn = self.plugins.begin().await?;
         let mut rows = txn.stream_raw(stmt).await?;
         let mut out = Vec::new();
         let mut size = JsonSize(2);
@@ -105,7 +110,7 @@ impl Store {
         // as an autocommit statement would; a deferred transaction that
         // read first could not take it once the writer had committed.
         let txn = self
-            .db
+            .plugins
             .begin_with_options(sea_orm::TransactionOptions {
                 sqlite_transaction_mode: (self.backend == DbBackend::Sqlite)
                     .then_some(sea_orm::SqliteTransactionMode::Immediate),
