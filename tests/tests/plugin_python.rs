@@ -60,20 +60,7 @@ async fn a_python_plugins_logging_lines_keep_their_levels() {
 /// push after it was a 503 until the server restarted.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_modules_begin_and_commit_are_refused_and_leave_nothing_open() {
-    let s = Server::start_with(ServerOptions {
-        plugins_yaml: format!(
-            "- name: counter\n  python: robogercontrib.counter\n  command: {}\n  db: true\n  env: {{PYTHONPATH: {}}}\n",
-            plugin_bin("python").display(),
-            contrib().display()
-        ),
-        ..Default::default()
-    })
-    .await;
-    let (id, a) = s.new_addr().await;
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("events.jsonl");
-    s.endpoint(id, "counter", json!({"out": out.display().to_string()}))
-        .await;
+    let (s, a, out, _dir) = contrib_module_server("counter").await;
     for i in 0..3 {
         assert_status!(
             s.push(json!({"addr": a, "msg": format!("e{i}")})).await,
@@ -114,20 +101,7 @@ async fn a_modules_begin_and_commit_are_refused_and_leave_nothing_open() {
 /// (management changes answered 503, "read-only transaction").
 #[tokio::test(flavor = "multi_thread")]
 async fn a_modules_session_settings_stay_on_its_own_connections() {
-    let s = Server::start_with(ServerOptions {
-        plugins_yaml: format!(
-            "- name: readonly\n  python: robogercontrib.readonly\n  command: {}\n  db: true\n  env: {{PYTHONPATH: {}}}\n",
-            plugin_bin("python").display(),
-            contrib().display()
-        ),
-        ..Default::default()
-    })
-    .await;
-    let (id, a) = s.new_addr().await;
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("events.jsonl");
-    s.endpoint(id, "readonly", json!({"out": out.display().to_string()}))
-        .await;
+    let (s, a, out, _dir) = contrib_module_server("readonly").await;
     for i in 0..5 {
         assert_status!(
             s.push(json!({"addr": a, "msg": format!("e{i}")})).await,
@@ -152,6 +126,29 @@ async fn a_modules_session_settings_stay_on_its_own_connections() {
         "{answers:?}\n{}",
         s.log_text()
     );
+}
+
+/// A server running `robogercontrib.NAME` as plugin NAME with `db: true`,
+/// an address with an endpoint of it whose `out` is a file in the
+/// directory returned: the server, the address, the file.
+async fn contrib_module_server(
+    name: &str,
+) -> (Server, String, std::path::PathBuf, tempfile::TempDir) {
+    let s = Server::start_with(ServerOptions {
+        plugins_yaml: format!(
+            "- name: {name}\n  python: robogercontrib.{name}\n  command: {}\n  db: true\n  env: {{PYTHONPATH: {}}}\n",
+            plugin_bin("python").display(),
+            contrib().display()
+        ),
+        ..Default::default()
+    })
+    .await;
+    let (id, a) = s.new_addr().await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("events.jsonl");
+    s.endpoint(id, name, json!({"out": out.display().to_string()}))
+        .await;
+    (s, a, out, dir)
 }
 
 fn read_records(path: &std::path::Path, n: usize) -> Vec<Value> {
