@@ -102,8 +102,9 @@ impl Outage {
         s.unsaid = 0;
         self.say(
             format_args!(
-                "{}, still: {failures} failures in {}, {unsaid} of them since the last line",
+                "{}, still: {} in {}, {unsaid} of them since the last line",
                 self.failing,
+                count(failures),
                 seconds(lasted)
             ),
             &error,
@@ -124,9 +125,9 @@ impl Outage {
         }
         tracing::info!(
             failures = s.failures,
-            "{} after {} failures in {}",
+            "{} after {} in {}",
             self.again,
-            s.failures,
+            count(s.failures),
             seconds(working.duration_since(s.since))
         );
         self.said = None;
@@ -139,6 +140,14 @@ impl Outage {
             (false, None) => tracing::warn!(error = %error, "{message}"),
             (false, Some(n)) => tracing::warn!(error = %error, failures = n, "{message}"),
         }
+    }
+}
+
+/// "1 failure", "2 failures".
+fn count(failures: u64) -> String {
+    match failures {
+        1 => "1 failure".to_string(),
+        n => format!("{n} failures"),
     }
 }
 
@@ -209,10 +218,19 @@ mod tests {
             "{}",
             said[3]
         );
-        // The next failure is a new outage, said at once.
+        // The next failure is a new outage, said at once; its end counts
+        // one failure.
         o.failed("disk full");
+        o.succeeded();
+        tokio::time::advance(SETTLE).await;
+        o.succeeded();
         let said = lines.take();
-        assert_eq!(said.len(), 1, "{said:#?}");
+        assert_eq!(said.len(), 2, "{said:#?}");
+        assert!(
+            said[1].starts_with("INFO due deliveries are claimed again after 1 failure in 0.0 s"),
+            "{}",
+            said[1]
+        );
         assert!(
             said[0].starts_with("WARN cannot claim due deliveries error=disk full"),
             "{}",
