@@ -124,7 +124,7 @@ pub struct Store {
 }
 
 /// Connections at most for plugins' own SQL, per server.
-pub const PLUGIN_CONNECTIONS: u32 = 2;
+const PLUGIN_CONNECTIONS: u32 = 2;
 
 /// Where the pipeline's group commits run: on the backends whose commit is
 /// one sqlx call, a connection kept from one commit to the next
