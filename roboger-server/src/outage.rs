@@ -88,7 +88,7 @@ impl Outage {
                 unsaid: 0,
                 working: None,
             });
-            self.say(format_args!("{}", self.failing), &error, None);
+            self.say(format_args!("{}", self.failing), &error, 1);
             return;
         };
         s.failures += 1;
@@ -108,7 +108,7 @@ impl Outage {
                 seconds(lasted)
             ),
             &error,
-            Some(failures),
+            failures,
         );
     }
 
@@ -133,12 +133,11 @@ impl Outage {
         self.said = None;
     }
 
-    fn say(&self, message: std::fmt::Arguments<'_>, error: &impl Display, failures: Option<u64>) {
-        match (self.error, failures) {
-            (true, None) => tracing::error!(error = %error, "{message}"),
-            (true, Some(n)) => tracing::error!(error = %error, failures = n, "{message}"),
-            (false, None) => tracing::warn!(error = %error, "{message}"),
-            (false, Some(n)) => tracing::warn!(error = %error, failures = n, "{message}"),
+    fn say(&self, message: std::fmt::Arguments<'_>, error: &impl Display, failures: u64) {
+        if self.error {
+            tracing::error!(error = %error, failures, "{message}");
+        } else {
+            tracing::warn!(error = %error, failures, "{message}");
         }
     }
 }
@@ -171,8 +170,7 @@ mod tests {
     /// failures a second, then works: four lines, not 720.
     #[tokio::test(start_paused = true)]
     async fn an_outage_is_said_once_a_minute_and_its_end_once() {
-        let lines = Lines::default();
-        let _guard = tracing::subscriber::set_default(lines.subscriber());
+        let (lines, _guard) = Lines::capture();
         let mut o = Outage::new(
             "cannot claim due deliveries",
             "due deliveries are claimed again",
@@ -243,8 +241,7 @@ mod tests {
     /// SETTLE.
     #[tokio::test(start_paused = true)]
     async fn a_flapping_task_is_one_outage() {
-        let lines = Lines::default();
-        let _guard = tracing::subscriber::set_default(lines.subscriber());
+        let (lines, _guard) = Lines::capture();
         let mut o = Outage::new("accept failed", "connections are accepted again");
         for _ in 0..700 {
             o.failed("Too many open files");
@@ -280,8 +277,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn errors_are_errors() {
-        let lines = Lines::default();
-        let _guard = tracing::subscriber::set_default(lines.subscriber());
+        let (lines, _guard) = Lines::capture();
         let mut o = Outage::errors(
             "cannot write to the database",
             "the database takes writes again",
@@ -299,6 +295,13 @@ mod tests {
     struct Lines(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
 
     impl Lines {
+        /// The lines this thread logs from now until the guard is dropped.
+        fn capture() -> (Lines, tracing::subscriber::DefaultGuard) {
+            let lines = Lines::default();
+            let guard = tracing::subscriber::set_default(lines.subscriber());
+            (lines, guard)
+        }
+
         fn subscriber(&self) -> impl tracing::Subscriber + Send + Sync + use<> {
             let me = self.clone();
             tracing_subscriber::fmt()
