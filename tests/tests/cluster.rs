@@ -102,6 +102,43 @@ async fn three_nodes_started_at_once_on_an_empty_database_all_come_up() {
         }
     }
     assert_eq!(instances.len(), 3, "each start is its own instance");
+    // Each node's start stays when its heartbeats move on (on MySQL, a
+    // table's first time column was made to follow every update where
+    // the server's `explicit_defaults_for_timestamp` was off).
+    // Each instance's start and heartbeat.
+    type Times = std::collections::BTreeMap<String, (Value, Value)>;
+    let times = async |n: &Server| -> Times {
+        let list = n.manage(Method::GET, "/node", None).await.json();
+        let list = list.as_array().cloned().unwrap_or_default();
+        list.iter()
+            .map(|n| {
+                let instance = n["instance"].as_str().unwrap_or_default().to_string();
+                (instance, (n["started"].clone(), n["heartbeat"].clone()))
+            })
+            .collect()
+    };
+    let before = times(&nodes[0]).await;
+    let after = poll_every(
+        Duration::from_millis(100),
+        Duration::from_secs(10),
+        async || {
+            let now = times(&nodes[0]).await;
+            match before
+                .iter()
+                .all(|(i, b)| now.get(i).is_some_and(|n| n.1 != b.1))
+            {
+                true => Ok(now),
+                false => Err(format!("not every heartbeat moved on: {now:?}")),
+            }
+        },
+    )
+    .await;
+    for (i, (started, _)) in &before {
+        assert_eq!(
+            &after[i].0, started,
+            "{i} started once: {before:?} then {after:?}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

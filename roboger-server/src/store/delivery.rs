@@ -207,7 +207,7 @@ impl Store {
         Ok(event_heads(self.backend)
             .filter(event::Column::AddrId.eq(addr_id))
             .order_by_desc(event::Column::Created)
-            // MySQL's TIMESTAMP keeps whole seconds; ids are UUIDv7, whose
+            // Times may tie (to the microsecond); ids are UUIDv7, whose
             // text sorts by time to the millisecond.
             .order_by_desc(event::Column::Id)
             .limit(limit)

@@ -57,6 +57,7 @@ impl MigratorTrait for Migrator {
             Box::new(EventHops),
             Box::new(DeliveryEndpointId),
             Box::new(MysqlUtf8mb4),
+            Box::new(MysqlInstants),
         ]
     }
 }
@@ -699,7 +700,8 @@ enum JobLease {
 }
 
 /// A timestamp column to the microsecond: heartbeats are compared to the
-/// second, and MySQL's plain `TIMESTAMP` keeps whole seconds only.
+/// second, and MySQL's plain `TIMESTAMP` keeps whole seconds only. On
+/// MySQL its attributes are said, as [`MysqlInstants`] says why.
 fn instant<T: IntoIden>(m: &SchemaManager, col: T, nullable: bool) -> ColumnDef {
     match (
         m.get_database_backend() == sea_orm::DbBackend::MySql,
@@ -707,12 +709,8 @@ fn instant<T: IntoIden>(m: &SchemaManager, col: T, nullable: bool) -> ColumnDef 
     ) {
         (true, n) => {
             let mut c = ColumnDef::new(col);
-            c.custom(Alias::new("TIMESTAMP(6)"));
-            if n {
-                c.null()
-            } else {
-                c.not_null()
-            };
+            c.custom(Alias::new("TIMESTAMP(6)"))
+                .extra(mysql_time_attributes(n));
             c
         }
         (false, false) => timestamp_with_time_zone(col),
@@ -1154,6 +1152,116 @@ impl MigrationTrait for MysqlUtf8mb4 {
 
     /// Text outside Latin-1 cannot go back: the tables stay `utf8mb4`.
     async fn down(&self, _m: &SchemaManager) -> Result<(), DbErr> {
+        Ok(())
+    }
+}
+
+/// Every time column of the server's on MySQL, to the microsecond as the
+/// other backends keep them, and with its attributes said explicitly.
+/// - Some were plain `TIMESTAMP`, which MariaDB truncates to the second:
+///   a retry due in 1.8 s was due in 1 s (one due in 0.5 s, at once), a
+///   lease ended up to a second early, and the management API showed a
+///   delivery waiting a second less than it would.
+/// - Where `explicit_defaults_for_timestamp` is off (the default before
+///   MariaDB 10.10 and MySQL 8.0.2), a table's first `TIMESTAMP NOT NULL`
+///   column was made `ON UPDATE CURRENT_TIMESTAMP`: a node's `started`
+///   moved with each heartbeat, a delivery's `next_at` with each claim.
+///   An explicit `DEFAULT` (never used: every insert gives the time)
+///   keeps the server from adding one.
+struct MysqlInstants;
+
+impl MigrationName for MysqlInstants {
+    fn name(&self) -> &str {
+        "m20261205_000013_mysql_instants"
+    }
+}
+
+/// A time column of the server's on MySQL.
+struct MysqlTime {
+    table: &'static str,
+    column: &'static str,
+    nullable: bool,
+    /// A plain `TIMESTAMP` (whole seconds) before [`MysqlInstants`].
+    was_plain: bool,
+}
+
+const fn time(
+    table: &'static str,
+    column: &'static str,
+    nullable: bool,
+    was_plain: bool,
+) -> MysqlTime {
+    MysqlTime {
+        table,
+        column,
+        nullable,
+        was_plain,
+    }
+}
+
+/// Every time column of the server's tables, a table's together.
+const MYSQL_TIMES: &[MysqlTime] = &[
+    time("delivery", "next_at", false, true),
+    time("delivery", "lease_until", true, true),
+    time("delivery", "created", false, true),
+    time("delivery", "updated", false, true),
+    time("event", "created", false, true),
+    time("routing_change", "created", false, true),
+    time("bucket", "d", false, true),
+    time("bucket", "da", true, true),
+    time("bucket", "expires_at", false, false),
+    time("node", "started", false, false),
+    time("node", "heartbeat", false, false),
+    time("node", "rescued", true, false),
+    time("job_lease", "until", false, false),
+    time("console_session", "created", false, false),
+    time("console_session", "expires", false, false),
+    time("console_signin", "last_failure", false, false),
+];
+
+/// `TIMESTAMP(6)`'s attributes, said so that no server adds its own.
+fn mysql_time_attributes(nullable: bool) -> &'static str {
+    if nullable {
+        "NULL DEFAULT NULL"
+    } else {
+        "NOT NULL DEFAULT CURRENT_TIMESTAMP(6)"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for MysqlInstants {
+    async fn up(&self, m: &SchemaManager) -> Result<(), DbErr> {
+        MysqlInstants::retype(m, |_| "TIMESTAMP(6)").await
+    }
+
+    /// Back to whole seconds where they were; the attributes stay said.
+    async fn down(&self, m: &SchemaManager) -> Result<(), DbErr> {
+        MysqlInstants::retype(m, |plain| if plain { "TIMESTAMP" } else { "TIMESTAMP(6)" }).await
+    }
+}
+
+impl MysqlInstants {
+    /// One `ALTER TABLE` per table, each column typed by `time(was_plain)`.
+    async fn retype(m: &SchemaManager<'_>, time: fn(bool) -> &'static str) -> Result<(), DbErr> {
+        if m.get_database_backend() != sea_orm::DbBackend::MySql {
+            return Ok(());
+        }
+        for group in MYSQL_TIMES.chunk_by(|a, b| a.table == b.table) {
+            let modify: Vec<String> = group
+                .iter()
+                .map(|c| {
+                    let attributes = mysql_time_attributes(c.nullable);
+                    format!("MODIFY `{}` {} {attributes}", c.column, time(c.was_plain))
+                })
+                .collect();
+            m.get_connection()
+                .execute_unprepared(&format!(
+                    "ALTER TABLE `{}` {}",
+                    group[0].table,
+                    modify.join(", ")
+                ))
+                .await?;
+        }
         Ok(())
     }
 }
