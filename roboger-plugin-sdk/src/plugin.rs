@@ -239,7 +239,8 @@ impl Host {
         self.client.get_url().await.map_err(failed)
     }
 
-    /// Stores a bucket object; returns its id.
+    /// Stores a bucket object; returns its id. `expires` is seconds, from
+    /// 1 to ten years; `None` takes the server's `bucket.default-expires`.
     #[allow(clippy::too_many_arguments)]
     pub async fn bucket_put(
         &self,

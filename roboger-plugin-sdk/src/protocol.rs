@@ -397,7 +397,8 @@ pub trait HostApi {
     async fn is_use_lastrowid(&self) -> RpcResult<bool>;
 
     /// Stores an immutable object; returns its id. `content` is base64;
-    /// the creator is always `plugin.NAME`.
+    /// the creator is always `plugin.NAME`. `expires` is seconds, from 1
+    /// to ten years (315360000); without it, `bucket.default-expires`.
     #[method(name = "bucket_put", param_kind = map)]
     async fn bucket_put(
         &self,

@@ -5,7 +5,15 @@
 //! immutable and expire a fixed time after creation. Storage is in
 //! [`crate::store::Store`]; this module only holds the rules.
 
+use std::time::Duration;
+
 use sha2::{Digest, Sha256};
+
+/// The longest an object is kept: ten years. A plugin asking for more
+/// (`expires` as "forever", say) is refused, as is a configuration's
+/// `bucket.default-expires` past it: every backend stores the time it
+/// expires, and the arithmetic on it cannot overflow.
+pub const MAX_EXPIRES: Duration = Duration::from_secs(10 * 365 * 86_400);
 
 /// The object id for `content` created by `creator` for `addr_id` at `now`.
 pub fn object_id(

@@ -695,6 +695,15 @@ impl Config {
             .bucket
             .and_then(|b| b.default_expires)
             .unwrap_or(DEFAULT_BUCKET_EXPIRES);
+        if !(1..=crate::bucket::MAX_EXPIRES.as_secs()).contains(&bucket_default_expires) {
+            return Err(invalid(
+                "roboger.bucket.default-expires",
+                format!(
+                    "must be between 1 and {} seconds (ten years)",
+                    crate::bucket::MAX_EXPIRES.as_secs()
+                ),
+            ));
+        }
 
         let timeout = f.timeout.unwrap_or(DEFAULT_TIMEOUT);
         if !(0.1..=3600.0).contains(&timeout) {
@@ -1699,6 +1708,27 @@ mod tests {
         assert_eq!(c.bucket_default_expires, Duration::from_secs(60));
         assert_eq!(c.plugins.len(), 2);
         assert!(c.notices.iter().any(|n| n.contains("gunicorn.workers")));
+    }
+
+    /// A bucket object's default lifetime is from a second to ten years:
+    /// past that, the time it would expire is not a time to store.
+    #[test]
+    fn bucket_default_expires_is_bounded() {
+        let load = |v: &str| {
+            load_str(&format!(
+                "roboger:\n  master:\n    key: x\n  bucket:\n    default-expires: {v}\n"
+            ))
+        };
+        for bad in ["0", "315360001", "18446744073709551615"] {
+            let e = load(bad).unwrap_err().to_string();
+            assert!(
+                e.contains("roboger.bucket.default-expires")
+                    && e.contains("must be between 1 and 315360000 seconds (ten years)"),
+                "{bad}: {e}"
+            );
+        }
+        let c = load("315360000").unwrap();
+        assert_eq!(c.bucket_default_expires, crate::bucket::MAX_EXPIRES);
     }
 
     #[test]

@@ -158,13 +158,16 @@ impl HostApiServer for HostHandler {
             Some(m @ Value::Object(_)) => m,
             Some(_) => return Err(err(codes::REJECTED, "metadata must be an object")),
         };
-        let expires = match expires {
+        let expires = match expires.map(|s| u64::try_from(s).map(Duration::from_secs)) {
             None => self.ctx.bucket_default_expires,
-            Some(s) if s > 0 => Duration::from_secs(s as u64),
+            Some(Ok(d)) if !d.is_zero() && d <= crate::bucket::MAX_EXPIRES => d,
             Some(_) => {
                 return Err(err(
                     codes::REJECTED,
-                    "expires must be a positive number of seconds",
+                    format!(
+                        "expires must be a positive number of seconds, at most {} (ten years)",
+                        crate::bucket::MAX_EXPIRES.as_secs()
+                    ),
                 ));
             }
         };

@@ -186,6 +186,67 @@ async fn public_bucket_objects_are_served_until_they_expire() {
     );
 }
 
+/// A plugin may keep an object for up to ten years; asking for longer
+/// (`expires` as "forever") or for no time at all is refused, saying so,
+/// where it made the server's call panic.
+#[tokio::test]
+async fn an_object_is_kept_at_most_ten_years() {
+    let dir = tempfile::tempdir().unwrap();
+    let rec = dir.path().join("rec.jsonl");
+    let s = Server::start_with(ServerOptions {
+        plugins_yaml: entry("t", &rec, ""),
+        ..Default::default()
+    })
+    .await;
+    let addr = s.manage(Method::POST, "/addr", None).await.json()["id"]
+        .as_i64()
+        .unwrap();
+    const TEN_YEARS: i64 = 10 * 365 * 86_400;
+    let id = put(
+        &s,
+        &rec,
+        addr,
+        json!({"content": "long", "public": true, "expires": TEN_YEARS}),
+    )
+    .await;
+    let r = s
+        .request(Method::GET, &format!("/file/{id}"), None, &[], None)
+        .await;
+    assert_status!(r, 200);
+    let cc = r.header("cache-control").unwrap_or_default().to_string();
+    let max_age: i64 = cc
+        .strip_prefix("public, max-age=")
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("{cc}"));
+    assert!((TEN_YEARS - 5..=TEN_YEARS).contains(&max_age), "{cc}");
+    for expires in [
+        json!(TEN_YEARS + 1),
+        json!(i64::MAX),
+        json!(1u64 << 53),
+        json!(0),
+        json!(-1),
+    ] {
+        let config = json!({"bucket": {"content": "x", "addr_id": addr, "expires": expires}});
+        let r = s
+            .manage(
+                Method::POST,
+                &format!("/addr/{addr}/endpoint"),
+                Some(json!({"plugin_name": "t", "config": config})),
+            )
+            .await;
+        assert_status!(r, 400);
+        assert!(
+            r.text.contains(
+                "expires must be a positive number of seconds, at most 315360000 (ten years)"
+            ),
+            "{expires}: {}",
+            r.text
+        );
+    }
+    let log = s.log_text();
+    assert!(!log.contains("panicked"), "{log}");
+}
+
 #[tokio::test]
 async fn files_nobody_reads_hold_neither_memory_nor_a_connection_for_long() {
     let dir = tempfile::tempdir().unwrap();

@@ -31,7 +31,13 @@ impl Store {
     pub async fn bucket_put(&self, o: NewObject) -> Result<String> {
         let now = chrono::Utc::now();
         let id = crate::bucket::object_id(&o.content, &o.creator, o.addr_id, now);
-        let expires = o.expires.as_secs() as i64;
+        // Callers keep `expires` within MAX_EXPIRES; past any time a
+        // backend can hold, it is refused rather than overflowing.
+        let expires_at = chrono::Duration::from_std(o.expires)
+            .ok()
+            .and_then(|d| now.checked_add_signed(d))
+            .ok_or_else(|| StoreError::TooLarge(format!("expires {:?}", o.expires)))?;
+        let expires = i64::try_from(o.expires.as_secs()).unwrap_or(i64::MAX);
         let am = bucket::ActiveModel {
             id: Set(id.clone()),
             creator: Set(o.creator),
@@ -44,7 +50,7 @@ impl Store {
             d: Set(now),
             da: Set(None),
             expires: Set(expires),
-            expires_at: Set(now + chrono::Duration::seconds(expires)),
+            expires_at: Set(expires_at),
             content: Set(o.content),
         };
         am.insert(&self.db)
