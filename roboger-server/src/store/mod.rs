@@ -126,6 +126,13 @@ pub struct Store {
 /// Connections at most for plugins' own SQL, per server.
 const PLUGIN_CONNECTIONS: u32 = 2;
 
+/// PostgreSQL's isolation on every connection of the server's, whatever
+/// the database's `default_transaction_isolation`: its statements are
+/// written for READ COMMITTED (PostgreSQL's own default), locking what
+/// they must. Where an operator made SERIALIZABLE the default, concurrent
+/// management changes and claims failed with serialization errors (503).
+const PG_ISOLATION: (&str, &str) = ("default_transaction_isolation", "read committed");
+
 /// Where the pipeline's group commits run: on the backends whose commit is
 /// one sqlx call, a connection kept from one commit to the next
 /// ([`kept`]); on MySQL, transactions taken from the pool.
@@ -183,6 +190,9 @@ impl Store {
                 Box::pin(async move { Ok(lend) })
             });
         }
+        if url.backend == DbBackend::Postgres {
+            opts.map_sqlx_postgres_opts(|o| o.options([PG_ISOLATION]));
+        }
         let memory = url.url == "sqlite::memory:";
         if memory {
             // Each in-memory connection would be a separate database.
@@ -237,7 +247,7 @@ impl Store {
                 // by index and by `ctid` (see `PG_GROUP_COMMIT`).
                 let cancel_after = timeout * 9 / 10;
                 opts.max_connections(1).map_sqlx_postgres_opts(move |o| {
-                    o.options([
+                    o.options([PG_ISOLATION]).options([
                         (
                             "statement_timeout",
                             format!("{}ms", cancel_after.as_millis().max(1)),
