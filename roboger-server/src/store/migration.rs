@@ -209,10 +209,10 @@ impl MigrationTrait for Base {
                 .col(big_integer(Bucket::Size))
                 .col(boolean(Bucket::Public).default(false))
                 .col(json_null(Bucket::Metadata))
-                .col(timestamp_with_time_zone(Bucket::D))
-                .col(timestamp_with_time_zone_null(Bucket::Da))
+                .col(instant(m, Bucket::D, false))
+                .col(instant(m, Bucket::Da, true))
                 .col(big_integer(Bucket::Expires))
-                .col(timestamp_with_time_zone(Bucket::ExpiresAt))
+                .col(instant(m, Bucket::ExpiresAt, false))
                 .col(blob(Bucket::Content))
                 .foreign_key(
                     ForeignKey::create()
@@ -347,7 +347,7 @@ impl MigrationTrait for Events {
                 .col(text_null(Event::Sender))
                 .col(blob_null(Event::Media))
                 .col(text_null(Event::MediaFname))
-                .col(timestamp_with_time_zone(Event::Created))
+                .col(instant(m, Event::Created, false))
                 .foreign_key(
                     ForeignKey::create()
                         .name("fk_event_addr")
@@ -377,12 +377,12 @@ impl MigrationTrait for Events {
                 .col(big_integer(Delivery::EndpointId))
                 .col(string_len(Delivery::State, 10))
                 .col(integer(Delivery::Attempts).default(0))
-                .col(timestamp_with_time_zone(Delivery::NextAt))
-                .col(timestamp_with_time_zone_null(Delivery::LeaseUntil))
+                .col(instant(m, Delivery::NextAt, false))
+                .col(instant(m, Delivery::LeaseUntil, true))
                 .col(string_len_null(Delivery::LeasedBy, 128))
                 .col(text_null(Delivery::LastError))
-                .col(timestamp_with_time_zone(Delivery::Created))
-                .col(timestamp_with_time_zone(Delivery::Updated))
+                .col(instant(m, Delivery::Created, false))
+                .col(instant(m, Delivery::Updated, false))
                 .foreign_key(
                     ForeignKey::create()
                         .name(FK_DELIVERY_EVENT)
@@ -525,7 +525,7 @@ impl MysqlTypes {
                 .modify_column(
                     ColumnDef::new(Bucket::ExpiresAt)
                         .custom(Alias::new(time))
-                        .not_null(),
+                        .extra(mysql_time_attributes(false)),
                 )
                 .to_owned(),
         )
@@ -699,9 +699,13 @@ enum JobLease {
     Until,
 }
 
-/// A timestamp column to the microsecond: heartbeats are compared to the
-/// second, and MySQL's plain `TIMESTAMP` keeps whole seconds only. On
-/// MySQL its attributes are said, as [`MysqlInstants`] says why.
+/// Every time column: to the microsecond (MySQL's plain `TIMESTAMP`
+/// keeps whole seconds only), and on MySQL with its attributes said, as
+/// [`MysqlInstants`] says why. Where `explicit_defaults_for_timestamp` is
+/// off and `sql_mode` has `NO_ZERO_DATE` (MySQL 5.7's defaults), a
+/// `TIMESTAMP NOT NULL` without a default is given `'0000-00-00'`, which
+/// that mode refuses: the table could not be made at all. Migrations made
+/// before 13 use it too, so a new database is made right from the start.
 fn instant<T: IntoIden>(m: &SchemaManager, col: T, nullable: bool) -> ColumnDef {
     match (
         m.get_database_backend() == sea_orm::DbBackend::MySql,
@@ -783,7 +787,7 @@ impl MigrationTrait for Cluster {
                 .if_not_exists()
                 .col(big_integer(RoutingChange::Version).primary_key())
                 .col(big_integer_null(RoutingChange::AddrId))
-                .col(timestamp_with_time_zone(RoutingChange::Created))
+                .col(instant(m, RoutingChange::Created, false))
                 .to_owned(),
         )
         .await?;

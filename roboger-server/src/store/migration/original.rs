@@ -72,7 +72,8 @@ fn conversion(backend: DbBackend) -> &'static [&'static str] {
              expires_at = LEAST(d + INTERVAL COALESCE(expires, 0) SECOND, \
              '2038-01-19 03:14:07')",
             "ALTER TABLE bucket MODIFY expires BIGINT NOT NULL, \
-             MODIFY expires_at TIMESTAMP(6) NOT NULL, ADD INDEX bucket_expires_at (expires_at)",
+             MODIFY expires_at TIMESTAMP(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6), \
+             ADD INDEX bucket_expires_at (expires_at)",
         ],
         // SQLite (the one backend left) reads the NUMERIC columns as the integers they hold, and
         // the enum is a CHECK on text; only the bucket changes. An index
