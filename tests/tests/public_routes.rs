@@ -2,7 +2,7 @@
 //! at `/file/{id}` with the original's headers, and `/plugin/{name}/...`
 //! answered by the plugin's `http` method.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use roboger_tests::{
@@ -16,6 +16,22 @@ fn entry(name: &str, rec: &Path, extra_env: &str) -> String {
         test_plugin_bin().display(),
         rec.display()
     )
+}
+
+/// A server with the test plugin as `t` (and `yaml` in its settings),
+/// recording its calls to the returned file in the returned directory,
+/// and a new address's id.
+async fn server_with_t(yaml: &str) -> (tempfile::TempDir, PathBuf, Server, i64) {
+    let dir = tempfile::tempdir().unwrap();
+    let rec = dir.path().join("rec.jsonl");
+    let s = Server::start_with(ServerOptions {
+        yaml: yaml.into(),
+        plugins_yaml: entry("t", &rec, ""),
+        ..Default::default()
+    })
+    .await;
+    let (addr, _) = s.new_addr().await;
+    (dir, rec, s, addr)
 }
 
 /// Has plugin `t` store an object (through its validate_config) and
@@ -76,16 +92,7 @@ async fn served_again(s: &Server, path: &str, limit: Duration) -> roboger_tests:
 
 #[tokio::test]
 async fn public_bucket_objects_are_served_until_they_expire() {
-    let dir = tempfile::tempdir().unwrap();
-    let rec = dir.path().join("rec.jsonl");
-    let s = Server::start_with(ServerOptions {
-        plugins_yaml: entry("t", &rec, ""),
-        ..Default::default()
-    })
-    .await;
-    let addr = s.manage(Method::POST, "/addr", None).await.json()["id"]
-        .as_i64()
-        .unwrap();
+    let (_dir, rec, s, addr) = server_with_t("").await;
 
     let id = put(
         &s,
@@ -191,16 +198,7 @@ async fn public_bucket_objects_are_served_until_they_expire() {
 /// where it made the server's call panic.
 #[tokio::test]
 async fn an_object_is_kept_at_most_ten_years() {
-    let dir = tempfile::tempdir().unwrap();
-    let rec = dir.path().join("rec.jsonl");
-    let s = Server::start_with(ServerOptions {
-        plugins_yaml: entry("t", &rec, ""),
-        ..Default::default()
-    })
-    .await;
-    let addr = s.manage(Method::POST, "/addr", None).await.json()["id"]
-        .as_i64()
-        .unwrap();
+    let (_dir, rec, s, addr) = server_with_t("").await;
     const TEN_YEARS: i64 = 10 * 365 * 86_400;
     let id = put(
         &s,
@@ -249,19 +247,10 @@ async fn an_object_is_kept_at_most_ten_years() {
 
 #[tokio::test]
 async fn files_nobody_reads_hold_neither_memory_nor_a_connection_for_long() {
-    let dir = tempfile::tempdir().unwrap();
-    let rec = dir.path().join("rec.jsonl");
     // 14 MiB of the 16 MiB budget is for large bodies and files: room
-    // for one 10 MiB file at a time.
-    let s = Server::start_with(ServerOptions {
-        // The plugin call that stores the 10 MiB object gets 5 s, not the
-        // tests' 2, on a loaded machine.
-        yaml: "body-budget: 16777216\ntimeout: 5\n".into(),
-        plugins_yaml: entry("t", &rec, ""),
-        ..Default::default()
-    })
-    .await;
-    let (addr, _) = s.new_addr().await;
+    // for one 10 MiB file at a time. The plugin call that stores the
+    // 10 MiB object gets 5 s, not the tests' 2, on a loaded machine.
+    let (_dir, rec, s, addr) = server_with_t("body-budget: 16777216\ntimeout: 5\n").await;
     const SIZE: usize = 10 * 1024 * 1024;
     let id = put(
         &s,

@@ -1189,7 +1189,7 @@ struct MysqlTime {
     was_plain: bool,
 }
 
-const fn time(
+const fn mysql_time(
     table: &'static str,
     column: &'static str,
     nullable: bool,
@@ -1205,22 +1205,22 @@ const fn time(
 
 /// Every time column of the server's tables, a table's together.
 const MYSQL_TIMES: &[MysqlTime] = &[
-    time("delivery", "next_at", false, true),
-    time("delivery", "lease_until", true, true),
-    time("delivery", "created", false, true),
-    time("delivery", "updated", false, true),
-    time("event", "created", false, true),
-    time("routing_change", "created", false, true),
-    time("bucket", "d", false, true),
-    time("bucket", "da", true, true),
-    time("bucket", "expires_at", false, false),
-    time("node", "started", false, false),
-    time("node", "heartbeat", false, false),
-    time("node", "rescued", true, false),
-    time("job_lease", "until", false, false),
-    time("console_session", "created", false, false),
-    time("console_session", "expires", false, false),
-    time("console_signin", "last_failure", false, false),
+    mysql_time("delivery", "next_at", false, true),
+    mysql_time("delivery", "lease_until", true, true),
+    mysql_time("delivery", "created", false, true),
+    mysql_time("delivery", "updated", false, true),
+    mysql_time("event", "created", false, true),
+    mysql_time("routing_change", "created", false, true),
+    mysql_time("bucket", "d", false, true),
+    mysql_time("bucket", "da", true, true),
+    mysql_time("bucket", "expires_at", false, false),
+    mysql_time("node", "started", false, false),
+    mysql_time("node", "heartbeat", false, false),
+    mysql_time("node", "rescued", true, false),
+    mysql_time("job_lease", "until", false, false),
+    mysql_time("console_session", "created", false, false),
+    mysql_time("console_session", "expires", false, false),
+    mysql_time("console_signin", "last_failure", false, false),
 ];
 
 /// `TIMESTAMP(6)`'s attributes, said so that no server adds its own.

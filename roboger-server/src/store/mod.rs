@@ -246,6 +246,8 @@ impl Store {
                 // do), which leaves the planner the statement's lookups
                 // by index and by `ctid` (see `PG_GROUP_COMMIT`).
                 let cancel_after = timeout * 9 / 10;
+                // (Mapping the options again replaces the pool's map, so
+                // the isolation is said again.)
                 opts.max_connections(1).map_sqlx_postgres_opts(move |o| {
                     o.options([PG_ISOLATION]).options([
                         (
