@@ -99,7 +99,10 @@ pub fn fresh_database(dir: &Path) -> String {
 /// as its user.
 pub fn mariadb_client(url: &url::Url) -> Command {
     let mut c = Command::new("mariadb");
-    c.args(["-h", url.host_str().unwrap_or("127.0.0.1")])
+    // The suite's server has `autocommit` off (see tests/run): the test's
+    // own statements commit as they go, as a client's do by default.
+    c.arg("--init-command=SET autocommit = 1")
+        .args(["-h", url.host_str().unwrap_or("127.0.0.1")])
         .args(["-P", &url.port().unwrap_or(3306).to_string()])
         .args(["-u", url.username()]);
     c

@@ -193,6 +193,20 @@ impl Store {
         if url.backend == DbBackend::Postgres {
             opts.map_sqlx_postgres_opts(|o| o.options([PG_ISOLATION]));
         }
+        if url.backend == DbBackend::MySql {
+            // Every statement outside the server's transactions commits
+            // on its own, whatever the server's `autocommit` (off in some
+            // operators' my.cnf): else what it wrote waited, uncommitted,
+            // on the pooled connection, and the start failed.
+            opts.map_sqlx_mysql_pool_opts(|p| {
+                p.after_connect(|conn, _| {
+                    Box::pin(async move {
+                        use sea_orm::sqlx::Executor;
+                        conn.execute("SET autocommit = 1").await.map(drop)
+                    })
+                })
+            });
+        }
         let memory = url.url == "sqlite::memory:";
         if memory {
             // Each in-memory connection would be a separate database.
