@@ -71,6 +71,8 @@ fn conversion(backend: DbBackend) -> &'static [&'static str] {
             "UPDATE bucket SET expires = COALESCE(expires, 0), \
              expires_at = LEAST(d + INTERVAL COALESCE(expires, 0) SECOND, \
              '2038-01-19 03:14:07')",
+            // The default said, as every time column's is (see the
+            // migrations' `mysql_time_attributes`).
             "ALTER TABLE bucket MODIFY expires BIGINT NOT NULL, \
              MODIFY expires_at TIMESTAMP(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6), \
              ADD INDEX bucket_expires_at (expires_at)",
