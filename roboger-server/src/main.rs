@@ -143,6 +143,16 @@ async fn open_store(config: &Config) -> anyhow::Result<Store> {
         .migrate(config.timeout.max(std::time::Duration::from_secs(10)) * 12)
         .await
         .context("cannot apply database migrations")?;
+    if let Some(most) = store.largest_event()
+        && most < config.push_max_media
+    {
+        tracing::warn!(
+            "MySQL's max_allowed_packet leaves room for events of {most} bytes of text and \
+             media, less than push-max-media ({} bytes): larger pushes are refused (413); \
+             raise max_allowed_packet above push-max-media and the longest text expected",
+            config.push_max_media
+        );
+    }
     Ok(store)
 }
 

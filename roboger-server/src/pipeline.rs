@@ -58,7 +58,7 @@ use crate::routing::Target;
 use crate::store::entity::{delivery, endpoint, event};
 use crate::store::{
     Attempt, EventHead, GroupCommit, STATE_DELIVERED, STATE_FAILED, STATE_PENDING, Store,
-    StoreError, Written,
+    StoreError, Written, event_bytes,
 };
 use crate::supervisor::{CallError, RawParams, Supervisor};
 
@@ -67,7 +67,8 @@ mod suspect;
 
 use hold::Holds;
 
-/// Why an event could not be accepted (the push gets a 503).
+/// Why an event could not be accepted (the push gets a 503, or a 413
+/// when it is too large).
 #[derive(Debug, thiserror::Error)]
 pub enum AcceptError {
     /// The database refused or failed the commit.
@@ -80,6 +81,10 @@ pub enum AcceptError {
     /// the commit.
     #[error("addr {0} was deleted")]
     AddrGone(String),
+    /// The event's text and media are more bytes than the database takes
+    /// in one statement (MySQL's `max_allowed_packet`): this many at most.
+    #[error("the event is larger than the database takes ({0} bytes)")]
+    TooLarge(usize),
 }
 
 /// What the writer tells a push about its event.
@@ -196,6 +201,8 @@ struct Liveness {
 pub struct Pipeline {
     accept_tx: mpsc::Sender<Accept>,
     timeout: Duration,
+    /// The store's [`Store::largest_event`].
+    largest_event: Option<usize>,
     liveness: Arc<Liveness>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -260,10 +267,12 @@ impl Pipeline {
                 outcome_tx,
             )),
         ];
+        let largest_event = store.largest_event();
         tokio::spawn(sweep_loop(store, cfg, node, job_tx));
         Pipeline {
             accept_tx,
             timeout,
+            largest_event,
             liveness,
             tasks,
         }
@@ -312,6 +321,12 @@ impl Pipeline {
             created: chrono::Utc::now(),
             hops: i16::try_from(event.hops).unwrap_or(i16::MAX),
         };
+        // Refused alone: in a group commit, it would fail its neighbours.
+        if let Some(most) = self.largest_event
+            && event_bytes(&model) > most
+        {
+            return Err(AcceptError::TooLarge(most));
+        }
         let queued = self.accept_tx.send(Accept {
             event: model,
             targets,

@@ -55,6 +55,13 @@ pub enum ApiError {
     /// 413: a push's media, read whole, is over `push-max-media`.
     #[error("media is larger than {0} bytes (push-max-media)")]
     MediaTooLarge(usize),
+    /// 413: an event's text and media are more than the database takes
+    /// in one statement, this many bytes (MySQL's `max_allowed_packet`).
+    #[error(
+        "the event's text and media are larger than this server's database takes: \
+         {0} bytes at most (MySQL's max_allowed_packet)"
+    )]
+    EventTooLarge(usize),
     /// 429: this address gave too many wrong master keys, and must wait
     /// this long (whole seconds, at least one; sent as `Retry-After`).
     #[error("too many wrong master keys from your address; try again in {} s", retry_secs(.0))]
@@ -78,9 +85,9 @@ impl ApiError {
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::TooSlow(_) => StatusCode::REQUEST_TIMEOUT,
-            ApiError::PayloadTooLarge(_) | ApiError::MediaTooLarge(_) => {
-                StatusCode::PAYLOAD_TOO_LARGE
-            }
+            ApiError::PayloadTooLarge(_)
+            | ApiError::MediaTooLarge(_)
+            | ApiError::EventTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Disabled(_) => StatusCode::NOT_ACCEPTABLE,
             ApiError::UnsupportedEncoding(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::TooManyWrongKeys(_) | ApiError::OverLimit { .. } => {

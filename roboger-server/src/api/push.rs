@@ -226,6 +226,7 @@ pub async fn push_fields(
         .await
         .map_err(|e| match e {
             AcceptError::AddrGone(addr) => ApiError::NotFound(format!("addr {addr} not found")),
+            AcceptError::TooLarge(most) => ApiError::EventTooLarge(most),
             // The writer has logged the database's words; they are not the
             // sender's business.
             AcceptError::Store(_) => ApiError::Unavailable(

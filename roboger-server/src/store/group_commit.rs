@@ -31,9 +31,22 @@ const INSERT_CHUNK: usize = 16_000;
 /// pushes are answered 503.
 const TRANSIENT_TRIES: u64 = 4;
 
-/// Media bytes per event insert statement, past which the next event
-/// goes into another statement.
+/// Bytes of events' text and media per insert statement, past which the
+/// next event goes into another statement.
 const MEDIA_PER_STATEMENT: usize = 4 * 1024 * 1024;
+
+/// The bytes of `e`'s text and media a statement carries.
+pub fn event_bytes(e: &event::Model) -> usize {
+    let text = [&e.id, &e.addr, &e.msg, &e.subject, &e.formatted_subject]
+        .iter()
+        .map(|t| t.len())
+        .sum::<usize>();
+    let optional = [&e.location, &e.tag, &e.sender, &e.media_fname]
+        .iter()
+        .map(|t| t.as_ref().map_or(0, String::len))
+        .sum::<usize>();
+    text + optional + e.media.as_ref().map_or(0, Vec::len)
+}
 
 /// The outcome of one delivery attempt.
 #[derive(Debug, Clone)]
@@ -179,7 +192,11 @@ impl Store {
         left_out: &Written,
     ) -> (Vec<Statement>, u64, Vec<Statement>) {
         let backend = self.db.get_database_backend();
-        let (inserts, inserted) = insert_statements(backend, c, left_out);
+        // See insert_statements.
+        let room = self
+            .largest_event()
+            .map_or(MEDIA_PER_STATEMENT, |l| l.min(MEDIA_PER_STATEMENT));
+        let (inserts, inserted) = insert_statements(backend, c, left_out, room);
         (
             inserts,
             inserted,
@@ -385,12 +402,14 @@ async fn gone(
 }
 
 /// The statements that insert accepted events and their deliveries (see
-/// [`Store::write_batch`]), except what `left_out` names; and how many
-/// rows they insert.
+/// [`Store::write_batch`]), except what `left_out` names, each event
+/// insert with at most `room` bytes of text and media but for a single
+/// event; and how many rows they insert.
 fn insert_statements(
     backend: sea_orm::DbBackend,
     c: &GroupCommit<'_>,
     left_out: &Written,
+    room: usize,
 ) -> (Vec<Statement>, u64) {
     let now = chrono::Utc::now();
     let (node, lease_until) = (c.node, c.lease_until);
@@ -402,15 +421,20 @@ fn insert_statements(
     let mut statements = Vec::new();
     let mut rows = 0;
     // Chunks keep each statement under every backend's limit on bound
-    // parameters (SQLite's is 32766) and, with media, under MySQL's
-    // `max_allowed_packet` (16 MiB by default): a statement takes events
-    // until their media pass MEDIA_PER_STATEMENT.
+    // parameters (SQLite's is 32766) and under MySQL's
+    // `max_allowed_packet`: a statement takes events until their text and
+    // media would pass `room`: MEDIA_PER_STATEMENT or, less, the packet
+    // (an event alone always fits: the pipeline refuses one that would not).
     let mut rest = &stored[..];
     while !rest.is_empty() {
         let mut n = 0;
         let mut bytes = 0;
-        while n < rest.len() && n < INSERT_CHUNK / 16 && (n == 0 || bytes < MEDIA_PER_STATEMENT) {
-            bytes += rest[n].0.media.as_ref().map_or(0, Vec::len);
+        while n < rest.len() && n < INSERT_CHUNK / 16 {
+            let more = event_bytes(rest[n].0);
+            if n > 0 && bytes + more > room {
+                break;
+            }
+            bytes += more;
             n += 1;
         }
         let (chunk, next) = rest.split_at(n);

@@ -24,7 +24,7 @@ pub use bucket::NewObject;
 pub use cluster::{NodeRow, ROUTING_CHANNEL};
 pub use console::{AddrPage, EndpointPage, SubscriptionPage, SubscriptionsShown};
 pub use delivery::{EndpointStats, EventHead, STATE_DELIVERED, STATE_FAILED, STATE_PENDING};
-pub use group_commit::{Attempt, GroupCommit, Written};
+pub use group_commit::{Attempt, GroupCommit, Written, event_bytes};
 pub use management::{AddrPatch, EndpointPatch, SubscriptionPatch, SubscriptionRow};
 
 use std::sync::Arc;
@@ -116,6 +116,9 @@ pub struct Store {
     sqlite_file: Option<std::path::PathBuf>,
     /// Where the pipeline's group commits run.
     commits: CommitConnection,
+    /// On MySQL, the largest statement the database takes
+    /// (`max_allowed_packet`, read as the store connects).
+    mysql_packet: Option<usize>,
     /// Where plugins' own SQL runs (`plugin_sql`): connections of its own,
     /// opened when a plugin first needs one, so that what a plugin leaves
     /// on its session (`SET`, a `PRAGMA`) never meets the server's own
@@ -125,6 +128,25 @@ pub struct Store {
 
 /// Connections at most for plugins' own SQL, per server.
 const PLUGIN_CONNECTIONS: u32 = 2;
+
+/// Bytes of a MySQL statement kept for its SQL and its values other than
+/// an event's text and media.
+const STATEMENT_ROOM: usize = 64 * 1024;
+
+/// MySQL's `max_allowed_packet`: no statement may be larger. (1 MiB on
+/// a server configured low, 4 MiB by MySQL 5.7's default, 16 MiB by
+/// MariaDB's.)
+async fn max_allowed_packet(db: &DatabaseConnection) -> Result<usize> {
+    let row = db
+        .query_one_raw(sea_orm::Statement::from_string(
+            sea_orm::DbBackend::MySql,
+            "SELECT @@max_allowed_packet AS p",
+        ))
+        .await?
+        .ok_or_else(|| StoreError::NotFound("max_allowed_packet".into()))?;
+    let p: u64 = row.try_get("", "p")?;
+    Ok(usize::try_from(p).unwrap_or(usize::MAX))
+}
 
 /// PostgreSQL's isolation on every connection of the server's, whatever
 /// the database's `default_transaction_isolation`: its statements are
@@ -282,6 +304,10 @@ impl Store {
             }
             _ => CommitConnection::Pooled,
         };
+        let mysql_packet = match url.backend {
+            DbBackend::MySql => Some(max_allowed_packet(&db).await?),
+            _ => None,
+        };
         Ok(Store {
             db,
             writes,
@@ -289,7 +315,16 @@ impl Store {
             sqlite_file: sqlite_file(&url.url),
             commits,
             plugins,
+            mysql_packet,
         })
+    }
+
+    /// The most bytes of text and media one event may hold to be stored:
+    /// on MySQL, its statement must fit `max_allowed_packet` (with
+    /// [`STATEMENT_ROOM`] for the rest of it); elsewhere no bound but the
+    /// push's own.
+    pub fn largest_event(&self) -> Option<usize> {
+        self.mysql_packet.map(|p| p.saturating_sub(STATEMENT_ROOM))
     }
 
     /// Begins a write transaction. SQLite has one writer at a time, and a
