@@ -3,42 +3,31 @@
 //! its server starts, so it is a test binary of its own (cargo runs the
 //! binaries one at a time) and sets the old value back when it ends.
 
-use roboger_tests::{Server, ServerOptions, assert_status, json, mariadb_client, on_mysql};
+use roboger_tests::{DbClient, Server, ServerOptions, assert_status, json, on_mysql};
 
 /// The suite's MariaDB's `max_allowed_packet`, set to a value until this
 /// is dropped.
 struct Packet {
-    url: url::Url,
+    client: DbClient,
     old: String,
 }
 
 impl Packet {
     fn set(bytes: usize) -> Packet {
-        let url = url::Url::parse(&std::env::var("ROBOGER_TEST_MYSQL").unwrap_or_default())
-            .expect("ROBOGER_TEST_MYSQL is a URL");
-        let old = Packet::run(&url, "SELECT @@global.max_allowed_packet");
-        Packet::run(&url, &format!("SET GLOBAL max_allowed_packet = {bytes}"));
-        Packet { url, old }
-    }
-
-    fn run(url: &url::Url, sql: &str) -> String {
-        let out = mariadb_client(url)
-            .args(["-N", "-e", sql])
-            .output()
-            .expect("mariadb");
-        assert!(
-            out.status.success(),
-            "{sql}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
+        let my = std::env::var("ROBOGER_TEST_MYSQL").unwrap_or_default();
+        // A global setting: any database of the server's will do.
+        let client = DbClient::of(&format!("{}/mysql", my.trim_end_matches('/')));
+        let old = client.query("SELECT @@global.max_allowed_packet");
+        client.query(&format!("SET GLOBAL max_allowed_packet = {bytes}"));
+        Packet { client, old }
     }
 }
 
 impl Drop for Packet {
     fn drop(&mut self) {
         let old = &self.old;
-        Packet::run(&self.url, &format!("SET GLOBAL max_allowed_packet = {old}"));
+        self.client
+            .query(&format!("SET GLOBAL max_allowed_packet = {old}"));
     }
 }
 
