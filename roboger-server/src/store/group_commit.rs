@@ -33,7 +33,7 @@ const TRANSIENT_TRIES: u64 = 4;
 
 /// Bytes of events' text and media per insert statement, past which the
 /// next event goes into another statement.
-const MEDIA_PER_STATEMENT: usize = 4 * 1024 * 1024;
+const EVENT_BYTES_PER_STATEMENT: usize = 4 * 1024 * 1024;
 
 /// The bytes of `e`'s text and media a statement carries.
 pub fn event_bytes(e: &event::Model) -> usize {
@@ -193,9 +193,9 @@ impl Store {
     ) -> (Vec<Statement>, u64, Vec<Statement>) {
         let backend = self.db.get_database_backend();
         // See insert_statements.
-        let room = self
-            .largest_event()
-            .map_or(MEDIA_PER_STATEMENT, |l| l.min(MEDIA_PER_STATEMENT));
+        let room = self.largest_event().map_or(EVENT_BYTES_PER_STATEMENT, |l| {
+            l.min(EVENT_BYTES_PER_STATEMENT)
+        });
         let (inserts, inserted) = insert_statements(backend, c, left_out, room);
         (
             inserts,
@@ -423,7 +423,7 @@ fn insert_statements(
     // Chunks keep each statement under every backend's limit on bound
     // parameters (SQLite's is 32766) and under MySQL's
     // `max_allowed_packet`: a statement takes events until their text and
-    // media would pass `room`: MEDIA_PER_STATEMENT or, less, the packet
+    // media would pass `room`: EVENT_BYTES_PER_STATEMENT or, less, the packet
     // (an event alone always fits: the pipeline refuses one that would not).
     let mut rest = &stored[..];
     while !rest.is_empty() {
