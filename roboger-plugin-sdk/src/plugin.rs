@@ -241,6 +241,8 @@ impl Host {
 
     /// Stores a bucket object; returns its id. `expires` is seconds, from
     /// 1 to ten years; `None` takes the server's `bucket.default-expires`.
+    /// On MySQL, an object that would outlive 2038-01-19 03:14:07 UTC is
+    /// refused.
     #[allow(clippy::too_many_arguments)]
     pub async fn bucket_put(
         &self,

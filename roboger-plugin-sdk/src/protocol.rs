@@ -399,6 +399,8 @@ pub trait HostApi {
     /// Stores an immutable object; returns its id. `content` is base64;
     /// the creator is always `plugin.NAME`. `expires` is seconds, from 1
     /// to ten years (315360000); without it, `bucket.default-expires`.
+    /// On MySQL, an object that would outlive 2038-01-19 03:14:07 UTC is
+    /// refused.
     #[method(name = "bucket_put", param_kind = map)]
     async fn bucket_put(
         &self,

@@ -395,6 +395,26 @@ pub fn more_than_a_statement_takes() -> u64 {
     }
 }
 
+/// The environment that sets a server's wall clock off by the offset
+/// written in `file` (e.g. `+30s`, read again every second) through
+/// libfaketime, which `tests/run` installs (Debian's `libfaketime`); its
+/// monotonic clock, which timers use, stays true.
+pub fn clock_set(file: &Path) -> Vec<(String, String)> {
+    let lib = std::fs::read_dir("/usr/lib")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|d| d.path().join("faketime/libfaketime.so.1"))
+        .find(|p| p.exists())
+        .expect("libfaketime is installed (tests/run installs it)");
+    vec![
+        ("LD_PRELOAD".into(), lib.display().to_string()),
+        ("FAKETIME_TIMESTAMP_FILE".into(), file.display().to_string()),
+        ("FAKETIME_CACHE_DURATION".into(), "1".into()),
+        ("FAKETIME_DONT_FAKE_MONOTONIC".into(), "1".into()),
+    ]
+}
+
 /// How to start a server: extra YAML under `roboger:` and extra environment.
 #[derive(Default, Clone)]
 pub struct ServerOptions {

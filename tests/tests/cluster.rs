@@ -12,8 +12,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use roboger_tests::{
-    Method, Server, ServerOptions, Value, assert_status, json, json_lines, on_mysql, on_postgres,
-    poll_every, run_server_cmd, shared_database, test_plugin_bin,
+    Method, Server, ServerOptions, Value, assert_status, clock_set, json, json_lines, on_mysql,
+    on_postgres, poll_every, run_server_cmd, shared_database, test_plugin_bin,
 };
 
 /// A node of the test cluster on database `db`, with the test plugin
@@ -555,26 +555,6 @@ async fn a_node_stops_when_a_newer_build_migrates_its_database() {
     let (state, _, _) = newer.settled_delivery(id).await;
     assert_eq!(state, "delivered", "{}", newer.log_text());
     assert_eq!(sends(&record, "send").len(), 1, "delivered once");
-}
-
-/// The environment that sets a server's wall clock off by the offset
-/// written in `file` (e.g. `+30s`, read again every second) through
-/// libfaketime, which `tests/run` installs (Debian's `libfaketime`); its
-/// monotonic clock, which timers use, stays true.
-fn clock_set(file: &Path) -> Vec<(String, String)> {
-    let lib = std::fs::read_dir("/usr/lib")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|d| d.path().join("faketime/libfaketime.so.1"))
-        .find(|p| p.exists())
-        .expect("libfaketime is installed (tests/run installs it)");
-    vec![
-        ("LD_PRELOAD".into(), lib.display().to_string()),
-        ("FAKETIME_TIMESTAMP_FILE".into(), file.display().to_string()),
-        ("FAKETIME_CACHE_DURATION".into(), "1".into()),
-        ("FAKETIME_DONT_FAKE_MONOTONIC".into(), "1".into()),
-    ]
 }
 
 /// `roboger_clock_offset_seconds` as `node` serves it, if it does.

@@ -24,6 +24,15 @@ pub struct NewObject {
     pub content: Vec<u8>,
 }
 
+/// The latest time MySQL keeps: its `TIMESTAMP` ends here, and MariaDB
+/// takes a later one bound by the server (sqlx binds every time as a
+/// `TIMESTAMP`) for NULL, even into a `DATETIME`. An object asked to live
+/// past it is refused, saying why, not failed with "Column 'expires_at'
+/// cannot be null"; times the server writes for now (heartbeats, events,
+/// deliveries) reach it in 2038.
+const MYSQL_LATEST: chrono::DateTime<chrono::Utc> =
+    chrono::DateTime::from_timestamp_nanos(i32::MAX as i64 * 1_000_000_000);
+
 impl Store {
     // ---- bucket ----------------------------------------------------------
 
@@ -37,6 +46,14 @@ impl Store {
             .ok()
             .and_then(|d| now.checked_add_signed(d))
             .ok_or_else(|| StoreError::TooLarge(format!("expires {:?}", o.expires)))?;
+        if self.backend() == crate::config::DbBackend::MySql && expires_at > MYSQL_LATEST {
+            return Err(StoreError::TooLarge(format!(
+                "expires must be at most {} seconds now: this server's database \
+                 (MySQL) keeps times until {} only",
+                (MYSQL_LATEST - now).num_seconds().max(0),
+                MYSQL_LATEST.format("%Y-%m-%d %H:%M:%S UTC")
+            )));
+        }
         let expires = i64::try_from(o.expires.as_secs()).unwrap_or(i64::MAX);
         let am = bucket::ActiveModel {
             id: Set(id.clone()),
