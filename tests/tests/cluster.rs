@@ -635,6 +635,81 @@ async fn a_node_whose_clock_is_off_says_so() {
     );
 }
 
+/// A wall clock stepped forward (NTP's first sync on a device without a
+/// real-time clock, a VM resumed) makes this node's leases look expired:
+/// the delivery in flight through the step is not claimed and sent a
+/// second time by the node making it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_clock_stepped_forward_sends_no_delivery_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let record = dir.path().join("record");
+    let clock = dir.path().join("clock-offset");
+    std::fs::write(&clock, "+0s").expect("the clock's offset");
+    // The plugin's clock is left alone: libfaketime cannot run in its
+    // sandbox. A failed send is tried again in four to five minutes; a
+    // call may last 30 s, and its lease six minutes. The call held and
+    // the one that fails are to two plugins, so that neither waits for
+    // the other (one plugin's would go in one `send_batch`).
+    let s = Server::start_with(ServerOptions {
+        env: clock_set(&clock),
+        plugins_yaml: ["held", "test"]
+            .map(|name| {
+                format!(
+                    "- name: {name}\n  command: {}\n  env:\n    TEST_PLUGIN_RECORD: {}\n    \
+                     LD_PRELOAD: ''\n",
+                    test_plugin_bin().display(),
+                    record.display()
+                )
+            })
+            .concat(),
+        yaml: "timeout: 30\ndelivery:\n  retry-base: 300\n".into(),
+        ..Default::default()
+    })
+    .await;
+    let (id, addr) = s.new_addr().await;
+    let gate = dir.path().join("target-is-up");
+    let held = s
+        .endpoint(id, "held", json!({"gate": gate.display().to_string()}))
+        .await;
+    s.endpoint(id, "test", json!({"fail_times": 1})).await;
+    assert_status!(s.push(json!({"addr": addr, "msg": "once"})).await, 202);
+    let sent_to = |what: &str| {
+        sends(&record, "send")
+            .into_iter()
+            .filter(|r| r["config"].get(what).is_some())
+            .count()
+    };
+    until(
+        "the call in flight and the failed one",
+        Duration::from_secs(10),
+        || async { sends(&record, "send_started").len() == 1 && sent_to("fail_times") == 1 },
+    )
+    .await;
+
+    // An hour on: the failed delivery is due again, and the sweeper that
+    // claims it would claim the one in flight with it.
+    std::fs::write(&clock, "+3600s").expect("the clock's offset");
+    until(
+        "the failed delivery tried again",
+        Duration::from_secs(20),
+        || async { sent_to("fail_times") == 2 },
+    )
+    .await;
+    assert_eq!(sends(&record, "send_started").len(), 1, "started once");
+
+    std::fs::write(&gate, "up").expect("bring the target up");
+    let event = s.wait_settled(id).await;
+    let delivery = event["deliveries"]
+        .as_array()
+        .and_then(|l| l.iter().find(|d| d["endpoint_id"] == held))
+        .unwrap_or_else(|| panic!("no delivery to endpoint {held}: {event}"));
+    assert_eq!(delivery["state"], "delivered", "{delivery}");
+    assert_eq!(delivery["attempts"], 1, "{delivery}");
+    assert_eq!(sent_to("gate"), 1, "sent once");
+    let log = s.log_text();
+    assert!(!log.contains("late outcomes dropped"), "{log}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn limits_through_three_nodes_accept_exactly_lim_c() {
     let (dir, db) = shared_database();

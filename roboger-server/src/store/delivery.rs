@@ -134,9 +134,17 @@ impl Store {
     }
 
     /// Claims up to `limit` due pending deliveries whose lease is free or
-    /// expired, leasing them to `node`; returns each with its event and
-    /// endpoint. Rows another server is claiming at the same moment are
-    /// skipped (`FOR UPDATE SKIP LOCKED` where the database has it).
+    /// another node's and expired, leasing them to `node`; returns each
+    /// with its event and endpoint. Rows another server is claiming at the
+    /// same moment are skipped (`FOR UPDATE SKIP LOCKED` where the
+    /// database has it).
+    ///
+    /// `node`'s own leases are never taken again, expired or not: each is
+    /// of a call in flight, whose outcome ends it, or of an outcome given
+    /// up on, whose lease the writer frees (which is why `node` renews
+    /// them all). By the clock alone, a wall clock stepped forward (a
+    /// first NTP sync, a VM resumed) made the calls in flight look
+    /// expired, and they were made a second time.
     pub async fn claim_due(
         &self,
         node: &str,
@@ -152,7 +160,11 @@ impl Store {
             .filter(
                 sea_orm::Condition::any()
                     .add(delivery::Column::LeaseUntil.is_null())
-                    .add(delivery::Column::LeaseUntil.lt(now)),
+                    .add(
+                        sea_orm::Condition::all()
+                            .add(delivery::Column::LeaseUntil.lt(now))
+                            .add(delivery::Column::LeasedBy.ne(node)),
+                    ),
             )
             .order_by_asc(delivery::Column::NextAt)
             .limit(limit);
