@@ -48,6 +48,9 @@ pub struct Node {
     /// Unique to this process start: `name#random`; what leases name.
     pub instance: String,
     pub started: chrono::DateTime<chrono::Utc>,
+    /// When this node's heartbeat was last written (at first, when the
+    /// node was made), on the monotonic clock.
+    beaten: Arc<std::sync::Mutex<tokio::time::Instant>>,
 }
 
 impl Node {
@@ -57,6 +60,22 @@ impl Node {
             name: name.to_string(),
             instance: format!("{name}#{}", crate::random::alphanumeric(12)),
             started: chrono::Utc::now(),
+            beaten: Arc::new(std::sync::Mutex::new(tokio::time::Instant::now())),
+        }
+    }
+
+    /// How long since this node's heartbeat was last written. Past
+    /// `node-timeout` the other nodes take it for dead, and `/ping` says
+    /// it does not work: its database does not take its writes (a
+    /// read-only replica after a failover, a full disk), though it may
+    /// answer its reads.
+    pub fn silent_for(&self) -> Duration {
+        self.beaten.lock().map_or(Duration::MAX, |at| at.elapsed())
+    }
+
+    fn beat(&self) {
+        if let Ok(mut at) = self.beaten.lock() {
+            *at = tokio::time::Instant::now();
         }
     }
 
@@ -87,7 +106,11 @@ fn after(d: Duration) -> chrono::DateTime<chrono::Utc> {
 /// its error.
 pub async fn join(store: &Store, node: &Node, timeout: Duration) -> Result<(), StoreError> {
     match tokio::time::timeout(timeout, store.node_heartbeat(&node.row())).await {
-        Ok(written) => written.map(|_| ()),
+        Ok(written) => {
+            written?;
+            node.beat();
+            Ok(())
+        }
         Err(_) => Err(StoreError::Connect(format!(
             "this node's row was not written within {}s (timeout)",
             timeout.as_secs_f64()
@@ -131,6 +154,9 @@ pub async fn run(
         let beat =
             tokio::time::timeout(within, async { store.node_heartbeat(&node.row()).await }).await;
         let reached = matches!(beat, Ok(Ok(_)));
+        if reached {
+            node.beat();
+        }
         match beat {
             Ok(Ok(true)) => {
                 beating.succeeded();

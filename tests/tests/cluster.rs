@@ -635,6 +635,53 @@ async fn a_node_whose_clock_is_off_says_so() {
     );
 }
 
+/// A database that answers this node's reads but refuses its writes (a
+/// read-only replica after a failover, a full disk): its heartbeat stops,
+/// and `/ping`, which a load balancer asks, says so once the others would
+/// take the node for dead, until the writes are taken again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_whose_writes_are_refused_says_so_at_ping() {
+    let s = Server::start_with(ServerOptions::test_plugin("")).await;
+    let ping = async || s.request(Method::GET, "/ping", None, &[], None).await;
+    assert_status!(ping().await, 204);
+    let db = s.db_client();
+    db.refuse_updates("node", "NEW.heartbeat IS NOT NULL");
+    let refused = poll_every(
+        Duration::from_millis(50),
+        Duration::from_secs(20),
+        async || {
+            let r = ping().await;
+            match r.status.as_u16() {
+                503 => Ok(r),
+                st => Err(format!("ping said {st} while the heartbeat was refused")),
+            }
+        },
+    )
+    .await;
+    assert!(
+        refused
+            .text
+            .contains("the database takes no writes from this node"),
+        "{}",
+        refused.text
+    );
+    assert!(
+        !s.log_lines("cannot write this node's heartbeat").is_empty(),
+        "{}",
+        s.log_text()
+    );
+    db.allow_updates("node");
+    poll_every(
+        Duration::from_millis(50),
+        Duration::from_secs(20),
+        async || match ping().await.status.as_u16() {
+            204 => Ok(()),
+            st => Err(format!("ping said {st} once the heartbeat was taken again")),
+        },
+    )
+    .await;
+}
+
 /// A wall clock stepped forward (NTP's first sync on a device without a
 /// real-time clock, a VM resumed) makes this node's leases look expired:
 /// the delivery in flight through the step is not claimed and sent a

@@ -354,7 +354,25 @@ fn docs_page(app: &App, path: &str) -> Option<DocsPage> {
 /// 204 when the database answers within the timeout, 503 otherwise.
 async fn ping(app: &App) -> Response {
     match tokio::time::timeout(app.config.timeout, app.store.ping()).await {
-        Ok(Ok(())) => reply::empty(StatusCode::NO_CONTENT),
+        Ok(Ok(())) => {
+            // A database that answers reads may still refuse this node's
+            // writes: its heartbeat says so (the heartbeat's outage is
+            // logged where it fails).
+            let silent = app.node.silent_for();
+            let limit = app.config.delivery.node_timeout;
+            if silent < limit {
+                return reply::empty(StatusCode::NO_CONTENT);
+            }
+            reply::text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "the database takes no writes from this node: its heartbeat was last \
+                     written {:.1} s ago (node-timeout is {:.1} s); see the log",
+                    silent.as_secs_f64(),
+                    limit.as_secs_f64()
+                ),
+            )
+        }
         Ok(Err(e)) => {
             tracing::warn!(error = %e, "ping: database error");
             reply::text(StatusCode::SERVICE_UNAVAILABLE, "database error")
