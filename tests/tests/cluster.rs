@@ -694,47 +694,52 @@ async fn a_clock_stepped_forward_sends_no_delivery_twice() {
     std::fs::write(&clock, "+0s").expect("the clock's offset");
     // The plugin's clock is left alone: libfaketime cannot run in its
     // sandbox. A failed send is tried again in four to five minutes; a
-    // call may last 30 s, and its lease six minutes. The call held and
-    // the one that fails are to two plugins, so that neither waits for
-    // the other (one plugin's would go in one `send_batch`).
+    // call may last 30 s, and its lease six minutes.
     let s = Server::start_with(ServerOptions {
         env: clock_set(&clock),
-        plugins_yaml: ["held", "test"]
-            .map(|name| {
-                format!(
-                    "- name: {name}\n  command: {}\n  env:\n    TEST_PLUGIN_RECORD: {}\n    \
-                     LD_PRELOAD: ''\n",
-                    test_plugin_bin().display(),
-                    record.display()
-                )
-            })
-            .concat(),
+        plugins_yaml: format!(
+            "- name: test\n  command: {}\n  env:\n    TEST_PLUGIN_RECORD: {}\n    \
+             LD_PRELOAD: ''\n",
+            test_plugin_bin().display(),
+            record.display()
+        ),
         yaml: "timeout: 30\ndelivery:\n  retry-base: 300\n".into(),
         ..Default::default()
     })
     .await;
-    let (id, addr) = s.new_addr().await;
-    let gate = dir.path().join("target-is-up");
-    let held = s
-        .endpoint(id, "held", json!({"gate": gate.display().to_string()}))
-        .await;
-    s.endpoint(id, "test", json!({"fail_times": 1})).await;
-    assert_status!(s.push(json!({"addr": addr, "msg": "once"})).await, 202);
     let sent_to = |what: &str| {
         sends(&record, "send")
             .into_iter()
             .filter(|r| r["config"].get(what).is_some())
             .count()
     };
+    // A delivery that failed once, then one in flight (held at a gate),
+    // each an event of its own, so that neither waits for the other.
+    let (failing, to_failing) = s.new_addr().await;
+    s.endpoint(failing, "test", json!({"fail_times": 1})).await;
+    assert_status!(
+        s.push(json!({"addr": to_failing, "msg": "fails"})).await,
+        202
+    );
     until(
-        "the call in flight and the failed one",
+        "the first try's outcome",
         Duration::from_secs(10),
-        || async { sends(&record, "send_started").len() == 1 && sent_to("fail_times") == 1 },
+        || async { s.newest_event(failing).await["deliveries"][0]["attempts"] == 1 },
     )
     .await;
+    let (held, to_held) = s.new_addr().await;
+    let gate = dir.path().join("target-is-up");
+    s.endpoint(held, "test", json!({"gate": gate.display().to_string()}))
+        .await;
+    assert_status!(s.push(json!({"addr": to_held, "msg": "once"})).await, 202);
+    until("the call in flight", Duration::from_secs(10), || async {
+        sends(&record, "send_started").len() == 1
+    })
+    .await;
 
-    // An hour on: the failed delivery is due again, and the sweeper that
-    // claims it would claim the one in flight with it.
+    // An hour on: the failed delivery is due again. The sweep that claims
+    // it would claim the one in flight first (due earlier), and send both
+    // in one `send_batch`, whose events the plugin starts in order.
     std::fs::write(&clock, "+3600s").expect("the clock's offset");
     until(
         "the failed delivery tried again",
@@ -745,13 +750,8 @@ async fn a_clock_stepped_forward_sends_no_delivery_twice() {
     assert_eq!(sends(&record, "send_started").len(), 1, "started once");
 
     std::fs::write(&gate, "up").expect("bring the target up");
-    let event = s.wait_settled(id).await;
-    let delivery = event["deliveries"]
-        .as_array()
-        .and_then(|l| l.iter().find(|d| d["endpoint_id"] == held))
-        .unwrap_or_else(|| panic!("no delivery to endpoint {held}: {event}"));
-    assert_eq!(delivery["state"], "delivered", "{delivery}");
-    assert_eq!(delivery["attempts"], 1, "{delivery}");
+    let (state, attempts, error) = s.settled_delivery(held).await;
+    assert_eq!((state.as_str(), attempts), ("delivered", 1), "{error}");
     assert_eq!(sent_to("gate"), 1, "sent once");
     let log = s.log_text();
     assert!(!log.contains("late outcomes dropped"), "{log}");

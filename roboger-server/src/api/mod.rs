@@ -351,7 +351,8 @@ fn docs_page(app: &App, path: &str) -> Option<DocsPage> {
     }
 }
 
-/// 204 when the database answers within the timeout, 503 otherwise.
+/// 204 when the database answers within the timeout and this node's
+/// heartbeat was written within `node-timeout`; 503 otherwise.
 async fn ping(app: &App) -> Response {
     match tokio::time::timeout(app.config.timeout, app.store.ping()).await {
         Ok(Ok(())) => {
