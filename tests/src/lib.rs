@@ -250,16 +250,20 @@ impl DbClient {
 
     /// Writes `n` copies of the database's one event and its delivery straight
     /// to it, with ids that sort before it; one copy in `pending_every` is
-    /// pending, due ten years from now, so that nothing delivers it meanwhile.
+    /// pending, due ten years from now, so that nothing delivers it meanwhile
+    /// (on MySQL, at the start of 2038 at the latest: its times end then).
     pub fn copy_history(&self, n: u64, pending_every: u64) {
         let (num, later) = if on_postgres() {
             ("lpad(i::text, 12, '0')", "next_at + interval '10 years'")
         } else if on_mysql() {
-            ("LPAD(i, 12, '0')", "next_at + INTERVAL 10 YEAR")
+            (
+                "LPAD(i, 12, '0')",
+                "LEAST(next_at + INTERVAL 10 YEAR, TIMESTAMP '2038-01-01 00:00:00')",
+            )
         } else {
             (
                 "substr('00000000000' || i, -12)",
-                "'2036' || substr(next_at, 5)",
+                "(CAST(substr(next_at, 1, 4) AS INTEGER) + 10) || substr(next_at, 5)",
             )
         };
         let (deeper, series) = series(n);
