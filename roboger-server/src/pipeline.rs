@@ -96,6 +96,18 @@ enum Stored {
     Failed(String),
 }
 
+/// An event made ready to store ([`Pipeline::ready`]): its row, within
+/// what one statement of the database takes.
+#[derive(Debug)]
+pub struct Ready(event::Model);
+
+impl Ready {
+    /// The row that is to be stored.
+    pub fn event(&self) -> &event::Model {
+        &self.0
+    }
+}
+
 struct Accept {
     event: event::Model,
     targets: Vec<Target>,
@@ -293,18 +305,11 @@ impl Pipeline {
         None
     }
 
-    /// Stores `event` with a delivery per target and returns once it is
-    /// committed; the deliveries then start at once. Unavailable when the
-    /// writer has not taken the event within the timeout (it is then
-    /// never stored); once taken, the answer is its commit's.
-    pub async fn accept(
-        &self,
-        event: Event,
-        addr_id: i64,
-        targets: Vec<Target>,
-    ) -> Result<(), AcceptError> {
-        let (reply, mut rx) = oneshot::channel();
-        let claim = Arc::new(Claim::default());
+    /// Makes `event`, pushed to the address `addr_id`, ready to store. An
+    /// event larger than one statement of the database takes is refused
+    /// here, alone (in a group commit it would fail its neighbours), and
+    /// before anything counts it against the address's limits.
+    pub fn ready(&self, event: Event, addr_id: i64) -> Result<Ready, AcceptError> {
         let model = event::Model {
             id: event.id,
             addr_id,
@@ -321,14 +326,23 @@ impl Pipeline {
             created: chrono::Utc::now(),
             hops: i16::try_from(event.hops).unwrap_or(i16::MAX),
         };
-        // Refused alone: in a group commit, it would fail its neighbours.
         if let Some(most) = self.largest_event
             && event_bytes(&model) > most
         {
             return Err(AcceptError::TooLarge(most));
         }
+        Ok(Ready(model))
+    }
+
+    /// Stores `event` with a delivery per target and returns once it is
+    /// committed; the deliveries then start at once. Unavailable when the
+    /// writer has not taken the event within the timeout (it is then
+    /// never stored); once taken, the answer is its commit's.
+    pub async fn accept(&self, event: Ready, targets: Vec<Target>) -> Result<(), AcceptError> {
+        let (reply, mut rx) = oneshot::channel();
+        let claim = Arc::new(Claim::default());
         let queued = self.accept_tx.send(Accept {
-            event: model,
+            event: event.0,
             targets,
             reply,
             claim: claim.clone(),

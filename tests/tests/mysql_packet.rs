@@ -3,7 +3,7 @@
 //! its server starts, so it is a test binary of its own (cargo runs the
 //! binaries one at a time) and sets the old value back when it ends.
 
-use roboger_tests::{DbClient, Server, ServerOptions, assert_status, json, on_mysql};
+use roboger_tests::{DbClient, Method, Server, ServerOptions, assert_status, json, on_mysql};
 
 /// The suite's MariaDB's `max_allowed_packet`, set to a value until this
 /// is dropped.
@@ -34,16 +34,30 @@ impl Drop for Packet {
 /// With 2 MiB for a statement, a push of 3 MB of media is refused alone,
 /// 413 saying why, and the pushes committed beside it are stored; one of
 /// 1.5 MB is stored; the start warns of it. Before, the large push was a
-/// 503 ("database error") and so was every push in its group commit.
+/// 503 ("database error") and so was every push in its group commit. The
+/// refused push is not counted against the address's limit, as one
+/// larger than `push-max-media` is not.
 #[tokio::test]
 async fn an_event_larger_than_the_database_takes_is_refused_alone() {
     if !on_mysql() {
         return;
     }
     let packet = Packet::set(2 * 1024 * 1024);
-    let s = Server::start_with(ServerOptions::test_plugin("")).await;
+    let s = Server::start_with(ServerOptions::test_plugin(
+        "limits:\n  period: day\n  reserve: 0\n",
+    ))
+    .await;
     let (id, a) = s.new_addr().await;
     s.endpoint(id, "t", json!({})).await;
+    // Room for the twenty small pushes and the one that fits, exactly.
+    let r = s
+        .manage(
+            Method::PATCH,
+            &format!("/addr/{id}"),
+            Some(json!({"lim_c": 21})),
+        )
+        .await;
+    assert_status!(r, 200);
     let most = 2 * 1024 * 1024 - 64 * 1024;
 
     let media = |n: usize| {

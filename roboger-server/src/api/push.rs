@@ -196,13 +196,16 @@ pub async fn push_fields(
             event.addr
         )));
     }
+    let level = event.level;
+    let ready = app.pipeline.ready(event, routes.id).map_err(refused)?;
+    let event = ready.event();
     if let Some(limits) = &app.config.limits {
         match crate::limits::check(
             (&app.store, &app.counters),
             limits,
             &routes,
             &event.addr,
-            event.level,
+            level,
             body_len,
         )
         .await
@@ -215,25 +218,27 @@ pub async fn push_fields(
         }
     }
     let targets = routes.targets(&Matchable {
-        level: event.level.code(),
+        level: level.code(),
         location: event.location.as_deref(),
         tag: event.tag.as_deref(),
         sender: event.sender.as_deref(),
     });
     tracing::debug!(event_id = %event.id, addr_id = routes.id, deliveries = targets.len(), "push accepted");
-    app.pipeline
-        .accept(event, routes.id, targets)
-        .await
-        .map_err(|e| match e {
-            AcceptError::AddrGone(addr) => ApiError::NotFound(format!("addr {addr} not found")),
-            AcceptError::TooLarge(most) => ApiError::EventTooLarge(most),
-            // The writer has logged the database's words; they are not the
-            // sender's business.
-            AcceptError::Store(_) => ApiError::Unavailable(
-                "cannot store the event: database error; see the server log".into(),
-            ),
-            e => ApiError::Unavailable(e.to_string()),
-        })
+    app.pipeline.accept(ready, targets).await.map_err(refused)
+}
+
+/// What the sender is told of an event the pipeline refused.
+fn refused(e: AcceptError) -> ApiError {
+    match e {
+        AcceptError::AddrGone(addr) => ApiError::NotFound(format!("addr {addr} not found")),
+        AcceptError::TooLarge(most) => ApiError::EventTooLarge(most),
+        // The writer has logged the database's words; they are not the
+        // sender's business.
+        AcceptError::Store(_) => ApiError::Unavailable(
+            "cannot store the event: database error; see the server log".into(),
+        ),
+        e => ApiError::Unavailable(e.to_string()),
+    }
 }
 
 #[cfg(test)]
