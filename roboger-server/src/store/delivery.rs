@@ -141,10 +141,13 @@ impl Store {
     ///
     /// `node`'s own leases are never taken again, expired or not: each is
     /// of a call in flight, whose outcome ends it, or of an outcome given
-    /// up on, whose lease the writer frees (which is why `node` renews
-    /// them all). By the clock alone, a wall clock stepped forward (a
-    /// first NTP sync, a VM resumed) made the calls in flight look
-    /// expired, and they were made a second time.
+    /// up on, whose lease the writer frees; `node` renews them all, so it
+    /// took none back but by the clock, and a wall clock stepped forward
+    /// (a first NTP sync, a VM resumed) made the calls in flight look
+    /// expired: they were made a second time. Two kinds stay held until
+    /// the node restarts, as the renewal already kept them: outcomes given
+    /// up on past `LOST_MAX`, and the deliveries of a group commit that
+    /// took effect though the writer saw it fail (a timeout).
     pub async fn claim_due(
         &self,
         node: &str,
