@@ -19,7 +19,10 @@
 //!   tried again a few times (a lost outcome only repeats a delivery:
 //!   the writer frees the leases of the deliveries whose outcomes it gave
 //!   up on once the database answers again, since this node's lease
-//!   renewal would otherwise keep them for good).
+//!   renewal would otherwise keep them for good). The events of a commit
+//!   that failed are looked for once it cannot be running, and deleted
+//!   if it took effect after all: their pushes were told 503
+//!   ([`unsettled`]).
 //!   A target that asks for a wait puts its endpoint on hold ([`hold`]):
 //!   the endpoint's other deliveries are put off until then, not tried.
 //!   A delivery whose plugin is not there to try it (not configured on
@@ -64,8 +67,10 @@ use crate::supervisor::{CallError, RawParams, Supervisor};
 
 mod hold;
 mod suspect;
+mod unsettled;
 
 use hold::Holds;
+use unsettled::Unsettled;
 
 /// Why an event could not be accepted (the push gets a 503, or a 413
 /// when it is too large).
@@ -230,11 +235,6 @@ const COMMIT_BATCH: usize = 512;
 const DISPATCH_QUEUE: usize = 8192;
 const OUTCOME_BATCH: usize = 512;
 const SWEEP_BATCH: u64 = 256;
-/// Most deliveries whose outcomes were dropped the writer remembers, to
-/// free their leases when the database is back.
-const LOST_MAX: usize = 65_536;
-/// How often the writer tries to free those leases.
-const LOST_RETRY: Duration = Duration::from_secs(1);
 /// Most outcomes taken in early (see [`Inbox`]) with which the writer
 /// still takes new pushes.
 const EARLY_MAX: usize = DISPATCH_QUEUE;
@@ -391,11 +391,9 @@ async fn write_loop(
         "cannot write to the database",
         "the database takes writes again",
     );
-    // The deliveries whose outcomes were given up on: their leases are
-    // given back once a commit succeeds again, so that they are made
-    // again (the lease renewal would otherwise keep them this node's).
-    let mut lost: Vec<(String, i64)> = Vec::new();
-    let mut freed_at = Instant::now();
+    // What failed writes left to set right once the database answers:
+    // the leases of outcomes given up on, and failed commits' events.
+    let mut unsettled = Unsettled::new();
     // The last commit's pushes, answered while the next commit runs, or
     // as soon as there is nothing to write next.
     let mut committed: Option<Committed> = None;
@@ -405,10 +403,7 @@ async fn write_loop(
         open: true,
     };
     loop {
-        if !lost.is_empty() && freed_at.elapsed() >= LOST_RETRY {
-            freed_at = Instant::now();
-            free_lost(&store, &node.instance, timeout, &mut lost).await;
-        }
+        unsettled.retry(&store, &node.instance, timeout).await;
         let mut batch = Vec::new();
         let room = OUTCOME_BATCH.saturating_sub(recorded.len());
         recorded.extend(inbox.early.drain(..room.min(inbox.early.len())));
@@ -431,8 +426,8 @@ async fn write_loop(
                     Some(o) => recorded.push(o),
                     None => break,
                 },
-                // Idle, with leases to free: back to the top to free them.
-                _ = tokio::time::sleep(LOST_RETRY), if !lost.is_empty() => continue,
+                // Idle, with something to set right: back to the top for it.
+                _ = tokio::time::sleep(unsettled::RETRY), if unsettled.waiting() => continue,
             }
         }
         liveness.writer.waiting();
@@ -524,6 +519,9 @@ async fn write_loop(
                     batch.len(),
                     recorded.len()
                 ));
+                // Its answer may have been lost after it took effect.
+                unsettled
+                    .commit_failed(batch.iter().map(|a| a.event.id.clone()).collect(), timeout);
                 failures += 1;
                 if failures >= 5 {
                     if !recorded.is_empty() {
@@ -532,19 +530,11 @@ async fn write_loop(
                             "delivery outcomes dropped; those deliveries will be repeated"
                         );
                     }
-                    let room = LOST_MAX.saturating_sub(lost.len());
-                    if recorded.len() > room {
-                        tracing::warn!(
-                            deliveries = recorded.len() - room,
-                            "too many dropped outcomes to remember: those deliveries stay \
-                             leased to this server until it restarts"
-                        );
-                    }
-                    lost.extend(
+                    unsettled.outcomes_dropped(
                         recorded
                             .drain(..)
-                            .take(room)
-                            .map(|o| (o.event_id, o.endpoint_id)),
+                            .map(|o| (o.event_id, o.endpoint_id))
+                            .collect(),
                     );
                     failures = 0;
                 }
@@ -590,32 +580,6 @@ fn take_pushes(batch: &mut Vec<Accept>, accepts: &mut mpsc::Receiver<Accept>, in
         match accepts.try_recv() {
             Ok(a) => batch.push(a),
             Err(_) => break,
-        }
-    }
-}
-
-/// Frees the leases of the deliveries in `lost` (whose outcomes the
-/// writer dropped) so that they are made again; keeps them for the next
-/// try when the database does not answer yet.
-async fn free_lost(
-    store: &Store,
-    instance: &str,
-    timeout: Duration,
-    lost: &mut Vec<(String, i64)>,
-) {
-    match tokio::time::timeout(timeout, store.release_leases_of(instance, lost)).await {
-        Ok(Ok(n)) => {
-            tracing::info!(
-                deliveries = n,
-                "the deliveries whose outcomes were dropped are free to be made again"
-            );
-            lost.clear();
-        }
-        Ok(Err(e)) => {
-            tracing::warn!(error = %e, "cannot free the leases of deliveries whose outcomes were dropped")
-        }
-        Err(_) => {
-            tracing::warn!("freeing the leases of deliveries whose outcomes were dropped timed out")
         }
     }
 }

@@ -10,6 +10,7 @@
 //! [`fuzz`] holds the bodies of the fuzz targets, shared by `cargo fuzz`
 //! (`tests/fuzz`) and the corpus replay in the suite.
 
+pub mod db_proxy;
 pub mod fuzz;
 
 use std::io::{BufRead, BufReader};
@@ -473,7 +474,7 @@ impl ServerOptions {
 }
 
 /// A database for several servers at once (a cluster): a fresh one on
-/// PostgreSQL, else a SQLite file in the returned directory.
+/// PostgreSQL or MySQL, else a SQLite file in the returned directory.
 pub fn shared_database() -> (tempfile::TempDir, String) {
     let dir = tempfile::tempdir().expect("tempdir");
     let url = fresh_database(dir.path());

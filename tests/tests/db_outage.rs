@@ -7,15 +7,22 @@
 //! gave it up is made again once the database is back; and what the log
 //! says of it all: each failing task once, and once again when it works.
 //!
-//! They freeze the whole PostgreSQL server (SIGSTOP), so they must not run
+//! And a push whose commit took effect though its answer was lost on the
+//! way back is answered 503 and never delivered.
+//!
+//! Those that freeze the whole PostgreSQL server (SIGSTOP) must not run
 //! beside other tests nor each other: they are ignored by default and
 //! `tests/run` runs them alone, one at a time, passing the server's data
-//! directory in `ROBOGER_TEST_PGDATA`.
+//! directory in `ROBOGER_TEST_PGDATA`. The lost answer is a proxy's own
+//! doing, on PostgreSQL and MySQL, and runs with the other suites.
 
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use roboger_tests::{Method, Server, ServerOptions, assert_status, poll_every, poll_until};
+use roboger_tests::db_proxy::DbProxy;
+use roboger_tests::{
+    DbClient, Method, Server, ServerOptions, assert_status, poll_every, poll_until,
+};
 
 /// The test PostgreSQL server's data directory (these tests need it, and
 /// the server named by `ROBOGER_TEST_PG`).
@@ -283,4 +290,78 @@ async fn an_outage_is_logged_once_per_task_and_so_is_its_end() {
         },
     )
     .await;
+}
+
+/// A push whose group commit took effect though the server never got the
+/// answer (its connection to the database broke after the database had
+/// the commit: a network fault, a connection pooler restarted) is
+/// answered 503, which says "stored nowhere, send again". Its event was
+/// there all the same, its deliveries leased to the server and never
+/// tried, until the server's next start made them: a sender that sent
+/// again got its event twice. Now the server looks for such events once
+/// the commit can no longer be running (its timeout later) and deletes
+/// them.
+///
+/// The answer is lost by a proxy between the server and the database
+/// ([`DbProxy`]), which reads PostgreSQL's and MySQL's protocols; on
+/// SQLite, whose commit runs in the server's own process, the test has
+/// nothing to do. It does not freeze the database. The proxy's tasks run
+/// on threads of their own: the harness blocks its thread while a server
+/// starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_answered_503_is_not_delivered_though_its_commit_took_effect() {
+    if !roboger_tests::on_postgres() && !roboger_tests::on_mysql() {
+        eprintln!("nothing to do: SQLite's commit has no connection to lose its answer on");
+        return;
+    }
+    let (_dir, url) = roboger_tests::shared_database();
+    let proxy = DbProxy::start(&url).await;
+    let s = Server::start_with(ServerOptions {
+        db: Some(proxy.url().to_string()),
+        ..ServerOptions::test_plugin("")
+    })
+    .await;
+    let (id, a) = s.new_addr().await;
+    s.endpoint(id, "t", serde_json::json!({})).await;
+    let push = async |msg: &str| s.push(serde_json::json!({"addr": a, "msg": msg})).await;
+    // The first commit prepares its statement on the commit connection.
+    assert_status!(push("before").await, 202);
+    proxy.lose_next_commit_answer();
+    assert_status!(push("answer lost").await, 503);
+    assert_eq!(proxy.answers_lost(), 1);
+    // It took effect: the database has the event, untried.
+    let db = DbClient::of(&url);
+    let stored = "SELECT count(*) FROM event JOIN delivery ON delivery.event_id = event.id \
+                  WHERE msg = 'answer lost' AND state = 'pending' AND attempts = 0";
+    assert_eq!(db.query(stored), "1");
+    // Its sender sends it again, and that one is delivered.
+    assert_status!(push("answer lost").await, 202);
+    let again = s.wait_settled(id).await;
+    assert_eq!(again["deliveries"][0]["state"], "delivered", "{again}");
+    // The event first stored is deleted, once its commit cannot be
+    // running (the timeout is 2 s), and the log says so.
+    poll_until(Duration::from_secs(15), async || {
+        match db.query("SELECT count(*) FROM event WHERE msg = 'answer lost'") {
+            n if n == "1" => Ok(()),
+            n => Err(format!("{n} events 'answer lost': {}", s.log_text())),
+        }
+    })
+    .await;
+    let said = s.log_lines("were stored after all");
+    assert_eq!(said.len(), 1, "{}", s.log_text());
+    assert!(said[0].contains("events=1"), "{}", said[0]);
+    // What the address's history shows: each push answered 202, once.
+    let events = s
+        .manage(Method::GET, &format!("/addr/{id}/event"), None)
+        .await
+        .json();
+    let mut msgs: Vec<&str> = events
+        .as_array()
+        .expect("a list")
+        .iter()
+        .filter_map(|e| e["msg"].as_str())
+        .collect();
+    msgs.sort();
+    assert_eq!(msgs, ["answer lost", "before"], "{events}");
+    assert_eq!(db.query("SELECT count(*) FROM delivery"), "2");
 }

@@ -140,14 +140,16 @@ impl Store {
     /// database has it).
     ///
     /// `node`'s own leases are never taken again, expired or not: each is
-    /// of a call in flight, whose outcome ends it, or of an outcome given
-    /// up on, whose lease the writer frees; `node` renews them all, so it
+    /// of a call in flight, whose outcome ends it, of an outcome given up
+    /// on, whose lease the writer frees, or of a group commit the writer
+    /// saw fail, whose events it deletes; `node` renews them all, so it
     /// took none back but by the clock, and a wall clock stepped forward
     /// (a first NTP sync, a VM resumed) made the calls in flight look
     /// expired: they were made a second time. Two kinds stay held until
-    /// the node restarts, as the renewal already kept them: outcomes given
-    /// up on past `LOST_MAX`, and the deliveries of a group commit that
-    /// took effect though the writer saw it fail (a timeout).
+    /// the node restarts, as the renewal already kept them: what the
+    /// writer gives up on past the bound of what it remembers, and the
+    /// deliveries of a group commit that took effect later than `timeout`
+    /// after the writer saw it fail (see `pipeline::unsettled`).
     pub async fn claim_due(
         &self,
         node: &str,
@@ -450,6 +452,40 @@ impl Store {
         by_chunks(&self.db, due, event::Column::Id, delete).await
     }
 
+    /// Deletes those of the events `ids` whose deliveries are all still
+    /// pending, untried and leased to `node` (or that have none), with
+    /// their deliveries; how many events. These are the events of a group
+    /// commit that took effect though its writer saw it fail: their pushes
+    /// were told 503, and nothing but `node` has touched them since.
+    pub async fn withdraw_events(&self, node: &str, ids: &[String]) -> Result<u64> {
+        use sea_orm::Condition;
+        // Its transactions come from the pool, where the writer's kept
+        // connection must be for them to find one on SQLite.
+        self.writer_waits();
+        let mut n = 0;
+        for chunk in ids.chunks(DELETE_CHUNK as usize) {
+            let touched = Condition::any()
+                .add(delivery::Column::State.ne(STATE_PENDING))
+                .add(delivery::Column::Attempts.ne(0))
+                .add(delivery::Column::LeasedBy.is_null())
+                .add(delivery::Column::LeasedBy.ne(node));
+            let txn = self.begin_write().await?;
+            let untouched: Vec<String> = event::Entity::find()
+                .select_only()
+                .column(event::Column::Id)
+                .filter(event::Column::Id.is_in(chunk.iter().map(String::as_str)))
+                .filter(no_delivery(touched))
+                .into_tuple()
+                .all(&txn)
+                .await?;
+            if !untouched.is_empty() {
+                n += delete_events(&txn, untouched).await?;
+            }
+            txn.commit().await?;
+        }
+        Ok(n)
+    }
+
     /// Deletes the events of address `addr_id` (of every address: `None`)
     /// with their deliveries, [`DELETE_CHUNK`] at a time, each chunk in a
     /// short transaction of its own: an address's whole history never
@@ -541,6 +577,11 @@ async fn delete_events<C: sea_orm::ConnectionTrait>(c: &C, ids: Vec<String>) -> 
 
 /// `event` has no pending delivery.
 fn nothing_pending() -> Expr {
+    no_delivery(sea_orm::Condition::all().add(pending()))
+}
+
+/// `event` has no delivery that meets `cond`.
+fn no_delivery(cond: sea_orm::Condition) -> Expr {
     use sea_orm::sea_query::{ExprTrait, Query};
     Expr::not_exists(
         Query::select()
@@ -550,7 +591,7 @@ fn nothing_pending() -> Expr {
                 Expr::col((delivery::Entity, delivery::Column::EventId))
                     .equals((event::Entity, event::Column::Id)),
             )
-            .and_where(pending())
+            .cond_where(cond)
             .to_owned(),
     )
 }

@@ -1,0 +1,172 @@
+//! What the writer still has to set right in the database after writes
+//! it saw fail, once the database answers again.
+//!
+//! - The leases of deliveries whose outcomes it gave up on are freed, so
+//!   that they are made again: this node's lease renewal would otherwise
+//!   keep them its own for good.
+//! - The events of a group commit it saw fail are deleted if they are
+//!   there after all, untried. Their pushes were told 503, which says
+//!   "stored nowhere, send again"; but a commit whose answer was lost
+//!   (its connection broke after the database had it) may have taken
+//!   effect, and its deliveries, leased to this node and never handed to
+//!   the dispatcher, were made at the node's next start: a sender that
+//!   sent again got its event twice, hours later. They are looked for
+//!   only once the commit can no longer be running: the writer's timeout
+//!   after the failure (on PostgreSQL the commit's own statement timeout
+//!   is shorter; SQLite and MySQL make a reader wait for a commit that
+//!   still holds its rows).
+//!
+//! Invariant: each list is bounded ([`REMEMBERED_MAX`]); what is past the
+//! bound stays leased to this node until it restarts (and is made then),
+//! as the log says.
+
+use std::time::{Duration, Instant};
+
+use crate::store::Store;
+
+/// Most deliveries, and most events, the writer remembers to set right.
+const REMEMBERED_MAX: usize = 65_536;
+/// How often the writer tries again while the database does not answer.
+pub(super) const RETRY: Duration = Duration::from_secs(1);
+
+/// The writer's list of what to set right (see the module's docs).
+pub(super) struct Unsettled {
+    /// Deliveries (event id, endpoint id) whose outcomes were dropped.
+    lost: Vec<(String, i64)>,
+    /// The events of failed commits, each commit's with when to look.
+    doubtful: Vec<(Instant, Vec<String>)>,
+    /// How many events `doubtful` holds.
+    events: usize,
+    tried_at: Instant,
+    /// Whether the log says the last try failed: while the database is
+    /// down every try fails, and the writer's own line already says so.
+    failing: bool,
+}
+
+impl Unsettled {
+    pub(super) fn new() -> Unsettled {
+        Unsettled {
+            lost: Vec::new(),
+            doubtful: Vec::new(),
+            events: 0,
+            tried_at: Instant::now(),
+            failing: false,
+        }
+    }
+
+    /// Whether anything waits to be set right.
+    pub(super) fn waiting(&self) -> bool {
+        !self.lost.is_empty() || !self.doubtful.is_empty()
+    }
+
+    /// The outcomes of deliveries `keys` were given up on.
+    pub(super) fn outcomes_dropped(&mut self, keys: Vec<(String, i64)>) {
+        let room = REMEMBERED_MAX.saturating_sub(self.lost.len());
+        if keys.len() > room {
+            tracing::warn!(
+                deliveries = keys.len() - room,
+                "too many dropped outcomes to remember: those deliveries stay leased to this \
+                 server until it restarts"
+            );
+        }
+        self.lost.extend(keys.into_iter().take(room));
+    }
+
+    /// A commit of events `ids` failed: they are looked for once it can
+    /// no longer be running, `timeout` from now.
+    pub(super) fn commit_failed(&mut self, ids: Vec<String>, timeout: Duration) {
+        if ids.is_empty() {
+            return;
+        }
+        let room = REMEMBERED_MAX.saturating_sub(self.events);
+        if ids.len() > room {
+            tracing::warn!(
+                events = ids.len() - room,
+                "too many events of failed commits to remember: any of them stored after all \
+                 stay leased to this server until it restarts, and are delivered then"
+            );
+        }
+        let ids: Vec<String> = ids.into_iter().take(room).collect();
+        if !ids.is_empty() {
+            self.events += ids.len();
+            self.doubtful.push((Instant::now() + timeout, ids));
+        }
+    }
+
+    /// Sets right what is due, at most every [`RETRY`]; what the
+    /// database does not take is kept for the next try.
+    pub(super) async fn retry(&mut self, store: &Store, instance: &str, timeout: Duration) {
+        if !self.waiting() || self.tried_at.elapsed() < RETRY {
+            return;
+        }
+        self.tried_at = Instant::now();
+        if !self.lost.is_empty() {
+            self.free_lost(store, instance, timeout).await;
+        }
+        let now = Instant::now();
+        if self.doubtful.iter().any(|(due, _)| *due <= now) {
+            self.withdraw(store, instance, timeout, now).await;
+        }
+    }
+
+    /// Frees the leases of the deliveries in `lost` so that they are made
+    /// again.
+    async fn free_lost(&mut self, store: &Store, instance: &str, timeout: Duration) {
+        match tokio::time::timeout(timeout, store.release_leases_of(instance, &self.lost)).await {
+            Ok(Ok(n)) => {
+                tracing::info!(
+                    deliveries = n,
+                    "the deliveries whose outcomes were dropped are free to be made again"
+                );
+                self.lost.clear();
+                self.failing = false;
+            }
+            Ok(Err(e)) => self.failed(
+                "cannot free the leases of deliveries whose outcomes were dropped",
+                e,
+            ),
+            Err(_) => self.failed(
+                "cannot free the leases of deliveries whose outcomes were dropped",
+                "timed out",
+            ),
+        }
+    }
+
+    /// Deletes the events of failed commits due by `now` that were stored
+    /// after all.
+    async fn withdraw(&mut self, store: &Store, instance: &str, timeout: Duration, now: Instant) {
+        let ids: Vec<String> = self
+            .doubtful
+            .iter()
+            .filter(|(due, _)| *due <= now)
+            .flat_map(|(_, ids)| ids.iter().cloned())
+            .collect();
+        match tokio::time::timeout(timeout, store.withdraw_events(instance, &ids)).await {
+            Ok(Ok(n)) => {
+                if n > 0 {
+                    tracing::warn!(
+                        events = n,
+                        "events of a commit that failed were stored after all (its answer was \
+                         lost); their pushes were answered 503, so they are deleted, not \
+                         delivered"
+                    );
+                }
+                self.doubtful.retain(|(due, _)| *due > now);
+                self.events -= ids.len();
+                self.failing = false;
+            }
+            Ok(Err(e)) => self.failed("cannot look for the events of failed commits", e),
+            Err(_) => self.failed("cannot look for the events of failed commits", "timed out"),
+        }
+    }
+
+    /// A try that failed: said once, until a try works again.
+    fn failed(&mut self, what: &str, error: impl std::fmt::Display) {
+        if self.failing {
+            tracing::debug!(%error, "{what}");
+        } else {
+            tracing::warn!(%error, "{what}; trying again every second");
+            self.failing = true;
+        }
+    }
+}
