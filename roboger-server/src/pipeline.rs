@@ -491,6 +491,12 @@ async fn write_loop(
             "group commit"
         );
         drop(rows);
+        // A failed commit whose answer was lost may have taken effect.
+        let in_doubt = match &written {
+            Ok(Ok(_)) => false,
+            Ok(Err(e)) => !e.took_no_effect(),
+            Err(_) => true,
+        };
         let result = match written {
             Ok(Ok(w)) => {
                 if w.dropped_outcomes > 0 {
@@ -519,9 +525,10 @@ async fn write_loop(
                     batch.len(),
                     recorded.len()
                 ));
-                // Its answer may have been lost after it took effect.
-                unsettled
-                    .commit_failed(batch.iter().map(|a| a.event.id.clone()).collect(), timeout);
+                if in_doubt {
+                    unsettled
+                        .commit_failed(batch.iter().map(|a| a.event.id.clone()).collect(), timeout);
+                }
                 failures += 1;
                 if failures >= 5 {
                     if !recorded.is_empty() {

@@ -16,10 +16,16 @@
 //!   is shorter; SQLite and MySQL make a reader wait for a commit that
 //!   still holds its rows).
 //!
+//! Only a commit that may have taken effect is remembered: not one the
+//! database answered with an error, nor one that found no connection.
+//!
 //! Invariant: each list is bounded ([`REMEMBERED_MAX`]); what is past the
 //! bound stays leased to this node until it restarts (and is made then),
-//! as the log says.
+//! as the log says. Each try is bounded too ([`WITHDRAW_SLICE`] events),
+//! so that after a long outage the writer, which waits for it, is not
+//! held by more than a short transaction a second.
 
+use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use crate::store::Store;
@@ -28,15 +34,18 @@ use crate::store::Store;
 const REMEMBERED_MAX: usize = 65_536;
 /// How often the writer tries again while the database does not answer.
 pub(super) const RETRY: Duration = Duration::from_secs(1);
+/// Most events of failed commits looked for in one try.
+const WITHDRAW_SLICE: usize = 512;
 
 /// The writer's list of what to set right (see the module's docs).
 pub(super) struct Unsettled {
     /// Deliveries (event id, endpoint id) whose outcomes were dropped.
     lost: Vec<(String, i64)>,
-    /// The events of failed commits, each commit's with when to look.
-    doubtful: Vec<(Instant, Vec<String>)>,
-    /// How many events `doubtful` holds.
-    events: usize,
+    /// The events of failed commits, each with when to look for it, in
+    /// that order.
+    doubtful: VecDeque<(Instant, String)>,
+    /// Whether the log says `doubtful` is full.
+    overflowing: bool,
     tried_at: Instant,
     /// Whether the log says the last try failed: while the database is
     /// down every try fails, and the writer's own line already says so.
@@ -47,8 +56,8 @@ impl Unsettled {
     pub(super) fn new() -> Unsettled {
         Unsettled {
             lost: Vec::new(),
-            doubtful: Vec::new(),
-            events: 0,
+            doubtful: VecDeque::new(),
+            overflowing: false,
             tried_at: Instant::now(),
             failing: false,
         }
@@ -75,22 +84,18 @@ impl Unsettled {
     /// A commit of events `ids` failed: they are looked for once it can
     /// no longer be running, `timeout` from now.
     pub(super) fn commit_failed(&mut self, ids: Vec<String>, timeout: Duration) {
-        if ids.is_empty() {
-            return;
-        }
-        let room = REMEMBERED_MAX.saturating_sub(self.events);
-        if ids.len() > room {
+        let room = REMEMBERED_MAX.saturating_sub(self.doubtful.len());
+        if ids.len() > room && !self.overflowing {
+            self.overflowing = true;
             tracing::warn!(
-                events = ids.len() - room,
-                "too many events of failed commits to remember: any of them stored after all \
-                 stay leased to this server until it restarts, and are delivered then"
+                "too many events of failed commits to remember: any of those left out that were \
+                 stored after all stay leased to this server until it restarts, and are \
+                 delivered then"
             );
         }
-        let ids: Vec<String> = ids.into_iter().take(room).collect();
-        if !ids.is_empty() {
-            self.events += ids.len();
-            self.doubtful.push((Instant::now() + timeout, ids));
-        }
+        let due = Instant::now() + timeout;
+        self.doubtful
+            .extend(ids.into_iter().take(room).map(|id| (due, id)));
     }
 
     /// Sets right what is due, at most every [`RETRY`]; what the
@@ -103,9 +108,12 @@ impl Unsettled {
         if !self.lost.is_empty() {
             self.free_lost(store, instance, timeout).await;
         }
-        let now = Instant::now();
-        if self.doubtful.iter().any(|(due, _)| *due <= now) {
-            self.withdraw(store, instance, timeout, now).await;
+        if self
+            .doubtful
+            .front()
+            .is_some_and(|(due, _)| *due <= Instant::now())
+        {
+            self.withdraw(store, instance, timeout).await;
         }
     }
 
@@ -132,14 +140,16 @@ impl Unsettled {
         }
     }
 
-    /// Deletes the events of failed commits due by `now` that were stored
-    /// after all.
-    async fn withdraw(&mut self, store: &Store, instance: &str, timeout: Duration, now: Instant) {
+    /// Deletes those of the events of failed commits now due (at most
+    /// [`WITHDRAW_SLICE`]) that were stored after all.
+    async fn withdraw(&mut self, store: &Store, instance: &str, timeout: Duration) {
+        let now = Instant::now();
         let ids: Vec<String> = self
             .doubtful
             .iter()
-            .filter(|(due, _)| *due <= now)
-            .flat_map(|(_, ids)| ids.iter().cloned())
+            .take_while(|(due, _)| *due <= now)
+            .take(WITHDRAW_SLICE)
+            .map(|(_, id)| id.clone())
             .collect();
         match tokio::time::timeout(timeout, store.withdraw_events(instance, &ids)).await {
             Ok(Ok(n)) => {
@@ -151,8 +161,8 @@ impl Unsettled {
                          delivered"
                     );
                 }
-                self.doubtful.retain(|(due, _)| *due > now);
-                self.events -= ids.len();
+                self.doubtful.drain(..ids.len());
+                self.overflowing &= !self.doubtful.is_empty();
                 self.failing = false;
             }
             Ok(Err(e)) => self.failed("cannot look for the events of failed commits", e),

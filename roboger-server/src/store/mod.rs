@@ -68,6 +68,31 @@ pub enum StoreError {
     NewerSchema(Vec<String>),
 }
 
+impl StoreError {
+    /// Whether the write that failed certainly took no effect: the
+    /// database answered it with an error of its own (which ends its
+    /// transaction uncommitted), or it found no connection to run on.
+    /// Any other failure (a connection broken while the database had the
+    /// write) leaves it in doubt.
+    pub fn took_no_effect(&self) -> bool {
+        use sea_orm::RuntimeErr;
+        match self {
+            StoreError::Db(e) => {
+                pool_timed_out(e)
+                    || matches!(
+                        e,
+                        DbErr::Conn(RuntimeErr::SqlxError(s))
+                        | DbErr::Exec(RuntimeErr::SqlxError(s))
+                        | DbErr::Query(RuntimeErr::SqlxError(s))
+                            if s.as_database_error().is_some()
+                    )
+            }
+            StoreError::Connect(_) => true,
+            _ => false,
+        }
+    }
+}
+
 type Result<T> = std::result::Result<T, StoreError>;
 
 /// How an address is named in a path: its numeric id or its 64-char string.
