@@ -280,7 +280,7 @@ impl Pipeline {
             )),
         ];
         let largest_event = store.largest_event();
-        tokio::spawn(sweep_loop(store, cfg, node, job_tx));
+        tokio::spawn(sweep_loop(store, (cfg, timeout), node, job_tx));
         Pipeline {
             accept_tx,
             timeout,
@@ -537,7 +537,7 @@ async fn write_loop(
                             "delivery outcomes dropped; those deliveries will be repeated"
                         );
                     }
-                    unsettled.outcomes_dropped(
+                    unsettled.free_later(
                         recorded
                             .drain(..)
                             .map(|o| (o.event_id, o.endpoint_id))
@@ -1141,7 +1141,7 @@ fn spread(delay: Duration) -> Duration {
 
 async fn sweep_loop(
     store: Store,
-    cfg: Arc<DeliveryConfig>,
+    (cfg, timeout): (Arc<DeliveryConfig>, Duration),
     node: Arc<Node>,
     jobs: mpsc::Sender<Job>,
 ) {
@@ -1151,8 +1151,12 @@ async fn sweep_loop(
         "cannot claim due deliveries",
         "due deliveries are claimed again",
     );
+    // The deliveries of claims that failed but may have taken effect:
+    // leased to this node, which renews them and never claims them again.
+    let mut unsettled = Unsettled::new();
     loop {
         tick.tick().await;
+        unsettled.retry(&store, &node.instance, timeout).await;
         loop {
             let claimed = match store
                 .claim_due(&node.instance, lease_until(&cfg), SWEEP_BATCH)
@@ -1163,7 +1167,8 @@ async fn sweep_loop(
                     c
                 }
                 Err(e) => {
-                    outage.failed(e);
+                    outage.failed(&e);
+                    unsettled.free_later(e.in_doubt);
                     break;
                 }
             };

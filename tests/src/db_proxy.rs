@@ -1,53 +1,81 @@
 //! A TCP proxy between a server and its PostgreSQL or MySQL that can lose
-//! the answer to one group commit: the commit reaches the database and
-//! takes effect, and the server sees its connection end instead of the
-//! answer, as when the network between them fails or a connection pooler
+//! the answer to one commit: the commit reaches the database and takes
+//! effect, and the server sees its connection end instead of the answer,
+//! as when the network between them fails or a connection pooler
 //! restarts at that moment.
 //!
 //! It reads the database's wire protocol only as far as it must to know
-//! a group commit's last message, and holds back what the database
-//! answers to it until that answer is complete (the commit is over by
-//! then), when it closes both sides of the connection:
-//!
-//! - PostgreSQL: a connection that prepared the group commit (a Parse
-//!   message with the commit's `INSERT INTO event`) is a commit
-//!   connection; its next Bind, once armed, is the commit, and its
-//!   answer ends with ReadyForQuery.
-//! - MySQL: a transaction that ran a prepared `INSERT INTO `event``
-//!   (statement ids read from the answers to their COM_STMT_PREPARE) is
-//!   a group commit; its `COMMIT` query, once armed, is the commit, and
-//!   its answer is one packet.
+//! each statement's text and a commit's last message, and holds back what
+//! the database answers to that message until the answer is complete (the
+//! commit is over by then), when it closes both sides of the connection.
+//! Two commits can be lost ([`Lose`]): a push's group commit, and the
+//! `COMMIT` of a transaction that ran a statement holding a given text.
+//! PostgreSQL's group commit is one statement in an implicit transaction,
+//! whose Bind message is the commit; elsewhere the commit is a `COMMIT`
+//! query. Statement texts are read from PostgreSQL's Parse messages (by
+//! statement name) and MySQL's COM_STMT_PREPARE (by the id its answer
+//! gives).
 
-use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 
-/// Text of PostgreSQL's group commit that names its connection.
+/// Text of PostgreSQL's group commit.
 const PG_COMMIT_MARK: &[u8] = b"INSERT INTO event (id";
-/// Text of MySQL's insert of events.
+/// Text of MySQL's insert of events (in its group commit).
 const MY_COMMIT_MARK: &[u8] = b"INSERT INTO `event`";
+
+/// Which commit's answer the proxy loses next.
+#[derive(Clone, Debug)]
+pub enum Lose {
+    /// A group commit of pushes.
+    GroupCommit,
+    /// The `COMMIT` of a transaction that ran a statement holding one of
+    /// these texts.
+    CommitAfter(Vec<String>),
+}
 
 /// A running proxy; it stops, with its connections, when dropped.
 pub struct DbProxy {
     url: String,
-    armed: Arc<AtomicBool>,
+    armed: Arc<Mutex<Option<Lose>>>,
     lost: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
 
-/// What a connection's two directions share.
+/// What the proxy's connections share.
 #[derive(Clone)]
 struct Shared {
-    /// The next commit's answer is to be lost.
-    armed: Arc<AtomicBool>,
-    /// How many were.
+    /// The commit whose answer is lost next, if any.
+    armed: Arc<Mutex<Option<Lose>>>,
+    /// How many answers were.
     lost: Arc<AtomicUsize>,
-    /// This connection's answer now is.
-    doomed: Arc<AtomicBool>,
+}
+
+impl Shared {
+    /// Whether the message that ends a commit, in a transaction that ran
+    /// statements `ran` (the group commit's: `group`), is the one to lose;
+    /// disarms the proxy if so.
+    fn takes(&self, group: bool, ran: &[Arc<[u8]>]) -> bool {
+        let Ok(mut armed) = self.armed.lock() else {
+            return false;
+        };
+        let hit = match armed.as_ref() {
+            Some(Lose::GroupCommit) => group,
+            Some(Lose::CommitAfter(marks)) => ran
+                .iter()
+                .any(|t| marks.iter().any(|m| holds(t, m.as_bytes()))),
+            None => false,
+        };
+        if hit {
+            *armed = None;
+        }
+        hit
+    }
 }
 
 impl DbProxy {
@@ -69,9 +97,11 @@ impl DbProxy {
             if mysql { "ssl-mode" } else { "sslmode" },
             if mysql { "DISABLED" } else { "disable" },
         );
-        let armed = Arc::new(AtomicBool::new(false));
-        let lost = Arc::new(AtomicUsize::new(0));
-        let (a, l) = (armed.clone(), lost.clone());
+        let shared = Shared {
+            armed: Arc::default(),
+            lost: Arc::default(),
+        };
+        let (armed, lost) = (shared.armed.clone(), shared.lost.clone());
         let task = tokio::spawn(async move {
             let mut connections = JoinSet::new();
             while let Ok((client, _)) = listener.accept().await {
@@ -81,15 +111,10 @@ impl DbProxy {
                 // Each message is written as it is read: no waiting for
                 // the next to fill a segment.
                 let _ = (client.set_nodelay(true), server.set_nodelay(true));
-                let shared = Shared {
-                    armed: a.clone(),
-                    lost: l.clone(),
-                    doomed: Arc::new(AtomicBool::new(false)),
-                };
                 if mysql {
-                    connections.spawn(relay_mysql(client, server, shared));
+                    connections.spawn(relay_mysql(client, server, shared.clone()));
                 } else {
-                    connections.spawn(relay_pg(client, server, shared));
+                    connections.spawn(relay_pg(client, server, shared.clone()));
                 }
                 while connections.try_join_next().is_some() {}
             }
@@ -107,9 +132,11 @@ impl DbProxy {
         &self.url
     }
 
-    /// The next group commit's answer is lost (see the module's docs).
-    pub fn lose_next_commit_answer(&self) {
-        self.armed.store(true, Ordering::SeqCst);
+    /// The next commit of kind `what` has its answer lost.
+    pub fn lose_next(&self, what: Lose) {
+        if let Ok(mut armed) = self.armed.lock() {
+            *armed = Some(what);
+        }
     }
 
     /// How many commits' answers were lost so far.
@@ -128,6 +155,25 @@ impl Drop for DbProxy {
 fn holds(text: &[u8], mark: &[u8]) -> bool {
     text.windows(mark.len()).any(|w| w == mark)
 }
+
+/// The NUL-terminated string at the start of `b`, and what follows it.
+fn c_string(b: &[u8]) -> (&[u8], &[u8]) {
+    match b.iter().position(|&c| c == 0) {
+        Some(i) => (&b[..i], &b[i + 1..]),
+        None => (b, &[]),
+    }
+}
+
+/// Whether a query's text is `word` (`COMMIT`, `ROLLBACK`).
+fn is(text: &[u8], word: &str) -> bool {
+    let text = c_string(text).0;
+    text.trim_ascii().eq_ignore_ascii_case(word.as_bytes())
+}
+
+/// Closes both sides once the answer to the message a connection's
+/// client sent last is complete, when that message was the one to lose.
+/// Both directions see it: the client's side sets it before sending.
+type Doomed = Arc<std::sync::atomic::AtomicBool>;
 
 /// One PostgreSQL message: its type byte (none for the startup message)
 /// and the whole message as read.
@@ -150,17 +196,52 @@ async fn pg_message(r: &mut (impl AsyncRead + Unpin), typed: bool) -> Option<(u8
 async fn relay_pg(client: TcpStream, server: TcpStream, shared: Shared) {
     let (cr, mut cw) = client.into_split();
     let (sr, mut sw) = server.into_split();
+    let doomed = Doomed::default();
     let to_server = {
-        let shared = shared.clone();
+        let (shared, doomed) = (shared.clone(), doomed.clone());
         async move {
             let mut cr = BufReader::new(cr);
-            let mut commits = false;
+            // Statement texts by name, and those the open transaction ran.
+            let mut statements: HashMap<Vec<u8>, Arc<[u8]>> = HashMap::new();
+            let mut ran: Vec<Arc<[u8]>> = Vec::new();
             let mut typed = false;
             while let Some((kind, m)) = pg_message(&mut cr, typed).await {
+                let body = m.get(5..).unwrap_or_default();
+                let lose = match (typed, kind) {
+                    // Parse: statement name, text.
+                    (true, b'P') => {
+                        let (name, rest) = c_string(body);
+                        statements.insert(name.to_vec(), c_string(rest).0.into());
+                        false
+                    }
+                    // Bind: portal name, statement name.
+                    (true, b'B') => {
+                        let name = c_string(c_string(body).1).0;
+                        match statements.get(name) {
+                            Some(text) if holds(text, PG_COMMIT_MARK) => {
+                                // Its own transaction, ended by its Sync.
+                                shared.takes(true, &[])
+                            }
+                            Some(text) => {
+                                ran.push(text.clone());
+                                false
+                            }
+                            None => false,
+                        }
+                    }
+                    // A simple query.
+                    (true, b'Q') if is(body, "COMMIT") => {
+                        shared.takes(false, &std::mem::take(&mut ran))
+                    }
+                    (true, b'Q') if is(body, "ROLLBACK") => {
+                        ran.clear();
+                        false
+                    }
+                    _ => false,
+                };
                 typed = true;
-                commits |= kind == b'P' && holds(&m, PG_COMMIT_MARK);
-                if kind == b'B' && commits && shared.armed.swap(false, Ordering::SeqCst) {
-                    shared.doomed.store(true, Ordering::SeqCst);
+                if lose {
+                    doomed.store(true, Ordering::SeqCst);
                 }
                 if sw.write_all(&m).await.is_err() {
                     return;
@@ -171,7 +252,8 @@ async fn relay_pg(client: TcpStream, server: TcpStream, shared: Shared) {
     let to_client = async move {
         let mut sr = BufReader::new(sr);
         while let Some((kind, m)) = pg_message(&mut sr, true).await {
-            if shared.doomed.load(Ordering::SeqCst) {
+            if doomed.load(Ordering::SeqCst) {
+                // The answer ends with ReadyForQuery.
                 if kind == b'Z' {
                     shared.lost.fetch_add(1, Ordering::SeqCst);
                     return;
@@ -203,9 +285,17 @@ async fn my_packet(r: &mut (impl AsyncRead + Unpin)) -> Option<(u8, Vec<u8>, Vec
     Some((head[3], payload, whole))
 }
 
-/// A prepared statement's id in a command's payload (after its byte).
+/// A prepared statement's id in a payload (after its first byte).
 fn statement_id(payload: &[u8]) -> Option<u32> {
     Some(u32::from_le_bytes(payload.get(1..5)?.try_into().ok()?))
+}
+
+/// A MySQL connection's statements: texts by id, and the text of a
+/// prepare whose answer (with its id) is awaited.
+#[derive(Default)]
+struct MyStatements {
+    by_id: HashMap<u32, Arc<[u8]>>,
+    preparing: Option<Arc<[u8]>>,
 }
 
 /// Relays one MySQL connection until either side ends it, or its answer
@@ -213,43 +303,48 @@ fn statement_id(payload: &[u8]) -> Option<u32> {
 async fn relay_mysql(client: TcpStream, server: TcpStream, shared: Shared) {
     let (cr, mut cw) = client.into_split();
     let (sr, mut sw) = server.into_split();
-    // The ids of the statements that insert events, and whether the
-    // answer to a prepare of one is awaited.
-    let inserts: Arc<Mutex<(HashSet<u32>, bool)>> = Arc::default();
+    let doomed = Doomed::default();
+    let statements: Arc<Mutex<MyStatements>> = Arc::default();
     let to_server = {
-        let (shared, inserts) = (shared.clone(), inserts.clone());
+        let (shared, doomed, statements) = (shared.clone(), doomed.clone(), statements.clone());
         async move {
             let mut cr = BufReader::new(cr);
-            let mut in_commit = false;
+            let mut ran: Vec<Arc<[u8]>> = Vec::new();
             while let Some((seq, payload, m)) = my_packet(&mut cr).await {
                 // A command is the first packet of its exchange; the
                 // handshake's packets and a long packet's rest are not.
-                if seq == 0 {
-                    let text = payload.get(1..).unwrap_or_default();
-                    match payload.first() {
-                        // COM_STMT_PREPARE
-                        Some(0x16) if holds(text, MY_COMMIT_MARK) => {
-                            if let Ok(mut i) = inserts.lock() {
-                                i.1 = true;
-                            }
+                let text = payload.get(1..).unwrap_or_default();
+                let lose = match (seq, payload.first()) {
+                    // COM_STMT_PREPARE
+                    (0, Some(0x16)) => {
+                        if let Ok(mut st) = statements.lock() {
+                            st.preparing = Some(text.into());
                         }
-                        // COM_STMT_EXECUTE
-                        Some(0x17) => {
-                            let id = statement_id(&payload);
-                            in_commit |= inserts
-                                .lock()
-                                .is_ok_and(|i| id.is_some_and(|id| i.0.contains(&id)));
-                        }
-                        // COM_QUERY
-                        Some(0x03) if text.eq_ignore_ascii_case(b"COMMIT") => {
-                            if in_commit && shared.armed.swap(false, Ordering::SeqCst) {
-                                shared.doomed.store(true, Ordering::SeqCst);
-                            }
-                            in_commit = false;
-                        }
-                        Some(0x03) if text.eq_ignore_ascii_case(b"ROLLBACK") => in_commit = false,
-                        _ => {}
+                        false
                     }
+                    // COM_STMT_EXECUTE
+                    (0, Some(0x17)) => {
+                        let text = statements
+                            .lock()
+                            .ok()
+                            .and_then(|st| st.by_id.get(&statement_id(&payload)?).cloned());
+                        ran.extend(text);
+                        false
+                    }
+                    // COM_QUERY
+                    (0, Some(0x03)) if is(text, "COMMIT") => {
+                        let ran = std::mem::take(&mut ran);
+                        let group = ran.iter().any(|t| holds(t, MY_COMMIT_MARK));
+                        shared.takes(group, &ran)
+                    }
+                    (0, Some(0x03)) if is(text, "ROLLBACK") => {
+                        ran.clear();
+                        false
+                    }
+                    _ => false,
+                };
+                if lose {
+                    doomed.store(true, Ordering::SeqCst);
                 }
                 if sw.write_all(&m).await.is_err() {
                     return;
@@ -260,22 +355,19 @@ async fn relay_mysql(client: TcpStream, server: TcpStream, shared: Shared) {
     let to_client = async move {
         let mut sr = BufReader::new(sr);
         while let Some((seq, payload, m)) = my_packet(&mut sr).await {
-            if shared.doomed.load(Ordering::SeqCst) {
+            if doomed.load(Ordering::SeqCst) {
                 // The answer to COMMIT: one OK or error packet.
                 shared.lost.fetch_add(1, Ordering::SeqCst);
                 return;
             }
-            if let Ok(mut i) = inserts.lock()
-                && i.1
-                && seq == 1
-            {
+            if seq == 1
+                && let Ok(mut st) = statements.lock()
+                && let Some(text) = st.preparing.take()
                 // COM_STMT_PREPARE_OK, or an error.
-                i.1 = false;
-                if payload.first() == Some(&0)
-                    && let Some(id) = statement_id(&payload)
-                {
-                    i.0.insert(id);
-                }
+                && payload.first() == Some(&0)
+                && let Some(id) = statement_id(&payload)
+            {
+                st.by_id.insert(id, text);
             }
             if cw.write_all(&m).await.is_err() {
                 return;

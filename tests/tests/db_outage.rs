@@ -19,7 +19,7 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use roboger_tests::db_proxy::DbProxy;
+use roboger_tests::db_proxy::{DbProxy, Lose};
 use roboger_tests::{
     DbClient, Method, Server, ServerOptions, assert_status, poll_every, poll_until,
 };
@@ -292,6 +292,29 @@ async fn an_outage_is_logged_once_per_task_and_so_is_its_end() {
     .await;
 }
 
+/// A server with the test plugin and `yaml`, on a fresh database that it
+/// reaches through a proxy that can lose a commit's answer ([`DbProxy`],
+/// which reads PostgreSQL's and MySQL's protocols), and the database's
+/// own URL. `None` on SQLite, whose commits run in the server's own
+/// process, with no connection to lose an answer on: such a test has
+/// nothing to do there. The proxy's tasks need threads of their own
+/// (`multi_thread`): the harness blocks its thread while a server starts.
+async fn behind_proxy(yaml: &str) -> Option<(DbProxy, Server, String)> {
+    if !roboger_tests::on_postgres() && !roboger_tests::on_mysql() {
+        eprintln!("nothing to do: SQLite has no connection to lose an answer on");
+        return None;
+    }
+    // A database on a server: nothing in the directory.
+    let (_dir, url) = roboger_tests::shared_database();
+    let proxy = DbProxy::start(&url).await;
+    let s = Server::start_with(ServerOptions {
+        db: Some(proxy.url().to_string()),
+        ..ServerOptions::test_plugin(yaml)
+    })
+    .await;
+    Some((proxy, s, url))
+}
+
 /// A push whose group commit took effect though the server never got the
 /// answer (its connection to the database broke after the database had
 /// the commit: a network fault, a connection pooler restarted) is
@@ -302,31 +325,18 @@ async fn an_outage_is_logged_once_per_task_and_so_is_its_end() {
 /// the commit can no longer be running (its timeout later) and deletes
 /// them.
 ///
-/// The answer is lost by a proxy between the server and the database
-/// ([`DbProxy`]), which reads PostgreSQL's and MySQL's protocols; on
-/// SQLite, whose commit runs in the server's own process, the test has
-/// nothing to do. It does not freeze the database. The proxy's tasks run
-/// on threads of their own: the harness blocks its thread while a server
-/// starts.
+/// The answer is lost by a proxy ([`behind_proxy`]).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_push_answered_503_is_not_delivered_though_its_commit_took_effect() {
-    if !roboger_tests::on_postgres() && !roboger_tests::on_mysql() {
-        eprintln!("nothing to do: SQLite's commit has no connection to lose its answer on");
+    let Some((proxy, s, url)) = behind_proxy("").await else {
         return;
-    }
-    let (_dir, url) = roboger_tests::shared_database();
-    let proxy = DbProxy::start(&url).await;
-    let s = Server::start_with(ServerOptions {
-        db: Some(proxy.url().to_string()),
-        ..ServerOptions::test_plugin("")
-    })
-    .await;
+    };
     let (id, a) = s.new_addr().await;
     s.endpoint(id, "t", serde_json::json!({})).await;
     let push = async |msg: &str| s.push(serde_json::json!({"addr": a, "msg": msg})).await;
     // The first commit prepares its statement on the commit connection.
     assert_status!(push("before").await, 202);
-    proxy.lose_next_commit_answer();
+    proxy.lose_next(Lose::GroupCommit);
     assert_status!(push("answer lost").await, 503);
     assert_eq!(proxy.answers_lost(), 1);
     // It took effect: the database has the event, untried.
@@ -364,4 +374,54 @@ async fn a_push_answered_503_is_not_delivered_though_its_commit_took_effect() {
     msgs.sort();
     assert_eq!(msgs, ["answer lost", "before"], "{events}");
     assert_eq!(db.query("SELECT count(*) FROM delivery"), "2");
+}
+
+/// A claim of due deliveries (here a retry) whose `COMMIT` took effect
+/// though the server never got its answer left those deliveries leased
+/// to the server, which renews its own leases and never claims them
+/// again: the retry waited for the server's next start. Now the claim's
+/// deliveries are freed (the freeing waits for the claim's row locks if
+/// its `COMMIT` still runs) and claimed again, and the retry is made.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_whose_claim_lost_its_answer_is_made() {
+    let Some((proxy, s, _)) = behind_proxy("delivery:\n  retry-base: 1\n").await else {
+        return;
+    };
+    let (id, a) = s.new_addr().await;
+    s.endpoint(id, "t", serde_json::json!({"fail_times": 1}))
+        .await;
+    // The claim's statement that leases what it found (a claim that
+    // finds nothing due leases nothing, and is not the one).
+    proxy.lose_next(Lose::CommitAfter(vec![
+        r#""leased_by" = $2 WHERE "delivery"."id" IN"#.into(),
+        "`leased_by` = ? WHERE `delivery`.`id` IN".into(),
+    ]));
+    assert_status!(
+        s.push(serde_json::json!({"addr": a, "msg": "retried"}))
+            .await,
+        202
+    );
+    poll_until(Duration::from_secs(20), async || {
+        match proxy.answers_lost() {
+            1 => Ok(()),
+            n => Err(format!("{n} answers lost: {}", s.log_text())),
+        }
+    })
+    .await;
+    let e = s.wait_settled(id).await;
+    let d = &e["deliveries"][0];
+    assert_eq!(d["state"], "delivered", "{e}");
+    assert_eq!(d["attempts"], 2, "{e}");
+    assert_eq!(
+        s.log_lines("cannot claim due deliveries").len(),
+        1,
+        "{}",
+        s.log_text()
+    );
+    assert_eq!(
+        s.log_lines("free to be made again").len(),
+        1,
+        "{}",
+        s.log_text()
+    );
 }

@@ -1,9 +1,13 @@
-//! What the writer still has to set right in the database after writes
-//! it saw fail, once the database answers again.
+//! What the writer (and the sweeper, for its claims) still has to set
+//! right in the database after writes it saw fail, once the database
+//! answers again.
 //!
 //! - The leases of deliveries whose outcomes it gave up on are freed, so
 //!   that they are made again: this node's lease renewal would otherwise
-//!   keep them its own for good.
+//!   keep them its own for good. So are those of a claim of due
+//!   deliveries (the sweeper's, which keeps a list of its own) whose
+//!   `COMMIT` may have taken effect though its answer was lost; the
+//!   freeing waits for the claim's row locks while that `COMMIT` runs.
 //! - The events of a group commit it saw fail are deleted if they are
 //!   there after all, untried. Their pushes were told 503, which says
 //!   "stored nowhere, send again"; but a commit whose answer was lost
@@ -39,7 +43,7 @@ const WITHDRAW_SLICE: usize = 512;
 
 /// The writer's list of what to set right (see the module's docs).
 pub(super) struct Unsettled {
-    /// Deliveries (event id, endpoint id) whose outcomes were dropped.
+    /// Deliveries (event id, endpoint id) whose leases are to be freed.
     lost: Vec<(String, i64)>,
     /// The events of failed commits, each with when to look for it, in
     /// that order.
@@ -68,14 +72,16 @@ impl Unsettled {
         !self.lost.is_empty() || !self.doubtful.is_empty()
     }
 
-    /// The outcomes of deliveries `keys` were given up on.
-    pub(super) fn outcomes_dropped(&mut self, keys: Vec<(String, i64)>) {
+    /// Deliveries `keys` are leased to this node with nothing to end
+    /// their leases: their outcomes were given up on, or a claim that
+    /// failed may hold them.
+    pub(super) fn free_later(&mut self, keys: Vec<(String, i64)>) {
         let room = REMEMBERED_MAX.saturating_sub(self.lost.len());
         if keys.len() > room {
             tracing::warn!(
                 deliveries = keys.len() - room,
-                "too many dropped outcomes to remember: those deliveries stay leased to this \
-                 server until it restarts"
+                "too many deliveries to free to remember: those stay leased to this server \
+                 until it restarts"
             );
         }
         self.lost.extend(keys.into_iter().take(room));
@@ -118,25 +124,20 @@ impl Unsettled {
     }
 
     /// Frees the leases of the deliveries in `lost` so that they are made
-    /// again.
+    /// (again).
     async fn free_lost(&mut self, store: &Store, instance: &str, timeout: Duration) {
         match tokio::time::timeout(timeout, store.release_leases_of(instance, &self.lost)).await {
             Ok(Ok(n)) => {
                 tracing::info!(
                     deliveries = n,
-                    "the deliveries whose outcomes were dropped are free to be made again"
+                    "the deliveries a failed write left leased to this server are free to be \
+                     made again"
                 );
                 self.lost.clear();
                 self.failing = false;
             }
-            Ok(Err(e)) => self.failed(
-                "cannot free the leases of deliveries whose outcomes were dropped",
-                e,
-            ),
-            Err(_) => self.failed(
-                "cannot free the leases of deliveries whose outcomes were dropped",
-                "timed out",
-            ),
+            Ok(Err(e)) => self.failed("cannot free the leases a failed write left", e),
+            Err(_) => self.failed("cannot free the leases a failed write left", "timed out"),
         }
     }
 

@@ -18,6 +18,26 @@ pub const STATE_DELIVERED: &str = "delivered";
 /// State of a delivery given up after its retries.
 pub const STATE_FAILED: &str = "failed";
 
+/// A claim of due deliveries that failed: why, and the deliveries it may
+/// have leased all the same, whose leases the claimer must free (its
+/// `COMMIT` reached the database, but the answer was lost).
+#[derive(Debug, thiserror::Error)]
+#[error("{error}")]
+pub struct ClaimError {
+    pub error: StoreError,
+    /// (event id, endpoint id) of each delivery the claim may hold.
+    pub in_doubt: Vec<(String, i64)>,
+}
+
+impl<E: Into<StoreError>> From<E> for ClaimError {
+    fn from(e: E) -> ClaimError {
+        ClaimError {
+            error: e.into(),
+            in_doubt: Vec::new(),
+        }
+    }
+}
+
 /// An endpoint's deliveries of the events still kept, by state, and the
 /// newest error any of them got.
 #[derive(Debug, Default)]
@@ -141,21 +161,28 @@ impl Store {
     ///
     /// `node`'s own leases are never taken again, expired or not: each is
     /// of a call in flight, whose outcome ends it, of an outcome given up
-    /// on, whose lease the writer frees, or of a group commit the writer
-    /// saw fail, whose events it deletes; `node` renews them all, so it
+    /// on, whose lease the writer frees, of a group commit the writer saw
+    /// fail, whose events it deletes, or of a claim that failed but may
+    /// hold it, which the sweeper frees; `node` renews them all, so it
     /// took none back but by the clock, and a wall clock stepped forward
     /// (a first NTP sync, a VM resumed) made the calls in flight look
     /// expired: they were made a second time. Two kinds stay held until
     /// the node restarts, as the renewal already kept them: what the
     /// writer gives up on past the bound of what it remembers, and the
     /// deliveries of a group commit that took effect later than `timeout`
-    /// after the writer saw it fail (see `pipeline::unsettled`).
+    /// after the writer saw it fail (see `pipeline::unsettled`). A claim
+    /// whose own `COMMIT` may have taken effect though it failed says
+    /// which deliveries it may hold ([`ClaimError`]), for the caller to
+    /// free.
     pub async fn claim_due(
         &self,
         node: &str,
         lease_until: chrono::DateTime<chrono::Utc>,
         limit: u64,
-    ) -> Result<Vec<(delivery::Model, std::sync::Arc<EventHead>, endpoint::Model)>> {
+    ) -> std::result::Result<
+        Vec<(delivery::Model, std::sync::Arc<EventHead>, endpoint::Model)>,
+        ClaimError,
+    > {
         use sea_orm::{QuerySelect, sea_query::LockBehavior, sea_query::LockType};
         let now = chrono::Utc::now();
         let txn = self.begin_write().await?;
@@ -206,7 +233,17 @@ impl Store {
             .into_iter()
             .map(|e| (e.id, e))
             .collect();
-        txn.commit().await?;
+        if let Err(e) = txn.commit().await {
+            let error = StoreError::from(e);
+            let in_doubt = match error.took_no_effect() {
+                true => Vec::new(),
+                false => due
+                    .iter()
+                    .map(|d| (d.event_id.clone(), d.endpoint_id))
+                    .collect(),
+            };
+            return Err(ClaimError { error, in_doubt });
+        }
         Ok(due
             .into_iter()
             .filter_map(|d| {

@@ -23,7 +23,9 @@ mod wrong_keys;
 pub use bucket::NewObject;
 pub use cluster::{NodeRow, ROUTING_CHANNEL};
 pub use console::{AddrPage, EndpointPage, SubscriptionPage, SubscriptionsShown};
-pub use delivery::{EndpointStats, EventHead, STATE_DELIVERED, STATE_FAILED, STATE_PENDING};
+pub use delivery::{
+    ClaimError, EndpointStats, EventHead, STATE_DELIVERED, STATE_FAILED, STATE_PENDING,
+};
 pub use group_commit::{Attempt, GroupCommit, Written, event_bytes};
 pub use management::{AddrPatch, EndpointPatch, SubscriptionPatch, SubscriptionRow};
 
