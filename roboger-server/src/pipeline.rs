@@ -504,7 +504,8 @@ async fn write_loop(
                         outcomes = w.dropped_outcomes,
                         "late outcomes dropped: those deliveries were no longer leased to this \
                          server (their lease was freed after a failed write, or taken over by \
-                         another node), and are made again"
+                         another node), and are made again; or an earlier commit whose answer \
+                         was lost had written them already"
                     );
                 }
                 Ok(w)
