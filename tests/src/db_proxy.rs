@@ -170,6 +170,27 @@ fn is(text: &[u8], word: &str) -> bool {
     text.trim_ascii().eq_ignore_ascii_case(word.as_bytes())
 }
 
+/// The texts of the statements a connection's open transaction ran.
+#[derive(Default)]
+struct Transaction(Vec<Arc<[u8]>>);
+
+impl Transaction {
+    /// A simple query `text` was sent: whether it is the `COMMIT` whose
+    /// answer is to be lost (it ends the transaction, as `ROLLBACK`
+    /// does). A transaction that ran `group_mark` is a group commit.
+    fn query(&mut self, text: &[u8], shared: &Shared, group_mark: &[u8]) -> bool {
+        if is(text, "COMMIT") {
+            let ran = std::mem::take(&mut self.0);
+            let group = ran.iter().any(|t| holds(t, group_mark));
+            return shared.takes(group, &ran);
+        }
+        if is(text, "ROLLBACK") {
+            self.0.clear();
+        }
+        false
+    }
+}
+
 /// Closes both sides once the answer to the message a connection's
 /// client sent last is complete, when that message was the one to lose.
 /// Both directions see it: the client's side sets it before sending.
@@ -203,7 +224,7 @@ async fn relay_pg(client: TcpStream, server: TcpStream, shared: Shared) {
             let mut cr = BufReader::new(cr);
             // Statement texts by name, and those the open transaction ran.
             let mut statements: HashMap<Vec<u8>, Arc<[u8]>> = HashMap::new();
-            let mut ran: Vec<Arc<[u8]>> = Vec::new();
+            let mut tx = Transaction::default();
             let mut typed = false;
             while let Some((kind, m)) = pg_message(&mut cr, typed).await {
                 let body = m.get(5..).unwrap_or_default();
@@ -223,20 +244,15 @@ async fn relay_pg(client: TcpStream, server: TcpStream, shared: Shared) {
                                 shared.takes(true, &[])
                             }
                             Some(text) => {
-                                ran.push(text.clone());
+                                tx.0.push(text.clone());
                                 false
                             }
                             None => false,
                         }
                     }
-                    // A simple query.
-                    (true, b'Q') if is(body, "COMMIT") => {
-                        shared.takes(false, &std::mem::take(&mut ran))
-                    }
-                    (true, b'Q') if is(body, "ROLLBACK") => {
-                        ran.clear();
-                        false
-                    }
+                    // A simple query (the group commit, a Bind above, is
+                    // never in such a transaction).
+                    (true, b'Q') => tx.query(body, &shared, PG_COMMIT_MARK),
                     _ => false,
                 };
                 typed = true;
@@ -309,7 +325,7 @@ async fn relay_mysql(client: TcpStream, server: TcpStream, shared: Shared) {
         let (shared, doomed, statements) = (shared.clone(), doomed.clone(), statements.clone());
         async move {
             let mut cr = BufReader::new(cr);
-            let mut ran: Vec<Arc<[u8]>> = Vec::new();
+            let mut tx = Transaction::default();
             while let Some((seq, payload, m)) = my_packet(&mut cr).await {
                 // A command is the first packet of its exchange; the
                 // handshake's packets and a long packet's rest are not.
@@ -328,19 +344,11 @@ async fn relay_mysql(client: TcpStream, server: TcpStream, shared: Shared) {
                             .lock()
                             .ok()
                             .and_then(|st| st.by_id.get(&statement_id(&payload)?).cloned());
-                        ran.extend(text);
+                        tx.0.extend(text);
                         false
                     }
                     // COM_QUERY
-                    (0, Some(0x03)) if is(text, "COMMIT") => {
-                        let ran = std::mem::take(&mut ran);
-                        let group = ran.iter().any(|t| holds(t, MY_COMMIT_MARK));
-                        shared.takes(group, &ran)
-                    }
-                    (0, Some(0x03)) if is(text, "ROLLBACK") => {
-                        ran.clear();
-                        false
-                    }
+                    (0, Some(0x03)) => tx.query(text, &shared, MY_COMMIT_MARK),
                     _ => false,
                 };
                 if lose {
