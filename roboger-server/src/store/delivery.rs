@@ -746,6 +746,8 @@ mod tests {
     use super::*;
     use sea_orm::QueryTrait;
 
+    use crate::store::{Attempt, GroupCommit};
+
     /// An event's id sorts at or after the bound of the millisecond it was
     /// made in and before the next one's, whatever its random bits, so
     /// the cleanup's walk up to a bound misses no older event.
@@ -770,6 +772,88 @@ mod tests {
         .into_uuid()
         .to_string();
         assert!(max < first_id_made_at(at), "{max}");
+    }
+
+    /// Of the events of a commit that seemed to fail, only those nothing
+    /// has touched since are withdrawn: each delivery still pending,
+    /// untried and leased to the node that asks.
+    #[tokio::test]
+    async fn only_untouched_events_are_withdrawn() {
+        use sea_orm::PaginatorTrait;
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let store = super::super::sqlite_for_tests(dir.path(), "withdraw").await;
+        let addr = store.addr_create().await.expect("an address");
+        let ep = store
+            .endpoint_create(addr.id, "t", serde_json::json!({}), None)
+            .await
+            .expect("an endpoint");
+        let event = || event::Model {
+            id: uuid::Uuid::now_v7().to_string(),
+            addr_id: addr.id,
+            addr: addr.a.clone(),
+            msg: "m".into(),
+            subject: "s".into(),
+            formatted_subject: "s".into(),
+            level: 20,
+            location: None,
+            tag: None,
+            sender: None,
+            media: None,
+            media_fname: None,
+            hops: 0,
+            created: chrono::Utc::now(),
+        };
+        let (untouched, tried, others) = (event(), event(), event());
+        let commit =
+            async |batch: Vec<(&event::Model, Vec<i64>)>, outcomes: Vec<Attempt>, node: &str| {
+                store
+                    .write_batch(&GroupCommit {
+                        batch: &batch,
+                        outcomes: &outcomes,
+                        node,
+                        lease_until: chrono::Utc::now() + chrono::Duration::minutes(1),
+                    })
+                    .await
+                    .expect("a group commit");
+            };
+        commit(
+            vec![(&untouched, vec![ep.id]), (&tried, vec![ep.id])],
+            Vec::new(),
+            "me",
+        )
+        .await;
+        commit(vec![(&others, vec![ep.id])], Vec::new(), "other").await;
+        let attempt = Attempt {
+            event_id: tried.id.clone(),
+            endpoint_id: ep.id,
+            attempts: 1,
+            state: STATE_PENDING,
+            error: Some("failed".into()),
+            next_at: Some(chrono::Utc::now()),
+        };
+        commit(Vec::new(), vec![attempt], "me").await;
+        let ids = [&untouched, &tried, &others].map(|e| e.id.clone());
+        let gone = store
+            .withdraw_events("me", &[&ids[..], &["not stored".to_string()]].concat())
+            .await
+            .expect("withdrawn");
+        assert_eq!(gone, 1);
+        let left: Vec<String> = event::Entity::find()
+            .select_only()
+            .column(event::Column::Id)
+            .order_by_asc(event::Column::Id)
+            .into_tuple()
+            .all(&store.db)
+            .await
+            .expect("the events");
+        assert_eq!(left, [tried.id.clone(), others.id.clone()]);
+        assert_eq!(
+            delivery::Entity::find()
+                .count(&store.db)
+                .await
+                .expect("a count"),
+            2
+        );
     }
 
     /// The pending condition is in the text, where a plan for any bound
