@@ -145,6 +145,14 @@ pub async fn run(
         "this node's heartbeats are written again",
     );
     let mut renewing = Outage::new("cannot renew leases", "leases are renewed again");
+    let mut schema = Outage::new(
+        "cannot read the database's migrations",
+        "the database's migrations are read again",
+    );
+    let mut clock = Outage::new(
+        "cannot read the database server's clock",
+        "the database server's clock is read again",
+    );
     let mut rescuing = Outage::new(
         "cannot look for dead nodes",
         "dead nodes are looked for again",
@@ -180,8 +188,9 @@ pub async fn run(
         // wait out their timeouts and say so again.
         if reached && superseded.borrow().is_none() {
             match tokio::time::timeout(within, store.schema_newer()).await {
-                Ok(Ok(unknown)) if unknown.is_empty() => {}
+                Ok(Ok(unknown)) if unknown.is_empty() => schema.succeeded(),
                 Ok(Ok(unknown)) => {
+                    schema.succeeded();
                     tracing::error!(
                         migrations = ?unknown,
                         "the database was migrated by a newer roboger-server while this node \
@@ -190,15 +199,21 @@ pub async fn run(
                     );
                     superseded.send_replace(Some(unknown));
                 }
-                Ok(Err(e)) => tracing::warn!(error = %e, "cannot read the database's migrations"),
-                Err(_) => tracing::warn!("reading the database's migrations timed out"),
+                Ok(Err(e)) => schema.failed(e),
+                Err(_) => schema.failed(format_args!("timed out after {within:?}")),
             }
         }
-        if reached && clocked.is_none_or(|t| t.elapsed() >= CLOCK_EVERY) {
+        // Read each tick while its failure is said, so that its end is.
+        if reached && (clocked.is_none_or(|t| t.elapsed() >= CLOCK_EVERY) || clock.said()) {
             clocked = Some(tokio::time::Instant::now());
-            let check = check_clock(&store, &metrics, cfg.node_timeout, &mut clock_off);
+            let check = check_clock(
+                &store,
+                &metrics,
+                cfg.node_timeout,
+                (&mut clock_off, &mut clock),
+            );
             if tokio::time::timeout(within, check).await.is_err() {
-                tracing::warn!("reading the database server's clock timed out");
+                clock.failed(format_args!("timed out after {within:?}"));
             }
         }
         rescue_dead(&store, &node, cfg.node_timeout, &mut rescuing).await;
@@ -229,13 +244,23 @@ pub async fn run(
 /// more than a quarter of `node-timeout` (and says when they agree again):
 /// nodes judge each other by the times they write, so a node whose clock
 /// is off looks dead to the others, or takes them for dead.
-async fn check_clock(store: &Store, metrics: &Metrics, node_timeout: Duration, off: &mut bool) {
+async fn check_clock(
+    store: &Store,
+    metrics: &Metrics,
+    node_timeout: Duration,
+    (off, reading): (&mut bool, &mut Outage),
+) {
     let offset = match store.clock_offset().await {
-        Ok(Some(o)) => o,
-        // SQLite, or a round trip too slow to tell.
-        Ok(None) => return,
+        Ok(o) => {
+            reading.succeeded();
+            match o {
+                Some(o) => o,
+                // SQLite, or a round trip too slow to tell.
+                None => return,
+            }
+        }
         Err(e) => {
-            tracing::warn!(error = %e, "cannot read the database server's clock");
+            reading.failed(e);
             return;
         }
     };

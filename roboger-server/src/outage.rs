@@ -76,6 +76,13 @@ impl Outage {
         }
     }
 
+    /// Whether the log says the task fails (its end not yet said): a task
+    /// that runs only while it has work keeps running while this holds,
+    /// so that its end is said.
+    pub fn said(&self) -> bool {
+        self.said.is_some()
+    }
+
     /// Reports a failed run: logged when it starts an outage, or
     /// [`REMIND`] after the outage's last line, with the failures since.
     pub fn failed(&mut self, error: impl Display) {

@@ -393,7 +393,10 @@ async fn write_loop(
     );
     // What failed writes left to set right once the database answers:
     // the leases of outcomes given up on, and failed commits' events.
-    let mut unsettled = Unsettled::new();
+    let mut unsettled = Unsettled::new(
+        "cannot set right what failed commits left",
+        "what failed commits left is set right again",
+    );
     // The last commit's pushes, answered while the next commit runs, or
     // as soon as there is nothing to write next.
     let mut committed: Option<Committed> = None;
@@ -1154,7 +1157,10 @@ async fn sweep_loop(
     );
     // The deliveries of claims that failed but may have taken effect:
     // leased to this node, which renews them and never claims them again.
-    let mut unsettled = Unsettled::new();
+    let mut unsettled = Unsettled::new(
+        "cannot free what failed claims leased",
+        "what failed claims leased is freed again",
+    );
     loop {
         tick.tick().await;
         unsettled.retry(&store, &node.instance, timeout).await;

@@ -32,6 +32,7 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
+use crate::outage::Outage;
 use crate::store::Store;
 
 /// Most deliveries, and most events, the writer remembers to set right.
@@ -51,25 +52,28 @@ pub(super) struct Unsettled {
     /// Whether the log says `doubtful` is full.
     overflowing: bool,
     tried_at: Instant,
-    /// Whether the log says the last try failed: while the database is
-    /// down every try fails, and the writer's own line already says so.
-    failing: bool,
+    /// What the log says of the tries that fail: while the database is
+    /// down every try fails, and under a flapping network one in a few.
+    outage: Outage,
 }
 
 impl Unsettled {
-    pub(super) fn new() -> Unsettled {
+    /// A list whose failed tries the log says as `failing`, and their end
+    /// as `again` (each list's own: the writer's, the sweeper's).
+    pub(super) fn new(failing: &'static str, again: &'static str) -> Unsettled {
         Unsettled {
             lost: Vec::new(),
             doubtful: VecDeque::new(),
             overflowing: false,
             tried_at: Instant::now(),
-            failing: false,
+            outage: Outage::new(failing, again),
         }
     }
 
-    /// Whether anything waits to be set right.
+    /// Whether anything waits to be set right, or the end of failed
+    /// tries to be said (once tries have worked for a while).
     pub(super) fn waiting(&self) -> bool {
-        !self.lost.is_empty() || !self.doubtful.is_empty()
+        !self.lost.is_empty() || !self.doubtful.is_empty() || self.outage.said()
     }
 
     /// Deliveries `keys` are leased to this node with nothing to end
@@ -111,6 +115,11 @@ impl Unsettled {
             return;
         }
         self.tried_at = Instant::now();
+        if self.lost.is_empty() && self.doubtful.is_empty() {
+            // Nothing left, but failures said: a run that works.
+            self.outage.succeeded();
+            return;
+        }
         if !self.lost.is_empty() {
             self.free_lost(store, instance, timeout).await;
         }
@@ -134,10 +143,10 @@ impl Unsettled {
                      made again"
                 );
                 self.lost.clear();
-                self.failing = false;
+                self.outage.succeeded();
             }
-            Ok(Err(e)) => self.failed("cannot free the leases a failed write left", e),
-            Err(_) => self.failed("cannot free the leases a failed write left", "timed out"),
+            Ok(Err(e)) => self.outage.failed(format_args!("freeing leases: {e}")),
+            Err(_) => self.outage.failed("freeing leases: timed out"),
         }
     }
 
@@ -164,20 +173,14 @@ impl Unsettled {
                 }
                 self.doubtful.drain(..ids.len());
                 self.overflowing &= !self.doubtful.is_empty();
-                self.failing = false;
+                self.outage.succeeded();
             }
-            Ok(Err(e)) => self.failed("cannot look for the events of failed commits", e),
-            Err(_) => self.failed("cannot look for the events of failed commits", "timed out"),
-        }
-    }
-
-    /// A try that failed: said once, until a try works again.
-    fn failed(&mut self, what: &str, error: impl std::fmt::Display) {
-        if self.failing {
-            tracing::debug!(%error, "{what}");
-        } else {
-            tracing::warn!(%error, "{what}; trying again every second");
-            self.failing = true;
+            Ok(Err(e)) => self.outage.failed(format_args!(
+                "looking for the events of failed commits: {e}"
+            )),
+            Err(_) => self
+                .outage
+                .failed("looking for the events of failed commits: timed out"),
         }
     }
 }
