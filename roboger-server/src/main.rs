@@ -88,9 +88,16 @@ fn sandbox_exec(
     std::process::ExitCode::from(127)
 }
 
+/// The log's filter unless `RUST_LOG` says otherwise: `info`, but for
+/// sqlx's pool, which warns of each broken connection it drops: while the
+/// network to the database flaps that is a line per connection, dozens a
+/// second, and the server's own lines already say that the database
+/// fails, once (`outage`).
+const LOG_FILTER: &str = "info,sqlx_core::pool::connection=error";
+
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(LOG_FILTER));
     // A line that cannot be written (stderr a terminal hung up, a pipe
     // whose reader is gone) is lost, not reported on that same stderr:
     // that report's eprintln! panics, and the server went down with it.

@@ -44,6 +44,7 @@ pub struct DbProxy {
     url: String,
     armed: Arc<Mutex<Option<Lose>>>,
     lost: Arc<AtomicUsize>,
+    breaks: tokio::sync::watch::Sender<u64>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -54,6 +55,8 @@ struct Shared {
     armed: Arc<Mutex<Option<Lose>>>,
     /// How many answers were.
     lost: Arc<AtomicUsize>,
+    /// Bumped to break every connection open.
+    breaks: tokio::sync::watch::Sender<u64>,
 }
 
 impl Shared {
@@ -100,8 +103,13 @@ impl DbProxy {
         let shared = Shared {
             armed: Arc::default(),
             lost: Arc::default(),
+            breaks: tokio::sync::watch::Sender::new(0),
         };
-        let (armed, lost) = (shared.armed.clone(), shared.lost.clone());
+        let (armed, lost, breaks) = (
+            shared.armed.clone(),
+            shared.lost.clone(),
+            shared.breaks.clone(),
+        );
         let task = tokio::spawn(async move {
             let mut connections = JoinSet::new();
             while let Ok((client, _)) = listener.accept().await {
@@ -123,6 +131,7 @@ impl DbProxy {
             url: url.to_string(),
             armed,
             lost,
+            breaks,
             task,
         }
     }
@@ -142,6 +151,12 @@ impl DbProxy {
     /// How many commits' answers were lost so far.
     pub fn answers_lost(&self) -> usize {
         self.lost.load(Ordering::SeqCst)
+    }
+
+    /// Breaks every connection open now, wherever its exchange is (a
+    /// network fault for all of them at once).
+    pub fn break_all(&self) {
+        self.breaks.send_modify(|n| *n += 1);
     }
 }
 
@@ -215,6 +230,7 @@ async fn pg_message(r: &mut (impl AsyncRead + Unpin), typed: bool) -> Option<(u8
 /// Relays one PostgreSQL connection until either side ends it, or its
 /// answer is lost.
 async fn relay_pg(client: TcpStream, server: TcpStream, shared: Shared) {
+    let shared_breaks = shared.breaks.clone();
     let (cr, mut cw) = client.into_split();
     let (sr, mut sw) = server.into_split();
     let doomed = Doomed::default();
@@ -282,9 +298,11 @@ async fn relay_pg(client: TcpStream, server: TcpStream, shared: Shared) {
         }
     };
     // Whichever ends first, both sockets close with the halves dropped.
+    let mut breaks = shared_breaks.subscribe();
     tokio::select! {
         _ = to_server => {}
         _ = to_client => {}
+        _ = breaks.changed() => {}
     }
 }
 
@@ -317,6 +335,7 @@ struct MyStatements {
 /// Relays one MySQL connection until either side ends it, or its answer
 /// is lost.
 async fn relay_mysql(client: TcpStream, server: TcpStream, shared: Shared) {
+    let shared_breaks = shared.breaks.clone();
     let (cr, mut cw) = client.into_split();
     let (sr, mut sw) = server.into_split();
     let doomed = Doomed::default();
@@ -383,8 +402,10 @@ async fn relay_mysql(client: TcpStream, server: TcpStream, shared: Shared) {
         }
     };
     // Whichever ends first, both sockets close with the halves dropped.
+    let mut breaks = shared_breaks.subscribe();
     tokio::select! {
         _ = to_server => {}
         _ = to_client => {}
+        _ = breaks.changed() => {}
     }
 }

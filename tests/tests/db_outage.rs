@@ -292,14 +292,14 @@ async fn an_outage_is_logged_once_per_task_and_so_is_its_end() {
     .await;
 }
 
-/// A server with the test plugin and `yaml`, on a fresh database that it
-/// reaches through a proxy that can lose a commit's answer ([`DbProxy`],
+/// A server started with `opts`, on a fresh database that it reaches
+/// through a proxy that can lose a commit's answer ([`DbProxy`],
 /// which reads PostgreSQL's and MySQL's protocols), and the database's
 /// own URL. `None` on SQLite, whose commits run in the server's own
 /// process, with no connection to lose an answer on: such a test has
 /// nothing to do there. The proxy's tasks need threads of their own
 /// (`multi_thread`): the harness blocks its thread while a server starts.
-async fn behind_proxy(yaml: &str) -> Option<(DbProxy, Server, String)> {
+async fn behind_proxy(opts: ServerOptions) -> Option<(DbProxy, Server, String)> {
     if !roboger_tests::on_postgres() && !roboger_tests::on_mysql() {
         eprintln!("nothing to do: SQLite has no connection to lose an answer on");
         return None;
@@ -309,7 +309,7 @@ async fn behind_proxy(yaml: &str) -> Option<(DbProxy, Server, String)> {
     let proxy = DbProxy::start(&url).await;
     let s = Server::start_with(ServerOptions {
         db: Some(proxy.url().to_string()),
-        ..ServerOptions::test_plugin(yaml)
+        ..opts
     })
     .await;
     Some((proxy, s, url))
@@ -328,7 +328,7 @@ async fn behind_proxy(yaml: &str) -> Option<(DbProxy, Server, String)> {
 /// The answer is lost by a proxy ([`behind_proxy`]).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_push_answered_503_is_not_delivered_though_its_commit_took_effect() {
-    let Some((proxy, s, url)) = behind_proxy("").await else {
+    let Some((proxy, s, url)) = behind_proxy(ServerOptions::test_plugin("")).await else {
         return;
     };
     let (id, a) = s.new_addr().await;
@@ -360,6 +360,13 @@ async fn a_push_answered_503_is_not_delivered_though_its_commit_took_effect() {
     let said = s.log_lines("were stored after all");
     assert_eq!(said.len(), 1, "{}", s.log_text());
     assert!(said[0].contains("events=1"), "{}", said[0]);
+    // sqlx's pool warns of each broken connection it drops, a line per
+    // connection while the network flaps; the server's own lines say it.
+    assert!(
+        s.log_lines("sqlx_core::pool").is_empty(),
+        "{}",
+        s.log_text()
+    );
     // What the address's history shows: each push answered 202, once.
     let events = s
         .manage(Method::GET, &format!("/addr/{id}/event"), None)
@@ -384,7 +391,8 @@ async fn a_push_answered_503_is_not_delivered_though_its_commit_took_effect() {
 /// its `COMMIT` still runs) and claimed again, and the retry is made.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retry_whose_claim_lost_its_answer_is_made() {
-    let Some((proxy, s, _)) = behind_proxy("delivery:\n  retry-base: 1\n").await else {
+    let retries = ServerOptions::test_plugin("delivery:\n  retry-base: 1\n");
+    let Some((proxy, s, _)) = behind_proxy(retries).await else {
         return;
     };
     let (id, a) = s.new_addr().await;
@@ -424,4 +432,103 @@ async fn a_retry_whose_claim_lost_its_answer_is_made() {
         "{}",
         s.log_text()
     );
+}
+
+/// While the network between the server and its database flaps (every
+/// connection broken every 20 ms, wherever its exchange is), pushes are
+/// answered 202 or 503, never 500; each push answered 202 reaches its
+/// webhook; none answered 503 does, nor is stored once things settle
+/// (some of their commits took effect, their answers lost); and the log
+/// has no line per broken connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flapping_network_loses_no_push_and_delivers_no_refused_one() {
+    use std::collections::BTreeMap;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let webhook = ServerOptions::builtin("webhook", "delivery:\n  retry-base: 1\n");
+    let Some((proxy, s, url)) = behind_proxy(webhook).await else {
+        return;
+    };
+    let sink = roboger_tests::HttpSink::start(vec![]).await;
+    let (id, a) = s.new_addr().await;
+    let template = r#"{"m": $msg}"#;
+    s.endpoint(
+        id,
+        "webhook",
+        serde_json::json!({"url": format!("{}/x", sink.base), "template": template}),
+    )
+    .await;
+    let proxy = Arc::new(proxy);
+    let stop = Arc::new(AtomicBool::new(false));
+    let breaker = {
+        let (proxy, stop) = (proxy.clone(), stop.clone());
+        tokio::spawn(async move {
+            while !stop.load(Ordering::SeqCst) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                proxy.break_all();
+            }
+        })
+    };
+    // 400 pushes, 8 at a time.
+    let s = Arc::new(s);
+    let mut answers: BTreeMap<String, u16> = BTreeMap::new();
+    let mut pushes = tokio::task::JoinSet::new();
+    for i in 0..400 {
+        let (s, a) = (s.clone(), a.clone());
+        pushes.spawn(async move {
+            let msg = format!("m{i:03}");
+            let r = s.push(serde_json::json!({"addr": a, "msg": msg})).await;
+            (msg, r.status.as_u16())
+        });
+        while pushes.len() >= 8
+            && let Some(Ok((msg, status))) = pushes.join_next().await
+        {
+            answers.insert(msg, status);
+        }
+    }
+    while let Some(Ok((msg, status))) = pushes.join_next().await {
+        answers.insert(msg, status);
+    }
+    stop.store(true, Ordering::SeqCst);
+    breaker.await.expect("the breaker");
+    let answered = |code: u16| -> Vec<&String> {
+        answers
+            .iter()
+            .filter(|(_, st)| **st == code)
+            .map(|(m, _)| m)
+            .collect()
+    };
+    let (accepted, refused) = (answered(202), answered(503));
+    assert_eq!(
+        accepted.len() + refused.len(),
+        400,
+        "answers other than 202 and 503: {answers:?}"
+    );
+    assert!(!refused.is_empty(), "the flapping refused no push");
+    // Every accepted push is delivered (at least once: an outcome given
+    // up on repeats a delivery), and the database keeps nothing else.
+    let db = DbClient::of(&url);
+    poll_until(Duration::from_secs(60), async || {
+        let pending = db.query("SELECT count(*) FROM delivery WHERE state <> 'delivered'");
+        let stored = db.query("SELECT count(*) FROM event");
+        match (pending.as_str(), stored == accepted.len().to_string()) {
+            ("0", true) => Ok(()),
+            _ => Err(format!("{pending} not delivered, {stored} events stored")),
+        }
+    })
+    .await;
+    let got: std::collections::BTreeSet<String> = sink
+        .requests()
+        .iter()
+        .filter_map(|r| {
+            let v: serde_json::Value = serde_json::from_slice(&r.body).ok()?;
+            v["m"].as_str().map(str::to_string)
+        })
+        .collect();
+    let missing: Vec<&&String> = accepted.iter().filter(|m| !got.contains(**m)).collect();
+    assert!(missing.is_empty(), "accepted, never delivered: {missing:?}");
+    let delivered: Vec<&&String> = refused.iter().filter(|m| got.contains(**m)).collect();
+    assert!(delivered.is_empty(), "refused, delivered: {delivered:?}");
+    assert!(s.log_lines("sqlx_core::pool::connection").is_empty());
+    assert!(s.log_lines("panicked").is_empty(), "{}", s.log_text());
 }
