@@ -15,6 +15,9 @@
 //! query. Statement texts are read from PostgreSQL's Parse messages (by
 //! statement name) and MySQL's COM_STMT_PREPARE (by the id its answer
 //! gives).
+//!
+//! It can also break every connection open at once, wherever its
+//! exchange is ([`DbProxy::break_all`]), for a network that flaps.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -8,7 +8,9 @@
 //! says of it all: each failing task once, and once again when it works.
 //!
 //! And a push whose commit took effect though its answer was lost on the
-//! way back is answered 503 and never delivered.
+//! way back is answered 503 and never delivered; a claim whose answer was
+//! lost holds nothing; and while the network flaps no push answered 202 is
+//! lost, none answered 503 is delivered.
 //!
 //! Those that freeze the whole PostgreSQL server (SIGSTOP) must not run
 //! beside other tests nor each other: they are ignored by default and
