@@ -1207,28 +1207,8 @@ fn job_of(d: &delivery::Model, e: Arc<EventHead>, ep: endpoint::Model) -> Job {
 mod tests {
     use super::*;
 
-    /// An event `id` to address 1 (`a`), with no media.
-    fn model(id: &str) -> event::Model {
-        event::Model {
-            id: id.into(),
-            addr_id: 1,
-            addr: "a".into(),
-            msg: String::new(),
-            subject: String::new(),
-            formatted_subject: String::new(),
-            level: 20,
-            location: None,
-            tag: None,
-            sender: None,
-            media: None,
-            media_fname: None,
-            created: chrono::Utc::now(),
-            hops: 0,
-        }
-    }
-
     fn job(name: &str, plugin: &str, media: bool) -> Job {
-        let mut event = model(name);
+        let mut event = event::Model::sample(name);
         event.media = media.then(|| vec![0; 10]);
         Job {
             event: Arc::new(EventHead::of(event)),
@@ -1355,7 +1335,7 @@ mod tests {
 
     fn accept(id: &str, endpoints: &[i64]) -> (Accept, oneshot::Receiver<Stored>) {
         let (reply, rx) = oneshot::channel();
-        let event = model(id);
+        let event = event::Model::sample(id);
         let targets = endpoints
             .iter()
             .map(|&endpoint_id| Target {

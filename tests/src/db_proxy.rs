@@ -24,6 +24,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 
@@ -214,6 +215,30 @@ impl Transaction {
 /// Both directions see it: the client's side sets it before sending.
 type Doomed = Arc<std::sync::atomic::AtomicBool>;
 
+/// Sends a client's message `m` on to the database, the connection
+/// doomed first when the answer to it is to be lost; false once the
+/// database's side is gone.
+async fn pass_on(sw: &mut OwnedWriteHalf, m: &[u8], lose: bool, doomed: &Doomed) -> bool {
+    if lose {
+        doomed.store(true, Ordering::SeqCst);
+    }
+    sw.write_all(m).await.is_ok()
+}
+
+/// Runs a connection's two directions until either ends, or every
+/// connection is broken: both sockets close with their halves dropped.
+async fn both(
+    to_server: impl Future<Output = ()>,
+    to_client: impl Future<Output = ()>,
+    mut breaks: tokio::sync::watch::Receiver<u64>,
+) {
+    tokio::select! {
+        _ = to_server => {}
+        _ = to_client => {}
+        _ = breaks.changed() => {}
+    }
+}
+
 /// One PostgreSQL message: its type byte (none for the startup message)
 /// and the whole message as read.
 async fn pg_message(r: &mut (impl AsyncRead + Unpin), typed: bool) -> Option<(u8, Vec<u8>)> {
@@ -275,10 +300,7 @@ async fn relay_pg(client: TcpStream, server: TcpStream, shared: Shared) {
                     _ => false,
                 };
                 typed = true;
-                if lose {
-                    doomed.store(true, Ordering::SeqCst);
-                }
-                if sw.write_all(&m).await.is_err() {
+                if !pass_on(&mut sw, &m, lose, &doomed).await {
                     return;
                 }
             }
@@ -300,13 +322,7 @@ async fn relay_pg(client: TcpStream, server: TcpStream, shared: Shared) {
             }
         }
     };
-    // Whichever ends first, both sockets close with the halves dropped.
-    let mut breaks = shared_breaks.subscribe();
-    tokio::select! {
-        _ = to_server => {}
-        _ = to_client => {}
-        _ = breaks.changed() => {}
-    }
+    both(to_server, to_client, shared_breaks.subscribe()).await;
 }
 
 /// One MySQL packet: its sequence number, its payload, and the whole
@@ -373,10 +389,7 @@ async fn relay_mysql(client: TcpStream, server: TcpStream, shared: Shared) {
                     (0, Some(0x03)) => tx.query(text, &shared, MY_COMMIT_MARK),
                     _ => false,
                 };
-                if lose {
-                    doomed.store(true, Ordering::SeqCst);
-                }
-                if sw.write_all(&m).await.is_err() {
+                if !pass_on(&mut sw, &m, lose, &doomed).await {
                     return;
                 }
             }
@@ -404,11 +417,5 @@ async fn relay_mysql(client: TcpStream, server: TcpStream, shared: Shared) {
             }
         }
     };
-    // Whichever ends first, both sockets close with the halves dropped.
-    let mut breaks = shared_breaks.subscribe();
-    tokio::select! {
-        _ = to_server => {}
-        _ = to_client => {}
-        _ = breaks.changed() => {}
-    }
+    both(to_server, to_client, shared_breaks.subscribe()).await;
 }

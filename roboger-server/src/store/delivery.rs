@@ -788,20 +788,9 @@ mod tests {
             .await
             .expect("an endpoint");
         let event = || event::Model {
-            id: uuid::Uuid::now_v7().to_string(),
             addr_id: addr.id,
             addr: addr.a.clone(),
-            msg: "m".into(),
-            subject: "s".into(),
-            formatted_subject: "s".into(),
-            level: 20,
-            location: None,
-            tag: None,
-            sender: None,
-            media: None,
-            media_fname: None,
-            hops: 0,
-            created: chrono::Utc::now(),
+            ..event::Model::sample(&uuid::Uuid::now_v7().to_string())
         };
         let (untouched, tried, others) = (event(), event(), event());
         let commit =

@@ -206,6 +206,30 @@ pub mod event {
     pub enum Relation {}
 
     impl ActiveModelBehavior for ActiveModel {}
+
+    #[cfg(test)]
+    impl Model {
+        /// An event `id` to address 1 (`a`), made now, with its text
+        /// empty and no media (for tests).
+        pub(crate) fn sample(id: &str) -> Model {
+            Model {
+                id: id.into(),
+                addr_id: 1,
+                addr: "a".into(),
+                msg: String::new(),
+                subject: String::new(),
+                formatted_subject: String::new(),
+                level: 20,
+                location: None,
+                tag: None,
+                sender: None,
+                media: None,
+                media_fname: None,
+                created: chrono::Utc::now(),
+                hops: 0,
+            }
+        }
+    }
 }
 
 /// One event to one endpoint: pending, delivered or failed.

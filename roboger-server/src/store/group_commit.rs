@@ -849,20 +849,9 @@ mod tests {
     #[test]
     fn sqlite_json_only_for_batches_without_media_and_within_the_text_bound() {
         let event = |msg: String, media: Option<Vec<u8>>| event::Model {
-            id: "01a22d6c-59a6-7331-9433-e46506e80878".into(),
-            addr_id: 1,
-            addr: "a".into(),
             msg,
-            subject: "s".into(),
-            formatted_subject: "s".into(),
-            level: 20,
-            location: None,
-            tag: None,
-            sender: None,
             media,
-            media_fname: None,
-            hops: 0,
-            created: chrono::Utc::now(),
+            ..event::Model::sample("01a22d6c-59a6-7331-9433-e46506e80878")
         };
         let json = |events: &[event::Model]| {
             let batch: Vec<(&event::Model, Vec<i64>)> =
