@@ -42,7 +42,8 @@ pub(super) const RETRY: Duration = Duration::from_secs(1);
 /// Most events of failed commits looked for in one try.
 const WITHDRAW_SLICE: usize = 512;
 
-/// The writer's list of what to set right (see the module's docs).
+/// A list of what to set right, the writer's or the sweeper's (see the
+/// module's docs).
 pub(super) struct Unsettled {
     /// Deliveries (event id, endpoint id) whose leases are to be freed.
     lost: Vec<(String, i64)>,
@@ -120,8 +121,9 @@ impl Unsettled {
             self.outage.succeeded();
             return;
         }
-        if !self.lost.is_empty() {
-            self.free_lost(store, instance, timeout).await;
+        // A database that does not take the one is not asked the other.
+        if !self.lost.is_empty() && !self.free_lost(store, instance, timeout).await {
+            return;
         }
         if self
             .doubtful
@@ -133,20 +135,30 @@ impl Unsettled {
     }
 
     /// Frees the leases of the deliveries in `lost` so that they are made
-    /// (again).
-    async fn free_lost(&mut self, store: &Store, instance: &str, timeout: Duration) {
+    /// (again); whether the database took it.
+    async fn free_lost(&mut self, store: &Store, instance: &str, timeout: Duration) -> bool {
         match tokio::time::timeout(timeout, store.release_leases_of(instance, &self.lost)).await {
             Ok(Ok(n)) => {
-                tracing::info!(
-                    deliveries = n,
-                    "the deliveries a failed write left leased to this server are free to be \
-                     made again"
-                );
+                // None when a failed claim had not taken effect after all.
+                if n > 0 {
+                    tracing::info!(
+                        deliveries = n,
+                        "the deliveries a failed write left leased to this server are free to \
+                         be made again"
+                    );
+                }
                 self.lost.clear();
                 self.outage.succeeded();
+                true
             }
-            Ok(Err(e)) => self.outage.failed(format_args!("freeing leases: {e}")),
-            Err(_) => self.outage.failed("freeing leases: timed out"),
+            Ok(Err(e)) => {
+                self.outage.failed(format_args!("freeing leases: {e}"));
+                false
+            }
+            Err(_) => {
+                self.outage.failed("freeing leases: timed out");
+                false
+            }
         }
     }
 
