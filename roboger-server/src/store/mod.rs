@@ -77,18 +77,8 @@ impl StoreError {
     /// Any other failure (a connection broken while the database had the
     /// write) leaves it in doubt.
     pub fn took_no_effect(&self) -> bool {
-        use sea_orm::RuntimeErr;
         match self {
-            StoreError::Db(e) => {
-                pool_timed_out(e)
-                    || matches!(
-                        e,
-                        DbErr::Conn(RuntimeErr::SqlxError(s))
-                        | DbErr::Exec(RuntimeErr::SqlxError(s))
-                        | DbErr::Query(RuntimeErr::SqlxError(s))
-                            if s.as_database_error().is_some()
-                    )
-            }
+            StoreError::Db(e) => pool_timed_out(e) || database_error(e).is_some(),
             StoreError::Connect(_) => true,
             _ => false,
         }
@@ -650,6 +640,17 @@ async fn why_no_connection(url: &str, timeout: Duration) -> Option<String> {
 /// The code the database gave an error with: SQLite's result code,
 /// PostgreSQL's SQLSTATE, MySQL's error number (as text).
 fn db_code(e: &DbErr) -> Option<String> {
+    let d = database_error(e)?;
+    // MySQL's `code()` is the SQLSTATE, shared by many errors; its number
+    // tells a deadlock apart.
+    if let Some(my) = d.try_downcast_ref::<sea_orm::sqlx::mysql::MySqlDatabaseError>() {
+        return Some(my.number().to_string());
+    }
+    d.code().map(|c| c.into_owned())
+}
+
+/// The error the database itself answered with, if `e` is one.
+fn database_error(e: &DbErr) -> Option<&dyn sea_orm::sqlx::error::DatabaseError> {
     use sea_orm::RuntimeErr;
     let (DbErr::Conn(RuntimeErr::SqlxError(e))
     | DbErr::Exec(RuntimeErr::SqlxError(e))
@@ -657,13 +658,7 @@ fn db_code(e: &DbErr) -> Option<String> {
     else {
         return None;
     };
-    let d = e.as_database_error()?;
-    // MySQL's `code()` is the SQLSTATE, shared by many errors; its number
-    // tells a deadlock apart.
-    if let Some(my) = d.try_downcast_ref::<sea_orm::sqlx::mysql::MySqlDatabaseError>() {
-        return Some(my.number().to_string());
-    }
-    d.code().map(|c| c.into_owned())
+    e.as_database_error()
 }
 
 /// Whether SQLite answered `SQLITE_BUSY` (5) or `SQLITE_LOCKED` (6).
@@ -748,6 +743,28 @@ mod tests {
         assert_eq!(AddrRef::parse("abc"), AddrRef::A("abc".into()));
         let digits = "1".repeat(64);
         assert_eq!(AddrRef::parse(&digits), AddrRef::A(digits.clone()));
+    }
+
+    /// Only a failure the database answered itself, or one that found no
+    /// connection, certainly took no effect; a broken connection leaves
+    /// a write in doubt (`pipeline::unsettled` looks for it then).
+    #[tokio::test]
+    async fn a_write_in_doubt_is_told_from_one_that_took_no_effect() {
+        use sea_orm::{ConnAcquireErr, RuntimeErr, sqlx};
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let store = sqlite_for_tests(dir.path(), "doubt").await;
+        let refused = store
+            .db
+            .execute_unprepared("INSERT INTO no_such_table VALUES (1)")
+            .await
+            .expect_err("no such table");
+        assert!(StoreError::Db(refused).took_no_effect());
+        let no_connection = DbErr::ConnectionAcquire(ConnAcquireErr::Timeout);
+        assert!(StoreError::Db(no_connection).took_no_effect());
+        let broken = sqlx::Error::Io(std::io::ErrorKind::UnexpectedEof.into());
+        let broken = DbErr::Exec(RuntimeErr::SqlxError(Arc::new(broken)));
+        assert!(!StoreError::Db(broken).took_no_effect());
+        assert!(!StoreError::NotFound("addr".into()).took_no_effect());
     }
 
     /// SQLite rolls a whole transaction back by itself on some errors (a
