@@ -12,12 +12,15 @@
 
 pub mod db_proxy;
 pub mod fuzz;
+pub mod live_log;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
+
+pub use live_log::LiveLog;
 use std::time::{Duration, Instant};
 
 pub use reqwest::{Method, StatusCode};
@@ -524,7 +527,7 @@ impl Drop for SqliteLock {
 pub struct Starting {
     child: Child,
     addr: std::sync::mpsc::Receiver<String>,
-    log: Arc<Mutex<String>>,
+    log: Arc<LiveLog>,
     env: Vec<(String, String)>,
     wrapper: Vec<String>,
     config_path: PathBuf,
@@ -575,7 +578,7 @@ pub struct Server {
     /// The URL of its database.
     pub db: String,
     /// Everything the server wrote to stderr so far.
-    pub log: Arc<Mutex<String>>,
+    pub log: Arc<LiveLog>,
     /// Its temp dir (database, config, data dir).
     pub dir: tempfile::TempDir,
     /// An HTTP client that does not follow redirects.
@@ -670,7 +673,7 @@ impl Server {
 
     /// Its log so far (stdout and stderr).
     pub fn log_text(&self) -> String {
-        self.log.lock().map(|l| l.clone()).unwrap_or_default()
+        self.log.text()
     }
 
     /// The lines of its log so far that contain `needle`.
@@ -1058,7 +1061,7 @@ impl Drop for Server {
         if std::thread::panicking() {
             // The server's own words are what explains a failed test; the
             // harness shows this only for a test that failed.
-            let log = self.log.lock().map(|l| l.clone()).unwrap_or_default();
+            let log = self.log.text();
             let lines: Vec<&str> = log.lines().collect();
             let tail = &lines[lines.len().saturating_sub(80)..];
             eprintln!("--- the server's log, last {} lines ---", tail.len());
@@ -1096,93 +1099,54 @@ fn server_command(
 }
 
 /// Waits until `log` contains `needle` (or panics after `timeout`).
-async fn wait_for_log(log: &Mutex<String>, needle: &str, timeout: Duration) {
+async fn wait_for_log(log: &LiveLog, needle: &str, timeout: Duration) {
     let end = Instant::now() + timeout;
     while Instant::now() < end {
-        if log.lock().map(|l| l.contains(needle)).unwrap_or(false) {
+        if log.contains(needle) {
             return;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    panic!(
-        "log never showed {needle:?}:\n{}",
-        log.lock().map(|l| l.clone()).unwrap_or_default()
-    );
+    panic!("log never showed {needle:?}:\n{}", log.text());
 }
 
 /// Starts `cmd` with stderr captured and waits for the "listening on"
 /// line; returns the child, its address and the live log.
-pub fn spawn_and_wait_listening(cmd: Command) -> (Child, String, Arc<Mutex<String>>) {
+pub fn spawn_and_wait_listening(cmd: Command) -> (Child, String, Arc<LiveLog>) {
     let (child, addr, log) = spawn_logged(cmd);
     wait_listening(child, addr, log)
 }
 
 /// Starts `cmd` with its output captured into a live log; the receiver
 /// gets the address of its "listening on" line.
-fn spawn_logged(
-    mut cmd: Command,
-) -> (Child, std::sync::mpsc::Receiver<String>, Arc<Mutex<String>>) {
+fn spawn_logged(mut cmd: Command) -> (Child, std::sync::mpsc::Receiver<String>, Arc<LiveLog>) {
     cmd.stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .stdin(Stdio::null());
     let mut child = cmd.spawn().expect("spawn roboger-server");
-    let log = Arc::new(Mutex::new(String::new()));
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
-    for stream in [
-        child
-            .stderr
-            .take()
-            .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
-        child
-            .stdout
-            .take()
-            .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+    let pipes: Vec<std::os::fd::OwnedFd> = [
+        child.stderr.take().map(std::os::fd::OwnedFd::from),
+        child.stdout.take().map(std::os::fd::OwnedFd::from),
     ]
     .into_iter()
     .flatten()
-    {
-        let log = log.clone();
-        let tx = tx.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stream).lines().map_while(Result::ok) {
-                // In the log before the address is sent: a test that has
-                // the address reads its line there.
-                if let Ok(mut l) = log.lock() {
-                    l.push_str(&line);
-                    l.push('\n');
-                }
-                if let Some(i) = line.find("listening on ") {
-                    let addr: String = line[i + "listening on ".len()..]
-                        .chars()
-                        .take_while(|c| {
-                            c.is_ascii_alphanumeric()
-                                || matches!(c, '.' | ':' | '[' | ']' | '/' | '-' | '_')
-                        })
-                        .collect();
-                    let _ = tx.send(addr);
-                }
-            }
-        });
-    }
-    drop(tx);
-    (child, rx, log)
+    .collect();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    (child, rx, LiveLog::start(pipes, tx))
 }
 
 fn wait_listening(
     mut child: Child,
     rx: std::sync::mpsc::Receiver<String>,
-    log: Arc<Mutex<String>>,
-) -> (Child, String, Arc<Mutex<String>>) {
+    log: Arc<LiveLog>,
+) -> (Child, String, Arc<LiveLog>) {
     match rx.recv_timeout(Duration::from_secs(30)) {
         Ok(addr) => (child, addr, log),
         Err(_) => {
             let _ = child.kill();
             let _ = child.wait();
             std::thread::sleep(Duration::from_millis(100));
-            panic!(
-                "server did not start:\n{}",
-                log.lock().map(|l| l.clone()).unwrap_or_default()
-            );
+            panic!("server did not start:\n{}", log.text());
         }
     }
 }

@@ -1885,6 +1885,26 @@ async fn changes_that_race_a_delete_find_nothing_there() {
     }
 }
 
+/// A change is logged before it is answered: a client (or a test) that
+/// has the answer finds the line in the log. The harness's log reader
+/// was once the only one to take lines in, and under load a test that
+/// looked at once missed the line (`LiveLog`).
+#[tokio::test]
+async fn every_change_is_in_the_log_when_it_is_answered() {
+    let s = Server::start().await;
+    let (id, _) = new_addr(&s).await;
+    for i in 0..300 {
+        assert_status!(
+            s.manage(PATCH, &format!("/addr/{id}"), Some(json!({"lim_c": i})))
+                .await,
+            200
+        );
+        let logged = s.log_lines("management change");
+        assert_eq!(logged.len(), i + 2, "after change {i}: {logged:#?}");
+        assert!(logged[i + 1].contains("method=PATCH"), "{}", logged[i + 1]);
+    }
+}
+
 #[tokio::test]
 async fn changes_are_logged_with_who_made_them() {
     let s = Server::start().await;

@@ -73,7 +73,7 @@ async fn the_event_reaches_the_command_as_environment_only() {
     let msg_file = dir.path().join("out.msg");
     poll_until(Duration::from_secs(10), async || match msg_file.exists() {
         true => Ok(()),
-        false => Err(format!("the command never ran:\n{}", s.log.lock().unwrap())),
+        false => Err(format!("the command never ran:\n{}", s.log_text())),
     })
     .await;
     tokio::time::sleep(Duration::from_millis(200)).await;

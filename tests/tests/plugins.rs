@@ -106,10 +106,8 @@ async fn manifest_state_environment_and_restart() {
     )
     .await;
     assert!(
-        s.log
-            .lock()
-            .unwrap()
-            .lines()
+        s.log_lines("test plugin loaded")
+            .iter()
             .any(|l| l.contains("test plugin loaded") && l.contains("plugin=t"))
     );
 
@@ -393,7 +391,7 @@ async fn killed_and_hanging_plugins_are_restarted() {
         503,
         "{}\n{}\n{}",
         r.text,
-        s.log.lock().unwrap(),
+        s.log_text(),
         std::fs::read_to_string(&rec).unwrap_or_default()
     );
     assert!(

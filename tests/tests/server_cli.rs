@@ -64,7 +64,7 @@ async fn embedded_default_generates_prints_and_reuses_the_master_key() {
         .to_string();
     assert!(key.len() >= 32, "weak key {key:?}");
     {
-        let log = log.lock().unwrap();
+        let log = log.text();
         assert!(log.contains(&key), "the key is printed once: {log}");
         assert!(
             log.contains(&data.join("master.key").display().to_string()),
@@ -124,7 +124,7 @@ async fn embedded_default_generates_prints_and_reuses_the_master_key() {
     // The next start reuses the key and the data, and does not print it.
     let (mut child, addr, log) = start();
     let base = format!("http://{addr}");
-    assert!(!log.lock().unwrap().contains(&key));
+    assert!(!log.text().contains(&key));
     assert_eq!(core_status(&base, &key).await, 200);
     let list: serde_json::Value = client()
         .get(format!("{base}/manage/v2/addr"))
@@ -181,7 +181,7 @@ async fn an_original_config_file_starts_unchanged() {
     let (mut child, addr, log) = spawn_and_wait_listening(cmd);
     let base = format!("http://{addr}");
     assert_eq!(core_status(&base, "from-a-file").await, 200);
-    let log_text = log.lock().unwrap().clone();
+    let log_text = log.text();
     for ignored in [
         "thread-pool-size",
         "secure-mode",
@@ -336,12 +336,12 @@ async fn appears(sock: &std::path::Path) {
 }
 
 /// SIGTERM to the server `child`, which must exit 0.
-fn stops_cleanly(mut child: std::process::Child, log: &std::sync::Mutex<String>) {
+fn stops_cleanly(mut child: std::process::Child, log: &roboger_tests::LiveLog) {
     let _ = Command::new("kill")
         .arg("-TERM")
         .arg(child.id().to_string())
         .status();
-    assert!(child.wait().unwrap().success(), "{}", log.lock().unwrap());
+    assert!(child.wait().unwrap().success(), "{}", log.text());
 }
 
 /// Under systemd socket activation (here `systemd-socket-activate`, which
@@ -377,7 +377,7 @@ async fn a_socket_passed_by_systemd_is_served_from_the_first_request() {
     assert_eq!(first.status().as_u16(), 204);
     let (child, addr, log) = started.await.unwrap();
     assert_eq!(addr, format!("unix:{}", sock.display()));
-    let text = log.lock().unwrap().clone();
+    let text = log.text();
     assert!(
         text.contains("serving the socket systemd passed; listen (127.0.0.1:0) is not used"),
         "{text}"
@@ -403,7 +403,7 @@ async fn a_socket_passed_by_systemd_is_served_from_the_first_request() {
         assert!(
             std::time::Instant::now() < end,
             "plugin t never started: {}",
-            log.lock().unwrap()
+            log.text()
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
@@ -452,7 +452,7 @@ async fn every_socket_systemd_passes_is_served() {
     let first = unix.get(format!("{unix_base}/ping")).send().await.unwrap();
     assert_eq!(first.status().as_u16(), 204);
     let (child, _, log) = started.await.unwrap();
-    let text = log.lock().unwrap().clone();
+    let text = log.text();
     assert!(
         text.contains("serving the 2 sockets systemd passed; listen (127.0.0.1:7719) is not used"),
         "{text}"
@@ -491,14 +491,14 @@ async fn every_socket_systemd_passes_is_served() {
         assert!(
             std::time::Instant::now() < end,
             "{pings} pings: {}",
-            log.lock().unwrap()
+            log.text()
         );
         if let Ok(n) = heard.recv(&mut buf) {
             let said = String::from_utf8_lossy(&buf[..n]);
             pings += usize::from(said.lines().any(|l| l == "WATCHDOG=1"));
         }
     }
-    let text = log.lock().unwrap().clone();
+    let text = log.text();
     assert!(!text.contains("watchdog ping withheld"), "{text}");
 
     stops_cleanly(child, &log);
@@ -715,7 +715,7 @@ async fn json_logs_and_graceful_sigterm() {
         .env("ROBOGER_DATA_DIR", dir.path())
         .env_remove("ROBOGER_CONFIG");
     let (mut child, _addr, log) = spawn_and_wait_listening(cmd);
-    let text = log.lock().unwrap().clone();
+    let text = log.text();
     let json_lines = text
         .lines()
         .filter(|l| l.starts_with('{'))
@@ -823,7 +823,7 @@ fn the_open_files_limit_is_raised_to_the_hard_one() {
         })
         .map(limits)
         .collect();
-    let text = log.lock().unwrap().clone();
+    let text = log.text();
     child.kill().unwrap();
     child.wait().unwrap();
     assert_eq!(server, "2048 2048", "{text}");
