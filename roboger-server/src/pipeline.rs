@@ -15,11 +15,14 @@
 //!   `send_batch` call when the plugin offers it (each keeps its own
 //!   outcome); otherwise, and for media, one `send` each.
 //!   Outcomes are delivered, pending again after a backoff, or failed
-//!   after `max-attempts` or `max-age`; a batch that cannot be written is
-//!   tried again a few times (a lost outcome only repeats a delivery:
-//!   the writer frees the leases of the deliveries whose outcomes it gave
-//!   up on once the database answers again, since this node's lease
-//!   renewal would otherwise keep them for good). The events of a commit
+//!   after `max-attempts` or `max-age`. Outcomes that cannot be written
+//!   are kept while the database is out of reach, however long, and
+//!   written once it answers: a delivery made during an outage is not
+//!   made again. Those in five writes the database itself refused are
+//!   given up on (a lost outcome only repeats a delivery: the writer
+//!   frees the leases of the deliveries whose outcomes it gave up on once
+//!   the database answers again, since this node's lease renewal would
+//!   otherwise keep them for good). The events of a commit
 //!   that failed are looked for once it cannot be running, and deleted
 //!   if it took effect after all: their pushes were told 503
 //!   ([`unsettled`]).
@@ -234,6 +237,10 @@ const ACCEPT_QUEUE: usize = 4096;
 const COMMIT_BATCH: usize = 512;
 const DISPATCH_QUEUE: usize = 8192;
 const OUTCOME_BATCH: usize = 512;
+/// How many writes the database refuses in a row before the writer gives
+/// up the outcomes they held; also the longest back-off between writes
+/// that failed, in steps of 50 ms.
+const GIVE_UP_AFTER: u32 = 5;
 const SWEEP_BATCH: u64 = 256;
 /// Most outcomes taken in early (see [`Inbox`]) with which the writer
 /// still takes new pushes.
@@ -384,9 +391,11 @@ async fn write_loop(
     (mut accepts, outcomes): (mpsc::Receiver<Accept>, mpsc::Receiver<Attempt>),
     (jobs, metrics, liveness): (mpsc::Sender<Job>, Arc<Metrics>, Arc<Liveness>),
 ) {
-    // Outcomes not yet written, and how many writes of them failed.
+    // Outcomes not yet written; how many writes in a row failed (for the
+    // back-off), and how many of those the database refused itself.
     let mut recorded: Vec<Attempt> = Vec::new();
     let mut failures = 0u32;
+    let mut refusals = 0u32;
     let mut outage = Outage::errors(
         "cannot write to the database",
         "the database takes writes again",
@@ -500,6 +509,9 @@ async fn write_loop(
             Ok(Err(e)) => !e.took_no_effect(),
             Err(_) => true,
         };
+        // Refused by the database itself, rather than out of its reach (no
+        // connection, a broken one, a commit that outlasted the timeout).
+        let refused = matches!(&written, Ok(Err(e)) if !e.out_of_reach());
         let result = match written {
             Ok(Ok(w)) => {
                 if w.dropped_outcomes > 0 {
@@ -520,6 +532,7 @@ async fn write_loop(
             Ok(_) => {
                 recorded.clear();
                 failures = 0;
+                refusals = 0;
                 outage.succeeded();
                 liveness.writer.done();
             }
@@ -533,8 +546,17 @@ async fn write_loop(
                     unsettled
                         .commit_failed(batch.iter().map(|a| a.event.id.clone()).collect(), timeout);
                 }
-                failures += 1;
-                if failures >= 5 {
+                failures = (failures + 1).min(GIVE_UP_AFTER);
+                // Outcomes are given up on only when the database refused
+                // five writes that held them: one of them may be what it
+                // refuses, and the pushes wait for the same commit. While
+                // the database is out of reach they are kept, however long
+                // that lasts: giving them up would write nothing else, and
+                // only have those deliveries made again once it answers.
+                // (The dispatcher waits meanwhile, the queue of outcomes
+                // being full.)
+                refusals += u32::from(refused);
+                if refusals >= GIVE_UP_AFTER {
                     if !recorded.is_empty() {
                         tracing::warn!(
                             outcomes = recorded.len(),
@@ -547,7 +569,7 @@ async fn write_loop(
                             .map(|o| (o.event_id, o.endpoint_id))
                             .collect(),
                     );
-                    failures = 0;
+                    refusals = 0;
                 }
             }
         }

@@ -17,10 +17,13 @@
 //! gives).
 //!
 //! It can also break every connection open at once, wherever its
-//! exchange is ([`DbProxy::break_all`]), for a network that flaps.
+//! exchange is ([`DbProxy::break_all`]), for a network that flaps; and
+//! keep the database out of reach for a while ([`DbProxy::go_down`]),
+//! closing each new connection at once, as a database that is down or
+//! failing over.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -49,6 +52,7 @@ pub struct DbProxy {
     armed: Arc<Mutex<Option<Lose>>>,
     lost: Arc<AtomicUsize>,
     breaks: tokio::sync::watch::Sender<u64>,
+    down: Arc<AtomicBool>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -114,9 +118,15 @@ impl DbProxy {
             shared.lost.clone(),
             shared.breaks.clone(),
         );
+        let down = Arc::new(AtomicBool::new(false));
+        let refusing = down.clone();
         let task = tokio::spawn(async move {
             let mut connections = JoinSet::new();
             while let Ok((client, _)) = listener.accept().await {
+                if refusing.load(Ordering::SeqCst) {
+                    drop(client);
+                    continue;
+                }
                 let Ok(server) = TcpStream::connect(&target).await else {
                     continue;
                 };
@@ -136,6 +146,7 @@ impl DbProxy {
             armed,
             lost,
             breaks,
+            down,
             task,
         }
     }
@@ -161,6 +172,18 @@ impl DbProxy {
     /// network fault for all of them at once).
     pub fn break_all(&self) {
         self.breaks.send_modify(|n| *n += 1);
+    }
+
+    /// Breaks every connection open and closes each new one at once,
+    /// until [`DbProxy::come_up`]: the database is out of reach.
+    pub fn go_down(&self) {
+        self.down.store(true, Ordering::SeqCst);
+        self.break_all();
+    }
+
+    /// Lets connections through again.
+    pub fn come_up(&self) {
+        self.down.store(false, Ordering::SeqCst);
     }
 }
 

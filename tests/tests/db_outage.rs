@@ -3,9 +3,11 @@
 //! a push is never accepted without its commit), `/metrics` still
 //! answers, and all recover by themselves when the database is back.
 //!
-//! And a delivery whose outcome could not be written before the writer
-//! gave it up is made again once the database is back; and what the log
-//! says of it all: each failing task once, and once again when it works.
+//! And a delivery made while the database is out of reach (frozen, or
+//! its connections broken) is written once it is back, not made again;
+//! one whose outcome the database itself refused is given up on and made
+//! again; and what the log says of it all: each failing task once, and
+//! once again when it works.
 //!
 //! And a push whose commit took effect though its answer was lost on the
 //! way back is answered 503 and never delivered; a claim whose answer was
@@ -171,40 +173,79 @@ async fn ping_and_api_answer_503_while_the_database_is_frozen() {
     );
 }
 
-/// The writer gives up an outcome it could not write in five commits (the
-/// database frozen meanwhile); that delivery stays pending, leased to this
-/// server, and its lease renewal would keep it so for good. Once the
-/// database answers again the lease is freed, so it is made again
-/// (delivery is at least once) rather than never.
+/// The test plugin `t`, recording its calls in `record` (see
+/// [`sends_started`]).
+fn recording_plugin(record: &std::path::Path) -> ServerOptions {
+    ServerOptions {
+        env: vec![("TEST_PLUGIN_RECORD".into(), record.display().to_string())],
+        ..ServerOptions::test_plugin("")
+    }
+}
+
+/// How many sends of each event the test plugin began (endpoints
+/// configured with `gate` or `slow` record it), by event id.
+fn sends_started(record: &std::path::Path) -> std::collections::BTreeMap<String, usize> {
+    let mut sends = std::collections::BTreeMap::new();
+    for r in roboger_tests::json_lines(record) {
+        if r["method"] == "send_started"
+            && let Some(id) = r["event_id"].as_str()
+        {
+            *sends.entry(id.to_string()).or_insert(0) += 1;
+        }
+    }
+    sends
+}
+
+/// A delivery whose call answers while the database is frozen has its
+/// outcome written once the database answers again, and is not made a
+/// second time. The writer used to give an outcome up after five failed
+/// commits (ten seconds of a frozen database with a 2 s timeout), and
+/// the delivery was made again: a failover's every delivery in flight
+/// reached its target twice.
 #[tokio::test]
 #[ignore = "freezes the shared PostgreSQL server; tests/run runs it alone"]
-async fn a_delivery_whose_outcome_was_dropped_is_made_again() {
+async fn a_delivery_whose_outcome_waited_for_a_frozen_database_is_not_made_again() {
     let data = pg_data();
-    let s = Server::start_with(ServerOptions::test_plugin("")).await;
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let (record, gate) = (dir.path().join("record"), dir.path().join("gate"));
+    let s = Server::start_with(recording_plugin(&record)).await;
     let (id, a) = s.new_addr().await;
-    // The call is still running when the database freezes, and answers
-    // while it is frozen.
-    s.endpoint(id, "t", serde_json::json!({"slow": 1000})).await;
+    let ep = s
+        .endpoint(
+            id,
+            "t",
+            serde_json::json!({"gate": gate.display().to_string()}),
+        )
+        .await;
     assert_status!(
         s.push(serde_json::json!({"addr": a, "msg": "in flight"}))
             .await,
         202
     );
-    let pids = freeze(&data);
-    let end = Instant::now() + Duration::from_secs(60);
-    while s.log_lines("delivery outcomes dropped").is_empty() {
-        if Instant::now() >= end {
-            thaw(&pids);
-            panic!("the outcome was never given up: {}", s.log_text());
+    poll_until(Duration::from_secs(20), async || {
+        match sends_started(&record).len() {
+            1 => Ok(()),
+            n => Err(format!("{n} sends started")),
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    })
+    .await;
+    let pids = freeze(&data);
+    // The call answers while the database is frozen, and the database
+    // stays so for six of the writer's commits (each times out in 2 s).
+    std::fs::write(&gate, b"open").expect("open the gate");
+    tokio::time::sleep(Duration::from_secs(12)).await;
     thaw(&pids);
+    s.endpoint_settles(id, ep, 1, 0).await;
     let e = s.wait_settled(id).await;
-    let d = &e["deliveries"][0];
-    assert_eq!(d["state"], "delivered", "{e}");
+    assert_eq!(e["deliveries"][0]["attempts"], 1, "{e}");
+    assert_eq!(
+        sends_started(&record).into_values().collect::<Vec<_>>(),
+        [1],
+        "made again: {}",
+        s.log_text()
+    );
     assert!(
-        !s.log_lines("free to be made again").is_empty(),
+        s.log_lines("delivery outcomes dropped").is_empty(),
         "{}",
         s.log_text()
     );
@@ -439,9 +480,9 @@ async fn a_retry_whose_claim_lost_its_answer_is_made() {
 /// While the network between the server and its database flaps (every
 /// connection broken every 20 ms, wherever its exchange is), pushes are
 /// answered 202 or 503, never 500; each push answered 202 reaches its
-/// webhook; none answered 503 does, nor is stored once things settle
-/// (some of their commits took effect, their answers lost); and the log
-/// has no line per broken connection.
+/// webhook, once; none answered 503 does, nor is stored once things
+/// settle (some of their commits took effect, their answers lost); and
+/// the log has no line per broken connection.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flapping_network_loses_no_push_and_delivers_no_refused_one() {
     use std::collections::BTreeMap;
@@ -507,8 +548,8 @@ async fn a_flapping_network_loses_no_push_and_delivers_no_refused_one() {
         "answers other than 202 and 503: {answers:?}"
     );
     assert!(!refused.is_empty(), "the flapping refused no push");
-    // Every accepted push is delivered (at least once: an outcome given
-    // up on repeats a delivery), and the database keeps nothing else.
+    // Every accepted push is delivered, and the database keeps nothing
+    // else.
     let db = DbClient::of(&url);
     poll_until(Duration::from_secs(60), async || {
         let pending = db.query("SELECT count(*) FROM delivery WHERE state <> 'delivered'");
@@ -519,18 +560,110 @@ async fn a_flapping_network_loses_no_push_and_delivers_no_refused_one() {
         }
     })
     .await;
-    let got: std::collections::BTreeSet<String> = sink
-        .requests()
-        .iter()
-        .filter_map(|r| {
-            let v: serde_json::Value = serde_json::from_slice(&r.body).ok()?;
-            v["m"].as_str().map(str::to_string)
-        })
-        .collect();
-    let missing: Vec<&&String> = accepted.iter().filter(|m| !got.contains(**m)).collect();
+    let mut got: BTreeMap<String, usize> = BTreeMap::new();
+    for r in sink.requests() {
+        if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&r.body)
+            && let Some(m) = v["m"].as_str()
+        {
+            *got.entry(m.to_string()).or_insert(0) += 1;
+        }
+    }
+    let missing: Vec<&&String> = accepted.iter().filter(|m| !got.contains_key(**m)).collect();
     assert!(missing.is_empty(), "accepted, never delivered: {missing:?}");
-    let delivered: Vec<&&String> = refused.iter().filter(|m| got.contains(**m)).collect();
+    let delivered: Vec<&&String> = refused.iter().filter(|m| got.contains_key(**m)).collect();
     assert!(delivered.is_empty(), "refused, delivered: {delivered:?}");
+    // Nor is a delivery made twice: the outcomes of those made while the
+    // database was out of reach wait for it, instead of being given up on.
+    let twice: Vec<(&String, &usize)> = got.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "delivered more than once: {twice:?}");
     assert!(s.log_lines("sqlx_core::pool::connection").is_empty());
     assert!(s.log_lines("panicked").is_empty(), "{}", s.log_text());
+}
+
+/// A delivery made while the database is out of reach (every connection
+/// broken, and each new one closed at once, as in a failover) has its
+/// outcome written once the database answers again, and is not made a
+/// second time. The writer used to give its outcomes up after five
+/// failed commits, under a second here, and every delivery in flight
+/// reached its target twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_made_while_the_database_is_out_of_reach_is_not_made_again() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let (record, gate) = (dir.path().join("record"), dir.path().join("gate"));
+    let Some((proxy, s, _)) = behind_proxy(recording_plugin(&record)).await else {
+        return;
+    };
+    let (id, a) = s.new_addr().await;
+    let ep = s
+        .endpoint(
+            id,
+            "t",
+            serde_json::json!({"gate": gate.display().to_string()}),
+        )
+        .await;
+    for i in 0..5 {
+        assert_status!(
+            s.push(serde_json::json!({"addr": a, "msg": format!("m{i}")}))
+                .await,
+            202
+        );
+    }
+    poll_until(Duration::from_secs(20), async || {
+        match sends_started(&record).len() {
+            5 => Ok(()),
+            n => Err(format!("{n} sends started")),
+        }
+    })
+    .await;
+    proxy.go_down();
+    // The target answers while the database is out of reach, for 3 s.
+    std::fs::write(&gate, b"open").expect("open the gate");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    proxy.come_up();
+    s.endpoint_settles(id, ep, 5, 0).await;
+    let sends = sends_started(&record);
+    assert!(
+        sends.len() == 5 && sends.values().all(|n| *n == 1),
+        "made again: {sends:?}\n{}",
+        s.log_text()
+    );
+    assert!(
+        s.log_lines("delivery outcomes dropped").is_empty(),
+        "{}",
+        s.log_text()
+    );
+}
+
+/// Outcomes the database itself refuses (here a trigger refuses every
+/// delivery marked delivered) are given up on after five writes, so that
+/// the pushes that wait for the same commit are stored; their deliveries
+/// are made again once the database takes them (at least once).
+#[tokio::test]
+async fn outcomes_the_database_refuses_are_given_up_and_made_again() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let record = dir.path().join("record");
+    let s = Server::start_with(recording_plugin(&record)).await;
+    let (id, a) = s.new_addr().await;
+    let ep = s.endpoint(id, "t", serde_json::json!({"slow": 1})).await;
+    let db = s.db_client();
+    db.refuse_updates("delivery", "NEW.state = 'delivered'");
+    assert_status!(
+        s.push(serde_json::json!({"addr": a, "msg": "refused"}))
+            .await,
+        202
+    );
+    s.wait_log("delivery outcomes dropped", Duration::from_secs(20))
+        .await;
+    // Pushes are stored meanwhile.
+    assert_status!(
+        s.push(serde_json::json!({"addr": a, "msg": "after"})).await,
+        202
+    );
+    db.allow_updates("delivery");
+    s.endpoint_settles(id, ep, 2, 0).await;
+    let sends = sends_started(&record);
+    assert_eq!(sends.len(), 2, "{sends:?}");
+    assert!(sends.values().any(|n| *n >= 2), "not made again: {sends:?}");
+    s.wait_log("free to be made again", Duration::from_secs(10))
+        .await;
 }

@@ -83,6 +83,18 @@ impl StoreError {
             _ => false,
         }
     }
+
+    /// Whether the failure says nothing of what was written: no
+    /// connection was found, or the one used broke, before the database
+    /// answered. The same write may well succeed once it answers again.
+    /// Otherwise the database (or the store) refused the write itself.
+    pub fn out_of_reach(&self) -> bool {
+        match self {
+            StoreError::Db(e) => database_error(e).is_none(),
+            StoreError::Connect(_) => true,
+            _ => false,
+        }
+    }
 }
 
 type Result<T> = std::result::Result<T, StoreError>;
@@ -747,9 +759,11 @@ mod tests {
 
     /// Only a failure the database answered itself, or one that found no
     /// connection, certainly took no effect; a broken connection leaves
-    /// a write in doubt (`pipeline::unsettled` looks for it then).
+    /// a write in doubt (`pipeline::unsettled` looks for it then). Both
+    /// are out of reach, where the writer keeps what it writes for the
+    /// next try; what the database refused itself is not.
     #[tokio::test]
-    async fn a_write_in_doubt_is_told_from_one_that_took_no_effect() {
+    async fn a_write_in_doubt_or_out_of_reach_is_told_from_one_refused() {
         use sea_orm::{ConnAcquireErr, RuntimeErr, sqlx};
         let dir = tempfile::tempdir().expect("a temporary directory");
         let store = sqlite_for_tests(dir.path(), "doubt").await;
@@ -758,13 +772,15 @@ mod tests {
             .execute_unprepared("INSERT INTO no_such_table VALUES (1)")
             .await
             .expect_err("no such table");
-        assert!(StoreError::Db(refused).took_no_effect());
-        let no_connection = DbErr::ConnectionAcquire(ConnAcquireErr::Timeout);
-        assert!(StoreError::Db(no_connection).took_no_effect());
+        let refused = StoreError::Db(refused);
+        assert!(refused.took_no_effect() && !refused.out_of_reach());
+        let no_connection = StoreError::Db(DbErr::ConnectionAcquire(ConnAcquireErr::Timeout));
+        assert!(no_connection.took_no_effect() && no_connection.out_of_reach());
         let broken = sqlx::Error::Io(std::io::ErrorKind::UnexpectedEof.into());
-        let broken = DbErr::Exec(RuntimeErr::SqlxError(Arc::new(broken)));
-        assert!(!StoreError::Db(broken).took_no_effect());
-        assert!(!StoreError::NotFound("addr".into()).took_no_effect());
+        let broken = StoreError::Db(DbErr::Exec(RuntimeErr::SqlxError(Arc::new(broken))));
+        assert!(!broken.took_no_effect() && broken.out_of_reach());
+        let not_found = StoreError::NotFound("addr".into());
+        assert!(!not_found.took_no_effect() && !not_found.out_of_reach());
     }
 
     /// SQLite rolls a whole transaction back by itself on some errors (a
