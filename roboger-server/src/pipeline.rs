@@ -238,9 +238,12 @@ const COMMIT_BATCH: usize = 512;
 const DISPATCH_QUEUE: usize = 8192;
 const OUTCOME_BATCH: usize = 512;
 /// How many writes the database refuses in a row before the writer gives
-/// up the outcomes they held; also the longest back-off between writes
-/// that failed, in steps of 50 ms.
-const GIVE_UP_AFTER: u32 = 5;
+/// up the outcomes they held.
+const REFUSALS_MAX: u32 = 5;
+/// The writer's back-off after its n-th failed write in a row: n steps,
+/// at most [`BACKOFF_STEPS_MAX`].
+const BACKOFF_STEP: Duration = Duration::from_millis(50);
+const BACKOFF_STEPS_MAX: u32 = 5;
 const SWEEP_BATCH: u64 = 256;
 /// Most outcomes taken in early (see [`Inbox`]) with which the writer
 /// still takes new pushes.
@@ -546,7 +549,7 @@ async fn write_loop(
                     unsettled
                         .commit_failed(batch.iter().map(|a| a.event.id.clone()).collect(), timeout);
                 }
-                failures = (failures + 1).min(GIVE_UP_AFTER);
+                failures = (failures + 1).min(BACKOFF_STEPS_MAX);
                 // Outcomes are given up on only when the database refused
                 // five writes that held them: one of them may be what it
                 // refuses, and the pushes wait for the same commit. While
@@ -556,7 +559,7 @@ async fn write_loop(
                 // (The dispatcher waits meanwhile, the queue of outcomes
                 // being full.)
                 refusals += u32::from(refused);
-                if refusals >= GIVE_UP_AFTER {
+                if refusals >= REFUSALS_MAX {
                     if !recorded.is_empty() {
                         tracing::warn!(
                             outcomes = recorded.len(),
@@ -594,7 +597,7 @@ async fn write_loop(
                 liveness.writer.done();
             }
             // Not a hot loop while the database is down.
-            tokio::time::sleep(Duration::from_millis(50 * u64::from(failures.max(1)))).await;
+            tokio::time::sleep(BACKOFF_STEP * failures.max(1)).await;
         }
     }
     // Closing: the last commit's pushes still wait for their answer.
