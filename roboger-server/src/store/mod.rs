@@ -85,12 +85,27 @@ impl StoreError {
     }
 
     /// Whether the failure says nothing of what was written: no
-    /// connection was found, or the one used broke, before the database
-    /// answered. The same write may well succeed once it answers again.
-    /// Otherwise the database (or the store) refused the write itself.
+    /// connection was found, or the one used failed under it (closed,
+    /// reset, its TLS or wire protocol broken, SQLite's worker gone)
+    /// before the database answered. The same write may well succeed once
+    /// it answers again. Any other failure (the database's own error, one
+    /// of the store's) may be the write's doing.
     pub fn out_of_reach(&self) -> bool {
+        use sea_orm::sqlx::Error;
         match self {
-            StoreError::Db(e) => database_error(e).is_none(),
+            StoreError::Db(e) => {
+                pool_timed_out(e)
+                    || sqlx_error(e).is_some_and(|e| {
+                        matches!(
+                            e,
+                            Error::Io(_)
+                                | Error::Tls(_)
+                                | Error::Protocol(_)
+                                | Error::PoolClosed
+                                | Error::WorkerCrashed
+                        )
+                    })
+            }
             StoreError::Connect(_) => true,
             _ => false,
         }
@@ -663,6 +678,11 @@ fn db_code(e: &DbErr) -> Option<String> {
 
 /// The error the database itself answered with, if `e` is one.
 fn database_error(e: &DbErr) -> Option<&dyn sea_orm::sqlx::error::DatabaseError> {
+    sqlx_error(e)?.as_database_error()
+}
+
+/// The sqlx error in any of sea-orm's three wrappers of one.
+fn sqlx_error(e: &DbErr) -> Option<&sea_orm::sqlx::Error> {
     use sea_orm::RuntimeErr;
     let (DbErr::Conn(RuntimeErr::SqlxError(e))
     | DbErr::Exec(RuntimeErr::SqlxError(e))
@@ -670,7 +690,7 @@ fn database_error(e: &DbErr) -> Option<&dyn sea_orm::sqlx::error::DatabaseError>
     else {
         return None;
     };
-    e.as_database_error()
+    Some(e)
 }
 
 /// Whether SQLite answered `SQLITE_BUSY` (5) or `SQLITE_LOCKED` (6).
@@ -781,6 +801,10 @@ mod tests {
         assert!(!broken.took_no_effect() && broken.out_of_reach());
         let not_found = StoreError::NotFound("addr".into());
         assert!(!not_found.took_no_effect() && !not_found.out_of_reach());
+        // A value sqlx could not encode: the write's own doing.
+        let unencoded = sqlx::Error::Encode("a value it cannot take".into());
+        let unencoded = StoreError::Db(DbErr::Exec(RuntimeErr::SqlxError(Arc::new(unencoded))));
+        assert!(!unencoded.out_of_reach());
     }
 
     /// SQLite rolls a whole transaction back by itself on some errors (a
