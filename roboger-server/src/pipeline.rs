@@ -512,8 +512,9 @@ async fn write_loop(
             Ok(Err(e)) => !e.took_no_effect(),
             Err(_) => true,
         };
-        // Refused by the database itself, rather than out of its reach (no
-        // connection, a broken one, a commit that outlasted the timeout).
+        // Refused: by the database, or by an error that may be the write's
+        // own doing; not out of the database's reach (no connection, one
+        // that failed under the write, a commit that outlasted the timeout).
         let refused = matches!(&written, Ok(Err(e)) if !e.out_of_reach());
         let result = match written {
             Ok(Ok(w)) => {
