@@ -12,11 +12,14 @@
 //! goes through. So a task is said to work again only once it has worked
 //! for [`SETTLE`] without a failure (said at its first run after that);
 //! until then its failures are those of the outage already said.
-//! A task keeps one [`Outage`] and reports each of its runs to it.
+//! A task keeps one [`Outage`] and reports each of its runs to it; a
+//! task that runs only while it has work reports its idle time too
+//! ([`Outage::idle`]), or its end would wait for its next work.
 //!
 //! Invariant: a failure is logged, with its error, unless the log's last
 //! line of the task says it fails; a task is said to work again only
-//! after it has run without failing for `SETTLE`.
+//! after it has run without failing for `SETTLE` (idle time after a run
+//! that worked counts).
 
 use std::fmt::Display;
 use std::time::Duration;
@@ -138,6 +141,16 @@ impl Outage {
             seconds(working.duration_since(s.since))
         );
         self.said = None;
+    }
+
+    /// Reports that the task has nothing to run: time without work after
+    /// a run that worked counts as working, so that a task that runs
+    /// only while it has work says its end once it has been idle for
+    /// [`SETTLE`] after such a run (not after one that failed).
+    pub fn idle(&mut self) {
+        if self.said.as_ref().is_some_and(|s| s.working.is_some()) {
+            self.succeeded();
+        }
     }
 
     fn say(&self, message: std::fmt::Arguments<'_>, error: &impl Display, failures: u64) {
@@ -280,6 +293,33 @@ mod tests {
             "{}",
             said[0]
         );
+    }
+
+    /// A task that runs only while it has work says its end once it has
+    /// been idle for SETTLE after a run that worked; not after a run that
+    /// failed, which leaves it unknown whether it works.
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_task_says_its_end_after_a_run_that_worked() {
+        let (lines, _guard) = Lines::capture();
+        let mut o = Outage::new("cannot write", "writes again");
+        o.failed("connection reset");
+        tokio::time::advance(SETTLE).await;
+        o.idle();
+        assert_eq!(lines.take().len(), 1, "only the failure");
+        o.succeeded();
+        tokio::time::advance(SETTLE / 2).await;
+        o.idle();
+        assert!(lines.take().is_empty(), "said before SETTLE");
+        tokio::time::advance(SETTLE / 2).await;
+        o.idle();
+        let said = lines.take();
+        assert_eq!(said.len(), 1, "{said:#?}");
+        assert!(
+            said[0].starts_with("INFO writes again after 1 failure"),
+            "{}",
+            said[0]
+        );
+        assert!(!o.said());
     }
 
     #[tokio::test(start_paused = true)]

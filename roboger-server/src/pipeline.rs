@@ -431,6 +431,7 @@ async fn write_loop(
                     continue;
                 }
                 store.writer_waits();
+                outage.idle();
             }
             tokio::select! {
                 a = accepts.recv() => match a {
@@ -443,6 +444,8 @@ async fn write_loop(
                 },
                 // Idle, with something to set right: back to the top for it.
                 _ = tokio::time::sleep(unsettled::RETRY), if unsettled.waiting() => continue,
+                // Idle after an outage: back to the top to say its end.
+                _ = tokio::time::sleep(crate::outage::SETTLE), if outage.said() => continue,
             }
         }
         liveness.writer.waiting();

@@ -254,7 +254,9 @@ async fn calls_waiting(
 }
 
 /// Holds that each of the `n` deliveries of endpoint `ep` (of address
-/// `id`) is delivered, made once, and that no outcome was given up on.
+/// `id`) is delivered, made once, and that no outcome was given up on;
+/// and that the log says the outage ended, though nothing is pushed
+/// (the writer said it only at its next commit once).
 async fn made_once(s: &Server, record: &std::path::Path, (id, ep): (i64, i64), n: usize) {
     s.endpoint_settles(id, ep, n as u64, 0).await;
     let sends = sends_started(record);
@@ -268,6 +270,8 @@ async fn made_once(s: &Server, record: &std::path::Path, (id, ep): (i64, i64), n
         "{}",
         s.log_text()
     );
+    s.wait_log("the database takes writes again", Duration::from_secs(10))
+        .await;
 }
 
 /// What the operator reads in the log of an outage: each task that fails
