@@ -237,8 +237,9 @@ const ACCEPT_QUEUE: usize = 4096;
 const COMMIT_BATCH: usize = 512;
 const DISPATCH_QUEUE: usize = 8192;
 const OUTCOME_BATCH: usize = 512;
-/// How many writes the database refuses in a row before the writer gives
-/// up the outcomes they held.
+/// How many writes the database refuses, none succeeding between them
+/// (failures out of its reach do not count), before the writer gives up
+/// the outcomes they held.
 const REFUSALS_MAX: u32 = 5;
 /// The writer's back-off after its n-th failed write in a row: n steps,
 /// at most [`BACKOFF_STEPS_MAX`].

@@ -1624,6 +1624,15 @@ impl Drop for SmtpSink {
     }
 }
 
+/// The records of calls to `method` in the record file of the test
+/// plugin (`TEST_PLUGIN_RECORD`), in the order they were made.
+pub fn plugin_calls(record: &Path, method: &str) -> Vec<serde_json::Value> {
+    json_lines(record)
+        .into_iter()
+        .filter(|r| r["method"] == method)
+        .collect()
+}
+
 /// The JSON lines of a record file a plugin process is appending to. A
 /// last line still being written (no newline yet) is left for the next
 /// read, so polling never sees half a record.

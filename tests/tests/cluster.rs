@@ -12,8 +12,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use roboger_tests::{
-    Method, Server, ServerOptions, Value, assert_status, clock_set, json, json_lines, on_mysql,
-    on_postgres, poll_every, run_server_cmd, shared_database, test_plugin_bin,
+    Method, Server, ServerOptions, Value, assert_status, clock_set, json, on_mysql, on_postgres,
+    plugin_calls, poll_every, run_server_cmd, shared_database, test_plugin_bin,
 };
 
 /// A node of the test cluster on database `db`, with the test plugin
@@ -68,14 +68,6 @@ async fn instance_of(node: &Server) -> String {
         .and_then(|n| n["instance"].as_str())
         .unwrap_or_else(|| panic!("no node is self: {list}"))
         .to_string()
-}
-
-/// The records of `send` calls, and of calls started, in a record file.
-fn sends(record: &Path, method: &str) -> Vec<Value> {
-    json_lines(record)
-        .into_iter()
-        .filter(|r| r["method"] == method)
-        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -301,7 +293,7 @@ async fn a_killed_node_s_deliveries_are_made_by_the_survivors() {
     until(
         "the first node's calls in flight",
         Duration::from_secs(10),
-        || async { sends(&record, "send_started").len() >= events },
+        || async { plugin_calls(&record, "send_started").len() >= events },
     )
     .await;
     let a = instance_of(&nodes[0]).await;
@@ -320,7 +312,7 @@ async fn a_killed_node_s_deliveries_are_made_by_the_survivors() {
         "every event delivered by the survivor",
         Duration::from_secs(10),
         || async {
-            let delivered: std::collections::BTreeSet<String> = sends(&record, "send")
+            let delivered: std::collections::BTreeSet<String> = plugin_calls(&record, "send")
                 .iter()
                 .filter_map(|s| s["event_id"].as_str().map(str::to_string))
                 .collect();
@@ -386,7 +378,7 @@ async fn a_paused_node_s_late_outcomes_are_dropped() {
     until(
         "the paused node's call in flight",
         Duration::from_secs(10),
-        || async { !sends(&record, "send_started").is_empty() },
+        || async { !plugin_calls(&record, "send_started").is_empty() },
     )
     .await;
     a.signal("STOP");
@@ -455,7 +447,7 @@ async fn a_node_restarted_under_a_live_node_s_name_leaves_its_leases_alone() {
         202
     );
     until("the call in flight", Duration::from_secs(10), || async {
-        !sends(&record, "send_started").is_empty()
+        !plugin_calls(&record, "send_started").is_empty()
     })
     .await;
     let a = instance_of(&nodes[0]).await;
@@ -480,7 +472,7 @@ async fn a_node_restarted_under_a_live_node_s_name_leaves_its_leases_alone() {
     std::fs::write(&gate, "up").expect("bring the target up");
     let (state, attempts, _) = nodes[0].settled_delivery(id).await;
     assert_eq!((state.as_str(), attempts), ("delivered", 1));
-    assert_eq!(sends(&record, "send").len(), 1, "delivered once");
+    assert_eq!(plugin_calls(&record, "send").len(), 1, "delivered once");
 }
 
 /// A migration no build of this checkout has, as a newer build records it.
@@ -501,7 +493,7 @@ async fn a_node_stops_when_a_newer_build_migrates_its_database() {
         202
     );
     until("the call in flight", Duration::from_secs(10), || async {
-        !sends(&record, "send_started").is_empty()
+        !plugin_calls(&record, "send_started").is_empty()
     })
     .await;
 
@@ -554,7 +546,7 @@ async fn a_node_stops_when_a_newer_build_migrates_its_database() {
     let newer = Server::start_with(node(&db, &record)).await;
     let (state, _, _) = newer.settled_delivery(id).await;
     assert_eq!(state, "delivered", "{}", newer.log_text());
-    assert_eq!(sends(&record, "send").len(), 1, "delivered once");
+    assert_eq!(plugin_calls(&record, "send").len(), 1, "delivered once");
 }
 
 /// `roboger_clock_offset_seconds` as `node` serves it, if it does.
@@ -708,7 +700,7 @@ async fn a_clock_stepped_forward_sends_no_delivery_twice() {
     })
     .await;
     let sent_to = |what: &str| {
-        sends(&record, "send")
+        plugin_calls(&record, "send")
             .into_iter()
             .filter(|r| r["config"].get(what).is_some())
             .count()
@@ -733,7 +725,7 @@ async fn a_clock_stepped_forward_sends_no_delivery_twice() {
         .await;
     assert_status!(s.push(json!({"addr": to_held, "msg": "once"})).await, 202);
     until("the call in flight", Duration::from_secs(10), || async {
-        sends(&record, "send_started").len() == 1
+        plugin_calls(&record, "send_started").len() == 1
     })
     .await;
 
@@ -747,7 +739,11 @@ async fn a_clock_stepped_forward_sends_no_delivery_twice() {
         || async { sent_to("fail_times") == 2 },
     )
     .await;
-    assert_eq!(sends(&record, "send_started").len(), 1, "started once");
+    assert_eq!(
+        plugin_calls(&record, "send_started").len(),
+        1,
+        "started once"
+    );
 
     std::fs::write(&gate, "up").expect("bring the target up");
     let (state, attempts, error) = s.settled_delivery(held).await;
@@ -976,10 +972,10 @@ async fn a_file_stored_through_one_node_is_served_by_another() {
     until(
         "the plugin stored its file",
         Duration::from_secs(10),
-        || async { !sends(&record, "send").is_empty() },
+        || async { !plugin_calls(&record, "send").is_empty() },
     )
     .await;
-    let sent = sends(&record, "send");
+    let sent = plugin_calls(&record, "send");
     let file = sent[0]["callbacks"]["bucket_id"]
         .as_str()
         .unwrap_or_else(|| panic!("no bucket id: {}", sent[0]))

@@ -186,10 +186,8 @@ fn recording_plugin(record: &std::path::Path) -> ServerOptions {
 /// configured with `gate` or `slow` record it), by event id.
 fn sends_started(record: &std::path::Path) -> std::collections::BTreeMap<String, usize> {
     let mut sends = std::collections::BTreeMap::new();
-    for r in roboger_tests::json_lines(record) {
-        if r["method"] == "send_started"
-            && let Some(id) = r["event_id"].as_str()
-        {
+    for r in roboger_tests::plugin_calls(record, "send_started") {
+        if let Some(id) = r["event_id"].as_str() {
             *sends.entry(id.to_string()).or_insert(0) += 1;
         }
     }

@@ -15,7 +15,7 @@ use roboger_server::config::{PluginConfig, translate_db_url};
 use roboger_server::host::HostContext;
 use roboger_server::store::Store;
 use roboger_server::supervisor::{CallError, Options, RawParams, State, Supervisor};
-use roboger_tests::{Value, fresh_database, json, poll_until, test_plugin_bin};
+use roboger_tests::{Value, fresh_database, json, plugin_calls, poll_until, test_plugin_bin};
 use serde_json::Map;
 use serde_json::value::RawValue;
 
@@ -68,13 +68,6 @@ fn python_plugin(name: &str, record: &Path) -> PluginConfig {
     p
 }
 
-fn records(path: &Path, method: &str) -> Vec<Value> {
-    roboger_tests::json_lines(path)
-        .into_iter()
-        .filter(|v| v["method"] == method)
-        .collect()
-}
-
 const MEDIA: &[u8] = &[0, 1, 2, 255, b'x'];
 
 fn send_params(event_id: &str, addr_id: i64, config: Value) -> Map<String, Value> {
@@ -103,7 +96,7 @@ async fn every_kwarg_arrives(plugin: fn(&str, &Path) -> PluginConfig) {
         .call("p", "send", send_params("ev-1", addr.id, json!({"k": "v"})))
         .await
         .unwrap();
-    let got = records(&rec, "send");
+    let got = plugin_calls(&rec, "send");
     assert_eq!(got.len(), 1);
     let g = &got[0];
     let expect = json!({
@@ -160,7 +153,7 @@ async fn callbacks_while_sends_are_in_flight(plugin: fn(&str, &Path) -> PluginCo
     for c in calls {
         c.await.unwrap().unwrap();
     }
-    let got = records(&rec, "send");
+    let got = plugin_calls(&rec, "send");
     assert_eq!(got.len(), 40);
     for g in &got {
         let cb = &g["callbacks"];
@@ -186,7 +179,7 @@ async fn callbacks_while_sends_are_in_flight(plugin: fn(&str, &Path) -> PluginCo
         assert_eq!(cb["call_plugin"], Value::Null, "{cb}");
     }
     assert_eq!(
-        records(&other_rec, "validate_config").len(),
+        plugin_calls(&other_rec, "validate_config").len(),
         40,
         "call_plugin reached the other plugin"
     );
@@ -199,7 +192,7 @@ async fn callbacks_while_sends_are_in_flight(plugin: fn(&str, &Path) -> PluginCo
         )
         .await
         .unwrap();
-    let dbrec = records(&r._dir.path().join("dbok.jsonl"), "send");
+    let dbrec = plugin_calls(&r._dir.path().join("dbok.jsonl"), "send");
     assert_eq!(dbrec[0]["callbacks"]["db"], json!([{"one": 1}]));
     r.sup.shutdown().await;
 }
@@ -267,7 +260,10 @@ async fn killed_mid_call(plugin: fn(&str, &Path) -> PluginConfig) {
         .call("p", "send", send_params("after", 1, json!({})))
         .await
         .unwrap();
-    assert_eq!(records(&rec, "send").last().unwrap()["event_id"], "after");
+    assert_eq!(
+        plugin_calls(&rec, "send").last().unwrap()["event_id"],
+        "after"
+    );
     r.sup.shutdown().await;
 }
 
@@ -294,7 +290,7 @@ async fn a_send_made_alone_is_alone_and_blamed_only_when_it_can_be() {
         sup.call("p", "send", params).await
     });
     poll_until(Duration::from_secs(10), async || {
-        match records(&rec, "send_started").len() {
+        match plugin_calls(&rec, "send_started").len() {
             1 => Ok(()),
             n => Err(format!("{n} sends started")),
         }
@@ -312,7 +308,7 @@ async fn a_send_made_alone_is_alone_and_blamed_only_when_it_can_be() {
     std::fs::write(&gate, b"").unwrap();
     gated.await.unwrap().expect("the gated send");
     alone.await.unwrap().expect("the send made alone");
-    let sent: Vec<Value> = records(&rec, "send")
+    let sent: Vec<Value> = plugin_calls(&rec, "send")
         .iter()
         .map(|v| v["event_id"].clone())
         .collect();
@@ -324,7 +320,7 @@ async fn a_send_made_alone_is_alone_and_blamed_only_when_it_can_be() {
     let slow = raw("slow", json!({"slow": 5000}));
     let slow = tokio::spawn(async move { sup.send_alone("p", slow).await });
     poll_until(Duration::from_secs(10), async || {
-        match records(&rec, "send_started").len() {
+        match plugin_calls(&rec, "send_started").len() {
             2 => Ok(()),
             n => Err(format!("{n} sends started")),
         }
@@ -425,7 +421,7 @@ async fn a_batch_has_an_outcome_per_event(plugin: fn(&str, &Path) -> PluginConfi
         "{results:?}"
     );
     assert!(results[2].is_ok(), "{results:?}");
-    let mut sent: Vec<String> = records(&rec, "send")
+    let mut sent: Vec<String> = plugin_calls(&rec, "send")
         .iter()
         .filter_map(|v| v["event_id"].as_str().map(String::from))
         .collect();
@@ -433,7 +429,7 @@ async fn a_batch_has_an_outcome_per_event(plugin: fn(&str, &Path) -> PluginConfi
     assert_eq!(sent, ["ev-a", "ev-b", "ev-c"]);
     // Media travels in a batch too (the server sends it with `send`, but
     // the protocol allows it), decoded for the plugin.
-    let got = records(&rec, "send");
+    let got = plugin_calls(&rec, "send");
     assert!(got.iter().all(|g| g["media"] == json!(MEDIA)), "{got:?}");
     r.sup.shutdown().await;
 }
@@ -550,7 +546,7 @@ async fn a_batch_is_sent_at_once(plugin: fn(&str, &Path) -> PluginConfig) {
     let sup = r.sup.clone();
     let batch = tokio::spawn(async move { sup.send_batch("p", events).await });
     poll_until(Duration::from_secs(20), async || {
-        match records(&rec, "send_started") {
+        match plugin_calls(&rec, "send_started") {
             started if started.len() >= 3 => Ok(()),
             started => Err(format!("started: {started:?}")),
         }
@@ -559,7 +555,7 @@ async fn a_batch_is_sent_at_once(plugin: fn(&str, &Path) -> PluginConfig) {
     std::fs::write(&gate, b"").unwrap();
     let results = batch.await.expect("the batch task");
     assert!(results.iter().all(Result::is_ok), "{results:?}");
-    assert_eq!(records(&rec, "send").len(), 3);
+    assert_eq!(plugin_calls(&rec, "send").len(), 3);
     r.sup.shutdown().await;
 }
 
