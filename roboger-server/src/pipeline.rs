@@ -803,8 +803,9 @@ impl Dispatch {
                 STATE_FAILED => Outcome::Failed,
                 _ => Outcome::Retry,
             };
-            // A put-off of a plugin not running is no attempt; the
-            // plugin's own metrics say it is down (roboger_plugin_up).
+            // A put-off (the plugin not there to try it, or the call not
+            // made) is no attempt; the plugin's own metrics say it is
+            // down (roboger_plugin_up) or busy (roboger_plugin_inflight).
             if !(not_tried && attempt.state == STATE_PENDING) {
                 self.metrics.attempt(&job.plugin, counted, took);
             }
@@ -1073,17 +1074,30 @@ fn send_params(job: &Job, media: Option<&str>) -> Result<RawParams, CallError> {
 pub const NOT_RUNNING_WAIT: Duration = Duration::from_secs(60);
 
 /// Whether `result` says the plugin was not there to try the delivery:
-/// not configured on this server, or not running until it is restarted.
+/// not configured on this server, not running until it is restarted, or
+/// for now (starting, restarting, no room for another call).
 fn not_tried(result: &Result<Value, CallError>) -> bool {
     matches!(
         result,
-        Err(CallError::NotConfigured(_) | CallError::NotRunning(..))
+        Err(CallError::NotConfigured(_) | CallError::NotRunning(..) | CallError::NotMade(..))
     )
+}
+
+/// The server's own wait after the `attempts`-th try: `retry-base`,
+/// doubling with each try, at most `retry-max` (not spread).
+fn backoff(cfg: &DeliveryConfig, attempts: i32) -> Duration {
+    let exp = u32::try_from(attempts.max(1) - 1)
+        .unwrap_or(u32::MAX)
+        .min(20);
+    cfg.retry_base
+        .saturating_mul(2u32.saturating_pow(exp))
+        .min(cfg.retry_max)
 }
 
 fn outcome(cfg: &DeliveryConfig, job: &Job, result: Result<Value, CallError>) -> Attempt {
     // No plugin here to try it: nothing was tried, so no attempt is spent.
     let not_tried = not_tried(&result);
+    let for_now = matches!(result, Err(CallError::NotMade(..)));
     let attempts = if not_tried {
         job.attempts
     } else {
@@ -1117,17 +1131,31 @@ fn outcome(cfg: &DeliveryConfig, job: &Job, result: Result<Value, CallError>) ->
     let age = chrono::Utc::now() - job.event.created;
     let too_old = age.to_std().is_ok_and(|a| a >= cfg.max_age);
     if not_tried && !too_old {
-        // Put off for a reload, a restart or a node that runs the plugin;
-        // spread, so the deliveries put off together do not all come back
+        // Spread, so the deliveries put off together do not all come back
         // at once.
-        let wait = NOT_RUNNING_WAIT.min(cfg.retry_max);
+        let (wait, error) = match for_now {
+            // The plugin is back, or has room, in a moment: as soon as a
+            // failed try of the same attempt would be tried again.
+            true => {
+                let wait = backoff(cfg, attempts);
+                let error =
+                    format!("not tried: {error}; tried again in {wait:?}, its attempts unspent");
+                (wait, error)
+            }
+            // For a reload, a restart or a node that runs the plugin.
+            false => {
+                let wait = NOT_RUNNING_WAIT.min(cfg.retry_max);
+                let error = format!(
+                    "not tried: {error}; looked at again every {wait:?} until delivery.max-age, \
+                     for a reload, a restart or another node that runs the plugin"
+                );
+                (wait, error)
+            }
+        };
         tracing::debug!(event_id = %job.event.id, endpoint_id = job.endpoint_id, plugin = %job.plugin, ?wait, "put off: {error}");
         return Attempt {
             state: STATE_PENDING,
-            error: Some(format!(
-                "not tried: {error}; looked at again every {wait:?} until delivery.max-age, \
-                 for a reload, a restart or another node that runs the plugin"
-            )),
+            error: Some(error),
             next_at: Some(
                 chrono::Utc::now() + chrono::Duration::from_std(spread(wait)).unwrap_or_default(),
             ),
@@ -1142,12 +1170,9 @@ fn outcome(cfg: &DeliveryConfig, job: &Job, result: Result<Value, CallError>) ->
             ..base
         };
     }
-    let exp = u32::try_from(attempts - 1).unwrap_or(u32::MAX).min(20);
     // The target's own wait, when it asked for one, and never past the
     // operator's bound on waits.
-    let delay = cfg
-        .retry_base
-        .saturating_mul(2u32.saturating_pow(exp))
+    let delay = backoff(cfg, attempts)
         .max(asked.unwrap_or_default())
         .min(cfg.retry_max);
     // The server's own backoff is spread, so the deliveries that failed
@@ -1250,9 +1275,6 @@ mod tests {
         }
     }
 
-    /// Deliveries that failed together are tried again spread over a
-    /// fifth of their backoff, never past it; a target's asked-for wait
-    /// is kept as it is.
     /// The defaults but `retry_base`.
     fn delivery_config(retry_base: Duration) -> DeliveryConfig {
         DeliveryConfig {
@@ -1269,6 +1291,9 @@ mod tests {
         }
     }
 
+    /// Deliveries that failed together are tried again spread over a
+    /// fifth of their backoff, never past it; a target's asked-for wait
+    /// is kept as it is.
     #[test]
     fn the_servers_own_backoff_is_spread() {
         let cfg = delivery_config(Duration::from_secs(8));
@@ -1296,6 +1321,44 @@ mod tests {
         let lowest = waits.iter().cloned().fold(f64::MAX, f64::min);
         let highest = waits.iter().cloned().fold(0.0, f64::max);
         assert!(highest - lowest > 1.0, "not spread: {waits:?}");
+    }
+
+    /// A call not made (its plugin starting, restarting or with no room
+    /// for it) spends no attempt and is tried again when a failed try of
+    /// the same attempt would be; past `max-age` it fails for good.
+    #[test]
+    fn a_call_not_made_spends_no_attempt() {
+        let cfg = delivery_config(Duration::from_secs(8));
+        let busy = || {
+            Err(CallError::NotMade(
+                "p".into(),
+                "too many calls in flight".into(),
+            ))
+        };
+        let put_off = |j: &Job| {
+            let before = chrono::Utc::now();
+            let a = outcome(&cfg, j, busy());
+            let wait = (a.next_at.expect("put off") - before).as_seconds_f64();
+            (a.state, a.attempts, wait, a.error.unwrap_or_default())
+        };
+        let mut j = job("e", "p", false);
+        let (state, attempts, wait, why) = put_off(&j);
+        assert_eq!((state, attempts), (STATE_PENDING, 0));
+        assert!((6.3..=8.1).contains(&wait), "{wait}");
+        assert!(
+            why.starts_with("not tried: plugin p is not available: too many calls in flight;"),
+            "{why}"
+        );
+        // After two tries, the backoff after the second: 16 s, spread.
+        j.attempts = 2;
+        let (state, attempts, wait, _) = put_off(&j);
+        assert_eq!((state, attempts), (STATE_PENDING, 2));
+        assert!((12.7..=16.1).contains(&wait), "{wait}");
+        let mut old = event::Model::sample("old");
+        old.created = chrono::Utc::now() - chrono::Duration::days(2);
+        j.event = Arc::new(EventHead::of(old));
+        let a = outcome(&cfg, &j, busy());
+        assert_eq!((a.state, a.attempts), (STATE_FAILED, 2));
     }
 
     /// A delivery in flight when its plugin ended is retried as a

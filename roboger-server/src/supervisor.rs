@@ -67,9 +67,17 @@ pub enum CallError {
     /// data, from an HTTP `Retry-After`).
     #[error("{0}")]
     Later(String, Duration),
-    /// The plugin is not running (or died during the call); retry later.
+    /// The call was made but not answered: it timed out, the plugin was
+    /// stopped during it, or its connection failed; the plugin may have
+    /// done the work. Retry later.
     #[error("plugin {0} is not available: {1}")]
     Unavailable(String, String),
+    /// The call was not made, for now: the plugin is starting or
+    /// restarting, or has had no room for it (`max-inflight`, or its
+    /// turn to send alone) within the call `timeout`, or the server is
+    /// shutting down. Nothing reached the plugin; try again soon.
+    #[error("plugin {0} is not available: {1}")]
+    NotMade(String, String),
     /// The plugin's process ended by itself (it exited, or broke its
     /// pipe) while the call was in flight: how it ended. `cause`: the
     /// call was a send made alone ([`Supervisor::send_alone`]) to a
@@ -593,11 +601,11 @@ impl Supervisor {
         let slot = self
             .slot(name)
             .ok_or_else(|| CallError::NotConfigured(name.to_string()))?;
-        let unavailable = |why: String| CallError::Unavailable(name.to_string(), why);
+        let not_made = |why: &str| CallError::NotMade(name.to_string(), why.to_string());
         let permit = tokio::time::timeout(self.opts.timeout, slot.inflight.acquire())
             .await
-            .map_err(|_| unavailable("too many calls in flight".into()))?
-            .map_err(|_| unavailable("shutting down".into()))?;
+            .map_err(|_| not_made("too many calls in flight"))?
+            .map_err(|_| not_made("shutting down"))?;
         let conn = Supervisor::connection(name, &slot).await?;
         if protocol::OPTIONAL_METHODS.contains(&method) && !conn.manifest.offers(method) {
             return Ok(Value::Null);
@@ -629,15 +637,15 @@ impl Supervisor {
         let slot = self
             .slot(name)
             .ok_or_else(|| CallError::NotConfigured(name.to_string()))?;
-        let unavailable = |why: &str| CallError::Unavailable(name.to_string(), why.to_string());
+        let not_made = |why: &str| CallError::NotMade(name.to_string(), why.to_string());
         let turn = tokio::time::timeout(self.opts.timeout, slot.alone.lock())
             .await
-            .map_err(|_| unavailable("other events wait to be sent to it alone"))?;
+            .map_err(|_| not_made("other events wait to be sent to it alone"))?;
         let all = u32::try_from(slot.cfg.max_inflight).unwrap_or(u32::MAX);
         let permits = tokio::time::timeout(self.opts.timeout, slot.inflight.acquire_many(all))
             .await
-            .map_err(|_| unavailable("its calls in flight did not end in time to send alone"))?
-            .map_err(|_| unavailable("shutting down"))?;
+            .map_err(|_| not_made("its calls in flight did not end in time to send alone"))?
+            .map_err(|_| not_made("shutting down"))?;
         let conn = Supervisor::connection(name, &slot).await?;
         let r = conn.peer.client().request::<Value, _>("send", params).await;
         drop(permits);
@@ -698,17 +706,17 @@ impl Supervisor {
                 results.extend(rest.map(|_| Err(e.clone())));
                 break;
             };
-            let unavailable = |why: String| CallError::Unavailable(name.to_string(), why);
+            let not_made = |why: &str| CallError::NotMade(name.to_string(), why.to_string());
             let first = match tokio::time::timeout(self.opts.timeout, slot.inflight.acquire()).await
             {
                 Ok(Ok(p)) => p,
                 Ok(Err(_)) => {
-                    let e = unavailable("shutting down".into());
+                    let e = not_made("shutting down");
                     results.extend(rest.map(|_| Err(e.clone())));
                     break;
                 }
                 Err(_) => {
-                    let e = unavailable("too many calls in flight".into());
+                    let e = not_made("too many calls in flight");
                     results.extend(rest.map(|_| Err(e.clone())));
                     break;
                 }
@@ -769,7 +777,10 @@ impl Supervisor {
             .await
         {
             Ok(Value::Array(outcomes)) if outcomes.len() == n => {
-                let outcomes: Vec<_> = outcomes.into_iter().map(batch_outcome).collect();
+                let outcomes: Vec<_> = outcomes
+                    .into_iter()
+                    .map(|o| batch_outcome(name, o))
+                    .collect();
                 if let Some(delivered) = outcomes.iter().find(|o| o.is_ok()) {
                     conn.sent(delivered);
                 }
@@ -799,7 +810,7 @@ impl Supervisor {
             };
             match state {
                 State::Failed | State::Refused => CallError::NotRunning(name.to_string(), said),
-                _ => CallError::Unavailable(name.to_string(), format!("it is {said}")),
+                _ => CallError::NotMade(name.to_string(), format!("it is {said}")),
             }
         })
     }
@@ -889,6 +900,10 @@ async fn call_error(name: &str, method: &str, conn: &Conn, e: ClientError) -> Ca
         ClientError::Call(obj) if obj.code() == codes::REJECTED => {
             rejected(obj.message().to_string())
         }
+        // The plugin had no room for the call: it did not do the work.
+        ClientError::Call(obj) if obj.code() == codes::BUSY => {
+            CallError::NotMade(name.to_string(), bounded(obj.message().to_string()))
+        }
         ClientError::Call(obj) if obj.code() == jsonrpsee::types::error::METHOD_NOT_FOUND_CODE => {
             CallError::Rejected(format!("plugin {name} has no method {method}"))
         }
@@ -919,7 +934,7 @@ async fn call_error(name: &str, method: &str, conn: &Conn, e: ClientError) -> Ca
 /// is the error `send` would have answered, and an error that is only a
 /// text is a failure with that text. Anything else fails the event
 /// quoting it, so the plugin's author sees what was wrong.
-fn batch_outcome(outcome: Value) -> Result<Value, CallError> {
+fn batch_outcome(name: &str, outcome: Value) -> Result<Value, CallError> {
     let error = match outcome {
         Value::Null | Value::Bool(true) => return Ok(Value::Null),
         Value::Object(mut o) => match o.remove("error") {
@@ -935,6 +950,9 @@ fn batch_outcome(outcome: Value) -> Result<Value, CallError> {
     };
     match protocol::OutcomeError::deserialize(&error) {
         Ok(e) if e.code == codes::REJECTED => Err(rejected(e.message)),
+        Ok(e) if e.code == codes::BUSY => {
+            Err(CallError::NotMade(name.to_string(), bounded(e.message)))
+        }
         Ok(e) => Err(failed(e.message, e.data.as_ref())),
         Err(_) => Err(failed(
             error

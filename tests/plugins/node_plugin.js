@@ -79,6 +79,8 @@ const handlers = {
     return true;
   },
   async send(p) {
+    // No room for it now: the protocol's -32005, the work not done.
+    if (p.config.busy) throw new RpcError(-32005, 'no room now');
     notify('log', { level: 'warning', message: `node sends ${p.event_id} to ${p.config.room}` });
     const url = await call('get_url', {});
     let object = null;

@@ -471,6 +471,8 @@ async fn a_batch_answered_in_another_languages_words_is_read_event_by_event() {
         json!("ok"),
         // A wait as an HTTP header gives it: a text.
         json!({"error": {"code": -32002, "message": "slow down", "data": {"retry_after": "30"}}}),
+        // No room for it now (the protocol's -32005): the work not done.
+        json!({"error": {"code": -32005, "message": "no room now"}}),
     ];
     let events = outcomes
         .iter()
@@ -503,6 +505,17 @@ async fn a_batch_answered_in_another_languages_words_is_read_event_by_event() {
     assert!(
         matches!(&results[7], Err(CallError::Later(m, wait)) if m == "slow down" && wait.as_secs() == 30),
         "{results:?}"
+    );
+    assert!(
+        matches!(&results[8], Err(CallError::NotMade(p, m)) if p == "node" && m == "no room now"),
+        "{results:?}"
+    );
+    // So is a `send` answered so.
+    let busy = send_params("busy", addr.id, json!({"room": "r", "busy": true}));
+    let result = r.sup.call("node", "send", busy).await;
+    assert!(
+        matches!(&result, Err(CallError::NotMade(p, m)) if p == "node" && m == "no room now"),
+        "{result:?}"
     );
 
     // A whole answer that is not a list fails each event saying what it

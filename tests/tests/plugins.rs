@@ -725,3 +725,63 @@ async fn a_plugins_long_error_is_kept_to_4_kib() {
         &r.text[4000..]
     );
 }
+
+/// The last error of the endpoint `ep` of address `id`.
+async fn last_error(s: &Server, id: i64, ep: i64) -> String {
+    let e = s
+        .manage(Method::GET, &format!("/addr/{id}/endpoint/{ep}"), None)
+        .await
+        .json();
+    e["last_error"].as_str().unwrap_or_default().to_string()
+}
+
+/// An event pushed while its plugin restarts (a restart by hand, a
+/// reload, or after a crash) is delivered once the plugin is back, with
+/// its attempts unspent: the plugin never saw it. Before, a call that
+/// found the plugin still starting after a second spent an attempt, and
+/// with `max-attempts: 1` the event failed for good, never sent.
+#[tokio::test]
+async fn an_event_pushed_while_its_plugin_restarts_is_sent_once_it_is_back() {
+    let s = Server::start_with(ServerOptions {
+        plugins_yaml: entry("t", "normal", "    TEST_PLUGIN_START_DELAY_MS: '2500'\n"),
+        yaml: "delivery:\n  max-attempts: 1\n  retry-base: 0.2\n".into(),
+        ..Default::default()
+    })
+    .await;
+    let (id, a) = s.new_addr().await;
+    let ep = s.endpoint(id, "t", json!({})).await;
+    assert_status!(
+        s.manage(Method::POST, "/plugin/t", Some(json!({"cmd": "restart"})))
+            .await,
+        204
+    );
+    wait_plugin(&s, "t", "starting", |p| p["state"] == "starting").await;
+    assert_status!(s.push(json!({"addr": a, "msg": "meanwhile"})).await, 202);
+    s.endpoint_settles(id, ep, 1, 0).await;
+    let why = last_error(&s, id, ep).await;
+    assert!(why.is_empty() || why.contains("not tried"), "{why}");
+}
+
+/// A plugin with no room for another call (`max-inflight` calls in
+/// flight for longer than `timeout`) is busy, not failing: the events
+/// that waited for room are sent once there is some, their attempts
+/// unspent. Before, each spent an attempt, and with `max-attempts: 1`
+/// failed for good with "too many calls in flight", never sent.
+#[tokio::test]
+async fn events_that_find_their_plugin_busy_are_sent_once_it_has_room() {
+    let s = Server::start_with(ServerOptions {
+        plugins_yaml: entry("t", "normal", "  max-inflight: 1\n"),
+        yaml: "delivery:\n  max-attempts: 1\n  retry-base: 0.2\n".into(),
+        ..Default::default()
+    })
+    .await;
+    let (id, a) = s.new_addr().await;
+    // Each send takes 1.8 s and the server's `timeout` is 2 s: the third
+    // waits for room past its timeout, behind the first two.
+    let ep = s.endpoint(id, "t", json!({"slow": 1800})).await;
+    let pushes = (0..3).map(|i| s.push(json!({"addr": a, "msg": format!("m{i}")})));
+    for r in futures_util::future::join_all(pushes).await {
+        assert_status!(r, 202);
+    }
+    s.endpoint_settles(id, ep, 3, 0).await;
+}

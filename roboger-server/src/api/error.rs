@@ -132,9 +132,10 @@ impl From<CallError> for ApiError {
             CallError::Rejected(msg) | CallError::Failed(msg) | CallError::Later(msg, _) => {
                 ApiError::BadRequest(format!("invalid config: {}", crate::secrets::scrub(&msg)))
             }
-            CallError::Unavailable(..) | CallError::NotRunning(..) | CallError::Ended { .. } => {
-                ApiError::Unavailable(e.to_string())
-            }
+            CallError::Unavailable(..)
+            | CallError::NotMade(..)
+            | CallError::NotRunning(..)
+            | CallError::Ended { .. } => ApiError::Unavailable(e.to_string()),
         }
     }
 }

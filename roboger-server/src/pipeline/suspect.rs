@@ -59,7 +59,10 @@ pub(super) fn said(error: &CallError, suspect: bool) -> (String, bool) {
         ),
         // Not answered by the plugin: the send was not made alone, or
         // not to its end.
-        CallError::Unavailable(..) | CallError::NotRunning(..) | CallError::NotConfigured(_)
+        CallError::Unavailable(..)
+        | CallError::NotMade(..)
+        | CallError::NotRunning(..)
+        | CallError::NotConfigured(_)
             if suspect =>
         {
             (kept(error.to_string()), false)
@@ -97,7 +100,7 @@ mod tests {
         let (cause, fails) = text(ended(true), true);
         assert!(fails && is_suspect(Some(&cause)), "{cause}");
         // Not sent alone to its end: still a suspect.
-        let busy = CallError::Unavailable("t".into(), "it is restarting".into());
+        let busy = CallError::NotMade("t".into(), "it is restarting".into());
         let (still, fails) = text(busy.clone(), true);
         assert!(is_suspect(Some(&still)) && !fails, "{still}");
         assert!(!is_suspect(Some(&text(busy, false).0)));
