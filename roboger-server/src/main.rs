@@ -302,6 +302,17 @@ async fn serve(cli: &Cli, activated: Vec<OwnedFd>) -> anyhow::Result<()> {
     reloader.abort();
     cleanup.abort();
     app.cleanup.stop();
+    // The calls in flight end and their outcomes are written before the
+    // plugins stop: a delivery made is not made again by whoever takes
+    // this node's deliveries over. A call may wait `timeout` for room in
+    // its plugin and then take `timeout`; the last commit `timeout`.
+    let limit = app.config.timeout * 3;
+    if !app.pipeline.stop(limit).await {
+        tracing::warn!(
+            "deliveries still in flight after {limit:?} of the stop are cut short; \
+             they are made again"
+        );
+    }
     app.plugins.shutdown().await;
     app.stop().await;
     tracing::info!("stopped");

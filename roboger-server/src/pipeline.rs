@@ -38,6 +38,11 @@
 //!   the writer never only waits: while it waits for room in the
 //!   dispatcher's queue it takes in outcomes ([`Inbox`]), and while too
 //!   many of those wait to be written it takes no new push.
+//! - [`Pipeline::stop`], at the server's stop: the sweeper claims no
+//!   more, the dispatcher starts no call and waits for those in flight,
+//!   and the writer takes no push, writes their outcomes and ends once
+//!   the last has come. What was not started stays leased to this node,
+//!   for `cluster::leave` to hand over.
 //!
 //! Invariant: a push is answered 202 only after the commit; a delivery
 //! leaves `pending` only when the plugin accepted it or refused it for
@@ -54,6 +59,7 @@ use std::time::{Duration, Instant};
 use roboger_plugin_sdk::protocol::SendArgs;
 use serde_json::Value;
 use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
 
 use crate::cluster::Node;
 use crate::config::DeliveryConfig;
@@ -224,7 +230,11 @@ pub struct Pipeline {
     /// The store's [`Store::largest_event`].
     largest_event: Option<usize>,
     liveness: Arc<Liveness>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// The writer's and the dispatcher's tasks, in that order; taken by
+    /// [`Pipeline::stop`].
+    tasks: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// Cancelled by [`Pipeline::stop`]: no more claims, no more calls.
+    stopping: CancellationToken,
 }
 
 impl std::fmt::Debug for Pipeline {
@@ -275,6 +285,7 @@ impl Pipeline {
         let (job_tx, job_rx) = mpsc::channel(DISPATCH_QUEUE);
         let (outcome_tx, outcome_rx) = mpsc::channel(DISPATCH_QUEUE);
         let liveness = Arc::new(Liveness::default());
+        let stopping = CancellationToken::new();
         let tasks = vec![
             tokio::spawn(write_loop(
                 store.clone(),
@@ -286,19 +297,43 @@ impl Pipeline {
             tokio::spawn(dispatch_loop(
                 (store.clone(), plugins, timeout, node.clone()),
                 (cfg.clone(), metrics, liveness.clone()),
-                job_rx,
+                (job_rx, stopping.clone()),
                 outcome_tx,
             )),
         ];
         let largest_event = store.largest_event();
-        tokio::spawn(sweep_loop(store, (cfg, timeout), node, job_tx));
+        tokio::spawn(sweep_loop(
+            store,
+            (cfg, timeout),
+            node,
+            (job_tx, stopping.clone()),
+        ));
         Pipeline {
             accept_tx,
             timeout,
             largest_event,
             liveness,
-            tasks,
+            tasks: std::sync::Mutex::new(tasks),
+            stopping,
         }
+    }
+
+    /// Stops the pipeline, for the server's shutdown once no push is
+    /// being answered: no more claims and no new call; the calls in
+    /// flight end (each within the call `timeout`) and their outcomes
+    /// are written, so a delivery made is not made again by the node
+    /// that takes it over. Waits at most `limit`; returns whether all of
+    /// it ended within it. What did not stays leased to this node, for
+    /// `cluster::leave` to hand over.
+    pub async fn stop(&self, limit: Duration) -> bool {
+        self.stopping.cancel();
+        let tasks = match self.tasks.lock() {
+            Ok(mut t) => std::mem::take(&mut *t),
+            Err(_) => return false,
+        };
+        tokio::time::timeout(limit, futures_util::future::join_all(tasks))
+            .await
+            .is_ok()
     }
 
     /// Which part of the pipeline, if any, has had work waiting for
@@ -306,7 +341,12 @@ impl Pipeline {
     /// succeed (a frozen database), `dispatcher` when no delivery slot
     /// frees up.
     pub fn stalled(&self, limit: Duration) -> Option<&'static str> {
-        let ended = |i: usize| self.tasks.get(i).is_none_or(|t| t.is_finished());
+        let tasks = self.tasks.lock();
+        let ended = |i: usize| {
+            tasks
+                .as_ref()
+                .map_or(true, |t| t.get(i).is_none_or(|t| t.is_finished()))
+        };
         if ended(0) || self.liveness.writer.stalled(limit) {
             return Some("writer");
         }
@@ -400,6 +440,10 @@ async fn write_loop(
     let mut recorded: Vec<Attempt> = Vec::new();
     let mut failures = 0u32;
     let mut refusals = 0u32;
+    // The dispatcher is gone (the pipeline stops): no more pushes are
+    // taken, and the outcomes of the calls still in flight are written
+    // until the last of them has come.
+    let mut closing = false;
     let mut outage = Outage::errors(
         "cannot write to the database",
         "the database takes writes again",
@@ -426,16 +470,14 @@ async fn write_loop(
         if recorded.is_empty() {
             if accepts.is_empty() && inbox.outcomes.is_empty() {
                 if let Some(c) = committed.take() {
-                    if settle(c, &jobs, &store, &mut inbox).await.is_err() {
-                        return;
-                    }
+                    closing |= settle(c, &jobs, &store, &mut inbox).await.is_err();
                     continue;
                 }
                 store.writer_waits();
                 outage.idle();
             }
             tokio::select! {
-                a = accepts.recv() => match a {
+                a = accepts.recv(), if !closing => match a {
                     Some(a) => batch.push(a),
                     None => break,
                 },
@@ -450,7 +492,9 @@ async fn write_loop(
             }
         }
         liveness.writer.waiting();
-        take_pushes(&mut batch, &mut accepts, &inbox);
+        if !closing {
+            take_pushes(&mut batch, &mut accepts, &inbox);
+        }
         while recorded.len() < OUTCOME_BATCH {
             match inbox.outcomes.try_recv() {
                 Ok(o) => recorded.push(o),
@@ -464,10 +508,8 @@ async fn write_loop(
         // takes ([`Claim`]).
         batch.retain(|a| !a.reply.is_closed() && a.claim.take());
         if batch.is_empty() && recorded.is_empty() {
-            if let Some(c) = committed.take()
-                && settle(c, &jobs, &store, &mut inbox).await.is_err()
-            {
-                return;
+            if let Some(c) = committed.take() {
+                closing |= settle(c, &jobs, &store, &mut inbox).await.is_err();
             }
             liveness.writer.done();
             continue;
@@ -582,21 +624,25 @@ async fn write_loop(
             }
         }
         let done = Committed { batch, result };
-        if handed.is_err() {
+        if handed.is_err() || closing {
             // The dispatcher is gone: this commit's pushes are answered
             // all the same (a 503 for a stored event would be a lie);
-            // its deliveries stay pending, for the sweeper or the next
-            // start.
+            // its deliveries stay pending and leased to this node, for
+            // `cluster::leave` to hand over.
             let _ = answer(done, &jobs);
-            return;
+            closing = true;
+            if recorded.is_empty() {
+                liveness.writer.done();
+            } else {
+                tokio::time::sleep(BACKOFF_STEP * failures.max(1)).await;
+            }
+            continue;
         }
         if done.result.is_ok() {
             committed = Some(done);
         } else {
             // Answered at once: the next commit waits for the back-off.
-            if settle(done, &jobs, &store, &mut inbox).await.is_err() {
-                return;
-            }
+            closing |= settle(done, &jobs, &store, &mut inbox).await.is_err();
             if recorded.is_empty() && accepts.is_empty() {
                 // Failed, but nothing waits any more: idle, not stalled.
                 liveness.writer.done();
@@ -909,10 +955,11 @@ enum Work {
 async fn dispatch_loop(
     (store, plugins, timeout, node): (Store, Arc<Supervisor>, Duration, Arc<Node>),
     (cfg, metrics, liveness): (Arc<DeliveryConfig>, Arc<Metrics>, Arc<Liveness>),
-    mut rx: mpsc::Receiver<Job>,
+    (mut rx, stopping): (mpsc::Receiver<Job>, CancellationToken),
     outcomes: mpsc::Sender<Attempt>,
 ) {
     let slots = Arc::new(Semaphore::new(cfg.concurrency));
+    let all = u32::try_from(cfg.concurrency).unwrap_or(u32::MAX);
     let most = BATCH_MAX.min(cfg.concurrency).max(1);
     let d = Arc::new(Dispatch {
         store,
@@ -925,7 +972,15 @@ async fn dispatch_loop(
         node,
     });
     let mut ready = Vec::with_capacity(most);
-    while let Some(job) = rx.recv().await {
+    loop {
+        let job = tokio::select! {
+            biased;
+            _ = stopping.cancelled() => break,
+            job = rx.recv() => match job {
+                Some(job) => job,
+                None => break,
+            },
+        };
         ready.push(job);
         while ready.len() < most {
             match rx.try_recv() {
@@ -945,7 +1000,12 @@ async fn dispatch_loop(
             liveness.dispatcher.waiting();
             let (Work::Call(group) | Work::PutOff(_, group)) = &w;
             let n = u32::try_from(group.len()).unwrap_or(u32::MAX);
-            let Ok(permit) = slots.clone().acquire_many_owned(n).await else {
+            let permit = tokio::select! {
+                biased;
+                _ = stopping.cancelled() => break,
+                p = slots.clone().acquire_many_owned(n) => p,
+            };
+            let Ok(permit) = permit else {
                 return;
             };
             liveness.dispatcher.done();
@@ -959,6 +1019,14 @@ async fn dispatch_loop(
             });
         }
     }
+    // Stopping: what was not started stays leased to this node, to be
+    // handed over (`cluster::leave`); the writer learns at once that
+    // nothing more is handed to the dispatcher. The calls in flight end,
+    // each within the call timeout, and hand their outcomes to the
+    // writer, whose queue closes once the last of them has.
+    drop(rx);
+    liveness.dispatcher.done();
+    let _ = slots.acquire_many(all).await;
 }
 
 /// Groups the deliveries waiting at once into calls: the ones for a
@@ -1202,7 +1270,7 @@ async fn sweep_loop(
     store: Store,
     (cfg, timeout): (Arc<DeliveryConfig>, Duration),
     node: Arc<Node>,
-    jobs: mpsc::Sender<Job>,
+    (jobs, stopping): (mpsc::Sender<Job>, CancellationToken),
 ) {
     let mut tick = tokio::time::interval(cfg.sweep_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -1217,7 +1285,11 @@ async fn sweep_loop(
         "what failed claims leased is freed again",
     );
     loop {
-        tick.tick().await;
+        tokio::select! {
+            biased;
+            _ = stopping.cancelled() => return,
+            _ = tick.tick() => {}
+        }
         unsettled.retry(&store, &node.instance, timeout).await;
         loop {
             let claimed = match store

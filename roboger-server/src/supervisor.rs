@@ -518,16 +518,31 @@ impl Supervisor {
         let limit = self.opts.start_timeout();
         let _ = tokio::time::timeout(limit, first_starts(&fresh)).await;
         self.set_slots(next.clone());
+        let mut gone = Vec::new();
         for (name, slot) in &old {
             let kept = next.get(name).is_some_and(|n| Arc::ptr_eq(n, slot));
             if !kept {
                 if !next.contains_key(name) {
                     done.removed.push(name.clone());
                 }
-                Supervisor::retire(slot).await;
+                gone.push(slot);
             }
         }
+        // No new call reaches them now; the calls in flight end first, so
+        // a delivery they were making is not cut short and made again.
+        let drained = gone.iter().map(|slot| self.calls_end(slot));
+        futures_util::future::join_all(drained).await;
+        for slot in gone {
+            Supervisor::retire(slot).await;
+        }
         done
+    }
+
+    /// Waits until no call is in flight on `slot` (at most the call
+    /// `timeout`, which bounds each call).
+    async fn calls_end(&self, slot: &Slot) {
+        let all = u32::try_from(slot.cfg.max_inflight).unwrap_or(u32::MAX);
+        let _ = tokio::time::timeout(self.opts.timeout, slot.inflight.acquire_many(all)).await;
     }
 
     /// Waits for room for `bytes` in plugin `name`'s byte budget

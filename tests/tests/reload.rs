@@ -346,3 +346,53 @@ async fn deliveries_wait_for_a_plugin_taken_out_or_refused() {
         assert_eq!((state.as_str(), attempts), ("delivered", 1), "{msg}: {why}");
     }
 }
+
+/// A reload that changes a plugin lets the calls in flight on its old
+/// process finish before it stops that process: a delivery being made
+/// then is made once, by the old process, its outcome its own. Before,
+/// the old process was stopped under the call, which failed with
+/// "connection closed during send", spent an attempt and was made again
+/// by the new process.
+#[tokio::test]
+async fn a_reload_lets_a_changed_plugins_calls_in_flight_finish() {
+    let rec = tempfile::tempdir().expect("tempdir");
+    let before = plugin("p", "{}", rec.path());
+    let s = Server::start_with(ServerOptions {
+        plugins_yaml: before.clone(),
+        ..Default::default()
+    })
+    .await;
+    let (id, a) = s.new_addr().await;
+    let ep = s.endpoint(id, "p", json!({"slow": 1500})).await;
+    assert_status!(s.push(json!({"addr": a, "msg": "in flight"})).await, 202);
+    let record = rec.path().join("p.jsonl");
+    poll_until(
+        Duration::from_secs(10),
+        async || match roboger_tests::plugin_calls(&record, "send_started").len() {
+            0 => Err("the send never started".to_string()),
+            _ => Ok(()),
+        },
+    )
+    .await;
+    let old = pid_of(&plugins(&s).await, "p");
+    replace_plugins(&s, &before, &plugin("p", "{answer: 1}", rec.path()));
+    s.signal("HUP");
+    s.wait_log("configuration reloaded", Duration::from_secs(30))
+        .await;
+    assert_ne!(pid_of(&plugins(&s).await, "p"), old, "p was not restarted");
+    s.endpoint_settles(id, ep, 1, 0).await;
+    let started = roboger_tests::plugin_calls(&record, "send_started");
+    let sent = roboger_tests::plugin_calls(&record, "send");
+    assert_eq!(
+        (started.len(), sent.len()),
+        (1, 1),
+        "{started:?} {sent:?}\n{}",
+        s.log_text()
+    );
+    assert_eq!(sent[0]["pid"].as_i64(), old, "{sent:?}");
+    let e = s
+        .manage(Method::GET, &format!("/addr/{id}/endpoint/{ep}"), None)
+        .await
+        .json();
+    assert_eq!(e["last_error"], Value::Null, "{e}");
+}

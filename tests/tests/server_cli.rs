@@ -728,6 +728,57 @@ async fn json_logs_and_graceful_sigterm() {
     child.wait().unwrap();
 }
 
+/// A stop (SIGTERM: `systemctl stop`, a restart, an upgrade) lets the
+/// deliveries in flight finish and writes their outcomes before it
+/// stops the plugins, so whoever takes this node's deliveries over (the
+/// next start, another node) does not make them again. Before, the stop
+/// cut the call short (the plugin was stopped under it), spent an
+/// attempt, and dropped even that outcome as late, with a warning: its
+/// lease had already been handed over.
+#[tokio::test]
+async fn a_delivery_in_flight_at_a_stop_is_finished_and_not_made_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let record = dir.path().join("rec.jsonl");
+    let mut s = Server::start_with(ServerOptions {
+        env: vec![("TEST_PLUGIN_RECORD".into(), record.display().to_string())],
+        ..ServerOptions::test_plugin("")
+    })
+    .await;
+    let (id, a) = s.new_addr().await;
+    s.endpoint(id, "t", json!({"slow": 1500})).await;
+    assert_status!(s.push(json!({"addr": a, "msg": "in flight"})).await, 202);
+    poll_every(
+        Duration::from_millis(20),
+        Duration::from_secs(10),
+        async || match roboger_tests::plugin_calls(&record, "send_started").len() {
+            0 => Err("the send never started".to_string()),
+            _ => Ok(()),
+        },
+    )
+    .await;
+    let status = s.terminate();
+    assert!(status.success(), "exit after SIGTERM: {status:?}");
+    let log = s.log_text();
+    assert_eq!(
+        roboger_tests::plugin_calls(&record, "send").len(),
+        1,
+        "the send was cut short: {log}"
+    );
+    // Written before the stop: nothing is left for anyone to make again.
+    let db = s.db_client();
+    let delivered = "SELECT count(*) FROM delivery \
+                     WHERE state = 'delivered' AND attempts = 1 AND last_error IS NULL";
+    assert_eq!(
+        (
+            db.query("SELECT count(*) FROM delivery"),
+            db.query(delivered)
+        ),
+        ("1".to_string(), "1".to_string()),
+        "{log}"
+    );
+    assert!(!log.contains("late outcomes dropped"), "{log}");
+}
+
 /// A server out of file descriptors (more clients than its `LimitNOFILE`)
 /// says so once, not twenty times a second, though each connection it
 /// drops lets one more in; and once it has accepted connections for 3 s
