@@ -1633,6 +1633,19 @@ pub fn plugin_calls(record: &Path, method: &str) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// Waits (20 s at most) until the test plugin has begun at least `n`
+/// sends (the `send_started` records of endpoints configured with `gate`
+/// or `slow`); returns those records.
+pub async fn sends_begun(record: &Path, n: usize) -> Vec<serde_json::Value> {
+    poll_until(Duration::from_secs(20), async || {
+        match plugin_calls(record, "send_started") {
+            begun if begun.len() >= n => Ok(begun),
+            begun => Err(format!("{} of {n} sends begun: {begun:?}", begun.len())),
+        }
+    })
+    .await
+}
+
 /// The JSON lines of a record file a plugin process is appending to. A
 /// last line still being written (no newline yet) is left for the next
 /// read, so polling never sees half a record.

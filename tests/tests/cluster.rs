@@ -290,12 +290,7 @@ async fn a_killed_node_s_deliveries_are_made_by_the_survivors() {
         );
     }
     // Every call of the first node hangs on the target.
-    until(
-        "the first node's calls in flight",
-        Duration::from_secs(10),
-        || async { plugin_calls(&record, "send_started").len() >= events },
-    )
-    .await;
+    roboger_tests::sends_begun(&record, events).await;
     let a = instance_of(&nodes[0]).await;
     let leased = nodes[1].manage(Method::GET, "/node", None).await.json();
     let held = leased
@@ -375,12 +370,7 @@ async fn a_paused_node_s_late_outcomes_are_dropped() {
     let (id, addr) = a.new_addr().await;
     a.endpoint(id, "test", json!({"slow": 1000})).await;
     assert_status!(a.push(json!({"addr": addr, "msg": "once"})).await, 202);
-    until(
-        "the paused node's call in flight",
-        Duration::from_secs(10),
-        || async { !plugin_calls(&record, "send_started").is_empty() },
-    )
-    .await;
+    roboger_tests::sends_begun(&record, 1).await;
     a.signal("STOP");
     let ev = b
         .manage(Method::GET, &format!("/addr/{id}/event"), None)
@@ -446,10 +436,7 @@ async fn a_node_restarted_under_a_live_node_s_name_leaves_its_leases_alone() {
         nodes[0].push(json!({"addr": addr, "msg": "once"})).await,
         202
     );
-    until("the call in flight", Duration::from_secs(10), || async {
-        !plugin_calls(&record, "send_started").is_empty()
-    })
-    .await;
+    roboger_tests::sends_begun(&record, 1).await;
     let a = instance_of(&nodes[0]).await;
     nodes[1].kill_and_restart();
     let b = instance_of(&nodes[1]).await;
@@ -492,10 +479,7 @@ async fn a_node_stops_when_a_newer_build_migrates_its_database() {
             .await,
         202
     );
-    until("the call in flight", Duration::from_secs(10), || async {
-        !plugin_calls(&record, "send_started").is_empty()
-    })
-    .await;
+    roboger_tests::sends_begun(&record, 1).await;
 
     // A newer build starts on the database and migrates it.
     let sql = old.db_client();

@@ -366,14 +366,7 @@ async fn a_reload_lets_a_changed_plugins_calls_in_flight_finish() {
     let ep = s.endpoint(id, "p", json!({"slow": 1500})).await;
     assert_status!(s.push(json!({"addr": a, "msg": "in flight"})).await, 202);
     let record = rec.path().join("p.jsonl");
-    poll_until(
-        Duration::from_secs(10),
-        async || match roboger_tests::plugin_calls(&record, "send_started").len() {
-            0 => Err("the send never started".to_string()),
-            _ => Ok(()),
-        },
-    )
-    .await;
+    roboger_tests::sends_begun(&record, 1).await;
     let old = pid_of(&plugins(&s).await, "p");
     replace_plugins(&s, &before, &plugin("p", "{answer: 1}", rec.path()));
     s.signal("HUP");

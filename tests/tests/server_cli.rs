@@ -747,15 +747,7 @@ async fn a_delivery_in_flight_at_a_stop_is_finished_and_not_made_again() {
     let (id, a) = s.new_addr().await;
     s.endpoint(id, "t", json!({"slow": 1500})).await;
     assert_status!(s.push(json!({"addr": a, "msg": "in flight"})).await, 202);
-    poll_every(
-        Duration::from_millis(20),
-        Duration::from_secs(10),
-        async || match roboger_tests::plugin_calls(&record, "send_started").len() {
-            0 => Err("the send never started".to_string()),
-            _ => Ok(()),
-        },
-    )
-    .await;
+    roboger_tests::sends_begun(&record, 1).await;
     let status = s.terminate();
     assert!(status.success(), "exit after SIGTERM: {status:?}");
     let log = s.log_text();
