@@ -31,7 +31,10 @@
 //!   A delivery whose plugin is not there to try it (not configured on
 //!   this server, or refused or failed until restarted) spends no
 //!   attempt: it is put off for [`NOT_RUNNING_WAIT`] until `max-age`,
-//!   for a reload, a restart or another node to deliver.
+//!   for a reload, a restart or another node to deliver. Nor does one
+//!   whose call was not made (`CallError::NotMade`: the plugin starting
+//!   or restarting, or without room for it): it is put off for the
+//!   backoff of the attempt it is on.
 //!   The deliveries in flight when their plugin ended are sent alone
 //!   next time, to find the event that ends it ([`suspect`]).
 //! - Writer and dispatcher wait on each other through their queues, so
