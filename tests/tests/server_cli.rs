@@ -771,6 +771,38 @@ async fn a_delivery_in_flight_at_a_stop_is_finished_and_not_made_again() {
     assert!(!log.contains("late outcomes dropped"), "{log}");
 }
 
+/// A stop waits for a send that never ends only until the call times out
+/// (the server's `timeout`, 2 s here; the SDK gives up just before), and
+/// writes that try's outcome: the delivery is retried, one attempt
+/// spent, by whoever takes it over.
+#[tokio::test]
+async fn a_stop_waits_for_a_hanging_send_only_until_its_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let record = dir.path().join("rec.jsonl");
+    let mut s = Server::start_with(ServerOptions {
+        env: vec![("TEST_PLUGIN_RECORD".into(), record.display().to_string())],
+        ..ServerOptions::test_plugin("")
+    })
+    .await;
+    let (id, a) = s.new_addr().await;
+    s.endpoint(
+        id,
+        "t",
+        json!({"gate": dir.path().join("never").display().to_string()}),
+    )
+    .await;
+    assert_status!(s.push(json!({"addr": a, "msg": "hangs"})).await, 202);
+    roboger_tests::sends_begun(&record, 1).await;
+    let status = s.terminate();
+    assert!(status.success(), "exit after SIGTERM: {status:?}");
+    let log = s.log_text();
+    let db = s.db_client();
+    let retried = "SELECT count(*) FROM delivery \
+                   WHERE state = 'pending' AND attempts = 1 AND last_error LIKE '%did not finish%'";
+    assert_eq!(db.query(retried), "1", "{log}");
+    assert!(!log.contains("cut short"), "{log}");
+}
+
 /// A server out of file descriptors (more clients than its `LimitNOFILE`)
 /// says so once, not twenty times a second, though each connection it
 /// drops lets one more in; and once it has accepted connections for 3 s
