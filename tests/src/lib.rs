@@ -474,6 +474,15 @@ impl ServerOptions {
             ..Default::default()
         }
     }
+
+    /// The test plugin as `t` (see [`ServerOptions::test_plugin`]),
+    /// recording its calls in `record` (read them with [`plugin_calls`]).
+    pub fn recording_test_plugin(record: &Path) -> ServerOptions {
+        ServerOptions {
+            env: vec![("TEST_PLUGIN_RECORD".into(), record.display().to_string())],
+            ..ServerOptions::test_plugin("")
+        }
+    }
 }
 
 /// A database for several servers at once (a cluster): a fresh one on

@@ -173,15 +173,6 @@ async fn ping_and_api_answer_503_while_the_database_is_frozen() {
     );
 }
 
-/// The test plugin `t`, recording its calls in `record` (see
-/// [`sends_started`]).
-fn recording_plugin(record: &std::path::Path) -> ServerOptions {
-    ServerOptions {
-        env: vec![("TEST_PLUGIN_RECORD".into(), record.display().to_string())],
-        ..ServerOptions::test_plugin("")
-    }
-}
-
 /// How many sends of each event the test plugin began (endpoints
 /// configured with `gate` or `slow` record it), by event id.
 fn sends_started(record: &std::path::Path) -> std::collections::BTreeMap<String, usize> {
@@ -206,7 +197,7 @@ async fn a_delivery_whose_outcome_waited_for_a_frozen_database_is_not_made_again
     let data = pg_data();
     let dir = tempfile::tempdir().expect("a temporary directory");
     let (record, gate) = (dir.path().join("record"), dir.path().join("gate"));
-    let s = Server::start_with(recording_plugin(&record)).await;
+    let s = Server::start_with(ServerOptions::recording_test_plugin(&record)).await;
     let (id, ep) = calls_waiting(&s, &record, &gate, 1).await;
     let pids = freeze(&data);
     // The call answers while the database is frozen, and the database
@@ -611,7 +602,8 @@ async fn a_flapping_network_loses_no_push_and_delivers_no_refused_one() {
 async fn a_delivery_made_while_the_database_is_out_of_reach_is_not_made_again() {
     let dir = tempfile::tempdir().expect("a temporary directory");
     let (record, gate) = (dir.path().join("record"), dir.path().join("gate"));
-    let Some((proxy, s, _)) = behind_proxy(recording_plugin(&record)).await else {
+    let Some((proxy, s, _)) = behind_proxy(ServerOptions::recording_test_plugin(&record)).await
+    else {
         return;
     };
     let endpoint = calls_waiting(&s, &record, &gate, 5).await;
@@ -631,7 +623,7 @@ async fn a_delivery_made_while_the_database_is_out_of_reach_is_not_made_again() 
 async fn outcomes_the_database_refuses_are_given_up_and_made_again() {
     let dir = tempfile::tempdir().expect("a temporary directory");
     let record = dir.path().join("record");
-    let s = Server::start_with(recording_plugin(&record)).await;
+    let s = Server::start_with(ServerOptions::recording_test_plugin(&record)).await;
     let (id, a) = s.new_addr().await;
     let ep = s.endpoint(id, "t", serde_json::json!({"slow": 1})).await;
     let db = s.db_client();

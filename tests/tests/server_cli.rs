@@ -739,11 +739,7 @@ async fn json_logs_and_graceful_sigterm() {
 async fn a_delivery_in_flight_at_a_stop_is_finished_and_not_made_again() {
     let dir = tempfile::tempdir().unwrap();
     let record = dir.path().join("rec.jsonl");
-    let mut s = Server::start_with(ServerOptions {
-        env: vec![("TEST_PLUGIN_RECORD".into(), record.display().to_string())],
-        ..ServerOptions::test_plugin("")
-    })
-    .await;
+    let mut s = Server::start_with(ServerOptions::recording_test_plugin(&record)).await;
     let (id, a) = s.new_addr().await;
     s.endpoint(id, "t", json!({"slow": 1500})).await;
     assert_status!(s.push(json!({"addr": a, "msg": "in flight"})).await, 202);
@@ -779,11 +775,7 @@ async fn a_delivery_in_flight_at_a_stop_is_finished_and_not_made_again() {
 async fn a_stop_waits_for_a_hanging_send_only_until_its_timeout() {
     let dir = tempfile::tempdir().unwrap();
     let record = dir.path().join("rec.jsonl");
-    let mut s = Server::start_with(ServerOptions {
-        env: vec![("TEST_PLUGIN_RECORD".into(), record.display().to_string())],
-        ..ServerOptions::test_plugin("")
-    })
-    .await;
+    let mut s = Server::start_with(ServerOptions::recording_test_plugin(&record)).await;
     let (id, a) = s.new_addr().await;
     s.endpoint(
         id,
