@@ -33,7 +33,7 @@ use serde_json::Value;
 use serde_json::value::RawValue;
 use tokio::io::AsyncBufReadExt;
 use tokio::process::{Child, Command};
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{AcquireError, Semaphore, SemaphorePermit, watch};
 use tokio::time::Instant;
 
 use crate::config::PluginConfig;
@@ -354,6 +354,19 @@ struct Slot {
     task: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
+impl Slot {
+    /// Every permit of `max-inflight`: waits until no call is in flight
+    /// and keeps new calls out while held (they queue behind it). For a
+    /// send made alone, and before the server stops a process that is
+    /// not to be cut short (a restart by hand, a reload's retirement).
+    /// Bounded by each caller, with the call `timeout`: a call outlives
+    /// it only when it is past its own.
+    async fn every_call(&self) -> Result<SemaphorePermit<'_>, AcquireError> {
+        let all = u32::try_from(self.cfg.max_inflight).unwrap_or(u32::MAX);
+        self.inflight.acquire_many(all).await
+    }
+}
+
 struct SlotStatus {
     state: State,
     restarts: u64,
@@ -528,21 +541,17 @@ impl Supervisor {
                 gone.push(slot);
             }
         }
-        // No new call reaches them now; the calls in flight end first, so
-        // a delivery they were making is not cut short and made again.
-        let drained = gone.iter().map(|slot| self.calls_end(slot));
+        // No new call reaches them now; the calls in flight end first
+        // (each within the call `timeout`), so a delivery they were
+        // making is not cut short and made again.
+        let drained = gone
+            .iter()
+            .map(|slot| tokio::time::timeout(self.opts.timeout, slot.every_call()));
         futures_util::future::join_all(drained).await;
         for slot in gone {
             Supervisor::retire(slot).await;
         }
         done
-    }
-
-    /// Waits until no call is in flight on `slot` (at most the call
-    /// `timeout`, which bounds each call).
-    async fn calls_end(&self, slot: &Slot) {
-        let all = u32::try_from(slot.cfg.max_inflight).unwrap_or(u32::MAX);
-        let _ = tokio::time::timeout(self.opts.timeout, slot.inflight.acquire_many(all)).await;
     }
 
     /// Waits for room for `bytes` in plugin `name`'s byte budget
@@ -595,7 +604,9 @@ impl Supervisor {
         }
     }
 
-    /// Restarts a plugin now (also one that failed or was refused).
+    /// Restarts a plugin (also one that failed or was refused): at once,
+    /// but for the calls in flight, which end first (each within the call
+    /// `timeout`).
     pub fn restart(&self, name: &str) -> Result<(), CallError> {
         let slot = self
             .slot(name)
@@ -656,8 +667,7 @@ impl Supervisor {
         let turn = tokio::time::timeout(self.opts.timeout, slot.alone.lock())
             .await
             .map_err(|_| not_made("other events wait to be sent to it alone"))?;
-        let all = u32::try_from(slot.cfg.max_inflight).unwrap_or(u32::MAX);
-        let permits = tokio::time::timeout(self.opts.timeout, slot.inflight.acquire_many(all))
+        let permits = tokio::time::timeout(self.opts.timeout, slot.every_call())
             .await
             .map_err(|_| not_made("its calls in flight did not end in time to send alone"))?
             .map_err(|_| not_made("shutting down"))?;
@@ -1239,6 +1249,18 @@ async fn run_until_end(
         // (No `watch::Ref` in the select's output: a branch awaits.)
         _ = async { shutdown.wait_for(|s| *s).await.is_ok() } => Ended::Shutdown,
     };
+    // A restart by hand lets the calls in flight end first (each within
+    // the call `timeout`), so a delivery being made is not cut short and
+    // made again; the calls that come meanwhile wait, and then find the
+    // process gone and wait for the next. (A reload's retirement and a
+    // stop have let them end already.)
+    let quiet = match ended {
+        Ended::RestartRequested => tokio::time::timeout(opts.timeout, slot.every_call())
+            .await
+            .ok()
+            .and_then(Result::ok),
+        _ => None,
+    };
     // Ended another way, the process is stopped by the server (below).
     conn.ending.send_if_modified(|e| {
         let untold = e.is_none();
@@ -1257,6 +1279,7 @@ async fn run_until_end(
     if let Ok(mut c) = slot.conn.write() {
         *c = None;
     }
+    drop(quiet);
     if matches!(ended, Ended::Shutdown) {
         let _ = conn
             .peer

@@ -314,21 +314,16 @@ async fn a_send_made_alone_is_alone_and_blamed_only_when_it_can_be() {
         .collect();
     assert_eq!(sent, [json!("gated"), json!("alone")]);
 
-    // A restart by hand during a send is the server's doing: no cause.
+    // A restart by hand waits for the send in flight: it is made.
     let pid = wait_running(&r.sup, "p", None).await;
     let sup = r.sup.clone();
-    let slow = raw("slow", json!({"slow": 5000}));
+    let slow = raw("slow", json!({"slow": 1000}));
     let slow = tokio::spawn(async move { sup.send_alone("p", slow).await });
-    poll_until(Duration::from_secs(10), async || {
-        match plugin_calls(&rec, "send_started").len() {
-            2 => Ok(()),
-            n => Err(format!("{n} sends started")),
-        }
-    })
-    .await;
+    roboger_tests::sends_begun(&rec, 2).await;
     r.sup.restart("p").unwrap();
-    let e = slow.await.unwrap().unwrap_err();
-    assert!(matches!(e, CallError::Unavailable(..)), "{e:?}");
+    slow.await
+        .unwrap()
+        .expect("the send in flight at a restart by hand");
 
     // Ending the plugin before it delivered anything: not the cause.
     let pid = wait_running(&r.sup, "p", Some(pid)).await;
@@ -348,7 +343,18 @@ async fn a_send_made_alone_is_alone_and_blamed_only_when_it_can_be() {
         matches!(&e, Err(CallError::Ended { cause: true, why, .. }) if why.contains("exit status: 3")),
         "{e:?}"
     );
+
+    // The server stopping it under a send (its shutdown, which does not
+    // wait: the pipeline has stopped first) is the server's doing: no
+    // cause.
+    wait_running(&r.sup, "p", Some(pid)).await;
+    let sup = r.sup.clone();
+    let slow = raw("slow", json!({"slow": 5000}));
+    let slow = tokio::spawn(async move { sup.send_alone("p", slow).await });
+    roboger_tests::sends_begun(&rec, 3).await;
     r.sup.shutdown().await;
+    let e = slow.await.unwrap().unwrap_err();
+    assert!(matches!(e, CallError::Unavailable(..)), "{e:?}");
 }
 
 #[tokio::test]

@@ -784,3 +784,36 @@ async fn events_that_find_their_plugin_busy_are_sent_once_it_has_room() {
     s.endpoint_settles(id, ep, 3, 0).await;
     assert_eq!(deliveries_tried(&s, 1), "3");
 }
+
+/// A restart by hand (the `restart` command) lets the calls in flight
+/// finish before it stops the process: a delivery being made then is
+/// made once, its outcome its own, and one pushed meanwhile waits for
+/// the new process, its attempts unspent. Before, the process was killed
+/// under the call, which failed ("connection closed during send"),
+/// spent an attempt, and was made again by the new process.
+#[tokio::test]
+async fn a_restart_by_hand_lets_the_calls_in_flight_finish() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let record = dir.path().join("rec.jsonl");
+    let s = Server::start_with(ServerOptions::recording_test_plugin(&record)).await;
+    let (id, a) = s.new_addr().await;
+    let ep = s.endpoint(id, "t", json!({"slow": 1500})).await;
+    assert_status!(s.push(json!({"addr": a, "msg": "in flight"})).await, 202);
+    roboger_tests::sends_begun(&record, 1).await;
+    let old = plugin(&s, "t").await["pid"].clone();
+    assert_status!(
+        s.manage(Method::POST, "/plugin/t", Some(json!({"cmd": "restart"})))
+            .await,
+        204
+    );
+    assert_status!(s.push(json!({"addr": a, "msg": "meanwhile"})).await, 202);
+    s.endpoint_settles(id, ep, 2, 0).await;
+    let sent = roboger_tests::plugin_calls(&record, "send");
+    let log = s.log_text();
+    assert_eq!(sent.len(), 2, "{sent:?}\n{log}");
+    assert_eq!(sent[0]["pid"], old, "{sent:?}");
+    wait_plugin(&s, "t", "restarted", |p| p["pid"] != old).await;
+    // Each one try, which worked.
+    let clean = "SELECT count(*) FROM delivery WHERE attempts = 1 AND last_error IS NULL";
+    assert_eq!(s.db_client().query(clean), "2", "{log}");
+}
