@@ -5,7 +5,8 @@
 //! handshake (`hello`, with a protocol version check), then
 //! `validate_plugin_config` and `load`; then it waits for the child to
 //! exit, the pipe to close or carry garbage, a health ping to go
-//! unanswered, a restart request or shutdown. A crashed plugin is
+//! unanswered, a restart request or shutdown. A restart request lets the
+//! calls in flight end first (each within the call `timeout`). A crashed plugin is
 //! restarted with exponential backoff; too many crashes in a window mark
 //! it failed (retried slowly, or restarted by hand). An incompatible
 //! protocol or a refused plugin config is permanent until restarted by
