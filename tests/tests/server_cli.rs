@@ -728,15 +728,78 @@ async fn json_logs_and_graceful_sigterm() {
     child.wait().unwrap();
 }
 
-/// A stop (SIGTERM: `systemctl stop`, a restart, an upgrade) lets the
-/// deliveries in flight finish and writes their outcomes before it
-/// stops the plugins, so whoever takes this node's deliveries over (the
-/// next start, another node) does not make them again. Before, the stop
-/// cut the call short (the plugin was stopped under it), spent an
+/// A stop (SIGTERM: `kill`, `systemctl stop`, a restart, an upgrade)
+/// lets the deliveries in flight finish and writes their outcomes before
+/// it stops the plugins, so whoever takes this node's deliveries over
+/// (the next start, another node) does not make them again. Before, the
+/// stop cut the call short (the plugin was stopped under it), spent an
 /// attempt, and dropped even that outcome as late, with a warning: its
 /// lease had already been handed over.
 #[tokio::test]
 async fn a_delivery_in_flight_at_a_stop_is_finished_and_not_made_again() {
+    finished_when_stopped(|s| s.signal("TERM")).await;
+}
+
+/// `systemctl stop` of the shipped unit: systemd sends SIGTERM to the
+/// processes its `KillMode` names (systemd.kill(5)): every process of
+/// the unit's control group with `control-group`, the main process
+/// alone with `mixed` or `process`. (systemd is not the init of the
+/// machines the tests run on, so this sends them itself; the unit's
+/// processes are the server and its descendants.) With
+/// `control-group`, as the unit said before, the plugins got systemd's
+/// SIGTERM too and died under the delivery being made, which was then
+/// made again.
+#[tokio::test]
+async fn systemctl_stop_of_the_shipped_unit_lets_the_delivery_in_flight_finish() {
+    let unit =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../systemd/roboger-server.service");
+    let unit = std::fs::read_to_string(&unit).expect("the shipped unit");
+    let mode = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("KillMode="))
+        .unwrap_or("control-group")
+        .trim()
+        .to_string();
+    finished_when_stopped(|s| {
+        let pids = match mode.as_str() {
+            "control-group" => process_tree(s.pid()),
+            "mixed" | "process" => vec![s.pid()],
+            other => panic!("KillMode={other}: the server would not be told to stop"),
+        };
+        for pid in pids {
+            let _ = Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status();
+        }
+    })
+    .await;
+}
+
+/// `pid` and every process descended from it.
+fn process_tree(pid: u32) -> Vec<u32> {
+    let parents: Vec<(u32, u32)> = std::fs::read_dir("/proc")
+        .expect("/proc")
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|p| {
+            let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
+            // After the command's closing parenthesis: state, then ppid.
+            let ppid = stat.rsplit(')').next()?.split_whitespace().nth(1)?;
+            Some((p, ppid.parse().ok()?))
+        })
+        .collect();
+    let mut tree = vec![pid];
+    let mut i = 0;
+    while let Some(&p) = tree.get(i) {
+        tree.extend(parents.iter().filter(|(_, pp)| *pp == p).map(|(c, _)| *c));
+        i += 1;
+    }
+    tree
+}
+
+/// Pushes an event that the test plugin takes 1.5 s to send, stops the
+/// server with `stop` once the send has begun, and checks that the send
+/// was finished and written as delivered before the server exited.
+async fn finished_when_stopped(stop: impl FnOnce(&Server)) {
     let dir = tempfile::tempdir().unwrap();
     let record = dir.path().join("rec.jsonl");
     let mut s = Server::start_with(ServerOptions::recording_test_plugin(&record)).await;
@@ -744,7 +807,8 @@ async fn a_delivery_in_flight_at_a_stop_is_finished_and_not_made_again() {
     s.endpoint(id, "t", json!({"slow": 1500})).await;
     assert_status!(s.push(json!({"addr": a, "msg": "in flight"})).await, 202);
     roboger_tests::sends_begun(&record, 1).await;
-    let status = s.terminate();
+    stop(&s);
+    let status = s.wait_exit(Duration::from_secs(15));
     assert!(status.success(), "exit after SIGTERM: {status:?}");
     let log = s.log_text();
     assert_eq!(
