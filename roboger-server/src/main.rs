@@ -188,7 +188,38 @@ async fn shutdown_signal() {
         _ = ctrl_c => {},
         _ = term => {},
     }
-    tracing::info!("shutting down");
+    tracing::info!("shutting down (a second SIGINT or SIGTERM stops at once)");
+}
+
+/// Once a graceful stop has begun, on a signal (`signalled`) or not: a
+/// second SIGINT or SIGTERM (an operator's second Ctrl-C) stops the server at once, as SIGKILL would
+/// but with its plugins killed too, instead of after the deliveries
+/// being made (up to three times `timeout`). They are made again by
+/// whoever takes them over; nothing accepted is lost.
+async fn stop_at_once_on_a_second_signal(app: Arc<App>, signalled: bool) {
+    if !signalled {
+        shutdown_signal().await;
+    }
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen for SIGTERM");
+            return;
+        }
+    };
+    let status = tokio::select! {
+        r = tokio::signal::ctrl_c() => match r {
+            Ok(()) => 130,
+            Err(_) => return,
+        },
+        _ = term.recv() => 143,
+    };
+    tracing::warn!(
+        "a second stop signal: stopping at once; the deliveries being made are cut short and \
+         made again"
+    );
+    app.plugins.kill_now();
+    std::process::exit(status);
 }
 
 /// Re-reads the configuration on each SIGHUP and applies it
@@ -288,13 +319,14 @@ async fn serve(cli: &Cli, activated: Vec<OwnedFd>) -> anyhow::Result<()> {
     let notifier = systemd::spawn(app.clone(), local);
     let reloader = tokio::spawn(reload_on_sighup(cli.clone(), app.clone()));
     let shutdown = async {
-        tokio::select! {
-            _ = shutdown_signal() => {}
+        let signalled = tokio::select! {
+            _ = shutdown_signal() => true,
             // A newer build migrated the database: the same clean stop,
             // so this node's deliveries go to the newer build's nodes.
-            _ = app.superseded() => {}
-        }
+            _ = app.superseded() => false,
+        };
         systemd::stopping();
+        tokio::spawn(stop_at_once_on_a_second_signal(app.clone(), signalled));
     };
     server::run(listeners, app.clone(), shutdown).await;
     notifier.abort();

@@ -1421,6 +1421,20 @@ impl HttpSink {
     }
 }
 
+/// Whether process `pid` runs: it exists and is not a zombie (one that
+/// has ended, whose parent has not reaped it yet).
+pub fn pid_alive(pid: u64) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z'),
+        Err(_) => false,
+    }
+}
+
 /// Runs `check` every 20 ms until it answers `Ok`, and gives that; once
 /// `within` has passed, panics with what the last `Err` says was seen
 /// instead.

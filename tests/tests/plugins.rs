@@ -7,7 +7,8 @@
 use std::time::{Duration, Instant};
 
 use roboger_tests::{
-    Method, Server, ServerOptions, Value, assert_status, json, poll_until, test_plugin_bin,
+    Method, Server, ServerOptions, Value, assert_status, json, pid_alive, poll_until,
+    test_plugin_bin,
 };
 
 fn entry(name: &str, mode: &str, extra_env: &str) -> String {
@@ -41,19 +42,6 @@ async fn wait_plugin(s: &Server, name: &str, what: &str, pred: impl Fn(&Value) -
 
 fn records(path: &std::path::Path) -> Vec<Value> {
     roboger_tests::json_lines(path)
-}
-
-fn pid_alive(pid: u64) -> bool {
-    // A zombie (state Z) is dead for our purpose.
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => !stat
-            .rsplit(')')
-            .next()
-            .unwrap_or("")
-            .trim_start()
-            .starts_with('Z'),
-        Err(_) => false,
-    }
 }
 
 #[tokio::test]

@@ -859,6 +859,43 @@ async fn a_stop_waits_for_a_hanging_send_only_until_its_timeout() {
     assert!(!log.contains("cut short"), "{log}");
 }
 
+/// A second SIGTERM or SIGINT (an operator's second Ctrl-C) stops the
+/// server at once, its plugins with it, instead of after the deliveries
+/// being made: here one that would hold the stop for 20 s (its
+/// `timeout`). Before, the second signal did nothing.
+#[tokio::test]
+async fn a_second_stop_signal_stops_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let record = dir.path().join("rec.jsonl");
+    let mut s = Server::start_with(ServerOptions {
+        yaml: "timeout: 20\n".into(),
+        ..ServerOptions::recording_test_plugin(&record)
+    })
+    .await;
+    let (id, a) = s.new_addr().await;
+    let never = dir.path().join("never").display().to_string();
+    s.endpoint(id, "t", json!({ "gate": never })).await;
+    assert_status!(s.push(json!({"addr": a, "msg": "hangs"})).await, 202);
+    roboger_tests::sends_begun(&record, 1).await;
+    let plugin = roboger_tests::plugin_calls(&record, "send_started")[0]["pid"].clone();
+    s.signal("TERM");
+    s.wait_log("shutting down", Duration::from_secs(10)).await;
+    s.signal("TERM");
+    let status = s.wait_exit(Duration::from_secs(10));
+    let log = s.log_text();
+    assert_eq!(status.code(), Some(143), "{log}");
+    assert!(log.contains("stopping at once"), "{log}");
+    let plugin = plugin.as_u64().expect("the plugin's pid");
+    roboger_tests::poll_until(
+        Duration::from_secs(5),
+        async || match roboger_tests::pid_alive(plugin) {
+            false => Ok(()),
+            true => Err(format!("the plugin outlived the server: {log}")),
+        },
+    )
+    .await;
+}
+
 /// A server out of file descriptors (more clients than its `LimitNOFILE`)
 /// says so once, not twenty times a second, though each connection it
 /// drops lets one more in; and once it has accepted connections for 3 s
