@@ -12,6 +12,7 @@ use roboger_server::config::{Config, Overrides};
 use roboger_server::listener::{Listener, Listeners, Local};
 use roboger_server::store::{Store, StoreError};
 use roboger_server::{App, server, systemd};
+use tokio::signal::unix::{Signal, SignalKind, signal};
 
 /// The exit code when a newer build has migrated the database, at start
 /// or while serving; any other failure exits with 2.
@@ -163,63 +164,65 @@ async fn open_store(config: &Config) -> anyhow::Result<Store> {
     Ok(store)
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        if let Err(e) = tokio::signal::ctrl_c().await {
-            tracing::error!(error = %e, "cannot listen for SIGINT");
-            std::future::pending::<()>().await;
-        }
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = term => {},
-    }
-    tracing::info!("shutting down (a second SIGINT or SIGTERM stops at once)");
+/// SIGINT and SIGTERM: the first begins the graceful stop, a second (an
+/// operator's second Ctrl-C) stops the server at once. The same
+/// listeners wait for both, so a second signal sent right after the
+/// first is not missed.
+struct StopSignals {
+    int: Option<Signal>,
+    term: Option<Signal>,
 }
 
-/// Once a graceful stop has begun, on a signal (`signalled`) or not: a
-/// second SIGINT or SIGTERM (an operator's second Ctrl-C) stops the server at once, as SIGKILL would
-/// but with its plugins killed too, instead of after the deliveries
-/// being made (up to three times `timeout`). They are made again by
-/// whoever takes them over; nothing accepted is lost.
-async fn stop_at_once_on_a_second_signal(app: Arc<App>, signalled: bool) {
-    if !signalled {
-        shutdown_signal().await;
-    }
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot listen for SIGTERM");
-            return;
+impl StopSignals {
+    fn listen() -> StopSignals {
+        let listen = |kind, name: &str| match signal(kind) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for {name}");
+                None
+            }
+        };
+        StopSignals {
+            int: listen(SignalKind::interrupt(), "SIGINT"),
+            term: listen(SignalKind::terminate(), "SIGTERM"),
         }
-    };
-    let status = tokio::select! {
-        r = tokio::signal::ctrl_c() => match r {
-            Ok(()) => 130,
-            Err(_) => return,
-        },
-        _ = term.recv() => 143,
-    };
+    }
+
+    /// Waits for the next SIGINT or SIGTERM; returns the exit status of a
+    /// process it ends (128 and its number).
+    async fn next(&mut self) -> u8 {
+        async fn recv(s: &mut Option<Signal>) {
+            match s {
+                Some(s) => {
+                    s.recv().await;
+                }
+                None => std::future::pending().await,
+            }
+        }
+        tokio::select! {
+            _ = recv(&mut self.int) => 130,
+            _ = recv(&mut self.term) => 143,
+        }
+    }
+}
+
+/// Once a graceful stop has begun, on a signal (`signalled`) or not: the
+/// next SIGINT or SIGTERM stops the server at once, as SIGKILL would but
+/// with its plugins killed too, instead of after the deliveries being
+/// made (up to three times `timeout`). They are made again by whoever
+/// takes them over; nothing accepted is lost.
+async fn stop_at_once_on_a_second_signal(app: Arc<App>, mut signals: StopSignals, signalled: bool) {
+    if !signalled {
+        signals.next().await;
+        tracing::info!("a stop signal: the stop goes on (a second one stops at once)");
+    }
+    let status = signals.next().await;
     tracing::warn!(
         "a second stop signal: stopping at once; the deliveries being made are cut short and \
          made again"
     );
     app.plugins.kill_now();
-    std::process::exit(status);
+    std::process::exit(i32::from(status));
 }
 
 /// Re-reads the configuration on each SIGHUP and applies it
@@ -318,15 +321,22 @@ async fn serve(cli: &Cli, activated: Vec<OwnedFd>) -> anyhow::Result<()> {
     systemd::ready();
     let notifier = systemd::spawn(app.clone(), local);
     let reloader = tokio::spawn(reload_on_sighup(cli.clone(), app.clone()));
-    let shutdown = async {
+    let mut signals = StopSignals::listen();
+    let stopping = app.clone();
+    let shutdown = async move {
         let signalled = tokio::select! {
-            _ = shutdown_signal() => true,
+            _ = signals.next() => true,
             // A newer build migrated the database: the same clean stop,
             // so this node's deliveries go to the newer build's nodes.
-            _ = app.superseded() => false,
+            _ = stopping.superseded() => false,
         };
+        if signalled {
+            tracing::info!("shutting down (a second SIGINT or SIGTERM stops at once)");
+        }
         systemd::stopping();
-        tokio::spawn(stop_at_once_on_a_second_signal(app.clone(), signalled));
+        tokio::spawn(stop_at_once_on_a_second_signal(
+            stopping, signals, signalled,
+        ));
     };
     server::run(listeners, app.clone(), shutdown).await;
     notifier.abort();
