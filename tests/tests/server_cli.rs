@@ -862,14 +862,22 @@ async fn a_stop_waits_for_a_hanging_send_only_until_its_timeout() {
 /// A second SIGTERM or SIGINT (an operator's second Ctrl-C) stops the
 /// server at once, its plugins with it, instead of after the deliveries
 /// being made: here one that would hold the stop for 20 s (its
-/// `timeout`). Before, the second signal did nothing.
+/// `timeout`). Before, the second signal did nothing. The plugin is one
+/// that does not exit when its stdin closes (`linger`): the server kills
+/// it.
 #[tokio::test]
 async fn a_second_stop_signal_stops_at_once() {
     let dir = tempfile::tempdir().unwrap();
     let record = dir.path().join("rec.jsonl");
+    let recording = ServerOptions::recording_test_plugin(&record);
     let mut s = Server::start_with(ServerOptions {
         yaml: "timeout: 20\n".into(),
-        ..ServerOptions::recording_test_plugin(&record)
+        env: [
+            recording.env.clone(),
+            vec![("TEST_PLUGIN_MODE".into(), "linger".into())],
+        ]
+        .concat(),
+        ..recording
     })
     .await;
     let (id, a) = s.new_addr().await;

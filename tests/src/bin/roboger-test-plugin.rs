@@ -5,7 +5,8 @@
 //! `TEST_PLUGIN_MODE` (environment): `normal` (default),
 //! `exit-before-handshake`, `wrong-version`, `garbage`, `flood`,
 //! `refuse-config`, `exit-in-load`, `stderr-flood` (a line of `TEST_PLUGIN_FLOOD` bytes
-//! on stderr, after one that is not UTF-8). `TEST_PLUGIN_RECORD`: a file
+//! on stderr, after one that is not UTF-8), `linger` (stays 60 s after
+//! its stdin closed, against the rule that a plugin then exits). `TEST_PLUGIN_RECORD`: a file
 //! that gets one JSON line per call (method and every param received),
 //! and one at start (the environment it was given, and any socket it
 //! inherited).
@@ -461,11 +462,17 @@ fn main() -> std::process::ExitCode {
             for _ in std::io::stdin().lock().lines() {}
             std::process::ExitCode::SUCCESS
         }
-        _ => run(Chaos {
-            refuse_config: mode == "refuse-config",
-            exit_in_load: mode == "exit-in-load",
-            http: std::env::var_os("TEST_PLUGIN_NO_HTTP").is_none(),
-            failures: Default::default(),
-        }),
+        _ => {
+            let code = run(Chaos {
+                refuse_config: mode == "refuse-config",
+                exit_in_load: mode == "exit-in-load",
+                http: std::env::var_os("TEST_PLUGIN_NO_HTTP").is_none(),
+                failures: Default::default(),
+            });
+            if mode == "linger" {
+                std::thread::sleep(std::time::Duration::from_secs(60));
+            }
+            code
+        }
     }
 }
