@@ -721,6 +721,18 @@ fn deliveries_tried(s: &Server, attempts: u32) -> String {
     ))
 }
 
+/// The tries `roboger_deliveries_total` counted for plugin `t`:
+/// delivered, retry and failed.
+async fn tries_counted(s: &Server) -> [Option<f64>; 3] {
+    let m = s.metrics().await;
+    ["delivered", "retry", "failed"].map(|outcome| {
+        m.get(&format!(
+            "roboger_deliveries_total{{outcome=\"{outcome}\",plugin=\"t\"}}"
+        ))
+        .copied()
+    })
+}
+
 /// An event pushed while its plugin restarts (a restart by hand, a
 /// reload, or after a crash) is delivered once the plugin is back, with
 /// its attempts unspent: the plugin never saw it. Before, a call that
@@ -746,6 +758,7 @@ async fn an_event_pushed_while_its_plugin_restarts_is_sent_once_it_is_back() {
     s.endpoint_settles(id, ep, 1, 0).await;
     // The one try that was made, and only that, counts.
     assert_eq!(deliveries_tried(&s, 1), "1");
+    assert_eq!(tries_counted(&s).await, [Some(1.0), Some(0.0), Some(0.0)]);
 }
 
 /// A plugin with no room for another call (`max-inflight` calls in
@@ -771,6 +784,7 @@ async fn events_that_find_their_plugin_busy_are_sent_once_it_has_room() {
     }
     s.endpoint_settles(id, ep, 3, 0).await;
     assert_eq!(deliveries_tried(&s, 1), "3");
+    assert_eq!(tries_counted(&s).await, [Some(3.0), Some(0.0), Some(0.0)]);
 }
 
 /// A restart by hand (the `restart` command) lets the calls in flight
