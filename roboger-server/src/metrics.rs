@@ -212,6 +212,15 @@ impl Metrics {
             .observe(took.as_secs_f64());
     }
 
+    /// A delivery through `plugin` failed for good without a try (its
+    /// endpoint or address disabled until `max-age`): counted as failed,
+    /// with no attempt's duration.
+    pub fn failed_untried(&self, plugin: &str) {
+        self.deliveries_total
+            .with_label_values(&[plugin, Outcome::Failed.label()])
+            .inc();
+    }
+
     /// A delivery through `plugin` put off because its endpoint is on hold.
     pub fn held(&self, plugin: &str) {
         self.held_total.with_label_values(&[plugin]).inc();

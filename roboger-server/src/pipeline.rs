@@ -34,7 +34,10 @@
 //!   for a reload, a restart or another node to deliver. Nor does one
 //!   whose call was not made (`CallError::NotMade`: the plugin starting
 //!   or restarting, or without room for it): it is put off for the
-//!   backoff of the attempt it is on.
+//!   backoff of the attempt it is on. Nor does one whose endpoint or
+//!   address the claim reads as disabled: it is not made, but put off for
+//!   [`NOT_RUNNING_WAIT`], never past the end of its `max-age`, where it
+//!   fails; enabling makes it due at once (`api::manage`).
 //!   The deliveries in flight when their plugin ended are sent alone
 //!   next time, to find the event that ends it ([`suspect`]).
 //! - Writer and dispatcher wait on each other through their queues, so
@@ -70,9 +73,9 @@ use crate::event::Event;
 use crate::metrics::{Metrics, Outcome};
 use crate::outage::Outage;
 use crate::routing::Target;
-use crate::store::entity::{delivery, endpoint, event};
+use crate::store::entity::event;
 use crate::store::{
-    Attempt, EventHead, GroupCommit, STATE_DELIVERED, STATE_FAILED, STATE_PENDING, Store,
+    Attempt, Due, EventHead, GroupCommit, STATE_DELIVERED, STATE_FAILED, STATE_PENDING, Store,
     StoreError, Written, event_bytes,
 };
 use crate::supervisor::{CallError, RawParams, Supervisor};
@@ -181,6 +184,15 @@ struct Job {
     attempts: i32,
     /// In flight when its plugin ended before: sent alone ([`suspect`]).
     suspect: bool,
+    /// Its endpoint or its address disabled since it was due: not made.
+    disabled: Option<Disabled>,
+}
+
+/// What of a claimed delivery is disabled, so that it is not made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Disabled {
+    Endpoint,
+    Addr,
 }
 
 /// Whether a loop of the pipeline is making progress: the time since
@@ -728,6 +740,7 @@ fn answer(c: Committed, jobs: &mpsc::Sender<Job>) -> Result<Vec<Job>, Closed> {
                 config: t.config,
                 attempts: 0,
                 suspect: false,
+                disabled: None,
             };
             if !rest.is_empty() {
                 rest.push(job);
@@ -947,12 +960,31 @@ impl Dispatch {
     }
 }
 
+impl Dispatch {
+    /// Hands over the outcome of each of `jobs`, deliveries not made
+    /// because their endpoint or address is disabled
+    /// ([`disabled_outcome`]).
+    async fn not_made(&self, jobs: Vec<Job>) {
+        for job in &jobs {
+            let attempt = disabled_outcome(&self.cfg, job);
+            if attempt.state == STATE_FAILED {
+                self.metrics.failed_untried(&job.plugin);
+            }
+            if self.outcomes.send(attempt).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
 /// A group of deliveries the dispatcher takes on at once.
 enum Work {
     /// Handed to their plugin in one call.
     Call(Vec<Job>),
     /// Put off until their endpoint's hold ends.
     PutOff(chrono::DateTime<chrono::Utc>, Vec<Job>),
+    /// Not made: their endpoint or address is disabled.
+    Disabled(Vec<Job>),
 }
 
 async fn dispatch_loop(
@@ -991,6 +1023,7 @@ async fn dispatch_loop(
                 Err(_) => break,
             }
         }
+        let disabled: Vec<Job> = ready.extract_if(.., |j| j.disabled.is_some()).collect();
         let held = if d.holds.any(chrono::Utc::now()) {
             d.take_held(&mut ready)
         } else {
@@ -998,10 +1031,11 @@ async fn dispatch_loop(
         };
         let calls = batches(&mut ready, |p| d.plugins.batch_limit(p));
         let work = (held.into_iter().map(|(until, g)| Work::PutOff(until, g)))
-            .chain(calls.into_iter().map(Work::Call));
+            .chain(calls.into_iter().map(Work::Call))
+            .chain((!disabled.is_empty()).then_some(Work::Disabled(disabled)));
         for w in work {
             liveness.dispatcher.waiting();
-            let (Work::Call(group) | Work::PutOff(_, group)) = &w;
+            let (Work::Call(group) | Work::PutOff(_, group) | Work::Disabled(group)) = &w;
             let n = u32::try_from(group.len()).unwrap_or(u32::MAX);
             let permit = tokio::select! {
                 biased;
@@ -1017,6 +1051,7 @@ async fn dispatch_loop(
                 match w {
                     Work::Call(group) => d.run(group).await,
                     Work::PutOff(until, group) => d.put_off(until, group).await,
+                    Work::Disabled(group) => d.not_made(group).await,
                 }
                 drop(permit);
             });
@@ -1140,8 +1175,9 @@ fn send_params(job: &Job, media: Option<&str>) -> Result<RawParams, CallError> {
         .map_err(|err| CallError::Failed(format!("cannot encode the event: {err}")))
 }
 
-/// How long a delivery whose plugin is not there to try it is put off
-/// (at most `retry-max`) before it is looked at again.
+/// How long a delivery whose plugin is not there to try it, or whose
+/// endpoint or address is disabled, is put off (at most `retry-max`)
+/// before it is looked at again.
 pub const NOT_RUNNING_WAIT: Duration = Duration::from_secs(60);
 
 /// Whether `result` says the plugin was not there to try the delivery:
@@ -1262,6 +1298,53 @@ fn outcome(cfg: &DeliveryConfig, job: &Job, result: Result<Value, CallError>) ->
     }
 }
 
+/// The outcome of a due delivery whose endpoint or address is disabled:
+/// not made, and put off with its attempts unspent for
+/// [`NOT_RUNNING_WAIT`] (at most `retry-max`), but never past the moment
+/// `max-age` ends it, where it fails. Enabling the endpoint or the
+/// address makes it due at once (`api::manage`).
+fn disabled_outcome(cfg: &DeliveryConfig, job: &Job) -> Attempt {
+    let what = match job.disabled {
+        Some(Disabled::Addr) => format!("its address (addr {}) is disabled", job.event.addr_id),
+        _ => format!("endpoint {} is disabled", job.endpoint_id),
+    };
+    let now = chrono::Utc::now();
+    let ends = chrono::Duration::from_std(cfg.max_age)
+        .ok()
+        .and_then(|age| job.event.created.checked_add_signed(age))
+        .unwrap_or(chrono::DateTime::<chrono::Utc>::MAX_UTC);
+    let kept = |e: String| if job.suspect { suspect::kept(e) } else { e };
+    let base = Attempt {
+        event_id: job.event.id.clone(),
+        endpoint_id: job.endpoint_id,
+        attempts: job.attempts,
+        state: STATE_PENDING,
+        error: None,
+        next_at: None,
+    };
+    if now >= ends {
+        let error = kept(format!(
+            "not tried: {what}, and delivery.max-age has passed"
+        ));
+        tracing::warn!(event_id = %job.event.id, endpoint_id = job.endpoint_id, plugin = %job.plugin, "delivery failed for good: {error}");
+        return Attempt {
+            state: STATE_FAILED,
+            error: Some(error),
+            ..base
+        };
+    }
+    let wait = spread(NOT_RUNNING_WAIT.min(cfg.retry_max));
+    let error = kept(format!(
+        "not tried: {what}; tried once it is enabled, until delivery.max-age"
+    ));
+    tracing::debug!(event_id = %job.event.id, endpoint_id = job.endpoint_id, plugin = %job.plugin, ?wait, "put off: {error}");
+    Attempt {
+        error: Some(error),
+        next_at: Some((now + chrono::Duration::from_std(wait).unwrap_or_default()).min(ends)),
+        ..base
+    }
+}
+
 /// `delay` shortened by up to a fifth at random (never lengthened, so
 /// `retry-max` still bounds it).
 fn spread(delay: Duration) -> Duration {
@@ -1310,8 +1393,8 @@ async fn sweep_loop(
                 }
             };
             let n = claimed.len() as u64;
-            for (d, e, ep) in claimed {
-                if jobs.send(job_of(&d, e, ep)).await.is_err() {
+            for due in claimed {
+                if jobs.send(job_of(due)).await.is_err() {
                     return;
                 }
             }
@@ -1322,14 +1405,21 @@ async fn sweep_loop(
     }
 }
 
-fn job_of(d: &delivery::Model, e: Arc<EventHead>, ep: endpoint::Model) -> Job {
+fn job_of(due: Due) -> Job {
+    let (d, ep) = (due.delivery, due.endpoint);
+    let disabled = match (ep.active == 1, due.addr_active) {
+        (false, _) => Some(Disabled::Endpoint),
+        (true, false) => Some(Disabled::Addr),
+        (true, true) => None,
+    };
     Job {
-        event: e,
+        event: due.event,
         endpoint_id: ep.id,
         plugin: ep.plugin_name,
         config: Arc::new(ep.config),
         attempts: d.attempts,
         suspect: suspect::is_suspect(d.last_error.as_deref()),
+        disabled,
     }
 }
 
@@ -1347,6 +1437,7 @@ mod tests {
             config: Arc::new(Value::Null),
             attempts: 0,
             suspect: false,
+            disabled: None,
         }
     }
 

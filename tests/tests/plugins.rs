@@ -819,3 +819,160 @@ async fn a_restart_by_hand_lets_the_calls_in_flight_finish() {
     let clean = "SELECT count(*) FROM delivery WHERE attempts = 1 AND last_error IS NULL";
     assert_eq!(s.db_client().query(clean), "2", "{log}");
 }
+
+/// An endpoint's state through the API, once its `last_error` holds
+/// `text` (within 15 s).
+async fn endpoint_said(s: &Server, id: i64, ep: i64, text: &str) -> Value {
+    poll_until(Duration::from_secs(15), async || {
+        let v = s
+            .manage(Method::GET, &format!("/addr/{id}/endpoint/{ep}"), None)
+            .await
+            .json();
+        match v["last_error"].as_str().is_some_and(|e| e.contains(text)) {
+            true => Ok(v),
+            false => Err(format!("endpoint {ep} never said \"{text}\": {v}")),
+        }
+    })
+    .await
+}
+
+/// When an endpoint's `last_error` was written.
+fn said_at(v: &Value) -> chrono::DateTime<chrono::Utc> {
+    v["last_error_at"]
+        .as_str()
+        .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+        .map(|t| t.to_utc())
+        .unwrap_or_else(|| panic!("no last_error_at: {v}"))
+}
+
+/// A disabled endpoint, or an endpoint of a disabled address, is sent
+/// nothing: its pending deliveries (here the retries of a target that
+/// fails) are looked at and put off, their attempts unspent, saying
+/// why, and go on once it is enabled again. Before, disabling only kept
+/// new events from it: the retries of those already pushed went on
+/// being sent to the target, until their attempts were spent.
+#[tokio::test]
+async fn a_disabled_endpoint_or_address_is_sent_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let record = dir.path().join("rec.jsonl");
+    let s = Server::start_with(ServerOptions {
+        yaml: "delivery:\n  retry-base: 0.1\n  retry-max: 1\n".into(),
+        ..ServerOptions::recording_test_plugin(&record)
+    })
+    .await;
+    let (id, a) = s.new_addr().await;
+    let ep = s
+        .endpoint(id, "t", json!({"fail": "the target is down"}))
+        .await;
+    assert_status!(s.push(json!({"addr": a, "msg": "m"})).await, 202);
+    let sends = || roboger_tests::plugin_calls(&record, "send").len();
+    for (path, disabled) in [
+        (
+            format!("/addr/{id}/endpoint/{ep}"),
+            format!("not tried: endpoint {ep} is disabled"),
+        ),
+        (
+            format!("/addr/{id}"),
+            format!("not tried: its address (addr {id}) is disabled"),
+        ),
+    ] {
+        // The target fails, and the delivery is tried again and again.
+        let before = sends();
+        poll_until(Duration::from_secs(15), async || match sends() {
+            n if n >= before + 2 => Ok(()),
+            n => Err(format!("{n} sends, not {before} and 2 more")),
+        })
+        .await;
+        let r = s
+            .manage(Method::PATCH, &path, Some(json!({"active": 0})))
+            .await;
+        assert_status!(r, 200);
+        let first = endpoint_said(&s, id, ep, &disabled).await;
+        let sent = sends();
+        // Looked at twice more since (each within `retry-max`, 1 s), and
+        // still not sent.
+        let later = poll_until(Duration::from_secs(15), async || {
+            let v = endpoint_said(&s, id, ep, &disabled).await;
+            match said_at(&v) - said_at(&first) {
+                d if d >= chrono::Duration::milliseconds(1500) => Ok(v),
+                _ => Err(format!("not looked at again: {v}")),
+            }
+        })
+        .await;
+        assert_eq!(sends(), sent, "sent while disabled: {later}");
+        assert_eq!(later["pending"], 1, "{later}");
+        assert_eq!(
+            s.db_client()
+                .query("SELECT count(*) FROM delivery WHERE attempts = 1"),
+            "0",
+            "its attempts unspent"
+        );
+        let r = s
+            .manage(Method::PATCH, &path, Some(json!({"active": 1})))
+            .await;
+        assert_status!(r, 200);
+        endpoint_said(&s, id, ep, "the target is down").await;
+        assert!(sends() > sent);
+    }
+}
+
+/// Enabling an endpoint again makes its deliveries due at once, not when
+/// they were next to be looked at (up to a minute later); and one still
+/// disabled when `max-age` ends fails then, saying so, though it was put
+/// off for longer.
+#[tokio::test]
+async fn a_disabled_endpoints_deliveries_go_once_it_is_enabled_until_max_age() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let record = dir.path().join("rec.jsonl");
+    let s = Server::start_with(ServerOptions {
+        yaml: "delivery:\n  retry-base: 0.1\n  max-age: 8\n".into(),
+        ..ServerOptions::recording_test_plugin(&record)
+    })
+    .await;
+    let (id, a) = s.new_addr().await;
+    let ep = s
+        .endpoint(id, "t", json!({"fail": "the target is down"}))
+        .await;
+    let path = format!("/addr/{id}/endpoint/{ep}");
+    let sends = || roboger_tests::plugin_calls(&record, "send").len();
+    assert_status!(s.push(json!({"addr": a, "msg": "m"})).await, 202);
+    endpoint_said(&s, id, ep, "the target is down").await;
+    let disabled = format!("not tried: endpoint {ep} is disabled");
+    let r = s
+        .manage(Method::PATCH, &path, Some(json!({"active": 0})))
+        .await;
+    assert_status!(r, 200);
+    endpoint_said(&s, id, ep, &disabled).await;
+    let sent = sends();
+    let r = s
+        .manage(Method::PATCH, &path, Some(json!({"active": 1})))
+        .await;
+    assert_status!(r, 200);
+    // Put off for 48 to 60 s, it is sent within a few.
+    poll_until(Duration::from_secs(5), async || match sends() {
+        n if n > sent => Ok(()),
+        n => Err(format!("not sent again once enabled: {n} sends")),
+    })
+    .await;
+    let r = s
+        .manage(Method::PATCH, &path, Some(json!({"active": 0})))
+        .await;
+    assert_status!(r, 200);
+    endpoint_said(&s, id, ep, &disabled).await;
+    let sent = sends();
+    s.endpoint_settles(id, ep, 0, 1).await;
+    let v = endpoint_said(&s, id, ep, "delivery.max-age has passed").await;
+    assert!(
+        v["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains(&disabled)),
+        "{v}"
+    );
+    assert_eq!(sends(), sent);
+    let tried = u32::try_from(sent).expect("a count");
+    assert_eq!(deliveries_tried(&s, tried), "1", "its attempts unspent");
+    assert_eq!(
+        tries_counted(&s).await,
+        [Some(0.0), Some(f64::from(tried)), Some(1.0)]
+    );
+}

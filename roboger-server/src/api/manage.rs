@@ -274,7 +274,12 @@ async fn route(
                 lim_c: body.count("lim_c")?,
                 lim_s: body.count("lim_s")?,
             };
-            let a = app.store.addr_update(&AddrRef::parse(a), patch).await?;
+            let r = AddrRef::parse(a);
+            let enabled = patch.active == Some(1) && app.store.addr_get(&r).await?.active != 1;
+            let a = app.store.addr_update(&r, patch).await?;
+            if enabled {
+                waiting_made_due(app, Resumed::AddrEnabled(a.id)).await;
+            }
             Ok(reply::modified(
                 accept("addr").then(|| addr_json(app.config.limits.is_some(), &a)),
             ))
@@ -361,18 +366,25 @@ async fn route(
                 active: body.active("active")?,
                 description: body.nullable_text("description")?,
             };
-            let mut reconfigured = false;
-            if let Some(config) = &patch.config {
+            let mut resumed = None;
+            if patch.config.is_some() || patch.active.is_some() {
                 let current = app.store.endpoint_get(a, ep).await?;
-                app.plugins.register_secrets(&current.plugin_name, config);
-                app.plugins
-                    .validate_config(&current.plugin_name, config)
-                    .await?;
-                reconfigured = *config != current.config;
+                if patch.active == Some(1) && current.active != 1 {
+                    resumed = Some(Resumed::EndpointEnabled(ep));
+                }
+                if let Some(config) = &patch.config {
+                    app.plugins.register_secrets(&current.plugin_name, config);
+                    app.plugins
+                        .validate_config(&current.plugin_name, config)
+                        .await?;
+                    if *config != current.config {
+                        resumed = Some(Resumed::Reconfigured(ep));
+                    }
+                }
             }
             let ep = app.store.endpoint_update(a, ep, patch).await?;
-            if reconfigured {
-                waiting_made_due(app, ep.id).await;
+            if let Some(why) = resumed {
+                waiting_made_due(app, why).await;
             }
             Ok(reply::modified(
                 accept("endpoint").then(|| endpoint_json(&ep)),
@@ -620,27 +632,66 @@ async fn outlasting(
     }
 }
 
-/// Once an endpoint's settings changed, its deliveries that wait for a
-/// later try are due now: what they waited for was an answer to the old
-/// ones. The change stands whether or not this works, and a delivery not
-/// made due now is still tried when it was due; so the answer does not
-/// wait past `timeout` for a long backlog, which goes on meanwhile.
-async fn waiting_made_due(app: &App, id: i64) {
+/// What makes an endpoint's deliveries that wait for a later try due
+/// now: what they waited for is over.
+#[derive(Debug, Clone, Copy)]
+enum Resumed {
+    /// The endpoint's settings changed: they waited for an answer to the
+    /// old ones.
+    Reconfigured(i64),
+    /// The endpoint was enabled: they waited for that (`pipeline` puts
+    /// off a disabled endpoint's deliveries).
+    EndpointEnabled(i64),
+    /// The address was enabled: its endpoints' deliveries waited for it.
+    AddrEnabled(i64),
+}
+
+impl Resumed {
+    /// What happened, and the walk's name in the log.
+    fn said(self) -> (&'static str, &'static str) {
+        match self {
+            Resumed::Reconfigured(_) => (
+                "the endpoint's settings changed",
+                "making due the waiting deliveries of an endpoint whose settings changed",
+            ),
+            Resumed::EndpointEnabled(_) => (
+                "the endpoint is enabled",
+                "making due the waiting deliveries of an endpoint enabled",
+            ),
+            Resumed::AddrEnabled(_) => (
+                "the address is enabled",
+                "making due the waiting deliveries of an address enabled",
+            ),
+        }
+    }
+}
+
+/// Makes due now the deliveries that wait for a later try, of the
+/// endpoint or address `why` names. The change stands whether or not
+/// this works, and a delivery not made due now is still looked at when
+/// it was due; so the answer does not wait past `timeout` for a long
+/// backlog, which goes on meanwhile.
+async fn waiting_made_due(app: &App, why: Resumed) {
     let store = app.store.clone();
+    let (happened, what) = why.said();
     let work = async move {
-        let n = store.endpoint_waiting_made_due(id).await?;
+        let n = match why {
+            Resumed::Reconfigured(id) | Resumed::EndpointEnabled(id) => {
+                store.endpoint_waiting_made_due(id).await?
+            }
+            Resumed::AddrEnabled(id) => store.addr_waiting_made_due(id).await?,
+        };
         if n > 0 {
             tracing::info!(
-                endpoint_id = id,
+                ?why,
                 deliveries = n,
-                "the endpoint's settings changed; its waiting deliveries are due now"
+                "{happened}; its waiting deliveries are due now"
             );
         }
         Ok(())
     };
-    let what = "making due the waiting deliveries of an endpoint whose settings changed";
     if let Err(e) = ended_or_going_on(app, what, work).await {
-        tracing::warn!(endpoint_id = id, error = %e, "the endpoint's settings changed, but its waiting deliveries could not be made due now; each is tried when it was due");
+        tracing::warn!(?why, error = %e, "{happened}, but its waiting deliveries could not be made due now; each is looked at when it was due");
     }
 }
 

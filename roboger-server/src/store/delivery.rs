@@ -7,7 +7,7 @@ use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QueryOrder};
 
 use sea_orm::QuerySelect;
 
-use super::entity::{delivery, endpoint, event};
+use super::entity::{addr, delivery, endpoint, event};
 use super::{Result, Store, StoreError};
 use crate::config::DbBackend;
 
@@ -36,6 +36,17 @@ impl<E: Into<StoreError>> From<E> for ClaimError {
             in_doubt: Vec::new(),
         }
     }
+}
+
+/// A due delivery claimed ([`Store::claim_due`]) with its event, its
+/// endpoint and whether its address is active, all read in the claim's
+/// transaction.
+#[derive(Debug)]
+pub struct Due {
+    pub delivery: delivery::Model,
+    pub event: std::sync::Arc<EventHead>,
+    pub endpoint: endpoint::Model,
+    pub addr_active: bool,
 }
 
 /// An endpoint's deliveries of the events still kept, by state, and the
@@ -179,10 +190,7 @@ impl Store {
         node: &str,
         lease_until: chrono::DateTime<chrono::Utc>,
         limit: u64,
-    ) -> std::result::Result<
-        Vec<(delivery::Model, std::sync::Arc<EventHead>, endpoint::Model)>,
-        ClaimError,
-    > {
+    ) -> std::result::Result<Vec<Due>, ClaimError> {
         use sea_orm::{QuerySelect, sea_query::LockBehavior, sea_query::LockType};
         let now = chrono::Utc::now();
         let txn = self.begin_write().await?;
@@ -226,12 +234,13 @@ impl Store {
                 .into_iter()
                 .map(|e| (e.id.clone(), std::sync::Arc::new(e)))
                 .collect();
-        let eps: std::collections::HashMap<i64, endpoint::Model> = endpoint::Entity::find()
+        let eps: std::collections::HashMap<i64, (endpoint::Model, bool)> = endpoint::Entity::find()
             .filter(endpoint::Column::Id.is_in(ep_ids))
+            .find_also_related(addr::Entity)
             .all(&txn)
             .await?
             .into_iter()
-            .map(|e| (e.id, e))
+            .map(|(e, a)| (e.id, (e, a.is_some_and(|a| a.active == 1))))
             .collect();
         if let Err(e) = txn.commit().await {
             let error = StoreError::from(e);
@@ -247,9 +256,14 @@ impl Store {
         Ok(due
             .into_iter()
             .filter_map(|d| {
-                let e = events.get(&d.event_id)?.clone();
-                let ep = eps.get(&d.endpoint_id)?.clone();
-                Some((d, e, ep))
+                let event = events.get(&d.event_id)?.clone();
+                let (endpoint, addr_active) = eps.get(&d.endpoint_id)?.clone();
+                Some(Due {
+                    delivery: d,
+                    event,
+                    endpoint,
+                    addr_active,
+                })
             })
             .collect())
     }
@@ -419,7 +433,8 @@ impl Store {
     /// Makes an endpoint's pending deliveries that wait for a later try (a
     /// backoff after a failure, or the wait its target asked for) due now,
     /// their attempts unchanged; how many. Called once its settings
-    /// changed: what they waited for was an answer to the old ones. A
+    /// changed (what they waited for was an answer to the old ones), or
+    /// once it or its address is enabled again (they waited for that). A
     /// chunk at a time, as [`Store::endpoint_retry`]; the ones a node holds
     /// at that moment are left to their outcome.
     ///
@@ -453,6 +468,23 @@ impl Store {
             Ok(r.rows_affected)
         };
         by_chunks(&self.db, rows, delivery::Column::Id, due).await
+    }
+
+    /// [`Store::endpoint_waiting_made_due`] for each endpoint of an
+    /// address, once it is enabled again; how many in all.
+    pub async fn addr_waiting_made_due(&self, addr_id: i64) -> Result<u64> {
+        let endpoints: Vec<i64> = endpoint::Entity::find()
+            .select_only()
+            .column(endpoint::Column::Id)
+            .filter(endpoint::Column::AddrId.eq(addr_id))
+            .into_tuple()
+            .all(&self.db)
+            .await?;
+        let mut n = 0;
+        for id in endpoints {
+            n += self.endpoint_waiting_made_due(id).await?;
+        }
+        Ok(n)
     }
 
     /// Deletes events created before `before` that have nothing pending,

@@ -24,7 +24,7 @@ pub use bucket::NewObject;
 pub use cluster::{NodeRow, ROUTING_CHANNEL};
 pub use console::{AddrPage, EndpointPage, SubscriptionPage, SubscriptionsShown};
 pub use delivery::{
-    ClaimError, EndpointStats, EventHead, STATE_DELIVERED, STATE_FAILED, STATE_PENDING,
+    ClaimError, Due, EndpointStats, EventHead, STATE_DELIVERED, STATE_FAILED, STATE_PENDING,
 };
 pub use group_commit::{Attempt, GroupCommit, Written, event_bytes};
 pub use management::{AddrPatch, EndpointPatch, SubscriptionPatch, SubscriptionRow};
