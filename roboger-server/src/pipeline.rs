@@ -580,13 +580,7 @@ async fn write_loop(
         let result = match written {
             Ok(Ok(w)) => {
                 if w.dropped_outcomes > 0 {
-                    tracing::warn!(
-                        outcomes = w.dropped_outcomes,
-                        "late outcomes dropped: those deliveries were no longer leased to this \
-                         server (their lease was freed after a failed write, or taken over by \
-                         another node), and are made again; or an earlier commit whose answer \
-                         was lost had written them already"
-                    );
+                    said_dropped(&store, &recorded, w.dropped_outcomes, timeout).await;
                 }
                 Ok(w)
             }
@@ -754,6 +748,38 @@ fn answer(c: Committed, jobs: &mpsc::Sender<Job>) -> Result<Vec<Job>, Closed> {
         }
     }
     Ok(rest)
+}
+
+/// Says in the log why `dropped` of the `outcomes` a commit held were
+/// not written (fencing): those whose delivery was deleted meanwhile
+/// with its endpoint or address are gone, and nothing more comes of
+/// them; the others were taken by another node or freed, and are made
+/// again. The look for what is gone, which only a commit that dropped
+/// some makes, is bounded by `timeout`.
+async fn said_dropped(store: &Store, outcomes: &[Attempt], dropped: u64, timeout: Duration) {
+    let keys: Vec<(String, i64)> = outcomes
+        .iter()
+        .map(|o| (o.event_id.clone(), o.endpoint_id))
+        .collect();
+    let gone = match tokio::time::timeout(timeout, store.deliveries_gone(&keys)).await {
+        Ok(Ok(gone)) => gone.min(dropped),
+        Ok(Err(_)) | Err(_) => 0,
+    };
+    if gone > 0 {
+        tracing::info!(
+            outcomes = gone,
+            "outcomes of deliveries deleted meanwhile (with their endpoint or address) not written"
+        );
+    }
+    if dropped > gone {
+        tracing::warn!(
+            outcomes = dropped - gone,
+            "late outcomes dropped: those deliveries were no longer leased to this \
+             server (their lease was freed after a failed write, or taken over by \
+             another node), and are made again; or an earlier commit whose answer \
+             was lost had written them already"
+        );
+    }
 }
 
 /// Hands `rest` to the dispatcher, waiting for room in its queue, which

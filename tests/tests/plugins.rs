@@ -976,3 +976,38 @@ async fn a_disabled_endpoints_deliveries_go_once_it_is_enabled_until_max_age() {
         [Some(0.0), Some(f64::from(tried)), Some(1.0)]
     );
 }
+
+/// Deleting an endpoint, or its address, while one of its deliveries is
+/// being made: the send ends, its outcome finds the delivery gone, and
+/// the log says so. Before, each such deletion logged a warning that the
+/// deliveries whose outcomes were dropped "are made again", which these
+/// are not: an operator looking for duplicates was sent the wrong way.
+#[tokio::test]
+async fn deleting_what_is_being_delivered_is_not_said_to_make_it_again() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let record = dir.path().join("rec.jsonl");
+    let s = Server::start_with(ServerOptions::recording_test_plugin(&record)).await;
+    for (n, what) in [(1, "endpoint"), (2, "address")] {
+        let (id, a) = s.new_addr().await;
+        let ep = s.endpoint(id, "t", json!({"slow": 1500})).await;
+        assert_status!(s.push(json!({"addr": a, "msg": what})).await, 202);
+        roboger_tests::sends_begun(&record, n).await;
+        let path = match what {
+            "endpoint" => format!("/addr/{id}/endpoint/{ep}"),
+            _ => format!("/addr/{id}"),
+        };
+        assert_status!(s.manage(Method::DELETE, &path, None).await, 204);
+        poll_until(Duration::from_secs(15), async || {
+            match s.log_lines("deliveries deleted meanwhile").len() {
+                k if k >= n => Ok(()),
+                _ => Err(format!(
+                    "{what}: no outcome found its delivery gone\n{}",
+                    s.log_text()
+                )),
+            }
+        })
+        .await;
+    }
+    let log = s.log_text();
+    assert!(!log.contains("late outcomes dropped"), "{log}");
+}

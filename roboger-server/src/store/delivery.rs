@@ -145,12 +145,8 @@ impl Store {
     /// Frees `node`'s leases of the pending deliveries `keys` (event id,
     /// endpoint id), a chunk of one endpoint's at a time; how many.
     pub async fn release_leases_of(&self, node: &str, keys: &[(String, i64)]) -> Result<u64> {
-        let mut by_endpoint: std::collections::BTreeMap<i64, Vec<&str>> = Default::default();
-        for (event_id, endpoint_id) in keys {
-            by_endpoint.entry(*endpoint_id).or_default().push(event_id);
-        }
         let mut n = 0;
-        for (endpoint_id, events) in by_endpoint {
+        for (endpoint_id, events) in by_endpoint(keys) {
             for chunk in events.chunks(DELETE_CHUNK as usize) {
                 n += delivery::Entity::update_many()
                     .col_expr(delivery::Column::LeaseUntil, no_lease().0)
@@ -162,6 +158,24 @@ impl Store {
             }
         }
         Ok(n)
+    }
+
+    /// How many of the deliveries `keys` (event id, endpoint id) are no
+    /// longer there: deleted with their endpoint or address (or with
+    /// their event, once settled).
+    pub async fn deliveries_gone(&self, keys: &[(String, i64)]) -> Result<u64> {
+        use sea_orm::PaginatorTrait;
+        let mut there = 0;
+        for (endpoint_id, events) in by_endpoint(keys) {
+            for chunk in events.chunks(DELETE_CHUNK as usize) {
+                there += delivery::Entity::find()
+                    .filter(delivery::Column::EndpointId.eq(endpoint_id))
+                    .filter(delivery::Column::EventId.is_in(chunk.iter().copied()))
+                    .count(&self.db)
+                    .await?;
+            }
+        }
+        Ok((keys.len() as u64).saturating_sub(there))
     }
 
     /// Claims up to `limit` due pending deliveries whose lease is free or
@@ -703,6 +717,16 @@ pub(super) fn no_lease() -> (Expr, Expr) {
 
 /// The pending deliveries of the events `event_ids` to `endpoint_id`
 /// that `node` still holds (the fencing an outcome has too).
+/// The event ids of deliveries `keys` (event id, endpoint id), by
+/// endpoint.
+fn by_endpoint(keys: &[(String, i64)]) -> std::collections::BTreeMap<i64, Vec<&str>> {
+    let mut by_endpoint: std::collections::BTreeMap<i64, Vec<&str>> = Default::default();
+    for (event_id, endpoint_id) in keys {
+        by_endpoint.entry(*endpoint_id).or_default().push(event_id);
+    }
+    by_endpoint
+}
+
 fn leased_to<V: Into<sea_orm::Value>>(
     node: &str,
     endpoint_id: i64,
