@@ -1936,3 +1936,32 @@ async fn changes_are_logged_with_who_made_them() {
     );
     assert!(!logged[1].contains(&a), "{}", logged[1]);
 }
+
+/// An endpoint created disabled (`"active": 0` in its POST) is made so
+/// in one write, and is never enabled, not even for a moment. Before, it
+/// was created enabled and disabled by a second write: a push between
+/// the two was sent to it, and when the database refused that second
+/// write the POST was answered 503 with the endpoint left there,
+/// enabled. Here the database refuses any update that disables an
+/// endpoint.
+#[tokio::test]
+async fn an_endpoint_created_disabled_is_never_enabled() {
+    let s = Server::start_with(ServerOptions::test_plugin("")).await;
+    let (id, _) = s.new_addr().await;
+    s.db_client().refuse_updates("endpoint", "NEW.active = 0");
+    let r = s
+        .manage(
+            POST,
+            &format!("/addr/{id}/endpoint"),
+            Some(json!({"plugin_name": "t", "active": 0})),
+        )
+        .await;
+    assert_status!(r, 201);
+    assert_eq!(r.json()["active"], 0, "{}", r.text);
+    let list = s
+        .manage(GET, &format!("/addr/{id}/endpoint"), None)
+        .await
+        .json();
+    assert_eq!(list.as_array().map(Vec::len), Some(1), "{list}");
+    assert_eq!(list[0]["active"], 0, "{list}");
+}

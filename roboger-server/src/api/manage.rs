@@ -324,17 +324,12 @@ async fn route(
             }
             app.plugins.register_secrets(plugin, &config);
             app.plugins.validate_config(plugin, &config).await?;
-            let mut ep = app
+            // Created as it is asked, in one write: one created disabled
+            // is never routed to, even for a moment.
+            let ep = app
                 .store
-                .endpoint_create(a.id, plugin, config, description)
+                .endpoint_create(a.id, plugin, config, description, active.unwrap_or(1))
                 .await?;
-            if let Some(active) = active.filter(|v| *v != ep.active) {
-                let patch = EndpointPatch {
-                    active: Some(active),
-                    ..Default::default()
-                };
-                ep = app.store.endpoint_update(a.id, ep.id, patch).await?;
-            }
             let loc = format!("{PREFIX}/addr/{a_seg}/endpoint/{}", ep.id);
             Ok(reply::created(
                 &loc,

@@ -840,7 +840,7 @@ mod tests {
         let store = super::super::sqlite_for_tests(dir.path(), "withdraw").await;
         let addr = store.addr_create().await.expect("an address");
         let ep = store
-            .endpoint_create(addr.id, "t", serde_json::json!({}), None)
+            .endpoint_create(addr.id, "t", serde_json::json!({}), None, 1)
             .await
             .expect("an endpoint");
         let event = || event::Model {

@@ -208,12 +208,13 @@ impl Store {
         plugin_name: &str,
         config: Value,
         description: Option<String>,
+        active: i16,
     ) -> Result<endpoint::Model> {
         let am = endpoint::ActiveModel {
             addr_id: Set(addr_id),
             plugin_name: Set(plugin_name.to_string()),
             config: Set(config),
-            active: Set(1),
+            active: Set(active),
             description: Set(description),
             ..Default::default()
         };
