@@ -836,6 +836,33 @@ async fn endpoint_said(s: &Server, id: i64, ep: i64, text: &str) -> Value {
     .await
 }
 
+/// A server whose plugin `t` fails every send ("the target is down"),
+/// its retries 0.1 s apart at first (`delivery` also holds `more`), and
+/// an event pushed to one endpoint: the server, the address's id and the
+/// endpoint's.
+async fn failing_target(record: &std::path::Path, more: &str) -> (Server, i64, i64) {
+    let s = Server::start_with(ServerOptions {
+        yaml: format!("delivery:\n  retry-base: 0.1\n  {more}\n"),
+        ..ServerOptions::recording_test_plugin(record)
+    })
+    .await;
+    let (id, a) = s.new_addr().await;
+    let ep = s
+        .endpoint(id, "t", json!({"fail": "the target is down"}))
+        .await;
+    assert_status!(s.push(json!({"addr": a, "msg": "m"})).await, 202);
+    (s, id, ep)
+}
+
+/// Disables (0) or enables (1) what `path` names, an address or an
+/// endpoint.
+async fn set_active(s: &Server, path: &str, active: u8) {
+    let r = s
+        .manage(Method::PATCH, path, Some(json!({"active": active})))
+        .await;
+    assert_status!(r, 200);
+}
+
 /// When an endpoint's `last_error` was written.
 fn said_at(v: &Value) -> chrono::DateTime<chrono::Utc> {
     v["last_error_at"]
@@ -855,16 +882,7 @@ fn said_at(v: &Value) -> chrono::DateTime<chrono::Utc> {
 async fn a_disabled_endpoint_or_address_is_sent_nothing() {
     let dir = tempfile::tempdir().expect("tempdir");
     let record = dir.path().join("rec.jsonl");
-    let s = Server::start_with(ServerOptions {
-        yaml: "delivery:\n  retry-base: 0.1\n  retry-max: 1\n".into(),
-        ..ServerOptions::recording_test_plugin(&record)
-    })
-    .await;
-    let (id, a) = s.new_addr().await;
-    let ep = s
-        .endpoint(id, "t", json!({"fail": "the target is down"}))
-        .await;
-    assert_status!(s.push(json!({"addr": a, "msg": "m"})).await, 202);
+    let (s, id, ep) = failing_target(&record, "retry-max: 1").await;
     let sends = || roboger_tests::plugin_calls(&record, "send").len();
     for (path, disabled) in [
         (
@@ -883,10 +901,7 @@ async fn a_disabled_endpoint_or_address_is_sent_nothing() {
             n => Err(format!("{n} sends, not {before} and 2 more")),
         })
         .await;
-        let r = s
-            .manage(Method::PATCH, &path, Some(json!({"active": 0})))
-            .await;
-        assert_status!(r, 200);
+        set_active(&s, &path, 0).await;
         let first = endpoint_said(&s, id, ep, &disabled).await;
         let sent = sends();
         // Looked at twice more since (each within `retry-max`, 1 s), and
@@ -907,10 +922,7 @@ async fn a_disabled_endpoint_or_address_is_sent_nothing() {
             "0",
             "its attempts unspent"
         );
-        let r = s
-            .manage(Method::PATCH, &path, Some(json!({"active": 1})))
-            .await;
-        assert_status!(r, 200);
+        set_active(&s, &path, 1).await;
         endpoint_said(&s, id, ep, "the target is down").await;
         assert!(sends() > sent);
     }
@@ -924,40 +936,22 @@ async fn a_disabled_endpoint_or_address_is_sent_nothing() {
 async fn a_disabled_endpoints_deliveries_go_once_it_is_enabled_until_max_age() {
     let dir = tempfile::tempdir().expect("tempdir");
     let record = dir.path().join("rec.jsonl");
-    let s = Server::start_with(ServerOptions {
-        yaml: "delivery:\n  retry-base: 0.1\n  max-age: 8\n".into(),
-        ..ServerOptions::recording_test_plugin(&record)
-    })
-    .await;
-    let (id, a) = s.new_addr().await;
-    let ep = s
-        .endpoint(id, "t", json!({"fail": "the target is down"}))
-        .await;
+    let (s, id, ep) = failing_target(&record, "max-age: 8").await;
     let path = format!("/addr/{id}/endpoint/{ep}");
     let sends = || roboger_tests::plugin_calls(&record, "send").len();
-    assert_status!(s.push(json!({"addr": a, "msg": "m"})).await, 202);
     endpoint_said(&s, id, ep, "the target is down").await;
     let disabled = format!("not tried: endpoint {ep} is disabled");
-    let r = s
-        .manage(Method::PATCH, &path, Some(json!({"active": 0})))
-        .await;
-    assert_status!(r, 200);
+    set_active(&s, &path, 0).await;
     endpoint_said(&s, id, ep, &disabled).await;
     let sent = sends();
-    let r = s
-        .manage(Method::PATCH, &path, Some(json!({"active": 1})))
-        .await;
-    assert_status!(r, 200);
+    set_active(&s, &path, 1).await;
     // Put off for 48 to 60 s, it is sent within a few.
     poll_until(Duration::from_secs(5), async || match sends() {
         n if n > sent => Ok(()),
         n => Err(format!("not sent again once enabled: {n} sends")),
     })
     .await;
-    let r = s
-        .manage(Method::PATCH, &path, Some(json!({"active": 0})))
-        .await;
-    assert_status!(r, 200);
+    set_active(&s, &path, 0).await;
     endpoint_said(&s, id, ep, &disabled).await;
     let sent = sends();
     s.endpoint_settles(id, ep, 0, 1).await;
