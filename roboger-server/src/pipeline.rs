@@ -992,7 +992,10 @@ impl Dispatch {
     /// ([`disabled_outcome`]).
     async fn not_made(&self, jobs: Vec<Job>) {
         for job in &jobs {
-            let attempt = disabled_outcome(&self.cfg, job);
+            let Some(what) = job.disabled else {
+                continue;
+            };
+            let attempt = disabled_outcome(&self.cfg, job, what);
             if attempt.state == STATE_FAILED {
                 self.metrics.failed_untried(&job.plugin);
             }
@@ -1329,10 +1332,10 @@ fn outcome(cfg: &DeliveryConfig, job: &Job, result: Result<Value, CallError>) ->
 /// [`NOT_RUNNING_WAIT`] (at most `retry-max`), but never past the moment
 /// `max-age` ends it, where it fails. Enabling the endpoint or the
 /// address makes it due at once (`api::manage`).
-fn disabled_outcome(cfg: &DeliveryConfig, job: &Job) -> Attempt {
-    let what = match job.disabled {
-        Some(Disabled::Addr) => format!("its address (addr {}) is disabled", job.event.addr_id),
-        _ => format!("endpoint {} is disabled", job.endpoint_id),
+fn disabled_outcome(cfg: &DeliveryConfig, job: &Job, what: Disabled) -> Attempt {
+    let what = match what {
+        Disabled::Endpoint => format!("endpoint {} is disabled", job.endpoint_id),
+        Disabled::Addr => format!("its address (addr {}) is disabled", job.event.addr_id),
     };
     let now = chrono::Utc::now();
     let ends = chrono::Duration::from_std(cfg.max_age)
@@ -1551,6 +1554,43 @@ mod tests {
         j.event = Arc::new(EventHead::of(old));
         let a = outcome(&cfg, &j, busy());
         assert_eq!((a.state, a.attempts), (STATE_FAILED, 2));
+    }
+
+    /// A delivery whose endpoint or address is disabled is not made: put
+    /// off, its attempts unspent, for about a minute (at most
+    /// `retry-max`) but never past the end of its `max-age`, where it
+    /// fails; a suspect stays one.
+    #[test]
+    fn a_disabled_delivery_waits_until_its_max_age() {
+        let mut cfg = delivery_config(Duration::from_secs(1));
+        let mut j = job("e", "p", false);
+        j.attempts = 3;
+        let a = disabled_outcome(&cfg, &j, Disabled::Endpoint);
+        let wait = (a.next_at.expect("put off") - chrono::Utc::now()).as_seconds_f64();
+        assert_eq!((a.state, a.attempts), (STATE_PENDING, 3));
+        assert!((47.0..=60.1).contains(&wait), "{wait}");
+        let why = a.error.unwrap_or_default();
+        assert!(
+            why.starts_with("not tried: endpoint 1 is disabled;"),
+            "{why}"
+        );
+        // Its max-age ends within the minute: looked at again then.
+        cfg.max_age = Duration::from_secs(20);
+        let a = disabled_outcome(&cfg, &j, Disabled::Addr);
+        let wait = (a.next_at.expect("put off") - chrono::Utc::now()).as_seconds_f64();
+        assert!((18.0..=20.1).contains(&wait), "{wait}");
+        let why = a.error.unwrap_or_default();
+        assert!(why.contains("its address (addr "), "{why}");
+        // Then it fails, untried; a suspect says it still is one.
+        let mut old = event::Model::sample("old");
+        old.created = chrono::Utc::now() - chrono::Duration::seconds(21);
+        j.event = Arc::new(EventHead::of(old));
+        j.suspect = true;
+        let a = disabled_outcome(&cfg, &j, Disabled::Endpoint);
+        assert_eq!((a.state, a.attempts), (STATE_FAILED, 3));
+        let why = a.error.unwrap_or_default();
+        assert!(why.contains("delivery.max-age has passed"), "{why}");
+        assert!(suspect::is_suspect(Some(&why)), "{why}");
     }
 
     /// A delivery in flight when its plugin ended is retried as a
