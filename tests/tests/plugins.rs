@@ -928,29 +928,38 @@ async fn a_disabled_endpoint_or_address_is_sent_nothing() {
     }
 }
 
-/// Enabling an endpoint again makes its deliveries due at once, not when
-/// they were next to be looked at (up to a minute later); and one still
-/// disabled when `max-age` ends fails then, saying so, though it was put
-/// off for longer.
+/// Enabling an endpoint, or its address, again makes its deliveries due
+/// at once, not when they were next to be looked at (up to a minute
+/// later); and one still disabled when `max-age` ends fails then, saying
+/// so, though it was put off for longer.
 #[tokio::test]
 async fn a_disabled_endpoints_deliveries_go_once_it_is_enabled_until_max_age() {
     let dir = tempfile::tempdir().expect("tempdir");
     let record = dir.path().join("rec.jsonl");
-    let (s, id, ep) = failing_target(&record, "max-age: 8").await;
+    let (s, id, ep) = failing_target(&record, "max-age: 12").await;
     let path = format!("/addr/{id}/endpoint/{ep}");
     let sends = || roboger_tests::plugin_calls(&record, "send").len();
-    endpoint_said(&s, id, ep, "the target is down").await;
     let disabled = format!("not tried: endpoint {ep} is disabled");
-    set_active(&s, &path, 0).await;
-    endpoint_said(&s, id, ep, &disabled).await;
-    let sent = sends();
-    set_active(&s, &path, 1).await;
-    // Put off for 48 to 60 s, it is sent within a few.
-    poll_until(Duration::from_secs(5), async || match sends() {
-        n if n > sent => Ok(()),
-        n => Err(format!("not sent again once enabled: {n} sends")),
-    })
-    .await;
+    for (what, said) in [
+        (path.clone(), disabled.clone()),
+        (
+            format!("/addr/{id}"),
+            format!("not tried: its address (addr {id}) is disabled"),
+        ),
+    ] {
+        endpoint_said(&s, id, ep, "the target is down").await;
+        set_active(&s, &what, 0).await;
+        endpoint_said(&s, id, ep, &said).await;
+        let sent = sends();
+        set_active(&s, &what, 1).await;
+        // Put off for 48 to 60 s, it is sent within a few.
+        poll_until(Duration::from_secs(5), async || match sends() {
+            n if n > sent => Ok(()),
+            n => Err(format!("{what}: not sent again once enabled: {n} sends")),
+        })
+        .await;
+    }
+    endpoint_said(&s, id, ep, "the target is down").await;
     set_active(&s, &path, 0).await;
     endpoint_said(&s, id, ep, &disabled).await;
     let sent = sends();
