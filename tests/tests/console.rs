@@ -686,6 +686,10 @@ async fn an_endpoints_page_retries_its_failed_deliveries() {
     );
 }
 
+/// An address with many endpoints shows them a page at a time; a change
+/// to one on a later page leads back to the page that shows it, and
+/// disabling an endpoint or the address says what that does to their
+/// pending deliveries.
 #[tokio::test]
 async fn an_address_with_many_endpoints_is_shown_a_page_at_a_time() {
     let server = Server::start_with(ServerOptions::test_plugin("")).await;
@@ -769,7 +773,9 @@ async fn an_address_with_many_endpoints_is_shown_a_page_at_a_time() {
     let page = b.get(&to).await.text().await.unwrap_or_default();
     assert!(
         shown(&page).contains(&ep)
-            && page.contains("Disabled.")
+            && page.contains(
+                "Disabled. It gets no new event, and its pending deliveries are not sent"
+            )
             && page.contains("First endpoints"),
         "{page}"
     );
@@ -806,6 +812,25 @@ async fn an_address_with_many_endpoints_is_shown_a_page_at_a_time() {
         .await
         .json();
     assert_eq!(subs.as_array().map(Vec::len), Some(2), "{subs}");
+    // Disabling the address says what that does to its endpoints.
+    let csrf = b.csrf(&format!("/ui/addr/{id}")).await;
+    let r = b
+        .post(
+            &format!("/ui/addr/{id}"),
+            &[("csrf", &csrf), ("action", "disable")],
+        )
+        .await;
+    assert_eq!(r.status(), 303);
+    let page = b
+        .get(&header(&r, "location"))
+        .await
+        .text()
+        .await
+        .unwrap_or_default();
+    assert!(
+        page.contains("Disabled. It takes no push, and the pending deliveries of its endpoints"),
+        "{page}"
+    );
 }
 
 /// An endpoint with many subscriptions (one per site, say) shows them a

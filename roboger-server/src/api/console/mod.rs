@@ -385,6 +385,12 @@ fn notice(query: &str) -> Option<String> {
         }
         "enabled" => "Enabled.",
         "disabled" => "Disabled.",
+        "addr-disabled" => {
+            "Disabled. It takes no push, and the pending deliveries of its endpoints are not sent but wait until it is enabled again (or their max-age ends)."
+        }
+        "endpoint-disabled" => {
+            "Disabled. It gets no new event, and its pending deliveries are not sent but wait until it is enabled again (or their max-age ends)."
+        }
         "changed" => "The address string was changed.",
         "copied" => "Subscriptions copied.",
         "subscribed" => "Subscription added.",
@@ -641,7 +647,7 @@ async fn addr_action(ctx: &Ctx<'_>, id: i64) -> Result<Response, ApiError> {
             let on = ctx.form.text("action") == "enable";
             ctx.manage(Method::PATCH, &path, json!({"active": i32::from(on)}))
                 .await?;
-            done(if on { "enabled" } else { "disabled" })
+            done(if on { "enabled" } else { "addr-disabled" })
         }
         "limits" => {
             ctx.manage(
@@ -930,7 +936,7 @@ async fn endpoint_action(ctx: &Ctx<'_>, a: i64, ep: i64) -> Result<Response, Api
             let on = f.text("action") == "enable";
             ctx.manage(Method::PATCH, &path, json!({"active": i32::from(on)}))
                 .await?;
-            let done = if on { "enabled" } else { "disabled" };
+            let done = if on { "enabled" } else { "endpoint-disabled" };
             Ok(to_endpoint(a, ep, done))
         }
         "delete" => {
