@@ -143,6 +143,20 @@ impl Browser<'_> {
         set
     }
 
+    /// Sends `action` to `path` with the CSRF token of `form_page`, as
+    /// its button does, and follows the redirect: where it led, and that
+    /// page.
+    async fn act(&self, form_page: &str, path: &str, action: &str) -> (String, String) {
+        let csrf = self.csrf(form_page).await;
+        let r = self
+            .post(path, &[("csrf", &csrf), ("action", action)])
+            .await;
+        assert_eq!(r.status(), 303, "{action} on {path}");
+        let to = header(&r, "location");
+        let page = self.get(&to).await.text().await.unwrap_or_default();
+        (to, page)
+    }
+
     /// The CSRF token in a page's forms.
     async fn csrf(&self, path: &str) -> String {
         let page = self.get(path).await.text().await.expect("page");
@@ -760,17 +774,11 @@ async fn an_address_with_many_endpoints_is_shown_a_page_at_a_time() {
     // A change to an endpoint on a later page leads back to the page that
     // shows it.
     let ep = eps[87];
-    let csrf = b.csrf(&format!("/ui/addr/{id}")).await;
-    let r = b
-        .post(
-            &format!("/ui/addr/{id}/endpoint/{ep}"),
-            &[("csrf", &csrf), ("action", "disable")],
-        )
+    let here = format!("/ui/addr/{id}");
+    let (to, page) = b
+        .act(&here, &format!("{here}/endpoint/{ep}"), "disable")
         .await;
-    assert_eq!(r.status(), 303);
-    let to = header(&r, "location");
     assert!(to.ends_with(&format!("#endpoint-{ep}")), "{to}");
-    let page = b.get(&to).await.text().await.unwrap_or_default();
     assert!(
         shown(&page).contains(&ep)
             && page.contains(
@@ -792,6 +800,7 @@ async fn an_address_with_many_endpoints_is_shown_a_page_at_a_time() {
             && !page.contains("<option value=\""),
         "{page}"
     );
+    let csrf = b.csrf(&here).await;
     let r = b
         .post(
             &format!("/ui/addr/{id}/endpoint/{}", eps[0]),
@@ -813,20 +822,7 @@ async fn an_address_with_many_endpoints_is_shown_a_page_at_a_time() {
         .json();
     assert_eq!(subs.as_array().map(Vec::len), Some(2), "{subs}");
     // Disabling the address says what that does to its endpoints.
-    let csrf = b.csrf(&format!("/ui/addr/{id}")).await;
-    let r = b
-        .post(
-            &format!("/ui/addr/{id}"),
-            &[("csrf", &csrf), ("action", "disable")],
-        )
-        .await;
-    assert_eq!(r.status(), 303);
-    let page = b
-        .get(&header(&r, "location"))
-        .await
-        .text()
-        .await
-        .unwrap_or_default();
+    let (_, page) = b.act(&here, &here, "disable").await;
     assert!(
         page.contains("Disabled. It takes no push, and the pending deliveries of its endpoints"),
         "{page}"
@@ -895,16 +891,13 @@ async fn an_endpoint_with_many_subscriptions_is_shown_a_page_at_a_time() {
     assert_eq!(seen, subs);
     // A change to a subscription on the last page leads back to it.
     let sub = subs[42];
-    let csrf = b.csrf(&format!("/ui/addr/{id}")).await;
-    let r = b
-        .post(
+    let (to, page) = b
+        .act(
+            &format!("/ui/addr/{id}"),
             &format!("/ui/addr/{id}/endpoint/{ep}/subscription/{sub}"),
-            &[("csrf", &csrf), ("action", "disable")],
+            "disable",
         )
         .await;
-    assert_eq!(r.status(), 303);
-    let to = header(&r, "location");
-    let page = b.get(&to).await.text().await.unwrap_or_default();
     assert!(shown(&page, ep).contains(&sub), "{to}: {page}");
     assert!(page.contains("Subscriptions 41 to 45 of 45"), "{page}");
     assert!(page.contains(&format!("First subscriptions of endpoint {ep}")));
