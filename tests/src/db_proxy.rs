@@ -39,7 +39,8 @@ const MY_COMMIT_MARK: &[u8] = b"INSERT INTO `event`";
 /// Which commit's answer the proxy loses next.
 #[derive(Clone, Debug)]
 pub enum Lose {
-    /// A group commit of pushes.
+    /// A group commit of pushes (on PostgreSQL also one of outcomes
+    /// alone, the same statement: let the deliveries settle first).
     GroupCommit,
     /// The `COMMIT` of a transaction that ran a statement holding one of
     /// these texts.
