@@ -15,7 +15,9 @@
 //!   `send_batch` call when the plugin offers it (each keeps its own
 //!   outcome); otherwise, and for media, one `send` each.
 //!   Outcomes are delivered, pending again after a backoff, or failed
-//!   after `max-attempts` or `max-age`. Outcomes that cannot be written
+//!   after `max-attempts` or `max-age` (the server's own backoff and
+//!   every put-off below end where `max-age` does, so a delivery fails
+//!   then, not up to a wait later). Outcomes that cannot be written
 //!   are kept while the database is out of reach, however long, and
 //!   written once it answers: a delivery made during an outage is not
 //!   made again. Those in five writes the database itself refused are
@@ -30,14 +32,14 @@
 //!   the endpoint's other deliveries are put off until then, not tried.
 //!   A delivery whose plugin is not there to try it (not configured on
 //!   this server, or refused or failed until restarted) spends no
-//!   attempt: it is put off for [`NOT_RUNNING_WAIT`] until `max-age`,
-//!   for a reload, a restart or another node to deliver. Nor does one
-//!   whose call was not made (`CallError::NotMade`: the plugin starting
-//!   or restarting, or without room for it): it is put off for the
-//!   backoff of the attempt it is on. Nor does one whose endpoint or
-//!   address the claim reads as disabled: it is not made, but put off for
-//!   [`NOT_RUNNING_WAIT`], never past the end of its `max-age`, where it
-//!   fails; enabling makes it due at once (`api::manage`).
+//!   attempt: it is put off for [`NOT_RUNNING_WAIT`], for a reload, a
+//!   restart or another node to deliver. Nor does one whose call was not
+//!   made (`CallError::NotMade`: the plugin starting or restarting, or
+//!   without room for it): it is put off for the backoff of the attempt
+//!   it is on. Nor does one whose endpoint or address the claim reads as
+//!   disabled: it is not made, but put off for [`NOT_RUNNING_WAIT`];
+//!   enabling makes it due at once (`api::manage`). One still untried
+//!   when its `max-age` ends fails then, saying so.
 //!   The deliveries in flight when their plugin ended are sent alone
 //!   next time, to find the event that ends it ([`suspect`]).
 //! - Writer and dispatcher wait on each other through their queues, so
@@ -1264,8 +1266,9 @@ fn outcome(cfg: &DeliveryConfig, job: &Job, result: Result<Value, CallError>) ->
         Err(e) => suspect::said(&e, job.suspect),
     };
     let error = crate::secrets::scrub(&error).into_owned();
-    let age = chrono::Utc::now() - job.event.created;
-    let too_old = age.to_std().is_ok_and(|a| a >= cfg.max_age);
+    let now = chrono::Utc::now();
+    let ends = max_age_ends(cfg, job);
+    let too_old = now >= ends;
     if not_tried && !too_old {
         // Spread, so the deliveries put off together do not all come back
         // at once.
@@ -1289,12 +1292,21 @@ fn outcome(cfg: &DeliveryConfig, job: &Job, result: Result<Value, CallError>) ->
             }
         };
         tracing::debug!(event_id = %job.event.id, endpoint_id = job.endpoint_id, plugin = %job.plugin, ?wait, "put off: {error}");
+        // Never past the end of its max-age, where it fails untried.
+        let next = now + chrono::Duration::from_std(spread(wait)).unwrap_or_default();
         return Attempt {
             state: STATE_PENDING,
             error: Some(error),
-            next_at: Some(
-                chrono::Utc::now() + chrono::Duration::from_std(spread(wait)).unwrap_or_default(),
-            ),
+            next_at: Some(next.min(ends)),
+            ..base
+        };
+    }
+    if not_tried {
+        let error = format!("not tried: {error}, and delivery.max-age has passed");
+        tracing::warn!(event_id = %job.event.id, endpoint_id = job.endpoint_id, plugin = %job.plugin, attempts, "delivery failed for good: {error}");
+        return Attempt {
+            state: STATE_FAILED,
+            error: Some(error),
             ..base
         };
     }
@@ -1313,16 +1325,17 @@ fn outcome(cfg: &DeliveryConfig, job: &Job, result: Result<Value, CallError>) ->
         .min(cfg.retry_max);
     // The server's own backoff is spread, so the deliveries that failed
     // together (a target's outage, a plugin's crash) are not all tried
-    // again at the same moment; a wait the target asked for is kept.
-    let delay = match asked {
-        Some(_) => delay,
-        None => spread(delay),
+    // again at the same moment, and ends with the max-age, where the
+    // last try is made; a wait the target asked for is kept as it is.
+    let next = match asked {
+        Some(_) => now + chrono::Duration::from_std(delay).unwrap_or_default(),
+        None => (now + chrono::Duration::from_std(spread(delay)).unwrap_or_default()).min(ends),
     };
-    tracing::info!(event_id = %job.event.id, endpoint_id = job.endpoint_id, plugin = %job.plugin, attempts, ?delay, "delivery failed, will retry: {error}");
+    tracing::info!(event_id = %job.event.id, endpoint_id = job.endpoint_id, plugin = %job.plugin, attempts, next_at = %next, "delivery failed, will retry: {error}");
     Attempt {
         state: STATE_PENDING,
         error: Some(error),
-        next_at: Some(chrono::Utc::now() + chrono::Duration::from_std(delay).unwrap_or_default()),
+        next_at: Some(next),
         ..base
     }
 }
@@ -1338,10 +1351,7 @@ fn disabled_outcome(cfg: &DeliveryConfig, job: &Job, what: Disabled) -> Attempt 
         Disabled::Addr => format!("its address (addr {}) is disabled", job.event.addr_id),
     };
     let now = chrono::Utc::now();
-    let ends = chrono::Duration::from_std(cfg.max_age)
-        .ok()
-        .and_then(|age| job.event.created.checked_add_signed(age))
-        .unwrap_or(chrono::DateTime::<chrono::Utc>::MAX_UTC);
+    let ends = max_age_ends(cfg, job);
     let kept = |e: String| if job.suspect { suspect::kept(e) } else { e };
     let base = Attempt {
         event_id: job.event.id.clone(),
@@ -1372,6 +1382,17 @@ fn disabled_outcome(cfg: &DeliveryConfig, job: &Job, what: Disabled) -> Attempt 
         next_at: Some((now + chrono::Duration::from_std(wait).unwrap_or_default()).min(ends)),
         ..base
     }
+}
+
+/// When `max-age` ends `job`'s delivery: neither a put-off nor the
+/// server's own backoff after a failed try goes past it (only a wait the
+/// target asked for may), and a delivery looked at then fails, untried,
+/// or after that last try.
+fn max_age_ends(cfg: &DeliveryConfig, job: &Job) -> chrono::DateTime<chrono::Utc> {
+    chrono::Duration::from_std(cfg.max_age)
+        .ok()
+        .and_then(|age| job.event.created.checked_add_signed(age))
+        .unwrap_or(chrono::DateTime::<chrono::Utc>::MAX_UTC)
 }
 
 /// `delay` shortened by up to a fifth at random (never lengthened, so
@@ -1554,6 +1575,53 @@ mod tests {
         j.event = Arc::new(EventHead::of(old));
         let a = outcome(&cfg, &j, busy());
         assert_eq!((a.state, a.attempts), (STATE_FAILED, 2));
+        let why = a.error.unwrap_or_default();
+        assert!(
+            why.starts_with("not tried: plugin p is not available: too many calls in flight,")
+                && why.ends_with("and delivery.max-age has passed"),
+            "{why}"
+        );
+    }
+
+    /// No wait of the server's own goes past the end of a delivery's
+    /// `max-age`: a put-off (its plugin not running, or the call not
+    /// made) or the backoff after a failed try ends there, so the
+    /// delivery fails then, not up to a minute (or `retry-max`) later. A
+    /// wait the target asked for is kept.
+    #[test]
+    fn no_wait_of_the_servers_own_goes_past_max_age() {
+        let mut cfg = delivery_config(Duration::from_secs(30));
+        cfg.max_age = Duration::from_secs(10);
+        let j = job("e", "p", false);
+        let ends = j.event.created + chrono::Duration::seconds(10);
+        for result in [
+            Err(CallError::NotRunning("p".into(), "failed".into())),
+            Err(CallError::NotConfigured("p".into())),
+            Err(CallError::NotMade("p".into(), "starting".into())),
+            Err(CallError::Failed("down".into())),
+        ] {
+            let said = format!("{result:?}");
+            let a = outcome(&cfg, &j, result);
+            assert_eq!(a.state, STATE_PENDING, "{said}");
+            assert_eq!(a.next_at, Some(ends), "{said}");
+        }
+        let a = outcome(
+            &cfg,
+            &j,
+            Err(CallError::Later("503".into(), Duration::from_secs(30))),
+        );
+        let asked = (a.next_at.expect("retried") - chrono::Utc::now()).as_seconds_f64();
+        assert!((29.0..=30.1).contains(&asked), "{asked}");
+        // Looked at once it has ended: untried, it fails, saying so.
+        let mut old = event::Model::sample("old");
+        old.created = chrono::Utc::now() - chrono::Duration::seconds(11);
+        let mut j = j;
+        j.event = Arc::new(EventHead::of(old));
+        let a = outcome(&cfg, &j, Err(CallError::NotConfigured("p".into())));
+        assert_eq!((a.state, a.attempts), (STATE_FAILED, 0));
+        let why = a.error.unwrap_or_default();
+        assert!(why.starts_with("not tried: "), "{why}");
+        assert!(why.ends_with(", and delivery.max-age has passed"), "{why}");
     }
 
     /// A delivery whose endpoint or address is disabled is not made: put

@@ -347,6 +347,42 @@ async fn deliveries_wait_for_a_plugin_taken_out_or_refused() {
     }
 }
 
+/// A delivery waiting for a plugin taken out fails when its `max-age`
+/// ends, saying it was not tried and why. Before, it was put off for its
+/// whole minute (48 to 60 s) though its `max-age` (6 s here) ended
+/// within it, and failed that much later, saying only that there was no
+/// such plugin.
+#[tokio::test]
+async fn a_delivery_waiting_for_its_plugin_fails_when_its_max_age_ends() {
+    let rec = tempfile::tempdir().expect("tempdir");
+    let keep = plugin("keep", "{}", rec.path());
+    let back = plugin("back", "{}", rec.path());
+    let s = Server::start_with(ServerOptions {
+        yaml: "delivery:\n  max-age: 6\n".into(),
+        plugins_yaml: format!("{keep}{back}"),
+        ..Default::default()
+    })
+    .await;
+    let (id, a) = s.new_addr().await;
+    let ep = s.endpoint(id, "back", json!({})).await;
+    replace_plugins(&s, &format!("{keep}{back}"), &keep);
+    s.signal("HUP");
+    s.wait_log(
+        "endpoints use plugins this server does not configure: back (1 endpoint)",
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_status!(s.push(json!({"addr": a, "msg": "m"})).await, 202);
+    s.endpoint_settles(id, ep, 0, 1).await;
+    let (state, attempts, why) = s.settled_delivery(id).await;
+    assert_eq!((state.as_str(), attempts), ("failed", 0), "{why}");
+    assert!(
+        why.starts_with("not tried: no such plugin: back")
+            && why.ends_with(", and delivery.max-age has passed"),
+        "{why}"
+    );
+}
+
 /// A reload that changes a plugin lets the calls in flight on its old
 /// process finish before it stops that process: a delivery being made
 /// then is made once, by the old process, its outcome its own. Before,
