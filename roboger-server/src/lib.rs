@@ -98,7 +98,7 @@ pub struct App {
 /// Warns of the plugins that endpoints use but `configured` does not
 /// name (taken out of the config, or a name mistyped): their deliveries
 /// are put off, not tried, until a server that configures them takes
-/// them or they pass `delivery.max-age` (`pipeline::NOT_RUNNING_WAIT`).
+/// them or they pass `delivery.max-age` (`pipeline::held_wait`).
 async fn warn_unconfigured(
     store: &store::Store,
     configured: &[config::PluginConfig],

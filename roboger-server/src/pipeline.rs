@@ -32,12 +32,12 @@
 //!   the endpoint's other deliveries are put off until then, not tried.
 //!   A delivery whose plugin is not there to try it (not configured on
 //!   this server, or refused or failed until restarted) spends no
-//!   attempt: it is put off for [`NOT_RUNNING_WAIT`], for a reload, a
+//!   attempt: it is put off for [`held_wait`], for a reload, a
 //!   restart or another node to deliver. Nor does one whose call was not
 //!   made (`CallError::NotMade`: the plugin starting or restarting, or
 //!   without room for it): it is put off for the backoff of the attempt
 //!   it is on. Nor does one whose endpoint or address the claim reads as
-//!   disabled: it is not made, but put off for [`NOT_RUNNING_WAIT`];
+//!   disabled: it is not made, but put off for [`held_wait`];
 //!   enabling makes it due at once (`api::manage`). One still untried
 //!   when its `max-age` ends fails then, saying so.
 //!   The deliveries in flight when their plugin ended are sent alone
@@ -1207,9 +1207,25 @@ fn send_params(job: &Job, media: Option<&str>) -> Result<RawParams, CallError> {
 }
 
 /// How long a delivery whose plugin is not there to try it, or whose
-/// endpoint or address is disabled, is put off (at most `retry-max`)
-/// before it is looked at again.
+/// endpoint or address is disabled, is put off at least (at most
+/// `retry-max`) before it is looked at again; see [`held_wait`].
 pub const NOT_RUNNING_WAIT: Duration = Duration::from_secs(60);
+
+/// How long `job`'s delivery, held (its plugin not there to try it, or
+/// its endpoint or address disabled), is put off before it is looked at
+/// again: a tenth of its event's age, in whole seconds, at least
+/// [`NOT_RUNNING_WAIT`], at most `retry-max`. Each look is a claim and a
+/// write, so a backlog held for hours (a plugin out overnight, whose
+/// endpoints go on getting events) costs a tenth of what a look every
+/// minute would, while a delivery the plugin's return (or the enabling,
+/// had its make-due missed it) finds is made at most a tenth of its
+/// lateness later.
+fn held_wait(cfg: &DeliveryConfig, job: &Job, now: chrono::DateTime<chrono::Utc>) -> Duration {
+    let age = (now - job.event.created).to_std().unwrap_or_default();
+    Duration::from_secs((age / 10).as_secs())
+        .max(NOT_RUNNING_WAIT)
+        .min(cfg.retry_max)
+}
 
 /// Whether `result` says the plugin was not there to try the delivery:
 /// not configured on this server, not running until it is restarted, or
@@ -1283,10 +1299,11 @@ fn outcome(cfg: &DeliveryConfig, job: &Job, result: Result<Value, CallError>) ->
             }
             // For a reload, a restart or a node that runs the plugin.
             false => {
-                let wait = NOT_RUNNING_WAIT.min(cfg.retry_max);
+                let wait = held_wait(cfg, job, now);
                 let error = format!(
-                    "not tried: {error}; looked at again every {wait:?} until delivery.max-age, \
-                     for a reload, a restart or another node that runs the plugin"
+                    "not tried: {error}; looked at again in {wait:?} (and so on until \
+                     delivery.max-age), for a reload, a restart or another node that runs \
+                     the plugin"
                 );
                 (wait, error)
             }
@@ -1342,7 +1359,7 @@ fn outcome(cfg: &DeliveryConfig, job: &Job, result: Result<Value, CallError>) ->
 
 /// The outcome of a due delivery whose endpoint or address is disabled:
 /// not made, and put off with its attempts unspent for
-/// [`NOT_RUNNING_WAIT`] (at most `retry-max`), but never past the moment
+/// [`held_wait`], but never past the moment
 /// `max-age` ends it, where it fails. Enabling the endpoint or the
 /// address makes it due at once (`api::manage`).
 fn disabled_outcome(cfg: &DeliveryConfig, job: &Job, what: Disabled) -> Attempt {
@@ -1372,7 +1389,7 @@ fn disabled_outcome(cfg: &DeliveryConfig, job: &Job, what: Disabled) -> Attempt 
             ..base
         };
     }
-    let wait = spread(NOT_RUNNING_WAIT.min(cfg.retry_max));
+    let wait = spread(held_wait(cfg, job, now));
     let error = kept(format!(
         "not tried: {what}; tried once it is enabled, until delivery.max-age"
     ));
@@ -1659,6 +1676,53 @@ mod tests {
         let why = a.error.unwrap_or_default();
         assert!(why.contains("delivery.max-age has passed"), "{why}");
         assert!(suspect::is_suspect(Some(&why)), "{why}");
+    }
+
+    /// A held delivery (its plugin not running, its endpoint or address
+    /// disabled) is looked at again after a tenth of its event's age: a
+    /// minute at first, then less and less often, at most `retry-max`
+    /// apart, so a backlog held for hours is not claimed and written
+    /// again every minute.
+    #[test]
+    fn a_backlog_held_for_long_is_looked_at_less_often() {
+        let cfg = delivery_config(Duration::from_secs(1));
+        let aged = |minutes: i64| {
+            let mut e = event::Model::sample("e");
+            e.created = chrono::Utc::now() - chrono::Duration::minutes(minutes);
+            let mut j = job("e", "p", false);
+            j.event = Arc::new(EventHead::of(e));
+            j
+        };
+        let waits = |j: &Job| {
+            let not_running = outcome(
+                &cfg,
+                j,
+                Err(CallError::NotRunning("p".into(), "failed".into())),
+            );
+            let disabled = disabled_outcome(&cfg, j, Disabled::Endpoint);
+            [not_running, disabled].map(|a| {
+                assert_eq!((a.state, a.attempts), (STATE_PENDING, 0));
+                (a.next_at.expect("put off") - chrono::Utc::now()).as_seconds_f64()
+            })
+        };
+        for (minutes, (low, high)) in [
+            (1, (47.9, 60.1)),
+            (30, (143.9, 180.1)),
+            (120, (479.9, 600.1)),
+            (600, (479.9, 600.1)),
+        ] {
+            let j = aged(minutes);
+            for wait in waits(&j) {
+                assert!((low..=high).contains(&wait), "{minutes} min: {wait}");
+            }
+        }
+        let why = outcome(&cfg, &aged(30), Err(CallError::NotConfigured("p".into())))
+            .error
+            .unwrap_or_default();
+        assert!(
+            why.contains("; looked at again in 180s (and so on"),
+            "{why}"
+        );
     }
 
     /// A delivery in flight when its plugin ended is retried as a
