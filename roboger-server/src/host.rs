@@ -18,6 +18,7 @@ use serde_json::Value;
 
 use crate::config::DbBackend;
 use crate::level::Level;
+use crate::plugin_log::PluginLog;
 use crate::store::{NewObject, Store, StoreError};
 
 /// How a plugin's `call_plugin` reaches the other plugins. The supervisor
@@ -74,15 +75,23 @@ impl HostContext {
 pub struct HostHandler {
     plugin: String,
     db_granted: bool,
+    /// Where its `log` calls go, within the plugin's budget.
+    log: Arc<PluginLog>,
     ctx: Arc<HostContext>,
 }
 
 impl HostHandler {
     /// Callbacks answered in the name of `plugin`.
-    pub fn new(plugin: String, db_granted: bool, ctx: Arc<HostContext>) -> HostHandler {
+    pub fn new(
+        plugin: String,
+        db_granted: bool,
+        log: Arc<PluginLog>,
+        ctx: Arc<HostContext>,
+    ) -> HostHandler {
         HostHandler {
             plugin,
             db_granted,
+            log,
             ctx,
         }
     }
@@ -110,13 +119,13 @@ fn time(t: chrono::DateTime<chrono::Utc>) -> String {
 #[async_trait::async_trait]
 impl HostApiServer for HostHandler {
     async fn log(&self, level: Value, message: String) -> RpcResult<()> {
-        let p = self.plugin.as_str();
-        match Level::convert(&level) {
-            Level::Debug => tracing::debug!(plugin = %p, "{message}"),
-            Level::Info => tracing::info!(plugin = %p, "{message}"),
-            Level::Warning => tracing::warn!(plugin = %p, "{message}"),
-            Level::Error | Level::Critical => tracing::error!(plugin = %p, "{message}"),
-        }
+        let level = match Level::convert(&level) {
+            Level::Debug => tracing::Level::DEBUG,
+            Level::Info => tracing::Level::INFO,
+            Level::Warning => tracing::Level::WARN,
+            Level::Error | Level::Critical => tracing::Level::ERROR,
+        };
+        self.log.write(level, &message);
         Ok(())
     }
 
@@ -356,7 +365,7 @@ mod tests {
             Duration::from_secs(60),
             None,
         );
-        let m = HostHandler::new("t".into(), false, ctx).into_rpc();
+        let m = HostHandler::new("t".into(), false, Arc::new(PluginLog::new("t")), ctx).into_rpc();
         let mut names: Vec<&str> = m.method_names().collect();
         names.sort();
         let mut want = roboger_plugin_sdk::protocol::HOST_METHODS.to_vec();

@@ -17,6 +17,7 @@ pub mod listener;
 pub mod metrics;
 pub mod outage;
 pub mod pipeline;
+pub mod plugin_log;
 pub mod random;
 pub mod routing;
 pub mod sandbox;

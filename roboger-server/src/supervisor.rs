@@ -39,6 +39,7 @@ use tokio::time::Instant;
 
 use crate::config::PluginConfig;
 use crate::host::{HostContext, HostHandler, PluginCalls};
+use crate::plugin_log::PluginLog;
 
 /// Named params already written as one JSON object (a delivery's event,
 /// serialized once by the pipeline), handed to the plugin as they are.
@@ -353,6 +354,9 @@ struct Slot {
     stop: watch::Sender<bool>,
     /// Its supervising task, awaited when it is stopped.
     task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Its lines in the server's log, within their budget, across its
+    /// processes.
+    log: Arc<PluginLog>,
 }
 
 impl Slot {
@@ -449,6 +453,7 @@ impl Supervisor {
             first_start: watch::channel(false).0,
             stop: watch::channel(false).0,
             task: Mutex::new(None),
+            log: Arc::new(PluginLog::new(&cfg.name)),
             cfg,
         });
         let task = tokio::spawn(supervise(
@@ -1430,25 +1435,23 @@ async fn start_once(
     else {
         return Err(StartError::Crashed("child has no pipes".into()));
     };
-    let name = cfg.name.clone();
     // The last ERROR line it wrote: why it ended, when it ends at start.
     let said_error: Arc<Mutex<Option<String>>> = Arc::default();
     let said = said_error.clone();
-    let stderr_read = tokio::spawn(read_stderr(stderr, move |line| {
-        let (level, text) = split_level(line);
-        if level == tracing::Level::ERROR
-            && let Ok(mut said) = said.lock()
-        {
-            *said = Some(text.to_string());
-        }
-        match level {
-            tracing::Level::ERROR => tracing::error!(plugin = %name, "{text}"),
-            tracing::Level::WARN => tracing::warn!(plugin = %name, "{text}"),
-            tracing::Level::DEBUG => tracing::debug!(plugin = %name, "{text}"),
-            tracing::Level::TRACE => tracing::trace!(plugin = %name, "{text}"),
-            _ => tracing::info!(plugin = %name, "{text}"),
-        }
-    }));
+    let log = slot.log.clone();
+    let stderr_read = tokio::spawn(async move {
+        read_stderr(stderr, |line| {
+            let (level, text) = split_level(line);
+            if level == tracing::Level::ERROR
+                && let Ok(mut said) = said.lock()
+            {
+                *said = Some(text.to_string());
+            }
+            log.write(level, text);
+        })
+        .await;
+        log.process_ended();
+    });
     let name = cfg.name.clone();
     // A notification of a method the server does not have (`logg` for
     // `log`) is dropped: said at WARN the first time in a run, so its
@@ -1466,7 +1469,7 @@ async fn start_once(
             );
         }
     });
-    let handler = HostHandler::new(cfg.name.clone(), cfg.db, host.clone());
+    let handler = HostHandler::new(cfg.name.clone(), cfg.db, slot.log.clone(), host.clone());
     // What the peer itself says of the plugin's messages names it.
     let span = tracing::error_span!("peer", plugin = %cfg.name);
     let peer = span.in_scope(|| {

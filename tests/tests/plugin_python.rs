@@ -22,7 +22,7 @@ async fn server(extra: &str) -> Server {
             contrib.display()
         ),
         // The seed's examples log at DEBUG.
-        env: vec![("RUST_LOG".into(), "info,roboger_server::supervisor=debug".into())],
+        env: vec![("RUST_LOG".into(), "info,roboger_server::plugin_log=debug".into())],
         ..Default::default()
     })
     .await

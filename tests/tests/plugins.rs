@@ -514,6 +514,59 @@ async fn a_plugin_flooding_its_stderr_is_read_in_bounded_memory() {
     assert!(peak_mib < 48, "the server's peak RSS is {peak_mib} MiB");
 }
 
+/// A plugin that writes its log in a loop (here 3,000 lines on its
+/// stderr at each start) has at most 1,000 lines a minute in the
+/// server's log, across its restarts; the log says when it starts to
+/// drop them and, once the process has ended, how many it dropped.
+/// Before, every line was written: one plugin printing in a loop put
+/// 554,000 lines (59 MB) in the log in 8 s, burying the server's own
+/// lines and, under systemd, making journald's rate limit drop them.
+#[tokio::test]
+async fn a_plugin_flooding_its_log_has_a_thousand_lines_a_minute() {
+    let s = Server::start_with(ServerOptions {
+        plugins_yaml: entry("t", "chatty", ""),
+        ..Default::default()
+    })
+    .await;
+    let within = Duration::from_secs(20);
+    let dropping = "the plugin has written 1000 log lines in a minute";
+    s.wait_log(dropping, within).await;
+    // Its lines: those it wrote (the sandbox's report among them), not
+    // what the server says of them.
+    let written = || {
+        s.log_lines("roboger_server::plugin_log:")
+            .iter()
+            .filter(|l| !l.contains(dropping) && !l.contains("log lines of the plugin dropped"))
+            .count()
+    };
+    // Its restart by hand ends the first process, whose drops are said.
+    let r = s
+        .manage(Method::POST, "/plugin/t", Some(json!({"cmd": "restart"})))
+        .await;
+    assert_status!(r, 204);
+    s.wait_log(
+        "log lines of the plugin dropped before its process ended",
+        within,
+    )
+    .await;
+    assert_eq!(written(), 1000);
+    // The second process's lines come within the same minute: dropped.
+    poll_until(within, async || match s.log_lines(dropping).len() {
+        2 => Ok(()),
+        n => Err(format!("{n} lines say the drops began")),
+    })
+    .await;
+    assert_eq!(written(), 1000);
+    assert!(s.log_lines("chatty line").len() < 1000);
+    // The server's own lines are still written.
+    s.new_addr().await;
+    s.wait_log(
+        "management change client=127.0.0.1 via=api method=POST path=/manage/v2/addr status=201",
+        within,
+    )
+    .await;
+}
+
 /// A plugin whose start outlasts the call `timeout` (2 s here) still
 /// starts, at its first attempt: a start has a timeout of its own (10 s at
 /// least), and the server waits as long for its plugins' first start

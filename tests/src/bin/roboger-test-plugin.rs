@@ -5,7 +5,9 @@
 //! `TEST_PLUGIN_MODE` (environment): `normal` (default),
 //! `exit-before-handshake`, `wrong-version`, `garbage`, `flood`,
 //! `refuse-config`, `exit-in-load`, `stderr-flood` (a line of `TEST_PLUGIN_FLOOD` bytes
-//! on stderr, after one that is not UTF-8), `linger` (stays 60 s after
+//! on stderr, after one that is not UTF-8), `chatty` (writes
+//! `TEST_PLUGIN_FLOOD` lines, default 3000, `WARN chatty line N` on its
+//! stderr at each start, then runs as `normal`), `linger` (stays 60 s after
 //! its stdin closed, against the rule that a plugin then exits). `TEST_PLUGIN_RECORD`: a file
 //! that gets one JSON line per call (method and every param received),
 //! and one at start (the environment it was given, and any socket it
@@ -463,6 +465,12 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::SUCCESS
         }
         _ => {
+            if mode == "chatty" {
+                let mut err = std::io::stderr().lock();
+                for i in 0..flood_bytes(3000) {
+                    let _ = writeln!(err, "WARN chatty line {i}");
+                }
+            }
             let code = run(Chaos {
                 refuse_config: mode == "refuse-config",
                 exit_in_load: mode == "exit-in-load",
