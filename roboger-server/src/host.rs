@@ -125,7 +125,7 @@ impl HostApiServer for HostHandler {
             Level::Warning => tracing::Level::WARN,
             Level::Error | Level::Critical => tracing::Level::ERROR,
         };
-        self.log.write(level, &message);
+        self.log.write(level, &crate::plugin_log::cut(&message));
         Ok(())
     }
 

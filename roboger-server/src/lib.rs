@@ -14,6 +14,7 @@ pub mod host;
 pub mod level;
 pub mod limits;
 pub mod listener;
+pub mod log_budget;
 pub mod metrics;
 pub mod outage;
 pub mod pipeline;

@@ -4,13 +4,11 @@
 //!
 //! A plugin that loops over a failure and prints each time would
 //! otherwise fill the server's log at the speed of its loop: one writing
-//! to its stderr in a loop put 554,000 lines (59 MB) there in 8 s. That
-//! buries the server's own lines, fills the disk, and under systemd
-//! makes journald's rate limit (by default 10,000 messages per 30 s for
-//! the whole unit) drop the server's own warnings with the plugin's. At
-//! the budget every plugin of a server with a dozen stays under that
-//! limit together. Lines of a level the server's log leaves out
-//! (`RUST_LOG`) cost nothing.
+//! to its stderr in a loop put 554,000 lines (59 MB) there in 8 s (see
+//! `log_budget` for what that does). At the budget every plugin of a
+//! server with a dozen stays under journald's rate limit together.
+//! Lines of a level the server's log leaves out (`RUST_LOG`) cost
+//! nothing. A line is kept to [`LINE_MAX`] bytes, whichever way it came.
 //!
 //! The budget is the plugin's, not its process's: a plugin that floods
 //! at each start of a crash loop is held to it across its restarts.
@@ -20,86 +18,45 @@
 //! first, and says how many once the window has ended (at the plugin's
 //! next line) or its process has ended.
 
-use std::sync::Mutex;
-use std::time::Duration;
+use crate::log_budget::{LogBudget, Verdict};
 
-use tokio::time::Instant;
-
-/// How many lines of one plugin are written in a [`WINDOW`].
+/// How many lines of one plugin are written in a minute.
 pub const LINES_PER_MINUTE: u32 = 1000;
 
-/// The window the budget is counted over.
-const WINDOW: Duration = Duration::from_secs(60);
+/// The longest line of a plugin's kept whole (in bytes); the rest is
+/// dropped, and the line says how much.
+pub const LINE_MAX: usize = 16 * 1024;
 
-/// One plugin's log, and what its current window has taken of it.
+/// What a line cut at [`LINE_MAX`] ends with.
+pub fn cut_note(dropped: usize) -> String {
+    format!(" [{dropped} more bytes of this line dropped]")
+}
+
+/// `text` (a `log` call's message) cut at [`LINE_MAX`], as the
+/// supervisor cuts a line of stderr while it reads it.
+pub fn cut(text: &str) -> std::borrow::Cow<'_, str> {
+    if text.len() <= LINE_MAX {
+        return text.into();
+    }
+    let mut end = LINE_MAX;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}{}", &text[..end], cut_note(text.len() - end)).into()
+}
+
+/// One plugin's log, and its budget.
 #[derive(Debug)]
 pub struct PluginLog {
     plugin: String,
-    window: Mutex<Window>,
-}
-
-#[derive(Debug)]
-struct Window {
-    /// When it began, at its first line.
-    start: Option<Instant>,
-    written: u32,
-    /// Lines dropped and not yet said.
-    dropped: u64,
-}
-
-/// What to do with a line.
-#[derive(Debug, PartialEq, Eq)]
-struct Admit {
-    /// Lines dropped in the window that has ended, to be said first.
-    ended_dropped: u64,
-    verdict: Verdict,
-}
-
-#[derive(Debug, PartialEq, Eq)]
-enum Verdict {
-    Write,
-    /// The window's first line dropped: said, and then not the others.
-    FirstDropped,
-    Dropped,
-}
-
-impl Window {
-    fn admit(&mut self, now: Instant) -> Admit {
-        let mut ended_dropped = 0;
-        let ended = self
-            .start
-            .is_none_or(|start| now.duration_since(start) >= WINDOW);
-        if ended {
-            ended_dropped = std::mem::take(&mut self.dropped);
-            self.start = Some(now);
-            self.written = 0;
-        }
-        let verdict = if self.written < LINES_PER_MINUTE {
-            self.written += 1;
-            Verdict::Write
-        } else {
-            self.dropped += 1;
-            match self.dropped {
-                1 => Verdict::FirstDropped,
-                _ => Verdict::Dropped,
-            }
-        };
-        Admit {
-            ended_dropped,
-            verdict,
-        }
-    }
+    budget: LogBudget,
 }
 
 impl PluginLog {
     pub fn new(plugin: &str) -> PluginLog {
         PluginLog {
             plugin: plugin.to_string(),
-            window: Mutex::new(Window {
-                start: None,
-                written: 0,
-                dropped: 0,
-            }),
+            budget: LogBudget::new(LINES_PER_MINUTE),
         }
     }
 
@@ -117,9 +74,7 @@ impl PluginLog {
         if !shown {
             return;
         }
-        let Ok(admit) = self.window.lock().map(|mut w| w.admit(Instant::now())) else {
-            return;
-        };
+        let admit = self.budget.admit();
         let plugin = self.plugin.as_str();
         if admit.ended_dropped > 0 {
             self.said_dropped(admit.ended_dropped, "in the minute before");
@@ -144,11 +99,7 @@ impl PluginLog {
     /// Says how many lines were dropped and not yet said, once the
     /// plugin's process has ended (its stderr read to the end).
     pub fn process_ended(&self) {
-        let dropped = self
-            .window
-            .lock()
-            .map(|mut w| std::mem::take(&mut w.dropped))
-            .unwrap_or_default();
+        let dropped = self.budget.take_dropped();
         if dropped > 0 {
             self.said_dropped(dropped, "before its process ended");
         }
@@ -167,46 +118,16 @@ impl PluginLog {
 mod tests {
     use super::*;
 
-    fn window() -> Window {
-        Window {
-            start: None,
-            written: 0,
-            dropped: 0,
-        }
-    }
-
-    /// The budget's lines are written, the next is said to start the
-    /// drops, the rest are dropped; the first line of the next window is
-    /// written, and brings the count of the drops before it.
+    /// A long message is cut at a character's boundary at most
+    /// [`LINE_MAX`] bytes in, saying how many bytes it dropped.
     #[test]
-    fn a_minute_writes_its_budget_and_counts_the_rest() {
-        let mut w = window();
-        let t0 = Instant::now();
-        for i in 0..LINES_PER_MINUTE {
-            let at = t0 + Duration::from_millis(u64::from(i));
-            assert_eq!(
-                w.admit(at),
-                Admit {
-                    ended_dropped: 0,
-                    verdict: Verdict::Write
-                }
-            );
-        }
-        let later = t0 + Duration::from_secs(30);
-        assert_eq!(w.admit(later).verdict, Verdict::FirstDropped);
-        for _ in 0..41 {
-            assert_eq!(w.admit(later).verdict, Verdict::Dropped);
-        }
-        // A minute after the window's first line, not its last.
-        let next = t0 + WINDOW;
-        assert_eq!(
-            w.admit(next),
-            Admit {
-                ended_dropped: 42,
-                verdict: Verdict::Write
-            }
-        );
-        assert_eq!(w.written, 1);
-        assert_eq!(w.admit(next + WINDOW).ended_dropped, 0);
+    fn a_long_message_is_cut_between_characters() {
+        assert_eq!(cut("short"), "short");
+        // "é" is two bytes: LINE_MAX + 1 falls inside one.
+        let text = format!("a{}", "é".repeat(LINE_MAX));
+        let got = cut(&text);
+        let kept = LINE_MAX - 1;
+        let dropped = text.len() - kept;
+        assert_eq!(got, format!("{}{}", &text[..kept], cut_note(dropped)));
     }
 }

@@ -39,7 +39,7 @@ use tokio::time::Instant;
 
 use crate::config::PluginConfig;
 use crate::host::{HostContext, HostHandler, PluginCalls};
-use crate::plugin_log::PluginLog;
+use crate::plugin_log::{self, PluginLog};
 
 /// Named params already written as one JSON object (a delivery's event,
 /// serialized once by the pipeline), handed to the plugin as they are.
@@ -1597,11 +1597,8 @@ fn without_position(e: &serde_json::Error) -> String {
 /// status can be told.
 const EXIT_WAIT: Duration = Duration::from_millis(200);
 
-/// The longest line of a plugin's stderr kept whole.
-const STDERR_LINE_MAX: usize = 16 * 1024;
-
 /// Reads a plugin's stderr to its end, handing `each` line: bytes that
-/// are not UTF-8 replaced, a line longer than [`STDERR_LINE_MAX`] cut
+/// are not UTF-8 replaced, a line longer than [`plugin_log::LINE_MAX`] cut
 /// (saying how much was dropped). The pipe is drained whatever the plugin
 /// writes, so it never blocks on its stderr, in bounded memory.
 async fn read_stderr(stderr: impl tokio::io::AsyncRead + Unpin, mut each: impl FnMut(&str)) {
@@ -1611,7 +1608,7 @@ async fn read_stderr(stderr: impl tokio::io::AsyncRead + Unpin, mut each: impl F
     let mut say = |line: &mut Vec<u8>, dropped: &mut usize| {
         let mut text = String::from_utf8_lossy(line).into_owned();
         if *dropped > 0 {
-            text.push_str(&format!(" [{dropped} more bytes of this line dropped]"));
+            text.push_str(&plugin_log::cut_note(*dropped));
         }
         each(&text);
         line.clear();
@@ -1624,7 +1621,7 @@ async fn read_stderr(stderr: impl tokio::io::AsyncRead + Unpin, mut each: impl F
         };
         let end = buf.iter().position(|&b| b == b'\n');
         let part = &buf[..end.unwrap_or(buf.len())];
-        let room = STDERR_LINE_MAX.saturating_sub(line.len());
+        let room = plugin_log::LINE_MAX.saturating_sub(line.len());
         line.extend_from_slice(&part[..part.len().min(room)]);
         dropped += part.len().saturating_sub(room);
         let used = end.map_or(buf.len(), |i| i + 1);

@@ -567,6 +567,60 @@ async fn a_plugin_flooding_its_log_has_a_thousand_lines_a_minute() {
     .await;
 }
 
+/// A line a plugin sends through a `log` call is kept to 16 KiB in the
+/// server's log, as a line of its stderr is, saying how much was
+/// dropped. Before, a plugin that logged a response body of a megabyte
+/// put a line of a megabyte there.
+#[tokio::test]
+async fn a_plugins_long_log_call_is_cut_as_its_stderr_lines_are() {
+    let s = Server::start_with(ServerOptions::test_plugin("")).await;
+    let (id, a) = s.new_addr().await;
+    let ep = s.endpoint(id, "t", json!({"log_bytes": 1 << 20})).await;
+    assert_status!(s.push(json!({"addr": a, "msg": "m"})).await, 202);
+    s.endpoint_settles(id, ep, 1, 0).await;
+    let cut = (1 << 20) - 16 * 1024;
+    s.wait_log(
+        &format!("[{cut} more bytes of this line dropped]"),
+        Duration::from_secs(5),
+    )
+    .await;
+    let longest = s.log_text().lines().map(str::len).max().unwrap_or(0);
+    assert!(longest < 17 * 1024, "a line of {longest} bytes");
+}
+
+/// A target that is down under a burst of pushes has at most 600 lines
+/// a minute of its deliveries' retries in the server's log (and as many
+/// of their failures for good), the log saying that the rest are
+/// counted; before, each try wrote its line: 30,000 events to a target
+/// down wrote 182,000 lines in 7 minutes, past what journald keeps of a
+/// unit. Every outcome is still in the event API.
+#[tokio::test]
+async fn a_target_down_under_a_burst_has_600_retry_lines_a_minute() {
+    let s = Server::start_with(ServerOptions::test_plugin(
+        "delivery:\n  retry-base: 0.05\n  retry-max: 0.1\n  max-attempts: 10\n",
+    ))
+    .await;
+    let (id, a) = s.new_addr().await;
+    let ep = s
+        .endpoint(id, "t", json!({"fail": "the target is down"}))
+        .await;
+    for i in 0..100 {
+        assert_status!(
+            s.push(json!({"addr": a, "msg": format!("m{i}")})).await,
+            202
+        );
+    }
+    s.endpoint_settles(id, ep, 0, 100).await;
+    s.wait_log(
+        "600 lines of deliveries that failed and are retried logged in a minute: the rest of \
+         the minute's are not, but counted",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert_eq!(s.log_lines("delivery failed, will retry").len(), 600);
+    assert_eq!(s.log_lines("delivery failed for good").len(), 100);
+}
+
 /// A plugin whose start outlasts the call `timeout` (2 s here) still
 /// starts, at its first attempt: a start has a timeout of its own (10 s at
 /// least), and the server waits as long for its plugins' first start

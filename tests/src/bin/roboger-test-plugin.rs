@@ -288,6 +288,10 @@ impl Plugin for Chaos {
                 )));
             }
         }
+        if let Some(n) = c.get("log_bytes").and_then(Value::as_u64) {
+            let text = "y".repeat(usize::try_from(n).unwrap_or(0));
+            host.log("warning", &text).await?;
+        }
         if let Some(msg) = c.get("fail") {
             return Err(PluginError::failed(msg.as_str().unwrap_or("failed")));
         }

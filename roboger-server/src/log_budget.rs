@@ -1,0 +1,180 @@
+//! A budget of log lines of one kind: at most so many in a minute's
+//! window; the rest of the window's are dropped and counted, for the
+//! caller to say how many.
+//!
+//! Lines that come once per event, per delivery or per line a plugin
+//! prints would otherwise fill the log at the speed of what makes them
+//! (a target down under a burst of pushes, a plugin printing in a loop),
+//! burying the other lines, filling the disk, and under systemd making
+//! journald's rate limit (by default 10,000 messages per 30 s for the
+//! whole unit) drop the server's own warnings with them. Each kind has
+//! its own budget, so one flood does not silence the others.
+//! `plugin_log` keeps one per plugin; `pipeline` one for the retries of
+//! deliveries and one for their failures for good.
+//!
+//! Invariant: no budget lets more than its lines a window through; the
+//! count of those it dropped is handed out once, at the first line after
+//! the window has ended or to whoever asks for it ([`LogBudget::ended`],
+//! [`LogBudget::take_dropped`]).
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+/// The window a budget is counted over.
+pub const WINDOW: Duration = Duration::from_secs(60);
+
+/// One kind of line's budget, and what its current window has taken.
+#[derive(Debug)]
+pub struct LogBudget {
+    per_window: u32,
+    window: Mutex<Window>,
+}
+
+#[derive(Debug)]
+struct Window {
+    /// When it began, at its first line.
+    start: Option<Instant>,
+    written: u32,
+    /// Lines dropped and not yet said.
+    dropped: u64,
+}
+
+/// What to do with a line.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Admit {
+    /// Lines dropped in the window that has ended, to be said first.
+    pub ended_dropped: u64,
+    pub verdict: Verdict,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Write,
+    /// The window's first line dropped: to be said, the others not.
+    FirstDropped,
+    Dropped,
+}
+
+impl LogBudget {
+    /// A budget of `per_window` lines a [`WINDOW`].
+    pub const fn new(per_window: u32) -> LogBudget {
+        LogBudget {
+            per_window,
+            window: Mutex::new(Window {
+                start: None,
+                written: 0,
+                dropped: 0,
+            }),
+        }
+    }
+
+    /// What to do with a line that comes now.
+    pub fn admit(&self) -> Admit {
+        self.admit_at(Instant::now())
+    }
+
+    fn admit_at(&self, now: Instant) -> Admit {
+        let mut w = match self.window.lock() {
+            Ok(w) => w,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let mut ended_dropped = 0;
+        if w.start
+            .is_none_or(|start| now.duration_since(start) >= WINDOW)
+        {
+            ended_dropped = std::mem::take(&mut w.dropped);
+            w.start = Some(now);
+            w.written = 0;
+        }
+        let verdict = if w.written < self.per_window {
+            w.written += 1;
+            Verdict::Write
+        } else {
+            w.dropped += 1;
+            match w.dropped {
+                1 => Verdict::FirstDropped,
+                _ => Verdict::Dropped,
+            }
+        };
+        Admit {
+            ended_dropped,
+            verdict,
+        }
+    }
+
+    /// The lines dropped and not yet said, once the window they were
+    /// dropped in has ended (a task that ticks says them without waiting
+    /// for another line); 0 while it goes on.
+    pub fn ended(&self) -> u64 {
+        self.ended_at(Instant::now())
+    }
+
+    fn ended_at(&self, now: Instant) -> u64 {
+        let mut w = match self.window.lock() {
+            Ok(w) => w,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        match w.start {
+            Some(start) if now.duration_since(start) >= WINDOW => std::mem::take(&mut w.dropped),
+            _ => 0,
+        }
+    }
+
+    /// The lines dropped and not yet said, whether or not their window
+    /// has ended (what made them has: a plugin's process).
+    pub fn take_dropped(&self) -> u64 {
+        match self.window.lock() {
+            Ok(mut w) => std::mem::take(&mut w.dropped),
+            Err(poisoned) => std::mem::take(&mut poisoned.into_inner().dropped),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The budget's lines are written, the next is said to start the
+    /// drops, the rest are dropped; the first line of the next window is
+    /// written, and brings the count of the drops before it, unless a
+    /// tick took it once the window had ended.
+    #[test]
+    fn a_window_writes_its_budget_and_counts_the_rest() {
+        let b = LogBudget::new(100);
+        let t0 = Instant::now();
+        for i in 0..100 {
+            let at = t0 + Duration::from_millis(i);
+            assert_eq!(
+                b.admit_at(at),
+                Admit {
+                    ended_dropped: 0,
+                    verdict: Verdict::Write
+                }
+            );
+        }
+        let later = t0 + Duration::from_secs(30);
+        assert_eq!(b.admit_at(later).verdict, Verdict::FirstDropped);
+        for _ in 0..41 {
+            assert_eq!(b.admit_at(later).verdict, Verdict::Dropped);
+        }
+        assert_eq!(b.ended_at(later), 0, "the window goes on");
+        // A minute after the window's first line, not its last.
+        let next = t0 + WINDOW;
+        assert_eq!(
+            b.admit_at(next),
+            Admit {
+                ended_dropped: 42,
+                verdict: Verdict::Write
+            }
+        );
+        // Dropped again, and taken by a tick once that window has ended.
+        for _ in 0..100 {
+            b.admit_at(next);
+        }
+        assert_eq!(b.ended_at(next + WINDOW), 1);
+        assert_eq!(b.admit_at(next + WINDOW).ended_dropped, 0);
+        assert_eq!(b.take_dropped(), 0);
+    }
+}
