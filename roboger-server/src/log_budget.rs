@@ -76,10 +76,7 @@ impl LogBudget {
     }
 
     fn admit_at(&self, now: Instant) -> Admit {
-        let mut w = match self.window.lock() {
-            Ok(w) => w,
-            Err(poisoned) => poisoned.into_inner(),
-        };
+        let mut w = self.window();
         let mut ended_dropped = 0;
         if w.start
             .is_none_or(|start| now.duration_since(start) >= WINDOW)
@@ -112,10 +109,7 @@ impl LogBudget {
     }
 
     fn ended_at(&self, now: Instant) -> u64 {
-        let mut w = match self.window.lock() {
-            Ok(w) => w,
-            Err(poisoned) => poisoned.into_inner(),
-        };
+        let mut w = self.window();
         match w.start {
             Some(start) if now.duration_since(start) >= WINDOW => std::mem::take(&mut w.dropped),
             _ => 0,
@@ -125,9 +119,15 @@ impl LogBudget {
     /// The lines dropped and not yet said, whether or not their window
     /// has ended (what made them has: a plugin's process).
     pub fn take_dropped(&self) -> u64 {
+        std::mem::take(&mut self.window().dropped)
+    }
+
+    /// Its window, even if a thread panicked holding it (a count is
+    /// still a count).
+    fn window(&self) -> std::sync::MutexGuard<'_, Window> {
         match self.window.lock() {
-            Ok(mut w) => std::mem::take(&mut w.dropped),
-            Err(poisoned) => std::mem::take(&mut poisoned.into_inner().dropped),
+            Ok(w) => w,
+            Err(poisoned) => poisoned.into_inner(),
         }
     }
 }

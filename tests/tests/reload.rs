@@ -24,6 +24,20 @@ fn plugin(name: &str, config: &str, dir: &std::path::Path) -> String {
     )
 }
 
+/// A server running two test plugins, `keep` and `back` (recording in
+/// `dir`), with `yaml` for the rest of its config; and their entries.
+async fn keep_and_back(dir: &std::path::Path, yaml: &str) -> (Server, String, String) {
+    let keep = plugin("keep", "{}", dir);
+    let back = plugin("back", "{}", dir);
+    let s = Server::start_with(ServerOptions {
+        yaml: yaml.into(),
+        plugins_yaml: format!("{keep}{back}"),
+        ..Default::default()
+    })
+    .await;
+    (s, keep, back)
+}
+
 async fn plugins(s: &Server) -> Vec<Value> {
     let r = s.manage(Method::GET, "/plugin", None).await;
     assert_status!(r, 200);
@@ -271,15 +285,12 @@ async fn a_reload_waits_for_a_slow_plugin_it_adds() {
 #[tokio::test]
 async fn deliveries_wait_for_a_plugin_taken_out_or_refused() {
     let rec = tempfile::tempdir().expect("tempdir");
-    let keep = plugin("keep", "{}", rec.path());
-    let back = plugin("back", "{}", rec.path());
-    let refusing = back.replace("env: {", "env: {TEST_PLUGIN_MODE: refuse-config, ");
-    let s = Server::start_with(ServerOptions {
-        yaml: "delivery:\n  retry-base: 0.05\n  retry-max: 0.2\n  max-attempts: 2\n".into(),
-        plugins_yaml: format!("{keep}{back}"),
-        ..Default::default()
-    })
+    let (s, keep, back) = keep_and_back(
+        rec.path(),
+        "delivery:\n  retry-base: 0.05\n  retry-max: 0.2\n  max-attempts: 2\n",
+    )
     .await;
+    let refusing = back.replace("env: {", "env: {TEST_PLUGIN_MODE: refuse-config, ");
     let (id, a) = s.new_addr().await;
     s.endpoint(id, "back", json!({})).await;
     for (msg, without, said) in [
@@ -355,14 +366,7 @@ async fn deliveries_wait_for_a_plugin_taken_out_or_refused() {
 #[tokio::test]
 async fn a_delivery_waiting_for_its_plugin_fails_when_its_max_age_ends() {
     let rec = tempfile::tempdir().expect("tempdir");
-    let keep = plugin("keep", "{}", rec.path());
-    let back = plugin("back", "{}", rec.path());
-    let s = Server::start_with(ServerOptions {
-        yaml: "delivery:\n  max-age: 6\n".into(),
-        plugins_yaml: format!("{keep}{back}"),
-        ..Default::default()
-    })
-    .await;
+    let (s, keep, back) = keep_and_back(rec.path(), "delivery:\n  max-age: 6\n").await;
     let (id, a) = s.new_addr().await;
     let ep = s.endpoint(id, "back", json!({})).await;
     replace_plugins(&s, &format!("{keep}{back}"), &keep);
