@@ -18,6 +18,7 @@
 //! [`LogBudget::take_dropped`]).
 
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -30,6 +31,8 @@ pub const WINDOW: Duration = Duration::from_secs(60);
 pub struct LogBudget {
     per_window: u32,
     window: Mutex<Window>,
+    /// Lines dropped since start, for the metrics.
+    dropped_total: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -67,6 +70,7 @@ impl LogBudget {
                 written: 0,
                 dropped: 0,
             }),
+            dropped_total: AtomicU64::new(0),
         }
     }
 
@@ -90,6 +94,7 @@ impl LogBudget {
             Verdict::Write
         } else {
             w.dropped += 1;
+            self.dropped_total.fetch_add(1, Ordering::Relaxed);
             match w.dropped {
                 1 => Verdict::FirstDropped,
                 _ => Verdict::Dropped,
@@ -120,6 +125,11 @@ impl LogBudget {
     /// has ended (what made them has: a plugin's process).
     pub fn take_dropped(&self) -> u64 {
         std::mem::take(&mut self.window().dropped)
+    }
+
+    /// The lines it has dropped since the server started.
+    pub fn dropped_total(&self) -> u64 {
+        self.dropped_total.load(Ordering::Relaxed)
     }
 
     /// Its window, even if a thread panicked holding it (a count is
@@ -176,5 +186,6 @@ mod tests {
         assert_eq!(b.ended_at(next + WINDOW), 1);
         assert_eq!(b.admit_at(next + WINDOW).ended_dropped, 0);
         assert_eq!(b.take_dropped(), 0);
+        assert_eq!(b.dropped_total(), 43);
     }
 }

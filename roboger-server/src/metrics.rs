@@ -299,6 +299,8 @@ pub struct PluginSample {
     pub up: bool,
     pub restarts: u64,
     pub inflight: usize,
+    /// Its log lines dropped past their budget (`plugin_log`).
+    pub log_dropped: u64,
     /// Resident memory of its process, if it runs.
     pub resident_bytes: Option<u64>,
 }
@@ -316,6 +318,9 @@ pub struct Scrape {
     pub body_budget: Vec<BudgetPool>,
     /// Management requests refused, by reason.
     pub management_refused: ManagementRefused,
+    /// Log lines of deliveries retried, and of deliveries failed for
+    /// good, dropped past their budgets (`pipeline`).
+    pub delivery_log_dropped: (u64, u64),
 }
 
 /// How many management requests have been refused, by reason, since
@@ -357,6 +362,13 @@ impl Scrape {
             ),
             &["plugin"],
         )?;
+        let log_dropped = IntCounterVec::new(
+            Opts::new(
+                "roboger_plugin_log_dropped_total",
+                "Lines of the plugin's log (its stderr and log calls) not written to the server's log, past 1,000 a minute.",
+            ),
+            &["plugin"],
+        )?;
         let inflight = plugin_gauge("roboger_plugin_inflight", "Calls in flight to the plugin.")?;
         let resident = plugin_gauge(
             "roboger_plugin_resident_bytes",
@@ -370,6 +382,7 @@ impl Scrape {
             let l = [p.name.as_str()];
             up.with_label_values(&l).set(i64::from(p.up));
             restarts.with_label_values(&l).inc_by(p.restarts);
+            log_dropped.with_label_values(&l).inc_by(p.log_dropped);
             inflight
                 .with_label_values(&l)
                 .set(i64::try_from(p.inflight).unwrap_or(i64::MAX));
@@ -445,6 +458,20 @@ impl Scrape {
         auth_refused
             .with_label_values(&["waiting"])
             .inc_by(r.waiting);
+        let delivery_log_dropped = IntCounterVec::new(
+            Opts::new(
+                "roboger_delivery_log_dropped_total",
+                "Log lines of failed deliveries not written, past 600 a minute of each outcome (retry, failed); roboger_deliveries_total counts every outcome.",
+            ),
+            &["outcome"],
+        )?;
+        let (retry, failed) = self.delivery_log_dropped;
+        delivery_log_dropped
+            .with_label_values(&["retry"])
+            .inc_by(retry);
+        delivery_log_dropped
+            .with_label_values(&["failed"])
+            .inc_by(failed);
         let mut out = Vec::new();
         for c in [
             &up,
@@ -458,6 +485,8 @@ impl Scrape {
             out.extend(c.collect());
         }
         out.extend(restarts.collect());
+        out.extend(log_dropped.collect());
+        out.extend(delivery_log_dropped.collect());
         out.extend(budget_refused.collect());
         out.extend(auth_refused.collect());
         out.extend(routing.collect());

@@ -1481,6 +1481,16 @@ impl OutcomeLines {
     }
 }
 
+/// The lines of deliveries retried and of deliveries failed for good
+/// dropped past their budgets since the server started (for the
+/// metrics).
+pub fn outcome_lines_dropped() -> (u64, u64) {
+    (
+        RETRY_LINES.budget.dropped_total(),
+        FAILED_LINES.budget.dropped_total(),
+    )
+}
+
 /// Says how many outcome lines a minute that has ended dropped, without
 /// waiting for the next such line (which may come much later, or never).
 fn said_dropped_outcomes() {

@@ -96,6 +96,11 @@ impl PluginLog {
         }
     }
 
+    /// Its lines dropped since the server started (for the metrics).
+    pub fn dropped_total(&self) -> u64 {
+        self.budget.dropped_total()
+    }
+
     /// Says how many lines were dropped and not yet said, once the
     /// plugin's process has ended (its stderr read to the end).
     pub fn process_ended(&self) {

@@ -276,6 +276,10 @@ pub struct Status {
     /// Calls in flight (for the metrics; not part of the API).
     #[serde(skip)]
     pub inflight: usize,
+    /// Its log lines dropped past their budget since the server started
+    /// (for the metrics; not part of the API).
+    #[serde(skip)]
+    pub log_dropped: u64,
 }
 
 impl Status {
@@ -1080,6 +1084,7 @@ fn status_of(slot: &Slot) -> Status {
             .cfg
             .max_inflight
             .saturating_sub(slot.inflight.available_permits()),
+        log_dropped: slot.log.dropped_total(),
     }
 }
 

@@ -558,6 +558,12 @@ async fn a_plugin_flooding_its_log_has_a_thousand_lines_a_minute() {
     .await;
     assert_eq!(written(), 1000);
     assert!(s.log_lines("chatty line").len() < 1000);
+    let m = s.metrics().await;
+    let dropped = m
+        .get("roboger_plugin_log_dropped_total{plugin=\"t\"}")
+        .copied()
+        .unwrap_or_default();
+    assert!(dropped > 2000.0, "{dropped} lines dropped");
     // The server's own lines are still written.
     s.new_addr().await;
     s.wait_log(
@@ -619,6 +625,17 @@ async fn a_target_down_under_a_burst_has_600_retry_lines_a_minute() {
     .await;
     assert_eq!(s.log_lines("delivery failed, will retry").len(), 600);
     assert_eq!(s.log_lines("delivery failed for good").len(), 100);
+    let m = s.metrics().await;
+    let dropped = |outcome: &str| {
+        m.get(&format!(
+            "roboger_delivery_log_dropped_total{{outcome=\"{outcome}\"}}"
+        ))
+        .copied()
+    };
+    assert_eq!(
+        (dropped("retry"), dropped("failed")),
+        (Some(300.0), Some(0.0))
+    );
 }
 
 /// A plugin whose start outlasts the call `timeout` (2 s here) still

@@ -26,6 +26,7 @@ pub async fn scrape(app: &App, headers: &HeaderMap, peer: Option<SocketAddr>) ->
             up: p.state == State::Running,
             restarts: p.restarts,
             inflight: p.inflight,
+            log_dropped: p.log_dropped,
             resident_bytes: match p.pid {
                 Some(pid) => resident_bytes(pid).await,
                 None => None,
@@ -41,6 +42,7 @@ pub async fn scrape(app: &App, headers: &HeaderMap, peer: Option<SocketAddr>) ->
         pending,
         body_budget: app.bodies.usage().to_vec(),
         management_refused: app.auth.refused(),
+        delivery_log_dropped: crate::pipeline::outcome_lines_dropped(),
     };
     match app.metrics.render(&scrape) {
         Ok(body) => {
