@@ -46,18 +46,27 @@ struct Window {
 
 /// What to do with a line.
 #[derive(Debug, PartialEq, Eq)]
-pub struct Admit {
+struct Admit {
     /// Lines dropped in the window that has ended, to be said first.
-    pub ended_dropped: u64,
-    pub verdict: Verdict,
+    ended_dropped: u64,
+    verdict: Verdict,
 }
 
 #[derive(Debug, PartialEq, Eq)]
-pub enum Verdict {
+enum Verdict {
     Write,
     /// The window's first line dropped: to be said, the others not.
     FirstDropped,
     Dropped,
+}
+
+/// What the owner of a budget is to say of its drops, in its own words.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Drops {
+    /// The window has used its budget: the rest of its lines are dropped.
+    Begin,
+    /// So many lines were dropped and not yet said.
+    Were(u64),
 }
 
 impl LogBudget {
@@ -74,9 +83,22 @@ impl LogBudget {
         }
     }
 
-    /// What to do with a line that comes now.
-    pub fn admit(&self) -> Admit {
-        self.admit_at(Instant::now())
+    /// Whether a line that comes now is written. `say` is told first what
+    /// to say of the drops: the count of the window that has ended, and
+    /// that dropping begins.
+    pub fn pass(&self, mut say: impl FnMut(Drops)) -> bool {
+        let admit = self.admit_at(Instant::now());
+        if admit.ended_dropped > 0 {
+            say(Drops::Were(admit.ended_dropped));
+        }
+        match admit.verdict {
+            Verdict::Write => true,
+            Verdict::FirstDropped => {
+                say(Drops::Begin);
+                false
+            }
+            Verdict::Dropped => false,
+        }
     }
 
     fn admit_at(&self, now: Instant) -> Admit {
@@ -187,5 +209,15 @@ mod tests {
         assert_eq!(b.admit_at(next + WINDOW).ended_dropped, 0);
         assert_eq!(b.take_dropped(), 0);
         assert_eq!(b.dropped_total(), 43);
+    }
+
+    /// `pass` says that dropping begins once, at the first line dropped.
+    #[test]
+    fn passing_says_when_the_drops_begin() {
+        let b = LogBudget::new(1);
+        let mut said = Vec::new();
+        let passed: Vec<bool> = (0..3).map(|_| b.pass(|d| said.push(d))).collect();
+        assert_eq!(passed, [true, false, false]);
+        assert_eq!(said, [Drops::Begin]);
     }
 }

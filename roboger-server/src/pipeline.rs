@@ -72,7 +72,7 @@ use tokio_util::sync::CancellationToken;
 use crate::cluster::Node;
 use crate::config::DeliveryConfig;
 use crate::event::Event;
-use crate::log_budget::{LogBudget, Verdict};
+use crate::log_budget::{Drops, LogBudget};
 use crate::metrics::{Metrics, Outcome};
 use crate::outage::Outage;
 use crate::routing::Target;
@@ -1319,18 +1319,12 @@ fn outcome(cfg: &DeliveryConfig, job: &Job, result: Result<Value, CallError>) ->
             ..base
         };
     }
-    if not_tried {
-        let error = format!("not tried: {error}, and delivery.max-age has passed");
-        if FAILED_LINES.logged() {
-            tracing::warn!(event_id = %job.event.id, endpoint_id = job.endpoint_id, plugin = %job.plugin, attempts, "delivery failed for good: {error}");
-        }
-        return Attempt {
-            state: STATE_FAILED,
-            error: Some(error),
-            ..base
+    // Here an untried delivery is past its max-age.
+    if not_tried || attempts >= cfg.max_attempts || too_old || refused {
+        let error = match not_tried {
+            true => format!("not tried: {error}, and delivery.max-age has passed"),
+            false => error,
         };
-    }
-    if attempts >= cfg.max_attempts || too_old || refused {
         if FAILED_LINES.logged() {
             tracing::warn!(event_id = %job.event.id, endpoint_id = job.endpoint_id, plugin = %job.plugin, attempts, "delivery failed for good: {error}");
         }
@@ -1452,23 +1446,15 @@ impl OutcomeLines {
     /// Whether a line of this kind is written now. Says first how many
     /// the minute before dropped, and when dropping begins.
     fn logged(&self) -> bool {
-        let admit = self.budget.admit();
-        if admit.ended_dropped > 0 {
-            self.said_dropped(admit.ended_dropped);
-        }
-        match admit.verdict {
-            Verdict::Write => true,
-            Verdict::FirstDropped => {
-                tracing::warn!(
-                    "{OUTCOME_LINES_PER_MINUTE} lines of {} logged in a minute: the rest of the \
-                     minute's are not, but counted (each delivery's outcome is in the event \
-                     API, and in roboger_deliveries_total)",
-                    self.kind
-                );
-                false
-            }
-            Verdict::Dropped => false,
-        }
+        self.budget.pass(|drops| match drops {
+            Drops::Were(n) => self.said_dropped(n),
+            Drops::Begin => tracing::warn!(
+                "{OUTCOME_LINES_PER_MINUTE} lines of {} logged in a minute: the rest of the \
+                 minute's are not, but counted (each delivery's outcome is in the event API, \
+                 and in roboger_deliveries_total)",
+                self.kind
+            ),
+        })
     }
 
     fn said_dropped(&self, n: u64) {

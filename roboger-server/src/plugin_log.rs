@@ -18,7 +18,7 @@
 //! first, and says how many once the window has ended (at the plugin's
 //! next line) or its process has ended.
 
-use crate::log_budget::{LogBudget, Verdict};
+use crate::log_budget::{Drops, LogBudget};
 
 /// How many lines of one plugin are written in a minute.
 pub const LINES_PER_MINUTE: u32 = 1000;
@@ -74,25 +74,24 @@ impl PluginLog {
         if !shown {
             return;
         }
-        let admit = self.budget.admit();
         let plugin = self.plugin.as_str();
-        if admit.ended_dropped > 0 {
-            self.said_dropped(admit.ended_dropped, "in the minute before");
-        }
-        match admit.verdict {
-            Verdict::Write => match level {
-                Level::ERROR => tracing::error!(plugin = %plugin, "{text}"),
-                Level::WARN => tracing::warn!(plugin = %plugin, "{text}"),
-                Level::INFO => tracing::info!(plugin = %plugin, "{text}"),
-                Level::DEBUG => tracing::debug!(plugin = %plugin, "{text}"),
-                _ => tracing::trace!(plugin = %plugin, "{text}"),
-            },
-            Verdict::FirstDropped => tracing::warn!(
+        let written = self.budget.pass(|drops| match drops {
+            Drops::Were(n) => self.said_dropped(n, "in the minute before"),
+            Drops::Begin => tracing::warn!(
                 plugin = %plugin,
                 "the plugin has written {LINES_PER_MINUTE} log lines in a minute: the rest of \
                  the minute's are dropped, and counted"
             ),
-            Verdict::Dropped => {}
+        });
+        if !written {
+            return;
+        }
+        match level {
+            Level::ERROR => tracing::error!(plugin = %plugin, "{text}"),
+            Level::WARN => tracing::warn!(plugin = %plugin, "{text}"),
+            Level::INFO => tracing::info!(plugin = %plugin, "{text}"),
+            Level::DEBUG => tracing::debug!(plugin = %plugin, "{text}"),
+            _ => tracing::trace!(plugin = %plugin, "{text}"),
         }
     }
 
