@@ -97,6 +97,48 @@ pub struct App {
     superseded: tokio::sync::watch::Receiver<Option<Vec<String>>>,
 }
 
+/// Makes due now, in a task of its own, the waiting deliveries of the
+/// endpoints of each of `started` that runs: plugins a reload started,
+/// or started anew with changed settings. Their deliveries were put off
+/// while the plugin was not there to try them (for a tenth of their age,
+/// up to `retry-max`: `pipeline::held_wait`), or back off after answers
+/// under its old settings; the operator's reload is what they waited
+/// for. The log says how many, once done.
+fn plugins_waiting_made_due(
+    store: &store::Store,
+    plugins: &supervisor::Supervisor,
+    started: Vec<String>,
+) {
+    let running: Vec<String> = plugins
+        .list()
+        .into_iter()
+        .filter(|p| p.state == supervisor::State::Running && started.contains(&p.plugin_name))
+        .map(|p| p.plugin_name)
+        .collect();
+    if running.is_empty() {
+        return;
+    }
+    let store = store.clone();
+    tokio::spawn(async move {
+        for plugin in running {
+            match store.plugin_waiting_made_due(&plugin).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(
+                    plugin,
+                    deliveries = n,
+                    "the plugin runs after a reload: its endpoints' waiting deliveries are due now"
+                ),
+                Err(e) => tracing::warn!(
+                    plugin,
+                    error = %e,
+                    "the plugin runs after a reload, but its endpoints' waiting deliveries could \
+                     not be made due now; each is looked at when it was due"
+                ),
+            }
+        }
+    });
+}
+
 /// Warns of the plugins that endpoints use but `configured` does not
 /// name (taken out of the config, or a name mistyped): their deliveries
 /// are put off, not tried, until a server that configures them takes
@@ -216,10 +258,13 @@ impl App {
     /// Applies a reloaded configuration (SIGHUP): the plugin list takes
     /// effect at once ([`supervisor::Supervisor::reconfigure`]); any other
     /// changed setting is named in the answer and takes effect at the next
-    /// restart.
+    /// restart. The deliveries waiting for a plugin it starts, or starts
+    /// anew, are made due at once ([`plugins_waiting_made_due`]).
     pub async fn reload(&self, new: Config) -> Reloaded {
         let plugins = self.plugins.reconfigure(new.plugins.clone()).await;
         warn_unconfigured(&self.store, &new.plugins, new.timeout).await;
+        let started = plugins.added.iter().chain(&plugins.changed);
+        plugins_waiting_made_due(&self.store, &self.plugins, started.cloned().collect());
         Reloaded {
             plugins,
             needs_restart: self.config.differences(&new),

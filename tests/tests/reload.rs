@@ -38,6 +38,17 @@ async fn keep_and_back(dir: &std::path::Path, yaml: &str) -> (Server, String, St
     (s, keep, back)
 }
 
+/// Waits until the plugin `name` is refused (at most 20 s).
+async fn plugin_refused(s: &Server, name: &str) {
+    poll_until(Duration::from_secs(20), async || {
+        match plugins(s).await.iter().find(|p| p["plugin_name"] == name) {
+            Some(p) if p["state"] == "refused" => Ok(()),
+            other => Err(format!("{name} is not refused: {other:?}")),
+        }
+    })
+    .await;
+}
+
 async fn plugins(s: &Server) -> Vec<Value> {
     let r = s.manage(Method::GET, "/plugin", None).await;
     assert_status!(r, 200);
@@ -314,17 +325,7 @@ async fn deliveries_wait_for_a_plugin_taken_out_or_refused() {
             )
             .await;
         } else {
-            poll_until(Duration::from_secs(20), async || {
-                match plugins(&s)
-                    .await
-                    .iter()
-                    .find(|p| p["plugin_name"] == "back")
-                {
-                    Some(p) if p["state"] == "refused" => Ok(()),
-                    other => Err(format!("back is not refused: {other:?}")),
-                }
-            })
-            .await;
+            plugin_refused(&s, "back").await;
         }
         assert_status!(s.push(json!({"addr": a, "msg": msg})).await, 202);
         // Looked at every 0.2 s (retry-max), well past max-attempts, and
@@ -385,6 +386,48 @@ async fn a_delivery_waiting_for_its_plugin_fails_when_its_max_age_ends() {
             && why.ends_with(", and delivery.max-age has passed"),
         "{why}"
     );
+}
+
+/// A reload that makes a refused plugin run again makes its endpoints'
+/// waiting deliveries due at once. Before, they went when next looked
+/// at: a minute later at first, and up to `retry-max` (10 minutes) for
+/// a backlog held for long.
+#[tokio::test]
+async fn a_reload_that_brings_a_plugin_back_sends_its_waiting_deliveries_at_once() {
+    let rec = tempfile::tempdir().expect("tempdir");
+    let (s, keep, back) = keep_and_back(rec.path(), "").await;
+    let refusing = back.replace("env: {", "env: {TEST_PLUGIN_MODE: refuse-config, ");
+    let (id, a) = s.new_addr().await;
+    s.endpoint(id, "back", json!({})).await;
+    replace_plugins(&s, &format!("{keep}{back}"), &format!("{keep}{refusing}"));
+    s.signal("HUP");
+    plugin_refused(&s, "back").await;
+    assert_status!(s.push(json!({"addr": a, "msg": "held"})).await, 202);
+    poll_until(Duration::from_secs(20), async || {
+        let d = s.newest_event(id).await["deliveries"][0].clone();
+        match d["last_error"].as_str() {
+            Some(e) if e.starts_with("not tried: plugin back is not available: it is refused;") => {
+                Ok(())
+            }
+            _ => Err(format!("not put off yet: {d}")),
+        }
+    })
+    .await;
+    replace_plugins(&s, &format!("{keep}{refusing}"), &format!("{keep}{back}"));
+    s.signal("HUP");
+    // Put off for 48 to 60 s, it is sent within a few.
+    poll_until(Duration::from_secs(10), async || {
+        match sent(rec.path(), "back").contains("held") {
+            true => Ok(()),
+            false => Err("back was not sent the held event".to_string()),
+        }
+    })
+    .await;
+    s.wait_log(
+        "the plugin runs after a reload: its endpoints' waiting deliveries are due now",
+        Duration::from_secs(5),
+    )
+    .await;
 }
 
 /// A reload that changes a plugin lets the calls in flight on its old

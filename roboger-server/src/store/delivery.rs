@@ -487,10 +487,29 @@ impl Store {
     /// [`Store::endpoint_waiting_made_due`] for each endpoint of an
     /// address, once it is enabled again; how many in all.
     pub async fn addr_waiting_made_due(&self, addr_id: i64) -> Result<u64> {
+        self.endpoints_waiting_made_due(endpoint::Column::AddrId.eq(addr_id))
+            .await
+    }
+
+    /// [`Store::endpoint_waiting_made_due`] for each endpoint of a
+    /// plugin, once a reload has started it or started it anew (its
+    /// deliveries waited for it to run, or for an answer under its old
+    /// settings); how many in all.
+    pub async fn plugin_waiting_made_due(&self, plugin: &str) -> Result<u64> {
+        self.endpoints_waiting_made_due(endpoint::Column::PluginName.eq(plugin))
+            .await
+    }
+
+    /// [`Store::endpoint_waiting_made_due`] for each endpoint `which`
+    /// selects, one after the other; how many in all.
+    async fn endpoints_waiting_made_due(
+        &self,
+        which: sea_orm::sea_query::SimpleExpr,
+    ) -> Result<u64> {
         let endpoints: Vec<i64> = endpoint::Entity::find()
             .select_only()
             .column(endpoint::Column::Id)
-            .filter(endpoint::Column::AddrId.eq(addr_id))
+            .filter(which)
             .into_tuple()
             .all(&self.db)
             .await?;
