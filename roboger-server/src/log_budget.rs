@@ -13,9 +13,9 @@
 //! deliveries and one for their failures for good.
 //!
 //! Invariant: no budget lets more than its lines a window through; the
-//! count of those it dropped is handed out once, at the first line after
-//! the window has ended or to whoever asks for it ([`LogBudget::ended`],
-//! [`LogBudget::take_dropped`]).
+//! count of those it dropped is handed out once: at the first line after
+//! the window has ended ([`LogBudget::pass`]), or to whoever asks for it
+//! ([`LogBudget::ended`], [`LogBudget::take_dropped`]).
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -24,7 +24,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 /// The window a budget is counted over.
-pub const WINDOW: Duration = Duration::from_secs(60);
+const WINDOW: Duration = Duration::from_secs(60);
 
 /// One kind of line's budget, and what its current window has taken.
 #[derive(Debug)]

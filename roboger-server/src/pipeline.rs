@@ -1207,15 +1207,15 @@ fn send_params(job: &Job, media: Option<&str>) -> Result<RawParams, CallError> {
         .map_err(|err| CallError::Failed(format!("cannot encode the event: {err}")))
 }
 
-/// How long a delivery whose plugin is not there to try it, or whose
-/// endpoint or address is disabled, is put off at least (at most
-/// `retry-max`) before it is looked at again; see [`held_wait`].
-pub const NOT_RUNNING_WAIT: Duration = Duration::from_secs(60);
+/// The shortest put-off of a held delivery (one whose plugin is not
+/// there to try it, or whose endpoint or address is disabled), unless
+/// `retry-max` is shorter; see [`held_wait`].
+const HELD_WAIT_MIN: Duration = Duration::from_secs(60);
 
 /// How long `job`'s delivery, held (its plugin not there to try it, or
 /// its endpoint or address disabled), is put off before it is looked at
 /// again: a tenth of its event's age, in whole seconds, at least
-/// [`NOT_RUNNING_WAIT`], at most `retry-max`. Each look is a claim and a
+/// [`HELD_WAIT_MIN`], at most `retry-max`. Each look is a claim and a
 /// write, so a backlog held for hours (a plugin out overnight, whose
 /// endpoints go on getting events) costs a tenth of what a look every
 /// minute would, while a delivery the plugin's return (or the enabling,
@@ -1224,7 +1224,7 @@ pub const NOT_RUNNING_WAIT: Duration = Duration::from_secs(60);
 fn held_wait(cfg: &DeliveryConfig, job: &Job, now: chrono::DateTime<chrono::Utc>) -> Duration {
     let age = (now - job.event.created).to_std().unwrap_or_default();
     Duration::from_secs((age / 10).as_secs())
-        .max(NOT_RUNNING_WAIT)
+        .max(HELD_WAIT_MIN)
         .min(cfg.retry_max)
 }
 
