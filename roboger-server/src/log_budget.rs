@@ -2,20 +2,23 @@
 //! window; the rest of the window's are dropped and counted, for the
 //! caller to say how many.
 //!
-//! Lines that come once per event, per delivery or per line a plugin
-//! prints would otherwise fill the log at the speed of what makes them
-//! (a target down under a burst of pushes, a plugin printing in a loop),
-//! burying the other lines, filling the disk, and under systemd making
-//! journald's rate limit (by default 10,000 messages per 30 s for the
-//! whole unit) drop the server's own warnings with them. Each kind has
-//! its own budget, so one flood does not silence the others.
-//! `plugin_log` keeps one per plugin; `pipeline` one for the retries of
-//! deliveries and one for their failures for good.
+//! Lines that come once per event, per delivery, per request or per line
+//! a plugin prints would otherwise fill the log at the speed of what
+//! makes them (a target down under a burst of pushes, a plugin printing
+//! in a loop, a client refused in a loop), burying the other lines,
+//! filling the disk, and under systemd making journald's rate limit (by
+//! default 10,000 messages per 30 s for the whole unit) drop the server's
+//! own warnings with them. Each kind has its own budget, so one flood
+//! does not silence the others. `plugin_log` keeps one per plugin; the
+//! server's own kinds are [`Lines`] here, each with what else counts
+//! them: [`RETRIED`] and [`FAILED`] (the pipeline's outcomes), and
+//! [`REFUSED`] (the management API's refusals).
 //!
 //! Invariant: no budget lets more than its lines a window through; the
 //! count of those it dropped is handed out once: at the first line after
 //! the window has ended ([`LogBudget::pass`]), or to whoever asks for it
-//! ([`LogBudget::ended`], [`LogBudget::take_dropped`]).
+//! ([`LogBudget::ended`], [`LogBudget::take_dropped`]; [`say_ended`] for
+//! the server's own kinds).
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -160,6 +163,94 @@ impl LogBudget {
         match self.window.lock() {
             Ok(w) => w,
             Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+}
+
+/// How many lines of each of the server's own kinds the log gets in a
+/// minute. Each comes once per try of a delivery, or per request: in a
+/// target's outage under a burst of pushes they came by the thousand a
+/// second (30,000 events to a target down: 182,000 lines in 7 minutes),
+/// and a client refused in a loop wrote one line per request (20,000 in
+/// 4 s). What they say is kept elsewhere anyway (see each kind's
+/// `counted`).
+pub const LINES_PER_MINUTE: u32 = 600;
+
+/// One kind of the server's own lines, and its budget.
+#[derive(Debug)]
+pub struct Lines {
+    /// What the log calls them.
+    kind: &'static str,
+    /// Where what they say is counted even when they are not written.
+    counted: &'static str,
+    budget: LogBudget,
+}
+
+/// The lines of deliveries that failed and are retried.
+pub static RETRIED: Lines = Lines::new(
+    "deliveries that failed and are retried",
+    "each delivery's outcome is in the event API, and in roboger_deliveries_total",
+);
+
+/// The lines of deliveries that failed for good.
+pub static FAILED: Lines = Lines::new(
+    "deliveries that failed for good",
+    "each delivery's outcome is in the event API, and in roboger_deliveries_total",
+);
+
+/// The lines of management, console and metrics requests refused: a
+/// client not in `master.allow`, a wrong master key, a failed sign-in.
+pub static REFUSED: Lines = Lines::new(
+    "refused management access",
+    "each refusal is in roboger_management_refused_total",
+);
+
+impl Lines {
+    const fn new(kind: &'static str, counted: &'static str) -> Lines {
+        Lines {
+            kind,
+            counted,
+            budget: LogBudget::new(LINES_PER_MINUTE),
+        }
+    }
+
+    /// Whether a line of this kind is written now. Says first how many
+    /// the minute before dropped, and when dropping begins.
+    pub fn logged(&self) -> bool {
+        self.budget.pass(|drops| match drops {
+            Drops::Were(n) => self.said_dropped(n),
+            Drops::Begin => tracing::warn!(
+                "{LINES_PER_MINUTE} lines of {} logged in a minute: the rest of the minute's are \
+                 not, but counted ({})",
+                self.kind,
+                self.counted
+            ),
+        })
+    }
+
+    /// The lines it dropped since the server started (for the metrics).
+    pub fn dropped_total(&self) -> u64 {
+        self.budget.dropped_total()
+    }
+
+    fn said_dropped(&self, n: u64) {
+        tracing::warn!(
+            dropped = n,
+            "{n} lines of {} not logged in the minute before, past {LINES_PER_MINUTE} a minute",
+            self.kind
+        );
+    }
+}
+
+/// Says how many lines of each of the server's own kinds a minute that
+/// has ended dropped, without waiting for the next such line (which may
+/// come much later, or never). The pipeline's sweeper calls it at each
+/// tick.
+pub fn say_ended() {
+    for lines in [&RETRIED, &FAILED, &REFUSED] {
+        let n = lines.budget.ended();
+        if n > 0 {
+            lines.said_dropped(n);
         }
     }
 }

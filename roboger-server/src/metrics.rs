@@ -319,8 +319,10 @@ pub struct Scrape {
     /// Management requests refused, by reason.
     pub management_refused: ManagementRefused,
     /// Log lines of deliveries retried, and of deliveries failed for
-    /// good, dropped past their budgets (`pipeline`).
+    /// good, dropped past their budgets (`log_budget`).
     pub delivery_log_dropped: (u64, u64),
+    /// Log lines of refused management access dropped past their budget.
+    pub refused_log_dropped: u64,
 }
 
 /// How many management requests have been refused, by reason, since
@@ -472,6 +474,11 @@ impl Scrape {
         delivery_log_dropped
             .with_label_values(&["failed"])
             .inc_by(failed);
+        let refused_log_dropped = IntCounter::with_opts(Opts::new(
+            "roboger_refused_log_dropped_total",
+            "Log lines of refused management, console and metrics requests not written, past 600 a minute; roboger_management_refused_total counts every refusal.",
+        ))?;
+        refused_log_dropped.inc_by(self.refused_log_dropped);
         let mut out = Vec::new();
         for c in [
             &up,
@@ -487,6 +494,7 @@ impl Scrape {
         out.extend(restarts.collect());
         out.extend(log_dropped.collect());
         out.extend(delivery_log_dropped.collect());
+        out.extend(refused_log_dropped.collect());
         out.extend(budget_refused.collect());
         out.extend(auth_refused.collect());
         out.extend(routing.collect());

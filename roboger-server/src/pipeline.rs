@@ -72,7 +72,7 @@ use tokio_util::sync::CancellationToken;
 use crate::cluster::Node;
 use crate::config::DeliveryConfig;
 use crate::event::Event;
-use crate::log_budget::{Drops, LogBudget};
+use crate::log_budget;
 use crate::metrics::{Metrics, Outcome};
 use crate::outage::Outage;
 use crate::routing::Target;
@@ -1325,7 +1325,7 @@ fn outcome(cfg: &DeliveryConfig, job: &Job, result: Result<Value, CallError>) ->
             true => format!("not tried: {error}, and delivery.max-age has passed"),
             false => error,
         };
-        if FAILED_LINES.logged() {
+        if log_budget::FAILED.logged() {
             tracing::warn!(event_id = %job.event.id, endpoint_id = job.endpoint_id, plugin = %job.plugin, attempts, "delivery failed for good: {error}");
         }
         return Attempt {
@@ -1347,7 +1347,7 @@ fn outcome(cfg: &DeliveryConfig, job: &Job, result: Result<Value, CallError>) ->
         Some(_) => now + chrono::Duration::from_std(delay).unwrap_or_default(),
         None => (now + chrono::Duration::from_std(spread(delay)).unwrap_or_default()).min(ends),
     };
-    if tracing::enabled!(tracing::Level::INFO) && RETRY_LINES.logged() {
+    if tracing::enabled!(tracing::Level::INFO) && log_budget::RETRIED.logged() {
         tracing::info!(event_id = %job.event.id, endpoint_id = job.endpoint_id, plugin = %job.plugin, attempts, next_at = %next, "delivery failed, will retry: {error}");
     }
     Attempt {
@@ -1383,7 +1383,7 @@ fn disabled_outcome(cfg: &DeliveryConfig, job: &Job, what: Disabled) -> Attempt 
         let error = kept(format!(
             "not tried: {what}, and delivery.max-age has passed"
         ));
-        if FAILED_LINES.logged() {
+        if log_budget::FAILED.logged() {
             tracing::warn!(event_id = %job.event.id, endpoint_id = job.endpoint_id, plugin = %job.plugin, "delivery failed for good: {error}");
         }
         return Attempt {
@@ -1413,79 +1413,6 @@ fn max_age_ends(cfg: &DeliveryConfig, job: &Job) -> chrono::DateTime<chrono::Utc
         .ok()
         .and_then(|age| job.event.created.checked_add_signed(age))
         .unwrap_or(chrono::DateTime::<chrono::Utc>::MAX_UTC)
-}
-
-/// How many lines of each kind of a delivery's outcome (retried, failed
-/// for good) the log gets in a minute. One a try, in a target's outage
-/// under a burst of pushes they came by the thousand a second (30,000
-/// events to a target down: 182,000 lines in 7 minutes); every outcome
-/// is in the database (the event API, the console) and counted in
-/// `roboger_deliveries_total` anyway.
-pub const OUTCOME_LINES_PER_MINUTE: u32 = 600;
-
-/// One kind of outcome line, and its budget.
-struct OutcomeLines {
-    /// What the log calls them.
-    kind: &'static str,
-    budget: LogBudget,
-}
-
-/// The lines of deliveries that failed and are retried.
-static RETRY_LINES: OutcomeLines = OutcomeLines {
-    kind: "deliveries that failed and are retried",
-    budget: LogBudget::new(OUTCOME_LINES_PER_MINUTE),
-};
-
-/// The lines of deliveries that failed for good.
-static FAILED_LINES: OutcomeLines = OutcomeLines {
-    kind: "deliveries that failed for good",
-    budget: LogBudget::new(OUTCOME_LINES_PER_MINUTE),
-};
-
-impl OutcomeLines {
-    /// Whether a line of this kind is written now. Says first how many
-    /// the minute before dropped, and when dropping begins.
-    fn logged(&self) -> bool {
-        self.budget.pass(|drops| match drops {
-            Drops::Were(n) => self.said_dropped(n),
-            Drops::Begin => tracing::warn!(
-                "{OUTCOME_LINES_PER_MINUTE} lines of {} logged in a minute: the rest of the \
-                 minute's are not, but counted (each delivery's outcome is in the event API, \
-                 and in roboger_deliveries_total)",
-                self.kind
-            ),
-        })
-    }
-
-    fn said_dropped(&self, n: u64) {
-        tracing::warn!(
-            dropped = n,
-            "{n} lines of {} not logged in the minute before, past {OUTCOME_LINES_PER_MINUTE} \
-             a minute",
-            self.kind
-        );
-    }
-}
-
-/// The lines of deliveries retried and of deliveries failed for good
-/// dropped past their budgets since the server started (for the
-/// metrics).
-pub fn outcome_lines_dropped() -> (u64, u64) {
-    (
-        RETRY_LINES.budget.dropped_total(),
-        FAILED_LINES.budget.dropped_total(),
-    )
-}
-
-/// Says how many outcome lines a minute that has ended dropped, without
-/// waiting for the next such line (which may come much later, or never).
-fn said_dropped_outcomes() {
-    for lines in [&RETRY_LINES, &FAILED_LINES] {
-        let n = lines.budget.ended();
-        if n > 0 {
-            lines.said_dropped(n);
-        }
-    }
 }
 
 /// `delay` shortened by up to a fifth at random (never lengthened, so
@@ -1520,7 +1447,7 @@ async fn sweep_loop(
             _ = tick.tick() => {}
         }
         unsettled.retry(&store, &node.instance, timeout).await;
-        said_dropped_outcomes();
+        log_budget::say_ended();
         loop {
             let claimed = match store
                 .claim_due(&node.instance, lease_until(&cfg), SWEEP_BATCH)

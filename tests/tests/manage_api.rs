@@ -1237,6 +1237,60 @@ async fn master_allow_and_ip_header() {
     );
 }
 
+/// A client refused in a loop does not fill the log: refusals are
+/// logged up to 600 a minute, all kinds together, and every one is
+/// still counted in /metrics.
+#[tokio::test]
+async fn a_client_refused_in_a_loop_has_600_lines_a_minute() {
+    use futures_util::StreamExt;
+    let s = start_with_allow("['10.0.0.0/8']").await;
+    let statuses: Vec<u16> = futures_util::stream::iter(0..1000)
+        .map(|_| async {
+            s.request(GET, "/manage/v2/core", Some(KEY), &[], None)
+                .await
+                .status
+                .as_u16()
+        })
+        .buffer_unordered(16)
+        .collect()
+        .await;
+    assert!(statuses.iter().all(|&st| st == 403), "{statuses:?}");
+    // A wrong key shares the budget: refused, its line not written.
+    let wrong = [("X-Real-IP", "10.0.0.9")];
+    let r = s
+        .request(GET, "/manage/v2/core", Some("bad"), &wrong, None)
+        .await;
+    assert_status!(r, 403);
+    assert_eq!(
+        s.log_lines("management access from an address not in master.allow")
+            .len(),
+        600
+    );
+    assert!(s.log_lines("management access with a wrong key").is_empty());
+    assert_eq!(
+        s.log_lines(
+            "600 lines of refused management access logged in a minute: the rest of the \
+             minute's are not, but counted (each refusal is in roboger_management_refused_total)"
+        )
+        .len(),
+        1
+    );
+    let bearer = format!("Bearer {KEY}");
+    let allowed = [("X-Real-IP", "10.0.0.1"), ("Authorization", &bearer)];
+    let r = s.request(GET, "/metrics", None, &allowed, None).await;
+    assert_status!(r, 200);
+    let m = roboger_tests::parse_metrics(&r.text);
+    assert_eq!(
+        m.get("roboger_management_refused_total{reason=\"not_allowed\"}"),
+        Some(&1000.0)
+    );
+    assert_eq!(
+        m.get("roboger_management_refused_total{reason=\"wrong_key\"}"),
+        Some(&1.0)
+    );
+    assert_eq!(m.get("roboger_refused_log_dropped_total"), Some(&401.0));
+}
+
 async fn start_with_allow(allow: &str) -> Server {
     start_behind("", allow, None).await
 }

@@ -3,7 +3,9 @@
 //! networks, checked against the client's real IP: the socket peer's, or
 //! what `ip-header` says when the peer is a proxy `ip-header-from` names
 //! (any peer when it names none, as in the original). Refusals are
-//! counted by reason for `/metrics`.
+//! counted by reason for `/metrics`, and logged within
+//! [`log_budget::REFUSED`]: a client refused in a loop does not fill the
+//! log.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -14,6 +16,7 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use super::error::ApiError;
+use crate::log_budget;
 use crate::metrics::ManagementRefused;
 
 /// The checks made before any management request runs.
@@ -89,7 +92,9 @@ impl MasterAuth {
         if bool::from(given.ct_eq(&self.key_digest)) {
             Ok(())
         } else {
-            tracing::warn!(?ip, "management access with a wrong key");
+            if log_budget::REFUSED.logged() {
+                tracing::warn!(?ip, "management access with a wrong key");
+            }
             self.wrong_key.fetch_add(1, Ordering::Relaxed);
             Err(ApiError::Forbidden("forbidden: invalid key"))
         }
@@ -99,7 +104,9 @@ impl MasterAuth {
     /// networks are set (403 otherwise).
     pub fn allowed(&self, ip: Option<IpAddr>) -> Result<(), ApiError> {
         if !self.allow.is_empty() && !ip.is_some_and(|ip| within(&self.allow, ip)) {
-            tracing::warn!(?ip, "management access from an address not in master.allow");
+            if log_budget::REFUSED.logged() {
+                tracing::warn!(?ip, "management access from an address not in master.allow");
+            }
             self.not_allowed.fetch_add(1, Ordering::Relaxed);
             return Err(ApiError::Forbidden(
                 "forbidden: client address is not allowed",

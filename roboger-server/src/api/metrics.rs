@@ -11,6 +11,7 @@ use super::error::ApiError;
 use super::guessing::{self, Counting};
 use super::reply::{self, Response};
 use crate::App;
+use crate::log_budget;
 use crate::metrics::{PluginSample, Scrape};
 use crate::supervisor::State;
 
@@ -42,7 +43,11 @@ pub async fn scrape(app: &App, headers: &HeaderMap, peer: Option<SocketAddr>) ->
         pending,
         body_budget: app.bodies.usage().to_vec(),
         management_refused: app.auth.refused(),
-        delivery_log_dropped: crate::pipeline::outcome_lines_dropped(),
+        delivery_log_dropped: (
+            log_budget::RETRIED.dropped_total(),
+            log_budget::FAILED.dropped_total(),
+        ),
+        refused_log_dropped: log_budget::REFUSED.dropped_total(),
     };
     match app.metrics.render(&scrape) {
         Ok(body) => {

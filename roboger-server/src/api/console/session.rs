@@ -21,6 +21,7 @@ use subtle::ConstantTimeEq;
 use crate::App;
 use crate::api::error::ApiError;
 use crate::api::guessing::{self, Counting};
+use crate::log_budget;
 use crate::store::entity::console_session;
 
 /// The session cookie's name.
@@ -134,7 +135,9 @@ pub async fn sign_in(app: &App, ip: Option<IpAddr>, key: &str) -> Result<SignIn,
         }
         Err(ApiError::TooManyWrongKeys(wait)) => Ok(SignIn::Wait(wait)),
         Err(ApiError::Forbidden(_) | ApiError::Unauthorized) => {
-            tracing::warn!(client = %who, "console: failed sign-in");
+            if log_budget::REFUSED.logged() {
+                tracing::warn!(client = %who, "console: failed sign-in");
+            }
             Ok(SignIn::Refused)
         }
         Err(e) => Err(e),
