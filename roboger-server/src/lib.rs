@@ -32,6 +32,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use config::Config;
+use tokio::sync::mpsc;
+
+/// Plugins back in service whose deliveries wait to be made due: more at
+/// once are not told (their deliveries go at their next look).
+const BACK_IN_SERVICE_QUEUED: usize = 16;
 
 /// Why [`App::start`] failed.
 #[derive(Debug, thiserror::Error)]
@@ -121,22 +126,40 @@ fn plugins_waiting_made_due(
     let store = store.clone();
     tokio::spawn(async move {
         for plugin in running {
-            match store.plugin_waiting_made_due(&plugin).await {
-                Ok(0) => {}
-                Ok(n) => tracing::info!(
-                    plugin,
-                    deliveries = n,
-                    "the plugin runs after a reload: its endpoints' waiting deliveries are due now"
-                ),
-                Err(e) => tracing::warn!(
-                    plugin,
-                    error = %e,
-                    "the plugin runs after a reload, but its endpoints' waiting deliveries could \
-                     not be made due now; each is looked at when it was due"
-                ),
-            }
+            plugin_waiting_made_due(&store, &plugin, "after a reload").await;
         }
     });
+}
+
+/// Makes due the waiting deliveries of the endpoints of each plugin the
+/// supervisor says runs again after it was failed or refused
+/// ([`supervisor::Options::back_in_service`]), by hand (the `restart`
+/// command) or by itself (a failed plugin's slow retries): they were put
+/// off while it was out of service. One plugin at a time, until the
+/// supervisor is gone.
+async fn back_in_service_made_due(store: store::Store, mut back: mpsc::Receiver<String>) {
+    while let Some(plugin) = back.recv().await {
+        plugin_waiting_made_due(&store, &plugin, "again after it was out of service").await;
+    }
+}
+
+/// Makes due the waiting deliveries of plugin `plugin`'s endpoints, as
+/// it runs `again` (the log's words); the log says how many.
+async fn plugin_waiting_made_due(store: &store::Store, plugin: &str, again: &str) {
+    match store.plugin_waiting_made_due(plugin).await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(
+            plugin,
+            deliveries = n,
+            "the plugin runs {again}: its endpoints' waiting deliveries are due now"
+        ),
+        Err(e) => tracing::warn!(
+            plugin,
+            error = %e,
+            "the plugin runs {again}, but its endpoints' waiting deliveries could not be made \
+             due now; each is looked at when it was due"
+        ),
+    }
 }
 
 /// Warns of the plugins that endpoints use but `configured` does not
@@ -195,6 +218,9 @@ impl App {
         opts.health_interval = config.plugin_health_interval;
         // This executable confines each plugin before running it.
         opts.launcher = std::env::current_exe().ok();
+        let (back, back_in_service) = mpsc::channel(BACK_IN_SERVICE_QUEUED);
+        opts.back_in_service = Some(back);
+        tokio::spawn(back_in_service_made_due(store.clone(), back_in_service));
         let plugins = supervisor::Supervisor::start(config.plugins.clone(), opts, host);
         plugins.wait_started().await;
         let counters = limits::Counters::new(

@@ -1218,9 +1218,9 @@ const HELD_WAIT_MIN: Duration = Duration::from_secs(60);
 /// [`HELD_WAIT_MIN`], at most `retry-max`. Each look is a claim and a
 /// write, so a backlog held for hours (a plugin out overnight, whose
 /// endpoints go on getting events) costs a tenth of what a look every
-/// minute would, while a delivery the plugin's return (or the enabling,
-/// had its make-due missed it) finds is made at most a tenth of its
-/// lateness later.
+/// minute would, while a delivery that no make-due reached (the plugin
+/// back on another node, or a make-due that failed) is made at most a
+/// tenth of its lateness after it could have been.
 fn held_wait(cfg: &DeliveryConfig, job: &Job, now: chrono::DateTime<chrono::Utc>) -> Duration {
     let age = (now - job.event.created).to_std().unwrap_or_default();
     Duration::from_secs((age / 10).as_secs())

@@ -34,7 +34,7 @@ use serde_json::Value;
 use serde_json::value::RawValue;
 use tokio::io::AsyncBufReadExt;
 use tokio::process::{Child, Command};
-use tokio::sync::{AcquireError, Semaphore, SemaphorePermit, watch};
+use tokio::sync::{AcquireError, Semaphore, SemaphorePermit, mpsc, watch};
 use tokio::time::Instant;
 
 use crate::config::PluginConfig;
@@ -124,6 +124,10 @@ pub struct Options {
     /// The `roboger-server` executable that confines each plugin before
     /// running it ([`crate::sandbox`]); `None` runs plugins unconfined.
     pub launcher: Option<PathBuf>,
+    /// Told the name of each plugin that runs again after it was out of
+    /// service (failed, or refused): its deliveries were put off while it
+    /// was, and are due now. `None`: nobody is told.
+    pub back_in_service: Option<mpsc::Sender<String>>,
 }
 
 impl Options {
@@ -136,6 +140,7 @@ impl Options {
             shutdown_grace: Duration::from_secs(3),
             backoff: BackoffPolicy::default(),
             launcher: None,
+            back_in_service: None,
         }
     }
 
@@ -1120,6 +1125,8 @@ async fn supervise(
 ) {
     let name = slot.cfg.name.clone();
     let mut backoff = Backoff::new(opts.backoff);
+    // Failed or refused since it last ran: its deliveries were put off.
+    let mut out_of_service = false;
     loop {
         if *shutdown.borrow() {
             break;
@@ -1148,6 +1155,9 @@ async fn supervise(
                     Some(pid) => tracing::info!(plugin = %name, pid, "plugin running"),
                     None => tracing::info!(plugin = %name, "plugin running"),
                 }
+                if std::mem::take(&mut out_of_service) {
+                    tell_back_in_service(&opts, &name);
+                }
                 let ended = run_until_end(&slot, &opts, conn, child, &mut shutdown).await;
                 match ended {
                     Ended::Shutdown => break,
@@ -1165,6 +1175,7 @@ async fn supervise(
             Err(StartError::Refused(why)) => {
                 tracing::error!(plugin = %name, "plugin refused and kept out: {why}");
                 set_state(&slot, State::Refused, Some(why));
+                out_of_service = true;
                 tokio::select! {
                     _ = slot.restart.notified() => { backoff.reset(); continue; }
                     _ = shutdown.wait_for(|s| *s) => break,
@@ -1175,6 +1186,7 @@ async fn supervise(
                 crash_delay(&slot, &mut backoff, None, why)
             }
         };
+        out_of_service |= slot.status.lock().is_ok_and(|s| s.state == State::Failed);
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
             _ = slot.restart.notified() => backoff.reset(),
@@ -1182,6 +1194,18 @@ async fn supervise(
         }
     }
     set_state(&slot, State::Stopped, None);
+}
+
+/// Tells whoever [`Options::back_in_service`] names that plugin `name`
+/// runs again. Without room in its queue (what it was told before is
+/// still being done), it is not told: the deliveries wait for their next
+/// look, as they would have anyway.
+fn tell_back_in_service(opts: &Options, name: &str) {
+    if let Some(tell) = &opts.back_in_service
+        && tell.try_send(name.to_string()).is_err()
+    {
+        tracing::debug!(plugin = %name, "too many plugins back in service at once to tell");
+    }
 }
 
 fn crash_delay(

@@ -38,12 +38,12 @@ async fn keep_and_back(dir: &std::path::Path, yaml: &str) -> (Server, String, St
     (s, keep, back)
 }
 
-/// Waits until the plugin `name` is refused (at most 20 s).
-async fn plugin_refused(s: &Server, name: &str) {
-    poll_until(Duration::from_secs(20), async || {
+/// Waits until the plugin `name` is in `state` (at most 30 s).
+async fn plugin_is(s: &Server, name: &str, state: &str) {
+    poll_until(Duration::from_secs(30), async || {
         match plugins(s).await.iter().find(|p| p["plugin_name"] == name) {
-            Some(p) if p["state"] == "refused" => Ok(()),
-            other => Err(format!("{name} is not refused: {other:?}")),
+            Some(p) if p["state"] == state => Ok(()),
+            other => Err(format!("{name} is not {state}: {other:?}")),
         }
     })
     .await;
@@ -325,7 +325,7 @@ async fn deliveries_wait_for_a_plugin_taken_out_or_refused() {
             )
             .await;
         } else {
-            plugin_refused(&s, "back").await;
+            plugin_is(&s, "back", "refused").await;
         }
         assert_status!(s.push(json!({"addr": a, "msg": msg})).await, 202);
         // Looked at every 0.2 s (retry-max), well past max-attempts, and
@@ -401,7 +401,7 @@ async fn a_reload_that_brings_a_plugin_back_sends_its_waiting_deliveries_at_once
     s.endpoint(id, "back", json!({})).await;
     replace_plugins(&s, &format!("{keep}{back}"), &format!("{keep}{refusing}"));
     s.signal("HUP");
-    plugin_refused(&s, "back").await;
+    plugin_is(&s, "back", "refused").await;
     assert_status!(s.push(json!({"addr": a, "msg": "held"})).await, 202);
     poll_until(Duration::from_secs(20), async || {
         let d = s.newest_event(id).await["deliveries"][0].clone();
@@ -428,6 +428,68 @@ async fn a_reload_that_brings_a_plugin_back_sends_its_waiting_deliveries_at_once
         Duration::from_secs(5),
     )
     .await;
+}
+
+/// A plugin out of service for want of something outside the server's
+/// config (a file its plugin config names), refused or failed after a
+/// crash at each start, put right and restarted by hand with the
+/// `restart` command, makes its endpoints' waiting deliveries due at
+/// once. Before, they went when next looked at: 48 to 60 s later, and up
+/// to `retry-max` for a backlog held for long.
+#[tokio::test]
+async fn a_restart_by_hand_that_brings_a_plugin_back_sends_its_waiting_deliveries_at_once() {
+    for (missing, state) in [("refuse", "refused"), ("exit", "failed")] {
+        let rec = tempfile::tempdir().expect("tempdir");
+        let needed = rec.path().join("credentials");
+        std::fs::write(&needed, "secret").expect("write the file the plugin needs");
+        let config = format!("{{requires: '{}', missing: {missing}}}", needed.display());
+        let s = Server::start_with(ServerOptions {
+            plugins_yaml: plugin("back", &config, rec.path()),
+            ..Default::default()
+        })
+        .await;
+        let (id, a) = s.new_addr().await;
+        s.endpoint(id, "back", json!({})).await;
+        let restart = async || {
+            let r = s
+                .manage(
+                    Method::POST,
+                    "/plugin/back",
+                    Some(json!({"cmd": "restart"})),
+                )
+                .await;
+            assert_status!(r, 204);
+        };
+        std::fs::remove_file(&needed).expect("remove the file");
+        restart().await;
+        plugin_is(&s, "back", state).await;
+        assert_status!(s.push(json!({"addr": a, "msg": "held"})).await, 202);
+        poll_until(Duration::from_secs(20), async || {
+            let d = s.newest_event(id).await["deliveries"][0].clone();
+            let put_off = format!("not tried: plugin back is not available: it is {state};");
+            match d["last_error"].as_str() {
+                Some(e) if e.starts_with(&put_off) => Ok(()),
+                _ => Err(format!("not put off yet: {d}")),
+            }
+        })
+        .await;
+        std::fs::write(&needed, "secret").expect("put the file back");
+        restart().await;
+        // Put off for 48 to 60 s, it is sent within a few.
+        poll_until(Duration::from_secs(10), async || {
+            match sent(rec.path(), "back").contains("held") {
+                true => Ok(()),
+                false => Err(format!("{missing}: back was not sent the held event")),
+            }
+        })
+        .await;
+        s.wait_log(
+            "the plugin runs again after it was out of service: its endpoints' waiting \
+             deliveries are due now",
+            Duration::from_secs(5),
+        )
+        .await;
+    }
 }
 
 /// A reload that changes a plugin lets the calls in flight on its old

@@ -38,6 +38,10 @@
 //! plugin directory likewise, and fails the call if nothing stopped it.
 //! `{"bucket": {...}}` in a config has `validate_config` store a bucket
 //! object (its `content` repeated `repeat` times).
+//! A plugin config `{"requires": "/path"}` is refused while that file is
+//! missing (a credentials file an operator has yet to put in place);
+//! with `"missing": "exit"` the plugin exits instead, so it crashes at
+//! each start until it is marked failed.
 
 use std::io::{BufRead, Write};
 
@@ -90,6 +94,16 @@ impl Plugin for Chaos {
             return Err(PluginError::rejected(
                 "this test plugin refuses every plugin config",
             ));
+        }
+        if let Some(path) = plugin_config.get("requires").and_then(Value::as_str)
+            && !std::path::Path::new(path).exists()
+        {
+            let why = format!("the file {path} this plugin requires is missing");
+            if plugin_config.get("missing").and_then(Value::as_str) == Some("exit") {
+                eprintln!("ERROR {why}");
+                std::process::exit(4);
+            }
+            return Err(PluginError::rejected(why));
         }
         Ok(())
     }
