@@ -38,6 +38,9 @@ struct Inner {
     store: Store,
     plugins: Arc<Supervisor>,
     retention: Duration,
+    /// How long the database may take to answer whether this node takes
+    /// a period's turn.
+    timeout: Duration,
     /// The cleanup running or last run: its task, and where its outcome
     /// appears.
     running: Mutex<Option<Running>>,
@@ -50,12 +53,18 @@ struct Running {
 }
 
 impl Cleanup {
-    pub fn new(store: Store, plugins: Arc<Supervisor>, retention: Duration) -> Cleanup {
+    pub fn new(
+        store: Store,
+        plugins: Arc<Supervisor>,
+        retention: Duration,
+        timeout: Duration,
+    ) -> Cleanup {
         Cleanup {
             inner: Arc::new(Inner {
                 store,
                 plugins,
                 retention,
+                timeout,
                 running: Mutex::new(None),
             }),
         }
@@ -116,7 +125,8 @@ impl Cleanup {
             tick.tick().await;
             loop {
                 tick.tick().await;
-                if !cluster::once(&cleanup.inner.store, &node, "cleanup", every).await {
+                let (store, timeout) = (&cleanup.inner.store, cleanup.inner.timeout);
+                if !cluster::once(store, &node, ("cleanup", every), timeout).await {
                     continue;
                 }
                 let mut outcome = cleanup.start();

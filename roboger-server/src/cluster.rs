@@ -28,7 +28,7 @@ use crate::config::DeliveryConfig;
 use crate::metrics::Metrics;
 use crate::outage::Outage;
 use crate::store::entity::node;
-use crate::store::{Store, StoreError};
+use crate::store::{self, Store, StoreError};
 
 /// How long a dead node stays in the list after it was rescued.
 const KEEP_DEAD: Duration = Duration::from_secs(3600);
@@ -216,13 +216,12 @@ pub async fn run(
                 clock.failed(format_args!("timed out after {within:?}"));
             }
         }
-        rescue_dead(&store, &node, cfg.node_timeout, &mut rescuing).await;
+        rescue_dead(&store, &node, (cfg.node_timeout, within), &mut rescuing).await;
         if renewed.elapsed() >= renew_every {
             renewed = tokio::time::Instant::now();
-            match store
-                .renew_leases(&node.instance, after(cfg.lease / 2), after(cfg.lease))
-                .await
-            {
+            let renewal =
+                store.renew_leases(&node.instance, after(cfg.lease / 2), after(cfg.lease));
+            match store::within(within, renewal).await {
                 Ok(n) => {
                     renewing.succeeded();
                     if n > 0 {
@@ -234,7 +233,7 @@ pub async fn run(
         }
         if maintained.elapsed() >= MAINTENANCE_EVERY {
             maintained = tokio::time::Instant::now();
-            maintenance(&store, &node).await;
+            maintenance(&store, &node, within).await;
         }
     }
 }
@@ -286,8 +285,15 @@ async fn check_clock(
     *off = over;
 }
 
-async fn rescue_dead(store: &Store, node: &Node, timeout: Duration, outage: &mut Outage) {
-    let dead = match store.nodes_dead(&node.instance, ago(timeout)).await {
+/// Frees the leases of the instances whose heartbeat is older than
+/// `timeout`; each read and write bounded by `within`.
+async fn rescue_dead(
+    store: &Store,
+    node: &Node,
+    (timeout, within): (Duration, Duration),
+    outage: &mut Outage,
+) {
+    let dead = match store::within(within, store.nodes_dead(&node.instance, ago(timeout))).await {
         Ok(d) => {
             outage.succeeded();
             d
@@ -298,7 +304,7 @@ async fn rescue_dead(store: &Store, node: &Node, timeout: Duration, outage: &mut
         }
     };
     for instance in dead {
-        match store.node_rescue(&instance, ago(timeout)).await {
+        match store::within(within, store.node_rescue(&instance, ago(timeout))).await {
             Ok(Some(n)) => tracing::warn!(
                 dead = %instance,
                 deliveries = n,
@@ -312,14 +318,14 @@ async fn rescue_dead(store: &Store, node: &Node, timeout: Duration, outage: &mut
     }
 }
 
-async fn maintenance(store: &Store, node: &Node) {
-    if !once(store, node, "maintenance", MAINTENANCE_EVERY).await {
+async fn maintenance(store: &Store, node: &Node, within: Duration) {
+    if !once(store, node, ("maintenance", MAINTENANCE_EVERY), within).await {
         return;
     }
-    if let Err(e) = store.nodes_forget(ago(KEEP_DEAD)).await {
+    if let Err(e) = store::within(within, store.nodes_forget(ago(KEEP_DEAD))).await {
         tracing::warn!(error = %e, "cannot forget dead nodes");
     }
-    if let Err(e) = store.routing_changes_prune(ago(KEEP_CHANGES)).await {
+    if let Err(e) = store::within(within, store.routing_changes_prune(ago(KEEP_CHANGES))).await {
         tracing::warn!(error = %e, "cannot prune routing changes");
     }
 }
@@ -327,11 +333,15 @@ async fn maintenance(store: &Store, node: &Node) {
 /// Whether this node is the one to run job `name` now, for the period
 /// `every`: true for one node of the cluster per period. The lease ends a
 /// little before the period, so the holder's next tick finds it free.
-pub async fn once(store: &Store, node: &Node, name: &str, every: Duration) -> bool {
-    match store
-        .job_take(name, &node.instance, after(every.mul_f64(0.9)))
-        .await
-    {
+/// False too when the database does not answer `within`.
+pub async fn once(
+    store: &Store,
+    node: &Node,
+    (name, every): (&str, Duration),
+    within: Duration,
+) -> bool {
+    let take = store.job_take(name, &node.instance, after(every.mul_f64(0.9)));
+    match store::within(within, take).await {
         Ok(mine) => mine,
         Err(e) => {
             tracing::warn!(error = %e, job = name, "cannot take a job's lease; skipping it");
@@ -340,9 +350,11 @@ pub async fn once(store: &Store, node: &Node, name: &str, every: Duration) -> bo
     }
 }
 
-/// A node stopping cleanly: its pending deliveries go to the others now.
-pub async fn leave(store: &Store, node: &Node) {
-    match store.node_leave(&node.instance).await {
+/// A node stopping cleanly: its pending deliveries go to the others now
+/// (if the database answers `within`; else when its heartbeat is seen
+/// to stop).
+pub async fn leave(store: &Store, node: &Node, within: Duration) {
+    match store::within(within, store.node_leave(&node.instance)).await {
         Ok(0) => {}
         Ok(n) => tracing::info!(deliveries = n, "pending deliveries left to the other nodes"),
         Err(e) => tracing::warn!(error = %e, "cannot leave the cluster cleanly"),

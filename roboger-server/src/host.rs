@@ -105,7 +105,10 @@ fn store_err(e: StoreError) -> ErrorObjectOwned {
     match e {
         StoreError::NotFound(what) => err(codes::NOT_FOUND, format!("{what} not found")),
         StoreError::Conflict(m) | StoreError::TooLarge(m) => err(codes::REJECTED, m),
-        e @ (StoreError::Db(_) | StoreError::Connect(_) | StoreError::NewerSchema(_)) => {
+        e @ (StoreError::Db(_)
+        | StoreError::Connect(_)
+        | StoreError::Unanswered(_)
+        | StoreError::NewerSchema(_)) => {
             tracing::warn!(error = %e, "database error in a plugin callback");
             err(codes::FAILED, e.to_string())
         }

@@ -231,7 +231,11 @@ impl App {
         warn_unconfigured(&store, &config.plugins, config.timeout).await;
         let routes = Arc::new(routing::Routes::default());
         routes.load(&store).await?;
-        tokio::spawn(routing::follow(Arc::downgrade(&routes), store.clone()));
+        tokio::spawn(routing::follow(
+            Arc::downgrade(&routes),
+            store.clone(),
+            config.timeout,
+        ));
         let node = Arc::new(cluster::Node::new(&config.delivery.node));
         cluster::join(&store, &node, config.timeout)
             .await
@@ -262,7 +266,12 @@ impl App {
             metrics.clone(),
         )
         .await;
-        let cleanup = cleanup::Cleanup::new(store.clone(), plugins.clone(), config.event_retention);
+        let cleanup = cleanup::Cleanup::new(
+            store.clone(),
+            plugins.clone(),
+            config.event_retention,
+            config.timeout,
+        );
         Ok(App {
             config,
             store,
@@ -333,6 +342,6 @@ impl App {
     /// still holds are left to the other nodes (or to its next start).
     pub async fn stop(&self) {
         self.heartbeat.abort();
-        cluster::leave(&self.store, &self.node).await;
+        cluster::leave(&self.store, &self.node, self.config.timeout).await;
     }
 }

@@ -1450,7 +1450,7 @@ async fn sweep_loop(
         log_budget::say_ended();
         loop {
             let claimed = match store
-                .claim_due(&node.instance, lease_until(&cfg), SWEEP_BATCH)
+                .claim_due(&node.instance, lease_until(&cfg), SWEEP_BATCH, timeout)
                 .await
             {
                 Ok(c) => {

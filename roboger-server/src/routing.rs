@@ -222,8 +222,9 @@ const POLL_WITH_NOTIFY: Duration = Duration::from_secs(1);
 
 /// Keeps `routes` in step with changes made through other nodes until
 /// `routes` is dropped: on PostgreSQL it listens for their `NOTIFY` on a
-/// connection of its own, and everywhere it polls the version.
-pub async fn follow(routes: Weak<Routes>, store: Store) {
+/// connection of its own, and everywhere it polls the version, each
+/// catch-up bounded by `timeout`.
+pub async fn follow(routes: Weak<Routes>, store: Store, timeout: Duration) {
     let told = Arc::new(tokio::sync::Notify::new());
     let mut every = POLL;
     let mut listening = None;
@@ -276,7 +277,9 @@ pub async fn follow(routes: Weak<Routes>, store: Store) {
             _ = tick.tick() => {}
         }
         let Some(r) = routes.upgrade() else { break };
-        match r.catch_up(&store).await {
+        // Bounded: a catch-up waiting for good on a silent connection
+        // would hold `seen`, and with it every management change's own.
+        match crate::store::within(timeout, r.catch_up(&store)).await {
             Ok(n) => {
                 outage.succeeded();
                 if n > 0 {

@@ -17,10 +17,13 @@
 //! gives).
 //!
 //! It can also break every connection open at once, wherever its
-//! exchange is ([`DbProxy::break_all`]), for a network that flaps; and
-//! keep the database out of reach for a while ([`DbProxy::go_down`]),
+//! exchange is ([`DbProxy::break_all`]), for a network that flaps; keep
+//! the database out of reach for a while ([`DbProxy::go_down`]),
 //! closing each new connection at once, as a database that is down or
-//! failing over.
+//! failing over; and leave every connection open now without another
+//! byte either way, for good, while new ones are served
+//! ([`DbProxy::silence_all`]), as after a failover whose old primary
+//! vanished with no reset reaching anyone.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -53,6 +56,9 @@ pub struct DbProxy {
     armed: Arc<Mutex<Option<Lose>>>,
     lost: Arc<AtomicUsize>,
     breaks: tokio::sync::watch::Sender<u64>,
+    silences: tokio::sync::watch::Sender<u64>,
+    silence_at: Arc<Mutex<Vec<String>>>,
+    silenced: Arc<AtomicUsize>,
     down: Arc<AtomicBool>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -66,9 +72,30 @@ struct Shared {
     lost: Arc<AtomicUsize>,
     /// Bumped to break every connection open.
     breaks: tokio::sync::watch::Sender<u64>,
+    /// Bumped to silence every connection open.
+    silences: tokio::sync::watch::Sender<u64>,
+    /// Texts in statements whose connections are silenced as they send
+    /// them, each once.
+    silence_at: Arc<Mutex<Vec<String>>>,
+    /// How many were.
+    silenced: Arc<AtomicUsize>,
 }
 
 impl Shared {
+    /// Whether a statement of text `text`, about to be sent, silences its
+    /// connection; the mark it holds is then used up.
+    fn silences(&self, text: &[u8]) -> bool {
+        let Ok(mut marks) = self.silence_at.lock() else {
+            return false;
+        };
+        let Some(i) = marks.iter().position(|m| holds(text, m.as_bytes())) else {
+            return false;
+        };
+        marks.remove(i);
+        self.silenced.fetch_add(1, Ordering::SeqCst);
+        true
+    }
+
     /// Whether the message that ends a commit, in a transaction that ran
     /// statements `ran` (the group commit's: `group`), is the one to lose;
     /// disarms the proxy if so.
@@ -113,11 +140,19 @@ impl DbProxy {
             armed: Arc::default(),
             lost: Arc::default(),
             breaks: tokio::sync::watch::Sender::new(0),
+            silences: tokio::sync::watch::Sender::new(0),
+            silence_at: Arc::default(),
+            silenced: Arc::default(),
         };
         let (armed, lost, breaks) = (
             shared.armed.clone(),
             shared.lost.clone(),
             shared.breaks.clone(),
+        );
+        let (silences, silence_at, silenced) = (
+            shared.silences.clone(),
+            shared.silence_at.clone(),
+            shared.silenced.clone(),
         );
         let down = Arc::new(AtomicBool::new(false));
         let refusing = down.clone();
@@ -147,6 +182,9 @@ impl DbProxy {
             armed,
             lost,
             breaks,
+            silences,
+            silence_at,
+            silenced,
             down,
             task,
         }
@@ -185,6 +223,32 @@ impl DbProxy {
     /// Lets connections through again.
     pub fn come_up(&self) {
         self.down.store(false, Ordering::SeqCst);
+    }
+
+    /// Every connection open now carries no more bytes, either way, and
+    /// is never closed (until the proxy is dropped); new connections are
+    /// served as before. What a server sees of a database host that
+    /// vanished, or a network path cut, when no reset reaches it, but
+    /// for good rather than until TCP gives up (about 15 minutes with
+    /// Linux's defaults).
+    pub fn silence_all(&self) {
+        self.silences.send_modify(|n| *n += 1);
+    }
+
+    /// For each of `marks`, the next connection to send a statement
+    /// holding it falls silent as [`DbProxy::silence_all`] leaves each,
+    /// before that statement reaches the database: what the statements
+    /// before it in its transaction did (rows they locked) stays so in
+    /// the database until it ends the session itself.
+    pub fn silence_at(&self, marks: &[&str]) {
+        if let Ok(mut armed) = self.silence_at.lock() {
+            armed.extend(marks.iter().map(|m| m.to_string()));
+        }
+    }
+
+    /// How many connections [`DbProxy::silence_at`] silenced so far.
+    pub fn silenced(&self) -> usize {
+        self.silenced.load(Ordering::SeqCst)
     }
 }
 
@@ -251,15 +315,26 @@ async fn pass_on(sw: &mut OwnedWriteHalf, m: &[u8], lose: bool, doomed: &Doomed)
 
 /// Runs a connection's two directions until either ends, or every
 /// connection is broken: both sockets close with their halves dropped.
+/// Once every connection is silenced, neither direction is run again
+/// and the sockets are held open.
 async fn both(
     to_server: impl Future<Output = ()>,
     to_client: impl Future<Output = ()>,
-    mut breaks: tokio::sync::watch::Receiver<u64>,
+    shared: &Shared,
 ) {
-    tokio::select! {
-        _ = to_server => {}
-        _ = to_client => {}
-        _ = breaks.changed() => {}
+    let mut breaks = shared.breaks.subscribe();
+    let mut silences = shared.silences.subscribe();
+    let (mut to_server, mut to_client) = (std::pin::pin!(to_server), std::pin::pin!(to_client));
+    let silenced = tokio::select! {
+        _ = &mut to_server => false,
+        _ = &mut to_client => false,
+        _ = breaks.changed() => false,
+        _ = silences.changed() => true,
+    };
+    if silenced {
+        // Both directions held, never polled again: their sockets stay
+        // open and carry nothing.
+        std::future::pending::<()>().await;
     }
 }
 
@@ -282,7 +357,7 @@ async fn pg_message(r: &mut (impl AsyncRead + Unpin), typed: bool) -> Option<(u8
 /// Relays one PostgreSQL connection until either side ends it, or its
 /// answer is lost.
 async fn relay_pg(client: TcpStream, server: TcpStream, shared: Shared) {
-    let shared_breaks = shared.breaks.clone();
+    let links = shared.clone();
     let (cr, mut cw) = client.into_split();
     let (sr, mut sw) = server.into_split();
     let doomed = Doomed::default();
@@ -296,6 +371,17 @@ async fn relay_pg(client: TcpStream, server: TcpStream, shared: Shared) {
             let mut typed = false;
             while let Some((kind, m)) = pg_message(&mut cr, typed).await {
                 let body = m.get(5..).unwrap_or_default();
+                let text = match (typed, kind) {
+                    (true, b'P') => c_string(c_string(body).1).0,
+                    (true, b'B') => statements
+                        .get(c_string(c_string(body).1).0)
+                        .map_or(&[][..], |t| t),
+                    (true, b'Q') => body,
+                    _ => &[],
+                };
+                if shared.silences(text) {
+                    return std::future::pending().await;
+                }
                 let lose = match (typed, kind) {
                     // Parse: statement name, text.
                     (true, b'P') => {
@@ -346,7 +432,7 @@ async fn relay_pg(client: TcpStream, server: TcpStream, shared: Shared) {
             }
         }
     };
-    both(to_server, to_client, shared_breaks.subscribe()).await;
+    both(to_server, to_client, &links).await;
 }
 
 /// One MySQL packet: its sequence number, its payload, and the whole
@@ -378,7 +464,7 @@ struct MyStatements {
 /// Relays one MySQL connection until either side ends it, or its answer
 /// is lost.
 async fn relay_mysql(client: TcpStream, server: TcpStream, shared: Shared) {
-    let shared_breaks = shared.breaks.clone();
+    let links = shared.clone();
     let (cr, mut cw) = client.into_split();
     let (sr, mut sw) = server.into_split();
     let doomed = Doomed::default();
@@ -392,6 +478,19 @@ async fn relay_mysql(client: TcpStream, server: TcpStream, shared: Shared) {
                 // A command is the first packet of its exchange; the
                 // handshake's packets and a long packet's rest are not.
                 let text = payload.get(1..).unwrap_or_default();
+                let executed = match (seq, payload.first()) {
+                    (0, Some(0x17)) => statements
+                        .lock()
+                        .ok()
+                        .and_then(|st| st.by_id.get(&statement_id(&payload)?).cloned()),
+                    _ => None,
+                };
+                let command = matches!((seq, payload.first()), (0, Some(0x16 | 0x03)));
+                if (command && shared.silences(text))
+                    || executed.as_ref().is_some_and(|t| shared.silences(t))
+                {
+                    return std::future::pending().await;
+                }
                 let lose = match (seq, payload.first()) {
                     // COM_STMT_PREPARE
                     (0, Some(0x16)) => {
@@ -441,5 +540,5 @@ async fn relay_mysql(client: TcpStream, server: TcpStream, shared: Shared) {
             }
         }
     };
-    both(to_server, to_client, shared_breaks.subscribe()).await;
+    both(to_server, to_client, &links).await;
 }

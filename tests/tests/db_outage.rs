@@ -12,7 +12,8 @@
 //! And a push whose commit took effect though its answer was lost on the
 //! way back is answered 503 and never delivered; a claim whose answer was
 //! lost holds nothing; and while the network flaps no push answered 202 is
-//! lost, none answered 503 is delivered.
+//! lost, none answered 503 is delivered. A connection that falls silent
+//! for good (a failover whose old primary vanished) holds no task.
 //!
 //! Those that freeze the whole PostgreSQL server (SIGSTOP) must not run
 //! beside other tests nor each other: they are ignored by default and
@@ -617,6 +618,120 @@ async fn a_delivery_made_while_the_database_is_out_of_reach_is_not_made_again() 
     tokio::time::sleep(Duration::from_secs(3)).await;
     proxy.come_up();
     made_once(&s, &record, endpoint, 5).await;
+}
+
+/// After a failover whose old primary vanished, the connections open to
+/// it never answer again (no reset reaches the server, and with nothing
+/// left to send TCP never gives up on a read), while new ones reach the
+/// database: every part of the server leaves its silent connection behind
+/// within its timeout and goes on. Before, a task whose statement was in
+/// flight then waited for good: the sweeper's claim (no retry made again),
+/// the heartbeat's look for dead nodes (the node's heartbeat stopped, so
+/// the other nodes took its deliveries and `/ping` said 503), and the
+/// routing catch-up (holding the routing index's lock, so every
+/// management change answered 503, committed, and was never routed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_that_never_answer_again_are_left_behind() {
+    let Some((proxy, s, _)) = behind_proxy(ServerOptions::test_plugin("")).await else {
+        return;
+    };
+    let (id, a) = s.new_addr().await;
+    // Each event's first try fails: its retry needs a claim.
+    let ep = s
+        .endpoint(id, "t", serde_json::json!({"fail_times": 1}))
+        .await;
+    let push = async |msg: &str| {
+        s.push(serde_json::json!({"addr": a, "msg": msg}))
+            .await
+            .status
+            .as_u16()
+    };
+    assert_eq!(push("before").await, 202);
+    s.endpoint_settles(id, ep, 1, 0).await;
+    // Statements of the three tasks fall silent as they are sent: the
+    // claim, the look for dead nodes, the routing catch-up.
+    let marks = if roboger_tests::on_postgres() {
+        [
+            "SKIP LOCKED",
+            "\"node\".\"heartbeat\" <",
+            "FROM \"routing_change\" WHERE",
+        ]
+    } else {
+        [
+            "SKIP LOCKED",
+            "`node`.`heartbeat` <",
+            "FROM `routing_change` WHERE",
+        ]
+    };
+    proxy.silence_at(&marks);
+    assert_eq!(push("claimed").await, 202);
+    poll_until(Duration::from_secs(30), async || match proxy.silenced() {
+        3 => Ok(()),
+        n => Err(format!("{n} of the 3 statements sent")),
+    })
+    .await;
+    // The retry is made.
+    delivered(&s, (id, ep), 2).await;
+    // The heartbeat goes on.
+    let heartbeat = async || {
+        let r = s.manage(Method::GET, "/node", None).await;
+        assert_status!(r, 200);
+        r.json()[0]["heartbeat"].clone()
+    };
+    let silenced_at = heartbeat().await;
+    poll_until(Duration::from_secs(30), async || match heartbeat().await {
+        h if h != silenced_at => Ok(()),
+        h => Err(format!("no heartbeat since {h}")),
+    })
+    .await;
+    // A change is answered, and routed.
+    let added = s.endpoint(id, "t", serde_json::json!({})).await;
+    assert_eq!(push("routed").await, 202);
+    delivered(&s, (id, added), 1).await;
+    // Then every connection open falls silent.
+    proxy.silence_all();
+    // Pushes are refused (503, stored nowhere) until the commit's
+    // connection is left behind, then stored.
+    let mut refused = 0;
+    poll_every(
+        Duration::from_millis(200),
+        Duration::from_secs(30),
+        async || match push("after").await {
+            202 => Ok(()),
+            503 => {
+                refused += 1;
+                Err(format!("{refused} pushes answered 503"))
+            }
+            other => panic!("a push answered {other}"),
+        },
+    )
+    .await;
+    delivered(&s, (id, ep), 4).await;
+    assert!(s.log_lines("panicked").is_empty(), "{}", s.log_text());
+}
+
+/// Waits up to 30 s until endpoint `ep` of address `id` has `n`
+/// deliveries delivered and none pending, the API answering 503 meanwhile
+/// or not.
+async fn delivered(s: &Server, (id, ep): (i64, i64), n: u64) {
+    poll_every(
+        Duration::from_millis(200),
+        Duration::from_secs(30),
+        async || {
+            let r = s
+                .manage(Method::GET, &format!("/addr/{id}/endpoint/{ep}"), None)
+                .await;
+            if r.status.as_u16() != 200 {
+                return Err(format!("the endpoint: {} {}", r.status, r.text));
+            }
+            let v = r.json();
+            match (v["delivered"].as_u64(), v["pending"].as_u64()) {
+                (Some(d), Some(0)) if d == n => Ok(()),
+                _ => Err(format!("not {n} delivered: {v}")),
+            }
+        },
+    )
+    .await;
 }
 
 /// Outcomes the database itself refuses (here a trigger refuses every

@@ -117,7 +117,10 @@ impl From<StoreError> for ApiError {
             StoreError::NotFound(what) => ApiError::NotFound(format!("{what} not found")),
             StoreError::Conflict(msg) => ApiError::Conflict(msg),
             StoreError::TooLarge(msg) => ApiError::BadRequest(msg),
-            e @ (StoreError::Db(_) | StoreError::Connect(_) | StoreError::NewerSchema(_)) => {
+            e @ (StoreError::Db(_)
+            | StoreError::Connect(_)
+            | StoreError::Unanswered(_)
+            | StoreError::NewerSchema(_)) => {
                 tracing::error!(error = %e, "database error");
                 ApiError::Unavailable("database error; see the server log".into())
             }

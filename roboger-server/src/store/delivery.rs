@@ -38,6 +38,16 @@ impl<E: Into<StoreError>> From<E> for ClaimError {
     }
 }
 
+/// What a claim read and leased, its transaction still open: the
+/// transaction, the deliveries, their events by id, and their endpoints
+/// by id with whether each one's address is active.
+type ClaimRead = (
+    sea_orm::DatabaseTransaction,
+    Vec<delivery::Model>,
+    std::collections::HashMap<String, std::sync::Arc<EventHead>>,
+    std::collections::HashMap<i64, (endpoint::Model, bool)>,
+);
+
 /// A due delivery claimed ([`Store::claim_due`]) with its event, its
 /// endpoint and whether its address is active, all read in the claim's
 /// transaction.
@@ -199,12 +209,77 @@ impl Store {
     /// whose own `COMMIT` may have taken effect though it failed says
     /// which deliveries it may hold ([`ClaimError`]), for the caller to
     /// free.
+    ///
+    /// It waits for the database `within` in all, then fails
+    /// ([`StoreError::Unanswered`]; its `COMMIT` unanswered, in doubt): a
+    /// connection that falls silent (a database host that vanished, with
+    /// no reset reaching this one) held the sweeper, and every retry and
+    /// put-off on this node, until TCP gave up on it, about 15 minutes.
     pub async fn claim_due(
         &self,
         node: &str,
         lease_until: chrono::DateTime<chrono::Utc>,
         limit: u64,
+        within: std::time::Duration,
     ) -> std::result::Result<Vec<Due>, ClaimError> {
+        let deadline = tokio::time::Instant::now() + within;
+        let unanswered = || StoreError::Unanswered(within);
+        // Dropped unfinished, its transaction took no effect: rolled back
+        // by the pool, or by the database once the session ends.
+        let Ok(read) =
+            tokio::time::timeout_at(deadline, self.claim_read(node, lease_until, limit)).await
+        else {
+            return Err(unanswered().into());
+        };
+        let Some((txn, due, events, eps)) = read? else {
+            return Ok(Vec::new());
+        };
+        let in_doubt = || {
+            due.iter()
+                .map(|d| (d.event_id.clone(), d.endpoint_id))
+                .collect()
+        };
+        match tokio::time::timeout_at(deadline, txn.commit()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                let error = StoreError::from(e);
+                let in_doubt = match error.took_no_effect() {
+                    true => Vec::new(),
+                    false => in_doubt(),
+                };
+                return Err(ClaimError { error, in_doubt });
+            }
+            Err(_) => {
+                return Err(ClaimError {
+                    error: unanswered(),
+                    in_doubt: in_doubt(),
+                });
+            }
+        }
+        Ok(due
+            .into_iter()
+            .filter_map(|d| {
+                let event = events.get(&d.event_id)?.clone();
+                let (endpoint, addr_active) = eps.get(&d.endpoint_id)?.clone();
+                Some(Due {
+                    delivery: d,
+                    event,
+                    endpoint,
+                    addr_active,
+                })
+            })
+            .collect())
+    }
+
+    /// A claim's work before its `COMMIT`: the due deliveries read and
+    /// leased, with their events and endpoints, in its transaction, left
+    /// open; `None` when none is due (committed already).
+    async fn claim_read(
+        &self,
+        node: &str,
+        lease_until: chrono::DateTime<chrono::Utc>,
+        limit: u64,
+    ) -> Result<Option<ClaimRead>> {
         use sea_orm::{QuerySelect, sea_query::LockBehavior, sea_query::LockType};
         let now = chrono::Utc::now();
         let txn = self.begin_write().await?;
@@ -228,7 +303,7 @@ impl Store {
         let due = q.all(&txn).await?;
         if due.is_empty() {
             txn.commit().await?;
-            return Ok(Vec::new());
+            return Ok(None);
         }
         let ids: Vec<i64> = due.iter().map(|d| d.id).collect();
         delivery::Entity::update_many()
@@ -256,30 +331,7 @@ impl Store {
             .into_iter()
             .map(|(e, a)| (e.id, (e, a.is_some_and(|a| a.active == 1))))
             .collect();
-        if let Err(e) = txn.commit().await {
-            let error = StoreError::from(e);
-            let in_doubt = match error.took_no_effect() {
-                true => Vec::new(),
-                false => due
-                    .iter()
-                    .map(|d| (d.event_id.clone(), d.endpoint_id))
-                    .collect(),
-            };
-            return Err(ClaimError { error, in_doubt });
-        }
-        Ok(due
-            .into_iter()
-            .filter_map(|d| {
-                let event = events.get(&d.event_id)?.clone();
-                let (endpoint, addr_active) = eps.get(&d.endpoint_id)?.clone();
-                Some(Due {
-                    delivery: d,
-                    event,
-                    endpoint,
-                    addr_active,
-                })
-            })
-            .collect())
+        Ok(Some((txn, due, events, eps)))
     }
 
     // ---- events API --------------------------------------------------------

@@ -58,6 +58,12 @@ pub enum StoreError {
     /// (its own directory cannot be made, or it did not answer in time).
     #[error("{0}")]
     Connect(String),
+    /// The database did not answer within the bound the caller set (its
+    /// connection silent: a host that vanished, a path cut with no reset
+    /// reaching the server). Like a broken connection, it says nothing of
+    /// what was written.
+    #[error("the database did not answer within {}s (`timeout`)", .0.as_secs_f64())]
+    Unanswered(std::time::Duration),
     /// A newer build migrated the database: the migrations it records
     /// that this build does not have. This build must not write to it.
     #[error(
@@ -106,13 +112,26 @@ impl StoreError {
                         )
                     })
             }
-            StoreError::Connect(_) => true,
+            StoreError::Connect(_) | StoreError::Unanswered(_) => true,
             _ => false,
         }
     }
 }
 
 type Result<T> = std::result::Result<T, StoreError>;
+
+/// `op`, if the database answers it within `bound`; else
+/// [`StoreError::Unanswered`], `op` dropped unfinished (a transaction it
+/// left open took no effect). For the tasks that run again and again: a
+/// database host that vanished with no reset reaching this one (a
+/// failover, a path cut) leaves a read on its connection waiting for
+/// good, as nothing is left to send that TCP could give up on, and the
+/// task with it.
+pub async fn within<T>(bound: Duration, op: impl Future<Output = Result<T>>) -> Result<T> {
+    tokio::time::timeout(bound, op)
+        .await
+        .unwrap_or(Err(StoreError::Unanswered(bound)))
+}
 
 /// How an address is named in a path: its numeric id or its 64-char string.
 #[derive(Debug, Clone, PartialEq, Eq)]
