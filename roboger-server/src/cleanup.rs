@@ -17,7 +17,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::cluster::{self, Node};
-use crate::store::{Store, StoreError};
+use crate::store::{self, Store, StoreError};
 use crate::supervisor::Supervisor;
 
 /// How a cleanup ended. A failure is logged by the cleanup itself.
@@ -38,8 +38,8 @@ struct Inner {
     store: Store,
     plugins: Arc<Supervisor>,
     retention: Duration,
-    /// How long the database may take to answer whether this node takes
-    /// a period's turn.
+    /// How long the database may take to answer each statement (whether
+    /// this node takes a period's turn, each step of a cleanup).
     timeout: Duration,
     /// The cleanup running or last run: its task, and where its outcome
     /// appears.
@@ -152,12 +152,15 @@ impl Cleanup {
 
 impl Inner {
     async fn once(&self) -> Result<(), StoreError> {
-        let n = self.store.bucket_cleanup().await?;
+        // Each statement within `timeout`: a cleanup waiting for good on
+        // a silent connection would keep every later one from starting.
+        let n = store::within(self.timeout, self.store.bucket_cleanup()).await?;
         let before =
             chrono::Utc::now() - chrono::Duration::from_std(self.retention).unwrap_or_default();
+        // A chunk at a time, each within `timeout` (`Store::events_cleanup`).
         let events = self.store.events_cleanup(before).await?;
         let now = chrono::Utc::now();
-        let sessions = self.store.sessions_cleanup(now).await?;
+        let sessions = store::within(self.timeout, self.store.sessions_cleanup(now)).await?;
         tracing::info!(
             expired_objects = n,
             old_events = events,

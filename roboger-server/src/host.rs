@@ -202,16 +202,13 @@ impl HostApiServer for HostHandler {
             expires,
             content,
         };
-        self.ctx.store.bucket_put(obj).await.map_err(store_err)
+        self.within_timeout(self.ctx.store.bucket_put(obj)).await
     }
 
     async fn bucket_get(&self, object_id: String, public: Option<bool>) -> RpcResult<BucketObject> {
         let o = self
-            .ctx
-            .store
-            .bucket_get(&object_id, public)
-            .await
-            .map_err(store_err)?;
+            .within_timeout(self.ctx.store.bucket_get(&object_id, public))
+            .await?;
         Ok(BucketObject {
             id: o.id,
             creator: o.creator,
@@ -229,19 +226,13 @@ impl HostApiServer for HostHandler {
     }
 
     async fn bucket_touch(&self, object_id: String) -> RpcResult<()> {
-        self.ctx
-            .store
-            .bucket_touch(&object_id)
+        self.within_timeout(self.ctx.store.bucket_touch(&object_id))
             .await
-            .map_err(store_err)
     }
 
     async fn bucket_delete(&self, object_id: String) -> RpcResult<()> {
-        self.ctx
-            .store
-            .bucket_delete(&object_id)
+        self.within_timeout(self.ctx.store.bucket_delete(&object_id))
             .await
-            .map_err(store_err)
     }
 
     async fn call_plugin(

@@ -710,6 +710,57 @@ async fn connections_that_never_answer_again_are_left_behind() {
     assert!(s.log_lines("panicked").is_empty(), "{}", s.log_text());
 }
 
+/// What goes on past its caller (a cleanup, a walk a change starts) and
+/// what a request reads before it answers (a push counted against its
+/// address's limits) waits for each of its statements `timeout` at most:
+/// one that falls silent fails it, and the next works. Before, the push
+/// was never answered, and the cleanup never ended: each later cleanup
+/// (the command's, the periodic one) waited for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_connection_fails_a_cleanup_or_a_push_and_the_next_works() {
+    let opts = ServerOptions::test_plugin("limits:\n  period: day\n");
+    let Some((proxy, s, _)) = behind_proxy(opts).await else {
+        return;
+    };
+    let (id, a) = s.new_addr().await;
+    let ep = s.endpoint(id, "t", serde_json::json!({})).await;
+    let name = |t: &str| match roboger_tests::on_postgres() {
+        true => format!("\"{t}\""),
+        false => format!("`{t}`"),
+    };
+    let (limit, event) = (name("addr_limit"), name("event"));
+    proxy.silence_at(&[
+        // A push's count against its address's limits.
+        &format!("UPDATE {limit}"),
+        // The cleanup's first chunk of events past their retention.
+        &format!("FROM {event} WHERE {event}.{} <", name("id")),
+    ]);
+    let push = async |msg: &str| {
+        s.push(serde_json::json!({"addr": a, "msg": msg}))
+            .await
+            .status
+            .as_u16()
+    };
+    assert_eq!(push("silenced").await, 503);
+    assert_eq!(push("counted").await, 202);
+    let cleanup = async || {
+        s.manage(
+            Method::POST,
+            "/core",
+            Some(serde_json::json!({"cmd": "cleanup"})),
+        )
+        .await
+        .status
+        .as_u16()
+    };
+    let first = cleanup().await;
+    assert!([202, 503].contains(&first), "{first}");
+    s.wait_log("cleanup failed", Duration::from_secs(10)).await;
+    assert_eq!(cleanup().await, 204);
+    assert_eq!(proxy.silenced(), 2);
+    s.endpoint_settles(id, ep, 1, 0).await;
+}
+
 /// Waits up to 30 s until endpoint `ep` of address `id` has `n`
 /// deliveries delivered and none pending, the API answering 503 meanwhile
 /// or not.

@@ -20,7 +20,7 @@ use super::budget::Room;
 use super::error::ApiError;
 use super::reply::{self, Response};
 use crate::App;
-use crate::store::StoreError;
+use crate::store::{self, StoreError};
 use crate::supervisor::CallError;
 
 /// The largest request body passed to a plugin's HTTP route.
@@ -32,7 +32,8 @@ pub async fn file(app: &App, id: &str) -> Response {
     // Room in the body budget for the object before it is read, held
     // until the last of it is sent: files being sent are bounded like
     // bodies being read.
-    let room = match app.store.bucket_public_size(id).await {
+    let within = app.config.timeout;
+    let room = match store::within(within, app.store.bucket_public_size(id)).await {
         Ok(size) => match app
             .bodies
             .room_for(usize::try_from(size).unwrap_or(0))
@@ -44,12 +45,12 @@ pub async fn file(app: &App, id: &str) -> Response {
         Err(StoreError::NotFound(_)) => return reply::text(StatusCode::NOT_FOUND, "no such file"),
         Err(e) => return reply::error(&e.into()),
     };
-    let obj = match app.store.bucket_get(id, Some(true)).await {
+    let obj = match store::within(within, app.store.bucket_get(id, Some(true))).await {
         Ok(o) => o,
         Err(StoreError::NotFound(_)) => return reply::text(StatusCode::NOT_FOUND, "no such file"),
         Err(e) => return reply::error(&e.into()),
     };
-    if let Err(e) = app.store.bucket_touch(id).await {
+    if let Err(e) = store::within(within, app.store.bucket_touch(id)).await {
         tracing::warn!(object = id, error = %e, "cannot set the access time");
     }
     let left = (obj.expires_at - chrono::Utc::now()).num_seconds().max(0);

@@ -21,6 +21,7 @@ use crate::App;
 use crate::event::{Event, MAX_HOPS};
 use crate::pipeline::AcceptError;
 use crate::routing::Matchable;
+use crate::store::StoreError;
 
 /// The body limit of a push whose media may be `max_media` bytes
 /// (base64 is 4/3 of it, plus room for the other fields).
@@ -200,21 +201,21 @@ pub async fn push_fields(
     let ready = app.pipeline.ready(event, routes.id).map_err(refused)?;
     let event = ready.event();
     if let Some(limits) = &app.config.limits {
-        match crate::limits::check(
+        let check = crate::limits::check(
             (&app.store, &app.counters),
             limits,
             &routes,
             &event.addr,
             level,
             body_len,
-        )
-        .await
-        {
-            Ok(()) => {}
-            Err(crate::limits::LimitError::Over { text, retry }) => {
+        );
+        match tokio::time::timeout(app.config.timeout, check).await {
+            Ok(Ok(())) => {}
+            Ok(Err(crate::limits::LimitError::Over { text, retry })) => {
                 return Err(ApiError::OverLimit { text, retry });
             }
-            Err(crate::limits::LimitError::Store(e)) => return Err(e.into()),
+            Ok(Err(crate::limits::LimitError::Store(e))) => return Err(e.into()),
+            Err(_) => return Err(StoreError::Unanswered(app.config.timeout).into()),
         }
     }
     let targets = routes.targets(&Matchable {

@@ -493,7 +493,7 @@ impl Store {
                 .await?;
             Ok(r.rows_affected)
         };
-        by_chunks(&self.db, failed, delivery::Column::Id, retry).await
+        by_chunks((&self.db, self.step), failed, delivery::Column::Id, retry).await
     }
 
     /// Makes an endpoint's pending deliveries that wait for a later try (a
@@ -533,7 +533,7 @@ impl Store {
                 .await?;
             Ok(r.rows_affected)
         };
-        by_chunks(&self.db, rows, delivery::Column::Id, due).await
+        by_chunks((&self.db, self.step), rows, delivery::Column::Id, due).await
     }
 
     /// [`Store::endpoint_waiting_made_due`] for each endpoint of an
@@ -558,13 +558,16 @@ impl Store {
         &self,
         which: sea_orm::sea_query::SimpleExpr,
     ) -> Result<u64> {
-        let endpoints: Vec<i64> = endpoint::Entity::find()
-            .select_only()
-            .column(endpoint::Column::Id)
-            .filter(which)
-            .into_tuple()
-            .all(&self.db)
-            .await?;
+        let read = async {
+            Ok(endpoint::Entity::find()
+                .select_only()
+                .column(endpoint::Column::Id)
+                .filter(which)
+                .into_tuple()
+                .all(&self.db)
+                .await?)
+        };
+        let endpoints: Vec<i64> = super::within(self.step, read).await?;
         let mut n = 0;
         for id in endpoints {
             n += self.endpoint_waiting_made_due(id).await?;
@@ -603,7 +606,7 @@ impl Store {
             txn.commit().await?;
             Ok(n)
         };
-        by_chunks(&self.db, due, event::Column::Id, delete).await
+        by_chunks((&self.db, self.step), due, event::Column::Id, delete).await
     }
 
     /// Deletes those of the events `ids` whose deliveries are all still
@@ -648,7 +651,6 @@ impl Store {
     /// events pushed meanwhile cannot keep it going, and what is left is
     /// the caller's final transaction's.
     pub(super) async fn history_delete(&self, addr_id: Option<i64>) -> Result<()> {
-        use sea_orm::PaginatorTrait;
         let events = || {
             let q = event::Entity::find();
             match addr_id {
@@ -656,51 +658,66 @@ impl Store {
                 None => q,
             }
         };
-        let mut turns = events().count(&self.db).await? / DELETE_CHUNK + 1;
-        loop {
-            let chunk: Vec<String> = events()
-                .select_only()
-                .column(event::Column::Id)
-                .limit(DELETE_CHUNK)
-                .into_tuple()
-                .all(&self.db)
-                .await?;
-            let full = chunk.len() as u64 == DELETE_CHUNK;
-            if !chunk.is_empty() {
-                let txn = self.begin_write().await?;
-                delete_events(&txn, chunk).await?;
-                txn.commit().await?;
-            }
-            turns -= 1;
-            if !full || turns == 0 {
-                return Ok(());
-            }
-        }
+        self.delete_counted(events, event::Column::Id, |chunk: Vec<String>| async move {
+            let txn = self.begin_write().await?;
+            delete_events(&txn, chunk).await?;
+            Ok(txn.commit().await?)
+        })
+        .await
     }
 
     /// Deletes the deliveries of endpoint `endpoint_id`, [`DELETE_CHUNK`]
     /// at a time, as [`Store::history_delete`] does events.
     pub(super) async fn endpoint_history_delete(&self, endpoint_id: i64) -> Result<()> {
-        use sea_orm::PaginatorTrait;
         let deliveries =
             || delivery::Entity::find().filter(delivery::Column::EndpointId.eq(endpoint_id));
-        let mut turns = deliveries().count(&self.db).await? / DELETE_CHUNK + 1;
-        loop {
-            let chunk: Vec<i64> = deliveries()
-                .select_only()
-                .column(delivery::Column::Id)
-                .limit(DELETE_CHUNK)
-                .into_tuple()
-                .all(&self.db)
-                .await?;
-            let full = chunk.len() as u64 == DELETE_CHUNK;
-            if !chunk.is_empty() {
+        self.delete_counted(
+            deliveries,
+            delivery::Column::Id,
+            |chunk: Vec<i64>| async move {
                 let txn = self.begin_write().await?;
                 delivery::Entity::delete_many()
                     .filter(delivery::Column::Id.is_in(chunk))
                     .exec(&txn)
                     .await?;
-                txn.commit().await?;
+                Ok(txn.commit().await?)
+            },
+        )
+        .await
+    }
+
+    /// Deletes the rows `rows` selects, [`DELETE_CHUNK`] at a time (their
+    /// `id`s read, then handed to `delete`), as many chunks as the rows
+    /// counted at its start fill; each step within [`Store`]'s `step`.
+    async fn delete_counted<E, T, D>(
+        &self,
+        rows: impl Fn() -> sea_orm::Select<E>,
+        id: E::Column,
+        delete: impl Fn(Vec<T>) -> D,
+    ) -> Result<()>
+    where
+        E: EntityTrait,
+        E::Model: Sync,
+        T: sea_orm::TryGetableMany,
+        D: Future<Output = Result<()>>,
+    {
+        use sea_orm::PaginatorTrait;
+        let count = async { Ok(rows().count(&self.db).await?) };
+        let mut turns = super::within(self.step, count).await? / DELETE_CHUNK + 1;
+        loop {
+            let read = async {
+                Ok(rows()
+                    .select_only()
+                    .column(id)
+                    .limit(DELETE_CHUNK)
+                    .into_tuple()
+                    .all(&self.db)
+                    .await?)
+            };
+            let chunk: Vec<T> = super::within(self.step, read).await?;
+            let full = chunk.len() as u64 == DELETE_CHUNK;
+            if !chunk.is_empty() {
+                super::within(self.step, delete(chunk)).await?;
             }
             turns -= 1;
             if !full || turns == 0 {
@@ -833,7 +850,7 @@ fn failed_made_due() -> sea_orm::UpdateMany<delivery::Entity> {
 /// primary key) makes the whole walk one pass: a chunk costs what it
 /// reads, however many rows the walk has behind or ahead of it.
 async fn by_chunks<E, T, A>(
-    db: &sea_orm::DatabaseConnection,
+    (db, step): (&sea_orm::DatabaseConnection, std::time::Duration),
     rows: sea_orm::Select<E>,
     id: E::Column,
     act: impl Fn(Vec<T>) -> A,
@@ -855,12 +872,13 @@ where
         if let Some(after) = after.take() {
             q = q.filter(id.gt(after));
         }
-        let chunk: Vec<T> = q.into_tuple().all(db).await?;
+        let chunk: Vec<T> =
+            super::within(step, async { Ok(q.into_tuple().all(db).await?) }).await?;
         let Some(last) = chunk.last().cloned() else {
             return Ok(n);
         };
         let full = chunk.len() as u64 == DELETE_CHUNK;
-        n += act(chunk).await?;
+        n += super::within(step, act(chunk)).await?;
         if !full {
             return Ok(n);
         }

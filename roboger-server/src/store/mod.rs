@@ -187,6 +187,10 @@ pub struct Store {
     /// on its session (`SET`, a `PRAGMA`) never meets the server's own
     /// statements.
     plugins: DatabaseConnection,
+    /// How long each step of a walk that goes on past its caller (a
+    /// chunk of a bulk deletion, a retry or make-due walk) may wait for
+    /// the database: the `timeout` it was connected with.
+    step: Duration,
 }
 
 /// Connections at most for plugins' own SQL, per server.
@@ -379,6 +383,7 @@ impl Store {
             commits,
             plugins,
             mysql_packet,
+            step: timeout,
         })
     }
 

@@ -1166,12 +1166,11 @@ impl Follow {
         }
         self.polls += 1;
         if self.polls.is_multiple_of(STREAM_SESSION_CHECK) {
-            match self
+            let session = self
                 .app
                 .store
-                .session_get(&self.session.id, chrono::Utc::now())
-                .await
-            {
+                .session_get(&self.session.id, chrono::Utc::now());
+            match crate::store::within(self.app.config.timeout, session).await {
                 Ok(Some(_)) => {}
                 Ok(None) => return false,
                 Err(e) => tracing::debug!(error = %e, "console stream: session check failed"),
