@@ -818,3 +818,37 @@ async fn outcomes_the_database_refuses_are_given_up_and_made_again() {
     s.wait_log("free to be made again", Duration::from_secs(10))
         .await;
 }
+
+/// A connection that falls silent under a statement is left behind, and
+/// its place in the pool is freed: as many as the pool holds, cut off at
+/// once, leave it whole. Before, sqlx's ping of each connection given
+/// back waited on it for good: the pool ran out, and every request
+/// answered 503 until the server was restarted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_whose_every_connection_fell_silent_is_whole_again() {
+    let opts = ServerOptions::test_plugin("db-pool-size: 4\n");
+    let Some((proxy, s, _)) = behind_proxy(opts).await else {
+        return;
+    };
+    let (id, _) = s.new_addr().await;
+    let read = match roboger_tests::on_postgres() {
+        true => "FROM \"addr\" WHERE \"addr\".\"id\" =",
+        false => "FROM `addr` WHERE `addr`.`id` =",
+    };
+    proxy.silence_at(&[read; 4]);
+    let path = format!("/addr/{id}");
+    let reads = (0..4).map(|_| s.manage(Method::GET, &path, None));
+    for r in futures_util::future::join_all(reads).await {
+        assert_status!(r, 503);
+    }
+    assert!(proxy.silenced() >= 3, "{} silenced", proxy.silenced());
+    poll_every(
+        Duration::from_millis(200),
+        Duration::from_secs(20),
+        async || match s.manage(Method::GET, &path, None).await.status.as_u16() {
+            200 => Ok(()),
+            other => Err(format!("the address: {other}")),
+        },
+    )
+    .await;
+}

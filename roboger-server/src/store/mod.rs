@@ -120,6 +120,24 @@ impl StoreError {
 
 type Result<T> = std::result::Result<T, StoreError>;
 
+/// Whether a connection given back to the pool answers a ping within
+/// `bound`: else it is closed rather than kept. sqlx pings each one it
+/// is given back, to flush what a statement cut short left (its answer,
+/// a rollback), with no bound: a connection that had fallen silent (its
+/// database host gone, with no reset reaching this one) held that ping,
+/// and its place in the pool, for good; after a failover with a
+/// statement in flight on every connection, the pool had none left, and
+/// the server answered 503 until it was restarted.
+async fn answers_within<C: sea_orm::sqlx::Connection>(
+    conn: &mut C,
+    bound: Duration,
+) -> std::result::Result<bool, sea_orm::sqlx::Error> {
+    Ok(matches!(
+        tokio::time::timeout(bound, conn.ping()).await,
+        Ok(Ok(()))
+    ))
+}
+
 /// `op`, if the database answers it within `bound`; else
 /// [`StoreError::Unanswered`], `op` dropped unfinished (a transaction it
 /// left open took no effect). For the tasks that run again and again: a
@@ -281,19 +299,23 @@ impl Store {
         }
         if url.backend == DbBackend::Postgres {
             opts.map_sqlx_postgres_opts(|o| o.options([PG_ISOLATION]));
+            opts.map_sqlx_postgres_pool_opts(move |p| {
+                p.after_release(move |conn, _| Box::pin(answers_within(conn, timeout)))
+            });
         }
         if url.backend == DbBackend::MySql {
             // Every statement outside the server's transactions commits
             // on its own, whatever the server's `autocommit` (off in some
             // operators' my.cnf): else what it wrote waited, uncommitted,
             // on the pooled connection, and the start failed.
-            opts.map_sqlx_mysql_pool_opts(|p| {
+            opts.map_sqlx_mysql_pool_opts(move |p| {
                 p.after_connect(|conn, _| {
                     Box::pin(async move {
                         use sea_orm::sqlx::Executor;
                         conn.execute("SET autocommit = 1").await.map(drop)
                     })
                 })
+                .after_release(move |conn, _| Box::pin(answers_within(conn, timeout)))
             });
         }
         let memory = url.url == "sqlite::memory:";
