@@ -632,14 +632,9 @@ async fn a_delivery_made_while_the_database_is_out_of_reach_is_not_made_again() 
 /// management change answered 503, committed, and was never routed).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_that_never_answer_again_are_left_behind() {
-    let Some((proxy, s, _)) = behind_proxy(ServerOptions::test_plugin("")).await else {
+    let Some((proxy, s, (id, a), ep)) = retried_behind_proxy().await else {
         return;
     };
-    let (id, a) = s.new_addr().await;
-    // Each event's first try fails: its retry needs a claim.
-    let ep = s
-        .endpoint(id, "t", serde_json::json!({"fail_times": 1}))
-        .await;
     let push = async |msg: &str| {
         s.push(serde_json::json!({"addr": a, "msg": msg}))
             .await
@@ -761,6 +756,18 @@ async fn a_silent_connection_fails_a_cleanup_or_a_push_and_the_next_works() {
     s.endpoint_settles(id, ep, 1, 0).await;
 }
 
+/// A server behind the proxy ([`behind_proxy`]) with an address (id,
+/// address) and an endpoint of the test plugin whose every event's first
+/// try fails: its retry needs a claim.
+async fn retried_behind_proxy() -> Option<(DbProxy, Server, (i64, String), i64)> {
+    let (proxy, s, _) = behind_proxy(ServerOptions::test_plugin("")).await?;
+    let (id, a) = s.new_addr().await;
+    let ep = s
+        .endpoint(id, "t", serde_json::json!({"fail_times": 1}))
+        .await;
+    Some((proxy, s, (id, a), ep))
+}
+
 /// Waits up to 30 s until endpoint `ep` of address `id` has `n`
 /// deliveries delivered and none pending, the API answering 503 meanwhile
 /// or not.
@@ -817,6 +824,37 @@ async fn outcomes_the_database_refuses_are_given_up_and_made_again() {
     assert!(sends.values().any(|n| *n >= 2), "not made again: {sends:?}");
     s.wait_log("free to be made again", Duration::from_secs(10))
         .await;
+}
+
+/// A claim cut off after it locked its deliveries' rows (its connection
+/// silent, the database alive: a network path, a NAT or a load balancer
+/// dropped it with no reset reaching either side) does not keep them
+/// locked: the database ends the session, idle in its transaction, after
+/// three `timeout`s, and the retry is made. Before, the database kept the
+/// session until its own TCP keepalive gave up on it (two hours by
+/// default), and every other claim skipped the locked rows meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_a_claim_locked_before_it_was_cut_off_are_freed() {
+    let Some((proxy, s, (id, a), ep)) = retried_behind_proxy().await else {
+        return;
+    };
+    // The claim's lease, after its SELECT … FOR UPDATE locked the rows.
+    let lease = match roboger_tests::on_postgres() {
+        true => "SET \"lease_until\" = $1, \"leased_by\" = $2 WHERE \"delivery\".\"id\" IN",
+        false => "SET `lease_until` = ?, `leased_by` = ? WHERE `delivery`.`id` IN",
+    };
+    proxy.silence_at(&[lease]);
+    assert_status!(
+        s.push(serde_json::json!({"addr": a, "msg": "locked"}))
+            .await,
+        202
+    );
+    poll_until(Duration::from_secs(30), async || match proxy.silenced() {
+        1 => Ok(()),
+        _ => Err("no claim yet".to_string()),
+    })
+    .await;
+    delivered(&s, (id, ep), 1).await;
 }
 
 /// A connection that falls silent under a statement is left behind, and

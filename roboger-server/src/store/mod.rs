@@ -240,6 +240,32 @@ async fn max_allowed_packet(db: &DatabaseConnection) -> Result<usize> {
 /// management changes and claims failed with serialization errors (503).
 const PG_ISOLATION: (&str, &str) = ("default_transaction_isolation", "read committed");
 
+/// How long a session of the server's may sit idle inside a transaction
+/// before the database ends it, rolling the transaction back: three
+/// `timeout`s (the server's transactions run statement after statement,
+/// each within `timeout`, nothing waited for between them). A connection
+/// cut off in mid-transaction with no reset reaching the database (a
+/// network path, a NAT or a load balancer dropping it) otherwise kept
+/// the rows it had locked until the database's own TCP keepalive gave up
+/// on it, two hours by default: a claim's deliveries were skipped by
+/// every other claim meanwhile. PostgreSQL's
+/// `idle_in_transaction_session_timeout` and MariaDB's
+/// `idle_transaction_timeout` (MySQL has none).
+fn idle_in_transaction(timeout: Duration) -> Duration {
+    timeout * 3
+}
+
+/// [`PG_ISOLATION`] and [`idle_in_transaction`], as session options.
+fn pg_session(timeout: Duration) -> [(&'static str, String); 2] {
+    [
+        (PG_ISOLATION.0, PG_ISOLATION.1.to_string()),
+        (
+            "idle_in_transaction_session_timeout",
+            format!("{}ms", idle_in_transaction(timeout).as_millis().max(1)),
+        ),
+    ]
+}
+
 /// Where the pipeline's group commits run: on the backends whose commit is
 /// one sqlx call, a connection kept from one commit to the next
 /// ([`kept`]); on MySQL, transactions taken from the pool.
@@ -298,7 +324,7 @@ impl Store {
             });
         }
         if url.backend == DbBackend::Postgres {
-            opts.map_sqlx_postgres_opts(|o| o.options([PG_ISOLATION]));
+            opts.map_sqlx_postgres_opts(move |o| o.options(pg_session(timeout)));
             opts.map_sqlx_postgres_pool_opts(move |p| {
                 p.after_release(move |conn, _| Box::pin(answers_within(conn, timeout)))
             });
@@ -309,10 +335,18 @@ impl Store {
             // operators' my.cnf): else what it wrote waited, uncommitted,
             // on the pooled connection, and the start failed.
             opts.map_sqlx_mysql_pool_opts(move |p| {
-                p.after_connect(|conn, _| {
+                p.after_connect(move |conn, _| {
                     Box::pin(async move {
                         use sea_orm::sqlx::Executor;
-                        conn.execute("SET autocommit = 1").await.map(drop)
+                        conn.execute("SET autocommit = 1").await?;
+                        // MariaDB's; MySQL has no such variable, and
+                        // refuses it, which leaves the session as it was.
+                        let idle = idle_in_transaction(timeout).as_secs().max(1);
+                        let _ = sea_orm::sqlx::query("SET SESSION idle_transaction_timeout = ?")
+                            .bind(i64::try_from(idle).unwrap_or(i64::MAX))
+                            .execute(&mut *conn)
+                            .await;
+                        Ok(())
                     })
                 })
                 .after_release(move |conn, _| Box::pin(answers_within(conn, timeout)))
@@ -372,9 +406,9 @@ impl Store {
                 // by index and by `ctid` (see `PG_GROUP_COMMIT`).
                 let cancel_after = timeout * 9 / 10;
                 // (Mapping the options again replaces the pool's map, so
-                // the isolation is said again.)
+                // the session's options are said again.)
                 opts.max_connections(1).map_sqlx_postgres_opts(move |o| {
-                    o.options([PG_ISOLATION]).options([
+                    o.options(pg_session(timeout)).options([
                         (
                             "statement_timeout",
                             format!("{}ms", cancel_after.as_millis().max(1)),
