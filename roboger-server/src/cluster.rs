@@ -159,18 +159,17 @@ pub async fn run(
     );
     loop {
         tick.tick().await;
-        let beat =
-            tokio::time::timeout(within, async { store.node_heartbeat(&node.row()).await }).await;
-        let reached = matches!(beat, Ok(Ok(_)));
+        let beat = store::within(within, store.node_heartbeat(&node.row())).await;
+        let reached = beat.is_ok();
         if reached {
             node.beat();
         }
         match beat {
-            Ok(Ok(true)) => {
+            Ok(true) => {
                 beating.succeeded();
                 presumed_dead = false;
             }
-            Ok(Ok(false)) => {
+            Ok(false) => {
                 beating.succeeded();
                 if !presumed_dead {
                     tracing::warn!(
@@ -181,15 +180,14 @@ pub async fn run(
                 }
                 presumed_dead = true;
             }
-            Ok(Err(e)) => beating.failed(e),
-            Err(_) => beating.failed(format_args!("timed out after {within:?}")),
+            Err(e) => beating.failed(e),
         }
         // While the database cannot take a heartbeat, these would only
         // wait out their timeouts and say so again.
         if reached && superseded.borrow().is_none() {
-            match tokio::time::timeout(within, store.schema_newer()).await {
-                Ok(Ok(unknown)) if unknown.is_empty() => schema.succeeded(),
-                Ok(Ok(unknown)) => {
+            match store::within(within, store.schema_newer()).await {
+                Ok(unknown) if unknown.is_empty() => schema.succeeded(),
+                Ok(unknown) => {
                     schema.succeeded();
                     tracing::error!(
                         migrations = ?unknown,
@@ -199,8 +197,7 @@ pub async fn run(
                     );
                     superseded.send_replace(Some(unknown));
                 }
-                Ok(Err(e)) => schema.failed(e),
-                Err(_) => schema.failed(format_args!("timed out after {within:?}")),
+                Err(e) => schema.failed(e),
             }
         }
         // Read each tick while its failure is said, so that its end is.

@@ -315,15 +315,15 @@ impl HostHandler {
         &self,
         work: impl Future<Output = Result<T, StoreError>>,
     ) -> RpcResult<T> {
-        match tokio::time::timeout(self.ctx.timeout, work).await {
-            Ok(r) => r.map_err(store_err),
-            Err(_) => Err(err(
+        match crate::store::within(self.ctx.timeout, work).await {
+            Err(StoreError::Unanswered(bound)) => Err(err(
                 codes::FAILED,
                 format!(
                     "the query did not finish within the server's timeout ({} s)",
-                    self.ctx.timeout.as_secs_f64()
+                    bound.as_secs_f64()
                 ),
             )),
+            r => r.map_err(store_err),
         }
     }
 

@@ -635,30 +635,16 @@ async fn connections_that_never_answer_again_are_left_behind() {
     let Some((proxy, s, (id, a), ep)) = retried_behind_proxy().await else {
         return;
     };
-    let push = async |msg: &str| {
-        s.push(serde_json::json!({"addr": a, "msg": msg}))
-            .await
-            .status
-            .as_u16()
-    };
+    let push = async |msg: &str| pushed(&s, &a, msg).await;
     assert_eq!(push("before").await, 202);
     s.endpoint_settles(id, ep, 1, 0).await;
     // Statements of the three tasks fall silent as they are sent: the
     // claim, the look for dead nodes, the routing catch-up.
-    let marks = if roboger_tests::on_postgres() {
-        [
-            "SKIP LOCKED",
-            "\"node\".\"heartbeat\" <",
-            "FROM \"routing_change\" WHERE",
-        ]
-    } else {
-        [
-            "SKIP LOCKED",
-            "`node`.`heartbeat` <",
-            "FROM `routing_change` WHERE",
-        ]
-    };
-    proxy.silence_at(&marks);
+    proxy.silence_at(&[
+        &sql("SKIP LOCKED"),
+        &sql("\"node\".\"heartbeat\" <"),
+        &sql("FROM \"routing_change\" WHERE"),
+    ]);
     assert_eq!(push("claimed").await, 202);
     poll_until(Duration::from_secs(30), async || match proxy.silenced() {
         3 => Ok(()),
@@ -719,23 +705,13 @@ async fn a_silent_connection_fails_a_cleanup_or_a_push_and_the_next_works() {
     };
     let (id, a) = s.new_addr().await;
     let ep = s.endpoint(id, "t", serde_json::json!({})).await;
-    let name = |t: &str| match roboger_tests::on_postgres() {
-        true => format!("\"{t}\""),
-        false => format!("`{t}`"),
-    };
-    let (limit, event) = (name("addr_limit"), name("event"));
     proxy.silence_at(&[
         // A push's count against its address's limits.
-        &format!("UPDATE {limit}"),
+        &sql("UPDATE \"addr_limit\""),
         // The cleanup's first chunk of events past their retention.
-        &format!("FROM {event} WHERE {event}.{} <", name("id")),
+        &sql("FROM \"event\" WHERE \"event\".\"id\" <"),
     ]);
-    let push = async |msg: &str| {
-        s.push(serde_json::json!({"addr": a, "msg": msg}))
-            .await
-            .status
-            .as_u16()
-    };
+    let push = async |msg: &str| pushed(&s, &a, msg).await;
     assert_eq!(push("silenced").await, 503);
     assert_eq!(push("counted").await, 202);
     let cleanup = async || {
@@ -766,6 +742,36 @@ async fn retried_behind_proxy() -> Option<(DbProxy, Server, (i64, String), i64)>
         .endpoint(id, "t", serde_json::json!({"fail_times": 1}))
         .await;
     Some((proxy, s, (id, a), ep))
+}
+
+/// A statement's text as the server sends it to the database under
+/// test, from its PostgreSQL form: on MySQL names are quoted with
+/// backticks and parameters are `?`.
+fn sql(postgres: &str) -> String {
+    if roboger_tests::on_postgres() {
+        return postgres.to_string();
+    }
+    let mut out = String::with_capacity(postgres.len());
+    let mut chars = postgres.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '"' => out.push('`'),
+            '$' => {
+                out.push('?');
+                while chars.next_if(char::is_ascii_digit).is_some() {}
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// The status of a push of `msg` to address `a`.
+async fn pushed(s: &Server, a: &str, msg: &str) -> u16 {
+    s.push(serde_json::json!({"addr": a, "msg": msg}))
+        .await
+        .status
+        .as_u16()
 }
 
 /// Waits up to 30 s until endpoint `ep` of address `id` has `n`
@@ -839,11 +845,8 @@ async fn rows_a_claim_locked_before_it_was_cut_off_are_freed() {
         return;
     };
     // The claim's lease, after its SELECT … FOR UPDATE locked the rows.
-    let lease = match roboger_tests::on_postgres() {
-        true => "SET \"lease_until\" = $1, \"leased_by\" = $2 WHERE \"delivery\".\"id\" IN",
-        false => "SET `lease_until` = ?, `leased_by` = ? WHERE `delivery`.`id` IN",
-    };
-    proxy.silence_at(&[lease]);
+    let lease = "SET \"lease_until\" = $1, \"leased_by\" = $2 WHERE \"delivery\".\"id\" IN";
+    proxy.silence_at(&[&sql(lease)]);
     assert_status!(
         s.push(serde_json::json!({"addr": a, "msg": "locked"}))
             .await,
@@ -869,11 +872,8 @@ async fn a_pool_whose_every_connection_fell_silent_is_whole_again() {
         return;
     };
     let (id, _) = s.new_addr().await;
-    let read = match roboger_tests::on_postgres() {
-        true => "FROM \"addr\" WHERE \"addr\".\"id\" =",
-        false => "FROM `addr` WHERE `addr`.`id` =",
-    };
-    proxy.silence_at(&[read; 4]);
+    let read = sql("FROM \"addr\" WHERE \"addr\".\"id\" =");
+    proxy.silence_at(&[read.as_str(); 4]);
     let path = format!("/addr/{id}");
     let reads = (0..4).map(|_| s.manage(Method::GET, &path, None));
     for r in futures_util::future::join_all(reads).await {

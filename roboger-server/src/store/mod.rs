@@ -62,7 +62,7 @@ pub enum StoreError {
     /// connection silent: a host that vanished, a path cut with no reset
     /// reaching the server). Like a broken connection, it says nothing of
     /// what was written.
-    #[error("the database did not answer within {}s (`timeout`)", .0.as_secs_f64())]
+    #[error("the database did not answer within {}s", .0.as_secs_f64())]
     Unanswered(std::time::Duration),
     /// A newer build migrated the database: the migrations it records
     /// that this build does not have. This build must not write to it.
