@@ -451,19 +451,15 @@ async fn a_push_answered_503_is_not_delivered_though_its_commit_took_effect() {
 /// its `COMMIT` still runs) and claimed again, and the retry is made.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retry_whose_claim_lost_its_answer_is_made() {
-    let retries = ServerOptions::test_plugin("delivery:\n  retry-base: 1\n");
-    let Some((proxy, s, _)) = behind_proxy(retries).await else {
+    let Some((proxy, s, (id, a), _)) = retried_behind_proxy("delivery:\n  retry-base: 1\n").await
+    else {
         return;
     };
-    let (id, a) = s.new_addr().await;
-    s.endpoint(id, "t", serde_json::json!({"fail_times": 1}))
-        .await;
     // The claim's statement that leases what it found (a claim that
     // finds nothing due leases nothing, and is not the one).
-    proxy.lose_next(Lose::CommitAfter(vec![
-        r#""leased_by" = $2 WHERE "delivery"."id" IN"#.into(),
-        "`leased_by` = ? WHERE `delivery`.`id` IN".into(),
-    ]));
+    proxy.lose_next(Lose::CommitAfter(vec![sql(
+        r#""leased_by" = $2 WHERE "delivery"."id" IN"#,
+    )]));
     assert_status!(
         s.push(serde_json::json!({"addr": a, "msg": "retried"}))
             .await,
@@ -632,7 +628,7 @@ async fn a_delivery_made_while_the_database_is_out_of_reach_is_not_made_again() 
 /// management change answered 503, committed, and was never routed).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_that_never_answer_again_are_left_behind() {
-    let Some((proxy, s, (id, a), ep)) = retried_behind_proxy().await else {
+    let Some((proxy, s, (id, a), ep)) = retried_behind_proxy("").await else {
         return;
     };
     let push = async |msg: &str| pushed(&s, &a, msg).await;
@@ -732,11 +728,12 @@ async fn a_silent_connection_fails_a_cleanup_or_a_push_and_the_next_works() {
     s.endpoint_settles(id, ep, 1, 0).await;
 }
 
-/// A server behind the proxy ([`behind_proxy`]) with an address (id,
-/// address) and an endpoint of the test plugin whose every event's first
-/// try fails: its retry needs a claim.
-async fn retried_behind_proxy() -> Option<(DbProxy, Server, (i64, String), i64)> {
-    let (proxy, s, _) = behind_proxy(ServerOptions::test_plugin("")).await?;
+/// A server behind the proxy ([`behind_proxy`]), with `yaml` for the
+/// rest of its config, an address (id, address) and an endpoint of the
+/// test plugin whose every event's first try fails: its retry needs a
+/// claim.
+async fn retried_behind_proxy(yaml: &str) -> Option<(DbProxy, Server, (i64, String), i64)> {
+    let (proxy, s, _) = behind_proxy(ServerOptions::test_plugin(yaml)).await?;
     let (id, a) = s.new_addr().await;
     let ep = s
         .endpoint(id, "t", serde_json::json!({"fail_times": 1}))
@@ -841,7 +838,7 @@ async fn outcomes_the_database_refuses_are_given_up_and_made_again() {
 /// default), and every other claim skipped the locked rows meanwhile.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rows_a_claim_locked_before_it_was_cut_off_are_freed() {
-    let Some((proxy, s, (id, a), ep)) = retried_behind_proxy().await else {
+    let Some((proxy, s, (id, a), ep)) = retried_behind_proxy("").await else {
         return;
     };
     // The claim's lease, after its SELECT … FOR UPDATE locked the rows.
