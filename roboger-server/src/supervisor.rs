@@ -1134,7 +1134,7 @@ async fn supervise(
         set_state(&slot, State::Starting, None);
         let started = start_once(&slot, &opts, &host).await;
         slot.first_start.send_replace(true);
-        let delay = match started {
+        let after = match started {
             Ok((conn, child)) => {
                 let run_started = conn.started;
                 if let Ok(mut c) = slot.conn.write() {
@@ -1186,7 +1186,13 @@ async fn supervise(
                 crash_delay(&slot, &mut backoff, None, why)
             }
         };
-        out_of_service |= slot.status.lock().is_ok_and(|s| s.state == State::Failed);
+        let delay = match after {
+            AfterCrash::Restart(d) => d,
+            AfterCrash::Failed(d) => {
+                out_of_service = true;
+                d
+            }
+        };
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
             _ = slot.restart.notified() => backoff.reset(),
@@ -1208,27 +1214,27 @@ fn tell_back_in_service(opts: &Options, name: &str) {
     }
 }
 
+/// Counts a crash of `slot`'s plugin and marks it restarting, or failed
+/// when it crashes too often; what to do next.
 fn crash_delay(
     slot: &Slot,
     backoff: &mut Backoff,
     started: Option<Instant>,
     why: String,
-) -> Duration {
+) -> AfterCrash {
     if let Ok(mut s) = slot.status.lock() {
         s.restarts += 1;
         s.last_error = Some(crate::secrets::scrub(&why).into_owned());
     }
-    match backoff.crashed(started) {
-        AfterCrash::Restart(d) => {
-            set_state(slot, State::Restarting, None);
-            d
-        }
+    let after = backoff.crashed(started);
+    match after {
+        AfterCrash::Restart(_) => set_state(slot, State::Restarting, None),
         AfterCrash::Failed(d) => {
             tracing::error!(plugin = %slot.cfg.name, "plugin crashes too often; marked failed, retrying in {d:?}");
             set_state(slot, State::Failed, None);
-            d
         }
     }
+    after
 }
 
 async fn run_until_end(

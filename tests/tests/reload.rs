@@ -402,32 +402,12 @@ async fn a_reload_that_brings_a_plugin_back_sends_its_waiting_deliveries_at_once
     replace_plugins(&s, &format!("{keep}{back}"), &format!("{keep}{refusing}"));
     s.signal("HUP");
     plugin_is(&s, "back", "refused").await;
-    assert_status!(s.push(json!({"addr": a, "msg": "held"})).await, 202);
-    poll_until(Duration::from_secs(20), async || {
-        let d = s.newest_event(id).await["deliveries"][0].clone();
-        match d["last_error"].as_str() {
-            Some(e) if e.starts_with("not tried: plugin back is not available: it is refused;") => {
-                Ok(())
-            }
-            _ => Err(format!("not put off yet: {d}")),
-        }
-    })
-    .await;
-    replace_plugins(&s, &format!("{keep}{refusing}"), &format!("{keep}{back}"));
-    s.signal("HUP");
-    // Put off for 48 to 60 s, it is sent within a few.
-    poll_until(Duration::from_secs(10), async || {
-        match sent(rec.path(), "back").contains("held") {
-            true => Ok(()),
-            false => Err("back was not sent the held event".to_string()),
-        }
-    })
-    .await;
-    s.wait_log(
-        "the plugin runs after a reload: its endpoints' waiting deliveries are due now",
-        Duration::from_secs(5),
-    )
-    .await;
+    let bring_back = async || {
+        replace_plugins(&s, &format!("{keep}{refusing}"), &format!("{keep}{back}"));
+        s.signal("HUP");
+    };
+    let said = "the plugin runs after a reload: its endpoints' waiting deliveries are due now";
+    held_then_sent_at_once(&s, rec.path(), (id, &a), "refused", bring_back, said).await;
 }
 
 /// A plugin out of service for want of something outside the server's
@@ -463,33 +443,47 @@ async fn a_restart_by_hand_that_brings_a_plugin_back_sends_its_waiting_deliverie
         std::fs::remove_file(&needed).expect("remove the file");
         restart().await;
         plugin_is(&s, "back", state).await;
-        assert_status!(s.push(json!({"addr": a, "msg": "held"})).await, 202);
-        poll_until(Duration::from_secs(20), async || {
-            let d = s.newest_event(id).await["deliveries"][0].clone();
-            let put_off = format!("not tried: plugin back is not available: it is {state};");
-            match d["last_error"].as_str() {
-                Some(e) if e.starts_with(&put_off) => Ok(()),
-                _ => Err(format!("not put off yet: {d}")),
-            }
-        })
-        .await;
-        std::fs::write(&needed, "secret").expect("put the file back");
-        restart().await;
-        // Put off for 48 to 60 s, it is sent within a few.
-        poll_until(Duration::from_secs(10), async || {
-            match sent(rec.path(), "back").contains("held") {
-                true => Ok(()),
-                false => Err(format!("{missing}: back was not sent the held event")),
-            }
-        })
-        .await;
-        s.wait_log(
-            "the plugin runs again after it was out of service: its endpoints' waiting \
-             deliveries are due now",
-            Duration::from_secs(5),
-        )
-        .await;
+        let bring_back = async || {
+            std::fs::write(&needed, "secret").expect("put the file back");
+            restart().await;
+        };
+        let said = "the plugin runs again after it was out of service: its endpoints' waiting \
+                    deliveries are due now";
+        held_then_sent_at_once(&s, rec.path(), (id, &a), state, bring_back, said).await;
     }
+}
+
+/// Pushes an event to address `a` (id `id`), whose one endpoint's plugin
+/// `back` is `state`, and waits until its delivery is put off for it;
+/// then `bring_back` puts the plugin right, and the event is sent within
+/// 10 s (put off, it waited 48 to 60 s), the log saying `said`.
+async fn held_then_sent_at_once(
+    s: &Server,
+    dir: &std::path::Path,
+    (id, a): (i64, &str),
+    state: &str,
+    bring_back: impl AsyncFnOnce(),
+    said: &str,
+) {
+    assert_status!(s.push(json!({"addr": a, "msg": "held"})).await, 202);
+    let put_off = format!("not tried: plugin back is not available: it is {state};");
+    poll_until(Duration::from_secs(20), async || {
+        let d = s.newest_event(id).await["deliveries"][0].clone();
+        match d["last_error"].as_str() {
+            Some(e) if e.starts_with(&put_off) => Ok(()),
+            _ => Err(format!("not put off yet: {d}")),
+        }
+    })
+    .await;
+    bring_back().await;
+    poll_until(Duration::from_secs(10), async || {
+        match sent(dir, "back").contains("held") {
+            true => Ok(()),
+            false => Err(format!("{state}: back was not sent the held event")),
+        }
+    })
+    .await;
+    s.wait_log(said, Duration::from_secs(5)).await;
 }
 
 /// A reload that changes a plugin lets the calls in flight on its old
