@@ -218,6 +218,62 @@ async fn an_ipv6_guesser_gains_nothing_from_fresh_addresses_in_its_64() {
     assert_status!(from("192.0.2.1", KEY).await, 200);
 }
 
+/// A client that may name its own address (here `ip-header` believed
+/// from every client; in production also an IPv6 network wider than the
+/// /64 counted) sends each wrong key from a fresh /64. Each address's
+/// wrong keys are kept a day, so the table of them would grow with every
+/// request; it is trimmed to the 10,000 that count most (and 1,000 more
+/// counted since), and a guesser held back stays held back.
+#[tokio::test]
+async fn wrong_keys_from_ever_fresh_addresses_leave_a_bounded_table() {
+    use futures_util::StreamExt;
+    let s = Server::start_with(ServerOptions {
+        yaml: "ip-header: X-Real-IP\n".into(),
+        ..Default::default()
+    })
+    .await;
+    let from = |ip: String| {
+        let s = &s;
+        async move {
+            s.request(
+                GET,
+                "/manage/v2/core",
+                Some("guess"),
+                &[("X-Real-IP", &ip)],
+                None,
+            )
+            .await
+            .status
+            .as_u16()
+        }
+    };
+    let guesser = || from("192.0.2.1".to_string());
+    for _ in 0..3 {
+        assert_eq!(guesser().await, 403);
+    }
+    let fresh = 12_000u32;
+    let statuses: Vec<u16> = futures_util::stream::iter(0..fresh)
+        .map(|i| from(format!("2001:db8:{:x}:{:x}::1", i >> 16, i & 0xffff)))
+        .buffer_unordered(16)
+        .collect()
+        .await;
+    assert!(statuses.iter().all(|&st| st == 403), "{statuses:?}");
+    let rows: u64 = s
+        .db_client()
+        .query("SELECT COUNT(*) FROM console_signin")
+        .parse()
+        .expect("a count");
+    assert!(
+        (10_000..=11_000).contains(&rows),
+        "{rows} addresses' wrong keys kept after {} counted",
+        fresh + 1
+    );
+    // The guesser's count was kept: its next wrong key is its fourth,
+    // after which it waits.
+    assert_eq!(guesser().await, 403);
+    assert_eq!(guesser().await, 429);
+}
+
 #[tokio::test]
 async fn with_slow_down_off_every_key_is_checked() {
     let s = Server::start_with(ServerOptions {

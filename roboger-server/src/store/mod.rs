@@ -30,6 +30,7 @@ pub use group_commit::{Attempt, GroupCommit, Written, event_bytes};
 pub use management::{AddrPatch, EndpointPatch, SubscriptionPatch, SubscriptionRow};
 
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use sea_orm::{
@@ -209,6 +210,9 @@ pub struct Store {
     /// chunk of a bulk deletion, a retry or make-due walk) may wait for
     /// the database: the `timeout` it was connected with.
     step: Duration,
+    /// Addresses this node has counted a first wrong key for
+    /// (`wrong_keys`), which trims their table every so many.
+    wrong_key_addresses: Arc<AtomicU64>,
 }
 
 /// Connections at most for plugins' own SQL, per server.
@@ -440,6 +444,7 @@ impl Store {
             plugins,
             mysql_packet,
             step: timeout,
+            wrong_key_addresses: Arc::default(),
         })
     }
 
