@@ -11,8 +11,9 @@
 //! own warnings with them. Each kind has its own budget, so one flood
 //! does not silence the others. `plugin_log` keeps one per plugin; the
 //! server's own kinds are [`Lines`] here, each with what else counts
-//! them: [`RETRIED`] and [`FAILED`] (the pipeline's outcomes), and
-//! [`REFUSED`] (the management API's refusals).
+//! them: [`RETRIED`] and [`FAILED`] (the pipeline's outcomes),
+//! [`REFUSED`] (the management API's refusals) and [`DATABASE`]
+//! (requests failed on a database error).
 //!
 //! Invariant: no budget lets more than its lines a window through; the
 //! count of those it dropped is handed out once: at the first line after
@@ -171,10 +172,20 @@ impl LogBudget {
 /// minute. Each comes once per try of a delivery, or per request: in a
 /// target's outage under a burst of pushes they came by the thousand a
 /// second (30,000 events to a target down: 182,000 lines in 7 minutes),
-/// and a client refused in a loop wrote one line per request (20,000 in
-/// 4 s). What they say is kept elsewhere anyway (see each kind's
+/// a client refused in a loop wrote one line per request (20,000 in
+/// 4 s), and so did pushes counted against limits on a full disk (1,800
+/// a second). What they say is kept elsewhere anyway (see each kind's
 /// `counted`).
 pub const LINES_PER_MINUTE: u32 = 600;
+
+/// The lines of requests answered 503 for a database error their handler
+/// met (`api::error`): during an outage, or on a full disk, each request
+/// would write one, at the speed of the pushes to an address with limits.
+/// (The group commit's failures are the writer's, said as an outage.)
+pub static DATABASE: Lines = Lines::new(
+    "requests failed on a database error",
+    "each is answered 503 and counted in roboger_request_database_errors_total",
+);
 
 /// One kind of the server's own lines, and its budget.
 #[derive(Debug)]
@@ -247,7 +258,7 @@ impl Lines {
 /// come much later, or never). The pipeline's sweeper calls it at each
 /// tick.
 pub fn say_ended() {
-    for lines in [&RETRIED, &FAILED, &REFUSED] {
+    for lines in [&RETRIED, &FAILED, &REFUSED, &DATABASE] {
         let n = lines.budget.ended();
         if n > 0 {
             lines.said_dropped(n);

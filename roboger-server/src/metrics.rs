@@ -323,6 +323,9 @@ pub struct Scrape {
     pub delivery_log_dropped: (u64, u64),
     /// Log lines of refused management access dropped past their budget.
     pub refused_log_dropped: u64,
+    /// Requests answered 503 for a database error, and the log lines of
+    /// them dropped past their budget.
+    pub database_errors: (u64, u64),
 }
 
 /// How many management requests have been refused, by reason, since
@@ -479,6 +482,16 @@ impl Scrape {
             "Log lines of refused management, console and metrics requests not written, past 600 a minute; roboger_management_refused_total counts every refusal.",
         ))?;
         refused_log_dropped.inc_by(self.refused_log_dropped);
+        let database_errors = IntCounter::with_opts(Opts::new(
+            "roboger_request_database_errors_total",
+            "Requests answered 503 for a database error their handler met (management, console, public files, a push counted against its address's limits); a push whose commit failed is in roboger_push_total{status=\"503\"} instead.",
+        ))?;
+        database_errors.inc_by(self.database_errors.0);
+        let database_log_dropped = IntCounter::with_opts(Opts::new(
+            "roboger_database_error_log_dropped_total",
+            "Log lines of requests failed on a database error not written, past 600 a minute; roboger_request_database_errors_total counts every such request.",
+        ))?;
+        database_log_dropped.inc_by(self.database_errors.1);
         let mut out = Vec::new();
         for c in [
             &up,
@@ -495,6 +508,8 @@ impl Scrape {
         out.extend(log_dropped.collect());
         out.extend(delivery_log_dropped.collect());
         out.extend(refused_log_dropped.collect());
+        out.extend(database_errors.collect());
+        out.extend(database_log_dropped.collect());
         out.extend(budget_refused.collect());
         out.extend(auth_refused.collect());
         out.extend(routing.collect());

@@ -1143,6 +1143,54 @@ async fn a_full_disk_refuses_pushes_and_loses_none_it_accepted() {
     assert!(log.contains("database or disk is full"), "{log}");
 }
 
+/// A push counted against its address's limits meets the database's
+/// error in its own handler: during an outage, or on a full disk, each
+/// wrote an ERROR line (1,800 a second measured on a full disk). Those
+/// lines share a budget of 600 a minute, and every such request is
+/// counted in /metrics. Here the database refuses every count.
+#[tokio::test]
+async fn pushes_failed_on_a_database_error_have_600_lines_a_minute() {
+    use futures_util::StreamExt;
+    let r = rig("limits:\n  period: day\n").await;
+    assert_status!(r.push(json!({"msg": "counted"})).await, 202);
+    r.s.db_client().refuse_updates("addr_limit", "1 = 1");
+    let statuses: Vec<u16> = futures_util::stream::iter(0..1000)
+        .map(|i| {
+            let r = &r;
+            async move {
+                r.push(json!({"msg": format!("refused {i}")}))
+                    .await
+                    .status
+                    .as_u16()
+            }
+        })
+        .buffer_unordered(16)
+        .collect()
+        .await;
+    assert!(statuses.iter().all(|&st| st == 503), "{statuses:?}");
+    let logged = r.s.log_lines("api::error: database error");
+    assert_eq!(logged.len(), 600, "{}", r.s.log_text());
+    assert!(logged[0].contains("refused by the test"), "{}", logged[0]);
+    assert_eq!(
+        r.s.log_lines(
+            "600 lines of requests failed on a database error logged in a minute: the rest \
+             of the minute's are not, but counted (each is answered 503 and counted in \
+             roboger_request_database_errors_total)"
+        )
+        .len(),
+        1
+    );
+    let m = r.s.metrics().await;
+    assert_eq!(
+        m.get("roboger_request_database_errors_total"),
+        Some(&1000.0)
+    );
+    assert_eq!(
+        m.get("roboger_database_error_log_dropped_total"),
+        Some(&400.0)
+    );
+}
+
 #[tokio::test]
 async fn limits_with_the_reserve_and_windows() {
     let r = rig("limits:\n  period: 2\n  reserve: 20\n").await;

@@ -48,6 +48,10 @@ pub async fn scrape(app: &App, headers: &HeaderMap, peer: Option<SocketAddr>) ->
             log_budget::FAILED.dropped_total(),
         ),
         refused_log_dropped: log_budget::REFUSED.dropped_total(),
+        database_errors: (
+            super::error::database_errors_total(),
+            log_budget::DATABASE.dropped_total(),
+        ),
     };
     match app.metrics.render(&scrape) {
         Ok(body) => {
