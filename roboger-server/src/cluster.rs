@@ -30,6 +30,52 @@ use crate::outage::Outage;
 use crate::store::entity::node;
 use crate::store::{self, Store, StoreError};
 
+/// Warns when the database lets the servers' user open fewer connections
+/// than the nodes alive, this one among them, may open if each opens as
+/// many as this one (`plugins_sql`: a plugin of this node's has `db:
+/// true`). Past that a request waits for a connection the database
+/// refuses ("too many connections", which the pool keeps trying), and
+/// fails after `timeout` with only "Connection pool timed out"; a node
+/// that cannot open the few connections its start needs cannot apply the
+/// migrations, for the same reason. Called at start, before the
+/// migrations (on a database with none yet, this node counts alone); each
+/// statement is bounded by `within`, and a limit that cannot be read is
+/// no warning.
+pub async fn warn_connection_room(
+    store: &Store,
+    plugins_sql: bool,
+    node_timeout: Duration,
+    within: Duration,
+) {
+    let Some((need, what)) = store.connections_at_most(plugins_sql) else {
+        return;
+    };
+    let (most, setting) = match store::within(within, store.connection_limit()).await {
+        Ok(Some(limit)) => limit,
+        Ok(None) => return,
+        Err(e) => {
+            tracing::debug!(error = %e, "cannot read the database's connection limits");
+            return;
+        }
+    };
+    let others = store::within(within, store.nodes_alive(node_timeout))
+        .await
+        .unwrap_or(0);
+    let nodes = others + 1;
+    let total = need.saturating_mul(nodes);
+    if u64::try_from(most).unwrap_or(0) < total {
+        tracing::warn!(
+            most,
+            nodes,
+            per_node = need,
+            "the database lets this server's user open {most} connections at once ({setting}), \
+             fewer than the {total} that {nodes} node(s) on it may open, {need} each ({what}): \
+             requests past that wait for a connection the database refuses, and fail after `timeout` with \
+             \"Connection pool timed out\"; raise {setting}, or lower db-pool-size"
+        );
+    }
+}
+
 /// How long a dead node stays in the list after it was rescued.
 const KEEP_DEAD: Duration = Duration::from_secs(3600);
 /// How long routing changes are kept: a node cut off for longer rebuilds

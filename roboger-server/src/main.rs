@@ -146,6 +146,13 @@ async fn open_store(config: &Config) -> anyhow::Result<Store> {
     let store = Store::connect(&config.db, config.db_pool_size, config.timeout)
         .await
         .context("cannot connect to the database")?;
+    roboger_server::cluster::warn_connection_room(
+        &store,
+        config.plugins.iter().any(|p| p.db),
+        config.delivery.node_timeout,
+        config.timeout,
+    )
+    .await;
     // Other nodes may be migrating the same database: wait for them.
     store
         .migrate(config.timeout.max(std::time::Duration::from_secs(10)) * 12)

@@ -369,6 +369,62 @@ pub fn create_pg_database(pg: &str) -> String {
     format!("{pg}/{name}")
 }
 
+/// A fresh database on the suite's PostgreSQL or MySQL server, reached
+/// as a user of its own that the database server lets open at most
+/// `limit` connections at once (a PostgreSQL role's `CONNECTION LIMIT`,
+/// a MySQL account's `MAX_USER_CONNECTIONS`); its URL. `None` on SQLite.
+pub fn database_with_connection_limit(limit: u32) -> Option<String> {
+    let name = fresh_database_name();
+    if on_mysql() {
+        let my = std::env::var("ROBOGER_TEST_MYSQL").unwrap_or_default();
+        let my = url::Url::parse(my.trim_end_matches('/')).expect("ROBOGER_TEST_MYSQL is a URL");
+        let out = mariadb_client(&my)
+            .args([
+                "-e",
+                &format!(
+                    "CREATE DATABASE {name}; \
+                     CREATE USER '{name}'@'127.0.0.1' WITH MAX_USER_CONNECTIONS {limit}; \
+                     GRANT ALL ON {name}.* TO '{name}'@'127.0.0.1'"
+                ),
+            ])
+            .output()
+            .expect("mariadb runs");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut url = my.clone();
+        url.set_username(&name).expect("a user name");
+        url.set_path(&name);
+        return Some(url.to_string());
+    }
+    if !on_postgres() {
+        return None;
+    }
+    let pg = std::env::var("ROBOGER_TEST_PG").unwrap_or_default();
+    let pg = pg.trim_end_matches('/');
+    let out = Command::new("psql")
+        .arg(format!("{pg}/postgres"))
+        .args(["-v", "ON_ERROR_STOP=1", "-q"])
+        .args([
+            "-c",
+            &format!("CREATE ROLE {name} LOGIN CONNECTION LIMIT {limit}"),
+        ])
+        .args(["-c", &format!("CREATE DATABASE {name} OWNER {name}")])
+        .output()
+        .expect("psql runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut url = url::Url::parse(pg).expect("ROBOGER_TEST_PG is a URL");
+    url.set_username(&name).expect("a user name");
+    url.set_path(&name);
+    Some(url.to_string())
+}
+
 /// A database name no other server has, in this run or an earlier one on
 /// the same database server.
 fn fresh_database_name() -> String {

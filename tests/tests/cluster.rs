@@ -12,8 +12,9 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use roboger_tests::{
-    Method, Server, ServerOptions, Value, assert_status, clock_set, json, on_mysql, on_postgres,
-    plugin_calls, poll_every, run_server_cmd, shared_database, test_plugin_bin,
+    Method, Server, ServerOptions, Value, assert_status, clock_set, database_with_connection_limit,
+    json, on_mysql, on_postgres, plugin_calls, poll_every, run_server_cmd, shared_database,
+    test_plugin_bin,
 };
 
 /// A node of the test cluster on database `db`, with the test plugin
@@ -1066,4 +1067,46 @@ async fn a_burst_of_changes_through_one_node_reaches_another_whole() {
         )
         .await;
     }
+}
+
+/// A node whose start would take the nodes on a database past the
+/// connections the database lets their user open says so, and still
+/// starts. Past that limit, requests wait for a connection the database
+/// refuses ("too many connections", which the pool keeps trying) and
+/// fail with only "Connection pool timed out"; a node that could not open
+/// the few its start needs failed to apply the migrations, saying the
+/// same. Here the servers' user may open 15: one node (up to 10 or 11,
+/// with `db-pool-size` 10) fits, two do not.
+#[tokio::test]
+async fn a_node_past_the_databases_connection_limit_is_warned_of() {
+    let Some(db) = database_with_connection_limit(15) else {
+        return;
+    };
+    let opts = || ServerOptions {
+        db: Some(db.clone()),
+        yaml: "db-pool-size: 10\n".into(),
+        ..Default::default()
+    };
+    let warned = "connections at once (";
+    let first = Server::start_with(opts()).await;
+    assert!(first.log_lines(warned).is_empty(), "{}", first.log_text());
+    let second = Server::start_with(opts()).await;
+    let said = second.log_lines(warned);
+    assert_eq!(said.len(), 1, "{}", second.log_text());
+    let setting = if on_mysql() {
+        "the account's max_user_connections"
+    } else {
+        "the role's CONNECTION LIMIT"
+    };
+    let each = if on_postgres() { 11 } else { 10 };
+    assert!(
+        said[0].contains(&format!(
+            "open 15 connections at once ({setting}), fewer than the {} that 2 node(s) on it \
+             may open, {each} each",
+            2 * each
+        )),
+        "{}",
+        said[0]
+    );
+    assert_status!(second.manage(Method::GET, "/addr", None).await, 200);
 }

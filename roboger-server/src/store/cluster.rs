@@ -11,7 +11,7 @@ use std::time::Duration;
 use sea_orm::sea_query::{Expr, ExprTrait};
 use sea_orm::{
     ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseTransaction, DbErr, EntityTrait,
-    QueryFilter, QueryOrder, QuerySelect,
+    PaginatorTrait, QueryFilter, QueryOrder, QuerySelect,
 };
 
 use super::entity::{delivery, job_lease, node, routing_change, routing_version};
@@ -71,6 +71,72 @@ impl Store {
         Ok(chrono::Duration::try_milliseconds(
             ((theirs - ours) * 1000.0).round() as i64,
         ))
+    }
+
+    /// The most connections the database lets this server's user open at
+    /// once, over every node and whatever else uses that user or database,
+    /// with the setting that says so: the least of the database server's
+    /// room (`max_connections`, less the connections it reserves for
+    /// superusers unless the user is one), the role's and the database's
+    /// `CONNECTION LIMIT` (PostgreSQL), the account's
+    /// `max_user_connections` (MySQL). `None` on SQLite, and where nothing
+    /// limits them.
+    pub async fn connection_limit(&self) -> Result<Option<(i64, &'static str)>> {
+        let sql = match self.backend {
+            DbBackend::Sqlite => return Ok(None),
+            DbBackend::Postgres => {
+                "SELECT current_setting('max_connections')::int8 - CASE WHEN r.rolsuper THEN 0 \
+                 ELSE current_setting('superuser_reserved_connections')::int8 \
+                 + COALESCE(NULLIF(current_setting('reserved_connections', true), '')::int8, 0) \
+                 END AS server, r.rolconnlimit::int8 AS role, d.datconnlimit::int8 AS db \
+                 FROM pg_roles r, pg_database d \
+                 WHERE r.rolname = current_user AND d.datname = current_database()"
+            }
+            // The session's max_user_connections is the account's own
+            // limit when it has one, else the server's for every account.
+            DbBackend::MySql => {
+                "SELECT CAST(@@max_connections AS SIGNED) AS server, \
+                 CAST(@@SESSION.max_user_connections AS SIGNED) AS role, -1 AS db"
+            }
+        };
+        let Some(row) = self
+            .db
+            .query_one_raw(sea_orm::Statement::from_string(
+                self.db.get_database_backend(),
+                sql,
+            ))
+            .await?
+        else {
+            return Ok(None);
+        };
+        let (server, role, db): (i64, i64, i64) = (
+            row.try_get("", "server")?,
+            row.try_get("", "role")?,
+            row.try_get("", "db")?,
+        );
+        let (role_is, db_is) = match self.backend {
+            DbBackend::MySql => ("the account's max_user_connections", ""),
+            _ => (
+                "the role's CONNECTION LIMIT",
+                "the database's CONNECTION LIMIT",
+            ),
+        };
+        // PostgreSQL's "no limit" is -1, MySQL's 0.
+        Ok([(server, "max_connections"), (role, role_is), (db, db_is)]
+            .into_iter()
+            .filter(|&(most, _)| most > 0 || (most == 0 && self.backend == DbBackend::Postgres))
+            .min_by_key(|&(most, _)| most))
+    }
+
+    /// How many nodes have written a heartbeat within `timeout` (the
+    /// `node-timeout`) and were not found dead.
+    pub async fn nodes_alive(&self, timeout: Duration) -> Result<u64> {
+        let since = chrono::Utc::now() - chrono::Duration::from_std(timeout).unwrap_or_default();
+        Ok(node::Entity::find()
+            .filter(node::Column::Heartbeat.gt(since))
+            .filter(node::Column::Rescued.is_null())
+            .count(&self.db)
+            .await?)
     }
 
     /// Applies every pending migration while holding a database-wide lock,

@@ -504,6 +504,38 @@ impl Store {
         self.backend
     }
 
+    /// The most connections this store opens to a database server, and
+    /// what they are: its pool (`db-pool-size`, PostgreSQL's listening
+    /// connection among them), the group commits' own on PostgreSQL, and
+    /// the plugins' own when `plugins_sql` (a plugin has `db: true`).
+    /// `None` on SQLite.
+    pub fn connections_at_most(&self, plugins_sql: bool) -> Option<(u64, String)> {
+        let pool = match self.backend {
+            DbBackend::Sqlite => return None,
+            DbBackend::Postgres => self
+                .db
+                .get_postgres_connection_pool()
+                .options()
+                .get_max_connections(),
+            DbBackend::MySql => self
+                .db
+                .get_mysql_connection_pool()
+                .options()
+                .get_max_connections(),
+        };
+        let mut most = u64::from(pool);
+        let mut what = format!("db-pool-size {pool}");
+        if let CommitConnection::Postgres(_) = self.commits {
+            most += 1;
+            what.push_str(", 1 for the group commits");
+        }
+        if plugins_sql {
+            most += u64::from(PLUGIN_CONNECTIONS);
+            what.push_str(&format!(", {PLUGIN_CONNECTIONS} for plugins' SQL"));
+        }
+        Some((most, what))
+    }
+
     /// Connections of the pool(s) in use and idle (on SQLite, the
     /// readers' pool and the single writer's together; on PostgreSQL, the
     /// pool and the group commits' own).
