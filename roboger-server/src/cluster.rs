@@ -35,9 +35,10 @@ use crate::store::{self, Store, StoreError};
 /// many as this one (`plugins_sql`: a plugin of this node's has `db:
 /// true`). Past that a request waits for a connection the database
 /// refuses ("too many connections", which the pool keeps trying), and
-/// fails after `timeout` with only "Connection pool timed out"; a node
-/// that cannot open the few connections its start needs cannot apply the
-/// migrations, for the same reason. Called at start, before the
+/// fails after `timeout` with the pool's "timed out", which cannot say
+/// which of its causes it met (`store::StoreError`'s text lists them); a
+/// node that cannot open the few connections its start needs cannot
+/// apply the migrations, for the same reason. Called at start, before the
 /// migrations (on a database with none yet, this node counts alone); each
 /// statement is bounded by `within`, and a limit that cannot be read is
 /// no warning.
@@ -70,8 +71,8 @@ pub async fn warn_connection_room(
             per_node = need,
             "the database lets this server's user open {most} connections at once ({setting}), \
              fewer than the {total} that {nodes} node(s) on it may open, {need} each ({what}): \
-             requests past that wait for a connection the database refuses, and fail after `timeout` with \
-             \"Connection pool timed out\"; raise {setting}, or lower db-pool-size"
+             requests past that wait for a connection the database refuses, and fail after \
+             `timeout` (\"Connection pool timed out\"); raise {setting}, or lower db-pool-size"
         );
     }
 }

@@ -1073,9 +1073,9 @@ async fn a_burst_of_changes_through_one_node_reaches_another_whole() {
 /// connections the database lets their user open says so, and still
 /// starts. Past that limit, requests wait for a connection the database
 /// refuses ("too many connections", which the pool keeps trying) and
-/// fail with only "Connection pool timed out"; a node that could not open
-/// the few its start needs failed to apply the migrations, saying the
-/// same. Here the servers' user may open 15: one node (up to 10 or 11,
+/// fail with "Connection pool timed out", which cannot say why; a node
+/// that could not open the few its start needs failed to apply the
+/// migrations, saying the same. Here the servers' user may open 15: one node (up to 10 or 11,
 /// with `db-pool-size` 10) fits, two do not.
 #[tokio::test]
 async fn a_node_past_the_databases_connection_limit_is_warned_of() {

@@ -53,7 +53,7 @@ pub enum StoreError {
     #[error("{0}")]
     TooLarge(String),
     /// The database failed or refused the operation.
-    #[error("database error: {0}")]
+    #[error("database error: {}", said(.0))]
     Db(#[from] DbErr),
     /// The database cannot be reached or opened: why, in the store's words
     /// (its own directory cannot be made, or it did not answer in time).
@@ -748,6 +748,20 @@ fn not_ready(e: &DbErr, timeout: Duration) -> Option<String> {
     }
 }
 
+/// A database error as the log says it. The pool's "timed out" hides why
+/// no connection could be had: it says what may be behind it.
+fn said(e: &DbErr) -> String {
+    if pool_timed_out(e) {
+        format!(
+            "{e} (every connection of the pool was busy, and no new one opened in time: the \
+             database down, unreachable or at its connection limit, or db-pool-size too small \
+             for the load)"
+        )
+    } else {
+        e.to_string()
+    }
+}
+
 /// Whether the pool gave up waiting for a connection (sea-orm's or sqlx's
 /// word for it), which hides why each attempt failed.
 fn pool_timed_out(e: &DbErr) -> bool {
@@ -913,6 +927,12 @@ mod tests {
         assert!(refused.took_no_effect() && !refused.out_of_reach());
         let no_connection = StoreError::Db(DbErr::ConnectionAcquire(ConnAcquireErr::Timeout));
         assert!(no_connection.took_no_effect() && no_connection.out_of_reach());
+        assert!(
+            no_connection
+                .to_string()
+                .ends_with("at its connection limit, or db-pool-size too small for the load)"),
+            "{no_connection}"
+        );
         let broken = sqlx::Error::Io(std::io::ErrorKind::UnexpectedEof.into());
         let broken = StoreError::Db(DbErr::Exec(RuntimeErr::SqlxError(Arc::new(broken))));
         assert!(!broken.took_no_effect() && broken.out_of_reach());
