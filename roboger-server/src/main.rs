@@ -93,8 +93,11 @@ fn sandbox_exec(
 /// sqlx's pool, which warns of each broken connection it drops: while the
 /// network to the database flaps that is a line per connection, dozens a
 /// second, and the server's own lines already say that the database
-/// fails, once (`outage`).
-const LOG_FILTER: &str = "info,sqlx_core::pool::connection=error";
+/// fails, once (`outage`); and for PostgreSQL's notices below its
+/// warnings, which sqlx logs at INFO: the migrations' `IF NOT EXISTS`
+/// made three lines at every start on a migrated database ("relation
+/// \"seaql_migrations\" already exists, skipping").
+const LOG_FILTER: &str = "info,sqlx_core::pool::connection=error,sqlx::postgres::notice=warn";
 
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()

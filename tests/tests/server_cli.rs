@@ -702,6 +702,32 @@ fn subcommands_and_version() {
     assert!(err.contains("frobnicate"));
 }
 
+/// A start on a database already migrated says nothing of what the
+/// migrations found there. On PostgreSQL, sqlx logs the database's
+/// notices at INFO, and the migrations' `IF NOT EXISTS` made three lines
+/// at every start ("relation \"seaql_migrations\" already exists,
+/// skipping").
+#[tokio::test]
+async fn a_start_on_a_migrated_database_logs_no_notices() {
+    let (_dir, db) = roboger_tests::shared_database();
+    let opts = || ServerOptions {
+        db: Some(db.clone()),
+        ..Default::default()
+    };
+    let mut first = Server::start_with(opts()).await;
+    assert!(first.terminate().success());
+    let second = Server::start_with(opts()).await;
+    assert_status!(
+        second.request(Method::GET, "/ping", None, &[], None).await,
+        204
+    );
+    assert!(
+        second.log_lines("already exists").is_empty(),
+        "{}",
+        second.log_text()
+    );
+}
+
 #[tokio::test]
 async fn json_logs_and_graceful_sigterm() {
     let mut s = roboger_tests::Server::start_with(roboger_tests::ServerOptions::default()).await;
