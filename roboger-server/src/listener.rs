@@ -70,11 +70,19 @@ impl std::fmt::Display for Local {
     }
 }
 
+/// How many connections the kernel completes and holds for the server
+/// to accept: systemd's default for a `.socket` unit (and what the kernel
+/// caps it at, `net.core.somaxconn`, by default). The standard library's
+/// and tokio's 128 overflowed under a burst of clients connecting at once
+/// (robots pushing on the minute): the kernel dropped the connections
+/// past it, which the clients sent again a second later, then three.
+pub const BACKLOG: u32 = 4096;
+
 impl Listener {
-    /// Binds `listen`.
+    /// Binds `listen`, with a backlog of [`BACKLOG`].
     pub async fn bind(listen: &Listen) -> io::Result<Listener> {
         match listen {
-            Listen::Tcp(addr) => TcpListener::bind(addr).await.map(Listener::Tcp),
+            Listen::Tcp(addr) => bind_tcp(addr).await.map(Listener::Tcp),
             Listen::Unix(path) => bind_unix(path).await.map(Listener::Unix),
         }
     }
@@ -227,6 +235,31 @@ fn in_use() -> io::Error {
 /// How long the check of an existing socket file waits for a connection.
 const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
+/// Listens on the first address `addr` resolves to that can be bound,
+/// as [`TcpListener::bind`] does, but with a backlog of [`BACKLOG`].
+async fn bind_tcp(addr: &str) -> io::Result<TcpListener> {
+    let mut last = None;
+    for at in tokio::net::lookup_host(addr).await? {
+        let socket = match at {
+            SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+            SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+        };
+        // As std's and tokio's bind do, so that a restarted server binds
+        // at once past its predecessor's connections in TIME_WAIT.
+        socket.set_reuseaddr(true)?;
+        match socket.bind(at) {
+            Ok(()) => return socket.listen(BACKLOG),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "the address resolved to no address",
+        )
+    }))
+}
+
 async fn bind_unix(path: &Path) -> io::Result<UnixSocket> {
     match std::fs::symlink_metadata(path) {
         Ok(m) if m.file_type().is_socket() => {
@@ -252,7 +285,11 @@ async fn bind_unix(path: &Path) -> io::Result<UnixSocket> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(e),
     }
-    let listener = UnixListener::bind(path)?;
+    let socket = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None)?;
+    socket.bind(&socket2::SockAddr::unix(path)?)?;
+    socket.listen(i32::try_from(BACKLOG).unwrap_or(i32::MAX))?;
+    socket.set_nonblocking(true)?;
+    let listener = UnixListener::from_std(socket.into())?;
     let socket = UnixSocket {
         listener,
         path: path.to_path_buf(),
