@@ -9,6 +9,7 @@ pub mod bucket;
 pub mod cleanup;
 pub mod cluster;
 pub mod config;
+pub mod connections;
 pub mod event;
 pub mod host;
 pub mod level;

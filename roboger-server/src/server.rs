@@ -8,8 +8,10 @@
 //! one loop takes connections from all of them (several when systemd
 //! passes several); a connection is served alike over either kind.
 //! The peer address of each connection is handed to the routes as a
-//! [`PeerAddr`] request extension (for `master.allow` and `ip-header`). A
-//! semaphore bounds open connections.
+//! [`PeerAddr`] request extension (for `master.allow` and `ip-header`).
+//! Open connections are bounded ([`MAX_CONNECTIONS`]); a client that
+//! comes while all places are taken has idle ones give way
+//! ([`crate::connections`]).
 //!
 //! HTTP manners live here, for every route at once: a request body the
 //! route did not read (a 404, an early 401, a route that takes no body) is
@@ -34,20 +36,20 @@ use http::{HeaderValue, header};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::sync::Semaphore;
 use tokio::sync::oneshot;
 use tokio::time::Sleep;
+use tokio_util::sync::CancellationToken;
 use tower_service::Service;
 
 use crate::App;
 use crate::api::{self, PeerAddr};
+use crate::connections::{Answering, Connections};
 use crate::listener::{Accepted, Listeners};
 use crate::outage::Outage;
 
-/// The most connections served at once; further clients wait in the
-/// listen backlog.
+/// The most connections served at once; a further client has idle ones
+/// give way, or waits in the listen backlog for a place.
 pub const MAX_CONNECTIONS: usize = 4096;
 /// How long open requests may take to finish after shutdown begins.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -138,12 +140,12 @@ pub async fn serve<S, B>(
         + Send
         + 'static,
     S::Future: Send + 'static,
-    B: hyper::body::Body + Send + 'static,
+    B: hyper::body::Body + Send + Unpin + 'static,
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let graceful = GracefulShutdown::new();
-    let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let connections = Connections::new(MAX_CONNECTIONS);
+    let stopping = CancellationToken::new();
     // HTTP/1.1 only: every client (robogerctl, pyrpush, curl, other
     // Robogers) speaks it, and leaving out HTTP/2 keeps the h2 stack out
     // of the build, where feature unification would also put it into
@@ -157,13 +159,6 @@ pub async fn serve<S, B>(
     let mut shutdown = std::pin::pin!(shutdown);
     let mut outage = Outage::new("accept failed", "connections are accepted again");
     loop {
-        let permit = tokio::select! {
-            p = limit.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => break,
-            },
-            _ = &mut shutdown => break,
-        };
         let (stream, peer) = tokio::select! {
             r = listeners.accept() => match r {
                 Ok(c) => {
@@ -179,12 +174,20 @@ pub async fn serve<S, B>(
             },
             _ = &mut shutdown => break,
         };
+        // A place for it, once a client has come: only then do idle
+        // connections give way.
+        let place = tokio::select! {
+            p = connections.admit() => p,
+            _ = &mut shutdown => break,
+        };
         let svc = svc.clone();
+        let conn_state = place.conn.clone();
         let unread = Arc::new(AtomicBool::new(false));
         let stream = Lingering::new(stream, unread.clone());
         let hyper_svc = hyper::service::service_fn(move |req: http::Request<Incoming>| {
             let mut svc = svc.clone();
             let unread = unread.clone();
+            let busy = conn_state.request();
             async move {
                 let (back, mut left) = oneshot::channel();
                 let mut req = req.map(|b| Returning::new(b, back));
@@ -202,21 +205,37 @@ pub async fn serve<S, B>(
                         unread.store(true, Ordering::Relaxed);
                     }
                 }
-                Ok::<_, Infallible>(answer)
+                Ok::<_, Infallible>(answer.map(|body| Answering::new(body, busy)))
             }
         });
         let conn = builder.serve_connection(TokioIo::new(stream), hyper_svc);
-        let conn = graceful.watch(conn);
+        let stopping = stopping.clone();
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
+            let mut conn = std::pin::pin!(conn);
+            // Asked to close (a stop, or a client waiting for a place):
+            // hyper finishes the request under way, if any, then closes.
+            let ended = tokio::select! {
+                ended = conn.as_mut() => ended,
+                () = async {
+                    tokio::select! {
+                        () = stopping.cancelled() => {}
+                        () = place.conn.asked_to_give_way() => {}
+                    }
+                } => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(e) = ended {
                 tracing::debug!(error = %e, %peer, "connection ended with an error");
             }
-            drop(permit);
+            drop(place);
         });
     }
     drop(listeners);
+    stopping.cancel();
     tokio::select! {
-        _ = graceful.shutdown() => {}
+        () = connections.all_closed() => {}
         _ = tokio::time::sleep(SHUTDOWN_GRACE) => {
             tracing::warn!("shutdown grace period over; closing open connections");
         }

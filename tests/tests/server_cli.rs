@@ -771,6 +771,92 @@ async fn connections_made_while_the_server_is_busy_wait_in_its_backlog() {
     }
 }
 
+/// A client that comes while idle connections hold every place the
+/// server has (4,096) is served at once: the idle ones give way. Before,
+/// it waited until one of them ended, 30 s later (the header read
+/// timeout), and a client that kept opening connections and sending
+/// nothing kept the server from everyone else. A request under way on a
+/// connection meanwhile is not cut short. Here another process holds
+/// 4,200 connections open and silent.
+#[tokio::test]
+async fn idle_connections_give_way_to_a_client_that_comes() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = Server::start().await;
+    let addr = s.base.trim_start_matches("http://").to_string();
+    // A push whose body is still on its way, at a pace the server takes
+    // (16 KiB/s of spaces), while the places fill up.
+    let head = "{\"addr\": \"no such one\"";
+    let padding = 1 << 20;
+    let mut under_way = tokio::net::TcpStream::connect(&addr)
+        .await
+        .expect("connect");
+    under_way
+        .write_all(
+            format!(
+                "POST /push HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+                 Content-Length: {}\r\n\r\n{head}",
+                head.len() + padding + 1
+            )
+            .as_bytes(),
+        )
+        .await
+        .expect("send");
+    let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+    let sending = tokio::spawn(async move {
+        let mut sent = 0;
+        let chunk = vec![b' '; 4096];
+        while stopped.try_recv().is_err() && sent + chunk.len() < padding {
+            under_way.write_all(&chunk).await.expect("send");
+            sent += chunk.len();
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        under_way
+            .write_all(&vec![b' '; padding - sent])
+            .await
+            .expect("send");
+        under_way.write_all(b"}").await.expect("send");
+        let mut answer = vec![0; 12];
+        under_way.read_exact(&mut answer).await.expect("an answer");
+        String::from_utf8_lossy(&answer).into_owned()
+    });
+    let (host, port) = addr.rsplit_once(':').expect("host:port");
+    let python = std::env::var_os("ROBOGER_TEST_PYTHON").unwrap_or("python3".into());
+    let mut holder = std::process::Command::new(python)
+        .args([
+            "-c",
+            "import resource, socket, sys\n\
+             soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)\n\
+             resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 10000), hard))\n\
+             held = [socket.create_connection((sys.argv[1], int(sys.argv[2]))) for _ in range(4200)]\n\
+             print('held', flush=True)\n\
+             sys.stdin.read()\n",
+            host,
+            port,
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python runs");
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(holder.stdout.take().expect("stdout")),
+        &mut line,
+    )
+    .expect("read");
+    assert_eq!(line.trim(), "held");
+    let ping = tokio::time::timeout(
+        Duration::from_secs(10),
+        s.request(Method::GET, "/ping", None, &[], None),
+    )
+    .await
+    .expect("the ping answered before the idle connections' 30 s were over");
+    assert_status!(ping, 204);
+    let _ = stop.send(());
+    assert_eq!(sending.await.expect("the push's client"), "HTTP/1.1 404");
+    drop(holder.stdin.take());
+    let _ = holder.wait();
+}
+
 #[tokio::test]
 async fn json_logs_and_graceful_sigterm() {
     let mut s = roboger_tests::Server::start_with(roboger_tests::ServerOptions::default()).await;
