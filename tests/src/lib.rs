@@ -79,24 +79,32 @@ pub fn fresh_database(dir: &Path) -> String {
         let name = fresh_database_name();
         let my = my.trim_end_matches('/');
         let url = url::Url::parse(my).expect("ROBOGER_TEST_MYSQL is a URL");
-        let out = mariadb_client(&url)
-            // In the server's default character set, as an operator's
-            // `CREATE DATABASE roboger` makes it: `latin1` on the suite's
-            // MariaDB, which runs with `--no-defaults`.
-            .args(["-e", &format!("CREATE DATABASE {name}")])
-            .output()
-            .expect("mariadb (ROBOGER_TEST_MYSQL is set, so the client must be installed)");
-        assert!(
-            out.status.success(),
-            "CREATE DATABASE failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let mut c = mariadb_client(&url);
+        // In the server's default character set, as an operator's
+        // `CREATE DATABASE roboger` makes it: `latin1` on the suite's
+        // MariaDB, which runs with `--no-defaults`.
+        c.args(["-e", &format!("CREATE DATABASE {name}")]);
+        run_client(c, "CREATE DATABASE");
         return format!("{my}/{name}");
     }
     match std::env::var("ROBOGER_TEST_PG") {
         Ok(pg) if !pg.is_empty() => create_pg_database(&pg),
         _ => format!("sqlite:///{}", dir.join("roboger.db").display()),
     }
+}
+
+/// Runs a database's command-line client (`psql`, `mariadb`) as set up in
+/// `c`; panics, saying `what` failed and the client's error, when it
+/// cannot run or fails.
+fn run_client(mut c: Command, what: &str) {
+    let out = c
+        .output()
+        .unwrap_or_else(|e| panic!("{what}: the client does not run: {e}"));
+    assert!(
+        out.status.success(),
+        "{what} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// The `mariadb` command-line client, connected to the server of `url`
@@ -351,21 +359,14 @@ fn series(n: u64) -> (String, String) {
 pub fn create_pg_database(pg: &str) -> String {
     let name = fresh_database_name();
     let pg = pg.trim_end_matches('/');
-    let out = Command::new("psql")
-        .arg(format!("{pg}/postgres"))
-        .args([
-            "-v",
-            "ON_ERROR_STOP=1",
-            "-qc",
-            &format!("CREATE DATABASE {name}"),
-        ])
-        .output()
-        .expect("psql (a PostgreSQL server is named, so psql must be installed)");
-    assert!(
-        out.status.success(),
-        "createdb failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let mut c = Command::new("psql");
+    c.arg(format!("{pg}/postgres")).args([
+        "-v",
+        "ON_ERROR_STOP=1",
+        "-qc",
+        &format!("CREATE DATABASE {name}"),
+    ]);
+    run_client(c, "createdb");
     format!("{pg}/{name}")
 }
 
@@ -378,22 +379,16 @@ pub fn database_with_connection_limit(limit: u32) -> Option<String> {
     if on_mysql() {
         let my = std::env::var("ROBOGER_TEST_MYSQL").unwrap_or_default();
         let my = url::Url::parse(my.trim_end_matches('/')).expect("ROBOGER_TEST_MYSQL is a URL");
-        let out = mariadb_client(&my)
-            .args([
-                "-e",
-                &format!(
-                    "CREATE DATABASE {name}; \
-                     CREATE USER '{name}'@'127.0.0.1' WITH MAX_USER_CONNECTIONS {limit}; \
-                     GRANT ALL ON {name}.* TO '{name}'@'127.0.0.1'"
-                ),
-            ])
-            .output()
-            .expect("mariadb runs");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let mut c = mariadb_client(&my);
+        c.args([
+            "-e",
+            &format!(
+                "CREATE DATABASE {name}; \
+                 CREATE USER '{name}'@'127.0.0.1' WITH MAX_USER_CONNECTIONS {limit}; \
+                 GRANT ALL ON {name}.* TO '{name}'@'127.0.0.1'"
+            ),
+        ]);
+        run_client(c, "CREATE USER with a connection limit");
         let mut url = my.clone();
         url.set_username(&name).expect("a user name");
         url.set_path(&name);
@@ -404,21 +399,15 @@ pub fn database_with_connection_limit(limit: u32) -> Option<String> {
     }
     let pg = std::env::var("ROBOGER_TEST_PG").unwrap_or_default();
     let pg = pg.trim_end_matches('/');
-    let out = Command::new("psql")
-        .arg(format!("{pg}/postgres"))
+    let mut c = Command::new("psql");
+    c.arg(format!("{pg}/postgres"))
         .args(["-v", "ON_ERROR_STOP=1", "-q"])
         .args([
             "-c",
             &format!("CREATE ROLE {name} LOGIN CONNECTION LIMIT {limit}"),
         ])
-        .args(["-c", &format!("CREATE DATABASE {name} OWNER {name}")])
-        .output()
-        .expect("psql runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+        .args(["-c", &format!("CREATE DATABASE {name} OWNER {name}")]);
+    run_client(c, "CREATE ROLE with a connection limit");
     let mut url = url::Url::parse(pg).expect("ROBOGER_TEST_PG is a URL");
     url.set_username(&name).expect("a user name");
     url.set_path(&name);
@@ -1489,6 +1478,18 @@ pub fn pid_alive(pid: u64) -> bool {
             .starts_with('Z'),
         Err(_) => false,
     }
+}
+
+/// What `requests` give, run `at_once` at a time, in the order they end.
+pub async fn at_once<T, F: std::future::Future<Output = T>>(
+    requests: impl IntoIterator<Item = F>,
+    at_once: usize,
+) -> Vec<T> {
+    use futures_util::StreamExt;
+    futures_util::stream::iter(requests)
+        .buffer_unordered(at_once)
+        .collect()
+        .await
 }
 
 /// Runs `check` every 20 ms until it answers `Ok`, and gives that; once

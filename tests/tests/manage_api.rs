@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use roboger_tests::{KEY, Method, Server, ServerOptions, Value, assert_status, json};
+use roboger_tests::{KEY, Method, Server, ServerOptions, Value, assert_status, at_once, json};
 
 const GET: Method = Method::GET;
 const POST: Method = Method::POST;
@@ -226,7 +226,6 @@ async fn an_ipv6_guesser_gains_nothing_from_fresh_addresses_in_its_64() {
 /// counted since), and a guesser held back stays held back.
 #[tokio::test]
 async fn wrong_keys_from_ever_fresh_addresses_leave_a_bounded_table() {
-    use futures_util::StreamExt;
     let s = Server::start_with(ServerOptions {
         yaml: "ip-header: X-Real-IP\n".into(),
         ..Default::default()
@@ -252,11 +251,9 @@ async fn wrong_keys_from_ever_fresh_addresses_leave_a_bounded_table() {
         assert_eq!(guesser().await, 403);
     }
     let fresh = 12_000u32;
-    let statuses: Vec<u16> = futures_util::stream::iter(0..fresh)
-        .map(|i| from(format!("2001:db8:{:x}:{:x}::1", i >> 16, i & 0xffff)))
-        .buffer_unordered(16)
-        .collect()
-        .await;
+    let from_fresh =
+        (0..fresh).map(|i| from(format!("2001:db8:{:x}:{:x}::1", i >> 16, i & 0xffff)));
+    let statuses = at_once(from_fresh, 16).await;
     assert!(statuses.iter().all(|&st| st == 403), "{statuses:?}");
     let rows: u64 = s
         .db_client()
@@ -1298,18 +1295,14 @@ async fn master_allow_and_ip_header() {
 /// still counted in /metrics.
 #[tokio::test]
 async fn a_client_refused_in_a_loop_has_600_lines_a_minute() {
-    use futures_util::StreamExt;
     let s = start_with_allow("['10.0.0.0/8']").await;
-    let statuses: Vec<u16> = futures_util::stream::iter(0..1000)
-        .map(|_| async {
-            s.request(GET, "/manage/v2/core", Some(KEY), &[], None)
-                .await
-                .status
-                .as_u16()
-        })
-        .buffer_unordered(16)
-        .collect()
-        .await;
+    let refused = (0..1000).map(|_| async {
+        s.request(GET, "/manage/v2/core", Some(KEY), &[], None)
+            .await
+            .status
+            .as_u16()
+    });
+    let statuses = at_once(refused, 16).await;
     assert!(statuses.iter().all(|&st| st == 403), "{statuses:?}");
     // A wrong key shares the budget: refused, its line not written.
     let wrong = [("X-Real-IP", "10.0.0.9")];

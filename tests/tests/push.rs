@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 use roboger_tests::{
-    Method, Resp, Server, ServerOptions, Value, assert_status, json, poll_every, poll_until,
-    test_plugin_bin,
+    Method, Resp, Server, ServerOptions, Value, assert_status, at_once, json, poll_every,
+    poll_until, test_plugin_bin,
 };
 
 struct Rig {
@@ -681,11 +681,7 @@ async fn an_endpoints_failed_deliveries_are_retried_with_one_command() {
         .await;
     const EVENTS: usize = 510;
     let pushes = (0..EVENTS).map(|i| r.push(json!({"msg": format!("m{i}")})));
-    use futures_util::StreamExt;
-    let answers: Vec<_> = futures_util::stream::iter(pushes)
-        .buffer_unordered(32)
-        .collect()
-        .await;
+    let answers = at_once(pushes, 32).await;
     for p in answers {
         assert_status!(p, 202);
     }
@@ -742,11 +738,7 @@ async fn a_burst_to_many_endpoints_is_all_delivered() {
         endpoints.push(r.endpoint(json!({}), &[json!({})]).await);
     }
     let pushes = (0..EVENTS).map(|i| r.push(json!({"msg": format!("m{i}")})));
-    use futures_util::StreamExt;
-    let answers: Vec<_> = futures_util::stream::iter(pushes)
-        .buffer_unordered(256)
-        .collect()
-        .await;
+    let answers = at_once(pushes, 256).await;
     let mut accepted = 0;
     for p in answers {
         if p.status == 503 {
@@ -1150,23 +1142,15 @@ async fn a_full_disk_refuses_pushes_and_loses_none_it_accepted() {
 /// counted in /metrics. Here the database refuses every count.
 #[tokio::test]
 async fn pushes_failed_on_a_database_error_have_600_lines_a_minute() {
-    use futures_util::StreamExt;
     let r = rig("limits:\n  period: day\n").await;
     assert_status!(r.push(json!({"msg": "counted"})).await, 202);
     r.s.db_client().refuse_updates("addr_limit", "1 = 1");
-    let statuses: Vec<u16> = futures_util::stream::iter(0..1000)
-        .map(|i| {
-            let r = &r;
-            async move {
-                r.push(json!({"msg": format!("refused {i}")}))
-                    .await
-                    .status
-                    .as_u16()
-            }
-        })
-        .buffer_unordered(16)
-        .collect()
-        .await;
+    let pushes = (0..1000).map(|i| r.push(json!({"msg": format!("refused {i}")})));
+    let statuses: Vec<u16> = at_once(pushes, 16)
+        .await
+        .iter()
+        .map(|p| p.status.as_u16())
+        .collect();
     assert!(statuses.iter().all(|&st| st == 503), "{statuses:?}");
     let logged = r.s.log_lines("api::error: database error");
     assert_eq!(logged.len(), 600, "{}", r.s.log_text());
