@@ -134,7 +134,8 @@ impl Connections {
     }
 
     /// How many connections are open.
-    pub fn open_now(&self) -> usize {
+    #[cfg(test)]
+    fn open_now(&self) -> usize {
         self.open().len()
     }
 

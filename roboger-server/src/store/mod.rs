@@ -751,7 +751,12 @@ fn not_ready(e: &DbErr, timeout: Duration) -> Option<String> {
 /// A database error as the log says it. The pool's "timed out" hides why
 /// no connection could be had: it says what may be behind it.
 fn said(e: &DbErr) -> String {
-    if pool_timed_out(e) {
+    // (Not a pool closed under its caller, as at a stop.)
+    let closed = matches!(
+        e,
+        DbErr::ConnectionAcquire(sea_orm::ConnAcquireErr::ConnectionClosed)
+    );
+    if pool_timed_out(e) && !closed {
         format!(
             "{e} (every connection of the pool was busy, and no new one opened in time: the \
              database down, unreachable or at its connection limit, or db-pool-size too small \
