@@ -40,6 +40,8 @@ pub struct Connections {
     most: u32,
     open: Mutex<HashMap<u64, Arc<Conn>>>,
     next_id: AtomicU64,
+    /// Connections asked to give way since the start.
+    given_way: AtomicU64,
 }
 
 /// One open connection, as [`Connections`] weighs it.
@@ -79,6 +81,7 @@ impl Connections {
             most,
             open: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(0),
+            given_way: AtomicU64::new(0),
         })
     }
 
@@ -125,6 +128,7 @@ impl Connections {
         for (_, c) in idle.into_iter().take(GIVE_WAY) {
             c.asked.store(true, Ordering::Relaxed);
             c.give_way.notify_one();
+            self.given_way.fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -133,10 +137,10 @@ impl Connections {
         let _ = self.places.acquire_many(self.most).await;
     }
 
-    /// How many connections are open.
-    #[cfg(test)]
-    fn open_now(&self) -> usize {
-        self.open().len()
+    /// How many connections are open now, and how many were asked to
+    /// give way since the start (for the metrics).
+    pub fn counts(&self) -> (usize, u64) {
+        (self.open().len(), self.given_way.load(Ordering::Relaxed))
     }
 
     fn open(&self) -> MutexGuard<'_, HashMap<u64, Arc<Conn>>> {
@@ -236,7 +240,7 @@ mod tests {
             async move { conns.admit().await }
         });
         tokio::task::yield_now().await;
-        assert_eq!(conns.open_now(), 3);
+        assert_eq!(conns.counts().0, 3);
         // The longest idle was asked; the busy one was not.
         tokio::time::timeout(
             std::time::Duration::from_secs(1),
@@ -248,7 +252,7 @@ mod tests {
         assert!(!busy.conn.asked.load(Ordering::Relaxed));
         drop(old);
         let place = waiting.await.expect("the waiting client has a place");
-        assert_eq!(conns.open_now(), 3);
+        assert_eq!(conns.counts(), (3, 2));
         drop((place, young, busy));
         conns.all_closed().await;
     }

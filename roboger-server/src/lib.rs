@@ -96,6 +96,8 @@ pub struct App {
     /// Core cleanups on this node (the `cleanup` command and the periodic
     /// task).
     pub cleanup: cleanup::Cleanup,
+    /// The connections the server holds open ([`server::run`]).
+    pub connections: Arc<connections::Connections>,
     /// The heartbeat task, stopped by [`App::stop`].
     heartbeat: tokio::task::JoinHandle<()>,
     /// The migrations a newer build applied while this node ran, once
@@ -286,6 +288,7 @@ impl App {
             bodies,
             console: api::console::Live::default(),
             cleanup,
+            connections: connections::Connections::new(server::MAX_CONNECTIONS),
             heartbeat,
             superseded,
         })

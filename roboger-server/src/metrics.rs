@@ -326,6 +326,9 @@ pub struct Scrape {
     /// Requests answered 503 for a database error, and the log lines of
     /// them dropped past their budget.
     pub database_errors: (u64, u64),
+    /// Connections open, and those asked to give way to a client that
+    /// came while all places were taken (`connections`).
+    pub connections: (usize, u64),
 }
 
 /// How many management requests have been refused, by reason, since
@@ -407,6 +410,16 @@ impl Scrape {
             "Addresses in this node's routing index.",
         )?;
         routing.set(i64::try_from(self.routing_addresses).unwrap_or(i64::MAX));
+        let open = IntGauge::new(
+            "roboger_connections_open",
+            "Client connections this node holds open (at most 4096).",
+        )?;
+        open.set(i64::try_from(self.connections.0).unwrap_or(i64::MAX));
+        let given_way = IntCounter::with_opts(Opts::new(
+            "roboger_connections_given_way_total",
+            "Idle client connections closed to make room for a client that came while all 4096 places were taken.",
+        ))?;
+        given_way.inc_by(self.connections.1);
         let pool = IntGaugeVec::new(
             Opts::new(
                 "roboger_db_pool_connections",
@@ -513,6 +526,8 @@ impl Scrape {
         out.extend(budget_refused.collect());
         out.extend(auth_refused.collect());
         out.extend(routing.collect());
+        out.extend(open.collect());
+        out.extend(given_way.collect());
         Ok(out)
     }
 }

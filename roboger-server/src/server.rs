@@ -117,15 +117,18 @@ pub fn raise_open_files_limit() {
     }
 }
 
-/// Serves `app` on `listeners` until `shutdown` completes.
+/// Serves `app` on `listeners` until `shutdown` completes, with its
+/// connections kept in `app.connections` (which `/metrics` reads).
 pub async fn run(listeners: Listeners, app: Arc<App>, shutdown: impl Future<Output = ()>) {
     let routes = api::routes(app.clone());
+    let connections = app.connections.clone();
     let shutdown = async move {
         shutdown.await;
         // Open event streams end now rather than hold the shutdown.
         app.console.close();
     };
-    serve(listeners, api::HeadAsGet(warp::service(routes)), shutdown).await
+    let svc = api::HeadAsGet(warp::service(routes));
+    serve_on(connections, listeners, svc, shutdown).await
 }
 
 /// Serves `svc` (e.g. `warp::service(filter)`) over HTTP/1.1 on
@@ -145,6 +148,25 @@ pub async fn serve<S, B>(
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let connections = Connections::new(MAX_CONNECTIONS);
+    serve_on(connections, listeners, svc, shutdown).await
+}
+
+/// [`serve`], its open connections kept in `connections`.
+pub async fn serve_on<S, B>(
+    connections: Arc<Connections>,
+    listeners: impl Into<Listeners>,
+    svc: S,
+    shutdown: impl Future<Output = ()>,
+) where
+    S: Service<http::Request<Returning>, Response = http::Response<B>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: hyper::body::Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let stopping = CancellationToken::new();
     // HTTP/1.1 only: every client (robogerctl, pyrpush, curl, other
     // Robogers) speaks it, and leaving out HTTP/2 keeps the h2 stack out

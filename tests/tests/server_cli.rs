@@ -851,6 +851,11 @@ async fn idle_connections_give_way_to_a_client_that_comes() {
     .await
     .expect("the ping answered before the idle connections' 30 s were over");
     assert_status!(ping, 204);
+    let m = s.metrics().await;
+    let given_way = m.get("roboger_connections_given_way_total").copied();
+    assert!(given_way >= Some(64.0), "{given_way:?}");
+    let open = m.get("roboger_connections_open").copied();
+    assert!(open <= Some(4096.0) && open > Some(1000.0), "{open:?}");
     let _ = stop.send(());
     assert_eq!(sending.await.expect("the push's client"), "HTTP/1.1 404");
     drop(holder.stdin.take());

@@ -52,6 +52,7 @@ pub async fn scrape(app: &App, headers: &HeaderMap, peer: Option<SocketAddr>) ->
             super::error::database_errors_total(),
             log_budget::DATABASE.dropped_total(),
         ),
+        connections: app.connections.counts(),
     };
     match app.metrics.render(&scrape) {
         Ok(body) => {
