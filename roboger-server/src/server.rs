@@ -128,31 +128,15 @@ pub async fn run(listeners: Listeners, app: Arc<App>, shutdown: impl Future<Outp
         app.console.close();
     };
     let svc = api::HeadAsGet(warp::service(routes));
-    serve_on(connections, listeners, svc, shutdown).await
+    serve(connections, listeners, svc, shutdown).await
 }
 
 /// Serves `svc` (e.g. `warp::service(filter)`) over HTTP/1.1 on
-/// `listeners` until `shutdown` completes, then lets open requests finish.
+/// `listeners` until `shutdown` completes, then lets open requests
+/// finish; its open connections are kept in `connections` (the tests'
+/// fake servers and the bench's sink give it
+/// `Connections::new(MAX_CONNECTIONS)`).
 pub async fn serve<S, B>(
-    listeners: impl Into<Listeners>,
-    svc: S,
-    shutdown: impl Future<Output = ()>,
-) where
-    S: Service<http::Request<Returning>, Response = http::Response<B>, Error = Infallible>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-    B: hyper::body::Body + Send + Unpin + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    let connections = Connections::new(MAX_CONNECTIONS);
-    serve_on(connections, listeners, svc, shutdown).await
-}
-
-/// [`serve`], its open connections kept in `connections`.
-pub async fn serve_on<S, B>(
     connections: Arc<Connections>,
     listeners: impl Into<Listeners>,
     svc: S,

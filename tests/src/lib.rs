@@ -1426,6 +1426,7 @@ impl HttpSink {
             .expect("bind sink");
         let addr = listener.local_addr().expect("sink addr");
         let task = tokio::spawn(roboger_server::server::serve(
+            roboger_server::connections::Connections::new(roboger_server::server::MAX_CONNECTIONS),
             listener,
             warp::service(route),
             std::future::pending(),

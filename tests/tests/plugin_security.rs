@@ -63,6 +63,7 @@ async fn an_allowed_address_is_delivered_and_a_redirect_to_a_denied_one_is_refus
             .expect("bind");
         let base = format!("http://{}", listener.local_addr().expect("addr"));
         tokio::spawn(roboger_server::server::serve(
+            roboger_server::connections::Connections::new(roboger_server::server::MAX_CONNECTIONS),
             listener,
             warp::service(route),
             std::future::pending(),

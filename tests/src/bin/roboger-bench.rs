@@ -158,6 +158,7 @@ impl Sink {
             .expect("bind the sink");
         let addr = listener.local_addr().expect("sink address");
         tokio::spawn(roboger_server::server::serve(
+            roboger_server::connections::Connections::new(roboger_server::server::MAX_CONNECTIONS),
             listener,
             warp::service(route),
             std::future::pending(),
