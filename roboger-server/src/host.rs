@@ -7,6 +7,7 @@
 //! server config. A refused or failed callback is a JSON-RPC error to the
 //! plugin, never a crash of the server.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
@@ -18,6 +19,7 @@ use serde_json::Value;
 
 use crate::config::DbBackend;
 use crate::level::Level;
+use crate::log_budget;
 use crate::plugin_log::PluginLog;
 use crate::store::{NewObject, Store, StoreError};
 
@@ -33,6 +35,15 @@ pub trait PluginCalls: Send + Sync + std::fmt::Debug {
         method: &str,
         params: serde_json::Map<String, Value>,
     ) -> RpcResult<Value>;
+}
+
+/// Plugin callbacks failed on a database error since the start.
+static DATABASE_ERRORS: AtomicU64 = AtomicU64::new(0);
+
+/// How many plugin callbacks have failed on a database error since the
+/// start, all plugins together (for the metrics).
+pub fn database_errors_total() -> u64 {
+    DATABASE_ERRORS.load(Ordering::Relaxed)
 }
 
 /// What the callbacks need from the server, shared by all plugins.
@@ -99,20 +110,6 @@ impl HostHandler {
 
 fn err(code: i32, msg: impl Into<String>) -> ErrorObjectOwned {
     ErrorObjectOwned::owned(code, msg.into(), None::<()>)
-}
-
-fn store_err(e: StoreError) -> ErrorObjectOwned {
-    match e {
-        StoreError::NotFound(what) => err(codes::NOT_FOUND, format!("{what} not found")),
-        StoreError::Conflict(m) | StoreError::TooLarge(m) => err(codes::REJECTED, m),
-        e @ (StoreError::Db(_)
-        | StoreError::Connect(_)
-        | StoreError::Unanswered(_)
-        | StoreError::NewerSchema(_)) => {
-            tracing::warn!(error = %e, "database error in a plugin callback");
-            err(codes::FAILED, e.to_string())
-        }
-    }
 }
 
 fn time(t: chrono::DateTime<chrono::Utc>) -> String {
@@ -315,15 +312,38 @@ impl HostHandler {
         &self,
         work: impl Future<Output = Result<T, StoreError>>,
     ) -> RpcResult<T> {
-        match crate::store::within(self.ctx.timeout, work).await {
-            Err(StoreError::Unanswered(bound)) => Err(err(
-                codes::FAILED,
-                format!(
-                    "the query did not finish within the server's timeout ({} s)",
-                    bound.as_secs_f64()
-                ),
-            )),
-            r => r.map_err(store_err),
+        crate::store::within(self.ctx.timeout, work)
+            .await
+            .map_err(|e| self.store_err(e))
+    }
+
+    /// A store error as the plugin is answered it. A database error is
+    /// counted, and logged within [`log_budget::PLUGIN_DATABASE`]: a
+    /// plugin whose every send makes a failing query (a table gone, an
+    /// outage) would otherwise write a line per event.
+    fn store_err(&self, e: StoreError) -> ErrorObjectOwned {
+        match e {
+            StoreError::NotFound(what) => err(codes::NOT_FOUND, format!("{what} not found")),
+            StoreError::Conflict(m) | StoreError::TooLarge(m) => err(codes::REJECTED, m),
+            e @ (StoreError::Db(_)
+            | StoreError::Connect(_)
+            | StoreError::Unanswered(_)
+            | StoreError::NewerSchema(_)) => {
+                DATABASE_ERRORS.fetch_add(1, Ordering::Relaxed);
+                if log_budget::PLUGIN_DATABASE.logged() {
+                    tracing::warn!(plugin = %self.plugin, error = %e, "database error in a plugin callback");
+                }
+                match e {
+                    StoreError::Unanswered(bound) => err(
+                        codes::FAILED,
+                        format!(
+                            "the query did not finish within the server's timeout ({} s)",
+                            bound.as_secs_f64()
+                        ),
+                    ),
+                    e => err(codes::FAILED, e.to_string()),
+                }
+            }
         }
     }
 

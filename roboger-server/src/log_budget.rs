@@ -12,8 +12,9 @@
 //! does not silence the others. `plugin_log` keeps one per plugin; the
 //! server's own kinds are [`Lines`] here, each with what else counts
 //! them: [`RETRIED`] and [`FAILED`] (the pipeline's outcomes),
-//! [`REFUSED`] (the management API's refusals) and [`DATABASE`]
-//! (requests failed on a database error).
+//! [`REFUSED`] (the management API's refusals), [`DATABASE`]
+//! (requests failed on a database error) and [`PLUGIN_DATABASE`] (plugin
+//! callbacks failed on one).
 //!
 //! Invariant: no budget lets more than its lines a window through; the
 //! count of those it dropped is handed out once: at the first line after
@@ -187,6 +188,15 @@ pub static DATABASE: Lines = Lines::new(
     "each is answered 503 and counted in roboger_request_database_errors_total",
 );
 
+/// The lines of plugin callbacks failed on a database error (`host`): a
+/// plugin whose every send makes a query that fails, or every plugin's
+/// calls during an outage, would write one per event.
+pub static PLUGIN_DATABASE: Lines = Lines::new(
+    "plugin callbacks failed on a database error",
+    "each is answered to its plugin as an error and counted in \
+     roboger_plugin_database_errors_total",
+);
+
 /// One kind of the server's own lines, and its budget.
 #[derive(Debug)]
 pub struct Lines {
@@ -258,7 +268,7 @@ impl Lines {
 /// come much later, or never). The pipeline's sweeper calls it at each
 /// tick.
 pub fn say_ended() {
-    for lines in [&RETRIED, &FAILED, &REFUSED, &DATABASE] {
+    for lines in [&RETRIED, &FAILED, &REFUSED, &DATABASE, &PLUGIN_DATABASE] {
         let n = lines.budget.ended();
         if n > 0 {
             lines.said_dropped(n);

@@ -326,6 +326,9 @@ pub struct Scrape {
     /// Requests answered 503 for a database error, and the log lines of
     /// them dropped past their budget.
     pub database_errors: (u64, u64),
+    /// Plugin callbacks failed on a database error, and the log lines of
+    /// them dropped past their budget.
+    pub plugin_database_errors: (u64, u64),
     /// Connections open, and those asked to give way to a client that
     /// came while all places were taken (`connections`).
     pub connections: (usize, u64),
@@ -505,6 +508,16 @@ impl Scrape {
             "Log lines of requests failed on a database error not written, past 600 a minute; roboger_request_database_errors_total counts every such request.",
         ))?;
         database_log_dropped.inc_by(self.database_errors.1);
+        let plugin_database_errors = IntCounter::with_opts(Opts::new(
+            "roboger_plugin_database_errors_total",
+            "Plugin callbacks (database and bucket) failed on a database error, each answered to its plugin as an error.",
+        ))?;
+        plugin_database_errors.inc_by(self.plugin_database_errors.0);
+        let plugin_database_log_dropped = IntCounter::with_opts(Opts::new(
+            "roboger_plugin_database_error_log_dropped_total",
+            "Log lines of plugin callbacks failed on a database error not written, past 600 a minute; roboger_plugin_database_errors_total counts every such call.",
+        ))?;
+        plugin_database_log_dropped.inc_by(self.plugin_database_errors.1);
         let mut out = Vec::new();
         for c in [
             &up,
@@ -523,6 +536,8 @@ impl Scrape {
         out.extend(refused_log_dropped.collect());
         out.extend(database_errors.collect());
         out.extend(database_log_dropped.collect());
+        out.extend(plugin_database_errors.collect());
+        out.extend(plugin_database_log_dropped.collect());
         out.extend(budget_refused.collect());
         out.extend(auth_refused.collect());
         out.extend(routing.collect());

@@ -4,7 +4,7 @@
 //! Landlock rules a plugin process runs under (and what happens on a
 //! kernel without Landlock), and secrets kept out of logs.
 
-use roboger_tests::{HttpSink, Server, ServerOptions, assert_status, json, plugin_bin};
+use roboger_tests::{HttpSink, Server, ServerOptions, assert_status, at_once, json, plugin_bin};
 
 fn port(base: &str) -> &str {
     base.rsplit(':').next().unwrap_or("")
@@ -469,4 +469,55 @@ async fn a_plugins_huge_query_is_refused_within_bounds() {
     assert_status!(r, 200);
     assert_status!(s.push(json!({"addr": a, "msg": "small"})).await, 202);
     s.endpoint_settles(id, big_ep, 1, 1).await;
+}
+
+/// A plugin's database calls that fail share a budget of log lines. Each
+/// failed call wrote a WARN line: a plugin whose query names a table
+/// that is gone (or any plugin's calls during an outage) wrote one per
+/// event, at the speed of the pushes, without naming the plugin. Now at
+/// most 600 a minute are written, each naming its plugin, and every
+/// failed call is counted in the metrics.
+#[tokio::test]
+async fn a_plugins_failing_queries_have_600_lines_a_minute() {
+    let s = Server::start_with(ServerOptions {
+        plugins_yaml: format!(
+            "- name: dbq\n  command: {}\n  db: true\n",
+            roboger_tests::test_plugin_bin().display()
+        ),
+        yaml: "delivery:\n  max-attempts: 1\n".into(),
+        ..Default::default()
+    })
+    .await;
+    let (id, a) = s.new_addr().await;
+    let ep = s
+        .endpoint(
+            id,
+            "dbq",
+            json!({"db_query": "SELECT * FROM no_such_table"}),
+        )
+        .await;
+    let pushes = (0..1000).map(|i| s.push(json!({"addr": a, "msg": format!("q{i}")})));
+    for r in at_once(pushes, 16).await {
+        assert_status!(r, 202);
+    }
+    s.endpoint_settles(id, ep, 0, 1000).await;
+    let logged = s.log_lines("database error in a plugin callback");
+    assert_eq!(logged.len(), 600, "{}", s.log_text());
+    assert!(logged[0].contains("plugin=dbq"), "{}", logged[0]);
+    assert!(logged[0].contains("no_such_table"), "{}", logged[0]);
+    assert_eq!(
+        s.log_lines(
+            "600 lines of plugin callbacks failed on a database error logged in a minute: the \
+             rest of the minute's are not, but counted (each is answered to its plugin as an \
+             error and counted in roboger_plugin_database_errors_total)"
+        )
+        .len(),
+        1
+    );
+    let m = s.metrics().await;
+    assert_eq!(m.get("roboger_plugin_database_errors_total"), Some(&1000.0));
+    assert_eq!(
+        m.get("roboger_plugin_database_error_log_dropped_total"),
+        Some(&400.0)
+    );
 }

@@ -52,6 +52,10 @@ pub async fn scrape(app: &App, headers: &HeaderMap, peer: Option<SocketAddr>) ->
             super::error::database_errors_total(),
             log_budget::DATABASE.dropped_total(),
         ),
+        plugin_database_errors: (
+            crate::host::database_errors_total(),
+            log_budget::PLUGIN_DATABASE.dropped_total(),
+        ),
         connections: app.connections.counts(),
     };
     match app.metrics.render(&scrape) {
