@@ -319,6 +319,69 @@ async fn sessions_cookies_and_csrf() {
     assert_eq!(b.get("/ui/addr").await.status(), 303);
 }
 
+/// A new master key ends the console sessions signed in with the old
+/// one. Sessions live in the database, so after an operator changed a
+/// leaked key and restarted every node, a console signed in with the
+/// leaked key went on working for the rest of its 12 hours, on every
+/// node. A session is bound to the key it was signed in with now: a node
+/// with another key does not know it.
+#[tokio::test]
+async fn a_new_master_key_ends_the_sessions_of_the_old_one() {
+    let (_dir, db) = roboger_tests::shared_database();
+    let old = Server::start_with(ServerOptions {
+        db: Some(db.clone()),
+        ..Default::default()
+    })
+    .await;
+    let b = Browser::signed_in(&old).await;
+    assert_eq!(b.get("/ui/addr").await.status(), 200);
+    let new = Server::start_with(ServerOptions {
+        db: Some(db),
+        env: vec![("ROBOGER_MASTERKEY".into(), "a-new-master-key".into())],
+        ..Default::default()
+    })
+    .await;
+    let on_new = Browser {
+        server: &new,
+        cookie: b.cookie.clone(),
+    };
+    let r = on_new.get("/ui/addr").await;
+    assert_eq!(
+        r.status(),
+        303,
+        "the old key's session is gone on the new key's node"
+    );
+    assert_eq!(header(&r, "location"), "/ui/signin?next=%2Fui%2Faddr");
+    let r = on_new.post("/ui/addr", &[]).await;
+    assert_eq!(r.status(), 303);
+    assert!(header(&r, "location").starts_with("/ui/signin"));
+    // The node that still has the old key still knows it.
+    assert_eq!(b.get("/ui/addr").await.status(), 200);
+    // A sign-in with the new key works on the new key's node only.
+    let r = on_new
+        .post(
+            "/ui/signin",
+            &[("key", "a-new-master-key"), ("next", "/ui/addr")],
+        )
+        .await;
+    assert_eq!(r.status(), 303);
+    let cookie = header(&r, "set-cookie")
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .to_string();
+    let signed_new = Browser {
+        server: &new,
+        cookie: Some(cookie.clone()),
+    };
+    assert_eq!(signed_new.get("/ui/addr").await.status(), 200);
+    let signed_new_on_old = Browser {
+        server: &old,
+        cookie: Some(cookie),
+    };
+    assert_eq!(signed_new_on_old.get("/ui/addr").await.status(), 303);
+}
+
 #[tokio::test]
 async fn the_cookie_is_secure_behind_https() {
     let server = Server::start_with(ServerOptions {

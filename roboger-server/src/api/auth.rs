@@ -47,6 +47,12 @@ impl MasterAuth {
         }
     }
 
+    /// The master key's SHA-256 (what sessions signed in with it are
+    /// bound to; `api::console::session`).
+    pub fn key_digest(&self) -> &[u8; 32] {
+        &self.key_digest
+    }
+
     /// The refusals so far.
     pub fn refused(&self) -> ManagementRefused {
         ManagementRefused {

@@ -2,8 +2,9 @@
 //! paged and searched reads its pages make (the management API sends
 //! whole collections instead, read a page at a time by `api::reply`).
 //!
-//! Invariant: a session is found only by the digest of its cookie and
-//! only before it expires; the cookie itself is never stored.
+//! Invariant: a session is found only by the digest of its cookie (and of
+//! the master key, `api::console::session`) and only before it expires;
+//! the cookie itself is never stored.
 
 use sea_orm::sea_query::{Expr, ExprTrait, LikeExpr};
 use sea_orm::{

@@ -3,12 +3,14 @@
 //! `api::guessing`).
 //!
 //! A session is a random token in an `HttpOnly`, `SameSite=Strict` cookie
-//! (`Secure` when the public URL is https); the database keeps only its
-//! SHA-256, with its CSRF token and expiry, so every node knows it and
-//! signing out ends it everywhere.
+//! (`Secure` when the public URL is https); the database keeps only the
+//! SHA-256 of the token and the master key's digest, with its CSRF token
+//! and expiry, so every node with that key knows it, signing out ends it
+//! everywhere, and a new master key ends the old key's sessions.
 //!
 //! Invariant: the master key is only ever compared, never stored in a
-//! session or sent back to the browser.
+//! session or sent back to the browser; a session is found only with the
+//! key it was signed in with.
 
 use std::net::IpAddr;
 use std::time::Duration;
@@ -49,11 +51,16 @@ fn token() -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
 }
 
-fn digest(token: &str) -> String {
-    Sha256::digest(token.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+/// A session's id in the database: the digest of its cookie's token
+/// and of the master key it was signed in with, so a node with another
+/// key (the key changed, the nodes restarted) knows none of the old
+/// key's sessions, and the database alone gives neither the token nor
+/// the key.
+fn digest(app: &App, token: &str) -> String {
+    let mut d = Sha256::new();
+    d.update(app.auth.key_digest());
+    d.update(token.as_bytes());
+    d.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// The session cookie's value in a request, if any.
@@ -73,7 +80,7 @@ pub async fn current(app: &App, headers: &HeaderMap) -> Result<Option<Session>, 
     let Some(token) = cookie(headers) else {
         return Ok(None);
     };
-    let id = digest(token);
+    let id = digest(app, token);
     let row = app.store.session_get(&id, chrono::Utc::now()).await?;
     Ok(row.map(|r| Session { id, csrf: r.csrf }))
 }
@@ -84,7 +91,7 @@ pub async fn start(app: &App) -> Result<String, ApiError> {
     let now = chrono::Utc::now();
     app.store
         .session_create(console_session::Model {
-            id: digest(&token),
+            id: digest(app, &token),
             csrf: self::token(),
             created: now,
             expires: now + chrono::Duration::from_std(LIFETIME).unwrap_or_default(),
