@@ -6,31 +6,19 @@
 // the server and the webhook's target and checks what the target got.
 //
 // Environment: ROBOGER_URL, ROBOGER_KEY, SINK_URL, SCREENSHOTS (a
-// directory), PLAYWRIGHT_DIR (where npm installed playwright-core),
-// CHROMIUM (the browser's executable).
-import { createRequire } from "node:module";
+// directory), and browser.mjs's.
 import assert from "node:assert/strict";
 import fs from "node:fs";
 import path from "node:path";
+import { env, launch } from "./browser.mjs";
 
-const env = (k) => {
-  const v = process.env[k];
-  if (!v) throw new Error(`${k} is not set`);
-  return v;
-};
 const base = env("ROBOGER_URL");
 const key = env("ROBOGER_KEY");
 const sink = env("SINK_URL");
 const shots = env("SCREENSHOTS");
-const require = createRequire(path.join(env("PLAYWRIGHT_DIR"), "noop.js"));
-const { chromium } = require("playwright-core");
 
 fs.mkdirSync(shots, { recursive: true });
-const browser = await chromium.launch({
-  executablePath: env("CHROMIUM"),
-  args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync", "--no-first-run"],
-});
+const browser = await launch();
 const context = await browser.newContext({ viewport: { width: 1200, height: 900 } });
 const page = await context.newPage();
 page.setDefaultTimeout(15000);

@@ -27,12 +27,41 @@ fn playwright() -> Option<PathBuf> {
     None
 }
 
+/// Runs `script` (of `tests/console/`) with node, driving Chromium on
+/// `server` with the master key, and `vars` besides; fails the test when
+/// it fails. False when there is no browser (skipped, saying so).
+async fn in_chromium(script: &str, server: &Server, vars: &[(&str, &str)]) -> bool {
+    let Some(chromium) = installed_program("ROBOGER_TEST_CHROMIUM", "/usr/bin/chromium") else {
+        return false;
+    };
+    let Some(pw) = playwright() else { return false };
+    let run = {
+        let mut cmd = Command::new("node");
+        cmd.arg(
+            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("console")
+                .join(script),
+        )
+        .env("ROBOGER_URL", &server.base)
+        .env("ROBOGER_KEY", KEY)
+        .env("PLAYWRIGHT_DIR", &pw)
+        .env("CHROMIUM", &chromium)
+        .envs(vars.iter().copied());
+        tokio::task::spawn_blocking(move || cmd.output())
+    };
+    let out = run.await.expect("join").expect("run node");
+    let log = server.log_text();
+    assert!(
+        out.status.success(),
+        "{script} failed:\n{}\n{}\nserver log:\n{log}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    true
+}
+
 #[tokio::test]
 async fn an_operator_walks_through_the_console_in_a_browser() {
-    let Some(chromium) = installed_program("ROBOGER_TEST_CHROMIUM", "/usr/bin/chromium") else {
-        return;
-    };
-    let Some(pw) = playwright() else { return };
     // The first event is delivered; the second fails once (one attempt
     // only) and is delivered when retried from the console.
     let sink = HttpSink::start(vec![200, 500]).await;
@@ -42,26 +71,13 @@ async fn an_operator_walks_through_the_console_in_a_browser() {
     ))
     .await;
     let shots = roboger_tests::bin_dir().join("../console-screenshots");
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("console/console.mjs");
-    let run = {
-        let mut cmd = Command::new("node");
-        cmd.arg(&script)
-            .env("ROBOGER_URL", &server.base)
-            .env("ROBOGER_KEY", KEY)
-            .env("SINK_URL", &sink.base)
-            .env("SCREENSHOTS", &shots)
-            .env("PLAYWRIGHT_DIR", &pw)
-            .env("CHROMIUM", &chromium);
-        tokio::task::spawn_blocking(move || cmd.output())
-    };
-    let out = run.await.expect("join").expect("run node");
-    let log = server.log_text();
-    assert!(
-        out.status.success(),
-        "the browser walk-through failed:\n{}\n{}\nserver log:\n{log}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let vars = [
+        ("SINK_URL", sink.base.as_str()),
+        ("SCREENSHOTS", &shots.to_string_lossy()),
+    ];
+    if !in_chromium("console.mjs", &server, &vars).await {
+        return;
+    }
     for name in [
         "signin",
         "addresses",
@@ -317,6 +333,42 @@ async fn sessions_cookies_and_csrf() {
     assert!(header(&r, "set-cookie").contains("Max-Age=0"));
     b.cookie = old;
     assert_eq!(b.get("/ui/addr").await.status(), 303);
+}
+
+/// A public file cannot act as the console. A plugin keeps what was
+/// pushed to it (media, a page) and the server serves it at `/file/{id}`,
+/// in the console's origin: an HTML page's script there ran when a
+/// signed-in operator opened its link, and read the console's pages with
+/// their CSRF tokens, so it could do what the operator can. It is sent
+/// sandboxed in an origin of its own now: Chromium runs none of its
+/// script, and code in its page cannot read the console.
+#[tokio::test]
+async fn a_public_file_cannot_act_as_the_console() {
+    let server = Server::start_with(ServerOptions::test_plugin("")).await;
+    let (id, _) = server.new_addr().await;
+    let page = "<html><head><title>a pushed page</title>\
+                <script>document.title = 'its script ran'</script></head>\
+                <body>pushed</body></html>";
+    let r = server
+        .manage(
+            Method::POST,
+            &format!("/addr/{id}/endpoint"),
+            Some(
+                serde_json::json!({"plugin_name": "t", "config": {"bucket": {
+                    "content": page, "mimetype": "text/html", "public": true, "addr_id": id
+                }}}),
+            ),
+        )
+        .await;
+    assert_status!(r, 201);
+    let file = server.db_client().query("SELECT id FROM bucket");
+    let path = format!("/file/{}", file.trim());
+    in_chromium("public_file.mjs", &server, &[("FILE_PATH", &path)]).await;
+    let r = server.request(Method::GET, &path, None, &[], None).await;
+    assert_status!(r, 200);
+    assert_eq!(r.header("content-type"), Some("text/html"));
+    assert_eq!(r.header("content-security-policy"), Some("sandbox"));
+    assert_eq!(r.header("x-content-type-options"), Some("nosniff"));
 }
 
 /// A new master key ends the console sessions signed in with the old

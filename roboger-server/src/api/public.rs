@@ -5,6 +5,10 @@
 //! Invariant: what these routes send (a file, a plugin's answer) holds
 //! room in the body budget for its size until the last of it is taken
 //! or the connection ends, like a request body being read.
+//!
+//! Invariant: a public file is sent sandboxed in an origin of its own
+//! (a PDF aside) and never sniffed, so nothing pushed runs as the
+//! console's origin.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -70,6 +74,7 @@ pub async fn file(app: &App, id: &str) -> Response {
     if let Ok(v) = HeaderValue::from_str(&format!("public, max-age={left}")) {
         h.insert(header::CACHE_CONTROL, v);
     }
+    kept_from_the_console(h, &obj.mimetype);
     if let Some(v) = obj
         .fname
         .as_deref()
@@ -97,6 +102,28 @@ pub async fn file(app: &App, id: &str) -> Response {
         }
     }
     r
+}
+
+/// The headers that keep a public file from acting in the server's
+/// origin, where the console is: what it holds came from whoever pushed
+/// it, and an HTML or SVG file's script run there would read the console
+/// (a signed-in operator's cookie goes with it) and post its forms.
+/// `sandbox` gives the file an origin of its own, with no scripts, forms
+/// or plugins; `nosniff` has it shown only as what its type says. A PDF
+/// is left out of the sandbox, which Chromium's PDF viewer refuses to
+/// run in; that viewer runs no script of the document in the origin.
+fn kept_from_the_console(h: &mut HeaderMap, mimetype: &str) {
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    let essence = mimetype.split(';').next().unwrap_or_default().trim();
+    if !essence.eq_ignore_ascii_case("application/pdf") {
+        h.insert(
+            header::CONTENT_SECURITY_POLICY,
+            HeaderValue::from_static("sandbox"),
+        );
+    }
 }
 
 /// A file's or a plugin's answer as it is sent, a slice at a time, with
