@@ -363,12 +363,40 @@ async fn a_public_file_cannot_act_as_the_console() {
     assert_status!(r, 201);
     let file = server.db_client().query("SELECT id FROM bucket");
     let path = format!("/file/{}", file.trim());
-    in_chromium("public_file.mjs", &server, &[("FILE_PATH", &path)]).await;
+    let page = [
+        ("PAGE_PATH", path.as_str()),
+        ("PAGE_TITLE", "a pushed page"),
+    ];
+    in_chromium("foreign_page.mjs", &server, &page).await;
     let r = server.request(Method::GET, &path, None, &[], None).await;
     assert_status!(r, 200);
     assert_eq!(r.header("content-type"), Some("text/html"));
     assert_eq!(r.header("content-security-policy"), Some("sandbox"));
     assert_eq!(r.header("x-content-type-options"), Some("nosniff"));
+}
+
+/// A plugin's page cannot act as the console. Plugins answer their own
+/// routes (`/plugin/{name}/…`) in the console's origin: a page one served
+/// (or one of its pages echoing a link's query, as a seed-style route
+/// returning a string does) could read the console's pages as a
+/// signed-in operator opening it. It answers in an origin of its own now:
+/// its script still runs, but cannot read the console.
+#[tokio::test]
+async fn a_plugins_page_cannot_act_as_the_console() {
+    let server = Server::start_with(ServerOptions::test_plugin("")).await;
+    let page = [
+        ("PAGE_PATH", "/plugin/t/page"),
+        ("PAGE_TITLE", "its script ran"),
+    ];
+    in_chromium("foreign_page.mjs", &server, &page).await;
+    let r = server
+        .request(Method::GET, "/plugin/t/page", None, &[], None)
+        .await;
+    assert_status!(r, 200);
+    assert_eq!(
+        r.header("content-security-policy"),
+        Some("sandbox allow-scripts allow-forms allow-popups allow-modals allow-downloads")
+    );
 }
 
 /// A new master key ends the console sessions signed in with the old

@@ -6,9 +6,10 @@
 //! room in the body budget for its size until the last of it is taken
 //! or the connection ends, like a request body being read.
 //!
-//! Invariant: a public file is sent sandboxed in an origin of its own
-//! (a PDF aside) and never sniffed, so nothing pushed runs as the
-//! console's origin.
+//! Invariant: a public file and a plugin's answer are sent sandboxed in
+//! an origin of their own (a PDF aside), and a file is never sniffed, so
+//! nothing pushed and nothing a plugin serves runs as the console's
+//! origin.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -74,7 +75,12 @@ pub async fn file(app: &App, id: &str) -> Response {
     if let Ok(v) = HeaderValue::from_str(&format!("public, max-age={left}")) {
         h.insert(header::CACHE_CONTROL, v);
     }
-    kept_from_the_console(h, &obj.mimetype);
+    // Shown only as what its type says.
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    sandboxed(h, &obj.mimetype, FILE_SANDBOX);
     if let Some(v) = obj
         .fname
         .as_deref()
@@ -104,24 +110,30 @@ pub async fn file(app: &App, id: &str) -> Response {
     r
 }
 
-/// The headers that keep a public file from acting in the server's
-/// origin, where the console is: what it holds came from whoever pushed
-/// it, and an HTML or SVG file's script run there would read the console
-/// (a signed-in operator's cookie goes with it) and post its forms.
-/// `sandbox` gives the file an origin of its own, with no scripts, forms
-/// or plugins; `nosniff` has it shown only as what its type says. A PDF
-/// is left out of the sandbox, which Chromium's PDF viewer refuses to
-/// run in; that viewer runs no script of the document in the origin.
-fn kept_from_the_console(h: &mut HeaderMap, mimetype: &str) {
-    h.insert(
-        header::X_CONTENT_TYPE_OPTIONS,
-        HeaderValue::from_static("nosniff"),
-    );
+/// The sandbox a public file is sent in: an origin of its own, with no
+/// scripts, forms or plugins. What it holds came from whoever pushed it,
+/// and an HTML or SVG file's script run in the server's origin, where
+/// the console is, would read the console's pages (a signed-in
+/// operator's cookie goes with it) and post its forms.
+const FILE_SANDBOX: &str = "sandbox";
+
+/// The sandbox a plugin's route answers in: an origin of its own, where
+/// a page the plugin serves may run scripts, post forms and open
+/// windows, but cannot read the console (a plugin, or a page of it that
+/// echoes a link's query, would otherwise act as a signed-in operator).
+const PLUGIN_SANDBOX: &str =
+    "sandbox allow-scripts allow-forms allow-popups allow-modals allow-downloads";
+
+/// Adds `sandbox` to an answer of type `mimetype`, unless it is a PDF,
+/// which Chromium's PDF viewer refuses to show sandboxed (that viewer
+/// runs none of the document's script in the origin). A policy the
+/// answer has already stays, and both hold.
+fn sandboxed(h: &mut HeaderMap, mimetype: &str, sandbox: &'static str) {
     let essence = mimetype.split(';').next().unwrap_or_default().trim();
     if !essence.eq_ignore_ascii_case("application/pdf") {
-        h.insert(
+        h.append(
             header::CONTENT_SECURITY_POLICY,
-            HeaderValue::from_static("sandbox"),
+            HeaderValue::from_static(sandbox),
         );
     }
 }
@@ -265,6 +277,13 @@ impl RouteAnswer {
         .into_response();
         *r.status_mut() = self.status;
         *r.headers_mut() = self.headers;
+        let mimetype = r
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string();
+        sandboxed(r.headers_mut(), &mimetype, PLUGIN_SANDBOX);
         if has_body(self.status) {
             r.headers_mut()
                 .insert(header::CONTENT_LENGTH, HeaderValue::from(length));

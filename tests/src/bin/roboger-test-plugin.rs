@@ -38,12 +38,19 @@
 //! plugin directory likewise, and fails the call if nothing stopped it.
 //! `{"bucket": {...}}` in a config has `validate_config` store a bucket
 //! object (its `content` repeated `repeat` times).
+//! Its HTTP route echoes each request as JSON, but `/page`, an HTML page
+//! ([`PAGE`]) whose script sets its title.
 //! A plugin config `{"requires": "/path"}` is refused while that file is
 //! missing (a credentials file an operator has yet to put in place);
 //! with `"missing": "exit"` the plugin exits instead, so it crashes at
 //! each start until it is marked failed.
 
 use std::io::{BufRead, Write};
+
+/// The page the route `/page` answers: titled "a plugin's page" until its
+/// script runs.
+const PAGE: &str = "<html><head><title>a plugin's page</title>\
+    <script>document.title = 'its script ran'</script></head><body>a plugin's page</body></html>";
 
 use base64::Engine;
 use roboger_plugin_sdk::protocol::HostApiClient;
@@ -172,8 +179,16 @@ impl Plugin for Chaos {
             .to_string(),
         };
         let mut headers = std::collections::BTreeMap::new();
-        headers.insert("content-type".to_string(), "application/json".to_string());
         headers.insert("x-test".to_string(), "yes".to_string());
+        if req.path == "/page" {
+            headers.insert("content-type".to_string(), "text/html".to_string());
+            return Ok(HttpResponse {
+                status,
+                headers,
+                body: base64::engine::general_purpose::STANDARD.encode(PAGE),
+            });
+        }
+        headers.insert("content-type".to_string(), "application/json".to_string());
         Ok(HttpResponse {
             status,
             headers,

@@ -1,11 +1,11 @@
-// A public file, opened in a real Chromium by an operator signed in to the
-// console, cannot act as the console: its own script does not run, and
-// code run in its page cannot read a console page. Run by
-// tests/tests/console.rs, which has a plugin store the file (an HTML page
-// whose script would set its title).
+// A page the console did not make (a public file, a plugin's page), opened
+// in a real Chromium by an operator signed in to the console, cannot act
+// as the console: code run in it cannot read a console page. Its own
+// script runs or not as its sandbox says: the title it has once loaded is
+// PAGE_TITLE. Run by tests/tests/console.rs.
 //
-// Environment: ROBOGER_URL, ROBOGER_KEY, FILE_PATH (the file's path), and
-// browser.mjs's.
+// Environment: ROBOGER_URL, ROBOGER_KEY, PAGE_PATH (the page's path),
+// PAGE_TITLE, and browser.mjs's.
 import assert from "node:assert/strict";
 import { env, launch } from "./browser.mjs";
 
@@ -19,8 +19,8 @@ try {
   await page.getByRole("button", { name: "Sign in" }).click();
   await page.getByRole("heading", { name: /^Addresses/ }).waitFor();
 
-  await page.goto(`${base}${env("FILE_PATH")}`);
-  assert.equal(await page.title(), "a pushed page", "the file's own script ran");
+  await page.goto(`${base}${env("PAGE_PATH")}`);
+  assert.equal(await page.title(), env("PAGE_TITLE"), "the page's own script");
   const read = await page.evaluate(async () => {
     try {
       const r = await fetch("/ui/addr");
@@ -30,8 +30,8 @@ try {
       return `refused (${e})`;
     }
   });
-  assert.match(read, /^refused/, "code in the file's page read the console");
-  console.log(`the public file was kept from the console: ${read}`);
+  assert.match(read, /^refused/, "code in the page read the console");
+  console.log(`the page was kept from the console: ${read}`);
 } finally {
   await browser.close();
 }
