@@ -288,6 +288,19 @@ pub struct DbUrl {
     pub backend: DbBackend,
 }
 
+impl DbUrl {
+    /// The file of a SQLite database (none for an in-memory one, or
+    /// another backend).
+    pub fn sqlite_file(&self) -> Option<PathBuf> {
+        let rest = self.url.strip_prefix("sqlite://")?;
+        let path = rest.split('?').next()?;
+        if path.is_empty() || path.starts_with(':') {
+            return None;
+        }
+        Some(PathBuf::from(path))
+    }
+}
+
 /// The supported database backends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DbBackend {
@@ -359,6 +372,9 @@ pub struct Sandbox {
     pub data_dir: PathBuf,
     /// More paths it may write (`writable`).
     pub writable: Vec<PathBuf>,
+    /// The server's own files, which it may not read (unless they are
+    /// below a `writable` path): see [`Config::own_files`].
+    pub hidden: Vec<PathBuf>,
     /// Whether the filesystem is read-only to it but for those (Landlock).
     pub landlock: bool,
     /// The only TCP ports it may connect to (`connect-ports`, Landlock);
@@ -380,6 +396,7 @@ impl Default for Sandbox {
             cpu_seconds: None,
             data_dir: PathBuf::new(),
             writable: Vec::new(),
+            hidden: Vec::new(),
             landlock: true,
             connect_ports: None,
         }
@@ -569,8 +586,13 @@ impl Config {
         }
         let data_dir = env.data_dir.clone().unwrap_or_else(default_data_dir);
 
+        // The files the server's secrets were read from.
+        let mut secret_files: Vec<PathBuf> = Vec::new();
         let db_raw = match env.db.clone().or(f.db) {
-            Some(v) => Some(value_or_file("roboger.db", v)?),
+            Some(v) => {
+                secret_files.extend(value_file(&v).map(Path::to_path_buf));
+                Some(value_or_file("roboger.db", v)?)
+            }
             None => None,
         };
         let db = match db_raw {
@@ -728,7 +750,10 @@ impl Config {
         )?;
         let mut generated_key = None;
         let master_key = match env.master_key.clone().or(file_key) {
-            Some(k) => value_or_file("roboger.master.key", k)?,
+            Some(k) => {
+                secret_files.extend(value_file(&k).map(Path::to_path_buf));
+                value_or_file("roboger.master.key", k)?
+            }
             None => {
                 let (key, generated) = load_or_generate_key(&data_dir)?;
                 if generated {
@@ -841,12 +866,14 @@ impl Config {
             None if path.is_none() => builtin_plugins_next_to_binary(),
             None => Vec::new(),
         };
+        let own_files = Config::own_files(path, &secret_files, &data_dir, &db);
         for p in &mut plugins {
             if !listed {
                 p.egress = server_egress.clone();
                 p.sandbox = server_sandbox.clone();
             }
             p.sandbox.data_dir = data_dir.join("plugins").join(&p.name);
+            p.sandbox.hidden = own_files.clone();
         }
 
         let plugin_max_line = f.plugin_max_line.unwrap_or(DEFAULT_PLUGIN_MAX_LINE);
@@ -1035,10 +1062,16 @@ fn in_the_files_words(key: &str, message: &str) -> String {
 /// The longest value read from a file: a key or a URL.
 const VALUE_FILE_MAX: u64 = 64 * 1024;
 
-/// The original reads a value from a file when it starts with `/` or `./`.
+/// The file a value is read from: the original reads it from a file when
+/// it starts with `/` or `./`.
+fn value_file(v: &str) -> Option<&Path> {
+    (v.starts_with('/') || v.starts_with("./")).then_some(Path::new(v))
+}
+
+/// A value, or the text of the file it names ([`value_file`]).
 fn value_or_file(key: &str, v: String) -> Result<String, ConfigError> {
     use std::io::Read;
-    if v.starts_with('/') || v.starts_with("./") {
+    if value_file(&v).is_some() {
         let cannot = |e: String| invalid(key, format!("cannot read the value from file {v}: {e}"));
         // A regular file: a FIFO or a device (/dev/stdin) could block
         // the start for ever.
@@ -1058,6 +1091,42 @@ fn value_or_file(key: &str, v: String) -> Result<String, ConfigError> {
         Ok(text.trim_end_matches(['\n', '\r']).to_string())
     } else {
         Ok(v)
+    }
+}
+
+impl Config {
+    /// The server's own files, which no plugin may read (`sandbox`): its
+    /// configuration file, the files its database URL and master key
+    /// were read from, its data directory (the generated master key, the
+    /// default SQLite database, the other plugins' directories) and its
+    /// SQLite database with the journals beside it. Absolute, as a
+    /// plugin runs in a directory of its own.
+    fn own_files(
+        config: Option<&Path>,
+        secret_files: &[PathBuf],
+        data_dir: &Path,
+        db: &DbUrl,
+    ) -> Vec<PathBuf> {
+        let sqlite = db.sqlite_file().into_iter().flat_map(|f| {
+            let mut journals: Vec<PathBuf> = ["-wal", "-shm", "-journal"]
+                .iter()
+                .map(|end| {
+                    let mut name = f.clone().into_os_string();
+                    name.push(end);
+                    PathBuf::from(name)
+                })
+                .collect();
+            journals.insert(0, f);
+            journals
+        });
+        config
+            .into_iter()
+            .map(Path::to_path_buf)
+            .chain(secret_files.iter().cloned())
+            .chain([data_dir.to_path_buf()])
+            .chain(sqlite)
+            .filter_map(|p| std::path::absolute(p).ok())
+            .collect()
     }
 }
 
@@ -1529,6 +1598,7 @@ fn sandbox(key: &str, d: &Sandbox, s: FileSandbox) -> Result<Sandbox, ConfigErro
         landlock: s.landlock.unwrap_or(d.landlock),
         connect_ports: s.connect_ports.or_else(|| d.connect_ports.clone()),
         data_dir: d.data_dir.clone(),
+        hidden: d.hidden.clone(),
     })
 }
 

@@ -6,9 +6,11 @@
 //!
 //! What it sets: resource limits (address space, open files, no core
 //! dumps, CPU time when configured), `no_new_privs`, and a Landlock
-//! ruleset that leaves the whole filesystem readable and executable but
+//! ruleset that leaves the filesystem readable and executable but
 //! writable only below the plugin's data directory, `/dev/null` and the
-//! paths its `sandbox.writable` names. Landlock is best effort: the
+//! paths its `sandbox.writable` names, and leaves the server's own files
+//! (`Sandbox::hidden`: its configuration, the files its secrets were read
+//! from, its data directory, its SQLite database) unreadable. Landlock is best effort: the
 //! kernel's ABI is used, and the plugin's log says what was enforced.
 //! `sandbox.connect-ports` is the exception: a plugin limited to some
 //! TCP ports (Landlock's network rules, Linux 6.7) is not run on a kernel
@@ -16,7 +18,9 @@
 //! by name and the egress policy binds only plugins that enforce it.
 //!
 //! Invariant: every plugin process starts confined by its `sandbox`
-//! settings; a plugin never runs a step of its own before that.
+//! settings; a plugin never runs a step of its own before that. Where
+//! Landlock is enforced, no plugin reads the server's own files outside
+//! [`UNSPLIT`] but through its `writable` paths.
 
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -68,6 +72,13 @@ pub fn command_line(s: &Sandbox, exe: &std::path::Path, args: &[String]) -> Vec<
         for w in paths.filter(|p| !p.as_os_str().is_empty()) {
             out.extend(["--writable".into(), w.clone().into_os_string()]);
         }
+        for h in &s.hidden {
+            out.extend(["--hidden".into(), h.clone().into_os_string()]);
+        }
+        // Its executable runs even from below a hidden path.
+        if exe.is_absolute() && s.hidden.iter().any(|h| exe.starts_with(h)) {
+            out.extend(["--readable".into(), exe.as_os_str().to_owned()]);
+        }
     }
     out.push("--".into());
     out.push(exe.as_os_str().to_owned());
@@ -93,6 +104,12 @@ pub struct Spec {
     /// Paths left writable.
     #[arg(long)]
     pub writable: Vec<PathBuf>,
+    /// Paths it cannot read (the server's own files), unless writable.
+    #[arg(long)]
+    pub hidden: Vec<PathBuf>,
+    /// Paths it may read and run even below a hidden one.
+    #[arg(long)]
+    pub readable: Vec<PathBuf>,
     /// Allow TCP connections only to `connect_port` (Landlock).
     #[arg(long)]
     pub connect_only: bool,
@@ -162,10 +179,19 @@ pub fn enter(spec: &Spec) -> Result<String, SandboxError> {
         .chain(std::iter::once(&dev_null))
         .filter(|p| p.exists())
         .collect();
+    let (hidden, below_etc): (Vec<PathBuf>, Vec<PathBuf>) = spec
+        .hidden
+        .iter()
+        .filter_map(|p| std::fs::canonicalize(p).ok())
+        .partition(|p| !p.starts_with(UNSPLIT));
+    // Paths that cannot be opened (a dangling link) are left out.
+    let mut readable = readable_around(&hidden);
+    readable.extend(spec.readable.iter().cloned());
+    let readable = path_beneath_rules(readable, AccessFs::from_read(abi));
     let restricted = Ruleset::default()
         .handle_access(AccessFs::from_all(abi))
         .and_then(|r| r.create())
-        .and_then(|r| r.add_rules(path_beneath_rules(["/"], AccessFs::from_read(abi))))
+        .and_then(|r| r.add_rules(readable))
         .and_then(|r| r.add_rules(path_beneath_rules(&writable, AccessFs::from_all(abi))))
         .and_then(|r| r.restrict_self());
     let status = match restricted {
@@ -177,13 +203,23 @@ pub fn enter(spec: &Spec) -> Result<String, SandboxError> {
         }
     };
     let shown: Vec<String> = writable.iter().map(|p| p.display().to_string()).collect();
+    let mut unreadable = String::new();
+    if !hidden.is_empty() {
+        let h: Vec<String> = hidden.iter().map(|p| p.display().to_string()).collect();
+        unreadable = format!(
+            "; the server's own files are not readable: {}",
+            h.join(", ")
+        );
+    }
+    unreadable.push_str(&left_readable(&below_etc));
     said.push_str(&match status.ruleset {
         RulesetStatus::FullyEnforced => format!(
-            "; Landlock enforced: the filesystem is read-only but for {}",
+            "; Landlock enforced: the filesystem is read-only but for {}{unreadable}",
             shown.join(", ")
         ),
         RulesetStatus::PartiallyEnforced => format!(
-            "; Landlock partly enforced (this kernel's ABI lacks some rights): read-only but for {}",
+            "; Landlock partly enforced (this kernel's ABI lacks some rights): read-only but \
+             for {}{unreadable}",
             shown.join(", ")
         ),
         RulesetStatus::NotEnforced => {
@@ -191,6 +227,64 @@ pub fn enter(spec: &Spec) -> Result<String, SandboxError> {
         }
     });
     Ok(said)
+}
+
+/// The directory whose entries are never granted one by one, so a
+/// hidden path below it stays readable: the C library reads its files
+/// again while a plugin runs (`resolv.conf`, `hosts`, `localtime`), and
+/// they are replaced by renaming (a DHCP client, an editor), which a
+/// rule on the old file does not follow. A configuration there is best
+/// kept free of secrets: the database URL and the master key can be read
+/// from files in the data directory instead.
+const UNSPLIT: &str = "/etc";
+
+/// The log's words for the server's files left readable below
+/// [`UNSPLIT`].
+fn left_readable(paths: &[PathBuf]) -> String {
+    if paths.is_empty() {
+        return String::new();
+    }
+    let p: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
+    format!(
+        "; readable still, below {UNSPLIT}, whose files cannot be hidden one by one: {}",
+        p.join(", ")
+    )
+}
+
+/// What to leave readable so that `hidden` (absolute, canonical paths)
+/// is not: `/` when nothing is hidden; else, in each directory that holds
+/// a hidden path, every entry but the hidden one and those leading to
+/// one (which are split in turn). Landlock grants rights below a path and
+/// cannot take them back below it, so a hidden path's siblings are
+/// granted one by one. An entry made after the plugin started in such a
+/// directory is not readable either (a SQLite journal next to the
+/// database is among them), nor can such a directory be listed.
+fn readable_around(hidden: &[PathBuf]) -> Vec<PathBuf> {
+    use std::collections::BTreeSet;
+    if hidden.is_empty() {
+        return vec![PathBuf::from("/")];
+    }
+    let hidden: BTreeSet<&std::path::Path> = hidden.iter().map(PathBuf::as_path).collect();
+    // The directories to split: the ancestors of the hidden paths, less
+    // those hidden whole.
+    let split: BTreeSet<&std::path::Path> = hidden
+        .iter()
+        .flat_map(|h| h.ancestors().skip(1))
+        .filter(|d| !d.ancestors().any(|a| hidden.contains(a)))
+        .collect();
+    let mut out = Vec::new();
+    for dir in &split {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            if !hidden.contains(p.as_path()) && !split.contains(p.as_path()) {
+                out.push(p);
+            }
+        }
+    }
+    out
 }
 
 /// Holds the process to TCP connections to `ports` (none: no TCP
@@ -248,5 +342,51 @@ mod tests {
         ));
         assert!(text.contains("--writable /var/lib/roboger/plugins/x --writable /srv/out"));
         assert!(text.ends_with("-- /usr/lib/roboger/p m"));
+    }
+
+    #[test]
+    fn hidden_paths_travel_and_a_plugin_below_one_still_runs() {
+        let s = Sandbox {
+            hidden: vec!["/etc/roboger/roboger.yml".into(), "/var/lib/roboger".into()],
+            ..Sandbox::default()
+        };
+        let text = |exe: &str| {
+            command_line(&s, exe.as_ref(), &[])
+                .into_iter()
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        let elsewhere = text("/usr/lib/roboger/p");
+        assert!(
+            elsewhere.contains("--hidden /etc/roboger/roboger.yml --hidden /var/lib/roboger --"),
+            "{elsewhere}"
+        );
+        assert!(!elsewhere.contains("--readable"), "{elsewhere}");
+        assert!(text("/var/lib/roboger/bin/p").contains("--readable /var/lib/roboger/bin/p --"));
+    }
+
+    #[test]
+    fn around_hidden_paths_their_siblings_stay_readable() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = std::fs::canonicalize(dir.path()).unwrap();
+        for d in ["etc/app", "etc/ssl", "var/data/plugins/p", "usr"] {
+            std::fs::create_dir_all(root.join(d)).unwrap();
+        }
+        for f in ["etc/app/app.yml", "etc/app/modules.py", "etc/hosts"] {
+            std::fs::write(root.join(f), "").unwrap();
+        }
+        let hidden = [root.join("etc/app/app.yml"), root.join("var/data")];
+        let mut readable: Vec<String> = readable_around(&hidden)
+            .iter()
+            .filter_map(|p| p.strip_prefix(&root).ok())
+            .map(|p| p.display().to_string())
+            .collect();
+        readable.sort();
+        assert_eq!(
+            readable,
+            ["etc/app/modules.py", "etc/hosts", "etc/ssl", "usr"]
+        );
+        assert_eq!(readable_around(&[]), [PathBuf::from("/")]);
     }
 }

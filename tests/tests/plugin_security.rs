@@ -149,24 +149,65 @@ async fn a_plugin_writes_only_below_its_own_directory() {
         .await;
     let elsewhere = tempfile::tempdir().expect("tempdir");
     let outside = elsewhere.path().join("outside.txt");
-    let (state, error) = plugin_writes(&s, &outside).await;
+    let (state, error) = plugin_does(&s, "write", &outside).await;
     assert_eq!(state, "failed");
     assert!(error.contains("Permission denied"), "{error}");
     assert!(!outside.exists());
 
     let inside = s.dir.path().join("data/plugins/test/inside.txt");
-    let (state, error) = plugin_writes(&s, &inside).await;
+    let (state, error) = plugin_does(&s, "write", &inside).await;
     assert_eq!(state, "delivered", "{error}");
     assert!(inside.exists());
 }
 
-/// Pushes to a new address whose test endpoint writes `path`: the
-/// delivery's state and error once settled.
-async fn plugin_writes(s: &Server, path: &std::path::Path) -> (String, String) {
-    let (id, a) = s.new_addr().await;
-    s.endpoint(id, "test", json!({"write": path.display().to_string()}))
+/// A plugin cannot read the server's own files. The filesystem was
+/// readable to plugins but for what they may write: the configuration
+/// file (with the master key and the database's password), the data
+/// directory (the generated master key, the other plugins' files) and a
+/// SQLite database with every endpoint's secrets were a read away for a
+/// plugin with a bug or a hostile one. Landlock leaves them out now,
+/// and the rest of the filesystem, and the plugin's own directory, stay
+/// readable.
+#[tokio::test]
+async fn a_plugin_cannot_read_the_servers_own_files() {
+    let s = Server::start_with(confined("  landlock: true\n")).await;
+    s.wait_log("Landlock enforced", std::time::Duration::from_secs(5))
         .await;
-    assert_status!(s.push(json!({"addr": a, "msg": "write"})).await, 202);
+    let said = s.log_lines("Landlock enforced").join("\n");
+    assert!(
+        said.contains("the server's own files are not readable"),
+        "{said}"
+    );
+    let config = s.dir.path().join("roboger.yml");
+    let data = s.dir.path().join("data");
+    let other_plugin = data.join("plugins/other/state");
+    std::fs::create_dir_all(other_plugin.parent().unwrap()).unwrap();
+    std::fs::write(&other_plugin, "another plugin's state").unwrap();
+    let mut unreadable = vec![config, other_plugin];
+    let db =
+        s.db.strip_prefix("sqlite:///")
+            .map(std::path::PathBuf::from);
+    unreadable.extend(db.filter(|p| p.is_file()));
+    for path in &unreadable {
+        let (state, error) = plugin_does(&s, "read", path).await;
+        assert_eq!(state, "failed", "{} was read", path.display());
+        assert!(error.contains("Permission denied"), "{error}");
+    }
+    let own = data.join("plugins/test/own.txt");
+    std::fs::write(&own, "its own").unwrap();
+    for path in [std::path::Path::new("/etc/os-release"), &own] {
+        let (state, error) = plugin_does(&s, "read", path).await;
+        assert_eq!(state, "delivered", "{}: {error}", path.display());
+    }
+}
+
+/// Pushes to a new address whose test endpoint does `what` (`read`,
+/// `write`) to `path`: the delivery's state and error once settled.
+async fn plugin_does(s: &Server, what: &str, path: &std::path::Path) -> (String, String) {
+    let (id, a) = s.new_addr().await;
+    s.endpoint(id, "test", json!({ what: path.display().to_string() }))
+        .await;
+    assert_status!(s.push(json!({"addr": a, "msg": what})).await, 202);
     let (state, _, error) = s.settled_delivery(id).await;
     (state, error)
 }
@@ -197,7 +238,7 @@ async fn without_landlock_plugins_run_and_their_log_says_so() {
     .await;
     let elsewhere = tempfile::tempdir().expect("tempdir");
     let outside = elsewhere.path().join("outside.txt");
-    let (state, error) = plugin_writes(&s, &outside).await;
+    let (state, error) = plugin_does(&s, "write", &outside).await;
     assert_eq!(state, "delivered", "{error}");
     assert!(outside.exists());
 }

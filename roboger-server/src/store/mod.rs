@@ -297,7 +297,7 @@ impl Store {
     pub async fn connect(url: &DbUrl, pool: u32, timeout: Duration) -> Result<Store> {
         let deadline = tokio::time::Instant::now() + CONNECT_PATIENCE.max(timeout * 3);
         if url.backend == DbBackend::Sqlite
-            && let Some(dir) = sqlite_parent_dir(&url.url)
+            && let Some(dir) = sqlite_parent_dir(url)
         {
             std::fs::create_dir_all(&dir).map_err(|e| {
                 StoreError::Connect(format!("cannot create directory {}: {e}", dir.display()))
@@ -439,7 +439,7 @@ impl Store {
             db,
             writes,
             backend: url.backend,
-            sqlite_file: sqlite_file(&url.url),
+            sqlite_file: url.sqlite_file(),
             commits,
             plugins,
             mysql_packet,
@@ -860,18 +860,8 @@ fn sqlx_err(e: sea_orm::sqlx::Error) -> DbErr {
     }
 }
 
-/// The file of a SQLite URL (none for an in-memory database).
-fn sqlite_file(url: &str) -> Option<std::path::PathBuf> {
-    let rest = url.strip_prefix("sqlite://")?;
-    let path = rest.split('?').next()?;
-    if path.is_empty() || path.starts_with(':') {
-        return None;
-    }
-    Some(std::path::PathBuf::from(path))
-}
-
-fn sqlite_parent_dir(url: &str) -> Option<std::path::PathBuf> {
-    sqlite_file(url)?
+fn sqlite_parent_dir(url: &DbUrl) -> Option<std::path::PathBuf> {
+    url.sqlite_file()?
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .map(std::path::Path::to_path_buf)

@@ -30,8 +30,9 @@
 //! `{"db_query": "SQL"}` runs that query through the server (the plugin
 //! needs `db: true`), records how many rows came back and fails the
 //! delivery with the server's error if it refused.
-//! Against its sandbox: `{"write": "/path"}` writes a file there (the
-//! error is the delivery's); `{"open_files": n}` opens `/dev/null` n times
+//! Against its sandbox: `{"write": "/path"}` writes a file there, and
+//! `{"read": "/path"}` reads one (the error is the delivery's);
+//! `{"open_files": n}` opens `/dev/null` n times
 //! at once; `{"allocate_mib": n}` touches n MiB, once per plugin
 //! directory (a marker there makes its successor deliver instead);
 //! `{"spin_s": n}` keeps a core busy for up to n s of wall time, once per
@@ -228,6 +229,9 @@ impl Plugin for Chaos {
         if let Some(path) = c.get("write").and_then(Value::as_str) {
             std::fs::write(path, b"written by the test plugin")
                 .map_err(|e| PluginError::failed(format!("write {path}: {e}")))?;
+        }
+        if let Some(path) = c.get("read").and_then(Value::as_str) {
+            std::fs::read(path).map_err(|e| PluginError::failed(format!("read {path}: {e}")))?;
         }
         if let Some(n) = c.get("open_files").and_then(Value::as_u64) {
             let mut open = Vec::new();
