@@ -448,14 +448,10 @@ async fn the_smtp_password_appears_in_no_log_line_even_when_delivery_fails() {
     );
 }
 
-/// A plugin's database query is answered within bounds. Before, the
-/// server read the whole answer into memory before sending it, so one
-/// query of a million rows took the server hundreds of MiB, and a plugin
-/// whose answer passed the length of line it reads lost its connection.
-/// It is refused past 16 MiB now, saying so, and the plugin carries on.
-#[tokio::test]
-async fn a_plugins_huge_query_is_refused_within_bounds() {
-    let s = Server::start_with(ServerOptions {
+/// A server with the test plugin as `dbq`, given database access, and
+/// one attempt per delivery.
+async fn with_database_access() -> Server {
+    Server::start_with(ServerOptions {
         plugins_yaml: format!(
             "- name: dbq\n  command: {}\n  db: true\n",
             roboger_tests::test_plugin_bin().display()
@@ -463,7 +459,17 @@ async fn a_plugins_huge_query_is_refused_within_bounds() {
         yaml: "delivery:\n  max-attempts: 1\n".into(),
         ..Default::default()
     })
-    .await;
+    .await
+}
+
+/// A plugin's database query is answered within bounds. Before, the
+/// server read the whole answer into memory before sending it, so one
+/// query of a million rows took the server hundreds of MiB, and a plugin
+/// whose answer passed the length of line it reads lost its connection.
+/// It is refused past 16 MiB now, saying so, and the plugin carries on.
+#[tokio::test]
+async fn a_plugins_huge_query_is_refused_within_bounds() {
+    let s = with_database_access().await;
     let (id, a) = s.new_addr().await;
     // 100,000 rows of about 1 KiB, made by the query itself (MariaDB
     // stops a recursion at 1,000 steps). Rows this long keep what a debug
@@ -520,15 +526,7 @@ async fn a_plugins_huge_query_is_refused_within_bounds() {
 /// failed call is counted in the metrics.
 #[tokio::test]
 async fn a_plugins_failing_queries_have_600_lines_a_minute() {
-    let s = Server::start_with(ServerOptions {
-        plugins_yaml: format!(
-            "- name: dbq\n  command: {}\n  db: true\n",
-            roboger_tests::test_plugin_bin().display()
-        ),
-        yaml: "delivery:\n  max-attempts: 1\n".into(),
-        ..Default::default()
-    })
-    .await;
+    let s = with_database_access().await;
     let (id, a) = s.new_addr().await;
     let ep = s
         .endpoint(
