@@ -7,7 +7,6 @@
 //! server config. A refused or failed callback is a JSON-RPC error to the
 //! plugin, never a crash of the server.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
@@ -35,15 +34,6 @@ pub trait PluginCalls: Send + Sync + std::fmt::Debug {
         method: &str,
         params: serde_json::Map<String, Value>,
     ) -> RpcResult<Value>;
-}
-
-/// Plugin callbacks failed on a database error since the start.
-static DATABASE_ERRORS: AtomicU64 = AtomicU64::new(0);
-
-/// How many plugin callbacks have failed on a database error since the
-/// start, all plugins together (for the metrics).
-pub fn database_errors_total() -> u64 {
-    DATABASE_ERRORS.load(Ordering::Relaxed)
 }
 
 /// What the callbacks need from the server, shared by all plugins.
@@ -318,7 +308,7 @@ impl HostHandler {
     }
 
     /// A store error as the plugin is answered it. A database error is
-    /// counted, and logged within [`log_budget::PLUGIN_DATABASE`]: a
+    /// logged within [`log_budget::PLUGIN_DATABASE`], which counts it: a
     /// plugin whose every send makes a failing query (a table gone, an
     /// outage) would otherwise write a line per event.
     fn store_err(&self, e: StoreError) -> ErrorObjectOwned {
@@ -329,7 +319,6 @@ impl HostHandler {
             | StoreError::Connect(_)
             | StoreError::Unanswered(_)
             | StoreError::NewerSchema(_)) => {
-                DATABASE_ERRORS.fetch_add(1, Ordering::Relaxed);
                 if log_budget::PLUGIN_DATABASE.logged() {
                     tracing::warn!(plugin = %self.plugin, error = %e, "database error in a plugin callback");
                 }

@@ -205,6 +205,8 @@ pub struct Lines {
     /// Where what they say is counted even when they are not written.
     counted: &'static str,
     budget: LogBudget,
+    /// Lines offered since start, written or not.
+    offered: AtomicU64,
 }
 
 /// The lines of deliveries that failed and are retried.
@@ -232,12 +234,22 @@ impl Lines {
             kind,
             counted,
             budget: LogBudget::new(LINES_PER_MINUTE),
+            offered: AtomicU64::new(0),
         }
+    }
+
+    /// How many lines of this kind were offered since the server started,
+    /// written or not: for the kinds nothing else counts (requests and
+    /// plugin callbacks failed on a database error), what the metrics
+    /// show.
+    pub fn offered_total(&self) -> u64 {
+        self.offered.load(Ordering::Relaxed)
     }
 
     /// Whether a line of this kind is written now. Says first how many
     /// the minute before dropped, and when dropping begins.
     pub fn logged(&self) -> bool {
+        self.offered.fetch_add(1, Ordering::Relaxed);
         self.budget.pass(|drops| match drops {
             Drops::Were(n) => self.said_dropped(n),
             Drops::Begin => tracing::warn!(

@@ -2,9 +2,8 @@
 //!
 //! Handlers return [`ApiError`]; module errors convert into it with `From`.
 //! Bodies are short plain text saying what was wrong. A database error
-//! is logged here, within [`log_budget::DATABASE`], and counted.
+//! is logged here, within [`log_budget::DATABASE`], which counts it.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use http::StatusCode;
@@ -12,15 +11,6 @@ use http::StatusCode;
 use crate::log_budget;
 use crate::store::StoreError;
 use crate::supervisor::CallError;
-
-/// Requests answered 503 for a database error since the start.
-static DATABASE_ERRORS: AtomicU64 = AtomicU64::new(0);
-
-/// How many requests have been answered 503 for a database error since
-/// the start (for the metrics).
-pub fn database_errors_total() -> u64 {
-    DATABASE_ERRORS.load(Ordering::Relaxed)
-}
 
 /// A failed API request, with the status it is answered with.
 #[derive(Debug, thiserror::Error)]
@@ -133,7 +123,6 @@ impl From<StoreError> for ApiError {
             | StoreError::Connect(_)
             | StoreError::Unanswered(_)
             | StoreError::NewerSchema(_)) => {
-                DATABASE_ERRORS.fetch_add(1, Ordering::Relaxed);
                 if log_budget::DATABASE.logged() {
                     tracing::error!(error = %e, "database error");
                 }

@@ -49,11 +49,11 @@ pub async fn scrape(app: &App, headers: &HeaderMap, peer: Option<SocketAddr>) ->
         ),
         refused_log_dropped: log_budget::REFUSED.dropped_total(),
         database_errors: (
-            super::error::database_errors_total(),
+            log_budget::DATABASE.offered_total(),
             log_budget::DATABASE.dropped_total(),
         ),
         plugin_database_errors: (
-            crate::host::database_errors_total(),
+            log_budget::PLUGIN_DATABASE.offered_total(),
             log_budget::PLUGIN_DATABASE.dropped_total(),
         ),
         connections: app.connections.counts(),
