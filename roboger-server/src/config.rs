@@ -1108,16 +1108,11 @@ impl Config {
         db: &DbUrl,
     ) -> Vec<PathBuf> {
         let sqlite = db.sqlite_file().into_iter().flat_map(|f| {
-            let mut journals: Vec<PathBuf> = ["-wal", "-shm", "-journal"]
-                .iter()
-                .map(|end| {
-                    let mut name = f.clone().into_os_string();
-                    name.push(end);
-                    PathBuf::from(name)
-                })
-                .collect();
-            journals.insert(0, f);
-            journals
+            ["", "-wal", "-shm", "-journal"].map(|end| {
+                let mut name = f.clone().into_os_string();
+                name.push(end);
+                PathBuf::from(name)
+            })
         });
         config
             .into_iter()
