@@ -184,15 +184,23 @@ pub fn enter(spec: &Spec) -> Result<String, SandboxError> {
         .iter()
         .filter_map(|p| std::fs::canonicalize(p).ok())
         .partition(|p| !p.starts_with(UNSPLIT));
-    // Paths that cannot be opened (a dangling link) are left out.
     let mut readable = readable_around(&hidden);
     readable.extend(spec.readable.iter().cloned());
-    let readable = path_beneath_rules(readable, AccessFs::from_read(abi));
     let restricted = Ruleset::default()
         .handle_access(AccessFs::from_all(abi))
         .and_then(|r| r.create())
-        .and_then(|r| r.add_rules(readable))
-        .and_then(|r| r.add_rules(path_beneath_rules(&writable, AccessFs::from_all(abi))))
+        .and_then(|mut r| {
+            // Each readable path is granted on its own, and one Landlock
+            // refuses is left out rather than the whole ruleset: a
+            // directory split around a hidden path may hold entries on a
+            // pseudo filesystem (`/dev/stdin`, a link to a pipe), which
+            // it refuses. Paths that cannot be opened (a dangling link)
+            // are left out as well.
+            for rule in path_beneath_rules(readable, AccessFs::from_read(abi)).flatten() {
+                let _ = (&mut r).add_rule(rule);
+            }
+            r.add_rules(path_beneath_rules(&writable, AccessFs::from_all(abi)))
+        })
         .and_then(|r| r.restrict_self());
     let status = match restricted {
         Ok(s) => s,

@@ -201,6 +201,48 @@ async fn a_plugin_cannot_read_the_servers_own_files() {
     }
 }
 
+/// A hidden path beside entries Landlock refuses a rule on is hidden,
+/// and the rest is enforced. `/dev/stdin` of a process whose input is a
+/// pipe leads to the pipe, on a pseudo filesystem Landlock refuses rules
+/// on; granted with its siblings around a hidden path (the suite's
+/// temporary directory is below `/dev/shm`), it made the whole ruleset
+/// fail, and the plugin ran with no Landlock at all. `sandbox-exec` is run
+/// here as the supervisor runs it, with a pipe for its input.
+#[test]
+fn a_hidden_path_beside_a_pipe_is_hidden_and_the_rest_enforced() {
+    let out = std::process::Command::new(roboger_tests::server_bin())
+        .args([
+            "sandbox-exec",
+            "--address-space",
+            "4294967296",
+            "--open-files",
+            "1024",
+            "--landlock",
+            "--hidden",
+            "/dev/zero",
+            "--",
+            "sh",
+            "-c",
+            "head -c1 /dev/zero; cat /etc/os-release > /dev/null && echo read",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .output()
+        .expect("run sandbox-exec");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("Landlock enforced")
+            && stderr.contains("the server's own files are not readable: /dev/zero"),
+        "{stderr}"
+    );
+    assert!(
+        stderr
+            .lines()
+            .any(|l| l.starts_with("head:") && l.ends_with("Permission denied")),
+        "{stderr}"
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "read\n");
+}
+
 /// Pushes to a new address whose test endpoint does `what` (`read`,
 /// `write`) to `path`: the delivery's state and error once settled.
 async fn plugin_does(s: &Server, what: &str, path: &std::path::Path) -> (String, String) {
