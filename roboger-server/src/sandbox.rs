@@ -20,14 +20,15 @@
 //! Invariant: every plugin process starts confined by its `sandbox`
 //! settings; a plugin never runs a step of its own before that. Where
 //! Landlock is enforced, no plugin reads the server's own files outside
-//! [`UNSPLIT`] but through its `writable` paths.
+//! [`UNSPLIT`] but through its `writable` paths. A plugin holds no
+//! capability, even where the server runs as root.
 
 use std::ffi::OsString;
 use std::path::PathBuf;
 
 use landlock::{
     ABI, Access, AccessFs, AccessNet, CompatLevel, Compatible, NetPort, Ruleset, RulesetAttr,
-    RulesetCreatedAttr, RulesetError, RulesetStatus, path_beneath_rules,
+    RulesetCreatedAttr, RulesetError, RulesetStatus, Scope, path_beneath_rules,
 };
 use rustix::process::{Resource, Rlimit, setrlimit};
 
@@ -43,6 +44,8 @@ pub enum SandboxError {
     Limit(&'static str, std::io::Error),
     #[error("cannot set no_new_privs: {0}")]
     NoNewPrivs(std::io::Error),
+    #[error("cannot drop its capabilities: {0}")]
+    Capabilities(std::io::Error),
     #[error("cannot limit its TCP connections to connect-ports: {0}")]
     ConnectPorts(String),
 }
@@ -154,9 +157,11 @@ pub fn enter(spec: &Spec) -> Result<String, SandboxError> {
             cpu.saturating_add(1),
         )?;
     }
+    drop_capabilities().map_err(SandboxError::Capabilities)?;
     rustix::thread::set_no_new_privs(true).map_err(|e| SandboxError::NoNewPrivs(e.into()))?;
     let mut said = format!(
-        "sandbox: address space {} MiB, {} open files, no core dumps, {}no_new_privs",
+        "sandbox: address space {} MiB, {} open files, no core dumps, {}no capabilities, \
+         no_new_privs",
         spec.address_space / (1024 * 1024),
         spec.open_files,
         match spec.cpu_seconds {
@@ -220,6 +225,7 @@ pub fn enter(spec: &Spec) -> Result<String, SandboxError> {
         );
     }
     unreadable.push_str(&left_readable(&below_etc));
+    unreadable.push_str(&scope_signals());
     said.push_str(&match status.ruleset {
         RulesetStatus::FullyEnforced => format!(
             "; Landlock enforced: the filesystem is read-only but for {}{unreadable}",
@@ -235,6 +241,51 @@ pub fn enter(spec: &Spec) -> Result<String, SandboxError> {
         }
     });
     Ok(said)
+}
+
+/// Leaves the process no capability: its ambient, inheritable, permitted
+/// and effective sets are emptied, and with `no_new_privs` (set next)
+/// an exec cannot give root's back. A server run as root (by hand, in a
+/// container) would otherwise give each plugin root's capabilities, and
+/// `CAP_SYS_PTRACE` takes a process past Landlock's rule on other
+/// processes: such a plugin read the server's `/proc/PID/environ`.
+fn drop_capabilities() -> std::io::Result<()> {
+    use rustix::thread::{CapabilitySet, CapabilitySets};
+    match rustix::thread::clear_ambient_capability_set() {
+        // Before Linux 4.3, there is no ambient set.
+        Ok(()) | Err(rustix::io::Errno::INVAL) => {}
+        Err(e) => return Err(e.into()),
+    }
+    let none = CapabilitySet::empty();
+    rustix::thread::set_capabilities(
+        None,
+        CapabilitySets {
+            effective: none,
+            permitted: none,
+            inheritable: none,
+        },
+    )?;
+    Ok(())
+}
+
+/// Keeps the process's signals to the processes it starts (Landlock's
+/// scope, Linux 6.12): a plugin runs as the server's user, and could
+/// otherwise stop the server or another plugin. Best effort, as the rest
+/// of Landlock is; returns the log's words for what holds.
+fn scope_signals() -> String {
+    let scoped = Ruleset::default()
+        .set_compatibility(CompatLevel::HardRequirement)
+        .scope(Scope::Signal)
+        .and_then(|r| r.create())
+        .and_then(|r| r.restrict_self());
+    match scoped {
+        Ok(s) if s.ruleset == RulesetStatus::FullyEnforced => {
+            "; signals reach only its own processes".to_string()
+        }
+        Ok(_) | Err(_) => {
+            "; its signals are not scoped (this kernel's Landlock cannot: Linux 6.12)".to_string()
+        }
+    }
 }
 
 /// The directory whose entries are never granted one by one, so a

@@ -149,13 +149,13 @@ async fn a_plugin_writes_only_below_its_own_directory() {
         .await;
     let elsewhere = tempfile::tempdir().expect("tempdir");
     let outside = elsewhere.path().join("outside.txt");
-    let (state, error) = plugin_does(&s, "write", &outside).await;
+    let (state, error) = plugin_does(&s, "write", outside.display().to_string()).await;
     assert_eq!(state, "failed");
     assert!(error.contains("Permission denied"), "{error}");
     assert!(!outside.exists());
 
     let inside = s.dir.path().join("data/plugins/test/inside.txt");
-    let (state, error) = plugin_does(&s, "write", &inside).await;
+    let (state, error) = plugin_does(&s, "write", inside.display().to_string()).await;
     assert_eq!(state, "delivered", "{error}");
     assert!(inside.exists());
 }
@@ -189,16 +189,44 @@ async fn a_plugin_cannot_read_the_servers_own_files() {
             .map(std::path::PathBuf::from);
     unreadable.extend(db.filter(|p| p.is_file()));
     for path in &unreadable {
-        let (state, error) = plugin_does(&s, "read", path).await;
+        let (state, error) = plugin_does(&s, "read", path.display().to_string()).await;
         assert_eq!(state, "failed", "{} was read", path.display());
         assert!(error.contains("Permission denied"), "{error}");
     }
     let own = data.join("plugins/test/own.txt");
     std::fs::write(&own, "its own").unwrap();
     for path in [std::path::Path::new("/etc/os-release"), &own] {
-        let (state, error) = plugin_does(&s, "read", path).await;
+        let (state, error) = plugin_does(&s, "read", path.display().to_string()).await;
         assert_eq!(state, "delivered", "{}: {error}", path.display());
     }
+}
+
+/// A plugin cannot reach the server's process. It could signal it (a
+/// plugin runs as the server's user): a hostile or mistaken one could
+/// stop the server or the other plugins. And where the server runs as
+/// root, its plugins kept root's capabilities, among them the one that
+/// lets a process past Landlock's rule on other processes: a plugin read
+/// the server's `/proc/PID/environ`, with `ROBOGER_MASTERKEY` in it.
+/// Landlock scopes a plugin's signals to its own processes now, and a
+/// plugin starts with no capabilities.
+#[tokio::test]
+async fn a_plugin_cannot_signal_the_server_or_read_its_environment() {
+    let s = Server::start_with(confined("  landlock: true\n")).await;
+    s.wait_log("Landlock enforced", std::time::Duration::from_secs(5))
+        .await;
+    let said = s.log_lines("Landlock enforced").join("\n");
+    assert!(said.contains("no capabilities"), "{said}");
+    assert!(
+        said.contains("signals reach only its own processes"),
+        "{said}"
+    );
+    let (state, error) = plugin_does(&s, "signal", s.pid()).await;
+    assert_eq!(state, "failed", "the plugin signalled the server");
+    assert!(error.contains("Operation not permitted"), "{error}");
+    let environ = format!("/proc/{}/environ", s.pid());
+    let (state, error) = plugin_does(&s, "read", environ).await;
+    assert_eq!(state, "failed", "the plugin read the server's environment");
+    assert!(error.contains("Permission denied"), "{error}");
 }
 
 /// A hidden path beside entries Landlock refuses a rule on is hidden,
@@ -245,10 +273,9 @@ fn a_hidden_path_beside_a_pipe_is_hidden_and_the_rest_enforced() {
 
 /// Pushes to a new address whose test endpoint does `what` (`read`,
 /// `write`) to `path`: the delivery's state and error once settled.
-async fn plugin_does(s: &Server, what: &str, path: &std::path::Path) -> (String, String) {
+async fn plugin_does(s: &Server, what: &str, on: impl Into<serde_json::Value>) -> (String, String) {
     let (id, a) = s.new_addr().await;
-    s.endpoint(id, "test", json!({ what: path.display().to_string() }))
-        .await;
+    s.endpoint(id, "test", json!({ what: on.into() })).await;
     assert_status!(s.push(json!({"addr": a, "msg": what})).await, 202);
     let (state, _, error) = s.settled_delivery(id).await;
     (state, error)
@@ -280,7 +307,7 @@ async fn without_landlock_plugins_run_and_their_log_says_so() {
     .await;
     let elsewhere = tempfile::tempdir().expect("tempdir");
     let outside = elsewhere.path().join("outside.txt");
-    let (state, error) = plugin_does(&s, "write", &outside).await;
+    let (state, error) = plugin_does(&s, "write", outside.display().to_string()).await;
     assert_eq!(state, "delivered", "{error}");
     assert!(outside.exists());
 }

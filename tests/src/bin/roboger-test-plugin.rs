@@ -32,6 +32,7 @@
 //! delivery with the server's error if it refused.
 //! Against its sandbox: `{"write": "/path"}` writes a file there, and
 //! `{"read": "/path"}` reads one (the error is the delivery's);
+//! `{"signal": pid}` sends that process SIGCONT, which stops nothing;
 //! `{"open_files": n}` opens `/dev/null` n times
 //! at once; `{"allocate_mib": n}` touches n MiB, once per plugin
 //! directory (a marker there makes its successor deliver instead);
@@ -232,6 +233,15 @@ impl Plugin for Chaos {
         }
         if let Some(path) = c.get("read").and_then(Value::as_str) {
             std::fs::read(path).map_err(|e| PluginError::failed(format!("read {path}: {e}")))?;
+        }
+        if let Some(pid) = c.get("signal").and_then(Value::as_i64) {
+            let target = i32::try_from(pid)
+                .ok()
+                .and_then(rustix::process::Pid::from_raw)
+                .ok_or_else(|| PluginError::failed(format!("no such pid: {pid}")))?;
+            rustix::process::kill_process(target, rustix::process::Signal::CONT).map_err(|e| {
+                PluginError::failed(format!("signal {pid}: {}", std::io::Error::from(e)))
+            })?;
         }
         if let Some(n) = c.get("open_files").and_then(Value::as_u64) {
             let mut open = Vec::new();
