@@ -494,6 +494,10 @@ pub struct ServerOptions {
     /// (e.g. a `gunicorn:` section naming a Unix socket, which the
     /// server's [`Server::http`] then reaches).
     pub listen_yaml: Option<String>,
+    /// Whether the configuration names files holding the database URL
+    /// and the master key (`secrets/db` and `secrets/master.key` in the
+    /// server's directory) rather than giving them inline.
+    pub secrets_in_files: bool,
 }
 
 impl ServerOptions {
@@ -663,7 +667,20 @@ impl Server {
             Some(db) => db.clone(),
             None => fresh_database(dir.path()),
         };
-        let mut yaml = format!("roboger:\n  db: {db}\n  master:\n    key: {KEY}\n");
+        let (db_value, key_value) = if opts.secrets_in_files {
+            let secrets = dir.path().join("secrets");
+            std::fs::create_dir(&secrets).expect("mkdir secrets");
+            let (db_file, key_file) = (secrets.join("db"), secrets.join("master.key"));
+            std::fs::write(&db_file, &db).expect("write the database URL");
+            std::fs::write(&key_file, KEY).expect("write the master key");
+            (
+                db_file.display().to_string(),
+                key_file.display().to_string(),
+            )
+        } else {
+            (db.clone(), KEY.to_string())
+        };
+        let mut yaml = format!("roboger:\n  db: {db_value}\n  master:\n    key: {key_value}\n");
         for line in opts.master_yaml.lines() {
             yaml.push_str("    ");
             yaml.push_str(line);

@@ -170,7 +170,11 @@ async fn a_plugin_writes_only_below_its_own_directory() {
 /// readable.
 #[tokio::test]
 async fn a_plugin_cannot_read_the_servers_own_files() {
-    let s = Server::start_with(confined("  landlock: true\n")).await;
+    let s = Server::start_with(ServerOptions {
+        secrets_in_files: true,
+        ..confined("  landlock: true\n")
+    })
+    .await;
     s.wait_log("Landlock enforced", std::time::Duration::from_secs(5))
         .await;
     let said = s.log_lines("Landlock enforced").join("\n");
@@ -183,11 +187,19 @@ async fn a_plugin_cannot_read_the_servers_own_files() {
     let other_plugin = data.join("plugins/other/state");
     std::fs::create_dir_all(other_plugin.parent().unwrap()).unwrap();
     std::fs::write(&other_plugin, "another plugin's state").unwrap();
-    let mut unreadable = vec![config, other_plugin];
-    let db =
-        s.db.strip_prefix("sqlite:///")
-            .map(std::path::PathBuf::from);
-    unreadable.extend(db.filter(|p| p.is_file()));
+    let secrets = s.dir.path().join("secrets");
+    let mut unreadable = vec![
+        config,
+        other_plugin,
+        secrets.join("db"),
+        secrets.join("master.key"),
+    ];
+    // On SQLite: the database, and its journals (WAL) while it is open.
+    if let Some(db) = s.db.strip_prefix("sqlite:///") {
+        let files = ["", "-wal", "-shm"].map(|end| std::path::PathBuf::from(format!("{db}{end}")));
+        assert!(files.iter().all(|f| f.is_file()), "{files:?}");
+        unreadable.extend(files);
+    }
     for path in &unreadable {
         let (state, error) = plugin_does(&s, "read", path.display().to_string()).await;
         assert_eq!(state, "failed", "{} was read", path.display());
