@@ -59,6 +59,19 @@ async fn the_installed_package_starts_lists_its_plugins_and_delivers() {
             "{f} is no conffile: {listed}"
         );
     }
+    // The unit's environment is where the secrets go: only root (systemd)
+    // reads it, while the example configuration is readable to all.
+    let listing = dpkg_deb(&["-c"], &deb);
+    let mode = |path: &str| {
+        listing
+            .lines()
+            .find(|l| l.ends_with(path))
+            .and_then(|l| l.split_whitespace().next())
+            .unwrap_or_else(|| panic!("{path} is not in the package: {listing}"))
+            .to_string()
+    };
+    assert_eq!(mode("./etc/default/roboger-server"), "-rw-------");
+    assert_eq!(mode("./etc/roboger/roboger.yml"), "-rw-r--r--");
     let postinst = std::fs::read_to_string(control.path().join("postinst")).expect("postinst");
     assert!(
         postinst.contains("deb-systemd-helper enable roboger-server.service"),
