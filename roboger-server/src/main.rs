@@ -131,6 +131,7 @@ fn load_config(cli: &Cli) -> anyhow::Result<Config> {
     for n in &config.notices {
         tracing::info!("{n}");
     }
+    warn_unhidden_secrets(&config);
     if let Some(path) = &config.generated_key {
         // Printed once, on the start that generated it; it is in the file
         // too, so an output nobody reads does not stop the start.
@@ -238,6 +239,14 @@ async fn stop_at_once_on_a_second_signal(app: Arc<App>, mut signals: StopSignals
 /// Re-reads the configuration on each SIGHUP and applies it
 /// ([`App::reload`]); one that does not load is refused with a log line,
 /// and the running one stays.
+/// Warns of each secret of `config` that plugins can read though
+/// Landlock confines them (at start, and at each reload).
+fn warn_unhidden_secrets(config: &Config) {
+    for line in roboger_server::sandbox::unhidden_secrets(config) {
+        tracing::warn!("{line}");
+    }
+}
+
 async fn reload_on_sighup(cli: Cli, app: Arc<App>) {
     let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
         Ok(s) => s,

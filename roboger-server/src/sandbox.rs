@@ -32,7 +32,7 @@ use landlock::{
 };
 use rustix::process::{Resource, Rlimit, setrlimit};
 
-use crate::config::Sandbox;
+use crate::config::{Config, Sandbox};
 
 /// The hidden subcommand that confines itself and execs a plugin.
 pub const SUBCOMMAND: &str = "sandbox-exec";
@@ -296,6 +296,36 @@ fn scope_signals() -> String {
 /// kept free of secrets: the database URL and the master key can be read
 /// from files in the data directory instead.
 const UNSPLIT: &str = "/etc";
+
+/// One line for the log for each of the server's secrets that its
+/// plugins can read though Landlock confines them: those written in a
+/// file below [`UNSPLIT`] (a master key in `/etc/roboger/roboger.yml`, a
+/// key file beside it), saying where to give it instead. None when no
+/// plugin runs under Landlock (each one's log says so).
+pub fn unhidden_secrets(c: &Config) -> Vec<String> {
+    if !c.plugins.iter().any(|p| p.sandbox.landlock) {
+        return Vec::new();
+    }
+    c.secrets
+        .iter()
+        .filter(|s| {
+            std::fs::canonicalize(&s.file)
+                .unwrap_or_else(|_| s.file.clone())
+                .starts_with(UNSPLIT)
+        })
+        .map(|s| {
+            format!(
+                "{} is readable to every plugin: it is in {}, and Landlock cannot hide files \
+                 below {UNSPLIT} from them; give its value in {}, or in a file outside \
+                 {UNSPLIT} \
+                 (see \"Plugin security\" in the README)",
+                s.what,
+                s.file.display(),
+                s.variable
+            )
+        })
+        .collect()
+}
 
 /// The log's words for the server's files left readable below
 /// [`UNSPLIT`].

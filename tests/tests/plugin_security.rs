@@ -182,6 +182,11 @@ async fn a_plugin_cannot_read_the_servers_own_files() {
         said.contains("the server's own files are not readable"),
         "{said}"
     );
+    // Nothing of the server's is below /etc: no warning that it is readable.
+    assert_eq!(
+        s.log_lines("is readable to every plugin"),
+        Vec::<String>::new()
+    );
     let config = s.dir.path().join("roboger.yml");
     let data = s.dir.path().join("data");
     let other_plugin = data.join("plugins/other/state");
@@ -211,6 +216,77 @@ async fn a_plugin_cannot_read_the_servers_own_files() {
         let (state, error) = plugin_does(&s, "read", path.display().to_string()).await;
         assert_eq!(state, "delivered", "{}: {error}", path.display());
     }
+}
+
+/// A directory below `/etc`, removed when dropped; `None`, saying why,
+/// where the tests may not write there.
+struct BelowEtc(std::path::PathBuf);
+
+impl BelowEtc {
+    fn new() -> Option<BelowEtc> {
+        static SEQ: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let dir = std::path::PathBuf::from(format!("/etc/roboger-test-{}-{n}", std::process::id()));
+        match std::fs::create_dir(&dir) {
+            Ok(()) => Some(BelowEtc(dir)),
+            Err(e) => {
+                assert!(
+                    std::env::var_os("ROBOGER_TEST_REQUIRE_ALL").is_none(),
+                    "cannot make {}: {e}",
+                    dir.display()
+                );
+                eprintln!("SKIPPED: cannot make {}: {e}", dir.display());
+                None
+            }
+        }
+    }
+}
+
+impl Drop for BelowEtc {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Landlock cannot hide a file below `/etc` (its files are replaced by
+/// renaming, which a rule on each would not follow), so a secret kept
+/// there, as the package's example once suggested (a key file beside
+/// `/etc/roboger/roboger.yml`), stays readable to every plugin: the
+/// server warns, naming the file and where to give the secret instead,
+/// and the plugin's log says the file is readable still, as it is.
+#[tokio::test]
+async fn a_secret_below_etc_is_said_to_be_readable_to_plugins() {
+    let Some(etc) = BelowEtc::new() else { return };
+    let key_file = etc.0.join("master.key");
+    std::fs::write(&key_file, roboger_tests::KEY).unwrap();
+    let key_path = key_file.display().to_string();
+    let s = Server::start_with(ServerOptions {
+        env: vec![("ROBOGER_MASTERKEY".into(), key_path.clone())],
+        ..confined("  landlock: true\n")
+    })
+    .await;
+    s.wait_log("Landlock enforced", std::time::Duration::from_secs(5))
+        .await;
+    let warned = s.log_lines("is readable to every plugin");
+    assert_eq!(warned.len(), 1, "{warned:?}");
+    assert!(
+        warned[0].contains("WARN")
+            && warned[0].contains(&format!(
+                "the master key is readable to every plugin: it is in {key_path}"
+            ))
+            && warned[0].contains("give its value in ROBOGER_MASTERKEY"),
+        "{}",
+        warned[0]
+    );
+    let said = s.log_lines("Landlock enforced").join("\n");
+    assert!(
+        said.contains(&format!(
+            "readable still, below /etc, whose files cannot be hidden one by one: {key_path}"
+        )),
+        "{said}"
+    );
+    let (state, error) = plugin_does(&s, "read", key_path).await;
+    assert_eq!(state, "delivered", "{error}");
 }
 
 /// A plugin cannot reach the server's process. It could signal it (a
