@@ -236,9 +236,6 @@ async fn stop_at_once_on_a_second_signal(app: Arc<App>, mut signals: StopSignals
     std::process::exit(i32::from(status));
 }
 
-/// Re-reads the configuration on each SIGHUP and applies it
-/// ([`App::reload`]); one that does not load is refused with a log line,
-/// and the running one stays.
 /// Warns of each secret of `config` that plugins can read though
 /// Landlock confines them (at start, and at each reload).
 fn warn_unhidden_secrets(config: &Config) {
@@ -247,6 +244,9 @@ fn warn_unhidden_secrets(config: &Config) {
     }
 }
 
+/// Re-reads the configuration on each SIGHUP and applies it
+/// ([`App::reload`]); one that does not load is refused with a log line,
+/// and the running one stays.
 async fn reload_on_sighup(cli: Cli, app: Arc<App>) {
     let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
         Ok(s) => s,

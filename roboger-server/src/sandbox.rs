@@ -317,8 +317,7 @@ pub fn unhidden_secrets(c: &Config) -> Vec<String> {
             format!(
                 "{} is readable to every plugin: it is in {}, and Landlock cannot hide files \
                  below {UNSPLIT} from them; give its value in {}, or in a file outside \
-                 {UNSPLIT} \
-                 (see \"Plugin security\" in the README)",
+                 {UNSPLIT} (see \"Plugin security\" in the README)",
                 s.what,
                 s.file.display(),
                 s.variable
