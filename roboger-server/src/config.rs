@@ -602,40 +602,13 @@ impl Config {
         }
         let data_dir = env.data_dir.clone().unwrap_or_else(default_data_dir);
 
-        // The files the server's secrets were read from.
-        let mut secret_files: Vec<PathBuf> = Vec::new();
-        let mut secrets = Vec::new();
-        // Where a secret given as `v` is written, if in a file: the one
-        // `v` names, or the configuration file unless the environment
-        // gave it.
-        let written_in = |v: &str, from_env: bool| -> Option<PathBuf> {
-            match value_file(v) {
-                Some(f) => std::path::absolute(f).ok(),
-                None if from_env => None,
-                None => path.and_then(|p| std::path::absolute(p).ok()),
-            }
-        };
-        let db_given = match (env.db.clone(), f.db) {
-            (Some(v), _) => Some((v, true)),
-            (None, v) => v.map(|v| (v, false)),
-        };
-        let db_raw = match db_given {
-            Some((v, from_env)) => {
-                secret_files.extend(value_file(&v).map(Path::to_path_buf));
-                let file = written_in(&v, from_env);
-                let raw = value_or_file("roboger.db", v)?;
-                let with_password = url::Url::parse(&raw).is_ok_and(|u| u.password().is_some());
-                if let Some(file) = file.filter(|_| with_password) {
-                    secrets.push(Secret {
-                        what: "the database URL's password",
-                        variable: "ROBOGER_DB",
-                        file,
-                    });
-                }
-                Some(raw)
-            }
-            None => None,
-        };
+        let mut secrets_read = SecretsRead::default();
+        let db_raw = secrets_read.read(
+            ("roboger.db", "the database URL's password", "ROBOGER_DB"),
+            (env.db.clone(), f.db),
+            path,
+            |url| url::Url::parse(url).is_ok_and(|u| u.password().is_some()),
+        )?;
         let db = match db_raw {
             Some(raw) => translate_db_url(&raw)?,
             None => DbUrl {
@@ -790,22 +763,14 @@ impl Config {
             &f.metrics.and_then(|m| m.allow).unwrap_or_default(),
         )?;
         let mut generated_key = None;
-        let key_given = match (env.master_key.clone(), file_key) {
-            (Some(k), _) => Some((k, true)),
-            (None, k) => k.map(|k| (k, false)),
-        };
-        let master_key = match key_given {
-            Some((k, from_env)) => {
-                secret_files.extend(value_file(&k).map(Path::to_path_buf));
-                if let Some(file) = written_in(&k, from_env) {
-                    secrets.push(Secret {
-                        what: "the master key",
-                        variable: "ROBOGER_MASTERKEY",
-                        file,
-                    });
-                }
-                value_or_file("roboger.master.key", k)?
-            }
+        let given_key = secrets_read.read(
+            ("roboger.master.key", "the master key", "ROBOGER_MASTERKEY"),
+            (env.master_key.clone(), file_key),
+            path,
+            |_| true,
+        )?;
+        let master_key = match given_key {
+            Some(k) => k,
             None => {
                 let (key, generated) = load_or_generate_key(&data_dir)?;
                 if generated {
@@ -918,7 +883,7 @@ impl Config {
             None if path.is_none() => builtin_plugins_next_to_binary(),
             None => Vec::new(),
         };
-        let own_files = Config::own_files(path, &secret_files, &data_dir, &db);
+        let own_files = Config::own_files(path, &secrets_read.files, &data_dir, &db);
         for p in &mut plugins {
             if !listed {
                 p.egress = server_egress.clone();
@@ -1039,7 +1004,7 @@ impl Config {
             plugins,
             notices,
             generated_key,
-            secrets,
+            secrets: secrets_read.written,
         })
     }
 }
@@ -1119,6 +1084,47 @@ const VALUE_FILE_MAX: u64 = 64 * 1024;
 /// it starts with `/` or `./`.
 fn value_file(v: &str) -> Option<&Path> {
     (v.starts_with('/') || v.starts_with("./")).then_some(Path::new(v))
+}
+
+/// The secrets read so far, and where they came from.
+#[derive(Debug, Default)]
+struct SecretsRead {
+    /// The files their values were read from, which plugins may not read.
+    files: Vec<PathBuf>,
+    /// Those written in a file: the configuration, or a file a value named.
+    written: Vec<Secret>,
+}
+
+impl SecretsRead {
+    /// The value of the secret `key` (`what` in the log, `variable` in
+    /// the environment), from the environment or else the configuration
+    /// file at `config`, read from the file it names if it names one.
+    /// Where it is written is recorded if `is_secret` holds of the value.
+    fn read(
+        &mut self,
+        (key, what, variable): (&'static str, &'static str, &'static str),
+        (from_env, from_config): (Option<String>, Option<String>),
+        config: Option<&Path>,
+        is_secret: impl Fn(&str) -> bool,
+    ) -> Result<Option<String>, ConfigError> {
+        let (v, written_in) = match (from_env, from_config) {
+            (Some(v), _) => (v, None),
+            (None, Some(v)) => (v, config),
+            (None, None) => return Ok(None),
+        };
+        let file = value_file(&v).map(Path::to_path_buf);
+        let written_in = file.as_deref().or(written_in).map(std::path::absolute);
+        self.files.extend(file);
+        let value = value_or_file(key, v)?;
+        if let Some(Ok(file)) = written_in.filter(|_| is_secret(&value)) {
+            self.written.push(Secret {
+                what,
+                variable,
+                file,
+            });
+        }
+        Ok(Some(value))
+    }
 }
 
 /// A value, or the text of the file it names ([`value_file`]).
