@@ -20,6 +20,7 @@
 //! that comes back after being presumed dead cannot overwrite anything.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use tokio::sync::watch;
@@ -98,6 +99,9 @@ pub struct Node {
     /// When this node's heartbeat was last written (at first, when the
     /// node was made), on the monotonic clock.
     beaten: Arc<std::sync::Mutex<tokio::time::Instant>>,
+    /// The newest routing change this node obeys, as written in its row
+    /// (or to be written at its first heartbeat).
+    obeys: Arc<AtomicI64>,
 }
 
 impl Node {
@@ -108,6 +112,7 @@ impl Node {
             instance: format!("{name}#{}", crate::random::alphanumeric(12)),
             started: chrono::Utc::now(),
             beaten: Arc::new(std::sync::Mutex::new(tokio::time::Instant::now())),
+            obeys: Arc::new(AtomicI64::new(0)),
         }
     }
 
@@ -118,6 +123,12 @@ impl Node {
     /// answer its reads.
     pub fn silent_for(&self) -> Duration {
         self.beaten.lock().map_or(Duration::MAX, |at| at.elapsed())
+    }
+
+    /// Has this node's row, once written, say it obeys the routing
+    /// changes up to `version` (those applied before it [`join`]s).
+    pub fn obeying(&self, version: i64) {
+        self.obeys.store(version, Ordering::Release);
     }
 
     fn beat(&self) {
@@ -134,6 +145,7 @@ impl Node {
             started: self.started,
             heartbeat: chrono::Utc::now(),
             rescued: None,
+            routing_version: self.obeys.load(Ordering::Acquire),
         }
     }
 }
@@ -162,6 +174,62 @@ pub async fn join(store: &Store, node: &Node, timeout: Duration) -> Result<(), S
             "this node's row was not written within {}s (timeout)",
             timeout.as_secs_f64()
         ))),
+    }
+}
+
+/// Writes in `node`'s row that it obeys the routing changes up to
+/// `version`, unless it says so already.
+pub async fn say_obeyed(store: &Store, node: &Node, version: i64) -> Result<(), StoreError> {
+    if version > node.obeys.load(Ordering::Acquire) {
+        store.node_obeys(&node.instance, version).await?;
+        node.obeys.fetch_max(version, Ordering::AcqRel);
+    }
+    Ok(())
+}
+
+/// The first wait between two looks at whether the other nodes obey a
+/// change, doubled after each look up to [`OBEYED_POLL_MOST`].
+const OBEYED_POLL_FIRST: Duration = Duration::from_millis(1);
+const OBEYED_POLL_MOST: Duration = Duration::from_millis(25);
+
+/// Waits until every other live node obeys the routing change `version`
+/// (a change this node has made and applied), for at most `limit`; gives
+/// back the instances that still did not then. A node that made a change
+/// answers it after this, so a client that then pushes through another
+/// node finds the change obeyed there. Each look is bounded by what is
+/// left of `limit`; one that fails ends the wait, with a warning.
+pub async fn wait_obeyed(
+    store: &Store,
+    node: &Node,
+    version: i64,
+    (node_timeout, limit): (Duration, Duration),
+) -> Vec<String> {
+    let end = tokio::time::Instant::now() + limit;
+    let mut pause = OBEYED_POLL_FIRST;
+    loop {
+        let left = end.saturating_duration_since(tokio::time::Instant::now());
+        let behind = match store::within(
+            left.max(Duration::from_millis(1)),
+            store.nodes_behind(&node.instance, version, node_timeout),
+        )
+        .await
+        {
+            Ok(behind) => behind,
+            Err(e) => {
+                tracing::warn!(
+                    error = %e,
+                    version,
+                    "cannot read whether the other nodes obey a routing change; answering it \
+                     without: a push through another node may not obey it for a moment"
+                );
+                return Vec::new();
+            }
+        };
+        if behind.is_empty() || left.is_zero() {
+            return behind;
+        }
+        tokio::time::sleep(pause.min(left)).await;
+        pause = (pause * 2).min(OBEYED_POLL_MOST);
     }
 }
 

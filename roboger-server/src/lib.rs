@@ -234,15 +234,20 @@ impl App {
         warn_unconfigured(&store, &config.plugins, config.timeout).await;
         let routes = Arc::new(routing::Routes::default());
         routes.load(&store).await?;
+        let node = Arc::new(cluster::Node::new(&config.delivery.node));
+        node.obeying(routes.applied());
+        cluster::join(&store, &node, config.timeout)
+            .await
+            .map_err(StartError::NoWrites)?;
+        // A change committed since the load did not wait for this node if
+        // its node looked for the others before this one's row was there.
+        store::within(config.timeout, routes.catch_up(&store)).await?;
         tokio::spawn(routing::follow(
             Arc::downgrade(&routes),
             store.clone(),
             config.timeout,
+            node.clone(),
         ));
-        let node = Arc::new(cluster::Node::new(&config.delivery.node));
-        cluster::join(&store, &node, config.timeout)
-            .await
-            .map_err(StartError::NoWrites)?;
         let metrics =
             Arc::new(metrics::Metrics::new().map_err(|e| StartError::Metrics(e.to_string()))?);
         // A body gets twice the request timeout before it must keep pace.

@@ -16,11 +16,13 @@
 //! An endpoint receives an event once, however many subscriptions match.
 
 use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, RwLock, Weak};
 use std::time::Duration;
 
 use serde_json::Value;
 
+use crate::cluster::{self, Node};
 use crate::config::DbBackend;
 use crate::level::LevelMatch;
 use crate::outage::Outage;
@@ -98,6 +100,8 @@ pub struct Routes {
     /// The version of the newest change applied; held while applying, so
     /// changes are applied one catch-up at a time, in order.
     seen: tokio::sync::Mutex<i64>,
+    /// `seen` as of its last catch-up, readable without waiting for one.
+    applied: AtomicI64,
 }
 
 /// Changes read per query while catching up.
@@ -123,6 +127,11 @@ impl Routes {
         self.len() == 0
     }
 
+    /// The version of the newest routing change this index obeys.
+    pub fn applied(&self) -> i64 {
+        self.applied.load(Ordering::Acquire)
+    }
+
     /// Builds the whole index from the database (at start).
     pub async fn load(&self, store: &Store) -> Result<(), StoreError> {
         let mut seen = self.seen.lock().await;
@@ -131,6 +140,7 @@ impl Routes {
         let version = store.routing_version().await?;
         self.reload(store).await?;
         *seen = version;
+        self.applied.store(version, Ordering::Release);
         Ok(())
     }
 
@@ -179,6 +189,7 @@ impl Routes {
             ids.len()
         };
         *seen = newest;
+        self.applied.store(newest, Ordering::Release);
         Ok(n)
     }
 
@@ -223,8 +234,10 @@ const POLL_WITH_NOTIFY: Duration = Duration::from_secs(1);
 /// Keeps `routes` in step with changes made through other nodes until
 /// `routes` is dropped: on PostgreSQL it listens for their `NOTIFY` on a
 /// connection of its own, and everywhere it polls the version, each
-/// catch-up bounded by `timeout`.
-pub async fn follow(routes: Weak<Routes>, store: Store, timeout: Duration) {
+/// catch-up bounded by `timeout`. After each, `node`'s row says which
+/// change it obeys: the node that made one waits for that before it
+/// answers ([`cluster::wait_obeyed`]).
+pub async fn follow(routes: Weak<Routes>, store: Store, timeout: Duration, node: Arc<Node>) {
     let told = Arc::new(tokio::sync::Notify::new());
     let mut every = POLL;
     let mut listening = None;
@@ -279,7 +292,12 @@ pub async fn follow(routes: Weak<Routes>, store: Store, timeout: Duration) {
         let Some(r) = routes.upgrade() else { break };
         // Bounded: a catch-up waiting for good on a silent connection
         // would hold `seen`, and with it every management change's own.
-        match crate::store::within(timeout, r.catch_up(&store)).await {
+        let caught_up = async {
+            let n = r.catch_up(&store).await?;
+            cluster::say_obeyed(&store, &node, r.applied()).await?;
+            Ok::<_, StoreError>(n)
+        };
+        match crate::store::within(timeout, caught_up).await {
             Ok(n) => {
                 outage.succeeded();
                 if n > 0 {

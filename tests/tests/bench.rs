@@ -108,7 +108,7 @@ fn nodes_runs_a_cluster_and_prints_its_figures() {
     }
     for figure in [
         "propagation (change through node 1 until node 2 obeys",
-        "over 200 changes",
+        "over 200 changes; 0 not obeyed by node 2 when answered",
         "delivered by the others",
         "; 0 lost",
         "creating addresses 1 by 1 up to 20",

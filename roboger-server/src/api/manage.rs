@@ -23,6 +23,7 @@ use super::guessing::{self, Counting};
 use super::reply::{self, Response};
 use crate::App;
 use crate::cleanup::{Cleanup, Outcome};
+use crate::cluster;
 use crate::store::entity::{ADDR_LEN, PLUGIN_NAME_MAX, addr, endpoint};
 use crate::store::{
     AddrPatch, AddrRef, EndpointPatch, EventHead, StoreError, SubscriptionPatch, SubscriptionRow,
@@ -139,9 +140,27 @@ pub async fn execute(
                 status = answer.status().as_u16(),
                 "management change"
             );
-            // This node obeys its own change before answering; the others
-            // learn of it from the change log (see `routing`).
+            // This node obeys its own change before answering, and so do
+            // the others, which learn of it from the change log (see
+            // `routing`): a push through any node after the answer finds
+            // the change obeyed. A node that does not obey it within
+            // `node-timeout` (frozen, or its reads failing) is named.
             app.routes.catch_up(&app.store).await?;
+            let version = app.routes.applied();
+            let cfg = &app.config.delivery;
+            let limit = cfg.node_timeout.min(app.config.timeout);
+            let behind =
+                cluster::wait_obeyed(&app.store, &app.node, version, (cfg.node_timeout, limit))
+                    .await;
+            if !behind.is_empty() {
+                tracing::warn!(
+                    version,
+                    nodes = %behind.join(", "),
+                    "a routing change is answered though not every node obeys it after {}s: \
+                     a push through one that does not may not follow it until it does",
+                    limit.as_secs_f64()
+                );
+            }
         }
         Ok(answer)
     };
@@ -228,6 +247,7 @@ async fn route(
                         "alive": alive,
                         "rescued": n.rescued.map(|t| t.to_rfc3339()),
                         "leased": r.leased,
+                        "routing_version": n.routing_version,
                         "self": n.instance == app.node.instance,
                     })
                 })

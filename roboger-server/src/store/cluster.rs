@@ -310,6 +310,40 @@ impl Store {
         Ok(true)
     }
 
+    /// Records that `instance` obeys every routing change up to
+    /// `version` (never moving it back).
+    pub async fn node_obeys(&self, instance: &str, version: i64) -> Result<()> {
+        node::Entity::update_many()
+            .col_expr(node::Column::RoutingVersion, Expr::value(version))
+            .filter(node::Column::Instance.eq(instance))
+            .filter(node::Column::RoutingVersion.lt(version))
+            .exec(&self.db)
+            .await?;
+        Ok(())
+    }
+
+    /// The live instances other than `me` (a heartbeat within `timeout`,
+    /// the `node-timeout`, and not found dead) that do not yet obey the
+    /// routing change `version`.
+    pub async fn nodes_behind(
+        &self,
+        me: &str,
+        version: i64,
+        timeout: Duration,
+    ) -> Result<Vec<String>> {
+        let since = chrono::Utc::now() - chrono::Duration::from_std(timeout).unwrap_or_default();
+        Ok(node::Entity::find()
+            .select_only()
+            .column(node::Column::Instance)
+            .filter(node::Column::Heartbeat.gt(since))
+            .filter(node::Column::Rescued.is_null())
+            .filter(node::Column::Instance.ne(me))
+            .filter(node::Column::RoutingVersion.lt(version))
+            .into_tuple()
+            .all(&self.db)
+            .await?)
+    }
+
     /// Instances other than `me` whose last heartbeat is older than
     /// `before` and whose leases nobody has freed yet.
     pub async fn nodes_dead(

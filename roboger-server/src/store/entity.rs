@@ -279,6 +279,9 @@ pub mod node {
         pub heartbeat: ChronoDateTimeUtc,
         /// When another node freed this dead node's leases.
         pub rescued: Option<ChronoDateTimeUtc>,
+        /// The newest routing change this node obeys: a node that makes
+        /// a change answers it once every live node's is as new.
+        pub routing_version: i64,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

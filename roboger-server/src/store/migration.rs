@@ -58,6 +58,7 @@ impl MigratorTrait for Migrator {
             Box::new(DeliveryEndpointId),
             Box::new(MysqlUtf8mb4),
             Box::new(MysqlInstants),
+            Box::new(NodeRoutingVersion),
         ]
     }
 }
@@ -674,6 +675,7 @@ enum Node {
     Started,
     Heartbeat,
     Rescued,
+    RoutingVersion,
 }
 
 #[derive(DeriveIden)]
@@ -1267,6 +1269,41 @@ impl MysqlInstants {
                 .await?;
         }
         Ok(())
+    }
+}
+
+/// `node.routing_version`: the newest routing change each node obeys,
+/// which a node that makes a change waits for on every live node before
+/// it answers (`cluster::wait_obeyed`). Nodes of an older build stop at
+/// their next heartbeat, and their rows with them.
+struct NodeRoutingVersion;
+
+impl MigrationName for NodeRoutingVersion {
+    fn name(&self) -> &str {
+        "m20261206_000014_node_routing_version"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for NodeRoutingVersion {
+    async fn up(&self, m: &SchemaManager) -> Result<(), DbErr> {
+        m.alter_table(
+            Table::alter()
+                .table(Node::Table)
+                .add_column(big_integer(Node::RoutingVersion).default(0))
+                .to_owned(),
+        )
+        .await
+    }
+
+    async fn down(&self, m: &SchemaManager) -> Result<(), DbErr> {
+        m.alter_table(
+            Table::alter()
+                .table(Node::Table)
+                .drop_column(Node::RoutingVersion)
+                .to_owned(),
+        )
+        .await
     }
 }
 
