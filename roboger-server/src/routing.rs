@@ -281,8 +281,8 @@ pub async fn follow(routes: Weak<Routes>, store: Store, timeout: Duration, node:
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut outage = Outage::new(
-        "cannot read routing changes",
-        "routing changes are read again",
+        "cannot follow routing changes",
+        "routing changes are followed again",
     );
     loop {
         tokio::select! {

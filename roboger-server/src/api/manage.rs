@@ -12,6 +12,7 @@
 //! or not its client waits for the answer.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use http::{HeaderMap, Method, StatusCode};
 use serde_json::{Value, json};
@@ -100,6 +101,10 @@ pub async fn handle(app: &Arc<App>, req: Request<'_>) -> Response {
     answer
 }
 
+/// What a management request's timeout keeps for its answer after a
+/// change has waited for the other nodes to obey it.
+const ANSWER_TIME: Duration = Duration::from_millis(200);
+
 /// Runs an authenticated management request (the API's, or one the
 /// console makes for a form), within the request timeout. A change is
 /// applied to this node's routes before the answer, and logged.
@@ -126,6 +131,7 @@ pub async fn execute(
         body.clone(),
     );
     let segs: Vec<String> = segs.iter().map(|s| (*s).to_string()).collect();
+    let deadline = tokio::time::Instant::now() + timeout;
     let run = async move {
         let segs: Vec<&str> = segs.iter().map(String::as_str).collect();
         let answer = route(&app, &method, &segs, &query, &headers, &body).await?;
@@ -144,11 +150,16 @@ pub async fn execute(
             // the others, which learn of it from the change log (see
             // `routing`): a push through any node after the answer finds
             // the change obeyed. A node that does not obey it within
-            // `node-timeout` (frozen, or its reads failing) is named.
+            // `node-timeout` (frozen, or its reads failing) is named; the
+            // wait leaves the answer time to be sent within the request's
+            // own timeout, since the change is made.
             app.routes.catch_up(&app.store).await?;
             let version = app.routes.applied();
             let cfg = &app.config.delivery;
-            let limit = cfg.node_timeout.min(app.config.timeout);
+            let left = deadline
+                .saturating_duration_since(tokio::time::Instant::now())
+                .saturating_sub(ANSWER_TIME);
+            let limit = cfg.node_timeout.min(app.config.timeout).min(left);
             let behind =
                 cluster::wait_obeyed(&app.store, &app.node, version, (cfg.node_timeout, limit))
                     .await;
