@@ -7,9 +7,11 @@
 //! Each node applies the log in order ([`Routes::catch_up`]): re-reading
 //! only the addresses that changed, and rebuilding everything only for a
 //! change to all addresses or when it finds a gap (changes pruned while it
-//! was cut off). The node that made a change catches up before answering;
-//! the others are told by PostgreSQL's `NOTIFY` and also poll the version
-//! ([`follow`]), so a missed notification costs a poll interval at most.
+//! was cut off). The node that made a change catches up, and answers once
+//! the others have too; they are told by PostgreSQL's `NOTIFY` and also
+//! poll the version ([`follow`]), so a missed notification costs a poll
+//! interval at most, and a listener fallen silent is renewed
+//! ([`listener`]).
 //!
 //! Invariant: a node that has applied version N obeys every change up to
 //! N; the version only grows, and changes commit in version order.
@@ -28,6 +30,10 @@ use crate::level::LevelMatch;
 use crate::outage::Outage;
 use crate::store::entity::{addr, endpoint, subscription};
 use crate::store::{Store, StoreError};
+
+mod listener;
+
+use listener::Listener;
 
 /// One subscription's filter.
 #[derive(Debug, Clone)]
@@ -226,70 +232,44 @@ impl Routes {
 }
 
 /// How often a node polls the change log's version: the way it learns of
-/// changes on MySQL and SQLite, and on PostgreSQL the safety net for a
-/// notification lost while the listening connection was down.
+/// changes on MySQL and SQLite, and on PostgreSQL while its listener
+/// cannot be trusted; else, the safety net for a notification lost while
+/// the listening connection was down.
 const POLL: Duration = Duration::from_millis(50);
 const POLL_WITH_NOTIFY: Duration = Duration::from_secs(1);
 
 /// Keeps `routes` in step with changes made through other nodes until
 /// `routes` is dropped: on PostgreSQL it listens for their `NOTIFY` on a
-/// connection of its own, and everywhere it polls the version, each
-/// catch-up bounded by `timeout`. After each, `node`'s row says which
+/// connection of its own, probed ([`listener`]), and everywhere it polls
+/// the version, each catch-up bounded by `timeout`. After each, `node`'s
+/// row says which
 /// change it obeys: the node that made one waits for that before it
 /// answers ([`cluster::wait_obeyed`]).
 pub async fn follow(routes: Weak<Routes>, store: Store, timeout: Duration, node: Arc<Node>) {
     let told = Arc::new(tokio::sync::Notify::new());
-    let mut every = POLL;
-    let mut listening = None;
-    if store.backend() == DbBackend::Postgres {
-        match store.listen(crate::store::ROUTING_CHANNEL).await {
-            Ok(mut l) => {
-                every = POLL_WITH_NOTIFY;
-                let told = told.clone();
-                // recv() is not cancel-safe, so it runs alone in its task.
-                listening = Some(tokio::spawn(async move {
-                    // A reconnection that works waits for the next
-                    // change: the outage is said to end at a change heard
-                    // 3 s or more after the first one after it.
-                    let mut outage = Outage::new(
-                        "routing change listener failed",
-                        "the routing change listener is told of changes again",
-                    );
-                    loop {
-                        match l.try_recv().await {
-                            Ok(Some(_)) => outage.succeeded(),
-                            // Its connection was lost, and the next call
-                            // reconnects: what was announced meanwhile is
-                            // in the log, which the next catch-up reads.
-                            Ok(None) => tracing::info!(
-                                "routing change listener lost its connection; reconnecting"
-                            ),
-                            Err(e) => {
-                                outage.failed(e);
-                                tokio::time::sleep(POLL_WITH_NOTIFY).await;
-                            }
-                        }
-                        told.notify_one();
-                    }
-                }));
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot listen for routing changes; polling instead")
-            }
-        }
-    }
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut listener = if store.backend() == DbBackend::Postgres {
+        Some(Listener::start(store.clone(), told.clone(), node.instance.clone(), timeout).await)
+    } else {
+        None
+    };
     let mut outage = Outage::new(
         "cannot follow routing changes",
         "routing changes are followed again",
     );
     loop {
+        let every = if listener.as_ref().is_some_and(Listener::hears) {
+            POLL_WITH_NOTIFY
+        } else {
+            POLL
+        };
         tokio::select! {
             _ = told.notified() => {}
-            _ = tick.tick() => {}
+            _ = tokio::time::sleep(every) => {}
         }
         let Some(r) = routes.upgrade() else { break };
+        if let Some(l) = listener.as_mut() {
+            l.check().await;
+        }
         // Bounded: a catch-up waiting for good on a silent connection
         // would hold `seen`, and with it every management change's own.
         let caught_up = async {
@@ -306,9 +286,6 @@ pub async fn follow(routes: Weak<Routes>, store: Store, timeout: Duration, node:
             }
             Err(e) => outage.failed(e),
         }
-    }
-    if let Some(task) = listening {
-        task.abort();
     }
 }
 

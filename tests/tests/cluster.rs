@@ -1124,7 +1124,7 @@ async fn a_node_past_the_databases_connection_limit_is_warned_of() {
     } else {
         "the role's CONNECTION LIMIT"
     };
-    let each = if on_postgres() { 11 } else { 10 };
+    let each = if on_postgres() { 12 } else { 10 };
     assert!(
         said[0].contains(&format!(
             "open 15 connections at once ({setting}), fewer than the {} that 2 node(s) on it \

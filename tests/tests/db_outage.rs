@@ -687,6 +687,52 @@ async fn connections_that_never_answer_again_are_left_behind() {
     assert!(s.log_lines("panicked").is_empty(), "{}", s.log_text());
 }
 
+/// The routing change listener's connection falls silent for good with
+/// the rest (a NAT that dropped it while idle looks the same): it would
+/// hear no change again, and leave the node to its one-second poll, which
+/// each change through another node then waits for. The node's probe
+/// goes unheard, and it listens anew on a new connection, which hears.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_routing_change_listener_fallen_silent_listens_anew() {
+    if !roboger_tests::on_postgres() {
+        eprintln!("nothing to do: only PostgreSQL's nodes listen for changes");
+        return;
+    }
+    let Some((proxy, s, url)) = behind_proxy(ServerOptions::test_plugin("timeout: 1\n")).await
+    else {
+        return;
+    };
+    // Once it listens (a listener it could not start yet is tried again
+    // later, on a connection not silenced).
+    let db = DbClient::of(&url);
+    poll_until(Duration::from_secs(30), async || {
+        match db
+            .query(
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE datname = current_database() AND query LIKE 'LISTEN%'",
+            )
+            .trim()
+        {
+            "1" => Ok(()),
+            n => Err(format!("{n} sessions listening")),
+        }
+    })
+    .await;
+    proxy.silence_all();
+    s.wait_log(
+        "the routing change listener did not hear this node's probe; listening on a new \
+         connection",
+        Duration::from_secs(60),
+    )
+    .await;
+    s.wait_log(
+        "the routing change listener hears again",
+        Duration::from_secs(30),
+    )
+    .await;
+    assert!(s.log_lines("panicked").is_empty(), "{}", s.log_text());
+}
+
 /// What goes on past its caller (a cleanup, a walk a change starts) and
 /// what a request reads before it answers (a push counted against its
 /// address's limits) waits for each of its statements `timeout` at most:

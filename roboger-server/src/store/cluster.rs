@@ -492,13 +492,27 @@ impl Store {
     // ---- routing changes ---------------------------------------------------
 
     /// A connection of its own, listening for `NOTIFY` on `channel`
-    /// (PostgreSQL only); it reconnects by itself when the connection drops.
-    pub async fn listen(&self, channel: &str) -> Result<sea_orm::sqlx::postgres::PgListener> {
+    /// (PostgreSQL only); it reconnects by itself when the connection
+    /// drops. Not one of the pool's: a listener given up on a connection
+    /// fallen silent says `UNLISTEN` as it goes, which waits until TCP
+    /// gives up on it, and would hold a place in the pool until then.
+    pub async fn listen(
+        &self,
+        channel: &str,
+        timeout: Duration,
+    ) -> Result<sea_orm::sqlx::postgres::PgListener> {
         if self.backend != DbBackend::Postgres {
             return Err(DbErr::Custom("LISTEN needs PostgreSQL".into()).into());
         }
-        let pool = self.db.get_postgres_connection_pool();
-        let mut l = sea_orm::sqlx::postgres::PgListener::connect_with(pool)
+        let options = self.db.get_postgres_connection_pool().connect_options();
+        let own = sea_orm::sqlx::postgres::PgPoolOptions::new()
+            .max_connections(1)
+            .min_connections(0)
+            .acquire_timeout(timeout)
+            .max_lifetime(None)
+            .idle_timeout(None)
+            .connect_lazy_with((*options).clone());
+        let mut l = sea_orm::sqlx::postgres::PgListener::connect_with(&own)
             .await
             .map_err(|e| sqlx_err("cannot connect to listen", e))?;
         l.ignore_pool_close_event(true);
@@ -506,6 +520,18 @@ impl Store {
             .await
             .map_err(|e| sqlx_err("cannot LISTEN", e))?;
         Ok(l)
+    }
+
+    /// Sends `payload` to the listeners of `channel` (PostgreSQL only).
+    pub async fn notify(&self, channel: &str, payload: &str) -> Result<()> {
+        self.db
+            .execute_raw(sea_orm::Statement::from_sql_and_values(
+                sea_orm::DbBackend::Postgres,
+                "SELECT pg_notify($1, $2)",
+                [channel.into(), payload.into()],
+            ))
+            .await?;
+        Ok(())
     }
 
     /// The version of the newest routing change.

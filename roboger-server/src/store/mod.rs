@@ -505,9 +505,9 @@ impl Store {
     }
 
     /// The most connections this store opens to a database server, and
-    /// what they are: its pool (`db-pool-size`, PostgreSQL's listening
-    /// connection among them), the group commits' own on PostgreSQL, and
-    /// the plugins' own when `plugins_sql` (a plugin has `db: true`).
+    /// what they are: its pool (`db-pool-size`), the group commits' own
+    /// and the routing change listener's own on PostgreSQL, and the
+    /// plugins' own when `plugins_sql` (a plugin has `db: true`).
     /// `None` on SQLite.
     pub fn connections_at_most(&self, plugins_sql: bool) -> Option<(u64, String)> {
         let pool = match self.backend {
@@ -526,8 +526,8 @@ impl Store {
         let mut most = u64::from(pool);
         let mut what = format!("db-pool-size {pool}");
         if let CommitConnection::Postgres(_) = self.commits {
-            most += 1;
-            what.push_str(", 1 for the group commits");
+            most += 2;
+            what.push_str(", 1 for the group commits, 1 listening for routing changes");
         }
         if plugins_sql {
             most += u64::from(PLUGIN_CONNECTIONS);
