@@ -197,7 +197,8 @@ const OBEYED_POLL_MOST: Duration = Duration::from_millis(25);
 /// back the instances that still did not then. A node that made a change
 /// answers it after this, so a client that then pushes through another
 /// node finds the change obeyed there. Each look is bounded by what is
-/// left of `limit`; one that fails ends the wait, with a warning.
+/// left of `limit`: one that this cuts short gives back what the look
+/// before it found, and the first failing ends the wait, with a warning.
 pub async fn wait_obeyed(
     store: &Store,
     node: &Node,
@@ -206,15 +207,18 @@ pub async fn wait_obeyed(
 ) -> Vec<String> {
     let end = tokio::time::Instant::now() + limit;
     let mut pause = OBEYED_POLL_FIRST;
+    // What the last look found.
+    let mut seen = None;
     loop {
         let left = end.saturating_duration_since(tokio::time::Instant::now());
-        let behind = match store::within(
+        let look = store::within(
             left.max(Duration::from_millis(1)),
             store.nodes_behind(&node.instance, version, node_timeout),
-        )
-        .await
-        {
-            Ok(behind) => behind,
+        );
+        match look.await {
+            Ok(behind) if behind.is_empty() || left.is_zero() => return behind,
+            Ok(behind) => seen = Some(behind),
+            Err(_) if seen.is_some() => return seen.unwrap_or_default(),
             Err(e) => {
                 tracing::warn!(
                     error = %e,
@@ -224,9 +228,6 @@ pub async fn wait_obeyed(
                 );
                 return Vec::new();
             }
-        };
-        if behind.is_empty() || left.is_zero() {
-            return behind;
         }
         tokio::time::sleep(pause.min(left)).await;
         pause = (pause * 2).min(OBEYED_POLL_MOST);

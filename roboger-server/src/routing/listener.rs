@@ -46,10 +46,10 @@ pub struct Listener {
     task: Option<JoinHandle<()>>,
     /// The newest of this node's probes the listener heard.
     heard: Arc<AtomicU64>,
-    /// The newest probe sent, and when.
-    sent: (u64, Instant),
-    /// Whether the newest probe is still awaited.
-    awaited: bool,
+    /// How many probes were sent: the newest one's number.
+    probes: u64,
+    /// When the newest probe was sent, while it is awaited.
+    awaited: Option<Instant>,
     /// When the next probe (or, with no connection, the next try to
     /// listen) is due.
     next: Instant,
@@ -71,8 +71,8 @@ impl Listener {
             timeout,
             task: None,
             heard: Arc::new(AtomicU64::new(0)),
-            sent: (0, Instant::now()),
-            awaited: false,
+            probes: 0,
+            awaited: None,
             next: Instant::now() + PROBE_EVERY,
             deaf: Outage::new(
                 "the routing change listener did not hear this node's probe; listening on a \
@@ -102,15 +102,15 @@ impl Listener {
         // again once it has for `outage::SETTLE`.
         self.deaf.idle();
         self.absent.idle();
-        let (seq, at) = self.sent;
-        if self.awaited {
-            if self.heard.load(Ordering::Acquire) >= seq {
-                self.awaited = false;
+        if let Some(sent) = self.awaited {
+            if self.heard.load(Ordering::Acquire) >= self.probes {
+                self.awaited = None;
                 self.deaf.succeeded();
-            } else if at.elapsed() >= self.timeout {
-                self.awaited = false;
+            } else if sent.elapsed() >= self.timeout {
+                self.awaited = None;
                 self.deaf.failed(format_args!(
-                    "probe {seq} unheard after {}s",
+                    "probe {} unheard after {}s",
+                    self.probes,
                     self.timeout.as_secs_f64()
                 ));
                 self.listen().await;
@@ -127,12 +127,12 @@ impl Listener {
             }
             return;
         }
-        let next = seq + 1;
-        let payload = probe(&self.me, next);
-        self.sent = (next, Instant::now());
-        self.next = Instant::now() + PROBE_EVERY;
+        self.probes += 1;
+        let payload = probe(&self.me, self.probes);
+        let sent = Instant::now();
+        self.next = sent + PROBE_EVERY;
         match store::within(self.timeout, self.store.notify(ROUTING_CHANNEL, &payload)).await {
-            Ok(()) => self.awaited = true,
+            Ok(()) => self.awaited = Some(sent),
             // The database does not answer: the pool's own outage says
             // so, and the next probe is sent in its turn.
             Err(e) => tracing::debug!(error = %e, "cannot probe the routing change listener"),
