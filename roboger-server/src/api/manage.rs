@@ -101,13 +101,39 @@ pub async fn handle(app: &Arc<App>, req: Request<'_>) -> Response {
     answer
 }
 
+/// Waits until every other live node obeys the routing changes this node
+/// has applied (see [`cluster::wait_obeyed`]), for at most `node-timeout`
+/// (or `timeout`, when shorter), and ending [`ANSWER_TIME`] before the
+/// request's `deadline` at the latest, since the change is made; the
+/// nodes that still do not are named in a warning.
+async fn obeyed_everywhere(app: &App, deadline: tokio::time::Instant) {
+    let version = app.routes.applied();
+    let cfg = &app.config.delivery;
+    let left = deadline
+        .saturating_duration_since(tokio::time::Instant::now())
+        .saturating_sub(ANSWER_TIME);
+    let limit = cfg.node_timeout.min(app.config.timeout).min(left);
+    let behind =
+        cluster::wait_obeyed(&app.store, &app.node, version, (cfg.node_timeout, limit)).await;
+    if !behind.is_empty() {
+        tracing::warn!(
+            version,
+            nodes = %behind.join(", "),
+            "a routing change is answered though not every node obeys it after {}s: a push \
+             through one that does not may not follow it until it does",
+            limit.as_secs_f64()
+        );
+    }
+}
+
 /// What a management request's timeout keeps for its answer after a
 /// change has waited for the other nodes to obey it.
 const ANSWER_TIME: Duration = Duration::from_millis(200);
 
 /// Runs an authenticated management request (the API's, or one the
 /// console makes for a form), within the request timeout. A change is
-/// applied to this node's routes before the answer, and logged.
+/// logged, and answered once this node's routes obey it, and every other
+/// live node's ([`obeyed_everywhere`]).
 ///
 /// It runs in a task of its own: a client that disconnects before the
 /// answer (hyper then drops the request) must not cut a change short
@@ -133,6 +159,7 @@ pub async fn execute(
     let segs: Vec<String> = segs.iter().map(|s| (*s).to_string()).collect();
     let deadline = tokio::time::Instant::now() + timeout;
     let run = async move {
+        let before = app.routes.applied();
         let segs: Vec<&str> = segs.iter().map(String::as_str).collect();
         let answer = route(&app, &method, &segs, &query, &headers, &body).await?;
         if method != Method::GET
@@ -149,28 +176,11 @@ pub async fn execute(
             // This node obeys its own change before answering, and so do
             // the others, which learn of it from the change log (see
             // `routing`): a push through any node after the answer finds
-            // the change obeyed. A node that does not obey it within
-            // `node-timeout` (frozen, or its reads failing) is named; the
-            // wait leaves the answer time to be sent within the request's
-            // own timeout, since the change is made.
+            // the change obeyed. A request that changed no route (a
+            // cleanup, a plugin's restart) waits for nothing.
             app.routes.catch_up(&app.store).await?;
-            let version = app.routes.applied();
-            let cfg = &app.config.delivery;
-            let left = deadline
-                .saturating_duration_since(tokio::time::Instant::now())
-                .saturating_sub(ANSWER_TIME);
-            let limit = cfg.node_timeout.min(app.config.timeout).min(left);
-            let behind =
-                cluster::wait_obeyed(&app.store, &app.node, version, (cfg.node_timeout, limit))
-                    .await;
-            if !behind.is_empty() {
-                tracing::warn!(
-                    version,
-                    nodes = %behind.join(", "),
-                    "a routing change is answered though not every node obeys it after {}s: \
-                     a push through one that does not may not follow it until it does",
-                    limit.as_secs_f64()
-                );
+            if app.routes.applied() > before {
+                obeyed_everywhere(&app, deadline).await;
             }
         }
         Ok(answer)
