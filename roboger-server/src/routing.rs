@@ -11,7 +11,8 @@
 //! the others have too; they are told by PostgreSQL's `NOTIFY` and also
 //! poll the version ([`follow`]), so a missed notification costs a poll
 //! interval at most, and a listener fallen silent is renewed
-//! ([`listener`]).
+//! ([`listener`]). A node that polls does so more often for a moment
+//! after each change, so a burst of changes is not answered a poll apart.
 //!
 //! Invariant: a node that has applied version N obeys every change up to
 //! N; the version only grows, and changes commit in version order.
@@ -237,6 +238,13 @@ impl Routes {
 /// the listening connection was down.
 const POLL: Duration = Duration::from_millis(50);
 const POLL_WITH_NOTIFY: Duration = Duration::from_secs(1);
+/// How often a node that polls does so for [`BURST`] after it applied a
+/// change made through another node. Changes come in bursts (a
+/// `robogerctl deploy`, a script), and each is answered only once every
+/// node obeys it, so a burst of them would otherwise wait up to a
+/// [`POLL`] each.
+const POLL_IN_BURST: Duration = Duration::from_millis(5);
+const BURST: Duration = Duration::from_secs(1);
 
 /// Keeps `routes` in step with changes made through other nodes until
 /// `routes` is dropped: on PostgreSQL it listens for their `NOTIFY` on a
@@ -256,9 +264,13 @@ pub async fn follow(routes: Weak<Routes>, store: Store, timeout: Duration, node:
         "cannot follow routing changes",
         "routing changes are followed again",
     );
+    // Until when a burst of changes is taken to go on.
+    let mut burst = tokio::time::Instant::now();
     loop {
         let every = if listener.as_ref().is_some_and(Listener::hears) {
             POLL_WITH_NOTIFY
+        } else if tokio::time::Instant::now() < burst {
+            POLL_IN_BURST
         } else {
             POLL
         };
@@ -282,6 +294,7 @@ pub async fn follow(routes: Weak<Routes>, store: Store, timeout: Duration, node:
                 outage.succeeded();
                 if n > 0 {
                     tracing::debug!(addresses = n, "routing changes applied");
+                    burst = tokio::time::Instant::now() + BURST;
                 }
             }
             Err(e) => outage.failed(e),
