@@ -76,21 +76,27 @@ pub fn fresh_database(dir: &Path) -> String {
     if let Ok(my) = std::env::var("ROBOGER_TEST_MYSQL")
         && !my.is_empty()
     {
-        let name = fresh_database_name();
-        let my = my.trim_end_matches('/');
-        let url = url::Url::parse(my).expect("ROBOGER_TEST_MYSQL is a URL");
-        let mut c = mariadb_client(&url);
-        // In the server's default character set, as an operator's
-        // `CREATE DATABASE roboger` makes it: `latin1` on the suite's
-        // MariaDB, which runs with `--no-defaults`.
-        c.args(["-e", &format!("CREATE DATABASE {name}")]);
-        run_client(c, "CREATE DATABASE");
-        return format!("{my}/{name}");
+        return create_mysql_database(&my);
     }
     match std::env::var("ROBOGER_TEST_PG") {
         Ok(pg) if !pg.is_empty() => create_pg_database(&pg),
         _ => format!("sqlite:///{}", dir.join("roboger.db").display()),
     }
+}
+
+/// Creates a fresh database on the MySQL or MariaDB server `my` (a URL
+/// without a database, e.g. `mysql://root@127.0.0.1:3306`); its URL.
+pub fn create_mysql_database(my: &str) -> String {
+    let name = fresh_database_name();
+    let my = my.trim_end_matches('/');
+    let url = url::Url::parse(my).expect("a MySQL server's URL");
+    let mut c = mariadb_client(&url);
+    // In the server's default character set, as an operator's
+    // `CREATE DATABASE roboger` makes it: `latin1` on the suite's
+    // MariaDB, which runs with `--no-defaults`.
+    c.args(["-e", &format!("CREATE DATABASE {name}")]);
+    run_client(c, "CREATE DATABASE");
+    format!("{my}/{name}")
 }
 
 /// Runs a database's command-line client (`psql`, `mariadb`) as set up in

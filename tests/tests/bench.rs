@@ -81,9 +81,10 @@ async fn target_runs_the_same_load_against_another_server_and_prints_the_ratio()
     );
 }
 
-/// `--nodes 2` runs two of our servers on one database (PostgreSQL when
-/// the suite has one, else a shared SQLite file) and prints both rows and
-/// the cluster figures, with nothing lost across the node kill.
+/// `--nodes 2` runs two of our servers on one database (the suite's
+/// PostgreSQL or MySQL when it has one, else a shared SQLite file) and
+/// prints both rows and the cluster figures, with nothing lost across the
+/// node kill.
 #[test]
 fn nodes_runs_a_cluster_and_prints_its_figures() {
     let bench = bin_dir().join("roboger-bench");
@@ -91,10 +92,15 @@ fn nodes_runs_a_cluster_and_prints_its_figures() {
     let mut cmd = Command::new(&bench);
     cmd.args(["--nodes", "2", "--duration", "1", "--connections", "4"])
         .args(["--drain", "60", "--manage", "20"]);
-    if let Ok(pg) = std::env::var("ROBOGER_TEST_PG")
-        && !pg.is_empty()
-    {
-        cmd.args(["--pg", &pg]);
+    for (var, flag) in [
+        ("ROBOGER_TEST_PG", "--pg"),
+        ("ROBOGER_TEST_MYSQL", "--mysql"),
+    ] {
+        if let Ok(url) = std::env::var(var)
+            && !url.is_empty()
+        {
+            cmd.args([flag, &url]);
+        }
     }
     let out = cmd.output().expect("run roboger-bench");
     let stdout = String::from_utf8_lossy(&out.stdout);

@@ -9,7 +9,7 @@
 //! With `--target URL` the same load runs against another server (e.g.
 //! the original Python Roboger) and both rows are printed with their
 //! ratio. With `--nodes N` it runs N of our servers on one database
-//! (`--pg` for PostgreSQL) instead: throughput through one node and
+//! (`--pg` for PostgreSQL, `--mysql` for MySQL or MariaDB) instead: throughput through one node and
 //! through all, how fast a management change reaches another node, how
 //! long a killed node's deliveries take to be made by the others, and
 //! (`--manage N`) what creating the Nth address costs. Run it with:
@@ -87,8 +87,12 @@ struct Args {
     /// `postgresql://postgres@127.0.0.1:5432`): our server (or, with
     /// `--nodes`, the nodes) runs on a fresh database made on it instead of
     /// SQLite.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "mysql")]
     pg: Option<String>,
+    /// A MySQL or MariaDB server URL without a database (e.g.
+    /// `mysql://root@127.0.0.1:3306`): as `--pg`, on that server.
+    #[arg(long)]
+    mysql: Option<String>,
     /// With `--nodes`: addresses to create one by one through the
     /// management API, timing the first and the last thousand.
     #[arg(long, default_value_t = 0)]
@@ -587,13 +591,32 @@ async fn restart_time(
     Some((back?.saturating_sub(killed_at), missing))
 }
 
-/// Our one server: on a fresh PostgreSQL database with `--pg`, else SQLite.
+/// Our one server: on a fresh database with `--pg` or `--mysql`, else
+/// SQLite.
 fn single_server(args: &Args) -> ServerOptions {
-    let mut opts = our_server(args);
-    if let Some(pg) = &args.pg {
-        opts.db = Some(roboger_tests::create_pg_database(pg));
+    ServerOptions {
+        db: database(args),
+        ..our_server(args)
     }
-    opts
+}
+
+/// A fresh database on the server `--pg` or `--mysql` names, if one does.
+fn database(args: &Args) -> Option<String> {
+    match (&args.pg, &args.mysql) {
+        (Some(pg), _) => Some(roboger_tests::create_pg_database(pg)),
+        (None, Some(my)) => Some(roboger_tests::create_mysql_database(my)),
+        (None, None) => None,
+    }
+}
+
+/// The database server of our servers, for the figures' titles; `None`
+/// on SQLite.
+fn database_name(args: &Args) -> Option<&'static str> {
+    match (&args.pg, &args.mysql) {
+        (Some(_), _) => Some("PostgreSQL"),
+        (None, Some(_)) => Some("MySQL"),
+        (None, None) => None,
+    }
 }
 
 /// How our server runs in the benchmark: the release binary with the
@@ -619,10 +642,9 @@ async fn own_server(args: &Args, sink: &Sink, clock: Instant, seq: &Arc<AtomicU6
     let addr = wire_target(&s.base, KEY, &sink.url).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let mut row = Row {
-        name: if args.pg.is_some() {
-            "roboger (Rust), PostgreSQL".into()
-        } else {
-            "roboger (Rust)".into()
+        name: match database_name(args) {
+            Some(db) => format!("roboger (Rust), {db}"),
+            None => "roboger (Rust)".into(),
         },
         ..Default::default()
     };
@@ -759,10 +781,8 @@ async fn cluster(
     seq: &Arc<AtomicU64>,
 ) -> (Vec<Row>, ClusterFigures) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let db = match &args.pg {
-        Some(pg) => roboger_tests::create_pg_database(pg),
-        None => format!("sqlite:///{}", dir.path().join("roboger.db").display()),
-    };
+    let db = database(args)
+        .unwrap_or_else(|| format!("sqlite:///{}", dir.path().join("roboger.db").display()));
     let opts = ServerOptions {
         db: Some(db),
         ..our_server(args)
@@ -1016,11 +1036,7 @@ fn print_cluster(f: &ClusterFigures, args: &Args) {
     println!(
         "\ncluster: {} nodes on {}",
         args.nodes,
-        if args.pg.is_some() {
-            "PostgreSQL"
-        } else {
-            "one SQLite file"
-        }
+        database_name(args).unwrap_or("one SQLite file")
     );
     let (times, stale) = &f.propagation;
     if !times.is_empty() {
