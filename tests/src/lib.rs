@@ -786,6 +786,37 @@ impl Server {
         parse_metrics(&r.text)
     }
 
+    /// A page of its web console, as an operator signed in with the
+    /// master key sees it; panics unless sign-in and page answer as they
+    /// should.
+    pub async fn console_page(&self, path: &str) -> String {
+        let signed = self
+            .http
+            .post(self.url("/ui/signin"))
+            .header("Content-Type", "application/x-www-form-urlencoded")
+            .body(format!("key={KEY}"))
+            .send()
+            .await
+            .expect("POST /ui/signin");
+        assert_eq!(signed.status().as_u16(), 303, "sign-in");
+        let cookie = signed
+            .headers()
+            .get("set-cookie")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(';').next())
+            .expect("a session cookie")
+            .to_string();
+        let r = self
+            .http
+            .get(self.url(path))
+            .header("Cookie", cookie)
+            .send()
+            .await
+            .expect("GET a console page");
+        assert_eq!(r.status().as_u16(), 200, "{path}");
+        r.text().await.expect("the page")
+    }
+
     /// Scrapes `/metrics` until `series` has `value` (or panics after 20
     /// s); the last scrape.
     pub async fn metric_reaches(

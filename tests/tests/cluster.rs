@@ -252,13 +252,19 @@ async fn changes_through_one_node_are_obeyed_by_the_others_once_answered() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_change_waits_for_a_frozen_node_only_so_long() {
-    // Node a's `timeout` (1 s) bounds the wait, below `node-timeout` (3 s)
-    // after which the frozen node would no longer count as alive.
+    // Node a's `timeout` (1 s) bounds the wait, well below `node-timeout`
+    // (10 s), after which the frozen node would no longer count as alive.
     let (dir, db) = shared_database();
     let record = dir.path().join("record");
-    let mut hasty = node(&db, &record);
-    hasty.yaml = "timeout: 1\n".into();
-    let nodes = Server::start_many(vec![hasty, node(&db, &record)]);
+    let patient = ServerOptions {
+        yaml: "node-timeout: 10\n".into(),
+        ..node(&db, &record)
+    };
+    let hasty = ServerOptions {
+        yaml: "timeout: 1\nnode-timeout: 10\n".into(),
+        ..patient.clone()
+    };
+    let nodes = Server::start_many(vec![hasty, patient]);
     let (a, b) = (&nodes[0], &nodes[1]);
     let (id, addr) = a.new_addr().await;
     assert_eq!(push_status(b, &addr, "probe").await, 202);
@@ -288,6 +294,31 @@ async fn a_change_waits_for_a_frozen_node_only_so_long() {
         version_of(&frozen) < version_of(&instance_of(a).await),
         "{list}"
     );
+    // So does the console's.
+    let page = a.console_page("/ui/plugins").await;
+    let row = page
+        .lines()
+        .find(|l| l.contains(&frozen))
+        .unwrap_or_else(|| panic!("no row of {frozen}:\n{page}"));
+    assert!(
+        row.contains(&format!(
+            "<td class=\"routing\">{}, behind</td>",
+            version_of(&frozen)
+        )),
+        "{row}"
+    );
+    let own = page
+        .lines()
+        .find(|l| l.contains("(this node)"))
+        .unwrap_or_else(|| panic!("no row of this node:\n{page}"));
+    assert!(!own.contains("behind"), "{own}");
+    // A command that changes no route does not wait for it.
+    let r = a
+        .manage(Method::POST, "/core", Some(json!({"cmd": "cleanup"})))
+        .await;
+    assert_status!(r, 204);
+    let warned = a.log_lines("not every node obeys it");
+    assert_eq!(warned.len(), 1, "{warned:?}");
 
     // Thawed, it catches up.
     b.signal("CONT");

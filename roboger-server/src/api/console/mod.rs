@@ -1282,10 +1282,17 @@ async fn plugins(ctx: &Ctx<'_>) -> Result<Response, ApiError> {
     let now = chrono::Utc::now();
     let secs =
         |t: chrono::DateTime<chrono::Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
-    let nodes = app
-        .store
-        .node_list()
-        .await?
+    let rows = app.store.node_list().await?;
+    // The newest change a live node obeys; this node's own may be newer
+    // than its row says, written after its next catch-up.
+    let newest = rows
+        .iter()
+        .filter(|r| r.alive(now, timeout))
+        .map(|r| r.node.routing_version)
+        .chain([app.routes.applied()])
+        .max()
+        .unwrap_or_default();
+    let nodes = rows
         .into_iter()
         .map(|r| {
             let alive = r.alive(now, timeout);
@@ -1296,6 +1303,8 @@ async fn plugins(ctx: &Ctx<'_>) -> Result<Response, ApiError> {
                 started: secs(n.started),
                 heartbeat: secs(n.heartbeat),
                 this: n.instance == app.node.instance,
+                behind: alive && n.routing_version < newest,
+                routing_version: n.routing_version,
                 instance: n.instance,
                 version: n.version,
                 leased: r.leased,

@@ -222,6 +222,12 @@ pub struct NodeRow {
     pub rescued: Option<String>,
     pub leased: i64,
     pub this: bool,
+    /// The newest management change it obeys.
+    pub routing_version: i64,
+    /// Alive, and obeying an older change than another live node does
+    /// (frozen, or unable to read the database): a change made meanwhile
+    /// is answered without waiting for it any longer than its bound.
+    pub behind: bool,
 }
 
 #[derive(Template)]
