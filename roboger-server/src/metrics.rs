@@ -60,6 +60,7 @@ pub struct Metrics {
     held_total: IntCounterVec,
     attempt_seconds: HistogramVec,
     call_events: HistogramVec,
+    routing_unobeyed: IntCounter,
     /// The last pending count and when it was read, and how reading it
     /// fails.
     pending: tokio::sync::Mutex<(Option<(Instant, PerPlugin)>, Outage)>,
@@ -142,6 +143,10 @@ impl Metrics {
             .buckets(BATCH.to_vec()),
             &["plugin"],
         )?;
+        let routing_unobeyed = IntCounter::new(
+            "roboger_routing_changes_unobeyed_total",
+            "Management changes this node answered though another live node did not obey them yet (frozen, or unable to read the database; the log names it).",
+        )?;
         registry.register(Box::new(push_total.clone()))?;
         registry.register(Box::new(push_seconds.clone()))?;
         registry.register(Box::new(commit_seconds.clone()))?;
@@ -150,6 +155,7 @@ impl Metrics {
         registry.register(Box::new(held_total.clone()))?;
         registry.register(Box::new(attempt_seconds.clone()))?;
         registry.register(Box::new(call_events.clone()))?;
+        registry.register(Box::new(routing_unobeyed.clone()))?;
         #[cfg(target_os = "linux")]
         registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
@@ -165,6 +171,7 @@ impl Metrics {
             held_total,
             attempt_seconds,
             call_events,
+            routing_unobeyed,
             pending: tokio::sync::Mutex::new((
                 None,
                 Outage::new(
@@ -231,6 +238,12 @@ impl Metrics {
         self.call_events
             .with_label_values(&[plugin])
             .observe(events as f64);
+    }
+
+    /// A management change answered though another live node did not
+    /// obey it yet.
+    pub fn routing_unobeyed(&self) {
+        self.routing_unobeyed.inc();
     }
 
     /// The pending deliveries per plugin: the last count if it is fresh,

@@ -282,6 +282,8 @@ async fn a_change_waits_for_a_frozen_node_only_so_long() {
     let warned = a.log_lines("not every node obeys it");
     assert_eq!(warned.len(), 1, "{warned:?}");
     assert!(warned[0].contains(&frozen), "{warned:?}");
+    let unobeyed = "roboger_routing_changes_unobeyed_total";
+    assert_eq!(a.metrics().await.get(unobeyed), Some(&1.0));
     // The node list says which node is behind.
     let list = a.manage(Method::GET, "/node", None).await.json();
     let version_of = |n: &str| {
@@ -319,6 +321,7 @@ async fn a_change_waits_for_a_frozen_node_only_so_long() {
     assert_status!(r, 204);
     let warned = a.log_lines("not every node obeys it");
     assert_eq!(warned.len(), 1, "{warned:?}");
+    assert_eq!(a.metrics().await.get(unobeyed), Some(&1.0));
 
     // Thawed, it catches up.
     b.signal("CONT");

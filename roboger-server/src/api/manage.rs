@@ -116,6 +116,7 @@ async fn obeyed_everywhere(app: &App, deadline: tokio::time::Instant) {
     let behind =
         cluster::wait_obeyed(&app.store, &app.node, version, (cfg.node_timeout, limit)).await;
     if !behind.is_empty() {
+        app.metrics.routing_unobeyed();
         tracing::warn!(
             version,
             nodes = %behind.join(", "),
