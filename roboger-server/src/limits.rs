@@ -9,9 +9,16 @@
 //! reached a push is counted in the database instead, with a warning,
 //! never refused for it; counts made during an outage are not carried
 //! over to Redis, so such a window may let up to twice the limit through.
+//!
+//! A push is counted before its event is stored. One that is then not
+//! stored (answered 503) is taken back where it was counted
+//! ([`Counters::refund`]), so a sender that sends it again is not counted
+//! twice for one event.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use tokio::sync::Semaphore;
 
 use tokio::time::Instant;
 
@@ -54,6 +61,24 @@ end
 return {0, c, s}
 ";
 
+/// Takes back one message counted by [`COUNT_SCRIPT`], when its key (its
+/// window) is still there with it.
+const UNCOUNT_SCRIPT: &str = r"
+local c = tonumber(redis.call('HGET', KEYS[1], 'c') or '0')
+local s = tonumber(redis.call('HGET', KEYS[1], 's') or '0')
+local size = tonumber(ARGV[1])
+if c >= 1 and s >= size then
+  redis.call('HINCRBY', KEYS[1], 'c', -1)
+  redis.call('HINCRBY', KEYS[1], 's', -size)
+end
+return 0
+";
+
+/// Refunds under way at once, at most; past that a push not stored stays
+/// counted (a database or Redis that fails each of them would otherwise
+/// gather a task per refused push).
+const REFUNDS_AT_ONCE: usize = 64;
+
 /// Prefix of every key this server writes to Redis.
 const KEY_PREFIX: &str = "roboger:lim:";
 /// How often a server tries to reach Redis again while it is down.
@@ -61,7 +86,9 @@ const RETRY: Duration = Duration::from_secs(1);
 
 /// Where the counters are kept.
 pub struct Counters {
-    redis: Option<RedisCounters>,
+    redis: Option<Arc<RedisCounters>>,
+    refunds: Arc<Semaphore>,
+    timeout: Duration,
 }
 
 impl std::fmt::Debug for Counters {
@@ -77,6 +104,7 @@ impl std::fmt::Debug for Counters {
 struct RedisCounters {
     client: redis::Client,
     script: redis::Script,
+    uncount: redis::Script,
     timeout: Duration,
     state: tokio::sync::Mutex<Link>,
     /// What the log says of pushes counted in the database instead.
@@ -93,6 +121,8 @@ struct Link {
 /// The outcome of counting one message.
 struct Counted {
     counted: bool,
+    /// Counted in Redis (else in the database).
+    in_redis: bool,
     /// The window's message count and bytes, after this message if counted.
     count: i64,
     size: i64,
@@ -104,9 +134,10 @@ impl Counters {
     pub fn new(redis_url: Option<&str>, timeout: Duration) -> Result<Counters, String> {
         let redis = match redis_url {
             None => None,
-            Some(url) => Some(RedisCounters {
+            Some(url) => Some(Arc::new(RedisCounters {
                 client: redis::Client::open(url).map_err(|e| e.to_string())?,
                 script: redis::Script::new(COUNT_SCRIPT),
+                uncount: redis::Script::new(UNCOUNT_SCRIPT),
                 timeout: timeout.min(Duration::from_secs(1)),
                 state: tokio::sync::Mutex::default(),
                 outage: Mutex::new(Outage::new(
@@ -114,9 +145,44 @@ impl Counters {
                      back",
                     "address limits are counted in Redis again",
                 )),
-            }),
+            })),
         };
-        Ok(Counters { redis })
+        Ok(Counters {
+            redis,
+            refunds: Arc::new(Semaphore::new(REFUNDS_AT_ONCE)),
+            timeout,
+        })
+    }
+
+    /// Takes back a push [`check`] counted whose event was then not
+    /// stored, where it was counted, in a task of its own (bounded by
+    /// `timeout`) so the push's answer does not wait for it. Best effort:
+    /// a refund that fails (the database that refused the event may refuse
+    /// it too) leaves the push counted, and says so at DEBUG.
+    pub fn refund(&self, store: &Store, charge: Charge) {
+        let Ok(permit) = self.refunds.clone().try_acquire_owned() else {
+            tracing::debug!(
+                addr_id = charge.addr_id,
+                "too many refunds under way; a push not stored stays counted"
+            );
+            return;
+        };
+        let (store, redis, timeout) = (store.clone(), self.redis.clone(), self.timeout);
+        tokio::spawn(async move {
+            let _permit = permit;
+            let done = match redis {
+                Some(r) if charge.in_redis => r.uncount(&charge).await,
+                _ => crate::store::within(
+                    timeout,
+                    store.uncount_message(charge.addr_id, charge.window, charge.size),
+                )
+                .await
+                .map_err(|e| e.to_string()),
+            };
+            if let Err(e) = done {
+                tracing::debug!(addr_id = charge.addr_id, error = %e, "a push not stored stays counted");
+            }
+        });
     }
 
     /// Forgets every address's counters (`reset-addr-limits`).
@@ -159,6 +225,7 @@ impl Counters {
         };
         Ok(Counted {
             counted,
+            in_redis: false,
             count,
             size,
         })
@@ -219,9 +286,24 @@ impl RedisCounters {
         match tokio::time::timeout(self.timeout, run).await {
             Ok(Ok((counted, count, size))) => Ok(Counted {
                 counted: counted == 1,
+                in_redis: true,
                 count,
                 size,
             }),
+            Ok(Err(e)) => Err(self.lost(e.to_string()).await),
+            Err(_) => Err(self.lost("Redis did not answer in time".into()).await),
+        }
+    }
+
+    /// Takes back `charge`, counted here.
+    async fn uncount(&self, charge: &Charge) -> Result<(), String> {
+        let mut conn = self.conn().await?;
+        let key = format!("{KEY_PREFIX}{}:{}", charge.addr_id, charge.window);
+        let mut call = self.uncount.key(key);
+        call.arg(charge.size);
+        let run = call.invoke_async::<i64>(&mut conn);
+        match tokio::time::timeout(self.timeout, run).await {
+            Ok(Ok(_)) => Ok(()),
             Ok(Err(e)) => Err(self.lost(e.to_string()).await),
             Err(_) => Err(self.lost("Redis did not answer in time".into()).await),
         }
@@ -265,6 +347,17 @@ impl RedisCounters {
     }
 }
 
+/// A push counted against its address's limits: what
+/// [`Counters::refund`] takes back when its event is not stored.
+#[derive(Debug)]
+pub struct Charge {
+    addr_id: i64,
+    /// The start of the window it was counted in.
+    window: i64,
+    size: i64,
+    in_redis: bool,
+}
+
 /// Counts a push of `size` bytes at `level` to the address `a`, or says
 /// why it is over the limit, in the original's words.
 pub async fn check(
@@ -274,7 +367,7 @@ pub async fn check(
     a: &str,
     level: Level,
     size: usize,
-) -> Result<(), LimitError> {
+) -> Result<Charge, LimitError> {
     let period = limits.period.as_secs().max(1) as i64;
     let now = chrono::Utc::now().timestamp();
     let window = now - now.rem_euclid(period);
@@ -298,7 +391,12 @@ pub async fn check(
         )
         .await?;
     if c.counted {
-        return Ok(());
+        return Ok(Charge {
+            addr_id: routes.id,
+            window,
+            size,
+            in_redis: c.in_redis,
+        });
     }
     let retry = (max_c > 0 && size <= max_s)
         .then(|| Duration::from_secs(u64::try_from(window + period - now).unwrap_or(1).max(1)));

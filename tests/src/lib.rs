@@ -214,21 +214,30 @@ impl DbClient {
     /// [`DbClient::allow_updates`]: one kind of write fails while the
     /// database stays up for every other.
     pub fn refuse_updates(&self, table: &str, when: &str) {
+        self.refuse("UPDATE", table, when);
+    }
+
+    /// As [`DbClient::refuse_updates`], for each row inserted.
+    pub fn refuse_inserts(&self, table: &str, when: &str) {
+        self.refuse("INSERT", table, when);
+    }
+
+    fn refuse(&self, op: &str, table: &str, when: &str) {
         let why = "'refused by the test'";
         let sql = match self {
             DbClient::Pg(_) => format!(
                 "CREATE FUNCTION roboger_test_refuse() RETURNS trigger LANGUAGE plpgsql \
                  AS $$ BEGIN RAISE EXCEPTION {why}; END $$; \
-                 CREATE TRIGGER roboger_test_refuse BEFORE UPDATE ON {table} FOR EACH ROW \
+                 CREATE TRIGGER roboger_test_refuse BEFORE {op} ON {table} FOR EACH ROW \
                  WHEN ({when}) EXECUTE FUNCTION roboger_test_refuse()"
             ),
             DbClient::My { .. } => format!(
-                "DELIMITER //\nCREATE TRIGGER roboger_test_refuse BEFORE UPDATE ON {table} \
+                "DELIMITER //\nCREATE TRIGGER roboger_test_refuse BEFORE {op} ON {table} \
                  FOR EACH ROW BEGIN IF {when} THEN SIGNAL SQLSTATE '45000' \
                  SET MESSAGE_TEXT = {why}; END IF; END//\nDELIMITER ;\n"
             ),
             DbClient::Sqlite(_) => format!(
-                "CREATE TRIGGER roboger_test_refuse BEFORE UPDATE ON {table} WHEN {when} \
+                "CREATE TRIGGER roboger_test_refuse BEFORE {op} ON {table} WHEN {when} \
                  BEGIN SELECT RAISE(ABORT, {why}); END"
             ),
         };
@@ -256,7 +265,8 @@ impl DbClient {
         }
     }
 
-    /// Undoes [`DbClient::refuse_updates`] on `table`.
+    /// Undoes [`DbClient::refuse_updates`] (or `refuse_inserts`) on
+    /// `table`.
     pub fn allow_updates(&self, table: &str) {
         match self {
             DbClient::Pg(_) => self.query(&format!(

@@ -1175,6 +1175,66 @@ async fn pushes_failed_on_a_database_error_have_600_lines_a_minute() {
     );
 }
 
+/// A push counted against its address's limits, then not stored (the
+/// database refuses its event: answered 503), is taken back where it was
+/// counted, so a sender that sends it again is not counted twice for one
+/// event: of `lim_c` 2, two more are taken. Where `counted` says.
+async fn a_push_not_stored_is_taken_back(yaml: &str, counted: impl Fn(&Rig) -> Option<String>) {
+    let r = rig(yaml).await;
+    let patched =
+        r.s.manage(
+            Method::PATCH,
+            &format!("/addr/{}", r.addr_id),
+            Some(json!({"lim_c": 2})),
+        )
+        .await;
+    assert_status!(patched, 200);
+    let db = r.s.db_client();
+    db.refuse_inserts("event", "NEW.msg = 'not stored'");
+    assert_status!(r.push(json!({"msg": "not stored"})).await, 503);
+    db.allow_updates("event");
+    // The refund runs beside the answer.
+    poll_until(Duration::from_secs(10), async || match counted(&r) {
+        Some(c) if c != "0" => Err(format!("{c} counted")),
+        _ => Ok(()),
+    })
+    .await;
+    assert_status!(r.push(json!({"msg": "sent again"})).await, 202);
+    assert_status!(r.push(json!({"msg": "another"})).await, 202);
+    assert_status!(r.push(json!({"msg": "one too many"})).await, 429);
+}
+
+#[tokio::test]
+async fn a_push_not_stored_is_not_counted_against_its_limits() {
+    a_push_not_stored_is_taken_back("limits:\n  period: day\n", |r| {
+        Some(r.s.db_client().query(&format!(
+            "SELECT count FROM addr_limit WHERE addr_id = {}",
+            r.addr_id
+        )))
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_push_not_stored_is_not_counted_in_redis() {
+    let Some(redis) = roboger_tests::RedisServer::start() else {
+        return;
+    };
+    let yaml = format!(
+        "limits:\n  period: day\n  redis:\n    host: '127.0.0.1:{}'\n",
+        redis.port
+    );
+    a_push_not_stored_is_taken_back(&yaml, |r| {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or_default();
+        let key = format!("roboger:lim:{}:{}", r.addr_id, now - now % 86_400);
+        redis.command(&["HGET", &key, "c"])
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn limits_with_the_reserve_and_windows() {
     let r = rig("limits:\n  period: 2\n  reserve: 20\n").await;

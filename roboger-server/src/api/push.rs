@@ -200,6 +200,7 @@ pub async fn push_fields(
     let level = event.level;
     let ready = app.pipeline.ready(event, routes.id).map_err(refused)?;
     let event = ready.event();
+    let mut charge = None;
     if let Some(limits) = &app.config.limits {
         let check = crate::limits::check(
             (&app.store, &app.counters),
@@ -210,7 +211,7 @@ pub async fn push_fields(
             body_len,
         );
         match tokio::time::timeout(app.config.timeout, check).await {
-            Ok(Ok(())) => {}
+            Ok(Ok(counted)) => charge = Some(counted),
             Ok(Err(crate::limits::LimitError::Over { text, retry })) => {
                 return Err(ApiError::OverLimit { text, retry });
             }
@@ -225,7 +226,13 @@ pub async fn push_fields(
         sender: event.sender.as_deref(),
     });
     tracing::debug!(event_id = %event.id, addr_id = routes.id, deliveries = targets.len(), "push accepted");
-    app.pipeline.accept(ready, targets).await.map_err(refused)
+    let accepted = app.pipeline.accept(ready, targets).await;
+    if let (Err(_), Some(charge)) = (&accepted, charge) {
+        // Not stored: a sender that sends it again is not to be counted
+        // twice for it.
+        app.counters.refund(&app.store, charge);
+    }
+    accepted.map_err(refused)
 }
 
 /// What the sender is told of an event the pipeline refused.

@@ -74,6 +74,29 @@ impl Store {
         Ok(false)
     }
 
+    /// Takes back one message of `size` bytes that [`Store::count_message`]
+    /// counted in the window starting at `window_start` (its push was then
+    /// not stored). Nothing when that window has ended or the counters
+    /// were reset meanwhile.
+    pub async fn uncount_message(&self, addr_id: i64, window_start: i64, size: i64) -> Result<()> {
+        addr_limit::Entity::update_many()
+            .col_expr(
+                addr_limit::Column::Count,
+                Expr::col(addr_limit::Column::Count).sub(1),
+            )
+            .col_expr(
+                addr_limit::Column::Size,
+                Expr::col(addr_limit::Column::Size).sub(size),
+            )
+            .filter(addr_limit::Column::AddrId.eq(addr_id))
+            .filter(addr_limit::Column::WindowStart.eq(window_start))
+            .filter(addr_limit::Column::Count.gte(1))
+            .filter(addr_limit::Column::Size.gte(size))
+            .exec(&self.db)
+            .await?;
+        Ok(())
+    }
+
     /// The counters of an address's current window (for 429 messages).
     pub async fn limit_counters(&self, addr_id: i64) -> Result<Option<addr_limit::Model>> {
         Ok(addr_limit::Entity::find_by_id(addr_id)
