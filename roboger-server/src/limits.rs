@@ -19,7 +19,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::Semaphore;
-
 use tokio::time::Instant;
 
 use crate::config::Limits;

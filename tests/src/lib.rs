@@ -211,7 +211,7 @@ impl DbClient {
     /// Makes the database refuse, with an error, each update of a `table`
     /// row whose new values match `when` (an SQL condition on `NEW.column`
     /// that the three databases all read alike), until
-    /// [`DbClient::allow_updates`]: one kind of write fails while the
+    /// [`DbClient::allow_writes`]: one kind of write fails while the
     /// database stays up for every other.
     pub fn refuse_updates(&self, table: &str, when: &str) {
         self.refuse("UPDATE", table, when);
@@ -267,7 +267,7 @@ impl DbClient {
 
     /// Undoes [`DbClient::refuse_updates`] (or `refuse_inserts`) on
     /// `table`.
-    pub fn allow_updates(&self, table: &str) {
+    pub fn allow_writes(&self, table: &str) {
         match self {
             DbClient::Pg(_) => self.query(&format!(
                 "DROP TRIGGER roboger_test_refuse ON {table}; DROP FUNCTION roboger_test_refuse()"

@@ -707,7 +707,7 @@ async fn a_node_whose_writes_are_refused_says_so_at_ping() {
         "{}",
         s.log_text()
     );
-    db.allow_updates("node");
+    db.allow_writes("node");
     poll_every(
         Duration::from_millis(50),
         Duration::from_secs(20),

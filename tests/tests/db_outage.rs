@@ -866,7 +866,7 @@ async fn outcomes_the_database_refuses_are_given_up_and_made_again() {
         s.push(serde_json::json!({"addr": a, "msg": "after"})).await,
         202
     );
-    db.allow_updates("delivery");
+    db.allow_writes("delivery");
     s.endpoint_settles(id, ep, 2, 0).await;
     let sends = sends_started(&record);
     assert_eq!(sends.len(), 2, "{sends:?}");

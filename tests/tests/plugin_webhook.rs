@@ -278,7 +278,7 @@ async fn a_put_off_the_database_refused_is_still_made() {
         std::time::Duration::from_secs(20),
     )
     .await;
-    db.allow_updates("delivery");
+    db.allow_writes("delivery");
     assert_eq!(sorted_msgs(&waits, 3).await, ["first", "first", "second"]);
     s.endpoint_settles(id, ep, 2, 0).await;
     let second = s.newest_event(id).await;

@@ -1192,7 +1192,7 @@ async fn a_push_not_stored_is_taken_back(yaml: &str, counted: impl Fn(&Rig) -> O
     let db = r.s.db_client();
     db.refuse_inserts("event", "NEW.msg = 'not stored'");
     assert_status!(r.push(json!({"msg": "not stored"})).await, 503);
-    db.allow_updates("event");
+    db.allow_writes("event");
     // The refund runs beside the answer.
     poll_until(Duration::from_secs(10), async || match counted(&r) {
         Some(c) if c != "0" => Err(format!("{c} counted")),
