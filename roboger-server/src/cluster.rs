@@ -29,7 +29,7 @@ use crate::config::DeliveryConfig;
 use crate::metrics::Metrics;
 use crate::outage::Outage;
 use crate::store::entity::node;
-use crate::store::{self, Store, StoreError};
+use crate::store::{self, NodeRow, Store, StoreError};
 
 /// Warns when the database lets the servers' user open fewer connections
 /// than the nodes alive, this one among them, may open if each opens as
@@ -175,6 +175,18 @@ pub async fn join(store: &Store, node: &Node, timeout: Duration) -> Result<(), S
             timeout.as_secs_f64()
         ))),
     }
+}
+
+/// Every node of the cluster with the pending deliveries it holds, as
+/// `me` sees them: its own row says it obeys the routing changes up to
+/// `applied` (what its index obeys now), though the row is written only
+/// at its follower's next turn.
+pub async fn node_list(store: &Store, me: &Node, applied: i64) -> Result<Vec<NodeRow>, StoreError> {
+    let mut rows = store.node_list().await?;
+    for r in rows.iter_mut().filter(|r| r.node.instance == me.instance) {
+        r.node.routing_version = r.node.routing_version.max(applied);
+    }
+    Ok(rows)
 }
 
 /// Writes in `node`'s row that it obeys the routing changes up to

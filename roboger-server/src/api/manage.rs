@@ -254,9 +254,7 @@ async fn route(
             body.only(&[], &[])?;
             let timeout = app.config.delivery.node_timeout;
             let now = chrono::Utc::now();
-            let out: Vec<Value> = app
-                .store
-                .node_list()
+            let out: Vec<Value> = cluster::node_list(&app.store, &app.node, app.routes.applied())
                 .await?
                 .into_iter()
                 .map(|r| {

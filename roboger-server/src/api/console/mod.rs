@@ -1282,14 +1282,12 @@ async fn plugins(ctx: &Ctx<'_>) -> Result<Response, ApiError> {
     let now = chrono::Utc::now();
     let secs =
         |t: chrono::DateTime<chrono::Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
-    let rows = app.store.node_list().await?;
-    // The newest change a live node obeys; this node's own may be newer
-    // than its row says, written after its next catch-up.
+    let rows = crate::cluster::node_list(&app.store, &app.node, app.routes.applied()).await?;
+    // The newest change a live node obeys.
     let newest = rows
         .iter()
         .filter(|r| r.alive(now, timeout))
         .map(|r| r.node.routing_version)
-        .chain([app.routes.applied()])
         .max()
         .unwrap_or_default();
     let nodes = rows
