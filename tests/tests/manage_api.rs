@@ -2058,3 +2058,33 @@ async fn an_endpoint_created_disabled_is_never_enabled() {
     assert_eq!(list.as_array().map(Vec::len), Some(1), "{list}");
     assert_eq!(list[0]["active"], 0, "{list}");
 }
+
+/// A change the database made but this node cannot apply before
+/// answering (its read of the routing change log fails just then) is
+/// answered as made, with a warning, not 503: a client told it failed
+/// would make it again, a second address here. The node's role is made
+/// unable to read the log (PostgreSQL: on MySQL a table's grant cannot be
+/// taken from an account granted the whole database).
+#[tokio::test]
+async fn a_change_made_is_answered_as_made_though_this_node_cannot_apply_it() {
+    if !roboger_tests::on_postgres() {
+        return;
+    }
+    let Some(db) = roboger_tests::database_with_connection_limit(20) else {
+        return;
+    };
+    let s = Server::start_with(ServerOptions {
+        db: Some(db.clone()),
+        ..Default::default()
+    })
+    .await;
+    let role = db.rsplit('/').next().unwrap_or_default();
+    roboger_tests::DbClient::of(&db).query(&format!("REVOKE SELECT ON routing_change FROM {role}"));
+    let r = s.manage(Method::POST, "/addr", None).await;
+    assert_status!(r, 201);
+    let warned = s.log_lines("a management change is made and answered");
+    assert_eq!(warned.len(), 1, "{}", s.log_text());
+    assert!(warned[0].contains("routing_change"), "{}", warned[0]);
+    let list = s.manage(Method::GET, "/addr", None).await.json();
+    assert_eq!(list.as_array().map(Vec::len), Some(1), "{list}");
+}

@@ -127,6 +127,29 @@ async fn obeyed_everywhere(app: &App, deadline: tokio::time::Instant) {
     }
 }
 
+/// After a change is made: this node obeys it before answering, and so
+/// do the others, which learn of it from the change log (see `routing`),
+/// so a push through any node after the answer finds the change obeyed. A
+/// request that changed no route (a cleanup, a plugin's restart) waits
+/// for nothing. Bounded by the request's `deadline` less [`ANSWER_TIME`];
+/// a failure here is logged, never answered: the change is made, and a
+/// client told it failed would make it again (a second address).
+async fn made(app: &App, before: i64, deadline: tokio::time::Instant) {
+    let left = deadline
+        .saturating_duration_since(tokio::time::Instant::now())
+        .saturating_sub(ANSWER_TIME);
+    match crate::store::within(left, app.routes.catch_up(&app.store)).await {
+        Ok(_) if app.routes.applied() > before => obeyed_everywhere(app, deadline).await,
+        Ok(_) => {}
+        Err(e) => tracing::warn!(
+            error = %e,
+            "a management change is made and answered, but this node could not apply it \
+             first: its pushes follow it once it does (the log says if it cannot follow \
+             routing changes)"
+        ),
+    }
+}
+
 /// What a management request's timeout keeps for its answer after a
 /// change has waited for the other nodes to obey it.
 const ANSWER_TIME: Duration = Duration::from_millis(200);
@@ -174,15 +197,7 @@ pub async fn execute(
                 status = answer.status().as_u16(),
                 "management change"
             );
-            // This node obeys its own change before answering, and so do
-            // the others, which learn of it from the change log (see
-            // `routing`): a push through any node after the answer finds
-            // the change obeyed. A request that changed no route (a
-            // cleanup, a plugin's restart) waits for nothing.
-            app.routes.catch_up(&app.store).await?;
-            if app.routes.applied() > before {
-                obeyed_everywhere(&app, deadline).await;
-            }
+            made(&app, before, deadline).await;
         }
         Ok(answer)
     };
