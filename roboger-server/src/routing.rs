@@ -249,10 +249,10 @@ const BURST: Duration = Duration::from_secs(1);
 /// Keeps `routes` in step with changes made through other nodes until
 /// `routes` is dropped: on PostgreSQL it listens for their `NOTIFY` on a
 /// connection of its own, probed ([`listener`]), and everywhere it polls
-/// the version, each catch-up bounded by `timeout`. After each, `node`'s
-/// row says which
-/// change it obeys: the node that made one waits for that before it
-/// answers ([`cluster::wait_obeyed`]).
+/// the version ([`POLL`], or [`POLL_IN_BURST`] for a [`BURST`] after it
+/// applied a change), each catch-up bounded by `timeout`. After each,
+/// `node`'s row says which change it obeys: the node that made one waits
+/// for that before it answers ([`cluster::wait_obeyed`]).
 pub async fn follow(routes: Weak<Routes>, store: Store, timeout: Duration, node: Arc<Node>) {
     let told = Arc::new(tokio::sync::Notify::new());
     let mut listener = if store.backend() == DbBackend::Postgres {

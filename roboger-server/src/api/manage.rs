@@ -109,10 +109,10 @@ pub async fn handle(app: &Arc<App>, req: Request<'_>) -> Response {
 async fn obeyed_everywhere(app: &App, deadline: tokio::time::Instant) {
     let version = app.routes.applied();
     let cfg = &app.config.delivery;
-    let left = deadline
-        .saturating_duration_since(tokio::time::Instant::now())
-        .saturating_sub(ANSWER_TIME);
-    let limit = cfg.node_timeout.min(app.config.timeout).min(left);
+    let limit = cfg
+        .node_timeout
+        .min(app.config.timeout)
+        .min(before_answer(deadline));
     let behind =
         cluster::wait_obeyed(&app.store, &app.node, version, (cfg.node_timeout, limit)).await;
     if !behind.is_empty() {
@@ -135,10 +135,8 @@ async fn obeyed_everywhere(app: &App, deadline: tokio::time::Instant) {
 /// a failure here is logged, never answered: the change is made, and a
 /// client told it failed would make it again (a second address).
 async fn made(app: &App, before: i64, deadline: tokio::time::Instant) {
-    let left = deadline
-        .saturating_duration_since(tokio::time::Instant::now())
-        .saturating_sub(ANSWER_TIME);
-    match crate::store::within(left, app.routes.catch_up(&app.store)).await {
+    let applied = app.routes.catch_up(&app.store);
+    match crate::store::within(before_answer(deadline), applied).await {
         Ok(_) if app.routes.applied() > before => obeyed_everywhere(app, deadline).await,
         Ok(_) => {}
         Err(e) => tracing::warn!(
@@ -153,6 +151,14 @@ async fn made(app: &App, before: i64, deadline: tokio::time::Instant) {
 /// What a management request's timeout keeps for its answer after a
 /// change has waited for the other nodes to obey it.
 const ANSWER_TIME: Duration = Duration::from_millis(200);
+
+/// How long a change made may go on before its answer, to be answered by
+/// the request's `deadline`.
+fn before_answer(deadline: tokio::time::Instant) -> Duration {
+    deadline
+        .saturating_duration_since(tokio::time::Instant::now())
+        .saturating_sub(ANSWER_TIME)
+}
 
 /// Runs an authenticated management request (the API's, or one the
 /// console makes for a form), within the request timeout. A change is
