@@ -8,15 +8,19 @@
 //! and one client that kept opening them kept the server from everyone
 //! else. So when a client comes and no place is free, the connections
 //! with no request in the server (none being handled, no answer being
-//! sent), longest idle first, are asked to close, [`GIVE_WAY`] at a time:
-//! hyper closes one that waits for a request at once, and one whose
-//! request arrives meanwhile after its answer. A client it closes opens
-//! a new connection, as after any keep-alive close.
+//! sent), longest idle first, are asked to close, until [`GIVE_WAY`]
+//! places are free or being freed: hyper closes one that waits for a request at once,
+//! and one whose request arrives meanwhile after its answer. A client it
+//! closes opens a new connection, as after any keep-alive close. Those
+//! asked before and not closed yet count: before they did, when clients came faster than
+//! the asked ones closed, each asked for 64 more, and 106 clients coming
+//! to a full server closed up to 3,200 of its 4,096 connections.
 //!
 //! Invariant: a connection is asked to give way only while a client
 //! waits for its place and it has had no request in the server since it
 //! was last idle; a request being handled, or its answer being sent, is
-//! never cut short by it.
+//! never cut short by it. At most [`GIVE_WAY`] idle connections asked to
+//! give way are open at once.
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -115,17 +119,31 @@ impl Connections {
         }
     }
 
-    /// Asks up to [`GIVE_WAY`] connections with no request in the
-    /// server, longest idle first, to close.
+    /// Asks connections with no request in the server, longest idle
+    /// first, to close, so that [`GIVE_WAY`] places are free or being
+    /// freed: those asked before and not yet closed count, and so do the
+    /// places of connections that closed since the caller found none
+    /// free, so that clients coming faster than the asked ones close do
+    /// not empty the server.
     fn ask_idle_to_give_way(&self) {
         let open = self.open();
-        let mut idle: Vec<(Instant, &Arc<Conn>)> = open
-            .values()
-            .filter(|c| c.busy.load(Ordering::Acquire) == 0 && !c.asked.load(Ordering::Relaxed))
-            .map(|c| (*c.idle_since(), c))
-            .collect();
+        // A connection leaves `open` before its place is freed, and not
+        // while this holds the lock: the places not in `open` are free
+        // or about to be.
+        let mut freeing = (self.most as usize).saturating_sub(open.len());
+        let mut idle: Vec<(Instant, &Arc<Conn>)> = Vec::new();
+        for c in open.values() {
+            if c.busy.load(Ordering::Acquire) != 0 {
+                continue;
+            }
+            if c.asked.load(Ordering::Relaxed) {
+                freeing += 1;
+            } else {
+                idle.push((*c.idle_since(), c));
+            }
+        }
         idle.sort_unstable_by_key(|(since, _)| *since);
-        for (_, c) in idle.into_iter().take(GIVE_WAY) {
+        for (_, c) in idle.into_iter().take(GIVE_WAY.saturating_sub(freeing)) {
             c.asked.store(true, Ordering::Relaxed);
             c.give_way.notify_one();
             self.given_way.fetch_add(1, Ordering::Relaxed);

@@ -851,11 +851,23 @@ async fn idle_connections_give_way_to_a_client_that_comes() {
     .await
     .expect("the ping answered before the idle connections' 30 s were over");
     assert_status!(ping, 204);
+    // About 110 clients found no place (the 4,200, the push, this
+    // client's ping and scrape, against 4,096 places). Each is let in by
+    // one connection closing, with no more than 64 closing at once: the
+    // server is not emptied by clients coming faster than the idle ones
+    // close, as it was when each asked 64 more (700 to 3,200 closed).
     let m = s.metrics().await;
     let given_way = m.get("roboger_connections_given_way_total").copied();
-    assert!(given_way >= Some(64.0), "{given_way:?}");
+    let most = (4200 + 4 - 4096 + 64) as f64;
+    assert!(
+        given_way >= Some(64.0) && given_way <= Some(most),
+        "{given_way:?} given way, at most {most}"
+    );
     let open = m.get("roboger_connections_open").copied();
-    assert!(open <= Some(4096.0) && open > Some(1000.0), "{open:?}");
+    assert!(
+        open <= Some(4096.0) && open >= Some((4096 - 64) as f64),
+        "{open:?}"
+    );
     let _ = stop.send(());
     assert_eq!(sending.await.expect("the push's client"), "HTTP/1.1 404");
     drop(holder.stdin.take());
