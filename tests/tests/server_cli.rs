@@ -851,14 +851,16 @@ async fn idle_connections_give_way_to_a_client_that_comes() {
     .await
     .expect("the ping answered before the idle connections' 30 s were over");
     assert_status!(ping, 204);
-    // About 110 clients found no place (the 4,200, the push, this
-    // client's ping and scrape, against 4,096 places). Each is let in by
-    // one connection closing, with no more than 64 closing at once: the
-    // server is not emptied by clients coming faster than the idle ones
-    // close, as it was when each asked 64 more (700 to 3,200 closed).
+    // About 110 clients found no place: the 4,200, the push, and the few
+    // connections of this test's own client (at its start, for the ping
+    // and the scrape; 8 at most, counted here), against 4,096 places.
+    // Each is let in by one connection closing, with no more than 64
+    // closing at once: the server is not emptied by clients coming
+    // faster than the idle ones close, as it was when each asked 64 more
+    // (700 to 3,200 closed).
     let m = s.metrics().await;
     let given_way = m.get("roboger_connections_given_way_total").copied();
-    let most = (4200 + 4 - 4096 + 64) as f64;
+    let most = (4200 + 1 + 8 - 4096 + 64) as f64;
     assert!(
         given_way >= Some(64.0) && given_way <= Some(most),
         "{given_way:?} given way, at most {most}"
