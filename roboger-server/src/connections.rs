@@ -9,24 +9,30 @@
 //! else. So when a client comes and no place is free, the connections
 //! with no request in the server (none being handled, no answer being
 //! sent), longest idle first, are asked to close, until [`GIVE_WAY`]
-//! places are free or being freed: hyper closes one that waits for a request at once,
-//! and one whose request arrives meanwhile after its answer. A client it
-//! closes opens a new connection, as after any keep-alive close. Those
-//! asked before and not closed yet count: before they did, when clients came faster than
-//! the asked ones closed, each asked for 64 more, and 106 clients coming
-//! to a full server closed up to 3,200 of its 4,096 connections.
+//! places are free or being freed. hyper closes one that waits for a
+//! request at once, and one whose request arrives meanwhile after its
+//! answer. One still receiving a request head [`HEAD_GRACE`] later is
+//! closed then: before, it kept its place until the header read timeout
+//! (30 s), so slow heads kept the server from everyone as idle
+//! connections had. A client whose connection is closed opens a new
+//! one, as after any keep-alive close. Those asked before and not closed
+//! yet count: before they did, when clients came faster than the asked
+//! ones closed, each asked for 64 more, and 106 clients coming to a full
+//! server closed up to 3,200 of its 4,096 connections.
 //!
 //! Invariant: a connection is asked to give way only while a client
 //! waits for its place and it has had no request in the server since it
 //! was last idle; a request being handled, or its answer being sent, is
-//! never cut short by it. At most [`GIVE_WAY`] idle connections asked to
-//! give way are open at once.
+//! never cut short by it (a head still arriving is not a request in the
+//! server). At most [`GIVE_WAY`] idle connections asked to give way are
+//! open at once.
 
 use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use hyper::body::{Body, Frame, SizeHint};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, TryAcquireError};
@@ -48,16 +54,27 @@ pub struct Connections {
     given_way: AtomicU64,
 }
 
+/// How long a connection asked to give way may go on receiving a request
+/// head before it is closed: a head on its way then is one sent slowly,
+/// which the header read timeout would otherwise allow 30 s.
+pub const HEAD_GRACE: Duration = Duration::from_secs(1);
+
 /// One open connection, as [`Connections`] weighs it.
 #[derive(Debug)]
 pub struct Conn {
     /// Its requests in the server now, from their routing to the end of
     /// their answer.
     busy: AtomicUsize,
+    /// Its requests that have entered the server since it was accepted.
+    requests: AtomicU64,
     /// When it last had none (at first, when it was accepted).
     idle_since: Mutex<Instant>,
     /// Whether it has been asked to give way.
     asked: AtomicBool,
+    /// `requests` when it was asked.
+    asked_at: AtomicU64,
+    /// Whether bytes of an answer wait for the client to take them.
+    writing: AtomicBool,
     give_way: Notify,
 }
 
@@ -106,8 +123,11 @@ impl Connections {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let conn = Arc::new(Conn {
             busy: AtomicUsize::new(0),
+            requests: AtomicU64::new(0),
             idle_since: Mutex::new(Instant::now()),
             asked: AtomicBool::new(false),
+            asked_at: AtomicU64::new(0),
+            writing: AtomicBool::new(false),
             give_way: Notify::new(),
         });
         self.open().insert(id, conn.clone());
@@ -144,6 +164,8 @@ impl Connections {
         }
         idle.sort_unstable_by_key(|(since, _)| *since);
         for (_, c) in idle.into_iter().take(GIVE_WAY.saturating_sub(freeing)) {
+            c.asked_at
+                .store(c.requests.load(Ordering::Acquire), Ordering::Release);
             c.asked.store(true, Ordering::Relaxed);
             c.give_way.notify_one();
             self.given_way.fetch_add(1, Ordering::Relaxed);
@@ -173,12 +195,36 @@ impl Conn {
     /// A request of this connection enters the server.
     pub fn request(self: &Arc<Self>) -> Busy {
         self.busy.fetch_add(1, Ordering::AcqRel);
+        self.requests.fetch_add(1, Ordering::AcqRel);
         Busy(self.clone())
     }
 
     /// Resolves once the connection is asked to give way.
     pub async fn asked_to_give_way(&self) {
         self.give_way.notified().await;
+    }
+
+    /// Says whether bytes of an answer wait for the client to take them.
+    pub fn set_writing(&self, waiting: bool) {
+        self.writing.store(waiting, Ordering::Relaxed);
+    }
+
+    /// For a connection asked to give way: resolves once [`HEAD_GRACE`]
+    /// has passed with no request of it entering the server since it was
+    /// asked, and no answer's bytes waiting to be sent. What it holds
+    /// then is at most a request head still arriving, and closing it cuts
+    /// nothing short; else it never resolves, and the connection closes
+    /// after its answer.
+    pub async fn only_a_head_after_grace(&self) {
+        tokio::time::sleep(HEAD_GRACE).await;
+        let requested =
+            self.requests.load(Ordering::Acquire) != self.asked_at.load(Ordering::Acquire);
+        if requested
+            || self.busy.load(Ordering::Acquire) != 0
+            || self.writing.load(Ordering::Relaxed)
+        {
+            std::future::pending::<()>().await;
+        }
     }
 
     fn idle_since(&self) -> MutexGuard<'_, Instant> {

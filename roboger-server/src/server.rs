@@ -44,7 +44,7 @@ use tower_service::Service;
 
 use crate::App;
 use crate::api::{self, PeerAddr};
-use crate::connections::{Answering, Connections};
+use crate::connections::{Answering, Conn, Connections};
 use crate::listener::{Accepted, Listeners};
 use crate::outage::Outage;
 
@@ -189,7 +189,7 @@ pub async fn serve<S, B>(
         let svc = svc.clone();
         let conn_state = place.conn.clone();
         let unread = Arc::new(AtomicBool::new(false));
-        let stream = Lingering::new(stream, unread.clone());
+        let stream = Lingering::new(stream, unread.clone(), place.conn.clone());
         let hyper_svc = hyper::service::service_fn(move |req: http::Request<Incoming>| {
             let mut svc = svc.clone();
             let unread = unread.clone();
@@ -220,16 +220,20 @@ pub async fn serve<S, B>(
             let mut conn = std::pin::pin!(conn);
             // Asked to close (a stop, or a client waiting for a place):
             // hyper finishes the request under way, if any, then closes.
+            // Giving way, a request head still arriving after a grace is
+            // dropped with the connection.
             let ended = tokio::select! {
                 ended = conn.as_mut() => ended,
-                () = async {
-                    tokio::select! {
-                        () = stopping.cancelled() => {}
-                        () = place.conn.asked_to_give_way() => {}
-                    }
-                } => {
+                () = stopping.cancelled() => {
                     conn.as_mut().graceful_shutdown();
                     conn.await
+                }
+                () = place.conn.asked_to_give_way() => {
+                    conn.as_mut().graceful_shutdown();
+                    tokio::select! {
+                        ended = conn.as_mut() => ended,
+                        () = place.conn.only_a_head_after_grace() => Ok(()),
+                    }
                 }
             };
             if let Err(e) = ended {
@@ -342,6 +346,8 @@ impl Drop for Returning {
 /// [`SEND_STALL`] while an answer waits to be sent.
 struct Lingering {
     stream: Accepted,
+    /// The connection, told whether an answer's bytes wait to be sent.
+    conn: Arc<Conn>,
     /// Set by the connection's service when it left body bytes unread.
     unread: Arc<AtomicBool>,
     /// While lingering: when it must end, and a timer for the sooner of
@@ -352,9 +358,10 @@ struct Lingering {
 }
 
 impl Lingering {
-    fn new(stream: Accepted, unread: Arc<AtomicBool>) -> Self {
+    fn new(stream: Accepted, unread: Arc<AtomicBool>, conn: Arc<Conn>) -> Self {
         Lingering {
             stream,
+            conn,
             unread,
             linger: None,
             stalled: None,
@@ -368,6 +375,7 @@ impl Lingering {
         cx: &mut Context<'_>,
         write: Poll<io::Result<T>>,
     ) -> Poll<io::Result<T>> {
+        self.conn.set_writing(write.is_pending());
         if write.is_ready() {
             self.stalled = None;
             return write;

@@ -819,31 +819,7 @@ async fn idle_connections_give_way_to_a_client_that_comes() {
         under_way.read_exact(&mut answer).await.expect("an answer");
         String::from_utf8_lossy(&answer).into_owned()
     });
-    let (host, port) = addr.rsplit_once(':').expect("host:port");
-    let python = std::env::var_os("ROBOGER_TEST_PYTHON").unwrap_or("python3".into());
-    let mut holder = std::process::Command::new(python)
-        .args([
-            "-c",
-            "import resource, socket, sys\n\
-             soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)\n\
-             resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 10000), hard))\n\
-             held = [socket.create_connection((sys.argv[1], int(sys.argv[2]))) for _ in range(4200)]\n\
-             print('held', flush=True)\n\
-             sys.stdin.read()\n",
-            host,
-            port,
-        ])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("python runs");
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(holder.stdout.take().expect("stdout")),
-        &mut line,
-    )
-    .expect("read");
-    assert_eq!(line.trim(), "held");
+    let mut holder = hold_connections(&addr, 4200, "");
     let ping = tokio::time::timeout(
         Duration::from_secs(10),
         s.request(Method::GET, "/ping", None, &[], None),
@@ -874,6 +850,71 @@ async fn idle_connections_give_way_to_a_client_that_comes() {
     assert_eq!(sending.await.expect("the push's client"), "HTTP/1.1 404");
     drop(holder.stdin.take());
     let _ = holder.wait();
+}
+
+/// A client that comes while slow request heads hold every place is
+/// served within seconds: each of 4,200 connections sent the start of a
+/// request head, which a slow client (or one that means to hold the
+/// server) may go on sending for the 30 s the server gives a head. The
+/// longest idle of them give way as idle connections do, the second
+/// they are given to end their head over. Before, asked to give way,
+/// each went on waiting for the rest of its head, and the client waited
+/// until the header read timeout ended them.
+#[tokio::test]
+async fn slow_request_heads_give_way_to_a_client_that_comes() {
+    let s = Server::start().await;
+    let addr = s.base.trim_start_matches("http://").to_string();
+    let mut holder = hold_connections(&addr, 4200, "GET /ping HTTP/1.1\r\nHost: x\r\n");
+    let ping = tokio::time::timeout(
+        Duration::from_secs(10),
+        s.request(Method::GET, "/ping", None, &[], None),
+    )
+    .await
+    .expect("the ping answered before the slow heads' 30 s were over");
+    assert_status!(ping, 204);
+    let m = s.metrics().await;
+    let given_way = m.get("roboger_connections_given_way_total").copied();
+    let most = (4200 + 8 - 4096 + 64) as f64;
+    assert!(
+        given_way >= Some(64.0) && given_way <= Some(most),
+        "{given_way:?} given way, at most {most}"
+    );
+    drop(holder.stdin.take());
+    let _ = holder.wait();
+}
+
+/// Another process (Python) holding `count` connections to `addr` open,
+/// each having sent `first` and nothing more, until its stdin closes.
+fn hold_connections(addr: &str, count: usize, first: &str) -> std::process::Child {
+    let (host, port) = addr.rsplit_once(':').expect("host:port");
+    let python = std::env::var_os("ROBOGER_TEST_PYTHON").unwrap_or("python3".into());
+    let mut holder = std::process::Command::new(python)
+        .args([
+            "-c",
+            "import resource, socket, sys\n\
+             soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)\n\
+             resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 10000), hard))\n\
+             held = [socket.create_connection((sys.argv[1], int(sys.argv[2]))) for _ in range(int(sys.argv[3]))]\n\
+             [c.sendall(sys.argv[4].encode()) for c in held]\n\
+             print('held', flush=True)\n\
+             sys.stdin.read()\n",
+            host,
+            port,
+            &count.to_string(),
+            first,
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python runs");
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(holder.stdout.take().expect("stdout")),
+        &mut line,
+    )
+    .expect("read");
+    assert_eq!(line.trim(), "held");
+    holder
 }
 
 #[tokio::test]
