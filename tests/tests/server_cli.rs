@@ -865,8 +865,10 @@ async fn slow_request_heads_give_way_to_a_client_that_comes() {
     let s = Server::start().await;
     let addr = s.base.trim_start_matches("http://").to_string();
     let mut holder = hold_connections(&addr, 4200, "GET /ping HTTP/1.1\r\nHost: x\r\n");
+    // About 2 s here: the 105 before it give way 64 at a time, each
+    // group a second after it was asked.
     let ping = tokio::time::timeout(
-        Duration::from_secs(10),
+        Duration::from_secs(15),
         s.request(Method::GET, "/ping", None, &[], None),
     )
     .await
