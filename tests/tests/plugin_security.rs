@@ -605,15 +605,15 @@ async fn the_smtp_password_appears_in_no_log_line_even_when_delivery_fails() {
     );
 }
 
-/// A server with the test plugin as `dbq`, given database access, and
-/// one attempt per delivery.
-async fn with_database_access() -> Server {
+/// A server with the test plugin as `dbq`, given database access, one
+/// attempt per delivery, and `timeout` seconds for every external wait.
+async fn with_database_access(timeout: u64) -> Server {
     Server::start_with(ServerOptions {
         plugins_yaml: format!(
             "- name: dbq\n  command: {}\n  db: true\n",
             roboger_tests::test_plugin_bin().display()
         ),
-        yaml: "delivery:\n  max-attempts: 1\n".into(),
+        yaml: format!("delivery:\n  max-attempts: 1\ntimeout: {timeout}\n"),
         ..Default::default()
     })
     .await
@@ -626,7 +626,10 @@ async fn with_database_access() -> Server {
 /// It is refused past 16 MiB now, saying so, and the plugin carries on.
 #[tokio::test]
 async fn a_plugins_huge_query_is_refused_within_bounds() {
-    let s = with_database_access().await;
+    // Time for a debug build on a loaded machine to read 16 MiB of rows:
+    // it took more than 1.9 s once, and the send was dropped before the
+    // query was refused.
+    let s = with_database_access(10).await;
     let (id, a) = s.new_addr().await;
     // 100,000 rows of about 1 KiB, made by the query itself (MariaDB
     // stops a recursion at 1,000 steps). Rows this long keep what a debug
@@ -683,7 +686,7 @@ async fn a_plugins_huge_query_is_refused_within_bounds() {
 /// failed call is counted in the metrics.
 #[tokio::test]
 async fn a_plugins_failing_queries_have_600_lines_a_minute() {
-    let s = with_database_access().await;
+    let s = with_database_access(2).await;
     let (id, a) = s.new_addr().await;
     let ep = s
         .endpoint(
