@@ -14,7 +14,8 @@
 //! answer. One still receiving a request head [`HEAD_GRACE`] later is
 //! closed then: before, it kept its place until the header read timeout
 //! (30 s), so slow heads kept the server from everyone as idle
-//! connections had. A client whose connection is closed opens a new
+//! connections had (a stop closes them so too, rather than wait its
+//! grace for them). A client whose connection is closed opens a new
 //! one, as after any keep-alive close. Those asked before and not closed
 //! yet count: before they did, when clients came faster than the asked
 //! ones closed, each asked for 64 more, and 106 clients coming to a full
@@ -71,7 +72,7 @@ pub struct Conn {
     idle_since: Mutex<Instant>,
     /// Whether it has been asked to give way.
     asked: AtomicBool,
-    /// `requests` when it was asked.
+    /// `requests` when it was asked to close (to give way, or for a stop).
     asked_at: AtomicU64,
     /// Whether bytes of an answer wait for the client to take them.
     writing: AtomicBool,
@@ -164,8 +165,7 @@ impl Connections {
         }
         idle.sort_unstable_by_key(|(since, _)| *since);
         for (_, c) in idle.into_iter().take(GIVE_WAY.saturating_sub(freeing)) {
-            c.asked_at
-                .store(c.requests.load(Ordering::Acquire), Ordering::Release);
+            c.mark_asked();
             c.asked.store(true, Ordering::Relaxed);
             c.give_way.notify_one();
             self.given_way.fetch_add(1, Ordering::Relaxed);
@@ -204,12 +204,20 @@ impl Conn {
         self.give_way.notified().await;
     }
 
+    /// Notes that the connection is asked to close (to give way, or for a
+    /// stop): [`Conn::only_a_head_after_grace`] looks for requests from
+    /// here on.
+    pub fn mark_asked(&self) {
+        self.asked_at
+            .store(self.requests.load(Ordering::Acquire), Ordering::Release);
+    }
+
     /// Says whether bytes of an answer wait for the client to take them.
     pub fn set_writing(&self, waiting: bool) {
         self.writing.store(waiting, Ordering::Relaxed);
     }
 
-    /// For a connection asked to give way: resolves once [`HEAD_GRACE`]
+    /// For a connection asked to close: resolves once [`HEAD_GRACE`]
     /// has passed with no request of it entering the server since it was
     /// asked, and no answer's bytes waiting to be sent. What it holds
     /// then is at most a request head still arriving, and closing it cuts

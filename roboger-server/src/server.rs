@@ -220,15 +220,16 @@ pub async fn serve<S, B>(
             let mut conn = std::pin::pin!(conn);
             // Asked to close (a stop, or a client waiting for a place):
             // hyper finishes the request under way, if any, then closes.
-            // Giving way, a request head still arriving after a grace is
-            // dropped with the connection.
+            // A request head still arriving after a grace is dropped with
+            // the connection.
             let ended = tokio::select! {
                 ended = conn.as_mut() => ended,
-                () = stopping.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
-                }
-                () = place.conn.asked_to_give_way() => {
+                () = async {
+                    tokio::select! {
+                        () = stopping.cancelled() => place.conn.mark_asked(),
+                        () = place.conn.asked_to_give_way() => {}
+                    }
+                } => {
                     conn.as_mut().graceful_shutdown();
                     tokio::select! {
                         ended = conn.as_mut() => ended,

@@ -919,6 +919,34 @@ fn hold_connections(addr: &str, count: usize, first: &str) -> std::process::Chil
     holder
 }
 
+/// A stop does not wait for a request head still arriving. A connection
+/// that had sent the start of a head and then nothing (a slow client, or
+/// one that means to hold the server) held the stop for its whole grace
+/// (10 s), and the log said `shutdown grace period over`. Now it is
+/// closed a second after the stop began, as one giving way is.
+#[tokio::test]
+async fn a_stop_does_not_wait_for_a_head_still_arriving() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = Server::start_with(ServerOptions::default()).await;
+    let addr = s.base.trim_start_matches("http://").to_string();
+    let mut slow = tokio::net::TcpStream::connect(&addr)
+        .await
+        .expect("connect");
+    slow.write_all(b"GET /ping HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .expect("send");
+    // A request after it, on another connection, is answered: the
+    // server has had the chance to read the head's start.
+    assert_status!(s.request(Method::GET, "/ping", None, &[], None).await, 204);
+    let status = s.terminate();
+    assert!(status.success(), "exit after SIGTERM: {status:?}");
+    let mut answer = Vec::new();
+    let _ = slow.read_to_end(&mut answer).await;
+    assert!(answer.is_empty(), "{}", String::from_utf8_lossy(&answer));
+    let waited = s.log_lines("shutdown grace period over");
+    assert!(waited.is_empty(), "{waited:?}");
+}
+
 #[tokio::test]
 async fn json_logs_and_graceful_sigterm() {
     let mut s = roboger_tests::Server::start_with(roboger_tests::ServerOptions::default()).await;
