@@ -433,7 +433,7 @@ impl Scrape {
         open.set(i64::try_from(self.connections.0).unwrap_or(i64::MAX));
         let given_way = IntCounter::with_opts(Opts::new(
             "roboger_connections_given_way_total",
-            "Idle client connections closed to make room for a client that came while all 4096 places were taken.",
+            "Client connections with no request in the server (idle, or a request head still arriving) closed to make room for a client that came while all 4096 places were taken.",
         ))?;
         given_way.inc_by(self.connections.1);
         let pool = IntGaugeVec::new(
