@@ -74,8 +74,9 @@ pub struct Conn {
     asked: AtomicBool,
     /// `requests` when it was asked to close (to give way, or for a stop).
     asked_at: AtomicU64,
-    /// Whether bytes of an answer wait for the client to take them.
-    writing: AtomicBool,
+    /// Whether an answer is still on its way to the client (see
+    /// [`Conn::set_sending`]).
+    sending: AtomicBool,
     give_way: Notify,
 }
 
@@ -128,7 +129,7 @@ impl Connections {
             idle_since: Mutex::new(Instant::now()),
             asked: AtomicBool::new(false),
             asked_at: AtomicU64::new(0),
-            writing: AtomicBool::new(false),
+            sending: AtomicBool::new(false),
             give_way: Notify::new(),
         });
         self.open().insert(id, conn.clone());
@@ -212,14 +213,17 @@ impl Conn {
             .store(self.requests.load(Ordering::Acquire), Ordering::Release);
     }
 
-    /// Says whether bytes of an answer wait for the client to take them.
-    pub fn set_writing(&self, waiting: bool) {
-        self.writing.store(waiting, Ordering::Relaxed);
+    /// Says whether an answer is still on its way to the client: bytes
+    /// of it wait for the client to take them, or the socket lingers on
+    /// close so that bytes the client still sends do not turn the close
+    /// into a reset, which would destroy the answer unread.
+    pub fn set_sending(&self, sending: bool) {
+        self.sending.store(sending, Ordering::Relaxed);
     }
 
     /// For a connection asked to close: resolves once [`HEAD_GRACE`]
     /// has passed with no request of it entering the server since it was
-    /// asked, and no answer's bytes waiting to be sent. What it holds
+    /// asked, and no answer on its way to the client. What it holds
     /// then is at most a request head still arriving, and closing it cuts
     /// nothing short; else it never resolves, and the connection closes
     /// after its answer.
@@ -229,7 +233,7 @@ impl Conn {
             self.requests.load(Ordering::Acquire) != self.asked_at.load(Ordering::Acquire);
         if requested
             || self.busy.load(Ordering::Acquire) != 0
-            || self.writing.load(Ordering::Relaxed)
+            || self.sending.load(Ordering::Relaxed)
         {
             std::future::pending::<()>().await;
         }

@@ -347,7 +347,8 @@ impl Drop for Returning {
 /// [`SEND_STALL`] while an answer waits to be sent.
 struct Lingering {
     stream: Accepted,
-    /// The connection, told whether an answer's bytes wait to be sent.
+    /// The connection, told whether an answer is on its way (bytes of it
+    /// waiting to be written, or lingering).
     conn: Arc<Conn>,
     /// Set by the connection's service when it left body bytes unread.
     unread: Arc<AtomicBool>,
@@ -376,7 +377,7 @@ impl Lingering {
         cx: &mut Context<'_>,
         write: Poll<io::Result<T>>,
     ) -> Poll<io::Result<T>> {
-        self.conn.set_writing(write.is_pending());
+        self.conn.set_sending(write.is_pending());
         if write.is_ready() {
             self.stalled = None;
             return write;
@@ -441,6 +442,7 @@ impl AsyncWrite for Lingering {
             }
             let end = tokio::time::Instant::now() + LINGER_TIME;
             this.linger = Some((end, Box::pin(tokio::time::sleep(LINGER_IDLE))));
+            this.conn.set_sending(true);
         }
         let Some((end, timer)) = this.linger.as_mut() else {
             return Poll::Ready(Ok(()));

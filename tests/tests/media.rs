@@ -292,6 +292,25 @@ async fn a_push_over_the_limit_is_answered_413_even_to_a_client_that_sends_it_wh
     );
 }
 
+/// A stop lets a socket closing after a 413 linger as it would: a client
+/// that sends its whole body before it reads gets the answer. A stop
+/// drops a connection still receiving a request head a second on, and
+/// the first cut of that also dropped one lingering after its answer,
+/// whose unread bytes made the close a reset that destroyed the 413.
+#[tokio::test]
+async fn a_stop_lets_a_413_reach_a_client_that_sends_its_body_whole() {
+    let s = webhook_server("").await;
+    let body = vec![b' '; 40 * MIB];
+    let push = SlowPush::begin(&s.base, &body, 0).await;
+    // A request after it is answered: the 413's has been read.
+    assert_status!(s.request(Method::GET, "/ping", None, &[], None).await, 204);
+    s.signal("TERM");
+    // The client is slow to send its body: past the stop's second.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let answer = push.finish().await;
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+}
+
 #[tokio::test]
 async fn large_pushes_beyond_the_body_budget_get_202_or_503_with_retry_after() {
     let sink = HttpSink::start(vec![]).await;
