@@ -933,3 +933,63 @@ async fn a_pool_whose_every_connection_fell_silent_is_whole_again() {
     )
     .await;
 }
+
+/// A walk over an endpoint's backlog (here its waiting deliveries made
+/// due once its settings changed) goes on past a statement the database
+/// leaves unanswered: the statement is tried again. Before, one chunk's
+/// statement unanswered within `timeout` ended the walk, and the rest of
+/// the backlog waited for its own next try, hours later with backoff,
+/// though what it waited for had changed. (The cleanup and an endpoint's
+/// retry walk the same way.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_walk_goes_on_past_a_statement_left_unanswered() {
+    const N: u64 = 1200;
+    let opts = ServerOptions::test_plugin("delivery:\n  max-attempts: 100\n");
+    let Some((proxy, s, url)) = behind_proxy(opts).await else {
+        return;
+    };
+    let db = DbClient::of(&url);
+    let count = |sql: &str| -> u64 { db.query(sql).parse().expect("a count") };
+    let (id, a) = s.new_addr().await;
+    let ep = s
+        .endpoint(id, "t", serde_json::json!({"fail": "down"}))
+        .await;
+    assert_eq!(pushed(&s, &a, "m").await, 202);
+    poll_until(Duration::from_secs(20), async || {
+        match count("SELECT count(*) FROM delivery WHERE attempts > 0") {
+            0 => Err("not tried yet".to_string()),
+            _ => Ok(()),
+        }
+    })
+    .await;
+    // Copies of its delivery, each waiting ten years for its next try:
+    // three chunks of 500.
+    db.copy_history(N, 1);
+    let waiting = format!(
+        "SELECT count(*) FROM delivery WHERE endpoint_id = {ep} AND state = 'pending' \
+         AND next_at > '2030-01-01'"
+    );
+    assert_eq!(count(&waiting), N);
+    // The first chunk's update falls silent.
+    proxy.silence_at(&[&sql(
+        "UPDATE \"delivery\" SET \"next_at\" = $1, \"updated\" = $2 WHERE",
+    )]);
+    let r = s
+        .manage(
+            Method::PATCH,
+            &format!("/addr/{id}/endpoint/{ep}"),
+            Some(serde_json::json!({"config": {"hang": true}})),
+        )
+        .await;
+    assert_status!(r, 200);
+    // Its end, either way: "… are due now" or "… could not be made due
+    // now".
+    s.wait_log("due now", Duration::from_secs(60)).await;
+    let ended = s.log_lines("due now");
+    assert!(
+        ended[0].contains("its waiting deliveries are due now"),
+        "{ended:?}"
+    );
+    assert_eq!(proxy.silenced(), 1);
+    assert_eq!(count(&waiting), 0);
+}

@@ -827,6 +827,18 @@ fn leased_to<V: Into<sea_orm::Value>>(
         .add(pending())
 }
 
+/// How many times a walk ([`by_chunks`]) tries a statement of a chunk
+/// that failed with the database out of reach (unanswered within the
+/// walk's step, no connection, a connection broken under it) before it
+/// gives up: each chunk's work can be made again, and a long walk (an
+/// endpoint's backlog made due after its settings changed, a retry, the
+/// cleanup) ended at one slow statement, its rest left as it was.
+const CHUNK_TRIES: u32 = 3;
+
+/// The pause before a chunk's statement is tried again, times the tries
+/// made.
+const CHUNK_PAUSE: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// An update of failed deliveries back to pending, due now and leased to
 /// no one; the caller narrows it to an event's or an endpoint's.
 fn failed_made_due() -> sea_orm::UpdateMany<delivery::Entity> {
@@ -843,7 +855,9 @@ fn failed_made_due() -> sea_orm::UpdateMany<delivery::Entity> {
 /// Works through the ids (column `id`) of the rows `rows` selects,
 /// [`DELETE_CHUNK`] at a time in their order, each chunk read after the
 /// last: `act` does the work on a chunk and says how many rows it
-/// changed. The sum, once a chunk comes back short.
+/// changed. The sum, once a chunk comes back short. A statement that
+/// finds the database out of reach is tried again ([`CHUNK_TRIES`]), so
+/// `act` must do no harm made twice.
 ///
 /// Each read resumes after the last id, so an index that gives `rows` in
 /// the order of `id` (a delivery's `(endpoint_id, id)`, an event's
@@ -873,16 +887,35 @@ where
             q = q.filter(id.gt(after));
         }
         let chunk: Vec<T> =
-            super::within(step, async { Ok(q.into_tuple().all(db).await?) }).await?;
+            tried(step, || async { Ok(q.clone().into_tuple().all(db).await?) }).await?;
         let Some(last) = chunk.last().cloned() else {
             return Ok(n);
         };
         let full = chunk.len() as u64 == DELETE_CHUNK;
-        n += super::within(step, act(chunk)).await?;
+        n += tried(step, || act(chunk.clone())).await?;
         if !full {
             return Ok(n);
         }
         after = Some(last);
+    }
+}
+
+/// `op`, each try within `step`, tried again while it fails with the
+/// database out of reach, up to [`CHUNK_TRIES`] in all.
+async fn tried<T, A>(step: std::time::Duration, op: impl Fn() -> A) -> Result<T>
+where
+    A: Future<Output = Result<T>>,
+{
+    let mut tries = 1;
+    loop {
+        match super::within(step, op()).await {
+            Err(e) if e.out_of_reach() && tries < CHUNK_TRIES => {
+                tracing::debug!(error = %e, tries, "a walk's statement is tried again");
+                tokio::time::sleep(CHUNK_PAUSE * tries).await;
+                tries += 1;
+            }
+            r => return r,
+        }
     }
 }
 
