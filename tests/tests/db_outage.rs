@@ -993,3 +993,42 @@ async fn a_walk_goes_on_past_a_statement_left_unanswered() {
     assert_eq!(proxy.silenced(), 1);
     assert_eq!(count(&waiting), 0);
 }
+
+/// The deletion of an address's history goes on past a statement the
+/// database leaves unanswered, as the walks above do. Before, one chunk
+/// unanswered within `timeout` ended it: the deletion failed (503, or a
+/// `failed` line after its 202), and the history and address stayed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deletion_goes_on_past_a_statement_left_unanswered() {
+    let Some((proxy, s, url)) = behind_proxy(ServerOptions::test_plugin("")).await else {
+        return;
+    };
+    let db = DbClient::of(&url);
+    let (id, a) = s.new_addr().await;
+    s.endpoint(id, "t", serde_json::json!({})).await;
+    assert_eq!(pushed(&s, &a, "m").await, 202);
+    s.wait_settled(id).await;
+    // Three chunks of 500 events.
+    db.copy_history(1200, 1200);
+    // The first chunk's deletion falls silent.
+    proxy.silence_at(&[&sql(
+        "DELETE FROM \"delivery\" WHERE \"delivery\".\"event_id\" IN",
+    )]);
+    let r = s.manage(Method::DELETE, &format!("/addr/{id}"), None).await;
+    match r.status.as_u16() {
+        204 => {}
+        202 => {
+            s.wait_log("a deletion answered 202 ", Duration::from_secs(60))
+                .await;
+            let ended = s.log_lines("a deletion answered 202 ");
+            assert!(ended[0].contains("has ended"), "{ended:?}");
+        }
+        other => panic!("the deletion: {other} {}", r.text),
+    }
+    assert_eq!(proxy.silenced(), 1);
+    assert_status!(
+        s.manage(Method::GET, &format!("/addr/{id}"), None).await,
+        404
+    );
+    assert_eq!(db.query("SELECT count(*) FROM event"), "0");
+}

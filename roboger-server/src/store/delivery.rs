@@ -688,7 +688,8 @@ impl Store {
 
     /// Deletes the rows `rows` selects, [`DELETE_CHUNK`] at a time (their
     /// `id`s read, then handed to `delete`), as many chunks as the rows
-    /// counted at its start fill; each step within [`Store`]'s `step`.
+    /// counted at its start fill; each step within [`Store`]'s `step`,
+    /// and tried again as [`by_chunks`] tries its own.
     async fn delete_counted<E, T, D>(
         &self,
         rows: impl Fn() -> sea_orm::Select<E>,
@@ -698,14 +699,14 @@ impl Store {
     where
         E: EntityTrait,
         E::Model: Sync,
-        T: sea_orm::TryGetableMany,
+        T: sea_orm::TryGetableMany + Clone,
         D: Future<Output = Result<()>>,
     {
         use sea_orm::PaginatorTrait;
-        let count = async { Ok(rows().count(&self.db).await?) };
-        let mut turns = super::within(self.step, count).await? / DELETE_CHUNK + 1;
+        let count = || async { Ok(rows().count(&self.db).await?) };
+        let mut turns = tried(self.step, count).await? / DELETE_CHUNK + 1;
         loop {
-            let read = async {
+            let read = || async {
                 Ok(rows()
                     .select_only()
                     .column(id)
@@ -714,10 +715,10 @@ impl Store {
                     .all(&self.db)
                     .await?)
             };
-            let chunk: Vec<T> = super::within(self.step, read).await?;
+            let chunk: Vec<T> = tried(self.step, read).await?;
             let full = chunk.len() as u64 == DELETE_CHUNK;
             if !chunk.is_empty() {
-                super::within(self.step, delete(chunk)).await?;
+                tried(self.step, || delete(chunk.clone())).await?;
             }
             turns -= 1;
             if !full || turns == 0 {
@@ -827,12 +828,13 @@ fn leased_to<V: Into<sea_orm::Value>>(
         .add(pending())
 }
 
-/// How many times a walk ([`by_chunks`]) tries a statement of a chunk
-/// that failed with the database out of reach (unanswered within the
-/// walk's step, no connection, a connection broken under it) before it
-/// gives up: each chunk's work can be made again, and a long walk (an
-/// endpoint's backlog made due after its settings changed, a retry, the
-/// cleanup) ended at one slow statement, its rest left as it was.
+/// How many times a walk ([`by_chunks`], [`Store::delete_counted`])
+/// tries a statement of a chunk that failed with the database out of
+/// reach (unanswered within the walk's step, no connection, a connection
+/// broken under it) before it gives up: each chunk's work can be made
+/// again, and a long walk (an endpoint's backlog made due after its
+/// settings changed, a retry, the cleanup, a deletion's history) ended
+/// at one slow statement, its rest left as it was.
 const CHUNK_TRIES: u32 = 3;
 
 /// The pause before a chunk's statement is tried again, times the tries
