@@ -1,4 +1,5 @@
-//! Group commits that meet locks held by others.
+//! Group commits, and walks over a backlog, that meet locks held by
+//! others.
 //!
 //! A push whose group commit loses a deadlock is still answered 202 and
 //! delivered: the database rolls the commit back, and the server runs it
@@ -12,6 +13,7 @@
 //! commit's session has the shorter `deadlock_timeout`; on MariaDB the
 //! outside transaction has written more rows). SQLite has one writer at a
 //! time and no deadlocks, so there the test says it has nothing to do.
+//! A walk's chunk that loses a deadlock is run again in the same way.
 //!
 //! A push whose wait runs out while its commit runs is answered when the
 //! commit ends, not 503 at once: a 503 there could be followed by the
@@ -40,14 +42,19 @@ fn session(db: &DbClient) -> Child {
         .expect("the database client starts")
 }
 
+/// The statement a group commit waits in, as MariaDB's process list
+/// shows it.
+const COMMIT: &str = "INSERT INTO `delivery`";
+
 /// How many sessions of this database wait for a lock now (on MariaDB,
-/// how many group commits).
-fn waiting(db: &DbClient) -> u32 {
+/// how many of the server's prepared statements beginning `statement`
+/// run).
+fn waiting(db: &DbClient, statement: &str) -> u32 {
     let sql = match db {
         DbClient::My { name, .. } => format!(
-            // The commit's insert shows in the process list while it waits.
+            // The statement shows in the process list while it waits.
             "SELECT count(*) FROM information_schema.PROCESSLIST \
-             WHERE DB = '{name}' AND COMMAND = 'Execute' AND INFO LIKE 'INSERT INTO `delivery`%'"
+             WHERE DB = '{name}' AND COMMAND = 'Execute' AND INFO LIKE '{statement}%'"
         ),
         _ => "SELECT count(*) FROM pg_stat_activity \
              WHERE wait_event_type = 'Lock' AND datname = current_database()"
@@ -71,36 +78,40 @@ fn feed(session: &mut Child, sql: &str) {
     stdin.flush().expect("flush the session");
 }
 
-/// The named lock an outside session holding endpoint `ep`'s row takes
-/// after it on MariaDB, to show that it does.
-fn shown_lock(db: &DbClient, ep: i64) -> String {
+/// The named lock an outside session holding the row `id` of `table`
+/// takes after it on MariaDB, to show that it does.
+fn shown_lock(db: &DbClient, table: &str, id: i64) -> String {
     match db {
-        DbClient::My { name, .. } => format!("{name}_{ep}"),
+        DbClient::My { name, .. } => format!("{name}_{table}_{id}"),
         _ => String::new(),
     }
 }
 
-/// Waits until the outside session holds endpoint `ep`'s row, the
-/// `holders`th session to hold an endpoint row: on PostgreSQL the
-/// sessions' locks on the table show, on MariaDB the named lock the
-/// session takes after it ([`shown_lock`]). Kills `outside` and panics
-/// after 10 s.
-async fn wait_row_locked(db: &DbClient, outside: &mut Child, ep: i64, holders: u32) {
+/// Waits until the outside session holds the row `id` of `table`, the
+/// `holders`th session to hold a row of it: on PostgreSQL the sessions'
+/// locks on the table show, on MariaDB the named lock the session takes
+/// after it ([`shown_lock`]). Kills `outside` and panics after 10 s.
+async fn wait_row_locked(
+    db: &DbClient,
+    outside: &mut Child,
+    (table, id): (&str, i64),
+    holders: u32,
+) {
     let end = Instant::now() + Duration::from_secs(10);
     loop {
         let locked = match db {
             DbClient::My { .. } => {
-                let lock = shown_lock(db, ep);
+                let lock = shown_lock(db, table, id);
                 db.query(&format!("SELECT IS_USED_LOCK('{lock}') IS NOT NULL"))
                     .parse::<u32>()
                     .unwrap_or(0)
                     >= 1
             }
             _ => {
-                db.query(
+                db.query(&format!(
                     "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation \
-                     WHERE c.relname = 'endpoint' AND l.mode = 'RowShareLock' AND l.granted",
-                )
+                     WHERE c.relname = '{table}' AND l.mode = 'RowShareLock' AND l.granted"
+                ))
                 .parse::<u32>()
                 .unwrap_or(0)
                     >= holders
@@ -152,12 +163,12 @@ async fn hold_endpoint(db: &DbClient, ep: i64, holders: u32) -> Child {
             &format!(
                 "{}SELECT GET_LOCK('{}', 0);\n",
                 endpoint_lock(ep),
-                shown_lock(db, ep)
+                shown_lock(db, "endpoint", ep)
             ),
         ),
         _ => feed(&mut hold, &endpoint_lock(ep)),
     }
-    wait_row_locked(db, &mut hold, ep, holders).await;
+    wait_row_locked(db, &mut hold, ("endpoint", ep), holders).await;
     hold
 }
 
@@ -184,14 +195,7 @@ async fn a_group_commit_that_loses_a_deadlock_runs_again() {
     else {
         return;
     };
-    if let DbClient::Pg(_) = &db {
-        // The server's sessions give up on a deadlock before the outside
-        // transaction's does (10 s, set below), so the commit is the victim.
-        let name = url.rsplit('/').next().unwrap_or_default();
-        db.query(&format!(
-            "ALTER DATABASE {name} SET deadlock_timeout = '300ms'"
-        ));
-    }
+    server_loses_deadlocks(&db, &url);
     let (s, addr_id, a, ep) = server_with_endpoint(url, String::new()).await;
 
     let mut outside = session(&db);
@@ -203,22 +207,22 @@ async fn a_group_commit_that_loses_a_deadlock_runs_again() {
                  INSERT INTO ballast SELECT seq FROM seq_1_to_1000;\n\
                  SELECT id FROM endpoint WHERE id = {ep} FOR UPDATE;\n\
                  SELECT GET_LOCK('{}', 0);\n",
-                shown_lock(&db, ep)
+                shown_lock(&db, "endpoint", ep)
             ),
         ),
         // PostgreSQL (SQLite returned above).
         _ => feed(
             &mut outside,
             &format!(
-                "SET deadlock_timeout = '10s';\nBEGIN;\n\
+                "{OUTSIDE_WAITS}BEGIN;\n\
                  SELECT id FROM endpoint WHERE id = {ep} FOR UPDATE;\n"
             ),
         ),
     }
-    wait_row_locked(&db, &mut outside, ep, 1).await;
+    wait_row_locked(&db, &mut outside, ("endpoint", ep), 1).await;
 
     let push = spawn_push(&s, &a, "through a deadlock");
-    wait_until("the group commit", || waiting(&db) >= 1).await;
+    wait_until("the group commit", || waiting(&db, COMMIT) >= 1).await;
     feed(
         &mut outside,
         &format!("SELECT id FROM addr WHERE id = {addr_id} FOR UPDATE;\n"),
@@ -236,6 +240,134 @@ async fn a_group_commit_that_loses_a_deadlock_runs_again() {
     assert_eq!(e["msg"], "through a deadlock", "{e}");
     assert_eq!(e["deliveries"][0]["state"], "delivered", "{e}");
     assert_status!(s.push(json!({"addr": a, "msg": "after"})).await, 202);
+}
+
+/// Makes the server's sessions give up on a deadlock before an outside
+/// transaction's does ([`OUTSIDE_WAITS`]), so that a server's statement
+/// is the victim of one. MariaDB picks as victim the transaction that
+/// has written less: there the outside transaction writes ballast first.
+fn server_loses_deadlocks(db: &DbClient, url: &str) {
+    if let DbClient::Pg(_) = db {
+        let name = url.rsplit('/').next().unwrap_or_default();
+        db.query(&format!(
+            "ALTER DATABASE {name} SET deadlock_timeout = '300ms'"
+        ));
+    }
+}
+
+/// What an outside session on PostgreSQL runs first, so that it waits
+/// far longer than the server's sessions before it looks for a deadlock
+/// ([`server_loses_deadlocks`]).
+const OUTSIDE_WAITS: &str = "SET deadlock_timeout = '10s';\n";
+
+/// A walk over an endpoint's backlog (here the one that makes its
+/// waiting deliveries due once its settings change) whose chunk loses a
+/// deadlock goes on: the database rolls the chunk's update back, and the
+/// walk runs it again. Before, the walk ended there (`could not be made
+/// due now`), and the rest of the backlog waited for its own next tries,
+/// hours later with backoff, though what it waited for had changed. A
+/// walk meets locks held by others where a claim, an outcome or another
+/// node's walk takes the same deliveries in another order.
+///
+/// The deadlock is a real one: an outside transaction holds the last
+/// delivery of the chunk, so the chunk's update, which takes the rows in
+/// the order of their ids, waits for it holding the others; then the
+/// outside transaction asks for the first.
+#[tokio::test]
+async fn a_walk_that_loses_a_deadlock_goes_on() {
+    const N: u64 = 100;
+    let Some((_dir, url, db)) =
+        lockable_database("SQLite has a single writer and no deadlocks: nothing to test")
+    else {
+        return;
+    };
+    server_loses_deadlocks(&db, &url);
+    let s = Server::start_with(ServerOptions {
+        db: Some(url),
+        ..ServerOptions::test_plugin("delivery:\n  max-attempts: 100\n")
+    })
+    .await;
+    let (addr_id, a) = s.new_addr().await;
+    let ep = s.endpoint(addr_id, "t", json!({"fail": "down"})).await;
+    assert_status!(s.push(json!({"addr": a, "msg": "m"})).await, 202);
+    let count = |sql: &str| -> i64 { db.query(sql).parse().expect("a number") };
+    poll_until(Duration::from_secs(20), async || {
+        match count("SELECT count(*) FROM delivery WHERE attempts > 0") {
+            0 => Err("not tried yet".to_string()),
+            _ => Ok(()),
+        }
+    })
+    .await;
+    // Copies of its delivery, each waiting ten years for its next try:
+    // one chunk.
+    db.copy_history(N, 1);
+    let waiting_rows = format!(
+        "FROM delivery WHERE endpoint_id = {ep} AND state = 'pending' \
+         AND next_at > '2030-01-01'"
+    );
+    assert_eq!(count(&format!("SELECT count(*) {waiting_rows}")), N as i64);
+    let first = count(&format!("SELECT min(id) {waiting_rows}"));
+    let last = count(&format!("SELECT max(id) {waiting_rows}"));
+
+    let mut outside = session(&db);
+    match &db {
+        DbClient::My { .. } => feed(
+            &mut outside,
+            &format!(
+                "CREATE TABLE ballast (n INT);\nBEGIN;\n\
+                 INSERT INTO ballast SELECT seq FROM seq_1_to_1000;\n\
+                 SELECT id FROM delivery WHERE id = {last} FOR UPDATE;\n\
+                 SELECT GET_LOCK('{}', 0);\n",
+                shown_lock(&db, "delivery", last)
+            ),
+        ),
+        _ => feed(
+            &mut outside,
+            &format!(
+                "{OUTSIDE_WAITS}BEGIN;\nSELECT id FROM delivery WHERE id = {last} FOR UPDATE;\n"
+            ),
+        ),
+    }
+    wait_row_locked(&db, &mut outside, ("delivery", last), 1).await;
+
+    // The change's answer waits for the walk (within the server's
+    // timeout), so the deadlock is made meanwhile.
+    let path = format!("/addr/{addr_id}/endpoint/{ep}");
+    let change = s.manage(
+        Method::PATCH,
+        &path,
+        Some(json!({"config": {"fail": "down", "changed": true}})),
+    );
+    let deadlock = async {
+        wait_until("the walk's update", || {
+            waiting(&db, "UPDATE `delivery`") >= 1
+        })
+        .await;
+        feed(
+            &mut outside,
+            &format!("SELECT id FROM delivery WHERE id = {first} FOR UPDATE;\n"),
+        );
+        commit_and_end(
+            outside,
+            "the outside transaction was the victim, not the walk",
+        );
+    };
+    let (r, ()) = tokio::join!(change, deadlock);
+    assert_status!(r, 200);
+
+    // Its end, either way: "… are due now" or "… could not be made due
+    // now".
+    s.wait_log("due now", Duration::from_secs(30)).await;
+    let ended = s.log_lines("due now");
+    assert!(
+        ended[0].contains("its waiting deliveries are due now"),
+        "{ended:?}"
+    );
+    assert!(
+        s.log_text().contains("a walk's statement lost a lock race"),
+        "the walk met no deadlock"
+    );
+    assert_eq!(count(&format!("SELECT count(*) {waiting_rows}")), 0);
 }
 
 /// A server on database `url` (with `yaml` under `roboger:`), an address
@@ -297,7 +429,7 @@ async fn a_push_whose_commit_runs_past_its_timeout_is_answered_by_the_commit() {
     let first = hold_endpoint(&db, ep, 1).await;
     let second = hold_endpoint(&db, ep_b, 2).await;
     let push_a = spawn_push(&s, &a, "first");
-    wait_until("the first commit", || waiting(&db) >= 1).await;
+    wait_until("the first commit", || waiting(&db, COMMIT) >= 1).await;
     // The second push waits in the writer's queue meanwhile.
     let sent = Instant::now();
     let push_b = spawn_push(&s, &b, "second");
@@ -307,7 +439,7 @@ async fn a_push_whose_commit_runs_past_its_timeout_is_answered_by_the_commit() {
     commit_and_end(first, "the first hold");
     assert_eq!(push_a.await.expect("the first push"), 202, "the first push");
     poll_until(Duration::from_secs(10), async || {
-        if waiting(&db) >= 1 {
+        if waiting(&db, COMMIT) >= 1 {
             return Ok(());
         }
         Err(match push_b.is_finished() {
@@ -359,7 +491,7 @@ async fn a_commit_that_outlives_the_timeout_is_not_stored_after_its_503() {
     // the push's commit waits for it past the writer's own wait.
     let hold = hold_endpoint(&db, ep, 1).await;
     let push = spawn_push(&s, &a, "refused");
-    wait_until("the held commit", || waiting(&db) >= 1).await;
+    wait_until("the held commit", || waiting(&db, COMMIT) >= 1).await;
     assert_eq!(push.await.expect("the push"), 503, "the held push");
 
     // The row is let go only after the 503: a commit still running in the

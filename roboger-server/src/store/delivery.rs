@@ -831,8 +831,9 @@ fn leased_to<V: Into<sea_orm::Value>>(
 /// How many times a walk ([`by_chunks`], [`Store::delete_counted`])
 /// tries a statement of a chunk that failed with the database out of
 /// reach (unanswered within the walk's step, no connection, a connection
-/// broken under it) before it gives up: each chunk's work can be made
-/// again, and a long walk (an endpoint's backlog made due after its
+/// broken under it) or that lost a lock race ([`StoreError::lost_a_race`])
+/// before it gives up: each chunk's work can be made again, and a long
+/// walk (an endpoint's backlog made due after its
 /// settings changed, a retry, the cleanup, a deletion's history) ended
 /// at one slow statement, its rest left as it was.
 const CHUNK_TRIES: u32 = 3;
@@ -858,8 +859,8 @@ fn failed_made_due() -> sea_orm::UpdateMany<delivery::Entity> {
 /// [`DELETE_CHUNK`] at a time in their order, each chunk read after the
 /// last: `act` does the work on a chunk and says how many rows it
 /// changed. The sum, once a chunk comes back short. A statement that
-/// finds the database out of reach is tried again ([`CHUNK_TRIES`]), so
-/// `act` must do no harm made twice.
+/// finds the database out of reach, or loses a lock race, is tried again
+/// ([`CHUNK_TRIES`]), so `act` must do no harm made twice.
 ///
 /// Each read resumes after the last id, so an index that gives `rows` in
 /// the order of `id` (a delivery's `(endpoint_id, id)`, an event's
@@ -903,7 +904,9 @@ where
 }
 
 /// `op`, each try within `step`, tried again while it fails with the
-/// database out of reach, up to [`CHUNK_TRIES`] in all.
+/// database out of reach or loses a lock race (a deadlock with a claim,
+/// an outcome or another node's walk over the same rows), up to
+/// [`CHUNK_TRIES`] in all.
 async fn tried<T, A>(step: std::time::Duration, op: impl Fn() -> A) -> Result<T>
 where
     A: Future<Output = Result<T>>,
@@ -913,11 +916,14 @@ where
         match super::within(step, op()).await {
             Err(e) if e.out_of_reach() && tries < CHUNK_TRIES => {
                 tracing::debug!(error = %e, tries, "a walk's statement is tried again");
-                tokio::time::sleep(CHUNK_PAUSE * tries).await;
-                tries += 1;
+            }
+            Err(e) if e.lost_a_race() && tries < CHUNK_TRIES => {
+                tracing::info!(error = %e, tries, "a walk's statement lost a lock race; trying it again");
             }
             r => return r,
         }
+        tokio::time::sleep(CHUNK_PAUSE * tries).await;
+        tries += 1;
     }
 }
 

@@ -140,7 +140,7 @@ impl Store {
                 // A deadlock with a claim or another node's commit: the
                 // database rolled this one back, and it goes again at once
                 // rather than answering its pushes 503.
-                Err(StoreError::Db(e)) if super::transient(&e) && tries < TRANSIENT_TRIES => {
+                Err(e) if e.lost_a_race() && tries < TRANSIENT_TRIES => {
                     tracing::info!(error = %e, tries, "group commit lost a lock race; running it again");
                     tokio::time::sleep(Duration::from_millis(5 * tries)).await;
                 }

@@ -117,6 +117,14 @@ impl StoreError {
             _ => false,
         }
     }
+
+    /// Whether the database gave up on the statement only because of
+    /// another transaction at the same moment ([`transient`]: a deadlock,
+    /// a serialization failure, a lock wait that ran out, a busy SQLite).
+    /// The database undid what it did; run again, it may well succeed.
+    pub fn lost_a_race(&self) -> bool {
+        matches!(self, StoreError::Db(e) if transient(e))
+    }
 }
 
 type Result<T> = std::result::Result<T, StoreError>;
