@@ -1131,7 +1131,15 @@ impl SecretsRead {
 fn value_or_file(key: &str, v: String) -> Result<String, ConfigError> {
     use std::io::Read;
     if value_file(&v).is_some() {
-        let cannot = |e: String| invalid(key, format!("cannot read the value from file {v}: {e}"));
+        let cannot = |e: String| {
+            invalid(
+                key,
+                format!(
+                    "cannot read the value from file {v}: {e}{}",
+                    sqlite_path_hint(key, &v)
+                ),
+            )
+        };
         // A regular file: a FIFO or a device (/dev/stdin) could block
         // the start for ever.
         if !std::fs::metadata(&v)
@@ -1140,17 +1148,39 @@ fn value_or_file(key: &str, v: String) -> Result<String, ConfigError> {
         {
             return Err(cannot("it is not a regular file".into()));
         }
-        let mut text = String::new();
+        let mut bytes = Vec::new();
         std::fs::File::open(&v)
-            .and_then(|f| f.take(VALUE_FILE_MAX + 1).read_to_string(&mut text))
+            .and_then(|f| f.take(VALUE_FILE_MAX + 1).read_to_end(&mut bytes))
             .map_err(|e| cannot(e.to_string()))?;
-        if text.len() as u64 > VALUE_FILE_MAX {
+        if bytes.starts_with(SQLITE_HEADER) {
+            return Err(cannot(
+                "it is a SQLite database, not a file holding a value".into(),
+            ));
+        }
+        if bytes.len() as u64 > VALUE_FILE_MAX {
             return Err(cannot(format!("it is longer than {VALUE_FILE_MAX} bytes")));
         }
+        let text = String::from_utf8(bytes).map_err(|_| cannot("it is not UTF-8 text".into()))?;
         Ok(text.trim_end_matches(['\n', '\r']).to_string())
     } else {
         Ok(v)
     }
+}
+
+/// How every SQLite database file begins.
+const SQLITE_HEADER: &[u8] = b"SQLite format 3\0";
+
+/// What to write instead, when the value of `db` that names a file
+/// holding the URL could not be read: such a value is most often the
+/// path of a SQLite database, meant as one.
+fn sqlite_path_hint(key: &str, v: &str) -> String {
+    if key != "roboger.db" {
+        return String::new();
+    }
+    format!(
+        "; a value of db starting with / or ./ names a file holding the database URL: \
+         for a SQLite database at {v}, write sqlite:///{v}"
+    )
 }
 
 impl Config {
@@ -1188,9 +1218,16 @@ impl Config {
 pub fn translate_db_url(raw: &str) -> Result<DbUrl, ConfigError> {
     const KEY: &str = "roboger.db";
     let (scheme, rest) = raw.split_once("://").ok_or_else(|| {
+        // A bare path, meant as a SQLite database's.
+        let hint = match raw.contains([':', '@']) || raw.trim().is_empty() {
+            true => String::new(),
+            false => format!(
+                "; for a SQLite database at {raw} (from the working directory), write sqlite:///{raw}"
+            ),
+        };
         invalid(
             KEY,
-            format!("not a database URL: {}", url_without_secrets(raw)),
+            format!("not a database URL: {}{hint}", url_without_secrets(raw)),
         )
     })?;
     let base = scheme.split('+').next().unwrap_or(scheme);

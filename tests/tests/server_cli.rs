@@ -633,6 +633,62 @@ fn bad_configs_are_refused_naming_the_key() {
     assert!(err.contains("/nonexistent/roboger.yml"), "{err}");
 }
 
+/// A SQLite database's path given as `db`, as an operator new to the
+/// original's URLs writes it, is refused with what to write instead.
+/// Before, a path starting with `/` (which names a file holding the URL)
+/// said only "stream did not contain valid UTF-8" of an existing database
+/// and "No such file or directory" of a new one, and a bare `r.db` only
+/// "not a database URL".
+#[test]
+fn a_sqlite_path_given_as_db_is_refused_with_what_to_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("r.db");
+    let made = write(
+        dir.path(),
+        "made.yml",
+        &format!(
+            "roboger:\n  db: sqlite:///{}\n  master:\n    key: k\n",
+            db.display()
+        ),
+    );
+    let (code, _, err) = run_server_cmd(&["--config", made.to_str().unwrap(), "migrate"], &[]);
+    assert_eq!(code, 0, "{err}");
+    let new = dir.path().join("new.db");
+    for (value, said) in [
+        (
+            db.display().to_string(),
+            format!("it is a SQLite database, not a file holding a value; a value of db starting with / or ./ names a file holding the database URL: for a SQLite database at {0}, write sqlite:///{0}", db.display()),
+        ),
+        (
+            new.display().to_string(),
+            format!("write sqlite:///{}", new.display()),
+        ),
+        (
+            "r.db".to_string(),
+            "not a database URL: r.db; for a SQLite database at r.db (from the working directory), write sqlite:///r.db".to_string(),
+        ),
+    ] {
+        let p = write(
+            dir.path(),
+            "r.yml",
+            &format!("roboger:\n  db: {value}\n  master:\n    key: k\n"),
+        );
+        let (code, _, err) = run_server_cmd(&["--config", p.to_str().unwrap(), "check-config"], &[]);
+        assert_eq!(code, 2, "{value}: {err}");
+        let line: Vec<&str> = err.lines().filter(|l| l.contains("roboger.db")).collect();
+        assert_eq!(line.len(), 1, "{value}: {err}");
+        assert!(line[0].contains(&said), "{value}: {err}");
+        // What it says to write is taken.
+        let p = write(
+            dir.path(),
+            "r.yml",
+            &format!("roboger:\n  db: sqlite:///{value}\n  master:\n    key: k\n"),
+        );
+        let (code, _, err) = run_server_cmd(&["--config", p.to_str().unwrap(), "check-config"], &[]);
+        assert_eq!(code, 0, "{value}: {err}");
+    }
+}
+
 /// A database URL's password is never printed, not even in the error
 /// that refuses the URL, which goes to the terminal and the journal.
 /// With JSON logs that error is one JSON line, so the stream stays JSON.
