@@ -776,6 +776,43 @@ async fn a_silent_connection_fails_a_cleanup_or_a_push_and_the_next_works() {
     s.endpoint_settles(id, ep, 1, 0).await;
 }
 
+/// The deletion of an address's history, answered 202, goes on past a
+/// database that restarts under it (down for 3 s here): a walk waits for
+/// the database to come back, for 30 s or three `timeout`s, whichever is
+/// longer, as the server's start does. Before, its chunk was tried three
+/// times within 300 ms, and the deletion failed after its 202 (`a
+/// deletion answered 202 failed`): the address and its history stayed,
+/// though the deletion had been accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deletion_goes_on_past_a_database_restart() {
+    let Some((proxy, s, url)) = behind_proxy(ServerOptions::test_plugin("")).await else {
+        return;
+    };
+    let db = DbClient::of(&url);
+    let (id, a) = s.new_addr().await;
+    s.endpoint(id, "t", serde_json::json!({})).await;
+    assert_eq!(pushed(&s, &a, "m").await, 202);
+    s.wait_settled(id).await;
+    db.copy_history(1200, 1200);
+    // The first chunk's deletion is held (twice: its first try and the
+    // next), so the deletion is answered 202 while its walk is under way;
+    // then the database goes down.
+    let first_chunk = sql("DELETE FROM \"delivery\" WHERE \"delivery\".\"event_id\" IN");
+    proxy.silence_at(&[&first_chunk, &first_chunk]);
+    let path = format!("/addr/{id}");
+    let r = s.manage(Method::DELETE, &path, None).await;
+    assert_status!(r, 202);
+    proxy.go_down();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    proxy.come_up();
+    s.wait_log("a deletion answered 202 ", Duration::from_secs(60))
+        .await;
+    let ended = s.log_lines("a deletion answered 202 ");
+    assert!(ended[0].contains("has ended"), "{ended:?}");
+    assert_status!(s.manage(Method::GET, &path, None).await, 404);
+    assert_eq!(db.query("SELECT count(*) FROM event"), "0");
+}
+
 /// A server behind the proxy ([`behind_proxy`]), with `yaml` for the
 /// rest of its config, an address (id, address) and an endpoint of the
 /// test plugin whose every event's first try fails: its retry needs a

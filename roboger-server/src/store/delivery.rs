@@ -2,6 +2,8 @@
 //! that writes them is `group_commit`): leases and claims of due
 //! deliveries, and the events API (history, retry, retention).
 
+use std::time::Duration;
+
 use sea_orm::sea_query::Expr;
 use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QueryOrder};
 
@@ -828,19 +830,26 @@ fn leased_to<V: Into<sea_orm::Value>>(
         .add(pending())
 }
 
-/// How many times a walk ([`by_chunks`], [`Store::delete_counted`])
-/// tries a statement of a chunk that failed with the database out of
+/// How long a walk ([`by_chunks`], [`Store::delete_counted`]) goes on
+/// trying a statement of a chunk that failed with the database out of
 /// reach (unanswered within the walk's step, no connection, a connection
 /// broken under it) or that lost a lock race ([`StoreError::lost_a_race`])
-/// before it gives up: each chunk's work can be made again, and a long
-/// walk (an endpoint's backlog made due after its
-/// settings changed, a retry, the cleanup, a deletion's history) ended
-/// at one slow statement, its rest left as it was.
-const CHUNK_TRIES: u32 = 3;
+/// before it gives up: 30 s or three steps, whichever is longer, as the
+/// server's start waits for its database. Each chunk's work can be made
+/// again, and a long walk (an endpoint's backlog made due after its
+/// settings changed, a retry, the cleanup, a deletion's history answered
+/// 202) ended at one slow statement, or at a database restarting under
+/// it, its rest left as it was.
+fn chunk_patience(step: Duration) -> Duration {
+    (step * 3).max(Duration::from_secs(30))
+}
 
-/// The pause before a chunk's statement is tried again, times the tries
-/// made.
-const CHUNK_PAUSE: std::time::Duration = std::time::Duration::from_millis(100);
+/// The first pause before a chunk's statement is tried again; each next
+/// one is twice the last, up to [`CHUNK_PAUSE_MOST`].
+const CHUNK_PAUSE: Duration = Duration::from_millis(100);
+
+/// The longest pause between two tries of a chunk's statement.
+const CHUNK_PAUSE_MOST: Duration = Duration::from_secs(2);
 
 /// An update of failed deliveries back to pending, due now and leased to
 /// no one; the caller narrows it to an event's or an endpoint's.
@@ -867,7 +876,7 @@ fn failed_made_due() -> sea_orm::UpdateMany<delivery::Entity> {
 /// primary key) makes the whole walk one pass: a chunk costs what it
 /// reads, however many rows the walk has behind or ahead of it.
 async fn by_chunks<E, T, A>(
-    (db, step): (&sea_orm::DatabaseConnection, std::time::Duration),
+    (db, step): (&sea_orm::DatabaseConnection, Duration),
     rows: sea_orm::Select<E>,
     id: E::Column,
     act: impl Fn(Vec<T>) -> A,
@@ -905,25 +914,27 @@ where
 
 /// `op`, each try within `step`, tried again while it fails with the
 /// database out of reach or loses a lock race (a deadlock with a claim,
-/// an outcome or another node's walk over the same rows), up to
-/// [`CHUNK_TRIES`] in all.
-async fn tried<T, A>(step: std::time::Duration, op: impl Fn() -> A) -> Result<T>
+/// an outcome or another node's walk over the same rows), for
+/// [`chunk_patience`] at most.
+async fn tried<T, A>(step: Duration, op: impl Fn() -> A) -> Result<T>
 where
     A: Future<Output = Result<T>>,
 {
-    let mut tries = 1;
+    let give_up = tokio::time::Instant::now() + chunk_patience(step);
+    let mut pause = CHUNK_PAUSE;
     loop {
+        let in_time = tokio::time::Instant::now() + pause < give_up;
         match super::within(step, op()).await {
-            Err(e) if e.out_of_reach() && tries < CHUNK_TRIES => {
-                tracing::debug!(error = %e, tries, "a walk's statement is tried again");
+            Err(e) if e.out_of_reach() && in_time => {
+                tracing::debug!(error = %e, "a walk's statement is tried again");
             }
-            Err(e) if e.lost_a_race() && tries < CHUNK_TRIES => {
-                tracing::info!(error = %e, tries, "a walk's statement lost a lock race; trying it again");
+            Err(e) if e.lost_a_race() && in_time => {
+                tracing::info!(error = %e, "a walk's statement lost a lock race; trying it again");
             }
             r => return r,
         }
-        tokio::time::sleep(CHUNK_PAUSE * tries).await;
-        tries += 1;
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(CHUNK_PAUSE_MOST);
     }
 }
 
