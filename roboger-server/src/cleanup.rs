@@ -1,6 +1,6 @@
-//! Core cleanup: expired bucket objects, events past their retention (with
-//! nothing pending) and expired console sessions deleted, then every
-//! plugin's `cleanup` run. It runs every `cleanup-interval` on one node of
+//! Core cleanup: deletions left unmade taken up (`deletion`), expired
+//! bucket objects, events past their retention (with nothing pending) and
+//! expired console sessions deleted, then every plugin's `cleanup` run. It runs every `cleanup-interval` on one node of
 //! the cluster, and on the management API's `cleanup` command.
 //!
 //! A node runs one cleanup at a time, in a task of its own: a command
@@ -17,6 +17,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::cluster::{self, Node};
+use crate::deletion::Deletions;
 use crate::store::{self, Store, StoreError};
 use crate::supervisor::Supervisor;
 
@@ -37,6 +38,8 @@ pub struct Cleanup {
 struct Inner {
     store: Store,
     plugins: Arc<Supervisor>,
+    /// Deletions left unmade, taken up first.
+    deletions: Deletions,
     retention: Duration,
     /// How long the database may take to answer each statement (whether
     /// this node takes a period's turn, each step of a cleanup).
@@ -56,6 +59,7 @@ impl Cleanup {
     pub fn new(
         store: Store,
         plugins: Arc<Supervisor>,
+        deletions: Deletions,
         retention: Duration,
         timeout: Duration,
     ) -> Cleanup {
@@ -63,6 +67,7 @@ impl Cleanup {
             inner: Arc::new(Inner {
                 store,
                 plugins,
+                deletions,
                 retention,
                 timeout,
                 running: Mutex::new(None),
@@ -152,6 +157,7 @@ impl Cleanup {
 
 impl Inner {
     async fn once(&self) -> Result<(), StoreError> {
+        self.deletions.take_up().await;
         // Each statement within `timeout`: a cleanup waiting for good on
         // a silent connection would keep every later one from starting.
         let n = store::within(self.timeout, self.store.bucket_cleanup()).await?;

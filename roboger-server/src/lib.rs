@@ -10,6 +10,7 @@ pub mod cleanup;
 pub mod cluster;
 pub mod config;
 pub mod connections;
+pub mod deletion;
 pub mod event;
 pub mod host;
 pub mod level;
@@ -96,6 +97,8 @@ pub struct App {
     /// Core cleanups on this node (the `cleanup` command and the periodic
     /// task).
     pub cleanup: cleanup::Cleanup,
+    /// Deletions of history, recorded until they end.
+    pub deletions: deletion::Deletions,
     /// The connections the server holds open ([`server::run`]).
     pub connections: Arc<connections::Connections>,
     /// The heartbeat task, stopped by [`App::stop`].
@@ -274,9 +277,16 @@ impl App {
             metrics.clone(),
         )
         .await;
+        let deletions = deletion::Deletions::new(
+            store.clone(),
+            node.clone(),
+            config.timeout,
+            config.delivery.node_timeout,
+        );
         let cleanup = cleanup::Cleanup::new(
             store.clone(),
             plugins.clone(),
+            deletions.clone(),
             config.event_retention,
             config.timeout,
         );
@@ -293,6 +303,7 @@ impl App {
             bodies,
             console: api::console::Live::default(),
             cleanup,
+            deletions,
             connections: connections::Connections::new(server::MAX_CONNECTIONS),
             heartbeat,
             superseded,

@@ -333,6 +333,7 @@ async fn serve(cli: &Cli, activated: Vec<OwnedFd>) -> anyhow::Result<()> {
     let cleanup = app
         .cleanup
         .spawn_periodic(app.node.clone(), app.config.cleanup_interval);
+    let deletions_left = app.deletions.take_up_after_start();
     // After a burst of large pushes, back to the usual size.
     let release = roboger_plugin_sdk::allocator::spawn_periodic_release();
     // Bound, migrated, plugins started: connections wait in the backlog
@@ -362,6 +363,7 @@ async fn serve(cli: &Cli, activated: Vec<OwnedFd>) -> anyhow::Result<()> {
     release.abort();
     reloader.abort();
     cleanup.abort();
+    deletions_left.abort();
     app.cleanup.stop();
     // The calls in flight end and their outcomes are written before the
     // plugins stop: a delivery made is not made again by whoever takes

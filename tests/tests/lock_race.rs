@@ -515,3 +515,65 @@ async fn a_commit_that_outlives_the_timeout_is_not_stored_after_its_503() {
         .await;
     assert_eq!(e["deliveries"][0]["state"], "delivered", "{e}");
 }
+
+/// A deletion answered 202 whose server is killed under it is made by
+/// the server's next start: it was recorded before its walk began, and
+/// the instance that held it is then dead. Before, it was lost: the
+/// address stayed, with part of its history, and nothing said so.
+///
+/// An outside session holds a delivery of the deletion's first chunk, so
+/// the walk waits while the deletion is answered 202 and the server is
+/// killed.
+#[tokio::test]
+async fn a_deletion_cut_short_by_a_crash_is_made_by_the_next_start() {
+    let Some((_dir, url, db)) =
+        lockable_database("the deletion is held through a row lock, which SQLite has not")
+    else {
+        return;
+    };
+    let (mut s, addr_id, a, _) = server_with_endpoint(url, String::new()).await;
+    assert_status!(s.push(json!({"addr": a, "msg": "m"})).await, 202);
+    s.wait_settled(addr_id).await;
+    // Copies of its event, whose ids sort before it: three chunks.
+    db.copy_history(1200, 1200);
+    let held: i64 = db
+        .query("SELECT id FROM delivery WHERE event_id = '00000000-0000-7000-8000-000000000001'")
+        .parse()
+        .expect("a delivery id");
+    let mut outside = session(&db);
+    match &db {
+        DbClient::My { .. } => feed(
+            &mut outside,
+            &format!(
+                "BEGIN;\nSELECT id FROM delivery WHERE id = {held} FOR UPDATE;\n\
+                 SELECT GET_LOCK('{}', 0);\n",
+                shown_lock(&db, "delivery", held)
+            ),
+        ),
+        _ => feed(
+            &mut outside,
+            &format!("BEGIN;\nSELECT id FROM delivery WHERE id = {held} FOR UPDATE;\n"),
+        ),
+    }
+    wait_row_locked(&db, &mut outside, ("delivery", held), 1).await;
+
+    let r = s
+        .manage(Method::DELETE, &format!("/addr/{addr_id}"), None)
+        .await;
+    assert_status!(r, 202);
+    s.kill_and_restart();
+    commit_and_end(outside, "the hold");
+
+    let path = format!("/addr/{addr_id}");
+    poll_until(Duration::from_secs(30), async || {
+        match s.manage(Method::GET, &path, None).await.status.as_u16() {
+            404 => Ok(()),
+            other => Err(format!("the address is still there ({other})")),
+        }
+    })
+    .await;
+    s.wait_log("a deletion left unmade has ended", Duration::from_secs(5))
+        .await;
+    assert_eq!(db.query("SELECT count(*) FROM event"), "0");
+    assert_eq!(db.query("SELECT count(*) FROM deletion"), "0");
+}

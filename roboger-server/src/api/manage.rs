@@ -27,7 +27,8 @@ use crate::cleanup::{Cleanup, Outcome};
 use crate::cluster;
 use crate::store::entity::{ADDR_LEN, PLUGIN_NAME_MAX, addr, endpoint};
 use crate::store::{
-    AddrPatch, AddrRef, EndpointPatch, EventHead, StoreError, SubscriptionPatch, SubscriptionRow,
+    AddrPatch, AddrRef, Deleting, EndpointPatch, EventHead, StoreError, SubscriptionPatch,
+    SubscriptionRow,
 };
 
 /// Where the management API lives.
@@ -347,8 +348,8 @@ async fn route(
         }
         ("POST", ["addr", a]) => addr_cmd(app, a, body).await,
         ("DELETE", ["addr", a]) => {
-            let (store, a) = (app.store.clone(), AddrRef::parse(a));
-            outlasting(app, async move { store.addr_delete(&a).await }).await
+            let a = app.store.addr_get(&AddrRef::parse(a)).await?;
+            outlasting(app, app.deletions.begin(Deleting::Addr(a.id)).await?).await
         }
 
         ("GET", ["addr", a, "endpoint"]) => {
@@ -488,8 +489,8 @@ async fn route(
         ("DELETE", ["addr", a, "endpoint", ep]) => {
             let ep = int_id("endpoint", ep)?;
             let a = addr_for(app, a, &format!("endpoint {ep}")).await?;
-            let store = app.store.clone();
-            outlasting(app, async move { store.endpoint_delete(a, ep).await }).await
+            app.store.endpoint_get(a, ep).await?;
+            outlasting(app, app.deletions.begin(Deleting::Endpoint(a, ep)).await?).await
         }
 
         ("GET", ["addr", a, "endpoint", ep, "subscription"]) => {
@@ -648,9 +649,9 @@ async fn core_cmd(app: &App, body: &Body) -> Result<Response, ApiError> {
             }
         }
         "delete-everything" => {
-            let store = app.store.clone();
+            let deletion = app.deletions.begin(Deleting::Everything).await?;
             return outlasting(app, async move {
-                store.delete_everything().await?;
+                deletion.await?;
                 tracing::warn!("core delete-everything: every address was deleted");
                 Ok(())
             })

@@ -328,6 +328,29 @@ pub mod routing_change {
     impl ActiveModelBehavior for ActiveModel {}
 }
 
+/// A deletion of history answered before it ended: an address's
+/// (`addr_id`), an endpoint's (`addr_id` and `endpoint_id`), or every
+/// address's (neither); the node instance running it, if any.
+pub mod deletion {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "deletion")]
+    pub struct Model {
+        #[sea_orm(primary_key)]
+        pub id: i64,
+        pub addr_id: Option<i64>,
+        pub endpoint_id: Option<i64>,
+        pub node: Option<String>,
+        pub created: ChronoDateTimeUtc,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
 /// Who runs a periodic job (e.g. `cleanup`) until when.
 pub mod job_lease {
     use sea_orm::entity::prelude::*;

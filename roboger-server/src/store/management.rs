@@ -9,6 +9,7 @@ use sea_orm::{
 };
 use serde_json::Value;
 
+use super::deletion::deletion_end;
 use super::entity::{self, addr, addr_limit, bucket, delivery, endpoint, event, subscription};
 use super::{
     AddrRef, ENDPOINTS_PER_STATEMENT, Result, Store, StoreError, gone_since_read,
@@ -136,25 +137,32 @@ impl Store {
         Ok(a)
     }
 
-    /// Deletes an address with its endpoints, subscriptions, bucket objects
-    /// and counters. Its events and their deliveries go first, a chunk at
-    /// a time ([`Store::history_delete`]); the rest in one transaction.
-    pub async fn addr_delete(&self, r: &AddrRef) -> Result<()> {
-        let a = self.addr_get(r).await?;
-        self.history_delete(Some(a.id)).await?;
+    /// Deletes address `id` with its endpoints, subscriptions, bucket
+    /// objects and counters, ending the recorded deletion `record`. Its
+    /// events and their deliveries go first, a chunk at a time
+    /// ([`Store::history_delete`]); the rest in one transaction, with the
+    /// record, unless another node ended it first.
+    pub(super) async fn addr_delete(&self, id: i64, record: i64) -> Result<()> {
+        self.history_delete(Some(id)).await?;
         let txn = self.begin_write().await?;
-        delete_addr_children(&txn, Some(a.id)).await?;
-        addr::Entity::delete_by_id(a.id).exec(&txn).await?;
-        self.announce(&txn, Some(a.id)).await?;
+        if !deletion_end(&txn, record).await? {
+            return Ok(());
+        }
+        delete_addr_children(&txn, Some(id)).await?;
+        addr::Entity::delete_by_id(id).exec(&txn).await?;
+        self.announce(&txn, Some(id)).await?;
         txn.commit().await?;
         Ok(())
     }
 
     /// Deletes every address and everything that hangs off them, the
     /// events a chunk at a time first, as [`Store::addr_delete`] does.
-    pub async fn delete_everything(&self) -> Result<()> {
+    pub(super) async fn delete_everything(&self, record: i64) -> Result<()> {
         self.history_delete(None).await?;
         let txn = self.begin_write().await?;
+        if !deletion_end(&txn, record).await? {
+            return Ok(());
+        }
         delete_addr_children(&txn, None).await?;
         addr::Entity::delete_many().exec(&txn).await?;
         self.announce(&txn, None).await?;
@@ -259,21 +267,28 @@ impl Store {
         Ok(ep)
     }
 
-    /// Deletes an endpoint that belongs to `addr_id`, with its subscriptions
-    /// and deliveries (those a chunk at a time first).
-    pub async fn endpoint_delete(&self, addr_id: i64, id: i64) -> Result<()> {
-        let ep = self.endpoint_get(addr_id, id).await?;
-        self.endpoint_history_delete(ep.id).await?;
+    /// Deletes endpoint `id` of address `addr_id`, with its subscriptions
+    /// and deliveries (those a chunk at a time first), ending the recorded
+    /// deletion `record` as [`Store::addr_delete`] does.
+    pub(super) async fn endpoint_delete(&self, addr_id: i64, id: i64, record: i64) -> Result<()> {
+        self.endpoint_history_delete(id).await?;
         let txn = self.begin_write().await?;
+        if !deletion_end(&txn, record).await? {
+            return Ok(());
+        }
         delivery::Entity::delete_many()
-            .filter(delivery::Column::EndpointId.eq(ep.id))
+            .filter(delivery::Column::EndpointId.eq(id))
             .exec(&txn)
             .await?;
         subscription::Entity::delete_many()
-            .filter(subscription::Column::EndpointId.eq(ep.id))
+            .filter(subscription::Column::EndpointId.eq(id))
             .exec(&txn)
             .await?;
-        endpoint::Entity::delete_by_id(ep.id).exec(&txn).await?;
+        endpoint::Entity::delete_many()
+            .filter(endpoint::Column::Id.eq(id))
+            .filter(endpoint::Column::AddrId.eq(addr_id))
+            .exec(&txn)
+            .await?;
         self.announce(&txn, Some(addr_id)).await?;
         txn.commit().await?;
         Ok(())

@@ -59,6 +59,7 @@ impl MigratorTrait for Migrator {
             Box::new(MysqlUtf8mb4),
             Box::new(MysqlInstants),
             Box::new(NodeRoutingVersion),
+            Box::new(Deletions),
         ]
     }
 }
@@ -1304,6 +1305,50 @@ impl MigrationTrait for NodeRoutingVersion {
                 .to_owned(),
         )
         .await
+    }
+}
+
+/// The deletions of history answered before they ended (an address's,
+/// an endpoint's, everything): each is recorded until it ends, so that a
+/// node stopping or failing under one does not leave it half made.
+struct Deletions;
+
+impl MigrationName for Deletions {
+    fn name(&self) -> &str {
+        "m20261207_000015_deletion"
+    }
+}
+
+#[derive(DeriveIden)]
+enum Deletion {
+    Table,
+    Id,
+    AddrId,
+    EndpointId,
+    Node,
+    Created,
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for Deletions {
+    async fn up(&self, m: &SchemaManager) -> Result<(), DbErr> {
+        m.create_table(
+            Table::create()
+                .table(Deletion::Table)
+                .if_not_exists()
+                .col(big_pk_auto(Deletion::Id))
+                .col(big_integer_null(Deletion::AddrId))
+                .col(big_integer_null(Deletion::EndpointId))
+                .col(string_len_null(Deletion::Node, 160))
+                .col(instant(m, Deletion::Created, false))
+                .to_owned(),
+        )
+        .await
+    }
+
+    async fn down(&self, m: &SchemaManager) -> Result<(), DbErr> {
+        m.drop_table(Table::drop().table(Deletion::Table).if_exists().to_owned())
+            .await
     }
 }
 

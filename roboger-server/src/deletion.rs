@@ -1,0 +1,172 @@
+//! Deletions of history (an address's, an endpoint's, everything), which
+//! may outlast the request that asked for them and be answered 202.
+//!
+//! Each is recorded in the database before its walk begins, taken by this
+//! node's instance, and its record is deleted in the transaction that
+//! ends it (`store::deletion`). One that this node gave up on (the
+//! database out of reach past a walk's patience) is let go; one whose
+//! node stopped or died under it stays taken by an instance that is no
+//! longer alive. Either is taken up and made by the next node to look:
+//! each node at its start (once its `node-timeout` has passed, so that a
+//! crashed instance before it is seen dead), and the node that runs each
+//! periodic or commanded cleanup. So a deletion once answered is made,
+//! whatever stops under it.
+//!
+//! Two nodes never make one recorded deletion at once but by a race that
+//! is harmless: a take names the instance that held it as read, and the
+//! transaction that ends a deletion changes nothing when its record is
+//! gone.
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::cluster::Node;
+use crate::store::{self, Deleting, Recorded, Store, StoreError};
+
+/// This node's deletions: those it makes now, and the recorded ones it
+/// takes up.
+#[derive(Clone, Debug)]
+pub struct Deletions {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    store: Store,
+    node: Arc<Node>,
+    /// Each statement's bound outside a walk's (the `timeout`).
+    timeout: Duration,
+    node_timeout: Duration,
+    /// The records of the deletions this node makes now.
+    running: Mutex<HashSet<i64>>,
+}
+
+/// A deletion this node makes now, in [`Inner::running`] until dropped.
+struct Making<'a> {
+    inner: &'a Inner,
+    id: i64,
+}
+
+impl Drop for Making<'_> {
+    fn drop(&mut self) {
+        self.inner.running_set().remove(&self.id);
+    }
+}
+
+impl Deletions {
+    pub fn new(
+        store: Store,
+        node: Arc<Node>,
+        timeout: Duration,
+        node_timeout: Duration,
+    ) -> Deletions {
+        Deletions {
+            inner: Arc::new(Inner {
+                store,
+                node,
+                timeout,
+                node_timeout,
+                running: Mutex::new(HashSet::new()),
+            }),
+        }
+    }
+
+    /// Records `what` as this node's to delete, and returns the deletion
+    /// to be run: once recorded, it is made even if this node stops under
+    /// it. The caller has checked that what it deletes exists.
+    pub async fn begin(
+        &self,
+        what: Deleting,
+    ) -> Result<impl Future<Output = Result<(), StoreError>> + Send + 'static, StoreError> {
+        let inner = self.inner.clone();
+        let d = store::within(
+            inner.timeout,
+            inner.store.deletion_begin(what, &inner.node.instance),
+        )
+        .await?;
+        inner.running_set().insert(d.id);
+        Ok(async move { inner.make(d).await })
+    }
+
+    /// Takes up and makes, one after the other, the recorded deletions
+    /// that no live node makes: left by a node that stopped or died
+    /// under them, or given up on. Says in the log what it takes up.
+    pub async fn take_up(&self) {
+        let inner = &self.inner;
+        let me = inner.node.instance.as_str();
+        let left = store::within(
+            inner.timeout,
+            inner.store.deletions_left(me, inner.node_timeout),
+        )
+        .await;
+        let left = match left {
+            Ok(left) => left,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not look for deletions left unmade");
+                return;
+            }
+        };
+        for d in left {
+            if d.taken_by(me) && inner.running_set().contains(&d.id) {
+                continue;
+            }
+            match store::within(inner.timeout, inner.store.deletion_take(&d, me)).await {
+                Ok(true) => {}
+                Ok(false) => continue,
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not take up a deletion left unmade");
+                    return;
+                }
+            }
+            inner.running_set().insert(d.id);
+            tracing::info!(what = ?d.what, "taking up a deletion left unmade");
+            if inner.make(d.clone()).await.is_ok() {
+                tracing::info!(what = ?d.what, "a deletion left unmade has ended");
+            }
+        }
+    }
+
+    /// After this node's start, once `node-timeout` has passed (an
+    /// instance of it that crashed is then seen dead), [`Deletions::take_up`].
+    pub fn take_up_after_start(&self) -> tokio::task::JoinHandle<()> {
+        let this = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(this.inner.node_timeout).await;
+            this.take_up().await;
+        })
+    }
+}
+
+impl Inner {
+    fn running_set(&self) -> std::sync::MutexGuard<'_, HashSet<i64>> {
+        match self.running.lock() {
+            Ok(r) => r,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    /// Makes the recorded deletion `d`, which this node has taken (it is in
+    /// `running`); lets it go when it fails.
+    async fn make(&self, d: Recorded) -> Result<(), StoreError> {
+        let _making = Making {
+            inner: self,
+            id: d.id,
+        };
+        let made = self.store.deletion_make(&d).await;
+        if let Err(e) = &made {
+            tracing::warn!(
+                what = ?d.what,
+                error = %e,
+                "a deletion failed; the next cleanup, or the next node to start, takes it up again"
+            );
+            let me = self.node.instance.as_str();
+            if let Err(e) = store::within(self.timeout, self.store.deletion_let_go(d.id, me)).await
+            {
+                tracing::debug!(error = %e, "a deletion that failed is not let go");
+            }
+        }
+        made
+    }
+}

@@ -1,0 +1,156 @@
+//! The record of each deletion of history answered before it ended (an
+//! address's, an endpoint's, everything): written before the deletion's
+//! walk begins, with the node instance running it, and deleted in the
+//! transaction that ends it. A deletion whose node stopped or died under
+//! it, or gave up on it, is left recorded for another node, or this one,
+//! to take and make ([`crate::deletion`]).
+
+use std::time::Duration;
+
+use sea_orm::sea_query::Expr;
+use sea_orm::{ActiveValue::Set, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter};
+use sea_orm::{QueryOrder, QuerySelect};
+
+use super::entity::{deletion, node};
+use super::{Result, Store};
+
+/// What a deletion deletes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Deleting {
+    /// An address, with its endpoints and history.
+    Addr(i64),
+    /// An endpoint of an address (`addr_id`, `endpoint_id`), with its
+    /// history.
+    Endpoint(i64, i64),
+    /// Every address.
+    Everything,
+}
+
+impl Deleting {
+    /// What a record holds.
+    fn of(d: &deletion::Model) -> Deleting {
+        match (d.addr_id, d.endpoint_id) {
+            (Some(a), Some(ep)) => Deleting::Endpoint(a, ep),
+            (Some(a), None) => Deleting::Addr(a),
+            (None, _) => Deleting::Everything,
+        }
+    }
+}
+
+/// A recorded deletion.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    /// The record's id.
+    pub id: i64,
+    pub what: Deleting,
+    /// The node instance running it, if any.
+    node: Option<String>,
+}
+
+impl Recorded {
+    /// Whether instance `me` had taken it.
+    pub fn taken_by(&self, me: &str) -> bool {
+        self.node.as_deref() == Some(me)
+    }
+}
+
+impl Store {
+    /// Records a deletion that instance `me` is about to make, taken by
+    /// it.
+    pub async fn deletion_begin(&self, what: Deleting, me: &str) -> Result<Recorded> {
+        let (addr_id, endpoint_id) = match what {
+            Deleting::Addr(a) => (Some(a), None),
+            Deleting::Endpoint(a, ep) => (Some(a), Some(ep)),
+            Deleting::Everything => (None, None),
+        };
+        let r = deletion::Entity::insert(deletion::ActiveModel {
+            addr_id: Set(addr_id),
+            endpoint_id: Set(endpoint_id),
+            node: Set(Some(me.to_string())),
+            created: Set(chrono::Utc::now()),
+            ..Default::default()
+        })
+        .exec(&self.db)
+        .await?;
+        Ok(Recorded {
+            id: r.last_insert_id,
+            what,
+            node: Some(me.to_string()),
+        })
+    }
+
+    /// The recorded deletions no live node other than `me` runs, oldest
+    /// first: taken by nobody, by `me`, or by an instance with no
+    /// heartbeat within `node_timeout` (stopped, dead, or found dead).
+    pub async fn deletions_left(&self, me: &str, node_timeout: Duration) -> Result<Vec<Recorded>> {
+        let since =
+            chrono::Utc::now() - chrono::Duration::from_std(node_timeout).unwrap_or_default();
+        let live: Vec<String> = node::Entity::find()
+            .select_only()
+            .column(node::Column::Instance)
+            .filter(node::Column::Heartbeat.gt(since))
+            .filter(node::Column::Rescued.is_null())
+            .filter(node::Column::Instance.ne(me))
+            .into_tuple()
+            .all(&self.db)
+            .await?;
+        Ok(deletion::Entity::find()
+            .order_by_asc(deletion::Column::Id)
+            .all(&self.db)
+            .await?
+            .into_iter()
+            .filter(|d| d.node.as_ref().is_none_or(|n| !live.contains(n)))
+            .map(|d| Recorded {
+                id: d.id,
+                what: Deleting::of(&d),
+                node: d.node,
+            })
+            .collect())
+    }
+
+    /// Takes the recorded deletion `d` for instance `me`, if no other
+    /// node took it since it was read: true when it is `me`'s to make.
+    pub async fn deletion_take(&self, d: &Recorded, me: &str) -> Result<bool> {
+        let mut q = deletion::Entity::update_many()
+            .col_expr(deletion::Column::Node, Expr::value(me))
+            .filter(deletion::Column::Id.eq(d.id));
+        q = match &d.node {
+            Some(n) => q.filter(deletion::Column::Node.eq(n.as_str())),
+            None => q.filter(deletion::Column::Node.is_null()),
+        };
+        Ok(q.exec(&self.db).await?.rows_affected == 1)
+    }
+
+    /// Makes the recorded deletion `d`, deleting its record as it ends.
+    /// What it deletes may be gone already (another node ended it).
+    pub async fn deletion_make(&self, d: &Recorded) -> Result<()> {
+        match d.what {
+            Deleting::Addr(a) => self.addr_delete(a, d.id).await,
+            Deleting::Endpoint(a, ep) => self.endpoint_delete(a, ep, d.id).await,
+            Deleting::Everything => self.delete_everything(d.id).await,
+        }
+    }
+
+    /// Leaves the recorded deletion `id`, which instance `me` gave up on,
+    /// to whichever node takes it next.
+    pub async fn deletion_let_go(&self, id: i64, me: &str) -> Result<()> {
+        deletion::Entity::update_many()
+            .col_expr(deletion::Column::Node, Expr::value(Option::<String>::None))
+            .filter(deletion::Column::Id.eq(id))
+            .filter(deletion::Column::Node.eq(me))
+            .exec(&self.db)
+            .await?;
+        Ok(())
+    }
+}
+
+/// Deletes the record `id` in the transaction that ends its deletion:
+/// false when it was gone already (another node ended the deletion
+/// first), and the transaction is then to change nothing more.
+pub(super) async fn deletion_end<C: ConnectionTrait>(c: &C, id: i64) -> Result<bool> {
+    Ok(deletion::Entity::delete_by_id(id)
+        .exec(c)
+        .await?
+        .rows_affected
+        == 1)
+}
