@@ -73,13 +73,20 @@ impl Deletions {
         }
     }
 
-    /// Records `what` as this node's to delete, and returns the deletion
-    /// to be run: once recorded, it is made even if this node stops under
-    /// it. The caller has checked that what it deletes exists.
+    /// Records `what` as this node's to delete, and returns its record's
+    /// id and the deletion to be run: once recorded, it is made even if
+    /// this node stops under it, unless [`Deletions::forget`] is told. The
+    /// caller has checked that what it deletes exists.
     pub async fn begin(
         &self,
         what: Deleting,
-    ) -> Result<impl Future<Output = Result<(), StoreError>> + Send + 'static, StoreError> {
+    ) -> Result<
+        (
+            i64,
+            impl Future<Output = Result<(), StoreError>> + Send + 'static,
+        ),
+        StoreError,
+    > {
         let inner = self.inner.clone();
         let d = store::within(
             inner.timeout,
@@ -87,7 +94,17 @@ impl Deletions {
         )
         .await?;
         inner.running_set().insert(d.id);
-        Ok(async move { inner.make(d).await })
+        Ok((d.id, async move { inner.make(d).await }))
+    }
+
+    /// Forgets the recorded deletion `id`, which failed and was answered
+    /// so: it is not to be made later. Best effort: a record this cannot
+    /// delete is taken up as any other left unmade.
+    pub async fn forget(&self, id: i64) {
+        let inner = &self.inner;
+        if let Err(e) = store::within(inner.timeout, inner.store.deletion_forget(id)).await {
+            tracing::warn!(error = %e, "a deletion that failed could not be forgotten; it is taken up again later");
+        }
     }
 
     /// Takes up and makes, one after the other, the recorded deletions
@@ -159,7 +176,7 @@ impl Inner {
             tracing::warn!(
                 what = ?d.what,
                 error = %e,
-                "a deletion failed; the next cleanup, or the next node to start, takes it up again"
+                "a deletion failed; unless it was answered so, the next cleanup, or the next node to start, takes it up again"
             );
             let me = self.node.instance.as_str();
             if let Err(e) = store::within(self.timeout, self.store.deletion_let_go(d.id, me)).await

@@ -222,6 +222,12 @@ impl DbClient {
         self.refuse("INSERT", table, when);
     }
 
+    /// As [`DbClient::refuse_updates`], for each row deleted (`when` on
+    /// `OLD.column`).
+    pub fn refuse_deletes(&self, table: &str, when: &str) {
+        self.refuse("DELETE", table, when);
+    }
+
     fn refuse(&self, op: &str, table: &str, when: &str) {
         let why = "'refused by the test'";
         let sql = match self {
@@ -265,8 +271,8 @@ impl DbClient {
         }
     }
 
-    /// Undoes [`DbClient::refuse_updates`] (or `refuse_inserts`) on
-    /// `table`.
+    /// Undoes [`DbClient::refuse_updates`] (or `refuse_inserts`,
+    /// `refuse_deletes`) on `table`.
     pub fn allow_writes(&self, table: &str) {
         match self {
             DbClient::Pg(_) => self.query(&format!(

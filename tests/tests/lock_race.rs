@@ -577,3 +577,54 @@ async fn a_deletion_cut_short_by_a_crash_is_made_by_the_next_start() {
     assert_eq!(db.query("SELECT count(*) FROM event"), "0");
     assert_eq!(db.query("SELECT count(*) FROM deletion"), "0");
 }
+
+/// A deletion answered 202 that then fails (here the database refuses to
+/// delete its events) is taken up again by the next cleanup, and made
+/// once the database lets it. Before, it was lost after its `failed`
+/// line.
+#[tokio::test]
+async fn a_deletion_that_fails_after_its_202_is_made_by_the_next_cleanup() {
+    let Some((_dir, url, db)) =
+        lockable_database("the deletion is held through a row lock, which SQLite has not")
+    else {
+        return;
+    };
+    let (s, addr_id, a, _) = server_with_endpoint(url, String::new()).await;
+    assert_status!(s.push(json!({"addr": a, "msg": "m"})).await, 202);
+    s.wait_settled(addr_id).await;
+    let held: i64 = db
+        .query("SELECT id FROM delivery")
+        .parse()
+        .expect("a delivery id");
+    let mut outside = session(&db);
+    let hold = format!("BEGIN;\nSELECT id FROM delivery WHERE id = {held} FOR UPDATE;\n");
+    match &db {
+        DbClient::My { .. } => feed(
+            &mut outside,
+            &format!(
+                "{hold}SELECT GET_LOCK('{}', 0);\n",
+                shown_lock(&db, "delivery", held)
+            ),
+        ),
+        _ => feed(&mut outside, &hold),
+    }
+    wait_row_locked(&db, &mut outside, ("delivery", held), 1).await;
+    let path = format!("/addr/{addr_id}");
+    assert_status!(s.manage(Method::DELETE, &path, None).await, 202);
+    // Its events' deletion is refused once the hold is let go.
+    db.refuse_deletes("event", "OLD.msg = 'm'");
+    commit_and_end(outside, "the hold");
+    s.wait_log("a deletion answered 202 failed", Duration::from_secs(20))
+        .await;
+
+    db.allow_writes("event");
+    let r = s
+        .manage(Method::POST, "/core", Some(json!({"cmd": "cleanup"})))
+        .await;
+    assert_status!(r, 204);
+    assert_status!(s.manage(Method::GET, &path, None).await, 404);
+    assert_eq!(db.query("SELECT count(*) FROM event"), "0");
+    assert_eq!(db.query("SELECT count(*) FROM deletion"), "0");
+    s.wait_log("a deletion left unmade has ended", Duration::from_secs(5))
+        .await;
+}

@@ -1567,6 +1567,37 @@ async fn a_cleanup_of_many_events_keeps_the_server_small_and_spares_pending_ones
     assert_eq!(count("SELECT count(*) FROM delivery"), pending);
 }
 
+/// A deletion that fails within `timeout` is answered with its error and
+/// is not made later: a cleanup after the database takes deletions again
+/// leaves the address, and no deletion is left recorded. (One answered
+/// 202 is made later instead: lock_race's tests.)
+#[tokio::test]
+async fn a_deletion_answered_as_failed_is_not_made_later() {
+    let s = Server::start_with(ServerOptions::test_plugin("")).await;
+    let db = s.db_client();
+    let (id, a) = s.new_addr().await;
+    s.endpoint(id, "t", json!({})).await;
+    assert_status!(s.push(json!({"addr": a, "msg": "m"})).await, 202);
+    s.wait_settled(id).await;
+    db.refuse_deletes("event", "OLD.msg = 'm'");
+    let path = format!("/addr/{id}");
+    let r = s.manage(Method::DELETE, &path, None).await;
+    assert_status!(r, 503);
+    db.allow_writes("event");
+    let r = s
+        .manage(Method::POST, "/core", Some(json!({"cmd": "cleanup"})))
+        .await;
+    assert_status!(r, 204);
+    assert_status!(s.manage(Method::GET, &path, None).await, 200);
+    assert_eq!(db.query("SELECT count(*) FROM event"), "1");
+    assert_eq!(db.query("SELECT count(*) FROM deletion"), "0");
+    assert!(
+        !s.log_text().contains("taking up a deletion"),
+        "{}",
+        s.log_text()
+    );
+}
+
 /// Deleting an address with a long history deletes its events a chunk at
 /// a time, so that pushes to the other addresses go on meanwhile. In one
 /// transaction, on SQLite, the deletion held the write lock (every push's

@@ -349,7 +349,7 @@ async fn route(
         ("POST", ["addr", a]) => addr_cmd(app, a, body).await,
         ("DELETE", ["addr", a]) => {
             let a = app.store.addr_get(&AddrRef::parse(a)).await?;
-            outlasting(app, app.deletions.begin(Deleting::Addr(a.id)).await?).await
+            deleted(app, Deleting::Addr(a.id)).await
         }
 
         ("GET", ["addr", a, "endpoint"]) => {
@@ -490,7 +490,7 @@ async fn route(
             let ep = int_id("endpoint", ep)?;
             let a = addr_for(app, a, &format!("endpoint {ep}")).await?;
             app.store.endpoint_get(a, ep).await?;
-            outlasting(app, app.deletions.begin(Deleting::Endpoint(a, ep)).await?).await
+            deleted(app, Deleting::Endpoint(a, ep)).await
         }
 
         ("GET", ["addr", a, "endpoint", ep, "subscription"]) => {
@@ -648,15 +648,7 @@ async fn core_cmd(app: &App, body: &Body) -> Result<Response, ApiError> {
                 }
             }
         }
-        "delete-everything" => {
-            let deletion = app.deletions.begin(Deleting::Everything).await?;
-            return outlasting(app, async move {
-                deletion.await?;
-                tracing::warn!("core delete-everything: every address was deleted");
-                Ok(())
-            })
-            .await;
-        }
+        "delete-everything" => return deleted(app, Deleting::Everything).await,
         "reset-addr-limits" => {
             app.counters.reset(&app.store).await?;
             tracing::info!("address limits reset");
@@ -670,22 +662,33 @@ async fn core_cmd(app: &App, body: &Body) -> Result<Response, ApiError> {
     Ok(reply::empty(StatusCode::NO_CONTENT))
 }
 
-/// Runs a deletion in a task of its own, so that the request's timeout
-/// does not cut it short: a long history is deleted a chunk at a time
-/// (`Store::history_delete`), which may take longer than `timeout`. Its
-/// answer (204, or its error) when it ends within `timeout`, else 202 and
-/// it goes on, its failure then logged.
-async fn outlasting(
-    app: &App,
-    work: impl Future<Output = Result<(), StoreError>> + Send + 'static,
-) -> Result<Response, ApiError> {
-    match ended_or_going_on(app, "a deletion answered 202", work).await? {
-        Some(()) => Ok(reply::empty(StatusCode::NO_CONTENT)),
-        None => Ok(reply::text(
+/// Makes the deletion `what`, recorded first (`crate::deletion`), in a
+/// task of its own, so that the request's timeout does not cut it short:
+/// a long history is deleted a chunk at a time (`Store::history_delete`),
+/// which may take longer than `timeout`. Its answer (204, or its error)
+/// when it ends within `timeout`, else 202 and it goes on, its failure
+/// then logged and the deletion taken up again later. One answered with
+/// its error is forgotten: it is not made later.
+async fn deleted(app: &App, what: Deleting) -> Result<Response, ApiError> {
+    let (id, work) = app.deletions.begin(what).await?;
+    let work = async move {
+        work.await?;
+        if what == Deleting::Everything {
+            tracing::warn!("core delete-everything: every address was deleted");
+        }
+        Ok(())
+    };
+    match ended_or_going_on(app, "a deletion answered 202", work).await {
+        Ok(Some(())) => Ok(reply::empty(StatusCode::NO_CONTENT)),
+        Ok(None) => Ok(reply::text(
             StatusCode::ACCEPTED,
             "the deletion goes on (a long history is deleted a chunk at a time); \
              what it deletes is gone when the server logs that it has ended",
         )),
+        Err(e) => {
+            app.deletions.forget(id).await;
+            Err(e)
+        }
     }
 }
 

@@ -131,6 +131,12 @@ impl Store {
         }
     }
 
+    /// Deletes the record of deletion `id`: it is not to be made.
+    pub async fn deletion_forget(&self, id: i64) -> Result<()> {
+        deletion::Entity::delete_by_id(id).exec(&self.db).await?;
+        Ok(())
+    }
+
     /// Leaves the recorded deletion `id`, which instance `me` gave up on,
     /// to whichever node takes it next.
     pub async fn deletion_let_go(&self, id: i64, me: &str) -> Result<()> {
