@@ -69,6 +69,13 @@ pub fn test_plugin_bin() -> PathBuf {
 
 static DB_SEQ: AtomicU32 = AtomicU32::new(0);
 
+/// The condition, after `WHERE`, that selects the deliveries of endpoint
+/// `{ep}` that wait years for their next try
+/// ([`Server::endpoint_with_waiting_backlog`]).
+pub fn waiting_years(ep: i64) -> String {
+    format!("endpoint_id = {ep} AND state = 'pending' AND next_at > '2030-01-01'")
+}
+
 /// A database URL for a new server, in `dir` (SQLite), on the PostgreSQL
 /// server named by `ROBOGER_TEST_PG`, or on the MySQL/MariaDB server named
 /// by `ROBOGER_TEST_MYSQL` (e.g. `mysql://root@127.0.0.1:3307`).
@@ -915,6 +922,44 @@ impl Server {
         self.manage(Method::GET, &format!("/addr/{id}/event/{ev}"), None)
             .await
             .json()
+    }
+
+    /// A new address whose endpoint of the test plugin `t` delivered one
+    /// event, and `n` copies of that event and its delivery written
+    /// straight to the database through `db` ([`DbClient::copy_history`]):
+    /// the address's id and string, and the endpoint's id.
+    pub async fn addr_with_history(&self, db: &DbClient, n: u64) -> (i64, String, i64) {
+        let (id, a) = self.new_addr().await;
+        let ep = self.endpoint(id, "t", json!({})).await;
+        let r = self.push(json!({"addr": a, "msg": "m"})).await;
+        assert_eq!(r.status.as_u16(), 202, "the push: {}", r.text);
+        self.wait_settled(id).await;
+        db.copy_history(n, n);
+        (id, a, ep)
+    }
+
+    /// A new address whose endpoint of the test plugin `t` fails every
+    /// try, and a backlog of it: its one event, tried once, and `n` copies
+    /// of its delivery written straight to the database through `db`,
+    /// each pending and due ten years from now ([`waiting_years`] selects
+    /// them). The address's id and string, and the endpoint's id.
+    pub async fn endpoint_with_waiting_backlog(&self, db: &DbClient, n: u64) -> (i64, String, i64) {
+        let (id, a) = self.new_addr().await;
+        let ep = self.endpoint(id, "t", json!({"fail": "down"})).await;
+        let r = self.push(json!({"addr": a, "msg": "m"})).await;
+        assert_eq!(r.status.as_u16(), 202, "the push: {}", r.text);
+        poll_until(Duration::from_secs(20), async || {
+            match db
+                .query("SELECT count(*) FROM delivery WHERE attempts > 0")
+                .as_str()
+            {
+                "0" => Err("not tried yet".to_string()),
+                _ => Ok(()),
+            }
+        })
+        .await;
+        db.copy_history(n, 1);
+        (id, a, ep)
     }
 
     /// Creates an address; returns its id and its 64-character string.

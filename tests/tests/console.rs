@@ -589,17 +589,8 @@ async fn master_allow_applies_to_the_console() {
 #[tokio::test]
 async fn deleting_an_address_with_a_long_history_says_it_goes_on() {
     let server = Server::start_with(ServerOptions::test_plugin("timeout: 1\n")).await;
-    let (id, a) = server.new_addr().await;
-    server.endpoint(id, "t", serde_json::json!({})).await;
-    assert_status!(
-        server
-            .push(serde_json::json!({"addr": a, "msg": "m"}))
-            .await,
-        202
-    );
-    server.wait_settled(id).await;
     // 300,000 events take a deletion, 500 at a time, well past 1 s.
-    server.db_client().copy_history(300_000, 300_000);
+    let (id, _, _) = server.addr_with_history(&server.db_client(), 300_000).await;
 
     let b = Browser::signed_in(&server).await;
     let page = format!("/ui/addr/{id}");

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use roboger_tests::db_proxy::{DbProxy, Lose};
 use roboger_tests::{
-    DbClient, Method, Server, ServerOptions, assert_status, poll_every, poll_until,
+    DbClient, Method, Server, ServerOptions, assert_status, poll_every, poll_until, waiting_years,
 };
 
 /// The test PostgreSQL server's data directory (these tests need it, and
@@ -789,11 +789,8 @@ async fn a_deletion_goes_on_past_a_database_restart() {
         return;
     };
     let db = DbClient::of(&url);
-    let (id, a) = s.new_addr().await;
-    s.endpoint(id, "t", serde_json::json!({})).await;
-    assert_eq!(pushed(&s, &a, "m").await, 202);
-    s.wait_settled(id).await;
-    db.copy_history(1200, 1200);
+    // Three chunks of 500 events.
+    let (id, _, _) = s.addr_with_history(&db, 1200).await;
     // The first chunk's deletion is held (twice: its first try and the
     // next), so the deletion is answered 202 while its walk is under way;
     // then the database goes down.
@@ -989,25 +986,9 @@ async fn a_walk_goes_on_past_a_statement_left_unanswered() {
     };
     let db = DbClient::of(&url);
     let count = |sql: &str| -> u64 { db.query(sql).parse().expect("a count") };
-    let (id, a) = s.new_addr().await;
-    let ep = s
-        .endpoint(id, "t", serde_json::json!({"fail": "down"}))
-        .await;
-    assert_eq!(pushed(&s, &a, "m").await, 202);
-    poll_until(Duration::from_secs(20), async || {
-        match count("SELECT count(*) FROM delivery WHERE attempts > 0") {
-            0 => Err("not tried yet".to_string()),
-            _ => Ok(()),
-        }
-    })
-    .await;
-    // Copies of its delivery, each waiting ten years for its next try:
-    // three chunks of 500.
-    db.copy_history(N, 1);
-    let waiting = format!(
-        "SELECT count(*) FROM delivery WHERE endpoint_id = {ep} AND state = 'pending' \
-         AND next_at > '2030-01-01'"
-    );
+    // Three chunks of 500.
+    let (id, _, ep) = s.endpoint_with_waiting_backlog(&db, N).await;
+    let waiting = format!("SELECT count(*) FROM delivery WHERE {}", waiting_years(ep));
     assert_eq!(count(&waiting), N);
     // The first chunk's update falls silent.
     proxy.silence_at(&[&sql(
@@ -1043,12 +1024,8 @@ async fn a_deletion_goes_on_past_a_statement_left_unanswered() {
         return;
     };
     let db = DbClient::of(&url);
-    let (id, a) = s.new_addr().await;
-    s.endpoint(id, "t", serde_json::json!({})).await;
-    assert_eq!(pushed(&s, &a, "m").await, 202);
-    s.wait_settled(id).await;
     // Three chunks of 500 events.
-    db.copy_history(1200, 1200);
+    let (id, _, _) = s.addr_with_history(&db, 1200).await;
     // The first chunk's deletion falls silent.
     proxy.silence_at(&[&sql(
         "DELETE FROM \"delivery\" WHERE \"delivery\".\"event_id\" IN",

@@ -30,6 +30,7 @@ use std::time::{Duration, Instant};
 
 use roboger_tests::{
     DbClient, Method, Server, ServerOptions, assert_status, fresh_database, json, poll_until,
+    waiting_years,
 };
 
 /// A session fed statement by statement through its stdin.
@@ -147,28 +148,34 @@ fn lockable_database(why: &str) -> Option<(tempfile::TempDir, String, DbClient)>
     Some((dir, url, db))
 }
 
-/// The statements that begin a transaction holding endpoint `ep`'s row.
-fn endpoint_lock(ep: i64) -> String {
-    format!("BEGIN;\nSELECT id FROM endpoint WHERE id = {ep} FOR UPDATE;\n")
-}
-
-/// An outside session holding endpoint `ep`'s row, the `holders`th
-/// session to hold an endpoint row, once it holds it. On MariaDB it takes
-/// a named lock too, which shows that it does.
-async fn hold_endpoint(db: &DbClient, ep: i64, holders: u32) -> Child {
-    let mut hold = session(db);
-    match db {
-        DbClient::My { .. } => feed(
-            &mut hold,
-            &format!(
-                "{}SELECT GET_LOCK('{}', 0);\n",
-                endpoint_lock(ep),
-                shown_lock(db, "endpoint", ep)
-            ),
+/// An outside session holding the row `id` of `table`, the `holders`th
+/// session to hold a row of it, once it holds it. On MariaDB it takes a
+/// named lock too, which shows that it does. One that `wins_deadlocks`
+/// against the server ([`server_loses_deadlocks`]) looks for one later
+/// on PostgreSQL ([`OUTSIDE_WAITS`]), and on MariaDB has written more
+/// (ballast, in its transaction).
+async fn hold_row(
+    db: &DbClient,
+    (table, id): (&str, i64),
+    holders: u32,
+    wins_deadlocks: bool,
+) -> Child {
+    let (before, within) = match (db, wins_deadlocks) {
+        (DbClient::My { .. }, true) => (
+            "CREATE TABLE ballast (n INT);\n",
+            "INSERT INTO ballast SELECT seq FROM seq_1_to_1000;\n",
         ),
-        _ => feed(&mut hold, &endpoint_lock(ep)),
+        (_, true) => (OUTSIDE_WAITS, ""),
+        _ => ("", ""),
+    };
+    let mut sql =
+        format!("{before}BEGIN;\n{within}SELECT id FROM {table} WHERE id = {id} FOR UPDATE;\n");
+    if let DbClient::My { .. } = db {
+        sql += &format!("SELECT GET_LOCK('{}', 0);\n", shown_lock(db, table, id));
     }
-    wait_row_locked(db, &mut hold, ("endpoint", ep), holders).await;
+    let mut hold = session(db);
+    feed(&mut hold, &sql);
+    wait_row_locked(db, &mut hold, (table, id), holders).await;
     hold
 }
 
@@ -198,28 +205,7 @@ async fn a_group_commit_that_loses_a_deadlock_runs_again() {
     server_loses_deadlocks(&db, &url);
     let (s, addr_id, a, ep) = server_with_endpoint(url, String::new()).await;
 
-    let mut outside = session(&db);
-    match &db {
-        DbClient::My { .. } => feed(
-            &mut outside,
-            &format!(
-                "CREATE TABLE ballast (n INT);\nBEGIN;\n\
-                 INSERT INTO ballast SELECT seq FROM seq_1_to_1000;\n\
-                 SELECT id FROM endpoint WHERE id = {ep} FOR UPDATE;\n\
-                 SELECT GET_LOCK('{}', 0);\n",
-                shown_lock(&db, "endpoint", ep)
-            ),
-        ),
-        // PostgreSQL (SQLite returned above).
-        _ => feed(
-            &mut outside,
-            &format!(
-                "{OUTSIDE_WAITS}BEGIN;\n\
-                 SELECT id FROM endpoint WHERE id = {ep} FOR UPDATE;\n"
-            ),
-        ),
-    }
-    wait_row_locked(&db, &mut outside, ("endpoint", ep), 1).await;
+    let mut outside = hold_row(&db, ("endpoint", ep), 1, true).await;
 
     let push = spawn_push(&s, &a, "through a deadlock");
     wait_until("the group commit", || waiting(&db, COMMIT) >= 1).await;
@@ -287,48 +273,15 @@ async fn a_walk_that_loses_a_deadlock_goes_on() {
         ..ServerOptions::test_plugin("delivery:\n  max-attempts: 100\n")
     })
     .await;
-    let (addr_id, a) = s.new_addr().await;
-    let ep = s.endpoint(addr_id, "t", json!({"fail": "down"})).await;
-    assert_status!(s.push(json!({"addr": a, "msg": "m"})).await, 202);
+    // One chunk.
+    let (addr_id, _, ep) = s.endpoint_with_waiting_backlog(&db, N).await;
     let count = |sql: &str| -> i64 { db.query(sql).parse().expect("a number") };
-    poll_until(Duration::from_secs(20), async || {
-        match count("SELECT count(*) FROM delivery WHERE attempts > 0") {
-            0 => Err("not tried yet".to_string()),
-            _ => Ok(()),
-        }
-    })
-    .await;
-    // Copies of its delivery, each waiting ten years for its next try:
-    // one chunk.
-    db.copy_history(N, 1);
-    let waiting_rows = format!(
-        "FROM delivery WHERE endpoint_id = {ep} AND state = 'pending' \
-         AND next_at > '2030-01-01'"
-    );
+    let waiting_rows = format!("FROM delivery WHERE {}", waiting_years(ep));
     assert_eq!(count(&format!("SELECT count(*) {waiting_rows}")), N as i64);
     let first = count(&format!("SELECT min(id) {waiting_rows}"));
     let last = count(&format!("SELECT max(id) {waiting_rows}"));
 
-    let mut outside = session(&db);
-    match &db {
-        DbClient::My { .. } => feed(
-            &mut outside,
-            &format!(
-                "CREATE TABLE ballast (n INT);\nBEGIN;\n\
-                 INSERT INTO ballast SELECT seq FROM seq_1_to_1000;\n\
-                 SELECT id FROM delivery WHERE id = {last} FOR UPDATE;\n\
-                 SELECT GET_LOCK('{}', 0);\n",
-                shown_lock(&db, "delivery", last)
-            ),
-        ),
-        _ => feed(
-            &mut outside,
-            &format!(
-                "{OUTSIDE_WAITS}BEGIN;\nSELECT id FROM delivery WHERE id = {last} FOR UPDATE;\n"
-            ),
-        ),
-    }
-    wait_row_locked(&db, &mut outside, ("delivery", last), 1).await;
+    let mut outside = hold_row(&db, ("delivery", last), 1, true).await;
 
     // The change's answer waits for the walk (within the server's
     // timeout), so the deadlock is made meanwhile.
@@ -426,8 +379,8 @@ async fn a_push_whose_commit_runs_past_its_timeout_is_answered_by_the_commit() {
 
     // The first hold: the first push's commit waits for its endpoint's
     // row. The second hold has the second push's endpoint's row already.
-    let first = hold_endpoint(&db, ep, 1).await;
-    let second = hold_endpoint(&db, ep_b, 2).await;
+    let first = hold_row(&db, ("endpoint", ep), 1, false).await;
+    let second = hold_row(&db, ("endpoint", ep_b), 2, false).await;
     let push_a = spawn_push(&s, &a, "first");
     wait_until("the first commit", || waiting(&db, COMMIT) >= 1).await;
     // The second push waits in the writer's queue meanwhile.
@@ -489,7 +442,7 @@ async fn a_commit_that_outlives_the_timeout_is_not_stored_after_its_503() {
 
     // The endpoint's row is held for longer than the server's timeout, so
     // the push's commit waits for it past the writer's own wait.
-    let hold = hold_endpoint(&db, ep, 1).await;
+    let hold = hold_row(&db, ("endpoint", ep), 1, false).await;
     let push = spawn_push(&s, &a, "refused");
     wait_until("the held commit", || waiting(&db, COMMIT) >= 1).await;
     assert_eq!(push.await.expect("the push"), 503, "the held push");
@@ -531,31 +484,18 @@ async fn a_deletion_cut_short_by_a_crash_is_made_by_the_next_start() {
     else {
         return;
     };
-    let (mut s, addr_id, a, _) = server_with_endpoint(url, String::new()).await;
-    assert_status!(s.push(json!({"addr": a, "msg": "m"})).await, 202);
-    s.wait_settled(addr_id).await;
+    let mut s = Server::start_with(ServerOptions {
+        db: Some(url),
+        ..ServerOptions::test_plugin("")
+    })
+    .await;
     // Copies of its event, whose ids sort before it: three chunks.
-    db.copy_history(1200, 1200);
+    let (addr_id, _, _) = s.addr_with_history(&db, 1200).await;
     let held: i64 = db
         .query("SELECT id FROM delivery WHERE event_id = '00000000-0000-7000-8000-000000000001'")
         .parse()
         .expect("a delivery id");
-    let mut outside = session(&db);
-    match &db {
-        DbClient::My { .. } => feed(
-            &mut outside,
-            &format!(
-                "BEGIN;\nSELECT id FROM delivery WHERE id = {held} FOR UPDATE;\n\
-                 SELECT GET_LOCK('{}', 0);\n",
-                shown_lock(&db, "delivery", held)
-            ),
-        ),
-        _ => feed(
-            &mut outside,
-            &format!("BEGIN;\nSELECT id FROM delivery WHERE id = {held} FOR UPDATE;\n"),
-        ),
-    }
-    wait_row_locked(&db, &mut outside, ("delivery", held), 1).await;
+    let outside = hold_row(&db, ("delivery", held), 1, false).await;
 
     let r = s
         .manage(Method::DELETE, &format!("/addr/{addr_id}"), None)
@@ -596,19 +536,7 @@ async fn a_deletion_that_fails_after_its_202_is_made_by_the_next_cleanup() {
         .query("SELECT id FROM delivery")
         .parse()
         .expect("a delivery id");
-    let mut outside = session(&db);
-    let hold = format!("BEGIN;\nSELECT id FROM delivery WHERE id = {held} FOR UPDATE;\n");
-    match &db {
-        DbClient::My { .. } => feed(
-            &mut outside,
-            &format!(
-                "{hold}SELECT GET_LOCK('{}', 0);\n",
-                shown_lock(&db, "delivery", held)
-            ),
-        ),
-        _ => feed(&mut outside, &hold),
-    }
-    wait_row_locked(&db, &mut outside, ("delivery", held), 1).await;
+    let outside = hold_row(&db, ("delivery", held), 1, false).await;
     let path = format!("/addr/{addr_id}");
     assert_status!(s.manage(Method::DELETE, &path, None).await, 202);
     // Its events' deletion is refused once the hold is let go.

@@ -1679,12 +1679,8 @@ async fn deleting_an_address_with_a_long_history_keeps_pushes_going() {
 #[tokio::test]
 async fn a_change_whose_client_leaves_is_made_and_logged() {
     let s = Server::start_with(ServerOptions::test_plugin("timeout: 1\n")).await;
-    let (id, a) = s.new_addr().await;
-    s.endpoint(id, "t", json!({})).await;
-    assert_status!(s.push(json!({"addr": a, "msg": "m"})).await, 202);
-    s.wait_settled(id).await;
     // 300,000 events take a deletion, 500 at a time, well past 1 s.
-    s.db_client().copy_history(300_000, 300_000);
+    let (id, _, _) = s.addr_with_history(&s.db_client(), 300_000).await;
     let gave_up = s
         .http
         .delete(s.url(&format!("/manage/v2/addr/{id}")))
@@ -1763,22 +1759,11 @@ async fn a_config_change_makes_a_long_backlog_due_and_is_answered() {
     .await;
     let db = s.db_client();
     let count = |sql: &str| -> u64 { db.query(sql).parse().expect("a count") };
-    let (id, a) = s.new_addr().await;
-    let ep = s.endpoint(id, "t", json!({"fail": "down"})).await;
-    assert_status!(s.push(json!({"addr": a, "msg": "m"})).await, 202);
+    let (id, _, ep) = s.endpoint_with_waiting_backlog(&db, N).await;
     let waiting = format!(
-        "SELECT count(*) FROM delivery WHERE endpoint_id = {ep} AND state = 'pending' \
-         AND next_at > '2030-01-01'"
+        "SELECT count(*) FROM delivery WHERE {}",
+        roboger_tests::waiting_years(ep)
     );
-    roboger_tests::poll_until(Duration::from_secs(20), async || {
-        match count("SELECT count(*) FROM delivery WHERE attempts > 0") {
-            0 => Err("not tried yet".to_string()),
-            _ => Ok(()),
-        }
-    })
-    .await;
-    // Copies of its delivery, each waiting ten years for its next try.
-    db.copy_history(N, 1);
     assert_eq!(count(&waiting), N);
     // Statistics as a backlog that grew over hours would have them.
     if roboger_tests::on_postgres() {
