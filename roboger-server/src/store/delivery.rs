@@ -869,7 +869,7 @@ fn failed_made_due() -> sea_orm::UpdateMany<delivery::Entity> {
 /// last: `act` does the work on a chunk and says how many rows it
 /// changed. The sum, once a chunk comes back short. A statement that
 /// finds the database out of reach, or loses a lock race, is tried again
-/// ([`CHUNK_TRIES`]), so `act` must do no harm made twice.
+/// ([`chunk_patience`]), so `act` must do no harm made twice.
 ///
 /// Each read resumes after the last id, so an index that gives `rows` in
 /// the order of `id` (a delivery's `(endpoint_id, id)`, an event's
@@ -923,8 +923,9 @@ where
     let give_up = tokio::time::Instant::now() + chunk_patience(step);
     let mut pause = CHUNK_PAUSE;
     loop {
+        let tried = super::within(step, op()).await;
         let in_time = tokio::time::Instant::now() + pause < give_up;
-        match super::within(step, op()).await {
+        match tried {
             Err(e) if e.out_of_reach() && in_time => {
                 tracing::debug!(error = %e, "a walk's statement is tried again");
             }
