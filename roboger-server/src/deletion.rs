@@ -9,8 +9,9 @@
 //! longer alive. Either is taken up and made by the next node to look:
 //! each node at its start (once its `node-timeout` has passed, so that a
 //! crashed instance before it is seen dead), and the node that runs each
-//! periodic or commanded cleanup. So a deletion once answered is made,
-//! whatever stops under it.
+//! periodic or commanded cleanup. So a deletion once answered 202 is
+//! made, whatever stops under it; one answered with its error is
+//! forgotten ([`Deletions::forget`]) and not made later.
 //!
 //! Two nodes never make one recorded deletion at once but by a race that
 //! is harmless: a take names the instance that held it as read, and the

@@ -3,7 +3,8 @@
 //! walk begins, with the node instance running it, and deleted in the
 //! transaction that ends it. A deletion whose node stopped or died under
 //! it, or gave up on it, is left recorded for another node, or this one,
-//! to take and make ([`crate::deletion`]).
+//! to take and make ([`crate::deletion`]); one answered with its error
+//! is forgotten, its record deleted.
 
 use std::time::Duration;
 
