@@ -11,7 +11,7 @@ use std::time::Duration;
 use sea_orm::sea_query::{Expr, ExprTrait};
 use sea_orm::{
     ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseTransaction, DbErr, EntityTrait,
-    PaginatorTrait, QueryFilter, QueryOrder, QuerySelect,
+    PaginatorTrait, QueryFilter, QueryOrder, QuerySelect, Select,
 };
 
 use super::entity::{delivery, job_lease, node, routing_change, routing_version};
@@ -131,12 +131,7 @@ impl Store {
     /// How many nodes have written a heartbeat within `timeout` (the
     /// `node-timeout`) and were not found dead.
     pub async fn nodes_alive(&self, timeout: Duration) -> Result<u64> {
-        let since = chrono::Utc::now() - chrono::Duration::from_std(timeout).unwrap_or_default();
-        Ok(node::Entity::find()
-            .filter(node::Column::Heartbeat.gt(since))
-            .filter(node::Column::Rescued.is_null())
-            .count(&self.db)
-            .await?)
+        Ok(live_nodes(timeout).count(&self.db).await?)
     }
 
     /// Applies every pending migration while holding a database-wide lock,
@@ -331,12 +326,9 @@ impl Store {
         version: i64,
         timeout: Duration,
     ) -> Result<Vec<String>> {
-        let since = chrono::Utc::now() - chrono::Duration::from_std(timeout).unwrap_or_default();
-        Ok(node::Entity::find()
+        Ok(live_nodes(timeout)
             .select_only()
             .column(node::Column::Instance)
-            .filter(node::Column::Heartbeat.gt(since))
-            .filter(node::Column::Rescued.is_null())
             .filter(node::Column::Instance.ne(me))
             .filter(node::Column::RoutingVersion.lt(version))
             .into_tuple()
@@ -627,4 +619,14 @@ async fn release_leases_of(txn: &DatabaseTransaction, instance: &str) -> Result<
         .exec(txn)
         .await?
         .rows_affected)
+}
+
+/// The nodes alive now: a heartbeat within `timeout` (the `node-timeout`)
+/// and not found dead. Invariant: every question about which nodes are
+/// alive narrows this one select, so they cannot disagree.
+pub(super) fn live_nodes(timeout: Duration) -> Select<node::Entity> {
+    let since = chrono::Utc::now() - chrono::Duration::from_std(timeout).unwrap_or_default();
+    node::Entity::find()
+        .filter(node::Column::Heartbeat.gt(since))
+        .filter(node::Column::Rescued.is_null())
 }

@@ -12,6 +12,7 @@ use sea_orm::sea_query::Expr;
 use sea_orm::{ActiveValue::Set, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter};
 use sea_orm::{QueryOrder, QuerySelect};
 
+use super::cluster::live_nodes;
 use super::entity::{deletion, node};
 use super::{Result, Store};
 
@@ -84,13 +85,9 @@ impl Store {
     /// first: taken by nobody, by `me`, or by an instance with no
     /// heartbeat within `node_timeout` (stopped, dead, or found dead).
     pub async fn deletions_left(&self, me: &str, node_timeout: Duration) -> Result<Vec<Recorded>> {
-        let since =
-            chrono::Utc::now() - chrono::Duration::from_std(node_timeout).unwrap_or_default();
-        let live: Vec<String> = node::Entity::find()
+        let live: Vec<String> = live_nodes(node_timeout)
             .select_only()
             .column(node::Column::Instance)
-            .filter(node::Column::Heartbeat.gt(since))
-            .filter(node::Column::Rescued.is_null())
             .filter(node::Column::Instance.ne(me))
             .into_tuple()
             .all(&self.db)
