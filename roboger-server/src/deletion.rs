@@ -7,10 +7,12 @@
 //! database out of reach past a walk's patience) is let go; one whose
 //! node stopped or died under it stays taken by an instance that is no
 //! longer alive. Either is taken up and made by the next node to look:
-//! each node at its start (once its `node-timeout` has passed, so that a
-//! crashed instance before it is seen dead), and the node that runs each
-//! periodic or commanded cleanup. So a deletion once answered 202 is
-//! made, whatever stops under it; one answered with its error is
+//! each node looks every `node-timeout` (the first look one `node-timeout`
+//! after its start, so that a crashed instance before it is seen dead;
+//! the pause doubling, up to five minutes, while looks or the deletions
+//! they take up fail), and at each cleanup it runs. So a deletion once
+//! answered 202 is made, whatever stops under it, within about two
+//! `node-timeout`s of its node's end; one answered with its error is
 //! forgotten ([`Deletions::forget`]) and not made later.
 //!
 //! Two nodes never make one recorded deletion at once but by a race that
@@ -25,6 +27,13 @@ use std::time::Duration;
 
 use crate::cluster::Node;
 use crate::store::{self, Deleting, Recorded, Store, StoreError};
+
+/// The longest pause between a node's looks for deletions left unmade,
+/// reached while the looks or the deletions they take up keep failing
+/// (the database out of reach, or refusing them): each failure is said in
+/// the log, and at the usual pause of `node-timeout` that would be a
+/// warning every few seconds.
+const LOOK_PAUSE_MOST: Duration = Duration::from_secs(300);
 
 /// This node's deletions: those it makes now, and the recorded ones it
 /// takes up.
@@ -108,10 +117,16 @@ impl Deletions {
         }
     }
 
+    /// How many deletions this node makes now.
+    pub fn running(&self) -> usize {
+        self.inner.running_set().len()
+    }
+
     /// Takes up and makes, one after the other, the recorded deletions
     /// that no live node makes: left by a node that stopped or died
     /// under them, or given up on. Says in the log what it takes up.
-    pub async fn take_up(&self) {
+    /// False when the look, a take or a deletion failed.
+    pub async fn take_up(&self) -> bool {
         let inner = &self.inner;
         let me = inner.node.instance.as_str();
         let left = store::within(
@@ -123,9 +138,10 @@ impl Deletions {
             Ok(left) => left,
             Err(e) => {
                 tracing::warn!(error = %e, "could not look for deletions left unmade");
-                return;
+                return false;
             }
         };
+        let mut all_made = true;
         for d in left {
             if d.taken_by(me) && inner.running_set().contains(&d.id) {
                 continue;
@@ -135,24 +151,37 @@ impl Deletions {
                 Ok(false) => continue,
                 Err(e) => {
                     tracing::warn!(error = %e, "could not take up a deletion left unmade");
-                    return;
+                    return false;
                 }
             }
             inner.running_set().insert(d.id);
             tracing::info!(what = ?d.what, "taking up a deletion left unmade");
             if inner.make(d.clone()).await.is_ok() {
                 tracing::info!(what = ?d.what, "a deletion left unmade has ended");
+            } else {
+                all_made = false;
             }
         }
+        all_made
     }
 
-    /// After this node's start, once `node-timeout` has passed (an
-    /// instance of it that crashed is then seen dead), [`Deletions::take_up`].
-    pub fn take_up_after_start(&self) -> tokio::task::JoinHandle<()> {
+    /// [`Deletions::take_up`] every `node-timeout`, until the task is
+    /// aborted; the first look one `node-timeout` after this node's start,
+    /// when an instance of it that crashed is seen dead. While looks fail
+    /// the pause doubles, up to [`LOOK_PAUSE_MOST`].
+    pub fn spawn_periodic(&self) -> tokio::task::JoinHandle<()> {
         let this = self.clone();
         tokio::spawn(async move {
-            tokio::time::sleep(this.inner.node_timeout).await;
-            this.take_up().await;
+            let every = this.inner.node_timeout;
+            let mut pause = every;
+            loop {
+                tokio::time::sleep(pause).await;
+                pause = if this.take_up().await {
+                    every
+                } else {
+                    (pause * 2).min(LOOK_PAUSE_MOST.max(every))
+                };
+            }
         })
     }
 }
@@ -177,7 +206,7 @@ impl Inner {
             tracing::warn!(
                 what = ?d.what,
                 error = %e,
-                "a deletion failed; unless it was answered so, the next cleanup, or the next node to start, takes it up again"
+                "a deletion failed; unless it was answered so, it is taken up again (each node looks every node-timeout, less often while deletions fail)"
             );
             let me = self.node.instance.as_str();
             if let Err(e) = store::within(self.timeout, self.store.deletion_let_go(d.id, me)).await

@@ -333,7 +333,7 @@ async fn serve(cli: &Cli, activated: Vec<OwnedFd>) -> anyhow::Result<()> {
     let cleanup = app
         .cleanup
         .spawn_periodic(app.node.clone(), app.config.cleanup_interval);
-    let deletions_left = app.deletions.take_up_after_start();
+    let deletions_left = app.deletions.spawn_periodic();
     // After a burst of large pushes, back to the usual size.
     let release = roboger_plugin_sdk::allocator::spawn_periodic_release();
     // Bound, migrated, plugins started: connections wait in the backlog
@@ -365,6 +365,15 @@ async fn serve(cli: &Cli, activated: Vec<OwnedFd>) -> anyhow::Result<()> {
     cleanup.abort();
     deletions_left.abort();
     app.cleanup.stop();
+    let cut_short = app.deletions.running();
+    if cut_short > 0 {
+        // Their walks end with this process; their records stay.
+        tracing::info!(
+            deletions = cut_short,
+            "deletions under way are left to the other nodes, or to this one's next start: \
+             each node looks for them every node-timeout"
+        );
+    }
     // The calls in flight end and their outcomes are written before the
     // plugins stop: a delivery made is not made again by whoever takes
     // this node's deliveries over. A call may wait `timeout` for room in

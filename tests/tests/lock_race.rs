@@ -556,3 +556,157 @@ async fn a_deletion_that_fails_after_its_202_is_made_by_the_next_cleanup() {
     s.wait_log("a deletion left unmade has ended", Duration::from_secs(5))
         .await;
 }
+
+/// A deletion answered 202 that keeps failing is tried again every
+/// `node-timeout` or so, and made once the database lets it, with no
+/// cleanup asked for. Before, after the look one `node-timeout` past the
+/// start, it waited for the next cleanup: an hour by default.
+#[tokio::test]
+async fn a_deletion_that_keeps_failing_is_tried_again_until_made() {
+    let Some((_dir, url, db)) =
+        lockable_database("the deletion is held through a row lock, which SQLite has not")
+    else {
+        return;
+    };
+    let (s, addr_id, a, _) = server_with_endpoint(url, String::new()).await;
+    assert_status!(s.push(json!({"addr": a, "msg": "m"})).await, 202);
+    s.wait_settled(addr_id).await;
+    let held: i64 = db
+        .query("SELECT id FROM delivery")
+        .parse()
+        .expect("a delivery id");
+    let outside = hold_row(&db, ("delivery", held), 1, false).await;
+    let path = format!("/addr/{addr_id}");
+    assert_status!(s.manage(Method::DELETE, &path, None).await, 202);
+    db.refuse_deletes("event", "OLD.msg = 'm'");
+    commit_and_end(outside, "the hold");
+    // It fails, is taken up again, and fails again.
+    let failed = "a deletion failed;";
+    poll_until(Duration::from_secs(30), async || {
+        match s.log_lines(failed).len() {
+            2.. => Ok(()),
+            n => Err(format!("{n} failure(s) said:\n{}", s.log_text())),
+        }
+    })
+    .await;
+    assert_eq!(s.log_lines("taking up a deletion left unmade").len(), 1);
+
+    db.allow_writes("event");
+    poll_until(Duration::from_secs(30), async || {
+        match s.manage(Method::GET, &path, None).await.status.as_u16() {
+            404 => Ok(()),
+            other => Err(format!("the address is still there ({other})")),
+        }
+    })
+    .await;
+    s.wait_log("a deletion left unmade has ended", Duration::from_secs(5))
+        .await;
+    assert_eq!(db.query("SELECT count(*) FROM event"), "0");
+    assert_eq!(db.query("SELECT count(*) FROM deletion"), "0");
+    assert!(s.log_lines(" cleanup").is_empty(), "{}", s.log_text());
+}
+
+/// A deletion whose node dies under it is made by another node within
+/// about two `node-timeout`s, whose log says so. Before, the other node
+/// looked one `node-timeout` after its own start, and then only at its
+/// next cleanup (an hour by default): the address stayed listed until
+/// then.
+#[tokio::test]
+async fn a_deletion_whose_node_dies_under_it_is_made_by_another_node() {
+    let Some((_dir, url, db)) =
+        lockable_database("the deletion is held through a row lock, which SQLite has not")
+    else {
+        return;
+    };
+    let opts = || ServerOptions {
+        db: Some(url.clone()),
+        ..ServerOptions::test_plugin("")
+    };
+    let mut dying = Server::start_with(opts()).await;
+    let other = Server::start_with(opts()).await;
+    // The other node's first look, one node-timeout after its start, is
+    // over before the deletion begins.
+    poll_until(Duration::from_secs(30), async || {
+        let r = other.manage(Method::GET, "/node", None).await;
+        let me = r
+            .json()
+            .as_array()
+            .and_then(|nodes| nodes.iter().find(|n| n["self"] == json!(true)).cloned());
+        let at = |k: &str| {
+            me.as_ref()
+                .and_then(|n| n[k].as_str())
+                .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+        };
+        match (at("started"), at("heartbeat")) {
+            (Some(started), Some(beat)) if beat - started > chrono::Duration::seconds(4) => Ok(()),
+            _ => Err(format!("younger than its first look: {}", r.text)),
+        }
+    })
+    .await;
+
+    let (addr_id, _, _) = dying.addr_with_history(&db, 1200).await;
+    let held: i64 = db
+        .query("SELECT id FROM delivery WHERE event_id = '00000000-0000-7000-8000-000000000001'")
+        .parse()
+        .expect("a delivery id");
+    let outside = hold_row(&db, ("delivery", held), 1, false).await;
+    let path = format!("/addr/{addr_id}");
+    assert_status!(dying.manage(Method::DELETE, &path, None).await, 202);
+    dying.kill();
+    commit_and_end(outside, "the hold");
+
+    poll_until(Duration::from_secs(30), async || {
+        match other.manage(Method::GET, &path, None).await.status.as_u16() {
+            404 => Ok(()),
+            n => Err(format!("the address is still there ({n})")),
+        }
+    })
+    .await;
+    other
+        .wait_log("a deletion left unmade has ended", Duration::from_secs(5))
+        .await;
+    assert_eq!(db.query("SELECT count(*) FROM event"), "0");
+    assert_eq!(db.query("SELECT count(*) FROM deletion"), "0");
+}
+
+/// A node stopped (SIGTERM) under a deletion stops at once, and says that
+/// the deletion is left; its next start makes it. Before, its log said
+/// nothing of it.
+#[tokio::test]
+async fn a_node_stopped_under_a_deletion_says_it_is_left() {
+    let Some((_dir, url, db)) =
+        lockable_database("the deletion is held through a row lock, which SQLite has not")
+    else {
+        return;
+    };
+    let mut s = Server::start_with(ServerOptions {
+        db: Some(url),
+        ..ServerOptions::test_plugin("")
+    })
+    .await;
+    let (addr_id, _, _) = s.addr_with_history(&db, 1200).await;
+    let held: i64 = db
+        .query("SELECT id FROM delivery WHERE event_id = '00000000-0000-7000-8000-000000000001'")
+        .parse()
+        .expect("a delivery id");
+    let outside = hold_row(&db, ("delivery", held), 1, false).await;
+    let path = format!("/addr/{addr_id}");
+    assert_status!(s.manage(Method::DELETE, &path, None).await, 202);
+    assert!(s.terminate().success(), "{}", s.log_text());
+    let said = s.log_lines("deletions under way are left to the other nodes");
+    assert_eq!(said.len(), 1, "{}", s.log_text());
+    assert!(said[0].contains("deletions=1"), "{}", said[0]);
+    commit_and_end(outside, "the hold");
+
+    s.kill_and_restart();
+    poll_until(Duration::from_secs(30), async || {
+        match s.manage(Method::GET, &path, None).await.status.as_u16() {
+            404 => Ok(()),
+            n => Err(format!("the address is still there ({n})")),
+        }
+    })
+    .await;
+    s.wait_log("a deletion left unmade has ended", Duration::from_secs(5))
+        .await;
+    assert_eq!(db.query("SELECT count(*) FROM deletion"), "0");
+}
