@@ -202,6 +202,11 @@ impl Inner {
             id: d.id,
         };
         let made = self.store.deletion_make(&d).await;
+        if made.is_ok() && d.what == Deleting::Everything {
+            // Said by whichever node ends it, the one asked or one that
+            // took it up.
+            tracing::warn!("core delete-everything: every address was deleted");
+        }
         if let Err(e) = &made {
             tracing::warn!(
                 what = ?d.what,

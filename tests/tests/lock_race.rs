@@ -479,6 +479,32 @@ async fn a_commit_that_outlives_the_timeout_is_not_stored_after_its_503() {
 /// killed.
 #[tokio::test]
 async fn a_deletion_cut_short_by_a_crash_is_made_by_the_next_start() {
+    cut_short_by_a_crash(Cut::Addr).await;
+}
+
+/// [`a_deletion_cut_short_by_a_crash_is_made_by_the_next_start`], for an
+/// endpoint's deletion: the endpoint and its history go, its address
+/// stays.
+#[tokio::test]
+async fn an_endpoint_deletion_cut_short_by_a_crash_is_made_by_the_next_start() {
+    cut_short_by_a_crash(Cut::Endpoint).await;
+}
+
+/// [`a_deletion_cut_short_by_a_crash_is_made_by_the_next_start`], for
+/// `delete-everything`, which the next start ends as it would have.
+#[tokio::test]
+async fn a_delete_everything_cut_short_by_a_crash_is_made_by_the_next_start() {
+    cut_short_by_a_crash(Cut::Everything).await;
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Cut {
+    Addr,
+    Endpoint,
+    Everything,
+}
+
+async fn cut_short_by_a_crash(what: Cut) {
     let Some((_dir, url, db)) =
         lockable_database("the deletion is held through a row lock, which SQLite has not")
     else {
@@ -490,32 +516,56 @@ async fn a_deletion_cut_short_by_a_crash_is_made_by_the_next_start() {
     })
     .await;
     // Copies of its event, whose ids sort before it: three chunks.
-    let (addr_id, _, _) = s.addr_with_history(&db, 1200).await;
+    let (addr_id, _, ep) = s.addr_with_history(&db, 1200).await;
     let held: i64 = db
         .query("SELECT id FROM delivery WHERE event_id = '00000000-0000-7000-8000-000000000001'")
         .parse()
         .expect("a delivery id");
     let outside = hold_row(&db, ("delivery", held), 1, false).await;
 
-    let r = s
-        .manage(Method::DELETE, &format!("/addr/{addr_id}"), None)
-        .await;
+    let addr_path = format!("/addr/{addr_id}");
+    let ep_path = format!("/addr/{addr_id}/endpoint/{ep}");
+    let r = match what {
+        Cut::Addr => s.manage(Method::DELETE, &addr_path, None).await,
+        Cut::Endpoint => s.manage(Method::DELETE, &ep_path, None).await,
+        Cut::Everything => {
+            let cmd = json!({"cmd": "delete-everything"});
+            s.manage(Method::POST, "/core", Some(cmd)).await
+        }
+    };
     assert_status!(r, 202);
     s.kill_and_restart();
     commit_and_end(outside, "the hold");
 
-    let path = format!("/addr/{addr_id}");
+    let gone = if what == Cut::Endpoint {
+        &ep_path
+    } else {
+        &addr_path
+    };
     poll_until(Duration::from_secs(30), async || {
-        match s.manage(Method::GET, &path, None).await.status.as_u16() {
+        match s.manage(Method::GET, gone, None).await.status.as_u16() {
             404 => Ok(()),
-            other => Err(format!("the address is still there ({other})")),
+            other => Err(format!("{gone} is still there ({other})")),
         }
     })
     .await;
     s.wait_log("a deletion left unmade has ended", Duration::from_secs(5))
         .await;
-    assert_eq!(db.query("SELECT count(*) FROM event"), "0");
+    assert_eq!(db.query("SELECT count(*) FROM delivery"), "0");
     assert_eq!(db.query("SELECT count(*) FROM deletion"), "0");
+    assert_eq!(db.query("SELECT count(*) FROM endpoint"), "0");
+    // An endpoint's history is its deliveries; the events are its
+    // address's.
+    let (addrs, events) = match what {
+        Cut::Addr | Cut::Everything => ("0", "0"),
+        Cut::Endpoint => ("1", "1201"),
+    };
+    assert_eq!(db.query("SELECT count(*) FROM addr"), addrs);
+    assert_eq!(db.query("SELECT count(*) FROM event"), events);
+    if what == Cut::Everything {
+        // Said once, by the node that made it.
+        assert_eq!(s.log_lines("every address was deleted").len(), 1);
+    }
 }
 
 /// A deletion answered 202 that then fails (here the database refuses to

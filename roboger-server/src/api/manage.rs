@@ -671,13 +671,6 @@ async fn core_cmd(app: &App, body: &Body) -> Result<Response, ApiError> {
 /// its error is forgotten: it is not made later.
 async fn deleted(app: &App, what: Deleting) -> Result<Response, ApiError> {
     let (id, work) = app.deletions.begin(what).await?;
-    let work = async move {
-        work.await?;
-        if what == Deleting::Everything {
-            tracing::warn!("core delete-everything: every address was deleted");
-        }
-        Ok(())
-    };
     match ended_or_going_on(app, "a deletion answered 202", work).await {
         Ok(Some(())) => Ok(reply::empty(StatusCode::NO_CONTENT)),
         Ok(None) => Ok(reply::text(
