@@ -51,6 +51,11 @@ struct Inner {
     node_timeout: Duration,
     /// The records of the deletions this node makes now.
     running: Mutex<HashSet<i64>>,
+    /// Held (shared) by each begin from before its record is written
+    /// until it is in `running`, and (alone) by a look for deletions left
+    /// unmade: a look never finds a record this node is beginning and
+    /// takes it up, to make it twice.
+    beginning: tokio::sync::RwLock<()>,
 }
 
 /// A deletion this node makes now, in [`Inner::running`] until dropped.
@@ -79,6 +84,7 @@ impl Deletions {
                 timeout,
                 node_timeout,
                 running: Mutex::new(HashSet::new()),
+                beginning: tokio::sync::RwLock::new(()),
             }),
         }
     }
@@ -98,12 +104,14 @@ impl Deletions {
         StoreError,
     > {
         let inner = self.inner.clone();
+        let beginning = inner.beginning.read().await;
         let d = store::within(
             inner.timeout,
             inner.store.deletion_begin(what, &inner.node.instance),
         )
         .await?;
         inner.running_set().insert(d.id);
+        drop(beginning);
         Ok((d.id, async move { inner.make(d).await }))
     }
 
@@ -129,23 +137,24 @@ impl Deletions {
     pub async fn take_up(&self) -> bool {
         let inner = &self.inner;
         let me = inner.node.instance.as_str();
-        let left = store::within(
-            inner.timeout,
-            inner.store.deletions_left(me, inner.node_timeout),
-        )
-        .await;
-        let left = match left {
-            Ok(left) => left,
-            Err(e) => {
-                tracing::warn!(error = %e, "could not look for deletions left unmade");
-                return false;
+        let left = {
+            let _no_beginning = inner.beginning.write().await;
+            let look = inner.store.deletions_left(me, inner.node_timeout);
+            match store::within(inner.timeout, look).await {
+                Ok(left) => {
+                    let running = inner.running_set();
+                    left.into_iter()
+                        .filter(|d| !(d.taken_by(me) && running.contains(&d.id)))
+                        .collect::<Vec<_>>()
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not look for deletions left unmade");
+                    return false;
+                }
             }
         };
         let mut all_made = true;
         for d in left {
-            if d.taken_by(me) && inner.running_set().contains(&d.id) {
-                continue;
-            }
             match store::within(inner.timeout, inner.store.deletion_take(&d, me)).await {
                 Ok(true) => {}
                 Ok(false) => continue,
@@ -154,7 +163,10 @@ impl Deletions {
                     return false;
                 }
             }
-            inner.running_set().insert(d.id);
+            // Another look of this node's (the cleanup's) took it since.
+            if !inner.running_set().insert(d.id) {
+                continue;
+            }
             tracing::info!(what = ?d.what, "taking up a deletion left unmade");
             if inner.make(d.clone()).await.is_ok() {
                 tracing::info!(what = ?d.what, "a deletion left unmade has ended");
