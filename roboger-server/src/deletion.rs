@@ -115,6 +115,14 @@ impl Deletions {
         Ok((d.id, async move { inner.make(d).await }))
     }
 
+    /// A recorded deletion that deletes what `what` would, or more
+    /// ([`Store::deletion_covering`]): asked for before, and under way on
+    /// some node or left to be taken up.
+    pub async fn covering(&self, what: Deleting) -> Result<Option<Deleting>, StoreError> {
+        let inner = &self.inner;
+        store::within(inner.timeout, inner.store.deletion_covering(what)).await
+    }
+
     /// Forgets the recorded deletion `id`, which failed and was answered
     /// so: it is not to be made later. Best effort: a record this cannot
     /// delete is taken up as any other left unmade.

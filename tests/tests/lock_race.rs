@@ -760,3 +760,58 @@ async fn a_node_stopped_under_a_deletion_says_it_is_left() {
         .await;
     assert_eq!(db.query("SELECT count(*) FROM deletion"), "0");
 }
+
+/// A deletion asked for again while the first goes on (a client that
+/// gave up on its answer and retries) is answered 202 at once and starts
+/// no second walk over the same history, nor does one of an endpoint
+/// whose address is being deleted. Before, each started a walk of its
+/// own, holding locks on the first one's rows, and the log said each
+/// had ended.
+#[tokio::test]
+async fn a_deletion_asked_for_again_starts_no_second_walk() {
+    let Some((_dir, url, db)) =
+        lockable_database("the deletion is held through a row lock, which SQLite has not")
+    else {
+        return;
+    };
+    let s = Server::start_with(ServerOptions {
+        db: Some(url),
+        ..ServerOptions::test_plugin("")
+    })
+    .await;
+    let (addr_id, _, ep) = s.addr_with_history(&db, 1200).await;
+    let held: i64 = db
+        .query("SELECT id FROM delivery WHERE event_id = '00000000-0000-7000-8000-000000000001'")
+        .parse()
+        .expect("a delivery id");
+    let outside = hold_row(&db, ("delivery", held), 1, false).await;
+    let path = format!("/addr/{addr_id}");
+    assert_status!(s.manage(Method::DELETE, &path, None).await, 202);
+    for again in [path.clone(), format!("{path}/endpoint/{ep}")] {
+        let r = s.manage(Method::DELETE, &again, None).await;
+        assert_status!(r, 202);
+        assert!(r.text.contains("a deletion asked for before"), "{}", r.text);
+    }
+    assert_eq!(db.query("SELECT count(*) FROM deletion"), "1");
+    assert_eq!(
+        s.log_lines("a deletion asked for again is under way already")
+            .len(),
+        2
+    );
+    commit_and_end(outside, "the hold");
+
+    poll_until(Duration::from_secs(30), async || {
+        match s.manage(Method::GET, &path, None).await.status.as_u16() {
+            404 => Ok(()),
+            n => Err(format!("the address is still there ({n})")),
+        }
+    })
+    .await;
+    s.wait_log("a deletion answered 202 has ended", Duration::from_secs(5))
+        .await;
+    assert_eq!(db.query("SELECT count(*) FROM deletion"), "0");
+    assert_eq!(db.query("SELECT count(*) FROM event"), "0");
+    assert_eq!(s.log_lines("has ended").len(), 1, "{}", s.log_text());
+    // Asked for once it has ended: nothing left to delete.
+    assert_status!(s.manage(Method::DELETE, &path, None).await, 404);
+}

@@ -670,6 +670,14 @@ async fn core_cmd(app: &App, body: &Body) -> Result<Response, ApiError> {
 /// then logged and the deletion taken up again later. One answered with
 /// its error is forgotten: it is not made later.
 async fn deleted(app: &App, what: Deleting) -> Result<Response, ApiError> {
+    if let Some(before) = app.deletions.covering(what).await? {
+        tracing::info!(what = ?what, covered_by = ?before, "a deletion asked for again is under way already");
+        return Ok(reply::text(
+            StatusCode::ACCEPTED,
+            "a deletion asked for before deletes this and goes on; \
+             what it deletes is gone when the server logs that it has ended",
+        ));
+    }
     let (id, work) = app.deletions.begin(what).await?;
     match ended_or_going_on(app, "a deletion answered 202", work).await {
         Ok(Some(())) => Ok(reply::empty(StatusCode::NO_CONTENT)),

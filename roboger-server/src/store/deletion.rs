@@ -8,8 +8,10 @@
 
 use std::time::Duration;
 
-use sea_orm::sea_query::Expr;
-use sea_orm::{ActiveValue::Set, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter};
+use sea_orm::sea_query::{Expr, ExprTrait};
+use sea_orm::{
+    ActiveValue::Set, ColumnTrait, Condition, ConnectionTrait, EntityTrait, QueryFilter,
+};
 use sea_orm::{QueryOrder, QuerySelect};
 
 use super::cluster::live_nodes;
@@ -104,6 +106,36 @@ impl Store {
                 node: d.node,
             })
             .collect())
+    }
+
+    /// The oldest recorded deletion that deletes what `what` deletes, or
+    /// more: `what` itself, its address's (for an endpoint), or
+    /// everything.
+    pub async fn deletion_covering(&self, what: Deleting) -> Result<Option<Deleting>> {
+        let everything = deletion::Column::AddrId.is_null();
+        let covering = match what {
+            Deleting::Everything => Condition::all().add(everything),
+            Deleting::Addr(a) | Deleting::Endpoint(a, _) => {
+                let the_addr = deletion::Column::AddrId
+                    .eq(a)
+                    .and(deletion::Column::EndpointId.is_null());
+                let mut any = Condition::any().add(everything).add(the_addr);
+                if let Deleting::Endpoint(_, ep) = what {
+                    any = any.add(
+                        deletion::Column::AddrId
+                            .eq(a)
+                            .and(deletion::Column::EndpointId.eq(ep)),
+                    );
+                }
+                any
+            }
+        };
+        Ok(deletion::Entity::find()
+            .filter(covering)
+            .order_by_asc(deletion::Column::Id)
+            .one(&self.db)
+            .await?
+            .map(|d| Deleting::of(&d)))
     }
 
     /// Takes the recorded deletion `d` for instance `me`, if no other
