@@ -326,14 +326,21 @@ impl App {
         }
     }
 
-    /// Pending deliveries per plugin in the whole cluster, counted in the
-    /// database at most every [`metrics::PENDING_REFRESH`] (the metrics
-    /// and systemd's `STATUS=` share the count).
-    pub async fn pending_deliveries(&self) -> metrics::PerPlugin {
+    /// The whole cluster's pending deliveries per plugin and oldest
+    /// deletion not ended, read from the database at most every
+    /// [`metrics::PENDING_REFRESH`] (the metrics and systemd's `STATUS=`
+    /// share the reading).
+    pub async fn counted(&self) -> metrics::Counted {
         let timeout = self.config.timeout;
+        let read = async {
+            Ok::<_, store::StoreError>(metrics::Counted {
+                pending: self.store.pending_by_plugin().await?,
+                oldest_deletion: self.store.deletion_oldest().await?,
+            })
+        };
         self.metrics
-            .pending(async {
-                match tokio::time::timeout(timeout, self.store.pending_by_plugin()).await {
+            .counted(async {
+                match tokio::time::timeout(timeout, read).await {
                     Ok(r) => r.map_err(|e| e.to_string()),
                     Err(_) => Err("the database did not answer in time".to_string()),
                 }

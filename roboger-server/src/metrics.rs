@@ -5,8 +5,9 @@
 //! atomics. Everything else is read at scrape time from what already
 //! holds it ([`Scrape`]): the plugin supervisor, the routing index, the
 //! database pool, the body budget's pools, the management refusals, and
-//! the pending deliveries, counted in the database so the figure is the
-//! cluster's, at most once every [`PENDING_REFRESH`].
+//! what is read from the database so the figure is the cluster's
+//! ([`Counted`]: the pending deliveries, the oldest deletion not ended),
+//! at most once every [`PENDING_REFRESH`].
 //!
 //! Invariant: labels are bounded (HTTP status, plugin name, outcome,
 //! pool state, budget pool, refusal reason); no address or endpoint id
@@ -23,7 +24,7 @@ use prometheus::{
 
 use crate::outage::Outage;
 
-/// How long the pending count read from the database is reused.
+/// How long what is read from the database ([`Counted`]) is reused.
 pub const PENDING_REFRESH: Duration = Duration::from_secs(5);
 
 /// The statuses a push answers with, counted from the start (at 0) so
@@ -61,9 +62,9 @@ pub struct Metrics {
     attempt_seconds: HistogramVec,
     call_events: HistogramVec,
     routing_unobeyed: IntCounter,
-    /// The last pending count and when it was read, and how reading it
+    /// What was last read from the database and when, and how reading it
     /// fails.
-    pending: tokio::sync::Mutex<(Option<(Instant, PerPlugin)>, Outage)>,
+    counted: tokio::sync::Mutex<(Option<(Instant, Counted)>, Outage)>,
     /// The database server's clock minus this node's, in seconds, as last
     /// measured (never on SQLite).
     clock_offset: std::sync::Mutex<Option<f64>>,
@@ -71,6 +72,16 @@ pub struct Metrics {
 
 /// A count per plugin name.
 pub type PerPlugin = Vec<(String, i64)>;
+
+/// What a scrape reads from the database: figures of the whole cluster,
+/// the same on every node.
+#[derive(Debug, Clone, Default)]
+pub struct Counted {
+    /// Deliveries pending, per plugin.
+    pub pending: PerPlugin,
+    /// When the oldest deletion recorded and not yet ended was asked for.
+    pub oldest_deletion: Option<chrono::DateTime<chrono::Utc>>,
+}
 
 impl std::fmt::Debug for Metrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -172,11 +183,11 @@ impl Metrics {
             attempt_seconds,
             call_events,
             routing_unobeyed,
-            pending: tokio::sync::Mutex::new((
+            counted: tokio::sync::Mutex::new((
                 None,
                 Outage::new(
-                    "metrics: cannot count pending deliveries",
-                    "metrics: pending deliveries are counted again",
+                    "metrics: cannot count pending deliveries and deletions",
+                    "metrics: pending deliveries and deletions are counted again",
                 ),
             )),
             clock_offset: std::sync::Mutex::new(None),
@@ -246,15 +257,15 @@ impl Metrics {
         self.routing_unobeyed.inc();
     }
 
-    /// The pending deliveries per plugin: the last count if it is fresh,
-    /// else `read`'s (kept for [`PENDING_REFRESH`]); the last count when
+    /// What is read from the database: the last reading if it is fresh,
+    /// else `read`'s (kept for [`PENDING_REFRESH`]); the last reading when
     /// `read` fails.
-    pub async fn pending<F, E>(&self, read: F) -> PerPlugin
+    pub async fn counted<F, E>(&self, read: F) -> Counted
     where
-        F: Future<Output = Result<PerPlugin, E>>,
+        F: Future<Output = Result<Counted, E>>,
         E: std::fmt::Display,
     {
-        let mut guard = self.pending.lock().await;
+        let mut guard = self.counted.lock().await;
         let (cached, outage) = &mut *guard;
         if let Some((at, v)) = cached.as_ref()
             && at.elapsed() < PENDING_REFRESH
@@ -325,8 +336,9 @@ pub struct Scrape {
     pub routing_addresses: usize,
     /// Database connections in use and idle.
     pub pool: (u64, u64),
-    /// Pending deliveries per plugin.
-    pub pending: PerPlugin,
+    /// Pending deliveries and the oldest deletion, read from the
+    /// database.
+    pub counted: Counted,
     /// The body budget's pools.
     pub body_budget: Vec<BudgetPool>,
     /// Management requests refused, by reason.
@@ -418,9 +430,16 @@ impl Scrape {
             // Zero for a plugin with nothing pending, rather than absent.
             pending.with_label_values(&l).set(0);
         }
-        for (plugin, n) in &self.pending {
+        for (plugin, n) in &self.counted.pending {
             pending.with_label_values(&[plugin]).set(*n);
         }
+        let deletion = prometheus::Gauge::new(
+            "roboger_deletion_oldest_seconds",
+            "How long ago the oldest deletion not yet ended (an address's, an endpoint's, everything) was asked for, in the whole cluster; 0 when none is.",
+        )?;
+        deletion.set(self.counted.oldest_deletion.map_or(0.0, |at| {
+            (chrono::Utc::now() - at).num_milliseconds().max(0) as f64 / 1000.0
+        }));
         let routing = IntGauge::new(
             "roboger_routing_addresses",
             "Addresses in this node's routing index.",
@@ -556,6 +575,7 @@ impl Scrape {
         out.extend(routing.collect());
         out.extend(open.collect());
         out.extend(given_way.collect());
+        out.extend(deletion.collect());
         Ok(out)
     }
 }

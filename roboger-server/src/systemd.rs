@@ -106,7 +106,7 @@ pub fn spawn(app: Arc<App>, local: Vec<Local>) -> tokio::task::JoinHandle<()> {
 async fn status(app: &App) -> String {
     let plugins = app.plugins.list();
     let running = plugins.iter().filter(|p| p.state == State::Running).count();
-    let pending: i64 = app.pending_deliveries().await.iter().map(|(_, n)| n).sum();
+    let pending: i64 = app.counted().await.pending.iter().map(|(_, n)| n).sum();
     format!(
         "{running} of {} plugins running, {pending} deliveries pending",
         plugins.len()

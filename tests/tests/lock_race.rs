@@ -640,6 +640,15 @@ async fn a_deletion_that_keeps_failing_is_tried_again_until_made() {
     })
     .await;
     assert_eq!(s.log_lines("taking up a deletion left unmade").len(), 1);
+    // The metric behind RobogerDeletionNotEnding counts its age.
+    let oldest = "roboger_deletion_oldest_seconds";
+    poll_until(Duration::from_secs(20), async || {
+        match s.metrics().await.get(oldest) {
+            Some(age) if *age > 0.0 => Ok(()),
+            age => Err(format!("{oldest}: {age:?}")),
+        }
+    })
+    .await;
 
     db.allow_writes("event");
     poll_until(Duration::from_secs(30), async || {
@@ -654,6 +663,7 @@ async fn a_deletion_that_keeps_failing_is_tried_again_until_made() {
     assert_eq!(db.query("SELECT count(*) FROM event"), "0");
     assert_eq!(db.query("SELECT count(*) FROM deletion"), "0");
     assert!(s.log_lines(" cleanup").is_empty(), "{}", s.log_text());
+    s.metric_reaches(oldest, 0.0).await;
 }
 
 /// A deletion whose node dies under it is made by another node within

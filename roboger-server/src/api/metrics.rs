@@ -35,12 +35,11 @@ pub async fn scrape(app: &App, headers: &HeaderMap, peer: Option<SocketAddr>) ->
             name: p.plugin_name,
         });
     }
-    let pending = app.pending_deliveries().await;
     let scrape = Scrape {
         plugins: samples,
         routing_addresses: app.routes.len(),
         pool: app.store.pool_connections(),
-        pending,
+        counted: app.counted().await,
         body_budget: app.bodies.usage().to_vec(),
         management_refused: app.auth.refused(),
         delivery_log_dropped: (

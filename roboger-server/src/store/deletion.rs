@@ -138,6 +138,18 @@ impl Store {
             .map(|d| Deleting::of(&d)))
     }
 
+    /// When the oldest recorded deletion (asked for and not yet ended)
+    /// was asked for.
+    pub async fn deletion_oldest(&self) -> Result<Option<chrono::DateTime<chrono::Utc>>> {
+        Ok(deletion::Entity::find()
+            .select_only()
+            .column_as(deletion::Column::Created.min(), "oldest")
+            .into_tuple::<Option<chrono::DateTime<chrono::Utc>>>()
+            .one(&self.db)
+            .await?
+            .flatten())
+    }
+
     /// Takes the recorded deletion `d` for instance `me`, if no other
     /// node took it since it was read: true when it is `me`'s to make.
     pub async fn deletion_take(&self, d: &Recorded, me: &str) -> Result<bool> {
