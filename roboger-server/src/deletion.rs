@@ -222,10 +222,13 @@ impl Inner {
             id: d.id,
         };
         let made = self.store.deletion_make(&d).await;
-        if made.is_ok() && d.what == Deleting::Everything {
+        if let (Ok(()), Deleting::Everything(up_to)) = (&made, d.what) {
             // Said by whichever node ends it, the one asked or one that
             // took it up.
-            tracing::warn!("core delete-everything: every address was deleted");
+            tracing::warn!(
+                up_to,
+                "core delete-everything: every address was deleted (those made since it was asked for are kept)"
+            );
         }
         if let Err(e) = &made {
             tracing::warn!(

@@ -825,3 +825,60 @@ async fn a_deletion_asked_for_again_starts_no_second_walk() {
     // Asked for once it has ended: nothing left to delete.
     assert_status!(s.manage(Method::DELETE, &path, None).await, 404);
 }
+
+/// A `delete-everything` answered 202 deletes what there was when it was
+/// asked for, not what is made while it goes on: `robogerctl deploy
+/// --delete-everything` asks for it and then creates the deploy's
+/// addresses, which must outlast it. Before, it deleted every address
+/// there was when it ended, the new ones with their endpoints and
+/// events.
+#[tokio::test]
+async fn a_delete_everything_spares_what_is_made_while_it_goes_on() {
+    let Some((_dir, url, db)) =
+        lockable_database("the deletion is held through a row lock, which SQLite has not")
+    else {
+        return;
+    };
+    let s = Server::start_with(ServerOptions {
+        db: Some(url),
+        ..ServerOptions::test_plugin("")
+    })
+    .await;
+    let (old, _, _) = s.addr_with_history(&db, 1200).await;
+    let held: i64 = db
+        .query("SELECT id FROM delivery WHERE event_id = '00000000-0000-7000-8000-000000000001'")
+        .parse()
+        .expect("a delivery id");
+    let outside = hold_row(&db, ("delivery", held), 1, false).await;
+    let cmd = json!({"cmd": "delete-everything"});
+    assert_status!(s.manage(Method::POST, "/core", Some(cmd)).await, 202);
+
+    // Made while it goes on: an address, its endpoint, an event.
+    let (new, a) = s.new_addr().await;
+    s.endpoint(new, "t", json!({})).await;
+    assert_status!(s.push(json!({"addr": a, "msg": "after"})).await, 202);
+    s.wait_settled(new).await;
+    commit_and_end(outside, "the hold");
+
+    poll_until(Duration::from_secs(30), async || {
+        let path = format!("/addr/{old}");
+        match s.manage(Method::GET, &path, None).await.status.as_u16() {
+            404 => Ok(()),
+            n => Err(format!("the old address is still there ({n})")),
+        }
+    })
+    .await;
+    s.wait_log("a deletion answered 202 has ended", Duration::from_secs(5))
+        .await;
+    assert_status!(
+        s.manage(Method::GET, &format!("/addr/{new}"), None).await,
+        200
+    );
+    let eps = s
+        .manage(Method::GET, &format!("/addr/{new}/endpoint"), None)
+        .await;
+    assert_eq!(eps.json().as_array().map(Vec::len), Some(1), "{}", eps.text);
+    assert_eq!(db.query("SELECT msg FROM event"), "after");
+    assert_eq!(db.query("SELECT count(*) FROM delivery"), "1");
+    assert_status!(s.push(json!({"addr": a, "msg": "later"})).await, 202);
+}

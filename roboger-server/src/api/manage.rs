@@ -648,7 +648,11 @@ async fn core_cmd(app: &App, body: &Body) -> Result<Response, ApiError> {
                 }
             }
         }
-        "delete-everything" => return deleted(app, Deleting::Everything).await,
+        "delete-everything" => {
+            // What there is now; what is made while it goes on is kept.
+            let up_to = app.store.addr_highest_id().await?;
+            return deleted(app, Deleting::Everything(up_to)).await;
+        }
         "reset-addr-limits" => {
             app.counters.reset(&app.store).await?;
             tracing::info!("address limits reset");

@@ -26,8 +26,10 @@ pub enum Deleting {
     /// An endpoint of an address (`addr_id`, `endpoint_id`), with its
     /// history.
     Endpoint(i64, i64),
-    /// Every address.
-    Everything,
+    /// Every address with an id up to this one: those there were when
+    /// it was asked for ([`Store::addr_highest_id`]). Addresses made
+    /// while it goes on are kept.
+    Everything(i64),
 }
 
 impl Deleting {
@@ -36,7 +38,8 @@ impl Deleting {
         match (d.addr_id, d.endpoint_id) {
             (Some(a), Some(ep)) => Deleting::Endpoint(a, ep),
             (Some(a), None) => Deleting::Addr(a),
-            (None, _) => Deleting::Everything,
+            // Recorded by the build before, which deleted every address.
+            (None, _) => Deleting::Everything(d.up_to.unwrap_or(i64::MAX)),
         }
     }
 }
@@ -62,14 +65,15 @@ impl Store {
     /// Records a deletion that instance `me` is about to make, taken by
     /// it.
     pub async fn deletion_begin(&self, what: Deleting, me: &str) -> Result<Recorded> {
-        let (addr_id, endpoint_id) = match what {
-            Deleting::Addr(a) => (Some(a), None),
-            Deleting::Endpoint(a, ep) => (Some(a), Some(ep)),
-            Deleting::Everything => (None, None),
+        let (addr_id, endpoint_id, up_to) = match what {
+            Deleting::Addr(a) => (Some(a), None, None),
+            Deleting::Endpoint(a, ep) => (Some(a), Some(ep), None),
+            Deleting::Everything(up_to) => (None, None, Some(up_to)),
         };
         let r = deletion::Entity::insert(deletion::ActiveModel {
             addr_id: Set(addr_id),
             endpoint_id: Set(endpoint_id),
+            up_to: Set(up_to),
             node: Set(Some(me.to_string())),
             created: Set(chrono::Utc::now()),
             ..Default::default()
@@ -109,13 +113,22 @@ impl Store {
     }
 
     /// The oldest recorded deletion that deletes what `what` deletes, or
-    /// more: `what` itself, its address's (for an endpoint), or
-    /// everything.
+    /// more: `what` itself, its address's (for an endpoint), or a
+    /// `delete-everything` that takes its address (every address
+    /// `what` takes).
     pub async fn deletion_covering(&self, what: Deleting) -> Result<Option<Deleting>> {
-        let everything = deletion::Column::AddrId.is_null();
+        // A delete-everything of addresses up to `id` at least.
+        let everything = |id: i64| {
+            deletion::Column::AddrId.is_null().and(
+                deletion::Column::UpTo
+                    .is_null()
+                    .or(deletion::Column::UpTo.gte(id)),
+            )
+        };
         let covering = match what {
-            Deleting::Everything => Condition::all().add(everything),
+            Deleting::Everything(up_to) => Condition::all().add(everything(up_to)),
             Deleting::Addr(a) | Deleting::Endpoint(a, _) => {
+                let everything = everything(a);
                 let the_addr = deletion::Column::AddrId
                     .eq(a)
                     .and(deletion::Column::EndpointId.is_null());
@@ -169,7 +182,7 @@ impl Store {
         match d.what {
             Deleting::Addr(a) => self.addr_delete(a, d.id).await,
             Deleting::Endpoint(a, ep) => self.endpoint_delete(a, ep, d.id).await,
-            Deleting::Everything => self.delete_everything(d.id).await,
+            Deleting::Everything(up_to) => self.delete_everything(up_to, d.id).await,
         }
     }
 

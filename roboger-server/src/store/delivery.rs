@@ -645,21 +645,15 @@ impl Store {
         Ok(n)
     }
 
-    /// Deletes the events of address `addr_id` (of every address: `None`)
-    /// with their deliveries, [`DELETE_CHUNK`] at a time, each chunk in a
+    /// Deletes the events of the addresses `addrs` selects (a condition on
+    /// `event.addr_id`) with their deliveries, [`DELETE_CHUNK`] at a time, each chunk in a
     /// short transaction of its own: an address's whole history never
     /// holds the write lock (on SQLite, every push's commit) at once.
     /// It takes as many chunks as the events counted at its start fill:
     /// events pushed meanwhile cannot keep it going, and what is left is
     /// the caller's final transaction's.
-    pub(super) async fn history_delete(&self, addr_id: Option<i64>) -> Result<()> {
-        let events = || {
-            let q = event::Entity::find();
-            match addr_id {
-                Some(id) => q.filter(event::Column::AddrId.eq(id)),
-                None => q,
-            }
-        };
+    pub(super) async fn history_delete(&self, addrs: sea_orm::sea_query::Expr) -> Result<()> {
+        let events = || event::Entity::find().filter(addrs.clone());
         self.delete_counted(events, event::Column::Id, |chunk: Vec<String>| async move {
             let txn = self.begin_write().await?;
             delete_events(&txn, chunk).await?;

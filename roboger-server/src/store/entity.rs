@@ -343,6 +343,9 @@ pub mod deletion {
         pub endpoint_id: Option<i64>,
         pub node: Option<String>,
         pub created: ChronoDateTimeUtc,
+        /// A `delete-everything`'s highest address id to delete (none:
+        /// every address).
+        pub up_to: Option<i64>,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -17,6 +17,25 @@ use super::{
 };
 use crate::level::{Level, LevelMatch};
 
+/// The addresses a deletion takes, with everything that hangs off them.
+#[derive(Debug, Clone, Copy)]
+enum Addrs {
+    One(i64),
+    /// Those with ids up to this one: what there was when a
+    /// `delete-everything` was asked for.
+    UpTo(i64),
+}
+
+impl Addrs {
+    /// The condition on column `c`, which holds an address id.
+    fn on(self, c: impl ColumnTrait) -> sea_orm::sea_query::Expr {
+        match self {
+            Addrs::One(id) => c.eq(id),
+            Addrs::UpTo(id) => c.lte(id),
+        }
+    }
+}
+
 /// Changes to an address; `None` leaves a field as it is.
 #[derive(Debug, Default, Clone)]
 pub struct AddrPatch {
@@ -65,6 +84,18 @@ impl Store {
         q.one(&self.db)
             .await?
             .ok_or_else(|| StoreError::NotFound(format!("addr {r}")))
+    }
+
+    /// The highest address id there is (0 when there is no address).
+    pub async fn addr_highest_id(&self) -> Result<i64> {
+        Ok(addr::Entity::find()
+            .select_only()
+            .column_as(addr::Column::Id.max(), "highest")
+            .into_tuple::<Option<i64>>()
+            .one(&self.db)
+            .await?
+            .flatten()
+            .unwrap_or(0))
     }
 
     /// Creates an address with a fresh random 64-char string.
@@ -143,28 +174,35 @@ impl Store {
     /// ([`Store::history_delete`]); the rest in one transaction, with the
     /// record, unless another node ended it first.
     pub(super) async fn addr_delete(&self, id: i64, record: i64) -> Result<()> {
-        self.history_delete(Some(id)).await?;
+        self.history_delete(Addrs::One(id).on(event::Column::AddrId))
+            .await?;
         let txn = self.begin_write().await?;
         if !deletion_end(&txn, record).await? {
             return Ok(());
         }
-        delete_addr_children(&txn, Some(id)).await?;
+        delete_addr_children(&txn, Addrs::One(id)).await?;
         addr::Entity::delete_by_id(id).exec(&txn).await?;
         self.announce(&txn, Some(id)).await?;
         txn.commit().await?;
         Ok(())
     }
 
-    /// Deletes every address and everything that hangs off them, the
+    /// Deletes every address with an id up to `up_to` (those there were
+    /// when it was asked for) and everything that hangs off them, the
     /// events a chunk at a time first, as [`Store::addr_delete`] does.
-    pub(super) async fn delete_everything(&self, record: i64) -> Result<()> {
-        self.history_delete(None).await?;
+    /// Addresses made since are kept.
+    pub(super) async fn delete_everything(&self, up_to: i64, record: i64) -> Result<()> {
+        let addrs = Addrs::UpTo(up_to);
+        self.history_delete(addrs.on(event::Column::AddrId)).await?;
         let txn = self.begin_write().await?;
         if !deletion_end(&txn, record).await? {
             return Ok(());
         }
-        delete_addr_children(&txn, None).await?;
-        addr::Entity::delete_many().exec(&txn).await?;
+        delete_addr_children(&txn, addrs).await?;
+        addr::Entity::delete_many()
+            .filter(addrs.on(addr::Column::Id))
+            .exec(&txn)
+            .await?;
         self.announce(&txn, None).await?;
         txn.commit().await?;
         Ok(())
@@ -524,12 +562,9 @@ impl Store {
 /// cascade holds even on a database whose foreign keys are off. The
 /// deliveries go before the events: on PostgreSQL and MySQL no key ties a
 /// delivery to its event (migration 9), so nothing else would delete them.
-async fn delete_addr_children<C: ConnectionTrait>(c: &C, addr_id: Option<i64>) -> Result<()> {
-    let mut endpoints = endpoint::Entity::find();
-    if let Some(id) = addr_id {
-        endpoints = endpoints.filter(endpoint::Column::AddrId.eq(id));
-    }
-    let ep_ids: Vec<i64> = endpoints
+async fn delete_addr_children<C: ConnectionTrait>(c: &C, addrs: Addrs) -> Result<()> {
+    let ep_ids: Vec<i64> = endpoint::Entity::find()
+        .filter(addrs.on(endpoint::Column::AddrId))
         .select_only()
         .column(endpoint::Column::Id)
         .into_tuple()
@@ -548,23 +583,22 @@ async fn delete_addr_children<C: ConnectionTrait>(c: &C, addr_id: Option<i64>) -
             .exec(c)
             .await?;
     }
-    let mut del_events = event::Entity::delete_many();
-    if let Some(id) = addr_id {
-        del_events = del_events.filter(event::Column::AddrId.eq(id));
-    }
-    del_events.exec(c).await?;
-    let mut del_ep = endpoint::Entity::delete_many();
-    let mut del_bucket = bucket::Entity::delete_many();
-    let mut del_lim = addr_limit::Entity::delete_many();
-    if let Some(id) = addr_id {
-        del_ep = del_ep.filter(endpoint::Column::AddrId.eq(id));
-        del_bucket = del_bucket.filter(bucket::Column::AddrId.eq(id));
-        del_lim = del_lim.filter(addr_limit::Column::AddrId.eq(id));
-    } else {
-        del_bucket = del_bucket.filter(bucket::Column::AddrId.is_not_null());
-    }
-    del_ep.exec(c).await?;
-    del_bucket.exec(c).await?;
-    del_lim.exec(c).await?;
+    event::Entity::delete_many()
+        .filter(addrs.on(event::Column::AddrId))
+        .exec(c)
+        .await?;
+    endpoint::Entity::delete_many()
+        .filter(addrs.on(endpoint::Column::AddrId))
+        .exec(c)
+        .await?;
+    // A bucket object of no address is the plugins' own, and kept.
+    bucket::Entity::delete_many()
+        .filter(addrs.on(bucket::Column::AddrId))
+        .exec(c)
+        .await?;
+    addr_limit::Entity::delete_many()
+        .filter(addrs.on(addr_limit::Column::AddrId))
+        .exec(c)
+        .await?;
     Ok(())
 }

@@ -60,6 +60,7 @@ impl MigratorTrait for Migrator {
             Box::new(MysqlInstants),
             Box::new(NodeRoutingVersion),
             Box::new(Deletions),
+            Box::new(DeletionUpTo),
         ]
     }
 }
@@ -1327,6 +1328,7 @@ enum Deletion {
     EndpointId,
     Node,
     Created,
+    UpTo,
 }
 
 #[async_trait::async_trait]
@@ -1349,6 +1351,42 @@ impl MigrationTrait for Deletions {
     async fn down(&self, m: &SchemaManager) -> Result<(), DbErr> {
         m.drop_table(Table::drop().table(Deletion::Table).if_exists().to_owned())
             .await
+    }
+}
+
+/// `deletion.up_to`: the highest address id when a `delete-everything`
+/// was asked for. It deletes those addresses only, so that the ones made
+/// while it goes on (`robogerctl deploy --delete-everything` creates the
+/// deploy's right after asking) are kept. A record without it (written
+/// by the build before) deletes every address, as that build did.
+struct DeletionUpTo;
+
+impl MigrationName for DeletionUpTo {
+    fn name(&self) -> &str {
+        "m20261207_000016_deletion_up_to"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for DeletionUpTo {
+    async fn up(&self, m: &SchemaManager) -> Result<(), DbErr> {
+        m.alter_table(
+            Table::alter()
+                .table(Deletion::Table)
+                .add_column(big_integer_null(Deletion::UpTo))
+                .to_owned(),
+        )
+        .await
+    }
+
+    async fn down(&self, m: &SchemaManager) -> Result<(), DbErr> {
+        m.alter_table(
+            Table::alter()
+                .table(Deletion::Table)
+                .drop_column(Deletion::UpTo)
+                .to_owned(),
+        )
+        .await
     }
 }
 
