@@ -882,3 +882,66 @@ async fn a_delete_everything_spares_what_is_made_while_it_goes_on() {
     assert_eq!(db.query("SELECT count(*) FROM delivery"), "1");
     assert_status!(s.push(json!({"addr": a, "msg": "later"})).await, 202);
 }
+
+/// The console's page of an address says that a deletion answered 202
+/// goes on, of the address or of one of its endpoints (in that
+/// endpoint's block), and stops saying so once it has ended. Before, the
+/// page showed the address as any other until it was gone, and an
+/// operator who had not seen the notice after the redirect asked again.
+#[tokio::test]
+async fn the_console_shows_what_is_being_deleted() {
+    for of_endpoint in [true, false] {
+        let Some((_dir, url, db)) =
+            lockable_database("the deletion is held through a row lock, which SQLite has not")
+        else {
+            return;
+        };
+        let s = Server::start_with(ServerOptions {
+            db: Some(url),
+            ..ServerOptions::test_plugin("")
+        })
+        .await;
+        let (addr_id, _, ep) = s.addr_with_history(&db, 1200).await;
+        let other = s.endpoint(addr_id, "t", json!({})).await;
+        let held: i64 = db
+            .query(
+                "SELECT id FROM delivery WHERE event_id = '00000000-0000-7000-8000-000000000001'",
+            )
+            .parse()
+            .expect("a delivery id");
+        let outside = hold_row(&db, ("delivery", held), 1, false).await;
+        let page = format!("/ui/addr/{addr_id}");
+        let path = if of_endpoint {
+            format!("/addr/{addr_id}/endpoint/{ep}")
+        } else {
+            format!("/addr/{addr_id}")
+        };
+        assert_status!(s.manage(Method::DELETE, &path, None).await, 202);
+
+        let html = s.console_page(&page).await;
+        let block = |id: i64| {
+            let start = format!("id=\"endpoint-{id}\"");
+            let from = html.find(&start).expect("the endpoint's block");
+            let to = html[from..]
+                .find("</article>")
+                .map_or(html.len(), |n| from + n);
+            html[from..to].to_string()
+        };
+        let (address_said, endpoint_said) = (
+            "the address is gone when it ends",
+            "the endpoint is gone when it ends",
+        );
+        assert_eq!(html.contains(address_said), !of_endpoint, "{html}");
+        assert_eq!(block(ep).contains(endpoint_said), of_endpoint, "{html}");
+        assert!(!block(other).contains(endpoint_said), "{html}");
+        commit_and_end(outside, "the hold");
+
+        s.wait_log("a deletion answered 202 has ended", Duration::from_secs(30))
+            .await;
+        if of_endpoint {
+            let html = s.console_page(&page).await;
+            assert!(!html.contains("Being deleted"), "{html}");
+            assert!(!html.contains(&format!("id=\"endpoint-{ep}\"")), "{html}");
+        }
+    }
+}

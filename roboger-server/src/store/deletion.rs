@@ -33,6 +33,15 @@ pub enum Deleting {
 }
 
 impl Deleting {
+    /// Whether it deletes address `a`.
+    pub fn takes_addr(self, a: i64) -> bool {
+        match self {
+            Deleting::Addr(x) => x == a,
+            Deleting::Endpoint(..) => false,
+            Deleting::Everything(up_to) => a <= up_to,
+        }
+    }
+
     /// What a record holds.
     fn of(d: &deletion::Model) -> Deleting {
         match (d.addr_id, d.endpoint_id) {
@@ -117,18 +126,10 @@ impl Store {
     /// `delete-everything` that takes its address (every address
     /// `what` takes).
     pub async fn deletion_covering(&self, what: Deleting) -> Result<Option<Deleting>> {
-        // A delete-everything of addresses up to `id` at least.
-        let everything = |id: i64| {
-            deletion::Column::AddrId.is_null().and(
-                deletion::Column::UpTo
-                    .is_null()
-                    .or(deletion::Column::UpTo.gte(id)),
-            )
-        };
         let covering = match what {
-            Deleting::Everything(up_to) => Condition::all().add(everything(up_to)),
+            Deleting::Everything(up_to) => Condition::all().add(everything_taking(up_to)),
             Deleting::Addr(a) | Deleting::Endpoint(a, _) => {
-                let everything = everything(a);
+                let everything = everything_taking(a);
                 let the_addr = deletion::Column::AddrId
                     .eq(a)
                     .and(deletion::Column::EndpointId.is_null());
@@ -149,6 +150,22 @@ impl Store {
             .one(&self.db)
             .await?
             .map(|d| Deleting::of(&d)))
+    }
+
+    /// The recorded deletions that take address `a` or some of it: its
+    /// own, its endpoints', and the delete-everythings that take it.
+    pub async fn deletions_of_addr(&self, a: i64) -> Result<Vec<Deleting>> {
+        let of_it = Condition::any()
+            .add(deletion::Column::AddrId.eq(a))
+            .add(everything_taking(a));
+        Ok(deletion::Entity::find()
+            .filter(of_it)
+            .order_by_asc(deletion::Column::Id)
+            .all(&self.db)
+            .await?
+            .iter()
+            .map(Deleting::of)
+            .collect())
     }
 
     /// When the oldest recorded deletion (asked for and not yet ended)
@@ -214,4 +231,15 @@ pub(super) async fn deletion_end<C: ConnectionTrait>(c: &C, id: i64) -> Result<b
         .await?
         .rows_affected
         == 1)
+}
+
+/// The records of the delete-everythings that take address `id`: those of
+/// addresses up to it at least, or (written by the build before) of
+/// every address.
+fn everything_taking(id: i64) -> sea_orm::sea_query::Expr {
+    deletion::Column::AddrId.is_null().and(
+        deletion::Column::UpTo
+            .is_null()
+            .or(deletion::Column::UpTo.gte(id)),
+    )
 }

@@ -33,7 +33,7 @@ use super::push;
 use super::reply::{self, Response};
 use crate::App;
 use crate::api::body::Body;
-use crate::store::{AddrRef, EventHead, SubscriptionsShown};
+use crate::store::{AddrRef, Deleting, EventHead, SubscriptionsShown};
 use page::{Chrome, html};
 use session::Session;
 
@@ -592,11 +592,15 @@ async fn addr_page(ctx: &Ctx<'_>, a: i64) -> Result<Response, ApiError> {
         None
     };
     let plugins = app.plugins.list();
+    // Deletions answered 202 that go on: the page shows what they take.
+    let deleting = app.store.deletions_of_addr(a.id).await?;
     let endpoints = page
         .rows
         .into_iter()
         .map(|(ep, subs)| page::EndpointBlock {
             plugin_note: plugin_note(&plugins, &ep.plugin_name),
+            // Said once, above them all, when the address is.
+            deleting: deleting.contains(&Deleting::Endpoint(a.id, ep.id)),
             ep,
             subs,
         })
@@ -607,6 +611,7 @@ async fn addr_page(ctx: &Ctx<'_>, a: i64) -> Result<Response, ApiError> {
             chrome: ctx.chrome("addr"),
             limits: app.config.limits.is_some(),
             endpoint_count: app.store.endpoint_count(a.id).await?,
+            deleting: deleting.iter().any(|d| d.takes_addr(a.id)),
             a,
             endpoints,
             after: (after > 0).then_some(after),

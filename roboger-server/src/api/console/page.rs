@@ -115,6 +115,8 @@ pub struct EndpointBlock {
     pub subs: SubscriptionPage,
     /// Why its plugin cannot deliver for it here, when it cannot.
     pub plugin_note: Option<String>,
+    /// Whether a deletion of it (not of its address) asked for goes on.
+    pub deleting: bool,
 }
 
 #[derive(Template)]
@@ -122,6 +124,8 @@ pub struct EndpointBlock {
 pub struct AddrPage {
     pub chrome: Chrome,
     pub a: addr::Model,
+    /// Whether a deletion asked for takes it and goes on.
+    pub deleting: bool,
     pub limits: bool,
     /// How many endpoints the address has, of which `endpoints` is a page.
     pub endpoint_count: u64,
