@@ -829,9 +829,11 @@ async fn a_deletion_asked_for_again_starts_no_second_walk() {
 /// A `delete-everything` answered 202 deletes what there was when it was
 /// asked for, not what is made while it goes on: `robogerctl deploy
 /// --delete-everything` asks for it and then creates the deploy's
-/// addresses, which must outlast it. Before, it deleted every address
-/// there was when it ended, the new ones with their endpoints and
-/// events.
+/// addresses, which must outlast it, and gives each the string its
+/// deploy file pins, which one being deleted may still hold. Before, it
+/// deleted every address there was when it ended, the new ones with their
+/// endpoints and events; and the string was refused as taken (409),
+/// which made robogerctl give up the deploy.
 #[tokio::test]
 async fn a_delete_everything_spares_what_is_made_while_it_goes_on() {
     let Some((_dir, url, db)) =
@@ -844,7 +846,7 @@ async fn a_delete_everything_spares_what_is_made_while_it_goes_on() {
         ..ServerOptions::test_plugin("")
     })
     .await;
-    let (old, _, _) = s.addr_with_history(&db, 1200).await;
+    let (old, a, _) = s.addr_with_history(&db, 1200).await;
     let held: i64 = db
         .query("SELECT id FROM delivery WHERE event_id = '00000000-0000-7000-8000-000000000001'")
         .parse()
@@ -853,8 +855,20 @@ async fn a_delete_everything_spares_what_is_made_while_it_goes_on() {
     let cmd = json!({"cmd": "delete-everything"});
     assert_status!(s.manage(Method::POST, "/core", Some(cmd)).await, 202);
 
-    // Made while it goes on: an address, its endpoint, an event.
-    let (new, a) = s.new_addr().await;
+    // Made while it goes on: an address with the old one's string, its
+    // endpoint, an event.
+    let (new, _) = s.new_addr().await;
+    let change = json!({"cmd": "change", "to": a});
+    let r = s
+        .manage(Method::POST, &format!("/addr/{new}"), Some(change))
+        .await;
+    // Moved, as the original answers a change.
+    assert_status!(r, 301);
+    s.wait_log(
+        "an address string is taken from an address being deleted",
+        Duration::from_secs(5),
+    )
+    .await;
     s.endpoint(new, "t", json!({})).await;
     assert_status!(s.push(json!({"addr": a, "msg": "after"})).await, 202);
     s.wait_settled(new).await;
@@ -870,10 +884,9 @@ async fn a_delete_everything_spares_what_is_made_while_it_goes_on() {
     .await;
     s.wait_log("a deletion answered 202 has ended", Duration::from_secs(5))
         .await;
-    assert_status!(
-        s.manage(Method::GET, &format!("/addr/{new}"), None).await,
-        200
-    );
+    let r = s.manage(Method::GET, &format!("/addr/{new}"), None).await;
+    assert_status!(r, 200);
+    assert_eq!(r.json()["a"], json!(a), "{}", r.text);
     let eps = s
         .manage(Method::GET, &format!("/addr/{new}/endpoint"), None)
         .await;

@@ -9,13 +9,18 @@ use sea_orm::{
 };
 use serde_json::Value;
 
-use super::deletion::deletion_end;
+use super::deletion::{Deleting, deletion_end};
 use super::entity::{self, addr, addr_limit, bucket, delivery, endpoint, event, subscription};
 use super::{
     AddrRef, ENDPOINTS_PER_STATEMENT, Result, Store, StoreError, gone_since_read,
     is_unique_violation,
 };
 use crate::level::{Level, LevelMatch};
+
+/// A fresh random address string.
+fn random_addr() -> String {
+    crate::random::alphanumeric(entity::ADDR_LEN)
+}
 
 /// The addresses a deletion takes, with everything that hangs off them.
 #[derive(Debug, Clone, Copy)]
@@ -102,7 +107,7 @@ impl Store {
     pub async fn addr_create(&self) -> Result<addr::Model> {
         for _ in 0..3 {
             let am = addr::ActiveModel {
-                a: Set(crate::random::alphanumeric(entity::ADDR_LEN)),
+                a: Set(random_addr()),
                 active: Set(1),
                 lim_c: Set(100),
                 lim_s: Set(10_000_000),
@@ -151,18 +156,64 @@ impl Store {
     }
 
     /// Renames an address (to `to`, or a fresh random one) and returns it.
+    /// A string taken by an address whose deletion goes on is given up by
+    /// it (it takes a random one) in the same transaction: `robogerctl
+    /// deploy --delete-everything` gives the deploy's addresses the
+    /// strings of those it deletes.
     pub async fn addr_change(&self, r: &AddrRef, to: Option<String>) -> Result<addr::Model> {
         let current = self.addr_get(r).await?;
         let mut am: addr::ActiveModel = current.into();
-        am.a = Set(to.unwrap_or_else(|| crate::random::alphanumeric(entity::ADDR_LEN)));
+        am.a = Set(to.clone().unwrap_or_else(random_addr));
+        let taken =
+            || StoreError::Conflict("resource already exists: that address is taken".into());
         let txn = self.begin_write().await?;
-        let a = am.update(&txn).await.map_err(|e| {
-            if is_unique_violation(&e) {
-                StoreError::Conflict("resource already exists: that address is taken".into())
-            } else {
-                gone_since_read(e, || format!("addr {r}"))
+        let a = match am.clone().update(&txn).await {
+            Ok(a) => a,
+            Err(e) if is_unique_violation(&e) => {
+                // PostgreSQL ends a transaction at its first error.
+                txn.rollback().await?;
+                let Some(to) = to else {
+                    return Err(taken());
+                };
+                let holder = addr::Entity::find()
+                    .filter(addr::Column::A.eq(to.as_str()))
+                    .one(&self.db)
+                    .await?
+                    .ok_or_else(taken)?;
+                if self
+                    .deletion_covering(Deleting::Addr(holder.id))
+                    .await?
+                    .is_none()
+                {
+                    return Err(taken());
+                }
+                let txn = self.begin_write().await?;
+                let gone = holder.id;
+                let mut holder: addr::ActiveModel = holder.into();
+                holder.a = Set(random_addr());
+                holder
+                    .update(&txn)
+                    .await
+                    .map_err(|e| gone_since_read(e, || format!("addr {gone}")))?;
+                self.announce(&txn, Some(gone)).await?;
+                let a = am.update(&txn).await.map_err(|e| {
+                    if is_unique_violation(&e) {
+                        taken()
+                    } else {
+                        gone_since_read(e, || format!("addr {r}"))
+                    }
+                })?;
+                self.announce(&txn, Some(a.id)).await?;
+                txn.commit().await?;
+                tracing::info!(
+                    addr = a.id,
+                    from = gone,
+                    "an address string is taken from an address being deleted"
+                );
+                return Ok(a);
             }
-        })?;
+            Err(e) => return Err(gone_since_read(e, || format!("addr {r}"))),
+        };
         self.announce(&txn, Some(a.id)).await?;
         txn.commit().await?;
         Ok(a)
