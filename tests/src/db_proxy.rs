@@ -23,7 +23,9 @@
 //! failing over; and leave every connection open now without another
 //! byte either way, for good, while new ones are served
 //! ([`DbProxy::silence_all`]), as after a failover whose old primary
-//! vanished with no reset reaching anyone.
+//! vanished with no reset reaching anyone. And it can hold back for a
+//! while what the database answers to a statement, which has taken
+//! effect meanwhile ([`DbProxy::delay_at`]), as a slow network does.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -59,6 +61,7 @@ pub struct DbProxy {
     silences: tokio::sync::watch::Sender<u64>,
     silence_at: Arc<Mutex<Vec<String>>>,
     silenced: Arc<AtomicUsize>,
+    delay_at: Arc<Mutex<Vec<(String, std::time::Duration)>>>,
     down: Arc<AtomicBool>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -79,6 +82,9 @@ struct Shared {
     silence_at: Arc<Mutex<Vec<String>>>,
     /// How many were.
     silenced: Arc<AtomicUsize>,
+    /// Texts in statements whose answers are held back for a while as
+    /// they run, each once.
+    delay_at: Arc<Mutex<Vec<(String, std::time::Duration)>>>,
 }
 
 impl Shared {
@@ -94,6 +100,14 @@ impl Shared {
         marks.remove(i);
         self.silenced.fetch_add(1, Ordering::SeqCst);
         true
+    }
+
+    /// How long the answers to a statement of text `text`, run now, are
+    /// held back, if they are; the mark it holds is then used up.
+    fn delays(&self, text: &[u8]) -> Option<std::time::Duration> {
+        let mut marks = self.delay_at.lock().ok()?;
+        let i = marks.iter().position(|(m, _)| holds(text, m.as_bytes()))?;
+        Some(marks.remove(i).1)
     }
 
     /// Whether the message that ends a commit, in a transaction that ran
@@ -143,6 +157,7 @@ impl DbProxy {
             silences: tokio::sync::watch::Sender::new(0),
             silence_at: Arc::default(),
             silenced: Arc::default(),
+            delay_at: Arc::default(),
         };
         let (armed, lost, breaks) = (
             shared.armed.clone(),
@@ -154,6 +169,7 @@ impl DbProxy {
             shared.silence_at.clone(),
             shared.silenced.clone(),
         );
+        let delay_at = shared.delay_at.clone();
         let down = Arc::new(AtomicBool::new(false));
         let refusing = down.clone();
         let task = tokio::spawn(async move {
@@ -185,6 +201,7 @@ impl DbProxy {
             silences,
             silence_at,
             silenced,
+            delay_at,
             down,
             task,
         }
@@ -246,6 +263,17 @@ impl DbProxy {
         }
     }
 
+    /// For each of `marks`, what the database answers to the next
+    /// statement run holding it (a simple query, or a prepared one
+    /// executed) and to what its connection sends after it is held back
+    /// for `hold`: the statement has taken effect (an autocommitted
+    /// `INSERT` is committed) while its client waits for the answer.
+    pub fn delay_at(&self, marks: &[&str], hold: std::time::Duration) {
+        if let Ok(mut armed) = self.delay_at.lock() {
+            armed.extend(marks.iter().map(|m| (m.to_string(), hold)));
+        }
+    }
+
     /// How many connections [`DbProxy::silence_at`] silenced so far.
     pub fn silenced(&self) -> usize {
         self.silenced.load(Ordering::SeqCst)
@@ -302,6 +330,26 @@ impl Transaction {
 /// client sent last is complete, when that message was the one to lose.
 /// Both directions see it: the client's side sets it before sending.
 type Doomed = Arc<std::sync::atomic::AtomicBool>;
+
+/// Until when a connection's answers are held back, if they are: set by
+/// its client's side as it sends the statement, waited out by the
+/// database's side before it passes anything on.
+type Held = Arc<Mutex<Option<tokio::time::Instant>>>;
+
+/// Holds a connection's answers back for `hold`, if given.
+fn hold_answers(held: &Held, hold: Option<std::time::Duration>) {
+    if let (Some(hold), Ok(mut until)) = (hold, held.lock()) {
+        *until = Some(tokio::time::Instant::now() + hold);
+    }
+}
+
+/// Waits out the hold on a connection's answers, if there is one.
+async fn wait_held(held: &Held) {
+    let until = held.lock().ok().and_then(|mut h| h.take());
+    if let Some(until) = until {
+        tokio::time::sleep_until(until).await;
+    }
+}
 
 /// Sends a client's message `m` on to the database, the connection
 /// doomed first when the answer to it is to be lost; false once the
@@ -361,8 +409,9 @@ async fn relay_pg(client: TcpStream, server: TcpStream, shared: Shared) {
     let (cr, mut cw) = client.into_split();
     let (sr, mut sw) = server.into_split();
     let doomed = Doomed::default();
+    let held = Held::default();
     let to_server = {
-        let (shared, doomed) = (shared.clone(), doomed.clone());
+        let (shared, doomed, held) = (shared.clone(), doomed.clone(), held.clone());
         async move {
             let mut cr = BufReader::new(cr);
             // Statement texts by name, and those the open transaction ran.
@@ -381,6 +430,10 @@ async fn relay_pg(client: TcpStream, server: TcpStream, shared: Shared) {
                 };
                 if shared.silences(text) {
                     return std::future::pending().await;
+                }
+                // Run by a Bind or a simple query (a Parse only names it).
+                if matches!((typed, kind), (true, b'B' | b'Q')) {
+                    hold_answers(&held, shared.delays(text));
                 }
                 let lose = match (typed, kind) {
                     // Parse: statement name, text.
@@ -419,6 +472,7 @@ async fn relay_pg(client: TcpStream, server: TcpStream, shared: Shared) {
     let to_client = async move {
         let mut sr = BufReader::new(sr);
         while let Some((kind, m)) = pg_message(&mut sr, true).await {
+            wait_held(&held).await;
             if doomed.load(Ordering::SeqCst) {
                 // The answer ends with ReadyForQuery.
                 if kind == b'Z' {
@@ -468,9 +522,11 @@ async fn relay_mysql(client: TcpStream, server: TcpStream, shared: Shared) {
     let (cr, mut cw) = client.into_split();
     let (sr, mut sw) = server.into_split();
     let doomed = Doomed::default();
+    let held = Held::default();
     let statements: Arc<Mutex<MyStatements>> = Arc::default();
     let to_server = {
         let (shared, doomed, statements) = (shared.clone(), doomed.clone(), statements.clone());
+        let held = held.clone();
         async move {
             let mut cr = BufReader::new(cr);
             let mut tx = Transaction::default();
@@ -490,6 +546,14 @@ async fn relay_mysql(client: TcpStream, server: TcpStream, shared: Shared) {
                     || executed.as_ref().is_some_and(|t| shared.silences(t))
                 {
                     return std::future::pending().await;
+                }
+                // Run by COM_STMT_EXECUTE or COM_QUERY.
+                let run = match (seq, payload.first()) {
+                    (0, Some(0x03)) => Some(text),
+                    _ => executed.as_deref(),
+                };
+                if let Some(run) = run {
+                    hold_answers(&held, shared.delays(run));
                 }
                 let lose = match (seq, payload.first()) {
                     // COM_STMT_PREPARE
@@ -521,6 +585,7 @@ async fn relay_mysql(client: TcpStream, server: TcpStream, shared: Shared) {
     let to_client = async move {
         let mut sr = BufReader::new(sr);
         while let Some((seq, payload, m)) = my_packet(&mut sr).await {
+            wait_held(&held).await;
             if doomed.load(Ordering::SeqCst) {
                 // The answer to COMMIT: one OK or error packet.
                 shared.lost.fetch_add(1, Ordering::SeqCst);

@@ -1048,3 +1048,24 @@ async fn a_deletion_goes_on_past_a_statement_left_unanswered() {
     );
     assert_eq!(db.query("SELECT count(*) FROM event"), "0");
 }
+
+/// A look for deletions left unmade (each node looks every
+/// `node-timeout`) that comes while this node begins a deletion (its
+/// record written, the database's answer not yet back) does not take it
+/// for one left unmade and make it a second time. The answer is held back
+/// by the proxy for longer than `node-timeout`, so a look comes meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deletion_being_begun_is_not_taken_up_as_left_unmade() {
+    // Room in `timeout` for the answer held back.
+    let opts = ServerOptions::test_plugin("timeout: 8\n");
+    let Some((proxy, s, _)) = behind_proxy(opts).await else {
+        return;
+    };
+    let (id, _) = s.new_addr().await;
+    proxy.delay_at(&[&sql("INSERT INTO \"deletion\"")], Duration::from_secs(4));
+    let path = format!("/addr/{id}");
+    assert_status!(s.manage(Method::DELETE, &path, None).await, 204);
+    assert_status!(s.manage(Method::GET, &path, None).await, 404);
+    let taken = s.log_lines("taking up a deletion left unmade");
+    assert!(taken.is_empty(), "{}", s.log_text());
+}
