@@ -4,8 +4,11 @@
 //! routing index is built from.
 
 use sea_orm::{
-    ActiveModelTrait, ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseTransaction,
-    EntityTrait, QueryFilter, QueryOrder, QuerySelect, sea_query::Query,
+    ActiveModelTrait,
+    ActiveValue::Set,
+    ColumnTrait, ConnectionTrait, DatabaseTransaction, EntityTrait, QueryFilter, QueryOrder,
+    QuerySelect,
+    sea_query::{Expr, Query},
 };
 use serde_json::Value;
 
@@ -189,12 +192,12 @@ impl Store {
                 }
                 let txn = self.begin_write().await?;
                 let gone = holder.id;
-                let mut holder: addr::ActiveModel = holder.into();
-                holder.a = Set(random_addr());
-                holder
-                    .update(&txn)
-                    .await
-                    .map_err(|e| gone_since_read(e, || format!("addr {gone}")))?;
+                // Nothing to give up if its deletion has ended since.
+                addr::Entity::update_many()
+                    .col_expr(addr::Column::A, Expr::value(random_addr()))
+                    .filter(addr::Column::Id.eq(gone))
+                    .exec(&txn)
+                    .await?;
                 self.announce(&txn, Some(gone)).await?;
                 let a = am.update(&txn).await.map_err(|e| {
                     if is_unique_violation(&e) {
