@@ -148,6 +148,61 @@ fn lockable_database(why: &str) -> Option<(tempfile::TempDir, String, DbClient)>
     Some((dir, url, db))
 }
 
+/// A server of the test plugin on a database whose rows an outside
+/// session can hold (none on SQLite), with an address whose history
+/// (1,200 copies of its one event, whose ids sort before it) makes three
+/// chunks of a deletion, and an outside session holding a delivery of the
+/// first: a deletion of the address or of its endpoint is answered 202
+/// and goes on until the hold is let go ([`commit_and_end`]).
+struct HeldHistory {
+    dir: tempfile::TempDir,
+    url: String,
+    db: DbClient,
+    s: Server,
+    addr_id: i64,
+    a: String,
+    ep: i64,
+    outside: Child,
+}
+
+async fn held_history() -> Option<HeldHistory> {
+    let (dir, url, db) =
+        lockable_database("the deletion is held through a row lock, which SQLite has not")?;
+    let s = Server::start_with(ServerOptions {
+        db: Some(url.clone()),
+        ..ServerOptions::test_plugin("")
+    })
+    .await;
+    let (addr_id, a, ep) = s.addr_with_history(&db, 1200).await;
+    let held: i64 = db
+        .query("SELECT id FROM delivery WHERE event_id = '00000000-0000-7000-8000-000000000001'")
+        .parse()
+        .expect("a delivery id");
+    let outside = hold_row(&db, ("delivery", held), 1, false).await;
+    Some(HeldHistory {
+        dir,
+        url,
+        db,
+        s,
+        addr_id,
+        a,
+        ep,
+        outside,
+    })
+}
+
+/// Waits until `s`'s management API answers 404 for `path`: what a
+/// deletion deleted is gone.
+async fn until_gone(s: &Server, path: &str) {
+    poll_until(Duration::from_secs(30), async || {
+        match s.manage(Method::GET, path, None).await.status.as_u16() {
+            404 => Ok(()),
+            n => Err(format!("{path} is still there ({n})")),
+        }
+    })
+    .await;
+}
+
 /// An outside session holding the row `id` of `table`, the `holders`th
 /// session to hold a row of it, once it holds it. On MariaDB it takes a
 /// named lock too, which shows that it does. One that `wins_deadlocks`
@@ -505,23 +560,18 @@ enum Cut {
 }
 
 async fn cut_short_by_a_crash(what: Cut) {
-    let Some((_dir, url, db)) =
-        lockable_database("the deletion is held through a row lock, which SQLite has not")
+    let Some(HeldHistory {
+        dir: _dir,
+        db,
+        mut s,
+        addr_id,
+        ep,
+        outside,
+        ..
+    }) = held_history().await
     else {
         return;
     };
-    let mut s = Server::start_with(ServerOptions {
-        db: Some(url),
-        ..ServerOptions::test_plugin("")
-    })
-    .await;
-    // Copies of its event, whose ids sort before it: three chunks.
-    let (addr_id, _, ep) = s.addr_with_history(&db, 1200).await;
-    let held: i64 = db
-        .query("SELECT id FROM delivery WHERE event_id = '00000000-0000-7000-8000-000000000001'")
-        .parse()
-        .expect("a delivery id");
-    let outside = hold_row(&db, ("delivery", held), 1, false).await;
 
     let addr_path = format!("/addr/{addr_id}");
     let ep_path = format!("/addr/{addr_id}/endpoint/{ep}");
@@ -542,13 +592,7 @@ async fn cut_short_by_a_crash(what: Cut) {
     } else {
         &addr_path
     };
-    poll_until(Duration::from_secs(30), async || {
-        match s.manage(Method::GET, gone, None).await.status.as_u16() {
-            404 => Ok(()),
-            other => Err(format!("{gone} is still there ({other})")),
-        }
-    })
-    .await;
+    until_gone(&s, gone).await;
     s.wait_log("a deletion left unmade has ended", Duration::from_secs(5))
         .await;
     assert_eq!(db.query("SELECT count(*) FROM delivery"), "0");
@@ -651,13 +695,7 @@ async fn a_deletion_that_keeps_failing_is_tried_again_until_made() {
     .await;
 
     db.allow_writes("event");
-    poll_until(Duration::from_secs(30), async || {
-        match s.manage(Method::GET, &path, None).await.status.as_u16() {
-            404 => Ok(()),
-            other => Err(format!("the address is still there ({other})")),
-        }
-    })
-    .await;
+    until_gone(&s, &path).await;
     s.wait_log("a deletion left unmade has ended", Duration::from_secs(5))
         .await;
     assert_eq!(db.query("SELECT count(*) FROM event"), "0");
@@ -673,17 +711,23 @@ async fn a_deletion_that_keeps_failing_is_tried_again_until_made() {
 /// then.
 #[tokio::test]
 async fn a_deletion_whose_node_dies_under_it_is_made_by_another_node() {
-    let Some((_dir, url, db)) =
-        lockable_database("the deletion is held through a row lock, which SQLite has not")
+    let Some(HeldHistory {
+        dir: _dir,
+        url,
+        db,
+        s: mut dying,
+        addr_id,
+        outside,
+        ..
+    }) = held_history().await
     else {
         return;
     };
-    let opts = || ServerOptions {
-        db: Some(url.clone()),
+    let other = Server::start_with(ServerOptions {
+        db: Some(url),
         ..ServerOptions::test_plugin("")
-    };
-    let mut dying = Server::start_with(opts()).await;
-    let other = Server::start_with(opts()).await;
+    })
+    .await;
     // The other node's first look, one node-timeout after its start, is
     // over before the deletion begins.
     poll_until(Duration::from_secs(30), async || {
@@ -704,24 +748,12 @@ async fn a_deletion_whose_node_dies_under_it_is_made_by_another_node() {
     })
     .await;
 
-    let (addr_id, _, _) = dying.addr_with_history(&db, 1200).await;
-    let held: i64 = db
-        .query("SELECT id FROM delivery WHERE event_id = '00000000-0000-7000-8000-000000000001'")
-        .parse()
-        .expect("a delivery id");
-    let outside = hold_row(&db, ("delivery", held), 1, false).await;
     let path = format!("/addr/{addr_id}");
     assert_status!(dying.manage(Method::DELETE, &path, None).await, 202);
     dying.kill();
     commit_and_end(outside, "the hold");
 
-    poll_until(Duration::from_secs(30), async || {
-        match other.manage(Method::GET, &path, None).await.status.as_u16() {
-            404 => Ok(()),
-            n => Err(format!("the address is still there ({n})")),
-        }
-    })
-    .await;
+    until_gone(&other, &path).await;
     other
         .wait_log("a deletion left unmade has ended", Duration::from_secs(5))
         .await;
@@ -734,22 +766,17 @@ async fn a_deletion_whose_node_dies_under_it_is_made_by_another_node() {
 /// nothing of it.
 #[tokio::test]
 async fn a_node_stopped_under_a_deletion_says_it_is_left() {
-    let Some((_dir, url, db)) =
-        lockable_database("the deletion is held through a row lock, which SQLite has not")
+    let Some(HeldHistory {
+        dir: _dir,
+        db,
+        mut s,
+        addr_id,
+        outside,
+        ..
+    }) = held_history().await
     else {
         return;
     };
-    let mut s = Server::start_with(ServerOptions {
-        db: Some(url),
-        ..ServerOptions::test_plugin("")
-    })
-    .await;
-    let (addr_id, _, _) = s.addr_with_history(&db, 1200).await;
-    let held: i64 = db
-        .query("SELECT id FROM delivery WHERE event_id = '00000000-0000-7000-8000-000000000001'")
-        .parse()
-        .expect("a delivery id");
-    let outside = hold_row(&db, ("delivery", held), 1, false).await;
     let path = format!("/addr/{addr_id}");
     assert_status!(s.manage(Method::DELETE, &path, None).await, 202);
     assert!(s.terminate().success(), "{}", s.log_text());
@@ -759,13 +786,7 @@ async fn a_node_stopped_under_a_deletion_says_it_is_left() {
     commit_and_end(outside, "the hold");
 
     s.kill_and_restart();
-    poll_until(Duration::from_secs(30), async || {
-        match s.manage(Method::GET, &path, None).await.status.as_u16() {
-            404 => Ok(()),
-            n => Err(format!("the address is still there ({n})")),
-        }
-    })
-    .await;
+    until_gone(&s, &path).await;
     s.wait_log("a deletion left unmade has ended", Duration::from_secs(5))
         .await;
     assert_eq!(db.query("SELECT count(*) FROM deletion"), "0");
@@ -779,22 +800,18 @@ async fn a_node_stopped_under_a_deletion_says_it_is_left() {
 /// had ended.
 #[tokio::test]
 async fn a_deletion_asked_for_again_starts_no_second_walk() {
-    let Some((_dir, url, db)) =
-        lockable_database("the deletion is held through a row lock, which SQLite has not")
+    let Some(HeldHistory {
+        dir: _dir,
+        db,
+        s,
+        addr_id,
+        ep,
+        outside,
+        ..
+    }) = held_history().await
     else {
         return;
     };
-    let s = Server::start_with(ServerOptions {
-        db: Some(url),
-        ..ServerOptions::test_plugin("")
-    })
-    .await;
-    let (addr_id, _, ep) = s.addr_with_history(&db, 1200).await;
-    let held: i64 = db
-        .query("SELECT id FROM delivery WHERE event_id = '00000000-0000-7000-8000-000000000001'")
-        .parse()
-        .expect("a delivery id");
-    let outside = hold_row(&db, ("delivery", held), 1, false).await;
     let path = format!("/addr/{addr_id}");
     assert_status!(s.manage(Method::DELETE, &path, None).await, 202);
     for again in [path.clone(), format!("{path}/endpoint/{ep}")] {
@@ -810,13 +827,7 @@ async fn a_deletion_asked_for_again_starts_no_second_walk() {
     );
     commit_and_end(outside, "the hold");
 
-    poll_until(Duration::from_secs(30), async || {
-        match s.manage(Method::GET, &path, None).await.status.as_u16() {
-            404 => Ok(()),
-            n => Err(format!("the address is still there ({n})")),
-        }
-    })
-    .await;
+    until_gone(&s, &path).await;
     s.wait_log("a deletion answered 202 has ended", Duration::from_secs(5))
         .await;
     assert_eq!(db.query("SELECT count(*) FROM deletion"), "0");
@@ -836,22 +847,18 @@ async fn a_deletion_asked_for_again_starts_no_second_walk() {
 /// which made robogerctl give up the deploy.
 #[tokio::test]
 async fn a_delete_everything_spares_what_is_made_while_it_goes_on() {
-    let Some((_dir, url, db)) =
-        lockable_database("the deletion is held through a row lock, which SQLite has not")
+    let Some(HeldHistory {
+        dir: _dir,
+        db,
+        s,
+        addr_id: old,
+        a,
+        outside,
+        ..
+    }) = held_history().await
     else {
         return;
     };
-    let s = Server::start_with(ServerOptions {
-        db: Some(url),
-        ..ServerOptions::test_plugin("")
-    })
-    .await;
-    let (old, a, _) = s.addr_with_history(&db, 1200).await;
-    let held: i64 = db
-        .query("SELECT id FROM delivery WHERE event_id = '00000000-0000-7000-8000-000000000001'")
-        .parse()
-        .expect("a delivery id");
-    let outside = hold_row(&db, ("delivery", held), 1, false).await;
     let cmd = json!({"cmd": "delete-everything"});
     assert_status!(s.manage(Method::POST, "/core", Some(cmd)).await, 202);
 
@@ -874,14 +881,7 @@ async fn a_delete_everything_spares_what_is_made_while_it_goes_on() {
     s.wait_settled(new).await;
     commit_and_end(outside, "the hold");
 
-    poll_until(Duration::from_secs(30), async || {
-        let path = format!("/addr/{old}");
-        match s.manage(Method::GET, &path, None).await.status.as_u16() {
-            404 => Ok(()),
-            n => Err(format!("the old address is still there ({n})")),
-        }
-    })
-    .await;
+    until_gone(&s, &format!("/addr/{old}")).await;
     s.wait_log("a deletion answered 202 has ended", Duration::from_secs(5))
         .await;
     let r = s.manage(Method::GET, &format!("/addr/{new}"), None).await;
@@ -904,25 +904,18 @@ async fn a_delete_everything_spares_what_is_made_while_it_goes_on() {
 #[tokio::test]
 async fn the_console_shows_what_is_being_deleted() {
     for of_endpoint in [true, false] {
-        let Some((_dir, url, db)) =
-            lockable_database("the deletion is held through a row lock, which SQLite has not")
+        let Some(HeldHistory {
+            dir: _dir,
+            s,
+            addr_id,
+            ep,
+            outside,
+            ..
+        }) = held_history().await
         else {
             return;
         };
-        let s = Server::start_with(ServerOptions {
-            db: Some(url),
-            ..ServerOptions::test_plugin("")
-        })
-        .await;
-        let (addr_id, _, ep) = s.addr_with_history(&db, 1200).await;
         let other = s.endpoint(addr_id, "t", json!({})).await;
-        let held: i64 = db
-            .query(
-                "SELECT id FROM delivery WHERE event_id = '00000000-0000-7000-8000-000000000001'",
-            )
-            .parse()
-            .expect("a delivery id");
-        let outside = hold_row(&db, ("delivery", held), 1, false).await;
         let page = format!("/ui/addr/{addr_id}");
         let path = if of_endpoint {
             format!("/addr/{addr_id}/endpoint/{ep}")
