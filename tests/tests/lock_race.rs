@@ -612,18 +612,16 @@ async fn cut_short_by_a_crash(what: Cut) {
     }
 }
 
-/// A deletion answered 202 that then fails (here the database refuses to
-/// delete its events) is taken up again by the next cleanup, and made
-/// once the database lets it. Before, it was lost after its `failed`
-/// line.
-#[tokio::test]
-async fn a_deletion_that_fails_after_its_202_is_made_by_the_next_cleanup() {
-    let Some((_dir, url, db)) =
-        lockable_database("the deletion is held through a row lock, which SQLite has not")
-    else {
-        return;
-    };
-    let (s, addr_id, a, _) = server_with_endpoint(url, String::new()).await;
+/// A server on a database whose rows an outside session can hold (none
+/// on SQLite), with `yaml` for the rest of its config, whose deletion of
+/// an address (answered 202 while a hold keeps its walk waiting) the
+/// database then refuses: its events' deletion fails until
+/// `allow_writes("event")`. The server, the database and the address's
+/// path.
+async fn refused_deletion(yaml: &str) -> Option<(tempfile::TempDir, Server, DbClient, String)> {
+    let (dir, url, db) =
+        lockable_database("the deletion is held through a row lock, which SQLite has not")?;
+    let (s, addr_id, a, _) = server_with_endpoint(url, yaml.to_string()).await;
     assert_status!(s.push(json!({"addr": a, "msg": "m"})).await, 202);
     s.wait_settled(addr_id).await;
     let held: i64 = db
@@ -633,9 +631,21 @@ async fn a_deletion_that_fails_after_its_202_is_made_by_the_next_cleanup() {
     let outside = hold_row(&db, ("delivery", held), 1, false).await;
     let path = format!("/addr/{addr_id}");
     assert_status!(s.manage(Method::DELETE, &path, None).await, 202);
-    // Its events' deletion is refused once the hold is let go.
     db.refuse_deletes("event", "OLD.msg = 'm'");
     commit_and_end(outside, "the hold");
+    Some((dir, s, db, path))
+}
+
+/// A deletion answered 202 that then fails (here the database refuses to
+/// delete its events) is taken up again by the next cleanup, and made
+/// once the database lets it. Before, it was lost after its `failed`
+/// line. (A `node-timeout` of a minute keeps the node's own looks out of
+/// the way.)
+#[tokio::test]
+async fn a_deletion_that_fails_after_its_202_is_made_by_the_next_cleanup() {
+    let Some((_dir, s, db, path)) = refused_deletion("node-timeout: 60\n").await else {
+        return;
+    };
     s.wait_log("a deletion answered 202 failed", Duration::from_secs(20))
         .await;
 
@@ -657,23 +667,9 @@ async fn a_deletion_that_fails_after_its_202_is_made_by_the_next_cleanup() {
 /// start, it waited for the next cleanup: an hour by default.
 #[tokio::test]
 async fn a_deletion_that_keeps_failing_is_tried_again_until_made() {
-    let Some((_dir, url, db)) =
-        lockable_database("the deletion is held through a row lock, which SQLite has not")
-    else {
+    let Some((_dir, s, db, path)) = refused_deletion("").await else {
         return;
     };
-    let (s, addr_id, a, _) = server_with_endpoint(url, String::new()).await;
-    assert_status!(s.push(json!({"addr": a, "msg": "m"})).await, 202);
-    s.wait_settled(addr_id).await;
-    let held: i64 = db
-        .query("SELECT id FROM delivery")
-        .parse()
-        .expect("a delivery id");
-    let outside = hold_row(&db, ("delivery", held), 1, false).await;
-    let path = format!("/addr/{addr_id}");
-    assert_status!(s.manage(Method::DELETE, &path, None).await, 202);
-    db.refuse_deletes("event", "OLD.msg = 'm'");
-    commit_and_end(outside, "the hold");
     // It fails, is taken up again, and fails again.
     let failed = "a deletion failed;";
     poll_until(Duration::from_secs(30), async || {
