@@ -20,6 +20,11 @@ use super::{
 };
 use crate::level::{Level, LevelMatch};
 
+/// A change to an address string another address holds.
+fn string_taken() -> StoreError {
+    StoreError::Conflict("resource already exists: that address is taken".into())
+}
+
 /// A fresh random address string.
 fn random_addr() -> String {
     crate::random::alphanumeric(entity::ADDR_LEN)
@@ -160,65 +165,73 @@ impl Store {
 
     /// Renames an address (to `to`, or a fresh random one) and returns it.
     /// A string taken by an address whose deletion goes on is given up by
-    /// it (it takes a random one) in the same transaction: `robogerctl
-    /// deploy --delete-everything` gives the deploy's addresses the
-    /// strings of those it deletes.
+    /// it ([`Store::addr_change_taking`]).
     pub async fn addr_change(&self, r: &AddrRef, to: Option<String>) -> Result<addr::Model> {
         let current = self.addr_get(r).await?;
         let mut am: addr::ActiveModel = current.into();
         am.a = Set(to.clone().unwrap_or_else(random_addr));
-        let taken =
-            || StoreError::Conflict("resource already exists: that address is taken".into());
         let txn = self.begin_write().await?;
-        let a = match am.clone().update(&txn).await {
-            Ok(a) => a,
+        match am.clone().update(&txn).await {
+            Ok(a) => {
+                self.announce(&txn, Some(a.id)).await?;
+                txn.commit().await?;
+                Ok(a)
+            }
             Err(e) if is_unique_violation(&e) => {
                 // PostgreSQL ends a transaction at its first error.
                 txn.rollback().await?;
-                let Some(to) = to else {
-                    return Err(taken());
-                };
-                let holder = addr::Entity::find()
-                    .filter(addr::Column::A.eq(to.as_str()))
-                    .one(&self.db)
-                    .await?
-                    .ok_or_else(taken)?;
-                if self
-                    .deletion_covering(Deleting::Addr(holder.id))
-                    .await?
-                    .is_none()
-                {
-                    return Err(taken());
+                match to {
+                    Some(to) => self.addr_change_taking(r, am, &to).await,
+                    None => Err(string_taken()),
                 }
-                let txn = self.begin_write().await?;
-                let gone = holder.id;
-                // Nothing to give up if its deletion has ended since.
-                addr::Entity::update_many()
-                    .col_expr(addr::Column::A, Expr::value(random_addr()))
-                    .filter(addr::Column::Id.eq(gone))
-                    .exec(&txn)
-                    .await?;
-                self.announce(&txn, Some(gone)).await?;
-                let a = am.update(&txn).await.map_err(|e| {
-                    if is_unique_violation(&e) {
-                        taken()
-                    } else {
-                        gone_since_read(e, || format!("addr {r}"))
-                    }
-                })?;
-                self.announce(&txn, Some(a.id)).await?;
-                txn.commit().await?;
-                tracing::info!(
-                    addr = a.id,
-                    from = gone,
-                    "an address string is taken from an address being deleted"
-                );
-                return Ok(a);
             }
-            Err(e) => return Err(gone_since_read(e, || format!("addr {r}"))),
-        };
+            Err(e) => Err(gone_since_read(e, || format!("addr {r}"))),
+        }
+    }
+
+    /// Gives address `r` (changed as `am`) the string `to`, which another
+    /// address holds, if a recorded deletion takes that one: it gives the
+    /// string up for a random one in the same transaction. `robogerctl
+    /// deploy --delete-everything` gives the deploy's addresses the
+    /// strings of those it deletes. A string held by any other address
+    /// is taken (409).
+    async fn addr_change_taking(
+        &self,
+        r: &AddrRef,
+        am: addr::ActiveModel,
+        to: &str,
+    ) -> Result<addr::Model> {
+        let holder = addr::Entity::find()
+            .filter(addr::Column::A.eq(to))
+            .one(&self.db)
+            .await?
+            .ok_or_else(string_taken)?;
+        let deleted = self.deletion_covering(Deleting::Addr(holder.id)).await?;
+        if deleted.is_none() {
+            return Err(string_taken());
+        }
+        let txn = self.begin_write().await?;
+        // Nothing to give up if its deletion has ended since.
+        addr::Entity::update_many()
+            .col_expr(addr::Column::A, Expr::value(random_addr()))
+            .filter(addr::Column::Id.eq(holder.id))
+            .exec(&txn)
+            .await?;
+        self.announce(&txn, Some(holder.id)).await?;
+        let a = am.update(&txn).await.map_err(|e| {
+            if is_unique_violation(&e) {
+                string_taken()
+            } else {
+                gone_since_read(e, || format!("addr {r}"))
+            }
+        })?;
         self.announce(&txn, Some(a.id)).await?;
         txn.commit().await?;
+        tracing::info!(
+            addr = a.id,
+            from = holder.id,
+            "an address string is taken from an address being deleted"
+        );
         Ok(a)
     }
 
