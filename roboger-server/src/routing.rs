@@ -14,6 +14,10 @@
 //! ([`listener`]). A node that polls does so more often for a moment
 //! after each change, so a burst of changes is not answered a poll apart.
 //!
+//! A deletion's record is a routing change too (`store::deletion`): what
+//! a deletion under way takes is routed to no more, an address marked
+//! [`AddrRoutes::being_deleted`] and an endpoint left out.
+//!
 //! Invariant: a node that has applied version N obeys every change up to
 //! N; the version only grows, and changes commit in version order.
 //! An endpoint receives an event once, however many subscriptions match.
@@ -29,8 +33,7 @@ use crate::cluster::{self, Node};
 use crate::config::DbBackend;
 use crate::level::LevelMatch;
 use crate::outage::Outage;
-use crate::store::entity::{addr, endpoint, subscription};
-use crate::store::{Store, StoreError};
+use crate::store::{Deleting, RoutingSnapshot, Store, StoreError};
 
 mod listener;
 
@@ -65,6 +68,9 @@ struct Endpoint {
 pub struct AddrRoutes {
     pub id: i64,
     pub active: bool,
+    /// A deletion of it was asked for and goes on: it is pushed to no
+    /// more, as if already gone.
+    pub being_deleted: bool,
     pub lim_c: i64,
     pub lim_s: i64,
     endpoints: Vec<Endpoint>,
@@ -202,8 +208,7 @@ impl Routes {
 
     /// Rebuilds the whole index from the database.
     async fn reload(&self, store: &Store) -> Result<(), StoreError> {
-        let (addrs, endpoints, subs) = store.routing_snapshot(None).await?;
-        let built = build(addrs, endpoints, subs);
+        let built = build(store.routing_snapshot(None).await?);
         let a_of = built.iter().map(|(a, r)| (r.id, a.clone())).collect();
         if let (Ok(mut by_a), Ok(mut ids)) = (self.by_a.write(), self.a_of.write()) {
             *by_a = built;
@@ -215,8 +220,7 @@ impl Routes {
     /// Re-reads some addresses (after any change to them or below them),
     /// in one snapshot; an address that no longer exists is dropped.
     async fn refresh(&self, store: &Store, addr_ids: &[i64]) -> Result<(), StoreError> {
-        let (addrs, endpoints, subs) = store.routing_snapshot(Some(addr_ids)).await?;
-        let built = build(addrs, endpoints, subs);
+        let built = build(store.routing_snapshot(Some(addr_ids)).await?);
         if let (Ok(mut by_a), Ok(mut ids)) = (self.by_a.write(), self.a_of.write()) {
             for id in addr_ids {
                 if let Some(old) = ids.remove(id) {
@@ -302,11 +306,18 @@ pub async fn follow(routes: Weak<Routes>, store: Store, timeout: Duration, node:
     }
 }
 
-fn build(
-    addrs: Vec<addr::Model>,
-    endpoints: Vec<endpoint::Model>,
-    subs: Vec<subscription::Model>,
-) -> HashMap<String, Arc<AddrRoutes>> {
+fn build(snapshot: RoutingSnapshot) -> HashMap<String, Arc<AddrRoutes>> {
+    let RoutingSnapshot {
+        addrs,
+        endpoints,
+        subs,
+        deleting,
+    } = snapshot;
+    let endpoint_deleted = |ep: i64| {
+        deleting
+            .iter()
+            .any(|d| matches!(d, Deleting::Endpoint(_, e) if *e == ep))
+    };
     let mut rules: HashMap<i64, Vec<Rule>> = HashMap::new();
     for s in subs.into_iter().filter(|s| s.active == 1) {
         let Some(level_match) = LevelMatch::parse(&s.level_match) else {
@@ -322,7 +333,10 @@ fn build(
         });
     }
     let mut eps: HashMap<i64, Vec<Endpoint>> = HashMap::new();
-    for e in endpoints.into_iter().filter(|e| e.active == 1) {
+    for e in endpoints
+        .into_iter()
+        .filter(|e| e.active == 1 && !endpoint_deleted(e.id))
+    {
         let Some(r) = rules.remove(&e.id) else {
             continue;
         };
@@ -341,6 +355,7 @@ fn build(
             let routes = AddrRoutes {
                 id: a.id,
                 active: a.active == 1,
+                being_deleted: deleting.iter().any(|d| d.takes_addr(a.id)),
                 lim_c: a.lim_c,
                 lim_s: a.lim_s,
                 endpoints: eps.remove(&a.id).unwrap_or_default(),
@@ -353,6 +368,7 @@ fn build(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::entity::{addr, endpoint, subscription};
 
     fn sub(id: i64, ep: i64, level: i16, m: &str, loc: Option<&str>) -> subscription::Model {
         subscription::Model {
@@ -392,7 +408,12 @@ mod tests {
             sub(3, 2, 40, "e", None),
             sub(4, 3, 10, "ge", None),
         ];
-        let idx = build(addrs, vec![ep(1), ep(2), inactive], subs);
+        let idx = build(RoutingSnapshot {
+            addrs,
+            endpoints: vec![ep(1), ep(2), inactive],
+            subs,
+            deleting: vec![],
+        });
         let r = &idx["A"];
         let ids = |level, loc| -> Vec<i64> {
             r.targets(&Matchable {
@@ -416,5 +437,57 @@ mod tests {
             Vec::<i64>::new(),
             "inactive endpoint 3 gets nothing"
         );
+    }
+
+    #[test]
+    fn what_a_deletion_takes_is_routed_to_no_more() {
+        let a = |id: i64| addr::Model {
+            id,
+            a: format!("A{id}"),
+            active: 1,
+            lim_c: 1,
+            lim_s: 1,
+        };
+        let ep = |id: i64, addr_id: i64| endpoint::Model {
+            id,
+            addr_id,
+            plugin_name: "p".into(),
+            config: Value::Null,
+            active: 1,
+            description: None,
+        };
+        let snapshot = |deleting| RoutingSnapshot {
+            addrs: vec![a(1), a(2), a(3)],
+            endpoints: vec![ep(1, 1), ep(2, 1), ep(3, 3)],
+            subs: vec![
+                sub(1, 1, 10, "ge", None),
+                sub(2, 2, 10, "ge", None),
+                sub(3, 3, 10, "ge", None),
+            ],
+            deleting,
+        };
+        let targets = |r: &AddrRoutes| -> Vec<i64> {
+            r.targets(&Matchable {
+                level: 20,
+                location: None,
+                tag: None,
+                sender: None,
+            })
+            .iter()
+            .map(|t| t.endpoint_id)
+            .collect()
+        };
+        let idx = build(snapshot(vec![Deleting::Endpoint(1, 2), Deleting::Addr(2)]));
+        assert!(!idx["A1"].being_deleted);
+        assert_eq!(targets(&idx["A1"]), [1], "endpoint 2 is being deleted");
+        assert!(idx["A2"].being_deleted);
+        assert!(!idx["A3"].being_deleted);
+        let idx = build(snapshot(vec![Deleting::Everything(2)]));
+        let deleted: Vec<bool> = ["A1", "A2", "A3"]
+            .iter()
+            .map(|k| idx[*k].being_deleted)
+            .collect();
+        assert_eq!(deleted, [true, true, false], "made after it was asked for");
+        assert_eq!(targets(&idx["A3"]), [3]);
     }
 }

@@ -833,6 +833,133 @@ async fn a_deletion_asked_for_again_starts_no_second_walk() {
     assert_status!(s.manage(Method::DELETE, &path, None).await, 404);
 }
 
+/// What a deletion under way takes is pushed to no more, through any
+/// node, nor changed: a push to an address being deleted (or to every
+/// address, by a `delete-everything`) is answered 404 and nothing is
+/// stored, and an endpoint being deleted gets no delivery of a push to
+/// its address, while the address's other endpoint does; a change under
+/// either is answered 409, one to the other endpoint is made. Before,
+/// each push and change was accepted (202, 201, 200) and then deleted
+/// with what the deletion took, delivered or not.
+#[tokio::test]
+async fn what_is_being_deleted_is_pushed_to_and_changed_no_more() {
+    for what in ["endpoint", "addr", "everything"] {
+        let Some(HeldHistory {
+            dir: _dir,
+            url,
+            db,
+            s,
+            addr_id,
+            a,
+            ep,
+            outside,
+        }) = held_history().await
+        else {
+            return;
+        };
+        let other_ep = s.endpoint(addr_id, "t", json!({})).await;
+        let other_node = Server::start_with(ServerOptions {
+            db: Some(url),
+            ..ServerOptions::test_plugin("")
+        })
+        .await;
+        let r = match what {
+            "endpoint" => {
+                let path = format!("/addr/{addr_id}/endpoint/{ep}");
+                s.manage(Method::DELETE, &path, None).await
+            }
+            "addr" => {
+                s.manage(Method::DELETE, &format!("/addr/{addr_id}"), None)
+                    .await
+            }
+            _ => {
+                let cmd = json!({"cmd": "delete-everything"});
+                s.manage(Method::POST, "/core", Some(cmd)).await
+            }
+        };
+        assert_status!(r, 202);
+
+        let during = json!({"addr": a, "msg": "during"});
+        if what == "endpoint" {
+            for node in [&s, &other_node] {
+                assert_status!(node.push(during.clone()).await, 202);
+            }
+            poll_until(Duration::from_secs(20), async || {
+                match db.query(
+                    "SELECT count(*) FROM delivery d JOIN event e ON e.id = d.event_id \
+                     WHERE e.msg = 'during' AND d.state = 'delivered'",
+                ) {
+                    n if n == "2" => Ok(()),
+                    n => Err(format!("{n} delivered")),
+                }
+            })
+            .await;
+            let to = db.query(
+                "SELECT DISTINCT d.endpoint_id FROM delivery d JOIN event e \
+                 ON e.id = d.event_id WHERE e.msg = 'during'",
+            );
+            assert_eq!(to, other_ep.to_string(), "{what}");
+        } else {
+            for node in [&s, &other_node] {
+                let r = node.push(during.clone()).await;
+                assert_status!(r, 404);
+                assert!(r.text.contains("it is being deleted"), "{what}: {}", r.text);
+            }
+            let stored = db.query("SELECT count(*) FROM event WHERE msg = 'during'");
+            assert_eq!(stored, "0", "{what}");
+        }
+
+        let addr_path = format!("/addr/{addr_id}");
+        let (ep_path, other_path) = (
+            format!("{addr_path}/endpoint/{ep}"),
+            format!("{addr_path}/endpoint/{other_ep}"),
+        );
+        let off = || Some(json!({"active": 0}));
+        let changes = [
+            (Method::PATCH, addr_path.clone(), off()),
+            (
+                Method::POST,
+                format!("{addr_path}/endpoint"),
+                Some(json!({"plugin_name": "t"})),
+            ),
+            (Method::PATCH, ep_path.clone(), off()),
+            (
+                Method::POST,
+                format!("{ep_path}/subscription"),
+                Some(json!({})),
+            ),
+            (Method::PATCH, other_path.clone(), off()),
+        ];
+        for (i, (m, path, body)) in changes.into_iter().enumerate() {
+            let r = s.manage(m.clone(), &path, body).await;
+            let refused = match what {
+                "endpoint" => (2..4).contains(&i),
+                _ => true,
+            };
+            let said = format!("{what}: {m} {path}: {} {}", r.status, r.text);
+            if refused {
+                assert_eq!(r.status.as_u16(), 409, "{said}");
+                let whose = if what == "endpoint" {
+                    format!("endpoint {ep} is being deleted")
+                } else {
+                    format!("addr {addr_id} is being deleted")
+                };
+                assert!(r.text.contains(&whose), "{said}");
+            } else {
+                assert!(r.status.is_success(), "{said}");
+            }
+        }
+        // Only the endpoint created under the address whose endpoint is
+        // being deleted is made.
+        let endpoints = db.query("SELECT count(*) FROM endpoint");
+        let made = if what == "endpoint" { "3" } else { "2" };
+        assert_eq!(endpoints, made, "{what}");
+        commit_and_end(outside, "the hold");
+        s.wait_log("a deletion answered 202 has ended", Duration::from_secs(30))
+            .await;
+    }
+}
+
 /// A `delete-everything` answered 202 deletes what there was when it was
 /// asked for, not what is made while it goes on: `robogerctl deploy
 /// --delete-everything` asks for it and then creates the deploy's

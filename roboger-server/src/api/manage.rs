@@ -249,6 +249,9 @@ async fn route(
     body: &Body,
 ) -> Result<Response, ApiError> {
     let accept = |resource: &str| wants_body(headers, resource);
+    if m != Method::GET && m != Method::DELETE {
+        not_being_deleted(app, segs).await?;
+    }
     match (m.as_str(), segs) {
         ("GET", ["core"]) => {
             body.only(&[], &[])?;
@@ -666,13 +669,46 @@ async fn core_cmd(app: &App, body: &Body) -> Result<Response, ApiError> {
     Ok(reply::empty(StatusCode::NO_CONTENT))
 }
 
+/// Refuses (409) a change (not a deletion) under an address, or an
+/// endpoint, that a recorded deletion takes: made, it would be deleted
+/// with it. Deletions are let through: of either, the one under way
+/// covers it ([`deleted`]); of what hangs off them, it is gone either
+/// way.
+async fn not_being_deleted(app: &App, segs: &[&str]) -> Result<(), ApiError> {
+    let (a, ep) = match segs {
+        ["addr", a, "endpoint", ep, ..] => (a, ep.parse::<i64>().ok()),
+        ["addr", a, ..] => (a, None),
+        _ => return Ok(()),
+    };
+    let id = match app.store.addr_get(&AddrRef::parse(a)).await {
+        Ok(a) => a.id,
+        // The request's own handler says what is wrong with it.
+        Err(StoreError::NotFound(_)) => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
+    for d in app.store.deletions_of_addr(id).await? {
+        let what = match d {
+            _ if d.takes_addr(id) => format!("addr {id}"),
+            Deleting::Endpoint(_, e) if Some(e) == ep => format!("endpoint {e}"),
+            _ => continue,
+        };
+        return Err(ApiError::Conflict(format!(
+            "{what} is being deleted (a deletion answered 202 goes on): \
+             a change to it would be deleted with it"
+        )));
+    }
+    Ok(())
+}
+
 /// Makes the deletion `what`, recorded first (`crate::deletion`), in a
 /// task of its own, so that the request's timeout does not cut it short:
 /// a long history is deleted a chunk at a time (`Store::history_delete`),
 /// which may take longer than `timeout`. Its answer (204, or its error)
 /// when it ends within `timeout`, else 202 and it goes on, its failure
 /// then logged and the deletion taken up again later. One answered with
-/// its error is forgotten: it is not made later.
+/// its error is forgotten: it is not made later, and what it took is
+/// routed to again. While it goes on, what it takes is routed to no more
+/// (`routing`): a push to its address is answered 404.
 async fn deleted(app: &App, what: Deleting) -> Result<Response, ApiError> {
     if let Some(before) = app.deletions.covering(what).await? {
         tracing::info!(what = ?what, covered_by = ?before, "a deletion asked for again is under way already");
@@ -692,6 +728,12 @@ async fn deleted(app: &App, what: Deleting) -> Result<Response, ApiError> {
         )),
         Err(e) => {
             app.deletions.forget(id).await;
+            // What it would have deleted is routed to again: by this node
+            // before it answers (a failed request waits for no other).
+            let caught_up = app.routes.catch_up(&app.store);
+            if let Err(e) = crate::store::within(app.config.timeout, caught_up).await {
+                tracing::warn!(error = %e, "a deletion that failed is forgotten, but this node could not route to what it took yet");
+            }
             Err(e)
         }
     }

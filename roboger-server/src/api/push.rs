@@ -191,6 +191,14 @@ pub async fn push_fields(
     let Some(routes) = app.routes.get(&event.addr) else {
         return Err(ApiError::NotFound(format!("addr {} not found", event.addr)));
     };
+    if routes.being_deleted {
+        // Its deletion was answered: accepted now, the event would be
+        // deleted with it, delivered or not.
+        return Err(ApiError::NotFound(format!(
+            "addr {} not found: it is being deleted",
+            event.addr
+        )));
+    }
     if !routes.active {
         return Err(ApiError::Disabled(format!(
             "addr {} is disabled",

@@ -72,13 +72,16 @@ impl Recorded {
 
 impl Store {
     /// Records a deletion that instance `me` is about to make, taken by
-    /// it.
+    /// it. What it deletes is no longer routed to from then on (a routing
+    /// change, in the same transaction): nothing is accepted to be deleted
+    /// with it.
     pub async fn deletion_begin(&self, what: Deleting, me: &str) -> Result<Recorded> {
         let (addr_id, endpoint_id, up_to) = match what {
             Deleting::Addr(a) => (Some(a), None, None),
             Deleting::Endpoint(a, ep) => (Some(a), Some(ep), None),
             Deleting::Everything(up_to) => (None, None, Some(up_to)),
         };
+        let txn = self.begin_write().await?;
         let r = deletion::Entity::insert(deletion::ActiveModel {
             addr_id: Set(addr_id),
             endpoint_id: Set(endpoint_id),
@@ -87,13 +90,25 @@ impl Store {
             created: Set(chrono::Utc::now()),
             ..Default::default()
         })
-        .exec(&self.db)
+        .exec(&txn)
         .await?;
+        self.announce(&txn, addr_id).await?;
+        txn.commit().await?;
         Ok(Recorded {
             id: r.last_insert_id,
             what,
             node: Some(me.to_string()),
         })
+    }
+
+    /// Every deletion recorded and not yet ended.
+    pub(super) async fn deletions_recorded(&self) -> Result<Vec<Deleting>> {
+        Ok(deletion::Entity::find()
+            .all(&self.db)
+            .await?
+            .iter()
+            .map(Deleting::of)
+            .collect())
     }
 
     /// The recorded deletions no live node other than `me` runs, oldest
@@ -203,9 +218,16 @@ impl Store {
         }
     }
 
-    /// Deletes the record of deletion `id`: it is not to be made.
+    /// Deletes the record of deletion `id`: it is not to be made, and
+    /// what it would have deleted is routed to again.
     pub async fn deletion_forget(&self, id: i64) -> Result<()> {
-        deletion::Entity::delete_by_id(id).exec(&self.db).await?;
+        let txn = self.begin_write().await?;
+        let Some(d) = deletion::Entity::find_by_id(id).one(&txn).await? else {
+            return Ok(());
+        };
+        deletion::Entity::delete_by_id(id).exec(&txn).await?;
+        self.announce(&txn, d.addr_id).await?;
+        txn.commit().await?;
         Ok(())
     }
 

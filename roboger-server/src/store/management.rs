@@ -78,6 +78,17 @@ pub struct SubscriptionPatch {
     pub level_match: Option<LevelMatch>,
 }
 
+/// What the routing index is built from ([`Store::routing_snapshot`]).
+#[derive(Debug, Default)]
+pub struct RoutingSnapshot {
+    pub addrs: Vec<addr::Model>,
+    pub endpoints: Vec<endpoint::Model>,
+    pub subs: Vec<subscription::Model>,
+    /// Every deletion recorded and not yet ended: what they take is no
+    /// longer routed to, though it is still there.
+    pub deleting: Vec<Deleting>,
+}
+
 /// A subscription with the address id it belongs to (as the API shows it).
 #[derive(Debug, Clone)]
 pub struct SubscriptionRow {
@@ -582,20 +593,18 @@ impl Store {
     // ---- routing ---------------------------------------------------------
 
     /// Records in `txn` that the routes of `addr_id` (`None`: all) change.
-    async fn announce(&self, txn: &DatabaseTransaction, addr_id: Option<i64>) -> Result<i64> {
+    pub(super) async fn announce(
+        &self,
+        txn: &DatabaseTransaction,
+        addr_id: Option<i64>,
+    ) -> Result<i64> {
         super::cluster::announce_change(txn, self.backend, addr_id).await
     }
 
     /// Addresses, endpoints and subscriptions (of the addresses `ids`, or
-    /// of all), for the routing index: three queries either way.
-    pub async fn routing_snapshot(
-        &self,
-        ids: Option<&[i64]>,
-    ) -> Result<(
-        Vec<addr::Model>,
-        Vec<endpoint::Model>,
-        Vec<subscription::Model>,
-    )> {
+    /// of all), with the deletions under way, for the routing index: four
+    /// queries either way.
+    pub async fn routing_snapshot(&self, ids: Option<&[i64]>) -> Result<RoutingSnapshot> {
         let mut addrs = addr::Entity::find();
         let mut eps = endpoint::Entity::find();
         if let Some(ids) = ids {
@@ -621,7 +630,12 @@ impl Store {
             );
         }
         let subs = subs.all(&self.db).await?;
-        Ok((addrs, eps, subs))
+        Ok(RoutingSnapshot {
+            addrs,
+            endpoints: eps,
+            subs,
+            deleting: self.deletions_recorded().await?,
+        })
     }
 }
 

@@ -29,7 +29,9 @@ pub use delivery::{
     ClaimError, Due, EndpointStats, EventHead, STATE_DELIVERED, STATE_FAILED, STATE_PENDING,
 };
 pub use group_commit::{Attempt, GroupCommit, Written, event_bytes};
-pub use management::{AddrPatch, EndpointPatch, SubscriptionPatch, SubscriptionRow};
+pub use management::{
+    AddrPatch, EndpointPatch, RoutingSnapshot, SubscriptionPatch, SubscriptionRow,
+};
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
