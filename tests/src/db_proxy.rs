@@ -25,7 +25,8 @@
 //! ([`DbProxy::silence_all`]), as after a failover whose old primary
 //! vanished with no reset reaching anyone. And it can hold back for a
 //! while what the database answers to a statement, which has taken
-//! effect meanwhile ([`DbProxy::delay_at`]), as a slow network does.
+//! effect meanwhile ([`DbProxy::delay_commit_after`]), as a slow network
+//! does.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -82,8 +83,8 @@ struct Shared {
     silence_at: Arc<Mutex<Vec<String>>>,
     /// How many were.
     silenced: Arc<AtomicUsize>,
-    /// Texts in statements whose answers are held back for a while as
-    /// they run, each once.
+    /// Texts in statements whose transactions' commits have their
+    /// answers held back for a while, each once.
     delay_at: Arc<Mutex<Vec<(String, std::time::Duration)>>>,
 }
 
@@ -102,11 +103,17 @@ impl Shared {
         true
     }
 
-    /// How long the answers to a statement of text `text`, run now, are
-    /// held back, if they are; the mark it holds is then used up.
-    fn delays(&self, text: &[u8]) -> Option<std::time::Duration> {
+    /// How long the answers to a statement of text `text`, run now in a
+    /// transaction that ran `ran` before it, are held back, if they are
+    /// (it is a `COMMIT` after a mark); the mark is then used up.
+    fn delays(&self, text: &[u8], ran: &Transaction) -> Option<std::time::Duration> {
+        if !is(text, "COMMIT") {
+            return None;
+        }
         let mut marks = self.delay_at.lock().ok()?;
-        let i = marks.iter().position(|(m, _)| holds(text, m.as_bytes()))?;
+        let i = marks
+            .iter()
+            .position(|(m, _)| ran.0.iter().any(|t| holds(t, m.as_bytes())))?;
         Some(marks.remove(i).1)
     }
 
@@ -263,12 +270,11 @@ impl DbProxy {
         }
     }
 
-    /// For each of `marks`, what the database answers to the next
-    /// statement run holding it (a simple query, or a prepared one
-    /// executed) and to what its connection sends after it is held back
-    /// for `hold`: the statement has taken effect (an autocommitted
-    /// `INSERT` is committed) while its client waits for the answer.
-    pub fn delay_at(&self, marks: &[&str], hold: std::time::Duration) {
+    /// For each of `marks`, what the database answers to the `COMMIT` of
+    /// the next transaction that ran a statement holding it, and to what
+    /// its connection sends after it, is held back for `hold`: the
+    /// transaction is committed while its client waits for the answer.
+    pub fn delay_commit_after(&self, marks: &[&str], hold: std::time::Duration) {
         if let Ok(mut armed) = self.delay_at.lock() {
             armed.extend(marks.iter().map(|m| (m.to_string(), hold)));
         }
@@ -433,7 +439,7 @@ async fn relay_pg(client: TcpStream, server: TcpStream, shared: Shared) {
                 }
                 // Run by a Bind or a simple query (a Parse only names it).
                 if matches!((typed, kind), (true, b'B' | b'Q')) {
-                    hold_answers(&held, shared.delays(text));
+                    hold_answers(&held, shared.delays(text, &tx));
                 }
                 let lose = match (typed, kind) {
                     // Parse: statement name, text.
@@ -553,7 +559,7 @@ async fn relay_mysql(client: TcpStream, server: TcpStream, shared: Shared) {
                     _ => executed.as_deref(),
                 };
                 if let Some(run) = run {
-                    hold_answers(&held, shared.delays(run));
+                    hold_answers(&held, shared.delays(run, &tx));
                 }
                 let lose = match (seq, payload.first()) {
                     // COM_STMT_PREPARE

@@ -1051,9 +1051,10 @@ async fn a_deletion_goes_on_past_a_statement_left_unanswered() {
 
 /// A look for deletions left unmade (each node looks every
 /// `node-timeout`) that comes while this node begins a deletion (its
-/// record written, the database's answer not yet back) does not take it
-/// for one left unmade and make it a second time. The answer is held back
-/// by the proxy for longer than `node-timeout`, so a look comes meanwhile.
+/// record written and committed, the database's answer to the commit not
+/// yet back) does not take it for one left unmade and make it a second
+/// time. The answer is held back by the proxy for longer than
+/// `node-timeout`, so a look comes meanwhile.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deletion_being_begun_is_not_taken_up_as_left_unmade() {
     // Room in `timeout` for the answer held back.
@@ -1062,7 +1063,7 @@ async fn a_deletion_being_begun_is_not_taken_up_as_left_unmade() {
         return;
     };
     let (id, _) = s.new_addr().await;
-    proxy.delay_at(&[&sql("INSERT INTO \"deletion\"")], Duration::from_secs(4));
+    proxy.delay_commit_after(&[&sql("INSERT INTO \"deletion\"")], Duration::from_secs(4));
     let path = format!("/addr/{id}");
     assert_status!(s.manage(Method::DELETE, &path, None).await, 204);
     assert_status!(s.manage(Method::GET, &path, None).await, 404);
