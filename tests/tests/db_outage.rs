@@ -1049,6 +1049,33 @@ async fn a_deletion_goes_on_past_a_statement_left_unanswered() {
     assert_eq!(db.query("SELECT count(*) FROM event"), "0");
 }
 
+/// A deletion whose record is written but whose commit's answer is lost
+/// is answered 503 saying that it may have been recorded and is then
+/// made, and it is: taken up by the node's next look. Before, the 503
+/// said only "database error", and the address vanished a little later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deletion_whose_begin_lost_its_answer_says_it_may_be_made() {
+    let Some((proxy, s, _)) = behind_proxy(ServerOptions::test_plugin("")).await else {
+        return;
+    };
+    let (id, _) = s.new_addr().await;
+    proxy.lose_next(Lose::CommitAfter(vec![sql("INSERT INTO \"deletion\"")]));
+    let path = format!("/addr/{id}");
+    let r = s.manage(Method::DELETE, &path, None).await;
+    assert_status!(r, 503);
+    assert!(r.text.contains("may have been recorded"), "{}", r.text);
+    assert_eq!(proxy.answers_lost(), 1);
+    poll_until(Duration::from_secs(30), async || {
+        match s.manage(Method::GET, &path, None).await.status.as_u16() {
+            404 => Ok(()),
+            n => Err(format!("{path} is still there ({n})")),
+        }
+    })
+    .await;
+    s.wait_log("a deletion left unmade has ended", Duration::from_secs(5))
+        .await;
+}
+
 /// A look for deletions left unmade (each node looks every
 /// `node-timeout`) that comes while this node begins a deletion (its
 /// record written and committed, the database's answer to the commit not

@@ -718,7 +718,21 @@ async fn deleted(app: &App, what: Deleting) -> Result<Response, ApiError> {
              what it deletes is gone when the server logs that it has ended",
         ));
     }
-    let (id, work) = app.deletions.begin(what).await?;
+    let (id, work) = match app.deletions.begin(what).await {
+        Ok(begun) => begun,
+        Err(e @ (StoreError::Db(_) | StoreError::Unanswered(_))) => {
+            // Said in the log as any database error; but the record may
+            // have been written (its commit's answer lost), and is then
+            // taken up and made: the client is not told it was not.
+            let _said = ApiError::from(e);
+            return Err(ApiError::Unavailable(
+                "database error (see the server log); the deletion may have been recorded \
+                 all the same, and is then made: ask for it again to know"
+                    .into(),
+            ));
+        }
+        Err(e) => return Err(e.into()),
+    };
     match ended_or_going_on(app, "a deletion answered 202", work).await {
         Ok(Some(())) => Ok(reply::empty(StatusCode::NO_CONTENT)),
         Ok(None) => Ok(reply::text(
