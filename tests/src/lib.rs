@@ -13,6 +13,7 @@
 pub mod db_proxy;
 pub mod fuzz;
 pub mod live_log;
+pub mod robogerctl;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};

@@ -28,6 +28,7 @@ use std::io::{Read, Write};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
+use roboger_tests::robogerctl::{Ctl, robogerctl_path};
 use roboger_tests::{
     DbClient, Method, Server, ServerOptions, assert_status, fresh_database, json, poll_until,
     waiting_years,
@@ -1017,6 +1018,66 @@ async fn a_delete_everything_spares_what_is_made_while_it_goes_on() {
     assert_eq!(db.query("SELECT msg FROM event"), "after");
     assert_eq!(db.query("SELECT count(*) FROM delivery"), "1");
     assert_status!(s.push(json!({"addr": a, "msg": "later"})).await, 202);
+}
+
+/// `robogerctl deploy --delete-everything` itself (2.0.14, unmodified)
+/// while the delete-everything it asks for outlasts `timeout` (202):
+/// the deploy succeeds, its address takes the string its file pins from
+/// the address being deleted, a push to that string reaches the deploy's
+/// endpoint, and once the deletion ends only the deploy's address is
+/// left. (`a_delete_everything_spares_what_is_made_while_it_goes_on`
+/// makes robogerctl's calls itself.)
+#[tokio::test]
+async fn robogerctl_deploys_while_its_delete_everything_goes_on() {
+    let Some(bin) = robogerctl_path() else {
+        return;
+    };
+    let Some(HeldHistory {
+        dir,
+        db,
+        s,
+        addr_id: old,
+        a,
+        outside,
+        ..
+    }) = held_history().await
+    else {
+        return;
+    };
+    let ctl = Ctl::new(bin, &s, dir.path());
+    let file = dir.path().join("deploy.yml");
+    let deploy = format!(
+        "version: 2
+addrs:
+  - a: {a}
+    endpoints:
+      - plugin_name: t
+        subscriptions:
+          - level: info
+"
+    );
+    std::fs::write(&file, deploy).expect("the deploy file");
+    let path = file.to_str().expect("a UTF-8 path");
+    let out = ctl.json(&["deploy", "-f", path, "--delete-everything"]);
+    let new = out["deployed"][0].as_i64().expect("the deployed address");
+    assert_ne!(new, old);
+    // Still going on: the deploy did not wait for it.
+    assert_eq!(db.query("SELECT count(*) FROM deletion"), "1");
+
+    assert_status!(s.push(json!({"addr": a, "msg": "deployed"})).await, 202);
+    let e = s.wait_settled(new).await;
+    assert_eq!(e["deliveries"][0]["state"], "delivered", "{e}");
+    commit_and_end(outside, "the hold");
+
+    until_gone(&s, &format!("/addr/{old}")).await;
+    s.wait_log("a deletion answered 202 has ended", Duration::from_secs(5))
+        .await;
+    let addrs = ctl.json(&["addr", "list"]);
+    let strings: Vec<&str> = addrs
+        .as_array()
+        .map(|all| all.iter().filter_map(|x| x["a"].as_str()).collect())
+        .unwrap_or_default();
+    assert_eq!(strings, [a.as_str()], "{addrs}");
 }
 
 /// The console's page of an address says that a deletion answered 202

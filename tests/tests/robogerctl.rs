@@ -2,70 +2,8 @@
 //! against our server. `tests/run` installs it into a virtualenv and
 //! passes its path in `ROBOGER_TEST_ROBOGERCTL`.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
-
-use roboger_tests::{KEY, Server, ServerOptions, Value};
-
-fn robogerctl_path() -> Option<PathBuf> {
-    match std::env::var_os("ROBOGER_TEST_ROBOGERCTL") {
-        Some(p) => Some(PathBuf::from(p)),
-        None if std::env::var_os("ROBOGER_TEST_REQUIRE_ALL").is_some() => {
-            panic!("ROBOGER_TEST_ROBOGERCTL is not set; tests/run installs robogerctl")
-        }
-        None => {
-            eprintln!("SKIPPED: robogerctl is not installed; run tests/run for the whole suite");
-            None
-        }
-    }
-}
-
-struct Ctl {
-    bin: PathBuf,
-    config: PathBuf,
-}
-
-impl Ctl {
-    fn new(bin: PathBuf, s: &Server, dir: &Path) -> Ctl {
-        let config = dir.join("robogerctl.yml");
-        std::fs::write(&config, format!("uri: {}\nkey: {KEY}\n", s.base)).unwrap();
-        Ctl { bin, config }
-    }
-
-    /// Runs robogerctl; returns (success, stdout, stderr).
-    fn run(&self, args: &[&str]) -> (bool, String, String) {
-        let out = Command::new(&self.bin)
-            .arg("-F")
-            .arg(&self.config)
-            .args(args)
-            .env_remove("ROBOGER_CONFIG")
-            .env_remove("ROBOGER_MASTERKEY")
-            .output()
-            .expect("run robogerctl");
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    }
-
-    /// Runs a command that must succeed and print exactly `OK`.
-    fn ok(&self, args: &[&str]) {
-        let (ok, out, err) = self.run(args);
-        assert!(ok, "robogerctl {args:?} failed: {err}");
-        assert_eq!(out.trim(), "OK", "robogerctl {args:?}: {out}");
-    }
-
-    /// Runs a command with `-o json` and parses what it prints.
-    fn json(&self, args: &[&str]) -> Value {
-        let mut all = vec!["-o", "json"];
-        all.extend_from_slice(args);
-        let (ok, out, err) = self.run(&all);
-        assert!(ok, "robogerctl {args:?} failed: {err}");
-        serde_json::from_str(&out)
-            .unwrap_or_else(|e| panic!("robogerctl {args:?} printed non-JSON ({e}): {out}"))
-    }
-}
+use roboger_tests::robogerctl::{Ctl, robogerctl_path};
+use roboger_tests::{Server, ServerOptions};
 
 #[tokio::test]
 async fn robogerctl_drives_every_resource() {
