@@ -123,13 +123,17 @@ impl Deletions {
         store::within(inner.timeout, inner.store.deletion_covering(what)).await
     }
 
-    /// Forgets the recorded deletion `id`, which failed and was answered
-    /// so: it is not to be made later. Best effort: a record this cannot
-    /// delete is taken up as any other left unmade.
-    pub async fn forget(&self, id: i64) {
+    /// Forgets the recorded deletion `id`, which failed: it is not to be
+    /// made later. False when its record could not be deleted: it is
+    /// then taken up as any other left unmade, and made later.
+    pub async fn forget(&self, id: i64) -> bool {
         let inner = &self.inner;
-        if let Err(e) = store::within(inner.timeout, inner.store.deletion_forget(id)).await {
-            tracing::warn!(error = %e, "a deletion that failed could not be forgotten; it is taken up again later");
+        match store::within(inner.timeout, inner.store.deletion_forget(id)).await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(error = %e, "a deletion that failed could not be forgotten; it is taken up again later");
+                false
+            }
         }
     }
 

@@ -4,7 +4,9 @@
 
 use std::time::Duration;
 
-use roboger_tests::{KEY, Method, Server, ServerOptions, Value, assert_status, at_once, json};
+use roboger_tests::{
+    KEY, Method, Server, ServerOptions, Value, assert_status, at_once, json, poll_until,
+};
 
 const GET: Method = Method::GET;
 const POST: Method = Method::POST;
@@ -1600,6 +1602,33 @@ async fn a_deletion_answered_as_failed_is_not_made_later() {
         "{}",
         s.log_text()
     );
+}
+
+/// A deletion that fails within `timeout`, and whose record cannot be
+/// deleted either (the database refuses both), is answered 503 saying it
+/// could not be called off and is tried again later, and it is: made
+/// once the database lets it. Before, the 503 said only "database error"
+/// and the address vanished later all the same.
+#[tokio::test]
+async fn a_failed_deletion_that_cannot_be_called_off_says_it_is_made_later() {
+    let s = Server::start_with(ServerOptions::test_plugin("")).await;
+    let db = s.db_client();
+    let (id, _) = s.new_addr().await;
+    // Its end deletes its record, and so would calling it off.
+    db.refuse_deletes("deletion", "OLD.id > 0");
+    let path = format!("/addr/{id}");
+    let r = s.manage(Method::DELETE, &path, None).await;
+    assert_status!(r, 503);
+    assert!(r.text.contains("could not be called off"), "{}", r.text);
+    db.allow_writes("deletion");
+    poll_until(Duration::from_secs(30), async || {
+        match s.manage(Method::GET, &path, None).await.status.as_u16() {
+            404 => Ok(()),
+            n => Err(format!("{path} is still there ({n})")),
+        }
+    })
+    .await;
+    assert_eq!(db.query("SELECT count(*) FROM deletion"), "0");
 }
 
 /// Deleting an address with a long history deletes its events a chunk at

@@ -707,7 +707,8 @@ async fn not_being_deleted(app: &App, segs: &[&str]) -> Result<(), ApiError> {
 /// when it ends within `timeout`, else 202 and it goes on, its failure
 /// then logged and the deletion taken up again later. One answered with
 /// its error is forgotten: it is not made later, and what it took is
-/// routed to again. While it goes on, what it takes is routed to no more
+/// routed to again (unless its record cannot be deleted either, which
+/// the answer then says: it is made later). While it goes on, what it takes is routed to no more
 /// (`routing`): a push to its address is answered 404.
 async fn deleted(app: &App, what: Deleting) -> Result<Response, ApiError> {
     if let Some(before) = app.deletions.covering(what).await? {
@@ -741,7 +742,12 @@ async fn deleted(app: &App, what: Deleting) -> Result<Response, ApiError> {
              what it deletes is gone when the server logs that it has ended",
         )),
         Err(e) => {
-            app.deletions.forget(id).await;
+            if !app.deletions.forget(id).await {
+                return Err(ApiError::Unavailable(format!(
+                    "{e}; the deletion could not be called off, and is tried again later: \
+                     ask for it again to know"
+                )));
+            }
             // What it would have deleted is routed to again: by this node
             // before it answers (a failed request waits for no other).
             let caught_up = app.routes.catch_up(&app.store);
