@@ -1082,7 +1082,8 @@ addrs:
 
 /// The console's page of an address says that a deletion answered 202
 /// goes on, of the address or of one of its endpoints (in that
-/// endpoint's block), and stops saying so once it has ended. Before, the
+/// endpoint's block), offers no change to what it takes (which the API
+/// refuses meanwhile), and stops saying so once it has ended. Before, the
 /// page showed the address as any other until it was gone, and an
 /// operator who had not seen the notice after the redirect asked again.
 #[tokio::test]
@@ -1124,6 +1125,19 @@ async fn the_console_shows_what_is_being_deleted() {
         assert_eq!(html.contains(address_said), !of_endpoint, "{html}");
         assert_eq!(block(ep).contains(endpoint_said), of_endpoint, "{html}");
         assert!(!block(other).contains(endpoint_said), "{html}");
+        // What would be refused (409) is not offered.
+        let offers = |html: &str, what: &str| html.contains(what);
+        for what in ["Send test event", "Add endpoint", "Disable address"] {
+            assert_eq!(offers(&html, what), of_endpoint, "{what}: {html}");
+        }
+        for (id, changeable) in [(ep, false), (other, of_endpoint)] {
+            for what in [
+                format!("Disable endpoint {id}"),
+                format!("Subscribe endpoint {id}"),
+            ] {
+                assert_eq!(offers(&block(id), &what), changeable, "{what}: {html}");
+            }
+        }
         commit_and_end(outside, "the hold");
 
         s.wait_log("a deletion answered 202 has ended", Duration::from_secs(30))
