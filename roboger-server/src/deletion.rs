@@ -26,7 +26,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::cluster::Node;
-use crate::store::{self, Deleting, Recorded, Store, StoreError};
+use crate::store::{self, Begun, Deleting, Recorded, Store, StoreError};
 
 /// The longest pause between a node's looks for deletions left unmade,
 /// reached while the looks or the deletions they take up keep failing
@@ -34,6 +34,14 @@ use crate::store::{self, Deleting, Recorded, Store, StoreError};
 /// the log, and at the usual pause of `node-timeout` that would be a
 /// warning every few seconds.
 const LOOK_PAUSE_MOST: Duration = Duration::from_secs(300);
+
+/// What [`Deletions::begin`] did.
+pub enum Begin<W> {
+    /// Recorded (its record's id), and to be made by running `W`.
+    Made(i64, W),
+    /// Not recorded: a deletion recorded before covers it.
+    Covered(Deleting),
+}
 
 /// This node's deletions: those it makes now, and the recorded ones it
 /// takes up.
@@ -91,36 +99,29 @@ impl Deletions {
 
     /// Records `what` as this node's to delete, and returns its record's
     /// id and the deletion to be run: once recorded, it is made even if
-    /// this node stops under it, unless [`Deletions::forget`] is told. The
-    /// caller has checked that what it deletes exists.
+    /// this node stops under it, unless [`Deletions::forget`] is told.
+    /// Or the recorded deletion that covers it, asked for before and under
+    /// way on some node or left to be taken up: `what` is then not
+    /// recorded. The caller has checked that what it deletes exists.
     pub async fn begin(
         &self,
         what: Deleting,
-    ) -> Result<
-        (
-            i64,
-            impl Future<Output = Result<(), StoreError>> + Send + 'static,
-        ),
-        StoreError,
-    > {
+    ) -> Result<Begin<impl Future<Output = Result<(), StoreError>> + Send + 'static>, StoreError>
+    {
         let inner = self.inner.clone();
         let beginning = inner.beginning.read().await;
-        let d = store::within(
+        let begun = store::within(
             inner.timeout,
             inner.store.deletion_begin(what, &inner.node.instance),
         )
         .await?;
+        let d = match begun {
+            Begun::Recorded(d) => d,
+            Begun::Covered(before) => return Ok(Begin::Covered(before)),
+        };
         inner.running_set().insert(d.id);
         drop(beginning);
-        Ok((d.id, async move { inner.make(d).await }))
-    }
-
-    /// A recorded deletion that deletes what `what` would, or more
-    /// ([`Store::deletion_covering`]): asked for before, and under way on
-    /// some node or left to be taken up.
-    pub async fn covering(&self, what: Deleting) -> Result<Option<Deleting>, StoreError> {
-        let inner = &self.inner;
-        store::within(inner.timeout, inner.store.deletion_covering(what)).await
+        Ok(Begin::Made(d.id, async move { inner.make(d).await }))
     }
 
     /// Forgets the recorded deletion `id`, which failed: it is not to be

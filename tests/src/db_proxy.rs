@@ -25,8 +25,8 @@
 //! ([`DbProxy::silence_all`]), as after a failover whose old primary
 //! vanished with no reset reaching anyone. And it can hold back for a
 //! while what the database answers to a statement, which has taken
-//! effect meanwhile ([`DbProxy::delay_commit_after`]), as a slow network
-//! does.
+//! effect meanwhile ([`DbProxy::delay_at`], [`DbProxy::delay_commit_after`]),
+//! as a slow network does.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -62,7 +62,7 @@ pub struct DbProxy {
     silences: tokio::sync::watch::Sender<u64>,
     silence_at: Arc<Mutex<Vec<String>>>,
     silenced: Arc<AtomicUsize>,
-    delay_at: Arc<Mutex<Vec<(String, std::time::Duration)>>>,
+    delay_at: Arc<Mutex<Vec<Delay>>>,
     down: Arc<AtomicBool>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -83,9 +83,19 @@ struct Shared {
     silence_at: Arc<Mutex<Vec<String>>>,
     /// How many were.
     silenced: Arc<AtomicUsize>,
-    /// Texts in statements whose transactions' commits have their
-    /// answers held back for a while, each once.
-    delay_at: Arc<Mutex<Vec<(String, std::time::Duration)>>>,
+    /// Statements whose answers are held back for a while as they run,
+    /// each once.
+    delay_at: Arc<Mutex<Vec<Delay>>>,
+}
+
+/// Which statement's answers are held back, and for how long.
+struct Delay {
+    /// A text the statement holds, or (`commit`) one a statement of its
+    /// transaction held.
+    mark: String,
+    /// The statement is the `COMMIT` of a transaction that ran `mark`.
+    commit: bool,
+    hold: std::time::Duration,
 }
 
 impl Shared {
@@ -104,17 +114,15 @@ impl Shared {
     }
 
     /// How long the answers to a statement of text `text`, run now in a
-    /// transaction that ran `ran` before it, are held back, if they are
-    /// (it is a `COMMIT` after a mark); the mark is then used up.
+    /// transaction that ran `ran` before it, are held back, if they are;
+    /// the mark is then used up.
     fn delays(&self, text: &[u8], ran: &Transaction) -> Option<std::time::Duration> {
-        if !is(text, "COMMIT") {
-            return None;
-        }
         let mut marks = self.delay_at.lock().ok()?;
-        let i = marks
-            .iter()
-            .position(|(m, _)| ran.0.iter().any(|t| holds(t, m.as_bytes())))?;
-        Some(marks.remove(i).1)
+        let i = marks.iter().position(|d| match d.commit {
+            false => holds(text, d.mark.as_bytes()),
+            true => is(text, "COMMIT") && ran.0.iter().any(|t| holds(t, d.mark.as_bytes())),
+        })?;
+        Some(marks.remove(i).hold)
     }
 
     /// Whether the message that ends a commit, in a transaction that ran
@@ -270,13 +278,35 @@ impl DbProxy {
         }
     }
 
-    /// For each of `marks`, what the database answers to the `COMMIT` of
-    /// the next transaction that ran a statement holding it, and to what
-    /// its connection sends after it, is held back for `hold`: the
-    /// transaction is committed while its client waits for the answer.
+    /// For each of `marks`, what the database answers to the next
+    /// statement run holding it (a simple query, or a prepared one
+    /// executed) and to what its connection sends after it is held back
+    /// for `hold`: the statement has taken effect (and in a transaction,
+    /// holds its locks) while its client waits for the answer.
+    pub fn delay_at(&self, marks: &[&str], hold: std::time::Duration) {
+        self.delay(marks, false, hold);
+    }
+
+    /// As [`DbProxy::delay_at`], for the `COMMIT` of the next transaction
+    /// that ran a statement holding each of `marks`: the transaction is
+    /// committed while its client waits for the answer.
     pub fn delay_commit_after(&self, marks: &[&str], hold: std::time::Duration) {
+        self.delay(marks, true, hold);
+    }
+
+    /// How many of the marks given [`DbProxy::delay_at`] and
+    /// [`DbProxy::delay_commit_after`] no statement has used yet.
+    pub fn delays_left(&self) -> usize {
+        self.delay_at.lock().map_or(0, |armed| armed.len())
+    }
+
+    fn delay(&self, marks: &[&str], commit: bool, hold: std::time::Duration) {
         if let Ok(mut armed) = self.delay_at.lock() {
-            armed.extend(marks.iter().map(|m| (m.to_string(), hold)));
+            armed.extend(marks.iter().map(|m| Delay {
+                mark: m.to_string(),
+                commit,
+                hold,
+            }));
         }
     }
 

@@ -1076,6 +1076,50 @@ async fn a_deletion_whose_begin_lost_its_answer_says_it_may_be_made() {
         .await;
 }
 
+/// Two asks for one deletion at once record it once: the second, which
+/// comes while the first's record is written but not yet committed,
+/// waits for it and is answered as covered (202, "a deletion asked for
+/// before"). Before, each looked for a covering deletion before writing
+/// its own, found none, and both were made, each with a walk of its own.
+/// The proxy holds back the answers to the first's record and to its
+/// deletion at the end, so that it is neither committed when the second
+/// comes nor ended when the second looks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_asks_for_one_deletion_at_once_record_it_once() {
+    // Room in `timeout` for the answers held back.
+    let opts = ServerOptions::test_plugin("timeout: 8\n");
+    let Some((proxy, s, _)) = behind_proxy(opts).await else {
+        return;
+    };
+    let (id, _) = s.new_addr().await;
+    let hold = Duration::from_secs(2);
+    proxy.delay_at(&[&sql("INSERT INTO \"deletion\"")], hold);
+    proxy.delay_at(&[&sql("DELETE FROM \"deletion\"")], hold);
+    let path = format!("/addr/{id}");
+    let second = async {
+        // The first's record is written, its answer held.
+        poll_until(Duration::from_secs(10), async || {
+            match proxy.delays_left() {
+                1 => Ok(()),
+                n => Err(format!("{n} marks left")),
+            }
+        })
+        .await;
+        s.manage(Method::DELETE, &path, None).await
+    };
+    let (first, second) = tokio::join!(s.manage(Method::DELETE, &path, None), second);
+    assert_status!(first, 204);
+    assert_status!(second, 202);
+    assert!(
+        second.text.contains("a deletion asked for before"),
+        "{}",
+        second.text
+    );
+    assert_status!(s.manage(Method::GET, &path, None).await, 404);
+    let again = s.log_lines("a deletion asked for again is under way already");
+    assert_eq!(again.len(), 1, "{}", s.log_text());
+}
+
 /// A look for deletions left unmade (each node looks every
 /// `node-timeout`) that comes while this node begins a deletion (its
 /// record written and committed, the database's answer to the commit not

@@ -25,6 +25,7 @@ use super::reply::{self, Response};
 use crate::App;
 use crate::cleanup::{Cleanup, Outcome};
 use crate::cluster;
+use crate::deletion::Begin;
 use crate::store::entity::{ADDR_LEN, PLUGIN_NAME_MAX, addr, endpoint};
 use crate::store::{
     AddrPatch, AddrRef, Deleting, EndpointPatch, EventHead, StoreError, SubscriptionPatch,
@@ -711,16 +712,16 @@ async fn not_being_deleted(app: &App, segs: &[&str]) -> Result<(), ApiError> {
 /// the answer then says: it is made later). While it goes on, what it takes is routed to no more
 /// (`routing`): a push to its address is answered 404.
 async fn deleted(app: &App, what: Deleting) -> Result<Response, ApiError> {
-    if let Some(before) = app.deletions.covering(what).await? {
-        tracing::info!(what = ?what, covered_by = ?before, "a deletion asked for again is under way already");
-        return Ok(reply::text(
-            StatusCode::ACCEPTED,
-            "a deletion asked for before deletes this and goes on; \
-             what it deletes is gone when the server logs that it has ended",
-        ));
-    }
     let (id, work) = match app.deletions.begin(what).await {
-        Ok(begun) => begun,
+        Ok(Begin::Made(id, work)) => (id, work),
+        Ok(Begin::Covered(before)) => {
+            tracing::info!(what = ?what, covered_by = ?before, "a deletion asked for again is under way already");
+            return Ok(reply::text(
+                StatusCode::ACCEPTED,
+                "a deletion asked for before deletes this and goes on; \
+                 what it deletes is gone when the server logs that it has ended",
+            ));
+        }
         Err(e @ (StoreError::Db(_) | StoreError::Unanswered(_))) => {
             // Said in the log as any database error; but the record may
             // have been written (its commit's answer lost), and is then

@@ -53,6 +53,16 @@ impl Deleting {
     }
 }
 
+/// What asking for a deletion did ([`Store::deletion_begin`]).
+#[derive(Debug)]
+pub enum Begun {
+    /// It is recorded, to be made.
+    Recorded(Recorded),
+    /// A deletion recorded before deletes what it would, or more: it is
+    /// not recorded again.
+    Covered(Deleting),
+}
+
 /// A recorded deletion.
 #[derive(Debug, Clone)]
 pub struct Recorded {
@@ -72,16 +82,26 @@ impl Recorded {
 
 impl Store {
     /// Records a deletion that instance `me` is about to make, taken by
-    /// it. What it deletes is no longer routed to from then on (a routing
-    /// change, in the same transaction): nothing is accepted to be deleted
-    /// with it.
-    pub async fn deletion_begin(&self, what: Deleting, me: &str) -> Result<Recorded> {
+    /// it, unless a recorded one covers it ([`Store::deletion_covering`]),
+    /// which is then answered instead. What it deletes is no longer routed
+    /// to from then on (a routing change, in the same transaction):
+    /// nothing is accepted to be deleted with it.
+    ///
+    /// The routing change comes first: the version row's lock, held to
+    /// the commit, makes begins one at a time, so two asks for one
+    /// deletion at once record it once.
+    pub async fn deletion_begin(&self, what: Deleting, me: &str) -> Result<Begun> {
         let (addr_id, endpoint_id, up_to) = match what {
             Deleting::Addr(a) => (Some(a), None, None),
             Deleting::Endpoint(a, ep) => (Some(a), Some(ep), None),
             Deleting::Everything(up_to) => (None, None, Some(up_to)),
         };
         let txn = self.begin_write().await?;
+        self.announce(&txn, addr_id).await?;
+        if let Some(before) = covering(&txn, what).await? {
+            // Rolled back, the routing change with it.
+            return Ok(Begun::Covered(before));
+        }
         let r = deletion::Entity::insert(deletion::ActiveModel {
             addr_id: Set(addr_id),
             endpoint_id: Set(endpoint_id),
@@ -92,13 +112,12 @@ impl Store {
         })
         .exec(&txn)
         .await?;
-        self.announce(&txn, addr_id).await?;
         txn.commit().await?;
-        Ok(Recorded {
+        Ok(Begun::Recorded(Recorded {
             id: r.last_insert_id,
             what,
             node: Some(me.to_string()),
-        })
+        }))
     }
 
     /// Every deletion recorded and not yet ended.
@@ -141,30 +160,7 @@ impl Store {
     /// `delete-everything` that takes its address (every address
     /// `what` takes).
     pub async fn deletion_covering(&self, what: Deleting) -> Result<Option<Deleting>> {
-        let covering = match what {
-            Deleting::Everything(up_to) => Condition::all().add(everything_taking(up_to)),
-            Deleting::Addr(a) | Deleting::Endpoint(a, _) => {
-                let everything = everything_taking(a);
-                let the_addr = deletion::Column::AddrId
-                    .eq(a)
-                    .and(deletion::Column::EndpointId.is_null());
-                let mut any = Condition::any().add(everything).add(the_addr);
-                if let Deleting::Endpoint(_, ep) = what {
-                    any = any.add(
-                        deletion::Column::AddrId
-                            .eq(a)
-                            .and(deletion::Column::EndpointId.eq(ep)),
-                    );
-                }
-                any
-            }
-        };
-        Ok(deletion::Entity::find()
-            .filter(covering)
-            .order_by_asc(deletion::Column::Id)
-            .one(&self.db)
-            .await?
-            .map(|d| Deleting::of(&d)))
+        covering(&self.db, what).await
     }
 
     /// The recorded deletions that take address `a` or some of it: its
@@ -242,6 +238,34 @@ impl Store {
             .await?;
         Ok(())
     }
+}
+
+/// [`Store::deletion_covering`], read through `c`.
+async fn covering<C: ConnectionTrait>(c: &C, what: Deleting) -> Result<Option<Deleting>> {
+    let covering = match what {
+        Deleting::Everything(up_to) => Condition::all().add(everything_taking(up_to)),
+        Deleting::Addr(a) | Deleting::Endpoint(a, _) => {
+            let everything = everything_taking(a);
+            let the_addr = deletion::Column::AddrId
+                .eq(a)
+                .and(deletion::Column::EndpointId.is_null());
+            let mut any = Condition::any().add(everything).add(the_addr);
+            if let Deleting::Endpoint(_, ep) = what {
+                any = any.add(
+                    deletion::Column::AddrId
+                        .eq(a)
+                        .and(deletion::Column::EndpointId.eq(ep)),
+                );
+            }
+            any
+        }
+    };
+    Ok(deletion::Entity::find()
+        .filter(covering)
+        .order_by_asc(deletion::Column::Id)
+        .one(c)
+        .await?
+        .map(|d| Deleting::of(&d)))
 }
 
 /// Deletes the record `id` in the transaction that ends its deletion:

@@ -24,7 +24,7 @@ mod wrong_keys;
 pub use bucket::NewObject;
 pub use cluster::{NodeRow, ROUTING_CHANNEL};
 pub use console::{AddrPage, EndpointPage, SubscriptionPage, SubscriptionsShown};
-pub use deletion::{Deleting, Recorded};
+pub use deletion::{Begun, Deleting, Recorded};
 pub use delivery::{
     ClaimError, Due, EndpointStats, EventHead, STATE_DELIVERED, STATE_FAILED, STATE_PENDING,
 };
