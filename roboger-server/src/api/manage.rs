@@ -709,8 +709,10 @@ async fn not_being_deleted(app: &App, segs: &[&str]) -> Result<(), ApiError> {
 /// then logged and the deletion taken up again later. One answered with
 /// its error is forgotten: it is not made later, and what it took is
 /// routed to again (unless its record cannot be deleted either, which
-/// the answer then says: it is made later). While it goes on, what it takes is routed to no more
-/// (`routing`): a push to its address is answered 404.
+/// the answer then says: it is made later). While it goes on, what it
+/// takes is routed to no more (`routing`): a push to its address is
+/// answered 404. One covered by a deletion recorded before is answered
+/// 202 and not recorded again (`Deletions::begin`).
 async fn deleted(app: &App, what: Deleting) -> Result<Response, ApiError> {
     let (id, work) = match app.deletions.begin(what).await {
         Ok(Begin::Made(id, work)) => (id, work),
