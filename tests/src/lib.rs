@@ -1045,6 +1045,18 @@ impl Server {
             .await
     }
 
+    /// Waits until the management API answers 404 for `path` (or panics
+    /// after 30 s): what a deletion deleted is gone.
+    pub async fn until_gone(&self, path: &str) {
+        poll_until(Duration::from_secs(30), async || {
+            match self.manage(Method::GET, path, None).await.status.as_u16() {
+                404 => Ok(()),
+                n => Err(format!("{path} is still there ({n})")),
+            }
+        })
+        .await;
+    }
+
     /// Waits until every delivery of addr `id`'s newest event has left the
     /// pending state (or panics after 20 s); returns that event.
     pub async fn wait_settled(&self, id: i64) -> Value {
@@ -1649,18 +1661,20 @@ pub fn plugin_bin(name: &str) -> PathBuf {
 /// brings it). `None` (the test is skipped, saying so) when unset,
 /// unless the whole suite is required.
 pub fn venv_python(what: &str) -> Option<PathBuf> {
-    installed_python("ROBOGER_TEST_PYTHON", what)
+    installed("ROBOGER_TEST_PYTHON", what)
 }
 
 /// The Python of the virtualenv that `tests/run` installs Roboger 2.0.45
 /// itself into, with the drivers its SQLAlchemy needs for PostgreSQL and
 /// MySQL (`ROBOGER_TEST_ORIGINAL_PYTHON`); `None` as [`venv_python`].
 pub fn original_python() -> Option<PathBuf> {
-    installed_python("ROBOGER_TEST_ORIGINAL_PYTHON", "Roboger 2.0.45")
+    installed("ROBOGER_TEST_ORIGINAL_PYTHON", "Roboger 2.0.45")
 }
 
-/// The Python named by environment variable `var`: see [`venv_python`].
-fn installed_python(var: &str, what: &str) -> Option<PathBuf> {
+/// What `tests/run` installs (`what`, a Python, robogerctl), named by
+/// environment variable `var`: `None` (the test is skipped, saying so)
+/// when unset, unless the whole suite is required.
+pub fn installed(var: &str, what: &str) -> Option<PathBuf> {
     match std::env::var_os(var) {
         Some(p) => Some(PathBuf::from(p)),
         None if std::env::var_os("ROBOGER_TEST_REQUIRE_ALL").is_some() => {

@@ -10,16 +10,7 @@ use crate::{KEY, Server, Value};
 /// Where robogerctl is; `None` (said on stderr) when it is not installed,
 /// outside `tests/run`.
 pub fn robogerctl_path() -> Option<PathBuf> {
-    match std::env::var_os("ROBOGER_TEST_ROBOGERCTL") {
-        Some(p) => Some(PathBuf::from(p)),
-        None if std::env::var_os("ROBOGER_TEST_REQUIRE_ALL").is_some() => {
-            panic!("ROBOGER_TEST_ROBOGERCTL is not set; tests/run installs robogerctl")
-        }
-        None => {
-            eprintln!("SKIPPED: robogerctl is not installed; run tests/run for the whole suite");
-            None
-        }
-    }
+    crate::installed("ROBOGER_TEST_ROBOGERCTL", "robogerctl")
 }
 
 /// robogerctl, set up to manage one server.

@@ -1065,13 +1065,7 @@ async fn a_deletion_whose_begin_lost_its_answer_says_it_may_be_made() {
     assert_status!(r, 503);
     assert!(r.text.contains("may have been recorded"), "{}", r.text);
     assert_eq!(proxy.answers_lost(), 1);
-    poll_until(Duration::from_secs(30), async || {
-        match s.manage(Method::GET, &path, None).await.status.as_u16() {
-            404 => Ok(()),
-            n => Err(format!("{path} is still there ({n})")),
-        }
-    })
-    .await;
+    s.until_gone(&path).await;
     s.wait_log("a deletion left unmade has ended", Duration::from_secs(5))
         .await;
 }

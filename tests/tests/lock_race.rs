@@ -192,18 +192,6 @@ async fn held_history() -> Option<HeldHistory> {
     })
 }
 
-/// Waits until `s`'s management API answers 404 for `path`: what a
-/// deletion deleted is gone.
-async fn until_gone(s: &Server, path: &str) {
-    poll_until(Duration::from_secs(30), async || {
-        match s.manage(Method::GET, path, None).await.status.as_u16() {
-            404 => Ok(()),
-            n => Err(format!("{path} is still there ({n})")),
-        }
-    })
-    .await;
-}
-
 /// An outside session holding the row `id` of `table`, the `holders`th
 /// session to hold a row of it, once it holds it. On MariaDB it takes a
 /// named lock too, which shows that it does. One that `wins_deadlocks`
@@ -593,7 +581,7 @@ async fn cut_short_by_a_crash(what: Cut) {
     } else {
         &addr_path
     };
-    until_gone(&s, gone).await;
+    s.until_gone(gone).await;
     s.wait_log("a deletion left unmade has ended", Duration::from_secs(5))
         .await;
     assert_eq!(db.query("SELECT count(*) FROM delivery"), "0");
@@ -692,7 +680,7 @@ async fn a_deletion_that_keeps_failing_is_tried_again_until_made() {
     .await;
 
     db.allow_writes("event");
-    until_gone(&s, &path).await;
+    s.until_gone(&path).await;
     s.wait_log("a deletion left unmade has ended", Duration::from_secs(5))
         .await;
     assert_eq!(db.query("SELECT count(*) FROM event"), "0");
@@ -750,7 +738,7 @@ async fn a_deletion_whose_node_dies_under_it_is_made_by_another_node() {
     dying.kill();
     commit_and_end(outside, "the hold");
 
-    until_gone(&other, &path).await;
+    other.until_gone(&path).await;
     other
         .wait_log("a deletion left unmade has ended", Duration::from_secs(5))
         .await;
@@ -783,7 +771,7 @@ async fn a_node_stopped_under_a_deletion_says_it_is_left() {
     commit_and_end(outside, "the hold");
 
     s.kill_and_restart();
-    until_gone(&s, &path).await;
+    s.until_gone(&path).await;
     s.wait_log("a deletion left unmade has ended", Duration::from_secs(5))
         .await;
     assert_eq!(db.query("SELECT count(*) FROM deletion"), "0");
@@ -824,7 +812,7 @@ async fn a_deletion_asked_for_again_starts_no_second_walk() {
     );
     commit_and_end(outside, "the hold");
 
-    until_gone(&s, &path).await;
+    s.until_gone(&path).await;
     s.wait_log("a deletion answered 202 has ended", Duration::from_secs(5))
         .await;
     assert_eq!(db.query("SELECT count(*) FROM deletion"), "0");
@@ -1005,7 +993,7 @@ async fn a_delete_everything_spares_what_is_made_while_it_goes_on() {
     s.wait_settled(new).await;
     commit_and_end(outside, "the hold");
 
-    until_gone(&s, &format!("/addr/{old}")).await;
+    s.until_gone(&format!("/addr/{old}")).await;
     s.wait_log("a deletion answered 202 has ended", Duration::from_secs(5))
         .await;
     let r = s.manage(Method::GET, &format!("/addr/{new}"), None).await;
@@ -1069,7 +1057,7 @@ addrs:
     assert_eq!(e["deliveries"][0]["state"], "delivered", "{e}");
     commit_and_end(outside, "the hold");
 
-    until_gone(&s, &format!("/addr/{old}")).await;
+    s.until_gone(&format!("/addr/{old}")).await;
     s.wait_log("a deletion answered 202 has ended", Duration::from_secs(5))
         .await;
     let addrs = ctl.json(&["addr", "list"]);

@@ -4,9 +4,7 @@
 
 use std::time::Duration;
 
-use roboger_tests::{
-    KEY, Method, Server, ServerOptions, Value, assert_status, at_once, json, poll_until,
-};
+use roboger_tests::{KEY, Method, Server, ServerOptions, Value, assert_status, at_once, json};
 
 const GET: Method = Method::GET;
 const POST: Method = Method::POST;
@@ -1621,13 +1619,7 @@ async fn a_failed_deletion_that_cannot_be_called_off_says_it_is_made_later() {
     assert_status!(r, 503);
     assert!(r.text.contains("could not be called off"), "{}", r.text);
     db.allow_writes("deletion");
-    poll_until(Duration::from_secs(30), async || {
-        match s.manage(Method::GET, &path, None).await.status.as_u16() {
-            404 => Ok(()),
-            n => Err(format!("{path} is still there ({n})")),
-        }
-    })
-    .await;
+    s.until_gone(&path).await;
     assert_eq!(db.query("SELECT count(*) FROM deletion"), "0");
 }
 
