@@ -1114,6 +1114,55 @@ async fn two_asks_for_one_deletion_at_once_record_it_once() {
     assert_eq!(again.len(), 1, "{}", s.log_text());
 }
 
+/// A change under an address, or an endpoint, whose deletion is begun
+/// while the change's transaction is open is refused (409, "is being
+/// deleted"), not made and then deleted with it. The proxy holds back
+/// the answer to the change's write, so that the deletion's record is
+/// written and committed meanwhile; the deletion's end then waits for
+/// the change's transaction. Before, the change had looked for a
+/// deletion before its transaction, found none, and was answered 200;
+/// the deletion then deleted it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_racing_the_begin_of_its_deletion_is_refused() {
+    // Room in `timeout` for the answer held back.
+    let opts = ServerOptions::test_plugin("timeout: 8\n");
+    let Some((proxy, s, _)) = behind_proxy(opts).await else {
+        return;
+    };
+    for what in ["addr", "endpoint"] {
+        let (id, _) = s.new_addr().await;
+        let ep = s.endpoint(id, "t", serde_json::json!({})).await;
+        let (path, write, taken) = match what {
+            "addr" => (format!("/addr/{id}"), "UPDATE \"addr\"", id),
+            _ => (
+                format!("/addr/{id}/endpoint/{ep}"),
+                "UPDATE \"endpoint\"",
+                ep,
+            ),
+        };
+        proxy.delay_at(&[&sql(write)], Duration::from_secs(2));
+        let off = serde_json::json!({"active": 0});
+        let deletion = async {
+            // The change's write is made, its answer held.
+            poll_until(Duration::from_secs(10), async || {
+                match proxy.delays_left() {
+                    0 => Ok(()),
+                    n => Err(format!("{n} marks left")),
+                }
+            })
+            .await;
+            s.manage(Method::DELETE, &path, None).await
+        };
+        let (change, deletion) = tokio::join!(s.manage(Method::PATCH, &path, Some(off)), deletion);
+        let said = format!("{what}: {} {}", change.status, change.text);
+        assert_eq!(change.status.as_u16(), 409, "{said}");
+        let whose = format!("{what} {taken} is being deleted");
+        assert!(change.text.contains(&whose), "{said}");
+        assert_status!(deletion, 204);
+        assert_status!(s.manage(Method::GET, &path, None).await, 404);
+    }
+}
+
 /// A look for deletions left unmade (each node looks every
 /// `node-timeout`) that comes while this node begins a deletion (its
 /// record written and committed, the database's answer to the commit not

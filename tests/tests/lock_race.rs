@@ -827,7 +827,9 @@ async fn a_deletion_asked_for_again_starts_no_second_walk() {
 /// address, by a `delete-everything`) is answered 404 and nothing is
 /// stored, and an endpoint being deleted gets no delivery of a push to
 /// its address, while the address's other endpoint does; a change under
-/// either is answered 409, one to the other endpoint is made. Before,
+/// either is answered 409 (a retry of failed deliveries too), one to
+/// the other endpoint is made, and a retry of an event's failed
+/// deliveries leaves out those to an endpoint being deleted. Before,
 /// each push and change was accepted (202, 201, 200) and then deleted
 /// with what the deletion took, delivered or not.
 #[tokio::test]
@@ -847,6 +849,12 @@ async fn what_is_being_deleted_is_pushed_to_and_changed_no_more() {
             return;
         };
         let other_ep = s.endpoint(addr_id, "t", json!({})).await;
+        // An event of the last chunk the deletion's walk takes (the
+        // first is held), its delivery failed.
+        let failed = "00000000-0000-7000-8000-000000001200";
+        db.query(&format!(
+            "UPDATE delivery SET state = 'failed' WHERE event_id = '{failed}'; COMMIT"
+        ));
         let other_node = Server::start_with(ServerOptions {
             db: Some(url),
             ..ServerOptions::test_plugin("")
@@ -917,12 +925,18 @@ async fn what_is_being_deleted_is_pushed_to_and_changed_no_more() {
                 format!("{ep_path}/subscription"),
                 Some(json!({})),
             ),
+            (Method::POST, ep_path.clone(), Some(json!({"cmd": "retry"}))),
             (Method::PATCH, other_path.clone(), off()),
+            (
+                Method::POST,
+                format!("{addr_path}/event/{failed}"),
+                Some(json!({"cmd": "retry"})),
+            ),
         ];
         for (i, (m, path, body)) in changes.into_iter().enumerate() {
             let r = s.manage(m.clone(), &path, body).await;
             let refused = match what {
-                "endpoint" => (2..4).contains(&i),
+                "endpoint" => (2..5).contains(&i),
                 _ => true,
             };
             let said = format!("{what}: {m} {path}: {} {}", r.status, r.text);
@@ -939,10 +953,15 @@ async fn what_is_being_deleted_is_pushed_to_and_changed_no_more() {
             }
         }
         // Only the endpoint created under the address whose endpoint is
-        // being deleted is made.
+        // being deleted is made, and the event's retry left its delivery
+        // to that endpoint failed.
         let endpoints = db.query("SELECT count(*) FROM endpoint");
         let made = if what == "endpoint" { "3" } else { "2" };
         assert_eq!(endpoints, made, "{what}");
+        let state = db.query(&format!(
+            "SELECT state FROM delivery WHERE event_id = '{failed}'"
+        ));
+        assert_eq!(state, "failed", "{what}");
         commit_and_end(outside, "the hold");
         s.wait_log("a deletion answered 202 has ended", Duration::from_secs(30))
             .await;

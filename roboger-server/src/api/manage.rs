@@ -250,9 +250,6 @@ async fn route(
     body: &Body,
 ) -> Result<Response, ApiError> {
     let accept = |resource: &str| wants_body(headers, resource);
-    if m != Method::GET && m != Method::DELETE {
-        not_being_deleted(app, segs).await?;
-    }
     match (m.as_str(), segs) {
         ("GET", ["core"]) => {
             body.only(&[], &[])?;
@@ -468,7 +465,7 @@ async fn route(
                     body.only(&["cmd"], &[])?;
                     let store = app.store.clone();
                     let retry = async move {
-                        let n = store.endpoint_retry(ep).await?;
+                        let n = store.endpoint_retry(a, ep).await?;
                         tracing::info!(
                             endpoint = ep,
                             deliveries = n,
@@ -668,37 +665,6 @@ async fn core_cmd(app: &App, body: &Body) -> Result<Response, ApiError> {
         }
     }
     Ok(reply::empty(StatusCode::NO_CONTENT))
-}
-
-/// Refuses (409) a change (not a deletion) under an address, or an
-/// endpoint, that a recorded deletion takes: made, it would be deleted
-/// with it. Deletions are let through: of either, the one under way
-/// covers it ([`deleted`]); of what hangs off them, it is gone either
-/// way.
-async fn not_being_deleted(app: &App, segs: &[&str]) -> Result<(), ApiError> {
-    let (a, ep) = match segs {
-        ["addr", a, "endpoint", ep, ..] => (a, ep.parse::<i64>().ok()),
-        ["addr", a, ..] => (a, None),
-        _ => return Ok(()),
-    };
-    let id = match app.store.addr_get(&AddrRef::parse(a)).await {
-        Ok(a) => a.id,
-        // The request's own handler says what is wrong with it.
-        Err(StoreError::NotFound(_)) => return Ok(()),
-        Err(e) => return Err(e.into()),
-    };
-    for d in app.store.deletions_of_addr(id).await? {
-        let what = match d {
-            _ if d.takes_addr(id) => format!("addr {id}"),
-            Deleting::Endpoint(_, e) if Some(e) == ep => format!("endpoint {e}"),
-            _ => continue,
-        };
-        return Err(ApiError::Conflict(format!(
-            "{what} is being deleted (a deletion answered 202 goes on): \
-             a change to it would be deleted with it"
-        )));
-    }
-    Ok(())
 }
 
 /// Makes the deletion `what`, recorded first (`crate::deletion`), in a

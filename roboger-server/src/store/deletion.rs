@@ -8,7 +8,7 @@
 
 use std::time::Duration;
 
-use sea_orm::sea_query::{Expr, ExprTrait};
+use sea_orm::sea_query::{Expr, ExprTrait, Query, SelectStatement};
 use sea_orm::{
     ActiveValue::Set, ColumnTrait, Condition, ConnectionTrait, EntityTrait, QueryFilter,
 };
@@ -16,7 +16,7 @@ use sea_orm::{QueryOrder, QuerySelect};
 
 use super::cluster::live_nodes;
 use super::entity::{deletion, node};
-use super::{Result, Store};
+use super::{Result, Store, StoreError};
 
 /// What a deletion deletes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -266,6 +266,38 @@ async fn covering<C: ConnectionTrait>(c: &C, what: Deleting) -> Result<Option<De
         .one(c)
         .await?
         .map(|d| Deleting::of(&d)))
+}
+
+/// Refuses (409) a change under address `a` (under its endpoint `ep`, if
+/// some) that a recorded deletion takes: made, it would be deleted with
+/// it. Read through `c`; in a routing change's transaction, after its
+/// routing change took the version row's lock, which a deletion's begin
+/// holds until its record is committed ([`Store::deletion_begin`]): a
+/// change racing the begin is either committed before the record is
+/// written, and deleted with the rest, or refused.
+pub(super) async fn refuse_taken<C: ConnectionTrait>(c: &C, a: i64, ep: Option<i64>) -> Result<()> {
+    let under = match ep {
+        Some(ep) => Deleting::Endpoint(a, ep),
+        None => Deleting::Addr(a),
+    };
+    let taken = match (covering(c, under).await?, ep) {
+        (None, _) => return Ok(()),
+        (Some(Deleting::Endpoint(..)), Some(ep)) => format!("endpoint {ep}"),
+        (Some(_), _) => format!("addr {a}"),
+    };
+    Err(StoreError::Conflict(format!(
+        "{taken} is being deleted: a change to it would be deleted with it"
+    )))
+}
+
+/// The endpoints whose deletion is recorded, as a subquery: what a change
+/// of many deliveries leaves out ([`Store::event_retry`]).
+pub(super) fn endpoints_taken() -> SelectStatement {
+    Query::select()
+        .column(deletion::Column::EndpointId)
+        .from(deletion::Entity)
+        .and_where(deletion::Column::EndpointId.is_not_null())
+        .to_owned()
 }
 
 /// Deletes the record `id` in the transaction that ends its deletion:

@@ -9,6 +9,7 @@ use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QueryOrder};
 
 use sea_orm::QuerySelect;
 
+use super::deletion::{endpoints_taken, refuse_taken};
 use super::entity::{addr, delivery, endpoint, event};
 use super::{Result, Store, StoreError};
 use crate::config::DbBackend;
@@ -469,11 +470,17 @@ impl Store {
         Ok(r.rows_affected)
     }
 
-    /// Makes an event's failed deliveries pending again, due now.
+    /// Makes an event's failed deliveries pending again, due now, but
+    /// those to an endpoint being deleted; refused (409) while its address
+    /// is being deleted ([`refuse_taken`]; not a routing change, so one
+    /// racing the deletion's begin makes them due, and they are deleted
+    /// with the rest, maybe delivered first).
     pub async fn event_retry(&self, addr_id: i64, id: &str) -> Result<u64> {
         self.event_get(addr_id, id).await?;
+        refuse_taken(&self.db, addr_id, None).await?;
         let r = failed_made_due()
             .filter(delivery::Column::EventId.eq(id))
+            .filter(delivery::Column::EndpointId.not_in_subquery(endpoints_taken()))
             .exec(&self.db)
             .await?;
         Ok(r.rows_affected)
@@ -484,7 +491,10 @@ impl Store {
     /// [`DELETE_CHUNK`] at a time ([`by_chunks`]), each chunk its own
     /// short statement, so an endpoint with a long history of failures
     /// neither holds the write lock long nor makes a large transaction.
-    pub async fn endpoint_retry(&self, endpoint_id: i64) -> Result<u64> {
+    /// Refused (409) while the endpoint (of address `addr_id`) is being
+    /// deleted, as [`Store::event_retry`] is.
+    pub async fn endpoint_retry(&self, addr_id: i64, endpoint_id: i64) -> Result<u64> {
+        refuse_taken(&self.db, addr_id, Some(endpoint_id)).await?;
         let failed = delivery::Entity::find()
             .filter(delivery::Column::EndpointId.eq(endpoint_id))
             .filter(delivery::Column::State.eq(STATE_FAILED));

@@ -12,7 +12,7 @@ use sea_orm::{
 };
 use serde_json::Value;
 
-use super::deletion::{Deleting, deletion_end};
+use super::deletion::{Deleting, deletion_end, refuse_taken};
 use super::entity::{self, addr, addr_limit, bucket, delivery, endpoint, event, subscription};
 use super::{
     AddrRef, ENDPOINTS_PER_STATEMENT, Result, Store, StoreError, gone_since_read,
@@ -169,7 +169,7 @@ impl Store {
             .update(&txn)
             .await
             .map_err(|e| gone_since_read(e, || format!("addr {r}")))?;
-        self.announce(&txn, Some(a.id)).await?;
+        self.announce_under(&txn, a.id, None).await?;
         txn.commit().await?;
         Ok(a)
     }
@@ -184,7 +184,7 @@ impl Store {
         let txn = self.begin_write().await?;
         match am.clone().update(&txn).await {
             Ok(a) => {
-                self.announce(&txn, Some(a.id)).await?;
+                self.announce_under(&txn, a.id, None).await?;
                 txn.commit().await?;
                 Ok(a)
             }
@@ -236,7 +236,7 @@ impl Store {
                 gone_since_read(e, || format!("addr {r}"))
             }
         })?;
-        self.announce(&txn, Some(a.id)).await?;
+        self.announce_under(&txn, a.id, None).await?;
         txn.commit().await?;
         tracing::info!(
             addr = a.id,
@@ -347,7 +347,7 @@ impl Store {
             .insert(&txn)
             .await
             .map_err(|e| gone_since_read(e, || format!("addr {addr_id}")))?;
-        self.announce(&txn, Some(addr_id)).await?;
+        self.announce_under(&txn, addr_id, None).await?;
         txn.commit().await?;
         Ok(ep)
     }
@@ -378,7 +378,7 @@ impl Store {
             .update(&txn)
             .await
             .map_err(|e| gone_since_read(e, || format!("endpoint {id}")))?;
-        self.announce(&txn, Some(addr_id)).await?;
+        self.announce_under(&txn, addr_id, Some(id)).await?;
         txn.commit().await?;
         Ok(ep)
     }
@@ -448,7 +448,7 @@ impl Store {
             .await
             .map_err(|e| gone_since_read(e, || format!("target endpoint {to}")))?;
         }
-        self.announce(&txn, Some(addr_id)).await?;
+        self.announce_under(&txn, addr_id, Some(to)).await?;
         txn.commit().await?;
         Ok(())
     }
@@ -523,7 +523,8 @@ impl Store {
             .insert(&txn)
             .await
             .map_err(|e| gone_since_read(e, || format!("endpoint {endpoint_id}")))?;
-        self.announce(&txn, Some(addr_id)).await?;
+        self.announce_under(&txn, addr_id, Some(endpoint_id))
+            .await?;
         txn.commit().await?;
         Ok(SubscriptionRow { addr_id, sub })
     }
@@ -569,7 +570,8 @@ impl Store {
                 .update(&txn)
                 .await
                 .map_err(|e| gone_since_read(e, || format!("subscription {id}")))?;
-            self.announce(&txn, Some(addr_id)).await?;
+            self.announce_under(&txn, addr_id, Some(endpoint_id))
+                .await?;
             txn.commit().await?;
             sub
         } else {
@@ -599,6 +601,21 @@ impl Store {
         addr_id: Option<i64>,
     ) -> Result<i64> {
         super::cluster::announce_change(txn, self.backend, addr_id).await
+    }
+
+    /// Records in `txn` that the routes of address `a` change by a change
+    /// under it (under its endpoint `ep`, if some), and refuses it (409)
+    /// if a recorded deletion takes what it changes ([`refuse_taken`]).
+    /// Called after the change's own writes: a transaction takes the rows
+    /// it changes before the version row, as a deletion's end does.
+    async fn announce_under(
+        &self,
+        txn: &DatabaseTransaction,
+        a: i64,
+        ep: Option<i64>,
+    ) -> Result<()> {
+        self.announce(txn, Some(a)).await?;
+        refuse_taken(txn, a, ep).await
     }
 
     /// Addresses, endpoints and subscriptions (of the addresses `ids`, or
