@@ -1089,10 +1089,13 @@ addrs:
 
 /// The console's page of an address says that a deletion answered 202
 /// goes on, of the address or of one of its endpoints (in that
-/// endpoint's block), offers no change to what it takes (which the API
-/// refuses meanwhile), and stops saying so once it has ended. Before, the
-/// page showed the address as any other until it was gone, and an
-/// operator who had not seen the notice after the redirect asked again.
+/// endpoint's block, and on its own page), offers no change to what it
+/// takes (which the API refuses meanwhile), there or on the page of a
+/// new endpoint of the address, and stops saying so once it has ended.
+/// Before, the page showed the address as any other until it was gone,
+/// and an operator who had not seen the notice after the redirect asked
+/// again; the endpoint's own page and the new endpoint's page offered
+/// their forms.
 #[tokio::test]
 async fn the_console_shows_what_is_being_deleted() {
     for of_endpoint in [true, false] {
@@ -1144,7 +1147,24 @@ async fn the_console_shows_what_is_being_deleted() {
             ] {
                 assert_eq!(offers(&block(id), &what), changeable, "{what}: {html}");
             }
+            // The endpoint's own page, and the page of a new endpoint.
+            let own = s.console_page(&format!("{page}/endpoint/{id}")).await;
+            assert_eq!(offers(&own, "Save endpoint"), changeable, "{own}");
+            assert_eq!(
+                offers(&own, "Being deleted"),
+                id == ep && of_endpoint,
+                "{own}"
+            );
         }
+        let new = s
+            .console_page(&format!("{page}/endpoint/new?plugin=t"))
+            .await;
+        assert_eq!(offers(&new, "Create endpoint"), of_endpoint, "{new}");
+        assert_eq!(
+            offers(&new, "Its address is being deleted"),
+            !of_endpoint,
+            "{new}"
+        );
         commit_and_end(outside, "the hold");
 
         s.wait_log("a deletion answered 202 has ended", Duration::from_secs(30))

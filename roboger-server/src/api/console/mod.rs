@@ -750,6 +750,22 @@ async fn endpoint_form(
         .into_iter()
         .find(|p| p.plugin_name == plugin)
         .and_then(|p| p.description);
+    // A deletion answered 202 that takes the endpoint or its address:
+    // the page offers no change (the API refuses each meanwhile).
+    let deletions = ctx.app.store.deletions_of_addr(a).await.unwrap_or_default();
+    let addr_deleting = deletions.iter().any(|d| d.takes_addr(a));
+    let deleting = match ep {
+        _ if addr_deleting => Some(
+            "Its address is being deleted: a deletion asked for goes on, and takes its \
+             endpoints. Nothing can be added to it or changed meanwhile.",
+        ),
+        Some(ep) if deletions.contains(&Deleting::Endpoint(a, ep)) => Some(
+            "Being deleted: a deletion asked for goes on, its deliveries a chunk at a time; \
+             the endpoint is gone when it ends. It gets no more events, and cannot be \
+             changed meanwhile.",
+        ),
+        _ => None,
+    };
     // An existing endpoint's page also copies its subscriptions to the
     // address's other endpoints, and says how its deliveries stand.
     let (copy_targets, deliveries) = match ep {
@@ -765,8 +781,8 @@ async fn endpoint_form(
                 .map(|e| (e.id, e.plugin_name))
                 .collect();
             // Too many to list: the page asks for the endpoint's number.
-            let by_number = others.len() as u64 > COPY_TARGETS;
-            if by_number {
+            let by_number = others.len() as u64 > COPY_TARGETS && !addr_deleting;
+            if by_number || addr_deleting {
                 others.clear();
             }
             let stats = store.endpoint_delivery_stats(ep).await.ok();
@@ -822,6 +838,7 @@ async fn endpoint_form(
             error_field,
             copy_targets,
             deliveries,
+            deleting,
         },
     )
 }

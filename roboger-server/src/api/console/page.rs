@@ -159,6 +159,9 @@ pub struct EndpointForm {
     pub copy_targets: CopyTargets,
     /// How an existing endpoint's deliveries stand.
     pub deliveries: Option<EndpointDeliveries>,
+    /// What the page says when a deletion asked for takes the endpoint
+    /// (or its address) and goes on: it then offers no change.
+    pub deleting: Option<&'static str>,
 }
 
 /// The other endpoints of an address, as an endpoint's page offers them
