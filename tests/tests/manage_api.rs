@@ -1602,6 +1602,33 @@ async fn a_deletion_answered_as_failed_is_not_made_later() {
     );
 }
 
+/// A deletion the database refuses to record (a full disk, say) is
+/// answered 503 saying that it was not recorded and nothing is deleted;
+/// the address stays, and is pushed to as before. Before, the 503 said
+/// the deletion "may have been recorded all the same": an operator asked
+/// again to know, to the same answer, while nothing was deleted.
+#[tokio::test]
+async fn a_deletion_the_database_refuses_to_record_says_nothing_is_deleted() {
+    let s = Server::start_with(ServerOptions::test_plugin("")).await;
+    let db = s.db_client();
+    let (id, a) = s.new_addr().await;
+    s.endpoint(id, "t", json!({})).await;
+    db.refuse_inserts("deletion", "NEW.node IS NOT NULL");
+    let path = format!("/addr/{id}");
+    let r = s.manage(Method::DELETE, &path, None).await;
+    assert_status!(r, 503);
+    assert!(
+        r.text
+            .contains("the deletion was not recorded, and nothing is deleted"),
+        "{}",
+        r.text
+    );
+    db.allow_writes("deletion");
+    assert_status!(s.manage(Method::GET, &path, None).await, 200);
+    assert_status!(s.push(json!({"addr": a, "msg": "m"})).await, 202);
+    assert_eq!(db.query("SELECT count(*) FROM deletion"), "0");
+}
+
 /// A deletion that fails within `timeout`, and whose record cannot be
 /// deleted either (the database refuses both), is answered 503 saying it
 /// could not be called off and is tried again later, and it is: made

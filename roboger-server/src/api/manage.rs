@@ -690,6 +690,16 @@ async fn deleted(app: &App, what: Deleting) -> Result<Response, ApiError> {
                  what it deletes is gone when the server logs that it has ended",
             ));
         }
+        // Refused by the database itself (a full disk, a constraint):
+        // its transaction ended uncommitted, nothing was recorded.
+        Err(e @ StoreError::Db(_)) if e.took_no_effect() => {
+            let _said = ApiError::from(e);
+            return Err(ApiError::Unavailable(
+                "database error (see the server log); the deletion was not recorded, \
+                 and nothing is deleted"
+                    .into(),
+            ));
+        }
         Err(e @ (StoreError::Db(_) | StoreError::Unanswered(_))) => {
             // Said in the log as any database error; but the record may
             // have been written (its commit's answer lost), and is then
