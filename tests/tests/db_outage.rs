@@ -1070,6 +1070,30 @@ async fn a_deletion_whose_begin_lost_its_answer_says_it_may_be_made() {
         .await;
 }
 
+/// A change whose commit took effect though its answer was lost is
+/// answered 503 saying that it may have been made, and to look before
+/// asking again: it was (an address created). Before, the 503 said only
+/// "database error; see the server log", and a client that asked again
+/// made a second address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_whose_answer_was_lost_says_it_may_be_made() {
+    let Some((proxy, s, _)) = behind_proxy(ServerOptions::test_plugin("")).await else {
+        return;
+    };
+    proxy.lose_next(Lose::CommitAfter(vec![sql("INSERT INTO \"addr\"")]));
+    let r = s.manage(Method::POST, "/addr", None).await;
+    assert_status!(r, 503);
+    assert!(
+        r.text
+            .contains("The change may have been made all the same"),
+        "{}",
+        r.text
+    );
+    assert_eq!(proxy.answers_lost(), 1);
+    let made = s.manage(Method::GET, "/addr", None).await.json();
+    assert_eq!(made.as_array().map(Vec::len), Some(1), "{made}");
+}
+
 /// Two asks for one deletion at once record it once: the second, which
 /// comes while the first's record is written but not yet committed,
 /// waits for it and is answered as covered (202, "a deletion asked for

@@ -1629,6 +1629,27 @@ async fn a_deletion_the_database_refuses_to_record_says_nothing_is_deleted() {
     assert_eq!(db.query("SELECT count(*) FROM deletion"), "0");
 }
 
+/// A change the database refuses itself (here a trigger; a full disk, a
+/// constraint) is answered 503 "database error", and not told that it
+/// may have been made: its transaction ended uncommitted, and asking
+/// again is safe. (One whose answer was lost says it may have been:
+/// db_outage.)
+#[tokio::test]
+async fn a_change_the_database_refuses_is_not_said_to_be_made() {
+    let s = Server::start_with(ServerOptions::test_plugin("")).await;
+    let db = s.db_client();
+    let (id, _) = s.new_addr().await;
+    db.refuse_updates("addr", "NEW.active = 0");
+    let path = format!("/addr/{id}");
+    let r = s
+        .manage(Method::PATCH, &path, Some(json!({"active": 0})))
+        .await;
+    assert_status!(r, 503);
+    assert_eq!(r.text, "database error; see the server log");
+    db.allow_writes("addr");
+    assert_eq!(s.manage(Method::GET, &path, None).await.json()["active"], 1);
+}
+
 /// A deletion that fails within `timeout`, and whose record cannot be
 /// deleted either (the database refuses both), is answered 503 saying it
 /// could not be called off and is tried again later, and it is: made

@@ -71,6 +71,12 @@ pub enum ApiError {
     /// 503: the database failed or timed out.
     #[error("{0}")]
     Unavailable(String),
+    /// 503: the database failed in a way that leaves a write in doubt
+    /// (its answer lost on a broken connection, or not come within
+    /// `timeout`): a change asked for may have been made all the same
+    /// (`api::manage` says so).
+    #[error("{0}")]
+    InDoubt(String),
     /// 503: no room in the body budget now (answered with `Retry-After`).
     #[error("{0}")]
     Busy(String),
@@ -95,7 +101,9 @@ impl ApiError {
             ApiError::TooManyWrongKeys(_) | ApiError::OverLimit { .. } => {
                 StatusCode::TOO_MANY_REQUESTS
             }
-            ApiError::Unavailable(_) | ApiError::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unavailable(_) | ApiError::InDoubt(_) | ApiError::Busy(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
         }
     }
 }
@@ -126,7 +134,13 @@ impl From<StoreError> for ApiError {
                 if log_budget::DATABASE.logged() {
                     tracing::error!(error = %e, "database error");
                 }
-                ApiError::Unavailable("database error; see the server log".into())
+                let said = "database error; see the server log".to_string();
+                match e {
+                    StoreError::Db(_) | StoreError::Unanswered(_) if !e.took_no_effect() => {
+                        ApiError::InDoubt(said)
+                    }
+                    _ => ApiError::Unavailable(said),
+                }
             }
         }
     }

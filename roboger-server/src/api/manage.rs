@@ -150,6 +150,11 @@ async fn made(app: &App, before: i64, deadline: tokio::time::Instant) {
     }
 }
 
+/// What a change's 503 adds when the change may have been made though
+/// its answer was lost ([`ApiError::InDoubt`], or the request's timeout).
+const MAY_BE_MADE: &str = "The change may have been made all the same (the database's answer \
+     to it did not come back): look before asking again";
+
 /// What a management request's timeout keeps for its answer after a
 /// change has waited for the other nodes to obey it.
 const ANSWER_TIME: Duration = Duration::from_millis(200);
@@ -181,6 +186,7 @@ pub async fn execute(
     body: &Body,
 ) -> Result<Response, ApiError> {
     let timeout = app.config.timeout * 2;
+    let change = method != Method::GET;
     let (app, method, query, headers, body) = (
         app.clone(),
         method.clone(),
@@ -211,7 +217,17 @@ pub async fn execute(
     };
     let task = tokio::spawn(tokio::time::timeout(timeout, run));
     match task.await {
+        // A client told only "database error" would ask again, and a
+        // change made (its answer lost) would be made twice: a second
+        // address, a second endpoint.
+        Ok(Ok(Err(ApiError::InDoubt(said)))) if change => {
+            Err(ApiError::Unavailable(format!("{said}. {MAY_BE_MADE}")))
+        }
+        Ok(Ok(Err(ApiError::InDoubt(said)))) => Err(ApiError::Unavailable(said)),
         Ok(Ok(r)) => r,
+        Ok(Err(_)) if change => Err(ApiError::Unavailable(format!(
+            "timed out; the database or a plugin did not answer. {MAY_BE_MADE}"
+        ))),
         Ok(Err(_)) => Err(ApiError::Unavailable(
             "timed out; the database or a plugin did not answer".into(),
         )),
