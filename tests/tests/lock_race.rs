@@ -167,11 +167,16 @@ struct HeldHistory {
 }
 
 async fn held_history() -> Option<HeldHistory> {
+    held_history_with("").await
+}
+
+/// [`held_history`], its server configured with `yaml` too.
+async fn held_history_with(yaml: &str) -> Option<HeldHistory> {
     let (dir, url, db) =
         lockable_database("the deletion is held through a row lock, which SQLite has not")?;
     let s = Server::start_with(ServerOptions {
         db: Some(url.clone()),
-        ..ServerOptions::test_plugin("")
+        ..ServerOptions::test_plugin(yaml)
     })
     .await;
     let (addr_id, a, ep) = s.addr_with_history(&db, 1200).await;
@@ -1027,12 +1032,15 @@ async fn a_delete_everything_spares_what_is_made_while_it_goes_on() {
     assert_status!(s.push(json!({"addr": a, "msg": "later"})).await, 202);
 }
 
-/// `robogerctl deploy --delete-everything` itself (2.0.14, unmodified)
-/// while the delete-everything it asks for outlasts `timeout` (202):
-/// the deploy succeeds, its address takes the string its file pins from
-/// the address being deleted, a push to that string reaches the deploy's
-/// endpoint, and once the deletion ends only the deploy's address is
-/// left. (`a_delete_everything_spares_what_is_made_while_it_goes_on`
+/// `robogerctl deploy --delete-everything` itself (2.0.14, unmodified,
+/// waiting its default 5 s for each answer) while the delete-everything
+/// it asks for goes on (202), on a server with the default `timeout`,
+/// 5 s: the deploy succeeds, its address takes the string its file pins
+/// from the address being deleted, a push to that string reaches the
+/// deploy's endpoint, and once the deletion ends only the deploy's
+/// address is left. Before, the server waited all of `timeout` before
+/// its 202, robogerctl gave up first ("Read timed out"), and the deploy
+/// failed. (`a_delete_everything_spares_what_is_made_while_it_goes_on`
 /// makes robogerctl's calls itself.)
 #[tokio::test]
 async fn robogerctl_deploys_while_its_delete_everything_goes_on() {
@@ -1047,7 +1055,7 @@ async fn robogerctl_deploys_while_its_delete_everything_goes_on() {
         a,
         outside,
         ..
-    }) = held_history().await
+    }) = held_history_with("timeout: 5\n").await
     else {
         return;
     };

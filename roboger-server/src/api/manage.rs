@@ -150,6 +150,18 @@ async fn made(app: &App, before: i64, deadline: tokio::time::Instant) {
     }
 }
 
+/// How long a request waits for work that may go on longer (a deletion,
+/// a cleanup, a retry, making a backlog due) before it answers 202 and
+/// lets it go on: half of `timeout`. Its answer, with what comes before
+/// and after that wait (a deletion's record, the other nodes obeying
+/// it), then reaches a client whose own timeout is the server's in time:
+/// robogerctl waits 5 s by default, the server's default `timeout`, and
+/// gave up on a long deletion (and on the deploy that asked for it)
+/// when the server waited all of `timeout`.
+fn going_on_after(app: &App) -> Duration {
+    app.config.timeout / 2
+}
+
 /// What a change's 503 adds when the change may have been made though
 /// its answer was lost ([`ApiError::InDoubt`], or the request's timeout).
 const MAY_BE_MADE: &str = "The change may have been made all the same (the database's answer \
@@ -650,7 +662,7 @@ async fn core_cmd(app: &App, body: &Body) -> Result<Response, ApiError> {
     match body.required_str("cmd")? {
         "cleanup" => {
             let started = app.cleanup.start();
-            match Cleanup::wait(started, app.config.timeout).await {
+            match Cleanup::wait(started, going_on_after(app)).await {
                 Some(Outcome::Done) => {}
                 Some(Outcome::Failed) => {
                     return Err(ApiError::Unavailable(
@@ -687,7 +699,7 @@ async fn core_cmd(app: &App, body: &Body) -> Result<Response, ApiError> {
 /// task of its own, so that the request's timeout does not cut it short:
 /// a long history is deleted a chunk at a time (`Store::history_delete`),
 /// which may take longer than `timeout`. Its answer (204, or its error)
-/// when it ends within `timeout`, else 202 and it goes on, its failure
+/// when it ends within [`going_on_after`], else 202 and it goes on, its failure
 /// then logged and the deletion taken up again later. One answered with
 /// its error is forgotten: it is not made later, and what it took is
 /// routed to again (unless its record cannot be deleted either, which
@@ -791,8 +803,8 @@ impl Resumed {
 /// Makes due now the deliveries that wait for a later try, of the
 /// endpoint or address `why` names. The change stands whether or not
 /// this works, and a delivery not made due now is still looked at when
-/// it was due; so the answer does not wait past `timeout` for a long
-/// backlog, which goes on meanwhile.
+/// it was due; so the answer does not wait past [`going_on_after`] for a
+/// long backlog, which goes on meanwhile.
 async fn waiting_made_due(app: &App, why: Resumed) {
     let store = app.store.clone();
     let (happened, what) = why.said();
@@ -819,16 +831,16 @@ async fn waiting_made_due(app: &App, why: Resumed) {
 
 /// Runs `work`, a chunked walk over an endpoint's or an address's
 /// deliveries that may take longer than the request may, in a task of its
-/// own, and waits for it at most `timeout`: its result when it ended by
-/// then, else `None` while it goes on, and the log says when it ends
-/// (`what` names it there: "… has ended" or "… failed").
+/// own, and waits for it at most [`going_on_after`]: its result when it
+/// ended by then, else `None` while it goes on, and the log says when it
+/// ends (`what` names it there: "… has ended" or "… failed").
 async fn ended_or_going_on<T: Send + 'static>(
     app: &App,
     what: &'static str,
     work: impl Future<Output = Result<T, StoreError>> + Send + 'static,
 ) -> Result<Option<T>, ApiError> {
     let mut task = tokio::spawn(work);
-    match tokio::time::timeout(app.config.timeout, &mut task).await {
+    match tokio::time::timeout(going_on_after(app), &mut task).await {
         Ok(Ok(r)) => Ok(Some(r?)),
         Ok(Err(e)) => {
             tracing::error!(error = %e, "{what} stopped");
