@@ -12,6 +12,7 @@ use std::future::Future;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use roboger_tests::robogerctl::{Ctl, robogerctl_path};
 use roboger_tests::{
     Method, Server, ServerOptions, Value, assert_status, clock_set, database_with_connection_limit,
     json, on_mysql, on_postgres, plugin_calls, poll_every, run_server_cmd, shared_database,
@@ -329,6 +330,44 @@ async fn a_change_waits_for_a_frozen_node_only_so_long() {
         push_status(b, &addr, "probe").await == 406
     })
     .await;
+}
+
+/// robogerctl 2.0.14 (unmodified, waiting its default 5 s for each
+/// answer) creates and disables an address while another node is frozen
+/// (alive, not obeying), on nodes with the default `timeout` (5 s) and a
+/// longer `node-timeout` (10 s): each change is answered in time, the
+/// node that does not obey it named in a warning. Before, each waited
+/// all of `timeout` for the frozen node before its answer, robogerctl
+/// gave up on it ("Read timed out") though it was made, and a create
+/// asked again made a second address.
+#[tokio::test(flavor = "multi_thread")]
+async fn robogerctl_is_answered_in_time_while_a_node_is_frozen() {
+    let Some(bin) = robogerctl_path() else {
+        return;
+    };
+    let (dir, db) = shared_database();
+    let record = dir.path().join("record");
+    let opts = ServerOptions {
+        yaml: "timeout: 5\nnode-timeout: 10\n".into(),
+        ..node(&db, &record)
+    };
+    let nodes = Server::start_many(vec![opts; 2]);
+    let (a, b) = (&nodes[0], &nodes[1]);
+    let (_, addr) = a.new_addr().await;
+    assert_eq!(push_status(b, &addr, "probe").await, 202);
+    let frozen = instance_of(b).await;
+
+    b.signal("STOP");
+    let ctl = Ctl::new(bin, a, dir.path());
+    let made = ctl.json(&["addr", "create"]);
+    let id = made["res"].as_i64().expect("the address made").to_string();
+    ctl.ok(&["addr", "disable", &id]);
+    let warned = a.log_lines("not every node obeys it");
+    assert_eq!(warned.len(), 2, "{warned:?}");
+    assert!(warned.iter().all(|w| w.contains(&frozen)), "{warned:?}");
+    let list = a.manage(Method::GET, "/addr", None).await.json();
+    assert_eq!(list.as_array().map(Vec::len), Some(2), "{list}");
+    b.signal("CONT");
 }
 
 #[tokio::test(flavor = "multi_thread")]

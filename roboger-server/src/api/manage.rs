@@ -105,9 +105,9 @@ pub async fn handle(app: &Arc<App>, req: Request<'_>) -> Response {
 
 /// Waits until every other live node obeys the routing changes this node
 /// has applied (see [`cluster::wait_obeyed`]), for at most `node-timeout`
-/// (or `timeout`, when shorter), and ending [`ANSWER_TIME`] before the
-/// request's `deadline` at the latest, since the change is made; the
-/// nodes that still do not are named in a warning.
+/// (or `timeout`, when shorter), and ending [`ANSWER_TIME`] before
+/// `deadline` at the latest, since the change is made; the nodes that
+/// still do not are named in a warning.
 async fn obeyed_everywhere(app: &App, deadline: tokio::time::Instant) {
     let version = app.routes.applied();
     let cfg = &app.config.delivery;
@@ -133,13 +133,19 @@ async fn obeyed_everywhere(app: &App, deadline: tokio::time::Instant) {
 /// do the others, which learn of it from the change log (see `routing`),
 /// so a push through any node after the answer finds the change obeyed. A
 /// request that changed no route (a cleanup, a plugin's restart) waits
-/// for nothing. Bounded by the request's `deadline` less [`ANSWER_TIME`];
-/// a failure here is logged, never answered: the change is made, and a
-/// client told it failed would make it again (a second address).
-async fn made(app: &App, before: i64, deadline: tokio::time::Instant) {
+/// for nothing. This node's catch-up is bounded by the request's
+/// `deadline`, the wait for the others by `answer_by` ([`ANSWER_BY`]),
+/// each less [`ANSWER_TIME`]; a failure here is logged, never answered:
+/// the change is made, and a client told it failed would make it again
+/// (a second address).
+async fn made(
+    app: &App,
+    before: i64,
+    (deadline, answer_by): (tokio::time::Instant, tokio::time::Instant),
+) {
     let applied = app.routes.catch_up(&app.store);
     match crate::store::within(before_answer(deadline), applied).await {
-        Ok(_) if app.routes.applied() > before => obeyed_everywhere(app, deadline).await,
+        Ok(_) if app.routes.applied() > before => obeyed_everywhere(app, answer_by).await,
         Ok(_) => {}
         Err(e) => tracing::warn!(
             error = %e,
@@ -166,6 +172,16 @@ fn going_on_after(app: &App) -> Duration {
 /// its answer was lost ([`ApiError::InDoubt`], or the request's timeout).
 const MAY_BE_MADE: &str = "The change may have been made all the same (the database's answer \
      to it did not come back): look before asking again";
+
+/// The share of `timeout`, from a request's start, by which a change's
+/// wait for the other nodes to obey it ends at the latest: its answer
+/// then reaches a client that waits as long as the server's `timeout`
+/// (robogerctl's default 5 s is the server's default), after work that
+/// went on ([`going_on_after`]) or a node frozen under it. Before, a
+/// frozen node (alive, not obeying) held each change for `node-timeout`
+/// or `timeout`, and with `node-timeout` at least `timeout` robogerctl
+/// gave up on every change made meanwhile.
+const ANSWER_BY: f64 = 0.9;
 
 /// What a management request's timeout keeps for its answer after a
 /// change has waited for the other nodes to obey it.
@@ -208,6 +224,7 @@ pub async fn execute(
     );
     let segs: Vec<String> = segs.iter().map(|s| (*s).to_string()).collect();
     let deadline = tokio::time::Instant::now() + timeout;
+    let answer_by = tokio::time::Instant::now() + app.config.timeout.mul_f64(ANSWER_BY);
     let run = async move {
         let before = app.routes.applied();
         let segs: Vec<&str> = segs.iter().map(String::as_str).collect();
@@ -223,7 +240,7 @@ pub async fn execute(
                 status = answer.status().as_u16(),
                 "management change"
             );
-            made(&app, before, deadline).await;
+            made(&app, before, (deadline, answer_by)).await;
         }
         Ok(answer)
     };
