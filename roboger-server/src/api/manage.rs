@@ -169,9 +169,9 @@ fn going_on_after(app: &App) -> Duration {
 }
 
 /// What a change's 503 adds when the change may have been made though
-/// its answer was lost ([`ApiError::InDoubt`], or the request's timeout).
-const MAY_BE_MADE: &str = "The change may have been made all the same (the database's answer \
-     to it did not come back): look before asking again";
+/// its answer was lost ([`ApiError::InDoubt`], or the request's timeout),
+/// before it says why and to look before asking again.
+const MAY_BE_MADE: &str = "The change may have been made all the same";
 
 /// The share of `timeout`, from a request's start, by which a change's
 /// wait for the other nodes to obey it ends at the latest: its answer
@@ -249,13 +249,15 @@ pub async fn execute(
         // A client told only "database error" would ask again, and a
         // change made (its answer lost) would be made twice: a second
         // address, a second endpoint.
-        Ok(Ok(Err(ApiError::InDoubt(said)))) if change => {
-            Err(ApiError::Unavailable(format!("{said}. {MAY_BE_MADE}")))
-        }
+        Ok(Ok(Err(ApiError::InDoubt(said)))) if change => Err(ApiError::Unavailable(format!(
+            "{said}. {MAY_BE_MADE} (the database's answer to it did not come back): \
+                 look before asking again"
+        ))),
         Ok(Ok(Err(ApiError::InDoubt(said)))) => Err(ApiError::Unavailable(said)),
         Ok(Ok(r)) => r,
         Ok(Err(_)) if change => Err(ApiError::Unavailable(format!(
-            "timed out; the database or a plugin did not answer. {MAY_BE_MADE}"
+            "timed out; the database or a plugin did not answer. {MAY_BE_MADE}: \
+             look before asking again"
         ))),
         Ok(Err(_)) => Err(ApiError::Unavailable(
             "timed out; the database or a plugin did not answer".into(),
