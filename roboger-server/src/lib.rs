@@ -17,6 +17,7 @@ pub mod level;
 pub mod limits;
 pub mod listener;
 pub mod log_budget;
+pub mod log_writer;
 pub mod metrics;
 pub mod outage;
 pub mod pipeline;

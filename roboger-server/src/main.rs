@@ -107,7 +107,7 @@ fn init_logging(format: LogFormat) {
     // that report's eprintln! panics, and the server went down with it.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(roboger_server::secrets::Redacting)
+        .with_writer(roboger_server::log_writer::LogWriter)
         .log_internal_errors(false);
     match format {
         LogFormat::Json => builder.json().flatten_event(true).init(),

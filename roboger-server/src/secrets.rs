@@ -9,8 +9,9 @@
 //! The management API still returns configs whole to the master key
 //! (robogerctl needs them); only what is logged or reported is scrubbed.
 //!
-//! Invariant: every log line goes out through [`Redacting`], and every
-//! text a plugin produced passes [`scrub`] before it is stored or answered.
+//! Invariant: every log line goes out through [`scrub`] (in
+//! [`crate::log_writer`]), and every text a plugin produced passes it
+//! before it is stored or answered.
 
 use std::borrow::Cow;
 use std::collections::BTreeSet;
@@ -141,35 +142,6 @@ pub fn scrub(text: &str) -> Cow<'_, str> {
     }
     let masks = vec![MASK; m.patterns_len()];
     Cow::Owned(m.replace_all(text, &masks))
-}
-
-/// The tracing writer: stderr, with secrets masked in each line.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Redacting;
-
-impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Redacting {
-    type Writer = RedactingWriter;
-
-    fn make_writer(&'a self) -> RedactingWriter {
-        RedactingWriter
-    }
-}
-
-/// One write to stderr with secrets masked (the formatter writes each
-/// event whole).
-#[derive(Debug)]
-pub struct RedactingWriter;
-
-impl Write for RedactingWriter {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let text = String::from_utf8_lossy(buf);
-        std::io::stderr().write_all(scrub(&text).as_bytes())?;
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        std::io::stderr().flush()
-    }
 }
 
 #[cfg(test)]

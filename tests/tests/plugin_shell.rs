@@ -261,3 +261,60 @@ async fn endless_output_and_background_processes_are_bounded() {
     })
     .await;
 }
+
+/// What a pusher puts in an event cannot write a line of its own into the
+/// server's log. Before, a command that failed with the message on its
+/// stderr (as a `logger` or `mail` command does with a message it
+/// refuses) had the server log the delivery's failure with the message's
+/// line breaks in it: the text after one stood in the log as a line of
+/// its own, timestamp, level and all, which journald and whatever reads
+/// the log took for the server's.
+#[tokio::test]
+async fn a_message_cannot_forge_a_line_of_the_log() {
+    let s = shell_server("delivery:\n  retry-base: 0.05\n  max-attempts: 1\n").await;
+    let a = s.manage(Method::POST, "/addr", None).await.json();
+    let (id, addr) = (a["id"].as_i64().unwrap(), a["a"].as_str().unwrap());
+    let command = "printf '%s\\n' \"$ROBOGER_MSG\" >&2; exit 3";
+    let ep = s
+        .manage(
+            Method::POST,
+            &format!("/addr/{id}/endpoint"),
+            Some(json!({"plugin_name": "shell", "config": {"command": command}})),
+        )
+        .await
+        .json()["id"]
+        .as_i64()
+        .unwrap();
+    s.manage(
+        Method::POST,
+        &format!("/addr/{id}/endpoint/{ep}/subscription"),
+        None,
+    )
+    .await;
+    let forged = "2026-01-01T00:00:00.000000Z ERROR roboger_server::store: forged";
+    let msg = format!("first\n{forged}\rthen\r\n{forged} too");
+    assert_status!(
+        s.request(
+            Method::POST,
+            "/push",
+            None,
+            &[],
+            Some(json!({"addr": addr, "msg": msg, "level": "warning"}))
+        )
+        .await,
+        202
+    );
+    s.wait_log("delivery failed for good", Duration::from_secs(20))
+        .await;
+    let log = s.log_text();
+    let failed = s.log_lines("delivery failed for good");
+    assert_eq!(failed.len(), 1, "{log}");
+    assert!(
+        failed[0].contains(&format!("first\\n{forged}\\rthen\\r\\n{forged} too")),
+        "{log}"
+    );
+    for line in log.lines() {
+        assert!(!line.starts_with(forged), "a forged line: {line:?}\n{log}");
+        assert!(!line.contains('\r'), "a carriage return: {line:?}\n{log}");
+    }
+}
