@@ -1838,3 +1838,70 @@ async fn a_database_url_without_a_host_goes_through_the_unix_socket() {
     let n = sql.query(&through_socket);
     assert!(n.parse::<u32>().is_ok_and(|n| n > 0), "{n}");
 }
+
+/// The SQLite database the server makes, with its journals, is readable
+/// to the server's user alone: it holds endpoints' secrets (tokens,
+/// passwords) and console sessions. Before, it was made with the umask's
+/// mode, 0644 outside systemd, so every user of the host could read it
+/// where the operator's `db` put it in a directory they may enter. A
+/// database made before is left as it is, and each start says it is
+/// readable while it is.
+#[tokio::test]
+async fn the_database_the_server_makes_is_its_user_s_alone() {
+    if roboger_tests::on_postgres() || roboger_tests::on_mysql() {
+        return; // the server's own files matter on SQLite only
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let chmod = |path: &std::path::Path, mode: u32| {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+    };
+    chmod(dir.path(), 0o755);
+    let db = dir.path().join("roboger.db");
+    let config = write(
+        dir.path(),
+        "roboger.yml",
+        &format!(
+            "roboger:\n  db: sqlite:///{}\n  listen: 127.0.0.1:0\n  master: {{key: {KEY}}}\n  plugins: []\n",
+            db.display()
+        ),
+    );
+    let start = || {
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "umask 022; exec \"$0\" \"$@\""])
+            .arg(server_bin())
+            .arg("--config")
+            .arg(&config)
+            .env_remove("ROBOGER_DB")
+            .env_remove("ROBOGER_CONFIG");
+        spawn_and_wait_listening(cmd)
+    };
+    let readable = "is readable to every user of the host";
+    let (child, _, log) = start();
+    let mode = |suffix: &str| {
+        let mut path = db.clone().into_os_string();
+        path.push(suffix);
+        std::fs::metadata(&path)
+            .map(|m| m.permissions().mode() & 0o777)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    };
+    for suffix in ["", "-wal", "-shm", "-migrate.lock"] {
+        assert_eq!(mode(suffix), 0o600, "roboger.db{suffix}: {}", log.text());
+    }
+    assert!(!log.text().contains(readable), "{}", log.text());
+    stops_cleanly(child, &log);
+    // Made readable by hand (or by a build before): said at each start.
+    chmod(&db, 0o644);
+    let (child, _, log) = start();
+    let said = format!(
+        "WARN roboger_server::store::sqlite_file: the database {} {readable} (mode 0644)",
+        db.display()
+    );
+    assert!(log.text().contains(&said), "{}", log.text());
+    stops_cleanly(child, &log);
+    // In a directory others may not enter, it is not.
+    chmod(dir.path(), 0o700);
+    let (child, _, log) = start();
+    assert!(!log.text().contains(readable), "{}", log.text());
+    stops_cleanly(child, &log);
+}

@@ -6,6 +6,7 @@
 //! Invariant: state shared between nodes lives here, in the database;
 //! a node's memory only caches it.
 
+use std::os::unix::fs::OpenOptionsExt;
 use std::time::Duration;
 
 use sea_orm::sea_query::{Expr, ExprTrait};
@@ -214,6 +215,7 @@ impl Store {
                 let mut path = db.clone().into_os_string();
                 path.push("-migrate.lock");
                 let lock = std::fs::OpenOptions::new()
+                    .mode(super::sqlite_file::OWN_MODE)
                     .create(true)
                     .truncate(false)
                     .write(true)

@@ -19,6 +19,7 @@ mod management;
 pub mod migration;
 pub mod named;
 mod plugin_sql;
+mod sqlite_file;
 mod wrong_keys;
 
 pub use bucket::NewObject;
@@ -314,6 +315,11 @@ impl Store {
             std::fs::create_dir_all(&dir).map_err(|e| {
                 StoreError::Connect(format!("cannot create directory {}: {e}", dir.display()))
             })?;
+        }
+        if let Some(file) = url.sqlite_file()
+            && url.url.contains("mode=rwc")
+        {
+            sqlite_file::prepare(&file);
         }
         let mut opts = ConnectOptions::new(url.url.clone());
         opts.max_connections(pool)
