@@ -100,8 +100,27 @@ fn sandbox_exec(
 const LOG_FILTER: &str = "info,sqlx_core::pool::connection=error,sqlx::postgres::notice=warn";
 
 fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(LOG_FILTER));
+    // A `RUST_LOG` the filter cannot use is said once the log is set up,
+    // as the default is used in its place: before, it was dropped
+    // silently, and the operator asking for debug lines got none
+    // without a word. An empty one is as none.
+    let asked = std::env::var("RUST_LOG").map_err(|e| match e {
+        std::env::VarError::NotPresent => None,
+        std::env::VarError::NotUnicode(_) => Some("it is not UTF-8".to_string()),
+    });
+    let (filter, refused) = match asked {
+        Ok(asked) if !asked.trim().is_empty() => {
+            match tracing_subscriber::EnvFilter::try_new(&asked) {
+                Ok(filter) => (filter, None),
+                Err(e) => (
+                    tracing_subscriber::EnvFilter::new(LOG_FILTER),
+                    Some(format!("{asked:?}: {e}")),
+                ),
+            }
+        }
+        Ok(_) | Err(None) => (tracing_subscriber::EnvFilter::new(LOG_FILTER), None),
+        Err(Some(why)) => (tracing_subscriber::EnvFilter::new(LOG_FILTER), Some(why)),
+    };
     // A line that cannot be written (stderr a terminal hung up, a pipe
     // whose reader is gone) is lost, not reported on that same stderr:
     // that report's eprintln! panics, and the server went down with it.
@@ -114,6 +133,12 @@ fn init_logging(format: LogFormat) {
         LogFormat::Text => builder
             .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .init(),
+    }
+    if let Some(why) = refused {
+        tracing::warn!(
+            "RUST_LOG is not a filter the log can use ({why}); logging with the default, \
+             {LOG_FILTER}"
+        );
     }
 }
 

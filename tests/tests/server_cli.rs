@@ -1905,3 +1905,36 @@ async fn the_database_the_server_makes_is_its_user_s_alone() {
     assert!(!log.text().contains(readable), "{}", log.text());
     stops_cleanly(child, &log);
 }
+
+/// A `RUST_LOG` the log's filter cannot use is said, and the default
+/// filter logs in its place; an empty one is as none. Before, a
+/// misspelt level (`roboger_server=dbug`) was dropped without a word, so
+/// the operator who asked for debug lines got none and no reason.
+#[tokio::test]
+async fn a_rust_log_the_filter_cannot_use_is_said() {
+    let with = |rust_log: &str| ServerOptions {
+        env: vec![("RUST_LOG".into(), rust_log.into())],
+        ..Default::default()
+    };
+    let s = Server::start_with(with("info,roboger_server=dbug")).await;
+    let said = s.log_lines("RUST_LOG is not a filter the log can use");
+    assert_eq!(said.len(), 1, "{}", s.log_text());
+    assert!(
+        said[0].contains("WARN") && said[0].contains("\"info,roboger_server=dbug\""),
+        "{said:?}"
+    );
+    assert!(
+        said[0].ends_with(
+            "logging with the default, info,sqlx_core::pool::connection=error,sqlx::postgres::notice=warn"
+        ),
+        "{said:?}"
+    );
+    drop(s);
+    let s = Server::start_with(with(" ")).await;
+    assert!(
+        s.log_text().contains("INFO roboger_server: roboger-server"),
+        "{}",
+        s.log_text()
+    );
+    assert!(s.log_lines("RUST_LOG").is_empty(), "{}", s.log_text());
+}
