@@ -290,10 +290,20 @@ async fn reload_on_sighup(cli: Cli, app: Arc<App>) {
             ),
             Ok(config) => {
                 let r = app.reload(config).await;
+                for (name, why) in &r.plugins.kept {
+                    tracing::warn!(
+                        plugin = %name,
+                        "the plugin's changed entry did not start ({why}): its process before \
+                         keeps running, under the entry before; put the entry right and reload \
+                         again"
+                    );
+                }
+                let kept: Vec<&str> = r.plugins.kept.iter().map(|(n, _)| n.as_str()).collect();
                 tracing::info!(
                     added = ?r.plugins.added,
                     removed = ?r.plugins.removed,
                     restarted = ?r.plugins.changed,
+                    kept = ?kept,
                     unchanged = ?r.plugins.unchanged,
                     "configuration reloaded"
                 );

@@ -358,7 +358,7 @@ struct Slot {
     restart: tokio::sync::Notify,
     /// Woken whenever a new process of the plugin starts serving.
     connected: tokio::sync::Notify,
-    first_start: watch::Sender<bool>,
+    first_start: watch::Sender<FirstStart>,
     /// Set to stop this plugin for good (shutdown, or removed by a reload).
     stop: watch::Sender<bool>,
     /// Its supervising task, awaited when it is stopped.
@@ -417,6 +417,9 @@ pub struct Reconfigured {
     /// Restarted with a changed `config`, `command` or other setting.
     pub changed: Vec<String>,
     pub unchanged: Vec<String>,
+    /// Changed, but their new entry failed its first start (why): their
+    /// process before keeps running, under the entry before.
+    pub kept: Vec<(String, String)>,
 }
 
 impl Supervisor {
@@ -459,7 +462,7 @@ impl Supervisor {
             }),
             restart: tokio::sync::Notify::new(),
             connected: tokio::sync::Notify::new(),
-            first_start: watch::channel(false).0,
+            first_start: watch::channel(FirstStart::Pending).0,
             stop: watch::channel(false).0,
             task: Mutex::new(None),
             log: Arc::new(PluginLog::new(&cfg.name)),
@@ -517,7 +520,11 @@ impl Supervisor {
     /// (bounded by a start's timeout), then the old process is stopped; the others
     /// keep running untouched. Calls during the change find either the
     /// old or the new process; one that fails is retried like any failed
-    /// delivery.
+    /// delivery. A changed plugin whose new entry failed its first start
+    /// (its command cannot run, its config is refused, it crashed) while
+    /// its old process serves keeps that process, and the new one is
+    /// stopped ([`Reconfigured::kept`]): a mistake in a reload does not
+    /// take a working plugin out of service.
     pub async fn reconfigure(&self, plugins: Vec<PluginConfig>) -> Reconfigured {
         let _changing = self.changing.lock().await;
         let old = self.slots();
@@ -545,6 +552,28 @@ impl Supervisor {
         }
         let limit = self.opts.start_timeout();
         let _ = tokio::time::timeout(limit, first_starts(&fresh)).await;
+        let mut not_taken = Vec::new();
+        for name in &done.changed {
+            let (Some(new), Some(was)) = (next.get(name), old.get(name)) else {
+                continue;
+            };
+            let failed = match &*new.first_start.borrow() {
+                FirstStart::Failed(why) => Some(why.clone()),
+                FirstStart::Pending | FirstStart::Ran => None,
+            };
+            let serving = was.status.lock().is_ok_and(|s| s.state == State::Running);
+            if let Some(why) = failed
+                && serving
+            {
+                done.kept.push((name.clone(), why));
+                not_taken.extend(next.insert(name.clone(), was.clone()));
+            }
+        }
+        done.changed
+            .retain(|n| !done.kept.iter().any(|(kept, _)| kept == n));
+        for slot in &not_taken {
+            Supervisor::retire(slot).await;
+        }
         self.set_slots(next.clone());
         let mut gone = Vec::new();
         for (name, slot) in &old {
@@ -1058,8 +1087,19 @@ fn bounded(mut message: String) -> String {
 async fn first_starts(slots: &[Arc<Slot>]) {
     for slot in slots {
         let mut rx = slot.first_start.subscribe();
-        let _ = rx.wait_for(|done| *done).await;
+        let _ = rx.wait_for(|f| *f != FirstStart::Pending).await;
     }
+}
+
+/// How a plugin's first start attempt went.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum FirstStart {
+    /// Not ended yet.
+    Pending,
+    /// The plugin ran.
+    Ran,
+    /// It did not run, and why (it may run at a later attempt).
+    Failed(String),
 }
 
 fn status_of(slot: &Slot) -> Status {
@@ -1133,7 +1173,19 @@ async fn supervise(
         }
         set_state(&slot, State::Starting, None);
         let started = start_once(&slot, &opts, &host).await;
-        slot.first_start.send_replace(true);
+        let first = match &started {
+            Ok(_) => FirstStart::Ran,
+            Err(StartError::Refused(why) | StartError::Crashed(why)) => {
+                FirstStart::Failed(why.clone())
+            }
+        };
+        slot.first_start.send_if_modified(|f| {
+            let pending = *f == FirstStart::Pending;
+            if pending {
+                *f = first;
+            }
+            pending
+        });
         let after = match started {
             Ok((conn, child)) => {
                 let run_started = conn.started;

@@ -3,8 +3,8 @@
 //! push is answered 202 and every accepted event reaches the plugins that
 //! stayed; the untouched plugin keeps its process, and the served OpenAPI
 //! document names the new set of plugins. A configuration that does not
-//! load is refused and the running one kept. A plugin slow to start is
-//! waited for.
+//! load is refused and the running one kept, and so is a plugin whose
+//! changed entry cannot start. A plugin slow to start is waited for.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -296,37 +296,32 @@ async fn a_reload_waits_for_a_slow_plugin_it_adds() {
 #[tokio::test]
 async fn deliveries_wait_for_a_plugin_taken_out_or_refused() {
     let rec = tempfile::tempdir().expect("tempdir");
-    let (s, keep, back) = keep_and_back(
-        rec.path(),
-        "delivery:\n  retry-base: 0.05\n  retry-max: 0.2\n  max-attempts: 2\n",
-    )
+    let keep = plugin("keep", "{}", rec.path());
+    let (needed, back) = needing_a_file(rec.path());
+    let s = Server::start_with(ServerOptions {
+        yaml: "delivery:\n  retry-base: 0.05\n  retry-max: 0.2\n  max-attempts: 2\n".into(),
+        plugins_yaml: format!("{keep}{back}"),
+        ..Default::default()
+    })
     .await;
-    let refusing = back.replace("env: {", "env: {TEST_PLUGIN_MODE: refuse-config, ");
     let (id, a) = s.new_addr().await;
     s.endpoint(id, "back", json!({})).await;
-    for (msg, without, said) in [
-        (
-            "taken out",
-            keep.clone(),
-            "not tried: no such plugin: back;",
-        ),
-        (
-            "refused",
-            format!("{keep}{refusing}"),
-            "not tried: plugin back is not available: it is refused;",
-        ),
-    ] {
-        replace_plugins(&s, &format!("{keep}{back}"), &without);
-        s.signal("HUP");
-        if msg == "taken out" {
+    for msg in ["taken out", "refused"] {
+        let said = if msg == "taken out" {
+            replace_plugins(&s, &format!("{keep}{back}"), &keep);
+            s.signal("HUP");
             s.wait_log(
                 "endpoints use plugins this server does not configure: back (1 endpoint)",
                 Duration::from_secs(30),
             )
             .await;
+            "not tried: no such plugin: back;"
         } else {
+            std::fs::remove_file(&needed).expect("remove the file");
+            restart_by_hand(&s, "back").await;
             plugin_is(&s, "back", "refused").await;
-        }
+            "not tried: plugin back is not available: it is refused;"
+        };
         assert_status!(s.push(json!({"addr": a, "msg": msg})).await, 202);
         // Looked at every 0.2 s (retry-max), well past max-attempts, and
         // never tried: each look a new `updated`, the attempts still 0.
@@ -345,7 +340,14 @@ async fn deliveries_wait_for_a_plugin_taken_out_or_refused() {
         })
         .await;
 
-        replace_plugins(&s, &without, &format!("{keep}{back}"));
+        // Back by a reload: the entry again, or a changed one that needs
+        // no file.
+        if msg == "taken out" {
+            replace_plugins(&s, &keep, &format!("{keep}{back}"));
+        } else {
+            let free = plugin("back", "{}", rec.path());
+            replace_plugins(&s, &format!("{keep}{back}"), &format!("{keep}{free}"));
+        }
         s.signal("HUP");
         poll_until(Duration::from_secs(20), async || {
             match sent(rec.path(), "back").contains(msg) {
@@ -357,6 +359,27 @@ async fn deliveries_wait_for_a_plugin_taken_out_or_refused() {
         let (state, attempts, why) = s.settled_delivery(id).await;
         assert_eq!((state.as_str(), attempts), ("delivered", 1), "{msg}: {why}");
     }
+}
+
+/// The file the test plugin `back` needs (written here), and its entry:
+/// without the file its start is refused.
+fn needing_a_file(dir: &std::path::Path) -> (std::path::PathBuf, String) {
+    let needed = dir.join("credentials");
+    std::fs::write(&needed, "secret").expect("write the file the plugin needs");
+    let config = format!("{{requires: '{}', missing: refuse}}", needed.display());
+    (needed, plugin("back", &config, dir))
+}
+
+/// Restarts plugin `name` with the management API's `restart` command.
+async fn restart_by_hand(s: &Server, name: &str) {
+    let r = s
+        .manage(
+            Method::POST,
+            &format!("/plugin/{name}"),
+            Some(json!({"cmd": "restart"})),
+        )
+        .await;
+    assert_status!(r, 204);
 }
 
 /// A delivery waiting for a plugin taken out fails when its `max-age`
@@ -395,15 +418,19 @@ async fn a_delivery_waiting_for_its_plugin_fails_when_its_max_age_ends() {
 #[tokio::test]
 async fn a_reload_that_brings_a_plugin_back_sends_its_waiting_deliveries_at_once() {
     let rec = tempfile::tempdir().expect("tempdir");
-    let (s, keep, back) = keep_and_back(rec.path(), "").await;
-    let refusing = back.replace("env: {", "env: {TEST_PLUGIN_MODE: refuse-config, ");
+    let (needed, back) = needing_a_file(rec.path());
+    let s = Server::start_with(ServerOptions {
+        plugins_yaml: back.clone(),
+        ..Default::default()
+    })
+    .await;
     let (id, a) = s.new_addr().await;
     s.endpoint(id, "back", json!({})).await;
-    replace_plugins(&s, &format!("{keep}{back}"), &format!("{keep}{refusing}"));
-    s.signal("HUP");
+    std::fs::remove_file(&needed).expect("remove the file");
+    restart_by_hand(&s, "back").await;
     plugin_is(&s, "back", "refused").await;
     let bring_back = async || {
-        replace_plugins(&s, &format!("{keep}{refusing}"), &format!("{keep}{back}"));
+        replace_plugins(&s, &back, &plugin("back", "{}", rec.path()));
         s.signal("HUP");
     };
     let said = "the plugin runs after a reload: its endpoints' waiting deliveries are due now";
@@ -430,16 +457,7 @@ async fn a_restart_by_hand_that_brings_a_plugin_back_sends_its_waiting_deliverie
         .await;
         let (id, a) = s.new_addr().await;
         s.endpoint(id, "back", json!({})).await;
-        let restart = async || {
-            let r = s
-                .manage(
-                    Method::POST,
-                    "/plugin/back",
-                    Some(json!({"cmd": "restart"})),
-                )
-                .await;
-            assert_status!(r, 204);
-        };
+        let restart = async || restart_by_hand(&s, "back").await;
         std::fs::remove_file(&needed).expect("remove the file");
         restart().await;
         plugin_is(&s, "back", state).await;
@@ -527,4 +545,74 @@ async fn a_reload_lets_a_changed_plugins_calls_in_flight_finish() {
         .await
         .json();
     assert_eq!(e["last_error"], Value::Null, "{e}");
+}
+
+/// A reload whose changed entry of a plugin cannot start (its command
+/// cannot run, its config is refused) keeps the plugin's running process
+/// under the entry before, says so, and delivers on; a good entry then
+/// takes over. Before, the running process was stopped all the same and
+/// the plugin was out of service, crash-looping to `failed` or
+/// `refused`, its deliveries held until the operator noticed.
+#[tokio::test]
+async fn a_changed_entry_that_cannot_start_leaves_the_plugin_running() {
+    let rec = tempfile::tempdir().expect("tempdir");
+    let before = plugin("p", "{}", rec.path());
+    let s = Server::start_with(ServerOptions {
+        plugins_yaml: before.clone(),
+        ..Default::default()
+    })
+    .await;
+    let (id, a) = s.new_addr().await;
+    let ep = s.endpoint(id, "p", json!({})).await;
+    let pid = pid_of(&plugins(&s).await, "p");
+    let missing = before.replace(
+        &format!("command: {}", test_plugin_bin().display()),
+        "command: /nonexistent/roboger-plugin-p",
+    );
+    let refused = before.replace("env: {", "env: {TEST_PLUGIN_MODE: refuse-config, ");
+    for (n, (broken, why)) in [
+        (missing, "cannot run /nonexistent/roboger-plugin-p"),
+        (refused, "config"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        replace_plugins(&s, &before, &broken);
+        s.signal("HUP");
+        let kept = "the plugin's changed entry did not start (";
+        poll_until(Duration::from_secs(30), async || {
+            match s.log_lines(kept).len() > n {
+                true => Ok(()),
+                false => Err(format!("not kept: {}", s.log_text())),
+            }
+        })
+        .await;
+        let said = s.log_lines(kept)[n].clone();
+        assert!(
+            said.contains("WARN")
+                && said.contains(why)
+                && said.contains("its process before keeps running")
+                && said.contains("plugin=p"),
+            "{said}"
+        );
+        s.wait_log("kept=[\"p\"]", Duration::from_secs(5)).await;
+        let listed = plugins(&s).await;
+        let p = listed.iter().find(|p| p["plugin_name"] == "p").expect("p");
+        assert_eq!(
+            (&p["state"], p["pid"].as_i64()),
+            (&json!("running"), pid),
+            "{p}"
+        );
+        let msg = format!("after reload {n}");
+        assert_status!(s.push(json!({"addr": a, "msg": msg})).await, 202);
+        s.endpoint_settles(id, ep, n as u64 + 1, 0).await;
+        assert!(sent(rec.path(), "p").contains(&msg), "{}", s.log_text());
+        replace_plugins(&s, &broken, &before);
+    }
+    // A good changed entry takes over.
+    replace_plugins(&s, &before, &plugin("p", "{answer: 1}", rec.path()));
+    s.signal("HUP");
+    s.wait_log("restarted=[\"p\"]", Duration::from_secs(30))
+        .await;
+    assert_ne!(pid_of(&plugins(&s).await, "p"), pid);
 }
