@@ -361,6 +361,18 @@ async fn deliveries_wait_for_a_plugin_taken_out_or_refused() {
     }
 }
 
+/// A server running one test plugin, `p` (recording in `dir`), and its
+/// entry.
+async fn serving_p(dir: &std::path::Path) -> (Server, String) {
+    let entry = plugin("p", "{}", dir);
+    let s = Server::start_with(ServerOptions {
+        plugins_yaml: entry.clone(),
+        ..Default::default()
+    })
+    .await;
+    (s, entry)
+}
+
 /// The file the test plugin `back` needs (written here), and its entry:
 /// without the file its start is refused.
 fn needing_a_file(dir: &std::path::Path) -> (std::path::PathBuf, String) {
@@ -513,12 +525,7 @@ async fn held_then_sent_at_once(
 #[tokio::test]
 async fn a_reload_lets_a_changed_plugins_calls_in_flight_finish() {
     let rec = tempfile::tempdir().expect("tempdir");
-    let before = plugin("p", "{}", rec.path());
-    let s = Server::start_with(ServerOptions {
-        plugins_yaml: before.clone(),
-        ..Default::default()
-    })
-    .await;
+    let (s, before) = serving_p(rec.path()).await;
     let (id, a) = s.new_addr().await;
     let ep = s.endpoint(id, "p", json!({"slow": 1500})).await;
     assert_status!(s.push(json!({"addr": a, "msg": "in flight"})).await, 202);
@@ -556,12 +563,7 @@ async fn a_reload_lets_a_changed_plugins_calls_in_flight_finish() {
 #[tokio::test]
 async fn a_changed_entry_that_cannot_start_leaves_the_plugin_running() {
     let rec = tempfile::tempdir().expect("tempdir");
-    let before = plugin("p", "{}", rec.path());
-    let s = Server::start_with(ServerOptions {
-        plugins_yaml: before.clone(),
-        ..Default::default()
-    })
-    .await;
+    let (s, before) = serving_p(rec.path()).await;
     let (id, a) = s.new_addr().await;
     let ep = s.endpoint(id, "p", json!({})).await;
     let pid = pid_of(&plugins(&s).await, "p");

@@ -33,6 +33,21 @@ fn write(dir: &std::path::Path, name: &str, text: &str) -> std::path::PathBuf {
     p
 }
 
+/// A configuration in `dir` for a server without plugins on the SQLite
+/// file `dir/roboger.db`: the file's path and the configuration's.
+fn on_sqlite_file(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let db = dir.join("roboger.db");
+    let config = write(
+        dir,
+        "roboger.yml",
+        &format!(
+            "roboger:\n  db: sqlite:///{}\n  listen: 127.0.0.1:0\n  master: {{key: {KEY}}}\n  plugins: []\n",
+            db.display()
+        ),
+    );
+    (db, config)
+}
+
 async fn core_status(base: &str, key: &str) -> u16 {
     client()
         .get(format!("{base}/manage/v2/core"))
@@ -1718,15 +1733,7 @@ fn a_database_file_the_server_may_not_write_stops_the_start() {
         return; // the server's own file system matters on SQLite only
     }
     let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("roboger.db");
-    let config = write(
-        dir.path(),
-        "roboger.yml",
-        &format!(
-            "roboger:\n  db: sqlite:///{}\n  listen: 127.0.0.1:0\n  master: {{key: {KEY}}}\n  plugins: []\n",
-            db.display()
-        ),
-    );
+    let (db, config) = on_sqlite_file(dir.path());
     let config = config.display().to_string();
     let (code, _, err) = run_server_cmd(&["--config", &config, "migrate"], &[]);
     assert_eq!(code, 0, "{err}");
@@ -1857,15 +1864,7 @@ async fn the_database_the_server_makes_is_its_user_s_alone() {
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
     };
     chmod(dir.path(), 0o755);
-    let db = dir.path().join("roboger.db");
-    let config = write(
-        dir.path(),
-        "roboger.yml",
-        &format!(
-            "roboger:\n  db: sqlite:///{}\n  listen: 127.0.0.1:0\n  master: {{key: {KEY}}}\n  plugins: []\n",
-            db.display()
-        ),
-    );
+    let (db, config) = on_sqlite_file(dir.path());
     let start = || {
         let mut cmd = Command::new("sh");
         cmd.args(["-c", "umask 022; exec \"$0\" \"$@\""])
