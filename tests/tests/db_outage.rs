@@ -1208,3 +1208,41 @@ async fn a_deletion_being_begun_is_not_taken_up_as_left_unmade() {
     let taken = s.log_lines("taking up a deletion left unmade");
     assert!(taken.is_empty(), "{}", s.log_text());
 }
+
+/// A change cut short by the request's own timeout (twice `timeout`):
+/// each of its statements slow but within `timeout`, and its `COMMIT`
+/// made by the database while the server waits for the answer. It is
+/// answered 503 saying it may have been made, which it was: a client
+/// that asked again unlooked would make a second address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_cut_short_by_the_request_timeout_says_it_may_be_made() {
+    // The harness's `timeout: 2`: the request is cut short at 4 s.
+    let Some((proxy, s, _)) = behind_proxy(ServerOptions::test_plugin("")).await else {
+        return;
+    };
+    let slow = Duration::from_millis(1500);
+    proxy.delay_at(
+        &[
+            &sql("INSERT INTO \"addr\""),
+            &sql("UPDATE \"routing_version\""),
+        ],
+        slow,
+    );
+    proxy.delay_commit_after(&[&sql("INSERT INTO \"addr\"")], Duration::from_millis(1800));
+    let r = s.manage(Method::POST, "/addr", None).await;
+    assert_status!(r, 503);
+    assert_eq!(
+        r.text,
+        "timed out; the database or a plugin did not answer. The change may have been made \
+         all the same: look before asking again"
+    );
+    assert_eq!(proxy.delays_left(), 0);
+    poll_until(Duration::from_secs(10), async || {
+        let made = s.manage(Method::GET, "/addr", None).await.json();
+        match made.as_array().map(Vec::len) {
+            Some(1) => Ok(()),
+            _ => Err(format!("not made: {made}")),
+        }
+    })
+    .await;
+}
