@@ -272,38 +272,12 @@ async fn endless_output_and_background_processes_are_bounded() {
 #[tokio::test]
 async fn a_message_cannot_forge_a_line_of_the_log() {
     let s = shell_server("delivery:\n  retry-base: 0.05\n  max-attempts: 1\n").await;
-    let a = s.manage(Method::POST, "/addr", None).await.json();
-    let (id, addr) = (a["id"].as_i64().unwrap(), a["a"].as_str().unwrap());
+    let (id, addr) = s.new_addr().await;
     let command = "printf '%s\\n' \"$ROBOGER_MSG\" >&2; exit 3";
-    let ep = s
-        .manage(
-            Method::POST,
-            &format!("/addr/{id}/endpoint"),
-            Some(json!({"plugin_name": "shell", "config": {"command": command}})),
-        )
-        .await
-        .json()["id"]
-        .as_i64()
-        .unwrap();
-    s.manage(
-        Method::POST,
-        &format!("/addr/{id}/endpoint/{ep}/subscription"),
-        None,
-    )
-    .await;
+    s.endpoint(id, "shell", json!({"command": command})).await;
     let forged = "2026-01-01T00:00:00.000000Z ERROR roboger_server::store: forged";
     let msg = format!("first\n{forged}\rthen\r\n{forged} too");
-    assert_status!(
-        s.request(
-            Method::POST,
-            "/push",
-            None,
-            &[],
-            Some(json!({"addr": addr, "msg": msg, "level": "warning"}))
-        )
-        .await,
-        202
-    );
+    assert_status!(s.push(json!({"addr": addr, "msg": msg})).await, 202);
     s.wait_log("delivery failed for good", Duration::from_secs(20))
         .await;
     let log = s.log_text();
