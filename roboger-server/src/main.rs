@@ -475,7 +475,20 @@ async fn run(cli: Cli, activated: anyhow::Result<Vec<OwnedFd>>) -> std::process:
             }
             .await
         }
-        Command::CheckConfig => load_config(&cli).map(|c| {
+        Command::CheckConfig => load_config(&cli).and_then(|c| {
+            // A plugin whose executable cannot run would start refused:
+            // said here, before a start or a reload meets it.
+            let problems: Vec<String> = c
+                .plugins
+                .iter()
+                .filter_map(|p| {
+                    roboger_server::supervisor::executable_problem(p)
+                        .map(|why| format!("plugin {}: {why}", p.name))
+                })
+                .collect();
+            if !problems.is_empty() {
+                anyhow::bail!("{}", problems.join("; "));
+            }
             println!("configuration OK");
             println!("  listen: {}", c.listen);
             println!("  database: {:?}", c.db.backend);
@@ -487,6 +500,7 @@ async fn run(cli: Cli, activated: anyhow::Result<Vec<OwnedFd>>) -> std::process:
                     .collect::<Vec<_>>()
                     .join(", ")
             );
+            Ok(())
         }),
         Command::SandboxExec { .. } => Ok(()),
     };

@@ -1449,6 +1449,28 @@ pub fn executable(cfg: &PluginConfig) -> PathBuf {
     crate::config::installed_plugin(&file).unwrap_or_else(|| PathBuf::from(file))
 }
 
+/// What keeps plugin `cfg`'s executable from being run, as far as can
+/// be told without running it (`check-config`): not found (on `PATH`,
+/// for a bare name), or not executable.
+pub fn executable_problem(cfg: &PluginConfig) -> Option<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let exe = executable(cfg);
+    let Some(path) = resolve_on_path(&exe) else {
+        let bare = exe.components().count() == 1;
+        return Some(match (&cfg.command, bare) {
+            (Some(_), false) => format!("its command {} is not a file", exe.display()),
+            (Some(_), true) => format!("its command {} is not on PATH", exe.display()),
+            (None, _) => format!(
+                "{} is installed neither beside the server, nor in ../lib/roboger from it, \
+                 nor on PATH: give the plugin its command",
+                exe.display()
+            ),
+        });
+    };
+    let runs = std::fs::metadata(&path).is_ok_and(|m| m.permissions().mode() & 0o111 != 0);
+    (!runs).then(|| format!("{} is not executable", path.display()))
+}
+
 /// Taken out of a plugin's environment: secrets, and systemd's notify
 /// variables (the server alone speaks for the unit).
 const SECRET_ENV: [&str; 6] = [

@@ -1937,3 +1937,37 @@ async fn a_rust_log_the_filter_cannot_use_is_said() {
     );
     assert!(s.log_lines("RUST_LOG").is_empty(), "{}", s.log_text());
 }
+
+/// `check-config` says which plugins' executables cannot run: a command
+/// that is not there, one that is not executable, a plugin with no
+/// command and no built-in of its name. Before, it answered
+/// "configuration OK" to each, and the start or the reload that
+/// followed met the plugin refused or crash-looping.
+#[test]
+fn check_config_names_plugins_that_cannot_run() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let script = write(dir.path(), "plugin.sh", "#!/bin/sh\n");
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let p = write(
+        dir.path(),
+        "r.yml",
+        &format!(
+            "roboger:\n  master:\n    key: k\n  plugins:\n    - name: webhook\n    \
+             - name: gone\n      command: /nonexistent/roboger-plugin-gone\n    \
+             - name: plain\n      command: {}\n    - name: nobuiltin\n",
+            script.display()
+        ),
+    );
+    let (code, out, err) = run_server_cmd(&["--config", p.to_str().unwrap(), "check-config"], &[]);
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(!out.contains("configuration OK"), "{out}");
+    let said = format!(
+        "roboger-server: plugin gone: its command /nonexistent/roboger-plugin-gone is not a \
+         file; plugin plain: {} is not executable; plugin nobuiltin: roboger-plugin-nobuiltin \
+         is installed neither beside the server, nor in ../lib/roboger from it, nor on PATH: \
+         give the plugin its command",
+        script.display()
+    );
+    assert_eq!(err.trim_end().lines().last(), Some(said.as_str()), "{err}");
+}
