@@ -1451,7 +1451,7 @@ pub fn executable(cfg: &PluginConfig) -> PathBuf {
 
 /// What keeps plugin `cfg`'s executable from being run, as far as can
 /// be told without running it (`check-config`): not found (on `PATH`,
-/// for a bare name), or not executable.
+/// for a bare name), not executable, or not the one its `sha256` pins.
 pub fn executable_problem(cfg: &PluginConfig) -> Option<String> {
     use std::os::unix::fs::PermissionsExt;
     let exe = executable(cfg);
@@ -1468,7 +1468,25 @@ pub fn executable_problem(cfg: &PluginConfig) -> Option<String> {
         });
     };
     let runs = std::fs::metadata(&path).is_ok_and(|m| m.permissions().mode() & 0o111 != 0);
-    (!runs).then(|| format!("{} is not executable", path.display()))
+    if !runs {
+        return Some(format!("{} is not executable", path.display()));
+    }
+    let want = cfg.sha256.as_ref()?;
+    match std::fs::read(&path) {
+        Ok(bytes) => pin_broken(&path, &sha256_hex(&bytes), want),
+        Err(e) => Some(format!("cannot read {}: {e}", path.display())),
+    }
+}
+
+/// Why an executable whose content hashes to `got` is refused under a
+/// pin of `want` (`None`: it is the pinned one).
+fn pin_broken(path: &std::path::Path, got: &str, want: &str) -> Option<String> {
+    (got != want).then(|| {
+        format!(
+            "executable {} has SHA-256 {got}, but the config pins {want}",
+            path.display()
+        )
+    })
 }
 
 /// Taken out of a plugin's environment: secrets, and systemd's notify
@@ -1493,14 +1511,11 @@ async fn start_once(
         let path = resolve_on_path(&exe).ok_or_else(|| {
             StartError::Refused(format!("executable {} not found", exe.display()))
         })?;
-        let got = file_sha256(&path)
+        let bytes = tokio::fs::read(&path)
             .await
             .map_err(|e| StartError::Refused(format!("cannot read {}: {e}", path.display())))?;
-        if &got != want {
-            return Err(StartError::Refused(format!(
-                "executable {} has SHA-256 {got}, but the config pins {want}",
-                path.display()
-            )));
+        if let Some(why) = pin_broken(&path, &sha256_hex(&bytes), want) {
+            return Err(StartError::Refused(why));
         }
     }
     let args: Vec<String> = cfg.args.iter().chain(&cfg.python).cloned().collect();
@@ -1846,13 +1861,12 @@ fn resolve_on_path(exe: &std::path::Path) -> Option<PathBuf> {
     })
 }
 
-async fn file_sha256(path: &std::path::Path) -> std::io::Result<String> {
+fn sha256_hex(bytes: &[u8]) -> String {
     use sha2::{Digest, Sha256};
-    let bytes = tokio::fs::read(path).await?;
-    Ok(Sha256::digest(&bytes)
+    Sha256::digest(bytes)
         .iter()
         .map(|b| format!("{b:02x}"))
-        .collect())
+        .collect()
 }
 
 #[async_trait::async_trait]

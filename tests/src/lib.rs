@@ -57,6 +57,15 @@ pub fn server_bin() -> PathBuf {
     p
 }
 
+/// The SHA-256 of `bytes` as a plugin entry's `sha256` pins it (hex).
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 /// Path of the misbehaving test plugin (`tests/src/bin/roboger-test-plugin.rs`).
 pub fn test_plugin_bin() -> PathBuf {
     let p = bin_dir().join("roboger-test-plugin");

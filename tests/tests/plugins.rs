@@ -7,7 +7,7 @@
 use std::time::{Duration, Instant};
 
 use roboger_tests::{
-    Method, Server, ServerOptions, Value, assert_status, json, pid_alive, poll_until,
+    Method, Server, ServerOptions, Value, assert_status, json, pid_alive, poll_until, sha256_hex,
     test_plugin_bin,
 };
 
@@ -304,11 +304,7 @@ async fn misbehaving_plugins_are_survived() {
 
 #[tokio::test]
 async fn a_pinned_executable_must_match_its_sha256() {
-    use sha2::Digest;
-    let digest: String = sha2::Sha256::digest(std::fs::read(test_plugin_bin()).unwrap())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let digest = sha256_hex(&std::fs::read(test_plugin_bin()).unwrap());
     let s = Server::start_with(ServerOptions {
         plugins_yaml: format!(
             "{}  sha256: {digest}\n{}  sha256: {}\n",

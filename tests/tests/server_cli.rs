@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use roboger_tests::{
     KEY, Method, Server, ServerOptions, assert_status, client, json, poll_every, run_server_cmd,
-    server_bin, spawn_and_wait_listening,
+    server_bin, sha256_hex, spawn_and_wait_listening,
 };
 
 /// Whether `tool` (one of systemd's, which tests/run installs) runs; a
@@ -1949,14 +1949,24 @@ fn check_config_names_plugins_that_cannot_run() {
     let dir = tempfile::tempdir().unwrap();
     let script = write(dir.path(), "plugin.sh", "#!/bin/sh\n");
     std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o644)).unwrap();
+    // One pinned right, one pinned to what it held before an upgrade.
+    let pinned = write(dir.path(), "pinned.sh", "#!/bin/sh\n# 2\n");
+    std::fs::set_permissions(&pinned, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let (now, before) = (
+        sha256_hex(b"#!/bin/sh\n# 2\n"),
+        sha256_hex(b"#!/bin/sh\n# 1\n"),
+    );
     let p = write(
         dir.path(),
         "r.yml",
         &format!(
             "roboger:\n  master:\n    key: k\n  plugins:\n    - name: webhook\n    \
              - name: gone\n      command: /nonexistent/roboger-plugin-gone\n    \
-             - name: plain\n      command: {}\n    - name: nobuiltin\n",
-            script.display()
+             - name: plain\n      command: {}\n    - name: nobuiltin\n    \
+             - name: right\n      command: {pin}\n      sha256: {now}\n    \
+             - name: upgraded\n      command: {pin}\n      sha256: {before}\n",
+            script.display(),
+            pin = pinned.display(),
         ),
     );
     let (code, out, err) = run_server_cmd(&["--config", p.to_str().unwrap(), "check-config"], &[]);
@@ -1966,8 +1976,10 @@ fn check_config_names_plugins_that_cannot_run() {
         "roboger-server: plugin gone: its command /nonexistent/roboger-plugin-gone is not a \
          file; plugin plain: {} is not executable; plugin nobuiltin: roboger-plugin-nobuiltin \
          is installed neither beside the server, nor in ../lib/roboger from it, nor on PATH: \
-         give the plugin its command",
-        script.display()
+         give the plugin its command; plugin upgraded: executable {pin} has SHA-256 {now}, \
+         but the config pins {before}",
+        script.display(),
+        pin = pinned.display(),
     );
     assert_eq!(err.trim_end().lines().last(), Some(said.as_str()), "{err}");
 }
