@@ -281,6 +281,10 @@ pub struct Config {
     /// value named, and where (not those given in the environment, nor
     /// a generated key): what [`crate::sandbox`] checks plugins cannot read.
     pub secrets: Vec<Secret>,
+    /// The server's own files, which no plugin may read (each plugin's
+    /// `sandbox.hidden`): the configuration file, the files secrets were
+    /// read from, the data directory, a SQLite database and its journals.
+    pub own_files: Vec<PathBuf>,
 }
 
 /// One of the server's secrets (the master key, a database URL with a
@@ -1005,7 +1009,27 @@ impl Config {
             notices,
             generated_key,
             secrets: secrets_read.written,
+            own_files,
         })
+    }
+
+    /// This configuration as a reload of `running` applies it: its
+    /// plugins may read neither its own files nor those of `running`,
+    /// which the server goes on using until it restarts (a changed
+    /// database, key file or data directory takes effect then; see
+    /// [`Config::differences`]).
+    pub fn reloading(mut self, running: &Config) -> Config {
+        let mut hidden = self.own_files.clone();
+        for f in &running.own_files {
+            if !hidden.contains(f) {
+                hidden.push(f.clone());
+            }
+        }
+        for p in &mut self.plugins {
+            p.sandbox.hidden = hidden.clone();
+        }
+        self.own_files = hidden;
+        self
     }
 }
 

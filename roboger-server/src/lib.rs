@@ -317,6 +317,7 @@ impl App {
     /// restart. The deliveries waiting for a plugin it starts, or starts
     /// anew, are made due at once ([`plugins_waiting_made_due`]).
     pub async fn reload(&self, new: Config) -> Reloaded {
+        let new = new.reloading(&self.config);
         let plugins = self.plugins.reconfigure(new.plugins.clone()).await;
         warn_unconfigured(&self.store, &new.plugins, new.timeout).await;
         let started = plugins.added.iter().chain(&plugins.changed);

@@ -192,29 +192,79 @@ async fn a_plugin_cannot_read_the_servers_own_files() {
     let other_plugin = data.join("plugins/other/state");
     std::fs::create_dir_all(other_plugin.parent().unwrap()).unwrap();
     std::fs::write(&other_plugin, "another plugin's state").unwrap();
-    let secrets = s.dir.path().join("secrets");
-    let mut unreadable = vec![
-        config,
-        other_plugin,
-        secrets.join("db"),
-        secrets.join("master.key"),
-    ];
-    // On SQLite: the database, and its journals (WAL) while it is open.
-    if let Some(db) = s.db.strip_prefix("sqlite:///") {
-        let files = ["", "-wal", "-shm"].map(|end| std::path::PathBuf::from(format!("{db}{end}")));
-        assert!(files.iter().all(|f| f.is_file()), "{files:?}");
-        unreadable.extend(files);
-    }
+    let mut unreadable = vec![config, other_plugin];
+    unreadable.extend(secret_files(&s));
     for path in &unreadable {
-        let (state, error) = plugin_does(&s, "read", path.display().to_string()).await;
-        assert_eq!(state, "failed", "{} was read", path.display());
-        assert!(error.contains("Permission denied"), "{error}");
+        cannot_read(&s, path).await;
     }
     let own = data.join("plugins/test/own.txt");
     std::fs::write(&own, "its own").unwrap();
     for path in [std::path::Path::new("/etc/os-release"), &own] {
         let (state, error) = plugin_does(&s, "read", path.display().to_string()).await;
         assert_eq!(state, "delivered", "{}: {error}", path.display());
+    }
+}
+
+/// The files of a server started with `secrets_in_files` that hold its
+/// secrets: the database URL's and the master key's, and on SQLite the
+/// database and its journals (WAL) while it is open.
+fn secret_files(s: &Server) -> Vec<std::path::PathBuf> {
+    let secrets = s.dir.path().join("secrets");
+    let mut files = vec![secrets.join("db"), secrets.join("master.key")];
+    if let Some(db) = s.db.strip_prefix("sqlite:///") {
+        let sqlite = ["", "-wal", "-shm"].map(|end| std::path::PathBuf::from(format!("{db}{end}")));
+        assert!(sqlite.iter().all(|f| f.is_file()), "{sqlite:?}");
+        files.extend(sqlite);
+    }
+    files
+}
+
+/// Asserts that the test plugin, asked to, cannot read `path`.
+async fn cannot_read(s: &Server, path: &std::path::Path) {
+    let (state, error) = plugin_does(s, "read", path.display().to_string()).await;
+    assert_eq!(state, "failed", "{} was read", path.display());
+    assert!(error.contains("Permission denied"), "{error}");
+}
+
+/// A reload keeps hidden the files the server still runs on. A reload
+/// whose configuration named another database and master key (which
+/// take effect at the next restart) restarted the plugins hiding the
+/// new ones alone: the database the server goes on using, and the files
+/// holding its URL and its key, were a read away for every plugin.
+#[tokio::test]
+async fn a_reload_hides_the_files_the_server_still_runs_on() {
+    let s = Server::start_with(ServerOptions {
+        secrets_in_files: true,
+        ..confined("  landlock: true\n")
+    })
+    .await;
+    s.wait_log("Landlock enforced", std::time::Duration::from_secs(5))
+        .await;
+    let secrets = s.dir.path().join("secrets");
+    let config = std::fs::read_to_string(&s.config_path).expect("config");
+    let (db, key) = (
+        format!("db: {}\n", secrets.join("db").display()),
+        format!("key: {}\n", secrets.join("master.key").display()),
+    );
+    assert!(config.contains(&db) && config.contains(&key), "{config}");
+    let next_db = s.dir.path().join("next").join("roboger.db");
+    let next = config
+        .replace(&db, &format!("db: sqlite:///{}\n", next_db.display()))
+        .replace(&key, "key: the-next-key\n");
+    std::fs::write(&s.config_path, next).expect("rewrite config");
+    s.signal("HUP");
+    s.wait_log(
+        "these changed settings take effect at the next restart",
+        std::time::Duration::from_secs(10),
+    )
+    .await;
+    let said = s.log_lines("changed settings").join("\n");
+    assert!(
+        said.contains("\"db\"") && said.contains("master.key"),
+        "{said}"
+    );
+    for path in &secret_files(&s) {
+        cannot_read(&s, path).await;
     }
 }
 
