@@ -520,7 +520,23 @@ impl Config {
     /// The keys (other than `plugins`) whose values differ in `other`:
     /// what a reload cannot apply without a restart.
     pub fn differences(&self, other: &Config) -> Vec<&'static str> {
-        let checks: [(&'static str, bool); 22] = [
+        let (d, o) = (&self.delivery, &other.delivery);
+        // The lease, the sweep and the heartbeat follow from `timeout`
+        // and `node-timeout`, named on their own.
+        let delivery = (
+            d.max_attempts,
+            d.max_age,
+            d.retry_base,
+            d.retry_max,
+            d.concurrency,
+        ) != (
+            o.max_attempts,
+            o.max_age,
+            o.retry_base,
+            o.retry_max,
+            o.concurrency,
+        );
+        let checks: [(&'static str, bool); 24] = [
             ("db", self.db != other.db),
             ("db-pool-size", self.db_pool_size != other.db_pool_size),
             ("url", self.public_url != other.public_url),
@@ -565,7 +581,9 @@ impl Config {
                 "event-retention",
                 self.event_retention != other.event_retention,
             ),
-            ("delivery", self.delivery != other.delivery),
+            ("delivery", delivery),
+            ("node", d.node != o.node),
+            ("node-timeout", d.node_timeout != o.node_timeout),
             ("data directory", self.data_dir != other.data_dir),
         ];
         checks

@@ -5,6 +5,7 @@
 //! document names the new set of plugins. A configuration that does not
 //! load is refused and the running one kept, and so is a plugin whose
 //! changed entry cannot start. A plugin slow to start is waited for.
+//! The settings a reload cannot apply are named by their keys.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -617,4 +618,33 @@ async fn a_changed_entry_that_cannot_start_leaves_the_plugin_running() {
     s.wait_log("restarted=[\"p\"]", Duration::from_secs(30))
         .await;
     assert_ne!(pid_of(&plugins(&s).await, "p"), pid);
+}
+
+/// A reload names the settings that changed and no others, each by its
+/// key. A reload that changed `timeout` alone was said to have changed
+/// `delivery` too (the lease follows from `timeout`), and one that
+/// changed `node` or `node-timeout` named only `delivery`: an operator
+/// looked for a change they had not made, and did not find the one they
+/// had.
+#[tokio::test]
+async fn a_reload_names_only_the_settings_that_changed() {
+    let s = Server::start_with(ServerOptions::default()).await;
+    let config = std::fs::read_to_string(&s.config_path).expect("config");
+    assert!(config.contains("  timeout: 2\n"), "{config}");
+    let changed = config.replace(
+        "  timeout: 2\n",
+        "  timeout: 3\n  node: elsewhere\n  node-timeout: 4\n",
+    );
+    std::fs::write(&s.config_path, changed).expect("rewrite config");
+    s.signal("HUP");
+    s.wait_log(
+        "these changed settings take effect at the next restart",
+        Duration::from_secs(10),
+    )
+    .await;
+    let said = s.log_lines("changed settings").join("\n");
+    assert!(
+        said.contains(r#"settings=["timeout", "node", "node-timeout"]"#),
+        "{said}"
+    );
 }
