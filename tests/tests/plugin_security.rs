@@ -728,6 +728,38 @@ async fn a_plugins_huge_query_is_refused_within_bounds() {
     s.endpoint_settles(id, big_ep, 1, 1).await;
 }
 
+/// A plugin's failing query is answered as the database's own client
+/// says it. On PostgreSQL it ended ` at line 1180`, the line of
+/// PostgreSQL's C source that raised it, which a plugin's author took
+/// for a line of the query, and it lacked the error's hint (the column
+/// meant).
+#[tokio::test]
+async fn a_plugins_failing_query_is_said_as_the_database_says_it() {
+    let s = with_database_access(2).await;
+    let (id, a) = s.new_addr().await;
+    let ep = s
+        .endpoint(id, "dbq", json!({"db_query": "SELECT activ FROM addr"}))
+        .await;
+    assert_status!(s.push(json!({"addr": a, "msg": "q"})).await, 202);
+    s.endpoint_settles(id, ep, 0, 1).await;
+    let (state, _, error) = s.settled_delivery(id).await;
+    assert_eq!(state, "failed");
+    assert!(error.contains("activ"), "{error}");
+    let source_line = error
+        .split(" at line ")
+        .skip(1)
+        .any(|rest| rest.starts_with(|c: char| c.is_ascii_digit()));
+    assert!(!source_line, "{error}");
+    if s.db.starts_with("postgres") {
+        // (The test plugin quotes the answer's text as Rust debug output.)
+        assert!(
+            error.contains("(HINT: Perhaps you meant to reference the column")
+                && error.contains("addr.active"),
+            "{error}"
+        );
+    }
+}
+
 /// A plugin's database calls that fail share a budget of log lines. Each
 /// failed call wrote a WARN line: a plugin whose query names a table
 /// that is gone (or any plugin's calls during an outage) wrote one per

@@ -1983,3 +1983,38 @@ fn check_config_names_plugins_that_cannot_run() {
     );
     assert_eq!(err.trim_end().lines().last(), Some(said.as_str()), "{err}");
 }
+
+/// A migration PostgreSQL refuses is said once, in PostgreSQL's words.
+/// A database user without `CREATE` on schema `public` (PostgreSQL 15's
+/// default for users other than the database's owner) got
+/// `permission denied for schema public: … permission denied for schema
+/// public at line 3655`: the error twice, the second time with the line
+/// of PostgreSQL's C source that raised it. (PostgreSQL only.)
+#[test]
+fn a_refused_migration_is_said_once_in_postgresql_s_words() {
+    if !roboger_tests::on_postgres() {
+        return;
+    }
+    let db = roboger_tests::fresh_database(std::path::Path::new("/nonexistent"));
+    let mut url = url::Url::parse(&db).expect("a URL");
+    let user = url.path().trim_start_matches('/').to_string();
+    roboger_tests::DbClient::of(&db).query(&format!(
+        "REVOKE CREATE ON SCHEMA public FROM PUBLIC; CREATE ROLE {user} LOGIN"
+    ));
+    url.set_username(&user).expect("a user name");
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().display().to_string();
+    let (code, _, err) = run_server_cmd(
+        &["migrate"],
+        &[("ROBOGER_DB", url.as_str()), ("ROBOGER_DATA_DIR", &data)],
+    );
+    assert_eq!(code, 2, "{err}");
+    assert_eq!(
+        err.trim_end().lines().last(),
+        Some(
+            "roboger-server: cannot apply database migrations: database error: Execution \
+             Error: error returned from database: permission denied for schema public"
+        ),
+        "{err}"
+    );
+}

@@ -57,9 +57,11 @@ pub enum StoreError {
     /// An answer would pass a bound it must keep (a plugin's query).
     #[error("{0}")]
     TooLarge(String),
-    /// The database failed or refused the operation.
+    /// The database failed or refused the operation. Said in the store's
+    /// words ([`said`]), which hold all the driver's: not its `source`,
+    /// so an error's chain does not say it twice.
     #[error("database error: {}", said(.0))]
-    Db(#[from] DbErr),
+    Db(DbErr),
     /// The database cannot be reached or opened: why, in the store's words
     /// (its own directory cannot be made, or it did not answer in time).
     #[error("{0}")]
@@ -80,6 +82,12 @@ pub enum StoreError {
         env!("CARGO_PKG_VERSION")
     )]
     NewerSchema(Vec<String>),
+}
+
+impl From<DbErr> for StoreError {
+    fn from(e: DbErr) -> StoreError {
+        StoreError::Db(e)
+    }
 }
 
 impl StoreError {
@@ -781,8 +789,33 @@ fn said(e: &DbErr) -> String {
              for the load)"
         )
     } else {
-        e.to_string()
+        postgres_said(e, e.to_string())
     }
+}
+
+/// A PostgreSQL error as PostgreSQL's own client says it. sqlx appends
+/// ` at line N` to the message, N being the line of PostgreSQL's C source
+/// that raised it, which reads as a line of the statement (a plugin's
+/// author looked for line 1180 of a one-line query): left out. And it
+/// leaves out the error's detail and hint (the key a unique index already
+/// holds, the column meant): added, as `psql` shows them.
+fn postgres_said(e: &DbErr, mut text: String) -> String {
+    let Some(pg) = database_error(e)
+        .and_then(|d| d.try_downcast_ref::<sea_orm::sqlx::postgres::PgDatabaseError>())
+    else {
+        return text;
+    };
+    if let Some(line) = pg.line()
+        && let Some(kept) = text.strip_suffix(&format!(" at line {line}"))
+    {
+        text.truncate(kept.len());
+    }
+    for (label, more) in [("DETAIL", pg.detail()), ("HINT", pg.hint())] {
+        if let Some(more) = more {
+            text.push_str(&format!(" ({label}: {more})"));
+        }
+    }
+    text
 }
 
 /// Whether the pool gave up waiting for a connection (sea-orm's or sqlx's
