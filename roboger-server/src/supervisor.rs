@@ -517,7 +517,8 @@ impl Supervisor {
     /// Applies a new plugin list (a reload): plugins no longer listed are
     /// stopped, new ones started, and those whose configuration changed
     /// are started anew and take over once their first start is done
-    /// (bounded by a start's timeout), then the old process is stopped; the others
+    /// (waited for to its end where the old process serves, else bounded
+    /// by a start's timeout), then the old process is stopped; the others
     /// keep running untouched. Calls during the change find either the
     /// old or the new process; one that fails is retried like any failed
     /// delivery. A changed plugin whose new entry failed its first start
@@ -550,8 +551,20 @@ impl Supervisor {
                 }
             }
         }
+        // A changed plugin whose old process serves is waited for to the
+        // end of its first start (each of its steps is bounded by a
+        // start's timeout): it takes over only once that start is known
+        // to have run. The rest are waited for as at the server's start.
+        let (replacing, adding): (Vec<Arc<Slot>>, Vec<Arc<Slot>>) =
+            fresh.into_iter().partition(|slot| {
+                old.get(&slot.cfg.name)
+                    .is_some_and(|was| was.status.lock().is_ok_and(|s| s.state == State::Running))
+            });
         let limit = self.opts.start_timeout();
-        let _ = tokio::time::timeout(limit, first_starts(&fresh)).await;
+        let _ = tokio::join!(
+            first_starts(&replacing),
+            tokio::time::timeout(limit, first_starts(&adding))
+        );
         let mut not_taken = Vec::new();
         for name in &done.changed {
             let (Some(new), Some(was)) = (next.get(name), old.get(name)) else {

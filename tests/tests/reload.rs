@@ -556,7 +556,8 @@ async fn a_reload_lets_a_changed_plugins_calls_in_flight_finish() {
 }
 
 /// A reload whose changed entry of a plugin cannot start (its command
-/// cannot run, its config is refused) keeps the plugin's running process
+/// cannot run, its config is refused, even after a start longer than a
+/// start's timeout) keeps the plugin's running process
 /// under the entry before, says so, and delivers on; a good entry then
 /// takes over. Before, the running process was stopped all the same and
 /// the plugin was out of service, crash-looping to `failed` or
@@ -573,9 +574,19 @@ async fn a_changed_entry_that_cannot_start_leaves_the_plugin_running() {
         "command: /nonexistent/roboger-plugin-p",
     );
     let refused = before.replace("env: {", "env: {TEST_PLUGIN_MODE: refuse-config, ");
+    // Refused after 12 s, each step of its start within a start's
+    // timeout (10 s) but the whole past it: the reload took over from
+    // the running process when those 10 s were up.
+    let slow = before
+        .replace("env: {", "env: {TEST_PLUGIN_START_DELAY_MS: 7000, ")
+        .replace(
+            "config: {}",
+            "config: {requires: /nonexistent/credentials, check_delay_ms: 5000}",
+        );
     for (n, (broken, why)) in [
         (missing, "cannot run /nonexistent/roboger-plugin-p"),
         (refused, "config"),
+        (slow, "requires is missing"),
     ]
     .into_iter()
     .enumerate()

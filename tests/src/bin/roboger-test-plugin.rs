@@ -45,7 +45,8 @@
 //! A plugin config `{"requires": "/path"}` is refused while that file is
 //! missing (a credentials file an operator has yet to put in place);
 //! with `"missing": "exit"` the plugin exits instead, so it crashes at
-//! each start until it is marked failed.
+//! each start until it is marked failed. `{"check_delay_ms": n}` in a
+//! plugin config has its check take n ms.
 
 use std::io::{BufRead, Write};
 
@@ -103,6 +104,9 @@ impl Plugin for Chaos {
             return Err(PluginError::rejected(
                 "this test plugin refuses every plugin config",
             ));
+        }
+        if let Some(ms) = plugin_config.get("check_delay_ms").and_then(Value::as_u64) {
+            tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
         }
         if let Some(path) = plugin_config.get("requires").and_then(Value::as_str)
             && !std::path::Path::new(path).exists()
