@@ -143,7 +143,15 @@ fn init_logging(format: LogFormat) {
 }
 
 fn load_config(cli: &Cli) -> anyhow::Result<Config> {
-    let mut config = Config::load(cli.config.as_deref(), &Overrides::from_env())?;
+    loaded(
+        cli,
+        Config::load(cli.config.as_deref(), &Overrides::from_env())?,
+    )
+}
+
+/// A loaded configuration with the command line's overrides applied and
+/// what it says logged (and a key it generated printed).
+fn loaded(cli: &Cli, mut config: Config) -> anyhow::Result<Config> {
     if let Some(l) = &cli.listen {
         config.listen = roboger_server::config::normalize_listen("--listen", l)?;
     }
@@ -475,33 +483,45 @@ async fn run(cli: Cli, activated: anyhow::Result<Vec<OwnedFd>>) -> std::process:
             }
             .await
         }
-        Command::CheckConfig => load_config(&cli).and_then(|c| {
-            // A plugin whose executable cannot run would start refused:
-            // said here, before a start or a reload meets it.
-            let problems: Vec<String> = c
-                .plugins
-                .iter()
-                .filter_map(|p| {
-                    roboger_server::supervisor::executable_problem(p)
-                        .map(|why| format!("plugin {}: {why}", p.name))
+        Command::CheckConfig => {
+            Config::load_to_check(cli.config.as_deref(), &Overrides::from_env())
+                .map_err(anyhow::Error::from)
+                .and_then(|c| loaded(&cli, c))
+                .and_then(|c| {
+                    // A plugin whose executable cannot run would start refused:
+                    // said here, before a start or a reload meets it.
+                    let problems: Vec<String> = c
+                        .plugins
+                        .iter()
+                        .filter_map(|p| {
+                            roboger_server::supervisor::executable_problem(p)
+                                .map(|why| format!("plugin {}: {why}", p.name))
+                        })
+                        .collect();
+                    if !problems.is_empty() {
+                        anyhow::bail!("{}", problems.join("; "));
+                    }
+                    println!("configuration OK");
+                    println!("  listen: {}", c.listen);
+                    println!("  database: {:?}", c.db.backend);
+                    if let Some(path) = &c.key_to_generate {
+                        // A check writes nothing: the key is the first start's.
+                        println!(
+                            "  master key: none yet; the first start generates one in {}",
+                            path.display()
+                        );
+                    }
+                    println!(
+                        "  plugins: {}",
+                        c.plugins
+                            .iter()
+                            .map(|p| p.name.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    );
+                    Ok(())
                 })
-                .collect();
-            if !problems.is_empty() {
-                anyhow::bail!("{}", problems.join("; "));
-            }
-            println!("configuration OK");
-            println!("  listen: {}", c.listen);
-            println!("  database: {:?}", c.db.backend);
-            println!(
-                "  plugins: {}",
-                c.plugins
-                    .iter()
-                    .map(|p| p.name.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            );
-            Ok(())
-        }),
+        }
         Command::SandboxExec { .. } => Ok(()),
     };
     match result {

@@ -2018,3 +2018,34 @@ fn a_refused_migration_is_said_once_in_postgresql_s_words() {
         "{err}"
     );
 }
+
+/// `check-config` writes nothing: with no master key given or stored it
+/// says where the first start will generate one. It generated one, made
+/// the data directory for it and printed it as the server's key: an
+/// operator checking the packaged configuration as root got a key in
+/// root's data directory, which the service (whose data directory is its
+/// own) never used, and was refused with it.
+#[test]
+fn check_config_generates_no_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let data_env = data.display().to_string();
+    let env = [("ROBOGER_DATA_DIR", data_env.as_str())];
+    let (code, out, err) = run_server_cmd(&["check-config"], &env);
+    assert_eq!(code, 0, "{err}");
+    let key = data.join("master.key");
+    assert!(
+        out.contains(&format!(
+            "  master key: none yet; the first start generates one in {}\n",
+            key.display()
+        )) && !out.contains("Generated"),
+        "{out}"
+    );
+    assert!(!data.exists(), "check-config made {}", data.display());
+    // A stored key is the one a start uses: nothing said of it.
+    std::fs::create_dir(&data).unwrap();
+    std::fs::write(&key, "stored-key\n").unwrap();
+    let (code, out, err) = run_server_cmd(&["check-config"], &env);
+    assert_eq!(code, 0, "{err}");
+    assert!(!out.contains("master key"), "{out}");
+}
