@@ -168,9 +168,9 @@ impl Metrics {
         registry.register(Box::new(call_events.clone()))?;
         registry.register(Box::new(routing_unobeyed.clone()))?;
         #[cfg(target_os = "linux")]
-        registry.register(Box::new(
+        registry.register(Box::new(ProcessMetrics(
             prometheus::process_collector::ProcessCollector::for_self(),
-        ))?;
+        )))?;
         Ok(Metrics {
             registry,
             push_total,
@@ -578,4 +578,53 @@ impl Scrape {
         out.extend(deletion.collect());
         Ok(out)
     }
+}
+
+/// The `process_*` series of the prometheus crate's collector, but for
+/// `process_cpu_seconds_total`: it counts whole seconds (an integer
+/// counter, tikv/rust-prometheus#451), so a server using a little CPU
+/// showed none for a while and then a whole second at once, and a rate
+/// over a minute was a saw. Here it is the kernel's count, in seconds
+/// with their fraction, as Prometheus's own clients give it.
+#[cfg(target_os = "linux")]
+struct ProcessMetrics(prometheus::process_collector::ProcessCollector);
+
+#[cfg(target_os = "linux")]
+impl Collector for ProcessMetrics {
+    fn desc(&self) -> Vec<&prometheus::core::Desc> {
+        self.0.desc()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let mut families = self.0.collect();
+        let Some(seconds) = cpu_seconds() else {
+            return families;
+        };
+        for family in &mut families {
+            if family.name() == "process_cpu_seconds_total" {
+                for metric in family.mut_metric() {
+                    let mut counter = prometheus::proto::Counter::default();
+                    counter.set_value(seconds);
+                    metric.set_counter(counter);
+                }
+            }
+        }
+        families
+    }
+}
+
+/// The CPU time this process has used (user and system), in seconds,
+/// from `/proc/self/stat`.
+#[cfg(target_os = "linux")]
+fn cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // The fields after the command's name (in parentheses, which may
+    // hold spaces): the 14th and 15th of the line, utime and stime.
+    let mut after = stat
+        .get(stat.rfind(')')? + 1..)?
+        .split_whitespace()
+        .skip(11);
+    let utime: u64 = after.next()?.parse().ok()?;
+    let stime: u64 = after.next()?.parse().ok()?;
+    Some((utime + stime) as f64 / rustix::param::clock_ticks_per_second() as f64)
 }

@@ -109,6 +109,32 @@ async fn counts_pushes_and_deliveries_exactly_and_prometheus_reads_them() {
     .await;
 }
 
+/// `process_cpu_seconds_total` is the CPU time the server has used, to
+/// the kernel's tick. It counted whole seconds: a server that had used
+/// 0.4 s said 0, and a rate over a minute moved by whole seconds at once.
+#[tokio::test]
+async fn process_cpu_seconds_are_counted_to_the_tick() {
+    let s = Server::start_with(ServerOptions::default()).await;
+    let used = || -> f64 {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", s.pid())).expect("stat");
+        let after_name = &stat[stat.rfind(')').expect("a command name") + 1..];
+        let ticks: u64 = after_name
+            .split_whitespace()
+            .skip(11)
+            .take(2)
+            .map(|t| t.parse::<u64>().expect("a tick count"))
+            .sum();
+        ticks as f64 / rustix::param::clock_ticks_per_second() as f64
+    };
+    let before = used();
+    let said = s.metrics().await["process_cpu_seconds_total"];
+    let after = used();
+    assert!(
+        before <= said && said <= after,
+        "{before} s used before the scrape, {said} said, {after} after"
+    );
+}
+
 #[tokio::test]
 async fn only_the_master_key_or_metrics_allow_may_read_it() {
     let s = Server::start().await;
