@@ -277,11 +277,11 @@ fn warn_unhidden_secrets(config: &Config) {
     }
 }
 
-/// Re-reads the configuration on each SIGHUP and applies it
-/// ([`App::reload`]); one that does not load is refused with a log line,
-/// and the running one stays.
-async fn reload_on_sighup(cli: Cli, app: Arc<App>) {
-    let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+/// Re-reads the configuration on each SIGHUP `hup` takes (from the start
+/// of `serve`) and applies it ([`App::reload`]); one that does not load
+/// is refused with a log line, and the running one stays.
+async fn reload_on_sighup(cli: Cli, app: Arc<App>, hup: std::io::Result<Signal>) {
+    let mut hup = match hup {
         Ok(s) => s,
         Err(e) => {
             tracing::error!(error = %e, "cannot listen for SIGHUP; reload is unavailable");
@@ -328,6 +328,10 @@ async fn reload_on_sighup(cli: Cli, app: Arc<App>) {
 }
 
 async fn serve(cli: &Cli, activated: Vec<OwnedFd>) -> anyhow::Result<()> {
+    // Taken first: a SIGHUP while the server starts (the plugins' first
+    // start, a database not reachable yet) is a reload once it has
+    // started, where its default action would end the server.
+    let hup = signal(SignalKind::hangup());
     server::raise_open_files_limit();
     let config = load_config(cli)?;
     let store = open_store(&config).await?;
@@ -383,7 +387,7 @@ async fn serve(cli: &Cli, activated: Vec<OwnedFd>) -> anyhow::Result<()> {
     // for the accept loop, which starts below.
     systemd::ready();
     let notifier = systemd::spawn(app.clone(), local);
-    let reloader = tokio::spawn(reload_on_sighup(cli.clone(), app.clone()));
+    let reloader = tokio::spawn(reload_on_sighup(cli.clone(), app.clone(), hup));
     let mut signals = StopSignals::listen();
     let stopping = app.clone();
     let shutdown = async move {

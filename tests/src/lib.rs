@@ -621,6 +621,16 @@ impl Drop for SqliteLock {
 }
 
 /// A server whose process is started but not yet listening.
+/// Sends `signal` (a name `kill` knows: `STOP`, `HUP`, ...) to `child`.
+fn send_signal(child: &Child, signal: &str) {
+    let ok = Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(child.id().to_string())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "kill -{signal} {} failed", child.id());
+}
+
 pub struct Starting {
     child: Child,
     addr: std::sync::mpsc::Receiver<String>,
@@ -636,6 +646,11 @@ impl Starting {
     /// Waits until its log contains `needle` (or panics after `timeout`).
     pub async fn wait_log(&self, needle: &str, timeout: Duration) {
         wait_for_log(&self.log, needle, timeout).await;
+    }
+
+    /// Sends `signal` (a name `kill` knows) to it while it starts.
+    pub fn signal(&self, signal: &str) {
+        send_signal(&self.child, signal);
     }
 
     /// Kills it (a server that is not to listen) and waits for it to be
@@ -1184,12 +1199,7 @@ impl Server {
 
     /// Sends `signal` (a name `kill` knows: `STOP`, `CONT`, `KILL`, ...).
     pub fn signal(&self, signal: &str) {
-        let ok = Command::new("kill")
-            .arg(format!("-{signal}"))
-            .arg(self.child.id().to_string())
-            .status()
-            .is_ok_and(|s| s.success());
-        assert!(ok, "kill -{signal} {} failed", self.child.id());
+        send_signal(&self.child, signal);
     }
 
     /// Kills the server with SIGKILL and waits for it to be gone.

@@ -659,3 +659,27 @@ async fn a_reload_names_only_the_settings_that_changed() {
         "{said}"
     );
 }
+
+/// A SIGHUP while the server starts is a reload once it has started. It
+/// ended the server: the signal's default action held until the reload's
+/// handler was set, after the plugins' first start (up to 10 s), or 30 s
+/// and more while the database could not be reached, so a configuration
+/// tool's `reload` or a terminal hung up then stopped it without a line.
+#[tokio::test]
+async fn a_sighup_while_starting_is_a_reload_once_started() {
+    let rec = tempfile::tempdir().expect("tempdir");
+    let entry =
+        plugin("p", "{}", rec.path()).replace("env: {", "env: {TEST_PLUGIN_START_DELAY_MS: 3000, ");
+    let starting = Server::spawn(ServerOptions {
+        plugins_yaml: entry,
+        ..Default::default()
+    });
+    starting
+        .wait_log("configuration loaded", Duration::from_secs(10))
+        .await;
+    starting.signal("HUP");
+    let s = starting.wait();
+    s.wait_log("configuration reloaded", Duration::from_secs(20))
+        .await;
+    assert_eq!(plugins(&s).await[0]["state"], "running");
+}
