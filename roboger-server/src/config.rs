@@ -606,8 +606,8 @@ impl Config {
         Config::build(path, file, env, true)
     }
 
-    /// Like [`Config::load`], for a check (`check-config`): it writes
-    /// nothing. With no master key given or stored, none is generated:
+    /// Like [`Config::load`], for a command that serves nothing
+    /// (`check-config`, `migrate`): it writes nothing. With no master key given or stored, none is generated:
     /// the key is empty and [`Config::key_to_generate`] says where the
     /// first start will put one.
     pub fn load_to_check(path: Option<&Path>, env: &Overrides) -> Result<Config, ConfigError> {

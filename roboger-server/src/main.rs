@@ -149,6 +149,15 @@ fn load_config(cli: &Cli) -> anyhow::Result<Config> {
     )
 }
 
+/// The configuration as a command that serves nothing loads it
+/// ([`Config::load_to_check`]: no master key is generated).
+fn load_to_check(cli: &Cli) -> anyhow::Result<Config> {
+    loaded(
+        cli,
+        Config::load_to_check(cli.config.as_deref(), &Overrides::from_env())?,
+    )
+}
+
 /// A loaded configuration with the command line's overrides applied and
 /// what it says logged (and a key it generated printed).
 fn loaded(cli: &Cli, mut config: Config) -> anyhow::Result<Config> {
@@ -480,7 +489,8 @@ async fn run(cli: Cli, activated: anyhow::Result<Vec<OwnedFd>>) -> std::process:
         },
         Command::Migrate => {
             async {
-                let config = load_config(&cli)?;
+                // The database alone is written: no master key is made.
+                let config = load_to_check(&cli)?;
                 open_store(&config).await?;
                 tracing::info!("migrations applied");
                 Ok(())
@@ -488,43 +498,40 @@ async fn run(cli: Cli, activated: anyhow::Result<Vec<OwnedFd>>) -> std::process:
             .await
         }
         Command::CheckConfig => {
-            Config::load_to_check(cli.config.as_deref(), &Overrides::from_env())
-                .map_err(anyhow::Error::from)
-                .and_then(|c| loaded(&cli, c))
-                .and_then(|c| {
-                    // A plugin whose executable cannot run would start refused:
-                    // said here, before a start or a reload meets it.
-                    let problems: Vec<String> = c
-                        .plugins
-                        .iter()
-                        .filter_map(|p| {
-                            roboger_server::supervisor::executable_problem(p)
-                                .map(|why| format!("plugin {}: {why}", p.name))
-                        })
-                        .collect();
-                    if !problems.is_empty() {
-                        anyhow::bail!("{}", problems.join("; "));
-                    }
-                    println!("configuration OK");
-                    println!("  listen: {}", c.listen);
-                    println!("  database: {:?}", c.db.backend);
-                    if let Some(path) = &c.key_to_generate {
-                        // A check writes nothing: the key is the first start's.
-                        println!(
-                            "  master key: none yet; the first start generates one in {}",
-                            path.display()
-                        );
-                    }
+            load_to_check(&cli).and_then(|c| {
+                // A plugin whose executable cannot run would start refused:
+                // said here, before a start or a reload meets it.
+                let problems: Vec<String> = c
+                    .plugins
+                    .iter()
+                    .filter_map(|p| {
+                        roboger_server::supervisor::executable_problem(p)
+                            .map(|why| format!("plugin {}: {why}", p.name))
+                    })
+                    .collect();
+                if !problems.is_empty() {
+                    anyhow::bail!("{}", problems.join("; "));
+                }
+                println!("configuration OK");
+                println!("  listen: {}", c.listen);
+                println!("  database: {:?}", c.db.backend);
+                if let Some(path) = &c.key_to_generate {
+                    // A check writes nothing: the key is the first start's.
                     println!(
-                        "  plugins: {}",
-                        c.plugins
-                            .iter()
-                            .map(|p| p.name.as_str())
-                            .collect::<Vec<_>>()
-                            .join(", ")
+                        "  master key: none yet; the first start generates one in {}",
+                        path.display()
                     );
-                    Ok(())
-                })
+                }
+                println!(
+                    "  plugins: {}",
+                    c.plugins
+                        .iter()
+                        .map(|p| p.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+                Ok(())
+            })
         }
         Command::SandboxExec { .. } => Ok(()),
     };

@@ -2024,9 +2024,12 @@ fn a_refused_migration_is_said_once_in_postgresql_s_words() {
 /// the data directory for it and printed it as the server's key: an
 /// operator checking the packaged configuration as root got a key in
 /// root's data directory, which the service (whose data directory is its
-/// own) never used, and was refused with it.
+/// own) never used, and was refused with it. `migrate` writes the
+/// database alone (in a data directory its user's alone, as a start
+/// makes it).
 #[test]
-fn check_config_generates_no_key() {
+fn check_config_and_migrate_generate_no_key() {
+    use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let data_env = data.display().to_string();
@@ -2042,6 +2045,13 @@ fn check_config_generates_no_key() {
         "{out}"
     );
     assert!(!data.exists(), "check-config made {}", data.display());
+    let (code, out, err) = run_server_cmd(&["migrate"], &env);
+    assert_eq!(code, 0, "{err}");
+    assert!(!out.contains("Generated") && !key.exists(), "{out}");
+    assert!(data.join("roboger.db").is_file());
+    let mode = std::fs::metadata(&data).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o700, "{}", data.display());
+    std::fs::remove_dir_all(&data).unwrap();
     // A stored key is the one a start uses: nothing said of it.
     std::fs::create_dir(&data).unwrap();
     std::fs::write(&key, "stored-key\n").unwrap();

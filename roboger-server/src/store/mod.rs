@@ -320,7 +320,7 @@ impl Store {
         if url.backend == DbBackend::Sqlite
             && let Some(dir) = sqlite_parent_dir(url)
         {
-            std::fs::create_dir_all(&dir).map_err(|e| {
+            sqlite_file::make_dir(&dir).map_err(|e| {
                 StoreError::Connect(format!("cannot create directory {}: {e}", dir.display()))
             })?;
         }

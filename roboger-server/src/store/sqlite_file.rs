@@ -4,13 +4,25 @@
 //! the umask (0022 outside systemd made it 0644); SQLite gives the
 //! journals it makes beside it (`-wal`, `-shm`) the file's own mode. A
 //! file there already is left as it is, with a warning at each start
-//! when every user of the host can read it.
+//! when every user of the host can read it. A directory it makes for
+//! the file is its user's alone too (0700).
 
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
 /// The mode the server makes its files with.
 pub(super) const OWN_MODE: u32 = 0o600;
+
+/// Makes the directory `dir` the database is in, and those above it
+/// that are missing, entered by the server's user alone (0700), as the
+/// data directory the embedded default makes is.
+pub(super) fn make_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+}
 
 /// Makes the database file `path` (empty: SQLite takes an empty file
 /// for a new database) with [`OWN_MODE`], unless there is one; warns
