@@ -599,23 +599,16 @@ impl Config {
     /// environment overrides and checks every value. Creates the data
     /// directory and master key file only when they are needed.
     pub fn load(path: Option<&Path>, env: &Overrides) -> Result<Config, ConfigError> {
-        let file = match path {
-            Some(p) => parse_file(p)?,
-            None => FileRoboger::default(),
-        };
-        Config::build(path, file, env, true)
+        Config::build(path, file_at(path)?, env, true)
     }
 
     /// Like [`Config::load`], for a command that serves nothing
-    /// (`check-config`, `migrate`): it writes nothing. With no master key given or stored, none is generated:
-    /// the key is empty and [`Config::key_to_generate`] says where the
-    /// first start will put one.
+    /// (`check-config`, `migrate`): it writes nothing. With no master key
+    /// given or stored, none is generated: the key is empty and
+    /// [`Config::key_to_generate`] says where the first start will put
+    /// one.
     pub fn load_to_check(path: Option<&Path>, env: &Overrides) -> Result<Config, ConfigError> {
-        let file = match path {
-            Some(p) => parse_file(p)?,
-            None => FileRoboger::default(),
-        };
-        Config::build(path, file, env, false)
+        Config::build(path, file_at(path)?, env, false)
     }
 
     /// Like [`Config::load`], from the text of a file that would be at
@@ -929,7 +922,7 @@ impl Config {
             None if path.is_none() => builtin_plugins_next_to_binary(),
             None => Vec::new(),
         };
-        let own_files = Config::own_files(path, &secrets_read.files, &data_dir, &db);
+        let own_files = Config::own_files_of(path, &secrets_read.files, &data_dir, &db);
         for p in &mut plugins {
             if !listed {
                 p.egress = server_egress.clone();
@@ -1073,6 +1066,15 @@ impl Config {
         }
         self.own_files = hidden;
         self
+    }
+}
+
+/// The configuration file at `path`, parsed; the embedded default's
+/// (empty) without one.
+fn file_at(path: Option<&Path>) -> Result<FileRoboger, ConfigError> {
+    match path {
+        Some(p) => parse_file(p),
+        None => Ok(FileRoboger::default()),
     }
 }
 
@@ -1251,13 +1253,13 @@ fn sqlite_path_hint(key: &str, v: &str) -> String {
 }
 
 impl Config {
-    /// The server's own files, which no plugin may read (`sandbox`): its
-    /// configuration file, the files its database URL and master key
+    /// The server's own files ([`Config::own_files`]), which no plugin may
+    /// read (`sandbox`): its configuration file, the files its database URL and master key
     /// were read from, its data directory (the generated master key, the
     /// default SQLite database, the other plugins' directories) and its
     /// SQLite database with the journals beside it. Absolute, as a
     /// plugin runs in a directory of its own.
-    fn own_files(
+    fn own_files_of(
         config: Option<&Path>,
         secret_files: &[PathBuf],
         data_dir: &Path,

@@ -480,6 +480,36 @@ fn systemd_sockets() -> anyhow::Result<Vec<OwnedFd>> {
     Ok(fds.map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }).collect())
 }
 
+/// `check-config`: names the plugins whose executable cannot run (an
+/// error, as they would start refused; said here, before a start or a
+/// reload meets them), else prints a summary.
+fn check_config(c: &Config) -> anyhow::Result<()> {
+    let problems: Vec<String> = c
+        .plugins
+        .iter()
+        .filter_map(|p| {
+            roboger_server::supervisor::executable_problem(p)
+                .map(|why| format!("plugin {}: {why}", p.name))
+        })
+        .collect();
+    if !problems.is_empty() {
+        anyhow::bail!("{}", problems.join("; "));
+    }
+    println!("configuration OK");
+    println!("  listen: {}", c.listen);
+    println!("  database: {:?}", c.db.backend);
+    if let Some(path) = &c.key_to_generate {
+        // A check writes nothing: the key is the first start's.
+        println!(
+            "  master key: none yet; the first start generates one in {}",
+            path.display()
+        );
+    }
+    let names: Vec<&str> = c.plugins.iter().map(|p| p.name.as_str()).collect();
+    println!("  plugins: {}", names.join(", "));
+    Ok(())
+}
+
 async fn run(cli: Cli, activated: anyhow::Result<Vec<OwnedFd>>) -> std::process::ExitCode {
     init_logging(cli.log_format);
     let result = match cli.command.as_ref().unwrap_or(&Command::Serve) {
@@ -497,42 +527,7 @@ async fn run(cli: Cli, activated: anyhow::Result<Vec<OwnedFd>>) -> std::process:
             }
             .await
         }
-        Command::CheckConfig => {
-            load_to_check(&cli).and_then(|c| {
-                // A plugin whose executable cannot run would start refused:
-                // said here, before a start or a reload meets it.
-                let problems: Vec<String> = c
-                    .plugins
-                    .iter()
-                    .filter_map(|p| {
-                        roboger_server::supervisor::executable_problem(p)
-                            .map(|why| format!("plugin {}: {why}", p.name))
-                    })
-                    .collect();
-                if !problems.is_empty() {
-                    anyhow::bail!("{}", problems.join("; "));
-                }
-                println!("configuration OK");
-                println!("  listen: {}", c.listen);
-                println!("  database: {:?}", c.db.backend);
-                if let Some(path) = &c.key_to_generate {
-                    // A check writes nothing: the key is the first start's.
-                    println!(
-                        "  master key: none yet; the first start generates one in {}",
-                        path.display()
-                    );
-                }
-                println!(
-                    "  plugins: {}",
-                    c.plugins
-                        .iter()
-                        .map(|p| p.name.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                );
-                Ok(())
-            })
-        }
+        Command::CheckConfig => load_to_check(&cli).and_then(|c| check_config(&c)),
         Command::SandboxExec { .. } => Ok(()),
     };
     match result {

@@ -170,13 +170,7 @@ async fn a_plugin_writes_only_below_its_own_directory() {
 /// readable.
 #[tokio::test]
 async fn a_plugin_cannot_read_the_servers_own_files() {
-    let s = Server::start_with(ServerOptions {
-        secrets_in_files: true,
-        ..confined("  landlock: true\n")
-    })
-    .await;
-    s.wait_log("Landlock enforced", std::time::Duration::from_secs(5))
-        .await;
+    let s = landlocked_with_secrets_in_files().await;
     let said = s.log_lines("Landlock enforced").join("\n");
     assert!(
         said.contains("the server's own files are not readable"),
@@ -203,6 +197,19 @@ async fn a_plugin_cannot_read_the_servers_own_files() {
         let (state, error) = plugin_does(&s, "read", path.display().to_string()).await;
         assert_eq!(state, "delivered", "{}: {error}", path.display());
     }
+}
+
+/// A server whose test plugin runs under Landlock, its database URL
+/// and master key given in files, once Landlock is enforced.
+async fn landlocked_with_secrets_in_files() -> Server {
+    let s = Server::start_with(ServerOptions {
+        secrets_in_files: true,
+        ..confined("  landlock: true\n")
+    })
+    .await;
+    s.wait_log("Landlock enforced", std::time::Duration::from_secs(5))
+        .await;
+    s
 }
 
 /// The files of a server started with `secrets_in_files` that hold its
@@ -233,13 +240,7 @@ async fn cannot_read(s: &Server, path: &std::path::Path) {
 /// holding its URL and its key, were a read away for every plugin.
 #[tokio::test]
 async fn a_reload_hides_the_files_the_server_still_runs_on() {
-    let s = Server::start_with(ServerOptions {
-        secrets_in_files: true,
-        ..confined("  landlock: true\n")
-    })
-    .await;
-    s.wait_log("Landlock enforced", std::time::Duration::from_secs(5))
-        .await;
+    let s = landlocked_with_secrets_in_files().await;
     let secrets = s.dir.path().join("secrets");
     let config = std::fs::read_to_string(&s.config_path).expect("config");
     let (db, key) = (
