@@ -620,7 +620,6 @@ impl Drop for SqliteLock {
     }
 }
 
-/// A server whose process is started but not yet listening.
 /// Sends `signal` (a name `kill` knows: `STOP`, `HUP`, ...) to `child`.
 fn send_signal(child: &Child, signal: &str) {
     let ok = Command::new("kill")
@@ -631,6 +630,7 @@ fn send_signal(child: &Child, signal: &str) {
     assert!(ok, "kill -{signal} {} failed", child.id());
 }
 
+/// A server whose process is started but not yet listening.
 pub struct Starting {
     child: Child,
     addr: std::sync::mpsc::Receiver<String>,

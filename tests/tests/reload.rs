@@ -5,7 +5,8 @@
 //! document names the new set of plugins. A configuration that does not
 //! load is refused and the running one kept, and so is a plugin whose
 //! changed entry cannot start. A plugin slow to start is waited for.
-//! The settings a reload cannot apply are named by their keys.
+//! The settings a reload cannot apply are named by their keys. A SIGHUP
+//! while the server starts is a reload once it has started.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
